@@ -1,0 +1,92 @@
+"""buzon: one message-passing API over every IPC mechanism an OS course teaches.
+
+>>> import buzon
+>>> a, b = buzon.pipe()
+>>> a.send({"hello": "world"})
+>>> b.recv()
+{'hello': 'world'}
+
+See ``docs/concepts.md`` for the map from lecture concepts to this API.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from ._channel import Statistics
+from .address import Address, parse_address
+from .errors import (
+    AddressError,
+    AuthenticationError,
+    BuzonError,
+    ChannelClosed,
+    ChannelError,
+    CodecError,
+    ConnectError,
+    ConnectionRefused,
+    Empty,
+    EndOfChannel,
+    EndpointInUse,
+    FrameError,
+    FrameTooLarge,
+    Full,
+    HandshakeError,
+    InsecureBind,
+    MessageTooLarge,
+    NoSuchEndpoint,
+    PeerCredentialsRejected,
+    PermissionDenied,
+    PickleRejected,
+    ProtocolError,
+    SecurityError,
+    Timeout,
+    UnsafePath,
+    UnsupportedOperation,
+    ValidationError,
+)
+from .sync import Channel, Listener, connect, listen, pipe, wait
+from .transport.base import LinkProperties, PeerInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Address",
+    "AddressError",
+    "AuthenticationError",
+    "BuzonError",
+    "Channel",
+    "ChannelClosed",
+    "ChannelError",
+    "CodecError",
+    "ConnectError",
+    "ConnectionRefused",
+    "Empty",
+    "EndOfChannel",
+    "EndpointInUse",
+    "FrameError",
+    "FrameTooLarge",
+    "Full",
+    "HandshakeError",
+    "InsecureBind",
+    "LinkProperties",
+    "Listener",
+    "MessageTooLarge",
+    "NoSuchEndpoint",
+    "PeerCredentialsRejected",
+    "PeerInfo",
+    "PermissionDenied",
+    "PickleRejected",
+    "ProtocolError",
+    "SecurityError",
+    "Statistics",
+    "Timeout",
+    "UnsafePath",
+    "UnsupportedOperation",
+    "ValidationError",
+    "__version__",
+    "connect",
+    "errors",
+    "listen",
+    "parse_address",
+    "pipe",
+    "wait",
+]

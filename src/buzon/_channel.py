@@ -1,0 +1,363 @@
+"""The channel core: every channel operation in its non-blocking form.
+
+This is what the two drivers share. :class:`ChannelCore` joins a transport (which
+never blocks), the framing (sans-IO decoder) and a codec, and offers only operations
+that complete at once or say they cannot: ``try_send``, ``flush``, ``poll_frame``.
+The sync driver (:mod:`buzon.sync`) and the asyncio driver (:mod:`buzon.aio`) turn each
+into a blocking or awaitable call by waiting on the transport's fds — and nothing
+else, so the two cannot drift apart in semantics.
+
+Partial writes: a stream transport may take only part of a frame. The rest is kept
+in order in :attr:`ChannelCore.pending` and must go out before any later frame; it is
+flushed by the next send, by every wait of the drivers (also while receiving), and
+by ``close``. A message accepted by ``send_nowait`` is therefore never lost or torn.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .address import Address
+from .codec import Codec
+from .errors import (
+    ChannelClosed,
+    EndOfChannel,
+    FrameError,
+    MessageTooLarge,
+    UnsupportedOperation,
+)
+from .protocol.frames import (
+    DEFAULT_MAX_FRAME,
+    CodecId,
+    Frame,
+    FrameDecoder,
+    Kind,
+    encode_frame,
+    parse_frame,
+)
+from .transport.base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, Transport
+
+__all__ = ["ChannelCore", "ChannelOptions", "Statistics"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOptions:
+    """Per-channel behaviour chosen at ``connect``/``listen``/``pipe`` time."""
+
+    codec: str = "msgpack"
+    pickle: bool = False
+    raw: bool = False
+    max_frame: int = DEFAULT_MAX_FRAME
+    spin: float = 50e-6
+    handshake_timeout: float = 10.0
+    frame_timeout: float | None = 30.0
+    close_timeout: float = 5.0
+
+
+@dataclass(slots=True)
+class Statistics:
+    """Counters of one channel (``channel.statistics()`` returns a copy)."""
+
+    messages_sent: int = 0
+    messages_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    send_would_block: int = 0
+    recv_would_block: int = 0
+    rejected_frames: int = 0
+
+
+class ChannelCore:
+    """Non-blocking channel state over one transport. Not thread-safe by itself."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        options: ChannelOptions,
+        *,
+        address: Address | None = None,
+        peer: PeerInfo | None = None,
+    ) -> None:
+        self.transport = transport
+        self.options = options
+        self.address = address
+        self.peer = peer if peer is not None else transport.peer
+        self.message_oriented = transport.message_oriented
+        self.raw = options.raw
+        self.codec = Codec(options.codec, allow_pickle=options.pickle)  # type: ignore[arg-type]
+        self.max_frame = options.max_frame
+        self.decoder: FrameDecoder | None = (
+            None if self.message_oriented or self.raw else FrameDecoder(options.max_frame)
+        )
+        self.pending: deque[memoryview] = deque()
+        self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
+        self.peeked: Frame | None = None  # message-transport frame read by ready()
+        self.eof = False
+        self.closed = False
+        self.stats = Statistics()
+        self.last_priority = 0
+        self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def properties(self) -> LinkProperties:
+        props = self.transport.properties
+        if not self.raw and props.boundaries == "stream":
+            from dataclasses import replace
+
+            return replace(props, boundaries="message")
+        return props
+
+    def read_fileno(self) -> int:
+        return self.transport.read_fileno()
+
+    def write_fileno(self) -> int:
+        return self.transport.write_fileno()
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise ChannelClosed("the channel is closed")
+
+    # -- sending ----------------------------------------------------------------------
+
+    def encode(self, obj: Any) -> list[Buffer]:
+        codec, body, buffers = self.codec.encode(obj)
+        return encode_frame(Kind.DATA, codec, body, buffers, max_frame=self.max_frame)
+
+    def encode_bytes(self, data: Buffer) -> list[Buffer]:
+        if self.raw:
+            return [data]
+        view = memoryview(data)
+        if view.nbytes > 4096:
+            return encode_frame(
+                Kind.DATA, CodecId.RAW, b"", [view.cast("B")], max_frame=self.max_frame
+            )
+        return encode_frame(Kind.DATA, CodecId.RAW, data, max_frame=self.max_frame)
+
+    def try_send(self, bufs: list[Buffer], priority: int = 0) -> bool:
+        """Hand one encoded message to the transport; False if it cannot take it now.
+
+        On a stream transport a partial write keeps the remainder in :attr:`pending`
+        (the message is then accepted: True). Nothing is written while older bytes
+        are still pending.
+        """
+        self.check_open()
+        if not self.transport.can_send:
+            raise UnsupportedOperation(
+                f"this end of the {self.transport.scheme} channel only receives"
+            )
+        if priority and not self.transport.properties.priorities:
+            raise UnsupportedOperation(
+                f"{self.transport.scheme} channels have no message priorities"
+            )
+        if self.pending and not self.flush():
+            self.stats.send_would_block += 1
+            return False
+        size = 0
+        for b in bufs:
+            size += b.nbytes if isinstance(b, memoryview) else len(b)
+        if self.message_oriented:
+            if not self.transport.send_message(bufs, priority):  # type: ignore[attr-defined]
+                self.stats.send_would_block += 1
+                return False
+        else:
+            n = self.transport.send_buffers(bufs)  # type: ignore[attr-defined]
+            if n == WOULD_BLOCK:
+                self.stats.send_would_block += 1
+                return False
+            if n < size:
+                self._keep_tail(bufs, n)
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += size
+        return True
+
+    def _keep_tail(self, bufs: Sequence[Buffer], written: int) -> None:
+        for b in bufs:
+            view = memoryview(b).cast("B")
+            if written >= view.nbytes:
+                written -= view.nbytes
+                continue
+            self.pending.append(view[written:])
+            written = 0
+
+    def flush(self) -> bool:
+        """Write pending bytes; True when none are left."""
+        pending = self.pending
+        while pending:
+            n = self.transport.send_buffers(list(pending))  # type: ignore[attr-defined]
+            if n == WOULD_BLOCK:
+                return False
+            while n and pending:
+                head = pending[0]
+                if n >= head.nbytes:
+                    n -= head.nbytes
+                    pending.popleft()
+                else:
+                    pending[0] = head[n:]
+                    n = 0
+        return True
+
+    # -- receiving --------------------------------------------------------------------
+
+    def poll_frame(self, control: bool = False) -> Frame | None:
+        """A complete frame if one is (or becomes, after one read) available.
+
+        Raises :class:`EndOfChannel` once the peer closed and every frame was taken.
+        With ``control=True`` (handshakes) any frame kind is returned as is.
+        """
+        take = self._control if control else self._take
+        decoder = self.decoder
+        if decoder is not None:
+            if decoder.frames:
+                return take(decoder.frames.popleft())
+            if self.eof:
+                raise EndOfChannel("the peer closed the channel")
+            self.check_open()
+            transport = self.transport
+            while True:
+                buf = decoder.get_buffer()
+                n = transport.recv_into(buf)  # type: ignore[attr-defined]
+                if n == WOULD_BLOCK:
+                    self.stats.recv_would_block += 1
+                    return None
+                if n == 0:
+                    self.eof = True
+                    try:
+                        decoder.eof()
+                    except FrameError:
+                        self.stats.rejected_frames += 1
+                        raise
+                    raise EndOfChannel("the peer closed the channel")
+                self.stats.bytes_received += n
+                try:
+                    decoder.buffer_updated(n)
+                except FrameError:
+                    self.stats.rejected_frames += 1
+                    raise
+                if decoder.frames:
+                    return take(decoder.frames.popleft())
+                if n < len(buf):
+                    self.stats.recv_would_block += 1
+                    return None
+        # message transports: one datagram/message is one frame
+        if self.peeked is not None:
+            frame, self.peeked = self.peeked, None
+            self.stats.messages_received += 1
+            return frame
+        self.check_open()
+        msg = self.transport.recv_message()  # type: ignore[attr-defined]
+        if msg is None:
+            self.stats.recv_would_block += 1
+            return None
+        self.last_priority = getattr(self.transport, "last_priority", 0)
+        self.stats.bytes_received += len(msg)
+        if self.raw:
+            return take(Frame(Kind.DATA, CodecId.RAW, msg, []))
+        try:
+            frame = parse_frame(msg, self.max_frame)
+        except FrameError:
+            self.stats.rejected_frames += 1
+            raise
+        return take(frame)
+
+    @staticmethod
+    def _control(frame: Frame) -> Frame | None:
+        return frame
+
+    def _take(self, frame: Frame) -> Frame | None:
+        if frame.kind != Kind.DATA:
+            self.stats.rejected_frames += 1
+            raise FrameError(f"unexpected {Kind(frame.kind).name} frame after the handshake")
+        self.stats.messages_received += 1
+        return frame
+
+    def poll_raw(self) -> bytes | None:
+        """Raw stream mode: whatever bytes are available (one read)."""
+        if self.raw_chunks:
+            self.stats.messages_received += 1
+            return self.raw_chunks.popleft()
+        if self.eof:
+            raise EndOfChannel("the peer closed the channel")
+        self.check_open()
+        assert self._rbuf is not None
+        n = self.transport.recv_into(memoryview(self._rbuf))  # type: ignore[attr-defined]
+        if n == WOULD_BLOCK:
+            self.stats.recv_would_block += 1
+            return None
+        if n == 0:
+            self.eof = True
+            raise EndOfChannel("the peer closed the channel")
+        self.stats.bytes_received += n
+        self.stats.messages_received += 1
+        return bytes(memoryview(self._rbuf)[:n])
+
+    def ready(self) -> bool:
+        """True if a receive would not find the channel empty (it may raise instead).
+
+        Reads what is available without consuming a message: a complete frame (or raw
+        chunk) found here is kept and returned by the next receive.
+        """
+        if self.closed or self.eof or self.raw_chunks or self.peeked is not None:
+            return True
+        if self.decoder is not None and self.decoder.frames:
+            return True
+        try:
+            if self.raw and not self.message_oriented:
+                data = self.poll_raw()
+                if data is None:
+                    return False
+                self.stats.messages_received -= 1
+                self.raw_chunks.appendleft(data)
+                return True
+            frame = self.poll_frame()
+        except Exception:
+            return True  # the receive will raise it
+        if frame is None:
+            return False
+        self.stats.messages_received -= 1  # only peeked
+        if self.decoder is not None:
+            self.decoder.frames.appendleft(frame)
+        else:
+            self.peeked = frame
+        return True
+
+    def decode(self, frame: Frame, type: Any = Any) -> Any:
+        return self.codec.decode(frame.codec, frame.body, frame.buffers, type)
+
+    @staticmethod
+    def frame_bytes(frame: Frame) -> bytes:
+        # An object frame read as bytes gives its encoded body (then its buffers).
+        if not frame.buffers:
+            body = frame.body
+            return body if isinstance(body, bytes) else bytes(body)
+        if not frame.body and len(frame.buffers) == 1:
+            return bytes(frame.buffers[0])
+        return b"".join([bytes(frame.body), *map(bytes, frame.buffers)])
+
+    @staticmethod
+    def frame_into(frame: Frame, buf: Buffer) -> int:
+        target = memoryview(buf).cast("B")
+        parts = [memoryview(frame.body).cast("B"), *frame.buffers]
+        total = sum(p.nbytes for p in parts)
+        if total > target.nbytes:
+            raise MessageTooLarge(
+                f"message of {total} bytes does not fit a {target.nbytes}-byte buffer"
+            )
+        pos = 0
+        for p in parts:
+            target[pos : pos + p.nbytes] = p
+            pos += p.nbytes
+        return total
+
+    # -- closing ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pending.clear()
+        self.transport.close()

@@ -1,0 +1,124 @@
+"""Options and security policy shared by both drivers, decided before any I/O waits.
+
+Both ``buzon.connect``/``buzon.listen`` and their asyncio twins call :func:`prepare`,
+so defaults and refusals are identical in the two drivers:
+
+* TCP/UDP listeners bind loopback unless authenticated (``authkey=``) or
+  ``insecure=True`` — :class:`InsecureBind` otherwise.
+* ``pickle=True`` needs a peer that is provably the same user (pipes, FIFOs, queues
+  and Unix sockets, which are 0600 and ``SO_PEERCRED``-checked) or authenticated;
+  on TCP/UDP without ``authkey`` it raises :class:`SecurityError`.
+* ``compat="multiprocessing"`` exists for stream sockets only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .address import Address, parse_address
+from .errors import InsecureBind, SecurityError, UnsupportedOperation
+from .protocol.frames import DEFAULT_MAX_FRAME
+from .transport.base import TransportOptions
+
+__all__ = ["Prepared", "prepare"]
+
+_CONNECTION_ORIENTED = frozenset({"unix", "tcp"})
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    address: Address
+    transport: TransportOptions
+    channel: Any  # ChannelOptions (imported lazily to keep this module light)
+    authkey: bytes | None
+    compat: str | None
+
+    @property
+    def handshake(self) -> bool:
+        """buzon's own handshake runs on connection-oriented, framed links."""
+        return (
+            self.address.scheme in _CONNECTION_ORIENTED
+            and self.compat is None
+            and not self.channel.raw
+        )
+
+
+def prepare(
+    url: str | Address,
+    *,
+    listening: bool,
+    codec: str = "msgpack",
+    pickle: bool = False,
+    raw: bool = False,
+    authkey: bytes | None = None,
+    compat: str | None = None,
+    insecure: bool = False,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    spin: float | None = None,
+    handshake_timeout: float = 10.0,
+    frame_timeout: float | None = 30.0,
+    backlog: int = 128,
+    allow_uids: tuple[int, ...] | frozenset[int] = (),
+    mq_maxmsg: int | None = None,
+    mq_msgsize: int | None = None,
+) -> Prepared:
+    from ._channel import ChannelOptions
+
+    addr = parse_address(url)
+    if authkey is not None and not isinstance(authkey, bytes | bytearray):
+        raise TypeError("authkey must be bytes")
+    if compat not in (None, "multiprocessing"):
+        raise ValueError(f"unknown compat mode {compat!r}; the one supported is 'multiprocessing'")
+    if compat is not None and addr.scheme not in _CONNECTION_ORIENTED:
+        raise UnsupportedOperation(f"compat={compat!r} works on unix: and tcp:// addresses only")
+    if raw and pickle:
+        raise ValueError("raw=True moves bytes only; it cannot be combined with pickle=True")
+    if not 1024 <= max_frame <= 2**40:
+        raise ValueError("max_frame must be between 1 KiB and 1 TiB")
+    if addr.is_inet:
+        from .transport.tcp import is_loopback
+
+        loopback = is_loopback(addr)
+        if listening and not loopback and authkey is None and not insecure:
+            raise InsecureBind(
+                f"{addr} is not a loopback address: anyone on the network could connect. "
+                "Pass authkey=b'...' (or use insecure=True if you really mean it)"
+            )
+        if pickle and authkey is None:
+            raise SecurityError(
+                f"pickle over {addr.scheme} needs an authenticated peer: pass authkey=b'...'"
+            )
+    if pickle and allow_uids:
+        raise SecurityError("pickle=True cannot be combined with allow_uids (other users' data)")
+    channel = ChannelOptions(
+        codec="pickle" if codec == "pickle" else codec,
+        pickle=pickle or codec == "pickle",
+        raw=raw,
+        max_frame=max_frame,
+        spin=_default_spin() if spin is None else float(spin),
+        handshake_timeout=handshake_timeout,
+        frame_timeout=frame_timeout,
+    )
+    if codec == "pickle" and not pickle:
+        raise ValueError("codec='pickle' needs pickle=True as well (pickle is opt-in)")
+    topts = TransportOptions(
+        backlog=backlog,
+        mq_maxmsg=mq_maxmsg,
+        mq_msgsize=mq_msgsize,
+        insecure=insecure,
+        allow_uids=frozenset(allow_uids),
+    )
+    return Prepared(addr, topts, channel, bytes(authkey) if authkey is not None else None, compat)
+
+
+def _default_spin() -> float:
+    """Spin budget before blocking: 50 µs, or ``BUZON_SPIN_US`` (0 disables)."""
+    env = os.environ.get("BUZON_SPIN_US")
+    if env:
+        try:
+            return max(0.0, float(env)) / 1e6
+        except ValueError:
+            pass
+    return 50e-6

@@ -1,0 +1,184 @@
+"""Addresses: one URL syntax for every transport.
+
+=====================  ==========================================================
+``fifo:NAME``          named pipe ``NAME.fifo`` in buzon's private runtime dir
+``fifo:/abs/path``     named pipe exactly at ``/abs/path``
+``mq:NAME``            POSIX message queue ``/buzon-UID-NAME`` (private prefix)
+``mq:/NAME``           POSIX message queue exactly ``/NAME``
+``unix:NAME``          Unix stream socket ``NAME.sock`` in the runtime dir
+``unix:/abs/path``     Unix stream socket exactly at ``/abs/path``
+``unixgram:NAME``      Unix datagram socket ``NAME.dgram`` in the runtime dir
+``unixgram:/abs/path`` Unix datagram socket exactly at ``/abs/path``
+``tcp://HOST:PORT``    TCP; IPv6 as ``tcp://[::1]:PORT``; port 0 picks a free port
+``udp://HOST:PORT``    UDP, same host syntax
+=====================  ==========================================================
+
+A NAME is 1–64 characters of ``A-Z a-z 0-9 . _ -`` not starting with a dot. Names
+without a leading slash live in buzon's namespace, so two programs of the same user
+meet there and nobody else can; a leading slash means "exactly this", so buzon can
+meet programs that know nothing about it. Parsing is pure: nothing here touches the
+file system (the runtime dir is resolved by :mod:`buzon._runtime`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import AddressError
+
+__all__ = ["Address", "Scheme", "parse_address"]
+
+Scheme = Literal["fifo", "mq", "unix", "unixgram", "tcp", "udp", "pipe"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+_MQ_NAME_RE = re.compile(r"^/[^/\x00]{1,250}$")
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_SUFFIX = {"fifo": ".fifo", "unix": ".sock", "unixgram": ".dgram"}
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A parsed endpoint address.
+
+    ``name`` is set for private (runtime-dir) names, ``path`` for absolute paths and
+    for POSIX queue names given with a slash, ``host``/``port`` for INET sockets.
+    """
+
+    scheme: Scheme
+    name: str | None = None
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @property
+    def private(self) -> bool:
+        """True when the address lives in buzon's private namespace."""
+        return self.name is not None
+
+    @property
+    def is_inet(self) -> bool:
+        return self.scheme in ("tcp", "udp")
+
+    def fs_path(self, runtime_dir: str | None = None) -> str:
+        """The file-system path of a FIFO or Unix socket address."""
+        if self.scheme not in _SUFFIX:
+            raise AddressError(f"{self} has no file-system path")
+        if self.path is not None:
+            return self.path
+        if runtime_dir is None:
+            from ._runtime import runtime_dir as _rd
+
+            runtime_dir = _rd()
+        assert self.name is not None
+        path = os.path.join(runtime_dir, self.name + _SUFFIX[self.scheme])
+        if len(os.fsencode(path)) > _SUN_PATH_MAX and self.scheme != "fifo":
+            raise AddressError(
+                f"{self}: socket path {path!r} exceeds {_SUN_PATH_MAX} bytes; "
+                "set BUZON_RUNTIME_DIR to a shorter directory"
+            )
+        return path
+
+    def mq_name(self) -> str:
+        """The POSIX message queue name (``/...``) of an ``mq:`` address."""
+        if self.scheme != "mq":
+            raise AddressError(f"{self} is not a message queue address")
+        if self.path is not None:
+            return self.path
+        return f"/buzon-{os.getuid()}-{self.name}"
+
+    def with_port(self, port: int) -> Address:
+        return Address(self.scheme, host=self.host, port=port)
+
+    def __str__(self) -> str:
+        if self.scheme in ("tcp", "udp"):
+            host = self.host or ""
+            if ":" in host:
+                host = f"[{host}]"
+            return f"{self.scheme}://{host}:{self.port}"
+        if self.scheme == "pipe":
+            return "pipe:"
+        return f"{self.scheme}:{self.name if self.name is not None else self.path}"
+
+
+def parse_address(url: str | Address) -> Address:
+    """Parse ``url`` into an :class:`Address`, raising :class:`AddressError` if it is bad."""
+    if isinstance(url, Address):
+        return url
+    if not isinstance(url, str):
+        raise AddressError(f"an address is a string like 'unix:calc', not {type(url).__name__}")
+    if "\x00" in url:
+        raise AddressError("addresses may not contain NUL bytes")
+    scheme, sep, rest = url.partition(":")
+    if not sep:
+        raise AddressError(
+            f"{url!r} has no scheme; use one of fifo:, mq:, unix:, unixgram:, tcp://, udp://"
+        )
+    if scheme in ("tcp", "udp"):
+        return _parse_inet(url, scheme, rest)
+    if scheme in ("fifo", "unix", "unixgram"):
+        return _parse_local(url, scheme, rest)
+    if scheme == "mq":
+        if rest.startswith("/"):
+            if not _MQ_NAME_RE.match(rest):
+                raise AddressError(
+                    f"{url!r}: a POSIX queue name is '/' followed by 1-250 characters "
+                    "and no further slash"
+                )
+            return Address("mq", path=rest)
+        _check_name(url, rest)
+        return Address("mq", name=rest)
+    raise AddressError(
+        f"{url!r}: unknown scheme {scheme!r}; use fifo:, mq:, unix:, unixgram:, tcp:// or udp://"
+    )
+
+
+def _check_name(url: str, name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise AddressError(
+            f"{url!r}: a name is 1-64 characters of letters, digits, '.', '_' or '-', "
+            "not starting with '.'; use an absolute path for anything else"
+        )
+
+
+def _parse_local(url: str, scheme: str, rest: str) -> Address:
+    if rest.startswith("//"):
+        raise AddressError(f"{url!r}: write {scheme}:/abs/path or {scheme}:NAME, not {scheme}://")
+    if rest.startswith("/"):
+        norm = os.path.normpath(rest)
+        if norm != rest.rstrip("/") or rest.endswith("/"):
+            raise AddressError(f"{url!r}: the path must be normalised (no '..', '//' or '/.')")
+        if scheme != "fifo" and len(os.fsencode(rest)) > _SUN_PATH_MAX:
+            raise AddressError(f"{url!r}: a socket path is at most {_SUN_PATH_MAX} bytes")
+        return Address(scheme, path=rest)  # type: ignore[arg-type]
+    _check_name(url, rest)
+    return Address(scheme, name=rest)  # type: ignore[arg-type]
+
+
+def _parse_inet(url: str, scheme: str, rest: str) -> Address:
+    if not rest.startswith("//"):
+        raise AddressError(f"{url!r}: write {scheme}://HOST:PORT")
+    hostport = rest[2:]
+    if hostport.startswith("["):
+        host, bracket, tail = hostport[1:].partition("]")
+        if not bracket or not tail.startswith(":"):
+            raise AddressError(f"{url!r}: an IPv6 address is written [ADDR]:PORT")
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise AddressError(f"{url!r}: {host!r} is not an IPv6 address") from None
+        port_s = tail[1:]
+    else:
+        host, colon, port_s = hostport.rpartition(":")
+        if not colon or not host:
+            raise AddressError(f"{url!r}: write {scheme}://HOST:PORT (the port is required)")
+        if ":" in host:
+            raise AddressError(f"{url!r}: put an IPv6 address in brackets, e.g. [::1]:PORT")
+        if not re.match(r"^[A-Za-z0-9.-]{1,253}$", host):
+            raise AddressError(f"{url!r}: {host!r} is not a host name or IPv4 address")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise AddressError(f"{url!r}: the port must be a number from 0 to 65535")
+    return Address(scheme, host=host, port=int(port_s))  # type: ignore[arg-type]

@@ -1,0 +1,145 @@
+"""``buzon bench``: buzon against the raw OS mechanisms and multiprocessing.Pipe.
+
+Every number comes from this run on this machine: per transport, the 64 B round
+trip (p50/p99), one-way throughput of 64 B messages (msg/s) and of 1 MiB messages
+(MB/s), for the raw mechanism, buzon with a blocking receiver (``spin=0``), buzon
+with its default spin, and ``multiprocessing.Pipe``. The report ends with the
+project's targets, each a ratio between two rows with PASS or FAIL.
+
+Usage::
+
+    buzon bench [--quick] [--seconds S] [--only SUBSTR[,SUBSTR]] [--json PATH]
+                [--no-progress] [--list]
+
+Cases are named ``IMPL/TRANSPORT/METRIC`` (``raw/unix/rt64``, ``mp/Pipe/oneway64``,
+``buzon-spin0/tcp/oneway1m``); ``--only`` keeps those containing any of the given
+substrings (case-insensitive). Methodology: ``docs/benchmarks.md``.
+
+Exit status: 0 when every selected case ran (targets may still FAIL: they are
+reported, not enforced), 1 when a case failed, 2 for bad arguments, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from ._buzon import BUZON_TRANSPORTS, buzon_cases
+from ._harness import Case, Config, Progress, Result, interrupts_as_keyboard, run_case
+from ._raw import RAW_TRANSPORTS, mp_cases, raw_cases
+from ._report import document, machine_info, render, write_json
+
+__all__ = ["all_cases", "main"]
+
+DEFAULT_SECONDS = 1.5
+QUICK_SECONDS = 0.1
+
+
+def all_cases() -> list[Case]:
+    """Every case, in report order: the mp.Pipe reference, then transport by transport."""
+    cases = mp_cases()
+    for transport in dict.fromkeys(RAW_TRANSPORTS + BUZON_TRANSPORTS):
+        if transport in RAW_TRANSPORTS:
+            cases += raw_cases(transport)
+        if transport in BUZON_TRANSPORTS:
+            cases += buzon_cases(transport)
+    return cases
+
+
+def _select(cases: Sequence[Case], only: Sequence[str]) -> list[Case]:
+    if not only:
+        return list(cases)
+    wanted = [s.lower() for s in only]
+    return [c for c in cases if any(s in c.id.lower() for s in wanted)]
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="buzon bench",
+        description="Measure buzon against the raw OS mechanisms and multiprocessing.Pipe.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help=f"short runs ({QUICK_SECONDS:g} s per case)"
+    )
+    p.add_argument(
+        "--seconds",
+        type=_positive,
+        metavar="S",
+        help=f"measuring time per case (default {DEFAULT_SECONDS:g}; --quick {QUICK_SECONDS:g})",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="SUBSTR",
+        help="run the cases whose id contains SUBSTR (comma-separated or repeated: any)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write every result to PATH as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--list", action="store_true", help="list the selected case ids and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark suite; see the module docstring for options and exit status."""
+    args = _parser().parse_args(argv)
+    only = tuple(s.strip() for item in args.only for s in item.split(",") if s.strip())
+    seconds = args.seconds or (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
+    config = Config(seconds=seconds, quick=args.quick, only=only, progress=not args.no_progress)
+    cases = _select(all_cases(), only)
+    if args.list:
+        for case in cases:
+            print(case.id)
+        return 0
+    if not cases:
+        print(f"buzon bench: no case matches {', '.join(only)!r}", file=sys.stderr)
+        return 2
+
+    started = datetime.datetime.now(datetime.UTC)
+    t0 = time.perf_counter()
+    machine = machine_info()
+    progress = Progress(len(cases), config.progress)
+    results: list[Result] = []
+    interrupted = False
+    tmpdir = tempfile.mkdtemp(prefix="buzon-bench-")
+    try:
+        with interrupts_as_keyboard():
+            for k, case in enumerate(cases, 1):
+                progress.start(k, case.id)
+                results.append(run_case(case, config, tmpdir, k))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.finish()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    sys.stdout.write(render(results, config, machine, interrupted=interrupted))
+    sys.stdout.flush()
+    if args.json:
+        doc = document(
+            results,
+            config,
+            machine,
+            started=started,
+            elapsed=time.perf_counter() - t0,
+            interrupted=interrupted,
+        )
+        write_json(args.json, doc)
+    if interrupted:
+        return 130
+    return 1 if any(r.status == "error" for r in results) else 0

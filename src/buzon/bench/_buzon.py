@@ -1,0 +1,206 @@
+"""buzon's own channels, measured by the same harness and loops as the baselines.
+
+Only the public API is used (``buzon.pipe``, ``buzon.listen``, ``buzon.connect`` and
+the channel's ``send_bytes``/``recv_bytes``/``recv_bytes_into``): framed bytes, no
+codec, the way a user moves bytes. Each transport is measured twice:
+
+* ``buzon-spin0``: ``spin=0``, a receiver that blocks at once, like the raw baselines;
+  this is the row that shows buzon's own overhead (target: within 1.15x of raw);
+* ``buzon``: the default ``spin``, a receiver that busy-polls briefly before blocking,
+  which is what a user gets without asking.
+
+Links mirror the raw ones. ``pipe`` is a ``buzon.pipe()`` pair made before the fork.
+Stream and datagram sockets listen in the parent (``tcp``/``udp`` on port 0, the
+child connects to ``str(listener.address)``); a datagram listener's channel replies
+to the last sender, so the child speaks first (the hello). ``fifo`` and ``mq`` are
+simplex: a round trip uses two endpoints, both created by the parent before the fork
+(so a killed child leaves nothing named behind); the child accepts on the inherited
+"down" listener and connects to "up".
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from ._harness import (
+    Case,
+    Ctx,
+    LinkMaker,
+    NotApplicable,
+    Opener,
+    Side,
+    Skipped,
+    Values,
+    drain_into,
+    handshake_child,
+    handshake_parent,
+)
+from ._raw import cases_for, posixmq
+
+__all__ = ["BUZON_TRANSPORTS", "buzon_cases"]
+
+BUZON_TRANSPORTS = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq")
+_TIMEOUT = 10.0
+_BIG = 1 << 16
+
+
+class _Channel(Protocol):
+    def send_bytes(self, data: bytes, /) -> object: ...
+    def recv_bytes(self) -> bytes: ...
+    def recv_bytes_into(self, buf: bytearray, /) -> int: ...
+    def close(self) -> object: ...
+
+
+class _Listener(Protocol):
+    @property
+    def address(self) -> object: ...
+    def accept(self, timeout: float | None = ...) -> _Channel: ...
+    def close(self) -> object: ...
+
+
+class _Api(Protocol):
+    def pipe(self, **options: Any) -> tuple[_Channel, _Channel]: ...
+    def listen(self, url: str, **options: Any) -> _Listener: ...
+    def connect(self, url: str, **options: Any) -> _Channel: ...
+
+
+def api() -> _Api:
+    """The public buzon API, or :class:`Skipped` while it does not exist yet."""
+    try:
+        module = importlib.import_module("buzon")
+    except ImportError as exc:  # pragma: no cover - we are inside the package
+        raise Skipped(f"import buzon failed: {exc}") from None
+    missing = [name for name in ("pipe", "listen", "connect") if not hasattr(module, name)]
+    if missing:
+        raise Skipped(f"the buzon API is not available yet (no buzon.{', buzon.'.join(missing)})")
+    return cast(_Api, module)
+
+
+class _BuzonSide(Side):
+    """A channel pair (the same channel twice when it is duplex)."""
+
+    def __init__(self, r: _Channel, w: _Channel, *, lossy: bool = False):
+        self._r = r
+        self._w = w
+        self.lossy = lossy
+
+    def sender(self) -> Callable[[bytes], object]:
+        return self._w.send_bytes
+
+    def receiver(self, size: int) -> Callable[[], bytes]:
+        return self._r.recv_bytes
+
+    def close(self) -> None:
+        self._r.close()
+        if self._w is not self._r:
+            self._w.close()
+
+    def drain(self, size: int, warmup_ns: int) -> tuple[int, int]:
+        if size >= _BIG:
+            return drain_into(self._r.recv_bytes_into, size, warmup_ns)
+        return super().drain(size, warmup_ns)
+
+
+def _checked(create: Callable[[], Any], options: dict[str, Any]) -> Any:
+    """Call a constructor; a refused ``spin=`` keyword becomes ``n/a``."""
+    try:
+        return create()
+    except TypeError as exc:
+        if "spin" in options and "spin" in str(exc):
+            raise NotApplicable(f"spin= is not accepted yet ({exc})") from None
+        raise
+
+
+def _link(transport: str, options: dict[str, Any]) -> LinkMaker:
+    lossy = transport == "udp"
+
+    def make(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
+        bz = api()
+        if transport == "mq":
+            posixmq()  # skip with the extension's reason rather than a buzon error
+
+        if transport == "pipe":
+            a, b = _checked(lambda: bz.pipe(**options), options)
+            ctx.close_later(a)
+            ctx.close_later(b)
+
+            def parent_pipe() -> Side:
+                return handshake_parent(_BuzonSide(a, a))
+
+            def child_pipe() -> Side:
+                return handshake_child(_BuzonSide(b, b))
+
+            return parent_pipe, child_pipe
+
+        if transport in ("fifo", "mq"):
+            up = _checked(lambda: bz.listen(f"{transport}:{ctx.name('-up')}", **options), options)
+            ctx.close_later(up)
+            down = bz.listen(f"{transport}:{ctx.name('-down')}", **options)
+            ctx.close_later(down)
+            up_url, down_url = str(up.address), str(down.address)
+
+            # Order: the parent accepts "up" then connects "down"; the child connects
+            # "up" then accepts "down". Neither waits on something the other does later.
+            def parent_simplex() -> Side:
+                r = up.accept(timeout=_TIMEOUT)
+                ctx.close_later(r)
+                w = bz.connect(down_url, timeout=_TIMEOUT, **options)
+                ctx.close_later(w)
+                return handshake_parent(_BuzonSide(r, w))
+
+            def child_simplex() -> Side:
+                w = bz.connect(up_url, timeout=_TIMEOUT, **options)
+                r = down.accept(timeout=_TIMEOUT)
+                return handshake_child(_BuzonSide(r, w))
+
+            return parent_simplex, child_simplex
+
+        url = {
+            "unix": f"unix:{ctx.name()}",
+            "unixgram": f"unixgram:{ctx.name()}",
+            "tcp": "tcp://127.0.0.1:0",
+            "udp": "udp://127.0.0.1:0",
+        }[transport]
+        lst = _checked(lambda: bz.listen(url, **options), options)
+        ctx.close_later(lst)
+        address = str(lst.address)
+
+        def parent() -> Side:
+            ch = lst.accept(timeout=_TIMEOUT)
+            ctx.close_later(ch)
+            return handshake_parent(_BuzonSide(ch, ch, lossy=lossy))
+
+        def child() -> Side:
+            ch = bz.connect(address, timeout=_TIMEOUT, **options)
+            return handshake_child(_BuzonSide(ch, ch, lossy=lossy))
+
+        return parent, child
+
+    return make
+
+
+def _queue_limited(run: Callable[[Ctx], Values]) -> Callable[[Ctx], Values]:
+    """1 MiB over a POSIX queue is ``n/a`` when the system's queue limits refuse it."""
+
+    def wrapped(ctx: Ctx) -> Values:
+        try:
+            return run(ctx)
+        except (NotApplicable, Skipped):
+            raise
+        except Exception as exc:
+            raise NotApplicable(f"1 MiB over a POSIX queue failed: {exc}") from None
+
+    return wrapped
+
+
+def buzon_cases(transport: str) -> list[Case]:
+    """buzon's rows for one transport: ``spin=0`` first, then the default spin."""
+    cases: list[Case] = []
+    for impl, options in (("buzon-spin0", {"spin": 0.0}), ("buzon", {})):
+        for case in cases_for(impl, transport, _link(transport, options)):
+            if transport == "mq" and case.metric == "oneway1m":
+                case = Case(case.impl, case.transport, case.metric, _queue_limited(case.run))
+            cases.append(case)
+    return cases

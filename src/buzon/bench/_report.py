@@ -1,0 +1,435 @@
+"""Turning results into the table, the targets and the JSON document.
+
+The targets are ratios between rows measured in the same run, never absolute times:
+
+====  ============================================================  ==========================
+id    target                                                        ratio checked
+====  ============================================================  ==========================
+a     buzon framed round trip within 1.15x of raw, per transport    buzon-spin0 p50 / raw p50
+b     Unix stream 64 B one-way at least 2x multiprocessing.Pipe     buzon rate / mp rate
+c     1 MiB one-way on Unix and TCP at least the raw socket         buzon MB/s / raw MB/s
+d     waiting receiver round trip 3x faster than mp.Pipe            mp p50 / buzon p50
+====  ============================================================  ==========================
+
+``buzon`` is the default spin, ``buzon-spin0`` the blocking receiver.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ._harness import Config, Result
+
+__all__ = ["Target", "document", "evaluate_targets", "render", "write_json"]
+
+SCHEMA = "buzon-bench/1"
+TRANSPORT_ORDER = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq")
+IMPL_ORDER = ("raw", "buzon-spin0", "buzon")
+IMPL_LABEL = {"raw": "raw", "buzon-spin0": "buzon spin=0", "buzon": "buzon", "mp": "mp.Pipe"}
+
+_Key = tuple[str, str, str]  # (impl, transport, metric)
+
+
+def _index(results: Sequence[Result]) -> dict[_Key, Result]:
+    return {(r.case.impl, r.case.transport, r.case.metric): r for r in results}
+
+
+def _value(by: dict[_Key, Result], key: _Key, name: str) -> float | None:
+    result = by.get(key)
+    return None if result is None else result.value(name)
+
+
+# --- targets ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One checkable target: ``ratio op threshold`` with the two numbers behind it."""
+
+    id: str
+    title: str
+    transport: str
+    op: Literal[">=", "<="]
+    threshold: float
+    ratio: float | None
+    measured: float | None
+    reference: float | None
+    unit: str
+
+    @property
+    def status(self) -> str:
+        if self.ratio is None:
+            return "n/a"
+        ok = self.ratio <= self.threshold if self.op == "<=" else self.ratio >= self.threshold
+        return "PASS" if ok else "FAIL"
+
+
+_TITLES = {
+    "a": "buzon framed 64 B round trip <= 1.15x raw (p50, spin=0 vs raw)",
+    "b": "Unix stream 64 B one-way >= 2x multiprocessing.Pipe (default spin)",
+    "c": "1 MiB one-way >= raw socket (default spin)",
+    "d": "waiting receiver round trip >= 3x faster than multiprocessing.Pipe (p50, default spin)",
+}
+
+
+def evaluate_targets(results: Sequence[Result]) -> list[Target]:
+    by = _index(results)
+    targets: list[Target] = []
+
+    def add(
+        tid: str,
+        transport: str,
+        op: Literal[">=", "<="],
+        threshold: float,
+        measured: float | None,
+        reference: float | None,
+        unit: str,
+        ratio: Callable[[float, float], float],
+    ) -> None:
+        value = None
+        if measured is not None and reference is not None and measured > 0 and reference > 0:
+            value = ratio(measured, reference)
+        targets.append(
+            Target(tid, _TITLES[tid], transport, op, threshold, value, measured, reference, unit)
+        )
+
+    def div(m: float, r: float) -> float:
+        return m / r
+
+    def inv(m: float, r: float) -> float:
+        return r / m
+
+    for t in TRANSPORT_ORDER:
+        add(
+            "a",
+            t,
+            "<=",
+            1.15,
+            _value(by, ("buzon-spin0", t, "rt64"), "p50"),
+            _value(by, ("raw", t, "rt64"), "p50"),
+            "us",
+            div,
+        )
+    add(
+        "b",
+        "unix",
+        ">=",
+        2.0,
+        _value(by, ("buzon", "unix", "oneway64"), "rate"),
+        _value(by, ("mp", "Pipe", "oneway64"), "rate"),
+        "msg/s",
+        div,
+    )
+    for t in ("unix", "tcp"):
+        add(
+            "c",
+            t,
+            ">=",
+            1.0,
+            _value(by, ("buzon", t, "oneway1m"), "bandwidth"),
+            _value(by, ("raw", t, "oneway1m"), "bandwidth"),
+            "MB/s",
+            div,
+        )
+    mp_p50 = _value(by, ("mp", "Pipe", "rt64"), "p50")
+    for t in TRANSPORT_ORDER:
+        add("d", t, ">=", 3.0, _value(by, ("buzon", t, "rt64"), "p50"), mp_p50, "us", inv)
+    return targets
+
+
+# --- the table ----------------------------------------------------------------
+
+
+def _fmt_us(v: float) -> str:
+    return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def _fmt_rate(v: float) -> str:
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e3:
+        return f"{v / 1e3:.0f}k"
+    return f"{v:.0f}"
+
+
+def _fmt_mbs(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
+def _fmt_ratio(v: float) -> str:
+    return f"{v:.2f}"
+
+
+_STATUS_CELL = {"n/a": "n/a", "skipped": "skip", "error": "ERR"}
+
+
+def _cells(
+    by: dict[_Key, Result],
+    impl: str,
+    transport: str,
+    metric: str,
+    name: str,
+    fmt: Callable[[float], str],
+    raw_key: _Key | None,
+    mp_key: _Key | None,
+) -> list[str]:
+    """A value column and its two ratio columns (value / raw, value / mp)."""
+    result = by.get((impl, transport, metric))
+    if result is None:
+        return ["", "", ""]
+    if result.status != "ok":
+        return [_STATUS_CELL.get(result.status, result.status), "", ""]
+    v = result.value(name)
+    if v is None:
+        return ["?", "", ""]
+    out = [fmt(v)]
+    for key in (raw_key, mp_key):
+        ref = None if key is None else _value(by, key, name)
+        out.append("-" if key is None else ("" if not ref else _fmt_ratio(v / ref)))
+    return out
+
+
+def _rows(results: Sequence[Result]) -> list[list[str]]:
+    by = _index(results)
+    present = {(r.case.impl, r.case.transport) for r in results}
+    rows: list[list[str]] = []
+    order = [(t, i) for t in TRANSPORT_ORDER for i in IMPL_ORDER] + [("Pipe", "mp")]
+    extra = sorted(present - set(order))
+    last_transport = None
+    for transport, impl in order + extra:
+        if (impl, transport) not in present:
+            continue
+        is_raw = impl == "raw"
+        is_mp = impl == "mp"
+        row = [
+            "" if transport == last_transport else ("mp.Pipe" if is_mp else transport),
+            IMPL_LABEL.get(impl, impl),
+        ]
+        last_transport = transport
+        for metric, name, fmt in (
+            ("rt64", "p50", _fmt_us),
+            ("oneway64", "rate", _fmt_rate),
+            ("oneway1m", "bandwidth", _fmt_mbs),
+        ):
+            raw_key = None if is_raw else ("raw", transport, metric)
+            mp_key = None if is_mp else ("mp", "Pipe", metric)
+            if is_mp:
+                raw_key = None
+            cells = _cells(by, impl, transport, metric, name, fmt, raw_key, mp_key)
+            if metric == "rt64":
+                p99 = _value(by, (impl, transport, metric), "p99")
+                cells.insert(1, "" if p99 is None else _fmt_us(p99))
+            row += cells
+        rows.append(row)
+    return rows
+
+
+_GROUPS = (("", 2), ("64 B round trip, us", 4), ("one-way 64 B", 3), ("one-way 1 MiB", 3))
+_HEADER = [
+    "transport",
+    "impl",
+    "p50",
+    "p99",
+    "xraw",
+    "xmp",
+    "msg/s",
+    "xraw",
+    "xmp",
+    "MB/s",
+    "xraw",
+    "xmp",
+]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [_HEADER, *rows]) for i in range(len(_HEADER))]
+    sep = "  "
+    gap = " | "
+
+    def line(cells: list[str]) -> str:
+        parts: list[str] = []
+        col = 0
+        for _, span in _GROUPS:
+            chunk = []
+            for i in range(col, col + span):
+                chunk.append(cells[i].ljust(widths[i]) if i < 2 else cells[i].rjust(widths[i]))
+            col += span
+            parts.append(sep.join(chunk))
+        return gap.join(parts).rstrip()
+
+    group_line: list[str] = []
+    col = 0
+    for title, span in _GROUPS:
+        width = sum(widths[col : col + span]) + len(sep) * (span - 1)
+        group_line.append(title.center(width) if title else " " * width)
+        col += span
+    out = [gap.join(group_line).rstrip(), line(_HEADER)]
+    out.append("-" * len(out[1]))
+    out += [line(r) for r in rows]
+    return out
+
+
+def render(
+    results: Sequence[Result],
+    config: Config,
+    machine: dict[str, Any],
+    *,
+    interrupted: bool = False,
+) -> str:
+    lines = [
+        f"buzon bench: {machine['platform']}, {machine['cpu_count']} CPUs, "
+        f"{machine['implementation']} {machine['python']}, "
+        f"{config.seconds:g} s per case (+{config.warmup:g} s warm-up)",
+        "",
+    ]
+    if interrupted:
+        lines += ["INTERRUPTED: partial results", ""]
+    lines += _table(_rows(results))
+    lines += [
+        "",
+        "xraw, xmp: this row's value divided by the raw row of the same transport and by",
+        "multiprocessing.Pipe. Round trip (p50/p99, us): lower is better, so xraw 1.05 is",
+        "5% slower than raw. Throughput: higher is better. MB = 10^6 bytes. n/a: impossible",
+        "on this transport; skip: a dependency is missing; ERR: failed (see notes).",
+    ]
+    lines += _notes(results)
+    lines += ["", "targets (ratios between rows of this run)"]
+    current = ""
+    for t in evaluate_targets(results):
+        if t.id != current:
+            current = t.id
+            lines.append(f"  ({t.id}) {t.title}")
+        if t.ratio is None:
+            lines.append(f"      {t.transport:<9} {'':>7}  n/a   (not measured in this run)")
+            continue
+        assert t.measured is not None and t.reference is not None
+        fmt = _fmt_rate if t.unit == "msg/s" else (_fmt_mbs if t.unit == "MB/s" else _fmt_us)
+        numbers = f"buzon {fmt(t.measured)} vs {fmt(t.reference)} {t.unit}"
+        lines.append(
+            f"      {t.transport:<9} {t.ratio:>6.2f}x  {t.status:<4}  "
+            f"({numbers}; need {t.op} {t.threshold:g}x)"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _notes(results: Sequence[Result]) -> list[str]:
+    grouped: dict[str, list[str]] = {}
+    for r in results:
+        if r.status != "ok" and r.note:
+            grouped.setdefault(f"{r.status}: {r.note}", []).append(r.case.id)
+    if not grouped:
+        return []
+    out = ["", "notes"]
+    for note, ids in grouped.items():
+        shown = ", ".join(ids[:4]) + (f", ... ({len(ids)} cases)" if len(ids) > 4 else "")
+        out.append(f"  - {shown}")
+        out.append(f"      {note}")
+    return out
+
+
+# --- JSON ---------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        version = importlib.metadata.version("buzon")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    try:
+        affinity: int | None = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    return {
+        "platform": platform.platform(),
+        "system": platform.system(),
+        "release": platform.release(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "buzon_version": version,
+        "executable": sys.executable,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def document(
+    results: Sequence[Result],
+    config: Config,
+    machine: dict[str, Any],
+    *,
+    started: datetime.datetime,
+    elapsed: float,
+    interrupted: bool,
+) -> dict[str, Any]:
+    """The JSON document: machine, configuration, every measurement, the targets."""
+    return {
+        "schema": SCHEMA,
+        "started": started.isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed, 3),
+        "interrupted": interrupted,
+        "machine": machine,
+        "config": {
+            "seconds": config.seconds,
+            "warmup_s": config.warmup,
+            "quick": config.quick,
+            "only": list(config.only),
+        },
+        "results": [
+            {
+                "id": r.case.id,
+                "impl": r.case.impl,
+                "transport": r.case.transport,
+                "metric": r.case.metric,
+                "status": r.status,
+                "note": r.note,
+                "wall_s": round(r.wall, 3),
+                "values": {k: {"value": q.value, "unit": q.unit} for k, q in r.values.items()},
+            }
+            for r in results
+        ],
+        "targets": [
+            {
+                "id": t.id,
+                "title": t.title,
+                "transport": t.transport,
+                "ratio": t.ratio,
+                "op": t.op,
+                "threshold": t.threshold,
+                "status": t.status,
+                "measured": None if t.measured is None else {"value": t.measured, "unit": t.unit},
+                "reference": None
+                if t.reference is None
+                else {"value": t.reference, "unit": t.unit},
+            }
+            for t in evaluate_targets(results)
+        ],
+    }
+
+
+def write_json(path: str, doc: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

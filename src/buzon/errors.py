@@ -1,0 +1,218 @@
+"""Every error buzon raises, in one rooted tree.
+
+Catch :class:`BuzonError` to catch them all. Where a builtin already names the
+situation, the buzon class also inherits it, so ``except TimeoutError`` and
+``except queue.Empty`` keep working::
+
+    BuzonError
+    ├── AddressError (ValueError)            a URL that cannot name an endpoint
+    ├── Timeout (TimeoutError)               a blocking call ran out of time
+    ├── ChannelError                         the state of one channel
+    │   ├── Empty (queue.Empty)              recv_nowait found no message
+    │   ├── Full (queue.Full)                send_nowait could not queue the message
+    │   ├── EndOfChannel (EOFError)          the peer closed; nothing more will arrive
+    │   ├── ChannelClosed                    this end was closed by its owner
+    │   └── MessageTooLarge                  over the frame cap or the transport's unit
+    ├── ConnectError (ConnectionError)       establishing a link failed
+    │   ├── ConnectionRefused (ConnectionRefusedError)
+    │   ├── NoSuchEndpoint (FileNotFoundError)
+    │   └── EndpointInUse (FileExistsError)
+    ├── PermissionDenied (PermissionError)   the OS said no
+    ├── SecurityError                        buzon said no, to keep you safe
+    │   ├── UnsafePath                       symlink, foreign owner, loose mode
+    │   ├── PeerCredentialsRejected          SO_PEERCRED names another user
+    │   └── InsecureBind                     non-loopback TCP without authentication
+    ├── ProtocolError                        the bytes on the wire are wrong
+    │   ├── FrameError                       malformed or truncated frame
+    │   │   └── FrameTooLarge                a length over the cap, before allocating
+    │   ├── HandshakeError                   the opening exchange failed
+    │   └── AuthenticationError              the authkey challenge failed
+    ├── CodecError                           a payload cannot be encoded or decoded
+    │   ├── ValidationError (ValueError)     decoded, but not the ``type=`` asked for
+    │   └── PickleRejected                   a pickle frame on a channel without pickle
+    └── UnsupportedOperation                 the transport cannot do this
+
+OS errors are translated into this tree in exactly one place, :func:`from_oserror`.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+
+__all__ = [
+    "AddressError",
+    "AuthenticationError",
+    "BuzonError",
+    "ChannelClosed",
+    "ChannelError",
+    "CodecError",
+    "ConnectError",
+    "ConnectionRefused",
+    "Empty",
+    "EndOfChannel",
+    "EndpointInUse",
+    "FrameError",
+    "FrameTooLarge",
+    "Full",
+    "HandshakeError",
+    "InsecureBind",
+    "MessageTooLarge",
+    "NoSuchEndpoint",
+    "PeerCredentialsRejected",
+    "PermissionDenied",
+    "PickleRejected",
+    "ProtocolError",
+    "SecurityError",
+    "Timeout",
+    "UnsafePath",
+    "UnsupportedOperation",
+    "ValidationError",
+    "from_oserror",
+]
+
+
+class BuzonError(Exception):
+    """Root of every error raised by buzon."""
+
+
+class AddressError(BuzonError, ValueError):
+    """The address cannot name an endpoint (bad scheme, port, path or name)."""
+
+
+class Timeout(BuzonError, TimeoutError):
+    """A blocking operation did not complete before its timeout."""
+
+
+class ChannelError(BuzonError):
+    """Something about the state of one channel."""
+
+
+class Empty(ChannelError, queue.Empty):
+    """``recv_nowait`` found no complete message."""
+
+
+class Full(ChannelError, queue.Full):
+    """``send_nowait`` could not queue the message without waiting."""
+
+
+class EndOfChannel(ChannelError, EOFError):
+    """The peer closed its end: every message it sent has been received."""
+
+
+class ChannelClosed(ChannelError):
+    """The channel (or listener) was closed by this process."""
+
+
+class MessageTooLarge(ChannelError):
+    """The message exceeds the frame cap or what the transport can carry at once."""
+
+
+class ConnectError(BuzonError, ConnectionError):
+    """A connection could not be established."""
+
+
+class ConnectionRefused(ConnectError, ConnectionRefusedError):
+    """The endpoint exists but nobody accepts (or reads) there."""
+
+
+class NoSuchEndpoint(ConnectError, FileNotFoundError):
+    """Nothing exists at the address."""
+
+
+class EndpointInUse(ConnectError, FileExistsError):
+    """Something already listens at (or owns) the address."""
+
+
+class PermissionDenied(BuzonError, PermissionError):
+    """The operating system refused access."""
+
+
+class SecurityError(BuzonError):
+    """buzon refused to proceed because doing so would be unsafe."""
+
+
+class UnsafePath(SecurityError):
+    """A path is a symlink, owned by another user, or has loose permissions."""
+
+
+class PeerCredentialsRejected(SecurityError):
+    """The peer process runs as a user this endpoint does not accept."""
+
+
+class InsecureBind(SecurityError):
+    """A non-loopback bind without authentication; pass ``authkey=`` or ``insecure=True``."""
+
+
+class ProtocolError(BuzonError):
+    """The peer sent bytes that violate the protocol."""
+
+
+class FrameError(ProtocolError):
+    """A malformed, truncated or unknown frame."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame announced a length above the cap; nothing was allocated for it."""
+
+
+class HandshakeError(ProtocolError):
+    """The opening exchange failed (wrong version, options that do not agree, timeout)."""
+
+
+class AuthenticationError(ProtocolError):
+    """The authkey challenge failed in one direction or the other."""
+
+
+class CodecError(BuzonError):
+    """A payload could not be encoded or decoded."""
+
+
+class ValidationError(CodecError, ValueError):
+    """The payload decoded, but does not match the ``type=`` requested."""
+
+
+class PickleRejected(CodecError):
+    """A pickle frame arrived on a channel that did not enable pickle; it was not unpickled."""
+
+
+class UnsupportedOperation(BuzonError):
+    """The transport cannot perform this operation (e.g. sending on a read-only FIFO end)."""
+
+
+_ERRNO_MAP: dict[int, type[BuzonError]] = {
+    errno.ECONNREFUSED: ConnectionRefused,
+    errno.ENXIO: ConnectionRefused,  # FIFO opened for writing with no reader
+    errno.ENOENT: NoSuchEndpoint,
+    errno.EADDRINUSE: EndpointInUse,
+    errno.EEXIST: EndpointInUse,
+    errno.EACCES: PermissionDenied,
+    errno.EPERM: PermissionDenied,
+    errno.EMSGSIZE: MessageTooLarge,
+    errno.ETIMEDOUT: Timeout,
+    errno.EPIPE: EndOfChannel,
+    errno.ECONNRESET: EndOfChannel,
+    errno.ENOTCONN: EndOfChannel,
+    errno.ELOOP: UnsafePath,
+    errno.EADDRNOTAVAIL: AddressError,
+    errno.ENAMETOOLONG: AddressError,
+}
+
+
+def from_oserror(exc: OSError, what: str = "") -> BuzonError:
+    """Translate an ``OSError`` into the buzon tree (the only place that does so).
+
+    The original exception is kept as ``__cause__`` by callers using ``raise ... from``;
+    the errno and the address are part of the message so the user sees what failed.
+    """
+    cls = _ERRNO_MAP.get(exc.errno or 0, BuzonError)
+    reason = exc.strerror or str(exc)
+    hint = ""
+    if exc.errno == errno.ENXIO:
+        reason = "no process has the FIFO open for reading"
+    elif exc.errno == errno.ECONNREFUSED:
+        hint = " (is anybody listening there?)"
+    message = f"{what}: {reason}{hint}" if what else f"{reason}{hint}"
+    err = cls(message)
+    err.errno = exc.errno  # type: ignore[attr-defined]
+    return err

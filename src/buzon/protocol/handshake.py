@@ -1,0 +1,261 @@
+"""The opening exchange on connection-oriented links (Unix stream, TCP).
+
+Without an authkey::
+
+    client                         server
+    HELLO {v, pid, opts}   ──▶
+                           ◀──    HELLO {v, pid, opts}            both done
+
+With an authkey (HMAC-SHA256, a fresh 32-byte nonce each way, each side proves it
+knows the key for the *other* side's nonce, so nothing can be replayed or reflected)::
+
+    HELLO {.., nc}                         ──▶
+                                           ◀──  HELLO {.., ns, mac_s = H(k, "S"|nc|ns)}
+    AUTH {mac_c = H(k, "C"|ns|nc)}         ──▶
+                                           ◀──  WELCOME {ok: true}      both done
+
+A failure is reported with ``WELCOME {ok: false, error}`` before the server closes, so
+the client learns *why* (wrong key, version) instead of seeing a bare EOF. Every
+handshake frame is at most :data:`HANDSHAKE_MAX_FRAME` (4 KiB) and its msgpack body is
+validated against a schema. Randomness (nonces) and time are inputs: the drivers pass
+``os.urandom`` bytes and enforce the deadline.
+
+The states and transitions are the table :data:`TRANSITIONS`; the docs draw it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from enum import Enum
+from typing import Any
+
+import msgspec
+
+from ..errors import AuthenticationError, HandshakeError, ProtocolError
+from .frames import HANDSHAKE_MAX_FRAME, CodecId, Frame, Kind, encode_frame
+
+__all__ = ["PROTOCOL_VERSION", "TRANSITIONS", "Handshake", "Hello", "State"]
+
+PROTOCOL_VERSION = 1
+NONCE_SIZE = 32
+
+
+class Hello(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
+    v: int
+    role: str
+    pid: int
+    opts: dict[str, Any] = {}
+    nonce: bytes | None = None
+    mac: bytes | None = None
+
+
+class Auth(msgspec.Struct):
+    mac: bytes
+
+
+class Welcome(msgspec.Struct, omit_defaults=True):
+    ok: bool
+    error: str = ""
+
+
+class State(Enum):
+    SEND_HELLO = "send-hello"
+    AWAIT_HELLO = "await-hello"
+    AWAIT_AUTH = "await-auth"
+    AWAIT_WELCOME = "await-welcome"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# (role, state, frame kind received) -> next state; anything else is a HandshakeError.
+TRANSITIONS: dict[tuple[str, State, Kind], State] = {
+    ("client", State.AWAIT_HELLO, Kind.HELLO): State.DONE,  # or AWAIT_WELCOME with a key
+    ("client", State.AWAIT_WELCOME, Kind.WELCOME): State.DONE,
+    ("client", State.AWAIT_HELLO, Kind.WELCOME): State.FAILED,  # server refused us
+    ("server", State.AWAIT_HELLO, Kind.HELLO): State.DONE,  # or AWAIT_AUTH with a key
+    ("server", State.AWAIT_AUTH, Kind.AUTH): State.DONE,
+}
+
+_hello_dec = msgspec.msgpack.Decoder(Hello)
+_auth_dec = msgspec.msgpack.Decoder(Auth)
+_welcome_dec = msgspec.msgpack.Decoder(Welcome)
+_enc = msgspec.msgpack.Encoder()
+
+
+def _mac(key: bytes, tag: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(key, b"buzon-v1 " + tag + first + second, hashlib.sha256).digest()
+
+
+def _frame(kind: Kind, obj: Any) -> bytes:
+    return b"".join(
+        bytes(b)
+        for b in encode_frame(
+            kind, CodecId.MSGPACK, _enc.encode(obj), max_frame=HANDSHAKE_MAX_FRAME
+        )
+    )
+
+
+class Handshake:
+    """One side of the exchange. Call :meth:`receive` with each frame; send :meth:`outgoing`.
+
+    ``options`` are this side's channel options (codec, pickle, capacity...); after
+    :attr:`done`, :attr:`peer` holds the other side's HELLO.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        *,
+        pid: int,
+        options: dict[str, Any],
+        authkey: bytes | None = None,
+        nonce: bytes = b"",
+    ) -> None:
+        if role not in ("client", "server"):
+            raise ValueError("role is 'client' or 'server'")
+        if authkey is not None and len(nonce) != NONCE_SIZE:
+            raise ValueError(f"an authkey needs a {NONCE_SIZE}-byte nonce from os.urandom")
+        self.role = role
+        self.pid = pid
+        self.options = options
+        self.authkey = authkey
+        self.nonce = nonce
+        self.peer: Hello | None = None
+        self._out: list[bytes] = []
+        if role == "client":
+            self.state = State.AWAIT_HELLO
+            self._out.append(
+                _frame(
+                    Kind.HELLO,
+                    Hello(PROTOCOL_VERSION, "client", pid, options, nonce if authkey else None),
+                )
+            )
+        else:
+            self.state = State.AWAIT_HELLO
+
+    @property
+    def done(self) -> bool:
+        return self.state is State.DONE
+
+    def outgoing(self) -> bytes:
+        """Bytes to write now (possibly empty)."""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def receive(self, frame: Frame) -> None:
+        """Consume one frame. Raises HandshakeError/AuthenticationError on failure;
+        a server queues a WELCOME{ok: false} first so the client learns why."""
+        try:
+            kind = Kind(frame.kind)
+        except ValueError:
+            raise self._fail(HandshakeError(f"unknown frame kind {frame.kind} in handshake"))
+        if (self.role, self.state, kind) not in TRANSITIONS:
+            raise self._fail(
+                HandshakeError(f"unexpected {kind.name} frame in state {self.state.value}")
+            )
+        if frame.codec != CodecId.MSGPACK or frame.buffers:
+            raise self._fail(HandshakeError("handshake frames carry a msgpack body only"))
+        try:
+            if self.role == "client":
+                self._client(kind, frame.body)
+            else:
+                self._server(kind, frame.body)
+        except msgspec.DecodeError as exc:
+            raise self._fail(HandshakeError(f"malformed {kind.name}: {exc}")) from exc
+
+    # -- roles ------------------------------------------------------------------------
+
+    def _check_hello(self, hello: Hello, expected_role: str) -> None:
+        if hello.v != PROTOCOL_VERSION:
+            raise self._fail(
+                HandshakeError(
+                    f"peer speaks protocol v{hello.v}; this side speaks v{PROTOCOL_VERSION}"
+                )
+            )
+        if hello.role != expected_role:
+            raise self._fail(
+                HandshakeError(f"peer says it is a {hello.role}, expected {expected_role}")
+            )
+
+    def _client(self, kind: Kind, body: bytes | bytearray | memoryview) -> None:
+        if kind is Kind.WELCOME:  # refused before we got a HELLO
+            welcome = _welcome_dec.decode(body)
+            self.state = State.FAILED
+            raise _refusal(welcome.error)
+        if kind is Kind.HELLO:
+            hello = _hello_dec.decode(body)
+            self._check_hello(hello, "server")
+            self.peer = hello
+            if self.authkey is None:
+                if hello.nonce is not None:
+                    raise self._fail(
+                        AuthenticationError("the server requires an authkey; pass authkey=")
+                    )
+                self.state = State.DONE
+                return
+            if hello.nonce is None or hello.mac is None or len(hello.nonce) != NONCE_SIZE:
+                raise self._fail(
+                    AuthenticationError("the server did not authenticate (it has no authkey)")
+                )
+            expect = _mac(self.authkey, b"S", self.nonce, hello.nonce)
+            if not hmac.compare_digest(expect, hello.mac):
+                raise self._fail(AuthenticationError("the server does not know the authkey"))
+            self._out.append(
+                _frame(Kind.AUTH, Auth(_mac(self.authkey, b"C", hello.nonce, self.nonce)))
+            )
+            self.state = State.AWAIT_WELCOME
+            return
+        welcome = _welcome_dec.decode(body)
+        if not welcome.ok:
+            self.state = State.FAILED
+            raise _refusal(welcome.error)
+        self.state = State.DONE
+
+    def _server(self, kind: Kind, body: bytes | bytearray | memoryview) -> None:
+        if kind is Kind.HELLO:
+            hello = _hello_dec.decode(body)
+            self._check_hello(hello, "client")
+            self.peer = hello
+            if self.authkey is None:
+                # A client that asked for proof learns from our mac-less HELLO that we
+                # have no key, and fails on its side with a clear message.
+                self._out.append(
+                    _frame(Kind.HELLO, Hello(PROTOCOL_VERSION, "server", self.pid, self.options))
+                )
+                self.state = State.DONE
+                return
+            if hello.nonce is None or len(hello.nonce) != NONCE_SIZE:
+                raise self._fail(
+                    AuthenticationError("the client sent no authkey proof; pass authkey=")
+                )
+            mac = _mac(self.authkey, b"S", hello.nonce, self.nonce)
+            self._out.append(
+                _frame(
+                    Kind.HELLO,
+                    Hello(PROTOCOL_VERSION, "server", self.pid, self.options, self.nonce, mac),
+                )
+            )
+            self.state = State.AWAIT_AUTH
+            return
+        auth = _auth_dec.decode(body)
+        assert self.authkey is not None and self.peer is not None and self.peer.nonce is not None
+        expect = _mac(self.authkey, b"C", self.nonce, self.peer.nonce)
+        if not hmac.compare_digest(expect, auth.mac):
+            raise self._fail(AuthenticationError("the client does not know the authkey"))
+        self._out.append(_frame(Kind.WELCOME, Welcome(True)))
+        self.state = State.DONE
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        """Enter FAILED; a server queues WELCOME{ok: false} so the client hears why."""
+        self.state = State.FAILED
+        if self.role == "server":
+            self._out.append(_frame(Kind.WELCOME, Welcome(False, str(exc))))
+        return exc
+
+
+def _refusal(error: str) -> ProtocolError:
+    if "authkey" in error:
+        return AuthenticationError(f"the server refused the connection: {error}")
+    return HandshakeError(f"the server refused the connection: {error}")

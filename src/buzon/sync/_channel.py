@@ -1,0 +1,328 @@
+"""The blocking driver: :class:`Channel`, a thin layer of waits over :class:`ChannelCore`.
+
+Every blocking call is its ``*_nowait`` twin plus a wait on the transport's fds with
+``select.poll``. A receiver first spins for ``spin`` seconds (default 50 µs) retrying
+the non-blocking read, because waking a sleeping process on another CPU costs tens of
+microseconds; after that it sleeps in ``poll``. While waiting for anything, pending
+bytes of an earlier partial write are flushed, so no operation can starve another.
+
+Thread safety: one lock serialises senders and another receivers, so one thread may
+send while another receives; ``close`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, TypeVar, overload
+
+from .._channel import ChannelCore, Statistics
+from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
+from ..protocol.frames import Frame
+from ..transport.base import Buffer, LinkProperties, PeerInfo
+
+__all__ = ["Channel"]
+
+T = TypeVar("T")
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+_monotonic = time.monotonic
+_perf = time.perf_counter
+
+
+def wait_fds(
+    rfd: int, wfd: int, want_read: bool, want_write: bool, deadline: float | None
+) -> tuple[bool, bool]:
+    """Block until ``rfd`` is readable / ``wfd`` writable (as wanted) or the deadline.
+
+    Returns (readable, writable); both False means the deadline passed.
+    """
+    poller = select.poll()
+    if want_read and rfd >= 0:
+        poller.register(rfd, _POLLIN)
+    if want_write and wfd >= 0:
+        if wfd == rfd and want_read:
+            poller.modify(rfd, _POLLIN | _POLLOUT)
+        else:
+            poller.register(wfd, _POLLOUT)
+    if deadline is None:
+        events = poller.poll()
+    else:
+        remaining = deadline - _monotonic()
+        if remaining <= 0:
+            return False, False
+        events = poller.poll(max(1, int(remaining * 1000 + 0.999)))
+    readable = writable = False
+    for fd, ev in events:
+        if fd == rfd and ev & (_POLLIN | select.POLLHUP | select.POLLERR):
+            readable = True
+        if fd == wfd and ev & (_POLLOUT | select.POLLHUP | select.POLLERR):
+            writable = True
+    return readable, writable
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0 or None")
+    return _monotonic() + timeout
+
+
+class Channel:
+    """A message channel (blocking API). Made by ``pipe``, ``connect`` and ``accept``.
+
+    ``send``/``recv`` move objects through the channel's codec; ``send_bytes``/
+    ``recv_bytes`` move bytes with no codec. All four take ``timeout`` (None waits
+    forever) and raise :class:`Timeout`; the ``*_nowait`` forms raise :class:`Full` /
+    :class:`Empty` instead of waiting. At the end of the stream ``recv`` raises
+    :class:`EndOfChannel`, which also ends iteration (``for msg in channel``).
+    """
+
+    def __init__(self, core: ChannelCore) -> None:
+        self._core = core
+        self._spin = core.options.spin
+        self._rlock = threading.Lock()
+        self._wlock = threading.Lock()
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def properties(self) -> LinkProperties:
+        """What this link guarantees (see :class:`LinkProperties`)."""
+        return self._core.properties
+
+    @property
+    def peer(self) -> PeerInfo:
+        """The peer's pid/uid/gid (Unix sockets) or address (INET), as far as known."""
+        return self._core.peer
+
+    @property
+    def address(self) -> Any:
+        return self._core.address
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    @property
+    def last_priority(self) -> int:
+        """Priority of the last message received (POSIX queues; 0 elsewhere)."""
+        return self._core.last_priority
+
+    def statistics(self) -> Statistics:
+        """A snapshot of this channel's counters."""
+        s = self._core.stats
+        return Statistics(*(getattr(s, f) for f in s.__slots__))  # type: ignore[attr-defined]
+
+    def fileno(self) -> int:
+        """The fd that becomes readable when a message may be ready (for foreign loops)."""
+        return self._core.read_fileno()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core.closed else "open"
+        return f"<buzon.Channel {self._core.transport.scheme} {self._core.address or ''} {state}>"
+
+    # -- sending ----------------------------------------------------------------------
+
+    def send(self, obj: Any, timeout: float | None = None, *, priority: int = 0) -> None:
+        """Encode ``obj`` and send it, waiting up to ``timeout`` for room."""
+        with self._wlock:
+            self._send(self._core.encode(obj), deadline_of(timeout), priority)
+
+    def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
+        """Send ``obj`` now or raise :class:`Full`."""
+        with self._wlock:
+            if not self._core.try_send(self._core.encode(obj), priority):
+                raise Full("the channel cannot take the message without waiting")
+
+    def send_bytes(self, data: Buffer, timeout: float | None = None, *, priority: int = 0) -> None:
+        """Send ``data`` as one message, without a codec (a raw channel: as is)."""
+        with self._wlock:
+            self._send(self._core.encode_bytes(data), deadline_of(timeout), priority)
+
+    def send_bytes_nowait(self, data: Buffer, *, priority: int = 0) -> None:
+        with self._wlock:
+            if not self._core.try_send(self._core.encode_bytes(data), priority):
+                raise Full("the channel cannot take the message without waiting")
+
+    def _send(self, bufs: list[Buffer], deadline: float | None, priority: int) -> None:
+        core = self._core
+        while not core.try_send(bufs, priority):
+            self._wait(False, deadline, "send")
+        while core.pending:
+            # The message is accepted; finish writing it unless the caller's time is up
+            # (then later operations and close() complete it).
+            if deadline is not None and _monotonic() >= deadline:
+                return
+            _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
+            if writable:
+                core.flush()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until bytes of partially written messages have all reached the kernel."""
+        deadline = deadline_of(timeout)
+        with self._wlock:
+            while not self._core.flush():
+                _, writable = wait_fds(-1, self._core.write_fileno(), False, True, deadline)
+                if not writable and deadline is not None and _monotonic() >= deadline:
+                    raise Timeout("flush timed out")
+
+    # -- receiving --------------------------------------------------------------------
+
+    @overload
+    def recv(self, timeout: float | None = None) -> Any: ...
+    @overload
+    def recv(self, timeout: float | None = None, *, type: type[T]) -> T: ...
+
+    def recv(self, timeout: float | None = None, *, type: Any = Any) -> Any:
+        """Receive and decode one message; ``type=`` validates it (msgspec types)."""
+        with self._rlock:
+            core = self._core
+            if core.raw:
+                return self._recv_raw(deadline_of(timeout))
+            frame = core.poll_frame()
+            if frame is None:
+                frame = self._wait_frame(timeout)
+            return core.decode(frame, type)
+
+    def recv_nowait(self, *, type: Any = Any) -> Any:
+        """Receive one message now or raise :class:`Empty`."""
+        with self._rlock:
+            core = self._core
+            if core.raw:
+                data = core.poll_raw() if not core.message_oriented else self._raw_msg_nowait()
+                if data is None:
+                    raise Empty("no message is ready")
+                return data
+            frame = core.poll_frame()
+            if frame is None:
+                raise Empty("no message is ready")
+            return core.decode(frame, type)
+
+    def recv_bytes(self, timeout: float | None = None) -> bytes:
+        """Receive one message as bytes (raw stream channels: the bytes available)."""
+        with self._rlock:
+            core = self._core
+            if core.raw:
+                return self._recv_raw(deadline_of(timeout))
+            frame = core.poll_frame()
+            if frame is None:
+                frame = self._wait_frame(timeout)
+            return core.frame_bytes(frame)
+
+    def recv_bytes_nowait(self) -> bytes:
+        with self._rlock:
+            core = self._core
+            if core.raw:
+                data = core.poll_raw() if not core.message_oriented else self._raw_msg_nowait()
+                if data is None:
+                    raise Empty("no message is ready")
+                return data
+            frame = core.poll_frame()
+            if frame is None:
+                raise Empty("no message is ready")
+            return core.frame_bytes(frame)
+
+    def recv_bytes_into(self, buffer: Buffer, timeout: float | None = None) -> int:
+        """Receive one message into ``buffer``; return its size (MessageTooLarge if it
+        does not fit — the message is then lost, as with multiprocessing)."""
+        with self._rlock:
+            core = self._core
+            if core.raw:
+                raise UnsupportedOperation("recv_bytes_into needs message framing (raw=False)")
+            frame = core.poll_frame()
+            if frame is None:
+                frame = self._wait_frame(timeout)
+            return core.frame_into(frame, buffer)
+
+    def _raw_msg_nowait(self) -> bytes | None:
+        frame = self._core.poll_frame()
+        return None if frame is None else self._core.frame_bytes(frame)
+
+    def _recv_raw(self, deadline: float | None) -> bytes:
+        core = self._core
+        while True:
+            data = core.poll_raw() if not core.message_oriented else self._raw_msg_nowait()
+            if data is not None:
+                return data
+            self._wait(True, deadline, "recv")
+
+    def _wait_frame(self, timeout: float | None) -> Frame:
+        core = self._core
+        spin = self._spin
+        if spin > 0.0 and timeout != 0:
+            end = _perf() + spin
+            while _perf() < end:
+                frame = core.poll_frame()
+                if frame is not None:
+                    return frame
+        deadline = deadline_of(timeout)
+        while True:
+            self._wait(True, deadline, "recv")
+            frame = core.poll_frame()
+            if frame is not None:
+                return frame
+
+    def _wait(self, read: bool, deadline: float | None, what: str) -> None:
+        """Wait for the direction wanted, flushing pending output meanwhile."""
+        core = self._core
+        core.check_open()
+        while True:
+            want_write = bool(core.pending) or not read
+            readable, writable = wait_fds(
+                core.read_fileno(), core.write_fileno(), read, want_write, deadline
+            )
+            if writable and core.pending:
+                core.flush()
+                if not read and not core.pending:
+                    return
+            if (read and readable) or (not read and writable):
+                return
+            if not readable and not writable:
+                raise Timeout(f"{what} timed out")
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yield messages until the peer closes (``EndOfChannel``)."""
+        while True:
+            try:
+                yield self.recv()
+            except EndOfChannel:
+                return
+
+    # -- closing ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush what was accepted (bounded by ``close_timeout``) and release the fds."""
+        core = self._core
+        if core.closed:
+            return
+        if core.pending:
+            deadline = deadline_of(core.options.close_timeout)
+            try:
+                while core.pending and not core.flush():
+                    _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
+                    if not writable and deadline is not None and _monotonic() >= deadline:
+                        break
+            except Exception:  # the peer is gone: nothing more can be delivered
+                pass
+        core.close()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # used by buzon.wait ------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        """True if recv_nowait would not raise Empty (it may raise EndOfChannel)."""
+        if not self._rlock.acquire(blocking=False):
+            return False  # another thread is receiving; it will take what arrives
+        try:
+            return self._core.ready()
+        finally:
+            self._rlock.release()

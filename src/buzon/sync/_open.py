@@ -1,0 +1,297 @@
+"""Opening channels with the blocking driver: ``pipe``, ``connect``, ``listen``, ``wait``."""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from .._channel import ChannelCore, ChannelOptions
+from .._policy import Prepared, prepare
+from ..address import Address
+from ..errors import (
+    BuzonError,
+    ChannelClosed,
+    EndOfChannel,
+    HandshakeError,
+    ProtocolError,
+    Timeout,
+)
+from ..protocol.frames import HANDSHAKE_MAX_FRAME
+from ..protocol.handshake import NONCE_SIZE, Handshake
+from ..transport import open_connector, open_listener
+from ..transport.base import ListenerTransport, PeerInfo, Transport
+from ..transport.pipe import pipe_pair
+from ._channel import Channel, deadline_of, wait_fds
+
+__all__ = ["Listener", "connect", "listen", "pipe", "wait"]
+
+W = TypeVar("W")
+_RETRY_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+
+
+def pipe(
+    duplex: bool = True,
+    *,
+    codec: str = "msgpack",
+    pickle: bool = False,
+    raw: bool = False,
+    spin: float | None = None,
+    max_frame: int | None = None,
+) -> tuple[Channel, Channel]:
+    """Two connected channels over anonymous pipes (share them with ``fork``).
+
+    ``duplex=False`` gives (receive end, send end), like ``multiprocessing.Pipe``.
+    """
+    kw: dict[str, Any] = {"codec": codec, "pickle": pickle, "raw": raw, "spin": spin}
+    if max_frame is not None:
+        kw["max_frame"] = max_frame
+    prep = prepare(Address("pipe"), listening=False, **kw)
+    a, b = pipe_pair(duplex)
+    return Channel(ChannelCore(a, prep.channel)), Channel(ChannelCore(b, prep.channel))
+
+
+def connect(url: str | Address, timeout: float | None = None, **options: Any) -> Channel:
+    """Connect to the endpoint at ``url`` and return a :class:`Channel`.
+
+    ``timeout`` bounds the whole connection, handshake included. Keyword options:
+    ``codec``, ``pickle``, ``raw``, ``authkey``, ``compat``, ``spin``, ``max_frame``,
+    ``handshake_timeout``, ``allow_uids``.
+    """
+    prep = prepare(url, listening=False, **options)
+    deadline = deadline_of(timeout)
+    connector = open_connector(prep.address, prep.transport)
+    try:
+        transport = _drive_connector(connector, deadline, prep.address)
+    finally:
+        connector.close()
+    return establish(transport, prep, "client", deadline)
+
+
+def _drive_connector(connector: Any, deadline: float | None, address: Address) -> Transport:
+    attempt = 0
+    while True:
+        transport: Transport | None = connector.step()
+        if transport is not None:
+            return transport
+        if connector.want == "retry":
+            delay = _RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)]
+            attempt += 1
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"connecting to {address} timed out (no reader/listener yet)")
+                delay = min(delay, remaining)
+            time.sleep(delay)
+            continue
+        fd = connector.fileno()
+        readable, writable = wait_fds(
+            fd, fd, connector.want == "read", connector.want == "write", deadline
+        )
+        if not readable and not writable:
+            raise Timeout(f"connecting to {address} timed out")
+
+
+def establish(transport: Transport, prep: Prepared, role: str, deadline: float | None) -> Channel:
+    """Wrap a fresh transport in a channel, running the handshake where there is one."""
+    core = ChannelCore(transport, prep.channel, address=prep.address)
+    try:
+        if prep.compat == "multiprocessing":
+            from ._compat import mp_handshake
+
+            mp_handshake(core, prep, role, deadline)
+        elif prep.handshake:
+            _handshake(core, prep, role, deadline)
+    except BaseException:
+        core.close()
+        raise
+    return Channel(core)
+
+
+def _handshake(core: ChannelCore, prep: Prepared, role: str, deadline: float | None) -> None:
+    opts: ChannelOptions = prep.channel
+    hs_deadline = time.monotonic() + opts.handshake_timeout
+    if deadline is not None:
+        hs_deadline = min(hs_deadline, deadline)
+    hs = Handshake(
+        role,
+        pid=os.getpid(),
+        options={"codec": opts.codec, "pickle": opts.pickle},
+        authkey=prep.authkey,
+        nonce=os.urandom(NONCE_SIZE) if prep.authkey is not None else b"",
+    )
+    assert core.decoder is not None
+    core.decoder.max_frame = HANDSHAKE_MAX_FRAME
+    try:
+        _write_all(core, hs.outgoing(), hs_deadline)
+        while not hs.done:
+            frame = _read_frame(core, hs_deadline)
+            try:
+                hs.receive(frame)
+            finally:
+                out = hs.outgoing()
+                if out:
+                    try:
+                        _write_all(core, out, hs_deadline)
+                    except BuzonError:
+                        pass  # the error being raised is the one that matters
+    except EndOfChannel:
+        raise HandshakeError(
+            f"the peer closed the connection during the handshake "
+            f"({'is an authkey required? ' if prep.authkey is None else ''}is it a buzon endpoint?)"
+        ) from None
+    except Timeout:
+        raise HandshakeError(
+            f"handshake timed out after {opts.handshake_timeout} s (is the peer a buzon endpoint?)"
+        ) from None
+    core.decoder.max_frame = opts.max_frame
+    assert hs.peer is not None
+    peer = core.peer
+    core.peer = PeerInfo(
+        pid=peer.pid if peer.pid is not None else hs.peer.pid,
+        uid=peer.uid,
+        gid=peer.gid,
+        address=peer.address,
+        extra={"hello_pid": hs.peer.pid, "options": dict(hs.peer.opts)},
+    )
+
+
+def _write_all(core: ChannelCore, data: bytes, deadline: float | None) -> None:
+    if not data:
+        return
+    if not core.try_send([data]):
+        raise ProtocolError("cannot write the handshake")
+    core.stats.messages_sent -= 1
+    core.stats.bytes_sent -= len(data)
+    while core.pending:
+        _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
+        if not writable:
+            raise Timeout("handshake write timed out")
+        core.flush()
+
+
+def _read_frame(core: ChannelCore, deadline: float | None) -> Any:
+    while True:
+        frame = core.poll_frame(control=True)
+        if frame is not None:
+            return frame
+        readable, _ = wait_fds(core.read_fileno(), -1, True, False, deadline)
+        if not readable:
+            raise Timeout("handshake read timed out")
+
+
+class Listener:
+    """A bound endpoint. ``accept`` returns one :class:`Channel` per connecting peer
+    (for FIFOs, queues and datagram sockets: the endpoint's single channel, once)."""
+
+    def __init__(self, transport: ListenerTransport, prep: Prepared) -> None:
+        self._lt = transport
+        self._prep = prep
+        self.accepted = 0
+        self.rejected = 0
+        self._closed = False
+
+    @property
+    def address(self) -> Address:
+        """The real address (with the port filled in when listening on port 0)."""
+        return self._lt.address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self._lt.fileno()
+
+    def accept(self, timeout: float | None = None) -> Channel:
+        """Wait for the next peer and return its channel (handshake done)."""
+        deadline = deadline_of(timeout)
+        while True:
+            transport = self.accept_transport(deadline)
+            try:
+                ch = establish(transport, self._prep, "server", deadline)
+            except ProtocolError:
+                self.rejected += 1
+                continue  # a peer that fails the handshake does not stop the listener
+            self.accepted += 1
+            return ch
+
+    def accept_transport(self, deadline: float | None) -> Transport:
+        """Wait for a connected transport, before any handshake (used by servers)."""
+        if self._closed:
+            raise ChannelClosed("the listener is closed")
+        while True:
+            transport = self._lt.accept()
+            if transport is not None:
+                return transport
+            readable, _ = wait_fds(self._lt.fileno(), -1, True, False, deadline)
+            if self._closed:
+                raise ChannelClosed("the listener is closed")
+            if not readable:
+                raise Timeout(f"no peer arrived at {self.address} in time")
+
+    def establish(self, transport: Transport, timeout: float | None = None) -> Channel:
+        """Run the server side of the handshake on an accepted transport."""
+        return establish(transport, self._prep, "server", deadline_of(timeout))
+
+    def close(self) -> None:
+        """Stop listening; the endpoint's name (socket file, FIFO, queue) is removed."""
+        if not self._closed:
+            self._closed = True
+            self._lt.close()
+
+    def _ready(self) -> bool:
+        if self._closed:
+            return True  # accept raises at once
+        poller = select.poll()
+        poller.register(self._lt.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<buzon.Listener {self.address}{' closed' if self._closed else ''}>"
+
+
+def listen(url: str | Address, **options: Any) -> Listener:
+    """Bind ``url`` and return a :class:`Listener` (a context manager).
+
+    Keyword options as for :func:`connect`, plus ``backlog``, ``insecure``,
+    ``mq_maxmsg`` and ``mq_msgsize``.
+    """
+    prep = prepare(url, listening=True, **options)
+    return Listener(open_listener(prep.address, prep.transport), prep)
+
+
+def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
+    """Wait until some of ``objects`` (channels, listeners, any mix of transports)
+    are ready and return those: a channel whose ``recv_nowait`` would not raise
+    :class:`Empty` (it may raise ``EndOfChannel``), a listener whose ``accept`` has a
+    peer waiting. An empty list means the timeout passed.
+    """
+    items = list(objects)
+    for o in items:
+        if not hasattr(o, "_ready"):
+            raise TypeError(f"buzon.wait cannot wait on {type(o).__name__}")
+    deadline = deadline_of(timeout)
+    while True:
+        ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
+        if ready:
+            return ready
+        poller = select.poll()
+        for fd in {o.fileno() for o in items}:  # type: ignore[attr-defined]
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
+        if deadline is None:
+            poller.poll()
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            poller.poll(max(1, int(remaining * 1000 + 0.999)))

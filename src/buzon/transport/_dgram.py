@@ -1,0 +1,135 @@
+"""Datagram sockets (UDP, Unix datagram) as message transports, and the one-shot listener.
+
+The bound ("listening") end of a datagram endpoint is a single channel that receives
+from every sender; its ``send`` replies to the most recent sender. The connecting end
+is a connected socket that exchanges datagrams with the bound end only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..address import Address
+from ..errors import MessageTooLarge, UnsupportedOperation, from_oserror
+from .base import Buffer, LinkProperties, ListenerTransport, MessageTransport, PeerInfo, Transport
+
+__all__ = ["DatagramTransport", "SingleChannelListener"]
+
+
+class DatagramTransport(MessageTransport):
+    def __init__(
+        self,
+        sock: socket.socket,
+        properties: LinkProperties,
+        *,
+        scheme: str,
+        connected: bool,
+        max_message: int,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._fd = sock.fileno()
+        self.properties = properties
+        self.scheme = scheme
+        self.connected = connected
+        self.max_message = max_message
+        self.last_peer: Any = None
+        self.truncated = 0  # datagrams longer than max_message, dropped
+        self._rbuf = bytearray(max_message + 1)
+        self._on_close = on_close
+        if connected:
+            try:
+                self.peer = PeerInfo(address=sock.getpeername())
+            except OSError:
+                pass
+
+    def read_fileno(self) -> int:
+        return self._fd
+
+    def write_fileno(self) -> int:
+        return self._fd
+
+    def recv_message(self) -> bytes | None:
+        while True:
+            try:
+                n, addr = self.sock.recvfrom_into(self._rbuf)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                raise from_oserror(exc, f"{self.scheme} recv") from exc
+            if n > self.max_message:
+                self.truncated += 1  # over our unit: never deliver a cut datagram
+                continue
+            if not self.connected:
+                self.last_peer = addr
+            return bytes(memoryview(self._rbuf)[:n])
+
+    def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
+        size = sum(memoryview(b).nbytes for b in bufs)
+        if size > self.max_message:
+            raise MessageTooLarge(
+                f"a {self.scheme} datagram carries at most {self.max_message} bytes; "
+                f"this message needs {size}"
+            )
+        try:
+            if self.connected:
+                self.sock.sendmsg(bufs)
+            else:
+                if self.last_peer is None:
+                    raise UnsupportedOperation(
+                        f"this bound {self.scheme} end replies to the last sender, "
+                        "and nothing has been received yet"
+                    )
+                self.sock.sendmsg(bufs, (), 0, self.last_peer)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return False
+            raise from_oserror(exc, f"{self.scheme} send") from exc
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.sock.close()
+        if self._on_close is not None:
+            self._on_close()
+
+
+class SingleChannelListener(ListenerTransport):
+    """A listener whose endpoint is one channel: ``accept`` returns it once, then ``None``.
+
+    Its fd is readable until that one accept, so ``buzon.wait`` and the drivers treat it
+    like any other listener.
+    """
+
+    def __init__(self, address: Address, transport: Transport, cleanup: Callable[[], None]) -> None:
+        self.address = address
+        self._transport: Transport | None = transport
+        self._cleanup = cleanup
+        self._efd = os.eventfd(1, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def fileno(self) -> int:
+        return self._efd
+
+    def accept(self) -> Transport | None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            os.eventfd_read(self._efd)
+        return transport
+
+    def close(self) -> None:
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
+        if self._transport is not None:
+            self._transport.close()  # never accepted: it dies with the listener
+            self._transport = None
+        self._cleanup()

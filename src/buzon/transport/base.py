@@ -1,0 +1,196 @@
+"""The transport contract: one OS mechanism, non-blocking, with readiness fds.
+
+A transport never waits. Every operation either completes at once or reports
+"would block" through its return value (``None``/``-1``/``False``); the drivers in
+:mod:`buzon.sync` and :mod:`buzon.aio` wait on :meth:`Transport.read_fileno` /
+:meth:`Transport.write_fileno` and call again.
+
+Two shapes exist:
+
+* **stream** transports (pipe, FIFO, Unix stream, TCP) move bytes:
+  :meth:`recv_into` and :meth:`send_buffers` (a vectored write that may be partial);
+* **message** transports (POSIX queue, Unix datagram, UDP) move whole messages:
+  :meth:`recv_message` and :meth:`send_message`, all or nothing.
+
+Establishing links is split the same way: a :class:`Connector` is polled until it
+yields a transport, and a :class:`ListenerTransport` is polled for accepted ones.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from ..address import Address
+
+__all__ = [
+    "Buffer",
+    "Connector",
+    "LinkProperties",
+    "ListenerTransport",
+    "MessageTransport",
+    "PeerInfo",
+    "StreamTransport",
+    "Transport",
+    "WOULD_BLOCK",
+]
+
+Buffer = bytes | bytearray | memoryview
+WOULD_BLOCK = -1
+
+
+@dataclass(frozen=True, slots=True)
+class LinkProperties:
+    """What a link really guarantees; the docs' transport table is generated from these.
+
+    ``boundaries`` describes what the *transport* keeps: buzon frames give every
+    channel message boundaries unless it was opened ``raw=True``.
+    """
+
+    transport: str
+    direction: Literal["simplex", "duplex"]
+    boundaries: Literal["message", "stream"]
+    connection_oriented: bool
+    reliable: bool
+    ordered: bool
+    local: bool
+    max_message: int | None = None
+    priorities: bool = False
+    credentials: bool = False
+    notes: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """Who is at the other end, as far as the transport can tell."""
+
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    address: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Transport(abc.ABC):
+    """Base of every transport: identity, properties, readiness fds and close."""
+
+    scheme: str = ""
+    message_oriented: ClassVar[bool] = False
+
+    properties: LinkProperties
+    peer: PeerInfo = PeerInfo()
+    closed: bool = False
+
+    def read_fileno(self) -> int:
+        """fd that becomes readable when :meth:`recv_into`/:meth:`recv_message` may progress."""
+        return -1
+
+    def write_fileno(self) -> int:
+        """fd that becomes writable when sending may progress, -1 if this end cannot send."""
+        return -1
+
+    @property
+    def can_send(self) -> bool:
+        return self.write_fileno() >= 0
+
+    @property
+    def can_recv(self) -> bool:
+        return self.read_fileno() >= 0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class StreamTransport(Transport):
+    """Moves bytes; buzon frames them (or not, with ``raw=True``)."""
+
+    @abc.abstractmethod
+    def recv_into(self, buf: memoryview) -> int:
+        """Read into ``buf``: bytes read, 0 at end of stream, ``WOULD_BLOCK`` if none ready."""
+
+    @abc.abstractmethod
+    def send_buffers(self, bufs: Sequence[Buffer]) -> int:
+        """Vectored write; returns bytes accepted (possibly partial) or ``WOULD_BLOCK``."""
+
+    def shutdown_write(self) -> None:
+        """Signal end-of-stream to the peer where the mechanism allows it (default: no-op)."""
+
+
+class MessageTransport(Transport):
+    """Moves whole messages; each carries exactly one frame."""
+
+    message_oriented = True
+    max_message: int = 65507
+
+    @abc.abstractmethod
+    def recv_message(self) -> bytes | None:
+        """One whole message, or ``None`` if none is ready."""
+
+    @abc.abstractmethod
+    def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
+        """Send one whole message made of ``bufs``; False if it would block."""
+
+
+class Connector(abc.ABC):
+    """A connection being established: poll :meth:`step` whenever :attr:`want` is ready.
+
+    ``want`` is ``"read"`` or ``"write"`` with :meth:`fileno` to wait on, or ``"retry"``
+    when the mechanism offers no readiness fd (opening a FIFO that has no reader yet):
+    the driver then retries with a short back-off.
+    """
+
+    want: Literal["read", "write", "retry"] = "write"
+
+    def fileno(self) -> int:
+        return -1
+
+    @abc.abstractmethod
+    def step(self) -> Transport | None:
+        """Advance; return the transport once connected. Raises BuzonError on failure."""
+
+    def close(self) -> None:
+        """Abandon the attempt and release its fds."""
+
+
+class ListenerTransport(abc.ABC):
+    """A bound endpoint: :meth:`fileno` readable means :meth:`accept` may return one."""
+
+    address: Address
+
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        """fd that is readable when a connection (or the single channel) is pending."""
+
+    @abc.abstractmethod
+    def accept(self) -> Transport | None:
+        """An accepted transport, or ``None`` if none is pending."""
+
+    def close(self) -> None:
+        """Stop listening and remove what was created (socket file, FIFO, queue)."""
+
+
+def set_cloexec_nonblock(fd: int) -> None:
+    os.set_blocking(fd, False)
+    os.set_inheritable(fd, False)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportOptions:
+    """Options the transports understand; the channel API passes them through.
+
+    ``mq_maxmsg``/``mq_msgsize`` size a POSIX queue when it is created (``None`` takes the
+    system defaults from ``/proc/sys/fs/mqueue``). ``backlog`` is the listen queue of
+    stream sockets. ``insecure`` allows a non-loopback TCP/UDP bind without authentication
+    (the channel layer decides; transports only carry it). ``allow_uids`` lists the extra
+    user ids a Unix socket accepts besides our own (``SO_PEERCRED``).
+    """
+
+    backlog: int = 128
+    mq_maxmsg: int | None = None
+    mq_msgsize: int | None = None
+    insecure: bool = False
+    allow_uids: frozenset[int] = frozenset()
+    runtime_dir: str | None = None

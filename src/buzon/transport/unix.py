@@ -1,0 +1,229 @@
+"""Unix domain stream sockets, with the peer's credentials checked both ways.
+
+* The socket file is bound, set to 0600 and only then put in listening state, so no
+  other user can connect during the window between ``bind`` and ``chmod``.
+* A stale socket file (left by a crashed process: connecting to it is refused) is
+  replaced; a live one raises :class:`EndpointInUse`. Close unlinks the file only if it
+  is still the one this listener bound (same inode), never someone else's.
+* ``SO_PEERCRED`` gives the peer's pid, uid and gid. By default both sides accept only
+  a peer of their own uid (``allow_uids`` adds more); an accepted connection from
+  another user is closed and counted in :attr:`UnixListener.rejected`.
+* No Linux abstract-namespace sockets: every socket is a file with permissions.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+
+from .._runtime import check_endpoint_path
+from ..address import Address
+from ..errors import (
+    ConnectionRefused,
+    EndpointInUse,
+    NoSuchEndpoint,
+    PeerCredentialsRejected,
+    UnsafePath,
+    from_oserror,
+)
+from ._fdstream import SocketStreamTransport
+from .base import (
+    Connector,
+    LinkProperties,
+    ListenerTransport,
+    PeerInfo,
+    Transport,
+    TransportOptions,
+)
+
+__all__ = [
+    "UnixConnector",
+    "UnixListener",
+    "bind_unix_path",
+    "connect",
+    "listen",
+    "peer_credentials",
+]
+
+PROPERTIES = LinkProperties(
+    transport="unix",
+    direction="duplex",
+    boundaries="stream",
+    connection_oriented=True,
+    reliable=True,
+    ordered=True,
+    local=True,
+    credentials=True,
+    notes="SO_PEERCRED checked: same user by default",
+)
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> PeerInfo:
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return PeerInfo(pid=pid, uid=uid, gid=gid)
+
+
+def _check_uid(peer: PeerInfo, opts: TransportOptions, what: str) -> None:
+    if peer.uid != os.getuid() and peer.uid not in opts.allow_uids:
+        raise PeerCredentialsRejected(
+            f"{what}: peer pid {peer.pid} runs as uid {peer.uid}; only uid {os.getuid()}"
+            + (f" and {sorted(opts.allow_uids)}" if opts.allow_uids else "")
+            + " are allowed"
+        )
+
+
+def bind_unix_path(sock: socket.socket, addr: Address, path: str) -> os.stat_result:
+    """Bind ``sock`` at ``path`` (replacing a stale socket file), chmod 0600, return its stat."""
+    check_endpoint_path(path, must_exist=False)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise EndpointInUse(f"{addr}: {path!r} exists and is not a socket")
+        if _is_live(path, sock.type):
+            raise EndpointInUse(f"{addr}: another process is listening at {path!r}")
+        os.unlink(path)  # stale: its owner died without cleaning up
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise from_oserror(exc, f"bind {path}") from exc
+    return os.lstat(path)
+
+
+def _is_live(path: str, kind: int) -> bool:
+    probe = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return True
+
+
+def unlink_if_ours(path: str, st: os.stat_result | None) -> None:
+    """Remove ``path`` only if it is still the inode we created."""
+    if st is None:
+        return
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+        os.unlink(path)
+
+
+class UnixListener(ListenerTransport):
+    def __init__(self, addr: Address, opts: TransportOptions) -> None:
+        self.address = addr
+        self.opts = opts
+        self.path = addr.fs_path(opts.runtime_dir)
+        self.rejected = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._st: os.stat_result | None = None
+        try:
+            self._st = bind_unix_path(self.sock, addr, self.path)
+            self.sock.listen(opts.backlog)
+            self.sock.setblocking(False)
+        except BaseException:
+            self.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> Transport | None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise from_oserror(exc, f"accept on {self.address}") from exc
+            peer = peer_credentials(conn)
+            try:
+                _check_uid(peer, self.opts, str(self.address))
+            except PeerCredentialsRejected:
+                self.rejected += 1
+                conn.close()
+                continue
+            return SocketStreamTransport(conn, PROPERTIES, scheme="unix", peer=peer)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+        unlink_if_ours(self.path, self._st)
+        self._st = None
+
+
+class UnixConnector(Connector):
+    want = "write"
+
+    def __init__(self, addr: Address, opts: TransportOptions) -> None:
+        self.address = addr
+        self.opts = opts
+        self.path = addr.fs_path(opts.runtime_dir)
+        check_endpoint_path(self.path, must_exist=True)
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            raise NoSuchEndpoint(f"{addr}: nothing listens at {self.path!r}") from None
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UnsafePath(f"{addr}: {self.path!r} is not a socket")
+        self.sock: socket.socket | None = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
+        self._started = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def step(self) -> Transport | None:
+        sock = self.sock
+        assert sock is not None
+        if not self._started:
+            err = sock.connect_ex(self.path)
+            if err in (errno.EAGAIN, errno.EINPROGRESS):
+                # listen backlog full: Unix sockets give no readiness; retry shortly
+                self.want = "retry"
+                return None
+            self._started = err == 0
+            if err:
+                self.close()
+                if err == errno.ECONNREFUSED:
+                    raise ConnectionRefused(f"{self.address}: nobody accepts at {self.path!r}")
+                raise from_oserror(OSError(err, os.strerror(err)), str(self.address))
+        peer = peer_credentials(sock)
+        try:
+            _check_uid(peer, self.opts, str(self.address))
+        except PeerCredentialsRejected:
+            self.close()
+            raise
+        self.sock = None
+        return SocketStreamTransport(sock, PROPERTIES, scheme="unix", peer=peer)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def listen(addr: Address, opts: TransportOptions) -> UnixListener:
+    return UnixListener(addr, opts)
+
+
+def connect(addr: Address, opts: TransportOptions) -> UnixConnector:
+    return UnixConnector(addr, opts)
