@@ -15,12 +15,14 @@ by ``close``. A message accepted by ``send_nowait`` is therefore never lost or t
 
 from __future__ import annotations
 
+import pickle
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .address import Address
+from .protocol import mpcompat
 from .codec import Codec
 from .errors import (
     ChannelClosed,
@@ -55,6 +57,7 @@ class ChannelOptions:
     handshake_timeout: float = 10.0
     frame_timeout: float | None = 30.0
     close_timeout: float = 5.0
+    compat: str | None = None
 
 
 @dataclass(slots=True)
@@ -89,9 +92,13 @@ class ChannelCore:
         self.raw = options.raw
         self.codec = Codec(options.codec, allow_pickle=options.pickle)  # type: ignore[arg-type]
         self.max_frame = options.max_frame
-        self.decoder: FrameDecoder | None = (
-            None if self.message_oriented or self.raw else FrameDecoder(options.max_frame)
-        )
+        self.compat = options.compat
+        self.decoder: FrameDecoder | _MpDecoder | None = None
+        if not (self.message_oriented or self.raw):
+            if self.compat == "multiprocessing":
+                self.decoder = _MpDecoder(options.max_frame)
+            else:
+                self.decoder = FrameDecoder(options.max_frame)
         self.pending: deque[memoryview] = deque()
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
         self.peeked: Frame | None = None  # message-transport frame read by ready()
@@ -125,12 +132,25 @@ class ChannelCore:
     # -- sending ----------------------------------------------------------------------
 
     def encode(self, obj: Any) -> list[Buffer]:
+        if self.compat is not None:
+            return self._encode_compat(obj)
         codec, body, buffers = self.codec.encode(obj)
         return encode_frame(Kind.DATA, codec, body, buffers, max_frame=self.max_frame)
+
+    def _encode_compat(self, obj: Any) -> list[Buffer]:
+        if not self.codec.allow_pickle:
+            raise UnsupportedOperation(
+                "multiprocessing peers exchange pickled objects: use send_bytes/recv_bytes, "
+                "or pickle=True (with an authkey on TCP)"
+            )
+        body = pickle.dumps(obj, protocol=pickle.DEFAULT_PROTOCOL)
+        return list(mpcompat.encode_message(body, max_message=self.max_frame))
 
     def encode_bytes(self, data: Buffer) -> list[Buffer]:
         if self.raw:
             return [data]
+        if self.compat is not None:
+            return list(mpcompat.encode_message(data, max_message=self.max_frame))
         view = memoryview(data)
         if view.nbytes > 4096:
             return encode_frame(
@@ -361,3 +381,49 @@ class ChannelCore:
         self.closed = True
         self.pending.clear()
         self.transport.close()
+
+
+class _MpDecoder:
+    """``multiprocessing.connection`` framing behind the FrameDecoder interface.
+
+    Its messages carry no codec id: they surface as frames whose body is the payload,
+    marked PICKLE because that is what ``Connection.send`` puts there (``recv`` then
+    refuses them unless the channel enabled pickle; ``recv_bytes`` takes them as is).
+    """
+
+    __slots__ = ("_d", "frames")
+
+    def __init__(self, max_frame: int) -> None:
+        self._d = mpcompat.MessageDecoder(max_frame)
+        self.frames: deque[Frame] = deque()
+
+    @property
+    def max_frame(self) -> int:
+        return self._d.max_message
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self._d.max_message = value
+
+    @property
+    def buffered(self) -> int:
+        return self._d.buffered
+
+    def get_buffer(self) -> memoryview:
+        return self._d.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._d.buffer_updated(nbytes)
+        self._drain()
+
+    def feed(self, data: Buffer) -> None:
+        self._d.feed(data)
+        self._drain()
+
+    def eof(self) -> None:
+        self._d.eof()
+
+    def _drain(self) -> None:
+        messages = self._d.messages
+        while messages:
+            self.frames.append(Frame(Kind.DATA, CodecId.PICKLE, messages.popleft(), []))

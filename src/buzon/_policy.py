@@ -100,6 +100,7 @@ def prepare(
         spin=_default_spin() if spin is None else float(spin),
         handshake_timeout=handshake_timeout,
         frame_timeout=frame_timeout,
+        compat=compat,
     )
     if codec == "pickle" and not pickle:
         raise ValueError("codec='pickle' needs pickle=True as well (pickle is opt-in)")

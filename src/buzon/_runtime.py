@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+
 from .errors import UnsafePath
 
 __all__ = ["check_endpoint_path", "runtime_dir"]

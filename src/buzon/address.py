@@ -13,7 +13,7 @@
 ``udp://HOST:PORT``    UDP, same host syntax
 =====================  ==========================================================
 
-A NAME is 1–64 characters of ``A-Z a-z 0-9 . _ -`` not starting with a dot. Names
+A NAME is 1-64 characters of ``A-Z a-z 0-9 . _ -`` not starting with a dot. Names
 without a leading slash live in buzon's namespace, so two programs of the same user
 meet there and nobody else can; a leading slash means "exactly this", so buzon can
 meet programs that know nothing about it. Parsing is pure: nothing here touches the

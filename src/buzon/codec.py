@@ -41,6 +41,7 @@ _EXT_NDARRAY = 1  # body: msgpack [dtype.str, shape, buffer index]
 _EXT_BUFFER = 2  # body: msgpack buffer index; decodes to bytes
 _MAX_BUFS = 255
 
+_np: Any
 try:  # numpy is optional; arrays are only special when it is installed
     import numpy as _np
 except ImportError:  # pragma: no cover - the test environment installs numpy

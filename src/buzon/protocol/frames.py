@@ -154,14 +154,14 @@ def _frame_total(
     version, kind, flags, nbufs, blen = HEADER.unpack_from(data, start)
     _check_header(version, kind, flags, nbufs)
     table = 8 * nbufs
+    total: int = HEADER.size + table + blen
     if avail < HEADER.size + table:
-        total = HEADER.size + table + blen
         if total > max_frame:
             raise FrameTooLarge(f"frame announces {total} bytes; the cap is {max_frame}")
         return -1
-    total = HEADER.size + table + blen
     for i in range(nbufs):
-        total += _BUFLEN.unpack_from(data, start + HEADER.size + 8 * i)[0]
+        n: int = _BUFLEN.unpack_from(data, start + HEADER.size + 8 * i)[0]
+        total += n
     if total > max_frame:
         raise FrameTooLarge(f"frame announces {total} bytes; the cap is {max_frame}")
     return total

@@ -115,7 +115,7 @@ class Channel:
     def statistics(self) -> Statistics:
         """A snapshot of this channel's counters."""
         s = self._core.stats
-        return Statistics(*(getattr(s, f) for f in s.__slots__))  # type: ignore[attr-defined]
+        return Statistics(*(getattr(s, f) for f in s.__slots__))
 
     def fileno(self) -> int:
         """The fd that becomes readable when a message may be ready (for foreign loops)."""

@@ -142,7 +142,7 @@ class Connector(abc.ABC):
     the driver then retries with a short back-off.
     """
 
-    want: Literal["read", "write", "retry"] = "write"
+    want: str = "write"  # "read", "write" or "retry"
 
     def fileno(self) -> int:
         return -1
@@ -151,7 +151,7 @@ class Connector(abc.ABC):
     def step(self) -> Transport | None:
         """Advance; return the transport once connected. Raises BuzonError on failure."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Abandon the attempt and release its fds."""
 
 
@@ -168,6 +168,7 @@ class ListenerTransport(abc.ABC):
     def accept(self) -> Transport | None:
         """An accepted transport, or ``None`` if none is pending."""
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Stop listening and remove what was created (socket file, FIFO, queue)."""
 

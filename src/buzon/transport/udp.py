@@ -28,7 +28,10 @@ def _props(local: bool, max_message: int) -> LinkProperties:
         ordered=False,
         local=local,
         max_message=max_message,
-        notes="datagrams may be lost, duplicated or reordered; the bound end replies to the last sender",
+        notes=(
+            "datagrams may be lost, duplicated or reordered; "
+            "the bound end replies to the last sender"
+        ),
     )
 
 
