@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .address import Address
-from .protocol import mpcompat
 from .codec import Codec
 from .errors import (
     ChannelClosed,
@@ -31,6 +30,7 @@ from .errors import (
     MessageTooLarge,
     UnsupportedOperation,
 )
+from .protocol import mpcompat
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
     CodecId,
@@ -203,6 +203,30 @@ class ChannelCore:
                 continue
             self.pending.append(view[written:])
             written = 0
+
+    def write_control(self, data: bytes) -> bool:
+        """Write handshake bytes (not a message: no statistics). False if it would block."""
+        self.check_open()
+        if self.pending and not self.flush():
+            return False
+        n = self.transport.send_buffers([data])  # type: ignore[attr-defined]
+        if n == WOULD_BLOCK:
+            return False
+        if n < len(data):
+            self._keep_tail([data], n)
+        return True
+
+    def read_control(self) -> bytes | None:
+        """Read raw handshake bytes, bypassing the decoder (None: nothing ready)."""
+        self.check_open()
+        buf = bytearray(4096)
+        n = self.transport.recv_into(memoryview(buf))  # type: ignore[attr-defined]
+        if n == WOULD_BLOCK:
+            return None
+        if n == 0:
+            self.eof = True
+            raise EndOfChannel("the peer closed the connection")
+        return bytes(buf[:n])
 
     def flush(self) -> bool:
         """Write pending bytes; True when none are left."""

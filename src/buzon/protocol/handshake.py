@@ -180,7 +180,7 @@ class Handshake:
             )
 
     def _client(self, kind: Kind, body: bytes | bytearray | memoryview) -> None:
-        if kind is Kind.WELCOME:  # refused before we got a HELLO
+        if kind is Kind.WELCOME and self.state is State.AWAIT_HELLO:  # refused at once
             welcome = _welcome_dec.decode(body)
             self.state = State.FAILED
             raise _refusal(welcome.error)

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import select
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .._channel import ChannelCore, ChannelOptions
+from .._channel import ChannelCore
+from .._establish import Steps, establish_steps
 from .._policy import Prepared, prepare
 from ..address import Address
-from ..errors import (
-    BuzonError,
-    ChannelClosed,
-    EndOfChannel,
-    HandshakeError,
-    ProtocolError,
-    Timeout,
-)
-from ..protocol.frames import HANDSHAKE_MAX_FRAME
-from ..protocol.handshake import NONCE_SIZE, Handshake
+from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
 from ..transport import open_connector, open_listener
-from ..transport.base import ListenerTransport, PeerInfo, Transport
+from ..transport.base import ListenerTransport, Transport
 from ..transport.pipe import pipe_pair
 from ._channel import Channel, deadline_of, wait_fds
 
@@ -97,74 +88,44 @@ def _drive_connector(connector: Any, deadline: float | None, address: Address) -
 def establish(transport: Transport, prep: Prepared, role: str, deadline: float | None) -> Channel:
     """Wrap a fresh transport in a channel, running the handshake where there is one."""
     core = ChannelCore(transport, prep.channel, address=prep.address)
+    hs_deadline = time.monotonic() + prep.channel.handshake_timeout
+    if deadline is not None:
+        hs_deadline = min(hs_deadline, deadline)
     try:
-        if prep.compat == "multiprocessing":
-            from ._compat import mp_handshake
-
-            mp_handshake(core, prep, role, deadline)
-        elif prep.handshake:
-            _handshake(core, prep, role, deadline)
+        _run(establish_steps(core, prep, role), core, hs_deadline)
     except BaseException:
         core.close()
         raise
     return Channel(core)
 
 
-def _handshake(core: ChannelCore, prep: Prepared, role: str, deadline: float | None) -> None:
-    opts: ChannelOptions = prep.channel
-    hs_deadline = time.monotonic() + opts.handshake_timeout
-    if deadline is not None:
-        hs_deadline = min(hs_deadline, deadline)
-    hs = Handshake(
-        role,
-        pid=os.getpid(),
-        options={"codec": opts.codec, "pickle": opts.pickle},
-        authkey=prep.authkey,
-        nonce=os.urandom(NONCE_SIZE) if prep.authkey is not None else b"",
-    )
-    assert core.decoder is not None
-    core.decoder.max_frame = HANDSHAKE_MAX_FRAME
-    try:
-        _write_all(core, hs.outgoing(), hs_deadline)
-        while not hs.done:
-            frame = _read_frame(core, hs_deadline)
-            try:
-                hs.receive(frame)
-            finally:
-                out = hs.outgoing()
-                if out:
-                    try:
-                        _write_all(core, out, hs_deadline)
-                    except BuzonError:
-                        pass  # the error being raised is the one that matters
-    except EndOfChannel:
-        raise HandshakeError(
-            f"the peer closed the connection during the handshake "
-            f"({'is an authkey required? ' if prep.authkey is None else ''}is it a buzon endpoint?)"
-        ) from None
-    except Timeout:
-        raise HandshakeError(
-            f"handshake timed out after {opts.handshake_timeout} s (is the peer a buzon endpoint?)"
-        ) from None
-    core.decoder.max_frame = opts.max_frame
-    assert hs.peer is not None
-    peer = core.peer
-    core.peer = PeerInfo(
-        pid=peer.pid if peer.pid is not None else hs.peer.pid,
-        uid=peer.uid,
-        gid=peer.gid,
-        address=peer.address,
-        extra={"hello_pid": hs.peer.pid, "options": dict(hs.peer.opts)},
-    )
+def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
+    """Perform the I/O a handshake generator asks for (see :mod:`buzon._establish`)."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op, data = steps.throw(error) if error is not None else steps.send(result)
+        except StopIteration:
+            return
+        result = error = None
+        try:
+            if op == "write":
+                assert data is not None
+                _write_all(core, data, deadline)
+            elif op == "frame":
+                result = _read(core, deadline, lambda: core.poll_frame(control=True))
+            else:
+                result = _read(core, deadline, core.read_control)
+        except BuzonError as exc:
+            error = exc
 
 
-def _write_all(core: ChannelCore, data: bytes, deadline: float | None) -> None:
-    if not data:
-        return
-    if not core.try_send([data]):
-        raise ProtocolError("cannot write the handshake")
-    core.stats.messages_sent -= 1
-    core.stats.bytes_sent -= len(data)
+def _write_all(core: ChannelCore, data: bytes, deadline: float) -> None:
+    while not core.write_control(data):
+        _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
+        if not writable:
+            raise Timeout("handshake write timed out")
     while core.pending:
         _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
         if not writable:
@@ -172,11 +133,11 @@ def _write_all(core: ChannelCore, data: bytes, deadline: float | None) -> None:
         core.flush()
 
 
-def _read_frame(core: ChannelCore, deadline: float | None) -> Any:
+def _read(core: ChannelCore, deadline: float, attempt: Callable[[], Any]) -> Any:
     while True:
-        frame = core.poll_frame(control=True)
-        if frame is not None:
-            return frame
+        got = attempt()
+        if got is not None:
+            return got
         readable, _ = wait_fds(core.read_fileno(), -1, True, False, deadline)
         if not readable:
             raise Timeout("handshake read timed out")

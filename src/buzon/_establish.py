@@ -1,0 +1,111 @@
+"""Link establishment (handshakes) written once, as generators both drivers run.
+
+A handshake needs three kinds of I/O: write some bytes, read the next frame, read
+some raw bytes. Instead of writing each handshake twice (blocking and asyncio), it is
+a generator that *yields* what it needs — ``("write", data)``, ``("frame", None)`` or
+``("bytes", None)`` — and receives the result. A driver is a ten-line loop that
+performs the operation and sends the result back (or throws the I/O error in), so
+both drivers share every decision, message and error translation made here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from typing import Any
+
+from ._channel import ChannelCore
+from ._policy import Prepared
+from .errors import BuzonError, EndOfChannel, HandshakeError, ProtocolError, Timeout
+from .protocol.frames import HANDSHAKE_MAX_FRAME
+from .protocol.handshake import NONCE_SIZE, Handshake
+from .protocol.mpcompat import ClientAuth, ServerAuth
+from .transport.base import PeerInfo
+
+__all__ = ["Op", "Steps", "establish_steps"]
+
+Op = tuple[str, bytes | None]
+Steps = Generator[Op, Any, None]
+
+
+def establish_steps(core: ChannelCore, prep: Prepared, role: str) -> Steps:
+    """All the I/O needed before ``core`` may carry messages (possibly none)."""
+    if prep.compat == "multiprocessing":
+        if prep.authkey is not None:
+            yield from _mp_auth(core, prep, role)
+    elif prep.handshake:
+        yield from _buzon_handshake(core, prep, role)
+
+
+def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str) -> Steps:
+    opts = prep.channel
+    hs = Handshake(
+        role,
+        pid=os.getpid(),
+        options={"codec": opts.codec, "pickle": opts.pickle},
+        authkey=prep.authkey,
+        nonce=os.urandom(NONCE_SIZE) if prep.authkey is not None else b"",
+    )
+    decoder = core.decoder
+    assert decoder is not None
+    decoder.max_frame = HANDSHAKE_MAX_FRAME
+    try:
+        yield ("write", hs.outgoing())
+        while not hs.done:
+            frame = yield ("frame", None)
+            try:
+                hs.receive(frame)
+            finally:
+                out = hs.outgoing()
+                if out:
+                    try:
+                        yield ("write", out)
+                    except BuzonError:
+                        pass  # the peer is gone; the error already raised matters more
+    except EndOfChannel:
+        hint = "is an authkey required? " if prep.authkey is None else ""
+        raise HandshakeError(
+            f"the peer closed the connection during the handshake ({hint}is it a buzon endpoint?)"
+        ) from None
+    except Timeout:
+        raise HandshakeError(
+            f"handshake timed out after {opts.handshake_timeout} s (is the peer a buzon endpoint?)"
+        ) from None
+    decoder.max_frame = opts.max_frame
+    assert hs.peer is not None
+    peer = core.peer
+    core.peer = PeerInfo(
+        pid=peer.pid if peer.pid is not None else hs.peer.pid,
+        uid=peer.uid,
+        gid=peer.gid,
+        address=peer.address,
+        extra={"hello_pid": hs.peer.pid, "options": dict(hs.peer.opts)},
+    )
+
+
+def _mp_auth(core: ChannelCore, prep: Prepared, role: str) -> Steps:
+    """The ``multiprocessing.connection`` challenge/response, both ways."""
+    assert prep.authkey is not None
+    auth: ServerAuth | ClientAuth = (ServerAuth if role == "server" else ClientAuth)(
+        prep.authkey, os.urandom
+    )
+    try:
+        while True:
+            for msg in auth.outgoing():
+                yield ("write", msg)
+            if auth.done:
+                break
+            data = yield ("bytes", None)
+            auth.receive_data(data)
+    except ProtocolError:
+        for msg in auth.outgoing():  # e.g. #FAILURE#, so the peer learns why
+            try:
+                yield ("write", msg)
+            except BuzonError:
+                break
+        raise
+    except (EndOfChannel, Timeout) as exc:
+        raise HandshakeError(f"multiprocessing authkey exchange failed: {exc}") from None
+    if auth.unused_data:
+        assert core.decoder is not None
+        core.decoder.feed(auth.unused_data)
