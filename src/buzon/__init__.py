@@ -11,8 +11,9 @@ See ``docs/concepts.md`` for the map from lecture concepts to this API.
 
 from __future__ import annotations
 
-from . import errors
+from . import aio, errors
 from ._channel import Statistics
+from ._serve import serve
 from .address import Address, parse_address
 from .errors import (
     AddressError,
@@ -43,7 +44,7 @@ from .errors import (
     UnsupportedOperation,
     ValidationError,
 )
-from .sync import Channel, Listener, connect, listen, pipe, wait
+from .sync import Channel, Listener, Server, connect, listen, pipe, wait
 from .transport.base import LinkProperties, PeerInfo
 
 __version__ = "0.1.0"
@@ -77,16 +78,19 @@ __all__ = [
     "PickleRejected",
     "ProtocolError",
     "SecurityError",
+    "Server",
     "Statistics",
     "Timeout",
     "UnsafePath",
     "UnsupportedOperation",
     "ValidationError",
     "__version__",
+    "aio",
     "connect",
     "errors",
     "listen",
     "parse_address",
     "pipe",
+    "serve",
     "wait",
 ]

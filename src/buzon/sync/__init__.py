@@ -2,5 +2,6 @@
 
 from ._channel import Channel
 from ._open import Listener, connect, listen, pipe, wait
+from ._server import Server
 
-__all__ = ["Channel", "Listener", "connect", "listen", "pipe", "wait"]
+__all__ = ["Channel", "Listener", "Server", "connect", "listen", "pipe", "wait"]

@@ -203,6 +203,12 @@ class Listener:
             self._closed = True
             self._lt.close()
 
+    def close_in_child(self) -> None:
+        """In a forked child: drop the listening fd without removing the endpoint."""
+        if not self._closed:
+            self._closed = True
+            self._lt.close_in_child()
+
     def _ready(self) -> bool:
         if self._closed:
             return True  # accept raises at once

@@ -172,6 +172,12 @@ class ListenerTransport(abc.ABC):
     def close(self) -> None:
         """Stop listening and remove what was created (socket file, FIFO, queue)."""
 
+    def close_in_child(self) -> None:
+        """In a forked child: release this process's fds, leave the endpoint in place."""
+        from ..errors import UnsupportedOperation
+
+        raise UnsupportedOperation(f"{type(self).__name__} cannot be shared with a child")
+
 
 def set_cloexec_nonblock(fd: int) -> None:
     os.set_blocking(fd, False)

@@ -109,6 +109,9 @@ class TcpListener(ListenerTransport):
     def close(self) -> None:
         self.sock.close()
 
+    def close_in_child(self) -> None:
+        self.sock.close()
+
 
 class TcpConnector(Connector):
     want = "write"

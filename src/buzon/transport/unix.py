@@ -168,6 +168,10 @@ class UnixListener(ListenerTransport):
         unlink_if_ours(self.path, self._st)
         self._st = None
 
+    def close_in_child(self) -> None:
+        self._st = None  # the parent owns the socket file
+        self.sock.close()
+
 
 class UnixConnector(Connector):
     want = "write"

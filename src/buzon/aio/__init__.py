@@ -1,0 +1,12 @@
+"""The asyncio twin of buzon's API: same names, same semantics, awaitable.
+
+>>> ch = await buzon.aio.connect("unix:calc")
+>>> await ch.send({"op": "add", "args": [1, 2]})
+>>> await ch.recv(timeout=1.0)
+"""
+
+from ._channel import Channel
+from ._open import Listener, connect, listen, pipe, wait
+from ._server import Server, serve
+
+__all__ = ["Channel", "Listener", "Server", "connect", "listen", "pipe", "serve", "wait"]

@@ -1,0 +1,292 @@
+"""The asyncio driver: :class:`Channel`, awaits over :class:`ChannelCore`.
+
+Same core and same semantics as the blocking driver; only the waiting differs: the
+event loop watches the transport's fds (``loop.add_reader``/``add_writer``), no
+threads and no polling. Cancellation is safe by construction: a coroutine only
+*waits* at an ``await``; taking a message out of the core happens after the wait,
+synchronously, so a cancelled ``recv`` has taken nothing and the message stays for
+the next ``recv``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar, overload
+
+from .._channel import ChannelCore, Statistics
+from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
+from ..protocol.frames import Frame
+from ..transport.base import Buffer, LinkProperties, PeerInfo
+
+__all__ = ["Channel", "wait_fd", "wait_io"]
+
+T = TypeVar("T")
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0 or None")
+    return time.monotonic() + timeout
+
+
+async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None:
+    """Wait until ``rfd`` is readable or ``wfd`` writable (-1: not wanted).
+
+    Raises :class:`Timeout` at the deadline and :class:`ChannelClosed` if neither fd
+    exists (the end was closed or cannot do what is asked).
+    """
+    if rfd < 0 and wfd < 0:
+        raise ChannelClosed(f"cannot {what}: the channel has no fd for it")
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if rfd >= 0:
+        loop.add_reader(rfd, ready)
+    if wfd >= 0:
+        loop.add_writer(wfd, ready)
+    try:
+        if deadline is None:
+            await fut
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"{what} timed out")
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                raise Timeout(f"{what} timed out") from None
+    finally:
+        if rfd >= 0:
+            loop.remove_reader(rfd)
+        if wfd >= 0:
+            loop.remove_writer(wfd)
+
+
+def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:
+    """Wait for one fd in one direction (see :func:`wait_io`)."""
+    return wait_io(-1, fd, deadline, what) if write else wait_io(fd, -1, deadline, what)
+
+
+class Channel:
+    """A message channel (asyncio API): the awaitable twin of :class:`buzon.Channel`."""
+
+    def __init__(self, core: ChannelCore) -> None:
+        self._core = core
+        self._rlock = asyncio.Lock()
+        self._wlock = asyncio.Lock()
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def properties(self) -> LinkProperties:
+        return self._core.properties
+
+    @property
+    def peer(self) -> PeerInfo:
+        return self._core.peer
+
+    @property
+    def address(self) -> Any:
+        return self._core.address
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    @property
+    def last_priority(self) -> int:
+        return self._core.last_priority
+
+    def statistics(self) -> Statistics:
+        s = self._core.stats
+        return Statistics(*(getattr(s, f) for f in s.__slots__))
+
+    def fileno(self) -> int:
+        return self._core.read_fileno()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core.closed else "open"
+        return (
+            f"<buzon.aio.Channel {self._core.transport.scheme} {self._core.address or ''} {state}>"
+        )
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def send(self, obj: Any, timeout: float | None = None, *, priority: int = 0) -> None:
+        async with self._wlock:
+            await self._send(self._core.encode(obj), deadline_of(timeout), priority)
+
+    def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
+        if self._wlock.locked():
+            raise Full("another task is sending")
+        if not self._core.try_send(self._core.encode(obj), priority):
+            raise Full("the channel cannot take the message without waiting")
+
+    async def send_bytes(
+        self, data: Buffer, timeout: float | None = None, *, priority: int = 0
+    ) -> None:
+        async with self._wlock:
+            await self._send(self._core.encode_bytes(data), deadline_of(timeout), priority)
+
+    def send_bytes_nowait(self, data: Buffer, *, priority: int = 0) -> None:
+        if self._wlock.locked():
+            raise Full("another task is sending")
+        if not self._core.try_send(self._core.encode_bytes(data), priority):
+            raise Full("the channel cannot take the message without waiting")
+
+    async def _send(self, bufs: list[Buffer], deadline: float | None, priority: int) -> None:
+        core = self._core
+        while not core.try_send(bufs, priority):
+            await wait_fd(core.write_fileno(), True, deadline, "send")
+        await self._drain(deadline, soft=True)
+
+    async def _drain(self, deadline: float | None, *, soft: bool) -> None:
+        """Write pending bytes; with ``soft`` stop quietly when the deadline passes
+        (the message is accepted: later operations and close complete it)."""
+        core = self._core
+        while not core.flush():
+            try:
+                await wait_fd(core.write_fileno(), True, deadline, "send")
+            except Timeout:
+                if soft:
+                    return
+                raise
+
+    async def flush(self, timeout: float | None = None) -> None:
+        async with self._wlock:
+            await self._drain(deadline_of(timeout), soft=False)
+
+    # -- receiving --------------------------------------------------------------------
+
+    @overload
+    async def recv(self, timeout: float | None = None) -> Any: ...
+    @overload
+    async def recv(self, timeout: float | None = None, *, type: type[T]) -> T: ...
+
+    async def recv(self, timeout: float | None = None, *, type: Any = Any) -> Any:
+        async with self._rlock:
+            core = self._core
+            if core.raw:
+                return await self._recv_raw(deadline_of(timeout))
+            frame = await self._frame(deadline_of(timeout))
+            return core.decode(frame, type)
+
+    def recv_nowait(self, *, type: Any = Any) -> Any:
+        if self._rlock.locked():
+            raise Empty("another task is receiving")
+        core = self._core
+        if core.raw:
+            data = self._raw_nowait()
+            if data is None:
+                raise Empty("no message is ready")
+            return data
+        frame = core.poll_frame()
+        if frame is None:
+            raise Empty("no message is ready")
+        return core.decode(frame, type)
+
+    async def recv_bytes(self, timeout: float | None = None) -> bytes:
+        async with self._rlock:
+            core = self._core
+            if core.raw:
+                return await self._recv_raw(deadline_of(timeout))
+            return core.frame_bytes(await self._frame(deadline_of(timeout)))
+
+    def recv_bytes_nowait(self) -> bytes:
+        if self._rlock.locked():
+            raise Empty("another task is receiving")
+        core = self._core
+        if core.raw:
+            data = self._raw_nowait()
+        else:
+            frame = core.poll_frame()
+            data = None if frame is None else core.frame_bytes(frame)
+        if data is None:
+            raise Empty("no message is ready")
+        return data
+
+    async def recv_bytes_into(self, buffer: Buffer, timeout: float | None = None) -> int:
+        async with self._rlock:
+            if self._core.raw:
+                raise UnsupportedOperation("recv_bytes_into needs message framing (raw=False)")
+            return self._core.frame_into(await self._frame(deadline_of(timeout)), buffer)
+
+    def _raw_nowait(self) -> bytes | None:
+        core = self._core
+        if not core.message_oriented:
+            return core.poll_raw()
+        frame = core.poll_frame()
+        return None if frame is None else core.frame_bytes(frame)
+
+    async def _recv_raw(self, deadline: float | None) -> bytes:
+        while True:
+            data = self._raw_nowait()
+            if data is not None:
+                return data
+            await self._wait_readable(deadline)
+
+    async def _frame(self, deadline: float | None) -> Frame:
+        core = self._core
+        while True:
+            frame = core.poll_frame()
+            if frame is not None:
+                return frame
+            await self._wait_readable(deadline)
+
+    async def _wait_readable(self, deadline: float | None) -> None:
+        """Wait for input, finishing an earlier partial write meanwhile (else both ends
+        could wait for each other)."""
+        core = self._core
+        core.check_open()
+        wfd = core.write_fileno() if core.pending else -1
+        await wait_io(core.read_fileno(), wfd, deadline, "recv")
+        if core.pending:
+            core.flush()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.recv()
+            except EndOfChannel:
+                return
+
+    # -- closing ----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Flush what was accepted (bounded by ``close_timeout``), then close."""
+        core = self._core
+        if core.closed:
+            return
+        if core.pending:
+            try:
+                await self._drain(deadline_of(core.options.close_timeout), soft=True)
+            except Exception:
+                pass  # the peer is gone: nothing more can be delivered
+        core.close()
+
+    def close(self) -> None:
+        """Close now; bytes of a partially written message that are still pending are
+        dropped (use :meth:`aclose` to flush them first)."""
+        self._core.close()
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _ready(self) -> bool:
+        if self._rlock.locked():
+            return False
+        return self._core.ready()

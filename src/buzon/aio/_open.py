@@ -1,0 +1,249 @@
+"""Opening channels with the asyncio driver: ``pipe``, ``connect``, ``listen``, ``wait``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from .._channel import ChannelCore
+from .._establish import Steps, establish_steps
+from .._policy import Prepared, prepare
+from ..address import Address
+from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
+from ..transport import open_connector, open_listener
+from ..transport.base import Connector, ListenerTransport, Transport
+from ..transport.pipe import pipe_pair
+from ._channel import Channel, deadline_of, wait_fd
+
+__all__ = ["Listener", "connect", "listen", "pipe", "wait"]
+
+W = TypeVar("W")
+_RETRY_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+
+
+def pipe(
+    duplex: bool = True,
+    *,
+    codec: str = "msgpack",
+    pickle: bool = False,
+    raw: bool = False,
+    max_frame: int | None = None,
+) -> tuple[Channel, Channel]:
+    """Two connected asyncio channels over anonymous pipes (see :func:`buzon.pipe`)."""
+    kw: dict[str, Any] = {"codec": codec, "pickle": pickle, "raw": raw}
+    if max_frame is not None:
+        kw["max_frame"] = max_frame
+    prep = prepare(Address("pipe"), listening=False, **kw)
+    a, b = pipe_pair(duplex)
+    return Channel(ChannelCore(a, prep.channel)), Channel(ChannelCore(b, prep.channel))
+
+
+async def connect(url: str | Address, timeout: float | None = None, **options: Any) -> Channel:
+    """Connect to ``url`` (the awaitable twin of :func:`buzon.connect`)."""
+    prep = prepare(url, listening=False, **options)
+    deadline = deadline_of(timeout)
+    connector = open_connector(prep.address, prep.transport)
+    try:
+        transport = await _drive_connector(connector, deadline, prep.address)
+    finally:
+        connector.close()
+    return await establish(transport, prep, "client", deadline)
+
+
+async def _drive_connector(
+    connector: Connector, deadline: float | None, address: Address
+) -> Transport:
+    attempt = 0
+    while True:
+        transport = connector.step()
+        if transport is not None:
+            return transport
+        if connector.want == "retry":
+            delay = _RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)]
+            attempt += 1
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"connecting to {address} timed out (no reader/listener yet)")
+                delay = min(delay, remaining)
+            await asyncio.sleep(delay)
+            continue
+        try:
+            await wait_fd(connector.fileno(), connector.want == "write", deadline, "connect")
+        except Timeout:
+            raise Timeout(f"connecting to {address} timed out") from None
+
+
+async def establish(
+    transport: Transport, prep: Prepared, role: str, deadline: float | None
+) -> Channel:
+    core = ChannelCore(transport, prep.channel, address=prep.address)
+    hs_deadline = time.monotonic() + prep.channel.handshake_timeout
+    if deadline is not None:
+        hs_deadline = min(hs_deadline, deadline)
+    try:
+        await _run(establish_steps(core, prep, role), core, hs_deadline)
+    except BaseException:
+        core.close()
+        raise
+    return Channel(core)
+
+
+async def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
+    """Perform the I/O a handshake generator asks for (see :mod:`buzon._establish`)."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op, data = steps.throw(error) if error is not None else steps.send(result)
+        except StopIteration:
+            return
+        result = error = None
+        try:
+            if op == "write":
+                assert data is not None
+                await _write_all(core, data, deadline)
+            elif op == "frame":
+                result = await _read(core, deadline, lambda: core.poll_frame(control=True))
+            else:
+                result = await _read(core, deadline, core.read_control)
+        except BuzonError as exc:
+            error = exc
+
+
+async def _write_all(core: ChannelCore, data: bytes, deadline: float) -> None:
+    while not core.write_control(data):
+        await wait_fd(core.write_fileno(), True, deadline, "handshake write")
+    while not core.flush():
+        await wait_fd(core.write_fileno(), True, deadline, "handshake write")
+
+
+async def _read(core: ChannelCore, deadline: float, attempt: Callable[[], Any]) -> Any:
+    while True:
+        got = attempt()
+        if got is not None:
+            return got
+        await wait_fd(core.read_fileno(), False, deadline, "handshake read")
+
+
+class Listener:
+    """A bound endpoint for asyncio code; ``await accept()`` returns channels."""
+
+    def __init__(self, transport: ListenerTransport, prep: Prepared) -> None:
+        self._lt = transport
+        self._prep = prep
+        self.accepted = 0
+        self.rejected = 0
+        self._closed = False
+
+    @property
+    def address(self) -> Address:
+        return self._lt.address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self._lt.fileno()
+
+    async def accept(self, timeout: float | None = None) -> Channel:
+        deadline = deadline_of(timeout)
+        while True:
+            transport = await self.accept_transport(deadline)
+            try:
+                ch = await establish(transport, self._prep, "server", deadline)
+            except ProtocolError:
+                self.rejected += 1
+                continue
+            self.accepted += 1
+            return ch
+
+    async def accept_transport(self, deadline: float | None) -> Transport:
+        while True:
+            if self._closed:
+                raise ChannelClosed("the listener is closed")
+            transport = self._lt.accept()
+            if transport is not None:
+                return transport
+            try:
+                await wait_fd(self._lt.fileno(), False, deadline, "accept")
+            except Timeout:
+                raise Timeout(f"no peer arrived at {self.address} in time") from None
+
+    async def establish(self, transport: Transport, timeout: float | None = None) -> Channel:
+        return await establish(transport, self._prep, "server", deadline_of(timeout))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._lt.close()
+
+    def _ready(self) -> bool:
+        import select
+
+        if self._closed:
+            return True
+        poller = select.poll()
+        poller.register(self._lt.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<buzon.aio.Listener {self.address}{' closed' if self._closed else ''}>"
+
+
+def listen(url: str | Address, **options: Any) -> Listener:
+    """Bind ``url`` (binding never waits, so this is a plain call)."""
+    prep = prepare(url, listening=True, **options)
+    return Listener(open_listener(prep.address, prep.transport), prep)
+
+
+async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
+    """The asyncio twin of :func:`buzon.wait`: channels and listeners, any transports."""
+    items = list(objects)
+    for o in items:
+        if not hasattr(o, "_ready"):
+            raise TypeError(f"buzon.aio.wait cannot wait on {type(o).__name__}")
+    deadline = deadline_of(timeout)
+    loop = asyncio.get_running_loop()
+    while True:
+        ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
+        if ready:
+            return ready
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def wake(fut: asyncio.Future[None] = fut) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
+        for fd in fds:
+            loop.add_reader(fd, wake)
+        try:
+            if deadline is None:
+                await fut
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except TimeoutError:
+                    return []
+        finally:
+            for fd in fds:
+                loop.remove_reader(fd)

@@ -1,0 +1,125 @@
+"""The asyncio concurrent server: one task per client (``mode="async"``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..address import parse_address
+from ..errors import BuzonError, ChannelClosed, UnsupportedOperation
+from ..transport.base import Transport
+from ._channel import Channel
+from ._open import Listener, listen
+
+__all__ = ["Server", "serve"]
+
+log = logging.getLogger("buzon.server")
+
+AsyncHandler = Callable[[Channel], Awaitable[Any]]
+
+
+class Server:
+    """Accept on ``url`` and run ``await handler(channel)`` in a task per client.
+
+    ``await server.serve_forever()`` runs until :meth:`shutdown` (or cancellation);
+    shutdown stops accepting, removes the endpoint, gives running handlers ``grace``
+    seconds and then cancels them. At most ``max_clients`` run at once.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        handler: AsyncHandler,
+        *,
+        max_clients: int = 256,
+        grace: float = 5.0,
+        **options: Any,
+    ) -> None:
+        addr = parse_address(url)
+        if addr.scheme not in ("unix", "tcp"):
+            raise UnsupportedOperation(
+                f"serve needs a connection-oriented address (unix: or tcp://), not {addr.scheme}:"
+            )
+        self.handler = handler
+        self.max_clients = max_clients
+        self.grace = grace
+        self.served = 0
+        self.refused = 0
+        self.failed = 0
+        self._listener: Listener = listen(addr, **options)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def address(self) -> Any:
+        return self._listener.address
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    def shutdown(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def serve_forever(self) -> None:
+        self._stop = stop = asyncio.Event()
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                accept = asyncio.ensure_future(self._listener.accept_transport(None))
+                done, _ = await asyncio.wait({accept, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if accept not in done:
+                    accept.cancel()
+                    break
+                try:
+                    transport = accept.result()
+                except BuzonError:
+                    continue
+                if len(self._tasks) >= self.max_clients:
+                    self.refused += 1
+                    transport.close()
+                    continue
+                self.served += 1
+                task = asyncio.ensure_future(self._client(transport))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            stopper.cancel()
+            self._listener.close()
+            if self._tasks:
+                _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace)
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=1.0)
+
+    async def _client(self, transport: Transport) -> None:
+        try:
+            ch = await self._listener.establish(transport)
+        except BuzonError as exc:
+            self.failed += 1
+            log.info("client rejected: %s", exc)
+            return
+        try:
+            async with ch:
+                await self.handler(ch)
+        except ChannelClosed:
+            pass
+        except Exception:
+            self.failed += 1
+            log.exception("handler failed for %r", ch)
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+async def serve(url: str, handler: AsyncHandler, **options: Any) -> None:
+    """Serve until cancelled (or the server is shut down)."""
+    server = Server(url, handler, **options)
+    await server.serve_forever()

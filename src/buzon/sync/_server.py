@@ -1,0 +1,240 @@
+"""Concurrent servers: the lecture's "a process (or thread) per client".
+
+``Server(url, handler, mode=...)`` accepts connections on a connection-oriented
+address (``unix:``, ``tcp://``) and runs ``handler(channel)`` for each client:
+
+* ``mode="thread"``: one thread per client (handshake included, so a slow client
+  never delays the others);
+* ``mode="process"``: ``fork()`` per client, as in the lecture's concurrent server.
+  The child runs the handler and exits; the parent closes its copy of the connection
+  and reaps the child as soon as it exits (a ``pidfd`` per child in the same ``poll``
+  as the listener, so there are no zombies and no ``SIGCHLD`` handler).
+  Fork only from a process without other threads running (as with any ``fork``).
+
+``serve_forever`` runs in the calling thread until :meth:`Server.shutdown` (from a
+handler, another thread or a signal handler: it writes one byte to a wake-up pipe).
+Shutdown is graceful: stop accepting, remove the endpoint, wait ``grace`` seconds for
+running clients, then SIGTERM (processes) and finally SIGKILL what is left; threads
+cannot be killed, so their channels are closed to make their ``recv`` calls fail.
+At most ``max_clients`` run at once; a connection beyond that is closed at once and
+counted in ``refused``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..address import parse_address
+from ..errors import BuzonError, ChannelClosed, UnsupportedOperation
+from ..transport.base import Transport
+from ._channel import Channel
+from ._open import Listener, listen
+
+__all__ = ["Server"]
+
+log = logging.getLogger("buzon.server")
+
+Handler = Callable[[Channel], Any]
+
+
+class Server:
+    def __init__(
+        self,
+        url: str,
+        handler: Handler,
+        *,
+        mode: str = "thread",
+        max_clients: int = 256,
+        grace: float = 5.0,
+        **options: Any,
+    ) -> None:
+        if mode not in ("thread", "process"):
+            raise ValueError("mode is 'thread' or 'process' (use buzon.aio.serve for 'async')")
+        addr = parse_address(url)
+        if addr.scheme not in ("unix", "tcp"):
+            raise UnsupportedOperation(
+                f"serve needs a connection-oriented address (unix: or tcp://), not {addr.scheme}:"
+            )
+        self.handler = handler
+        self.mode = mode
+        self.max_clients = max_clients
+        self.grace = grace
+        self.served = 0
+        self.refused = 0
+        self.failed = 0
+        self._listener: Listener = listen(addr, **options)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._threads: dict[threading.Thread, list[Channel]] = {}
+        self._children: dict[int, int] = {}  # pidfd -> pid
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> Any:
+        return self._listener.address
+
+    @property
+    def active(self) -> int:
+        """Clients being served right now."""
+        with self._lock:
+            self._threads = {t: c for t, c in self._threads.items() if t.is_alive()}
+            return len(self._threads) + len(self._children)
+
+    def shutdown(self) -> None:
+        """Ask ``serve_forever`` to stop (safe from any thread or a signal handler)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass  # already closed or the pipe is full: a wake-up is pending anyway
+
+    def serve_forever(self) -> None:
+        lfd = self._listener.fileno()
+        try:
+            while not self._stopping:
+                poller = select.poll()
+                poller.register(lfd, select.POLLIN)
+                poller.register(self._wake_r, select.POLLIN)
+                for pidfd in list(self._children):
+                    poller.register(pidfd, select.POLLIN)
+                events = poller.poll()
+                for fd, _ in events:
+                    if fd in self._children:
+                        self._reap(fd)
+                if self._stopping:
+                    break
+                if any(fd == lfd for fd, _ in events):
+                    self._accept_one()
+        finally:
+            self._finish()
+
+    def _accept_one(self) -> None:
+        try:
+            transport = self._listener.accept_transport(deadline=time.monotonic())
+        except BuzonError:
+            return  # spurious wake-up or an aborted connection
+        if self.active >= self.max_clients:
+            self.refused += 1
+            transport.close()
+            return
+        self.served += 1
+        if self.mode == "thread":
+            box: list[Channel] = []
+            t = threading.Thread(
+                target=self._thread_main, args=(transport, box), name="buzon-client", daemon=True
+            )
+            with self._lock:
+                self._threads[t] = box
+            t.start()
+        else:
+            self._fork(transport)
+
+    def _thread_main(self, transport: Transport, box: list[Channel]) -> None:
+        try:
+            ch = self._listener.establish(transport)
+        except BuzonError as exc:
+            self.failed += 1
+            log.info("client rejected: %s", exc)
+            return
+        box.append(ch)
+        self._run_handler(ch)
+
+    def _run_handler(self, ch: Channel) -> bool:
+        try:
+            with ch:
+                self.handler(ch)
+            return True
+        except ChannelClosed:
+            return True  # closed by shutdown
+        except Exception:
+            self.failed += 1
+            log.exception("handler failed for %r", ch)
+            return False
+
+    def _fork(self, transport: Transport) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child: serve this one client, then leave without cleanup
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                for pidfd in self._children:
+                    os.close(pidfd)
+                self._listener.close_in_child()
+                ch = self._listener.establish(transport)
+                code = 0 if self._run_handler(ch) else 1
+            except BaseException:
+                log.exception("client process failed")
+            finally:
+                os._exit(code)
+        transport.close()  # the child has its own copy
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # pragma: no cover - kernels before 5.3
+            os.waitpid(pid, 0)
+            return
+        self._children[pidfd] = pid
+
+    def _reap(self, pidfd: int) -> None:
+        pid = self._children.pop(pidfd)
+        os.close(pidfd)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return
+        if os.waitstatus_to_exitcode(status) != 0:
+            self.failed += 1
+
+    def _finish(self) -> None:
+        self._listener.close()
+        deadline = time.monotonic() + self.grace
+        # processes: wait, then TERM, then KILL
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if not self._children:
+                break
+            if sig is not None:
+                for pid in self._children.values():
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                deadline = time.monotonic() + 1.0
+            while self._children:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                poller = select.poll()
+                for pidfd in self._children:
+                    poller.register(pidfd, select.POLLIN)
+                for fd, _ in poller.poll(int(remaining * 1000) + 1):
+                    self._reap(fd)
+        # threads: wait, then close their channels so blocked receives return
+        with self._lock:
+            threads = dict(self._threads)
+        for t, box in threads.items():
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                for ch in box:
+                    ch.close()
+                t.join(1.0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
