@@ -123,7 +123,7 @@ def parse_address(url: str | Address) -> Address:
         return _parse_local(url, scheme, rest)
     if scheme == "mq":
         if rest.startswith("/"):
-            if not _MQ_NAME_RE.match(rest):
+            if not _MQ_NAME_RE.fullmatch(rest):
                 raise AddressError(
                     f"{url!r}: a POSIX queue name is '/' followed by 1-250 characters "
                     "and no further slash"
@@ -137,7 +137,7 @@ def parse_address(url: str | Address) -> Address:
 
 
 def _check_name(url: str, name: str) -> None:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise AddressError(
             f"{url!r}: a name is 1-64 characters of letters, digits, '.', '_' or '-', "
             "not starting with '.'; use an absolute path for anything else"
@@ -177,8 +177,8 @@ def _parse_inet(url: str, scheme: str, rest: str) -> Address:
             raise AddressError(f"{url!r}: write {scheme}://HOST:PORT (the port is required)")
         if ":" in host:
             raise AddressError(f"{url!r}: put an IPv6 address in brackets, e.g. [::1]:PORT")
-        if not re.match(r"^[A-Za-z0-9.-]{1,253}$", host):
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
             raise AddressError(f"{url!r}: {host!r} is not a host name or IPv4 address")
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+    if not (port_s.isascii() and port_s.isdigit()) or not 0 <= int(port_s) <= 65535:
         raise AddressError(f"{url!r}: the port must be a number from 0 to 65535")
     return Address(scheme, host=host, port=int(port_s))  # type: ignore[arg-type]

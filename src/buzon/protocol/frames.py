@@ -112,7 +112,14 @@ def encode_frame(
     nbufs = len(buffers)
     if nbufs > 255:
         raise FrameError("a frame carries at most 255 out-of-band buffers")
-    blen = len(body)
+    blen = body.nbytes if isinstance(body, memoryview) else len(body)  # bytes, not items
+    if blen > 0xFFFFFFFF:
+        from ..errors import MessageTooLarge
+
+        raise MessageTooLarge(
+            f"a frame body is at most 4 GiB (u32); this one is {blen} bytes: "
+            "send it as an out-of-band buffer"
+        )
     total = HEADER.size + 8 * nbufs + blen
     if nbufs:
         table = b"".join(_BUFLEN.pack(b.nbytes) for b in buffers)
@@ -262,8 +269,9 @@ class FrameDecoder:
         if self._start:
             self._buf[:n] = self._buf[self._start : self._end]
         self._start, self._end = 0, n
-        if n == len(self._buf):  # pragma: no cover - headers are far smaller than the buffer
-            self._buf.extend(bytes(len(self._buf)))
+        if n == len(self._buf):  # only with a read_size smaller than a header and its table
+            # A new buffer, not extend(): the caller may still hold a view of the old one.
+            self._buf = self._buf + bytes(len(self._buf))
 
     def _parse(self) -> None:
         buf = self._buf

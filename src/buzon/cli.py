@@ -1,0 +1,1021 @@
+"""The ``buzon`` command line: send, receive and serve messages, look after the runtime dir.
+
+Theory of operation
+-------------------
+Every subcommand is a few calls of the public API (``buzon.connect``, ``buzon.listen``,
+``buzon.wait``), so what the CLI does a Python program can do, and the CLI talks to
+buzon programs as well as to programs that know nothing about buzon (``--raw``).
+
+* ``send URL [MSG|-]`` connects to ``URL`` and sends. A MSG that parses as JSON is sent
+  as that value (``42`` is a number, ``'"42"'`` a string), anything else as a string.
+  ``-`` (the default) reads stdin: one message per line (JSON-or-string, the newline
+  removed; a line that is not UTF-8 is sent as bytes). ``--bytes`` sends each message
+  as bytes (``send_bytes``). ``--raw`` sends the bytes exactly as they are, no framing:
+  on stream transports (fifo, unix, tcp) stdin is copied as it arrives; on message
+  transports (mq, unixgram, udp) the whole of stdin (or MSG) is one message.
+* ``recv URL`` creates/binds the endpoint, takes one peer (stream sockets: the first
+  to connect) and prints what arrives until the peer closes, ``-n N`` messages were
+  printed, or ``--timeout S`` seconds pass without a message. A FIFO endpoint never
+  ends by itself: ``recv`` keeps a write end open so writers may come and go.
+* ``listen URL`` is ``recv`` for every client at once (one ``buzon.wait`` over the
+  listener and all channels, no threads), until Ctrl-C or SIGTERM; each line is
+  prefixed with ``[peer]`` (``pid N`` on Unix sockets, ``host:port`` on TCP, the
+  transport's name where the sender is unknown) unless ``--quiet``.
+* ``ls`` and ``clean`` look at the private runtime dir (see below).
+
+Output of ``recv``/``listen``: one JSON document per line. Values JSON lacks are
+written as one-key objects: bytes as ``{"$bytes": "<base64>"}``, a numpy array as
+``{"$ndarray": {"dtype": "<f8", "shape": [2, 3], "nbytes": 48}}`` (a summary, not the
+data), any other value as ``{"$repr": "..."}``; datetimes and UUIDs as strings,
+non-string dict keys as their JSON text. Floats NaN/Infinity are written as Python's
+``json`` does. With ``--raw`` the bytes received are written to stdout exactly as they
+are: on stream transports ``-n`` counts *chunks* (what one read returned, which
+depends on timing), on message transports messages. ``listen --raw`` without
+``--quiet`` writes each line as ``[peer] line`` (a last line without newline gets one).
+
+``ls`` lists the runtime dir: address, type, mode, state and path of every entry, and
+this user's POSIX queues. A socket is ``listening``/``bound`` when ``/proc/net/unix``
+shows it bound (else a connection attempt decides; refused means ``dead``); a FIFO has
+a ``reader`` when a non-blocking write-open succeeds (which wakes a foreign reader
+blocked in ``open``, and its EOF may follow: buzon's own readers are not disturbed).
+``clean`` removes only what is provably dead and older than two seconds: socket files
+nobody is bound to, FIFOs nobody reads, client datagram sockets ``c-PID-*.dgram``
+whose process is gone. Queues are never removed (one may hold messages for a reader
+to come).
+
+Exit status
+-----------
+===  ===========================================================================
+0    success; ``recv``: N messages printed or the peer closed; ``listen``: stopped
+     by Ctrl-C/SIGTERM
+1    an error (printed as one line ``buzon: error: ...``), or ``demo`` failed
+2    bad usage (unknown option, bad number)
+3    timeout: ``recv`` got no message for ``--timeout`` seconds, ``send`` could not
+     connect or send in time
+130  interrupted by Ctrl-C (``send``, ``recv``)
+141  stdout was closed by the reader (``buzon recv ... | head``)
+143  ``recv`` stopped by SIGTERM (after removing its endpoint)
+===  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime
+import errno
+import json
+import math
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import IO, Any, NoReturn
+
+import buzon
+
+from ._runtime import runtime_dir
+from .address import Address, parse_address
+from .errors import (
+    AddressError,
+    BuzonError,
+    ConnectionRefused,
+    Empty,
+    EndOfChannel,
+    EndpointInUse,
+    FrameError,
+    HandshakeError,
+    InsecureBind,
+    MessageTooLarge,
+    NoSuchEndpoint,
+    ProtocolError,
+    Timeout,
+    UnsafePath,
+)
+
+__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_USAGE", "main", "to_jsonable"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+EXIT_TERMINATED = 143
+
+DEFAULT_SEND_TIMEOUT = 10.0
+CLEAN_GRACE = 2.0  # seconds: entries younger than this may be endpoints being set up
+_CHUNK = 65536
+_LISTEN_HANDSHAKE_TIMEOUT = 5.0
+_DRAIN_BATCH = 64  # messages taken from one channel before serving the others
+_CONNECTION_ORIENTED = ("unix", "tcp")
+_MESSAGE_SCHEMES = ("mq", "unixgram", "udp")
+_ADDRESS_HINT = (
+    "addresses look like fifo:NAME, mq:NAME, unix:NAME, unixgram:NAME, "
+    "tcp://HOST:PORT or udp://HOST:PORT (NAME may be an absolute path)"
+)
+
+
+class _Terminated(Exception):
+    """Raised from the SIGTERM handler so that ``finally`` blocks clean up."""
+
+
+# -- JSON output ----------------------------------------------------------------------
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Turn a received object into something ``json.dumps`` writes (see module doc)."""
+    if obj is None or isinstance(obj, str | bool | int | float):
+        return obj
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return {"$bytes": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, dict):
+        return {_json_key(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, datetime.datetime | datetime.date | datetime.time):
+        return obj.isoformat()
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    shape = getattr(obj, "shape", None)
+    dtype = getattr(obj, "dtype", None)
+    if shape is not None and dtype is not None and hasattr(obj, "tolist"):
+        if shape == ():  # a numpy scalar
+            return to_jsonable(obj.tolist())
+        return {
+            "$ndarray": {
+                "dtype": str(getattr(dtype, "str", dtype)),
+                "shape": [int(n) for n in shape],
+                "nbytes": int(getattr(obj, "nbytes", 0)),
+            }
+        }
+    return {"$repr": repr(obj)}
+
+
+def _json_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    return json.dumps(to_jsonable(key), ensure_ascii=False)
+
+
+def _json_line(obj: Any) -> str:
+    return json.dumps(to_jsonable(obj), ensure_ascii=False)
+
+
+def _parse_message(text: str) -> Any:
+    """JSON if ``text`` is JSON, else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# -- argument parsing -----------------------------------------------------------------
+
+
+def _timeout_arg(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError("a timeout is a number of seconds >= 0 (or inf)")
+    return None if math.isinf(value) else value
+
+
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("-n needs a number >= 1")
+    return value
+
+
+_MAIN_EPILOG = """\
+examples:
+  buzon recv unix:calc                 # terminal 1: wait for one peer, print its messages
+  buzon send unix:calc '{"op": "add", "args": [1, 2]}'   # terminal 2
+  seq 3 | buzon send fifo:jobs -       # one message per line
+  buzon listen tcp://127.0.0.1:7000    # serve every client until Ctrl-C
+  buzon recv fifo:/tmp/f --raw         # then: printf hello > /tmp/f
+  buzon ls; buzon clean --dry-run
+  buzon demo                           # every transport between real processes
+
+exit status: 0 ok, 1 error, 2 bad usage, 3 timeout, 130 Ctrl-C,
+141 stdout closed (| head), 143 recv stopped by SIGTERM.
+"""
+
+_SEND_EPILOG = """\
+MSG is sent as JSON when it parses as JSON (42 -> number, '"42"' -> string,
+'{"a": 1}' -> map), else as a string. '-' (the default) reads stdin: one message
+per line. --raw sends bytes exactly as they are, without framing, to programs that
+do not speak buzon (a FIFO reader, socat, nc); on mq/unixgram/udp all of stdin is
+one message.
+
+examples:
+  buzon send unix:calc '[1, 2, 3]'
+  buzon send mq:jobs --priority 5 urgent
+  printf 'a\\nb\\n' | buzon send tcp://127.0.0.1:7000 -
+  tar c dir | buzon send --raw unix:/tmp/backup.sock -
+  buzon send --raw udp://127.0.0.1:9999 'hello, nc'
+"""
+
+_RECV_EPILOG = """\
+Objects are printed as JSON lines: bytes as {"$bytes": BASE64}, numpy arrays as
+{"$ndarray": {"dtype", "shape", "nbytes"}} (a summary). --raw writes the bytes
+received to stdout exactly as they are; on stream transports -n then counts chunks
+(what one read returned), on mq/unixgram/udp messages. unix:/tcp:// accept ONE peer.
+A line 'buzon: listening on ADDRESS' goes to stderr first (unless -q): with port 0
+it tells the real port.
+
+exit status: 0 when N messages were printed or the peer closed, 3 when --timeout
+seconds passed without a message, 1 on error, 143 on SIGTERM.
+
+examples:
+  buzon recv unix:calc -n 1
+  buzon recv mq:jobs --timeout 5
+  buzon recv fifo:/tmp/f --raw -n 1      # and: sh -c 'printf hello > /tmp/f'
+  buzon recv unix:/tmp/s.sock --raw      # and: printf hi | socat - UNIX-CONNECT:/tmp/s.sock
+"""
+
+_LISTEN_EPILOG = """\
+Serves every client at once (stream sockets: one channel per connection) and
+prints each message as '[PEER] JSON' (PEER: 'pid N' on Unix sockets, HOST:PORT on
+TCP, the transport name where the sender is unknown). Connections and departures
+are reported on stderr. Ctrl-C or SIGTERM closes everything, removes the endpoint
+and exits 0.
+
+examples:
+  buzon listen unix:log
+  buzon listen tcp://127.0.0.1:7000 --raw        # and: nc 127.0.0.1 7000
+  buzon listen udp://127.0.0.1:9999 -q
+"""
+
+_LS_EPILOG = """\
+STATE is 'listening' or 'bound' for live sockets, 'reader' for a FIFO somebody
+reads, 'dead' / 'no reader' otherwise, '?' when it cannot be told. POSIX queues of
+this user are listed too (without a mounted mqueue file system: only those a
+process holds open).
+"""
+
+_CLEAN_EPILOG = """\
+Removes from the runtime dir only what is provably dead and older than 2 seconds:
+socket files nobody is bound to, FIFOs nobody reads, client datagram sockets
+c-PID-*.dgram of dead processes. POSIX queues are never removed.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``buzon`` (also used to render the docs)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="buzon",
+        description="buzon: one message-passing API over every IPC mechanism.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"buzon {buzon.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "send",
+        help="connect to URL and send messages",
+        description="Connect to URL and send MSG, or stdin.",
+        epilog=_SEND_EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("url", metavar="URL", help="where to send (see 'buzon --help')")
+    p.add_argument("message", metavar="MSG", nargs="?", default="-", help="message, or '-'")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--raw", action="store_true", help="bytes exactly as they are, no framing")
+    mode.add_argument("--bytes", action="store_true", help="send each message as bytes")
+    p.add_argument("--json-codec", action="store_true", help="encode objects as JSON frames")
+    p.add_argument("--priority", type=int, default=0, help="POSIX queue priority (mq only)")
+    p.add_argument(
+        "--timeout",
+        type=_timeout_arg,
+        default=DEFAULT_SEND_TIMEOUT,
+        metavar="S",
+        help=f"seconds to connect, and for each send (default {DEFAULT_SEND_TIMEOUT:g}; inf)",
+    )
+    p.set_defaults(func=_cmd_send)
+
+    p = sub.add_parser(
+        "recv",
+        help="create the endpoint and print what one peer sends",
+        description="Create/bind URL, accept one peer and print what it sends.",
+        epilog=_RECV_EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("url", metavar="URL", help="the endpoint to create (see 'buzon --help')")
+    p.add_argument("-n", dest="count", type=_count_arg, metavar="N", help="stop after N")
+    p.add_argument("--raw", action="store_true", help="write the bytes received as they are")
+    p.add_argument(
+        "--timeout",
+        type=_timeout_arg,
+        default=None,
+        metavar="S",
+        help="stop (exit 3) after S seconds without a message (default: wait forever)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no 'listening on' line")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback TCP/UDP bind")
+    p.set_defaults(func=_cmd_recv)
+
+    p = sub.add_parser(
+        "listen",
+        help="serve every client of URL until Ctrl-C",
+        description="Create/bind URL and print what every client sends, until Ctrl-C.",
+        epilog=_LISTEN_EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("url", metavar="URL", help="the endpoint to create (see 'buzon --help')")
+    p.add_argument("--raw", action="store_true", help="bytes as they are (no framing)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no peer prefixes or notices")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback TCP/UDP bind")
+    p.set_defaults(func=_cmd_listen)
+
+    p = sub.add_parser(
+        "ls",
+        help="list endpoints in the runtime dir, and queues",
+        description="List FIFOs, sockets and POSIX queues of this user, and their state.",
+        epilog=_LS_EPILOG,
+        formatter_class=fmt,
+    )
+    p.set_defaults(func=_cmd_ls)
+
+    p = sub.add_parser(
+        "clean",
+        help="remove dead endpoints from the runtime dir",
+        description="Remove provably dead entries from the runtime dir.",
+        epilog=_CLEAN_EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.set_defaults(func=_cmd_clean)
+
+    p = sub.add_parser(
+        "demo",
+        help="show every transport between real processes",
+        description="Move messages over each transport between real processes, narrated.",
+    )
+    p.set_defaults(func=_cmd_demo)
+
+    sub.add_parser(
+        "bench",
+        help="benchmark buzon against the raw mechanisms (see 'buzon bench --help')",
+        add_help=False,
+    )
+    return parser
+
+
+# -- entry point ----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``buzon`` command with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "bench":
+        return _run_bench(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, bad usage: argparse has printed it
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("buzon: error: a COMMAND is required (see 'buzon --help')", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "send" and args.raw and args.json_codec:
+        parser.print_usage(sys.stderr)
+        print(
+            "buzon send: error: --raw sends bytes as they are; it takes no codec", file=sys.stderr
+        )
+        return EXIT_USAGE
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        return EXIT_TERMINATED
+    except BuzonError as exc:
+        _report(exc, args)
+        return EXIT_TIMEOUT if isinstance(exc, Timeout) else EXIT_ERROR
+    except OSError as exc:  # stdin/stdout and file-system errors outside the library
+        _error(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        return EXIT_ERROR
+
+
+def _run_bench(rest: list[str]) -> int:
+    from . import bench  # lazily: it pulls in the whole benchmark suite
+
+    try:
+        return int(bench.main(rest))
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _error(message: str) -> None:
+    print(f"buzon: error: {message}", file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    print(f"buzon: {message}", file=sys.stderr, flush=True)
+
+
+def _report(exc: BuzonError, args: argparse.Namespace) -> None:
+    message = str(exc) or type(exc).__name__
+    hint = _hint(exc, args)
+    _error(f"{message} (hint: {hint})" if hint else message)
+
+
+def _hint(exc: BuzonError, args: argparse.Namespace) -> str | None:
+    cmd = args.command
+    url = getattr(args, "url", "URL")
+    raw = getattr(args, "raw", False)
+    if isinstance(exc, AddressError):
+        return _ADDRESS_HINT
+    if cmd == "send" and isinstance(exc, NoSuchEndpoint | ConnectionRefused):
+        return f"start a receiver first: buzon recv {url}"
+    if cmd == "send" and isinstance(exc, Timeout):
+        return f"is a receiver running? (buzon recv {url}); --timeout S waits longer"
+    if isinstance(exc, EndpointInUse):
+        return "'buzon ls' shows what is there; 'buzon clean' removes dead endpoints"
+    if isinstance(exc, InsecureBind):
+        return "bind a loopback address, or pass --insecure if you really mean it"
+    if isinstance(exc, HandshakeError) and not raw:
+        return "if the other side does not speak buzon (socat, nc, a shell), use --raw"
+    if isinstance(exc, FrameError) and not raw:
+        return "if the sender does not speak buzon (a shell, socat, nc), receive with --raw"
+    if isinstance(exc, MessageTooLarge) and cmd == "send":
+        return "datagrams and queue messages have a size limit; use a stream (unix:, tcp://)"
+    if isinstance(exc, UnsafePath):
+        return "buzon refuses symlinks and other users' files for endpoints"
+    return None
+
+
+def _silence_stdout() -> None:
+    """After EPIPE on stdout, point it at /dev/null so the exit flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (an embedding, a test capture)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` (main thread only) so cleanup runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> NoReturn:
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- send -----------------------------------------------------------------------------
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    address = parse_address(args.url)
+    options: dict[str, Any] = {"raw": args.raw}
+    if args.json_codec:
+        options["codec"] = "json"
+    timeout: float | None = args.timeout
+    with buzon.connect(address, timeout=timeout, **options) as ch:
+        if args.raw:
+            _send_raw(ch, args.message, address, timeout, args.priority)
+        elif args.message == "-":
+            for line in _stdin_lines():
+                _send_one(ch, line, args.bytes, timeout, args.priority)
+        else:
+            _send_one(ch, args.message, args.bytes, timeout, args.priority)
+        ch.flush(timeout)
+    return EXIT_OK
+
+
+def _send_one(
+    ch: buzon.Channel, text: str | bytes, as_bytes: bool, timeout: float | None, prio: int
+) -> None:
+    if isinstance(text, bytes):  # a stdin line that is not UTF-8
+        ch.send_bytes(text, timeout, priority=prio)
+    elif as_bytes:
+        ch.send_bytes(os.fsencode(text), timeout, priority=prio)
+    else:
+        ch.send(_parse_message(text), timeout, priority=prio)
+
+
+def _stdin_lines() -> Iterator[str | bytes]:
+    for raw_line in _stdin_binary():
+        line = raw_line[:-1] if raw_line.endswith(b"\n") else raw_line
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield line
+
+
+def _stdin_binary() -> IO[bytes]:
+    stdin = sys.stdin
+    if stdin is None:
+        raise OSError(errno.EBADF, "stdin is closed")
+    buffer: IO[bytes] = stdin.buffer
+    return buffer
+
+
+def _send_raw(
+    ch: buzon.Channel, message: str, address: Address, timeout: float | None, prio: int
+) -> None:
+    if message != "-":
+        ch.send_bytes(os.fsencode(message), timeout, priority=prio)
+        return
+    stdin = _stdin_binary()
+    if address.scheme in _MESSAGE_SCHEMES:
+        ch.send_bytes(stdin.read(), timeout, priority=prio)
+        return
+    read1 = getattr(stdin, "read1", stdin.read)
+    while True:
+        chunk = read1(_CHUNK)
+        if not chunk:
+            return
+        ch.send_bytes(chunk, timeout)
+
+
+# -- recv -----------------------------------------------------------------------------
+
+
+def _listen_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"raw": args.raw}
+    if args.insecure:
+        options["insecure"] = True
+    return options
+
+
+def _announce(listener: buzon.Listener, quiet: bool) -> None:
+    if quiet:
+        return
+    addr = listener.address
+    where = ""
+    if addr.scheme in ("fifo", "unix", "unixgram"):
+        where = f" ({addr.fs_path()})"
+    elif addr.scheme == "mq":
+        where = f" (queue {addr.mq_name()})"
+    _note(f"listening on {addr}{where}")
+
+
+def _cmd_recv(args: argparse.Namespace) -> int:
+    address = parse_address(args.url)
+    timeout: float | None = args.timeout
+    out = _Output(raw=args.raw)
+    with _sigterm_raises():
+        listener = buzon.listen(address, **_listen_options(args))
+        ch: buzon.Channel | None = None
+        try:
+            _announce(listener, args.quiet)
+            try:
+                ch = listener.accept(timeout=timeout)
+            except Timeout:
+                return _timed_out(args, 0)
+            if address.scheme in _CONNECTION_ORIENTED:
+                listener.close()  # one peer only: later ones are refused, not left hanging
+            count = 0
+            while args.count is None or count < args.count:
+                try:
+                    item = ch.recv_bytes(timeout) if args.raw else ch.recv(timeout)
+                except EndOfChannel:
+                    break
+                except Timeout:
+                    return _timed_out(args, count)
+                out.item(item)
+                count += 1
+            return EXIT_OK
+        finally:
+            if ch is not None:
+                ch.close()
+            listener.close()
+
+
+def _timed_out(args: argparse.Namespace, count: int) -> int:
+    if not args.quiet:
+        what = "chunk" if args.raw else "message"
+        _note(f"no {what} for {args.timeout:g} s; stopping after {count} received")
+    return EXIT_TIMEOUT
+
+
+class _Output:
+    """Writes received items to stdout: JSON lines, or bytes as they are."""
+
+    def __init__(self, *, raw: bool) -> None:
+        self.raw = raw
+        self.text = sys.stdout
+        self.binary: IO[bytes] | None = getattr(sys.stdout, "buffer", None) if raw else None
+
+    def item(self, item: Any, prefix: str = "") -> None:
+        if self.raw:
+            self.write_bytes(item)
+        else:
+            self.text.write(f"{prefix}{_json_line(item)}\n")
+            self.text.flush()
+
+    def write_bytes(self, data: bytes) -> None:
+        if self.binary is not None:
+            self.binary.write(data)
+            self.binary.flush()
+        else:  # a text-only stdout (an embedding): best effort
+            self.text.write(data.decode("utf-8", "backslashreplace"))
+            self.text.flush()
+
+
+# -- listen ---------------------------------------------------------------------------
+
+
+def _peer_label(ch: buzon.Channel) -> str:
+    peer = ch.peer
+    if peer.pid is not None:
+        return f"pid {peer.pid}"
+    addr = peer.address
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    if addr:
+        return str(addr)
+    return ch.properties.transport
+
+
+class _LineSplitter:
+    """``listen --raw`` with prefixes: cut one peer's bytes into prefixed lines."""
+
+    def __init__(self, out: _Output, prefix: bytes) -> None:
+        self.out = out
+        self.prefix = prefix
+        self.partial = b""
+
+    def feed(self, data: bytes) -> None:
+        data = self.partial + data
+        *lines, self.partial = data.split(b"\n")
+        if lines:
+            self.out.write_bytes(b"".join(self.prefix + line + b"\n" for line in lines))
+
+    def end(self) -> None:
+        if self.partial:
+            self.out.write_bytes(self.prefix + self.partial + b"\n")
+            self.partial = b""
+
+
+class _Server:
+    """State of ``buzon listen``: the listener, its channels and their labels."""
+
+    def __init__(self, args: argparse.Namespace, listener: buzon.Listener) -> None:
+        self.args = args
+        self.listener = listener
+        self.out = _Output(raw=args.raw)
+        self.channels: dict[buzon.Channel, str] = {}
+        self.splitters: dict[buzon.Channel, _LineSplitter] = {}
+        self.scheme = listener.address.scheme
+        self.single = self.scheme not in _CONNECTION_ORIENTED
+
+    def note(self, message: str) -> None:
+        if not self.args.quiet:
+            _note(message)
+
+    def run(self) -> None:
+        if self.single:
+            self.add(self.listener.accept(timeout=0))
+        while True:
+            watched: list[Any] = list(self.channels)
+            if not self.single:
+                watched.append(self.listener)
+            for obj in buzon.wait(watched):
+                if obj is self.listener:
+                    self.accept()
+                else:
+                    self.drain(obj)
+
+    def add(self, ch: buzon.Channel) -> None:
+        label = _peer_label(ch)
+        self.channels[ch] = label
+        if self.args.raw and not self.args.quiet:
+            self.splitters[ch] = _LineSplitter(self.out, f"[{label}] ".encode())
+        if not self.single:
+            self.note(f"{label} connected")
+
+    def accept(self) -> None:
+        try:
+            transport = self.listener.accept_transport(time.monotonic())
+        except Timeout:
+            return  # the peer went away (or was refused) before we got to it
+        try:
+            ch = self.listener.establish(transport, timeout=_LISTEN_HANDSHAKE_TIMEOUT)
+        except BuzonError as exc:
+            self.note(f"a client failed the handshake: {exc}")
+            return
+        self.add(ch)
+
+    def drain(self, ch: buzon.Channel) -> None:
+        label = self.channels[ch]
+        for _ in range(_DRAIN_BATCH):
+            try:
+                item = ch.recv_bytes_nowait() if self.args.raw else ch.recv_nowait()
+            except Empty:
+                return
+            except EndOfChannel:
+                self.drop(ch, f"{label} disconnected")
+                return
+            except ProtocolError as exc:
+                if self.single and self.scheme not in _MESSAGE_SCHEMES:
+                    raise  # a torn byte stream cannot be resynchronised
+                if self.single:
+                    self.note(f"dropped a bad message: {exc}")
+                    continue
+                self.drop(ch, f"{label}: {exc}; connection closed")
+                return
+            self.emit(ch, label, item)
+
+    def emit(self, ch: buzon.Channel, label: str, item: Any) -> None:
+        if not self.args.raw:
+            self.out.item(item, "" if self.args.quiet else f"[{label}] ")
+            return
+        splitter = self.splitters.get(ch)
+        if splitter is None:
+            self.out.write_bytes(item)
+            return
+        splitter.feed(item)
+        if self.scheme in _MESSAGE_SCHEMES:
+            splitter.end()  # a message is a unit: finish its last line
+
+    def drop(self, ch: buzon.Channel, why: str) -> None:
+        splitter = self.splitters.pop(ch, None)
+        if splitter is not None:
+            splitter.end()
+        del self.channels[ch]
+        ch.close()
+        if not self.single:
+            self.note(why)
+        else:  # the endpoint's one channel ended: nothing more can arrive
+            raise EndOfChannel(why)
+
+    def close(self) -> None:
+        for ch in list(self.channels):
+            splitter = self.splitters.pop(ch, None)
+            if splitter is not None:
+                with contextlib.suppress(Exception):
+                    splitter.end()
+            ch.close()
+        self.channels.clear()
+        self.listener.close()
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    address = parse_address(args.url)
+    with _sigterm_raises():
+        listener = buzon.listen(address, **_listen_options(args))
+        server = _Server(args, listener)
+        try:
+            _announce(listener, args.quiet)
+            server.run()
+        except (KeyboardInterrupt, _Terminated):
+            pass
+        except EndOfChannel:
+            pass  # a single-channel endpoint whose writers are all gone
+        finally:
+            server.close()
+    return EXIT_OK
+
+
+# -- ls and clean ---------------------------------------------------------------------
+
+_SUFFIX_SCHEME = {".fifo": "fifo", ".sock": "unix", ".dgram": "unixgram"}
+
+
+class _Entry:
+    """One entry of the runtime dir, probed."""
+
+    def __init__(self, rdir: str, name: str) -> None:
+        self.name = name
+        self.path = os.path.join(rdir, name)
+        self.st = os.lstat(self.path)
+        self.mode = stat.S_IMODE(self.st.st_mode)
+        stem, suffix = os.path.splitext(name)
+        self.client_pid = _client_pid(name)
+        if stat.S_ISFIFO(self.st.st_mode):
+            self.kind = "fifo"
+        elif stat.S_ISSOCK(self.st.st_mode):
+            self.kind = {".sock": "unix", ".dgram": "unixgram"}.get(suffix, "socket")
+        elif stat.S_ISDIR(self.st.st_mode):
+            self.kind = "dir"
+        elif stat.S_ISLNK(self.st.st_mode):
+            self.kind = "symlink"
+        else:
+            self.kind = "file"
+        scheme = _SUFFIX_SCHEME.get(suffix)
+        ok = scheme is not None and scheme == self.kind and self.client_pid is None
+        self.address = f"{scheme}:{stem}" if ok else "-"
+        self.live: bool | None = None  # True live, False provably dead, None unknown
+        self.state = "-"
+
+    def probe(self, bound: dict[str, bool] | None) -> None:
+        if self.kind == "fifo":
+            self.live = _fifo_has_reader(self.path)
+            self.state = {True: "reader", False: "no reader", None: "?"}[self.live]
+        elif stat.S_ISSOCK(self.st.st_mode):
+            self.live, listening = _socket_state(self.path, self.kind, bound)
+            if self.live is None:
+                self.state = "?"
+            elif self.live:
+                self.state = "listening" if listening else "bound"
+            else:
+                self.state = "dead"
+            if self.client_pid is not None:
+                alive = _pid_alive(self.client_pid)
+                self.state += f" (client of pid {self.client_pid}{'' if alive else ', gone'})"
+
+    def removable(self, now: float) -> str | None:
+        """Why this entry is provably dead, or None to keep it."""
+        if now - self.st.st_mtime < CLEAN_GRACE or self.live is not False:
+            return None
+        if self.client_pid is not None:
+            if _pid_alive(self.client_pid):
+                return None
+            return f"client datagram socket of dead pid {self.client_pid}"
+        if self.kind == "fifo":
+            return "FIFO with no reader"
+        if stat.S_ISSOCK(self.st.st_mode):
+            return f"{self.kind} socket nobody is bound to"
+        return None
+
+
+def _client_pid(name: str) -> int | None:
+    if not (name.startswith("c-") and name.endswith(".dgram")):
+        return None
+    pid, _, rest = name[2:].partition("-")
+    return int(pid) if pid.isdigit() and rest else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fifo_has_reader(path: str) -> bool | None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return False
+        return None
+    os.close(fd)
+    return True
+
+
+def _bound_unix_paths() -> dict[str, bool] | None:
+    """Path -> listening, for every Unix socket bound to a path (``/proc/net/unix``)."""
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    bound: dict[str, bool] = {}
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) < 8 or not fields[7].startswith("/"):
+            continue  # unbound, or abstract (@...)
+        try:
+            listening = bool(int(fields[3], 16) & 0x10000)  # __SO_ACCEPTCON
+        except ValueError:
+            continue
+        path = fields[7]
+        bound[path] = bound.get(path, False) or listening
+    return bound
+
+
+def _socket_state(path: str, kind: str, bound: dict[str, bool] | None) -> tuple[bool | None, bool]:
+    """(live, listening): the kernel's table first, a connection attempt only if absent.
+
+    Connecting only to sockets the table does not show keeps ``ls`` from being taken
+    for a peer by a live raw receiver.
+    """
+    if bound is not None and path in bound:
+        return True, bound[path]
+    types = {
+        "unix": (socket.SOCK_STREAM,),
+        "unixgram": (socket.SOCK_DGRAM,),
+    }.get(kind, (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET))
+    for kind_ in types:
+        sock = socket.socket(socket.AF_UNIX, kind_ | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            if exc.errno == errno.ECONNREFUSED:
+                return False, False
+            if exc.errno == errno.EPROTOTYPE:
+                continue
+            if exc.errno == errno.ENOENT:
+                return None, False
+            return True, False  # EAGAIN (backlog full), EPERM (a connected dgram socket)...
+        else:
+            return True, kind_ != socket.SOCK_DGRAM
+        finally:
+            sock.close()
+    return None, False
+
+
+def _scan(rdir: str) -> list[_Entry]:
+    bound = _bound_unix_paths()
+    entries = []
+    for name in sorted(os.listdir(rdir)):
+        try:
+            entry = _Entry(rdir, name)
+        except FileNotFoundError:
+            continue  # removed while we looked
+        entry.probe(bound)
+        entries.append(entry)
+    return entries
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from .transport.mq import list_queues
+
+    rdir = runtime_dir()
+    rows = [(e.address, e.kind, f"{e.mode:04o}", e.state, e.path) for e in _scan(rdir)]
+    prefix = f"/buzon-{os.getuid()}-"
+    for q in list_queues():
+        rows.append((f"mq:{q.removeprefix(prefix)}", "mq", "-", "-", q))
+    print(f"runtime dir: {rdir}")
+    if not rows:
+        print("(empty)")
+        return EXIT_OK
+    header = ("ADDRESS", "TYPE", "MODE", "STATE", "PATH")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        cells = [c.ljust(w) for c, w in zip(row[:4], widths, strict=True)]
+        print("  ".join([*cells, row[4]]))
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    rdir = runtime_dir()
+    now = time.time()
+    removed = 0
+    for entry in _scan(rdir):
+        why = entry.removable(now)
+        if why is None:
+            continue
+        if not args.dry_run:
+            try:
+                current = os.lstat(entry.path)
+            except FileNotFoundError:
+                continue
+            if (current.st_dev, current.st_ino) != (entry.st.st_dev, entry.st.st_ino):
+                continue  # replaced since we probed it: not the entry we judged
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+        removed += 1
+        print(f"{'would remove' if args.dry_run else 'removed'} {entry.path} ({why})")
+    if not removed:
+        print(f"nothing to clean in {rdir}")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+# -- demo -----------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main()

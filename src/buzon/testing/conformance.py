@@ -1,0 +1,531 @@
+"""The channel contract, as bullets and as an executable suite.
+
+Every transport, in both drivers, must pass every check here. The contract:
+
+1. **Round trip.** An object sent arrives equal, with its type (dict, list, str, int,
+   float, bool, None, bytes, nested), in both directions of a duplex link.
+2. **Bytes.** ``send_bytes``/``recv_bytes`` carry empty, small and large payloads
+   unchanged (large = 1 MiB on streams, the transport's ``max_message`` elsewhere).
+3. **Order.** On a link whose properties say ``ordered``, messages arrive in the order
+   sent; on any link what arrives is intact.
+4. **Non-blocking.** ``recv_nowait`` on an empty channel raises ``Empty``;
+   ``recv(timeout=t)`` raises ``Timeout`` (a ``TimeoutError``) after about ``t``.
+5. **Backpressure.** ``send_nowait`` raises ``Full`` when the link cannot take more,
+   and every message accepted before that arrives, whole and in order.
+6. **End of channel.** On connection-oriented links, after the sender closes the
+   receiver gets every message, then ``EndOfChannel``; iteration stops there.
+7. **Closed.** Any operation on a closed channel raises ``ChannelClosed``; ``close``
+   is idempotent.
+8. **Too large.** A message over ``max_frame`` (or the transport's unit) raises
+   ``MessageTooLarge`` before anything is written; the channel stays usable.
+9. **Direction.** The receive end of a simplex link refuses to send
+   (``UnsupportedOperation``).
+10. **Readiness.** ``wait`` returns the channel when a message is ready and ``[]`` on
+    timeout.
+11. **Statistics.** Counters account for every message sent and received.
+12. **Numpy.** Arrays round-trip (dtype, shape, values) out of band.
+13. **Processes.** A message crosses a real ``fork``: parent to child and back.
+
+Run it with pytest (``tests/testing/test_conformance.py``) or call :func:`run_all`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import (
+    ChannelClosed,
+    Empty,
+    EndOfChannel,
+    Full,
+    MessageTooLarge,
+    Timeout,
+    UnsupportedOperation,
+)
+
+__all__ = ["CHECKS", "DRIVERS", "TRANSPORTS", "Pair", "open_pair", "run_all"]
+
+TRANSPORTS = ("pipe", "fifo", "mq", "unix", "unixgram", "tcp", "udp")
+DRIVERS = ("sync", "asyncio")
+T = 5.0  # generous per-operation timeout: a failure, never a hang
+
+
+class _AioFacade:
+    """Blocking facade over an asyncio channel: each call runs in the pair's loop."""
+
+    def __init__(self, ch: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.ch = ch
+        self.loop = loop
+
+    def _run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def send(self, obj: Any, timeout: float | None = None, **kw: Any) -> None:
+        self._run(self.ch.send(obj, timeout, **kw))
+
+    def recv(self, timeout: float | None = None, **kw: Any) -> Any:
+        return self._run(self.ch.recv(timeout, **kw))
+
+    def send_bytes(self, data: Any, timeout: float | None = None, **kw: Any) -> None:
+        self._run(self.ch.send_bytes(data, timeout, **kw))
+
+    def recv_bytes(self, timeout: float | None = None) -> bytes:
+        result: bytes = self._run(self.ch.recv_bytes(timeout))
+        return result
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                yield self.recv(T)
+            except EndOfChannel:
+                return
+
+    def close(self) -> None:
+        self._run(self.ch.aclose())
+
+    def wait(self, objs: list[Any], timeout: float) -> list[Any]:
+        from .. import aio
+
+        inner = {id(o.ch): o for o in objs}
+        got = self._run(aio.wait([o.ch for o in objs], timeout))
+        return [inner[id(c)] for c in got]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ch, name)
+
+
+@dataclass
+class Pair:
+    """``a`` sends to ``b``; on duplex links ``b`` can answer ``a``."""
+
+    transport: str
+    driver: str
+    a: Any
+    b: Any
+
+    @property
+    def duplex(self) -> bool:
+        return bool(self.a.properties.direction == "duplex")
+
+    def transfer(self, send: str, obj: Any, recv: str) -> Any:
+        """``a.<send>(obj)`` while ``b.<recv>()`` runs concurrently; return what ``b`` got.
+
+        A large message does not fit a kernel buffer (a pipe holds 64 KiB), so a
+        blocking send needs the reader running at the same time.
+        """
+        if self.driver != "sync":
+            fa: _AioFacade = self.a
+            fb: _AioFacade = self.b
+
+            async def both() -> Any:
+                results = await asyncio.gather(
+                    getattr(fa.ch, send)(obj, T), getattr(fb.ch, recv)(T)
+                )
+                return results[1]
+
+            return fa.loop.run_until_complete(both())
+        errors: list[BaseException] = []
+
+        def sender() -> None:
+            try:
+                getattr(self.a, send)(obj, T)
+            except BaseException as exc:  # re-raised below
+                errors.append(exc)
+
+        t = threading.Thread(target=sender)
+        t.start()
+        try:
+            got = getattr(self.b, recv)(T)
+        finally:
+            t.join(T * 2)
+        if errors:
+            raise errors[0]
+        return got
+
+    def drain_flushing(self, count: int) -> list[Any]:
+        """Receive ``count`` messages on ``b`` while ``a`` flushes what it accepted."""
+        if self.driver != "sync":
+            fa: _AioFacade = self.a
+            fb: _AioFacade = self.b
+
+            async def drain() -> list[Any]:
+                return [await fb.ch.recv(T) for _ in range(count)]
+
+            async def both() -> list[Any]:
+                results = await asyncio.gather(fa.ch.flush(T), drain())
+                out: list[Any] = results[1]
+                return out
+
+            return fa.loop.run_until_complete(both())
+        t = threading.Thread(target=self.a.flush, args=(T,))
+        t.start()
+        try:
+            return [self.b.recv(T) for _ in range(count)]
+        finally:
+            t.join(T * 2)
+
+    def wait(self, objs: list[Any], timeout: float) -> list[Any]:
+        if self.driver == "sync":
+            from .. import wait
+
+            return wait(objs, timeout)
+        facade: _AioFacade = self.a
+        return facade.wait(objs, timeout)
+
+
+def _url(transport: str) -> str:
+    name = f"conf-{uuid.uuid4().hex[:10]}"
+    if transport in ("tcp", "udp"):
+        return f"{transport}://127.0.0.1:0"
+    return f"{transport}:{name}"
+
+
+@contextlib.contextmanager
+def open_pair(transport: str, driver: str = "sync", **options: Any) -> Iterator[Pair]:
+    """A connected pair over ``transport``; everything is closed and removed after."""
+    if driver == "sync":
+        with _sync_pair(transport, options) as pair:
+            yield pair
+    else:
+        loop = asyncio.new_event_loop()
+        try:
+            with _aio_pair(transport, options, loop) as pair:
+                yield pair
+        finally:
+            loop.close()
+
+
+@contextlib.contextmanager
+def _sync_pair(transport: str, options: dict[str, Any]) -> Iterator[Pair]:
+    import buzon
+
+    if transport == "pipe":
+        b, a = buzon.pipe(**options)
+        try:
+            yield Pair(transport, "sync", a, b)
+        finally:
+            a.close()
+            b.close()
+        return
+    with buzon.listen(_url(transport), **options) as lst:
+        box: list[Any] = []
+        errors: list[BaseException] = []
+
+        def accept() -> None:
+            try:
+                box.append(lst.accept(timeout=T))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        t = threading.Thread(target=accept)
+        t.start()
+        try:
+            a = buzon.connect(str(lst.address), timeout=T, **options)
+        finally:
+            t.join(T * 2)
+        if errors:
+            raise errors[0]
+        b = box[0]
+        try:
+            if b.properties.direction == "duplex" and b.properties.connection_oriented is False:
+                # datagram endpoints reply to the last sender: introduce a first
+                a.send_bytes(b"hello")
+                assert b.recv_bytes(timeout=T) == b"hello"
+            yield Pair(transport, "sync", a, b)
+        finally:
+            a.close()
+            b.close()
+
+
+@contextlib.contextmanager
+def _aio_pair(
+    transport: str, options: dict[str, Any], loop: asyncio.AbstractEventLoop
+) -> Iterator[Pair]:
+    from .. import aio
+
+    if transport == "pipe":
+        rb, ra = aio.pipe(**options)
+        a, b = _AioFacade(ra, loop), _AioFacade(rb, loop)
+        try:
+            yield Pair(transport, "asyncio", a, b)
+        finally:
+            a.close()
+            b.close()
+        return
+    lst = aio.listen(_url(transport), **options)
+    try:
+
+        async def both() -> tuple[Any, Any]:
+            acc = asyncio.ensure_future(lst.accept(timeout=T))
+            con = await aio.connect(str(lst.address), timeout=T, **options)
+            return con, await acc
+
+        ra, rb = loop.run_until_complete(both())
+        a, b = _AioFacade(ra, loop), _AioFacade(rb, loop)
+        try:
+            if b.properties.direction == "duplex" and not b.properties.connection_oriented:
+                a.send_bytes(b"hello")
+                assert b.recv_bytes(timeout=T) == b"hello"
+            yield Pair(transport, "asyncio", a, b)
+        finally:
+            a.close()
+            b.close()
+    finally:
+        lst.close()
+
+
+# -- the checks ----------------------------------------------------------------------
+
+SAMPLES: list[Any] = [
+    {"frame": 1, "name": "ñandú", "ok": True, "none": None, "f": 1.5},
+    [1, [2, [3, [4]]], "x" * 1000],
+    "text",
+    12345678901234,
+    -1,
+    0.25,
+    None,
+    True,
+    b"\x00\x01binary\xff",
+    b"y" * 5000,
+    {"nested": {"list": [b"z" * 2000, {"deep": [None, 1.0]}]}},
+]
+
+
+def check_roundtrip(p: Pair) -> None:
+    for obj in SAMPLES:
+        p.a.send(obj, T)
+        got = p.b.recv(T)
+        assert got == obj and type(got) is type(obj), (obj, got)
+        if p.duplex:
+            p.b.send(obj, T)
+            back = p.a.recv(T)
+            assert back == obj and type(back) is type(obj)
+
+
+def _large(p: Pair) -> int:
+    props = p.a.properties
+    if props.max_message is not None:
+        return int(props.max_message) - 64  # room for the frame header
+    return 1 << 20
+
+
+def check_bytes(p: Pair) -> None:
+    big = os.urandom(_large(p))
+    for payload in (b"", b"x", os.urandom(100), big):
+        got = p.transfer("send_bytes", payload, "recv_bytes")
+        assert got == payload, (len(got), len(payload))
+
+
+def check_order(p: Pair) -> None:
+    n, batch = 200, 8  # a POSIX queue and a Unix datagram socket hold 10 by default
+    got: list[int] = []
+    for start in range(0, n, batch):
+        for i in range(start, start + batch):
+            p.a.send({"i": i, "pad": "p" * (i % 7)}, T)
+        got.extend(p.b.recv(T)["i"] for _ in range(batch))
+    if p.a.properties.ordered:
+        assert got == list(range(n))
+    else:
+        assert sorted(got) == sorted(set(got)) and set(got) <= set(range(n))
+
+
+def check_nonblocking(p: Pair) -> None:
+    try:
+        p.b.recv_nowait()
+    except Empty:
+        pass
+    else:
+        raise AssertionError("recv_nowait on an empty channel did not raise Empty")
+    start = time.monotonic()
+    try:
+        p.b.recv(0.05)
+    except Timeout as exc:
+        assert isinstance(exc, TimeoutError)
+    else:
+        raise AssertionError("recv(timeout) on an empty channel did not raise Timeout")
+    assert time.monotonic() - start >= 0.04
+
+
+def check_backpressure(p: Pair) -> None:
+    if not p.a.properties.reliable:
+        return  # a lossy link may drop instead of pushing back
+    payload = b"q" * 1000
+    sent = 0
+    try:
+        while sent < 200_000:
+            p.a.send_nowait({"n": sent, "p": payload})
+            sent += 1
+    except Full:
+        pass
+    else:
+        raise AssertionError("200000 KiB-sized messages never filled the link")
+    # a message accepted by send_nowait may still be partly in the sender's buffer;
+    # the sender's next operation (here: flush) completes it
+    for i, msg in enumerate(p.drain_flushing(sent)):
+        assert msg["n"] == i and msg["p"] == payload
+    try:
+        p.b.recv_nowait()
+    except Empty:
+        pass
+    else:
+        raise AssertionError("a message arrived that was never accepted")
+
+
+def check_end_of_channel(p: Pair) -> None:
+    if not p.a.properties.connection_oriented:
+        return
+    for i in range(5):
+        p.a.send(i, T)
+    p.a.close()
+    assert list(p.b) == [0, 1, 2, 3, 4]
+    try:
+        p.b.recv(T)
+    except EndOfChannel:
+        pass
+    else:
+        raise AssertionError("recv after the end did not raise EndOfChannel")
+
+
+def check_closed(p: Pair) -> None:
+    p.b.close()
+    p.b.close()
+    for op in (lambda: p.b.recv(T), lambda: p.b.recv_nowait()):
+        try:
+            op()
+        except ChannelClosed:
+            pass
+        else:
+            raise AssertionError("an operation on a closed channel did not raise ChannelClosed")
+    if p.duplex:
+        try:
+            p.b.send(1, T)
+        except ChannelClosed:
+            pass
+        else:
+            raise AssertionError("send on a closed channel did not raise ChannelClosed")
+
+
+def check_too_large(p: Pair) -> None:
+    limit = p.a.properties.max_message
+    size = (limit + 1) if limit is not None else (2 << 20)
+    with _expect(MessageTooLarge):
+        # streams hit the frame cap (the pair has max_frame just over 1 MiB),
+        # message transports their own unit
+        p.a.send_bytes(b"x" * size, T)
+    p.a.send("still usable", T)
+    assert p.b.recv(T) == "still usable"
+
+
+def check_direction(p: Pair) -> None:
+    if p.duplex:
+        return
+    with _expect(UnsupportedOperation):
+        p.b.send("nope", T)
+
+
+def check_wait(p: Pair) -> None:
+    assert p.wait([p.b], 0.05) == []
+    p.a.send("ready", T)
+    assert p.wait([p.b], T) == [p.b]
+    assert p.b.recv_nowait() == "ready"
+
+
+def check_statistics(p: Pair) -> None:
+    before_a = p.a.statistics().messages_sent
+    before_b = p.b.statistics().messages_received
+    for i in range(10):
+        p.a.send(i, T)
+    for _ in range(10):
+        p.b.recv(T)
+    assert p.a.statistics().messages_sent - before_a == 10
+    assert p.b.statistics().messages_received - before_b == 10
+
+
+def check_numpy(p: Pair) -> None:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return
+    limit = p.a.properties.max_message
+    n = 1000 if limit is not None else 300_000
+    arrays = [
+        np.arange(n, dtype=np.float64).reshape(-1, 10),
+        np.zeros((3, 4, 5), dtype=np.int16),
+        np.array([1, 2, 3], dtype=np.uint8),
+        np.ones(7, dtype=np.complex64)[::2],  # not contiguous
+    ]
+    for arr in arrays:
+        got = p.transfer("send", {"a": arr}, "recv")["a"]
+        assert got.dtype == arr.dtype and got.shape == arr.shape
+        assert (got == arr).all()
+
+
+def check_processes(p: Pair) -> None:
+    if p.driver != "sync":
+        return  # the transports are the same; forking an event loop is not
+    pid = os.fork()
+    if pid == 0:  # child: receive, answer (or echo back over a fresh send)
+        code = 1
+        try:
+            msg = p.b.recv(T)
+            if p.duplex:
+                p.b.send({"child": os.getpid(), "got": msg}, T)
+            code = 0 if msg == {"from": "parent"} else 2
+        finally:
+            os._exit(code)
+    try:
+        p.a.send({"from": "parent"}, T)
+        if p.duplex:
+            reply = p.a.recv(T)
+            assert reply == {"child": pid, "got": {"from": "parent"}}
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@contextlib.contextmanager
+def _expect(exc_type: type[BaseException]) -> Iterator[None]:
+    try:
+        yield
+    except exc_type:
+        return
+    raise AssertionError(f"{exc_type.__name__} was not raised")
+
+
+CHECKS: dict[str, Callable[[Pair], None]] = {
+    "roundtrip": check_roundtrip,
+    "bytes": check_bytes,
+    "order": check_order,
+    "nonblocking": check_nonblocking,
+    "backpressure": check_backpressure,
+    "end_of_channel": check_end_of_channel,
+    "closed": check_closed,
+    "too_large": check_too_large,
+    "direction": check_direction,
+    "wait": check_wait,
+    "statistics": check_statistics,
+    "numpy": check_numpy,
+    "processes": check_processes,
+}
+
+PAIR_OPTIONS: dict[str, dict[str, Any]] = {
+    # streams get a frame cap just above 1 MiB so "too large" is cheap to provoke
+    "too_large": {"max_frame": (1 << 20) + 4096},
+}
+
+
+def run_all(transports: tuple[str, ...] = TRANSPORTS, drivers: tuple[str, ...] = DRIVERS) -> None:
+    """Run every check on every transport and driver; raise on the first failure."""
+    for transport in transports:
+        for driver in drivers:
+            for name, check in CHECKS.items():
+                with open_pair(transport, driver, **PAIR_OPTIONS.get(name, {})) as pair:
+                    check(pair)
