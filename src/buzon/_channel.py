@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pickle
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,8 @@ from .errors import (
 from .protocol import mpcompat
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
+    HEADER,
+    VERSION,
     CodecId,
     Frame,
     FrameDecoder,
@@ -43,6 +45,8 @@ from .protocol.frames import (
 from .transport.base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, Transport
 
 __all__ = ["ChannelCore", "ChannelOptions", "Statistics"]
+
+_RAW_HEADER = HEADER.pack
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,7 @@ class ChannelOptions:
     spin: float = 50e-6
     handshake_timeout: float = 10.0
     frame_timeout: float | None = 30.0
+    idle_timeout: float | None = None
     close_timeout: float = 5.0
     compat: str | None = None
 
@@ -105,6 +110,9 @@ class ChannelCore:
         self.eof = False
         self.closed = False
         self.stats = Statistics()
+        self._can_send = transport.can_send
+        self._send_buffers: Any = getattr(transport, "send_buffers", None)
+        self._send_message: Any = getattr(transport, "send_message", None)
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
 
@@ -151,12 +159,34 @@ class ChannelCore:
             return [data]
         if self.compat is not None:
             return list(mpcompat.encode_message(data, max_message=self.max_frame))
-        view = memoryview(data)
-        if view.nbytes > 4096:
-            return encode_frame(
-                Kind.DATA, CodecId.RAW, b"", [view.cast("B")], max_frame=self.max_frame
-            )
-        return encode_frame(Kind.DATA, CodecId.RAW, data, max_frame=self.max_frame)
+        n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+        if n <= 4096:  # small: one buffer, header and payload joined
+            if n + 8 > self.max_frame:
+                raise MessageTooLarge(f"frame of {n + 8} bytes exceeds the frame cap")
+            return [_RAW_HEADER(VERSION, Kind.DATA, CodecId.RAW, 0, n) + data]
+        view = memoryview(data).cast("B")
+        return encode_frame(Kind.DATA, CodecId.RAW, b"", [view], max_frame=self.max_frame)
+
+    def encode_batch(self, items: Iterable[Any], as_bytes: bool) -> tuple[list[Buffer], int]:
+        """Encode many messages into as few buffers as possible for one vectored write:
+        small frames are joined, large payloads stay separate (not copied)."""
+        out: list[Buffer] = []
+        small: list[Buffer] = []
+        count = 0
+        encode = self.encode_bytes if as_bytes else self.encode
+        for item in items:
+            count += 1
+            for b in encode(item):
+                if isinstance(b, bytes) and len(b) <= 4096:
+                    small.append(b)
+                    continue
+                if small:
+                    out.append(b"".join(small))
+                    small = []
+                out.append(b)
+        if small:
+            out.append(b"".join(small))
+        return out, count
 
     def try_send(self, bufs: list[Buffer], priority: int = 0) -> bool:
         """Hand one encoded message to the transport; False if it cannot take it now.
@@ -165,6 +195,34 @@ class ChannelCore:
         (the message is then accepted: True). Nothing is written while older bytes
         are still pending.
         """
+        if self.closed or priority or not self._can_send:
+            self._check_send(priority)
+        if self.pending and not self.flush():
+            self.stats.send_would_block += 1
+            return False
+        if len(bufs) == 1:
+            size = memoryview(bufs[0]).nbytes
+        else:
+            size = 0
+            for b in bufs:
+                size += memoryview(b).nbytes
+        if self.message_oriented:
+            if not self._send_message(bufs, priority):
+                self.stats.send_would_block += 1
+                return False
+        else:
+            n = self._send_buffers(bufs)
+            if n != size:
+                if n == WOULD_BLOCK:
+                    self.stats.send_would_block += 1
+                    return False
+                self._keep_tail(bufs, n)
+        stats = self.stats
+        stats.messages_sent += 1
+        stats.bytes_sent += size
+        return True
+
+    def _check_send(self, priority: int) -> None:
         self.check_open()
         if not self.transport.can_send:
             raise UnsupportedOperation(
@@ -174,26 +232,6 @@ class ChannelCore:
             raise UnsupportedOperation(
                 f"{self.transport.scheme} channels have no message priorities"
             )
-        if self.pending and not self.flush():
-            self.stats.send_would_block += 1
-            return False
-        size = 0
-        for b in bufs:
-            size += b.nbytes if isinstance(b, memoryview) else len(b)
-        if self.message_oriented:
-            if not self.transport.send_message(bufs, priority):  # type: ignore[attr-defined]
-                self.stats.send_would_block += 1
-                return False
-        else:
-            n = self.transport.send_buffers(bufs)  # type: ignore[attr-defined]
-            if n == WOULD_BLOCK:
-                self.stats.send_would_block += 1
-                return False
-            if n < size:
-                self._keep_tail(bufs, n)
-        self.stats.messages_sent += 1
-        self.stats.bytes_sent += size
-        return True
 
     def _keep_tail(self, bufs: Sequence[Buffer], written: int) -> None:
         for b in bufs:
@@ -253,8 +291,14 @@ class ChannelCore:
         Raises :class:`EndOfChannel` once the peer closed and every frame was taken.
         With ``control=True`` (handshakes) any frame kind is returned as is.
         """
-        take = self._control if control else self._take
         decoder = self.decoder
+        if decoder is not None and decoder.frames and not control:
+            frame = decoder.frames.popleft()  # fast path: a frame parsed by an earlier read
+            if frame.kind == Kind.DATA:
+                self.stats.messages_received += 1
+                return frame
+            return self._take(frame)
+        take = self._control if control else self._take
         if decoder is not None:
             if decoder.frames:
                 return take(decoder.frames.popleft())
@@ -338,6 +382,10 @@ class ChannelCore:
         self.stats.bytes_received += n
         self.stats.messages_received += 1
         return bytes(memoryview(self._rbuf)[:n])
+
+    def partial(self) -> bool:
+        """True while part of a frame has arrived (the frame-progress timer runs)."""
+        return self.decoder is not None and self.decoder.buffered > 0
 
     def ready(self) -> bool:
         """True if a receive would not find the channel empty (it may raise instead).

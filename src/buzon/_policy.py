@@ -59,6 +59,7 @@ def prepare(
     spin: float | None = None,
     handshake_timeout: float = 10.0,
     frame_timeout: float | None = 30.0,
+    idle_timeout: float | None = None,
     backlog: int = 128,
     allow_uids: tuple[int, ...] | frozenset[int] = (),
     mq_maxmsg: int | None = None,
@@ -100,6 +101,7 @@ def prepare(
         spin=_default_spin() if spin is None else float(spin),
         handshake_timeout=handshake_timeout,
         frame_timeout=frame_timeout,
+        idle_timeout=idle_timeout,
         compat=compat,
     )
     if codec == "pickle" and not pickle:

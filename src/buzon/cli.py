@@ -441,7 +441,7 @@ def _note(message: str) -> None:
 def _report(exc: BuzonError, args: argparse.Namespace) -> None:
     message = str(exc) or type(exc).__name__
     hint = _hint(exc, args)
-    _error(f"{message} (hint: {hint})" if hint else message)
+    _error(f"{message}; hint: {hint}" if hint else message)
 
 
 def _hint(exc: BuzonError, args: argparse.Namespace) -> str | None:
@@ -452,6 +452,8 @@ def _hint(exc: BuzonError, args: argparse.Namespace) -> str | None:
         return _ADDRESS_HINT
     if cmd == "send" and isinstance(exc, NoSuchEndpoint | ConnectionRefused):
         return f"start a receiver first: buzon recv {url}"
+    if cmd == "send" and isinstance(exc, EndOfChannel):
+        return "the receiver went away (it may have had all it wanted, e.g. recv -n)"
     if cmd == "send" and isinstance(exc, Timeout):
         return f"is a receiver running? (buzon recv {url}); --timeout S waits longer"
     if isinstance(exc, EndpointInUse):

@@ -97,6 +97,8 @@ class Codec:
             TypeError,
             ValueError,
             OverflowError,
+            RecursionError,
+            AttributeError,  # pickle: "Can't pickle local object" on 3.11
             msgspec.EncodeError,
             pickle.PicklingError,
         ) as exc:
@@ -111,7 +113,8 @@ class Codec:
             arr = _np.ascontiguousarray(obj)
             if arr.nbytes >= OOB_THRESHOLD and len(self._out) < _MAX_BUFS:
                 index = len(self._out)
-                self._out.append(memoryview(arr).cast("B"))
+                # a uint8 view, not memoryview(arr): datetime64/timedelta64 export no buffer
+                self._out.append(memoryview(arr.reshape(-1).view(_np.uint8)))
                 meta = self._mp_enc.encode((arr.dtype.str, arr.shape, index))
             else:
                 meta = self._mp_enc.encode((arr.dtype.str, arr.shape, -1, arr.tobytes()))
@@ -176,7 +179,14 @@ class Codec:
                 return data
         except msgspec.ValidationError as exc:
             raise ValidationError(f"message does not match {_type_name(type)}: {exc}") from exc
-        except (msgspec.DecodeError, RecursionError, ValueError, TypeError) as exc:
+        except (
+            msgspec.DecodeError,
+            RecursionError,
+            ValueError,
+            TypeError,
+            LookupError,
+            OverflowError,
+        ) as exc:
             raise CodecError(f"cannot decode {CodecId(codec).name.lower()} body: {exc}") from exc
         finally:
             self._in = []
@@ -192,6 +202,8 @@ class Codec:
             if not isinstance(meta, list) or len(meta) not in (3, 4):
                 raise ValueError("malformed ndarray record")
             dtype = _np.dtype(_checked_dtype(meta[0]))
+            if dtype.fields is not None or dtype.subdtype is not None or dtype.hasobject:
+                raise ValueError(f"dtype {meta[0]!r} is not allowed")
             shape = tuple(int(s) for s in meta[1])
             count = 1
             for s in shape:

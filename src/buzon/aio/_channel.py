@@ -235,11 +235,26 @@ class Channel:
 
     async def _frame(self, deadline: float | None) -> Frame:
         core = self._core
+        if deadline is None and core.options.idle_timeout is not None:
+            deadline = deadline_of(core.options.idle_timeout)
+        frame_timeout = core.options.frame_timeout
         while True:
             frame = core.poll_frame()
             if frame is not None:
                 return frame
-            await self._wait_readable(deadline)
+            stall = None
+            if frame_timeout is not None and core.partial():
+                stall = time.monotonic() + frame_timeout
+                if deadline is not None and deadline <= stall:
+                    stall = None
+            try:
+                await self._wait_readable(stall if stall is not None else deadline)
+            except Timeout:
+                if stall is not None:
+                    raise Timeout(
+                        f"the peer stalled for {frame_timeout} s in the middle of a frame"
+                    ) from None
+                raise
 
     async def _wait_readable(self, deadline: float | None) -> None:
         """Wait for input, finishing an earlier partial write meanwhile (else both ends

@@ -9,7 +9,7 @@ project's targets, each a ratio between two rows with PASS or FAIL.
 Usage::
 
     buzon bench [--quick] [--seconds S] [--only SUBSTR[,SUBSTR]] [--json PATH]
-                [--no-progress] [--list]
+                [--no-progress] [--no-pin] [--list]
 
 Cases are named ``IMPL/TRANSPORT/METRIC`` (``raw/unix/rt64``, ``mp/Pipe/oneway64``,
 ``buzon-spin0/tcp/oneway1m``); ``--only`` keeps those containing any of the given
@@ -30,7 +30,16 @@ import time
 from collections.abc import Sequence
 
 from ._buzon import BUZON_TRANSPORTS, buzon_cases
-from ._harness import Case, Config, Progress, Result, interrupts_as_keyboard, run_case
+from ._harness import (
+    Case,
+    Config,
+    Progress,
+    Result,
+    choose_cpus,
+    interrupts_as_keyboard,
+    load_average,
+    run_case,
+)
 from ._raw import RAW_TRANSPORTS, mp_cases, raw_cases
 from ._report import document, machine_info, render, write_json
 
@@ -91,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="PATH", help="also write every result to PATH as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the OS place the two processes (default: pin them to two distinct CPUs)",
+    )
     p.add_argument("--list", action="store_true", help="list the selected case ids and exit")
     return p
 
@@ -100,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     only = tuple(s.strip() for item in args.only for s in item.split(",") if s.strip())
     seconds = args.seconds or (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
-    config = Config(seconds=seconds, quick=args.quick, only=only, progress=not args.no_progress)
+    config = Config(
+        seconds=seconds,
+        quick=args.quick,
+        only=only,
+        progress=not args.no_progress,
+        pin=None if args.no_pin else choose_cpus(),
+    )
     cases = _select(all_cases(), only)
     if args.list:
         for case in cases:
@@ -113,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.perf_counter()
     machine = machine_info()
+    machine["loadavg_start"] = load_average()
     progress = Progress(len(cases), config.progress)
     results: list[Result] = []
     interrupted = False
@@ -127,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         progress.finish()
         shutil.rmtree(tmpdir, ignore_errors=True)
+        machine["loadavg_end"] = load_average()
 
     sys.stdout.write(render(results, config, machine, interrupted=interrupted))
     sys.stdout.flush()

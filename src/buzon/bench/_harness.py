@@ -23,6 +23,11 @@ limit: a blocked ``recv`` on a datagram socket or a queue has no EOF to wake it.
 every exit path, Ctrl-C included, the case's stack closes every fd, reaps the child
 (``SIGKILL`` first if it is still running) and unlinks every named object.
 
+With ``Config.pin`` (the default of the command line) the parent runs on one CPU and
+the child on another for the whole case: every wake-up then crosses CPUs, the case
+the design's numbers describe, and a busy machine cannot silently turn some cases
+into same-CPU context switches (several times cheaper, and fatal to spinning).
+
 Timing uses :func:`time.perf_counter_ns`. Round trips record one latency per
 iteration after a warm-up; one-way throughput is measured by the *receiver*, from
 the end of its warm-up to the end-of-data mark, so it counts only the messages that
@@ -68,11 +73,13 @@ __all__ = [
     "Skipped",
     "Status",
     "Values",
+    "choose_cpus",
     "drain_into",
     "drain_stream",
     "handshake_child",
     "handshake_parent",
     "latency_values",
+    "load_average",
     "oneway_case",
     "round_trip_case",
     "run_case",
@@ -121,6 +128,7 @@ class Config:
     quick: bool = False
     only: tuple[str, ...] = ()
     progress: bool = True
+    pin: tuple[int, int] | None = None  # (parent CPU, child CPU), or None to let the OS place
 
     @property
     def warmup(self) -> float:
@@ -192,7 +200,7 @@ class Ctx:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            _child_main(body, status_w, self.config.limit)
+            _child_main(body, status_w, self.config)
         self.close_fd(status_w)
         child = Child(pid, status_r, self.config.limit)
         self.stack.push(child)
@@ -213,13 +221,15 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def _child_main(body: Callable[[], dict[str, Any] | None], status_w: int, limit: float) -> None:
+def _child_main(body: Callable[[], dict[str, Any] | None], status_w: int, config: Config) -> None:
     code = 1
     try:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, _INTERRUPT):
             signal.signal(signum, signal.SIG_DFL)
         # An orphan (the parent was SIGKILLed) must not block forever in a recv.
-        signal.alarm(max(1, math.ceil(limit)))
+        signal.alarm(max(1, math.ceil(config.limit)))
+        if config.pin is not None:
+            os.sched_setaffinity(0, {config.pin[1]})
         info = body() or {}
         _write_status(status_w, b"ok " + json.dumps(info).encode())
         code = 0
@@ -714,6 +724,9 @@ def run_case(case: Case, config: Config, tmpdir: str, seq: int) -> Result:
     t0 = time.perf_counter()
     try:
         with contextlib.ExitStack() as stack:
+            if config.pin is not None:
+                stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
+                os.sched_setaffinity(0, {config.pin[0]})
             values = case.run(Ctx(config, tmpdir, seq, stack))
         return Result(case, "ok", values, wall=time.perf_counter() - t0)
     except NotApplicable as exc:
@@ -723,6 +736,33 @@ def run_case(case: Case, config: Config, tmpdir: str, seq: int) -> Result:
     except Exception as exc:
         note = f"{type(exc).__name__}: {exc}".strip()
         return Result(case, "error", note=note, wall=time.perf_counter() - t0)
+
+
+def choose_cpus() -> tuple[int, int] | None:
+    """Two CPUs for parent and child: distinct cores when the topology says which."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if len(allowed) < 2:
+        return None
+    first = allowed[0]
+    siblings = {first}
+    path = f"/sys/devices/system/cpu/cpu{first}/topology/thread_siblings_list"
+    with contextlib.suppress(OSError, ValueError), open(path, encoding="ascii") as f:
+        for part in f.read().strip().split(","):
+            lo, _, hi = part.partition("-")
+            siblings.update(range(int(lo), int(hi or lo) + 1))
+    others = [cpu for cpu in allowed if cpu not in siblings] or allowed[1:]
+    return first, others[0]
+
+
+def load_average() -> float | None:
+    """The one-minute load average, or None where the OS does not say."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 class Progress:

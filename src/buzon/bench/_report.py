@@ -288,6 +288,13 @@ def render(
         f"buzon bench: {machine['platform']}, {machine['cpu_count']} CPUs, "
         f"{machine['implementation']} {machine['python']}, "
         f"{config.seconds:g} s per case (+{config.warmup:g} s warm-up)",
+        "processes "
+        + (
+            f"pinned: parent on CPU {config.pin[0]}, peer on CPU {config.pin[1]}"
+            if config.pin
+            else "not pinned"
+        )
+        + _load_text(machine),
         "",
     ]
     if interrupted:
@@ -318,6 +325,16 @@ def render(
             f"({numbers}; need {t.op} {t.threshold:g}x)"
         )
     return "\n".join(lines) + "\n"
+
+
+def _load_text(machine: dict[str, Any]) -> str:
+    load = machine.get("loadavg_start")
+    if not isinstance(load, float):
+        return ""
+    text = f"; load average {load:.2f} at start"
+    if load >= 0.5:
+        text += " (the machine is busy: expect noise, compare ratios from a quiet run)"
+    return text
 
 
 def _notes(results: Sequence[Result]) -> list[str]:
@@ -394,6 +411,7 @@ def document(
             "warmup_s": config.warmup,
             "quick": config.quick,
             "only": list(config.only),
+            "pin": None if config.pin is None else list(config.pin),
         },
         "results": [
             {

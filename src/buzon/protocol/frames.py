@@ -59,6 +59,7 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 HANDSHAKE_MAX_FRAME = 4096
 HEADER = struct.Struct("<BBBBI")
 _BUFLEN = struct.Struct("<Q")
+_unpack_header = HEADER.unpack_from
 _CODEC_MASK = 0x07
 _RESERVED_MASK = 0xF8
 
@@ -276,30 +277,51 @@ class FrameDecoder:
     def _parse(self) -> None:
         buf = self._buf
         half = len(buf) // 2
+        frames = self.frames
+        limit = min(half, self.max_frame)
+        view = memoryview(buf)
         try:
             while True:
-                avail = self._end - self._start
-                total = _frame_total(buf, self._start, avail, self.max_frame)
+                start = self._start
+                avail = self._end - start
+                if avail >= 8:
+                    # Fast path: a small DATA frame without buffers (the common case).
+                    version, kind, flags, nbufs, blen = _unpack_header(buf, start)
+                    total = 8 + blen
+                    if (
+                        version == VERSION
+                        and kind == 1
+                        and flags <= 3
+                        and not nbufs
+                        and total <= avail
+                        and total <= limit
+                    ):
+                        frames.append(Frame(1, flags, bytes(view[start + 8 : start + total]), []))
+                        self._start = start + total
+                        continue
+                total = _frame_total(buf, start, avail, self.max_frame)
                 if total < 0:
                     break
                 if total > half:
                     # A big frame: move what we have into its own exact buffer.
                     large = bytearray(total)
                     got = min(avail, total)
-                    large[:got] = buf[self._start : self._start + got]
+                    large[:got] = view[start : start + got]
                     self._start += got
                     if got == total:
-                        self.frames.append(_split(memoryview(large)))
+                        frames.append(_split(memoryview(large)))
                         continue
                     self._large, self._large_got = large, got
                     break
                 if avail < total:
                     break
-                chunk = bytes(buf[self._start : self._start + total])
+                chunk = bytes(view[start : start + total])
                 self._start += total
-                self.frames.append(_split(memoryview(chunk)))
+                frames.append(_split(memoryview(chunk)))
         except FrameError:
             self._failed = True
             raise
+        finally:
+            view.release()
         if self._start == self._end:
             self._start = self._end = 0

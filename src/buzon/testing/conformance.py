@@ -397,7 +397,8 @@ def check_end_of_channel(p: Pair) -> None:
 def check_closed(p: Pair) -> None:
     p.b.close()
     p.b.close()
-    for op in (lambda: p.b.recv(T), lambda: p.b.recv_nowait()):
+    ops: list[Callable[[], Any]] = [lambda: p.b.recv(T), lambda: p.b.recv_nowait()]
+    for op in ops:
         try:
             op()
         except ChannelClosed:
@@ -456,7 +457,7 @@ def check_numpy(p: Pair) -> None:
         return
     limit = p.a.properties.max_message
     n = 1000 if limit is not None else 300_000
-    arrays = [
+    arrays: list[Any] = [
         np.arange(n, dtype=np.float64).reshape(-1, 10),
         np.zeros((3, 4, 5), dtype=np.int16),
         np.array([1, 2, 3], dtype=np.uint8),

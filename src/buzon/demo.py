@@ -1,0 +1,425 @@
+"""``buzon demo``: each IPC mechanism of the lectures, between real processes, narrated.
+
+Every section forks child processes and moves messages between them and this process
+over one transport (pipe, FIFO, POSIX queue, Unix stream and datagram sockets, TCP,
+UDP), printing the lecture concept, the address, what travelled and the link's
+properties as the channel reports them (``channel.properties``). Then a numpy array
+travels out of band (if numpy is installed) and ``buzon.wait`` watches four
+transports at once.
+
+The demo uses a private temporary runtime dir (``BUZON_RUNTIME_DIR``) removed at the
+end, names its queues after its pid, bounds every wait with a timeout, and reaps
+every child (killing, by pid, one that overstays). It prints what failed and returns
+1 if any section failed, else 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import buzon
+
+__all__ = ["main"]
+
+TIMEOUT = 5.0  # seconds: the bound on every wait of the demo
+
+
+class DemoFailure(Exception):
+    """A section did not see what it expected."""
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _line(label: str, text: str) -> None:
+    _say(f"   {label:<9}{text}")
+
+
+def describe(props: buzon.LinkProperties) -> str:
+    """A one-line summary of a link's properties."""
+    parts = [
+        props.direction,
+        f"{props.boundaries} boundaries",
+        "connection-oriented" if props.connection_oriented else "connectionless",
+        "reliable" if props.reliable else "unreliable",
+        "ordered" if props.ordered else "unordered",
+        "local" if props.local else "network",
+    ]
+    if props.max_message:
+        parts.append(f"at most {props.max_message} B per message")
+    if props.priorities:
+        parts.append("priorities")
+    if props.credentials:
+        parts.append("peer credentials")
+    return ", ".join(parts)
+
+
+class _Children:
+    """The children forked by one section: each is reaped, none outlives the section."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def fork(self, body: Callable[[], None]) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: run body, never return into the caller's stack
+            code = 1
+            try:
+                body()
+                code = 0
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    print(f"   child {os.getpid()} failed: {exc!r}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(code)
+        self.pids.append(pid)
+        return pid
+
+    def reap(self, pid: int, timeout: float = TIMEOUT) -> None:
+        """Wait for ``pid`` to exit; fail if it exits non-zero or overstays."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.pids.remove(pid)
+                code = os.waitstatus_to_exitcode(status)
+                if code != 0:
+                    raise DemoFailure(f"child {pid} exited with status {code}")
+                return
+            if time.monotonic() >= deadline:
+                self._kill(pid)
+                raise DemoFailure(f"child {pid} did not finish within {timeout:g} s")
+            time.sleep(0.002)
+
+    def reap_all(self) -> None:
+        for pid in list(self.pids):
+            self.reap(pid)
+
+    def kill_all(self) -> None:
+        for pid in list(self.pids):
+            self._kill(pid)
+
+    def _kill(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        self.pids.remove(pid)
+
+
+def _expect(got: Any, wanted: Any, what: str) -> None:
+    if got != wanted:
+        raise DemoFailure(f"{what}: expected {wanted!r}, got {got!r}")
+
+
+# -- sections -------------------------------------------------------------------------
+
+
+def demo_pipe(kids: _Children) -> None:
+    _line("concept", "an ordinary pipe: a kernel buffer with no name, shared across fork()")
+    a, b = buzon.pipe()
+    _line("address", "none: the child inherits its end from the parent")
+
+    def child() -> None:
+        a.close()
+        with b:
+            request = b.recv(TIMEOUT)
+            b.send({"sum": sum(request["args"]), "by": os.getpid()}, TIMEOUT)
+
+    with a:
+        pid = kids.fork(child)
+        b.close()
+        request = {"op": "add", "args": [2, 3]}
+        a.send(request, TIMEOUT)
+        _line("sent", f"parent {os.getpid()} -> child {pid}: {request}")
+        reply = a.recv(TIMEOUT)
+        _line("received", f"child {pid} -> parent: {reply}")
+        _expect(reply, {"sum": 5, "by": pid}, "the child's reply")
+        _line("link", describe(a.properties))
+    kids.reap(pid)
+
+
+def demo_fifo(kids: _Children) -> None:
+    _line("concept", "a named pipe (mkfifo): unrelated processes meet at a file-system name")
+    with buzon.listen("fifo:jobs") as listener:
+        _line("address", f"fifo:jobs -> {listener.address.fs_path()}")
+
+        def writer(n: int) -> Callable[[], None]:
+            def body() -> None:
+                with buzon.connect("fifo:jobs", timeout=TIMEOUT) as ch:
+                    for i in range(2):
+                        ch.send({"job": f"w{n}-{i}", "writer": os.getpid()}, TIMEOUT)
+
+            return body
+
+        pids = [kids.fork(writer(n)) for n in (1, 2)]
+        with listener.accept(TIMEOUT) as ch:
+            got = [ch.recv(TIMEOUT) for _ in range(4)]
+            kids.reap_all()
+            for msg in got:
+                _line("received", f"from writer {msg['writer']}: {msg['job']}")
+            _expect(sorted(m["writer"] for m in got), sorted(pids * 2), "writers")
+            _line("note", "two writers, one reader; each write of <= 4096 B is atomic")
+            _line("link", describe(ch.properties))
+
+
+def demo_mq(kids: _Children) -> None:
+    _line("concept", "a message queue: the kernel keeps whole messages, highest priority first")
+    url = f"mq:demo-{os.getpid()}"
+    with buzon.listen(url, mq_maxmsg=8, mq_msgsize=1024) as listener:
+        _line("address", f"{url} -> POSIX queue {listener.address.mq_name()}")
+        sent = [("routine", 0), ("urgent", 7), ("normal", 3)]
+
+        def sender() -> None:
+            with buzon.connect(url, timeout=TIMEOUT) as ch:
+                for text, prio in sent:
+                    ch.send(text, TIMEOUT, priority=prio)
+
+        with listener.accept(TIMEOUT) as ch:
+            pid = kids.fork(sender)
+            kids.reap(pid)  # all three wait in the kernel: the sender is gone already
+            _line("sent", f"child {pid}: {', '.join(f'{t} (priority {p})' for t, p in sent)}")
+            got = []
+            for _ in sent:
+                got.append((ch.recv(TIMEOUT), ch.last_priority))
+            _line("received", ", ".join(f"{t} (priority {p})" for t, p in got))
+            _expect(got, sorted(sent, key=lambda s: -s[1]), "priority order")
+            _line("link", describe(ch.properties))
+
+
+def demo_unix(kids: _Children) -> None:
+    _line("concept", "a Unix stream socket: a connection per client, the kernel names the peer")
+    with buzon.listen("unix:calc") as listener:
+        _line("address", f"unix:calc -> {listener.address.fs_path()}")
+
+        def client() -> None:
+            with buzon.connect("unix:calc", timeout=TIMEOUT) as ch:
+                ch.send({"op": "mul", "args": [6, 7]}, TIMEOUT)
+                _expect(ch.recv(TIMEOUT), 42, "the server's answer")
+
+        pid = kids.fork(client)
+        with listener.accept(TIMEOUT) as ch:
+            request = ch.recv(TIMEOUT)
+            peer = ch.peer
+            _line("received", f"{request} from pid {peer.pid} uid {peer.uid} (SO_PEERCRED)")
+            _expect(peer.pid, pid, "the peer's pid")
+            ch.send(request["args"][0] * request["args"][1], TIMEOUT)
+            _line("sent", "42 back over the same connection")
+            _line("link", describe(ch.properties))
+        kids.reap(pid)
+
+
+def demo_unixgram(kids: _Children) -> None:
+    _line("concept", "a Unix datagram socket: whole messages, no connection to set up")
+    with buzon.listen("unixgram:log") as listener:
+        _line("address", f"unixgram:log -> {listener.address.fs_path()}")
+
+        def client() -> None:
+            with buzon.connect("unixgram:log", timeout=TIMEOUT) as ch:
+                ch.send("disk almost full", TIMEOUT)
+                ch.send("disk full", TIMEOUT)
+                _expect(ch.recv(TIMEOUT), "logged 2", "the reply")
+
+        pid = kids.fork(client)
+        with listener.accept(TIMEOUT) as ch:
+            got = [ch.recv(TIMEOUT), ch.recv(TIMEOUT)]
+            _line("received", f"datagrams from child {pid}: {got}")
+            ch.send(f"logged {len(got)}", TIMEOUT)
+            _line("sent", "'logged 2' back to the last sender")
+            _line("link", describe(ch.properties))
+        kids.reap(pid)
+
+
+def demo_tcp(kids: _Children) -> None:
+    _line("concept", "a TCP socket: the same stream API across machines (loopback here)")
+    with buzon.listen("tcp://127.0.0.1:0") as listener:
+        address = listener.address
+        _line("address", f"{address} (port 0: the kernel picked a free port)")
+
+        def client() -> None:
+            with buzon.connect(address, timeout=TIMEOUT) as ch:
+                ch.send(["ping", 1], TIMEOUT)
+                _expect(ch.recv(TIMEOUT), ["pong", 1], "the reply")
+
+        pid = kids.fork(client)
+        with listener.accept(TIMEOUT) as ch:
+            request = ch.recv(TIMEOUT)
+            host, port = ch.peer.address[:2]
+            _line("received", f"{request} from {host}:{port} (child {pid})")
+            ch.send(["pong", request[1]], TIMEOUT)
+            _line("sent", "['pong', 1]")
+            _line("link", describe(ch.properties))
+        kids.reap(pid)
+
+
+def demo_udp(kids: _Children) -> None:
+    _line("concept", "a UDP socket: datagrams that may be lost, duplicated or reordered")
+    with buzon.listen("udp://127.0.0.1:0") as listener:
+        address = listener.address
+        _line("address", str(address))
+
+        def client() -> None:
+            with buzon.connect(address, timeout=TIMEOUT) as ch:
+                for i in range(3):
+                    ch.send({"reading": i}, TIMEOUT)
+                with contextlib.suppress(buzon.Timeout):  # UDP may lose the reply
+                    ch.recv(TIMEOUT)
+
+        pid = kids.fork(client)
+        with listener.accept(TIMEOUT) as ch:
+            got = []
+            with contextlib.suppress(buzon.Timeout):
+                while len(got) < 3:
+                    got.append(ch.recv(1.0 if got else TIMEOUT))
+            _line("received", f"{len(got)} of 3 datagrams: {got}")
+            if not got:
+                raise DemoFailure("no datagram arrived")
+            ch.send(f"got {len(got)}", TIMEOUT)
+            _line("sent", f"'got {len(got)}' back to the sender")
+            _line("link", describe(ch.properties))
+        kids.reap(pid)
+
+
+def demo_numpy(kids: _Children) -> None:
+    try:
+        import numpy as np
+    except ImportError:
+        _line("skipped", "numpy is not installed")
+        return
+    _line("concept", "zero-copy marshalling: the array's memory is its own buffer, no pickle")
+    array = np.arange(1 << 20, dtype=np.float64)  # 8 MiB
+    with buzon.listen("unix:arrays") as listener:
+
+        def child() -> None:
+            with buzon.connect("unix:arrays", timeout=TIMEOUT) as ch:
+                ch.send("ready", TIMEOUT)
+                got = ch.recv(TIMEOUT)
+                ch.send([str(got.dtype), list(got.shape), float(got.sum())], TIMEOUT)
+
+        pid = kids.fork(child)
+        with listener.accept(TIMEOUT) as ch:
+            _expect(ch.recv(TIMEOUT), "ready", "the child's greeting")  # it speaks first
+            ch.send(array, TIMEOUT)
+            sent = ch.statistics().bytes_sent
+            _line("sent", f"ndarray {array.dtype} shape {array.shape}: {array.nbytes} B data")
+            _line("", f"{sent} B went on the wire (data plus a small header)")
+            reply = ch.recv(TIMEOUT)
+            _line("received", f"child {pid} rebuilt it: dtype, shape, sum = {reply}")
+            _expect(reply, [str(array.dtype), list(array.shape), float(array.sum())], "reply")
+        kids.reap(pid)
+
+
+def demo_wait(kids: _Children) -> None:
+    _line("concept", "waiting on many IPC objects at once, whatever their transports")
+    queue = f"mq:mix-{os.getpid()}"
+    with contextlib.ExitStack() as stack:
+        fifo = stack.enter_context(buzon.listen("fifo:mix"))
+        mq = stack.enter_context(buzon.listen(queue))
+        udp = stack.enter_context(buzon.listen("udp://127.0.0.1:0"))
+        unix = stack.enter_context(buzon.listen("unix:mix"))
+        udp_address = udp.address
+        names: dict[Any, str] = {unix: "unix listener"}
+        for listener, name in ((fifo, "fifo"), (mq, "mq"), (udp, "udp")):
+            ch = stack.enter_context(listener.accept(TIMEOUT))
+            names[ch] = f"{name} channel"
+        _line("watching", ", ".join(names.values()))
+
+        def child() -> None:
+            for url in (udp_address, queue, "fifo:mix", "unix:mix"):
+                with buzon.connect(url, timeout=TIMEOUT) as ch:
+                    ch.send(f"hello over {url}", TIMEOUT)
+
+        pid = kids.fork(child)
+        waiting = list(names)
+        received = 0
+        while received < 4:
+            ready = buzon.wait(waiting, timeout=TIMEOUT)
+            if not ready:
+                raise DemoFailure(f"buzon.wait timed out with {received} of 4 messages")
+            for obj in ready:
+                if isinstance(obj, buzon.Listener):
+                    ch = stack.enter_context(obj.accept(TIMEOUT))
+                    names[ch] = "unix connection"
+                    waiting.remove(obj)
+                    waiting.append(ch)
+                    _line("ready", "unix listener: a client connects")
+                    continue
+                try:
+                    msg = obj.recv_nowait()
+                except buzon.Empty:
+                    continue
+                received += 1
+                _line("ready", f"{names[obj]}: {msg!r}")
+                waiting.remove(obj)
+        kids.reap(pid)
+
+
+SECTIONS: list[tuple[str, str, Callable[[_Children], None]]] = [
+    ("pipe", "ordinary pipe, parent and child", demo_pipe),
+    ("fifo", "named pipe", demo_fifo),
+    ("mq", "POSIX message queue", demo_mq),
+    ("unix", "Unix stream socket", demo_unix),
+    ("unixgram", "Unix datagram socket", demo_unixgram),
+    ("tcp", "TCP socket", demo_tcp),
+    ("udp", "UDP socket", demo_udp),
+    ("numpy", "a numpy array out of band", demo_numpy),
+    ("wait", "buzon.wait over mixed transports", demo_wait),
+]
+
+
+@contextlib.contextmanager
+def _private_runtime_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="buzon-demo-")
+    previous = os.environ.get("BUZON_RUNTIME_DIR")
+    os.environ["BUZON_RUNTIME_DIR"] = path
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop("BUZON_RUNTIME_DIR", None)
+        else:
+            os.environ["BUZON_RUNTIME_DIR"] = previous
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> int:
+    """Run every section; 0 if all passed, 1 if any failed (each failure is printed)."""
+    failed: list[str] = []
+    start = time.monotonic()
+    with _private_runtime_dir() as rdir:
+        _say("buzon demo: every IPC mechanism of the lectures, between real processes")
+        _say(f"(this process is pid {os.getpid()}; runtime dir {rdir}, removed at the end)")
+        for number, (key, title, section) in enumerate(SECTIONS, 1):
+            _say()
+            _say(f"{number}. {key}: {title}")
+            kids = _Children()
+            try:
+                section(kids)
+                kids.reap_all()
+            except Exception as exc:
+                failed.append(key)
+                _line("FAILED", f"{type(exc).__name__}: {exc}")
+            finally:
+                kids.kill_all()
+    _say()
+    elapsed = time.monotonic() - start
+    if failed:
+        _say(f"buzon demo: {len(failed)} of {len(SECTIONS)} failed: {', '.join(failed)}")
+        return 1
+    _say(f"buzon demo: all {len(SECTIONS)} sections passed in {elapsed:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
