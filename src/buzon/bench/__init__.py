@@ -8,8 +8,8 @@ project's targets, each a ratio between two rows with PASS or FAIL.
 
 Usage::
 
-    buzon bench [--quick] [--seconds S] [--only SUBSTR[,SUBSTR]] [--json PATH]
-                [--no-progress] [--no-pin] [--list]
+    buzon bench [--quick] [--seconds S] [--only SUBSTR[,SUBSTR]] [--repeat N]
+                [--json PATH] [--no-progress] [--no-pin] [--list]
 
 Cases are named ``IMPL/TRANSPORT/METRIC`` (``raw/unix/rt64``, ``mp/Pipe/oneway64``,
 ``buzon-spin0/tcp/oneway1m``); ``--only`` keeps those containing any of the given
@@ -36,6 +36,7 @@ from ._harness import (
     Progress,
     Result,
     choose_cpus,
+    combine,
     interrupts_as_keyboard,
     load_average,
     run_case,
@@ -98,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SUBSTR",
         help="run the cases whose id contains SUBSTR (comma-separated or repeated: any)",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the whole list N times, interleaved, and report medians (default 1)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write every result to PATH as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.add_argument(
@@ -118,9 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         seconds=seconds,
         quick=args.quick,
         only=only,
+        repeat=args.repeat,
         progress=not args.no_progress,
         pin=None if args.no_pin else choose_cpus(),
     )
+    if args.repeat < 1:
+        print("buzon bench: --repeat must be at least 1", file=sys.stderr)
+        return 2
     cases = _select(all_cases(), only)
     if args.list:
         for case in cases:
@@ -134,21 +146,26 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     machine = machine_info()
     machine["loadavg_start"] = load_average()
-    progress = Progress(len(cases), config.progress)
-    results: list[Result] = []
+    progress = Progress(len(cases) * args.repeat, config.progress)
+    rounds: dict[str, list[Result]] = {}
     interrupted = False
     tmpdir = tempfile.mkdtemp(prefix="buzon-bench-")
     try:
         with interrupts_as_keyboard():
-            for k, case in enumerate(cases, 1):
-                progress.start(k, case.id)
-                results.append(run_case(case, config, tmpdir, k))
+            k = 0
+            for _ in range(args.repeat):
+                for case in cases:
+                    k += 1
+                    progress.start(k, case.id)
+                    result = run_case(case, config, tmpdir, k)
+                    rounds.setdefault(case.id, []).append(result)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         progress.finish()
         shutil.rmtree(tmpdir, ignore_errors=True)
         machine["loadavg_end"] = load_average()
+    results = [combine(rounds[case.id]) for case in cases if case.id in rounds]
 
     sys.stdout.write(render(results, config, machine, interrupted=interrupted))
     sys.stdout.flush()

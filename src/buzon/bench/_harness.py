@@ -43,6 +43,7 @@ import math
 import os
 import select
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -74,6 +75,7 @@ __all__ = [
     "Status",
     "Values",
     "choose_cpus",
+    "combine",
     "drain_into",
     "drain_stream",
     "handshake_child",
@@ -127,8 +129,10 @@ class Config:
     seconds: float
     quick: bool = False
     only: tuple[str, ...] = ()
+    repeat: int = 1
     progress: bool = True
     pin: tuple[int, int] | None = None  # (parent CPU, child CPU), or None to let the OS place
+    time_limit: float | None = None  # per case; None: derived from ``seconds``
 
     @property
     def warmup(self) -> float:
@@ -138,6 +142,8 @@ class Config:
     @property
     def limit(self) -> float:
         """Seconds after which the watchdog gives up on a case."""
+        if self.time_limit is not None:
+            return self.time_limit
         return 3.0 * (self.seconds + self.warmup) + 15.0
 
 
@@ -711,12 +717,45 @@ class Result:
     values: Values = field(default_factory=dict)
     note: str = ""
     wall: float = 0.0
+    rounds: list[Values] = field(default_factory=list)  # per round, when repeated
 
     def value(self, name: str) -> float | None:
         if self.status != "ok":
             return None
         q = self.values.get(name)
         return None if q is None else q.value
+
+
+def combine(results: Sequence[Result]) -> Result:
+    """One result from several rounds of a case: the median of every value.
+
+    A round that failed makes the combined result fail too (with the other rounds'
+    medians kept for the record), so a flaky case is never hidden by a good round.
+    """
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    ok = [r for r in results if r.status == "ok"]
+    bad = [r for r in results if r.status != "ok"]
+    values: Values = {}
+    for name, q in ok[0].values.items() if ok else ():
+        samples = [r.values[name].value for r in ok if name in r.values]
+        values[name] = Quantity(statistics.median(samples), q.unit)
+    status: Status = "ok"
+    note = ""
+    if bad:
+        status = "error" if any(r.status == "error" for r in bad) else bad[0].status
+        note = bad[0].note
+        if ok:
+            note = f"{len(bad)} of {len(results)} rounds: {note}"
+    return Result(
+        first.case,
+        status,
+        values,
+        note=note,
+        wall=sum(r.wall for r in results),
+        rounds=[r.values for r in results],
+    )
 
 
 def run_case(case: Case, config: Config, tmpdir: str, seq: int) -> Result:

@@ -287,7 +287,8 @@ def render(
     lines = [
         f"buzon bench: {machine['platform']}, {machine['cpu_count']} CPUs, "
         f"{machine['implementation']} {machine['python']}, "
-        f"{config.seconds:g} s per case (+{config.warmup:g} s warm-up)",
+        f"{config.seconds:g} s per case (+{config.warmup:g} s warm-up)"
+        + (f", median of {config.repeat} rounds" if config.repeat > 1 else ""),
         "processes "
         + (
             f"pinned: parent on CPU {config.pin[0]}, peer on CPU {config.pin[1]}"
@@ -412,6 +413,7 @@ def document(
             "quick": config.quick,
             "only": list(config.only),
             "pin": None if config.pin is None else list(config.pin),
+            "repeat": config.repeat,
         },
         "results": [
             {
@@ -423,6 +425,7 @@ def document(
                 "note": r.note,
                 "wall_s": round(r.wall, 3),
                 "values": {k: {"value": q.value, "unit": q.unit} for k, q in r.values.items()},
+                "rounds": [{k: q.value for k, q in v.items()} for v in r.rounds],
             }
             for r in results
         ],
