@@ -19,9 +19,7 @@ from buzon import _runtime
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "fd_check: fail the test if it leaves file descriptors open"
-    )
+    config.addinivalue_line("markers", "fd_check: fail the test if it leaves file descriptors open")
 
 
 def _reset_runtime_cache() -> None:

@@ -167,7 +167,7 @@ def test_absolute_paths_are_used_as_given() -> None:
 def test_socket_path_too_long_for_sun_path() -> None:
     deep = "/" + "d" * 90
     addr = parse_address("unix:" + "n" * 20)
-    with pytest.raises(AddressError, match="exceeds 107 bytes.*BUZON_RUNTIME_DIR"):
+    with pytest.raises(AddressError, match=r"exceeds 107 bytes.*BUZON_RUNTIME_DIR"):
         addr.fs_path(deep)
     with pytest.raises(AddressError, match="exceeds 107 bytes"):
         parse_address("unixgram:" + "n" * 20).fs_path(deep)

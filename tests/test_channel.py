@@ -216,3 +216,57 @@ def test_wait_over_mixed_transports() -> None:
             lst.accept(timeout=5).close()
             t.join(5)
             box[0].close()
+
+
+def test_recv_bytes_into_reads_big_payload_in_place() -> None:
+    a, b = buzon.pipe()
+    payload = os.urandom(3 << 20)
+    target = bytearray(4 << 20)
+    with a, b:
+        t = threading.Thread(target=a.send_bytes, args=(payload, 10))
+        t.start()
+        n = b.recv_bytes_into(target, timeout=10)
+        t.join(10)
+        assert n == len(payload) and bytes(target[:n]) == payload
+
+
+def test_recv_bytes_into_timeout_mid_frame_gives_the_buffer_back() -> None:
+    """If recv_bytes_into gives up while a big frame is arriving, later bytes of that
+    frame must not land in the caller's buffer, and the frame is still delivered whole."""
+    with buzon.listen("unix:sink") as lst:
+        box: list[buzon.Channel] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=5)))
+        t.start()
+        c = buzon.connect("unix:sink", timeout=5)
+        t.join(5)
+        server = box[0]
+        with c, server:
+            payload = os.urandom(1 << 20)
+            frame = b"".join(bytes(x) for x in server._core.encode_bytes(payload))
+            raw = c._core.transport.sock  # type: ignore[attr-defined]
+            raw.setblocking(True)
+            raw.sendall(frame[:100_000])  # fits the socket buffer: part of the frame
+            target = bytearray(2 << 20)
+            with pytest.raises(buzon.Timeout):
+                server.recv_bytes_into(target, timeout=0.2)
+            snapshot = bytes(target)
+            rest = threading.Thread(target=raw.sendall, args=(frame[100_000:],))
+            rest.start()
+            assert server.recv_bytes(timeout=5) == payload
+            rest.join(5)
+            assert bytes(target) == snapshot  # untouched after the timeout
+
+
+def test_big_numpy_arrays_arrive_aligned_and_writable() -> None:
+    np = pytest.importorskip("numpy")
+    a, b = buzon.pipe()
+    arr = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: read into a buffer of its own
+    with a, b:
+        t = threading.Thread(target=a.send, args=({"x": arr, "tag": 7}, 10))
+        t.start()
+        got = b.recv(timeout=10)
+        t.join(10)
+        x = got["x"]
+        assert got["tag"] == 7 and (x == arr).all()
+        assert x.ctypes.data % 16 == 0
+        x[0] = -1.0  # the receive buffer is the array's own memory: writable

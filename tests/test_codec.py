@@ -69,7 +69,7 @@ def test_msgpack_round_trip(value: Any) -> None:
 
 def test_msgpack_extra_types() -> None:
     codec = Codec()
-    when = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
     uid = uuid.UUID(int=12345)
     assert roundtrip(codec, when, datetime.datetime) == when
     assert roundtrip(codec, uid, uuid.UUID) == uid
@@ -157,7 +157,7 @@ def test_container_lengths_are_checked_against_the_bytes() -> None:
 
 # ------------------------------------------------------------------------ numpy arrays
 
-ARRAYS = [
+ARRAYS: list[Any] = [
     np.arange(1000, dtype=np.float64),
     np.arange(24_000, dtype=np.int32).reshape(20, 30, 40),
     np.ones((64, 64), dtype=np.complex128),
@@ -184,7 +184,7 @@ def test_arrays_round_trip(arr: Any) -> None:
 )
 def test_arrays_travel_out_of_band(arr: Any) -> None:
     codec = Codec()
-    cid, body, buffers = codec.encode(arr)
+    _, body, buffers = codec.encode(arr)
     assert len(buffers) == 1
     assert buffers[0].nbytes == arr.nbytes
     assert len(body) < 100  # only the small record is in the body
@@ -353,7 +353,7 @@ def test_pickle_frames_rejected_unless_enabled(tmp_path: Path) -> None:
     body = pickle.dumps(_Canary(str(canary)), protocol=5)
     for name in ("msgpack", "json"):
         with pytest.raises(PickleRejected, match="without being unpickled"):
-            Codec(name).decode(CodecId.PICKLE, body, [])  # type: ignore[arg-type]
+            Codec(name).decode(CodecId.PICKLE, body, [])
     assert not canary.exists()
 
 

@@ -290,7 +290,9 @@ def test_unixgram_client_file_is_0600(runtime_dir: str) -> None:
 # ------------------------------------------------------------------ symlinked endpoints
 
 
-@pytest.mark.parametrize(("scheme", "suffix"), [("unix", ".sock"), ("fifo", ".fifo"), ("unixgram", ".dgram")])
+@pytest.mark.parametrize(
+    ("scheme", "suffix"), [("unix", ".sock"), ("fifo", ".fifo"), ("unixgram", ".dgram")]
+)
 def test_symlinked_endpoint_refused_for_connect_and_listen(
     runtime_dir: str, scheme: str, suffix: str
 ) -> None:
@@ -566,11 +568,37 @@ def test_handshake_timeout_rejects_a_silent_peer(stall_after: bytes) -> None:
             bad.close()
 
 
+def test_oversized_handshake_frame_is_rejected_before_allocating() -> None:
+    with buzon.listen("tcp://127.0.0.1:0") as lst:
+        bad = socket.create_connection((lst.address.host, lst.address.port), timeout=10)
+        with bad:
+            # a HELLO announcing 32 MiB: under the data cap, far over the 4 KiB handshake cap
+            bad.sendall(HEADER.pack(VERSION, Kind.HELLO, CodecId.MSGPACK, 0, 32 << 20))
+            result: dict[str, Any] = {}
+            t = threading.Thread(
+                target=lambda: result.setdefault("ch", buzon.connect(lst.address, timeout=10))
+            )
+            t.start()
+            tracemalloc.start()
+            try:
+                ch = lst.accept(timeout=10)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+                t.join(15)
+            with ch, result["ch"]:
+                pass
+            # two channels' read buffers were made meanwhile; 32 MiB were not
+            assert peak < 8 << 20, f"{peak} bytes allocated for a refused handshake"
+            assert lst.rejected == 1 and lst.accepted == 1
+            assert bad.recv(1) == b""
+
+
 def test_accept_timeout_with_only_a_silent_peer() -> None:
     with buzon.listen("tcp://127.0.0.1:0", handshake_timeout=0.2) as lst:
-        with socket.create_connection((lst.address.host, lst.address.port), timeout=10):
-            with pytest.raises(Timeout):
-                lst.accept(timeout=0.5)
+        silent = socket.create_connection((lst.address.host, lst.address.port), timeout=10)
+        with silent, pytest.raises(Timeout):
+            lst.accept(timeout=0.5)
         assert lst.rejected == 1
 
 

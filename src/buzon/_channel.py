@@ -305,6 +305,11 @@ class ChannelCore:
             if self.eof:
                 raise EndOfChannel("the peer closed the channel")
             self.check_open()
+            try:
+                decoder.check()
+            except FrameError:
+                self.stats.rejected_frames += 1
+                raise
             transport = self.transport
             while True:
                 buf = decoder.get_buffer()
@@ -420,18 +425,24 @@ class ChannelCore:
     def decode(self, frame: Frame, type: Any = Any) -> Any:
         return self.codec.decode(frame.codec, frame.body, frame.buffers, type)
 
-    @staticmethod
-    def frame_bytes(frame: Frame) -> bytes:
-        # An object frame read as bytes gives its encoded body (then its buffers).
+    def frame_bytes(self, frame: Frame) -> bytes:
+        """The frame's payload as bytes (an object frame gives its encoded body, then
+        its buffers). The frame's own buffer is recycled for the next big frame."""
         if not frame.buffers:
             body = frame.body
-            return body if isinstance(body, bytes) else bytes(body)
-        if not frame.body and len(frame.buffers) == 1:
-            return bytes(frame.buffers[0])
-        return b"".join([bytes(frame.body), *map(bytes, frame.buffers)])
+            data = body if isinstance(body, bytes) else bytes(body)
+        elif not frame.body and len(frame.buffers) == 1:
+            data = bytes(frame.buffers[0])
+        else:
+            data = b"".join([bytes(frame.body), *map(bytes, frame.buffers)])
+        self._recycle(frame)
+        return data
 
-    @staticmethod
-    def frame_into(frame: Frame, buf: Buffer) -> int:
+    def frame_into(self, frame: Frame, buf: Buffer) -> int:
+        if frame.sunk:  # read straight into ``buf`` already
+            n = frame.buffers[0].nbytes
+            frame.buffers[0].release()
+            return n
         target = memoryview(buf).cast("B")
         parts = [memoryview(frame.body).cast("B"), *frame.buffers]
         total = sum(p.nbytes for p in parts)
@@ -443,7 +454,23 @@ class ChannelCore:
         for p in parts:
             target[pos : pos + p.nbytes] = p
             pos += p.nbytes
+            p.release()
+        self._recycle(frame)
         return total
+
+    def set_sink(self, buf: Buffer | None) -> None:
+        """Let a big raw frame be read straight into ``buf`` (``recv_bytes_into``)."""
+        decoder = self.decoder
+        if not isinstance(decoder, FrameDecoder):
+            return
+        if buf is None:
+            decoder.release_sink()
+        else:
+            decoder.sink = memoryview(buf).cast("B")
+
+    def _recycle(self, frame: Frame) -> None:
+        if isinstance(self.decoder, FrameDecoder) and isinstance(frame.body, memoryview):
+            self.decoder.recycle(frame)
 
     # -- closing ----------------------------------------------------------------------
 
@@ -494,6 +521,9 @@ class _MpDecoder:
 
     def eof(self) -> None:
         self._d.eof()
+
+    def check(self) -> None:
+        """Errors surface from ``buffer_updated`` in this framing; nothing is deferred."""
 
     def _drain(self) -> None:
         messages = self._d.messages

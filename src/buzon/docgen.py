@@ -198,6 +198,39 @@ def render_codec_ids() -> str:
     )
 
 
+def _hex(data: bytes | bytearray | memoryview) -> str:
+    return "`" + bytes(data).hex(" ") + "`" if len(data) else "(none)"
+
+
+def render_frame_examples() -> str:
+    from .codec import Codec
+
+    out: list[str] = []
+    for call, obj in (('ch.send({"n": 1})', {"n": 1}), ("ch.send(bytes(2048))", bytes(2048))):
+        codec_id, body, buffers = Codec().encode(obj)
+        parts = frames.encode_frame(frames.Kind.DATA, codec_id, body, buffers)
+        wire = b"".join(bytes(p) for p in parts)
+        hsize = frames.HEADER.size
+        version, kind, flags, nbufs, blen = frames.HEADER.unpack_from(wire)
+        table_end = hsize + frames._BUFLEN.size * nbufs
+        rows = [
+            ("header", _hex(wire[:hsize]), f"v{version}, {frames.Kind(kind).name}, "
+             f"codec {frames.CodecId(flags & frames._CODEC_MASK).name.lower()}, "
+             f"{nbufs} buffer(s), body {blen} bytes"),
+            ("buffer lengths", _hex(wire[hsize:table_end]),
+             ", ".join(str(b.nbytes) for b in buffers) or "—"),
+            ("body", _hex(wire[table_end : table_end + blen]), "the msgpack body"),
+            ("buffers", f"{len(wire) - table_end - blen} bytes", "sent from the object's memory"),
+        ]  # fmt: skip
+        out += [
+            f"`{call}` puts {len(wire)} bytes on the wire:",
+            "",
+            _table(("part", "bytes", "meaning"), rows),
+            "",
+        ]
+    return "\n".join(out[:-1])
+
+
 def _max_frame_bounds() -> tuple[int, int]:
     """The smallest and largest ``max_frame`` the option parser accepts (probed)."""
     from ._policy import prepare
@@ -846,6 +879,7 @@ SECTIONS: dict[str, dict[str, Renderer]] = {
         "frame-header": render_frame_header,
         "frame-kinds": render_frame_kinds,
         "codec-ids": render_codec_ids,
+        "frame-examples": render_frame_examples,
         "limits": render_frame_limits,
         "handshake-sequences": render_handshake_sequences,
         "handshake-diagram": render_handshake_diagram,

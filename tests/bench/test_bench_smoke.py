@@ -125,10 +125,8 @@ def test_named_endpoints_are_removed(tmp_path: Path, private_dirs: tuple[Path, P
     before = _process_state()
     out = tmp_path / "named.json"
 
-    rc = main(
-        ["--quick", "--seconds", "0.03", "--only", "fifo,unix,mq", "--json", str(out)]
-        + ["--no-progress"]
-    )
+    args = ["--quick", "--seconds", "0.03", "--only", "fifo,unix,mq", "--no-progress"]
+    rc = main([*args, "--json", str(out)])
 
     assert rc == 0
     assert _process_state() == before

@@ -108,9 +108,7 @@ def test_encode_respects_the_cap() -> None:
     with pytest.raises(MessageTooLarge, match="exceeds the frame cap"):
         encode_frame(Kind.DATA, CodecId.RAW, b"x" * (1025 - HEADER.size), max_frame=1024)
     with pytest.raises(MessageTooLarge):
-        encode_frame(
-            Kind.DATA, CodecId.RAW, b"", [memoryview(b"x" * 1024)], max_frame=1024
-        )
+        encode_frame(Kind.DATA, CodecId.RAW, b"", [memoryview(b"x" * 1024)], max_frame=1024)
 
 
 def test_big_body_and_buffers_are_not_copied() -> None:
@@ -259,8 +257,35 @@ def test_oversize_rejected_before_allocating(announce: bytes) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 64 * 1024, f"{peak} bytes allocated for a refused frame"
-    with pytest.raises(FrameError, match="out of sync"):
-        dec.feed(b"\x01")  # any error is final
+    with pytest.raises(FrameTooLarge):
+        dec.feed(b"\x01")  # the error stays until the cap changes
+    with pytest.raises(FrameTooLarge):
+        dec.check()
+
+
+def test_too_large_is_re_evaluated_when_the_cap_grows() -> None:
+    # a handshake reads with a small cap; a data frame right behind it waits for the real one
+    hello = wire(Kind.HELLO, CodecId.MSGPACK, b"\x80")
+    data = wire(Kind.DATA, CodecId.RAW, b"x" * 5000)
+    dec = FrameDecoder(max_frame=4096)
+    dec.feed(hello + data)  # no error yet: the HELLO comes first
+    assert drain(dec) == [(Kind.HELLO, CodecId.MSGPACK, b"\x80", [])]
+    with pytest.raises(FrameTooLarge):
+        dec.check()
+    dec.max_frame = DEFAULT_MAX_FRAME
+    dec.check()
+    assert drain(dec) == [(Kind.DATA, CodecId.RAW, b"x" * 5000, [])]
+    dec.feed(hello)
+    assert len(dec.frames) == 1
+
+
+def test_too_large_stays_too_large_under_a_cap_still_too_small() -> None:
+    dec = FrameDecoder(max_frame=4096)
+    with pytest.raises(FrameTooLarge):
+        dec.feed(header(blen=10_000))
+    dec.max_frame = 8192
+    with pytest.raises(FrameTooLarge, match="the cap is 8192"):
+        dec.check()
 
 
 def test_cap_is_inclusive() -> None:
@@ -331,14 +356,24 @@ def test_malformed_header(data: bytes, match: str) -> None:
         parse_frame(data + bytes(64))
 
 
-def test_malformed_frame_after_good_ones_keeps_the_good_ones() -> None:
+def test_frames_before_a_bad_one_are_delivered_first() -> None:
     good = wire(Kind.DATA, CodecId.RAW, b"ok")
     dec = FrameDecoder()
-    with pytest.raises(FrameError):
-        dec.feed(good + header(version=9))
+    dec.feed(good + header(version=9))  # the error waits behind the good frame
     assert drain(dec) == [(Kind.DATA, CodecId.RAW, b"ok", [])]
+    with pytest.raises(FrameError, match="unsupported frame version 9"):
+        dec.check()
     with pytest.raises(FrameError):
-        dec.get_buffer()
+        dec.get_buffer()  # final: the stream is out of sync
+
+
+def test_malformed_frame_is_final_even_if_the_cap_changes() -> None:
+    dec = FrameDecoder(max_frame=4096)
+    with pytest.raises(FrameError, match="reserved flag bits"):
+        dec.feed(header(flags=0x10))
+    dec.max_frame = DEFAULT_MAX_FRAME
+    with pytest.raises(FrameError, match="out of sync"):
+        dec.feed(wire(Kind.DATA, CodecId.RAW, b"ok"))
 
 
 # ------------------------------------------------------------------------- datagrams

@@ -242,7 +242,7 @@ def test_version_mismatch_server_side() -> None:
     s2 = server()
     with pytest.raises(HandshakeError):
         s2.receive(raw_frame(Kind.HELLO, Hello(2, "client", 1)))
-    with pytest.raises(HandshakeError, match="refused the connection.*v2") as info:
+    with pytest.raises(HandshakeError, match=r"refused the connection.*v2") as info:
         deliver(s2, c)
     assert not isinstance(info.value, AuthenticationError)
 

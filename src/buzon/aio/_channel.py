@@ -217,7 +217,13 @@ class Channel:
         async with self._rlock:
             if self._core.raw:
                 raise UnsupportedOperation("recv_bytes_into needs message framing (raw=False)")
-            return self._core.frame_into(await self._frame(deadline_of(timeout)), buffer)
+            core = self._core
+            core.set_sink(buffer)
+            try:
+                frame = await self._frame(deadline_of(timeout))
+            finally:
+                core.set_sink(None)
+            return core.frame_into(frame, buffer)
 
     def _raw_nowait(self) -> bytes | None:
         core = self._core

@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             elapsed=time.perf_counter() - t0,
             interrupted=interrupted,
         )
-        write_json(args.json, doc)
+        try:
+            write_json(args.json, doc)
+        except OSError as exc:
+            print(f"buzon bench: cannot write {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     if interrupted:
         return 130
     return 1 if any(r.status == "error" for r in results) else 0

@@ -317,6 +317,9 @@ class _Watchdog:
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(self._main, _INTERRUPT)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         """Disarm, stop the thread and restore the signal handler; idempotent."""
         self.armed = False
@@ -360,7 +363,7 @@ class Child:
         # The status pipe reaches EOF once the child is gone; let the thread read it.
         deadline = time.monotonic() + 2.0
         while self._watchdog.message == b"" and time.monotonic() < deadline:
-            if not self._watchdog._thread.is_alive():
+            if not self._watchdog.alive():
                 break
             time.sleep(0.001)
         self._watchdog.stop()

@@ -357,10 +357,11 @@ def _notes(results: Sequence[Result]) -> list[str]:
 
 
 def machine_info() -> dict[str, Any]:
+    version: str | None
     try:
         version = importlib.metadata.version("buzon")
-    except importlib.metadata.PackageNotFoundError:
-        version = None
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        version = getattr(sys.modules.get("buzon"), "__version__", None)
     try:
         affinity: int | None = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -409,7 +410,7 @@ def document(
         "machine": machine,
         "config": {
             "seconds": config.seconds,
-            "warmup_s": config.warmup,
+            "warmup_s": round(config.warmup, 6),
             "quick": config.quick,
             "only": list(config.only),
             "pin": None if config.pin is None else list(config.pin),

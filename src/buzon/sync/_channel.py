@@ -282,9 +282,13 @@ class Channel:
             core = self._core
             if core.raw:
                 raise UnsupportedOperation("recv_bytes_into needs message framing (raw=False)")
-            frame = core.poll_frame()
-            if frame is None:
-                frame = self._wait_frame(timeout)
+            core.set_sink(buffer)
+            try:
+                frame = core.poll_frame()
+                if frame is None:
+                    frame = self._wait_frame(timeout)
+            finally:
+                core.set_sink(None)
             return core.frame_into(frame, buffer)
 
     def _raw_msg_nowait(self) -> bytes | None:

@@ -1,0 +1,195 @@
+"""The docs are tested like code.
+
+* The generated sections of ``docs/`` must be what ``python -m buzon.docgen docs``
+  renders from the code today (run it to fix a failure here).
+* Every code block marked ``python runnable`` in ``docs/*.md`` runs in a fresh
+  interpreter with a private ``BUZON_RUNTIME_DIR``; a ``text`` block right after it is
+  its exact expected output.
+* The concept map says *today* only of names that exist, and *planned* only of names
+  that do not exist yet.
+* Every test that ``docs/security.md`` cites as proof exists.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import buzon
+from buzon import docgen
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+SRC = ROOT / "src"
+
+_FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+
+
+def _blocks(text: str) -> list[tuple[str, str, int, int]]:
+    """(info string, body, start offset, end offset) of each fenced block."""
+    return [(m.group(1).strip(), m.group(2), m.start(), m.end()) for m in _FENCE.finditer(text)]
+
+
+def _runnable() -> list[Any]:
+    params = []
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        blocks = _blocks(text)
+        for i, (info, body, start, end) in enumerate(blocks):
+            if info.split() != ["python", "runnable"]:
+                continue
+            expected = None
+            if i + 1 < len(blocks):
+                nxt_info, nxt_body, nxt_start, _ = blocks[i + 1]
+                if nxt_info == "text" and not text[end:nxt_start].strip():
+                    expected = nxt_body
+            line = text.count("\n", 0, start) + 1
+            params.append(pytest.param(body, expected, id=f"{page.name}:{line}"))
+    return params
+
+
+def test_generated_docs_are_current() -> None:
+    stale = docgen.check(str(DOCS))
+    assert not stale, (
+        f"stale generated docs: {stale}; run `PYTHONPATH=src python -m buzon.docgen docs`"
+    )
+
+
+def test_check_mode_exit_code() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "buzon.docgen", str(DOCS), "--check"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_stale_section_is_detected_and_rewritten(tmp_path: Path) -> None:
+    copy = tmp_path / "docs"
+    shutil.copytree(DOCS, copy)
+    page = copy / "transports.md"
+    text = page.read_text(encoding="utf-8")
+    begin = docgen.BEGIN.format(name="transports")
+    page.write_text(text.replace(begin, begin + "\n| made up | row |", 1), encoding="utf-8")
+    assert docgen.check(str(copy)) == [str(page)]
+    assert docgen.main([str(copy), "--check"]) == 1
+    assert docgen.write(str(copy)) == [str(page)]
+    assert docgen.check(str(copy)) == []
+    assert page.read_text(encoding="utf-8") == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no markers at all",
+        "<!-- BEGIN GENERATED: a -->\n<!-- END GENERATED: b -->",
+        "<!-- BEGIN GENERATED: a -->\nnever closed",
+        "<!-- BEGIN GENERATED: nope -->\n<!-- END GENERATED: nope -->",
+    ],
+)
+def test_bad_markers_are_errors(text: str) -> None:
+    with pytest.raises(docgen.SectionError):
+        docgen.render_page(text, {"a": lambda: "x"})
+
+
+def test_every_transport_module_must_be_in_the_table() -> None:
+    with pytest.raises(docgen.SectionError, match="missing from the transports table"):
+        docgen._check_transport_coverage({"pipe"})
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    return env
+
+
+@pytest.mark.parametrize(("code", "expected"), _runnable())
+def test_runnable_block(code: str, expected: str | None, runtime_dir: str) -> None:
+    env = _env()
+    env["BUZON_RUNTIME_DIR"] = runtime_dir
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        env=env,
+        cwd=runtime_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"the block failed:\n{done.stdout}\n{done.stderr}"
+    assert not done.stderr, done.stderr
+    if expected is not None:
+        assert done.stdout == expected
+
+
+def test_there_are_runnable_blocks() -> None:
+    assert len(_runnable()) >= 10
+
+
+# ---------------------------------------------------------------- the concept map
+
+
+def _map_rows() -> list[tuple[str, str, str]]:
+    text = (DOCS / "concepts.md").read_text(encoding="utf-8")
+    section = text.split("## The map", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| ") or line.startswith("| concept"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        assert len(cells) == 3, f"a map row needs 3 cells: {line}"
+        rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
+def _resolve(dotted: str) -> bool:
+    obj: Any = buzon
+    for part in dotted.split(".")[1:]:
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+_NAME = re.compile(r"\bbuzon(?:\.[A-Za-z_]\w*)+")
+
+
+def test_concept_map_status_matches_the_code() -> None:
+    rows = _map_rows()
+    assert len(rows) >= 25
+    for concept, api, status in rows:
+        names = _NAME.findall(api)
+        if status.startswith("today"):
+            missing = [n for n in names if not _resolve(n)]
+            assert not missing, f"{concept!r} is 'today' but {missing} do not exist"
+        elif status.startswith("planned"):
+            present = [n for n in names if _resolve(n)]
+            assert not present, f"{concept!r} is 'planned' but {present} exist: update the map"
+        else:
+            pytest.fail(f"status must start with 'today' or 'planned': {status!r}")
+
+
+def test_concept_map_cites_lectures() -> None:
+    for concept, _, _ in _map_rows():
+        assert re.search(r"lecture 00[0-4], slides? ", concept), concept
+
+
+# ------------------------------------------------------------------ security.md
+
+
+def test_security_doc_cites_existing_tests() -> None:
+    text = (DOCS / "security.md").read_text(encoding="utf-8")
+    cited = re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)`", text)
+    assert len(cited) >= 10
+    for path, name in cited:
+        source = (ROOT / path).read_text(encoding="utf-8")
+        assert re.search(rf"^(async )?def {name}\(", source, re.M), f"{path}::{name} not found"
