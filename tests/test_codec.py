@@ -31,7 +31,7 @@ def through_the_wire(codec: Codec, obj: Any, read_size: int = 256 * 1024) -> Fra
     data = b"".join(bytes(p) for p in encode_frame(Kind.DATA, cid, body, buffers))
     dec = FrameDecoder(read_size=read_size)
     dec.feed(data)
-    (frame,) = dec.frames
+    (frame,) = dec.take_all()
     return frame
 
 

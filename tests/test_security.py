@@ -110,7 +110,7 @@ class RawPeer:
             data = self.sock.recv(4096)
             assert data, "the server closed during the handshake"
             dec.feed(data)
-        self.hs.receive(dec.frames.popleft())
+        self.hs.receive(dec.next_frame())
         assert self.hs.done
 
     def send_frame(self, kind: int, codec: int, body: bytes) -> None:

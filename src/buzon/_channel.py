@@ -285,6 +285,18 @@ class ChannelCore:
 
     # -- receiving --------------------------------------------------------------------
 
+    def take_fast(self) -> tuple[int, bytes] | None:
+        """The next message as ``(codec, body)`` if it is a small plain DATA frame that
+        an earlier read already parsed (the hot path of ``recv``/``recv_bytes``)."""
+        decoder = self.decoder
+        if decoder is not None:
+            frames = decoder.frames
+            if frames and type(frames[0]) is tuple:
+                self.stats.messages_received += 1
+                item: tuple[int, bytes] = frames.popleft()  # type: ignore[assignment]
+                return item
+        return None
+
     def poll_frame(self, control: bool = False) -> Frame | None:
         """A complete frame if one is (or becomes, after one read) available.
 
@@ -292,16 +304,10 @@ class ChannelCore:
         With ``control=True`` (handshakes) any frame kind is returned as is.
         """
         decoder = self.decoder
-        if decoder is not None and decoder.frames and not control:
-            frame = decoder.frames.popleft()  # fast path: a frame parsed by an earlier read
-            if frame.kind == Kind.DATA:
-                self.stats.messages_received += 1
-                return frame
-            return self._take(frame)
         take = self._control if control else self._take
         if decoder is not None:
             if decoder.frames:
-                return take(decoder.frames.popleft())
+                return take(decoder.next_frame())
             if self.eof:
                 raise EndOfChannel("the peer closed the channel")
             self.check_open()
@@ -332,7 +338,7 @@ class ChannelCore:
                     self.stats.rejected_frames += 1
                     raise
                 if decoder.frames:
-                    return take(decoder.frames.popleft())
+                    return take(decoder.next_frame())
                 if n < len(buf):
                     self.stats.recv_would_block += 1
                     return None
@@ -417,7 +423,7 @@ class ChannelCore:
             return False
         self.stats.messages_received -= 1  # only peeked
         if self.decoder is not None:
-            self.decoder.frames.appendleft(frame)
+            self.decoder.frames.appendleft(frame)  # a Frame: next_frame takes both forms
         else:
             self.peeked = frame
         return True
@@ -494,7 +500,12 @@ class _MpDecoder:
 
     def __init__(self, max_frame: int) -> None:
         self._d = mpcompat.MessageDecoder(max_frame)
-        self.frames: deque[Frame] = deque()
+        self.frames: deque[Frame | tuple[int, bytes]] = deque()
+
+    def next_frame(self) -> Frame:
+        item = self.frames.popleft()
+        assert isinstance(item, Frame)
+        return item
 
     @property
     def max_frame(self) -> int:

@@ -31,18 +31,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import os
 import pkgutil
 import re
+import socket
 import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
+from . import codec, transport
 from . import errors as _errors
+from ._channel import ChannelCore, ChannelOptions
+from ._policy import prepare
+from .address import Address, parse_address
 from .protocol import frames, handshake, mpcompat
+from .transport import fifo, mq, pipe, tcp, udp, unix, unixgram
+from .transport.base import LinkProperties, Transport, TransportOptions
 
 __all__ = ["SECTIONS", "SectionError", "check", "main", "render_page", "write"]
 
@@ -137,7 +147,7 @@ _CODEC_DOCS = {
     ),
     frames.CodecId.JSON: ("`codec='json'`", "msgspec JSON, for peers that want text"),
     frames.CodecId.PICKLE: (
-        "`pickle=True` (opt-in)",
+        "`codec='pickle', pickle=True` (opt-in)",
         "pickle protocol 5; on a channel without `pickle=True` the frame is rejected "
         "from this id, before any byte is unpickled (`PickleRejected`)",
     ),
@@ -203,11 +213,9 @@ def _hex(data: bytes | bytearray | memoryview) -> str:
 
 
 def render_frame_examples() -> str:
-    from .codec import Codec
-
     out: list[str] = []
     for call, obj in (('ch.send({"n": 1})', {"n": 1}), ("ch.send(bytes(2048))", bytes(2048))):
-        codec_id, body, buffers = Codec().encode(obj)
+        codec_id, body, buffers = codec.Codec().encode(obj)
         parts = frames.encode_frame(frames.Kind.DATA, codec_id, body, buffers)
         wire = b"".join(bytes(p) for p in parts)
         hsize = frames.HEADER.size
@@ -233,7 +241,6 @@ def render_frame_examples() -> str:
 
 def _max_frame_bounds() -> tuple[int, int]:
     """The smallest and largest ``max_frame`` the option parser accepts (probed)."""
-    from ._policy import prepare
 
     def ok(n: int) -> bool:
         try:
@@ -250,10 +257,8 @@ def _max_frame_bounds() -> tuple[int, int]:
 
 
 def render_frame_limits() -> str:
-    from . import codec
-
     lo, hi = _max_frame_bounds()
-    defaults = inspect.signature(_policy_prepare()).parameters
+    defaults = inspect.signature(prepare).parameters
     hs_timeout = defaults["handshake_timeout"].default
     rows = [
         ("frame version", "`frames.VERSION`", str(frames.VERSION)),
@@ -273,12 +278,6 @@ def render_frame_limits() -> str:
         ),
     ]
     return _table(("limit", "name", "value"), rows)
-
-
-def _policy_prepare() -> Callable[..., Any]:
-    from ._policy import prepare
-
-    return prepare
 
 
 # -- the buzon handshake, observed
@@ -303,12 +302,10 @@ _OPTS = {"codec": "msgpack", "pickle": False}
 def _frames_in(data: bytes) -> list[frames.Frame]:
     dec = frames.FrameDecoder(frames.HANDSHAKE_MAX_FRAME)
     dec.feed(data)
-    return list(dec.frames)
+    return dec.take_all()
 
 
 def _describe(frame: frames.Frame) -> str:
-    import msgspec
-
     body = msgspec.msgpack.decode(frame.body)
     name = frames.Kind(frame.kind).name
     if isinstance(body, dict):
@@ -370,8 +367,6 @@ def _one(data: bytes) -> frames.Frame:
 
 
 def _hello_frame(**fields: Any) -> frames.Frame:
-    import msgspec
-
     hello = handshake.Hello(**fields)
     body = msgspec.msgpack.encode(hello)
     return _one(b"".join(bytes(b) for b in frames.encode_frame(frames.Kind.HELLO, 1, body)))
@@ -682,12 +677,8 @@ _PROPERTY_ELSEWHERE = {"transport", "notes"}
 _MQ_SIZE = (10, 8192)  # the Linux defaults (msg_default, msgsize_default)
 
 
-def _mq_properties() -> Any:
+def _mq_properties() -> LinkProperties:
     """The properties of a real queue, created with explicit sizes and removed again."""
-    from .address import Address
-    from .transport import mq
-    from .transport.base import TransportOptions
-
     addr = Address("mq", name=f"docgen-{os.getpid()}")
     opts = TransportOptions(mq_maxmsg=_MQ_SIZE[0], mq_msgsize=_MQ_SIZE[1])
     listener = mq.listen(addr, opts)
@@ -702,11 +693,7 @@ def _mq_properties() -> Any:
     return dataclasses.replace(props, notes=notes)
 
 
-def _transport_rows() -> list[tuple[str, str, Any]]:
-    import socket
-
-    from .transport import fifo, pipe, tcp, udp, unix, unixgram
-
+def _transport_rows() -> list[tuple[str, str, LinkProperties]]:
     rows = [
         ("pipe", "`buzon.pipe()`", pipe._props(True)),
         ("pipe", "`buzon.pipe(duplex=False)`", pipe._props(False)),
@@ -724,8 +711,6 @@ def _transport_rows() -> list[tuple[str, str, Any]]:
 
 
 def _check_transport_coverage(covered: set[str]) -> None:
-    from . import transport
-
     modules = {
         m.name
         for m in pkgutil.iter_modules(transport.__path__)
@@ -737,23 +722,14 @@ def _check_transport_coverage(covered: set[str]) -> None:
             f"table (and {sorted(covered - modules)} no longer exist); "
             "update docgen._transport_rows"
         )
-    names = {f.name for f in dataclasses.fields(_link_properties())}
+    names = {f.name for f in dataclasses.fields(LinkProperties)}
     unknown = names - set(_PROPERTY_COLUMNS) - _PROPERTY_ELSEWHERE
     if unknown:
         raise SectionError(f"LinkProperties fields {sorted(unknown)} have no column in docgen")
 
 
-def _link_properties() -> Any:
-    from .transport.base import LinkProperties
-
-    return LinkProperties
-
-
-def _channel_boundaries(props: Any) -> str:
+def _channel_boundaries(props: LinkProperties) -> str:
     """What ``channel.properties.boundaries`` says for a framed channel on this transport."""
-    from ._channel import ChannelCore, ChannelOptions
-    from .transport.base import Transport
-
     stub_cls = type(
         "_DocTransport", (Transport,), {"message_oriented": props.boundaries == "message"}
     )
@@ -818,8 +794,6 @@ _ADDRESS_EXAMPLES = (
 
 
 def render_addresses() -> str:
-    from .address import parse_address
-
     rows = []
     for url in _ADDRESS_EXAMPLES:
         addr = parse_address(url)
@@ -969,8 +943,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.check:
-            import difflib
-
             stale = []
             for path, old, new in _pages(args.docs):
                 if old != new:

@@ -49,8 +49,7 @@ def as_msg(frame: Frame) -> Msg:
 
 
 def drain(decoder: FrameDecoder) -> list[Msg]:
-    out = [as_msg(f) for f in decoder.frames]
-    decoder.frames.clear()
+    out = [as_msg(f) for f in decoder.take_all()]
     return out
 
 
@@ -221,7 +220,7 @@ def test_large_frame_gets_an_exact_buffer_read_in_place() -> None:
     assert len(region) == len(data) - 100
     region[:] = data[100:]
     dec.buffer_updated(len(region))
-    (frame,) = dec.frames
+    (frame,) = dec.take_all()
     assert bytes(frame.buffers[0]) == payload
     assert frame.buffers[0].obj is region.obj  # the same memory, no further copy
 
@@ -232,7 +231,7 @@ def test_many_small_frames_from_one_read() -> None:
     target = dec.get_buffer()
     target[: len(data)] = data
     dec.buffer_updated(len(data))
-    assert [bytes(f.body) for f in dec.frames] == [bytes([i]) for i in range(200)]
+    assert [bytes(f.body) for f in dec.take_all()] == [bytes([i]) for i in range(200)]
 
 
 # ------------------------------------------------------------------------------- caps
@@ -457,7 +456,7 @@ def test_mutated_valid_streams_only_ever_raise_frame_errors() -> None:
             dec.eof()
         except FrameError:
             continue
-        for frame in dec.frames:  # whatever survived is a well-formed frame
+        for frame in dec.take_all():  # whatever survived is a well-formed frame
             assert frame.kind in set(Kind)
             assert frame.codec in set(CodecId)
             assert not frame.buffers or frame.kind == Kind.DATA

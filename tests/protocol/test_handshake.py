@@ -43,7 +43,7 @@ def frames_of(data: bytes) -> list[Frame]:
     dec = FrameDecoder(max_frame=HANDSHAKE_MAX_FRAME)
     dec.feed(data)
     dec.eof()
-    return list(dec.frames)
+    return dec.take_all()
 
 
 def deliver(src: Handshake, dst: Handshake) -> None:

@@ -174,6 +174,9 @@ class Channel:
     async def recv(self, timeout: float | None = None, *, type: Any = Any) -> Any:
         async with self._rlock:
             core = self._core
+            fast = core.take_fast()
+            if fast is not None:
+                return core.codec.decode(fast[0], fast[1], [], type)
             if core.raw:
                 return await self._recv_raw(deadline_of(timeout))
             frame = await self._frame(deadline_of(timeout))
@@ -196,6 +199,9 @@ class Channel:
     async def recv_bytes(self, timeout: float | None = None) -> bytes:
         async with self._rlock:
             core = self._core
+            fast = core.take_fast()
+            if fast is not None:
+                return fast[1]
             if core.raw:
                 return await self._recv_raw(deadline_of(timeout))
             return core.frame_bytes(await self._frame(deadline_of(timeout)))

@@ -135,8 +135,13 @@ class Listener:
         self._lt = transport
         self._prep = prep
         self.accepted = 0
-        self.rejected = 0
+        self._rejected = 0
         self._closed = False
+
+    @property
+    def rejected(self) -> int:
+        """Peers turned away: failed handshakes and, on Unix sockets, other users."""
+        return self._rejected + int(getattr(self._lt, "rejected", 0))
 
     @property
     def address(self) -> Address:
@@ -156,7 +161,7 @@ class Listener:
             try:
                 ch = await establish(transport, self._prep, "server", deadline)
             except ProtocolError:
-                self.rejected += 1
+                self._rejected += 1
                 continue
             self.accepted += 1
             return ch

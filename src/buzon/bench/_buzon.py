@@ -30,6 +30,7 @@ from ._harness import (
     LinkMaker,
     NotApplicable,
     Opener,
+    RecvWindow,
     Side,
     Skipped,
     Values,
@@ -97,10 +98,10 @@ class _BuzonSide(Side):
         if self._w is not self._r:
             self._w.close()
 
-    def drain(self, size: int, warmup_ns: int) -> tuple[int, int]:
+    def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
         if size >= _BIG:
-            return drain_into(self._r.recv_bytes_into, size, warmup_ns)
-        return super().drain(size, warmup_ns)
+            return drain_into(self._r.recv_bytes_into, size, window)
+        return super().drain(size, window)
 
 
 def _checked(create: Callable[[], Any], options: dict[str, Any]) -> Any:

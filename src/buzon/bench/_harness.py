@@ -29,9 +29,9 @@ the design's numbers describe, and a busy machine cannot silently turn some case
 into same-CPU context switches (several times cheaper, and fatal to spinning).
 
 Timing uses :func:`time.perf_counter_ns`. Round trips record one latency per
-iteration after a warm-up; one-way throughput is measured by the *receiver*, from
-the end of its warm-up to the end-of-data mark, so it counts only the messages that
-actually arrived.
+iteration after a warm-up; one-way throughput is measured by the *receiver* over a
+window it owns (see :func:`oneway_case`), so it counts only the messages that
+actually arrived, whatever the sender managed to send.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ __all__ = [
     "NotApplicable",
     "Progress",
     "Quantity",
+    "RecvWindow",
     "Result",
+    "SendWindow",
     "LinkMaker",
     "Opener",
     "Side",
@@ -78,6 +80,7 @@ __all__ = [
     "combine",
     "drain_into",
     "drain_stream",
+    "drain_with",
     "handshake_child",
     "handshake_parent",
     "latency_values",
@@ -452,81 +455,141 @@ class Side:
     def close(self) -> None:
         """Release the side; idempotent."""
 
-    def blast(self, msg: bytes, seconds_ns: int) -> int:
-        """Send ``msg`` repeatedly for ``seconds_ns``; return how many were sent."""
+    def blast(self, msg: bytes, window: SendWindow) -> int:
+        """Send ``msg`` until the window closes; return how many were sent."""
         send = self.sender()
         perf = time.perf_counter_ns
         batch = 64 if len(msg) <= 4096 else 1
         inner = range(batch)
-        deadline = perf() + seconds_ns
+        deadline = perf() + window.min_ns
+        stopped = window.stopped
         sent = 0
         while True:
             for _ in inner:
                 send(msg)
             sent += batch
-            if perf() >= deadline:
+            if perf() >= deadline and stopped():
                 return sent
 
-    def drain(self, size: int, warmup_ns: int) -> tuple[int, int]:
-        """Receive until the end of data; return (messages after warm-up, their ns)."""
+    def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
+        """Receive until the end of data; return (messages in the window, its ns)."""
         recv = self.receiver(size)
-        perf = time.perf_counter_ns
-        if len(recv()) != size:
-            raise RuntimeError("the sender ended before sending any data")
-        warm_end = perf() + warmup_ns
-        while True:
-            if len(recv()) != size:
-                raise RuntimeError("the sender ended during the warm-up")
-            if perf() >= warm_end:
-                break
-        t0 = perf()
-        count = 0
-        while len(recv()) == size:
-            count += 1
-        return count, perf() - t0
+
+        def length() -> int:
+            return len(recv())
+
+        def burst(n: int) -> tuple[int, bool]:
+            for i in range(n):
+                if len(recv()) != size:
+                    return i, True
+            return n, False
+
+        return drain_with(length, burst, size, window)
 
 
-def drain_into(recv_into: Callable[[bytearray], int], size: int, warmup_ns: int) -> tuple[int, int]:
+@dataclass(frozen=True, slots=True)
+class SendWindow:
+    """The sender's side of the window: send at least ``min_ns``, then until ``stopped()``."""
+
+    min_ns: int
+    stopped: Callable[[], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class RecvWindow:
+    """The receiver's window: ``warmup_ns`` after the first message, then ``measure_ns``.
+
+    ``stop`` tells the sender the window is over; the receiver then drains the rest
+    (uncounted) up to the end mark, so the sender always finishes cleanly.
+    """
+
+    warmup_ns: int
+    measure_ns: int
+    stop: Callable[[], None]
+
+
+def drain_with(
+    length: Callable[[], int],
+    burst: Callable[[int], tuple[int, bool]],
+    size: int,
+    window: RecvWindow,
+    *,
+    stream: bool = False,
+) -> tuple[float, int]:
+    """The receiver's three phases: warm-up, the measured window, the uncounted tail.
+
+    ``length()`` receives one message (stream: one read) and returns its length;
+    ``burst(n)`` receives up to ``n`` in a tight loop and returns (data units
+    received, whether the end mark came). Units are messages, or bytes for streams
+    (where the end mark is EOF, a zero-length read). The clock is read once per
+    burst, so the measured loop stays a bare receive loop.
+    """
+
+    def is_end(n: int) -> bool:
+        return n == 0 if stream else n != size
+
+    perf = time.perf_counter_ns
+    if is_end(length()):
+        raise RuntimeError("the sender ended before sending any data")
+    warm_end = perf() + window.warmup_ns
+    while perf() < warm_end:
+        if is_end(length()):
+            raise RuntimeError("the sender ended during the warm-up")
+    check = 1 if stream or size >= 1 << 16 else 32
+    t0 = perf()
+    stop_at = t0 + window.measure_ns
+    total = 0
+    while True:
+        got, ended = burst(check)
+        total += got
+        t1 = perf()
+        if ended:  # the sender stopped on its own (it should not): keep what came
+            return (total / size if stream else total), t1 - t0
+        if t1 >= stop_at:
+            break
+    window.stop()
+    while not is_end(length()):
+        pass
+    return (total / size if stream else total), t1 - t0
+
+
+def drain_into(
+    recv_into: Callable[[bytearray], int], size: int, window: RecvWindow
+) -> tuple[float, int]:
     """:meth:`Side.drain` for sides that receive one message into a buffer."""
     buf = bytearray(size)
-    perf = time.perf_counter_ns
-    if recv_into(buf) != size:
-        raise RuntimeError("the sender ended before sending any data")
-    warm_end = perf() + warmup_ns
-    while True:
-        if recv_into(buf) != size:
-            raise RuntimeError("the sender ended during the warm-up")
-        if perf() >= warm_end:
-            break
-    t0 = perf()
-    count = 0
-    while recv_into(buf) == size:
-        count += 1
-    return count, perf() - t0
+
+    def length() -> int:
+        return recv_into(buf)
+
+    def burst(n: int) -> tuple[int, bool]:
+        for i in range(n):
+            if recv_into(buf) != size:
+                return i, True
+        return n, False
+
+    return drain_with(length, burst, size, window)
 
 
 def drain_stream(
-    read_into: Callable[[bytearray], int], size: int, warmup_ns: int
-) -> tuple[int, int]:
-    """:meth:`Side.drain` for byte streams: count bytes until EOF, in whole messages."""
+    read_into: Callable[[bytearray], int], size: int, window: RecvWindow
+) -> tuple[float, int]:
+    """:meth:`Side.drain` for byte streams: bytes until EOF, counted in messages."""
     buf = bytearray(max(size, 1 << 20))
-    perf = time.perf_counter_ns
-    if not read_into(buf):
-        raise RuntimeError("the sender ended before sending any data")
-    warm_end = perf() + warmup_ns
-    while True:
-        if not read_into(buf):
-            raise RuntimeError("the sender ended during the warm-up")
-        if perf() >= warm_end:
-            break
-    t0 = perf()
-    total = 0
-    while True:
-        n = read_into(buf)
-        if not n:
-            break
-        total += n
-    return total // size, perf() - t0
+
+    def length() -> int:
+        return read_into(buf)
+
+    def burst(n: int) -> tuple[int, bool]:
+        total = 0
+        for _ in range(n):
+            got = read_into(buf)
+            if not got:
+                return total, True
+            total += got
+        return total, False
+
+    return drain_with(length, burst, size, window, stream=True)
 
 
 def recv_exact(recv: Callable[[], bytes], first: bytes, size: int) -> bytes:
@@ -625,21 +688,33 @@ def _ping(side: Side, msg: bytes, size: int, warmup_ns: int, measure_ns: int) ->
 
 
 def oneway_case(make: LinkMaker, size: int) -> Callable[[Ctx], Values]:
-    """One-way throughput: the child sends ``size``-byte messages, the parent counts."""
+    """One-way throughput: the child sends ``size``-byte messages, the parent counts.
+
+    The receiver owns the window: it warms up, measures for the case's budget, then
+    writes "stop" on a side pipe. The sender sends for at least warm-up plus budget
+    (no system call on its hot path until then), then checks the pipe once per batch,
+    stops and marks the end of data (EOF or an END message; on a lossy link the END
+    repeats until the receiver acknowledges it on the same pipe).
+    """
 
     def run(ctx: Ctx) -> Values:
-        ack_r, ack_w = os.pipe()  # parent -> child: "your end mark arrived" (lossy links)
-        ctx.own_fd(ack_r, ack_w)
+        ctl_r, ctl_w = os.pipe()  # parent -> child: "stop", then "your END arrived"
+        ctx.own_fd(ctl_r, ctl_w)
         parent_open, child_open = make(ctx, size)
-        seconds_ns = ctx.warmup_ns + ctx.measure_ns
+
+        def stopped() -> bool:
+            if select.select([ctl_r], [], [], 0)[0]:
+                os.read(ctl_r, 1)
+                return True
+            return False
 
         def child() -> dict[str, Any]:
             side = child_open()
-            sent = side.blast(b"\x5a" * size, seconds_ns)
+            sent = side.blast(b"\x5a" * size, SendWindow(ctx.warmup_ns + ctx.measure_ns, stopped))
             if side.lossy:
                 while True:
                     side.send(END)
-                    if select.select([ack_r], [], [], 0.002)[0]:
+                    if select.select([ctl_r], [], [], 0.002)[0]:
                         break
             else:
                 side.end_of_data()
@@ -649,12 +724,13 @@ def oneway_case(make: LinkMaker, size: int) -> Callable[[Ctx], Values]:
         proc = ctx.spawn(child)
         side = parent_open()
         ctx.close_later(side)
-        count, ns = side.drain(size, ctx.warmup_ns)
+        window = RecvWindow(ctx.warmup_ns, ctx.measure_ns, lambda: _poke(ctl_w))
+        count, ns = side.drain(size, window)
         if side.lossy:
-            os.write(ack_w, b"!")
+            _poke(ctl_w)
         info = proc.join()
         if count <= 0 or ns <= 0:
-            raise RuntimeError("no message arrived after the warm-up")
+            raise RuntimeError("no message arrived in the measuring window")
         rate = count * 1e9 / ns
         values = {
             "rate": Quantity(rate, "msg/s"),
@@ -668,6 +744,10 @@ def oneway_case(make: LinkMaker, size: int) -> Callable[[Ctx], Values]:
         return values
 
     return run
+
+
+def _poke(fd: int) -> None:
+    os.write(fd, b"!")
 
 
 def latency_values(lat: Sequence[int]) -> Values:

@@ -41,11 +41,14 @@ from ._harness import (
     LinkMaker,
     NotApplicable,
     Opener,
+    RecvWindow,
+    SendWindow,
     Side,
     Skipped,
     Values,
     drain_into,
     drain_stream,
+    drain_with,
     handshake_child,
     handshake_parent,
     oneway_case,
@@ -91,6 +94,24 @@ def posixmq() -> _PosixMQ:
 # --- sides --------------------------------------------------------------------
 
 
+def _blast_to(
+    write: Callable[[int, bytes], object], target: int, msg: bytes, window: SendWindow
+) -> int:
+    """:meth:`Side.blast` for builtins that take the descriptor first (no partial)."""
+    perf = time.perf_counter_ns
+    batch = 64 if len(msg) <= 4096 else 1
+    inner = range(batch)
+    deadline = perf() + window.min_ns
+    stopped = window.stopped
+    sent = 0
+    while True:
+        for _ in inner:
+            write(target, msg)
+        sent += batch
+        if perf() >= deadline and stopped():
+            return sent
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -120,25 +141,14 @@ class _FdSide(Side):
         self._ctx.close_fd(self._r)
         self._ctx.close_fd(self._w)
 
-    def blast(self, msg: bytes, seconds_ns: int) -> int:
-        fd = self._w
+    def blast(self, msg: bytes, window: SendWindow) -> int:
         write = os.write if len(msg) <= _PIPE_BUF else _write_all
-        perf = time.perf_counter_ns
-        batch = 64 if len(msg) <= 4096 else 1
-        inner = range(batch)
-        deadline = perf() + seconds_ns
-        sent = 0
-        while True:
-            for _ in inner:
-                write(fd, msg)
-            sent += batch
-            if perf() >= deadline:
-                return sent
+        return _blast_to(write, self._w, msg, window)
 
-    def drain(self, size: int, warmup_ns: int) -> tuple[int, int]:
+    def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
         fd = self._r
         readv = os.readv
-        return drain_stream(lambda buf: readv(fd, [buf]), size, warmup_ns)
+        return drain_stream(lambda buf: readv(fd, [buf]), size, window)
 
 
 class _SockSide(Side):
@@ -164,10 +174,10 @@ class _SockSide(Side):
     def close(self) -> None:
         self._sock.close()
 
-    def drain(self, size: int, warmup_ns: int) -> tuple[int, int]:
+    def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
         if self.stream:
-            return drain_stream(self._sock.recv_into, size, warmup_ns)
-        return drain_into(self._sock.recv_into, size, warmup_ns)
+            return drain_stream(self._sock.recv_into, size, window)
+        return drain_into(self._sock.recv_into, size, window)
 
 
 class _MqSide(Side):
@@ -194,45 +204,26 @@ class _MqSide(Side):
 
         return recv
 
-    def blast(self, msg: bytes, seconds_ns: int) -> int:
-        send = self._mq.send
-        wq = self._wq
-        perf = time.perf_counter_ns
-        batch = 64 if len(msg) <= 4096 else 1
-        inner = range(batch)
-        deadline = perf() + seconds_ns
-        sent = 0
-        while True:
-            for _ in inner:
-                send(wq, msg)
-            sent += batch
-            if perf() >= deadline:
-                return sent
+    def blast(self, msg: bytes, window: SendWindow) -> int:
+        return _blast_to(self._mq.send, self._wq, msg, window)
 
-    def drain(self, size: int, warmup_ns: int) -> tuple[int, int]:
-        # Base-class loop with the receive call inlined (no wrapper frame).
+    def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
         receive = self._mq.receive
         rq = self._rq
         rsize = self._rsize
-        perf = time.perf_counter_ns
 
         def length() -> int:
             got = receive(rq, rsize)
             return -1 if got is None else len(got[0])
 
-        if length() != size:
-            raise RuntimeError("the sender ended before sending any data")
-        warm_end = perf() + warmup_ns
-        while True:
-            if length() != size:
-                raise RuntimeError("the sender ended during the warm-up")
-            if perf() >= warm_end:
-                break
-        t0 = perf()
-        count = 0
-        while len(receive(rq, rsize)[0]) == size:  # type: ignore[index]
-            count += 1
-        return count, perf() - t0
+        def burst(n: int) -> tuple[int, bool]:
+            # Blocking queues never return None; the index is inlined for speed.
+            for i in range(n):
+                if len(receive(rq, rsize)[0]) != size:  # type: ignore[index]
+                    return i, True
+            return n, False
+
+        return drain_with(length, burst, size, window)
 
 
 class ConnSide(Side):
@@ -250,10 +241,10 @@ class ConnSide(Side):
     def close(self) -> None:
         self._conn.close()
 
-    def drain(self, size: int, warmup_ns: int) -> tuple[int, int]:
+    def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
         if size >= _BIG:
-            return drain_into(self._conn.recv_bytes_into, size, warmup_ns)
-        return super().drain(size, warmup_ns)
+            return drain_into(self._conn.recv_bytes_into, size, window)
+        return super().drain(size, window)
 
 
 # --- links: built before the fork, one opener per side ------------------------

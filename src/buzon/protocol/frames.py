@@ -242,7 +242,9 @@ class FrameDecoder:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, read_size: int = 256 * 1024) -> None:
         self._max_frame = max_frame
         self._error: FrameError | None = None
-        self.frames: deque[Frame] = deque()
+        # Complete frames in order: a Frame, or for the common small DATA frame without
+        # buffers just ``(codec, body)`` (cheaper to make); next_frame() gives Frames.
+        self.frames: deque[Frame | tuple[int, bytes]] = deque()
         self._buf = bytearray(read_size)
         self._start = 0
         self._end = 0
@@ -264,6 +266,21 @@ class FrameDecoder:
         if isinstance(self._error, FrameTooLarge) and not self._failed:
             self._error = None
             self._parse()
+
+    def next_frame(self) -> Frame:
+        """Pop the next complete frame (``frames`` must not be empty) as a Frame."""
+        item = self.frames.popleft()
+        if type(item) is tuple:
+            return Frame(1, item[0], item[1], [])
+        assert isinstance(item, Frame)
+        return item
+
+    def take_all(self) -> list[Frame]:
+        """Pop every complete frame, as Frames."""
+        out = []
+        while self.frames:
+            out.append(self.next_frame())
+        return out
 
     def check(self) -> None:
         """Raise the error of the next frame, if that frame is bad (call when
@@ -422,27 +439,35 @@ class FrameDecoder:
         buf = self._buf
         half = len(buf) // 2
         frames = self.frames
+        append = frames.append
         limit = min(half, self._max_frame)
         view = memoryview(buf)
+        # Small frames are sliced out of one bytes snapshot of what this read brought:
+        # one copy for the whole read instead of a view and a copy per frame.
+        base = self._start
+        end = self._end
+        data = bytes(view[base:end])
         try:
             while self._big is None:
-                start = self._start
-                avail = self._end - start
-                if avail >= 8:
-                    # Fast path: a small DATA frame without buffers (the common case).
-                    version, kind, flags, nbufs, blen = _unpack_header(buf, start)
+                # Fast path: a run of small DATA frames without buffers (the common case).
+                pos = self._start - base
+                stop = end - base
+                while stop - pos >= 8:
+                    version, kind, flags, nbufs, blen = _unpack_header(data, pos)
                     total = 8 + blen
                     if (
-                        version == VERSION
-                        and kind == 1
-                        and flags <= 3
-                        and not nbufs
-                        and total <= avail
-                        and total <= limit
+                        version != VERSION
+                        or kind != 1
+                        or flags > 3
+                        or nbufs
+                        or total > stop - pos
+                        or total > limit
                     ):
-                        frames.append(Frame(1, flags, bytes(view[start + 8 : start + total]), []))
-                        self._start = start + total
-                        continue
+                        break
+                    append((flags, data[pos + 8 : pos + total]))
+                    pos += total
+                self._start = start = pos + base
+                avail = end - start
                 total = _frame_total(buf, start, avail, self._max_frame)
                 if total < 0:
                     break
@@ -451,9 +476,9 @@ class FrameDecoder:
                     continue
                 if avail < total:
                     break
-                chunk = bytes(view[start : start + total])
+                chunk = data[start - base : start - base + total]
                 self._start += total
-                frames.append(_split(memoryview(chunk)))
+                append(_split(memoryview(chunk)))
         except FrameTooLarge as exc:
             self._error = exc  # kept until max_frame changes or the caller reaches it
         except FrameError as exc:

@@ -230,6 +230,9 @@ class Channel:
         """Receive and decode one message; ``type=`` validates it (msgspec types)."""
         with self._rlock:
             core = self._core
+            fast = core.take_fast()
+            if fast is not None:
+                return core.codec.decode(fast[0], fast[1], [], type)
             if core.raw:
                 return self._recv_raw(deadline_of(timeout))
             frame = core.poll_frame()
@@ -241,6 +244,9 @@ class Channel:
         """Receive one message now or raise :class:`Empty`."""
         with self._rlock:
             core = self._core
+            fast = core.take_fast()
+            if fast is not None:
+                return core.codec.decode(fast[0], fast[1], [], type)
             if core.raw:
                 data = core.poll_raw() if not core.message_oriented else self._raw_msg_nowait()
                 if data is None:
@@ -255,6 +261,9 @@ class Channel:
         """Receive one message as bytes (raw stream channels: the bytes available)."""
         with self._rlock:
             core = self._core
+            fast = core.take_fast()
+            if fast is not None:
+                return fast[1]
             if core.raw:
                 return self._recv_raw(deadline_of(timeout))
             frame = core.poll_frame()
@@ -265,6 +274,9 @@ class Channel:
     def recv_bytes_nowait(self) -> bytes:
         with self._rlock:
             core = self._core
+            fast = core.take_fast()
+            if fast is not None:
+                return fast[1]
             if core.raw:
                 data = core.poll_raw() if not core.message_oriented else self._raw_msg_nowait()
                 if data is None:

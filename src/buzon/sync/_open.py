@@ -151,8 +151,13 @@ class Listener:
         self._lt = transport
         self._prep = prep
         self.accepted = 0
-        self.rejected = 0
+        self._rejected = 0
         self._closed = False
+
+    @property
+    def rejected(self) -> int:
+        """Peers turned away: failed handshakes and, on Unix sockets, other users."""
+        return self._rejected + int(getattr(self._lt, "rejected", 0))
 
     @property
     def address(self) -> Address:
@@ -174,7 +179,7 @@ class Listener:
             try:
                 ch = establish(transport, self._prep, "server", deadline)
             except ProtocolError:
-                self.rejected += 1
+                self._rejected += 1
                 continue  # a peer that fails the handshake does not stop the listener
             self.accepted += 1
             return ch
