@@ -25,6 +25,7 @@ from .address import Address
 from .codec import Codec
 from .errors import (
     ChannelClosed,
+    CodecError,
     EndOfChannel,
     FrameError,
     MessageTooLarge,
@@ -110,6 +111,7 @@ class ChannelCore:
         self.eof = False
         self.closed = False
         self.stats = Statistics()
+        self._counted_error: BaseException | None = None
         self._can_send = transport.can_send
         self._send_buffers: Any = getattr(transport, "send_buffers", None)
         self._send_message: Any = getattr(transport, "send_message", None)
@@ -313,8 +315,10 @@ class ChannelCore:
             self.check_open()
             try:
                 decoder.check()
-            except FrameError:
-                self.stats.rejected_frames += 1
+            except FrameError as exc:
+                if exc is not self._counted_error:  # a sticky error counts once
+                    self._counted_error = exc
+                    self.stats.rejected_frames += 1
                 raise
             transport = self.transport
             while True:
@@ -429,7 +433,19 @@ class ChannelCore:
         return True
 
     def decode(self, frame: Frame, type: Any = Any) -> Any:
-        return self.codec.decode(frame.codec, frame.body, frame.buffers, type)
+        return self.decode_body(frame.codec, frame.body, frame.buffers, type)
+
+    def decode_body(
+        self, codec: int, body: Buffer, buffers: list[memoryview], type: Any = Any
+    ) -> Any:
+        """Decode a received message; one that cannot be decoded (or is refused, like
+        an unwanted pickle) counts as rejected, not as received."""
+        try:
+            return self.codec.decode(codec, body, buffers, type)
+        except CodecError:
+            self.stats.messages_received -= 1
+            self.stats.rejected_frames += 1
+            raise
 
     def frame_bytes(self, frame: Frame) -> bytes:
         """The frame's payload as bytes (an object frame gives its encoded body, then

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .errors import UnsafePath
+from .errors import UnsafePath, from_oserror
 
 __all__ = ["check_endpoint_path", "runtime_dir"]
 
@@ -70,10 +70,14 @@ def _verify_private_dir(path: str) -> None:
         )
 
 
-def check_endpoint_path(path: str, *, must_exist: bool) -> None:
+def check_endpoint_path(
+    path: str, *, must_exist: bool, allow_uids: frozenset[int] = frozenset()
+) -> None:
     """Refuse symlinks and paths owned by another user; check the parent is not hostile.
 
     ``must_exist=False`` allows the path to be absent (we are about to create it).
+    ``allow_uids`` are other owners accepted too (a connector that was told to trust
+    a server running as another user).
     """
     try:
         st = os.lstat(path)
@@ -81,13 +85,18 @@ def check_endpoint_path(path: str, *, must_exist: bool) -> None:
         if must_exist:
             return  # the caller reports NoSuchEndpoint when it opens the path
         st = None
+    except OSError as exc:  # e.g. a path component that is not a directory
+        raise from_oserror(exc, repr(path)) from exc
     if st is not None:
         if stat.S_ISLNK(st.st_mode):
             raise UnsafePath(f"{path!r} is a symlink; buzon does not follow links to endpoints")
-        if st.st_uid != os.getuid():
+        if st.st_uid != os.getuid() and st.st_uid not in allow_uids:
             raise UnsafePath(f"{path!r} is owned by uid {st.st_uid}, not by you")
     parent = os.path.dirname(path) or "/"
-    pst = os.stat(parent)
+    try:
+        pst = os.stat(parent)
+    except OSError as exc:  # a missing directory: NoSuchEndpoint, not a bare OSError
+        raise from_oserror(exc, f"directory {parent!r}") from exc
     # A parent writable by others is only acceptable with the sticky bit (like /tmp).
     if pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX:
         raise UnsafePath(f"{parent!r} is world-writable without the sticky bit")

@@ -176,7 +176,7 @@ class Channel:
             core = self._core
             fast = core.take_fast()
             if fast is not None:
-                return core.codec.decode(fast[0], fast[1], [], type)
+                return core.decode_body(fast[0], fast[1], [], type)
             if core.raw:
                 return await self._recv_raw(deadline_of(timeout))
             frame = await self._frame(deadline_of(timeout))

@@ -235,8 +235,9 @@ def _child_main(body: Callable[[], dict[str, Any] | None], status_w: int, config
     try:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, _INTERRUPT):
             signal.signal(signum, signal.SIG_DFL)
-        # An orphan (the parent was SIGKILLed) must not block forever in a recv.
-        signal.alarm(max(1, math.ceil(config.limit)))
+        # An orphan (the parent was SIGKILLed) must not block forever in a recv; the
+        # parent's watchdog, which reports why, acts first.
+        signal.alarm(math.ceil(config.limit) + 10)
         if config.pin is not None:
             os.sched_setaffinity(0, {config.pin[1]})
         info = body() or {}

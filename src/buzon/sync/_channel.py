@@ -232,7 +232,7 @@ class Channel:
             core = self._core
             fast = core.take_fast()
             if fast is not None:
-                return core.codec.decode(fast[0], fast[1], [], type)
+                return core.decode_body(fast[0], fast[1], [], type)
             if core.raw:
                 return self._recv_raw(deadline_of(timeout))
             frame = core.poll_frame()
@@ -246,7 +246,7 @@ class Channel:
             core = self._core
             fast = core.take_fast()
             if fast is not None:
-                return core.codec.decode(fast[0], fast[1], [], type)
+                return core.decode_body(fast[0], fast[1], [], type)
             if core.raw:
                 data = core.poll_raw() if not core.message_oriented else self._raw_msg_nowait()
                 if data is None:

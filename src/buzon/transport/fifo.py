@@ -70,6 +70,8 @@ class FifoListener(ListenerTransport):
             # Our own write end keeps the reader from seeing EOF between writers.
             self._keepalive = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
+            if getattr(self, "_rfd", -1) >= 0:
+                os.close(self._rfd)
             self._cleanup_path()
             raise from_oserror(exc, f"open {self.path}") from exc
         self._ready_r, self._ready_w = os.pipe()

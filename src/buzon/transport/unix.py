@@ -180,7 +180,7 @@ class UnixConnector(Connector):
         self.address = addr
         self.opts = opts
         self.path = addr.fs_path(opts.runtime_dir)
-        check_endpoint_path(self.path, must_exist=True)
+        check_endpoint_path(self.path, must_exist=True, allow_uids=opts.allow_uids)
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
