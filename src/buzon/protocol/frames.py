@@ -363,9 +363,12 @@ class FrameDecoder:
                     best = base
         frame.buffers = []
         frame.body = b""
-        if best is not None and len(best) >= len(self._buf) // 2:
-            if self._spare is None or len(best) > len(self._spare):
-                self._spare = best
+        if (
+            best is not None
+            and len(best) >= len(self._buf) // 2
+            and (self._spare is None or len(best) > len(self._spare))
+        ):
+            self._spare = best
 
     # -- internals ----------------------------------------------------------------------
 
