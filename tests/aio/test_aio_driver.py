@@ -113,3 +113,20 @@ async def test_connect_timeout_and_refusal() -> None:
     os.mkfifo(path, 0o600)  # exists, nobody reads: connect keeps retrying until timeout
     with pytest.raises(buzon.Timeout):
         await aio.connect(f"fifo:{path}", timeout=0.1)
+
+
+async def test_send_many_and_bytes_many() -> None:
+    a, b = aio.pipe()
+    try:
+        items = [{"i": i} for i in range(300)]
+        sender = asyncio.ensure_future(a.send_many(items, timeout=10))
+        got = [await b.recv(timeout=10) for _ in range(300)]
+        assert await sender == 300
+        assert got == items
+        sender = asyncio.ensure_future(a.send_bytes_many([b"x", b"y" * 70000], timeout=10))
+        assert await b.recv_bytes(timeout=10) == b"x"
+        assert await b.recv_bytes(timeout=10) == b"y" * 70000
+        assert await sender == 2
+    finally:
+        a.close()
+        b.close()

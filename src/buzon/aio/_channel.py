@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar, overload
 
 from .._channel import ChannelCore, Statistics
@@ -141,6 +141,31 @@ class Channel:
             raise Full("another task is sending")
         if not self._core.try_send(self._core.encode_bytes(data), priority):
             raise Full("the channel cannot take the message without waiting")
+
+    async def send_many(self, objs: Iterable[Any], timeout: float | None = None) -> int:
+        """Send several objects with as few system calls as possible (see the blocking
+        :meth:`buzon.Channel.send_many`). Returns the number sent."""
+        return await self._send_batch(objs, timeout, as_bytes=False)
+
+    async def send_bytes_many(self, items: Iterable[Buffer], timeout: float | None = None) -> int:
+        return await self._send_batch(items, timeout, as_bytes=True)
+
+    async def _send_batch(self, items: Iterable[Any], timeout: float | None, as_bytes: bool) -> int:
+        core = self._core
+        deadline = deadline_of(timeout)
+        async with self._wlock:
+            if core.message_oriented or core.raw:
+                count = 0
+                for item in items:
+                    bufs = core.encode_bytes(item) if as_bytes else core.encode(item)
+                    await self._send(bufs, deadline, 0)
+                    count += 1
+                return count
+            bufs, count = core.encode_batch(items, as_bytes)
+            if count:
+                await self._send(bufs, deadline, 0)
+                core.stats.messages_sent += count - 1
+            return count
 
     async def _send(self, bufs: list[Buffer], deadline: float | None, priority: int) -> None:
         core = self._core
