@@ -274,7 +274,11 @@ c-PID-*.dgram of dead processes. POSIX queues are never removed.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``buzon`` (also used to render the docs)."""
+    """The argument parser of ``buzon`` (also used to render the docs).
+
+    Each subcommand's parser is also reachable as ``parser.commands[NAME]``: ``main``
+    parses a subcommand's arguments with it, intermixed (``send URL - --raw`` works).
+    """
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="buzon",
@@ -373,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark buzon against the raw mechanisms (see 'buzon bench --help')",
         add_help=False,
     )
+    parser.commands = dict(sub.choices)  # type: ignore[attr-defined]
+    for name, command in sub.choices.items():
+        command.set_defaults(command=name)
     return parser
 
 
@@ -386,16 +393,21 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         return _run_bench(argv[1:])
     parser = build_parser()
+    commands: dict[str, argparse.ArgumentParser] = parser.commands  # type: ignore[attr-defined]
     try:
-        args = parser.parse_args(argv)
+        if argv and argv[0] in commands:
+            # intermixed: options may follow positionals, even '-' (stdin)
+            args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        else:
+            args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, bad usage: argparse has printed it
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.command is None:
+    if getattr(args, "command", None) is None:
         parser.print_usage(sys.stderr)
         print("buzon: error: a COMMAND is required (see 'buzon --help')", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "send" and args.raw and args.json_codec:
-        parser.print_usage(sys.stderr)
+        commands["send"].print_usage(sys.stderr)
         print(
             "buzon send: error: --raw sends bytes as they are; it takes no codec", file=sys.stderr
         )

@@ -190,7 +190,7 @@ def demo_mq(kids: _Children) -> None:
             pid = kids.fork(sender)
             kids.reap(pid)  # all three wait in the kernel: the sender is gone already
             _line("sent", f"child {pid}: {', '.join(f'{t} (priority {p})' for t, p in sent)}")
-            got = []
+            got: list[tuple[Any, int]] = []
             for _ in sent:
                 got.append((ch.recv(TIMEOUT), ch.last_priority))
             _line("received", ", ".join(f"{t} (priority {p})" for t, p in got))
@@ -278,7 +278,7 @@ def demo_udp(kids: _Children) -> None:
 
         pid = kids.fork(client)
         with listener.accept(TIMEOUT) as ch:
-            got = []
+            got: list[Any] = []
             with contextlib.suppress(buzon.Timeout):
                 while len(got) < 3:
                     got.append(ch.recv(1.0 if got else TIMEOUT))

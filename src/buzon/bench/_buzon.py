@@ -21,6 +21,7 @@ simplex: a round trip uses two endpoints, both created by the parent before the 
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -31,6 +32,7 @@ from ._harness import (
     NotApplicable,
     Opener,
     RecvWindow,
+    SendWindow,
     Side,
     Skipped,
     Values,
@@ -51,6 +53,7 @@ class _Channel(Protocol):
     def send_bytes(self, data: bytes, /) -> object: ...
     def recv_bytes(self) -> bytes: ...
     def recv_bytes_into(self, buf: bytearray, /) -> int: ...
+    def send_bytes_many(self, items: list[bytes], /) -> object: ...
     def close(self) -> object: ...
 
 
@@ -82,10 +85,28 @@ def api() -> _Api:
 class _BuzonSide(Side):
     """A channel pair (the same channel twice when it is duplex)."""
 
-    def __init__(self, r: _Channel, w: _Channel, *, lossy: bool = False):
+    def __init__(self, r: _Channel, w: _Channel, *, lossy: bool = False, batch: bool = False):
         self._r = r
         self._w = w
         self.lossy = lossy
+        self.batch = batch
+
+    def blast(self, msg: bytes, window: SendWindow) -> int:
+        """With ``batch``: the same stream of messages, 64 per ``send_bytes_many`` call
+        (one vectored write), instead of one ``send_bytes`` call each."""
+        if not self.batch or len(msg) > 4096:
+            return super().blast(msg, window)
+        send_many = self._w.send_bytes_many
+        group = [msg] * 64
+        perf = time.perf_counter_ns
+        deadline = perf() + window.min_ns
+        stopped = window.stopped
+        sent = 0
+        while True:
+            send_many(group)
+            sent += 64
+            if perf() >= deadline and stopped():
+                return sent
 
     def sender(self) -> Callable[[bytes], object]:
         return self._w.send_bytes
@@ -114,7 +135,7 @@ def _checked(create: Callable[[], Any], options: dict[str, Any]) -> Any:
         raise
 
 
-def _link(transport: str, options: dict[str, Any]) -> LinkMaker:
+def _link(transport: str, options: dict[str, Any], batch: bool = False) -> LinkMaker:
     lossy = transport == "udp"
 
     def make(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
@@ -128,7 +149,7 @@ def _link(transport: str, options: dict[str, Any]) -> LinkMaker:
             ctx.close_later(b)
 
             def parent_pipe() -> Side:
-                return handshake_parent(_BuzonSide(a, a))
+                return handshake_parent(_BuzonSide(a, a, batch=batch))
 
             def child_pipe() -> Side:
                 return handshake_child(_BuzonSide(b, b))
@@ -149,7 +170,7 @@ def _link(transport: str, options: dict[str, Any]) -> LinkMaker:
                 ctx.close_later(r)
                 w = bz.connect(down_url, timeout=_TIMEOUT, **options)
                 ctx.close_later(w)
-                return handshake_parent(_BuzonSide(r, w))
+                return handshake_parent(_BuzonSide(r, w, batch=batch))
 
             def child_simplex() -> Side:
                 w = bz.connect(up_url, timeout=_TIMEOUT, **options)
@@ -171,7 +192,7 @@ def _link(transport: str, options: dict[str, Any]) -> LinkMaker:
         def parent() -> Side:
             ch = lst.accept(timeout=_TIMEOUT)
             ctx.close_later(ch)
-            return handshake_parent(_BuzonSide(ch, ch, lossy=lossy))
+            return handshake_parent(_BuzonSide(ch, ch, lossy=lossy, batch=batch))
 
         def child() -> Side:
             ch = bz.connect(address, timeout=_TIMEOUT, **options)
@@ -197,11 +218,15 @@ def _queue_limited(run: Callable[[Ctx], Values]) -> Callable[[Ctx], Values]:
 
 
 def buzon_cases(transport: str) -> list[Case]:
-    """buzon's rows for one transport: ``spin=0`` first, then the default spin."""
+    """buzon's rows for one transport: ``spin=0`` first, then the default spin, then
+    (stream transports) 64 B one-way sent in batches with ``send_bytes_many``."""
     cases: list[Case] = []
     for impl, options in (("buzon-spin0", {"spin": 0.0}), ("buzon", {})):
         for case in cases_for(impl, transport, _link(transport, options)):
             if transport == "mq" and case.metric == "oneway1m":
                 case = Case(case.impl, case.transport, case.metric, _queue_limited(case.run))
             cases.append(case)
+    if transport in ("pipe", "fifo", "unix", "tcp"):
+        batched = cases_for("buzon-batch", transport, _link(transport, {}, batch=True))
+        cases.extend(c for c in batched if c.metric == "oneway64")
     return cases
