@@ -20,7 +20,9 @@ buzon programs as well as to programs that know nothing about buzon (``--raw``).
 * ``listen URL`` is ``recv`` for every client at once (one ``buzon.wait`` over the
   listener and all channels, no threads), until Ctrl-C or SIGTERM; each line is
   prefixed with ``[peer]`` (``pid N`` on Unix sockets, ``host:port`` on TCP, the
-  transport's name where the sender is unknown) unless ``--quiet``.
+  transport's name where the sender is unknown) unless ``--quiet``. A new client's
+  handshake runs in line, bounded by 5 s: a client that connects and stays silent
+  delays the others that long, never more.
 * ``ls`` and ``clean`` look at the private runtime dir (see below).
 
 Output of ``recv``/``listen``: one JSON document per line. Values JSON lacks are
@@ -189,6 +191,18 @@ def _timeout_arg(text: str) -> float | None:
     return None if math.isinf(value) else value
 
 
+def _priority_arg(text: str) -> int:
+    from .transport.mq import PRIO_MAX
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < PRIO_MAX:
+        raise argparse.ArgumentTypeError(f"a priority is from 0 to {PRIO_MAX - 1}")
+    return value
+
+
 def _count_arg(text: str) -> int:
     try:
         value = int(text)
@@ -274,11 +288,12 @@ c-PID-*.dgram of dead processes. POSIX queues are never removed.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``buzon`` (also used to render the docs).
+    """The argument parser of ``buzon`` (also used to render the docs)."""
+    return _build_parsers()[0]
 
-    Each subcommand's parser is also reachable as ``parser.commands[NAME]``: ``main``
-    parses a subcommand's arguments with it, intermixed (``send URL - --raw`` works).
-    """
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The main parser and each subcommand's own parser, by name."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="buzon",
@@ -302,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--raw", action="store_true", help="bytes exactly as they are, no framing")
     mode.add_argument("--bytes", action="store_true", help="send each message as bytes")
     p.add_argument("--json-codec", action="store_true", help="encode objects as JSON frames")
-    p.add_argument("--priority", type=int, default=0, help="POSIX queue priority (mq only)")
+    p.add_argument(
+        "--priority", type=_priority_arg, default=0, help="POSIX queue priority (mq only)"
+    )
     p.add_argument(
         "--timeout",
         type=_timeout_arg,
@@ -377,10 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark buzon against the raw mechanisms (see 'buzon bench --help')",
         add_help=False,
     )
-    parser.commands = dict(sub.choices)  # type: ignore[attr-defined]
     for name, command in sub.choices.items():
         command.set_defaults(command=name)
-    return parser
+    return parser, dict(sub.choices)
 
 
 # -- entry point ----------------------------------------------------------------------
@@ -392,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     if argv and argv[0] == "bench":
         return _run_bench(argv[1:])
-    parser = build_parser()
-    commands: dict[str, argparse.ArgumentParser] = parser.commands  # type: ignore[attr-defined]
+    parser, commands = _build_parsers()
     try:
         if argv and argv[0] in commands:
             # intermixed: options may follow positionals, even '-' (stdin)
@@ -435,6 +450,8 @@ def _run_bench(rest: list[str]) -> int:
 
     try:
         return int(bench.main(rest))
+    except SystemExit as exc:  # its --help, or bad usage
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
