@@ -270,3 +270,42 @@ def test_big_numpy_arrays_arrive_aligned_and_writable() -> None:
         assert got["tag"] == 7 and (x == arr).all()
         assert x.ctypes.data % 16 == 0
         x[0] = -1.0  # the receive buffer is the array's own memory: writable
+
+
+def test_udp_drops_are_counted() -> None:
+    """A receiver that falls behind loses datagrams; the kernel's count is visible."""
+    with buzon.listen("udp://127.0.0.1:0") as lst:
+        rx = lst.accept(timeout=5)
+        tx = buzon.connect(str(lst.address), timeout=5)
+        with rx, tx:
+            sent = 3000
+            for i in range(sent):
+                tx.send_bytes(i.to_bytes(4, "big") + b"p" * 1000)
+            received = 0
+            while True:
+                try:
+                    rx.recv_bytes(timeout=0.2)
+                except buzon.Timeout:
+                    break
+                received += 1
+            # the kernel stamps its drop count on the next datagram that gets through
+            tx.send_bytes(b"tail")
+            sent += 1
+            assert rx.recv_bytes(timeout=5) == b"tail"
+            received += 1
+            stats = rx.statistics()
+            assert stats.dropped > 0
+            assert received + stats.dropped == sent
+            assert stats.messages_received == received
+
+
+def test_pickle_refused_where_no_peer_is_authenticated() -> None:
+    with pytest.raises(buzon.SecurityError):
+        buzon.listen("udp://127.0.0.1:0", pickle=True, authkey=b"k")  # no handshake on UDP
+    with pytest.raises(buzon.InsecureBind):
+        buzon.listen("tcp://0.0.0.0:0", raw=True, authkey=b"k")  # raw: the key is never used
+    with pytest.raises(buzon.InsecureBind):
+        buzon.listen("udp://0.0.0.0:0", authkey=b"k")
+    for url in ("mq:/buzon-exact", "fifo:/tmp/buzon-exact", "unixgram:/tmp/buzon-exact"):
+        with pytest.raises(buzon.SecurityError):
+            buzon.listen(url, pickle=True)

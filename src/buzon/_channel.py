@@ -77,6 +77,7 @@ class Statistics:
     send_would_block: int = 0
     recv_would_block: int = 0
     rejected_frames: int = 0
+    dropped: int = 0  # lost by the link and known to be: full UDP queue, over-unit datagrams
 
 
 class ChannelCore:
@@ -357,6 +358,7 @@ class ChannelCore:
             self.stats.recv_would_block += 1
             return None
         self.last_priority = getattr(self.transport, "last_priority", 0)
+        self.stats.dropped = getattr(self.transport, "dropped", 0)
         self.stats.bytes_received += len(msg)
         if self.raw:
             return take(Frame(Kind.DATA, CodecId.RAW, msg, []))

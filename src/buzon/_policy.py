@@ -3,11 +3,13 @@
 Both ``buzon.connect``/``buzon.listen`` and their asyncio twins call :func:`prepare`,
 so defaults and refusals are identical in the two drivers:
 
-* TCP/UDP listeners bind loopback unless authenticated (``authkey=``) or
-  ``insecure=True`` — :class:`InsecureBind` otherwise.
-* ``pickle=True`` needs a peer that is provably the same user (pipes, FIFOs, queues
-  and Unix sockets, which are 0600 and ``SO_PEERCRED``-checked) or authenticated;
-  on TCP/UDP without ``authkey`` it raises :class:`SecurityError`.
+* TCP/UDP listeners bind loopback unless authenticated or ``insecure=True`` —
+  :class:`InsecureBind` otherwise. Only a handshake authenticates: ``authkey=`` on a
+  framed (or multiprocessing-compat) TCP link; never on UDP or with ``raw=True``.
+* ``pickle=True`` needs a peer that is provably the same user (pipes, Unix sockets
+  checked with ``SO_PEERCRED``, and FIFOs, queues and datagram sockets under buzon's
+  private 0600 names) or authenticated (TCP with ``authkey``); anything else raises
+  :class:`SecurityError`.
 * ``compat="multiprocessing"`` exists for stream sockets only.
 """
 
@@ -78,19 +80,35 @@ def prepare(
         raise ValueError("raw=True moves bytes only; it cannot be combined with pickle=True")
     if not 1024 <= max_frame <= 2**40:
         raise ValueError("max_frame must be between 1 KiB and 1 TiB")
+    if codec == "pickle" and not pickle:
+        raise ValueError("codec='pickle' needs pickle=True as well (pickle is opt-in)")
+    # An authkey authenticates the peer only where a handshake uses it: buzon's own on
+    # framed unix/tcp links, the multiprocessing one in compat mode. Never on datagrams.
+    authenticated = authkey is not None and not raw and addr.scheme in _CONNECTION_ORIENTED
     if addr.is_inet:
         from .transport.tcp import is_loopback
 
-        loopback = is_loopback(addr)
-        if listening and not loopback and authkey is None and not insecure:
+        if listening and not authenticated and not insecure and not is_loopback(addr):
             raise InsecureBind(
                 f"{addr} is not a loopback address: anyone on the network could connect. "
-                "Pass authkey=b'...' (or use insecure=True if you really mean it)"
+                + (
+                    "UDP has no handshake, so only insecure=True allows this"
+                    if addr.scheme == "udp"
+                    else "Pass authkey=b'...' (or insecure=True if you really mean it)"
+                )
             )
-        if pickle and authkey is None:
+        if pickle and not authenticated:
             raise SecurityError(
-                f"pickle over {addr.scheme} needs an authenticated peer: pass authkey=b'...'"
+                f"pickle over {addr.scheme} needs an authenticated peer"
+                + (": pass authkey=b'...'" if addr.scheme == "tcp" else " (UDP cannot have one)")
             )
+    if pickle and addr.scheme in ("fifo", "mq", "unixgram") and not addr.private:
+        # buzon creates private endpoints 0600 in its 0700 namespace; an exact name may be
+        # an object some other program made, writable by other users.
+        raise SecurityError(
+            f"pickle=True on {addr}: only private names ({addr.scheme}:NAME) guarantee that "
+            "nobody but you can send into it"
+        )
     if pickle and allow_uids:
         raise SecurityError("pickle=True cannot be combined with allow_uids (other users' data)")
     channel = ChannelOptions(
@@ -104,8 +122,6 @@ def prepare(
         idle_timeout=idle_timeout,
         compat=compat,
     )
-    if codec == "pickle" and not pickle:
-        raise ValueError("codec='pickle' needs pickle=True as well (pickle is opt-in)")
     topts = TransportOptions(
         backlog=backlog,
         mq_maxmsg=mq_maxmsg,

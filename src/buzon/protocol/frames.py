@@ -479,7 +479,8 @@ class FrameDecoder:
                     continue
                 if avail < total:
                     break
-                chunk = data[start - base : start - base + total]
+                # a bytearray: arrays rebuilt on its buffers are writable, like big ones
+                chunk = bytearray(view[start : start + total])
                 self._start += total
                 append(_split(memoryview(chunk)))
         except FrameTooLarge as exc:

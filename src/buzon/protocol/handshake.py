@@ -60,7 +60,6 @@ class Welcome(msgspec.Struct, omit_defaults=True):
 
 
 class State(Enum):
-    SEND_HELLO = "send-hello"
     AWAIT_HELLO = "await-hello"
     AWAIT_AUTH = "await-auth"
     AWAIT_WELCOME = "await-welcome"
@@ -68,13 +67,15 @@ class State(Enum):
     FAILED = "failed"
 
 
-# (role, state, frame kind received) -> next state; anything else is a HandshakeError.
-TRANSITIONS: dict[tuple[str, State, Kind], State] = {
-    ("client", State.AWAIT_HELLO, Kind.HELLO): State.DONE,  # or AWAIT_WELCOME with a key
-    ("client", State.AWAIT_WELCOME, Kind.WELCOME): State.DONE,
-    ("client", State.AWAIT_HELLO, Kind.WELCOME): State.FAILED,  # server refused us
-    ("server", State.AWAIT_HELLO, Kind.HELLO): State.DONE,  # or AWAIT_AUTH with a key
-    ("server", State.AWAIT_AUTH, Kind.AUTH): State.DONE,
+# (role, state, frame kind received) -> the states it may lead to (the first without an
+# authkey, the second with one). Any frame may also lead to FAILED when its content is
+# wrong; a (role, state, kind) not listed is a HandshakeError.
+TRANSITIONS: dict[tuple[str, State, Kind], tuple[State, ...]] = {
+    ("client", State.AWAIT_HELLO, Kind.HELLO): (State.DONE, State.AWAIT_WELCOME),
+    ("client", State.AWAIT_WELCOME, Kind.WELCOME): (State.DONE,),
+    ("client", State.AWAIT_HELLO, Kind.WELCOME): (State.FAILED,),  # refused at once
+    ("server", State.AWAIT_HELLO, Kind.HELLO): (State.DONE, State.AWAIT_AUTH),
+    ("server", State.AWAIT_AUTH, Kind.AUTH): (State.DONE,),
 }
 
 _hello_dec = msgspec.msgpack.Decoder(Hello)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,9 @@ from ..errors import MessageTooLarge, UnsupportedOperation, from_oserror
 from .base import Buffer, LinkProperties, ListenerTransport, MessageTransport, PeerInfo, Transport
 
 __all__ = ["DatagramTransport", "SingleChannelListener"]
+
+_SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # Linux; Python does not export it
+_ANC_SPACE = socket.CMSG_SPACE(4)
 
 
 class DatagramTransport(MessageTransport):
@@ -40,6 +44,12 @@ class DatagramTransport(MessageTransport):
         self.max_message = max_message
         self.last_peer: Any = None
         self.truncated = 0  # datagrams longer than max_message, dropped
+        self._overflows = 0
+        if sock.family != socket.AF_UNIX:  # Unix datagram senders block instead of dropping
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RXQ_OVFL, 1)
+            except OSError:  # pragma: no cover - kernels without it
+                pass
         self._rbuf = bytearray(max_message + 1)
         self._on_close = on_close
         if connected:
@@ -54,14 +64,24 @@ class DatagramTransport(MessageTransport):
     def write_fileno(self) -> int:
         return self._fd
 
+    @property
+    def dropped(self) -> int:
+        """Datagrams lost at this end: the kernel's receive-queue overflows (UDP, via
+        ``SO_RXQ_OVFL``) plus datagrams over ``max_message`` that were discarded."""
+        return self._overflows + self.truncated
+
     def recv_message(self) -> bytes | None:
         while True:
             try:
-                n, addr = self.sock.recvfrom_into(self._rbuf)
+                n, anc, _flags, addr = self.sock.recvmsg_into([self._rbuf], _ANC_SPACE)
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
                 raise from_oserror(exc, f"{self.scheme} recv") from exc
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == _SO_RXQ_OVFL and len(data) >= 4:
+                    # the kernel's running count of datagrams dropped for a full queue
+                    self._overflows = int.from_bytes(data[:4], sys.byteorder)
             if n > self.max_message:
                 self.truncated += 1  # over our unit: never deliver a cut datagram
                 continue
