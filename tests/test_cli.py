@@ -254,7 +254,12 @@ def test_bench_is_dispatched_with_the_rest_of_the_arguments(
     from buzon import bench
 
     seen: list[list[str]] = []
-    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 0
+
+    monkeypatch.setattr(bench, "main", fake_main)
     assert cli.main(["bench", "--quick", "--only", "unix"]) == 0
     assert seen == [["--quick", "--only", "unix"]]
 
@@ -624,6 +629,24 @@ def test_listen_survives_a_client_that_is_not_buzon(
     assert server.lines(1)[0].endswith('"still here"')
     server.p.send_signal(signal.SIGTERM)
     assert server.finish()[0] == 0
+
+
+def test_listen_drops_a_message_it_cannot_decode(
+    spawn: Callable[..., Proc], run: Callable[..., Any], runtime_dir: str
+) -> None:
+    from buzon.protocol.frames import CodecId, Kind, encode_frame
+
+    server = spawn("listen", "unixgram:picky")
+    server.listening()
+    bad = b"".join(encode_frame(Kind.DATA, CodecId.MSGPACK, b"\xc1"))  # 0xc1: never valid
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(bad, os.path.join(runtime_dir, "picky.dgram"))
+    assert run("send", "unixgram:picky", "fine").returncode == 0
+    assert server.lines(1) == ['[unixgram] "fine"']
+    server.p.send_signal(signal.SIGTERM)
+    code, _, err = server.finish()
+    assert code == 0
+    assert b"dropped a message" in err
 
 
 # -- ls and clean ---------------------------------------------------------------------

@@ -115,6 +115,7 @@ class ChannelCore:
         self._counted_error: BaseException | None = None
         self._can_send = transport.can_send
         self._send_buffers: Any = getattr(transport, "send_buffers", None)
+        self._recv_into: Any = getattr(transport, "recv_into", None)
         self._send_message: Any = getattr(transport, "send_message", None)
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
@@ -288,65 +289,40 @@ class ChannelCore:
 
     # -- receiving --------------------------------------------------------------------
 
-    def take_fast(self) -> tuple[int, bytes] | None:
-        """The next message as ``(codec, body)`` if it is a small plain DATA frame that
-        an earlier read already parsed (the hot path of ``recv``/``recv_bytes``)."""
+    def poll(self) -> Frame | tuple[int, bytes] | None:
+        """The next message, reading once if none is parsed yet; ``None`` if none is
+        ready. The common small frame comes as ``(codec, body)`` (no Frame object: this
+        is the hot path of ``recv``/``recv_bytes``), anything else as a :class:`Frame`.
+
+        Raises :class:`EndOfChannel` once the peer closed and every message was taken.
+        """
         decoder = self.decoder
-        if decoder is not None:
-            frames = decoder.frames
-            if frames and type(frames[0]) is tuple:
-                self.stats.messages_received += 1
-                item: tuple[int, bytes] = frames.popleft()  # type: ignore[assignment]
-                return item
-        return None
+        if decoder is None:
+            if self.raw and not self.message_oriented:
+                data = self.poll_raw()
+                return None if data is None else (CodecId.RAW, data)
+            return self.poll_frame()
+        frames = decoder.frames
+        if not frames and not self._fill(decoder):
+            return None
+        item = frames.popleft()
+        if type(item) is tuple:
+            self.stats.messages_received += 1
+            return item
+        assert isinstance(item, Frame)
+        return self._take(item)
 
     def poll_frame(self, control: bool = False) -> Frame | None:
-        """A complete frame if one is (or becomes, after one read) available.
+        """Like :meth:`poll`, always as a :class:`Frame`.
 
-        Raises :class:`EndOfChannel` once the peer closed and every frame was taken.
         With ``control=True`` (handshakes) any frame kind is returned as is.
         """
         decoder = self.decoder
         take = self._control if control else self._take
         if decoder is not None:
-            if decoder.frames:
+            if decoder.frames or self._fill(decoder):
                 return take(decoder.next_frame())
-            if self.eof:
-                raise EndOfChannel("the peer closed the channel")
-            self.check_open()
-            try:
-                decoder.check()
-            except FrameError as exc:
-                if exc is not self._counted_error:  # a sticky error counts once
-                    self._counted_error = exc
-                    self.stats.rejected_frames += 1
-                raise
-            transport = self.transport
-            while True:
-                buf = decoder.get_buffer()
-                n = transport.recv_into(buf)  # type: ignore[attr-defined]
-                if n == WOULD_BLOCK:
-                    self.stats.recv_would_block += 1
-                    return None
-                if n == 0:
-                    self.eof = True
-                    try:
-                        decoder.eof()
-                    except FrameError:
-                        self.stats.rejected_frames += 1
-                        raise
-                    raise EndOfChannel("the peer closed the channel")
-                self.stats.bytes_received += n
-                try:
-                    decoder.buffer_updated(n)
-                except FrameError:
-                    self.stats.rejected_frames += 1
-                    raise
-                if decoder.frames:
-                    return take(decoder.next_frame())
-                if n < len(buf):
-                    self.stats.recv_would_block += 1
-                    return None
+            return None
         # message transports: one datagram/message is one frame
         if self.peeked is not None:
             frame, self.peeked = self.peeked, None
@@ -368,6 +344,48 @@ class ChannelCore:
             self.stats.rejected_frames += 1
             raise
         return take(frame)
+
+    def _fill(self, decoder: FrameDecoder | _MpDecoder) -> bool:
+        """Read once (more if a read fills the buffer); True if a frame is complete."""
+        if self.eof:
+            raise EndOfChannel("the peer closed the channel")
+        if self.closed:
+            raise ChannelClosed("the channel is closed")
+        if decoder._error is not None:
+            try:
+                decoder.check()
+            except FrameError as exc:
+                if exc is not self._counted_error:
+                    self._counted_error = exc
+                    self.stats.rejected_frames += 1
+                raise
+        recv_into = self._recv_into
+        stats = self.stats
+        while True:
+            buf = decoder.get_buffer()
+            n = recv_into(buf)
+            if n == WOULD_BLOCK:
+                stats.recv_would_block += 1
+                return False
+            if n == 0:
+                self.eof = True
+                try:
+                    decoder.eof()
+                except FrameError:
+                    stats.rejected_frames += 1
+                    raise
+                raise EndOfChannel("the peer closed the channel")
+            stats.bytes_received += n
+            try:
+                decoder.buffer_updated(n)
+            except FrameError:
+                stats.rejected_frames += 1
+                raise
+            if decoder.frames:
+                return True
+            if n < len(buf):
+                stats.recv_would_block += 1
+                return False
 
     @staticmethod
     def _control(frame: Frame) -> Frame | None:
@@ -433,6 +451,24 @@ class ChannelCore:
         else:
             self.peeked = frame
         return True
+
+    def item_object(self, item: Frame | tuple[int, bytes], type: Any = Any) -> Any:
+        """Decode what :meth:`poll` returned."""
+        if item.__class__ is tuple:
+            return self.decode_body(item[0], item[1], [], type)
+        return self.decode(item, type)  # type: ignore[arg-type]
+
+    def item_bytes(self, item: Frame | tuple[int, bytes]) -> bytes:
+        """The payload of what :meth:`poll` returned, as bytes."""
+        if item.__class__ is tuple:
+            return item[1]
+        return self.frame_bytes(item)  # type: ignore[arg-type]
+
+    def item_into(self, item: Frame | tuple[int, bytes], buf: Buffer) -> int:
+        """Copy what :meth:`poll` returned into ``buf``."""
+        if item.__class__ is tuple:
+            return self.frame_into(Frame(Kind.DATA, CodecId.RAW, item[1], []), buf)
+        return self.frame_into(item, buf)  # type: ignore[arg-type]
 
     def decode(self, frame: Frame, type: Any = Any) -> Any:
         return self.decode_body(frame.codec, frame.body, frame.buffers, type)
@@ -514,10 +550,11 @@ class _MpDecoder:
     refuses them unless the channel enabled pickle; ``recv_bytes`` takes them as is).
     """
 
-    __slots__ = ("_d", "frames")
+    __slots__ = ("_d", "_error", "frames")
 
     def __init__(self, max_frame: int) -> None:
         self._d = mpcompat.MessageDecoder(max_frame)
+        self._error: FrameError | None = None  # errors surface at once in this framing
         self.frames: deque[Frame | tuple[int, bytes]] = deque()
 
     def next_frame(self) -> Frame:

@@ -87,6 +87,7 @@ from .address import Address, parse_address
 from .errors import (
     AddressError,
     BuzonError,
+    CodecError,
     ConnectionRefused,
     Empty,
     EndOfChannel,
@@ -96,7 +97,6 @@ from .errors import (
     InsecureBind,
     MessageTooLarge,
     NoSuchEndpoint,
-    ProtocolError,
     Timeout,
     UnsafePath,
 )
@@ -517,6 +517,7 @@ def _sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM into :class:`_Terminated` (main thread only) so cleanup runs."""
 
     def handler(signum: int, frame: FrameType | None) -> NoReturn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the cleanup finish
         raise _Terminated
 
     try:
@@ -779,12 +780,15 @@ class _Server:
             except EndOfChannel:
                 self.drop(ch, f"{label} disconnected")
                 return
-            except ProtocolError as exc:
-                if self.single and self.scheme not in _MESSAGE_SCHEMES:
-                    raise  # a torn byte stream cannot be resynchronised
-                if self.single:
-                    self.note(f"dropped a bad message: {exc}")
+            except CodecError as exc:  # framed fine, but its payload does not decode
+                self.note(f"{label}: dropped a message: {exc}")
+                continue
+            except BuzonError as exc:
+                if self.single and self.scheme in _MESSAGE_SCHEMES:
+                    self.note(f"dropped a bad message: {exc}")  # the next one is whole
                     continue
+                if self.single:
+                    raise  # a torn byte stream cannot be resynchronised
                 self.drop(ch, f"{label}: {exc}; connection closed")
                 return
             self.emit(ch, label, item)

@@ -171,6 +171,7 @@ def demo_fifo(kids: _Children) -> None:
                 _line("received", f"from writer {msg['writer']}: {msg['job']}")
             _expect(sorted(m["writer"] for m in got), sorted(pids * 2), "writers")
             _line("note", "two writers, one reader; each write of <= 4096 B is atomic")
+            _line("", "the FIFO moves bytes: buzon's frames make them messages")
             _line("link", describe(ch.properties))
 
 
@@ -216,6 +217,7 @@ def demo_unix(kids: _Children) -> None:
             _expect(peer.pid, pid, "the peer's pid")
             ch.send(request["args"][0] * request["args"][1], TIMEOUT)
             _line("sent", "42 back over the same connection")
+            _line("note", "a byte stream underneath: buzon's frames delimit the messages")
             _line("link", describe(ch.properties))
         kids.reap(pid)
 

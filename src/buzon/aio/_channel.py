@@ -199,86 +199,55 @@ class Channel:
     async def recv(self, timeout: float | None = None, *, type: Any = Any) -> Any:
         async with self._rlock:
             core = self._core
-            fast = core.take_fast()
-            if fast is not None:
-                return core.decode_body(fast[0], fast[1], [], type)
-            if core.raw:
-                return await self._recv_raw(deadline_of(timeout))
-            frame = await self._frame(deadline_of(timeout))
-            return core.decode(frame, type)
+            item = core.poll()
+            if item is None:
+                item = await self._wait_item(deadline_of(timeout))
+            return core.item_object(item, type)
 
     def recv_nowait(self, *, type: Any = Any) -> Any:
         if self._rlock.locked():
             raise Empty("another task is receiving")
-        core = self._core
-        if core.raw:
-            data = self._raw_nowait()
-            if data is None:
-                raise Empty("no message is ready")
-            return data
-        frame = core.poll_frame()
-        if frame is None:
+        item = self._core.poll()
+        if item is None:
             raise Empty("no message is ready")
-        return core.decode(frame, type)
+        return self._core.item_object(item, type)
 
     async def recv_bytes(self, timeout: float | None = None) -> bytes:
         async with self._rlock:
             core = self._core
-            fast = core.take_fast()
-            if fast is not None:
-                return fast[1]
-            if core.raw:
-                return await self._recv_raw(deadline_of(timeout))
-            return core.frame_bytes(await self._frame(deadline_of(timeout)))
+            item = core.poll()
+            if item is None:
+                item = await self._wait_item(deadline_of(timeout))
+            return core.item_bytes(item)
 
     def recv_bytes_nowait(self) -> bytes:
         if self._rlock.locked():
             raise Empty("another task is receiving")
-        core = self._core
-        if core.raw:
-            data = self._raw_nowait()
-        else:
-            frame = core.poll_frame()
-            data = None if frame is None else core.frame_bytes(frame)
-        if data is None:
+        item = self._core.poll()
+        if item is None:
             raise Empty("no message is ready")
-        return data
+        return self._core.item_bytes(item)
 
     async def recv_bytes_into(self, buffer: Buffer, timeout: float | None = None) -> int:
         async with self._rlock:
-            if self._core.raw:
-                raise UnsupportedOperation("recv_bytes_into needs message framing (raw=False)")
             core = self._core
+            if core.raw:
+                raise UnsupportedOperation("recv_bytes_into needs message framing (raw=False)")
             core.set_sink(buffer)
             try:
-                frame = await self._frame(deadline_of(timeout))
+                item = core.poll()
+                if item is None:
+                    item = await self._wait_item(deadline_of(timeout))
             finally:
                 core.set_sink(None)
-            return core.frame_into(frame, buffer)
+            return core.item_into(item, buffer)
 
-    def _raw_nowait(self) -> bytes | None:
-        core = self._core
-        if not core.message_oriented:
-            return core.poll_raw()
-        frame = core.poll_frame()
-        return None if frame is None else core.frame_bytes(frame)
-
-    async def _recv_raw(self, deadline: float | None) -> bytes:
-        while True:
-            data = self._raw_nowait()
-            if data is not None:
-                return data
-            await self._wait_readable(deadline)
-
-    async def _frame(self, deadline: float | None) -> Frame:
+    async def _wait_item(self, deadline: float | None) -> Frame | tuple[int, bytes]:
         core = self._core
         if deadline is None and core.options.idle_timeout is not None:
             deadline = deadline_of(core.options.idle_timeout)
         frame_timeout = core.options.frame_timeout
         while True:
-            frame = core.poll_frame()
-            if frame is not None:
-                return frame
             stall = None
             if frame_timeout is not None and core.partial():
                 stall = time.monotonic() + frame_timeout
@@ -292,6 +261,9 @@ class Channel:
                         f"the peer stalled for {frame_timeout} s in the middle of a frame"
                     ) from None
                 raise
+            item = core.poll()
+            if item is not None:
+                return item
 
     async def _wait_readable(self, deadline: float | None) -> None:
         """Wait for input, finishing an earlier partial write meanwhile (else both ends

@@ -230,62 +230,34 @@ class Channel:
         """Receive and decode one message; ``type=`` validates it (msgspec types)."""
         with self._rlock:
             core = self._core
-            fast = core.take_fast()
-            if fast is not None:
-                return core.decode_body(fast[0], fast[1], [], type)
-            if core.raw:
-                return self._recv_raw(deadline_of(timeout))
-            frame = core.poll_frame()
-            if frame is None:
-                frame = self._wait_frame(timeout)
-            return core.decode(frame, type)
+            item = core.poll()
+            if item is None:
+                item = self._wait_item(timeout)
+            return core.item_object(item, type)
 
     def recv_nowait(self, *, type: Any = Any) -> Any:
         """Receive one message now or raise :class:`Empty`."""
         with self._rlock:
-            core = self._core
-            fast = core.take_fast()
-            if fast is not None:
-                return core.decode_body(fast[0], fast[1], [], type)
-            if core.raw:
-                data = core.poll_raw() if not core.message_oriented else self._raw_msg_nowait()
-                if data is None:
-                    raise Empty("no message is ready")
-                return data
-            frame = core.poll_frame()
-            if frame is None:
+            item = self._core.poll()
+            if item is None:
                 raise Empty("no message is ready")
-            return core.decode(frame, type)
+            return self._core.item_object(item, type)
 
     def recv_bytes(self, timeout: float | None = None) -> bytes:
         """Receive one message as bytes (raw stream channels: the bytes available)."""
         with self._rlock:
             core = self._core
-            fast = core.take_fast()
-            if fast is not None:
-                return fast[1]
-            if core.raw:
-                return self._recv_raw(deadline_of(timeout))
-            frame = core.poll_frame()
-            if frame is None:
-                frame = self._wait_frame(timeout)
-            return core.frame_bytes(frame)
+            item = core.poll()
+            if item is None:
+                item = self._wait_item(timeout)
+            return core.item_bytes(item)
 
     def recv_bytes_nowait(self) -> bytes:
         with self._rlock:
-            core = self._core
-            fast = core.take_fast()
-            if fast is not None:
-                return fast[1]
-            if core.raw:
-                data = core.poll_raw() if not core.message_oriented else self._raw_msg_nowait()
-                if data is None:
-                    raise Empty("no message is ready")
-                return data
-            frame = core.poll_frame()
-            if frame is None:
+            item = self._core.poll()
+            if item is None:
                 raise Empty("no message is ready")
-            return core.frame_bytes(frame)
+            return self._core.item_bytes(item)
 
     def recv_bytes_into(self, buffer: Buffer, timeout: float | None = None) -> int:
         """Receive one message into ``buffer``; return its size (MessageTooLarge if it
@@ -296,34 +268,23 @@ class Channel:
                 raise UnsupportedOperation("recv_bytes_into needs message framing (raw=False)")
             core.set_sink(buffer)
             try:
-                frame = core.poll_frame()
-                if frame is None:
-                    frame = self._wait_frame(timeout)
+                item = core.poll()
+                if item is None:
+                    item = self._wait_item(timeout)
             finally:
                 core.set_sink(None)
-            return core.frame_into(frame, buffer)
+            return core.item_into(item, buffer)
 
-    def _raw_msg_nowait(self) -> bytes | None:
-        frame = self._core.poll_frame()
-        return None if frame is None else self._core.frame_bytes(frame)
-
-    def _recv_raw(self, deadline: float | None) -> bytes:
-        core = self._core
-        while True:
-            data = core.poll_raw() if not core.message_oriented else self._raw_msg_nowait()
-            if data is not None:
-                return data
-            self._wait(True, deadline, "recv")
-
-    def _wait_frame(self, timeout: float | None) -> Frame:
+    def _wait_item(self, timeout: float | None) -> Frame | tuple[int, bytes]:
+        """Spin for ``spin`` seconds retrying, then sleep in poll until a message."""
         core = self._core
         spin = self._spin
         if spin > 0.0 and timeout != 0:
             end = _perf() + spin
             while _perf() < end:
-                frame = core.poll_frame()
-                if frame is not None:
-                    return frame
+                item = core.poll()
+                if item is not None:
+                    return item
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
         frame_timeout = core.options.frame_timeout
         while True:
@@ -340,9 +301,9 @@ class Channel:
                         f"the peer stalled for {frame_timeout} s in the middle of a frame"
                     ) from None
                 raise
-            frame = core.poll_frame()
-            if frame is not None:
-                return frame
+            item = core.poll()
+            if item is not None:
+                return item
 
     def _wait(self, read: bool, deadline: float | None, what: str) -> None:
         """Wait for the direction wanted, flushing pending output meanwhile."""
