@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pickle
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from .transport.base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, Trans
 __all__ = ["ChannelCore", "ChannelOptions", "Statistics"]
 
 _RAW_HEADER = HEADER.pack
+_unpack_header = HEADER.unpack_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,10 @@ class ChannelCore:
         self._can_send = transport.can_send
         self._send_buffers: Any = getattr(transport, "send_buffers", None)
         self._recv_into: Any = getattr(transport, "recv_into", None)
+        self._recv_message: Any = getattr(transport, "recv_message", None)
+        self._track_message_meta = hasattr(transport, "last_priority") or hasattr(
+            transport, "dropped"
+        )
         self._send_message: Any = getattr(transport, "send_message", None)
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
@@ -298,10 +303,10 @@ class ChannelCore:
         """
         decoder = self.decoder
         if decoder is None:
-            if self.raw and not self.message_oriented:
-                data = self.poll_raw()
-                return None if data is None else (CodecId.RAW, data)
-            return self.poll_frame()
+            if self.message_oriented:
+                return self._poll_message()
+            data = self.poll_raw()
+            return None if data is None else (CodecId.RAW, data)
         frames = decoder.frames
         if not frames and not self._fill(decoder):
             return None
@@ -323,27 +328,53 @@ class ChannelCore:
             if decoder.frames or self._fill(decoder):
                 return take(decoder.next_frame())
             return None
-        # message transports: one datagram/message is one frame
+        item = self._poll_message(take)
+        if isinstance(item, tuple):
+            return Frame(Kind.DATA, item[0], item[1], [])
+        return item
+
+    def _poll_message(
+        self, take: Callable[[Frame], Frame | None] | None = None
+    ) -> Frame | tuple[int, bytes] | None:
+        """Message transports: one datagram (or queue message) is one frame."""
         if self.peeked is not None:
             frame, self.peeked = self.peeked, None
             self.stats.messages_received += 1
             return frame
-        self.check_open()
-        msg = self.transport.recv_message()  # type: ignore[attr-defined]
+        if self.closed:
+            raise ChannelClosed("the channel is closed")
+        msg = self._recv_message()
         if msg is None:
             self.stats.recv_would_block += 1
             return None
-        self.last_priority = getattr(self.transport, "last_priority", 0)
-        self.stats.dropped = getattr(self.transport, "dropped", 0)
-        self.stats.bytes_received += len(msg)
+        transport = self.transport
+        stats = self.stats
+        if self._track_message_meta:
+            self.last_priority = getattr(transport, "last_priority", 0)
+            stats.dropped = getattr(transport, "dropped", 0)
+        size = len(msg)
+        stats.bytes_received += size
         if self.raw:
-            return take(Frame(Kind.DATA, CodecId.RAW, msg, []))
+            stats.messages_received += 1
+            return (CodecId.RAW, msg)
+        if size >= 8:
+            version, kind, flags, nbufs, blen = _unpack_header(msg, 0)
+            if (
+                blen + 8 == size
+                and version == VERSION
+                and kind == 1
+                and flags <= 3
+                and not nbufs
+                and size <= self.max_frame
+            ):
+                stats.messages_received += 1
+                return (flags, msg[8:])
         try:
             frame = parse_frame(msg, self.max_frame)
         except FrameError:
-            self.stats.rejected_frames += 1
+            stats.rejected_frames += 1
             raise
-        return take(frame)
+        return (take or self._take)(frame)
 
     def _fill(self, decoder: FrameDecoder | _MpDecoder) -> bool:
         """Read once (more if a read fills the buffer); True if a frame is complete."""

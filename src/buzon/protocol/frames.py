@@ -235,6 +235,7 @@ class FrameDecoder:
         "_part",
         "_spare",
         "_start",
+        "_view",
         "frames",
         "sink",
     )
@@ -246,6 +247,7 @@ class FrameDecoder:
         # buffers just ``(codec, body)`` (cheaper to make); next_frame() gives Frames.
         self.frames: deque[Frame | tuple[int, bytes]] = deque()
         self._buf = bytearray(read_size)
+        self._view = memoryview(self._buf)  # its exports never resize: see _compact
         self._start = 0
         self._end = 0
         # a big frame in progress: (kind, codec, parts, sunk); _part/_got: where we are
@@ -307,14 +309,31 @@ class FrameDecoder:
             return self._big[2][self._part][self._got :]
         if self._end == len(self._buf):
             self._compact()
-        return memoryview(self._buf)[self._end :]
+        return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` bytes were written into the region :meth:`get_buffer` returned."""
         if self._big is not None:
             self._advance(nbytes)
             return
-        self._end += nbytes
+        start = self._start
+        end = self._end = self._end + nbytes
+        avail = end - start
+        if avail >= 8 and self._error is None:
+            # Fastest path: the read brought exactly one small DATA frame (a round trip).
+            version, kind, flags, nbufs, blen = _unpack_header(self._buf, start)
+            if (
+                blen + 8 == avail
+                and version == VERSION
+                and kind == 1
+                and flags <= 3
+                and not nbufs
+                and avail <= self._max_frame
+                and avail <= len(self._buf) >> 1
+            ):
+                self.frames.append((flags, bytes(self._buf[start + 8 : end])))
+                self._start = self._end = 0
+                return
         self._parse()
         if self._error is not None and not self.frames:
             raise self._error
@@ -387,6 +406,7 @@ class FrameDecoder:
         if n == len(self._buf):  # only with a read_size smaller than a header and its table
             # A new buffer, not extend(): the caller may still hold a view of the old one.
             self._buf = self._buf + bytes(len(self._buf))
+            self._view = memoryview(self._buf)
 
     def _begin_big(self, view: memoryview, start: int) -> None:
         """Set up the parts of a big frame whose header and table are at ``start``."""

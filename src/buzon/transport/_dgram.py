@@ -90,7 +90,11 @@ class DatagramTransport(MessageTransport):
             return bytes(memoryview(self._rbuf)[:n])
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
-        size = sum(memoryview(b).nbytes for b in bufs)
+        first = bufs[0]
+        if len(bufs) == 1 and isinstance(first, bytes):
+            size = len(first)
+        else:
+            size = sum(memoryview(b).nbytes for b in bufs)
         if size > self.max_message:
             raise MessageTooLarge(
                 f"a {self.scheme} datagram carries at most {self.max_message} bytes; "
