@@ -309,3 +309,30 @@ def test_pickle_refused_where_no_peer_is_authenticated() -> None:
     for url in ("mq:/buzon-exact", "fifo:/tmp/buzon-exact", "unixgram:/tmp/buzon-exact"):
         with pytest.raises(buzon.SecurityError):
             buzon.listen(url, pickle=True)
+
+
+def test_bound_datagram_end_knows_the_latest_sender() -> None:
+    with buzon.listen("udp://127.0.0.1:0") as lst:
+        rx = lst.accept(timeout=5)
+        with rx, buzon.connect(str(lst.address), timeout=5) as tx:
+            tx.send("hi")
+            assert rx.recv(timeout=5) == "hi"
+            assert rx.peer.address == tx._core.transport.sock.getsockname()  # type: ignore[attr-defined]
+
+
+def test_data_right_behind_the_handshake_is_not_held_to_its_cap() -> None:
+    """The server may send a big message at once after accept; the client reads the
+    server's HELLO and that message in one read (regression: FrameTooLarge at 4 KiB)."""
+    with buzon.listen("unix:behind") as lst:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                with buzon.connect("unix:behind", timeout=5) as c:
+                    code = 0 if c.recv(timeout=5) == b"x" * 100_000 else 2
+            finally:
+                os._exit(code)
+        with lst.accept(timeout=5) as ch:
+            ch.send(b"x" * 100_000)
+            _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -352,6 +352,10 @@ class ChannelCore:
         if self._track_message_meta:
             self.last_priority = getattr(transport, "last_priority", 0)
             stats.dropped = getattr(transport, "dropped", 0)
+            sender = getattr(transport, "last_peer", None)
+            if sender is not None and sender != self.peer.address:
+                # a bound datagram end: the peer is whoever sent the latest message
+                self.peer = PeerInfo(address=sender)
         size = len(msg)
         stats.bytes_received += size
         if self.raw:

@@ -760,7 +760,7 @@ class _Server:
 
     def accept(self) -> None:
         try:
-            transport = self.listener.accept_transport(time.monotonic())
+            transport = self.listener.accept_transport(timeout=0)
         except Timeout:
             return  # the peer went away (or was refused) before we got to it
         try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import pickle
+import sys
 from typing import Any, Literal
 
 import msgspec
@@ -41,11 +42,20 @@ _EXT_NDARRAY = 1  # body: msgpack [dtype.str, shape, buffer index]
 _EXT_BUFFER = 2  # body: msgpack buffer index; decodes to bytes
 _MAX_BUFS = 255
 
-_np: Any
-try:  # numpy is optional; arrays are only special when it is installed
-    import numpy as _np
-except ImportError:  # pragma: no cover - the test environment installs numpy
-    _np = None
+
+def _loaded_numpy() -> Any:
+    """numpy if the program imported it (else no object can be an array): encoding
+    never imports numpy, so ``import buzon`` stays fast."""
+    return sys.modules.get("numpy")
+
+
+def _import_numpy() -> Any:
+    """numpy for decoding a received array; imported on first use."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
 
 
 class Codec:
@@ -107,6 +117,7 @@ class Codec:
             self._out = []
 
     def _enc_hook(self, obj: Any) -> Any:
+        _np = _loaded_numpy()
         if _np is not None and isinstance(obj, _np.ndarray):
             if obj.dtype.hasobject:
                 raise CodecError("numpy arrays of dtype=object cannot be sent without pickle")
@@ -124,6 +135,7 @@ class Codec:
         raise TypeError(f"objects of type {type(obj).__name__} are not supported")
 
     def _json_hook(self, obj: Any) -> Any:
+        _np = _loaded_numpy()
         if _np is not None and isinstance(obj, _np.generic):
             return obj.item()
         raise TypeError(
@@ -197,6 +209,7 @@ class Codec:
         if code == _EXT_BUFFER:
             return bytes(self._buffer(meta))
         if code == _EXT_NDARRAY:
+            _np = _import_numpy()
             if _np is None:
                 raise ValueError("received a numpy array but numpy is not installed")
             if not isinstance(meta, list) or len(meta) not in (3, 4):

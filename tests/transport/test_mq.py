@@ -556,7 +556,7 @@ def test_private_queue_is_named_for_the_user_and_mode_0600(private: Address) -> 
 def test_existing_private_queue_is_in_use(private: Address) -> None:
     fd = _posixmq.open(private.mq_name(), RW_CREATE)
     try:
-        with pytest.raises(EndpointInUse, match="buzon clean") as info:
+        with pytest.raises(EndpointInUse, match="remove_queue") as info:
             mq.listen(private, OPTS)
         assert info.value.errno == errno.EEXIST
         assert mq.queue_exists(private)  # not removed: somebody may still use it

@@ -157,7 +157,7 @@ class Listener:
     async def accept(self, timeout: float | None = None) -> Channel:
         deadline = deadline_of(timeout)
         while True:
-            transport = await self.accept_transport(deadline)
+            transport = await self._accept_transport(deadline)
             try:
                 ch = await establish(transport, self._prep, "server", deadline)
             except ProtocolError:
@@ -166,7 +166,11 @@ class Listener:
             self.accepted += 1
             return ch
 
-    async def accept_transport(self, deadline: float | None) -> Transport:
+    async def accept_transport(self, timeout: float | None = None) -> Transport:
+        """Wait for the next connection *before* its handshake (see :meth:`establish`)."""
+        return await self._accept_transport(deadline_of(timeout))
+
+    async def _accept_transport(self, deadline: float | None) -> Transport:
         while True:
             if self._closed:
                 raise ChannelClosed("the listener is closed")

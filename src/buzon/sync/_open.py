@@ -175,7 +175,7 @@ class Listener:
         """Wait for the next peer and return its channel (handshake done)."""
         deadline = deadline_of(timeout)
         while True:
-            transport = self.accept_transport(deadline)
+            transport = self._accept_transport(deadline)
             try:
                 ch = establish(transport, self._prep, "server", deadline)
             except ProtocolError:
@@ -184,8 +184,12 @@ class Listener:
             self.accepted += 1
             return ch
 
-    def accept_transport(self, deadline: float | None) -> Transport:
-        """Wait for a connected transport, before any handshake (used by servers)."""
+    def accept_transport(self, timeout: float | None = None) -> Transport:
+        """Wait for the next connection *before* its handshake; finish it with
+        :meth:`establish` (in a worker), so a slow peer cannot delay the others."""
+        return self._accept_transport(deadline_of(timeout))
+
+    def _accept_transport(self, deadline: float | None) -> Transport:
         if self._closed:
             raise ChannelClosed("the listener is closed")
         while True:

@@ -117,7 +117,7 @@ class Server:
 
     def _accept_one(self) -> None:
         try:
-            transport = self._listener.accept_transport(deadline=time.monotonic())
+            transport = self._listener.accept_transport(timeout=0)
         except BuzonError:
             return  # spurious wake-up or an aborted connection
         if self.active >= self.max_clients:

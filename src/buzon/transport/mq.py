@@ -297,8 +297,8 @@ def listen(addr: Address, opts: TransportOptions) -> MQListener:
         if addr.private:
             err = EndpointInUse(
                 f"{addr}: the queue {name} already exists (someone receives there, or a "
-                "crashed program left it); run `buzon clean` to remove stale queues, or "
-                "choose another name"
+                "crashed program left it); remove a stale one with "
+                "`buzon.transport.mq.remove_queue(NAME)`, or choose another name"
             )
             err.errno = errno.EEXIST
             raise err from exc
