@@ -294,6 +294,23 @@ class ChannelCore:
 
     # -- receiving --------------------------------------------------------------------
 
+    def buffered(self) -> Frame | tuple[int, bytes] | None:
+        """The next message if one was already read (no system call), else ``None``."""
+        decoder = self.decoder
+        if decoder is not None:
+            frames = decoder.frames
+            if not frames:
+                return None
+            item = frames.popleft()
+            if type(item) is tuple:
+                self.stats.messages_received += 1
+                return item
+            assert isinstance(item, Frame)
+            return self._take(item)
+        if self.peeked is not None or self.raw_chunks:
+            return self.poll()
+        return None
+
     def poll(self) -> Frame | tuple[int, bytes] | None:
         """The next message, reading once if none is parsed yet; ``None`` if none is
         ready. The common small frame comes as ``(codec, body)`` (no Frame object: this

@@ -86,6 +86,7 @@ class Channel:
         self._spin = core.options.spin
         self._rlock = threading.Lock()
         self._wlock = threading.Lock()
+        self._rpoll: select.poll | None = None  # readiness of the read fd, made once
 
     # -- identity ---------------------------------------------------------------------
 
@@ -230,9 +231,9 @@ class Channel:
         """Receive and decode one message; ``type=`` validates it (msgspec types)."""
         with self._rlock:
             core = self._core
-            item = core.poll()
+            item = core.buffered()
             if item is None:
-                item = self._wait_item(timeout)
+                item = self._receive(timeout)
             return core.item_object(item, type)
 
     def recv_nowait(self, *, type: Any = Any) -> Any:
@@ -247,9 +248,9 @@ class Channel:
         """Receive one message as bytes (raw stream channels: the bytes available)."""
         with self._rlock:
             core = self._core
-            item = core.poll()
+            item = core.buffered()
             if item is None:
-                item = self._wait_item(timeout)
+                item = self._receive(timeout)
             return core.item_bytes(item)
 
     def recv_bytes_nowait(self) -> bytes:
@@ -268,24 +269,47 @@ class Channel:
                 raise UnsupportedOperation("recv_bytes_into needs message framing (raw=False)")
             core.set_sink(buffer)
             try:
-                item = core.poll()
+                item = core.buffered()
                 if item is None:
-                    item = self._wait_item(timeout)
+                    item = self._receive(timeout)
             finally:
                 core.set_sink(None)
             return core.item_into(item, buffer)
 
-    def _wait_item(self, timeout: float | None) -> Frame | tuple[int, bytes]:
-        """Spin for ``spin`` seconds retrying, then sleep in poll until a message."""
+    def _receive(self, timeout: float | None) -> Frame | tuple[int, bytes]:
+        """Read a message: at once if the fd is readable, else after spinning for
+        ``spin`` seconds (checking readiness with ``poll(0)``, which costs less than a
+        failed read), else after sleeping in ``poll``."""
         core = self._core
+        ready = self._rpoll
+        if ready is None:
+            core.check_open()
+            rfd = core.read_fileno()
+            if rfd < 0:
+                raise UnsupportedOperation(
+                    f"this end of the {core.transport.scheme} channel only sends"
+                )
+            ready = self._rpoll = select.poll()
+            ready.register(rfd, _POLLIN)
+        if ready.poll(0):
+            item = core.poll()
+            if item is not None:
+                return item
         spin = self._spin
         if spin > 0.0 and timeout != 0:
             end = _perf() + spin
+            poll0 = ready.poll
             while _perf() < end:
-                item = core.poll()
-                if item is not None:
-                    return item
+                if poll0(0):
+                    item = core.poll()
+                    if item is not None:
+                        return item
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
+        return self._wait_item(deadline)
+
+    def _wait_item(self, deadline: float | None) -> Frame | tuple[int, bytes]:
+        """Sleep in poll until a message arrives (or the deadline, or a stalled frame)."""
+        core = self._core
         frame_timeout = core.options.frame_timeout
         while True:
             stall = None
