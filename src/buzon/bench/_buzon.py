@@ -152,7 +152,7 @@ def _link(transport: str, options: dict[str, Any], batch: bool = False) -> LinkM
                 return handshake_parent(_BuzonSide(a, a, batch=batch))
 
             def child_pipe() -> Side:
-                return handshake_child(_BuzonSide(b, b))
+                return handshake_child(_BuzonSide(b, b, batch=batch))
 
             return parent_pipe, child_pipe
 
@@ -175,7 +175,7 @@ def _link(transport: str, options: dict[str, Any], batch: bool = False) -> LinkM
             def child_simplex() -> Side:
                 w = bz.connect(up_url, timeout=_TIMEOUT, **options)
                 r = down.accept(timeout=_TIMEOUT)
-                return handshake_child(_BuzonSide(r, w))
+                return handshake_child(_BuzonSide(r, w, batch=batch))
 
             return parent_simplex, child_simplex
 
@@ -196,7 +196,7 @@ def _link(transport: str, options: dict[str, Any], batch: bool = False) -> LinkM
 
         def child() -> Side:
             ch = bz.connect(address, timeout=_TIMEOUT, **options)
-            return handshake_child(_BuzonSide(ch, ch, lossy=lossy))
+            return handshake_child(_BuzonSide(ch, ch, lossy=lossy, batch=batch))
 
         return parent, child
 
