@@ -115,6 +115,9 @@ class ChannelCore:
         self.stats = Statistics()
         self._counted_error: BaseException | None = None
         self._can_send = transport.can_send
+        # the fast path of encode_bytes: framed buzon, a small bytes payload
+        self._plain = not self.raw and self.compat is None
+        self._small = min(4096, options.max_frame - 8)
         self._send_buffers: Any = getattr(transport, "send_buffers", None)
         self._recv_into: Any = getattr(transport, "recv_into", None)
         self._recv_message: Any = getattr(transport, "recv_message", None)
@@ -164,6 +167,8 @@ class ChannelCore:
         return list(mpcompat.encode_message(body, max_message=self.max_frame))
 
     def encode_bytes(self, data: Buffer) -> list[Buffer]:
+        if type(data) is bytes and self._plain and len(data) <= self._small:
+            return [_RAW_HEADER(1, 1, 0, 0, len(data)) + data]  # DATA, codec raw
         if self.raw:
             return [data]
         if self.compat is not None:
@@ -209,8 +214,9 @@ class ChannelCore:
         if self.pending and not self.flush():
             self.stats.send_would_block += 1
             return False
+        first = bufs[0]
         if len(bufs) == 1:
-            size = memoryview(bufs[0]).nbytes
+            size = len(first) if type(first) is bytes else memoryview(first).nbytes
         else:
             size = 0
             for b in bufs:

@@ -318,7 +318,16 @@ class Channel:
                 if deadline is not None and deadline <= stall:
                     stall = None
             try:
-                self._wait(True, stall if stall is not None else deadline, "recv")
+                limit = stall if stall is not None else deadline
+                if core.pending or self._rpoll is None:
+                    self._wait(True, limit, "recv")  # also finishes an earlier write
+                elif limit is None:
+                    self._rpoll.poll()
+                else:
+                    remaining = limit - _monotonic()
+                    if remaining <= 0 or not self._rpoll.poll(int(remaining * 1000 + 0.999)):
+                        if _monotonic() >= limit:
+                            raise Timeout("recv timed out")
             except Timeout:
                 if stall is not None:
                     raise Timeout(
