@@ -325,9 +325,9 @@ class Channel:
                     self._rpoll.poll()
                 else:
                     remaining = limit - _monotonic()
-                    if remaining <= 0 or not self._rpoll.poll(int(remaining * 1000 + 0.999)):
-                        if _monotonic() >= limit:
-                            raise Timeout("recv timed out")
+                    woke = remaining > 0 and self._rpoll.poll(int(remaining * 1000 + 0.999))
+                    if not woke and _monotonic() >= limit:
+                        raise Timeout("recv timed out")
             except Timeout:
                 if stall is not None:
                     raise Timeout(
