@@ -45,7 +45,7 @@ from .protocol.frames import (
 )
 from .transport.base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, Transport
 
-__all__ = ["ChannelCore", "ChannelOptions", "Statistics"]
+__all__ = ["ChannelCore", "ChannelIdentity", "ChannelOptions", "Statistics"]
 
 _RAW_HEADER = HEADER.pack
 _unpack_header = HEADER.unpack_from
@@ -304,15 +304,7 @@ class ChannelCore:
         """The next message if one was already read (no system call), else ``None``."""
         decoder = self.decoder
         if decoder is not None:
-            frames = decoder.frames
-            if not frames:
-                return None
-            item = frames.popleft()
-            if type(item) is tuple:
-                self.stats.messages_received += 1
-                return item
-            assert isinstance(item, Frame)
-            return self._take(item)
+            return self._pop(decoder.frames) if decoder.frames else None
         if self.peeked is not None or self.raw_chunks:
             return self.poll()
         return None
@@ -333,6 +325,9 @@ class ChannelCore:
         frames = decoder.frames
         if not frames and not self._fill(decoder):
             return None
+        return self._pop(frames)
+
+    def _pop(self, frames: deque[Frame | tuple[int, bytes]]) -> Frame | tuple[int, bytes] | None:
         item = frames.popleft()
         if type(item) is tuple:
             self.stats.messages_received += 1
@@ -653,3 +648,48 @@ class _MpDecoder:
         messages = self._d.messages
         while messages:
             self.frames.append(Frame(Kind.DATA, CodecId.PICKLE, messages.popleft(), []))
+
+
+class ChannelIdentity:
+    """What both drivers' channels report about themselves (read from the core)."""
+
+    _core: ChannelCore
+    _label = "buzon.Channel"
+
+    @property
+    def properties(self) -> LinkProperties:
+        """What this link guarantees (see :class:`LinkProperties`)."""
+        return self._core.properties
+
+    @property
+    def peer(self) -> PeerInfo:
+        """The peer's pid/uid/gid (Unix sockets) or address (INET), as far as known;
+        on the bound end of a datagram socket, the sender of the latest message."""
+        return self._core.peer
+
+    @property
+    def address(self) -> Address | None:
+        return self._core.address
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    @property
+    def last_priority(self) -> int:
+        """Priority of the last message received (POSIX queues; 0 elsewhere)."""
+        return self._core.last_priority
+
+    def statistics(self) -> Statistics:
+        """A snapshot of this channel's counters."""
+        s = self._core.stats
+        return Statistics(*(getattr(s, f) for f in s.__slots__))
+
+    def fileno(self) -> int:
+        """The fd that becomes readable when a message may be ready (for foreign loops)."""
+        return self._core.read_fileno()
+
+    def __repr__(self) -> str:
+        core = self._core
+        state = "closed" if core.closed else "open"
+        return f"<{self._label} {core.transport.scheme} {core.address or ''} {state}>"

@@ -15,10 +15,10 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar, overload
 
-from .._channel import ChannelCore, Statistics
+from .._channel import ChannelCore, ChannelIdentity
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
-from ..transport.base import Buffer, LinkProperties, PeerInfo
+from ..transport.base import Buffer
 
 __all__ = ["Channel", "wait_fd", "wait_io"]
 
@@ -75,8 +75,10 @@ def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:
     return wait_io(-1, fd, deadline, what) if write else wait_io(fd, -1, deadline, what)
 
 
-class Channel:
+class Channel(ChannelIdentity):
     """A message channel (asyncio API): the awaitable twin of :class:`buzon.Channel`."""
+
+    _label = "buzon.aio.Channel"
 
     def __init__(self, core: ChannelCore) -> None:
         self._core = core
@@ -84,39 +86,6 @@ class Channel:
         self._wlock = asyncio.Lock()
 
     # -- identity ---------------------------------------------------------------------
-
-    @property
-    def properties(self) -> LinkProperties:
-        return self._core.properties
-
-    @property
-    def peer(self) -> PeerInfo:
-        return self._core.peer
-
-    @property
-    def address(self) -> Any:
-        return self._core.address
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
-
-    @property
-    def last_priority(self) -> int:
-        return self._core.last_priority
-
-    def statistics(self) -> Statistics:
-        s = self._core.stats
-        return Statistics(*(getattr(s, f) for f in s.__slots__))
-
-    def fileno(self) -> int:
-        return self._core.read_fileno()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._core.closed else "open"
-        return (
-            f"<buzon.aio.Channel {self._core.transport.scheme} {self._core.address or ''} {state}>"
-        )
 
     # -- sending ----------------------------------------------------------------------
 

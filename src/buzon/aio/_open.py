@@ -9,11 +9,12 @@ from typing import Any, TypeVar
 
 from .._channel import ChannelCore
 from .._establish import Steps, establish_steps
+from .._listener import ListenerBase
 from .._policy import Prepared, prepare
 from ..address import Address
 from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
 from ..transport import open_connector, open_listener
-from ..transport.base import Connector, ListenerTransport, Transport
+from ..transport.base import Connector, Transport
 from ..transport.pipe import pipe_pair
 from ._channel import Channel, deadline_of, wait_fd
 
@@ -128,31 +129,10 @@ async def _read(core: ChannelCore, deadline: float, attempt: Callable[[], Any]) 
         await wait_fd(core.read_fileno(), False, deadline, "handshake read")
 
 
-class Listener:
+class Listener(ListenerBase):
     """A bound endpoint for asyncio code; ``await accept()`` returns channels."""
 
-    def __init__(self, transport: ListenerTransport, prep: Prepared) -> None:
-        self._lt = transport
-        self._prep = prep
-        self.accepted = 0
-        self._rejected = 0
-        self._closed = False
-
-    @property
-    def rejected(self) -> int:
-        """Peers turned away: failed handshakes and, on Unix sockets, other users."""
-        return self._rejected + int(getattr(self._lt, "rejected", 0))
-
-    @property
-    def address(self) -> Address:
-        return self._lt.address
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return self._lt.fileno()
+    _label = "buzon.aio.Listener"
 
     async def accept(self, timeout: float | None = None) -> Channel:
         deadline = deadline_of(timeout)
@@ -185,34 +165,14 @@ class Listener:
     async def establish(self, transport: Transport, timeout: float | None = None) -> Channel:
         return await establish(transport, self._prep, "server", deadline_of(timeout))
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._lt.close()
-
-    def _ready(self) -> bool:
-        import select
-
-        if self._closed:
-            return True
-        poller = select.poll()
-        poller.register(self._lt.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
-
     def __enter__(self) -> Listener:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     async def __aenter__(self) -> Listener:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"<buzon.aio.Listener {self.address}{' closed' if self._closed else ''}>"
 
 
 def listen(url: str | Address, **options: Any) -> Listener:

@@ -18,10 +18,10 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar, overload
 
-from .._channel import ChannelCore, Statistics
+from .._channel import ChannelCore, ChannelIdentity
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
-from ..transport.base import Buffer, LinkProperties, PeerInfo
+from ..transport.base import Buffer
 
 __all__ = ["Channel"]
 
@@ -71,7 +71,7 @@ def deadline_of(timeout: float | None) -> float | None:
     return _monotonic() + timeout
 
 
-class Channel:
+class Channel(ChannelIdentity):
     """A message channel (blocking API). Made by ``pipe``, ``connect`` and ``accept``.
 
     ``send``/``recv`` move objects through the channel's codec; ``send_bytes``/
@@ -89,42 +89,6 @@ class Channel:
         self._rpoll: select.poll | None = None  # readiness of the read fd, made once
 
     # -- identity ---------------------------------------------------------------------
-
-    @property
-    def properties(self) -> LinkProperties:
-        """What this link guarantees (see :class:`LinkProperties`)."""
-        return self._core.properties
-
-    @property
-    def peer(self) -> PeerInfo:
-        """The peer's pid/uid/gid (Unix sockets) or address (INET), as far as known."""
-        return self._core.peer
-
-    @property
-    def address(self) -> Any:
-        return self._core.address
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
-
-    @property
-    def last_priority(self) -> int:
-        """Priority of the last message received (POSIX queues; 0 elsewhere)."""
-        return self._core.last_priority
-
-    def statistics(self) -> Statistics:
-        """A snapshot of this channel's counters."""
-        s = self._core.stats
-        return Statistics(*(getattr(s, f) for f in s.__slots__))
-
-    def fileno(self) -> int:
-        """The fd that becomes readable when a message may be ready (for foreign loops)."""
-        return self._core.read_fileno()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._core.closed else "open"
-        return f"<buzon.Channel {self._core.transport.scheme} {self._core.address or ''} {state}>"
 
     # -- sending ----------------------------------------------------------------------
 

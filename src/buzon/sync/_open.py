@@ -9,11 +9,12 @@ from typing import Any, TypeVar
 
 from .._channel import ChannelCore
 from .._establish import Steps, establish_steps
+from .._listener import ListenerBase
 from .._policy import Prepared, prepare
 from ..address import Address
 from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
 from ..transport import open_connector, open_listener
-from ..transport.base import ListenerTransport, Transport
+from ..transport.base import Transport
 from ..transport.pipe import pipe_pair
 from ._channel import Channel, deadline_of, wait_fds
 
@@ -143,33 +144,9 @@ def _read(core: ChannelCore, deadline: float, attempt: Callable[[], Any]) -> Any
             raise Timeout("handshake read timed out")
 
 
-class Listener:
+class Listener(ListenerBase):
     """A bound endpoint. ``accept`` returns one :class:`Channel` per connecting peer
     (for FIFOs, queues and datagram sockets: the endpoint's single channel, once)."""
-
-    def __init__(self, transport: ListenerTransport, prep: Prepared) -> None:
-        self._lt = transport
-        self._prep = prep
-        self.accepted = 0
-        self._rejected = 0
-        self._closed = False
-
-    @property
-    def rejected(self) -> int:
-        """Peers turned away: failed handshakes and, on Unix sockets, other users."""
-        return self._rejected + int(getattr(self._lt, "rejected", 0))
-
-    @property
-    def address(self) -> Address:
-        """The real address (with the port filled in when listening on port 0)."""
-        return self._lt.address
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return self._lt.fileno()
 
     def accept(self, timeout: float | None = None) -> Channel:
         """Wait for the next peer and return its channel (handshake done)."""
@@ -206,33 +183,8 @@ class Listener:
         """Run the server side of the handshake on an accepted transport."""
         return establish(transport, self._prep, "server", deadline_of(timeout))
 
-    def close(self) -> None:
-        """Stop listening; the endpoint's name (socket file, FIFO, queue) is removed."""
-        if not self._closed:
-            self._closed = True
-            self._lt.close()
-
-    def close_in_child(self) -> None:
-        """In a forked child: drop the listening fd without removing the endpoint."""
-        if not self._closed:
-            self._closed = True
-            self._lt.close_in_child()
-
-    def _ready(self) -> bool:
-        if self._closed:
-            return True  # accept raises at once
-        poller = select.poll()
-        poller.register(self._lt.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
-
     def __enter__(self) -> Listener:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<buzon.Listener {self.address}{' closed' if self._closed else ''}>"
 
 
 def listen(url: str | Address, **options: Any) -> Listener:
