@@ -45,9 +45,11 @@ class DatagramTransport(MessageTransport):
         self.last_peer: Any = None
         self.truncated = 0  # datagrams longer than max_message, dropped
         self._overflows = 0
+        self._counts_drops = False
         if sock.family != socket.AF_UNIX:  # Unix datagram senders block instead of dropping
             try:
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RXQ_OVFL, 1)
+                self._counts_drops = True
             except OSError:  # pragma: no cover - kernels without it
                 pass
         self._rbuf = bytearray(max_message + 1)
@@ -73,7 +75,11 @@ class DatagramTransport(MessageTransport):
     def recv_message(self) -> bytes | None:
         while True:
             try:
-                n, anc, _flags, addr = self.sock.recvmsg_into([self._rbuf], _ANC_SPACE)
+                if self._counts_drops:
+                    n, anc, _flags, addr = self.sock.recvmsg_into([self._rbuf], _ANC_SPACE)
+                else:  # cheaper: no ancillary data to ask for
+                    anc = []
+                    n, addr = self.sock.recvfrom_into(self._rbuf)
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
@@ -102,7 +108,10 @@ class DatagramTransport(MessageTransport):
             )
         try:
             if self.connected:
-                self.sock.sendmsg(bufs)
+                if len(bufs) == 1:
+                    self.sock.send(first)
+                else:
+                    self.sock.sendmsg(bufs)
             else:
                 if self.last_peer is None:
                     raise UnsupportedOperation(
