@@ -157,7 +157,7 @@ class FrameTooLarge(FrameError):
 
 
 class HandshakeError(ProtocolError):
-    """The opening exchange failed (wrong version, options that do not agree, timeout)."""
+    """The opening exchange failed (wrong version, malformed message, refused, timeout)."""
 
 
 class AuthenticationError(ProtocolError):

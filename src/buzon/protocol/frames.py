@@ -8,7 +8,7 @@ Byte table (all integers little-endian)::
 
     offset  size     field
     0       1        version        0x01; anything else is a FrameError
-    1       1        kind           1 DATA, 2 HELLO, 3 AUTH, 4 WELCOME, 5 CLOSE
+    1       1        kind           1 DATA, 2 HELLO, 3 AUTH, 4 WELCOME, 5 CLOSE (reserved)
     2       1        flags          bits 0-2: codec (0 raw, 1 msgpack, 2 json, 3 pickle)
                                     bits 3-7: reserved, must be zero
     3       1        nbufs          number of out-of-band buffers (DATA only), 0-255
@@ -69,7 +69,7 @@ class Kind(IntEnum):
     HELLO = 2
     AUTH = 3
     WELCOME = 4
-    CLOSE = 5
+    CLOSE = 5  # reserved: a graceful end on links without EOF (not sent yet)
 
 
 class CodecId(IntEnum):
