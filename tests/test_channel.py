@@ -336,3 +336,40 @@ def test_data_right_behind_the_handshake_is_not_held_to_its_cap() -> None:
             ch.send(b"x" * 100_000)
             _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("url", ["unix:crash", "fifo:crash", "mq:crash", "unixgram:crash"])
+def test_endpoint_of_a_killed_listener_is_reclaimed(url: str, runtime_dir: str) -> None:
+    """SIGKILL a process that listens: the next listener gets the name, and closing
+    it leaves nothing behind."""
+    import signal
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            lst = buzon.listen(url)
+            if not url.startswith("unix:"):
+                lst.accept(timeout=5)
+            os.write(w, b"!")
+            time.sleep(30)
+        finally:
+            os._exit(1)
+    try:
+        assert os.read(r, 1) == b"!"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
+    with buzon.listen(url) as lst:
+        if url.startswith("unix:"):
+            assert lst.address.fs_path()
+        else:
+            lst.accept(timeout=5).close()
+    leftovers = [n for n in os.listdir(runtime_dir)]
+    assert leftovers == []
+    if url.startswith("mq:"):
+        from buzon.transport import mq
+
+        assert not mq.queue_exists(lst.address)

@@ -526,14 +526,14 @@ def test_close_without_accept_releases_the_descriptor_and_queue(private: Address
 
 def test_close_leaves_a_queue_that_replaced_ours(private: Address) -> None:
     lst = mq.listen(private, OPTS)
-    _posixmq.unlink(private.mq_name())  # e.g. `buzon clean`, then a new listener
-    newer = mq.listen(private, OPTS)
+    _posixmq.unlink(private.mq_name())  # removed behind its back, then made anew
+    fd = _posixmq.open(private.mq_name(), RW_CREATE)
     try:
         lst.close()
-        assert mq.queue_exists(private)
+        assert mq.queue_exists(private)  # not ours: left alone
     finally:
-        newer.close()
-    assert not mq.queue_exists(private)
+        _posixmq.close(fd)
+        _posixmq.unlink(private.mq_name())
 
 
 def test_private_queue_is_named_for_the_user_and_mode_0600(private: Address) -> None:
@@ -553,15 +553,46 @@ def test_private_queue_is_named_for_the_user_and_mode_0600(private: Address) -> 
         lst.close()
 
 
-def test_existing_private_queue_is_in_use(private: Address) -> None:
-    fd = _posixmq.open(private.mq_name(), RW_CREATE)
+def test_a_live_listener_owns_its_private_queue(private: Address) -> None:
+    lst = mq.listen(private, OPTS)
     try:
-        with pytest.raises(EndpointInUse, match="remove_queue") as info:
+        with pytest.raises(EndpointInUse, match="another process listens") as info:
             mq.listen(private, OPTS)
         assert info.value.errno == errno.EEXIST
-        assert mq.queue_exists(private)  # not removed: somebody may still use it
+        assert mq.queue_exists(private)  # not removed: it is in use
+    finally:
+        lst.close()
+    assert not mq.queue_exists(private)
+
+
+def test_a_dead_listeners_queue_is_reclaimed_with_its_messages(private: Address) -> None:
+    """A crashed listener leaves its queue (and no live lock): the next listener takes it
+    over, with whatever was sent meanwhile, and removes it when it closes."""
+    fd = _posixmq.open(private.mq_name(), RW_CREATE)  # as a crashed owner would leave it
+    try:
+        _posixmq.send(fd, b"sent while nobody listened", 0)
     finally:
         _posixmq.close(fd)
+    lst = mq.listen(private, OPTS)
+    reader = lst.accept()
+    assert isinstance(reader, mq.MQTransport)
+    try:
+        assert reader.recv_message() == b"sent while nobody listened"
+    finally:
+        reader.close()
+        lst.close()
+    assert not mq.queue_exists(private)
+
+
+def test_a_leftover_queue_open_to_others_is_not_reclaimed(private: Address) -> None:
+    fd = _posixmq.open(private.mq_name(), RW_CREATE, 0o622)
+    try:
+        os.fchmod(fd, 0o622)  # past the umask: writable by others, as an attacker would
+        with pytest.raises(UnsafePath):
+            mq.listen(private, OPTS)
+    finally:
+        _posixmq.close(fd)
+        _posixmq.unlink(private.mq_name())
 
 
 def test_exact_name_reads_a_queue_another_program_made(exact: Address) -> None:

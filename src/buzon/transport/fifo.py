@@ -56,6 +56,8 @@ class FifoListener(ListenerTransport):
                 raise EndpointInUse(f"{addr}: {self.path!r} exists and is not a FIFO")
             if _has_reader(self.path):
                 raise EndpointInUse(f"{addr}: another process is already reading this FIFO")
+            # nobody reads it: left by a crashed listener; a private one is ours now
+            self._created = addr.private
         else:
             try:
                 os.mkfifo(self.path, 0o600)

@@ -39,11 +39,13 @@ and otherwise falls back to the queues that this user's processes hold open.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections.abc import Sequence
 from typing import Literal
 
 from .. import _posixmq
+from .._runtime import runtime_dir
 from ..address import Address, parse_address
 from ..errors import (
     ChannelClosed,
@@ -207,10 +209,13 @@ class MQListener(ListenerTransport):
     the reader. :meth:`close` unlinks the queue if this listener created it.
     """
 
-    def __init__(self, address: Address, mqd: int, *, created: bool) -> None:
+    def __init__(
+        self, address: Address, mqd: int, *, created: bool, owner: _OwnerLock | None = None
+    ) -> None:
         self.address = address
         self.name = address.mq_name()
         self.created = created
+        self._owner = owner
         self.closed = False
         self._mqd = mqd
         self._ino = os.fstat(mqd).st_ino
@@ -246,6 +251,15 @@ class MQListener(ListenerTransport):
             _posixmq.close(mqd)
         if self.created:
             _unlink_if_same(self.name, self._ino)
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
+
+    def close_in_child(self) -> None:
+        """A forked child drops its descriptors; the queue stays the parent's."""
+        self.created = False
+        self._owner = None  # the lock is the parent's open file description: keep it
+        self.close()
 
 
 def _unlink_if_same(name: str, ino: int) -> None:
@@ -282,58 +296,114 @@ def _sizes(opts: TransportOptions) -> tuple[int, int]:
 def listen(addr: Address, opts: TransportOptions) -> MQListener:
     """Create the queue of ``addr`` and return the listener that hands out its reader.
 
-    An existing private queue raises :class:`EndpointInUse` (a queue cannot tell
-    whether anybody still reads it). An existing ``mq:/NAME`` queue of this user is
-    opened, not created, and its real size applies instead of ``opts``; one of another
-    user raises :class:`UnsafePath`.
+    A private queue is owned through a lock file beside the other endpoints
+    (``NAME.mq.lock`` in the runtime dir, ``flock``-ed for the listener's life, released
+    by the kernel when its process dies). An existing private queue whose owner is alive
+    raises :class:`EndpointInUse`; one whose owner died is *reclaimed*: opened as is,
+    so messages sent while nobody listened are not lost. An existing ``mq:/NAME`` queue
+    of this user is opened, not created, and its real size applies instead of ``opts``;
+    one of another user raises :class:`UnsafePath`.
     """
     name = addr.mq_name()
     maxmsg, msgsize = _sizes(opts)
     flags = os.O_RDONLY | os.O_NONBLOCK
+    owner = _OwnerLock.acquire(addr, opts) if addr.private else None
     created = True
     try:
-        mqd = _posixmq.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, maxmsg, msgsize)
-    except FileExistsError as exc:
-        if addr.private:
-            err = EndpointInUse(
-                f"{addr}: the queue {name} already exists (someone receives there, or a "
-                "crashed program left it); remove a stale one with "
-                "`buzon.transport.mq.remove_queue(NAME)`, or choose another name"
-            )
-            err.errno = errno.EEXIST
-            raise err from exc
-        mqd = _open_existing(addr, name, flags)
-        created = False
-    except OSError as exc:
-        size = f"maxmsg={maxmsg}, msgsize={msgsize}" if maxmsg else "default size"
-        what = f"creating {addr} (queue {name}, {size}"
-        if exc.errno in (errno.EINVAL, errno.EMFILE, errno.ENOSPC, errno.ENOMEM):
-            what += (
-                f"; limits: msg_max={_limit('msg_max', 10)}, "
-                f"msgsize_max={_limit('msgsize_max', 8192)}, "
-                f"queues_max={_limit('queues_max', 256)} in {_LIMITS_DIR} "
-                "and RLIMIT_MSGQUEUE"
-            )
-        raise from_oserror(exc, what + ")") from exc
+        try:
+            mqd = _posixmq.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, maxmsg, msgsize)
+        except FileExistsError:
+            # private: we hold the owner lock, so whoever made it is gone (reclaim it);
+            # exact: a queue another program made, read in place and left there
+            mqd = _open_existing(addr, name, flags, private=owner is not None)
+            created = owner is not None
+        except OSError as exc:
+            size = f"maxmsg={maxmsg}, msgsize={msgsize}" if maxmsg else "default size"
+            what = f"creating {addr} (queue {name}, {size}"
+            if exc.errno in (errno.EINVAL, errno.EMFILE, errno.ENOSPC, errno.ENOMEM):
+                what += (
+                    f"; limits: msg_max={_limit('msg_max', 10)}, "
+                    f"msgsize_max={_limit('msgsize_max', 8192)}, "
+                    f"queues_max={_limit('queues_max', 256)} in {_LIMITS_DIR} "
+                    "and RLIMIT_MSGQUEUE"
+                )
+            raise from_oserror(exc, what + ")") from exc
+    except BaseException:
+        if owner is not None:
+            owner.release()
+        raise
     try:
-        return MQListener(addr, mqd, created=created)
+        return MQListener(addr, mqd, created=created, owner=owner)
     except BaseException:
         _posixmq.close(mqd)
         if created:
             _posixmq.unlink(name)
+        if owner is not None:
+            owner.release()
         raise
 
 
-def _open_existing(addr: Address, name: str, flags: int) -> int:
+class _OwnerLock:
+    """``NAME.mq.lock`` in the runtime dir, ``flock``-ed by the queue's listener."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def acquire(cls, addr: Address, opts: TransportOptions) -> _OwnerLock:
+        rdir = opts.runtime_dir or runtime_dir()
+        path = os.path.join(rdir, f"{addr.name}.mq.lock")
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                raise from_oserror(exc, f"owner lock of {addr}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                err = EndpointInUse(
+                    f"{addr}: another process listens on this queue (it holds {path}); "
+                    "choose another name"
+                )
+                err.errno = errno.EEXIST
+                raise err from None
+            # the previous owner may have removed the file between our open and flock
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return cls(path, fd)
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _open_existing(addr: Address, name: str, flags: int, *, private: bool = False) -> int:
     try:
         mqd = _posixmq.open(name, flags)
     except OSError as exc:
         raise from_oserror(exc, f"opening the existing queue {addr}") from exc
     try:
-        owner = os.fstat(mqd).st_uid
+        st = os.fstat(mqd)
+        owner = st.st_uid
         if owner != os.getuid():
             raise UnsafePath(
                 f"{addr}: the queue belongs to uid {owner}; buzon reads only queues of its own user"
+            )
+        if private and st.st_mode & 0o077:
+            raise UnsafePath(
+                f"{addr}: the leftover queue {name} is open to other users "
+                f"(mode {st.st_mode & 0o777:o}); buzon does not reclaim it"
             )
     except BaseException:
         _posixmq.close(mqd)
