@@ -18,7 +18,7 @@ from __future__ import annotations
 import pickle
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .address import Address
@@ -132,10 +132,9 @@ class ChannelCore:
 
     @property
     def properties(self) -> LinkProperties:
+        """The transport's properties; framing gives a stream message boundaries."""
         props = self.transport.properties
         if not self.raw and props.boundaries == "stream":
-            from dataclasses import replace
-
             return replace(props, boundaries="message")
         return props
 
