@@ -725,3 +725,21 @@ def test_ls_empty(runtime_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"runtime dir: {runtime_dir}"
     assert runtime_dir not in "".join(lines[1:])  # nothing of ours (queues are host-wide)
+
+
+def test_ls_shows_queue_owners_and_clean_drops_orphan_locks(
+    runtime_dir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"lockq-{uuid.uuid4().hex[:8]}"
+    with buzon.listen(f"mq:{name}"):
+        assert cli.main(["ls"]) == 0
+        assert re.search(rf"mq:{name}\s+mq-lock\s+0600\s+listener alive", capsys.readouterr().out)
+    orphan = os.path.join(runtime_dir, "gone.mq.lock")  # its queue no longer exists
+    with open(orphan, "w"):
+        pass
+    _age(orphan)
+    assert cli.main(["ls"]) == 0
+    assert re.search(r"mq:gone\s+mq-lock\s+\d+\s+no listener", capsys.readouterr().out)
+    assert cli.main(["clean"]) == 0
+    assert "lock of a queue that is gone" in capsys.readouterr().out
+    assert not os.path.exists(orphan)

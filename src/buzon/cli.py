@@ -67,6 +67,7 @@ import base64
 import contextlib
 import datetime
 import errno
+import fcntl
 import json
 import math
 import os
@@ -872,11 +873,17 @@ class _Entry:
         scheme = _SUFFIX_SCHEME.get(suffix)
         ok = scheme is not None and scheme == self.kind and self.client_pid is None
         self.address = f"{scheme}:{stem}" if ok else "-"
+        if self.kind == "file" and name.endswith(_MQ_LOCK):
+            self.kind = "mq-lock"  # held by the listener of a private POSIX queue
+            self.address = f"mq:{name[: -len(_MQ_LOCK)]}"
         self.live: bool | None = None  # True live, False provably dead, None unknown
         self.state = "-"
 
     def probe(self, bound: dict[str, bool] | None) -> None:
-        if self.kind == "fifo":
+        if self.kind == "mq-lock":
+            self.live = _lock_held(self.path)
+            self.state = {True: "listener alive", False: "no listener", None: "?"}[self.live]
+        elif self.kind == "fifo":
             self.live = _fifo_has_reader(self.path)
             self.state = {True: "reader", False: "no reader", None: "?"}[self.live]
         elif stat.S_ISSOCK(self.st.st_mode):
@@ -899,11 +906,37 @@ class _Entry:
             if _pid_alive(self.client_pid):
                 return None
             return f"client datagram socket of dead pid {self.client_pid}"
+        if self.kind == "mq-lock":
+            from .transport.mq import queue_exists
+
+            if queue_exists(self.address):
+                return None  # its queue holds messages for the next listener: keep both
+            return "lock of a queue that is gone"
         if self.kind == "fifo":
             return "FIFO with no reader"
         if stat.S_ISSOCK(self.st.st_mode):
             return f"{self.kind} socket nobody is bound to"
         return None
+
+
+_MQ_LOCK = ".mq.lock"
+
+
+def _lock_held(path: str) -> bool | None:
+    """Whether a listener holds the flock on ``path`` (the kernel drops it at death)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return False
 
 
 def _client_pid(name: str) -> int | None:
