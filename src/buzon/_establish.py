@@ -2,8 +2,9 @@
 
 A handshake needs three kinds of I/O: write some bytes, read the next frame, read
 some raw bytes. Instead of writing each handshake twice (blocking and asyncio), it is
-a generator that *yields* what it needs — ``("write", data)``, ``("frame", None)`` or
-``("bytes", None)`` — and receives the result. A driver is a ten-line loop that
+a generator that *yields* what it needs — ``("write", data)``, ``("frame", None)``,
+``("bytes", None)``, or ``("wait-read"|"wait-write", None)`` (TLS: just wait for the fd) —
+and receives the result. A driver is a ten-line loop that
 performs the operation and sends the result back (or throws the I/O error in), so
 both drivers share every decision, message and error translation made here.
 """
@@ -30,11 +31,26 @@ Steps = Generator[Op, Any, None]
 
 def establish_steps(core: ChannelCore, prep: Prepared, role: str) -> Steps:
     """All the I/O needed before ``core`` may carry messages (possibly none)."""
+    if getattr(core.transport, "tls_pending", False):
+        yield from _tls_handshake(core)
     if prep.compat == "multiprocessing":
         if prep.authkey is not None:
             yield from _mp_auth(core, prep, role)
     elif prep.handshake:
         yield from _buzon_handshake(core, prep, role)
+
+
+def _tls_handshake(core: ChannelCore) -> Steps:
+    """Drive the TLS handshake: the transport says which way to wait."""
+    transport: Any = core.transport
+    try:
+        while (want := transport.handshake_step()) is not None:
+            yield ("wait-" + want, None)
+    except Timeout:
+        raise HandshakeError("TLS handshake timed out") from None
+    except EndOfChannel:
+        raise HandshakeError("the peer closed the connection during the TLS handshake") from None
+    core.peer = transport.peer
 
 
 def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str) -> Steps:
@@ -79,7 +95,7 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str) -> Steps:
         uid=peer.uid,
         gid=peer.gid,
         address=peer.address,
-        extra={"hello_pid": hs.peer.pid, "options": dict(hs.peer.opts)},
+        extra={**peer.extra, "hello_pid": hs.peer.pid, "options": dict(hs.peer.opts)},
     )
 
 

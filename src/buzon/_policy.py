@@ -16,6 +16,7 @@ so defaults and refusals are identical in the two drivers:
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,7 @@ def prepare(
     allow_uids: tuple[int, ...] | frozenset[int] = (),
     mq_maxmsg: int | None = None,
     mq_msgsize: int | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Prepared:
     from ._channel import ChannelOptions
 
@@ -85,6 +87,14 @@ def prepare(
     # An authkey authenticates the peer only where a handshake uses it: buzon's own on
     # framed unix/tcp links, the multiprocessing one in compat mode. Never on datagrams.
     authenticated = authkey is not None and not raw and addr.scheme in _CONNECTION_ORIENTED
+    if tls is not None:
+        if addr.scheme != "tcp":
+            raise UnsupportedOperation(f"tls= works on tcp:// addresses, not {addr.scheme}:")
+        if not isinstance(tls, ssl.SSLContext):
+            raise TypeError("tls must be an ssl.SSLContext")
+        # TLS authenticates the side whose certificate is verified: a listener that
+        # requires client certificates knows its peers; a client verifies the server
+        authenticated = authenticated or tls.verify_mode == ssl.CERT_REQUIRED
     if addr.is_inet:
         from .transport.tcp import is_loopback
 
@@ -94,7 +104,8 @@ def prepare(
                 + (
                     "UDP has no handshake, so only insecure=True allows this"
                     if addr.scheme == "udp"
-                    else "Pass authkey=b'...' (or insecure=True if you really mean it)"
+                    else "Pass authkey=b'...' or tls= with client certificates required "
+                    "(or insecure=True if you really mean it)"
                 )
             )
         if pickle and not authenticated:
@@ -128,6 +139,7 @@ def prepare(
         mq_msgsize=mq_msgsize,
         insecure=insecure,
         allow_uids=frozenset(allow_uids),
+        tls=tls,
     )
     return Prepared(addr, topts, channel, bytes(authkey) if authkey is not None else None, compat)
 

@@ -108,6 +108,8 @@ async def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
                 await _write_all(core, data, deadline)
             elif op == "frame":
                 result = await _read(core, deadline, lambda: core.poll_frame(control=True))
+            elif op in ("wait-read", "wait-write"):
+                await wait_fd(core.read_fileno(), op == "wait-write", deadline, "handshake")
             else:
                 result = await _read(core, deadline, core.read_control)
         except BuzonError as exc:

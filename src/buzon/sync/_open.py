@@ -116,6 +116,13 @@ def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
                 _write_all(core, data, deadline)
             elif op == "frame":
                 result = _read(core, deadline, lambda: core.poll_frame(control=True))
+            elif op in ("wait-read", "wait-write"):
+                fd = core.read_fileno()
+                readable, writable = wait_fds(
+                    fd, fd, op == "wait-read", op == "wait-write", deadline
+                )
+                if not readable and not writable:
+                    raise Timeout("handshake timed out")
             else:
                 result = _read(core, deadline, core.read_control)
         except BuzonError as exc:

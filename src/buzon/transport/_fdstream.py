@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import from_oserror
 from .base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, StreamTransport
 
-__all__ = ["FdStreamTransport", "SocketStreamTransport"]
+__all__ = ["FdStreamTransport", "SocketStreamTransport", "TlsStreamTransport"]
 
 _IOV_MAX = 1024
 
@@ -137,3 +139,82 @@ class SocketStreamTransport(StreamTransport):
         self.closed = True
         self._fd = -1
         self.sock.close()
+
+
+class TlsStreamTransport(SocketStreamTransport):
+    """TLS over a connected TCP socket (an ``ssl.SSLSocket``, non-blocking).
+
+    The TLS handshake is not done here: :meth:`handshake_step` advances it and the
+    channel's establishment steps wait for the fd as it asks. Reads drain the TLS
+    library's own buffer too (``pending()``), since decrypted bytes waiting there do
+    not make the fd readable; writes join their buffers (TLS copies while encrypting).
+    """
+
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        properties: LinkProperties,
+        *,
+        scheme: str,
+        peer: PeerInfo | None = None,
+    ) -> None:
+        super().__init__(sock, properties, scheme=scheme, peer=peer)
+        self.tls = sock
+        self.tls_pending = True  # the handshake has not completed yet
+
+    def handshake_step(self) -> str | None:
+        """Advance the TLS handshake: ``"read"``/``"write"`` to wait for, None when done."""
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return "read"
+        except ssl.SSLWantWriteError:
+            return "write"
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            from ..errors import HandshakeError
+
+            raise HandshakeError(f"TLS handshake failed: {exc}") from exc
+        except OSError as exc:
+            raise from_oserror(exc, "TLS handshake") from exc
+        self.tls_pending = False
+        cert = self.tls.getpeercert()
+        extra: dict[str, Any] = {"tls": self.tls.version(), "cipher": self.tls.cipher()}
+        if cert:
+            extra["peer_certificate"] = cert
+        self.peer = PeerInfo(address=self.peer.address, extra=extra)
+        return None
+
+    def recv_into(self, buf: memoryview) -> int:
+        tls = self.tls
+        try:
+            n = tls.recv_into(buf)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return WOULD_BLOCK
+        except ssl.SSLZeroReturnError:
+            return 0
+        except ssl.SSLEOFError:
+            return 0
+        except OSError as exc:
+            raise from_oserror(exc, "tls recv") from exc
+        # decrypted bytes left inside the TLS object would never wake a poll on the fd
+        while n and n < len(buf) and tls.pending():
+            try:
+                more = tls.recv_into(buf[n:])
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            if not more:
+                break
+            n += more
+        return n
+
+    def send_buffers(self, bufs: Sequence[Buffer]) -> int:
+        data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+        try:
+            return self.tls.send(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            return WOULD_BLOCK
+        except OSError as exc:
+            raise from_oserror(exc, "tls send") from exc
+
+    def shutdown_write(self) -> None:
+        """TLS has no half-close; the peer sees the end when the connection closes."""

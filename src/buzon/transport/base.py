@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -201,3 +202,4 @@ class TransportOptions:
     insecure: bool = False
     allow_uids: frozenset[int] = frozenset()
     runtime_dir: str | None = None
+    tls: ssl.SSLContext | None = None  # TCP only: wrap every connection in TLS

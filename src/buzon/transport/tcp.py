@@ -14,7 +14,7 @@ import socket
 
 from ..address import Address
 from ..errors import AddressError, ConnectionRefused, from_oserror
-from ._fdstream import SocketStreamTransport
+from ._fdstream import SocketStreamTransport, TlsStreamTransport
 from .base import (
     Connector,
     LinkProperties,
@@ -89,6 +89,7 @@ class TcpListener(ListenerTransport):
             raise from_oserror(exc, f"listen on {addr}") from exc
         self.address = addr.with_port(self.sock.getsockname()[1])
         self._local = is_loopback(addr)
+        self._tls = opts.tls
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -104,6 +105,9 @@ class TcpListener(ListenerTransport):
                     continue
                 raise from_oserror(exc, f"accept on {self.address}") from exc
             _nodelay(conn)
+            if self._tls is not None:
+                tls = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                return TlsStreamTransport(tls, _props(self._local), scheme="tcp", peer=_peer(tls))
             return SocketStreamTransport(conn, _props(self._local), scheme="tcp", peer=_peer(conn))
 
     def close(self) -> None:
@@ -123,6 +127,7 @@ class TcpConnector(Connector):
             family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         )
         self._started = False
+        self._tls = opts.tls
 
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
@@ -145,6 +150,16 @@ class TcpConnector(Connector):
         _nodelay(sock)
         self.sock = None
         local = is_loopback(self.address)
+        if self._tls is not None:
+            hostname = self.address.host if self._tls.check_hostname else None
+            try:
+                tls = self._tls.wrap_socket(
+                    sock, server_hostname=hostname, do_handshake_on_connect=False
+                )
+            except BaseException:
+                sock.close()
+                raise
+            return TlsStreamTransport(tls, _props(local), scheme="tcp", peer=_peer(tls))
         return SocketStreamTransport(sock, _props(local), scheme="tcp", peer=_peer(sock))
 
     def close(self) -> None:
