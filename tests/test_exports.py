@@ -54,6 +54,7 @@ PUBLIC = [
     "parse_address",
     "pipe",
     "serve",
+    "signals",
     "wait",
 ]
 

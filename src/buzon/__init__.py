@@ -11,7 +11,7 @@ See ``docs/concepts.md`` for the map from lecture concepts to this API.
 
 from __future__ import annotations
 
-from . import aio, errors
+from . import aio, errors, signals
 from ._channel import Statistics
 from ._serve import serve
 from .address import Address, parse_address
@@ -92,5 +92,6 @@ __all__ = [
     "parse_address",
     "pipe",
     "serve",
+    "signals",
     "wait",
 ]

@@ -184,6 +184,7 @@ _ERRNO_MAP: dict[int, type[BuzonError]] = {
     errno.ECONNREFUSED: ConnectionRefused,
     errno.ENXIO: ConnectionRefused,  # FIFO opened for writing with no reader
     errno.ENOENT: NoSuchEndpoint,
+    errno.ESRCH: NoSuchEndpoint,  # signalling a process that does not exist
     errno.EADDRINUSE: EndpointInUse,
     errno.EEXIST: EndpointInUse,
     errno.EACCES: PermissionDenied,
@@ -210,6 +211,8 @@ def from_oserror(exc: OSError, what: str = "") -> BuzonError:
     hint = ""
     if exc.errno == errno.ENXIO:
         reason = "no process has the FIFO open for reading"
+    elif exc.errno == errno.ESRCH:
+        reason = "no such process"
     elif exc.errno == errno.ECONNREFUSED:
         hint = " (is anybody listening there?)"
     message = f"{what}: {reason}{hint}" if what else f"{reason}{hint}"
