@@ -224,7 +224,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"buzon {buzon.__version__}"
 
 
-@pytest.mark.parametrize("command", ["send", "recv", "listen", "ls", "clean", "demo"])
+@pytest.mark.parametrize("command", ["send", "recv", "listen", "ls", "clean", "demo", "chaos"])
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out

@@ -24,6 +24,10 @@ buzon programs as well as to programs that know nothing about buzon (``--raw``).
   handshake runs in line, bounded by 5 s: a client that connects and stays silent
   delays the others that long, never more.
 * ``ls`` and ``clean`` look at the private runtime dir (see below).
+* ``chaos FRONT BACK`` relays datagrams or streams between two addresses with faults
+  (drop, duplicate, reorder, corrupt, delay, blackhole, slice, reset), seeded and
+  logged: :mod:`buzon.testing.chaos` and ``docs/chaos.md``.
+* ``bench`` and ``demo`` run the benchmark suite and the tour of every transport.
 
 Output of ``recv``/``listen``: one JSON document per line. Values JSON lacks are
 written as one-key objects: bytes as ``{"$bytes": "<base64>"}``, a numpy array as
@@ -42,8 +46,9 @@ a ``reader`` when a non-blocking write-open succeeds (which wakes a foreign read
 blocked in ``open``, and its EOF may follow: buzon's own readers are not disturbed).
 ``clean`` removes only what is provably dead and older than two seconds: socket files
 nobody is bound to, FIFOs nobody reads, client datagram sockets ``c-PID-*.dgram``
-whose process is gone. Queues are never removed (one may hold messages for a reader
-to come).
+whose process is gone, and lock files of private queues that no longer exist. Queues
+are never removed (one may hold messages for a reader to come; the next listener on a
+private name whose owner died takes it over, messages included).
 
 Exit status
 -----------
@@ -281,6 +286,18 @@ this user are listed too (without a mounted mqueue file system: only those a
 process holds open).
 """
 
+_CHAOS_EPILOG = """\
+FRONT and BACK are both datagram (udp://, unixgram:) or both stream (tcp://,
+unix:). The options override the profile in both directions. A line 'buzon:
+relaying FRONT -> BACK (profile P, seed N)' goes to stderr first (unless -q): with
+port 0 it tells the real port, and the seed replays the run. On Ctrl-C or SIGTERM
+the relay stops and prints its counters on one line; exit status 0.
+
+examples:
+  buzon chaos udp://127.0.0.1:7001 udp://127.0.0.1:7000 --profile wifi --seed 7
+  buzon chaos unix:calc-lossy unix:calc --delay 20 --jitter 10 --log chaos.jsonl
+"""
+
 _CLEAN_EPILOG = """\
 Removes from the runtime dir only what is provably dead and older than 2 seconds:
 socket files nobody is bound to, FIFOs nobody reads, client datagram sockets
@@ -389,6 +406,34 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         description="Move messages over each transport between real processes, narrated.",
     )
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "chaos",
+        help="relay FRONT <-> BACK with faults (drop, duplicate, reorder, delay...)",
+        description="Relay datagrams or streams between FRONT and BACK, with faults, "
+        "until Ctrl-C or SIGTERM; then print a one-line summary of what was done.",
+        epilog=_CHAOS_EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("front", metavar="FRONT", help="where clients connect (port 0: a free one)")
+    p.add_argument("back", metavar="BACK", help="the real server, of the same kind")
+    p.add_argument("--profile", default="clean", choices=_chaos_profiles(), help="start from")
+    p.add_argument("--seed", type=int, default=None, help="replay a run (default: random)")
+    for flag, what in (
+        ("drop", "lose"),
+        ("dup", "duplicate"),
+        ("reorder", "hold back"),
+        ("corrupt", "flip a bit of"),
+    ):
+        p.add_argument(
+            f"--{flag}", type=_probability_arg, metavar="P", help=f"{what} a datagram with P"
+        )
+    p.add_argument("--delay", type=_ms_arg, metavar="MS", help="delay every datagram/chunk")
+    p.add_argument("--jitter", type=_ms_arg, metavar="MS", help="delay ± up to MS")
+    p.add_argument("--log", metavar="FILE", help="write every decision to FILE (JSON lines)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no 'relaying' line on stderr")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback front")
+    p.set_defaults(func=_run_chaos)
 
     sub.add_parser(
         "bench",
@@ -1077,6 +1122,72 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if not removed:
         print(f"nothing to clean in {rdir}")
     sys.stdout.flush()
+    return EXIT_OK
+
+
+# -- chaos ----------------------------------------------------------------------------
+
+
+def _chaos_profiles() -> list[str]:
+    from .testing.chaos import PROFILES
+
+    return list(PROFILES)
+
+
+def _probability_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("a probability is from 0 to 1")
+    return value
+
+
+def _ms_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError("milliseconds are a number >= 0")
+    return value / 1000.0
+
+
+def _run_chaos(args: argparse.Namespace) -> int:
+    from .testing.chaos import PROFILES, ChaosRelay
+
+    names = {"drop": "drop", "dup": "duplicate", "reorder": "reorder", "corrupt": "corrupt"}
+    names.update(delay="delay", jitter="jitter")
+    changes = {field: getattr(args, opt) for opt, field in names.items()}
+    faults = PROFILES[args.profile].with_(**{k: v for k, v in changes.items() if v is not None})
+    relay = ChaosRelay(
+        args.front,
+        args.back,
+        profile=faults,
+        seed=args.seed,
+        log=args.log,
+        max_events=0,  # the log file keeps them; a long run must not grow
+        insecure=args.insecure,
+    )
+    with _sigterm_raises():
+        try:
+            relay.start()
+            if not args.quiet:
+                _note(
+                    f"relaying {relay.address} -> {relay.back} "
+                    f"(profile {args.profile}, seed {relay.seed})"
+                )
+            while relay.running:
+                time.sleep(0.2)
+        except (KeyboardInterrupt, _Terminated):
+            pass
+        finally:
+            relay.close()
+    print(f"chaos: {relay.summary()}", flush=True)
+    if relay.failure is not None:
+        _error(f"the relay stopped: {relay.failure}")
+        return EXIT_ERROR
     return EXIT_OK
 
 

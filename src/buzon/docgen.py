@@ -848,6 +848,13 @@ def render_errors() -> str:
 
 Renderer = Callable[[], str]
 
+
+def _render_chaos_profiles() -> str:
+    from .testing import chaos
+
+    return chaos.render_profiles()
+
+
 SECTIONS: dict[str, dict[str, Renderer]] = {
     "concepts.md": {"errors": render_errors},
     "frames.md": {
@@ -864,6 +871,7 @@ SECTIONS: dict[str, dict[str, Renderer]] = {
     },
     "transports.md": {"transports": render_transports, "addresses": render_addresses},
     "security.md": {"limits": render_frame_limits},
+    "chaos.md": {"chaos-profiles": _render_chaos_profiles},
 }
 """Page file name -> section name -> renderer."""
 
