@@ -130,3 +130,22 @@ async def test_send_many_and_bytes_many() -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_recv_and_wait_on_the_same_channel_both_wake() -> None:
+    """An event loop keeps one reader per fd; two waiters on one channel must both wake."""
+    a, b = aio.pipe()
+    try:
+        receiver = asyncio.ensure_future(b.recv(timeout=5))
+        watcher = asyncio.ensure_future(aio.wait([b], timeout=5))
+        await asyncio.sleep(0.01)
+        await a.send("x")
+        assert await receiver == "x"
+        # the watcher woke too (and saw the channel empty again, then timed out or
+        # found the next message): it must not sleep through a second message
+        await a.send("y")
+        assert await watcher == [b]
+        assert b.recv_nowait() == "y"
+    finally:
+        a.close()
+        b.close()

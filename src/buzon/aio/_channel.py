@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar, overload
 
@@ -20,7 +21,7 @@ from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, Unsuppor
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
 
-__all__ = ["Channel", "wait_fd", "wait_io"]
+__all__ = ["Channel", "wait_fd", "wait_io", "watchers"]
 
 T = TypeVar("T")
 
@@ -33,6 +34,59 @@ def deadline_of(timeout: float | None) -> float | None:
     return time.monotonic() + timeout
 
 
+class _Watchers:
+    """Several waiters on one fd in one loop.
+
+    An event loop keeps one reader (and one writer) callback per fd: a second
+    ``add_reader`` silently replaces the first. A task in ``recv`` and another in
+    ``buzon.aio.wait`` over the same channel would then leave one of them asleep for
+    ever. So every wait registers its future here, and one loop callback per fd and
+    direction wakes them all.
+    """
+
+    def __init__(self) -> None:
+        self._futs: dict[tuple[int, bool], set[asyncio.Future[None]]] = {}
+
+    def add(
+        self, loop: asyncio.AbstractEventLoop, fd: int, write: bool, fut: asyncio.Future[None]
+    ) -> None:
+        key = (fd, write)
+        waiting = self._futs.get(key)
+        if waiting is None:
+            waiting = self._futs[key] = set()
+            (loop.add_writer if write else loop.add_reader)(fd, self._wake, key)
+        waiting.add(fut)
+
+    def remove(
+        self, loop: asyncio.AbstractEventLoop, fd: int, write: bool, fut: asyncio.Future[None]
+    ) -> None:
+        key = (fd, write)
+        waiting = self._futs.get(key)
+        if waiting is None:
+            return
+        waiting.discard(fut)
+        if not waiting:
+            del self._futs[key]
+            (loop.remove_writer if write else loop.remove_reader)(fd)
+
+    def _wake(self, key: tuple[int, bool]) -> None:
+        for fut in self._futs.get(key, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchers] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def watchers(loop: asyncio.AbstractEventLoop) -> _Watchers:
+    w = _watchers.get(loop)
+    if w is None:
+        w = _watchers[loop] = _Watchers()
+    return w
+
+
 async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None:
     """Wait until ``rfd`` is readable or ``wfd`` writable (-1: not wanted).
 
@@ -43,15 +97,11 @@ async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None
         raise ChannelClosed(f"cannot {what}: the channel has no fd for it")
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
+    w = watchers(loop)
     if rfd >= 0:
-        loop.add_reader(rfd, ready)
+        w.add(loop, rfd, False, fut)
     if wfd >= 0:
-        loop.add_writer(wfd, ready)
+        w.add(loop, wfd, True, fut)
     try:
         if deadline is None:
             await fut
@@ -65,9 +115,9 @@ async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None
                 raise Timeout(f"{what} timed out") from None
     finally:
         if rfd >= 0:
-            loop.remove_reader(rfd)
+            w.remove(loop, rfd, False, fut)
         if wfd >= 0:
-            loop.remove_writer(wfd)
+            w.remove(loop, wfd, True, fut)
 
 
 def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:

@@ -16,7 +16,7 @@ from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
 from ..transport import open_connector, open_listener
 from ..transport.base import Connector, Transport
 from ..transport.pipe import pipe_pair
-from ._channel import Channel, deadline_of, wait_fd
+from ._channel import Channel, deadline_of, wait_fd, watchers
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
@@ -196,14 +196,10 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         if ready:
             return ready
         fut: asyncio.Future[None] = loop.create_future()
-
-        def wake(fut: asyncio.Future[None] = fut) -> None:
-            if not fut.done():
-                fut.set_result(None)
-
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
+        w = watchers(loop)
         for fd in fds:
-            loop.add_reader(fd, wake)
+            w.add(loop, fd, False, fut)
         try:
             if deadline is None:
                 await fut
@@ -217,4 +213,4 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
                     return []
         finally:
             for fd in fds:
-                loop.remove_reader(fd)
+                w.remove(loop, fd, False, fut)
