@@ -29,6 +29,7 @@ from .errors import (
     EndOfChannel,
     FrameError,
     MessageTooLarge,
+    Timeout,
     UnsupportedOperation,
 )
 from .protocol import mpcompat
@@ -473,6 +474,22 @@ class ChannelCore:
     def partial(self) -> bool:
         """True while part of a frame has arrived (the frame-progress timer runs)."""
         return self.decoder is not None and self.decoder.buffered > 0
+
+    def wait_limit(self, deadline: float | None, now: float) -> tuple[float | None, bool]:
+        """How long a receive may sleep: the caller's deadline, or sooner the
+        frame-progress deadline while part of a frame is in (then ``True``: expiring
+        means the peer stalled mid-frame, reported by :meth:`stalled`)."""
+        frame_timeout = self.options.frame_timeout
+        if frame_timeout is not None and self.partial():
+            stall = now + frame_timeout
+            if deadline is None or stall < deadline:
+                return stall, True
+        return deadline, False
+
+    def stalled(self) -> Timeout:
+        return Timeout(
+            f"the peer stalled for {self.options.frame_timeout} s in the middle of a frame"
+        )
 
     def ready(self) -> bool:
         """True if a receive would not find the channel empty (it may raise instead).

@@ -144,6 +144,17 @@ def prepare(
     return Prepared(addr, topts, channel, bytes(authkey) if authkey is not None else None, compat)
 
 
+def pipe_cores(duplex: bool, **options: Any) -> tuple[Any, Any]:
+    """The two cores of ``buzon.pipe``/``buzon.aio.pipe`` (each driver wraps them)."""
+    from ._channel import ChannelCore
+    from .transport.pipe import pipe_pair
+
+    options = {k: v for k, v in options.items() if v is not None}
+    prep = prepare(Address("pipe"), listening=False, **options)
+    a, b = pipe_pair(duplex)
+    return ChannelCore(a, prep.channel), ChannelCore(b, prep.channel)
+
+
 def _default_spin() -> float:
     """Spin budget before blocking: 50 µs, or ``BUZON_SPIN_US`` (0 disables)."""
     env = os.environ.get("BUZON_SPIN_US")

@@ -265,20 +265,13 @@ class Channel(ChannelIdentity):
         core = self._core
         if deadline is None and core.options.idle_timeout is not None:
             deadline = deadline_of(core.options.idle_timeout)
-        frame_timeout = core.options.frame_timeout
         while True:
-            stall = None
-            if frame_timeout is not None and core.partial():
-                stall = time.monotonic() + frame_timeout
-                if deadline is not None and deadline <= stall:
-                    stall = None
+            limit, mid_frame = core.wait_limit(deadline, time.monotonic())
             try:
-                await self._wait_readable(stall if stall is not None else deadline)
+                await self._wait_readable(limit)
             except Timeout:
-                if stall is not None:
-                    raise Timeout(
-                        f"the peer stalled for {frame_timeout} s in the middle of a frame"
-                    ) from None
+                if mid_frame:
+                    raise core.stalled() from None
                 raise
             item = core.poll()
             if item is not None:

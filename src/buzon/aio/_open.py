@@ -10,12 +10,11 @@ from typing import Any, TypeVar
 from .._channel import ChannelCore
 from .._establish import Steps, establish_steps
 from .._listener import ListenerBase
-from .._policy import Prepared, prepare
+from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
 from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
 from ..transport import open_connector, open_listener
 from ..transport.base import Connector, Transport
-from ..transport.pipe import pipe_pair
 from ._channel import Channel, deadline_of, wait_fd, watchers
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
@@ -33,12 +32,8 @@ def pipe(
     max_frame: int | None = None,
 ) -> tuple[Channel, Channel]:
     """Two connected asyncio channels over anonymous pipes (see :func:`buzon.pipe`)."""
-    kw: dict[str, Any] = {"codec": codec, "pickle": pickle, "raw": raw}
-    if max_frame is not None:
-        kw["max_frame"] = max_frame
-    prep = prepare(Address("pipe"), listening=False, **kw)
-    a, b = pipe_pair(duplex)
-    return Channel(ChannelCore(a, prep.channel)), Channel(ChannelCore(b, prep.channel))
+    a, b = pipe_cores(duplex, codec=codec, pickle=pickle, raw=raw, max_frame=max_frame)
+    return Channel(a), Channel(b)
 
 
 async def connect(url: str | Address, timeout: float | None = None, **options: Any) -> Channel:

@@ -274,15 +274,9 @@ class Channel(ChannelIdentity):
     def _wait_item(self, deadline: float | None) -> Frame | tuple[int, bytes]:
         """Sleep in poll until a message arrives (or the deadline, or a stalled frame)."""
         core = self._core
-        frame_timeout = core.options.frame_timeout
         while True:
-            stall = None
-            if frame_timeout is not None and core.partial():
-                stall = _monotonic() + frame_timeout
-                if deadline is not None and deadline <= stall:
-                    stall = None
+            limit, mid_frame = core.wait_limit(deadline, _monotonic())
             try:
-                limit = stall if stall is not None else deadline
                 if core.pending or self._rpoll is None:
                     self._wait(True, limit, "recv")  # also finishes an earlier write
                 elif limit is None:
@@ -293,10 +287,8 @@ class Channel(ChannelIdentity):
                     if not woke and _monotonic() >= limit:
                         raise Timeout("recv timed out")
             except Timeout:
-                if stall is not None:
-                    raise Timeout(
-                        f"the peer stalled for {frame_timeout} s in the middle of a frame"
-                    ) from None
+                if mid_frame:
+                    raise core.stalled() from None
                 raise
             item = core.poll()
             if item is not None:

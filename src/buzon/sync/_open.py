@@ -10,12 +10,11 @@ from typing import Any, TypeVar
 from .._channel import ChannelCore
 from .._establish import Steps, establish_steps
 from .._listener import ListenerBase
-from .._policy import Prepared, prepare
+from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
 from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
 from ..transport import open_connector, open_listener
 from ..transport.base import Transport
-from ..transport.pipe import pipe_pair
 from ._channel import Channel, deadline_of, wait_fds
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
@@ -37,12 +36,8 @@ def pipe(
 
     ``duplex=False`` gives (receive end, send end), like ``multiprocessing.Pipe``.
     """
-    kw: dict[str, Any] = {"codec": codec, "pickle": pickle, "raw": raw, "spin": spin}
-    if max_frame is not None:
-        kw["max_frame"] = max_frame
-    prep = prepare(Address("pipe"), listening=False, **kw)
-    a, b = pipe_pair(duplex)
-    return Channel(ChannelCore(a, prep.channel)), Channel(ChannelCore(b, prep.channel))
+    a, b = pipe_cores(duplex, codec=codec, pickle=pickle, raw=raw, spin=spin, max_frame=max_frame)
+    return Channel(a), Channel(b)
 
 
 def connect(url: str | Address, timeout: float | None = None, **options: Any) -> Channel:
