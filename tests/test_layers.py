@@ -1,0 +1,57 @@
+"""The tree keeps its layers: drivers do not import each other, transports do not wait."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import buzon
+
+ROOT = Path(buzon.__file__).parent
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute-ish module names imported by ``path`` (relative imports resolved)."""
+    package = ".".join(["buzon", *path.relative_to(ROOT).parent.parts])
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _files(sub: str) -> list[Path]:
+    return sorted((ROOT / sub).glob("*.py"))
+
+
+@pytest.mark.parametrize("path", _files("sync"), ids=lambda p: p.name)
+def test_the_blocking_driver_does_not_import_the_asyncio_one(path: Path) -> None:
+    assert not any(n == "buzon.aio" or n.startswith("buzon.aio.") for n in _imports(path))
+
+
+@pytest.mark.parametrize("path", _files("aio"), ids=lambda p: p.name)
+def test_the_asyncio_driver_does_not_import_the_blocking_one(path: Path) -> None:
+    assert not any(n == "buzon.sync" or n.startswith("buzon.sync.") for n in _imports(path))
+
+
+@pytest.mark.parametrize("path", _files("transport"), ids=lambda p: p.name)
+def test_transports_never_wait(path: Path) -> None:
+    names = _imports(path)
+    assert not names & {"selectors", "asyncio", "threading", "time"}
+    assert not any(n.startswith(("buzon.sync", "buzon.aio")) for n in names)
+
+
+def test_the_import_reader_resolves_relative_imports() -> None:
+    names = _imports(ROOT / "sync" / "_open.py")
+    assert "buzon._channel" in names and "buzon.transport" in names
