@@ -47,9 +47,7 @@ def test_the_asyncio_driver_does_not_import_the_blocking_one(path: Path) -> None
 
 def _sleeps(path: Path) -> bool:
     tree = ast.parse(path.read_text(), str(path))
-    return any(
-        isinstance(node, ast.Attribute) and node.attr == "sleep" for node in ast.walk(tree)
-    )
+    return any(isinstance(node, ast.Attribute) and node.attr == "sleep" for node in ast.walk(tree))
 
 
 @pytest.mark.parametrize("path", _files("transport"), ids=lambda p: p.name)
