@@ -1,4 +1,4 @@
-"""Build the small C extension that binds POSIX message queues (mq_open & co)."""
+"""Build the small C extensions: POSIX message queues (mq_open & co) and CRC-32C."""
 
 from setuptools import Extension, setup
 
@@ -9,6 +9,11 @@ setup(
             sources=["src/buzon/_posixmq.c"],
             libraries=["rt"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=c11"],
-        )
+        ),
+        Extension(
+            "buzon._crc32c",
+            sources=["src/buzon/_crc32c.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
     ]
 )

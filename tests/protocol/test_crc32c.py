@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buzon.protocol.crc32c import POLYNOMIAL, crc32c, crc32c_bytewise, crc32c_table
+from buzon._crc32c import crc32c as crc32c_c
+from buzon.protocol.crc32c import POLYNOMIAL, crc32c, crc32c_bytewise, crc32c_masks, crc32c_table
 
-IMPLEMENTATIONS = [crc32c, crc32c_table, crc32c_bytewise]
+IMPLEMENTATIONS = [crc32c, crc32c_c, crc32c_masks, crc32c_table, crc32c_bytewise]
 
 # RFC 3720 (iSCSI) appendix B.4, plus the customary "123456789" check value.
 VECTORS = [

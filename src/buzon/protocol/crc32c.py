@@ -36,8 +36,10 @@ Two implementations, checked against each other and against known vectors by the
   inputs are processed in 64 KiB chunks, chaining the register. Inputs shorter than
   :data:`_SMALL` bytes go through the tables, which win there.
 
-A C implementation (SSE4.2 ``crc32`` instruction) would reach GB/s; if the C core ever
-grows one, :func:`crc32c` is the single function to route to it.
+:func:`crc32c` itself calls the C extension ``buzon._crc32c`` (the SSE4.2 ``crc32``
+instruction, about 10 GB/s on the reference VM; a table where the CPU lacks it) and
+falls back to the masks when the extension is missing. The tests check all of them
+against each other.
 
 This module is sans-IO and pure: no state but the lazily built, immutable masks.
 """
@@ -45,8 +47,15 @@ This module is sans-IO and pure: no state but the lazily built, immutable masks.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
-__all__ = ["POLYNOMIAL", "crc32c", "crc32c_bytewise", "crc32c_table"]
+__all__ = ["POLYNOMIAL", "crc32c", "crc32c_bytewise", "crc32c_masks", "crc32c_table"]
+
+_c_crc32c: Callable[[Buffer, int], int] | None
+try:  # the C twin, built by the normal install; the code below is its reference
+    from .._crc32c import crc32c as _c_crc32c
+except ImportError:  # pragma: no cover - the extension is always built by make
+    _c_crc32c = None
 
 POLYNOMIAL = 0x82F63B78  # Castagnoli, bit-reversed
 _MASK32 = 0xFFFFFFFF
@@ -184,8 +193,16 @@ def _crc_masks(data: Buffer, reg: int) -> int:
 def crc32c(data: Buffer, crc: int = 0) -> int:
     """CRC-32C of ``data``; pass a previous result as ``crc`` to continue it.
 
-    ``crc32c(a + b) == crc32c(b, crc32c(a))``.
+    ``crc32c(a + b) == crc32c(b, crc32c(a))``. Uses the C extension ``buzon._crc32c``
+    (the SSE4.2 instruction: GB/s) when it is built, else :func:`crc32c_masks`.
     """
+    if _c_crc32c is not None:
+        return _c_crc32c(data, crc)
+    return crc32c_masks(data, crc)
+
+
+def crc32c_masks(data: Buffer, crc: int = 0) -> int:
+    """The pure-Python fast path (masks and popcounts; see the module docstring)."""
     if isinstance(data, memoryview) and (data.format != "B" or data.ndim != 1):
         data = data.cast("B")
     n = len(data)

@@ -1,0 +1,3 @@
+HARDWARE: int
+
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0, /) -> int: ...
