@@ -698,8 +698,7 @@ class ChannelIdentity:
 
     def statistics(self) -> Statistics:
         """A snapshot of this channel's counters."""
-        s = self._core.stats
-        return Statistics(*(getattr(s, f) for f in s.__slots__))
+        return replace(self._core.stats)
 
     def fileno(self) -> int:
         """The fd that becomes readable when a message may be ready (for foreign loops)."""

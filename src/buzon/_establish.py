@@ -12,6 +12,7 @@ both drivers share every decision, message and error translation made here.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -23,10 +24,25 @@ from .protocol.handshake import NONCE_SIZE, Handshake
 from .protocol.mpcompat import ClientAuth, ServerAuth
 from .transport.base import PeerInfo
 
-__all__ = ["Op", "Steps", "establish_steps"]
+__all__ = ["Op", "Steps", "establish_steps", "retry_delay"]
 
 Op = tuple[str, bytes | None]
 Steps = Generator[Op, Any, None]
+
+
+_RETRY_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+
+
+def retry_delay(attempt: int, deadline: float | None, address: object) -> float:
+    """How long a driver sleeps before retrying a connector that has no fd to wait on
+    (a FIFO without a reader): a short back-off, never past the deadline."""
+    delay = _RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)]
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"connecting to {address} timed out (no reader/listener yet)")
+        delay = min(delay, remaining)
+    return delay
 
 
 def establish_steps(core: ChannelCore, prep: Prepared, role: str) -> Steps:

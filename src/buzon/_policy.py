@@ -20,10 +20,12 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from ._channel import ChannelCore, ChannelOptions
 from .address import Address, parse_address
 from .errors import InsecureBind, SecurityError, UnsupportedOperation
 from .protocol.frames import DEFAULT_MAX_FRAME
 from .transport.base import TransportOptions
+from .transport.pipe import pipe_pair
 
 __all__ = ["Prepared", "prepare"]
 
@@ -34,7 +36,7 @@ _CONNECTION_ORIENTED = frozenset({"unix", "tcp"})
 class Prepared:
     address: Address
     transport: TransportOptions
-    channel: Any  # ChannelOptions (imported lazily to keep this module light)
+    channel: ChannelOptions
     authkey: bytes | None
     compat: str | None
 
@@ -69,8 +71,6 @@ def prepare(
     mq_msgsize: int | None = None,
     tls: ssl.SSLContext | None = None,
 ) -> Prepared:
-    from ._channel import ChannelOptions
-
     addr = parse_address(url)
     if authkey is not None and not isinstance(authkey, bytes | bytearray):
         raise TypeError("authkey must be bytes")
@@ -144,11 +144,8 @@ def prepare(
     return Prepared(addr, topts, channel, bytes(authkey) if authkey is not None else None, compat)
 
 
-def pipe_cores(duplex: bool, **options: Any) -> tuple[Any, Any]:
+def pipe_cores(duplex: bool, **options: Any) -> tuple[ChannelCore, ChannelCore]:
     """The two cores of ``buzon.pipe``/``buzon.aio.pipe`` (each driver wraps them)."""
-    from ._channel import ChannelCore
-    from .transport.pipe import pipe_pair
-
     options = {k: v for k, v in options.items() if v is not None}
     prep = prepare(Address("pipe"), listening=False, **options)
     a, b = pipe_pair(duplex)

@@ -21,7 +21,7 @@ from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, Unsuppor
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
 
-__all__ = ["Channel", "wait_fd", "wait_io", "watchers"]
+__all__ = ["Channel", "wait_fd", "wait_io", "wait_ready", "watchers"]
 
 T = TypeVar("T")
 
@@ -87,6 +87,32 @@ def watchers(loop: asyncio.AbstractEventLoop) -> _Watchers:
     return w
 
 
+async def wait_ready(reads: Iterable[int], writes: Iterable[int], deadline: float | None) -> bool:
+    """Wait until one of ``reads`` is readable or one of ``writes`` writable; False if
+    the deadline passed first. Other waiters on the same fds are not disturbed."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    w = watchers(loop)
+    watched = [(fd, False) for fd in reads] + [(fd, True) for fd in writes]
+    for fd, write in watched:
+        w.add(loop, fd, write, fut)
+    try:
+        if deadline is None:
+            await fut
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(fut, remaining)
+        except TimeoutError:
+            return False
+        return True
+    finally:
+        for fd, write in watched:
+            w.remove(loop, fd, write, fut)
+
+
 async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None:
     """Wait until ``rfd`` is readable or ``wfd`` writable (-1: not wanted).
 
@@ -95,29 +121,10 @@ async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None
     """
     if rfd < 0 and wfd < 0:
         raise ChannelClosed(f"cannot {what}: the channel has no fd for it")
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    w = watchers(loop)
-    if rfd >= 0:
-        w.add(loop, rfd, False, fut)
-    if wfd >= 0:
-        w.add(loop, wfd, True, fut)
-    try:
-        if deadline is None:
-            await fut
-        else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout(f"{what} timed out")
-            try:
-                await asyncio.wait_for(fut, remaining)
-            except TimeoutError:
-                raise Timeout(f"{what} timed out") from None
-    finally:
-        if rfd >= 0:
-            w.remove(loop, rfd, False, fut)
-        if wfd >= 0:
-            w.remove(loop, wfd, True, fut)
+    reads = [rfd] if rfd >= 0 else []
+    writes = [wfd] if wfd >= 0 else []
+    if not await wait_ready(reads, writes, deadline):
+        raise Timeout(f"{what} timed out")
 
 
 def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:

@@ -8,19 +8,18 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from .._channel import ChannelCore
-from .._establish import Steps, establish_steps
+from .._establish import Steps, establish_steps, retry_delay
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
 from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
 from ..transport import open_connector, open_listener
 from ..transport.base import Connector, Transport
-from ._channel import Channel, deadline_of, wait_fd, watchers
+from ._channel import Channel, deadline_of, wait_fd, wait_ready
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
 W = TypeVar("W")
-_RETRY_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 
 
 def pipe(
@@ -57,14 +56,8 @@ async def _drive_connector(
         if transport is not None:
             return transport
         if connector.want == "retry":
-            delay = _RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)]
+            await asyncio.sleep(retry_delay(attempt, deadline, address))
             attempt += 1
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Timeout(f"connecting to {address} timed out (no reader/listener yet)")
-                delay = min(delay, remaining)
-            await asyncio.sleep(delay)
             continue
         try:
             await wait_fd(connector.fileno(), connector.want == "write", deadline, "connect")
@@ -185,27 +178,10 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         if not hasattr(o, "_ready"):
             raise TypeError(f"buzon.aio.wait cannot wait on {type(o).__name__}")
     deadline = deadline_of(timeout)
-    loop = asyncio.get_running_loop()
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
             return ready
-        fut: asyncio.Future[None] = loop.create_future()
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
-        w = watchers(loop)
-        for fd in fds:
-            w.add(loop, fd, False, fut)
-        try:
-            if deadline is None:
-                await fut
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return []
-                try:
-                    await asyncio.wait_for(fut, remaining)
-                except TimeoutError:
-                    return []
-        finally:
-            for fd in fds:
-                w.remove(loop, fd, False, fut)
+        if not await wait_ready(fds, (), deadline):
+            return []

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from .._channel import ChannelCore
-from .._establish import Steps, establish_steps
+from .._establish import Steps, establish_steps, retry_delay
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
@@ -20,7 +20,6 @@ from ._channel import Channel, deadline_of, wait_fds
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
 W = TypeVar("W")
-_RETRY_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 
 
 def pipe(
@@ -64,14 +63,8 @@ def _drive_connector(connector: Any, deadline: float | None, address: Address) -
         if transport is not None:
             return transport
         if connector.want == "retry":
-            delay = _RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)]
+            time.sleep(retry_delay(attempt, deadline, address))
             attempt += 1
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Timeout(f"connecting to {address} timed out (no reader/listener yet)")
-                delay = min(delay, remaining)
-            time.sleep(delay)
             continue
         fd = connector.fileno()
         readable, writable = wait_fds(

@@ -66,11 +66,6 @@ class FdStreamTransport(StreamTransport):
         except OSError as exc:
             raise from_oserror(exc, f"{self.scheme} write") from exc
 
-    def shutdown_write(self) -> None:
-        if self._wfd >= 0:
-            os.close(self._wfd)
-            self._wfd = -1
-
     def close(self) -> None:
         if self.closed:
             return
@@ -95,7 +90,6 @@ class SocketStreamTransport(StreamTransport):
         sock.setblocking(False)
         self.sock = sock
         self._fd = sock.fileno()
-        self._write_open = True
         self.properties = properties
         self.scheme = scheme
         if peer is not None:
@@ -105,7 +99,7 @@ class SocketStreamTransport(StreamTransport):
         return self._fd
 
     def write_fileno(self) -> int:
-        return self._fd if self._write_open else -1
+        return self._fd
 
     def recv_into(self, buf: memoryview) -> int:
         try:
@@ -124,14 +118,6 @@ class SocketStreamTransport(StreamTransport):
             return WOULD_BLOCK
         except OSError as exc:
             raise from_oserror(exc, f"{self.scheme} send") from exc
-
-    def shutdown_write(self) -> None:
-        if self._write_open and not self.closed:
-            self._write_open = False
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # the peer is already gone; nothing left to tell it
 
     def close(self) -> None:
         if self.closed:
@@ -215,6 +201,3 @@ class TlsStreamTransport(SocketStreamTransport):
             return WOULD_BLOCK
         except OSError as exc:
             raise from_oserror(exc, "tls send") from exc
-
-    def shutdown_write(self) -> None:
-        """TLS has no half-close; the peer sees the end when the connection closes."""

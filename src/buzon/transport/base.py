@@ -19,7 +19,6 @@ yields a transport, and a :class:`ListenerTransport` is polled for accepted ones
 from __future__ import annotations
 
 import abc
-import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -116,9 +115,6 @@ class StreamTransport(Transport):
     def send_buffers(self, bufs: Sequence[Buffer]) -> int:
         """Vectored write; returns bytes accepted (possibly partial) or ``WOULD_BLOCK``."""
 
-    def shutdown_write(self) -> None:
-        """Signal end-of-stream to the peer where the mechanism allows it (default: no-op)."""
-
 
 class MessageTransport(Transport):
     """Moves whole messages; each carries exactly one frame."""
@@ -178,11 +174,6 @@ class ListenerTransport(abc.ABC):
         from ..errors import UnsupportedOperation
 
         raise UnsupportedOperation(f"{type(self).__name__} cannot be shared with a child")
-
-
-def set_cloexec_nonblock(fd: int) -> None:
-    os.set_blocking(fd, False)
-    os.set_inheritable(fd, False)
 
 
 @dataclass(frozen=True, slots=True)
