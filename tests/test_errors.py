@@ -22,6 +22,7 @@ TREE: dict[str, tuple[type, ...]] = {
     "Full": (errors.ChannelError, queue.Full),
     "EndOfChannel": (errors.ChannelError, EOFError),
     "ChannelClosed": (errors.ChannelError,),
+    "Undelivered": (errors.ChannelError,),
     "MessageTooLarge": (errors.ChannelError,),
     "ConnectError": (errors.BuzonError, ConnectionError),
     "ConnectionRefused": (errors.ConnectError, ConnectionRefusedError),

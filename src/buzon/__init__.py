@@ -12,7 +12,7 @@ See ``docs/concepts.md`` for the map from lecture concepts to this API.
 from __future__ import annotations
 
 from . import aio, errors, signals
-from ._channel import Statistics
+from ._channel import Receipt, Statistics
 from ._serve import serve
 from .address import Address, parse_address
 from .errors import (
@@ -40,6 +40,7 @@ from .errors import (
     ProtocolError,
     SecurityError,
     Timeout,
+    Undelivered,
     UnsafePath,
     UnsupportedOperation,
     ValidationError,
@@ -77,10 +78,12 @@ __all__ = [
     "PermissionDenied",
     "PickleRejected",
     "ProtocolError",
+    "Receipt",
     "SecurityError",
     "Server",
     "Statistics",
     "Timeout",
+    "Undelivered",
     "UnsafePath",
     "UnsupportedOperation",
     "ValidationError",

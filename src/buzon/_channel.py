@@ -15,6 +15,8 @@ by ``close``. A message accepted by ``send_nowait`` is therefore never lost or t
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import pickle
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -28,11 +30,14 @@ from .errors import (
     CodecError,
     EndOfChannel,
     FrameError,
+    Full,
     MessageTooLarge,
     Timeout,
+    Undelivered,
     UnsupportedOperation,
 )
 from .protocol import mpcompat
+from .protocol.credit import RECEIPT_FLAG, RecvFlow, SendFlow, decode_credit
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
     HEADER,
@@ -46,7 +51,18 @@ from .protocol.frames import (
 )
 from .transport.base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, Transport
 
-__all__ = ["ChannelCore", "ChannelIdentity", "ChannelOptions", "Statistics"]
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "ChannelCore",
+    "ChannelIdentity",
+    "ChannelOptions",
+    "Receipt",
+    "Statistics",
+]
+
+#: ``capacity`` not stated: the transport's own buffering (its kernel buffer), no credits
+DEFAULT_CAPACITY = -1
+DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
 
 _RAW_HEADER = HEADER.pack
 _unpack_header = HEADER.unpack_from
@@ -66,6 +82,8 @@ class ChannelOptions:
     idle_timeout: float | None = None
     close_timeout: float = 5.0
     compat: str | None = None
+    capacity: int | None = DEFAULT_CAPACITY  # 0 rendezvous, N bounded, None unbounded
+    max_queue: int = DEFAULT_MAX_QUEUE  # capacity=None: bytes queued in user space at most
 
 
 @dataclass(slots=True)
@@ -80,6 +98,76 @@ class Statistics:
     recv_would_block: int = 0
     rejected_frames: int = 0
     dropped: int = 0  # lost by the link and known to be: full UDP queue, over-unit datagrams
+    queued_bytes: int = 0  # capacity=None: bytes accepted and still held in user space
+    credits_sent: int = 0  # CREDIT frames (capacity, receipts) written
+    credits_received: int = 0
+
+
+class Receipt:
+    """The fate of one message sent with ``send_async``.
+
+    :meth:`done` says whether the receiver has taken it (without waiting),
+    :meth:`wait` waits (``timeout`` like everywhere; :class:`Timeout` when it passes),
+    ``await receipt`` does the same in asyncio, and :attr:`receiver` is the
+    receiving process's pid once delivered (``None`` where the link cannot tell).
+    If the channel breaks or closes first, the receipt fails with
+    :class:`Undelivered`: it never waits for ever on a dead link.
+    """
+
+    __slots__ = ("_channel", "_error", "_taken", "number", "receiver")
+
+    def __init__(self, channel: Any, number: int) -> None:
+        self._channel = channel
+        self.number = number  # the message's number in its direction (1, 2, ...)
+        self._taken = False
+        self._error: BaseException | None = None
+        self.receiver: int | None = None
+
+    def _complete(self, receiver: int | None) -> None:
+        self._taken = True
+        self.receiver = receiver
+        self._channel = None
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._channel = None
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def done(self) -> bool:
+        """True once the receiver took the message (or the receipt failed); reads
+        acknowledgements that already arrived, never waits."""
+        if not self._taken and self._error is None and self._channel is not None:
+            self._channel._receipt_poll()
+        return self._taken or self._error is not None
+
+    def delivered(self) -> bool:
+        """True if the receiver took the message (raises if the receipt failed)."""
+        self.done()
+        if self._error is not None:
+            raise self._error
+        return self._taken
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the receiver took the message; :class:`Undelivered` if it
+        never can, :class:`Timeout` if ``timeout`` passes first."""
+        if not self.done() and self._channel is not None:
+            self._channel._receipt_wait(self, timeout)
+        if self._error is not None:
+            raise self._error
+
+    def __await__(self) -> Any:
+        if self.done() or self._channel is None:
+            if self._error is not None:
+                raise self._error
+            return None
+        return (yield from self._channel._receipt_await(self).__await__())
+
+    def __repr__(self) -> str:
+        state = "failed" if self._error else "delivered" if self._taken else "pending"
+        return f"<buzon.Receipt #{self.number} {state}>"
 
 
 class ChannelCore:
@@ -109,8 +197,9 @@ class ChannelCore:
             else:
                 self.decoder = FrameDecoder(options.max_frame)
         self.pending: deque[memoryview] = deque()
+        self.backlog: deque[tuple[list[Buffer], int]] = deque()  # message transports, None
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
-        self.peeked: Frame | None = None  # message-transport frame read by ready()
+        self.inbox: deque[bytes] = deque()  # message-transport messages read ahead
         self.eof = False
         self.closed = False
         self.stats = Statistics()
@@ -128,6 +217,52 @@ class ChannelCore:
         self._send_message: Any = getattr(transport, "send_message", None)
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
+        # capacity and receipts (protocol/credit.py); all None/False on a default channel
+        self.capacity: int | None = DEFAULT_CAPACITY
+        self.sflow: SendFlow | None = None
+        self.rflow: RecvFlow | None = None
+        self.unbounded = False
+        self.taken = 0  # DATA messages taken by this end's receiver (numbering receipts)
+        self.credit_out: bytes | None = None  # the latest CREDIT not yet written
+        self.credit_blocked = False  # the last try_send failed for want of credit
+        self.receipts: deque[Receipt] = deque()
+        self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
+        self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
+        if options.capacity != DEFAULT_CAPACITY:
+            self.set_capacity(options.capacity)
+
+    # -- capacity -----------------------------------------------------------------------
+
+    def check_flow(self, what: str) -> None:
+        """Credits need buzon framing, and a reverse path that loses nothing."""
+        if self.raw or self.compat is not None:
+            raise UnsupportedOperation(f"{what} needs buzon framing (not raw=True or compat=)")
+        props = self.transport.properties
+        if props.direction != "duplex" or not (props.reliable and props.ordered):
+            raise UnsupportedOperation(
+                f"{what} needs a duplex link that loses nothing; {self.transport.scheme} "
+                + (
+                    "is simplex here"
+                    if props.direction != "duplex"
+                    else "may lose or reorder datagrams (use reliable=True)"
+                )
+            )
+        if not props.connection_oriented and not self.message_oriented:
+            raise UnsupportedOperation(f"{what} needs a connection")
+
+    def set_capacity(self, capacity: int | None) -> None:
+        """Adopt the channel's capacity (before any message moved)."""
+        self.capacity = capacity
+        if capacity is None:
+            if self.raw or self.compat is not None:
+                raise UnsupportedOperation("capacity=None needs buzon framing")
+            self.unbounded = True
+            return
+        if capacity == DEFAULT_CAPACITY:
+            return
+        self.check_flow(f"capacity={capacity}")
+        self.sflow = SendFlow(capacity)
+        self.rflow = RecvFlow(capacity)
 
     # -- identity ---------------------------------------------------------------------
 
@@ -151,10 +286,12 @@ class ChannelCore:
 
     # -- sending ----------------------------------------------------------------------
 
-    def encode(self, obj: Any) -> list[Buffer]:
+    def encode(self, obj: Any, receipt: bool = False) -> list[Buffer]:
         if self.compat is not None:
             return self._encode_compat(obj)
         codec, body, buffers = self.codec.encode(obj)
+        if receipt:
+            codec |= RECEIPT_FLAG
         return encode_frame(Kind.DATA, codec, body, buffers, max_frame=self.max_frame)
 
     def _encode_compat(self, obj: Any) -> list[Buffer]:
@@ -166,20 +303,21 @@ class ChannelCore:
         body = pickle.dumps(obj, protocol=pickle.DEFAULT_PROTOCOL)
         return list(mpcompat.encode_message(body, max_message=self.max_frame))
 
-    def encode_bytes(self, data: Buffer) -> list[Buffer]:
-        if type(data) is bytes and self._plain and len(data) <= self._small:
+    def encode_bytes(self, data: Buffer, receipt: bool = False) -> list[Buffer]:
+        if type(data) is bytes and self._plain and len(data) <= self._small and not receipt:
             return [_RAW_HEADER(1, 1, 0, 0, len(data)) + data]  # DATA, codec raw
         if self.raw:
             return [data]
         if self.compat is not None:
             return list(mpcompat.encode_message(data, max_message=self.max_frame))
+        flags = CodecId.RAW | (RECEIPT_FLAG if receipt else 0)
         n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
         if n <= 4096:  # small: one buffer, header and payload joined
             if n + 8 > self.max_frame:
                 raise MessageTooLarge(f"frame of {n + 8} bytes exceeds the frame cap")
-            return [_RAW_HEADER(VERSION, Kind.DATA, CodecId.RAW, 0, n) + data]
+            return [_RAW_HEADER(VERSION, Kind.DATA, flags, 0, n) + data]
         view = memoryview(data).cast("B")
-        return encode_frame(Kind.DATA, CodecId.RAW, b"", [view], max_frame=self.max_frame)
+        return encode_frame(Kind.DATA, flags, b"", [view], max_frame=self.max_frame)
 
     def encode_batch(self, items: Iterable[Any], as_bytes: bool) -> tuple[list[Buffer], int]:
         """Encode many messages into as few buffers as possible for one vectored write:
@@ -211,7 +349,14 @@ class ChannelCore:
         """
         if self.closed or priority or not self._can_send:
             self._check_send(priority)
+        sflow = self.sflow
+        if sflow is not None and sflow.sent >= sflow.limit:
+            self.credit_blocked = True  # wait for a CREDIT (readable), not for room
+            self.stats.send_would_block += 1
+            return False
         if self.pending and not self.flush():
+            if self.unbounded:
+                return self._queue(bufs, priority)
             self.stats.send_would_block += 1
             return False
         first = bufs[0]
@@ -222,19 +367,48 @@ class ChannelCore:
             for b in bufs:
                 size += memoryview(b).nbytes
         if self.message_oriented:
-            if not self._send_message(bufs, priority):
+            if (self.backlog and not self.flush()) or not self._send_message(bufs, priority):
+                if self.unbounded:
+                    return self._queue(bufs, priority)
                 self.stats.send_would_block += 1
                 return False
         else:
             n = self._send_buffers(bufs)
             if n != size:
                 if n == WOULD_BLOCK:
+                    if self.unbounded:
+                        return self._queue(bufs, priority)
                     self.stats.send_would_block += 1
                     return False
                 self._keep_tail(bufs, n)
         stats = self.stats
         stats.messages_sent += 1
         stats.bytes_sent += size
+        if sflow is not None:
+            sflow.sent += 1
+        return True
+
+    def _queue(self, bufs: list[Buffer], priority: int) -> bool:
+        """capacity=None: keep the message in user space (copied: the caller may reuse
+        its buffers) up to ``max_queue`` bytes; later operations write it out."""
+        size = sum(memoryview(b).nbytes for b in bufs)
+        stats = self.stats
+        if stats.queued_bytes + size > self.options.max_queue:
+            raise Full(
+                f"capacity=None: {stats.queued_bytes} bytes are already queued in this "
+                f"process and this message would pass max_queue={self.options.max_queue}; "
+                "the receiver is not keeping up (raise max_queue, or use a bounded capacity)"
+            )
+        copies: list[Buffer] = [b if type(b) is bytes else bytes(b) for b in bufs]
+        if self.message_oriented:
+            self.backlog.append((copies, priority))
+        else:
+            self.pending.extend(memoryview(b) for b in copies)
+        stats.queued_bytes += size
+        stats.messages_sent += 1
+        stats.bytes_sent += size
+        if self.sflow is not None:
+            self.sflow.sent += 1
         return True
 
     def _check_send(self, priority: int) -> None:
@@ -255,6 +429,7 @@ class ChannelCore:
                 written -= view.nbytes
                 continue
             self.pending.append(view[written:])
+            self.stats.queued_bytes += view.nbytes - written
             written = 0
 
     def write_control(self, data: bytes) -> bool:
@@ -281,13 +456,22 @@ class ChannelCore:
             raise EndOfChannel("the peer closed the connection")
         return bytes(buf[:n])
 
+    @property
+    def owed(self) -> bool:
+        """Bytes this end still has to write (partial frames, queued messages, a CREDIT)."""
+        return bool(self.pending or self.backlog) or self.credit_out is not None
+
     def flush(self) -> bool:
-        """Write pending bytes; True when none are left."""
+        """Write pending bytes (and a CREDIT owed); True when none are left."""
         pending = self.pending
+        stats = self.stats
         while pending:
-            n = self.transport.send_buffers(list(pending))  # type: ignore[attr-defined]
+            # at most IOV_MAX/2 buffers per call (capacity=None may queue many)
+            batch = list(itertools.islice(pending, 512))
+            n = self.transport.send_buffers(batch)  # type: ignore[attr-defined]
             if n == WOULD_BLOCK:
                 return False
+            stats.queued_bytes = max(0, stats.queued_bytes - n)
             while n and pending:
                 head = pending[0]
                 if n >= head.nbytes:
@@ -296,7 +480,135 @@ class ChannelCore:
                 else:
                     pending[0] = head[n:]
                     n = 0
+        backlog = self.backlog
+        while backlog:
+            bufs, priority = backlog[0]
+            if not self._send_message(bufs, priority):
+                return False
+            backlog.popleft()
+            stats.queued_bytes = max(0, stats.queued_bytes - sum(len(b) for b in bufs))
+        if self.credit_out is not None:
+            return self._write_credit()
         return True
+
+    # -- credits and receipts -------------------------------------------------------------
+
+    def emit_credit(self, frame: bytes | None) -> None:
+        """Send a CREDIT now if the link takes it, else as soon as it does (a newer
+        CREDIT replaces one not yet written: their counts are cumulative)."""
+        if frame is None or self.closed:
+            return
+        self.credit_out = frame
+        with self.io_lock:
+            if not (self.pending or self.backlog):
+                self._write_credit()
+
+    def _write_credit(self) -> bool:
+        frame = self.credit_out
+        if frame is None:
+            return True
+        try:
+            if self.message_oriented:
+                if not self._send_message([frame], 0):
+                    return False
+            else:
+                n = self.transport.send_buffers([frame])  # type: ignore[attr-defined]
+                if n == WOULD_BLOCK:
+                    return False
+                if n < len(frame):
+                    self._keep_tail([frame], n)
+        except (EndOfChannel, ChannelClosed):
+            self.credit_out = None  # nobody left to tell
+            return True
+        self.credit_out = None
+        self.stats.credits_sent += 1
+        return True
+
+    def _apply_credit(self, body: Buffer) -> None:
+        taken, limit = decode_credit(body)
+        sflow = self.sflow
+        if sflow is None:
+            sflow = self.sflow = SendFlow(None)
+            sflow.sent = self.stats.messages_sent
+        sflow.on_credit(taken, limit)
+        self.credit_blocked = False
+        self.stats.credits_received += 1
+        receipts = self.receipts
+        if receipts and receipts[0].number <= taken:
+            pid = self.peer.pid
+            while receipts and receipts[0].number <= taken:
+                receipts.popleft()._complete(pid)
+        if self.on_credit is not None:
+            self.on_credit()
+
+    def _took(self, receipt: bool, more: bool) -> None:
+        """A DATA message was taken by this end's receiver (numbering, credits)."""
+        rflow = self.rflow
+        if rflow is None:
+            rflow = self.rflow = RecvFlow(None)
+            rflow.taken = rflow.reported = self.taken - 1
+        self.emit_credit(rflow.on_take(receipt, more))
+
+    def before_wait(self, offer: bool = True) -> None:
+        """The receiver is about to wait (``offer``) or found nothing: announce what
+        the sender needs to know (a rendezvous offer, credit owed, receipts due)."""
+        rflow = self.rflow
+        if rflow is not None and not self.closed and (offer or rflow.capacity != 0):
+            self.emit_credit(rflow.before_wait())
+
+    def wait_ended(self) -> None:
+        """A receive gave up without a message: withdraw a rendezvous offer."""
+        rflow = self.rflow
+        if rflow is not None and rflow.offering and not self.closed:
+            self.emit_credit(rflow.on_wait_end())
+
+    def new_receipt(self, owner: Any) -> Receipt:
+        """Number the message about to be sent and track it (call before try_send)."""
+        self.check_flow("send_async")
+        sflow = self.sflow
+        if sflow is None:
+            sflow = self.sflow = SendFlow(None)
+            sflow.sent = self.stats.messages_sent
+        receipt = Receipt(owner, sflow.sent + 1)
+        return receipt
+
+    def track(self, receipt: Receipt) -> None:
+        """The receipt's message was accepted: complete it when its CREDIT comes."""
+        sflow = self.sflow
+        assert sflow is not None
+        if sflow.taken >= receipt.number:
+            receipt._complete(self.peer.pid)
+        else:
+            self.receipts.append(receipt)
+
+    def fail_receipts(self, why: str) -> None:
+        receipts = self.receipts
+        while receipts:
+            r = receipts.popleft()
+            r._fail(Undelivered(f"message #{r.number} was not taken: {why}"))
+
+    def delivered(self, number: int) -> bool:
+        return self.sflow is not None and self.sflow.taken >= number
+
+    def pump(self) -> None:
+        """Read what arrived without taking a message: apply CREDITs, keep messages
+        for ``recv``. Raises :class:`EndOfChannel` if the peer is gone."""
+        decoder = self.decoder
+        if decoder is not None:
+            if not self.eof:
+                self._fill(decoder)
+            elif self.sflow is not None:
+                raise EndOfChannel("the peer closed the channel")
+            return
+        if self.message_oriented:
+            while True:
+                msg = self._recv_message()
+                if msg is None:
+                    return
+                if len(msg) >= 2 and msg[1] == Kind.CREDIT and not self.raw:
+                    self._credit_message(msg)
+                else:
+                    self.inbox.append(msg)
 
     # -- receiving --------------------------------------------------------------------
 
@@ -305,7 +617,7 @@ class ChannelCore:
         decoder = self.decoder
         if decoder is not None:
             return self._pop(decoder.frames) if decoder.frames else None
-        if self.peeked is not None or self.raw_chunks:
+        if self.inbox or self.raw_chunks:
             return self.poll()
         return None
 
@@ -331,9 +643,14 @@ class ChannelCore:
         item = frames.popleft()
         if type(item) is tuple:
             self.stats.messages_received += 1
+            self.taken += 1
+            if self.rflow is not None or item[0] > 7:
+                self._took(item[0] > 7, bool(frames))
+                if item[0] > 7:
+                    item = (item[0] & 7, item[1])
             return item
         assert isinstance(item, Frame)
-        return self._take(item)
+        return self._take(item, bool(frames))
 
     def poll_frame(self, control: bool = False) -> Frame | None:
         """Like :meth:`poll`, always as a :class:`Frame`.
@@ -348,23 +665,26 @@ class ChannelCore:
             return None
         item = self._poll_message(take)
         if isinstance(item, tuple):
-            return Frame(Kind.DATA, item[0], item[1], [])
+            return Frame(Kind.DATA, item[0] & 7, item[1], [])
         return item
 
     def _poll_message(
         self, take: Callable[[Frame], Frame | None] | None = None
     ) -> Frame | tuple[int, bytes] | None:
         """Message transports: one datagram (or queue message) is one frame."""
-        if self.peeked is not None:
-            frame, self.peeked = self.peeked, None
-            self.stats.messages_received += 1
-            return frame
         if self.closed:
             raise ChannelClosed("the channel is closed")
-        msg = self._recv_message()
-        if msg is None:
-            self.stats.recv_would_block += 1
-            return None
+        while True:
+            if self.inbox:
+                msg = self.inbox.popleft()
+            else:
+                msg = self._recv_message()
+                if msg is None:
+                    self.stats.recv_would_block += 1
+                    return None
+            if self.raw or len(msg) < 2 or msg[1] != Kind.CREDIT:
+                break
+            self._credit_message(msg)
         transport = self.transport
         stats = self.stats
         if self._track_message_meta:
@@ -385,18 +705,30 @@ class ChannelCore:
                 blen + 8 == size
                 and version == VERSION
                 and kind == 1
-                and flags <= 3
+                and not flags & 0xF4
                 and not nbufs
                 and size <= self.max_frame
             ):
                 stats.messages_received += 1
-                return (flags, msg[8:])
+                self.taken += 1
+                if self.rflow is not None or flags > 7:
+                    self._took(flags > 7, False)
+                return (flags & 7, msg[8:])
         try:
             frame = parse_frame(msg, self.max_frame)
         except FrameError:
             stats.rejected_frames += 1
             raise
-        return (take or self._take)(frame)
+        return take(frame) if take is not None else self._take(frame, False)
+
+    def _credit_message(self, msg: bytes) -> None:
+        """A CREDIT that came as a message of its own (message transports)."""
+        try:
+            frame = parse_frame(msg, self.max_frame)
+        except FrameError:
+            self.stats.rejected_frames += 1
+            raise
+        self._apply_credit(frame.body)
 
     def _fill(self, decoder: FrameDecoder | _MpDecoder) -> bool:
         """Read once (more if a read fills the buffer); True if a frame is complete."""
@@ -422,6 +754,8 @@ class ChannelCore:
                 return False
             if n == 0:
                 self.eof = True
+                if self.receipts:
+                    self.fail_receipts("the peer closed the channel")
                 try:
                     decoder.eof()
                 except FrameError:
@@ -434,21 +768,31 @@ class ChannelCore:
             except FrameError:
                 stats.rejected_frames += 1
                 raise
+            if decoder.control:
+                self._apply_control(decoder)
             if decoder.frames:
                 return True
             if n < len(buf):
                 stats.recv_would_block += 1
                 return False
 
+    def _apply_control(self, decoder: FrameDecoder | _MpDecoder) -> None:
+        control = decoder.control
+        while control:
+            self._apply_credit(control.popleft().body)
+
     @staticmethod
     def _control(frame: Frame) -> Frame | None:
         return frame
 
-    def _take(self, frame: Frame) -> Frame | None:
+    def _take(self, frame: Frame, more: bool = False) -> Frame | None:
         if frame.kind != Kind.DATA:
             self.stats.rejected_frames += 1
             raise FrameError(f"unexpected {Kind(frame.kind).name} frame after the handshake")
         self.stats.messages_received += 1
+        self.taken += 1
+        if self.rflow is not None or frame.receipt:
+            self._took(frame.receipt, more)
         return frame
 
     def poll_raw(self) -> bytes | None:
@@ -497,9 +841,10 @@ class ChannelCore:
         Reads what is available without consuming a message: a complete frame (or raw
         chunk) found here is kept and returned by the next receive.
         """
-        if self.closed or self.eof or self.raw_chunks or self.peeked is not None:
+        if self.closed or self.eof or self.raw_chunks or self.inbox:
             return True
-        if self.decoder is not None and self.decoder.frames:
+        decoder = self.decoder
+        if decoder is not None and decoder.frames:
             return True
         try:
             if self.raw and not self.message_oriented:
@@ -509,17 +854,16 @@ class ChannelCore:
                 self.stats.messages_received -= 1
                 self.raw_chunks.appendleft(data)
                 return True
-            frame = self.poll_frame()
+            if decoder is not None:
+                if self._fill(decoder):
+                    return True
+            else:
+                self.pump()  # keeps messages in the inbox, applies CREDITs
+                if self.inbox:
+                    return True
         except Exception:
             return True  # the receive will raise it
-        if frame is None:
-            return False
-        self.stats.messages_received -= 1  # only peeked
-        if self.decoder is not None:
-            self.decoder.frames.appendleft(frame)  # a Frame: next_frame takes both forms
-        else:
-            self.peeked = frame
-        return True
+        return False
 
     def item_object(self, item: Frame | tuple[int, bytes], type: Any = Any) -> Any:
         """Decode what :meth:`poll` returned."""
@@ -608,6 +952,10 @@ class ChannelCore:
             return
         self.closed = True
         self.pending.clear()
+        self.backlog.clear()
+        self.stats.queued_bytes = 0
+        if self.receipts:
+            self.fail_receipts("the channel was closed")
         self.transport.close()
 
 
@@ -619,12 +967,13 @@ class _MpDecoder:
     refuses them unless the channel enabled pickle; ``recv_bytes`` takes them as is).
     """
 
-    __slots__ = ("_d", "_error", "frames")
+    __slots__ = ("_d", "_error", "control", "frames")
 
     def __init__(self, max_frame: int) -> None:
         self._d = mpcompat.MessageDecoder(max_frame)
         self._error: FrameError | None = None  # errors surface at once in this framing
         self.frames: deque[Frame | tuple[int, bytes]] = deque()
+        self.control: deque[Frame] = deque()  # never filled: no credits in this framing
 
     def next_frame(self) -> Frame:
         item = self.frames.popleft()

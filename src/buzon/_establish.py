@@ -16,11 +16,11 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from ._channel import ChannelCore
+from ._channel import DEFAULT_CAPACITY, ChannelCore
 from ._policy import Prepared
 from .errors import BuzonError, EndOfChannel, HandshakeError, ProtocolError, Timeout
 from .protocol.frames import HANDSHAKE_MAX_FRAME
-from .protocol.handshake import NONCE_SIZE, Handshake
+from .protocol.handshake import NONCE_SIZE, Handshake, agreed_capacity
 from .protocol.mpcompat import ClientAuth, ServerAuth
 from .transport.base import PeerInfo
 
@@ -71,10 +71,13 @@ def _tls_handshake(core: ChannelCore) -> Steps:
 
 def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str) -> Steps:
     opts = prep.channel
+    options: dict[str, Any] = {"codec": opts.codec, "pickle": opts.pickle}
+    if opts.capacity != DEFAULT_CAPACITY:
+        options["capacity"] = opts.capacity
     hs = Handshake(
         role,
         pid=os.getpid(),
-        options={"codec": opts.codec, "pickle": opts.pickle},
+        options=options,
         authkey=prep.authkey,
         nonce=os.urandom(NONCE_SIZE) if prep.authkey is not None else b"",
     )
@@ -105,6 +108,9 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str) -> Steps:
         ) from None
     decoder.max_frame = opts.max_frame
     assert hs.peer is not None
+    stated, capacity = agreed_capacity(options, hs.peer.opts)
+    if stated and opts.capacity == DEFAULT_CAPACITY:
+        core.set_capacity(capacity)  # the peer stated it; this end adopts it
     peer = core.peer
     core.peer = PeerInfo(
         pid=peer.pid if peer.pid is not None else hs.peer.pid,

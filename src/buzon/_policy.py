@@ -20,9 +20,10 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from ._channel import ChannelCore, ChannelOptions
+from ._channel import DEFAULT_CAPACITY, DEFAULT_MAX_QUEUE, ChannelCore, ChannelOptions
 from .address import Address, parse_address
 from .errors import InsecureBind, SecurityError, UnsupportedOperation
+from .protocol.credit import check_capacity
 from .protocol.frames import DEFAULT_MAX_FRAME
 from .transport.base import TransportOptions
 from .transport.pipe import pipe_pair
@@ -70,8 +71,15 @@ def prepare(
     mq_maxmsg: int | None = None,
     mq_msgsize: int | None = None,
     tls: ssl.SSLContext | None = None,
+    capacity: int | None = DEFAULT_CAPACITY,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> Prepared:
     addr = parse_address(url)
+    if capacity != DEFAULT_CAPACITY:
+        capacity = check_capacity(capacity)
+        _check_capacity_support(addr, capacity, raw=raw, compat=compat)
+    if max_queue < 1:
+        raise ValueError("max_queue must be at least 1 byte")
     if authkey is not None and not isinstance(authkey, bytes | bytearray):
         raise TypeError("authkey must be bytes")
     if compat not in (None, "multiprocessing"):
@@ -132,6 +140,8 @@ def prepare(
         frame_timeout=frame_timeout,
         idle_timeout=idle_timeout,
         compat=compat,
+        capacity=capacity,
+        max_queue=max_queue,
     )
     topts = TransportOptions(
         backlog=backlog,
@@ -144,9 +154,36 @@ def prepare(
     return Prepared(addr, topts, channel, bytes(authkey) if authkey is not None else None, compat)
 
 
+def _check_capacity_support(
+    addr: Address, capacity: int | None, *, raw: bool, compat: str | None
+) -> None:
+    """Refuse at once, with the reason, what no transport of this kind can honour."""
+    if raw or compat is not None:
+        raise UnsupportedOperation(
+            f"capacity={capacity} needs buzon framing: not with raw=True or compat="
+        )
+    if capacity is None:
+        return
+    if addr.scheme in ("udp", "unixgram"):
+        raise UnsupportedOperation(
+            f"capacity={capacity} on {addr.scheme}: credits need a link that loses and "
+            "reorders nothing, and a peer per channel (use reliable=True)"
+        )
+    if addr.scheme in ("fifo", "mq"):
+        raise UnsupportedOperation(
+            f"capacity={capacity} on {addr.scheme}: a simplex endpoint with many writers "
+            "has no reverse path for credits yet (not implemented; use unix:, tcp:// or a "
+            "duplex pipe)"
+        )
+
+
 def pipe_cores(duplex: bool, **options: Any) -> tuple[ChannelCore, ChannelCore]:
     """The two cores of ``buzon.pipe``/``buzon.aio.pipe`` (each driver wraps them)."""
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {k: v for k, v in options.items() if v is not None or k == "capacity"}
+    if not duplex and options.get("capacity", DEFAULT_CAPACITY) not in (DEFAULT_CAPACITY, None):
+        raise UnsupportedOperation(
+            "capacity 0 or N needs a reverse path for credits: use buzon.pipe(duplex=True)"
+        )
     prep = prepare(Address("pipe"), listening=False, **options)
     a, b = pipe_pair(duplex)
     return ChannelCore(a, prep.channel), ChannelCore(b, prep.channel)

@@ -124,7 +124,8 @@ _HEADER_FIELDS: tuple[tuple[str, Callable[[], str]], ...] = (
         "flags",
         lambda: (
             f"bits 0-2 (mask `{frames._CODEC_MASK:#04x}`): codec id; "
-            f"bits 3-7 (mask `{frames._RESERVED_MASK:#04x}`): reserved, must be zero"
+            f"bit 3 (`{frames._RECEIPT:#04x}`, DATA only): the sender asks for a receipt; "
+            f"bits 4-7 (mask `{frames._RESERVED_MASK:#04x}`): reserved, must be zero"
         ),
     ),
     ("nbufs", lambda: "number of out-of-band buffers, 0-255; non-zero only in DATA frames"),
@@ -137,6 +138,10 @@ _KIND_DOCS = {
     frames.Kind.AUTH: "handshake: the client's proof that it knows the authkey",
     frames.Kind.WELCOME: "handshake: the server's verdict (`ok`, and `error` when refused)",
     frames.Kind.CLOSE: "reserved for an orderly close; not sent by this version",
+    frames.Kind.CREDIT: (
+        "capacity credits and receipts: 16-byte body, u64 `taken` and u64 `limit` "
+        "(see [semantics](semantics.md))"
+    ),
 }
 
 _CODEC_DOCS = {

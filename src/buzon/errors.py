@@ -12,6 +12,7 @@ situation, the buzon class also inherits it, so ``except TimeoutError`` and
     │   ├── Full (queue.Full)                send_nowait could not queue the message
     │   ├── EndOfChannel (EOFError)          the peer closed; nothing more will arrive
     │   ├── ChannelClosed                    this end was closed by its owner
+    │   ├── Undelivered                      a receipt's message can no longer be taken
     │   └── MessageTooLarge                  over the frame cap or the transport's unit
     ├── ConnectError (ConnectionError)       establishing a link failed
     │   ├── ConnectionRefused (ConnectionRefusedError)
@@ -66,6 +67,7 @@ __all__ = [
     "SecurityError",
     "Timeout",
     "UnsafePath",
+    "Undelivered",
     "UnsupportedOperation",
     "ValidationError",
     "from_oserror",
@@ -102,6 +104,10 @@ class EndOfChannel(ChannelError, EOFError):
 
 class ChannelClosed(ChannelError):
     """The channel (or listener) was closed by this process."""
+
+
+class Undelivered(ChannelError):
+    """A receipt failed: the channel broke or closed before the receiver took the message."""
 
 
 class MessageTooLarge(ChannelError):

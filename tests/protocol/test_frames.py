@@ -45,7 +45,8 @@ def header(
 
 
 def as_msg(frame: Frame) -> Msg:
-    return (frame.kind, frame.codec, bytes(frame.body), [bytes(b) for b in frame.buffers])
+    codec = frame.codec | (8 if frame.receipt else 0)
+    return (frame.kind, codec, bytes(frame.body), [bytes(b) for b in frame.buffers])
 
 
 def drain(decoder: FrameDecoder) -> list[Msg]:
@@ -60,6 +61,7 @@ SAMPLE: list[Msg] = [
     (Kind.DATA, CodecId.JSON, b'{"k": [1, 2]}', [b"", b"abc", bytes(range(256))]),
     (Kind.HELLO, CodecId.MSGPACK, b"\x80", []),
     (Kind.CLOSE, CodecId.RAW, b"", []),
+    (Kind.DATA, CodecId.RAW | 8, b"receipt asked", []),
     (Kind.DATA, CodecId.PICKLE, b"\x80\x05N.", [b"\x00" * 5000]),
 ]
 
@@ -206,7 +208,9 @@ def test_any_chunking_gives_the_same_frames(
         dec.feed(data[pos : pos + n])
         pos += n
     dec.feed(data[pos:])
-    assert drain(dec) == msgs
+    # CREDIT frames are kept apart (the channel applies them before older messages)
+    assert drain(dec) == [m for m in msgs if m[0] != Kind.CREDIT]
+    assert [as_msg(f) for f in dec.control] == [m for m in msgs if m[0] == Kind.CREDIT]
     dec.eof()
 
 
@@ -338,9 +342,10 @@ def test_clean_eof() -> None:
         (header(version=2), "unsupported frame version 2"),
         (header(version=255), "unsupported frame version"),
         (header(kind=0), "unknown frame kind 0"),
-        (header(kind=6), "unknown frame kind 6"),
+        (header(kind=7), "unknown frame kind 7"),
         (header(kind=255), "unknown frame kind"),
-        (header(flags=0x08), "reserved flag bits"),
+        (header(flags=0x10), "reserved flag bits"),
+        (header(kind=Kind.HELLO, flags=0x08), "reserved flag bits"),  # receipts: DATA only
         (header(flags=0x80 | CodecId.RAW), "reserved flag bits"),
         (header(flags=4), "unknown codec id 4"),
         (header(flags=7), "unknown codec id 7"),

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar, overload
 
-from .._channel import ChannelCore, ChannelIdentity
+from .._channel import ChannelCore, ChannelIdentity, Receipt
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
@@ -141,8 +141,14 @@ class Channel(ChannelIdentity):
         self._core = core
         self._rlock = asyncio.Lock()
         self._wlock = asyncio.Lock()
+        self._rendezvous = core.capacity == 0
+        self._flow = core.sflow is not None or core.rflow is not None
 
-    # -- identity ---------------------------------------------------------------------
+    @property
+    def capacity(self) -> int | None:
+        """0 (rendezvous), N (bounded), None (unbounded), or -1 (the transport's own
+        buffer, the default)."""
+        return self._core.capacity
 
     # -- sending ----------------------------------------------------------------------
 
@@ -154,7 +160,7 @@ class Channel(ChannelIdentity):
         if self._wlock.locked():
             raise Full("another task is sending")
         if not self._core.try_send(self._core.encode(obj), priority):
-            raise Full("the channel cannot take the message without waiting")
+            raise Full(self._full_reason())
 
     async def send_bytes(
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
@@ -166,7 +172,44 @@ class Channel(ChannelIdentity):
         if self._wlock.locked():
             raise Full("another task is sending")
         if not self._core.try_send(self._core.encode_bytes(data), priority):
-            raise Full("the channel cannot take the message without waiting")
+            raise Full(self._full_reason())
+
+    async def send_async(
+        self, obj: Any, timeout: float | None = None, *, priority: int = 0
+    ) -> Receipt:
+        """Send ``obj`` and return a :class:`Receipt` (``await receipt`` until the
+        receiver took it). Waits only for room (``capacity``, ``timeout``)."""
+        return await self._send_receipt(self._core.encode(obj, receipt=True), timeout, priority)
+
+    async def send_bytes_async(
+        self, data: Buffer, timeout: float | None = None, *, priority: int = 0
+    ) -> Receipt:
+        return await self._send_receipt(
+            self._core.encode_bytes(data, receipt=True), timeout, priority
+        )
+
+    async def _send_receipt(
+        self, bufs: list[Buffer], timeout: float | None, priority: int
+    ) -> Receipt:
+        core = self._core
+        receipt = core.new_receipt(self)
+        deadline = deadline_of(timeout)
+        async with self._wlock:
+            while not core.try_send(bufs, priority):
+                await self._wait_room(deadline)
+            assert core.sflow is not None
+            receipt.number = core.sflow.sent
+            core.track(receipt)
+            await self._drain(deadline, soft=True)
+        return receipt
+
+    def _full_reason(self) -> str:
+        core = self._core
+        if core.credit_blocked:
+            if core.capacity == 0:
+                return "capacity=0: no receiver is waiting"
+            return f"capacity={core.capacity}: that many messages are not taken yet"
+        return "the channel cannot take the message without waiting"
 
     async def send_many(self, objs: Iterable[Any], timeout: float | None = None) -> int:
         """Send several objects with as few system calls as possible (see the blocking
@@ -180,7 +223,7 @@ class Channel(ChannelIdentity):
         core = self._core
         deadline = deadline_of(timeout)
         async with self._wlock:
-            if core.message_oriented or core.raw:
+            if core.message_oriented or core.raw or core.sflow is not None or core.unbounded:
                 count = 0
                 for item in items:
                     bufs = core.encode_bytes(item) if as_bytes else core.encode(item)
@@ -196,8 +239,61 @@ class Channel(ChannelIdentity):
     async def _send(self, bufs: list[Buffer], deadline: float | None, priority: int) -> None:
         core = self._core
         while not core.try_send(bufs, priority):
+            await self._wait_room(deadline)
+        if core.pending:
+            await self._drain(deadline, soft=True)
+        if self._rendezvous:
+            sflow = core.sflow
+            assert sflow is not None
+            number = sflow.sent
+            try:
+                await self._pump_until(lambda: sflow.taken >= number, deadline, "send")
+            except Timeout:
+                raise Timeout(
+                    "send timed out waiting for the receiver to take the message "
+                    "(capacity=0); it was handed over and may still be taken"
+                ) from None
+
+    async def _wait_room(self, deadline: float | None) -> None:
+        core = self._core
+        if core.credit_blocked:
+            sflow = core.sflow
+            assert sflow is not None
+            await self._pump_until(lambda: sflow.sent < sflow.limit, deadline, "send")
+        else:
             await wait_fd(core.write_fileno(), True, deadline, "send")
-        await self._drain(deadline, soft=True)
+
+    async def _pump_until(
+        self, done: Callable[[], bool], deadline: float | None, what: str
+    ) -> None:
+        """Wait until ``done()`` — a condition on CREDITs — reading what arrives (the
+        messages met on the way stay for ``recv``; a task in ``recv`` is woken by the
+        same readiness and finds them)."""
+        core = self._core
+        while not done():
+            core.check_open()
+            wfd = core.write_fileno() if core.owed else -1
+            await wait_io(core.read_fileno(), wfd, deadline, what)
+            if core.owed:
+                core.flush()
+            core.pump()
+
+    def _receipt_poll(self) -> None:
+        core = self._core
+        if not core.closed:
+            try:
+                core.pump()
+            except Exception:
+                pass  # the receipt's own state tells; recv reports the error
+
+    def _receipt_wait(self, receipt: Receipt, timeout: float | None) -> None:
+        raise UnsupportedOperation("a receipt of an asyncio channel is awaited: await receipt")
+
+    async def _receipt_await(self, receipt: Receipt) -> None:
+        try:
+            await self._pump_until(lambda: receipt._taken or receipt.failed, None, "receipt")
+        except EndOfChannel:
+            pass  # the receipt failed with it
 
     async def _drain(self, deadline: float | None, *, soft: bool) -> None:
         """Write pending bytes; with ``soft`` stop quietly when the deadline passes
@@ -233,10 +329,16 @@ class Channel(ChannelIdentity):
     def recv_nowait(self, *, type: Any = Any) -> Any:
         if self._rlock.locked():
             raise Empty("another task is receiving")
-        item = self._core.poll()
+        return self._core.item_object(self._poll_nowait(), type)
+
+    def _poll_nowait(self) -> Frame | tuple[int, bytes]:
+        core = self._core
+        item = core.poll()
         if item is None:
+            if self._flow:
+                core.before_wait(offer=False)  # credit and receipts owed, not an offer
             raise Empty("no message is ready")
-        return self._core.item_object(item, type)
+        return item
 
     async def recv_bytes(self, timeout: float | None = None) -> bytes:
         async with self._rlock:
@@ -249,10 +351,7 @@ class Channel(ChannelIdentity):
     def recv_bytes_nowait(self) -> bytes:
         if self._rlock.locked():
             raise Empty("another task is receiving")
-        item = self._core.poll()
-        if item is None:
-            raise Empty("no message is ready")
-        return self._core.item_bytes(item)
+        return self._core.item_bytes(self._poll_nowait())
 
     async def recv_bytes_into(self, buffer: Buffer, timeout: float | None = None) -> int:
         async with self._rlock:
@@ -272,26 +371,33 @@ class Channel(ChannelIdentity):
         core = self._core
         if deadline is None and core.options.idle_timeout is not None:
             deadline = deadline_of(core.options.idle_timeout)
-        while True:
-            limit, mid_frame = core.wait_limit(deadline, time.monotonic())
-            try:
-                await self._wait_readable(limit)
-            except Timeout:
-                if mid_frame:
-                    raise core.stalled() from None
-                raise
-            item = core.poll()
-            if item is not None:
-                return item
+        if self._flow:
+            core.before_wait()  # a rendezvous offer, credit owed, receipts due
+        try:
+            while True:
+                limit, mid_frame = core.wait_limit(deadline, time.monotonic())
+                try:
+                    await self._wait_readable(limit)
+                except Timeout:
+                    if mid_frame:
+                        raise core.stalled() from None
+                    raise
+                item = core.poll()
+                if item is not None:
+                    return item
+        except BaseException:  # timeout, cancellation: withdraw a rendezvous offer
+            if self._flow:
+                core.wait_ended()
+            raise
 
     async def _wait_readable(self, deadline: float | None) -> None:
         """Wait for input, finishing an earlier partial write meanwhile (else both ends
         could wait for each other)."""
         core = self._core
         core.check_open()
-        wfd = core.write_fileno() if core.pending else -1
+        wfd = core.write_fileno() if core.owed else -1
         await wait_io(core.read_fileno(), wfd, deadline, "recv")
-        if core.pending:
+        if core.owed:
             core.flush()
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -311,7 +417,7 @@ class Channel(ChannelIdentity):
         core = self._core
         if core.closed:
             return
-        if core.pending:
+        if core.owed:
             try:
                 await self._drain(deadline_of(core.options.close_timeout), soft=True)
             except Exception:
@@ -332,4 +438,8 @@ class Channel(ChannelIdentity):
     def _ready(self) -> bool:
         if self._rlock.locked():
             return False
-        return self._core.ready()
+        if self._core.ready():
+            return True
+        if self._flow:
+            self._core.before_wait()  # buzon.aio.wait waits to receive: offer (capacity=0)
+        return False

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .._channel import ChannelCore
+from .._channel import DEFAULT_CAPACITY, ChannelCore
 from .._establish import Steps, establish_steps, retry_delay
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
@@ -29,9 +29,19 @@ def pipe(
     pickle: bool = False,
     raw: bool = False,
     max_frame: int | None = None,
+    capacity: int | None = DEFAULT_CAPACITY,
+    max_queue: int | None = None,
 ) -> tuple[Channel, Channel]:
     """Two connected asyncio channels over anonymous pipes (see :func:`buzon.pipe`)."""
-    a, b = pipe_cores(duplex, codec=codec, pickle=pickle, raw=raw, max_frame=max_frame)
+    a, b = pipe_cores(
+        duplex,
+        codec=codec,
+        pickle=pickle,
+        raw=raw,
+        max_frame=max_frame,
+        capacity=capacity,
+        max_queue=max_queue,
+    )
     return Channel(a), Channel(b)
 
 

@@ -8,9 +8,11 @@ Byte table (all integers little-endian)::
 
     offset  size     field
     0       1        version        0x01; anything else is a FrameError
-    1       1        kind           1 DATA, 2 HELLO, 3 AUTH, 4 WELCOME, 5 CLOSE (reserved)
+    1       1        kind           1 DATA, 2 HELLO, 3 AUTH, 4 WELCOME, 5 CLOSE (reserved),
+                                    6 CREDIT (capacity and receipts: protocol/credit.py)
     2       1        flags          bits 0-2: codec (0 raw, 1 msgpack, 2 json, 3 pickle)
-                                    bits 3-7: reserved, must be zero
+                                    bit 3: DATA only, the sender asks for a receipt
+                                    bits 4-7: reserved, must be zero
     3       1        nbufs          number of out-of-band buffers (DATA only), 0-255
     4       4        body length    u32, length of the codec body
     8       8*nbufs  buffer lengths u64 each
@@ -61,7 +63,11 @@ HEADER = struct.Struct("<BBBBI")
 _BUFLEN = struct.Struct("<Q")
 _unpack_header = HEADER.unpack_from
 _CODEC_MASK = 0x07
-_RESERVED_MASK = 0xF8
+_RECEIPT = 0x08
+_RESERVED_MASK = 0xF0
+# a DATA frame's flags may take the small-frame fast paths: a known codec (0-3), with
+# or without the receipt bit; (codec | receipt bit, body) tuples keep the bit
+_NOT_FAST = 0xF4
 
 
 class Kind(IntEnum):
@@ -70,6 +76,7 @@ class Kind(IntEnum):
     AUTH = 3
     WELCOME = 4
     CLOSE = 5  # reserved: a graceful end on links without EOF (not sent yet)
+    CREDIT = 6  # capacity credits and receipts (protocol/credit.py); never a message
 
 
 class CodecId(IntEnum):
@@ -92,6 +99,7 @@ class Frame:
     body: bytes | bytearray | memoryview
     buffers: list[memoryview]
     sunk: bool = False  # the payload was read straight into the decoder's sink
+    receipt: bool = False  # the sender asked for a receipt (flag bit 3)
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +154,7 @@ def _check_header(version: int, kind: int, flags: int, nbufs: int) -> None:
         raise FrameError(f"unsupported frame version {version} (this side speaks {VERSION})")
     if kind not in _KINDS:
         raise FrameError(f"unknown frame kind {kind}")
-    if flags & _RESERVED_MASK:
+    if flags & _RESERVED_MASK or (flags & _RECEIPT and kind != Kind.DATA):
         raise FrameError(f"reserved flag bits set: {flags:#04x}")
     if flags & _CODEC_MASK not in _CODECS:
         raise FrameError(f"unknown codec id {flags & _CODEC_MASK}")
@@ -187,7 +195,7 @@ def _split(view: memoryview) -> Frame:
         n = _BUFLEN.unpack_from(view, HEADER.size + 8 * i)[0]
         buffers.append(view[pos : pos + n])
         pos += n
-    return Frame(kind, flags & _CODEC_MASK, body, buffers)
+    return Frame(kind, flags & _CODEC_MASK, body, buffers, receipt=bool(flags & _RECEIPT))
 
 
 def parse_frame(
@@ -236,6 +244,7 @@ class FrameDecoder:
         "_spare",
         "_start",
         "_view",
+        "control",
         "frames",
         "sink",
     )
@@ -244,8 +253,12 @@ class FrameDecoder:
         self._max_frame = max_frame
         self._error: FrameError | None = None
         # Complete frames in order: a Frame, or for the common small DATA frame without
-        # buffers just ``(codec, body)`` (cheaper to make); next_frame() gives Frames.
+        # buffers just ``(flags, body)`` (cheaper to make): the codec id, plus 8 if the
+        # sender asked for a receipt; next_frame() gives Frames.
         self.frames: deque[Frame | tuple[int, bytes]] = deque()
+        # CREDIT frames, kept apart from messages: the channel applies them at once,
+        # even while messages read before them wait to be received
+        self.control: deque[Frame] = deque()
         self._buf = bytearray(read_size)
         self._view = memoryview(self._buf)  # its exports never resize: see _compact
         self._start = 0
@@ -273,7 +286,8 @@ class FrameDecoder:
         """Pop the next complete frame (``frames`` must not be empty) as a Frame."""
         item = self.frames.popleft()
         if type(item) is tuple:
-            return Frame(1, item[0], item[1], [])
+            flags = item[0]
+            return Frame(1, flags & _CODEC_MASK, item[1], [], receipt=flags > _CODEC_MASK)
         assert isinstance(item, Frame)
         return item
 
@@ -326,7 +340,7 @@ class FrameDecoder:
                 blen + 8 == avail
                 and version == VERSION
                 and kind == 1
-                and flags <= 3
+                and not flags & _NOT_FAST
                 and not nbufs
                 and avail <= self._max_frame
                 and avail <= len(self._buf) >> 1
@@ -412,7 +426,7 @@ class FrameDecoder:
         """Set up the parts of a big frame whose header and table are at ``start``."""
         _, kind, flags, nbufs, blen = _unpack_header(view, start)
         lengths = [_BUFLEN.unpack_from(view, start + 8 + 8 * i)[0] for i in range(nbufs)]
-        codec = flags & _CODEC_MASK
+        codec = flags & (_CODEC_MASK | _RECEIPT)  # the receipt bit rides along
         parts = [memoryview(bytearray(blen))]
         sunk = False
         sink = self.sink
@@ -423,7 +437,7 @@ class FrameDecoder:
                 and not self.frames  # it must be the very next frame the caller takes
                 and nbufs == 1
                 and blen == 0
-                and codec == CodecId.RAW
+                and codec & _CODEC_MASK == CodecId.RAW
                 and sink.nbytes >= n
             ):
                 parts.append(sink[:n])
@@ -452,7 +466,10 @@ class FrameDecoder:
         if self._part == len(parts):
             kind, codec, parts, sunk = self._big
             self._big = None
-            self.frames.append(Frame(kind, codec, parts[0], parts[1:], sunk))
+            frame = Frame(
+                kind, codec & _CODEC_MASK, parts[0], parts[1:], sunk, bool(codec & _RECEIPT)
+            )
+            (self.control if kind == Kind.CREDIT else self.frames).append(frame)
 
     def _advance(self, nbytes: int) -> None:
         self._got += nbytes
@@ -481,7 +498,7 @@ class FrameDecoder:
                     if (
                         version != VERSION
                         or kind != 1
-                        or flags > 3
+                        or flags & _NOT_FAST
                         or nbufs
                         or total > stop - pos
                         or total > limit
@@ -502,7 +519,11 @@ class FrameDecoder:
                 # a bytearray: arrays rebuilt on its buffers are writable, like big ones
                 chunk = bytearray(view[start : start + total])
                 self._start += total
-                append(_split(memoryview(chunk)))
+                frame = _split(memoryview(chunk))
+                if frame.kind == Kind.CREDIT:
+                    self.control.append(frame)  # apart: a waiting sender needs it first
+                else:
+                    append(frame)
         except FrameTooLarge as exc:
             self._error = exc  # kept until max_frame changes or the caller reaches it
         except FrameError as exc:

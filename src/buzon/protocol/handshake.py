@@ -21,6 +21,11 @@ validated against a schema. Randomness (nonces) and time are inputs: the drivers
 ``os.urandom`` bytes and enforce the deadline.
 
 The states and transitions are the table :data:`TRANSITIONS`; the docs draw it.
+
+Options both ends must agree on travel in ``opts``: today ``capacity`` (present only
+when that end stated one; ``None`` is unbounded). If both state it and the values
+differ, the server refuses (``WELCOME {ok: false}``) and both ends raise
+:class:`HandshakeError`; if one states it, both use it (:func:`agreed_capacity`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,31 @@ import msgspec
 from ..errors import AuthenticationError, HandshakeError, ProtocolError
 from .frames import HANDSHAKE_MAX_FRAME, CodecId, Frame, Kind, encode_frame
 
-__all__ = ["PROTOCOL_VERSION", "TRANSITIONS", "Handshake", "Hello", "State"]
+__all__ = ["PROTOCOL_VERSION", "TRANSITIONS", "Handshake", "Hello", "State", "agreed_capacity"]
+
+_UNSTATED = object()
+
+
+def _capacity_text(value: object) -> str:
+    return "None (unbounded)" if value is None else str(value)
+
+
+def agreed_capacity(mine: dict[str, Any], theirs: dict[str, Any]) -> tuple[bool, Any]:
+    """(stated, capacity): what both ends use; raises HandshakeError if they differ."""
+    a = mine.get("capacity", _UNSTATED)
+    b = theirs.get("capacity", _UNSTATED)
+    if a is not _UNSTATED and b is not _UNSTATED and a != b:
+        raise HandshakeError(
+            f"capacity mismatch: this end has capacity={_capacity_text(a)}, "
+            f"the peer capacity={_capacity_text(b)}"
+        )
+    if a is _UNSTATED and b is _UNSTATED:
+        return False, None
+    value = a if a is not _UNSTATED else b
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise HandshakeError(f"the peer sent an invalid capacity {value!r}")
+    return True, value
+
 
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 32
@@ -189,6 +218,10 @@ class Handshake:
             hello = _hello_dec.decode(body)
             self._check_hello(hello, "server")
             self.peer = hello
+            try:
+                agreed_capacity(self.options, hello.opts)
+            except HandshakeError as exc:
+                raise self._fail(exc) from None
             if self.authkey is None:
                 if hello.nonce is not None:
                     raise self._fail(
@@ -219,6 +252,10 @@ class Handshake:
             hello = _hello_dec.decode(body)
             self._check_hello(hello, "client")
             self.peer = hello
+            try:
+                agreed_capacity(self.options, hello.opts)
+            except HandshakeError as exc:
+                raise self._fail(exc) from None
             if self.authkey is None:
                 # A client that asked for proof learns from our mac-less HELLO that we
                 # have no key, and fails on its side with a clear message.

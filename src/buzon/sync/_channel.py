@@ -6,8 +6,14 @@ the non-blocking read, because waking a sleeping process on another CPU costs te
 microseconds; after that it sleeps in ``poll``. While waiting for anything, pending
 bytes of an earlier partial write are flushed, so no operation can starve another.
 
-Thread safety: one lock serialises senders and another receivers, so one thread may
-send while another receives; ``close`` may be called from any thread.
+Thread safety: a write lock is held only while bytes are handed to the kernel (never
+while waiting), a read lock serialises receivers, so one thread may send while another
+receives; ``close`` may be called from any thread.
+
+Capacity (credits, :mod:`buzon.protocol.credit`): a sender without credit waits for
+the *read* side, where CREDIT frames arrive. If no other thread is receiving it reads
+them itself (messages it meets stay for ``recv``); if one is, that thread applies
+them and wakes it through a condition variable. No thread is ever started.
 """
 
 from __future__ import annotations
@@ -15,10 +21,10 @@ from __future__ import annotations
 import select
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
-from .._channel import ChannelCore, ChannelIdentity
+from .._channel import ChannelCore, ChannelIdentity, Receipt
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
@@ -85,48 +91,104 @@ class Channel(ChannelIdentity):
         self._core = core
         self._spin = core.options.spin
         self._rlock = threading.Lock()
-        self._wlock = threading.Lock()
+        self._wlock = threading.Lock()  # held only around non-blocking writes
         self._rpoll: select.poll | None = None  # readiness of the read fd, made once
+        self._rendezvous = core.capacity == 0
+        self._flow = core.sflow is not None or core.rflow is not None
+        # threads waiting for CREDITs another thread may read (see _pump_until)
+        self._cv = threading.Condition(threading.Lock())
+        self._pumpers = 0
+        self._gen = 0
+        core.io_lock = self._wlock
+        core.on_credit = self._credit_arrived
 
-    # -- identity ---------------------------------------------------------------------
+    @property
+    def capacity(self) -> int | None:
+        """0 (rendezvous), N (bounded), None (unbounded), or -1: the transport's own
+        buffer (the default, when no end stated one)."""
+        return self._core.capacity
 
     # -- sending ----------------------------------------------------------------------
 
     def send(self, obj: Any, timeout: float | None = None, *, priority: int = 0) -> None:
-        """Encode ``obj`` and send it, waiting up to ``timeout`` for room."""
+        """Encode ``obj`` and send it, waiting up to ``timeout`` for room (and, with
+        ``capacity=0``, until the receiver has taken it)."""
+        core = self._core
+        bufs = core.encode(obj)
         with self._wlock:
-            core = self._core
-            bufs = core.encode(obj)
             accepted = core.try_send(bufs, priority)
-            if not accepted or core.pending:
-                self._send_slow(bufs, timeout, priority, accepted)
+            if accepted and not core.pending and not self._rendezvous:
+                return
+            number = core.sflow.sent if accepted and core.sflow is not None else 0
+        self._send_slow(bufs, timeout, priority, number if accepted else -1)
 
     def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
-        """Send ``obj`` now or raise :class:`Full`."""
+        """Send ``obj`` now or raise :class:`Full` (``capacity=0``: only if a receiver
+        is waiting; it does not wait for the receiver to take it)."""
+        bufs = self._core.encode(obj)
         with self._wlock:
-            if not self._core.try_send(self._core.encode(obj), priority):
-                raise Full("the channel cannot take the message without waiting")
+            if not self._core.try_send(bufs, priority):
+                raise Full(self._full_reason())
 
     def send_bytes(self, data: Buffer, timeout: float | None = None, *, priority: int = 0) -> None:
         """Send ``data`` as one message, without a codec (a raw channel: as is)."""
+        core = self._core
+        bufs = core.encode_bytes(data)
         with self._wlock:
-            core = self._core
-            bufs = core.encode_bytes(data)
             accepted = core.try_send(bufs, priority)
-            if not accepted or core.pending:
-                self._send_slow(bufs, timeout, priority, accepted)
+            if accepted and not core.pending and not self._rendezvous:
+                return
+            number = core.sflow.sent if accepted and core.sflow is not None else 0
+        self._send_slow(bufs, timeout, priority, number if accepted else -1)
 
     def send_bytes_nowait(self, data: Buffer, *, priority: int = 0) -> None:
+        bufs = self._core.encode_bytes(data)
         with self._wlock:
-            if not self._core.try_send(self._core.encode_bytes(data), priority):
-                raise Full("the channel cannot take the message without waiting")
+            if not self._core.try_send(bufs, priority):
+                raise Full(self._full_reason())
+
+    def send_async(self, obj: Any, timeout: float | None = None, *, priority: int = 0) -> Receipt:
+        """Send ``obj`` and return at once with a :class:`Receipt` that completes when
+        the receiver has taken it. Waits only for room (``capacity``, ``timeout``)."""
+        return self._send_receipt(self._core.encode(obj, receipt=True), timeout, priority)
+
+    def send_bytes_async(
+        self, data: Buffer, timeout: float | None = None, *, priority: int = 0
+    ) -> Receipt:
+        """:meth:`send_async` for bytes (no codec)."""
+        return self._send_receipt(self._core.encode_bytes(data, receipt=True), timeout, priority)
+
+    def _send_receipt(self, bufs: list[Buffer], timeout: float | None, priority: int) -> Receipt:
+        core = self._core
+        receipt = core.new_receipt(self)
+        deadline = deadline_of(timeout)
+        while True:
+            with self._wlock:
+                if core.try_send(bufs, priority):
+                    assert core.sflow is not None
+                    receipt.number = core.sflow.sent
+                    core.track(receipt)
+                    break
+            self._wait_room(deadline)
+        if core.pending:
+            self._finish_write(deadline)
+        return receipt
+
+    def _full_reason(self) -> str:
+        core = self._core
+        if core.credit_blocked:
+            if core.capacity == 0:
+                return "capacity=0: no receiver is waiting"
+            return f"capacity={core.capacity}: that many messages are not taken yet"
+        return "the channel cannot take the message without waiting"
 
     def send_many(self, objs: Iterable[Any], timeout: float | None = None) -> int:
         """Send several objects, in order, with as few system calls as possible.
 
         On stream transports the frames are joined into one vectored write, which is
-        how small messages reach millions per second; message transports send them one
-        by one. Returns the number sent. ``timeout`` bounds the whole batch.
+        how small messages reach millions per second; message transports (and channels
+        with a capacity) send them one by one. Returns the number sent. ``timeout``
+        bounds the whole batch.
         """
         return self._send_batch(objs, timeout, as_bytes=False)
 
@@ -136,7 +198,7 @@ class Channel(ChannelIdentity):
 
     def _send_batch(self, items: Iterable[Any], timeout: float | None, as_bytes: bool) -> int:
         core = self._core
-        if core.message_oriented or core.raw:
+        if core.message_oriented or core.raw or core.sflow is not None or core.unbounded:
             deadline = deadline_of(timeout)
             count = 0
             for item in items:
@@ -147,42 +209,142 @@ class Channel(ChannelIdentity):
                     self.send(item, remaining)
                 count += 1
             return count
+        bufs, count = core.encode_batch(items, as_bytes)
+        if not count:
+            return 0
         with self._wlock:
-            bufs, count = core.encode_batch(items, as_bytes)
-            if not count:
-                return 0
             accepted = core.try_send(bufs)
-            if not accepted or core.pending:
-                self._send_slow(bufs, timeout, 0, accepted)
-            core.stats.messages_sent += count - 1
-            return count
+            if accepted:
+                core.stats.messages_sent += count - 1
+                if not core.pending:
+                    return count
+        self._send_slow(bufs, timeout, 0, 0 if accepted else -1, count)
+        return count
 
     def _send_slow(
-        self, bufs: list[Buffer], timeout: float | None, priority: int, accepted: bool
+        self,
+        bufs: list[Buffer],
+        timeout: float | None,
+        priority: int,
+        number: int,
+        count: int = 1,
     ) -> None:
-        """The first attempt did not complete: wait for room, then finish the write."""
+        """The first attempt did not complete (``number`` -1: not accepted yet): wait
+        for room or credit, finish the write, and with ``capacity=0`` wait until the
+        receiver took the message."""
         core = self._core
         deadline = deadline_of(timeout)
-        while not accepted:
+        while number < 0:
+            self._wait_room(deadline)
+            with self._wlock:
+                if core.try_send(bufs, priority):
+                    core.stats.messages_sent += count - 1
+                    number = core.sflow.sent if core.sflow is not None else 0
+        if core.pending:
+            self._finish_write(deadline)
+        if self._rendezvous and number > 0:
+            try:
+                self._pump_until(lambda: core.delivered(number), deadline, "send")
+            except Timeout:
+                raise Timeout(
+                    "send timed out waiting for the receiver to take the message "
+                    "(capacity=0); it was handed over and may still be taken"
+                ) from None
+
+    def _wait_room(self, deadline: float | None) -> None:
+        """Wait until a send may succeed: credit (read side) or kernel room."""
+        core = self._core
+        if core.credit_blocked:
+            sflow = core.sflow
+            assert sflow is not None
+            self._pump_until(lambda: sflow.sent < sflow.limit, deadline, "send")
+        else:
             self._wait(False, deadline, "send")
-            accepted = core.try_send(bufs, priority)
+
+    def _finish_write(self, deadline: float | None) -> None:
+        """The message is accepted; finish writing it unless the caller's time is up
+        (then later operations and close() complete it)."""
+        core = self._core
         while core.pending:
-            # The message is accepted; finish writing it unless the caller's time is up
-            # (then later operations and close() complete it).
             if deadline is not None and _monotonic() >= deadline:
                 return
             _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
             if writable:
-                core.flush()
+                with self._wlock:
+                    core.flush()
+
+    def _pump_until(self, done: Callable[[], bool], deadline: float | None, what: str) -> None:
+        """Wait until ``done()`` — a condition on CREDITs — reading them ourselves when
+        no other thread receives, else woken by the thread that does."""
+        core = self._core
+        cv = self._cv
+        while not done():
+            with cv:
+                self._pumpers += 1
+                gen = self._gen
+            try:
+                if self._rlock.acquire(blocking=False):
+                    try:
+                        if done():
+                            return
+                        self._wait(True, deadline, what)
+                        core.pump()
+                    finally:
+                        self._rlock.release()
+                else:
+                    with cv:
+                        while self._gen == gen:
+                            remaining = None if deadline is None else deadline - _monotonic()
+                            if remaining is not None and remaining <= 0:
+                                raise Timeout(f"{what} timed out")
+                            cv.wait(remaining)
+            finally:
+                with cv:
+                    self._pumpers -= 1
+
+    def _credit_arrived(self) -> None:
+        if self._pumpers:
+            self._wake_pumpers()
+
+    def _wake_pumpers(self) -> None:
+        with self._cv:
+            self._gen += 1
+            self._cv.notify_all()
+
+    def _receipt_poll(self) -> None:
+        if self._rlock.acquire(blocking=False):
+            try:
+                if not self._core.closed:
+                    self._core.pump()
+            except Exception:
+                pass  # the receipt's own state tells; recv reports the error
+            finally:
+                self._rlock.release()
+
+    def _receipt_wait(self, receipt: Receipt, timeout: float | None) -> None:
+        try:
+            self._pump_until(
+                lambda: receipt._taken or receipt.failed, deadline_of(timeout), "receipt wait"
+            )
+        except EndOfChannel:
+            pass  # the receipt failed with it
+
+    def _receipt_await(self, receipt: Receipt) -> Any:
+        import asyncio
+
+        return asyncio.to_thread(self._receipt_wait, receipt, None)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until bytes of partially written messages have all reached the kernel."""
+        """Wait until every accepted message (and CREDIT owed) has reached the kernel."""
         deadline = deadline_of(timeout)
-        with self._wlock:
-            while not self._core.flush():
-                _, writable = wait_fds(-1, self._core.write_fileno(), False, True, deadline)
-                if not writable and deadline is not None and _monotonic() >= deadline:
-                    raise Timeout("flush timed out")
+        core = self._core
+        while True:
+            with self._wlock:
+                if core.flush():
+                    return
+            _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
+            if not writable and deadline is not None and _monotonic() >= deadline:
+                raise Timeout("flush timed out")
 
     # -- receiving --------------------------------------------------------------------
 
@@ -198,15 +360,17 @@ class Channel(ChannelIdentity):
             item = core.buffered()
             if item is None:
                 item = self._receive(timeout)
-            return core.item_object(item, type)
+        if self._pumpers:
+            self._wake_pumpers()  # a sender waiting for CREDITs may read them now
+        return core.item_object(item, type)
 
     def recv_nowait(self, *, type: Any = Any) -> Any:
         """Receive one message now or raise :class:`Empty`."""
         with self._rlock:
-            item = self._core.poll()
-            if item is None:
-                raise Empty("no message is ready")
-            return self._core.item_object(item, type)
+            item = self._poll_nowait()
+        if self._pumpers:
+            self._wake_pumpers()
+        return self._core.item_object(item, type)
 
     def recv_bytes(self, timeout: float | None = None) -> bytes:
         """Receive one message as bytes (raw stream channels: the bytes available)."""
@@ -215,14 +379,25 @@ class Channel(ChannelIdentity):
             item = core.buffered()
             if item is None:
                 item = self._receive(timeout)
-            return core.item_bytes(item)
+        if self._pumpers:
+            self._wake_pumpers()
+        return core.item_bytes(item)
 
     def recv_bytes_nowait(self) -> bytes:
         with self._rlock:
-            item = self._core.poll()
-            if item is None:
-                raise Empty("no message is ready")
-            return self._core.item_bytes(item)
+            item = self._poll_nowait()
+        if self._pumpers:
+            self._wake_pumpers()
+        return self._core.item_bytes(item)
+
+    def _poll_nowait(self) -> Frame | tuple[int, bytes]:
+        core = self._core
+        item = core.poll()
+        if item is None:
+            if self._flow:
+                core.before_wait(offer=False)  # credit and receipts owed, not an offer
+            raise Empty("no message is ready")
+        return item
 
     def recv_bytes_into(self, buffer: Buffer, timeout: float | None = None) -> int:
         """Receive one message into ``buffer``; return its size (MessageTooLarge if it
@@ -238,7 +413,10 @@ class Channel(ChannelIdentity):
                     item = self._receive(timeout)
             finally:
                 core.set_sink(None)
-            return core.item_into(item, buffer)
+            n = core.item_into(item, buffer)
+        if self._pumpers:
+            self._wake_pumpers()
+        return n
 
     def _receive(self, timeout: float | None) -> Frame | tuple[int, bytes]:
         """Read a message: at once if the fd is readable, else after spinning for
@@ -259,6 +437,8 @@ class Channel(ChannelIdentity):
             item = core.poll()
             if item is not None:
                 return item
+        if self._flow:
+            return self._receive_flow(timeout)
         spin = self._spin
         if spin > 0.0 and timeout != 0:
             end = _perf() + spin
@@ -271,13 +451,38 @@ class Channel(ChannelIdentity):
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
         return self._wait_item(deadline)
 
+    def _receive_flow(self, timeout: float | None) -> Frame | tuple[int, bytes]:
+        """A receive on a channel with credits: announce that we wait (a rendezvous
+        offer, credit owed, receipts due), wait, and withdraw an offer if we give up."""
+        core = self._core
+        core.before_wait()
+        try:
+            item = core.poll()
+            if item is not None:
+                return item
+            spin = self._spin
+            if spin > 0.0 and timeout != 0:
+                assert self._rpoll is not None
+                end = _perf() + spin
+                poll0 = self._rpoll.poll
+                while _perf() < end:
+                    if poll0(0):
+                        item = core.poll()
+                        if item is not None:
+                            return item
+            limit = timeout if timeout is not None else core.options.idle_timeout
+            return self._wait_item(deadline_of(limit))
+        except BaseException:
+            core.wait_ended()
+            raise
+
     def _wait_item(self, deadline: float | None) -> Frame | tuple[int, bytes]:
         """Sleep in poll until a message arrives (or the deadline, or a stalled frame)."""
         core = self._core
         while True:
             limit, mid_frame = core.wait_limit(deadline, _monotonic())
             try:
-                if core.pending or self._rpoll is None:
+                if core.owed or self._rpoll is None:
                     self._wait(True, limit, "recv")  # also finishes an earlier write
                 elif limit is None:
                     self._rpoll.poll()
@@ -299,13 +504,14 @@ class Channel(ChannelIdentity):
         core = self._core
         core.check_open()
         while True:
-            want_write = bool(core.pending) or not read
+            want_write = core.owed or not read
             readable, writable = wait_fds(
                 core.read_fileno(), core.write_fileno(), read, want_write, deadline
             )
-            if writable and core.pending:
-                core.flush()
-                if not read and not core.pending:
+            if writable and core.owed:
+                with self._wlock:
+                    core.flush()
+                if not read and not core.owed:
                     return
             if (read and readable) or (not read and writable):
                 return
@@ -327,16 +533,21 @@ class Channel(ChannelIdentity):
         core = self._core
         if core.closed:
             return
-        if core.pending:
+        if core.owed:
             deadline = deadline_of(core.options.close_timeout)
             try:
-                while core.pending and not core.flush():
+                while True:
+                    with self._wlock:
+                        if core.flush():
+                            break
                     _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
                     if not writable and deadline is not None and _monotonic() >= deadline:
                         break
             except Exception:  # the peer is gone: nothing more can be delivered
                 pass
         core.close()
+        if self._pumpers:
+            self._wake_pumpers()
 
     def __enter__(self) -> Channel:
         return self
@@ -351,6 +562,10 @@ class Channel(ChannelIdentity):
         if not self._rlock.acquire(blocking=False):
             return False  # another thread is receiving; it will take what arrives
         try:
-            return self._core.ready()
+            if self._core.ready():
+                return True
+            if self._flow:
+                self._core.before_wait()  # buzon.wait waits to receive: offer (capacity=0)
+            return False
         finally:
             self._rlock.release()

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .._channel import ChannelCore
+from .._channel import DEFAULT_CAPACITY, ChannelCore
 from .._establish import Steps, establish_steps, retry_delay
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
@@ -30,12 +30,25 @@ def pipe(
     raw: bool = False,
     spin: float | None = None,
     max_frame: int | None = None,
+    capacity: int | None = DEFAULT_CAPACITY,
+    max_queue: int | None = None,
 ) -> tuple[Channel, Channel]:
     """Two connected channels over anonymous pipes (share them with ``fork``).
 
     ``duplex=False`` gives (receive end, send end), like ``multiprocessing.Pipe``.
+    ``capacity``: 0 (rendezvous), N (bounded) or None (unbounded); see
+    ``docs/semantics.md``. Without it, the pipe's own kernel buffer bounds a send.
     """
-    a, b = pipe_cores(duplex, codec=codec, pickle=pickle, raw=raw, spin=spin, max_frame=max_frame)
+    a, b = pipe_cores(
+        duplex,
+        codec=codec,
+        pickle=pickle,
+        raw=raw,
+        spin=spin,
+        max_frame=max_frame,
+        capacity=capacity,
+        max_queue=max_queue,
+    )
     return Channel(a), Channel(b)
 
 
@@ -44,7 +57,8 @@ def connect(url: str | Address, timeout: float | None = None, **options: Any) ->
 
     ``timeout`` bounds the whole connection, handshake included. Keyword options:
     ``codec``, ``pickle``, ``raw``, ``authkey``, ``compat``, ``spin``, ``max_frame``,
-    ``handshake_timeout``, ``allow_uids``.
+    ``handshake_timeout``, ``allow_uids``, ``capacity`` (0, N or None; both ends must
+    agree if both state it), ``max_queue``.
     """
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)

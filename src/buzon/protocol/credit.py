@@ -1,0 +1,215 @@
+"""Capacity and receipts: credits, sans-IO.
+
+The lectures' three buffer capacities, with one meaning on every transport whatever
+its kernel buffer, and delivery receipts for asynchronous sends. Both ends number the
+DATA messages of one direction 1, 2, 3, ... in the order the receiver *takes* them
+(``recv`` returned them); the links that carry credits keep order and lose nothing,
+so the k-th message sent is the k-th taken.
+
+The receiver tells the sender two numbers in a CREDIT frame (kind 6, no codec, a
+16-byte body)::
+
+    offset  size  field
+    0       8     taken   u64 LE: messages the receiver has taken so far (never decreases)
+    8       8     limit   u64 LE: the sender may send message k only while k <= limit
+
+Modes (:class:`SendFlow` and :class:`RecvFlow` implement them; the drivers only
+move frames and wait):
+
+``capacity=N`` (bounded)
+    At most N messages sent but not yet taken. Both ends start from ``limit = N``
+    without a frame. The receiver grants ``limit = taken + N`` whenever it has taken
+    ``max(1, N // 2)`` messages since its last CREDIT, and always before it waits with
+    takes not yet announced (so a blocked sender is never forgotten).
+``capacity=0`` (rendezvous)
+    ``limit`` starts at 0. A receiver that begins to wait *offers* one message
+    (``limit = taken + 1``); taking it sends ``limit = taken`` (this is also the
+    acknowledgement a blocked ``send`` waits for: ``taken >= k``); a receive that times
+    out withdraws the offer. A message sent under an offer that was withdrawn while it
+    travelled is kept by the receiver and taken by its next receive (its sender is still
+    blocked until then, or times out).
+``capacity=None`` (unbounded) and the default (the transport's own buffer)
+    No limit, no CREDIT frames — except as receipts.
+
+Receipts: a DATA frame with flag bit 3 (``RECEIPT_FLAG``) asks for one. The receiver
+answers with a CREDIT carrying its ``taken`` count once it took that message and has
+no further complete message in hand (at the end of what one read brought), after at
+most :data:`REPORT_EVERY` such takes, or before it waits — acknowledgements are
+batched, never one per message on a busy stream.
+
+Nothing here reads a clock or touches I/O; each method returns the CREDIT frame to
+write (``bytes``) or ``None``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import FrameError, ProtocolError
+from .frames import HEADER, VERSION, Kind
+
+__all__ = [
+    "CREDIT_SIZE",
+    "RECEIPT_FLAG",
+    "REPORT_EVERY",
+    "UNLIMITED",
+    "RecvFlow",
+    "SendFlow",
+    "check_capacity",
+    "decode_credit",
+    "encode_credit",
+]
+
+UNLIMITED = 2**64 - 1
+RECEIPT_FLAG = 0x08
+REPORT_EVERY = 64
+_BODY = struct.Struct("<QQ")
+CREDIT_SIZE = HEADER.size + _BODY.size
+_CREDIT_HEADER = HEADER.pack(VERSION, Kind.CREDIT, 0, 0, _BODY.size)
+
+
+def check_capacity(capacity: object) -> int | None:
+    """Validate a ``capacity=`` argument: an int >= 0, or None (unbounded)."""
+    if capacity is None:
+        return None
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int >= 0 or None, not {capacity!r}")
+    if not 0 <= capacity <= 2**32:
+        raise ValueError(f"capacity must be between 0 and 2**32, not {capacity}")
+    return capacity
+
+
+def encode_credit(taken: int, limit: int) -> bytes:
+    return _CREDIT_HEADER + _BODY.pack(taken, limit)
+
+
+def decode_credit(body: bytes | bytearray | memoryview) -> tuple[int, int]:
+    if len(body) != _BODY.size:
+        raise FrameError(f"a CREDIT frame has a {_BODY.size}-byte body, not {len(body)}")
+    taken, limit = _BODY.unpack(body)
+    return taken, limit
+
+
+class SendFlow:
+    """The sending side of one direction: may the next message go, which are taken.
+
+    ``capacity`` is 0, N, or None/-1 for "no limit" (unbounded or the default);
+    receipts work in every mode.
+    """
+
+    __slots__ = ("capacity", "limit", "sent", "taken")
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.sent = 0
+        self.taken = 0
+        self.limit = UNLIMITED if capacity is None else capacity
+
+    def sendable(self) -> bool:
+        """True if one more message may be sent now."""
+        return self.sent < self.limit
+
+    def on_sent(self) -> int:
+        """A DATA message left; returns its number."""
+        self.sent += 1
+        return self.sent
+
+    def on_credit(self, taken: int, limit: int) -> None:
+        """Apply a CREDIT frame. A peer that claims more than was sent, takes back
+        takes, or (bounded) grants more than the capacity breaks the protocol."""
+        if taken > self.sent:
+            raise ProtocolError(f"the peer reports {taken} messages taken of {self.sent} sent")
+        if taken < self.taken:
+            raise ProtocolError("the peer's count of messages taken went backwards")
+        cap = self.capacity
+        if cap is not None and limit != UNLIMITED and limit > taken + max(cap, 1):
+            raise ProtocolError(
+                f"the peer grants {limit - taken} messages; the channel's capacity is {cap}"
+            )
+        self.taken = taken
+        if cap is not None:
+            self.limit = limit
+
+    def delivered(self, number: int) -> bool:
+        return self.taken >= number
+
+
+class RecvFlow:
+    """The receiving side of one direction: counts takes, decides when to announce."""
+
+    __slots__ = (
+        "_step",
+        "capacity",
+        "granted",
+        "limit",
+        "offering",
+        "report_due",
+        "reported",
+        "taken",
+        "unreported",
+    )
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.taken = 0
+        self.reported = 0  # ``taken`` in the last CREDIT written
+        self.limit = UNLIMITED if capacity is None else capacity
+        self.granted = self.limit  # the highest limit ever announced (withdrawals race)
+        self.offering = False
+        self.report_due = False  # a receipt was asked for and not yet answered
+        self.unreported = 0  # receipt-asking takes since the last CREDIT
+        self._step = max(1, capacity // 2) if capacity else 1
+
+    def on_take(self, receipt: bool, more: bool) -> bytes | None:
+        """The receiver took one message (``more``: another is already in hand)."""
+        self.taken = taken = self.taken + 1
+        if taken > self.granted:
+            raise ProtocolError(
+                f"the peer sent message {taken}; it was allowed {self.granted} (capacity)"
+            )
+        cap = self.capacity
+        if receipt:
+            self.report_due = True
+            self.unreported += 1
+        if cap is None:
+            if self.report_due and (not more or self.unreported >= REPORT_EVERY):
+                return self._announce()
+            return None
+        if cap == 0:
+            self.offering = False
+            self.limit = taken  # the offer is used up; this also acknowledges the take
+            return self._announce()
+        self.limit = taken + cap
+        if taken - self.reported >= self._step:
+            return self._announce()
+        if self.report_due and (not more or self.unreported >= REPORT_EVERY):
+            return self._announce()
+        return None
+
+    def before_wait(self) -> bytes | None:
+        """The receiver is about to wait for a message (nothing is in hand)."""
+        if self.capacity == 0:
+            if not self.offering:
+                self.offering = True
+                self.limit = self.taken + 1
+                return self._announce()
+            return None
+        if self.report_due or (self.capacity is not None and self.taken > self.reported):
+            return self._announce()
+        return None
+
+    def on_wait_end(self) -> bytes | None:
+        """The receiver stopped waiting without a message (timeout, cancellation)."""
+        if self.capacity == 0 and self.offering:
+            self.offering = False
+            self.limit = self.taken
+            return self._announce()
+        return None
+
+    def _announce(self) -> bytes:
+        self.reported = self.taken
+        self.report_due = False
+        self.unreported = 0
+        if self.limit > self.granted:
+            self.granted = self.limit
+        return encode_credit(self.taken, self.limit)
