@@ -373,3 +373,13 @@ def test_endpoint_of_a_killed_listener_is_reclaimed(url: str, runtime_dir: str) 
         from buzon.transport import mq
 
         assert not mq.queue_exists(lst.address)
+
+
+def test_recv_of_a_big_send_bytes_message_gives_all_of_it() -> None:
+    """Regression: recv() (not recv_bytes) of a raw payload over 4 KiB, which travels
+    as an out-of-band buffer, returned only the empty body."""
+    a, b = buzon.pipe()
+    with a, b:
+        payload = bytes(range(256)) * 64  # 16 KiB
+        a.send_bytes(payload)
+        assert b.recv(timeout=5) == payload

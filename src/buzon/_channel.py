@@ -163,7 +163,10 @@ class Receipt:
             if self._error is not None:
                 raise self._error
             return None
-        return (yield from self._channel._receipt_await(self).__await__())
+        yield from self._channel._receipt_await(self).__await__()
+        if self._error is not None:
+            raise self._error
+        return None
 
     def __repr__(self) -> str:
         state = "failed" if self._error else "delivered" if self._taken else "pending"
@@ -351,7 +354,14 @@ class ChannelCore:
             self._check_send(priority)
         sflow = self.sflow
         if sflow is not None and sflow.sent >= sflow.limit:
-            self.credit_blocked = True  # wait for a CREDIT (readable), not for room
+            if not self.credit_blocked:  # wait for a CREDIT (readable), not for room
+                self.credit_blocked = True
+                if sflow.capacity and self.rflow is not None and not self.closed:
+                    # tell the receiver, so it answers its next take at once (the
+                    # caller holds the write lock: write directly)
+                    self.credit_out = self.rflow.blocked_notice()
+                    if not (self.pending or self.backlog):
+                        self._write_credit()
             self.stats.send_would_block += 1
             return False
         if self.pending and not self.flush():
@@ -524,8 +534,10 @@ class ChannelCore:
         self.stats.credits_sent += 1
         return True
 
-    def _apply_credit(self, body: Buffer) -> None:
+    def _apply_credit(self, body: Buffer, blocked: bool = False) -> None:
         taken, limit = decode_credit(body)
+        if blocked and self.rflow is not None:
+            self.emit_credit(self.rflow.on_peer_blocked())
         sflow = self.sflow
         if sflow is None:
             sflow = self.sflow = SendFlow(None)
@@ -728,7 +740,7 @@ class ChannelCore:
         except FrameError:
             self.stats.rejected_frames += 1
             raise
-        self._apply_credit(frame.body)
+        self._apply_credit(frame.body, frame.receipt)
 
     def _fill(self, decoder: FrameDecoder | _MpDecoder) -> bool:
         """Read once (more if a read fills the buffer); True if a frame is complete."""
@@ -779,7 +791,8 @@ class ChannelCore:
     def _apply_control(self, decoder: FrameDecoder | _MpDecoder) -> None:
         control = decoder.control
         while control:
-            self._apply_credit(control.popleft().body)
+            frame = control.popleft()
+            self._apply_credit(frame.body, frame.receipt)  # bit 3: the peer is blocked
 
     @staticmethod
     def _control(frame: Frame) -> Frame | None:

@@ -185,7 +185,8 @@ class Codec:
                     jdec = self._json_dec[type] = msgspec.json.Decoder(type)
                 return jdec.decode(body)
             if codec == CodecId.RAW:
-                data = bytes(body)
+                # a big send_bytes payload travels as the frame's one out-of-band buffer
+                data = b"".join([bytes(body), *map(bytes, buffers)]) if buffers else bytes(body)
                 if type is not Any:
                     return msgspec.convert(data, type)
                 return data

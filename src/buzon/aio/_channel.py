@@ -159,8 +159,17 @@ class Channel(ChannelIdentity):
     def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
         if self._wlock.locked():
             raise Full("another task is sending")
-        if not self._core.try_send(self._core.encode(obj), priority):
-            raise Full(self._full_reason())
+        self._send_now(self._core.encode(obj), priority)
+
+    def _send_now(self, bufs: list[Buffer], priority: int) -> None:
+        core = self._core
+        if core.try_send(bufs, priority):
+            return
+        if core.credit_blocked:  # a CREDIT may be waiting unread: read it, try again
+            self._receipt_poll()
+            if core.try_send(bufs, priority):
+                return
+        raise Full(self._full_reason())
 
     async def send_bytes(
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
@@ -171,8 +180,7 @@ class Channel(ChannelIdentity):
     def send_bytes_nowait(self, data: Buffer, *, priority: int = 0) -> None:
         if self._wlock.locked():
             raise Full("another task is sending")
-        if not self._core.try_send(self._core.encode_bytes(data), priority):
-            raise Full(self._full_reason())
+        self._send_now(self._core.encode_bytes(data), priority)
 
     async def send_async(
         self, obj: Any, timeout: float | None = None, *, priority: int = 0

@@ -13,14 +13,19 @@ The receiver tells the sender two numbers in a CREDIT frame (kind 6, no codec, a
     0       8     taken   u64 LE: messages the receiver has taken so far (never decreases)
     8       8     limit   u64 LE: the sender may send message k only while k <= limit
 
+A CREDIT with flag bit 3 (``BLOCKED_FLAG``) also says "I, as a sender, am blocked for
+want of your credit": its receiver then announces after its very next take instead of
+batching, so a blocked sender waits only while N messages really are untaken.
+
 Modes (:class:`SendFlow` and :class:`RecvFlow` implement them; the drivers only
 move frames and wait):
 
 ``capacity=N`` (bounded)
     At most N messages sent but not yet taken. Both ends start from ``limit = N``
-    without a frame. The receiver grants ``limit = taken + N`` whenever it has taken
-    ``max(1, N // 2)`` messages since its last CREDIT, and always before it waits with
-    takes not yet announced (so a blocked sender is never forgotten).
+    without a frame. The receiver grants ``limit = taken + N`` when it took the last
+    message it had in hand (so after ``recv`` returns, the sender knows of every take
+    but those of messages already read with it), after ``max(1, N // 2)`` takes
+    within one batch, and after any take while the sender said it is blocked.
 ``capacity=0`` (rendezvous)
     ``limit`` starts at 0. A receiver that begins to wait *offers* one message
     (``limit = taken + 1``); taking it sends ``limit = taken`` (this is also the
@@ -49,6 +54,7 @@ from ..errors import FrameError, ProtocolError
 from .frames import HEADER, VERSION, Kind
 
 __all__ = [
+    "BLOCKED_FLAG",
     "CREDIT_SIZE",
     "RECEIPT_FLAG",
     "REPORT_EVERY",
@@ -62,10 +68,12 @@ __all__ = [
 
 UNLIMITED = 2**64 - 1
 RECEIPT_FLAG = 0x08
+BLOCKED_FLAG = 0x08  # the same bit, on CREDIT frames
 REPORT_EVERY = 64
 _BODY = struct.Struct("<QQ")
 CREDIT_SIZE = HEADER.size + _BODY.size
 _CREDIT_HEADER = HEADER.pack(VERSION, Kind.CREDIT, 0, 0, _BODY.size)
+_BLOCKED_HEADER = HEADER.pack(VERSION, Kind.CREDIT, BLOCKED_FLAG, 0, _BODY.size)
 
 
 def check_capacity(capacity: object) -> int | None:
@@ -79,8 +87,8 @@ def check_capacity(capacity: object) -> int | None:
     return capacity
 
 
-def encode_credit(taken: int, limit: int) -> bytes:
-    return _CREDIT_HEADER + _BODY.pack(taken, limit)
+def encode_credit(taken: int, limit: int, blocked: bool = False) -> bytes:
+    return (_BLOCKED_HEADER if blocked else _CREDIT_HEADER) + _BODY.pack(taken, limit)
 
 
 def decode_credit(body: bytes | bytearray | memoryview) -> tuple[int, int]:
@@ -143,6 +151,7 @@ class RecvFlow:
         "granted",
         "limit",
         "offering",
+        "peer_blocked",
         "report_due",
         "reported",
         "taken",
@@ -156,6 +165,7 @@ class RecvFlow:
         self.limit = UNLIMITED if capacity is None else capacity
         self.granted = self.limit  # the highest limit ever announced (withdrawals race)
         self.offering = False
+        self.peer_blocked = False  # the sender said it waits for our credit
         self.report_due = False  # a receipt was asked for and not yet answered
         self.unreported = 0  # receipt-asking takes since the last CREDIT
         self._step = max(1, capacity // 2) if capacity else 1
@@ -180,7 +190,7 @@ class RecvFlow:
             self.limit = taken  # the offer is used up; this also acknowledges the take
             return self._announce()
         self.limit = taken + cap
-        if taken - self.reported >= self._step:
+        if not more or self.peer_blocked or taken - self.reported >= self._step:
             return self._announce()
         if self.report_due and (not more or self.unreported >= REPORT_EVERY):
             return self._announce()
@@ -206,10 +216,23 @@ class RecvFlow:
             return self._announce()
         return None
 
-    def _announce(self) -> bytes:
+    def on_peer_blocked(self) -> bytes | None:
+        """The peer's sender is blocked for want of credit: answer at the next take,
+        or now if takes are not announced yet."""
+        self.peer_blocked = True
+        if self.capacity and self.taken > self.reported:
+            return self._announce()
+        return None
+
+    def blocked_notice(self) -> bytes:
+        """This end's sender is blocked: a CREDIT (of this end's receive state) saying so."""
+        return self._announce(blocked=True)
+
+    def _announce(self, blocked: bool = False) -> bytes:
         self.reported = self.taken
         self.report_due = False
+        self.peer_blocked = False
         self.unreported = 0
         if self.limit > self.granted:
             self.granted = self.limit
-        return encode_credit(self.taken, self.limit)
+        return encode_credit(self.taken, self.limit, blocked)

@@ -11,7 +11,8 @@ Byte table (all integers little-endian)::
     1       1        kind           1 DATA, 2 HELLO, 3 AUTH, 4 WELCOME, 5 CLOSE (reserved),
                                     6 CREDIT (capacity and receipts: protocol/credit.py)
     2       1        flags          bits 0-2: codec (0 raw, 1 msgpack, 2 json, 3 pickle)
-                                    bit 3: DATA only, the sender asks for a receipt
+                                    bit 3: DATA: the sender asks for a receipt;
+                                    CREDIT: the sender is blocked for credit
                                     bits 4-7: reserved, must be zero
     3       1        nbufs          number of out-of-band buffers (DATA only), 0-255
     4       4        body length    u32, length of the codec body
@@ -154,7 +155,7 @@ def _check_header(version: int, kind: int, flags: int, nbufs: int) -> None:
         raise FrameError(f"unsupported frame version {version} (this side speaks {VERSION})")
     if kind not in _KINDS:
         raise FrameError(f"unknown frame kind {kind}")
-    if flags & _RESERVED_MASK or (flags & _RECEIPT and kind != Kind.DATA):
+    if flags & _RESERVED_MASK or (flags & _RECEIPT and kind not in (Kind.DATA, Kind.CREDIT)):
         raise FrameError(f"reserved flag bits set: {flags:#04x}")
     if flags & _CODEC_MASK not in _CODECS:
         raise FrameError(f"unknown codec id {flags & _CODEC_MASK}")

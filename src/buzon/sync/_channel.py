@@ -125,10 +125,19 @@ class Channel(ChannelIdentity):
     def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
         """Send ``obj`` now or raise :class:`Full` (``capacity=0``: only if a receiver
         is waiting; it does not wait for the receiver to take it)."""
-        bufs = self._core.encode(obj)
+        self._send_now(self._core.encode(obj), priority)
+
+    def _send_now(self, bufs: list[Buffer], priority: int) -> None:
+        core = self._core
         with self._wlock:
-            if not self._core.try_send(bufs, priority):
-                raise Full(self._full_reason())
+            if core.try_send(bufs, priority):
+                return
+        if core.credit_blocked:  # a CREDIT may be waiting unread: read it, try again
+            self._receipt_poll()
+            with self._wlock:
+                if core.try_send(bufs, priority):
+                    return
+        raise Full(self._full_reason())
 
     def send_bytes(self, data: Buffer, timeout: float | None = None, *, priority: int = 0) -> None:
         """Send ``data`` as one message, without a codec (a raw channel: as is)."""
@@ -142,10 +151,7 @@ class Channel(ChannelIdentity):
         self._send_slow(bufs, timeout, priority, number if accepted else -1)
 
     def send_bytes_nowait(self, data: Buffer, *, priority: int = 0) -> None:
-        bufs = self._core.encode_bytes(data)
-        with self._wlock:
-            if not self._core.try_send(bufs, priority):
-                raise Full(self._full_reason())
+        self._send_now(self._core.encode_bytes(data), priority)
 
     def send_async(self, obj: Any, timeout: float | None = None, *, priority: int = 0) -> Receipt:
         """Send ``obj`` and return at once with a :class:`Receipt` that completes when

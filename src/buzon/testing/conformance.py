@@ -26,6 +26,22 @@ Every transport, in both drivers, must pass every check here. The contract:
 12. **Numpy.** Arrays round-trip (dtype, shape, values) out of band.
 13. **Processes.** A message crosses a real ``fork``: parent to child and back.
 
+The capacity contract (:data:`CAPACITY_CHECKS`, on every transport that offers
+credits — :data:`CAPACITY_TRANSPORTS`):
+
+14. **Rendezvous.** With ``capacity=0`` a ``send`` returns only after the receiver's
+    ``recv`` began, in both directions; ``send_nowait`` with nobody waiting raises
+    ``Full``; a ``send`` that times out delivered nothing.
+15. **Bounded.** With ``capacity=N`` exactly N messages fit; the (N+1)th raises
+    ``Full`` (``send_nowait``) or ``Timeout`` (``send(timeout=)``), and goes through
+    as soon as the receiver takes one; many messages keep their order.
+16. **Unbounded.** With ``capacity=None`` sends never wait, far beyond the kernel's
+    buffer, until ``max_queue`` bytes are held (then ``Full`` naming it); everything
+    accepted arrives.
+17. **Receipts.** ``send_async`` receipts complete once the receiver took the message
+    (``receiver`` set where the link knows the pid); a receipt whose channel closes
+    before delivery fails with ``Undelivered``.
+
 Run it with pytest (``tests/testing/test_conformance.py``) or call :func:`run_all`.
 """
 
@@ -48,12 +64,23 @@ from ..errors import (
     Full,
     MessageTooLarge,
     Timeout,
+    Undelivered,
     UnsupportedOperation,
 )
 
-__all__ = ["CHECKS", "DRIVERS", "TRANSPORTS", "Pair", "open_pair", "run_all"]
+__all__ = [
+    "CAPACITY_CHECKS",
+    "CAPACITY_TRANSPORTS",
+    "CHECKS",
+    "DRIVERS",
+    "TRANSPORTS",
+    "Pair",
+    "open_pair",
+    "run_all",
+]
 
 TRANSPORTS = ("pipe", "fifo", "mq", "unix", "unixgram", "tcp", "udp")
+CAPACITY_TRANSPORTS = ("pipe", "unix", "tcp")
 DRIVERS = ("sync", "asyncio")
 T = 5.0  # generous per-operation timeout: a failure, never a hang
 
@@ -523,6 +550,237 @@ PAIR_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# -- capacity and receipts ------------------------------------------------------------
+
+
+def _both(p: Pair, on_a: Callable[[Any], Any], on_b: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """Run ``on_a(a)`` and ``on_b(b)`` at the same time (threads, or one event loop:
+    then each returns a coroutine); return both results."""
+    if p.driver != "sync":
+        fa: _AioFacade = p.a
+
+        async def gather() -> tuple[Any, Any]:
+            x, y = await asyncio.gather(on_a(p.a.ch), on_b(p.b.ch))
+            return x, y
+
+        return fa.loop.run_until_complete(gather())
+    box: dict[str, Any] = {}
+
+    def run_b() -> None:
+        try:
+            box["b"] = on_b(p.b)
+        except BaseException as exc:  # re-raised below
+            box["error"] = exc
+
+    t = threading.Thread(target=run_b)
+    t.start()
+    try:
+        x = on_a(p.a)
+    finally:
+        t.join(T * 4)
+    if "error" in box:
+        raise box["error"]
+    return x, box.get("b")
+
+
+def _pause(p: Pair) -> Any:
+    return asyncio.sleep(0.05) if p.driver != "sync" else time.sleep(0.05)
+
+
+def _rendezvous_one_way(p: Pair, sender: str, receiver: str) -> None:
+    events: list[str] = []
+    aio = p.driver != "sync"
+
+    def send(ch: Any) -> Any:
+        if aio:
+
+            async def go() -> None:
+                await ch.send("ping", T)
+                events.append("send-returned")
+
+            return go()
+        ch.send("ping", T)
+        events.append("send-returned")
+        return None
+
+    def recv(ch: Any) -> Any:
+        if aio:
+
+            async def go() -> Any:
+                await asyncio.sleep(0.05)  # the sender is blocked by now
+                events.append("recv-began")
+                return await ch.recv(T)
+
+            return go()
+        time.sleep(0.05)
+        events.append("recv-began")
+        return ch.recv(T)
+
+    if sender == "a":
+        _, got = _both(p, send, recv)
+    else:
+        got, _ = _both(p, recv, send)
+    assert got == "ping"
+    assert events.index("recv-began") < events.index("send-returned"), events
+
+
+def check_rendezvous(p: Pair) -> None:
+    _rendezvous_one_way(p, "a", "b")
+    _rendezvous_one_way(p, "b", "a")
+    with _expect(Full):
+        p.a.send_nowait("nobody waits")
+    with _expect(Timeout):
+        p.a.send("nobody takes", timeout=0.05)
+    with _expect(Timeout):  # the timed-out send delivered nothing
+        p.b.recv(timeout=0.05)
+    # a stream of rendezvous sends keeps order
+    n = 100
+
+    def send_all(ch: Any) -> Any:
+        if p.driver != "sync":
+
+            async def go() -> None:
+                for i in range(n):
+                    await ch.send(i, T)
+
+            return go()
+        for i in range(n):
+            ch.send(i, T)
+        return None
+
+    def recv_all(ch: Any) -> Any:
+        if p.driver != "sync":
+
+            async def go() -> list[Any]:
+                return [await ch.recv(T) for _ in range(n)]
+
+            return go()
+        return [ch.recv(T) for _ in range(n)]
+
+    _, got = _both(p, send_all, recv_all)
+    assert got == list(range(n))
+
+
+def check_bounded(p: Pair) -> None:
+    n = p.a.capacity
+    assert n == 4, n
+    for i in range(n):
+        p.a.send_nowait(i)
+    with _expect(Full):
+        p.a.send_nowait(n)
+    with _expect(Timeout):
+        p.a.send(n, timeout=0.05)
+    assert p.b.recv(T) == 0
+    p.a.send(n, timeout=T)  # one was taken: room for exactly one more
+    with _expect(Full):
+        p.a.send_nowait(n + 1)
+    assert [p.b.recv(T) for _ in range(n)] == list(range(1, n + 1))
+    # a blocked send goes through as soon as the receiver takes one
+    for i in range(n):
+        p.a.send_nowait(i)
+
+    def blocked_send(ch: Any) -> Any:
+        return ch.send("late", T)
+
+    def take_later(ch: Any) -> Any:
+        if p.driver != "sync":
+
+            async def go() -> Any:
+                await asyncio.sleep(0.05)
+                return await ch.recv(T)
+
+            return go()
+        time.sleep(0.05)
+        return ch.recv(T)
+
+    _, first = _both(p, blocked_send, take_later)
+    assert first == 0
+    assert [p.b.recv(T) for _ in range(n)] == [1, 2, 3, "late"]
+    # many messages through a small window keep their order
+    count = 300
+
+    def send_all(ch: Any) -> Any:
+        if p.driver != "sync":
+
+            async def go() -> None:
+                for i in range(count):
+                    await ch.send(i, T)
+
+            return go()
+        for i in range(count):
+            ch.send(i, T)
+        return None
+
+    def recv_all(ch: Any) -> Any:
+        if p.driver != "sync":
+
+            async def go() -> list[Any]:
+                return [await ch.recv(T) for _ in range(count)]
+
+            return go()
+        return [ch.recv(T) for _ in range(count)]
+
+    _, got = _both(p, send_all, recv_all)
+    assert got == list(range(count))
+
+
+def check_unbounded(p: Pair) -> None:
+    assert p.a.capacity is None
+    chunk = b"u" * 65536
+    sent = 0
+    # beyond the kernel's buffer (64 KiB pipes, a few MiB for loopback TCP): never waits
+    while p.a.statistics().queued_bytes == 0:
+        assert sent < 2000, "128 MiB taken by the kernel and nothing queued?"
+        p.a.send_bytes_nowait(chunk)
+        sent += 1
+    with _expect(Full):
+        for _ in range(100):  # max_queue is 4 MiB: this passes it
+            p.a.send_bytes_nowait(chunk)
+            sent += 1
+    got = p.drain_flushing(sent)
+    assert all(x == chunk for x in got) and len(got) == sent
+    assert p.a.statistics().queued_bytes == 0
+
+
+def check_receipts(p: Pair) -> None:
+    aio = p.driver != "sync"
+    run = p.a.loop.run_until_complete if aio else None
+    receipts = []
+    for i in range(50):
+        r = run(p.a.ch.send_async(i)) if run else p.a.send_async(i)
+        receipts.append(r)
+    assert [r.number for r in receipts] == list(range(1, 51))
+    assert [p.b.recv(T) for _ in range(50)] == list(range(50))
+    for r in receipts:
+        if run:
+            run(asyncio.wait_for(_await(r), T))
+        else:
+            r.wait(T)
+        assert r.done() and not r.failed
+    peer_pid = p.a.peer.pid
+    assert receipts[-1].receiver == peer_pid
+    # a receipt whose channel closes before delivery fails, it never hangs
+    lost = run(p.a.ch.send_async("never taken")) if run else p.a.send_async("never taken")
+    p.b.close()
+    with _expect(Undelivered):
+        if run:
+            run(asyncio.wait_for(_await(lost), T))
+        else:
+            lost.wait(T)
+
+
+async def _await(receipt: Any) -> None:
+    await receipt
+
+
+CAPACITY_CHECKS: dict[str, tuple[Callable[[Pair], None], dict[str, Any]]] = {
+    "rendezvous": (check_rendezvous, {"capacity": 0}),
+    "bounded": (check_bounded, {"capacity": 4}),
+    "unbounded": (check_unbounded, {"capacity": None, "max_queue": 4 * 1024 * 1024}),
+    "receipts": (check_receipts, {}),
+}
+
+
 def run_all(transports: tuple[str, ...] = TRANSPORTS, drivers: tuple[str, ...] = DRIVERS) -> None:
     """Run every check on every transport and driver; raise on the first failure."""
     for transport in transports:
@@ -530,3 +788,7 @@ def run_all(transports: tuple[str, ...] = TRANSPORTS, drivers: tuple[str, ...] =
             for name, check in CHECKS.items():
                 with open_pair(transport, driver, **PAIR_OPTIONS.get(name, {})) as pair:
                     check(pair)
+            if transport in CAPACITY_TRANSPORTS:
+                for check, options in CAPACITY_CHECKS.values():
+                    with open_pair(transport, driver, **options) as pair:
+                        check(pair)
