@@ -364,6 +364,8 @@ class ChannelCore:
                         self._write_credit()
             self.stats.send_would_block += 1
             return False
+        if self.credit_out is not None and not self.message_oriented and not self.pending:
+            return self._send_with_credit(bufs)
         if self.pending and not self.flush():
             if self.unbounded:
                 return self._queue(bufs, priority)
@@ -396,6 +398,28 @@ class ChannelCore:
         stats.bytes_sent += size
         if sflow is not None:
             sflow.sent += 1
+        return True
+
+    def _send_with_credit(self, bufs: list[Buffer]) -> bool:
+        """A stream link owes a CREDIT: write it and the message in one system call."""
+        credit = self.credit_out
+        assert credit is not None
+        n = self._send_buffers([credit, *bufs])
+        if n == WOULD_BLOCK:
+            if self.unbounded:
+                return self._queue(bufs, 0)  # the CREDIT stays owed: flush writes it
+            self.stats.send_would_block += 1
+            return False
+        self.credit_out = None
+        stats = self.stats
+        stats.credits_sent += 1
+        size = sum(memoryview(b).nbytes for b in bufs)
+        if n < len(credit) + size:
+            self._keep_tail([credit, *bufs], n)
+        stats.messages_sent += 1
+        stats.bytes_sent += size
+        if self.sflow is not None:
+            self.sflow.sent += 1
         return True
 
     def _queue(self, bufs: list[Buffer], priority: int) -> bool:
@@ -573,6 +597,29 @@ class ChannelCore:
         rflow = self.rflow
         if rflow is not None and rflow.offering and not self.closed:
             self.emit_credit(rflow.on_wait_end())
+
+    def offer_with_send(self) -> None:
+        """A rendezvous ``send`` begins: this end receives next, so it offers too; on
+        a stream the offer rides in the same write as the message."""
+        rflow = self.rflow
+        if rflow is None or rflow.offering or self.closed:
+            return
+        frame = rflow.before_wait()
+        if self.message_oriented:
+            self.emit_credit(frame)
+        else:
+            self.credit_out = frame  # try_send writes it first (the caller holds no lock)
+
+    def send_finished(self) -> None:
+        """A rendezvous ``send`` returned: withdraw its offer unless a message already
+        came under it (then the next receive takes that one)."""
+        rflow = self.rflow
+        if rflow is None or not rflow.offering or self.closed:
+            return
+        decoder = self.decoder
+        if (decoder is not None and decoder.frames) or self.inbox:
+            return
+        self.emit_credit(rflow.on_wait_end())
 
     def new_receipt(self, owner: Any) -> Receipt:
         """Number the message about to be sent and track it (call before try_send)."""

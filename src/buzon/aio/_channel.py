@@ -163,6 +163,8 @@ class Channel(ChannelIdentity):
 
     def _send_now(self, bufs: list[Buffer], priority: int) -> None:
         core = self._core
+        if self._rendezvous:
+            self._receipt_poll()  # an offer may have been withdrawn: read that first
         if core.try_send(bufs, priority):
             return
         if core.credit_blocked:  # a CREDIT may be waiting unread: read it, try again
@@ -246,6 +248,8 @@ class Channel(ChannelIdentity):
 
     async def _send(self, bufs: list[Buffer], deadline: float | None, priority: int) -> None:
         core = self._core
+        if self._rendezvous:
+            core.offer_with_send()  # a blocked rendezvous sender receives next
         while not core.try_send(bufs, priority):
             await self._wait_room(deadline)
         if core.pending:
@@ -261,6 +265,8 @@ class Channel(ChannelIdentity):
                     "send timed out waiting for the receiver to take the message "
                     "(capacity=0); it was handed over and may still be taken"
                 ) from None
+            finally:
+                core.send_finished()
 
     async def _wait_room(self, deadline: float | None) -> None:
         core = self._core

@@ -32,7 +32,10 @@ move frames and wait):
     acknowledgement a blocked ``send`` waits for: ``taken >= k``); a receive that times
     out withdraws the offer. A message sent under an offer that was withdrawn while it
     travelled is kept by the receiver and taken by its next receive (its sender is still
-    blocked until then, or times out).
+    blocked until then, or times out). An end blocked in a rendezvous ``send`` of a
+    duplex channel offers too (it receives next: the request/response pattern), and
+    its offer stands until it takes a message; so a request and its reply cost one
+    trip each way, and each ``send`` still returns only once its message was taken.
 ``capacity=None`` (unbounded) and the default (the transport's own buffer)
     No limit, no CREDIT frames — except as receipts.
 

@@ -115,6 +115,8 @@ class Channel(ChannelIdentity):
         ``capacity=0``, until the receiver has taken it)."""
         core = self._core
         bufs = core.encode(obj)
+        if self._rendezvous:
+            core.offer_with_send()  # a blocked rendezvous sender receives next
         with self._wlock:
             accepted = core.try_send(bufs, priority)
             if accepted and not core.pending and not self._rendezvous:
@@ -129,6 +131,8 @@ class Channel(ChannelIdentity):
 
     def _send_now(self, bufs: list[Buffer], priority: int) -> None:
         core = self._core
+        if self._rendezvous:
+            self._receipt_poll()  # an offer may have been withdrawn: read that first
         with self._wlock:
             if core.try_send(bufs, priority):
                 return
@@ -143,6 +147,8 @@ class Channel(ChannelIdentity):
         """Send ``data`` as one message, without a codec (a raw channel: as is)."""
         core = self._core
         bufs = core.encode_bytes(data)
+        if self._rendezvous:
+            core.offer_with_send()  # a blocked rendezvous sender receives next
         with self._wlock:
             accepted = core.try_send(bufs, priority)
             if accepted and not core.pending and not self._rendezvous:
@@ -256,6 +262,14 @@ class Channel(ChannelIdentity):
                     "send timed out waiting for the receiver to take the message "
                     "(capacity=0); it was handed over and may still be taken"
                 ) from None
+            finally:
+                if self._rlock.acquire(blocking=False):
+                    try:
+                        core.send_finished()
+                    finally:
+                        self._rlock.release()
+        elif self._rendezvous:
+            core.send_finished()
 
     def _wait_room(self, deadline: float | None) -> None:
         """Wait until a send may succeed: credit (read side) or kernel room."""
@@ -293,8 +307,9 @@ class Channel(ChannelIdentity):
                     try:
                         if done():
                             return
-                        self._wait(True, deadline, what)
-                        core.pump()
+                        if not self._spin_pump(done):
+                            self._wait(True, deadline, what)
+                            core.pump()
                     finally:
                         self._rlock.release()
                 else:
@@ -307,6 +322,32 @@ class Channel(ChannelIdentity):
             finally:
                 with cv:
                     self._pumpers -= 1
+
+    def _spin_pump(self, done: Callable[[], bool]) -> bool:
+        """Like a receive, spin ``spin`` seconds before sleeping: a CREDIT from a busy
+        peer is usually microseconds away (the rendezvous acknowledgement)."""
+        spin = self._spin
+        if spin <= 0.0:
+            return False
+        core = self._core
+        ready = self._rpoll
+        if ready is None:
+            rfd = core.read_fileno()
+            if rfd < 0:
+                return False
+            ready = self._rpoll = select.poll()
+            ready.register(rfd, _POLLIN)
+        if core.owed:
+            with self._wlock:
+                core.flush()
+        end = _perf() + spin
+        poll0 = ready.poll
+        while _perf() < end:
+            if poll0(0):
+                core.pump()
+                if done():
+                    return True
+        return False
 
     def _credit_arrived(self) -> None:
         if self._pumpers:
