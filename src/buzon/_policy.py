@@ -28,7 +28,7 @@ from .protocol.frames import DEFAULT_MAX_FRAME
 from .transport.base import TransportOptions
 from .transport.pipe import pipe_pair
 
-__all__ = ["Prepared", "prepare"]
+__all__ = ["Prepared", "capacity_support", "prepare"]
 
 _CONNECTION_ORIENTED = frozenset({"unix", "tcp"})
 
@@ -175,6 +175,34 @@ def _check_capacity_support(
             "has no reverse path for credits yet (not implemented; use unix:, tcp:// or a "
             "duplex pipe)"
         )
+
+
+def capacity_support(scheme: str, duplex: bool = True) -> dict[str, str | None]:
+    """For the docs: each capacity mode (``"0"``, ``"N"``, ``"None"``) on ``scheme``,
+    ``None`` when supported, else the reason it is refused (the same checks ``listen``,
+    ``connect`` and ``pipe`` make)."""
+    out: dict[str, str | None] = {}
+    addr = Address(scheme) if scheme == "pipe" else parse_address(_EXAMPLE_URL[scheme])
+    for label, capacity in (("0", 0), ("N", 8), ("None", None)):
+        try:
+            if scheme == "pipe" and not duplex and capacity is not None:
+                raise UnsupportedOperation("needs buzon.pipe(duplex=True)")
+            _check_capacity_support(addr, capacity, raw=False, compat=None)
+        except UnsupportedOperation as exc:
+            out[label] = str(exc)
+        else:
+            out[label] = None
+    return out
+
+
+_EXAMPLE_URL = {
+    "fifo": "fifo:x",
+    "mq": "mq:x",
+    "unix": "unix:x",
+    "unixgram": "unixgram:x",
+    "tcp": "tcp://127.0.0.1:1",
+    "udp": "udp://127.0.0.1:1",
+}
 
 
 def pipe_cores(duplex: bool, **options: Any) -> tuple[ChannelCore, ChannelCore]:

@@ -48,9 +48,9 @@ import msgspec
 from . import codec, transport
 from . import errors as _errors
 from ._channel import ChannelCore, ChannelOptions
-from ._policy import prepare
+from ._policy import capacity_support, prepare
 from .address import Address, parse_address
-from .protocol import frames, handshake, mpcompat
+from .protocol import credit, frames, handshake, mpcompat
 from .transport import fifo, mq, pipe, tcp, udp, unix, unixgram
 from .transport.base import LinkProperties, Transport, TransportOptions
 
@@ -860,6 +860,148 @@ def _render_chaos_profiles() -> str:
     return chaos.render_profiles()
 
 
+# -- semantics: link guarantees per mode, and the credit protocol drawn by running it
+
+
+def _damage(props: LinkProperties) -> str:
+    if props.local:
+        return "no (kernel memory)"
+    if props.reliable:
+        return "checksummed, resent"
+    return "checksummed, dropped"
+
+
+def _capacity_cell(scheme: str, duplex: bool) -> str:
+    support = capacity_support(scheme, duplex)
+    marks = [f"`{mode}` " + ("✓" if why is None else "✗") for mode, why in support.items()]
+    return " · ".join(marks)
+
+
+def render_semantics() -> str:
+    """Transport × mode → what a channel guarantees, and which capacities it takes."""
+    header = [
+        "transport / mode",
+        "direction",
+        "boundaries",
+        "connection",
+        "loss",
+        "reorder",
+        "damage",
+        "capacity",
+    ]
+    body = []
+    reasons: dict[str, str] = {}
+    for module, label, props in _transport_rows():
+        duplex = props.direction == "duplex"
+        for raw in (False, True):
+            boundaries = props.boundaries if raw else _channel_boundaries(props)
+            if raw:
+                cap = "default only ³"
+            else:
+                cap = _capacity_cell(module, duplex)
+                for why in capacity_support(module, duplex).values():
+                    if why is not None:
+                        reasons.setdefault(module + ("" if duplex else " (simplex)"), why)
+            body.append(
+                [
+                    f"{label}{' `raw=True`' if raw else ''}",
+                    props.direction,
+                    boundaries,
+                    _yes(props.connection_oriented),
+                    "no" if props.reliable else "yes, counted",
+                    "no" if props.ordered else "yes",
+                    _damage(props),
+                    cap,
+                ]
+            )
+    lines = [_table(header, body), "", "Why a capacity is refused (the error the call raises):", ""]
+    lines += [f"- **{name}**: {why}" for name, why in reasons.items()]
+    lines += [
+        "",
+        "³ `raw=True` moves bytes with no frames, so no credits: the transport's own "
+        "buffer bounds a send (the default capacity).",
+    ]
+    return "\n".join(lines)
+
+
+def _credit_text(frame: bytes) -> str:
+    taken, limit = credit.decode_credit(frame[8:])
+    shown = "∞" if limit == credit.UNLIMITED else str(limit)
+    blocked = ", blocked" if frame[2] & credit.BLOCKED_FLAG else ""
+    return f"CREDIT(taken={taken}, limit={shown}{blocked})"
+
+
+def _credit_sequence(log: list[tuple[str, str]]) -> str:
+    width = max(len(d) for s, d in log if s == "sender") + 4
+    lines = ["sender".ljust(width + 6) + "receiver"]
+    for who, desc in log:
+        if who == "sender":
+            lines.append(desc.ljust(width) + "──▶")
+        elif who == "receiver":
+            lines.append(" " * width + "◀──  " + desc)
+        else:
+            lines.append(" " * 2 + f"[{desc}]")
+    return "\n".join(lines)
+
+
+def _run_rendezvous() -> list[tuple[str, str]]:
+    """Run the two capacity-0 state machines through a send, a receive and a timeout."""
+    send, recv = credit.SendFlow(0), credit.RecvFlow(0)
+    log: list[tuple[str, str]] = []
+
+    def to_sender(frame: bytes | None) -> None:
+        assert frame is not None
+        log.append(("receiver", _credit_text(frame)))
+        send.on_credit(*credit.decode_credit(frame[8:]))
+
+    log.append(("note", f"sender: send(a) blocks, nobody waits (may send: {send.sendable()})"))
+    log.append(("note", "receiver: recv() begins"))
+    to_sender(recv.before_wait())
+    assert send.sendable()
+    number = send.on_sent()
+    log.append(("sender", f"DATA #{number} a"))
+    to_sender(recv.on_take(False, False))
+    assert send.delivered(number)
+    log.append(
+        ("note", f"receiver: recv() returns a; sender: send(a) returns (taken={send.taken})")
+    )
+    log.append(("note", "receiver: recv(timeout=1) begins"))
+    to_sender(recv.before_wait())
+    log.append(("note", "receiver: ... 1 s, nothing came: Timeout"))
+    to_sender(recv.on_wait_end())
+    log.append(("note", f"sender: send_nowait(b) raises Full (may send: {send.sendable()})"))
+    return log
+
+
+def _run_receipts() -> list[tuple[str, str]]:
+    """Run a default-capacity channel's flows through three send_async and their takes."""
+    send, recv = credit.SendFlow(None), credit.RecvFlow(None)
+    log: list[tuple[str, str]] = []
+    numbers = []
+    for payload in "abc":
+        numbers.append(send.on_sent())
+        log.append(("sender", f"DATA #{numbers[-1]} {payload} (receipt asked)"))
+    log.append(("note", "receiver: one read brings all three; recv() x3"))
+    for i in range(3):
+        frame = recv.on_take(True, i < 2)
+        if frame is not None:
+            log.append(("receiver", _credit_text(frame)))
+            send.on_credit(*credit.decode_credit(frame[8:]))
+    done = [n for n in numbers if send.delivered(n)]
+    log.append(("note", f"sender: receipts {done} done, receiver = the peer's pid"))
+    return log
+
+
+def render_credit_sequences() -> str:
+    out = []
+    for title, log in (
+        ("Rendezvous (`capacity=0`)", _run_rendezvous()),
+        ("Receipts (`send_async`, one acknowledgement for a batch)", _run_receipts()),
+    ):
+        out += [f"{title}:", "", "```text", _credit_sequence(log), "```", ""]
+    return "\n".join(out[:-1])
+
+
 SECTIONS: dict[str, dict[str, Renderer]] = {
     "concepts.md": {"errors": render_errors},
     "frames.md": {
@@ -877,6 +1019,7 @@ SECTIONS: dict[str, dict[str, Renderer]] = {
     "transports.md": {"transports": render_transports, "addresses": render_addresses},
     "security.md": {"limits": render_frame_limits},
     "chaos.md": {"chaos-profiles": _render_chaos_profiles},
+    "semantics.md": {"semantics": render_semantics, "credit-sequences": render_credit_sequences},
 }
 """Page file name -> section name -> renderer."""
 
