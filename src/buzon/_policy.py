@@ -182,7 +182,7 @@ def capacity_support(scheme: str, duplex: bool = True) -> dict[str, str | None]:
     ``None`` when supported, else the reason it is refused (the same checks ``listen``,
     ``connect`` and ``pipe`` make)."""
     out: dict[str, str | None] = {}
-    addr = Address(scheme) if scheme == "pipe" else parse_address(_EXAMPLE_URL[scheme])
+    addr = Address("pipe") if scheme == "pipe" else parse_address(_EXAMPLE_URL[scheme])
     for label, capacity in (("0", 0), ("N", 8), ("None", None)):
         try:
             if scheme == "pipe" and not duplex and capacity is not None:

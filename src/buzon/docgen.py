@@ -878,7 +878,7 @@ def _capacity_cell(scheme: str, duplex: bool) -> str:
 
 
 def render_semantics() -> str:
-    """Transport × mode → what a channel guarantees, and which capacities it takes."""
+    """Transport and mode → what a channel guarantees, and which capacities it takes."""
     header = [
         "transport / mode",
         "direction",
