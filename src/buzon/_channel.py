@@ -112,64 +112,72 @@ class Receipt:
     receiving process's pid once delivered (``None`` where the link cannot tell).
     If the channel breaks or closes first, the receipt fails with
     :class:`Undelivered`: it never waits for ever on a dead link.
+
+    A receipt keeps no state of its own: it is its message's number, read against the
+    channel's cumulative count of messages taken (so a million receipts cost nothing
+    to complete).
     """
 
-    __slots__ = ("_channel", "_error", "_taken", "number", "receiver")
+    __slots__ = ("_channel", "_flow", "number")
 
-    def __init__(self, channel: Any, number: int) -> None:
+    def __init__(self, channel: Any, flow: SendFlow, number: int) -> None:
         self._channel = channel
+        self._flow = flow
         self.number = number  # the message's number in its direction (1, 2, ...)
-        self._taken = False
-        self._error: BaseException | None = None
-        self.receiver: int | None = None
 
-    def _complete(self, receiver: int | None) -> None:
-        self._taken = True
-        self.receiver = receiver
-        self._channel = None
-
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
-        self._channel = None
+    def _settled(self) -> bool:
+        flow = self._flow
+        return flow.taken >= self.number or (
+            flow.error is not None and self.number > flow.failed_after
+        )
 
     @property
     def failed(self) -> bool:
-        return self._error is not None
+        flow = self._flow
+        return flow.taken < self.number and flow.error is not None
+
+    @property
+    def receiver(self) -> int | None:
+        """The receiving process's pid once the message was taken."""
+        return self._flow.receiver if self._flow.taken >= self.number else None
 
     def done(self) -> bool:
         """True once the receiver took the message (or the receipt failed); reads
         acknowledgements that already arrived, never waits."""
-        if not self._taken and self._error is None and self._channel is not None:
+        if not self._settled():
             self._channel._receipt_poll()
-        return self._taken or self._error is not None
+        return self._settled()
 
     def delivered(self) -> bool:
         """True if the receiver took the message (raises if the receipt failed)."""
         self.done()
-        if self._error is not None:
-            raise self._error
-        return self._taken
+        self._raise()
+        return self._flow.taken >= self.number
+
+    def _raise(self) -> None:
+        flow = self._flow
+        if flow.taken < self.number and flow.error is not None:
+            raise Undelivered(f"message #{self.number} was not taken: {flow.error}")
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until the receiver took the message; :class:`Undelivered` if it
         never can, :class:`Timeout` if ``timeout`` passes first."""
-        if not self.done() and self._channel is not None:
+        if not self.done():
             self._channel._receipt_wait(self, timeout)
-        if self._error is not None:
-            raise self._error
+        self._raise()
 
     def __await__(self) -> Any:
-        if self.done() or self._channel is None:
-            if self._error is not None:
-                raise self._error
-            return None
-        yield from self._channel._receipt_await(self).__await__()
-        if self._error is not None:
-            raise self._error
+        if not self.done():
+            yield from self._channel._receipt_await(self).__await__()
+        self._raise()
         return None
 
     def __repr__(self) -> str:
-        state = "failed" if self._error else "delivered" if self._taken else "pending"
+        state = "pending"
+        if self._flow.taken >= self.number:
+            state = "delivered"
+        elif self.failed:
+            state = "failed"
         return f"<buzon.Receipt #{self.number} {state}>"
 
 
@@ -228,7 +236,6 @@ class ChannelCore:
         self.taken = 0  # DATA messages taken by this end's receiver (numbering receipts)
         self.credit_out: bytes | None = None  # the latest CREDIT not yet written
         self.credit_blocked = False  # the last try_send failed for want of credit
-        self.receipts: deque[Receipt] = deque()
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
         if options.capacity != DEFAULT_CAPACITY:
@@ -307,8 +314,9 @@ class ChannelCore:
         return list(mpcompat.encode_message(body, max_message=self.max_frame))
 
     def encode_bytes(self, data: Buffer, receipt: bool = False) -> list[Buffer]:
-        if type(data) is bytes and self._plain and len(data) <= self._small and not receipt:
-            return [_RAW_HEADER(1, 1, 0, 0, len(data)) + data]  # DATA, codec raw
+        if type(data) is bytes and self._plain and len(data) <= self._small:
+            # DATA, codec raw (8: a receipt is asked for)
+            return [_RAW_HEADER(1, 1, 8 if receipt else 0, 0, len(data)) + data]
         if self.raw:
             return [data]
         if self.compat is not None:
@@ -567,13 +575,9 @@ class ChannelCore:
             sflow = self.sflow = SendFlow(None)
             sflow.sent = self.stats.messages_sent
         sflow.on_credit(taken, limit)
+        sflow.receiver = self.peer.pid
         self.credit_blocked = False
         self.stats.credits_received += 1
-        receipts = self.receipts
-        if receipts and receipts[0].number <= taken:
-            pid = self.peer.pid
-            while receipts and receipts[0].number <= taken:
-                receipts.popleft()._complete(pid)
         if self.on_credit is not None:
             self.on_credit()
 
@@ -621,30 +625,21 @@ class ChannelCore:
             return
         self.emit_credit(rflow.on_wait_end())
 
-    def new_receipt(self, owner: Any) -> Receipt:
-        """Number the message about to be sent and track it (call before try_send)."""
-        self.check_flow("send_async")
+    def receipt_flow(self) -> SendFlow:
+        """The send flow receipts are read against (made on the first ``send_async``)."""
         sflow = self.sflow
         if sflow is None:
+            self.check_flow("send_async")
             sflow = self.sflow = SendFlow(None)
             sflow.sent = self.stats.messages_sent
-        receipt = Receipt(owner, sflow.sent + 1)
-        return receipt
-
-    def track(self, receipt: Receipt) -> None:
-        """The receipt's message was accepted: complete it when its CREDIT comes."""
-        sflow = self.sflow
-        assert sflow is not None
-        if sflow.taken >= receipt.number:
-            receipt._complete(self.peer.pid)
-        else:
-            self.receipts.append(receipt)
+        return sflow
 
     def fail_receipts(self, why: str) -> None:
-        receipts = self.receipts
-        while receipts:
-            r = receipts.popleft()
-            r._fail(Undelivered(f"message #{r.number} was not taken: {why}"))
+        """Every message not taken yet can no longer be: their receipts fail."""
+        sflow = self.sflow
+        if sflow is not None and sflow.error is None and sflow.taken < sflow.sent:
+            sflow.error = why
+            sflow.failed_after = sflow.taken
 
     def delivered(self, number: int) -> bool:
         return self.sflow is not None and self.sflow.taken >= number
@@ -813,8 +808,7 @@ class ChannelCore:
                 return False
             if n == 0:
                 self.eof = True
-                if self.receipts:
-                    self.fail_receipts("the peer closed the channel")
+                self.fail_receipts("the peer closed the channel")
                 try:
                     decoder.eof()
                 except FrameError:
@@ -836,10 +830,14 @@ class ChannelCore:
                 return False
 
     def _apply_control(self, decoder: FrameDecoder | _MpDecoder) -> None:
+        # counts are cumulative: the latest CREDIT says it all (bit 3: the peer is blocked)
         control = decoder.control
+        blocked = 0
+        body = b""
         while control:
-            frame = control.popleft()
-            self._apply_credit(frame.body, frame.receipt)  # bit 3: the peer is blocked
+            flags, body = control.popleft()
+            blocked |= flags
+        self._apply_credit(body, bool(blocked & 8))
 
     @staticmethod
     def _control(frame: Frame) -> Frame | None:
@@ -1014,8 +1012,7 @@ class ChannelCore:
         self.pending.clear()
         self.backlog.clear()
         self.stats.queued_bytes = 0
-        if self.receipts:
-            self.fail_receipts("the channel was closed")
+        self.fail_receipts("the channel was closed")
         self.transport.close()
 
 
@@ -1033,7 +1030,7 @@ class _MpDecoder:
         self._d = mpcompat.MessageDecoder(max_frame)
         self._error: FrameError | None = None  # errors surface at once in this framing
         self.frames: deque[Frame | tuple[int, bytes]] = deque()
-        self.control: deque[Frame] = deque()  # never filled: no credits in this framing
+        self.control: deque[tuple[int, bytes]] = deque()  # never filled: no credits here
 
     def next_frame(self) -> Frame:
         item = self.frames.popleft()

@@ -202,16 +202,16 @@ class Channel(ChannelIdentity):
         self, bufs: list[Buffer], timeout: float | None, priority: int
     ) -> Receipt:
         core = self._core
-        receipt = core.new_receipt(self)
+        flow = core.receipt_flow()
         deadline = deadline_of(timeout)
         async with self._wlock:
             while not core.try_send(bufs, priority):
                 await self._wait_room(deadline)
-            assert core.sflow is not None
-            receipt.number = core.sflow.sent
-            core.track(receipt)
+            number = flow.sent
             await self._drain(deadline, soft=True)
-        return receipt
+        if not number & 63:
+            self._receipt_poll()  # reap acknowledgements now and then: a stream stays bounded
+        return Receipt(self, flow, number)
 
     def _full_reason(self) -> str:
         core = self._core
@@ -305,7 +305,7 @@ class Channel(ChannelIdentity):
 
     async def _receipt_await(self, receipt: Receipt) -> None:
         try:
-            await self._pump_until(lambda: receipt._taken or receipt.failed, None, "receipt")
+            await self._pump_until(receipt._settled, None, "receipt")
         except EndOfChannel:
             pass  # the receipt failed with it
 

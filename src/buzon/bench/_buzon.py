@@ -85,11 +85,20 @@ def api() -> _Api:
 class _BuzonSide(Side):
     """A channel pair (the same channel twice when it is duplex)."""
 
-    def __init__(self, r: _Channel, w: _Channel, *, lossy: bool = False, batch: bool = False):
+    def __init__(
+        self,
+        r: _Channel,
+        w: _Channel,
+        *,
+        lossy: bool = False,
+        batch: bool = False,
+        receipts: bool = False,
+    ):
         self._r = r
         self._w = w
         self.lossy = lossy
         self.batch = batch
+        self.receipts = receipts  # every message sent with send_bytes_async
 
     def blast(self, msg: bytes, window: SendWindow) -> int:
         """With ``batch``: the same stream of messages, 64 per ``send_bytes_many`` call
@@ -109,6 +118,8 @@ class _BuzonSide(Side):
                 return sent
 
     def sender(self) -> Callable[[bytes], object]:
+        if self.receipts:
+            return self._w.send_bytes_async  # type: ignore[attr-defined, no-any-return]
         return self._w.send_bytes
 
     def receiver(self, size: int) -> Callable[[], bytes]:
@@ -135,7 +146,9 @@ def _checked(create: Callable[[], Any], options: dict[str, Any]) -> Any:
         raise
 
 
-def _link(transport: str, options: dict[str, Any], batch: bool = False) -> LinkMaker:
+def _link(
+    transport: str, options: dict[str, Any], batch: bool = False, receipts: bool = False
+) -> LinkMaker:
     lossy = transport == "udp"
 
     def make(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
@@ -149,10 +162,10 @@ def _link(transport: str, options: dict[str, Any], batch: bool = False) -> LinkM
             ctx.close_later(b)
 
             def parent_pipe() -> Side:
-                return handshake_parent(_BuzonSide(a, a, batch=batch))
+                return handshake_parent(_BuzonSide(a, a, batch=batch, receipts=receipts))
 
             def child_pipe() -> Side:
-                return handshake_child(_BuzonSide(b, b, batch=batch))
+                return handshake_child(_BuzonSide(b, b, batch=batch, receipts=receipts))
 
             return parent_pipe, child_pipe
 
@@ -192,11 +205,13 @@ def _link(transport: str, options: dict[str, Any], batch: bool = False) -> LinkM
         def parent() -> Side:
             ch = lst.accept(timeout=_TIMEOUT)
             ctx.close_later(ch)
-            return handshake_parent(_BuzonSide(ch, ch, lossy=lossy, batch=batch))
+            side = _BuzonSide(ch, ch, lossy=lossy, batch=batch, receipts=receipts)
+            return handshake_parent(side)
 
         def child() -> Side:
             ch = bz.connect(address, timeout=_TIMEOUT, **options)
-            return handshake_child(_BuzonSide(ch, ch, lossy=lossy, batch=batch))
+            side = _BuzonSide(ch, ch, lossy=lossy, batch=batch, receipts=receipts)
+            return handshake_child(side)
 
         return parent, child
 
@@ -229,4 +244,10 @@ def buzon_cases(transport: str) -> list[Case]:
     if transport in ("pipe", "fifo", "unix", "tcp"):
         batched = cases_for("buzon-batch", transport, _link(transport, {}, batch=True))
         cases.extend(c for c in batched if c.metric == "oneway64")
+    if transport in ("pipe", "unix", "tcp"):
+        # link semantics: rendezvous round trips, and a stream sent with receipts
+        rv = cases_for("buzon-rv", transport, _link(transport, {"capacity": 0}))
+        cases.extend(c for c in rv if c.metric == "rt64")
+        rc = cases_for("buzon-receipts", transport, _link(transport, {}, receipts=True))
+        cases.extend(c for c in rc if c.metric == "oneway64")
     return cases

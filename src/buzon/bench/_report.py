@@ -10,6 +10,8 @@ b     Unix stream 64 B one-way at least 2x multiprocessing.Pipe     buzon rate /
       (b: one send_bytes call per message; b-batch: send_bytes_many, 64 per call)
 c     1 MiB one-way on Unix and TCP at least the raw socket         buzon MB/s / raw MB/s
 d     waiting receiver round trip 3x faster than mp.Pipe            mp p50 / buzon p50
+e     rendezvous (capacity=0) round trip within 1.3x of plain       buzon-rv p50 / buzon p50
+f     receipts on a 64 B stream cost at most 15% throughput         buzon-receipts / buzon rate
 ====  ============================================================  ==========================
 
 ``buzon`` is the default spin, ``buzon-spin0`` the blocking receiver.
@@ -33,12 +35,14 @@ __all__ = ["Target", "document", "evaluate_targets", "render", "write_json"]
 
 SCHEMA = "buzon-bench/1"
 TRANSPORT_ORDER = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq")
-IMPL_ORDER = ("raw", "buzon-spin0", "buzon", "buzon-batch")
+IMPL_ORDER = ("raw", "buzon-spin0", "buzon", "buzon-batch", "buzon-rv", "buzon-receipts")
 IMPL_LABEL = {
     "raw": "raw",
     "buzon-spin0": "buzon spin=0",
     "buzon": "buzon",
     "buzon-batch": "buzon send_many",
+    "buzon-rv": "buzon capacity=0",
+    "buzon-receipts": "buzon send_async",
     "mp": "mp.Pipe",
 }
 
@@ -85,6 +89,8 @@ _TITLES = {
     "b-batch": "Unix stream 64 B one-way >= 2x multiprocessing.Pipe (send_bytes_many, 64/call)",
     "c": "1 MiB one-way >= raw socket (default spin)",
     "d": "waiting receiver round trip >= 3x faster than multiprocessing.Pipe (p50, default spin)",
+    "e": "rendezvous (capacity=0) 64 B round trip <= 1.3x the plain round trip (p50)",
+    "f": "receipts (send_async) on a 64 B stream keep >= 85% of plain send throughput",
 }
 
 
@@ -160,6 +166,27 @@ def evaluate_targets(results: Sequence[Result]) -> list[Target]:
     mp_p50 = _value(by, ("mp", "Pipe", "rt64"), "p50")
     for t in TRANSPORT_ORDER:
         add("d", t, ">=", 3.0, _value(by, ("buzon", t, "rt64"), "p50"), mp_p50, "us", inv)
+    for t in ("pipe", "unix", "tcp"):
+        add(
+            "e",
+            t,
+            "<=",
+            1.3,
+            _value(by, ("buzon-rv", t, "rt64"), "p50"),
+            _value(by, ("buzon", t, "rt64"), "p50"),
+            "us",
+            div,
+        )
+        add(
+            "f",
+            t,
+            ">=",
+            0.85,
+            _value(by, ("buzon-receipts", t, "oneway64"), "rate"),
+            _value(by, ("buzon", t, "oneway64"), "rate"),
+            "msg/s",
+            div,
+        )
     return targets
 
 

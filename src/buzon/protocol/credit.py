@@ -108,13 +108,17 @@ class SendFlow:
     receipts work in every mode.
     """
 
-    __slots__ = ("capacity", "limit", "sent", "taken")
+    __slots__ = ("capacity", "error", "failed_after", "limit", "receiver", "sent", "taken")
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
         self.sent = 0
         self.taken = 0
         self.limit = UNLIMITED if capacity is None else capacity
+        self.receiver: int | None = None  # the receiving process, where the link knows
+        # the link broke: messages after ``failed_after`` will never be taken (why)
+        self.error: str | None = None
+        self.failed_after = 0
 
     def sendable(self) -> bool:
         """True if one more message may be sent now."""

@@ -36,6 +36,7 @@ This module is sans-IO: no sockets, no selectors, no clocks.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -69,6 +70,9 @@ _RESERVED_MASK = 0xF0
 # a DATA frame's flags may take the small-frame fast paths: a known codec (0-3), with
 # or without the receipt bit; (codec | receipt bit, body) tuples keep the bit
 _NOT_FAST = 0xF4
+# one or more well-formed CREDIT frames back to back (header: v1, kind 6, flags 0 or 8,
+# no buffers, a 16-byte body), so a batch of acknowledgements costs one match
+_CREDIT_RUN = re.compile(rb"(?:\x01\x06[\x00\x08]\x00\x10\x00\x00\x00.{16})+", re.DOTALL)
 
 
 class Kind(IntEnum):
@@ -257,9 +261,9 @@ class FrameDecoder:
         # buffers just ``(flags, body)`` (cheaper to make): the codec id, plus 8 if the
         # sender asked for a receipt; next_frame() gives Frames.
         self.frames: deque[Frame | tuple[int, bytes]] = deque()
-        # CREDIT frames, kept apart from messages: the channel applies them at once,
-        # even while messages read before them wait to be received
-        self.control: deque[Frame] = deque()
+        # CREDIT frames as (flags, body), kept apart from messages: the channel applies
+        # them at once, even while messages read before them wait to be received
+        self.control: deque[tuple[int, bytes]] = deque()
         self._buf = bytearray(read_size)
         self._view = memoryview(self._buf)  # its exports never resize: see _compact
         self._start = 0
@@ -470,7 +474,10 @@ class FrameDecoder:
             frame = Frame(
                 kind, codec & _CODEC_MASK, parts[0], parts[1:], sunk, bool(codec & _RECEIPT)
             )
-            (self.control if kind == Kind.CREDIT else self.frames).append(frame)
+            if kind == Kind.CREDIT:
+                self.control.append((frame.codec | (8 if frame.receipt else 0), bytes(frame.body)))
+            else:
+                self.frames.append(frame)
 
     def _advance(self, nbytes: int) -> None:
         self._got += nbytes
@@ -481,6 +488,7 @@ class FrameDecoder:
         half = len(buf) // 2
         frames = self.frames
         append = frames.append
+        control = self.control
         limit = min(half, self._max_frame)
         view = memoryview(buf)
         # Small frames are sliced out of one bytes snapshot of what this read brought:
@@ -504,6 +512,15 @@ class FrameDecoder:
                         or total > stop - pos
                         or total > limit
                     ):
+                        if kind == 6:  # CREDITs: a run of them is matched in one go
+                            run = _CREDIT_RUN.match(data, pos, stop)
+                            if run is not None:
+                                pos = run.end()
+                                # counts are cumulative: the last one says it all, but a
+                                # "blocked" bit (flags 8) anywhere in the run counts
+                                blocked = 8 if 8 in data[run.start() + 2 : pos : 24] else 0
+                                control.append((blocked, data[pos - 16 : pos]))
+                                continue
                         break
                     append((flags, data[pos + 8 : pos + total]))
                     pos += total
@@ -521,8 +538,8 @@ class FrameDecoder:
                 chunk = bytearray(view[start : start + total])
                 self._start += total
                 frame = _split(memoryview(chunk))
-                if frame.kind == Kind.CREDIT:
-                    self.control.append(frame)  # apart: a waiting sender needs it first
+                if frame.kind == Kind.CREDIT:  # apart: a waiting sender needs it first
+                    control.append((frame.codec | (8 if frame.receipt else 0), bytes(frame.body)))
                 else:
                     append(frame)
         except FrameTooLarge as exc:

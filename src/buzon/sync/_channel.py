@@ -172,19 +172,33 @@ class Channel(ChannelIdentity):
 
     def _send_receipt(self, bufs: list[Buffer], timeout: float | None, priority: int) -> Receipt:
         core = self._core
-        receipt = core.new_receipt(self)
+        flow = core.sflow or core.receipt_flow()
+        with self._wlock:
+            if core.try_send(bufs, priority):
+                number = flow.sent
+                if number & 63 and not core.pending:
+                    return Receipt(self, flow, number)
+                bufs = []  # accepted: what is left is finishing the write and reaping
+        return self._send_receipt_slow(bufs, timeout, priority)
+
+    def _send_receipt_slow(
+        self, bufs: list[Buffer], timeout: float | None, priority: int
+    ) -> Receipt:
+        core = self._core
+        flow = core.receipt_flow()
         deadline = deadline_of(timeout)
-        while True:
+        number = flow.sent
+        while bufs:
+            self._wait_room(deadline)
             with self._wlock:
                 if core.try_send(bufs, priority):
-                    assert core.sflow is not None
-                    receipt.number = core.sflow.sent
-                    core.track(receipt)
-                    break
-            self._wait_room(deadline)
+                    number = flow.sent
+                    bufs = []
         if core.pending:
             self._finish_write(deadline)
-        return receipt
+        if not number & 63:
+            self._receipt_poll()  # reap acknowledgements now and then: a stream stays bounded
+        return Receipt(self, flow, number)
 
     def _full_reason(self) -> str:
         core = self._core
@@ -370,9 +384,7 @@ class Channel(ChannelIdentity):
 
     def _receipt_wait(self, receipt: Receipt, timeout: float | None) -> None:
         try:
-            self._pump_until(
-                lambda: receipt._taken or receipt.failed, deadline_of(timeout), "receipt wait"
-            )
+            self._pump_until(receipt._settled, deadline_of(timeout), "receipt wait")
         except EndOfChannel:
             pass  # the receipt failed with it
 
