@@ -3,6 +3,7 @@ credit state machines on their own (sans-IO, seeded)."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 
@@ -81,18 +82,15 @@ def test_default_is_the_transport_buffer() -> None:
     [
         ("udp://127.0.0.1:0", "reliable=True"),
         ("unixgram:capx", "reliable=True"),
-        ("fifo:capx", "simplex endpoint"),
-        ("mq:capx", "simplex endpoint"),
+        ("mq:/buzon-capx", "private queue name"),
     ],
 )
 def test_links_that_cannot_carry_credits_refuse_clearly(url: str, reason: str) -> None:
     with pytest.raises(buzon.UnsupportedOperation, match=reason):
-        buzon.listen(url, capacity=4)
+        buzon.listen(url, capacity=0 if url.startswith("mq") else 4)
 
 
 def test_refusals_are_clear() -> None:
-    with pytest.raises(buzon.UnsupportedOperation, match="duplex=True"):
-        buzon.pipe(duplex=False, capacity=0)
     with pytest.raises(buzon.UnsupportedOperation, match="framing"):
         buzon.pipe(raw=True, capacity=2)
     with pytest.raises(ValueError, match="capacity"):
@@ -196,3 +194,62 @@ def test_credit_state_machines_under_random_schedules(capacity: int | None) -> N
                 assert untaken <= max(capacity, 1), (seed, untaken)
         assert taken == list(range(1, len(taken) + 1)), seed
         assert len(taken) == total, (seed, len(taken))  # no deadlock: all went through
+
+
+@pytest.mark.parametrize("scheme", ["fifo", "mq"])
+def test_simplex_endpoints_agree_through_their_credit_pool(scheme: str) -> None:
+    """The listener's pool names its capacity: a connector stating another is refused,
+    one stating none adopts it; closing the listener removes the pool."""
+    from buzon._runtime import runtime_dir
+
+    with buzon.listen(f"{scheme}:capagree", capacity=0) as lst:
+        pools = [f for f in os.listdir(runtime_dir()) if f.startswith("capagree") and "cap0" in f]
+        assert pools, "the rendezvous pools exist beside the endpoint"
+        with pytest.raises(buzon.HandshakeError, match="capacity mismatch"):
+            buzon.connect(str(lst.address), timeout=5, capacity=3)
+        w = buzon.connect(str(lst.address), timeout=5)
+        r = lst.accept(timeout=5)
+        with w, r:
+            assert w.capacity == 0 and r.capacity == 0
+            with pytest.raises(buzon.Full, match="no receiver is waiting"):
+                w.send_nowait("nobody waits")
+    assert not [f for f in os.listdir(runtime_dir()) if f.startswith("capagree")]
+
+
+def test_a_queue_capacity_is_its_maxmsg() -> None:
+    with buzon.listen("mq:capmax", capacity=3) as lst:
+        with pytest.raises(buzon.HandshakeError, match="holds 3 messages"):
+            buzon.connect(str(lst.address), timeout=5, capacity=5)
+        w = buzon.connect(str(lst.address), timeout=5, capacity=3)
+        r = lst.accept(timeout=5)
+        with w, r:
+            for i in range(3):
+                w.send_nowait(i)
+            with pytest.raises(buzon.Full):
+                w.send_nowait(3)
+            assert [r.recv(timeout=5) for _ in range(3)] == [0, 1, 2]
+
+
+def test_a_dead_fifo_listeners_pool_is_replaced() -> None:
+    """A listener killed with SIGKILL leaves its FIFO and pool; the next one reclaims
+    both and starts with fresh credits."""
+    import signal
+
+    from buzon._runtime import runtime_dir
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        buzon.listen("fifo:capdead", capacity=2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert any(f.startswith("capdead") and "cap2" in f for f in os.listdir(runtime_dir()))
+    with buzon.listen("fifo:capdead", capacity=5) as lst:
+        w = buzon.connect(str(lst.address), timeout=5)
+        r = lst.accept(timeout=5)
+        with w, r:
+            assert w.capacity == 5
+            for i in range(5):
+                w.send_nowait(i)
+            with pytest.raises(buzon.Full):
+                w.send_nowait(5)
+    assert not [f for f in os.listdir(runtime_dir()) if f.startswith("capdead")]

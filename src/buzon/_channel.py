@@ -49,6 +49,7 @@ from .protocol.frames import (
     encode_frame,
     parse_frame,
 )
+from .transport._tokens import TokenPool
 from .transport.base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, Transport
 
 __all__ = [
@@ -238,7 +239,15 @@ class ChannelCore:
         self.credit_blocked = False  # the last try_send failed for want of credit
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
-        if options.capacity != DEFAULT_CAPACITY:
+        # simplex links keep credits in a token pool (transport/_tokens.py)
+        self.tokens: TokenPool | None = transport.tokens
+        self.taking = False  # takes must be reported (credits, receipts or tokens)
+        if self.tokens is not None:
+            self.capacity = self.tokens.capacity  # stated here, or adopted from the pool
+            self.taking = True
+        elif transport.native_capacity >= 0:
+            self.capacity = transport.native_capacity  # the mechanism bounds it itself
+        elif options.capacity != DEFAULT_CAPACITY:
             self.set_capacity(options.capacity)
 
     # -- capacity -----------------------------------------------------------------------
@@ -273,6 +282,7 @@ class ChannelCore:
         self.check_flow(f"capacity={capacity}")
         self.sflow = SendFlow(capacity)
         self.rflow = RecvFlow(capacity)
+        self.taking = True
 
     # -- identity ---------------------------------------------------------------------
 
@@ -372,6 +382,13 @@ class ChannelCore:
                         self._write_credit()
             self.stats.send_would_block += 1
             return False
+        tokens = self.tokens
+        if tokens is not None:
+            if not tokens.take():
+                self.credit_blocked = True  # wait for a token (the pool's fd)
+                self.stats.send_would_block += 1
+                return False
+            self.credit_blocked = False
         if self.credit_out is not None and not self.message_oriented and not self.pending:
             return self._send_with_credit(bufs)
         if self.pending and not self.flush():
@@ -406,6 +423,8 @@ class ChannelCore:
         stats.bytes_sent += size
         if sflow is not None:
             sflow.sent += 1
+        if tokens is not None:
+            tokens.sent()
         return True
 
     def _send_with_credit(self, bufs: list[Buffer]) -> bool:
@@ -583,21 +602,33 @@ class ChannelCore:
 
     def _took(self, receipt: bool, more: bool) -> None:
         """A DATA message was taken by this end's receiver (numbering, credits)."""
+        if self.tokens is not None:
+            self.tokens.on_take()
+            return
         rflow = self.rflow
         if rflow is None:
             rflow = self.rflow = RecvFlow(None)
             rflow.taken = rflow.reported = self.taken - 1
+            self.taking = True
         self.emit_credit(rflow.on_take(receipt, more))
 
     def before_wait(self, offer: bool = True) -> None:
         """The receiver is about to wait (``offer``) or found nothing: announce what
         the sender needs to know (a rendezvous offer, credit owed, receipts due)."""
+        if self.tokens is not None:
+            if offer and not self.closed:
+                self.tokens.offer()
+            return
         rflow = self.rflow
         if rflow is not None and not self.closed and (offer or rflow.capacity != 0):
             self.emit_credit(rflow.before_wait())
 
     def wait_ended(self) -> None:
         """A receive gave up without a message: withdraw a rendezvous offer."""
+        if self.tokens is not None:
+            if not self.closed:
+                self.tokens.withdraw()
+            return
         rflow = self.rflow
         if rflow is not None and rflow.offering and not self.closed:
             self.emit_credit(rflow.on_wait_end())
@@ -698,7 +729,7 @@ class ChannelCore:
         if type(item) is tuple:
             self.stats.messages_received += 1
             self.taken += 1
-            if self.rflow is not None or item[0] > 7:
+            if self.taking or item[0] > 7:
                 self._took(item[0] > 7, bool(frames))
                 if item[0] > 7:
                     item = (item[0] & 7, item[1])
@@ -765,7 +796,7 @@ class ChannelCore:
             ):
                 stats.messages_received += 1
                 self.taken += 1
-                if self.rflow is not None or flags > 7:
+                if self.taking or flags > 7:
                     self._took(flags > 7, False)
                 return (flags & 7, msg[8:])
         try:
@@ -849,7 +880,7 @@ class ChannelCore:
             raise FrameError(f"unexpected {Kind(frame.kind).name} frame after the handshake")
         self.stats.messages_received += 1
         self.taken += 1
-        if self.rflow is not None or frame.receipt:
+        if self.taking or frame.receipt:
             self._took(frame.receipt, more)
         return frame
 
@@ -1013,6 +1044,8 @@ class ChannelCore:
         self.backlog.clear()
         self.stats.queued_bytes = 0
         self.fail_receipts("the channel was closed")
+        if self.tokens is not None:
+            self.tokens.close()
         self.transport.close()
 
 

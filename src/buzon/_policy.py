@@ -150,6 +150,7 @@ def prepare(
         insecure=insecure,
         allow_uids=frozenset(allow_uids),
         tls=tls,
+        capacity=capacity,
     )
     return Prepared(addr, topts, channel, bytes(authkey) if authkey is not None else None, compat)
 
@@ -169,11 +170,10 @@ def _check_capacity_support(
             f"capacity={capacity} on {addr.scheme}: credits need a link that loses and "
             "reorders nothing, and a peer per channel (use reliable=True)"
         )
-    if addr.scheme in ("fifo", "mq"):
+    if addr.scheme == "mq" and capacity == 0 and not addr.private:
         raise UnsupportedOperation(
-            f"capacity={capacity} on {addr.scheme}: a simplex endpoint with many writers "
-            "has no reverse path for credits yet (not implemented; use unix:, tcp:// or a "
-            "duplex pipe)"
+            f"capacity=0 on {addr}: its credit pool lives in buzon's runtime dir, so it "
+            "needs a private queue name (mq:NAME)"
         )
 
 
@@ -185,8 +185,6 @@ def capacity_support(scheme: str, duplex: bool = True) -> dict[str, str | None]:
     addr = Address("pipe") if scheme == "pipe" else parse_address(_EXAMPLE_URL[scheme])
     for label, capacity in (("0", 0), ("N", 8), ("None", None)):
         try:
-            if scheme == "pipe" and not duplex and capacity is not None:
-                raise UnsupportedOperation("needs buzon.pipe(duplex=True)")
             _check_capacity_support(addr, capacity, raw=False, compat=None)
         except UnsupportedOperation as exc:
             out[label] = str(exc)
@@ -208,12 +206,10 @@ _EXAMPLE_URL = {
 def pipe_cores(duplex: bool, **options: Any) -> tuple[ChannelCore, ChannelCore]:
     """The two cores of ``buzon.pipe``/``buzon.aio.pipe`` (each driver wraps them)."""
     options = {k: v for k, v in options.items() if v is not None or k == "capacity"}
-    if not duplex and options.get("capacity", DEFAULT_CAPACITY) not in (DEFAULT_CAPACITY, None):
-        raise UnsupportedOperation(
-            "capacity 0 or N needs a reverse path for credits: use buzon.pipe(duplex=True)"
-        )
     prep = prepare(Address("pipe"), listening=False, **options)
-    a, b = pipe_pair(duplex)
+    capacity = prep.channel.capacity
+    # a duplex pipe carries CREDIT frames back; a one-way pipe gets a token pool
+    a, b = pipe_pair(duplex, -1 if duplex else capacity)
     return ChannelCore(a, prep.channel), ChannelCore(b, prep.channel)
 
 

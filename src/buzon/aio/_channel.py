@@ -142,7 +142,7 @@ class Channel(ChannelIdentity):
         self._rlock = asyncio.Lock()
         self._wlock = asyncio.Lock()
         self._rendezvous = core.capacity == 0
-        self._flow = core.sflow is not None or core.rflow is not None
+        self._flow = core.taking
 
     @property
     def capacity(self) -> int | None:
@@ -163,7 +163,7 @@ class Channel(ChannelIdentity):
 
     def _send_now(self, bufs: list[Buffer], priority: int) -> None:
         core = self._core
-        if self._rendezvous:
+        if self._rendezvous and core.tokens is None:
             self._receipt_poll()  # an offer may have been withdrawn: read that first
         if core.try_send(bufs, priority):
             return
@@ -254,7 +254,15 @@ class Channel(ChannelIdentity):
             await self._wait_room(deadline)
         if core.pending:
             await self._drain(deadline, soft=True)
-        if self._rendezvous:
+        tokens = core.tokens
+        if self._rendezvous and tokens is not None:
+            try:
+                while not tokens.acked():
+                    await wait_fd(tokens.ack_fd, False, deadline, "send")
+            except BaseException:
+                tokens.give_up()
+                raise
+        elif self._rendezvous:
             sflow = core.sflow
             assert sflow is not None
             number = sflow.sent
@@ -270,7 +278,9 @@ class Channel(ChannelIdentity):
 
     async def _wait_room(self, deadline: float | None) -> None:
         core = self._core
-        if core.credit_blocked:
+        if core.credit_blocked and core.tokens is not None:
+            await wait_fd(core.tokens.credit_fd, False, deadline, "send")
+        elif core.credit_blocked:
             sflow = core.sflow
             assert sflow is not None
             await self._pump_until(lambda: sflow.sent < sflow.limit, deadline, "send")

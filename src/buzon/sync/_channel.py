@@ -27,6 +27,7 @@ from typing import Any, TypeVar, overload
 from .._channel import ChannelCore, ChannelIdentity, Receipt
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
+from ..transport._tokens import TokenPool
 from ..transport.base import Buffer
 
 __all__ = ["Channel"]
@@ -94,7 +95,7 @@ class Channel(ChannelIdentity):
         self._wlock = threading.Lock()  # held only around non-blocking writes
         self._rpoll: select.poll | None = None  # readiness of the read fd, made once
         self._rendezvous = core.capacity == 0
-        self._flow = core.sflow is not None or core.rflow is not None
+        self._flow = core.taking
         # threads waiting for CREDITs another thread may read (see _pump_until)
         self._cv = threading.Condition(threading.Lock())
         self._pumpers = 0
@@ -131,7 +132,7 @@ class Channel(ChannelIdentity):
 
     def _send_now(self, bufs: list[Buffer], priority: int) -> None:
         core = self._core
-        if self._rendezvous:
+        if self._rendezvous and core.tokens is None:
             self._receipt_poll()  # an offer may have been withdrawn: read that first
         with self._wlock:
             if core.try_send(bufs, priority):
@@ -268,7 +269,9 @@ class Channel(ChannelIdentity):
                     number = core.sflow.sent if core.sflow is not None else 0
         if core.pending:
             self._finish_write(deadline)
-        if self._rendezvous and number > 0:
+        if self._rendezvous and core.tokens is not None:
+            self._wait_token_ack(core.tokens, deadline)
+        elif self._rendezvous and number > 0:
             try:
                 self._pump_until(lambda: core.delivered(number), deadline, "send")
             except Timeout:
@@ -285,10 +288,25 @@ class Channel(ChannelIdentity):
         elif self._rendezvous:
             core.send_finished()
 
+    def _wait_token_ack(self, tokens: TokenPool, deadline: float | None) -> None:
+        """A simplex rendezvous: wait until the receiver acknowledges our offer."""
+        while not tokens.acked():
+            readable, _ = wait_fds(tokens.ack_fd, -1, True, False, deadline)
+            if not readable and deadline is not None and _monotonic() >= deadline:
+                tokens.give_up()
+                raise Timeout(
+                    "send timed out waiting for the receiver to take the message "
+                    "(capacity=0); it was handed over and may still be taken"
+                )
+
     def _wait_room(self, deadline: float | None) -> None:
-        """Wait until a send may succeed: credit (read side) or kernel room."""
+        """Wait until a send may succeed: credit (read side), a token, or kernel room."""
         core = self._core
-        if core.credit_blocked:
+        if core.credit_blocked and core.tokens is not None:
+            readable, _ = wait_fds(core.tokens.credit_fd, -1, True, False, deadline)
+            if not readable and deadline is not None and _monotonic() >= deadline:
+                raise Timeout("send timed out")
+        elif core.credit_blocked:
             sflow = core.sflow
             assert sflow is not None
             self._pump_until(lambda: sflow.sent < sflow.limit, deadline, "send")

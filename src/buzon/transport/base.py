@@ -22,9 +22,12 @@ import abc
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..address import Address
+
+if TYPE_CHECKING:
+    from ._tokens import TokenPool
 
 __all__ = [
     "Buffer",
@@ -83,6 +86,10 @@ class Transport(abc.ABC):
     properties: LinkProperties
     peer: PeerInfo = PeerInfo()
     closed: bool = False
+    # credits of a simplex link with a capacity (the channel closes it with the link)
+    tokens: TokenPool | None = None
+    # a capacity the mechanism enforces itself (a POSIX queue's maxmsg), -1 if none
+    native_capacity: int = -1
 
     def read_fileno(self) -> int:
         """fd that becomes readable when :meth:`recv_into`/:meth:`recv_message` may progress."""
@@ -194,3 +201,5 @@ class TransportOptions:
     allow_uids: frozenset[int] = frozenset()
     runtime_dir: str | None = None
     tls: ssl.SSLContext | None = None  # TCP only: wrap every connection in TLS
+    # simplex endpoints keep credits in token pools (transport/_tokens.py): -1 none
+    capacity: int | None = -1

@@ -23,6 +23,7 @@ from .._runtime import check_endpoint_path
 from ..address import Address
 from ..errors import EndpointInUse, NoSuchEndpoint, UnsafePath, from_oserror
 from ._fdstream import FdStreamTransport
+from ._tokens import TokenPool, remove_pools
 from .base import Connector, LinkProperties, ListenerTransport, Transport, TransportOptions
 
 __all__ = ["PIPE_BUF", "FifoConnector", "FifoListener", "connect", "listen"]
@@ -76,6 +77,17 @@ class FifoListener(ListenerTransport):
                 os.close(self._rfd)
             self._cleanup_path()
             raise from_oserror(exc, f"open {self.path}") from exc
+        self._tokens: TokenPool | None = None
+        if opts.capacity is not None and opts.capacity >= 0:
+            try:
+                self._tokens = TokenPool.create_fifos(self.path, opts.capacity)
+            except BaseException:
+                os.close(self._rfd)
+                os.close(self._keepalive)
+                self._cleanup_path()
+                raise
+        elif self._created:
+            remove_pools(self.path)  # a dead listener's, with a capacity we do not have
         self._ready_r, self._ready_w = os.pipe()
         os.write(self._ready_w, b"!")  # accept() is ready at once, exactly one time
         self._accepted = False
@@ -89,7 +101,9 @@ class FifoListener(ListenerTransport):
         self._accepted = True
         os.read(self._ready_r, 1)
         rfd, self._rfd = self._rfd, -1
-        return FdStreamTransport(rfd, -1, PROPERTIES, scheme="fifo")
+        transport = FdStreamTransport(rfd, -1, PROPERTIES, scheme="fifo")
+        transport.tokens, self._tokens = self._tokens, None  # the reader owns the pool now
+        return transport
 
     def _cleanup_path(self) -> None:
         if self._created:
@@ -100,6 +114,10 @@ class FifoListener(ListenerTransport):
             self._created = False
 
     def close(self) -> None:
+        if getattr(self, "_tokens", None) is not None:
+            assert self._tokens is not None
+            self._tokens.close()
+            self._tokens = None
         for name in ("_rfd", "_keepalive", "_ready_r", "_ready_w"):
             fd = getattr(self, name, -1)
             if fd >= 0:
@@ -123,6 +141,7 @@ class FifoConnector(Connector):
     def __init__(self, addr: Address, opts: TransportOptions) -> None:
         self.address = addr
         self.path = addr.fs_path(opts.runtime_dir)
+        self.capacity = opts.capacity
 
     def step(self) -> Transport | None:
         check_endpoint_path(self.path, must_exist=True)
@@ -137,7 +156,14 @@ class FifoConnector(Connector):
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             os.close(fd)
             raise UnsafePath(f"{self.address}: {self.path!r} is not a FIFO")
-        return FdStreamTransport(-1, fd, PROPERTIES, scheme="fifo")
+        try:
+            tokens = TokenPool.open_fifos(self.path, self.capacity, str(self.address))
+        except BaseException:
+            os.close(fd)
+            raise
+        transport = FdStreamTransport(-1, fd, PROPERTIES, scheme="fifo")
+        transport.tokens = tokens
+        return transport
 
 
 def listen(addr: Address, opts: TransportOptions) -> FifoListener:

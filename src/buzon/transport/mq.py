@@ -38,6 +38,7 @@ and otherwise falls back to the queues that this user's processes hold open.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
@@ -50,11 +51,13 @@ from ..address import Address, parse_address
 from ..errors import (
     ChannelClosed,
     EndpointInUse,
+    HandshakeError,
     MessageTooLarge,
     UnsafePath,
     UnsupportedOperation,
     from_oserror,
 )
+from ._tokens import TokenPool, find_pool, remove_pools
 from .base import (
     Buffer,
     Connector,
@@ -210,8 +213,17 @@ class MQListener(ListenerTransport):
     """
 
     def __init__(
-        self, address: Address, mqd: int, *, created: bool, owner: _OwnerLock | None = None
+        self,
+        address: Address,
+        mqd: int,
+        *,
+        created: bool,
+        owner: _OwnerLock | None = None,
+        tokens: TokenPool | None = None,
+        capacity: int = -1,
     ) -> None:
+        self._tokens = tokens
+        self._capacity = capacity
         self.address = address
         self.name = address.mq_name()
         self.created = created
@@ -233,6 +245,8 @@ class MQListener(ListenerTransport):
         if self._mqd < 0:
             return None  # one queue, one reader: it was handed out already
         transport = MQTransport(self._mqd, self.address, mode="r")
+        transport.tokens, self._tokens = self._tokens, None
+        transport.native_capacity = self._capacity if self._capacity > 0 else -1
         self._mqd = -1
         try:
             os.eventfd_read(self._ready)  # no longer readable: nothing more to accept
@@ -245,6 +259,9 @@ class MQListener(ListenerTransport):
         if self.closed:
             return
         self.closed = True
+        if self._tokens is not None:
+            self._tokens.close()
+            self._tokens = None
         os.close(self._ready)
         if self._mqd >= 0:
             mqd, self._mqd = self._mqd, -1
@@ -305,6 +322,20 @@ def listen(addr: Address, opts: TransportOptions) -> MQListener:
     one of another user raises :class:`UnsafePath`.
     """
     name = addr.mq_name()
+    capacity = -1 if opts.capacity is None else opts.capacity
+    if capacity >= 0:
+        if capacity == 0 and not addr.private:
+            raise UnsupportedOperation(
+                f"capacity=0 on {addr}: its credit pool lives in buzon's runtime dir, so it "
+                "needs a private queue name (mq:NAME)"
+            )
+        want = max(capacity, 1)  # capacity 0: one message in the queue, under an offer
+        if opts.mq_maxmsg is not None and opts.mq_maxmsg != want:
+            raise ValueError(
+                f"capacity={capacity} makes the queue's maxmsg {want}; mq_maxmsg="
+                f"{opts.mq_maxmsg} contradicts it"
+            )
+        opts = dataclasses.replace(opts, mq_maxmsg=want)
     maxmsg, msgsize = _sizes(opts)
     flags = os.O_RDONLY | os.O_NONBLOCK
     owner = _OwnerLock.acquire(addr, opts) if addr.private else None
@@ -332,15 +363,36 @@ def listen(addr: Address, opts: TransportOptions) -> MQListener:
         if owner is not None:
             owner.release()
         raise
+    tokens = None
     try:
-        return MQListener(addr, mqd, created=created, owner=owner)
+        if capacity >= 0:
+            real = _posixmq.getattr(mqd)[1]
+            if real != max(capacity, 1):
+                raise EndpointInUse(
+                    f"{addr}: the existing queue holds maxmsg={real}, not the "
+                    f"{max(capacity, 1)} capacity={capacity} needs"
+                )
+        if owner is not None:
+            base = _pool_base(addr, opts)
+            if capacity == 0:
+                tokens = TokenPool.create_fifos(base, 0)
+            else:
+                remove_pools(base)  # a dead listener's
+        return MQListener(addr, mqd, created=created, owner=owner, tokens=tokens, capacity=capacity)
     except BaseException:
+        if tokens is not None:
+            tokens.close()
         _posixmq.close(mqd)
         if created:
             _posixmq.unlink(name)
         if owner is not None:
             owner.release()
         raise
+
+
+def _pool_base(addr: Address, opts: TransportOptions) -> str:
+    """Where a private queue's credit pool lives (beside its owner lock)."""
+    return os.path.join(opts.runtime_dir or runtime_dir(), f"{addr.name}.mq")
 
 
 class _OwnerLock:
@@ -421,6 +473,27 @@ class MQConnector(Connector):
         self.name = addr.mq_name()
         self.opts = opts
 
+    def _credits(self, transport: MQTransport) -> None:
+        """Agree on the capacity: a queue's maxmsg is a capacity N of its own; a
+        rendezvous queue has a credit pool beside its owner lock."""
+        mine = self.opts.capacity
+        pool = None
+        if self.address.private:
+            base = _pool_base(self.address, self.opts)
+            theirs = find_pool(base)
+            if theirs is not None or mine == 0:
+                pool = TokenPool.open_fifos(base, mine, str(self.address))
+        if pool is not None:
+            transport.tokens = pool
+            return
+        if mine is not None and mine >= 1:
+            if transport.capacity != mine:
+                raise HandshakeError(
+                    f"capacity mismatch: this end has capacity={mine}, the queue "
+                    f"{self.name} holds {transport.capacity} messages (maxmsg)"
+                )
+            transport.native_capacity = mine
+
     def step(self) -> MQTransport:
         try:
             mqd = _posixmq.open(self.name, os.O_WRONLY | os.O_NONBLOCK)
@@ -435,7 +508,9 @@ class MQConnector(Connector):
                         f"with mode {st.st_mode & 0o777:o}; buzon sends to private queues "
                         "only when they are its own user's and mode 0600"
                     )
-            return MQTransport(mqd, self.address, mode="w")
+            transport = MQTransport(mqd, self.address, mode="w")
+            self._credits(transport)
+            return transport
         except BaseException:
             _posixmq.close(mqd)
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from ._fdstream import FdStreamTransport
+from ._tokens import TokenPool
 from .base import LinkProperties
 
 __all__ = ["pipe_pair"]
@@ -28,16 +29,20 @@ def _props(duplex: bool) -> LinkProperties:
     )
 
 
-def pipe_pair(duplex: bool = True) -> tuple[FdStreamTransport, FdStreamTransport]:
+def pipe_pair(
+    duplex: bool = True, capacity: int | None = -1
+) -> tuple[FdStreamTransport, FdStreamTransport]:
     """Return two connected ends. With ``duplex=False`` the first end only receives
-    and the second only sends (like ``multiprocessing.Pipe(duplex=False)``)."""
+    and the second only sends (like ``multiprocessing.Pipe(duplex=False)``); a
+    ``capacity`` of 0 or N then gives the two ends a pool of credit tokens."""
     props = _props(duplex)
     r1, w1 = os.pipe()
     if not duplex:
-        return (
-            FdStreamTransport(r1, -1, props, scheme="pipe"),
-            FdStreamTransport(-1, w1, props, scheme="pipe"),
-        )
+        reader = FdStreamTransport(r1, -1, props, scheme="pipe")
+        writer = FdStreamTransport(-1, w1, props, scheme="pipe")
+        if capacity is not None and capacity >= 0:
+            reader.tokens, writer.tokens = TokenPool.anonymous(capacity)
+        return reader, writer
     r2, w2 = os.pipe()
     return (
         FdStreamTransport(r1, w2, props, scheme="pipe"),

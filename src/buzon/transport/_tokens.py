@@ -1,0 +1,303 @@
+"""Credits for simplex links (one-way pipes, FIFOs, POSIX queues): tokens in a pipe.
+
+A simplex link has no way back for CREDIT frames, and a FIFO or a queue may have many
+writers. So the receiver keeps its credits in a pipe of its own (an anonymous pipe,
+or a FIFO beside the endpoint) as bytes: **one byte lets one message go**. A sender
+takes a byte (a non-blocking ``read`` of one byte: the kernel gives each byte to
+exactly one reader, however many writers compete) before it writes its message; the
+pipe's readability is what a blocked sender waits on.
+
+``capacity=N``
+    The receiver puts N tokens in the pool when it creates it and one more each time
+    it takes a message: tokens + messages sent but not taken + tokens held by senders
+    about to write = N, for any number of writers.
+``capacity=0``
+    The receiver puts one token — an *offer*, numbered 1..255 — when it begins to wait,
+    and takes it back if it gives up (if a sender took it first, that sender's message
+    is on its way and the next receive takes it). Taking a message writes the offer's
+    number into a second pipe, the *ack* pipe; the one sender that took the offer waits
+    there for its number, so its ``send`` returns only once the message was taken
+    (acknowledgements of senders that gave up are stale and skipped).
+
+Files: a FIFO endpoint at ``PATH`` keeps its pools at ``PATH.capN.credit`` (and
+``PATH.cap0.ack``), 0600 like the endpoint; the capacity in the name is how a
+connecting end learns it (and refuses a different one). A sender killed between taking
+a token and writing its message loses that token (the window shrinks by one until the
+endpoint is recreated): a hazard of microseconds, documented rather than hidden.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import os
+import stat
+
+from ..errors import EndOfChannel, HandshakeError, UnsafePath, from_oserror
+
+__all__ = ["TokenPool", "fifo_pool_paths", "find_pool", "remove_pools"]
+
+_O = os.O_NONBLOCK | os.O_CLOEXEC
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def fifo_pool_paths(base: str, capacity: int) -> tuple[str, str | None]:
+    """(credit, ack) FIFO paths of an endpoint whose own path is ``base``."""
+    return f"{base}.cap{capacity}.credit", (f"{base}.cap0.ack" if capacity == 0 else None)
+
+
+def remove_pools(base: str) -> None:
+    """Remove the pools of an endpoint (a listener's close, or a dead one's reclaim)."""
+    for path in glob.glob(glob.escape(base) + ".cap*.credit") + glob.glob(
+        glob.escape(base) + ".cap0.ack"
+    ):
+        try:
+            if stat.S_ISFIFO(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def find_pool(base: str) -> int | None:
+    """The capacity the listener at ``base`` stated (its pool's name), or None."""
+    found = glob.glob(glob.escape(base) + ".cap*.credit")
+    if not found:
+        return None
+    text = found[0][len(base) + 4 : -len(".credit")]
+    return int(text) if text.isdigit() else None
+
+
+class TokenPool:
+    """One end's view of the pools: the receiver (``owner``) or a sender."""
+
+    def __init__(
+        self,
+        capacity: int,
+        credit_fd: int,
+        ack_fd: int = -1,
+        *,
+        owner: bool,
+        paths: tuple[str, ...] = (),
+    ) -> None:
+        self.capacity = capacity
+        self.credit_fd = credit_fd
+        self.ack_fd = ack_fd
+        self.owner = owner
+        self.paths = paths  # FIFOs the owner removes at close
+        self.offering = False  # receiver, capacity 0: an offer is out (or being used)
+        self.seq = 0  # receiver: number of the latest offer
+        self.held: int | None = None  # sender: a token taken, its message not yet written
+        self.awaiting: int | None = None  # sender, capacity 0: the ack we wait for
+
+    # -- creating -----------------------------------------------------------------------
+
+    @classmethod
+    def anonymous(cls, capacity: int) -> tuple[TokenPool, TokenPool]:
+        """(receiver's, sender's) pools over anonymous pipes (``buzon.pipe``)."""
+        cr, cw = os.pipe2(_O)
+        ar, aw = os.pipe2(_O) if capacity == 0 else (-1, -1)
+        owner = cls(capacity, cr, ar, owner=True)
+        owner._wfd = cw
+        owner._ack_w = aw
+        sender = cls(capacity, os.dup(cr), os.dup(ar) if ar >= 0 else -1, owner=False)
+        owner._prime()
+        return owner, sender
+
+    @classmethod
+    def create_fifos(cls, base: str, capacity: int) -> TokenPool:
+        """The receiver's pools as FIFOs beside ``base`` (created 0600, opened O_RDWR
+        so they never see end-of-file and keep their bytes while the owner lives)."""
+        remove_pools(base)  # a dead listener's, or another capacity's
+        credit, ack = fifo_pool_paths(base, capacity)
+        made: list[str] = []
+        fds: list[int] = []
+        try:
+            for path in (credit, ack):
+                if path is None:
+                    continue
+                os.mkfifo(path, 0o600)
+                made.append(path)
+                fds.append(os.open(path, os.O_RDWR | os.O_NOFOLLOW | _O))
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            for path in made:
+                os.unlink(path)
+            raise from_oserror(exc, f"creating the credit pool of {base}") from exc
+        pool = cls(capacity, fds[0], fds[1] if len(fds) > 1 else -1, owner=True)
+        pool._wfd = fds[0]
+        pool._ack_w = fds[1] if len(fds) > 1 else -1
+        pool.paths = tuple(made)
+        pool._prime()
+        return pool
+
+    @classmethod
+    def open_fifos(cls, base: str, capacity: int | None, what: str) -> TokenPool | None:
+        """A sender's view of the pools beside ``base``; ``capacity`` is what this end
+        stated (-1: nothing). Raises HandshakeError if the listener stated another."""
+        theirs = find_pool(base)
+        if theirs is None:
+            if capacity is not None and capacity >= 0:
+                raise HandshakeError(
+                    f"capacity mismatch: this end has capacity={capacity}, "
+                    f"the listener of {what} stated none (its kernel buffer)"
+                )
+            return None
+        if capacity is not None and capacity >= 0 and capacity != theirs:
+            raise HandshakeError(
+                f"capacity mismatch: this end has capacity={capacity}, "
+                f"the listener of {what} capacity={theirs}"
+            )
+        if capacity is None:
+            raise HandshakeError(
+                f"capacity mismatch: this end has capacity=None (unbounded), "
+                f"the listener of {what} capacity={theirs}"
+            )
+        credit, ack = fifo_pool_paths(base, theirs)
+        fds: list[int] = []
+        try:
+            for path in (credit, ack):
+                if path is None:
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _O)
+                fds.append(fd)
+                st = os.fstat(fd)
+                if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.getuid():
+                    raise UnsafePath(f"{path!r} is not a FIFO of this user")
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise from_oserror(exc, f"opening the credit pool of {what}") from exc
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(theirs, fds[0], fds[1] if len(fds) > 1 else -1, owner=False)
+
+    _wfd = -1
+    _ack_w = -1
+
+    def _prime(self) -> None:
+        n = self.capacity
+        if n <= 0:
+            return
+        if n > 65536:  # the default pipe size: grow it (up to fs.pipe-max-size)
+            try:
+                fcntl.fcntl(self._wfd, _F_SETPIPE_SZ, n)
+            except OSError as exc:
+                raise from_oserror(
+                    exc, f"capacity={n} needs a pipe of {n} bytes for its credits"
+                ) from exc
+        written = os.write(self._wfd, b"\0" * n)
+        if written != n:
+            raise ValueError(f"capacity={n}: only {written} credits fit the credit pipe")
+
+    # -- a sender -----------------------------------------------------------------------
+
+    def take(self) -> bool:
+        """Take one token if one is there (kept until :meth:`sent`)."""
+        if self.held is not None:
+            return True
+        try:
+            got = os.read(self.credit_fd, 1)
+        except BlockingIOError:
+            return False
+        if not got:
+            raise EndOfChannel("the receiving end is gone (its credit pool was closed)")
+        self.held = got[0]
+        return True
+
+    def sent(self) -> None:
+        """The message of the held token was written."""
+        if self.capacity == 0:
+            self.awaiting = self.held
+        self.held = None
+
+    def acked(self) -> bool:
+        """Capacity 0: has the receiver taken our message? (reads acknowledgements,
+        skips stale ones)."""
+        if self.awaiting is None:
+            return True
+        while True:
+            try:
+                data = os.read(self.ack_fd, 256)
+            except BlockingIOError:
+                return False
+            if not data:
+                raise EndOfChannel("the receiving end is gone (its ack pool was closed)")
+            if self.awaiting in data:
+                self.awaiting = None
+                return True
+
+    def give_up(self) -> None:
+        """The sender stopped waiting for its acknowledgement."""
+        self.awaiting = None
+
+    # -- the receiver -------------------------------------------------------------------
+
+    def on_take(self) -> None:
+        """The receiver took a message: one more token (N), or the ack (0)."""
+        if self.capacity > 0:
+            _write(self._wfd, b"\0")
+            return
+        self.offering = False
+        if self._ack_w >= 0 and self.seq:
+            try:  # whatever is there is stale: only the latest offer's sender waits
+                while os.read(self.ack_fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            _write(self._ack_w, bytes([self.seq]))
+
+    def offer(self) -> None:
+        """Capacity 0: the receiver begins to wait."""
+        if self.capacity == 0 and not self.offering:
+            self.seq = self.seq % 255 + 1
+            _write(self._wfd, bytes([self.seq]))
+            self.offering = True
+
+    def withdraw(self) -> None:
+        """Capacity 0: the receiver gave up waiting; take the offer back if no sender
+        took it (else its message is on the way and the next receive takes it)."""
+        if self.capacity != 0 or not self.offering:
+            return
+        try:
+            if os.read(self.credit_fd, 1):
+                self.offering = False
+        except BlockingIOError:
+            pass
+
+    # -- both ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for name in ("credit_fd", "ack_fd", "_wfd", "_ack_w"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                setattr(self, name, -1)
+                for other in ("credit_fd", "ack_fd", "_wfd", "_ack_w"):
+                    if getattr(self, other) == fd:
+                        setattr(self, other, -1)
+        if self.owner:
+            for path in self.paths:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            self.paths = ()
+
+
+def _write(fd: int, data: bytes) -> None:
+    try:
+        os.write(fd, data)
+    except BlockingIOError:
+        # a pool holds at most its capacity (N <= the pipe size, checked at creation)
+        # plus one offer: full means senders are gone and stale bytes piled up
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
