@@ -291,7 +291,9 @@ class ChannelCore:
         """The transport's properties; framing gives a stream message boundaries."""
         props = self.transport.properties
         if not self.raw and props.boundaries == "stream":
-            return replace(props, boundaries="message")
+            props = replace(props, boundaries="message")
+        if self.capacity != props.capacity:
+            props = replace(props, capacity=self.capacity)
         return props
 
     def read_fileno(self) -> int:

@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -367,6 +368,67 @@ def demo_wait(kids: _Children) -> None:
         kids.reap(pid)
 
 
+def demo_semantics(kids: _Children) -> None:
+    _line("concept", "capacity 0 (rendezvous), N (bounded), and receipts for async sends")
+    a, b = buzon.pipe(capacity=0)
+    b_ready_r, b_ready_w = os.pipe()
+
+    def child() -> None:
+        a.close()
+        os.close(b_ready_r)
+        with b:
+            os.write(b_ready_w, b"!")  # about to receive: the parent's send can finish
+            got = b.recv(TIMEOUT)
+            b.send({"took": got, "by": os.getpid()}, TIMEOUT)
+
+    with a:
+        pid = kids.fork(child)
+        b.close()
+        os.close(b_ready_w)
+        try:
+            a.send_nowait("too early")
+            raise DemoFailure("send_nowait succeeded with nobody waiting (capacity=0)")
+        except buzon.Full:
+            _line("cap=0", "send_nowait with no receiver waiting: buzon.Full")
+        os.read(b_ready_r, 1)
+        os.close(b_ready_r)
+        a.send("ping", TIMEOUT)  # returns only once the child has taken it
+        _line("cap=0", f"send('ping') returned: child {pid} has taken it")
+        reply = a.recv(TIMEOUT)
+        _expect(reply, {"took": "ping", "by": pid}, "the child's reply")
+    kids.reap(pid)
+
+    with buzon.listen("unix:semantics", capacity=3) as listener:
+        accepted: list[buzon.Channel] = []
+        t = threading.Thread(target=lambda: accepted.append(listener.accept(TIMEOUT)))
+        t.start()
+        try:
+            w = buzon.connect("unix:semantics", timeout=TIMEOUT)
+        finally:
+            t.join(TIMEOUT)
+        if not accepted:
+            w.close()
+            raise DemoFailure("the listener accepted nobody")
+        r = accepted[0]
+        with w, r:
+            for i in range(3):
+                w.send_nowait(i)
+            try:
+                w.send_nowait(3)
+                raise DemoFailure("a fourth message fit capacity=3")
+            except buzon.Full:
+                _line("cap=3", "three messages fit, the fourth raises buzon.Full")
+            _expect([r.recv(TIMEOUT) for _ in range(3)], [0, 1, 2], "bounded messages")
+            receipts = [w.send_async({"job": i}) for i in range(3)]  # capacity 3: all fit
+            _expect([r.recv(TIMEOUT)["job"] for _ in range(3)], list(range(3)), "async sends")
+            receipts[-1].wait(TIMEOUT)
+            _expect(all(x.done() for x in receipts), True, "receipts")
+            _line(
+                "receipts",
+                f"3 send_async returned at once; all taken, by pid {receipts[-1].receiver}",
+            )
+
+
 SECTIONS: list[tuple[str, str, Callable[[_Children], None]]] = [
     ("pipe", "ordinary pipe, parent and child", demo_pipe),
     ("fifo", "named pipe", demo_fifo),
@@ -377,6 +439,7 @@ SECTIONS: list[tuple[str, str, Callable[[_Children], None]]] = [
     ("udp", "UDP socket", demo_udp),
     ("numpy", "a numpy array out of band", demo_numpy),
     ("wait", "buzon.wait over mixed transports", demo_wait),
+    ("semantics", "rendezvous, bounded capacity and receipts", demo_semantics),
 ]
 
 

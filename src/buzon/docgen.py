@@ -679,7 +679,7 @@ _PROPERTY_COLUMNS = {
     "priorities": "priorities",
     "credentials": "peer credentials",
 }
-_PROPERTY_ELSEWHERE = {"transport", "notes"}
+_PROPERTY_ELSEWHERE = {"transport", "notes", "capacity"}  # capacity: semantics.md
 _MQ_SIZE = (10, 8192)  # the Linux defaults (msg_default, msgsize_default)
 
 

@@ -664,7 +664,7 @@ def check_rendezvous(p: Pair) -> None:
 
 def check_bounded(p: Pair) -> None:
     n = p.a.capacity
-    assert n == 4, n
+    assert n == 4 and p.a.properties.capacity == 4 and p.b.properties.capacity == 4, n
     for i in range(n):
         p.a.send_nowait(i)
     with _expect(Full):
@@ -726,7 +726,7 @@ def check_bounded(p: Pair) -> None:
 
 
 def check_unbounded(p: Pair) -> None:
-    assert p.a.capacity is None
+    assert p.a.capacity is None and p.a.properties.capacity is None
     unit = p.a.properties.max_message
     chunk = b"u" * (65536 if unit is None else min(65536, unit - 16))
     sent = 0

@@ -64,6 +64,9 @@ class LinkProperties:
     priorities: bool = False
     credentials: bool = False
     notes: str = ""
+    # a channel's capacity: 0 rendezvous, N bounded, None unbounded, -1 the transport's
+    # own buffer (the default; transports leave it so, the channel fills it in)
+    capacity: int | None = -1
 
 
 @dataclass(frozen=True, slots=True)
