@@ -80,6 +80,10 @@ class Statistics:
     recv_would_block: int = 0
     rejected_frames: int = 0
     dropped: int = 0  # lost by the link and known to be: full UDP queue, over-unit datagrams
+    # reliable links (reliable=True) only: datagrams sent again, datagrams dropped for a bad
+    # CRC32C (both recovered by the protocol, so not "dropped")
+    retransmits: int = 0
+    damaged: int = 0
 
 
 class ChannelCore:
@@ -128,6 +132,11 @@ class ChannelCore:
         self._send_message: Any = getattr(transport, "send_message", None)
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
+        # a transport whose sends complete with acks read from its read fd (reliable
+        # datagrams): the drivers wait for readability for room, flush waits until
+        # delivered, close lingers (see Transport.delivery_acks)
+        self.acked = transport.delivery_acks
+        self._counters: dict[str, int] = {}
 
     # -- identity ---------------------------------------------------------------------
 
@@ -296,7 +305,20 @@ class ChannelCore:
                 else:
                     pending[0] = head[n:]
                     n = 0
-        return True
+        return self.transport.delivered() if self.acked else True
+
+    def shutdown(self) -> None:
+        """Before a lingering close: tell the transport nothing more will be sent."""
+        if self.acked and not self.closed:
+            self.transport.shutdown()
+
+    def statistics(self) -> Statistics:
+        stats = replace(self.stats)
+        if self.acked:
+            counters = self._counters if self.closed else self.transport.counters()
+            for name, value in counters.items():
+                setattr(stats, name, value)
+        return stats
 
     # -- receiving --------------------------------------------------------------------
 
@@ -608,6 +630,8 @@ class ChannelCore:
             return
         self.closed = True
         self.pending.clear()
+        if self.acked:
+            self._counters = self.transport.counters()  # statistics() after close
         self.transport.close()
 
 
@@ -698,7 +722,7 @@ class ChannelIdentity:
 
     def statistics(self) -> Statistics:
         """A snapshot of this channel's counters."""
-        return replace(self._core.stats)
+        return self._core.statistics()
 
     def fileno(self) -> int:
         """The fd that becomes readable when a message may be ready (for foreign loops)."""

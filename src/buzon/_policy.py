@@ -70,8 +70,20 @@ def prepare(
     mq_maxmsg: int | None = None,
     mq_msgsize: int | None = None,
     tls: ssl.SSLContext | None = None,
+    reliable: Any = False,
 ) -> Prepared:
     addr = parse_address(url)
+    if reliable:
+        # reliable datagrams (transport/reliable.py): the protocol authenticates nobody,
+        # so every rule below for udp/unixgram applies unchanged
+        from .protocol.reliable import ReliableConfig
+
+        if addr.scheme not in ("udp", "unixgram"):
+            raise UnsupportedOperation(
+                f"reliable=True works on udp:// and unixgram: addresses, not {addr.scheme}:"
+            )
+        if reliable is not True and not isinstance(reliable, ReliableConfig):
+            raise TypeError("reliable is a bool or a buzon.protocol.reliable.ReliableConfig")
     if authkey is not None and not isinstance(authkey, bytes | bytearray):
         raise TypeError("authkey must be bytes")
     if compat not in (None, "multiprocessing"):
@@ -140,6 +152,7 @@ def prepare(
         insecure=insecure,
         allow_uids=frozenset(allow_uids),
         tls=tls,
+        reliable=reliable or False,
     )
     return Prepared(addr, topts, channel, bytes(authkey) if authkey is not None else None, compat)
 

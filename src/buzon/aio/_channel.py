@@ -132,6 +132,14 @@ def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:
     return wait_io(-1, fd, deadline, what) if write else wait_io(fd, -1, deadline, what)
 
 
+def wait_room(core: ChannelCore, deadline: float | None, what: str) -> Any:
+    """Wait until a blocked send or flush may progress: usually the write fd; on a
+    transport with ``delivery_acks`` (reliable datagrams) the read fd, where acks come."""
+    if core.acked:
+        return wait_io(core.read_fileno(), -1, deadline, what)
+    return wait_io(-1, core.write_fileno(), deadline, what)
+
+
 class Channel(ChannelIdentity):
     """A message channel (asyncio API): the awaitable twin of :class:`buzon.Channel`."""
 
@@ -196,7 +204,7 @@ class Channel(ChannelIdentity):
     async def _send(self, bufs: list[Buffer], deadline: float | None, priority: int) -> None:
         core = self._core
         while not core.try_send(bufs, priority):
-            await wait_fd(core.write_fileno(), True, deadline, "send")
+            await wait_room(core, deadline, "send")
         await self._drain(deadline, soft=True)
 
     async def _drain(self, deadline: float | None, *, soft: bool) -> None:
@@ -205,7 +213,7 @@ class Channel(ChannelIdentity):
         core = self._core
         while not core.flush():
             try:
-                await wait_fd(core.write_fileno(), True, deadline, "send")
+                await wait_room(core, deadline, "send")
             except Timeout:
                 if soft:
                     return
@@ -311,8 +319,9 @@ class Channel(ChannelIdentity):
         core = self._core
         if core.closed:
             return
-        if core.pending:
+        if core.pending or core.acked:  # acked: linger until the peer has it all
             try:
+                core.shutdown()
                 await self._drain(deadline_of(core.options.close_timeout), soft=True)
             except Exception:
                 pass  # the peer is gone: nothing more can be delivered

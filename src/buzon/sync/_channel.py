@@ -63,6 +63,19 @@ def wait_fds(
     return readable, writable
 
 
+def wait_room(core: ChannelCore, deadline: float | None) -> bool:
+    """Wait until a blocked send or flush may progress; False if the deadline passed.
+
+    Usually that is the write fd draining; on a transport with ``delivery_acks``
+    (reliable datagrams) room and delivery come with acks, on the read side.
+    """
+    if core.acked:
+        readable, _ = wait_fds(core.read_fileno(), -1, True, False, deadline)
+        return readable
+    _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
+    return writable
+
+
 def deadline_of(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -164,7 +177,7 @@ class Channel(ChannelIdentity):
         core = self._core
         deadline = deadline_of(timeout)
         while not accepted:
-            self._wait(False, deadline, "send")
+            self._wait(core.acked, deadline, "send")  # acked: room comes with input
             accepted = core.try_send(bufs, priority)
         while core.pending:
             # The message is accepted; finish writing it unless the caller's time is up
@@ -180,8 +193,8 @@ class Channel(ChannelIdentity):
         deadline = deadline_of(timeout)
         with self._wlock:
             while not self._core.flush():
-                _, writable = wait_fds(-1, self._core.write_fileno(), False, True, deadline)
-                if not writable and deadline is not None and _monotonic() >= deadline:
+                progress = wait_room(self._core, deadline)
+                if not progress and deadline is not None and _monotonic() >= deadline:
                     raise Timeout("flush timed out")
 
     # -- receiving --------------------------------------------------------------------
@@ -327,12 +340,13 @@ class Channel(ChannelIdentity):
         core = self._core
         if core.closed:
             return
-        if core.pending:
+        if core.pending or core.acked:  # acked: linger until the peer has it all
             deadline = deadline_of(core.options.close_timeout)
             try:
-                while core.pending and not core.flush():
-                    _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
-                    if not writable and deadline is not None and _monotonic() >= deadline:
+                core.shutdown()
+                while not core.flush():
+                    progress = wait_room(core, deadline)
+                    if not progress and deadline is not None and _monotonic() >= deadline:
                         break
             except Exception:  # the peer is gone: nothing more can be delivered
                 pass

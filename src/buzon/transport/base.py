@@ -103,6 +103,30 @@ class Transport(abc.ABC):
     def close(self) -> None:
         self.closed = True
 
+    # -- optional hooks: transports that run a delivery protocol of their own --------
+    # (reliable datagrams). Ordinary transports keep these defaults; the channel core
+    # reads ``delivery_acks`` once per channel, so their hot paths never call them.
+    # Buffered input and protocol timers need no hook: such a transport folds them into
+    # its read fd (an epoll fd over its socket, a timerfd and an eventfd).
+
+    #: True: what was sent is done only once the peer acknowledges it, and the acks
+    #: arrive on the read side. A sender blocked by a full transport then waits for
+    #: *readability*; ``flush`` waits until :meth:`delivered`; ``close`` calls
+    #: :meth:`shutdown` and lingers (``close_timeout``) until :meth:`delivered`.
+    delivery_acks: ClassVar[bool] = False
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Send no more: let the peer learn the end after everything already sent."""
+
+    def delivered(self) -> bool:
+        """True when everything sent (and, after :meth:`shutdown`, the end) is
+        acknowledged; False: wait (readable) and ask again. Never waits itself."""
+        return True
+
+    def counters(self) -> dict[str, int]:
+        """Link counters that overlay the channel's :class:`Statistics` fields."""
+        return {}
+
 
 class StreamTransport(Transport):
     """Moves bytes; buzon frames them (or not, with ``raw=True``)."""
@@ -194,3 +218,5 @@ class TransportOptions:
     allow_uids: frozenset[int] = frozenset()
     runtime_dir: str | None = None
     tls: ssl.SSLContext | None = None  # TCP only: wrap every connection in TLS
+    # udp/unixgram only: False, True (default limits) or a protocol.reliable.ReliableConfig
+    reliable: Any = False
