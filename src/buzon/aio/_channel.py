@@ -205,7 +205,8 @@ class Channel(ChannelIdentity):
         core = self._core
         while not core.try_send(bufs, priority):
             await wait_room(core, deadline, "send")
-        await self._drain(deadline, soft=True)
+        if core.pending:  # finish a partial write (not: wait for acks, see flush)
+            await self._drain(deadline, soft=True)
 
     async def _drain(self, deadline: float | None, *, soft: bool) -> None:
         """Write pending bytes; with ``soft`` stop quietly when the deadline passes

@@ -116,6 +116,17 @@ _HELD_RETRY = 0.001  # seconds before retrying held datagrams
 _live: weakref.WeakSet[_Endpoint] = weakref.WeakSet()
 
 
+def _forking() -> None:
+    # After a fork both processes hold every endpoint; whichever uses a channel pumps
+    # its endpoint, but neither may pump the others behind its back (it would steal
+    # datagrams meant for the other process, whose protocol state has diverged).
+    for ep in list(_live):
+        ep.forked = True
+
+
+os.register_at_fork(before=_forking)
+
+
 # -- timerfd (os.timerfd_create from Python 3.13; libc before) --------------------------
 
 _CLOCK_MONOTONIC = 1  # time.monotonic() reads this clock on Linux
@@ -288,6 +299,7 @@ class _Endpoint:
         self.listener: ReliableListener | None = None
         self.deadline: float | None = None
         self.moved = 0  # datagrams read or sent, ever (progress, for _pump_all)
+        self.forked = False  # shared with another process: only its own channels pump it
         self._buf = bytearray(config.max_datagram + 1)
         self._on_release = on_release
         _live.add(self)
@@ -401,7 +413,7 @@ class _Endpoint:
                 if self.connected:
                     sock.send(data)
                 else:
-                    sock.sendto(data, addr)
+                    sock.sendto(data, addr)  # type: ignore[call-overload]
                 self.moved += 1
             except (BlockingIOError, InterruptedError):
                 blocked.add(addr)
@@ -455,7 +467,8 @@ def _pump_all() -> int:
         endpoints = list(_live)
         before = sum(ep.moved for ep in endpoints)
         for ep in endpoints:
-            ep.try_pump()
+            if not ep.forked:
+                ep.try_pump()
         moved = sum(ep.moved for ep in endpoints) - before
         if not moved:
             break
@@ -526,10 +539,7 @@ class ReliableTransport(_Waiter, MessageTransport):
     def has_buffered(self) -> bool:
         conn = self._conn
         return bool(
-            self._inbox
-            or conn.pending_messages
-            or conn.peer_finished
-            or conn.state is State.FAILED
+            self._inbox or conn.pending_messages or conn.peer_finished or conn.state is State.FAILED
         )
 
     def _take(self, now: float) -> None:
@@ -628,6 +638,7 @@ class ReliableTransport(_Waiter, MessageTransport):
                 if self._shut:
                     conn.close()
                 ep.pump(now, self)
+                ep.transmit(now, (conn,))  # the FIN, once the window lets it go
                 done = self._done()
                 self.signal(self.has_buffered())
             finally:
@@ -645,9 +656,7 @@ class ReliableTransport(_Waiter, MessageTransport):
             # our FIN acked; or only the FIN is unacked and the peer has closed too
             # (it may be gone already: nothing it could still want is missing)
             return conn.fin_acked or (
-                conn.peer_finished
-                and conn.send_buffered == 0
-                and conn.snd_una >= conn.snd_nxt - 1
+                conn.peer_finished and conn.send_buffered == 0 and conn.snd_una >= conn.snd_nxt - 1
             )
         return conn.send_buffered == 0 and conn.snd_una == conn.snd_nxt
 
@@ -861,9 +870,7 @@ class ReliableConnector(Connector):
                 on_release()
             raise
         try:
-            conn = ReliableConnection.client(
-                _monotonic(), os.urandom, self.config, peer_addr=peer
-            )
+            conn = ReliableConnection.client(_monotonic(), os.urandom, self.config, peer_addr=peer)
             ep.client = conn
             props = _properties(addr.scheme, local, self.config)
             transport = ReliableTransport(ep, conn, addr.scheme, props, PeerInfo(address=peer))
