@@ -45,6 +45,7 @@ from ._raw import cases_for, posixmq
 __all__ = ["BUZON_TRANSPORTS", "buzon_cases"]
 
 BUZON_TRANSPORTS = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq")
+RELAY_PROFILES = ("clean", "wifi")  # the reliable UDP rows through a ChaosRelay
 _TIMEOUT = 10.0
 _BIG = 1 << 16
 
@@ -135,8 +136,12 @@ def _checked(create: Callable[[], Any], options: dict[str, Any]) -> Any:
         raise
 
 
-def _link(transport: str, options: dict[str, Any], batch: bool = False) -> LinkMaker:
-    lossy = transport == "udp"
+def _link(
+    transport: str, options: dict[str, Any], batch: bool = False, relay: str | None = None
+) -> LinkMaker:
+    """``relay``: the child reaches the parent's listener through a chaos relay (in the
+    parent) with this profile."""
+    lossy = transport == "udp" and not options.get("reliable")
 
     def make(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
         bz = api()
@@ -188,6 +193,12 @@ def _link(transport: str, options: dict[str, Any], batch: bool = False) -> LinkM
         lst = _checked(lambda: bz.listen(url, **options), options)
         ctx.close_later(lst)
         address = str(lst.address)
+        if relay is not None:
+            from ..testing.chaos import ChaosRelay
+
+            chaos = ChaosRelay(url, lst.address, profile=relay, seed=ctx.seq).start()
+            ctx.close_later(chaos)
+            address = str(chaos.address)
 
         def parent() -> Side:
             ch = lst.accept(timeout=_TIMEOUT)
@@ -229,4 +240,23 @@ def buzon_cases(transport: str) -> list[Case]:
     if transport in ("pipe", "fifo", "unix", "tcp"):
         batched = cases_for("buzon-batch", transport, _link(transport, {}, batch=True))
         cases.extend(c for c in batched if c.metric == "oneway64")
+    if transport in ("udp", "unixgram"):
+        cases.extend(reliable_cases(transport))
+    return cases
+
+
+def reliable_cases(transport: str) -> list[Case]:
+    """``reliable=True`` rows: the direct link, and (UDP) the same through a chaos relay
+    with a clean and a lossy profile; the relay runs in the receiving process."""
+    reliable = {"reliable": True}
+    cases = [
+        c
+        for c in cases_for("buzon-reliable", transport, _link(transport, reliable))
+        if c.metric != "oneway1m"  # over the protocol's max message (and a datagram's)
+    ]
+    if transport == "udp":
+        for profile in RELAY_PROFILES:
+            impl = f"buzon-reliable-{profile}"
+            link = _link(transport, reliable, relay=profile)
+            cases.extend(c for c in cases_for(impl, transport, link) if c.metric == "oneway64")
     return cases

@@ -10,6 +10,8 @@ b     Unix stream 64 B one-way at least 2x multiprocessing.Pipe     buzon rate /
       (b: one send_bytes call per message; b-batch: send_bytes_many, 64 per call)
 c     1 MiB one-way on Unix and TCP at least the raw socket         buzon MB/s / raw MB/s
 d     waiting receiver round trip 3x faster than mp.Pipe            mp p50 / buzon p50
+e     reliable UDP 64 B one-way at least half of raw UDP            reliable rate / raw rate
+f     reliable UDP through a wifi relay at least half of clean      wifi rate / clean rate
 ====  ============================================================  ==========================
 
 ``buzon`` is the default spin, ``buzon-spin0`` the blocking receiver.
@@ -33,12 +35,23 @@ __all__ = ["Target", "document", "evaluate_targets", "render", "write_json"]
 
 SCHEMA = "buzon-bench/1"
 TRANSPORT_ORDER = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq")
-IMPL_ORDER = ("raw", "buzon-spin0", "buzon", "buzon-batch")
+IMPL_ORDER = (
+    "raw",
+    "buzon-spin0",
+    "buzon",
+    "buzon-batch",
+    "buzon-reliable",
+    "buzon-reliable-clean",
+    "buzon-reliable-wifi",
+)
 IMPL_LABEL = {
     "raw": "raw",
     "buzon-spin0": "buzon spin=0",
     "buzon": "buzon",
     "buzon-batch": "buzon send_many",
+    "buzon-reliable": "buzon reliable",
+    "buzon-reliable-clean": "reliable, relay clean",
+    "buzon-reliable-wifi": "reliable, relay wifi",
     "mp": "mp.Pipe",
 }
 
@@ -85,6 +98,8 @@ _TITLES = {
     "b-batch": "Unix stream 64 B one-way >= 2x multiprocessing.Pipe (send_bytes_many, 64/call)",
     "c": "1 MiB one-way >= raw socket (default spin)",
     "d": "waiting receiver round trip >= 3x faster than multiprocessing.Pipe (p50, default spin)",
+    "e": "reliable UDP 64 B one-way >= 0.5x raw UDP (reliable=True vs raw socket)",
+    "f": "reliable UDP through a wifi chaos relay >= 0.5x through a clean relay (64 B one-way)",
 }
 
 
@@ -160,6 +175,26 @@ def evaluate_targets(results: Sequence[Result]) -> list[Target]:
     mp_p50 = _value(by, ("mp", "Pipe", "rt64"), "p50")
     for t in TRANSPORT_ORDER:
         add("d", t, ">=", 3.0, _value(by, ("buzon", t, "rt64"), "p50"), mp_p50, "us", inv)
+    add(
+        "e",
+        "udp",
+        ">=",
+        0.5,
+        _value(by, ("buzon-reliable", "udp", "oneway64"), "rate"),
+        _value(by, ("raw", "udp", "oneway64"), "rate"),
+        "msg/s",
+        div,
+    )
+    add(
+        "f",
+        "udp",
+        ">=",
+        0.5,
+        _value(by, ("buzon-reliable-wifi", "udp", "oneway64"), "rate"),
+        _value(by, ("buzon-reliable-clean", "udp", "oneway64"), "rate"),
+        "msg/s",
+        div,
+    )
     return targets
 
 
