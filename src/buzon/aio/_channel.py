@@ -190,10 +190,14 @@ class Channel(ChannelIdentity):
         async with self._wlock:
             if core.message_oriented or core.raw:
                 count = 0
-                for item in items:
-                    bufs = core.encode_bytes(item) if as_bytes else core.encode(item)
-                    await self._send(bufs, deadline, 0)
-                    count += 1
+                core.transport.cork(True)  # a transport may send them in fewer datagrams
+                try:
+                    for item in items:
+                        bufs = core.encode_bytes(item) if as_bytes else core.encode(item)
+                        await self._send(bufs, deadline, 0)
+                        count += 1
+                finally:
+                    core.transport.cork(False)
                 return count
             bufs, count = core.encode_batch(items, as_bytes)
             if count:

@@ -255,6 +255,9 @@ def reliable_cases(transport: str) -> list[Case]:
         if c.metric != "oneway1m"  # over the protocol's max message (and a datagram's)
     ]
     if transport == "udp":
+        batched = _link(transport, reliable, batch=True)  # send_bytes_many: fuller datagrams
+        batch_cases = cases_for("buzon-reliable-batch", transport, batched)
+        cases.extend(c for c in batch_cases if c.metric == "oneway64")
         for profile in RELAY_PROFILES:
             impl = f"buzon-reliable-{profile}"
             link = _link(transport, reliable, relay=profile)

@@ -152,13 +152,17 @@ class Channel(ChannelIdentity):
         if core.message_oriented or core.raw:
             deadline = deadline_of(timeout)
             count = 0
-            for item in items:
-                remaining = None if deadline is None else max(0.0, deadline - _monotonic())
-                if as_bytes:
-                    self.send_bytes(item, remaining)
-                else:
-                    self.send(item, remaining)
-                count += 1
+            core.transport.cork(True)  # a transport may send the batch in fewer datagrams
+            try:
+                for item in items:
+                    remaining = None if deadline is None else max(0.0, deadline - _monotonic())
+                    if as_bytes:
+                        self.send_bytes(item, remaining)
+                    else:
+                        self.send(item, remaining)
+                    count += 1
+            finally:
+                core.transport.cork(False)
             return count
         with self._wlock:
             bufs, count = core.encode_batch(items, as_bytes)

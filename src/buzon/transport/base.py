@@ -123,6 +123,11 @@ class Transport(abc.ABC):
         acknowledged; False: wait (readable) and ask again. Never waits itself."""
         return True
 
+    def cork(self, on: bool) -> None:  # noqa: B027 - optional hook
+        """``send_many`` on a message transport brackets its messages with ``cork(True)``
+        and ``cork(False)``: the transport may hold them back meanwhile and send them
+        together (fewer, fuller datagrams). Nothing is held once uncorked."""
+
     def counters(self) -> dict[str, int]:
         """Link counters that overlay the channel's :class:`Statistics` fields."""
         return {}

@@ -538,6 +538,9 @@ class ReliableTransport(_Waiter, MessageTransport):
         self._inbox: deque[bytes] = deque()
         self._shut = False
         self._sends = 0
+        self._corked = False
+        self._held_bytes = 0  # queued while corked, not yet handed to the socket
+        self._cork_limit = 16 * max(1, ep.config.payload_size(ep.config.max_datagram))
 
     def read_fileno(self) -> int:
         return self.epfd
@@ -617,6 +620,11 @@ class ReliableTransport(_Waiter, MessageTransport):
             self._sends += 1
             if self._sends & 15 == 0:  # read the acks now and then, not on every send
                 ep.pump(now, self)
+            if self._corked:  # send_many: let messages gather into bundles
+                self._held_bytes += _nbytes(data)
+                if self._held_bytes < self._cork_limit:
+                    return True
+                self._held_bytes = 0
             ep.transmit(now, (conn,))
             return True
         finally:
@@ -630,7 +638,9 @@ class ReliableTransport(_Waiter, MessageTransport):
             conn.send(data)  # raises ChannelClosed
         if _nbytes(data) > conn.max_message:
             conn.send(data)  # raises MessageTooLarge before anything is queued
+        self._held_bytes = 0
         self._ep.pump(now, self)  # acks free room
+        self._ep.transmit(now, (conn,))  # what a cork held back
         if conn.send_space() >= _nbytes(data):
             return True
         self._ep.lock.release()
@@ -639,6 +649,16 @@ class ReliableTransport(_Waiter, MessageTransport):
         finally:
             self._ep.lock.acquire()  # re-taken for the caller's finally (microseconds)
         return conn.send_space() >= _nbytes(data)
+
+    def cork(self, on: bool) -> None:
+        self._corked = on
+        if on or self.closed or not self._held_bytes:
+            return
+        self._held_bytes = 0
+        ep = self._ep
+        with ep.lock:  # held by others for microseconds only
+            if not ep.closed:
+                ep.transmit(_monotonic(), (self._conn,))
 
     def shutdown(self) -> None:
         self._shut = True  # the FIN is queued by delivered(), under the lock
