@@ -314,3 +314,25 @@ def test_killed_client_is_reclaimed_by_the_protocol_timeouts(scheme: str) -> Non
         lst._lt.accept()  # one pump: forget what is finished
         assert server.connections() == []
         assert server.statistics().connections == 0
+
+
+# -- send_many gathers a batch into few datagrams -----------------------------------------
+
+
+@pytest.mark.parametrize("driver", ["sync", "asyncio"])
+def test_send_many_bundles_messages(driver: str) -> None:
+    items = [b"%05d" % i + b"m" * 40 for i in range(2000)]
+    with buzon.listen("udp://127.0.0.1:0", reliable=True) as lst:
+        ch, peer = _connect_accept(lst)
+        with ch, peer:
+            before = ch._core.transport._conn.statistics().datagrams_sent
+            if driver == "sync":
+                assert ch.send_bytes_many(items, timeout=T) == len(items)
+            else:
+                aio_ch = buzon.aio.Channel(ch._core)  # the same core, awaited
+                assert asyncio.run(aio_ch.send_bytes_many(items, timeout=T)) == len(items)
+            sent = ch._core.transport._conn.statistics().datagrams_sent - before
+            assert [peer.recv_bytes(timeout=T) for _ in items] == items
+            assert sent < len(items) // 10  # dozens of messages per datagram, not one each
+            ch.send_bytes(b"after")  # uncorked: a single send goes out at once
+            assert peer.recv_bytes(timeout=T) == b"after"

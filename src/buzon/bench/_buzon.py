@@ -86,11 +86,38 @@ def api() -> _Api:
 class _BuzonSide(Side):
     """A channel pair (the same channel twice when it is duplex)."""
 
-    def __init__(self, r: _Channel, w: _Channel, *, lossy: bool = False, batch: bool = False):
+    def __init__(
+        self,
+        r: _Channel,
+        w: _Channel,
+        *,
+        lossy: bool = False,
+        batch: bool = False,
+        await_end: bool = False,
+    ):
         self._r = r
         self._w = w
         self.lossy = lossy
         self.batch = batch
+        self.await_end = await_end
+
+    def _await_peer_end(self) -> None:
+        """reliable=True, parent side: after the data, read on until the peer's end.
+        The peer's close lingers until its end is acknowledged, and a reliable link's
+        protocol runs only while its process is inside a buzon call: without this the
+        child would wait out ``close_timeout`` while the parent sits in ``join``."""
+        from ..errors import BuzonError
+
+        try:
+            while True:
+                self._r.recv_bytes(timeout=_TIMEOUT)  # type: ignore[call-arg]
+        except BuzonError:  # EndOfChannel (or a timeout: the child's problem to report)
+            pass
+
+    def end_of_data(self) -> None:
+        super().end_of_data()
+        if self.await_end:
+            self._await_peer_end()
 
     def blast(self, msg: bytes, window: SendWindow) -> int:
         """With ``batch``: the same stream of messages, 64 per ``send_bytes_many`` call
@@ -122,8 +149,12 @@ class _BuzonSide(Side):
 
     def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
         if size >= _BIG:
-            return drain_into(self._r.recv_bytes_into, size, window)
-        return super().drain(size, window)
+            result = drain_into(self._r.recv_bytes_into, size, window)
+        else:
+            result = super().drain(size, window)
+        if self.await_end:
+            self._await_peer_end()
+        return result
 
 
 def _checked(create: Callable[[], Any], options: dict[str, Any]) -> Any:
@@ -141,7 +172,8 @@ def _link(
 ) -> LinkMaker:
     """``relay``: the child reaches the parent's listener through a chaos relay (in the
     parent) with this profile."""
-    lossy = transport == "udp" and not options.get("reliable")
+    reliable = bool(options.get("reliable"))
+    lossy = transport == "udp" and not reliable
 
     def make(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
         bz = api()
@@ -203,7 +235,8 @@ def _link(
         def parent() -> Side:
             ch = lst.accept(timeout=_TIMEOUT)
             ctx.close_later(ch)
-            return handshake_parent(_BuzonSide(ch, ch, lossy=lossy, batch=batch))
+            side = _BuzonSide(ch, ch, lossy=lossy, batch=batch, await_end=reliable)
+            return handshake_parent(side)
 
         def child() -> Side:
             ch = bz.connect(address, timeout=_TIMEOUT, **options)
