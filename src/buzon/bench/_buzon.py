@@ -228,7 +228,9 @@ def _link(
         if relay is not None:
             from ..testing.chaos import ChaosRelay
 
-            chaos = ChaosRelay(url, lst.address, profile=relay, seed=ctx.seq).start()
+            # a fixed seed: the same faults every run (the handshake's first datagrams
+            # meet the same dice; an unlucky burst there only delays the start)
+            chaos = ChaosRelay(url, lst.address, profile=relay, seed=1234).start()
             ctx.close_later(chaos)
             address = str(chaos.address)
 
