@@ -336,3 +336,57 @@ def test_send_many_bundles_messages(driver: str) -> None:
             assert sent < len(items) // 10  # dozens of messages per datagram, not one each
             ch.send_bytes(b"after")  # uncorked: a single send goes out at once
             assert peer.recv_bytes(timeout=T) == b"after"
+
+
+# -- a thread per client: channels of one socket used from several threads --------------
+
+
+def _echo_many(ch: Any) -> None:
+    for msg in ch:
+        ch.send(msg)
+
+
+@pytest.mark.parametrize("scheme", ["udp", "unixgram"])
+def test_thread_per_client(scheme: str) -> None:
+    """The concurrent server of the lecture, by hand: a thread per accepted peer, all
+    reading and writing the listener's one socket at once."""
+    n = 4
+    errors: list[BaseException] = []
+
+    def guard(body: Any, *args: Any) -> None:
+        try:
+            body(*args)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def serve(lst: Any) -> None:
+        workers = []
+        for _ in range(n):
+            ch = lst.accept(timeout=T)
+            w = threading.Thread(target=guard, args=(_echo_many, ch))
+            w.start()
+            workers.append((w, ch))
+        for w, ch in workers:
+            w.join(T * 3)
+            ch.close()
+
+    def client(address: str, k: int) -> None:
+        with buzon.connect(address, timeout=T, reliable=True) as ch:
+            for i in range(300):
+                ch.send((k, i))
+                if i % 10 == 9:  # keep a few in flight, in both directions
+                    for j in range(i - 9, i + 1):
+                        assert ch.recv(timeout=T) == [k, j]
+
+    with buzon.listen(URLS[scheme], reliable=True) as lst:
+        server = threading.Thread(target=guard, args=(serve, lst))
+        server.start()
+        clients = [
+            threading.Thread(target=guard, args=(client, str(lst.address), k)) for k in range(n)
+        ]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(T * 3)
+        server.join(T * 3)
+    assert not errors, errors

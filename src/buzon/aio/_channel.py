@@ -133,10 +133,11 @@ def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:
 
 
 def wait_room(core: ChannelCore, deadline: float | None, what: str) -> Any:
-    """Wait until a blocked send or flush may progress: usually the write fd; on a
-    transport with ``delivery_acks`` (reliable datagrams) the read fd, where acks come."""
+    """Wait until a blocked send or flush may progress: usually the write fd draining;
+    on a transport with ``delivery_acks`` (reliable datagrams) room comes with acks,
+    and its write fd becomes *readable* then."""
     if core.acked:
-        return wait_io(core.read_fileno(), -1, deadline, what)
+        return wait_io(core.write_fileno(), -1, deadline, what)
     return wait_io(-1, core.write_fileno(), deadline, what)
 
 

@@ -67,10 +67,11 @@ def wait_room(core: ChannelCore, deadline: float | None) -> bool:
     """Wait until a blocked send or flush may progress; False if the deadline passed.
 
     Usually that is the write fd draining; on a transport with ``delivery_acks``
-    (reliable datagrams) room and delivery come with acks, on the read side.
+    (reliable datagrams) room and delivery come with acks: its write fd becomes
+    *readable* then.
     """
     if core.acked:
-        readable, _ = wait_fds(core.read_fileno(), -1, True, False, deadline)
+        readable, _ = wait_fds(core.write_fileno(), -1, True, False, deadline)
         return readable
     _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
     return writable
@@ -181,7 +182,10 @@ class Channel(ChannelIdentity):
         core = self._core
         deadline = deadline_of(timeout)
         while not accepted:
-            self._wait(core.acked, deadline, "send")  # acked: room comes with input
+            if not core.acked:
+                self._wait(False, deadline, "send")
+            elif not wait_room(core, deadline):  # room comes with acks
+                raise Timeout("send timed out")
             accepted = core.try_send(bufs, priority)
         while core.pending:
             # The message is accepted; finish writing it unless the caller's time is up

@@ -109,10 +109,10 @@ class Transport(abc.ABC):
     # Buffered input and protocol timers need no hook: such a transport folds them into
     # its read fd (an epoll fd over its socket, a timerfd and an eventfd).
 
-    #: True: what was sent is done only once the peer acknowledges it, and the acks
-    #: arrive on the read side. A sender blocked by a full transport then waits for
-    #: *readability*; ``flush`` waits until :meth:`delivered`; ``close`` calls
-    #: :meth:`shutdown` and lingers (``close_timeout``) until :meth:`delivered`.
+    #: True: what was sent is done only once the peer acknowledges it. A sender
+    #: blocked by a full transport, ``flush`` (until :meth:`delivered`) and ``close``
+    #: (:meth:`shutdown`, then lingering up to ``close_timeout`` until delivered) wait
+    #: for :meth:`write_fileno` to become *readable*: acks are input.
     delivery_acks: ClassVar[bool] = False
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook

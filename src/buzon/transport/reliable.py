@@ -238,16 +238,23 @@ class _Timer:
 # -- readiness: one epoll fd per waiter --------------------------------------------------
 
 
-class _Waiter:
+class _Wake:
     """An epoll fd over the endpoint's socket, its timer and an eventfd of our own.
 
-    The eventfd is set while something waits in user space for this waiter; it is
-    changed only under the endpoint's lock (so a wake-up is never lost).
+    The eventfd is set while this waiter has a reason to run that the socket and the
+    timer do not show (messages routed here by someone else's pump, room freed by acks
+    someone else read); it is changed under the endpoint's lock, so no wake-up is lost.
+
+    ``poked``: the endpoint was busy when the owner tried; it must retry at once, and
+    nobody but the owner (on its next attempt) may clear that. ``waiting``: the owner
+    sleeps until acks arrive for it (a full send buffer, flush, a lingering close).
     """
 
     def __init__(self, ep: _Endpoint) -> None:
         self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._signalled = False
+        self.poked = False
+        self.waiting = False
         try:
             self._epoll = select.epoll()
             for fd in (ep.fd, ep.timer.fd, self._efd):
@@ -255,9 +262,10 @@ class _Waiter:
         except BaseException:
             os.close(self._efd)
             raise
-        self.epfd = self._epoll.fileno()
+        self.fd = self._epoll.fileno()
 
     def signal(self, on: bool) -> None:
+        on = on or self.poked
         if on == self._signalled or self._efd < 0:
             return
         self._signalled = on
@@ -268,19 +276,25 @@ class _Waiter:
                 os.eventfd_read(self._efd)
             except BlockingIOError:
                 pass
+            if self.poked:  # a poke (lock-free, see below) raced with this clear
+                self._signalled = True
+                os.eventfd_write(self._efd, 1)
 
     def poke(self) -> None:
-        """Wake the driver at once (the endpoint was busy: retry soon)."""
+        """Wake the owner at once (the endpoint was busy: retry soon). Called without
+        the lock: ``poked`` is set before the write, and a clear re-checks it after
+        its read, so the wake-up survives any interleaving."""
+        self.poked = True
         self._signalled = True
         if self._efd >= 0:
             os.eventfd_write(self._efd, 1)
 
-    def close_waiter(self) -> None:
+    def close(self) -> None:
         if self._efd >= 0:
             self._epoll.close()
             os.close(self._efd)
             self._efd = -1
-            self.epfd = -1
+            self.fd = -1
 
 
 # -- the endpoint: one socket and its protocol state -------------------------------------
@@ -457,19 +471,20 @@ class _Endpoint:
             self.send_errors += 1
 
     def _notify(self, touched: Iterable[ReliableConnection], caller: object) -> None:
+        """Refresh the eventfds of the waiters this pump may have given work to (the
+        caller's too: another thread may wait on its other side)."""
         if self.server is not None:
             channels = self.channels
             for conn in touched:
                 ch = channels.get(conn.local_id)
-                if ch is not None and ch is not caller and ch._conn is conn:
-                    ch.signal(ch.has_buffered())
+                if ch is not None and ch._conn is conn:
+                    ch.refresh()
             listener = self.listener
-            if listener is not None and listener is not caller:
-                listener.signal(self.server.acceptable > 0)
+            if listener is not None:
+                listener.wake.signal(self.server.acceptable > 0)
         else:
             for ch in self.channels.values():
-                if ch is not caller:
-                    ch.signal(ch.has_buffered())
+                ch.refresh()
 
     def try_pump(self) -> None:
         if self.closed or not self.lock.acquire(False):
@@ -522,7 +537,7 @@ def _properties(scheme: str, local: bool, config: ReliableConfig) -> LinkPropert
     )
 
 
-class ReliableTransport(_Waiter, MessageTransport):
+class ReliableTransport(MessageTransport):
     """One reliable connection as a message transport (a channel's end)."""
 
     delivery_acks = True
@@ -535,7 +550,12 @@ class ReliableTransport(_Waiter, MessageTransport):
         properties: LinkProperties,
         peer: PeerInfo,
     ) -> None:
-        _Waiter.__init__(self, ep)
+        self._rwake = _Wake(ep)  # receivers wait on this one
+        try:
+            self._swake = _Wake(ep)  # senders, flush and close on this one
+        except BaseException:
+            self._rwake.close()
+            raise
         self._ep = ep
         self._conn = conn
         self.scheme = scheme
@@ -545,15 +565,16 @@ class ReliableTransport(_Waiter, MessageTransport):
         self._inbox: deque[bytes] = deque()
         self._shut = False
         self._sends = 0
+        self.connecting = False  # a connector waits on read_fileno for the handshake
         self._corked = False
         self._held_bytes = 0  # queued while corked, not yet handed to the socket
         self._cork_limit = 16 * max(1, ep.config.payload_size(ep.config.max_datagram))
 
     def read_fileno(self) -> int:
-        return self.epfd
+        return self._rwake.fd
 
     def write_fileno(self) -> int:
-        return self.epfd  # readable when a send may progress (delivery_acks)
+        return self._swake.fd  # *readable* when a send may progress (delivery_acks)
 
     @property
     def can_send(self) -> bool:
@@ -568,8 +589,16 @@ class ReliableTransport(_Waiter, MessageTransport):
     def has_buffered(self) -> bool:
         conn = self._conn
         return bool(
-            self._inbox or conn.pending_messages or conn.peer_finished or conn.state is State.FAILED
+            self._inbox
+            or conn.pending_messages
+            or conn.peer_finished
+            or conn.state is State.FAILED
+            or (self.connecting and conn.state is not State.CONNECTING)
         )
+
+    def refresh(self) -> None:
+        self._rwake.signal(self.has_buffered())
+        self._swake.signal(self._swake.waiting)
 
     def _take(self, now: float) -> None:
         conn = self._conn
@@ -584,16 +613,18 @@ class ReliableTransport(_Waiter, MessageTransport):
         if inbox:
             return inbox.popleft()  # the eventfd is cleared under the lock only
         ep = self._ep
+        wake = self._rwake
         for attempt in range(2):
             if not ep.lock.acquire(False):
-                self.poke()
+                wake.poke()
                 return None
             try:
+                wake.poked = False
                 now = _monotonic()
                 ep.pump(now, self)
                 self._take(now)
                 msg = inbox.popleft() if inbox else None
-                self.signal(self.has_buffered())
+                wake.signal(self.has_buffered())
             finally:
                 ep.lock.release()
             if msg is not None:
@@ -615,14 +646,21 @@ class ReliableTransport(_Waiter, MessageTransport):
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
         ep = self._ep
+        wake = self._swake
         if not ep.lock.acquire(False):
-            self.poke()
+            wake.poke()
             return False
         conn = self._conn
         try:
+            wake.poked = False
             now = _monotonic()
             if conn.send_space() < _nbytes(data) and not self._make_room(now, data):
+                wake.waiting = True  # woken by the acks that free room
+                wake.signal(False)
                 return False
+            if wake.waiting:
+                wake.waiting = False
+                wake.signal(False)
             conn.send(data)
             self._sends += 1
             if self._sends & 15 == 0:  # read the acks now and then, not on every send
@@ -673,12 +711,14 @@ class ReliableTransport(_Waiter, MessageTransport):
     def delivered(self) -> bool:
         if self.closed:
             return True
+        wake = self._swake
         for attempt in range(2):
             ep = self._ep
             if not ep.lock.acquire(False):
-                self.poke()
+                wake.poke()
                 return False
             try:
+                wake.poked = False
                 now = _monotonic()
                 conn = self._conn
                 if self._shut:
@@ -686,7 +726,8 @@ class ReliableTransport(_Waiter, MessageTransport):
                 ep.pump(now, self)
                 ep.transmit(now, (conn,))  # the FIN, once the window lets it go
                 done = self._done()
-                self.signal(self.has_buffered())
+                wake.waiting = not done  # woken by the acks that bring it closer
+                wake.signal(False)
             finally:
                 ep.lock.release()
             if done or attempt:
@@ -727,7 +768,8 @@ class ReliableTransport(_Waiter, MessageTransport):
                 ep.transmit(_monotonic(), (conn,))
             if ep.channels.get(conn.local_id) is self:
                 del ep.channels[conn.local_id]
-            self.close_waiter()
+            self._rwake.close()
+            self._swake.close()
             ep.release()
 
 
@@ -749,13 +791,13 @@ def _nbytes(data: Buffer) -> int:
 # -- listening ---------------------------------------------------------------------------
 
 
-class ReliableListener(_Waiter, ListenerTransport):
+class ReliableListener(ListenerTransport):
     """The bound socket: ``accept`` returns one channel per peer, all sharing it."""
 
     def __init__(
         self, address: Address, ep: _Endpoint, scheme: str, properties: LinkProperties
     ) -> None:
-        _Waiter.__init__(self, ep)
+        self.wake = _Wake(ep)
         self.address = address
         self._ep = ep
         self._scheme = scheme
@@ -764,7 +806,7 @@ class ReliableListener(_Waiter, ListenerTransport):
         ep.listener = self
 
     def fileno(self) -> int:
-        return self.epfd
+        return self.wake.fd
 
     @property
     def rejected(self) -> int:
@@ -776,9 +818,10 @@ class ReliableListener(_Waiter, ListenerTransport):
         if self._closed:
             return None
         if not ep.lock.acquire(False):
-            self.poke()
+            self.wake.poke()
             return None
         try:
+            self.wake.poked = False
             now = _monotonic()
             ep.pump(now, self)
             server = ep.server
@@ -792,9 +835,9 @@ class ReliableListener(_Waiter, ListenerTransport):
                 )
                 ep.channels[conn.local_id] = transport
                 ep.acquire()
-                transport.signal(transport.has_buffered())
+                transport.refresh()
                 break
-            self.signal(server.acceptable > 0)
+            self.wake.signal(server.acceptable > 0)
             return transport
         finally:
             ep.lock.release()
@@ -808,7 +851,7 @@ class ReliableListener(_Waiter, ListenerTransport):
             ep.listener = None
             if ep.server is not None and not ep.closed:
                 ep.transmit(_monotonic(), ())  # refuses peers nobody will accept
-            self.close_waiter()
+            self.wake.close()
             ep.release()
 
 
@@ -935,6 +978,7 @@ class ReliableConnector(Connector):
             ep.release()
             raise
         ep.channels[conn.local_id] = transport
+        transport.connecting = True
         return transport
 
     def step(self) -> Transport | None:
@@ -943,11 +987,14 @@ class ReliableConnector(Connector):
             transport = self._transport = self._open()
             self.want = "read"
         ep = transport._ep
-        if not ep.lock.acquire(False):  # pragma: no cover - nobody else has it yet
+        if not ep.lock.acquire(False):  # another thread's _pump_all: retry at once
+            transport._rwake.poke()
             return None
         try:
+            transport._rwake.poked = False
             now = _monotonic()
             ep.pump(now, transport)
+            transport.refresh()
             conn = transport._conn
             state = conn.state
         finally:
@@ -960,6 +1007,9 @@ class ReliableConnector(Connector):
             if ep.refused:
                 raise ConnectionRefused(f"{self.address}: nothing is listening there")
             return None
+        with ep.lock:
+            transport.connecting = False
+            transport.refresh()
         self._transport = None  # handed over: close() no longer owns it
         return transport
 
