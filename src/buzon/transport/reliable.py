@@ -67,6 +67,7 @@ from ..errors import (
     EndOfChannel,
     NoSuchEndpoint,
     Timeout,
+    UnsupportedOperation,
     from_oserror,
 )
 from ..protocol.reliable import (
@@ -807,6 +808,12 @@ class ReliableListener(ListenerTransport):
 
     def fileno(self) -> int:
         return self.wake.fd
+
+    def close_in_child(self) -> None:
+        raise UnsupportedOperation(
+            "a reliable listener shares its one socket with every channel it accepted, and "
+            "the protocol state lives in this process: serve peers with threads or asyncio"
+        )
 
     @property
     def rejected(self) -> int:
