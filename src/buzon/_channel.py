@@ -132,9 +132,9 @@ class ChannelCore:
         self._send_message: Any = getattr(transport, "send_message", None)
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
-        # a transport whose sends complete with acks read from its read fd (reliable
-        # datagrams): the drivers wait for readability for room, flush waits until
-        # delivered, close lingers (see Transport.delivery_acks)
+        # a transport whose sends complete with the peer's acks (reliable datagrams):
+        # the drivers wait for its write fd to become readable for room, flush waits
+        # until delivered, close lingers (see Transport.delivery_acks)
         self.acked = transport.delivery_acks
         self._counters: dict[str, int] = {}
 

@@ -44,7 +44,7 @@ def connect(url: str | Address, timeout: float | None = None, **options: Any) ->
 
     ``timeout`` bounds the whole connection, handshake included. Keyword options:
     ``codec``, ``pickle``, ``raw``, ``authkey``, ``compat``, ``spin``, ``max_frame``,
-    ``handshake_timeout``, ``allow_uids``.
+    ``handshake_timeout``, ``allow_uids``, ``reliable`` (udp/unixgram: docs/reliable.md).
     """
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)
