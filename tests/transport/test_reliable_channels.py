@@ -390,3 +390,16 @@ def test_thread_per_client(scheme: str) -> None:
             t.join(T * 3)
         server.join(T * 3)
     assert not errors, errors
+
+
+def test_the_shared_socket_lives_until_its_last_user(runtime_dir: str) -> None:
+    lst = buzon.listen("unixgram:last", reliable=True)
+    client, server = _connect_accept(lst)
+    lst.close()  # the accepted channel keeps the socket (and its name) alive
+    with client, server:
+        assert os.path.exists(lst.address.fs_path())
+        client.send("after the listener")
+        assert server.recv(timeout=T) == "after the listener"
+        server.send("still here")
+        assert client.recv(timeout=T) == "still here"
+    assert os.listdir(runtime_dir) == []  # the last user removed the socket file
