@@ -664,7 +664,16 @@ class ReliableTransport(MessageTransport):
                 wake.signal(False)
             conn.send(data)
             self._sends += 1
-            if self._sends & 15 == 0:  # read the acks now and then, not on every send
+            deadline = ep.deadline
+            if deadline is not None and now >= deadline:
+                ep.pump(now, self)  # acks first, then the timers (no false retransmission)
+            elif conn.snd_nxt >= conn.peer_edge:
+                # The peer's window is used up: messages queue in the protocol. Read the
+                # acks that reopen it every 16 sends only, so what queued meanwhile goes
+                # out bundled (fewer, fuller datagrams, for both sides) rather than one
+                # datagram per message as the window reopens ack by ack.
+                if self._sends & 15:
+                    return True
                 ep.pump(now, self)
             if self._corked:  # send_many: let messages gather into bundles
                 self._held_bytes += _nbytes(data)
