@@ -181,6 +181,11 @@ class Receipt:
             state = "failed"
         return f"<buzon.Receipt #{self.number} {state}>"
 
+    # reliable links (reliable=True) only: datagrams sent again, datagrams dropped for a bad
+    # CRC32C (both recovered by the protocol, so not "dropped")
+    retransmits: int = 0
+    damaged: int = 0
+
 
 class ChannelCore:
     """Non-blocking channel state over one transport. Not thread-safe by itself."""
@@ -229,6 +234,11 @@ class ChannelCore:
         self._send_message: Any = getattr(transport, "send_message", None)
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
+        # a transport whose sends complete with the peer's acks (reliable datagrams):
+        # the drivers wait for its write fd to become readable for room, flush waits
+        # until delivered, close lingers (see Transport.delivery_acks)
+        self.acked = transport.delivery_acks
+        self._counters: dict[str, int] = {}
         # capacity and receipts (protocol/credit.py); all None/False on a default channel
         self.capacity: int | None = DEFAULT_CAPACITY
         self.sflow: SendFlow | None = None
@@ -550,9 +560,22 @@ class ChannelCore:
                 return False
             backlog.popleft()
             stats.queued_bytes = max(0, stats.queued_bytes - sum(len(b) for b in bufs))
-        if self.credit_out is not None:
-            return self._write_credit()
-        return True
+        if self.credit_out is not None and not self._write_credit():
+            return False
+        return self.transport.delivered() if self.acked else True
+
+    def shutdown(self) -> None:
+        """Before a lingering close: tell the transport nothing more will be sent."""
+        if self.acked and not self.closed:
+            self.transport.shutdown()
+
+    def statistics(self) -> Statistics:
+        stats = replace(self.stats)
+        if self.acked:
+            counters = self._counters if self.closed else self.transport.counters()
+            for name, value in counters.items():
+                setattr(stats, name, value)
+        return stats
 
     # -- credits and receipts -------------------------------------------------------------
 
@@ -1048,6 +1071,8 @@ class ChannelCore:
         self.fail_receipts("the channel was closed")
         if self.tokens is not None:
             self.tokens.close()
+        if self.acked:
+            self._counters = self.transport.counters()  # statistics() after close
         self.transport.close()
 
 
@@ -1139,7 +1164,7 @@ class ChannelIdentity:
 
     def statistics(self) -> Statistics:
         """A snapshot of this channel's counters."""
-        return replace(self._core.stats)
+        return self._core.statistics()
 
     def fileno(self) -> int:
         """The fd that becomes readable when a message may be ready (for foreign loops)."""

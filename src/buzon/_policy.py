@@ -71,13 +71,25 @@ def prepare(
     mq_maxmsg: int | None = None,
     mq_msgsize: int | None = None,
     tls: ssl.SSLContext | None = None,
+    reliable: Any = False,
     capacity: int | None = DEFAULT_CAPACITY,
     max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> Prepared:
     addr = parse_address(url)
+    if reliable:
+        # reliable datagrams (transport/reliable.py): the protocol authenticates nobody,
+        # so every rule below for udp/unixgram applies unchanged
+        from .protocol.reliable import ReliableConfig
+
+        if addr.scheme not in ("udp", "unixgram"):
+            raise UnsupportedOperation(
+                f"reliable=True works on udp:// and unixgram: addresses, not {addr.scheme}:"
+            )
+        if reliable is not True and not isinstance(reliable, ReliableConfig):
+            raise TypeError("reliable is a bool or a buzon.protocol.reliable.ReliableConfig")
     if capacity != DEFAULT_CAPACITY:
         capacity = check_capacity(capacity)
-        _check_capacity_support(addr, capacity, raw=raw, compat=compat)
+        _check_capacity_support(addr, capacity, raw=raw, compat=compat, reliable=bool(reliable))
     if max_queue < 1:
         raise ValueError("max_queue must be at least 1 byte")
     if authkey is not None and not isinstance(authkey, bytes | bytearray):
@@ -151,12 +163,13 @@ def prepare(
         allow_uids=frozenset(allow_uids),
         tls=tls,
         capacity=capacity,
+        reliable=reliable or False,
     )
     return Prepared(addr, topts, channel, bytes(authkey) if authkey is not None else None, compat)
 
 
 def _check_capacity_support(
-    addr: Address, capacity: int | None, *, raw: bool, compat: str | None
+    addr: Address, capacity: int | None, *, raw: bool, compat: str | None, reliable: bool = False
 ) -> None:
     """Refuse at once, with the reason, what no transport of this kind can honour."""
     if raw or compat is not None:
@@ -165,7 +178,7 @@ def _check_capacity_support(
         )
     if capacity is None:
         return
-    if addr.scheme in ("udp", "unixgram"):
+    if addr.scheme in ("udp", "unixgram") and not reliable:
         raise UnsupportedOperation(
             f"capacity={capacity} on {addr.scheme}: credits need a link that loses and "
             "reorders nothing, and a peer per channel (use reliable=True)"
@@ -178,14 +191,17 @@ def _check_capacity_support(
 
 
 def capacity_support(scheme: str, duplex: bool = True) -> dict[str, str | None]:
-    """For the docs: each capacity mode (``"0"``, ``"N"``, ``"None"``) on ``scheme``,
-    ``None`` when supported, else the reason it is refused (the same checks ``listen``,
-    ``connect`` and ``pipe`` make)."""
+    """For the docs: each capacity mode (``"0"``, ``"N"``, ``"None"``) on ``scheme``
+    (``"reliable"``: reliable datagrams), ``None`` when supported, else the reason it is
+    refused (the same checks ``listen``, ``connect`` and ``pipe`` make)."""
     out: dict[str, str | None] = {}
+    reliable = scheme == "reliable"
+    if reliable:
+        scheme = "udp"
     addr = Address("pipe") if scheme == "pipe" else parse_address(_EXAMPLE_URL[scheme])
     for label, capacity in (("0", 0), ("N", 8), ("None", None)):
         try:
-            _check_capacity_support(addr, capacity, raw=False, compat=None)
+            _check_capacity_support(addr, capacity, raw=False, compat=None, reliable=reliable)
         except UnsupportedOperation as exc:
             out[label] = str(exc)
         else:

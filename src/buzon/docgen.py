@@ -51,7 +51,7 @@ from ._channel import ChannelCore, ChannelOptions
 from ._policy import capacity_support, prepare
 from .address import Address, parse_address
 from .protocol import credit, frames, handshake, mpcompat
-from .transport import fifo, mq, pipe, tcp, udp, unix, unixgram
+from .transport import fifo, mq, pipe, reliable, tcp, udp, unix, unixgram
 from .transport.base import LinkProperties, Transport, TransportOptions
 
 __all__ = ["SECTIONS", "SectionError", "check", "main", "render_page", "write"]
@@ -699,6 +699,10 @@ def _mq_properties() -> LinkProperties:
     return dataclasses.replace(props, notes=notes)
 
 
+def _reliable_props(scheme: str) -> LinkProperties:
+    return reliable._properties(scheme, True, reliable.DEFAULT_CONFIG[scheme])
+
+
 def _transport_rows() -> list[tuple[str, str, LinkProperties]]:
     rows = [
         ("pipe", "`buzon.pipe()`", pipe._props(True)),
@@ -711,6 +715,8 @@ def _transport_rows() -> list[tuple[str, str, LinkProperties]]:
         ("tcp", "`tcp://` other hosts", tcp._props(False)),
         ("udp", "`udp://` IPv4 loopback", udp._props(True, udp._max_message(socket.AF_INET))),
         ("udp", "`udp://` IPv6, other hosts", udp._props(False, udp._max_message(socket.AF_INET6))),
+        ("reliable", "`udp://` `reliable=True`", _reliable_props("udp")),
+        ("reliable", "`unixgram:` `reliable=True`", _reliable_props("unixgram")),
     ]  # fmt: skip
     _check_transport_coverage({module for module, _, _ in rows})
     return rows

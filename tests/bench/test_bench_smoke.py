@@ -82,7 +82,7 @@ def _check_document(doc: dict[str, Any], expected_ids: set[str]) -> None:
             assert r["values"]["rate"]["unit"] == "msg/s"
             assert r["values"]["bandwidth"]["unit"] == "MB/s"
     ids = {t["id"] for t in doc["targets"]}
-    assert ids == {"a", "b", "b-batch", "c", "d", "e", "f"}
+    assert ids == {"a", "b", "b-batch", "c", "d", "e", "f", "g", "g-batch", "h"}
     for t in doc["targets"]:
         assert t["status"] in {"PASS", "FAIL", "n/a"}
         assert (t["ratio"] is None) == (t["status"] == "n/a")
@@ -245,3 +245,30 @@ def test_combine_takes_medians_and_keeps_failures() -> None:
     assert len(merged.rounds) == 3
     failed = combine([*rounds, Result(case, "error", note="boom")])
     assert failed.status == "error" and "boom" in failed.note
+
+
+def test_quick_reliable_rows_run_and_leave_nothing_behind(
+    tmp_path: Path, private_dirs: tuple[Path, Path]
+) -> None:
+    out = tmp_path / "bench.json"
+    before = _process_state()
+    only = "buzon-reliable,raw/udp/oneway64"
+    rc = main(["--quick", "--only", only, "--json", str(out), "--no-progress"])
+    assert rc == 0
+    assert _process_state() == before  # the chaos relays' threads are gone too
+    scratch, runtime = private_dirs
+    assert list(scratch.iterdir()) == []
+    assert not runtime.exists() or list(runtime.iterdir()) == []
+    doc = json.loads(out.read_text())
+    by_id = {r["id"]: r for r in doc["results"]}
+    for case_id in (
+        "buzon-reliable/udp/rt64",
+        "buzon-reliable/udp/oneway64",
+        "buzon-reliable-batch/udp/oneway64",
+        "buzon-reliable-clean/udp/oneway64",
+        "buzon-reliable-wifi/udp/oneway64",
+        "buzon-reliable/unixgram/oneway64",
+    ):
+        assert by_id[case_id]["status"] == "ok", by_id[case_id]["note"]
+    targets = {t["id"]: t for t in doc["targets"]}
+    assert all(targets[t]["ratio"] is not None for t in ("g", "g-batch", "h"))

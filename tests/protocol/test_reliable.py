@@ -891,6 +891,23 @@ def test_negotiated_limits_take_the_smaller_side() -> None:
     assert pair.got["server"] == [bytes(5000)]
 
 
+def test_fin_acked_and_max_message_for_drivers() -> None:
+    """What the transport's close and send read: the FIN's ack, the negotiated limit."""
+    pair = Pair(ReliableConfig(max_message=20000), ReliableConfig(max_message=5000))
+    sconn = pair.connect()
+    assert pair.client.max_message == 5000 and sconn.max_message == 5000
+    assert not pair.client.fin_acked
+    pair.client.send(b"x" * 3000)
+    pair.client.close()
+    assert not pair.client.fin_acked  # queued, not even sent
+    pair.drop = lambda direction, d: direction == "s2c"  # the acks are lost
+    pair.run(0.05)
+    assert not pair.client.fin_acked and sconn.peer_finished
+    pair.drop = lambda direction, d: False
+    pair.run(5.0, until=lambda: pair.client.fin_acked)
+    assert pair.client.fin_acked and pair.got["server"] == [b"x" * 3000]
+
+
 def test_queued_message_over_the_peer_limit_fails_clearly() -> None:
     pair = Pair(ReliableConfig(max_message=20000), ReliableConfig(max_message=100))
     pair.client.send(bytes(5000))

@@ -132,6 +132,15 @@ def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:
     return wait_io(-1, fd, deadline, what) if write else wait_io(fd, -1, deadline, what)
 
 
+def wait_room(core: ChannelCore, deadline: float | None, what: str) -> Any:
+    """Wait until a blocked send or flush may progress: usually the write fd draining;
+    on a transport with ``delivery_acks`` (reliable datagrams) room comes with acks,
+    and its write fd becomes *readable* then."""
+    if core.acked:
+        return wait_io(core.write_fileno(), -1, deadline, what)
+    return wait_io(-1, core.write_fileno(), deadline, what)
+
+
 class Channel(ChannelIdentity):
     """A message channel (asyncio API): the awaitable twin of :class:`buzon.Channel`."""
 
@@ -235,10 +244,14 @@ class Channel(ChannelIdentity):
         async with self._wlock:
             if core.message_oriented or core.raw or core.sflow is not None or core.unbounded:
                 count = 0
-                for item in items:
-                    bufs = core.encode_bytes(item) if as_bytes else core.encode(item)
-                    await self._send(bufs, deadline, 0)
-                    count += 1
+                core.transport.cork(True)  # a transport may send them in fewer datagrams
+                try:
+                    for item in items:
+                        bufs = core.encode_bytes(item) if as_bytes else core.encode(item)
+                        await self._send(bufs, deadline, 0)
+                        count += 1
+                finally:
+                    core.transport.cork(False)
                 return count
             bufs, count = core.encode_batch(items, as_bytes)
             if count:
@@ -285,7 +298,7 @@ class Channel(ChannelIdentity):
             assert sflow is not None
             await self._pump_until(lambda: sflow.sent < sflow.limit, deadline, "send")
         else:
-            await wait_fd(core.write_fileno(), True, deadline, "send")
+            await wait_room(core, deadline, "send")
 
     async def _pump_until(
         self, done: Callable[[], bool], deadline: float | None, what: str
@@ -325,7 +338,7 @@ class Channel(ChannelIdentity):
         core = self._core
         while not core.flush():
             try:
-                await wait_fd(core.write_fileno(), True, deadline, "send")
+                await wait_room(core, deadline, "send")
             except Timeout:
                 if soft:
                     return
@@ -441,8 +454,9 @@ class Channel(ChannelIdentity):
         core = self._core
         if core.closed:
             return
-        if core.owed:
+        if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
+                core.shutdown()
                 await self._drain(deadline_of(core.options.close_timeout), soft=True)
             except Exception:
                 pass  # the peer is gone: nothing more can be delivered

@@ -45,6 +45,7 @@ from ._raw import cases_for, posixmq
 __all__ = ["BUZON_TRANSPORTS", "buzon_cases"]
 
 BUZON_TRANSPORTS = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq")
+RELAY_PROFILES = ("clean", "wifi")  # the reliable UDP rows through a ChaosRelay
 _TIMEOUT = 10.0
 _BIG = 1 << 16
 
@@ -93,12 +94,32 @@ class _BuzonSide(Side):
         lossy: bool = False,
         batch: bool = False,
         receipts: bool = False,
+        await_end: bool = False,
     ):
         self._r = r
         self._w = w
         self.lossy = lossy
         self.batch = batch
         self.receipts = receipts  # every message sent with send_bytes_async
+        self.await_end = await_end
+
+    def _await_peer_end(self) -> None:
+        """reliable=True, parent side: after the data, read on until the peer's end.
+        The peer's close lingers until its end is acknowledged, and a reliable link's
+        protocol runs only while its process is inside a buzon call: without this the
+        child would wait out ``close_timeout`` while the parent sits in ``join``."""
+        from ..errors import BuzonError
+
+        try:
+            while True:
+                self._r.recv_bytes(timeout=_TIMEOUT)  # type: ignore[call-arg]
+        except BuzonError:  # EndOfChannel (or a timeout: the child's problem to report)
+            pass
+
+    def end_of_data(self) -> None:
+        super().end_of_data()
+        if self.await_end:
+            self._await_peer_end()
 
     def blast(self, msg: bytes, window: SendWindow) -> int:
         """With ``batch``: the same stream of messages, 64 per ``send_bytes_many`` call
@@ -132,8 +153,12 @@ class _BuzonSide(Side):
 
     def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
         if size >= _BIG:
-            return drain_into(self._r.recv_bytes_into, size, window)
-        return super().drain(size, window)
+            result = drain_into(self._r.recv_bytes_into, size, window)
+        else:
+            result = super().drain(size, window)
+        if self.await_end:
+            self._await_peer_end()
+        return result
 
 
 def _checked(create: Callable[[], Any], options: dict[str, Any]) -> Any:
@@ -147,9 +172,16 @@ def _checked(create: Callable[[], Any], options: dict[str, Any]) -> Any:
 
 
 def _link(
-    transport: str, options: dict[str, Any], batch: bool = False, receipts: bool = False
+    transport: str,
+    options: dict[str, Any],
+    batch: bool = False,
+    receipts: bool = False,
+    relay: str | None = None,
 ) -> LinkMaker:
-    lossy = transport == "udp"
+    """``relay``: the child reaches the parent's listener through a chaos relay (in the
+    parent) with this profile."""
+    reliable = bool(options.get("reliable"))
+    lossy = transport == "udp" and not reliable
 
     def make(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
         bz = api()
@@ -201,11 +233,21 @@ def _link(
         lst = _checked(lambda: bz.listen(url, **options), options)
         ctx.close_later(lst)
         address = str(lst.address)
+        if relay is not None:
+            from ..testing.chaos import ChaosRelay
+
+            # a fixed seed: the same faults every run (the handshake's first datagrams
+            # meet the same dice; an unlucky burst there only delays the start)
+            chaos = ChaosRelay(url, lst.address, profile=relay, seed=1234).start()
+            ctx.close_later(chaos)
+            address = str(chaos.address)
 
         def parent() -> Side:
             ch = lst.accept(timeout=_TIMEOUT)
             ctx.close_later(ch)
-            side = _BuzonSide(ch, ch, lossy=lossy, batch=batch, receipts=receipts)
+            side = _BuzonSide(
+                ch, ch, lossy=lossy, batch=batch, receipts=receipts, await_end=reliable
+            )
             return handshake_parent(side)
 
         def child() -> Side:
@@ -250,4 +292,26 @@ def buzon_cases(transport: str) -> list[Case]:
         cases.extend(c for c in rv if c.metric == "rt64")
         rc = cases_for("buzon-receipts", transport, _link(transport, {}, receipts=True))
         cases.extend(c for c in rc if c.metric == "oneway64")
+    if transport in ("udp", "unixgram"):
+        cases.extend(reliable_cases(transport))
+    return cases
+
+
+def reliable_cases(transport: str) -> list[Case]:
+    """``reliable=True`` rows: the direct link, and (UDP) the same through a chaos relay
+    with a clean and a lossy profile; the relay runs in the receiving process."""
+    reliable = {"reliable": True}
+    cases = [
+        c
+        for c in cases_for("buzon-reliable", transport, _link(transport, reliable))
+        if c.metric != "oneway1m"  # over the protocol's max message (and a datagram's)
+    ]
+    if transport == "udp":
+        batched = _link(transport, reliable, batch=True)  # send_bytes_many: fuller datagrams
+        batch_cases = cases_for("buzon-reliable-batch", transport, batched)
+        cases.extend(c for c in batch_cases if c.metric == "oneway64")
+        for profile in RELAY_PROFILES:
+            impl = f"buzon-reliable-{profile}"
+            link = _link(transport, reliable, relay=profile)
+            cases.extend(c for c in cases_for(impl, transport, link) if c.metric == "oneway64")
     return cases

@@ -12,6 +12,9 @@ c     1 MiB one-way on Unix and TCP at least the raw socket         buzon MB/s /
 d     waiting receiver round trip 3x faster than mp.Pipe            mp p50 / buzon p50
 e     rendezvous (capacity=0) round trip within 1.3x of plain       buzon-rv p50 / buzon p50
 f     receipts on a 64 B stream cost at most 15% throughput         buzon-receipts / buzon rate
+g     reliable UDP 64 B one-way at least half of raw UDP            reliable rate / raw rate
+      (g: one send_bytes call per message; g-batch: send_bytes_many, 64 per call)
+h     reliable UDP through a wifi relay at least half of clean      wifi rate / clean rate
 ====  ============================================================  ==========================
 
 ``buzon`` is the default spin, ``buzon-spin0`` the blocking receiver.
@@ -35,7 +38,18 @@ __all__ = ["Target", "document", "evaluate_targets", "render", "write_json"]
 
 SCHEMA = "buzon-bench/1"
 TRANSPORT_ORDER = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq")
-IMPL_ORDER = ("raw", "buzon-spin0", "buzon", "buzon-batch", "buzon-rv", "buzon-receipts")
+IMPL_ORDER = (
+    "raw",
+    "buzon-spin0",
+    "buzon",
+    "buzon-batch",
+    "buzon-rv",
+    "buzon-receipts",
+    "buzon-reliable",
+    "buzon-reliable-batch",
+    "buzon-reliable-clean",
+    "buzon-reliable-wifi",
+)
 IMPL_LABEL = {
     "raw": "raw",
     "buzon-spin0": "buzon spin=0",
@@ -43,6 +57,10 @@ IMPL_LABEL = {
     "buzon-batch": "buzon send_many",
     "buzon-rv": "buzon capacity=0",
     "buzon-receipts": "buzon send_async",
+    "buzon-reliable": "buzon reliable",
+    "buzon-reliable-batch": "reliable send_many",
+    "buzon-reliable-clean": "reliable, relay clean",
+    "buzon-reliable-wifi": "reliable, relay wifi",
     "mp": "mp.Pipe",
 }
 
@@ -91,6 +109,9 @@ _TITLES = {
     "d": "waiting receiver round trip >= 3x faster than multiprocessing.Pipe (p50, default spin)",
     "e": "rendezvous (capacity=0) 64 B round trip <= 1.3x the plain round trip (p50)",
     "f": "receipts (send_async) on a 64 B stream keep >= 85% of plain send throughput",
+    "g": "reliable UDP 64 B one-way >= 0.5x raw UDP (one send_bytes per message)",
+    "g-batch": "reliable UDP 64 B one-way >= 0.5x raw UDP (send_bytes_many, 64/call)",
+    "h": "reliable UDP through a wifi chaos relay >= 0.5x through a clean relay (64 B one-way)",
 }
 
 
@@ -187,6 +208,36 @@ def evaluate_targets(results: Sequence[Result]) -> list[Target]:
             "msg/s",
             div,
         )
+    add(
+        "g",
+        "udp",
+        ">=",
+        0.5,
+        _value(by, ("buzon-reliable", "udp", "oneway64"), "rate"),
+        _value(by, ("raw", "udp", "oneway64"), "rate"),
+        "msg/s",
+        div,
+    )
+    add(
+        "g-batch",
+        "udp",
+        ">=",
+        0.5,
+        _value(by, ("buzon-reliable-batch", "udp", "oneway64"), "rate"),
+        _value(by, ("raw", "udp", "oneway64"), "rate"),
+        "msg/s",
+        div,
+    )
+    add(
+        "h",
+        "udp",
+        ">=",
+        0.5,
+        _value(by, ("buzon-reliable-wifi", "udp", "oneway64"), "rate"),
+        _value(by, ("buzon-reliable-clean", "udp", "oneway64"), "rate"),
+        "msg/s",
+        div,
+    )
     return targets
 
 

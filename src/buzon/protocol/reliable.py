@@ -892,6 +892,16 @@ class ReliableConnection:
             return self._reset is None
         return self.state is State.CLOSED and self._linger_until is None
 
+    @property
+    def fin_acked(self) -> bool:
+        """Our FIN was sent and acknowledged: the peer has every message we sent."""
+        return self._fin_seq is not None and self._snd_una > self._fin_seq
+
+    @property
+    def max_message(self) -> int:
+        """The largest message :meth:`send` accepts (negotiated once established)."""
+        return self._max_message
+
     def close(self) -> None:
         """Graceful close: queued messages are delivered, then a FIN. Idempotent."""
         if self._close_requested:

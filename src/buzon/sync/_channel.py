@@ -70,6 +70,20 @@ def wait_fds(
     return readable, writable
 
 
+def wait_room(core: ChannelCore, deadline: float | None) -> bool:
+    """Wait until a blocked send or flush may progress; False if the deadline passed.
+
+    Usually that is the write fd draining; on a transport with ``delivery_acks``
+    (reliable datagrams) room and delivery come with acks: its write fd becomes
+    *readable* then.
+    """
+    if core.acked:
+        readable, _ = wait_fds(core.write_fileno(), -1, True, False, deadline)
+        return readable
+    _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
+    return writable
+
+
 def deadline_of(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -228,13 +242,17 @@ class Channel(ChannelIdentity):
         if core.message_oriented or core.raw or core.sflow is not None or core.unbounded:
             deadline = deadline_of(timeout)
             count = 0
-            for item in items:
-                remaining = None if deadline is None else max(0.0, deadline - _monotonic())
-                if as_bytes:
-                    self.send_bytes(item, remaining)
-                else:
-                    self.send(item, remaining)
-                count += 1
+            core.transport.cork(True)  # a transport may send the batch in fewer datagrams
+            try:
+                for item in items:
+                    remaining = None if deadline is None else max(0.0, deadline - _monotonic())
+                    if as_bytes:
+                        self.send_bytes(item, remaining)
+                    else:
+                        self.send(item, remaining)
+                    count += 1
+            finally:
+                core.transport.cork(False)
             return count
         bufs, count = core.encode_batch(items, as_bytes)
         if not count:
@@ -310,8 +328,10 @@ class Channel(ChannelIdentity):
             sflow = core.sflow
             assert sflow is not None
             self._pump_until(lambda: sflow.sent < sflow.limit, deadline, "send")
-        else:
+        elif not core.acked:
             self._wait(False, deadline, "send")
+        elif not wait_room(core, deadline):  # room comes with acks (reliable datagrams)
+            raise Timeout("send timed out")
 
     def _finish_write(self, deadline: float | None) -> None:
         """The message is accepted; finish writing it unless the caller's time is up
@@ -419,8 +439,8 @@ class Channel(ChannelIdentity):
             with self._wlock:
                 if core.flush():
                     return
-            _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
-            if not writable and deadline is not None and _monotonic() >= deadline:
+            progress = wait_room(core, deadline)
+            if not progress and deadline is not None and _monotonic() >= deadline:
                 raise Timeout("flush timed out")
 
     # -- receiving --------------------------------------------------------------------
@@ -610,15 +630,16 @@ class Channel(ChannelIdentity):
         core = self._core
         if core.closed:
             return
-        if core.owed:
+        if core.owed or core.acked:  # acked: linger until the peer has it all
             deadline = deadline_of(core.options.close_timeout)
             try:
+                core.shutdown()
                 while True:
                     with self._wlock:
                         if core.flush():
                             break
-                    _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
-                    if not writable and deadline is not None and _monotonic() >= deadline:
+                    progress = wait_room(core, deadline)
+                    if not progress and deadline is not None and _monotonic() >= deadline:
                         break
             except Exception:  # the peer is gone: nothing more can be delivered
                 pass

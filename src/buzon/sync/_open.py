@@ -58,7 +58,7 @@ def connect(url: str | Address, timeout: float | None = None, **options: Any) ->
     ``timeout`` bounds the whole connection, handshake included. Keyword options:
     ``codec``, ``pickle``, ``raw``, ``authkey``, ``compat``, ``spin``, ``max_frame``,
     ``handshake_timeout``, ``allow_uids``, ``capacity`` (0, N or None; both ends must
-    agree if both state it), ``max_queue``.
+    agree if both state it), ``max_queue``, ``reliable`` (udp/unixgram: docs/reliable.md).
     """
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)

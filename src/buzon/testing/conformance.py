@@ -79,8 +79,27 @@ __all__ = [
     "run_all",
 ]
 
-TRANSPORTS = ("pipe", "fifo", "mq", "unix", "unixgram", "tcp", "udp")
-CAPACITY_TRANSPORTS = ("pipe", "pipe-simplex", "fifo", "mq", "unix", "tcp")
+TRANSPORTS = (
+    "pipe",
+    "fifo",
+    "mq",
+    "unix",
+    "unixgram",
+    "tcp",
+    "udp",
+    "udp-reliable",  # reliable=True: the reliable datagram protocol over the socket
+    "unixgram-reliable",
+)
+CAPACITY_TRANSPORTS = (
+    "pipe",
+    "pipe-simplex",
+    "fifo",
+    "mq",
+    "unix",
+    "tcp",
+    "udp-reliable",
+    "unixgram-reliable",
+)
 DRIVERS = ("sync", "asyncio")
 T = 5.0  # generous per-operation timeout: a failure, never a hang
 
@@ -209,6 +228,7 @@ class Pair:
 
 
 def _url(transport: str) -> str:
+    transport = transport.removesuffix("-reliable")
     name = f"conf-{uuid.uuid4().hex[:10]}"
     if transport in ("tcp", "udp"):
         return f"{transport}://127.0.0.1:0"
@@ -217,7 +237,12 @@ def _url(transport: str) -> str:
 
 @contextlib.contextmanager
 def open_pair(transport: str, driver: str = "sync", **options: Any) -> Iterator[Pair]:
-    """A connected pair over ``transport``; everything is closed and removed after."""
+    """A connected pair over ``transport``; everything is closed and removed after.
+
+    ``NAME-reliable`` is the ``NAME`` scheme opened with ``reliable=True``.
+    """
+    if transport.endswith("-reliable"):
+        options = {**options, "reliable": True}
     if driver == "sync":
         with _sync_pair(transport, options) as pair:
             yield pair

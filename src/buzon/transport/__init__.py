@@ -41,7 +41,9 @@ _MODULES = {
 }
 
 
-def _module(addr: Address) -> Any:
+def _module(addr: Address, opts: TransportOptions) -> Any:
+    if opts.reliable and addr.scheme in ("udp", "unixgram"):
+        return importlib.import_module(f"{__name__}.reliable")  # one module, both schemes
     name = _MODULES.get(addr.scheme)
     if name is None:
         raise AddressError(f"{addr}: cannot listen on or connect to this scheme")
@@ -49,10 +51,10 @@ def _module(addr: Address) -> Any:
 
 
 def open_listener(addr: Address, opts: TransportOptions) -> ListenerTransport:
-    listener: ListenerTransport = _module(addr).listen(addr, opts)
+    listener: ListenerTransport = _module(addr, opts).listen(addr, opts)
     return listener
 
 
 def open_connector(addr: Address, opts: TransportOptions) -> Connector:
-    connector: Connector = _module(addr).connect(addr, opts)
+    connector: Connector = _module(addr, opts).connect(addr, opts)
     return connector

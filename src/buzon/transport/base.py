@@ -113,6 +113,35 @@ class Transport(abc.ABC):
     def close(self) -> None:
         self.closed = True
 
+    # -- optional hooks: transports that run a delivery protocol of their own --------
+    # (reliable datagrams). Ordinary transports keep these defaults; the channel core
+    # reads ``delivery_acks`` once per channel, so their hot paths never call them.
+    # Buffered input and protocol timers need no hook: such a transport folds them into
+    # its read fd (an epoll fd over its socket, a timerfd and an eventfd).
+
+    #: True: what was sent is done only once the peer acknowledges it. A sender
+    #: blocked by a full transport, ``flush`` (until :meth:`delivered`) and ``close``
+    #: (:meth:`shutdown`, then lingering up to ``close_timeout`` until delivered) wait
+    #: for :meth:`write_fileno` to become *readable*: acks are input.
+    delivery_acks: ClassVar[bool] = False
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Send no more: let the peer learn the end after everything already sent."""
+
+    def delivered(self) -> bool:
+        """True when everything sent (and, after :meth:`shutdown`, the end) is
+        acknowledged; False: wait (readable) and ask again. Never waits itself."""
+        return True
+
+    def cork(self, on: bool) -> None:  # noqa: B027 - optional hook
+        """``send_many`` on a message transport brackets its messages with ``cork(True)``
+        and ``cork(False)``: the transport may hold them back meanwhile and send them
+        together (fewer, fuller datagrams). Nothing is held once uncorked."""
+
+    def counters(self) -> dict[str, int]:
+        """Link counters that overlay the channel's :class:`Statistics` fields."""
+        return {}
+
 
 class StreamTransport(Transport):
     """Moves bytes; buzon frames them (or not, with ``raw=True``)."""
@@ -206,3 +235,5 @@ class TransportOptions:
     tls: ssl.SSLContext | None = None  # TCP only: wrap every connection in TLS
     # simplex endpoints keep credits in token pools (transport/_tokens.py): -1 none
     capacity: int | None = -1
+    # udp/unixgram only: False, True (default limits) or a protocol.reliable.ReliableConfig
+    reliable: Any = False

@@ -1,0 +1,405 @@
+"""Reliable datagram channels (``reliable=True`` on udp:// and unixgram:).
+
+The protocol itself is tested sans-IO in ``tests/protocol/test_reliable.py``; the
+channel contract by the conformance suite (``udp-reliable``, ``unixgram-reliable``).
+Here: what only the transport can show — many peers on one socket, a lossy path
+(the chaos relay), a peer killed mid-connection, and clean-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import buzon
+from buzon.errors import Empty, EndOfChannel, InsecureBind, SecurityError, UnsupportedOperation
+from buzon.protocol.reliable import ReliableConfig
+from buzon.testing.chaos import ChaosRelay
+from buzon.transport.reliable import DEFAULT_CONFIG
+
+pytestmark = pytest.mark.fd_check
+
+T = 10.0  # a failure, never a hang
+URLS = {"udp": "udp://127.0.0.1:0", "unixgram": "unixgram:rel"}
+
+
+def _server_of(lst: Any) -> Any:
+    return lst._lt._ep.server  # the ReliableServer behind the listener's socket
+
+
+# -- the link's properties and options ---------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["udp", "unixgram"])
+def test_properties_say_reliable_ordered_connection_oriented(scheme: str) -> None:
+    with buzon.listen(URLS[scheme], reliable=True) as lst:
+        ch, peer = _connect_accept(lst)
+        with ch, peer:
+            for props in (ch.properties, peer.properties):
+                assert props.reliable and props.ordered and props.connection_oriented
+                assert props.boundaries == "message" and props.direction == "duplex"
+                assert props.max_message == DEFAULT_CONFIG[scheme].max_message
+                assert props.max_message > 65536  # the protocol's, not one datagram's
+
+
+def test_reliable_needs_a_datagram_scheme() -> None:
+    with pytest.raises(UnsupportedOperation):
+        buzon.listen("tcp://127.0.0.1:0", reliable=True)
+
+
+def test_security_defaults_still_apply() -> None:
+    with pytest.raises(InsecureBind):
+        buzon.listen("udp://0.0.0.0:0", reliable=True)  # the protocol authenticates nobody
+    with pytest.raises(SecurityError):
+        buzon.listen("udp://127.0.0.1:0", reliable=True, pickle=True)
+
+
+# -- one channel per peer ---------------------------------------------------------------
+
+
+def _connect_accept(lst: Any, **options: Any) -> tuple[Any, Any]:
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+    t.start()
+    try:
+        ch = buzon.connect(str(lst.address), timeout=T, reliable=True, **options)
+    finally:
+        t.join(T)
+    return ch, box[0]
+
+
+@pytest.mark.parametrize("scheme", ["udp", "unixgram"])
+def test_accept_gives_one_channel_per_peer(scheme: str, runtime_dir: str) -> None:
+    n = 4
+    with buzon.listen(URLS[scheme], reliable=True) as lst:
+        served: list[Any] = []
+
+        def serve() -> None:
+            for _ in range(n):
+                served.append(lst.accept(timeout=T))
+
+        t = threading.Thread(target=serve)
+        t.start()
+        try:
+            clients = [buzon.connect(str(lst.address), timeout=T, reliable=True) for _ in range(n)]
+        finally:
+            t.join(T)
+        assert len(served) == n
+        try:
+            # every client says who it is; each server channel hears exactly one client
+            for i, c in enumerate(clients):
+                c.send({"client": i})
+            heard = {s.recv(timeout=T)["client"]: s for s in served}
+            assert sorted(heard) == list(range(n))
+            assert len({s.peer.address for s in served}) == n
+            for i, s in heard.items():
+                s.send({"you are": i})
+            assert [c.recv(timeout=T) for c in clients] == [{"you are": i} for i in range(n)]
+            # one peer closes: only its channel ends
+            clients[0].close()
+            with pytest.raises(EndOfChannel):
+                heard[0].recv(timeout=T)
+            for i in range(1, n):
+                with pytest.raises(Empty):
+                    heard[i].recv_nowait()
+                clients[i].send(f"still here {i}")
+                assert heard[i].recv(timeout=T) == f"still here {i}"
+                heard[i].send("and you")
+                assert clients[i].recv(timeout=T) == "and you"
+            # buzon.wait: a message routed by another channel's read still wakes its own
+            clients[2].send("x")
+            clients[3].send("y")
+            assert heard[3].recv(timeout=T) == "y"  # reads the socket, routes "x" to 2
+            assert buzon.wait([heard[1], heard[2]], timeout=T) == [heard[2]]
+            assert heard[2].recv_nowait() == "x"
+        finally:
+            for ch in [*clients, *served]:
+                ch.close()
+        # the socket outlives the server channels while the listener is open
+        late, late_peer = _connect_accept(lst)
+        with late, late_peer:
+            late.send("late")
+            assert late_peer.recv(timeout=T) == "late"
+    assert os.listdir(runtime_dir) == []  # socket files (server's and clients') removed
+
+
+def test_asyncio_accepts_many_peers() -> None:
+    async def main() -> None:
+        lst = buzon.aio.listen("udp://127.0.0.1:0", reliable=True)
+        try:
+            url = str(lst.address)
+            accepts = asyncio.gather(*(lst.accept(timeout=T) for _ in range(3)))
+            clients = await asyncio.gather(
+                *(buzon.aio.connect(url, timeout=T, reliable=True) for _ in range(3))
+            )
+            served = await accepts
+            for i, c in enumerate(clients):
+                await c.send(i)
+            got = sorted([await s.recv(timeout=T) for s in served])
+            assert got == [0, 1, 2]
+            await clients[1].aclose()
+            ended = 0
+            for s in served:
+                try:
+                    s.recv_nowait()
+                except EndOfChannel:
+                    ended += 1
+                except Empty:
+                    pass
+            assert ended <= 1  # the FIN may still be in flight: wait for it
+            ends = await asyncio.gather(*(_ends(s) for s in served))
+            assert sorted(ends) == [False, False, True]
+            for ch in [*clients, *served]:
+                await ch.aclose()
+        finally:
+            lst.close()
+
+    asyncio.run(main())
+
+
+async def _ends(ch: Any) -> bool:
+    try:
+        await ch.recv(timeout=0.3)
+    except EndOfChannel:
+        return True
+    except buzon.Timeout:
+        return False
+    return False
+
+
+# -- through a lossy path ----------------------------------------------------------------
+
+
+def _messages(n: int, seed: int) -> Iterator[bytes]:
+    """Unique ids, a CRC of each payload; every 97th message spans several datagrams."""
+    rng = random.Random(seed)
+    for i in range(n):
+        size = rng.randrange(3000, 6000) if i % 97 == 0 else rng.randrange(0, 120)
+        payload = rng.randbytes(size)
+        yield struct.pack("<II", i, zlib.crc32(payload)) + payload
+
+
+@pytest.mark.parametrize("profile", ["lan", "wifi", "hostile"])
+def test_ten_thousand_messages_through_chaos(profile: str) -> None:
+    n = 10_000
+    with (
+        buzon.listen("udp://127.0.0.1:0", reliable=True) as lst,
+        ChaosRelay("udp://127.0.0.1:0", lst.address, profile=profile, seed=1234) as relay,
+    ):
+        box: list[Any] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+        t.start()
+        try:
+            client = buzon.connect(str(relay.address), timeout=T, reliable=True)
+        except BaseException:
+            t.join(T)
+            raise
+        errors: list[BaseException] = []
+
+        def send_all() -> None:
+            try:
+                for m in _messages(n, seed=99):
+                    client.send_bytes(m, timeout=T)
+                client.flush(timeout=T)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        # the client's last handshake ack may be lost: only the client's next
+        # datagrams (sending pumps it) complete the server's side, so send first
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        t.join(T)
+        server = box[0]
+        try:
+            for i, expected in enumerate(_messages(n, seed=99)):
+                got = server.recv_bytes(timeout=T)
+                (ident, crc) = struct.unpack_from("<II", got)
+                assert ident == i  # exactly once, in order
+                assert zlib.crc32(got[8:]) == crc and got == expected
+        finally:
+            sender.join(T * 3)
+        assert not errors, errors
+        client.close()
+        with pytest.raises(EndOfChannel):
+            server.recv(timeout=T)
+        stats = relay.statistics()
+        sent = client.statistics()
+        got_stats = server.statistics()
+        server.close()
+    if profile != "lan":  # lan drops 0.1 %: a few, maybe none
+        assert stats["dropped"] > 0 and sent.retransmits > 0
+    if profile == "hostile":
+        assert stats["corrupted"] > 0 and got_stats.damaged > 0
+    assert sent.dropped == 0  # nothing was lost for the application
+
+
+def test_raw_udp_through_the_same_relay_loses_datagrams() -> None:
+    n = 2000
+    with (
+        buzon.listen("udp://127.0.0.1:0") as lst,
+        ChaosRelay("udp://127.0.0.1:0", lst.address, profile="wifi", seed=1234) as relay,
+    ):
+        client = buzon.connect(str(relay.address), timeout=T)
+        server = lst.accept(timeout=T)
+        got: set[int] = set()
+        with client, server:
+            for i in range(n):
+                client.send(i)
+                if i % 50 == 49:  # stay under every socket buffer: only the relay drops
+                    while True:
+                        try:
+                            got.add(server.recv(timeout=0.02))
+                        except buzon.Timeout:
+                            break
+            while True:
+                try:
+                    got.add(server.recv(timeout=0.2))
+                except buzon.Timeout:
+                    break
+        dropped = relay.statistics("forward")["dropped"]
+    assert dropped > 0
+    assert len(got) == n - dropped  # every loss is the relay's, and it counted them
+
+
+# -- a peer killed -----------------------------------------------------------------------
+
+_CLIENT = """
+import sys, buzon
+ch = buzon.connect(sys.argv[1], timeout=10, reliable=True)
+for i in range(5):
+    ch.send(i)  # transmitted at once (the server reads them later)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("scheme", ["udp", "unixgram"])
+def test_killed_client_is_reclaimed_by_the_protocol_timeouts(scheme: str) -> None:
+    config = ReliableConfig(dead_peer_timeout=0.5, keepalive=0.1, linger=0.1)
+    with buzon.listen(URLS[scheme], reliable=config) as lst:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CLIENT, str(lst.address)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            ch = lst.accept(timeout=T)
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"ready\n"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(T)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(T)
+            for f in (proc.stdin, proc.stdout):
+                if f is not None:
+                    f.close()
+        with ch:
+            assert [ch.recv(timeout=T) for _ in range(5)] == list(range(5))
+            with pytest.raises(EndOfChannel, match="dead_peer_timeout"):
+                ch.recv(timeout=T)
+        server = _server_of(lst)
+        lst._lt.accept()  # one pump: forget what is finished
+        assert server.connections() == []
+        assert server.statistics().connections == 0
+
+
+# -- send_many gathers a batch into few datagrams -----------------------------------------
+
+
+@pytest.mark.parametrize("driver", ["sync", "asyncio"])
+def test_send_many_bundles_messages(driver: str) -> None:
+    items = [b"%05d" % i + b"m" * 40 for i in range(2000)]
+    with buzon.listen("udp://127.0.0.1:0", reliable=True) as lst:
+        ch, peer = _connect_accept(lst)
+        with ch, peer:
+            before = ch._core.transport._conn.statistics().datagrams_sent
+            if driver == "sync":
+                assert ch.send_bytes_many(items, timeout=T) == len(items)
+            else:
+                aio_ch = buzon.aio.Channel(ch._core)  # the same core, awaited
+                assert asyncio.run(aio_ch.send_bytes_many(items, timeout=T)) == len(items)
+            sent = ch._core.transport._conn.statistics().datagrams_sent - before
+            assert [peer.recv_bytes(timeout=T) for _ in items] == items
+            assert sent < len(items) // 10  # dozens of messages per datagram, not one each
+            ch.send_bytes(b"after")  # uncorked: a single send goes out at once
+            assert peer.recv_bytes(timeout=T) == b"after"
+
+
+# -- a thread per client: channels of one socket used from several threads --------------
+
+
+def _echo_many(ch: Any) -> None:
+    for msg in ch:
+        ch.send(msg)
+
+
+@pytest.mark.parametrize("scheme", ["udp", "unixgram"])
+def test_thread_per_client(scheme: str) -> None:
+    """The concurrent server of the lecture, by hand: a thread per accepted peer, all
+    reading and writing the listener's one socket at once."""
+    n = 4
+    errors: list[BaseException] = []
+
+    def guard(body: Any, *args: Any) -> None:
+        try:
+            body(*args)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def serve(lst: Any) -> None:
+        workers = []
+        for _ in range(n):
+            ch = lst.accept(timeout=T)
+            w = threading.Thread(target=guard, args=(_echo_many, ch))
+            w.start()
+            workers.append((w, ch))
+        for w, ch in workers:
+            w.join(T * 3)
+            ch.close()
+
+    def client(address: str, k: int) -> None:
+        with buzon.connect(address, timeout=T, reliable=True) as ch:
+            for i in range(300):
+                ch.send((k, i))
+                if i % 10 == 9:  # keep a few in flight, in both directions
+                    for j in range(i - 9, i + 1):
+                        assert ch.recv(timeout=T) == [k, j]
+
+    with buzon.listen(URLS[scheme], reliable=True) as lst:
+        server = threading.Thread(target=guard, args=(serve, lst))
+        server.start()
+        clients = [
+            threading.Thread(target=guard, args=(client, str(lst.address), k)) for k in range(n)
+        ]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(T * 3)
+        server.join(T * 3)
+    assert not errors, errors
+
+
+def test_the_shared_socket_lives_until_its_last_user(runtime_dir: str) -> None:
+    lst = buzon.listen("unixgram:last", reliable=True)
+    client, server = _connect_accept(lst)
+    lst.close()  # the accepted channel keeps the socket (and its name) alive
+    with client, server:
+        assert os.path.exists(lst.address.fs_path())
+        client.send("after the listener")
+        assert server.recv(timeout=T) == "after the listener"
+        server.send("still here")
+        assert client.recv(timeout=T) == "still here"
+    assert os.listdir(runtime_dir) == []  # the last user removed the socket file
