@@ -899,13 +899,14 @@ def test_fin_acked_and_max_message_for_drivers() -> None:
     assert not pair.client.fin_acked
     pair.client.send(b"x" * 3000)
     pair.client.close()
-    assert not pair.client.fin_acked  # queued, not even sent
+    assert not pair.client.fin_acked and not pair.client.data_acked  # not even sent
     pair.drop = lambda direction, d: direction == "s2c"  # the acks are lost
     pair.run(0.05)
-    assert not pair.client.fin_acked and sconn.peer_finished
+    assert not pair.client.fin_acked and not pair.client.data_acked and sconn.peer_finished
     pair.drop = lambda direction, d: False
     pair.run(5.0, until=lambda: pair.client.fin_acked)
-    assert pair.client.fin_acked and pair.got["server"] == [b"x" * 3000]
+    assert pair.client.fin_acked and pair.client.data_acked
+    assert pair.got["server"] == [b"x" * 3000]
 
 
 def test_queued_message_over_the_peer_limit_fails_clearly() -> None:

@@ -898,6 +898,12 @@ class ReliableConnection:
         return self._fin_seq is not None and self._snd_una > self._fin_seq
 
     @property
+    def data_acked(self) -> bool:
+        """Our FIN was sent and every message before it is acknowledged (the FIN's own
+        ack may still be missing)."""
+        return self._fin_seq is not None and self._snd_una >= self._fin_seq
+
+    @property
     def max_message(self) -> int:
         """The largest message :meth:`send` accepts (negotiated once established)."""
         return self._max_message

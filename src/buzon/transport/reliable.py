@@ -139,6 +139,7 @@ _SOCKET_BUFFER = 4 << 20  # asked for; the kernel caps it at net.core.[rw]mem_ma
 _READ_BATCH = 256  # datagrams read per pump before the protocol answers
 _HELD_MAX = 4096  # datagrams kept while the socket says EAGAIN (then dropped: resent)
 _HELD_RETRY = 0.001  # seconds before retrying held datagrams
+_FIN_GRACE = 0.25  # a close whose data is all acked waits this long for the FIN's ack
 
 _live: weakref.WeakSet[_Endpoint] = weakref.WeakSet()
 
@@ -565,6 +566,7 @@ class ReliableTransport(MessageTransport):
         self.max_message = properties.max_message or ep.config.max_message
         self._inbox: deque[bytes] = deque()
         self._shut = False
+        self._shut_at = 0.0
         self._sends = 0
         self.connecting = False  # a connector waits on read_fileno for the handshake
         self._corked = False
@@ -716,7 +718,9 @@ class ReliableTransport(MessageTransport):
                 ep.transmit(_monotonic(), (self._conn,))
 
     def shutdown(self) -> None:
-        self._shut = True  # the FIN is queued by delivered(), under the lock
+        if not self._shut:
+            self._shut = True  # the FIN is queued by delivered(), under the lock
+            self._shut_at = _monotonic()
 
     def delivered(self) -> bool:
         if self.closed:
@@ -735,7 +739,7 @@ class ReliableTransport(MessageTransport):
                     conn.close()
                 ep.pump(now, self)
                 ep.transmit(now, (conn,))  # the FIN, once the window lets it go
-                done = self._done()
+                done = self._done(now)
                 wake.waiting = not done  # woken by the acks that bring it closer
                 wake.signal(False)
             finally:
@@ -745,15 +749,18 @@ class ReliableTransport(MessageTransport):
             _pump_all()  # a peer in this process answers at once
         return False  # pragma: no cover - the loop returns
 
-    def _done(self) -> bool:
+    def _done(self, now: float) -> bool:
         conn = self._conn
         if conn.state in (State.FAILED, State.CLOSED):
             return True
         if self._shut:
-            # our FIN acked; or only the FIN is unacked and the peer has closed too
-            # (it may be gone already: nothing it could still want is missing)
+            # Our FIN acked. Or every message acked and only the FIN's ack missing, and
+            # either the peer closed too (it may be gone already) or _FIN_GRACE passed:
+            # the peer has everything, and close() then ends it with a RESET at once
+            # rather than make the caller wait out close_timeout for a peer that is
+            # not reading (a process busy elsewhere, or one that forked it away).
             return conn.fin_acked or (
-                conn.peer_finished and conn.send_buffered == 0 and conn.snd_una >= conn.snd_nxt - 1
+                conn.data_acked and (conn.peer_finished or now >= self._shut_at + _FIN_GRACE)
             )
         return conn.send_buffered == 0 and conn.snd_una == conn.snd_nxt
 
@@ -771,8 +778,12 @@ class ReliableTransport(MessageTransport):
         with ep.lock:  # held by others for microseconds only
             conn = self._conn
             if not ep.closed:
-                if self._shut and not self._done():
-                    conn.abort("close_timeout passed before the peer acknowledged the end")
+                if self._shut and not (
+                    conn.fin_acked
+                    or conn.state in (State.FAILED, State.CLOSED)
+                    or (conn.peer_finished and conn.data_acked)
+                ):  # the peer may not know the end yet: tell it now, in one datagram
+                    conn.abort("closed before the peer acknowledged the end")
                 else:
                     conn.close()
                 ep.transmit(_monotonic(), (conn,))
