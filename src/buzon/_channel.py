@@ -102,6 +102,10 @@ class Statistics:
     queued_bytes: int = 0  # capacity=None: bytes accepted and still held in user space
     credits_sent: int = 0  # CREDIT frames (capacity, receipts) written
     credits_received: int = 0
+    # reliable links (reliable=True) only: datagrams sent again, datagrams dropped for a bad
+    # CRC32C (both recovered by the protocol, so not "dropped")
+    retransmits: int = 0
+    damaged: int = 0
 
 
 class Receipt:
@@ -180,11 +184,6 @@ class Receipt:
         elif self.failed:
             state = "failed"
         return f"<buzon.Receipt #{self.number} {state}>"
-
-    # reliable links (reliable=True) only: datagrams sent again, datagrams dropped for a bad
-    # CRC32C (both recovered by the protocol, so not "dropped")
-    retransmits: int = 0
-    damaged: int = 0
 
 
 class ChannelCore:
@@ -712,7 +711,11 @@ class ChannelCore:
             return
         if self.message_oriented:
             while True:
-                msg = self._recv_message()
+                try:
+                    msg = self._recv_message()
+                except EndOfChannel:
+                    self.fail_receipts("the peer closed the channel")
+                    raise
                 if msg is None:
                     return
                 if len(msg) >= 2 and msg[1] == Kind.CREDIT and not self.raw:
@@ -788,7 +791,11 @@ class ChannelCore:
             if self.inbox:
                 msg = self.inbox.popleft()
             else:
-                msg = self._recv_message()
+                try:
+                    msg = self._recv_message()
+                except EndOfChannel:
+                    self.fail_receipts("the peer closed the channel")
+                    raise
                 if msg is None:
                     self.stats.recv_would_block += 1
                     return None

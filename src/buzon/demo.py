@@ -371,27 +371,30 @@ def demo_wait(kids: _Children) -> None:
 def demo_semantics(kids: _Children) -> None:
     _line("concept", "capacity 0 (rendezvous), N (bounded), and receipts for async sends")
     a, b = buzon.pipe(capacity=0)
-    b_ready_r, b_ready_w = os.pipe()
+    go_r, go_w = os.pipe()  # the child receives only once the parent says so
 
     def child() -> None:
         a.close()
-        os.close(b_ready_r)
+        os.close(go_w)
         with b:
-            os.write(b_ready_w, b"!")  # about to receive: the parent's send can finish
+            os.read(go_r, 1)
+            os.close(go_r)
             got = b.recv(TIMEOUT)
             b.send({"took": got, "by": os.getpid()}, TIMEOUT)
 
     with a:
         pid = kids.fork(child)
         b.close()
-        os.close(b_ready_w)
+        os.close(go_r)
         try:
-            a.send_nowait("too early")
-            raise DemoFailure("send_nowait succeeded with nobody waiting (capacity=0)")
-        except buzon.Full:
-            _line("cap=0", "send_nowait with no receiver waiting: buzon.Full")
-        os.read(b_ready_r, 1)
-        os.close(b_ready_r)
+            try:
+                a.send_nowait("too early")
+                raise DemoFailure("send_nowait succeeded with nobody waiting (capacity=0)")
+            except buzon.Full:
+                _line("cap=0", "send_nowait with no receiver waiting: buzon.Full")
+        finally:
+            os.write(go_w, b"!")
+            os.close(go_w)
         a.send("ping", TIMEOUT)  # returns only once the child has taken it
         _line("cap=0", f"send('ping') returned: child {pid} has taken it")
         reply = a.recv(TIMEOUT)

@@ -309,8 +309,7 @@ class Channel(ChannelIdentity):
         core = self._core
         while not done():
             core.check_open()
-            wfd = core.write_fileno() if core.owed else -1
-            await wait_io(core.read_fileno(), wfd, deadline, what)
+            await self._wait_io_owed(deadline, what)
             if core.owed:
                 core.flush()
             core.pump()
@@ -432,10 +431,20 @@ class Channel(ChannelIdentity):
         could wait for each other)."""
         core = self._core
         core.check_open()
-        wfd = core.write_fileno() if core.owed else -1
-        await wait_io(core.read_fileno(), wfd, deadline, "recv")
+        await self._wait_io_owed(deadline, "recv")
         if core.owed:
             core.flush()
+
+    async def _wait_io_owed(self, deadline: float | None, what: str) -> None:
+        """Wait for input, or for room to write what is owed (on reliable datagrams room
+        makes the write fd *readable*)."""
+        core = self._core
+        wfd = core.write_fileno() if core.owed else -1
+        if core.acked and wfd >= 0:
+            if not await wait_ready([core.read_fileno(), wfd], [], deadline):
+                raise Timeout(f"{what} timed out")
+            return
+        await wait_io(core.read_fileno(), wfd, deadline, what)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()

@@ -84,6 +84,22 @@ def wait_room(core: ChannelCore, deadline: float | None) -> bool:
     return writable
 
 
+def _wait_both_in(rfd: int, wfd: int, deadline: float | None) -> tuple[bool, bool]:
+    """Like :func:`wait_fds`, with both fds waited on for *readability* (-1: skip)."""
+    poller = select.poll()
+    for fd in {rfd, wfd} - {-1}:
+        poller.register(fd, _POLLIN)
+    if deadline is None:
+        events = poller.poll()
+    else:
+        remaining = deadline - _monotonic()
+        if remaining <= 0:
+            return False, False
+        events = poller.poll(max(1, int(remaining * 1000 + 0.999)))
+    ready = {fd for fd, _ in events}
+    return rfd in ready, wfd in ready
+
+
 def deadline_of(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -602,9 +618,16 @@ class Channel(ChannelIdentity):
         core.check_open()
         while True:
             want_write = core.owed or not read
-            readable, writable = wait_fds(
-                core.read_fileno(), core.write_fileno(), read, want_write, deadline
-            )
+            if core.acked:  # reliable datagrams: room and delivery make the write fd readable
+                readable, writable = _wait_both_in(
+                    core.read_fileno() if read else -1,
+                    core.write_fileno() if want_write else -1,
+                    deadline,
+                )
+            else:
+                readable, writable = wait_fds(
+                    core.read_fileno(), core.write_fileno(), read, want_write, deadline
+                )
             if writable and core.owed:
                 with self._wlock:
                     core.flush()
