@@ -1,0 +1,1745 @@
+/*
+ * buzon._core: rings of variable-length records in named shared-memory segments.
+ *
+ * Theory of operation (docs/shm.md has the byte tables and the crash-safety argument)
+ * ---------------------------------------------------------------------------------
+ * A segment is one POSIX shared-memory object: a 4 KiB header page followed by a data
+ * area of CAPACITY bytes (a power of two). The data area is mapped twice, back to back,
+ * so a record that runs past the end continues at the start without any wrap logic and
+ * every access at (pos & mask) of up to CAPACITY bytes stays inside the mapping.
+ *
+ * Three 64-bit cursors only ever grow: tail <= rd <= head, head - tail <= CAPACITY.
+ *   head  end of the last *reserved* record (published under the reservation lock)
+ *   rd    end of the last record a consumer *claimed*
+ *   tail  end of the last record whose space was *freed*
+ * Every record starts with a 16-byte header: a 64-bit state word (kind in the low byte,
+ * the token of the process that set it in the high 32 bits), the payload length and the
+ * writer's token. A producer takes the reservation lock (a futex word holding its
+ * token), writes the header RESERVED, publishes head, drops the lock, copies the payload
+ * outside the lock, then stores COMMITTED. A consumer claims the record at rd by CAS on
+ * its state word (COMMITTED -> READING), anybody advances rd past a claimed record,
+ * the claimer copies the payload out and stores FREE, and anybody advances tail over
+ * FREE records, which makes the space available to producers again.
+ *
+ * Liveness. Each attached Ring object owns one participant slot: it holds an OFD write
+ * lock (F_OFD_SETLK) on byte SLOT of its own open file description of the segment. The
+ * kernel drops the lock when the process dies, however it dies. A token is
+ * (generation << 8) | (slot + 1); a token is alive while its slot's generation is
+ * unchanged and its lock is held. When a waiter finds a reservation lock held, a
+ * RESERVED record or a READING record whose token is dead, it steals the lock, turns
+ * the record ABANDONED, or frees it: a dead producer's half-written message is skipped
+ * (never delivered) and a dead consumer's message is dropped (at most once).
+ *
+ * Trust. Another process writes this memory, so every value read from it (sizes,
+ * cursors, lengths, kinds, slot numbers) is checked before it is used as an offset or a
+ * length; a violation raises buzon.errors.ProtocolError, never an out-of-bounds access.
+ *
+ * Waiting: an adaptive spin (cpu_relax), then FUTEX_WAIT (shared, not private) on a
+ * sequence word, in slices of at most 50 ms so a death is noticed without a wake-up.
+ * The GIL is released while waiting and while copying large payloads. No PyObject is
+ * touched with the GIL released; the core functions below take and return plain C.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAGIC 0x474e52204e5a5542ULL /* "BUZN RNG" little-endian */
+#define VERSION 1u
+#define HEADER_SIZE 4096u
+#define MAX_SLOTS 128u
+#define MIN_CAPACITY 4096ULL
+#define MAX_CAPACITY (1ULL << 40)
+#define REC_HDR 16u
+#define SLICE_NS 50000000LL     /* longest single futex sleep: death detection bound */
+#define LARGE_COPY 65536        /* copies at least this big release the GIL */
+#define SPIN_MIN 0
+#define SPIN_MAX 20000
+#define SPIN_START 2000
+
+enum kind { K_RESERVED = 1, K_COMMITTED = 2, K_READING = 3, K_FREE = 4, K_ABANDONED = 5 };
+
+/* Result codes of the GIL-free core. */
+enum rc { RC_OK = 0, RC_AGAIN = 1, RC_INTR = 2, RC_CORRUPT = 3, RC_CLOSED = 4 };
+
+typedef struct {
+    _Atomic uint32_t pid;
+    _Atomic uint32_t gen;
+    uint32_t reserved[2];
+} slot_t;
+
+typedef struct {
+    /* 0: identity, written once by the creator */
+    uint64_t magic;
+    uint32_t version;
+    uint32_t header_size;
+    uint64_t capacity;
+    uint32_t nslots;
+    uint32_t flags;
+    uint32_t creator_pid;
+    uint32_t creator_uid;
+    uint64_t created_ns;
+    uint8_t pad0[64 - 48];
+    /* 64 */ _Atomic uint64_t head;
+    uint8_t pad1[56];
+    /* 128 */ _Atomic uint64_t rd;
+    uint8_t pad2[56];
+    /* 192 */ _Atomic uint64_t tail;
+    uint8_t pad3[56];
+    /* 256 */ _Atomic uint32_t rlock;
+    _Atomic uint32_t rlock_waiters;
+    uint8_t pad4[56];
+    /* 320 */ _Atomic uint32_t data_seq;
+    _Atomic uint32_t data_waiters;
+    _Atomic uint32_t data_armed;
+    uint8_t pad5[52];
+    /* 384 */ _Atomic uint32_t space_seq;
+    _Atomic uint32_t space_waiters;
+    _Atomic uint32_t space_armed;
+    uint8_t pad6[52];
+    /* 448 */ _Atomic uint32_t closed;
+    uint32_t pad7;
+    _Atomic uint64_t committed;
+    _Atomic uint64_t consumed;
+    _Atomic uint64_t abandoned;
+    uint8_t pad8[32];
+    /* 512 */ slot_t slots[MAX_SLOTS];
+} header_t;
+
+_Static_assert(sizeof(header_t) <= HEADER_SIZE, "header fits its page");
+_Static_assert(offsetof(header_t, head) == 64, "layout");
+_Static_assert(offsetof(header_t, rd) == 128, "layout");
+_Static_assert(offsetof(header_t, tail) == 192, "layout");
+_Static_assert(offsetof(header_t, rlock) == 256, "layout");
+_Static_assert(offsetof(header_t, data_seq) == 320, "layout");
+_Static_assert(offsetof(header_t, space_seq) == 384, "layout");
+_Static_assert(offsetof(header_t, closed) == 448, "layout");
+_Static_assert(offsetof(header_t, slots) == 512, "layout");
+
+typedef struct {
+    _Atomic uint64_t state; /* kind | token << 32 */
+    uint32_t len;
+    uint32_t writer;
+} rec_t;
+
+/* ---- fault points (tests only): kill this process at step k ---------------- */
+
+enum fault {
+    F_LOCKED = 1,         /* holding the reservation lock */
+    F_HEADER = 2,         /* record header written, head not yet published (lock held) */
+    F_RESERVED = 3,       /* head published, lock still held */
+    F_UNLOCKED = 4,       /* after reserve, lock released, nothing copied */
+    F_MID_PAYLOAD = 5,    /* half the payload copied */
+    F_BEFORE_COMMIT = 6,  /* payload complete, not committed */
+    F_COMMITTED = 7,      /* committed, consumers not yet woken */
+    F_CLAIMED = 8,        /* consumer: record claimed, rd maybe not advanced */
+    F_COPIED = 9,         /* consumer: payload copied, record not freed */
+    F_MAX = 9
+};
+
+static volatile int fault_point = 0;
+
+static inline void
+fault(int k)
+{
+    if (__builtin_expect(fault_point == k, 0)) {
+        raise(SIGKILL);
+    }
+}
+
+/* ---- fork: a child gets its own participant slot -------------------------- */
+
+static _Atomic uint32_t fork_epoch = 0;
+
+static void
+after_fork_child(void)
+{
+    atomic_fetch_add(&fork_epoch, 1);
+}
+
+/* ---- the ring object -------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;               /* our own open file description; holds the slot lock */
+    uint8_t *base;        /* header page + data + data again */
+    size_t map_len;
+    header_t *h;
+    uint8_t *data;
+    uint64_t cap, mask;
+    uint32_t nslots;
+    int slot;             /* -1 before a slot is taken */
+    uint32_t token;
+    uint32_t epoch;
+    int spin;             /* adaptive spin budget (iterations) */
+    int spin_enabled;
+    int notify_data;      /* eventfd written when a consumer armed data_armed */
+    int notify_space;
+    PyObject *name;
+} Ring;
+
+static PyObject *ProtocolError, *TimeoutErr, *FullErr, *EmptyErr, *TooLarge, *ClosedErr,
+    *EndErr;
+
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int64_t
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Sleep on *addr while it equals val, at most ns. 0 woken/changed/timeout, RC_INTR. */
+static int
+futex_wait(_Atomic uint32_t *addr, uint32_t val, int64_t ns)
+{
+    struct timespec ts = {ns / 1000000000LL, ns % 1000000000LL};
+    long r = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, val, &ts, NULL, 0);
+    if (r < 0 && errno == EINTR) {
+        return RC_INTR;
+    }
+    return 0;
+}
+
+static void
+futex_wake(_Atomic uint32_t *addr)
+{
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static void
+notify(int fd)
+{
+    if (fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w = write(fd, &one, sizeof one);
+        (void)w; /* EAGAIN: the counter is already non-zero, which is all we need */
+    }
+}
+
+/* ---- slots and liveness ------------------------------------------------------ */
+
+static int
+lock_byte(int fd, int cmd, short type, off_t start, off_t len, struct flock *out)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = start;
+    fl.l_len = len;
+    int r = fcntl(fd, cmd, &fl);
+    if (out) {
+        *out = fl;
+    }
+    return r;
+}
+
+/* 1 if some open file description (not ours) holds a lock in [start, start+len). */
+static int
+lock_held(int fd, off_t start, off_t len)
+{
+    struct flock fl;
+    if (lock_byte(fd, F_OFD_GETLK, F_WRLCK, start, len, &fl) < 0) {
+        return 1; /* cannot tell: assume alive, never reclaim on doubt */
+    }
+    return fl.l_type != F_UNLCK;
+}
+
+static int
+token_alive(Ring *r, uint32_t token)
+{
+    uint32_t slot = (token & 0xff);
+    if (slot == 0 || slot > r->nslots) {
+        return 0; /* no such participant: nobody can complete it */
+    }
+    slot -= 1;
+    uint32_t gen = token >> 8;
+    if ((atomic_load_explicit(&r->h->slots[slot].gen, memory_order_acquire) & 0xffffff) != gen) {
+        return 0;
+    }
+    if ((int)slot == r->slot) {
+        return token == r->token;
+    }
+    return lock_held(r->fd, (off_t)slot, 1);
+}
+
+/* Take a free participant slot for this open file description. 0, or -1 with errno. */
+static int
+take_slot(Ring *r)
+{
+    for (uint32_t i = 0; i < r->nslots; i++) {
+        if (lock_byte(r->fd, F_OFD_SETLK, F_WRLCK, (off_t)i, 1, NULL) == 0) {
+            uint32_t gen = (atomic_fetch_add(&r->h->slots[i].gen, 1) + 1) & 0xffffff;
+            atomic_store(&r->h->slots[i].pid, (uint32_t)getpid());
+            r->slot = (int)i;
+            r->token = (gen << 8) | (i + 1);
+            return 0;
+        }
+        if (errno != EAGAIN && errno != EACCES) {
+            return -1;
+        }
+    }
+    errno = EUSERS;
+    return -1;
+}
+
+/* In a forked child the inherited description (and its lock) is the parent's: open
+ * our own and take a new slot. Called with the GIL held. */
+static int
+check_fork(Ring *r)
+{
+    uint32_t e = atomic_load_explicit(&fork_epoch, memory_order_relaxed);
+    if (__builtin_expect(e == r->epoch, 1)) {
+        return 0;
+    }
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", r->fd);
+    int nfd = open(path, O_RDWR | O_CLOEXEC); /* a /proc magic link: follow it */
+    if (nfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    close(r->fd); /* not the last reference: the parent's lock stays */
+    r->fd = nfd;
+    r->slot = -1;
+    r->epoch = e;
+    r->notify_data = r->notify_space = -1; /* the child must hand out its own */
+    if (take_slot(r) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the reservation lock ---------------------------------------------------- */
+
+static int
+rlock_acquire(Ring *r, int64_t deadline)
+{
+    header_t *h = r->h;
+    for (int i = 0;; i++) {
+        uint32_t exp = 0;
+        if (atomic_compare_exchange_weak(&h->rlock, &exp, r->token)) {
+            return RC_OK;
+        }
+        if (exp == 0) {
+            continue;
+        }
+        if (i < 200) {
+            cpu_relax();
+            continue;
+        }
+        if (!token_alive(r, exp)) {
+            /* the holder died inside the critical section; its effects are either
+             * invisible (head not published) or a RESERVED record (skipped later) */
+            if (atomic_compare_exchange_strong(&h->rlock, &exp, r->token)) {
+                return RC_OK;
+            }
+            continue;
+        }
+        int64_t left = SLICE_NS / 50; /* 1 ms: the lock is only held for a few stores */
+        if (deadline >= 0) {
+            int64_t rem = deadline - now_ns();
+            if (rem <= 0) {
+                return RC_AGAIN;
+            }
+            if (rem < left) {
+                left = rem;
+            }
+        }
+        atomic_fetch_add(&h->rlock_waiters, 1);
+        int rc = futex_wait(&h->rlock, exp, left);
+        atomic_fetch_sub(&h->rlock_waiters, 1);
+        if (rc == RC_INTR) {
+            return RC_INTR;
+        }
+    }
+}
+
+static void
+rlock_release(Ring *r)
+{
+    atomic_store_explicit(&r->h->rlock, 0, memory_order_release);
+    if (atomic_load(&r->h->rlock_waiters)) {
+        futex_wake(&r->h->rlock);
+    }
+}
+
+/* ---- helpers on untrusted records ------------------------------------------- */
+
+static inline uint64_t
+rec_size(uint32_t len)
+{
+    return ((uint64_t)REC_HDR + len + 7) & ~7ULL;
+}
+
+static inline rec_t *
+rec_at(Ring *r, uint64_t pos)
+{
+    return (rec_t *)(r->data + (pos & r->mask));
+}
+
+static void
+wake_data(Ring *r)
+{
+    header_t *h = r->h;
+    atomic_fetch_add(&h->data_seq, 1);
+    if (atomic_load(&h->data_waiters)) {
+        futex_wake(&h->data_seq);
+    }
+    if (atomic_load(&h->data_armed) && atomic_exchange(&h->data_armed, 0)) {
+        notify(r->notify_data);
+    }
+}
+
+static void
+wake_space(Ring *r)
+{
+    header_t *h = r->h;
+    atomic_fetch_add(&h->space_seq, 1);
+    if (atomic_load(&h->space_waiters)) {
+        futex_wake(&h->space_seq);
+    }
+    if (atomic_load(&h->space_armed) && atomic_exchange(&h->space_armed, 0)) {
+        notify(r->notify_space);
+    }
+}
+
+/* Move tail over freed (or abandoned) records; free READING records of dead readers.
+ * Returns RC_OK or RC_CORRUPT. */
+static int
+advance_tail(Ring *r)
+{
+    header_t *h = r->h;
+    int moved = 0;
+    for (;;) {
+        uint64_t t = atomic_load_explicit(&h->tail, memory_order_acquire);
+        uint64_t d = atomic_load_explicit(&h->rd, memory_order_acquire);
+        if (d == t) {
+            break;
+        }
+        if (d - t > r->cap || ((d | t) & 7)) {
+            if (atomic_load(&h->tail) != t) {
+                continue;
+            }
+            return RC_CORRUPT;
+        }
+        rec_t *rec = rec_at(r, t);
+        uint64_t st = atomic_load_explicit(&rec->state, memory_order_acquire);
+        uint32_t len = rec->len;
+        uint64_t size = rec_size(len);
+        if (size > d - t) {
+            if (atomic_load(&h->tail) != t) {
+                continue; /* reused under us: someone else moved tail */
+            }
+            return RC_CORRUPT;
+        }
+        unsigned kind = (unsigned)(st & 0xff);
+        if (kind == K_READING) {
+            if (token_alive(r, (uint32_t)(st >> 32))) {
+                break;
+            }
+            /* the consumer died while copying: its message is dropped */
+            if (atomic_compare_exchange_strong(&rec->state, &st, (uint64_t)K_FREE)) {
+                atomic_fetch_add(&h->abandoned, 1);
+            }
+            continue;
+        }
+        if (kind != K_FREE && kind != K_ABANDONED) {
+            if (atomic_load(&h->tail) != t) {
+                continue;
+            }
+            if (kind == K_COMMITTED || kind == K_RESERVED) {
+                break; /* rd moved past it only after a claim: a concurrent claimer */
+            }
+            return RC_CORRUPT;
+        }
+        if (atomic_compare_exchange_strong(&h->tail, &t, t + size)) {
+            moved = 1;
+        }
+    }
+    if (moved) {
+        wake_space(r);
+    }
+    return RC_OK;
+}
+
+/* Wait until *seq changes (or a slice passes). RC_OK, RC_AGAIN (deadline), RC_INTR. */
+static int
+wait_seq(Ring *r, _Atomic uint32_t *seq, _Atomic uint32_t *waiters, uint32_t seen,
+         int64_t deadline)
+{
+    (void)r;
+    int64_t left = SLICE_NS;
+    if (deadline >= 0) {
+        int64_t rem = deadline - now_ns();
+        if (rem <= 0) {
+            return RC_AGAIN;
+        }
+        if (rem < left) {
+            left = rem;
+        }
+    }
+    atomic_fetch_add(waiters, 1);
+    int rc = RC_OK;
+    if (atomic_load(seq) == seen) {
+        rc = futex_wait(seq, seen, left);
+    }
+    atomic_fetch_sub(waiters, 1);
+    return rc;
+}
+
+/* ---- the write path (no GIL) -------------------------------------------------- */
+
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+} part_t;
+
+/* Reserve a record for len bytes. deadline: -1 forever, 0 try once, else ns. */
+static int
+reserve(Ring *r, uint32_t len, int64_t deadline, rec_t **out)
+{
+    header_t *h = r->h;
+    uint64_t need = rec_size(len);
+    for (;;) {
+        int rc = rlock_acquire(r, deadline == 0 ? now_ns() + 2000000 : deadline);
+        if (rc != RC_OK) {
+            return rc;
+        }
+        fault(F_LOCKED);
+        uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
+        uint64_t tail = atomic_load_explicit(&h->tail, memory_order_acquire);
+        if (head - tail > r->cap || ((head | tail) & 7)) {
+            rlock_release(r);
+            return RC_CORRUPT;
+        }
+        if (atomic_load(&h->closed)) {
+            rlock_release(r);
+            return RC_CLOSED;
+        }
+        if (head + need - tail <= r->cap) {
+            rec_t *rec = rec_at(r, head);
+            rec->len = len;
+            rec->writer = r->token;
+            atomic_store_explicit(&rec->state, K_RESERVED | ((uint64_t)r->token << 32),
+                                  memory_order_relaxed);
+            fault(F_HEADER);
+            atomic_store_explicit(&h->head, head + need, memory_order_release);
+            fault(F_RESERVED);
+            rlock_release(r);
+            fault(F_UNLOCKED);
+            *out = rec;
+            return RC_OK;
+        }
+        uint32_t seen = atomic_load(&h->space_seq);
+        rlock_release(r);
+        /* full: maybe a dead consumer holds the tail */
+        if (advance_tail(r) != RC_OK) {
+            return RC_CORRUPT;
+        }
+        if (atomic_load(&h->space_seq) != seen) {
+            continue;
+        }
+        if (deadline == 0) {
+            return RC_AGAIN;
+        }
+        /* spin briefly for a consumer on the other CPU */
+        int spun = 0;
+        if (r->spin_enabled) {
+            for (int i = 0; i < r->spin; i++) {
+                cpu_relax();
+                if (atomic_load_explicit(&h->space_seq, memory_order_relaxed) != seen) {
+                    spun = 1;
+                    break;
+                }
+            }
+        }
+        if (spun) {
+            continue;
+        }
+        rc = wait_seq(r, &h->space_seq, &h->space_waiters, seen, deadline);
+        if (rc != RC_OK) {
+            return rc;
+        }
+    }
+}
+
+static void
+fill(rec_t *rec, const part_t *parts, int nparts, uint32_t len)
+{
+    uint8_t *dst = (uint8_t *)rec + REC_HDR;
+    size_t half = len / 2, done = 0;
+    int halfway = 0;
+    for (int i = 0; i < nparts; i++) {
+        const uint8_t *src = parts[i].p;
+        size_t n = parts[i].n;
+        if (!halfway && done + n > half && half > 0) {
+            size_t a = half - done;
+            memcpy(dst + done, src, a);
+            fault(F_MID_PAYLOAD);
+            halfway = 1;
+            memcpy(dst + done + a, src + a, n - a);
+        }
+        else {
+            memcpy(dst + done, src, n);
+        }
+        done += n;
+    }
+    if (!halfway) {
+        fault(F_MID_PAYLOAD);
+    }
+}
+
+static void
+commit(Ring *r, rec_t *rec)
+{
+    fault(F_BEFORE_COMMIT);
+    atomic_store_explicit(&rec->state, K_COMMITTED | ((uint64_t)r->token << 32),
+                          memory_order_release);
+    atomic_fetch_add_explicit(&r->h->committed, 1, memory_order_relaxed);
+    fault(F_COMMITTED);
+    wake_data(r);
+}
+
+/* ---- the read path (no GIL) ---------------------------------------------------- */
+
+/* Claim the next committed record. RC_OK with *out and *lenp, RC_AGAIN (empty or deadline),
+ * RC_CLOSED (empty and closed), RC_INTR, RC_CORRUPT. */
+static int
+claim(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
+{
+    header_t *h = r->h;
+    int spins = 0;
+    for (;;) {
+        uint32_t seen = atomic_load(&h->data_seq);
+        uint64_t d = atomic_load_explicit(&h->rd, memory_order_acquire);
+        uint64_t hd = atomic_load_explicit(&h->head, memory_order_acquire);
+        int blocked = 0;
+        if (hd - d > r->cap || ((hd | d) & 7)) {
+            if (atomic_load(&h->rd) != d) {
+                continue;
+            }
+            return RC_CORRUPT;
+        }
+        if (d == hd) {
+            if (atomic_load(&h->closed)) {
+                return RC_CLOSED;
+            }
+            blocked = 1;
+        }
+        else {
+            rec_t *rec = rec_at(r, d);
+            uint64_t st = atomic_load_explicit(&rec->state, memory_order_acquire);
+            uint32_t len = rec->len;
+            uint64_t size = rec_size(len);
+            unsigned kind = (unsigned)(st & 0xff);
+            if (size > hd - d) {
+                if (atomic_load(&h->rd) != d) {
+                    continue;
+                }
+                return RC_CORRUPT;
+            }
+            if (kind == K_COMMITTED) {
+                uint64_t want = K_READING | ((uint64_t)r->token << 32);
+                if (atomic_compare_exchange_strong(&rec->state, &st, want)) {
+                    fault(F_CLAIMED);
+                    uint64_t exp = d;
+                    atomic_compare_exchange_strong(&h->rd, &exp, d + size);
+                    *out = rec;
+                    *lenp = len;
+                    *spun_ok = spins > 0;
+                    return RC_OK;
+                }
+                continue;
+            }
+            if (kind == K_READING || kind == K_ABANDONED || kind == K_FREE) {
+                /* claimed (or skipped) but rd not moved yet: help */
+                uint64_t exp = d;
+                atomic_compare_exchange_strong(&h->rd, &exp, d + size);
+                if (kind != K_READING) {
+                    if (advance_tail(r) != RC_OK) {
+                        return RC_CORRUPT;
+                    }
+                }
+                continue;
+            }
+            if (kind == K_RESERVED) {
+                if (!token_alive(r, (uint32_t)(st >> 32))) {
+                    /* the producer died before committing: skip its record */
+                    if (atomic_compare_exchange_strong(&rec->state, &st,
+                                                       (uint64_t)K_ABANDONED)) {
+                        atomic_fetch_add(&h->abandoned, 1);
+                    }
+                    continue;
+                }
+                blocked = 1;
+            }
+            else {
+                if (atomic_load(&h->rd) != d) {
+                    continue;
+                }
+                return RC_CORRUPT;
+            }
+        }
+        (void)blocked;
+        if (deadline == 0) {
+            return RC_AGAIN;
+        }
+        if (r->spin_enabled && spins < r->spin) {
+            int i = 0;
+            for (; i < 64 && atomic_load_explicit(&h->data_seq, memory_order_relaxed) == seen;
+                 i++) {
+                cpu_relax();
+            }
+            spins += i + 1;
+            continue;
+        }
+        int rc = wait_seq(r, &h->data_seq, &h->data_waiters, seen, deadline);
+        if (rc != RC_OK) {
+            return rc;
+        }
+        if (deadline > 0 && now_ns() >= deadline) {
+            /* one last look before giving up */
+            deadline = 0;
+        }
+    }
+}
+
+static int
+release_rec(Ring *r, rec_t *rec)
+{
+    fault(F_COPIED);
+    atomic_store_explicit(&rec->state, (uint64_t)K_FREE, memory_order_release);
+    atomic_fetch_add_explicit(&r->h->consumed, 1, memory_order_relaxed);
+    return advance_tail(r);
+}
+
+/* ---- Python glue ------------------------------------------------------------- */
+
+static int
+deadline_from(PyObject *timeout, int64_t *out)
+{
+    if (timeout == NULL || timeout == Py_None) {
+        *out = -1;
+        return 0;
+    }
+    double t = PyFloat_AsDouble(timeout);
+    if (t == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (t != t) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be a number");
+        return -1;
+    }
+    if (t <= 0) {
+        *out = 0;
+        return 0;
+    }
+    if (t > 1e9) {
+        *out = -1;
+        return 0;
+    }
+    *out = now_ns() + (int64_t)(t * 1e9);
+    return 0;
+}
+
+static int
+check_open(Ring *r)
+{
+    if (r->base == NULL) {
+        PyErr_SetString(ClosedErr, "the shared-memory ring is closed");
+        return -1;
+    }
+    return check_fork(r);
+}
+
+static PyObject *
+corrupt(Ring *r)
+{
+    PyErr_Format(ProtocolError,
+                 "shared-memory segment %S is corrupt (a cursor or record header is out of "
+                 "range); it was written by something other than buzon",
+                 r->name);
+    return NULL;
+}
+
+static void
+adapt_spin(Ring *r, int spun_ok)
+{
+    if (spun_ok) {
+        r->spin = r->spin * 2 > SPIN_MAX ? SPIN_MAX : r->spin * 2;
+    }
+    else if (r->spin > SPIN_MIN + 64) {
+        r->spin /= 2;
+    }
+}
+
+/* Send parts (with the GIL held on entry and exit). 1 sent, 0 would block (only
+ * when deadline == 0), -1 error. */
+static int
+send_parts(Ring *r, part_t *parts, int nparts, size_t total, int64_t deadline)
+{
+    if (total > r->cap - REC_HDR || total > UINT32_MAX - 16) {
+        PyErr_Format(TooLarge,
+                     "a message of %zu bytes does not fit the ring of %S (at most %llu "
+                     "bytes); create it with a larger capacity",
+                     total, r->name, (unsigned long long)(r->cap - REC_HDR));
+        return -1;
+    }
+    uint32_t len = (uint32_t)total;
+    rec_t *rec = NULL;
+    int rc;
+    for (;;) {
+        if (deadline == 0) {
+            rc = reserve(r, len, 0, &rec);
+        }
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            rc = reserve(r, len, deadline, &rec);
+            Py_END_ALLOW_THREADS
+        }
+        if (rc != RC_INTR) {
+            break;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return -1;
+        }
+    }
+    if (rc == RC_AGAIN) {
+        if (deadline == 0) {
+            return 0;
+        }
+        PyErr_Format(TimeoutErr, "sending to %S timed out (the ring is full)", r->name);
+        return -1;
+    }
+    if (rc == RC_CLOSED) {
+        PyErr_Format(EndErr, "the ring %S was shut down", r->name);
+        return -1;
+    }
+    if (rc == RC_CORRUPT) {
+        corrupt(r);
+        return -1;
+    }
+    if (total >= LARGE_COPY) {
+        Py_BEGIN_ALLOW_THREADS
+        fill(rec, parts, nparts, len);
+        commit(r, rec);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        fill(rec, parts, nparts, len);
+        commit(r, rec);
+    }
+    return 1;
+}
+
+static int
+get_parts(PyObject *data, Py_buffer *views, part_t *parts, int max, int *n, size_t *total)
+{
+    *n = 0;
+    *total = 0;
+    if (PyList_Check(data) || PyTuple_Check(data)) {
+        Py_ssize_t cnt = PySequence_Fast_GET_SIZE(data);
+        if (cnt > max) {
+            PyErr_Format(PyExc_ValueError, "at most %d buffers per message", max);
+            return -1;
+        }
+        PyObject **items = PySequence_Fast_ITEMS(data);
+        for (Py_ssize_t i = 0; i < cnt; i++) {
+            if (PyObject_GetBuffer(items[i], &views[i], PyBUF_SIMPLE) < 0) {
+                for (int j = 0; j < *n; j++) {
+                    PyBuffer_Release(&views[j]);
+                }
+                *n = 0;
+                return -1;
+            }
+            parts[i].p = views[i].buf;
+            parts[i].n = (size_t)views[i].len;
+            *total += parts[i].n;
+            *n += 1;
+        }
+        return 0;
+    }
+    if (PyObject_GetBuffer(data, &views[0], PyBUF_SIMPLE) < 0) {
+        return -1;
+    }
+    parts[0].p = views[0].buf;
+    parts[0].n = (size_t)views[0].len;
+    *total = parts[0].n;
+    *n = 1;
+    return 0;
+}
+
+#define MAX_PARTS 64
+
+static PyObject *
+do_send(Ring *r, PyObject *data, PyObject *timeout, int mode)
+{
+    /* mode 0: try (bool), 1: nowait (Full), 2: blocking with timeout */
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    int64_t deadline = 0;
+    if (mode == 2 && deadline_from(timeout, &deadline) < 0) {
+        return NULL;
+    }
+    Py_buffer views[MAX_PARTS];
+    part_t parts[MAX_PARTS];
+    int n;
+    size_t total;
+    if (get_parts(data, views, parts, MAX_PARTS, &n, &total) < 0) {
+        return NULL;
+    }
+    int rc = send_parts(r, parts, n, total, deadline);
+    for (int i = 0; i < n; i++) {
+        PyBuffer_Release(&views[i]);
+    }
+    if (rc < 0) {
+        return NULL;
+    }
+    if (rc == 0) {
+        if (mode == 0) {
+            Py_RETURN_FALSE;
+        }
+        PyErr_Format(FullErr, "the ring %S is full", r->name);
+        return NULL;
+    }
+    if (mode == 0) {
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+do_recv(Ring *r, PyObject *timeout, int mode)
+{
+    /* mode 0: try (None when empty), 1: nowait (Empty), 2: blocking */
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    int64_t deadline = 0;
+    if (mode == 2 && deadline_from(timeout, &deadline) < 0) {
+        return NULL;
+    }
+    rec_t *rec = NULL;
+    uint32_t len = 0;
+    int rc, spun_ok = 0;
+    for (;;) {
+        if (deadline == 0) {
+            rc = claim(r, 0, &rec, &len, &spun_ok);
+        }
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            rc = claim(r, deadline, &rec, &len, &spun_ok);
+            Py_END_ALLOW_THREADS
+        }
+        if (rc != RC_INTR) {
+            break;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+    }
+    if (deadline != 0) {
+        adapt_spin(r, spun_ok || rc == RC_OK);
+    }
+    switch (rc) {
+    case RC_OK:
+        break;
+    case RC_AGAIN:
+        if (mode == 0) {
+            Py_RETURN_NONE;
+        }
+        if (mode == 1) {
+            PyErr_Format(EmptyErr, "the ring %S is empty", r->name);
+        }
+        else {
+            PyErr_Format(TimeoutErr, "receiving from %S timed out", r->name);
+        }
+        return NULL;
+    case RC_CLOSED:
+        PyErr_Format(EndErr, "the ring %S was closed by its writer and is empty", r->name);
+        return NULL;
+    default:
+        return corrupt(r);
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+    if (out != NULL) {
+        const uint8_t *src = (const uint8_t *)rec + REC_HDR;
+        if (len >= LARGE_COPY) {
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(PyBytes_AS_STRING(out), src, len);
+            Py_END_ALLOW_THREADS
+        }
+        else {
+            memcpy(PyBytes_AS_STRING(out), src, len);
+        }
+    }
+    if (release_rec(r, rec) != RC_OK) {
+        Py_XDECREF(out);
+        return corrupt(r);
+    }
+    return out;
+}
+
+static void
+ring_unmap(Ring *r)
+{
+    if (r->base != NULL) {
+        if (r->slot >= 0 && r->epoch == atomic_load(&fork_epoch)) {
+            /* a clean goodbye: nothing of ours is RESERVED or READING any more */
+            atomic_store(&r->h->slots[r->slot].pid, 0);
+        }
+        munmap(r->base, r->map_len);
+        r->base = NULL;
+        r->h = NULL;
+        r->data = NULL;
+    }
+    if (r->fd >= 0) {
+        close(r->fd); /* releases our slot lock (the last reference to it) */
+        r->fd = -1;
+    }
+}
+
+static void
+ring_dealloc(Ring *r)
+{
+    ring_unmap(r);
+    Py_XDECREF(r->name);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+/* Map the header page and the data area twice. 0 or -1 with errno. */
+static int
+map_ring(Ring *r, uint64_t cap)
+{
+    size_t total = HEADER_SIZE + 2 * (size_t)cap;
+    uint8_t *reserve_ = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (reserve_ == MAP_FAILED) {
+        return -1;
+    }
+    if (mmap(reserve_, HEADER_SIZE + cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, r->fd,
+             0) == MAP_FAILED ||
+        mmap(reserve_ + HEADER_SIZE + cap, cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+             r->fd, HEADER_SIZE) == MAP_FAILED) {
+        int e = errno;
+        munmap(reserve_, total);
+        errno = e;
+        return -1;
+    }
+    r->base = reserve_;
+    r->map_len = total;
+    r->h = (header_t *)reserve_;
+    r->data = reserve_ + HEADER_SIZE;
+    r->cap = cap;
+    r->mask = cap - 1;
+    return 0;
+}
+
+static Ring *
+ring_new(PyTypeObject *type, PyObject *name)
+{
+    Ring *r = (Ring *)type->tp_alloc(type, 0);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->fd = -1;
+    r->slot = -1;
+    r->notify_data = r->notify_space = -1;
+    r->spin = SPIN_START;
+    r->spin_enabled = 1;
+    r->epoch = atomic_load(&fork_epoch);
+    Py_INCREF(name);
+    r->name = name;
+    return r;
+}
+
+static PyObject *
+ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"name", "capacity", "slots", NULL};
+    PyObject *name;
+    unsigned long long cap;
+    unsigned int nslots = 64;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "UK|I:create", kwlist, &name, &cap, &nslots)) {
+        return NULL;
+    }
+    if (cap < MIN_CAPACITY || cap > MAX_CAPACITY || (cap & (cap - 1)) ||
+        cap % (unsigned long long)sysconf(_SC_PAGESIZE)) {
+        PyErr_Format(PyExc_ValueError,
+                     "capacity must be a power of two from %llu to 2**40 bytes, not %llu",
+                     (unsigned long long)MIN_CAPACITY, cap);
+        return NULL;
+    }
+    if (nslots < 1 || nslots > MAX_SLOTS) {
+        PyErr_Format(PyExc_ValueError, "slots must be 1..%u", MAX_SLOTS);
+        return NULL;
+    }
+    const char *cname = PyUnicode_AsUTF8(name);
+    if (cname == NULL) {
+        return NULL;
+    }
+    Ring *r = ring_new(type, name);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->fd = shm_open(cname, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (r->fd < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        Py_DECREF(r);
+        return NULL;
+    }
+    /* take slot 0 before the segment has a size: `buzon clean` sees it alive at once */
+    r->nslots = nslots;
+    if (lock_byte(r->fd, F_OFD_SETLK, F_WRLCK, 0, 1, NULL) < 0 ||
+        fchmod(r->fd, 0600) < 0 ||
+        ftruncate(r->fd, (off_t)(HEADER_SIZE + cap)) < 0 || map_ring(r, cap) < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        shm_unlink(cname);
+        Py_DECREF(r);
+        return NULL;
+    }
+    header_t *h = r->h;
+    h->version = VERSION;
+    h->header_size = HEADER_SIZE;
+    h->capacity = cap;
+    h->nslots = nslots;
+    h->creator_pid = (uint32_t)getpid();
+    h->creator_uid = (uint32_t)getuid();
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    h->created_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    atomic_store(&h->slots[0].gen, 1);
+    atomic_store(&h->slots[0].pid, (uint32_t)getpid());
+    r->slot = 0;
+    r->token = (1u << 8) | 1u;
+    atomic_thread_fence(memory_order_release);
+    __atomic_store_n(&h->magic, MAGIC, __ATOMIC_RELEASE); /* valid from now on */
+    return (PyObject *)r;
+}
+
+/* Validate a header copy. NULL if fine, else the reason. */
+static const char *
+validate(const header_t *h, uint64_t file_size)
+{
+    if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != MAGIC) {
+        return "bad magic (not a buzon ring, or not initialised yet)";
+    }
+    if (h->version != VERSION) {
+        return "unknown version";
+    }
+    if (h->header_size != HEADER_SIZE) {
+        return "bad header size";
+    }
+    uint64_t cap = h->capacity;
+    if (cap < MIN_CAPACITY || cap > MAX_CAPACITY || (cap & (cap - 1))) {
+        return "bad capacity";
+    }
+    if (file_size != HEADER_SIZE + cap) {
+        return "the segment's size does not match its capacity";
+    }
+    if (h->nslots < 1 || h->nslots > MAX_SLOTS) {
+        return "bad slot count";
+    }
+    uint64_t head = atomic_load(&((header_t *)h)->head);
+    uint64_t rd = atomic_load(&((header_t *)h)->rd);
+    uint64_t tail = atomic_load(&((header_t *)h)->tail);
+    if (head - tail > cap || rd - tail > head - tail) {
+        return "cursors out of range";
+    }
+    return NULL;
+}
+
+/* Open an existing segment and check it before mapping it fully. */
+static int
+open_checked(const char *cname, PyObject *name, int flags, uint64_t *cap_out, header_t *copy)
+{
+    int fd = shm_open(cname, flags | O_CLOEXEC | O_NOFOLLOW, 0);
+    if (fd < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        close(fd);
+        return -1;
+    }
+    if (st.st_uid != geteuid() || (st.st_mode & 077)) {
+        PyErr_Format(PyExc_PermissionError,
+                     "segment %S belongs to uid %u with mode %o; buzon attaches only its own "
+                     "user's segments with mode 0600",
+                     name, (unsigned)st.st_uid, (unsigned)(st.st_mode & 0777));
+        close(fd);
+        return -1;
+    }
+    if ((uint64_t)st.st_size < HEADER_SIZE) {
+        PyErr_Format(ProtocolError, "segment %S is too small to be a buzon ring", name);
+        close(fd);
+        return -1;
+    }
+    void *p = mmap(NULL, HEADER_SIZE, PROT_READ, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        close(fd);
+        return -1;
+    }
+    memcpy(copy, p, sizeof *copy);
+    const char *why = validate((const header_t *)p, (uint64_t)st.st_size);
+    munmap(p, HEADER_SIZE);
+    if (why != NULL) {
+        PyErr_Format(ProtocolError, "segment %S is not a valid buzon ring: %s", name, why);
+        close(fd);
+        return -1;
+    }
+    *cap_out = copy->capacity;
+    return fd;
+}
+
+static PyObject *
+ring_attach(PyTypeObject *type, PyObject *args)
+{
+    PyObject *name;
+    if (!PyArg_ParseTuple(args, "U:attach", &name)) {
+        return NULL;
+    }
+    const char *cname = PyUnicode_AsUTF8(name);
+    if (cname == NULL) {
+        return NULL;
+    }
+    header_t copy;
+    uint64_t cap;
+    int fd = open_checked(cname, name, O_RDWR, &cap, &copy);
+    if (fd < 0) {
+        return NULL;
+    }
+    Ring *r = ring_new(type, name);
+    if (r == NULL) {
+        close(fd);
+        return NULL;
+    }
+    r->fd = fd;
+    r->nslots = copy.nslots;
+    if (map_ring(r, cap) < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        Py_DECREF(r);
+        return NULL;
+    }
+    /* re-check on the live mapping: the values we use from now on come from here */
+    if (r->h->capacity != cap || r->h->nslots != r->nslots) {
+        Py_DECREF(r);
+        PyErr_Format(ProtocolError, "segment %S changed while attaching", name);
+        return NULL;
+    }
+    if (take_slot(r) < 0) {
+        if (errno == EUSERS) {
+            PyErr_Format(PyExc_OSError, "segment %S: all %u participant slots are in use", name,
+                         r->nslots);
+        }
+        else {
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        }
+        Py_DECREF(r);
+        return NULL;
+    }
+    return (PyObject *)r;
+}
+
+static PyObject *
+ring_send(Ring *r, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"data", "timeout", NULL};
+    PyObject *data, *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:send", kwlist, &data, &timeout)) {
+        return NULL;
+    }
+    return do_send(r, data, timeout, 2);
+}
+
+static PyObject *
+ring_send_nowait(Ring *r, PyObject *data)
+{
+    return do_send(r, data, NULL, 1);
+}
+
+static PyObject *
+ring_try_send(Ring *r, PyObject *data)
+{
+    return do_send(r, data, NULL, 0);
+}
+
+static PyObject *
+ring_recv(Ring *r, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:recv", kwlist, &timeout)) {
+        return NULL;
+    }
+    return do_recv(r, timeout, 2);
+}
+
+static PyObject *
+ring_recv_nowait(Ring *r, PyObject *Py_UNUSED(a))
+{
+    return do_recv(r, NULL, 1);
+}
+
+static PyObject *
+ring_try_recv(Ring *r, PyObject *Py_UNUSED(a))
+{
+    return do_recv(r, NULL, 0);
+}
+
+static PyObject *
+ring_close(Ring *r, PyObject *Py_UNUSED(a))
+{
+    ring_unmap(r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ring_shutdown(Ring *r, PyObject *Py_UNUSED(a))
+{
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    atomic_store(&r->h->closed, 1);
+    wake_data(r);
+    wake_space(r);
+    Py_RETURN_NONE;
+}
+
+/* Arm the data (or space) notification: the next commit (free) writes the notify fd.
+ * Returns True if the condition already holds (do not wait). */
+static PyObject *
+ring_arm_data(Ring *r, PyObject *Py_UNUSED(a))
+{
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    header_t *h = r->h;
+    atomic_store(&h->data_armed, 1);
+    uint64_t d = atomic_load(&h->rd), hd = atomic_load(&h->head);
+    if (d != hd || atomic_load(&h->closed)) {
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+ring_arm_space(Ring *r, PyObject *arg)
+{
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    unsigned long long want = PyLong_AsUnsignedLongLong(arg);
+    if (want == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    header_t *h = r->h;
+    atomic_store(&h->space_armed, 1);
+    uint64_t hd = atomic_load(&h->head), t = atomic_load(&h->tail);
+    if (hd - t + rec_size((uint32_t)(want > r->cap ? r->cap : want)) <= r->cap ||
+        atomic_load(&h->closed)) {
+        Py_RETURN_TRUE;
+    }
+    if (advance_tail(r) != RC_OK) {
+        return corrupt(r);
+    }
+    t = atomic_load(&h->tail);
+    if (hd - t + rec_size((uint32_t)(want > r->cap ? r->cap : want)) <= r->cap) {
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+ring_set_notify(Ring *r, PyObject *args)
+{
+    int dfd, sfd;
+    if (!PyArg_ParseTuple(args, "ii:set_notify", &dfd, &sfd)) {
+        return NULL;
+    }
+    r->notify_data = dfd;
+    r->notify_space = sfd;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+participants(Ring *r, int fd, const header_t *h, uint32_t nslots, int my_slot)
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL) {
+        return NULL;
+    }
+    for (uint32_t i = 0; i < nslots; i++) {
+        uint32_t pid = atomic_load(&((header_t *)h)->slots[i].pid);
+        int alive = ((int)i == my_slot) ? 1 : lock_held(fd, (off_t)i, 1);
+        if (!alive && pid == 0) {
+            continue;
+        }
+        PyObject *t = Py_BuildValue("(IIO)", i, pid, alive ? Py_True : Py_False);
+        if (t == NULL || PyList_Append(list, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    (void)r;
+    return list;
+}
+
+static PyObject *
+info_dict(const header_t *h, PyObject *parts)
+{
+    header_t *hh = (header_t *)h;
+    uint64_t head = atomic_load(&hh->head), tail = atomic_load(&hh->tail);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:I,s:I,s:K,s:O,s:K,s:K,s:K,s:N}", "capacity",
+                         (unsigned long long)h->capacity, "used",
+                         (unsigned long long)(head - tail), "head", (unsigned long long)head,
+                         "rd", (unsigned long long)atomic_load(&hh->rd), "tail",
+                         (unsigned long long)tail, "creator_pid", h->creator_pid, "creator_uid",
+                         h->creator_uid, "created_ns", (unsigned long long)h->created_ns,
+                         "closed", atomic_load(&hh->closed) ? Py_True : Py_False, "committed",
+                         (unsigned long long)atomic_load(&hh->committed), "consumed",
+                         (unsigned long long)atomic_load(&hh->consumed), "abandoned",
+                         (unsigned long long)atomic_load(&hh->abandoned), "participants",
+                         parts);
+}
+
+static PyObject *
+ring_info(Ring *r, PyObject *Py_UNUSED(a))
+{
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    PyObject *parts = participants(r, r->fd, r->h, r->nslots, r->slot);
+    if (parts == NULL) {
+        return NULL;
+    }
+    return info_dict(r->h, parts);
+}
+
+static PyObject *
+ring_fileno(Ring *r, PyObject *Py_UNUSED(a))
+{
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    return PyLong_FromLong(r->fd);
+}
+
+static PyObject *
+ring_enter(Ring *r, PyObject *Py_UNUSED(a))
+{
+    Py_INCREF(r);
+    return (PyObject *)r;
+}
+
+static PyObject *
+ring_exit(Ring *r, PyObject *Py_UNUSED(a))
+{
+    ring_unmap(r);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+ring_get_capacity(Ring *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(r->cap);
+}
+
+static PyObject *
+ring_get_max_message(Ring *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(r->cap - REC_HDR);
+}
+
+static PyObject *
+ring_get_name(Ring *r, void *Py_UNUSED(c))
+{
+    Py_INCREF(r->name);
+    return r->name;
+}
+
+static PyObject *
+ring_get_closed(Ring *r, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(r->base == NULL);
+}
+
+static PyObject *
+ring_get_slot(Ring *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong(r->slot);
+}
+
+static PyObject *
+ring_get_used(Ring *r, void *Py_UNUSED(c))
+{
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(atomic_load(&r->h->head) - atomic_load(&r->h->tail));
+}
+
+static PyObject *
+ring_get_spin(Ring *r, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(r->spin_enabled);
+}
+
+static int
+ring_set_spin(Ring *r, PyObject *v, void *Py_UNUSED(c))
+{
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete spin");
+        return -1;
+    }
+    int b = PyObject_IsTrue(v);
+    if (b < 0) {
+        return -1;
+    }
+    r->spin_enabled = b;
+    return 0;
+}
+
+static PyMethodDef ring_methods[] = {
+    {"create", (PyCFunction)(void (*)(void))ring_create,
+     METH_VARARGS | METH_KEYWORDS | METH_CLASS,
+     "create(name, capacity, slots=64): create the segment (O_EXCL, 0600) and its ring."},
+    {"attach", (PyCFunction)ring_attach, METH_VARARGS | METH_CLASS,
+     "attach(name): open an existing ring after validating its header."},
+    {"send", (PyCFunction)(void (*)(void))ring_send, METH_VARARGS | METH_KEYWORDS,
+     "send(data, timeout=None): data is bytes-like or a list/tuple of them."},
+    {"send_nowait", (PyCFunction)ring_send_nowait, METH_O, "send or raise Full."},
+    {"try_send", (PyCFunction)ring_try_send, METH_O, "send; False if the ring is full."},
+    {"recv", (PyCFunction)(void (*)(void))ring_recv, METH_VARARGS | METH_KEYWORDS,
+     "recv(timeout=None) -> bytes."},
+    {"recv_nowait", (PyCFunction)ring_recv_nowait, METH_NOARGS, "recv or raise Empty."},
+    {"try_recv", (PyCFunction)ring_try_recv, METH_NOARGS, "recv; None if the ring is empty."},
+    {"shutdown", (PyCFunction)ring_shutdown, METH_NOARGS,
+     "mark the ring closed: readers drain it, then get EndOfChannel; sends fail."},
+    {"arm_data", (PyCFunction)ring_arm_data, METH_NOARGS,
+     "ask the next commit to write the data notify fd; True if data is already there."},
+    {"arm_space", (PyCFunction)ring_arm_space, METH_O,
+     "arm_space(nbytes): ask the next free to write the space notify fd; True if room."},
+    {"set_notify", (PyCFunction)ring_set_notify, METH_VARARGS,
+     "set_notify(data_fd, space_fd): eventfds this process writes when a peer armed."},
+    {"info", (PyCFunction)ring_info, METH_NOARGS, "header fields and participants."},
+    {"fileno", (PyCFunction)ring_fileno, METH_NOARGS, "the segment's fd (ours)."},
+    {"close", (PyCFunction)ring_close, METH_NOARGS, "unmap and release our slot."},
+    {"__enter__", (PyCFunction)ring_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)ring_exit, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ring_getset[] = {
+    {"capacity", (getter)ring_get_capacity, NULL, "data bytes", NULL},
+    {"max_message", (getter)ring_get_max_message, NULL, "largest payload", NULL},
+    {"name", (getter)ring_get_name, NULL, "segment name", NULL},
+    {"closed", (getter)ring_get_closed, NULL, "closed by this process", NULL},
+    {"slot", (getter)ring_get_slot, NULL, "our participant slot", NULL},
+    {"used", (getter)ring_get_used, NULL, "bytes between tail and head", NULL},
+    {"spin", (getter)ring_get_spin, (setter)ring_set_spin, "spin before sleeping", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon._core.Ring",
+    .tp_basicsize = sizeof(Ring),
+    .tp_dealloc = (destructor)ring_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A multi-producer multi-consumer ring of variable-length records in a "
+              "shared-memory segment. Make one with Ring.create or Ring.attach.",
+    .tp_methods = ring_methods,
+    .tp_getset = ring_getset,
+};
+
+/* ---- module functions ------------------------------------------------------- */
+
+static PyObject *
+mod_inspect(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *name;
+    if (!PyArg_ParseTuple(args, "U:inspect", &name)) {
+        return NULL;
+    }
+    const char *cname = PyUnicode_AsUTF8(name);
+    if (cname == NULL) {
+        return NULL;
+    }
+    header_t copy;
+    uint64_t cap;
+    int fd = open_checked(cname, name, O_RDONLY, &cap, &copy);
+    if (fd < 0) {
+        return NULL;
+    }
+    PyObject *parts = participants(NULL, fd, &copy, copy.nslots, -1);
+    close(fd);
+    if (parts == NULL) {
+        return NULL;
+    }
+    return info_dict(&copy, parts);
+}
+
+static PyObject *
+mod_in_use(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    /* in_use(fd): True if any open file description holds a participant lock */
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(lock_held(fd, 0, MAX_SLOTS));
+}
+
+static PyObject *
+mod_hold(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    /* hold(fd): take participant lock 0 on fd (segments that are not rings) */
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0) {
+        return NULL;
+    }
+    if (lock_byte(fd, F_OFD_SETLK, F_WRLCK, 0, 1, NULL) < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_unlink(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *name;
+    if (!PyArg_ParseTuple(args, "U:unlink", &name)) {
+        return NULL;
+    }
+    const char *cname = PyUnicode_AsUTF8(name);
+    if (cname == NULL) {
+        return NULL;
+    }
+    if (shm_unlink(cname) < 0) {
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_fault(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    long k = PyLong_AsLong(arg);
+    if (k == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (k < 0 || k > F_MAX) {
+        PyErr_Format(PyExc_ValueError, "fault point must be 0..%d", F_MAX);
+        return NULL;
+    }
+    fault_point = (int)k;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef mod_methods[] = {
+    {"inspect", mod_inspect, METH_VARARGS,
+     "inspect(name): a validated copy of a ring's header, without attaching."},
+    {"in_use", mod_in_use, METH_O, "in_use(fd): is any participant lock held?"},
+    {"hold", mod_hold, METH_O, "hold(fd): take participant lock 0 through fd."},
+    {"unlink", mod_unlink, METH_VARARGS, "unlink(name): shm_unlink."},
+    {"_set_fault", mod_fault, METH_O,
+     "_set_fault(k): tests only: SIGKILL this process at fault point k (0: none)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT, "buzon._core",
+    "Shared-memory rings for buzon (see src/buzon/_core.c and docs/shm.md).", -1, mod_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    static int atfork_done = 0;
+    if (!atfork_done) {
+        if (pthread_atfork(NULL, NULL, after_fork_child) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+            return NULL;
+        }
+        atfork_done = 1;
+    }
+    PyObject *errors = PyImport_ImportModule("buzon.errors");
+    if (errors == NULL) {
+        return NULL;
+    }
+    struct {
+        PyObject **slot;
+        const char *name;
+    } names[] = {
+        {&ProtocolError, "ProtocolError"}, {&TimeoutErr, "Timeout"},     {&FullErr, "Full"},
+        {&EmptyErr, "Empty"},              {&TooLarge, "MessageTooLarge"},
+        {&ClosedErr, "ChannelClosed"},     {&EndErr, "EndOfChannel"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        *names[i].slot = PyObject_GetAttrString(errors, names[i].name);
+        if (*names[i].slot == NULL) {
+            Py_DECREF(errors);
+            return NULL;
+        }
+    }
+    Py_DECREF(errors);
+    if (PyType_Ready(&RingType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&moddef);
+    if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&RingType);
+    if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0 ||
+        PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "RECORD_HEADER", REC_HDR) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_SLOTS", MAX_SLOTS) < 0 ||
+        PyModule_AddIntConstant(m, "F_LOCKED", F_LOCKED) < 0 ||
+        PyModule_AddIntConstant(m, "F_HEADER", F_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "F_RESERVED", F_RESERVED) < 0 ||
+        PyModule_AddIntConstant(m, "F_UNLOCKED", F_UNLOCKED) < 0 ||
+        PyModule_AddIntConstant(m, "F_MID_PAYLOAD", F_MID_PAYLOAD) < 0 ||
+        PyModule_AddIntConstant(m, "F_BEFORE_COMMIT", F_BEFORE_COMMIT) < 0 ||
+        PyModule_AddIntConstant(m, "F_COMMITTED", F_COMMITTED) < 0 ||
+        PyModule_AddIntConstant(m, "F_CLAIMED", F_CLAIMED) < 0 ||
+        PyModule_AddIntConstant(m, "F_COPIED", F_COPIED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
