@@ -1,9 +1,9 @@
 """Shared-memory rings in named segments (see src/buzon/_core.c and docs/shm.md)."""
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
-from typing_extensions import Buffer, Self
+from typing_extensions import Buffer
 
 HEADER_SIZE: int
 RECORD_HEADER: int

@@ -282,7 +282,7 @@ def test_mpmc_history_oracle(name: str, producers: int, consumers: int) -> None:
     try:
         pipes = [os.pipe() for _ in range(consumers)]
         cpids = []
-        for i, (rfd, wfd) in enumerate(pipes):
+        for i, (_rfd, wfd) in enumerate(pipes):
             cpids.append(fork(lambda w=wfd, i=i: _consume(name, w, i)))
             os.close(wfd)
         ppids = [fork(lambda p=p: _produce(name, p, count)) for p in range(producers)]
