@@ -119,6 +119,7 @@ typedef struct {
     _Atomic uint64_t abandoned;
     uint8_t pad8[32];
     /* 512 */ slot_t slots[MAX_SLOTS];
+    /* 2560 */ char label[64]; /* what the ring is for (e.g. "shm:jobs a>b"), NUL-padded */
 } header_t;
 
 _Static_assert(sizeof(header_t) <= HEADER_SIZE, "header fits its page");
@@ -130,6 +131,7 @@ _Static_assert(offsetof(header_t, data_seq) == 320, "layout");
 _Static_assert(offsetof(header_t, space_seq) == 384, "layout");
 _Static_assert(offsetof(header_t, closed) == 448, "layout");
 _Static_assert(offsetof(header_t, slots) == 512, "layout");
+_Static_assert(offsetof(header_t, label) == 2560, "layout");
 
 typedef struct {
     _Atomic uint64_t state; /* kind | token << 32 */
@@ -1084,11 +1086,18 @@ ring_new(PyTypeObject *type, PyObject *name)
 static PyObject *
 ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"name", "capacity", "slots", NULL};
+    static char *kwlist[] = {"name", "capacity", "slots", "label", NULL};
     PyObject *name;
     unsigned long long cap;
     unsigned int nslots = 64;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "UK|I:create", kwlist, &name, &cap, &nslots)) {
+    const char *label = "";
+    Py_ssize_t label_len = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "UK|Is#:create", kwlist, &name, &cap, &nslots,
+                                     &label, &label_len)) {
+        return NULL;
+    }
+    if (label_len >= 64) {
+        PyErr_SetString(PyExc_ValueError, "label is at most 63 bytes");
         return NULL;
     }
     if (cap < MIN_CAPACITY || cap > MAX_CAPACITY || (cap & (cap - 1)) ||
@@ -1136,6 +1145,7 @@ ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     h->created_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    memcpy(h->label, label, (size_t)label_len);
     atomic_store(&h->slots[0].gen, 1);
     atomic_store(&h->slots[0].pid, (uint32_t)getpid());
     r->slot = 0;
@@ -1422,8 +1432,16 @@ static PyObject *
 info_dict(const header_t *h, PyObject *parts)
 {
     header_t *hh = (header_t *)h;
+    char label[64];
+    size_t n = 0;
+    for (; n < sizeof label - 1 && h->label[n]; n++) {
+        char c = h->label[n];
+        label[n] = (c >= 0x20 && c < 0x7f) ? c : '?'; /* untrusted: printable ASCII only */
+    }
+    label[n] = 0;
     uint64_t head = atomic_load(&hh->head), tail = atomic_load(&hh->tail);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:I,s:I,s:K,s:O,s:K,s:K,s:K,s:N}", "capacity",
+    return Py_BuildValue("{s:s,s:K,s:K,s:K,s:K,s:K,s:I,s:I,s:K,s:O,s:K,s:K,s:K,s:N}", "label",
+                         label, "capacity",
                          (unsigned long long)h->capacity, "used",
                          (unsigned long long)(head - tail), "head", (unsigned long long)head,
                          "rd", (unsigned long long)atomic_load(&hh->rd), "tail",
@@ -1638,6 +1656,24 @@ mod_hold(PyObject *Py_UNUSED(m), PyObject *arg)
 }
 
 static PyObject *
+mod_claim_all(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    /* claim_all(fd): lock every participant byte; True if nobody held any (then no one
+     * can attach until fd is closed), False if somebody is alive */
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0) {
+        return NULL;
+    }
+    if (lock_byte(fd, F_OFD_SETLK, F_WRLCK, 0, MAX_SLOTS, NULL) < 0) {
+        if (errno == EAGAIN || errno == EACCES) {
+            Py_RETURN_FALSE;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
 mod_unlink(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *name;
@@ -1675,6 +1711,8 @@ static PyMethodDef mod_methods[] = {
     {"in_use", mod_in_use, METH_O, "in_use(fd): is any participant lock held?"},
     {"hold", mod_hold, METH_O, "hold(fd): take participant lock 0 through fd."},
     {"unlink", mod_unlink, METH_VARARGS, "unlink(name): shm_unlink."},
+    {"claim_all", mod_claim_all, METH_O,
+     "claim_all(fd): lock all participant slots; False if any is held by someone."},
     {"_set_fault", mod_fault, METH_O,
      "_set_fault(k): tests only: SIGKILL this process at fault point k (0: none)."},
     {NULL, NULL, 0, NULL},
