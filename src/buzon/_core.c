@@ -234,6 +234,18 @@ futex_wake(_Atomic uint32_t *addr)
     syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
+/* Wake a producer that waits for POLLOUT on the write end of a one-slot pipe: empty
+ * the pipe (the producer fills it again before it waits). */
+static void
+drain(int fd)
+{
+    if (fd >= 0) {
+        char buf[4096];
+        while (read(fd, buf, sizeof buf) > 0) {
+        }
+    }
+}
+
 static void
 notify(int fd)
 {
@@ -331,7 +343,7 @@ check_fork(Ring *r)
     r->fd = nfd;
     r->slot = -1;
     r->epoch = e;
-    r->notify_data = r->notify_space = -1; /* the child must hand out its own */
+    /* the notify fds were inherited with the same numbers: they stay valid */
     if (take_slot(r) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
@@ -429,7 +441,7 @@ wake_space(Ring *r)
         futex_wake(&h->space_seq);
     }
     if (atomic_load(&h->space_armed) && atomic_exchange(&h->space_armed, 0)) {
-        notify(r->notify_space);
+        drain(r->notify_space);
     }
 }
 
@@ -1572,7 +1584,8 @@ static PyMethodDef ring_methods[] = {
     {"arm_space", (PyCFunction)ring_arm_space, METH_O,
      "arm_space(nbytes): ask the next free to write the space notify fd; True if room."},
     {"set_notify", (PyCFunction)ring_set_notify, METH_VARARGS,
-     "set_notify(data_fd, space_fd): eventfds this process writes when a peer armed."},
+     "set_notify(data_fd, space_fd): when a peer armed, a commit writes 1 to the eventfd "
+     "data_fd and a free empties the (non-blocking, one-slot) pipe read end space_fd."},
     {"info", (PyCFunction)ring_info, METH_NOARGS, "header fields and participants."},
     {"fileno", (PyCFunction)ring_fileno, METH_NOARGS, "the segment's fd (ours)."},
     {"close", (PyCFunction)ring_close, METH_NOARGS, "unmap and release our slot."},

@@ -53,7 +53,7 @@ from ..errors import (
 
 __all__ = ["CHECKS", "DRIVERS", "TRANSPORTS", "Pair", "open_pair", "run_all"]
 
-TRANSPORTS = ("pipe", "fifo", "mq", "unix", "unixgram", "tcp", "udp")
+TRANSPORTS = ("pipe", "fifo", "mq", "unix", "unixgram", "tcp", "udp", "shm")
 DRIVERS = ("sync", "asyncio")
 T = 5.0  # generous per-operation timeout: a failure, never a hang
 
