@@ -51,7 +51,7 @@ from ._channel import ChannelCore, ChannelOptions
 from ._policy import prepare
 from .address import Address, parse_address
 from .protocol import frames, handshake, mpcompat
-from .transport import fifo, mq, pipe, tcp, udp, unix, unixgram
+from .transport import fifo, mq, pipe, shm, tcp, udp, unix, unixgram
 from .transport.base import LinkProperties, Transport, TransportOptions
 
 __all__ = ["SECTIONS", "SectionError", "check", "main", "render_page", "write"]
@@ -706,6 +706,7 @@ def _transport_rows() -> list[tuple[str, str, LinkProperties]]:
         ("tcp", "`tcp://` other hosts", tcp._props(False)),
         ("udp", "`udp://` IPv4 loopback", udp._props(True, udp._max_message(socket.AF_INET))),
         ("udp", "`udp://` IPv6, other hosts", udp._props(False, udp._max_message(socket.AF_INET6))),
+        ("shm", "`shm:`", shm._properties(shm.CAPACITY)),
     ]  # fmt: skip
     _check_transport_coverage({module for module, _, _ in rows})
     return rows
@@ -791,6 +792,7 @@ _ADDRESS_EXAMPLES = (
     "tcp://127.0.0.1:7000",
     "tcp://[::1]:0",
     "udp://localhost:9999",
+    "shm:frames",
 )
 
 
