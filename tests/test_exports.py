@@ -15,6 +15,7 @@ PUBLIC = [
     "Address",
     "AddressError",
     "AuthenticationError",
+    "BoundedBuffer",
     "BuzonError",
     "Channel",
     "ChannelClosed",

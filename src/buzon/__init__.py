@@ -44,6 +44,7 @@ from .errors import (
     UnsupportedOperation,
     ValidationError,
 )
+from .shm import BoundedBuffer
 from .sync import Channel, Listener, Server, connect, listen, pipe, wait
 from .transport.base import LinkProperties, PeerInfo
 
@@ -53,6 +54,7 @@ __all__ = [
     "Address",
     "AddressError",
     "AuthenticationError",
+    "BoundedBuffer",
     "BuzonError",
     "Channel",
     "ChannelClosed",

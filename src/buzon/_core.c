@@ -117,7 +117,9 @@ typedef struct {
     _Atomic uint64_t committed;
     _Atomic uint64_t consumed;
     _Atomic uint64_t abandoned;
-    uint8_t pad8[32];
+    uint64_t limit;       /* bytes the ring may hold: capacity, or less (BoundedBuffer) */
+    uint64_t record_size; /* 0: variable records; else every record takes exactly this */
+    uint8_t pad8[16];
     /* 512 */ slot_t slots[MAX_SLOTS];
     /* 2560 */ char label[64]; /* what the ring is for (e.g. "shm:jobs a>b"), NUL-padded */
 } header_t;
@@ -130,6 +132,7 @@ _Static_assert(offsetof(header_t, rlock) == 256, "layout");
 _Static_assert(offsetof(header_t, data_seq) == 320, "layout");
 _Static_assert(offsetof(header_t, space_seq) == 384, "layout");
 _Static_assert(offsetof(header_t, closed) == 448, "layout");
+_Static_assert(offsetof(header_t, limit) == 480, "layout");
 _Static_assert(offsetof(header_t, slots) == 512, "layout");
 _Static_assert(offsetof(header_t, label) == 2560, "layout");
 
@@ -184,6 +187,7 @@ typedef struct {
     header_t *h;
     uint8_t *data;
     uint64_t cap, mask;
+    uint64_t limit, rsize; /* copied from the header once, after validation */
     uint32_t nslots;
     int slot;             /* -1 before a slot is taken */
     uint32_t token;
@@ -413,6 +417,13 @@ rec_size(uint32_t len)
     return ((uint64_t)REC_HDR + len + 7) & ~7ULL;
 }
 
+/* Bytes a record of len payload bytes takes in this ring. */
+static inline uint64_t
+footprint(Ring *r, uint32_t len)
+{
+    return r->rsize ? r->rsize : rec_size(len);
+}
+
 static inline rec_t *
 rec_at(Ring *r, uint64_t pos)
 {
@@ -458,7 +469,7 @@ advance_tail(Ring *r)
         if (d == t) {
             break;
         }
-        if (d - t > r->cap || ((d | t) & 7)) {
+        if (d - t > r->limit || ((d | t) & 7)) {
             if (atomic_load(&h->tail) != t) {
                 continue;
             }
@@ -467,8 +478,8 @@ advance_tail(Ring *r)
         rec_t *rec = rec_at(r, t);
         uint64_t st = atomic_load_explicit(&rec->state, memory_order_acquire);
         uint32_t len = rec->len;
-        uint64_t size = rec_size(len);
-        if (size > d - t) {
+        uint64_t size = footprint(r, len);
+        if (size > d - t || size < rec_size(len)) {
             if (atomic_load(&h->tail) != t) {
                 continue; /* reused under us: someone else moved tail */
             }
@@ -541,7 +552,7 @@ static int
 reserve(Ring *r, uint32_t len, int64_t deadline, rec_t **out)
 {
     header_t *h = r->h;
-    uint64_t need = rec_size(len);
+    uint64_t need = footprint(r, len);
     for (;;) {
         int rc = rlock_acquire(r, deadline == 0 ? now_ns() + 2000000 : deadline);
         if (rc != RC_OK) {
@@ -550,7 +561,7 @@ reserve(Ring *r, uint32_t len, int64_t deadline, rec_t **out)
         fault(F_LOCKED);
         uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
         uint64_t tail = atomic_load_explicit(&h->tail, memory_order_acquire);
-        if (head - tail > r->cap || ((head | tail) & 7)) {
+        if (head - tail > r->limit || ((head | tail) & 7)) {
             rlock_release(r);
             return RC_CORRUPT;
         }
@@ -558,7 +569,7 @@ reserve(Ring *r, uint32_t len, int64_t deadline, rec_t **out)
             rlock_release(r);
             return RC_CLOSED;
         }
-        if (head + need - tail <= r->cap) {
+        if (head + need - tail <= r->limit) {
             rec_t *rec = rec_at(r, head);
             rec->len = len;
             rec->writer = r->token;
@@ -656,7 +667,7 @@ claim(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
         uint64_t d = atomic_load_explicit(&h->rd, memory_order_acquire);
         uint64_t hd = atomic_load_explicit(&h->head, memory_order_acquire);
         int blocked = 0;
-        if (hd - d > r->cap || ((hd | d) & 7)) {
+        if (hd - d > r->limit || ((hd | d) & 7)) {
             if (atomic_load(&h->rd) != d) {
                 continue;
             }
@@ -672,9 +683,9 @@ claim(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
             rec_t *rec = rec_at(r, d);
             uint64_t st = atomic_load_explicit(&rec->state, memory_order_acquire);
             uint32_t len = rec->len;
-            uint64_t size = rec_size(len);
+            uint64_t size = footprint(r, len);
             unsigned kind = (unsigned)(st & 0xff);
-            if (size > hd - d) {
+            if (size > hd - d || size < rec_size(len)) {
                 if (atomic_load(&h->rd) != d) {
                     continue;
                 }
@@ -820,11 +831,12 @@ adapt_spin(Ring *r, int spun_ok)
 static int
 send_parts(Ring *r, part_t *parts, int nparts, size_t total, int64_t deadline)
 {
-    if (total > r->cap - REC_HDR || total > UINT32_MAX - 16) {
+    uint64_t most = (r->rsize ? r->rsize : r->limit) - REC_HDR;
+    if (total > most || total > UINT32_MAX - 16) {
         PyErr_Format(TooLarge,
                      "a message of %zu bytes does not fit the ring of %S (at most %llu "
                      "bytes); create it with a larger capacity",
-                     total, r->name, (unsigned long long)(r->cap - REC_HDR));
+                     total, r->name, (unsigned long long)most);
         return -1;
     }
     uint32_t len = (uint32_t)total;
@@ -1074,6 +1086,8 @@ map_ring(Ring *r, uint64_t cap)
     r->data = reserve_ + HEADER_SIZE;
     r->cap = cap;
     r->mask = cap - 1;
+    r->limit = cap;
+    r->rsize = 0;
     return 0;
 }
 
@@ -1098,15 +1112,31 @@ ring_new(PyTypeObject *type, PyObject *name)
 static PyObject *
 ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"name", "capacity", "slots", "label", NULL};
+    static char *kwlist[] = {"name", "capacity", "slots", "label", "records", "record_size",
+                             NULL};
     PyObject *name;
-    unsigned long long cap;
+    unsigned long long cap, records = 0, record_payload = 0;
     unsigned int nslots = 64;
     const char *label = "";
     Py_ssize_t label_len = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "UK|Is#:create", kwlist, &name, &cap, &nslots,
-                                     &label, &label_len)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "UK|Is#KK:create", kwlist, &name, &cap, &nslots,
+                                     &label, &label_len, &records, &record_payload)) {
         return NULL;
+    }
+    /* fixed records: `records` of at most `record_size` payload bytes, all usable */
+    uint64_t rsize = 0, limit = cap;
+    if (records || record_payload) {
+        if (!records || record_payload > cap || records > cap) {
+            PyErr_SetString(PyExc_ValueError, "records and record_size go together, >= 1");
+            return NULL;
+        }
+        rsize = rec_size((uint32_t)record_payload);
+        if (rsize * records > cap) {
+            PyErr_Format(PyExc_ValueError, "%llu records of %llu bytes need more than %llu",
+                         records, (unsigned long long)rsize, cap);
+            return NULL;
+        }
+        limit = rsize * records;
     }
     if (label_len >= 64) {
         PyErr_SetString(PyExc_ValueError, "label is at most 63 bytes");
@@ -1158,6 +1188,10 @@ ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
     clock_gettime(CLOCK_REALTIME, &ts);
     h->created_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
     memcpy(h->label, label, (size_t)label_len);
+    h->limit = limit;
+    h->record_size = rsize;
+    r->limit = limit;
+    r->rsize = rsize;
     atomic_store(&h->slots[0].gen, 1);
     atomic_store(&h->slots[0].pid, (uint32_t)getpid());
     r->slot = 0;
@@ -1190,10 +1224,18 @@ validate(const header_t *h, uint64_t file_size)
     if (h->nslots < 1 || h->nslots > MAX_SLOTS) {
         return "bad slot count";
     }
+    if (h->record_size % 8 || (h->record_size && h->record_size < REC_HDR) ||
+        h->record_size > cap) {
+        return "bad record size";
+    }
+    if (h->limit > cap || h->limit < REC_HDR + 8 ||
+        (h->record_size && h->limit % h->record_size)) {
+        return "bad limit";
+    }
     uint64_t head = atomic_load(&((header_t *)h)->head);
     uint64_t rd = atomic_load(&((header_t *)h)->rd);
     uint64_t tail = atomic_load(&((header_t *)h)->tail);
-    if (head - tail > cap || rd - tail > head - tail) {
+    if (head - tail > h->limit || rd - tail > head - tail) {
         return "cursors out of range";
     }
     return NULL;
@@ -1275,7 +1317,10 @@ ring_attach(PyTypeObject *type, PyObject *args)
         return NULL;
     }
     /* re-check on the live mapping: the values we use from now on come from here */
-    if (r->h->capacity != cap || r->h->nslots != r->nslots) {
+    r->limit = copy.limit;
+    r->rsize = copy.record_size;
+    if (r->h->capacity != cap || r->h->nslots != r->nslots || r->h->limit != r->limit ||
+        r->h->record_size != r->rsize) {
         Py_DECREF(r);
         PyErr_Format(ProtocolError, "segment %S changed while attaching", name);
         return NULL;
@@ -1389,7 +1434,7 @@ ring_arm_space(Ring *r, PyObject *arg)
     header_t *h = r->h;
     atomic_store(&h->space_armed, 1);
     uint64_t hd = atomic_load(&h->head), t = atomic_load(&h->tail);
-    if (hd - t + rec_size((uint32_t)(want > r->cap ? r->cap : want)) <= r->cap ||
+    if (hd - t + footprint(r, (uint32_t)(want > r->cap ? r->cap : want)) <= r->limit ||
         atomic_load(&h->closed)) {
         Py_RETURN_TRUE;
     }
@@ -1397,7 +1442,7 @@ ring_arm_space(Ring *r, PyObject *arg)
         return corrupt(r);
     }
     t = atomic_load(&h->tail);
-    if (hd - t + rec_size((uint32_t)(want > r->cap ? r->cap : want)) <= r->cap) {
+    if (hd - t + footprint(r, (uint32_t)(want > r->cap ? r->cap : want)) <= r->limit) {
         Py_RETURN_TRUE;
     }
     Py_RETURN_FALSE;
@@ -1452,8 +1497,9 @@ info_dict(const header_t *h, PyObject *parts)
     }
     label[n] = 0;
     uint64_t head = atomic_load(&hh->head), tail = atomic_load(&hh->tail);
-    return Py_BuildValue("{s:s,s:K,s:K,s:K,s:K,s:K,s:I,s:I,s:K,s:O,s:K,s:K,s:K,s:N}", "label",
-                         label, "capacity",
+    return Py_BuildValue("{s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:I,s:K,s:O,s:K,s:K,s:K,s:N}",
+                         "label", label, "limit", (unsigned long long)h->limit, "record_size",
+                         (unsigned long long)h->record_size, "capacity",
                          (unsigned long long)h->capacity, "used",
                          (unsigned long long)(head - tail), "head", (unsigned long long)head,
                          "rd", (unsigned long long)atomic_load(&hh->rd), "tail",
@@ -1511,7 +1557,7 @@ ring_get_capacity(Ring *r, void *Py_UNUSED(c))
 static PyObject *
 ring_get_max_message(Ring *r, void *Py_UNUSED(c))
 {
-    return PyLong_FromUnsignedLongLong(r->cap - REC_HDR);
+    return PyLong_FromUnsignedLongLong((r->rsize ? r->rsize : r->limit) - REC_HDR);
 }
 
 static PyObject *

@@ -27,7 +27,15 @@ class Ring:
     used: int
     spin: bool
     @classmethod
-    def create(cls, name: str, capacity: int, slots: int = 64, label: str = "") -> Ring: ...
+    def create(
+        cls,
+        name: str,
+        capacity: int,
+        slots: int = 64,
+        label: str = "",
+        records: int = 0,
+        record_size: int = 0,
+    ) -> Ring: ...
     @classmethod
     def attach(cls, name: str) -> Ring: ...
     def send(self, data: Buffer | Sequence[Buffer], timeout: float | None = None) -> None: ...

@@ -6,6 +6,7 @@ the byte layout and the crash-safety argument.
 
 from __future__ import annotations
 
+from ._bounded import BoundedBuffer
 from ._segment import (
     SHM_DIR,
     SegmentInfo,
@@ -20,6 +21,7 @@ from ._segment import (
 
 __all__ = [
     "SHM_DIR",
+    "BoundedBuffer",
     "SegmentInfo",
     "attach_ring",
     "clean_segments",

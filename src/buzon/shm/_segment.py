@@ -66,12 +66,14 @@ def _check_name(name: str) -> str:
     return bare
 
 
-def create_ring(capacity: int, *, label: str = "", slots: int = 64) -> _core.Ring:
+def create_ring(
+    capacity: int, *, label: str = "", slots: int = 64, records: int = 0, record_size: int = 0
+) -> _core.Ring:
     """Create a ring segment with a fresh name; the caller removes it when done."""
     for _ in range(3):
         name = new_segment_name()
         try:
-            return _core.Ring.create("/" + name, capacity, slots, label)
+            return _core.Ring.create("/" + name, capacity, slots, label, records, record_size)
         except FileExistsError:  # pragma: no cover - 128 random bits
             continue
         except OSError as exc:
@@ -169,7 +171,7 @@ def list_segments() -> list[SegmentInfo]:
                 any(live for _s, _p, live in parts),
                 label=info["label"],
                 owner_pid=info["creator_pid"],
-                capacity=info["capacity"],
+                capacity=info["limit"],
                 used=info["used"],
                 pids=pids,
                 age=age,
