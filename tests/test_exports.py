@@ -55,6 +55,8 @@ PUBLIC = [
     "parse_address",
     "pipe",
     "serve",
+    "shared_array",
+    "shared_value",
     "signals",
     "wait",
 ]

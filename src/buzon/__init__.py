@@ -44,7 +44,7 @@ from .errors import (
     UnsupportedOperation,
     ValidationError,
 )
-from .shm import BoundedBuffer
+from .shm import BoundedBuffer, shared_array, shared_value
 from .sync import Channel, Listener, Server, connect, listen, pipe, wait
 from .transport.base import LinkProperties, PeerInfo
 
@@ -94,6 +94,8 @@ __all__ = [
     "parse_address",
     "pipe",
     "serve",
+    "shared_array",
+    "shared_value",
     "signals",
     "wait",
 ]

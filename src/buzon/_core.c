@@ -60,6 +60,9 @@
 #include <unistd.h>
 
 #define MAGIC 0x474e52204e5a5542ULL /* "BUZN RNG" little-endian */
+#define BLOCK_MAGIC 0x4b4c42204e5a5542ULL /* "BUZN BLK" little-endian */
+#define META_OFFSET 3072u /* Block: caller's metadata at [3072, 4096) of the header page */
+#define META_SIZE (HEADER_SIZE - META_OFFSET)
 #define VERSION 1u
 #define HEADER_SIZE 4096u
 #define MAX_SLOTS 128u
@@ -90,7 +93,7 @@ typedef struct {
     uint32_t header_size;
     uint64_t capacity;
     uint32_t nslots;
-    uint32_t flags;
+    _Atomic uint32_t flags_atomic; /* Block: 1 after the lock was taken from a dead holder */
     uint32_t creator_pid;
     uint32_t creator_uid;
     uint64_t created_ns;
@@ -197,6 +200,7 @@ typedef struct {
     int notify_data;      /* eventfd written when a consumer armed data_armed */
     int notify_space;
     PyObject *name;
+    Py_ssize_t exports; /* Block only: live buffer views (no unmapping under them) */
 } Ring;
 
 static PyObject *ProtocolError, *TimeoutErr, *FullErr, *EmptyErr, *TooLarge, *ClosedErr,
@@ -377,6 +381,7 @@ rlock_acquire(Ring *r, int64_t deadline)
             /* the holder died inside the critical section; its effects are either
              * invisible (head not published) or a RESERVED record (skipped later) */
             if (atomic_compare_exchange_strong(&h->rlock, &exp, r->token)) {
+                atomic_store(&h->flags_atomic, 1); /* for Block.lock(): it was abandoned */
                 return RC_OK;
             }
             continue;
@@ -1662,6 +1667,314 @@ static PyTypeObject RingType = {
     .tp_getset = ring_getset,
 };
 
+
+/* ---- blocks: a plain data area plus a trailing header page ---------------------
+ *
+ * [data: size bytes, rounded up to the page size][header page]. The data starts at
+ * offset 0 so that multiprocessing.shared_memory.SharedMemory(name).buf[:size] is the
+ * data. The header page has the ring header's layout (magic "BUZN BLK", capacity =
+ * size, the participant slots) and the reservation lock word serves as a robust
+ * process-shared mutex: a holder that dies is detected through its slot's OFD lock and
+ * the lock is taken over. [3072, 4096) of the page holds the caller's metadata.
+ */
+
+static uint64_t
+page_round(uint64_t n)
+{
+    uint64_t ps = (uint64_t)sysconf(_SC_PAGESIZE);
+    return (n + ps - 1) / ps * ps;
+}
+
+static int
+map_block(Ring *r, uint64_t size)
+{
+    uint64_t data = page_round(size ? size : 1);
+    size_t total = (size_t)(data + HEADER_SIZE);
+    uint8_t *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
+    if (p == MAP_FAILED) {
+        return -1;
+    }
+    r->base = p;
+    r->map_len = total;
+    r->data = p;
+    r->h = (header_t *)(p + data);
+    r->cap = size;
+    r->mask = 0;
+    r->limit = size;
+    r->rsize = 0;
+    return 0;
+}
+
+static PyObject *
+block_create(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"name", "size", "meta", "slots", NULL};
+    PyObject *name;
+    unsigned long long size;
+    Py_buffer meta = {0};
+    unsigned int nslots = 64;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "UKy*|I:create", kwlist, &name, &size, &meta,
+                                     &nslots)) {
+        return NULL;
+    }
+    if (meta.len > (Py_ssize_t)META_SIZE || size > MAX_CAPACITY || nslots < 1 ||
+        nslots > MAX_SLOTS) {
+        PyBuffer_Release(&meta);
+        PyErr_Format(PyExc_ValueError, "meta is at most %u bytes, size at most 2**40, "
+                     "slots 1..%u", META_SIZE, MAX_SLOTS);
+        return NULL;
+    }
+    const char *cname = PyUnicode_AsUTF8(name);
+    Ring *r = cname ? ring_new(type, name) : NULL;
+    if (r == NULL) {
+        PyBuffer_Release(&meta);
+        return NULL;
+    }
+    r->fd = shm_open(cname, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (r->fd < 0) {
+        PyBuffer_Release(&meta);
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        Py_DECREF(r);
+        return NULL;
+    }
+    r->nslots = nslots;
+    if (lock_byte(r->fd, F_OFD_SETLK, F_WRLCK, 0, 1, NULL) < 0 || fchmod(r->fd, 0600) < 0 ||
+        ftruncate(r->fd, (off_t)(page_round(size ? size : 1) + HEADER_SIZE)) < 0 ||
+        map_block(r, size) < 0) {
+        PyBuffer_Release(&meta);
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        shm_unlink(cname);
+        Py_DECREF(r);
+        return NULL;
+    }
+    header_t *h = r->h;
+    h->version = VERSION;
+    h->header_size = HEADER_SIZE;
+    h->capacity = size;
+    h->nslots = nslots;
+    h->creator_pid = (uint32_t)getpid();
+    h->creator_uid = (uint32_t)getuid();
+    memcpy((uint8_t *)h + META_OFFSET, meta.buf, (size_t)meta.len);
+    PyBuffer_Release(&meta);
+    atomic_store(&h->slots[0].gen, 1);
+    atomic_store(&h->slots[0].pid, (uint32_t)getpid());
+    r->slot = 0;
+    r->token = (1u << 8) | 1u;
+    __atomic_store_n(&h->magic, BLOCK_MAGIC, __ATOMIC_RELEASE);
+    return (PyObject *)r;
+}
+
+static PyObject *
+block_attach(PyTypeObject *type, PyObject *args)
+{
+    PyObject *name;
+    if (!PyArg_ParseTuple(args, "U:attach", &name)) {
+        return NULL;
+    }
+    const char *cname = PyUnicode_AsUTF8(name);
+    if (cname == NULL) {
+        return NULL;
+    }
+    int fd = shm_open(cname, O_RDWR | O_CLOEXEC | O_NOFOLLOW, 0);
+    if (fd < 0) {
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0 || st.st_uid != geteuid() || (st.st_mode & 077) ||
+        (uint64_t)st.st_size < HEADER_SIZE + 4096) {
+        close(fd);
+        PyErr_Format(PyExc_PermissionError,
+                     "segment %S is not a block of this user with mode 0600", name);
+        return NULL;
+    }
+    uint64_t data = (uint64_t)st.st_size - HEADER_SIZE;
+    header_t copy;
+    if (pread(fd, &copy, sizeof copy, (off_t)data) != (ssize_t)sizeof copy) {
+        close(fd);
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+    }
+    const char *why = NULL;
+    if (copy.magic != BLOCK_MAGIC) {
+        why = "bad magic (not a buzon block, or not initialised yet)";
+    }
+    else if (copy.version != VERSION || copy.header_size != HEADER_SIZE) {
+        why = "unknown version or header size";
+    }
+    else if (copy.capacity > MAX_CAPACITY || page_round(copy.capacity ? copy.capacity : 1) != data) {
+        why = "the segment's size does not match the block size";
+    }
+    else if (copy.nslots < 1 || copy.nslots > MAX_SLOTS) {
+        why = "bad slot count";
+    }
+    if (why != NULL) {
+        close(fd);
+        PyErr_Format(ProtocolError, "segment %S is not a valid buzon block: %s", name, why);
+        return NULL;
+    }
+    Ring *r = ring_new(type, name);
+    if (r == NULL) {
+        close(fd);
+        return NULL;
+    }
+    r->fd = fd;
+    r->nslots = copy.nslots;
+    if (map_block(r, copy.capacity) < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        Py_DECREF(r);
+        return NULL;
+    }
+    if (take_slot(r) < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        Py_DECREF(r);
+        return NULL;
+    }
+    return (PyObject *)r;
+}
+
+/* lock(timeout=None) -> bool: True if the previous holder had died holding it. */
+static PyObject *
+block_lock(Ring *r, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:lock", kwlist, &timeout)) {
+        return NULL;
+    }
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    int64_t deadline;
+    if (deadline_from(timeout, &deadline) < 0) {
+        return NULL;
+    }
+    if (atomic_load(&r->h->rlock) == r->token) {
+        PyErr_SetString(PyExc_RuntimeError, "this process already holds the lock");
+        return NULL;
+    }
+    int rc;
+    uint32_t before;
+    for (;;) {
+        before = atomic_load(&r->h->rlock);
+        Py_BEGIN_ALLOW_THREADS
+        rc = rlock_acquire(r, deadline == 0 ? now_ns() : deadline);
+        Py_END_ALLOW_THREADS
+        if (rc != RC_INTR) {
+            break;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+    }
+    if (rc == RC_AGAIN) {
+        PyErr_Format(TimeoutErr, "the lock of %S is held by another process", r->name);
+        return NULL;
+    }
+    /* taken over from a dead holder: flag it so the caller can repair the data */
+    int recovered = atomic_exchange(&r->h->flags_atomic, 0) != 0;
+    (void)before;
+    return PyBool_FromLong(recovered);
+}
+
+static PyObject *
+block_unlock(Ring *r, PyObject *Py_UNUSED(a))
+{
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    if (atomic_load(&r->h->rlock) != r->token) {
+        PyErr_SetString(PyExc_RuntimeError, "this process does not hold the lock");
+        return NULL;
+    }
+    rlock_release(r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+block_meta(Ring *r, PyObject *Py_UNUSED(a))
+{
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)r->h + META_OFFSET, META_SIZE);
+}
+
+static PyObject *
+block_close(Ring *r, PyObject *Py_UNUSED(a))
+{
+    if (r->exports > 0) {
+        PyErr_SetString(PyExc_BufferError,
+                        "cannot close the block while views of it exist (release them first)");
+        return NULL;
+    }
+    ring_unmap(r);
+    Py_RETURN_NONE;
+}
+
+static int
+block_getbuffer(Ring *r, Py_buffer *view, int flags)
+{
+    if (r->base == NULL) {
+        PyErr_SetString(ClosedErr, "the shared block is closed");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)r, r->data, (Py_ssize_t)r->cap, 0, flags) < 0) {
+        return -1;
+    }
+    r->exports++;
+    return 0;
+}
+
+static void
+block_releasebuffer(Ring *r, Py_buffer *Py_UNUSED(view))
+{
+    r->exports--;
+}
+
+static PyBufferProcs block_as_buffer = {
+    (getbufferproc)block_getbuffer,
+    (releasebufferproc)block_releasebuffer,
+};
+
+static PyObject *
+block_get_size(Ring *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(r->cap);
+}
+
+static PyMethodDef block_methods[] = {
+    {"create", (PyCFunction)(void (*)(void))block_create,
+     METH_VARARGS | METH_KEYWORDS | METH_CLASS,
+     "create(name, size, meta, slots=64): a data block of size bytes (O_EXCL, 0600)."},
+    {"attach", (PyCFunction)block_attach, METH_VARARGS | METH_CLASS,
+     "attach(name): open an existing block after validating its header."},
+    {"lock", (PyCFunction)(void (*)(void))block_lock, METH_VARARGS | METH_KEYWORDS,
+     "lock(timeout=None) -> True if taken over from a holder that died."},
+    {"unlock", (PyCFunction)block_unlock, METH_NOARGS, "release the lock."},
+    {"meta", (PyCFunction)block_meta, METH_NOARGS, "the 1024 metadata bytes."},
+    {"info", (PyCFunction)ring_info, METH_NOARGS, "header fields and participants."},
+    {"close", (PyCFunction)block_close, METH_NOARGS, "unmap and release our slot."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef block_getset[] = {
+    {"size", (getter)block_get_size, NULL, "data bytes", NULL},
+    {"name", (getter)ring_get_name, NULL, "segment name", NULL},
+    {"closed", (getter)ring_get_closed, NULL, "closed by this process", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject BlockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon._core.Block",
+    .tp_basicsize = sizeof(Ring),
+    .tp_dealloc = (destructor)ring_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A block of shared memory (data first, header page last) with a robust "
+              "process-shared lock. Make one with Block.create or Block.attach.",
+    .tp_methods = block_methods,
+    .tp_getset = block_getset,
+    .tp_as_buffer = &block_as_buffer,
+};
+
 /* ---- module functions ------------------------------------------------------- */
 
 static PyObject *
@@ -1814,7 +2127,7 @@ PyInit__core(void)
         }
     }
     Py_DECREF(errors);
-    if (PyType_Ready(&RingType) < 0) {
+    if (PyType_Ready(&RingType) < 0 || PyType_Ready(&BlockType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&moddef);
@@ -1822,7 +2135,9 @@ PyInit__core(void)
         return NULL;
     }
     Py_INCREF(&RingType);
+    Py_INCREF(&BlockType);
     if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0 ||
+        PyModule_AddObject(m, "Block", (PyObject *)&BlockType) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_HEADER", REC_HDR) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SLOTS", MAX_SLOTS) < 0 ||

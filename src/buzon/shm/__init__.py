@@ -18,6 +18,7 @@ from ._segment import (
     remove_segment,
     segment_exists,
 )
+from ._shared import SharedArray, SharedLock, SharedValue, shared_array, shared_value
 
 __all__ = [
     "SHM_DIR",
@@ -30,4 +31,9 @@ __all__ = [
     "new_segment_name",
     "remove_segment",
     "segment_exists",
+    "SharedArray",
+    "SharedLock",
+    "SharedValue",
+    "shared_array",
+    "shared_value",
 ]

@@ -22,13 +22,11 @@ is attached). A name file whose segment is gone is replaced.
 from __future__ import annotations
 
 import os
-import secrets
 from types import TracebackType
 
 from .. import _core
-from .._runtime import check_endpoint_path, runtime_dir
-from ..address import _check_name
-from ..errors import AddressError, NoSuchEndpoint
+from ..errors import NoSuchEndpoint
+from ._names import lookup, name_path, publish, unpublish
 from ._segment import attach_ring, create_ring, remove_segment
 
 __all__ = ["BoundedBuffer"]
@@ -54,16 +52,12 @@ class BoundedBuffer:
     """
 
     def __init__(self, name: str, slots: int | None = None, item_size: int | None = None) -> None:
-        try:
-            _check_name(f"bbuf:{name}", name)
-        except AddressError:
-            raise
         if (slots is None) != (item_size is None):
             raise ValueError("pass both slots and item_size (to create), or neither")
         if slots is not None and item_size is not None and (slots < 1 or item_size < 0):
             raise ValueError("slots must be at least 1 and item_size at least 0")
         self.name = name
-        self.path = os.path.join(runtime_dir(), name + _SUFFIX)
+        self.path = name_path(name, _SUFFIX)
         self._ring, self.created = self._open(slots, item_size)
         info = self._ring.info()
         self.slots = info["limit"] // info["record_size"]
@@ -107,39 +101,13 @@ class BoundedBuffer:
         raise NoSuchEndpoint(f"bounded buffer {self.name!r} keeps changing; try again")
 
     def _read_name(self) -> str | None:
-        check_endpoint_path(self.path, must_exist=True)
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            return os.read(fd, 256).decode("ascii", "replace").strip() or None
-        finally:
-            os.close(fd)
+        return lookup(self.path)
 
     def _publish(self, segment: str) -> bool:
-        """Make ``self.path`` name ``segment``, atomically; False if it already exists."""
-        check_endpoint_path(self.path, must_exist=False)
-        tmp = f"{self.path}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, segment.encode("ascii") + b"\n")
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, self.path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        return True
+        return publish(self.path, segment)
 
     def _unlink_name(self, segment: str) -> None:
-        if self._read_name() == segment:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        unpublish(self.path, segment)
 
     # ---- the producer/consumer API ----------------------------------------------
 
