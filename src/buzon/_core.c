@@ -203,6 +203,8 @@ typedef struct {
     Py_ssize_t exports; /* Block only: live buffer views (no unmapping under them) */
 } Ring;
 
+static PyTypeObject LoanType;
+
 static PyObject *ProtocolError, *TimeoutErr, *FullErr, *EmptyErr, *TooLarge, *ClosedErr,
     *EndErr;
 
@@ -520,6 +522,44 @@ advance_tail(Ring *r)
     return RC_OK;
 }
 
+/* Move rd past records that carry no message (ABANDONED, or RESERVED by a dead
+ * producer), so that a producer facing a full ring does not need a consumer to reclaim
+ * their space. Returns RC_OK or RC_CORRUPT. */
+static int
+skip_dead(Ring *r)
+{
+    header_t *h = r->h;
+    for (;;) {
+        uint64_t d = atomic_load_explicit(&h->rd, memory_order_acquire);
+        uint64_t hd = atomic_load_explicit(&h->head, memory_order_acquire);
+        if (d == hd) {
+            return RC_OK;
+        }
+        if (hd - d > r->limit || ((hd | d) & 7)) {
+            return atomic_load(&h->rd) != d ? RC_OK : RC_CORRUPT;
+        }
+        rec_t *rec = rec_at(r, d);
+        uint64_t st = atomic_load_explicit(&rec->state, memory_order_acquire);
+        uint32_t len = rec->len;
+        uint64_t size = footprint(r, len);
+        if (size > hd - d || size < rec_size(len)) {
+            return atomic_load(&h->rd) != d ? RC_OK : RC_CORRUPT;
+        }
+        unsigned kind = (unsigned)(st & 0xff);
+        if (kind == K_RESERVED && !token_alive(r, (uint32_t)(st >> 32))) {
+            if (atomic_compare_exchange_strong(&rec->state, &st, (uint64_t)K_ABANDONED)) {
+                atomic_fetch_add(&h->abandoned, 1);
+            }
+            continue;
+        }
+        if (kind != K_ABANDONED) {
+            return RC_OK;
+        }
+        uint64_t exp = d;
+        atomic_compare_exchange_strong(&h->rd, &exp, d + size);
+    }
+}
+
 /* Wait until *seq changes (or a slice passes). RC_OK, RC_AGAIN (deadline), RC_INTR. */
 static int
 wait_seq(Ring *r, _Atomic uint32_t *seq, _Atomic uint32_t *waiters, uint32_t seen,
@@ -590,8 +630,8 @@ reserve(Ring *r, uint32_t len, int64_t deadline, rec_t **out)
         }
         uint32_t seen = atomic_load(&h->space_seq);
         rlock_release(r);
-        /* full: maybe a dead consumer holds the tail */
-        if (advance_tail(r) != RC_OK) {
+        /* full: maybe dead producers or consumers hold space */
+        if (skip_dead(r) != RC_OK || advance_tail(r) != RC_OK) {
             return RC_CORRUPT;
         }
         if (atomic_load(&h->space_seq) != seen) {
@@ -1390,9 +1430,309 @@ ring_try_recv(Ring *r, PyObject *Py_UNUSED(a))
     return do_recv(r, NULL, 0);
 }
 
+
+/* ---- loans: zero-copy writes and reads --------------------------------------------
+ *
+ * Ring.reserve(n) returns a Loan over the payload of a RESERVED record: fill it through
+ * the buffer protocol (memoryview, numpy.frombuffer), then commit() (or abort(), which
+ * turns it ABANDONED: consumers skip it). Ring.recv_view() returns a Loan over a
+ * claimed (READING) record: read it in place, then release(), which frees the space.
+ * commit/abort/release refuse while buffer views are still exported, so no view can
+ * outlive the record it points into. A Loan dropped unfinished is aborted/released.
+ * A process that dies holding a loan is handled like any producer or consumer death.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    Ring *ring;
+    rec_t *rec;
+    uint32_t len;
+    int reading; /* 0: a write loan, 1: a read view */
+    int done;
+    Py_ssize_t exports;
+} Loan;
+
+static PyObject *
+loan_new(Ring *r, rec_t *rec, uint32_t len, int reading)
+{
+    Loan *l = PyObject_New(Loan, &LoanType);
+    if (l == NULL) {
+        return NULL;
+    }
+    Py_INCREF(r);
+    l->ring = r;
+    l->rec = rec;
+    l->len = len;
+    l->reading = reading;
+    l->done = 0;
+    l->exports = 0;
+    r->exports++;
+    return (PyObject *)l;
+}
+
+static int
+loan_finish(Loan *l, int commit_it)
+{
+    if (l->done) {
+        PyErr_SetString(PyExc_ValueError, "the loan is already finished");
+        return -1;
+    }
+    if (l->exports > 0) {
+        PyErr_SetString(PyExc_BufferError,
+                        "release every view of the loan (del the array) before finishing it");
+        return -1;
+    }
+    Ring *r = l->ring;
+    l->done = 1;
+    r->exports--;
+    if (r->base == NULL) {
+        return 0;
+    }
+    if (l->reading) {
+        if (release_rec(r, l->rec) != RC_OK) {
+            corrupt(r);
+            return -1;
+        }
+    }
+    else if (commit_it) {
+        commit(r, l->rec);
+    }
+    else {
+        uint64_t st = K_RESERVED | ((uint64_t)r->token << 32);
+        if (atomic_compare_exchange_strong(&l->rec->state, &st, (uint64_t)K_ABANDONED)) {
+            atomic_fetch_add(&r->h->abandoned, 1);
+        }
+        wake_data(r); /* a consumer may be waiting on this very record */
+    }
+    return 0;
+}
+
+static PyObject *
+loan_commit(Loan *l, PyObject *Py_UNUSED(a))
+{
+    if (l->reading) {
+        PyErr_SetString(PyExc_TypeError, "a received view is released, not committed");
+        return NULL;
+    }
+    if (loan_finish(l, 1) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+loan_abort(Loan *l, PyObject *Py_UNUSED(a))
+{
+    if (loan_finish(l, 0) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+loan_dealloc(Loan *l)
+{
+    if (!l->done) {
+        l->exports = 0; /* no view can exist: each holds a reference to us */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (loan_finish(l, 0) < 0) {
+            PyErr_WriteUnraisable((PyObject *)l);
+        }
+        PyErr_Restore(et, ev, tb);
+    }
+    Py_DECREF(l->ring);
+    PyObject_Free(l);
+}
+
+static int
+loan_getbuffer(Loan *l, Py_buffer *view, int flags)
+{
+    if (l->done || l->ring->base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the loan is finished");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)l, (uint8_t *)l->rec + REC_HDR, (Py_ssize_t)l->len,
+                          l->reading, flags) < 0) {
+        return -1;
+    }
+    l->exports++;
+    return 0;
+}
+
+static void
+loan_releasebuffer(Loan *l, Py_buffer *Py_UNUSED(v))
+{
+    l->exports--;
+}
+
+static PyBufferProcs loan_as_buffer = {
+    (getbufferproc)loan_getbuffer,
+    (releasebufferproc)loan_releasebuffer,
+};
+
+static Py_ssize_t
+loan_length(Loan *l)
+{
+    return (Py_ssize_t)l->len;
+}
+
+static PySequenceMethods loan_as_sequence = {.sq_length = (lenfunc)loan_length};
+
+static PyObject *
+loan_enter(Loan *l, PyObject *Py_UNUSED(a))
+{
+    Py_INCREF(l);
+    return (PyObject *)l;
+}
+
+static PyObject *
+loan_exit(Loan *l, PyObject *args)
+{
+    PyObject *et = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
+    if (!l->done) {
+        /* a write loan commits on a clean exit and aborts on an exception */
+        if (loan_finish(l, et == Py_None) < 0) {
+            return NULL;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+loan_get_done(Loan *l, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(l->done);
+}
+
+static PyMethodDef loan_methods[] = {
+    {"commit", (PyCFunction)loan_commit, METH_NOARGS, "publish the filled record."},
+    {"abort", (PyCFunction)loan_abort, METH_NOARGS, "drop a write loan unpublished."},
+    {"release", (PyCFunction)loan_abort, METH_NOARGS, "free a received record's space."},
+    {"__enter__", (PyCFunction)loan_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)loan_exit, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef loan_getset[] = {
+    {"done", (getter)loan_get_done, NULL, "committed, aborted or released", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LoanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon._core.Loan",
+    .tp_basicsize = sizeof(Loan),
+    .tp_dealloc = (destructor)loan_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A record of a ring lent out: writable until commit() (Ring.reserve), or "
+              "read-only until release() (Ring.recv_view). Supports the buffer protocol.",
+    .tp_methods = loan_methods,
+    .tp_getset = loan_getset,
+    .tp_as_buffer = &loan_as_buffer,
+    .tp_as_sequence = &loan_as_sequence,
+};
+
+static PyObject *
+ring_reserve(Ring *r, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"nbytes", "timeout", NULL};
+    Py_ssize_t n;
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "n|O:reserve", kwlist, &n, &timeout)) {
+        return NULL;
+    }
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    int64_t deadline;
+    if (deadline_from(timeout, &deadline) < 0) {
+        return NULL;
+    }
+    uint64_t most = (r->rsize ? r->rsize : r->limit) - REC_HDR;
+    if (n < 0 || (uint64_t)n > most) {
+        PyErr_Format(TooLarge, "a loan of %zd bytes does not fit the ring of %S (at most %llu)",
+                     n, r->name, (unsigned long long)most);
+        return NULL;
+    }
+    rec_t *rec = NULL;
+    int rc;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = reserve(r, (uint32_t)n, deadline, &rec);
+        Py_END_ALLOW_THREADS
+        if (rc != RC_INTR) {
+            break;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+    }
+    switch (rc) {
+    case RC_OK:
+        return loan_new(r, rec, (uint32_t)n, 0);
+    case RC_AGAIN:
+        PyErr_Format(deadline == 0 ? FullErr : TimeoutErr, "no room in the ring %S", r->name);
+        return NULL;
+    case RC_CLOSED:
+        PyErr_Format(EndErr, "the ring %S was shut down", r->name);
+        return NULL;
+    default:
+        return corrupt(r);
+    }
+}
+
+static PyObject *
+ring_recv_view(Ring *r, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:recv_view", kwlist, &timeout)) {
+        return NULL;
+    }
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    int64_t deadline;
+    if (deadline_from(timeout, &deadline) < 0) {
+        return NULL;
+    }
+    rec_t *rec = NULL;
+    uint32_t len = 0;
+    int rc, spun = 0;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = claim(r, deadline, &rec, &len, &spun);
+        Py_END_ALLOW_THREADS
+        if (rc != RC_INTR) {
+            break;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+    }
+    switch (rc) {
+    case RC_OK:
+        return loan_new(r, rec, len, 1);
+    case RC_AGAIN:
+        PyErr_Format(deadline == 0 ? EmptyErr : TimeoutErr, "nothing to receive from %S",
+                     r->name);
+        return NULL;
+    case RC_CLOSED:
+        PyErr_Format(EndErr, "the ring %S was closed by its writer and is empty", r->name);
+        return NULL;
+    default:
+        return corrupt(r);
+    }
+}
+
 static PyObject *
 ring_close(Ring *r, PyObject *Py_UNUSED(a))
 {
+    if (r->exports > 0) {
+        PyErr_SetString(PyExc_BufferError,
+                        "cannot close the ring while loans of it are unfinished");
+        return NULL;
+    }
     ring_unmap(r);
     Py_RETURN_NONE;
 }
@@ -1549,6 +1889,11 @@ ring_enter(Ring *r, PyObject *Py_UNUSED(a))
 static PyObject *
 ring_exit(Ring *r, PyObject *Py_UNUSED(a))
 {
+    if (r->exports > 0) {
+        PyErr_SetString(PyExc_BufferError,
+                        "cannot close the ring while loans of it are unfinished");
+        return NULL;
+    }
     ring_unmap(r);
     Py_RETURN_FALSE;
 }
@@ -1640,6 +1985,10 @@ static PyMethodDef ring_methods[] = {
     {"info", (PyCFunction)ring_info, METH_NOARGS, "header fields and participants."},
     {"fileno", (PyCFunction)ring_fileno, METH_NOARGS, "the segment's fd (ours)."},
     {"close", (PyCFunction)ring_close, METH_NOARGS, "unmap and release our slot."},
+    {"reserve", (PyCFunction)(void (*)(void))ring_reserve, METH_VARARGS | METH_KEYWORDS,
+     "reserve(nbytes, timeout=None) -> Loan: fill it in place, then commit()."},
+    {"recv_view", (PyCFunction)(void (*)(void))ring_recv_view, METH_VARARGS | METH_KEYWORDS,
+     "recv_view(timeout=None) -> Loan: read the next message in place, then release()."},
     {"__enter__", (PyCFunction)ring_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)ring_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -2127,7 +2476,8 @@ PyInit__core(void)
         }
     }
     Py_DECREF(errors);
-    if (PyType_Ready(&RingType) < 0 || PyType_Ready(&BlockType) < 0) {
+    if (PyType_Ready(&RingType) < 0 || PyType_Ready(&BlockType) < 0 ||
+        PyType_Ready(&LoanType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&moddef);
@@ -2136,8 +2486,10 @@ PyInit__core(void)
     }
     Py_INCREF(&RingType);
     Py_INCREF(&BlockType);
+    Py_INCREF(&LoanType);
     if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0 ||
         PyModule_AddObject(m, "Block", (PyObject *)&BlockType) < 0 ||
+        PyModule_AddObject(m, "Loan", (PyObject *)&LoanType) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_HEADER", REC_HDR) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SLOTS", MAX_SLOTS) < 0 ||

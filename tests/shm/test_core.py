@@ -426,3 +426,57 @@ def test_fork_child_gets_its_own_slot(name: str, ring: _core.Ring) -> None:
     assert ring.recv(timeout=T) == b"from child"
     ring.send(b"parent still works")
     assert ring.recv(timeout=T) == b"parent still works"
+
+
+# ---- loans: zero copy -------------------------------------------------------------------
+
+
+def test_loan_fill_as_numpy_then_commit(ring: _core.Ring) -> None:
+    import numpy as np
+
+    loan = ring.reserve(8 * 100)
+    a = np.frombuffer(loan, dtype="f8")
+    a[:] = np.arange(100)
+    with pytest.raises(BufferError):
+        loan.commit()  # a view is still out
+    del a
+    loan.commit()
+    assert loan.done
+    with pytest.raises(ValueError):
+        memoryview(loan)
+    view = ring.recv_view(timeout=T)
+    got = np.frombuffer(view, dtype="f8")
+    assert got.tolist() == list(range(100)) and not got.flags.writeable
+    with pytest.raises(BufferError):
+        view.release()
+    with pytest.raises(BufferError):
+        ring.close()  # loans pin the mapping
+    del got
+    view.release()
+    assert ring.used == 0
+
+
+def test_loan_context_managers_and_abort(ring: _core.Ring) -> None:
+    with ring.reserve(3) as loan:
+        memoryview(loan)[:] = b"abc"
+    with pytest.raises(RuntimeError), ring.reserve(3) as loan2:
+        memoryview(loan2)[:] = b"xyz"
+        raise RuntimeError("changed my mind")  # aborted: never delivered
+    dropped = ring.reserve(5)
+    del dropped  # dropped unfinished: aborted too
+    with ring.recv_view(timeout=T) as view:
+        assert bytes(view) == b"abc" and len(view) == 3
+    with pytest.raises(Empty):
+        ring.recv_view(timeout=0)
+    assert ring.info()["abandoned"] == 2 and ring.used == 0
+
+
+def test_loan_too_large_and_full(ring: _core.Ring) -> None:
+    with pytest.raises(MessageTooLarge):
+        ring.reserve(ring.max_message + 1)
+    big = ring.reserve(ring.max_message)
+    with pytest.raises(Full):
+        ring.reserve(1, timeout=0)
+    big.abort()
+    ring.reserve(1).commit()
+    assert ring.recv() == b"\0"
