@@ -14,7 +14,7 @@
  *   tail  end of the last record whose space was *freed*
  * Every record starts with a 16-byte header: a 64-bit state word (kind in the low byte,
  * the token of the process that set it in the high 32 bits), the payload length and the
- * writer's token. A producer takes the reservation lock (a futex word holding its
+ * producer's flags. A producer takes the reservation lock (a futex word holding its
  * token), writes the header RESERVED, publishes head, drops the lock, copies the payload
  * outside the lock, then stores COMMITTED. A consumer claims the record at rd by CAS on
  * its state word (COMMITTED -> READING), anybody advances rd past a claimed record,
@@ -142,7 +142,7 @@ _Static_assert(offsetof(header_t, label) == 2560, "layout");
 typedef struct {
     _Atomic uint64_t state; /* kind | token << 32 */
     uint32_t len;
-    uint32_t writer;
+    uint32_t flags; /* the producer's, opaque to the ring (shm: bit 0 = out of line) */
 } rec_t;
 
 /* ---- fault points (tests only): kill this process at step k ---------------- */
@@ -594,7 +594,7 @@ typedef struct {
 
 /* Reserve a record for len bytes. deadline: -1 forever, 0 try once, else ns. */
 static int
-reserve(Ring *r, uint32_t len, int64_t deadline, rec_t **out)
+reserve(Ring *r, uint32_t len, uint32_t flags, int64_t deadline, rec_t **out)
 {
     header_t *h = r->h;
     uint64_t need = footprint(r, len);
@@ -617,7 +617,7 @@ reserve(Ring *r, uint32_t len, int64_t deadline, rec_t **out)
         if (head + need - tail <= r->limit) {
             rec_t *rec = rec_at(r, head);
             rec->len = len;
-            rec->writer = r->token;
+            rec->flags = flags;
             atomic_store_explicit(&rec->state, K_RESERVED | ((uint64_t)r->token << 32),
                                   memory_order_relaxed);
             fault(F_HEADER);
@@ -874,7 +874,7 @@ adapt_spin(Ring *r, int spun_ok)
 /* Send parts (with the GIL held on entry and exit). 1 sent, 0 would block (only
  * when deadline == 0), -1 error. */
 static int
-send_parts(Ring *r, part_t *parts, int nparts, size_t total, int64_t deadline)
+send_parts(Ring *r, part_t *parts, int nparts, size_t total, uint32_t flags, int64_t deadline)
 {
     uint64_t most = (r->rsize ? r->rsize : r->limit) - REC_HDR;
     if (total > most || total > UINT32_MAX - 16) {
@@ -889,11 +889,11 @@ send_parts(Ring *r, part_t *parts, int nparts, size_t total, int64_t deadline)
     int rc;
     for (;;) {
         if (deadline == 0) {
-            rc = reserve(r, len, 0, &rec);
+            rc = reserve(r, len, flags, 0, &rec);
         }
         else {
             Py_BEGIN_ALLOW_THREADS
-            rc = reserve(r, len, deadline, &rec);
+            rc = reserve(r, len, flags, deadline, &rec);
             Py_END_ALLOW_THREADS
         }
         if (rc != RC_INTR) {
@@ -971,7 +971,7 @@ get_parts(PyObject *data, Py_buffer *views, part_t *parts, int max, int *n, size
 #define MAX_PARTS 64
 
 static PyObject *
-do_send(Ring *r, PyObject *data, PyObject *timeout, int mode)
+do_send(Ring *r, PyObject *data, PyObject *timeout, int mode, uint32_t flags)
 {
     /* mode 0: try (bool), 1: nowait (Full), 2: blocking with timeout */
     if (check_open(r) < 0) {
@@ -988,7 +988,7 @@ do_send(Ring *r, PyObject *data, PyObject *timeout, int mode)
     if (get_parts(data, views, parts, MAX_PARTS, &n, &total) < 0) {
         return NULL;
     }
-    int rc = send_parts(r, parts, n, total, deadline);
+    int rc = send_parts(r, parts, n, total, flags, deadline);
     for (int i = 0; i < n; i++) {
         PyBuffer_Release(&views[i]);
     }
@@ -1009,7 +1009,7 @@ do_send(Ring *r, PyObject *data, PyObject *timeout, int mode)
 }
 
 static PyObject *
-do_recv(Ring *r, PyObject *timeout, int mode)
+do_recv(Ring *r, PyObject *timeout, int mode, int want_flags)
 {
     /* mode 0: try (None when empty), 1: nowait (Empty), 2: blocking */
     if (check_open(r) < 0) {
@@ -1061,6 +1061,7 @@ do_recv(Ring *r, PyObject *timeout, int mode)
     default:
         return corrupt(r);
     }
+    uint32_t flags = rec->flags;
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
     if (out != NULL) {
         const uint8_t *src = (const uint8_t *)rec + REC_HDR;
@@ -1076,6 +1077,9 @@ do_recv(Ring *r, PyObject *timeout, int mode)
     if (release_rec(r, rec) != RC_OK) {
         Py_XDECREF(out);
         return corrupt(r);
+    }
+    if (want_flags && out != NULL) {
+        return Py_BuildValue("(NI)", out, flags);
     }
     return out;
 }
@@ -1392,19 +1396,32 @@ ring_send(Ring *r, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:send", kwlist, &data, &timeout)) {
         return NULL;
     }
-    return do_send(r, data, timeout, 2);
+    return do_send(r, data, timeout, 2, 0);
 }
 
 static PyObject *
 ring_send_nowait(Ring *r, PyObject *data)
 {
-    return do_send(r, data, NULL, 1);
+    return do_send(r, data, NULL, 1, 0);
 }
 
 static PyObject *
-ring_try_send(Ring *r, PyObject *data)
+ring_try_send(Ring *r, PyObject *const *args, Py_ssize_t nargs)
 {
-    return do_send(r, data, NULL, 0);
+    /* try_send(data, flags=0): fastcall, this is the transport's hot path */
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "try_send(data, flags=0)");
+        return NULL;
+    }
+    uint32_t flags = 0;
+    if (nargs == 2) {
+        unsigned long f = PyLong_AsUnsignedLong(args[1]);
+        if (f == (unsigned long)-1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        flags = (uint32_t)f;
+    }
+    return do_send(r, args[0], NULL, 0, flags);
 }
 
 static PyObject *
@@ -1415,19 +1432,25 @@ ring_recv(Ring *r, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:recv", kwlist, &timeout)) {
         return NULL;
     }
-    return do_recv(r, timeout, 2);
+    return do_recv(r, timeout, 2, 0);
 }
 
 static PyObject *
 ring_recv_nowait(Ring *r, PyObject *Py_UNUSED(a))
 {
-    return do_recv(r, NULL, 1);
+    return do_recv(r, NULL, 1, 0);
 }
 
 static PyObject *
 ring_try_recv(Ring *r, PyObject *Py_UNUSED(a))
 {
-    return do_recv(r, NULL, 0);
+    return do_recv(r, NULL, 0, 0);
+}
+
+static PyObject *
+ring_try_recv_flags(Ring *r, PyObject *Py_UNUSED(a))
+{
+    return do_recv(r, NULL, 0, 1);
 }
 
 
@@ -1614,8 +1637,15 @@ static PyMethodDef loan_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+loan_get_flags(Loan *l, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLong(l->done ? 0 : l->rec->flags);
+}
+
 static PyGetSetDef loan_getset[] = {
     {"done", (getter)loan_get_done, NULL, "committed, aborted or released", NULL},
+    {"flags", (getter)loan_get_flags, NULL, "the record's producer flags", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1635,10 +1665,11 @@ static PyTypeObject LoanType = {
 static PyObject *
 ring_reserve(Ring *r, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"nbytes", "timeout", NULL};
+    static char *kwlist[] = {"nbytes", "timeout", "flags", NULL};
     Py_ssize_t n;
     PyObject *timeout = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "n|O:reserve", kwlist, &n, &timeout)) {
+    unsigned int flags = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "n|OI:reserve", kwlist, &n, &timeout, &flags)) {
         return NULL;
     }
     if (check_open(r) < 0) {
@@ -1658,7 +1689,7 @@ ring_reserve(Ring *r, PyObject *args, PyObject *kw)
     int rc;
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        rc = reserve(r, (uint32_t)n, deadline, &rec);
+        rc = reserve(r, (uint32_t)n, flags, deadline, &rec);
         Py_END_ALLOW_THREADS
         if (rc != RC_INTR) {
             break;
@@ -1968,7 +1999,10 @@ static PyMethodDef ring_methods[] = {
     {"send", (PyCFunction)(void (*)(void))ring_send, METH_VARARGS | METH_KEYWORDS,
      "send(data, timeout=None): data is bytes-like or a list/tuple of them."},
     {"send_nowait", (PyCFunction)ring_send_nowait, METH_O, "send or raise Full."},
-    {"try_send", (PyCFunction)ring_try_send, METH_O, "send; False if the ring is full."},
+    {"try_send", (PyCFunction)(void (*)(void))ring_try_send, METH_FASTCALL,
+     "try_send(data, flags=0): send; False if the ring is full."},
+    {"try_recv_flags", (PyCFunction)ring_try_recv_flags, METH_NOARGS,
+     "(payload, flags) of the next message, or None if the ring is empty."},
     {"recv", (PyCFunction)(void (*)(void))ring_recv, METH_VARARGS | METH_KEYWORDS,
      "recv(timeout=None) -> bytes."},
     {"recv_nowait", (PyCFunction)ring_recv_nowait, METH_NOARGS, "recv or raise Empty."},

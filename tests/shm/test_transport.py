@@ -58,9 +58,44 @@ def test_nothing_in_dev_shm_once_attached(pair: tuple[Any, Any]) -> None:
 def test_too_large_keeps_channel_usable(pair: tuple[Any, Any]) -> None:
     a, b = pair
     with pytest.raises(MessageTooLarge):
-        a.send_bytes(b"x" * (a.properties.max_message + 1))
+        a.send_bytes(b"x" * (a._core.max_frame + 1))
     a.send_bytes(b"ok")
     assert b.recv_bytes(T) == b"ok"
+
+
+def test_messages_larger_than_the_ring_go_out_of_line(pair: tuple[Any, Any]) -> None:
+    import numpy as np
+
+    a, b = pair
+    ring = a._core.transport.ring_max
+    big = os.urandom(ring + 12345)
+    for size in (ring, ring + 1, len(big)):
+        a.send_bytes(big[:size], timeout=T)  # the ring holds the reference, not the bytes
+        assert b.recv_bytes(T) == big[:size]
+    arr = np.arange(3 * ring // 8, dtype="f8")
+    b.send(arr, timeout=T)
+    got = a.recv(T)
+    assert got.dtype == arr.dtype and np.array_equal(got, arr)
+    a.send_bytes(b"small after big")
+    assert b.recv_bytes(T) == b"small after big"
+    a.send_bytes(b"x")  # lets a drop its handles on the blocks b has taken
+    assert b.recv_bytes(T) == b"x"
+    assert _segments() == set()
+
+
+def test_unread_out_of_line_messages_are_removed_on_close() -> None:
+    with buzon.listen("shm:unread") as lst:
+        box: list[Any] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+        t.start()
+        a = buzon.connect("shm:unread", timeout=T)
+        t.join(T)
+        b = box[0]
+        a.send_bytes(b"y" * (a._core.transport.ring_max + 1), timeout=T)
+        assert len(_segments()) == 1
+        a.close()
+        b.close()  # never read it: its block goes with the channel
+    assert _segments() == set()
 
 
 def _child_sends_then_dies(lst_addr: str, count: int) -> None:

@@ -34,8 +34,14 @@ Readiness without threads or polling, for both drivers and :func:`buzon.wait`:
 End of channel: :meth:`ShmTransport.close` marks both rings shut; the reader gets every
 message that was committed, then :class:`~buzon.errors.EndOfChannel`. A peer killed
 with SIGKILL is seen the same way through the socket's EOF, and a message it had only
-half written is never delivered (see docs/shm.md). Messages are at most
-``capacity - 16`` bytes (``max_message``); larger ones raise ``MessageTooLarge``.
+half written is never delivered (see docs/shm.md).
+
+Messages larger than the ring travel *out of line*: the sender copies them into a fresh
+block segment (:class:`buzon._core.Block`) and sends only its name, in a record flagged
+``OOB``; the receiver attaches the block, unlinks its name, copies it out and unmaps it.
+The sender keeps its handle on the block until the name is gone (so ``buzon clean``
+never sees it unused while it waits in the ring); closing a channel unlinks the blocks
+of messages it will never read. The channel's frame cap (``max_frame``) bounds them.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import os
 import select
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from .. import _core
@@ -57,14 +63,15 @@ from ..errors import (
     ChannelClosed,
     ConnectionRefused,
     EndOfChannel,
+    Full,
     HandshakeError,
-    MessageTooLarge,
     NoSuchEndpoint,
     PeerCredentialsRejected,
+    ProtocolError,
     UnsafePath,
     from_oserror,
 )
-from ..shm._segment import attach_ring, create_ring, remove_segment
+from ..shm._segment import SHM_DIR, attach_ring, create_ring, new_segment_name, remove_segment
 from .base import (
     Buffer,
     Connector,
@@ -83,6 +90,8 @@ CAPACITY = 4 << 20
 """Bytes of each direction's ring; a message holds at most ``CAPACITY - 16``."""
 
 _MAGIC = b"BZSHM1\n"
+_OOB = 1  # record flag: the payload is the name of a block holding the message
+_OOB_META = b'{"kind": "oob"}'
 _SETUP_MAX = 512
 _MAX_PARTS = 64  # the core takes at most this many buffers per message
 
@@ -96,11 +105,12 @@ def _properties(capacity: int) -> LinkProperties:
         reliable=True,
         ordered=True,
         local=True,
-        max_message=capacity - _core.RECORD_HEADER,
+        max_message=None,
         credentials=True,
         notes=(
-            f"two shared-memory rings of {capacity} bytes; a Unix socket only to meet, "
-            "pass eventfds and notice the peer's death; same user only"
+            f"two shared-memory rings of {capacity} bytes; larger messages go out of line "
+            "in their own segment; a Unix socket only to meet, pass eventfds and notice "
+            "the peer's death; same user only"
         ),
     )
 
@@ -153,8 +163,10 @@ class ShmTransport(MessageTransport):
             os.eventfd_write(self._rx_data, 1)
         self.address = address
         self.peer = peer
-        self.max_message = tx.max_message
+        self.max_message = 1 << 40  # the frame cap applies; see _send_oob
+        self.ring_max = tx.max_message
         self.properties = _properties(tx.capacity)
+        self._oob_out: list[_core.Block] = []  # blocks sent, not yet taken by the peer
 
     def __repr__(self) -> str:
         return f"<ShmTransport {self.address}{' closed' if self.closed else ''}>"
@@ -177,54 +189,145 @@ class ShmTransport(MessageTransport):
         if self.closed:
             raise ChannelClosed(f"{self.address} is closed")
         rx = self._rx
-        msg = rx.try_recv()
-        if msg is not None:
-            return msg
+        got = rx.try_recv_flags()
+        if got is None:
+            try:
+                os.eventfd_read(self._rx_data)
+            except BlockingIOError:
+                pass
+            if rx.arm_data():
+                got = rx.try_recv_flags()
+            if got is None and self._peer_gone():
+                got = rx.try_recv_flags()  # whatever it committed before it went
+                if got is None:
+                    raise EndOfChannel(f"the peer of {self.address} closed the channel")
+            if got is None:
+                return None
+        data, flags = got
+        return self._take_oob(data) if flags & _OOB else data
+
+    def _take_oob(self, ref: bytes) -> bytes:
+        name = self._oob_name(ref)
         try:
-            os.eventfd_read(self._rx_data)
-        except BlockingIOError:
-            pass
-        if rx.arm_data():
-            msg = rx.try_recv()
-            if msg is not None:
-                return msg
-        if self._peer_gone():
-            msg = rx.try_recv()  # whatever it committed before it went
-            if msg is not None:
-                return msg
-            raise EndOfChannel(f"the peer of {self.address} closed the channel")
-        return None
+            block = _core.Block.attach("/" + name)
+        except FileNotFoundError:
+            raise ProtocolError(f"{self.address}: an out-of-line message vanished") from None
+        except OSError as exc:
+            raise from_oserror(exc, f"{self.address}: out-of-line message") from exc
+        try:
+            remove_segment(name)
+            with memoryview(block) as view:
+                return view.tobytes()
+        finally:
+            block.close()
+
+    def _oob_name(self, ref: bytes) -> str:
+        try:
+            name = ref.decode("ascii")
+        except UnicodeDecodeError:
+            name = ""
+        if not name.startswith(f"buzon-{os.getuid()}-") or "/" in name or len(name) > 100:
+            raise ProtocolError(f"{self.address}: a malformed out-of-line reference")
+        return name
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         if self.closed:
             raise ChannelClosed(f"{self.address} is closed")
         size = sum(_size(b) for b in bufs)
-        if size > self.max_message:
-            raise MessageTooLarge(
-                f"message of {size} bytes exceeds the shared-memory ring's {self.max_message} "
-                f"({self.address}); buzon does not split messages"
-            )
+        if size > self.ring_max:
+            return self._send_oob(bufs, size)
         parts: Sequence[Buffer] = bufs if len(bufs) <= _MAX_PARTS else [b"".join(bufs)]
         tx = self._tx
         if tx.try_send(parts):
             return True
+        return self._wait_for_room(size, lambda: tx.try_send(parts))
+
+    def _wait_for_room(self, size: int, attempt: Callable[[], bool]) -> bool:
+        """Arm the space notification, then try once more; False if still no room."""
+        tx = self._tx
         try:
             os.write(self._tx_space, b"\0")  # make the pipe unwritable until drained
         except BlockingIOError:
             pass
         except BrokenPipeError:
             raise EndOfChannel(f"the peer of {self.address} is gone") from None
-        if tx.arm_space(size) and tx.try_send(parts):
+        if tx.arm_space(size) and attempt():
             return True
         if self._peer_gone():
             raise EndOfChannel(f"the peer of {self.address} closed the channel")
         return False
+
+    def _send_oob(self, bufs: Sequence[Buffer], size: int) -> bool:
+        """Send a message larger than the ring: its bytes in a block, its name in the ring."""
+        self._reap_oob()
+        name = new_segment_name()
+        ref = name.encode("ascii")
+        loans: list[_core.Loan] = []
+
+        def attempt() -> bool:
+            try:
+                loans.append(self._tx.reserve(len(ref), 0, _OOB))
+            except Full:
+                return False
+            return True
+
+        if not attempt() and not self._wait_for_room(len(ref), attempt):
+            return False
+        loan = loans[0]
+        try:
+            block = _core.Block.create("/" + name, size, _OOB_META)
+        except BaseException:
+            loan.abort()
+            raise
+        try:
+            with memoryview(block) as view:
+                offset = 0
+                for buf in bufs:
+                    n = _size(buf)
+                    view[offset : offset + n] = buf
+                    offset += n
+            with memoryview(loan) as slot:
+                slot[:] = ref
+        except BaseException:
+            loan.abort()
+            block.close()
+            remove_segment(name)
+            raise
+        loan.commit()
+        self._oob_out.append(block)
+        return True
+
+    def _reap_oob(self) -> None:
+        """Drop our handles on blocks the peer has taken (their names are gone)."""
+        keep = []
+        for block in self._oob_out:
+            if os.path.exists(os.path.join(SHM_DIR, block.name.lstrip("/"))):
+                keep.append(block)
+            else:
+                block.close()
+        self._oob_out = keep
+
+    def _discard_unread(self) -> None:
+        """Unlink the blocks of out-of-line messages we will never read."""
+        try:
+            while (got := self._rx.try_recv_flags()) is not None:
+                if got[1] & _OOB:
+                    try:
+                        remove_segment(self._oob_name(got[0]))
+                    except ProtocolError:
+                        pass
+        except (EndOfChannel, ProtocolError):
+            pass
 
     def close(self) -> None:
         """Shut both rings (the peer drains, then sees EndOfChannel) and release all."""
         if self.closed:
             return
         self.closed = True
+        self._discard_unread()
+        for block in self._oob_out:
+            block.close()  # unread ones stay for the peer; it unlinks what it never reads
+        self._oob_out = []
         for ring in (self._tx, self._rx):
             try:
                 ring.shutdown()
