@@ -604,8 +604,10 @@ reserve(Ring *r, uint32_t len, uint32_t flags, int64_t deadline, rec_t **out)
             return rc;
         }
         fault(F_LOCKED);
+        /* read before tail: a free that our tail read misses bumps it after this */
+        uint32_t seen = atomic_load(&h->space_seq);
         uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
-        uint64_t tail = atomic_load_explicit(&h->tail, memory_order_acquire);
+        uint64_t tail = atomic_load(&h->tail);
         if (head - tail > r->limit || ((head | tail) & 7)) {
             rlock_release(r);
             return RC_CORRUPT;
@@ -622,13 +624,16 @@ reserve(Ring *r, uint32_t len, uint32_t flags, int64_t deadline, rec_t **out)
                                   memory_order_relaxed);
             fault(F_HEADER);
             atomic_store_explicit(&h->head, head + need, memory_order_release);
+            /* statistics, exact because the lock is held (no read-modify-write) */
+            atomic_store_explicit(&h->committed,
+                                  atomic_load_explicit(&h->committed, memory_order_relaxed) + 1,
+                                  memory_order_relaxed);
             fault(F_RESERVED);
             rlock_release(r);
             fault(F_UNLOCKED);
             *out = rec;
             return RC_OK;
         }
-        uint32_t seen = atomic_load(&h->space_seq);
         rlock_release(r);
         /* full: maybe dead producers or consumers hold space */
         if (skip_dead(r) != RC_OK || advance_tail(r) != RC_OK) {
@@ -693,7 +698,6 @@ commit(Ring *r, rec_t *rec)
     fault(F_BEFORE_COMMIT);
     atomic_store_explicit(&rec->state, K_COMMITTED | ((uint64_t)r->token << 32),
                           memory_order_release);
-    atomic_fetch_add_explicit(&r->h->committed, 1, memory_order_relaxed);
     fault(F_COMMITTED);
     wake_data(r);
 }
@@ -887,20 +891,20 @@ send_parts(Ring *r, part_t *parts, int nparts, size_t total, uint32_t flags, int
     uint32_t len = (uint32_t)total;
     rec_t *rec = NULL;
     int rc;
-    for (;;) {
-        if (deadline == 0) {
-            rc = reserve(r, len, flags, 0, &rec);
+    /* one attempt with the GIL held: releasing it costs more than a send */
+    rc = reserve(r, len, flags, 0, &rec);
+    while (rc == RC_AGAIN && deadline != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = reserve(r, len, flags, deadline, &rec);
+        Py_END_ALLOW_THREADS
+        if (rc == RC_INTR) {
+            if (PyErr_CheckSignals() < 0) {
+                return -1;
+            }
+            rc = RC_AGAIN;
         }
         else {
-            Py_BEGIN_ALLOW_THREADS
-            rc = reserve(r, len, flags, deadline, &rec);
-            Py_END_ALLOW_THREADS
-        }
-        if (rc != RC_INTR) {
             break;
-        }
-        if (PyErr_CheckSignals() < 0) {
-            return -1;
         }
     }
     if (rc == RC_AGAIN) {
@@ -1022,23 +1026,20 @@ do_recv(Ring *r, PyObject *timeout, int mode, int want_flags)
     rec_t *rec = NULL;
     uint32_t len = 0;
     int rc, spun_ok = 0;
-    for (;;) {
-        if (deadline == 0) {
-            rc = claim(r, 0, &rec, &len, &spun_ok);
-        }
-        else {
+    /* one attempt with the GIL held: releasing it costs more than a receive */
+    rc = claim(r, 0, &rec, &len, &spun_ok);
+    if (rc == RC_AGAIN && deadline != 0) {
+        for (;;) {
             Py_BEGIN_ALLOW_THREADS
             rc = claim(r, deadline, &rec, &len, &spun_ok);
             Py_END_ALLOW_THREADS
+            if (rc != RC_INTR) {
+                break;
+            }
+            if (PyErr_CheckSignals() < 0) {
+                return NULL;
+            }
         }
-        if (rc != RC_INTR) {
-            break;
-        }
-        if (PyErr_CheckSignals() < 0) {
-            return NULL;
-        }
-    }
-    if (deadline != 0) {
         adapt_spin(r, spun_ok || rc == RC_OK);
     }
     switch (rc) {
