@@ -191,13 +191,14 @@ class ShmTransport(MessageTransport):
         rx = self._rx
         got = rx.try_recv_flags()
         if got is None:
+            woken = True  # by data: the peer is alive, no need to ask the socket
             try:
                 os.eventfd_read(self._rx_data)
             except BlockingIOError:
-                pass
+                woken = False
             if rx.arm_data():
                 got = rx.try_recv_flags()
-            if got is None and self._peer_gone():
+            if got is None and not woken and self._peer_gone():
                 got = rx.try_recv_flags()  # whatever it committed before it went
                 if got is None:
                     raise EndOfChannel(f"the peer of {self.address} closed the channel")
