@@ -1874,8 +1874,8 @@ info_dict(const header_t *h, PyObject *parts)
     }
     label[n] = 0;
     uint64_t head = atomic_load(&hh->head), tail = atomic_load(&hh->tail);
-    return Py_BuildValue("{s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:I,s:K,s:O,s:K,s:K,s:K,s:N}",
-                         "label", label, "limit", (unsigned long long)h->limit, "record_size",
+    return Py_BuildValue("{s:s,s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:I,s:K,s:O,s:K,s:K,s:K,s:N}",
+                         "kind", h->magic == BLOCK_MAGIC ? "block" : "ring", "label", label, "limit", (unsigned long long)h->limit, "record_size",
                          (unsigned long long)h->record_size, "capacity",
                          (unsigned long long)h->capacity, "used",
                          (unsigned long long)(head - tail), "head", (unsigned long long)head,
@@ -2069,6 +2069,25 @@ page_round(uint64_t n)
     return (n + ps - 1) / ps * ps;
 }
 
+/* Validate a block's header copy; data is the file size minus the header page. */
+static const char *
+validate_block(const header_t *h, uint64_t data)
+{
+    if (h->magic != BLOCK_MAGIC) {
+        return "bad magic (not a buzon block, or not initialised yet)";
+    }
+    if (h->version != VERSION || h->header_size != HEADER_SIZE) {
+        return "unknown version or header size";
+    }
+    if (h->capacity > MAX_CAPACITY || page_round(h->capacity ? h->capacity : 1) != data) {
+        return "the segment's size does not match the block size";
+    }
+    if (h->nslots < 1 || h->nslots > MAX_SLOTS) {
+        return "bad slot count";
+    }
+    return NULL;
+}
+
 static int
 map_block(Ring *r, uint64_t size)
 {
@@ -2177,19 +2196,7 @@ block_attach(PyTypeObject *type, PyObject *args)
         close(fd);
         return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
     }
-    const char *why = NULL;
-    if (copy.magic != BLOCK_MAGIC) {
-        why = "bad magic (not a buzon block, or not initialised yet)";
-    }
-    else if (copy.version != VERSION || copy.header_size != HEADER_SIZE) {
-        why = "unknown version or header size";
-    }
-    else if (copy.capacity > MAX_CAPACITY || page_round(copy.capacity ? copy.capacity : 1) != data) {
-        why = "the segment's size does not match the block size";
-    }
-    else if (copy.nslots < 1 || copy.nslots > MAX_SLOTS) {
-        why = "bad slot count";
-    }
+    const char *why = validate_block(&copy, data);
     if (why != NULL) {
         close(fd);
         PyErr_Format(ProtocolError, "segment %S is not a valid buzon block: %s", name, why);
@@ -2376,7 +2383,26 @@ mod_inspect(PyObject *Py_UNUSED(m), PyObject *args)
     uint64_t cap;
     int fd = open_checked(cname, name, O_RDONLY, &cap, &copy);
     if (fd < 0) {
-        return NULL;
+        /* not a ring: maybe a block (header page last) */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        fd = shm_open(cname, O_RDONLY | O_CLOEXEC | O_NOFOLLOW, 0);
+        struct stat st;
+        if (fd < 0 || fstat(fd, &st) < 0 || st.st_uid != geteuid() ||
+            (uint64_t)st.st_size < HEADER_SIZE + 4096 ||
+            pread(fd, &copy, sizeof copy, st.st_size - HEADER_SIZE) != (ssize_t)sizeof copy ||
+            validate_block(&copy, (uint64_t)st.st_size - HEADER_SIZE) != NULL) {
+            if (fd >= 0) {
+                close(fd);
+            }
+            PyErr_Restore(et, ev, tb);
+            return NULL;
+        }
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        memcpy(copy.label, "block", 6);
+        copy.limit = copy.capacity;
     }
     PyObject *parts = participants(NULL, fd, &copy, copy.nslots, -1);
     close(fd);

@@ -895,7 +895,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 # -- ls and clean ---------------------------------------------------------------------
 
-_SUFFIX_SCHEME = {".fifo": "fifo", ".sock": "unix", ".dgram": "unixgram"}
+_SUFFIX_SCHEME = {".fifo": "fifo", ".sock": "unix", ".dgram": "unixgram", ".shm": "shm"}
 
 
 class _Entry:
@@ -911,7 +911,7 @@ class _Entry:
         if stat.S_ISFIFO(self.st.st_mode):
             self.kind = "fifo"
         elif stat.S_ISSOCK(self.st.st_mode):
-            self.kind = {".sock": "unix", ".dgram": "unixgram"}.get(suffix, "socket")
+            self.kind = {".sock": "unix", ".dgram": "unixgram", ".shm": "shm"}.get(suffix, "socket")
         elif stat.S_ISDIR(self.st.st_mode):
             self.kind = "dir"
         elif stat.S_ISLNK(self.st.st_mode):

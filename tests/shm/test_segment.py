@@ -108,3 +108,22 @@ def test_cli_ls_and_clean(ring: _core.Ring, capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert f"removed {shm.SHM_DIR}/{dead}" in out and ring.name.lstrip("/") not in out
     assert dead not in _names()
+
+
+def test_ls_shows_shm_listeners_blocks_and_buffers(capsys: pytest.CaptureFixture[str]) -> None:
+    import buzon
+
+    with buzon.listen("shm:svc"), buzon.shared_value("v", int) as v:
+        buf = buzon.BoundedBuffer("q", slots=2, item_size=8)
+        try:
+            buf.put(b"1")
+            assert cli.main(["ls"]) == 0
+            out = capsys.readouterr().out
+            assert "shm:svc" in out and "listening" in out
+            assert "shm-block" in out and "bbuf:q" in out and "50% full" in out
+            kinds = {s.kind for s in shm.list_segments()}
+            assert kinds == {"block", "ring"}
+        finally:
+            buf.remove()
+            buf.close()
+            v.remove()

@@ -113,7 +113,7 @@ class SegmentInfo:
 
     name: str
     size: int
-    kind: str  # "ring", or "unknown" for a segment whose header does not validate
+    kind: str  # "ring", "block", or "unknown" for a segment whose header does not validate
     alive: bool  # some process holds a participant lock
     label: str = ""
     owner_pid: int | None = None
@@ -167,7 +167,7 @@ def list_segments() -> list[SegmentInfo]:
             SegmentInfo(
                 name,
                 st.st_size,
-                "ring",
+                info["kind"],
                 any(live for _s, _p, live in parts),
                 label=info["label"],
                 owner_pid=info["creator_pid"],
