@@ -87,7 +87,8 @@ from .unix import _check_uid, bind_unix_path, peer_credentials, unlink_if_ours
 __all__ = ["CAPACITY", "ShmConnector", "ShmListener", "ShmTransport", "connect", "listen"]
 
 CAPACITY = 4 << 20
-"""Bytes of each direction's ring; a message holds at most ``CAPACITY - 16``."""
+"""Bytes of each direction's ring (a power of two), read when a listener is created;
+messages up to ``CAPACITY - 16`` bytes travel in the ring, larger ones out of line."""
 
 _MAGIC = b"BZSHM1\n"
 _OOB = 1  # record flag: the payload is the name of a block holding the message
@@ -346,10 +347,10 @@ class ShmTransport(MessageTransport):
 class ShmListener(ListenerTransport):
     """The rendezvous socket; every accepted peer gets its own pair of rings."""
 
-    def __init__(self, addr: Address, opts: TransportOptions, capacity: int = CAPACITY) -> None:
+    def __init__(self, addr: Address, opts: TransportOptions, capacity: int | None = None) -> None:
         self.address = addr
         self.opts = opts
-        self.capacity = capacity
+        self.capacity = capacity if capacity is not None else CAPACITY
         self.path = addr.fs_path(opts.runtime_dir)
         self.rejected = 0
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
