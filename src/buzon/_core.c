@@ -78,7 +78,8 @@
 enum kind { K_RESERVED = 1, K_COMMITTED = 2, K_READING = 3, K_FREE = 4, K_ABANDONED = 5 };
 
 /* Result codes of the GIL-free core. */
-enum rc { RC_OK = 0, RC_AGAIN = 1, RC_INTR = 2, RC_CORRUPT = 3, RC_CLOSED = 4 };
+enum rc { RC_OK = 0, RC_AGAIN = 1, RC_INTR = 2, RC_CORRUPT = 3, RC_CLOSED = 4, RC_GONE = 5 };
+/* RC_CLOSED: shut down (by a peer); RC_GONE: this object is being closed by another thread */
 
 typedef struct {
     _Atomic uint32_t pid;
@@ -200,8 +201,12 @@ typedef struct {
     int notify_data;      /* eventfd written when a consumer armed data_armed */
     int notify_space;
     PyObject *name;
-    Py_ssize_t exports; /* Block only: live buffer views (no unmapping under them) */
+    Py_ssize_t exports; /* live buffer views or loans: no unmapping under them */
+    int busy;           /* operations that released the GIL and are not back yet */
+    _Atomic int closing; /* close() was called while busy: the last one out unmaps */
 } Ring;
+
+static void ring_unmap(Ring *r);
 
 static PyTypeObject LoanType;
 
@@ -387,6 +392,9 @@ rlock_acquire(Ring *r, int64_t deadline)
                 return RC_OK;
             }
             continue;
+        }
+        if (atomic_load_explicit(&r->closing, memory_order_relaxed)) {
+            return RC_GONE;
         }
         int64_t left = SLICE_NS / 50; /* 1 ms: the lock is only held for a few stores */
         if (deadline >= 0) {
@@ -645,6 +653,9 @@ reserve(Ring *r, uint32_t len, uint32_t flags, int64_t deadline, rec_t **out)
         if (deadline == 0) {
             return RC_AGAIN;
         }
+        if (atomic_load_explicit(&r->closing, memory_order_relaxed)) {
+            return RC_GONE;
+        }
         /* spin briefly for a consumer on the other CPU */
         int spun = 0;
         if (r->spin_enabled) {
@@ -786,6 +797,9 @@ claim(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
         if (deadline == 0) {
             return RC_AGAIN;
         }
+        if (atomic_load_explicit(&r->closing, memory_order_relaxed)) {
+            return RC_GONE;
+        }
         if (r->spin_enabled && spins < r->spin) {
             int i = 0;
             for (; i < 64 && atomic_load_explicit(&h->data_seq, memory_order_relaxed) == seen;
@@ -847,11 +861,34 @@ deadline_from(PyObject *timeout, int64_t *out)
 static int
 check_open(Ring *r)
 {
-    if (r->base == NULL) {
+    if (r->base == NULL || atomic_load(&r->closing)) {
         PyErr_SetString(ClosedErr, "the shared-memory ring is closed");
         return -1;
     }
     return check_fork(r);
+}
+
+static void
+leave(Ring *r)
+{
+    if (--r->busy == 0 && atomic_load(&r->closing)) {
+        ring_unmap(r);
+    }
+}
+
+/* Close now, or (another thread is inside an operation) mark closing, wake our own
+ * sleepers, and let the last operation out unmap. */
+static void
+close_or_defer(Ring *r)
+{
+    if (r->busy > 0 && r->base != NULL) {
+        atomic_store(&r->closing, 1);
+        futex_wake(&r->h->data_seq);
+        futex_wake(&r->h->space_seq);
+        futex_wake(&r->h->rlock);
+        return;
+    }
+    ring_unmap(r);
 }
 
 static PyObject *
@@ -918,6 +955,10 @@ send_parts(Ring *r, part_t *parts, int nparts, size_t total, uint32_t flags, int
         PyErr_Format(EndErr, "the ring %S was shut down", r->name);
         return -1;
     }
+    if (rc == RC_GONE) {
+        PyErr_Format(ClosedErr, "the ring %S was closed while sending", r->name);
+        return -1;
+    }
     if (rc == RC_CORRUPT) {
         corrupt(r);
         return -1;
@@ -975,7 +1016,21 @@ get_parts(PyObject *data, Py_buffer *views, part_t *parts, int max, int *n, size
 #define MAX_PARTS 64
 
 static PyObject *
+do_send_impl(Ring *r, PyObject *data, PyObject *timeout, int mode, uint32_t flags);
+
+/* The GIL may be released inside: count the operation so that close() from
+ * another thread defers the unmapping until it is back. */
+static PyObject *
 do_send(Ring *r, PyObject *data, PyObject *timeout, int mode, uint32_t flags)
+{
+    r->busy++;
+    PyObject *res = do_send_impl(r, data, timeout, mode, flags);
+    leave(r);
+    return res;
+}
+
+static PyObject *
+do_send_impl(Ring *r, PyObject *data, PyObject *timeout, int mode, uint32_t flags)
 {
     /* mode 0: try (bool), 1: nowait (Full), 2: blocking with timeout */
     if (check_open(r) < 0) {
@@ -1013,7 +1068,21 @@ do_send(Ring *r, PyObject *data, PyObject *timeout, int mode, uint32_t flags)
 }
 
 static PyObject *
+do_recv_impl(Ring *r, PyObject *timeout, int mode, int want_flags);
+
+/* The GIL may be released inside: count the operation so that close() from
+ * another thread defers the unmapping until it is back. */
+static PyObject *
 do_recv(Ring *r, PyObject *timeout, int mode, int want_flags)
+{
+    r->busy++;
+    PyObject *res = do_recv_impl(r, timeout, mode, want_flags);
+    leave(r);
+    return res;
+}
+
+static PyObject *
+do_recv_impl(Ring *r, PyObject *timeout, int mode, int want_flags)
 {
     /* mode 0: try (None when empty), 1: nowait (Empty), 2: blocking */
     if (check_open(r) < 0) {
@@ -1058,6 +1127,9 @@ do_recv(Ring *r, PyObject *timeout, int mode, int want_flags)
         return NULL;
     case RC_CLOSED:
         PyErr_Format(EndErr, "the ring %S was closed by its writer and is empty", r->name);
+        return NULL;
+    case RC_GONE:
+        PyErr_Format(ClosedErr, "the ring %S was closed while receiving", r->name);
         return NULL;
     default:
         return corrupt(r);
@@ -1664,7 +1736,21 @@ static PyTypeObject LoanType = {
 };
 
 static PyObject *
+ring_reserve_impl(Ring *r, PyObject *args, PyObject *kw);
+
+/* The GIL may be released inside: count the operation so that close() from
+ * another thread defers the unmapping until it is back. */
+static PyObject *
 ring_reserve(Ring *r, PyObject *args, PyObject *kw)
+{
+    r->busy++;
+    PyObject *res = ring_reserve_impl(r, args, kw);
+    leave(r);
+    return res;
+}
+
+static PyObject *
+ring_reserve_impl(Ring *r, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"nbytes", "timeout", "flags", NULL};
     Py_ssize_t n;
@@ -1708,13 +1794,30 @@ ring_reserve(Ring *r, PyObject *args, PyObject *kw)
     case RC_CLOSED:
         PyErr_Format(EndErr, "the ring %S was shut down", r->name);
         return NULL;
+    case RC_GONE:
+        PyErr_Format(ClosedErr, "the ring %S was closed while reserving", r->name);
+        return NULL;
     default:
         return corrupt(r);
     }
 }
 
 static PyObject *
+ring_recv_view_impl(Ring *r, PyObject *args, PyObject *kw);
+
+/* The GIL may be released inside: count the operation so that close() from
+ * another thread defers the unmapping until it is back. */
+static PyObject *
 ring_recv_view(Ring *r, PyObject *args, PyObject *kw)
+{
+    r->busy++;
+    PyObject *res = ring_recv_view_impl(r, args, kw);
+    leave(r);
+    return res;
+}
+
+static PyObject *
+ring_recv_view_impl(Ring *r, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"timeout", NULL};
     PyObject *timeout = Py_None;
@@ -1752,6 +1855,9 @@ ring_recv_view(Ring *r, PyObject *args, PyObject *kw)
     case RC_CLOSED:
         PyErr_Format(EndErr, "the ring %S was closed by its writer and is empty", r->name);
         return NULL;
+    case RC_GONE:
+        PyErr_Format(ClosedErr, "the ring %S was closed while receiving", r->name);
+        return NULL;
     default:
         return corrupt(r);
     }
@@ -1765,7 +1871,7 @@ ring_close(Ring *r, PyObject *Py_UNUSED(a))
                         "cannot close the ring while loans of it are unfinished");
         return NULL;
     }
-    ring_unmap(r);
+    close_or_defer(r);
     Py_RETURN_NONE;
 }
 
@@ -1926,7 +2032,7 @@ ring_exit(Ring *r, PyObject *Py_UNUSED(a))
                         "cannot close the ring while loans of it are unfinished");
         return NULL;
     }
-    ring_unmap(r);
+    close_or_defer(r);
     Py_RETURN_FALSE;
 }
 
@@ -1952,7 +2058,7 @@ ring_get_name(Ring *r, void *Py_UNUSED(c))
 static PyObject *
 ring_get_closed(Ring *r, void *Py_UNUSED(c))
 {
-    return PyBool_FromLong(r->base == NULL);
+    return PyBool_FromLong(r->base == NULL || atomic_load(&r->closing));
 }
 
 static PyObject *
@@ -2224,7 +2330,21 @@ block_attach(PyTypeObject *type, PyObject *args)
 
 /* lock(timeout=None) -> bool: True if the previous holder had died holding it. */
 static PyObject *
+block_lock_impl(Ring *r, PyObject *args, PyObject *kw);
+
+/* The GIL may be released inside: count the operation so that close() from
+ * another thread defers the unmapping until it is back. */
+static PyObject *
 block_lock(Ring *r, PyObject *args, PyObject *kw)
+{
+    r->busy++;
+    PyObject *res = block_lock_impl(r, args, kw);
+    leave(r);
+    return res;
+}
+
+static PyObject *
+block_lock_impl(Ring *r, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"timeout", NULL};
     PyObject *timeout = Py_None;
@@ -2258,6 +2378,10 @@ block_lock(Ring *r, PyObject *args, PyObject *kw)
     }
     if (rc == RC_AGAIN) {
         PyErr_Format(TimeoutErr, "the lock of %S is held by another process", r->name);
+        return NULL;
+    }
+    if (rc == RC_GONE) {
+        PyErr_Format(ClosedErr, "%S was closed while waiting for its lock", r->name);
         return NULL;
     }
     /* taken over from a dead holder: flag it so the caller can repair the data */
@@ -2297,7 +2421,7 @@ block_close(Ring *r, PyObject *Py_UNUSED(a))
                         "cannot close the block while views of it exist (release them first)");
         return NULL;
     }
-    ring_unmap(r);
+    close_or_defer(r);
     Py_RETURN_NONE;
 }
 

@@ -480,3 +480,31 @@ def test_loan_too_large_and_full(ring: _core.Ring) -> None:
     big.abort()
     ring.reserve(1).commit()
     assert ring.recv() == b"\0"
+
+
+# ---- closing while another thread waits ----------------------------------------------------
+
+
+def test_close_while_another_thread_waits(ring: _core.Ring) -> None:
+    """No unmapping under a waiter: it gets ChannelClosed, then the ring is unmapped."""
+    import threading
+    import time
+
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            ring.recv(timeout=T)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.05)  # let it reach the futex (not a timing assertion: either way works)
+    ring.close()
+    t.join(T)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], ChannelClosed)
+    assert ring.closed
+    with pytest.raises(ChannelClosed):
+        ring.send(b"x")
