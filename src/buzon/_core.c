@@ -191,6 +191,7 @@ typedef struct {
     header_t *h;
     uint8_t *data;
     uint64_t cap, mask;
+    unsigned shift;        /* log2(cap): a position's lap is pos >> shift */
     uint64_t limit, rsize; /* copied from the header once, after validation */
     uint32_t nslots;
     int slot;             /* -1 before a slot is taken */
@@ -439,6 +440,22 @@ footprint(Ring *r, uint32_t len)
     return r->rsize ? r->rsize : rec_size(len);
 }
 
+/* Bits 8-31 of a state word: the lap of the record's position, so that a state read
+ * for one lap can never be mistaken (by a CAS) for the record of a later lap at the
+ * same offset. */
+#define LAP_MASK 0xffffff00ULL
+static inline uint64_t
+lap_bits(Ring *r, uint64_t pos)
+{
+    return ((pos >> r->shift) & 0xffffffULL) << 8;
+}
+
+static inline uint64_t
+with_kind(uint64_t st, unsigned kind)
+{
+    return (st & ~0xffULL) | kind;
+}
+
 static inline rec_t *
 rec_at(Ring *r, uint64_t pos)
 {
@@ -494,7 +511,7 @@ advance_tail(Ring *r)
         uint64_t st = atomic_load_explicit(&rec->state, memory_order_acquire);
         uint32_t len = rec->len;
         uint64_t size = footprint(r, len);
-        if (size > d - t || size < rec_size(len)) {
+        if (size > d - t || size < rec_size(len) || (st & LAP_MASK) != lap_bits(r, t)) {
             if (atomic_load(&h->tail) != t) {
                 continue; /* reused under us: someone else moved tail */
             }
@@ -506,7 +523,7 @@ advance_tail(Ring *r)
                 break;
             }
             /* the consumer died while copying: its message is dropped */
-            if (atomic_compare_exchange_strong(&rec->state, &st, (uint64_t)K_FREE)) {
+            if (atomic_compare_exchange_strong(&rec->state, &st, with_kind(st, K_FREE))) {
                 atomic_fetch_add(&h->abandoned, 1);
             }
             continue;
@@ -550,12 +567,12 @@ skip_dead(Ring *r)
         uint64_t st = atomic_load_explicit(&rec->state, memory_order_acquire);
         uint32_t len = rec->len;
         uint64_t size = footprint(r, len);
-        if (size > hd - d || size < rec_size(len)) {
+        if (size > hd - d || size < rec_size(len) || (st & LAP_MASK) != lap_bits(r, d)) {
             return atomic_load(&h->rd) != d ? RC_OK : RC_CORRUPT;
         }
         unsigned kind = (unsigned)(st & 0xff);
         if (kind == K_RESERVED && !token_alive(r, (uint32_t)(st >> 32))) {
-            if (atomic_compare_exchange_strong(&rec->state, &st, (uint64_t)K_ABANDONED)) {
+            if (atomic_compare_exchange_strong(&rec->state, &st, with_kind(st, K_ABANDONED))) {
                 atomic_fetch_add(&h->abandoned, 1);
             }
             continue;
@@ -628,7 +645,8 @@ reserve(Ring *r, uint32_t len, uint32_t flags, int64_t deadline, rec_t **out)
             rec_t *rec = rec_at(r, head);
             rec->len = len;
             rec->flags = flags;
-            atomic_store_explicit(&rec->state, K_RESERVED | ((uint64_t)r->token << 32),
+            atomic_store_explicit(&rec->state,
+                                  K_RESERVED | lap_bits(r, head) | ((uint64_t)r->token << 32),
                                   memory_order_relaxed);
             fault(F_HEADER);
             atomic_store_explicit(&h->head, head + need, memory_order_release);
@@ -707,8 +725,9 @@ static void
 commit(Ring *r, rec_t *rec)
 {
     fault(F_BEFORE_COMMIT);
-    atomic_store_explicit(&rec->state, K_COMMITTED | ((uint64_t)r->token << 32),
-                          memory_order_release);
+    /* ours while RESERVED: nobody else writes it (we are alive) */
+    uint64_t st = atomic_load_explicit(&rec->state, memory_order_relaxed);
+    atomic_store_explicit(&rec->state, with_kind(st, K_COMMITTED), memory_order_release);
     fault(F_COMMITTED);
     wake_data(r);
 }
@@ -745,14 +764,14 @@ claim(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
             uint32_t len = rec->len;
             uint64_t size = footprint(r, len);
             unsigned kind = (unsigned)(st & 0xff);
-            if (size > hd - d || size < rec_size(len)) {
+            if (size > hd - d || size < rec_size(len) || (st & LAP_MASK) != lap_bits(r, d)) {
                 if (atomic_load(&h->rd) != d) {
-                    continue;
+                    continue; /* we looked at a later lap's record: rd moved meanwhile */
                 }
                 return RC_CORRUPT;
             }
             if (kind == K_COMMITTED) {
-                uint64_t want = K_READING | ((uint64_t)r->token << 32);
+                uint64_t want = K_READING | (st & LAP_MASK) | ((uint64_t)r->token << 32);
                 if (atomic_compare_exchange_strong(&rec->state, &st, want)) {
                     fault(F_CLAIMED);
                     uint64_t exp = d;
@@ -779,7 +798,7 @@ claim(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
                 if (!token_alive(r, (uint32_t)(st >> 32))) {
                     /* the producer died before committing: skip its record */
                     if (atomic_compare_exchange_strong(&rec->state, &st,
-                                                       (uint64_t)K_ABANDONED)) {
+                                                       with_kind(st, K_ABANDONED))) {
                         atomic_fetch_add(&h->abandoned, 1);
                     }
                     continue;
@@ -824,7 +843,9 @@ static int
 release_rec(Ring *r, rec_t *rec)
 {
     fault(F_COPIED);
-    atomic_store_explicit(&rec->state, (uint64_t)K_FREE, memory_order_release);
+    /* ours while READING (we are alive): keep the lap, mark it free */
+    uint64_t st = atomic_load_explicit(&rec->state, memory_order_relaxed);
+    atomic_store_explicit(&rec->state, with_kind(st, K_FREE), memory_order_release);
     atomic_fetch_add_explicit(&r->h->consumed, 1, memory_order_relaxed);
     return advance_tail(r);
 }
@@ -1208,6 +1229,7 @@ map_ring(Ring *r, uint64_t cap)
     r->data = reserve_ + HEADER_SIZE;
     r->cap = cap;
     r->mask = cap - 1;
+    r->shift = (unsigned)__builtin_ctzll(cap);
     r->limit = cap;
     r->rsize = 0;
     return 0;
@@ -1594,8 +1616,9 @@ loan_finish(Loan *l, int commit_it)
         commit(r, l->rec);
     }
     else {
-        uint64_t st = K_RESERVED | ((uint64_t)r->token << 32);
-        if (atomic_compare_exchange_strong(&l->rec->state, &st, (uint64_t)K_ABANDONED)) {
+        uint64_t st = atomic_load(&l->rec->state);
+        if ((st & 0xff) == K_RESERVED && (uint32_t)(st >> 32) == r->token &&
+            atomic_compare_exchange_strong(&l->rec->state, &st, with_kind(st, K_ABANDONED))) {
             atomic_fetch_add(&r->h->abandoned, 1);
         }
         wake_data(r); /* a consumer may be waiting on this very record */

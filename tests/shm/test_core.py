@@ -218,6 +218,7 @@ def test_short_segment_is_refused(name: str) -> None:
         (8, struct.pack("<I", 0xFFFFFFF0)),  # record length past the published head
         (8, struct.pack("<I", 1 << 20)),
         (0, struct.pack("<Q", 77)),  # unknown record kind
+        (0, struct.pack("<Q", 2 | 5 << 8)),  # COMMITTED, but for another lap
     ],
 )
 def test_corrupt_record_raises_instead_of_reading_out_of_bounds(
