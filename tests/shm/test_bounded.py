@@ -134,3 +134,30 @@ def test_producers_and_consumers_history_oracle(buf: buzon.BoundedBuffer) -> Non
             assert mine == sorted(mine), "FIFO per producer"
         seen += history
     assert sorted(seen) == [(p, s) for p in range(producers) for s in range(count)]
+
+
+@pytest.mark.parametrize("k", [buzon._core.F_LOCKED, buzon._core.F_MID_PAYLOAD])
+def test_a_producer_killed_mid_put_loses_no_slot(buf: buzon.BoundedBuffer, k: int) -> None:
+    import signal
+
+    def die() -> None:
+        with buzon.BoundedBuffer("jobs") as b:
+            b.put(b"one")
+            b.put(b"two")
+            buzon._core._set_fault(k)
+            b.put(b"never")
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            die()
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert [buf.get(T), buf.get(T)] == [b"one", b"two"]
+    for i in range(buf.slots):  # every slot is usable again, the dead one included
+        buf.put(b"%d" % i, timeout=T)
+    assert [buf.get_nowait() for _ in range(buf.slots)] == [b"%d" % i for i in range(5)]
+    with pytest.raises(Empty):
+        buf.get_nowait()
