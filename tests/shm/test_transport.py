@@ -189,3 +189,34 @@ def test_listener_close_leaves_nothing(runtime_dir: str) -> None:
     lst.close()
     assert not os.path.exists(os.path.join(runtime_dir, "gone.shm"))
     assert _segments() == set()
+
+
+def test_an_end_shared_with_a_forked_child_stays_open_until_both_close() -> None:
+    """As serve(mode="process") does: fork per client, the parent closes its copy."""
+    with buzon.listen("shm:fork") as lst:
+        box: list[Any] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+        t.start()
+        client = buzon.connect("shm:fork", timeout=T)
+        t.join(T)
+        served = box[0]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child: echo until the client closes
+            code = 1
+            try:
+                client.close()  # the client lives in "another process": drop our copy
+                for msg in served:
+                    served.send({"pid": os.getpid(), "msg": msg})
+                code = 0
+            finally:
+                os._exit(code)
+        served.close()  # the parent's copy only: the child still serves
+        try:
+            for i in range(3):
+                client.send(i)
+                reply = client.recv(T)
+                assert reply == {"pid": pid, "msg": i}
+        finally:
+            client.close()  # the child's loop ends with EndOfChannel
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0

@@ -31,10 +31,12 @@ Readiness without threads or polling, for both drivers and :func:`buzon.wait`:
   the ring's space flag armed, empties it. If the consumer dies, the pipe loses its
   only reader and polls as an error, which wakes the writer too.
 
-End of channel: :meth:`ShmTransport.close` marks both rings shut; the reader gets every
-message that was committed, then :class:`~buzon.errors.EndOfChannel`. A peer killed
-with SIGKILL is seen the same way through the socket's EOF, and a message it had only
-half written is never delivered (see docs/shm.md).
+End of channel is the socket's: when every process holding one end has closed it (or
+died, even by SIGKILL), the other end's socket reads EOF, and its reader gets every
+message that was committed, then :class:`~buzon.errors.EndOfChannel`; a message the
+peer had only half written is never delivered (see docs/shm.md). So an end shared with a
+forked child (``serve(mode="process")``) stays open while either process holds it,
+exactly as a Unix socket does.
 
 Messages larger than the ring travel *out of line*: the sender copies them into a fresh
 block segment (:class:`buzon._core.Block`) and sends only its name, in a record flagged
@@ -53,6 +55,7 @@ import os
 import select
 import socket
 import stat
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -116,6 +119,18 @@ def _properties(capacity: int) -> LinkProperties:
     )
 
 
+_LIVE: weakref.WeakSet[ShmTransport] = weakref.WeakSet()
+
+
+def _mark_shared() -> None:
+    """After a fork, both processes hold every open end: neither may clean up alone."""
+    for transport in list(_LIVE):
+        transport.shared = True
+
+
+os.register_at_fork(after_in_parent=_mark_shared, after_in_child=_mark_shared)
+
+
 def _one_slot_pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, os.sysconf("SC_PAGE_SIZE"))
@@ -168,6 +183,8 @@ class ShmTransport(MessageTransport):
         self.ring_max = tx.max_message
         self.properties = _properties(tx.capacity)
         self._oob_out: list[_core.Block] = []  # blocks sent, not yet taken by the peer
+        self.shared = False  # set at fork: another process may hold this end too
+        _LIVE.add(self)
 
     def __repr__(self) -> str:
         return f"<ShmTransport {self.address}{' closed' if self.closed else ''}>"
@@ -322,19 +339,18 @@ class ShmTransport(MessageTransport):
             pass
 
     def close(self) -> None:
-        """Shut both rings (the peer drains, then sees EndOfChannel) and release all."""
+        """Release this process's hold on the channel (the peer sees EOF once every
+        holder has closed). Out-of-line messages never read are removed, unless a forked
+        process may still read them."""
         if self.closed:
             return
         self.closed = True
-        self._discard_unread()
+        if not self.shared:
+            self._discard_unread()
         for block in self._oob_out:
             block.close()  # unread ones stay for the peer; it unlinks what it never reads
         self._oob_out = []
         for ring in (self._tx, self._rx):
-            try:
-                ring.shutdown()
-            except Exception:  # a corrupt ring must not keep us from closing
-                pass
             ring.close()
         for name in self._names:
             remove_segment(name)
