@@ -563,3 +563,48 @@ def test_mpmc_with_a_producer_killed_at_step_k(name: str, k: int) -> None:
     want = {(p, s) for p in range(2) for s in range(count)}
     want |= {(2, s) for s in range(victim_sent)}
     assert set(seen) == want
+
+
+# ---- fuzzing the untrusted memory -------------------------------------------------------
+
+
+def _fuzz(name: str, seed: int, rounds: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    with _core.Ring.attach(name) as r:
+        fd = os.open("/dev/shm" + name, os.O_RDWR)
+        try:
+            for _ in range(rounds):
+                for i in range(rng.randrange(1, 6)):
+                    try:
+                        r.try_send(bytes([i]) * rng.randrange(0, 3000))
+                    except (ProtocolError, EndOfChannel):
+                        pass
+                # scribble on the header page or the records, like a hostile peer
+                where = rng.choice(
+                    [rng.randrange(0, 512), _core.HEADER_SIZE + rng.randrange(0, 8192)]
+                )
+                os.pwrite(fd, os.urandom(rng.choice([1, 4, 8, 16])), where)
+                for op in (r.try_recv, r.try_recv, lambda: r.try_send(b"x" * 100), r.info):
+                    try:
+                        op()
+                    except (ProtocolError, MessageTooLarge, EndOfChannel):
+                        pass
+                try:
+                    _core.Ring.attach(name).close()
+                except (ProtocolError, OSError):
+                    pass
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fuzzed_segment_never_crashes(name: str, seed: int) -> None:
+    """Random bytes written over headers and records: errors, never a crash or a hang."""
+    ring = _core.Ring.create(name, 1 << 14)
+    try:
+        status = reap(fork(lambda: _fuzz(name, seed, 300)))
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        ring.close()
