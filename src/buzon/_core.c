@@ -8,13 +8,15 @@
  * so a record that runs past the end continues at the start without any wrap logic and
  * every access at (pos & mask) of up to CAPACITY bytes stays inside the mapping.
  *
- * Three 64-bit cursors only ever grow: tail <= rd <= head, head - tail <= CAPACITY.
+ * Three 64-bit cursors only ever grow: tail <= rd <= head, head - tail <= LIMIT (the
+ * capacity, or less for rings of fixed-size records: BoundedBuffer).
  *   head  end of the last *reserved* record (published under the reservation lock)
  *   rd    end of the last record a consumer *claimed*
  *   tail  end of the last record whose space was *freed*
  * Every record starts with a 16-byte header: a 64-bit state word (kind in the low byte,
- * the token of the process that set it in the high 32 bits), the payload length and the
- * producer's flags. A producer takes the reservation lock (a futex word holding its
+ * the lap of its position in the next 24 bits, so no CAS can mistake a later lap's
+ * record for it, and the token of the process that set it in the high 32 bits), the
+ * payload length and the producer's flags. A producer takes the reservation lock (a futex word holding its
  * token), writes the header RESERVED, publishes head, drops the lock, copies the payload
  * outside the lock, then stores COMMITTED. A consumer claims the record at rd by CAS on
  * its state word (COMMITTED -> READING), anybody advances rd past a claimed record,
@@ -36,8 +38,13 @@
  *
  * Waiting: an adaptive spin (cpu_relax), then FUTEX_WAIT (shared, not private) on a
  * sequence word, in slices of at most 50 ms so a death is noticed without a wake-up.
- * The GIL is released while waiting and while copying large payloads. No PyObject is
- * touched with the GIL released; the core functions below take and return plain C.
+ * Every operation first tries once with the GIL held; only if it must wait is the GIL
+ * released, and also while copying payloads of 64 KiB or more. No PyObject is touched
+ * with the GIL released; the core functions below take and return plain C.
+ *
+ * Also here: Loan (a record lent out for zero-copy filling or reading), and Block (a
+ * plain data area with the same header page at its end, whose reservation lock serves
+ * as a robust process-shared mutex: shared_array, shared_value, out-of-line messages).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
