@@ -304,7 +304,8 @@ Removes from the runtime dir only what is provably dead and older than 2 seconds
 socket files nobody is bound to, FIFOs nobody reads, client datagram sockets
 c-PID-*.dgram of dead processes. POSIX queues are never removed. Shared-memory
 segments are removed only when no process holds a participant lock on them (the
-kernel drops it when its holder dies) and they are older than 2 seconds.
+kernel drops it when its holder dies) and they are older than 2 seconds; then the
+name files (NAME.bbuf, NAME.array, NAME.value) whose segment is gone.
 """
 
 
@@ -1119,6 +1120,7 @@ def _shm_rows() -> list[tuple[str, str, str, str, str]]:
 
 def _cmd_clean(args: argparse.Namespace) -> int:
     from .shm import SHM_DIR, clean_segments
+    from .shm._names import clean_names
 
     rdir = runtime_dir()
     now = time.time()
@@ -1127,6 +1129,10 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         removed += 1
         what = "would remove" if args.dry_run else "removed"
         print(f"{what} {SHM_DIR}/{seg.name} (shared memory; no live process attached)")
+    for path in clean_names(dry_run=args.dry_run):
+        removed += 1
+        what = "would remove" if args.dry_run else "removed"
+        print(f"{what} {path} (names a shared-memory segment that is gone)")
     for entry in _scan(rdir):
         why = entry.removable(now)
         if why is None:

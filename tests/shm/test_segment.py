@@ -127,3 +127,24 @@ def test_ls_shows_shm_listeners_blocks_and_buffers(capsys: pytest.CaptureFixture
             buf.remove()
             buf.close()
             v.remove()
+
+
+def test_clean_removes_names_whose_segment_is_gone(
+    runtime_dir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import buzon
+
+    kept = buzon.BoundedBuffer("kept", slots=2, item_size=8)
+    gone = buzon.BoundedBuffer("gone", slots=2, item_size=8)
+    try:
+        shm.remove_segment(gone._ring.name)  # as `buzon clean` does once nobody is left
+        for name in ("kept.bbuf", "gone.bbuf"):
+            os.utime(os.path.join(runtime_dir, name), (1, 1))
+        assert cli.main(["clean"]) == 0
+        out = capsys.readouterr().out
+        assert "gone.bbuf (names a shared-memory segment that is gone)" in out
+        assert sorted(os.listdir(runtime_dir)) == ["kept.bbuf"]
+    finally:
+        gone.close()
+        kept.remove()
+        kept.close()

@@ -59,3 +59,38 @@ def unpublish(path: str, segment: str) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+SUFFIXES = (".bbuf", ".array", ".value")
+
+
+def clean_names(*, dry_run: bool = False, grace: float = 2.0) -> list[str]:
+    """Remove name files of the runtime dir whose segment is gone; return their paths.
+
+    Only provably dead names go: the segment they name no longer exists in /dev/shm (a
+    name without a segment can never be attached again), and the file is older than
+    ``grace`` seconds (its creator may be between writing it and publishing it).
+    """
+    import time
+
+    rdir = runtime_dir()
+    removed = []
+    now = time.time()
+    for entry in sorted(os.listdir(rdir)):
+        if not entry.endswith(SUFFIXES):
+            continue
+        path = os.path.join(rdir, entry)
+        try:
+            st = os.lstat(path)
+            segment = lookup(path)
+        except OSError:
+            continue
+        if now - st.st_mtime < grace or segment is None:
+            continue
+        bare = segment.lstrip("/")
+        if "/" in bare or os.path.exists(os.path.join("/dev/shm", bare)):
+            continue
+        if not dry_run:
+            unpublish(path, segment)
+        removed.append(path)
+    return removed
