@@ -1,4 +1,5 @@
-"""Build the small C extensions: POSIX message queues (mq_open & co) and CRC-32C."""
+"""Build the small C extensions: POSIX message queues (mq_open & co), CRC-32C and the
+shared-memory core (rings in named segments)."""
 
 from setuptools import Extension, setup
 
@@ -13,6 +14,12 @@ setup(
         Extension(
             "buzon._crc32c",
             sources=["src/buzon/_crc32c.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
+            "buzon._core",
+            sources=["src/buzon/_core.c"],
+            libraries=["rt"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
     ]

@@ -15,6 +15,7 @@ PUBLIC = [
     "Address",
     "AddressError",
     "AuthenticationError",
+    "BoundedBuffer",
     "BuzonError",
     "Channel",
     "ChannelClosed",
@@ -56,6 +57,8 @@ PUBLIC = [
     "parse_address",
     "pipe",
     "serve",
+    "shared_array",
+    "shared_value",
     "signals",
     "wait",
 ]

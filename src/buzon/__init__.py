@@ -45,6 +45,7 @@ from .errors import (
     UnsupportedOperation,
     ValidationError,
 )
+from .shm import BoundedBuffer, shared_array, shared_value
 from .sync import Channel, Listener, Server, connect, listen, pipe, wait
 from .transport.base import LinkProperties, PeerInfo
 
@@ -54,6 +55,7 @@ __all__ = [
     "Address",
     "AddressError",
     "AuthenticationError",
+    "BoundedBuffer",
     "BuzonError",
     "Channel",
     "ChannelClosed",
@@ -95,6 +97,8 @@ __all__ = [
     "parse_address",
     "pipe",
     "serve",
+    "shared_array",
+    "shared_value",
     "signals",
     "wait",
 ]

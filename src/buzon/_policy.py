@@ -216,6 +216,7 @@ _EXAMPLE_URL = {
     "unixgram": "unixgram:x",
     "tcp": "tcp://127.0.0.1:1",
     "udp": "udp://127.0.0.1:1",
+    "shm": "shm:x",
 }
 
 

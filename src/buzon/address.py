@@ -9,6 +9,7 @@
 ``unix:/abs/path``     Unix stream socket exactly at ``/abs/path``
 ``unixgram:NAME``      Unix datagram socket ``NAME.dgram`` in the runtime dir
 ``unixgram:/abs/path`` Unix datagram socket exactly at ``/abs/path``
+``shm:NAME``           shared-memory channel; meet at socket ``NAME.shm`` in the runtime dir
 ``tcp://HOST:PORT``    TCP; IPv6 as ``tcp://[::1]:PORT``; port 0 picks a free port
 ``udp://HOST:PORT``    UDP, same host syntax
 =====================  ==========================================================
@@ -32,12 +33,12 @@ from .errors import AddressError
 
 __all__ = ["Address", "Scheme", "parse_address"]
 
-Scheme = Literal["fifo", "mq", "unix", "unixgram", "tcp", "udp", "pipe"]
+Scheme = Literal["fifo", "mq", "unix", "unixgram", "tcp", "udp", "pipe", "shm"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 _MQ_NAME_RE = re.compile(r"^/[^/\x00]{1,250}$")
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
-_SUFFIX = {"fifo": ".fifo", "unix": ".sock", "unixgram": ".dgram"}
+_SUFFIX = {"fifo": ".fifo", "unix": ".sock", "unixgram": ".dgram", "shm": ".shm"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,7 @@ def parse_address(url: str | Address) -> Address:
         )
     if scheme in ("tcp", "udp"):
         return _parse_inet(url, scheme, rest)
-    if scheme in ("fifo", "unix", "unixgram"):
+    if scheme in ("fifo", "unix", "unixgram", "shm"):
         return _parse_local(url, scheme, rest)
     if scheme == "mq":
         if rest.startswith("/"):

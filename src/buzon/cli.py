@@ -283,7 +283,8 @@ _LS_EPILOG = """\
 STATE is 'listening' or 'bound' for live sockets, 'reader' for a FIFO somebody
 reads, 'dead' / 'no reader' otherwise, '?' when it cannot be told. POSIX queues of
 this user are listed too (without a mounted mqueue file system: only those a
-process holds open).
+process holds open), and so are this user's shared-memory segments (/dev/shm/buzon-*)
+with the pids attached to them and how full their ring is.
 """
 
 _CHAOS_EPILOG = """\
@@ -301,7 +302,10 @@ examples:
 _CLEAN_EPILOG = """\
 Removes from the runtime dir only what is provably dead and older than 2 seconds:
 socket files nobody is bound to, FIFOs nobody reads, client datagram sockets
-c-PID-*.dgram of dead processes. POSIX queues are never removed.
+c-PID-*.dgram of dead processes. POSIX queues are never removed. Shared-memory
+segments are removed only when no process holds a participant lock on them (the
+kernel drops it when its holder dies) and they are older than 2 seconds; then the
+name files (NAME.bbuf, NAME.array, NAME.value) whose segment is gone.
 """
 
 
@@ -892,7 +896,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 # -- ls and clean ---------------------------------------------------------------------
 
-_SUFFIX_SCHEME = {".fifo": "fifo", ".sock": "unix", ".dgram": "unixgram"}
+_SUFFIX_SCHEME = {".fifo": "fifo", ".sock": "unix", ".dgram": "unixgram", ".shm": "shm"}
 
 
 class _Entry:
@@ -908,7 +912,7 @@ class _Entry:
         if stat.S_ISFIFO(self.st.st_mode):
             self.kind = "fifo"
         elif stat.S_ISSOCK(self.st.st_mode):
-            self.kind = {".sock": "unix", ".dgram": "unixgram"}.get(suffix, "socket")
+            self.kind = {".sock": "unix", ".dgram": "unixgram", ".shm": "shm"}.get(suffix, "socket")
         elif stat.S_ISDIR(self.st.st_mode):
             self.kind = "dir"
         elif stat.S_ISLNK(self.st.st_mode):
@@ -1085,6 +1089,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     prefix = f"/buzon-{os.getuid()}-"
     for q in list_queues():
         rows.append((f"mq:{q.removeprefix(prefix)}", "mq", "-", "-", q))
+    rows += _shm_rows()
     print(f"runtime dir: {rdir}")
     if not rows:
         print("(empty)")
@@ -1098,10 +1103,36 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _shm_rows() -> list[tuple[str, str, str, str, str]]:
+    from .shm import SHM_DIR, list_segments
+
+    rows = []
+    for seg in list_segments():
+        pids = ",".join(map(str, seg.pids))
+        owner = f"pid {pids}" if seg.alive else f"created by pid {seg.owner_pid or '?'}"
+        fill = f", {seg.fill:.0%} full" if seg.kind == "ring" else ""
+        state = f"{'live' if seg.alive else 'dead'} ({owner}{fill})"
+        rows.append(
+            (seg.label or seg.name, f"shm-{seg.kind}", "0600", state, f"{SHM_DIR}/{seg.name}")
+        )
+    return rows
+
+
 def _cmd_clean(args: argparse.Namespace) -> int:
+    from .shm import SHM_DIR, clean_segments
+    from .shm._names import clean_names
+
     rdir = runtime_dir()
     now = time.time()
     removed = 0
+    for seg in clean_segments(dry_run=args.dry_run):
+        removed += 1
+        what = "would remove" if args.dry_run else "removed"
+        print(f"{what} {SHM_DIR}/{seg.name} (shared memory; no live process attached)")
+    for path in clean_names(dry_run=args.dry_run):
+        removed += 1
+        what = "would remove" if args.dry_run else "removed"
+        print(f"{what} {path} (names a shared-memory segment that is gone)")
     for entry in _scan(rdir):
         why = entry.removable(now)
         if why is None:

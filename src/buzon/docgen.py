@@ -51,7 +51,7 @@ from ._channel import ChannelCore, ChannelOptions
 from ._policy import capacity_support, prepare
 from .address import Address, parse_address
 from .protocol import credit, frames, handshake, mpcompat
-from .transport import fifo, mq, pipe, reliable, tcp, udp, unix, unixgram
+from .transport import fifo, mq, pipe, reliable, shm, tcp, udp, unix, unixgram
 from .transport.base import LinkProperties, Transport, TransportOptions
 
 __all__ = ["SECTIONS", "SectionError", "check", "main", "render_page", "write"]
@@ -717,6 +717,7 @@ def _transport_rows() -> list[tuple[str, str, LinkProperties]]:
         ("udp", "`udp://` IPv6, other hosts", udp._props(False, udp._max_message(socket.AF_INET6))),
         ("reliable", "`udp://` `reliable=True`", _reliable_props("udp")),
         ("reliable", "`unixgram:` `reliable=True`", _reliable_props("unixgram")),
+        ("shm", "`shm:`", shm._properties(shm.CAPACITY)),
     ]  # fmt: skip
     _check_transport_coverage({module for module, _, _ in rows})
     return rows
@@ -802,6 +803,7 @@ _ADDRESS_EXAMPLES = (
     "tcp://127.0.0.1:7000",
     "tcp://[::1]:0",
     "udp://localhost:9999",
+    "shm:frames",
 )
 
 

@@ -89,6 +89,7 @@ TRANSPORTS = (
     "udp",
     "udp-reliable",  # reliable=True: the reliable datagram protocol over the socket
     "unixgram-reliable",
+    "shm",
 )
 CAPACITY_TRANSPORTS = (
     "pipe",
@@ -99,6 +100,7 @@ CAPACITY_TRANSPORTS = (
     "tcp",
     "udp-reliable",
     "unixgram-reliable",
+    "shm",
 )
 DRIVERS = ("sync", "asyncio")
 T = 5.0  # generous per-operation timeout: a failure, never a hang

@@ -38,6 +38,7 @@ _MODULES = {
     "unixgram": "unixgram",
     "tcp": "tcp",
     "udp": "udp",
+    "shm": "shm",
 }
 
 

@@ -1,0 +1,221 @@
+"""buzon.shared_array / buzon.shared_value and their process-shared lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+import buzon
+from buzon import _core
+from buzon.errors import NoSuchEndpoint, ProtocolError, Timeout
+
+T = 10.0
+
+
+def _fork(fn: Callable[[], None]) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _wait_ok(pid: int) -> None:
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_array_is_shared_between_processes() -> None:
+    sa = buzon.shared_array("grid", (3, 4), "f8")
+    try:
+        assert sa.created and sa.array.shape == (3, 4) and not sa.array.any()
+
+        def child() -> None:
+            with buzon.shared_array("grid") as other:
+                assert not other.created and other.array.dtype == np.float64
+                other.array[1, :] = [1.5, 2.5, 3.5, 4.5]
+
+        _wait_ok(_fork(child))
+        assert sa.array[1].tolist() == [1.5, 2.5, 3.5, 4.5]
+    finally:
+        sa.remove()
+        sa.close()
+
+
+def test_segment_name_attaches_with_multiprocessing_shared_memory() -> None:
+    sa = buzon.shared_array("mp", 5, "i4")
+    try:
+        sa.array[:] = [5, 4, 3, 2, 1]
+        code = (
+            "import sys, numpy as np\n"
+            "from multiprocessing import resource_tracker, shared_memory\n"
+            "sm = shared_memory.SharedMemory(sys.argv[1])\n"
+            "resource_tracker.unregister(sm._name, 'shared_memory')  # not ours to unlink\n"
+            "a = np.ndarray((5,), 'i4', buffer=sm.buf)\n"
+            "print(a.tolist()); a[0] = 50; del a\n"
+            "sm.close()\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, sa.segment_name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "[5, 4, 3, 2, 1]\n" and done.stderr == ""
+        assert sa.array[0] == 50
+    finally:
+        sa.remove()
+        sa.close()
+
+
+def test_lock_survives_its_holder_dying() -> None:
+    sv = buzon.shared_value("guarded", int)
+    try:
+        r, w = os.pipe()
+
+        def holder() -> None:
+            with buzon.shared_value("guarded") as v:
+                v.lock.acquire()
+                v.value = 99  # half-way through an update...
+                os.write(w, b"1")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        pid = _fork(holder)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert sv.lock.acquire(timeout=T) is True  # taken over: the data may need repair
+        assert sv.value == 99
+        sv.lock.release()
+        assert sv.lock.acquire(timeout=T) is False
+        sv.lock.release()
+    finally:
+        sv.remove()
+        sv.close()
+
+
+def test_lock_times_out_while_a_live_process_holds_it() -> None:
+    sv = buzon.shared_value("busy", float)
+    try:
+        r, w = os.pipe()
+        r2, w2 = os.pipe()
+
+        def holder() -> None:
+            with buzon.shared_value("busy") as v, v.lock:
+                os.write(w, b"1")
+                os.read(r2, 1)
+
+        pid = _fork(holder)
+        assert os.read(r, 1) == b"1"
+        with pytest.raises(Timeout):
+            sv.lock.acquire(timeout=0.05)
+        os.write(w2, b"1")
+        _wait_ok(pid)
+        for fd in (r, w, r2, w2):
+            os.close(fd)
+        with sv.lock:
+            assert not sv.lock.recovered
+        with pytest.raises(RuntimeError):
+            sv.lock.release()
+    finally:
+        sv.remove()
+        sv.close()
+
+
+def test_counter_under_the_lock_is_exact() -> None:
+    procs, each = 4, 500
+    sv = buzon.shared_value("counter", "q")
+    try:
+
+        def add() -> None:
+            with buzon.shared_value("counter") as v:
+                for _ in range(each):
+                    with v.lock:
+                        v.value = v.value + 1
+
+        pids = [_fork(add) for _ in range(procs)]
+        for pid in pids:
+            _wait_ok(pid)
+        assert sv.value == procs * each
+    finally:
+        sv.remove()
+        sv.close()
+
+
+def test_values_of_each_type() -> None:
+    for name, typ, val in (("i", int, -7), ("f", float, 2.5), ("b", bool, True)):
+        with buzon.shared_value(name, typ) as v:
+            v.value = val
+            with buzon.shared_value(name) as again:
+                assert again.value == val and type(again.value) is typ
+            v.remove()
+    with pytest.raises(ValueError):
+        buzon.shared_value("bad", str)
+    with pytest.raises(NoSuchEndpoint):
+        buzon.shared_value("nobody")
+
+
+def _poke_meta(segment: str, meta: bytes) -> None:
+    path = f"/dev/shm/{segment}"
+    size = os.stat(path).st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, meta.ljust(1024, b"\0"), size - 4096 + 3072)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        b"not json",
+        json.dumps({"kind": "array", "dtype": "O", "shape": [1]}).encode(),
+        json.dumps({"kind": "array", "dtype": "<f8", "shape": [1000]}).encode(),
+        json.dumps({"kind": "array", "dtype": "<f8", "shape": [-1]}).encode(),
+        json.dumps({"kind": "value", "format": "d"}).encode(),
+    ],
+)
+def test_untrusted_metadata_is_checked(meta: bytes) -> None:
+    sa = buzon.shared_array("meta", 4, "f8")
+    try:
+        _poke_meta(sa.segment_name, meta)
+        with pytest.raises(ProtocolError):
+            buzon.shared_array("meta")
+    finally:
+        sa.remove()
+        sa.close()
+
+
+def test_block_rejects_a_bad_header() -> None:
+    sa = buzon.shared_array("hdr", 4, "f8")
+    try:
+        path = f"/dev/shm/{sa.segment_name}"
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"NOTABLOK", os.stat(path).st_size - 4096)
+        finally:
+            os.close(fd)
+        with pytest.raises(ProtocolError, match="magic"):
+            _core.Block.attach("/" + sa.segment_name)
+        with pytest.raises(BufferError):
+            held = memoryview(sa._block)
+            try:
+                sa._block.close()
+            finally:
+                held.release()
+    finally:
+        sa.remove()
+        sa.close()
