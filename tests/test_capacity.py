@@ -21,14 +21,16 @@ from buzon.protocol.credit import (
 from buzon.protocol.frames import FrameDecoder, Kind
 
 
-def _pair(url: str, server: dict[str, object], client: dict[str, object]) -> tuple[object, object]:
+def _pair(
+    url: str, server: dict[str, object], client: dict[str, object], accept_timeout: float = 5
+) -> tuple[object, object]:
     lst = buzon.listen(url, **server)
     box: list[object] = []
     errors: list[BaseException] = []
 
     def accept() -> None:
         try:
-            box.append(lst.accept(timeout=5))
+            box.append(lst.accept(timeout=accept_timeout))
         except BaseException as exc:
             errors.append(exc)
 
@@ -48,12 +50,24 @@ def _pair(url: str, server: dict[str, object], client: dict[str, object]) -> tup
     return con, box[0]
 
 
-@pytest.mark.parametrize("url", ["unix:capmismatch", "tcp://127.0.0.1:0"])
-def test_both_ends_must_agree(url: str) -> None:
+@pytest.mark.parametrize(
+    ("url", "extra"),
+    [
+        ("unix:capmismatch", {}),
+        ("tcp://127.0.0.1:0", {}),
+        ("udp://127.0.0.1:0", {"reliable": True}),  # message links run the handshake too
+        ("shm:capmismatch", {}),
+    ],
+)
+def test_both_ends_must_agree(url: str, extra: dict[str, object]) -> None:
+    # (the listener refuses the peer and waits for another: let its accept give up soon)
     with pytest.raises(buzon.HandshakeError, match="capacity mismatch"):
-        _pair(url, {"capacity": 2}, {"capacity": 3})
+        _pair(url, {"capacity": 2, **extra}, {"capacity": 3, **extra}, 0.3)
     with pytest.raises(buzon.HandshakeError, match="capacity mismatch"):
-        _pair(url, {"capacity": None}, {"capacity": 0})
+        _pair(url, {"capacity": None, **extra}, {"capacity": 0, **extra}, 0.3)
+    con, acc = _pair(url, {"capacity": 1, **extra}, dict(extra))  # one states it: both use it
+    with con, acc:  # type: ignore[attr-defined]
+        assert con.capacity == acc.capacity == 1  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("url", ["unix:capadopt", "tcp://127.0.0.1:0"])

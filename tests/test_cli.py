@@ -743,3 +743,15 @@ def test_ls_shows_queue_owners_and_clean_drops_orphan_locks(
     assert cli.main(["clean"]) == 0
     assert "lock of a queue that is gone" in capsys.readouterr().out
     assert not os.path.exists(orphan)
+
+
+def test_ls_shows_capacity_pools(runtime_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A simplex capacity's token pools are listed with their endpoint and capacity,
+    and clean removes them once their listener is gone (not before)."""
+    with buzon.listen("fifo:pooled", capacity=2):
+        assert cli.main(["ls"]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"fifo:pooled\s+credits\s+0600\s+capacity=2 credits, listener alive", out)
+        assert cli.main(["clean"]) == 0
+        assert os.path.exists(os.path.join(runtime_dir, "pooled.fifo.cap2.credit"))
+    assert not [f for f in os.listdir(runtime_dir) if f.startswith("pooled")]

@@ -507,6 +507,8 @@ class ChannelCore:
     def write_control(self, data: bytes) -> bool:
         """Write handshake bytes (not a message: no statistics). False if it would block."""
         self.check_open()
+        if self.message_oriented:  # one handshake frame per message (none: nothing)
+            return not data or bool(self._send_message([data], 0))
         if self.pending and not self.flush():
             return False
         n = self.transport.send_buffers([data])  # type: ignore[attr-defined]

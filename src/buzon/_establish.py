@@ -81,9 +81,9 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str) -> Steps:
         authkey=prep.authkey,
         nonce=os.urandom(NONCE_SIZE) if prep.authkey is not None else b"",
     )
-    decoder = core.decoder
-    assert decoder is not None
-    decoder.max_frame = HANDSHAKE_MAX_FRAME
+    decoder = core.decoder  # None on message links: each frame is one message there
+    if decoder is not None:
+        decoder.max_frame = HANDSHAKE_MAX_FRAME
     try:
         yield ("write", hs.outgoing())
         while not hs.done:
@@ -106,7 +106,8 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str) -> Steps:
         raise HandshakeError(
             f"handshake timed out after {opts.handshake_timeout} s (is the peer a buzon endpoint?)"
         ) from None
-    decoder.max_frame = opts.max_frame
+    if decoder is not None:
+        decoder.max_frame = opts.max_frame
     assert hs.peer is not None
     stated, capacity = agreed_capacity(options, hs.peer.opts)
     if stated and opts.capacity == DEFAULT_CAPACITY:

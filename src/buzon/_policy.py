@@ -43,12 +43,14 @@ class Prepared:
 
     @property
     def handshake(self) -> bool:
-        """buzon's own handshake runs on connection-oriented, framed links."""
-        return (
-            self.address.scheme in _CONNECTION_ORIENTED
-            and self.compat is None
-            and not self.channel.raw
+        """buzon's own handshake runs on connection-oriented, framed links: stream
+        sockets, and the message links with a connection per peer (reliable datagrams,
+        shared memory), where it agrees on the capacity like everywhere else."""
+        scheme = self.address.scheme
+        connected = (
+            scheme in _CONNECTION_ORIENTED or scheme == "shm" or bool(self.transport.reliable)
         )
+        return connected and self.compat is None and not self.channel.raw
 
 
 def prepare(

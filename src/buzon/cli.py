@@ -76,6 +76,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import signal
 import socket
 import stat
@@ -925,6 +926,11 @@ class _Entry:
         if self.kind == "file" and name.endswith(_MQ_LOCK):
             self.kind = "mq-lock"  # held by the listener of a private POSIX queue
             self.address = f"mq:{name[: -len(_MQ_LOCK)]}"
+        pool = _POOL_RE.match(name) if self.kind == "fifo" else None
+        self.pool = "" if pool is None else f"capacity={pool[3]} {pool[4]}s"
+        if pool is not None:  # a capacity's token pool (transport/_tokens.py)
+            self.kind = "credits" if pool[4] == "credit" else "acks"
+            self.address = f"{pool[2]}:{pool[1]}"
         self.live: bool | None = None  # True live, False provably dead, None unknown
         self.state = "-"
 
@@ -935,6 +941,10 @@ class _Entry:
         elif self.kind == "fifo":
             self.live = _fifo_has_reader(self.path)
             self.state = {True: "reader", False: "no reader", None: "?"}[self.live]
+        elif self.kind in ("credits", "acks"):  # the listener holds its pools open
+            self.live = _fifo_has_reader(self.path)
+            owner = {True: "listener alive", False: "no listener", None: "?"}[self.live]
+            self.state = f"{self.pool}, {owner}"
         elif stat.S_ISSOCK(self.st.st_mode):
             self.live, listening = _socket_state(self.path, self.kind, bound)
             if self.live is None:
@@ -963,12 +973,16 @@ class _Entry:
             return "lock of a queue that is gone"
         if self.kind == "fifo":
             return "FIFO with no reader"
+        if self.kind in ("credits", "acks"):
+            return "credit pool of a listener that is gone"
         if stat.S_ISSOCK(self.st.st_mode):
             return f"{self.kind} socket nobody is bound to"
         return None
 
 
 _MQ_LOCK = ".mq.lock"
+# NAME.fifo.capN.credit, NAME.mq.cap0.ack: the token pools of simplex capacities
+_POOL_RE = re.compile(r"^(.+)\.(fifo|mq)\.cap(\d+)\.(credit|ack)$")
 
 
 def _lock_held(path: str) -> bool | None:

@@ -115,10 +115,12 @@ async def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
 
 
 async def _write_all(core: ChannelCore, data: bytes, deadline: float) -> None:
+    # (on reliable datagrams room comes with acks: the write fd becomes *readable*)
     while not core.write_control(data):
+        await wait_fd(core.write_fileno(), not core.acked, deadline, "handshake write")
+    while core.pending:  # a partial write to finish (not: wait for acks)
         await wait_fd(core.write_fileno(), True, deadline, "handshake write")
-    while not core.flush():
-        await wait_fd(core.write_fileno(), True, deadline, "handshake write")
+        core.flush()
 
 
 async def _read(core: ChannelCore, deadline: float, attempt: Callable[[], Any]) -> Any:

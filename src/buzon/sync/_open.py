@@ -133,8 +133,10 @@ def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
 
 def _write_all(core: ChannelCore, data: bytes, deadline: float) -> None:
     while not core.write_control(data):
-        _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
-        if not writable:
+        # (on reliable datagrams room comes with acks: the write fd becomes *readable*)
+        wfd = core.write_fileno()
+        readable, writable = wait_fds(wfd, wfd, core.acked, not core.acked, deadline)
+        if not readable and not writable:
             raise Timeout("handshake write timed out")
     while core.pending:
         _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
