@@ -187,57 +187,23 @@ def evaluate_targets(results: Sequence[Result]) -> list[Target]:
     mp_p50 = _value(by, ("mp", "Pipe", "rt64"), "p50")
     for t in TRANSPORT_ORDER:
         add("d", t, ">=", 3.0, _value(by, ("buzon", t, "rt64"), "p50"), mp_p50, "us", inv)
-    for t in ("pipe", "unix", "tcp"):
-        add(
-            "e",
-            t,
-            "<=",
-            1.3,
-            _value(by, ("buzon-rv", t, "rt64"), "p50"),
-            _value(by, ("buzon", t, "rt64"), "p50"),
-            "us",
-            div,
-        )
-        add(
-            "f",
-            t,
-            ">=",
-            0.85,
-            _value(by, ("buzon-receipts", t, "oneway64"), "rate"),
-            _value(by, ("buzon", t, "oneway64"), "rate"),
-            "msg/s",
-            div,
-        )
-    add(
-        "g",
-        "udp",
-        ">=",
-        0.5,
-        _value(by, ("buzon-reliable", "udp", "oneway64"), "rate"),
-        _value(by, ("raw", "udp", "oneway64"), "rate"),
-        "msg/s",
-        div,
-    )
-    add(
-        "g-batch",
-        "udp",
-        ">=",
-        0.5,
-        _value(by, ("buzon-reliable-batch", "udp", "oneway64"), "rate"),
-        _value(by, ("raw", "udp", "oneway64"), "rate"),
-        "msg/s",
-        div,
-    )
-    add(
-        "h",
-        "udp",
-        ">=",
-        0.5,
-        _value(by, ("buzon-reliable-wifi", "udp", "oneway64"), "rate"),
-        _value(by, ("buzon-reliable-clean", "udp", "oneway64"), "rate"),
-        "msg/s",
-        div,
-    )
+    # link semantics (e, f) and reliable datagrams (g, h): one row against another
+    semantics = ("pipe", "unix", "tcp")
+    o64 = "oneway64"
+    pairs: list[tuple[str, tuple[str, ...], Literal[">=", "<="], float, str, str, str, str]] = [
+        # id, transports, op, threshold, row impl, reference impl, metric, value
+        ("e", semantics, "<=", 1.3, "buzon-rv", "buzon", "rt64", "p50"),
+        ("f", semantics, ">=", 0.85, "buzon-receipts", "buzon", o64, "rate"),
+        ("g", ("udp",), ">=", 0.5, "buzon-reliable", "raw", o64, "rate"),
+        ("g-batch", ("udp",), ">=", 0.5, "buzon-reliable-batch", "raw", o64, "rate"),
+        ("h", ("udp",), ">=", 0.5, "buzon-reliable-wifi", "buzon-reliable-clean", o64, "rate"),
+    ]
+    for tid, transports, op, threshold, row, reference, metric, value in pairs:
+        unit = "us" if value == "p50" else "msg/s"
+        for t in transports:
+            measured = _value(by, (row, t, metric), value)
+            ref = _value(by, (reference, t, metric), value)
+            add(tid, t, op, threshold, measured, ref, unit, div)
     return targets
 
 

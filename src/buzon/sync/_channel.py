@@ -204,21 +204,23 @@ class Channel(ChannelIdentity):
     def _send_receipt(self, bufs: list[Buffer], timeout: float | None, priority: int) -> Receipt:
         core = self._core
         flow = core.sflow or core.receipt_flow()
+        number = 0
         with self._wlock:
             if core.try_send(bufs, priority):
-                number = flow.sent
+                number = flow.sent  # read under the lock: another thread may send next
                 if number & 63 and not core.pending:
                     return Receipt(self, flow, number)
-                bufs = []  # accepted: what is left is finishing the write and reaping
-        return self._send_receipt_slow(bufs, timeout, priority)
+                bufs = []
+        return self._send_receipt_slow(bufs, number, timeout, priority)  # without the lock
 
     def _send_receipt_slow(
-        self, bufs: list[Buffer], timeout: float | None, priority: int
+        self, bufs: list[Buffer], number: int, timeout: float | None, priority: int
     ) -> Receipt:
+        """Wait for room (``bufs`` not sent yet) or finish a partial write, and now and
+        then reap acknowledgements so a long stream of receipts stays bounded."""
         core = self._core
         flow = core.receipt_flow()
         deadline = deadline_of(timeout)
-        number = flow.sent
         while bufs:
             self._wait_room(deadline)
             with self._wlock:
@@ -228,7 +230,7 @@ class Channel(ChannelIdentity):
         if core.pending:
             self._finish_write(deadline)
         if not number & 63:
-            self._receipt_poll()  # reap acknowledgements now and then: a stream stays bounded
+            self._receipt_poll()
         return Receipt(self, flow, number)
 
     def _full_reason(self) -> str:
