@@ -19,8 +19,12 @@ def _echo_pid(ch: buzon.Channel) -> None:
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
-@pytest.mark.parametrize("url", ["unix:srv", "tcp://127.0.0.1:0"])
+@pytest.mark.parametrize("url", ["unix:srv", "tcp://127.0.0.1:0", "shm:srv"])
 def test_server_serves_clients_concurrently(mode: str, url: str) -> None:
+    if url.startswith("shm:") and mode == "process":
+        with pytest.raises(buzon.UnsupportedOperation, match="shm"):
+            buzon.Server(url, _echo_pid, mode=mode)
+        return
     server = buzon.Server(url, _echo_pid, mode=mode, grace=2.0)
     runner = threading.Thread(target=server.serve_forever)
     runner.start()
@@ -45,7 +49,7 @@ def test_server_serves_clients_concurrently(mode: str, url: str) -> None:
     assert not runner.is_alive()
     assert server.served == 3
     assert server.active == 0
-    if url.startswith("unix:"):
+    if url.startswith(("unix:", "shm:")):
         assert not os.path.exists(server.address.fs_path())
 
 
@@ -141,16 +145,17 @@ def test_serve_refuses_connectionless_addresses() -> None:
         buzon.Server("unix:x", lambda ch: None, mode="fiber")
 
 
-def test_async_server() -> None:
+@pytest.mark.parametrize("url", ["unix:asrv", "shm:asrv"])
+def test_async_server(url: str) -> None:
     async def handler(ch: aio.Channel) -> None:
         async for msg in ch:
             await ch.send(msg * 2)
 
     async def main() -> list[Any]:
-        server = aio.Server("unix:asrv", handler)
+        server = aio.Server(url, handler)
         task = asyncio.ensure_future(server.serve_forever())
         await asyncio.sleep(0)
-        clients = [await aio.connect("unix:asrv", timeout=5) for _ in range(3)]
+        clients = [await aio.connect(url, timeout=5) for _ in range(3)]
         for i, c in enumerate(clients):
             await c.send(i + 1)
         out = [await c.recv(timeout=5) for c in clients]

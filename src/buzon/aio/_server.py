@@ -38,9 +38,10 @@ class Server:
         **options: Any,
     ) -> None:
         addr = parse_address(url)
-        if addr.scheme not in ("unix", "tcp"):
+        if addr.scheme not in ("unix", "tcp", "shm"):
             raise UnsupportedOperation(
-                f"serve needs a connection-oriented address (unix: or tcp://), not {addr.scheme}:"
+                "serve needs a connection-oriented address (unix:, tcp:// or shm:), "
+                f"not {addr.scheme}:"
             )
         self.handler = handler
         self.max_clients = max_clients

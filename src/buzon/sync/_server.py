@@ -58,10 +58,15 @@ class Server:
         if mode not in ("thread", "process"):
             raise ValueError("mode is 'thread' or 'process' (use buzon.aio.serve for 'async')")
         addr = parse_address(url)
-        if addr.scheme not in ("unix", "tcp"):
+        if addr.scheme not in ("unix", "tcp", "shm"):
             raise UnsupportedOperation(
-                f"serve needs a connection-oriented address (unix: or tcp://), not {addr.scheme}:"
+                "serve needs a connection-oriented address (unix:, tcp:// or shm:), "
+                f"not {addr.scheme}:"
             )
+        if addr.scheme == "shm" and mode == "process":
+            # the accepted connection's rings are set up by the parent, which must not
+            # hand them to a child before the client attached (not done yet)
+            raise UnsupportedOperation("serve(mode='process') does not take shm: yet")
         self.handler = handler
         self.mode = mode
         self.max_clients = max_clients
