@@ -44,7 +44,7 @@ from ._raw import cases_for, posixmq
 
 __all__ = ["BUZON_TRANSPORTS", "buzon_cases"]
 
-BUZON_TRANSPORTS = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq")
+BUZON_TRANSPORTS = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq", "shm")
 RELAY_PROFILES = ("clean", "wifi")  # the reliable UDP rows through a ChaosRelay
 _TIMEOUT = 10.0
 _BIG = 1 << 16
@@ -227,6 +227,7 @@ def _link(
         url = {
             "unix": f"unix:{ctx.name()}",
             "unixgram": f"unixgram:{ctx.name()}",
+            "shm": f"shm:{ctx.name()}",
             "tcp": "tcp://127.0.0.1:0",
             "udp": "udp://127.0.0.1:0",
         }[transport]
@@ -283,7 +284,7 @@ def buzon_cases(transport: str) -> list[Case]:
             if transport == "mq" and case.metric == "oneway1m":
                 case = Case(case.impl, case.transport, case.metric, _queue_limited(case.run))
             cases.append(case)
-    if transport in ("pipe", "fifo", "unix", "tcp"):
+    if transport in ("pipe", "fifo", "unix", "tcp", "shm"):
         batched = cases_for("buzon-batch", transport, _link(transport, {}, batch=True))
         cases.extend(c for c in batched if c.metric == "oneway64")
     if transport in ("pipe", "unix", "tcp"):

@@ -37,7 +37,7 @@ from ._harness import Config, Result
 __all__ = ["Target", "document", "evaluate_targets", "render", "write_json"]
 
 SCHEMA = "buzon-bench/1"
-TRANSPORT_ORDER = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq")
+TRANSPORT_ORDER = ("pipe", "fifo", "unix", "unixgram", "tcp", "udp", "mq", "shm")
 IMPL_ORDER = (
     "raw",
     "buzon-spin0",
