@@ -217,7 +217,8 @@ class Channel(ChannelIdentity):
             while not core.try_send(bufs, priority):
                 await self._wait_room(deadline)
             number = flow.sent
-            await self._drain(deadline, soft=True)
+            if core.pending:  # finish a partial write (not: wait for acks, see flush)
+                await self._drain(deadline, soft=True)
         if not number & 63:
             self._receipt_poll()  # reap acknowledgements now and then: a stream stays bounded
         return Receipt(self, flow, number)
