@@ -682,6 +682,14 @@ class ChannelCore:
             return
         self.emit_credit(rflow.on_wait_end())
 
+    def full_reason(self) -> str:
+        """Why the last ``try_send`` could not take the message (for ``Full``)."""
+        if self.credit_blocked:
+            if self.capacity == 0:
+                return "capacity=0: no receiver is waiting"
+            return f"capacity={self.capacity}: that many messages are not taken yet"
+        return "the channel cannot take the message without waiting"
+
     def receipt_flow(self) -> SendFlow:
         """The send flow receipts are read against (made on the first ``send_async``)."""
         sflow = self.sflow

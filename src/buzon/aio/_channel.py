@@ -180,7 +180,7 @@ class Channel(ChannelIdentity):
             self._receipt_poll()
             if core.try_send(bufs, priority):
                 return
-        raise Full(self._full_reason())
+        raise Full(self._core.full_reason())
 
     async def send_bytes(
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
@@ -222,14 +222,6 @@ class Channel(ChannelIdentity):
         if not number & 63:
             self._receipt_poll()  # reap acknowledgements now and then: a stream stays bounded
         return Receipt(self, flow, number)
-
-    def _full_reason(self) -> str:
-        core = self._core
-        if core.credit_blocked:
-            if core.capacity == 0:
-                return "capacity=0: no receiver is waiting"
-            return f"capacity={core.capacity}: that many messages are not taken yet"
-        return "the channel cannot take the message without waiting"
 
     async def send_many(self, objs: Iterable[Any], timeout: float | None = None) -> int:
         """Send several objects with as few system calls as possible (see the blocking

@@ -172,7 +172,7 @@ class Channel(ChannelIdentity):
             with self._wlock:
                 if core.try_send(bufs, priority):
                     return
-        raise Full(self._full_reason())
+        raise Full(self._core.full_reason())
 
     def send_bytes(self, data: Buffer, timeout: float | None = None, *, priority: int = 0) -> None:
         """Send ``data`` as one message, without a codec (a raw channel: as is)."""
@@ -232,14 +232,6 @@ class Channel(ChannelIdentity):
         if not number & 63:
             self._receipt_poll()
         return Receipt(self, flow, number)
-
-    def _full_reason(self) -> str:
-        core = self._core
-        if core.credit_blocked:
-            if core.capacity == 0:
-                return "capacity=0: no receiver is waiting"
-            return f"capacity={core.capacity}: that many messages are not taken yet"
-        return "the channel cannot take the message without waiting"
 
     def send_many(self, objs: Iterable[Any], timeout: float | None = None) -> int:
         """Send several objects, in order, with as few system calls as possible.

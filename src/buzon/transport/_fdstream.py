@@ -6,6 +6,7 @@ choose the fds, the properties and how links are established.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import ssl
@@ -15,7 +16,22 @@ from typing import Any
 from ..errors import from_oserror
 from .base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, StreamTransport
 
-__all__ = ["FdStreamTransport", "SocketStreamTransport", "TlsStreamTransport"]
+__all__ = ["FdStreamTransport", "SocketStreamTransport", "TlsStreamTransport", "accept_one"]
+
+
+def accept_one(sock: socket.socket, address: object) -> socket.socket | None:
+    """One pending connection of a non-blocking listening socket, or None if none is
+    pending; connections aborted before we got to them are skipped."""
+    while True:
+        try:
+            return sock.accept()[0]
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                continue
+            raise from_oserror(exc, f"accept on {address}") from exc
+
 
 _IOV_MAX = 1024
 

@@ -87,6 +87,7 @@ from .base import (
     TransportOptions,
 )
 from .tcp import is_loopback, resolve
+from .udp import bind_udp
 from .unix import bind_unix_path, unlink_if_ours
 
 __all__ = [
@@ -892,16 +893,7 @@ def listen(addr: Address, opts: TransportOptions) -> ReliableListener:
     config = _config(addr.scheme, opts)
     on_release: Callable[[], None] | None = None
     if addr.scheme == "udp":
-        family, sockaddr = resolve(addr, socket.SOCK_DGRAM, passive=True)
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(sockaddr)
-        except OSError as exc:
-            sock.close()
-            raise from_oserror(exc, f"bind {addr}") from exc
-        bound = addr.with_port(sock.getsockname()[1])
+        sock, bound = bind_udp(addr)
         local = is_loopback(addr)
     else:
         path = addr.fs_path(opts.runtime_dir)

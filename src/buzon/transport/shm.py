@@ -54,13 +54,11 @@ import fcntl
 import os
 import select
 import socket
-import stat
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 from .. import _core
-from .._runtime import check_endpoint_path
 from ..address import Address
 from ..errors import (
     ChannelClosed,
@@ -68,13 +66,12 @@ from ..errors import (
     EndOfChannel,
     Full,
     HandshakeError,
-    NoSuchEndpoint,
     PeerCredentialsRejected,
     ProtocolError,
-    UnsafePath,
     from_oserror,
 )
 from ..shm._segment import SHM_DIR, attach_ring, create_ring, new_segment_name, remove_segment
+from ._fdstream import accept_one
 from .base import (
     Buffer,
     Connector,
@@ -85,7 +82,7 @@ from .base import (
     Transport,
     TransportOptions,
 )
-from .unix import _check_uid, bind_unix_path, peer_credentials, unlink_if_ours
+from .unix import _check_uid, bind_unix_path, client_socket, peer_credentials, unlink_if_ours
 
 __all__ = ["CAPACITY", "ShmConnector", "ShmListener", "ShmTransport", "connect", "listen"]
 
@@ -387,14 +384,9 @@ class ShmListener(ListenerTransport):
 
     def accept(self) -> Transport | None:
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            conn = accept_one(self.sock, self.address)
+            if conn is None:
                 return None
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise from_oserror(exc, f"accept on {self.address}") from exc
             peer = peer_credentials(conn)
             if peer.uid != os.getuid():  # the rings are 0600: nobody else could attach
                 self.rejected += 1
@@ -465,16 +457,7 @@ class ShmConnector(Connector):
         self.address = addr
         self.opts = opts
         self.path = addr.fs_path(opts.runtime_dir)
-        check_endpoint_path(self.path, must_exist=True)
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            raise NoSuchEndpoint(f"{addr}: nothing listens at {self.path!r}") from None
-        if not stat.S_ISSOCK(st.st_mode):
-            raise UnsafePath(f"{addr}: {self.path!r} is not a socket")
-        self.sock: socket.socket | None = socket.socket(
-            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-        )
+        self.sock: socket.socket | None = client_socket(addr, self.path, frozenset())
         self._connected = False
 
     def fileno(self) -> int:

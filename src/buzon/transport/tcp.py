@@ -14,7 +14,7 @@ import socket
 
 from ..address import Address
 from ..errors import AddressError, ConnectionRefused, from_oserror
-from ._fdstream import SocketStreamTransport, TlsStreamTransport
+from ._fdstream import SocketStreamTransport, TlsStreamTransport, accept_one
 from .base import (
     Connector,
     LinkProperties,
@@ -96,14 +96,9 @@ class TcpListener(ListenerTransport):
 
     def accept(self) -> Transport | None:
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            conn = accept_one(self.sock, self.address)
+            if conn is None:
                 return None
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise from_oserror(exc, f"accept on {self.address}") from exc
             _nodelay(conn)
             if self._tls is not None:
                 tls = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)

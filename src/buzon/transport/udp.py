@@ -39,7 +39,9 @@ def _max_message(family: int) -> int:
     return 65527 if family == socket.AF_INET6 else 65507
 
 
-def listen(addr: Address, opts: TransportOptions) -> SingleChannelListener:
+def bind_udp(addr: Address) -> tuple[socket.socket, Address]:
+    """A UDP socket bound to ``addr`` (IPv6: v6 only) and the address it got (port 0
+    becomes the real port)."""
     family, sockaddr = resolve(addr, socket.SOCK_DGRAM, passive=True)
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
@@ -49,7 +51,12 @@ def listen(addr: Address, opts: TransportOptions) -> SingleChannelListener:
     except OSError as exc:
         sock.close()
         raise from_oserror(exc, f"bind {addr}") from exc
-    bound = addr.with_port(sock.getsockname()[1])
+    return sock, addr.with_port(sock.getsockname()[1])
+
+
+def listen(addr: Address, opts: TransportOptions) -> SingleChannelListener:
+    sock, bound = bind_udp(addr)
+    family = sock.family
     mm = _max_message(family)
     transport = DatagramTransport(
         sock, _props(is_loopback(addr), mm), scheme="udp", connected=False, max_message=mm

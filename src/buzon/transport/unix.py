@@ -29,7 +29,7 @@ from ..errors import (
     UnsafePath,
     from_oserror,
 )
-from ._fdstream import SocketStreamTransport
+from ._fdstream import SocketStreamTransport, accept_one
 from .base import (
     Connector,
     LinkProperties,
@@ -145,14 +145,9 @@ class UnixListener(ListenerTransport):
 
     def accept(self) -> Transport | None:
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            conn = accept_one(self.sock, self.address)
+            if conn is None:
                 return None
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise from_oserror(exc, f"accept on {self.address}") from exc
             peer = peer_credentials(conn)
             try:
                 _check_uid(peer, self.opts, str(self.address))
@@ -173,6 +168,21 @@ class UnixListener(ListenerTransport):
         self.sock.close()
 
 
+def client_socket(addr: Address, path: str, allow_uids: frozenset[int]) -> socket.socket:
+    """A non-blocking stream socket to connect to ``path``, once the path is checked
+    to be a socket nobody untrusted could have put there."""
+    check_endpoint_path(path, must_exist=True, allow_uids=allow_uids)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise NoSuchEndpoint(f"{addr}: nothing listens at {path!r}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UnsafePath(f"{addr}: {path!r} is not a socket")
+    return socket.socket(
+        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    )
+
+
 class UnixConnector(Connector):
     want = "write"
 
@@ -180,16 +190,7 @@ class UnixConnector(Connector):
         self.address = addr
         self.opts = opts
         self.path = addr.fs_path(opts.runtime_dir)
-        check_endpoint_path(self.path, must_exist=True, allow_uids=opts.allow_uids)
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            raise NoSuchEndpoint(f"{addr}: nothing listens at {self.path!r}") from None
-        if not stat.S_ISSOCK(st.st_mode):
-            raise UnsafePath(f"{addr}: {self.path!r} is not a socket")
-        self.sock: socket.socket | None = socket.socket(
-            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-        )
+        self.sock: socket.socket | None = client_socket(addr, self.path, opts.allow_uids)
         self._started = False
 
     def fileno(self) -> int:
