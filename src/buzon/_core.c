@@ -1765,19 +1765,19 @@ static PyTypeObject LoanType = {
     .tp_as_sequence = &loan_as_sequence,
 };
 
-static PyObject *
-ring_reserve_impl(Ring *r, PyObject *args, PyObject *kw);
+/* A method that may release the GIL: count the operation so that close() from
+ * another thread defers the unmapping until it is back. NAME_impl does the work. */
+#define BUSY_METHOD(NAME)                                                    \
+    static PyObject *NAME##_impl(Ring *r, PyObject *args, PyObject *kw);     \
+    static PyObject *NAME(Ring *r, PyObject *args, PyObject *kw)             \
+    {                                                                        \
+        r->busy++;                                                           \
+        PyObject *res = NAME##_impl(r, args, kw);                            \
+        leave(r);                                                            \
+        return res;                                                          \
+    }
 
-/* The GIL may be released inside: count the operation so that close() from
- * another thread defers the unmapping until it is back. */
-static PyObject *
-ring_reserve(Ring *r, PyObject *args, PyObject *kw)
-{
-    r->busy++;
-    PyObject *res = ring_reserve_impl(r, args, kw);
-    leave(r);
-    return res;
-}
+BUSY_METHOD(ring_reserve)
 
 static PyObject *
 ring_reserve_impl(Ring *r, PyObject *args, PyObject *kw)
@@ -1832,19 +1832,7 @@ ring_reserve_impl(Ring *r, PyObject *args, PyObject *kw)
     }
 }
 
-static PyObject *
-ring_recv_view_impl(Ring *r, PyObject *args, PyObject *kw);
-
-/* The GIL may be released inside: count the operation so that close() from
- * another thread defers the unmapping until it is back. */
-static PyObject *
-ring_recv_view(Ring *r, PyObject *args, PyObject *kw)
-{
-    r->busy++;
-    PyObject *res = ring_recv_view_impl(r, args, kw);
-    leave(r);
-    return res;
-}
+BUSY_METHOD(ring_recv_view)
 
 static PyObject *
 ring_recv_view_impl(Ring *r, PyObject *args, PyObject *kw)
@@ -2359,19 +2347,7 @@ block_attach(PyTypeObject *type, PyObject *args)
 }
 
 /* lock(timeout=None) -> bool: True if the previous holder had died holding it. */
-static PyObject *
-block_lock_impl(Ring *r, PyObject *args, PyObject *kw);
-
-/* The GIL may be released inside: count the operation so that close() from
- * another thread defers the unmapping until it is back. */
-static PyObject *
-block_lock(Ring *r, PyObject *args, PyObject *kw)
-{
-    r->busy++;
-    PyObject *res = block_lock_impl(r, args, kw);
-    leave(r);
-    return res;
-}
+BUSY_METHOD(block_lock)
 
 static PyObject *
 block_lock_impl(Ring *r, PyObject *args, PyObject *kw)
