@@ -162,8 +162,9 @@ class MessageTransport(Transport):
     max_message: int = 65507
 
     @abc.abstractmethod
-    def recv_message(self) -> bytes | None:
-        """One whole message, or ``None`` if none is ready."""
+    def recv_message(self) -> bytes | memoryview | None:
+        """One whole message, or ``None`` if none is ready (a read-only view where the
+        transport lends the message in place: ``shm:`` out-of-line blocks)."""
 
     @abc.abstractmethod
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
