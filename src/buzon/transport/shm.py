@@ -671,12 +671,16 @@ class _RingLoan:
             raise ValueError("the loan is already finished")
         if not self._views_released():
             raise BufferError(_STILL_VIEWED)  # aborted when those views are collected
-        loan.commit()
+        try:
+            loan.commit()
+        except BufferError:  # views of views (numpy keeps its own memoryview)
+            raise BufferError(_STILL_VIEWED) from None
 
     def abort(self) -> None:
         loan, self._loan = self._loan, None
         if loan is not None and self._views_released():
-            loan.abort()  # else aborted when the caller's views are collected
+            with contextlib.suppress(BufferError):  # else aborted when the views go
+                loan.abort()
 
 
 class _BlockLoan:
