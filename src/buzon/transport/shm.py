@@ -101,6 +101,10 @@ _OOB_META = b'{"kind": "oob"}'
 _REF = struct.Struct("<IIQ64s64s")
 _ONESHOT = 1  # a block for this message only: the receiver unmaps it when done
 _POOLED = 2  # a block of the sender's pool: the receiver keeps it mapped for reuse
+# a block's lease word: 0 idle (the receiver released its view), _SENT (set by the
+# sender before the reference goes out), _TAKEN (set by the receiver with its view)
+_SENT = 1
+_TAKEN = 2
 POOL_BLOCKS = 4
 """Out-of-line blocks each direction keeps for reuse (more in flight: one-shot blocks)."""
 _MAX_CACHED = 64  # pooled blocks a receiver keeps mapped at most (a sane peer: POOL_BLOCKS)
@@ -191,10 +195,9 @@ class ShmTransport(MessageTransport):
         self.max_message = 1 << 40  # the frame cap applies; see _send_oob
         self.ring_max = tx.max_message
         self.properties = _properties(tx.capacity)
-        self._oob_out: list[_core.Block] = []  # one-shot blocks held until the peer takes them
+        self._oob_out: list[_core.Block] = []  # one-shot blocks, held until taken
         self._pool: list[_core.Block] = []  # our out-of-line blocks, reused once given back
         self._created: dict[str, bool] = {}  # names of blocks we made -> sent in a message
-        self._unhanded: set[str] = set()  # blocks whose fd could not be handed over
         self._retire_next = ""  # a pooled block the peer may unmap (told with the next ref)
         self._rx_blocks: dict[str, _core.Block] = {}  # the peer's pooled blocks, mapped
         self._handed: dict[str, int] = {}  # fds of the peer's blocks, until attached
@@ -274,10 +277,16 @@ class ShmTransport(MessageTransport):
         else:
             raise ProtocolError(f"{self.address}: an out-of-line reference of unknown kind")
         try:
-            return block.view(0, nbytes)
+            view = block.view(0, nbytes)
         except ValueError:
             why = "an out-of-line message overruns its block"
             raise ProtocolError(f"{self.address}: {why}") from None
+        block.lease = _TAKEN
+        try:  # a sender waiting for a block to be taken waits on this pipe
+            os.read(self._rx_space, 64)
+        except BlockingIOError:
+            pass
+        return view
 
     def _attach_block(self, name: str) -> _core.Block:
         try:
@@ -408,15 +417,18 @@ class ShmTransport(MessageTransport):
 
     def _send_oob(self, bufs: Sequence[Buffer], size: int) -> bool:
         """Send a message larger than the ring: its bytes in a block, a reference in the ring."""
-        self._reap_oob()
-        loan = self._reserve_ref()
-        if loan is None:
+        got = self._block_for(size)
+        if got is None:
             return False
+        block, kind = got
         try:
-            block, kind = self._acquire_block(size)
+            loan = self._reserve_ref()
         except BaseException:
-            loan.abort()
+            self._give_back(block, kind)
             raise
+        if loan is None:
+            self._give_back(block, kind)
+            return False
         try:
             with memoryview(block) as view:
                 offset = 0
@@ -451,48 +463,78 @@ class ShmTransport(MessageTransport):
             if not attempt() and not self._wait_for_room(total, attempt):
                 return None
             return _RingLoan(loans[0], prefix)
-        self._reap_oob()
-        ref = self._reserve_ref()
-        if ref is None:
+        got = self._block_for(total)
+        if got is None:
             return None
+        block, kind = got
         try:
-            block, kind = self._acquire_block(total)
-            view = block.view(0, total, readonly=False)
+            ref = self._reserve_ref()
+            view = block.view(0, total, readonly=False) if ref is not None else None
         except BaseException:
-            ref.abort()
+            self._give_back(block, kind)
             raise
+        if ref is None or view is None:
+            self._give_back(block, kind)
+            return None
         return _BlockLoan(self, ref, block, kind, view, prefix)
 
-    def _acquire_block(self, size: int) -> tuple[_core.Block, int]:
-        """A block for ``size`` bytes, lent (its lease set): the smallest idle one of the
-        pool that fits, else a new one for the pool (retiring an idle one that is too
-        small if the pool is full), else (all lent out, or this end is shared after a
-        fork) a one-shot block."""
+    def _block_for(self, size: int) -> tuple[_core.Block, int] | None:
+        """A block for ``size`` bytes (see :meth:`_acquire_block`), or ``None`` when the
+        receiver has not yet taken the messages already out: then the space pipe is
+        armed, and the receiver empties it when it takes one (``_lend``)."""
+        got = self._acquire_block(size)
+        if got is not None:
+            return got
+        try:
+            os.write(self._tx_space, b"\0")  # make the pipe unwritable until drained
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            raise EndOfChannel(f"the peer of {self.address} is gone") from None
+        got = self._acquire_block(size)
+        if got is None and self._peer_gone():
+            raise EndOfChannel(f"the peer of {self.address} closed the channel")
+        return got
+
+    def _acquire_block(self, size: int) -> tuple[_core.Block, int] | None:
+        """A block for ``size`` bytes, its lease set: the smallest idle block of the pool
+        that fits; else a new one for the pool (retiring an idle one that is too small
+        if the pool is full); else, if every block is taken by the receiver (arrays it
+        keeps), a one-shot block; else ``None``: the receiver is behind, wait (so the
+        messages sent and not yet taken stay bounded)."""
+        self._reap_oob()
         pool = self._pool
         best = None
+        in_flight = bool(self._oob_out)
         for block in pool:
-            if block.lease == 0 and block.size >= size and (best is None or block.size < best.size):
-                best = block
+            lease = block.lease
+            if lease == 0:
+                if block.size >= size and (best is None or block.size < best.size):
+                    best = block
+            elif lease == _SENT:
+                in_flight = True
         if best is not None:
             self.blocks_reused += 1
-            best.lease = 1
+            best.lease = _SENT
             return best, _POOLED
         kind = _POOLED
         if self.shared:
             kind = _ONESHOT  # two processes must not share one pool
         elif len(pool) >= POOL_BLOCKS:
             idle = [b for b in pool if b.lease == 0]
-            if not idle or self._retire_next:
-                kind = _ONESHOT
-            else:
+            if idle and not self._retire_next:
                 old = min(idle, key=lambda b: b.size)
                 pool.remove(old)
                 self._retire_next = old.name.lstrip("/")  # told with the next reference
                 old.close()
+            elif in_flight:
+                return None
+            else:
+                kind = _ONESHOT
         block = self._new_block(_pool_size(size) if kind == _POOLED else size)
         if kind == _POOLED:
             pool.append(block)
-        block.lease = 1
+        block.lease = _SENT
         return block, kind
 
     def _new_block(self, size: int) -> _core.Block:
@@ -508,10 +550,10 @@ class ShmTransport(MessageTransport):
         fd = os.dup(block.fileno())
         try:
             socket.send_fds(self._sock, [name.encode("ascii") + b"\n"], [fd], socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            self._unhanded.add(name)  # keep our handle until it is taken (see _reap_oob)
         except OSError:
-            pass  # the peer is gone: the send fails on the ring soon enough
+            # full (only if the peer reads nothing for thousands of blocks): we hold it
+            # until it is taken anyway; gone: the send fails on the ring soon enough
+            pass
         finally:
             os.close(fd)
         return block
@@ -525,23 +567,19 @@ class ShmTransport(MessageTransport):
         self._retire_next = ""
         self._created[name] = True
         if kind == _ONESHOT:
-            if name in self._unhanded:
-                self._oob_out.append(block)  # hold it until the peer takes it
-            else:
-                block.close()  # the handed-over fd holds it for the peer
+            self._oob_out.append(block)  # held (and counted in flight) until taken
 
     def _give_back(self, block: _core.Block, kind: int, lent: bool = False) -> None:
         """A block that carries no message after all (``lent``: views of it are still
         alive, so it can never be reused)."""
-        name = block.name.lstrip("/")
-        if kind == _POOLED and not lent and self._created.get(name, True):
+        if kind == _POOLED and not lent:
             block.lease = 0  # an idle block of the pool again
             return
         if block in self._pool:
             self._pool.remove(block)
+        name = block.name.lstrip("/")
         if not self._created.get(name, True):
-            self._created.pop(name, None)
-            self._unhanded.discard(name)
+            del self._created[name]
             remove_segment(name)  # the peer never saw it in the ring
         if not lent:
             block.close()
@@ -555,18 +593,15 @@ class ShmTransport(MessageTransport):
                 del self._created[name]
 
     def _reap_oob(self) -> None:
-        """Drop our handles on one-shot blocks the peer has taken (their names are gone)."""
-        if not self._oob_out:
-            return
-        keep = []
-        for block in self._oob_out:
-            name = block.name.lstrip("/")
-            if os.path.exists(os.path.join(SHM_DIR, name)):
-                keep.append(block)
-            else:
-                self._unhanded.discard(name)
-                block.close()
-        self._oob_out = keep
+        """Drop our handles on one-shot blocks the receiver has taken."""
+        if self._oob_out:
+            keep = []
+            for block in self._oob_out:
+                if block.lease == _SENT:
+                    keep.append(block)
+                else:
+                    block.close()
+            self._oob_out = keep
 
     def _discard_unread(self) -> None:
         """Unlink the blocks of out-of-line messages we will never read."""
