@@ -353,3 +353,59 @@ def test_sigkill_mid_stream_leaves_nothing_once_the_survivor_closes(victim: str)
         ch.close()
         os.close(r)
     assert _segments() == set()
+
+
+def test_a_sender_ahead_of_its_receiver_waits_instead_of_making_blocks(
+    pair: tuple[Any, Any],
+) -> None:
+    a, b = pair
+    sent = 0
+    with pytest.raises(buzon.Full):
+        for _ in range(50):
+            a.send_bytes_nowait(b"s" * LARGE)
+            sent += 1
+    assert sent == shm_transport.POOL_BLOCKS  # every pooled block is out, none taken yet
+    with pytest.raises(Timeout), a.loan(LARGE, timeout=0):
+        pass  # pragma: no cover
+    with pytest.raises(Timeout):
+        a.send(np.zeros(LARGE, "u1"), timeout=0.05)
+    waiter = threading.Thread(target=lambda: a.send_bytes(b"t" * LARGE, timeout=T))
+    waiter.start()  # blocked until b takes one
+    for _ in range(sent):
+        assert b.recv_bytes(T) == b"s" * LARGE
+    waiter.join(T)
+    assert not waiter.is_alive()
+    assert b.recv_bytes(T) == b"t" * LARGE
+    assert a.statistics().blocks_created == shm_transport.POOL_BLOCKS
+
+
+def test_a_receiver_gone_wakes_a_sender_waiting_for_a_block() -> None:
+    lst = buzon.listen("shm:zcgone")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            keep = buzon.connect("shm:zcgone", timeout=T)
+            os.write(w, b"!")
+            signal.pause()
+            keep.close()
+        finally:
+            os._exit(1)
+    os.close(w)
+    ch = lst.accept(timeout=T)
+    lst.close()
+    try:
+        assert os.read(r, 1) == b"!"
+        for _ in range(shm_transport.POOL_BLOCKS):
+            ch.send_bytes(b"g" * LARGE, timeout=T)
+        killer = threading.Timer(0.1, os.kill, (pid, signal.SIGKILL))
+        killer.start()
+        with pytest.raises(EndOfChannel):
+            ch.send_bytes(b"g" * LARGE, timeout=T)  # waits for a block until the death
+        killer.join()
+        os.waitpid(pid, 0)
+    finally:
+        ch.close()
+        os.close(r)
+    assert _segments() == set()
