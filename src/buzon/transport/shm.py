@@ -38,12 +38,21 @@ peer had only half written is never delivered (see docs/shm.md). So an end share
 forked child (``serve(mode="process")``) stays open while either process holds it,
 exactly as a Unix socket does.
 
-Messages larger than the ring travel *out of line*: the sender copies them into a fresh
-block segment (:class:`buzon._core.Block`) and sends only its name, in a record flagged
-``OOB``; the receiver attaches the block, unlinks its name, copies it out and unmaps it.
-The sender keeps its handle on the block until the name is gone (so ``buzon clean``
-never sees it unused while it waits in the ring); closing a channel unlinks the blocks
-of messages it will never read. The channel's frame cap (``max_frame``) bounds them.
+Messages larger than the ring travel *out of line*: the sender copies them into a block
+segment (:class:`buzon._core.Block`) of a small per-connection pool and sends only a
+reference (:data:`_REF`), in a record flagged ``OOB``; the receiver maps the block once
+(unlinking its name), lends the message as a read-only :class:`buzon._core.BlockView`
+(a numpy array received with ``recv`` stays on the block), and gives the block back by
+releasing that view: the C core stores 0 in the block's *lease* word, and the sender
+reuses it. A sender whose blocks are all sent and not yet taken waits (the receiver
+empties the space pipe whenever it takes one); blocks the receiver keeps (arrays alive)
+make the sender use one-shot blocks instead. Each new block's fd is handed to the peer
+over the socket right away, so the block stays *in use* for ``buzon clean`` until the
+receiver has attached it, even if the sender closes or dies first. See docs/shm.md
+("Out-of-line blocks") for the lease states and the clean-up rules.
+
+Loans (:meth:`ShmTransport.loan_message`) and views (:meth:`recv_view_message`) lend
+the ring record or the block to ``Channel.loan`` / ``Channel.recv_view``.
 """
 
 from __future__ import annotations
