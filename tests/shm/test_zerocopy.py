@@ -409,3 +409,27 @@ def test_a_receiver_gone_wakes_a_sender_waiting_for_a_block() -> None:
         ch.close()
         os.close(r)
     assert _segments() == set()
+
+
+def test_an_end_shared_with_a_forked_child_sends_large_messages(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    a.send_bytes(b"p" * LARGE)  # a pooled block, made before the fork
+    assert b.recv_bytes(T) == b"p" * LARGE
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: a shared end, one-shot blocks only
+        code = 1
+        try:
+            b.close()
+            for i in range(3):
+                a.send_bytes(bytes([i]) * LARGE, timeout=T)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    for i in range(3):
+        assert b.recv_bytes(T) == bytes([i]) * LARGE
+    with a.loan(LARGE) as buf:  # the parent's end is shared too now
+        buf[:] = b"q" * LARGE
+    assert b.recv_bytes(T) == b"q" * LARGE
+    assert _segments() == set()

@@ -510,8 +510,13 @@ class ShmTransport(MessageTransport):
         that fits; else a new one for the pool (retiring an idle one that is too small
         if the pool is full); else, if every block is taken by the receiver (arrays it
         keeps), a one-shot block; else ``None``: the receiver is behind, wait (so the
-        messages sent and not yet taken stay bounded)."""
+        messages sent and not yet taken stay bounded). An end shared after a fork
+        uses one-shot blocks only."""
         self._reap_oob()
+        if self.shared:  # two processes must not share one pool: one-shot blocks only
+            block = self._new_block(size)
+            block.lease = _SENT
+            return block, _ONESHOT
         pool = self._pool
         best = None
         in_flight = bool(self._oob_out)
@@ -527,9 +532,7 @@ class ShmTransport(MessageTransport):
             best.lease = _SENT
             return best, _POOLED
         kind = _POOLED
-        if self.shared:
-            kind = _ONESHOT  # two processes must not share one pool
-        elif len(pool) >= POOL_BLOCKS:
+        if len(pool) >= POOL_BLOCKS:
             idle = [b for b in pool if b.lease == 0]
             if idle and not self._retire_next:
                 old = min(idle, key=lambda b: b.size)
