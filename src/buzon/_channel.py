@@ -271,9 +271,10 @@ class ChannelCore:
             self.fast_send: Callable[[Buffer, int], bool] | None = None
             self.fast_recv: Callable[[int], tuple[int, bytes] | None] | None = None
             self.fast_spin: Callable[[float], bool] | None = None
-            self.fast_limit = 0
+            self.fast_limit = self.fast_bytes_limit = 0
             return
-        self.fast_limit = min(self._small + 8, ops.max_record)
+        self.fast_limit = min(self._small + 8, ops.max_record)  # an encoded frame
+        self.fast_bytes_limit = min(self.max_frame, ops.max_record) - 8  # send_bytes' body
         self.fast_send = ops.send_frame if self._can_send else None
         self.fast_recv = ops.recv_frame
         self.fast_spin = ops.spin

@@ -1666,7 +1666,16 @@ ring_try_recv_frame_impl(Ring *r, Py_ssize_t max_frame)
         r->counts[2] += 1;
         r->counts[3] += len;
     }
-    return Py_BuildValue("(lN)", plain ? (long)hdr[2] : -1L - (long)flags, out);
+    PyObject *code = PyLong_FromLong(plain ? (long)hdr[2] : -1L - (long)flags);
+    PyObject *pair = code == NULL ? NULL : PyTuple_New(2);
+    if (pair == NULL) {
+        Py_XDECREF(code);
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, code);
+    PyTuple_SET_ITEM(pair, 1, out);
+    return pair;
 }
 
 static PyObject *

@@ -47,12 +47,14 @@ def test_default_channel_takes_the_fast_path(pair: tuple[Any, Any]) -> None:
     assert a._core.fast_send is not None and b._core.fast_recv is not None
     a.send_bytes(b"x" * 64)
     a.send({"k": 1})
+    a.send_bytes(b"y" * 200_000)  # large, yet in the ring: one copy on each side
     assert b._core.transport.ring_ops.counts()[2] == 0  # nothing taken yet
     assert b.recv_bytes(timeout=T) == b"x" * 64
     assert b.recv(timeout=T) == {"k": 1}
+    assert b.recv_bytes(timeout=T) == b"y" * 200_000
     sent = a._core.transport.ring_ops.counts()
     taken = b._core.transport.ring_ops.counts()
-    assert sent[0] == 2 and taken[2] == 2 and sent[1] == taken[3]
+    assert sent[0] == 3 and taken[2] == 3 and sent[1] == taken[3] > 200_000
 
 
 @pytest.mark.parametrize("capacity", [0, 4, None])

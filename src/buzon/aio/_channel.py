@@ -198,7 +198,7 @@ class Channel(ChannelIdentity):
             fast is not None
             and type(data) is bytes
             and not priority
-            and len(data) <= core.fast_limit - 8
+            and len(data) <= core.fast_bytes_limit
             and not self._wlock.locked()
             and fast(data, 0)
         ):

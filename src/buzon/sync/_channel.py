@@ -187,7 +187,7 @@ class Channel(ChannelIdentity):
             fast is not None
             and type(data) is bytes
             and not priority
-            and len(data) <= core.fast_limit - 8
+            and len(data) <= core.fast_bytes_limit
             and fast(data, 0)  # the ring is multi-producer safe and counts: no lock needed
         ):
             return
