@@ -91,6 +91,7 @@ from .base import (
     ListenerTransport,
     MessageTransport,
     PeerInfo,
+    RingOps,
     Transport,
     TransportOptions,
 )
@@ -213,6 +214,14 @@ class ShmTransport(MessageTransport):
         self.framed = True  # the channel parses frames (set False by raw channels)
         self.blocks_created = self.blocks_reused = 0
         self.shared = False  # set at fork: another process may hold this end too
+        self.ring_ops = RingOps(
+            tx.try_send_frame,
+            rx.try_recv_frame,
+            rx.spin_wait,
+            self._record_message,
+            self._frame_counts,
+            tx.max_message,
+        )
         _LIVE.add(self)
 
     def __repr__(self) -> str:
@@ -248,6 +257,13 @@ class ShmTransport(MessageTransport):
                 return None
         data, flags = got
         return self._take_oob(data) if flags & _OOB else data
+
+    def _frame_counts(self) -> tuple[int, int, int, int]:
+        return self._tx.frame_counts()[:2] + self._rx.frame_counts()[2:]
+
+    def _record_message(self, code: int, record: bytes) -> bytes | memoryview:
+        """The message of a record ``Ring.try_recv_frame`` returned as (-1 - flags, record)."""
+        return self._take_oob(record) if (-1 - code) & _OOB else record
 
     def _take_oob(self, ref: bytes) -> bytes | memoryview:
         """An out-of-line message for ``recv_message``: a frame with out-of-band buffers
