@@ -219,3 +219,42 @@ def test_block_rejects_a_bad_header() -> None:
     finally:
         sa.remove()
         sa.close()
+
+
+def _count_in_threads(sv: buzon.SharedValue, threads: int, each: int) -> list[BaseException]:
+    """``threads`` threads add 1 to ``sv`` ``each`` times, each addition under its lock,
+    with a thread switch forced inside the critical section; the errors they raised."""
+    import threading
+    import time
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def add() -> None:
+        try:
+            start.wait(T)
+            for _ in range(each):
+                with sv.lock:
+                    v = sv.value
+                    time.sleep(0)  # let the other thread run while we hold the lock
+                    sv.value = v + 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    ts = [threading.Thread(target=add) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return errors
+
+
+def test_the_lock_excludes_threads_sharing_one_handle() -> None:
+    sv = buzon.shared_value("threads", "q")
+    try:
+        errors = _count_in_threads(sv, 2, 2000)
+        assert errors == []
+        assert sv.value == 2 * 2000
+    finally:
+        sv.remove()
+        sv.close()
