@@ -252,3 +252,5 @@ class TransportOptions:
     capacity: int | None = -1
     # udp/unixgram only: False, True (default limits) or a protocol.reliable.ReliableConfig
     reliable: Any = False
+    # shm listeners only: bytes of each ring they create (None: transport.shm.CAPACITY)
+    ring_size: int | None = None
