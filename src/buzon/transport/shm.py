@@ -230,6 +230,18 @@ class ShmTransport(MessageTransport):
     def write_fileno(self) -> int:
         return -1 if self.closed else self._tx_space
 
+    def close_in_parent(self) -> None:
+        """The child serves this end: leave it the ring names (the peer may not have
+        attached yet) and the unread messages (it will read them)."""
+        self._names = ()
+        self.shared = True
+        self.close()
+
+    def adopt_in_child(self) -> None:
+        """Our parent has let go of this end (:meth:`close_in_parent`), so the segments
+        and unread out-of-line messages are ours to remove when we close."""
+        self.shared = False
+
     def _peer_gone(self) -> bool:
         try:
             return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
