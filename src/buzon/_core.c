@@ -214,6 +214,7 @@ typedef struct {
     _Atomic int closing; /* close() was called while busy: the last one out unmaps */
     uint64_t counts[4];  /* frames sent, their bytes, frames received, their bytes (the
                             try_*_frame calls only; updated with the GIL held) */
+    unsigned long lock_thread; /* Block: the thread that took the lock through us (GIL) */
 } Ring;
 
 static void ring_unmap(Ring *r);
@@ -2599,8 +2600,12 @@ block_lock_impl(Ring *r, PyObject *args, PyObject *kw)
     if (deadline_from(timeout, &deadline) < 0) {
         return NULL;
     }
-    if (atomic_load(&r->h->rlock) == r->token) {
-        PyErr_SetString(PyExc_RuntimeError, "this process already holds the lock");
+    /* Every thread of this process shares our token, so rlock_acquire waits for
+     * another of our threads like for another process (our own token is alive);
+     * only the thread that holds the lock must not wait for itself. */
+    unsigned long me = PyThread_get_thread_ident();
+    if (atomic_load(&r->h->rlock) == r->token && r->lock_thread == me) {
+        PyErr_SetString(PyExc_RuntimeError, "this thread already holds the lock");
         return NULL;
     }
     int rc;
@@ -2618,13 +2623,15 @@ block_lock_impl(Ring *r, PyObject *args, PyObject *kw)
         }
     }
     if (rc == RC_AGAIN) {
-        PyErr_Format(TimeoutErr, "the lock of %S is held by another process", r->name);
+        PyErr_Format(TimeoutErr, "the lock of %S is held by another process or thread",
+                     r->name);
         return NULL;
     }
     if (rc == RC_GONE) {
         PyErr_Format(ClosedErr, "%S was closed while waiting for its lock", r->name);
         return NULL;
     }
+    r->lock_thread = me;
     /* taken over from a dead holder: flag it so the caller can repair the data */
     int recovered = atomic_exchange(&r->h->flags_atomic, 0) != 0;
     (void)before;
@@ -2641,6 +2648,7 @@ block_unlock(Ring *r, PyObject *Py_UNUSED(a))
         PyErr_SetString(PyExc_RuntimeError, "this process does not hold the lock");
         return NULL;
     }
+    r->lock_thread = 0;
     rlock_release(r);
     Py_RETURN_NONE;
 }

@@ -6,6 +6,7 @@ the general path: order, counts, validation, and falling back when it must."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import threading
 from collections.abc import Iterator
@@ -21,25 +22,25 @@ from buzon.errors import FrameError
 T = 10.0
 
 
-def _pair(name: str, **kw: Any) -> tuple[Any, Any, Any]:
-    lst = buzon.listen(f"shm:{name}", **kw)
-    box: list[Any] = []
-    t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
-    t.start()
-    a = buzon.connect(f"shm:{name}", timeout=T, **kw)
-    t.join(T)
-    return lst, a, box[0]
+@contextlib.contextmanager
+def _pair(name: str, **kw: Any) -> Iterator[tuple[Any, Any]]:
+    with buzon.listen(f"shm:{name}", **kw) as lst:
+        box: list[Any] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+        t.start()
+        a = buzon.connect(f"shm:{name}", timeout=T, **kw)
+        t.join(T)
+        try:
+            yield a, box[0]
+        finally:
+            a.close()
+            box[0].close()
 
 
 @pytest.fixture
 def pair() -> Iterator[tuple[Any, Any]]:
-    lst, a, b = _pair("fp")
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-        lst.close()
+    with _pair("fp") as ends:
+        yield ends
 
 
 def test_default_channel_takes_the_fast_path(pair: tuple[Any, Any]) -> None:
@@ -59,18 +60,13 @@ def test_default_channel_takes_the_fast_path(pair: tuple[Any, Any]) -> None:
 
 @pytest.mark.parametrize("capacity", [0, 4, None])
 def test_credits_and_queues_use_the_general_path(capacity: int | None) -> None:
-    lst, a, b = _pair(f"fpc{capacity}", capacity=capacity)
-    try:
+    with _pair(f"fpc{capacity}", capacity=capacity) as (a, b):
         assert a._core.fast_send is None and b._core.fast_recv is None
         if capacity != 0:
             a.send_bytes(b"q")
         else:
             threading.Timer(0.05, lambda: b.recv_bytes(timeout=T)).start()
             a.send_bytes(b"q", timeout=T)
-    finally:
-        a.close()
-        b.close()
-        lst.close()
 
 
 def test_closing_drops_the_fast_path(pair: tuple[Any, Any]) -> None:

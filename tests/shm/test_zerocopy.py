@@ -1,6 +1,6 @@
 """Zero copy through ``shm:`` channels: loans, received views, out-of-line block reuse.
 
-The rings are made small (64 KiB) so "large" messages (out of line, through blocks)
+The rings are made small (``ring_size=64 KiB``) so "large" messages (out of line, through blocks)
 stay cheap; every test also runs the directory's checks (nothing left in /dev/shm, no
 fd left open).
 """
@@ -28,17 +28,12 @@ SMALL = 1000
 LARGE = 3 * RING  # out of line
 
 
-@pytest.fixture(autouse=True)
-def small_rings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shm_transport, "CAPACITY", RING)
-
-
 def _segments() -> set[str]:
     return {s.name for s in shm.list_segments()}
 
 
 def _accept_connect(url: str, **kw: Any) -> tuple[Any, Any]:
-    lst = buzon.listen(url, **kw)
+    lst = buzon.listen(url, ring_size=RING, **kw)
     box: list[Any] = []
     t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
     t.start()
@@ -247,7 +242,7 @@ def test_loans_respect_capacity() -> None:
 
 def test_asyncio_loans_and_views() -> None:
     async def main() -> None:
-        lst = aio.listen("shm:zcaio")
+        lst = aio.listen("shm:zcaio", ring_size=RING)
         acc = asyncio.ensure_future(lst.accept(timeout=T))
         a = await aio.connect("shm:zcaio", timeout=T)
         b = await acc
@@ -318,7 +313,7 @@ def _receiver(url: str, ready: int) -> None:  # pragma: no cover - child
 @pytest.mark.parametrize("victim", ["sender", "receiver"])
 def test_sigkill_mid_stream_leaves_nothing_once_the_survivor_closes(victim: str) -> None:
     url = f"shm:kill-{victim}"
-    lst = buzon.listen(url)
+    lst = buzon.listen(url, ring_size=RING)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -380,7 +375,7 @@ def test_a_sender_ahead_of_its_receiver_waits_instead_of_making_blocks(
 
 
 def test_a_receiver_gone_wakes_a_sender_waiting_for_a_block() -> None:
-    lst = buzon.listen("shm:zcgone")
+    lst = buzon.listen("shm:zcgone", ring_size=RING)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child

@@ -128,6 +128,19 @@ class Transport(abc.ABC):
     def close(self) -> None:
         self.closed = True
 
+    # -- handing an end to a forked child (serve(mode="process")) -----------------------
+
+    def close_in_parent(self) -> None:
+        """In the parent, after a ``fork`` that handed this end to the child: release
+        this process's copy, and leave to the child what only the end's last holder
+        may do (remove what the end created). The default is :meth:`close`."""
+        self.close()
+
+    def adopt_in_child(self) -> None:  # noqa: B027 - optional hook
+        """In the child that took this end over (its parent calls
+        :meth:`close_in_parent` and never uses it again): the child is now its only
+        user, and cleans up after it as if it had never been shared."""
+
     # -- optional hooks: transports that run a delivery protocol of their own --------
     # (reliable datagrams). Ordinary transports keep these defaults; the channel core
     # reads ``delivery_acks`` once per channel, so their hot paths never call them.
@@ -253,3 +266,5 @@ class TransportOptions:
     capacity: int | None = -1
     # udp/unixgram only: False, True (default limits) or a protocol.reliable.ReliableConfig
     reliable: Any = False
+    # shm listeners only: bytes of each ring they create (None: transport.shm.CAPACITY)
+    ring_size: int | None = None
