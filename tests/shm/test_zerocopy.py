@@ -428,3 +428,48 @@ def test_an_end_shared_with_a_forked_child_sends_large_messages(pair: tuple[Any,
         buf[:] = b"q" * LARGE
     assert b.recv_bytes(T) == b"q" * LARGE
     assert _segments() == set()
+
+
+class _DiesAfterCreate:
+    """A stand-in for ``buzon._core`` whose Block.create kills the process right after
+    making the segment (before its fd is handed over)."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+        outer = self
+
+        class Block:
+            attach = core.Block.attach
+
+            @staticmethod
+            def create(*args: Any, **kw: Any) -> Any:
+                outer._core.Block.create(*args, **kw)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        self.Block = Block
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+
+def test_a_sender_killed_between_making_a_block_and_handing_it_over() -> None:
+    lst = buzon.listen("shm:zcmade", ring_size=RING)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            ch = buzon.connect("shm:zcmade", timeout=T)
+            shm_transport._core = _DiesAfterCreate(shm_transport._core)  # type: ignore[assignment]
+            ch.send_bytes(b"m" * LARGE)
+        finally:
+            os._exit(1)
+    ch = lst.accept(timeout=T)
+    lst.close()
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status)
+        assert len(_segments()) == 1  # made, never referenced, nobody holds it
+        with pytest.raises(EndOfChannel):
+            ch.recv_bytes(T)
+    finally:
+        ch.close()  # it was announced on the socket first: the survivor unlinks it
+    assert _segments() == set()

@@ -239,7 +239,7 @@ class ShmTransport(MessageTransport):
         self._created: dict[str, bool] = {}  # names of blocks we made -> sent in a message
         self._retire_next = ""  # a pooled block the peer may unmap (told with the next ref)
         self._rx_blocks: dict[str, _core.Block] = {}  # the peer's pooled blocks, mapped
-        self._handed: dict[str, int] = {}  # fds of the peer's blocks, until attached
+        self._handed: dict[str, int] = {}  # names (and fds, or -1) of the peer's blocks
         self.framed = True  # the channel parses frames (set False by raw channels)
         self.blocks_created = self.blocks_reused = 0
         self.shared = False  # set at fork: another process may hold this end too
@@ -362,11 +362,11 @@ class ShmTransport(MessageTransport):
         except OSError as exc:
             raise from_oserror(exc, f"{self.address}: out-of-line message") from exc
         remove_segment(name)  # both ends hold it now: nothing left to find in /dev/shm
-        fd = self._handed.pop(name, None)
-        if fd is None:
+        fd = self._handed.pop(name, -1)
+        if fd < 0:
             self._drain_socket()
-            fd = self._handed.pop(name, None)
-        if fd is not None:
+            fd = self._handed.pop(name, -1)
+        if fd >= 0:
             os.close(fd)  # our own attachment holds it from now on
         return block
 
@@ -397,16 +397,23 @@ class ShmTransport(MessageTransport):
             fds = _fds_of(ancdata, size)
             if not msg and not fds:
                 return True
-            names = [n for n in msg.split(b"\n") if n]
-            for i, fd in enumerate(fds):
+            # b"?NAME\n": a block about to be made; b"!NAME\n" with one fd: made
+            given = iter(fds)
+            for line in msg.split(b"\n"):
                 try:
-                    name = self._oob_name(names[i]) if i < len(names) else ""
+                    name = self._oob_name(line[1:]) if line else ""
                 except ProtocolError:
                     name = ""
-                if not name or name in self._handed or len(self._handed) >= _MAX_HANDED:
+                fd = next(given, -1) if line[:1] == b"!" else -1
+                if name and (name in self._handed or len(self._handed) < _MAX_HANDED):
+                    old = self._handed.get(name, -1)
+                    if fd >= 0 and old >= 0:
+                        os.close(old)
+                    self._handed[name] = fd if fd >= 0 else old
+                elif fd >= 0:
                     os.close(fd)
-                else:
-                    self._handed[name] = fd
+            for fd in given:  # more fds than names: not ours to keep
+                os.close(fd)
 
     def recv_view_message(self) -> _core.Loan | _core.BlockView | None:
         """The next message lent in place (a ring record or an out-of-line block),
@@ -613,19 +620,30 @@ class ShmTransport(MessageTransport):
         (closes, dies) meanwhile."""
         self._prune_created()
         name = new_segment_name()
-        block = _core.Block.create("/" + name, size, _OOB_META)
+        self._tell(b"?" + name.encode("ascii") + b"\n")  # so that a survivor can unlink it
         self._created[name] = False
+        block = _core.Block.create("/" + name, size, _OOB_META)
         self.blocks_created += 1
         fd = os.dup(block.fileno())
         try:
-            socket.send_fds(self._sock, [name.encode("ascii") + b"\n"], [fd], socket.MSG_DONTWAIT)
-        except OSError:
-            # full (only if the peer reads nothing for thousands of blocks): we hold it
-            # until it is taken anyway; gone: the send fails on the ring soon enough
-            pass
+            self._tell(b"!" + name.encode("ascii") + b"\n", fd)
         finally:
             os.close(fd)
         return block
+
+    def _tell(self, line: bytes, fd: int = -1) -> None:
+        """Write one line (and an fd) to the peer on the socket, never waiting: if the
+        socket is full (the peer read nothing for thousands of new blocks) the block
+        is only held by us until taken; if the peer is gone, the ring says so soon."""
+        rights = array.array("i", [fd]) if fd >= 0 else None
+        try:
+            self._sock.sendmsg(
+                [line],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)] if rights is not None else [],
+                socket.MSG_DONTWAIT,
+            )
+        except OSError:
+            pass
 
     def _commit_ref(self, loan: _core.Loan, block: _core.Block, kind: int, nbytes: int) -> None:
         name = block.name.lstrip("/")
@@ -703,13 +721,15 @@ class ShmTransport(MessageTransport):
             self._discard_unread()
             for name, fd in self._handed.items():
                 remove_segment(name)  # handed over, never attached: never to be read
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             for name, sent in self._created.items():
                 if peer_gone or not sent:
                     remove_segment(name)  # nobody will ever attach it
         else:
             for fd in self._handed.values():
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
         self._handed = {}
         for block in [*self._oob_out, *self._pool, *self._rx_blocks.values()]:
             with contextlib.suppress(BufferError):  # lent out: unmapped once released
