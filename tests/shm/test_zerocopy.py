@@ -473,3 +473,18 @@ def test_a_sender_killed_between_making_a_block_and_handing_it_over() -> None:
     finally:
         ch.close()  # it was announced on the socket first: the survivor unlinks it
     assert _segments() == set()
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE])
+def test_a_raw_channel_lends_the_bytes_as_they_are(size: int) -> None:
+    a, b = _accept_connect("shm:zcraw", raw=True)
+    try:
+        with a.loan(size) as buf:
+            buf[:] = b"r" * size
+        with b.recv_view(T) as view:
+            assert bytes(view) == b"r" * size  # no frame header: the bytes themselves
+        a.send_bytes(b"s" * size)
+        assert b.recv_bytes(T) == b"s" * size
+    finally:
+        a.close()
+        b.close()
