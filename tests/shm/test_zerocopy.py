@@ -19,7 +19,7 @@ import pytest
 
 import buzon
 from buzon import aio, shm
-from buzon.errors import EndOfChannel, Timeout, UnsupportedOperation
+from buzon.errors import EndOfChannel, ProtocolError, Timeout, UnsupportedOperation
 from buzon.transport import shm as shm_transport
 
 T = 10.0
@@ -488,3 +488,20 @@ def test_a_raw_channel_lends_the_bytes_as_they_are(size: int) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_reference_to_a_segment_that_is_not_a_message_block_is_refused(
+    pair: tuple[Any, Any],
+) -> None:
+    a, b = pair
+    arr = buzon.shared_array("zc-not-a-message", (4,), "f8")
+    try:
+        name = arr.segment_name
+        ref = shm_transport._REF.pack(shm_transport._ONESHOT, 0, 8, name.encode(), b"")
+        b._core.transport._tx.try_send([ref], shm_transport._OOB)  # a forged reference
+        with pytest.raises(ProtocolError, match="another segment"):
+            a.recv_bytes(T)
+        assert name in _segments()  # not unlinked
+    finally:
+        arr.close()
+        arr.remove()

@@ -361,6 +361,9 @@ class ShmTransport(MessageTransport):
             raise ProtocolError(f"{self.address}: an out-of-line message vanished") from None
         except OSError as exc:
             raise from_oserror(exc, f"{self.address}: out-of-line message") from exc
+        if not block.meta().startswith(_OOB_META):  # not a message block: leave it be
+            block.close()
+            raise ProtocolError(f"{self.address}: an out-of-line reference to another segment")
         remove_segment(name)  # both ends hold it now: nothing left to find in /dev/shm
         fd = self._handed.pop(name, -1)
         if fd < 0:
