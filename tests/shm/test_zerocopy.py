@@ -505,3 +505,20 @@ def test_a_reference_to_a_segment_that_is_not_a_message_block_is_refused(
     finally:
         arr.close()
         arr.remove()
+
+
+def test_a_pooled_block_left_with_live_views_is_retired_at_the_receiver(
+    pair: tuple[Any, Any],
+) -> None:
+    a, b = pair
+    a.send_bytes(b"1" * LARGE)
+    assert b.recv_bytes(T) == b"1" * LARGE
+    mapped = set(b._core.transport._rx_blocks)
+    assert len(mapped) == 1
+    with pytest.raises(BufferError), a.loan(LARGE) as buf:  # reuses that block ...
+        kept = np.frombuffer(buf, "u1")  # ... and keeps a view of it: it leaves the pool
+    a.send_bytes(b"2" * LARGE)  # a new block, and the old one retired at the receiver
+    assert b.recv_bytes(T) == b"2" * LARGE
+    assert not mapped & set(b._core.transport._rx_blocks)
+    assert a.statistics().blocks_created == 2
+    del kept, buf

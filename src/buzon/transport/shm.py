@@ -237,7 +237,7 @@ class ShmTransport(MessageTransport):
         self._oob_out: list[_core.Block] = []  # one-shot blocks, held until taken
         self._pool: list[_core.Block] = []  # our out-of-line blocks, reused once given back
         self._created: dict[str, bool] = {}  # names of blocks we made -> sent in a message
-        self._retire_next = ""  # a pooled block the peer may unmap (told with the next ref)
+        self._retire: list[str] = []  # pooled blocks the peer may unmap (one per reference)
         self._rx_blocks: dict[str, _core.Block] = {}  # the peer's pooled blocks, mapped
         self._handed: dict[str, int] = {}  # names (and fds, or -1) of the peer's blocks
         self.framed = True  # the channel parses frames (set False by raw channels)
@@ -601,10 +601,10 @@ class ShmTransport(MessageTransport):
         kind = _POOLED
         if len(pool) >= POOL_BLOCKS:
             idle = [b for b in pool if b.lease == 0]
-            if idle and not self._retire_next:
+            if idle and len(self._retire) < POOL_BLOCKS:
                 old = min(idle, key=lambda b: b.size)
                 pool.remove(old)
-                self._retire_next = old.name.lstrip("/")  # told with the next reference
+                self._retire.append(old.name.lstrip("/"))  # told with a next reference
                 old.close()
             elif in_flight:
                 return None
@@ -650,11 +650,13 @@ class ShmTransport(MessageTransport):
 
     def _commit_ref(self, loan: _core.Loan, block: _core.Block, kind: int, nbytes: int) -> None:
         name = block.name.lstrip("/")
-        ref = _REF.pack(kind, 0, nbytes, name.encode("ascii"), self._retire_next.encode("ascii"))
+        retire = self._retire[0] if self._retire else ""
+        ref = _REF.pack(kind, 0, nbytes, name.encode("ascii"), retire.encode("ascii"))
         with memoryview(loan) as slot:
             slot[:] = ref
         loan.commit()
-        self._retire_next = ""
+        if retire:
+            del self._retire[0]
         self._created[name] = True
         if kind == _ONESHOT:
             self._oob_out.append(block)  # held (and counted in flight) until taken
@@ -665,9 +667,11 @@ class ShmTransport(MessageTransport):
         if kind == _POOLED and not lent:
             block.lease = 0  # an idle block of the pool again
             return
+        name = block.name.lstrip("/")
         if block in self._pool:
             self._pool.remove(block)
-        name = block.name.lstrip("/")
+            if self._created.get(name, True):
+                self._retire.append(name)  # the peer maps it: tell it to let go
         if not self._created.get(name, True):
             del self._created[name]
             remove_segment(name)  # the peer never saw it in the ring
