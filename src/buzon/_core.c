@@ -2891,6 +2891,42 @@ block_view(Ring *r, PyObject *args, PyObject *kw)
     return (PyObject *)v;
 }
 
+/* write(offset, data) -> None: copy a buffer into data[offset:], the GIL released for
+ * 64 KiB or more (the block cannot be closed meanwhile: it counts as an export). */
+static PyObject *
+block_write(Ring *r, PyObject *args)
+{
+    unsigned long long offset;
+    Py_buffer src = {0};
+    if (!PyArg_ParseTuple(args, "Ky*:write", &offset, &src)) {
+        return NULL;
+    }
+    if (check_open(r) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    uint64_t n = (uint64_t)src.len;
+    if (offset > r->cap || n > r->cap - offset) {
+        PyErr_Format(PyExc_ValueError, "bytes %llu..%llu are outside the block of %llu bytes",
+                     offset, offset + n, (unsigned long long)r->cap);
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    uint8_t *dst = r->data + offset;
+    if (n >= LARGE_COPY) {
+        r->exports++;
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(dst, src.buf, (size_t)n);
+        Py_END_ALLOW_THREADS
+        r->exports--;
+    }
+    else {
+        memcpy(dst, src.buf, (size_t)n);
+    }
+    PyBuffer_Release(&src);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 block_get_lease(Ring *r, void *Py_UNUSED(c))
 {
@@ -2933,6 +2969,8 @@ static PyMethodDef block_methods[] = {
     {"view", (PyCFunction)(void (*)(void))block_view, METH_VARARGS | METH_KEYWORDS,
      "view(offset, nbytes, readonly=True) -> BlockView lending those bytes."},
     {"fileno", (PyCFunction)ring_fileno, METH_NOARGS, "the segment's fd (ours)."},
+    {"write", (PyCFunction)block_write, METH_VARARGS,
+     "write(offset, data): copy a buffer in (the GIL released for 64 KiB or more)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -647,6 +647,20 @@ def test_block_view_lends_bytes_and_returns_the_lease(name: str) -> None:
             with pytest.raises(ValueError):
                 reader.view(offset, n)
         assert reader.fileno() >= 0
+        owner.write(9000, b"tail")  # small: under the GIL
+        big = os.urandom(70000)
+        with pytest.raises(ValueError):
+            owner.write(0, big)  # past the end
+        with pytest.raises(ValueError):
+            owner.write(9997, b"tail")
+        other = _core.Block.create(name + "b", 100000, b"{}")
+        try:
+            other.write(1000, big)  # big: the GIL released
+            assert bytes(memoryview(other)[1000:71000]) == big
+        finally:
+            other.close()
+            _core.unlink(name + "b")
+        assert bytes(memoryview(reader)[9000:9004]) == b"tail"
     finally:
         reader.close()
         owner.close()

@@ -506,12 +506,10 @@ class ShmTransport(MessageTransport):
             self._give_back(block, kind)
             return False
         try:
-            with memoryview(block) as view:
-                offset = 0
-                for buf in bufs:
-                    n = _size(buf)
-                    view[offset : offset + n] = buf
-                    offset += n
+            offset = 0
+            for buf in bufs:
+                block.write(offset, buf)  # the GIL released for big parts
+                offset += _size(buf)
         except BaseException:
             loan.abort()
             self._give_back(block, kind)
