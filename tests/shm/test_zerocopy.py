@@ -522,3 +522,16 @@ def test_a_pooled_block_left_with_live_views_is_retired_at_the_receiver(
     assert not mapped & set(b._core.transport._rx_blocks)
     assert a.statistics().blocks_created == 2
     del kept, buf
+
+
+def test_a_received_array_outlives_its_channel() -> None:
+    a, b = _accept_connect("shm:zcoutlive")
+    try:
+        a.send(np.arange(LARGE // 8, dtype="f8"))
+        got = b.recv(T)
+    finally:
+        a.close()
+        b.close()
+    assert got.sum() == (LARGE // 8) * (LARGE // 8 - 1) / 2  # still mapped
+    assert _segments() == set()
+    del got  # the last mapping (and its fd) goes with it: checked by the fixture
