@@ -535,3 +535,16 @@ def test_a_received_array_outlives_its_channel() -> None:
     assert got.sum() == (LARGE // 8) * (LARGE // 8 - 1) / 2  # still mapped
     assert _segments() == set()
     del got  # the last mapping (and its fd) goes with it: checked by the fixture
+
+
+def test_loans_on_an_unbounded_channel() -> None:
+    a, b = _accept_connect("shm:zcnone", capacity=None)
+    try:
+        for size in (SMALL, LARGE):
+            with a.loan(size, timeout=T) as buf:
+                buf[:] = b"u" * size
+            with b.recv_view(T) as view:
+                assert bytes(view) == b"u" * size
+    finally:
+        a.close()
+        b.close()
