@@ -16,6 +16,7 @@ every child (killing, by pid, one that overstays). It prints what failed and ret
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -467,7 +468,7 @@ def demo_shm(kids: _Children) -> None:
                 raise DemoFailure(f"a BoundedBuffer of {slots} slots took {slots + 1}")
             except buzon.Full:
                 _line("bounded", f"BoundedBuffer: all {slots} slots used, the next put is Full")
-            producers = [kids.fork(lambda k=k: _produce(buf.name, k)) for k in range(2)]
+            producers = [kids.fork(functools.partial(_produce, buf.name, k)) for k in range(2)]
             got = [buf.get(TIMEOUT) for _ in range(slots + 2 * 50)]
             for pid in producers:
                 kids.reap(pid)
