@@ -392,6 +392,35 @@ def test_thread_per_client(scheme: str) -> None:
     assert not errors, errors
 
 
+@pytest.mark.parametrize("scheme", ["udp", "unixgram"])
+def test_an_endpoint_is_complete_before_other_threads_can_pump_it(
+    scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any thread's receive pumps every live endpoint of the process (``_pump_all``), so
+    an endpoint must hold its server or client connection before it joins ``_live``
+    (a connector that set it afterwards made another thread's pump fail now and then)."""
+    from buzon.transport import reliable as rel
+
+    seen: list[bool] = []
+
+    class Checked(set[Any]):
+        def add(self, ep: Any) -> None:
+            seen.append(ep.server is not None or ep.client is not None)
+            super().add(ep)
+
+    monkeypatch.setattr(rel, "_live", Checked(rel._live))
+    with buzon.listen(URLS[scheme], reliable=True) as lst:
+        box: list[Any] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+        t.start()
+        with buzon.connect(str(lst.address), timeout=T, reliable=True) as ch:
+            t.join(T)
+            with box[0] as peer:
+                ch.send("ok")
+                assert peer.recv(timeout=T) == "ok"
+    assert len(seen) == 2 and all(seen)  # the listener's endpoint and the connector's
+
+
 def test_the_shared_socket_lives_until_its_last_user(runtime_dir: str) -> None:
     lst = buzon.listen("unixgram:last", reliable=True)
     client, server = _connect_accept(lst)

@@ -316,6 +316,7 @@ class _Endpoint:
         config: ReliableConfig,
         *,
         server: ReliableServer | None = None,
+        client: ReliableConnection | None = None,
         connected: bool,
         on_release: Callable[[], None] | None = None,
     ) -> None:
@@ -329,7 +330,7 @@ class _Endpoint:
         self.fd = sock.fileno()
         self.config = config
         self.server = server
-        self.client: ReliableConnection | None = None
+        self.client = client  # one of the two, set before _live sees us (other threads pump)
         self.connected = connected
         self.timer = _Timer()
         self.lock = _thread.allocate_lock()
@@ -982,15 +983,14 @@ class ReliableConnector(Connector):
 
         try:
             peer = sock.getpeername()
-            ep = _Endpoint(sock, self.config, connected=True, on_release=on_release)
+            conn = ReliableConnection.client(_monotonic(), os.urandom, self.config, peer_addr=peer)
+            ep = _Endpoint(sock, self.config, client=conn, connected=True, on_release=on_release)
         except BaseException:
             sock.close()
             if on_release is not None:
                 on_release()
             raise
         try:
-            conn = ReliableConnection.client(_monotonic(), os.urandom, self.config, peer_addr=peer)
-            ep.client = conn
             props = _properties(addr.scheme, local, self.config)
             transport = ReliableTransport(ep, conn, addr.scheme, props, PeerInfo(address=peer))
         except BaseException:
