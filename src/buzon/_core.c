@@ -1783,29 +1783,40 @@ ring_spin_wait(Ring *r, PyObject *arg)
 }
 
 
-/* ---- loans: zero-copy writes and reads --------------------------------------------
+/* ---- loans: memory lent out (zero-copy writes and reads) -----------------------
  *
- * Ring.reserve(n) returns a Loan over the payload of a RESERVED record: fill it through
- * the buffer protocol (memoryview, numpy.frombuffer), then commit() (or abort(), which
- * turns it ABANDONED: consumers skip it). Ring.recv_view() returns a Loan over a
- * claimed (READING) record: read it in place, then release(), which frees the space.
- * commit/abort/release refuse while buffer views are still exported, so no view can
- * outlive the record it points into. A Loan dropped unfinished is aborted/released.
- * A process that dies holding a loan is handled like any producer or consumer death.
+ * A Loan lends bytes of a ring or block through the buffer protocol (memoryview,
+ * numpy.frombuffer) until it is finished; finishing refuses while buffer views are
+ * still exported, so no view can outlive the memory it points into, and the ring or
+ * block stays mapped while a loan lives (an export). Four kinds:
+ * - Ring.reserve(n): the payload of a RESERVED record, writable; commit() publishes it,
+ *   abort() turns it ABANDONED (consumers skip it).
+ * - Ring.recv_view(): a claimed (READING) record, read-only; release() frees its space.
+ * - Block.view(offset, n, readonly=False): block bytes, writable; release() ends it.
+ * - Block.view(offset, n): block bytes, read-only; release() *returns the block's
+ *   lease*: the lease word (the header's `head` field, unused by blocks) is stored 0,
+ *   which tells the block's owner, in another process, that the reader is done with it
+ *   and the block may carry the next message (the owner stores a nonzero lease before
+ *   it hands the block over; no PyObject crosses the segment).
+ * A Loan dropped unfinished is aborted/released. A process that dies holding one is
+ * handled like any producer or consumer death (or, for a block, its lease holder's).
  */
+
+enum { LENT_WRITE, LENT_READ, LENT_BLOCK, LENT_BLOCK_READ };
 
 typedef struct {
     PyObject_HEAD
-    Ring *ring;
-    rec_t *rec;
-    uint32_t len;
-    int reading; /* 0: a write loan, 1: a read view */
+    Ring *ring; /* the ring or block lending its memory */
+    rec_t *rec; /* the record (ring kinds) */
+    uint8_t *ptr;
+    uint64_t len;
+    int kind;
     int done;
     Py_ssize_t exports;
 } Loan;
 
 static PyObject *
-loan_new(Ring *r, rec_t *rec, uint32_t len, int reading)
+loan_new(Ring *r, rec_t *rec, uint8_t *ptr, uint64_t len, int kind)
 {
     Loan *l = PyObject_New(Loan, &LoanType);
     if (l == NULL) {
@@ -1814,8 +1825,9 @@ loan_new(Ring *r, rec_t *rec, uint32_t len, int reading)
     Py_INCREF(r);
     l->ring = r;
     l->rec = rec;
+    l->ptr = ptr;
     l->len = len;
-    l->reading = reading;
+    l->kind = kind;
     l->done = 0;
     l->exports = 0;
     r->exports++;
@@ -1840,22 +1852,32 @@ loan_finish(Loan *l, int commit_it)
     if (r->base == NULL) {
         return 0;
     }
-    if (l->reading) {
+    switch (l->kind) {
+    case LENT_READ:
         if (release_rec(r, l->rec) != RC_OK) {
             corrupt(r);
             return -1;
         }
-    }
-    else if (commit_it) {
-        commit(r, l->rec);
-    }
-    else {
-        uint64_t st = atomic_load(&l->rec->state);
-        if ((st & 0xff) == K_RESERVED && (uint32_t)(st >> 32) == r->token &&
-            atomic_compare_exchange_strong(&l->rec->state, &st, with_kind(st, K_ABANDONED))) {
-            atomic_fetch_add(&r->h->abandoned, 1);
+        break;
+    case LENT_WRITE:
+        if (commit_it) {
+            commit(r, l->rec);
         }
-        wake_data(r); /* a consumer may be waiting on this very record */
+        else {
+            uint64_t st = atomic_load(&l->rec->state);
+            if ((st & 0xff) == K_RESERVED && (uint32_t)(st >> 32) == r->token &&
+                atomic_compare_exchange_strong(&l->rec->state, &st,
+                                               with_kind(st, K_ABANDONED))) {
+                atomic_fetch_add(&r->h->abandoned, 1);
+            }
+            wake_data(r); /* a consumer may be waiting on this very record */
+        }
+        break;
+    case LENT_BLOCK_READ:
+        atomic_store(&r->h->head, 0); /* the lease goes back to the block's owner */
+        break;
+    default:
+        break;
     }
     return 0;
 }
@@ -1863,8 +1885,8 @@ loan_finish(Loan *l, int commit_it)
 static PyObject *
 loan_commit(Loan *l, PyObject *Py_UNUSED(a))
 {
-    if (l->reading) {
-        PyErr_SetString(PyExc_TypeError, "a received view is released, not committed");
+    if (l->kind != LENT_WRITE) {
+        PyErr_SetString(PyExc_TypeError, "only a reserved record is committed; release this");
         return NULL;
     }
     if (loan_finish(l, 1) < 0) {
@@ -1905,8 +1927,9 @@ loan_getbuffer(Loan *l, Py_buffer *view, int flags)
         PyErr_SetString(PyExc_ValueError, "the loan is finished");
         return -1;
     }
-    if (PyBuffer_FillInfo(view, (PyObject *)l, (uint8_t *)l->rec + REC_HDR, (Py_ssize_t)l->len,
-                          l->reading, flags) < 0) {
+    int readonly = l->kind == LENT_READ || l->kind == LENT_BLOCK_READ;
+    if (PyBuffer_FillInfo(view, (PyObject *)l, l->ptr, (Py_ssize_t)l->len, readonly, flags) <
+        0) {
         return -1;
     }
     l->exports++;
@@ -1943,11 +1966,9 @@ static PyObject *
 loan_exit(Loan *l, PyObject *args)
 {
     PyObject *et = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
-    if (!l->done) {
-        /* a write loan commits on a clean exit and aborts on an exception */
-        if (loan_finish(l, et == Py_None) < 0) {
-            return NULL;
-        }
+    /* a write loan commits on a clean exit and aborts on an exception */
+    if (!l->done && loan_finish(l, et == Py_None) < 0) {
+        return NULL;
     }
     Py_RETURN_FALSE;
 }
@@ -1961,7 +1982,8 @@ loan_get_done(Loan *l, void *Py_UNUSED(c))
 static PyMethodDef loan_methods[] = {
     {"commit", (PyCFunction)loan_commit, METH_NOARGS, "publish the filled record."},
     {"abort", (PyCFunction)loan_abort, METH_NOARGS, "drop a write loan unpublished."},
-    {"release", (PyCFunction)loan_abort, METH_NOARGS, "free a received record's space."},
+    {"release", (PyCFunction)loan_abort, METH_NOARGS,
+     "end it: free a received record's space, return a block's lease."},
     {"__enter__", (PyCFunction)loan_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)loan_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -1970,7 +1992,8 @@ static PyMethodDef loan_methods[] = {
 static PyObject *
 loan_get_flags(Loan *l, void *Py_UNUSED(c))
 {
-    return PyLong_FromUnsignedLong(l->done ? 0 : l->rec->flags);
+    int ring_kind = l->kind == LENT_WRITE || l->kind == LENT_READ;
+    return PyLong_FromUnsignedLong(l->done || !ring_kind ? 0 : l->rec->flags);
 }
 
 static PyGetSetDef loan_getset[] = {
@@ -1984,8 +2007,9 @@ static PyTypeObject LoanType = {
     .tp_basicsize = sizeof(Loan),
     .tp_dealloc = (destructor)loan_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A record of a ring lent out: writable until commit() (Ring.reserve), or "
-              "read-only until release() (Ring.recv_view). Supports the buffer protocol.",
+    .tp_doc = "Memory of a ring or block lent out: a reserved record until commit() "
+              "(Ring.reserve), a received one until release() (Ring.recv_view), or block "
+              "bytes until release() (Block.view). Supports the buffer protocol.",
     .tp_methods = loan_methods,
     .tp_getset = loan_getset,
     .tp_as_buffer = &loan_as_buffer,
@@ -2044,7 +2068,7 @@ ring_reserve_impl(Ring *r, PyObject *args, PyObject *kw)
     }
     switch (rc) {
     case RC_OK:
-        return loan_new(r, rec, (uint32_t)n, 0);
+        return loan_new(r, rec, (uint8_t *)rec + REC_HDR, (uint32_t)n, LENT_WRITE);
     case RC_AGAIN:
         PyErr_Format(deadline == 0 ? FullErr : TimeoutErr, "no room in the ring %S", r->name);
         return NULL;
@@ -2092,7 +2116,7 @@ ring_recv_view_impl(Ring *r, PyObject *args, PyObject *kw)
     }
     switch (rc) {
     case RC_OK:
-        return loan_new(r, rec, len, 1);
+        return loan_new(r, rec, (uint8_t *)rec + REC_HDR, len, LENT_READ);
     case RC_AGAIN:
         PyErr_Format(deadline == 0 ? EmptyErr : TimeoutErr, "nothing to receive from %S",
                      r->name);
@@ -2705,160 +2729,7 @@ block_get_size(Ring *r, void *Py_UNUSED(c))
     return PyLong_FromUnsignedLongLong(r->cap);
 }
 
-/* ---- block views: lending a block's bytes (shm: channels, out-of-line messages) --
- *
- * Block.view(offset, nbytes, readonly=True) returns a BlockView over
- * data[offset:offset+nbytes]: it supports the buffer protocol and keeps the block
- * mapped (Block.close refuses while one is unreleased). release() refuses while
- * buffer views of it exist, so no view can outlive it; after release the view gives
- * no buffer any more. A read-only view *returns the block's lease* when it is
- * released or garbage-collected: the lease word (the header's `head` field, unused
- * by blocks) is stored 0, which tells the block's owner, in another process, that
- * the reader is done with it and the block may carry the next message. The owner
- * stores a nonzero lease before it hands the block over. No PyObject crosses the
- * segment: the lease is one atomic 64-bit word.
- */
-
-typedef struct {
-    PyObject_HEAD
-    Ring *block;
-    uint64_t offset, len;
-    int readonly; /* a received message: release() returns the lease */
-    int done;
-    Py_ssize_t exports;
-} BlockView;
-
-static PyTypeObject BlockViewType;
-
-static int
-blockview_finish(BlockView *v)
-{
-    if (v->done) {
-        PyErr_SetString(PyExc_ValueError, "the view is already released");
-        return -1;
-    }
-    if (v->exports > 0) {
-        PyErr_SetString(PyExc_BufferError,
-                        "release every view of the block view (del the array) first");
-        return -1;
-    }
-    v->done = 1;
-    Ring *b = v->block;
-    b->exports--;
-    if (v->readonly && b->base != NULL) {
-        atomic_store(&b->h->head, 0); /* the lease goes back to the block's owner */
-    }
-    return 0;
-}
-
-static PyObject *
-blockview_release(BlockView *v, PyObject *Py_UNUSED(a))
-{
-    if (blockview_finish(v) < 0) {
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-static void
-blockview_dealloc(BlockView *v)
-{
-    if (!v->done) {
-        v->exports = 0; /* no buffer view can exist: each holds a reference to us */
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        if (blockview_finish(v) < 0) {
-            PyErr_WriteUnraisable((PyObject *)v);
-        }
-        PyErr_Restore(et, ev, tb);
-    }
-    Py_DECREF(v->block);
-    PyObject_Free(v);
-}
-
-static int
-blockview_getbuffer(BlockView *v, Py_buffer *view, int flags)
-{
-    if (v->done || v->block->base == NULL) {
-        PyErr_SetString(PyExc_ValueError, "the view was released");
-        return -1;
-    }
-    if (PyBuffer_FillInfo(view, (PyObject *)v, v->block->data + v->offset, (Py_ssize_t)v->len,
-                          v->readonly, flags) < 0) {
-        return -1;
-    }
-    v->exports++;
-    return 0;
-}
-
-static void
-blockview_releasebuffer(BlockView *v, Py_buffer *Py_UNUSED(view))
-{
-    v->exports--;
-}
-
-static PyBufferProcs blockview_as_buffer = {
-    (getbufferproc)blockview_getbuffer,
-    (releasebufferproc)blockview_releasebuffer,
-};
-
-static Py_ssize_t
-blockview_length(BlockView *v)
-{
-    return (Py_ssize_t)v->len;
-}
-
-static PySequenceMethods blockview_as_sequence = {.sq_length = (lenfunc)blockview_length};
-
-static PyObject *
-blockview_enter(BlockView *v, PyObject *Py_UNUSED(a))
-{
-    Py_INCREF(v);
-    return (PyObject *)v;
-}
-
-static PyObject *
-blockview_exit(BlockView *v, PyObject *Py_UNUSED(args))
-{
-    if (!v->done && blockview_finish(v) < 0) {
-        return NULL;
-    }
-    Py_RETURN_FALSE;
-}
-
-static PyObject *
-blockview_get_done(BlockView *v, void *Py_UNUSED(c))
-{
-    return PyBool_FromLong(v->done);
-}
-
-static PyMethodDef blockview_methods[] = {
-    {"release", (PyCFunction)blockview_release, METH_NOARGS,
-     "end the view (a read-only one returns the block's lease)."},
-    {"__enter__", (PyCFunction)blockview_enter, METH_NOARGS, NULL},
-    {"__exit__", (PyCFunction)blockview_exit, METH_VARARGS, NULL},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyGetSetDef blockview_getset[] = {
-    {"done", (getter)blockview_get_done, NULL, "released", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
-static PyTypeObject BlockViewType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon._core.BlockView",
-    .tp_basicsize = sizeof(BlockView),
-    .tp_dealloc = (destructor)blockview_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Bytes of a block lent out until release() (Block.view). Supports the "
-              "buffer protocol; a read-only view returns the block's lease when released.",
-    .tp_methods = blockview_methods,
-    .tp_getset = blockview_getset,
-    .tp_as_buffer = &blockview_as_buffer,
-    .tp_as_sequence = &blockview_as_sequence,
-};
-
-/* view(offset, nbytes, readonly=True) -> BlockView over data[offset:offset+nbytes] */
+/* view(offset, nbytes, readonly=True) -> a Loan of data[offset:offset+nbytes] (see loans) */
 static PyObject *
 block_view(Ring *r, PyObject *args, PyObject *kw)
 {
@@ -2876,19 +2747,7 @@ block_view(Ring *r, PyObject *args, PyObject *kw)
                      offset, offset + n, (unsigned long long)r->cap);
         return NULL;
     }
-    BlockView *v = PyObject_New(BlockView, &BlockViewType);
-    if (v == NULL) {
-        return NULL;
-    }
-    Py_INCREF(r);
-    v->block = r;
-    v->offset = offset;
-    v->len = n;
-    v->readonly = readonly;
-    v->done = 0;
-    v->exports = 0;
-    r->exports++;
-    return (PyObject *)v;
+    return loan_new(r, NULL, r->data + offset, n, readonly ? LENT_BLOCK_READ : LENT_BLOCK);
 }
 
 /* write(offset, data) -> None: copy a buffer into data[offset:], the GIL released for
@@ -2967,7 +2826,7 @@ static PyMethodDef block_methods[] = {
     {"info", (PyCFunction)ring_info, METH_NOARGS, "header fields and participants."},
     {"close", (PyCFunction)block_close, METH_NOARGS, "unmap and release our slot."},
     {"view", (PyCFunction)(void (*)(void))block_view, METH_VARARGS | METH_KEYWORDS,
-     "view(offset, nbytes, readonly=True) -> BlockView lending those bytes."},
+     "view(offset, nbytes, readonly=True) -> a Loan lending those bytes."},
     {"fileno", (PyCFunction)ring_fileno, METH_NOARGS, "the segment's fd (ours)."},
     {"write", (PyCFunction)block_write, METH_VARARGS,
      "write(offset, data): copy a buffer in (the GIL released for 64 KiB or more)."},
@@ -3167,7 +3026,7 @@ PyInit__core(void)
     }
     Py_DECREF(errors);
     if (PyType_Ready(&RingType) < 0 || PyType_Ready(&BlockType) < 0 ||
-        PyType_Ready(&LoanType) < 0 || PyType_Ready(&BlockViewType) < 0) {
+        PyType_Ready(&LoanType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&moddef);
@@ -3177,11 +3036,11 @@ PyInit__core(void)
     Py_INCREF(&RingType);
     Py_INCREF(&BlockType);
     Py_INCREF(&LoanType);
-    Py_INCREF(&BlockViewType);
+    Py_INCREF(&LoanType);
     if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0 ||
         PyModule_AddObject(m, "Block", (PyObject *)&BlockType) < 0 ||
         PyModule_AddObject(m, "Loan", (PyObject *)&LoanType) < 0 ||
-        PyModule_AddObject(m, "BlockView", (PyObject *)&BlockViewType) < 0 ||
+        PyModule_AddObject(m, "BlockView", (PyObject *)&LoanType) < 0 || /* the same */
         PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_HEADER", REC_HDR) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SLOTS", MAX_SLOTS) < 0 ||

@@ -62,7 +62,9 @@ class Ring:
     def __exit__(self, *exc: object) -> bool: ...
 
 class Loan:
-    """A record lent out: fill then commit() (reserve), or read then release() (recv_view)."""
+    """Memory lent out: a reserved record until commit() (Ring.reserve), a received one
+    until release() (Ring.recv_view), or block bytes until release() (Block.view; a
+    read-only one returns the block's lease)."""
 
     done: bool
     flags: int
@@ -74,15 +76,7 @@ class Loan:
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> bool: ...
 
-class BlockView:
-    """Bytes of a block lent out until release(); a read-only one returns the lease."""
-
-    done: bool
-    def release(self) -> None: ...
-    def __len__(self) -> int: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...
-    def __enter__(self) -> Self: ...
-    def __exit__(self, *exc: object) -> bool: ...
+BlockView = Loan  # what Block.view lends (the same type)
 
 class Block:
     size: int
