@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 
+from ._bulk import bulk_cases
 from ._buzon import BUZON_TRANSPORTS, buzon_cases
 from ._harness import (
     Case,
@@ -41,6 +43,7 @@ from ._harness import (
     load_average,
     run_case,
 )
+from ._peers import peer_cases
 from ._raw import RAW_TRANSPORTS, mp_cases, raw_cases
 from ._report import document, machine_info, render, write_json
 
@@ -58,7 +61,7 @@ def all_cases() -> list[Case]:
             cases += raw_cases(transport)
         if transport in BUZON_TRANSPORTS:
             cases += buzon_cases(transport)
-    return cases
+    return cases + peer_cases() + bulk_cases()
 
 
 def _select(cases: Sequence[Case], only: Sequence[str]) -> list[Case]:
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat,
         progress=not args.no_progress,
         pin=None if args.no_pin else choose_cpus(),
+        cpus=frozenset(os.sched_getaffinity(0)),
     )
     if args.repeat < 1:
         print("buzon bench: --repeat must be at least 1", file=sys.stderr)
