@@ -510,10 +510,12 @@ def many_case(
 
         readers = [ctx.spawn(consumer) for _ in range(consumers)]
         writers = [ctx.spawn(producer) for _ in range(producers)]
-        sent = sum(w.join(grace=ctx.config.limit)["sent"] for w in writers)
+        # join in reverse order of creation: each child's watchdog restores the SIGUSR1
+        # handler that was installed before its own
+        sent = sum(w.join(grace=ctx.config.limit)["sent"] for w in reversed(writers))
         for _ in readers:
             q.put(END)
-        got = [r.join(grace=ctx.config.limit) for r in readers]
+        got = [r.join(grace=ctx.config.limit) for r in reversed(readers)]
         q.finish()
         count = sum(g["count"] for g in got)
         firsts = [g["first"] for g in got if g["count"]]

@@ -463,7 +463,9 @@ def render(
     ]
     if interrupted:
         lines += ["INTERRUPTED: partial results", ""]
-    lines += _table(_rows(results))
+    rows = _rows(results)
+    if rows:
+        lines += _table(rows)
     lines += _bulk_lines(results)
     lines += [
         "",
