@@ -268,6 +268,8 @@ def _iox_link(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
 
 
 class _ZmqArraySide(_ArraySide):
+    lossy = True  # see ZmqSide
+
     def __init__(self, side: Any):
         self._side = side
         self._sock = side.socket
