@@ -58,7 +58,7 @@ from ._harness import (
     drain_with,
     oneway_case,
 )
-from ._peers import IoxNode, fifo_queue, iox_receive, iox_send, need
+from ._peers import IoxNode, ZmqSide, fifo_queue, iox_receive, iox_send, need
 
 __all__ = ["NUMPY_BYTES", "bulk_cases", "many_case"]
 
@@ -291,8 +291,6 @@ class _ZmqArraySide(_ArraySide):
 
 
 def _zmq_link(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
-    from ._peers import ZmqSide
-
     zmq = need("zmq")
     need("numpy")
     url = "ipc://" + ctx.path("zmq-np.ipc")

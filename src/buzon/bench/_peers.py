@@ -60,6 +60,7 @@ __all__ = [
     "PEERS",
     "IoxNode",
     "NotInstalled",
+    "ZmqSide",
     "fifo_queue",
     "iox_receive",
     "iox_send",
