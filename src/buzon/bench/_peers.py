@@ -164,13 +164,14 @@ def zmq_link(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
 # --- faster-fifo --------------------------------------------------------------
 
 
-def fifo_queue(ff: Any, nbytes: int) -> Any:
+def fifo_queue(ff: Any, nbytes: int, views: bool = False) -> Any:
     """A faster-fifo queue of raw bytes: ``dumps`` passes them through, ``loads`` copies
-    them out of the queue's receive buffer (a memoryview it reuses)."""
-    return ff.Queue(max_size_bytes=nbytes, loads=bytes, dumps=_identity)
+    them out of the queue's receive buffer (a memoryview it reuses), or with ``views``
+    returns that memoryview, valid until the next ``get`` (for ``recv_into``)."""
+    return ff.Queue(max_size_bytes=nbytes, loads=_identity if views else bytes, dumps=_identity)
 
 
-def _identity(data: bytes) -> bytes:
+def _identity(data: Any) -> Any:
     return data
 
 
@@ -203,6 +204,16 @@ class FifoSide(Side):
                 return sent
 
     def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
+        if size >= _BIG:  # one copy, into the caller's buffer (like recv_bytes_into)
+            get = functools.partial(self._rq.get, True, _WAIT)
+
+            def recv_into(buf: bytearray) -> int:
+                view = get()
+                n = len(view)
+                buf[:n] = view
+                return n
+
+            return drain_into(recv_into, size, window)
         if not self._batch:
             return super().drain(size, window)
         get_many = functools.partial(self._rq.get_many, True, _WAIT, 64)
@@ -227,9 +238,9 @@ class FifoSide(Side):
 def fifo_link(batch: bool = False) -> Callable[[Ctx, int], tuple[Opener, Opener]]:
     def make(ctx: Ctx, size: int) -> tuple[Opener, Opener]:
         ff = need("faster_fifo")
-        nbytes = max(1 << 20, 16 * size)  # room for 16 messages (the default is 1 MB)
-        up = fifo_queue(ff, nbytes)  # child -> parent
-        down = fifo_queue(ff, nbytes)
+        nbytes = max(1 << 20, 64 * size)  # room for 64 messages (the default is 1 MB)
+        up = fifo_queue(ff, nbytes, views=size >= _BIG)  # child -> parent
+        down = fifo_queue(ff, max(1 << 20, 16 * size))  # echoes and control messages
 
         def parent() -> Side:
             return handshake_parent(FifoSide(up, down, batch))
