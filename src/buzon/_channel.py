@@ -258,6 +258,36 @@ class ChannelCore:
             self.capacity = transport.native_capacity  # the mechanism bounds it itself
         elif options.capacity != DEFAULT_CAPACITY:
             self.set_capacity(options.capacity)
+        self._fast_paths()
+
+    def _fast_paths(self) -> None:
+        """Lend the drivers a shared-memory ring's C calls while nothing else (credits,
+        tokens, an unbounded queue, a codec-less or compat channel) needs the general
+        path: ``fast_send(body, codec)`` (codec -1: body is a whole frame),
+        ``fast_recv(max_frame)`` and ``fast_spin(seconds)`` (see ``RingOps``). They
+        count what they move in C; :meth:`statistics` adds it in."""
+        ops = self.transport.ring_ops
+        if ops is None or self.closed or not self._plain or self.taking or self.unbounded:
+            self.fast_send: Callable[[Buffer, int], bool] | None = None
+            self.fast_recv: Callable[[int], tuple[int, bytes] | None] | None = None
+            self.fast_spin: Callable[[float], bool] | None = None
+            self.fast_limit = self.fast_bytes_limit = 0
+            return
+        self.fast_limit = min(self._small + 8, ops.max_record)  # an encoded frame
+        self.fast_bytes_limit = min(self.max_frame, ops.max_record) - 8  # send_bytes' body
+        self.fast_send = ops.send_frame if self._can_send else None
+        self.fast_recv = ops.recv_frame
+        self.fast_spin = ops.spin
+
+    def fast_other(self, got: tuple[int, bytes]) -> Frame | tuple[int, bytes] | None:
+        """What ``fast_recv`` returned for a record that is not a plain DATA frame."""
+        ops = self.transport.ring_ops
+        assert ops is not None
+        msg = ops.record_message(got[0], got[1])
+        if len(msg) >= 2 and msg[1] == Kind.CREDIT:
+            self._credit_message(msg)
+            return None
+        return self._message_item(msg, None)
 
     # -- capacity -----------------------------------------------------------------------
 
@@ -292,6 +322,7 @@ class ChannelCore:
         self.sflow = SendFlow(capacity)
         self.rflow = RecvFlow(capacity)
         self.taking = True
+        self._fast_paths()
 
     # -- identity ---------------------------------------------------------------------
 
@@ -572,6 +603,13 @@ class ChannelCore:
 
     def statistics(self) -> Statistics:
         stats = replace(self.stats)
+        ops = self.transport.ring_ops
+        if ops is not None:
+            sent, sent_bytes, received, received_bytes = ops.counts()  # also after close
+            stats.messages_sent += sent
+            stats.bytes_sent += sent_bytes
+            stats.messages_received += received
+            stats.bytes_received += received_bytes
         if self.acked:
             counters = self._counters if self.closed else self.transport.counters()
             for name, value in counters.items():
@@ -810,8 +848,13 @@ class ChannelCore:
                     self.stats.recv_would_block += 1
                     return None
             if self.raw or len(msg) < 2 or msg[1] != Kind.CREDIT:
-                break
+                return self._message_item(msg, take)
             self._credit_message(msg)
+
+    def _message_item(
+        self, msg: bytes, take: Callable[[Frame], Frame | None] | None
+    ) -> Frame | tuple[int, bytes] | None:
+        """One received message (not a CREDIT) as a frame."""
         transport = self.transport
         stats = self.stats
         if self._track_message_meta:
@@ -1086,6 +1129,7 @@ class ChannelCore:
         self.backlog.clear()
         self.stats.queued_bytes = 0
         self.fail_receipts("the channel was closed")
+        self._fast_paths()
         if self.tokens is not None:
             self.tokens.close()
         if self.acked:

@@ -212,6 +212,9 @@ typedef struct {
     Py_ssize_t exports; /* live buffer views or loans: no unmapping under them */
     int busy;           /* operations that released the GIL and are not back yet */
     _Atomic int closing; /* close() was called while busy: the last one out unmaps */
+    uint64_t counts[4];  /* frames sent, their bytes, frames received, their bytes (the
+                            try_*_frame calls only; updated with the GIL held) */
+    unsigned long lock_thread; /* Block: the thread that took the lock through us (GIL) */
 } Ring;
 
 static void ring_unmap(Ring *r);
@@ -252,9 +255,15 @@ futex_wait(_Atomic uint32_t *addr, uint32_t val, int64_t ns)
 }
 
 static void
+futex_wake_n(_Atomic uint32_t *addr, int n)
+{
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+static void
 futex_wake(_Atomic uint32_t *addr)
 {
-    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    futex_wake_n(addr, INT_MAX);
 }
 
 /* Wake a producer that waits for POLLOUT on the write end of a one-slot pipe: empty
@@ -408,6 +417,10 @@ rlock_acquire(Ring *r, int64_t deadline)
         if (deadline >= 0) {
             int64_t rem = deadline - now_ns();
             if (rem <= 0) {
+                /* we may have been the one woken: if the lock is free, wake another */
+                if (atomic_load(&h->rlock) == 0 && atomic_load(&h->rlock_waiters)) {
+                    futex_wake_n(&h->rlock, 1);
+                }
                 return RC_AGAIN;
             }
             if (rem < left) {
@@ -418,6 +431,9 @@ rlock_acquire(Ring *r, int64_t deadline)
         int rc = futex_wait(&h->rlock, exp, left);
         atomic_fetch_sub(&h->rlock_waiters, 1);
         if (rc == RC_INTR) {
+            if (atomic_load(&h->rlock) == 0 && atomic_load(&h->rlock_waiters)) {
+                futex_wake_n(&h->rlock, 1); /* pass on a wake we may have taken */
+            }
             return RC_INTR;
         }
     }
@@ -428,7 +444,7 @@ rlock_release(Ring *r)
 {
     atomic_store_explicit(&r->h->rlock, 0, memory_order_release);
     if (atomic_load(&r->h->rlock_waiters)) {
-        futex_wake(&r->h->rlock);
+        futex_wake_n(&r->h->rlock, 1); /* one can take it; see rlock_acquire's pass-on */
     }
 }
 
@@ -475,7 +491,10 @@ wake_data(Ring *r)
     header_t *h = r->h;
     atomic_fetch_add(&h->data_seq, 1);
     if (atomic_load(&h->data_waiters)) {
-        futex_wake(&h->data_seq);
+        /* one record, one consumer: waking them all only puts the others back to
+         * sleep (8 processes on 2 CPUs spent most of their time doing that). A
+         * consumer that leaves without a record passes the wake on (pass_on_data). */
+        futex_wake_n(&h->data_seq, 1);
     }
     if (atomic_load(&h->data_armed) && atomic_exchange(&h->data_armed, 0)) {
         notify(r->notify_data);
@@ -741,10 +760,27 @@ commit(Ring *r, rec_t *rec)
 
 /* ---- the read path (no GIL) ---------------------------------------------------- */
 
+static int claim_impl(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok);
+
 /* Claim the next committed record. RC_OK with *out and *lenp, RC_AGAIN (empty or deadline),
- * RC_CLOSED (empty and closed), RC_INTR, RC_CORRUPT. */
+ * RC_CLOSED (empty and closed), RC_INTR, RC_CORRUPT.
+ * A commit wakes one sleeping consumer (wake_data). One that leaves without a record (its
+ * deadline, a signal, close) may have been that one: it passes the wake on. */
 static int
 claim(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
+{
+    int rc = claim_impl(r, deadline, out, lenp, spun_ok);
+    if (rc != RC_OK && deadline != 0 && r->base != NULL) {
+        header_t *h = r->h;
+        if (atomic_load(&h->data_waiters) && atomic_load(&h->head) != atomic_load(&h->rd)) {
+            futex_wake_n(&h->data_seq, 1);
+        }
+    }
+    return rc;
+}
+
+static int
+claim_impl(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
 {
     header_t *h = r->h;
     int spins = 0;
@@ -1555,6 +1591,197 @@ ring_try_recv_flags(Ring *r, PyObject *Py_UNUSED(a))
     return do_recv(r, NULL, 0, 1);
 }
 
+/* ---- the channel's hot path: buzon DATA frames (transport/shm.py) -----------------
+ *
+ * A shm: channel puts one buzon frame in each record (docs/frames.md). The common one,
+ * a DATA frame with no out-of-band buffers, is an 8-byte header (version 1, kind 1,
+ * flags = codec, 0 buffers, u32 LE body length) and the body. These two methods build
+ * and take that frame in one call, so the channel's small send or receive costs one C
+ * call instead of a chain of Python ones. Anything else goes through the general path.
+ */
+
+static PyObject *
+ring_try_send_frame(Ring *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* try_send_frame(body, codec) -> bool: send header + body as one record; codec -1:
+     * body is a whole frame already */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "try_send_frame(body, codec)");
+        return NULL;
+    }
+    long codec = PyLong_AsLong(args[1]);
+    if (codec == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (codec < -1 || codec > 255) {
+        PyErr_SetString(PyExc_ValueError, "codec must fit a byte (or be -1: a whole frame)");
+        return NULL;
+    }
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    int rc = -1;
+    if ((uint64_t)view.len > UINT32_MAX - 64) {
+        PyErr_SetString(TooLarge, "a frame body is at most 4 GiB");
+    }
+    else {
+        uint32_t n = (uint32_t)view.len;
+        uint8_t hdr[8] = {1, 1, (uint8_t)codec, 0, (uint8_t)n, (uint8_t)(n >> 8),
+                          (uint8_t)(n >> 16), (uint8_t)(n >> 24)};
+        part_t parts[2] = {{hdr, 8}, {view.buf, (size_t)view.len}};
+        int whole = codec < 0;
+        size_t total = (whole ? 0 : 8) + (size_t)view.len;
+        r->busy++;
+        rc = send_parts(r, parts + whole, 2 - whole, total, 0, 0);
+        leave(r);
+        if (rc > 0) {
+            r->counts[0] += 1;
+            r->counts[1] += total;
+        }
+    }
+    PyBuffer_Release(&view);
+    if (rc < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(rc);
+}
+
+static PyObject *
+ring_try_recv_frame_impl(Ring *r, Py_ssize_t max_frame)
+{
+    rec_t *rec = NULL;
+    uint32_t len = 0;
+    int spun_ok = 0;
+    int rc = claim(r, 0, &rec, &len, &spun_ok);
+    if (rc == RC_AGAIN) {
+        Py_RETURN_NONE;
+    }
+    if (rc == RC_CLOSED) {
+        PyErr_Format(EndErr, "the ring %S was closed by its writer and is empty", r->name);
+        return NULL;
+    }
+    if (rc != RC_OK) {
+        return corrupt(r);
+    }
+    uint32_t flags = rec->flags;
+    const uint8_t *src = (const uint8_t *)rec + REC_HDR;
+    uint8_t hdr[8] = {0};
+    if (len >= 8) {
+        memcpy(hdr, src, 8); /* once: the peer may be rewriting it (untrusted memory) */
+    }
+    uint32_t blen = (uint32_t)hdr[4] | (uint32_t)hdr[5] << 8 | (uint32_t)hdr[6] << 16 |
+                    (uint32_t)hdr[7] << 24;
+    int plain = flags == 0 && len >= 8 && hdr[0] == 1 && hdr[1] == 1 && hdr[2] <= 7 &&
+                hdr[3] == 0 && (uint64_t)blen + 8 == len && (Py_ssize_t)len <= max_frame;
+    uint32_t skip = plain ? 8 : 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(len - skip));
+    if (out != NULL) {
+        if (len >= LARGE_COPY) {
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(PyBytes_AS_STRING(out), src + skip, len - skip);
+            Py_END_ALLOW_THREADS
+        }
+        else {
+            memcpy(PyBytes_AS_STRING(out), src + skip, len - skip);
+        }
+    }
+    if (release_rec(r, rec) != RC_OK) {
+        Py_XDECREF(out);
+        return corrupt(r);
+    }
+    if (out == NULL) {
+        return NULL;
+    }
+    if (plain) {
+        r->counts[2] += 1;
+        r->counts[3] += len;
+    }
+    PyObject *code = PyLong_FromLong(plain ? (long)hdr[2] : -1L - (long)flags);
+    PyObject *pair = code == NULL ? NULL : PyTuple_New(2);
+    if (pair == NULL) {
+        Py_XDECREF(code);
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, code);
+    PyTuple_SET_ITEM(pair, 1, out);
+    return pair;
+}
+
+static PyObject *
+ring_try_recv_frame(Ring *r, PyObject *arg)
+{
+    /* try_recv_frame(max_frame): None if empty; (codec, body) for a plain DATA frame of
+     * at most max_frame bytes; else (-1 - record flags, record) for the general path */
+    Py_ssize_t max_frame = PyLong_AsSsize_t(arg);
+    if (max_frame == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    r->busy++;
+    PyObject *res = ring_try_recv_frame_impl(r, max_frame);
+    leave(r);
+    return res;
+}
+
+static PyObject *
+ring_frame_counts(Ring *r, PyObject *Py_UNUSED(a))
+{
+    return Py_BuildValue("(KKKK)", (unsigned long long)r->counts[0],
+                         (unsigned long long)r->counts[1], (unsigned long long)r->counts[2],
+                         (unsigned long long)r->counts[3]);
+}
+
+static PyObject *
+ring_spin_wait(Ring *r, PyObject *arg)
+{
+    /* spin_wait(seconds) -> bool: wait with the GIL released, without sleeping or arming,
+     * until a record is published (True) or the time is up (False) */
+    double t = PyFloat_AsDouble(arg);
+    if (t == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    header_t *h = r->h;
+    if (atomic_load_explicit(&h->head, memory_order_acquire) !=
+        atomic_load_explicit(&h->rd, memory_order_acquire)) {
+        Py_RETURN_TRUE;
+    }
+    if (!(t > 0)) {
+        Py_RETURN_FALSE;
+    }
+    int64_t budget = t > 1.0 ? 1000000000 : (int64_t)(t * 1e9);
+    int got = 0;
+    r->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t end = now_ns() + budget;
+    for (unsigned i = 1;; i++) {
+        if (atomic_load_explicit(&h->head, memory_order_acquire) !=
+            atomic_load_explicit(&h->rd, memory_order_acquire)) {
+            got = 1;
+            break;
+        }
+        if (atomic_load_explicit(&r->closing, memory_order_relaxed)) {
+            break;
+        }
+        cpu_relax();
+        if ((i & 31) == 0 && now_ns() >= end) {
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    leave(r);
+    return PyBool_FromLong(got);
+}
+
 
 /* ---- loans: zero-copy writes and reads --------------------------------------------
  *
@@ -2128,6 +2355,15 @@ static PyMethodDef ring_methods[] = {
      "try_send(data, flags=0): send; False if the ring is full."},
     {"try_recv_flags", (PyCFunction)ring_try_recv_flags, METH_NOARGS,
      "(payload, flags) of the next message, or None if the ring is empty."},
+    {"try_send_frame", (PyCFunction)(void (*)(void))ring_try_send_frame, METH_FASTCALL,
+     "try_send_frame(body, codec): a buzon DATA frame in one record; False if full."},
+    {"try_recv_frame", (PyCFunction)ring_try_recv_frame, METH_O,
+     "try_recv_frame(max_frame): None, (codec, body) of a plain DATA frame, or "
+     "(-1 - record flags, record) for anything else."},
+    {"frame_counts", (PyCFunction)ring_frame_counts, METH_NOARGS,
+     "(frames sent, bytes, frames received, bytes) by try_send_frame/try_recv_frame."},
+    {"spin_wait", (PyCFunction)ring_spin_wait, METH_O,
+     "spin_wait(seconds): busy-wait (GIL released, nothing armed) for a record; True if one."},
     {"recv", (PyCFunction)(void (*)(void))ring_recv, METH_VARARGS | METH_KEYWORDS,
      "recv(timeout=None) -> bytes."},
     {"recv_nowait", (PyCFunction)ring_recv_nowait, METH_NOARGS, "recv or raise Empty."},
@@ -2364,8 +2600,12 @@ block_lock_impl(Ring *r, PyObject *args, PyObject *kw)
     if (deadline_from(timeout, &deadline) < 0) {
         return NULL;
     }
-    if (atomic_load(&r->h->rlock) == r->token) {
-        PyErr_SetString(PyExc_RuntimeError, "this process already holds the lock");
+    /* Every thread of this process shares our token, so rlock_acquire waits for
+     * another of our threads like for another process (our own token is alive);
+     * only the thread that holds the lock must not wait for itself. */
+    unsigned long me = PyThread_get_thread_ident();
+    if (atomic_load(&r->h->rlock) == r->token && r->lock_thread == me) {
+        PyErr_SetString(PyExc_RuntimeError, "this thread already holds the lock");
         return NULL;
     }
     int rc;
@@ -2383,13 +2623,15 @@ block_lock_impl(Ring *r, PyObject *args, PyObject *kw)
         }
     }
     if (rc == RC_AGAIN) {
-        PyErr_Format(TimeoutErr, "the lock of %S is held by another process", r->name);
+        PyErr_Format(TimeoutErr, "the lock of %S is held by another process or thread",
+                     r->name);
         return NULL;
     }
     if (rc == RC_GONE) {
         PyErr_Format(ClosedErr, "%S was closed while waiting for its lock", r->name);
         return NULL;
     }
+    r->lock_thread = me;
     /* taken over from a dead holder: flag it so the caller can repair the data */
     int recovered = atomic_exchange(&r->h->flags_atomic, 0) != 0;
     (void)before;
@@ -2406,6 +2648,7 @@ block_unlock(Ring *r, PyObject *Py_UNUSED(a))
         PyErr_SetString(PyExc_RuntimeError, "this process does not hold the lock");
         return NULL;
     }
+    r->lock_thread = 0;
     rlock_release(r);
     Py_RETURN_NONE;
 }

@@ -11,6 +11,11 @@ so defaults and refusals are identical in the two drivers:
   private 0600 names) or authenticated (TCP with ``authkey``); anything else raises
   :class:`SecurityError`.
 * ``compat="multiprocessing"`` exists for stream sockets only.
+* ``ring_size=`` sizes the rings of ``shm:`` channels and is a listener option: the
+  listener creates the rings, so ``connect`` refuses it, as does any other transport
+  (:class:`UnsupportedOperation`); a size that is not a power of two from 4 KiB to
+  1 GiB raises :class:`ValueError`. A connector reads the size it got in
+  ``channel.properties.notes``.
 """
 
 from __future__ import annotations
@@ -76,8 +81,11 @@ def prepare(
     reliable: Any = False,
     capacity: int | None = DEFAULT_CAPACITY,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    ring_size: int | None = None,
 ) -> Prepared:
     addr = parse_address(url)
+    if ring_size is not None:
+        _check_ring_size(addr, ring_size, listening=listening)
     if reliable:
         # reliable datagrams (transport/reliable.py): the protocol authenticates nobody,
         # so every rule below for udp/unixgram applies unchanged
@@ -166,8 +174,24 @@ def prepare(
         tls=tls,
         capacity=capacity,
         reliable=reliable or False,
+        ring_size=ring_size,
     )
     return Prepared(addr, topts, channel, bytes(authkey) if authkey is not None else None, compat)
+
+
+def _check_ring_size(addr: Address, ring_size: int, *, listening: bool) -> None:
+    if addr.scheme != "shm":
+        raise UnsupportedOperation(
+            f"ring_size= sizes the rings of shm: channels; {addr.scheme}: has none"
+        )
+    if not listening:
+        raise UnsupportedOperation(
+            f"ring_size= is a listener option: the listener of {addr} creates the rings "
+            "and chooses their size (the channel's properties.notes say which)"
+        )
+    from .transport.shm import check_ring_size
+
+    check_ring_size(ring_size)
 
 
 def _check_capacity_support(

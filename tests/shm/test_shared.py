@@ -219,3 +219,133 @@ def test_block_rejects_a_bad_header() -> None:
     finally:
         sa.remove()
         sa.close()
+
+
+def _count_in_threads(sv: buzon.SharedValue, threads: int, each: int) -> list[BaseException]:
+    """``threads`` threads add 1 to ``sv`` ``each`` times, each addition under its lock,
+    with a thread switch forced inside the critical section; the errors they raised."""
+    import threading
+    import time
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def add() -> None:
+        try:
+            start.wait(T)
+            for _ in range(each):
+                with sv.lock:
+                    v = sv.value
+                    time.sleep(0)  # let the other thread run while we hold the lock
+                    sv.value = v + 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    ts = [threading.Thread(target=add) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return errors
+
+
+def test_the_lock_excludes_threads_sharing_one_handle() -> None:
+    sv = buzon.shared_value("threads", "q")
+    try:
+        errors = _count_in_threads(sv, 2, 2000)
+        assert errors == []
+        assert sv.value == 2 * 2000
+    finally:
+        sv.remove()
+        sv.close()
+
+
+def test_the_lock_excludes_threads_and_processes_together() -> None:
+    procs, threads, each = 2, 2, 500
+    sv = buzon.shared_value("mixed", "q")
+    try:
+
+        def child() -> None:
+            with buzon.shared_value("mixed") as v:
+                assert _count_in_threads(v, threads, each) == []
+
+        pids = [_fork(child) for _ in range(procs)]
+        assert _count_in_threads(sv, threads, each) == []
+        for pid in pids:
+            _wait_ok(pid)
+        assert sv.value == (procs + 1) * threads * each
+    finally:
+        sv.remove()
+        sv.close()
+
+
+def test_a_thread_waits_for_another_thread_and_never_for_itself() -> None:
+    import threading
+
+    sv = buzon.shared_value("own", int)
+    try:
+        with sv.lock:
+            with pytest.raises(RuntimeError, match="this thread already holds"):
+                sv.lock.acquire(timeout=T)  # it would wait for itself forever
+            box: list[BaseException] = []
+
+            def other() -> None:
+                try:
+                    sv.lock.acquire(timeout=0.05)
+                except BaseException as exc:
+                    box.append(exc)
+
+            t = threading.Thread(target=other)
+            t.start()
+            t.join(T)
+            assert len(box) == 1 and isinstance(box[0], Timeout)
+        got: list[bool] = []
+        t = threading.Thread(target=lambda: got.append(sv.lock.acquire(timeout=T)))
+        t.start()
+        t.join(T)
+        assert got == [False]
+        sv.lock.release()  # like threading.Lock, any thread may release it
+        with pytest.raises(RuntimeError):
+            sv.lock.release()
+    finally:
+        sv.remove()
+        sv.close()
+
+
+def test_the_lock_is_taken_over_once_when_threads_wait_for_a_dead_holder() -> None:
+    import threading
+
+    sv = buzon.shared_value("orphan", int)
+    try:
+        r, w = os.pipe()
+
+        def holder() -> None:
+            with buzon.shared_value("orphan") as v:
+                v.lock.acquire()
+                v.value = 7
+                os.write(w, b"1")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        pid = _fork(holder)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        recovered: list[bool] = []
+
+        def waiter() -> None:
+            got = sv.lock.acquire(timeout=T)
+            recovered.append(got)
+            sv.value = sv.value + 1
+            sv.lock.release()
+
+        ts = [threading.Thread(target=waiter) for _ in range(2)]
+        for t in ts:
+            t.start()
+        os.waitpid(pid, 0)  # the holder dies while both threads wait
+        for t in ts:
+            t.join(T)
+        assert sorted(recovered) == [False, True]  # one takes it over, once
+        assert sv.value == 9
+    finally:
+        sv.remove()
+        sv.close()

@@ -162,8 +162,15 @@ class Channel(ChannelIdentity):
     # -- sending ----------------------------------------------------------------------
 
     async def send(self, obj: Any, timeout: float | None = None, *, priority: int = 0) -> None:
+        core = self._core
+        bufs = core.encode(obj)
+        fast = core.fast_send  # a shared-memory ring: one C call (see ChannelCore)
+        if fast is not None and not priority and len(bufs) == 1 and not self._wlock.locked():
+            frame = bufs[0]
+            if type(frame) is bytes and len(frame) <= core.fast_limit and fast(frame, -1):
+                return
         async with self._wlock:
-            await self._send(self._core.encode(obj), deadline_of(timeout), priority)
+            await self._send(bufs, deadline_of(timeout), priority)
 
     def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
         if self._wlock.locked():
@@ -185,8 +192,19 @@ class Channel(ChannelIdentity):
     async def send_bytes(
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> None:
+        core = self._core
+        fast = core.fast_send
+        if (
+            fast is not None
+            and type(data) is bytes
+            and not priority
+            and len(data) <= core.fast_bytes_limit
+            and not self._wlock.locked()
+            and fast(data, 0)
+        ):
+            return
         async with self._wlock:
-            await self._send(self._core.encode_bytes(data), deadline_of(timeout), priority)
+            await self._send(core.encode_bytes(data), deadline_of(timeout), priority)
 
     def send_bytes_nowait(self, data: Buffer, *, priority: int = 0) -> None:
         if self._wlock.locked():
@@ -350,7 +368,7 @@ class Channel(ChannelIdentity):
     async def recv(self, timeout: float | None = None, *, type: Any = Any) -> Any:
         async with self._rlock:
             core = self._core
-            item = core.poll()
+            item = self._fast_poll() if core.fast_recv is not None else core.poll()
             if item is None:
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_object(item, type)
@@ -372,10 +390,22 @@ class Channel(ChannelIdentity):
     async def recv_bytes(self, timeout: float | None = None) -> bytes:
         async with self._rlock:
             core = self._core
-            item = core.poll()
+            item = self._fast_poll() if core.fast_recv is not None else core.poll()
             if item is None:
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_bytes(item)
+
+    def _fast_poll(self) -> Frame | tuple[int, bytes] | None:
+        """A shared-memory ring's receive in one C call (``None``: wait the usual way,
+        which arms the ring's eventfd)."""
+        core = self._core
+        recv = core.fast_recv
+        if recv is None or core.inbox:
+            return core.poll()
+        got = recv(core.max_frame)
+        if got is None or got[0] >= 0:
+            return got
+        return core.fast_other(got)
 
     def recv_bytes_nowait(self) -> bytes:
         if self._rlock.locked():

@@ -178,7 +178,8 @@ class Listener(ListenerBase):
 
 
 def listen(url: str | Address, **options: Any) -> Listener:
-    """Bind ``url`` (binding never waits, so this is a plain call)."""
+    """Bind ``url`` (binding never waits, so this is a plain call); the options of
+    :func:`buzon.listen`, ``ring_size`` for ``shm:`` included."""
     prep = prepare(url, listening=True, **options)
     return Listener(open_listener(prep.address, prep.transport), prep)
 

@@ -36,7 +36,17 @@ _VALUE_TYPES = {int: "q", float: "d", bool: "?"}
 
 
 class SharedLock:
-    """A process-shared lock; ``acquire`` returns True if the last holder died holding it."""
+    """A process-shared lock; ``acquire`` returns True if the last holder died holding it.
+
+    It excludes every holder from every other: other processes, other handles on the
+    same object in this process, and the threads of this process that share this
+    handle (a thread waits for another exactly as for another process). Like
+    :class:`threading.Lock` it is not reentrant (``acquire`` by the thread that holds
+    it raises :class:`RuntimeError` instead of waiting forever) and any thread of the
+    holding process may ``release`` it. It is taken over only when the holding
+    *process* dies: a thread that exits holding it keeps it held, as with
+    :class:`threading.Lock`. ``acquire(timeout)`` raises :class:`buzon.Timeout`.
+    """
 
     def __init__(self, block: _core.Block) -> None:
         self._block = block

@@ -146,6 +146,11 @@ class Channel(ChannelIdentity):
         ``capacity=0``, until the receiver has taken it)."""
         core = self._core
         bufs = core.encode(obj)
+        fast = core.fast_send
+        if fast is not None and not priority and len(bufs) == 1:
+            frame = bufs[0]  # the ring is multi-producer safe and counts: no lock needed
+            if type(frame) is bytes and len(frame) <= core.fast_limit and fast(frame, -1):
+                return
         if self._rendezvous:
             core.offer_with_send()  # a blocked rendezvous sender receives next
         with self._wlock:
@@ -177,6 +182,15 @@ class Channel(ChannelIdentity):
     def send_bytes(self, data: Buffer, timeout: float | None = None, *, priority: int = 0) -> None:
         """Send ``data`` as one message, without a codec (a raw channel: as is)."""
         core = self._core
+        fast = core.fast_send
+        if (
+            fast is not None
+            and type(data) is bytes
+            and not priority
+            and len(data) <= core.fast_bytes_limit
+            and fast(data, 0)  # the ring is multi-producer safe and counts: no lock needed
+        ):
+            return
         bufs = core.encode_bytes(data)
         if self._rendezvous:
             core.offer_with_send()  # a blocked rendezvous sender receives next
@@ -462,6 +476,18 @@ class Channel(ChannelIdentity):
 
     def recv(self, timeout: float | None = None, *, type: Any = Any) -> Any:
         """Receive and decode one message; ``type=`` validates it (msgspec types)."""
+        core = self._core
+        recv = core.fast_recv
+        if recv is not None and not core.inbox:  # a ring: multi-consumer safe, no lock
+            got = recv(core.max_frame)
+            if got is not None and got[0] >= 0:
+                return core.decode_body(got[0], got[1], [], type)
+            if got is not None:
+                with self._rlock:
+                    item = core.fast_other(got)
+                    if item is None:
+                        item = self._receive(timeout)
+                return core.item_object(item, type)
         with self._rlock:
             core = self._core
             item = core.buffered()
@@ -481,6 +507,18 @@ class Channel(ChannelIdentity):
 
     def recv_bytes(self, timeout: float | None = None) -> bytes:
         """Receive one message as bytes (raw stream channels: the bytes available)."""
+        core = self._core
+        recv = core.fast_recv
+        if recv is not None and not core.inbox:  # a ring: multi-consumer safe, no lock
+            got = recv(core.max_frame)
+            if got is not None and got[0] >= 0:
+                return got[1]
+            if got is not None:
+                with self._rlock:
+                    item = core.fast_other(got)
+                    if item is None:
+                        item = self._receive(timeout)
+                return core.item_bytes(item)
         with self._rlock:
             core = self._core
             item = core.buffered()
@@ -530,6 +568,13 @@ class Channel(ChannelIdentity):
         ``spin`` seconds (checking readiness with ``poll(0)``, which costs less than a
         failed read), else after sleeping in ``poll``."""
         core = self._core
+        spin = self._spin
+        recv = core.fast_recv
+        if recv is not None:
+            item = self._fast_receive(recv, timeout)
+            if item is not None:
+                return item
+            spin = 0.0  # spun already, on the ring itself
         ready = self._rpoll
         if ready is None:
             core.check_open()
@@ -546,7 +591,6 @@ class Channel(ChannelIdentity):
                 return item
         if self._flow:
             return self._receive_flow(timeout)
-        spin = self._spin
         if spin > 0.0 and timeout != 0:
             end = _perf() + spin
             poll0 = ready.poll
@@ -557,6 +601,29 @@ class Channel(ChannelIdentity):
                         return item
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
         return self._wait_item(deadline)
+
+    def _fast_receive(
+        self, recv: Callable[[int], tuple[int, bytes] | None], timeout: float | None
+    ) -> Frame | tuple[int, bytes] | None:
+        """A shared-memory ring's receive: one C call; if the ring is empty, spin on it
+        (GIL released, nothing armed, no system call) for ``spin`` seconds. ``None``:
+        nothing came, go the general way (which arms the ring's eventfd and sleeps)."""
+        core = self._core
+        limit = core.max_frame
+        got = recv(limit)
+        if got is None:
+            spin = self._spin
+            if spin <= 0.0 or timeout == 0:
+                return None
+            wait = core.fast_spin
+            assert wait is not None
+            end = _perf() + spin
+            while got is None:
+                left = end - _perf()
+                if left <= 0.0 or not wait(left):
+                    return None
+                got = recv(limit)
+        return got if got[0] >= 0 else core.fast_other(got)
 
     def _receive_flow(self, timeout: float | None) -> Frame | tuple[int, bytes]:
         """A receive on a channel with credits: announce that we wait (a rendezvous

@@ -202,7 +202,10 @@ def listen(url: str | Address, **options: Any) -> Listener:
     """Bind ``url`` and return a :class:`Listener` (a context manager).
 
     Keyword options as for :func:`connect`, plus ``backlog``, ``insecure``,
-    ``mq_maxmsg`` and ``mq_msgsize``.
+    ``mq_maxmsg`` and ``mq_msgsize``, and for ``shm:`` ``ring_size``: the bytes of each
+    of the two rings every accepted peer gets (a power of two from 4 KiB to 1 GiB;
+    default :data:`buzon.transport.shm.CAPACITY`, 4 MiB). It is a listener option only
+    (the listener creates the rings); ``connect`` and other transports refuse it.
     """
     prep = prepare(url, listening=True, **options)
     return Listener(open_listener(prep.address, prep.transport), prep)

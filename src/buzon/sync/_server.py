@@ -1,14 +1,17 @@
 """Concurrent servers: the lecture's "a process (or thread) per client".
 
 ``Server(url, handler, mode=...)`` accepts connections on a connection-oriented
-address (``unix:``, ``tcp://``) and runs ``handler(channel)`` for each client:
+address (``unix:``, ``tcp://``, ``shm:``) and runs ``handler(channel)`` for each client:
 
 * ``mode="thread"``: one thread per client (handshake included, so a slow client
   never delays the others);
 * ``mode="process"``: ``fork()`` per client, as in the lecture's concurrent server.
   The child runs the handler and exits; the parent closes its copy of the connection
   and reaps the child as soon as it exits (a ``pidfd`` per child in the same ``poll``
-  as the listener, so there are no zombies and no ``SIGCHLD`` handler).
+  as the listener, so there are no zombies and no ``SIGCHLD`` handler). The parent lets
+  go with ``Transport.close_in_parent`` and the child takes over with
+  ``adopt_in_child``, so what only the last holder may remove (the rings of ``shm:``,
+  which the client may not have attached yet) is the child's to remove.
   Fork only from a process without other threads running (as with any ``fork``).
 
 ``serve_forever`` runs in the calling thread until :meth:`Server.shutdown` (from a
@@ -63,10 +66,6 @@ class Server:
                 "serve needs a connection-oriented address (unix:, tcp:// or shm:), "
                 f"not {addr.scheme}:"
             )
-        if addr.scheme == "shm" and mode == "process":
-            # the accepted connection's rings are set up by the parent, which must not
-            # hand them to a child before the client attached (not done yet)
-            raise UnsupportedOperation("serve(mode='process') does not take shm: yet")
         self.handler = handler
         self.mode = mode
         self.max_clients = max_clients
@@ -175,13 +174,14 @@ class Server:
                 for pidfd in self._children:
                     os.close(pidfd)
                 self._listener.close_in_child()
+                transport.adopt_in_child()
                 ch = self._listener.establish(transport)
                 code = 0 if self._run_handler(ch) else 1
             except BaseException:
                 log.exception("client process failed")
             finally:
                 os._exit(code)
-        transport.close()  # the child has its own copy
+        transport.close_in_parent()  # the child has its own copy, and serves it
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:  # pragma: no cover - kernels before 5.3

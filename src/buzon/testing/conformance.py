@@ -238,27 +238,36 @@ def _url(transport: str) -> str:
 
 
 @contextlib.contextmanager
-def open_pair(transport: str, driver: str = "sync", **options: Any) -> Iterator[Pair]:
+def open_pair(
+    transport: str,
+    driver: str = "sync",
+    listen_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> Iterator[Pair]:
     """A connected pair over ``transport``; everything is closed and removed after.
 
     ``NAME-reliable`` is the ``NAME`` scheme opened with ``reliable=True``.
+    ``listen_options`` go to the listener only (``ring_size`` of ``shm:``).
     """
     if transport.endswith("-reliable"):
         options = {**options, "reliable": True}
+    extra = listen_options or {}
     if driver == "sync":
-        with _sync_pair(transport, options) as pair:
+        with _sync_pair(transport, options, extra) as pair:
             yield pair
     else:
         loop = asyncio.new_event_loop()
         try:
-            with _aio_pair(transport, options, loop) as pair:
+            with _aio_pair(transport, options, loop, extra) as pair:
                 yield pair
         finally:
             loop.close()
 
 
 @contextlib.contextmanager
-def _sync_pair(transport: str, options: dict[str, Any]) -> Iterator[Pair]:
+def _sync_pair(
+    transport: str, options: dict[str, Any], extra: dict[str, Any] | None = None
+) -> Iterator[Pair]:
     import buzon
 
     if transport in ("pipe", "pipe-simplex"):
@@ -269,7 +278,7 @@ def _sync_pair(transport: str, options: dict[str, Any]) -> Iterator[Pair]:
             a.close()
             b.close()
         return
-    with buzon.listen(_url(transport), **options) as lst:
+    with buzon.listen(_url(transport), **options, **(extra or {})) as lst:
         box: list[Any] = []
         errors: list[BaseException] = []
 
@@ -301,7 +310,10 @@ def _sync_pair(transport: str, options: dict[str, Any]) -> Iterator[Pair]:
 
 @contextlib.contextmanager
 def _aio_pair(
-    transport: str, options: dict[str, Any], loop: asyncio.AbstractEventLoop
+    transport: str,
+    options: dict[str, Any],
+    loop: asyncio.AbstractEventLoop,
+    extra: dict[str, Any] | None = None,
 ) -> Iterator[Pair]:
     from .. import aio
 
@@ -314,7 +326,7 @@ def _aio_pair(
             a.close()
             b.close()
         return
-    lst = aio.listen(_url(transport), **options)
+    lst = aio.listen(_url(transport), **options, **(extra or {}))
     try:
 
         async def both() -> tuple[Any, Any]:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import abc
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 from ..address import Address
 
@@ -80,6 +80,19 @@ class PeerInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class RingOps(NamedTuple):
+    """A transport whose messages are records of shared-memory rings lends the channel
+    these C calls, so a small send or receive is one call (``buzon._core.Ring``); the
+    calls count what they move themselves (``counts``: frames and bytes sent, received)."""
+
+    send_frame: Callable[[Buffer, int], bool]  # (body, codec or -1: a frame) -> False: full
+    recv_frame: Callable[[int], tuple[int, bytes] | None]  # (max_frame) -> see Ring
+    spin: Callable[[float], bool]  # busy-wait for a record, GIL released
+    record_message: Callable[[int, bytes], bytes]  # a non-plain record -> its message
+    counts: Callable[[], tuple[int, int, int, int]]  # what the two calls above moved
+    max_record: int  # the largest record the ring takes
+
+
 class Transport(abc.ABC):
     """Base of every transport: identity, properties, readiness fds and close."""
 
@@ -93,6 +106,8 @@ class Transport(abc.ABC):
     tokens: TokenPool | None = None
     # a capacity the mechanism enforces itself (a POSIX queue's maxmsg), -1 if none
     native_capacity: int = -1
+    # shared-memory rings: the C calls of the channel's hot path (see RingOps)
+    ring_ops: RingOps | None = None
 
     def read_fileno(self) -> int:
         """fd that becomes readable when :meth:`recv_into`/:meth:`recv_message` may progress."""
@@ -112,6 +127,19 @@ class Transport(abc.ABC):
 
     def close(self) -> None:
         self.closed = True
+
+    # -- handing an end to a forked child (serve(mode="process")) -----------------------
+
+    def close_in_parent(self) -> None:
+        """In the parent, after a ``fork`` that handed this end to the child: release
+        this process's copy, and leave to the child what only the end's last holder
+        may do (remove what the end created). The default is :meth:`close`."""
+        self.close()
+
+    def adopt_in_child(self) -> None:  # noqa: B027 - optional hook
+        """In the child that took this end over (its parent calls
+        :meth:`close_in_parent` and never uses it again): the child is now its only
+        user, and cleans up after it as if it had never been shared."""
 
     # -- optional hooks: transports that run a delivery protocol of their own --------
     # (reliable datagrams). Ordinary transports keep these defaults; the channel core
@@ -237,3 +265,5 @@ class TransportOptions:
     capacity: int | None = -1
     # udp/unixgram only: False, True (default limits) or a protocol.reliable.ReliableConfig
     reliable: Any = False
+    # shm listeners only: bytes of each ring they create (None: transport.shm.CAPACITY)
+    ring_size: int | None = None

@@ -8,7 +8,8 @@ cannot carry (file descriptors), and to notice the peer's death.
 
 * :func:`listen` binds the socket ``NAME.shm`` (0600, in the private runtime dir, stale
   ones replaced, live ones refused: the same rules as ``unix:``). Its fd is readable
-  when a peer connects.
+  when a peer connects. ``ring_size=`` (a listener option: :func:`check_ring_size`)
+  sizes the rings of every peer it accepts; :data:`CAPACITY` is the default.
 * :meth:`ShmListener.accept` checks the peer's uid (``SO_PEERCRED``), creates the two
   rings (``c>s`` and ``s>c``, mode 0600, unguessable names), two eventfds and two
   one-slot pipes, and sends the ring names with four fds (``SCM_RIGHTS``) in a single
@@ -79,16 +80,31 @@ from .base import (
     ListenerTransport,
     MessageTransport,
     PeerInfo,
+    RingOps,
     Transport,
     TransportOptions,
 )
 from .unix import _check_uid, bind_unix_path, client_socket, peer_credentials, unlink_if_ours
 
-__all__ = ["CAPACITY", "ShmConnector", "ShmListener", "ShmTransport", "connect", "listen"]
+__all__ = [
+    "CAPACITY",
+    "MAX_RING_SIZE",
+    "MIN_RING_SIZE",
+    "ShmConnector",
+    "ShmListener",
+    "ShmTransport",
+    "check_ring_size",
+    "connect",
+    "listen",
+]
 
 CAPACITY = 4 << 20
-"""Bytes of each direction's ring (a power of two), read when a listener is created;
-messages up to ``CAPACITY - 16`` bytes travel in the ring, larger ones out of line."""
+"""The default ring size: bytes of each direction's ring (a power of two) for a listener
+created without ``ring_size=``, read when it is created; messages up to ``ring size -
+16`` bytes travel in the ring, larger ones out of line."""
+
+MIN_RING_SIZE = 4 << 10
+MAX_RING_SIZE = 1 << 30
 
 _MAGIC = b"BZSHM1\n"
 _OOB = 1  # record flag: the payload is the name of a block holding the message
@@ -126,6 +142,20 @@ def _mark_shared() -> None:
 
 
 os.register_at_fork(after_in_parent=_mark_shared, after_in_child=_mark_shared)
+
+
+def check_ring_size(ring_size: object) -> int:
+    """Validate ``ring_size=``: a power of two from 4 KiB (``MIN_RING_SIZE``) to 1 GiB
+    (``MAX_RING_SIZE``). Each accepted peer gets two rings of this size; tmpfs gives
+    them pages only as they are first written, so the size is a bound, not a cost."""
+    if isinstance(ring_size, bool) or not isinstance(ring_size, int):
+        raise TypeError(f"ring_size must be an int (bytes), not {ring_size!r}")
+    if not MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE or ring_size & (ring_size - 1):
+        raise ValueError(
+            f"ring_size must be a power of two from {MIN_RING_SIZE} (4 KiB) to "
+            f"{MAX_RING_SIZE} (1 GiB) bytes, not {ring_size}"
+        )
+    return ring_size
 
 
 def _one_slot_pipe() -> tuple[int, int]:
@@ -181,6 +211,14 @@ class ShmTransport(MessageTransport):
         self.properties = _properties(tx.capacity)
         self._oob_out: list[_core.Block] = []  # blocks sent, not yet taken by the peer
         self.shared = False  # set at fork: another process may hold this end too
+        self.ring_ops = RingOps(
+            tx.try_send_frame,
+            rx.try_recv_frame,
+            rx.spin_wait,
+            self._record_message,
+            self._frame_counts,
+            tx.max_message,
+        )
         _LIVE.add(self)
 
     def __repr__(self) -> str:
@@ -191,6 +229,18 @@ class ShmTransport(MessageTransport):
 
     def write_fileno(self) -> int:
         return -1 if self.closed else self._tx_space
+
+    def close_in_parent(self) -> None:
+        """The child serves this end: leave it the ring names (the peer may not have
+        attached yet) and the unread messages (it will read them)."""
+        self._names = ()
+        self.shared = True
+        self.close()
+
+    def adopt_in_child(self) -> None:
+        """Our parent has let go of this end (:meth:`close_in_parent`), so the segments
+        and unread out-of-line messages are ours to remove when we close."""
+        self.shared = False
 
     def _peer_gone(self) -> bool:
         try:
@@ -221,6 +271,13 @@ class ShmTransport(MessageTransport):
                 return None
         data, flags = got
         return self._take_oob(data) if flags & _OOB else data
+
+    def _frame_counts(self) -> tuple[int, int, int, int]:
+        return self._tx.frame_counts()[:2] + self._rx.frame_counts()[2:]
+
+    def _record_message(self, code: int, record: bytes) -> bytes:
+        """The message of a record ``Ring.try_recv_frame`` returned as (-1 - flags, record)."""
+        return self._take_oob(record) if (-1 - code) & _OOB else record
 
     def _take_oob(self, ref: bytes) -> bytes:
         name = self._oob_name(ref)
@@ -358,12 +415,13 @@ class ShmTransport(MessageTransport):
 
 
 class ShmListener(ListenerTransport):
-    """The rendezvous socket; every accepted peer gets its own pair of rings."""
+    """The rendezvous socket; every accepted peer gets its own pair of rings of
+    ``ring_size`` bytes (``opts.ring_size``, else :data:`CAPACITY` at creation)."""
 
-    def __init__(self, addr: Address, opts: TransportOptions, capacity: int | None = None) -> None:
+    def __init__(self, addr: Address, opts: TransportOptions) -> None:
         self.address = addr
         self.opts = opts
-        self.capacity = capacity if capacity is not None else CAPACITY
+        self.ring_size = CAPACITY if opts.ring_size is None else check_ring_size(opts.ring_size)
         self.path = addr.fs_path(opts.runtime_dir)
         self.rejected = 0
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -403,8 +461,8 @@ class ShmListener(ListenerTransport):
 
     def _setup(self, conn: socket.socket, peer: PeerInfo) -> ShmTransport:
         label = str(self.address)[:50]
-        c2s = create_ring(self.capacity, label=f"{label} c>s")
-        s2c = create_ring(self.capacity, label=f"{label} s>c")
+        c2s = create_ring(self.ring_size, label=f"{label} c>s")
+        s2c = create_ring(self.ring_size, label=f"{label} s>c")
         names = (c2s.name, s2c.name)
         fds: list[int] = []
         try:

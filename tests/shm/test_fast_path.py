@@ -1,0 +1,200 @@
+"""The ``shm:`` hot path: small sends and receives are single C calls on the rings
+(``Ring.try_send_frame`` / ``try_recv_frame`` / ``spin_wait``), lent to the drivers by
+``ShmTransport.ring_ops``. These tests check that the shortcut keeps every promise of
+the general path: order, counts, validation, and falling back when it must."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import buzon
+from buzon import aio, shm
+from buzon.errors import FrameError
+
+T = 10.0
+
+
+@contextlib.contextmanager
+def _pair(name: str, **kw: Any) -> Iterator[tuple[Any, Any]]:
+    with buzon.listen(f"shm:{name}", **kw) as lst:
+        box: list[Any] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+        t.start()
+        a = buzon.connect(f"shm:{name}", timeout=T, **kw)
+        t.join(T)
+        try:
+            yield a, box[0]
+        finally:
+            a.close()
+            box[0].close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Any, Any]]:
+    with _pair("fp") as ends:
+        yield ends
+
+
+def test_default_channel_takes_the_fast_path(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    assert a._core.fast_send is not None and b._core.fast_recv is not None
+    a.send_bytes(b"x" * 64)
+    a.send({"k": 1})
+    a.send_bytes(b"y" * 200_000)  # large, yet in the ring: one copy on each side
+    assert b._core.transport.ring_ops.counts()[2] == 0  # nothing taken yet
+    assert b.recv_bytes(timeout=T) == b"x" * 64
+    assert b.recv(timeout=T) == {"k": 1}
+    assert b.recv_bytes(timeout=T) == b"y" * 200_000
+    sent = a._core.transport.ring_ops.counts()
+    taken = b._core.transport.ring_ops.counts()
+    assert sent[0] == 3 and taken[2] == 3 and sent[1] == taken[3] > 200_000
+
+
+@pytest.mark.parametrize("capacity", [0, 4, None])
+def test_credits_and_queues_use_the_general_path(capacity: int | None) -> None:
+    with _pair(f"fpc{capacity}", capacity=capacity) as (a, b):
+        assert a._core.fast_send is None and b._core.fast_recv is None
+        if capacity != 0:
+            a.send_bytes(b"q")
+        else:
+            threading.Timer(0.05, lambda: b.recv_bytes(timeout=T)).start()
+            a.send_bytes(b"q", timeout=T)
+
+
+def test_closing_drops_the_fast_path(pair: tuple[Any, Any]) -> None:
+    a, _ = pair
+    a.close()
+    assert a._core.fast_send is None and a._core.fast_recv is None
+    with pytest.raises(buzon.ChannelClosed):
+        a.send_bytes(b"late")
+
+
+def test_statistics_count_both_paths_alike(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    big = b"L" * (a._core.transport.ring_max + 1)  # out of line: the general path
+    arr = np.arange(1000, dtype=np.int64)  # out-of-band buffer: a frame with buffers
+    sent0, received0 = a.statistics().bytes_sent, b.statistics().bytes_received  # handshake
+    a.send_bytes(b"s1")
+    a.send_bytes(big)
+    a.send(arr)
+    a.send_bytes(bytearray(b"not bytes"))  # general path (not bytes)
+    a.send("s2")
+    assert b.recv_bytes(timeout=T) == b"s1"
+    assert b.recv_bytes(timeout=T) == big
+    assert np.array_equal(b.recv(timeout=T), arr)
+    assert b.recv_bytes(timeout=T) == b"not bytes"
+    assert b.recv(timeout=T) == "s2"
+    sa, sb = a.statistics(), b.statistics()
+    assert sa.messages_sent == sb.messages_received == 5
+    sent, received = sa.bytes_sent - sent0, sb.bytes_received - received0
+    assert sent == received > len(big) + arr.nbytes
+    a.close()
+    sa_closed = a.statistics()  # still readable after close
+    assert sa_closed.messages_sent == 5
+
+
+def test_many_threads_lose_and_duplicate_nothing(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    senders, per = 4, 2000
+    got: list[bytes] = []
+    lock = threading.Lock()
+
+    def send(k: int) -> None:
+        for i in range(per):
+            a.send_bytes(struct.pack("<II", k, i), timeout=T)
+
+    def recv(n: int) -> None:
+        mine = [b.recv_bytes(timeout=T) for _ in range(n)]
+        with lock:
+            got.extend(mine)
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(senders)]
+    threads += [threading.Thread(target=recv, args=(senders * per // 2,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    want = [struct.pack("<II", k, i) for k in range(senders) for i in range(per)]
+    assert sorted(got) == sorted(want)
+    assert a.statistics().messages_sent == b.statistics().messages_received == senders * per
+
+
+def test_records_that_are_not_plain_frames_go_the_general_way(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    tx = a._core.transport._tx
+    hdr = struct.Struct("<BBBBI")
+    tx.try_send(hdr.pack(1, 1, 0, 0, 3) + b"abc")  # plain
+    tx.try_send(hdr.pack(1, 1, 0, 0, 9) + b"abc")  # length mismatch: rejected
+    tx.try_send(hdr.pack(1, 1, 0, 0, 2) + b"ok")  # plain again: the channel goes on
+    assert b.recv_bytes(timeout=T) == b"abc"
+    with pytest.raises(FrameError):
+        b.recv_bytes(timeout=T)
+    assert b.recv_bytes(timeout=T) == b"ok"
+    assert b.statistics().rejected_frames == 1
+
+
+def test_ring_frame_calls() -> None:
+    ring = shm.create_ring(1 << 16)
+    try:
+        assert ring.try_recv_frame(1 << 20) is None
+        assert ring.spin_wait(0.0005) is False  # nothing came: gave up, nothing armed
+        assert ring.try_send_frame(b"body", 2)
+        assert ring.spin_wait(1.0) is True  # already there: no wait
+        assert ring.try_recv_frame(1 << 20) == (2, b"body")
+        assert ring.try_send_frame(b"\x01\x01\x00\x00\x01\x00\x00\x00z", -1)  # a whole frame
+        assert ring.try_recv_frame(1 << 20) == (0, b"z")
+        ring.try_send(b"\x01\x01\x08\x00\x01\x00\x00\x00z")  # a receipt is asked: general
+        assert ring.try_recv_frame(1 << 20) == (-1, b"\x01\x01\x08\x00\x01\x00\x00\x00z")
+        ring.try_send(b"ref", 1)  # record flag 1 (out of line): general, flags kept
+        assert ring.try_recv_frame(1 << 20) == (-2, b"ref")
+        assert ring.try_send_frame(b"12345678", 0)
+        assert ring.try_recv_frame(15) == (-1, b"\x01\x01\x00\x00\x08\x00\x00\x0012345678")
+        ring.try_send(b"\x01")  # shorter than a header
+        assert ring.try_recv_frame(1 << 20) == (-1, b"\x01")
+        assert ring.frame_counts() == (3, 12 + 9 + 16, 2, 12 + 9)
+        with pytest.raises(ValueError):
+            ring.try_send_frame(b"x", 256)
+    finally:
+        ring.close()
+        shm.remove_segment(ring.name)
+
+
+async def _aio_pair_round_trip() -> list[Any]:
+    async with aio.listen("shm:fpa") as lst:
+        accepted = asyncio.ensure_future(lst.accept())
+        a = await aio.connect("shm:fpa")
+        b = await accepted
+        try:
+            assert a._core.fast_send is not None
+            big = b"B" * (a._core.transport.ring_max + 10)
+            out: list[Any] = []
+            for i in range(50):
+                await a.send_bytes(b"%d" % i)
+            await a.send_bytes(big)
+            await a.send({"end": True})
+            for _ in range(50):
+                out.append(await b.recv_bytes(timeout=T))
+            out.append(await b.recv_bytes(timeout=T) == big)
+            out.append(await b.recv(timeout=T))
+            waiter = asyncio.ensure_future(b.recv_bytes(timeout=T))
+            await asyncio.sleep(0.01)
+            await a.send_bytes(b"woken")
+            out.append(await waiter)
+            return out
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+def test_asyncio_fast_path_keeps_order_and_wakes() -> None:
+    out = asyncio.run(_aio_pair_round_trip())
+    assert out[:50] == [b"%d" % i for i in range(50)]
+    assert out[50:] == [True, {"end": True}, b"woken"]
