@@ -263,3 +263,33 @@ def test_peers_are_an_optional_group_not_dev() -> None:
     makefile = (root / "Makefile").read_text()
     bench = makefile[makefile.index("\nbench:") :].split("\n\n")[0]
     assert ".[dev,bench]" in bench
+
+
+def test_unpin_lets_the_case_and_its_children_use_every_cpu(tmp_path: Path) -> None:
+    """4p4c runs 8 processes: after ``ctx.unpin()`` none is pinned (before it, the child
+    is pinned to the second CPU), and the parent's own pinning is restored afterwards."""
+    from buzon.bench._harness import Config, Ctx, choose_cpus, run_case
+
+    pin = choose_cpus()
+    if pin is None:
+        pytest.skip("needs two CPUs")
+    config = Config(seconds=0.01, pin=pin)
+    seen: dict[str, Any] = {}
+
+    def body(ctx: Ctx) -> dict[str, Quantity]:
+        def report() -> dict[str, Any]:
+            return {"cpus": sorted(os.sched_getaffinity(0))}
+
+        seen["pinned"] = ctx.spawn(report).join()["cpus"]
+        ctx.unpin()
+        seen["parent"] = sorted(os.sched_getaffinity(0))
+        seen["free"] = ctx.spawn(report).join()["cpus"]
+        return {}
+
+    before = os.sched_getaffinity(0)
+    result = run_case(Case("t", "t", "unpin", body), config, str(tmp_path), 1)
+    assert result.status == "ok", result.note
+    assert seen["pinned"] == [pin[1]]
+    assert seen["parent"] == seen["free"] == sorted(config.cpus)
+    assert len(config.cpus) >= 2
+    assert os.sched_getaffinity(0) == before

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import shutil
 import sys
 import tempfile
@@ -132,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat,
         progress=not args.no_progress,
         pin=None if args.no_pin else choose_cpus(),
-        cpus=frozenset(os.sched_getaffinity(0)),
     )
     if args.repeat < 1:
         print("buzon bench: --repeat must be at least 1", file=sys.stderr)

@@ -136,7 +136,8 @@ class Config:
     progress: bool = True
     pin: tuple[int, int] | None = None  # (parent CPU, child CPU), or None to let the OS place
     time_limit: float | None = None  # per case; None: derived from ``seconds``
-    cpus: frozenset[int] = frozenset()  # the CPUs allowed before pinning (for Ctx.unpin)
+    # the CPUs this process may use when the Config is made, before any pinning (Ctx.unpin)
+    cpus: frozenset[int] = field(default_factory=lambda: frozenset(os.sched_getaffinity(0)))
 
     @property
     def warmup(self) -> float:
@@ -204,7 +205,7 @@ class Ctx:
         with more processes than CPUs); ``run_case`` restores the parent's affinity."""
         if self.pinned:
             self.pinned = False
-            os.sched_setaffinity(0, self.config.cpus or os.sched_getaffinity(0))
+            os.sched_setaffinity(0, self.config.cpus)
 
     def spawn(self, body: Callable[[], dict[str, Any] | None]) -> Child:
         """Fork a child that runs ``body`` and exits; returns its handle.
