@@ -1,10 +1,13 @@
-"""``buzon bench``: buzon against the raw OS mechanisms and multiprocessing.Pipe.
+"""``buzon bench``: buzon against the raw OS mechanisms, multiprocessing and the peers.
 
 Every number comes from this run on this machine: per transport, the 64 B round
 trip (p50/p99), one-way throughput of 64 B messages (msg/s) and of 1 MiB messages
 (MB/s), for the raw mechanism, buzon with a blocking receiver (``spin=0``), buzon
-with its default spin, and ``multiprocessing.Pipe``. The report ends with the
-project's targets, each a ratio between two rows with PASS or FAIL.
+with its default spin, and ``multiprocessing.Pipe``; the same for the peers of the
+shared-memory work (iceoryx2, pyzmq, faster-fifo, ``multiprocessing.Queue``: the
+optional group ``bench``, rows "not installed" without them), and two bulk cases, a
+64 MiB numpy array one way (GB/s) and 4 producers x 4 consumers (msg/s). The report
+ends with the project's targets, each a ratio between two rows with PASS or FAIL.
 
 Usage::
 
@@ -83,7 +86,7 @@ def _positive(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="buzon bench",
-        description="Measure buzon against the raw OS mechanisms and multiprocessing.Pipe.",
+        description="Measure buzon against the raw OS mechanisms, multiprocessing and peers.",
     )
     p.add_argument(
         "--quick", action="store_true", help=f"short runs ({QUICK_SECONDS:g} s per case)"
