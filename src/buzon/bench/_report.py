@@ -304,8 +304,12 @@ _STATUS_CELL = {"n/a": "n/a", "skipped": "skip", "error": "ERR"}
 NOT_INSTALLED = "not installed"
 
 
+def _not_installed(result: Result) -> bool:
+    return result.status == "skipped" and result.note.startswith(NOT_INSTALLED)
+
+
 def _status_cell(result: Result) -> str:
-    if result.status == "skipped" and result.note.startswith(NOT_INSTALLED):
+    if _not_installed(result):
         return NOT_INSTALLED
     return _STATUS_CELL.get(result.status, result.status)
 
@@ -325,7 +329,8 @@ def _cells(
     if result is None:
         return ["", "", ""]
     if result.status != "ok":
-        return [_status_cell(result), "", ""]
+        # a missing peer is said once, on the row's label (see _rows)
+        return ["" if _not_installed(result) else _status_cell(result), "", ""]
     v = result.value(name)
     if v is None:
         return ["?", "", ""]
@@ -348,9 +353,13 @@ def _rows(results: Sequence[Result]) -> list[list[str]]:
             continue
         is_raw = impl == "raw"
         is_mp = (impl, transport) == ("mp", "Pipe")
+        label = _label(impl, transport)
+        mine = [by[(impl, transport, m)] for m in MAIN_METRICS if (impl, transport, m) in by]
+        if all(_not_installed(r) for r in mine):
+            label += f" ({NOT_INSTALLED})"
         row = [
             "" if transport == last_transport else ("mp.Pipe" if is_mp else transport),
-            _label(impl, transport),
+            label,
         ]
         last_transport = transport
         for metric, name, fmt in (
@@ -472,7 +481,8 @@ def render(
         "xraw, xmp: this row's value divided by the raw row of the same transport and by",
         "multiprocessing.Pipe. Round trip (p50/p99, us): lower is better, so xraw 1.05 is",
         "5% slower than raw. Throughput: higher is better. MB = 10^6 bytes. n/a: impossible",
-        "on this transport; skip: a dependency is missing; ERR: failed (see notes).",
+        "on this transport; skip: a dependency is missing; ERR: failed (see notes);",
+        "(not installed): a peer library is missing (pip install -e '.[bench]', make bench).",
     ]
     lines += _notes(results)
     lines += ["", "targets (ratios between rows of this run)"]
