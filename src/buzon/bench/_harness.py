@@ -217,12 +217,22 @@ class Ctx:
         gc.collect()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            _child_main(body, status_w, self.config, self.pinned)
-        self.close_fd(status_w)
-        child = Child(pid, status_r, self.config.limit)
-        self.stack.push(child)
+        # The watchdog's interrupt waits until the child is on the stack: a watchdog
+        # (this child's, which may trip at once, or an earlier one's) interrupting us
+        # in between would leave the child unreaped and its handler installed.
+        mask = threading.current_thread() is threading.main_thread()
+        if mask:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {_INTERRUPT})
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child, which never returns
+                _child_main(body, status_w, self.config, self.pinned)
+            self.close_fd(status_w)
+            child = Child(pid, status_r, self.config.limit)
+            self.stack.push(child)
+        finally:
+            if mask:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {_INTERRUPT})
         return child
 
 
@@ -247,6 +257,7 @@ def _child_main(
     try:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, _INTERRUPT):
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {_INTERRUPT})  # blocked by spawn
         # An orphan (the parent was SIGKILLed) must not block forever in a recv; the
         # parent's watchdog, which reports why, acts first.
         signal.alarm(math.ceil(config.limit) + 10)
