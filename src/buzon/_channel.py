@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import pickle
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -66,6 +67,7 @@ DEFAULT_CAPACITY = -1
 DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
 
 _RAW_HEADER = HEADER.pack
+_LOAN_HEADER = struct.Struct("<BBBBIQ").pack  # a raw DATA frame with one buffer: its header
 _unpack_header = HEADER.unpack_from
 
 
@@ -106,6 +108,12 @@ class Statistics:
     # CRC32C (both recovered by the protocol, so not "dropped")
     retransmits: int = 0
     damaged: int = 0
+    # shm: channels only: messages sent through ``loan`` / received through
+    # ``recv_view``, and out-of-line blocks this end created / reused for its messages
+    loans: int = 0
+    views: int = 0
+    blocks_created: int = 0
+    blocks_reused: int = 0
 
 
 class Receipt:
@@ -231,6 +239,11 @@ class ChannelCore:
             transport, "dropped"
         )
         self._send_message: Any = getattr(transport, "send_message", None)
+        # shm: lends message space (loans, received views) and reuses out-of-line blocks
+        self._loan_message: Any = getattr(transport, "loan_message", None)
+        self._block_counters: Any = getattr(transport, "block_counters", None)
+        if hasattr(transport, "framed"):
+            transport.framed = not self.raw and self.compat is None
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
         # a transport whose sends complete with the peer's acks (reliable datagrams):
@@ -283,7 +296,7 @@ class ChannelCore:
         """What ``fast_recv`` returned for a record that is not a plain DATA frame."""
         ops = self.transport.ring_ops
         assert ops is not None
-        msg = ops.record_message(got[0], got[1])
+        msg: Any = ops.record_message(got[0], got[1])  # a view: an out-of-line block
         if len(msg) >= 2 and msg[1] == Kind.CREDIT:
             self._credit_message(msg)
             return None
@@ -614,7 +627,136 @@ class ChannelCore:
             counters = self._counters if self.closed else self.transport.counters()
             for name, value in counters.items():
                 setattr(stats, name, value)
+        elif self._block_counters is not None:
+            for name, value in self._block_counters().items():
+                setattr(stats, name, value)
         return stats
+
+    # -- loans and views (shm: channels) -------------------------------------------------
+
+    def _check_loans(self, what: str) -> None:
+        if self._loan_message is None:
+            raise UnsupportedOperation(
+                f"{what} needs a shm: channel: {self.transport.scheme} moves every message "
+                "through the kernel, so there is no shared memory to lend (use send_bytes/"
+                "recv_bytes, or recv_bytes_into to receive into a buffer of your own)"
+            )
+        if self.compat is not None:
+            raise UnsupportedOperation(f"{what} needs buzon framing (not compat=)")
+
+    def loan_begin(self, nbytes: int) -> Any:
+        """Lend the space of one ``nbytes`` message (see ``Channel.loan``); ``None`` if
+        it cannot be had now (no credit, or no room: wait as for a send). Writes go
+        through the caller's write lock."""
+        self._check_loans("loan")
+        if nbytes < 0:
+            raise ValueError("a loan of a negative size")
+        if self.closed or not self._can_send:
+            self._check_send(0)
+        if self.capacity == 0:
+            raise UnsupportedOperation(
+                "loans on a capacity=0 (rendezvous) channel are not supported: a loan "
+                "cannot wait for its receiver; use send_bytes"
+            )
+        prefix = b"" if self.raw else _LOAN_HEADER(VERSION, Kind.DATA, CodecId.RAW, 1, 0, nbytes)
+        if len(prefix) + nbytes > self.max_frame:
+            raise MessageTooLarge(
+                f"frame of {len(prefix) + nbytes} bytes exceeds the frame cap of {self.max_frame}"
+            )
+        sflow = self.sflow
+        if sflow is not None and sflow.sent >= sflow.limit:
+            if not self.credit_blocked:  # as in try_send: wait for a CREDIT, say we do
+                self.credit_blocked = True
+                if sflow.capacity and self.rflow is not None and not self.closed:
+                    self.credit_out = self.rflow.blocked_notice()
+                    if not (self.pending or self.backlog):
+                        self._write_credit()
+            self.stats.send_would_block += 1
+            return None
+        if (self.pending or self.backlog) and not self.flush():
+            self.stats.send_would_block += 1  # queued messages go first
+            return None
+        lent = self._loan_message(prefix, nbytes)
+        if lent is None:
+            self.stats.send_would_block += 1
+            return None
+        if sflow is not None:
+            sflow.sent += 1  # counted now: its place in the stream is taken
+        return lent
+
+    def loan_end(self, lent: Any, commit: bool) -> None:
+        """Commit (one message) or abort what :meth:`loan_begin` lent."""
+        sflow = self.sflow
+        if not commit:
+            if sflow is not None:
+                sflow.sent -= 1
+            lent.abort()
+            return
+        try:
+            lent.commit()
+        except BaseException:
+            if sflow is not None:
+                sflow.sent -= 1
+            raise
+        stats = self.stats
+        stats.messages_sent += 1
+        stats.bytes_sent += lent.nbytes
+        stats.loans += 1
+
+    def poll_view(self) -> tuple[Any, memoryview] | None:
+        """The next message's payload lent in place: ``(lent, view)``, where ``lent``
+        (``None`` for a message already read ahead) is released after ``view`` (see
+        :func:`finish_view`); ``None`` if no message is ready. Counts and credits as
+        ``poll`` does."""
+        self._check_loans("recv_view")
+        self.check_open()
+        while True:
+            lent: Any = None
+            if self.inbox:
+                view = memoryview(self.inbox.popleft())
+            else:
+                try:
+                    lent = self.transport.recv_view_message()  # type: ignore[attr-defined]
+                except EndOfChannel:
+                    self.fail_receipts("the peer closed the channel")
+                    raise
+                if lent is None:
+                    self.stats.recv_would_block += 1
+                    return None
+                view = memoryview(lent)
+            if self.raw or view.nbytes < 2 or view[1] != Kind.CREDIT:
+                break
+            try:
+                self._credit_message(view.tobytes())
+            finally:
+                finish_view(lent, view)
+        stats = self.stats
+        stats.bytes_received += view.nbytes
+        stats.views += 1
+        if self.raw:
+            stats.messages_received += 1
+            return lent, view
+        try:
+            frame = parse_frame(view, self.max_frame)
+        except FrameError:
+            stats.rejected_frames += 1
+            finish_view(lent, view)
+            raise
+        try:
+            self._take(frame)
+        except FrameError:
+            finish_view(lent, view)
+            raise
+        body = frame.body
+        if not frame.buffers:
+            payload = memoryview(body)
+        elif not len(body) and len(frame.buffers) == 1:
+            payload = frame.buffers[0]
+        else:  # an object frame of several parts: joined, as recv_bytes does
+            payload = memoryview(b"".join([bytes(body), *map(bytes, frame.buffers)]))
+        del frame, body
+        view.release()  # the payload's slice keeps the memory it needs
+        return lent, payload
 
     # -- credits and receipts -------------------------------------------------------------
 
@@ -1135,6 +1277,19 @@ class ChannelCore:
         if self.acked:
             self._counters = self.transport.counters()  # statistics() after close
         self.transport.close()
+
+
+def finish_view(lent: Any, view: memoryview) -> None:
+    """End a received view: release it, then what lent it (ring space or a block goes
+    back to the sender). Views the caller made of it (a numpy array) keep it alive
+    instead; it is released when they are collected."""
+    try:
+        view.release()
+    except BufferError:
+        return
+    if lent is not None:
+        with contextlib.suppress(BufferError):  # other views remain: released with them
+            lent.release()
 
 
 class _MpDecoder:

@@ -2705,6 +2705,255 @@ block_get_size(Ring *r, void *Py_UNUSED(c))
     return PyLong_FromUnsignedLongLong(r->cap);
 }
 
+/* ---- block views: lending a block's bytes (shm: channels, out-of-line messages) --
+ *
+ * Block.view(offset, nbytes, readonly=True) returns a BlockView over
+ * data[offset:offset+nbytes]: it supports the buffer protocol and keeps the block
+ * mapped (Block.close refuses while one is unreleased). release() refuses while
+ * buffer views of it exist, so no view can outlive it; after release the view gives
+ * no buffer any more. A read-only view *returns the block's lease* when it is
+ * released or garbage-collected: the lease word (the header's `head` field, unused
+ * by blocks) is stored 0, which tells the block's owner, in another process, that
+ * the reader is done with it and the block may carry the next message. The owner
+ * stores a nonzero lease before it hands the block over. No PyObject crosses the
+ * segment: the lease is one atomic 64-bit word.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    Ring *block;
+    uint64_t offset, len;
+    int readonly; /* a received message: release() returns the lease */
+    int done;
+    Py_ssize_t exports;
+} BlockView;
+
+static PyTypeObject BlockViewType;
+
+static int
+blockview_finish(BlockView *v)
+{
+    if (v->done) {
+        PyErr_SetString(PyExc_ValueError, "the view is already released");
+        return -1;
+    }
+    if (v->exports > 0) {
+        PyErr_SetString(PyExc_BufferError,
+                        "release every view of the block view (del the array) first");
+        return -1;
+    }
+    v->done = 1;
+    Ring *b = v->block;
+    b->exports--;
+    if (v->readonly && b->base != NULL) {
+        atomic_store(&b->h->head, 0); /* the lease goes back to the block's owner */
+    }
+    return 0;
+}
+
+static PyObject *
+blockview_release(BlockView *v, PyObject *Py_UNUSED(a))
+{
+    if (blockview_finish(v) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+blockview_dealloc(BlockView *v)
+{
+    if (!v->done) {
+        v->exports = 0; /* no buffer view can exist: each holds a reference to us */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (blockview_finish(v) < 0) {
+            PyErr_WriteUnraisable((PyObject *)v);
+        }
+        PyErr_Restore(et, ev, tb);
+    }
+    Py_DECREF(v->block);
+    PyObject_Free(v);
+}
+
+static int
+blockview_getbuffer(BlockView *v, Py_buffer *view, int flags)
+{
+    if (v->done || v->block->base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the view was released");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)v, v->block->data + v->offset, (Py_ssize_t)v->len,
+                          v->readonly, flags) < 0) {
+        return -1;
+    }
+    v->exports++;
+    return 0;
+}
+
+static void
+blockview_releasebuffer(BlockView *v, Py_buffer *Py_UNUSED(view))
+{
+    v->exports--;
+}
+
+static PyBufferProcs blockview_as_buffer = {
+    (getbufferproc)blockview_getbuffer,
+    (releasebufferproc)blockview_releasebuffer,
+};
+
+static Py_ssize_t
+blockview_length(BlockView *v)
+{
+    return (Py_ssize_t)v->len;
+}
+
+static PySequenceMethods blockview_as_sequence = {.sq_length = (lenfunc)blockview_length};
+
+static PyObject *
+blockview_enter(BlockView *v, PyObject *Py_UNUSED(a))
+{
+    Py_INCREF(v);
+    return (PyObject *)v;
+}
+
+static PyObject *
+blockview_exit(BlockView *v, PyObject *Py_UNUSED(args))
+{
+    if (!v->done && blockview_finish(v) < 0) {
+        return NULL;
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+blockview_get_done(BlockView *v, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(v->done);
+}
+
+static PyMethodDef blockview_methods[] = {
+    {"release", (PyCFunction)blockview_release, METH_NOARGS,
+     "end the view (a read-only one returns the block's lease)."},
+    {"__enter__", (PyCFunction)blockview_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)blockview_exit, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef blockview_getset[] = {
+    {"done", (getter)blockview_get_done, NULL, "released", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject BlockViewType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon._core.BlockView",
+    .tp_basicsize = sizeof(BlockView),
+    .tp_dealloc = (destructor)blockview_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Bytes of a block lent out until release() (Block.view). Supports the "
+              "buffer protocol; a read-only view returns the block's lease when released.",
+    .tp_methods = blockview_methods,
+    .tp_getset = blockview_getset,
+    .tp_as_buffer = &blockview_as_buffer,
+    .tp_as_sequence = &blockview_as_sequence,
+};
+
+/* view(offset, nbytes, readonly=True) -> BlockView over data[offset:offset+nbytes] */
+static PyObject *
+block_view(Ring *r, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"offset", "nbytes", "readonly", NULL};
+    unsigned long long offset, n;
+    int readonly = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KK|p:view", kwlist, &offset, &n, &readonly)) {
+        return NULL;
+    }
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    if (offset > r->cap || n > r->cap - offset) {
+        PyErr_Format(PyExc_ValueError, "bytes %llu..%llu are outside the block of %llu bytes",
+                     offset, offset + n, (unsigned long long)r->cap);
+        return NULL;
+    }
+    BlockView *v = PyObject_New(BlockView, &BlockViewType);
+    if (v == NULL) {
+        return NULL;
+    }
+    Py_INCREF(r);
+    v->block = r;
+    v->offset = offset;
+    v->len = n;
+    v->readonly = readonly;
+    v->done = 0;
+    v->exports = 0;
+    r->exports++;
+    return (PyObject *)v;
+}
+
+/* write(offset, data) -> None: copy a buffer into data[offset:], the GIL released for
+ * 64 KiB or more (the block cannot be closed meanwhile: it counts as an export). */
+static PyObject *
+block_write(Ring *r, PyObject *args)
+{
+    unsigned long long offset;
+    Py_buffer src = {0};
+    if (!PyArg_ParseTuple(args, "Ky*:write", &offset, &src)) {
+        return NULL;
+    }
+    if (check_open(r) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    uint64_t n = (uint64_t)src.len;
+    if (offset > r->cap || n > r->cap - offset) {
+        PyErr_Format(PyExc_ValueError, "bytes %llu..%llu are outside the block of %llu bytes",
+                     offset, offset + n, (unsigned long long)r->cap);
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    uint8_t *dst = r->data + offset;
+    if (n >= LARGE_COPY) {
+        r->exports++;
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(dst, src.buf, (size_t)n);
+        Py_END_ALLOW_THREADS
+        r->exports--;
+    }
+    else {
+        memcpy(dst, src.buf, (size_t)n);
+    }
+    PyBuffer_Release(&src);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+block_get_lease(Ring *r, void *Py_UNUSED(c))
+{
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(atomic_load(&r->h->head));
+}
+
+static int
+block_set_lease(Ring *r, PyObject *value, void *Py_UNUSED(c))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the lease cannot be deleted");
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (check_open(r) < 0) {
+        return -1;
+    }
+    atomic_store(&r->h->head, (uint64_t)v);
+    return 0;
+}
+
 static PyMethodDef block_methods[] = {
     {"create", (PyCFunction)(void (*)(void))block_create,
      METH_VARARGS | METH_KEYWORDS | METH_CLASS,
@@ -2717,11 +2966,18 @@ static PyMethodDef block_methods[] = {
     {"meta", (PyCFunction)block_meta, METH_NOARGS, "the 1024 metadata bytes."},
     {"info", (PyCFunction)ring_info, METH_NOARGS, "header fields and participants."},
     {"close", (PyCFunction)block_close, METH_NOARGS, "unmap and release our slot."},
+    {"view", (PyCFunction)(void (*)(void))block_view, METH_VARARGS | METH_KEYWORDS,
+     "view(offset, nbytes, readonly=True) -> BlockView lending those bytes."},
+    {"fileno", (PyCFunction)ring_fileno, METH_NOARGS, "the segment's fd (ours)."},
+    {"write", (PyCFunction)block_write, METH_VARARGS,
+     "write(offset, data): copy a buffer in (the GIL released for 64 KiB or more)."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef block_getset[] = {
     {"size", (getter)block_get_size, NULL, "data bytes", NULL},
+    {"lease", (getter)block_get_lease, (setter)block_set_lease,
+     "the lease word: nonzero while lent out; a released read-only view stores 0", NULL},
     {"name", (getter)ring_get_name, NULL, "segment name", NULL},
     {"closed", (getter)ring_get_closed, NULL, "closed by this process", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -2911,7 +3167,7 @@ PyInit__core(void)
     }
     Py_DECREF(errors);
     if (PyType_Ready(&RingType) < 0 || PyType_Ready(&BlockType) < 0 ||
-        PyType_Ready(&LoanType) < 0) {
+        PyType_Ready(&LoanType) < 0 || PyType_Ready(&BlockViewType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&moddef);
@@ -2921,9 +3177,11 @@ PyInit__core(void)
     Py_INCREF(&RingType);
     Py_INCREF(&BlockType);
     Py_INCREF(&LoanType);
+    Py_INCREF(&BlockViewType);
     if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0 ||
         PyModule_AddObject(m, "Block", (PyObject *)&BlockType) < 0 ||
         PyModule_AddObject(m, "Loan", (PyObject *)&LoanType) < 0 ||
+        PyModule_AddObject(m, "BlockView", (PyObject *)&BlockViewType) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_HEADER", REC_HDR) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SLOTS", MAX_SLOTS) < 0 ||

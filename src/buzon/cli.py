@@ -1122,8 +1122,10 @@ def _shm_rows() -> list[tuple[str, str, str, str, str]]:
 
     rows = []
     for seg in list_segments():
-        pids = ",".join(map(str, seg.pids))
-        owner = f"pid {pids}" if seg.alive else f"created by pid {seg.owner_pid or '?'}"
+        # a live slot without a pid: a block's fd handed over in a socket (shm: channels)
+        holders = [f"pid {','.join(str(p) for p in seg.pids if p)}"] if any(seg.pids) else []
+        holders += ["an fd in flight"] if 0 in seg.pids else []
+        owner = " + ".join(holders) if seg.alive else f"created by pid {seg.owner_pid or '?'}"
         fill = f", {seg.fill:.0%} full" if seg.kind == "ring" else ""
         state = f"{'live' if seg.alive else 'dead'} ({owner}{fill})"
         rows.append(

@@ -16,6 +16,7 @@ every child (killing, by pid, one that overstays). It prints what failed and ret
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -432,6 +433,77 @@ def demo_semantics(kids: _Children) -> None:
             )
 
 
+def demo_shm(kids: _Children) -> None:
+    _line("concept", "shared memory: after setup, messages move with no system call at all")
+    ours = {os.getpid()}
+    rounds = 2000
+    with buzon.listen("shm:demo") as listener:
+
+        def echo() -> None:
+            with buzon.connect("shm:demo", timeout=TIMEOUT) as ch:
+                for _ in range(rounds + 1):
+                    ch.send_bytes(ch.recv_bytes(TIMEOUT), TIMEOUT)
+
+        pid = kids.fork(echo)
+        ours.add(pid)
+        with listener.accept(TIMEOUT) as ch:
+            times = []
+            for i in range(rounds + 1):
+                t = time.perf_counter()
+                ch.send_bytes(b"%063d" % i, TIMEOUT)
+                _expect(ch.recv_bytes(TIMEOUT), b"%063d" % i, "the echo")
+                times.append(time.perf_counter() - t)
+            times.sort()
+            _line("channel", f"shm:demo, {rounds} round trips of 64 B with child {pid}")
+            _line("", f"median {times[len(times) // 2] * 1e6:.1f} us each (this machine, now)")
+        kids.reap(pid)
+
+    slots = 4
+    with buzon.BoundedBuffer(f"demo-{os.getpid()}", slots=slots, item_size=16) as buf:
+        try:
+            for i in range(slots):
+                buf.put_nowait(b"item %d" % i)
+            try:
+                buf.put_nowait(b"one too many")
+                raise DemoFailure(f"a BoundedBuffer of {slots} slots took {slots + 1}")
+            except buzon.Full:
+                _line("bounded", f"BoundedBuffer: all {slots} slots used, the next put is Full")
+            producers = [kids.fork(functools.partial(_produce, buf.name, k)) for k in range(2)]
+            got = [buf.get(TIMEOUT) for _ in range(slots + 2 * 50)]
+            for pid in producers:
+                kids.reap(pid)
+            _expect(len(set(got)), len(got), "distinct items")
+            _line("", f"2 producer processes x 50 items + {slots} waiting: {len(got)} taken once")
+        finally:
+            buf.remove()
+
+    with buzon.shared_value(f"demo-count-{os.getpid()}", int) as counter:
+        try:
+            adders = [kids.fork(lambda: _add(counter.name, 500)) for _ in range(3)]
+            for pid in adders:
+                kids.reap(pid)
+            _expect(counter.value, 1500, "the shared counter")
+            _line("shared", "shared_value: 3 processes x 500 increments under its lock = 1500")
+        finally:
+            counter.remove()
+    left = [s.name for s in buzon.shm.list_segments() if s.owner_pid in ours]
+    _expect(left, [], "segments of this section left in /dev/shm")
+    _line("clean", "nothing of this section is left in /dev/shm")
+
+
+def _produce(name: str, k: int) -> None:
+    with buzon.BoundedBuffer(name) as buf:
+        for i in range(50):
+            buf.put(b"p%d-%d" % (k, i), TIMEOUT)
+
+
+def _add(name: str, n: int) -> None:
+    with buzon.shared_value(name) as counter:
+        for _ in range(n):
+            with counter.lock:
+                counter.value += 1
+
+
 SECTIONS: list[tuple[str, str, Callable[[_Children], None]]] = [
     ("pipe", "ordinary pipe, parent and child", demo_pipe),
     ("fifo", "named pipe", demo_fifo),
@@ -443,6 +515,7 @@ SECTIONS: list[tuple[str, str, Callable[[_Children], None]]] = [
     ("numpy", "a numpy array out of band", demo_numpy),
     ("wait", "buzon.wait over mixed transports", demo_wait),
     ("semantics", "rendezvous, bounded capacity and receipts", demo_semantics),
+    ("shm", "shared memory: channels, a bounded buffer, a shared counter", demo_shm),
 ]
 
 

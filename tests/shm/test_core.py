@@ -608,3 +608,63 @@ def test_fuzzed_segment_never_crashes(name: str, seed: int) -> None:
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     finally:
         ring.close()
+
+
+# -- block views: lending a block's bytes, the lease word (shm: out-of-line messages) --
+
+
+def test_block_view_lends_bytes_and_returns_the_lease(name: str) -> None:
+    owner = _core.Block.create(name, 10000, b"{}")
+    reader = _core.Block.attach(name)
+    try:
+        assert owner.lease == 0
+        owner.lease = 1
+        with owner.view(0, 100, readonly=False) as w:
+            memoryview(w)[:5] = b"hello"
+        assert reader.lease == 1  # a writable view leaves the lease alone
+        v = reader.view(0, 5)
+        reader.lease = 2
+        assert owner.lease == 2 and len(v) == 5 and bytes(v) == b"hello"
+        with pytest.raises(TypeError):
+            memoryview(v)[0] = 1  # read-only
+        arr = memoryview(v)
+        with pytest.raises(BufferError):
+            v.release()  # a view of it is alive
+        with pytest.raises(BufferError):
+            reader.close()  # a block view keeps the block mapped
+        arr.release()
+        v.release()
+        assert owner.lease == 0  # the reader gave it back
+        with pytest.raises(ValueError):
+            memoryview(v)  # released: no buffer any more
+        with pytest.raises(ValueError):
+            v.release()
+        reader.lease = 7
+        v2 = reader.view(9990, 10)
+        del v2  # collected unreleased: released, lease returned
+        assert owner.lease == 0
+        for offset, n in ((0, 10001), (10000, 1), (2**63, 2**63)):
+            with pytest.raises(ValueError):
+                reader.view(offset, n)
+        assert reader.fileno() >= 0
+        owner.write(9000, b"tail")  # small: under the GIL
+        big = os.urandom(70000)
+        with pytest.raises(ValueError):
+            owner.write(0, big)  # past the end
+        with pytest.raises(ValueError):
+            owner.write(9997, b"tail")
+        other = _core.Block.create(name + "b", 100000, b"{}")
+        try:
+            other.write(1000, big)  # big: the GIL released
+            assert bytes(memoryview(other)[1000:71000]) == big
+        finally:
+            other.close()
+            _core.unlink(name + "b")
+        assert bytes(memoryview(reader)[9000:9004]) == b"tail"
+    finally:
+        reader.close()
+        owner.close()
+    with pytest.raises(ChannelClosed):
+        owner.view(0, 1)
+    with pytest.raises(ChannelClosed):
+        owner.lease = 3

@@ -11,12 +11,13 @@ the next ``recv``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar, overload
 
-from .._channel import ChannelCore, ChannelIdentity, Receipt
+from .._channel import ChannelCore, ChannelIdentity, Receipt, finish_view
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
@@ -425,6 +426,57 @@ class Channel(ChannelIdentity):
             finally:
                 core.set_sink(None)
             return core.item_into(item, buffer)
+
+    # -- loans and views (shm: channels) --------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def loan(self, nbytes: int, timeout: float | None = None) -> AsyncIterator[memoryview]:
+        """``async with ch.loan(nbytes) as buf``: see :meth:`buzon.Channel.loan`."""
+        core = self._core
+        deadline = deadline_of(timeout)
+        async with self._wlock:
+            while True:
+                lent = core.loan_begin(nbytes)
+                if lent is not None:
+                    break
+                await self._wait_room(deadline)
+        ok = False
+        try:
+            yield lent.buffer
+            ok = True
+        finally:
+            core.loan_end(lent, ok)
+
+    @contextlib.asynccontextmanager
+    async def recv_view(self, timeout: float | None = None) -> AsyncIterator[memoryview]:
+        """``async with ch.recv_view() as view``: see :meth:`buzon.Channel.recv_view`."""
+        async with self._rlock:
+            core = self._core
+            got = core.poll_view()
+            if got is None:
+                got = await self._wait_view(deadline_of(timeout))
+        lent, view = got
+        try:
+            yield view
+        finally:
+            finish_view(lent, view)
+
+    async def _wait_view(self, deadline: float | None) -> tuple[Any, memoryview]:
+        core = self._core
+        if deadline is None and core.options.idle_timeout is not None:
+            deadline = deadline_of(core.options.idle_timeout)
+        if self._flow:
+            core.before_wait()
+        try:
+            while True:
+                await self._wait_readable(deadline)
+                got = core.poll_view()
+                if got is not None:
+                    return got
+        except BaseException:  # timeout, cancellation: withdraw a rendezvous offer
+            if self._flow:
+                core.wait_ended()
+            raise
 
     async def _wait_item(self, deadline: float | None) -> Frame | tuple[int, bytes]:
         core = self._core

@@ -18,13 +18,14 @@ them and wakes it through a condition variable. No thread is ever started.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
-from .._channel import ChannelCore, ChannelIdentity, Receipt
+from .._channel import ChannelCore, ChannelIdentity, Receipt, finish_view
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
 from ..transport._tokens import TokenPool
@@ -562,6 +563,81 @@ class Channel(ChannelIdentity):
         if self._pumpers:
             self._wake_pumpers()
         return n
+
+    # -- loans and views (shm: channels) --------------------------------------------------
+
+    @contextlib.contextmanager
+    def loan(self, nbytes: int, timeout: float | None = None) -> Iterator[memoryview]:
+        """Lend the space of one ``nbytes`` message in shared memory, to fill in place::
+
+            with ch.loan(arr.nbytes) as buf:
+                np.frombuffer(buf, arr.dtype)[:] = arr
+
+        The writable ``buf`` is sent as one message (``recv_bytes`` takes it like a
+        ``send_bytes`` one) when the block ends normally, and dropped unsent if it
+        raises. Waits up to ``timeout`` for room or credit like ``send``. Views made
+        of ``buf`` (numpy arrays) must be gone when the block ends (``BufferError``
+        otherwise: the message is not sent). ``shm:`` channels only
+        (:class:`UnsupportedOperation` elsewhere, and with ``capacity=0``).
+        """
+        core = self._core
+        deadline = deadline_of(timeout)
+        while True:
+            with self._wlock:
+                lent = core.loan_begin(nbytes)
+            if lent is not None:
+                break
+            self._wait_room(deadline)
+        ok = False
+        try:
+            yield lent.buffer
+            ok = True
+        finally:
+            with self._wlock:
+                core.loan_end(lent, ok)
+
+    @contextlib.contextmanager
+    def recv_view(self, timeout: float | None = None) -> Iterator[memoryview]:
+        """Receive one message as a read-only view of the shared memory it arrived in
+        (the ring, or an out-of-line block), valid until the block ends::
+
+            with ch.recv_view() as view:
+                total = np.frombuffer(view, "f8").sum()
+
+        Takes any message (a ``send_bytes`` one: its bytes; a ``send`` one: its
+        encoded body, as ``recv_bytes``). The view is released when the block ends;
+        using it afterwards raises ``ValueError``. An array made from it keeps it (and
+        the ring space or block under it) until the array is deleted. ``shm:``
+        channels only (:class:`UnsupportedOperation` elsewhere).
+        """
+        with self._rlock:
+            lent, view = self._receive_view(timeout)
+        if self._pumpers:
+            self._wake_pumpers()
+        try:
+            yield view
+        finally:
+            finish_view(lent, view)
+
+    def _receive_view(self, timeout: float | None) -> tuple[Any, memoryview]:
+        core = self._core
+        got = core.poll_view()
+        if got is not None:
+            return got
+        limit = timeout if timeout is not None else core.options.idle_timeout
+        deadline = deadline_of(limit)
+        if self._flow:
+            core.before_wait()  # a rendezvous offer, credit owed, receipts due
+        try:
+            while True:
+                self._wait(True, deadline, "recv")
+                got = core.poll_view()
+                if got is not None:
+                    return got
+        except BaseException:
+            if self._flow:
+                core.wait_ended()
+            raise
 
     def _receive(self, timeout: float | None) -> Frame | tuple[int, bytes]:
         """Read a message: at once if the fd is readable, else after spinning for

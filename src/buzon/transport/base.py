@@ -88,7 +88,7 @@ class RingOps(NamedTuple):
     send_frame: Callable[[Buffer, int], bool]  # (body, codec or -1: a frame) -> False: full
     recv_frame: Callable[[int], tuple[int, bytes] | None]  # (max_frame) -> see Ring
     spin: Callable[[float], bool]  # busy-wait for a record, GIL released
-    record_message: Callable[[int, bytes], bytes]  # a non-plain record -> its message
+    record_message: Callable[[int, bytes], bytes | memoryview]  # a non-plain record -> its message
     counts: Callable[[], tuple[int, int, int, int]]  # what the two calls above moved
     max_record: int  # the largest record the ring takes
 
@@ -190,8 +190,9 @@ class MessageTransport(Transport):
     max_message: int = 65507
 
     @abc.abstractmethod
-    def recv_message(self) -> bytes | None:
-        """One whole message, or ``None`` if none is ready."""
+    def recv_message(self) -> bytes | memoryview | None:
+        """One whole message, or ``None`` if none is ready (a read-only view where the
+        transport lends the message in place: ``shm:`` out-of-line blocks)."""
 
     @abc.abstractmethod
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
