@@ -43,7 +43,9 @@ sanitize: install
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(SAN_DIR) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/shm/test_core.py
 
+# the peers (pyzmq, faster-fifo, iceoryx2, numpy) are the optional group "bench", not dev
 bench: install
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/buzon bench --json bench-results.json
 
 docs: install

@@ -82,7 +82,7 @@ def _check_document(doc: dict[str, Any], expected_ids: set[str]) -> None:
             assert r["values"]["rate"]["unit"] == "msg/s"
             assert r["values"]["bandwidth"]["unit"] == "MB/s"
     ids = {t["id"] for t in doc["targets"]}
-    assert ids == {"a", "b", "b-batch", "c", "d", "e", "f", "g", "g-batch", "h"}
+    assert ids == {"a", "b", "b-batch", "c", "d", "e", "f", "g", "g-batch", "h", "i"}
     for t in doc["targets"]:
         assert t["status"] in {"PASS", "FAIL", "n/a"}
         assert (t["ratio"] is None) == (t["status"] == "n/a")
@@ -125,7 +125,7 @@ def test_named_endpoints_are_removed(tmp_path: Path, private_dirs: tuple[Path, P
     before = _process_state()
     out = tmp_path / "named.json"
 
-    args = ["--quick", "--seconds", "0.03", "--only", "fifo,unix,mq", "--no-progress"]
+    args = ["--quick", "--seconds", "0.03", "--only", "/fifo/,/unix,/mq/", "--no-progress"]
     rc = main([*args, "--json", str(out)])
 
     assert rc == 0

@@ -1,10 +1,13 @@
-"""``buzon bench``: buzon against the raw OS mechanisms and multiprocessing.Pipe.
+"""``buzon bench``: buzon against the raw OS mechanisms, multiprocessing and the peers.
 
 Every number comes from this run on this machine: per transport, the 64 B round
 trip (p50/p99), one-way throughput of 64 B messages (msg/s) and of 1 MiB messages
 (MB/s), for the raw mechanism, buzon with a blocking receiver (``spin=0``), buzon
-with its default spin, and ``multiprocessing.Pipe``. The report ends with the
-project's targets, each a ratio between two rows with PASS or FAIL.
+with its default spin, and ``multiprocessing.Pipe``; the same for the peers of the
+shared-memory work (iceoryx2, pyzmq, faster-fifo, ``multiprocessing.Queue``: the
+optional group ``bench``, rows "not installed" without them), and two bulk cases, a
+64 MiB numpy array one way (GB/s) and 4 producers x 4 consumers (msg/s). The report
+ends with the project's targets, each a ratio between two rows with PASS or FAIL.
 
 Usage::
 
@@ -29,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from ._bulk import bulk_cases
 from ._buzon import BUZON_TRANSPORTS, buzon_cases
 from ._harness import (
     Case,
@@ -41,6 +45,7 @@ from ._harness import (
     load_average,
     run_case,
 )
+from ._peers import peer_cases
 from ._raw import RAW_TRANSPORTS, mp_cases, raw_cases
 from ._report import document, machine_info, render, write_json
 
@@ -58,7 +63,7 @@ def all_cases() -> list[Case]:
             cases += raw_cases(transport)
         if transport in BUZON_TRANSPORTS:
             cases += buzon_cases(transport)
-    return cases
+    return cases + peer_cases() + bulk_cases()
 
 
 def _select(cases: Sequence[Case], only: Sequence[str]) -> list[Case]:
@@ -81,7 +86,7 @@ def _positive(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="buzon bench",
-        description="Measure buzon against the raw OS mechanisms and multiprocessing.Pipe.",
+        description="Measure buzon against the raw OS mechanisms, multiprocessing and peers.",
     )
     p.add_argument(
         "--quick", action="store_true", help=f"short runs ({QUICK_SECONDS:g} s per case)"

@@ -136,6 +136,8 @@ class Config:
     progress: bool = True
     pin: tuple[int, int] | None = None  # (parent CPU, child CPU), or None to let the OS place
     time_limit: float | None = None  # per case; None: derived from ``seconds``
+    # the CPUs this process may use when the Config is made, before any pinning (Ctx.unpin)
+    cpus: frozenset[int] = field(default_factory=lambda: frozenset(os.sched_getaffinity(0)))
 
     @property
     def warmup(self) -> float:
@@ -159,6 +161,7 @@ class Ctx:
         self.seq = seq
         self.stack = stack
         self._fds: set[int] = set()
+        self.pinned = config.pin is not None
         stack.callback(self._close_fds)
 
     @property
@@ -197,6 +200,13 @@ class Ctx:
             with contextlib.suppress(OSError):
                 os.close(self._fds.pop())
 
+    def unpin(self) -> None:
+        """Let the OS place this process and the children spawned from now on (cases
+        with more processes than CPUs); ``run_case`` restores the parent's affinity."""
+        if self.pinned:
+            self.pinned = False
+            os.sched_setaffinity(0, self.config.cpus)
+
     def spawn(self, body: Callable[[], dict[str, Any] | None]) -> Child:
         """Fork a child that runs ``body`` and exits; returns its handle.
 
@@ -207,12 +217,22 @@ class Ctx:
         gc.collect()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            _child_main(body, status_w, self.config)
-        self.close_fd(status_w)
-        child = Child(pid, status_r, self.config.limit)
-        self.stack.push(child)
+        # The watchdog's interrupt waits until the child is on the stack: a watchdog
+        # (this child's, which may trip at once, or an earlier one's) interrupting us
+        # in between would leave the child unreaped and its handler installed.
+        mask = threading.current_thread() is threading.main_thread()
+        if mask:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {_INTERRUPT})
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child, which never returns
+                _child_main(body, status_w, self.config, self.pinned)
+            self.close_fd(status_w)
+            child = Child(pid, status_r, self.config.limit)
+            self.stack.push(child)
+        finally:
+            if mask:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {_INTERRUPT})
         return child
 
 
@@ -230,15 +250,18 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def _child_main(body: Callable[[], dict[str, Any] | None], status_w: int, config: Config) -> None:
+def _child_main(
+    body: Callable[[], dict[str, Any] | None], status_w: int, config: Config, pin: bool
+) -> None:
     code = 1
     try:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, _INTERRUPT):
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {_INTERRUPT})  # blocked by spawn
         # An orphan (the parent was SIGKILLed) must not block forever in a recv; the
         # parent's watchdog, which reports why, acts first.
         signal.alarm(math.ceil(config.limit) + 10)
-        if config.pin is not None:
+        if pin and config.pin is not None:
             os.sched_setaffinity(0, {config.pin[1]})
         info = body() or {}
         _write_status(status_w, b"ok " + json.dumps(info).encode())

@@ -62,13 +62,45 @@ IMPL_LABEL = {
     "buzon-reliable-clean": "reliable, relay clean",
     "buzon-reliable-wifi": "reliable, relay wifi",
     "mp": "mp.Pipe",
+    "mp/Queue": "mp.Queue",
+    "zmq": "pyzmq PAIR",
+    "iceoryx2": "iceoryx2",
+    "faster-fifo": "faster-fifo",
+    "faster-fifo-batch": "faster-fifo put_many",
+    "buzon-loan": "buzon ring loan",
+    "buzon/shm/numpy64m": "buzon send(array)",
+    "mp/Pipe/numpy64m": "mp.Pipe pickle-5",
+    "buzon/BoundedBuffer/4p4c": "buzon BoundedBuffer",
 }
+# the peers' rows, after buzon's transports and before mp.Pipe: (transport, impl)
+PEER_ORDER = (
+    ("pubsub", "iceoryx2"),
+    ("pair-ipc", "zmq"),
+    ("queue", "faster-fifo"),
+    ("queue", "faster-fifo-batch"),
+    ("Queue", "mp"),
+)
+MAIN_METRICS = ("rt64", "oneway64", "oneway1m")
+
+
+def _label(impl: str, transport: str, metric: str = "") -> str:
+    """The row's label: by case id, by impl/transport, by impl (the first found)."""
+    for key in (f"{impl}/{transport}/{metric}", f"{impl}/{transport}", impl):
+        if key in IMPL_LABEL:
+            return IMPL_LABEL[key]
+    return impl
+
 
 _Key = tuple[str, str, str]  # (impl, transport, metric)
 
 
 def _index(results: Sequence[Result]) -> dict[_Key, Result]:
     return {(r.case.impl, r.case.transport, r.case.metric): r for r in results}
+
+
+def _by_id(by: dict[_Key, Result], case_id: str, name: str) -> float | None:
+    impl, transport, metric = case_id.split("/")
+    return _value(by, (impl, transport, metric), name)
 
 
 def _value(by: dict[_Key, Result], key: _Key, name: str) -> float | None:
@@ -112,6 +144,7 @@ _TITLES = {
     "g": "reliable UDP 64 B one-way >= 0.5x raw UDP (one send_bytes per message)",
     "g-batch": "reliable UDP 64 B one-way >= 0.5x raw UDP (send_bytes_many, 64/call)",
     "h": "reliable UDP through a wifi chaos relay >= 0.5x through a clean relay (64 B one-way)",
+    "i": "shared memory: buzon shm rows vs the peers (or a fixed number), the issue's targets",
 }
 
 
@@ -204,7 +237,44 @@ def evaluate_targets(results: Sequence[Result]) -> list[Target]:
             measured = _value(by, (row, t, metric), value)
             ref = _value(by, (reference, t, metric), value)
             add(tid, t, op, threshold, measured, ref, unit, div)
+    # (i) shared memory: buzon's shm rows against the peers, or against a fixed number
+    for label, case, unit, op, threshold, versus in SHM_TARGETS:
+        name = _VALUE[unit]
+        ref = _by_id(by, versus, name) if isinstance(versus, str) else versus
+        add("i", label, op, threshold, _by_id(by, case, name), ref, unit, div)
     return targets
+
+
+_VALUE = {"us": "p50", "msg/s": "rate", "MB/s": "bandwidth", "GB/s": "gbps"}
+_Op = Literal[">=", "<="]
+_B64 = "buzon/shm/oneway64"
+_BB64 = "buzon-batch/shm/oneway64"
+_B4 = "buzon/BoundedBuffer/4p4c"
+# label, buzon case, unit (of the value compared), op, threshold, peer case or fixed number
+SHM_TARGETS: list[tuple[str, str, str, _Op, float, str | float]] = [
+    ("rt64 p50 vs mp.Pipe", "buzon/shm/rt64", "us", "<=", 0.1, "mp/Pipe/rt64"),
+    ("rt64 p50 vs iceoryx2", "buzon/shm/rt64", "us", "<=", 2, "iceoryx2/pubsub/rt64"),
+    ("oneway64 vs 2M msg/s", _B64, "msg/s", ">=", 1, 2e6),
+    ("oneway64 vs mp.Pipe", _B64, "msg/s", ">=", 5, "mp/Pipe/oneway64"),
+    ("oneway64 vs iceoryx2", _B64, "msg/s", ">=", 2.6, "iceoryx2/pubsub/oneway64"),
+    ("oneway64 vs pyzmq PAIR", _B64, "msg/s", ">=", 0.8, "zmq/pair-ipc/oneway64"),
+    ("batch oneway64 vs 2M msg/s", _BB64, "msg/s", ">=", 1, 2e6),
+    ("batch oneway64 vs mp.Pipe", _BB64, "msg/s", ">=", 5, "mp/Pipe/oneway64"),
+    ("batch oneway64 vs iceoryx2", _BB64, "msg/s", ">=", 2.6, "iceoryx2/pubsub/oneway64"),
+    ("batch oneway64 vs pyzmq PAIR", _BB64, "msg/s", ">=", 0.8, "zmq/pair-ipc/oneway64"),
+    (
+        "oneway1m vs faster-fifo",
+        "buzon/shm/oneway1m",
+        "MB/s",
+        ">=",
+        1,
+        "faster-fifo/queue/oneway1m",
+    ),
+    ("numpy64m channel vs 10 GB/s", "buzon/shm/numpy64m", "GB/s", ">=", 1, 10.0),
+    ("numpy64m ring loan vs 15 GB/s", "buzon-loan/shm/numpy64m", "GB/s", ">=", 1, 15.0),
+    ("4p4c vs mp.Queue", _B4, "msg/s", ">=", 10, "mp/Queue/4p4c"),
+    ("4p4c vs faster-fifo", _B4, "msg/s", ">=", 3, "faster-fifo/queue/4p4c"),
+]
 
 
 # --- the table ----------------------------------------------------------------
@@ -231,6 +301,17 @@ def _fmt_ratio(v: float) -> str:
 
 
 _STATUS_CELL = {"n/a": "n/a", "skipped": "skip", "error": "ERR"}
+NOT_INSTALLED = "not installed"
+
+
+def _not_installed(result: Result) -> bool:
+    return result.status == "skipped" and result.note.startswith(NOT_INSTALLED)
+
+
+def _status_cell(result: Result) -> str:
+    if _not_installed(result):
+        return NOT_INSTALLED
+    return _STATUS_CELL.get(result.status, result.status)
 
 
 def _cells(
@@ -248,7 +329,8 @@ def _cells(
     if result is None:
         return ["", "", ""]
     if result.status != "ok":
-        return [_STATUS_CELL.get(result.status, result.status), "", ""]
+        # a missing peer is said once, on the row's label (see _rows)
+        return ["" if _not_installed(result) else _status_cell(result), "", ""]
     v = result.value(name)
     if v is None:
         return ["?", "", ""]
@@ -261,19 +343,23 @@ def _cells(
 
 def _rows(results: Sequence[Result]) -> list[list[str]]:
     by = _index(results)
-    present = {(r.case.impl, r.case.transport) for r in results}
+    present = {(r.case.transport, r.case.impl) for r in results if r.case.metric in MAIN_METRICS}
+    order = [(t, i) for t in TRANSPORT_ORDER for i in IMPL_ORDER]
+    order += [*PEER_ORDER, ("Pipe", "mp")]
     rows: list[list[str]] = []
-    order = [(t, i) for t in TRANSPORT_ORDER for i in IMPL_ORDER] + [("Pipe", "mp")]
-    extra = sorted(present - set(order))
     last_transport = None
-    for transport, impl in order + extra:
-        if (impl, transport) not in present:
+    for transport, impl in order + sorted(present - set(order)):
+        if (transport, impl) not in present:
             continue
         is_raw = impl == "raw"
-        is_mp = impl == "mp"
+        is_mp = (impl, transport) == ("mp", "Pipe")
+        label = _label(impl, transport)
+        mine = [by[(impl, transport, m)] for m in MAIN_METRICS if (impl, transport, m) in by]
+        if all(_not_installed(r) for r in mine):
+            label += f" ({NOT_INSTALLED})"
         row = [
             "" if transport == last_transport else ("mp.Pipe" if is_mp else transport),
-            IMPL_LABEL.get(impl, impl),
+            label,
         ]
         last_transport = transport
         for metric, name, fmt in (
@@ -281,10 +367,8 @@ def _rows(results: Sequence[Result]) -> list[list[str]]:
             ("oneway64", "rate", _fmt_rate),
             ("oneway1m", "bandwidth", _fmt_mbs),
         ):
-            raw_key = None if is_raw else ("raw", transport, metric)
+            raw_key = None if is_raw or is_mp else ("raw", transport, metric)
             mp_key = None if is_mp else ("mp", "Pipe", metric)
-            if is_mp:
-                raw_key = None
             cells = _cells(by, impl, transport, metric, name, fmt, raw_key, mp_key)
             if metric == "rt64":
                 p99 = _value(by, (impl, transport, metric), "p99")
@@ -292,6 +376,32 @@ def _rows(results: Sequence[Result]) -> list[list[str]]:
             row += cells
         rows.append(row)
     return rows
+
+
+# the bulk cases: (metric, title, value, unit, formatter)
+BULK = (
+    ("numpy64m", "64 MiB numpy array, one way", "gbps", "GB/s", lambda v: f"{v:.2f}"),
+    ("4p4c", "4 producers x 4 consumers, 64 B, all messages", "rate", "msg/s", _fmt_rate),
+)
+
+
+def _bulk_lines(results: Sequence[Result]) -> list[str]:
+    out: list[str] = []
+    for metric, title, name, unit, fmt in BULK:
+        rows = [
+            (f"{r.case.transport:<13} {_label(r.case.impl, r.case.transport, metric)}", r)
+            for r in results
+            if r.case.metric == metric
+        ]
+        if not rows:
+            continue
+        width = max(len(label) for label, _ in rows)
+        out += ["", f"{title} ({unit})"]
+        for label, r in rows:
+            v = r.value(name)
+            cell = _status_cell(r) if r.status != "ok" else ("?" if v is None else fmt(v))
+            out.append(f"  {label:<{width}}  {cell:>8}".rstrip())
+    return out
 
 
 _GROUPS = (("", 2), ("64 B round trip, us", 4), ("one-way 64 B", 3), ("one-way 1 MiB", 3))
@@ -362,32 +472,48 @@ def render(
     ]
     if interrupted:
         lines += ["INTERRUPTED: partial results", ""]
-    lines += _table(_rows(results))
+    rows = _rows(results)
+    if rows:
+        lines += _table(rows)
+    lines += _bulk_lines(results)
     lines += [
         "",
         "xraw, xmp: this row's value divided by the raw row of the same transport and by",
         "multiprocessing.Pipe. Round trip (p50/p99, us): lower is better, so xraw 1.05 is",
         "5% slower than raw. Throughput: higher is better. MB = 10^6 bytes. n/a: impossible",
-        "on this transport; skip: a dependency is missing; ERR: failed (see notes).",
+        "on this transport; skip: a dependency is missing; ERR: failed (see notes);",
+        "(not installed): a peer library is missing (pip install -e '.[bench]', make bench).",
     ]
     lines += _notes(results)
     lines += ["", "targets (ratios between rows of this run)"]
     current = ""
-    for t in evaluate_targets(results):
+    targets = evaluate_targets(results)
+    width: dict[str, int] = {}
+    for t in targets:
+        width[t.id] = max(width.get(t.id, 9), len(t.transport))
+    for t in targets:
+        w = width[t.id]
         if t.id != current:
             current = t.id
             lines.append(f"  ({t.id}) {t.title}")
         if t.ratio is None:
-            lines.append(f"      {t.transport:<9} {'':>7}  n/a   (not measured in this run)")
+            lines.append(f"      {t.transport:<{w}} {'':>7}  n/a   (not measured in this run)")
             continue
         assert t.measured is not None and t.reference is not None
-        fmt = _fmt_rate if t.unit == "msg/s" else (_fmt_mbs if t.unit == "MB/s" else _fmt_us)
+        fmt = _FORMATS.get(t.unit, _fmt_us)
         numbers = f"buzon {fmt(t.measured)} vs {fmt(t.reference)} {t.unit}"
         lines.append(
-            f"      {t.transport:<9} {t.ratio:>6.2f}x  {t.status:<4}  "
+            f"      {t.transport:<{w}} {t.ratio:>6.2f}x  {t.status:<4}  "
             f"({numbers}; need {t.op} {t.threshold:g}x)"
         )
     return "\n".join(lines) + "\n"
+
+
+_FORMATS: dict[str, Callable[[float], str]] = {
+    "msg/s": _fmt_rate,
+    "MB/s": _fmt_mbs,
+    "GB/s": lambda v: f"{v:.2f}",
+}
 
 
 def _load_text(machine: dict[str, Any]) -> str:
