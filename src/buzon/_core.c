@@ -57,6 +57,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -703,11 +704,14 @@ reserve(Ring *r, uint32_t len, uint32_t flags, int64_t deadline, rec_t **out)
         /* spin briefly for a consumer on the other CPU */
         int spun = 0;
         if (r->spin_enabled) {
-            for (int i = 0; i < r->spin; i++) {
+            for (int i = 1; i <= r->spin; i++) {
                 cpu_relax();
                 if (atomic_load_explicit(&h->space_seq, memory_order_relaxed) != seen) {
                     spun = 1;
                     break;
+                }
+                if ((i & 63) == 0) {
+                    sched_yield(); /* see claim */
                 }
             }
         }
@@ -867,6 +871,13 @@ claim_impl(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
             for (; i < 64 && atomic_load_explicit(&h->data_seq, memory_order_relaxed) == seen;
                  i++) {
                 cpu_relax();
+            }
+            if (i == 64) {
+                /* with more processes than CPUs (4 producers and 4 consumers on 2), the
+                 * one we wait for may be waiting for our CPU: offer it, every 64 pauses
+                 * (a no-op when nothing else is runnable). Measured: 4p4c 0.8-1.4M ->
+                 * 1.6-1.8M msg/s, `buzon bench --only 4p4c` */
+                sched_yield();
             }
             spins += i + 1;
             continue;
