@@ -1784,8 +1784,11 @@ ring_spin_wait(Ring *r, PyObject *arg)
             break;
         }
         cpu_relax();
-        if ((i & 31) == 0 && now_ns() >= end) {
-            break;
+        if ((i & 63) == 0) {
+            if (now_ns() >= end) {
+                break;
+            }
+            sched_yield(); /* see claim */
         }
     }
     Py_END_ALLOW_THREADS
