@@ -282,6 +282,7 @@ class ChannelCore:
         ops = self.transport.ring_ops
         if ops is None or self.closed or not self._plain or self.taking or self.unbounded:
             self.fast_send: Callable[[Buffer, int], bool] | None = None
+            self.fast_send_frames: Callable[[Sequence[object], int, int], int] | None = None
             self.fast_recv: Callable[[int], tuple[int, bytes] | None] | None = None
             self.fast_spin: Callable[[float], bool] | None = None
             self.fast_limit = self.fast_bytes_limit = 0
@@ -289,8 +290,21 @@ class ChannelCore:
         self.fast_limit = min(self._small + 8, ops.max_record)  # an encoded frame
         self.fast_bytes_limit = min(self.max_frame, ops.max_record) - 8  # send_bytes' body
         self.fast_send = ops.send_frame if self._can_send else None
+        self.fast_send_frames = ops.send_frames if self._can_send else None
         self.fast_recv = ops.recv_frame
         self.fast_spin = ops.spin
+
+    def fast_batch(self, items: Iterable[Any], as_bytes: bool) -> tuple[list[Any], int]:
+        """A batch for ``fast_send_frames``: the bodies (``as_bytes``; codec 0) or each
+        object's encoded frame (codec -1), a frame of several buffers as their list (the
+        ring call stops there, and the driver sends it the general way)."""
+        if as_bytes:
+            return (items if type(items) is list else list(items)), 0
+        frames: list[Any] = []
+        for obj in items:
+            bufs = self.encode(obj)
+            frames.append(bufs[0] if len(bufs) == 1 else bufs)
+        return frames, -1
 
     def fast_other(self, got: tuple[int, bytes]) -> Frame | tuple[int, bytes] | None:
         """What ``fast_recv`` returned for a record that is not a plain DATA frame."""

@@ -1611,54 +1611,94 @@ ring_try_recv_flags(Ring *r, PyObject *Py_UNUSED(a))
  * call instead of a chain of Python ones. Anything else goes through the general path.
  */
 
-static PyObject *
-ring_try_send_frame(Ring *r, PyObject *const *args, Py_ssize_t nargs)
+/* One frame (codec -1: item is a whole frame already). 1 sent, 0 no room now (or larger
+ * than the ring: the channel's general path sends it out of line), -1 error. */
+static int
+send_frame(Ring *r, PyObject *item, long codec)
 {
-    /* try_send_frame(body, codec) -> bool: send header + body as one record; codec -1:
-     * body is a whole frame already */
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "try_send_frame(body, codec)");
-        return NULL;
-    }
-    long codec = PyLong_AsLong(args[1]);
-    if (codec == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (codec < -1 || codec > 255) {
-        PyErr_SetString(PyExc_ValueError, "codec must fit a byte (or be -1: a whole frame)");
-        return NULL;
-    }
-    if (check_open(r) < 0) {
-        return NULL;
-    }
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        return NULL;
+    if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) {
+        return -1;
     }
-    int rc = -1;
-    if ((uint64_t)view.len > UINT32_MAX - 64) {
-        PyErr_SetString(TooLarge, "a frame body is at most 4 GiB");
-    }
-    else {
+    int whole = codec < 0;
+    uint64_t most = (r->rsize ? r->rsize : r->limit) - REC_HDR;
+    uint64_t total = (whole ? 0 : 8) + (uint64_t)view.len;
+    int rc = 0;
+    if (total <= most) {
         uint32_t n = (uint32_t)view.len;
         uint8_t hdr[8] = {1, 1, (uint8_t)codec, 0, (uint8_t)n, (uint8_t)(n >> 8),
                           (uint8_t)(n >> 16), (uint8_t)(n >> 24)};
         part_t parts[2] = {{hdr, 8}, {view.buf, (size_t)view.len}};
-        int whole = codec < 0;
-        size_t total = (whole ? 0 : 8) + (size_t)view.len;
-        r->busy++;
-        rc = send_parts(r, parts + whole, 2 - whole, total, 0, 0);
-        leave(r);
+        rc = send_parts(r, parts + whole, 2 - whole, (size_t)total, 0, 0);
         if (rc > 0) {
             r->counts[0] += 1;
             r->counts[1] += total;
         }
     }
     PyBuffer_Release(&view);
-    if (rc < 0) {
+    return rc;
+}
+
+static long
+frame_codec(PyObject *arg)
+{
+    long codec = PyLong_AsLong(arg);
+    if (codec == -1 && PyErr_Occurred()) {
+        return -2;
+    }
+    if (codec < -1 || codec > 255) {
+        PyErr_SetString(PyExc_ValueError, "codec must fit a byte (or be -1: a whole frame)");
+        return -2;
+    }
+    return codec;
+}
+
+static PyObject *
+ring_try_send_frame(Ring *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* try_send_frame(body, codec) -> bool: header + body as one record; False if there
+     * is no room now or it is larger than the ring */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "try_send_frame(body, codec)");
         return NULL;
     }
-    return PyBool_FromLong(rc);
+    long codec = frame_codec(args[1]);
+    if (codec == -2 || check_open(r) < 0) {
+        return NULL;
+    }
+    r->busy++;
+    int rc = send_frame(r, args[0], codec);
+    leave(r);
+    return rc < 0 ? NULL : PyBool_FromLong(rc);
+}
+
+static PyObject *
+ring_try_send_frames(Ring *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* try_send_frames(bodies, codec, start) -> int: send_frame for bodies[start:] of a
+     * list or tuple, in order, until one does not go (no room, larger than the ring, or
+     * not a buffer: the caller sends it the general way); the index reached */
+    if (nargs != 3 || !(PyList_Check(args[0]) || PyTuple_Check(args[0]))) {
+        PyErr_SetString(PyExc_TypeError, "try_send_frames(list or tuple of bodies, codec, start)");
+        return NULL;
+    }
+    long codec = frame_codec(args[1]);
+    Py_ssize_t i = PyLong_AsSsize_t(args[2]);
+    if (codec == -2 || (i == -1 && PyErr_Occurred()) || check_open(r) < 0) {
+        return NULL;
+    }
+    PyObject *seq = args[0];
+    int rc = 1;
+    r->busy++;
+    for (i = i < 0 ? 0 : i; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        rc = PyObject_CheckBuffer(item) ? send_frame(r, item, codec) : 0;
+        if (rc <= 0) {
+            break;
+        }
+    }
+    leave(r);
+    return rc < 0 ? NULL : PyLong_FromSsize_t(i);
 }
 
 static PyObject *
@@ -2395,6 +2435,9 @@ static PyMethodDef ring_methods[] = {
      "(payload, flags) of the next message, or None if the ring is empty."},
     {"try_send_frame", (PyCFunction)(void (*)(void))ring_try_send_frame, METH_FASTCALL,
      "try_send_frame(body, codec): a buzon DATA frame in one record; False if full."},
+    {"try_send_frames", (PyCFunction)(void (*)(void))ring_try_send_frames, METH_FASTCALL,
+     "try_send_frames(bodies, codec, start): try_send_frame each from start; the index "
+     "of the first that did not go."},
     {"try_recv_frame", (PyCFunction)ring_try_recv_frame, METH_O,
      "try_recv_frame(max_frame): None, (codec, body) of a plain DATA frame, or "
      "(-1 - record flags, record) for anything else."},

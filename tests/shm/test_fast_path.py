@@ -127,6 +127,55 @@ def test_many_threads_lose_and_duplicate_nothing(pair: tuple[Any, Any]) -> None:
     assert a.statistics().messages_sent == b.statistics().messages_received == senders * per
 
 
+def test_batches_go_in_one_call_and_fall_back_in_order(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    big = b"B" * (a._core.transport.ring_max + 1)  # out of line: the general path
+    items: list[Any] = [b"a", b"b", big, bytearray(b"c"), b"d"]
+    assert a.send_bytes_many(iter(items), timeout=T) == 5  # any iterable
+    assert [b.recv_bytes(timeout=T) for _ in items] == [bytes(x) for x in items]
+    arr = np.arange(3000, dtype=np.int32)  # a frame of several buffers
+    objs: list[Any] = [1, "two", arr, {"four": 4}]
+    assert a.send_many(objs, timeout=T) == 4
+    got = [b.recv(timeout=T) for _ in objs]
+    assert got[:2] == [1, "two"] and np.array_equal(got[2], arr) and got[3] == {"four": 4}
+    assert a.statistics().messages_sent == b.statistics().messages_received == 9
+
+
+def test_a_batch_larger_than_the_ring_waits_for_room(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    n = a._core.transport.ring_max // 1000 * 3  # about three rings' worth
+    items = [b"%08d" % i + b"." * 992 for i in range(n)]
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.extend(b.recv_bytes(timeout=T) for _ in items))
+    t.start()
+    assert a.send_bytes_many(items, timeout=T) == n
+    t.join(T)
+    assert got == items
+
+
+def test_ring_send_frames() -> None:
+    ring = shm.create_ring(1 << 12)
+    try:
+        big = b"x" * 5000  # larger than the ring
+        bodies: list[Any] = [b"a", b"b", [b"not", b"a buffer"], b"c", big, b"d"]
+        assert ring.try_send_frames(bodies, 0, 0) == 2  # stops at the list
+        assert ring.try_send_frames(bodies, 0, 3) == 4  # stops at the one too large
+        assert ring.try_send_frames(bodies, 0, 5) == 6
+        assert [ring.try_recv_frame(1 << 20) for _ in range(4)] == [
+            (0, b"a"),
+            (0, b"b"),
+            (0, b"c"),
+            (0, b"d"),
+        ]
+        fill = [b"y" * 1000] * 10
+        assert 0 < ring.try_send_frames(fill, 0, 0) < 10  # until the ring is full
+        with pytest.raises(TypeError):
+            ring.try_send_frames(iter(fill), 0, 0)
+    finally:
+        ring.close()
+        shm.remove_segment(ring.name)
+
+
 def test_records_that_are_not_plain_frames_go_the_general_way(pair: tuple[Any, Any]) -> None:
     a, b = pair
     tx = a._core.transport._tx
@@ -176,8 +225,9 @@ async def _aio_pair_round_trip() -> list[Any]:
             assert a._core.fast_send is not None
             big = b"B" * (a._core.transport.ring_max + 10)
             out: list[Any] = []
-            for i in range(50):
+            for i in range(25):
                 await a.send_bytes(b"%d" % i)
+            assert await a.send_bytes_many([b"%d" % i for i in range(25, 50)]) == 25
             await a.send_bytes(big)
             await a.send({"end": True})
             for _ in range(50):

@@ -254,6 +254,19 @@ class Channel(ChannelIdentity):
         core = self._core
         deadline = deadline_of(timeout)
         async with self._wlock:
+            fast = core.fast_send_frames
+            if fast is not None:  # a shared-memory ring: as many as fit in one C call
+                batch, codec = core.fast_batch(items, as_bytes)
+                i = fast(batch, codec, 0)
+                while i < len(batch):  # no room, out of line, or several buffers
+                    item = batch[i]
+                    if as_bytes:
+                        bufs = core.encode_bytes(item)
+                    else:
+                        bufs = item if type(item) is list else [item]
+                    await self._send(bufs, deadline, 0)
+                    i = fast(batch, codec, i + 1)
+                return len(batch)
             if core.message_oriented or core.raw or core.sflow is not None or core.unbounded:
                 count = 0
                 core.transport.cork(True)  # a transport may send them in fewer datagrams

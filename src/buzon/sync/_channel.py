@@ -161,6 +161,15 @@ class Channel(ChannelIdentity):
             number = core.sflow.sent if accepted and core.sflow is not None else 0
         self._send_slow(bufs, timeout, priority, number if accepted else -1)
 
+    def _send_encoded(self, bufs: list[Buffer], timeout: float | None) -> None:
+        """``send`` of an encoded frame (no priority, no rendezvous: the fast path's)."""
+        core = self._core
+        with self._wlock:
+            accepted = core.try_send(bufs)
+            if accepted and not core.pending:
+                return
+        self._send_slow(bufs, timeout, 0, 0 if accepted else -1)
+
     def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
         """Send ``obj`` now or raise :class:`Full` (``capacity=0``: only if a receiver
         is waiting; it does not wait for the receiver to take it)."""
@@ -264,6 +273,20 @@ class Channel(ChannelIdentity):
 
     def _send_batch(self, items: Iterable[Any], timeout: float | None, as_bytes: bool) -> int:
         core = self._core
+        fast = core.fast_send_frames
+        if fast is not None:  # a shared-memory ring: as many as fit in one C call
+            batch, codec = core.fast_batch(items, as_bytes)
+            deadline = deadline_of(timeout)
+            i = fast(batch, codec, 0)
+            while i < len(batch):  # no room, out of line, or several buffers: the usual way
+                remaining = None if deadline is None else max(0.0, deadline - _monotonic())
+                item = batch[i]
+                if as_bytes:
+                    self.send_bytes(item, remaining)
+                else:
+                    self._send_encoded(item if type(item) is list else [item], remaining)
+                i = fast(batch, codec, i + 1)
+            return len(batch)
         if core.message_oriented or core.raw or core.sflow is not None or core.unbounded:
             deadline = deadline_of(timeout)
             count = 0

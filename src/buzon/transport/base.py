@@ -86,6 +86,7 @@ class RingOps(NamedTuple):
     calls count what they move themselves (``counts``: frames and bytes sent, received)."""
 
     send_frame: Callable[[Buffer, int], bool]  # (body, codec or -1: a frame) -> False: full
+    send_frames: Callable[[Sequence[object], int, int], int]  # (bodies, codec, start) -> end
     recv_frame: Callable[[int], tuple[int, bytes] | None]  # (max_frame) -> see Ring
     spin: Callable[[float], bool]  # busy-wait for a record, GIL released
     record_message: Callable[[int, bytes], bytes | memoryview]  # a non-plain record -> its message

@@ -245,6 +245,7 @@ class ShmTransport(MessageTransport):
         self.shared = False  # set at fork: another process may hold this end too
         self.ring_ops = RingOps(
             tx.try_send_frame,
+            tx.try_send_frames,
             rx.try_recv_frame,
             rx.spin_wait,
             self._record_message,
