@@ -274,25 +274,46 @@ class ChannelCore:
         self._fast_paths()
 
     def _fast_paths(self) -> None:
-        """Lend the drivers a shared-memory ring's C calls while nothing else (credits,
-        tokens, an unbounded queue, a codec-less or compat channel) needs the general
-        path: ``fast_send(body, codec)`` (codec -1: body is a whole frame),
-        ``fast_recv(max_frame)`` and ``fast_spin(seconds)`` (see ``RingOps``). They
-        count what they move in C; :meth:`statistics` adds it in."""
+        """Lend the drivers a shared-memory ring's C calls while nothing else needs the
+        general path: ``fast_send(body, codec)`` (codec -1: body is a whole frame),
+        ``fast_send_frames(bodies, codec, start)``, ``fast_recv(max_frame)`` and
+        ``fast_spin(seconds)`` (see ``RingOps``). They count what they move in C;
+        :meth:`statistics` adds it in. Sending the fast way stops for good once this end
+        numbers its messages (credits, receipts: ``sflow``), receiving once it reports
+        its takes (``taking``); see :meth:`_stop_fast`."""
         ops = self.transport.ring_ops
-        if ops is None or self.closed or not self._plain or self.taking or self.unbounded:
-            self.fast_send: Callable[[Buffer, int], bool] | None = None
-            self.fast_send_frames: Callable[[Sequence[object], int, int], int] | None = None
-            self.fast_recv: Callable[[int], tuple[int, bytes] | None] | None = None
-            self.fast_spin: Callable[[float], bool] | None = None
+        plain = ops is not None and not self.closed and self._plain and not self.unbounded
+        if plain and ops is not None and self.sflow is None and self._can_send:
+            self.fast_send: Callable[[Buffer, int], bool] | None = ops.send_frame
+            self.fast_send_frames: Callable[[Sequence[object], int, int], int] | None = (
+                ops.send_frames
+            )
+            self.fast_limit = min(self._small + 8, ops.max_record)  # an encoded frame
+            self.fast_bytes_limit = min(self.max_frame, ops.max_record) - 8  # a body
+        else:
+            self.fast_send = self.fast_send_frames = None
             self.fast_limit = self.fast_bytes_limit = 0
-            return
-        self.fast_limit = min(self._small + 8, ops.max_record)  # an encoded frame
-        self.fast_bytes_limit = min(self.max_frame, ops.max_record) - 8  # send_bytes' body
-        self.fast_send = ops.send_frame if self._can_send else None
-        self.fast_send_frames = ops.send_frames if self._can_send else None
-        self.fast_recv = ops.recv_frame
-        self.fast_spin = ops.spin
+        if plain and ops is not None and not self.taking:
+            self.fast_recv: Callable[[int], tuple[int, bytes] | None] | None = ops.recv_frame
+            self.fast_spin: Callable[[float], bool] | None = ops.spin
+        else:
+            self.fast_recv = self.fast_spin = None
+
+    def _stop_fast(self) -> tuple[int, int]:
+        """This end starts numbering messages (its first receipt, or its first receipt
+        asked of it): turn the ring calls off for good, in C too, so a call another
+        thread is in the middle of cannot slip past the count; then return how many
+        messages went the fast way (sent, taken), to be counted in."""
+        ops = self.transport.ring_ops
+        if ops is None:
+            return 0, 0
+        if self.sflow is not None:
+            ops.stop_send()
+        if self.taking:
+            ops.stop_recv()
+        self._fast_paths()
+        sent, _, taken, _ = ops.counts()
+        return sent, taken
 
     def fast_batch(self, items: Iterable[Any], as_bytes: bool) -> tuple[list[Any], int]:
         """A batch for ``fast_send_frames``: the bodies (``as_bytes``; codec 0) or each
@@ -812,7 +833,8 @@ class ChannelCore:
         sflow = self.sflow
         if sflow is None:
             sflow = self.sflow = SendFlow(None)
-            sflow.sent = self.stats.messages_sent
+            fast_sent, _ = self._stop_fast()
+            sflow.sent = self.stats.messages_sent + fast_sent
         sflow.on_credit(taken, limit)
         sflow.receiver = self.peer.pid
         self.credit_blocked = False
@@ -828,8 +850,9 @@ class ChannelCore:
         rflow = self.rflow
         if rflow is None:
             rflow = self.rflow = RecvFlow(None)
-            rflow.taken = rflow.reported = self.taken - 1
             self.taking = True
+            _, fast_taken = self._stop_fast()
+            rflow.taken = rflow.reported = self.taken + fast_taken - 1
         self.emit_credit(rflow.on_take(receipt, more))
 
     def before_wait(self, offer: bool = True) -> None:
@@ -890,7 +913,8 @@ class ChannelCore:
         if sflow is None:
             self.check_flow("send_async")
             sflow = self.sflow = SendFlow(None)
-            sflow.sent = self.stats.messages_sent
+            fast_sent, _ = self._stop_fast()
+            sflow.sent = self.stats.messages_sent + fast_sent
         return sflow
 
     def fail_receipts(self, why: str) -> None:

@@ -215,6 +215,7 @@ typedef struct {
     _Atomic int closing; /* close() was called while busy: the last one out unmaps */
     uint64_t counts[4];  /* frames sent, their bytes, frames received, their bytes (the
                             try_*_frame calls only; updated with the GIL held) */
+    int frames_off;      /* stop_frames() was called: those calls take the general way */
     unsigned long lock_thread; /* Block: the thread that took the lock through us (GIL) */
 } Ring;
 
@@ -1624,15 +1625,20 @@ send_frame(Ring *r, PyObject *item, long codec)
     uint64_t most = (r->rsize ? r->rsize : r->limit) - REC_HDR;
     uint64_t total = (whole ? 0 : 8) + (uint64_t)view.len;
     int rc = 0;
-    if (total <= most) {
+    if (total <= most && !r->frames_off) {
         uint32_t n = (uint32_t)view.len;
         uint8_t hdr[8] = {1, 1, (uint8_t)codec, 0, (uint8_t)n, (uint8_t)(n >> 8),
                           (uint8_t)(n >> 16), (uint8_t)(n >> 24)};
         part_t parts[2] = {{hdr, 8}, {view.buf, (size_t)view.len}};
+        /* counted before send_parts may release the GIL (to copy a large payload), so
+         * whoever reads the counts (a channel starting receipts) sees every frame that
+         * went this way; uncounted again if it did not go */
+        r->counts[0] += 1;
+        r->counts[1] += total;
         rc = send_parts(r, parts + whole, 2 - whole, (size_t)total, 0, 0);
-        if (rc > 0) {
-            r->counts[0] += 1;
-            r->counts[1] += total;
+        if (rc <= 0) {
+            r->counts[0] -= 1;
+            r->counts[1] -= total;
         }
     }
     PyBuffer_Release(&view);
@@ -1727,8 +1733,13 @@ ring_try_recv_frame_impl(Ring *r, Py_ssize_t max_frame)
     uint32_t blen = (uint32_t)hdr[4] | (uint32_t)hdr[5] << 8 | (uint32_t)hdr[6] << 16 |
                     (uint32_t)hdr[7] << 24;
     int plain = flags == 0 && len >= 8 && hdr[0] == 1 && hdr[1] == 1 && hdr[2] <= 7 &&
-                hdr[3] == 0 && (uint64_t)blen + 8 == len && (Py_ssize_t)len <= max_frame;
+                hdr[3] == 0 && (uint64_t)blen + 8 == len && (Py_ssize_t)len <= max_frame &&
+                !r->frames_off;
     uint32_t skip = plain ? 8 : 0;
+    if (plain) { /* counted before the copy may release the GIL (see send_frame) */
+        r->counts[2] += 1;
+        r->counts[3] += len;
+    }
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(len - skip));
     if (out != NULL) {
         if (len >= LARGE_COPY) {
@@ -1745,11 +1756,7 @@ ring_try_recv_frame_impl(Ring *r, Py_ssize_t max_frame)
         return corrupt(r);
     }
     if (out == NULL) {
-        return NULL;
-    }
-    if (plain) {
-        r->counts[2] += 1;
-        r->counts[3] += len;
+        return NULL; /* the message is lost, as for any receive that fails to allocate */
     }
     PyObject *code = PyLong_FromLong(plain ? (long)hdr[2] : -1L - (long)flags);
     PyObject *pair = code == NULL ? NULL : PyTuple_New(2);
@@ -1779,6 +1786,13 @@ ring_try_recv_frame(Ring *r, PyObject *arg)
     PyObject *res = ring_try_recv_frame_impl(r, max_frame);
     leave(r);
     return res;
+}
+
+static PyObject *
+ring_stop_frames(Ring *r, PyObject *Py_UNUSED(a))
+{
+    r->frames_off = 1;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -2441,6 +2455,9 @@ static PyMethodDef ring_methods[] = {
     {"try_recv_frame", (PyCFunction)ring_try_recv_frame, METH_O,
      "try_recv_frame(max_frame): None, (codec, body) of a plain DATA frame, or "
      "(-1 - record flags, record) for anything else."},
+    {"stop_frames", (PyCFunction)ring_stop_frames, METH_NOARGS,
+     "from now on try_send_frame(s) send nothing and try_recv_frame returns every record "
+     "whole: a channel that starts numbering its messages (receipts) counts them all."},
     {"frame_counts", (PyCFunction)ring_frame_counts, METH_NOARGS,
      "(frames sent, bytes, frames received, bytes) by try_send_frame/try_recv_frame."},
     {"spin_wait", (PyCFunction)ring_spin_wait, METH_O,

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -208,9 +209,14 @@ def test_ring_frame_calls() -> None:
         assert ring.try_recv_frame(15) == (-1, b"\x01\x01\x00\x00\x08\x00\x00\x0012345678")
         ring.try_send(b"\x01")  # shorter than a header
         assert ring.try_recv_frame(1 << 20) == (-1, b"\x01")
-        assert ring.frame_counts() == (3, 12 + 9 + 16, 2, 12 + 9)
         with pytest.raises(ValueError):
             ring.try_send_frame(b"x", 256)
+        assert ring.try_send_frame(b"w", 0)
+        ring.stop_frames()  # for good: nothing more the fast way, in either direction
+        assert not ring.try_send_frame(b"v", 0)
+        assert ring.try_send_frames([b"v"], 0, 0) == 0
+        assert ring.try_recv_frame(1 << 20) == (-1, b"\x01\x01\x00\x00\x01\x00\x00\x00w")
+        assert ring.frame_counts() == (4, 12 + 9 + 16 + 9, 2, 12 + 9)
     finally:
         ring.close()
         shm.remove_segment(ring.name)
@@ -248,3 +254,47 @@ def test_asyncio_fast_path_keeps_order_and_wakes() -> None:
     out = asyncio.run(_aio_pair_round_trip())
     assert out[:50] == [b"%d" % i for i in range(50)]
     assert out[50:] == [True, {"end": True}, b"woken"]
+
+
+def test_receipts_after_fast_sends_count_every_message(pair: tuple[Any, Any]) -> None:
+    """Receipts number every message sent, the ones that went the fast way too."""
+    a, b = pair
+    for i in range(3):
+        a.send_bytes(b"fast %d" % i)
+    receipt = a.send_bytes_async(b"tracked")
+    assert not receipt.done()
+    for i in range(3):
+        assert b.recv_bytes(timeout=T) == b"fast %d" % i
+    assert not receipt.done()
+    a.send_bytes(b"after")  # the general path now (this end numbers its sends)
+    assert b.recv_bytes(timeout=T) == b"tracked"
+    receipt.wait(T)
+    assert receipt.delivered()
+    late = a.send_bytes_async(b"late")
+    assert b.recv_bytes(timeout=T) == b"after"
+    assert not late.done()
+    assert b.recv_bytes(timeout=T) == b"late"
+    late.wait(T)
+    assert a.statistics().messages_sent == b.statistics().messages_received == 6
+
+
+def test_a_receipt_is_not_done_before_its_message_is_taken(pair: tuple[Any, Any]) -> None:
+    """Both ends must number the same messages: a message sent the fast way and taken
+    the general way (the receiver was asleep) counts on both sides or on neither."""
+    a, b = pair
+    first = a.send_bytes_async(b"x")
+    assert b.recv_bytes(timeout=T) == b"x"
+    first.wait(T)
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(b.recv_bytes(timeout=T)))
+    t.start()
+    time.sleep(0.2)  # the receiver sleeps in poll: it takes Y the general way
+    a.send_bytes(b"y")
+    t.join(T)
+    assert got == [b"y"]
+    second = a.send_bytes_async(b"z")
+    with contextlib.suppress(buzon.Timeout):
+        second.wait(0.3)  # reads any CREDIT the receiver sent meanwhile
+    assert not second.done()  # z is not taken yet
+    assert b.recv_bytes(timeout=T) == b"z"
+    second.wait(T)

@@ -90,7 +90,9 @@ class RingOps(NamedTuple):
     recv_frame: Callable[[int], tuple[int, bytes] | None]  # (max_frame) -> see Ring
     spin: Callable[[float], bool]  # busy-wait for a record, GIL released
     record_message: Callable[[int, bytes], bytes | memoryview]  # a non-plain record -> its message
-    counts: Callable[[], tuple[int, int, int, int]]  # what the two calls above moved
+    counts: Callable[[], tuple[int, int, int, int]]  # what the calls above moved
+    stop_send: Callable[[], None]  # send_frame(s) off for good: every send is numbered
+    stop_recv: Callable[[], None]  # recv_frame returns every record whole from now on
     max_record: int  # the largest record the ring takes
 
 

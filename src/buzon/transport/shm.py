@@ -250,6 +250,8 @@ class ShmTransport(MessageTransport):
             rx.spin_wait,
             self._record_message,
             self._frame_counts,
+            tx.stop_frames,
+            rx.stop_frames,
             tx.max_message,
         )
         _LIVE.add(self)
