@@ -773,14 +773,15 @@ def _fds_of(ancdata: list[tuple[int, int, bytes]], size: int) -> list[int]:
     return got
 
 
-class _RingLoan:
-    """A message's space lent in the ring (``ShmTransport.loan_message``)."""
+class _Lent:
+    """A message's space lent to the caller (``ShmTransport.loan_message``): ``buffer``
+    is what follows the frame header ``prefix``, ``nbytes`` the whole record."""
 
-    __slots__ = ("_loan", "_whole", "buffer", "nbytes")
+    __slots__ = ("_lent", "_whole", "buffer", "nbytes")
 
-    def __init__(self, loan: _core.Loan, prefix: bytes) -> None:
-        self._loan: _core.Loan | None = loan
-        whole = self._whole = memoryview(loan)
+    def __init__(self, lent: _core.Loan, prefix: bytes) -> None:
+        self._lent = lent
+        whole = self._whole = memoryview(lent)
         self.nbytes = whole.nbytes
         whole[: len(prefix)] = prefix
         self.buffer: memoryview | None = whole[len(prefix) :]
@@ -796,6 +797,16 @@ class _RingLoan:
         finally:
             self.buffer = None
         return True
+
+
+class _RingLoan(_Lent):
+    """The space lent in the ring: the record itself."""
+
+    __slots__ = ("_loan",)
+
+    def __init__(self, loan: _core.Loan, prefix: bytes) -> None:
+        super().__init__(loan, prefix)
+        self._loan: _core.Loan | None = loan
 
     def commit(self) -> None:
         loan, self._loan = self._loan, None
@@ -815,10 +826,10 @@ class _RingLoan:
                 loan.abort()
 
 
-class _BlockLoan:
-    """A message's space lent in an out-of-line block (``ShmTransport.loan_message``)."""
+class _BlockLoan(_Lent):
+    """The space lent in an out-of-line block; the ring carries ``ref``, its name."""
 
-    __slots__ = ("_block", "_kind", "_ref", "_transport", "_view", "_whole", "buffer", "nbytes")
+    __slots__ = ("_block", "_kind", "_ref", "_transport")
 
     def __init__(
         self,
@@ -829,26 +840,19 @@ class _BlockLoan:
         view: _core.BlockView,
         prefix: bytes,
     ) -> None:
+        super().__init__(view, prefix)
         self._transport = transport
         self._ref: _core.Loan | None = ref
         self._block = block
         self._kind = kind
-        self._view = view
-        whole = self._whole = memoryview(view)
-        self.nbytes = whole.nbytes
-        whole[: len(prefix)] = prefix
-        self.buffer: memoryview | None = whole[len(prefix) :]
 
     def _views_released(self) -> bool:
+        if not super()._views_released():
+            return False
         try:
-            if self.buffer is not None:
-                self.buffer.release()
-            self._whole.release()
-            self._view.release()
+            self._lent.release()  # the block view itself
         except BufferError:
             return False
-        finally:
-            self.buffer = None
         return True
 
     def commit(self) -> None:
