@@ -462,15 +462,7 @@ class ChannelCore:
             self._check_send(priority)
         sflow = self.sflow
         if sflow is not None and sflow.sent >= sflow.limit:
-            if not self.credit_blocked:  # wait for a CREDIT (readable), not for room
-                self.credit_blocked = True
-                if sflow.capacity and self.rflow is not None and not self.closed:
-                    # tell the receiver, so it answers its next take at once (the
-                    # caller holds the write lock: write directly)
-                    self.credit_out = self.rflow.blocked_notice()
-                    if not (self.pending or self.backlog):
-                        self._write_credit()
-            self.stats.send_would_block += 1
+            self._credit_wanted(sflow)
             return False
         tokens = self.tokens
         if tokens is not None:
@@ -516,6 +508,18 @@ class ChannelCore:
         if tokens is not None:
             tokens.sent()
         return True
+
+    def _credit_wanted(self, sflow: SendFlow) -> None:
+        """No credit left: the sender will wait for a CREDIT (readable), not for room."""
+        if not self.credit_blocked:
+            self.credit_blocked = True
+            if sflow.capacity and self.rflow is not None and not self.closed:
+                # tell the receiver, so it answers its next take at once (the caller
+                # holds the write lock: write directly)
+                self.credit_out = self.rflow.blocked_notice()
+                if not (self.pending or self.backlog):
+                    self._write_credit()
+        self.stats.send_would_block += 1
 
     def _send_with_credit(self, bufs: list[Buffer]) -> bool:
         """A stream link owes a CREDIT: write it and the message in one system call."""
@@ -700,13 +704,7 @@ class ChannelCore:
             )
         sflow = self.sflow
         if sflow is not None and sflow.sent >= sflow.limit:
-            if not self.credit_blocked:  # as in try_send: wait for a CREDIT, say we do
-                self.credit_blocked = True
-                if sflow.capacity and self.rflow is not None and not self.closed:
-                    self.credit_out = self.rflow.blocked_notice()
-                    if not (self.pending or self.backlog):
-                        self._write_credit()
-            self.stats.send_would_block += 1
+            self._credit_wanted(sflow)
             return None
         if (self.pending or self.backlog) and not self.flush():
             self.stats.send_would_block += 1  # queued messages go first
