@@ -1444,7 +1444,11 @@ validate(const header_t *h, uint64_t file_size)
 static int
 open_checked(const char *cname, PyObject *name, int flags, uint64_t *cap_out, header_t *copy)
 {
-    int fd = shm_open(cname, flags | O_CLOEXEC | O_NOFOLLOW, 0);
+    /* "/proc/PID/fd/N": a segment another process of ours holds after its name was
+     * removed (shm: channels unlink their rings once attached); only inspect() is
+     * given such a path (buzon ls), and the checks below apply to it as to any name */
+    int fd = strncmp(cname, "/proc/", 6) == 0 ? open(cname, flags | O_CLOEXEC)
+                                               : shm_open(cname, flags | O_CLOEXEC | O_NOFOLLOW, 0);
     if (fd < 0) {
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
         return -1;
@@ -1495,6 +1499,10 @@ ring_attach(PyTypeObject *type, PyObject *args)
     }
     const char *cname = PyUnicode_AsUTF8(name);
     if (cname == NULL) {
+        return NULL;
+    }
+    if (strncmp(cname, "/proc/", 6) == 0) {
+        PyErr_SetString(PyExc_ValueError, "attach takes a segment name (inspect takes more)");
         return NULL;
     }
     header_t copy;

@@ -926,6 +926,9 @@ class _Entry:
         if self.kind == "file" and name.endswith(_MQ_LOCK):
             self.kind = "mq-lock"  # held by the listener of a private POSIX queue
             self.address = f"mq:{name[: -len(_MQ_LOCK)]}"
+        elif self.kind == "file" and suffix in _SHM_NAMES:  # names a segment (shm/_names.py)
+            self.kind = "shm-name"
+            self.address = f"{_SHM_NAMES[suffix]}:{stem}"
         pool = _POOL_RE.match(name) if self.kind == "fifo" else None
         self.pool = "" if pool is None else f"capacity={pool[3]} {pool[4]}s"
         if pool is not None:  # a capacity's token pool (transport/_tokens.py)
@@ -938,6 +941,18 @@ class _Entry:
         if self.kind == "mq-lock":
             self.live = _lock_held(self.path)
             self.state = {True: "listener alive", False: "no listener", None: "?"}[self.live]
+        elif self.kind == "shm-name":
+            from .shm import segment_exists
+            from .shm._names import lookup
+
+            try:
+                segment = lookup(self.path)
+            except (BuzonError, OSError):  # not ours, or not a name file after all
+                segment = None
+            if segment is not None and segment_exists(segment):
+                self.state = f"names {segment.lstrip('/')}"
+            else:
+                self.state = "names a segment that is gone"
         elif self.kind == "fifo":
             self.live = _fifo_has_reader(self.path)
             self.state = {True: "reader", False: "no reader", None: "?"}[self.live]
@@ -981,6 +996,8 @@ class _Entry:
 
 
 _MQ_LOCK = ".mq.lock"
+# NAME.array, NAME.value, NAME.bbuf: shared_array, shared_value, BoundedBuffer names
+_SHM_NAMES = {".array": "array", ".value": "value", ".bbuf": "bbuf"}
 # NAME.fifo.capN.credit, NAME.mq.cap0.ack: the token pools of simplex capacities
 _POOL_RE = re.compile(r"^(.+)\.(fifo|mq)\.cap(\d+)\.(credit|ack)$")
 
@@ -1118,19 +1135,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _shm_rows() -> list[tuple[str, str, str, str, str]]:
-    from .shm import SHM_DIR, list_segments
+    from .shm import SHM_DIR, list_segments, list_unnamed
 
     rows = []
-    for seg in list_segments():
+    for seg in [*list_segments(), *list_unnamed()]:
         # a live slot without a pid: a block's fd handed over in a socket (shm: channels)
         holders = [f"pid {','.join(str(p) for p in seg.pids if p)}"] if any(seg.pids) else []
         holders += ["an fd in flight"] if 0 in seg.pids else []
         owner = " + ".join(holders) if seg.alive else f"created by pid {seg.owner_pid or '?'}"
         fill = f", {seg.fill:.0%} full" if seg.kind == "ring" else ""
         state = f"{'live' if seg.alive else 'dead'} ({owner}{fill})"
-        rows.append(
-            (seg.label or seg.name, f"shm-{seg.kind}", "0600", state, f"{SHM_DIR}/{seg.name}")
-        )
+        where = f"{SHM_DIR}/{seg.name}"
+        if seg.name.startswith("(unnamed) "):  # held by its processes, name removed
+            where = f"{seg.name} (held open; no name in {SHM_DIR})"
+        rows.append((seg.label or seg.name, f"shm-{seg.kind}", "0600", state, where))
     return rows
 
 

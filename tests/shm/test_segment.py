@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 
@@ -127,6 +128,42 @@ def test_ls_shows_shm_listeners_blocks_and_buffers(capsys: pytest.CaptureFixture
             buf.remove()
             buf.close()
             v.remove()
+
+
+def test_ls_shows_the_unnamed_rings_of_live_channels_and_the_names(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A shm: channel's rings have no name once both ends attached; ls still finds them
+    (through /proc/PID/fd), with their label and fill, and clean leaves them alone."""
+    import threading
+
+    import buzon
+
+    with buzon.listen("shm:live") as lst, buzon.shared_array("grid", (2, 2), "uint8") as arr:
+        box: list[buzon.Channel] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+        t.start()
+        a = buzon.connect("shm:live", timeout=T)
+        t.join(T)
+        try:
+            for _ in range(50):
+                a.send_bytes(b"x" * 1000)
+            unnamed = {s.label: s for s in shm.list_unnamed()}
+            assert set(unnamed) >= {"shm:live c>s", "shm:live s>c"}
+            assert unnamed["shm:live c>s"].used > 50_000 > unnamed["shm:live s>c"].used
+            assert os.getpid() in unnamed["shm:live c>s"].pids
+            assert cli.main(["ls"]) == 0
+            out = capsys.readouterr().out
+            assert "shm:live c>s" in out and "no name in /dev/shm" in out
+            assert re.search(rf"array:grid +shm-name +0600 +names {arr.segment_name} ", out)
+            assert cli.main(["clean"]) == 0
+            assert "shm:live" not in capsys.readouterr().out
+            assert box[0].recv_bytes(timeout=T) == b"x" * 1000  # untouched
+        finally:
+            a.close()
+            box[0].close()
+            arr.remove()
+    assert not [s for s in shm.list_unnamed() if s.label.startswith("shm:live")]
 
 
 def test_clean_removes_names_whose_segment_is_gone(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "create_ring",
     "attach_ring",
     "list_segments",
+    "list_unnamed",
     "new_segment_name",
     "remove_segment",
     "segment_exists",
@@ -161,24 +163,59 @@ def list_segments() -> list[SegmentInfo]:
             alive = _in_use(path)
             out.append(SegmentInfo(name, st.st_size, "unknown", alive, age=age))
             continue
-        parts = info["participants"]
-        pids = tuple(sorted({pid for _slot, pid, live in parts if live}))
-        out.append(
-            SegmentInfo(
-                name,
-                st.st_size,
-                info["kind"],
-                any(live for _s, _p, live in parts),
-                label=info["label"],
-                owner_pid=info["creator_pid"],
-                capacity=info["limit"],
-                used=info["used"],
-                pids=pids,
-                age=age,
-                details=info,
-            )
-        )
+        out.append(_info(name, st.st_size, info, age))
     return out
+
+
+def _info(name: str, size: int, info: dict[str, Any], age: float = 0.0) -> SegmentInfo:
+    parts = info["participants"]
+    return SegmentInfo(
+        name,
+        size,
+        info["kind"],
+        any(live for _s, _p, live in parts),
+        label=info["label"],
+        owner_pid=info["creator_pid"],
+        capacity=info["limit"],
+        used=info["used"],
+        pids=tuple(sorted({pid for _slot, pid, live in parts if live})),
+        age=age,
+        details=info,
+    )
+
+
+def list_unnamed() -> list[SegmentInfo]:
+    """This user's segments whose names are gone but which processes still hold: the
+    rings of ``shm:`` channels (unlinked once both ends attached), found through
+    ``/proc/PID/fd``, once each. ``name`` is ``"(unnamed) buzon-UID-HEX"``; nothing here
+    is ever a candidate for ``buzon clean`` (a process holds each one)."""
+    target = re.compile(rf"^{re.escape(SHM_DIR)}/({re.escape(_prefix())}[0-9a-f]+) \(deleted\)$")
+    uid = os.getuid()
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            fds = os.listdir(fd_dir)
+        except OSError:  # gone, or not ours to look at
+            continue
+        for fd in fds:
+            path = f"{fd_dir}/{fd}"
+            try:
+                m = target.match(os.readlink(path))
+                if m is None:
+                    continue
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                info = _core.inspect(path)
+            except (BuzonError, OSError):  # closed meanwhile, or not a ring of ours
+                continue
+            out.append(_info(f"(unnamed) {m[1]}", st.st_size, info))
+    return sorted(out, key=lambda seg: (seg.label, seg.name))
 
 
 def clean_segments(*, dry_run: bool = False, grace: float = 2.0) -> list[SegmentInfo]:
