@@ -36,6 +36,7 @@ bytes).
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import multiprocessing
 import os
@@ -79,18 +80,18 @@ def _touch(arr: Any) -> int:
     return int(arr.nbytes)
 
 
-class _ArraySide(Side):
+class _ArraySide(Side, abc.ABC):
     """One-way array sides: ``put(array)`` per message, ``take()`` returns a byte count
     (1 for the end mark); ``mark(b)`` sends a control message."""
 
-    def put(self, arr: Any) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def put(self, arr: Any) -> None: ...
 
-    def take(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def take(self) -> int: ...
 
-    def mark(self, data: bytes) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def mark(self, data: bytes) -> None: ...
 
     def send(self, data: bytes) -> None:
         self.mark(data)
@@ -400,20 +401,20 @@ def _numpy_case(make: Callable[[Ctx, int], tuple[Opener, Opener]]) -> Callable[[
 # --- 4 producers x 4 consumers ------------------------------------------------
 
 
-class _Queue:
+class _Queue(abc.ABC):
     """What a 4p4c row needs: ``put``/``get`` (blocking) in any process, ``attach()`` in
     a child before use, ``finish()`` before a producer returns."""
 
-    def attach(self) -> None:
+    def attach(self) -> None:  # noqa: B027 - optional hook
         pass
 
-    def put(self, data: bytes) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def put(self, data: bytes) -> None: ...
 
-    def get(self) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def get(self) -> bytes: ...
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - optional hook
         pass
 
 
