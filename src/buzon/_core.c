@@ -944,6 +944,19 @@ check_open(Ring *r)
     return check_fork(r);
 }
 
+/* The arguments of a method taking only (timeout=None): parsed, the ring checked open,
+ * the timeout made a deadline (see deadline_from). */
+static int
+timeout_only(Ring *r, PyObject *args, PyObject *kw, const char *format, int64_t *deadline)
+{
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &timeout) || check_open(r) < 0) {
+        return -1;
+    }
+    return deadline_from(timeout, deadline);
+}
+
 static void
 leave(Ring *r)
 {
@@ -2164,16 +2177,8 @@ BUSY_METHOD(ring_recv_view)
 static PyObject *
 ring_recv_view_impl(Ring *r, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"timeout", NULL};
-    PyObject *timeout = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:recv_view", kwlist, &timeout)) {
-        return NULL;
-    }
-    if (check_open(r) < 0) {
-        return NULL;
-    }
     int64_t deadline;
-    if (deadline_from(timeout, &deadline) < 0) {
+    if (timeout_only(r, args, kw, "|O:recv_view", &deadline) < 0) {
         return NULL;
     }
     rec_t *rec = NULL;
@@ -2694,16 +2699,8 @@ BUSY_METHOD(block_lock)
 static PyObject *
 block_lock_impl(Ring *r, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"timeout", NULL};
-    PyObject *timeout = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:lock", kwlist, &timeout)) {
-        return NULL;
-    }
-    if (check_open(r) < 0) {
-        return NULL;
-    }
     int64_t deadline;
-    if (deadline_from(timeout, &deadline) < 0) {
+    if (timeout_only(r, args, kw, "|O:lock", &deadline) < 0) {
         return NULL;
     }
     /* Every thread of this process shares our token, so rlock_acquire waits for
