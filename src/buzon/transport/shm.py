@@ -89,14 +89,13 @@ from .base import (
     Buffer,
     Connector,
     LinkProperties,
-    ListenerTransport,
     MessageTransport,
     PeerInfo,
     RingOps,
     Transport,
     TransportOptions,
 )
-from .unix import _check_uid, bind_unix_path, client_socket, peer_credentials, unlink_if_ours
+from .unix import UnixListener, _check_uid, client_socket, peer_credentials
 
 __all__ = [
     "CAPACITY",
@@ -879,31 +878,17 @@ _STILL_VIEWED = (
 )
 
 
-class ShmListener(ListenerTransport):
-    """The rendezvous socket; every accepted peer gets its own pair of rings of
-    ``ring_size`` bytes (``opts.ring_size``, else :data:`CAPACITY` at creation)."""
+class ShmListener(UnixListener):
+    """The rendezvous socket (a Unix listener's, same rules); every accepted peer gets
+    its own pair of rings of ``ring_size`` bytes (``opts.ring_size``, else
+    :data:`CAPACITY` at creation)."""
 
     def __init__(self, addr: Address, opts: TransportOptions) -> None:
-        self.address = addr
-        self.opts = opts
         self.ring_size = CAPACITY if opts.ring_size is None else check_ring_size(opts.ring_size)
-        self.path = addr.fs_path(opts.runtime_dir)
-        self.rejected = 0
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._st: os.stat_result | None = None
-        try:
-            self._st = bind_unix_path(self.sock, addr, self.path)
-            self.sock.listen(opts.backlog)
-            self.sock.setblocking(False)
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(addr, opts)
 
     def __repr__(self) -> str:
         return f"<ShmListener {self.address}>"
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def accept(self) -> Transport | None:
         while True:
@@ -959,16 +944,6 @@ class ShmListener(ListenerTransport):
         return ShmTransport(
             conn, s2c, c2s, (d1, d2, s1r, s2w), address=self.address, peer=peer, names=names
         )
-
-    def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            self.sock.close()
-        unlink_if_ours(self.path, self._st)
-        self._st = None
-
-    def close_in_child(self) -> None:
-        self._st = None  # the parent owns the socket file
-        self.sock.close()
 
 
 class ShmConnector(Connector):
