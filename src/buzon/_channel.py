@@ -851,7 +851,9 @@ class ChannelCore:
             self.taking = True
             _, fast_taken = self._stop_fast()
             rflow.taken = rflow.reported = self.taken + fast_taken - 1
-        self.emit_credit(rflow.on_take(receipt, more))
+        frame = rflow.on_take(receipt, more)
+        if frame is not None:
+            self.emit_credit(frame)
 
     def before_wait(self, offer: bool = True) -> None:
         """The receiver is about to wait (``offer``) or found nothing: announce what
@@ -983,10 +985,12 @@ class ChannelCore:
         if type(item) is tuple:
             self.stats.messages_received += 1
             self.taken += 1
-            if self.taking or item[0] > 7:
-                self._took(item[0] > 7, bool(frames))
-                if item[0] > 7:
-                    item = (item[0] & 7, item[1])
+            flags = item[0]
+            if flags > 7:  # a receipt is asked for
+                self._took(True, bool(frames))
+                return (flags & 7, item[1])
+            if self.taking:
+                self._took(False, bool(frames))
             return item
         assert isinstance(item, Frame)
         return self._take(item, bool(frames))
