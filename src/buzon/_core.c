@@ -1891,6 +1891,19 @@ ring_spin_wait(Ring *r, PyObject *arg)
  * handled like any producer or consumer death (or, for a block, its lease holder's).
  */
 
+/* Lend [ptr, ptr + len) of owner through the buffer protocol, counting the export
+ * (whoever finishes or unmaps refuses while exports are out). */
+static int
+lend_buffer(PyObject *owner, Py_buffer *view, uint8_t *ptr, uint64_t len, int readonly,
+            int flags, Py_ssize_t *exports)
+{
+    if (PyBuffer_FillInfo(view, owner, ptr, (Py_ssize_t)len, readonly, flags) < 0) {
+        return -1;
+    }
+    *exports += 1;
+    return 0;
+}
+
 enum { LENT_WRITE, LENT_READ, LENT_BLOCK, LENT_BLOCK_READ };
 
 typedef struct {
@@ -2017,12 +2030,7 @@ loan_getbuffer(Loan *l, Py_buffer *view, int flags)
         return -1;
     }
     int readonly = l->kind == LENT_READ || l->kind == LENT_BLOCK_READ;
-    if (PyBuffer_FillInfo(view, (PyObject *)l, l->ptr, (Py_ssize_t)l->len, readonly, flags) <
-        0) {
-        return -1;
-    }
-    l->exports++;
-    return 0;
+    return lend_buffer((PyObject *)l, view, l->ptr, l->len, readonly, flags, &l->exports);
 }
 
 static void
@@ -2784,11 +2792,7 @@ block_getbuffer(Ring *r, Py_buffer *view, int flags)
         PyErr_SetString(ClosedErr, "the shared block is closed");
         return -1;
     }
-    if (PyBuffer_FillInfo(view, (PyObject *)r, r->data, (Py_ssize_t)r->cap, 0, flags) < 0) {
-        return -1;
-    }
-    r->exports++;
-    return 0;
+    return lend_buffer((PyObject *)r, view, r->data, r->cap, 0, flags, &r->exports);
 }
 
 static void

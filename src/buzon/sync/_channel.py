@@ -504,14 +504,9 @@ class Channel(ChannelIdentity):
         recv = core.fast_recv
         if recv is not None and not core.inbox:  # a ring: multi-consumer safe, no lock
             got = recv(core.max_frame)
-            if got is not None and got[0] >= 0:
-                return core.decode_body(got[0], got[1], [], type)
             if got is not None:
-                with self._rlock:
-                    item = core.fast_other(got)
-                    if item is None:
-                        item = self._receive(timeout)
-                return core.item_object(item, type)
+                taken = got if got[0] >= 0 else self._after_fast(got, timeout)
+                return core.item_object(taken, type)
         with self._rlock:
             core = self._core
             item = core.buffered()
@@ -520,6 +515,15 @@ class Channel(ChannelIdentity):
         if self._pumpers:
             self._wake_pumpers()  # a sender waiting for CREDITs may read them now
         return core.item_object(item, type)
+
+    def _after_fast(
+        self, got: tuple[int, bytes], timeout: float | None
+    ) -> Frame | tuple[int, bytes]:
+        """A record the ring call returned whole: through the channel's state, under
+        the read lock (a CREDIT is applied, and the next message waited for)."""
+        with self._rlock:
+            item = self._core.fast_other(got)
+            return item if item is not None else self._receive(timeout)
 
     def recv_nowait(self, *, type: Any = Any) -> Any:
         """Receive one message now or raise :class:`Empty`."""
@@ -535,14 +539,8 @@ class Channel(ChannelIdentity):
         recv = core.fast_recv
         if recv is not None and not core.inbox:  # a ring: multi-consumer safe, no lock
             got = recv(core.max_frame)
-            if got is not None and got[0] >= 0:
-                return got[1]
             if got is not None:
-                with self._rlock:
-                    item = core.fast_other(got)
-                    if item is None:
-                        item = self._receive(timeout)
-                return core.item_bytes(item)
+                return got[1] if got[0] >= 0 else core.item_bytes(self._after_fast(got, timeout))
         with self._rlock:
             core = self._core
             item = core.buffered()

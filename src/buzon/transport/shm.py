@@ -463,33 +463,37 @@ class ShmTransport(MessageTransport):
             return True
         return self._wait_for_room(size, lambda: tx.try_send(parts))
 
-    def _wait_for_room(self, size: int, attempt: Callable[[], bool]) -> bool:
-        """Arm the space notification, then try once more; False if still no room."""
-        tx = self._tx
+    def _fill_space_pipe(self) -> None:
+        """Make the write fd unwritable until the receiver empties the pipe (it does
+        when it frees room or takes a block)."""
         try:
-            os.write(self._tx_space, b"\0")  # make the pipe unwritable until drained
+            os.write(self._tx_space, b"\0")
         except BlockingIOError:
             pass
         except BrokenPipeError:
             raise EndOfChannel(f"the peer of {self.address} is gone") from None
-        if tx.arm_space(size) and attempt():
+
+    def _wait_for_room(self, size: int, attempt: Callable[[], bool]) -> bool:
+        """Arm the space notification, then try once more; False if still no room."""
+        self._fill_space_pipe()
+        if self._tx.arm_space(size) and attempt():
             return True
         if self._peer_gone():
             raise EndOfChannel(f"the peer of {self.address} closed the channel")
         return False
 
-    def _reserve_ref(self) -> _core.Loan | None:
-        """Reserve the ring record of an out-of-line reference; None: no room (armed)."""
+    def _reserve(self, nbytes: int, flags: int = 0) -> _core.Loan | None:
+        """Reserve a ring record of ``nbytes``; None: no room (the notification armed)."""
         loans: list[_core.Loan] = []
 
         def attempt() -> bool:
             try:
-                loans.append(self._tx.reserve(_REF.size, 0, _OOB))
+                loans.append(self._tx.reserve(nbytes, 0, flags))
             except Full:
                 return False
             return True
 
-        if not attempt() and not self._wait_for_room(_REF.size, attempt):
+        if not attempt() and not self._wait_for_room(nbytes, attempt):
             return None
         return loans[0]
 
@@ -500,7 +504,7 @@ class ShmTransport(MessageTransport):
             return False
         block, kind = got
         try:
-            loan = self._reserve_ref()
+            loan = self._reserve(_REF.size, _OOB)
         except BaseException:
             self._give_back(block, kind)
             raise
@@ -527,24 +531,14 @@ class ShmTransport(MessageTransport):
             raise ChannelClosed(f"{self.address} is closed")
         total = len(prefix) + nbytes
         if total <= self.ring_max:
-            loans: list[_core.Loan] = []
-
-            def attempt() -> bool:
-                try:
-                    loans.append(self._tx.reserve(total, 0))
-                except Full:
-                    return False
-                return True
-
-            if not attempt() and not self._wait_for_room(total, attempt):
-                return None
-            return _RingLoan(loans[0], prefix)
+            loan = self._reserve(total)
+            return None if loan is None else _RingLoan(loan, prefix)
         got = self._block_for(total)
         if got is None:
             return None
         block, kind = got
         try:
-            ref = self._reserve_ref()
+            ref = self._reserve(_REF.size, _OOB)
             view = block.view(0, total, readonly=False) if ref is not None else None
         except BaseException:
             self._give_back(block, kind)
@@ -561,12 +555,7 @@ class ShmTransport(MessageTransport):
         got = self._acquire_block(size)
         if got is not None:
             return got
-        try:
-            os.write(self._tx_space, b"\0")  # make the pipe unwritable until drained
-        except BlockingIOError:
-            pass
-        except BrokenPipeError:
-            raise EndOfChannel(f"the peer of {self.address} is gone") from None
+        self._fill_space_pipe()
         got = self._acquire_block(size)
         if got is None and self._peer_gone():
             raise EndOfChannel(f"the peer of {self.address} closed the channel")
