@@ -3,8 +3,9 @@
 A handshake needs three kinds of I/O: write some bytes, read the next frame, read
 some raw bytes. Instead of writing each handshake twice (blocking and asyncio), it is
 a generator that *yields* what it needs — ``("write", data)``, ``("frame", None)``,
-``("bytes", None)``, or ``("wait-read"|"wait-write", None)`` (TLS: just wait for the fd) —
-and receives the result. A driver is a ten-line loop that
+``("bytes", None)``, ``("wait-read"|"wait-write", None)`` (TLS: just wait for the fd),
+or ``("delivered", None)`` (wait until the peer acknowledged everything written) — and
+receives the result. A driver is a ten-line loop that
 performs the operation and sends the result back (or throws the I/O error in), so
 both drivers share every decision, message and error translation made here.
 """
@@ -54,6 +55,17 @@ def establish_steps(core: ChannelCore, prep: Prepared, role: str) -> Steps:
             yield from _mp_auth(core, prep, role)
     elif prep.handshake:
         yield from _buzon_handshake(core, prep, role)
+    if core.acked:
+        # Reliable datagrams: stay until the peer has acknowledged our side of the
+        # handshake. Only this process can retransmit it, and after returning it may
+        # not call buzon again for a while (a server between accept and recv, or a
+        # peer in this very process, blocked waiting for exactly that datagram).
+        try:
+            yield ("delivered", None)
+        except Timeout:
+            raise HandshakeError(
+                "the peer did not acknowledge the handshake in time (is it still there?)"
+            ) from None
 
 
 def _tls_handshake(core: ChannelCore) -> Steps:

@@ -63,6 +63,7 @@ from buzon.protocol.reliable import (
     DATAGRAM_RULES,
     HEADER,
     OVERHEAD,
+    RESET_COPIES,
     TRANSITIONS,
     Datagram,
     Event,
@@ -1390,6 +1391,37 @@ def test_acks_are_batched_and_delayed() -> None:
     assert decode_datagram(reply).ack == (decode_datagram(five).seq + 1) & MASK
 
 
+def test_a_waiting_sender_asks_for_its_ack_once_per_flight() -> None:
+    cfg = ReliableConfig(ack_every=3, ack_delay=0.05)
+    pair, sconn = established_pair(cfg)
+    pair.run(0.5)
+    receiver, t = pair.client, pair.now
+    sconn.request_ack()
+    assert sconn.datagrams_to_send(t) == []  # nothing unacked: nothing to ask
+    sconn.send(b"flush me")
+    (data,) = sconn.datagrams_to_send(t)
+    receiver.receive_datagram(data, t)
+    assert receiver.datagrams_to_send(t) == []  # 1 of 3: the receiver would wait 50 ms
+    sconn.request_ack()  # the application waits (flush, close, a handshake)
+    (ping,) = sconn.datagrams_to_send(t)
+    assert decode_datagram(ping).type == Type.ACK
+    assert decode_datagram(ping).flags & Flag.ACK_NOW
+    sconn.request_ack()  # same flight: the first ping stands
+    assert sconn.datagrams_to_send(t) == []
+    receiver.receive_datagram(ping, t)
+    (ack,) = receiver.datagrams_to_send(t)  # at once, not after ack_delay
+    assert decode_datagram(ack).ack == (decode_datagram(data).seq + 1) & MASK
+    sconn.receive_datagram(ack, t)
+    assert sconn.snd_una == sconn.snd_nxt
+    sconn.request_ack()  # all acked: nothing to ask
+    assert sconn.datagrams_to_send(t) == []
+    sconn.send(b"next flight")
+    sconn.datagrams_to_send(t)
+    sconn.request_ack()  # a new flight may ask again
+    (again,) = sconn.datagrams_to_send(t)
+    assert decode_datagram(again).flags & Flag.ACK_NOW
+
+
 def test_small_queued_messages_travel_bundled() -> None:
     cfg = ReliableConfig(max_datagram=300, max_message=1000, recv_window=8)
     pair, sconn = established_pair(cfg)
@@ -1543,8 +1575,12 @@ def test_protocol_violation_fails_both_sides_clearly() -> None:
     assert pair.client.state is State.FAILED
     assert isinstance(pair.client.error, ProtocolError)
     assert "fragment 1/2" in str(pair.client.error)
-    (reset,) = pair.client.datagrams_to_send(pair.now)
+    resets = pair.client.datagrams_to_send(pair.now)
+    assert len(resets) == RESET_COPIES  # never retransmitted, so sent thrice at once
+    reset = resets[0]
+    assert all(r == reset for r in resets)
     assert decode_datagram(reset).type == Type.RESET
+    assert pair.client.datagrams_to_send(pair.now) == []  # and only then
     sconn.receive_datagram(reset, pair.now)
     assert sconn.state is State.FAILED and isinstance(sconn.error, ProtocolError)
     assert "protocol violation" in str(sconn.error)

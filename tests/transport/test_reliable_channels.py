@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -24,7 +26,7 @@ import pytest
 
 import buzon
 from buzon.errors import Empty, EndOfChannel, InsecureBind, SecurityError, UnsupportedOperation
-from buzon.protocol.reliable import ReliableConfig
+from buzon.protocol.reliable import ReliableConfig, Type, decode_datagram
 from buzon.testing.chaos import ChaosRelay
 from buzon.transport.reliable import DEFAULT_CONFIG
 
@@ -208,12 +210,16 @@ def test_ten_thousand_messages_through_chaos(profile: str) -> None:
         errors: list[BaseException] = []
 
         def send_all() -> None:
+            # a client process's whole life: send, flush, close (lingering until the
+            # server, which is receiving all along, has everything and the end)
             try:
                 for m in _messages(n, seed=99):
                     client.send_bytes(m, timeout=T)
                 client.flush(timeout=T)
             except BaseException as exc:  # reported below
                 errors.append(exc)
+            finally:
+                client.close()
 
         # the client's last handshake ack may be lost: only the client's next
         # datagrams (sending pumps it) complete the server's side, so send first
@@ -227,21 +233,97 @@ def test_ten_thousand_messages_through_chaos(profile: str) -> None:
                 (ident, crc) = struct.unpack_from("<II", got)
                 assert ident == i  # exactly once, in order
                 assert zlib.crc32(got[8:]) == crc and got == expected
+            with pytest.raises(EndOfChannel):  # the clean close arrives, even here
+                server.recv(timeout=T)
         finally:
             sender.join(T * 3)
+            server.close()
         assert not errors, errors
-        client.close()
-        with pytest.raises(EndOfChannel):
-            server.recv(timeout=T)
         stats = relay.statistics()
         sent = client.statistics()
         got_stats = server.statistics()
-        server.close()
     if profile != "lan":  # lan drops 0.1 %: a few, maybe none
         assert stats["dropped"] > 0 and sent.retransmits > 0
     if profile == "hostile":
         assert stats["corrupted"] > 0 and got_stats.damaged > 0
     assert sent.dropped == 0  # nothing was lost for the application
+
+
+class _LoseServerHello:
+    """A loopback UDP relay that loses the server's first DATA datagram (its half of
+    the buzon handshake) and passes everything else, both ways."""
+
+    def __init__(self, back: Any) -> None:
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.up.connect((back.host, back.port))
+        self.address = f"udp://127.0.0.1:{self.front.getsockname()[1]}"
+        self.lost = 0
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        client: Any = None
+        while True:
+            ready, _, _ = select.select([self.front, self.up, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            if self.front in ready:
+                data, client = self.front.recvfrom(65536)
+                self.up.send(data)
+            if self.up in ready:
+                data = self.up.recv(65536)
+                if not self.lost and decode_datagram(data).type == Type.DATA:
+                    self.lost += 1
+                    continue
+                self.front.sendto(data, client)
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join(T)
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+        self.front.close()
+        self.up.close()
+
+
+def test_accept_returns_only_once_the_client_has_the_server_hello() -> None:
+    """Only the server's process can resend its lost hello, and after ``accept`` it may
+    not call buzon for a while (here: it is this very process, blocked in ``connect``).
+    So ``accept`` stays until the hello is acknowledged."""
+    with buzon.listen("udp://127.0.0.1:0", reliable=True) as lst:
+        relay = _LoseServerHello(lst.address)
+        try:
+            box: list[Any] = []
+
+            def accept() -> None:
+                ch = lst.accept(timeout=T)
+                box.append((ch, ch.statistics().retransmits))
+
+            t = threading.Thread(target=accept)
+            t.start()
+            try:
+                # 5 s: without the resend only the client's keepalive (7.5 s) would
+                # get the server's process to pump again
+                client = buzon.connect(
+                    relay.address, timeout=T, handshake_timeout=5.0, reliable=True
+                )
+            except BaseException:
+                t.join(T)
+                for ch, _ in box:
+                    ch.close()
+                raise
+            t.join(T)
+            server, resent_before_accept = box[0]
+            with client, server:
+                assert relay.lost == 1
+                assert resent_before_accept >= 1  # the hello, before accept returned
+                client.send("after the handshake")
+                assert server.recv(timeout=T) == "after the handshake"
+        finally:
+            relay.close()
 
 
 def test_raw_udp_through_the_same_relay_loses_datagrams() -> None:

@@ -106,6 +106,9 @@ async def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
                 await _write_all(core, data, deadline)
             elif op == "frame":
                 result = await _read(core, deadline, lambda: core.poll_frame(control=True))
+            elif op == "delivered":  # (acks make the write fd *readable*)
+                while not core.flush():
+                    await wait_fd(core.write_fileno(), False, deadline, "handshake delivery")
             elif op in ("wait-read", "wait-write"):
                 await wait_fd(core.read_fileno(), op == "wait-write", deadline, "handshake")
             else:

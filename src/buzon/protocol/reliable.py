@@ -157,8 +157,10 @@ lingering costs a little memory in the demultiplexer and no process:
 
 If the confirmation never comes but everything both ways arrived, or if only the ack of
 our FIN is missing (all our data acked, the peer's FIN in), the side still ends CLOSED
-after ``dead_peer_timeout``: nothing was lost. A FAILED connection sends one RESET
-saying why (unless the peer went silent). The states are :class:`State`, the
+after ``dead_peer_timeout``: nothing was lost. A FAILED connection sends a RESET
+saying why (unless the peer went silent), :data:`RESET_COPIES` times at once: nothing
+is left to retransmit it, and it is often the only word the peer will get (a copy
+that arrives after the first is dropped as stray). The states are :class:`State`, the
 transitions the table :data:`TRANSITIONS`.
 """
 
@@ -194,6 +196,7 @@ __all__ = [
     "HEADER",
     "HELLO",
     "OVERHEAD",
+    "RESET_COPIES",
     "TRANSITIONS",
     "VERSION",
     "Datagram",
@@ -223,6 +226,7 @@ OVERHEAD = HEADER.size + _CRC.size  # 32: every datagram's fixed cost
 MIN_DATAGRAM = 128
 MAX_FRAGMENTS = 0xFFFF
 MAX_REASON = 64  # bytes of RESET reason text (a RESET answering a SYN is never larger)
+RESET_COPIES = 3  # a RESET is sent this often at once: nothing ever retransmits it
 _MASK = 0xFFFFFFFF
 _HALF = 1 << 31
 _PACKET_THRESHOLD = 3  # a segment is lost when one sent 3 transmissions later is acked
@@ -767,6 +771,7 @@ class ReliableConnection:
         self._persist_backoff = 0
         self._ping = False  # an ACK_NOW ping is due
         self._last_ping = now
+        self._asked_edge = 0  # request_ack: no new ping until snd_una reaches this
         # without congestion control only the peer's window limits what is in flight
         self._cwnd = float(cfg.initial_cwnd) if cfg.congestion_control else math.inf
         self._cwnd_cap = float(max(cfg.recv_window, cfg.initial_cwnd))
@@ -914,6 +919,22 @@ class ReliableConnection:
             return
         self._close_requested = True
         self._transition(Event.CLOSE)
+
+    def request_ack(self) -> None:
+        """The application waits for delivery (a flush, a lingering close, a handshake).
+        If everything is sent and only the peer's (delayed) ack is missing, ask for it
+        at once with an ACK_NOW ping, which saves up to ``ack_delay``. One ping per
+        flight: a lost ping is covered by the retransmission timer, whose segments ask
+        for an immediate ack themselves."""
+        if (
+            self.state in (State.ESTABLISHED, State.CLOSING)
+            and self._snd_una < self._snd_nxt
+            and self._snd_una >= self._asked_edge
+            and not self._queue
+            and not self._lost
+        ):
+            self._ping = True
+            self._asked_edge = self._snd_nxt
 
     def abort(self, reason: str = "aborted by the application") -> None:
         """Fail at once, dropping undelivered data, and tell the peer with a RESET."""
@@ -1164,7 +1185,8 @@ class ReliableConnection:
                 code, reason = self._reset
                 self._reset = None
                 if self.remote_id:
-                    out.append(self._reset_datagram(code, reason))
+                    out.extend([self._reset_datagram(code, reason)] * RESET_COPIES)
+                    self._stats.datagrams_sent += RESET_COPIES
             return out
         if state is State.CONNECTING:
             if self._hs_send:

@@ -15,7 +15,7 @@ from ..address import Address
 from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
 from ..transport import open_connector, open_listener
 from ..transport.base import Transport
-from ._channel import Channel, deadline_of, wait_fds
+from ._channel import Channel, deadline_of, wait_fds, wait_room
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
@@ -118,6 +118,10 @@ def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
                 _write_all(core, data, deadline)
             elif op == "frame":
                 result = _read(core, deadline, lambda: core.poll_frame(control=True))
+            elif op == "delivered":
+                while not core.flush():
+                    if not wait_room(core, deadline) and time.monotonic() >= deadline:
+                        raise Timeout("handshake delivery timed out")
             elif op in ("wait-read", "wait-write"):
                 fd = core.read_fileno()
                 readable, writable = wait_fds(

@@ -740,6 +740,8 @@ class ReliableTransport(MessageTransport):
                 if self._shut:
                     conn.close()
                 ep.pump(now, self)
+                if not self._done(now):
+                    conn.request_ack()  # the peer's delayed ack would only cost time
                 ep.transmit(now, (conn,))  # the FIN, once the window lets it go
                 done = self._done(now)
                 wake.waiting = not done  # woken by the acks that bring it closer
