@@ -499,18 +499,10 @@ class ShmTransport(MessageTransport):
 
     def _send_oob(self, bufs: Sequence[Buffer], size: int) -> bool:
         """Send a message larger than the ring: its bytes in a block, a reference in the ring."""
-        got = self._block_for(size)
+        got = self._block_and_ref(size)
         if got is None:
             return False
-        block, kind = got
-        try:
-            loan = self._reserve(_REF.size, _OOB)
-        except BaseException:
-            self._give_back(block, kind)
-            raise
-        if loan is None:
-            self._give_back(block, kind)
-            return False
+        block, kind, loan = got
         try:
             offset = 0
             for buf in bufs:
@@ -533,20 +525,34 @@ class ShmTransport(MessageTransport):
         if total <= self.ring_max:
             loan = self._reserve(total)
             return None if loan is None else _RingLoan(loan, prefix)
-        got = self._block_for(total)
+        got = self._block_and_ref(total)
+        if got is None:
+            return None
+        block, kind, ref = got
+        try:
+            view = block.view(0, total, readonly=False)
+        except BaseException:
+            ref.abort()
+            self._give_back(block, kind)
+            raise
+        return _BlockLoan(self, ref, block, kind, view, prefix)
+
+    def _block_and_ref(self, size: int) -> tuple[_core.Block, int, _core.Loan] | None:
+        """A block for ``size`` bytes and the ring record that will refer to it, or
+        ``None`` (no block or no record now: the block goes back to the pool)."""
+        got = self._block_for(size)
         if got is None:
             return None
         block, kind = got
         try:
             ref = self._reserve(_REF.size, _OOB)
-            view = block.view(0, total, readonly=False) if ref is not None else None
         except BaseException:
             self._give_back(block, kind)
             raise
-        if ref is None or view is None:
+        if ref is None:
             self._give_back(block, kind)
             return None
-        return _BlockLoan(self, ref, block, kind, view, prefix)
+        return block, kind, ref
 
     def _block_for(self, size: int) -> tuple[_core.Block, int] | None:
         """A block for ``size`` bytes (see :meth:`_acquire_block`), or ``None`` when the
