@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import pickle
 import struct
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -47,6 +48,8 @@ from .protocol.frames import (
     Frame,
     FrameDecoder,
     Kind,
+    abort_marker,
+    chunk_frame,
     encode_frame,
     parse_frame,
 )
@@ -65,6 +68,27 @@ __all__ = [
 #: ``capacity`` not stated: the transport's own buffering (its kernel buffer), no credits
 DEFAULT_CAPACITY = -1
 DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
+#: on a stream, a frame larger than this goes CHUNKED (protocol/frames.py): a send that
+#: gives up half-way can then end it with an abort instead of delivering it. Up to
+#: PIPE_BUF a write to a pipe or FIFO is all or nothing, so a plain frame this small is
+#: never left half-written there (nor, in practice, on a Unix socket).
+PLAIN_MAX = 4096
+
+
+#: cores that kept bytes in user space at some point (weakly): what an interpreter exit
+#: without close() still has to write (sync/_channel.py flushes them, bounded)
+OWING: weakref.WeakSet[ChannelCore] = weakref.WeakSet()
+
+
+@dataclass(slots=True)
+class _OpenFrame:
+    """A frame whose write is under way: its tail is the tail of ``pending``."""
+
+    serial: int  # which accepted frame (ChannelCore.serial when it was accepted)
+    size: int  # its bytes on the wire
+    points: list[int]  # where it may be aborted (chunk_frame); [] for a plain frame
+    payload: int  # its size before chunking (statistics)
+
 
 _RAW_HEADER = HEADER.pack
 _LOAN_HEADER = struct.Struct("<BBBBIQ").pack  # a raw DATA frame with one buffer: its header
@@ -100,6 +124,10 @@ class Statistics:
     send_would_block: int = 0
     recv_would_block: int = 0
     rejected_frames: int = 0
+    # sends that gave up half-way (timeout, cancellation): ended with an abort marker
+    # (or never started), so the receiver dropped them whole; receivers count the
+    # aborted messages they dropped in the same field
+    aborted: int = 0
     dropped: int = 0  # lost by the link and known to be: full UDP queue, over-unit datagrams
     queued_bytes: int = 0  # capacity=None: bytes accepted and still held in user space
     credits_sent: int = 0  # CREDIT frames (capacity, receipts) written
@@ -221,6 +249,12 @@ class ChannelCore:
             else:
                 self.decoder = FrameDecoder(options.max_frame)
         self.pending: deque[memoryview] = deque()
+        # the frame being written (its tail in ``pending``), and a count of accepted
+        # frames that names it: only the operation that wrote it may abandon it
+        self.open_frame: _OpenFrame | None = None
+        self.serial = 0
+        self._chunking = not (self.message_oriented or self.raw or self.compat is not None)
+        self._aborts_seen = 0
         self.backlog: deque[tuple[list[Buffer], int]] = deque()  # message transports, None
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
         self.inbox: deque[bytes] = deque()  # message-transport messages read ahead
@@ -451,12 +485,14 @@ class ChannelCore:
             out.append(b"".join(small))
         return out, count
 
-    def try_send(self, bufs: list[Buffer], priority: int = 0) -> bool:
+    def try_send(self, bufs: list[Buffer], priority: int = 0, *, single: bool = True) -> bool:
         """Hand one encoded message to the transport; False if it cannot take it now.
 
         On a stream transport a partial write keeps the remainder in :attr:`pending`
-        (the message is then accepted: True). Nothing is written while older bytes
-        are still pending.
+        (the message is then accepted: True, and :attr:`open_frame` names it until it
+        is written whole, see :meth:`abandon`). Nothing is written while older bytes
+        are still pending. A message above ``PLAIN_MAX`` bytes goes CHUNKED on a
+        stream; ``single=False`` (a batch of joined frames) never does.
         """
         if self.closed or priority or not self._can_send:
             self._check_send(priority)
@@ -471,8 +507,6 @@ class ChannelCore:
                 self.stats.send_would_block += 1
                 return False
             self.credit_blocked = False
-        if self.credit_out is not None and not self.message_oriented and not self.pending:
-            return self._send_with_credit(bufs)
         if self.pending and not self.flush():
             if self.unbounded:
                 return self._queue(bufs, priority)
@@ -492,14 +526,28 @@ class ChannelCore:
                 self.stats.send_would_block += 1
                 return False
         else:
-            n = self._send_buffers(bufs)
+            payload = size
+            points: list[int] = []
+            if size > PLAIN_MAX and single and self._chunking and not self.unbounded:
+                bufs, points = chunk_frame(bufs)
+                size = sum(memoryview(b).nbytes for b in bufs)
+            credit = self.credit_out  # owed: written with the message, one system call
+            out = bufs if credit is None else [credit, *bufs]
+            n = self._send_buffers(out)
+            if n == WOULD_BLOCK:
+                if self.unbounded:
+                    return self._queue(bufs, priority)  # a CREDIT owed stays owed
+                self.stats.send_would_block += 1
+                return False
+            if credit is not None:
+                self.credit_out = None
+                self.stats.credits_sent += 1
+                n -= len(credit)
             if n != size:
-                if n == WOULD_BLOCK:
-                    if self.unbounded:
-                        return self._queue(bufs, priority)
-                    self.stats.send_would_block += 1
-                    return False
-                self._keep_tail(bufs, n)
+                self._keep_tail(out, n + (0 if credit is None else len(credit)))
+                self.open_frame = _OpenFrame(self.serial + 1, size, points, payload)
+            size = payload
+        self.serial += 1
         stats = self.stats
         stats.messages_sent += 1
         stats.bytes_sent += size
@@ -521,28 +569,6 @@ class ChannelCore:
                     self._write_credit()
         self.stats.send_would_block += 1
 
-    def _send_with_credit(self, bufs: list[Buffer]) -> bool:
-        """A stream link owes a CREDIT: write it and the message in one system call."""
-        credit = self.credit_out
-        assert credit is not None
-        n = self._send_buffers([credit, *bufs])
-        if n == WOULD_BLOCK:
-            if self.unbounded:
-                return self._queue(bufs, 0)  # the CREDIT stays owed: flush writes it
-            self.stats.send_would_block += 1
-            return False
-        self.credit_out = None
-        stats = self.stats
-        stats.credits_sent += 1
-        size = sum(memoryview(b).nbytes for b in bufs)
-        if n < len(credit) + size:
-            self._keep_tail([credit, *bufs], n)
-        stats.messages_sent += 1
-        stats.bytes_sent += size
-        if self.sflow is not None:
-            self.sflow.sent += 1
-        return True
-
     def _queue(self, bufs: list[Buffer], priority: int) -> bool:
         """capacity=None: keep the message in user space (copied: the caller may reuse
         its buffers) up to ``max_queue`` bytes; later operations write it out."""
@@ -554,6 +580,7 @@ class ChannelCore:
                 f"process and this message would pass max_queue={self.options.max_queue}; "
                 "the receiver is not keeping up (raise max_queue, or use a bounded capacity)"
             )
+        OWING.add(self)
         copies: list[Buffer] = [b if type(b) is bytes else bytes(b) for b in bufs]
         if self.message_oriented:
             self.backlog.append((copies, priority))
@@ -578,6 +605,7 @@ class ChannelCore:
             )
 
     def _keep_tail(self, bufs: Sequence[Buffer], written: int) -> None:
+        OWING.add(self)  # flushed at interpreter exit if nothing else does it
         for b in bufs:
             view = memoryview(b).cast("B")
             if written >= view.nbytes:
@@ -586,6 +614,57 @@ class ChannelCore:
             self.pending.append(view[written:])
             self.stats.queued_bytes += view.nbytes - written
             written = 0
+
+    def abandon(self, serial: int) -> bool:
+        """The operation that wrote frame ``serial`` gives up on it (its deadline passed,
+        it was cancelled or interrupted) while part of it is still unwritten. Returns
+        True if the message will not be delivered: nothing of it was written (it is
+        withdrawn), or it is CHUNKED and ends at its next abort point (the rest of the
+        segment under way and an abort marker stay in ``pending``, to be written by
+        later operations). False if it is committed: a plain frame already begun, or a
+        chunked one in its last segment, is delivered once its tail is written."""
+        frame = self.open_frame
+        if frame is None or frame.serial != serial:
+            return False  # written whole already
+        pending = self.pending
+        left = min(sum(v.nbytes for v in pending), frame.size)  # its tail ends pending
+        written = frame.size - left
+        if not left:
+            self.open_frame = None
+            return False
+        if written == 0:
+            cut = 0
+        else:
+            cut = next((p for p in frame.points if p >= written), -1)
+            if cut < 0:
+                return False  # a plain frame, or the last segment: it will complete
+        self.open_frame = None
+        self._drop_tail(frame.size - cut)
+        if cut:
+            pending.append(memoryview(abort_marker()))
+            self.stats.queued_bytes += 4
+        stats = self.stats
+        stats.messages_sent -= 1
+        stats.bytes_sent -= frame.payload
+        stats.aborted += 1
+        if self.sflow is not None:
+            self.sflow.sent -= 1
+        if self.tokens is not None:
+            self.tokens.give_up()  # capacity 0: no acknowledgement will come for it
+        return True
+
+    def _drop_tail(self, nbytes: int) -> None:
+        """Remove the last ``nbytes`` bytes of ``pending``."""
+        pending = self.pending
+        self.stats.queued_bytes = max(0, self.stats.queued_bytes - nbytes)
+        while nbytes:
+            last = pending[-1]
+            if last.nbytes <= nbytes:
+                nbytes -= last.nbytes
+                pending.pop()
+            else:
+                pending[-1] = last[: last.nbytes - nbytes]
+                nbytes = 0
 
     def write_control(self, data: bytes) -> bool:
         """Write handshake bytes (not a message: no statistics). False if it would block."""
@@ -637,6 +716,7 @@ class ChannelCore:
                 else:
                     pending[0] = head[n:]
                     n = 0
+        self.open_frame = None  # written whole
         backlog = self.backlog
         while backlog:
             bufs, priority = backlog[0]
@@ -1119,6 +1199,8 @@ class ChannelCore:
             except FrameError:
                 stats.rejected_frames += 1
                 raise
+            if decoder.aborted != self._aborts_seen:
+                self._dropped_aborted(decoder.aborted)
             if decoder.control:
                 self._apply_control(decoder)
             if decoder.frames:
@@ -1126,6 +1208,15 @@ class ChannelCore:
             if n < len(buf):
                 stats.recv_would_block += 1
                 return False
+
+    def _dropped_aborted(self, total: int) -> None:
+        """The decoder dropped frames their sender aborted: count them, and give a
+        simplex link's tokens back (the sender took one for each)."""
+        new, self._aborts_seen = total - self._aborts_seen, total
+        self.stats.aborted += new
+        if self.tokens is not None:
+            for _ in range(new):
+                self.tokens.on_take()
 
     def _apply_control(self, decoder: FrameDecoder | _MpDecoder) -> None:
         # counts are cumulative: the latest CREDIT says it all (bit 3: the peer is blocked)
@@ -1341,6 +1432,7 @@ class _MpDecoder:
     """
 
     __slots__ = ("_d", "_error", "control", "frames")
+    aborted = 0  # this framing has no chunked frames to abort
 
     def __init__(self, max_frame: int) -> None:
         self._d = mpcompat.MessageDecoder(max_frame)

@@ -119,13 +119,24 @@ _HEADER_FIELDS: tuple[tuple[str, Callable[[], str]], ...] = (
             "(the stream cannot be resynchronised)"
         ),
     ),
-    ("kind", lambda: ", ".join(f"{int(k)} {k.name}" for k in frames.Kind)),
+    (
+        "kind",
+        lambda: (
+            ", ".join(f"{int(k)} {k.name}" for k in frames.Kind)
+            + "; 64-127: optional control frames (skipped by a receiver that does not know them)"
+        ),
+    ),
     (
         "flags",
         lambda: (
             f"bits 0-2 (mask `{frames._CODEC_MASK:#04x}`): codec id; "
-            f"bit 3 (`{frames._RECEIPT:#04x}`, DATA only): the sender asks for a receipt; "
-            f"bits 4-7 (mask `{frames._RESERVED_MASK:#04x}`): reserved, must be zero"
+            f"bit 3 (`{frames._RECEIPT:#04x}`, DATA and CREDIT): a receipt is asked for / "
+            "the sender is blocked; "
+            f"bit 4 (`{frames.CHUNKED_FLAG:#04x}`, DATA only): CHUNKED, the payload goes "
+            "as segments (streams only); "
+            f"bit 5 (`{frames.FIELDS_FLAG:#04x}`, DATA only): FIELDS, a header-field block "
+            "follows the length table; "
+            f"bits 6-7 (mask `{frames._RESERVED_MASK:#04x}`): reserved, must be zero"
         ),
     ),
     ("nbufs", lambda: "number of out-of-band buffers, 0-255; non-zero only in DATA frames"),
@@ -179,6 +190,12 @@ def render_frame_header() -> str:
             f"{buflen.size} * nbufs",
             f"buffer lengths ({blen_fields[0][2]} each)",
             "one length per out-of-band buffer, in order",
+        ),
+        (
+            "…",
+            f"{frames._FIELDS_LEN.size} + L",
+            "header fields (FIELDS only)",
+            "u16 L, then L bytes of fields: u8 tag, u8 length, value (see the field tags)",
         ),
         ("…", "body length", "codec body", "e.g. msgpack bytes; see the codec ids"),
         ("…", "sum of buffer lengths", "buffers", "the out-of-band buffers, back to back"),

@@ -345,7 +345,9 @@ def test_clean_eof() -> None:
         (header(kind=0), "unknown frame kind 0"),
         (header(kind=7), "unknown frame kind 7"),
         (header(kind=255), "unknown frame kind"),
-        (header(flags=0x10), "reserved flag bits"),
+        (header(flags=0x40), "reserved flag bits"),
+        (header(kind=Kind.HELLO, flags=0x10), "reserved flag bits"),  # CHUNKED: DATA only
+        (header(kind=Kind.CREDIT, flags=0x20), "reserved flag bits"),  # FIELDS: DATA only
         (header(kind=Kind.HELLO, flags=0x08), "reserved flag bits"),  # receipts: DATA only
         (header(flags=0x80 | CodecId.RAW), "reserved flag bits"),
         (header(flags=4), "unknown codec id 4"),
@@ -375,7 +377,7 @@ def test_frames_before_a_bad_one_are_delivered_first() -> None:
 def test_malformed_frame_is_final_even_if_the_cap_changes() -> None:
     dec = FrameDecoder(max_frame=4096)
     with pytest.raises(FrameError, match="reserved flag bits"):
-        dec.feed(header(flags=0x10))
+        dec.feed(header(flags=0x40))
     dec.max_frame = DEFAULT_MAX_FRAME
     with pytest.raises(FrameError, match="out of sync"):
         dec.feed(wire(Kind.DATA, CodecId.RAW, b"ok"))

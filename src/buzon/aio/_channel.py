@@ -237,7 +237,7 @@ class Channel(ChannelIdentity):
                 await self._wait_room(deadline)
             number = flow.sent
             if core.pending:  # finish a partial write (not: wait for acks, see flush)
-                await self._drain(deadline, soft=True)
+                await self._finish_write(deadline, core.serial)
         if not number & 63:
             self._receipt_poll()  # reap acknowledgements now and then: a stream stays bounded
         return Receipt(self, flow, number)
@@ -280,8 +280,11 @@ class Channel(ChannelIdentity):
                 return count
             bufs, count = core.encode_batch(items, as_bytes)
             if count:
-                await self._send(bufs, deadline, 0)
+                while not core.try_send(bufs, single=False):
+                    await self._wait_room(deadline)
                 core.stats.messages_sent += count - 1
+                if core.pending:
+                    await self._finish_write(deadline, 0)
             return count
 
     async def _send(self, bufs: list[Buffer], deadline: float | None, priority: int) -> None:
@@ -291,7 +294,7 @@ class Channel(ChannelIdentity):
         while not core.try_send(bufs, priority):
             await self._wait_room(deadline)
         if core.pending:
-            await self._drain(deadline, soft=True)
+            await self._finish_write(deadline, core.serial)
         tokens = core.tokens
         if self._rendezvous and tokens is not None:
             try:
@@ -356,21 +359,38 @@ class Channel(ChannelIdentity):
         except EndOfChannel:
             pass  # the receipt failed with it
 
-    async def _drain(self, deadline: float | None, *, soft: bool) -> None:
-        """Write pending bytes; with ``soft`` stop quietly when the deadline passes
-        (the message is accepted: later operations and close complete it)."""
+    async def _finish_write(self, deadline: float | None, serial: int) -> None:
+        """Frame ``serial`` is accepted and partly written: write the rest by the
+        deadline. A timeout or a cancellation abandons it (``ChannelCore.abandon``):
+        withdrawn or aborted, nothing of it is delivered, and the exception goes on.
+        A frame already committed is delivered: on a timeout its few remaining bytes
+        get up to ``frame_timeout`` more, then later operations, ``close()`` or the
+        interpreter's exit write what is left. ``serial`` 0 (a batch): never
+        abandoned. The same rule as the blocking driver's ``_finish_write``."""
+        try:
+            await self._drain(deadline)
+        except BaseException as exc:
+            gone = serial > 0 and self._core.abandon(serial)
+            if not isinstance(exc, Timeout):
+                raise
+            if gone:
+                raise Timeout(
+                    "send timed out with the message half-written; it was aborted "
+                    "(the receiver drops it whole), so nothing of it is delivered"
+                ) from None
+            if serial > 0:
+                with contextlib.suppress(Timeout):
+                    await self._drain(deadline_of(self._core.options.frame_timeout))
+
+    async def _drain(self, deadline: float | None) -> None:
+        """Write pending bytes by the deadline (:class:`Timeout` otherwise)."""
         core = self._core
         while not core.flush():
-            try:
-                await wait_room(core, deadline, "send")
-            except Timeout:
-                if soft:
-                    return
-                raise
+            await wait_room(core, deadline, "send")
 
     async def flush(self, timeout: float | None = None) -> None:
         async with self._wlock:
-            await self._drain(deadline_of(timeout), soft=False)
+            await self._drain(deadline_of(timeout))
 
     # -- receiving --------------------------------------------------------------------
 
@@ -554,7 +574,7 @@ class Channel(ChannelIdentity):
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
                 core.shutdown()
-                await self._drain(deadline_of(core.options.close_timeout), soft=True)
+                await self._drain(deadline_of(core.options.close_timeout))
             except Exception:
                 pass  # the peer is gone: nothing more can be delivered
         core.close()

@@ -13,16 +13,31 @@ Byte table (all integers little-endian)::
     2       1        flags          bits 0-2: codec (0 raw, 1 msgpack, 2 json, 3 pickle)
                                     bit 3: DATA: the sender asks for a receipt;
                                     CREDIT: the sender is blocked for credit
-                                    bits 4-7: reserved, must be zero
+                                    bit 4: DATA: CHUNKED, the payload goes as segments
+                                    bit 5: DATA: FIELDS, a header-field block follows
+                                    the length table
+                                    bits 6-7: reserved, must be zero
     3       1        nbufs          number of out-of-band buffers (DATA only), 0-255
     4       4        body length    u32, length of the codec body
     8       8*nbufs  buffer lengths u64 each
+    (FIELDS) 2       fields length  u16 L, then L bytes of fields: u8 tag, u8 n, n bytes
     ...     body     codec body     e.g. msgpack bytes
     ...     ...      buffers        the out-of-band buffers, back to back, in order
 
-The total (header + table + body + buffers) is checked against ``max_frame``
-*before* anything is allocated for it: a peer announcing 4 GiB costs 8 bytes of
-reading and a :class:`FrameTooLarge`, nothing more.
+A CHUNKED frame sends its payload (body, then buffers) as segments, each a u32
+length ``n`` (1 <= n <= the payload left) and ``n`` payload bytes, and then the u32
+``0`` (END): only END completes the frame. The u32 ``0xFFFFFFFF`` in place of a
+segment length or of END ABORTS the frame: the receiver drops what it had of it and
+goes on with the next frame. This is what lets a sender give up a large message at
+any point before its last four bytes (a timeout, a cancellation) without delivering
+it and without tearing the stream (``docs/frames.md``).
+
+The total (header + table + fields + body + buffers; segment lengths not counted) is
+checked against ``max_frame`` *before* anything is allocated for it: a peer
+announcing 4 GiB costs 8 bytes of reading and a :class:`FrameTooLarge`, nothing more.
+And memory follows the bytes that arrived, not the bytes announced: a payload part of
+``LAZY_MIN`` bytes or more gets an anonymous mapping, whose pages cost memory only
+once written, so a header announcing 64 MiB commits nothing until the data comes.
 
 The decoder follows asyncio's buffered-protocol shape so the transport reads straight
 into it: :meth:`FrameDecoder.get_buffer` says where the next ``recv_into`` should land
@@ -36,6 +51,7 @@ This module is sans-IO: no sockets, no selectors, no clocks.
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 from collections import deque
@@ -47,14 +63,23 @@ from ..errors import FrameError, FrameTooLarge
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "ABORT_SEGMENT",
+    "CHUNKED_FLAG",
+    "FIELDS_FLAG",
     "HANDSHAKE_MAX_FRAME",
     "HEADER",
+    "LAZY_MIN",
+    "SEGMENT_SIZE",
     "VERSION",
     "CodecId",
     "Frame",
     "FrameDecoder",
+    "Field",
     "Kind",
+    "chunk_frame",
+    "encode_fields",
     "encode_frame",
+    "lazy_buffer",
     "parse_frame",
 ]
 
@@ -66,7 +91,22 @@ _BUFLEN = struct.Struct("<Q")
 _unpack_header = HEADER.unpack_from
 _CODEC_MASK = 0x07
 _RECEIPT = 0x08
-_RESERVED_MASK = 0xF0
+CHUNKED_FLAG = 0x10
+FIELDS_FLAG = 0x20
+_DATA_ONLY = CHUNKED_FLAG | FIELDS_FLAG
+_RESERVED_MASK = 0xC0
+_SEGLEN = struct.Struct("<I")
+_FIELDS_LEN = struct.Struct("<H")
+#: a segment length that aborts the chunked frame it is in
+ABORT_SEGMENT = 0xFFFFFFFF
+_ABORT_BYTES = _SEGLEN.pack(ABORT_SEGMENT)
+#: the segment length that completes a chunked frame (after all of its payload)
+_END_BYTES = _SEGLEN.pack(0)
+#: payload bytes per segment of a chunked frame (what a sender that gives up must
+#: still write of the segment it is in, at most)
+SEGMENT_SIZE = 1024 * 1024
+#: payload parts at least this big are anonymous mappings (memory on first write)
+LAZY_MIN = 1024 * 1024
 # a DATA frame's flags may take the small-frame fast paths: a known codec (0-3), with
 # or without the receipt bit; (codec | receipt bit, body) tuples keep the bit
 _NOT_FAST = 0xF4
@@ -76,12 +116,71 @@ _CREDIT_RUN = re.compile(rb"(?:\x01\x06[\x00\x08]\x00\x10\x00\x00\x00.{16})+", r
 
 
 class Kind(IntEnum):
+    """Frame kinds. 1-63 must be known to the receiver (an unknown one is a
+    :class:`FrameError`); 64-127 are optional control frames a receiver that does not
+    know them skips (they may carry a body, never buffers); 128-255 are reserved."""
+
     DATA = 1
     HELLO = 2
     AUTH = 3
     WELCOME = 4
     CLOSE = 5  # reserved: a graceful end on links without EOF (not sent yet)
     CREDIT = 6  # capacity credits and receipts (protocol/credit.py); never a message
+
+
+#: kinds 64-127: control frames a receiver may skip when it does not know them
+OPTIONAL_KINDS = range(64, 128)
+
+
+class Field(IntEnum):
+    """Header-field tags (the FIELDS block). A receiver ignores tags it does not know,
+    so new fields need no new version; a field whose meaning must not be ignored
+    needs a new frame version instead."""
+
+    MESSAGE_ID = 1  # u64: the sender's id of this message
+    SENDER = 2  # u32 pid, u32 uid: who sent it (filled in by mailboxes)
+    CORRELATION = 3  # u64: the message this one answers (RPC replies)
+    DEADLINE = 4  # u32: the sender's remaining budget, in milliseconds
+    REPLY_TO = 5  # utf-8: where answers go (an address or a name)
+
+
+def lazy_buffer(n: int) -> memoryview:
+    """A writable zeroed buffer of ``n`` bytes whose memory follows what is written
+    into it: an anonymous mapping from ``LAZY_MIN`` up (untouched pages cost nothing),
+    a bytearray below."""
+    if n >= LAZY_MIN:
+        return memoryview(mmap.mmap(-1, n))
+    return memoryview(bytearray(n))
+
+
+def encode_fields(fields: dict[int, bytes]) -> bytes:
+    """The FIELDS block for ``fields`` (tag -> value): u16 length, then per field
+    u8 tag, u8 length, value."""
+    parts = []
+    for tag, value in fields.items():
+        if not 0 < tag < 256 or len(value) > 255:
+            raise FrameError(f"header field {tag}: tags are 1-255, values at most 255 bytes")
+        parts.append(bytes((tag, len(value))) + value)
+    block = b"".join(parts)
+    if len(block) > 0xFFFF:
+        raise FrameError("header fields take at most 65535 bytes")
+    return _FIELDS_LEN.pack(len(block)) + block
+
+
+def _parse_fields(
+    data: memoryview | bytes | bytearray, start: int, length: int
+) -> dict[int, bytes]:
+    fields: dict[int, bytes] = {}
+    pos, end = start, start + length
+    while pos < end:
+        if end - pos < 2:
+            raise FrameError("a header field is cut short")
+        tag, n = data[pos], data[pos + 1]
+        if tag == 0 or pos + 2 + n > end:
+            raise FrameError(f"malformed header field (tag {tag}, {n} bytes)")
+        fields[tag] = bytes(data[pos + 2 : pos + 2 + n])
+        pos += 2 + n
+    return fields
 
 
 class CodecId(IntEnum):
@@ -105,6 +204,7 @@ class Frame:
     buffers: list[memoryview]
     sunk: bool = False  # the payload was read straight into the decoder's sink
     receipt: bool = False  # the sender asked for a receipt (flag bit 3)
+    fields: dict[int, bytes] | None = None  # header fields (FIELDS flag), by tag
 
     @property
     def nbytes(self) -> int:
@@ -118,11 +218,12 @@ def encode_frame(
     buffers: Sequence[memoryview] = (),
     *,
     max_frame: int = DEFAULT_MAX_FRAME,
+    fields: dict[int, bytes] | None = None,
 ) -> list[bytes | bytearray | memoryview]:
     """Return the frame as a list of buffers, ready for one vectored write.
 
     The header and a small body are joined into one ``bytes``; out-of-band buffers
-    are passed through untouched (no copy).
+    are passed through untouched (no copy). ``fields`` (DATA only) adds a FIELDS block.
     """
     nbufs = len(buffers)
     if nbufs > 255:
@@ -135,7 +236,11 @@ def encode_frame(
             f"a frame body is at most 4 GiB (u32); this one is {blen} bytes: "
             "send it as an out-of-band buffer"
         )
-    total = HEADER.size + 8 * nbufs + blen
+    block = b""
+    if fields:
+        block = encode_fields(fields)
+        codec |= FIELDS_FLAG
+    total = HEADER.size + 8 * nbufs + len(block) + blen
     if nbufs:
         table = b"".join(_BUFLEN.pack(b.nbytes) for b in buffers)
         total += sum(b.nbytes for b in buffers)
@@ -145,7 +250,7 @@ def encode_frame(
         from ..errors import MessageTooLarge
 
         raise MessageTooLarge(f"frame of {total} bytes exceeds the frame cap of {max_frame}")
-    head = HEADER.pack(VERSION, kind, codec, nbufs, blen) + table
+    head = HEADER.pack(VERSION, kind, codec, nbufs, blen) + table + block
     if blen <= 4096:
         out: list[bytes | bytearray | memoryview] = [head + body]
     else:
@@ -154,12 +259,68 @@ def encode_frame(
     return out
 
 
+def chunk_frame(
+    bufs: Sequence[bytes | bytearray | memoryview], segment: int = SEGMENT_SIZE
+) -> tuple[list[bytes | bytearray | memoryview], list[int]]:
+    """Turn an encoded DATA frame (``encode_frame``'s buffers) into its CHUNKED form,
+    without copying the payload: the header gets the CHUNKED flag and the payload is
+    cut into segments of at most ``segment`` bytes, each behind its u32 length.
+
+    Returns the buffers and the *abort points*: the offsets in the chunked byte stream
+    where a segment length or the END is due (after the header region, after each
+    segment). A sender that stops writing before one of them can end the frame there
+    with :data:`ABORT_SEGMENT` (see :func:`abort_marker`) instead of the rest; only a
+    sender already inside the END marker is committed to the frame.
+    """
+    first = memoryview(bufs[0]).cast("B")
+    nbufs = first[3]
+    hlen = HEADER.size + 8 * nbufs
+    if first[2] & FIELDS_FLAG:
+        hlen += 2 + _FIELDS_LEN.unpack_from(first, hlen)[0]
+    head = bytearray(first[:hlen])
+    head[2] |= CHUNKED_FLAG
+    out: list[bytes | bytearray | memoryview] = [bytes(head)]
+    points = [hlen]
+    pos = hlen
+    payload: list[memoryview] = [first[hlen:]] if first.nbytes > hlen else []
+    payload.extend(memoryview(b).cast("B") for b in bufs[1:])
+    room = 0  # bytes left in the current segment
+    left = sum(p.nbytes for p in payload)
+    for part in payload:
+        while part.nbytes:
+            if not room:
+                room = min(segment, left)
+                if pos != hlen:
+                    points.append(pos)
+                out.append(_SEGLEN.pack(room))
+                pos += 4
+            take = min(room, part.nbytes)
+            out.append(part[:take])
+            part = part[take:]
+            room -= take
+            left -= take
+            pos += take
+    if pos != hlen:
+        points.append(pos)
+    out.append(_END_BYTES)
+    return out, points
+
+
+def abort_marker() -> bytes:
+    """The 4 bytes that end a chunked frame at an abort point, unsent."""
+    return _ABORT_BYTES
+
+
 def _check_header(version: int, kind: int, flags: int, nbufs: int) -> None:
     if version != VERSION:
         raise FrameError(f"unsupported frame version {version} (this side speaks {VERSION})")
-    if kind not in _KINDS:
+    if kind not in _KINDS and kind not in OPTIONAL_KINDS:
         raise FrameError(f"unknown frame kind {kind}")
-    if flags & _RESERVED_MASK or (flags & _RECEIPT and kind not in (Kind.DATA, Kind.CREDIT)):
+    if (
+        flags & _RESERVED_MASK
+        or (flags & _RECEIPT and kind not in (Kind.DATA, Kind.CREDIT))
+        or (flags & _DATA_ONLY and kind != Kind.DATA)
+    ):
         raise FrameError(f"reserved flag bits set: {flags:#04x}")
     if flags & _CODEC_MASK not in _CODECS:
         raise FrameError(f"unknown codec id {flags & _CODEC_MASK}")
@@ -177,6 +338,14 @@ def _frame_total(
     _check_header(version, kind, flags, nbufs)
     table = 8 * nbufs
     total: int = HEADER.size + table + blen
+    if flags & FIELDS_FLAG:
+        total += 2
+        if avail >= HEADER.size + table + 2:
+            flen: int = _FIELDS_LEN.unpack_from(data, start + HEADER.size + table)[0]
+            total += flen
+            table += 2 + flen
+        else:
+            table += 2
     if avail < HEADER.size + table:
         if total > max_frame:
             raise FrameTooLarge(f"frame announces {total} bytes; the cap is {max_frame}")
@@ -189,10 +358,30 @@ def _frame_total(
     return total
 
 
+def _header_len(view: memoryview | bytes | bytearray, start: int) -> int:
+    """Length of the header region (header, table, fields) of the frame at ``start``
+    (its header already checked and complete)."""
+    flags, nbufs = view[start + 2], view[start + 3]
+    n = HEADER.size + 8 * nbufs
+    if flags & FIELDS_FLAG:
+        n += 2 + _FIELDS_LEN.unpack_from(view, start + n)[0]
+    return n
+
+
+def _fields_of(view: memoryview | bytes | bytearray, start: int) -> dict[int, bytes] | None:
+    if not view[start + 2] & FIELDS_FLAG:
+        return None
+    at = start + HEADER.size + 8 * view[start + 3]
+    return _parse_fields(view, at + 2, _FIELDS_LEN.unpack_from(view, at)[0])
+
+
 def _split(view: memoryview) -> Frame:
     """Cut a complete frame (exactly its bytes) into body and buffers."""
     _, kind, flags, nbufs, blen = HEADER.unpack_from(view, 0)
-    pos = HEADER.size + 8 * nbufs
+    if flags & CHUNKED_FLAG:
+        raise FrameError("a CHUNKED frame on a message link (segments are for streams)")
+    pos = _header_len(view, 0)
+    fields = _fields_of(view, 0)
     body = view[pos : pos + blen]
     pos += blen
     buffers = []
@@ -200,7 +389,9 @@ def _split(view: memoryview) -> Frame:
         n = _BUFLEN.unpack_from(view, HEADER.size + 8 * i)[0]
         buffers.append(view[pos : pos + n])
         pos += n
-    return Frame(kind, flags & _CODEC_MASK, body, buffers, receipt=bool(flags & _RECEIPT))
+    return Frame(
+        kind, flags & _CODEC_MASK, body, buffers, receipt=bool(flags & _RECEIPT), fields=fields
+    )
 
 
 def parse_frame(
@@ -210,6 +401,8 @@ def parse_frame(
     total = _frame_total(datagram, 0, len(datagram), max_frame)
     if total < 0 or total > len(datagram):
         raise FrameError(f"truncated frame: {len(datagram)} bytes received")
+    if datagram[2] & CHUNKED_FLAG:
+        raise FrameError("a CHUNKED frame on a message link (segments are for streams)")
     if total != len(datagram):
         raise FrameError(f"{len(datagram) - total} stray bytes after the frame")
     return _split(memoryview(datagram))
@@ -243,15 +436,22 @@ class FrameDecoder:
         "_end",
         "_error",
         "_failed",
+        "_fields",
         "_got",
+        "_hdr",
+        "_hdr_got",
+        "_left",
         "_max_frame",
         "_part",
+        "_seg",
         "_spare",
         "_start",
         "_view",
+        "aborted",
         "control",
         "frames",
         "sink",
+        "skipped",
     )
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, read_size: int = 256 * 1024) -> None:
@@ -272,9 +472,18 @@ class FrameDecoder:
         self._big: tuple[int, int, list[memoryview], bool] | None = None
         self._part = 0
         self._got = 0
-        self._spare: bytearray | None = None  # a big buffer handed back by recycle()
+        self._spare: bytearray | mmap.mmap | None = None  # a big buffer from recycle()
         self._failed = False
         self.sink: memoryview | None = None
+        # a CHUNKED big frame: bytes left in the current segment (0: its u32 length is
+        # next, read into _hdr; -1: not chunked), payload bytes left, its header fields
+        self._seg = -1
+        self._left = 0
+        self._hdr = memoryview(bytearray(4))
+        self._hdr_got = 0
+        self._fields: dict[int, bytes] | None = None
+        self.aborted = 0  # chunked frames their sender aborted (dropped whole)
+        self.skipped = 0  # optional control frames of kinds this side does not know
 
     @property
     def max_frame(self) -> int:
@@ -325,7 +534,7 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         if self._big is not None:
-            return self._big[2][self._part][self._got :]
+            return self._big_target()
         if self._end == len(self._buf):
             self._compact()
         return self._view[self._end :]
@@ -333,7 +542,13 @@ class FrameDecoder:
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` bytes were written into the region :meth:`get_buffer` returned."""
         if self._big is not None:
-            self._advance(nbytes)
+            try:
+                self._advance(nbytes)
+            except FrameError as exc:
+                self._error = exc
+                self._failed = True
+                if not self.frames:
+                    raise
             return
         start = self._start
         end = self._end = self._end + nbytes
@@ -381,7 +596,7 @@ class FrameDecoder:
         if sink is None or big is None or not big[3]:
             return
         kind, codec, parts, _ = big
-        own = self._big_buffer(parts[1].nbytes)
+        own = lazy_buffer(parts[1].nbytes)
         own[: self._got if self._part == 1 else 0] = parts[1][: self._got if self._part == 1 else 0]
         parts[1].release()
         parts[1] = own
@@ -392,12 +607,14 @@ class FrameDecoder:
         frame reuse its largest buffer (fresh memory costs page faults, ~0.4 ms/MiB)."""
         if frame.sunk:
             return
-        best: bytearray | None = None
+        best: bytearray | mmap.mmap | None = None
         for view in (frame.body, *frame.buffers):
             if isinstance(view, memoryview):
                 base = view.obj
                 view.release()
-                if isinstance(base, bytearray) and (best is None or len(base) > len(best)):
+                if isinstance(base, bytearray | mmap.mmap) and (
+                    best is None or len(base) > len(best)
+                ):
                     best = base
         frame.buffers = []
         frame.body = b""
@@ -415,7 +632,7 @@ class FrameDecoder:
         if spare is not None and len(spare) >= n:
             self._spare = None
             return memoryview(spare)[:n]
-        return memoryview(bytearray(n))
+        return lazy_buffer(n)
 
     def _compact(self) -> None:
         n = self._end - self._start
@@ -428,11 +645,13 @@ class FrameDecoder:
             self._view = memoryview(self._buf)
 
     def _begin_big(self, view: memoryview, start: int) -> None:
-        """Set up the parts of a big frame whose header and table are at ``start``."""
+        """Set up the parts of a big (or CHUNKED) frame whose header region is at
+        ``start``. Parts are lazy buffers: memory follows the bytes that arrive."""
         _, kind, flags, nbufs, blen = _unpack_header(view, start)
         lengths = [_BUFLEN.unpack_from(view, start + 8 + 8 * i)[0] for i in range(nbufs)]
         codec = flags & (_CODEC_MASK | _RECEIPT)  # the receipt bit rides along
-        parts = [memoryview(bytearray(blen))]
+        self._fields = _fields_of(view, start)
+        parts = [lazy_buffer(blen) if blen >= LAZY_MIN else memoryview(bytearray(blen))]
         sunk = False
         sink = self.sink
         for i, n in enumerate(lengths):
@@ -452,15 +671,28 @@ class FrameDecoder:
         self._big = (kind, codec, parts, sunk)
         self._part = 0
         self._got = 0
-        self._start = start + 8 + 8 * nbufs
-        self._skip_full_parts()
-        # bytes already buffered behind the table belong to this frame
+        self._left = blen + sum(lengths)
+        self._seg = 0 if flags & CHUNKED_FLAG else -1
+        self._hdr_got = 0
+        self._start = start + _header_len(view, start)
+        self._skip_full_parts()  # empty parts (a frame with no payload: complete)
+        # bytes already buffered behind the header belong to this frame
         while self._big is not None and self._start < self._end:
-            target = self._big[2][self._part][self._got :]
+            target = self._big_target()
             n = min(target.nbytes, self._end - self._start)
             target[:n] = view[self._start : self._start + n]
             self._start += n
             self._advance(n)
+
+    def _big_target(self) -> memoryview:
+        """Where the next bytes of the big frame in progress go."""
+        if self._seg == 0:  # a segment length is next
+            return self._hdr[self._hdr_got :]
+        assert self._big is not None
+        target = self._big[2][self._part][self._got :]
+        if self._seg > 0 and target.nbytes > self._seg:
+            target = target[: self._seg]
+        return target
 
     def _skip_full_parts(self) -> None:
         assert self._big is not None
@@ -468,20 +700,64 @@ class FrameDecoder:
         while self._part < len(parts) and self._got == parts[self._part].nbytes:
             self._part += 1
             self._got = 0
-        if self._part == len(parts):
-            kind, codec, parts, sunk = self._big
-            self._big = None
-            frame = Frame(
-                kind, codec & _CODEC_MASK, parts[0], parts[1:], sunk, bool(codec & _RECEIPT)
-            )
-            if kind == Kind.CREDIT:
-                self.control.append((frame.codec | (8 if frame.receipt else 0), bytes(frame.body)))
-            else:
-                self.frames.append(frame)
+        if self._part == len(parts) and self._seg < 0:
+            self._complete()
+
+    def _complete(self) -> None:
+        assert self._big is not None
+        kind, codec, parts, sunk = self._big
+        self._big = None
+        self._seg = -1
+        frame = Frame(
+            kind,
+            codec & _CODEC_MASK,
+            parts[0],
+            parts[1:],
+            sunk,
+            bool(codec & _RECEIPT),
+            self._fields,
+        )
+        self._fields = None
+        if kind == Kind.CREDIT:
+            self.control.append((frame.codec | (8 if frame.receipt else 0), bytes(frame.body)))
+        elif kind in OPTIONAL_KINDS:
+            self.skipped += 1
+        else:
+            self.frames.append(frame)
 
     def _advance(self, nbytes: int) -> None:
+        seg = self._seg
+        if seg == 0:  # bytes of a segment length
+            self._hdr_got += nbytes
+            if self._hdr_got == 4:
+                self._hdr_got = 0
+                self._segment(_SEGLEN.unpack_from(self._hdr, 0)[0])
+            return
         self._got += nbytes
+        if seg > 0:
+            self._seg = seg - nbytes
+            self._left -= nbytes
         self._skip_full_parts()
+
+    def _segment(self, n: int) -> None:
+        """A segment length arrived: the next ``n`` payload bytes, or an abort."""
+        if n == ABORT_SEGMENT:
+            big = self._big
+            assert big is not None
+            if big[3] and self.sink is not None:
+                self.sink = None  # the caller's buffer holds a torn message: not theirs
+            self._big = None
+            self._seg = -1
+            self._fields = None
+            self.aborted += 1
+            return
+        if n == 0 and not self._left:
+            self._complete()  # END
+            return
+        if n == 0 or n > self._left:
+            what = "END" if n == 0 else f"a segment of {n} bytes"
+            raise FrameError(f"{what} in a chunked frame with {self._left} bytes to come")
+        self._seg = n
 
     def _parse(self) -> None:
         buf = self._buf
@@ -529,7 +805,9 @@ class FrameDecoder:
                 total = _frame_total(buf, start, avail, self._max_frame)
                 if total < 0:
                     break
-                if total > half:
+                if total > half or buf[start + 2] & CHUNKED_FLAG:
+                    if avail < _header_len(buf, start):
+                        break
                     self._begin_big(view, start)
                     continue
                 if avail < total:
@@ -540,6 +818,8 @@ class FrameDecoder:
                 frame = _split(memoryview(chunk))
                 if frame.kind == Kind.CREDIT:  # apart: a waiting sender needs it first
                     control.append((frame.codec | (8 if frame.receipt else 0), bytes(frame.body)))
+                elif frame.kind in OPTIONAL_KINDS:
+                    self.skipped += 1
                 else:
                     append(frame)
         except FrameTooLarge as exc:

@@ -18,14 +18,16 @@ them and wakes it through a condition variable. No thread is ever started.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
-from .._channel import ChannelCore, ChannelIdentity, Receipt, finish_view
+from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
 from ..transport._tokens import TokenPool
@@ -101,6 +103,45 @@ def _wait_both_in(rfd: int, wfd: int, deadline: float | None) -> tuple[bool, boo
     return rfd in ready, wfd in ready
 
 
+def flush_at_exit(cores: Iterable[ChannelCore], budget: float) -> int:
+    """Write what open channels still hold in user space (the tail of a message whose
+    send returned, an abort marker, queued messages), for at most ``budget`` seconds
+    in all; channels whose peer is gone are skipped. Returns the number of bytes that
+    could not be written (reported on stderr by the exit hook)."""
+    deadline = _monotonic() + budget
+    lost = 0
+    for core in list(cores):
+        try:
+            while not core.closed and core.owed and not core.flush():
+                _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
+                if not writable:
+                    break
+        except Exception:
+            pass  # the peer is gone: nothing more can be delivered
+        if not core.closed and core.owed:
+            lost += sum(v.nbytes for v in core.pending) + sum(
+                len(b) for bufs, _ in core.backlog for b in bufs
+            )
+    return lost
+
+
+@atexit.register
+def _exit_flush() -> None:
+    """A normal interpreter exit without ``close()`` still delivers what sends returned
+    for (bounded by the channels' ``close_timeout``, 5 s by default); what cannot be
+    written is reported, never dropped silently."""
+    cores = [c for c in OWING if not c.closed and c.owed]
+    if not cores:
+        return
+    budget = max(c.options.close_timeout for c in cores)
+    lost = flush_at_exit(cores, budget)
+    if lost:
+        sys.stderr.write(
+            f"buzon: {lost} bytes of accepted messages could not be written before exit "
+            "(the peer did not read them in time); close() channels to be told sooner\n"
+        )
+
+
 def deadline_of(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -159,7 +200,8 @@ class Channel(ChannelIdentity):
             if accepted and not core.pending and not self._rendezvous:
                 return
             number = core.sflow.sent if accepted and core.sflow is not None else 0
-        self._send_slow(bufs, timeout, priority, number if accepted else -1)
+            serial = core.serial
+        self._send_slow(bufs, timeout, priority, number if accepted else -1, serial)
 
     def _send_encoded(self, bufs: list[Buffer], timeout: float | None) -> None:
         """``send`` of an encoded frame (no priority, no rendezvous: the fast path's)."""
@@ -168,7 +210,8 @@ class Channel(ChannelIdentity):
             accepted = core.try_send(bufs)
             if accepted and not core.pending:
                 return
-        self._send_slow(bufs, timeout, 0, 0 if accepted else -1)
+            serial = core.serial
+        self._send_slow(bufs, timeout, 0, 0 if accepted else -1, serial)
 
     def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
         """Send ``obj`` now or raise :class:`Full` (``capacity=0``: only if a receiver
@@ -209,7 +252,8 @@ class Channel(ChannelIdentity):
             if accepted and not core.pending and not self._rendezvous:
                 return
             number = core.sflow.sent if accepted and core.sflow is not None else 0
-        self._send_slow(bufs, timeout, priority, number if accepted else -1)
+            serial = core.serial
+        self._send_slow(bufs, timeout, priority, number if accepted else -1, serial)
 
     def send_bytes_nowait(self, data: Buffer, *, priority: int = 0) -> None:
         self._send_now(self._core.encode_bytes(data), priority)
@@ -228,17 +272,18 @@ class Channel(ChannelIdentity):
     def _send_receipt(self, bufs: list[Buffer], timeout: float | None, priority: int) -> Receipt:
         core = self._core
         flow = core.sflow or core.receipt_flow()
-        number = 0
+        number = serial = 0
         with self._wlock:
             if core.try_send(bufs, priority):
                 number = flow.sent  # read under the lock: another thread may send next
                 if number & 63 and not core.pending:
                     return Receipt(self, flow, number)
                 bufs = []
-        return self._send_receipt_slow(bufs, number, timeout, priority)  # without the lock
+                serial = core.serial
+        return self._send_receipt_slow(bufs, number, serial, timeout, priority)
 
     def _send_receipt_slow(
-        self, bufs: list[Buffer], number: int, timeout: float | None, priority: int
+        self, bufs: list[Buffer], number: int, serial: int, timeout: float | None, priority: int
     ) -> Receipt:
         """Wait for room (``bufs`` not sent yet) or finish a partial write, and now and
         then reap acknowledgements so a long stream of receipts stays bounded."""
@@ -250,9 +295,10 @@ class Channel(ChannelIdentity):
             with self._wlock:
                 if core.try_send(bufs, priority):
                     number = flow.sent
+                    serial = core.serial
                     bufs = []
         if core.pending:
-            self._finish_write(deadline)
+            self._finish_write(deadline, serial)
         if not number & 63:
             self._receipt_poll()
         return Receipt(self, flow, number)
@@ -306,12 +352,12 @@ class Channel(ChannelIdentity):
         if not count:
             return 0
         with self._wlock:
-            accepted = core.try_send(bufs)
+            accepted = core.try_send(bufs, single=False)
             if accepted:
                 core.stats.messages_sent += count - 1
                 if not core.pending:
                     return count
-        self._send_slow(bufs, timeout, 0, 0 if accepted else -1, count)
+        self._send_slow(bufs, timeout, 0, 0 if accepted else -1, 0, count)
         return count
 
     def _send_slow(
@@ -320,21 +366,24 @@ class Channel(ChannelIdentity):
         timeout: float | None,
         priority: int,
         number: int,
+        serial: int,
         count: int = 1,
     ) -> None:
         """The first attempt did not complete (``number`` -1: not accepted yet): wait
         for room or credit, finish the write, and with ``capacity=0`` wait until the
-        receiver took the message."""
+        receiver took the message. ``serial`` names the frame written (0: a batch, or
+        not written yet); ``count`` > 1: a batch of joined frames (never abandoned)."""
         core = self._core
         deadline = deadline_of(timeout)
         while number < 0:
             self._wait_room(deadline)
             with self._wlock:
-                if core.try_send(bufs, priority):
+                if core.try_send(bufs, priority, single=count == 1):
                     core.stats.messages_sent += count - 1
                     number = core.sflow.sent if core.sflow is not None else 0
+                    serial = core.serial if count == 1 else 0
         if core.pending:
-            self._finish_write(deadline)
+            self._finish_write(deadline, serial)
         if self._rendezvous and core.tokens is not None:
             self._wait_token_ack(core.tokens, deadline)
         elif self._rendezvous and number > 0:
@@ -381,13 +430,39 @@ class Channel(ChannelIdentity):
         elif not wait_room(core, deadline):  # room comes with acks (reliable datagrams)
             raise Timeout("send timed out")
 
-    def _finish_write(self, deadline: float | None) -> None:
-        """The message is accepted; finish writing it unless the caller's time is up
-        (then later operations and close() complete it)."""
+    def _finish_write(self, deadline: float | None, serial: int) -> None:
+        """Frame ``serial`` is accepted and partly written: write the rest by the
+        deadline. If time runs out, or the wait is interrupted (KeyboardInterrupt), the
+        frame is abandoned (``ChannelCore.abandon``): withdrawn or aborted, so nothing
+        of it is delivered and the exception says so. A frame already committed (a
+        plain one of at most ``PLAIN_MAX`` bytes begun, or a chunked one inside its
+        last four bytes) is delivered instead: on a timeout its few remaining bytes get
+        up to ``frame_timeout`` more (the receiver's own patience with a half-written
+        frame), and whatever is left then goes with later operations on the channel,
+        ``close()`` or the interpreter's exit. ``serial`` 0 (a batch of joined frames):
+        never abandoned; a timeout leaves its tail to those later writes."""
+        try:
+            self._write_out(deadline)
+        except BaseException as exc:
+            with self._wlock:
+                gone = serial > 0 and self._core.abandon(serial)
+            if not isinstance(exc, Timeout):
+                raise
+            if gone:
+                raise Timeout(
+                    "send timed out with the message half-written; it was aborted "
+                    "(the receiver drops it whole), so nothing of it is delivered"
+                ) from None
+            if serial > 0:
+                with contextlib.suppress(Timeout):
+                    self._write_out(deadline_of(self._core.options.frame_timeout))
+
+    def _write_out(self, deadline: float | None) -> None:
+        """Write pending bytes by the deadline (:class:`Timeout` otherwise)."""
         core = self._core
         while core.pending:
             if deadline is not None and _monotonic() >= deadline:
-                return
+                raise Timeout("send timed out")
             _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
             if writable:
                 with self._wlock:
