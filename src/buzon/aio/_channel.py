@@ -18,6 +18,16 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar, overload
 
 from .._channel import ChannelCore, ChannelIdentity, Receipt, finish_view
+from .._engine import (
+    CREDIT,
+    EXTEND,
+    LOCKED,
+    WRITE,
+    Steps,
+    flush_steps,
+    loan_steps,
+    send_steps,
+)
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
@@ -133,15 +143,6 @@ def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:
     return wait_io(-1, fd, deadline, what) if write else wait_io(fd, -1, deadline, what)
 
 
-def wait_room(core: ChannelCore, deadline: float | None, what: str) -> Any:
-    """Wait until a blocked send or flush may progress: usually the write fd draining;
-    on a transport with ``delivery_acks`` (reliable datagrams) room comes with acks,
-    and its write fd becomes *readable* then."""
-    if core.acked:
-        return wait_io(core.write_fileno(), -1, deadline, what)
-    return wait_io(-1, core.write_fileno(), deadline, what)
-
-
 class Channel(ChannelIdentity):
     """A message channel (asyncio API): the awaitable twin of :class:`buzon.Channel`."""
 
@@ -233,11 +234,13 @@ class Channel(ChannelIdentity):
         flow = core.receipt_flow()
         deadline = deadline_of(timeout)
         async with self._wlock:
-            while not core.try_send(bufs, priority):
-                await self._wait_room(deadline)
-            number = flow.sent
-            if core.pending:  # finish a partial write (not: wait for acks, see flush)
-                await self._finish_write(deadline, core.serial)
+            if core.try_send(bufs, priority):
+                number = flow.sent
+                if core.pending:  # finish a partial write (not: wait for acks, see flush)
+                    steps = send_steps(core, [], accepted=True, number=number, serial=core.serial)
+                    await self._run(steps, deadline)
+            else:
+                number = await self._run(send_steps(core, bufs, priority), deadline)
         if not number & 63:
             self._receipt_poll()  # reap acknowledgements now and then: a stream stays bounded
         return Receipt(self, flow, number)
@@ -280,53 +283,53 @@ class Channel(ChannelIdentity):
                 return count
             bufs, count = core.encode_batch(items, as_bytes)
             if count:
-                while not core.try_send(bufs, single=False):
-                    await self._wait_room(deadline)
-                core.stats.messages_sent += count - 1
-                if core.pending:
-                    await self._finish_write(deadline, 0)
+                await self._run(send_steps(core, bufs, count=count), deadline)
             return count
 
     async def _send(self, bufs: list[Buffer], deadline: float | None, priority: int) -> None:
         core = self._core
-        if self._rendezvous:
+        rendezvous = self._rendezvous
+        if rendezvous:
             core.offer_with_send()  # a blocked rendezvous sender receives next
-        while not core.try_send(bufs, priority):
-            await self._wait_room(deadline)
-        if core.pending:
-            await self._finish_write(deadline, core.serial)
-        tokens = core.tokens
-        if self._rendezvous and tokens is not None:
-            try:
-                while not tokens.acked():
-                    await wait_fd(tokens.ack_fd, False, deadline, "send")
-            except BaseException:
-                tokens.give_up()
-                raise
-        elif self._rendezvous:
-            sflow = core.sflow
-            assert sflow is not None
-            number = sflow.sent
-            try:
-                await self._pump_until(lambda: sflow.taken >= number, deadline, "send")
-            except Timeout:
-                raise Timeout(
-                    "send timed out waiting for the receiver to take the message "
-                    "(capacity=0); it was handed over and may still be taken"
-                ) from None
-            finally:
-                core.send_finished()
-
-    async def _wait_room(self, deadline: float | None) -> None:
-        core = self._core
-        if core.credit_blocked and core.tokens is not None:
-            await wait_fd(core.tokens.credit_fd, False, deadline, "send")
-        elif core.credit_blocked:
-            sflow = core.sflow
-            assert sflow is not None
-            await self._pump_until(lambda: sflow.sent < sflow.limit, deadline, "send")
+        if core.try_send(bufs, priority):
+            if not (core.pending or rendezvous):
+                return
+            flow = core.sflow
+            steps = send_steps(
+                core,
+                bufs,
+                priority,
+                accepted=True,
+                number=flow.sent if flow is not None else 0,
+                serial=core.serial,
+                rendezvous=rendezvous,
+            )
         else:
-            await wait_room(core, deadline, "send")
+            steps = send_steps(core, bufs, priority, rendezvous=rendezvous)
+        await self._run(steps, deadline)
+
+    async def _run(self, steps: Steps, deadline: float | None) -> Any:
+        """Run an engine operation (the blocking driver's ``_run``, awaiting): wait
+        for each of its steps, throw a passed deadline or a cancellation into it."""
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    kind = step.kind
+                    if kind == EXTEND:
+                        deadline = deadline_of(step.budget)
+                    elif kind == LOCKED:
+                        step.call()
+                    elif kind == CREDIT:
+                        await self._pump_until(step.done, deadline, step.what)
+                    else:
+                        await wait_fd(step.fd, kind == WRITE, deadline, step.what)
+                except BaseException as exc:
+                    step = steps.throw(exc)
+                    continue
+                step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
 
     async def _pump_until(
         self, done: Callable[[], bool], deadline: float | None, what: str
@@ -359,38 +362,11 @@ class Channel(ChannelIdentity):
         except EndOfChannel:
             pass  # the receipt failed with it
 
-    async def _finish_write(self, deadline: float | None, serial: int) -> None:
-        """Frame ``serial`` is accepted and partly written: write the rest by the
-        deadline. A timeout or a cancellation abandons it (``ChannelCore.abandon``):
-        withdrawn or aborted, nothing of it is delivered, and the exception goes on.
-        A frame already committed is delivered: on a timeout its few remaining bytes
-        get up to ``frame_timeout`` more, then later operations, ``close()`` or the
-        interpreter's exit write what is left. ``serial`` 0 (a batch): never
-        abandoned. The same rule as the blocking driver's ``_finish_write``."""
-        try:
-            await self._drain(deadline)
-        except BaseException as exc:
-            gone = serial > 0 and self._core.abandon(serial)
-            if not isinstance(exc, Timeout):
-                raise
-            if gone:
-                raise Timeout(
-                    "send timed out with the message half-written; it was aborted "
-                    "(the receiver drops it whole), so nothing of it is delivered"
-                ) from None
-            if serial > 0:
-                with contextlib.suppress(Timeout):
-                    await self._drain(deadline_of(self._core.options.frame_timeout))
-
-    async def _drain(self, deadline: float | None) -> None:
-        """Write pending bytes by the deadline (:class:`Timeout` otherwise)."""
-        core = self._core
-        while not core.flush():
-            await wait_room(core, deadline, "send")
-
     async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every accepted message (and CREDIT owed) has reached the kernel
+        (on a reliable link: until the peer acknowledged it)."""
         async with self._wlock:
-            await self._drain(deadline_of(timeout))
+            await self._run(flush_steps(self._core), deadline_of(timeout))
 
     # -- receiving --------------------------------------------------------------------
 
@@ -468,11 +444,7 @@ class Channel(ChannelIdentity):
         core = self._core
         deadline = deadline_of(timeout)
         async with self._wlock:
-            while True:
-                lent = core.loan_begin(nbytes)
-                if lent is not None:
-                    break
-                await self._wait_room(deadline)
+            lent = await self._run(loan_steps(core, nbytes), deadline)
         ok = False
         try:
             yield lent.buffer
@@ -574,7 +546,7 @@ class Channel(ChannelIdentity):
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
                 core.shutdown()
-                await self._drain(deadline_of(core.options.close_timeout))
+                await self._run(flush_steps(core, "close"), deadline_of(core.options.close_timeout))
             except Exception:
                 pass  # the peer is gone: nothing more can be delivered
         core.close()

@@ -28,9 +28,18 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
 from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view
+from .._engine import (
+    CREDIT,
+    EXTEND,
+    LOCKED,
+    READ,
+    Steps,
+    flush_steps,
+    loan_steps,
+    send_steps,
+)
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
-from ..transport._tokens import TokenPool
 from ..transport.base import Buffer
 
 __all__ = ["Channel"]
@@ -289,16 +298,8 @@ class Channel(ChannelIdentity):
         then reap acknowledgements so a long stream of receipts stays bounded."""
         core = self._core
         flow = core.receipt_flow()
-        deadline = deadline_of(timeout)
-        while bufs:
-            self._wait_room(deadline)
-            with self._wlock:
-                if core.try_send(bufs, priority):
-                    number = flow.sent
-                    serial = core.serial
-                    bufs = []
-        if core.pending:
-            self._finish_write(deadline, serial)
+        steps = send_steps(core, bufs, priority, accepted=not bufs, number=number, serial=serial)
+        number = self._run(steps, deadline_of(timeout))
         if not number & 63:
             self._receipt_poll()
         return Receipt(self, flow, number)
@@ -369,104 +370,55 @@ class Channel(ChannelIdentity):
         serial: int,
         count: int = 1,
     ) -> None:
-        """The first attempt did not complete (``number`` -1: not accepted yet): wait
-        for room or credit, finish the write, and with ``capacity=0`` wait until the
-        receiver took the message. ``serial`` names the frame written (0: a batch, or
-        not written yet); ``count`` > 1: a batch of joined frames (never abandoned)."""
-        core = self._core
-        deadline = deadline_of(timeout)
-        while number < 0:
-            self._wait_room(deadline)
-            with self._wlock:
-                if core.try_send(bufs, priority, single=count == 1):
-                    core.stats.messages_sent += count - 1
-                    number = core.sflow.sent if core.sflow is not None else 0
-                    serial = core.serial if count == 1 else 0
-        if core.pending:
-            self._finish_write(deadline, serial)
-        if self._rendezvous and core.tokens is not None:
-            self._wait_token_ack(core.tokens, deadline)
-        elif self._rendezvous and number > 0:
-            try:
-                self._pump_until(lambda: core.delivered(number), deadline, "send")
-            except Timeout:
-                raise Timeout(
-                    "send timed out waiting for the receiver to take the message "
-                    "(capacity=0); it was handed over and may still be taken"
-                ) from None
-            finally:
-                if self._rlock.acquire(blocking=False):
-                    try:
-                        core.send_finished()
-                    finally:
-                        self._rlock.release()
-        elif self._rendezvous:
-            core.send_finished()
+        """The first attempt did not complete (``number`` -1: not accepted yet): the
+        engine's :func:`send_steps` does the rest. ``serial`` names the frame written;
+        ``count`` > 1: a batch of that many joined frames."""
+        steps = send_steps(
+            self._core,
+            bufs,
+            priority,
+            accepted=number >= 0,
+            number=max(number, 0),
+            serial=serial,
+            count=count,
+            rendezvous=self._rendezvous,
+        )
+        self._run(steps, deadline_of(timeout))
 
-    def _wait_token_ack(self, tokens: TokenPool, deadline: float | None) -> None:
-        """A simplex rendezvous: wait until the receiver acknowledges our offer."""
-        while not tokens.acked():
-            readable, _ = wait_fds(tokens.ack_fd, -1, True, False, deadline)
-            if not readable and deadline is not None and _monotonic() >= deadline:
-                tokens.give_up()
-                raise Timeout(
-                    "send timed out waiting for the receiver to take the message "
-                    "(capacity=0); it was handed over and may still be taken"
-                )
-
-    def _wait_room(self, deadline: float | None) -> None:
-        """Wait until a send may succeed: credit (read side), a token, or kernel room."""
-        core = self._core
-        if core.credit_blocked and core.tokens is not None:
-            readable, _ = wait_fds(core.tokens.credit_fd, -1, True, False, deadline)
-            if not readable and deadline is not None and _monotonic() >= deadline:
-                raise Timeout("send timed out")
-        elif core.credit_blocked:
-            sflow = core.sflow
-            assert sflow is not None
-            self._pump_until(lambda: sflow.sent < sflow.limit, deadline, "send")
-        elif not core.acked:
-            self._wait(False, deadline, "send")
-        elif not wait_room(core, deadline):  # room comes with acks (reliable datagrams)
-            raise Timeout("send timed out")
-
-    def _finish_write(self, deadline: float | None, serial: int) -> None:
-        """Frame ``serial`` is accepted and partly written: write the rest by the
-        deadline. If time runs out, or the wait is interrupted (KeyboardInterrupt), the
-        frame is abandoned (``ChannelCore.abandon``): withdrawn or aborted, so nothing
-        of it is delivered and the exception says so. A frame already committed (a
-        plain one of at most ``PLAIN_MAX`` bytes begun, or a chunked one inside its
-        last four bytes) is delivered instead: on a timeout its few remaining bytes get
-        up to ``frame_timeout`` more (the receiver's own patience with a half-written
-        frame), and whatever is left then goes with later operations on the channel,
-        ``close()`` or the interpreter's exit. ``serial`` 0 (a batch of joined frames):
-        never abandoned; a timeout leaves its tail to those later writes."""
+    def _run(self, steps: Steps, deadline: float | None) -> Any:
+        """Run an engine operation: resume it under the write lock, wait for each of
+        its steps outside it, throw a passed deadline (or an interrupt) into it."""
+        lock = self._wlock
         try:
-            self._write_out(deadline)
-        except BaseException as exc:
-            with self._wlock:
-                gone = serial > 0 and self._core.abandon(serial)
-            if not isinstance(exc, Timeout):
-                raise
-            if gone:
-                raise Timeout(
-                    "send timed out with the message half-written; it was aborted "
-                    "(the receiver drops it whole), so nothing of it is delivered"
-                ) from None
-            if serial > 0:
-                with contextlib.suppress(Timeout):
-                    self._write_out(deadline_of(self._core.options.frame_timeout))
-
-    def _write_out(self, deadline: float | None) -> None:
-        """Write pending bytes by the deadline (:class:`Timeout` otherwise)."""
-        core = self._core
-        while core.pending:
-            if deadline is not None and _monotonic() >= deadline:
-                raise Timeout("send timed out")
-            _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
-            if writable:
-                with self._wlock:
-                    core.flush()
+            with lock:
+                step = next(steps)
+            while True:
+                try:
+                    kind = step.kind
+                    if kind == EXTEND:
+                        deadline = deadline_of(step.budget)
+                    elif kind == LOCKED:
+                        if self._rlock.acquire(blocking=False):
+                            try:
+                                step.call()
+                            finally:
+                                self._rlock.release()
+                    elif kind == CREDIT:
+                        self._pump_until(step.done, deadline, step.what)
+                    else:
+                        read = kind == READ
+                        got = wait_fds(step.fd, step.fd, read, not read, deadline)
+                        woke = got[0] or got[1]
+                        if not woke and deadline is not None and _monotonic() >= deadline:
+                            raise Timeout(f"{step.what} timed out")
+                except BaseException as exc:
+                    with lock:
+                        step = steps.throw(exc)
+                    continue
+                with lock:
+                    step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
 
     def _pump_until(self, done: Callable[[], bool], deadline: float | None, what: str) -> None:
         """Wait until ``done()`` — a condition on CREDITs — reading them ourselves when
@@ -556,15 +508,7 @@ class Channel(ChannelIdentity):
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every accepted message (and CREDIT owed) has reached the kernel."""
-        deadline = deadline_of(timeout)
-        core = self._core
-        while True:
-            with self._wlock:
-                if core.flush():
-                    return
-            progress = wait_room(core, deadline)
-            if not progress and deadline is not None and _monotonic() >= deadline:
-                raise Timeout("flush timed out")
+        self._run(flush_steps(self._core), deadline_of(timeout))
 
     # -- receiving --------------------------------------------------------------------
 
@@ -677,13 +621,7 @@ class Channel(ChannelIdentity):
         (:class:`UnsupportedOperation` elsewhere, and with ``capacity=0``).
         """
         core = self._core
-        deadline = deadline_of(timeout)
-        while True:
-            with self._wlock:
-                lent = core.loan_begin(nbytes)
-            if lent is not None:
-                break
-            self._wait_room(deadline)
+        lent = self._run(loan_steps(core, nbytes), deadline_of(timeout))
         ok = False
         try:
             yield lent.buffer
@@ -887,17 +825,10 @@ class Channel(ChannelIdentity):
         if core.closed:
             return
         if core.owed or core.acked:  # acked: linger until the peer has it all
-            deadline = deadline_of(core.options.close_timeout)
             try:
                 core.shutdown()
-                while True:
-                    with self._wlock:
-                        if core.flush():
-                            break
-                    progress = wait_room(core, deadline)
-                    if not progress and deadline is not None and _monotonic() >= deadline:
-                        break
-            except Exception:  # the peer is gone: nothing more can be delivered
+                self._run(flush_steps(core, "close"), deadline_of(core.options.close_timeout))
+            except Exception:  # the peer is gone, or time ran out: nothing more goes
                 pass
         core.close()
         if self._pumpers:

@@ -1,0 +1,199 @@
+"""The engine: the waiting part of every channel operation, written once.
+
+Each operation is a generator of :class:`Step` s. Between steps it calls the channel
+core (:class:`~buzon._channel.ChannelCore`), which never blocks; each step says what the
+operation waits for before it can go on:
+
+========  ===========================================================================
+READ      ``fd`` readable (a token or acknowledgement fd, a reliable link's room)
+WRITE     ``fd`` writable (kernel room for a write)
+CREDIT    ``done()`` true: a condition on CREDIT frames arriving on the read side; the
+          driver reads them its own way (a thread that is not receiving reads them
+          itself, a receiving thread or task wakes the waiter)
+LOCKED    run ``call()`` now, under the read side's lock if the driver can take it at
+          once (the sync driver skips the call if another thread is receiving)
+EXTEND    the operation's deadline becomes ``budget`` seconds from now
+========  ===========================================================================
+
+A driver (:mod:`buzon.sync`, :mod:`buzon.aio`) runs a generator: it performs each wait
+by the operation's deadline and resumes the generator. When the deadline passes it
+throws :class:`~buzon.errors.Timeout` into the generator; a cancellation
+(``asyncio.CancelledError``) or an interrupt (``KeyboardInterrupt``) is thrown in as
+it is. So every decision an operation makes on the way out (abandon a half-written
+frame, give a rendezvous token up, withdraw an offer) is made here, the same for both
+drivers. Nothing in this module waits, sleeps, reads the clock or knows about threads
+or event loops; the sync driver holds its write lock while it resumes a generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any, NamedTuple
+
+from ._channel import ChannelCore
+from .errors import Timeout
+from .transport.base import Buffer
+
+__all__ = [
+    "CREDIT",
+    "EXTEND",
+    "LOCKED",
+    "READ",
+    "WRITE",
+    "Step",
+    "Steps",
+    "flush_steps",
+    "loan_steps",
+    "room",
+    "send_steps",
+]
+
+READ, WRITE, CREDIT, LOCKED, EXTEND = range(5)
+
+
+def _true() -> bool:
+    return True
+
+
+def _nothing() -> None:
+    return None
+
+
+class Step(NamedTuple):
+    """What an operation waits for (see the module docstring)."""
+
+    kind: int
+    fd: int = -1
+    done: Callable[[], bool] = _true
+    call: Callable[[], None] = _nothing
+    budget: float | None = None
+    what: str = "send"
+
+
+Steps = Generator[Step, None, Any]
+
+_ABORTED = (
+    "send timed out with the message half-written; it was aborted (the receiver drops "
+    "it whole), so nothing of it is delivered"
+)
+_HANDED_OVER = (
+    "send timed out waiting for the receiver to take the message (capacity=0); it was "
+    "handed over and may still be taken"
+)
+
+
+def room(core: ChannelCore, what: str = "send") -> Step:
+    """What a send that cannot go now waits for: a token (simplex links with a
+    capacity), a CREDIT (duplex links with a capacity), an acknowledgement (reliable
+    datagrams: their write fd becomes readable) or kernel room."""
+    if core.credit_blocked and core.tokens is not None:
+        return Step(READ, core.tokens.credit_fd, what=what)
+    if core.credit_blocked:
+        sflow = core.sflow
+        assert sflow is not None
+        return Step(CREDIT, done=lambda: sflow.sent < sflow.limit, what=what)
+    if core.acked:
+        return Step(READ, core.write_fileno(), what=what)
+    return Step(WRITE, core.write_fileno(), what=what)
+
+
+def send_steps(
+    core: ChannelCore,
+    bufs: list[Buffer],
+    priority: int = 0,
+    *,
+    accepted: bool = False,
+    number: int = 0,
+    serial: int = 0,
+    count: int = 1,
+    rendezvous: bool = False,
+) -> Generator[Step, None, int]:
+    """The rest of a send whose first attempt did not complete: wait for room until
+    the message is accepted (unless ``accepted``: then ``number``/``serial`` name it),
+    write it whole (:func:`finish_write`), and with ``capacity=0`` wait until the
+    receiver took it. ``count`` > 1: ``bufs`` is a batch of that many joined frames.
+    Returns the message's number in its flow (receipts), 0 where none is kept."""
+    while not accepted:
+        yield room(core)
+        if core.try_send(bufs, priority, single=count == 1):
+            accepted = True
+            core.stats.messages_sent += count - 1
+            flow = core.sflow
+            number = flow.sent if flow is not None else 0
+            serial = core.serial if count == 1 else 0
+    if core.pending:
+        yield from finish_write(core, serial if count == 1 else 0)
+    if not rendezvous:
+        return number
+    tokens = core.tokens
+    if tokens is not None:  # a simplex rendezvous: the receiver acknowledges our token
+        try:
+            while not tokens.acked():
+                yield Step(READ, tokens.ack_fd)
+        except BaseException as exc:
+            tokens.give_up()
+            if isinstance(exc, Timeout):
+                raise Timeout(_HANDED_OVER) from None
+            raise
+        return number
+    failed: BaseException | None = None
+    if number > 0:
+        try:
+            yield Step(CREDIT, done=lambda: core.delivered(number))
+        except BaseException as exc:
+            failed = exc
+    yield Step(LOCKED, call=core.send_finished)  # withdraw our offer to receive
+    if isinstance(failed, Timeout):
+        raise Timeout(_HANDED_OVER) from None
+    if failed is not None:
+        raise failed
+    return number
+
+
+def finish_write(core: ChannelCore, serial: int) -> Steps:
+    """Frame ``serial`` is accepted and partly written: write the rest. If the wait
+    ends with an exception (the deadline, a cancellation, an interrupt) the frame is
+    abandoned (:meth:`ChannelCore.abandon`): withdrawn or aborted, nothing of it is
+    delivered, and the exception goes on (a timeout says so). A frame already
+    committed (a plain frame of at most ``PLAIN_MAX`` bytes begun, a chunked one
+    inside its last four bytes) is delivered instead: after a timeout its few bytes
+    get up to ``frame_timeout`` more (the receiver's own patience with a half-written
+    frame), then the send returns and later operations, ``close()`` or the
+    interpreter's exit write what is left. ``serial`` 0 (a batch of joined frames):
+    never abandoned, and a timeout leaves its tail to those later writes."""
+    try:
+        yield from _write_pending(core)
+    except BaseException as exc:
+        gone = serial > 0 and core.abandon(serial)
+        if not isinstance(exc, Timeout):
+            raise
+        if gone:
+            raise Timeout(_ABORTED) from None
+        if serial > 0:
+            try:
+                yield Step(EXTEND, budget=core.options.frame_timeout)
+                yield from _write_pending(core)
+            except Timeout:
+                pass
+
+
+def _write_pending(core: ChannelCore) -> Steps:
+    """Write the bytes in ``pending`` (not: wait for a reliable link's acks)."""
+    while core.pending:
+        core.flush()
+        if core.pending:
+            yield Step(WRITE, core.write_fileno())
+
+
+def flush_steps(core: ChannelCore, what: str = "flush") -> Steps:
+    """Write every accepted byte (and a CREDIT owed); on a reliable link, until the
+    peer acknowledged all of it."""
+    while not core.flush():
+        yield Step(READ if core.acked else WRITE, core.write_fileno(), what=what)
+
+
+def loan_steps(core: ChannelCore, nbytes: int) -> Steps:
+    """Wait for room (or credit) until ``nbytes`` of message space can be lent."""
+    while (lent := core.loan_begin(nbytes)) is None:
+        yield room(core)
+    return lent
