@@ -62,3 +62,22 @@ def test_transports_never_wait(path: Path) -> None:
 def test_the_import_reader_resolves_relative_imports() -> None:
     names = _imports(ROOT / "sync" / "_open.py")
     assert "buzon._channel" in names and "buzon.transport" in names
+
+
+@pytest.mark.parametrize("name", ["_engine.py", "_channel.py"])
+def test_the_engine_and_the_core_never_wait(name: str) -> None:
+    """Operations are written once, as steps: the engine and the core neither wait, nor
+    read the clock, nor know the drivers; only sync/ and aio/ do that."""
+    path = ROOT / name
+    names = _imports(path)
+    assert not names & {"selectors", "select", "asyncio", "threading", "time"}
+    assert not any(n.startswith(("buzon.sync", "buzon.aio")) for n in names)
+    assert not _sleeps(path)
+
+
+def test_the_drivers_send_through_the_engine() -> None:
+    """Both drivers run the engine's send, flush and loan operations (no twin loops)."""
+    for sub in ("sync", "aio"):
+        names = _imports(ROOT / sub / "_channel.py")
+        for op in ("send_steps", "flush_steps", "loan_steps"):
+            assert f"buzon._engine.{op}" in names, (sub, op)

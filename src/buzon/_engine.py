@@ -5,6 +5,11 @@ core (:class:`~buzon._channel.ChannelCore`), which never blocks; each step says 
 operation waits for before it can go on:
 
 ========  ===========================================================================
+INPUT     the channel's input: its read fd readable (the driver writes what the
+          channel owes meanwhile, so two ends never wait for each other); ``stall``:
+          part of a frame is in, and the peer may not stall longer than that (the
+          driver raises ``Timeout`` naming the stall); ``spin``: the driver may spin
+          its spin budget before it sleeps
 READ      ``fd`` readable (a token or acknowledgement fd, a reliable link's room)
 WRITE     ``fd`` writable (kernel room for a write)
 CREDIT    ``done()`` true: a condition on CREDIT frames arriving on the read side; the
@@ -37,6 +42,7 @@ from .transport.base import Buffer
 __all__ = [
     "CREDIT",
     "EXTEND",
+    "INPUT",
     "LOCKED",
     "READ",
     "WRITE",
@@ -44,11 +50,12 @@ __all__ = [
     "Steps",
     "flush_steps",
     "loan_steps",
+    "recv_steps",
     "room",
     "send_steps",
 ]
 
-READ, WRITE, CREDIT, LOCKED, EXTEND = range(5)
+READ, WRITE, CREDIT, LOCKED, EXTEND, INPUT = range(6)
 
 
 def _true() -> bool:
@@ -68,6 +75,8 @@ class Step(NamedTuple):
     call: Callable[[], None] = _nothing
     budget: float | None = None
     what: str = "send"
+    stall: float | None = None
+    spin: bool = False
 
 
 Steps = Generator[Step, None, Any]
@@ -197,3 +206,29 @@ def loan_steps(core: ChannelCore, nbytes: int) -> Steps:
     while (lent := core.loan_begin(nbytes)) is None:
         yield room(core)
     return lent
+
+
+def recv_steps(
+    core: ChannelCore, flow: bool, poll: Callable[[], Any] | None = None, *, spin: bool = True
+) -> Steps:
+    """Wait for the next message and return what ``poll`` (``core.poll`` by default;
+    ``core.poll_view`` for views) gives for it. ``flow``: the channel reports its
+    takes (capacity, receipts): first announce the wait (a rendezvous offer, credit
+    owed, receipts due), and withdraw an offer if the wait ends without a message
+    (timeout, cancellation, interrupt), so no sender hands a message to nobody."""
+    take = core.poll if poll is None else poll
+    if flow:
+        core.before_wait()
+    try:
+        got = take()
+        while got is None:
+            frame_timeout = core.options.frame_timeout
+            stall = frame_timeout if frame_timeout is not None and core.partial() else None
+            yield Step(INPUT, stall=stall, spin=spin, what="recv")
+            spin = False
+            got = take()
+        return got
+    except BaseException:
+        if flow:
+            core.wait_ended()
+        raise

@@ -21,11 +21,14 @@ from .._channel import ChannelCore, ChannelIdentity, Receipt, finish_view
 from .._engine import (
     CREDIT,
     EXTEND,
+    INPUT,
     LOCKED,
     WRITE,
+    Step,
     Steps,
     flush_steps,
     loan_steps,
+    recv_steps,
     send_steps,
 )
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
@@ -316,7 +319,9 @@ class Channel(ChannelIdentity):
             while True:
                 try:
                     kind = step.kind
-                    if kind == EXTEND:
+                    if kind == INPUT:
+                        await self._input(step, deadline)
+                    elif kind == EXTEND:
                         deadline = deadline_of(step.budget)
                     elif kind == LOCKED:
                         step.call()
@@ -470,40 +475,32 @@ class Channel(ChannelIdentity):
         core = self._core
         if deadline is None and core.options.idle_timeout is not None:
             deadline = deadline_of(core.options.idle_timeout)
-        if self._flow:
-            core.before_wait()
-        try:
-            while True:
-                await self._wait_readable(deadline)
-                got = core.poll_view()
-                if got is not None:
-                    return got
-        except BaseException:  # timeout, cancellation: withdraw a rendezvous offer
-            if self._flow:
-                core.wait_ended()
-            raise
+        got: tuple[Any, memoryview] = await self._run(
+            recv_steps(core, self._flow, core.poll_view), deadline
+        )
+        return got
 
     async def _wait_item(self, deadline: float | None) -> Frame | tuple[int, bytes]:
         core = self._core
         if deadline is None and core.options.idle_timeout is not None:
             deadline = deadline_of(core.options.idle_timeout)
-        if self._flow:
-            core.before_wait()  # a rendezvous offer, credit owed, receipts due
+        item: Frame | tuple[int, bytes] = await self._run(recv_steps(core, self._flow), deadline)
+        return item
+
+    async def _input(self, step: Step, deadline: float | None) -> None:
+        """An INPUT step (the blocking driver's ``_input``, awaiting; no spinning: the
+        loop has other tasks to run)."""
+        core = self._core
+        limit, mid_frame = deadline, False
+        if step.stall is not None:
+            stall_at = time.monotonic() + step.stall
+            if limit is None or stall_at < limit:
+                limit, mid_frame = stall_at, True
         try:
-            while True:
-                limit, mid_frame = core.wait_limit(deadline, time.monotonic())
-                try:
-                    await self._wait_readable(limit)
-                except Timeout:
-                    if mid_frame:
-                        raise core.stalled() from None
-                    raise
-                item = core.poll()
-                if item is not None:
-                    return item
-        except BaseException:  # timeout, cancellation: withdraw a rendezvous offer
-            if self._flow:
-                core.wait_ended()
+            await self._wait_readable(limit)
+        except Timeout:
+            if mid_frame:
+                raise core.stalled() from None
             raise
 
     async def _wait_readable(self, deadline: float | None) -> None:

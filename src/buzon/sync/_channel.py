@@ -31,11 +31,14 @@ from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view
 from .._engine import (
     CREDIT,
     EXTEND,
+    INPUT,
     LOCKED,
     READ,
+    Step,
     Steps,
     flush_steps,
     loan_steps,
+    recv_steps,
     send_steps,
 )
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
@@ -385,17 +388,20 @@ class Channel(ChannelIdentity):
         )
         self._run(steps, deadline_of(timeout))
 
-    def _run(self, steps: Steps, deadline: float | None) -> Any:
-        """Run an engine operation: resume it under the write lock, wait for each of
-        its steps outside it, throw a passed deadline (or an interrupt) into it."""
-        lock = self._wlock
+    def _run(self, steps: Steps, deadline: float | None, locked: bool = True) -> Any:
+        """Run an engine operation: resume it (under the write lock if ``locked``: a
+        send; a receive's steps take their own locks), wait for each of its steps
+        outside the lock, throw a passed deadline (or an interrupt) into it."""
+        lock: Any = self._wlock if locked else contextlib.nullcontext()
         try:
             with lock:
                 step = next(steps)
             while True:
                 try:
                     kind = step.kind
-                    if kind == EXTEND:
+                    if kind == INPUT:
+                        self._input(step, deadline)
+                    elif kind == EXTEND:
                         deadline = deadline_of(step.budget)
                     elif kind == LOCKED:
                         if self._rlock.acquire(blocking=False):
@@ -659,19 +665,9 @@ class Channel(ChannelIdentity):
         if got is not None:
             return got
         limit = timeout if timeout is not None else core.options.idle_timeout
-        deadline = deadline_of(limit)
-        if self._flow:
-            core.before_wait()  # a rendezvous offer, credit owed, receipts due
-        try:
-            while True:
-                self._wait(True, deadline, "recv")
-                got = core.poll_view()
-                if got is not None:
-                    return got
-        except BaseException:
-            if self._flow:
-                core.wait_ended()
-            raise
+        steps = recv_steps(core, self._flow, core.poll_view, spin=False)
+        view: tuple[Any, memoryview] = self._run(steps, deadline_of(limit), locked=False)
+        return view
 
     def _receive(self, timeout: float | None) -> Frame | tuple[int, bytes]:
         """Read a message: at once if the fd is readable, else after spinning for
@@ -700,7 +696,10 @@ class Channel(ChannelIdentity):
             if item is not None:
                 return item
         if self._flow:
-            return self._receive_flow(timeout)
+            limit = timeout if timeout is not None else core.options.idle_timeout
+            steps = recv_steps(core, True, spin=timeout != 0)
+            taken: Frame | tuple[int, bytes] = self._run(steps, deadline_of(limit), locked=False)
+            return taken
         if spin > 0.0 and timeout != 0:
             end = _perf() + spin
             poll0 = ready.poll
@@ -710,7 +709,10 @@ class Channel(ChannelIdentity):
                     if item is not None:
                         return item
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
-        return self._wait_item(deadline)
+        waited: Frame | tuple[int, bytes] = self._run(
+            recv_steps(core, False, spin=False), deadline, locked=False
+        )
+        return waited
 
     def _fast_receive(
         self, recv: Callable[[int], tuple[int, bytes] | None], timeout: float | None
@@ -735,53 +737,38 @@ class Channel(ChannelIdentity):
                 got = recv(limit)
         return got if got[0] >= 0 else core.fast_other(got)
 
-    def _receive_flow(self, timeout: float | None) -> Frame | tuple[int, bytes]:
-        """A receive on a channel with credits: announce that we wait (a rendezvous
-        offer, credit owed, receipts due), wait, and withdraw an offer if we give up."""
+    def _input(self, step: Step, deadline: float | None) -> None:
+        """An INPUT step: spin (if the step allows and time is left), then sleep until
+        the read fd is readable, writing what the channel owes meanwhile; a stall
+        limit shorter than the deadline names the peer's stall when it passes."""
         core = self._core
-        core.before_wait()
-        try:
-            item = core.poll()
-            if item is not None:
-                return item
-            spin = self._spin
-            if spin > 0.0 and timeout != 0:
-                assert self._rpoll is not None
-                end = _perf() + spin
-                poll0 = self._rpoll.poll
+        ready = self._rpoll
+        if step.spin and self._spin > 0.0 and ready is not None:
+            end = _perf() + self._spin
+            if deadline is None or deadline > _monotonic():
+                poll0 = ready.poll
                 while _perf() < end:
                     if poll0(0):
-                        item = core.poll()
-                        if item is not None:
-                            return item
-            limit = timeout if timeout is not None else core.options.idle_timeout
-            return self._wait_item(deadline_of(limit))
-        except BaseException:
-            core.wait_ended()
+                        return
+        limit, mid_frame = deadline, False
+        if step.stall is not None:
+            stall_at = _monotonic() + step.stall
+            if limit is None or stall_at < limit:
+                limit, mid_frame = stall_at, True
+        try:
+            if core.owed or ready is None:
+                self._wait(True, limit, "recv")  # also finishes an earlier write
+            elif limit is None:
+                ready.poll()
+            else:
+                remaining = limit - _monotonic()
+                woke = remaining > 0 and ready.poll(int(remaining * 1000 + 0.999))
+                if not woke and _monotonic() >= limit:
+                    raise Timeout("recv timed out")
+        except Timeout:
+            if mid_frame:
+                raise core.stalled() from None
             raise
-
-    def _wait_item(self, deadline: float | None) -> Frame | tuple[int, bytes]:
-        """Sleep in poll until a message arrives (or the deadline, or a stalled frame)."""
-        core = self._core
-        while True:
-            limit, mid_frame = core.wait_limit(deadline, _monotonic())
-            try:
-                if core.owed or self._rpoll is None:
-                    self._wait(True, limit, "recv")  # also finishes an earlier write
-                elif limit is None:
-                    self._rpoll.poll()
-                else:
-                    remaining = limit - _monotonic()
-                    woke = remaining > 0 and self._rpoll.poll(int(remaining * 1000 + 0.999))
-                    if not woke and _monotonic() >= limit:
-                        raise Timeout("recv timed out")
-            except Timeout:
-                if mid_frame:
-                    raise core.stalled() from None
-                raise
-            item = core.poll()
-            if item is not None:
-                return item
 
     def _wait(self, read: bool, deadline: float | None, what: str) -> None:
         """Wait for the direction wanted, flushing pending output meanwhile."""
