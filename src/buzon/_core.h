@@ -379,12 +379,12 @@ PyObject *info_dict(const header_t *h, PyObject *parts);
 #define BUSY_METHOD(NAME) BUSY_METHOD_(static, NAME)
 #define BUSY_METHOD_EXPORTED(NAME) BUSY_METHOD_(, NAME) /* listed in another unit */
 
+/* The frame calls (_core_frames.c) add their methods to the Ring type before it is
+ * readied: frames_init() calls ring_add_methods(). */
+int ring_add_methods(const PyMethodDef *more);
+int frames_init(void);
+
 /* Methods defined in one unit and listed in another's method table. */
-PyObject *ring_try_send_frame(Ring *r, PyObject *const *args, Py_ssize_t nargs);
-PyObject *ring_try_send_frames(Ring *r, PyObject *const *args, Py_ssize_t nargs);
-PyObject *ring_try_recv_frame(Ring *r, PyObject *arg);
-PyObject *ring_stop_frames(Ring *r, PyObject *a);
-PyObject *ring_frame_counts(Ring *r, PyObject *a);
 PyObject *ring_reserve(Ring *r, PyObject *args, PyObject *kw);
 PyObject *ring_recv_view(Ring *r, PyObject *args, PyObject *kw);
 PyObject *ring_info(Ring *r, PyObject *a);

@@ -176,7 +176,7 @@ PyInit__core(void)
         }
     }
     Py_DECREF(errors);
-    if (PyType_Ready(&RingType) < 0 || PyType_Ready(&BlockType) < 0 ||
+    if (frames_init() < 0 || PyType_Ready(&RingType) < 0 || PyType_Ready(&BlockType) < 0 ||
         PyType_Ready(&LoanType) < 0) {
         return NULL;
     }

@@ -63,7 +63,7 @@ frame_codec(PyObject *arg)
     return codec;
 }
 
-PyObject *
+static PyObject *
 ring_try_send_frame(Ring *r, PyObject *const *args, Py_ssize_t nargs)
 {
     /* try_send_frame(body, codec) -> bool: header + body as one record; False if there
@@ -82,7 +82,7 @@ ring_try_send_frame(Ring *r, PyObject *const *args, Py_ssize_t nargs)
     return rc < 0 ? NULL : PyBool_FromLong(rc);
 }
 
-PyObject *
+static PyObject *
 ring_try_send_frames(Ring *r, PyObject *const *args, Py_ssize_t nargs)
 {
     /* try_send_frames(bodies, codec, start) -> int: send_frame for bodies[start:] of a
@@ -156,7 +156,7 @@ ring_try_recv_frame_impl(Ring *r, Py_ssize_t max_frame)
     return pair;
 }
 
-PyObject *
+static PyObject *
 ring_try_recv_frame(Ring *r, PyObject *arg)
 {
     /* try_recv_frame(max_frame): None if empty; (codec, body) for a plain DATA frame of
@@ -174,17 +174,45 @@ ring_try_recv_frame(Ring *r, PyObject *arg)
     return res;
 }
 
-PyObject *
+static PyObject *
 ring_stop_frames(Ring *r, PyObject *Py_UNUSED(a))
 {
     r->frames_off = 1;
     Py_RETURN_NONE;
 }
 
-PyObject *
+static PyObject *
 ring_frame_counts(Ring *r, PyObject *Py_UNUSED(a))
 {
     return Py_BuildValue("(KKKK)", (unsigned long long)r->counts[0],
                          (unsigned long long)r->counts[1], (unsigned long long)r->counts[2],
                          (unsigned long long)r->counts[3]);
+}
+
+static const PyMethodDef frame_methods[] = {
+    {"try_send_frame", (PyCFunction)(void (*)(void))ring_try_send_frame, METH_FASTCALL,
+     "try_send_frame(body, codec): a buzon DATA frame in one record; False if full."},
+    {"try_send_frames", (PyCFunction)(void (*)(void))ring_try_send_frames, METH_FASTCALL,
+     "try_send_frames(bodies, codec, start): try_send_frame each from start; the index "
+     "of the first that did not go."},
+    {"try_recv_frame", (PyCFunction)ring_try_recv_frame, METH_O,
+     "try_recv_frame(max_frame): None, (codec, body) of a plain DATA frame, or "
+     "(-1 - record flags, record) for anything else."},
+    {"stop_frames", (PyCFunction)ring_stop_frames, METH_NOARGS,
+     "from now on try_send_frame(s) send nothing and try_recv_frame returns every record "
+     "whole: a channel that starts numbering its messages (receipts) counts them all."},
+    {"frame_counts", (PyCFunction)ring_frame_counts, METH_NOARGS,
+     "(frames sent, bytes, frames received, bytes) by try_send_frame/try_recv_frame."},
+    {NULL, NULL, 0, NULL},
+};
+
+int
+frames_init(void)
+{
+    static int added = 0; /* once per process, as the module's initialisation */
+    if (!added && ring_add_methods(frame_methods) < 0) {
+        return -1;
+    }
+    added = 1;
+    return 0;
 }

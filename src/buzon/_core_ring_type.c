@@ -619,7 +619,9 @@ ring_set_spin(Ring *r, PyObject *v, void *Py_UNUSED(c))
     return 0;
 }
 
-static PyMethodDef ring_methods[] = {
+/* Room at the end for the frame calls, which _core_frames.c adds (ring_add_methods). */
+#define RING_METHODS_MAX 40
+static PyMethodDef ring_methods[RING_METHODS_MAX] = {
     {"create", (PyCFunction)(void (*)(void))ring_create,
      METH_VARARGS | METH_KEYWORDS | METH_CLASS,
      "create(name, capacity, slots=64): create the segment (O_EXCL, 0600) and its ring."},
@@ -632,19 +634,6 @@ static PyMethodDef ring_methods[] = {
      "try_send(data, flags=0): send; False if the ring is full."},
     {"try_recv_flags", (PyCFunction)ring_try_recv_flags, METH_NOARGS,
      "(payload, flags) of the next message, or None if the ring is empty."},
-    {"try_send_frame", (PyCFunction)(void (*)(void))ring_try_send_frame, METH_FASTCALL,
-     "try_send_frame(body, codec): a buzon DATA frame in one record; False if full."},
-    {"try_send_frames", (PyCFunction)(void (*)(void))ring_try_send_frames, METH_FASTCALL,
-     "try_send_frames(bodies, codec, start): try_send_frame each from start; the index "
-     "of the first that did not go."},
-    {"try_recv_frame", (PyCFunction)ring_try_recv_frame, METH_O,
-     "try_recv_frame(max_frame): None, (codec, body) of a plain DATA frame, or "
-     "(-1 - record flags, record) for anything else."},
-    {"stop_frames", (PyCFunction)ring_stop_frames, METH_NOARGS,
-     "from now on try_send_frame(s) send nothing and try_recv_frame returns every record "
-     "whole: a channel that starts numbering its messages (receipts) counts them all."},
-    {"frame_counts", (PyCFunction)ring_frame_counts, METH_NOARGS,
-     "(frames sent, bytes, frames received, bytes) by try_send_frame/try_recv_frame."},
     {"spin_wait", (PyCFunction)ring_spin_wait, METH_O,
      "spin_wait(seconds): busy-wait (GIL released, nothing armed) for a record; True if one."},
     {"recv", (PyCFunction)(void (*)(void))ring_recv, METH_VARARGS | METH_KEYWORDS,
@@ -694,3 +683,21 @@ PyTypeObject RingType = {
     .tp_getset = ring_getset,
 };
 
+/* Append methods defined in another unit (the frame calls) before the type is readied:
+ * the unit that knows frames owns their table, the Ring type only makes room. */
+int
+ring_add_methods(const PyMethodDef *more)
+{
+    size_t n = 0;
+    while (ring_methods[n].ml_name != NULL) {
+        n++;
+    }
+    for (; more->ml_name != NULL; more++, n++) {
+        if (n + 1 >= RING_METHODS_MAX) {
+            PyErr_SetString(PyExc_SystemError, "buzon._core: raise RING_METHODS_MAX");
+            return -1;
+        }
+        ring_methods[n] = *more;
+    }
+    return 0;
+}
