@@ -68,3 +68,17 @@ def test_only_the_frames_unit_reads_frame_bytes(unit: str) -> None:
         assert found, "the frame calls moved: update this test"
     else:
         assert not found, f"{unit} touches frame state: {found}"
+
+
+def test_the_shm_block_pool_is_sans_io() -> None:
+    names = imported_modules(SRC / "transport" / "shm" / "_pool.py")
+    assert names.isdisjoint(IO_MODULES | {"buzon"}), names
+
+
+def test_shm_keeps_its_import_path() -> None:
+    shm = importlib.import_module("buzon.transport.shm")
+    for name in shm.__all__:
+        assert hasattr(shm, name), name
+    ring = importlib.import_module("buzon.transport.shm._ring")
+    assert shm.ShmTransport is ring.ShmTransport
+    assert shm.check_ring_size(shm.CAPACITY) == shm.CAPACITY

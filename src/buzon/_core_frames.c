@@ -4,7 +4,7 @@
  * changes, this unit (and the Ring methods it defines: try_send_frame, try_send_frames,
  * try_recv_frame, stop_frames, frame_counts) is what is replaced.
  *
- * The channel's hot path (transport/shm.py): a shm: channel puts one buzon frame in
+ * The channel's hot path (transport/shm/_ring.py): a shm: channel puts one buzon frame in
  * each record. The common one, a DATA frame with no out-of-band buffers, is an 8-byte
  * header and the body:
  *   [0] version 1, [1] kind 1 (DATA), [2] flags = the codec (0..7 taken as plain on
