@@ -346,7 +346,6 @@ int reserve_released(Ring *r, void *arg, int64_t deadline); /* arg: reserve_args
 int deadline_from(PyObject *timeout, int64_t *out);
 int check_open(Ring *r);
 int timeout_only(Ring *r, PyObject *args, PyObject *kw, const char *format, int64_t *deadline);
-void leave(Ring *r);
 void close_or_defer(Ring *r);
 int send_parts(Ring *r, part_t *parts, int nparts, size_t total, uint32_t flags,
                int64_t deadline);
@@ -354,6 +353,17 @@ PyObject *take_bytes(Ring *r, rec_t *rec, uint32_t skip, uint32_t len);
 
 Ring *ring_new(PyTypeObject *type, PyObject *name);
 void ring_unmap(Ring *r);
+
+/* The end of an operation counted busy (r->busy++ before it may release the GIL): the
+ * last one out unmaps if close() was called meanwhile (close_or_defer). Inline: every
+ * send and receive passes here. */
+static inline void
+leave(Ring *r)
+{
+    if (--r->busy == 0 && atomic_load(&r->closing)) {
+        ring_unmap(r);
+    }
+}
 void ring_dealloc(Ring *r);
 uint64_t page_round(uint64_t n);
 

@@ -170,13 +170,6 @@ timeout_only(Ring *r, PyObject *args, PyObject *kw, const char *format, int64_t 
     return deadline_from(timeout, deadline);
 }
 
-void
-leave(Ring *r)
-{
-    if (--r->busy == 0 && atomic_load(&r->closing)) {
-        ring_unmap(r);
-    }
-}
 
 /* Close now, or (another thread is inside an operation) mark closing, wake our own
  * sleepers, and let the last operation out unmap. */
