@@ -82,3 +82,21 @@ def test_shm_keeps_its_import_path() -> None:
     ring = importlib.import_module("buzon.transport.shm._ring")
     assert shm.ShmTransport is ring.ShmTransport
     assert shm.check_ring_size(shm.CAPACITY) == shm.CAPACITY
+
+
+def test_chaos_stream_dice_depend_on_the_seed_alone() -> None:
+    """A stream direction's draws run without sockets too: same seed, same chunks."""
+    faults = importlib.import_module("buzon.testing.chaos.faults")
+    profile = faults.Faults(reset=0.01, corrupt=0.1, delay=0.001, jitter=0.001)
+
+    def chunks(seed: int) -> list[tuple[bool, bytes, list[int] | None]]:
+        pipe = faults._Pipe("forward", profile, random.Random(seed))
+        out = []
+        for i in range(300):
+            dice = pipe.dice()
+            data, bits = pipe.take(bytes([i % 256]) * 100, dice)
+            out.append((dice.reset, data, bits))
+        return out
+
+    assert chunks(3) == chunks(3)
+    assert chunks(3) != chunks(4)

@@ -459,8 +459,18 @@ class _Shaper:
 # ================================================================ a stream direction
 
 
+class _ChunkDice(NamedTuple):
+    """The draws for one chunk read from a stream (the same draws for every chunk)."""
+
+    reset: bool  # reset the connection instead of passing the chunk on
+    corrupt: bool
+    delay: float
+    key: int  # seeds the variable-length draws, when needed
+
+
 class _Pipe:
-    """One direction of a relayed stream connection."""
+    """One direction of a relayed stream connection: its fault state and its queues of
+    bytes (the relay moves them between sockets)."""
 
     def __init__(self, direction: Direction, faults: Faults, rng: random.Random) -> None:
         self.direction = direction
@@ -491,3 +501,26 @@ class _Pipe:
 
     def idle(self) -> bool:
         return not self.pending and not self.out
+
+    def read_size(self, most: int) -> int:
+        """How much to read next: at most ``most``, and not past ``reset_after``."""
+        after = self.faults.reset_after
+        return most if after is None else max(1, min(most, after - self.bytes_in))
+
+    def dice(self) -> _ChunkDice:
+        """The draws for the next chunk, whatever becomes of it."""
+        f, rng = self.faults, self.rng
+        u_reset, u_corrupt, delay = rng.random(), rng.random(), _delay_sample(f, rng)
+        key = rng.getrandbits(64)
+        return _ChunkDice(u_reset < f.reset, u_corrupt < f.corrupt, delay, key)
+
+    def take(self, data: bytes, dice: _ChunkDice) -> tuple[bytes, list[int] | None]:
+        """Count a chunk passed on (arming ``reset_after``), corrupted if the dice say
+        so: the bytes to pass on, and the bits flipped (None: not corrupted)."""
+        f = self.faults
+        self.bytes_in += len(data)
+        if f.reset_after is not None and self.bytes_in >= f.reset_after:
+            self.reset_pending = True
+        if not dice.corrupt:
+            return data, None
+        return _flip_bits(data, random.Random(dice.key), f.corrupt_bits)

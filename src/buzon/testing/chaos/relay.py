@@ -35,8 +35,6 @@ from .faults import (
     Direction,
     Event,
     Faults,
-    _delay_sample,
-    _flip_bits,
     _Pipe,
     _resolve_faults,
     _Shaper,
@@ -742,11 +740,9 @@ class ChaosRelay:
         if conn.closed or pipe.eof:
             return
         f = pipe.faults
-        size = _STREAM_READ
         if pipe.reset_pending:
             return
-        if f.reset_after is not None:
-            size = max(1, min(size, f.reset_after - pipe.bytes_in))
+        size = pipe.read_size(_STREAM_READ)
         # With resets in play, look before taking: a Unix socket closed with unread
         # bytes is the only way to make its peer see ECONNRESET (AF_UNIX has no RST).
         src = conn.src(pipe)
@@ -764,10 +760,8 @@ class ChaosRelay:
             self._record(direction, "receive", 0, "end of stream", conn.id)
             self._pump(conn, pipe)
             return
-        rng = pipe.rng  # the same draws for every chunk, as for datagrams
-        u_reset, u_corrupt, delay = rng.random(), rng.random(), _delay_sample(f, rng)
-        key = rng.getrandbits(64)
-        if u_reset < f.reset:  # (only when peeking: f.reset > 0)
+        dice = pipe.dice()  # the same draws for every chunk, as for datagrams
+        if dice.reset:  # (only when peeking: f.reset > 0)
             self._record(direction, "receive", len(data), "", conn.id)
             self._reset(conn, direction, "random")
             return
@@ -778,13 +772,10 @@ class ChaosRelay:
         if f.cut:
             self._record(direction, "drop", len(data), "cut", conn.id)
             return
-        pipe.bytes_in += len(data)
-        if f.reset_after is not None and pipe.bytes_in >= f.reset_after:
-            pipe.reset_pending = True
-        if u_corrupt < f.corrupt:
-            data, bits = _flip_bits(data, random.Random(key), f.corrupt_bits)
+        data, bits = pipe.take(data, dice)
+        if bits is not None:
             self._record(direction, "corrupt", len(data), f"bits {bits}", conn.id)
-        due = max(now + delay, pipe.last_due)  # bytes never overtake
+        due = max(now + dice.delay, pipe.last_due)  # bytes never overtake
         t = now - self._t0
         if f.blackhole is not None and f.blackhole.active(t):
             until = f.blackhole.ends(t)
