@@ -1,7 +1,16 @@
 """Build the small C extensions: POSIX message queues (mq_open & co), CRC-32C and the
-shared-memory core (rings in named segments)."""
+shared-memory core (rings in named segments; one extension built from the units that
+src/buzon/_core.h lists)."""
 
 from setuptools import Extension, setup
+
+# buzon._core: one module from several units sharing _core.h. Hidden visibility keeps
+# their shared functions private to the module (only PyInit__core is exported), so the
+# calls between units need no PLT indirection.
+CORE_UNITS = [
+    f"src/buzon/_core_{unit}.c"
+    for unit in ("ring", "glue", "ring_type", "frames", "loan", "block", "admin")
+]
 
 setup(
     ext_modules=[
@@ -18,9 +27,10 @@ setup(
         ),
         Extension(
             "buzon._core",
-            sources=["src/buzon/_core.c"],
+            sources=CORE_UNITS,
+            depends=["src/buzon/_core.h"],
             libraries=["rt"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-fvisibility=hidden"],
         ),
     ]
 )

@@ -1,4 +1,5 @@
-"""Shared-memory rings in named segments (see src/buzon/_core.c and docs/shm.md)."""
+"""Shared-memory rings in named segments (see src/buzon/_core.h, which lists the C units,
+and docs/shm.md)."""
 
 from collections.abc import Sequence
 from typing import Any, Self

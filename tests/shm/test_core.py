@@ -7,6 +7,7 @@ wall-clock assertion.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import secrets
@@ -201,7 +202,7 @@ def test_attach_validates_every_header_field(
 
 def test_loose_mode_is_refused(name: str, ring: _core.Ring) -> None:
     os.chmod("/dev/shm" + name, 0o644)
-    with pytest.raises(PermissionError):
+    with pytest.raises(PermissionError, match="with mode 644;"):
         _core.Ring.attach(name)
 
 
@@ -210,6 +211,75 @@ def test_short_segment_is_refused(name: str) -> None:
     os.close(fd)
     with pytest.raises(ProtocolError, match="too small"):
         _core.Ring.attach(name)
+
+
+@pytest.mark.parametrize("kind", ["ring", "block"])
+def test_attach_with_every_slot_taken_names_the_cause(name: str, kind: str) -> None:
+    """Rings and blocks attach through one path: a full slot table is EUSERS, named."""
+    if kind == "ring":
+        owner: _core.Ring | _core.Block = _core.Ring.create(name, 1 << 14, slots=2)
+        attach: Callable[[str], object] = _core.Ring.attach
+    else:
+        owner = _core.Block.create(name, 100, b"{}", slots=2)
+        attach = _core.Block.attach
+    second = attach(name)  # the creator holds slot 0, this one slot 1
+    try:
+        with pytest.raises(OSError, match="all 2 participant slots are in use") as info:
+            attach(name)
+        assert info.value.errno == errno.EUSERS
+    finally:
+        second.close()  # type: ignore[attr-defined]
+        owner.close()
+
+
+def test_block_attach_checks_like_a_ring(name: str) -> None:
+    """A block is refused for a loose mode, a short file or a bad header, as a ring is."""
+    block = _core.Block.create(name, 100, b"{}")
+    try:
+        os.chmod("/dev/shm" + name, 0o644)
+        with pytest.raises(PermissionError, match="mode 644"):
+            _core.Block.attach(name)
+        os.chmod("/dev/shm" + name, 0o600)
+        size = os.stat("/dev/shm" + name).st_size
+        _poke(name, size - _core.HEADER_SIZE + 24, struct.pack("<I", 100000))
+        with pytest.raises(ProtocolError, match="not a valid buzon block: bad slot count"):
+            _core.Block.attach(name)
+        with pytest.raises(ProtocolError):
+            _core.inspect(name)
+        with pytest.raises(ValueError):
+            _core.Block.attach(f"/proc/{os.getpid()}/fd/0")
+    finally:
+        block.close()
+    os.truncate("/dev/shm" + name, 4096)
+    with pytest.raises(ProtocolError, match="too small to be a buzon block"):
+        _core.Block.attach(name)
+
+
+def test_blocking_receive_and_reserve_raise_by_the_one_map(ring: _core.Ring) -> None:
+    """timeout=0 on a blocking call still reads as that call's failure (one rc map)."""
+    with pytest.raises(Timeout, match=r"receiving from .* timed out"):
+        ring.recv(timeout=0)
+    with pytest.raises(Empty, match="is empty"):
+        ring.recv_nowait()
+    with pytest.raises(Empty, match="nothing to receive"):
+        ring.recv_view(timeout=0)
+    with pytest.raises(Timeout, match="nothing to receive"):
+        ring.recv_view(timeout=0.01)
+    while ring.try_send(b"x" * 1000):
+        pass
+    with pytest.raises(Full, match="is full"):
+        ring.send(b"x" * 1000, timeout=0)
+    with pytest.raises(Timeout, match="timed out \\(the ring is full\\)"):
+        ring.send(b"x" * 1000, timeout=0.01)
+    with pytest.raises(Full, match="no room"):
+        ring.reserve(1000, timeout=0)
+    with pytest.raises(Timeout, match="no room"):
+        ring.reserve(1000, timeout=0.01)
+    ring.shutdown()
+    with pytest.raises(EndOfChannel, match="shut down"):
+        ring.send(b"x", timeout=0)
+    with pytest.raises(EndOfChannel, match="shut down"):
+        ring.reserve(1, timeout=0)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import pytest
 
 import buzon
 from buzon import shm
-from buzon.transport import shm as shm_transport
+from buzon.transport.shm import _setup as shm_setup
 
 T = 10.0
 
@@ -133,7 +133,7 @@ def test_a_client_may_attach_after_the_parent_closed_its_copy(
     """The server must not remove the rings when it lets go: the peer may not have
     attached them yet (the child removes them, if the peer never comes)."""
     with _serving("shm:late", _echo) as server:
-        attach = shm_transport.attach_ring
+        attach = shm_setup.attach_ring
 
         def attach_late(name: str) -> Any:
             if not forked:
@@ -142,7 +142,7 @@ def test_a_client_may_attach_after_the_parent_closed_its_copy(
             return attach(name)
 
         forked: list[bool] = []
-        monkeypatch.setattr(shm_transport, "attach_ring", attach_late)
+        monkeypatch.setattr(shm_setup, "attach_ring", attach_late)
         with buzon.connect("shm:late", timeout=T) as ch:
             ch.send_bytes(b"late")
             assert ch.recv_bytes(T).endswith(b":late")

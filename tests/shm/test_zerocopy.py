@@ -21,6 +21,7 @@ import buzon
 from buzon import aio, shm
 from buzon.errors import EndOfChannel, ProtocolError, Timeout, UnsupportedOperation
 from buzon.transport import shm as shm_transport
+from buzon.transport.shm import _ring as shm_ring
 
 T = 10.0
 RING = 1 << 16
@@ -185,7 +186,7 @@ def test_a_bigger_message_grows_the_pool_and_retires_small_blocks(pair: tuple[An
     for n in range(1, 12):  # growing sizes: new blocks, the small idle ones retired
         a.send_bytes(b"q" * (LARGE * n))
         assert b.recv_bytes(T) == b"q" * (LARGE * n)
-    assert len(a._core.transport._pool) <= shm_transport.POOL_BLOCKS
+    assert len(a._core.transport._blocks.pool) <= shm_transport.POOL_BLOCKS
     assert len(b._core.transport._rx_blocks) <= shm_transport.POOL_BLOCKS + 1
 
 
@@ -458,7 +459,7 @@ def test_a_sender_killed_between_making_a_block_and_handing_it_over() -> None:
     if pid == 0:  # pragma: no cover - child
         try:
             ch = buzon.connect("shm:zcmade", timeout=T)
-            shm_transport._core = _DiesAfterCreate(shm_transport._core)  # type: ignore[assignment]
+            shm_ring._core = _DiesAfterCreate(shm_ring._core)  # type: ignore[assignment]
             ch.send_bytes(b"m" * LARGE)
         finally:
             os._exit(1)
