@@ -51,8 +51,9 @@ class RuntimeFile:
     * ``"client"``: ``c-PID-RANDOM<suffix>``, a connecting end's own socket;
       removable once process PID is gone and nothing is bound to it.
     * ``"lock"``: ``NAME<suffix>``, a plain file the listener holds an ``flock`` on
-      (its kernel object lives elsewhere: a POSIX queue); removable once unlocked and
-      the object is gone.
+      (its kernel object, ``guards``, lives elsewhere: a POSIX queue); removable once
+      unlocked and the object is gone (``exists``: the transport module's function
+      that tells, given the address).
     * ``"pool"``: ``NAME<suffix>.capN.credit`` / ``.ack``, the token-pool FIFOs of a
       simplex capacity (``transport/_tokens.py``); removable once nobody reads them.
     """
@@ -61,6 +62,8 @@ class RuntimeFile:
     suffix: str
     file_type: Literal["socket", "fifo", "file"]
     socket_type: UnixSocketType | None = None
+    guards: str = ""
+    exists: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +173,7 @@ SCHEMES: tuple[SchemeInfo, ...] = (
         conformance=("mq",),
         capacity_conformance=("mq",),
         runtime_files=(
-            RuntimeFile("lock", ".mq.lock", "file"),
+            RuntimeFile("lock", ".mq.lock", "file", guards="queue", exists="queue_exists"),
             RuntimeFile("pool", ".mq", "fifo"),
         ),
     ),
