@@ -135,7 +135,7 @@ class SchemeInfo:
 SCHEMES: tuple[SchemeInfo, ...] = (
     SchemeInfo(
         name="pipe",
-        summary="anonymous pipe (buzon.pipe)",
+        summary="anonymous pipe",
         module="pipe",
         address="none",
         form="buzon.pipe()",

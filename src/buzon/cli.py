@@ -15,9 +15,9 @@ buzon programs as well as to programs that know nothing about buzon (``--raw``).
   that keep message boundaries (mq, unixgram, seqpacket, udp, shm: the registry's
   ``message_boundaries``) the whole of stdin (or MSG) is one message.
 * ``recv URL`` creates/binds the endpoint, takes one peer (connection-oriented
-  schemes: the first to connect) and prints what arrives until the peer closes, ``-n N`` messages were
-  printed, or ``--timeout S`` seconds pass without a message. A FIFO endpoint never
-  ends by itself: ``recv`` keeps a write end open so writers may come and go.
+  schemes: the first to connect) and prints what arrives until the peer closes,
+  ``-n N`` messages were printed, or ``--timeout S`` seconds pass without a message.
+  A FIFO endpoint never ends by itself: ``recv`` keeps a write end open so writers may come and go.
 * ``listen URL`` is ``recv`` for every client at once (one ``buzon.wait`` over the
   listener and all channels, no threads), until Ctrl-C or SIGTERM; each line is
   prefixed with ``[peer]`` (``pid N`` on Unix sockets, ``host:port`` on TCP, the
