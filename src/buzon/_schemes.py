@@ -39,7 +39,7 @@ AddressKind = Literal["local", "queue", "inet", "none"]
 UnixSocketType = Literal["stream", "dgram", "seqpacket"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)  # (a generated repr costs import time)
 class RuntimeFile:
     """A kind of file a scheme leaves in buzon's runtime dir, for ``ls`` and ``clean``.
 
@@ -65,8 +65,11 @@ class RuntimeFile:
     guards: str = ""
     exists: str | None = None
 
+    def __repr__(self) -> str:
+        return f"<RuntimeFile {self.role} *{self.suffix}>"
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, repr=False)
 class SchemeInfo:
     """Everything buzon knows about one scheme, outside its transport module."""
 
@@ -120,6 +123,9 @@ class SchemeInfo:
     capacity_conformance: tuple[str, ...] = ()
     #: what it leaves in the runtime dir
     runtime_files: tuple[RuntimeFile, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<SchemeInfo {self.name}: transport/{self.module}.py>"
 
     @property
     def prefix(self) -> str:
