@@ -12,7 +12,11 @@ import ast
 import importlib
 import os
 import pathlib
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -242,3 +246,50 @@ def test_a_scheme_is_one_module_and_one_entry() -> None:
     }
     named = {i.module for i in SCHEMES} | {i.reliable_module for i in SCHEMES if i.reliable_module}
     assert modules == named
+
+
+# -- the CLI decides by the registry too -------------------------------------------------
+
+
+def _buzon(runtime_dir: str, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, BUZON_RUNTIME_DIR=runtime_dir)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC.parent), env.get("PYTHONPATH")) if p)
+    return subprocess.Popen(
+        [sys.executable, "-m", "buzon", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "info",
+    [i for i in SCHEMES if i.connection_oriented and i.address == "local"],
+    ids=lambda i: i.name,
+)
+def test_cli_listen_serves_every_peer_of_a_connection_oriented_scheme(
+    info: _schemes.SchemeInfo, runtime_dir: str
+) -> None:
+    """At 135cb2d ``buzon listen shm:NAME`` gave up at once ("no peer arrived"): the CLI
+    knew only unix and tcp as connection-oriented."""
+    url = f"{info.name}:many"
+    server = _buzon(runtime_dir, "listen", url, "-q")
+    try:
+        path = os.path.join(runtime_dir, f"many{info.suffix}")
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path):
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline, "the listener never came up"
+            time.sleep(0.02)
+        for word in ("one", "two"):
+            sender = _buzon(runtime_dir, "send", url, f'"{word}"')
+            assert sender.wait(20) == 0, sender.communicate()
+            assert sender.stdout is not None and sender.stderr is not None
+            sender.stdout.close()
+            sender.stderr.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=20)
+    assert out.decode().splitlines() == ['"one"', '"two"'], err

@@ -280,3 +280,23 @@ def test_peercred_drops_another_user() -> None:
             assert lst.rejected == 1 and lst.accepted == 0
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_cli_raw_send_is_one_packet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``buzon send --raw`` sends stdin whole as one message on a scheme that keeps
+    boundaries (the registry's ``message_boundaries``), as on unixgram:."""
+    import io
+
+    payload = b"line one\nline two\n" * 5000  # more than one read of stdin
+    stdin = io.TextIOWrapper(io.BytesIO(payload))
+    monkeypatch.setattr("sys.stdin", stdin)
+    with buzon.listen("seqpacket:clisend", raw=True) as lst:
+        box: list[buzon.Channel] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+        t.start()
+        assert cli.main(["send", "--raw", "seqpacket:clisend"]) == 0
+        t.join(T)
+        with box[0] as ch:
+            assert ch.recv_bytes(timeout=T) == payload
+            with pytest.raises(buzon.EndOfChannel):
+                ch.recv_bytes(timeout=T)
