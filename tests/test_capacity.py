@@ -97,7 +97,7 @@ def test_default_is_the_transport_buffer() -> None:
     [
         ("udp://127.0.0.1:0", "reliable=True"),
         ("unixgram:capx", "reliable=True"),
-        ("mq:/buzon-capx", "private queue name"),
+        ("mq:/buzon-capx", r"private name \(mq:NAME\)"),
     ],
 )
 def test_links_that_cannot_carry_credits_refuse_clearly(url: str, reason: str) -> None:

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ._channel import DEFAULT_CAPACITY, DEFAULT_MAX_QUEUE, ChannelCore, ChannelOptions
-from ._schemes import SCHEMES, SchemeInfo, describe, scheme_info
+from ._schemes import SCHEMES, describe, scheme_info
 from .address import Address, parse_address
 from .errors import InsecureBind, SecurityError, UnsupportedOperation
 from .protocol.credit import check_capacity
@@ -217,7 +216,7 @@ def _check_capacity_support(
     if info.credits == "pool-private-rendezvous" and capacity == 0 and not addr.private:
         raise UnsupportedOperation(
             f"capacity=0 on {addr}: its credit pool lives in buzon's runtime dir, so it "
-            f"needs a private {info.summary.split()[-1]} name ({info.form})"
+            f"needs a private name ({info.form}), not an exact one"
         )
 
 
@@ -228,7 +227,7 @@ def capacity_support(scheme: str, duplex: bool = True) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     reliable = scheme == "reliable"
     if reliable:
-        scheme = next(i.name for i in _URL_SCHEMES if i.reliable_module is not None)
+        scheme = next(i.name for i in SCHEMES if i.reliable_module is not None)
     info = scheme_info(scheme)
     addr = parse_address(info.examples[0]) if info.has_url else Address(scheme)
     for label, capacity in (("0", 0), ("N", 8), ("None", None)):
@@ -241,15 +240,11 @@ def capacity_support(scheme: str, duplex: bool = True) -> dict[str, str | None]:
     return out
 
 
-def _schemes_where(which: Callable[[SchemeInfo], object], conj: str = "and") -> str:
-    return describe(which, conj=conj)
-
-
-_URL_SCHEMES = tuple(i for i in SCHEMES if i.has_url)
-_RELIABLE = _schemes_where(lambda i: i.reliable_module)
-_COMPAT = _schemes_where(lambda i: i.compat)
-_TLS = _schemes_where(lambda i: i.tls)
-_RINGS = _schemes_where(lambda i: i.ring_size)
+# the schemes each option works on, for the refusals' messages
+_RELIABLE = describe(lambda i: i.reliable_module, conj="and")
+_COMPAT = describe(lambda i: i.compat, conj="and")
+_TLS = describe(lambda i: i.tls, conj="and")
+_RINGS = describe(lambda i: i.ring_size, conj="and")
 
 
 def pipe_cores(duplex: bool, **options: Any) -> tuple[ChannelCore, ChannelCore]:
