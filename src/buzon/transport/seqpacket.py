@@ -190,8 +190,11 @@ class SeqpacketTransport(MessageTransport):
         self.closed = True
         self._fd = -1
         self.sock.close()
-        self._rbuf.release()
-        self._rmap.close()
+        try:
+            self._rbuf.release()
+            self._rmap.close()
+        except BufferError:  # a read in another thread still holds it: the GC frees it
+            pass
 
 
 class SeqpacketListener(ListenerTransport):
