@@ -236,12 +236,16 @@ exit status: 0 ok, 1 error, 2 bad usage, 3 timeout, 130 Ctrl-C,
 141 stdout closed (| head), 143 recv stopped by SIGTERM.
 """
 
-_SEND_EPILOG = """\
+# the schemes the help texts name, from the registry
+_WHOLE = describe(lambda i: i.message_boundaries, conj="and")
+_ONE_PEER = describe(lambda i: i.connection_oriented, conj="and")
+
+_SEND_EPILOG = f"""\
 MSG is sent as JSON when it parses as JSON (42 -> number, '"42"' -> string,
-'{"a": 1}' -> map), else as a string. '-' (the default) reads stdin: one message
+'{{"a": 1}}' -> map), else as a string. '-' (the default) reads stdin: one message
 per line. --raw sends bytes exactly as they are, without framing, to programs that
-do not speak buzon (a FIFO reader, socat, nc); on mq/unixgram/udp all of stdin is
-one message.
+do not speak buzon (a FIFO reader, socat, nc); all of stdin is one message on
+{_WHOLE}.
 
 examples:
   buzon send unix:calc '[1, 2, 3]'
@@ -251,11 +255,12 @@ examples:
   buzon send --raw udp://127.0.0.1:9999 'hello, nc'
 """
 
-_RECV_EPILOG = """\
-Objects are printed as JSON lines: bytes as {"$bytes": BASE64}, numpy arrays as
-{"$ndarray": {"dtype", "shape", "nbytes"}} (a summary). --raw writes the bytes
+_RECV_EPILOG = f"""\
+Objects are printed as JSON lines: bytes as {{"$bytes": BASE64}}, numpy arrays as
+{{"$ndarray": {{"dtype", "shape", "nbytes"}}}} (a summary). --raw writes the bytes
 received to stdout exactly as they are; on stream transports -n then counts chunks
-(what one read returned), on mq/unixgram/udp messages. unix:/tcp:// accept ONE peer.
+(what one read returned), messages on {_WHOLE}.
+Connection-oriented schemes accept ONE peer: {_ONE_PEER}.
 A line 'buzon: listening on ADDRESS' goes to stderr first (unless -q): with port 0
 it tells the real port.
 
@@ -269,9 +274,9 @@ examples:
   buzon recv unix:/tmp/s.sock --raw      # and: printf hi | socat - UNIX-CONNECT:/tmp/s.sock
 """
 
-_LISTEN_EPILOG = """\
-Serves every client at once (stream sockets: one channel per connection) and
-prints each message as '[PEER] JSON' (PEER: 'pid N' on Unix sockets, HOST:PORT on
+_LISTEN_EPILOG = f"""\
+Serves every client at once, one channel per connection on
+{_ONE_PEER}, and prints each message as '[PEER] JSON' (PEER: 'pid N' on Unix sockets, HOST:PORT on
 TCP, the transport name where the sender is unknown). Connections and departures
 are reported on stderr. Ctrl-C or SIGTERM closes everything, removes the endpoint
 and exits 0.
