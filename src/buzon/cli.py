@@ -275,11 +275,11 @@ examples:
 """
 
 _LISTEN_EPILOG = f"""\
-Serves every client at once, one channel per connection on
-{_ONE_PEER}, and prints each message as '[PEER] JSON' (PEER: 'pid N' on Unix sockets, HOST:PORT on
-TCP, the transport name where the sender is unknown). Connections and departures
-are reported on stderr. Ctrl-C or SIGTERM closes everything, removes the endpoint
-and exits 0.
+Serves every client at once and prints each message as '[PEER] JSON' (PEER:
+'pid N' on Unix sockets, HOST:PORT on TCP, the transport name where the sender is
+unknown). Each connection is a channel of its own on {_ONE_PEER}.
+Connections and departures are reported on stderr. Ctrl-C or SIGTERM closes
+everything, removes the endpoint and exits 0.
 
 examples:
   buzon listen unix:log
