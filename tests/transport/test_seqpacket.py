@@ -144,6 +144,28 @@ def test_stale_files_are_replaced_and_live_ones_refused(runtime_dir: str) -> Non
         buzon.listen("seqpacket:st")
 
 
+def test_symlinks_are_never_followed(runtime_dir: str) -> None:
+    real = os.path.join(runtime_dir, "real.seqpacket")
+    link = os.path.join(runtime_dir, "name.seqpacket")
+    with buzon.listen(f"seqpacket:{real}"):
+        os.symlink(real, link)
+        with pytest.raises(buzon.UnsafePath, match="symlink"):
+            buzon.connect("seqpacket:name", timeout=2)
+        with pytest.raises(buzon.UnsafePath, match="symlink"):
+            buzon.listen("seqpacket:name")
+        assert os.path.islink(link) and not os.path.islink(real)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_an_endpoint_of_another_user_is_refused(runtime_dir: str) -> None:
+    path = os.path.join(runtime_dir, "calc.seqpacket")
+    with buzon.listen("seqpacket:calc"):
+        os.chown(path, NOBODY, NOBODY)
+        with pytest.raises(buzon.UnsafePath, match=f"owned by uid {NOBODY}"):
+            buzon.connect("seqpacket:calc", timeout=2)
+        os.chown(path, 0, 0)
+
+
 def test_connect_to_nothing_fails(runtime_dir: str) -> None:
     # (whether connect first waits for the endpoint to appear is issue 9, item 4h)
     with pytest.raises((buzon.NoSuchEndpoint, buzon.Timeout)):
