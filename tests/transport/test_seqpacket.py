@@ -78,7 +78,11 @@ def test_raw_packets_keep_their_boundaries_and_an_empty_one_is_not_the_end() -> 
         for data in (b"one", b"", b"two" * 1000):
             con.send_bytes(data)
         assert [acc.recv_bytes(timeout=T) for _ in range(3)] == [b"one", b"", b"two" * 1000]
-        con.close()
+        con.send_bytes(b"")
+        con.send_bytes(b"after an empty one")
+        con.close()  # with packets still queued: the empty one is not taken for the close
+        assert acc.recv_bytes(timeout=T) == b""
+        assert acc.recv_bytes(timeout=T) == b"after an empty one"
         with pytest.raises(buzon.EndOfChannel):
             acc.recv_bytes(timeout=T)
 

@@ -20,8 +20,10 @@ reassembled and no length prefix is needed on the wire.
   A packet larger than that (a foreign peer with a bigger buffer) cannot be read
   whole: it is discarded and reported as :class:`~buzon.errors.FrameError`.
 * **End of channel.** A read of zero bytes is the peer's close when the socket reports
-  hang-up (``POLLRDHUP``); otherwise it was an empty packet (possible with
-  ``raw=True`` only: a frame is never empty), and is delivered as ``b""``.
+  hang-up (``POLLRDHUP``) and no packet with bytes in it is still queued; otherwise it
+  was an empty packet (possible with ``raw=True`` only: a frame is never empty), and
+  is delivered as ``b""``. (Empty packets that are the last thing a peer sent before
+  closing are indistinguishable from its close.)
 * **Room.** In-flight packets are bounded by the sender's send buffer; the socket
   polls writable when a quarter of it is free, and a send then always fits.
 """
@@ -29,11 +31,14 @@ reassembled and no length prefix is needed on the wire.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import select
 import socket
 import stat
+import sys
+import termios
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -150,7 +155,7 @@ class SeqpacketTransport(MessageTransport):
                 f"the peer sent a packet of more than {MAX_MESSAGE} bytes, the largest a "
                 "seqpacket: channel takes; it was discarded"
             )
-        if n == 0 and self._hung_up():
+        if n == 0 and self._hung_up() and not self._queued():
             raise EndOfChannel("the peer closed the connection")
         return bytes(self._rbuf[:n])
 
@@ -158,6 +163,11 @@ class SeqpacketTransport(MessageTransport):
         poller = select.poll()
         poller.register(self._fd, select.POLLRDHUP)
         return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
+
+    def _queued(self) -> bool:
+        """Packets with bytes in them still wait (so the zero-byte read was a packet)."""
+        count = fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(count, sys.byteorder, signed=True) > 0
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         first = bufs[0]
