@@ -57,6 +57,7 @@ def _pair(
         ("tcp://127.0.0.1:0", {}),
         ("udp://127.0.0.1:0", {"reliable": True}),  # message links run the handshake too
         ("shm:capmismatch", {}),
+        ("seqpacket:capmismatch", {}),
     ],
 )
 def test_both_ends_must_agree(url: str, extra: dict[str, object]) -> None:
@@ -70,7 +71,7 @@ def test_both_ends_must_agree(url: str, extra: dict[str, object]) -> None:
         assert con.capacity == acc.capacity == 1  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("url", ["unix:capadopt", "tcp://127.0.0.1:0"])
+@pytest.mark.parametrize("url", ["unix:capadopt", "tcp://127.0.0.1:0", "seqpacket:capadopt"])
 def test_one_end_states_it_and_both_use_it(url: str) -> None:
     con, acc = _pair(url, {"capacity": 1}, {})
     with con, acc:  # type: ignore[attr-defined]
@@ -96,7 +97,7 @@ def test_default_is_the_transport_buffer() -> None:
     [
         ("udp://127.0.0.1:0", "reliable=True"),
         ("unixgram:capx", "reliable=True"),
-        ("mq:/buzon-capx", "private queue name"),
+        ("mq:/buzon-capx", r"private name \(mq:NAME\)"),
     ],
 )
 def test_links_that_cannot_carry_credits_refuse_clearly(url: str, reason: str) -> None:

@@ -1,7 +1,9 @@
 """Options and security policy shared by both drivers, decided before any I/O waits.
 
 Both ``buzon.connect``/``buzon.listen`` and their asyncio twins call :func:`prepare`,
-so defaults and refusals are identical in the two drivers:
+so defaults and refusals are identical in the two drivers. Which rule applies to a
+scheme is its registry entry's to say (:mod:`buzon._schemes`); the schemes named below
+are today's:
 
 * TCP/UDP listeners bind loopback unless authenticated or ``insecure=True`` —
   :class:`InsecureBind` otherwise. Only a handshake authenticates: ``authkey=`` on a
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._channel import DEFAULT_CAPACITY, DEFAULT_MAX_QUEUE, ChannelCore, ChannelOptions
+from ._schemes import SCHEMES, describe, scheme_info
 from .address import Address, parse_address
 from .errors import InsecureBind, SecurityError, UnsupportedOperation
 from .protocol.credit import check_capacity
@@ -34,8 +37,6 @@ from .transport.base import TransportOptions
 from .transport.pipe import pipe_pair
 
 __all__ = ["Prepared", "capacity_support", "prepare"]
-
-_CONNECTION_ORIENTED = frozenset({"unix", "tcp"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +52,7 @@ class Prepared:
         """buzon's own handshake runs on connection-oriented, framed links: stream
         sockets, and the message links with a connection per peer (reliable datagrams,
         shared memory), where it agrees on the capacity like everywhere else."""
-        scheme = self.address.scheme
-        connected = (
-            scheme in _CONNECTION_ORIENTED or scheme == "shm" or bool(self.transport.reliable)
-        )
+        connected = scheme_info(self.address.scheme).handshake or bool(self.transport.reliable)
         return connected and self.compat is None and not self.channel.raw
 
 
@@ -84,6 +82,7 @@ def prepare(
     ring_size: int | None = None,
 ) -> Prepared:
     addr = parse_address(url)
+    info = scheme_info(addr.scheme)
     if ring_size is not None:
         _check_ring_size(addr, ring_size, listening=listening)
     if reliable:
@@ -91,9 +90,9 @@ def prepare(
         # so every rule below for udp/unixgram applies unchanged
         from .protocol.reliable import ReliableConfig
 
-        if addr.scheme not in ("udp", "unixgram"):
+        if info.reliable_module is None:
             raise UnsupportedOperation(
-                f"reliable=True works on udp:// and unixgram: addresses, not {addr.scheme}:"
+                f"reliable=True works on {_RELIABLE} addresses, not {addr.scheme}:"
             )
         if reliable is not True and not isinstance(reliable, ReliableConfig):
             raise TypeError("reliable is a bool or a buzon.protocol.reliable.ReliableConfig")
@@ -106,8 +105,8 @@ def prepare(
         raise TypeError("authkey must be bytes")
     if compat not in (None, "multiprocessing"):
         raise ValueError(f"unknown compat mode {compat!r}; the one supported is 'multiprocessing'")
-    if compat is not None and addr.scheme not in _CONNECTION_ORIENTED:
-        raise UnsupportedOperation(f"compat={compat!r} works on unix: and tcp:// addresses only")
+    if compat is not None and not info.compat:
+        raise UnsupportedOperation(f"compat={compat!r} works on {_COMPAT} addresses only")
     if raw and pickle:
         raise ValueError("raw=True moves bytes only; it cannot be combined with pickle=True")
     if not 1024 <= max_frame <= 2**40:
@@ -115,11 +114,11 @@ def prepare(
     if codec == "pickle" and not pickle:
         raise ValueError("codec='pickle' needs pickle=True as well (pickle is opt-in)")
     # An authkey authenticates the peer only where a handshake uses it: buzon's own on
-    # framed unix/tcp links, the multiprocessing one in compat mode. Never on datagrams.
-    authenticated = authkey is not None and not raw and addr.scheme in _CONNECTION_ORIENTED
+    # framed connections, the multiprocessing one in compat mode. Never on datagrams.
+    authenticated = authkey is not None and not raw and info.authkey
     if tls is not None:
-        if addr.scheme != "tcp":
-            raise UnsupportedOperation(f"tls= works on tcp:// addresses, not {addr.scheme}:")
+        if not info.tls:
+            raise UnsupportedOperation(f"tls= works on {_TLS} addresses, not {addr.scheme}:")
         if not isinstance(tls, ssl.SSLContext):
             raise TypeError("tls must be an ssl.SSLContext")
         # TLS authenticates the side whose certificate is verified: a listener that
@@ -132,18 +131,22 @@ def prepare(
             raise InsecureBind(
                 f"{addr} is not a loopback address: anyone on the network could connect. "
                 + (
-                    "UDP has no handshake, so only insecure=True allows this"
-                    if addr.scheme == "udp"
+                    f"{addr.scheme.upper()} has no handshake, so only insecure=True allows this"
+                    if not info.authkey
                     else "Pass authkey=b'...' or tls= with client certificates required "
                     "(or insecure=True if you really mean it)"
                 )
             )
-        if pickle and not authenticated:
-            raise SecurityError(
-                f"pickle over {addr.scheme} needs an authenticated peer"
-                + (": pass authkey=b'...'" if addr.scheme == "tcp" else " (UDP cannot have one)")
+    if pickle and info.pickle == "authenticated" and not authenticated:
+        raise SecurityError(
+            f"pickle over {addr.scheme} needs an authenticated peer"
+            + (
+                ": pass authkey=b'...'"
+                if info.authkey
+                else f" ({addr.scheme.upper()} cannot have one)"
             )
-    if pickle and addr.scheme in ("fifo", "mq", "unixgram") and not addr.private:
+        )
+    if pickle and info.pickle == "private-name" and not addr.private:
         # buzon creates private endpoints 0600 in its 0700 namespace; an exact name may be
         # an object some other program made, writable by other users.
         raise SecurityError(
@@ -180,9 +183,9 @@ def prepare(
 
 
 def _check_ring_size(addr: Address, ring_size: int, *, listening: bool) -> None:
-    if addr.scheme != "shm":
+    if not scheme_info(addr.scheme).ring_size:
         raise UnsupportedOperation(
-            f"ring_size= sizes the rings of shm: channels; {addr.scheme}: has none"
+            f"ring_size= sizes the rings of {_RINGS} channels; {addr.scheme}: has none"
         )
     if not listening:
         raise UnsupportedOperation(
@@ -204,15 +207,16 @@ def _check_capacity_support(
         )
     if capacity is None:
         return
-    if addr.scheme in ("udp", "unixgram") and not reliable:
+    info = scheme_info(addr.scheme)
+    if info.credits == "needs-reliable" and not reliable:
         raise UnsupportedOperation(
             f"capacity={capacity} on {addr.scheme}: credits need a link that loses and "
             "reorders nothing, and a peer per channel (use reliable=True)"
         )
-    if addr.scheme == "mq" and capacity == 0 and not addr.private:
+    if info.credits == "pool-private-rendezvous" and capacity == 0 and not addr.private:
         raise UnsupportedOperation(
             f"capacity=0 on {addr}: its credit pool lives in buzon's runtime dir, so it "
-            "needs a private queue name (mq:NAME)"
+            f"needs a private name ({info.form}), not an exact one"
         )
 
 
@@ -223,8 +227,9 @@ def capacity_support(scheme: str, duplex: bool = True) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     reliable = scheme == "reliable"
     if reliable:
-        scheme = "udp"
-    addr = Address("pipe") if scheme == "pipe" else parse_address(_EXAMPLE_URL[scheme])
+        scheme = next(i.name for i in SCHEMES if i.reliable_module is not None)
+    info = scheme_info(scheme)
+    addr = parse_address(info.examples[0]) if info.has_url else Address(scheme)
     for label, capacity in (("0", 0), ("N", 8), ("None", None)):
         try:
             _check_capacity_support(addr, capacity, raw=False, compat=None, reliable=reliable)
@@ -235,15 +240,11 @@ def capacity_support(scheme: str, duplex: bool = True) -> dict[str, str | None]:
     return out
 
 
-_EXAMPLE_URL = {
-    "fifo": "fifo:x",
-    "mq": "mq:x",
-    "unix": "unix:x",
-    "unixgram": "unixgram:x",
-    "tcp": "tcp://127.0.0.1:1",
-    "udp": "udp://127.0.0.1:1",
-    "shm": "shm:x",
-}
+# the schemes each option works on, for the refusals' messages
+_RELIABLE = describe(lambda i: i.reliable_module, conj="and")
+_COMPAT = describe(lambda i: i.compat, conj="and")
+_TLS = describe(lambda i: i.tls, conj="and")
+_RINGS = describe(lambda i: i.ring_size, conj="and")
 
 
 def pipe_cores(duplex: bool, **options: Any) -> tuple[ChannelCore, ChannelCore]:

@@ -1,18 +1,14 @@
 """Addresses: one URL syntax for every transport.
 
-=====================  ==========================================================
-``fifo:NAME``          named pipe ``NAME.fifo`` in buzon's private runtime dir
-``fifo:/abs/path``     named pipe exactly at ``/abs/path``
-``mq:NAME``            POSIX message queue ``/buzon-UID-NAME`` (private prefix)
-``mq:/NAME``           POSIX message queue exactly ``/NAME``
-``unix:NAME``          Unix stream socket ``NAME.sock`` in the runtime dir
-``unix:/abs/path``     Unix stream socket exactly at ``/abs/path``
-``unixgram:NAME``      Unix datagram socket ``NAME.dgram`` in the runtime dir
-``unixgram:/abs/path`` Unix datagram socket exactly at ``/abs/path``
-``shm:NAME``           shared-memory channel; meet at socket ``NAME.shm`` in the runtime dir
-``tcp://HOST:PORT``    TCP; IPv6 as ``tcp://[::1]:PORT``; port 0 picks a free port
-``udp://HOST:PORT``    UDP, same host syntax
-=====================  ==========================================================
+Every scheme and its URL forms are entries of the registry (:mod:`buzon._schemes`);
+docs/transports.md has the generated table. The forms are:
+
+* a runtime-dir scheme (``fifo:``, ``unix:``, ...): ``SCHEME:NAME`` is the file
+  ``NAME<suffix>`` in buzon's private runtime dir, ``SCHEME:/abs/path`` exactly that
+  path (a socket path is at most 107 bytes);
+* ``mq:NAME`` is the POSIX queue ``/buzon-UID-NAME`` (private prefix), ``mq:/NAME``
+  exactly ``/NAME``;
+* ``tcp://HOST:PORT``, ``udp://HOST:PORT``: IPv6 as ``[::1]``; port 0 picks a free port.
 
 A NAME is 1-64 characters of ``A-Z a-z 0-9 . _ -`` not starting with a dot. Names
 without a leading slash live in buzon's namespace, so two programs of the same user
@@ -27,18 +23,18 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import Literal
 
+from ._schemes import describe, scheme_info
 from .errors import AddressError
 
 __all__ = ["Address", "Scheme", "parse_address"]
 
-Scheme = Literal["fifo", "mq", "unix", "unixgram", "tcp", "udp", "pipe", "shm"]
+Scheme = str
+"""A scheme name: one of the registry's (:data:`buzon._schemes.SCHEMES`)."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 _MQ_NAME_RE = re.compile(r"^/[^/\x00]{1,250}$")
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
-_SUFFIX = {"fifo": ".fifo", "unix": ".sock", "unixgram": ".dgram", "shm": ".shm"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +58,13 @@ class Address:
 
     @property
     def is_inet(self) -> bool:
-        return self.scheme in ("tcp", "udp")
+        """True for ``HOST:PORT`` addresses (TCP, UDP)."""
+        return scheme_info(self.scheme).address == "inet"
 
     def fs_path(self, runtime_dir: str | None = None) -> str:
         """The file-system path of a FIFO or Unix socket address."""
-        if self.scheme not in _SUFFIX:
+        info = scheme_info(self.scheme)
+        if info.address != "local" or info.suffix is None:
             raise AddressError(f"{self} has no file-system path")
         if self.path is not None:
             return self.path
@@ -75,8 +73,8 @@ class Address:
 
             runtime_dir = _rd()
         assert self.name is not None
-        path = os.path.join(runtime_dir, self.name + _SUFFIX[self.scheme])
-        if len(os.fsencode(path)) > _SUN_PATH_MAX and self.scheme != "fifo":
+        path = os.path.join(runtime_dir, self.name + info.suffix)
+        if len(os.fsencode(path)) > _SUN_PATH_MAX and info.unix_socket is not None:
             raise AddressError(
                 f"{self}: socket path {path!r} exceeds {_SUN_PATH_MAX} bytes; "
                 "set BUZON_RUNTIME_DIR to a shorter directory"
@@ -85,23 +83,25 @@ class Address:
 
     def mq_name(self) -> str:
         """The POSIX message queue name (``/...``) of an ``mq:`` address."""
-        if self.scheme != "mq":
+        if scheme_info(self.scheme).address != "queue":
             raise AddressError(f"{self} is not a message queue address")
         if self.path is not None:
             return self.path
         return f"/buzon-{os.getuid()}-{self.name}"
 
     def with_port(self, port: int) -> Address:
+        """This INET address with ``port`` (the one a listener on port 0 got)."""
         return Address(self.scheme, host=self.host, port=port)
 
     def __str__(self) -> str:
-        if self.scheme in ("tcp", "udp"):
+        kind = scheme_info(self.scheme).address
+        if kind == "inet":
             host = self.host or ""
             if ":" in host:
                 host = f"[{host}]"
             return f"{self.scheme}://{host}:{self.port}"
-        if self.scheme == "pipe":
-            return "pipe:"
+        if kind == "none":
+            return f"{self.scheme}:"
         return f"{self.scheme}:{self.name if self.name is not None else self.path}"
 
 
@@ -115,26 +115,29 @@ def parse_address(url: str | Address) -> Address:
         raise AddressError("addresses may not contain NUL bytes")
     scheme, sep, rest = url.partition(":")
     if not sep:
-        raise AddressError(
-            f"{url!r} has no scheme; use one of fifo:, mq:, unix:, unixgram:, tcp://, udp://"
-        )
-    if scheme in ("tcp", "udp"):
+        raise AddressError(f"{url!r} has no scheme; use {_ALL_SCHEMES}")
+    try:
+        kind = scheme_info(scheme).address
+    except KeyError:
+        kind = "none"
+    if kind == "inet":
         return _parse_inet(url, scheme, rest)
-    if scheme in ("fifo", "unix", "unixgram", "shm"):
+    if kind == "local":
         return _parse_local(url, scheme, rest)
-    if scheme == "mq":
+    if kind == "queue":
         if rest.startswith("/"):
             if not _MQ_NAME_RE.fullmatch(rest):
                 raise AddressError(
                     f"{url!r}: a POSIX queue name is '/' followed by 1-250 characters "
                     "and no further slash"
                 )
-            return Address("mq", path=rest)
+            return Address(scheme, path=rest)
         _check_name(url, rest)
-        return Address("mq", name=rest)
-    raise AddressError(
-        f"{url!r}: unknown scheme {scheme!r}; use fifo:, mq:, unix:, unixgram:, tcp:// or udp://"
-    )
+        return Address(scheme, name=rest)
+    raise AddressError(f"{url!r}: unknown scheme {scheme!r}; use {_ALL_SCHEMES}")
+
+
+_ALL_SCHEMES = describe(lambda info: True)
 
 
 def _check_name(url: str, name: str) -> None:
@@ -152,11 +155,11 @@ def _parse_local(url: str, scheme: str, rest: str) -> Address:
         norm = os.path.normpath(rest)
         if norm != rest.rstrip("/") or rest.endswith("/"):
             raise AddressError(f"{url!r}: the path must be normalised (no '..', '//' or '/.')")
-        if scheme != "fifo" and len(os.fsencode(rest)) > _SUN_PATH_MAX:
+        if scheme_info(scheme).unix_socket is not None and len(os.fsencode(rest)) > _SUN_PATH_MAX:
             raise AddressError(f"{url!r}: a socket path is at most {_SUN_PATH_MAX} bytes")
-        return Address(scheme, path=rest)  # type: ignore[arg-type]
+        return Address(scheme, path=rest)
     _check_name(url, rest)
-    return Address(scheme, name=rest)  # type: ignore[arg-type]
+    return Address(scheme, name=rest)
 
 
 def _parse_inet(url: str, scheme: str, rest: str) -> Address:
@@ -182,4 +185,4 @@ def _parse_inet(url: str, scheme: str, rest: str) -> Address:
             raise AddressError(f"{url!r}: {host!r} is not a host name or IPv4 address")
     if not (port_s.isascii() and port_s.isdigit()) or not 0 <= int(port_s) <= 65535:
         raise AddressError(f"{url!r}: the port must be a number from 0 to 65535")
-    return Address(scheme, host=host, port=int(port_s))  # type: ignore[arg-type]
+    return Address(scheme, host=host, port=int(port_s))

@@ -11,12 +11,13 @@ buzon programs as well as to programs that know nothing about buzon (``--raw``).
   ``-`` (the default) reads stdin: one message per line (JSON-or-string, the newline
   removed; a line that is not UTF-8 is sent as bytes). ``--bytes`` sends each message
   as bytes (``send_bytes``). ``--raw`` sends the bytes exactly as they are, no framing:
-  on stream transports (fifo, unix, tcp) stdin is copied as it arrives; on message
-  transports (mq, unixgram, udp) the whole of stdin (or MSG) is one message.
-* ``recv URL`` creates/binds the endpoint, takes one peer (stream sockets: the first
-  to connect) and prints what arrives until the peer closes, ``-n N`` messages were
-  printed, or ``--timeout S`` seconds pass without a message. A FIFO endpoint never
-  ends by itself: ``recv`` keeps a write end open so writers may come and go.
+  on stream transports (fifo, unix, tcp) stdin is copied as it arrives; on transports
+  that keep message boundaries (mq, unixgram, seqpacket, udp, shm: the registry's
+  ``message_boundaries``) the whole of stdin (or MSG) is one message.
+* ``recv URL`` creates/binds the endpoint, takes one peer (connection-oriented
+  schemes: the first to connect) and prints what arrives until the peer closes,
+  ``-n N`` messages were printed, or ``--timeout S`` seconds pass without a message.
+  A FIFO endpoint never ends by itself: ``recv`` keeps a write end open so writers may come and go.
 * ``listen URL`` is ``recv`` for every client at once (one ``buzon.wait`` over the
   listener and all channels, no threads), until Ctrl-C or SIGTERM; each line is
   prefixed with ``[peer]`` (``pid N`` on Unix sockets, ``host:port`` on TCP, the
@@ -40,15 +41,13 @@ depends on timing), on message transports messages. ``listen --raw`` without
 ``--quiet`` writes each line as ``[peer] line`` (a last line without newline gets one).
 
 ``ls`` lists the runtime dir: address, type, mode, state and path of every entry, and
-this user's POSIX queues. A socket is ``listening``/``bound`` when ``/proc/net/unix``
-shows it bound (else a connection attempt decides; refused means ``dead``); a FIFO has
-a ``reader`` when a non-blocking write-open succeeds (which wakes a foreign reader
-blocked in ``open``, and its EOF may follow: buzon's own readers are not disturbed).
-``clean`` removes only what is provably dead and older than two seconds: socket files
-nobody is bound to, FIFOs nobody reads, client datagram sockets ``c-PID-*.dgram``
-whose process is gone, and lock files of private queues that no longer exist. Queues
-are never removed (one may hold messages for a reader to come; the next listener on a
-private name whose owner died takes it over, messages included).
+this user's POSIX queues and shared-memory segments; ``clean`` removes only what is
+provably dead and older than two seconds: socket files nobody is bound to, FIFOs
+nobody reads, client datagram sockets ``c-PID-*.dgram`` whose process is gone, and
+lock files of private queues that no longer exist. Queues are never removed (one may
+hold messages for a reader to come; the next listener on a private name whose owner
+died takes it over, messages included). Both are :mod:`buzon._forensics`, which
+recognises each entry by the runtime files the scheme registry declares.
 
 Exit status
 -----------
@@ -72,14 +71,10 @@ import base64
 import contextlib
 import datetime
 import errno
-import fcntl
 import json
 import math
 import os
-import re
 import signal
-import socket
-import stat
 import sys
 import time
 import uuid
@@ -90,6 +85,7 @@ from typing import IO, Any, NoReturn
 import buzon
 
 from ._runtime import runtime_dir
+from ._schemes import describe, scheme_info
 from .address import Address, parse_address
 from .errors import (
     AddressError,
@@ -119,16 +115,22 @@ EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143
 
 DEFAULT_SEND_TIMEOUT = 10.0
-CLEAN_GRACE = 2.0  # seconds: entries younger than this may be endpoints being set up
 _CHUNK = 65536
 _LISTEN_HANDSHAKE_TIMEOUT = 5.0
 _DRAIN_BATCH = 64  # messages taken from one channel before serving the others
-_CONNECTION_ORIENTED = ("unix", "tcp")
-_MESSAGE_SCHEMES = ("mq", "unixgram", "udp")
 _ADDRESS_HINT = (
-    "addresses look like fifo:NAME, mq:NAME, unix:NAME, unixgram:NAME, "
-    "tcp://HOST:PORT or udp://HOST:PORT (NAME may be an absolute path)"
+    f"addresses look like {describe(lambda i: True, form=True)} (NAME may be an absolute path)"
 )
+
+
+def _accepts_many(address: Address) -> bool:
+    """Each peer of the endpoint is a channel of its own (else the endpoint is one)."""
+    return scheme_info(address.scheme).connection_oriented
+
+
+def _whole_messages(address: Address) -> bool:
+    """The transport keeps message boundaries: raw bytes go as whole messages."""
+    return scheme_info(address.scheme).message_boundaries
 
 
 class _Terminated(Exception):
@@ -234,12 +236,16 @@ exit status: 0 ok, 1 error, 2 bad usage, 3 timeout, 130 Ctrl-C,
 141 stdout closed (| head), 143 recv stopped by SIGTERM.
 """
 
-_SEND_EPILOG = """\
+# the schemes the help texts name, from the registry
+_WHOLE = describe(lambda i: i.message_boundaries, conj="and")
+_ONE_PEER = describe(lambda i: i.connection_oriented, conj="and")
+
+_SEND_EPILOG = f"""\
 MSG is sent as JSON when it parses as JSON (42 -> number, '"42"' -> string,
-'{"a": 1}' -> map), else as a string. '-' (the default) reads stdin: one message
+'{{"a": 1}}' -> map), else as a string. '-' (the default) reads stdin: one message
 per line. --raw sends bytes exactly as they are, without framing, to programs that
-do not speak buzon (a FIFO reader, socat, nc); on mq/unixgram/udp all of stdin is
-one message.
+do not speak buzon (a FIFO reader, socat, nc); all of stdin is one message on
+{_WHOLE}.
 
 examples:
   buzon send unix:calc '[1, 2, 3]'
@@ -249,11 +255,12 @@ examples:
   buzon send --raw udp://127.0.0.1:9999 'hello, nc'
 """
 
-_RECV_EPILOG = """\
-Objects are printed as JSON lines: bytes as {"$bytes": BASE64}, numpy arrays as
-{"$ndarray": {"dtype", "shape", "nbytes"}} (a summary). --raw writes the bytes
+_RECV_EPILOG = f"""\
+Objects are printed as JSON lines: bytes as {{"$bytes": BASE64}}, numpy arrays as
+{{"$ndarray": {{"dtype", "shape", "nbytes"}}}} (a summary). --raw writes the bytes
 received to stdout exactly as they are; on stream transports -n then counts chunks
-(what one read returned), on mq/unixgram/udp messages. unix:/tcp:// accept ONE peer.
+(what one read returned), messages on {_WHOLE}.
+Connection-oriented schemes accept ONE peer: {_ONE_PEER}.
 A line 'buzon: listening on ADDRESS' goes to stderr first (unless -q): with port 0
 it tells the real port.
 
@@ -267,12 +274,12 @@ examples:
   buzon recv unix:/tmp/s.sock --raw      # and: printf hi | socat - UNIX-CONNECT:/tmp/s.sock
 """
 
-_LISTEN_EPILOG = """\
-Serves every client at once (stream sockets: one channel per connection) and
-prints each message as '[PEER] JSON' (PEER: 'pid N' on Unix sockets, HOST:PORT on
-TCP, the transport name where the sender is unknown). Connections and departures
-are reported on stderr. Ctrl-C or SIGTERM closes everything, removes the endpoint
-and exits 0.
+_LISTEN_EPILOG = f"""\
+Serves every client at once and prints each message as '[PEER] JSON' (PEER:
+'pid N' on Unix sockets, HOST:PORT on TCP, the transport name where the sender is
+unknown). Each connection is a channel of its own on {_ONE_PEER}.
+Connections and departures are reported on stderr. Ctrl-C or SIGTERM closes
+everything, removes the endpoint and exits 0.
 
 examples:
   buzon listen unix:log
@@ -640,7 +647,7 @@ def _send_raw(
         ch.send_bytes(os.fsencode(message), timeout, priority=prio)
         return
     stdin = _stdin_binary()
-    if address.scheme in _MESSAGE_SCHEMES:
+    if _whole_messages(address):
         ch.send_bytes(stdin.read(), timeout, priority=prio)
         return
     read1 = getattr(stdin, "read1", stdin.read)
@@ -666,9 +673,10 @@ def _announce(listener: buzon.Listener, quiet: bool) -> None:
         return
     addr = listener.address
     where = ""
-    if addr.scheme in ("fifo", "unix", "unixgram"):
+    kind = scheme_info(addr.scheme).address
+    if kind == "local":
         where = f" ({addr.fs_path()})"
-    elif addr.scheme == "mq":
+    elif kind == "queue":
         where = f" (queue {addr.mq_name()})"
     _note(f"listening on {addr}{where}")
 
@@ -686,7 +694,7 @@ def _cmd_recv(args: argparse.Namespace) -> int:
                 ch = listener.accept(timeout=timeout)
             except Timeout:
                 return _timed_out(args, 0)
-            if address.scheme in _CONNECTION_ORIENTED:
+            if _accepts_many(address):
                 listener.close()  # one peer only: later ones are refused, not left hanging
             count = 0
             while args.count is None or count < args.count:
@@ -781,8 +789,8 @@ class _Server:
         self.out = _Output(raw=args.raw)
         self.channels: dict[buzon.Channel, str] = {}
         self.splitters: dict[buzon.Channel, _LineSplitter] = {}
-        self.scheme = listener.address.scheme
-        self.single = self.scheme not in _CONNECTION_ORIENTED
+        self.single = not _accepts_many(listener.address)
+        self.whole = _whole_messages(listener.address)
 
     def note(self, message: str) -> None:
         if not self.args.quiet:
@@ -835,7 +843,7 @@ class _Server:
                 self.note(f"{label}: dropped a message: {exc}")
                 continue
             except BuzonError as exc:
-                if self.single and self.scheme in _MESSAGE_SCHEMES:
+                if self.single and self.whole:
                     self.note(f"dropped a bad message: {exc}")  # the next one is whole
                     continue
                 if self.single:
@@ -853,7 +861,7 @@ class _Server:
             self.out.write_bytes(item)
             return
         splitter.feed(item)
-        if self.scheme in _MESSAGE_SCHEMES:
+        if self.whole:
             splitter.end()  # a message is a unit: finish its last line
 
     def drop(self, ch: buzon.Channel, why: str) -> None:
@@ -897,230 +905,12 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 # -- ls and clean ---------------------------------------------------------------------
 
-_SUFFIX_SCHEME = {".fifo": "fifo", ".sock": "unix", ".dgram": "unixgram", ".shm": "shm"}
-
-
-class _Entry:
-    """One entry of the runtime dir, probed."""
-
-    def __init__(self, rdir: str, name: str) -> None:
-        self.name = name
-        self.path = os.path.join(rdir, name)
-        self.st = os.lstat(self.path)
-        self.mode = stat.S_IMODE(self.st.st_mode)
-        stem, suffix = os.path.splitext(name)
-        self.client_pid = _client_pid(name)
-        if stat.S_ISFIFO(self.st.st_mode):
-            self.kind = "fifo"
-        elif stat.S_ISSOCK(self.st.st_mode):
-            self.kind = {".sock": "unix", ".dgram": "unixgram", ".shm": "shm"}.get(suffix, "socket")
-        elif stat.S_ISDIR(self.st.st_mode):
-            self.kind = "dir"
-        elif stat.S_ISLNK(self.st.st_mode):
-            self.kind = "symlink"
-        else:
-            self.kind = "file"
-        scheme = _SUFFIX_SCHEME.get(suffix)
-        ok = scheme is not None and scheme == self.kind and self.client_pid is None
-        self.address = f"{scheme}:{stem}" if ok else "-"
-        if self.kind == "file" and name.endswith(_MQ_LOCK):
-            self.kind = "mq-lock"  # held by the listener of a private POSIX queue
-            self.address = f"mq:{name[: -len(_MQ_LOCK)]}"
-        elif self.kind == "file" and suffix in _SHM_NAMES:  # names a segment (shm/_names.py)
-            self.kind = "shm-name"
-            self.address = f"{_SHM_NAMES[suffix]}:{stem}"
-        pool = _POOL_RE.match(name) if self.kind == "fifo" else None
-        self.pool = "" if pool is None else f"capacity={pool[3]} {pool[4]}s"
-        if pool is not None:  # a capacity's token pool (transport/_tokens.py)
-            self.kind = "credits" if pool[4] == "credit" else "acks"
-            self.address = f"{pool[2]}:{pool[1]}"
-        self.live: bool | None = None  # True live, False provably dead, None unknown
-        self.state = "-"
-
-    def probe(self, bound: dict[str, bool] | None) -> None:
-        if self.kind == "mq-lock":
-            self.live = _lock_held(self.path)
-            self.state = {True: "listener alive", False: "no listener", None: "?"}[self.live]
-        elif self.kind == "shm-name":
-            from .shm import segment_exists
-            from .shm._names import lookup
-
-            try:
-                segment = lookup(self.path)
-            except (BuzonError, OSError):  # not ours, or not a name file after all
-                segment = None
-            if segment is not None and segment_exists(segment):
-                self.state = f"names {segment.lstrip('/')}"
-            else:
-                self.state = "names a segment that is gone"
-        elif self.kind == "fifo":
-            self.live = _fifo_has_reader(self.path)
-            self.state = {True: "reader", False: "no reader", None: "?"}[self.live]
-        elif self.kind in ("credits", "acks"):  # the listener holds its pools open
-            self.live = _fifo_has_reader(self.path)
-            owner = {True: "listener alive", False: "no listener", None: "?"}[self.live]
-            self.state = f"{self.pool}, {owner}"
-        elif stat.S_ISSOCK(self.st.st_mode):
-            self.live, listening = _socket_state(self.path, self.kind, bound)
-            if self.live is None:
-                self.state = "?"
-            elif self.live:
-                self.state = "listening" if listening else "bound"
-            else:
-                self.state = "dead"
-            if self.client_pid is not None:
-                alive = _pid_alive(self.client_pid)
-                self.state += f" (client of pid {self.client_pid}{'' if alive else ', gone'})"
-
-    def removable(self, now: float) -> str | None:
-        """Why this entry is provably dead, or None to keep it."""
-        if now - self.st.st_mtime < CLEAN_GRACE or self.live is not False:
-            return None
-        if self.client_pid is not None:
-            if _pid_alive(self.client_pid):
-                return None
-            return f"client datagram socket of dead pid {self.client_pid}"
-        if self.kind == "mq-lock":
-            from .transport.mq import queue_exists
-
-            if queue_exists(self.address):
-                return None  # its queue holds messages for the next listener: keep both
-            return "lock of a queue that is gone"
-        if self.kind == "fifo":
-            return "FIFO with no reader"
-        if self.kind in ("credits", "acks"):
-            return "credit pool of a listener that is gone"
-        if stat.S_ISSOCK(self.st.st_mode):
-            return f"{self.kind} socket nobody is bound to"
-        return None
-
-
-_MQ_LOCK = ".mq.lock"
-# NAME.array, NAME.value, NAME.bbuf: shared_array, shared_value, BoundedBuffer names
-_SHM_NAMES = {".array": "array", ".value": "value", ".bbuf": "bbuf"}
-# NAME.fifo.capN.credit, NAME.mq.cap0.ack: the token pools of simplex capacities
-_POOL_RE = re.compile(r"^(.+)\.(fifo|mq)\.cap(\d+)\.(credit|ack)$")
-
-
-def _lock_held(path: str) -> bool | None:
-    """Whether a listener holds the flock on ``path`` (the kernel drops it at death)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return False
-
-
-def _client_pid(name: str) -> int | None:
-    if not (name.startswith("c-") and name.endswith(".dgram")):
-        return None
-    pid, _, rest = name[2:].partition("-")
-    return int(pid) if pid.isdigit() and rest else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fifo_has_reader(path: str) -> bool | None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return False
-        return None
-    os.close(fd)
-    return True
-
-
-def _bound_unix_paths() -> dict[str, bool] | None:
-    """Path -> listening, for every Unix socket bound to a path (``/proc/net/unix``)."""
-    try:
-        with open("/proc/net/unix", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return None
-    bound: dict[str, bool] = {}
-    for line in lines:
-        fields = line.split(None, 7)
-        if len(fields) < 8 or not fields[7].startswith("/"):
-            continue  # unbound, or abstract (@...)
-        try:
-            listening = bool(int(fields[3], 16) & 0x10000)  # __SO_ACCEPTCON
-        except ValueError:
-            continue
-        path = fields[7]
-        bound[path] = bound.get(path, False) or listening
-    return bound
-
-
-def _socket_state(path: str, kind: str, bound: dict[str, bool] | None) -> tuple[bool | None, bool]:
-    """(live, listening): the kernel's table first, a connection attempt only if absent.
-
-    Connecting only to sockets the table does not show keeps ``ls`` from being taken
-    for a peer by a live raw receiver.
-    """
-    if bound is not None and path in bound:
-        return True, bound[path]
-    types = {
-        "unix": (socket.SOCK_STREAM,),
-        "unixgram": (socket.SOCK_DGRAM,),
-    }.get(kind, (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET))
-    for kind_ in types:
-        sock = socket.socket(socket.AF_UNIX, kind_ | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            if exc.errno == errno.ECONNREFUSED:
-                return False, False
-            if exc.errno == errno.EPROTOTYPE:
-                continue
-            if exc.errno == errno.ENOENT:
-                return None, False
-            return True, False  # EAGAIN (backlog full), EPERM (a connected dgram socket)...
-        else:
-            return True, kind_ != socket.SOCK_DGRAM
-        finally:
-            sock.close()
-    return None, False
-
-
-def _scan(rdir: str) -> list[_Entry]:
-    bound = _bound_unix_paths()
-    entries = []
-    for name in sorted(os.listdir(rdir)):
-        try:
-            entry = _Entry(rdir, name)
-        except FileNotFoundError:
-            continue  # removed while we looked
-        entry.probe(bound)
-        entries.append(entry)
-    return entries
-
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from .transport.mq import list_queues
+    from ._forensics import ls_rows
 
     rdir = runtime_dir()
-    rows = [(e.address, e.kind, f"{e.mode:04o}", e.state, e.path) for e in _scan(rdir)]
-    prefix = f"/buzon-{os.getuid()}-"
-    for q in list_queues():
-        rows.append((f"mq:{q.removeprefix(prefix)}", "mq", "-", "-", q))
-    rows += _shm_rows()
+    rows = ls_rows(rdir)
     print(f"runtime dir: {rdir}")
     if not rows:
         print("(empty)")
@@ -1134,56 +924,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _shm_rows() -> list[tuple[str, str, str, str, str]]:
-    from .shm import SHM_DIR, list_segments, list_unnamed
-
-    rows = []
-    for seg in [*list_segments(), *list_unnamed()]:
-        # a live slot without a pid: a block's fd handed over in a socket (shm: channels)
-        holders = [f"pid {','.join(str(p) for p in seg.pids if p)}"] if any(seg.pids) else []
-        holders += ["an fd in flight"] if 0 in seg.pids else []
-        owner = " + ".join(holders) if seg.alive else f"created by pid {seg.owner_pid or '?'}"
-        fill = f", {seg.fill:.0%} full" if seg.kind == "ring" else ""
-        state = f"{'live' if seg.alive else 'dead'} ({owner}{fill})"
-        where = f"{SHM_DIR}/{seg.name}"
-        if seg.name.startswith("(unnamed) "):  # held by its processes, name removed
-            where = f"{seg.name} (held open; no name in {SHM_DIR})"
-        rows.append((seg.label or seg.name, f"shm-{seg.kind}", "0600", state, where))
-    return rows
-
-
 def _cmd_clean(args: argparse.Namespace) -> int:
-    from .shm import SHM_DIR, clean_segments
-    from .shm._names import clean_names
+    from ._forensics import clean
 
     rdir = runtime_dir()
-    now = time.time()
-    removed = 0
-    for seg in clean_segments(dry_run=args.dry_run):
-        removed += 1
-        what = "would remove" if args.dry_run else "removed"
-        print(f"{what} {SHM_DIR}/{seg.name} (shared memory; no live process attached)")
-    for path in clean_names(dry_run=args.dry_run):
-        removed += 1
-        what = "would remove" if args.dry_run else "removed"
-        print(f"{what} {path} (names a shared-memory segment that is gone)")
-    for entry in _scan(rdir):
-        why = entry.removable(now)
-        if why is None:
-            continue
-        if not args.dry_run:
-            try:
-                current = os.lstat(entry.path)
-            except FileNotFoundError:
-                continue
-            if (current.st_dev, current.st_ino) != (entry.st.st_dev, entry.st.st_ino):
-                continue  # replaced since we probed it: not the entry we judged
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                continue
-        removed += 1
-        print(f"{'would remove' if args.dry_run else 'removed'} {entry.path} ({why})")
+    removed = clean(rdir, dry_run=args.dry_run)
+    what = "would remove" if args.dry_run else "removed"
+    for item in removed:
+        print(f"{what} {item.path} ({item.why})")
     if not removed:
         print(f"nothing to clean in {rdir}")
     sys.stdout.flush()

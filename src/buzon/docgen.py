@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import inspect
 import os
 import pkgutil
@@ -49,9 +50,10 @@ from . import codec, transport
 from . import errors as _errors
 from ._channel import ChannelCore, ChannelOptions
 from ._policy import capacity_support, prepare
+from ._schemes import SCHEMES, SchemeInfo, scheme_info
 from .address import Address, parse_address
 from .protocol import credit, frames, handshake, mpcompat
-from .transport import fifo, mq, pipe, reliable, shm, tcp, udp, unix, unixgram
+from .transport import mq, pipe, reliable, shm, tcp, udp
 from .transport.base import LinkProperties, Transport, TransportOptions
 
 __all__ = ["SECTIONS", "SectionError", "check", "main", "render_page", "write"]
@@ -720,38 +722,63 @@ def _reliable_props(scheme: str) -> LinkProperties:
     return reliable._properties(scheme, True, reliable.DEFAULT_CONFIG[scheme])
 
 
-def _transport_rows() -> list[tuple[str, str, LinkProperties]]:
-    rows = [
-        ("pipe", "`buzon.pipe()`", pipe._props(True)),
-        ("pipe", "`buzon.pipe(duplex=False)`", pipe._props(False)),
-        ("fifo", "`fifo:`", fifo.PROPERTIES),
-        ("mq", "`mq:` ¹", _mq_properties()),
-        ("unix", "`unix:`", unix.PROPERTIES),
-        ("unixgram", "`unixgram:`", unixgram.PROPERTIES),
-        ("tcp", "`tcp://` loopback", tcp._props(True)),
-        ("tcp", "`tcp://` other hosts", tcp._props(False)),
-        ("udp", "`udp://` IPv4 loopback", udp._props(True, udp._max_message(socket.AF_INET))),
-        ("udp", "`udp://` IPv6, other hosts", udp._props(False, udp._max_message(socket.AF_INET6))),
-        ("reliable", "`udp://` `reliable=True`", _reliable_props("udp")),
-        ("reliable", "`unixgram:` `reliable=True`", _reliable_props("unixgram")),
-        ("shm", "`shm:`", shm._properties(shm.CAPACITY)),
-    ]  # fmt: skip
-    _check_transport_coverage({module for module, _, _ in rows})
+# Schemes whose links differ by option or by peer get a row per variant; every other
+# scheme gets one row, ``scheme:``, from its module's PROPERTIES (so a new scheme needs
+# nothing here).
+_VARIANT_ROWS: dict[str, Callable[[], list[tuple[str, LinkProperties]]]] = {
+    "pipe": lambda: [
+        ("`buzon.pipe()`", pipe._props(True)),
+        ("`buzon.pipe(duplex=False)`", pipe._props(False)),
+    ],
+    "mq": lambda: [("`mq:` ¹", _mq_properties())],
+    "tcp": lambda: [
+        ("`tcp://` loopback", tcp._props(True)),
+        ("`tcp://` other hosts", tcp._props(False)),
+    ],
+    "udp": lambda: [
+        ("`udp://` IPv4 loopback", udp._props(True, udp._max_message(socket.AF_INET))),
+        ("`udp://` IPv6, other hosts", udp._props(False, udp._max_message(socket.AF_INET6))),
+    ],
+    "shm": lambda: [("`shm:`", shm._properties(shm.CAPACITY))],
+}
+
+
+def _scheme_rows(info: SchemeInfo) -> list[tuple[str, str, LinkProperties]]:
+    variants = _VARIANT_ROWS.get(info.name)
+    if variants is not None:
+        rows = [(info.name, label, props) for label, props in variants()]
+    else:
+        module = importlib.import_module(f"{transport.__name__}.{info.module}")
+        rows = [(info.name, f"`{info.prefix}`", module.PROPERTIES)]
+    if info.reliable_module is not None:
+        rows.append(("reliable", f"`{info.prefix}` `reliable=True`", _reliable_props(info.name)))
     return rows
 
 
-def _check_transport_coverage(covered: set[str]) -> None:
+def _transport_rows() -> list[tuple[str, str, LinkProperties]]:
+    """(scheme, or ``reliable``; label; properties) of every scheme of the registry."""
+    rows = [row for info in SCHEMES for row in _scheme_rows(info)]
+    _check_transport_coverage()
+    return rows
+
+
+def _check_transport_coverage() -> None:
     modules = {
         m.name
         for m in pkgutil.iter_modules(transport.__path__)
         if not m.name.startswith("_") and m.name != "base"
     }
+    covered = {info.module for info in SCHEMES}
+    covered |= {info.reliable_module for info in SCHEMES if info.reliable_module is not None}
     if modules != covered:
         raise SectionError(
-            f"transport modules {sorted(modules - covered)} are missing from the transports "
-            f"table (and {sorted(covered - modules)} no longer exist); "
-            "update docgen._transport_rows"
+            f"transport modules {sorted(modules - covered)} have no entry in the scheme "
+            f"registry (and {sorted(covered - modules)} no longer exist); "
+            "add one to buzon._schemes.SCHEMES"
         )
+    unknown_rows = set(_VARIANT_ROWS) - {info.name for info in SCHEMES}
+    if unknown_rows:
+        raise SectionError(f"docgen has rows for schemes {sorted(unknown_rows)} that do not exist")
     names = {f.name for f in dataclasses.fields(LinkProperties)}
     unknown = names - set(_PROPERTY_COLUMNS) - _PROPERTY_ELSEWHERE
     if unknown:
@@ -808,30 +835,18 @@ def render_transports() -> str:
     )
 
 
-_ADDRESS_EXAMPLES = (
-    "fifo:jobs",
-    "fifo:/srv/app/jobs.fifo",
-    "mq:jobs",
-    "mq:/jobs",
-    "unix:calc",
-    "unix:/srv/app/calc.sock",
-    "unixgram:log",
-    "unixgram:/srv/app/log.dgram",
-    "tcp://127.0.0.1:7000",
-    "tcp://[::1]:0",
-    "udp://localhost:9999",
-    "shm:frames",
-)
+_ADDRESS_EXAMPLES = tuple(url for info in SCHEMES for url in info.examples)
 
 
 def render_addresses() -> str:
     rows = []
     for url in _ADDRESS_EXAMPLES:
         addr = parse_address(url)
-        if addr.scheme == "mq":
+        kind = scheme_info(addr.scheme).address
+        if kind == "queue":
             where = f"queue `{addr.mq_name().replace(f'-{os.getuid()}-', '-UID-')}`"
             space = "buzon's names (prefix private to your uid)" if addr.private else "exactly that"
-        elif addr.is_inet:
+        elif kind == "inet":
             port = (
                 "a free port (`listener.address` has it)" if addr.port == 0 else f"port {addr.port}"
             )
@@ -842,6 +857,74 @@ def render_addresses() -> str:
             space = "the private runtime dir" if addr.private else "exactly that path"
         rows.append((f"`{url}`", addr.scheme, where, space))
     return _table(("address", "scheme", "endpoint", "namespace"), rows)
+
+
+_PICKLE_RULE = {
+    "peer-checked": "yes (the peer is provably you)",
+    "private-name": "private names only",
+    "authenticated": "with an authenticated peer",
+}
+_CREDIT_RULE = {
+    "link": "credits on the link",
+    "needs-reliable": "with `reliable=True`",
+    "pool": "token pools in the runtime dir",
+    "pool-private-rendezvous": "token pools; `0` on private names only",
+}
+
+
+def _runtime_files(info: SchemeInfo) -> str:
+    words = {
+        "endpoint": "`NAME{suffix}`",
+        "client": "`c-PID-*{suffix}` (clients)",
+        "lock": "`NAME{suffix}` (lock)",
+        "pool": "`NAME{suffix}.capN.*` (capacity pools)",
+    }
+    files = [words[f.role].format(suffix=f.suffix) for f in info.runtime_files]
+    return ", ".join(files) or "—"
+
+
+def render_schemes() -> str:
+    """The scheme registry (``buzon._schemes.SCHEMES``) as a table."""
+    rows = []
+    for info in SCHEMES:
+        options = [
+            name
+            for name, has in (
+                ("`authkey=`", info.authkey),
+                ("`compat=`", info.compat),
+                ("`tls=`", info.tls),
+                ("`reliable=True`", info.reliable_module is not None),
+                ("`ring_size=`", info.ring_size),
+            )
+            if has
+        ]
+        rows.append(
+            [
+                f"`{info.form}`",
+                info.summary,
+                f"`transport/{info.module}.py`",
+                _yes(info.connection_oriented),
+                _yes(info.handshake),
+                _yes(info.servable),
+                ", ".join(options) or "—",
+                _PICKLE_RULE[info.pickle],
+                _CREDIT_RULE[info.credits],
+                _runtime_files(info),
+            ]
+        )
+    header = (
+        "scheme",
+        "what",
+        "module",
+        "a channel per peer",
+        "handshake",
+        "`buzon.serve`",
+        "options",
+        "`pickle=True`",
+        "`capacity=`",
+        "runtime-dir files",
+    )
+    return _table(header, rows)
 
 
 # ========================================================================== concepts.md
@@ -1041,7 +1124,11 @@ SECTIONS: dict[str, dict[str, Renderer]] = {
         "mp-framing": render_mp_framing,
         "mp-handshake": render_mp_handshake,
     },
-    "transports.md": {"transports": render_transports, "addresses": render_addresses},
+    "transports.md": {
+        "schemes": render_schemes,
+        "transports": render_transports,
+        "addresses": render_addresses,
+    },
     "security.md": {"limits": render_frame_limits},
     "chaos.md": {"chaos-profiles": _render_chaos_profiles},
     "semantics.md": {"semantics": render_semantics, "credit-sequences": render_credit_sequences},

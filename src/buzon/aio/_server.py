@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .._schemes import describe, scheme_info
 from ..address import parse_address
 from ..errors import BuzonError, ChannelClosed, UnsupportedOperation
 from ..transport.base import Transport
@@ -38,9 +39,9 @@ class Server:
         **options: Any,
     ) -> None:
         addr = parse_address(url)
-        if addr.scheme not in ("unix", "tcp", "shm"):
+        if not scheme_info(addr.scheme).servable:
             raise UnsupportedOperation(
-                "serve needs a connection-oriented address (unix:, tcp:// or shm:), "
+                f"serve needs a connection-oriented address ({describe(lambda i: i.servable)}), "
                 f"not {addr.scheme}:"
             )
         self.handler = handler

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._schemes import describe, scheme_info
 from ..address import parse_address
 from ..errors import BuzonError, ChannelClosed, UnsupportedOperation
 from ..transport.base import Transport
@@ -61,9 +62,9 @@ class Server:
         if mode not in ("thread", "process"):
             raise ValueError("mode is 'thread' or 'process' (use buzon.aio.serve for 'async')")
         addr = parse_address(url)
-        if addr.scheme not in ("unix", "tcp", "shm"):
+        if not scheme_info(addr.scheme).servable:
             raise UnsupportedOperation(
-                "serve needs a connection-oriented address (unix:, tcp:// or shm:), "
+                f"serve needs a connection-oriented address ({describe(lambda i: i.servable)}), "
                 f"not {addr.scheme}:"
             )
         self.handler = handler

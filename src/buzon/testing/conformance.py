@@ -57,6 +57,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .._schemes import SCHEMES, scheme_info
 from ..errors import (
     ChannelClosed,
     Empty,
@@ -79,29 +80,10 @@ __all__ = [
     "run_all",
 ]
 
-TRANSPORTS = (
-    "pipe",
-    "fifo",
-    "mq",
-    "unix",
-    "unixgram",
-    "tcp",
-    "udp",
-    "udp-reliable",  # reliable=True: the reliable datagram protocol over the socket
-    "unixgram-reliable",
-    "shm",
-)
-CAPACITY_TRANSPORTS = (
-    "pipe",
-    "pipe-simplex",
-    "fifo",
-    "mq",
-    "unix",
-    "tcp",
-    "udp-reliable",
-    "unixgram-reliable",
-    "shm",
-)
+TRANSPORTS = tuple(name for info in SCHEMES for name in info.conformance)
+"""Every transport of the registry (``NAME-reliable``: the scheme with ``reliable=True``)."""
+CAPACITY_TRANSPORTS = tuple(name for info in SCHEMES for name in info.capacity_conformance)
+"""The transports that take every capacity (``pipe-simplex``: ``buzon.pipe(duplex=False)``)."""
 DRIVERS = ("sync", "asyncio")
 T = 5.0  # generous per-operation timeout: a failure, never a hang
 
@@ -229,12 +211,16 @@ class Pair:
         return facade.wait(objs, timeout)
 
 
+def _scheme(transport: str) -> str:
+    """The scheme a conformance transport name stands for (``udp-reliable``: ``udp``)."""
+    return transport.removesuffix("-reliable").removesuffix("-simplex")
+
+
 def _url(transport: str) -> str:
-    transport = transport.removesuffix("-reliable")
-    name = f"conf-{uuid.uuid4().hex[:10]}"
-    if transport in ("tcp", "udp"):
-        return f"{transport}://127.0.0.1:0"
-    return f"{transport}:{name}"
+    scheme = _scheme(transport)
+    if scheme_info(scheme).address == "inet":
+        return f"{scheme}://127.0.0.1:0"
+    return f"{scheme}:conf-{uuid.uuid4().hex[:10]}"
 
 
 @contextlib.contextmanager
@@ -270,8 +256,8 @@ def _sync_pair(
 ) -> Iterator[Pair]:
     import buzon
 
-    if transport in ("pipe", "pipe-simplex"):
-        b, a = buzon.pipe(transport == "pipe", **options)
+    if not scheme_info(_scheme(transport)).has_url:  # buzon.pipe()
+        b, a = buzon.pipe(not transport.endswith("-simplex"), **options)
         try:
             yield Pair(transport, "sync", a, b)
         finally:
@@ -317,8 +303,8 @@ def _aio_pair(
 ) -> Iterator[Pair]:
     from .. import aio
 
-    if transport in ("pipe", "pipe-simplex"):
-        rb, ra = aio.pipe(transport == "pipe", **options)
+    if not scheme_info(_scheme(transport)).has_url:  # buzon.pipe()
+        rb, ra = aio.pipe(not transport.endswith("-simplex"), **options)
         a, b = _AioFacade(ra, loop), _AioFacade(rb, loop)
         try:
             yield Pair(transport, "asyncio", a, b)

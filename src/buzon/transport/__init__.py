@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .._schemes import scheme_info
 from ..address import Address
 from ..errors import AddressError
 from .base import (
@@ -31,22 +32,12 @@ __all__ = [
     "open_listener",
 ]
 
-_MODULES = {
-    "fifo": "fifo",
-    "mq": "mq",
-    "unix": "unix",
-    "unixgram": "unixgram",
-    "tcp": "tcp",
-    "udp": "udp",
-    "shm": "shm",
-}
-
 
 def _module(addr: Address, opts: TransportOptions) -> Any:
-    if opts.reliable and addr.scheme in ("udp", "unixgram"):
-        return importlib.import_module(f"{__name__}.reliable")  # one module, both schemes
-    name = _MODULES.get(addr.scheme)
-    if name is None:
+    """The transport module of ``addr``'s scheme (its registry entry names it)."""
+    info = scheme_info(addr.scheme)
+    name = info.reliable_module if opts.reliable and info.reliable_module else info.module
+    if not info.has_url:
         raise AddressError(f"{addr}: cannot listen on or connect to this scheme")
     return importlib.import_module(f"{__name__}.{name}")
 

@@ -1,0 +1,327 @@
+"""Unix sequenced-packet sockets (``SOCK_SEQPACKET``): connections that keep boundaries.
+
+A ``seqpacket:`` link is set up like ``unix:`` (listen, accept many peers, connect;
+``SO_PEERCRED`` checked both ways, same user by default) and moves messages like
+``unixgram:``: each frame is one packet, reliable and in order, so no byte stream is
+reassembled and no length prefix is needed on the wire.
+
+* The socket file ``NAME.seqpacket`` (or an absolute path) is bound, set to 0600 and
+  only then put in listening state; stale files are replaced, live ones refused, and
+  close removes the file only if it is still ours (the rules of :mod:`.unix`).
+* **Packet size.** The kernel refuses a packet larger than the sender's send buffer
+  (less 32 bytes) and allocates each one in a single piece, so both ends raise their
+  send buffer to hold :data:`MAX_MESSAGE` (256 KiB, frame header included), which is
+  :attr:`LinkProperties.max_message`. A larger message raises
+  :class:`~buzon.errors.MessageTooLarge` naming the limit, before anything is sent, and
+  the channel stays usable; nothing is fragmented (use ``unix:`` for larger messages).
+  Where ``net.core.wmem_max`` keeps the buffer smaller, the limit is what it allows.
+* **Receiving.** Each packet is read whole into a buffer of ``max_message + 1`` bytes
+  that is anonymous memory, so only the pages a packet really touched are committed.
+  A packet larger than that (a foreign peer with a bigger buffer) cannot be read
+  whole: it is discarded and reported as :class:`~buzon.errors.FrameError`.
+* **End of channel.** A read of zero bytes is the peer's close when the socket reports
+  hang-up (``POLLRDHUP``) and no packet with bytes in it is still queued; otherwise it
+  was an empty packet (possible with ``raw=True`` only: a frame is never empty), and
+  is delivered as ``b""``. (Empty packets that are the last thing a peer sent before
+  closing are indistinguishable from its close.)
+* **Room.** In-flight packets are bounded by the sender's send buffer; the socket
+  polls writable when a quarter of it is free, and a send then always fits.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import select
+import socket
+import stat
+import sys
+import termios
+from collections.abc import Sequence
+from dataclasses import replace
+
+from .._runtime import check_endpoint_path
+from ..address import Address
+from ..errors import (
+    ConnectionRefused,
+    EndOfChannel,
+    FrameError,
+    MessageTooLarge,
+    NoSuchEndpoint,
+    PeerCredentialsRejected,
+    UnsafePath,
+    from_oserror,
+)
+from ._fdstream import accept_one
+from .base import (
+    Buffer,
+    Connector,
+    LinkProperties,
+    ListenerTransport,
+    MessageTransport,
+    PeerInfo,
+    Transport,
+    TransportOptions,
+)
+from .unix import bind_unix_path, peer_credentials, unlink_if_ours
+
+__all__ = [
+    "MAX_MESSAGE",
+    "SeqpacketConnector",
+    "SeqpacketListener",
+    "SeqpacketTransport",
+    "connect",
+    "listen",
+]
+
+MAX_MESSAGE = 256 * 1024
+_SKB_OVERHEAD = 32  # the kernel refuses a packet over sk_sndbuf - 32
+
+PROPERTIES = LinkProperties(
+    transport="seqpacket",
+    direction="duplex",
+    boundaries="message",
+    connection_oriented=True,
+    reliable=True,
+    ordered=True,
+    local=True,
+    max_message=MAX_MESSAGE,
+    credentials=True,
+    notes="SO_PEERCRED checked: same user by default; one frame per packet",
+)
+
+_SOCK_FLAGS = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+
+
+def _check_uid(peer: PeerInfo, opts: TransportOptions, what: str) -> None:
+    if peer.uid != os.getuid() and peer.uid not in opts.allow_uids:
+        raise PeerCredentialsRejected(
+            f"{what}: peer pid {peer.pid} runs as uid {peer.uid}; only uid {os.getuid()}"
+            + (f" and {sorted(opts.allow_uids)}" if opts.allow_uids else "")
+            + " are allowed"
+        )
+
+
+def _packet_limit(sock: socket.socket) -> int:
+    """Raise the send buffer to hold a :data:`MAX_MESSAGE` packet; the limit it allows."""
+    want = MAX_MESSAGE + _SKB_OVERHEAD
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < want:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)  # the kernel doubles it
+        have = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except OSError as exc:
+        raise from_oserror(exc, "seqpacket SO_SNDBUF") from exc
+    return min(MAX_MESSAGE, have - _SKB_OVERHEAD)
+
+
+class SeqpacketTransport(MessageTransport):
+    """A connected ``SOCK_SEQPACKET`` socket: one message per packet. Owns the socket."""
+
+    scheme = "seqpacket"
+
+    def __init__(self, sock: socket.socket, peer: PeerInfo) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._fd = sock.fileno()
+        self.peer = peer
+        self.max_message = _packet_limit(sock)
+        self.properties = (
+            PROPERTIES
+            if self.max_message == MAX_MESSAGE
+            else replace(PROPERTIES, max_message=self.max_message)
+        )
+        # whole packets up to MAX_MESSAGE (a peer's limit may exceed ours), one byte
+        # more to see that one was longer; pages are committed as packets touch them
+        self._rmap = mmap.mmap(-1, MAX_MESSAGE + 1)
+        self._rbuf = memoryview(self._rmap)
+
+    def read_fileno(self) -> int:
+        return self._fd
+
+    def write_fileno(self) -> int:
+        return self._fd
+
+    def recv_message(self) -> bytes | None:
+        try:
+            n = self.sock.recv_into(self._rbuf)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise from_oserror(exc, "seqpacket recv") from exc
+        if n > MAX_MESSAGE:
+            raise FrameError(
+                f"the peer sent a packet of more than {MAX_MESSAGE} bytes, the largest a "
+                "seqpacket: channel takes; it was discarded"
+            )
+        if n == 0 and self._hung_up() and not self._queued():
+            raise EndOfChannel("the peer closed the connection")
+        return bytes(self._rbuf[:n])
+
+    def _hung_up(self) -> bool:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
+
+    def _queued(self) -> bool:
+        """Packets with bytes in them still wait (so the zero-byte read was a packet)."""
+        count = fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(count, sys.byteorder, signed=True) > 0
+
+    def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
+        first = bufs[0]
+        if len(bufs) == 1 and isinstance(first, bytes):
+            size = len(first)
+        else:
+            size = sum(memoryview(b).nbytes for b in bufs)
+        if size > self.max_message:
+            raise MessageTooLarge(
+                f"a seqpacket: packet carries at most {self.max_message} bytes (frame "
+                f"header included) and this message needs {size}; send it in parts or "
+                "use a unix: address for larger messages"
+            )
+        try:
+            if len(bufs) == 1:
+                self.sock.send(first)
+            else:
+                self.sock.sendmsg(bufs)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:  # no memory for the packet right now
+                return False
+            raise from_oserror(exc, "seqpacket send") from exc
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._fd = -1
+        self.sock.close()
+        try:
+            self._rbuf.release()
+            self._rmap.close()
+        except BufferError:  # a read in another thread still holds it: the GC frees it
+            pass
+
+
+class SeqpacketListener(ListenerTransport):
+    """A bound, listening ``SOCK_SEQPACKET`` socket at ``NAME.seqpacket`` (mode 0600)."""
+
+    def __init__(self, addr: Address, opts: TransportOptions) -> None:
+        self.address = addr
+        self.opts = opts
+        self.path = addr.fs_path(opts.runtime_dir)
+        self.rejected = 0
+        self.sock = socket.socket(socket.AF_UNIX, _SOCK_FLAGS)
+        self._st: os.stat_result | None = None
+        try:
+            self._st = bind_unix_path(self.sock, addr, self.path)
+            self.sock.listen(opts.backlog)
+            self.sock.setblocking(False)
+        except BaseException:
+            self.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> Transport | None:
+        while True:
+            conn = accept_one(self.sock, self.address)
+            if conn is None:
+                return None
+            peer = peer_credentials(conn)
+            try:
+                _check_uid(peer, self.opts, str(self.address))
+            except PeerCredentialsRejected:
+                self.rejected += 1
+                conn.close()
+                continue
+            try:
+                return SeqpacketTransport(conn, peer)
+            except BaseException:
+                conn.close()
+                raise
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+        unlink_if_ours(self.path, self._st)
+        self._st = None
+
+    def close_in_child(self) -> None:
+        self._st = None  # the parent owns the socket file
+        self.sock.close()
+
+
+class SeqpacketConnector(Connector):
+    want = "write"
+
+    def __init__(self, addr: Address, opts: TransportOptions) -> None:
+        self.address = addr
+        self.opts = opts
+        self.path = addr.fs_path(opts.runtime_dir)
+        check_endpoint_path(self.path, must_exist=True, allow_uids=opts.allow_uids)
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            raise NoSuchEndpoint(f"{addr}: nothing listens at {self.path!r}") from None
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UnsafePath(f"{addr}: {self.path!r} is not a socket")
+        self.sock: socket.socket | None = socket.socket(
+            socket.AF_UNIX, _SOCK_FLAGS | socket.SOCK_NONBLOCK
+        )
+        self._started = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def step(self) -> Transport | None:
+        sock = self.sock
+        assert sock is not None
+        if not self._started:
+            err = sock.connect_ex(self.path)
+            if err in (errno.EAGAIN, errno.EINPROGRESS):
+                self.want = "retry"  # listen backlog full: Unix sockets give no readiness
+                return None
+            if err:
+                self.close()
+                if err == errno.ECONNREFUSED:
+                    raise ConnectionRefused(f"{self.address}: nobody accepts at {self.path!r}")
+                if err == errno.EPROTOTYPE:
+                    raise ConnectionRefused(
+                        f"{self.address}: {self.path!r} is not a seqpacket socket "
+                        "(is it a unix: or unixgram: endpoint?)"
+                    )
+                raise from_oserror(OSError(err, os.strerror(err)), str(self.address))
+            self._started = True
+        peer = peer_credentials(sock)
+        try:
+            _check_uid(peer, self.opts, str(self.address))
+        except PeerCredentialsRejected:
+            self.close()
+            raise
+        self.sock = None
+        try:
+            return SeqpacketTransport(sock, peer)
+        except BaseException:
+            sock.close()
+            raise
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def listen(addr: Address, opts: TransportOptions) -> SeqpacketListener:
+    """Bind and listen at ``addr`` (``seqpacket:NAME`` or ``seqpacket:/abs/path``)."""
+    return SeqpacketListener(addr, opts)
+
+
+def connect(addr: Address, opts: TransportOptions) -> SeqpacketConnector:
+    """Start connecting to the listener at ``addr``."""
+    return SeqpacketConnector(addr, opts)
