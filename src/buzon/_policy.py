@@ -21,13 +21,15 @@ so defaults and refusals are identical in the two drivers:
 from __future__ import annotations
 
 import os
-import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._channel import DEFAULT_CAPACITY, DEFAULT_MAX_QUEUE, ChannelCore, ChannelOptions
 from .address import Address, parse_address
 from .errors import InsecureBind, SecurityError, UnsupportedOperation
+
+if TYPE_CHECKING:
+    import ssl  # loaded only when tls= is used (importing buzon does not load it)
 from .protocol.credit import check_capacity
 from .protocol.frames import DEFAULT_MAX_FRAME
 from .transport.base import TransportOptions
@@ -120,6 +122,8 @@ def prepare(
     if tls is not None:
         if addr.scheme != "tcp":
             raise UnsupportedOperation(f"tls= works on tcp:// addresses, not {addr.scheme}:")
+        import ssl
+
         if not isinstance(tls, ssl.SSLContext):
             raise TypeError("tls must be an ssl.SSLContext")
         # TLS authenticates the side whose certificate is verified: a listener that

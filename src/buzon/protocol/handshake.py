@@ -30,8 +30,6 @@ differ, the server refuses (``WELCOME {ok: false}``) and both ends raise
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from enum import Enum
 from typing import Any
 
@@ -113,7 +111,16 @@ _welcome_dec = msgspec.msgpack.Decoder(Welcome)
 _enc = msgspec.msgpack.Encoder()
 
 
+def _same(a: bytes, b: bytes) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a, b)
+
+
 def _mac(key: bytes, tag: bytes, first: bytes, second: bytes) -> bytes:
+    import hashlib  # here, not at module level: importing buzon does not load OpenSSL
+    import hmac
+
     return hmac.new(key, b"buzon-v1 " + tag + first + second, hashlib.sha256).digest()
 
 
@@ -234,7 +241,7 @@ class Handshake:
                     AuthenticationError("the server did not authenticate (it has no authkey)")
                 )
             expect = _mac(self.authkey, b"S", self.nonce, hello.nonce)
-            if not hmac.compare_digest(expect, hello.mac):
+            if not _same(expect, hello.mac):
                 raise self._fail(AuthenticationError("the server does not know the authkey"))
             self._out.append(
                 _frame(Kind.AUTH, Auth(_mac(self.authkey, b"C", hello.nonce, self.nonce)))
@@ -280,7 +287,7 @@ class Handshake:
         auth = _auth_dec.decode(body)
         assert self.authkey is not None and self.peer is not None and self.peer.nonce is not None
         expect = _mac(self.authkey, b"C", self.nonce, self.peer.nonce)
-        if not hmac.compare_digest(expect, auth.mac):
+        if not _same(expect, auth.mac):
             raise self._fail(AuthenticationError("the client does not know the authkey"))
         self._out.append(_frame(Kind.WELCOME, Welcome(True)))
         self.state = State.DONE

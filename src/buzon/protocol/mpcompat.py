@@ -62,7 +62,6 @@ come from the caller. This module is sans-IO: no sockets, no selectors, no clock
 
 from __future__ import annotations
 
-import hmac
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -331,7 +330,15 @@ def _frame(payload: bytes) -> bytes:
     return _I32.pack(len(payload)) + payload
 
 
+def _same(a: bytes, b: bytes) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a, b)
+
+
 def _mac(authkey: bytes, message: bytes, name: str) -> bytes:
+    import hmac  # here, not at module level: importing buzon does not load OpenSSL
+
     return hmac.new(authkey, message, name).digest()
 
 
@@ -532,7 +539,7 @@ class _Authenticator:
                 expected = _mac(self._authkey, self._challenge, name)
             except ValueError:  # e.g. MD5 disabled by a FIPS build
                 raise AuthenticationError(f"digest {name!r} is not available here")
-            if len(mac) != len(expected) or not hmac.compare_digest(mac, expected):
+            if len(mac) != len(expected) or not _same(mac, expected):
                 raise AuthenticationError(
                     "digest received was wrong (the peer holds another authkey)"
                 )
