@@ -251,7 +251,14 @@ _EXAMPLE_URL = {
 
 
 def pipe_cores(duplex: bool, **options: Any) -> tuple[ChannelCore, ChannelCore]:
-    """The two cores of ``buzon.pipe``/``buzon.aio.pipe`` (each driver wraps them)."""
+    """The two cores of ``buzon.pipe``/``buzon.aio.pipe`` (each driver wraps them).
+
+    Both ends of a pipe belong to the program that made it, so ``pickle=True`` without
+    a ``codec`` means the pickle codec (on ``connect``/``listen`` it only lets the peer's
+    pickles in: there the peer may be someone else).
+    """
+    if options.get("codec") is None:
+        options["codec"] = "pickle" if options.get("pickle") else "msgpack"
     options = {k: v for k, v in options.items() if v is not None or k == "capacity"}
     prep = prepare(Address("pipe"), listening=False, **options)
     capacity = prep.channel.capacity

@@ -27,6 +27,7 @@ from __future__ import annotations
 import builtins
 import pickle
 import sys
+import types
 from typing import Any, Literal
 
 import msgspec
@@ -132,7 +133,7 @@ class Codec:
             return msgspec.msgpack.Ext(_EXT_NDARRAY, meta)
         if _np is not None and isinstance(obj, _np.generic):
             return obj.item()
-        raise TypeError(f"objects of type {type(obj).__name__} are not supported")
+        raise TypeError(f"objects of type {type(obj).__name__} are not supported{_hint(obj)}")
 
     def _json_hook(self, obj: Any) -> Any:
         _np = _loaded_numpy()
@@ -143,7 +144,7 @@ class Codec:
             + (
                 " (use msgpack for numpy arrays)"
                 if _np is not None and isinstance(obj, _np.ndarray)
-                else ""
+                else _hint(obj)
             )
         )
 
@@ -248,6 +249,21 @@ class Codec:
         if type is not Any and isinstance(type, builtins.type) and not isinstance(obj, type):
             raise ValidationError(f"expected {_type_name(type)}, got {obj.__class__.__name__}")
         return obj
+
+
+def _hint(obj: Any) -> str:
+    """What would carry ``obj``, which msgpack/json cannot: the data types msgspec
+    encodes, or the pickle codec (opt-in: it runs code on the receiving side)."""
+    pickle_way = "codec='pickle' with pickle=True (on both ends; between trusting peers)"
+    if isinstance(obj, types.FunctionType | types.BuiltinFunctionType | types.MethodType):
+        return (
+            f". A function is code, not data: send its name or its arguments; {pickle_way} "
+            "sends module-level functions by reference, but not a lambda or a nested function"
+        )
+    return (
+        f". Send it as a dict, or make its class a msgspec.Struct or a dataclass "
+        f"(msgspec encodes both), or use {pickle_way}"
+    )
 
 
 def _nbytes(obj: bytes | bytearray | memoryview) -> int:

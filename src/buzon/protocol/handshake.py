@@ -47,14 +47,29 @@ def _capacity_text(value: object) -> str:
     return "None (unbounded)" if value is None else str(value)
 
 
-def agreed_capacity(mine: dict[str, Any], theirs: dict[str, Any]) -> tuple[bool, Any]:
-    """(stated, capacity): what both ends use; raises HandshakeError if they differ."""
+def agreed_capacity(
+    mine: dict[str, Any], theirs: dict[str, Any], role: str = ""
+) -> tuple[bool, Any]:
+    """(stated, capacity): what both ends use; raises HandshakeError if they differ.
+
+    ``role`` ("client" or "server") is this end's: the error names each end by its
+    role (the listener refuses the client with this text, so "this end" would mislead).
+    """
     a = mine.get("capacity", _UNSTATED)
     b = theirs.get("capacity", _UNSTATED)
     if a is not _UNSTATED and b is not _UNSTATED and a != b:
+        if role == "server":
+            stated = f"the connecting client has capacity={_capacity_text(b)}, the listener"
+            stated += f" has capacity={_capacity_text(a)}"
+        elif role == "client":
+            stated = f"the connecting client has capacity={_capacity_text(a)}, the listener"
+            stated += f" has capacity={_capacity_text(b)}"
+        else:
+            stated = f"this end has capacity={_capacity_text(a)}, the peer has "
+            stated += f"capacity={_capacity_text(b)}"
         raise HandshakeError(
-            f"capacity mismatch: this end has capacity={_capacity_text(a)}, "
-            f"the peer capacity={_capacity_text(b)}"
+            f"capacity mismatch: {stated}; state the same capacity= on both ends, or on "
+            "one only (the other adopts it)"
         )
     if a is _UNSTATED and b is _UNSTATED:
         return False, None
@@ -226,7 +241,7 @@ class Handshake:
             self._check_hello(hello, "server")
             self.peer = hello
             try:
-                agreed_capacity(self.options, hello.opts)
+                agreed_capacity(self.options, hello.opts, "client")
             except HandshakeError as exc:
                 raise self._fail(exc) from None
             if self.authkey is None:
@@ -260,7 +275,7 @@ class Handshake:
             self._check_hello(hello, "client")
             self.peer = hello
             try:
-                agreed_capacity(self.options, hello.opts)
+                agreed_capacity(self.options, hello.opts, "server")
             except HandshakeError as exc:
                 raise self._fail(exc) from None
             if self.authkey is None:

@@ -140,19 +140,22 @@ class TokenPool:
         if theirs is None:
             if capacity is not None and capacity >= 0:
                 raise HandshakeError(
-                    f"capacity mismatch: this end has capacity={capacity}, "
-                    f"the listener of {what} stated none (its kernel buffer)"
+                    f"capacity mismatch: this end (the connecting sender) has "
+                    f"capacity={capacity}, the listener of {what} stated none (its kernel "
+                    "buffer); state the same capacity= on both ends, or on one only"
                 )
             return None
         if capacity is not None and capacity >= 0 and capacity != theirs:
             raise HandshakeError(
-                f"capacity mismatch: this end has capacity={capacity}, "
-                f"the listener of {what} capacity={theirs}"
+                f"capacity mismatch: this end (the connecting sender) has "
+                f"capacity={capacity}, the listener of {what} has capacity={theirs}; "
+                "state the same capacity= on both ends, or on one only"
             )
         if capacity is None:
             raise HandshakeError(
-                f"capacity mismatch: this end has capacity=None (unbounded), "
-                f"the listener of {what} capacity={theirs}"
+                "capacity mismatch: this end (the connecting sender) has capacity=None "
+                f"(unbounded), the listener of {what} has capacity={theirs}; state the "
+                "same capacity= on both ends, or on one only"
             )
         credit, ack = fifo_pool_paths(base, theirs)
         fds: list[int] = []
