@@ -55,9 +55,9 @@ def test_a_message_over_the_default_cap_names_the_cap_and_max_frame() -> None:
 
 def test_a_raised_max_frame_is_the_cap_the_message_names() -> None:
     a, b = buzon.pipe(max_frame=4096)
-    with a, b:
-        with pytest.raises(buzon.MessageTooLarge, match=r"cap of 4096 bytes \(4 KiB\).*max_frame="):
-            a.send(b"x" * 10_000)
+    cap = r"cap of 4096 bytes \(4 KiB\).*max_frame="
+    with a, b, pytest.raises(buzon.MessageTooLarge, match=cap):
+        a.send(b"x" * 10_000)
 
 
 # -- capacity mismatch ------------------------------------------------------------------
@@ -109,9 +109,11 @@ def test_the_handshake_names_the_listener_side_too() -> None:
 
 @pytest.mark.parametrize("scheme", ["fifo", "mq"])
 def test_a_simplex_capacity_mismatch_names_the_connecting_end(scheme: str) -> None:
-    with buzon.listen(f"{scheme}:capname", capacity=0) as lst:
-        with pytest.raises(buzon.HandshakeError) as info:
-            buzon.connect(str(lst.address), timeout=5, capacity=3)
+    with (
+        buzon.listen(f"{scheme}:capname", capacity=0) as lst,
+        pytest.raises(buzon.HandshakeError) as info,
+    ):
+        buzon.connect(str(lst.address), timeout=5, capacity=3)
     text = str(info.value)
     assert "this end (the connecting sender) has capacity=3" in text, text
     assert "capacity=0" in text, text
@@ -170,9 +172,8 @@ def test_pipe_with_pickle_true_sends_pickle(duplex: bool) -> None:
 
 def test_pipe_with_an_explicit_codec_keeps_it() -> None:
     a, b = buzon.pipe(codec="msgpack", pickle=True)  # msgpack out, pickle accepted in
-    with a, b:
-        with pytest.raises(buzon.CodecError):
-            a.send(Point())
+    with a, b, pytest.raises(buzon.CodecError):
+        a.send(Point())
 
 
 async def _aio_pipe_round_trip() -> Any:
