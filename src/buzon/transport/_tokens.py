@@ -34,6 +34,7 @@ import glob
 import os
 import stat
 
+from .._exitclean import disown, own
 from ..errors import EndOfChannel, HandshakeError, UnsafePath, from_oserror
 
 __all__ = ["TokenPool", "fifo_pool_paths", "find_pool", "remove_pools"]
@@ -117,12 +118,14 @@ class TokenPool:
                 if path is None:
                     continue
                 os.mkfifo(path, 0o600)
+                own(path)  # removed at interpreter exit if close() never runs
                 made.append(path)
                 fds.append(os.open(path, os.O_RDWR | os.O_NOFOLLOW | _O))
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
             for path in made:
+                disown(path)
                 os.unlink(path)
             raise from_oserror(exc, f"creating the credit pool of {base}") from exc
         pool = cls(capacity, fds[0], fds[1] if len(fds) > 1 else -1, owner=True)
@@ -287,6 +290,7 @@ class TokenPool:
                         setattr(self, other, -1)
         if self.owner:
             for path in self.paths:
+                disown(path)
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
