@@ -25,15 +25,27 @@ checked against the bytes actually present before anything is allocated.
 from __future__ import annotations
 
 import builtins
+import importlib
 import pickle
 import sys
 import types
-from typing import Any, Literal
-
-import msgspec
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import CodecError, PickleRejected, ValidationError
 from .protocol.frames import CodecId
+
+if TYPE_CHECKING:
+    import msgspec
+else:
+    msgspec = None  # set by the first Codec: ``import buzon`` does not import msgspec
+
+
+def _load_msgspec() -> None:
+    """Import msgspec into this module's namespace (the first Codec does it once; the
+    methods then find it as a plain global, as if it had been imported at the top)."""
+    if msgspec is None:
+        globals()["msgspec"] = importlib.import_module("msgspec")
+
 
 __all__ = ["OOB_THRESHOLD", "Codec", "CodecName"]
 
@@ -74,6 +86,7 @@ class Codec:
         self.name: CodecName = name
         self.allow_pickle = allow_pickle
         self._out: list[memoryview] = []
+        _load_msgspec()
         self._mp_enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._json_enc = msgspec.json.Encoder(enc_hook=self._json_hook)
         self._mp_dec: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
