@@ -62,6 +62,12 @@ def test_lazy_names_are_listed_and_stable(name: str) -> None:
     assert getattr(buzon, name) is getattr(buzon, name)
 
 
+def test_submodules_are_reachable_as_attributes() -> None:
+    # as when `import buzon` imported them eagerly: a fresh interpreter, first access
+    loaded = _modules_after("import buzon\nbuzon._core.F_LOCKED\nbuzon.shm.BoundedBuffer")
+    assert {"buzon._core", "buzon.shm"} <= loaded
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         buzon.nope  # type: ignore[attr-defined]  # noqa: B018

@@ -68,13 +68,23 @@ _LAZY: dict[str, tuple[str, str]] = {
 
 
 def __getattr__(name: str) -> Any:
-    """Import a lazily loaded public name on first access and keep it (PEP 562)."""
-    try:
-        module_name, attribute = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'buzon' has no attribute {name!r}") from None
+    """Import a lazily loaded public name on first access and keep it (PEP 562).
+
+    A submodule (``buzon.shm``, ``buzon._core``...) is imported on first access too, as
+    it was reachable as an attribute when ``import buzon`` loaded more eagerly.
+    """
     import importlib
 
+    if name not in _LAZY:
+        if name.startswith("__"):  # probes such as __wrapped__ are not submodules
+            raise AttributeError(f"module 'buzon' has no attribute {name!r}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")  # sets the attribute
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'buzon' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
     module = importlib.import_module(module_name)
     value = getattr(module, attribute) if attribute else module
     globals()[name] = value
