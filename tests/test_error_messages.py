@@ -60,6 +60,13 @@ def test_a_raised_max_frame_is_the_cap_the_message_names() -> None:
         a.send(b"x" * 10_000)
 
 
+def test_the_multiprocessing_compat_cap_names_max_frame_too() -> None:
+    from buzon.protocol import mpcompat
+
+    with pytest.raises(buzon.MessageTooLarge, match=r"cap of 4096 bytes \(4 KiB\).*max_frame="):
+        mpcompat.encode_message(b"x" * 5000, max_message=4096)
+
+
 # -- capacity mismatch ------------------------------------------------------------------
 
 

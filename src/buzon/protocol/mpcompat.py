@@ -73,7 +73,7 @@ from ..errors import (
     FrameError,
     FrameTooLarge,
     HandshakeError,
-    MessageTooLarge,
+    frame_cap_exceeded,
 )
 from .frames import DEFAULT_MAX_FRAME
 
@@ -143,7 +143,7 @@ def encode_message(
         view = view.cast("B")
     n = view.nbytes
     if max_message is not None and n > max_message:
-        raise MessageTooLarge(f"message of {n} bytes exceeds the cap of {max_message}")
+        raise frame_cap_exceeded(n, max_message)
     header = encode_header(n)
     if n <= _JOIN_LIMIT:
         return [header + view]
