@@ -416,6 +416,42 @@ def test_send_recv_between_processes(
     assert out.decode().splitlines() == ['{"a": [1, 2]}', '"hello"', "3.5"]
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["unix:seq", "tcp://127.0.0.1:0", "fifo:seq", "mq", "udp://127.0.0.1:0", "unixgram:seq"],
+)
+def test_recv_n_takes_messages_from_one_sender_after_another(
+    url: str, spawn: Callable[..., Proc], run: Callable[..., Any], queue_url: str
+) -> None:
+    # three separate `buzon send` processes, one message each: on unix/tcp each is its
+    # own connection, and `recv -n 3` accepts the next one until it has printed three
+    if url == "mq":
+        url = queue_url
+    recv = spawn("recv", url, "-n", "3", "--timeout", str(LIMIT))
+    address = recv.listening()
+    for text in ("one", "two", "three"):
+        sent = run("send", address, text)
+        assert sent.returncode == 0, sent.stderr
+    code, out, err = recv.finish()
+    assert code == 0, err
+    assert out.decode().splitlines() == ['"one"', '"two"', '"three"']
+
+
+def test_recv_n_with_raw_unix_takes_connection_after_connection(
+    spawn: Callable[..., Proc], runtime_dir: str
+) -> None:
+    path = os.path.join(runtime_dir, "raw-seq.sock")
+    recv = spawn("recv", f"unix:{path}", "--raw", "-n", "2", "--timeout", str(LIMIT))
+    recv.listening()
+    for text in (b"a\n", b"b\n"):  # two foreign clients, one after the other
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            s.sendall(text)
+        recv._read("out", lambda b, text=text: b.endswith(text))  # type: ignore[misc]
+    code, out, err = recv.finish()
+    assert (code, out) == (0, b"a\nb\n"), err
+
+
 def test_recv_stops_when_the_peer_closes(
     spawn: Callable[..., Proc], run: Callable[..., Any]
 ) -> None:

@@ -8,6 +8,10 @@
 * The concept map says *today* only of names that exist, and *planned* only of names
   that do not exist yet.
 * Every test that ``docs/security.md`` cites as proof exists.
+* Every file or directory a page cites (``docs/*.md``, ``README.md``) is in the
+  repository, and every roadmap step a page cites is on the roadmap in concepts.md.
+* The README's tour runs, statement by statement, against endpoints that
+  ``tests/_readme_tour.py`` sets up for it.
 """
 
 from __future__ import annotations
@@ -227,3 +231,126 @@ def test_security_doc_cites_existing_tests() -> None:
         assert decorators is not None and "xfail" in decorators, (
             f"{path}::{name} passes now: move it from 'Known gaps' to the proofs"
         )
+
+
+# ------------------------------------------------------------- cited files exist
+
+PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
+
+# a path as the docs write one: `src/buzon/_core.c`, tests/shm/test_core.py, frames.md,
+# transport/base.py (from src/buzon), `seeds/` (a directory)
+_PATH = re.compile(
+    r"(?<![\w/.:-])((?:[\w.-]+/)*[\w-]+\.(?:py|pyi|c|h|md|toml|txt|json|sh))(?![\w/-])"
+    r"|`((?:[\w.-]+/)+)`"
+)
+_SKIP_DIRS = {".git", ".venv", "build", "__pycache__"}
+
+
+def _repo_names() -> set[str]:
+    return {p.name for p in ROOT.rglob("*") if not _SKIP_DIRS & set(p.relative_to(ROOT).parts)}
+
+
+_OPTION_BEFORE = re.compile(r"--[\w-]+[ =]$")  # `--json out.json` names a file to write
+
+
+def _cited_paths(text: str) -> list[tuple[int, str]]:
+    return [
+        (text.count("\n", 0, m.start()) + 1, m.group(1) or m.group(2))
+        for m in _PATH.finditer(text)
+        if not _OPTION_BEFORE.search(text[max(0, m.start() - 40) : m.start()])
+    ]
+
+
+def test_cited_paths_are_found() -> None:
+    text = "see `src/buzon/_core.c`, tests/shm/test_core.py:12, [x](frames.md), `seeds/`"
+    assert [p for _, p in _cited_paths(text)] == [
+        "src/buzon/_core.c",
+        "tests/shm/test_core.py",
+        "frames.md",
+        "seeds/",
+    ]
+    assert _cited_paths("https://example.org/a.md, buzon.aio, v1.2, --json out.json") == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_cited_file_is_in_the_repository(page: Path) -> None:
+    names = _repo_names()
+    missing = []
+    for line, path in _cited_paths(page.read_text(encoding="utf-8")):
+        if "/" in path.rstrip("/"):
+            bases = (ROOT, ROOT / "src", ROOT / "src" / "buzon", page.parent)
+            found = any((base / path).exists() for base in bases)
+        else:  # a bare name, e.g. `test_zerocopy.py` after the directory it is in
+            found = (page.parent / path).exists() or path.rstrip("/") in names
+        if not found:
+            missing.append(f"{page.name}:{line}: {path}")
+    assert not missing, f"cited but not in the repository: {missing}"
+
+
+_STEP = re.compile(r"roadmap(?: step)? (\d+)")
+
+
+def test_cited_roadmap_steps_are_on_the_roadmap() -> None:
+    concepts = (DOCS / "concepts.md").read_text(encoding="utf-8")
+    roadmap = concepts.split("\n## Roadmap\n", 1)[1].split("\n## ", 1)[0]
+    steps = {int(n) for n in re.findall(r"^(\d+)\. ", roadmap, re.M)}
+    assert steps == set(range(1, len(steps) + 1)) and len(steps) >= 6
+    for page in PAGES:
+        for n in _STEP.findall(page.read_text(encoding="utf-8")):
+            assert int(n) in steps, f"{page.name} cites roadmap step {n}, which is not listed"
+
+
+def test_done_features_are_not_called_planned() -> None:
+    # steps 1-3 are done: what they delivered is not "planned" anywhere
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for n in _STEP.findall(text):
+            assert int(n) > 3, f"{page.name} calls a feature of done step {n} planned"
+        assert not re.search(r"[Rr]eliable datagrams (are|is) (\*\*)?planned", text), page.name
+
+
+# ---------------------------------------------------------------- the README tour
+
+
+def _readme_tour() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## A tour\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [body for info, body, _, _ in _blocks(section) if info == "python"]
+    assert len(blocks) == 1, "the tour is one python block"
+    return blocks[0]
+
+
+def _free_port(kind: int) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_the_readme_tour_runs(runtime_dir: str, tmp_path: Path) -> None:
+    pytest.importorskip("numpy")
+    import socket
+
+    tour = tmp_path / "tour.py"
+    tour.write_text(_readme_tour(), encoding="utf-8")
+    env = _env()
+    env["BUZON_RUNTIME_DIR"] = runtime_dir
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "_readme_tour.py"),
+            str(tour),
+            str(_free_port(socket.SOCK_STREAM)),
+            str(_free_port(socket.SOCK_DGRAM)),
+        ],
+        env=env,
+        cwd=runtime_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"the tour failed:\n{done.stdout}\n{done.stderr}"
+    assert "tour ok" in done.stdout, done.stdout
+    assert "signo=10" in done.stdout  # the tour's last line printed the signal it got

@@ -21,7 +21,6 @@ from ._channel import DEFAULT_CAPACITY, ChannelCore
 from ._policy import Prepared
 from .errors import BuzonError, EndOfChannel, HandshakeError, ProtocolError, Timeout
 from .protocol.frames import HANDSHAKE_MAX_FRAME
-from .protocol.handshake import NONCE_SIZE, Handshake, agreed_capacity
 from .protocol.mpcompat import ClientAuth, ServerAuth
 from .transport.base import PeerInfo
 
@@ -82,6 +81,8 @@ def _tls_handshake(core: ChannelCore) -> Steps:
 
 
 def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str) -> Steps:
+    from .protocol.handshake import NONCE_SIZE, Handshake, agreed_capacity  # msgspec: lazily
+
     opts = prep.channel
     options: dict[str, Any] = {"codec": opts.codec, "pickle": opts.pickle}
     if opts.capacity != DEFAULT_CAPACITY:

@@ -23,14 +23,16 @@ are today's:
 from __future__ import annotations
 
 import os
-import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._channel import DEFAULT_CAPACITY, DEFAULT_MAX_QUEUE, ChannelCore, ChannelOptions
 from ._schemes import SCHEMES, describe, scheme_info
 from .address import Address, parse_address
 from .errors import InsecureBind, SecurityError, UnsupportedOperation
+
+if TYPE_CHECKING:
+    import ssl  # loaded only when tls= is used (importing buzon does not load it)
 from .protocol.credit import check_capacity
 from .protocol.frames import DEFAULT_MAX_FRAME
 from .transport.base import TransportOptions
@@ -119,6 +121,8 @@ def prepare(
     if tls is not None:
         if not info.tls:
             raise UnsupportedOperation(f"tls= works on {_TLS} addresses, not {addr.scheme}:")
+        import ssl
+
         if not isinstance(tls, ssl.SSLContext):
             raise TypeError("tls must be an ssl.SSLContext")
         # TLS authenticates the side whose certificate is verified: a listener that
@@ -248,7 +252,14 @@ _RINGS = describe(lambda i: i.ring_size, conj="and")
 
 
 def pipe_cores(duplex: bool, **options: Any) -> tuple[ChannelCore, ChannelCore]:
-    """The two cores of ``buzon.pipe``/``buzon.aio.pipe`` (each driver wraps them)."""
+    """The two cores of ``buzon.pipe``/``buzon.aio.pipe`` (each driver wraps them).
+
+    Both ends of a pipe belong to the program that made it, so ``pickle=True`` without
+    a ``codec`` means the pickle codec (on ``connect``/``listen`` it only lets the peer's
+    pickles in: there the peer may be someone else).
+    """
+    if options.get("codec") is None:
+        options["codec"] = "pickle" if options.get("pickle") else "msgpack"
     options = {k: v for k, v in options.items() if v is not None or k == "capacity"}
     prep = prepare(Address("pipe"), listening=False, **options)
     capacity = prep.channel.capacity

@@ -19,7 +19,6 @@ file system (the runtime dir is resolved by :mod:`buzon._runtime`).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -170,6 +169,8 @@ def _parse_inet(url: str, scheme: str, rest: str) -> Address:
         host, bracket, tail = hostport[1:].partition("]")
         if not bracket or not tail.startswith(":"):
             raise AddressError(f"{url!r}: an IPv6 address is written [ADDR]:PORT")
+        import ipaddress  # here: importing buzon does not load it
+
         try:
             ipaddress.IPv6Address(host.split("%", 1)[0])
         except ValueError:

@@ -17,7 +17,12 @@ buzon programs as well as to programs that know nothing about buzon (``--raw``).
 * ``recv URL`` creates/binds the endpoint, takes one peer (connection-oriented
   schemes: the first to connect) and prints what arrives until the peer closes,
   ``-n N`` messages were printed, or ``--timeout S`` seconds pass without a message.
-  A FIFO endpoint never ends by itself: ``recv`` keeps a write end open so writers may come and go.
+  With ``-n N`` on a connection-oriented scheme (unix, seqpacket, tcp, shm), where
+  every ``buzon send`` is its own connection, a peer that closes is followed by the
+  next one until N messages arrived (one peer at a time; ``listen`` serves them all
+  at once). A FIFO endpoint never ends by itself:
+  ``recv`` keeps a write end open so writers may come and go; datagram sockets and
+  queues take every sender's messages on the one endpoint.
 * ``listen URL`` is ``recv`` for every client at once (one ``buzon.wait`` over the
   listener and all channels, no threads), until Ctrl-C or SIGTERM; each line is
   prefixed with ``[peer]`` (``pid N`` on Unix sockets, ``host:port`` on TCP, the
@@ -362,12 +367,21 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     p = sub.add_parser(
         "recv",
         help="create the endpoint and print what one peer sends",
-        description="Create/bind URL, accept one peer and print what it sends.",
+        description=(
+            "Create/bind URL, accept one peer and print what it sends; with -n N on"
+            " unix/tcp, peer after peer until N messages arrived."
+        ),
         epilog=_RECV_EPILOG,
         formatter_class=fmt,
     )
     p.add_argument("url", metavar="URL", help="the endpoint to create (see 'buzon --help')")
-    p.add_argument("-n", dest="count", type=_count_arg, metavar="N", help="stop after N")
+    p.add_argument(
+        "-n",
+        dest="count",
+        type=_count_arg,
+        metavar="N",
+        help="stop after N (unix/tcp: from peer after peer)",
+    )
     p.add_argument("--raw", action="store_true", help="write the bytes received as they are")
     p.add_argument(
         "--timeout",
@@ -685,23 +699,31 @@ def _cmd_recv(args: argparse.Namespace) -> int:
     address = parse_address(args.url)
     timeout: float | None = args.timeout
     out = _Output(raw=args.raw)
+    # On unix/tcp each sender is its own connection: with -n N, when one peer closes
+    # the next is accepted until N items arrived; without -n the first peer's end ends.
+    one_after_another = _accepts_many(address) and args.count is not None
     with _sigterm_raises():
         listener = buzon.listen(address, **_listen_options(args))
         ch: buzon.Channel | None = None
         try:
             _announce(listener, args.quiet)
-            try:
-                ch = listener.accept(timeout=timeout)
-            except Timeout:
-                return _timed_out(args, 0)
-            if _accepts_many(address):
-                listener.close()  # one peer only: later ones are refused, not left hanging
             count = 0
             while args.count is None or count < args.count:
+                if ch is None:
+                    try:
+                        ch = listener.accept(timeout=timeout)
+                    except Timeout:
+                        return _timed_out(args, count)
+                    if _accepts_many(address) and not one_after_another:
+                        listener.close()  # one peer only: later ones are refused, not left hanging
                 try:
                     item = ch.recv_bytes(timeout) if args.raw else ch.recv(timeout)
                 except EndOfChannel:
-                    break
+                    if not one_after_another:
+                        break
+                    ch.close()
+                    ch = None  # this sender is done: take the next one
+                    continue
                 except Timeout:
                     return _timed_out(args, count)
                 out.item(item)

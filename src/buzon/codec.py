@@ -25,14 +25,27 @@ checked against the bytes actually present before anything is allocated.
 from __future__ import annotations
 
 import builtins
+import importlib
 import pickle
 import sys
-from typing import Any, Literal
-
-import msgspec
+import types
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import CodecError, PickleRejected, ValidationError
 from .protocol.frames import CodecId
+
+if TYPE_CHECKING:
+    import msgspec
+else:
+    msgspec = None  # set by the first Codec: ``import buzon`` does not import msgspec
+
+
+def _load_msgspec() -> None:
+    """Import msgspec into this module's namespace (the first Codec does it once; the
+    methods then find it as a plain global, as if it had been imported at the top)."""
+    if msgspec is None:
+        globals()["msgspec"] = importlib.import_module("msgspec")
+
 
 __all__ = ["OOB_THRESHOLD", "Codec", "CodecName"]
 
@@ -73,6 +86,7 @@ class Codec:
         self.name: CodecName = name
         self.allow_pickle = allow_pickle
         self._out: list[memoryview] = []
+        _load_msgspec()
         self._mp_enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._json_enc = msgspec.json.Encoder(enc_hook=self._json_hook)
         self._mp_dec: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
@@ -132,7 +146,7 @@ class Codec:
             return msgspec.msgpack.Ext(_EXT_NDARRAY, meta)
         if _np is not None and isinstance(obj, _np.generic):
             return obj.item()
-        raise TypeError(f"objects of type {type(obj).__name__} are not supported")
+        raise TypeError(f"objects of type {type(obj).__name__} are not supported{_hint(obj)}")
 
     def _json_hook(self, obj: Any) -> Any:
         _np = _loaded_numpy()
@@ -143,7 +157,7 @@ class Codec:
             + (
                 " (use msgpack for numpy arrays)"
                 if _np is not None and isinstance(obj, _np.ndarray)
-                else ""
+                else _hint(obj)
             )
         )
 
@@ -248,6 +262,21 @@ class Codec:
         if type is not Any and isinstance(type, builtins.type) and not isinstance(obj, type):
             raise ValidationError(f"expected {_type_name(type)}, got {obj.__class__.__name__}")
         return obj
+
+
+def _hint(obj: Any) -> str:
+    """What would carry ``obj``, which msgpack/json cannot: the data types msgspec
+    encodes, or the pickle codec (opt-in: it runs code on the receiving side)."""
+    pickle_way = "codec='pickle' with pickle=True (on both ends; between trusting peers)"
+    if isinstance(obj, types.FunctionType | types.BuiltinFunctionType | types.MethodType):
+        return (
+            f". A function is code, not data: send its name or its arguments; {pickle_way} "
+            "sends module-level functions by reference, but not a lambda or a nested function"
+        )
+    return (
+        f". Send it as a dict, or make its class a msgspec.Struct or a dataclass "
+        f"(msgspec encodes both), or use {pickle_way}"
+    )
 
 
 def _nbytes(obj: bytes | bytearray | memoryview) -> int:

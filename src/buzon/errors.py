@@ -186,6 +186,25 @@ class UnsupportedOperation(BuzonError):
     """The transport cannot perform this operation (e.g. sending on a read-only FIFO end)."""
 
 
+def size_text(n: int) -> str:
+    """``67108864`` -> ``"64 MiB"``: a byte count as people write it (for messages)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def frame_cap_exceeded(total: int, max_frame: int) -> MessageTooLarge:
+    """The error for a frame of ``total`` bytes over the cap: it names the cap and the
+    knob that raises it (the receiving end checks the cap too, so both ends)."""
+    return MessageTooLarge(
+        f"frame of {total} bytes ({size_text(total)}) exceeds the frame cap of {max_frame} "
+        f"bytes ({size_text(max_frame)}): pass a larger max_frame= (up to 1 TiB) to "
+        "connect/listen/pipe on both ends, or send the data in smaller messages"
+    )
+
+
 _ERRNO_MAP: dict[int, type[BuzonError]] = {
     errno.ECONNREFUSED: ConnectionRefused,
     errno.ENXIO: ConnectionRefused,  # FIFO opened for writing with no reader

@@ -74,7 +74,6 @@ from ._signalfd import (
     SI_USER,
     name_of,
 )
-from .aio._channel import wait_io
 from .errors import (
     BuzonError,
     ChannelClosed,
@@ -313,6 +312,8 @@ class SignalChannel:
         Cancel-safe: a signal is taken from the channel only in the same step that
         returns it, so a cancelled ``arecv`` leaves every signal for the next receive.
         """
+        from .aio._channel import wait_io  # here: importing buzon.signals needs no asyncio
+
         deadline = deadline_of(timeout)
         while True:
             msg = self._take()

@@ -25,7 +25,7 @@ W = TypeVar("W")
 def pipe(
     duplex: bool = True,
     *,
-    codec: str = "msgpack",
+    codec: str | None = None,
     pickle: bool = False,
     raw: bool = False,
     max_frame: int | None = None,

@@ -247,9 +247,9 @@ def encode_frame(
     else:
         table = b""
     if total > max_frame:
-        from ..errors import MessageTooLarge
+        from ..errors import frame_cap_exceeded
 
-        raise MessageTooLarge(f"frame of {total} bytes exceeds the frame cap of {max_frame}")
+        raise frame_cap_exceeded(total, max_frame)
     head = HEADER.pack(VERSION, kind, codec, nbufs, blen) + table + block
     if blen <= 4096:
         out: list[bytes | bytearray | memoryview] = [head + body]

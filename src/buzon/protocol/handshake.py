@@ -30,8 +30,6 @@ differ, the server refuses (``WELCOME {ok: false}``) and both ends raise
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from enum import Enum
 from typing import Any
 
@@ -49,14 +47,29 @@ def _capacity_text(value: object) -> str:
     return "None (unbounded)" if value is None else str(value)
 
 
-def agreed_capacity(mine: dict[str, Any], theirs: dict[str, Any]) -> tuple[bool, Any]:
-    """(stated, capacity): what both ends use; raises HandshakeError if they differ."""
+def agreed_capacity(
+    mine: dict[str, Any], theirs: dict[str, Any], role: str = ""
+) -> tuple[bool, Any]:
+    """(stated, capacity): what both ends use; raises HandshakeError if they differ.
+
+    ``role`` ("client" or "server") is this end's: the error names each end by its
+    role (the listener refuses the client with this text, so "this end" would mislead).
+    """
     a = mine.get("capacity", _UNSTATED)
     b = theirs.get("capacity", _UNSTATED)
     if a is not _UNSTATED and b is not _UNSTATED and a != b:
+        if role == "server":
+            stated = f"the connecting client has capacity={_capacity_text(b)}, the listener"
+            stated += f" has capacity={_capacity_text(a)}"
+        elif role == "client":
+            stated = f"the connecting client has capacity={_capacity_text(a)}, the listener"
+            stated += f" has capacity={_capacity_text(b)}"
+        else:
+            stated = f"this end has capacity={_capacity_text(a)}, the peer has "
+            stated += f"capacity={_capacity_text(b)}"
         raise HandshakeError(
-            f"capacity mismatch: this end has capacity={_capacity_text(a)}, "
-            f"the peer capacity={_capacity_text(b)}"
+            f"capacity mismatch: {stated}; state the same capacity= on both ends, or on "
+            "one only (the other adopts it)"
         )
     if a is _UNSTATED and b is _UNSTATED:
         return False, None
@@ -113,7 +126,16 @@ _welcome_dec = msgspec.msgpack.Decoder(Welcome)
 _enc = msgspec.msgpack.Encoder()
 
 
+def _same(a: bytes, b: bytes) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a, b)
+
+
 def _mac(key: bytes, tag: bytes, first: bytes, second: bytes) -> bytes:
+    import hashlib  # here, not at module level: importing buzon does not load OpenSSL
+    import hmac
+
     return hmac.new(key, b"buzon-v1 " + tag + first + second, hashlib.sha256).digest()
 
 
@@ -219,7 +241,7 @@ class Handshake:
             self._check_hello(hello, "server")
             self.peer = hello
             try:
-                agreed_capacity(self.options, hello.opts)
+                agreed_capacity(self.options, hello.opts, "client")
             except HandshakeError as exc:
                 raise self._fail(exc) from None
             if self.authkey is None:
@@ -234,7 +256,7 @@ class Handshake:
                     AuthenticationError("the server did not authenticate (it has no authkey)")
                 )
             expect = _mac(self.authkey, b"S", self.nonce, hello.nonce)
-            if not hmac.compare_digest(expect, hello.mac):
+            if not _same(expect, hello.mac):
                 raise self._fail(AuthenticationError("the server does not know the authkey"))
             self._out.append(
                 _frame(Kind.AUTH, Auth(_mac(self.authkey, b"C", hello.nonce, self.nonce)))
@@ -253,7 +275,7 @@ class Handshake:
             self._check_hello(hello, "client")
             self.peer = hello
             try:
-                agreed_capacity(self.options, hello.opts)
+                agreed_capacity(self.options, hello.opts, "server")
             except HandshakeError as exc:
                 raise self._fail(exc) from None
             if self.authkey is None:
@@ -280,7 +302,7 @@ class Handshake:
         auth = _auth_dec.decode(body)
         assert self.authkey is not None and self.peer is not None and self.peer.nonce is not None
         expect = _mac(self.authkey, b"C", self.nonce, self.peer.nonce)
-        if not hmac.compare_digest(expect, auth.mac):
+        if not _same(expect, auth.mac):
             raise self._fail(AuthenticationError("the client does not know the authkey"))
         self._out.append(_frame(Kind.WELCOME, Welcome(True)))
         self.state = State.DONE

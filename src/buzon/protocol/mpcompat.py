@@ -62,7 +62,6 @@ come from the caller. This module is sans-IO: no sockets, no selectors, no clock
 
 from __future__ import annotations
 
-import hmac
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -74,7 +73,7 @@ from ..errors import (
     FrameError,
     FrameTooLarge,
     HandshakeError,
-    MessageTooLarge,
+    frame_cap_exceeded,
 )
 from .frames import DEFAULT_MAX_FRAME
 
@@ -144,7 +143,7 @@ def encode_message(
         view = view.cast("B")
     n = view.nbytes
     if max_message is not None and n > max_message:
-        raise MessageTooLarge(f"message of {n} bytes exceeds the cap of {max_message}")
+        raise frame_cap_exceeded(n, max_message)
     header = encode_header(n)
     if n <= _JOIN_LIMIT:
         return [header + view]
@@ -331,7 +330,15 @@ def _frame(payload: bytes) -> bytes:
     return _I32.pack(len(payload)) + payload
 
 
+def _same(a: bytes, b: bytes) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a, b)
+
+
 def _mac(authkey: bytes, message: bytes, name: str) -> bytes:
+    import hmac  # here, not at module level: importing buzon does not load OpenSSL
+
     return hmac.new(authkey, message, name).digest()
 
 
@@ -532,7 +539,7 @@ class _Authenticator:
                 expected = _mac(self._authkey, self._challenge, name)
             except ValueError:  # e.g. MD5 disabled by a FIPS build
                 raise AuthenticationError(f"digest {name!r} is not available here")
-            if len(mac) != len(expected) or not hmac.compare_digest(mac, expected):
+            if len(mac) != len(expected) or not _same(mac, expected):
                 raise AuthenticationError(
                     "digest received was wrong (the peer holds another authkey)"
                 )

@@ -25,7 +25,7 @@ W = TypeVar("W")
 def pipe(
     duplex: bool = True,
     *,
-    codec: str = "msgpack",
+    codec: str | None = None,
     pickle: bool = False,
     raw: bool = False,
     spin: float | None = None,
@@ -36,6 +36,9 @@ def pipe(
     """Two connected channels over anonymous pipes (share them with ``fork``).
 
     ``duplex=False`` gives (receive end, send end), like ``multiprocessing.Pipe``.
+    ``codec``: "msgpack" (the default), "json", or "pickle", which ``pickle=True`` alone
+    selects: both ends are this program's, so there is no stranger to refuse pickle from
+    (``codec="msgpack", pickle=True`` sends msgpack and accepts pickle).
     ``capacity``: 0 (rendezvous), N (bounded) or None (unbounded); see
     ``docs/semantics.md``. Without it, the pipe's own kernel buffer bounds a send.
     """

@@ -25,7 +25,6 @@ counted in ``refused``.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import signal
@@ -43,7 +42,13 @@ from ._open import Listener, listen
 
 __all__ = ["Server"]
 
-log = logging.getLogger("buzon.server")
+
+def _log() -> Any:
+    """The ``buzon.server`` logger (logging is imported on first use, not with buzon)."""
+    import logging
+
+    return logging.getLogger("buzon.server")
+
 
 Handler = Callable[[Channel], Any]
 
@@ -146,7 +151,7 @@ class Server:
             ch = self._listener.establish(transport)
         except BuzonError as exc:
             self.failed += 1
-            log.info("client rejected: %s", exc)
+            _log().info("client rejected: %s", exc)
             return
         box.append(ch)
         self._run_handler(ch)
@@ -160,7 +165,7 @@ class Server:
             return True  # closed by shutdown
         except Exception:
             self.failed += 1
-            log.exception("handler failed for %r", ch)
+            _log().exception("handler failed for %r", ch)
             return False
 
     def _fork(self, transport: Transport) -> None:
@@ -179,7 +184,7 @@ class Server:
                 ch = self._listener.establish(transport)
                 code = 0 if self._run_handler(ch) else 1
             except BaseException:
-                log.exception("client process failed")
+                _log().exception("client process failed")
             finally:
                 os._exit(code)
         transport.close_in_parent()  # the child has its own copy, and serves it

@@ -9,12 +9,14 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import ssl
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import from_oserror
 from .base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, StreamTransport
+
+if TYPE_CHECKING:
+    import ssl  # the TLS methods import it: importing buzon does not load ssl
 
 __all__ = ["FdStreamTransport", "SocketStreamTransport", "TlsStreamTransport", "accept_one"]
 
@@ -166,6 +168,8 @@ class TlsStreamTransport(SocketStreamTransport):
 
     def handshake_step(self) -> str | None:
         """Advance the TLS handshake: ``"read"``/``"write"`` to wait for, None when done."""
+        import ssl
+
         try:
             self.tls.do_handshake()
         except ssl.SSLWantReadError:
@@ -187,6 +191,8 @@ class TlsStreamTransport(SocketStreamTransport):
         return None
 
     def recv_into(self, buf: memoryview) -> int:
+        import ssl
+
         tls = self.tls
         try:
             n = tls.recv_into(buf)
@@ -210,6 +216,8 @@ class TlsStreamTransport(SocketStreamTransport):
         return n
 
     def send_buffers(self, bufs: Sequence[Buffer]) -> int:
+        import ssl
+
         data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
         try:
             return self.tls.send(data)

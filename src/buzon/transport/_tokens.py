@@ -34,6 +34,7 @@ import glob
 import os
 import stat
 
+from .._exitclean import disown, own
 from ..errors import EndOfChannel, HandshakeError, UnsafePath, from_oserror
 
 __all__ = ["TokenPool", "fifo_pool_paths", "find_pool", "remove_pools"]
@@ -117,12 +118,14 @@ class TokenPool:
                 if path is None:
                     continue
                 os.mkfifo(path, 0o600)
+                own(path)  # removed at interpreter exit if close() never runs
                 made.append(path)
                 fds.append(os.open(path, os.O_RDWR | os.O_NOFOLLOW | _O))
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
             for path in made:
+                disown(path)
                 os.unlink(path)
             raise from_oserror(exc, f"creating the credit pool of {base}") from exc
         pool = cls(capacity, fds[0], fds[1] if len(fds) > 1 else -1, owner=True)
@@ -140,19 +143,22 @@ class TokenPool:
         if theirs is None:
             if capacity is not None and capacity >= 0:
                 raise HandshakeError(
-                    f"capacity mismatch: this end has capacity={capacity}, "
-                    f"the listener of {what} stated none (its kernel buffer)"
+                    f"capacity mismatch: this end (the connecting sender) has "
+                    f"capacity={capacity}, the listener of {what} stated none (its kernel "
+                    "buffer); state the same capacity= on both ends, or on one only"
                 )
             return None
         if capacity is not None and capacity >= 0 and capacity != theirs:
             raise HandshakeError(
-                f"capacity mismatch: this end has capacity={capacity}, "
-                f"the listener of {what} capacity={theirs}"
+                f"capacity mismatch: this end (the connecting sender) has "
+                f"capacity={capacity}, the listener of {what} has capacity={theirs}; "
+                "state the same capacity= on both ends, or on one only"
             )
         if capacity is None:
             raise HandshakeError(
-                f"capacity mismatch: this end has capacity=None (unbounded), "
-                f"the listener of {what} capacity={theirs}"
+                "capacity mismatch: this end (the connecting sender) has capacity=None "
+                f"(unbounded), the listener of {what} has capacity={theirs}; state the "
+                "same capacity= on both ends, or on one only"
             )
         credit, ack = fifo_pool_paths(base, theirs)
         fds: list[int] = []
@@ -284,6 +290,7 @@ class TokenPool:
                         setattr(self, other, -1)
         if self.owner:
             for path in self.paths:
+                disown(path)
                 try:
                     os.unlink(path)
                 except FileNotFoundError:

@@ -19,7 +19,6 @@ yields a transport, and a :class:`ListenerTransport` is polled for accepted ones
 from __future__ import annotations
 
 import abc
-import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
@@ -27,6 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 from ..address import Address
 
 if TYPE_CHECKING:
+    import ssl  # annotations only: importing buzon does not load ssl
+
     from ._tokens import TokenPool
 
 __all__ = [

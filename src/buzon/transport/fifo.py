@@ -19,6 +19,7 @@ import os
 import select
 import stat
 
+from .._exitclean import disown, own
 from .._runtime import check_endpoint_path
 from ..address import Address
 from ..errors import EndpointInUse, NoSuchEndpoint, UnsafePath, from_oserror
@@ -59,12 +60,15 @@ class FifoListener(ListenerTransport):
                 raise EndpointInUse(f"{addr}: another process is already reading this FIFO")
             # nobody reads it: left by a crashed listener; a private one is ours now
             self._created = addr.private
+            if self._created:
+                own(self.path, st)
         else:
             try:
                 os.mkfifo(self.path, 0o600)
             except OSError as exc:
                 raise from_oserror(exc, f"mkfifo {self.path}") from exc
             self._created = True
+            own(self.path)  # removed at interpreter exit if close() never runs
         try:
             os.chmod(self.path, 0o600)
             self._rfd = os.open(
@@ -107,6 +111,7 @@ class FifoListener(ListenerTransport):
 
     def _cleanup_path(self) -> None:
         if self._created:
+            disown(self.path)
             try:
                 os.unlink(self.path)
             except FileNotFoundError:

@@ -489,8 +489,9 @@ class MQConnector(Connector):
         if mine is not None and mine >= 1:
             if transport.capacity != mine:
                 raise HandshakeError(
-                    f"capacity mismatch: this end has capacity={mine}, the queue "
-                    f"{self.name} holds {transport.capacity} messages (maxmsg)"
+                    f"capacity mismatch: this end (the connecting sender) has "
+                    f"capacity={mine}, the queue {self.name} holds {transport.capacity} "
+                    "messages (its maxmsg, set by the listener)"
                 )
             transport.native_capacity = mine
 

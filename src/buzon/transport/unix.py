@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 
+from .._exitclean import disown, own
 from .._runtime import check_endpoint_path
 from ..address import Address
 from ..errors import (
@@ -97,7 +98,9 @@ def bind_unix_path(sock: socket.socket, addr: Address, path: str) -> os.stat_res
         os.chmod(path, 0o600)
     except OSError as exc:
         raise from_oserror(exc, f"bind {path}") from exc
-    return os.lstat(path)
+    st = os.lstat(path)
+    own(path, st)  # removed at interpreter exit if close() never runs
+    return st
 
 
 def _is_live(path: str, kind: int) -> bool:
@@ -114,6 +117,7 @@ def _is_live(path: str, kind: int) -> bool:
 
 def unlink_if_ours(path: str, st: os.stat_result | None) -> None:
     """Remove ``path`` only if it is still the inode we created."""
+    disown(path)
     if st is None:
         return
     try:
