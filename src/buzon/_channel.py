@@ -37,6 +37,7 @@ from .errors import (
     Timeout,
     Undelivered,
     UnsupportedOperation,
+    frame_cap_exceeded,
 )
 from .protocol import mpcompat
 from .protocol.credit import RECEIPT_FLAG, RecvFlow, SendFlow, decode_credit
@@ -459,7 +460,7 @@ class ChannelCore:
         n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
         if n <= 4096:  # small: one buffer, header and payload joined
             if n + 8 > self.max_frame:
-                raise MessageTooLarge(f"frame of {n + 8} bytes exceeds the frame cap")
+                raise frame_cap_exceeded(n + 8, self.max_frame)
             return [_RAW_HEADER(VERSION, Kind.DATA, flags, 0, n) + data]
         view = memoryview(data).cast("B")
         return encode_frame(Kind.DATA, flags, b"", [view], max_frame=self.max_frame)
@@ -779,9 +780,7 @@ class ChannelCore:
             )
         prefix = b"" if self.raw else _LOAN_HEADER(VERSION, Kind.DATA, CodecId.RAW, 1, 0, nbytes)
         if len(prefix) + nbytes > self.max_frame:
-            raise MessageTooLarge(
-                f"frame of {len(prefix) + nbytes} bytes exceeds the frame cap of {self.max_frame}"
-            )
+            raise frame_cap_exceeded(len(prefix) + nbytes, self.max_frame)
         sflow = self.sflow
         if sflow is not None and sflow.sent >= sflow.limit:
             self._credit_wanted(sflow)

@@ -617,7 +617,7 @@ class Channel(ChannelIdentity):
         """Lend the space of one ``nbytes`` message in shared memory, to fill in place::
 
             with ch.loan(arr.nbytes) as buf:
-                np.frombuffer(buf, arr.dtype)[:] = arr
+                np.frombuffer(buf, arr.dtype).reshape(arr.shape)[:] = arr
 
         The writable ``buf`` is sent as one message (``recv_bytes`` takes it like a
         ``send_bytes`` one) when the block ends normally, and dropped unsent if it
