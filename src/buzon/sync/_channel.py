@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
+from .. import _reduction
 from .._channel import ChannelCore, ChannelIdentity, Receipt, finish_view
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.frames import Frame
@@ -848,3 +849,6 @@ class Channel(ChannelIdentity):
             return False
         finally:
             self._rlock.release()
+
+
+_reduction.passable(Channel)  # passes to child processes (_reduction.py)
