@@ -47,7 +47,8 @@ def fds():
     return out
 
 
-def child(conn, rx, tx, simplex, unix_end, mq_end, lst, tcp_lst, buf, grid, counter):
+def child(conn, rx, tx, simplex, unix_end, mq_end, fifo_end, dgram, lst, tcp, shm, *shared):
+    buf, grid, counter = shared
     # a duplex pipe end with capacity=2 and max_frame: two messages were waiting for it
     assert rx.capacity == 2 and rx.properties.transport == "pipe", rx.properties
     assert [rx.recv(timeout=10), rx.recv(timeout=10)] == ["m1", "m2"]
@@ -68,20 +69,28 @@ def child(conn, rx, tx, simplex, unix_end, mq_end, lst, tcp_lst, buf, grid, coun
     unix_end.send(("set", frozenset({4})), timeout=10)
     # the reading end of a POSIX queue
     assert mq_end.recv(timeout=10) == "queued"
+    # the reading end of a FIFO with capacity=1: it owns the credit pool (one fd, two roles)
+    assert [fifo_end.recv(timeout=10), fifo_end.recv(timeout=10)] == ["f1", "f2"]
+    # a connected Unix datagram end
+    dgram.send("ping", timeout=10)
+    assert dgram.recv(timeout=10) == "pong"
     # listeners: accept the parent's connections; closing our copies removes nothing
     with lst.accept(timeout=10) as peer:
         peer.send(peer.recv(timeout=10) + "!", timeout=10)
     lst.close()
-    with tcp_lst.accept(timeout=10) as peer:
+    with tcp.accept(timeout=10) as peer:
         peer.send(peer.recv(timeout=10) * 2, timeout=10)
-    tcp_lst.close()
+    tcp.close()
+    with shm.accept(timeout=10) as peer:  # the rings are made here, in the child
+        peer.send(peer.recv(timeout=10).upper(), timeout=10)
+    shm.close()
     # shared objects, by name
     buf.put(b"from the child", timeout=10)
     with grid.lock:
         grid.array[1] = 42
     with counter.lock:
         counter.value += 1
-    for obj in (rx, tx, simplex, unix_end, mq_end, buf, grid, counter):
+    for obj in (rx, tx, simplex, unix_end, mq_end, fifo_end, dgram, buf, grid, counter):
         obj.close()
     # child to parent: a pipe end and a shared value, through a multiprocessing pipe
     here, there = buzon.pipe()
@@ -124,17 +133,25 @@ if __name__ == "__main__":
     pair.close()
     mq = buzon.listen("mq:jobs")
     mq_end = mq.accept(timeout=10)
+    fifo = buzon.listen("fifo:ff", capacity=1)
+    fifo_end = fifo.accept(timeout=10)
+    fifo_w = buzon.connect("fifo:ff", timeout=10, capacity=1)
+    dg = buzon.listen("unixgram:dg")
+    dg_bound = dg.accept(timeout=10)
+    dgram = buzon.connect("unixgram:dg", timeout=10)
     lst = buzon.listen("unix:svc")
     tcp_lst = buzon.listen("tcp://127.0.0.1:0")
+    shm_lst = buzon.listen("shm:sh", ring_size=1 << 16)
     buf = buzon.BoundedBuffer("jobs", slots=2, item_size=32)
     grid = buzon.shared_array("grid", 3, "i8")
     counter = buzon.shared_value("counter", int)
     parent_conn, child_conn = ctx.Pipe()
-    args = (child_conn, rx, tx, simplex, unix_end, mq_end, lst, tcp_lst, buf, grid, counter)
+    ends = (rx, tx, simplex, unix_end, mq_end, fifo_end, dgram)
+    args = (child_conn, *ends, lst, tcp_lst, shm_lst, buf, grid, counter)
     proc = ctx.Process(target=child, args=args)
     proc.start()
     child_conn.close()
-    for obj in (rx, tx, simplex, unix_end, mq_end):  # the child has them now
+    for obj in (rx, tx, simplex, unix_end, mq_end, fifo_end):  # the child has them now
         obj.close()
     rx_parent.send("m3", timeout=10)
     assert tx_parent.recv(timeout=10) == "one"
@@ -145,12 +162,20 @@ if __name__ == "__main__":
     assert unix_mine.recv(timeout=10) == ("set", frozenset({4}))
     with buzon.connect("mq:jobs", timeout=10) as w:
         w.send("queued")
+    fifo_w.send("f1", timeout=10)
+    fifo_w.send("f2", timeout=10)  # waits for the token the child's take puts back
+    assert dg_bound.recv(timeout=10) == "ping"
+    dg_bound.send("pong")
     with buzon.connect("unix:svc", timeout=10) as c:
         c.send("hi")
         assert c.recv(timeout=10) == "hi!"
     with buzon.connect(str(tcp_lst.address), timeout=10) as c:
         c.send("ab")
         assert c.recv(timeout=10) == "abab"
+    with buzon.connect("shm:sh", timeout=10) as c:
+        assert "rings of 65536 bytes" in c.properties.notes  # the listener's ring_size
+        c.send("shm")
+        assert c.recv(timeout=10) == "SHM"
     assert parent_conn.poll(30), "the child sent nothing back"
     back, made = parent_conn.recv()
     assert back.recv(timeout=10) == "hello from the child"
@@ -163,13 +188,17 @@ if __name__ == "__main__":
     proc.close()
     assert buf.get(timeout=10) == b"from the child"
     result = (exitcode, grid.array.tolist(), counter.value, made.value)
-    assert os.path.exists(lst._lt.path), "the child's listener removed the socket file"
+    for path in (lst._lt.path, shm_lst._lt.path):
+        assert os.path.exists(path), "the child's listener removed the socket file"
     segments = [buf._ring.name.lstrip("/")] + [o.segment_name for o in (grid, counter, made)]
     for obj in (buf, grid, counter, made):
         obj.remove()
         obj.close()
     assert not any(os.path.exists("/dev/shm/" + seg) for seg in segments), "segments left"
-    for obj in (rx_parent, tx_parent, simplex_rx, unix_mine, mq, mq_end, lst, tcp_lst, back):
+    # the parent's copy of the datagram end owns its socket file: closed last
+    for obj in (rx_parent, tx_parent, simplex_rx, unix_mine, mq, fifo_w, fifo, dg_bound, dg):
+        obj.close()
+    for obj in (dgram, lst, tcp_lst, shm_lst, back):
         obj.close()
     parent_conn.close()
     after = fds()
