@@ -29,6 +29,7 @@ import buzon
 from buzon.errors import ChannelClosed, UnsupportedOperation
 
 SCRIPT = r"""
+import atexit
 import multiprocessing as mp
 import os
 import sys
@@ -105,7 +106,23 @@ def child(conn, rx, tx, simplex, unix_end, mq_end, fifo_end, dgram, lst, tcp, sh
     conn.close()
 
 
+def scrub():
+    # at exit, even after a failure: no segment or queue of this run is left behind
+    from buzon.transport.mq import remove_queue
+
+    named = (buzon.BoundedBuffer, "jobs"), (buzon.shared_array, "grid")
+    for make, name in named + ((buzon.shared_value, "counter"), (buzon.shared_value, "made")):
+        try:
+            obj = make(name)
+        except buzon.NoSuchEndpoint:
+            continue
+        obj.remove()
+        obj.close()
+    remove_queue("mq:jobs")
+
+
 if __name__ == "__main__":
+    atexit.register(scrub)
     method = sys.argv[1]
     ctx = mp.get_context(method)
     if method != "fork":  # their helper processes (and fds) live on: start them first
@@ -148,7 +165,7 @@ if __name__ == "__main__":
     parent_conn, child_conn = ctx.Pipe()
     ends = (rx, tx, simplex, unix_end, mq_end, fifo_end, dgram)
     args = (child_conn, *ends, lst, tcp_lst, shm_lst, buf, grid, counter)
-    proc = ctx.Process(target=child, args=args)
+    proc = ctx.Process(target=child, args=args, daemon=True)  # ended at exit if we fail
     proc.start()
     child_conn.close()
     for obj in (rx, tx, simplex, unix_end, mq_end, fifo_end):  # the child has them now
