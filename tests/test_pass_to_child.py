@@ -48,7 +48,7 @@ def fds():
     return out
 
 
-def child(conn, rx, tx, simplex, unix_end, mq_end, fifo_end, dgram, lst, tcp, shm, *shared):
+def child(conn, rx, tx, simplex, unix_end, mq_end, fifo_end, dgram, lst, tcp, shm, auth, *shared):
     buf, grid, counter = shared
     # a duplex pipe end with capacity=2 and max_frame: two messages were waiting for it
     assert rx.capacity == 2 and rx.properties.transport == "pipe", rx.properties
@@ -85,6 +85,9 @@ def child(conn, rx, tx, simplex, unix_end, mq_end, fifo_end, dgram, lst, tcp, sh
     with shm.accept(timeout=10) as peer:  # the rings are made here, in the child
         peer.send(peer.recv(timeout=10).upper(), timeout=10)
     shm.close()
+    with auth.accept(timeout=10) as peer:  # with the authkey it was made with
+        peer.send(peer.recv(timeout=10)[::-1], timeout=10)
+    auth.close()
     # shared objects, by name
     buf.put(b"from the child", timeout=10)
     with grid.lock:
@@ -159,12 +162,13 @@ if __name__ == "__main__":
     lst = buzon.listen("unix:svc")
     tcp_lst = buzon.listen("tcp://127.0.0.1:0")
     shm_lst = buzon.listen("shm:sh", ring_size=1 << 16)
+    auth_lst = buzon.listen("unix:auth", authkey=b"secret")
     buf = buzon.BoundedBuffer("jobs", slots=2, item_size=32)
     grid = buzon.shared_array("grid", 3, "i8")
     counter = buzon.shared_value("counter", int)
     parent_conn, child_conn = ctx.Pipe()
     ends = (rx, tx, simplex, unix_end, mq_end, fifo_end, dgram)
-    args = (child_conn, *ends, lst, tcp_lst, shm_lst, buf, grid, counter)
+    args = (child_conn, *ends, lst, tcp_lst, shm_lst, auth_lst, buf, grid, counter)
     proc = ctx.Process(target=child, args=args, daemon=True)  # ended at exit if we fail
     proc.start()
     child_conn.close()
@@ -193,6 +197,9 @@ if __name__ == "__main__":
         assert "rings of 65536 bytes" in c.properties.notes  # the listener's ring_size
         c.send("shm")
         assert c.recv(timeout=10) == "SHM"
+    with buzon.connect("unix:auth", timeout=10, authkey=b"secret") as c:
+        c.send("abc")
+        assert c.recv(timeout=10) == "cba"
     assert parent_conn.poll(30), "the child sent nothing back"
     back, made = parent_conn.recv()
     assert back.recv(timeout=10) == "hello from the child"
@@ -215,7 +222,7 @@ if __name__ == "__main__":
     # the parent's copy of the datagram end owns its socket file: closed last
     for obj in (rx_parent, tx_parent, simplex_rx, unix_mine, mq, fifo_w, fifo, dg_bound, dg):
         obj.close()
-    for obj in (dgram, lst, tcp_lst, shm_lst, back):
+    for obj in (dgram, lst, tcp_lst, shm_lst, auth_lst, back):
         obj.close()
     parent_conn.close()
     after = fds()
@@ -386,3 +393,31 @@ def test_asyncio_objects_are_refused(runtime_dir: str) -> None:
             lst.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.fd_check
+def test_tls_listener_is_refused(runtime_dir: str) -> None:
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with (
+        buzon.listen("tcp://127.0.0.1:0", tls=ctx) as lst,
+        pytest.raises(UnsupportedOperation, match="SSLContext"),
+    ):
+        _dumps(lst)
+
+
+@pytest.mark.fd_check
+def test_reliable_datagram_ends_are_refused(runtime_dir: str) -> None:
+    with buzon.listen("unixgram:rel", reliable=True) as lst:
+        accepted: list[buzon.Channel] = []
+        t = threading.Thread(target=lambda: accepted.append(lst.accept(timeout=10)))
+        t.start()
+        with buzon.connect("unixgram:rel", timeout=10, reliable=True) as c:
+            t.join(10)
+            with accepted[0] as s:
+                for end in (c, s):
+                    with pytest.raises(UnsupportedOperation, match="delivery protocol"):
+                        _dumps(end)
+                c.send("still works")
+                assert s.recv(timeout=10) == "still works"
