@@ -49,7 +49,11 @@ def fds():
 
 
 def child(conn, rx, tx, simplex, unix_end, mq_end, fifo_end, dgram, lst, tcp, shm, auth, *shared):
-    buf, grid, counter = shared
+    buf, grid, counter, *inherited = shared
+    for end in inherited:  # fork only: an shm: end, inherited rather than pickled
+        end.send(b"y" * 5_000_000, timeout=10)  # larger than the ring: out of line
+        assert end.recv(timeout=10) == "got it"
+        end.close()
     # a duplex pipe end with capacity=2 and max_frame: two messages were waiting for it
     assert rx.capacity == 2 and rx.properties.transport == "pipe", rx.properties
     assert [rx.recv(timeout=10), rx.recv(timeout=10)] == ["m1", "m2"]
@@ -169,11 +173,23 @@ if __name__ == "__main__":
     parent_conn, child_conn = ctx.Pipe()
     ends = (rx, tx, simplex, unix_end, mq_end, fifo_end, dgram)
     args = (child_conn, *ends, lst, tcp_lst, shm_lst, auth_lst, buf, grid, counter)
+    if method == "fork":
+        with buzon.listen("shm:inherit") as sl:
+            t = threading.Thread(target=lambda: accepted.append(sl.accept(timeout=10)))
+            t.start()
+            shm_mine = buzon.connect("shm:inherit", timeout=10)
+            t.join(10)
+        args += (accepted[-1],)
     proc = ctx.Process(target=child, args=args, daemon=True)  # ended at exit if we fail
     proc.start()
     child_conn.close()
     for obj in (rx, tx, simplex, unix_end, mq_end, fifo_end):  # the child has them now
         obj.close()
+    if method == "fork":
+        accepted[-1].close()
+        assert shm_mine.recv(timeout=10) == b"y" * 5_000_000
+        shm_mine.send("got it")
+        shm_mine.close()
     rx_parent.send("m3", timeout=10)
     assert tx_parent.recv(timeout=10) == "one"
     assert tx_parent.recv(timeout=10) == "two"

@@ -268,8 +268,8 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
     elif t.scheme == "shm":
         why = (
             "its rings' names are gone once both ends attached, and its out-of-line "
-            "blocks are tracked by this process. Pass the shm: listener, or connect "
-            "from the child"
+            "blocks are tracked by this process. Pass the shm: listener, connect from "
+            "the child, or start the child with fork (an inherited end works)"
         )
     else:
         why = f"buzon does not know how to copy a {kind.__name__}"
