@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing import context as _mp_context
 from multiprocessing.reduction import DupFd, ForkingPickler
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from .errors import ChannelClosed, UnsupportedOperation
 
@@ -161,8 +161,7 @@ def _at(fds: list[int], slot: int) -> int:
 # -- channel ends ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _ChannelState:
+class _ChannelState(NamedTuple):
     """What a child needs besides the fds to continue a channel where it stands."""
 
     options: Any  # ChannelOptions
