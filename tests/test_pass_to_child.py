@@ -187,10 +187,10 @@ if __name__ == "__main__":
         obj.close()
     if method == "fork":
         accepted[-1].close()
-        assert shm_mine.recv(timeout=10) == b"y" * 5_000_000
+        assert shm_mine.recv(timeout=60) == b"y" * 5_000_000
         shm_mine.send("got it")
         shm_mine.close()
-    rx_parent.send("m3", timeout=10)
+    rx_parent.send("m3", timeout=60)  # the first wait for the child: it may start slowly
     assert tx_parent.recv(timeout=10) == "one"
     assert tx_parent.recv(timeout=10) == "two"
     assert simplex_rx.recv(timeout=10) == "s1"
@@ -220,7 +220,7 @@ if __name__ == "__main__":
     back, made = parent_conn.recv()
     assert back.recv(timeout=10) == "hello from the child"
     back.send("bye")
-    proc.join(30)
+    proc.join(60)
     if proc.exitcode is None:
         proc.kill()
         proc.join(10)
@@ -257,7 +257,7 @@ def test_objects_pass_both_ways(method: str, runtime_dir: str) -> None:
         [sys.executable, "-W", "error", path, method],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
         env=env,
         cwd=runtime_dir,
     )
