@@ -72,7 +72,8 @@ def child(conn, rx, tx, simplex, unix_end, mq_end, fifo_end, dgram, lst, tcp, sh
     # a Unix socket end with codec="pickle"
     assert unix_end.recv(timeout=10) == {1, 2, 3}
     unix_end.send(("set", frozenset({4})), timeout=10)
-    # the reading end of a POSIX queue
+    # the reading end of a POSIX queue made with capacity=2 (its maxmsg)
+    assert mq_end.capacity == 2, mq_end.capacity
     assert mq_end.recv(timeout=10) == "queued"
     # the reading end of a FIFO with capacity=1: it owns the credit pool (one fd, two roles)
     assert [fifo_end.recv(timeout=10), fifo_end.recv(timeout=10)] == ["f1", "f2"]
@@ -155,7 +156,7 @@ if __name__ == "__main__":
     t.join(10)
     unix_end = accepted[0]
     pair.close()
-    mq = buzon.listen("mq:jobs")
+    mq = buzon.listen("mq:jobs", capacity=2)
     mq_end = mq.accept(timeout=10)
     fifo = buzon.listen("fifo:ff", capacity=1)
     fifo_end = fifo.accept(timeout=10)
@@ -197,7 +198,7 @@ if __name__ == "__main__":
     assert simplex_rx.recv(timeout=10) == "s2"
     unix_mine.send({1, 2, 3})
     assert unix_mine.recv(timeout=10) == ("set", frozenset({4}))
-    with buzon.connect("mq:jobs", timeout=10) as w:
+    with buzon.connect("mq:jobs", timeout=10, capacity=2) as w:
         w.send("queued")
     fifo_w.send("f1", timeout=10)
     fifo_w.send("f2", timeout=10)  # waits for the token the child's take puts back

@@ -172,6 +172,7 @@ class _ChannelState(NamedTuple):
     rflow: Any  # RecvFlow | None
     taken: int
     tokens: tuple[Any, ...] | None  # a TokenPool's state, its fds as slots
+    native_capacity: int  # a bound the mechanism keeps itself (a POSIX queue's maxmsg)
 
 
 def _why_not(core: Any) -> str | None:
@@ -226,6 +227,7 @@ def _reduce_channel(channel: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         rflow=core.rflow,
         taken=core.taken,
         tokens=tokens,
+        native_capacity=core.transport.native_capacity,
     )
     return _rebuild_channel, (fds.dups, parts, state)
 
@@ -327,6 +329,7 @@ def _rebuild_channel(dups: list[Any], parts: tuple[Any, ...], state: _ChannelSta
         pool.offering = offering
         pool.seq = seq
         transport.tokens = pool  # its FIFOs (paths) stay the original owner's to remove
+    transport.native_capacity = state.native_capacity
     options = state.options
     if transport.tokens is None and transport.native_capacity < 0:
         options = replace(options, capacity=state.capacity)
