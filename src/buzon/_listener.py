@@ -45,8 +45,9 @@ class ListenerBase:
 
     def close(self) -> None:
         """Stop listening; the endpoint's name (socket file, FIFO, queue) is removed,
-        except by a forked child's inherited copy, which only drops its socket (as
-        :meth:`close_in_child`): the endpoint stays the creating process's."""
+        except by a forked child's inherited copy of a socket listener (``unix:``,
+        ``tcp://``, ``shm:``), which only drops its socket (as :meth:`close_in_child`):
+        the endpoint stays the creating process's."""
         if not self._closed and os.getpid() != self._pid:
             self._close_inherited()
         elif not self._closed:
@@ -58,7 +59,7 @@ class ListenerBase:
 
         try:
             self.close_in_child()
-        except UnsupportedOperation:  # a single-channel endpoint: it is the child's now
+        except UnsupportedOperation:  # a single-channel endpoint (fifo:, mq:): as before
             self._lt.close()
 
     def close_in_child(self) -> None:
