@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 
 from ._policy import Prepared
@@ -22,6 +23,7 @@ class ListenerBase:
         self.accepted = 0
         self._rejected = 0
         self._closed = False
+        self._pid = os.getpid()  # a forked child's inherited copy leaves the endpoint alone
 
     @property
     def address(self) -> Address:
@@ -42,9 +44,22 @@ class ListenerBase:
         return self._lt.fileno()
 
     def close(self) -> None:
-        """Stop listening; the endpoint's name (socket file, FIFO, queue) is removed."""
-        if not self._closed:
+        """Stop listening; the endpoint's name (socket file, FIFO, queue) is removed,
+        except by a forked child's inherited copy of a socket listener (``unix:``,
+        ``tcp://``, ``shm:``), which only drops its socket (as :meth:`close_in_child`):
+        the endpoint stays the creating process's."""
+        if not self._closed and os.getpid() != self._pid:
+            self._close_inherited()
+        elif not self._closed:
             self._closed = True
+            self._lt.close()
+
+    def _close_inherited(self) -> None:
+        from .errors import UnsupportedOperation
+
+        try:
+            self.close_in_child()
+        except UnsupportedOperation:  # a single-channel endpoint (fifo:, mq:): as before
             self._lt.close()
 
     def close_in_child(self) -> None:

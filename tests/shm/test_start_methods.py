@@ -2,6 +2,9 @@
 
 The children run in a separate interpreter (a subprocess) so that the forkserver and
 multiprocessing's resource tracker, which those start methods launch, end with it.
+The bounded buffer is attached by name in each child; the array is passed as a
+``Process`` argument (pickled by multiprocessing under spawn and forkserver, see
+tests/test_pass_to_child.py for every other object).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import sys
 import buzon
 
 
-def work(i):
+def work(i, grid):
     with buzon.BoundedBuffer("jobs") as buf:
         buf.put(b"hello from %d" % i, timeout=10)
-    with buzon.shared_array("grid") as grid, grid.lock:
+    with grid, grid.lock:
         grid.array[i] = i + 1
 
 
@@ -31,7 +34,7 @@ if __name__ == "__main__":
     buf = buzon.BoundedBuffer("jobs", slots=4, item_size=32)
     grid = buzon.shared_array("grid", 3, "i8")
     try:
-        procs = [ctx.Process(target=work, args=(i,)) for i in range(3)]
+        procs = [ctx.Process(target=work, args=(i, grid)) for i in range(3)]
         for p in procs:
             p.start()
         got = sorted(buf.get(timeout=10) for _ in range(3))

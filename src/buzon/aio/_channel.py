@@ -17,6 +17,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar, overload
 
+from .. import _reduction
 from .._channel import ChannelCore, ChannelIdentity, Receipt, finish_view
 from .._engine import (
     CREDIT,
@@ -567,3 +568,6 @@ class Channel(ChannelIdentity):
         if self._flow:
             self._core.before_wait()  # buzon.aio.wait waits to receive: offer (capacity=0)
         return False
+
+
+_reduction.passable(Channel)  # pickling refused, saying why (_reduction.py)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
 from .._establish import Steps, establish_steps, retry_delay
 from .._listener import ListenerBase
@@ -201,3 +202,6 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
         if not await wait_ready(fds, (), deadline):
             return []
+
+
+_reduction.passable(Listener)  # pickling refused, saying why (_reduction.py)

@@ -17,6 +17,10 @@ unguessable). The first process creates both, the others attach, checking that
 ``slots`` and ``item_size`` agree. Like a POSIX queue, the buffer and its items outlive
 the processes until :meth:`BoundedBuffer.remove` (or ``buzon clean``, once no process
 is attached). A name file whose segment is gone is replaced.
+
+A buffer passes to a child process through ``multiprocessing`` (a ``Process``
+argument under every start method, or a multiprocessing queue) by its segment's name:
+the child attaches that very segment (:mod:`buzon._reduction`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import os
 from types import TracebackType
 
-from .. import _core
+from .. import _core, _reduction
 from ..errors import NoSuchEndpoint
 from ._names import lookup, name_path, publish, unpublish
 from ._segment import attach_ring, create_ring, remove_segment
@@ -62,6 +66,20 @@ class BoundedBuffer:
         info = self._ring.info()
         self.slots = info["limit"] // info["record_size"]
         self.item_size = self._ring.max_message
+
+    @classmethod
+    def _attach_segment(cls, name: str, path: str, segment: str) -> BoundedBuffer:
+        """The buffer ``name`` (name file ``path``) by its segment: how a child process
+        attaches the buffer it was passed, wherever its own runtime dir is."""
+        self = cls.__new__(cls)
+        self.name = name
+        self.path = path
+        self._ring = attach_ring(segment)
+        self.created = False
+        info = self._ring.info()
+        self.slots = info["limit"] // (info["record_size"] or 1)
+        self.item_size = self._ring.max_message
+        return self
 
     def _open(self, slots: int | None, item_size: int | None) -> tuple[_core.Ring, bool]:
         for _ in range(8):
@@ -159,3 +177,6 @@ class BoundedBuffer:
 
     def __repr__(self) -> str:
         return f"<BoundedBuffer {self.name!r} slots={self.slots} item_size={self.item_size}>"
+
+
+_reduction.passable(BoundedBuffer)  # passes to child processes by its segment's name

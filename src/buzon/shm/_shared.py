@@ -13,7 +13,9 @@ the new holder knows the data may be half-updated.
 Names work as for :class:`~buzon.BoundedBuffer`: ``NAME.array`` / ``NAME.value`` in the
 private runtime dir hold the unguessable segment name. The metadata is untrusted on
 attach: only plain dtypes (no Python objects), at most 32 dimensions, and a byte size
-that matches the segment.
+that matches the segment. Both pass to child processes through ``multiprocessing``
+by their segment's name (:mod:`buzon._reduction`); using one after ``close`` raises
+:class:`~buzon.errors.ChannelClosed`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import struct
 from types import TracebackType
 from typing import Any
 
-from .. import _core
-from ..errors import NoSuchEndpoint, ProtocolError, from_oserror
+from .. import _core, _reduction
+from ..errors import ChannelClosed, NoSuchEndpoint, ProtocolError, from_oserror
 from ._names import lookup, name_path, publish, unpublish
 from ._segment import new_segment_name, remove_segment
 
@@ -104,6 +106,21 @@ def _open_block(
     raise NoSuchEndpoint(f"shared object {name!r} keeps changing; try again")
 
 
+def _attach_block(name: str, segment: str) -> tuple[_core.Block, dict[str, Any]]:
+    """Attach ``segment`` directly (a child process given the object by its parent)."""
+    try:
+        block = _core.Block.attach("/" + segment)
+    except FileNotFoundError:
+        raise NoSuchEndpoint(f"shared object {name!r} was removed (segment {segment})") from None
+    except OSError as exc:
+        raise from_oserror(exc, f"attaching {name}") from exc
+    try:
+        return block, _parse_meta(block.meta())
+    except BaseException:
+        block.close()
+        raise
+
+
 def _parse_meta(raw: bytes) -> dict[str, Any]:
     try:
         meta = json.loads(raw.rstrip(b"\0").decode("ascii"))
@@ -147,17 +164,42 @@ class SharedArray(_Shared):
         self.name = name
         self.path = name_path(name, ".array")
         self._block, meta, self.created = _open_block(name, ".array", size, meta)
+        self._setup(meta)
+
+    @classmethod
+    def _attach_segment(cls, name: str, path: str, segment: str) -> SharedArray:
+        """The array ``name`` (name file ``path``) by its segment (a child's copy)."""
+        self = cls.__new__(cls)
+        self.name = name
+        self.path = path
+        self._block, meta = _attach_block(name, segment)
+        self.created = False
+        self._setup(meta)
+        return self
+
+    def _setup(self, meta: dict[str, Any]) -> None:
+        import numpy as np
+
         try:
             dt, shp = _check_array_meta(meta, self._block.size)
-            self.array = np.ndarray(shp, dt, buffer=memoryview(self._block))
+            self._array: Any = np.ndarray(shp, dt, buffer=memoryview(self._block))
         except BaseException:
             self._block.close()
             raise
         self.lock = SharedLock(self._block)
 
+    @property
+    def array(self) -> Any:
+        """The numpy array over the segment; :class:`~buzon.errors.ChannelClosed` after
+        close."""
+        arr = self._array
+        if arr is None:
+            raise ChannelClosed(f"shared array {self.name!r} is closed")
+        return arr
+
     def close(self) -> None:
         """Unmap (drop every other reference to ``.array`` first)."""
-        self.__dict__.pop("array", None)
+        self._array = None
         self._block.close()
 
     def __enter__(self) -> SharedArray:
@@ -169,7 +211,7 @@ class SharedArray(_Shared):
         self.close()
 
     def __repr__(self) -> str:
-        arr = self.__dict__.get("array")
+        arr = self._array
         what = f"{arr.dtype} {arr.shape}" if arr is not None else "closed"
         return f"<SharedArray {self.name!r} {what}>"
 
@@ -208,6 +250,20 @@ class SharedValue(_Shared):
         self.name = name
         self.path = name_path(name, ".value")
         self._block, meta, self.created = _open_block(name, ".value", size, meta)
+        self._setup(meta)
+
+    @classmethod
+    def _attach_segment(cls, name: str, path: str, segment: str) -> SharedValue:
+        """The value ``name`` (name file ``path``) by its segment (a child's copy)."""
+        self = cls.__new__(cls)
+        self.name = name
+        self.path = path
+        self._block, meta = _attach_block(name, segment)
+        self.created = False
+        self._setup(meta)
+        return self
+
+    def _setup(self, meta: dict[str, Any]) -> None:
         fmt = meta.get("format")
         if (
             meta.get("kind") != "value"
@@ -217,22 +273,28 @@ class SharedValue(_Shared):
             or struct.calcsize(fmt) != self._block.size
         ):
             self._block.close()
-            raise ProtocolError(f"{name!r} is not a valid shared value")
+            raise ProtocolError(f"{self.name!r} is not a valid shared value")
         self.format = fmt
         self._view: memoryview[Any] | None = memoryview(self._block).cast(fmt)  # type: ignore[call-overload]
         self.lock = SharedLock(self._block)
 
     @property
     def value(self) -> Any:
-        assert self._view is not None, "closed"
-        return self._view[0]
+        """The number (read whole); :class:`~buzon.errors.ChannelClosed` after close."""
+        view = self._view
+        if view is None:
+            raise ChannelClosed(f"shared value {self.name!r} is closed")
+        return view[0]
 
     @value.setter
     def value(self, v: Any) -> None:
-        assert self._view is not None, "closed"
-        self._view[0] = v
+        view = self._view
+        if view is None:
+            raise ChannelClosed(f"shared value {self.name!r} is closed")
+        view[0] = v
 
     def close(self) -> None:
+        """Unmap (the value and its name stay; see :meth:`remove`)."""
         if self._view is not None:
             self._view.release()
             self._view = None
@@ -257,3 +319,8 @@ def shared_array(
 def shared_value(name: str, type: Any = None) -> SharedValue:
     """The shared number ``name``: created as ``type`` (int, float, bool, struct code) if absent."""
     return SharedValue(name, type)
+
+
+# both pass to child processes by their segment's name (buzon/_reduction.py)
+_reduction.passable(SharedArray)
+_reduction.passable(SharedValue)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
+from .. import _reduction
 from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view
 from .._engine import (
     CREDIT,
@@ -841,3 +842,6 @@ class Channel(ChannelIdentity):
             return False
         finally:
             self._rlock.release()
+
+
+_reduction.passable(Channel)  # passes to child processes (_reduction.py)

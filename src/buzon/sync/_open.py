@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
 from .._establish import Steps, establish_steps, retry_delay
 from .._listener import ListenerBase
@@ -244,3 +245,6 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
             if remaining <= 0:
                 return []
             poller.poll(max(1, int(remaining * 1000 + 0.999)))
+
+
+_reduction.passable(Listener)  # passes to child processes (_reduction.py)
