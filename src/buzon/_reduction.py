@@ -266,7 +266,7 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
         )
     if getattr(t, "tls", None) is not None:
         why = "its TLS session (keys, sequence numbers) lives in this process's OpenSSL"
-    elif t.scheme == "shm":
+    elif t.ring_ops is not None:  # a shared-memory ring (shm:)
         why = (
             "its rings' names are gone once both ends attached, and its out-of-line "
             "blocks are tracked by this process. Pass the shm: listener, connect from "
@@ -276,7 +276,7 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
         why = f"buzon does not know how to copy a {kind.__name__}"
     raise UnsupportedOperation(
         f"a {t.scheme} channel cannot be passed to another process: {why}"
-        + ("" if t.scheme == "shm" else ". Connect from the child instead")
+        + ("" if t.ring_ops is not None else ". Connect from the child instead")
     )
 
 

@@ -172,6 +172,12 @@ _CODEC_DOCS = {
 }
 
 
+def _module_suffix(module: str) -> str:
+    """``.py`` for a transport module, ``/`` for a transport package."""
+    package = os.path.join(os.path.dirname(__file__), "transport", module, "__init__.py")
+    return "/" if os.path.exists(package) else ".py"
+
+
 def render_frame_header() -> str:
     order, fields = _struct_fields(frames.HEADER)
     if len(fields) != len(_HEADER_FIELDS):
@@ -902,7 +908,7 @@ def render_schemes() -> str:
             [
                 f"`{info.form}`",
                 info.summary,
-                f"`transport/{info.module}.py`",
+                f"`transport/{info.module}{_module_suffix(info.module)}`",
                 _yes(info.connection_oriented),
                 _yes(info.handshake),
                 _yes(info.servable),
