@@ -65,6 +65,7 @@ from ..errors import (
     BuzonError,
     ConnectionRefused,
     EndOfChannel,
+    EndpointInUse,
     NoSuchEndpoint,
     Timeout,
     UnsupportedOperation,
@@ -603,7 +604,8 @@ class ReliableTransport(MessageTransport):
 
     def refresh(self) -> None:
         self._rwake.signal(self.has_buffered())
-        self._swake.signal(self._swake.waiting)
+        # a failed connection wakes its senders too: send, flush and close then raise
+        self._swake.signal(self._swake.waiting or self._conn.state is State.FAILED)
 
     def _take(self, now: float) -> None:
         conn = self._conn
@@ -641,8 +643,7 @@ class ReliableTransport(MessageTransport):
 
     def _raise_end(self) -> None:
         conn = self._conn
-        if conn.state is State.FAILED:
-            raise _failure(conn)
+        _raise_if_failed(conn)
         if conn.peer_finished:
             raise EndOfChannel("the peer closed the channel")
 
@@ -660,7 +661,7 @@ class ReliableTransport(MessageTransport):
             wake.poked = False
             now = _monotonic()
             if conn.send_space() < _nbytes(data) and not self._make_room(now, data):
-                wake.waiting = True  # woken by the acks that free room
+                wake.waiting = True  # woken by the acks that free room (or the failure)
                 wake.signal(False)
                 return False
             if wake.waiting:
@@ -691,15 +692,15 @@ class ReliableTransport(MessageTransport):
 
     def _make_room(self, now: float, data: Buffer) -> bool:
         conn = self._conn
-        if conn.state is State.FAILED:
-            raise _failure(conn)
+        _raise_if_failed(conn)
         if self._shut:
             conn.send(data)  # raises ChannelClosed
         if _nbytes(data) > conn.max_message:
             conn.send(data)  # raises MessageTooLarge before anything is queued
         self._held_bytes = 0
-        self._ep.pump(now, self)  # acks free room
+        self._ep.pump(now, self)  # acks free room; the timers may declare the peer dead
         self._ep.transmit(now, (conn,))  # what a cork held back
+        _raise_if_failed(conn)
         if conn.send_space() >= _nbytes(data):
             return True
         self._ep.lock.release()
@@ -707,6 +708,7 @@ class ReliableTransport(MessageTransport):
             _pump_all()  # the peer may be ours, in this very thread
         finally:
             self._ep.lock.acquire()  # re-taken for the caller's finally (microseconds)
+        _raise_if_failed(conn)
         return conn.send_space() >= _nbytes(data)
 
     def cork(self, on: bool) -> None:
@@ -755,7 +757,12 @@ class ReliableTransport(MessageTransport):
 
     def _done(self, now: float) -> bool:
         conn = self._conn
-        if conn.state in (State.FAILED, State.CLOSED):
+        if conn.state is State.FAILED:
+            lost = conn.statistics().messages_lost
+            if lost:  # never "delivered" while anything accepted was not acknowledged
+                raise _failure(conn, f"{lost} message(s) sent were not acknowledged")
+            return True  # the peer acknowledged everything before the connection ended
+        if conn.state is State.CLOSED:
             return True
         if self._shut:
             # Our FIN acked. Or every message acked and only the FIN's ack missing, and
@@ -770,7 +777,11 @@ class ReliableTransport(MessageTransport):
 
     def counters(self) -> dict[str, int]:
         st = self._conn.statistics()
-        return {"retransmits": st.retransmitted, "damaged": self._ep.damaged(self._conn)}
+        return {
+            "retransmits": st.retransmitted,
+            "damaged": self._ep.damaged(self._conn),
+            "dropped": st.messages_lost,
+        }
 
     # -- closing -----------------------------------------------------------------------
 
@@ -798,15 +809,21 @@ class ReliableTransport(MessageTransport):
             ep.release()
 
 
-def _failure(conn: ReliableConnection) -> BuzonError:
+def _failure(conn: ReliableConnection, detail: str = "") -> BuzonError:
     """What a failed connection raises on the channel. A peer that went silent (killed,
     or the path cut) ends the channel like a closed one, with the reason: a ``Timeout``
     would read as "your timeout passed", which it is not."""
     err = conn.error
     assert err is not None
+    text = f"{err}; {detail}" if detail else str(err)
     if isinstance(err, Timeout):
-        return EndOfChannel(str(err))
-    return type(err)(str(err))
+        return EndOfChannel(text)
+    return type(err)(text)
+
+
+def _raise_if_failed(conn: ReliableConnection) -> None:
+    if conn.state is State.FAILED:
+        raise _failure(conn)
 
 
 def _nbytes(data: Buffer) -> int:
@@ -886,6 +903,23 @@ class ReliableListener(ListenerTransport):
             ep.release()
 
 
+def _explain_in_use(addr: Address, exc: EndpointInUse) -> None:
+    """The port may be held by a closed listener of this very process: say so."""
+    for ep in list(_live):
+        if ep.server is None or ep.listener is not None or ep.closed or ep.forked:
+            continue
+        try:
+            port = ep.sock.getsockname()[1]
+        except OSError:
+            continue
+        if port == addr.port:
+            raise EndpointInUse(
+                f"{exc}: a closed reliable listener of this process still has "
+                f"{len(ep.channels)} accepted channel(s) open on it; they talk through its "
+                "one socket, which goes with the last of them (close them first)"
+            ) from exc
+
+
 def _config(scheme: str, opts: TransportOptions) -> ReliableConfig:
     if isinstance(opts.reliable, ReliableConfig):
         return opts.reliable
@@ -896,7 +930,11 @@ def listen(addr: Address, opts: TransportOptions) -> ReliableListener:
     config = _config(addr.scheme, opts)
     on_release: Callable[[], None] | None = None
     if addr.scheme == "udp":
-        sock, bound = bind_udp(addr)
+        try:
+            sock, bound = bind_udp(addr)
+        except EndpointInUse as exc:
+            _explain_in_use(addr, exc)
+            raise
         local = is_loopback(addr)
     else:
         path = addr.fs_path(opts.runtime_dir)

@@ -86,7 +86,9 @@ class ReliableStatistics:
     stray_dropped: int = 0  # another connection id, or too late
     timeouts: int = 0  # retransmission timer expiries
     losses_detected: int = 0  # segments declared lost by acks (fast retransmit)
-    messages_sent: int = 0
+    messages_sent: int = 0  # accepted by send()
+    messages_acked: int = 0  # of those, acknowledged in order (the peer has them)
+    messages_lost: int = 0  # accepted, never acknowledged, and the connection FAILED
     messages_received: int = 0
     bytes_sent: int = 0  # message bytes accepted by send()
     bytes_received: int = 0  # message bytes delivered
@@ -107,6 +109,7 @@ class ServerStatistics:
     corrupt_dropped: int = 0
     malformed_dropped: int = 0
     stray_dropped: int = 0  # unknown connection id, or a known one from another address
+    moved: int = 0  # established connections whose peer now sends from another address
     cookies_sent: int = 0
     cookies_rejected: int = 0  # SYNs with a forged, stale or foreign cookie
     syn_dropped: int = 0  # valid SYNs dropped: half-open cap reached

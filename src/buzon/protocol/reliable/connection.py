@@ -96,6 +96,7 @@ class _Seg:
         "frag",
         "kind",
         "lost",
+        "msgs",
         "nfrag",
         "payload",
         "retransmitted",
@@ -113,6 +114,7 @@ class _Seg:
         payload: bytes,
         flags: int = 0,
         cost: int = -1,
+        msgs: int = 0,
     ) -> None:
         self.seq = seq
         self.kind = kind
@@ -121,6 +123,7 @@ class _Seg:
         self.payload = payload
         self.flags = flags  # BUNDLE or 0
         self.cost = len(payload) if cost < 0 else cost  # message bytes it frees when acked
+        self.msgs = msgs  # messages it completes (the last fragment of one, a bundle's all)
         self.sent = 0.0  # time of the latest transmission
         self.xmit = 0  # transmission counter value of the latest transmission
         self.retransmitted = False
@@ -268,6 +271,10 @@ class ReliableConnection:
         self._ping = False  # an ACK_NOW ping is due
         self._last_ping = now
         self._asked_edge = 0  # request_ack: no new ping until snd_una reaches this
+        # (last seq of a message, messages cut so far) for segments that complete messages,
+        # not yet acked in order: the count of messages the peer has follows snd_una
+        self._msg_marks: deque[tuple[int, int]] = deque()
+        self._msgs_cut = 0
         # without congestion control only the peer's window limits what is in flight
         self._cwnd = float(cfg.initial_cwnd) if cfg.congestion_control else math.inf
         self._cwnd_cap = float(max(cfg.recv_window, cfg.initial_cwnd))
@@ -588,6 +595,30 @@ class ReliableConnection:
         if self.error is None:
             self._maybe_close_done(now)
 
+    def may_move_to(self, d: Datagram) -> bool:
+        """True when ``d``, arriving from an address other than the peer's, proves to be
+        this connection's next word, so the peer's address may change to its source.
+
+        It must be an ACK, DATA or FIN (never a handshake datagram or a RESET) for our
+        connection id, of an ESTABLISHED or CLOSING connection; its ack must lie between
+        what the peer acknowledged already and what we sent (``snd_una..snd_nxt``), and a
+        segment's sequence number inside our receive window (or just below it: a
+        retransmission). Guessing that takes the 32-bit id and both 32-bit sequence
+        spaces; the CRC32C was checked before. An on-path attacker can do more than this
+        anyway: the protocol authenticates nobody (docs/reliable.md, Limits).
+        """
+        if self.state not in (State.ESTABLISHED, State.CLOSING) or d.conn != self.local_id:
+            return False
+        if d.type not in (Type.ACK, Type.DATA, Type.FIN):
+            return False
+        ack = _unwrap(d.ack, self._snd_una)
+        if not self._snd_una <= ack <= self._snd_nxt:
+            return False
+        if d.type == Type.ACK:
+            return True
+        seq = _unwrap(d.seq, self._rcv_nxt)
+        return self._rcv_nxt - self.config.recv_window <= seq < self.recv_edge
+
     def next_deadline(self) -> float | None:
         """When :meth:`on_timeout` (or :meth:`datagrams_to_send`) next has work."""
         best: float | None = None
@@ -869,6 +900,9 @@ class ReliableConnection:
             outstanding[seg.seq] = seg
             self._snd_nxt += 1
             st.segments_sent += 1
+            if seg.msgs:
+                self._msgs_cut += seg.msgs
+                self._msg_marks.append((seg.seq, self._msgs_cut))
             # ask for an immediate ack when nothing more can follow soon: the window is
             # used up, or too few segments fit in flight for the peer's ack batching
             stall = self._snd_nxt >= self._peer_edge or self._cwnd < 2 * self.config.ack_every
@@ -890,7 +924,8 @@ class ReliableConnection:
             self._q_nfrag = max(1, -(-len(head) // size))
         off = self._q_off
         chunk = head[off : off + size]
-        seg = _Seg(self._snd_nxt, Type.DATA, self._q_frag, self._q_nfrag, chunk)
+        last = self._q_frag + 1 == self._q_nfrag
+        seg = _Seg(self._snd_nxt, Type.DATA, self._q_frag, self._q_nfrag, chunk, msgs=int(last))
         self._q_frag += 1
         if self._q_frag == self._q_nfrag:
             queue.popleft()
@@ -913,7 +948,9 @@ class ReliableConnection:
             parts.append(message)
             room -= len(message) + 4
             cost += len(message)
-        return _Seg(self._snd_nxt, Type.DATA, 0, 1, b"".join(parts), Flag.BUNDLE, cost)
+        return _Seg(
+            self._snd_nxt, Type.DATA, 0, 1, b"".join(parts), Flag.BUNDLE, cost, len(parts) // 2
+        )
 
     def _update_persist(self, now: float) -> None:
         """Arm the persist timer when data waits for a window that is closed and nothing
@@ -971,6 +1008,9 @@ class ReliableConnection:
                     newly.append(seg)
             self._snd_una = ack
             self._sacked.discard_below(ack)
+            marks = self._msg_marks
+            while marks and marks[0][0] < ack:  # messages acked in order: delivered
+                self._stats.messages_acked = marks.popleft()[1]
         nxt = self._snd_nxt
         for start_w, end_w in d.sacks:
             start = _unwrap(start_w, ack)
@@ -1271,6 +1311,11 @@ class ReliableConnection:
         self.error = exc
         if code is not None:
             self._reset = (code, reason)
+        # every message accepted by send() and not acknowledged in order is lost, and known
+        # to be: a SACKed message behind a gap never reaches the peer's application either
+        st = self._stats
+        st.messages_lost = st.messages_sent - st.messages_acked
+        self._msg_marks.clear()
         # free what can no longer be delivered; messages already complete stay readable
         self._queue.clear()
         self._outstanding.clear()

@@ -101,6 +101,8 @@ class ReliableServer:
         if d.type == Type.SYN:
             return self._on_syn(d, addr, now)
         conn = self._conns.get(d.conn)
+        if conn is not None and conn.peer_addr != addr and conn.may_move_to(d):
+            self._move(conn, addr)
         if conn is None or conn.peer_addr != addr:
             tomb = self._tombstones.get(d.conn) if conn is None else None
             if tomb is not None and tomb[0] == addr and now < tomb[2] and d.type != Type.RESET:
@@ -268,6 +270,17 @@ class ReliableServer:
             del tombs[next(iter(tombs))]
         expiry = now + self.config.dead_peer_timeout
         tombs[conn.local_id] = (conn.peer_addr, conn.final_ack(), expiry)
+
+    def _move(self, conn: ReliableConnection, addr: Hashable) -> None:
+        """The peer of an established connection now sends from ``addr`` (a NAT rebinding,
+        a restarted relay): answer it there. Only a datagram that fits the connection's
+        state moves it (:meth:`ReliableConnection.may_move_to`)."""
+        old = (conn.peer_addr, conn.remote_id)
+        if self._by_client.get(old) is conn:
+            del self._by_client[old]
+        conn.peer_addr = addr
+        self._by_client[(addr, conn.remote_id)] = conn
+        self._stats.moved += 1
 
     def _left_half_open(self, conn: ReliableConnection) -> None:
         if conn.local_id in self._half_open and conn.state is not State.CONNECTING:
