@@ -263,9 +263,12 @@ def test_ten_thousand_messages_through_chaos(profile: str) -> None:
 
 class _LoseServerHello:
     """A loopback UDP relay that loses the server's first DATA datagram (its half of
-    the buzon handshake) and passes everything else, both ways."""
+    the buzon handshake) and passes everything else, both ways. With ``cut``, it
+    instead passes the client's first DATA datagram (its hello), then nothing more."""
 
-    def __init__(self, back: Any) -> None:
+    def __init__(self, back: Any, cut: bool = False) -> None:
+        self.cut = cut
+        self.cut_now = False
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
         self.up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -284,10 +287,14 @@ class _LoseServerHello:
                 return
             if self.front in ready:
                 data, client = self.front.recvfrom(65536)
-                self.up.send(data)
+                if not self.cut_now:
+                    self.up.send(data)
+                    self.cut_now = self.cut and decode_datagram(data).type == Type.DATA
             if self.up in ready:
                 data = self.up.recv(65536)
-                if not self.lost and decode_datagram(data).type == Type.DATA:
+                if self.cut_now:
+                    continue
+                if not self.cut and not self.lost and decode_datagram(data).type == Type.DATA:
                     self.lost += 1
                     continue
                 self.front.sendto(data, client)
@@ -336,6 +343,32 @@ def test_accept_returns_only_once_the_client_has_the_server_hello() -> None:
                 assert server.recv(timeout=T) == "after the handshake"
         finally:
             relay.close()
+
+
+def test_a_peer_that_dies_before_acknowledging_the_hello_does_not_stop_accept() -> None:
+    """The client's hello arrives, then the path is cut: the server's connection fails
+    (dead_peer_timeout) while ``accept`` waits for its own hello's ack. That peer failed
+    the handshake; ``accept`` goes on waiting for others (here: none, so ``Timeout``)."""
+    with buzon.listen("udp://127.0.0.1:0", reliable=QUICK) as lst:
+        relay = _LoseServerHello(lst.address, cut=True)
+        errors: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                buzon.connect(relay.address, timeout=2, handshake_timeout=2, reliable=QUICK)
+            except BaseException as exc:  # expected: it never hears the server's hello
+                errors.append(exc)
+
+        t = threading.Thread(target=connect)
+        t.start()
+        try:
+            with pytest.raises(buzon.Timeout):
+                lst.accept(timeout=3)
+        finally:
+            t.join(T)
+            relay.close()
+        assert relay.cut_now and len(errors) == 1
+        assert lst.rejected == 1
 
 
 def test_raw_udp_through_the_same_relay_loses_datagrams() -> None:
