@@ -31,6 +31,13 @@ blocked by a full send buffer waits for *readability* (room comes back with acks
 ``flush`` waits for :meth:`ReliableTransport.delivered`, ``close`` shuts down (FIN)
 and lingers until delivered.
 
+A dead peer needs nothing more from the drivers. Its deadline is a protocol timer
+(the timerfd wakes every waiter); once the protocol declares the connection FAILED,
+the channel's *send* eventfd stays set, so a driver waiting for room or delivery
+wakes, and ``send_message`` and ``delivered`` raise the failure (``EndOfChannel`` for
+a silent peer). ``delivered`` never says True while a message is unacknowledged, and
+``counters()["dropped"]`` is the protocol's ``messages_lost``.
+
 Threads: one endpoint may be used by channels in several threads (a thread per
 client). Its state is guarded by a lock that is only ever *tried* (never waited for,
 except for the few microseconds of ``close``): a channel that finds it taken reports

@@ -98,6 +98,13 @@ Half-open connections (after ➌, before ➎) are capped, and expire after
 ``handshake_timeout``. Stray datagrams are rejected by connection id and address; a
 datagram of an older connection carries an id the server no longer knows.
 
+An established connection follows its peer to a new address (a restarted relay, a
+NAT rebinding) when a datagram from there is its next word
+(:meth:`ReliableConnection.may_move_to`: an ACK, DATA or FIN with its id, an ack in
+``snd_una..snd_nxt``, a segment inside the receive window); the latest such datagram
+wins, and :attr:`ServerStatistics.moved` counts the moves. A half-open connection
+never moves: its cookie is bound to the address.
+
 Data transfer
 -------------
 * **Segments.** A message is cut into fragments of the negotiated payload size (its
@@ -135,6 +142,10 @@ Data transfer
   segments not yet acked; :meth:`send` raises :class:`~buzon.errors.Full` beyond.
 * **Liveness.** An idle connection pings every ``keepalive``; a peer silent for
   ``dead_peer_timeout`` fails the connection with :class:`~buzon.errors.Timeout`.
+* **Losses.** Messages are counted as their last segment is acknowledged in order
+  (``messages_acked``); when the connection fails, every message accepted by
+  :meth:`~ReliableConnection.send` and not acknowledged so is ``messages_lost``
+  (a driver reports it as dropped and never as delivered).
 
 Close
 -----
