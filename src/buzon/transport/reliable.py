@@ -754,7 +754,7 @@ class ReliableTransport(MessageTransport):
                 ep.transmit(now, (conn,))  # the FIN, once the window lets it go
                 done = self._done(now)
                 wake.waiting = not done  # woken by the acks that bring it closer
-                wake.signal(False)
+                wake.signal(conn.state is State.FAILED)  # others' sends must see it
             finally:
                 ep.lock.release()
             if done or attempt:
