@@ -534,6 +534,34 @@ def test_a_stopped_receiver_is_reported_to_a_waiting_sender(driver: str, what: s
             _reap(proc)
 
 
+def test_every_thread_waiting_on_a_dead_peer_is_told() -> None:
+    """One thread blocked in send, others in flush: whichever pump finds the peer dead,
+    all of them wake and raise (the failure keeps the send eventfd set)."""
+    with buzon.listen("udp://127.0.0.1:0", reliable=QUICK) as lst:
+        ch, proc = _stopped_peer(lst)
+        try:
+            with ch:
+                outcomes: list[BaseException | None] = []
+
+                def run(what: str) -> None:
+                    try:
+                        _sync_until_dead(ch, what)
+                        outcomes.append(None)
+                    except BaseException as exc:  # the expected outcome
+                        outcomes.append(exc)
+
+                threads = [threading.Thread(target=run, args=(w,)) for w in ("send", "flush")]
+                threads += [threading.Thread(target=lambda: run("flush"))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(T * 2)
+                assert len(outcomes) == 3
+                assert all(isinstance(e, EndOfChannel) for e in outcomes), outcomes
+        finally:
+            _reap(proc)
+
+
 def test_flush_after_everything_was_acknowledged_returns_even_once_the_peer_died() -> None:
     """``flush`` raises only when something accepted was not acknowledged."""
     with buzon.listen("udp://127.0.0.1:0", reliable=QUICK) as lst:

@@ -421,7 +421,11 @@ class _Endpoint:
     def transmit(self, now: float, only: Iterable[ReliableConnection] | None) -> None:
         """Send what the protocol has for ``only`` (None: everyone, timers included)."""
         out: list[tuple[bytes, Hashable]]
+        # the connections whose timers run here: one may fail (its peer is dead), and a
+        # server forgets it at once, so keep them to wake that channel's waiters below
+        asked: list[ReliableConnection] = []
         for _ in range(8):  # a server's deadline is -inf while it has replies queued
+            asked.extend(self._all_conns() if only is None else only)
             if self.server is not None:
                 out = self.server.datagrams_to_send(now, only)
                 self.deadline = self.server.next_deadline()
@@ -442,6 +446,9 @@ class _Endpoint:
                 self.deadline = retry
         if self.deadline is not None:
             self.timer.arm(self.deadline)
+        failed = [conn for conn in asked if conn.state is State.FAILED]
+        if failed:
+            self._notify(failed, None)  # wake all its waiters: each of them raises
 
     def _refuse_unaccepted(self) -> None:
         """The listener is closed: peers that still complete a handshake are reset."""
