@@ -534,6 +534,21 @@ def test_a_stopped_receiver_is_reported_to_a_waiting_sender(driver: str, what: s
             _reap(proc)
 
 
+def test_a_stopped_unixgram_receiver_is_reported_to_a_blocked_sender(runtime_dir: str) -> None:
+    """The same over Unix datagrams, where the stopped peer's socket queue fills at
+    once (the kernel refuses more: EAGAIN) rather than datagrams vanishing."""
+    config = replace(DEFAULT_CONFIG["unixgram"], dead_peer_timeout=0.5, keepalive=0.1)
+    with buzon.listen("unixgram:stopped", reliable=config) as lst:
+        ch, proc = _stopped_peer(lst)
+        try:
+            with ch:
+                with pytest.raises(EndOfChannel, match="dead_peer_timeout"):
+                    _sync_until_dead(ch, "send")
+                assert ch.statistics().dropped >= 1
+        finally:
+            _reap(proc)
+
+
 def test_every_thread_waiting_on_a_dead_peer_is_told() -> None:
     """One thread blocked in send, others in flush: whichever pump finds the peer dead,
     all of them wake and raise (the failure keeps the send eventfd set)."""
