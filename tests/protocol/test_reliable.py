@@ -663,6 +663,7 @@ class Pair:
         self.auto_read = auto_read
         self.last_rx = {"c2s": 0.0, "s2c": 0.0}  # when each direction last delivered
         self.got: dict[str, list[bytes]] = {"client": [], "server": []}
+        self.client_addr = "client"  # where the client's datagrams come from (a path)
 
     def flush(self) -> None:
         """Collect what both sides send now and put it on the wire."""
@@ -670,11 +671,11 @@ class Pair:
             ("c2s", [(d, None) for d in self.client.datagrams_to_send(self.now)]),
             ("s2c", self.server.datagrams_to_send(self.now)),
         ):
-            for data, _ in items:
+            for data, addr in items:
                 d = decode_datagram(data)
                 self.log.append((self.now, direction, d))
-                if self.drop(direction, d):
-                    continue
+                if self.drop(direction, d) or addr not in (None, self.client_addr):
+                    continue  # (a reply to an address the client left is lost)
                 self.order += 1
                 heapq.heappush(self.wire, (self.now + self.delay, self.order, direction, data))
 
@@ -685,7 +686,7 @@ class Pair:
                 _, _, direction, data = heapq.heappop(self.wire)
                 self.last_rx[direction] = self.now
                 if direction == "c2s":
-                    self.server.receive_datagram(data, "client", self.now)
+                    self.server.receive_datagram(data, self.client_addr, self.now)
                 else:
                     self.client.receive_datagram(data, self.now)
             if self.sconn is None:
@@ -1637,6 +1638,27 @@ def test_an_established_peer_that_moves_is_followed_when_its_datagram_fits() -> 
     server.receive_datagram(data, "client", pair.now)
     assert sconn.peer_addr == "client" and server.statistics().moved == 2
     assert sconn.messages() == []  # a duplicate: delivered once
+
+
+def test_a_path_that_changes_mid_stream_loses_nothing() -> None:
+    """A relay between the two dies mid-stream (everything on it is lost) and another
+    takes over from a new address: both directions go on, every message once, in order."""
+    pair = Pair(ReliableConfig(dead_peer_timeout=5.0), seed=3)
+    sconn = pair.connect()
+    sent = {"client": [b"c%d" % i for i in range(400)], "server": [b"s%d" % i for i in range(400)]}
+    for i in range(400):
+        pair.client.send(sent["client"][i])
+        sconn.send(sent["server"][i])
+        if i == 150:
+            pair.run(0.02)  # some in flight...
+            pair.wire.clear()  # ...lost with the relay
+            pair.client_addr = "relay 2"  # its successor, with a new source address
+            pair.run(0.5)  # both peers keep sending: replies to "client" are lost too
+    pair.run(20.0, until=lambda: all(len(pair.got[k]) == 400 for k in pair.got))
+    assert pair.got["server"] == sent["client"] and pair.got["client"] == sent["server"]
+    assert sconn.peer_addr == "relay 2" and pair.server.statistics().moved == 1
+    assert pair.client.statistics().retransmitted > 0
+    assert sconn.state is State.ESTABLISHED and pair.client.state is State.ESTABLISHED
 
 
 def test_a_connection_still_in_its_handshake_never_moves() -> None:
