@@ -65,6 +65,8 @@ def establish_steps(core: ChannelCore, prep: Prepared, role: str) -> Steps:
             raise HandshakeError(
                 "the peer did not acknowledge the handshake in time (is it still there?)"
             ) from None
+        except EndOfChannel as exc:  # the peer went silent for dead_peer_timeout
+            raise HandshakeError(f"the peer never acknowledged the handshake: {exc}") from None
 
 
 def _tls_handshake(core: ChannelCore) -> Steps:

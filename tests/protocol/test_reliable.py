@@ -41,7 +41,7 @@ import itertools
 import random
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -59,6 +59,7 @@ from buzon.errors import (
     Timeout,
 )
 from buzon.protocol import reliable
+from buzon.protocol.crc32c import crc32c
 from buzon.protocol.reliable import (
     DATAGRAM_RULES,
     HEADER,
@@ -662,6 +663,7 @@ class Pair:
         self.auto_read = auto_read
         self.last_rx = {"c2s": 0.0, "s2c": 0.0}  # when each direction last delivered
         self.got: dict[str, list[bytes]] = {"client": [], "server": []}
+        self.client_addr = "client"  # where the client's datagrams come from (a path)
 
     def flush(self) -> None:
         """Collect what both sides send now and put it on the wire."""
@@ -669,11 +671,11 @@ class Pair:
             ("c2s", [(d, None) for d in self.client.datagrams_to_send(self.now)]),
             ("s2c", self.server.datagrams_to_send(self.now)),
         ):
-            for data, _ in items:
+            for data, addr in items:
                 d = decode_datagram(data)
                 self.log.append((self.now, direction, d))
-                if self.drop(direction, d):
-                    continue
+                if self.drop(direction, d) or addr not in (None, self.client_addr):
+                    continue  # (a reply to an address the client left is lost)
                 self.order += 1
                 heapq.heappush(self.wire, (self.now + self.delay, self.order, direction, data))
 
@@ -684,7 +686,7 @@ class Pair:
                 _, _, direction, data = heapq.heappop(self.wire)
                 self.last_rx[direction] = self.now
                 if direction == "c2s":
-                    self.server.receive_datagram(data, "client", self.now)
+                    self.server.receive_datagram(data, self.client_addr, self.now)
                 else:
                     self.client.receive_datagram(data, self.now)
             if self.sconn is None:
@@ -955,7 +957,10 @@ def test_server_counts_damage_and_strays() -> None:
     server = pair.server
     server.receive_datagram(data[:-1] + bytes([data[-1] ^ 1]), "client", pair.now)
     server.receive_datagram(data[:20], "client", pair.now)  # truncated
-    server.receive_datagram(data, "someone else", pair.now)  # right id, wrong address
+    # right id, another address, and not the connection's next word (see
+    # test_an_established_peer_that_moves_is_followed_when_its_datagram_fits)
+    elsewhere = replace(decode_datagram(data), ack=(sconn.snd_nxt + 1) & MASK)
+    server.receive_datagram(encode_datagram(elsewhere), "someone else", pair.now)
     d = decode_datagram(data)
     d.conn ^= 0x5A5A5A5A  # an id the server never gave
     server.receive_datagram(encode_datagram(d), "client", pair.now)
@@ -1063,7 +1068,7 @@ def test_garbage_with_a_valid_crc_only_raises_frame_error(
 ) -> None:
     head = HEADER.pack(version, type_, flags, nsack, conn, seq, seq, 10, frag, nfrag, len(rest))
     body = head + rest
-    data = body + struct.pack("<I", reliable.crc32c(body))
+    data = body + struct.pack("<I", crc32c(body))
     try:
         d = decode_datagram(data)
     except FrameError:
@@ -1119,7 +1124,7 @@ def test_byte_layout_matches_the_documented_table() -> None:
     assert data[24:28] == (3).to_bytes(4, "little")
     assert data[28:36] == (5).to_bytes(4, "little") + (9).to_bytes(4, "little")
     assert data[36:39] == b"xyz"
-    assert data[39:] == reliable.crc32c(data[:39]).to_bytes(4, "little")
+    assert data[39:] == crc32c(data[:39]).to_bytes(4, "little")
     assert HEADER.size == 28 and OVERHEAD == 32
 
 
@@ -1165,10 +1170,10 @@ def test_decoder_rejects_bad_versions_lengths_and_crc() -> None:
         decode_datagram(good[:-1] + bytes([good[-1] ^ 0xFF]))
     body = bytes([2]) + good[1:-4]
     with pytest.raises(FrameError, match="version"):
-        decode_datagram(body + reliable.crc32c(body).to_bytes(4, "little"))
+        decode_datagram(body + crc32c(body).to_bytes(4, "little"))
     body = good[:-4] + b"\x00"  # one stray byte, CRC fixed up
     with pytest.raises(FrameError, match="add up"):
-        decode_datagram(body + reliable.crc32c(body).to_bytes(4, "little"))
+        decode_datagram(body + crc32c(body).to_bytes(4, "little"))
     with pytest.raises(FrameError, match="CRC32C"):
         decode_datagram(good[:-4] + b"\x00" + good[-4:])  # checked before anything else
     assert decode_datagram(good[:-4] + bytes(4), verify=False).type == Type.ACK
@@ -1552,6 +1557,127 @@ def test_dead_peer_fails_within_the_timeout() -> None:
     assert isinstance(sconn.error, Timeout)
 
 
+def test_a_failed_connection_counts_every_message_it_could_not_deliver() -> None:
+    """``messages_lost``: accepted by ``send`` and not acknowledged in order when the
+    connection failed. A message SACKed behind a hole counts: the peer's application
+    never gets it (delivery is in order)."""
+    cfg = ReliableConfig(dead_peer_timeout=4.0, max_datagram=200, max_message=2000)
+    pair, sconn = established_pair(cfg)
+    for i in range(5):
+        pair.client.send(b"early %d" % i)
+    pair.run(1.0)
+    assert len(sconn.messages()) == 5
+    assert pair.client.statistics().messages_acked == 5
+    hole = pair.client.snd_nxt  # the next segment is lost, every time it is sent
+    pair.drop = lambda direction, d: (
+        direction == "c2s" and d.type == Type.DATA and (d.seq == hole & MASK)
+    )
+    pair.client.send(b"lost")
+    pair.flush()
+    pair.client.send(b"SACKed, behind the hole")
+    pair.client.send(b"x" * 1500)  # several fragments
+    pair.run(0.5)
+    assert pair.client.statistics().messages_acked == 5
+    assert sconn.messages() == []  # they wait for the hole
+    pair.drop = lambda direction, d: True  # now the peer goes silent
+    pair.run(10.0, until=lambda: pair.client.state is State.FAILED)
+    st = pair.client.statistics()
+    assert isinstance(pair.client.error, Timeout)
+    assert (st.messages_sent, st.messages_acked, st.messages_lost) == (8, 5, 3)
+
+
+def test_an_aborted_connection_counts_its_undelivered_messages() -> None:
+    pair, sconn = established_pair()
+    pair.client.send(b"delivered")
+    pair.run(1.0)
+    pair.drop = lambda direction, d: True
+    pair.client.send(b"queued")
+    pair.client.abort()
+    assert pair.client.statistics().messages_lost == 1
+    assert sconn.statistics().messages_lost == 0
+
+
+def test_an_established_peer_that_moves_is_followed_when_its_datagram_fits() -> None:
+    """A restarted relay or a NAT rebinding: the client's datagrams come from a new
+    address. The server follows the connection there when a datagram proves to be its
+    next word (its id, a valid CRC32C, an ack in snd_una..snd_nxt, a sequence number
+    in the window); anything else from another address stays stray."""
+    pair, sconn = established_pair()
+    server = pair.server
+    sconn.send(b"from the server")
+    pair.run(1.0)
+    assert pair.client.messages() == [b"from the server"]
+    acks = [d for _, dr, d in pair.log if dr == "c2s" and d.type == Type.ACK]
+    stale = encode_datagram(acks[0])  # the handshake's last ack: older than snd_una
+    before = server.statistics()
+    # not its next word: an old ack, an ack of what was never sent, a RESET, garbage
+    assert decode_datagram(stale).ack != sconn.snd_una & MASK
+    server.receive_datagram(stale, "relay 2", pair.now)
+    pair.client.send(b"hello")
+    (data,) = pair.client.datagrams_to_send(pair.now)
+    d = decode_datagram(data)
+    forged = [
+        replace(d, ack=(sconn.snd_nxt + 5) & MASK),
+        replace(d, seq=(sconn.recv_edge + 1) & MASK),
+        Datagram(Type.RESET, d.conn, payload=bytes([ResetCode.ABORT])),
+        replace(d, conn=d.conn ^ 1),
+    ]
+    for bad in forged:
+        server.receive_datagram(encode_datagram(bad), "relay 2", pair.now)
+    assert sconn.peer_addr == "client" and sconn.state is State.ESTABLISHED
+    after = server.statistics()
+    assert after.moved == 0 and after.stray_dropped == before.stray_dropped + 1 + len(forged)
+    # the real next datagram moves it, and the answers go there
+    assert server.receive_datagram(data, "relay 2", pair.now) is sconn
+    assert sconn.peer_addr == "relay 2" and server.statistics().moved == 1
+    assert sconn.messages() == [b"hello"]
+    sconn.send(b"answer")
+    replies = server.datagrams_to_send(pair.now)
+    assert replies and {addr for _, addr in replies} == {"relay 2"}
+    # both paths alive: the latest datagram that fits wins (a dead path sends nothing)
+    server.receive_datagram(data, "client", pair.now)
+    assert sconn.peer_addr == "client" and server.statistics().moved == 2
+    assert sconn.messages() == []  # a duplicate: delivered once
+
+
+def test_a_path_that_changes_mid_stream_loses_nothing() -> None:
+    """A relay between the two dies mid-stream (everything on it is lost) and another
+    takes over from a new address: both directions go on, every message once, in order."""
+    pair = Pair(ReliableConfig(dead_peer_timeout=5.0), seed=3)
+    sconn = pair.connect()
+    sent = {"client": [b"c%d" % i for i in range(400)], "server": [b"s%d" % i for i in range(400)]}
+    for i in range(400):
+        pair.client.send(sent["client"][i])
+        sconn.send(sent["server"][i])
+        if i == 150:
+            pair.run(0.02)  # some in flight...
+            pair.wire.clear()  # ...lost with the relay
+            pair.client_addr = "relay 2"  # its successor, with a new source address
+            pair.run(0.5)  # both peers keep sending: replies to "client" are lost too
+    pair.run(20.0, until=lambda: all(len(pair.got[k]) == 400 for k in pair.got))
+    assert pair.got["server"] == sent["client"] and pair.got["client"] == sent["server"]
+    assert sconn.peer_addr == "relay 2" and pair.server.statistics().moved == 1
+    assert pair.client.statistics().retransmitted > 0
+    assert sconn.state is State.ESTABLISHED and pair.client.state is State.ESTABLISHED
+
+
+def test_a_connection_still_in_its_handshake_never_moves() -> None:
+    rng = random.Random(5)
+    server = ReliableServer(rng.randbytes)
+    client = ReliableConnection.client(0.0, rng.randbytes)
+    for _ in range(2):  # SYN, COOKIE, SYN with the cookie
+        for data in client.datagrams_to_send(0.0):
+            server.receive_datagram(data, "client", 0.0)
+        for data, _ in server.datagrams_to_send(0.0):
+            client.receive_datagram(data, 0.0)
+    (sconn,) = server.connections()
+    assert client.state is State.ESTABLISHED and sconn.state is State.CONNECTING
+    (ack,) = client.datagrams_to_send(0.0)
+    assert server.receive_datagram(ack, "elsewhere", 0.0) is None
+    assert sconn.state is State.CONNECTING and sconn.peer_addr == "client"
+    assert server.statistics().moved == 0
+
+
 def test_keepalive_keeps_an_idle_connection_alive() -> None:
     cfg = ReliableConfig(dead_peer_timeout=2.0)
     pair, sconn = established_pair(cfg)
@@ -1695,9 +1821,15 @@ def test_state_table() -> None:
 FORBIDDEN = {"socket", "select", "selectors", "asyncio", "threading", "time", "os", "signal"}
 
 
-@pytest.mark.parametrize("module", ["reliable", "crc32c"])
-def test_sans_io(module: str) -> None:
-    path = Path(reliable.__file__).with_name(f"{module}.py")
+_PACKAGE = Path(reliable.__file__).parent  # protocol/reliable/
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sorted(_PACKAGE.glob("*.py")), _PACKAGE.parent / "crc32c.py"],
+    ids=lambda p: p.name,
+)
+def test_sans_io(path: Path) -> None:
     tree = ast.parse(path.read_text())
     imported = set()
     for node in ast.walk(tree):

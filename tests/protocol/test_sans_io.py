@@ -23,7 +23,7 @@ FORBIDDEN = {
     "ssl",
 }
 PROTOCOL_DIR = Path(buzon.protocol.__file__).parent
-MODULES = sorted(p for p in PROTOCOL_DIR.glob("*.py"))
+MODULES = sorted(p for p in PROTOCOL_DIR.rglob("*.py"))  # packages (reliable/) included
 
 
 def _imports(path: Path) -> set[str]:
@@ -37,10 +37,11 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_there_are_protocol_modules_to_check() -> None:
-    assert {p.name for p in MODULES} >= {"frames.py", "handshake.py", "mpcompat.py", "reliable.py"}
+    names = {p.relative_to(PROTOCOL_DIR).as_posix() for p in MODULES}
+    assert names >= {"frames.py", "handshake.py", "mpcompat.py", "reliable/connection.py"}
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.relative_to(PROTOCOL_DIR).as_posix())
 def test_protocol_module_does_no_io(path: Path) -> None:
     assert not (_imports(path) & FORBIDDEN), f"{path.name} imports {_imports(path) & FORBIDDEN}"
 

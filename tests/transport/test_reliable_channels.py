@@ -9,6 +9,7 @@ Here: what only the transport can show — many peers on one socket, a lossy pat
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import select
@@ -18,14 +19,24 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 import buzon
-from buzon.errors import Empty, EndOfChannel, InsecureBind, SecurityError, UnsupportedOperation
+from buzon.errors import (
+    Empty,
+    EndOfChannel,
+    EndpointInUse,
+    InsecureBind,
+    SecurityError,
+    Undelivered,
+    UnsupportedOperation,
+)
 from buzon.protocol.reliable import ReliableConfig, Type, decode_datagram
 from buzon.testing.chaos import ChaosRelay
 from buzon.transport.reliable import DEFAULT_CONFIG
@@ -75,7 +86,8 @@ def _connect_accept(lst: Any, **options: Any) -> tuple[Any, Any]:
     t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
     t.start()
     try:
-        ch = buzon.connect(str(lst.address), timeout=T, reliable=True, **options)
+        options.setdefault("reliable", True)
+        ch = buzon.connect(str(lst.address), timeout=T, **options)
     finally:
         t.join(T)
     return ch, box[0]
@@ -183,11 +195,11 @@ async def _ends(ch: Any) -> bool:
 # -- through a lossy path ----------------------------------------------------------------
 
 
-def _messages(n: int, seed: int) -> Iterator[bytes]:
+def _messages(n: int, seed: int, small: tuple[int, int] = (0, 120)) -> Iterator[bytes]:
     """Unique ids, a CRC of each payload; every 97th message spans several datagrams."""
     rng = random.Random(seed)
     for i in range(n):
-        size = rng.randrange(3000, 6000) if i % 97 == 0 else rng.randrange(0, 120)
+        size = rng.randrange(3000, 6000) if i % 97 == 0 else rng.randrange(*small)
         payload = rng.randbytes(size)
         yield struct.pack("<II", i, zlib.crc32(payload)) + payload
 
@@ -251,9 +263,12 @@ def test_ten_thousand_messages_through_chaos(profile: str) -> None:
 
 class _LoseServerHello:
     """A loopback UDP relay that loses the server's first DATA datagram (its half of
-    the buzon handshake) and passes everything else, both ways."""
+    the buzon handshake) and passes everything else, both ways. With ``cut``, it
+    instead passes the client's first DATA datagram (its hello), then nothing more."""
 
-    def __init__(self, back: Any) -> None:
+    def __init__(self, back: Any, cut: bool = False) -> None:
+        self.cut = cut
+        self.cut_now = False
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
         self.up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -272,10 +287,14 @@ class _LoseServerHello:
                 return
             if self.front in ready:
                 data, client = self.front.recvfrom(65536)
-                self.up.send(data)
+                if not self.cut_now:
+                    self.up.send(data)
+                    self.cut_now = self.cut and decode_datagram(data).type == Type.DATA
             if self.up in ready:
                 data = self.up.recv(65536)
-                if not self.lost and decode_datagram(data).type == Type.DATA:
+                if self.cut_now:
+                    continue
+                if not self.cut and not self.lost and decode_datagram(data).type == Type.DATA:
                     self.lost += 1
                     continue
                 self.front.sendto(data, client)
@@ -324,6 +343,32 @@ def test_accept_returns_only_once_the_client_has_the_server_hello() -> None:
                 assert server.recv(timeout=T) == "after the handshake"
         finally:
             relay.close()
+
+
+def test_a_peer_that_dies_before_acknowledging_the_hello_does_not_stop_accept() -> None:
+    """The client's hello arrives, then the path is cut: the server's connection fails
+    (dead_peer_timeout) while ``accept`` waits for its own hello's ack. That peer failed
+    the handshake; ``accept`` goes on waiting for others (here: none, so ``Timeout``)."""
+    with buzon.listen("udp://127.0.0.1:0", reliable=QUICK) as lst:
+        relay = _LoseServerHello(lst.address, cut=True)
+        errors: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                buzon.connect(relay.address, timeout=2, handshake_timeout=2, reliable=QUICK)
+            except BaseException as exc:  # expected: it never hears the server's hello
+                errors.append(exc)
+
+        t = threading.Thread(target=connect)
+        t.start()
+        try:
+            with pytest.raises(buzon.Timeout):
+                lst.accept(timeout=3)
+        finally:
+            t.join(T)
+            relay.close()
+        assert relay.cut_now and len(errors) == 1
+        assert lst.rejected == 1
 
 
 def test_raw_udp_through_the_same_relay_loses_datagrams() -> None:
@@ -396,6 +441,278 @@ def test_killed_client_is_reclaimed_by_the_protocol_timeouts(scheme: str) -> Non
         lst._lt.accept()  # one pump: forget what is finished
         assert server.connections() == []
         assert server.statistics().connections == 0
+
+
+# -- a peer that goes silent is always reported -----------------------------------------
+
+_SILENT = """
+import sys, buzon
+ch = buzon.connect(sys.argv[1], timeout=10, reliable=True)
+ch.send("ready")  # its datagram also acknowledges the server's hello
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+#: small timers, so that a dead peer is noticed in half a second
+QUICK = replace(DEFAULT_CONFIG["udp"], dead_peer_timeout=0.5, keepalive=0.1, linger=0.1)
+
+
+def _stopped_peer(lst: Any) -> tuple[Any, subprocess.Popen[bytes]]:
+    """The channel to a child process that connected, then was stopped (SIGSTOP)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SILENT, str(lst.address)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        ch = lst.accept(timeout=T)
+        assert ch.recv(timeout=T) == "ready"
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGSTOP)
+    except BaseException:
+        _reap(proc)
+        raise
+    return ch, proc
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait(T)
+    for f in (proc.stdin, proc.stdout):
+        if f is not None:
+            f.close()
+
+
+async def _aio_until_dead(ch: Any, what: str) -> None:
+    aio_ch = buzon.aio.Channel(ch._core)  # the same core, awaited
+    if what == "send":
+        for _ in range(100_000):  # the send buffer (2 MiB) fills long before
+            await aio_ch.send_bytes(b"x" * 1000, timeout=T)
+    elif what == "flush":
+        await aio_ch.send_bytes(b"unacknowledged")
+        await aio_ch.flush(timeout=T)
+    else:
+        receipt = await aio_ch.send_async(b"never taken")
+        await asyncio.wait_for(receipt, T)
+
+
+def _sync_until_dead(ch: Any, what: str) -> None:
+    if what == "send":
+        for _ in range(100_000):
+            ch.send_bytes(b"x" * 1000, timeout=T)
+    elif what == "flush":
+        ch.send_bytes(b"unacknowledged")
+        ch.flush(timeout=T)
+    else:
+        ch.send_async(b"never taken").wait(timeout=T)
+
+
+@pytest.mark.parametrize("what", ["send", "flush", "receipt"])
+@pytest.mark.parametrize("driver", ["sync", "asyncio"])
+def test_a_stopped_receiver_is_reported_to_a_waiting_sender(driver: str, what: str) -> None:
+    """Contract 4c: a send blocked for room, a flush and a receipt end with the dead
+    peer (``EndOfChannel`` / ``Undelivered``) after ``dead_peer_timeout``, never with
+    the caller's own timeout (T, 20 times longer) and never normally; the messages that
+    were never acknowledged are counted in ``statistics().dropped``."""
+    with buzon.listen("udp://127.0.0.1:0", reliable=QUICK) as lst:
+        ch, proc = _stopped_peer(lst)
+        try:
+            with ch:
+                expected = Undelivered if what == "receipt" else EndOfChannel
+                with pytest.raises(expected, match=r"dead_peer_timeout|closed"):
+                    if driver == "sync":
+                        _sync_until_dead(ch, what)
+                    else:
+                        asyncio.run(_aio_until_dead(ch, what))
+                assert ch.statistics().dropped >= 1
+                with pytest.raises(EndOfChannel, match="dead_peer_timeout"):
+                    ch.flush(timeout=T)  # and again: never "delivered" after that
+                with pytest.raises(EndOfChannel, match="dead_peer_timeout"):
+                    ch.send_bytes(b"more", timeout=T)
+        finally:
+            _reap(proc)
+
+
+def test_a_stopped_unixgram_receiver_is_reported_to_a_blocked_sender(runtime_dir: str) -> None:
+    """The same over Unix datagrams, where the stopped peer's socket queue fills at
+    once (the kernel refuses more: EAGAIN) rather than datagrams vanishing."""
+    config = replace(DEFAULT_CONFIG["unixgram"], dead_peer_timeout=0.5, keepalive=0.1)
+    with buzon.listen("unixgram:stopped", reliable=config) as lst:
+        ch, proc = _stopped_peer(lst)
+        try:
+            with ch:
+                with pytest.raises(EndOfChannel, match="dead_peer_timeout"):
+                    _sync_until_dead(ch, "send")
+                assert ch.statistics().dropped >= 1
+        finally:
+            _reap(proc)
+
+
+def test_every_thread_waiting_on_a_dead_peer_is_told() -> None:
+    """One thread blocked in send, others in flush: whichever pump finds the peer dead,
+    all of them wake and raise (the failure keeps the send eventfd set)."""
+    with buzon.listen("udp://127.0.0.1:0", reliable=QUICK) as lst:
+        ch, proc = _stopped_peer(lst)
+        try:
+            with ch:
+                outcomes: list[BaseException | None] = []
+
+                def run(what: str) -> None:
+                    try:
+                        _sync_until_dead(ch, what)
+                        outcomes.append(None)
+                    except BaseException as exc:  # the expected outcome
+                        outcomes.append(exc)
+
+                threads = [threading.Thread(target=run, args=(w,)) for w in ("send", "flush")]
+                threads += [threading.Thread(target=lambda: run("flush"))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(T * 2)
+                assert len(outcomes) == 3
+                assert all(isinstance(e, EndOfChannel) for e in outcomes), outcomes
+        finally:
+            _reap(proc)
+
+
+def test_flush_after_everything_was_acknowledged_returns_even_once_the_peer_died() -> None:
+    """``flush`` raises only when something accepted was not acknowledged."""
+    with buzon.listen("udp://127.0.0.1:0", reliable=QUICK) as lst:
+        ch, peer = _connect_accept(lst, reliable=QUICK)
+        with ch, peer:
+            ch.send_bytes(b"taken")
+            ch.flush(timeout=T)
+            assert peer.recv_bytes(timeout=T) == b"taken"
+            peer._core.transport._conn.abort("gone")  # as if the process died...
+            peer._core.transport._conn._reset = None  # ...without a word
+            with pytest.raises(EndOfChannel, match="dead_peer_timeout"):
+                ch.recv(timeout=T)
+            ch.flush(timeout=T)  # nothing was left unacknowledged
+            assert ch.statistics().dropped == 0
+
+
+def _relayed(lst: Any, relay: ChaosRelay, config: ReliableConfig) -> tuple[Any, Any]:
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+    t.start()
+    try:
+        client = buzon.connect(str(relay.address), timeout=T, reliable=config)
+        client.send_bytes(b"hello")  # completes the server's side of the handshake
+    finally:
+        t.join(T)
+    server = box[0]
+    assert server.recv_bytes(timeout=T) == b"hello"
+    return client, server
+
+
+def test_a_relay_restarted_mid_stream_is_followed_and_nothing_is_lost() -> None:
+    """Contract 4c: the relay between the peers is killed and a new one starts on the
+    same front port, so the server sees the client's datagrams come from a new source
+    address. The server follows the connection there (its datagrams prove they belong
+    to it: connection id, CRC32C, sequence numbers), and every message arrives once."""
+    n = 3000
+    sizes = (1000, 2500)  # a segment or two each: the window holds ~200, not all of them
+    config = replace(DEFAULT_CONFIG["udp"], dead_peer_timeout=5.0)
+    with buzon.listen("udp://127.0.0.1:0", reliable=config) as lst:
+        relay = ChaosRelay("udp://127.0.0.1:0", lst.address, profile="clean").start()
+        relays = [relay]
+        try:
+            client, server = _relayed(lst, relay, config)
+            errors: list[BaseException] = []
+
+            def send_all() -> None:
+                try:
+                    for m in _messages(n, seed=7, small=sizes):
+                        client.send_bytes(m, timeout=T)
+                    client.flush(timeout=T)
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            sender = threading.Thread(target=send_all)
+            sender.start()
+            try:
+                with client, server:
+                    for i, expected in enumerate(_messages(n, seed=7, small=sizes)):
+                        if i == n // 3:  # kill the relay mid-stream, start another
+                            port = relay.address.port
+                            relay.close()
+                            time.sleep(0.2)  # datagrams sent meanwhile are lost
+                            relay = ChaosRelay(
+                                f"udp://127.0.0.1:{port}", lst.address, profile="clean"
+                            ).start()
+                            relays.append(relay)
+                        assert server.recv_bytes(timeout=T) == expected
+                    sender.join(T * 3)
+                    assert not errors, errors
+                    assert client.statistics().dropped == 0
+                    assert server.statistics().dropped == 0
+                    assert client.statistics().retransmits > 0
+            finally:
+                sender.join(T * 3)
+        finally:
+            for r in relays:
+                r.close()
+        assert _server_of(lst).statistics().moved >= 1
+
+
+def test_a_relay_gone_for_good_is_reported_and_counted() -> None:
+    """Contract 4c: the relay dies mid-stream and never comes back. The sender learns it
+    (``EndOfChannel`` from send or flush), and every message it accepted is either
+    received, in order, or counted in ``dropped`` (messages never acknowledged: lost,
+    or received with their ack lost, hence ``>=``)."""
+    with (
+        buzon.listen("udp://127.0.0.1:0", reliable=QUICK) as lst,
+        ChaosRelay("udp://127.0.0.1:0", lst.address, profile="clean") as relay,
+    ):
+        client, server = _relayed(lst, relay, QUICK)
+        with client, server:
+            accepted = 0
+            got: list[bytes] = []
+            with pytest.raises(EndOfChannel, match="dead_peer_timeout"):
+                for i, m in enumerate(_messages(100_000, seed=3)):
+                    client.send_bytes(m, timeout=T)
+                    accepted += 1
+                    if i % 50 == 49:
+                        while True:
+                            try:
+                                got.append(server.recv_bytes_nowait())
+                            except Empty:
+                                break
+                    if i == 1000:
+                        relay.close()
+                client.flush(timeout=T)
+            while True:
+                try:
+                    got.append(server.recv_bytes(timeout=T))
+                except EndOfChannel:
+                    break
+            dropped = client.statistics().dropped
+        assert got == list(itertools.islice(_messages(100_000, seed=3), len(got)))
+        assert 0 < len(got) <= accepted <= len(got) + dropped
+        assert dropped > 0
+
+
+def test_a_closed_listener_keeps_its_port_while_accepted_channels_use_it() -> None:
+    """Why ``close()`` does not release a reliable listener's UDP port at once: every
+    accepted channel sends and receives through the listener's one socket (its peer
+    knows no other port), so closing it would cut them all. ``close()`` refuses new
+    peers; the port goes with the last accepted channel, and binding it meanwhile
+    says why."""
+    lst = buzon.listen("udp://127.0.0.1:0", reliable=True)
+    client, server = _connect_accept(lst)
+    lst.close()
+    url = str(lst.address)
+    with client, server:
+        client.send("after the listener")
+        assert server.recv(timeout=T) == "after the listener"
+        with pytest.raises(EndpointInUse, match="accepted channel"):
+            buzon.listen(url, reliable=True)
+        with pytest.raises(buzon.BuzonError):  # new peers are refused
+            buzon.connect(url, timeout=2, reliable=True)
+    with buzon.listen(url, reliable=True):  # the last user released the port
+        pass
 
 
 # -- send_many gathers a batch into few datagrams -----------------------------------------

@@ -31,6 +31,13 @@ blocked by a full send buffer waits for *readability* (room comes back with acks
 ``flush`` waits for :meth:`ReliableTransport.delivered`, ``close`` shuts down (FIN)
 and lingers until delivered.
 
+A dead peer needs nothing more from the drivers. Its deadline is a protocol timer
+(the timerfd wakes every waiter); once the protocol declares the connection FAILED,
+the channel's *send* eventfd stays set, so a driver waiting for room or delivery
+wakes, and ``send_message`` and ``delivered`` raise the failure (``EndOfChannel`` for
+a silent peer). ``delivered`` never says True while a message is unacknowledged, and
+``counters()["dropped"]`` is the protocol's ``messages_lost``.
+
 Threads: one endpoint may be used by channels in several threads (a thread per
 client). Its state is guarded by a lock that is only ever *tried* (never waited for,
 except for the few microseconds of ``close``): a channel that finds it taken reports
@@ -65,6 +72,7 @@ from ..errors import (
     BuzonError,
     ConnectionRefused,
     EndOfChannel,
+    EndpointInUse,
     NoSuchEndpoint,
     Timeout,
     UnsupportedOperation,
@@ -413,7 +421,11 @@ class _Endpoint:
     def transmit(self, now: float, only: Iterable[ReliableConnection] | None) -> None:
         """Send what the protocol has for ``only`` (None: everyone, timers included)."""
         out: list[tuple[bytes, Hashable]]
+        # the connections whose timers run here: one may fail (its peer is dead), and a
+        # server forgets it at once, so keep them to wake that channel's waiters below
+        asked: list[ReliableConnection] = []
         for _ in range(8):  # a server's deadline is -inf while it has replies queued
+            asked.extend(self._all_conns() if only is None else only)
             if self.server is not None:
                 out = self.server.datagrams_to_send(now, only)
                 self.deadline = self.server.next_deadline()
@@ -434,6 +446,9 @@ class _Endpoint:
                 self.deadline = retry
         if self.deadline is not None:
             self.timer.arm(self.deadline)
+        failed = [conn for conn in asked if conn.state is State.FAILED]
+        if failed:
+            self._notify(failed, None)  # wake all its waiters: each of them raises
 
     def _refuse_unaccepted(self) -> None:
         """The listener is closed: peers that still complete a handshake are reset."""
@@ -603,7 +618,8 @@ class ReliableTransport(MessageTransport):
 
     def refresh(self) -> None:
         self._rwake.signal(self.has_buffered())
-        self._swake.signal(self._swake.waiting)
+        # a failed connection wakes its senders too: send, flush and close then raise
+        self._swake.signal(self._swake.waiting or self._conn.state is State.FAILED)
 
     def _take(self, now: float) -> None:
         conn = self._conn
@@ -641,8 +657,7 @@ class ReliableTransport(MessageTransport):
 
     def _raise_end(self) -> None:
         conn = self._conn
-        if conn.state is State.FAILED:
-            raise _failure(conn)
+        _raise_if_failed(conn)
         if conn.peer_finished:
             raise EndOfChannel("the peer closed the channel")
 
@@ -660,7 +675,7 @@ class ReliableTransport(MessageTransport):
             wake.poked = False
             now = _monotonic()
             if conn.send_space() < _nbytes(data) and not self._make_room(now, data):
-                wake.waiting = True  # woken by the acks that free room
+                wake.waiting = True  # woken by the acks that free room (or the failure)
                 wake.signal(False)
                 return False
             if wake.waiting:
@@ -691,15 +706,15 @@ class ReliableTransport(MessageTransport):
 
     def _make_room(self, now: float, data: Buffer) -> bool:
         conn = self._conn
-        if conn.state is State.FAILED:
-            raise _failure(conn)
+        _raise_if_failed(conn)
         if self._shut:
             conn.send(data)  # raises ChannelClosed
         if _nbytes(data) > conn.max_message:
             conn.send(data)  # raises MessageTooLarge before anything is queued
         self._held_bytes = 0
-        self._ep.pump(now, self)  # acks free room
+        self._ep.pump(now, self)  # acks free room; the timers may declare the peer dead
         self._ep.transmit(now, (conn,))  # what a cork held back
+        _raise_if_failed(conn)
         if conn.send_space() >= _nbytes(data):
             return True
         self._ep.lock.release()
@@ -707,6 +722,7 @@ class ReliableTransport(MessageTransport):
             _pump_all()  # the peer may be ours, in this very thread
         finally:
             self._ep.lock.acquire()  # re-taken for the caller's finally (microseconds)
+        _raise_if_failed(conn)
         return conn.send_space() >= _nbytes(data)
 
     def cork(self, on: bool) -> None:
@@ -745,7 +761,7 @@ class ReliableTransport(MessageTransport):
                 ep.transmit(now, (conn,))  # the FIN, once the window lets it go
                 done = self._done(now)
                 wake.waiting = not done  # woken by the acks that bring it closer
-                wake.signal(False)
+                wake.signal(conn.state is State.FAILED)  # others' sends must see it
             finally:
                 ep.lock.release()
             if done or attempt:
@@ -755,7 +771,12 @@ class ReliableTransport(MessageTransport):
 
     def _done(self, now: float) -> bool:
         conn = self._conn
-        if conn.state in (State.FAILED, State.CLOSED):
+        if conn.state is State.FAILED:
+            lost = conn.statistics().messages_lost
+            if lost:  # never "delivered" while anything accepted was not acknowledged
+                raise _failure(conn, f"{lost} message(s) sent were not acknowledged")
+            return True  # the peer acknowledged everything before the connection ended
+        if conn.state is State.CLOSED:
             return True
         if self._shut:
             # Our FIN acked. Or every message acked and only the FIN's ack missing, and
@@ -770,7 +791,11 @@ class ReliableTransport(MessageTransport):
 
     def counters(self) -> dict[str, int]:
         st = self._conn.statistics()
-        return {"retransmits": st.retransmitted, "damaged": self._ep.damaged(self._conn)}
+        return {
+            "retransmits": st.retransmitted,
+            "damaged": self._ep.damaged(self._conn),
+            "dropped": st.messages_lost,
+        }
 
     # -- closing -----------------------------------------------------------------------
 
@@ -798,15 +823,21 @@ class ReliableTransport(MessageTransport):
             ep.release()
 
 
-def _failure(conn: ReliableConnection) -> BuzonError:
+def _failure(conn: ReliableConnection, detail: str = "") -> BuzonError:
     """What a failed connection raises on the channel. A peer that went silent (killed,
     or the path cut) ends the channel like a closed one, with the reason: a ``Timeout``
     would read as "your timeout passed", which it is not."""
     err = conn.error
     assert err is not None
+    text = f"{err}; {detail}" if detail else str(err)
     if isinstance(err, Timeout):
-        return EndOfChannel(str(err))
-    return type(err)(str(err))
+        return EndOfChannel(text)
+    return type(err)(text)
+
+
+def _raise_if_failed(conn: ReliableConnection) -> None:
+    if conn.state is State.FAILED:
+        raise _failure(conn)
 
 
 def _nbytes(data: Buffer) -> int:
@@ -886,6 +917,23 @@ class ReliableListener(ListenerTransport):
             ep.release()
 
 
+def _explain_in_use(addr: Address, exc: EndpointInUse) -> None:
+    """The port may be held by a closed listener of this very process: say so."""
+    for ep in list(_live):
+        if ep.server is None or ep.listener is not None or ep.closed or ep.forked:
+            continue
+        try:
+            port = ep.sock.getsockname()[1]
+        except OSError:
+            continue
+        if port == addr.port:
+            raise EndpointInUse(
+                f"{exc}: a closed reliable listener of this process still has "
+                f"{len(ep.channels)} accepted channel(s) open on it; they talk through its "
+                "one socket, which goes with the last of them (close them first)"
+            ) from exc
+
+
 def _config(scheme: str, opts: TransportOptions) -> ReliableConfig:
     if isinstance(opts.reliable, ReliableConfig):
         return opts.reliable
@@ -896,7 +944,11 @@ def listen(addr: Address, opts: TransportOptions) -> ReliableListener:
     config = _config(addr.scheme, opts)
     on_release: Callable[[], None] | None = None
     if addr.scheme == "udp":
-        sock, bound = bind_udp(addr)
+        try:
+            sock, bound = bind_udp(addr)
+        except EndpointInUse as exc:
+            _explain_in_use(addr, exc)
+            raise
         local = is_loopback(addr)
     else:
         path = addr.fs_path(opts.runtime_dir)

@@ -1,183 +1,16 @@
-"""Reliable datagrams: a sans-IO protocol that turns a lossy datagram link into a channel.
-
-UDP and Unix datagram sockets keep message boundaries but may lose, duplicate, reorder
-or (UDP) damage datagrams, and a message must fit one datagram. This module adds, on
-top of any such link, what the issue asks for and nothing the link cannot carry:
-a connection handshake with connection ids, sequence numbers, selective acks,
-retransmission driven by an RTT estimate, duplicate suppression, in-order delivery,
-a CRC32C on every datagram, a receiver-advertised window with bounded buffers on both
-sides, batched acks, and messages larger than one datagram (fragmented and reassembled).
-
-Sans-IO: datagrams in, datagrams out, time is an input (``now`` on every call) and the
-next deadline an output. Randomness (connection ids, initial sequence numbers, the
-cookie secret) is an input too: pass ``os.urandom`` in production, a seeded
-``random.Random().randbytes`` in tests. Nothing here waits, reads a clock, or touches
-a socket. Two classes:
-
-* :class:`ReliableConnection`: one end of one connection (a client, or a server-side
-  peer made by the server).
-* :class:`ReliableServer`: the demultiplexer behind one listening socket. It answers
-  new peers statelessly until they prove they receive at their address (a cookie),
-  caps half-open and total connections, routes datagrams by connection id and peer
-  address, and hands established connections to :meth:`ReliableServer.accept`.
-
-A driver's loop, for either class::
-
-    conn.receive_datagram(data, now)            # server.receive_datagram(data, addr, now)
-    for datagram in conn.datagrams_to_send(now):  # runs expired timers first
-        sock.send(datagram)
-    wake_at = conn.next_deadline()              # None: nothing to wake for
-    messages = conn.messages()
-
-Call :meth:`~ReliableConnection.datagrams_to_send` after every input (a datagram, a
-``send``, a ``close``, taking messages, or reaching the deadline). After it,
-:meth:`~ReliableConnection.next_deadline` is always in the future (a server's may be
-``-inf`` when it has replies or connections to forget: call it again). A graceful
-close is complete when the state is CLOSED; a client may then drop everything, while
-the server keeps running for the others (and for its tombstones).
-
-Datagram format
----------------
-Every datagram, of every type, is one header, its SACK blocks, its payload and a
-CRC32C (all integers little-endian, sequence numbers are u32 and wrap)::
-
-    offset   size   field
-    0        1      version        0x01; anything else is dropped (FrameError)
-    1        1      type           1 SYN, 2 COOKIE, 3 SYN_ACK, 4 DATA, 5 ACK, 6 FIN, 7 RESET
-    2        1      flags          bit 0 ACK_NOW: acknowledge at once
-                                   bit 1 CLOSED: the sender is closed (see Close)
-                                   bit 2 BUNDLE: DATA carrying several whole messages
-                                   bits 3-7: zero
-    3        1      nsack          number of SACK blocks that follow the header
-    4        4      conn id        the *receiver's* connection id (0 only in a SYN)
-    8        4      seq            DATA/FIN: this segment's sequence number
-                                   SYN/SYN_ACK: the sender's initial sequence number
-                                   COOKIE/RESET: echoes the SYN's or the peer's seq
-    12       4      ack            cumulative ack: every seq below it has arrived
-    16       4      window         receive window, in segments: the sender may use
-                                   seq < ack + window (this right edge never shrinks)
-    20       2      frag index     DATA: this fragment's index in its message (0-based)
-    22       2      frag count     DATA: fragments in the message (1..65535); else 0
-    24       4      payload length bytes of payload after the SACK blocks
-    28       8*n    SACK blocks    n x (start u32, end u32): seqs [start, end) received
-                                   above ``ack``; the most recently changed block first
-    28+8n    len    payload        DATA: a fragment, or for BUNDLE (frag 0 of 1) whole
-                                   messages, each as u32 length + bytes;
-                                   SYN/SYN_ACK: the hello below;
-                                   COOKIE: the 16-byte cookie; RESET: code u8 + reason
-    end-4    4      CRC32C         over every byte before it
-
-The hello (SYN and SYN_ACK payload, 32 bytes)::
-
-    0   4   conn id        the id the sender wants to be addressed with (never 0)
-    4   4   max datagram   the largest datagram it accepts, all headers included
-    8   4   recv window    its receive buffer, in segments
-    12  4   max message    the largest message it reassembles, in bytes
-    16  16  cookie         SYN: the server's cookie echoed, or zeros; SYN_ACK: zeros
-
-A datagram whose CRC32C does not match, that is shorter than 32 bytes, that is
-malformed, too long, or addressed to an unknown connection id (or from another
-address) is dropped and counted; it is never delivered. Type-specific rules (which
-fields may be set, payload sizes) are the table :data:`DATAGRAM_RULES`.
-
-Connection handshake (SYN-flood safe, 1 RTT more than TCP when cookies are on)::
-
-    client                                           server (stateless until ➌)
-    ➊ SYN {conn=0, seq=isn_c, hello(id_c, cookie=0)} ──▶
-                                       ◀── ➋ COOKIE {conn=id_c, seq=isn_c, cookie}
-    ➌ SYN {.., hello(id_c, cookie)}                 ──▶  cookie valid: state created
-                       ◀── ➍ SYN_ACK {conn=id_c, seq=isn_s, ack=isn_c, hello(id_s)}
-    client ESTABLISHED; every later datagram carries conn=id_s
-    ➎ ACK or DATA {conn=id_s, ack=isn_s, ...}      ──▶  server ESTABLISHED, accept()
-
-The cookie is a truncated HMAC-SHA256, under a secret only the server knows, of the
-peer's address, its id, its ISN, its hello and a coarse timestamp; it proves the peer
-receives at its address before the server keeps any state for it, so spoofed SYNs cost
-one stateless reply each (a COOKIE is smaller than the SYN it answers: no amplification).
-Half-open connections (after ➌, before ➎) are capped, and expire after
-``handshake_timeout``. Stray datagrams are rejected by connection id and address; a
-datagram of an older connection carries an id the server no longer knows.
-
-Data transfer
--------------
-* **Segments.** A message is cut into fragments of the negotiated payload size (its
-  first fragment says how many follow); each fragment is a *segment* with its own
-  sequence number. FIN is a segment too (no payload), so it arrives after all data.
-  Internally sequence numbers are unbounded integers from the ISN; the wire carries
-  them mod 2**32 and the receiver unwraps each to the value nearest the one it expects.
-* **Bundles.** When small messages are already queued (the window or the congestion
-  window held them back, or the application sent several before the driver flushed),
-  as many as fit go in one BUNDLE segment. Nothing ever waits to fill a bundle, so
-  latency is unchanged; under load it cuts the per-datagram cost (CRC, headers, acks)
-  per message several times.
-* **Acks.** The receiver acks cumulatively and reports up to ``max_sack_blocks``
-  SACK ranges above the cumulative point. It acks at once on anything unusual (a
-  segment out of order, a gap filled, a duplicate, a FIN, ACK_NOW) and otherwise every
-  ``ack_every`` segments or ``ack_delay`` after the first unacked one. Data going the
-  other way carries the ack for free. It never reneges on a SACKed segment, so the
-  sender frees SACKed data at once.
-* **Loss detection and retransmission.** A segment is lost when a segment sent at
-  least 3 transmissions after it was acked, or when one sent after it was acked and
-  ``9/8 max(srtt, latest rtt)`` has passed (reordering tolerance). Otherwise the
-  retransmission timer (RTO) fires: RFC 6298 (SRTT, RTTVAR, RTO = SRTT + 4 RTTVAR,
-  clamped to ``[min_rto, max_rto]``, doubled on each expiry), and every outstanding
-  segment is retransmitted from slow start. **Karn's rule**: a segment that was ever
-  retransmitted gives no RTT sample, and the backed-off RTO stays until one does.
-* **Congestion.** NewReno-like: slow start from ``initial_cwnd`` segments, additive
-  increase above ``ssthresh``, halved once per loss episode, back to 1 after an RTO.
-  Never more in flight than the peer's window allows.
-* **Flow control.** The receiver holds at most ``recv_window`` segments: out of order,
-  in reassembly, and complete but not yet taken by the application (:meth:`messages`).
-  It advertises ``recv_window - held in order``; while the application does not take
-  messages the window closes and the sender stops. A sender facing a closed window
-  probes it (an ACK_NOW ping) on the persist timer, so a lost window update never
-  deadlocks. The sender holds at most ``send_buffer`` bytes: messages not yet sent plus
-  segments not yet acked; :meth:`send` raises :class:`~buzon.errors.Full` beyond.
-* **Liveness.** An idle connection pings every ``keepalive``; a peer silent for
-  ``dead_peer_timeout`` fails the connection with :class:`~buzon.errors.Timeout`.
-
-Close
------
-:meth:`ReliableConnection.close` is graceful: messages already sent are delivered
-first, then a FIN. Both directions are done once our FIN is acked and the peer's FIN
-has arrived. The last ack of such an exchange is never acknowledged itself (the two
-generals), so one side must stay to repeat it; here that is always the server, whose
-lingering costs a little memory in the demultiplexer and no process:
-
-* a **server** is CLOSED as soon as both directions are done. It lingers ``linger``
-  seconds, repeats its last ack twice unasked, re-acks whatever the client
-  retransmits, and marks every datagram it sends then with the flag CLOSED. Then the
-  demultiplexer forgets the connection but keeps a *tombstone* for
-  ``dead_peer_timeout``: its id, peer address and that last ack (32 bytes), sent again
-  for anything the client still retransmits, so even an outage longer than
-  ``linger`` cannot leave the client unsure (TIME_WAIT, at a few hundred bytes);
-* a **client** with both directions done waits for a datagram flagged CLOSED (it
-  pings, with backoff, until one comes), then is CLOSED and may vanish at once: the
-  server was told everything and needs nothing more from it.
-
-If the confirmation never comes but everything both ways arrived, or if only the ack of
-our FIN is missing (all our data acked, the peer's FIN in), the side still ends CLOSED
-after ``dead_peer_timeout``: nothing was lost. A FAILED connection sends a RESET
-saying why (unless the peer went silent), :data:`RESET_COPIES` times at once: nothing
-is left to retransmit it, and it is often the only word the peer will get (a copy
-that arrives after the first is dropped as stray). The states are :class:`State`, the
-transitions the table :data:`TRANSITIONS`.
-"""
+"""One end of a reliable-datagram connection: the state machine, the sender and the
+receiver (see :mod:`buzon.protocol.reliable` for the protocol)."""
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import hmac
-import itertools
 import math
-import struct
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator
-from dataclasses import dataclass, replace
-from enum import Enum, IntEnum
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import replace
+from enum import Enum
 
-from ..errors import (
+from ...errors import (
     BuzonError,
     ChannelClosed,
     ConnectionRefused,
@@ -189,366 +22,29 @@ from ..errors import (
     ProtocolError,
     Timeout,
 )
-from .crc32c import crc32c
+from .config import ReliableConfig, ReliableStatistics
+from .wire import (
+    _BUNDLE_LEN,
+    _MASK,
+    COOKIE_SIZE,
+    MAX_FRAGMENTS,
+    MAX_REASON,
+    OVERHEAD,
+    RESET_COPIES,
+    Datagram,
+    Flag,
+    Hello,
+    ResetCode,
+    Type,
+    _encode,
+    _unwrap,
+    decode_datagram,
+    verify_crc,
+)
 
-__all__ = [
-    "DATAGRAM_RULES",
-    "HEADER",
-    "HELLO",
-    "OVERHEAD",
-    "RESET_COPIES",
-    "TRANSITIONS",
-    "VERSION",
-    "Datagram",
-    "Event",
-    "Flag",
-    "Hello",
-    "ReliableConfig",
-    "ReliableConnection",
-    "ReliableServer",
-    "ReliableStatistics",
-    "ResetCode",
-    "ServerStatistics",
-    "State",
-    "Type",
-    "decode_datagram",
-    "encode_datagram",
-    "verify_crc",
-]
-
-VERSION = 1
-HEADER = struct.Struct("<BBBBIIIIHHI")  # 28 bytes: see the byte table
-_SACK = struct.Struct("<II")
-_CRC = struct.Struct("<I")
-HELLO = struct.Struct("<IIII16s")  # 32 bytes
-COOKIE_SIZE = 16
-OVERHEAD = HEADER.size + _CRC.size  # 32: every datagram's fixed cost
-MIN_DATAGRAM = 128
-MAX_FRAGMENTS = 0xFFFF
-MAX_REASON = 64  # bytes of RESET reason text (a RESET answering a SYN is never larger)
-RESET_COPIES = 3  # a RESET is sent this often at once: nothing ever retransmits it
-_MASK = 0xFFFFFFFF
-_HALF = 1 << 31
 _PACKET_THRESHOLD = 3  # a segment is lost when one sent 3 transmissions later is acked
 _TIME_THRESHOLD = 9 / 8
 _GRANULARITY = 0.001  # the smallest timer interval this protocol reasons about
-_unpack_header = HEADER.unpack_from
-_pack_header = HEADER.pack
-
-
-class Type(IntEnum):
-    SYN = 1
-    COOKIE = 2
-    SYN_ACK = 3
-    DATA = 4
-    ACK = 5
-    FIN = 6
-    RESET = 7
-
-
-class Flag(IntEnum):
-    ACK_NOW = 0x01  # acknowledge this datagram at once (a ping, a burst's end)
-    CLOSED = 0x02  # the sender is CLOSED: it has everything and its FIN was acked
-    BUNDLE = 0x04  # DATA: the payload is several whole messages, each u32-length-prefixed
-
-
-_FLAGS_MASK = 0x07
-_BUNDLE_LEN = struct.Struct("<I")
-
-
-class ResetCode(IntEnum):
-    PROTOCOL = 1  # the sender of the RESET saw a protocol violation
-    REFUSED = 2  # a server refused a new connection (full)
-    ABORT = 3  # the application aborted the connection
-
-
-@dataclass(frozen=True, slots=True)
-class _Rule:
-    payload: tuple[int, int]  # inclusive bounds on the payload length
-    sack: bool  # may carry SACK blocks
-    fragments: bool  # frag index/count are meaningful (else both must be 0)
-    conn_zero: bool  # conn id must be 0 (SYN) instead of non-zero
-
-
-# Which fields each type may use. Anything else is a FrameError (the datagram is dropped).
-DATAGRAM_RULES: dict[Type, _Rule] = {
-    Type.SYN: _Rule((HELLO.size, HELLO.size), sack=False, fragments=False, conn_zero=True),
-    Type.COOKIE: _Rule((COOKIE_SIZE, COOKIE_SIZE), sack=False, fragments=False, conn_zero=False),
-    Type.SYN_ACK: _Rule((HELLO.size, HELLO.size), sack=False, fragments=False, conn_zero=False),
-    Type.DATA: _Rule((0, _MASK), sack=True, fragments=True, conn_zero=False),
-    Type.ACK: _Rule((0, 0), sack=True, fragments=False, conn_zero=False),
-    Type.FIN: _Rule((0, 0), sack=True, fragments=False, conn_zero=False),
-    Type.RESET: _Rule((1, 1 + MAX_REASON), sack=False, fragments=False, conn_zero=False),
-}
-_RULES_BY_INT = {int(t): r for t, r in DATAGRAM_RULES.items()}
-
-
-# -- the wire format --------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Datagram:
-    """One decoded datagram; sequence fields are the u32 wire values."""
-
-    type: int
-    conn: int
-    seq: int = 0
-    ack: int = 0
-    window: int = 0
-    flags: int = 0
-    frag: int = 0
-    nfrag: int = 0
-    sacks: tuple[tuple[int, int], ...] = ()
-    payload: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    """The SYN / SYN_ACK payload: who the sender is and what it accepts."""
-
-    conn_id: int
-    max_datagram: int
-    recv_window: int
-    max_message: int
-    cookie: bytes = bytes(COOKIE_SIZE)
-
-    def encode(self) -> bytes:
-        return HELLO.pack(
-            self.conn_id, self.max_datagram, self.recv_window, self.max_message, self.cookie
-        )
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Hello:
-        conn_id, max_datagram, window, max_message, cookie = HELLO.unpack(payload)
-        if not conn_id:
-            raise HandshakeError("the peer's hello names connection id 0")
-        if max_datagram < MIN_DATAGRAM or window < 1 or max_message < 1:
-            raise HandshakeError(
-                f"the peer's limits are unusable (max datagram {max_datagram}, "
-                f"window {window}, max message {max_message})"
-            )
-        return cls(conn_id, max_datagram, window, max_message, cookie)
-
-
-def _encode(
-    type_: int,
-    conn: int,
-    seq: int,
-    ack: int,
-    window: int,
-    flags: int = 0,
-    frag: int = 0,
-    nfrag: int = 0,
-    sacks: tuple[tuple[int, int], ...] | list[tuple[int, int]] = (),
-    payload: bytes | memoryview = b"",
-) -> bytes:
-    head = _pack_header(
-        VERSION,
-        type_,
-        flags,
-        len(sacks),
-        conn,
-        seq & _MASK,
-        ack & _MASK,
-        window,
-        frag,
-        nfrag,
-        len(payload),
-    )
-    if sacks:
-        head += b"".join([_SACK.pack(a & _MASK, b & _MASK) for a, b in sacks])
-    body = head + payload if payload else head
-    return body + _CRC.pack(crc32c(body))
-
-
-def encode_datagram(d: Datagram) -> bytes:
-    """Encode ``d`` (no validation beyond what ``struct`` enforces; for tests and tools)."""
-    return _encode(
-        d.type, d.conn, d.seq, d.ack, d.window, d.flags, d.frag, d.nfrag, d.sacks, d.payload
-    )
-
-
-def verify_crc(data: bytes | bytearray | memoryview) -> bool:
-    """True when ``data`` is long enough to be a datagram and its CRC32C matches."""
-    n = len(data)
-    if n < OVERHEAD:
-        return False
-    return bool(crc32c(memoryview(data)[: n - 4]) == _CRC.unpack_from(data, n - 4)[0])
-
-
-def decode_datagram(data: bytes | bytearray | memoryview, *, verify: bool = True) -> Datagram:
-    """Decode one datagram; every defect is a :class:`~buzon.errors.FrameError`.
-
-    With ``verify=False`` the CRC is assumed checked already (:func:`verify_crc`).
-    """
-    n = len(data)
-    if n < OVERHEAD:
-        raise FrameError(f"a {n}-byte datagram is shorter than the {OVERHEAD}-byte minimum")
-    if verify and not verify_crc(data):
-        raise FrameError("CRC32C mismatch: the datagram was damaged")
-    version, type_, flags, nsack, conn, seq, ack, window, frag, nfrag, length = _unpack_header(
-        data, 0
-    )
-    if version != VERSION:
-        raise FrameError(f"unsupported datagram version {version} (this side speaks {VERSION})")
-    rule = _RULES_BY_INT.get(type_)
-    if rule is None:
-        raise FrameError(f"unknown datagram type {type_}")
-    if flags & ~_FLAGS_MASK:
-        raise FrameError(f"reserved flag bits set: {flags:#04x}")
-    if HEADER.size + 8 * nsack + length + 4 != n:
-        raise FrameError(
-            f"lengths do not add up: {nsack} SACK blocks and {length} payload bytes "
-            f"in a {n}-byte datagram"
-        )
-    name = Type(type_).name
-    if not rule.payload[0] <= length <= rule.payload[1]:
-        raise FrameError(f"a {name} datagram cannot carry {length} payload bytes")
-    if nsack and not rule.sack:
-        raise FrameError(f"a {name} datagram cannot carry SACK blocks")
-    if rule.fragments:
-        if nfrag < 1 or frag >= nfrag:
-            raise FrameError(f"fragment {frag} of {nfrag} is impossible")
-        if flags & Flag.BUNDLE and nfrag != 1:
-            raise FrameError("a bundle of messages cannot be a fragment")
-    elif frag or nfrag:
-        raise FrameError(f"a {name} datagram has no fragment fields")
-    elif flags & Flag.BUNDLE:
-        raise FrameError(f"a {name} datagram cannot be a bundle")
-    if (conn == 0) != rule.conn_zero:
-        raise FrameError(f"a {name} datagram with connection id {conn}")
-    sacks = []
-    pos = HEADER.size
-    for _ in range(nsack):
-        start, end = _SACK.unpack_from(data, pos)
-        if not 0 < (end - start) & _MASK < _HALF:
-            raise FrameError(f"empty or inverted SACK block [{start}, {end})")
-        sacks.append((start, end))
-        pos += 8
-    return Datagram(
-        type_, conn, seq, ack, window, flags, frag, nfrag, tuple(sacks), bytes(data[pos : n - 4])
-    )
-
-
-def _unwrap(wire: int, near: int) -> int:
-    """The unbounded sequence number with these low 32 bits that is nearest ``near``."""
-    return near + ((wire - near + _HALF) & _MASK) - _HALF
-
-
-# -- configuration and counters ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ReliableConfig:
-    """Limits and timers of one side. Both sides may differ; the hello reconciles them."""
-
-    max_datagram: int = 1400  # bytes on the wire, every header and the CRC included
-    max_message: int = 1024 * 1024  # the largest message, sent or received
-    recv_window: int = 1024  # receive buffer, in segments (out of order + unread)
-    send_buffer: int = 2 * 1024 * 1024  # bytes queued or unacknowledged
-    max_sack_blocks: int = 4  # per datagram
-    ack_every: int = 2  # ack after this many in-order segments...
-    ack_delay: float = 0.005  # ...or this long after the first unacked one
-    initial_rto: float = 0.2
-    min_rto: float = 0.02
-    max_rto: float = 2.0
-    initial_cwnd: int = 10  # segments
-    congestion_control: bool = True  # False: only the peer's window limits what is in flight
-    handshake_timeout: float = 5.0
-    dead_peer_timeout: float = 10.0
-    keepalive: float | None = None  # idle ping interval; None: dead_peer_timeout / 4
-    linger: float = 5.0  # a server, CLOSED, still re-acks this long (then a tombstone does)
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise ValueError(f"ReliableConfig: {what}")
-
-        need(0 <= self.max_sack_blocks <= 16, "max_sack_blocks is 0..16")
-        need(MIN_DATAGRAM <= self.max_datagram <= 1 << 20, f"max_datagram is {MIN_DATAGRAM}..1 MiB")
-        payload = self.payload_size(self.max_datagram)
-        need(payload >= 32, "max_datagram leaves under 32 payload bytes after the SACK blocks")
-        need(self.max_message >= 1, "max_message is at least 1")
-        need(
-            self.max_message <= MAX_FRAGMENTS * payload,
-            f"max_message is at most {MAX_FRAGMENTS} fragments ({MAX_FRAGMENTS * payload} bytes)",
-        )
-        need(
-            self.max_message <= self.recv_window * payload,
-            "max_message must fit the receive window (recv_window * payload bytes): "
-            "a message is reassembled inside it",
-        )
-        need(self.recv_window <= 1 << 24, "recv_window is at most 2**24 segments")
-        need(self.send_buffer >= self.max_message, "send_buffer must hold one max_message")
-        need(self.ack_every >= 1 and self.ack_delay >= 0, "ack_every >= 1, ack_delay >= 0")
-        need(0 < self.min_rto <= self.initial_rto <= self.max_rto, "min_rto <= initial <= max")
-        need(self.initial_cwnd >= 1, "initial_cwnd >= 1")
-        need(self.handshake_timeout > 0 and self.dead_peer_timeout > 0, "timeouts are positive")
-        need(self.keepalive is None or self.keepalive > 0, "keepalive is positive")
-        need(self.linger >= 0, "linger >= 0")
-
-    def payload_size(self, max_datagram: int) -> int:
-        """Payload bytes per DATA datagram when datagrams are at most ``max_datagram``."""
-        return max_datagram - OVERHEAD - 8 * self.max_sack_blocks
-
-    @property
-    def keepalive_interval(self) -> float:
-        return self.keepalive if self.keepalive is not None else self.dead_peer_timeout / 4
-
-    def hello(self, conn_id: int, cookie: bytes = bytes(COOKIE_SIZE)) -> Hello:
-        return Hello(conn_id, self.max_datagram, self.recv_window, self.max_message, cookie)
-
-
-@dataclass(slots=True)
-class ReliableStatistics:
-    """Counters of one connection (:meth:`ReliableConnection.statistics` returns a copy)."""
-
-    datagrams_sent: int = 0
-    datagrams_received: int = 0  # valid and addressed to this connection
-    segments_sent: int = 0  # DATA/FIN segments, first transmissions
-    retransmitted: int = 0  # DATA/FIN segments sent again
-    acked: int = 0  # segments acknowledged (cumulatively or by SACK)
-    acks_sent: int = 0  # datagrams sent only to ack (or to ping)
-    duplicates_dropped: int = 0  # segments that had arrived already
-    out_of_order_buffered: int = 0  # segments held until the gap before them filled
-    window_dropped: int = 0  # segments beyond the advertised window
-    corrupt_dropped: int = 0  # CRC32C mismatch or too short
-    malformed_dropped: int = 0  # valid CRC, invalid content (or over max_datagram)
-    stray_dropped: int = 0  # another connection id, or too late
-    timeouts: int = 0  # retransmission timer expiries
-    losses_detected: int = 0  # segments declared lost by acks (fast retransmit)
-    messages_sent: int = 0
-    messages_received: int = 0
-    bytes_sent: int = 0  # message bytes accepted by send()
-    bytes_received: int = 0  # message bytes delivered
-    srtt: float | None = None  # smoothed RTT estimate, seconds
-    rttvar: float | None = None
-    rto: float = 0.0
-    cwnd: float = 0.0  # congestion window, segments
-    peer_window: int = 0  # segments the peer still accepts beyond what we sent
-    recv_window: int = 0  # segments we advertise
-    in_flight: int = 0  # segments sent, not acked, not deemed lost
-
-
-@dataclass(slots=True)
-class ServerStatistics:
-    """Counters of a :class:`ReliableServer` (the demultiplexer itself)."""
-
-    datagrams_received: int = 0
-    corrupt_dropped: int = 0
-    malformed_dropped: int = 0
-    stray_dropped: int = 0  # unknown connection id, or a known one from another address
-    cookies_sent: int = 0
-    cookies_rejected: int = 0  # SYNs with a forged, stale or foreign cookie
-    syn_dropped: int = 0  # valid SYNs dropped: half-open cap reached
-    refused: int = 0  # valid SYNs refused with a RESET: connection cap reached
-    replies_dropped: int = 0  # stateless replies over the reply queue cap
-    tombstone_replies: int = 0  # last acks repeated for connections already forgotten
-    connections_created: int = 0
-    connections_established: int = 0
-    half_open: int = 0
-    connections: int = 0
-
 
 # -- the state machine ------------------------------------------------------------------
 
@@ -600,6 +96,7 @@ class _Seg:
         "frag",
         "kind",
         "lost",
+        "msgs",
         "nfrag",
         "payload",
         "retransmitted",
@@ -617,6 +114,7 @@ class _Seg:
         payload: bytes,
         flags: int = 0,
         cost: int = -1,
+        msgs: int = 0,
     ) -> None:
         self.seq = seq
         self.kind = kind
@@ -625,6 +123,7 @@ class _Seg:
         self.payload = payload
         self.flags = flags  # BUNDLE or 0
         self.cost = len(payload) if cost < 0 else cost  # message bytes it frees when acked
+        self.msgs = msgs  # messages it completes (the last fragment of one, a bundle's all)
         self.sent = 0.0  # time of the latest transmission
         self.xmit = 0  # transmission counter value of the latest transmission
         self.retransmitted = False
@@ -772,6 +271,10 @@ class ReliableConnection:
         self._ping = False  # an ACK_NOW ping is due
         self._last_ping = now
         self._asked_edge = 0  # request_ack: no new ping until snd_una reaches this
+        # (last seq of a message, messages cut so far) for segments that complete messages,
+        # not yet acked in order: the count of messages the peer has follows snd_una
+        self._msg_marks: deque[tuple[int, int]] = deque()
+        self._msgs_cut = 0
         # without congestion control only the peer's window limits what is in flight
         self._cwnd = float(cfg.initial_cwnd) if cfg.congestion_control else math.inf
         self._cwnd_cap = float(max(cfg.recv_window, cfg.initial_cwnd))
@@ -1092,6 +595,30 @@ class ReliableConnection:
         if self.error is None:
             self._maybe_close_done(now)
 
+    def may_move_to(self, d: Datagram) -> bool:
+        """True when ``d``, arriving from an address other than the peer's, proves to be
+        this connection's next word, so the peer's address may change to its source.
+
+        It must be an ACK, DATA or FIN (never a handshake datagram or a RESET) for our
+        connection id, of an ESTABLISHED or CLOSING connection; its ack must lie between
+        what the peer acknowledged already and what we sent (``snd_una..snd_nxt``), and a
+        segment's sequence number inside our receive window (or just below it: a
+        retransmission). Guessing that takes the 32-bit id and both 32-bit sequence
+        spaces; the CRC32C was checked before. An on-path attacker can do more than this
+        anyway: the protocol authenticates nobody (docs/reliable.md, Limits).
+        """
+        if self.state not in (State.ESTABLISHED, State.CLOSING) or d.conn != self.local_id:
+            return False
+        if d.type not in (Type.ACK, Type.DATA, Type.FIN):
+            return False
+        ack = _unwrap(d.ack, self._snd_una)
+        if not self._snd_una <= ack <= self._snd_nxt:
+            return False
+        if d.type == Type.ACK:
+            return True
+        seq = _unwrap(d.seq, self._rcv_nxt)
+        return self._rcv_nxt - self.config.recv_window <= seq < self.recv_edge
+
     def next_deadline(self) -> float | None:
         """When :meth:`on_timeout` (or :meth:`datagrams_to_send`) next has work."""
         best: float | None = None
@@ -1373,6 +900,9 @@ class ReliableConnection:
             outstanding[seg.seq] = seg
             self._snd_nxt += 1
             st.segments_sent += 1
+            if seg.msgs:
+                self._msgs_cut += seg.msgs
+                self._msg_marks.append((seg.seq, self._msgs_cut))
             # ask for an immediate ack when nothing more can follow soon: the window is
             # used up, or too few segments fit in flight for the peer's ack batching
             stall = self._snd_nxt >= self._peer_edge or self._cwnd < 2 * self.config.ack_every
@@ -1394,7 +924,8 @@ class ReliableConnection:
             self._q_nfrag = max(1, -(-len(head) // size))
         off = self._q_off
         chunk = head[off : off + size]
-        seg = _Seg(self._snd_nxt, Type.DATA, self._q_frag, self._q_nfrag, chunk)
+        last = self._q_frag + 1 == self._q_nfrag
+        seg = _Seg(self._snd_nxt, Type.DATA, self._q_frag, self._q_nfrag, chunk, msgs=int(last))
         self._q_frag += 1
         if self._q_frag == self._q_nfrag:
             queue.popleft()
@@ -1417,7 +948,9 @@ class ReliableConnection:
             parts.append(message)
             room -= len(message) + 4
             cost += len(message)
-        return _Seg(self._snd_nxt, Type.DATA, 0, 1, b"".join(parts), Flag.BUNDLE, cost)
+        return _Seg(
+            self._snd_nxt, Type.DATA, 0, 1, b"".join(parts), Flag.BUNDLE, cost, len(parts) // 2
+        )
 
     def _update_persist(self, now: float) -> None:
         """Arm the persist timer when data waits for a window that is closed and nothing
@@ -1475,6 +1008,9 @@ class ReliableConnection:
                     newly.append(seg)
             self._snd_una = ack
             self._sacked.discard_below(ack)
+            marks = self._msg_marks
+            while marks and marks[0][0] < ack:  # messages acked in order: delivered
+                self._stats.messages_acked = marks.popleft()[1]
         nxt = self._snd_nxt
         for start_w, end_w in d.sacks:
             start = _unwrap(start_w, ack)
@@ -1775,6 +1311,11 @@ class ReliableConnection:
         self.error = exc
         if code is not None:
             self._reset = (code, reason)
+        # every message accepted by send() and not acknowledged in order is lost, and known
+        # to be: a SACKed message behind a gap never reaches the peer's application either
+        st = self._stats
+        st.messages_lost = st.messages_sent - st.messages_acked
+        self._msg_marks.clear()
         # free what can no longer be delivered; messages already complete stay readable
         self._queue.clear()
         self._outstanding.clear()
@@ -1797,263 +1338,3 @@ class ReliableConnection:
             f"<ReliableConnection {self.role} {self.local_id:#010x}->{self.remote_id:#010x} "
             f"{self.state.value}>"
         )
-
-
-# -- the server-side demultiplexer ------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _ServerLimits:
-    max_half_open: int
-    max_connections: int
-    cookie_lifetime: float
-    require_cookie: bool
-    max_replies: int = 1024
-    max_tombstones: int = 4096
-
-
-class ReliableServer:
-    """The demultiplexer behind one listening datagram socket. Not thread-safe.
-
-    ``addr`` values are whatever the driver's socket gives (a ``(host, port)`` tuple, a
-    path); they must be hashable, and a connection only accepts datagrams from the
-    address its SYN came from. Established connections wait in :meth:`accept`.
-    """
-
-    def __init__(
-        self,
-        randbytes: Callable[[int], bytes],
-        config: ReliableConfig | None = None,
-        *,
-        max_half_open: int = 64,
-        max_connections: int = 1024,
-        cookie_lifetime: float = 10.0,
-        require_cookie: bool = True,
-        max_tombstones: int = 4096,
-    ) -> None:
-        if min(max_half_open, max_connections, cookie_lifetime, max_tombstones) <= 0:
-            raise ValueError(
-                "max_half_open, max_connections, cookie_lifetime, max_tombstones are positive"
-            )
-        self.config = config if config is not None else ReliableConfig()
-        self._randbytes = randbytes
-        self._secret = randbytes(32)
-        self._limits = _ServerLimits(
-            max_half_open, max_connections, cookie_lifetime, require_cookie, 1024, max_tombstones
-        )
-        self._conns: dict[int, ReliableConnection] = {}
-        self._by_client: dict[tuple[Hashable, int], ReliableConnection] = {}
-        self._half_open: set[int] = set()
-        self._accept: deque[ReliableConnection] = deque()
-        self._replies: list[tuple[bytes, Hashable]] = []
-        # closed connections, remembered: id -> (peer address, last ack, until when)
-        self._tombstones: dict[int, tuple[Hashable, bytes, float]] = {}
-        self._stats = ServerStatistics()
-
-    # -- the driver's side --------------------------------------------------------------
-
-    def receive_datagram(
-        self, data: bytes | bytearray | memoryview, addr: Hashable, now: float
-    ) -> ReliableConnection | None:
-        """Route one datagram; return the connection it went to (None: dropped or
-        answered statelessly). A connection that becomes established is queued for
-        :meth:`accept`."""
-        st = self._stats
-        st.datagrams_received += 1
-        if len(data) > self.config.max_datagram:
-            st.malformed_dropped += 1
-            return None
-        if not verify_crc(data):
-            st.corrupt_dropped += 1
-            return None
-        try:
-            d = decode_datagram(data, verify=False)
-        except FrameError:
-            st.malformed_dropped += 1
-            return None
-        if d.type == Type.SYN:
-            return self._on_syn(d, addr, now)
-        conn = self._conns.get(d.conn)
-        if conn is None or conn.peer_addr != addr:
-            tomb = self._tombstones.get(d.conn) if conn is None else None
-            if tomb is not None and tomb[0] == addr and now < tomb[2] and d.type != Type.RESET:
-                # a closed connection's peer is still unsure: repeat our last word
-                st.tombstone_replies += 1
-                self._reply(tomb[1], addr)
-            else:
-                st.stray_dropped += 1
-            return None
-        was_connecting = conn.state is State.CONNECTING
-        conn.receive_parsed(d, now)
-        if was_connecting:
-            self._left_half_open(conn)
-        return conn
-
-    def accept(self) -> ReliableConnection | None:
-        """The next established connection not yet accepted, or None."""
-        return self._accept.popleft() if self._accept else None
-
-    @property
-    def acceptable(self) -> int:
-        """Established connections waiting in :meth:`accept`."""
-        return len(self._accept)
-
-    def datagrams_to_send(
-        self, now: float, only: Iterable[ReliableConnection] | None = None
-    ) -> list[tuple[bytes, Hashable]]:
-        """Run due timers; return ``(datagram, address)`` pairs to send now. Finished
-        connections are forgotten here.
-
-        By default every connection is asked (O(connections)): right for a timer wake-up.
-        After a datagram was routed to one connection, or its application sent on it,
-        pass ``only=[conn]`` to ask just that one (stateless replies always go out)."""
-        out = self._replies
-        self._replies = []
-        done: list[ReliableConnection] = []
-        conns = self._conns.values() if only is None else only
-        for conn in conns:
-            was_connecting = conn.state is State.CONNECTING
-            for datagram in conn.datagrams_to_send(now):
-                out.append((datagram, conn.peer_addr))
-            if was_connecting and conn.state is not State.CONNECTING:
-                self._left_half_open(conn)
-            if conn.finished:
-                done.append(conn)
-        for conn in done:
-            self._forget(conn, now)
-        return out
-
-    def on_timeout(self, now: float) -> None:
-        """Run every connection's due timers (``datagrams_to_send`` does this too)."""
-        for conn in list(self._conns.values()):
-            was_connecting = conn.state is State.CONNECTING
-            conn.on_timeout(now)
-            if was_connecting and conn.state is not State.CONNECTING:
-                self._left_half_open(conn)
-
-    def next_deadline(self) -> float | None:
-        best: float | None = None
-        for conn in self._conns.values():
-            t = conn.next_deadline()
-            if t is not None and (best is None or t < best):
-                best = t
-            elif t is None and conn.finished:  # datagrams_to_send will forget it
-                return float("-inf")
-        if self._replies:
-            return float("-inf")
-        return best
-
-    def connections(self) -> list[ReliableConnection]:
-        """Every connection the server routes to (half-open ones included)."""
-        return list(self._conns.values())
-
-    def statistics(self) -> ServerStatistics:
-        s = self._stats
-        s.half_open = len(self._half_open)
-        s.connections = len(self._conns)
-        return replace(s)
-
-    # -- internals ----------------------------------------------------------------------
-
-    def _cookie(self, addr: Hashable, d: Datagram, hello: Hello, stamp: int) -> bytes:
-        text = b"|".join(
-            (
-                repr(addr).encode(),
-                b"%d" % hello.conn_id,
-                b"%d" % d.seq,
-                b"%d %d %d" % (hello.max_datagram, hello.recv_window, hello.max_message),
-                b"%d" % stamp,
-            )
-        )
-        mac = hmac.new(self._secret, b"buzon-reliable-cookie " + text, hashlib.sha256)
-        return struct.pack("<I", stamp) + mac.digest()[: COOKIE_SIZE - 4]
-
-    def _cookie_ok(self, addr: Hashable, d: Datagram, hello: Hello, now: float) -> bool:
-        (stamp,) = struct.unpack_from("<I", hello.cookie)
-        age = math.floor(now) - stamp
-        if not 0 <= age <= self._limits.cookie_lifetime:
-            return False
-        return hmac.compare_digest(self._cookie(addr, d, hello, stamp), hello.cookie)
-
-    def _reply(self, datagram: bytes, addr: Hashable) -> None:
-        if len(self._replies) >= self._limits.max_replies:
-            self._stats.replies_dropped += 1
-            return
-        self._replies.append((datagram, addr))
-
-    def _on_syn(self, d: Datagram, addr: Hashable, now: float) -> ReliableConnection | None:
-        st = self._stats
-        try:
-            hello = Hello.decode(d.payload)
-        except HandshakeError:
-            st.malformed_dropped += 1
-            return None
-        known = self._by_client.get((addr, hello.conn_id))
-        if known is not None:
-            known.receive_parsed(d, now)
-            return known
-        limits = self._limits
-        if limits.require_cookie and not self._cookie_ok(addr, d, hello, now):
-            if hello.cookie != bytes(COOKIE_SIZE):
-                st.cookies_rejected += 1
-            st.cookies_sent += 1
-            cookie = self._cookie(addr, d, hello, math.floor(now))
-            self._reply(_encode(Type.COOKIE, hello.conn_id, d.seq, 0, 0, payload=cookie), addr)
-            return None
-        if len(self._half_open) >= limits.max_half_open:
-            st.syn_dropped += 1  # the client retries; by then a slot may be free
-            return None
-        if len(self._conns) >= limits.max_connections:
-            st.refused += 1
-            refusal = bytes([ResetCode.REFUSED]) + b"server full"
-            self._reply(_encode(Type.RESET, hello.conn_id, d.seq, 0, 0, payload=refusal), addr)
-            return None
-        while True:
-            conn_id, isn = _ids(self._randbytes)
-            if conn_id not in self._conns:
-                break
-        conn = ReliableConnection(
-            "server",
-            conn_id,
-            now,
-            self.config,
-            isn=isn,
-            peer_hello=hello,
-            peer_isn=d.seq,
-            peer_addr=addr,
-        )
-        self._conns[conn_id] = conn
-        self._by_client[(addr, hello.conn_id)] = conn
-        self._half_open.add(conn_id)
-        st.connections_created += 1
-        return conn
-
-    def _bury(self, conn: ReliableConnection, now: float) -> None:
-        """Keep a closed connection's last ack (32 bytes, flagged CLOSED) for
-        ``dead_peer_timeout``: a client whose acks were lost, even across an outage
-        longer than ``linger``, learns from it that everything arrived."""
-        tombs = self._tombstones
-        for key in list(itertools.islice(tombs, 64)):  # oldest first: drop the expired
-            if tombs[key][2] > now:
-                break
-            del tombs[key]
-        while len(tombs) >= self._limits.max_tombstones:
-            del tombs[next(iter(tombs))]
-        expiry = now + self.config.dead_peer_timeout
-        tombs[conn.local_id] = (conn.peer_addr, conn.final_ack(), expiry)
-
-    def _left_half_open(self, conn: ReliableConnection) -> None:
-        if conn.local_id in self._half_open and conn.state is not State.CONNECTING:
-            self._half_open.discard(conn.local_id)
-            if conn.state is not State.FAILED:
-                self._stats.connections_established += 1
-                self._accept.append(conn)
-
-    def _forget(self, conn: ReliableConnection, now: float) -> None:
-        if conn.state is State.CLOSED and self._conns.get(conn.local_id) is conn:
-            self._bury(conn, now)
-        self._conns.pop(conn.local_id, None)
-        self._half_open.discard(conn.local_id)
-        key = (conn.peer_addr, conn.remote_id)
-        if self._by_client.get(key) is conn:
-            del self._by_client[key]
