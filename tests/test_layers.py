@@ -81,3 +81,23 @@ def test_the_drivers_send_through_the_engine() -> None:
         names = _imports(ROOT / sub / "_channel.py")
         for op in ("send_steps", "flush_steps", "loan_steps"):
             assert f"buzon._engine.{op}" in names, (sub, op)
+
+
+@pytest.mark.parametrize(
+    "name", ["_channel.py", "_engine.py", "_establish.py", "sync/_channel.py", "aio/_channel.py"]
+)
+def test_the_core_reads_declared_capabilities_never_probes(name: str) -> None:
+    """A transport declares what it can do in typed fields (transport/base.py): the
+    core and the drivers never getattr/hasattr a transport."""
+    path = ROOT / name
+    probes = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+            and "transport" in ast.unparse(node.args[0])
+        ):
+            probes.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not probes
+    assert "type: ignore[attr-defined]" not in path.read_text()

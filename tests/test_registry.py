@@ -241,9 +241,7 @@ def test_a_scheme_is_one_module_and_one_entry() -> None:
     """Every transport module (but the shared helpers) is some entry's module."""
     transport = SRC / "transport"
     modules = {
-        p.stem
-        for p in transport.glob("*.py")
-        if not p.stem.startswith("_") and p.stem != "base"
+        p.stem for p in transport.glob("*.py") if not p.stem.startswith("_") and p.stem != "base"
     } | {p.parent.name for p in transport.glob("*/__init__.py")}
     named = {i.module for i in SCHEMES} | {i.reliable_module for i in SCHEMES if i.reliable_module}
     assert modules == named

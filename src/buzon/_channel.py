@@ -55,7 +55,15 @@ from .protocol.frames import (
     parse_frame,
 )
 from .transport._tokens import TokenPool
-from .transport.base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, Transport
+from .transport.base import (
+    WOULD_BLOCK,
+    Buffer,
+    LinkProperties,
+    MessageTransport,
+    PeerInfo,
+    StreamTransport,
+    Transport,
+)
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -267,18 +275,19 @@ class ChannelCore:
         # the fast path of encode_bytes: framed buzon, a small bytes payload
         self._plain = not self.raw and self.compat is None
         self._small = min(4096, options.max_frame - 8)
-        self._send_buffers: Any = getattr(transport, "send_buffers", None)
-        self._recv_into: Any = getattr(transport, "recv_into", None)
-        self._recv_message: Any = getattr(transport, "recv_message", None)
-        self._track_message_meta = hasattr(transport, "last_priority") or hasattr(
-            transport, "dropped"
-        )
-        self._send_message: Any = getattr(transport, "send_message", None)
+        # the two shapes (transport/base.py): a stream's calls, or a message link's
+        stream = transport if isinstance(transport, StreamTransport) else None
+        messages = transport if isinstance(transport, MessageTransport) else None
+        self._send_buffers: Any = stream.send_buffers if stream is not None else None
+        self._recv_into: Any = stream.recv_into if stream is not None else None
+        self._recv_message: Any = messages.recv_message if messages is not None else None
+        self._send_message: Any = messages.send_message if messages is not None else None
+        self._track_message_meta = transport.reports_messages
         # shm: lends message space (loans, received views) and reuses out-of-line blocks
-        self._loan_message: Any = getattr(transport, "loan_message", None)
-        self._block_counters: Any = getattr(transport, "block_counters", None)
-        if hasattr(transport, "framed"):
-            transport.framed = not self.raw and self.compat is None
+        lends = transport.lends
+        self._loan_message: Any = transport.loan_message if lends else None
+        self._block_counters: Any = transport.block_counters if lends else None
+        transport.framed = not self.raw and self.compat is None
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
         # a transport whose sends complete with the peer's acks (reliable datagrams):
@@ -674,7 +683,7 @@ class ChannelCore:
             return not data or bool(self._send_message([data], 0))
         if self.pending and not self.flush():
             return False
-        n = self.transport.send_buffers([data])  # type: ignore[attr-defined]
+        n = self._send_buffers([data])
         if n == WOULD_BLOCK:
             return False
         if n < len(data):
@@ -685,7 +694,7 @@ class ChannelCore:
         """Read raw handshake bytes, bypassing the decoder (None: nothing ready)."""
         self.check_open()
         buf = bytearray(4096)
-        n = self.transport.recv_into(memoryview(buf))  # type: ignore[attr-defined]
+        n = self._recv_into(memoryview(buf))
         if n == WOULD_BLOCK:
             return None
         if n == 0:
@@ -705,7 +714,7 @@ class ChannelCore:
         while pending:
             # at most IOV_MAX/2 buffers per call (capacity=None may queue many)
             batch = list(itertools.islice(pending, 512))
-            n = self.transport.send_buffers(batch)  # type: ignore[attr-defined]
+            n = self._send_buffers(batch)
             if n == WOULD_BLOCK:
                 return False
             stats.queued_bytes = max(0, stats.queued_bytes - n)
@@ -828,7 +837,7 @@ class ChannelCore:
                 view = memoryview(self.inbox.popleft())
             else:
                 try:
-                    lent = self.transport.recv_view_message()  # type: ignore[attr-defined]
+                    lent = self.transport.recv_view_message()
                 except EndOfChannel:
                     self.fail_receipts("the peer closed the channel")
                     raise
@@ -891,7 +900,7 @@ class ChannelCore:
                 if not self._send_message([frame], 0):
                     return False
             else:
-                n = self.transport.send_buffers([frame])  # type: ignore[attr-defined]
+                n = self._send_buffers([frame])
                 if n == WOULD_BLOCK:
                     return False
                 if n < len(frame):
@@ -1119,9 +1128,9 @@ class ChannelCore:
         transport = self.transport
         stats = self.stats
         if self._track_message_meta:
-            self.last_priority = getattr(transport, "last_priority", 0)
-            stats.dropped = getattr(transport, "dropped", 0)
-            sender = getattr(transport, "last_peer", None)
+            self.last_priority = transport.last_priority
+            stats.dropped = transport.dropped
+            sender = transport.last_peer
             if sender is not None and sender != self.peer.address:
                 # a bound datagram end: the peer is whoever sent the latest message
                 self.peer = PeerInfo(address=sender)
@@ -1250,7 +1259,7 @@ class ChannelCore:
             raise EndOfChannel("the peer closed the channel")
         self.check_open()
         assert self._rbuf is not None
-        n = self.transport.recv_into(memoryview(self._rbuf))  # type: ignore[attr-defined]
+        n = self._recv_into(memoryview(self._rbuf))
         if n == WOULD_BLOCK:
             self.stats.recv_would_block += 1
             return None

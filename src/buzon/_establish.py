@@ -47,7 +47,7 @@ def retry_delay(attempt: int, deadline: float | None, address: object) -> float:
 
 def establish_steps(core: ChannelCore, prep: Prepared, role: str) -> Steps:
     """All the I/O needed before ``core`` may carry messages (possibly none)."""
-    if getattr(core.transport, "tls_pending", False):
+    if core.transport.tls_pending:
         yield from _tls_handshake(core)
     if prep.compat == "multiprocessing":
         if prep.authkey is not None:

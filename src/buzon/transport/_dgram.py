@@ -25,6 +25,8 @@ _ANC_SPACE = socket.CMSG_SPACE(4)
 
 
 class DatagramTransport(MessageTransport):
+    reports_messages = True  # last_peer: who sent it; dropped: overflows, oversize
+
     def __init__(
         self,
         sock: socket.socket,

@@ -113,6 +113,39 @@ class Transport(abc.ABC):
     # shared-memory rings: the C calls of the channel's hot path (see RingOps)
     ring_ops: RingOps | None = None
 
+    # -- what the channel core asks of a transport: declared here, never probed ------
+    #: a message transport that tells more about the message it returned last: its
+    #: ``last_priority`` (POSIX queues), its sender ``last_peer`` (a bound datagram
+    #: socket) and ``dropped``, what the link lost and knows it lost
+    reports_messages: ClassVar[bool] = False
+    last_priority: int = 0
+    last_peer: Any = None
+    #: lends message space in place (:meth:`loan_message`, :meth:`recv_view_message`)
+    #: and reuses out-of-line blocks (:meth:`block_counters`): ``shm:``
+    lends: ClassVar[bool] = False
+    #: set by the channel: its messages are buzon frames (False: ``raw=True``)
+    framed: bool = True
+    #: a TLS handshake is still to be driven (``handshake_step``; TLS streams only)
+    tls_pending: bool = False
+
+    @property
+    def dropped(self) -> int:
+        """Messages the link lost and knows it lost (``reports_messages`` transports)."""
+        return 0
+
+    def loan_message(self, prefix: bytes, nbytes: int) -> Any:
+        """Lend writable space for one message (``lends`` transports; ``None``: no room
+        now). Others never get the call: the core checks ``lends`` first."""
+        raise NotImplementedError(f"{self.scheme} lends no message space")
+
+    def recv_view_message(self) -> Any:
+        """The next message lent in place (``lends`` transports; ``None``: none ready)."""
+        raise NotImplementedError(f"{self.scheme} lends no message space")
+
+    def block_counters(self) -> dict[str, int]:
+        """Counts of out-of-line blocks (``lends`` transports): statistics fields."""
+        return {}
+
     def read_fileno(self) -> int:
         """fd that becomes readable when :meth:`recv_into`/:meth:`recv_message` may progress."""
         return -1

@@ -108,6 +108,8 @@ class MQTransport(MessageTransport):
     The transport owns the descriptor; closing it never unlinks the queue.
     """
 
+    reports_messages = True  # last_priority
+
     scheme = "mq"
 
     def __init__(self, mqd: int, address: Address, *, mode: Literal["r", "w"]) -> None:

@@ -78,6 +78,7 @@ class ShmTransport(MessageTransport):
     """
 
     scheme = "shm"
+    lends = True  # loans, received views, out-of-line block counters
 
     def __init__(
         self,
