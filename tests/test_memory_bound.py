@@ -25,12 +25,10 @@ def test_headers_announcing_60_mib_commit_nothing_on_a_listener() -> None:
         servers: list[buzon.Channel] = []
         try:
             for _ in range(10):
-                box: list[buzon.Channel] = []
-                t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
+                t = threading.Thread(target=lambda: servers.append(lst.accept(timeout=10)))
                 t.start()
                 clients.append(buzon.connect("unix:membound", timeout=10))
                 t.join(10)
-                servers.append(box[0])
             before = _rss()
             for c in clients:  # after the handshake: a header, 100 bytes, then silence
                 os.write(c.fileno(), head + b"x" * 100)
