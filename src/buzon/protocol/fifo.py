@@ -1,0 +1,371 @@
+"""The ``fifo:`` envelope: many writers, one reader, and no writer can poison the rest.
+
+Theory of operation
+-------------------
+A FIFO is one byte stream shared by every process that opens it for writing. The kernel
+keeps a write of at most ``PIPE_BUF`` (4096) bytes in one piece; a longer write may be
+split and interleaved with other writers' bytes, and a writer killed or timed out in the
+middle of a message leaves part of it behind. So a framed ``fifo:`` channel never writes a
+message as one run of bytes: the writer cuts every message into **pieces** of at most
+``PIPE_BUF`` bytes, each written with one ``write`` (atomic, whole or not at all), each
+in an **envelope** that names its writer and can be checked on its own::
+
+    offset size  field
+    0      4     magic          F1 F0 B0 7A (F1 F0 never occurs in UTF-8 text)
+    4      1     version        1
+    5      1     flags          bit 0 FIRST (a message starts), bit 1 LAST (it ends),
+                                bit 2 ABORT (the writer gave its message up; no payload);
+                                the others are 0
+    6      2     length         payload bytes that follow, at most 4068 (u16 LE)
+    8      4     pid            the writing process (u32 LE)
+    12     4     nonce          random per writer end: two ends of one process differ
+    16     4     seq            the writer's piece number (u32 LE, +1 per piece, wraps)
+    20     4     payload crc    CRC32C of the payload
+    24     4     header crc     CRC32C of bytes 0-23 (the payload's CRC included)
+    28     ...   payload
+
+The header carries its own CRC so a reader can reject a false header at once, without
+waiting for the payload it announces (a false length would otherwise hold the good
+writers' pieces behind it). A message is the payloads of one writer's pieces from a FIRST
+one to a LAST one with consecutive ``seq``; a small message is one piece (FIRST and
+LAST). The payload is the channel's frame (``protocol/frames.py``): the envelope carries
+it and knows nothing of it.
+
+The reader (:class:`Reassembler`) scans the byte stream for envelopes. Bytes that are not
+a valid envelope (a shell writing text, a writer of another protocol, bits of anything)
+are skipped up to the next valid one, and counted: each run of them is one rejected
+frame and its bytes are rejected bytes. Pieces are sorted per writer ``(pid, nonce)``:
+
+* a FIRST piece starts that writer's message (one it left unfinished is dropped);
+* a piece that does not continue the writer's message (wrong ``seq``, or no message
+  started) drops what the writer had and is itself dropped;
+* a LAST piece completes the message, which is delivered whole; so each writer's
+  messages arrive whole and in its order, however writers interleave;
+* ABORT drops the writer's unfinished message (a send that timed out or was
+  cancelled sends it when it can); a writer that died leaves its message to the
+  frame timeout: one without a new piece for ``frame_timeout`` seconds is dropped.
+
+Memory is bounded: a message being reassembled may not pass ``max_frame`` (it is
+dropped when it would), at most ``max_writers`` messages are in reassembly at once
+(a new writer evicts the one idle longest), and their bytes together stay under
+``max_pending`` (the idlest go first). Every dropped message counts as one rejected
+frame and its bytes as rejected bytes.
+
+Everything here is sans-IO: bytes in (:meth:`Reassembler.get_buffer` /
+:meth:`Reassembler.buffer_updated`), messages and counters out; time is an argument.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .crc32c import crc32c
+
+__all__ = [
+    "ABORT",
+    "FIRST",
+    "HEADER_SIZE",
+    "LAST",
+    "MAGIC",
+    "MAX_PAYLOAD",
+    "PIECE_MAX",
+    "Encoder",
+    "Reassembler",
+]
+
+MAGIC = b"\xf1\xf0\xb0\x7a"
+VERSION = 1
+FIRST = 0x01
+LAST = 0x02
+ABORT = 0x04
+_FLAGS = FIRST | LAST | ABORT
+
+#: the largest write the kernel keeps whole (POSIX minimum 512; 4096 on Linux)
+PIECE_MAX = 4096
+_HEAD = struct.Struct("<4sBBHIIII")  # bytes 0-23: everything the header CRC covers
+_HCRC = struct.Struct("<I")
+HEADER_SIZE = _HEAD.size + _HCRC.size  # 28
+MAX_PAYLOAD = PIECE_MAX - HEADER_SIZE  # 4068
+_SEQ_MASK = 0xFFFFFFFF
+_unpack_head = _HEAD.unpack_from
+_unpack_hcrc = _HCRC.unpack_from
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Encoder:
+    """One writer's side: cuts messages into enveloped pieces of at most ``PIECE_MAX``
+    bytes, each to be written with one ``write`` call (which the kernel keeps whole)."""
+
+    def __init__(self, pid: int, nonce: int) -> None:
+        self.pid = pid & _SEQ_MASK
+        self.nonce = nonce & _SEQ_MASK
+        self.seq = 0
+
+    def _piece(self, flags: int, payload: Buffer) -> bytes:
+        head = _HEAD.pack(
+            MAGIC, VERSION, flags, len(payload), self.pid, self.nonce, self.seq, crc32c(payload)
+        )
+        self.seq = (self.seq + 1) & _SEQ_MASK
+        return b"".join((head, _HCRC.pack(crc32c(head)), payload))
+
+    def encode(self, bufs: Sequence[Buffer]) -> list[bytes]:
+        """The pieces of one message made of ``bufs`` (in order; each one ``write``)."""
+        if len(bufs) == 1:
+            data: Buffer = bufs[0]
+        else:
+            data = b"".join(bufs)
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        if n <= MAX_PAYLOAD:
+            return [self._piece(FIRST | LAST, view)]
+        pieces = []
+        piece = self._piece
+        last = n - MAX_PAYLOAD
+        pieces.append(piece(FIRST, view[:MAX_PAYLOAD]))
+        pos = MAX_PAYLOAD
+        while pos < last:
+            pieces.append(piece(0, view[pos : pos + MAX_PAYLOAD]))
+            pos += MAX_PAYLOAD
+        pieces.append(piece(LAST, view[pos:]))
+        return pieces
+
+    def abort(self) -> bytes:
+        """The piece that tells the reader to drop this writer's unfinished message."""
+        return self._piece(ABORT, b"")
+
+
+@dataclass(slots=True)
+class _Partial:
+    """A message of one writer, part reassembled."""
+
+    next_seq: int
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+    touched: float = 0.0
+
+
+class Reassembler:
+    """The reader's side: envelopes in (a byte stream), whole messages out.
+
+    Feed bytes with :meth:`get_buffer` then :meth:`buffer_updated` (or :meth:`feed`);
+    complete messages collect in :attr:`messages`, in the order their last pieces
+    arrived. :meth:`expire` drops messages whose writer went quiet; :meth:`deadline`
+    says when to call it next.
+    """
+
+    def __init__(
+        self,
+        max_frame: int,
+        *,
+        frame_timeout: float | None = 30.0,
+        max_writers: int = 64,
+        max_pending: int | None = None,
+        buffer_size: int = 256 * 1024,
+    ) -> None:
+        self.max_frame = max_frame
+        self.frame_timeout = frame_timeout
+        self.max_writers = max_writers
+        self.max_pending = max_pending if max_pending is not None else 2 * max_frame
+        self.messages: deque[bytes] = deque()
+        self.rejected_frames = 0  # runs of bytes that were no envelope, and dropped messages
+        self.rejected_bytes = 0
+        self.abandoned = 0  # messages dropped unfinished (a part of rejected_frames)
+        self._partial: dict[tuple[int, int], _Partial] = {}
+        self._pending = 0  # payload bytes held in _partial
+        self._buf = bytearray(max(buffer_size, 2 * PIECE_MAX))
+        self._start = 0  # unparsed bytes are _buf[_start:_end]
+        self._end = 0
+        self._garbage = False  # inside a run of rejected bytes
+
+    # -- input ------------------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Where the next read goes (at least one piece's room)."""
+        if self._start:
+            self._compact()
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, n: int, now: float = 0.0) -> None:
+        """``n`` bytes were written into :meth:`get_buffer`'s view: parse them."""
+        self._end += n
+        self._parse(now)
+
+    def feed(self, data: Buffer, now: float = 0.0) -> None:
+        """Parse ``data`` (any size, any cut)."""
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            buf = self.get_buffer()
+            n = min(buf.nbytes, view.nbytes)
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n, now)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held: unparsed input and messages being reassembled."""
+        return self._end - self._start + self._pending
+
+    def _compact(self) -> None:
+        buf = self._buf
+        start, end = self._start, self._end
+        if end > start:
+            buf[: end - start] = buf[start:end]
+        self._end = end - start
+        self._start = 0
+
+    def _reject(self, n: int) -> None:
+        if n <= 0:
+            return
+        if not self._garbage:
+            self._garbage = True
+            self.rejected_frames += 1
+        self.rejected_bytes += n
+
+    def _parse(self, now: float) -> None:
+        buf = self._buf
+        pos = self._start
+        end = self._end
+        while pos < end:
+            avail = end - pos
+            if buf[pos : pos + 4] != MAGIC:
+                if avail < 4 and buf[pos:end] == MAGIC[:avail]:
+                    break  # may be the start of an envelope: wait for more
+                found = buf.find(MAGIC, pos + 1, end)
+                if found < 0:  # keep a tail that may start the next magic
+                    found = end
+                    for k in (3, 2, 1):
+                        if end - k > pos and buf[end - k : end] == MAGIC[:k]:
+                            found = end - k
+                            break
+                self._reject(found - pos)
+                pos = found
+                continue
+            if avail < HEADER_SIZE:
+                break
+            _, version, flags, length, pid, nonce, seq, pcrc = _unpack_head(buf, pos)
+            if (
+                version != VERSION
+                or flags & ~_FLAGS
+                or length > MAX_PAYLOAD
+                or (flags & ABORT and (length or flags & (FIRST | LAST)))
+                or _unpack_hcrc(buf, pos + 24)[0] != crc32c(memoryview(buf)[pos : pos + 24])
+            ):
+                self._reject(1)  # not an envelope after all: look further
+                pos += 1
+                continue
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                break  # a valid header: its payload is on the way
+            payload = bytes(buf[pos + HEADER_SIZE : stop])
+            if crc32c(payload) != pcrc:
+                self._reject(1)
+                pos += 1
+                continue
+            self._garbage = False
+            pos = stop
+            self._piece(flags, (pid, nonce), seq, payload, now)
+        if pos == end:
+            self._start = self._end = 0
+        else:
+            self._start = pos
+
+    # -- pieces -----------------------------------------------------------------------
+
+    def _piece(
+        self, flags: int, writer: tuple[int, int], seq: int, payload: bytes, now: float
+    ) -> None:
+        partial = self._partial
+        if flags == FIRST | LAST and not partial:
+            self.messages.append(payload)  # the common small message: no state at all
+            return
+        current = partial.get(writer)
+        if flags & (FIRST | ABORT):
+            if current is not None:
+                self._drop(writer)
+            if flags & ABORT:
+                return
+            if flags & LAST:
+                self.messages.append(payload)
+                return
+            self._start_message(writer, seq, payload, now)
+            return
+        if current is None or seq != current.next_seq:
+            # a piece of a message whose start we never saw (or a gap): nothing to add it to
+            if current is not None:
+                self._drop(writer)
+            self._abandon(len(payload))
+            return
+        size = current.size + len(payload)
+        if size > self.max_frame:
+            self._drop(writer)
+            self._abandon(len(payload))
+            return
+        current.parts.append(payload)
+        current.size = size
+        current.next_seq = (seq + 1) & _SEQ_MASK
+        current.touched = now
+        self._pending += len(payload)
+        if flags & LAST:
+            del partial[writer]
+            self._pending -= size
+            self.messages.append(b"".join(current.parts))
+            return
+        self._bound(writer)
+
+    def _start_message(self, writer: tuple[int, int], seq: int, payload: bytes, now: float) -> None:
+        if len(payload) > self.max_frame:
+            self._abandon(len(payload))
+            return
+        partial = self._partial
+        while len(partial) >= self.max_writers:
+            idlest = self._idlest(but=None)
+            assert idlest is not None
+            self._drop(idlest)
+        partial[writer] = _Partial((seq + 1) & _SEQ_MASK, [payload], len(payload), now)
+        self._pending += len(payload)
+        self._bound(writer)
+
+    def _bound(self, writer: tuple[int, int]) -> None:
+        """Keep the bytes in reassembly under ``max_pending``: drop the idlest others
+        (then this writer's own message, if it alone is too big)."""
+        while self._pending > self.max_pending and self._partial:
+            idlest = self._idlest(but=writer)
+            self._drop(idlest if idlest is not None else writer)
+
+    def _idlest(self, but: tuple[int, int] | None) -> tuple[int, int] | None:
+        best: tuple[int, int] | None = None
+        oldest = 0.0
+        for key, p in self._partial.items():
+            if key != but and (best is None or p.touched < oldest):
+                best, oldest = key, p.touched
+        return best
+
+    def _drop(self, writer: tuple[int, int]) -> None:
+        p = self._partial.pop(writer)
+        self._pending -= p.size
+        self._abandon(p.size)
+
+    def _abandon(self, nbytes: int) -> None:
+        self.abandoned += 1
+        self.rejected_frames += 1
+        self.rejected_bytes += nbytes
+
+    # -- time -------------------------------------------------------------------------
+
+    def deadline(self) -> float | None:
+        """When the oldest unfinished message expires (``None``: none is unfinished)."""
+        if not self._partial or self.frame_timeout is None:
+            return None
+        return min(p.touched for p in self._partial.values()) + self.frame_timeout
+
+    def expire(self, now: float) -> None:
+        """Drop the messages whose writer sent nothing for ``frame_timeout`` seconds."""
+        if not self._partial or self.frame_timeout is None:
+            return
+        limit = now - self.frame_timeout
+        for key in [k for k, p in self._partial.items() if p.touched <= limit]:
+            self._drop(key)
