@@ -89,7 +89,8 @@ def test_writers_interleaved_with_garbage(
     rng = random.Random(seed)
     writers = [Encoder(pid=100 + i, nonce=rng.getrandbits(32)) for i in range(len(sizes))]
     sent = [[rng.randbytes(n) for n in ns] for ns in sizes]
-    queues = [[p for m in msgs for p in w.encode([m])] for w, msgs in zip(writers, sent)]
+    pairs = zip(writers, sent, strict=True)
+    queues = [[p for m in msgs for p in w.encode([m])] for w, msgs in pairs]
     stream = bytearray()
     garbage = [g for g in garbage if g]
     while any(queues):

@@ -77,20 +77,24 @@ def test_bad_bytes_do_not_poison_the_fifo(
 _WRITER = r"""
 import hashlib, os, random, sys
 import buzon
-path, name, count, seed, big = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, name = sys.argv[1], sys.argv[2]
+count, seed, big = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 rng = random.Random(seed)
 with buzon.connect(f"fifo:{path}", timeout=30) as ch:
     print("connected", flush=True)
     for i in range(count):
         body = rng.randbytes(rng.randrange(big))
-        ch.send({"w": name, "i": i, "sha": hashlib.sha256(body).hexdigest(), "body": body}, timeout=60)
+        sha = hashlib.sha256(body).hexdigest()
+        ch.send({"w": name, "i": i, "sha": sha, "body": body}, timeout=60)
     print("done", flush=True)
     if len(sys.argv) > 6:  # then one message too big to go through before we are killed
         ch.send_bytes(b"z" * int(sys.argv[6]), timeout=60)
 """
 
 
-def _writer(path: str, name: str, count: int, seed: int, big: int, *extra: str) -> subprocess.Popen[bytes]:
+def _writer(
+    path: str, name: str, count: int, seed: int, big: int, *extra: str
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen(
         [sys.executable, "-c", _WRITER, path, name, str(count), str(seed), str(big), *extra],
@@ -116,7 +120,7 @@ def test_several_writers_large_messages_whole_and_in_order(
     """Four processes write messages of up to 150 KB (far over PIPE_BUF) at once."""
     path, reader = fifo
     writers = {"a": 25, "b": 25, "c": 25, "d": 25}
-    procs = [_writer(path, name, n, seed, 150_000) for seed, (name, n) in enumerate(writers.items())]
+    procs = [_writer(path, w, n, seed, 150_000) for seed, (w, n) in enumerate(writers.items())]
     try:
         got = [reader.recv(LIMIT) for _ in range(sum(writers.values()))]
         for p in procs:
