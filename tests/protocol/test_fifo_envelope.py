@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from buzon.protocol.crc32c import crc32c
 from buzon.protocol.fifo import (
     FIRST,
-    HEADER_SIZE,
     LAST,
     MAGIC,
     MAX_PAYLOAD,
+    OVERHEAD,
     PIECE_MAX,
     Encoder,
     Reassembler,
@@ -41,14 +41,16 @@ def _feed_cut(r: Reassembler, data: bytes, cuts: list[int], now: float = 0.0) ->
 def test_header_layout() -> None:
     enc = Encoder(pid=0x01020304, nonce=0xA0B0C0D0)
     (piece,) = enc.encode([b"hello"])
-    assert len(piece) == HEADER_SIZE + 5 == 33
+    assert len(piece) == OVERHEAD + 5 == 33
     assert piece[:4] == MAGIC
     assert piece[4] == 1  # version
     assert piece[5] == FIRST | LAST
     assert struct.unpack_from("<HIII", piece, 6) == (5, 0x01020304, 0xA0B0C0D0, 0)
-    assert struct.unpack_from("<I", piece, 20)[0] == crc32c(b"hello")
-    assert struct.unpack_from("<I", piece, 24)[0] == crc32c(piece[:24])
-    assert piece[28:] == b"hello"
+    assert struct.unpack_from("<I", piece, 20)[0] == crc32c(piece[:20])
+    assert piece[24:29] == b"hello"
+    assert struct.unpack_from("<I", piece, 29)[0] == crc32c(piece[:29])
+    (second,) = enc.encode([b""])
+    assert struct.unpack_from("<I", second, 16)[0] == 1  # seq counts pieces
 
 
 def test_pieces_fit_pipe_buf() -> None:
@@ -56,7 +58,7 @@ def test_pieces_fit_pipe_buf() -> None:
     for n in (0, 1, MAX_PAYLOAD - 1, MAX_PAYLOAD, MAX_PAYLOAD + 1, 3 * MAX_PAYLOAD, 100_000):
         pieces = enc.encode([b"x" * n])
         assert all(len(p) <= PIECE_MAX for p in pieces)
-        assert sum(len(p) - HEADER_SIZE for p in pieces) == n
+        assert sum(len(p) - OVERHEAD for p in pieces) == n
         assert pieces[0][5] & FIRST and pieces[-1][5] & LAST
 
 
@@ -108,7 +110,7 @@ def test_writers_interleaved_with_garbage(
         assert all(any(m == g for g in it) for m in msgs)
     assert len(got) == sum(len(m) for m in sent)
     assert r.abandoned == 0
-    assert r.buffered <= HEADER_SIZE  # at most a tail that might start an envelope
+    assert r.buffered <= OVERHEAD  # at most a tail that might start an envelope
 
 
 @settings(max_examples=200, deadline=None)
@@ -159,7 +161,7 @@ def test_false_header_does_not_hold_good_pieces() -> None:
     """Garbage that starts like an envelope is rejected by its header CRC at once: the
     good piece behind it is delivered without waiting for the bytes it announced."""
     enc = Encoder(1, 1)
-    fake = MAGIC + bytes([1, FIRST | LAST]) + struct.pack("<H", 4000) + bytes(20)
+    fake = MAGIC + bytes([1, FIRST | LAST]) + struct.pack("<H", 4000) + bytes(16)
     r = Reassembler(MAX_FRAME)
     r.feed(fake + b"".join(enc.encode([b"good"])))
     assert list(r.messages) == [b"good"]

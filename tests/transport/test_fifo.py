@@ -50,7 +50,7 @@ def _raw_write(path: str, data: bytes) -> None:
         b"\x01\x01\x00\x00\x05",  # 5 bytes of a frame header: a writer killed mid-frame
         os.urandom(3000),
         b"hello from a shell\n",
-        b"\xf1\xf0\xb0\x7a" + b"\x01\x03\xa0\x0f" + bytes(20),  # looks like an envelope
+        b"\xf1\xf0\xb0\x7a" + b"\x01\x03\xa0\x0f" + bytes(16),  # looks like an envelope
     ],
     ids=["partial-frame", "random", "text", "false-envelope"],
 )
@@ -135,11 +135,11 @@ def test_several_writers_large_messages_whole_and_in_order(
 
 
 def test_writer_killed_mid_message(fifo: tuple[str, buzon.Channel]) -> None:
-    """A writer killed in the middle of a 2 MB message (the FIFO is full, it waits for
+    """A writer killed in the middle of a 3 MB message (the FIFO is full, it waits for
     room) leaves part of it in the FIFO; the other writers' messages still arrive
     whole and in order, and the dead writer's unfinished message is never delivered."""
     path, reader = fifo
-    victim = _writer(path, "v", 3, 99, 5_000, "2000000")
+    victim = _writer(path, "v", 3, 99, 5_000, "3000000")
     try:
         assert victim.stdout is not None
         assert victim.stdout.readline() == b"connected\n"
@@ -173,7 +173,7 @@ def test_timed_out_send_delivers_nothing(fifo: tuple[str, buzon.Channel]) -> Non
     path, reader = fifo
     with buzon.connect(f"fifo:{path}", timeout=LIMIT) as writer:
         with pytest.raises(Timeout):
-            writer.send_bytes(b"x" * 1_000_000, timeout=0.2)  # nobody reads: the FIFO fills
+            writer.send_bytes(b"x" * 4_000_000, timeout=0.2)  # nobody reads: the FIFO fills
         done = threading.Event()
 
         def late() -> None:
@@ -188,10 +188,10 @@ def test_timed_out_send_delivers_nothing(fifo: tuple[str, buzon.Channel]) -> Non
             t.join(LIMIT)
         assert done.is_set()
         # the same bytes, sent again, go through once
-        t = threading.Thread(target=writer.send_bytes, args=(b"x" * 1_000_000, LIMIT))
+        t = threading.Thread(target=writer.send_bytes, args=(b"x" * 4_000_000, LIMIT))
         t.start()
         try:
-            assert reader.recv_bytes(LIMIT) == b"x" * 1_000_000
+            assert reader.recv_bytes(LIMIT) == b"x" * 4_000_000
         finally:
             t.join(LIMIT)
     assert reader.statistics().rejected_frames == 1  # the unfinished message, dropped
@@ -203,7 +203,7 @@ def test_unfinished_message_of_a_closed_writer_is_dropped(
     path, reader = fifo
     writer = buzon.connect(f"fifo:{path}", timeout=LIMIT)
     with pytest.raises(Timeout):
-        writer.send_bytes(b"x" * 1_000_000, timeout=0.2)
+        writer.send_bytes(b"x" * 4_000_000, timeout=0.2)
     writer.close()  # tells the reader (an ABORT piece) when the FIFO has room
     with buzon.connect(f"fifo:{path}", timeout=LIMIT) as other:
         t = threading.Thread(target=other.send, args=("hello",), kwargs={"timeout": LIMIT})
@@ -241,3 +241,19 @@ def test_framed_reader_outlives_its_writers(fifo: tuple[str, buzon.Channel]) -> 
         assert reader.recv(LIMIT) == i
     with pytest.raises(Timeout):
         reader.recv(0.05)
+
+
+def test_messages_read_ahead_are_not_stranded(fifo: tuple[str, buzon.Channel]) -> None:
+    """A large message completes while the channel's buffer is full of others: what the
+    reader holds back must still wake a receive once the writer has gone quiet."""
+    path, reader = fifo
+    with buzon.connect(f"fifo:{path}", timeout=LIMIT) as writer:
+        items = [b"s" * 100, b"b" * 400_000, b"t" * 50] + [b"u" * 10] * 200
+        t = threading.Thread(target=lambda: [writer.send_bytes(i, LIMIT) for i in items])
+        t.start()
+        try:
+            t.join(5.0)  # everything fits in the FIFO (1 MiB): then nobody writes any more
+            got = [reader.recv_bytes(5.0) for _ in items]
+        finally:
+            t.join(LIMIT)
+        assert got == items

@@ -10,23 +10,24 @@ message as one run of bytes: the writer cuts every message into **pieces** of at
 ``PIPE_BUF`` bytes, each written with one ``write`` (atomic, whole or not at all), each
 in an **envelope** that names its writer and can be checked on its own::
 
-    offset size  field
-    0      4     magic          F1 F0 B0 7A (F1 F0 never occurs in UTF-8 text)
-    4      1     version        1
-    5      1     flags          bit 0 FIRST (a message starts), bit 1 LAST (it ends),
+    offset  size  field
+    0       4     magic         F1 F0 B0 7A (F1 F0 never occurs in UTF-8 text)
+    4       1     version       1
+    5       1     flags         bit 0 FIRST (a message starts), bit 1 LAST (it ends),
                                 bit 2 ABORT (the writer gave its message up; no payload);
                                 the others are 0
-    6      2     length         payload bytes that follow, at most 4068 (u16 LE)
-    8      4     pid            the writing process (u32 LE)
-    12     4     nonce          random per writer end: two ends of one process differ
-    16     4     seq            the writer's piece number (u32 LE, +1 per piece, wraps)
-    20     4     payload crc    CRC32C of the payload
-    24     4     header crc     CRC32C of bytes 0-23 (the payload's CRC included)
-    28     ...   payload
+    6       2     length        payload bytes that follow, at most 4068 (u16 LE)
+    8       4     pid           the writing process (u32 LE)
+    12      4     nonce         random per writer end: two ends of one process differ
+    16      4     seq           the writer's piece number (u32 LE, +1 per piece, wraps)
+    20      4     header crc    CRC32C of bytes 0-19 (u32 LE)
+    24      n     payload       ``length`` bytes
+    24+n    4     piece crc     CRC32C of bytes 0 to 24+n (header and payload; u32 LE)
 
-The header carries its own CRC so a reader can reject a false header at once, without
-waiting for the payload it announces (a false length would otherwise hold the good
-writers' pieces behind it). A message is the payloads of one writer's pieces from a FIRST
+The header carries a CRC of its own so a reader can reject a false header at once,
+without waiting for the payload it announces (a false length would otherwise hold the
+good writers' pieces behind it); a piece that is all there is checked by its piece CRC
+alone (one pass over its bytes). A message is the payloads of one writer's pieces from a FIRST
 one to a LAST one with consecutive ``seq``; a small message is one piece (FIRST and
 LAST). The payload is the channel's frame (``protocol/frames.py``): the envelope carries
 it and knows nothing of it.
@@ -71,6 +72,7 @@ __all__ = [
     "LAST",
     "MAGIC",
     "MAX_PAYLOAD",
+    "OVERHEAD",
     "PIECE_MAX",
     "Encoder",
     "Reassembler",
@@ -85,13 +87,18 @@ _FLAGS = FIRST | LAST | ABORT
 
 #: the largest write the kernel keeps whole (POSIX minimum 512; 4096 on Linux)
 PIECE_MAX = 4096
-_HEAD = struct.Struct("<4sBBHIIII")  # bytes 0-23: everything the header CRC covers
-_HCRC = struct.Struct("<I")
-HEADER_SIZE = _HEAD.size + _HCRC.size  # 28
-MAX_PAYLOAD = PIECE_MAX - HEADER_SIZE  # 4068
+_HEAD = struct.Struct("<4sBBHIII")  # bytes 0-19: what the header CRC covers
+_U32 = struct.Struct("<I")
+HEADER_SIZE = _HEAD.size + 4  # 24
+TRAILER_SIZE = 4
+OVERHEAD = HEADER_SIZE + TRAILER_SIZE  # 28
+MAX_PAYLOAD = PIECE_MAX - OVERHEAD  # 4068
 _SEQ_MASK = 0xFFFFFFFF
-_unpack_head = _HEAD.unpack_from
-_unpack_hcrc = _HCRC.unpack_from
+_PARSE = struct.Struct("<4sBBHIIII")  # the whole header, its CRC included
+_unpack_header = _PARSE.unpack_from
+_unpack_u32 = _U32.unpack_from
+_pack_head = _HEAD.pack
+_pack_u32 = _U32.pack
 
 Buffer = bytes | bytearray | memoryview
 
@@ -106,27 +113,24 @@ class Encoder:
         self.seq = 0
 
     def _piece(self, flags: int, payload: Buffer) -> bytes:
-        head = _HEAD.pack(
-            MAGIC, VERSION, flags, len(payload), self.pid, self.nonce, self.seq, crc32c(payload)
-        )
+        head = _pack_head(MAGIC, VERSION, flags, len(payload), self.pid, self.nonce, self.seq)
         self.seq = (self.seq + 1) & _SEQ_MASK
-        return b"".join((head, _HCRC.pack(crc32c(head)), payload))
+        head += _pack_u32(crc32c(head))
+        return b"".join((head, payload, _pack_u32(crc32c(payload, crc32c(head)))))
 
     def encode(self, bufs: Sequence[Buffer]) -> list[bytes]:
         """The pieces of one message made of ``bufs`` (in order; each one ``write``)."""
-        if len(bufs) == 1:
-            data: Buffer = bufs[0]
-        else:
-            data = b"".join(bufs)
+        data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+        if type(data) is bytes and len(data) <= MAX_PAYLOAD:  # the common small message
+            return [self._piece(FIRST | LAST, data)]
         view = memoryview(data).cast("B")
         n = view.nbytes
         if n <= MAX_PAYLOAD:
             return [self._piece(FIRST | LAST, view)]
-        pieces = []
         piece = self._piece
-        last = n - MAX_PAYLOAD
-        pieces.append(piece(FIRST, view[:MAX_PAYLOAD]))
+        pieces = [piece(FIRST, view[:MAX_PAYLOAD])]
         pos = MAX_PAYLOAD
+        last = n - MAX_PAYLOAD
         while pos < last:
             pieces.append(piece(0, view[pos : pos + MAX_PAYLOAD]))
             pos += MAX_PAYLOAD
@@ -227,11 +231,13 @@ class Reassembler:
 
     def _parse(self, now: float) -> None:
         buf = self._buf
+        view = memoryview(buf)  # the buffer never changes size: views of it are safe
         pos = self._start
         end = self._end
+        messages = self.messages
         while pos < end:
-            avail = end - pos
-            if buf[pos : pos + 4] != MAGIC:
+            if not buf.startswith(MAGIC, pos):
+                avail = end - pos
                 if avail < 4 and buf[pos:end] == MAGIC[:avail]:
                     break  # may be the start of an envelope: wait for more
                 found = buf.find(MAGIC, pos + 1, end)
@@ -244,30 +250,37 @@ class Reassembler:
                 self._reject(found - pos)
                 pos = found
                 continue
-            if avail < HEADER_SIZE:
+            if end - pos < HEADER_SIZE:
                 break
-            _, version, flags, length, pid, nonce, seq, pcrc = _unpack_head(buf, pos)
+            _, version, flags, length, pid, nonce, seq, hcrc = _unpack_header(buf, pos)
+            stop = pos + HEADER_SIZE + length
             if (
                 version != VERSION
                 or flags & ~_FLAGS
                 or length > MAX_PAYLOAD
                 or (flags & ABORT and (length or flags & (FIRST | LAST)))
-                or _unpack_hcrc(buf, pos + 24)[0] != crc32c(memoryview(buf)[pos : pos + 24])
             ):
                 self._reject(1)  # not an envelope after all: look further
                 pos += 1
                 continue
-            stop = pos + HEADER_SIZE + length
-            if stop > end:
-                break  # a valid header: its payload is on the way
-            payload = bytes(buf[pos + HEADER_SIZE : stop])
-            if crc32c(payload) != pcrc:
+            if stop + TRAILER_SIZE > end:
+                if crc32c(view[pos : pos + 20]) != hcrc:
+                    self._reject(1)
+                    pos += 1
+                    continue
+                break  # a true header: its payload is on the way
+            if crc32c(view[pos:stop]) != _unpack_u32(buf, stop)[0]:
                 self._reject(1)
                 pos += 1
                 continue
             self._garbage = False
-            pos = stop
-            self._piece(flags, (pid, nonce), seq, payload, now)
+            payload = bytes(view[pos + HEADER_SIZE : stop])
+            pos = stop + TRAILER_SIZE
+            if flags == FIRST | LAST and not self._partial:
+                messages.append(payload)  # the common small message: no state at all
+            else:
+                self._piece(flags, (pid, nonce), seq, payload, now)
+        view.release()
         if pos == end:
             self._start = self._end = 0
         else:
@@ -279,9 +292,6 @@ class Reassembler:
         self, flags: int, writer: tuple[int, int], seq: int, payload: bytes, now: float
     ) -> None:
         partial = self._partial
-        if flags == FIRST | LAST and not partial:
-            self.messages.append(payload)  # the common small message: no state at all
-            return
         current = partial.get(writer)
         if flags & (FIRST | ABORT):
             if current is not None:

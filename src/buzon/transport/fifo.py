@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import select
@@ -34,16 +35,28 @@ from collections.abc import Sequence
 
 from .._runtime import check_endpoint_path
 from ..address import Address
-from ..errors import EndOfChannel, EndpointInUse, NoSuchEndpoint, UnsafePath, from_oserror
-from ..protocol.fifo import Encoder, Reassembler
-from ..protocol.frames import DEFAULT_MAX_FRAME
+from ..errors import (
+    EndpointInUse,
+    FrameError,
+    NoSuchEndpoint,
+    UnsafePath,
+    UnsupportedOperation,
+    from_oserror,
+)
+from ..protocol.fifo import PIECE_MAX, Encoder, Reassembler
+from ..protocol.frames import (
+    DEFAULT_MAX_FRAME,
+    _frame_total,  # a frame's length from its header
+)
 from ._tokens import TokenPool, remove_pools
 from .base import (
+    WOULD_BLOCK,
     Buffer,
     Connector,
     LinkProperties,
     ListenerTransport,
     MessageTransport,
+    StreamTransport,
     Transport,
     TransportOptions,
 )
@@ -71,15 +84,21 @@ PROPERTIES = LinkProperties(
     notes="many writers, one reader; each writer's messages whole and in order",
 )
 
-_RAW_READ = 256 * 1024  # raw=True: bytes read at most per chunk
+
+_NUDGE = Encoder(0, 0).abort()
 
 
-class FifoReader(MessageTransport):
+class FifoReader(StreamTransport):
     """The reading end: reassembles each writer's enveloped pieces into whole messages
-    (``raw=True``: hands out the bytes as they come). Owns ``rfd`` and ``keepalive``
-    (a write end of its own, so the last writer leaving is not the end)."""
+    and hands the channel their frames, one after the other, as a clean byte stream
+    (``raw=True``: the FIFO's bytes as they come). Owns ``rfd`` and ``keepalive`` (a
+    write end of its own, so the last writer leaving is not the end).
 
-    max_message = DEFAULT_MAX_FRAME
+    A stream, not a message transport, so messages read ahead wait in the channel's
+    frame decoder, where a receive finds them without a system call; and since
+    :meth:`recv_into` fills the buffer it is given whenever more is held here, the
+    channel never sleeps on the FIFO while a message waits in this object.
+    """
 
     def __init__(
         self,
@@ -93,119 +112,127 @@ class FifoReader(MessageTransport):
         self._keepalive = keepalive
         self.properties = PROPERTIES
         self.scheme = "fifo"
-        self._framed = True
+        self.framed = True
+        self.max_frame = max_frame
         self.reassembler = Reassembler(max_frame, frame_timeout=frame_timeout)
-        self._raw_buf: bytearray | None = None
+        self._off = 0  # bytes of the first reassembled message already handed out
+        self.refused = 0  # whole messages that were no buzon frame, dropped
         os.set_blocking(rfd, False)
-        # messages read ahead must wake a waiting receiver although the FIFO may be
-        # drained: the read fd is an epoll fd over the FIFO and an eventfd that is set
-        # while messages wait here
-        self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._signalled = False
-        self._epoll = select.epoll()
-        self._epoll.register(rfd, select.EPOLLIN)
-        self._epoll.register(self._ready, select.EPOLLIN)
-        self._epfd = self._epoll.fileno()
-
-    @property
-    def framed(self) -> bool:
-        """False (set by a ``raw=True`` channel): bytes as they are, no envelope, and
-        the end of the channel once the last writer leaves (after the first bytes)."""
-        return self._framed
-
-    @framed.setter
-    def framed(self, value: bool) -> None:
-        self._framed = value
 
     def read_fileno(self) -> int:
-        return self._epfd
+        return self._rfd
 
-    def _signal(self, on: bool) -> None:
-        """Set or clear the eventfd that says messages wait here."""
-        if on:
-            os.eventfd_write(self._ready, 1)
-        else:
-            try:
-                os.eventfd_read(self._ready)
-            except BlockingIOError:
-                pass
-        self._signalled = on
-
-    def recv_message(self) -> bytes | None:
-        if not self._framed:
-            return self._recv_raw()
-        messages = self.reassembler.messages
-        if messages:
-            msg = messages.popleft()
-            if not messages and self._signalled:
-                self._signal(False)
-            return msg
-        if self._signalled:
-            self._signal(False)
-        return self._read_messages()
-
-    def _read_messages(self) -> bytes | None:
+    def recv_into(self, buf: memoryview) -> int:
+        if not self.framed:
+            return self._recv_raw(buf)
         r = self.reassembler
         messages = r.messages
-        rfd = self._rfd
+        room = buf.nbytes
+        filled = 0
         while True:
+            while messages and filled < room:  # hand out what is reassembled
+                head = messages[0]
+                off = self._off
+                k = min(len(head) - off, room - filled)
+                if off or k < len(head):
+                    buf[filled : filled + k] = memoryview(head)[off : off + k]
+                else:
+                    buf[filled : filled + k] = head
+                filled += k
+                if off + k == len(head):
+                    messages.popleft()
+                    self._off = 0
+                else:
+                    self._off = off + k
+            if filled == room:
+                break
             view = r.get_buffer()
-            room = view.nbytes
+            # read no more than the channel has room for (whole pieces shrink as they
+            # are unwrapped), so little is left here when we return
+            want = max(room - filled, PIECE_MAX)
+            if view.nbytes > want:
+                view = view[:want]
+            space = view.nbytes
             try:
-                n = os.readv(rfd, (view,))
+                n = os.readv(self._rfd, (view,))
             except (BlockingIOError, InterruptedError):
                 n = -1
             except OSError as exc:
                 raise from_oserror(exc, "fifo read") from exc
             finally:
                 view.release()
-            if n == 0:
-                # no writer and no keepalive: only after close() of a raw reader
-                raise EndOfChannel("every writer closed the FIFO")
+            if n == 0:  # only without the keepalive: after close
+                break
             now = time.monotonic()
             if n > 0:
+                before = len(messages)
                 r.buffer_updated(n, now)
+                if len(messages) > before:
+                    self._check_frames(before)
             if r.deadline() is not None:
                 r.expire(now)
-            if messages:
-                msg = messages.popleft()
-                if messages:
-                    self._signal(True)
-                return msg
-            if n < room:
-                return None
+            if not messages and n < space:
+                break
+        if messages:
+            self._nudge()
+        return filled if filled else WOULD_BLOCK
 
-    def _recv_raw(self) -> bytes | None:
-        buf = self._raw_buf
-        if buf is None:
-            buf = self._raw_buf = bytearray(_RAW_READ)
+    def _nudge(self) -> None:
+        """Bytes are held here that the channel had no room for, and the channel waits
+        for the FIFO to become readable before it reads again: make it readable, with
+        a piece the reassembler ignores (an ABORT of writer 0, which has no message).
+        A full FIFO refuses it, and is readable anyway."""
+        if self._keepalive >= 0:
+            try:
+                os.write(self._keepalive, _NUDGE)
+            except OSError:
+                pass
+
+    def _check_frames(self, start: int) -> None:
+        """Keep only messages that are exactly one buzon frame: one writer's bad
+        message is dropped and counted, never let into the stream of the others."""
+        messages = self.reassembler.messages
+        limit = self.max_frame
+        bad = []
+        for i in range(start, len(messages)):
+            msg = messages[i]
+            try:
+                ok = _frame_total(msg, 0, len(msg), limit) == len(msg)
+            except FrameError:
+                ok = False
+            if not ok:
+                bad.append(i)
+        for i in reversed(bad):
+            self.reassembler.rejected_frames += 1
+            self.reassembler.rejected_bytes += len(messages[i])
+            self.refused += 1
+            del messages[i]
+
+    def _recv_raw(self, buf: memoryview) -> int:
         try:
             n = os.readv(self._rfd, (buf,))
         except (BlockingIOError, InterruptedError):
-            return None
+            return WOULD_BLOCK
         except OSError as exc:
             raise from_oserror(exc, "fifo read") from exc
-        if n == 0:
-            raise EndOfChannel("the last writer closed the FIFO")
-        if self._keepalive >= 0:
+        if n and self._keepalive >= 0:
             # like cat: from the first bytes on, the last writer leaving ends the stream
             os.close(self._keepalive)
             self._keepalive = -1
-        return bytes(memoryview(buf)[:n])
+        return n
 
-    def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
-        from ..errors import UnsupportedOperation
-
+    def send_buffers(self, bufs: Sequence[Buffer]) -> int:
         raise UnsupportedOperation("this end of the fifo channel only receives")
 
     def counters(self) -> dict[str, int]:
-        """``rejected_frames``: runs of bytes that were no valid envelope plus messages
-        dropped unfinished; ``rejected_bytes``: their bytes."""
+        """``rejected_frames``: runs of bytes that were no valid envelope, messages
+        dropped unfinished and messages that were no frame; ``rejected_bytes``: their
+        bytes."""
         r = self.reassembler
         return {"rejected_frames": r.rejected_frames, "rejected_bytes": r.rejected_bytes}
 
     def block_counters(self) -> dict[str, int]:
-        """The counters today's channel core overlays on its statistics (those it has
+        """What today's channel core overlays on its statistics (the counters it has
         fields for): ``rejected_frames``."""
         return {"rejected_frames": self.reassembler.rejected_frames}
 
@@ -213,11 +240,10 @@ class FifoReader(MessageTransport):
         if self.closed:
             return
         self.closed = True
-        self._epoll.close()
-        for fd in (self._rfd, self._keepalive, self._ready):
+        for fd in (self._rfd, self._keepalive):
             if fd >= 0:
                 os.close(fd)
-        self._rfd = self._keepalive = self._ready = self._epfd = -1
+        self._rfd = self._keepalive = -1
 
 
 class FifoWriter(MessageTransport):
@@ -250,8 +276,6 @@ class FifoWriter(MessageTransport):
         return self._wfd
 
     def recv_message(self) -> bytes | None:
-        from ..errors import UnsupportedOperation
-
         raise UnsupportedOperation("this end of the fifo channel only sends")
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
@@ -355,6 +379,7 @@ class FifoListener(ListenerTransport):
             )
             # Our own write end keeps the reader from seeing EOF between writers.
             self._keepalive = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            _grow_pipe(self._rfd)
         except OSError as exc:
             if getattr(self, "_rfd", -1) >= 0:
                 os.close(self._rfd)
@@ -408,6 +433,27 @@ class FifoListener(ListenerTransport):
                 os.close(fd)
                 setattr(self, name, -1)
         self._cleanup_path()
+
+
+#: the FIFO's kernel buffer we ask for (Linux: up to /proc/sys/fs/pipe-max-size,
+#: 1 MiB by default; pages are taken only while bytes wait in it)
+PIPE_SIZE = 1024 * 1024
+
+
+def _grow_pipe(fd: int) -> None:
+    """Ask for a larger kernel buffer: writers of pieces of PIPE_BUF bytes then wait
+    for the reader far less often (64 KiB is 16 pieces). Best effort: a system limit
+    (``pipe-max-size``, a user's ``pipe-user-pages-soft``) may refuse, and the default
+    buffer works too."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            max_size = int(f.read())
+    except (OSError, ValueError):
+        max_size = PIPE_SIZE
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(PIPE_SIZE, max_size))
+    except OSError:
+        pass
 
 
 def _has_reader(path: str) -> bool:
