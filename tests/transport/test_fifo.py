@@ -257,3 +257,48 @@ def test_messages_read_ahead_are_not_stranded(fifo: tuple[str, buzon.Channel]) -
         finally:
             t.join(LIMIT)
         assert got == items
+
+
+def test_send_many_gathers_and_keeps_order(fifo: tuple[str, buzon.Channel]) -> None:
+    """send_many gathers small messages into writes of up to PIPE_BUF bytes (each still
+    atomic); mixed with large ones, everything arrives whole and in order."""
+    path, reader = fifo
+    items = [i.to_bytes(4, "big") * (1 + i % 7) for i in range(3000)]
+    items[1500] = b"L" * 100_000
+    with buzon.connect(f"fifo:{path}", timeout=LIMIT) as writer:
+        t = threading.Thread(target=writer.send_bytes_many, args=(items, LIMIT))
+        t.start()
+        try:
+            got = [reader.recv_bytes(LIMIT) for _ in items]
+        finally:
+            t.join(LIMIT)
+    assert got == items
+    assert reader.statistics().rejected_frames == 0
+
+
+def test_close_writes_what_send_many_gathered(fifo: tuple[str, buzon.Channel]) -> None:
+    """Messages send_many accepted are written by close even if the FIFO was full."""
+    path, reader = fifo
+    writer = buzon.connect(f"fifo:{path}", timeout=LIMIT)
+    big = b"F" * 200_000
+    sent = 0
+    with pytest.raises(Timeout):
+        while True:  # fill the FIFO
+            writer.send_bytes(big, timeout=0.1)
+            sent += 1
+    small = [b"%d" % i for i in range(50)]
+    done = threading.Event()
+
+    def finish() -> None:
+        writer.send_bytes_many(small, LIMIT)
+        writer.close()
+        done.set()
+
+    t = threading.Thread(target=finish)
+    t.start()
+    try:
+        got = [reader.recv_bytes(LIMIT) for _ in range(sent + len(small))]
+    finally:
+        t.join(LIMIT)
+    assert done.is_set()
+    assert got == [big] * sent + small

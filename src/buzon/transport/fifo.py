@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from .._runtime import check_endpoint_path
 from ..address import Address
 from ..errors import (
+    BuzonError,
     EndpointInUse,
     FrameError,
     NoSuchEndpoint,
@@ -271,9 +272,39 @@ class FifoWriter(MessageTransport):
         self._next = 0
         self._left: list[memoryview] = []  # raw: the bytes not written yet
         self._started = False
+        # send_many (corked): small messages' pieces gather into one write of at most
+        # PIPE_BUF bytes, which the kernel keeps whole like a single piece
+        self._corked = False
+        self._batch: list[bytes] = []
+        self._batch_size = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of accepted messages this end still holds: pieces of a ``send_many``
+        whose last write found the FIFO full. The next send writes them first, and
+        ``close`` waits for room for them (5 s at most). 0 almost always."""
+        return self._batch_size
 
     def write_fileno(self) -> int:
         return self._wfd
+
+    def cork(self, on: bool) -> None:
+        """``send_many``: gather small messages into writes of up to PIPE_BUF bytes."""
+        self._corked = on and self.framed
+        if not on and self._batch:
+            self._write_batch()
+
+    def _write_batch(self) -> bool:
+        """Write the gathered pieces (one atomic write); False if the FIFO is full."""
+        try:
+            os.write(self._wfd, b"".join(self._batch))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            raise from_oserror(exc, "fifo write") from exc
+        self._batch = []
+        self._batch_size = 0
+        return True
 
     def recv_message(self) -> bytes | None:
         raise UnsupportedOperation("this end of the fifo channel only sends")
@@ -284,17 +315,28 @@ class FifoWriter(MessageTransport):
             if len(job) == len(bufs) and all(a is b for a, b in zip(job, bufs, strict=True)):
                 return self._advance()
             self._job = None  # the send that wrote part of it gave up: the reader drops it
+        if self._batch and not self._corked and not self._write_batch():
+            return False  # what send_many gathered goes first
         if self.framed:
             pieces = self.encoder.encode(bufs)
             if len(pieces) == 1:  # the common small message: one write, no state
+                piece = pieces[0]
+                if self._corked:
+                    if self._batch_size + len(piece) > PIPE_BUF and not self._write_batch():
+                        return False
+                    self._batch.append(piece)
+                    self._batch_size += len(piece)
+                    return True
                 try:
-                    os.write(self._wfd, pieces[0])
+                    os.write(self._wfd, piece)
                 except (BlockingIOError, InterruptedError):
                     return False
                 except OSError as exc:
                     raise from_oserror(exc, "fifo write") from exc
                 self._started = False
                 return True
+            if self._batch and not self._write_batch():
+                return False
             self._pieces = pieces
             self._next = 0
         else:
@@ -336,6 +378,18 @@ class FifoWriter(MessageTransport):
         if self.closed:
             return
         self.closed = True
+        if self._batch:  # accepted messages: wait a little for room for them
+            deadline = time.monotonic() + 5.0
+            poller = select.poll()
+            poller.register(self._wfd, select.POLLOUT)
+            try:
+                while not self._write_batch():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    poller.poll(int(left * 1000) + 1)
+            except BuzonError:
+                pass  # the reader is gone: nobody to deliver to
         if self._job is not None and self._started and self.framed:
             try:  # tell the reader at once that the message will not be finished
                 os.write(self._wfd, self.encoder.abort())
