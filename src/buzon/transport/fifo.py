@@ -115,7 +115,7 @@ class FifoReader(StreamTransport):
         self.scheme = "fifo"
         self.framed = True
         self.max_frame = max_frame
-        self.reassembler = Reassembler(max_frame, frame_timeout=frame_timeout)
+        self.reassembler = Reassembler(max_frame, frame_timeout=frame_timeout, join=False)
         self._off = 0  # bytes of the first reassembled message already handed out
         self.refused = 0  # whole messages that were no buzon frame, dropped
         os.set_blocking(rfd, False)
@@ -133,6 +133,11 @@ class FifoReader(StreamTransport):
         while True:
             while messages and filled < room:  # hand out what is reassembled
                 head = messages[0]
+                if type(head) is list:  # a message's pieces: copied one after the other
+                    messages.popleft()
+                    messages.extendleft(reversed(head))
+                    continue
+                assert isinstance(head, bytes)
                 off = self._off
                 k = min(len(head) - off, room - filled)
                 if off or k < len(head):
@@ -192,20 +197,25 @@ class FifoReader(StreamTransport):
     def _check_frames(self, start: int) -> None:
         """Keep only messages that are exactly one buzon frame: one writer's bad
         message is dropped and counted, never let into the stream of the others."""
-        messages = self.reassembler.messages
+        r = self.reassembler
+        messages = r.messages
         limit = self.max_frame
         bad = []
         for i in range(start, len(messages)):
             msg = messages[i]
+            if isinstance(msg, list):
+                head, size = msg[0], sum(map(len, msg))
+            else:
+                head, size = msg, len(msg)
             try:
-                ok = _frame_total(msg, 0, len(msg), limit) == len(msg)
+                ok = _frame_total(head, 0, len(head), limit) == size
             except FrameError:
                 ok = False
             if not ok:
-                bad.append(i)
-        for i in reversed(bad):
-            self.reassembler.rejected_frames += 1
-            self.reassembler.rejected_bytes += len(messages[i])
+                bad.append((i, size))
+        for i, size in reversed(bad):
+            r.rejected_frames += 1
+            r.rejected_bytes += size
             self.refused += 1
             del messages[i]
 
