@@ -253,6 +253,8 @@ class Reassembler:
         pos = self._start
         end = self._end
         messages = self.messages
+        partial = self._partial
+        max_frame = self.max_frame
         while pos < end:
             if not buf.startswith(MAGIC, pos):
                 avail = end - pos
@@ -294,10 +296,26 @@ class Reassembler:
             self._garbage = False
             payload = bytes(view[pos + HEADER_SIZE : stop])
             pos = stop + TRAILER_SIZE
-            if flags == FIRST | LAST and not self._partial:
+            if flags == FIRST | LAST and not partial:
                 messages.append(payload)  # the common small message: no state at all
-            else:
-                self._piece(flags, (pid, nonce), seq, payload, now)
+                continue
+            if not flags & (FIRST | ABORT):  # the next piece of a message: inlined
+                key = (pid, nonce)
+                cur = partial.get(key)
+                if cur is not None and seq == cur.next_seq and cur.size + length <= max_frame:
+                    cur.parts.append(payload)
+                    cur.size += length
+                    cur.next_seq = (seq + 1) & _SEQ_MASK
+                    cur.touched = now
+                    self._pending += length
+                    if flags & LAST:
+                        del partial[key]
+                        self._pending -= cur.size
+                        messages.append(b"".join(cur.parts) if self.join else cur.parts)
+                    elif self._pending > self.max_pending:
+                        self._bound(key)
+                    continue
+            self._piece(flags, (pid, nonce), seq, payload, now)
         view.release()
         if pos == end:
             self._start = self._end = 0

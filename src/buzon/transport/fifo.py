@@ -116,7 +116,8 @@ class FifoReader(StreamTransport):
         self.framed = True
         self.max_frame = max_frame
         self.reassembler = Reassembler(max_frame, frame_timeout=frame_timeout, join=False)
-        self._off = 0  # bytes of the first reassembled message already handed out
+        self._off = 0  # bytes of the first reassembled message (or part) handed out
+        self._part = 0  # of a message of several pieces: parts handed out
         self.refused = 0  # whole messages that were no buzon frame, dropped
         os.set_blocking(rfd, False)
 
@@ -133,11 +134,26 @@ class FifoReader(StreamTransport):
         while True:
             while messages and filled < room:  # hand out what is reassembled
                 head = messages[0]
-                if type(head) is list:  # a message's pieces: copied one after the other
-                    messages.popleft()
-                    messages.extendleft(reversed(head))
+                if isinstance(head, list):  # a message's pieces, one after the other
+                    i, off = self._part, self._off
+                    while i < len(head) and filled < room:
+                        part = head[i]
+                        k = len(part) - off
+                        if k <= room - filled:
+                            buf[filled : filled + k] = memoryview(part)[off:] if off else part
+                            filled += k
+                            i += 1
+                            off = 0
+                        else:
+                            k = room - filled
+                            buf[filled:room] = memoryview(part)[off : off + k]
+                            filled = room
+                            off += k
+                    if i == len(head):
+                        messages.popleft()
+                        i = 0
+                    self._part, self._off = i, off
                     continue
-                assert isinstance(head, bytes)
                 off = self._off
                 k = min(len(head) - off, room - filled)
                 if off or k < len(head):
