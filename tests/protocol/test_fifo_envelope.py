@@ -18,10 +18,12 @@ from buzon.protocol.fifo import (
     LAST,
     MAGIC,
     MAX_PAYLOAD,
+    MAX_PIECE_PAYLOAD,
     OVERHEAD,
     PIECE_MAX,
     Encoder,
     Reassembler,
+    piece,
 )
 
 MAX_FRAME = 1 << 20
@@ -41,16 +43,16 @@ def _feed_cut(r: Reassembler, data: bytes, cuts: list[int], now: float = 0.0) ->
 def test_header_layout() -> None:
     enc = Encoder(pid=0x01020304, nonce=0xA0B0C0D0)
     (piece,) = enc.encode([b"hello"])
-    assert len(piece) == OVERHEAD + 5 == 33
+    assert len(piece) == OVERHEAD + 5 == 37
     assert piece[:4] == MAGIC
     assert piece[4] == 1  # version
     assert piece[5] == FIRST | LAST
-    assert struct.unpack_from("<HIII", piece, 6) == (5, 0x01020304, 0xA0B0C0D0, 0)
-    assert struct.unpack_from("<I", piece, 20)[0] == crc32c(piece[:20])
-    assert piece[24:29] == b"hello"
-    assert struct.unpack_from("<I", piece, 29)[0] == crc32c(piece[:29])
+    assert struct.unpack_from("<HIIII", piece, 6) == (0, 5, 0x01020304, 0xA0B0C0D0, 0)
+    assert struct.unpack_from("<I", piece, 24)[0] == crc32c(piece[:24])
+    assert piece[28:33] == b"hello"
+    assert struct.unpack_from("<I", piece, 33)[0] == crc32c(piece[:33])
     (second,) = enc.encode([b""])
-    assert struct.unpack_from("<I", second, 16)[0] == 1  # seq counts pieces
+    assert struct.unpack_from("<I", second, 20)[0] == 1  # seq counts pieces
 
 
 def test_pieces_fit_pipe_buf() -> None:
@@ -161,7 +163,7 @@ def test_false_header_does_not_hold_good_pieces() -> None:
     """Garbage that starts like an envelope is rejected by its header CRC at once: the
     good piece behind it is delivered without waiting for the bytes it announced."""
     enc = Encoder(1, 1)
-    fake = MAGIC + bytes([1, FIRST | LAST]) + struct.pack("<H", 4000) + bytes(16)
+    fake = MAGIC + bytes([1, FIRST | LAST, 0, 0]) + struct.pack("<I", 4000) + bytes(16)
     r = Reassembler(MAX_FRAME)
     r.feed(fake + b"".join(enc.encode([b"good"])))
     assert list(r.messages) == [b"good"]
@@ -216,7 +218,7 @@ def test_memory_caps() -> None:
         assert r.buffered <= 20_000
 
 
-@pytest.mark.parametrize("cut", [1, 3, 27, 28, 29, 4095, 4096, 4097])
+@pytest.mark.parametrize("cut", [1, 3, 27, 28, 29, 31, 32, 33, 4095, 4096, 4097])
 def test_every_cut_of_the_stream(cut: int) -> None:
     enc = Encoder(3, 4)
     msgs = [b"m" * n for n in (0, 1, 4068, 4069, 20_000)]
@@ -224,3 +226,25 @@ def test_every_cut_of_the_stream(cut: int) -> None:
     _feed_cut(r, b"".join(p for m in msgs for p in enc.encode([m])), [cut])
     assert list(r.messages) == msgs
     assert r.rejected_frames == 0
+
+
+def test_large_pieces_and_a_cut_write() -> None:
+    """Pieces over PIPE_BUF (written where the kernel keeps a write contiguous): one cut
+    short leaves a stump the reader skips once the FIFO is drained; the piece sent
+    again whole completes the message, and another writer's pieces are not held."""
+    body = random.Random(5).randbytes(500_000)
+    whole = [piece(FIRST, body[: 300_000 - 44_000], 9, 9, 7)]
+    second = piece(LAST, body[256_000:], 9, 9, 8)
+    other = Encoder(1, 1).encode([b"other"])[0]
+    r = Reassembler(MAX_FRAME)
+    r.feed(whole[0])
+    r.feed(second[:100_000])  # the write was cut short here
+    r.feed(other)
+    assert list(r.messages) == []  # "other" waits behind the stump's announced length
+    r.drained()  # the FIFO is empty: the stump is junk
+    assert r.rejected_frames == 1
+    r.feed(other)
+    r.feed(second)  # sent again, whole
+    assert list(r.messages) == [b"other", body]
+    assert r.rejected_bytes == 100_000 + len(other)
+    assert MAX_PIECE_PAYLOAD >= 256_000

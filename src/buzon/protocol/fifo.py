@@ -78,10 +78,13 @@ __all__ = [
     "LAST",
     "MAGIC",
     "MAX_PAYLOAD",
+    "MAX_PIECE_PAYLOAD",
     "OVERHEAD",
     "PIECE_MAX",
     "Encoder",
     "Reassembler",
+    "envelope",
+    "piece",
 ]
 
 MAGIC = b"\xf1\xf0\xb0\x7a"
@@ -93,18 +96,37 @@ _FLAGS = FIRST | LAST | ABORT
 
 #: the largest write the kernel keeps whole (POSIX minimum 512; 4096 on Linux)
 PIECE_MAX = 4096
-_HEAD = struct.Struct("<4sBBHIII")  # bytes 0-19: what the header CRC covers
+#: the largest payload of one piece: a piece over PIECE_MAX bytes is written only where
+#: the kernel never interleaves a write (Linux, non-blocking) and is sent again whole if
+#: the write was cut short (see the module docstring)
+MAX_PIECE_PAYLOAD = 256 * 1024
+_HEAD = struct.Struct("<4sBBHIIII")  # bytes 0-23: what the header CRC covers
 _U32 = struct.Struct("<I")
-HEADER_SIZE = _HEAD.size + 4  # 24
+HEADER_SIZE = _HEAD.size + 4  # 28
 TRAILER_SIZE = 4
-OVERHEAD = HEADER_SIZE + TRAILER_SIZE  # 28
-MAX_PAYLOAD = PIECE_MAX - OVERHEAD  # 4068
+OVERHEAD = HEADER_SIZE + TRAILER_SIZE  # 32
+MAX_PAYLOAD = PIECE_MAX - OVERHEAD  # 4064: the payload of a piece that is always whole
 _SEQ_MASK = 0xFFFFFFFF
-_PARSE = struct.Struct("<4sBBHIIII")  # the whole header, its CRC included
+_PARSE = struct.Struct("<4sBBHIIIII")  # the whole header, its CRC included
 _unpack_header = _PARSE.unpack_from
 _unpack_u32 = _U32.unpack_from
 _pack_head = _HEAD.pack
 _pack_u32 = _U32.pack
+
+
+def envelope(flags: int, payload: Buffer, pid: int, nonce: int, seq: int) -> tuple[bytes, bytes]:
+    """The header and trailer that wrap ``payload`` (at most :data:`MAX_PIECE_PAYLOAD`
+    bytes) into a piece: write ``header + payload + trailer`` with one call."""
+    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    head = _pack_head(MAGIC, VERSION, flags, 0, size, pid, nonce, seq)
+    head += _pack_u32(crc32c(head, 0))
+    return head, _pack_u32(crc32c(payload, crc32c(head, 0)))
+
+
+def piece(flags: int, payload: Buffer, pid: int, nonce: int, seq: int) -> bytes:
+    """One enveloped piece (``payload`` at most :data:`MAX_PIECE_PAYLOAD` bytes)."""
+    head, trailer = envelope(flags, payload, pid, nonce, seq)
+    return b"".join((head, payload, trailer))
 
 
 class Encoder:
@@ -117,10 +139,9 @@ class Encoder:
         self.seq = 0
 
     def _piece(self, flags: int, payload: Buffer) -> bytes:
-        head = _pack_head(MAGIC, VERSION, flags, len(payload), self.pid, self.nonce, self.seq)
-        self.seq = (self.seq + 1) & _SEQ_MASK
-        head += _pack_u32(crc32c(head, 0))
-        return b"".join((head, payload, _pack_u32(crc32c(payload, crc32c(head, 0)))))
+        seq = self.seq
+        self.seq = (seq + 1) & _SEQ_MASK
+        return piece(flags, payload, self.pid, self.nonce, seq)
 
     def encode(self, bufs: Sequence[Buffer]) -> list[bytes]:
         """The pieces of one message made of ``bufs`` (in order; each one ``write``)."""
@@ -142,7 +163,7 @@ class Encoder:
             pos += MAX_PAYLOAD
             if pos >= n:
                 flags |= LAST
-            head = pack(MAGIC, VERSION, flags, len(chunk), pid, nonce, seq)
+            head = pack(MAGIC, VERSION, flags, 0, len(chunk), pid, nonce, seq)
             seq = (seq + 1) & _SEQ_MASK
             head += u32(crc(head, 0))
             pieces.append(join((head, chunk, u32(crc(chunk, crc(head, 0))))))
@@ -182,7 +203,7 @@ class Reassembler:
         frame_timeout: float | None = 30.0,
         max_writers: int = 64,
         max_pending: int | None = None,
-        buffer_size: int = 256 * 1024,
+        buffer_size: int = 0,
         join: bool = True,
     ) -> None:
         self.max_frame = max_frame
@@ -198,7 +219,8 @@ class Reassembler:
         self.abandoned = 0  # messages dropped unfinished (a part of rejected_frames)
         self._partial: dict[tuple[int, int], _Partial] = {}
         self._pending = 0  # payload bytes held in _partial
-        self._buf = bytearray(max(buffer_size, 2 * PIECE_MAX))
+        # room for the largest piece whole, and more to read into
+        self._buf = bytearray(max(buffer_size, 2 * (MAX_PIECE_PAYLOAD + OVERHEAD)))
         self._start = 0  # unparsed bytes are _buf[_start:_end]
         self._end = 0
         self._garbage = False  # inside a run of rejected bytes
@@ -272,19 +294,20 @@ class Reassembler:
                 continue
             if end - pos < HEADER_SIZE:
                 break
-            _, version, flags, length, pid, nonce, seq, hcrc = _unpack_header(buf, pos)
+            _, version, flags, zero, length, pid, nonce, seq, hcrc = _unpack_header(buf, pos)
             stop = pos + HEADER_SIZE + length
             if (
                 version != VERSION
                 or flags & ~_FLAGS
-                or length > MAX_PAYLOAD
+                or zero
+                or length > MAX_PIECE_PAYLOAD
                 or (flags & ABORT and (length or flags & (FIRST | LAST)))
             ):
                 self._reject(1)  # not an envelope after all: look further
                 pos += 1
                 continue
             if stop + TRAILER_SIZE > end:
-                if crc32c(view[pos : pos + 20], 0) != hcrc:
+                if crc32c(view[pos : pos + 24], 0) != hcrc:
                     self._reject(1)
                     pos += 1
                     continue
@@ -321,6 +344,16 @@ class Reassembler:
             self._start = self._end = 0
         else:
             self._start = pos
+
+    def drained(self) -> None:
+        """The byte source is empty for now (a read found the FIFO drained). Every
+        piece a writer wrote is then wholly here (a write is never interleaved or
+        left half-visible), so an unfinished piece left in the input is the stump of
+        a write cut short (its writer sends the piece again whole) or garbage: it is
+        skipped and counted, and holds nothing back."""
+        if self._end > self._start:
+            self._reject(self._end - self._start)
+            self._start = self._end = 0
 
     # -- pieces -----------------------------------------------------------------------
 

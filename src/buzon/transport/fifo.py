@@ -30,6 +30,8 @@ import os
 import secrets
 import select
 import stat
+import struct
+import termios
 import time
 from collections.abc import Sequence
 
@@ -44,7 +46,17 @@ from ..errors import (
     UnsupportedOperation,
     from_oserror,
 )
-from ..protocol.fifo import PIECE_MAX, Encoder, Reassembler
+from ..protocol.fifo import (
+    FIRST,
+    LAST,
+    MAX_PAYLOAD,
+    MAX_PIECE_PAYLOAD,
+    OVERHEAD,
+    PIECE_MAX,
+    Encoder,
+    Reassembler,
+    envelope,
+)
 from ..protocol.frames import (
     DEFAULT_MAX_FRAME,
     _frame_total,  # a frame's length from its header
@@ -189,8 +201,12 @@ class FifoReader(StreamTransport):
             if n > 0:
                 before = len(messages)
                 r.buffer_updated(n, now)
+                if n < space:
+                    r.drained()  # every whole write is in: what is unfinished is junk
                 if len(messages) > before:
                     self._check_frames(before)
+            else:
+                r.drained()
             if r.deadline() is not None:
                 r.expire(now)
             if not messages and n < space:
@@ -294,9 +310,15 @@ class FifoWriter(MessageTransport):
         # the message in progress: its buffers (held, so identity means the same
         # message), what is left to write, and whether any of it was written
         self._job: list[Buffer] | None = None
-        self._pieces: list[bytes] = []  # framed: the pieces, written up to _next
-        self._next = 0
+        self._views: list[memoryview] = []  # framed: the message in progress
+        self._size = 0
+        self._pos = 0  # its bytes written in whole pieces
         self._left: list[memoryview] = []  # raw: the bytes not written yet
+        try:
+            self._pipe_size = fcntl.fcntl(wfd, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            self._pipe_size = 65536
+        self.cuts = 0  # large pieces whose write was cut short (each sent again whole)
         self._started = False
         # send_many (corked): small messages' pieces gather into one write of at most
         # PIPE_BUF bytes, which the kernel keeps whole like a single piece
@@ -344,7 +366,12 @@ class FifoWriter(MessageTransport):
         if self._batch and not self._corked and not self._write_batch():
             return False  # what send_many gathered goes first
         if self.framed:
-            pieces = self.encoder.encode(bufs)
+            if len(bufs) == 1:
+                size = len(bufs[0]) if type(bufs[0]) is bytes else memoryview(bufs[0]).nbytes
+            else:
+                size = sum(memoryview(b).nbytes for b in bufs)
+            # large: cut into pieces as it is written
+            pieces = [] if size > MAX_PAYLOAD else self.encoder.encode(bufs)
             if len(pieces) == 1:  # the common small message: one write, no state
                 piece = pieces[0]
                 if self._corked:
@@ -363,25 +390,84 @@ class FifoWriter(MessageTransport):
                 return True
             if self._batch and not self._write_batch():
                 return False
-            self._pieces = pieces
-            self._next = 0
+            self._views = [memoryview(b).cast("B") for b in bufs]
+            self._size = size
+            self._pos = 0
         else:
             self._left = [memoryview(b).cast("B") for b in bufs]
         self._job = list(bufs)
         self._started = False
         return self._advance()
 
+    def _room(self) -> int:
+        """Bytes a large piece may take now without its write being cut short: three
+        quarters of the FIFO's free space (the kernel keeps bytes in pages, not all
+        full), less two pages."""
+        try:
+            got = fcntl.ioctl(self._wfd, termios.FIONREAD, b"\0" * 4)
+            queued: int = struct.unpack("i", got)[0]
+        except OSError:
+            return 0
+        return (self._pipe_size - queued) * 3 // 4 - 2 * PIPE_BUF
+
+    def _write_pieces(self) -> bool:
+        """Write the message in progress as pieces from ``_pos`` on; False: no room.
+
+        Pieces of up to PIPE_BUF bytes are kept whole by the kernel. Larger pieces
+        (fewer system calls and checks per MiB) are sized to the FIFO's free space; the
+        kernel never interleaves a non-blocking write with another (Linux holds the
+        pipe's lock through it), but may cut it short when the FIFO fills: the stump
+        is junk to the reader (its CRC fails, it is skipped), and the piece is sent
+        again whole, with the same number, once there is room."""
+        n = self._size
+        pos = self._pos
+        enc = self.encoder
+        wfd = self._wfd
+        while pos < n:
+            chunk = min(n - pos, MAX_PIECE_PAYLOAD)
+            if chunk > MAX_PAYLOAD:
+                chunk = min(chunk, max(MAX_PAYLOAD, self._room() - OVERHEAD))
+            end = pos + chunk
+            payload = self._slice(pos, end)
+            flags = (FIRST if pos == 0 else 0) | (LAST if end == n else 0)
+            head, trailer = envelope(flags, payload, enc.pid, enc.nonce, enc.seq)
+            try:
+                written = os.writev(wfd, (head, payload, trailer))
+            except (BlockingIOError, InterruptedError):
+                self._pos = pos
+                return False
+            self._started = True
+            if written < chunk + OVERHEAD:  # cut short: this piece goes again, whole
+                self.cuts += 1
+                self._pos = pos
+                return False
+            enc.seq = (enc.seq + 1) & 0xFFFFFFFF
+            pos = end
+        self._pos = pos
+        return True
+
+    def _slice(self, start: int, end: int) -> Buffer:
+        """Bytes ``start:end`` of the message in progress (a view where they lie in
+        one of its buffers)."""
+        parts = []
+        offset = 0
+        for v in self._views:
+            size = v.nbytes
+            if offset + size > start and offset < end:
+                parts.append(v[max(0, start - offset) : min(size, end - offset)])
+            offset += size
+            if offset >= end:
+                break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def _advance(self) -> bool:
         left = self._left
         wfd = self._wfd
         try:
             if self.framed:
-                pieces = self._pieces
-                while self._next < len(pieces):
-                    os.write(wfd, pieces[self._next])  # at most PIPE_BUF bytes: all or none
-                    self._next += 1
-                    self._started = True
-                self._pieces = []
+                if not self._write_pieces():
+                    return False
+                self._views = []
             else:
                 while left:
                     n = os.writev(wfd, left[:1024])
@@ -422,7 +508,7 @@ class FifoWriter(MessageTransport):
             except OSError:
                 pass  # no room: the reader's frame timeout drops it
         self._job = None
-        self._pieces = []
+        self._views = []
         self._left = []
         if self._wfd >= 0:
             os.close(self._wfd)
