@@ -224,6 +224,11 @@ class Reassembler:
         self._start = 0  # unparsed bytes are _buf[_start:_end]
         self._end = 0
         self._garbage = False  # inside a run of rejected bytes
+        # pieces over PIPE_BUF whose write was cut short (their writers send them again
+        # whole): counted apart, they are no one's garbage
+        self.stumps = 0
+        self.stump_bytes = 0
+        self._stump = False  # inside the rest of such a piece
 
     # -- input ------------------------------------------------------------------------
 
@@ -263,6 +268,9 @@ class Reassembler:
 
     def _reject(self, n: int) -> None:
         if n <= 0:
+            return
+        if self._stump:  # the rest of a piece whose write was cut short: not garbage
+            self.stump_bytes += n
             return
         if not self._garbage:
             self._garbage = True
@@ -313,10 +321,14 @@ class Reassembler:
                     continue
                 break  # a true header: its payload is on the way
             if crc32c(view[pos:stop], 0) != _unpack_u32(buf, stop)[0]:
+                if not self._stump and crc32c(view[pos : pos + 24], 0) == hcrc:
+                    # a true header with the wrong bytes after it: a write cut short
+                    self._stump = True
+                    self.stumps += 1
                 self._reject(1)
                 pos += 1
                 continue
-            self._garbage = False
+            self._garbage = self._stump = False
             payload = bytes(view[pos + HEADER_SIZE : stop])
             pos = stop + TRAILER_SIZE
             if flags == FIRST | LAST and not partial:
@@ -351,9 +363,21 @@ class Reassembler:
         left half-visible), so an unfinished piece left in the input is the stump of
         a write cut short (its writer sends the piece again whole) or garbage: it is
         skipped and counted, and holds nothing back."""
-        if self._end > self._start:
-            self._reject(self._end - self._start)
+        start, end = self._start, self._end
+        if end > start:
+            buf = self._buf
+            if (
+                not self._stump
+                and end - start >= HEADER_SIZE
+                and buf.startswith(MAGIC, start)
+                and crc32c(memoryview(buf)[start : start + 24], 0)
+                == _unpack_u32(buf, start + 24)[0]
+            ):
+                self._stump = True
+                self.stumps += 1
+            self._reject(end - start)
             self._start = self._end = 0
+        self._stump = False
 
     # -- pieces -----------------------------------------------------------------------
 

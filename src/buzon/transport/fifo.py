@@ -270,9 +270,14 @@ class FifoReader(StreamTransport):
     def counters(self) -> dict[str, int]:
         """``rejected_frames``: runs of bytes that were no valid envelope, messages
         dropped unfinished and messages that were no frame; ``rejected_bytes``: their
-        bytes."""
+        bytes; ``cut_pieces``: large pieces whose write a full FIFO cut short (their
+        writers sent them again whole: nothing lost)."""
         r = self.reassembler
-        return {"rejected_frames": r.rejected_frames, "rejected_bytes": r.rejected_bytes}
+        return {
+            "rejected_frames": r.rejected_frames,
+            "rejected_bytes": r.rejected_bytes,
+            "cut_pieces": r.stumps,
+        }
 
     def block_counters(self) -> dict[str, int]:
         """What today's channel core overlays on its statistics (the counters it has
