@@ -4,11 +4,12 @@ Theory of operation
 -------------------
 A FIFO is one byte stream shared by every process that opens it for writing. The kernel
 keeps a write of at most ``PIPE_BUF`` (4096) bytes in one piece; a longer write may be
-split and interleaved with other writers' bytes, and a writer killed or timed out in the
-middle of a message leaves part of it behind. So a framed ``fifo:`` channel never writes a
-message as one run of bytes: the writer cuts every message into **pieces** of at most
-``PIPE_BUF`` bytes, each written with one ``write`` (atomic, whole or not at all), each
-in an **envelope** that names its writer and can be checked on its own::
+cut short when the FIFO fills (on Linux a non-blocking write is never interleaved with
+another: the pipe stays locked through it), and a writer killed or timed out in the
+middle of a message leaves part of it behind. So a framed ``fifo:`` channel never writes
+a message as one run of bytes: the writer cuts every message into **pieces**, each
+written with one ``write``, each in an **envelope** that names its writer and can be
+checked on its own (all integers little-endian)::
 
     offset  size  field
     0       4     magic         F1 F0 B0 7A (F1 F0 never occurs in UTF-8 text)
@@ -16,13 +17,20 @@ in an **envelope** that names its writer and can be checked on its own::
     5       1     flags         bit 0 FIRST (a message starts), bit 1 LAST (it ends),
                                 bit 2 ABORT (the writer gave its message up; no payload);
                                 the others are 0
-    6       2     length        payload bytes that follow, at most 4068 (u16 LE)
-    8       4     pid           the writing process (u32 LE)
-    12      4     nonce         random per writer end: two ends of one process differ
-    16      4     seq           the writer's piece number (u32 LE, +1 per piece, wraps)
-    20      4     header crc    CRC32C of bytes 0-19 (u32 LE)
-    24      n     payload       ``length`` bytes
-    24+n    4     piece crc     CRC32C of bytes 0 to 24+n (header and payload; u32 LE)
+    6       2     reserved      0
+    8       4     length        payload bytes that follow, at most 256 KiB
+    12      4     pid           the writing process
+    16      4     nonce         random per writer end: two ends of one process differ
+    20      4     seq           the writer's piece number (+1 per piece, wraps)
+    24      4     header crc    CRC32C of bytes 0-23
+    28      n     payload       ``length`` bytes
+    28+n    4     piece crc     CRC32C of bytes 0 to 28+n (header and payload)
+
+A piece of at most ``PIPE_BUF`` bytes (payload up to 4064) is always written whole. A
+larger one (the writer sizes it to the FIFO's free space) may be cut short: the writer
+then sends it again whole, with the same ``seq``; the reader skips the stump (a true
+header followed by the wrong bytes, or an unfinished piece left when the FIFO is
+drained, since every complete write is in by then) and counts it apart (``stumps``).
 
 The header carries a CRC of its own so a reader can reject a false header at once,
 without waiting for the payload it announces (a false length would otherwise hold the

@@ -6,16 +6,19 @@
   writer leaves: a FIFO endpoint is a place many writers come and go.
 * ``connect`` opens the write end. A FIFO with no reader cannot be opened for writing
   (``ENXIO``) and offers no fd to wait on, so the driver retries until its timeout.
-* **Several writers, framed** (the default): every message goes as pieces of at most
-  ``PIPE_BUF`` (4096) bytes, each written whole by one ``write`` and carrying an
-  envelope (writer id, piece number, CRC32C: ``protocol/fifo.py``). The reader sorts the
-  pieces per writer and delivers each message whole, so messages of any size from
-  concurrent writers arrive whole and in each writer's order; bytes that are no
+* **Several writers, framed** (the default): every message goes as pieces in an
+  envelope (writer id, piece number, CRC32C: ``protocol/fifo.py``), each written by one
+  non-blocking ``write``: small ones of at most ``PIPE_BUF`` (4096) bytes, which the
+  kernel keeps whole, large ones sized to the FIFO's free space (Linux never
+  interleaves a non-blocking pipe write; one cut short is sent again whole). The reader
+  sorts the pieces per writer and delivers each message whole, so messages of any size
+  from concurrent writers arrive whole and in each writer's order; bytes that are no
   envelope (a shell writing text, a writer killed mid-message) are skipped and counted
-  (``statistics().rejected_frames``; :meth:`FifoReader.counters` has the bytes). Both
-  ends present themselves to the channel as message transports: one message, one frame.
-  A send that gives up in the middle of a message (timeout, cancellation) delivers
-  nothing: the reader drops the writer's unfinished message.
+  (``statistics().rejected_frames``; :meth:`FifoReader.counters` has the bytes). The
+  writer presents itself to the channel as a message transport (one message, one
+  frame), the reader as a stream of whole frames. A send that gives up in the middle
+  of a message (timeout, cancellation) delivers nothing: the reader drops the
+  writer's unfinished message.
 * **raw=True** moves the bytes exactly as they are (no envelope), as a shell writing
   into the FIFO does; writes over ``PIPE_BUF`` bytes from concurrent writers may then
   interleave. A raw reader behaves like ``cat``: once bytes have arrived, it sees the
