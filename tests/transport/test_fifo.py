@@ -302,3 +302,22 @@ def test_close_writes_what_send_many_gathered(fifo: tuple[str, buzon.Channel]) -
         t.join(LIMIT)
     assert done.is_set()
     assert got == [big] * sent + small
+
+
+def test_writer_takes_a_batch_in_one_call(fifo: tuple[str, buzon.Channel]) -> None:
+    """FifoWriter.send_messages (a capability for a core that sends batches): whole
+    messages in order, as many as fit, in writes of up to PIPE_BUF bytes."""
+    from buzon.transport.base import TransportOptions
+    from buzon.transport.fifo import FifoConnector, FifoWriter
+
+    path, reader = fifo
+    connector = FifoConnector(buzon.parse_address(f"fifo:{path}"), TransportOptions())
+    writer = connector.step()
+    assert isinstance(writer, FifoWriter)
+    try:
+        frames = [[b"\x01\x01\x00\x00" + len(p).to_bytes(4, "little") + p] for p in (b"a", b"bc")]
+        assert writer.send_messages(frames * 100) == 200
+        assert writer.held_bytes == 0
+    finally:
+        writer.close()
+    assert [reader.recv_bytes(LIMIT) for _ in range(200)] == [b"a", b"bc"] * 100

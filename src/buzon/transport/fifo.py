@@ -350,6 +350,22 @@ class FifoWriter(MessageTransport):
         if not on and self._batch:
             self._write_batch()
 
+    def send_messages(self, messages: Sequence[Sequence[Buffer]]) -> int:
+        """Send whole messages in order, as many as the FIFO takes now; return how
+        many went. Small ones share writes of up to PIPE_BUF bytes (as ``send_many``
+        gathers them). For a channel core that hands a batch over in one call (today's
+        drivers send a batch one message at a time, with :meth:`cork` around it)."""
+        sent = 0
+        self.cork(True)
+        try:
+            for bufs in messages:
+                if not self.send_message(bufs):
+                    break
+                sent += 1
+        finally:
+            self.cork(False)
+        return sent
+
     def _write_batch(self) -> bool:
         """Write the gathered pieces (one atomic write); False if the FIFO is full."""
         try:
