@@ -551,14 +551,31 @@ def test_raw_send_into_nc(run: Callable[..., Any]) -> None:
         nc.communicate(timeout=LIMIT)
 
 
-def test_non_raw_recv_explains_foreign_bytes(spawn: Callable[..., Proc], runtime_dir: str) -> None:
+def test_non_raw_recv_explains_foreign_bytes(
+    spawn: Callable[..., Proc], run: Callable[..., Any], runtime_dir: str
+) -> None:
+    """A framed FIFO skips a shell's bytes (they do not poison it for buzon writers),
+    and recv says so with the --raw hint."""
     path = os.path.join(runtime_dir, "framed.fifo")
-    recv = spawn("recv", f"fifo:{path}")
+    recv = spawn("recv", f"fifo:{path}", "--timeout", "1")
     recv.listening()
     _tool(["sh", "-c", f"printf 'not a buzon frame at all' > {path}"])
-    code, _, err = recv.finish()
-    assert code == 1
+    assert run("send", f"fifo:{path}", "still fine").returncode == 0
+    code, out, err = recv.finish()
+    assert code == cli.EXIT_TIMEOUT
+    assert out == b'"still fine"\n'
     assert "--raw" in err.decode().splitlines()[-1]
+
+
+def test_raw_fifo_recv_ends_like_cat(spawn: Callable[..., Proc], runtime_dir: str) -> None:
+    """`buzon recv fifo:PATH --raw` ends when the last writer closes (cat would)."""
+    path = os.path.join(runtime_dir, "cat.fifo")
+    recv = spawn("recv", f"fifo:{path}", "--raw")
+    recv.listening()
+    assert _tool(["sh", "-c", f"printf 'one two' > {path}"]).returncode == 0
+    code, out, err = recv.finish()
+    assert (code, out) == (0, b"one two"), err
+    assert not os.path.exists(path)
 
 
 # -- signals and pipes ----------------------------------------------------------------

@@ -133,6 +133,8 @@ class Statistics:
     send_would_block: int = 0
     recv_would_block: int = 0
     rejected_frames: int = 0
+    # bytes skipped to find the next message again (a fifo: reader resynchronising)
+    rejected_bytes: int = 0
     # sends that gave up half-way (timeout, cancellation): ended with an abort marker
     # (or never started), so the receiver dropped them whole; receivers count the
     # aborted messages they dropped in the same field
@@ -151,6 +153,12 @@ class Statistics:
     views: int = 0
     blocks_created: int = 0
     blocks_reused: int = 0
+
+
+#: transport counters added to the channel's own count of the same name (the rest of
+#: ``Transport.counters()`` replaces the field: a reliable link counts for the channel)
+_ADDED_COUNTERS = frozenset({"rejected_frames", "rejected_bytes"})
+_STAT_FIELDS = frozenset(Statistics.__dataclass_fields__)
 
 
 class Receipt:
@@ -288,6 +296,7 @@ class ChannelCore:
         self._loan_message: Any = transport.loan_message if lends else None
         self._block_counters: Any = transport.block_counters if lends else None
         transport.framed = not self.raw and self.compat is None
+        transport.set_limits(options.max_frame, options.frame_timeout)
         self.last_priority = 0
         self._rbuf = bytearray(256 * 1024) if self.raw and not self.message_oriented else None
         # a transport whose sends complete with the peer's acks (reliable datagrams):
@@ -752,11 +761,15 @@ class ChannelCore:
             stats.bytes_sent += sent_bytes
             stats.messages_received += received
             stats.bytes_received += received_bytes
-        if self.acked:
-            counters = self._counters if self.closed else self.transport.counters()
-            for name, value in counters.items():
+        # the transport's own counts: a reliable link's (they replace the channel's),
+        # a fifo: reader's rejections (added to the channel's own)
+        counters = self._counters if self.closed else self.transport.counters()
+        for name, value in counters.items():
+            if name in _ADDED_COUNTERS:
+                setattr(stats, name, getattr(stats, name) + value)
+            elif name in _STAT_FIELDS:
                 setattr(stats, name, value)
-        elif self._block_counters is not None:
+        if self._block_counters is not None:
             for name, value in self._block_counters().items():
                 setattr(stats, name, value)
         return stats
@@ -1413,8 +1426,7 @@ class ChannelCore:
         self._fast_paths()
         if self.tokens is not None:
             self.tokens.close()
-        if self.acked:
-            self._counters = self.transport.counters()  # statistics() after close
+        self._counters = self.transport.counters()  # statistics() after close
         self.transport.close()
 
 

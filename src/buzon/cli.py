@@ -20,9 +20,13 @@ buzon programs as well as to programs that know nothing about buzon (``--raw``).
   With ``-n N`` on a connection-oriented scheme (unix, seqpacket, tcp, shm), where
   every ``buzon send`` is its own connection, a peer that closes is followed by the
   next one until N messages arrived (one peer at a time; ``listen`` serves them all
-  at once). A FIFO endpoint never ends by itself:
-  ``recv`` keeps a write end open so writers may come and go; datagram sockets and
-  queues take every sender's messages on the one endpoint.
+  at once). Datagram sockets and queues take every sender's messages on the one
+  endpoint. On a FIFO the peer is every writer: with ``--raw`` (a byte stream, as
+  from a shell) ``recv`` ends like ``cat`` once bytes came and the last writer
+  closed; framed, the FIFO is a place writers come and go, and ``recv`` does not end
+  when one leaves (``-n``, ``--timeout`` or Ctrl-C end it). Bytes that are no buzon
+  message (a shell writing into a framed FIFO) are skipped and counted; ``recv``
+  then says so, with the hint to use ``--raw``.
 * ``listen URL`` is ``recv`` for every client at once (one ``buzon.wait`` over the
   listener and all channels, no threads), until Ctrl-C or SIGTERM; each line is
   prefixed with ``[peer]`` (``pid N`` on Unix sockets, ``host:port`` on TCP, the
@@ -266,8 +270,9 @@ Objects are printed as JSON lines: bytes as {{"$bytes": BASE64}}, numpy arrays a
 received to stdout exactly as they are; on stream transports -n then counts chunks
 (what one read returned), messages on {_WHOLE}.
 Connection-oriented schemes accept ONE peer: {_ONE_PEER}.
-A line 'buzon: listening on ADDRESS' goes to stderr first (unless -q): with port 0
-it tells the real port.
+fifo: --raw ends like cat when the last writer closes; framed, writers may come and
+go (end it with -n, --timeout or Ctrl-C). A line 'buzon: listening on ADDRESS'
+goes to stderr first (unless -q): with port 0 it tells the real port.
 
 exit status: 0 when N messages were printed or the peer closed, 3 when --timeout
 seconds passed without a message, 1 on error, 143 on SIGTERM.
@@ -731,8 +736,19 @@ def _cmd_recv(args: argparse.Namespace) -> int:
             return EXIT_OK
         finally:
             if ch is not None:
+                _note_skipped(args, ch)
                 ch.close()
             listener.close()
+
+
+def _note_skipped(args: argparse.Namespace, ch: buzon.Channel) -> None:
+    """A framed FIFO skips what is no buzon message (a shell's bytes): say so."""
+    skipped = ch.statistics().rejected_frames
+    if skipped and not args.raw and not args.quiet:
+        _note(
+            f"skipped {skipped} run(s) of bytes that were no buzon message; if the sender "
+            "does not speak buzon (a shell, socat, nc), receive with --raw"
+        )
 
 
 def _timed_out(args: argparse.Namespace, count: int) -> int:

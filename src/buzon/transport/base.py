@@ -146,6 +146,10 @@ class Transport(abc.ABC):
         """Counts of out-of-line blocks (``lends`` transports): statistics fields."""
         return {}
 
+    def set_limits(self, max_frame: int, frame_timeout: float | None) -> None:  # noqa: B027
+        """The channel's frame cap and frame-progress limit, for a transport that
+        reassembles messages itself (``fifo:`` readers); the default ignores them."""
+
     def read_fileno(self) -> int:
         """fd that becomes readable when :meth:`recv_into`/:meth:`recv_message` may progress."""
         return -1

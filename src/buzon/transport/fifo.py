@@ -1,33 +1,92 @@
 """Named pipes (FIFOs): a pipe with a name in the file system.
 
 * ``listen`` creates the FIFO (mode 0600; an existing FIFO is reused only if nobody is
-  reading it) and ``accept`` returns its single reader channel. The listener also keeps
-  a write end of its own open, so the reader does not see end-of-file each time the
-  last writer leaves: a FIFO endpoint is a place many writers come and go.
+  reading it) and ``accept`` returns its single reader channel. The reader also keeps
+  a write end of its own open, so it does not see end-of-file each time the last
+  writer leaves: a FIFO endpoint is a place many writers come and go.
 * ``connect`` opens the write end. A FIFO with no reader cannot be opened for writing
   (``ENXIO``) and offers no fd to wait on, so the driver retries until its timeout.
-* **Several writers:** the kernel writes at most ``PIPE_BUF`` (4096) bytes atomically.
-  Framed messages up to 4096 bytes (header included) from concurrent writers never
-  interleave; larger ones may, so processes writing one FIFO at the same time must
-  keep their messages that small (or take turns).
+* **Several writers, framed** (the default): every message goes as pieces in an
+  envelope (writer id, piece number, CRC32C: ``protocol/fifo.py``), each written by one
+  non-blocking ``write``: small ones of at most ``PIPE_BUF`` (4096) bytes, which the
+  kernel keeps whole, large ones sized to the FIFO's free space (Linux never
+  interleaves a non-blocking pipe write; one cut short is sent again whole). The reader
+  sorts the pieces per writer and delivers each message whole, so messages of any size
+  from concurrent writers arrive whole and in each writer's order; bytes that are no
+  envelope (a shell writing text, a writer killed mid-message) are skipped and counted
+  (``statistics().rejected_frames``; :meth:`FifoReader.counters` has the bytes). The
+  writer presents itself to the channel as a message transport (one message, one
+  frame), the reader as a stream of whole frames. A send that gives up in the middle
+  of a message (timeout, cancellation) delivers nothing: the reader drops the
+  writer's unfinished message.
+* **raw=True** moves the bytes exactly as they are (no envelope), as a shell writing
+  into the FIFO does; writes over ``PIPE_BUF`` bytes from concurrent writers may then
+  interleave. A raw reader behaves like ``cat``: once bytes have arrived, it sees the
+  end of the channel when the last writer closes.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import secrets
 import select
 import stat
+import struct
+import termios
+import time
+from collections.abc import Sequence
 
 from .._exitclean import disown, own
 from .._runtime import check_endpoint_path
 from ..address import Address
-from ..errors import EndpointInUse, NoSuchEndpoint, UnsafePath, from_oserror
-from ._fdstream import FdStreamTransport
+from ..errors import (
+    BuzonError,
+    EndpointInUse,
+    FrameError,
+    NoSuchEndpoint,
+    UnsafePath,
+    UnsupportedOperation,
+    from_oserror,
+)
+from ..protocol.fifo import (
+    FIRST,
+    LAST,
+    MAX_PAYLOAD,
+    MAX_PIECE_PAYLOAD,
+    OVERHEAD,
+    PIECE_MAX,
+    Encoder,
+    Reassembler,
+    envelope,
+)
+from ..protocol.frames import (
+    DEFAULT_MAX_FRAME,
+    _frame_total,  # a frame's length from its header
+)
 from ._tokens import TokenPool, remove_pools
-from .base import Connector, LinkProperties, ListenerTransport, Transport, TransportOptions
+from .base import (
+    WOULD_BLOCK,
+    Buffer,
+    Connector,
+    LinkProperties,
+    ListenerTransport,
+    MessageTransport,
+    StreamTransport,
+    Transport,
+    TransportOptions,
+)
 
-__all__ = ["PIPE_BUF", "FifoConnector", "FifoListener", "connect", "listen"]
+__all__ = [
+    "PIPE_BUF",
+    "FifoConnector",
+    "FifoListener",
+    "FifoReader",
+    "FifoWriter",
+    "connect",
+    "listen",
+]
 
 PIPE_BUF = select.PIPE_BUF
 
@@ -39,8 +98,448 @@ PROPERTIES = LinkProperties(
     reliable=True,
     ordered=True,
     local=True,
-    notes=f"many writers, one reader; writes up to {PIPE_BUF} bytes are atomic",
+    notes="many writers, one reader; each writer's messages whole and in order",
 )
+
+
+_NUDGE = Encoder(0, 0).abort()
+
+
+class FifoReader(StreamTransport):
+    """The reading end: reassembles each writer's enveloped pieces into whole messages
+    and hands the channel their frames, one after the other, as a clean byte stream
+    (``raw=True``: the FIFO's bytes as they come). Owns ``rfd`` and ``keepalive`` (a
+    write end of its own, so the last writer leaving is not the end).
+
+    A stream, not a message transport, so messages read ahead wait in the channel's
+    frame decoder, where a receive finds them without a system call; and since
+    :meth:`recv_into` fills the buffer it is given whenever more is held here, the
+    channel never sleeps on the FIFO while a message waits in this object.
+    """
+
+    def __init__(
+        self,
+        rfd: int,
+        keepalive: int,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        frame_timeout: float | None = 30.0,
+    ) -> None:
+        self._rfd = rfd
+        self._keepalive = keepalive
+        self.properties = PROPERTIES
+        self.scheme = "fifo"
+        self.framed = True
+        self.max_frame = max_frame
+        self.reassembler = Reassembler(max_frame, frame_timeout=frame_timeout, join=False)
+        self._off = 0  # bytes of the first reassembled message (or part) handed out
+        self._part = 0  # of a message of several pieces: parts handed out
+        self.refused = 0  # whole messages that were no buzon frame, dropped
+        os.set_blocking(rfd, False)
+
+    def read_fileno(self) -> int:
+        return self._rfd
+
+    def recv_into(self, buf: memoryview) -> int:
+        if not self.framed:
+            return self._recv_raw(buf)
+        r = self.reassembler
+        messages = r.messages
+        room = buf.nbytes
+        filled = 0
+        while True:
+            while messages and filled < room:  # hand out what is reassembled
+                head = messages[0]
+                if isinstance(head, list):  # a message's pieces, one after the other
+                    i, off = self._part, self._off
+                    while i < len(head) and filled < room:
+                        part = head[i]
+                        k = len(part) - off
+                        if k <= room - filled:
+                            buf[filled : filled + k] = memoryview(part)[off:] if off else part
+                            filled += k
+                            i += 1
+                            off = 0
+                        else:
+                            k = room - filled
+                            buf[filled:room] = memoryview(part)[off : off + k]
+                            filled = room
+                            off += k
+                    if i == len(head):
+                        messages.popleft()
+                        i = 0
+                    self._part, self._off = i, off
+                    continue
+                off = self._off
+                k = min(len(head) - off, room - filled)
+                if off or k < len(head):
+                    buf[filled : filled + k] = memoryview(head)[off : off + k]
+                else:
+                    buf[filled : filled + k] = head
+                filled += k
+                if off + k == len(head):
+                    messages.popleft()
+                    self._off = 0
+                else:
+                    self._off = off + k
+            if filled == room:
+                break
+            view = r.get_buffer()
+            # read no more than the channel has room for (whole pieces shrink as they
+            # are unwrapped), so little is left here when we return
+            want = max(room - filled, PIECE_MAX)
+            if view.nbytes > want:
+                view = view[:want]
+            space = view.nbytes
+            try:
+                n = os.readv(self._rfd, (view,))
+            except (BlockingIOError, InterruptedError):
+                n = -1
+            except OSError as exc:
+                raise from_oserror(exc, "fifo read") from exc
+            finally:
+                view.release()
+            if n == 0:  # only without the keepalive: after close
+                break
+            now = time.monotonic()
+            if n > 0:
+                before = len(messages)
+                r.buffer_updated(n, now)
+                if n < space:
+                    r.drained()  # every whole write is in: what is unfinished is junk
+                if len(messages) > before:
+                    self._check_frames(before)
+            else:
+                r.drained()
+            if r.deadline() is not None:
+                r.expire(now)
+            if not messages and n < space:
+                break
+        if messages:
+            self._nudge()
+        return filled if filled else WOULD_BLOCK
+
+    def _nudge(self) -> None:
+        """Bytes are held here that the channel had no room for, and the channel waits
+        for the FIFO to become readable before it reads again: make it readable, with
+        a piece the reassembler ignores (an ABORT of writer 0, which has no message).
+        A full FIFO refuses it, and is readable anyway."""
+        if self._keepalive >= 0:
+            try:
+                os.write(self._keepalive, _NUDGE)
+            except OSError:
+                pass
+
+    def _check_frames(self, start: int) -> None:
+        """Keep only messages that are exactly one buzon frame: one writer's bad
+        message is dropped and counted, never let into the stream of the others."""
+        r = self.reassembler
+        messages = r.messages
+        limit = self.max_frame
+        bad = []
+        for i in range(start, len(messages)):
+            msg = messages[i]
+            if isinstance(msg, list):
+                head, size = msg[0], sum(map(len, msg))
+            else:
+                head, size = msg, len(msg)
+            try:
+                ok = _frame_total(head, 0, len(head), limit) == size
+            except FrameError:
+                ok = False
+            if not ok:
+                bad.append((i, size))
+        for i, size in reversed(bad):
+            r.rejected_frames += 1
+            r.rejected_bytes += size
+            self.refused += 1
+            del messages[i]
+
+    def _recv_raw(self, buf: memoryview) -> int:
+        try:
+            n = os.readv(self._rfd, (buf,))
+        except (BlockingIOError, InterruptedError):
+            return WOULD_BLOCK
+        except OSError as exc:
+            raise from_oserror(exc, "fifo read") from exc
+        if n and self._keepalive >= 0:
+            # like cat: from the first bytes on, the last writer leaving ends the stream
+            os.close(self._keepalive)
+            self._keepalive = -1
+        return n
+
+    def send_buffers(self, bufs: Sequence[Buffer]) -> int:
+        raise UnsupportedOperation("this end of the fifo channel only receives")
+
+    def counters(self) -> dict[str, int]:
+        """``rejected_frames``: runs of bytes that were no valid envelope, messages
+        dropped unfinished and messages that were no frame; ``rejected_bytes``: their
+        bytes; ``cut_pieces``: large pieces whose write a full FIFO cut short (their
+        writers sent them again whole: nothing lost)."""
+        r = self.reassembler
+        return {
+            "rejected_frames": r.rejected_frames,
+            "rejected_bytes": r.rejected_bytes,
+            "cut_pieces": r.stumps,
+        }
+
+    def set_limits(self, max_frame: int, frame_timeout: float | None) -> None:
+        """Reassemble with the channel's frame cap and frame-progress limit."""
+        self.max_frame = max_frame
+        self.reassembler.max_frame = max_frame
+        self.reassembler.max_pending = 2 * max_frame
+        self.reassembler.frame_timeout = frame_timeout
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fd in (self._rfd, self._keepalive):
+            if fd >= 0:
+                os.close(fd)
+        self._rfd = self._keepalive = -1
+
+
+class FifoWriter(MessageTransport):
+    """A writing end: each message as enveloped pieces of at most ``PIPE_BUF`` bytes,
+    one ``write`` each (``raw=True``: the bytes as they are). Owns ``wfd``.
+
+    A message that does not fit at once is kept in progress and :meth:`send_message`
+    returns False (wait for room, then call again *with the same buffers* to go on);
+    only when its last piece is written does it return True. Called with other buffers
+    instead, it leaves the unfinished message behind: the reader drops it.
+    """
+
+    max_message = DEFAULT_MAX_FRAME
+
+    def __init__(self, wfd: int) -> None:
+        self._wfd = wfd
+        self.properties = PROPERTIES
+        self.scheme = "fifo"
+        self.framed = True
+        self.encoder = Encoder(os.getpid(), secrets.randbits(32))
+        # the message in progress: its buffers (held, so identity means the same
+        # message), what is left to write, and whether any of it was written
+        self._job: list[Buffer] | None = None
+        self._views: list[memoryview] = []  # framed: the message in progress
+        self._size = 0
+        self._pos = 0  # its bytes written in whole pieces
+        self._left: list[memoryview] = []  # raw: the bytes not written yet
+        try:
+            self._pipe_size = fcntl.fcntl(wfd, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            self._pipe_size = 65536
+        self.cuts = 0  # large pieces whose write was cut short (each sent again whole)
+        self._started = False
+        # send_many (corked): small messages' pieces gather into one write of at most
+        # PIPE_BUF bytes, which the kernel keeps whole like a single piece
+        self._corked = False
+        self._batch: list[bytes] = []
+        self._batch_size = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of accepted messages this end still holds: pieces of a ``send_many``
+        whose last write found the FIFO full. The next send writes them first, and
+        ``close`` waits for room for them (5 s at most). 0 almost always."""
+        return self._batch_size
+
+    def write_fileno(self) -> int:
+        return self._wfd
+
+    def cork(self, on: bool) -> None:
+        """``send_many``: gather small messages into writes of up to PIPE_BUF bytes."""
+        self._corked = on and self.framed
+        if not on and self._batch:
+            self._write_batch()
+
+    def send_messages(self, messages: Sequence[Sequence[Buffer]]) -> int:
+        """Send whole messages in order, as many as the FIFO takes now; return how
+        many went. Small ones share writes of up to PIPE_BUF bytes (as ``send_many``
+        gathers them). For a channel core that hands a batch over in one call (today's
+        drivers send a batch one message at a time, with :meth:`cork` around it)."""
+        sent = 0
+        self.cork(True)
+        try:
+            for bufs in messages:
+                if not self.send_message(bufs):
+                    break
+                sent += 1
+        finally:
+            self.cork(False)
+        return sent
+
+    def _write_batch(self) -> bool:
+        """Write the gathered pieces (one atomic write); False if the FIFO is full."""
+        try:
+            os.write(self._wfd, b"".join(self._batch))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            raise from_oserror(exc, "fifo write") from exc
+        self._batch = []
+        self._batch_size = 0
+        return True
+
+    def recv_message(self) -> bytes | None:
+        raise UnsupportedOperation("this end of the fifo channel only sends")
+
+    def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
+        job = self._job
+        if job is not None:
+            if len(job) == len(bufs) and all(a is b for a, b in zip(job, bufs, strict=True)):
+                return self._advance()
+            self._job = None  # the send that wrote part of it gave up: the reader drops it
+        if self._batch and not self._corked and not self._write_batch():
+            return False  # what send_many gathered goes first
+        if self.framed:
+            if len(bufs) == 1:
+                size = len(bufs[0]) if type(bufs[0]) is bytes else memoryview(bufs[0]).nbytes
+            else:
+                size = sum(memoryview(b).nbytes for b in bufs)
+            # large: cut into pieces as it is written
+            pieces = [] if size > MAX_PAYLOAD else self.encoder.encode(bufs)
+            if len(pieces) == 1:  # the common small message: one write, no state
+                piece = pieces[0]
+                if self._corked:
+                    if self._batch_size + len(piece) > PIPE_BUF and not self._write_batch():
+                        return False
+                    self._batch.append(piece)
+                    self._batch_size += len(piece)
+                    return True
+                try:
+                    os.write(self._wfd, piece)
+                except (BlockingIOError, InterruptedError):
+                    return False
+                except OSError as exc:
+                    raise from_oserror(exc, "fifo write") from exc
+                self._started = False
+                return True
+            if self._batch and not self._write_batch():
+                return False
+            self._views = [memoryview(b).cast("B") for b in bufs]
+            self._size = size
+            self._pos = 0
+        else:
+            self._left = [memoryview(b).cast("B") for b in bufs]
+        self._job = list(bufs)
+        self._started = False
+        return self._advance()
+
+    def _room(self) -> int:
+        """Bytes a large piece may take now without its write being cut short: three
+        quarters of the FIFO's free space (the kernel keeps bytes in pages, not all
+        full), less two pages."""
+        try:
+            got = fcntl.ioctl(self._wfd, termios.FIONREAD, b"\0" * 4)
+            queued: int = struct.unpack("i", got)[0]
+        except OSError:
+            return 0
+        return (self._pipe_size - queued) * 3 // 4 - 2 * PIPE_BUF
+
+    def _write_pieces(self) -> bool:
+        """Write the message in progress as pieces from ``_pos`` on; False: no room.
+
+        Pieces of up to PIPE_BUF bytes are kept whole by the kernel. Larger pieces
+        (fewer system calls and checks per MiB) are sized to the FIFO's free space; the
+        kernel never interleaves a non-blocking write with another (Linux holds the
+        pipe's lock through it), but may cut it short when the FIFO fills: the stump
+        is junk to the reader (its CRC fails, it is skipped), and the piece is sent
+        again whole, with the same number, once there is room."""
+        n = self._size
+        pos = self._pos
+        enc = self.encoder
+        wfd = self._wfd
+        while pos < n:
+            chunk = min(n - pos, MAX_PIECE_PAYLOAD)
+            if chunk > MAX_PAYLOAD:
+                chunk = min(chunk, max(MAX_PAYLOAD, self._room() - OVERHEAD))
+            end = pos + chunk
+            payload = self._slice(pos, end)
+            flags = (FIRST if pos == 0 else 0) | (LAST if end == n else 0)
+            head, trailer = envelope(flags, payload, enc.pid, enc.nonce, enc.seq)
+            try:
+                written = os.writev(wfd, (head, payload, trailer))
+            except (BlockingIOError, InterruptedError):
+                self._pos = pos
+                return False
+            self._started = True
+            if written < chunk + OVERHEAD:  # cut short: this piece goes again, whole
+                self.cuts += 1
+                self._pos = pos
+                return False
+            enc.seq = (enc.seq + 1) & 0xFFFFFFFF
+            pos = end
+        self._pos = pos
+        return True
+
+    def _slice(self, start: int, end: int) -> Buffer:
+        """Bytes ``start:end`` of the message in progress (a view where they lie in
+        one of its buffers)."""
+        parts = []
+        offset = 0
+        for v in self._views:
+            size = v.nbytes
+            if offset + size > start and offset < end:
+                parts.append(v[max(0, start - offset) : min(size, end - offset)])
+            offset += size
+            if offset >= end:
+                break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _advance(self) -> bool:
+        left = self._left
+        wfd = self._wfd
+        try:
+            if self.framed:
+                if not self._write_pieces():
+                    return False
+                self._views = []
+            else:
+                while left:
+                    n = os.writev(wfd, left[:1024])
+                    self._started = True
+                    while n and left:
+                        if n >= left[0].nbytes:
+                            n -= left.pop(0).nbytes
+                        else:
+                            left[0] = left[0][n:]
+                            n = 0
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            raise from_oserror(exc, "fifo write") from exc
+        self._job = None
+        self._started = False
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._batch:  # accepted messages: wait a little for room for them
+            deadline = time.monotonic() + 5.0
+            poller = select.poll()
+            poller.register(self._wfd, select.POLLOUT)
+            try:
+                while not self._write_batch():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    poller.poll(int(left * 1000) + 1)
+            except BuzonError:
+                pass  # the reader is gone: nobody to deliver to
+        if self._job is not None and self._started and self.framed:
+            try:  # tell the reader at once that the message will not be finished
+                os.write(self._wfd, self.encoder.abort())
+            except OSError:
+                pass  # no room: the reader's frame timeout drops it
+        self._job = None
+        self._views = []
+        self._left = []
+        if self._wfd >= 0:
+            os.close(self._wfd)
+        self._wfd = -1
 
 
 class FifoListener(ListenerTransport):
@@ -76,6 +575,7 @@ class FifoListener(ListenerTransport):
             )
             # Our own write end keeps the reader from seeing EOF between writers.
             self._keepalive = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            _grow_pipe(self._rfd)
         except OSError as exc:
             if getattr(self, "_rfd", -1) >= 0:
                 os.close(self._rfd)
@@ -105,7 +605,8 @@ class FifoListener(ListenerTransport):
         self._accepted = True
         os.read(self._ready_r, 1)
         rfd, self._rfd = self._rfd, -1
-        transport = FdStreamTransport(rfd, -1, PROPERTIES, scheme="fifo")
+        keepalive, self._keepalive = self._keepalive, -1
+        transport = FifoReader(rfd, keepalive)
         transport.tokens, self._tokens = self._tokens, None  # the reader owns the pool now
         return transport
 
@@ -129,6 +630,27 @@ class FifoListener(ListenerTransport):
                 os.close(fd)
                 setattr(self, name, -1)
         self._cleanup_path()
+
+
+#: the FIFO's kernel buffer we ask for (Linux: up to /proc/sys/fs/pipe-max-size,
+#: 1 MiB by default; pages are taken only while bytes wait in it)
+PIPE_SIZE = 1024 * 1024
+
+
+def _grow_pipe(fd: int) -> None:
+    """Ask for a larger kernel buffer: writers of pieces of PIPE_BUF bytes then wait
+    for the reader far less often (64 KiB is 16 pieces). Best effort: a system limit
+    (``pipe-max-size``, a user's ``pipe-user-pages-soft``) may refuse, and the default
+    buffer works too."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            max_size = int(f.read())
+    except (OSError, ValueError):
+        max_size = PIPE_SIZE
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(PIPE_SIZE, max_size))
+    except OSError:
+        pass
 
 
 def _has_reader(path: str) -> bool:
@@ -166,7 +688,7 @@ class FifoConnector(Connector):
         except BaseException:
             os.close(fd)
             raise
-        transport = FdStreamTransport(-1, fd, PROPERTIES, scheme="fifo")
+        transport = FifoWriter(fd)
         transport.tokens = tokens
         return transport
 

@@ -1,0 +1,482 @@
+"""The ``fifo:`` envelope: many writers, one reader, and no writer can poison the rest.
+
+Theory of operation
+-------------------
+A FIFO is one byte stream shared by every process that opens it for writing. The kernel
+keeps a write of at most ``PIPE_BUF`` (4096) bytes in one piece; a longer write may be
+cut short when the FIFO fills (on Linux a non-blocking write is never interleaved with
+another: the pipe stays locked through it), and a writer killed or timed out in the
+middle of a message leaves part of it behind. So a framed ``fifo:`` channel never writes
+a message as one run of bytes: the writer cuts every message into **pieces**, each
+written with one ``write``, each in an **envelope** that names its writer and can be
+checked on its own (all integers little-endian)::
+
+    offset  size  field
+    0       4     magic         F1 F0 B0 7A (F1 F0 never occurs in UTF-8 text)
+    4       1     version       1
+    5       1     flags         bit 0 FIRST (a message starts), bit 1 LAST (it ends),
+                                bit 2 ABORT (the writer gave its message up; no payload);
+                                the others are 0
+    6       2     reserved      0
+    8       4     length        payload bytes that follow, at most 256 KiB
+    12      4     pid           the writing process
+    16      4     nonce         random per writer end: two ends of one process differ
+    20      4     seq           the writer's piece number (+1 per piece, wraps)
+    24      4     header crc    CRC32C of bytes 0-23
+    28      n     payload       ``length`` bytes
+    28+n    4     piece crc     CRC32C of bytes 0 to 28+n (header and payload)
+
+A piece of at most ``PIPE_BUF`` bytes (payload up to 4064) is always written whole. A
+larger one (the writer sizes it to the FIFO's free space) may be cut short: the writer
+then sends it again whole, with the same ``seq``; the reader skips the stump (a true
+header followed by the wrong bytes, or an unfinished piece left when the FIFO is
+drained, since every complete write is in by then) and counts it apart (``stumps``).
+
+The header carries a CRC of its own so a reader can reject a false header at once,
+without waiting for the payload it announces (a false length would otherwise hold the
+good writers' pieces behind it); a piece that is all there is checked by its piece CRC
+alone (one pass over its bytes). A message is the payloads of one writer's pieces from a FIRST
+one to a LAST one with consecutive ``seq``; a small message is one piece (FIRST and
+LAST). The payload is the channel's frame (``protocol/frames.py``): the envelope carries
+it and knows nothing of it.
+
+The reader (:class:`Reassembler`) scans the byte stream for envelopes. Bytes that are not
+a valid envelope (a shell writing text, a writer of another protocol, bits of anything)
+are skipped up to the next valid one, and counted: each run of them is one rejected
+frame and its bytes are rejected bytes. Pieces are sorted per writer ``(pid, nonce)``:
+
+* a FIRST piece starts that writer's message (one it left unfinished is dropped);
+* a piece that does not continue the writer's message (wrong ``seq``, or no message
+  started) drops what the writer had and is itself dropped;
+* a LAST piece completes the message, which is delivered whole; so each writer's
+  messages arrive whole and in its order, however writers interleave;
+* ABORT drops the writer's unfinished message (a send that timed out or was
+  cancelled sends it when it can); a writer that died leaves its message to the
+  frame timeout: one without a new piece for ``frame_timeout`` seconds is dropped.
+
+Memory is bounded: a message being reassembled may not pass ``max_frame`` (it is
+dropped when it would), at most ``max_writers`` messages are in reassembly at once
+(a new writer evicts the one idle longest), and their bytes together stay under
+``max_pending`` (the idlest go first). Every dropped message counts as one rejected
+frame and its bytes as rejected bytes.
+
+Everything here is sans-IO: bytes in (:meth:`Reassembler.get_buffer` /
+:meth:`Reassembler.buffer_updated`), messages and counters out; time is an argument.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .crc32c import _c_crc32c
+from .crc32c import crc32c as _py_crc32c
+
+Buffer = bytes | bytearray | memoryview
+
+# the C function itself where it is built (a Python wrapper costs a call per piece)
+crc32c: Callable[[Buffer, int], int] = _c_crc32c if _c_crc32c is not None else _py_crc32c
+
+__all__ = [
+    "ABORT",
+    "FIRST",
+    "HEADER_SIZE",
+    "LAST",
+    "MAGIC",
+    "MAX_PAYLOAD",
+    "MAX_PIECE_PAYLOAD",
+    "OVERHEAD",
+    "PIECE_MAX",
+    "Encoder",
+    "Reassembler",
+    "envelope",
+    "piece",
+]
+
+MAGIC = b"\xf1\xf0\xb0\x7a"
+VERSION = 1
+FIRST = 0x01
+LAST = 0x02
+ABORT = 0x04
+_FLAGS = FIRST | LAST | ABORT
+
+#: the largest write the kernel keeps whole (POSIX minimum 512; 4096 on Linux)
+PIECE_MAX = 4096
+#: the largest payload of one piece: a piece over PIECE_MAX bytes is written only where
+#: the kernel never interleaves a write (Linux, non-blocking) and is sent again whole if
+#: the write was cut short (see the module docstring)
+MAX_PIECE_PAYLOAD = 256 * 1024
+_HEAD = struct.Struct("<4sBBHIIII")  # bytes 0-23: what the header CRC covers
+_U32 = struct.Struct("<I")
+HEADER_SIZE = _HEAD.size + 4  # 28
+TRAILER_SIZE = 4
+OVERHEAD = HEADER_SIZE + TRAILER_SIZE  # 32
+MAX_PAYLOAD = PIECE_MAX - OVERHEAD  # 4064: the payload of a piece that is always whole
+_SEQ_MASK = 0xFFFFFFFF
+_PARSE = struct.Struct("<4sBBHIIIII")  # the whole header, its CRC included
+_unpack_header = _PARSE.unpack_from
+_unpack_u32 = _U32.unpack_from
+_pack_head = _HEAD.pack
+_pack_u32 = _U32.pack
+
+
+def envelope(flags: int, payload: Buffer, pid: int, nonce: int, seq: int) -> tuple[bytes, bytes]:
+    """The header and trailer that wrap ``payload`` (at most :data:`MAX_PIECE_PAYLOAD`
+    bytes) into a piece: write ``header + payload + trailer`` with one call."""
+    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    head = _pack_head(MAGIC, VERSION, flags, 0, size, pid, nonce, seq)
+    head += _pack_u32(crc32c(head, 0))
+    return head, _pack_u32(crc32c(payload, crc32c(head, 0)))
+
+
+def piece(flags: int, payload: Buffer, pid: int, nonce: int, seq: int) -> bytes:
+    """One enveloped piece (``payload`` at most :data:`MAX_PIECE_PAYLOAD` bytes)."""
+    head, trailer = envelope(flags, payload, pid, nonce, seq)
+    return b"".join((head, payload, trailer))
+
+
+class Encoder:
+    """One writer's side: cuts messages into enveloped pieces of at most ``PIECE_MAX``
+    bytes, each to be written with one ``write`` call (which the kernel keeps whole)."""
+
+    def __init__(self, pid: int, nonce: int) -> None:
+        self.pid = pid & _SEQ_MASK
+        self.nonce = nonce & _SEQ_MASK
+        self.seq = 0
+
+    def _piece(self, flags: int, payload: Buffer) -> bytes:
+        seq = self.seq
+        self.seq = (seq + 1) & _SEQ_MASK
+        return piece(flags, payload, self.pid, self.nonce, seq)
+
+    def encode(self, bufs: Sequence[Buffer]) -> list[bytes]:
+        """The pieces of one message made of ``bufs`` (in order; each one ``write``)."""
+        data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+        if type(data) is bytes and len(data) <= MAX_PAYLOAD:  # the common small message
+            return [self._piece(FIRST | LAST, data)]
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        if n <= MAX_PAYLOAD:
+            return [self._piece(FIRST | LAST, view)]
+        # a large message: the same steps as _piece, inlined (256 pieces per MiB)
+        pid, nonce, seq = self.pid, self.nonce, self.seq
+        crc, pack, u32, join = crc32c, _pack_head, _pack_u32, b"".join
+        pieces = []
+        pos = 0
+        flags = FIRST
+        while pos < n:
+            chunk = view[pos : pos + MAX_PAYLOAD]
+            pos += MAX_PAYLOAD
+            if pos >= n:
+                flags |= LAST
+            head = pack(MAGIC, VERSION, flags, 0, len(chunk), pid, nonce, seq)
+            seq = (seq + 1) & _SEQ_MASK
+            head += u32(crc(head, 0))
+            pieces.append(join((head, chunk, u32(crc(chunk, crc(head, 0))))))
+            flags = 0
+        self.seq = seq
+        return pieces
+
+    def abort(self) -> bytes:
+        """The piece that tells the reader to drop this writer's unfinished message."""
+        return self._piece(ABORT, b"")
+
+
+@dataclass(slots=True)
+class _Partial:
+    """A message of one writer, part reassembled."""
+
+    next_seq: int
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+    touched: float = 0.0
+
+
+class Reassembler:
+    """The reader's side: envelopes in (a byte stream), whole messages out.
+
+    Feed bytes with :meth:`get_buffer` then :meth:`buffer_updated` (or :meth:`feed`);
+    complete messages collect in :attr:`messages`, in the order their last pieces
+    arrived (``join=False``: a message of several pieces as the list of their
+    payloads). :meth:`expire` drops messages whose writer went quiet; :meth:`deadline`
+    says when to call it next.
+    """
+
+    def __init__(
+        self,
+        max_frame: int,
+        *,
+        frame_timeout: float | None = 30.0,
+        max_writers: int = 64,
+        max_pending: int | None = None,
+        buffer_size: int = 0,
+        join: bool = True,
+    ) -> None:
+        self.max_frame = max_frame
+        self.frame_timeout = frame_timeout
+        self.max_writers = max_writers
+        self.max_pending = max_pending if max_pending is not None else 2 * max_frame
+        self.join = join
+        # complete messages; with join=False a message of several pieces is the list of
+        # its payloads (a reader that copies them on spares joining them first)
+        self.messages: deque[bytes | list[bytes]] = deque()
+        self.rejected_frames = 0  # runs of bytes that were no envelope, and dropped messages
+        self.rejected_bytes = 0
+        self.abandoned = 0  # messages dropped unfinished (a part of rejected_frames)
+        self._partial: dict[tuple[int, int], _Partial] = {}
+        self._pending = 0  # payload bytes held in _partial
+        # room for the largest piece whole, and more to read into
+        self._buf = bytearray(max(buffer_size, 2 * (MAX_PIECE_PAYLOAD + OVERHEAD)))
+        self._start = 0  # unparsed bytes are _buf[_start:_end]
+        self._end = 0
+        self._garbage = False  # inside a run of rejected bytes
+        # pieces over PIPE_BUF whose write was cut short (their writers send them again
+        # whole): counted apart, they are no one's garbage
+        self.stumps = 0
+        self.stump_bytes = 0
+        self._stump = False  # inside the rest of such a piece
+
+    # -- input ------------------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Where the next read goes (at least one piece's room)."""
+        if self._start:
+            self._compact()
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, n: int, now: float = 0.0) -> None:
+        """``n`` bytes were written into :meth:`get_buffer`'s view: parse them."""
+        self._end += n
+        self._parse(now)
+
+    def feed(self, data: Buffer, now: float = 0.0) -> None:
+        """Parse ``data`` (any size, any cut)."""
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            buf = self.get_buffer()
+            n = min(buf.nbytes, view.nbytes)
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n, now)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held: unparsed input and messages being reassembled."""
+        return self._end - self._start + self._pending
+
+    def _compact(self) -> None:
+        buf = self._buf
+        start, end = self._start, self._end
+        if end > start:
+            buf[: end - start] = buf[start:end]
+        self._end = end - start
+        self._start = 0
+
+    def _reject(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self._stump:  # the rest of a piece whose write was cut short: not garbage
+            self.stump_bytes += n
+            return
+        if not self._garbage:
+            self._garbage = True
+            self.rejected_frames += 1
+        self.rejected_bytes += n
+
+    def _parse(self, now: float) -> None:
+        buf = self._buf
+        view = memoryview(buf)  # the buffer never changes size: views of it are safe
+        pos = self._start
+        end = self._end
+        messages = self.messages
+        partial = self._partial
+        max_frame = self.max_frame
+        while pos < end:
+            if not buf.startswith(MAGIC, pos):
+                avail = end - pos
+                if avail < 4 and buf[pos:end] == MAGIC[:avail]:
+                    break  # may be the start of an envelope: wait for more
+                found = buf.find(MAGIC, pos + 1, end)
+                if found < 0:  # keep a tail that may start the next magic
+                    found = end
+                    for k in (3, 2, 1):
+                        if end - k > pos and buf[end - k : end] == MAGIC[:k]:
+                            found = end - k
+                            break
+                self._reject(found - pos)
+                pos = found
+                continue
+            if end - pos < HEADER_SIZE:
+                break
+            _, version, flags, zero, length, pid, nonce, seq, hcrc = _unpack_header(buf, pos)
+            stop = pos + HEADER_SIZE + length
+            if (
+                version != VERSION
+                or flags & ~_FLAGS
+                or zero
+                or length > MAX_PIECE_PAYLOAD
+                or (flags & ABORT and (length or flags & (FIRST | LAST)))
+            ):
+                self._reject(1)  # not an envelope after all: look further
+                pos += 1
+                continue
+            if stop + TRAILER_SIZE > end:
+                if crc32c(view[pos : pos + 24], 0) != hcrc:
+                    self._reject(1)
+                    pos += 1
+                    continue
+                break  # a true header: its payload is on the way
+            if crc32c(view[pos:stop], 0) != _unpack_u32(buf, stop)[0]:
+                if not self._stump and crc32c(view[pos : pos + 24], 0) == hcrc:
+                    # a true header with the wrong bytes after it: a write cut short
+                    self._stump = True
+                    self.stumps += 1
+                self._reject(1)
+                pos += 1
+                continue
+            self._garbage = self._stump = False
+            payload = bytes(view[pos + HEADER_SIZE : stop])
+            pos = stop + TRAILER_SIZE
+            if flags == FIRST | LAST and not partial:
+                messages.append(payload)  # the common small message: no state at all
+                continue
+            if not flags & (FIRST | ABORT):  # the next piece of a message: inlined
+                key = (pid, nonce)
+                cur = partial.get(key)
+                if cur is not None and seq == cur.next_seq and cur.size + length <= max_frame:
+                    cur.parts.append(payload)
+                    cur.size += length
+                    cur.next_seq = (seq + 1) & _SEQ_MASK
+                    cur.touched = now
+                    self._pending += length
+                    if flags & LAST:
+                        del partial[key]
+                        self._pending -= cur.size
+                        messages.append(b"".join(cur.parts) if self.join else cur.parts)
+                    elif self._pending > self.max_pending:
+                        self._bound(key)
+                    continue
+            self._piece(flags, (pid, nonce), seq, payload, now)
+        view.release()
+        if pos == end:
+            self._start = self._end = 0
+        else:
+            self._start = pos
+
+    def drained(self) -> None:
+        """The byte source is empty for now (a read found the FIFO drained). Every
+        piece a writer wrote is then wholly here (a write is never interleaved or
+        left half-visible), so an unfinished piece left in the input is the stump of
+        a write cut short (its writer sends the piece again whole) or garbage: it is
+        skipped and counted, and holds nothing back."""
+        start, end = self._start, self._end
+        if end > start:
+            buf = self._buf
+            if (
+                not self._stump
+                and end - start >= HEADER_SIZE
+                and buf.startswith(MAGIC, start)
+                and crc32c(memoryview(buf)[start : start + 24], 0)
+                == _unpack_u32(buf, start + 24)[0]
+            ):
+                self._stump = True
+                self.stumps += 1
+            self._reject(end - start)
+            self._start = self._end = 0
+        self._stump = False
+
+    # -- pieces -----------------------------------------------------------------------
+
+    def _piece(
+        self, flags: int, writer: tuple[int, int], seq: int, payload: bytes, now: float
+    ) -> None:
+        partial = self._partial
+        current = partial.get(writer)
+        if flags & (FIRST | ABORT):
+            if current is not None:
+                self._drop(writer)
+            if flags & ABORT:
+                return
+            if flags & LAST:
+                self.messages.append(payload)
+                return
+            self._start_message(writer, seq, payload, now)
+            return
+        if current is None or seq != current.next_seq:
+            # a piece of a message whose start we never saw (or a gap): nothing to add it to
+            if current is not None:
+                self._drop(writer)
+            self._abandon(len(payload))
+            return
+        size = current.size + len(payload)
+        if size > self.max_frame:
+            self._drop(writer)
+            self._abandon(len(payload))
+            return
+        current.parts.append(payload)
+        current.size = size
+        current.next_seq = (seq + 1) & _SEQ_MASK
+        current.touched = now
+        self._pending += len(payload)
+        if flags & LAST:
+            del partial[writer]
+            self._pending -= size
+            self.messages.append(b"".join(current.parts) if self.join else current.parts)
+            return
+        self._bound(writer)
+
+    def _start_message(self, writer: tuple[int, int], seq: int, payload: bytes, now: float) -> None:
+        if len(payload) > self.max_frame:
+            self._abandon(len(payload))
+            return
+        partial = self._partial
+        while len(partial) >= self.max_writers:
+            idlest = self._idlest(but=None)
+            assert idlest is not None
+            self._drop(idlest)
+        partial[writer] = _Partial((seq + 1) & _SEQ_MASK, [payload], len(payload), now)
+        self._pending += len(payload)
+        self._bound(writer)
+
+    def _bound(self, writer: tuple[int, int]) -> None:
+        """Keep the bytes in reassembly under ``max_pending``: drop the idlest others
+        (then this writer's own message, if it alone is too big)."""
+        while self._pending > self.max_pending and self._partial:
+            idlest = self._idlest(but=writer)
+            self._drop(idlest if idlest is not None else writer)
+
+    def _idlest(self, but: tuple[int, int] | None) -> tuple[int, int] | None:
+        best: tuple[int, int] | None = None
+        oldest = 0.0
+        for key, p in self._partial.items():
+            if key != but and (best is None or p.touched < oldest):
+                best, oldest = key, p.touched
+        return best
+
+    def _drop(self, writer: tuple[int, int]) -> None:
+        p = self._partial.pop(writer)
+        self._pending -= p.size
+        self._abandon(p.size)
+
+    def _abandon(self, nbytes: int) -> None:
+        self.abandoned += 1
+        self.rejected_frames += 1
+        self.rejected_bytes += nbytes
+
+    # -- time -------------------------------------------------------------------------
+
+    def deadline(self) -> float | None:
+        """When the oldest unfinished message expires (``None``: none is unfinished)."""
+        if not self._partial or self.frame_timeout is None:
+            return None
+        return min(p.touched for p in self._partial.values()) + self.frame_timeout
+
+    def expire(self, now: float) -> None:
+        """Drop the messages whose writer sent nothing for ``frame_timeout`` seconds."""
+        if not self._partial or self.frame_timeout is None:
+            return
+        limit = now - self.frame_timeout
+        for key in [k for k, p in self._partial.items() if p.touched <= limit]:
+            self._drop(key)

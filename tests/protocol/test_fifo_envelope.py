@@ -1,0 +1,253 @@
+"""The ``fifo:`` envelope (``buzon.protocol.fifo``): pieces, reassembly, resynchronisation.
+
+No OS here: bytes in, messages and counters out, fuzzed with hypothesis.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from buzon.protocol.crc32c import crc32c
+from buzon.protocol.fifo import (
+    FIRST,
+    LAST,
+    MAGIC,
+    MAX_PAYLOAD,
+    MAX_PIECE_PAYLOAD,
+    OVERHEAD,
+    PIECE_MAX,
+    Encoder,
+    Reassembler,
+    piece,
+)
+
+MAX_FRAME = 1 << 20
+
+
+def _feed_cut(r: Reassembler, data: bytes, cuts: list[int], now: float = 0.0) -> None:
+    """Feed ``data`` in chunks whose sizes cycle through ``cuts``."""
+    pos = 0
+    i = 0
+    while pos < len(data):
+        n = cuts[i % len(cuts)] if cuts else len(data)
+        r.feed(data[pos : pos + n], now)
+        pos += n
+        i += 1
+
+
+def test_header_layout() -> None:
+    enc = Encoder(pid=0x01020304, nonce=0xA0B0C0D0)
+    (piece,) = enc.encode([b"hello"])
+    assert len(piece) == OVERHEAD + 5 == 37
+    assert piece[:4] == MAGIC
+    assert piece[4] == 1  # version
+    assert piece[5] == FIRST | LAST
+    assert struct.unpack_from("<HIIII", piece, 6) == (0, 5, 0x01020304, 0xA0B0C0D0, 0)
+    assert struct.unpack_from("<I", piece, 24)[0] == crc32c(piece[:24])
+    assert piece[28:33] == b"hello"
+    assert struct.unpack_from("<I", piece, 33)[0] == crc32c(piece[:33])
+    (second,) = enc.encode([b""])
+    assert struct.unpack_from("<I", second, 20)[0] == 1  # seq counts pieces
+
+
+def test_pieces_fit_pipe_buf() -> None:
+    enc = Encoder(1, 2)
+    for n in (0, 1, MAX_PAYLOAD - 1, MAX_PAYLOAD, MAX_PAYLOAD + 1, 3 * MAX_PAYLOAD, 100_000):
+        pieces = enc.encode([b"x" * n])
+        assert all(len(p) <= PIECE_MAX for p in pieces)
+        assert sum(len(p) - OVERHEAD for p in pieces) == n
+        assert pieces[0][5] & FIRST and pieces[-1][5] & LAST
+
+
+def test_several_buffers_are_one_message() -> None:
+    enc = Encoder(1, 2)
+    r = Reassembler(MAX_FRAME)
+    bufs = [b"head", memoryview(b"y" * 9000), bytearray(b"tail")]
+    for p in enc.encode(bufs):
+        r.feed(p)
+    assert list(r.messages) == [b"head" + b"y" * 9000 + b"tail"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(
+        st.lists(st.integers(0, 3 * MAX_PAYLOAD + 7), min_size=0, max_size=5),
+        min_size=1,
+        max_size=4,
+    ),
+    garbage=st.lists(st.binary(max_size=64), max_size=6),
+    seed=st.integers(0, 2**32 - 1),
+    cuts=st.lists(st.integers(1, 9000), max_size=5),
+)
+def test_writers_interleaved_with_garbage(
+    sizes: list[list[int]], garbage: list[bytes], seed: int, cuts: list[int]
+) -> None:
+    """Several writers' pieces interleave at random (as the kernel may), runs of garbage
+    fall between pieces, the stream is read in arbitrary cuts: every writer's messages
+    arrive whole and in its order, and the garbage is counted."""
+    rng = random.Random(seed)
+    writers = [Encoder(pid=100 + i, nonce=rng.getrandbits(32)) for i in range(len(sizes))]
+    sent = [[rng.randbytes(n) for n in ns] for ns in sizes]
+    pairs = zip(writers, sent, strict=True)
+    queues = [[p for m in msgs for p in w.encode([m])] for w, msgs in pairs]
+    stream = bytearray()
+    garbage = [g for g in garbage if g]
+    while any(queues):
+        q = rng.choice([q for q in queues if q])
+        stream += q.pop(0)
+        if garbage and rng.random() < 0.3:
+            stream += garbage.pop()
+    for g in garbage:
+        stream += g
+    r = Reassembler(MAX_FRAME)
+    _feed_cut(r, bytes(stream), cuts)
+    got = list(r.messages)
+    for msgs in sent:  # each writer's messages, in order, as a subsequence of what came
+        it = iter(got)
+        assert all(any(m == g for g in it) for m in msgs)
+    assert len(got) == sum(len(m) for m in sent)
+    assert r.abandoned == 0
+    assert r.buffered <= OVERHEAD  # at most a tail that might start an envelope
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=20_000), cuts=st.lists(st.integers(1, 5000), max_size=4))
+def test_random_bytes_never_raise_and_stay_bounded(data: bytes, cuts: list[int]) -> None:
+    r = Reassembler(64 * 1024, max_pending=128 * 1024)
+    _feed_cut(r, data, cuts)
+    assert r.buffered <= 128 * 1024 + PIECE_MAX
+    assert r.rejected_bytes <= len(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    prefix=st.binary(max_size=300),
+    flips=st.lists(st.integers(0, 10**9), max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_damage_then_resynchronise(prefix: bytes, flips: list[int], seed: int) -> None:
+    """A damaged message is never delivered damaged; the messages after it are."""
+    rng = random.Random(seed)
+    enc = Encoder(7, 7)
+    bad = bytearray(b"".join(enc.encode([rng.randbytes(rng.randrange(10_000))])))
+    for f in flips:
+        bad[f % len(bad)] ^= 1 << (f % 8)
+    good = [rng.randbytes(rng.randrange(6000)) for _ in range(3)]
+    other = Encoder(8, 8)
+    stream = prefix + bytes(bad) + b"".join(p for m in good for p in other.encode([m]))
+    r = Reassembler(MAX_FRAME)
+    r.feed(stream)
+    got = list(r.messages)
+    assert got[-3:] == good
+    assert len(got) <= 4
+
+
+def test_partial_old_frame_and_text_are_skipped() -> None:
+    """What poisoned the old stream for good: a cut frame header, a shell's text."""
+    enc = Encoder(1, 1)
+    r = Reassembler(MAX_FRAME)
+    r.feed(b"\x01\x01\x00\x00\x05")  # 5 bytes of a frame header (a writer killed mid-frame)
+    r.feed(b"hello from a shell\n")
+    r.feed(b"".join(enc.encode([b"good"])))
+    assert list(r.messages) == [b"good"]
+    assert r.rejected_frames == 1  # one run of garbage
+    assert r.rejected_bytes == 5 + 19
+
+
+def test_false_header_does_not_hold_good_pieces() -> None:
+    """Garbage that starts like an envelope is rejected by its header CRC at once: the
+    good piece behind it is delivered without waiting for the bytes it announced."""
+    enc = Encoder(1, 1)
+    fake = MAGIC + bytes([1, FIRST | LAST, 0, 0]) + struct.pack("<I", 4000) + bytes(16)
+    r = Reassembler(MAX_FRAME)
+    r.feed(fake + b"".join(enc.encode([b"good"])))
+    assert list(r.messages) == [b"good"]
+
+
+def test_unfinished_message_dropped_when_writer_starts_another() -> None:
+    enc = Encoder(1, 1)
+    r = Reassembler(MAX_FRAME)
+    first = enc.encode([b"a" * 10_000])
+    r.feed(first[0])  # the send gave up after one piece
+    for p in enc.encode([b"b" * 10_000]):
+        r.feed(p)
+    assert list(r.messages) == [b"b" * 10_000]
+    assert r.abandoned == 1 and r.rejected_frames == 1
+
+
+def test_abort_and_orphans() -> None:
+    enc = Encoder(1, 1)
+    r = Reassembler(MAX_FRAME)
+    pieces = enc.encode([b"a" * 10_000])
+    r.feed(pieces[0])
+    r.feed(enc.abort())
+    assert r.buffered == 0 and r.abandoned == 1
+    r.feed(pieces[1])  # a piece whose message is gone: dropped, not delivered
+    assert not r.messages and r.abandoned == 2
+
+
+def test_frame_timeout_drops_a_dead_writer() -> None:
+    dead, alive = Encoder(1, 1), Encoder(2, 2)
+    r = Reassembler(MAX_FRAME, frame_timeout=30.0)
+    r.feed(dead.encode([b"a" * 10_000])[0], now=100.0)
+    assert r.deadline() == 130.0
+    r.feed(b"".join(alive.encode([b"ok"])), now=110.0)
+    r.expire(129.0)
+    assert r.buffered > 0
+    r.expire(131.0)
+    assert r.buffered == 0 and r.deadline() is None
+    assert list(r.messages) == [b"ok"] and r.abandoned == 1
+
+
+def test_memory_caps() -> None:
+    """A message over max_frame is dropped as it grows; at most max_writers messages are
+    in reassembly; their bytes stay under max_pending."""
+    r = Reassembler(8192, max_writers=4, max_pending=20_000)
+    big = Encoder(1, 1)
+    for p in big.encode([b"x" * 20_000]):
+        r.feed(p)
+    assert not r.messages and r.buffered == 0 and r.abandoned >= 1
+    for i in range(10):  # ten writers, each one piece into a message
+        r.feed(Encoder(10 + i, 0).encode([b"y" * 6000])[0], now=float(i))
+        assert len(r._partial) <= 4
+        assert r.buffered <= 20_000
+
+
+@pytest.mark.parametrize("cut", [1, 3, 27, 28, 29, 31, 32, 33, 4095, 4096, 4097])
+def test_every_cut_of_the_stream(cut: int) -> None:
+    enc = Encoder(3, 4)
+    msgs = [b"m" * n for n in (0, 1, 4068, 4069, 20_000)]
+    r = Reassembler(MAX_FRAME)
+    _feed_cut(r, b"".join(p for m in msgs for p in enc.encode([m])), [cut])
+    assert list(r.messages) == msgs
+    assert r.rejected_frames == 0
+
+
+def test_large_pieces_and_a_cut_write() -> None:
+    """Pieces over PIPE_BUF (written where the kernel keeps a write contiguous): one cut
+    short leaves a stump the reader skips once the FIFO is drained; the piece sent
+    again whole completes the message, and another writer's pieces are not held."""
+    body = random.Random(5).randbytes(500_000)
+    whole = [piece(FIRST, body[: 300_000 - 44_000], 9, 9, 7)]
+    second = piece(LAST, body[256_000:], 9, 9, 8)
+    other = Encoder(1, 1).encode([b"other"])[0]
+    r = Reassembler(MAX_FRAME)
+    r.feed(whole[0])
+    r.feed(second[:100_000])  # the write was cut short here
+    r.feed(other)
+    assert list(r.messages) == []  # "other" waits behind the stump's announced length
+    r.drained()  # the FIFO is empty: the stump is junk
+    assert r.stumps == 1 and r.rejected_frames == 0  # a cut write is no garbage
+    r.feed(other)
+    r.feed(second)  # sent again, whole
+    assert list(r.messages) == [b"other", body]
+    assert r.stump_bytes == 100_000 + len(other) and r.rejected_bytes == 0
+    # a stump followed at once by other pieces is found without waiting for a drain
+    r.feed(second[:50_000] + b"".join(Encoder(2, 2).encode([b"x" * 300_000])))
+    assert len(r.messages) == 3 and r.stumps == 2 and r.rejected_frames == 0
+    assert MAX_PIECE_PAYLOAD >= 256_000
