@@ -237,6 +237,7 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
     :class:`UnsupportedOperation` naming why it cannot be."""
     from .transport._dgram import DatagramTransport
     from .transport._fdstream import FdStreamTransport, SocketStreamTransport
+    from .transport.fifo import FifoReader, FifoWriter
     from .transport.mq import MQTransport
 
     t = core.transport
@@ -253,6 +254,19 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
         return ("socket", fds.slot(t._fd), t.properties, t.scheme, t.peer)
     if kind is MQTransport:
         return ("mq", fds.slot(t._mqd), t.address, "r" if t._reading else "w")
+    if kind is FifoReader:
+        r = t.reassembler
+        if r.messages or r._partial or t._off or t._part:
+            raise UnsupportedOperation(
+                "this fifo channel holds part of a message already read; receive it first"
+            )
+        return ("fifo-r", fds.slot(t._rfd), fds.slot(t._keepalive), t.framed)
+    if kind is FifoWriter:
+        if t._job is not None or t.held_bytes:
+            raise UnsupportedOperation(
+                "this fifo channel is in the middle of writing a message; finish it first"
+            )
+        return ("fifo-w", fds.slot(t._wfd), t.framed)  # the child writes as a new writer
     if kind is DatagramTransport:
         return (
             "dgram",
@@ -288,6 +302,16 @@ def _rebuild_transport(parts: tuple[Any, ...], fds: list[int]) -> Any:
     from .transport.mq import MQTransport
 
     kind = parts[0]
+    if kind in ("fifo-r", "fifo-w"):
+        from .transport.fifo import FifoReader, FifoWriter
+
+        end: FifoReader | FifoWriter
+        if kind == "fifo-r":
+            end = FifoReader(fds[parts[1]], _at(fds, parts[2]))
+        else:
+            end = FifoWriter(fds[parts[1]])
+        end.framed = parts[-1]
+        return end
     if kind == "fd":
         _, r, w, props, scheme, peer = parts
         return FdStreamTransport(_at(fds, r), _at(fds, w), props, scheme=scheme, peer=peer)
