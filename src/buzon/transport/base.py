@@ -111,6 +111,9 @@ class Transport(abc.ABC):
     native_capacity: int = -1
     # shared-memory rings: the C calls of the channel's hot path (see RingOps)
     ring_ops: RingOps | None = None
+    # set by a listener on a connection it turns away (a peer of another user): the
+    # accept engine tells the peer this reason where it can, then closes the link
+    refused: str = ""
 
     def read_fileno(self) -> int:
         """fd that becomes readable when :meth:`recv_into`/:meth:`recv_message` may progress."""

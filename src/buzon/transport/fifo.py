@@ -5,7 +5,8 @@
   a write end of its own open, so the reader does not see end-of-file each time the
   last writer leaves: a FIFO endpoint is a place many writers come and go.
 * ``connect`` opens the write end. A FIFO with no reader cannot be opened for writing
-  (``ENXIO``) and offers no fd to wait on, so the driver retries until its timeout.
+  (``ENXIO``: :class:`ConnectionRefused`) and offers no fd to wait on, so ``connect``
+  tries again with a short back-off until its timeout, as for any absent endpoint.
 * **Several writers:** the kernel writes at most ``PIPE_BUF`` (4096) bytes atomically.
   Framed messages up to 4096 bytes (header included) from concurrent writers never
   interleave; larger ones may, so processes writing one FIFO at the same time must
@@ -21,7 +22,7 @@ import stat
 
 from .._runtime import check_endpoint_path
 from ..address import Address
-from ..errors import EndpointInUse, NoSuchEndpoint, UnsafePath, from_oserror
+from ..errors import ConnectionRefused, EndpointInUse, NoSuchEndpoint, UnsafePath, from_oserror
 from ._fdstream import FdStreamTransport
 from ._tokens import TokenPool, remove_pools
 from .base import Connector, LinkProperties, ListenerTransport, Transport, TransportOptions
@@ -150,8 +151,8 @@ class FifoConnector(Connector):
         except FileNotFoundError:
             raise NoSuchEndpoint(f"{self.address}: no FIFO at {self.path!r}") from None
         except OSError as exc:
-            if exc.errno == errno.ENXIO:  # nobody reads yet; the driver retries
-                return None
+            if exc.errno == errno.ENXIO:  # nobody reads yet: connect tries again
+                raise ConnectionRefused(f"{self.address}: no process reads the FIFO") from None
             raise from_oserror(exc, f"{self.address}") from exc
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             os.close(fd)
