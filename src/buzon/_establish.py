@@ -124,8 +124,8 @@ def connect_steps(
     fd reaches ``deadline``."""
     address = prep.address
     attempt = 0
+    cause: BuzonError | None = None
     while True:
-        cause: BuzonError
         try:
             connector = open_connector(address, prep.transport)
         except _NOT_THERE_YET as exc:
@@ -141,8 +141,13 @@ def connect_steps(
                 return transport
             except _NOT_THERE_YET as exc:
                 cause = exc
+            except Timeout:
+                if cause is None:
+                    raise
+                raise Timeout(f"connecting to {address} timed out: {cause}") from cause
             finally:
                 connector.close()
+        assert cause is not None
         if not retry:
             raise cause
         yield ("sleep", _retry_delay(attempt, deadline, address, cause))
