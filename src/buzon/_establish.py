@@ -89,6 +89,9 @@ Admit = Callable[[], "str | None"]
 DEFAULT_MAX_PENDING = 64
 
 _RETRY_BACKOFF = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+#: How long a refused peer's link stays open, its input read and dropped, so the
+#: peer reads the refusal before the end (and a TCP close sends no reset).
+_LINGER = 1.0
 _NOT_THERE_YET = (NoSuchEndpoint, ConnectionRefused)
 
 
@@ -229,6 +232,13 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str, admit: Admit 
                     except BuzonError:
                         pass  # the peer is gone; the error already raised matters more
     except EndOfChannel:
+        if role == "client":  # refused before the server read our HELLO: hear why
+            try:
+                frame = yield ("frame", None)
+            except BuzonError:
+                frame = None
+            if frame is not None:
+                hs.receive(frame)  # a WELCOME {ok: false} raises the server's reason
         hint = "is an authkey required? " if prep.authkey is None else ""
         raise HandshakeError(
             f"the peer closed the connection during the handshake ({hint}is it a buzon endpoint?)"
@@ -406,6 +416,8 @@ class Admission:
         self._tell = prep.handshake and prep.transport.tls is None  # speaks WELCOME
         self._pending: dict[int, _Pending] = {}  # by id, in arrival (= deadline) order
         self._by_fd: dict[int, _Pending] = {}
+        # refused peers being told: fd -> (core, when to close), in deadline order
+        self._closing: dict[int, tuple[ChannelCore, float]] = {}
         self._ep = select.epoll()
         self._lfd = lt.fileno()
         if self._lfd >= 0:
@@ -420,10 +432,11 @@ class Admission:
         return self._ep.fileno()
 
     def next_wake(self) -> float | None:
-        """When the oldest pending handshake runs out of time (None: nothing pending)."""
-        for p in self._pending.values():
-            return p.est.deadline
-        return None
+        """When the oldest pending handshake runs out of time, or a refused peer's
+        link is to be closed (None: neither)."""
+        wakes = [p.est.deadline for p in self._pending.values()][:1]
+        wakes += [until for _, until in self._closing.values()][:1]
+        return min(wakes, default=None)
 
     def progress(self) -> None:
         """Do what can be done now: step the handshakes whose fds are ready, accept
@@ -432,6 +445,8 @@ class Admission:
             p = self._by_fd.get(fd)
             if p is not None:
                 self._advance(p)
+            elif fd in self._closing:
+                self._drain(fd)
         for _ in range(self.max_pending):  # a bounded batch: latency for the rest
             transport = self._lt.accept()
             if transport is None:
@@ -444,13 +459,17 @@ class Admission:
             self._advance(p)  # past its deadline, a step that would wait times out
             if id(p) in self._pending:
                 self._refuse(p, Refusal("handshake timed out", "timeout"))
+        for fd, (_, until) in list(self._closing.items()):
+            if until > now:
+                break
+            self._finish(fd)
 
     def _start(self, transport: Transport) -> None:
         core = ChannelCore(transport, self._prep.channel, address=self._prep.address)
         if transport.refused:  # the listener turned it away (another user)
             self._count("credentials")
             log.info("peer refused: %s", transport.refused)
-            self._close(core, transport.refused, "credentials")
+            self._close(core, transport.refused, "credentials", linger=True)
             return
         if len(self._pending) >= self.max_pending:
             self._evict()
@@ -527,18 +546,55 @@ class Admission:
     def _count(self, cause: str) -> None:
         self.refusals[cause] = self.refusals.get(cause, 0) + 1
 
-    def _close(self, core: ChannelCore, why: str = "", cause: str = "") -> None:
+    def _close(
+        self, core: ChannelCore, why: str = "", cause: str = "", linger: bool = False
+    ) -> None:
         """Close a refused peer's link: say ``why`` first (best effort, never waiting)
-        where the link speaks the buzon handshake, and read what it already sent, so a
-        TCP close does not reset the connection before the peer reads the refusal."""
+        where the link speaks the buzon handshake, and read what it already sent (so a
+        TCP close does not reset the connection before the peer reads the refusal).
+
+        ``linger`` (a peer refused the moment it connected, before it could send its
+        HELLO): keep reading and dropping its input while the listener is driven, up
+        to ``_LINGER`` s or its EOF, so it reads the refusal even if it is still
+        writing (a write to a closed Unix socket fails, and the client would not read).
+        """
         try:
             if why and self._tell and core.write_control(refusal_frame(why, cause)):
                 core.flush()
-            if not core.message_oriented:
+            fd = -1 if core.message_oriented else core.read_fileno()
+            if not linger and fd >= 0:
                 for _ in range(16):
                     if core.read_control() is None:
                         break
+                fd = -1
+            if fd < 0 or fd in self._by_fd or fd in self._closing:
+                core.close()
+                return
+            while len(self._closing) >= self.max_pending:  # bounded: the oldest go first
+                self._finish(next(iter(self._closing)))
+            self._ep.register(fd, select.EPOLLIN)
         except (BuzonError, OSError):
+            core.close()
+            return
+        self._closing[fd] = (core, time.monotonic() + _LINGER)
+        self._drain(fd)
+
+    def _drain(self, fd: int) -> None:
+        """Read and drop what a refused peer sent; close at its EOF."""
+        core, _ = self._closing[fd]
+        try:
+            for _ in range(16):
+                if core.read_control() is None:
+                    return
+        except (BuzonError, OSError):
+            pass  # EOF (the peer read the refusal and left) or an error: done
+        self._finish(fd)
+
+    def _finish(self, fd: int) -> None:
+        core, _ = self._closing.pop(fd)
+        try:
+            self._ep.unregister(fd)
+        except OSError:
             pass
         core.close()
 
@@ -546,8 +602,10 @@ class Admission:
         """Drop every pending and unclaimed peer (in a forked child: only this
         process's copies, leaving the parent's links alone) and the epoll fd."""
         cores = [p.est.core for p in self._pending.values()] + list(self.ready)
+        cores += [core for core, _ in self._closing.values()]
         self._pending.clear()
         self._by_fd.clear()
+        self._closing.clear()
         self.ready.clear()
         for core in cores:
             if in_child:

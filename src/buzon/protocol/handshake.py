@@ -268,7 +268,7 @@ class Handshake:
         if hello.role != expected_role:
             raise self._fail(
                 HandshakeError(
-                    f"peer says it is a {clip(hello.role, 40)!r}, expected {expected_role}"
+                    f"peer says it is a {clip(hello.role, 40)}, expected {expected_role}"
                 )
             )
 
