@@ -350,3 +350,29 @@ def test_aio_accept_timeout_does_not_drop_a_straddling_handshake(url: str) -> No
             assert lst.rejected == 1
 
     asyncio.run(main())
+
+
+def test_aio_server_refuses_beyond_max_clients_with_the_cause(url: str) -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def handler(ch: aio.Channel) -> None:
+            await ch.send("in")
+            await release.wait()
+
+        server = aio.Server(url, handler, max_clients=1)
+        serving = asyncio.ensure_future(server.serve_forever())
+        try:
+            first = await aio.connect(str(server.address), timeout=T)
+            assert await first.recv(timeout=T) == "in"
+            with pytest.raises(buzon.HandshakeError, match="max_clients=1"):
+                (await aio.connect(str(server.address), timeout=T)).close()
+            release.set()
+            await first.aclose()
+        finally:
+            release.set()
+            server.shutdown()
+            await asyncio.wait_for(serving, T)
+        assert server.refused == 1
+
+    asyncio.run(main())

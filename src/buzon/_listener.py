@@ -8,6 +8,7 @@ established channel (:meth:`ListenerBase._take`) and otherwise waits for
 
 from __future__ import annotations
 
+import threading
 import time
 
 from ._channel import ChannelCore
@@ -38,6 +39,9 @@ class ListenerBase:
         self.accepted = 0
         self._rejected = 0
         self._closed = False
+        # accept may be called from several threads: the engine steps under this lock
+        # (briefly: it never waits); the waits happen outside it
+        self._lock = threading.Lock()
 
     @property
     def address(self) -> Address:
@@ -82,17 +86,19 @@ class ListenerBase:
     def close(self) -> None:
         """Stop listening; the endpoint's name (socket file, FIFO, queue) is removed,
         and peers still in their handshake are dropped."""
-        if not self._closed:
-            self._closed = True
-            self._admission.close()
-            self._lt.close()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._admission.close()
+                self._lt.close()
 
     def close_in_child(self) -> None:
         """In a forked child: drop the listening fd without removing the endpoint."""
-        if not self._closed:
-            self._closed = True
-            self._admission.close(in_child=True)
-            self._lt.close_in_child()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._admission.close(in_child=True)
+                self._lt.close_in_child()
 
     def _set_admit(self, admit: Admit | None) -> None:
         """A server's capacity check, asked as each handshake is about to succeed."""
@@ -105,15 +111,16 @@ class ListenerBase:
 
     def _take(self) -> ChannelCore | None:
         """The next established channel's core, or None; never waits."""
-        if self._closed:
-            raise ChannelClosed("the listener is closed")
-        admission = self._admission
-        if not admission.ready:
-            admission.progress()
-        if not admission.ready:
-            return None
-        self.accepted += 1
-        return admission.ready.popleft()
+        with self._lock:
+            if self._closed:
+                raise ChannelClosed("the listener is closed")
+            admission = self._admission
+            if not admission.ready:
+                admission.progress()
+            if not admission.ready:
+                return None
+            self.accepted += 1
+            return admission.ready.popleft()
 
     def _wake_at(self, deadline: float | None) -> float | None:
         """How long a driver may wait for :meth:`fileno`: until ``deadline`` or the
@@ -126,11 +133,12 @@ class ListenerBase:
         return wake if deadline is None else min(wake, deadline)
 
     def _ready(self) -> bool:
-        if self._closed:
-            return True  # accept raises at once
-        if not self._admission.ready:
-            self._admission.progress()
-        return bool(self._admission.ready)
+        with self._lock:
+            if self._closed:
+                return True  # accept raises at once
+            if not self._admission.ready:
+                self._admission.progress()
+            return bool(self._admission.ready)
 
     def __enter__(self) -> ListenerBase:
         return self
