@@ -220,6 +220,7 @@ def test_a_silent_peer_hears_that_its_handshake_timed_out(url: str) -> None:
         finally:
             sock.close()
         assert lst.rejected == 1
+        assert lst.refusals == {"timeout": 1}
 
 
 # ---------------------------------------------------------------- 4e: silent connections

@@ -385,12 +385,13 @@ class Establishing:
 
 
 class _Pending:
-    __slots__ = ("est", "events", "fd")
+    __slots__ = ("est", "events", "fd", "overdue")
 
     def __init__(self, est: Establishing) -> None:
         self.est = est
         self.fd = -1
         self.events = 0
+        self.overdue = False  # its deadline passed: whatever it fails with, a timeout
 
 
 class Admission:
@@ -456,6 +457,7 @@ class Admission:
         for p in list(self._pending.values()):
             if p.est.deadline > now:
                 break
+            p.overdue = True
             self._advance(p)  # past its deadline, a step that would wait times out
             if id(p) in self._pending:
                 self._refuse(p, Refusal("handshake timed out", "timeout"))
@@ -502,7 +504,11 @@ class Admission:
             return
         self._forget(p)
         core = p.est.core
-        if not self._tell and self.admit is not None and (reason := self.admit()) is not None:
+        if (
+            not self._prep.handshake
+            and self.admit is not None
+            and (reason := self.admit()) is not None
+        ):
             self._count("capacity")  # a link without the buzon handshake: just close
             log.info("peer refused: %s", reason)
             self._close(core)
@@ -538,7 +544,7 @@ class Admission:
     def _refuse(self, p: _Pending, exc: BaseException, tell: bool = False) -> None:
         """Turn ``p`` away: count the cause, tell the peer if not told yet, close."""
         self._forget(p)
-        cause = cause_of(exc)
+        cause = "timeout" if p.overdue else cause_of(exc)
         self._count(cause)
         log.info("peer refused (%s): %s", cause, exc)
         self._close(p.est.core, str(exc) if tell else "", cause)
