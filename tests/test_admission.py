@@ -172,8 +172,8 @@ def test_a_bad_hello_of_any_size_never_makes_accept_raise(
             with pytest.raises(buzon.Timeout):
                 lst.accept(timeout=0.5)
             frame = _read_frame(sock)
-            if frame is not None:  # a refusal (too big to even decode: just closed)
-                assert frame.kind == Kind.WELCOME
+            if frame is not None or size < 4000:  # (a reset may beat a refusal to a writer)
+                assert frame is not None and frame.kind == Kind.WELCOME
                 assert len(bytes(frame.body)) < 4096
         finally:
             sock.close()

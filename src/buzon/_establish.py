@@ -47,6 +47,7 @@ from .errors import (
     BuzonError,
     ConnectionRefused,
     EndOfChannel,
+    FrameError,
     HandshakeError,
     NoSuchEndpoint,
     ProtocolError,
@@ -219,7 +220,17 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str, admit: Admit 
     try:
         yield ("write", hs.outgoing())
         while not hs.done:
-            frame = yield ("frame", None)
+            try:
+                frame = yield ("frame", None)
+            except FrameError as exc:  # too large, or not a frame at all
+                if role != "server":
+                    raise
+                refusal = hs.refuse(f"bad handshake frame: {exc}", "handshake")
+                try:
+                    yield ("write", hs.outgoing())
+                except BuzonError:
+                    pass
+                raise refusal from None
             try:
                 hs.receive(frame)
                 if hs.done and admit is not None and (reason := admit()) is not None:
