@@ -163,15 +163,15 @@ def test_raw_mode_moves_bytes_exactly() -> None:
 
 def test_connect_errors_are_clear() -> None:
     with pytest.raises(buzon.NoSuchEndpoint):
-        buzon.connect("unix:absent", timeout=1)
+        buzon.connect("unix:absent", timeout=1, retry=False)
     with pytest.raises(buzon.NoSuchEndpoint):
-        buzon.connect("fifo:absent", timeout=1)
+        buzon.connect("fifo:absent", timeout=1, retry=False)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
     with pytest.raises(buzon.ConnectionRefused):
-        buzon.connect(f"tcp://127.0.0.1:{port}", timeout=2)
+        buzon.connect(f"tcp://127.0.0.1:{port}", timeout=2, retry=False)
     with pytest.raises(buzon.AddressError):
         buzon.connect("carrier-pigeon:coop")
 

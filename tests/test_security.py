@@ -420,8 +420,9 @@ def _nobody_connects_and_expects_to_be_dropped(path: str) -> Callable[[], int]:
                 s.sendall(Handshake("client", pid=os.getpid(), options={}).outgoing())
                 data = s.recv(4096)
             except (BrokenPipeError, ConnectionResetError):
-                return 0
-            return 0 if data == b"" else 1  # b"": closed on us (EndOfChannel)
+                return 2  # dropped without being told why
+            # refused with the cause (a WELCOME {ok: false, cause: credentials}), then EOF
+            return 0 if b"credentials" in data and b"uid" in data and s.recv(4096) == b"" else 1
 
     return body
 
@@ -557,9 +558,15 @@ def test_handshake_timeout_rejects_a_silent_peer(stall_after: bytes) -> None:
             with ch, result["ch"] as client:
                 client.send("after the staller")
                 assert ch.recv(timeout=10) == "after the staller"
-            assert lst.rejected == 1
             assert lst.accepted == 1
-            assert bad.recv(1) == b""  # the staller was disconnected
+            with pytest.raises(Timeout):  # meanwhile the staller's own deadline passes
+                lst.accept(timeout=1.0)
+            assert lst.rejected == 1
+            bad.settimeout(10)
+            told = b""
+            while chunk := bad.recv(4096):  # told why, then disconnected
+                told += chunk
+            assert b"handshake timed out" in told
         finally:
             bad.close()
 
@@ -587,7 +594,10 @@ def test_oversized_handshake_frame_is_rejected_before_allocating() -> None:
             # two channels' read buffers were made meanwhile; 32 MiB were not
             assert peak < 8 << 20, f"{peak} bytes allocated for a refused handshake"
             assert lst.rejected == 1 and lst.accepted == 1
-            assert bad.recv(1) == b""
+            told = b""
+            while chunk := bad.recv(4096):  # told why, then disconnected
+                told += chunk
+            assert b"bad handshake frame" in told
 
 
 def test_accept_timeout_with_only_a_silent_peer() -> None:

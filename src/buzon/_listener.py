@@ -1,12 +1,22 @@
-"""What both drivers' listeners share: identity, counters, readiness and closing."""
+"""What both drivers' listeners share: identity, counters, admission and closing.
+
+Accepted connections run their handshakes concurrently in the listener's
+:class:`~buzon._establish.Admission` (see there); a driver's ``accept`` takes the next
+established channel (:meth:`ListenerBase._take`) and otherwise waits for
+:meth:`ListenerBase.fileno` or the next per-peer deadline (:meth:`ListenerBase._wake_at`).
+"""
 
 from __future__ import annotations
 
 import os
-import select
+import threading
+import time
 
+from ._channel import ChannelCore
+from ._establish import DEFAULT_MAX_PENDING, Admission, Admit
 from ._policy import Prepared
 from .address import Address
+from .errors import ChannelClosed, Timeout
 from .transport.base import ListenerTransport
 
 __all__ = ["ListenerBase"]
@@ -17,13 +27,23 @@ class ListenerBase:
 
     _label = "buzon.Listener"
 
-    def __init__(self, transport: ListenerTransport, prep: Prepared) -> None:
+    def __init__(
+        self, transport: ListenerTransport, prep: Prepared, max_pending: int = DEFAULT_MAX_PENDING
+    ) -> None:
         self._lt = transport
         self._prep = prep
+        try:
+            self._admission = Admission(transport, prep, max_pending)
+        except BaseException:
+            transport.close()
+            raise
         self.accepted = 0
         self._rejected = 0
         self._closed = False
         self._pid = os.getpid()  # a forked child's inherited copy leaves the endpoint alone
+        # accept may be called from several threads: the engine steps under this lock
+        # (briefly: it never waits); the waits happen outside it
+        self._lock = threading.Lock()
 
     @property
     def address(self) -> Address:
@@ -32,27 +52,53 @@ class ListenerBase:
 
     @property
     def rejected(self) -> int:
-        """Peers turned away: failed handshakes and, on Unix sockets, other users."""
-        return self._rejected + int(getattr(self._lt, "rejected", 0))
+        """Peers turned away: failed or timed-out handshakes, evictions, capacity, and
+        other users (on Unix sockets); :attr:`refusals` has them by cause."""
+        return (
+            self._rejected
+            + sum(self._admission.refusals.values())
+            + int(getattr(self._lt, "rejected", 0))
+        )
+
+    @property
+    def refusals(self) -> dict[str, int]:
+        """Peers turned away by this listener's accept engine, by cause (``authkey``,
+        ``credentials``, ``capacity``, ``timeout``, ``pending``, ``handshake``)."""
+        return dict(self._admission.refusals)
+
+    @property
+    def pending(self) -> int:
+        """Connections whose handshake is in progress (they take no handler slot)."""
+        return self._admission.pending
+
+    @property
+    def evicted(self) -> int:
+        """Pending handshakes turned away to make room (``max_pending``)."""
+        return self._admission.refusals.get("pending", 0)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def fileno(self) -> int:
-        """Readable when a peer is waiting to be accepted."""
-        return self._lt.fileno()
+        """Readable when ``accept`` may get further: a peer connecting, or a pending
+        handshake's peer having sent (or made room for) its next step."""
+        return self._admission.fileno() if not self._closed else -1
 
     def close(self) -> None:
         """Stop listening; the endpoint's name (socket file, FIFO, queue) is removed,
-        except by a forked child's inherited copy of a socket listener (``unix:``,
-        ``tcp://``, ``shm:``), which only drops its socket (as :meth:`close_in_child`):
-        the endpoint stays the creating process's."""
+        and peers still in their handshake are dropped; except by a forked child's
+        inherited copy of a socket listener (``unix:``, ``tcp://``, ``shm:``), which only
+        drops its socket (as :meth:`close_in_child`): the endpoint stays the creating
+        process's."""
         if not self._closed and os.getpid() != self._pid:
             self._close_inherited()
-        elif not self._closed:
-            self._closed = True
-            self._lt.close()
+            return
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._admission.close()
+                self._lt.close()
 
     def _close_inherited(self) -> None:
         from .errors import UnsupportedOperation
@@ -64,16 +110,51 @@ class ListenerBase:
 
     def close_in_child(self) -> None:
         """In a forked child: drop the listening fd without removing the endpoint."""
-        if not self._closed:
-            self._closed = True
-            self._lt.close_in_child()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._admission.close(in_child=True)
+                self._lt.close_in_child()
+
+    def _set_admit(self, admit: Admit | None) -> None:
+        """A server's capacity check, asked as each handshake is about to succeed."""
+        self._admission.admit = admit
+
+    @property
+    def _queued(self) -> int:
+        """Established channels not taken yet."""
+        return len(self._admission.ready)
+
+    def _take(self) -> ChannelCore | None:
+        """The next established channel's core, or None; never waits."""
+        with self._lock:
+            if self._closed:
+                raise ChannelClosed("the listener is closed")
+            admission = self._admission
+            if not admission.ready:
+                admission.progress()
+            if not admission.ready:
+                return None
+            self.accepted += 1
+            return admission.ready.popleft()
+
+    def _wake_at(self, deadline: float | None) -> float | None:
+        """How long a driver may wait for :meth:`fileno`: until ``deadline`` or the
+        next pending peer's deadline; raises :class:`Timeout` once ``deadline`` passed."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Timeout(f"no peer arrived at {self.address} in time")
+        wake = self._admission.next_wake()
+        if wake is None:
+            return deadline
+        return wake if deadline is None else min(wake, deadline)
 
     def _ready(self) -> bool:
-        if self._closed:
-            return True  # accept raises at once
-        poller = select.poll()
-        poller.register(self._lt.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+        with self._lock:
+            if self._closed:
+                return True  # accept raises at once
+            if not self._admission.ready:
+                self._admission.progress()
+            return bool(self._admission.ready)
 
     def __enter__(self) -> ListenerBase:
         return self

@@ -125,7 +125,6 @@ EXIT_TERMINATED = 143
 
 DEFAULT_SEND_TIMEOUT = 10.0
 _CHUNK = 65536
-_LISTEN_HANDSHAKE_TIMEOUT = 5.0
 _DRAIN_BATCH = 64  # messages taken from one channel before serving the others
 _ADDRESS_HINT = (
     f"addresses look like {describe(lambda i: True, form=True)} (NAME may be an absolute path)"
@@ -856,15 +855,10 @@ class _Server:
             self.note(f"{label} connected")
 
     def accept(self) -> None:
-        try:
-            transport = self.listener.accept_transport(timeout=0)
+        try:  # (handshakes run concurrently inside the listener; a failed one is refused)
+            ch = self.listener.accept(timeout=0)
         except Timeout:
-            return  # the peer went away (or was refused) before we got to it
-        try:
-            ch = self.listener.establish(transport, timeout=_LISTEN_HANDSHAKE_TIMEOUT)
-        except BuzonError as exc:
-            self.note(f"a client failed the handshake: {exc}")
-            return
+            return  # no handshake finished yet
         self.add(ch)
 
     def drain(self, ch: buzon.Channel) -> None:

@@ -106,7 +106,7 @@ async def test_async_iteration_ends_at_end_of_channel() -> None:
 
 async def test_connect_timeout_and_refusal() -> None:
     with pytest.raises(buzon.NoSuchEndpoint):
-        await aio.connect("unix:nobody", timeout=1)
+        await aio.connect("unix:nobody", timeout=1, retry=False)
     import os
 
     path = os.path.join(os.environ["BUZON_RUNTIME_DIR"], "lonely.fifo")

@@ -127,42 +127,48 @@ def test_each_client_gets_its_own_process_in_ring_and_out_of_line() -> None:
     assert shm.list_segments() == []
 
 
-def test_a_client_may_attach_after_the_parent_closed_its_copy(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The server must not remove the rings when it lets go: the peer may not have
-    attached them yet (the child removes them, if the peer never comes)."""
+def test_a_client_may_attach_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handshake runs in the server's accept engine, before any fork: a client
+    slow to attach its rings is simply a pending handshake, and is served."""
     with _serving("shm:late", _echo) as server:
         attach = shm_setup.attach_ring
 
         def attach_late(name: str) -> Any:
-            if not forked:
-                server.wait_forked()  # the server forked and closed its copy
-                forked.append(True)
+            if not delayed:
+                time.sleep(0.3)
+                ready, _, _ = select.select([server.forked], [], [], 0)
+                assert not ready, "the server forked before the handshake"
+                delayed.append(True)
             return attach(name)
 
-        forked: list[bool] = []
+        delayed: list[bool] = []
         monkeypatch.setattr(shm_setup, "attach_ring", attach_late)
         with buzon.connect("shm:late", timeout=T) as ch:
             ch.send_bytes(b"late")
             assert ch.recv_bytes(T).endswith(b":late")
-        assert forked == [True]
+        server.wait_forked()
+        assert delayed == [True]
     assert server.stats["failed"] == 0
     assert shm.list_segments() == []
 
 
 def test_a_client_that_never_attaches_leaves_no_segment(runtime_dir: str) -> None:
-    with _serving("shm:never", _echo) as server:
+    with _serving("shm:never", _echo, handshake_timeout=0.5) as server:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(os.path.join(runtime_dir, "never.shm"))
-            server.wait_forked()
+            deadline = time.monotonic() + T
+            while len(shm.list_segments()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert len(shm.list_segments()) == 2  # the rings, waiting for us
-        # gone before attaching: the child's handshake fails, and it removes the rings
+        # gone before attaching: its handshake times out in the server (no child was
+        # ever forked for it), which removes the rings
         deadline = time.monotonic() + T
         while shm.list_segments() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert shm.list_segments() == []
-    assert server.stats["failed"] == 1
+        ready, _, _ = select.select([server.forked], [], [], 0)
+        assert not ready
+    assert server.stats["served"] == 0
 
 
 def test_unread_out_of_line_messages_are_removed_by_the_child() -> None:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Generator, Iterable
 from typing import Any, TypeVar
 
 from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
-from .._establish import Steps, establish_steps, retry_delay
+from .._establish import DEFAULT_MAX_PENDING, Establishing, Op, connect_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
-from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
-from ..transport import open_connector, open_listener
-from ..transport.base import Connector, Transport
+from ..errors import ChannelClosed, Timeout
+from ..transport import open_listener
+from ..transport.base import Transport
 from ._channel import Channel, deadline_of, wait_fd, wait_ready
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
@@ -46,93 +46,55 @@ def pipe(
     return Channel(a), Channel(b)
 
 
-async def connect(url: str | Address, timeout: float | None = None, **options: Any) -> Channel:
-    """Connect to ``url`` (the awaitable twin of :func:`buzon.connect`)."""
+async def connect(
+    url: str | Address, timeout: float | None = None, *, retry: bool = True, **options: Any
+) -> Channel:
+    """Connect to ``url`` (the awaitable twin of :func:`buzon.connect`: an endpoint not
+    there yet is tried again until ``timeout`` unless ``retry=False``)."""
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)
-    connector = open_connector(prep.address, prep.transport)
-    try:
-        transport = await _drive_connector(connector, deadline, prep.address)
-    finally:
-        connector.close()
+    transport = await _run_connect(connect_steps(prep, deadline, retry), deadline, prep.address)
     return await establish(transport, prep, "client", deadline)
 
 
-async def _drive_connector(
-    connector: Connector, deadline: float | None, address: Address
+async def _run_connect(
+    steps: Generator[Op, None, Transport], deadline: float | None, address: Address
 ) -> Transport:
-    attempt = 0
+    """Perform the waits :func:`buzon._establish.connect_steps` asks for."""
+    error: BaseException | None = None
     while True:
-        transport = connector.step()
-        if transport is not None:
+        try:
+            op, fd = steps.throw(error) if error is not None else next(steps)
+        except StopIteration as done:
+            transport: Transport = done.value
             return transport
-        if connector.want == "retry":
-            await asyncio.sleep(retry_delay(attempt, deadline, address))
-            attempt += 1
+        error = None
+        if op == "sleep":
+            await asyncio.sleep(fd)
             continue
         try:
-            await wait_fd(connector.fileno(), connector.want == "write", deadline, "connect")
+            await wait_fd(fd, op == "wait-write", deadline, "connect")
         except Timeout:
-            raise Timeout(f"connecting to {address} timed out") from None
+            error = Timeout(f"connecting to {address} timed out")
 
 
 async def establish(
     transport: Transport, prep: Prepared, role: str, deadline: float | None
 ) -> Channel:
+    """Wrap a fresh transport in a channel, running the handshake where there is one."""
     core = ChannelCore(transport, prep.channel, address=prep.address)
     hs_deadline = time.monotonic() + prep.channel.handshake_timeout
     if deadline is not None:
         hs_deadline = min(hs_deadline, deadline)
     try:
-        await _run(establish_steps(core, prep, role), core, hs_deadline)
+        est = Establishing(core, prep, role, hs_deadline)
+        while (want := est.advance()) is not None:
+            fds = [want.fd] if want.fd >= 0 else []
+            await wait_ready(() if want.write else fds, fds if want.write else (), hs_deadline)
     except BaseException:
         core.close()
         raise
     return Channel(core)
-
-
-async def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
-    """Perform the I/O a handshake generator asks for (see :mod:`buzon._establish`)."""
-    result: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            op, data = steps.throw(error) if error is not None else steps.send(result)
-        except StopIteration:
-            return
-        result = error = None
-        try:
-            if op == "write":
-                assert data is not None
-                await _write_all(core, data, deadline)
-            elif op == "frame":
-                result = await _read(core, deadline, lambda: core.poll_frame(control=True))
-            elif op == "delivered":  # (acks make the write fd *readable*)
-                while not core.flush():
-                    await wait_fd(core.write_fileno(), False, deadline, "handshake delivery")
-            elif op in ("wait-read", "wait-write"):
-                await wait_fd(core.read_fileno(), op == "wait-write", deadline, "handshake")
-            else:
-                result = await _read(core, deadline, core.read_control)
-        except BuzonError as exc:
-            error = exc
-
-
-async def _write_all(core: ChannelCore, data: bytes, deadline: float) -> None:
-    # (on reliable datagrams room comes with acks: the write fd becomes *readable*)
-    while not core.write_control(data):
-        await wait_fd(core.write_fileno(), not core.acked, deadline, "handshake write")
-    while core.pending:  # a partial write to finish (not: wait for acks)
-        await wait_fd(core.write_fileno(), True, deadline, "handshake write")
-        core.flush()
-
-
-async def _read(core: ChannelCore, deadline: float, attempt: Callable[[], Any]) -> Any:
-    while True:
-        got = attempt()
-        if got is not None:
-            return got
-        await wait_fd(core.read_fileno(), False, deadline, "handshake read")
 
 
 class Listener(ListenerBase):
@@ -141,19 +103,18 @@ class Listener(ListenerBase):
     _label = "buzon.aio.Listener"
 
     async def accept(self, timeout: float | None = None) -> Channel:
+        """The next peer's channel, handshake done (see :meth:`buzon.Listener.accept`:
+        ``timeout`` bounds the wait for a connection only)."""
         deadline = deadline_of(timeout)
         while True:
-            transport = await self._accept_transport(deadline)
-            try:
-                ch = await establish(transport, self._prep, "server", deadline)
-            except ProtocolError:
-                self._rejected += 1
-                continue
-            self.accepted += 1
-            return ch
+            core = self._take()
+            if core is not None:
+                return Channel(core)
+            await wait_ready((self.fileno(),), (), self._wake_at(deadline))
 
     async def accept_transport(self, timeout: float | None = None) -> Transport:
-        """Wait for the next connection *before* its handshake (see :meth:`establish`)."""
+        """Wait for the next connection *before* its handshake, bypassing the accept
+        engine (see :meth:`buzon.Listener.accept_transport`)."""
         return await self._accept_transport(deadline_of(timeout))
 
     async def _accept_transport(self, deadline: float | None) -> Transport:
@@ -181,11 +142,13 @@ class Listener(ListenerBase):
         self.close()
 
 
-def listen(url: str | Address, **options: Any) -> Listener:
+def listen(
+    url: str | Address, *, max_pending: int = DEFAULT_MAX_PENDING, **options: Any
+) -> Listener:
     """Bind ``url`` (binding never waits, so this is a plain call); the options of
-    :func:`buzon.listen`, ``ring_size`` for ``shm:`` included."""
+    :func:`buzon.listen`, ``max_pending`` and ``ring_size`` for ``shm:`` included."""
     prep = prepare(url, listening=True, **options)
-    return Listener(open_listener(prep.address, prep.transport), prep)
+    return Listener(open_listener(prep.address, prep.transport), prep, max_pending)
 
 
 async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:

@@ -10,7 +10,6 @@ from typing import Any
 from .._schemes import describe, scheme_info
 from ..address import parse_address
 from ..errors import BuzonError, ChannelClosed, UnsupportedOperation
-from ..transport.base import Transport
 from ._channel import Channel
 from ._open import Listener, listen
 
@@ -26,7 +25,10 @@ class Server:
 
     ``await server.serve_forever()`` runs until :meth:`shutdown` (or cancellation);
     shutdown stops accepting, removes the endpoint, gives running handlers ``grace``
-    seconds and then cancels them. At most ``max_clients`` run at once.
+    seconds and then cancels them. Handshakes run concurrently in the listener's accept
+    engine and take no handler slot; at most ``max_clients`` handlers run at once, and
+    a client whose handshake completes beyond that is refused with the reason
+    (``max_clients``) and counted in ``refused`` (as :class:`buzon.Server`).
     """
 
     def __init__(
@@ -67,25 +69,23 @@ class Server:
             self._stop.set()
 
     async def serve_forever(self) -> None:
+        """Accept and serve clients until :meth:`shutdown` (or cancellation)."""
         self._stop = stop = asyncio.Event()
         stopper = asyncio.ensure_future(stop.wait())
+        self._listener._set_admit(self._admit)
         try:
             while not stop.is_set():
-                accept = asyncio.ensure_future(self._listener.accept_transport(None))
+                accept = asyncio.ensure_future(self._listener.accept(None))
                 done, _ = await asyncio.wait({accept, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if accept not in done:
                     accept.cancel()
                     break
                 try:
-                    transport = accept.result()
+                    ch = accept.result()
                 except BuzonError:
                     continue
-                if len(self._tasks) >= self.max_clients:
-                    self.refused += 1
-                    transport.close()
-                    continue
                 self.served += 1
-                task = asyncio.ensure_future(self._client(transport))
+                task = asyncio.ensure_future(self._client(ch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         finally:
@@ -98,13 +98,14 @@ class Server:
                 if pending:
                     await asyncio.wait(pending, timeout=1.0)
 
-    async def _client(self, transport: Transport) -> None:
-        try:
-            ch = await self._listener.establish(transport)
-        except BuzonError as exc:
-            self.failed += 1
-            log.info("client rejected: %s", exc)
-            return
+    def _admit(self) -> str | None:
+        """Asked as a handshake is about to succeed: a reason to refuse, or None."""
+        if len(self._tasks) + self._listener._queued < self.max_clients:
+            return None
+        self.refused += 1
+        return f"the server is at capacity (max_clients={self.max_clients}); try again later"
+
+    async def _client(self, ch: Channel) -> None:
         try:
             async with ch:
                 await self.handler(ch)

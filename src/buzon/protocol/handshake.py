@@ -14,8 +14,13 @@ knows the key for the *other* side's nonce, so nothing can be replayed or reflec
     AUTH {mac_c = H(k, "C"|ns|nc)}         ──▶
                                            ◀──  WELCOME {ok: true}      both done
 
-A failure is reported with ``WELCOME {ok: false, error}`` before the server closes, so
-the client learns *why* (wrong key, version) instead of seeing a bare EOF. Every
+A failure is reported with ``WELCOME {ok: false, error, cause}`` before the server
+closes, so the client learns *why* instead of seeing a bare EOF. ``cause`` is one word
+(:data:`CAUSES`: ``authkey``, ``credentials``, ``capacity``, ``timeout``, ``pending``,
+``handshake``) the client maps to an exception type; ``error`` is a sentence, at most
+:data:`MAX_ERROR` characters whatever the peer sent (a refusal always fits in a
+handshake frame). A server may refuse before reading anything (:func:`refusal_frame`,
+e.g. when it is at capacity): a client awaiting the HELLO takes a WELCOME too. Every
 handshake frame is at most :data:`HANDSHAKE_MAX_FRAME` (4 KiB) and its msgpack body is
 validated against a schema. Randomness (nonces) and time are inputs: the drivers pass
 ``os.urandom`` bytes and enforce the deadline.
@@ -35,10 +40,27 @@ from typing import Any
 
 import msgspec
 
-from ..errors import AuthenticationError, HandshakeError, ProtocolError
+from ..errors import (
+    AuthenticationError,
+    BuzonError,
+    HandshakeError,
+    PeerCredentialsRejected,
+    ProtocolError,
+)
 from .frames import HANDSHAKE_MAX_FRAME, CodecId, Frame, Kind, encode_frame
 
-__all__ = ["PROTOCOL_VERSION", "TRANSITIONS", "Handshake", "Hello", "State", "agreed_capacity"]
+__all__ = [
+    "CAUSES",
+    "MAX_ERROR",
+    "PROTOCOL_VERSION",
+    "TRANSITIONS",
+    "Handshake",
+    "Hello",
+    "Refusal",
+    "State",
+    "agreed_capacity",
+    "refusal_frame",
+]
 
 _UNSTATED = object()
 
@@ -99,6 +121,43 @@ class Auth(msgspec.Struct):
 class Welcome(msgspec.Struct, omit_defaults=True):
     ok: bool
     error: str = ""
+    cause: str = ""  # one of CAUSES on a refusal (older peers omit it)
+
+
+#: Why a server refuses a peer (the ``cause`` of ``WELCOME {ok: false}``).
+CAUSES = ("authkey", "credentials", "capacity", "timeout", "pending", "handshake")
+#: The longest ``error`` text a refusal carries (longer ones are cut).
+MAX_ERROR = 512
+
+
+def clip(text: str, limit: int = MAX_ERROR) -> str:
+    """``text`` cut to ``limit`` characters (peer-supplied values end up in messages)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def refusal_frame(error: str, cause: str = "handshake") -> bytes:
+    """A ``WELCOME {ok: false}`` telling the peer why it is turned away; it always fits
+    in a handshake frame, however long ``error`` was."""
+    return _frame(Kind.WELCOME, Welcome(False, clip(error), cause))
+
+
+class Refusal(HandshakeError):
+    """A server's decision to turn a peer away, with its cause (one of :data:`CAUSES`)."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def cause_of(exc: BaseException) -> str:
+    """The refusal cause an error raised on the server side stands for."""
+    if isinstance(exc, Refusal):
+        return exc.cause
+    if isinstance(exc, AuthenticationError):
+        return "authkey"
+    if isinstance(exc, PeerCredentialsRejected):
+        return "credentials"
+    return "handshake"
 
 
 class State(Enum):
@@ -215,7 +274,9 @@ class Handshake:
             else:
                 self._server(kind, frame.body)
         except msgspec.DecodeError as exc:
-            raise self._fail(HandshakeError(f"malformed {kind.name}: {exc}")) from exc
+            raise self._fail(
+                HandshakeError(f"malformed {kind.name}: {clip(str(exc), 200)}")
+            ) from exc
 
     # -- roles ------------------------------------------------------------------------
 
@@ -228,14 +289,16 @@ class Handshake:
             )
         if hello.role != expected_role:
             raise self._fail(
-                HandshakeError(f"peer says it is a {hello.role}, expected {expected_role}")
+                HandshakeError(
+                    f"peer says it is a {clip(hello.role, 40)}, expected {expected_role}"
+                )
             )
 
     def _client(self, kind: Kind, body: bytes | bytearray | memoryview) -> None:
         if kind is Kind.WELCOME and self.state is State.AWAIT_HELLO:  # refused at once
             welcome = _welcome_dec.decode(body)
             self.state = State.FAILED
-            raise _refusal(welcome.error)
+            raise _refusal(welcome)
         if kind is Kind.HELLO:
             hello = _hello_dec.decode(body)
             self._check_hello(hello, "server")
@@ -266,7 +329,7 @@ class Handshake:
         welcome = _welcome_dec.decode(body)
         if not welcome.ok:
             self.state = State.FAILED
-            raise _refusal(welcome.error)
+            raise _refusal(welcome)
         self.state = State.DONE
 
     def _server(self, kind: Kind, body: bytes | bytearray | memoryview) -> None:
@@ -307,15 +370,30 @@ class Handshake:
         self._out.append(_frame(Kind.WELCOME, Welcome(True)))
         self.state = State.DONE
 
+    def refuse(self, reason: str, cause: str) -> Refusal:
+        """A server turns the peer away after all (``cause``: one of :data:`CAUSES`):
+        what it was about to send is replaced by a refusal. Returns the error to raise."""
+        self._out.clear()
+        exc = Refusal(reason, cause)
+        self.state = State.FAILED
+        if self.role == "server":
+            self._out.append(refusal_frame(reason, cause))
+        return exc
+
     def _fail(self, exc: ProtocolError) -> ProtocolError:
         """Enter FAILED; a server queues WELCOME{ok: false} so the client hears why."""
         self.state = State.FAILED
         if self.role == "server":
-            self._out.append(_frame(Kind.WELCOME, Welcome(False, str(exc))))
+            self._out.append(refusal_frame(str(exc), cause_of(exc)))
         return exc
 
 
-def _refusal(error: str) -> ProtocolError:
-    if "authkey" in error:
-        return AuthenticationError(f"the server refused the connection: {error}")
-    return HandshakeError(f"the server refused the connection: {error}")
+def _refusal(welcome: Welcome) -> BuzonError:
+    """The client's error for a server's refusal: its type follows the cause."""
+    error = clip(welcome.error)
+    text = f"the server refused the connection: {error}"
+    if welcome.cause == "authkey" or (not welcome.cause and "authkey" in error):
+        return AuthenticationError(text)
+    if welcome.cause == "credentials":
+        return PeerCredentialsRejected(text)
+    return HandshakeError(text)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import select
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Generator, Iterable
 from typing import Any, TypeVar
 
 from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
-from .._establish import Steps, establish_steps, retry_delay
+from .._establish import DEFAULT_MAX_PENDING, Establishing, Op, connect_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
-from ..errors import BuzonError, ChannelClosed, ProtocolError, Timeout
-from ..transport import open_connector, open_listener
+from ..errors import ChannelClosed, Timeout
+from ..transport import open_listener
 from ..transport.base import Transport
-from ._channel import Channel, deadline_of, wait_fds, wait_room
+from ._channel import Channel, deadline_of, wait_fds
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
@@ -56,111 +56,61 @@ def pipe(
     return Channel(a), Channel(b)
 
 
-def connect(url: str | Address, timeout: float | None = None, **options: Any) -> Channel:
+def connect(
+    url: str | Address, timeout: float | None = None, *, retry: bool = True, **options: Any
+) -> Channel:
     """Connect to the endpoint at ``url`` and return a :class:`Channel`.
 
-    ``timeout`` bounds the whole connection, handshake included. Keyword options:
+    ``timeout`` bounds the whole connection, handshake included. An endpoint that is
+    not there yet (no socket file or queue, nobody listening, a FIFO nobody reads) is
+    tried again until ``timeout`` (for ever with None), on every transport; the
+    deadline raises :class:`Timeout` naming the cause. ``retry=False`` raises the cause
+    (:class:`NoSuchEndpoint`, :class:`ConnectionRefused`) at once. Keyword options:
     ``codec``, ``pickle``, ``raw``, ``authkey``, ``compat``, ``spin``, ``max_frame``,
     ``handshake_timeout``, ``allow_uids``, ``capacity`` (0, N or None; both ends must
     agree if both state it), ``max_queue``, ``reliable`` (udp/unixgram: docs/reliable.md).
     """
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)
-    connector = open_connector(prep.address, prep.transport)
-    try:
-        transport = _drive_connector(connector, deadline, prep.address)
-    finally:
-        connector.close()
+    transport = _run_connect(connect_steps(prep, deadline, retry), deadline, prep.address)
     return establish(transport, prep, "client", deadline)
 
 
-def _drive_connector(connector: Any, deadline: float | None, address: Address) -> Transport:
-    attempt = 0
+def _run_connect(
+    steps: Generator[Op, None, Transport], deadline: float | None, address: Address
+) -> Transport:
+    """Perform the waits :func:`buzon._establish.connect_steps` asks for."""
+    error: BaseException | None = None
     while True:
-        transport: Transport | None = connector.step()
-        if transport is not None:
+        try:
+            op, fd = steps.throw(error) if error is not None else next(steps)
+        except StopIteration as done:
+            transport: Transport = done.value
             return transport
-        if connector.want == "retry":
-            time.sleep(retry_delay(attempt, deadline, address))
-            attempt += 1
+        error = None
+        if op == "sleep":
+            time.sleep(fd)
             continue
-        fd = connector.fileno()
-        readable, writable = wait_fds(
-            fd, fd, connector.want == "read", connector.want == "write", deadline
-        )
+        readable, writable = wait_fds(fd, fd, op == "wait-read", op == "wait-write", deadline)
         if not readable and not writable:
-            raise Timeout(f"connecting to {address} timed out")
+            error = Timeout(f"connecting to {address} timed out")
 
 
 def establish(transport: Transport, prep: Prepared, role: str, deadline: float | None) -> Channel:
-    """Wrap a fresh transport in a channel, running the handshake where there is one."""
+    """Wrap a fresh transport in a channel, running the handshake where there is one
+    (bounded by ``handshake_timeout`` and ``deadline``)."""
     core = ChannelCore(transport, prep.channel, address=prep.address)
     hs_deadline = time.monotonic() + prep.channel.handshake_timeout
     if deadline is not None:
         hs_deadline = min(hs_deadline, deadline)
     try:
-        _run(establish_steps(core, prep, role), core, hs_deadline)
+        est = Establishing(core, prep, role, hs_deadline)
+        while (want := est.advance()) is not None:
+            wait_fds(want.fd, want.fd, not want.write, want.write, hs_deadline)
     except BaseException:
         core.close()
         raise
     return Channel(core)
-
-
-def _run(steps: Steps, core: ChannelCore, deadline: float) -> None:
-    """Perform the I/O a handshake generator asks for (see :mod:`buzon._establish`)."""
-    result: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            op, data = steps.throw(error) if error is not None else steps.send(result)
-        except StopIteration:
-            return
-        result = error = None
-        try:
-            if op == "write":
-                assert data is not None
-                _write_all(core, data, deadline)
-            elif op == "frame":
-                result = _read(core, deadline, lambda: core.poll_frame(control=True))
-            elif op == "delivered":
-                while not core.flush():
-                    if not wait_room(core, deadline) and time.monotonic() >= deadline:
-                        raise Timeout("handshake delivery timed out")
-            elif op in ("wait-read", "wait-write"):
-                fd = core.read_fileno()
-                readable, writable = wait_fds(
-                    fd, fd, op == "wait-read", op == "wait-write", deadline
-                )
-                if not readable and not writable:
-                    raise Timeout("handshake timed out")
-            else:
-                result = _read(core, deadline, core.read_control)
-        except BuzonError as exc:
-            error = exc
-
-
-def _write_all(core: ChannelCore, data: bytes, deadline: float) -> None:
-    while not core.write_control(data):
-        # (on reliable datagrams room comes with acks: the write fd becomes *readable*)
-        wfd = core.write_fileno()
-        readable, writable = wait_fds(wfd, wfd, core.acked, not core.acked, deadline)
-        if not readable and not writable:
-            raise Timeout("handshake write timed out")
-    while core.pending:
-        _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
-        if not writable:
-            raise Timeout("handshake write timed out")
-        core.flush()
-
-
-def _read(core: ChannelCore, deadline: float, attempt: Callable[[], Any]) -> Any:
-    while True:
-        got = attempt()
-        if got is not None:
-            return got
-        readable, _ = wait_fds(core.read_fileno(), -1, True, False, deadline)
-        if not readable:
-            raise Timeout("handshake read timed out")
 
 
 class Listener(ListenerBase):
@@ -168,21 +118,22 @@ class Listener(ListenerBase):
     (for FIFOs, queues and datagram sockets: the endpoint's single channel, once)."""
 
     def accept(self, timeout: float | None = None) -> Channel:
-        """Wait for the next peer and return its channel (handshake done)."""
+        """The next peer's channel, handshake done. ``timeout`` bounds the wait for a
+        connection only: handshakes run concurrently, each bounded by its own
+        ``handshake_timeout``, and one still running when ``timeout`` passes is
+        returned by a later ``accept``. A peer that fails its handshake is refused
+        (told why, counted in :attr:`refusals`) and never makes ``accept`` raise."""
         deadline = deadline_of(timeout)
         while True:
-            transport = self._accept_transport(deadline)
-            try:
-                ch = establish(transport, self._prep, "server", deadline)
-            except ProtocolError:
-                self._rejected += 1
-                continue  # a peer that fails the handshake does not stop the listener
-            self.accepted += 1
-            return ch
+            core = self._take()
+            if core is not None:
+                return Channel(core)
+            wait_fds(self.fileno(), -1, True, False, self._wake_at(deadline))
 
     def accept_transport(self, timeout: float | None = None) -> Transport:
-        """Wait for the next connection *before* its handshake; finish it with
-        :meth:`establish` (in a worker), so a slow peer cannot delay the others."""
+        """Wait for the next connection *before* its handshake, bypassing the accept
+        engine; finish it with :meth:`establish`. (:meth:`accept` already runs
+        handshakes concurrently: prefer it.)"""
         return self._accept_transport(deadline_of(timeout))
 
     def _accept_transport(self, deadline: float | None) -> Transport:
@@ -206,9 +157,13 @@ class Listener(ListenerBase):
         return self
 
 
-def listen(url: str | Address, **options: Any) -> Listener:
+def listen(
+    url: str | Address, *, max_pending: int = DEFAULT_MAX_PENDING, **options: Any
+) -> Listener:
     """Bind ``url`` and return a :class:`Listener` (a context manager).
 
+    ``max_pending``: handshakes in progress at once; a connection beyond that evicts
+    the oldest peer that has sent nothing yet (see ``docs/semantics.md``).
     Keyword options as for :func:`connect`, plus ``backlog``, ``insecure``,
     ``mq_maxmsg`` and ``mq_msgsize``, and for ``shm:`` ``ring_size``: the bytes of each
     of the two rings every accepted peer gets (a power of two from 4 KiB to 1 GiB;
@@ -216,7 +171,7 @@ def listen(url: str | Address, **options: Any) -> Listener:
     (the listener creates the rings); ``connect`` and other transports refuse it.
     """
     prep = prepare(url, listening=True, **options)
-    return Listener(open_listener(prep.address, prep.transport), prep)
+    return Listener(open_listener(prep.address, prep.transport), prep, max_pending)
 
 
 def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:

@@ -3,8 +3,7 @@
 ``Server(url, handler, mode=...)`` accepts connections on a connection-oriented
 address (``unix:``, ``tcp://``, ``shm:``) and runs ``handler(channel)`` for each client:
 
-* ``mode="thread"``: one thread per client (handshake included, so a slow client
-  never delays the others);
+* ``mode="thread"``: one thread per client;
 * ``mode="process"``: ``fork()`` per client, as in the lecture's concurrent server.
   The child runs the handler and exits; the parent closes its copy of the connection
   and reaps the child as soon as it exits (a ``pidfd`` per child in the same ``poll``
@@ -19,8 +18,13 @@ handler, another thread or a signal handler: it writes one byte to a wake-up pip
 Shutdown is graceful: stop accepting, remove the endpoint, wait ``grace`` seconds for
 running clients, then SIGTERM (processes) and finally SIGKILL what is left; threads
 cannot be killed, so their channels are closed to make their ``recv`` calls fail.
-At most ``max_clients`` run at once; a connection beyond that is closed at once and
-counted in ``refused``.
+Handshakes run concurrently in the listener's accept engine (``buzon._establish``),
+each bounded by ``handshake_timeout``, in the serving thread: a client gets a thread
+or a process only once its handshake succeeded, so connections that never finish
+theirs take no handler slot (and at most ``max_pending`` of them are kept; the oldest
+silent one is evicted first). At most ``max_clients`` handlers run at once; a client
+whose handshake completes beyond that is refused with the reason (``max_clients``),
+which its ``connect`` raises, and counted in ``refused``.
 """
 
 from __future__ import annotations
@@ -35,8 +39,7 @@ from typing import Any
 
 from .._schemes import describe, scheme_info
 from ..address import parse_address
-from ..errors import BuzonError, ChannelClosed, UnsupportedOperation
-from ..transport.base import Transport
+from ..errors import ChannelClosed, UnsupportedOperation
 from ._channel import Channel
 from ._open import Listener, listen
 
@@ -106,7 +109,10 @@ class Server:
             pass  # already closed or the pipe is full: a wake-up is pending anyway
 
     def serve_forever(self) -> None:
-        lfd = self._listener.fileno()
+        """Accept and serve clients until :meth:`shutdown`."""
+        listener = self._listener
+        listener._set_admit(self._admit)
+        lfd = listener.fileno()
         try:
             while not self._stopping:
                 poller = select.poll()
@@ -114,47 +120,39 @@ class Server:
                 poller.register(self._wake_r, select.POLLIN)
                 for pidfd in list(self._children):
                     poller.register(pidfd, select.POLLIN)
-                events = poller.poll()
+                wake = listener._wake_at(None)  # a pending peer's deadline
+                if wake is None:
+                    events = poller.poll()
+                else:
+                    events = poller.poll(max(0, int((wake - time.monotonic()) * 1000) + 1))
                 for fd, _ in events:
                     if fd in self._children:
                         self._reap(fd)
                 if self._stopping:
                     break
-                if any(fd == lfd for fd, _ in events):
-                    self._accept_one()
+                while (core := listener._take()) is not None:
+                    self._start(Channel(core))
         finally:
             self._finish()
 
-    def _accept_one(self) -> None:
-        try:
-            transport = self._listener.accept_transport(timeout=0)
-        except BuzonError:
-            return  # spurious wake-up or an aborted connection
-        if self.active >= self.max_clients:
-            self.refused += 1
-            transport.close()
-            return
+    def _admit(self) -> str | None:
+        """Asked as a handshake is about to succeed: a reason to refuse, or None."""
+        if self.active + self._listener._queued < self.max_clients:
+            return None
+        self.refused += 1
+        return f"the server is at capacity (max_clients={self.max_clients}); try again later"
+
+    def _start(self, ch: Channel) -> None:
         self.served += 1
         if self.mode == "thread":
-            box: list[Channel] = []
             t = threading.Thread(
-                target=self._thread_main, args=(transport, box), name="buzon-client", daemon=True
+                target=self._run_handler, args=(ch,), name="buzon-client", daemon=True
             )
             with self._lock:
-                self._threads[t] = box
+                self._threads[t] = [ch]
             t.start()
         else:
-            self._fork(transport)
-
-    def _thread_main(self, transport: Transport, box: list[Channel]) -> None:
-        try:
-            ch = self._listener.establish(transport)
-        except BuzonError as exc:
-            self.failed += 1
-            _log().info("client rejected: %s", exc)
-            return
-        box.append(ch)
-        self._run_handler(ch)
+            self._fork(ch)
 
     def _run_handler(self, ch: Channel) -> bool:
         try:
@@ -168,7 +166,8 @@ class Server:
             _log().exception("handler failed for %r", ch)
             return False
 
-    def _fork(self, transport: Transport) -> None:
+    def _fork(self, ch: Channel) -> None:
+        transport = ch._core.transport
         pid = os.fork()
         if pid == 0:  # the child: serve this one client, then leave without cleanup
             code = 1
@@ -181,7 +180,6 @@ class Server:
                     os.close(pidfd)
                 self._listener.close_in_child()
                 transport.adopt_in_child()
-                ch = self._listener.establish(transport)
                 code = 0 if self._run_handler(ch) else 1
             except BaseException:
                 _log().exception("client process failed")

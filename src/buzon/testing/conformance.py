@@ -42,13 +42,27 @@ credits — :data:`CAPACITY_TRANSPORTS`):
     (``receiver`` set where the link knows the pid); a receipt whose channel closes
     before delivery fails with ``Undelivered``.
 
-Run it with pytest (``tests/testing/test_conformance.py``) or call :func:`run_all`.
+The establishment contract (:data:`ESTABLISHMENT_CHECKS`, each a function of the
+transport and the driver, on :data:`ESTABLISHMENT_TRANSPORTS`):
+
+18. **Connect retries (4h).** ``connect(url, timeout=T)`` to an endpoint that appears
+    only later succeeds; ``retry=False`` to one that is not there raises
+    ``NoSuchEndpoint`` or ``ConnectionRefused`` at once.
+19. **Accept's timeout (4d).** ``accept(timeout=T)`` bounds the wait for a connection
+    only: peers connecting while the server calls ``accept(timeout=0)`` in a loop are all
+    established, none refused.
+20. **Admission (4e).** Silent connections (stream sockets: connect and say nothing)
+    beyond ``max_pending`` evict the oldest of them; a good client still gets through.
+
+Run it with pytest (``tests/testing/test_conformance.py``,
+``tests/testing/test_conformance_establish.py``) or call :func:`run_all`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -74,6 +88,8 @@ __all__ = [
     "CAPACITY_TRANSPORTS",
     "CHECKS",
     "DRIVERS",
+    "ESTABLISHMENT_CHECKS",
+    "ESTABLISHMENT_TRANSPORTS",
     "TRANSPORTS",
     "Pair",
     "open_pair",
@@ -823,3 +839,204 @@ def run_all(transports: tuple[str, ...] = TRANSPORTS, drivers: tuple[str, ...] =
                 for check, options in CAPACITY_CHECKS.values():
                     with open_pair(transport, driver, **options) as pair:
                         check(pair)
+            if transport in ESTABLISHMENT_TRANSPORTS:
+                for establish_check in ESTABLISHMENT_CHECKS.values():
+                    establish_check(transport, driver)
+
+
+# -- the establishment contract (4d, 4e, 4h) -----------------------------------------
+
+ESTABLISHMENT_TRANSPORTS = tuple(t for t in TRANSPORTS if t not in ("pipe", "udp"))
+_HANDSHAKE_TRANSPORTS = ("unix", "tcp", "shm", "udp-reliable", "unixgram-reliable")
+_LATE = 0.2  # the listener appears this long after the client started connecting
+
+
+def _establish_url(transport: str) -> tuple[str, dict[str, Any]]:
+    """A URL nobody listens on yet (for tcp/udp a port just found free) and options."""
+    import socket
+
+    options: dict[str, Any] = {"reliable": True} if transport.endswith("-reliable") else {}
+    scheme = transport.removesuffix("-reliable")
+    if scheme in ("tcp", "udp"):
+        kind = socket.SOCK_STREAM if scheme == "tcp" else socket.SOCK_DGRAM
+        probe = socket.socket(socket.AF_INET, kind)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        return f"{scheme}://127.0.0.1:{port}", options
+    return _url(transport), options
+
+
+def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn`` in a thread; its result or exception lands in the returned box."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # reported by the caller
+            box.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, box
+
+
+def _connect_and_send(url: str, driver: str, message: str, **options: Any) -> None:
+    """A client in ``driver`` that connects (retrying until T), sends one message, flushes."""
+    import buzon
+
+    from .. import aio
+
+    if driver == "sync":
+        with buzon.connect(url, timeout=T, **options) as ch:
+            ch.send(message, T)
+            ch.flush(T)
+        return
+
+    async def main() -> None:
+        ch = await aio.connect(url, timeout=T, **options)
+        try:
+            await ch.send(message, T)
+            await ch.flush(T)
+        finally:
+            await ch.aclose()
+
+    asyncio.run(main())
+
+
+def check_connect_retry(transport: str, driver: str) -> None:
+    """(18) connect waits for a late endpoint; retry=False fails at once."""
+    import buzon
+
+    from .. import aio
+    from ..errors import ConnectError
+
+    url, options = _establish_url(transport)
+    t, box = _in_thread(lambda: _connect_and_send(url, driver, "late", **options))
+    try:
+        time.sleep(_LATE)
+        with buzon.listen(url, **options) as lst, lst.accept(timeout=T) as ch:
+            assert ch.recv(timeout=T) == "late"
+    finally:
+        t.join(T * 2)
+    assert box == [None], f"connect did not wait for the late endpoint: {box}"
+    if transport == "udp-reliable":
+        return  # a port nobody binds may answer nothing at all: only the deadline tells
+    url, options = _establish_url(transport)
+    with _expect(ConnectError):
+        if driver == "sync":
+            buzon.connect(url, timeout=T, retry=False, **options).close()
+        else:
+            asyncio.run(aio.connect(url, timeout=T, retry=False, **options)).close()
+
+
+def check_accept_timeout(transport: str, driver: str) -> None:
+    """(19) accept(timeout=0) in a loop establishes every connecting peer."""
+    import buzon
+
+    from .. import aio
+
+    if transport not in _HANDSHAKE_TRANSPORTS:
+        return  # one channel per endpoint, no handshake: nothing can straddle
+    url, options = _establish_url(transport)
+    n = 8
+    listener: Any = buzon.listen(url, **options) if driver == "sync" else aio.listen(url, **options)
+    with listener as lst:
+        clients = [
+            _in_thread(
+                functools.partial(_connect_and_send, str(lst.address), "sync", f"m{i}", **options)
+            )
+            for i in range(n)
+        ]
+        got: list[Any] = []
+
+        async def take() -> Any:
+            while True:
+                try:
+                    return await lst.accept(timeout=0)
+                except Timeout:
+                    continue
+
+        deadline = time.monotonic() + T * 2
+        while len(got) < n and time.monotonic() < deadline:
+            if driver == "sync":
+                try:
+                    ch = lst.accept(timeout=0)
+                except Timeout:
+                    continue
+                with ch:
+                    got.append(ch.recv(timeout=T))
+            else:
+
+                async def one() -> Any:
+                    ch = await asyncio.wait_for(take(), T)
+                    try:
+                        return await ch.recv(timeout=T)
+                    finally:
+                        await ch.aclose()
+
+                got.append(asyncio.run(one()))
+        for t, _ in clients:
+            t.join(T * 2)
+        assert sorted(got) == sorted(f"m{i}" for i in range(n)), got
+        assert all(box == [None] for _, box in clients), [box for _, box in clients]
+        assert lst.rejected == 0
+
+
+def check_admission(transport: str, driver: str) -> None:
+    """(20) silent connections beyond max_pending evict the oldest; good clients pass."""
+    import socket
+
+    import buzon
+
+    from .. import aio
+
+    if transport not in ("unix", "tcp"):
+        return  # raw silent connections need a stream socket
+    url, options = _establish_url(transport)
+    cap, silent = 4, 12
+    listener: Any = (
+        buzon.listen(url, max_pending=cap, **options)
+        if driver == "sync"
+        else aio.listen(url, max_pending=cap, **options)
+    )
+    socks: list[socket.socket] = []
+    with listener as lst:
+        try:
+            addr = lst.address
+            for _ in range(silent):
+                family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.connect(addr.fs_path() if transport == "unix" else (addr.host, addr.port))
+            t, box = _in_thread(lambda: _connect_and_send(str(addr), "sync", "good", **options))
+            try:
+                if driver == "sync":
+                    with lst.accept(timeout=T) as ch:
+                        assert ch.recv(timeout=T) == "good"
+                else:
+
+                    async def one() -> Any:
+                        ch = await lst.accept(timeout=T)
+                        try:
+                            return await ch.recv(timeout=T)
+                        finally:
+                            await ch.aclose()
+
+                    assert asyncio.run(one()) == "good"
+            finally:
+                t.join(T * 2)
+            assert box == [None], box
+            assert lst.pending <= cap
+            assert lst.evicted >= silent - cap, lst.refusals
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+ESTABLISHMENT_CHECKS: dict[str, Callable[[str, str], None]] = {
+    "connect_retry": check_connect_retry,
+    "accept_timeout": check_accept_timeout,
+    "admission": check_admission,
+}

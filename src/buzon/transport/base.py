@@ -112,6 +112,9 @@ class Transport(abc.ABC):
     native_capacity: int = -1
     # shared-memory rings: the C calls of the channel's hot path (see RingOps)
     ring_ops: RingOps | None = None
+    # set by a listener on a connection it turns away (a peer of another user): the
+    # accept engine tells the peer this reason where it can, then closes the link
+    refused: str = ""
 
     # -- what the channel core asks of a transport: declared here, never probed ------
     #: a message transport that tells more about the message it returned last: its

@@ -5,7 +5,8 @@
   a write end of its own open, so it does not see end-of-file each time the last
   writer leaves: a FIFO endpoint is a place many writers come and go.
 * ``connect`` opens the write end. A FIFO with no reader cannot be opened for writing
-  (``ENXIO``) and offers no fd to wait on, so the driver retries until its timeout.
+  (``ENXIO``: :class:`ConnectionRefused`) and offers no fd to wait on, so ``connect``
+  tries again with a short back-off until its timeout, as for any absent endpoint.
 * **Several writers, framed** (the default): every message goes as pieces in an
   envelope (writer id, piece number, CRC32C: ``protocol/fifo.py``), each written by one
   non-blocking ``write``: small ones of at most ``PIPE_BUF`` (4096) bytes, which the
@@ -43,6 +44,7 @@ from .._runtime import check_endpoint_path
 from ..address import Address
 from ..errors import (
     BuzonError,
+    ConnectionRefused,
     EndpointInUse,
     FrameError,
     NoSuchEndpoint,
@@ -134,7 +136,7 @@ class FifoReader(StreamTransport):
         self.reassembler = Reassembler(max_frame, frame_timeout=frame_timeout, join=False)
         self._off = 0  # bytes of the first reassembled message (or part) handed out
         self._part = 0  # of a message of several pieces: parts handed out
-        self.refused = 0  # whole messages that were no buzon frame, dropped
+        self.refused_messages = 0  # whole messages that were no buzon frame, dropped
         os.set_blocking(rfd, False)
 
     def read_fileno(self) -> int:
@@ -252,7 +254,7 @@ class FifoReader(StreamTransport):
         for i, size in reversed(bad):
             r.rejected_frames += 1
             r.rejected_bytes += size
-            self.refused += 1
+            self.refused_messages += 1
             del messages[i]
 
     def _recv_raw(self, buf: memoryview) -> int:
@@ -677,8 +679,8 @@ class FifoConnector(Connector):
         except FileNotFoundError:
             raise NoSuchEndpoint(f"{self.address}: no FIFO at {self.path!r}") from None
         except OSError as exc:
-            if exc.errno == errno.ENXIO:  # nobody reads yet; the driver retries
-                return None
+            if exc.errno == errno.ENXIO:  # nobody reads yet: connect tries again
+                raise ConnectionRefused(f"{self.address}: no process reads the FIFO") from None
             raise from_oserror(exc, f"{self.address}") from exc
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             os.close(fd)

@@ -7,7 +7,8 @@
   is still the one this listener bound (same inode), never someone else's.
 * ``SO_PEERCRED`` gives the peer's pid, uid and gid. By default both sides accept only
   a peer of their own uid (``allow_uids`` adds more); an accepted connection from
-  another user is closed and counted in :attr:`UnixListener.rejected`.
+  another user comes out of :meth:`UnixListener.accept` marked ``refused`` (the
+  listener's accept engine tells the peer why, closes it and counts it).
 * No Linux abstract-namespace sockets: every socket is a file with permissions.
 """
 
@@ -153,13 +154,12 @@ class UnixListener(ListenerTransport):
             if conn is None:
                 return None
             peer = peer_credentials(conn)
+            transport = SocketStreamTransport(conn, PROPERTIES, scheme="unix", peer=peer)
             try:
                 _check_uid(peer, self.opts, str(self.address))
-            except PeerCredentialsRejected:
-                self.rejected += 1
-                conn.close()
-                continue
-            return SocketStreamTransport(conn, PROPERTIES, scheme="unix", peer=peer)
+            except PeerCredentialsRejected as exc:
+                transport.refused = str(exc)  # the accept engine tells it why and closes
+            return transport
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
