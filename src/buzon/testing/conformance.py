@@ -846,8 +846,18 @@ def run_all(transports: tuple[str, ...] = TRANSPORTS, drivers: tuple[str, ...] =
 
 # -- the establishment contract (4d, 4e, 4h) -----------------------------------------
 
-ESTABLISHMENT_TRANSPORTS = tuple(t for t in TRANSPORTS if t not in ("pipe", "udp"))
-_HANDSHAKE_TRANSPORTS = ("unix", "tcp", "shm", "udp-reliable", "unixgram-reliable")
+def _establishes(transport: str) -> bool:
+    """Has an address to connect to, and a peer that answers (not plain inet datagrams,
+    which no one acknowledges)."""
+    info = scheme_info(_scheme(transport))
+    lossy = info.address == "inet" and not info.connection_oriented
+    return info.has_url and (transport.endswith("-reliable") or not lossy)
+
+
+ESTABLISHMENT_TRANSPORTS = tuple(t for t in TRANSPORTS if _establishes(t))
+_HANDSHAKE_TRANSPORTS = tuple(
+    t for t in TRANSPORTS if t.endswith("-reliable") or scheme_info(_scheme(t)).handshake
+)
 _LATE = 0.2  # the listener appears this long after the client started connecting
 
 
@@ -857,8 +867,9 @@ def _establish_url(transport: str) -> tuple[str, dict[str, Any]]:
 
     options: dict[str, Any] = {"reliable": True} if transport.endswith("-reliable") else {}
     scheme = transport.removesuffix("-reliable")
-    if scheme in ("tcp", "udp"):
-        kind = socket.SOCK_STREAM if scheme == "tcp" else socket.SOCK_DGRAM
+    info = scheme_info(scheme)
+    if info.address == "inet":
+        kind = socket.SOCK_STREAM if info.connection_oriented else socket.SOCK_DGRAM
         probe = socket.socket(socket.AF_INET, kind)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -992,7 +1003,8 @@ def check_admission(transport: str, driver: str) -> None:
 
     from .. import aio
 
-    if transport not in ("unix", "tcp"):
+    info = scheme_info(_scheme(transport))
+    if transport.endswith("-reliable") or info.message_boundaries or not info.connection_oriented:
         return  # raw silent connections need a stream socket
     url, options = _establish_url(transport)
     cap, silent = 4, 12
