@@ -846,6 +846,7 @@ def run_all(transports: tuple[str, ...] = TRANSPORTS, drivers: tuple[str, ...] =
 
 # -- the establishment contract (4d, 4e, 4h) -----------------------------------------
 
+
 def _establishes(transport: str) -> bool:
     """Has an address to connect to, and a peer that answers (not plain inet datagrams,
     which no one acknowledges)."""

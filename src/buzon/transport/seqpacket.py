@@ -45,6 +45,7 @@ from dataclasses import replace
 from .._runtime import check_endpoint_path
 from ..address import Address
 from ..errors import (
+    ConnectError,
     ConnectionRefused,
     EndOfChannel,
     FrameError,
@@ -291,8 +292,8 @@ class SeqpacketConnector(Connector):
                 self.close()
                 if err == errno.ECONNREFUSED:
                     raise ConnectionRefused(f"{self.address}: nobody accepts at {self.path!r}")
-                if err == errno.EPROTOTYPE:
-                    raise ConnectionRefused(
+                if err == errno.EPROTOTYPE:  # no waiting mends this: not "not there yet"
+                    raise ConnectError(
                         f"{self.address}: {self.path!r} is not a seqpacket socket "
                         "(is it a unix: or unixgram: endpoint?)"
                     )
