@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from . import _reduction
 from .address import Address
 from .codec import Codec
 from .errors import (
@@ -250,6 +251,7 @@ class ChannelCore:
         address: Address | None = None,
         peer: PeerInfo | None = None,
     ) -> None:
+        _reduction.register()  # this channel may be handed to a child process
         self.transport = transport
         self.options = options
         self.address = address

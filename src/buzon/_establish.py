@@ -33,7 +33,6 @@ large or malformed, never makes ``accept`` raise.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import time
@@ -70,7 +69,13 @@ __all__ = [
     "establish_steps",
 ]
 
-log = logging.getLogger("buzon.listener")
+
+def _log() -> Any:
+    """The ``buzon.listener`` logger (``logging`` is imported when first needed)."""
+    import logging
+
+    return logging.getLogger("buzon.listener")
+
 
 Op = tuple[str, Any]
 Steps = Generator[Op, Any, None]
@@ -477,7 +482,7 @@ class Admission:
         core = ChannelCore(transport, self._prep.channel, address=self._prep.address)
         if transport.refused:  # the listener turned it away (another user)
             self._count("credentials")
-            log.info("peer refused: %s", transport.refused)
+            _log().info("peer refused: %s", transport.refused)
             self._close(core, transport.refused, "credentials", linger=True)
             return
         if len(self._pending) >= self.max_pending:
@@ -503,7 +508,7 @@ class Admission:
             want = p.est.advance()
         except Exception as exc:  # a peer's handshake never makes accept raise
             if not isinstance(exc, BuzonError):
-                log.warning("unexpected error in a handshake", exc_info=exc)
+                _log().warning("unexpected error in a handshake", exc_info=exc)
             self._refuse(p, exc)
             return
         if want is not None:
@@ -517,7 +522,7 @@ class Admission:
             and (reason := self.admit()) is not None
         ):
             self._count("capacity")  # a link without the buzon handshake: just close
-            log.info("peer refused: %s", reason)
+            _log().info("peer refused: %s", reason)
             self._close(core)
             return
         self.ready.append(core)
@@ -555,7 +560,7 @@ class Admission:
 
         cause = "timeout" if p.overdue else cause_of(exc)
         self._count(cause)
-        log.info("peer refused (%s): %s", cause, exc)
+        _log().info("peer refused (%s): %s", cause, exc)
         self._close(p.est.core, str(exc) if tell else "", cause)
 
     def _count(self, cause: str) -> None:

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+from . import _reduction
 from ._channel import ChannelCore
 from ._establish import DEFAULT_MAX_PENDING, Admission, Admit
 from ._policy import Prepared
@@ -30,6 +31,7 @@ class ListenerBase:
     def __init__(
         self, transport: ListenerTransport, prep: Prepared, max_pending: int = DEFAULT_MAX_PENDING
     ) -> None:
+        _reduction.register()  # this listener may be handed to a child process
         self._lt = transport
         self._prep = prep
         try:

@@ -38,8 +38,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from multiprocessing import context as _mp_context
-from multiprocessing.reduction import DupFd, ForkingPickler
 from typing import Any, NamedTuple, TypeVar
 
 from .errors import ChannelClosed, UnsupportedOperation
@@ -57,12 +55,29 @@ _WHAT = {
 }
 
 
+_unregistered: list[type] = []
+
+
 def passable(cls: T) -> T:
     """Let ``multiprocessing`` pass instances of ``cls`` to other processes, and make a
-    plain ``pickle.dumps`` of one raise a :class:`TypeError` that says so."""
-    ForkingPickler.register(cls, _reduce)
+    plain ``pickle.dumps`` of one raise a :class:`TypeError` that says so. The class is
+    registered with ``ForkingPickler`` by :func:`register`, when the first buzon object
+    is made: ``import buzon`` does not import ``multiprocessing``."""
+    _unregistered.append(cls)
     setattr(cls, "__reduce_ex__", _refuse_plain_pickle)  # noqa: B010 - a class hook
     return cls
+
+
+def register() -> None:
+    """Register the passable classes with ``multiprocessing``'s pickler (once; the
+    constructors of channels, listeners and shared objects call it: an object can only
+    be pickled after it was made)."""
+    if _unregistered:
+        from multiprocessing.reduction import ForkingPickler
+
+        for cls in list(_unregistered):
+            ForkingPickler.register(cls, _reduce)
+        _unregistered.clear()
 
 
 def _refuse_plain_pickle(self: object, protocol: object) -> Any:
@@ -134,6 +149,8 @@ class _Fds:
             return -1
         if fd not in self._index:
             self._index[fd] = len(self.dups)
+            from multiprocessing.reduction import DupFd
+
             self.dups.append(DupFd(fd))
         return self._index[fd]
 
@@ -391,7 +408,9 @@ def _reduce_listener(listener: Any) -> tuple[Callable[..., Any], tuple[Any, ...]
             f"the TLS listener of {listener.address} cannot be passed to another process "
             "(an ssl.SSLContext cannot be copied); listen in the child instead"
         )
-    if prep.authkey is not None and _mp_context.get_spawning_popen() is None:
+    from multiprocessing import context
+
+    if prep.authkey is not None and context.get_spawning_popen() is None:
         raise UnsupportedOperation(
             f"the listener of {listener.address} has an authkey: like multiprocessing's "
             "own authkey it passes only as an argument of a Process being started, never "

@@ -56,6 +56,7 @@ class BoundedBuffer:
     """
 
     def __init__(self, name: str, slots: int | None = None, item_size: int | None = None) -> None:
+        _reduction.register()  # it may be handed to a child process
         if (slots is None) != (item_size is None):
             raise ValueError("pass both slots and item_size (to create), or neither")
         if slots is not None and item_size is not None and (slots < 1 or item_size < 0):

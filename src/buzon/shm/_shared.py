@@ -150,6 +150,7 @@ class SharedArray(_Shared):
     """A numpy array in shared memory: ``.array``, ``.lock``, ``.segment_name``."""
 
     def __init__(self, name: str, shape: tuple[int, ...] | int | None, dtype: Any) -> None:
+        _reduction.register()  # it may be handed to a child process
         import numpy as np
 
         meta = None
@@ -239,6 +240,7 @@ class SharedValue(_Shared):
     """One number in shared memory: ``.value`` (read and written whole), ``.lock``."""
 
     def __init__(self, name: str, type: Any = None) -> None:
+        _reduction.register()  # it may be handed to a child process
         meta = None
         size = None
         if type is not None:
