@@ -209,18 +209,25 @@ def loan_steps(core: ChannelCore, nbytes: int) -> Steps:
 
 
 def recv_steps(
-    core: ChannelCore, flow: bool, poll: Callable[[], Any] | None = None, *, spin: bool = True
+    core: ChannelCore,
+    flow: bool,
+    poll: Callable[[], Any] | None = None,
+    *,
+    spin: bool = True,
+    polled: bool = False,
 ) -> Steps:
     """Wait for the next message and return what ``poll`` (``core.poll`` by default;
     ``core.poll_view`` for views) gives for it. ``flow``: the channel reports its
     takes (capacity, receipts): first announce the wait (a rendezvous offer, credit
     owed, receipts due), and withdraw an offer if the wait ends without a message
-    (timeout, cancellation, interrupt), so no sender hands a message to nobody."""
+    (timeout, cancellation, interrupt), so no sender hands a message to nobody.
+    ``spin``: the first wait may spin (False: the driver spun already); ``polled``: the
+    driver found nothing an instant ago, so the first step is a wait."""
     take = core.poll if poll is None else poll
     if flow:
         core.before_wait()
     try:
-        got = take()
+        got = None if polled else take()
         while got is None:
             frame_timeout = core.options.frame_timeout
             stall = frame_timeout if frame_timeout is not None and core.partial() else None

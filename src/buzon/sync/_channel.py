@@ -711,7 +711,7 @@ class Channel(ChannelIdentity):
                         return item
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
         waited: Frame | tuple[int, bytes] = self._run(
-            recv_steps(core, False, spin=False), deadline, locked=False
+            recv_steps(core, False, spin=False, polled=True), deadline, locked=False
         )
         return waited
 

@@ -149,6 +149,7 @@ class FifoReader(StreamTransport):
         messages = r.messages
         room = buf.nbytes
         filled = 0
+        drained = False  # the last read found the FIFO empty: no need to read again
         while True:
             while messages and filled < room:  # hand out what is reassembled
                 head = messages[0]
@@ -184,7 +185,7 @@ class FifoReader(StreamTransport):
                     self._off = 0
                 else:
                     self._off = off + k
-            if filled == room:
+            if filled == room or drained:
                 break
             view = r.get_buffer()
             # read no more than the channel has room for (whole pieces shrink as they
@@ -215,8 +216,10 @@ class FifoReader(StreamTransport):
                 r.drained()
             if r.deadline() is not None:
                 r.expire(now)
-            if not messages and n < space:
-                break
+            if n < space:
+                if not messages:
+                    break
+                drained = True
         if messages:
             self._nudge()
         return filled if filled else WOULD_BLOCK
