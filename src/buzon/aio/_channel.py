@@ -485,7 +485,8 @@ class Channel(ChannelIdentity):
         core = self._core
         if deadline is None and core.options.idle_timeout is not None:
             deadline = deadline_of(core.options.idle_timeout)
-        item: Frame | tuple[int, bytes] = await self._run(recv_steps(core, self._flow), deadline)
+        steps = recv_steps(core, self._flow, polled=not self._flow)  # recv polled just now
+        item: Frame | tuple[int, bytes] = await self._run(steps, deadline)
         return item
 
     async def _input(self, step: Step, deadline: float | None) -> None:

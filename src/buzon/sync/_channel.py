@@ -666,7 +666,7 @@ class Channel(ChannelIdentity):
         if got is not None:
             return got
         limit = timeout if timeout is not None else core.options.idle_timeout
-        steps = recv_steps(core, self._flow, core.poll_view, spin=False)
+        steps = recv_steps(core, self._flow, core.poll_view, spin=False, polled=not self._flow)
         view: tuple[Any, memoryview] = self._run(steps, deadline_of(limit), locked=False)
         return view
 
