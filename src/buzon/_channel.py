@@ -273,6 +273,9 @@ class ChannelCore:
         self.open_frame: _OpenFrame | None = None
         self.serial = 0
         self._chunking = not (self.message_oriented or self.raw or self.compat is not None)
+        # the read fd alone says when a receive may progress: no ring to arm and no
+        # delivery protocol to pump by a poll before sleeping (engine.recv_steps)
+        self.plain_readiness = transport.ring_ops is None and not transport.delivery_acks
         self._aborts_seen = 0
         self.backlog: deque[tuple[list[Buffer], int]] = deque()  # message transports, None
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()

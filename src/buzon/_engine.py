@@ -222,7 +222,8 @@ def recv_steps(
     owed, receipts due), and withdraw an offer if the wait ends without a message
     (timeout, cancellation, interrupt), so no sender hands a message to nobody.
     ``spin``: the first wait may spin (False: the driver spun already); ``polled``: the
-    driver found nothing an instant ago, so the first step is a wait."""
+    driver found nothing an instant ago, so the first step is a wait (only where the
+    read fd alone tells readiness: ``ChannelCore.plain_readiness``)."""
     take = core.poll if poll is None else poll
     if flow:
         core.before_wait()

@@ -485,7 +485,9 @@ class Channel(ChannelIdentity):
         core = self._core
         if deadline is None and core.options.idle_timeout is not None:
             deadline = deadline_of(core.options.idle_timeout)
-        steps = recv_steps(core, self._flow, polled=not self._flow)  # recv polled just now
+        # recv polled just now (a ring's fast poll arms nothing: poll again first)
+        polled = core.plain_readiness and not self._flow and core.fast_recv is None
+        steps = recv_steps(core, self._flow, polled=polled)
         item: Frame | tuple[int, bytes] = await self._run(steps, deadline)
         return item
 

@@ -666,7 +666,7 @@ class Channel(ChannelIdentity):
         if got is not None:
             return got
         limit = timeout if timeout is not None else core.options.idle_timeout
-        steps = recv_steps(core, self._flow, core.poll_view, spin=False, polled=not self._flow)
+        steps = recv_steps(core, self._flow, core.poll_view, spin=False)
         view: tuple[Any, memoryview] = self._run(steps, deadline_of(limit), locked=False)
         return view
 
@@ -711,7 +711,9 @@ class Channel(ChannelIdentity):
                         return item
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
         waited: Frame | tuple[int, bytes] = self._run(
-            recv_steps(core, False, spin=False, polled=True), deadline, locked=False
+            recv_steps(core, False, spin=False, polled=core.plain_readiness),
+            deadline,
+            locked=False,
         )
         return waited
 
