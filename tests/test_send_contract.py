@@ -256,3 +256,22 @@ def test_an_exit_without_close_still_delivers_what_send_returned_for(runtime_dir
                         ch.recv(timeout=30)
             finally:
                 assert proc.wait(30) == 0
+
+
+async def test_an_asyncio_close_still_delivers_what_send_returned_for() -> None:
+    """On 135cb2d ``buzon.aio.Channel.close()`` dropped the unwritten tail of a message
+    its send had returned for: the receiver got ``FrameError``."""
+    a, b = buzon.aio.pipe()
+    try:
+        a.send_bytes_nowait(b"x" * 3_000_000)  # accepted; most of it still in the channel
+        assert a.statistics().queued_bytes > 0, "the kernel took it all: no test"
+        a.close()
+        assert a.closed
+        with pytest.raises(buzon.ChannelClosed):
+            a.send_nowait(b"y")
+        assert await b.recv_bytes(timeout=30) == b"x" * 3_000_000
+        with pytest.raises(buzon.EndOfChannel):
+            await b.recv(timeout=30)
+        await a.aclose()  # waits for the background close (done by now)
+    finally:
+        await b.aclose()

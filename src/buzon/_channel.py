@@ -282,6 +282,7 @@ class ChannelCore:
         self.inbox: deque[bytes] = deque()  # message-transport messages read ahead
         self.eof = False
         self.closed = False
+        self._released = False  # close() ran: the fds are gone (see released)
         self.stats = Statistics()
         self._counted_error: BaseException | None = None
         self._can_send = transport.can_send
@@ -1420,9 +1421,27 @@ class ChannelCore:
 
     # -- closing ----------------------------------------------------------------------
 
-    def close(self) -> None:
+    @property
+    def released(self) -> bool:
+        """``close()`` ran: the fds are gone (``closed`` alone may be a close still
+        writing what it owes: :meth:`begin_close`)."""
+        return self._released
+
+    def begin_close(self) -> None:
+        """Refuse every further operation (``closed``) but keep what this end still
+        owes and its fds: a lingering close writes what is owed (``flush``), then calls
+        :meth:`close`, which releases them."""
         if self.closed:
             return
+        self.shutdown()
+        self._counters = self.transport.counters()
+        self.closed = True
+        self._fast_paths()
+
+    def close(self) -> None:
+        if self._released:
+            return
+        self._released = True
         self.closed = True
         self.pending.clear()
         self.backlog.clear()

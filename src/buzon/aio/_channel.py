@@ -147,6 +147,10 @@ def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:
     return wait_io(-1, fd, deadline, what) if write else wait_io(fd, -1, deadline, what)
 
 
+#: background closes (``Channel.close`` with bytes still owed) until they are done
+_lingering: set[asyncio.Task[None]] = set()
+
+
 class Channel(ChannelIdentity):
     """A message channel (asyncio API): the awaitable twin of :class:`buzon.Channel`."""
 
@@ -158,6 +162,7 @@ class Channel(ChannelIdentity):
         self._wlock = asyncio.Lock()
         self._rendezvous = core.capacity == 0
         self._flow = core.taking
+        self._closing: asyncio.Task[None] | None = None  # close() writing what is owed
 
     @property
     def capacity(self) -> int | None:
@@ -542,7 +547,11 @@ class Channel(ChannelIdentity):
     async def aclose(self) -> None:
         """Flush what was accepted (bounded by ``close_timeout``), then close."""
         core = self._core
+        if self._closing is not None:  # close() began it: wait for it
+            await asyncio.shield(self._closing)
+            return
         if core.closed:
+            core.close()
             return
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
@@ -553,9 +562,35 @@ class Channel(ChannelIdentity):
         core.close()
 
     def close(self) -> None:
-        """Close now; bytes of a partially written message that are still pending are
-        dropped (use :meth:`aclose` to flush them first)."""
-        self._core.close()
+        """Close the channel: every later operation raises :class:`ChannelClosed` at
+        once. What it accepted but has not written yet (the tail of a message a send
+        returned for, messages queued with ``capacity=None``) is still delivered: with
+        an event loop running it is written in the background, bounded by
+        ``close_timeout``, before the fds are released, as asyncio's own transports
+        do (``await aclose()`` waits for that instead); without one, those bytes go to
+        the interpreter's exit hook like a blocking channel's."""
+        core = self._core
+        if core.closed or not core.owed:
+            core.close()
+            return
+        core.begin_close()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: the exit hook writes what is owed, then the fds go
+        task = self._closing = loop.create_task(self._linger())
+        _lingering.add(task)  # a reference until it is done (the loop keeps weak ones)
+        task.add_done_callback(_lingering.discard)
+
+    async def _linger(self) -> None:
+        """The background half of :meth:`close`: write what is owed, then release."""
+        core = self._core
+        try:
+            await self._run(flush_steps(core, "close"), deadline_of(core.options.close_timeout))
+        except Exception:  # the peer is gone, or time ran out: nothing more goes
+            pass
+        finally:
+            core.close()
 
     async def __aenter__(self) -> Channel:
         return self

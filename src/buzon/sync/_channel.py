@@ -125,13 +125,13 @@ def flush_at_exit(cores: Iterable[ChannelCore], budget: float) -> int:
     lost = 0
     for core in list(cores):
         try:
-            while not core.closed and core.owed and not core.flush():
+            while not core.released and core.owed and not core.flush():
                 _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
                 if not writable:
                     break
         except Exception:
             pass  # the peer is gone: nothing more can be delivered
-        if not core.closed and core.owed:
+        if not core.released and core.owed:
             lost += sum(v.nbytes for v in core.pending) + sum(
                 len(b) for bufs, _ in core.backlog for b in bufs
             )
@@ -143,7 +143,7 @@ def _exit_flush() -> None:
     """A normal interpreter exit without ``close()`` still delivers what sends returned
     for (bounded by the channels' ``close_timeout``, 5 s by default); what cannot be
     written is reported, never dropped silently."""
-    cores = [c for c in OWING if not c.closed and c.owed]
+    cores = [c for c in OWING if not c.released and c.owed]
     if not cores:
         return
     budget = max(c.options.close_timeout for c in cores)
