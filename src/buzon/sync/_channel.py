@@ -178,6 +178,9 @@ class Channel(ChannelIdentity):
         self._spin = core.options.spin
         self._rlock = threading.Lock()
         self._wlock = threading.Lock()  # held only around non-blocking writes
+        # a receive's engine steps run under _rlock already: this lock is never
+        # contended, it only makes _run's "with" cost what a C lock costs
+        self._step_lock = threading.Lock()
         self._rpoll: select.poll | None = None  # readiness of the read fd, made once
         self._rendezvous = core.capacity == 0
         self._flow = core.taking
@@ -393,7 +396,7 @@ class Channel(ChannelIdentity):
         """Run an engine operation: resume it (under the write lock if ``locked``: a
         send; a receive's steps take their own locks), wait for each of its steps
         outside the lock, throw a passed deadline (or an interrupt) into it."""
-        lock: Any = self._wlock if locked else contextlib.nullcontext()
+        lock = self._wlock if locked else self._step_lock
         try:
             with lock:
                 step = next(steps)
