@@ -55,18 +55,16 @@ from ..errors import (
     UnsafePath,
     from_oserror,
 )
-from ._fdstream import accept_one
 from .base import (
     Buffer,
     Connector,
     LinkProperties,
-    ListenerTransport,
     MessageTransport,
     PeerInfo,
     Transport,
     TransportOptions,
 )
-from .unix import bind_unix_path, peer_credentials, unlink_if_ours
+from .unix import UnixListener, peer_credentials
 
 __all__ = [
     "MAX_MESSAGE",
@@ -208,54 +206,18 @@ class SeqpacketTransport(MessageTransport):
             pass
 
 
-class SeqpacketListener(ListenerTransport):
-    """A bound, listening ``SOCK_SEQPACKET`` socket at ``NAME.seqpacket`` (mode 0600)."""
+class SeqpacketListener(UnixListener):
+    """A bound, listening ``SOCK_SEQPACKET`` socket at ``NAME.seqpacket`` (mode 0600):
+    a Unix listener (same socket file rules, credentials, close) of another type."""
 
-    def __init__(self, addr: Address, opts: TransportOptions) -> None:
-        self.address = addr
-        self.opts = opts
-        self.path = addr.fs_path(opts.runtime_dir)
-        self.rejected = 0
-        self.sock = socket.socket(socket.AF_UNIX, _SOCK_FLAGS)
-        self._st: os.stat_result | None = None
+    sock_type = socket.SOCK_SEQPACKET
+
+    def _transport(self, conn: socket.socket, peer: PeerInfo) -> Transport:
         try:
-            self._st = bind_unix_path(self.sock, addr, self.path)
-            self.sock.listen(opts.backlog)
-            self.sock.setblocking(False)
+            return SeqpacketTransport(conn, peer)
         except BaseException:
-            self.close()
+            conn.close()
             raise
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def accept(self) -> Transport | None:
-        while True:
-            conn = accept_one(self.sock, self.address)
-            if conn is None:
-                return None
-            peer = peer_credentials(conn)
-            try:
-                _check_uid(peer, self.opts, str(self.address))
-            except PeerCredentialsRejected:
-                self.rejected += 1
-                conn.close()
-                continue
-            try:
-                return SeqpacketTransport(conn, peer)
-            except BaseException:
-                conn.close()
-                raise
-
-    def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            self.sock.close()
-        unlink_if_ours(self.path, self._st)
-        self._st = None
-
-    def close_in_child(self) -> None:
-        self._st = None  # the parent owns the socket file
-        self.sock.close()
 
 
 class SeqpacketConnector(Connector):

@@ -19,6 +19,7 @@ import os
 import socket
 import stat
 import struct
+from typing import ClassVar
 
 from .._exitclean import disown, own
 from .._runtime import check_endpoint_path
@@ -130,12 +131,18 @@ def unlink_if_ours(path: str, st: os.stat_result | None) -> None:
 
 
 class UnixListener(ListenerTransport):
+    """A bound, listening Unix socket (mode 0600; the peer's credentials checked on
+    accept). Another kind of Unix socket (``seqpacket:``) changes :attr:`sock_type` and
+    :meth:`_transport`."""
+
+    sock_type: ClassVar[int] = socket.SOCK_STREAM
+
     def __init__(self, addr: Address, opts: TransportOptions) -> None:
         self.address = addr
         self.opts = opts
         self.path = addr.fs_path(opts.runtime_dir)
         self.rejected = 0
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock = socket.socket(socket.AF_UNIX, self.sock_type | socket.SOCK_CLOEXEC)
         self._st: os.stat_result | None = None
         try:
             self._st = bind_unix_path(self.sock, addr, self.path)
@@ -154,12 +161,16 @@ class UnixListener(ListenerTransport):
             if conn is None:
                 return None
             peer = peer_credentials(conn)
-            transport = SocketStreamTransport(conn, PROPERTIES, scheme="unix", peer=peer)
+            transport = self._transport(conn, peer)
             try:
                 _check_uid(peer, self.opts, str(self.address))
             except PeerCredentialsRejected as exc:
                 transport.refused = str(exc)  # the accept engine tells it why and closes
             return transport
+
+    def _transport(self, conn: socket.socket, peer: PeerInfo) -> Transport:
+        """The transport of an accepted connection."""
+        return SocketStreamTransport(conn, PROPERTIES, scheme="unix", peer=peer)
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
