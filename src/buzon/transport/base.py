@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 from ..address import Address
+from ..errors import UnsupportedOperation
 
 if TYPE_CHECKING:
     import ssl  # annotations only: importing buzon does not load ssl
@@ -139,11 +140,11 @@ class Transport(abc.ABC):
     def loan_message(self, prefix: bytes, nbytes: int) -> Any:
         """Lend writable space for one message (``lends`` transports; ``None``: no room
         now). Others never get the call: the core checks ``lends`` first."""
-        raise NotImplementedError(f"{self.scheme} lends no message space")
+        raise UnsupportedOperation(f"{self.scheme} lends no message space (shm: does)")
 
     def recv_view_message(self) -> Any:
         """The next message lent in place (``lends`` transports; ``None``: none ready)."""
-        raise NotImplementedError(f"{self.scheme} lends no message space")
+        raise UnsupportedOperation(f"{self.scheme} lends no message space (shm: does)")
 
     def block_counters(self) -> dict[str, int]:
         """Counts of out-of-line blocks (``lends`` transports): statistics fields."""
@@ -283,8 +284,6 @@ class ListenerTransport(abc.ABC):
 
     def close_in_child(self) -> None:
         """In a forked child: release this process's fds, leave the endpoint in place."""
-        from ..errors import UnsupportedOperation
-
         raise UnsupportedOperation(f"{type(self).__name__} cannot be shared with a child")
 
 
