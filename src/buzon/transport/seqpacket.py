@@ -36,35 +36,28 @@ import mmap
 import os
 import select
 import socket
-import stat
 import sys
 import termios
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .._runtime import check_endpoint_path
 from ..address import Address
 from ..errors import (
-    ConnectError,
-    ConnectionRefused,
     EndOfChannel,
     FrameError,
     MessageTooLarge,
-    NoSuchEndpoint,
     PeerCredentialsRejected,
-    UnsafePath,
     from_oserror,
 )
 from .base import (
     Buffer,
-    Connector,
     LinkProperties,
     MessageTransport,
     PeerInfo,
     Transport,
     TransportOptions,
 )
-from .unix import UnixListener, peer_credentials
+from .unix import UnixConnector, UnixListener
 
 __all__ = [
     "MAX_MESSAGE",
@@ -220,64 +213,17 @@ class SeqpacketListener(UnixListener):
             raise
 
 
-class SeqpacketConnector(Connector):
-    want = "write"
+class SeqpacketConnector(UnixConnector):
+    """Connects to a ``seqpacket:`` listener: a Unix connector of another socket type."""
 
-    def __init__(self, addr: Address, opts: TransportOptions) -> None:
-        self.address = addr
-        self.opts = opts
-        self.path = addr.fs_path(opts.runtime_dir)
-        check_endpoint_path(self.path, must_exist=True, allow_uids=opts.allow_uids)
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            raise NoSuchEndpoint(f"{addr}: nothing listens at {self.path!r}") from None
-        if not stat.S_ISSOCK(st.st_mode):
-            raise UnsafePath(f"{addr}: {self.path!r} is not a socket")
-        self.sock: socket.socket | None = socket.socket(
-            socket.AF_UNIX, _SOCK_FLAGS | socket.SOCK_NONBLOCK
-        )
-        self._started = False
+    sock_type = socket.SOCK_SEQPACKET
 
-    def fileno(self) -> int:
-        return self.sock.fileno() if self.sock is not None else -1
-
-    def step(self) -> Transport | None:
-        sock = self.sock
-        assert sock is not None
-        if not self._started:
-            err = sock.connect_ex(self.path)
-            if err in (errno.EAGAIN, errno.EINPROGRESS):
-                self.want = "retry"  # listen backlog full: Unix sockets give no readiness
-                return None
-            if err:
-                self.close()
-                if err == errno.ECONNREFUSED:
-                    raise ConnectionRefused(f"{self.address}: nobody accepts at {self.path!r}")
-                if err == errno.EPROTOTYPE:  # no waiting mends this: not "not there yet"
-                    raise ConnectError(
-                        f"{self.address}: {self.path!r} is not a seqpacket socket "
-                        "(is it a unix: or unixgram: endpoint?)"
-                    )
-                raise from_oserror(OSError(err, os.strerror(err)), str(self.address))
-            self._started = True
-        peer = peer_credentials(sock)
-        try:
-            _check_uid(peer, self.opts, str(self.address))
-        except PeerCredentialsRejected:
-            self.close()
-            raise
-        self.sock = None
+    def _transport(self, sock: socket.socket, peer: PeerInfo) -> Transport:
         try:
             return SeqpacketTransport(sock, peer)
         except BaseException:
             sock.close()
             raise
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 def listen(addr: Address, opts: TransportOptions) -> SeqpacketListener:

@@ -25,6 +25,7 @@ from .._exitclean import disown, own
 from .._runtime import check_endpoint_path
 from ..address import Address
 from ..errors import (
+    ConnectError,
     ConnectionRefused,
     EndpointInUse,
     NoSuchEndpoint,
@@ -183,9 +184,11 @@ class UnixListener(ListenerTransport):
         self.sock.close()
 
 
-def client_socket(addr: Address, path: str, allow_uids: frozenset[int]) -> socket.socket:
-    """A non-blocking stream socket to connect to ``path``, once the path is checked
-    to be a socket nobody untrusted could have put there."""
+def client_socket(
+    addr: Address, path: str, allow_uids: frozenset[int], sock_type: int = socket.SOCK_STREAM
+) -> socket.socket:
+    """A non-blocking Unix socket (``sock_type``) to connect to ``path``, once the path
+    is checked to be a socket nobody untrusted could have put there."""
     check_endpoint_path(path, must_exist=True, allow_uids=allow_uids)
     try:
         st = os.lstat(path)
@@ -193,19 +196,23 @@ def client_socket(addr: Address, path: str, allow_uids: frozenset[int]) -> socke
         raise NoSuchEndpoint(f"{addr}: nothing listens at {path!r}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise UnsafePath(f"{addr}: {path!r} is not a socket")
-    return socket.socket(
-        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-    )
+    return socket.socket(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
 
 class UnixConnector(Connector):
+    """Connects to a Unix listener (its credentials checked). Another kind of Unix
+    socket (``seqpacket:``) changes :attr:`sock_type` and :meth:`_transport`."""
+
     want = "write"
+    sock_type: ClassVar[int] = socket.SOCK_STREAM
 
     def __init__(self, addr: Address, opts: TransportOptions) -> None:
         self.address = addr
         self.opts = opts
         self.path = addr.fs_path(opts.runtime_dir)
-        self.sock: socket.socket | None = client_socket(addr, self.path, opts.allow_uids)
+        self.sock: socket.socket | None = client_socket(
+            addr, self.path, opts.allow_uids, self.sock_type
+        )
         self._started = False
 
     def fileno(self) -> int:
@@ -225,6 +232,11 @@ class UnixConnector(Connector):
                 self.close()
                 if err == errno.ECONNREFUSED:
                     raise ConnectionRefused(f"{self.address}: nobody accepts at {self.path!r}")
+                if err == errno.EPROTOTYPE:  # no waiting mends this: not "not there yet"
+                    raise ConnectError(
+                        f"{self.address}: {self.path!r} is not a {self.address.scheme} socket "
+                        "(is it another kind of endpoint: unix:, unixgram:, seqpacket:?)"
+                    )
                 raise from_oserror(OSError(err, os.strerror(err)), str(self.address))
         peer = peer_credentials(sock)
         try:
@@ -233,6 +245,10 @@ class UnixConnector(Connector):
             self.close()
             raise
         self.sock = None
+        return self._transport(sock, peer)
+
+    def _transport(self, sock: socket.socket, peer: PeerInfo) -> Transport:
+        """The transport of the connected socket."""
         return SocketStreamTransport(sock, PROPERTIES, scheme="unix", peer=peer)
 
     def close(self) -> None:
