@@ -327,3 +327,11 @@ def test_cli_raw_send_is_one_packet(monkeypatch: pytest.MonkeyPatch) -> None:
             assert ch.recv_bytes(timeout=T) == payload
             with pytest.raises(buzon.EndOfChannel):
                 ch.recv_bytes(timeout=T)
+
+
+def test_connect_unix_to_a_seqpacket_socket_says_what_it_is(runtime_dir: str) -> None:
+    with buzon.listen("seqpacket:pk") as lst:
+        path = lst.address.fs_path()
+        with pytest.raises(buzon.ConnectError, match="not a unix socket") as info:
+            buzon.connect(f"unix:{path}", timeout=5)
+        assert not isinstance(info.value, buzon.ConnectionRefused)  # raised at once
