@@ -20,11 +20,12 @@ by their segment's name (:mod:`buzon._reduction`); using one after ``close`` rai
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import struct
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from .. import _core, _reduction
 from ..errors import ChannelClosed, NoSuchEndpoint, ProtocolError, from_oserror
@@ -131,9 +132,26 @@ def _parse_meta(raw: bytes) -> dict[str, Any]:
     return meta
 
 
-class _Shared:
+class _Shared(abc.ABC):
     _block: _core.Block
+    name: str
     path: str
+    created: bool
+
+    @classmethod
+    def _attach_segment(cls, name: str, path: str, segment: str) -> Self:
+        """The object ``name`` (name file ``path``) by its segment (a child's copy)."""
+        self = cls.__new__(cls)
+        self.name = name
+        self.path = path
+        self._block, meta = _attach_block(name, segment)
+        self.created = False
+        self._setup(meta)
+        return self
+
+    @abc.abstractmethod
+    def _setup(self, meta: dict[str, Any]) -> None:
+        """Check the segment's metadata and build the view of it (each kind its own)."""
 
     @property
     def segment_name(self) -> str:
@@ -166,17 +184,6 @@ class SharedArray(_Shared):
         self.path = name_path(name, ".array")
         self._block, meta, self.created = _open_block(name, ".array", size, meta)
         self._setup(meta)
-
-    @classmethod
-    def _attach_segment(cls, name: str, path: str, segment: str) -> SharedArray:
-        """The array ``name`` (name file ``path``) by its segment (a child's copy)."""
-        self = cls.__new__(cls)
-        self.name = name
-        self.path = path
-        self._block, meta = _attach_block(name, segment)
-        self.created = False
-        self._setup(meta)
-        return self
 
     def _setup(self, meta: dict[str, Any]) -> None:
         import numpy as np
@@ -253,17 +260,6 @@ class SharedValue(_Shared):
         self.path = name_path(name, ".value")
         self._block, meta, self.created = _open_block(name, ".value", size, meta)
         self._setup(meta)
-
-    @classmethod
-    def _attach_segment(cls, name: str, path: str, segment: str) -> SharedValue:
-        """The value ``name`` (name file ``path``) by its segment (a child's copy)."""
-        self = cls.__new__(cls)
-        self.name = name
-        self.path = path
-        self._block, meta = _attach_block(name, segment)
-        self.created = False
-        self._setup(meta)
-        return self
 
     def _setup(self, meta: dict[str, Any]) -> None:
         fmt = meta.get("format")
