@@ -372,6 +372,8 @@ enum seg_kind { SEG_RING, SEG_BLOCK };
 int open_checked(const char *cname, PyObject *name, int flags, enum seg_kind kind,
                  header_t *copy);
 int attach_slot(Ring *r);
+Ring *attach_begin(PyTypeObject *type, PyObject *args, enum seg_kind kind, header_t *copy,
+                   PyObject **name);
 PyObject *participants(int fd, const header_t *h, uint32_t nslots, int my_slot);
 PyObject *info_dict(const header_t *h, PyObject *parts);
 

@@ -96,29 +96,11 @@ static PyObject *
 block_attach(PyTypeObject *type, PyObject *args)
 {
     PyObject *name;
-    if (!PyArg_ParseTuple(args, "U:attach", &name)) {
-        return NULL;
-    }
-    const char *cname = PyUnicode_AsUTF8(name);
-    if (cname == NULL) {
-        return NULL;
-    }
-    if (strncmp(cname, "/proc/", 6) == 0) {
-        PyErr_SetString(PyExc_ValueError, "attach takes a segment name (inspect takes more)");
-        return NULL;
-    }
     header_t copy;
-    int fd = open_checked(cname, name, O_RDWR, SEG_BLOCK, &copy);
-    if (fd < 0) {
-        return NULL;
-    }
-    Ring *r = ring_new(type, name);
+    Ring *r = attach_begin(type, args, SEG_BLOCK, &copy, &name);
     if (r == NULL) {
-        close(fd);
         return NULL;
     }
-    r->fd = fd;
-    r->nslots = copy.nslots;
     if (map_block(r, copy.capacity) < 0) {
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
         Py_DECREF(r);

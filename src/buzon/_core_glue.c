@@ -448,6 +448,39 @@ open_checked(const char *cname, PyObject *name, int flags, enum seg_kind kind, h
     return fd;
 }
 
+/* The start both Ring.attach and Block.attach share: parse the name (a borrowed
+ * reference in *name), refuse a /proc path (attach takes names; inspect takes more),
+ * open the segment checked as `kind` (its header copied to *copy), and make the object
+ * with its fd and slot count. NULL with an exception set on failure. */
+Ring *
+attach_begin(PyTypeObject *type, PyObject *args, enum seg_kind kind, header_t *copy,
+             PyObject **name)
+{
+    if (!PyArg_ParseTuple(args, "U:attach", name)) {
+        return NULL;
+    }
+    const char *cname = PyUnicode_AsUTF8(*name);
+    if (cname == NULL) {
+        return NULL;
+    }
+    if (strncmp(cname, "/proc/", 6) == 0) {
+        PyErr_SetString(PyExc_ValueError, "attach takes a segment name (inspect takes more)");
+        return NULL;
+    }
+    int fd = open_checked(cname, *name, O_RDWR, kind, copy);
+    if (fd < 0) {
+        return NULL;
+    }
+    Ring *r = ring_new(type, *name);
+    if (r == NULL) {
+        close(fd);
+        return NULL;
+    }
+    r->fd = fd;
+    r->nslots = copy->nslots;
+    return r;
+}
+
 /* Take a participant slot for a newly attached object (rings and blocks alike). 0, or
  * -1 with an exception: OSError(EUSERS) naming the segment when every slot is taken. */
 int

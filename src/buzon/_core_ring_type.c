@@ -280,29 +280,11 @@ static PyObject *
 ring_attach(PyTypeObject *type, PyObject *args)
 {
     PyObject *name;
-    if (!PyArg_ParseTuple(args, "U:attach", &name)) {
-        return NULL;
-    }
-    const char *cname = PyUnicode_AsUTF8(name);
-    if (cname == NULL) {
-        return NULL;
-    }
-    if (strncmp(cname, "/proc/", 6) == 0) {
-        PyErr_SetString(PyExc_ValueError, "attach takes a segment name (inspect takes more)");
-        return NULL;
-    }
     header_t copy;
-    int fd = open_checked(cname, name, O_RDWR, SEG_RING, &copy);
-    if (fd < 0) {
-        return NULL;
-    }
-    Ring *r = ring_new(type, name);
+    Ring *r = attach_begin(type, args, SEG_RING, &copy, &name);
     if (r == NULL) {
-        close(fd);
         return NULL;
     }
-    r->fd = fd;
-    r->nslots = copy.nslots;
     uint64_t cap = copy.capacity;
     if (map_ring(r, cap) < 0) {
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
