@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import mmap
-import os
 import select
 import socket
 import sys
@@ -46,7 +45,6 @@ from ..errors import (
     EndOfChannel,
     FrameError,
     MessageTooLarge,
-    PeerCredentialsRejected,
     from_oserror,
 )
 from .base import (
@@ -83,17 +81,6 @@ PROPERTIES = LinkProperties(
     credentials=True,
     notes="SO_PEERCRED checked: same user by default; one frame per packet",
 )
-
-_SOCK_FLAGS = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
-
-
-def _check_uid(peer: PeerInfo, opts: TransportOptions, what: str) -> None:
-    if peer.uid != os.getuid() and peer.uid not in opts.allow_uids:
-        raise PeerCredentialsRejected(
-            f"{what}: peer pid {peer.pid} runs as uid {peer.uid}; only uid {os.getuid()}"
-            + (f" and {sorted(opts.allow_uids)}" if opts.allow_uids else "")
-            + " are allowed"
-        )
 
 
 def _packet_limit(sock: socket.socket) -> int:
