@@ -86,20 +86,6 @@ def wait_fds(
     return readable, writable
 
 
-def wait_room(core: ChannelCore, deadline: float | None) -> bool:
-    """Wait until a blocked send or flush may progress; False if the deadline passed.
-
-    Usually that is the write fd draining; on a transport with ``delivery_acks``
-    (reliable datagrams) room and delivery come with acks: its write fd becomes
-    *readable* then.
-    """
-    if core.acked:
-        readable, _ = wait_fds(core.write_fileno(), -1, True, False, deadline)
-        return readable
-    _, writable = wait_fds(-1, core.write_fileno(), False, True, deadline)
-    return writable
-
-
 def _wait_both_in(rfd: int, wfd: int, deadline: float | None) -> tuple[bool, bool]:
     """Like :func:`wait_fds`, with both fds waited on for *readability* (-1: skip)."""
     poller = select.poll()
