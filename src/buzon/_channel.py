@@ -96,7 +96,7 @@ class _OpenFrame:
 
     serial: int  # which accepted frame (ChannelCore.serial when it was accepted)
     size: int  # its bytes on the wire
-    points: list[int]  # where it may be aborted (chunk_frame); [] for a plain frame
+    points: Sequence[int]  # where it may be aborted (chunk_frame); () for a plain frame
     payload: int  # its size before chunking (statistics)
 
 
@@ -552,12 +552,15 @@ class ChannelCore:
                 return False
         else:
             payload = size
-            points: list[int] = []
+            points: Sequence[int] = ()
             if size > PLAIN_MAX and single and self._chunking and not self.unbounded:
                 bufs, points = chunk_frame(bufs)
                 size = sum(memoryview(b).nbytes for b in bufs)
             credit = self.credit_out  # owed: written with the message, one system call
-            out = bufs if credit is None else [credit, *bufs]
+            if credit is None:
+                out, total = bufs, size
+            else:
+                out, total = [credit, *bufs], size + len(credit)
             n = self._send_buffers(out)
             if n == WOULD_BLOCK:
                 if self.unbounded:
@@ -567,9 +570,8 @@ class ChannelCore:
             if credit is not None:
                 self.credit_out = None
                 self.stats.credits_sent += 1
-                n -= len(credit)
-            if n != size:
-                self._keep_tail(out, n + (0 if credit is None else len(credit)))
+            if n != total:  # the frame's tail ends ``pending`` (see abandon)
+                self._keep_tail(out, n)
                 self.open_frame = _OpenFrame(self.serial + 1, size, points, payload)
             size = payload
         self.serial += 1
