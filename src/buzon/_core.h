@@ -372,6 +372,9 @@ enum seg_kind { SEG_RING, SEG_BLOCK };
 int open_checked(const char *cname, PyObject *name, int flags, enum seg_kind kind,
                  header_t *copy);
 int attach_slot(Ring *r);
+int create_segment(Ring *r, const char *cname, PyObject *name, uint32_t nslots, off_t bytes,
+                   int (*map)(Ring *, uint64_t), uint64_t capacity);
+void own_first_slot(Ring *r);
 Ring *attach_begin(PyTypeObject *type, PyObject *args, enum seg_kind kind, header_t *copy,
                    PyObject **name);
 PyObject *participants(int fd, const header_t *h, uint32_t nslots, int my_slot);

@@ -58,36 +58,16 @@ block_create(PyTypeObject *type, PyObject *args, PyObject *kw)
         PyBuffer_Release(&meta);
         return NULL;
     }
-    r->fd = shm_open(cname, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (r->fd < 0) {
+    off_t bytes = (off_t)(page_round(size ? size : 1) + HEADER_SIZE);
+    if (create_segment(r, cname, name, nslots, bytes, map_block, size) < 0) {
         PyBuffer_Release(&meta);
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
-        Py_DECREF(r);
-        return NULL;
-    }
-    r->nslots = nslots;
-    if (lock_byte(r->fd, F_OFD_SETLK, F_WRLCK, 0, 1, NULL) < 0 || fchmod(r->fd, 0600) < 0 ||
-        ftruncate(r->fd, (off_t)(page_round(size ? size : 1) + HEADER_SIZE)) < 0 ||
-        map_block(r, size) < 0) {
-        PyBuffer_Release(&meta);
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
-        shm_unlink(cname);
         Py_DECREF(r);
         return NULL;
     }
     header_t *h = r->h;
-    h->version = VERSION;
-    h->header_size = HEADER_SIZE;
-    h->capacity = size;
-    h->nslots = nslots;
-    h->creator_pid = (uint32_t)getpid();
-    h->creator_uid = (uint32_t)getuid();
     memcpy((uint8_t *)h + META_OFFSET, meta.buf, (size_t)meta.len);
     PyBuffer_Release(&meta);
-    atomic_store(&h->slots[0].gen, 1);
-    atomic_store(&h->slots[0].pid, (uint32_t)getpid());
-    r->slot = 0;
-    r->token = (1u << 8) | 1u;
+    own_first_slot(r);
     __atomic_store_n(&h->magic, BLOCK_MAGIC, __ATOMIC_RELEASE);
     return (PyObject *)r;
 }

@@ -448,6 +448,46 @@ open_checked(const char *cname, PyObject *name, int flags, enum seg_kind kind, h
     return fd;
 }
 
+/* Make the segment `cname` of a new object (from ring_new): O_EXCL, 0600, slot 0's
+ * lock taken before the segment has a size (so `buzon clean` sees it alive at once),
+ * `bytes` long, mapped by `map` for `capacity`, its header holding what every segment
+ * carries (version, sizes, creator). -1 with an exception set, the name unlinked. */
+int
+create_segment(Ring *r, const char *cname, PyObject *name, uint32_t nslots, off_t bytes,
+               int (*map)(Ring *, uint64_t), uint64_t capacity)
+{
+    r->fd = shm_open(cname, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (r->fd < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        return -1;
+    }
+    r->nslots = nslots;
+    if (lock_byte(r->fd, F_OFD_SETLK, F_WRLCK, 0, 1, NULL) < 0 || fchmod(r->fd, 0600) < 0 ||
+        ftruncate(r->fd, bytes) < 0 || map(r, capacity) < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        shm_unlink(cname);
+        return -1;
+    }
+    header_t *h = r->h;
+    h->version = VERSION;
+    h->header_size = HEADER_SIZE;
+    h->capacity = capacity;
+    h->nslots = nslots;
+    h->creator_pid = (uint32_t)getpid();
+    h->creator_uid = (uint32_t)getuid();
+    return 0;
+}
+
+/* The creator holds slot 0 (its lock was taken by create_segment). */
+void
+own_first_slot(Ring *r)
+{
+    atomic_store(&r->h->slots[0].gen, 1);
+    atomic_store(&r->h->slots[0].pid, (uint32_t)getpid());
+    r->slot = 0;
+    r->token = (1u << 8) | 1u;
+}
+
 /* The start both Ring.attach and Block.attach share: parse the name (a borrowed
  * reference in *name), refuse a /proc path (attach takes names; inspect takes more),
  * open the segment checked as `kind` (its header copied to *copy), and make the object

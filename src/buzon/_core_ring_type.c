@@ -236,29 +236,11 @@ ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
     if (r == NULL) {
         return NULL;
     }
-    r->fd = shm_open(cname, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (r->fd < 0) {
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
-        Py_DECREF(r);
-        return NULL;
-    }
-    /* take slot 0 before the segment has a size: `buzon clean` sees it alive at once */
-    r->nslots = nslots;
-    if (lock_byte(r->fd, F_OFD_SETLK, F_WRLCK, 0, 1, NULL) < 0 ||
-        fchmod(r->fd, 0600) < 0 ||
-        ftruncate(r->fd, (off_t)(HEADER_SIZE + cap)) < 0 || map_ring(r, cap) < 0) {
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
-        shm_unlink(cname);
+    if (create_segment(r, cname, name, nslots, (off_t)(HEADER_SIZE + cap), map_ring, cap) < 0) {
         Py_DECREF(r);
         return NULL;
     }
     header_t *h = r->h;
-    h->version = VERSION;
-    h->header_size = HEADER_SIZE;
-    h->capacity = cap;
-    h->nslots = nslots;
-    h->creator_pid = (uint32_t)getpid();
-    h->creator_uid = (uint32_t)getuid();
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     h->created_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
@@ -267,10 +249,7 @@ ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
     h->record_size = rsize;
     r->limit = limit;
     r->rsize = rsize;
-    atomic_store(&h->slots[0].gen, 1);
-    atomic_store(&h->slots[0].pid, (uint32_t)getpid());
-    r->slot = 0;
-    r->token = (1u << 8) | 1u;
+    own_first_slot(r);
     atomic_thread_fence(memory_order_release);
     __atomic_store_n(&h->magic, MAGIC, __ATOMIC_RELEASE); /* valid from now on */
     return (PyObject *)r;
