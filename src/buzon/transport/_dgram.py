@@ -16,7 +16,15 @@ from typing import Any
 
 from ..address import Address
 from ..errors import MessageTooLarge, UnsupportedOperation, from_oserror
-from .base import Buffer, LinkProperties, ListenerTransport, MessageTransport, PeerInfo, Transport
+from .base import (
+    Buffer,
+    LinkProperties,
+    ListenerTransport,
+    MessageTransport,
+    PeerInfo,
+    Transport,
+    nbytes,
+)
 
 __all__ = ["DatagramTransport", "SingleChannelListener"]
 
@@ -99,10 +107,7 @@ class DatagramTransport(MessageTransport):
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         first = bufs[0]
-        if len(bufs) == 1 and isinstance(first, bytes):
-            size = len(first)
-        else:
-            size = sum(memoryview(b).nbytes for b in bufs)
+        size = nbytes(bufs)
         if size > self.max_message:
             raise MessageTooLarge(
                 f"a {self.scheme} datagram carries at most {self.max_message} bytes; "

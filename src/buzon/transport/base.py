@@ -41,6 +41,7 @@ __all__ = [
     "StreamTransport",
     "Transport",
     "WOULD_BLOCK",
+    "nbytes",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -226,6 +227,13 @@ class StreamTransport(Transport):
     @abc.abstractmethod
     def send_buffers(self, bufs: Sequence[Buffer]) -> int:
         """Vectored write; returns bytes accepted (possibly partial) or ``WOULD_BLOCK``."""
+
+
+def nbytes(bufs: Sequence[Buffer]) -> int:
+    """The size of a message given as buffers (one ``bytes`` costs a ``len``)."""
+    if len(bufs) == 1 and type(bufs[0]) is bytes:
+        return len(bufs[0])
+    return sum(memoryview(b).nbytes for b in bufs)
 
 
 class MessageTransport(Transport):

@@ -78,6 +78,7 @@ from .base import (
     StreamTransport,
     Transport,
     TransportOptions,
+    nbytes,
 )
 
 __all__ = [
@@ -398,10 +399,7 @@ class FifoWriter(MessageTransport):
         if self._batch and not self._corked and not self._write_batch():
             return False  # what send_many gathered goes first
         if self.framed:
-            if len(bufs) == 1:
-                size = len(bufs[0]) if type(bufs[0]) is bytes else memoryview(bufs[0]).nbytes
-            else:
-                size = sum(memoryview(b).nbytes for b in bufs)
+            size = nbytes(bufs)
             # large: cut into pieces as it is written
             pieces = [] if size > MAX_PAYLOAD else self.encoder.encode(bufs)
             if len(pieces) == 1:  # the common small message: one write, no state

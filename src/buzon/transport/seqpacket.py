@@ -54,6 +54,7 @@ from .base import (
     PeerInfo,
     Transport,
     TransportOptions,
+    nbytes,
 )
 from .unix import UnixConnector, UnixListener
 
@@ -150,10 +151,7 @@ class SeqpacketTransport(MessageTransport):
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         first = bufs[0]
-        if len(bufs) == 1 and isinstance(first, bytes):
-            size = len(first)
-        else:
-            size = sum(memoryview(b).nbytes for b in bufs)
+        size = nbytes(bufs)
         if size > self.max_message:
             raise MessageTooLarge(
                 f"a seqpacket: packet carries at most {self.max_message} bytes (frame "
