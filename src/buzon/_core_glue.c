@@ -201,7 +201,8 @@ corrupt(Ring *r)
 /* Send parts (with the GIL held on entry and exit). 1 sent, 0 would block (only
  * when deadline == 0), -1 error. */
 int
-send_parts(Ring *r, part_t *parts, int nparts, size_t total, uint32_t flags, int64_t deadline)
+send_parts(Ring *r, const part_t *parts, int nparts, size_t total, uint32_t flags,
+           int64_t deadline)
 {
     uint64_t most = (r->rsize ? r->rsize : r->limit) - REC_HDR;
     if (total > most || total > UINT32_MAX - 16) {

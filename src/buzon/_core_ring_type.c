@@ -1,7 +1,8 @@
 /*
  * buzon._core, the Ring type: create and attach a ring, send and receive whole records,
- * arm the notifications, report (info). The frame calls are in _core_frames.c, the loans
- * in _core_loan.c; the ring itself is in _core_ring.c.
+ * arm the notifications, report (info), and the C API other extension modules use to
+ * put and take records (_core_api.h: what a record holds is theirs to know). The loans
+ * are in _core_loan.c; the ring itself is in _core_ring.c.
  */
 #include "_core.h"
 
@@ -184,6 +185,63 @@ do_recv_impl(Ring *r, PyObject *timeout, int mode, int want_flags)
     }
     return out;
 }
+
+/* ---- the C API (_core_api.h): opaque records for other extension modules -------- */
+
+static int
+api_put(PyObject *o, const buzon_part *parts, int nparts, size_t total, uint32_t flags)
+{
+    Ring *r = (Ring *)o;
+    if (nparts < 0 || nparts > MAX_PARTS) {
+        PyErr_SetString(PyExc_ValueError, "a record is put as 0 to 64 parts");
+        return -1;
+    }
+    if (check_open(r) < 0) {
+        return -1;
+    }
+    if (total > (r->rsize ? r->rsize : r->limit) - REC_HDR) {
+        return 0; /* more than the ring ever takes: the caller goes another way */
+    }
+    r->busy++;
+    int rc = send_parts(r, parts, nparts, total, flags, 0);
+    leave(r);
+    return rc;
+}
+
+static PyObject *
+api_take(PyObject *o, buzon_peek_fn peek, void *ctx)
+{
+    Ring *r = (Ring *)o;
+    if (check_open(r) < 0) {
+        return NULL;
+    }
+    r->busy++;
+    rec_t *rec = NULL;
+    uint32_t len = 0;
+    int spun_ok = 0;
+    PyObject *res;
+    int rc = claim(r, 0, &rec, &len, &spun_ok);
+    if (rc == RC_AGAIN) {
+        res = Py_NewRef(Py_None);
+    }
+    else if (rc != RC_OK) {
+        res = raise_rc(r, rc, OP_RECV, 0);
+    }
+    else {
+        uint32_t skip = peek(ctx, (const uint8_t *)rec + REC_HDR, len, rec->flags);
+        res = take_bytes(r, rec, skip > len ? len : skip, len);
+    }
+    leave(r);
+    return res;
+}
+
+const buzon_ring_api ring_api = {
+    .version = BUZON_RING_API_VERSION,
+    .ring_type = &RingType,
+    .put = api_put,
+    .take = api_take,
+};
+
 static PyObject *
 ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
@@ -580,9 +638,7 @@ ring_set_spin(Ring *r, PyObject *v, void *Py_UNUSED(c))
     return 0;
 }
 
-/* Room at the end for the frame calls, which _core_frames.c adds (ring_add_methods). */
-#define RING_METHODS_MAX 40
-static PyMethodDef ring_methods[RING_METHODS_MAX] = {
+static PyMethodDef ring_methods[] = {
     {"create", (PyCFunction)(void (*)(void))ring_create,
      METH_VARARGS | METH_KEYWORDS | METH_CLASS,
      "create(name, capacity, slots=64): create the segment (O_EXCL, 0600) and its ring."},
@@ -643,22 +699,3 @@ PyTypeObject RingType = {
     .tp_methods = ring_methods,
     .tp_getset = ring_getset,
 };
-
-/* Append methods defined in another unit (the frame calls) before the type is readied:
- * the unit that knows frames owns their table, the Ring type only makes room. */
-int
-ring_add_methods(const PyMethodDef *more)
-{
-    size_t n = 0;
-    while (ring_methods[n].ml_name != NULL) {
-        n++;
-    }
-    for (; more->ml_name != NULL; more++, n++) {
-        if (n + 1 >= RING_METHODS_MAX) {
-            PyErr_SetString(PyExc_SystemError, "buzon._core: raise RING_METHODS_MAX");
-            return -1;
-        }
-        ring_methods[n] = *more;
-    }
-    return 0;
-}
