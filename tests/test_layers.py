@@ -125,3 +125,14 @@ def test_the_frame_speedup_is_protocol_owned() -> None:
     source = (ROOT / "protocol" / "_frames.c").read_text()
     assert re.findall(r'#include\s+"([^"]+)"', source) == ["_core_api.h"]
     assert "frame" in _c_code(ROOT / "protocol" / "_frames.c")
+
+
+def test_the_channel_core_packs_no_frame_header() -> None:
+    """The core asks protocol/frames.py for its small frames (data_frame, loan_header,
+    plain_data_flags): it packs and unpacks no header itself."""
+    names = _imports(ROOT / "_channel.py")
+    assert "struct" not in names
+    assert not {"buzon.protocol.frames.HEADER", "buzon.protocol.frames._frame_total"} & names
+    for path in [ROOT / "_channel.py", *_files("transport")]:
+        private = {n for n in _imports(path) if n.startswith("buzon.protocol.frames._")}
+        assert not private, (path.name, private)

@@ -13,6 +13,10 @@
  * RingFrames builds and takes that frame in one call from Python, so the channel's
  * small send or receive costs one C call instead of a chain of Python ones. Anything
  * else goes through the general path (protocol/frames.py).
+ *
+ * Also here, for every channel (protocol/frames.py re-exports them): data_frame, a small
+ * DATA frame built in one allocation, and plain_data_flags, the check that a message is one
+ * plain DATA frame (the message transports' receive fast path).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,7 +28,7 @@
 #define KIND_DATA 1
 #define PLAIN_FLAGS_MAX 7 /* flags 0..7: a codec alone */
 
-static const buzon_ring_api *api;
+static const buzon_ring_api *api; /* buzon._core's, imported by the first RingFrames */
 
 typedef struct {
     PyObject_HEAD
@@ -189,11 +193,37 @@ rf_counts(RingFrames *f, PyObject *Py_UNUSED(a))
                          (unsigned long long)f->counts[3]);
 }
 
+/* The core's C API, imported on first use: importing this module for the stream
+ * calls below (every channel does) must not load the shared-memory core. */
+static int
+need_api(void)
+{
+    if (api != NULL) {
+        return 0;
+    }
+    const buzon_ring_api *got = PyCapsule_Import(BUZON_RING_API_NAME, 0);
+    if (got == NULL) {
+        return -1;
+    }
+    if (got->version != BUZON_RING_API_VERSION) {
+        PyErr_Format(PyExc_ImportError,
+                     "buzon._core offers ring API version %u, buzon.protocol._frames needs %u "
+                     "(rebuild buzon)",
+                     got->version, BUZON_RING_API_VERSION);
+        return -1;
+    }
+    api = got;
+    return 0;
+}
+
 static PyObject *
 rf_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"ring", NULL};
     PyObject *ring;
+    if (need_api() < 0) {
+        return NULL;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!:RingFrames", kwlist, api->ring_type,
                                      &ring)) {
         return NULL;
@@ -257,27 +287,133 @@ static PyTypeObject RingFramesType = {
     .tp_new = rf_new,
 };
 
+/* ---- the channel core's small frames (protocol/frames.py re-exports these) -------- */
+
+static PyObject *
+data_frame(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* data_frame(body, flags) -> bytes: the 8-byte DATA header (no buffers, no fields)
+     * and body, joined in one allocation */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "data_frame(body, flags)");
+        return NULL;
+    }
+    long flags = PyLong_AsLong(args[1]);
+    if (flags == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (flags < 0 || flags > 255) {
+        PyErr_SetString(PyExc_ValueError, "frame flags must fit a byte");
+        return NULL;
+    }
+    const char *src;
+    Py_ssize_t n;
+    Py_buffer view = {0};
+    PyObject *body = args[0];
+    if (PyBytes_CheckExact(body)) {
+        src = PyBytes_AS_STRING(body);
+        n = PyBytes_GET_SIZE(body);
+    }
+    else {
+        if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        src = view.buf;
+        n = view.len;
+    }
+    PyObject *out = NULL;
+    if ((uint64_t)n > UINT32_MAX - HDR) {
+        PyErr_SetString(PyExc_OverflowError, "a frame body is at most 4 GiB (u32)");
+    }
+    else if ((out = PyBytes_FromStringAndSize(NULL, HDR + n)) != NULL) {
+        uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
+        uint32_t u = (uint32_t)n;
+        p[0] = VERSION;
+        p[1] = KIND_DATA;
+        p[2] = (uint8_t)flags;
+        p[3] = 0;
+        p[4] = (uint8_t)u;
+        p[5] = (uint8_t)(u >> 8);
+        p[6] = (uint8_t)(u >> 16);
+        p[7] = (uint8_t)(u >> 24);
+        memcpy(p + HDR, src, (size_t)n);
+    }
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
+    return out;
+}
+
+/* flags 0-3 (a codec), with or without the receipt bit 0x08: what plain_data_flags takes */
+#define PLAIN_MESSAGE_MASK 0xF4
+
+static PyObject *
+plain_data_flags(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* plain_data_flags(message, max_frame) -> int: the flags byte of a message that is one
+     * plain DATA frame (no buffers, no fields, not chunked, a known codec, with or
+     * without the receipt bit, at most max_frame bytes), else -1 */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "plain_data_flags(message, max_frame)");
+        return NULL;
+    }
+    Py_ssize_t max_frame = PyLong_AsSsize_t(args[1]);
+    if (max_frame == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    const uint8_t *p;
+    Py_ssize_t n;
+    Py_buffer view = {0};
+    PyObject *msg = args[0];
+    if (PyBytes_CheckExact(msg)) {
+        p = (const uint8_t *)PyBytes_AS_STRING(msg);
+        n = PyBytes_GET_SIZE(msg);
+    }
+    else {
+        if (PyObject_GetBuffer(msg, &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        p = view.buf;
+        n = view.len;
+    }
+    long flags = -1;
+    if (n >= HDR && n <= max_frame && p[0] == VERSION && p[1] == KIND_DATA &&
+        !(p[2] & PLAIN_MESSAGE_MASK) && p[3] == 0) {
+        uint32_t blen = (uint32_t)p[4] | (uint32_t)p[5] << 8 | (uint32_t)p[6] << 16 |
+                        (uint32_t)p[7] << 24;
+        if ((uint64_t)blen + HDR == (uint64_t)n) {
+            flags = p[2];
+        }
+    }
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
+    return PyLong_FromLong(flags);
+}
+
+static PyMethodDef module_functions[] = {
+    {"data_frame", (PyCFunction)(void (*)(void))data_frame, METH_FASTCALL,
+     "data_frame(body, flags) -> bytes: a DATA frame without buffers or fields, header "
+     "and body joined."},
+    {"plain_data_flags", (PyCFunction)(void (*)(void))plain_data_flags, METH_FASTCALL,
+     "plain_data_flags(message, max_frame) -> int: the flags of a message that is exactly one "
+     "plain DATA frame (codec 0-3, maybe the receipt bit; no buffers, fields or chunks; at "
+     "most max_frame bytes), else -1."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef moddef = {
     PyModuleDef_HEAD_INIT,
     .m_name = "buzon.protocol._frames",
-    .m_doc = "The frame format's C speedup for shared-memory rings (docs/frames.md).",
+    .m_doc = "The frame format's C speedups (docs/frames.md): small DATA frames for the "
+             "channel core, and frames as the records of shared-memory rings.",
     .m_size = -1,
+    .m_methods = module_functions,
 };
 
 PyMODINIT_FUNC
 PyInit__frames(void)
 {
-    api = PyCapsule_Import(BUZON_RING_API_NAME, 0);
-    if (api == NULL) {
-        return NULL;
-    }
-    if (api->version != BUZON_RING_API_VERSION) {
-        PyErr_Format(PyExc_ImportError,
-                     "buzon._core offers ring API version %u, buzon.protocol._frames needs %u "
-                     "(rebuild buzon)",
-                     api->version, BUZON_RING_API_VERSION);
-        return NULL;
-    }
     if (PyType_Ready(&RingFramesType) < 0) {
         return NULL;
     }

@@ -20,3 +20,12 @@ class RingFrames:
     def try_recv_frame(self, max_frame: int, /) -> tuple[int, bytes] | None: ...
     def stop(self) -> None: ...
     def counts(self) -> tuple[int, int, int, int]: ...
+
+def data_frame(body: Buffer, flags: int, /) -> bytes:
+    """A DATA frame without buffers or fields: the 8-byte header (``flags``: the codec,
+    maybe the receipt bit) and ``body``, joined in one allocation."""
+
+def plain_data_flags(message: Buffer, max_frame: int, /) -> int:
+    """The flags byte of a message that is exactly one plain DATA frame (codec 0-3, with
+    or without the receipt bit; no buffers, fields or chunks; at most ``max_frame``
+    bytes), else -1."""
