@@ -5,12 +5,15 @@ API (the ring itself moves opaque records and has no frame calls)."""
 
 from __future__ import annotations
 
+import os
 import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+import buzon
 from buzon import _core, shm
 from buzon.errors import ChannelClosed, EndOfChannel
 from buzon.protocol import _frames
@@ -223,3 +226,29 @@ def test_a_close_from_another_thread_while_copying_is_safe() -> None:
         t.join(10)
         shm.remove_segment(name)
     assert not t.is_alive()
+
+
+def test_the_shm_hot_path_is_one_call_into_protocol_frames() -> None:
+    """A shm: channel's small send and receive are each one C call, of RingFrames."""
+    name = f"rf{os.getpid()}"
+    with buzon.listen(f"shm:{name}") as lst:
+        box: list[buzon.Channel] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
+        t.start()
+        a = buzon.connect(f"shm:{name}", timeout=10)
+        t.join(10)
+        b = box[0]
+        try:
+            ops = a._core.transport.ring_ops
+            assert ops is not None
+            for call in (ops.send_frame, ops.send_frames, ops.recv_frame):
+                assert type(call) is types.BuiltinMethodType
+                assert isinstance(call.__self__, RingFrames)
+            assert a._core.fast_send is ops.send_frame
+            assert b._core.fast_recv is b._core.transport.ring_ops.recv_frame
+            a.send_bytes(b"x" * 64)
+            assert b.recv_bytes(timeout=10) == b"x" * 64
+            assert ops.counts()[:2] == (1, 72)
+        finally:
+            a.close()
+            b.close()
