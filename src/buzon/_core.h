@@ -8,9 +8,9 @@
  *                      and waiting; plain C, called with or without the GIL
  *   _core_glue.c       what every Python object shares: the rc -> exception map, the one
  *                      GIL-release/EINTR retry loop, deadlines, opening, validating and
- *                      mapping segments
- *   _core_ring_type.c  the Ring type (create, attach, send, recv, arming, info) and the
- *                      C API other extensions use to put and take records (_core_api.h)
+ *                      mapping segments, and the C API other extensions use to put and
+ *                      take records (_core_api.h)
+ *   _core_ring_type.c  the Ring type (create, attach, send, recv, arming, info)
  *   _core_loan.c       the Loan type (reserve, recv_view, block views)
  *   _core_block.c      the Block type (shared_array, shared_value, out-of-line messages)
  *   _core_admin.c      module functions (inspect, in_use, hold, claim_all, unlink,
@@ -342,6 +342,18 @@ int reserve_released(Ring *r, void *arg, int64_t deadline); /* arg: reserve_args
 
 int deadline_from(PyObject *timeout, int64_t *out);
 int check_open(Ring *r);
+/* check_open's common case inline (open, and in the process that mapped it): the C API
+ * calls (put, take) pass here on every small send and receive of a shm: channel. */
+static inline int
+check_open_fast(Ring *r)
+{
+    if (__builtin_expect(r->base != NULL && !atomic_load(&r->closing) &&
+                             r->epoch == atomic_load_explicit(&fork_epoch, memory_order_relaxed),
+                         1)) {
+        return 0;
+    }
+    return check_open(r);
+}
 int timeout_only(Ring *r, PyObject *args, PyObject *kw, const char *format, int64_t *deadline);
 void close_or_defer(Ring *r);
 int send_parts(Ring *r, const part_t *parts, int nparts, size_t total, uint32_t flags,
@@ -391,7 +403,7 @@ PyObject *info_dict(const header_t *h, PyObject *parts);
 #define BUSY_METHOD(NAME) BUSY_METHOD_(static, NAME)
 #define BUSY_METHOD_EXPORTED(NAME) BUSY_METHOD_(, NAME) /* listed in another unit */
 
-/* The C API lent to other extension modules (_core_ring_type.c; the capsule is made
+/* The C API lent to other extension modules (_core_glue.c; the capsule is made
  * by the module's initialisation, _core_admin.c). */
 extern const buzon_ring_api ring_api;
 

@@ -1,8 +1,8 @@
 /*
  * buzon._core, the Ring type: create and attach a ring, send and receive whole records,
- * arm the notifications, report (info), and the C API other extension modules use to
- * put and take records (_core_api.h: what a record holds is theirs to know). The loans
- * are in _core_loan.c; the ring itself is in _core_ring.c.
+ * arm the notifications, report (info). The loans are in _core_loan.c, the C API other
+ * extension modules use to put and take records in _core_glue.c; the ring itself is in
+ * _core_ring.c.
  */
 #include "_core.h"
 
@@ -185,62 +185,6 @@ do_recv_impl(Ring *r, PyObject *timeout, int mode, int want_flags)
     }
     return out;
 }
-
-/* ---- the C API (_core_api.h): opaque records for other extension modules -------- */
-
-static int
-api_put(PyObject *o, const buzon_part *parts, int nparts, size_t total, uint32_t flags)
-{
-    Ring *r = (Ring *)o;
-    if (nparts < 0 || nparts > MAX_PARTS) {
-        PyErr_SetString(PyExc_ValueError, "a record is put as 0 to 64 parts");
-        return -1;
-    }
-    if (check_open(r) < 0) {
-        return -1;
-    }
-    if (total > (r->rsize ? r->rsize : r->limit) - REC_HDR) {
-        return 0; /* more than the ring ever takes: the caller goes another way */
-    }
-    r->busy++;
-    int rc = send_parts(r, parts, nparts, total, flags, 0);
-    leave(r);
-    return rc;
-}
-
-static PyObject *
-api_take(PyObject *o, buzon_peek_fn peek, void *ctx)
-{
-    Ring *r = (Ring *)o;
-    if (check_open(r) < 0) {
-        return NULL;
-    }
-    r->busy++;
-    rec_t *rec = NULL;
-    uint32_t len = 0;
-    int spun_ok = 0;
-    PyObject *res;
-    int rc = claim(r, 0, &rec, &len, &spun_ok);
-    if (rc == RC_AGAIN) {
-        res = Py_NewRef(Py_None);
-    }
-    else if (rc != RC_OK) {
-        res = raise_rc(r, rc, OP_RECV, 0);
-    }
-    else {
-        uint32_t skip = peek(ctx, (const uint8_t *)rec + REC_HDR, len, rec->flags);
-        res = take_bytes(r, rec, skip > len ? len : skip, len);
-    }
-    leave(r);
-    return res;
-}
-
-const buzon_ring_api ring_api = {
-    .version = BUZON_RING_API_VERSION,
-    .ring_type = &RingType,
-    .put = api_put,
-    .take = api_take,
-};
 
 static PyObject *
 ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)

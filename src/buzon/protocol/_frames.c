@@ -43,19 +43,29 @@ typedef struct {
 static int
 send_frame(RingFrames *f, PyObject *item, long codec)
 {
-    Py_buffer view;
-    if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) {
-        return -1;
+    Py_buffer view = {0};
+    const uint8_t *src;
+    Py_ssize_t len;
+    if (PyBytes_CheckExact(item)) { /* the common body: no buffer export to pay */
+        src = (const uint8_t *)PyBytes_AS_STRING(item);
+        len = PyBytes_GET_SIZE(item);
+    }
+    else {
+        if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) {
+            return -1;
+        }
+        src = view.buf;
+        len = view.len;
     }
     int whole = codec < 0;
-    uint64_t total = (whole ? 0 : HDR) + (uint64_t)view.len;
+    uint64_t total = (whole ? 0 : HDR) + (uint64_t)len;
     int rc = 0;
     /* larger than any ring, or stopped: the general path */
     if (total <= UINT32_MAX - 64 && !f->off) {
-        uint32_t n = (uint32_t)view.len;
+        uint32_t n = (uint32_t)len;
         uint8_t hdr[HDR] = {VERSION, KIND_DATA, (uint8_t)codec, 0, (uint8_t)n,
                             (uint8_t)(n >> 8), (uint8_t)(n >> 16), (uint8_t)(n >> 24)};
-        buzon_part parts[2] = {{hdr, HDR}, {view.buf, (size_t)view.len}};
+        buzon_part parts[2] = {{hdr, HDR}, {src, (size_t)len}};
         /* counted before put may release the GIL (to copy a large payload), so whoever
          * reads the counts (a channel starting receipts) sees every frame that went
          * this way; uncounted again if it did not go */
@@ -67,7 +77,9 @@ send_frame(RingFrames *f, PyObject *item, long codec)
             f->counts[1] -= total;
         }
     }
-    PyBuffer_Release(&view);
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
     return rc;
 }
 
