@@ -1,6 +1,8 @@
-"""Build the small C extensions: POSIX message queues (mq_open & co), CRC-32C and the
+"""Build the small C extensions: POSIX message queues (mq_open & co), CRC-32C, the
 shared-memory core (rings in named segments; one extension built from the units that
-src/buzon/_core.h lists)."""
+src/buzon/_core.h lists) and the frame format's C speedup for those rings
+(buzon.protocol._frames, which reaches the rings through the core's C API,
+src/buzon/_core_api.h)."""
 
 from setuptools import Extension, setup
 
@@ -9,7 +11,7 @@ from setuptools import Extension, setup
 # calls between units need no PLT indirection.
 CORE_UNITS = [
     f"src/buzon/_core_{unit}.c"
-    for unit in ("ring", "glue", "ring_type", "frames", "loan", "block", "admin")
+    for unit in ("ring", "glue", "ring_type", "loan", "block", "admin")
 ]
 
 setup(
@@ -28,8 +30,15 @@ setup(
         Extension(
             "buzon._core",
             sources=CORE_UNITS,
-            depends=["src/buzon/_core.h"],
+            depends=["src/buzon/_core.h", "src/buzon/_core_api.h"],
             libraries=["rt"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-fvisibility=hidden"],
+        ),
+        Extension(
+            "buzon.protocol._frames",
+            sources=["src/buzon/protocol/_frames.c"],
+            depends=["src/buzon/_core_api.h"],
+            include_dirs=["src/buzon"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-fvisibility=hidden"],
         ),
     ]

@@ -1,8 +1,10 @@
-"""The tree keeps its layers: drivers do not import each other, transports do not wait."""
+"""The tree keeps its layers: drivers do not import each other, transports do not wait,
+the C ring knows nothing of frames."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,36 @@ def test_the_core_reads_declared_capabilities_never_probes(name: str) -> None:
             probes.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
     assert not probes
     assert "type: ignore[attr-defined]" not in path.read_text()
+
+
+def _c_code(path: Path) -> str:
+    """A C source without its comments (code and string literals are left)."""
+    text = re.sub(r"/\*.*?\*/", " ", path.read_text(), flags=re.S)
+    return re.sub(r"//[^\n]*", " ", text)
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("_core*.[ch]")), ids=lambda p: p.name)
+def test_the_c_ring_knows_nothing_of_frames(path: Path) -> None:
+    """buzon._core moves opaque records: no unit of it (code or strings) names a frame,
+    reads a frame header or keeps frame state; that is buzon.protocol._frames' job."""
+    assert "frame" not in _c_code(path).lower()
+
+
+def test_the_frame_speedup_is_protocol_owned() -> None:
+    """The frame calls of the shm: hot path live in protocol/ and reach the ring through
+    the core's C API only (_core_api.h), never its internals (_core.h)."""
+    assert not (ROOT / "_core_frames.c").exists()
+    source = (ROOT / "protocol" / "_frames.c").read_text()
+    assert re.findall(r'#include\s+"([^"]+)"', source) == ["_core_api.h"]
+    assert "frame" in _c_code(ROOT / "protocol" / "_frames.c")
+
+
+def test_the_channel_core_packs_no_frame_header() -> None:
+    """The core asks protocol/frames.py for its small frames (data_frame, loan_header,
+    plain_data_flags): it packs and unpacks no header itself."""
+    names = _imports(ROOT / "_channel.py")
+    assert "struct" not in names
+    assert not {"buzon.protocol.frames.HEADER", "buzon.protocol.frames._frame_total"} & names
+    for path in [ROOT / "_channel.py", *_files("transport")]:
+        private = {n for n in _imports(path) if n.startswith("buzon.protocol.frames._")}
+        assert not private, (path.name, private)

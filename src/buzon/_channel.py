@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import pickle
-import struct
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -44,16 +43,17 @@ from .protocol import mpcompat
 from .protocol.credit import RECEIPT_FLAG, RecvFlow, SendFlow, decode_credit
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
-    HEADER,
-    VERSION,
     CodecId,
     Frame,
     FrameDecoder,
     Kind,
     abort_marker,
     chunk_frame,
+    data_frame,
     encode_frame,
+    loan_header,
     parse_frame,
+    plain_data_flags,
 )
 from .transport._tokens import TokenPool
 from .transport.base import (
@@ -98,11 +98,6 @@ class _OpenFrame:
     size: int  # its bytes on the wire
     points: Sequence[int]  # where it may be aborted (chunk_frame); () for a plain frame
     payload: int  # its size before chunking (statistics)
-
-
-_RAW_HEADER = HEADER.pack
-_LOAN_HEADER = struct.Struct("<BBBBIQ").pack  # a raw DATA frame with one buffer: its header
-_unpack_header = HEADER.unpack_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +470,7 @@ class ChannelCore:
     def encode_bytes(self, data: Buffer, receipt: bool = False) -> list[Buffer]:
         if type(data) is bytes and self._plain and len(data) <= self._small:
             # DATA, codec raw (8: a receipt is asked for)
-            return [_RAW_HEADER(1, 1, 8 if receipt else 0, 0, len(data)) + data]
+            return [data_frame(data, 8 if receipt else 0)]
         if self.raw:
             return [data]
         if self.compat is not None:
@@ -485,7 +480,7 @@ class ChannelCore:
         if n <= 4096:  # small: one buffer, header and payload joined
             if n + 8 > self.max_frame:
                 raise frame_cap_exceeded(n + 8, self.max_frame)
-            return [_RAW_HEADER(VERSION, Kind.DATA, flags, 0, n) + data]
+            return [data_frame(data, flags)]
         view = memoryview(data).cast("B")
         return encode_frame(Kind.DATA, flags, b"", [view], max_frame=self.max_frame)
 
@@ -808,7 +803,7 @@ class ChannelCore:
                 "loans on a capacity=0 (rendezvous) channel are not supported: a loan "
                 "cannot wait for its receiver; use send_bytes"
             )
-        prefix = b"" if self.raw else _LOAN_HEADER(VERSION, Kind.DATA, CodecId.RAW, 1, 0, nbytes)
+        prefix = b"" if self.raw else loan_header(nbytes)
         if len(prefix) + nbytes > self.max_frame:
             raise frame_cap_exceeded(len(prefix) + nbytes, self.max_frame)
         sflow = self.sflow
@@ -1160,21 +1155,13 @@ class ChannelCore:
         if self.raw:
             stats.messages_received += 1
             return (CodecId.RAW, msg)
-        if size >= 8:
-            version, kind, flags, nbufs, blen = _unpack_header(msg, 0)
-            if (
-                blen + 8 == size
-                and version == VERSION
-                and kind == 1
-                and not flags & 0xF4
-                and not nbufs
-                and size <= self.max_frame
-            ):
-                stats.messages_received += 1
-                self.taken += 1
-                if self.taking or flags > 7:
-                    self._took(flags > 7, False)
-                return (flags & 7, msg[8:])
+        flags = plain_data_flags(msg, self.max_frame)
+        if flags >= 0:
+            stats.messages_received += 1
+            self.taken += 1
+            if self.taking or flags > 7:
+                self._took(flags > 7, False)
+            return (flags & 7, msg[8:])
         try:
             frame = parse_frame(msg, self.max_frame)
         except FrameError:

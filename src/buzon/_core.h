@@ -8,15 +8,17 @@
  *                      and waiting; plain C, called with or without the GIL
  *   _core_glue.c       what every Python object shares: the rc -> exception map, the one
  *                      GIL-release/EINTR retry loop, deadlines, opening, validating and
- *                      mapping segments
+ *                      mapping segments, and the C API other extensions use to put and
+ *                      take records (_core_api.h)
  *   _core_ring_type.c  the Ring type (create, attach, send, recv, arming, info)
- *   _core_frames.c     the only code that reads or writes buzon frame bytes: the shm:
- *                      channel's one-call DATA-frame send and receive
  *   _core_loan.c       the Loan type (reserve, recv_view, block views)
  *   _core_block.c      the Block type (shared_array, shared_value, out-of-line messages)
  *   _core_admin.c      module functions (inspect, in_use, hold, claim_all, unlink,
  *                      fault points) and the module's initialisation
- * Nothing here changes the bytes in a segment: docs/shm.md has the tables.
+ * Nothing here changes the bytes in a segment: docs/shm.md has the tables. A record's
+ * payload is opaque here: what it means (a buzon frame, for shm: channels) is the
+ * business of the module that puts and takes it (buzon.protocol._frames, through the
+ * C API of _core_api.h).
  *
  *
  * Theory of operation (docs/shm.md has the byte tables and the crash-safety argument)
@@ -66,6 +68,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "_core_api.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -224,10 +228,6 @@ typedef struct {
     Py_ssize_t exports; /* live buffer views or loans: no unmapping under them */
     int busy;           /* operations that released the GIL and are not back yet */
     _Atomic int closing; /* close() was called while busy: the last one out unmaps */
-    /* _core_frames.c only (no frame byte is read anywhere else): */
-    uint64_t counts[4];  /* frames sent, their bytes, frames received, their bytes (the
-                            try_*_frame calls only; updated with the GIL held) */
-    int frames_off;      /* stop_frames() was called: those calls take the general way */
     unsigned long lock_thread; /* Block: the thread that took the lock through us (GIL) */
 } Ring;
 
@@ -293,10 +293,7 @@ rec_at(Ring *r, uint64_t pos)
 
 /* ---- the ring (_core_ring.c): plain C, no PyObject; results are enum rc ---------- */
 
-typedef struct {
-    const uint8_t *p;
-    size_t n;
-} part_t;
+typedef buzon_part part_t; /* a piece of a payload (_core_api.h) */
 
 void futex_wake(_Atomic uint32_t *addr);
 int lock_byte(int fd, int cmd, short type, off_t start, off_t len, struct flock *out);
@@ -345,9 +342,21 @@ int reserve_released(Ring *r, void *arg, int64_t deadline); /* arg: reserve_args
 
 int deadline_from(PyObject *timeout, int64_t *out);
 int check_open(Ring *r);
+/* check_open's common case inline (open, and in the process that mapped it): the C API
+ * calls (put, take) pass here on every small send and receive of a shm: channel. */
+static inline int
+check_open_fast(Ring *r)
+{
+    if (__builtin_expect(r->base != NULL && !atomic_load(&r->closing) &&
+                             r->epoch == atomic_load_explicit(&fork_epoch, memory_order_relaxed),
+                         1)) {
+        return 0;
+    }
+    return check_open(r);
+}
 int timeout_only(Ring *r, PyObject *args, PyObject *kw, const char *format, int64_t *deadline);
 void close_or_defer(Ring *r);
-int send_parts(Ring *r, part_t *parts, int nparts, size_t total, uint32_t flags,
+int send_parts(Ring *r, const part_t *parts, int nparts, size_t total, uint32_t flags,
                int64_t deadline);
 PyObject *take_bytes(Ring *r, rec_t *rec, uint32_t skip, uint32_t len);
 
@@ -394,10 +403,9 @@ PyObject *info_dict(const header_t *h, PyObject *parts);
 #define BUSY_METHOD(NAME) BUSY_METHOD_(static, NAME)
 #define BUSY_METHOD_EXPORTED(NAME) BUSY_METHOD_(, NAME) /* listed in another unit */
 
-/* The frame calls (_core_frames.c) add their methods to the Ring type before it is
- * readied: frames_init() calls ring_add_methods(). */
-int ring_add_methods(const PyMethodDef *more);
-int frames_init(void);
+/* The C API lent to other extension modules (_core_glue.c; the capsule is made
+ * by the module's initialisation, _core_admin.c). */
+extern const buzon_ring_api ring_api;
 
 /* Methods defined in one unit and listed in another's method table. */
 PyObject *ring_reserve(Ring *r, PyObject *args, PyObject *kw);

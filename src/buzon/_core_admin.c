@@ -145,6 +145,21 @@ static struct PyModuleDef moddef = {
     NULL, NULL, NULL, NULL,
 };
 
+/* The C API for other extension modules (_core_api.h) as the capsule _RING_API. */
+static int
+add_api(PyObject *m)
+{
+    PyObject *cap = PyCapsule_New((void *)&ring_api, BUZON_RING_API_NAME, NULL);
+    if (cap == NULL) {
+        return -1;
+    }
+    if (PyModule_AddObject(m, "_RING_API", cap) < 0) {
+        Py_DECREF(cap);
+        return -1;
+    }
+    return 0;
+}
+
 PyMODINIT_FUNC
 PyInit__core(void)
 {
@@ -176,7 +191,7 @@ PyInit__core(void)
         }
     }
     Py_DECREF(errors);
-    if (frames_init() < 0 || PyType_Ready(&RingType) < 0 || PyType_Ready(&BlockType) < 0 ||
+    if (PyType_Ready(&RingType) < 0 || PyType_Ready(&BlockType) < 0 ||
         PyType_Ready(&LoanType) < 0) {
         return NULL;
     }
@@ -192,6 +207,7 @@ PyInit__core(void)
         PyModule_AddObject(m, "Block", (PyObject *)&BlockType) < 0 ||
         PyModule_AddObject(m, "Loan", (PyObject *)&LoanType) < 0 ||
         PyModule_AddObject(m, "BlockView", (PyObject *)&LoanType) < 0 || /* the same */
+        add_api(m) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_HEADER", REC_HDR) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SLOTS", MAX_SLOTS) < 0 ||

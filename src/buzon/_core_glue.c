@@ -1,8 +1,9 @@
 /*
  * buzon._core, the Python glue every object shares: the rc -> exception map, the one
  * GIL-release/EINTR retry loop, deadlines, the open/busy/close bookkeeping, the send of
- * parts and the copy of a record into bytes, and opening, validating and inspecting
- * segments (rings and blocks alike).
+ * parts and the copy of a record into bytes, the C API other extension modules use to
+ * put and take records (_core_api.h: what a record holds is theirs to know), and
+ * opening, validating and inspecting segments (rings and blocks alike).
  */
 #include "_core.h"
 
@@ -201,7 +202,8 @@ corrupt(Ring *r)
 /* Send parts (with the GIL held on entry and exit). 1 sent, 0 would block (only
  * when deadline == 0), -1 error. */
 int
-send_parts(Ring *r, part_t *parts, int nparts, size_t total, uint32_t flags, int64_t deadline)
+send_parts(Ring *r, const part_t *parts, int nparts, size_t total, uint32_t flags,
+           int64_t deadline)
 {
     uint64_t most = (r->rsize ? r->rsize : r->limit) - REC_HDR;
     if (total > most || total > UINT32_MAX - 16) {
@@ -262,6 +264,64 @@ take_bytes(Ring *r, rec_t *rec, uint32_t skip, uint32_t len)
     }
     return out;
 }
+
+/* ---- the C API (_core_api.h): opaque records for other extension modules --------
+ * Here, beside check_open, send_parts and take_bytes, so the compiler may inline them:
+ * the shm: channel's every small send and receive passes through put and take. */
+
+static int
+api_put(PyObject *o, const buzon_part *parts, int nparts, size_t total, uint32_t flags)
+{
+    Ring *r = (Ring *)o;
+    if (nparts < 0 || nparts > 64) {
+        PyErr_SetString(PyExc_ValueError, "a record is put as 0 to 64 parts");
+        return -1;
+    }
+    if (check_open_fast(r) < 0) {
+        return -1;
+    }
+    if (total > (r->rsize ? r->rsize : r->limit) - REC_HDR) {
+        return 0; /* more than the ring ever takes: the caller goes another way */
+    }
+    r->busy++;
+    int rc = send_parts(r, parts, nparts, total, flags, 0);
+    leave(r);
+    return rc;
+}
+
+static PyObject *
+api_take(PyObject *o, buzon_peek_fn peek, void *ctx)
+{
+    Ring *r = (Ring *)o;
+    if (check_open_fast(r) < 0) {
+        return NULL;
+    }
+    r->busy++;
+    rec_t *rec = NULL;
+    uint32_t len = 0;
+    int spun_ok = 0;
+    PyObject *res;
+    int rc = claim(r, 0, &rec, &len, &spun_ok);
+    if (rc == RC_AGAIN) {
+        res = Py_NewRef(Py_None);
+    }
+    else if (rc != RC_OK) {
+        res = raise_rc(r, rc, OP_RECV, 0);
+    }
+    else {
+        uint32_t skip = peek(ctx, (const uint8_t *)rec + REC_HDR, len, rec->flags);
+        res = take_bytes(r, rec, skip > len ? len : skip, len);
+    }
+    leave(r);
+    return res;
+}
+
+const buzon_ring_api ring_api = {
+    .version = BUZON_RING_API_VERSION,
+    .ring_type = &RingType,
+    .put = api_put,
+    .take = api_take,
+};
 
 /* ---- the object: new, unmapped, freed ------------------------------------------- */
 

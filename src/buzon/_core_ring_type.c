@@ -1,7 +1,8 @@
 /*
  * buzon._core, the Ring type: create and attach a ring, send and receive whole records,
- * arm the notifications, report (info). The frame calls are in _core_frames.c, the loans
- * in _core_loan.c; the ring itself is in _core_ring.c.
+ * arm the notifications, report (info). The loans are in _core_loan.c, the C API other
+ * extension modules use to put and take records in _core_glue.c; the ring itself is in
+ * _core_ring.c.
  */
 #include "_core.h"
 
@@ -184,6 +185,7 @@ do_recv_impl(Ring *r, PyObject *timeout, int mode, int want_flags)
     }
     return out;
 }
+
 static PyObject *
 ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
@@ -580,9 +582,7 @@ ring_set_spin(Ring *r, PyObject *v, void *Py_UNUSED(c))
     return 0;
 }
 
-/* Room at the end for the frame calls, which _core_frames.c adds (ring_add_methods). */
-#define RING_METHODS_MAX 40
-static PyMethodDef ring_methods[RING_METHODS_MAX] = {
+static PyMethodDef ring_methods[] = {
     {"create", (PyCFunction)(void (*)(void))ring_create,
      METH_VARARGS | METH_KEYWORDS | METH_CLASS,
      "create(name, capacity, slots=64): create the segment (O_EXCL, 0600) and its ring."},
@@ -643,22 +643,3 @@ PyTypeObject RingType = {
     .tp_methods = ring_methods,
     .tp_getset = ring_getset,
 };
-
-/* Append methods defined in another unit (the frame calls) before the type is readied:
- * the unit that knows frames owns their table, the Ring type only makes room. */
-int
-ring_add_methods(const PyMethodDef *more)
-{
-    size_t n = 0;
-    while (ring_methods[n].ml_name != NULL) {
-        n++;
-    }
-    for (; more->ml_name != NULL; more++, n++) {
-        if (n + 1 >= RING_METHODS_MAX) {
-            PyErr_SetString(PyExc_SystemError, "buzon._core: raise RING_METHODS_MAX");
-            return -1;
-        }
-        ring_methods[n] = *more;
-    }
-    return 0;
-}

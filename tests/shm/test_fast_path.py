@@ -1,6 +1,7 @@
 """The ``shm:`` hot path: small sends and receives are single C calls on the rings
-(``Ring.try_send_frame`` / ``try_recv_frame`` / ``spin_wait``), lent to the drivers by
-``ShmTransport.ring_ops``. These tests check that the shortcut keeps every promise of
+(``RingFrames.try_send_frame`` / ``try_recv_frame`` of ``buzon.protocol._frames``, which
+tests/protocol/test_ring_frames.py checks alone, and ``Ring.spin_wait``), lent to the
+drivers by ``ShmTransport.ring_ops``. These tests check that the shortcut keeps every promise of
 the general path: order, counts, validation, and falling back when it must."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import buzon
-from buzon import aio, shm
+from buzon import aio
 from buzon.errors import FrameError
 
 T = 10.0
@@ -154,29 +155,6 @@ def test_a_batch_larger_than_the_ring_waits_for_room(pair: tuple[Any, Any]) -> N
     assert got == items
 
 
-def test_ring_send_frames() -> None:
-    ring = shm.create_ring(1 << 12)
-    try:
-        big = b"x" * 5000  # larger than the ring
-        bodies: list[Any] = [b"a", b"b", [b"not", b"a buffer"], b"c", big, b"d"]
-        assert ring.try_send_frames(bodies, 0, 0) == 2  # stops at the list
-        assert ring.try_send_frames(bodies, 0, 3) == 4  # stops at the one too large
-        assert ring.try_send_frames(bodies, 0, 5) == 6
-        assert [ring.try_recv_frame(1 << 20) for _ in range(4)] == [
-            (0, b"a"),
-            (0, b"b"),
-            (0, b"c"),
-            (0, b"d"),
-        ]
-        fill = [b"y" * 1000] * 10
-        assert 0 < ring.try_send_frames(fill, 0, 0) < 10  # until the ring is full
-        with pytest.raises(TypeError):
-            ring.try_send_frames(iter(fill), 0, 0)
-    finally:
-        ring.close()
-        shm.remove_segment(ring.name)
-
-
 def test_records_that_are_not_plain_frames_go_the_general_way(pair: tuple[Any, Any]) -> None:
     a, b = pair
     tx = a._core.transport._tx
@@ -189,37 +167,6 @@ def test_records_that_are_not_plain_frames_go_the_general_way(pair: tuple[Any, A
         b.recv_bytes(timeout=T)
     assert b.recv_bytes(timeout=T) == b"ok"
     assert b.statistics().rejected_frames == 1
-
-
-def test_ring_frame_calls() -> None:
-    ring = shm.create_ring(1 << 16)
-    try:
-        assert ring.try_recv_frame(1 << 20) is None
-        assert ring.spin_wait(0.0005) is False  # nothing came: gave up, nothing armed
-        assert ring.try_send_frame(b"body", 2)
-        assert ring.spin_wait(1.0) is True  # already there: no wait
-        assert ring.try_recv_frame(1 << 20) == (2, b"body")
-        assert ring.try_send_frame(b"\x01\x01\x00\x00\x01\x00\x00\x00z", -1)  # a whole frame
-        assert ring.try_recv_frame(1 << 20) == (0, b"z")
-        ring.try_send(b"\x01\x01\x08\x00\x01\x00\x00\x00z")  # a receipt is asked: general
-        assert ring.try_recv_frame(1 << 20) == (-1, b"\x01\x01\x08\x00\x01\x00\x00\x00z")
-        ring.try_send(b"ref", 1)  # record flag 1 (out of line): general, flags kept
-        assert ring.try_recv_frame(1 << 20) == (-2, b"ref")
-        assert ring.try_send_frame(b"12345678", 0)
-        assert ring.try_recv_frame(15) == (-1, b"\x01\x01\x00\x00\x08\x00\x00\x0012345678")
-        ring.try_send(b"\x01")  # shorter than a header
-        assert ring.try_recv_frame(1 << 20) == (-1, b"\x01")
-        with pytest.raises(ValueError):
-            ring.try_send_frame(b"x", 256)
-        assert ring.try_send_frame(b"w", 0)
-        ring.stop_frames()  # for good: nothing more the fast way, in either direction
-        assert not ring.try_send_frame(b"v", 0)
-        assert ring.try_send_frames([b"v"], 0, 0) == 0
-        assert ring.try_recv_frame(1 << 20) == (-1, b"\x01\x01\x00\x00\x01\x00\x00\x00w")
-        assert ring.frame_counts() == (4, 12 + 9 + 16 + 9, 2, 12 + 9)
-    finally:
-        ring.close()
-        shm.remove_segment(ring.name)
 
 
 async def _aio_pair_round_trip() -> list[Any]:

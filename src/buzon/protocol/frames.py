@@ -46,6 +46,14 @@ of one reusable read buffer, many per system call; a frame larger than half that
 buffer gets an exactly-sized buffer of its own and is read into it directly, so its
 bytes are copied once, from the kernel into the place they will stay.
 
+The channel core's small frames go through a few functions here, so no other layer
+packs or unpacks a header: :func:`data_frame` (a small DATA frame, header and body in
+one allocation), :func:`plain_data_flags` (is a message one plain DATA frame?),
+:func:`loan_header` (the header of a lent ``shm:`` message) and :func:`frame_length`
+(the length a header announces). The first two are C (``protocol/_frames.c``, which
+also puts frames in and takes them out of shared-memory ring records in one call for
+the ``shm:`` hot path; the ring itself moves opaque records).
+
 This module is sans-IO: no sockets, no selectors, no clocks.
 """
 
@@ -60,6 +68,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from ..errors import FrameError, FrameTooLarge
+from ._frames import data_frame, plain_data_flags
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -77,10 +86,14 @@ __all__ = [
     "Field",
     "Kind",
     "chunk_frame",
+    "data_frame",
     "encode_fields",
     "encode_frame",
+    "frame_length",
     "lazy_buffer",
+    "loan_header",
     "parse_frame",
+    "plain_data_flags",
 ]
 
 VERSION = 1
@@ -88,6 +101,7 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 HANDSHAKE_MAX_FRAME = 4096
 HEADER = struct.Struct("<BBBBI")
 _BUFLEN = struct.Struct("<Q")
+_LOAN_HEADER = struct.Struct("<BBBBIQ")  # a DATA frame with one buffer, before the buffer
 _unpack_header = HEADER.unpack_from
 _CODEC_MASK = 0x07
 _RECEIPT = 0x08
@@ -356,6 +370,27 @@ def _frame_total(
     if total > max_frame:
         raise FrameTooLarge(f"frame announces {total} bytes; the cap is {max_frame}")
     return total
+
+
+def frame_length(data: memoryview | bytes | bytearray, max_frame: int = DEFAULT_MAX_FRAME) -> int:
+    """The whole length of the frame that ``data`` starts with, as its header region
+    announces it (header, buffer-length table, fields, body, buffers; a CHUNKED frame's
+    segment lengths not counted); -1 if ``data`` is too short to tell yet.
+
+    Only the header region is read, so a message can be checked to be exactly one frame
+    (``frame_length(first_piece) == total_size``) before its payload is looked at.
+    Raises :class:`FrameError` if the header is not a valid one (version, kind, flags,
+    buffers on a kind that has none) and :class:`FrameTooLarge` if it announces more
+    than ``max_frame`` bytes.
+    """
+    return _frame_total(data, 0, len(data), max_frame)
+
+
+def loan_header(nbytes: int) -> bytes:
+    """The header region of a raw DATA frame whose one out-of-band buffer of ``nbytes``
+    is written in place after it (a lent ``shm:`` message): the 8-byte header with one
+    buffer and an empty body, then the buffer's u64 length."""
+    return _LOAN_HEADER.pack(VERSION, Kind.DATA, CodecId.RAW, 1, 0, nbytes)
 
 
 def _header_len(view: memoryview | bytes | bytearray, start: int) -> int:

@@ -85,12 +85,13 @@ class PeerInfo:
 
 class RingOps(NamedTuple):
     """A transport whose messages are records of shared-memory rings lends the channel
-    these C calls, so a small send or receive is one call (``buzon._core.Ring``); the
-    calls count what they move themselves (``counts``: frames and bytes sent, received)."""
+    these C calls, so a small send or receive is one call (``buzon.protocol._frames``
+    over ``buzon._core.Ring``); the calls count what they move themselves (``counts``:
+    frames and bytes sent, received)."""
 
     send_frame: Callable[[Buffer, int], bool]  # (body, codec or -1: a frame) -> False: full
     send_frames: Callable[[Sequence[object], int, int], int]  # (bodies, codec, start) -> end
-    recv_frame: Callable[[int], tuple[int, bytes] | None]  # (max_frame) -> see Ring
+    recv_frame: Callable[[int], tuple[int, bytes] | None]  # (max_frame) -> see RingFrames
     spin: Callable[[float], bool]  # busy-wait for a record, GIL released
     record_message: Callable[[int, bytes], bytes | memoryview]  # a non-plain record -> its message
     counts: Callable[[], tuple[int, int, int, int]]  # what the calls above moved

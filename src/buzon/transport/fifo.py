@@ -63,10 +63,7 @@ from ..protocol.fifo import (
     Reassembler,
     envelope,
 )
-from ..protocol.frames import (
-    DEFAULT_MAX_FRAME,
-    _frame_total,  # a frame's length from its header
-)
+from ..protocol.frames import DEFAULT_MAX_FRAME, frame_length
 from ._tokens import TokenPool, remove_pools
 from .base import (
     WOULD_BLOCK,
@@ -250,7 +247,7 @@ class FifoReader(StreamTransport):
             else:
                 head, size = msg, len(msg)
             try:
-                ok = _frame_total(head, 0, len(head), limit) == size
+                ok = frame_length(head, limit) == size
             except FrameError:
                 ok = False
             if not ok:

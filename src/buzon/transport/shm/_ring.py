@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from ... import _core
 from ...address import Address
 from ...errors import ChannelClosed, Empty, EndOfChannel, Full, ProtocolError, from_oserror
+from ...protocol._frames import RingFrames
 from ...shm._segment import SHM_DIR, new_segment_name, remove_segment
 from ..base import Buffer, LinkProperties, MessageTransport, PeerInfo, RingOps
 from ._loans import _BlockLoan, _RingLoan
@@ -118,15 +119,19 @@ class ShmTransport(MessageTransport):
         self._handed: dict[str, int] = {}  # names (and fds, or -1) of the peer's blocks
         self.framed = True  # the channel parses frames (set False by raw channels)
         self.shared = False  # set at fork: another process may hold this end too
+        # the frame format's one-call send and receive on our rings (protocol/_frames.c;
+        # the rings themselves move opaque records)
+        self._tx_frames = tx_frames = RingFrames(tx)
+        self._rx_frames = rx_frames = RingFrames(rx)
         self.ring_ops = RingOps(
-            tx.try_send_frame,
-            tx.try_send_frames,
-            rx.try_recv_frame,
+            tx_frames.try_send_frame,
+            tx_frames.try_send_frames,
+            rx_frames.try_recv_frame,
             rx.spin_wait,
             self._record_message,
             self._frame_counts,
-            tx.stop_frames,
-            rx.stop_frames,
+            tx_frames.stop,
+            rx_frames.stop,
             tx.max_message,
         )
         _LIVE.add(self)
@@ -178,10 +183,11 @@ class ShmTransport(MessageTransport):
         return self._take_oob(data) if flags & _OOB else data
 
     def _frame_counts(self) -> tuple[int, int, int, int]:
-        return self._tx.frame_counts()[:2] + self._rx.frame_counts()[2:]
+        return self._tx_frames.counts()[:2] + self._rx_frames.counts()[2:]
 
     def _record_message(self, code: int, record: bytes) -> bytes | memoryview:
-        """The message of a record ``Ring.try_recv_frame`` returned as (-1 - flags, record)."""
+        """The message of a record ``RingFrames.try_recv_frame`` returned as
+        (-1 - flags, record)."""
         return self._take_oob(record) if (-1 - code) & _OOB else record
 
     def _take_oob(self, ref: bytes) -> bytes | memoryview:

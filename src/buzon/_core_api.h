@@ -1,0 +1,59 @@
+#ifndef BUZON_CORE_API_H
+#define BUZON_CORE_API_H
+
+/*
+ * The C API buzon._core lends other extension modules: records of a Ring as opaque
+ * bytes, one call to put a record and one to take the next. buzon._core knows nothing
+ * of what a record holds; a module that gives records a meaning (buzon.protocol._frames:
+ * one buzon frame per record, docs/frames.md) builds and reads them through this table.
+ *
+ * Getting it (with the GIL held, once, in the module's initialisation):
+ *
+ *     const buzon_ring_api *api = PyCapsule_Import(BUZON_RING_API_NAME, 0);
+ *     if (api == NULL || api->version != BUZON_RING_API_VERSION) ... fail
+ *
+ * Every call is made with the GIL held and returns with it held (a call may release it
+ * meanwhile, to copy 64 KiB or more). None of them waits for room or for a record: the
+ * caller's driver waits (the ring's fds), then calls again. Each checks the ring open
+ * (and takes a new participant slot in a forked child), counts itself busy so a close
+ * from another thread defers the unmapping, and maps failures to buzon.errors exactly
+ * as the Ring's own methods do.
+ */
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define BUZON_RING_API_NAME "buzon._core._RING_API"
+#define BUZON_RING_API_VERSION 1u
+
+/* One piece of a record's payload; put() writes the pieces back to back. */
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+} buzon_part;
+
+/* Told about a claimed record before it is copied out (with the GIL held, no Python
+ * call allowed, must not fail): ``payload`` points into the shared segment, which
+ * another process may still be writing, so read what you need ONCE into your own
+ * memory. Returns how many leading bytes to leave out of the copy (at most ``len``). */
+typedef uint32_t (*buzon_peek_fn)(void *ctx, const uint8_t *payload, uint32_t len,
+                                  uint32_t flags);
+
+typedef struct {
+    unsigned version;         /* BUZON_RING_API_VERSION */
+    PyTypeObject *ring_type; /* buzon._core.Ring: check objects before calling */
+    /* put(ring, parts, nparts, total, flags): one record of ``total`` payload bytes
+     * (the sum of the parts, at most 64 of them) with the producer's ``flags``,
+     * reserved, filled and committed. 1 put, 0 not now (no room, or more than the
+     * ring ever takes: Ring.max_message), -1 with an exception set. */
+    int (*put)(PyObject *ring, const buzon_part *parts, int nparts, size_t total,
+               uint32_t flags);
+    /* take(ring, peek, ctx): the next record, claimed without waiting; peek(ctx, ...)
+     * says how many leading bytes to skip, then the rest is copied into a new bytes
+     * object and the record freed. Py_None (a new reference) if there is none, NULL
+     * with an exception set on failure (the record, if claimed, is freed all the same,
+     * as for any receive that fails to allocate). */
+    PyObject *(*take)(PyObject *ring, buzon_peek_fn peek, void *ctx);
+} buzon_ring_api;
+
+#endif /* BUZON_CORE_API_H */

@@ -1,0 +1,444 @@
+/*
+ * buzon.protocol._frames: the C speedup of the frame format (docs/frames.md) for the
+ * shm: channel's hot path. A shm: channel puts one buzon frame in each record of its
+ * rings; buzon._core moves the records as opaque bytes (its C API, _core_api.h), and
+ * this module is what knows that a record holds a frame.
+ *
+ * The common frame, a DATA frame with no out-of-band buffers, is an 8-byte header and
+ * the body (protocol/frames.py, HEADER):
+ *   [0] version 1, [1] kind 1 (DATA), [2] flags = the codec (0..7 taken as plain on
+ *   receive: no receipt, not CHUNKED, no FIELDS), [3] buffer count 0,
+ *   [4..8) u32 LE body length (= record length - 8);
+ * and such a record has producer flags 0 (a nonzero flag, e.g. out of line, is not one).
+ * RingFrames builds and takes that frame in one call from Python, so the channel's
+ * small send or receive costs one C call instead of a chain of Python ones. Anything
+ * else goes through the general path (protocol/frames.py).
+ *
+ * Also here, for every channel (protocol/frames.py re-exports them): data_frame, a small
+ * DATA frame built in one allocation, and plain_data_flags, the check that a message is one
+ * plain DATA frame (the message transports' receive fast path).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "_core_api.h"
+
+#define HDR 8 /* the header of a DATA frame without buffers or fields */
+#define VERSION 1
+#define KIND_DATA 1
+#define PLAIN_FLAGS_MAX 7 /* flags 0..7: a codec alone */
+
+static const buzon_ring_api *api; /* buzon._core's, imported by the first RingFrames */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ring;       /* the buzon._core.Ring whose records are frames */
+    uint64_t counts[4];   /* frames sent, their bytes, frames received, their bytes (the
+                             calls of this object only; updated with the GIL held) */
+    int off;              /* stop() was called: the calls take the general way */
+} RingFrames;
+
+/* One frame (codec -1: item is a whole frame already). 1 sent, 0 no room now (or larger
+ * than the ring: the channel's general path sends it out of line), -1 error. */
+static int
+send_frame(RingFrames *f, PyObject *item, long codec)
+{
+    Py_buffer view = {0};
+    const uint8_t *src;
+    Py_ssize_t len;
+    if (PyBytes_CheckExact(item)) { /* the common body: no buffer export to pay */
+        src = (const uint8_t *)PyBytes_AS_STRING(item);
+        len = PyBytes_GET_SIZE(item);
+    }
+    else {
+        if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) {
+            return -1;
+        }
+        src = view.buf;
+        len = view.len;
+    }
+    int whole = codec < 0;
+    uint64_t total = (whole ? 0 : HDR) + (uint64_t)len;
+    int rc = 0;
+    /* larger than any ring, or stopped: the general path */
+    if (total <= UINT32_MAX - 64 && !f->off) {
+        uint32_t n = (uint32_t)len;
+        uint8_t hdr[HDR] = {VERSION, KIND_DATA, (uint8_t)codec, 0, (uint8_t)n,
+                            (uint8_t)(n >> 8), (uint8_t)(n >> 16), (uint8_t)(n >> 24)};
+        buzon_part parts[2] = {{hdr, HDR}, {src, (size_t)len}};
+        /* counted before put may release the GIL (to copy a large payload), so whoever
+         * reads the counts (a channel starting receipts) sees every frame that went
+         * this way; uncounted again if it did not go */
+        f->counts[0] += 1;
+        f->counts[1] += total;
+        rc = api->put(f->ring, parts + whole, 2 - whole, (size_t)total, 0);
+        if (rc <= 0) {
+            f->counts[0] -= 1;
+            f->counts[1] -= total;
+        }
+    }
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
+    return rc;
+}
+
+static long
+frame_codec(PyObject *arg)
+{
+    long codec = PyLong_AsLong(arg);
+    if (codec == -1 && PyErr_Occurred()) {
+        return -2;
+    }
+    if (codec < -1 || codec > 255) {
+        PyErr_SetString(PyExc_ValueError, "codec must fit a byte (or be -1: a whole frame)");
+        return -2;
+    }
+    return codec;
+}
+
+static PyObject *
+rf_try_send_frame(RingFrames *f, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "try_send_frame(body, codec)");
+        return NULL;
+    }
+    long codec = frame_codec(args[1]);
+    if (codec == -2) {
+        return NULL;
+    }
+    int rc = send_frame(f, args[0], codec);
+    return rc < 0 ? NULL : PyBool_FromLong(rc);
+}
+
+static PyObject *
+rf_try_send_frames(RingFrames *f, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !(PyList_Check(args[0]) || PyTuple_Check(args[0]))) {
+        PyErr_SetString(PyExc_TypeError, "try_send_frames(list or tuple of bodies, codec, start)");
+        return NULL;
+    }
+    long codec = frame_codec(args[1]);
+    Py_ssize_t i = PyLong_AsSsize_t(args[2]);
+    if (codec == -2 || (i == -1 && PyErr_Occurred())) {
+        return NULL;
+    }
+    PyObject *seq = args[0];
+    int rc = 1;
+    for (i = i < 0 ? 0 : i; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        rc = PyObject_CheckBuffer(item) ? send_frame(f, item, codec) : 0;
+        if (rc <= 0) {
+            break;
+        }
+    }
+    return rc < 0 ? NULL : PyLong_FromSsize_t(i);
+}
+
+typedef struct {
+    RingFrames *f;
+    Py_ssize_t max_frame;
+    long code; /* the codec of a plain DATA frame, else -1 - the record's flags */
+} peek_ctx;
+
+/* Is the claimed record a plain DATA frame? Then skip its header. */
+static uint32_t
+peek_frame(void *arg, const uint8_t *payload, uint32_t len, uint32_t flags)
+{
+    peek_ctx *c = arg;
+    uint8_t hdr[HDR] = {0};
+    if (len >= HDR) {
+        memcpy(hdr, payload, HDR); /* once: the peer may be rewriting it (untrusted) */
+    }
+    uint32_t blen = (uint32_t)hdr[4] | (uint32_t)hdr[5] << 8 | (uint32_t)hdr[6] << 16 |
+                    (uint32_t)hdr[7] << 24;
+    int plain = flags == 0 && len >= HDR && hdr[0] == VERSION && hdr[1] == KIND_DATA &&
+                hdr[2] <= PLAIN_FLAGS_MAX && hdr[3] == 0 && (uint64_t)blen + HDR == len &&
+                (Py_ssize_t)len <= c->max_frame && !c->f->off;
+    if (!plain) {
+        c->code = -1L - (long)flags;
+        return 0;
+    }
+    c->code = (long)hdr[2];
+    /* counted before the copy may release the GIL (see send_frame) */
+    c->f->counts[2] += 1;
+    c->f->counts[3] += len;
+    return HDR;
+}
+
+static PyObject *
+rf_try_recv_frame(RingFrames *f, PyObject *arg)
+{
+    peek_ctx c = {f, PyLong_AsSsize_t(arg), 0};
+    if (c.max_frame == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *out = api->take(f->ring, peek_frame, &c);
+    if (out == NULL || out == Py_None) {
+        return out;
+    }
+    PyObject *code = PyLong_FromLong(c.code);
+    PyObject *pair = code == NULL ? NULL : PyTuple_New(2);
+    if (pair == NULL) {
+        Py_XDECREF(code);
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, code);
+    PyTuple_SET_ITEM(pair, 1, out);
+    return pair;
+}
+
+static PyObject *
+rf_stop(RingFrames *f, PyObject *Py_UNUSED(a))
+{
+    f->off = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+rf_counts(RingFrames *f, PyObject *Py_UNUSED(a))
+{
+    return Py_BuildValue("(KKKK)", (unsigned long long)f->counts[0],
+                         (unsigned long long)f->counts[1], (unsigned long long)f->counts[2],
+                         (unsigned long long)f->counts[3]);
+}
+
+/* The core's C API, imported on first use: importing this module for the stream
+ * calls below (every channel does) must not load the shared-memory core. */
+static int
+need_api(void)
+{
+    if (api != NULL) {
+        return 0;
+    }
+    const buzon_ring_api *got = PyCapsule_Import(BUZON_RING_API_NAME, 0);
+    if (got == NULL) {
+        return -1;
+    }
+    if (got->version != BUZON_RING_API_VERSION) {
+        PyErr_Format(PyExc_ImportError,
+                     "buzon._core offers ring API version %u, buzon.protocol._frames needs %u "
+                     "(rebuild buzon)",
+                     got->version, BUZON_RING_API_VERSION);
+        return -1;
+    }
+    api = got;
+    return 0;
+}
+
+static PyObject *
+rf_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ring", NULL};
+    PyObject *ring;
+    if (need_api() < 0) {
+        return NULL;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!:RingFrames", kwlist, api->ring_type,
+                                     &ring)) {
+        return NULL;
+    }
+    RingFrames *f = (RingFrames *)type->tp_alloc(type, 0);
+    if (f == NULL) {
+        return NULL;
+    }
+    f->ring = Py_NewRef(ring);
+    return (PyObject *)f;
+}
+
+static void
+rf_dealloc(RingFrames *f)
+{
+    Py_XDECREF(f->ring);
+    Py_TYPE(f)->tp_free((PyObject *)f);
+}
+
+static PyObject *
+rf_get_ring(RingFrames *f, void *Py_UNUSED(c))
+{
+    return Py_NewRef(f->ring);
+}
+
+static PyMethodDef rf_methods[] = {
+    {"try_send_frame", (PyCFunction)(void (*)(void))rf_try_send_frame, METH_FASTCALL,
+     "try_send_frame(body, codec) -> bool: a DATA frame of body (codec 0-255; -1: body is "
+     "a whole frame already) as one record; False if there is no room now, if it is "
+     "larger than the ring, or after stop()."},
+    {"try_send_frames", (PyCFunction)(void (*)(void))rf_try_send_frames, METH_FASTCALL,
+     "try_send_frames(bodies, codec, start) -> int: try_send_frame for bodies[start:] of a "
+     "list or tuple, in order, until one does not go (no room, larger than the ring, or not "
+     "a buffer: the caller sends it the general way); the index reached."},
+    {"try_recv_frame", (PyCFunction)rf_try_recv_frame, METH_O,
+     "try_recv_frame(max_frame): None if the ring is empty; (codec, body) for a plain DATA "
+     "frame of at most max_frame bytes; else (-1 - record flags, record) for the general "
+     "path."},
+    {"stop", (PyCFunction)rf_stop, METH_NOARGS,
+     "from now on try_send_frame(s) send nothing and try_recv_frame returns every record "
+     "whole: a channel that starts numbering its messages (receipts) counts them all."},
+    {"counts", (PyCFunction)rf_counts, METH_NOARGS,
+     "(frames sent, bytes, frames received, bytes) by this object's calls."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef rf_getset[] = {
+    {"ring", (getter)rf_get_ring, NULL, "the buzon._core.Ring", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RingFramesType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._frames.RingFrames",
+    .tp_basicsize = sizeof(RingFrames),
+    .tp_dealloc = (destructor)rf_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "RingFrames(ring): buzon frames as the records of a buzon._core.Ring, one C "
+              "call per small send or receive (the shm: channel's hot path).",
+    .tp_methods = rf_methods,
+    .tp_getset = rf_getset,
+    .tp_new = rf_new,
+};
+
+/* ---- the channel core's small frames (protocol/frames.py re-exports these) -------- */
+
+static PyObject *
+data_frame(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* data_frame(body, flags) -> bytes: the 8-byte DATA header (no buffers, no fields)
+     * and body, joined in one allocation */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "data_frame(body, flags)");
+        return NULL;
+    }
+    long flags = PyLong_AsLong(args[1]);
+    if (flags == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (flags < 0 || flags > 255) {
+        PyErr_SetString(PyExc_ValueError, "frame flags must fit a byte");
+        return NULL;
+    }
+    const char *src;
+    Py_ssize_t n;
+    Py_buffer view = {0};
+    PyObject *body = args[0];
+    if (PyBytes_CheckExact(body)) {
+        src = PyBytes_AS_STRING(body);
+        n = PyBytes_GET_SIZE(body);
+    }
+    else {
+        if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        src = view.buf;
+        n = view.len;
+    }
+    PyObject *out = NULL;
+    if ((uint64_t)n > UINT32_MAX - HDR) {
+        PyErr_SetString(PyExc_OverflowError, "a frame body is at most 4 GiB (u32)");
+    }
+    else if ((out = PyBytes_FromStringAndSize(NULL, HDR + n)) != NULL) {
+        uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
+        uint32_t u = (uint32_t)n;
+        p[0] = VERSION;
+        p[1] = KIND_DATA;
+        p[2] = (uint8_t)flags;
+        p[3] = 0;
+        p[4] = (uint8_t)u;
+        p[5] = (uint8_t)(u >> 8);
+        p[6] = (uint8_t)(u >> 16);
+        p[7] = (uint8_t)(u >> 24);
+        memcpy(p + HDR, src, (size_t)n);
+    }
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
+    return out;
+}
+
+/* flags 0-3 (a codec), with or without the receipt bit 0x08: what plain_data_flags takes */
+#define PLAIN_MESSAGE_MASK 0xF4
+
+static PyObject *
+plain_data_flags(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* plain_data_flags(message, max_frame) -> int: the flags byte of a message that is one
+     * plain DATA frame (no buffers, no fields, not chunked, a known codec, with or
+     * without the receipt bit, at most max_frame bytes), else -1 */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "plain_data_flags(message, max_frame)");
+        return NULL;
+    }
+    Py_ssize_t max_frame = PyLong_AsSsize_t(args[1]);
+    if (max_frame == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    const uint8_t *p;
+    Py_ssize_t n;
+    Py_buffer view = {0};
+    PyObject *msg = args[0];
+    if (PyBytes_CheckExact(msg)) {
+        p = (const uint8_t *)PyBytes_AS_STRING(msg);
+        n = PyBytes_GET_SIZE(msg);
+    }
+    else {
+        if (PyObject_GetBuffer(msg, &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        p = view.buf;
+        n = view.len;
+    }
+    long flags = -1;
+    if (n >= HDR && n <= max_frame && p[0] == VERSION && p[1] == KIND_DATA &&
+        !(p[2] & PLAIN_MESSAGE_MASK) && p[3] == 0) {
+        uint32_t blen = (uint32_t)p[4] | (uint32_t)p[5] << 8 | (uint32_t)p[6] << 16 |
+                        (uint32_t)p[7] << 24;
+        if ((uint64_t)blen + HDR == (uint64_t)n) {
+            flags = p[2];
+        }
+    }
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
+    return PyLong_FromLong(flags);
+}
+
+static PyMethodDef module_functions[] = {
+    {"data_frame", (PyCFunction)(void (*)(void))data_frame, METH_FASTCALL,
+     "data_frame(body, flags) -> bytes: a DATA frame without buffers or fields, header "
+     "and body joined."},
+    {"plain_data_flags", (PyCFunction)(void (*)(void))plain_data_flags, METH_FASTCALL,
+     "plain_data_flags(message, max_frame) -> int: the flags of a message that is exactly one "
+     "plain DATA frame (codec 0-3, maybe the receipt bit; no buffers, fields or chunks; at "
+     "most max_frame bytes), else -1."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "buzon.protocol._frames",
+    .m_doc = "The frame format's C speedups (docs/frames.md): small DATA frames for the "
+             "channel core, and frames as the records of shared-memory rings.",
+    .m_size = -1,
+    .m_methods = module_functions,
+};
+
+PyMODINIT_FUNC
+PyInit__frames(void)
+{
+    if (PyType_Ready(&RingFramesType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&moddef);
+    if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&RingFramesType);
+    if (PyModule_AddObject(m, "RingFrames", (PyObject *)&RingFramesType) < 0 ||
+        PyModule_AddIntConstant(m, "HEADER_SIZE", HDR) < 0) {
+        Py_DECREF(&RingFramesType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

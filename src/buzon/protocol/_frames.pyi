@@ -1,0 +1,31 @@
+"""The frame format's C speedup for shared-memory rings (src/buzon/protocol/_frames.c,
+docs/frames.md): a plain DATA frame in or out of one ring record in one call."""
+
+from collections.abc import Sequence
+
+from typing_extensions import Buffer
+
+from .._core import Ring
+
+HEADER_SIZE: int
+
+class RingFrames:
+    """Buzon frames as the records of one :class:`buzon._core.Ring` (the ``shm:``
+    channel's hot path); counts what its own calls moved."""
+
+    ring: Ring
+    def __init__(self, ring: Ring) -> None: ...
+    def try_send_frame(self, body: Buffer, codec: int, /) -> bool: ...
+    def try_send_frames(self, bodies: Sequence[object], codec: int, start: int, /) -> int: ...
+    def try_recv_frame(self, max_frame: int, /) -> tuple[int, bytes] | None: ...
+    def stop(self) -> None: ...
+    def counts(self) -> tuple[int, int, int, int]: ...
+
+def data_frame(body: Buffer, flags: int, /) -> bytes:
+    """A DATA frame without buffers or fields: the 8-byte header (``flags``: the codec,
+    maybe the receipt bit) and ``body``, joined in one allocation."""
+
+def plain_data_flags(message: Buffer, max_frame: int, /) -> int:
+    """The flags byte of a message that is exactly one plain DATA frame (codec 0-3, with
+    or without the receipt bit; no buffers, fields or chunks; at most ``max_frame``
+    bytes), else -1."""
