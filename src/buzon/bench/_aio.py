@@ -3,8 +3,10 @@
 ``buzon-aio/TRANSPORT/rt64``: the 64 B round trip between two event loops, one per
 process. The child runs an asyncio echo loop (``await ch.recv_bytes()`` then ``await
 ch.send_bytes(data)``), the parent an asyncio ping loop timing each round trip; both
-with the default ``spin``. This is the driver's own cost: the wait goes through the
-event loop (``loop.add_reader`` on the channel's read fd) instead of ``poll``.
+with the default ``spin`` (``buzon-aio-spin0``, shm only: ``spin=0``, every receive
+that finds the ring empty waits in the event loop at once). This is the driver's own
+cost: the wait goes through the event loop (``loop.add_reader`` on the channel's read
+fd) instead of ``poll``.
 
 ``buzon-aio/TRANSPORT/oneway64``: the child sends 64 B messages with ``await
 ch.send_bytes``, the parent receives with ``await ch.recv_bytes`` and counts them in
@@ -36,18 +38,19 @@ _TIMEOUT = 10.0
 class _Link:
     """What both processes need to open their end: a pipe pair, or a listener's URL."""
 
-    def __init__(self, ctx: Ctx, transport: str) -> None:
+    def __init__(self, ctx: Ctx, transport: str, options: dict[str, Any]) -> None:
         from .. import aio
 
         self.transport = transport
+        self.options = options
         self.pair: tuple[Any, Any] | None = None
         self.listener: Any = None
         if transport == "pipe":
-            self.pair = aio.pipe()
+            self.pair = aio.pipe(**options)
             for ch in self.pair:
                 ctx.close_later(ch)
         else:
-            self.listener = aio.listen(f"{transport}:{ctx.name()}")
+            self.listener = aio.listen(f"{transport}:{ctx.name()}", **options)
             ctx.close_later(self.listener)
             self.url = str(self.listener.address)
 
@@ -66,7 +69,7 @@ class _Link:
 
         if self.pair is not None:
             return self.pair[1]
-        ch = await aio.connect(self.url, timeout=_TIMEOUT)
+        ch = await aio.connect(self.url, timeout=_TIMEOUT, **self.options)
         await ch.send_bytes(HELLO)
         got = await ch.recv_bytes(timeout=_TIMEOUT)
         if got != GO:
@@ -79,9 +82,9 @@ def _in_loop(body: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(body())  # type: ignore[arg-type]
 
 
-def _round_trip(transport: str, size: int = 64) -> Callable[[Ctx], Values]:
+def _round_trip(transport: str, options: dict[str, Any], size: int = 64) -> Callable[[Ctx], Values]:
     def run(ctx: Ctx) -> Values:
-        link = _Link(ctx, transport)
+        link = _Link(ctx, transport, options)
 
         async def echo() -> None:
             ch = await link.child()
@@ -133,7 +136,7 @@ def _one_way(transport: str, size: int = 64) -> Callable[[Ctx], Values]:
     def run(ctx: Ctx) -> Values:
         ctl_r, ctl_w = os.pipe()  # parent -> child: "stop"
         ctx.own_fd(ctl_r, ctl_w)
-        link = _Link(ctx, transport)
+        link = _Link(ctx, transport, {})
 
         async def blast() -> dict[str, Any]:
             ch = await link.child()
@@ -199,7 +202,11 @@ def aio_cases(transport: str) -> list[Case]:
     """The asyncio driver's rows for one transport (none where it is not measured)."""
     if transport not in AIO_TRANSPORTS:
         return []
-    return [
-        Case("buzon-aio", transport, "rt64", _round_trip(transport)),
+    cases = [
+        Case("buzon-aio", transport, "rt64", _round_trip(transport, {})),
         Case("buzon-aio", transport, "oneway64", _one_way(transport)),
     ]
+    if transport == "shm":  # the only ring the asyncio driver spins on
+        spin0 = Case("buzon-aio-spin0", transport, "rt64", _round_trip(transport, {"spin": 0.0}))
+        cases.insert(0, spin0)
+    return cases
