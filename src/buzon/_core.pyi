@@ -26,6 +26,7 @@ class Ring:
     closed: bool
     slot: int
     used: int
+    loans: int
     spin: bool
     @classmethod
     def create(
