@@ -164,6 +164,7 @@ class Channel(ChannelIdentity):
         self._flow = core.taking
         self._closing: asyncio.Task[None] | None = None  # close() writing what is owed
         self._spin = core.options.spin  # a shm ring's receive spins this long at most
+        self._asked = False  # sent since the last receive: an answer may be on its way
 
     @property
     def capacity(self) -> int | None:
@@ -175,6 +176,7 @@ class Channel(ChannelIdentity):
 
     async def send(self, obj: Any, timeout: float | None = None, *, priority: int = 0) -> None:
         core = self._core
+        self._asked = True
         bufs = core.encode(obj)
         fast = core.fast_send  # a shared-memory ring: one C call (see ChannelCore)
         if fast is not None and not priority and len(bufs) == 1 and not self._wlock.locked():
@@ -185,6 +187,7 @@ class Channel(ChannelIdentity):
             await self._send(bufs, deadline_of(timeout), priority)
 
     def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
+        self._asked = True
         if self._wlock.locked():
             raise Full("another task is sending")
         self._send_now(self._core.encode(obj), priority)
@@ -205,6 +208,7 @@ class Channel(ChannelIdentity):
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> None:
         core = self._core
+        self._asked = True
         fast = core.fast_send
         if (
             fast is not None
@@ -219,6 +223,7 @@ class Channel(ChannelIdentity):
             await self._send(core.encode_bytes(data), deadline_of(timeout), priority)
 
     def send_bytes_nowait(self, data: Buffer, *, priority: int = 0) -> None:
+        self._asked = True
         if self._wlock.locked():
             raise Full("another task is sending")
         self._send_now(self._core.encode_bytes(data), priority)
@@ -241,6 +246,7 @@ class Channel(ChannelIdentity):
         self, bufs: list[Buffer], timeout: float | None, priority: int
     ) -> Receipt:
         core = self._core
+        self._asked = True
         flow = core.receipt_flow()
         deadline = deadline_of(timeout)
         async with self._wlock:
@@ -265,6 +271,7 @@ class Channel(ChannelIdentity):
 
     async def _send_batch(self, items: Iterable[Any], timeout: float | None, as_bytes: bool) -> int:
         core = self._core
+        self._asked = True
         deadline = deadline_of(timeout)
         async with self._wlock:
             fast = core.fast_send_frames
@@ -391,7 +398,7 @@ class Channel(ChannelIdentity):
         async with self._rlock:
             core = self._core
             if core.fast_recv is not None:
-                item = self._fast_poll(self._spin if timeout is None else min(self._spin, timeout))
+                item = self._fast_poll(self._spin_now(timeout))
             else:
                 item = core.poll()
             if item is None:
@@ -416,12 +423,22 @@ class Channel(ChannelIdentity):
         async with self._rlock:
             core = self._core
             if core.fast_recv is not None:
-                item = self._fast_poll(self._spin if timeout is None else min(self._spin, timeout))
+                item = self._fast_poll(self._spin_now(timeout))
             else:
                 item = core.poll()
             if item is None:
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_bytes(item)
+
+    def _spin_now(self, timeout: float | None) -> float:
+        """How long a receive on a shm ring may spin: ``spin`` (bounded by the timeout)
+        when this channel sent something since its last receive, so an answer may be
+        on its way; else 0 (a stream only received, or a loop serving many channels,
+        waits in the loop at once: the spin would only hold up the other tasks)."""
+        if not self._asked:
+            return 0.0
+        self._asked = False
+        return self._spin if timeout is None else min(self._spin, timeout)
 
     def _fast_poll(self, spin: float = 0.0) -> Frame | tuple[int, bytes] | None:
         """A shared-memory ring's receive in one C call; if the ring is empty, spin on it
