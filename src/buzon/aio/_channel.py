@@ -36,7 +36,7 @@ from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, Unsuppor
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
 
-__all__ = ["Channel", "wait_fd", "wait_io", "wait_ready", "watchers"]
+__all__ = ["Channel", "forget_fd", "wait_fd", "wait_io", "wait_ready", "watchers"]
 
 T = TypeVar("T")
 
@@ -57,10 +57,21 @@ class _Watchers:
     ``buzon.aio.wait`` over the same channel would then leave one of them asleep for
     ever. So every wait registers its future here, and one loop callback per fd and
     direction wakes them all.
+
+    A channel's receive keeps its read fd registered after its wait (``keep``: the
+    channel's core, held alive meanwhile so its fd cannot be closed by the collector):
+    the next receive, a moment later, finds it registered, which saves two
+    ``epoll_ctl`` calls per message (a nested epoll's, as a ``shm:`` end's is, are
+    dear). An idle registration goes when its fd fires twice with nobody waiting (the
+    first may be stale), and the channel drops it before it closes its fds
+    (:meth:`forget`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._futs: dict[tuple[int, bool], set[asyncio.Future[None]]] = {}
+        self._kept: dict[tuple[int, bool], object] = {}  # idle registrations: their holder
+        self._fired: set[tuple[int, bool]] = set()  # idle ones that fired once already
 
     def add(
         self, loop: asyncio.AbstractEventLoop, fd: int, write: bool, fut: asyncio.Future[None]
@@ -70,10 +81,18 @@ class _Watchers:
         if waiting is None:
             waiting = self._futs[key] = set()
             (loop.add_writer if write else loop.add_reader)(fd, self._wake, key)
+        elif not waiting:
+            self._kept.pop(key, None)  # an idle registration: in use again
+            self._fired.discard(key)
         waiting.add(fut)
 
     def remove(
-        self, loop: asyncio.AbstractEventLoop, fd: int, write: bool, fut: asyncio.Future[None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        write: bool,
+        fut: asyncio.Future[None],
+        keep: Any = None,
     ) -> None:
         key = (fd, write)
         waiting = self._futs.get(key)
@@ -81,11 +100,37 @@ class _Watchers:
             return
         waiting.discard(fut)
         if not waiting:
-            del self._futs[key]
-            (loop.remove_writer if write else loop.remove_reader)(fd)
+            if keep is not None and not write and not keep.closed:
+                self._kept[key] = keep
+                return
+            self._drop(key)
+
+    def forget(self, fd: int, holder: object) -> None:
+        """``holder`` closes its fd ``fd``: drop its idle registration first."""
+        key = (fd, False)
+        if self._kept.get(key) is holder and not self._futs.get(key):
+            self._drop(key)
+
+    def _drop(self, key: tuple[int, bool]) -> None:
+        del self._futs[key]
+        self._kept.pop(key, None)
+        self._fired.discard(key)
+        loop = self._loop
+        (loop.remove_writer if key[1] else loop.remove_reader)(key[0])
 
     def _wake(self, key: tuple[int, bool]) -> None:
-        for fut in self._futs.get(key, ()):
+        waiting = self._futs.get(key)
+        if not waiting:
+            # An idle registration fired. Once may be stale: the loop polled while the
+            # task it had just woken had not yet read what woke it. Twice in a row, the
+            # fd is ready with nobody waiting: let it go (no busy loop).
+            if waiting is not None:
+                if key in self._fired:
+                    self._drop(key)
+                else:
+                    self._fired.add(key)
+            return
+        for fut in waiting:
             if not fut.done():
                 fut.set_result(None)
 
@@ -98,13 +143,26 @@ _watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchers] = (
 def watchers(loop: asyncio.AbstractEventLoop) -> _Watchers:
     w = _watchers.get(loop)
     if w is None:
-        w = _watchers[loop] = _Watchers()
+        w = _watchers[loop] = _Watchers(loop)
     return w
 
 
-async def wait_ready(reads: Iterable[int], writes: Iterable[int], deadline: float | None) -> bool:
+def forget_fd(fd: int, holder: object) -> None:
+    """Drop ``holder``'s idle registrations of ``fd`` in every loop (it closes ``fd``)."""
+    if fd < 0:
+        return
+    for loop, w in list(_watchers.items()):
+        if not loop.is_closed():
+            w.forget(fd, holder)
+
+
+async def wait_ready(
+    reads: Iterable[int], writes: Iterable[int], deadline: float | None, keep: Any = None
+) -> bool:
     """Wait until one of ``reads`` is readable or one of ``writes`` writable; False if
-    the deadline passed first. Other waiters on the same fds are not disturbed."""
+    the deadline passed first. Other waiters on the same fds are not disturbed.
+    ``keep``: the channel core whose read fds stay registered afterwards (see
+    :class:`_Watchers`)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
     w = watchers(loop)
@@ -125,10 +183,10 @@ async def wait_ready(reads: Iterable[int], writes: Iterable[int], deadline: floa
         return True
     finally:
         for fd, write in watched:
-            w.remove(loop, fd, write, fut)
+            w.remove(loop, fd, write, fut, keep)
 
 
-async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None:
+async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str, keep: Any = None) -> None:
     """Wait until ``rfd`` is readable or ``wfd`` writable (-1: not wanted).
 
     Raises :class:`Timeout` at the deadline and :class:`ChannelClosed` if neither fd
@@ -138,7 +196,7 @@ async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None
         raise ChannelClosed(f"cannot {what}: the channel has no fd for it")
     reads = [rfd] if rfd >= 0 else []
     writes = [wfd] if wfd >= 0 else []
-    if not await wait_ready(reads, writes, deadline):
+    if not await wait_ready(reads, writes, deadline, keep):
         raise Timeout(f"{what} timed out")
 
 
@@ -565,7 +623,7 @@ class Channel(ChannelIdentity):
             if not await wait_ready([core.read_fileno(), wfd], [], deadline):
                 raise Timeout(f"{what} timed out")
             return
-        await wait_io(core.read_fileno(), wfd, deadline, what)
+        await wait_io(core.read_fileno(), wfd, deadline, what, core)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
@@ -586,7 +644,7 @@ class Channel(ChannelIdentity):
             await asyncio.shield(self._closing)
             return
         if core.closed:
-            core.close()
+            self._release()
             return
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
@@ -594,6 +652,13 @@ class Channel(ChannelIdentity):
                 await self._run(flush_steps(core, "close"), deadline_of(core.options.close_timeout))
             except Exception:
                 pass  # the peer is gone: nothing more can be delivered
+        self._release()
+
+    def _release(self) -> None:
+        """Close the core, dropping first the event loops' idle registrations of its read
+        fd (see ``_Watchers``): a closed fd must not stay in a loop's selector."""
+        core = self._core
+        forget_fd(core.read_fileno(), core)
         core.close()
 
     def close(self) -> None:
@@ -606,8 +671,9 @@ class Channel(ChannelIdentity):
         the interpreter's exit hook like a blocking channel's."""
         core = self._core
         if core.closed or not core.owed:
-            core.close()
+            self._release()
             return
+        forget_fd(core.read_fileno(), core)
         core.begin_close()
         try:
             loop = asyncio.get_running_loop()
@@ -625,7 +691,7 @@ class Channel(ChannelIdentity):
         except Exception:  # the peer is gone, or time ran out: nothing more goes
             pass
         finally:
-            core.close()
+            self._release()
 
     async def __aenter__(self) -> Channel:
         return self
