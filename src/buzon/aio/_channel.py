@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -72,6 +73,7 @@ class _Watchers:
         self._futs: dict[tuple[int, bool], set[asyncio.Future[None]]] = {}
         self._kept: dict[tuple[int, bool], object] = {}  # idle registrations: their holder
         self._fired: set[tuple[int, bool]] = set()  # idle ones that fired once already
+        self._reused: set[tuple[int, bool]] = set()  # kept ones waited on again
 
     def add(
         self, loop: asyncio.AbstractEventLoop, fd: int, write: bool, fut: asyncio.Future[None]
@@ -84,6 +86,7 @@ class _Watchers:
         elif not waiting:
             self._kept.pop(key, None)  # an idle registration: in use again
             self._fired.discard(key)
+            self._reused.add(key)
         waiting.add(fut)
 
     def remove(
@@ -115,6 +118,7 @@ class _Watchers:
         del self._futs[key]
         self._kept.pop(key, None)
         self._fired.discard(key)
+        self._reused.discard(key)
         loop = self._loop
         (loop.remove_writer if key[1] else loop.remove_reader)(key[0])
 
@@ -130,6 +134,15 @@ class _Watchers:
                 else:
                     self._fired.add(key)
             return
+        if key in self._reused:
+            # The first wake-up after a kept registration was waited on again may come
+            # from a poll made before the task read what the previous one announced
+            # (a removed registration would have had it cancelled): look again.
+            self._reused.discard(key)
+            probe = select.poll()
+            probe.register(key[0], select.POLLOUT if key[1] else select.POLLIN)
+            if not probe.poll(0):
+                return
         for fut in waiting:
             if not fut.done():
                 fut.set_result(None)
