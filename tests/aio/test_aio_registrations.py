@@ -178,3 +178,38 @@ async def _close(a: Any, b: Any, lst: Any) -> None:
     await b.aclose()
     if lst is not None:
         lst.close()
+
+
+async def test_a_kept_registration_wakes_a_receive_only_for_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One wait per message in a ping-pong inside one loop: the loop's poll made before
+    a task read its input must not wake that task's next wait for nothing."""
+    from buzon.aio import _channel
+
+    waits = 0
+    original = _channel.wait_ready
+
+    async def counting(*args: Any, **kwargs: Any) -> bool:
+        nonlocal waits
+        waits += 1
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(_channel, "wait_ready", counting)
+    a, b = aio.pipe()
+
+    async def echo() -> None:
+        while (x := await b.recv(timeout=5)) is not None:
+            await b.send(x)
+
+    task = asyncio.ensure_future(echo())
+    try:
+        for i in range(100):
+            await a.send(i)
+            assert await a.recv(timeout=5) == i
+        await a.send(None)
+        await task
+        assert waits <= 200 + 2  # one per message each way (not two)
+    finally:
+        a.close()
+        b.close()
