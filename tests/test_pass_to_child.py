@@ -506,6 +506,11 @@ def test_shm_channel_with_an_open_loan_or_view_is_refused(runtime_dir: str) -> N
                                 _dumps(s)
                 c.send("still works")
                 assert s.recv(timeout=10) == "still works"
+                c.send("read ahead")
+                assert buzon.wait([s], timeout=10) == [s]  # took it from the ring
+                with pytest.raises(UnsupportedOperation, match="already read here"):
+                    _dumps(s)
+                assert s.recv(timeout=10) == "read ahead"  # the refusal lost nothing
 
 
 @pytest.mark.fd_check
@@ -572,3 +577,8 @@ def test_reliable_datagram_ends_are_refused(runtime_dir: str) -> None:
                         _dumps(end)
                 c.send("still works")
                 assert s.recv(timeout=10) == "still works"
+                c.send("read ahead")
+                assert buzon.wait([s], timeout=10) == [s]  # took it from the ring
+                with pytest.raises(UnsupportedOperation, match="already read here"):
+                    _dumps(s)
+                assert s.recv(timeout=10) == "read ahead"  # the refusal lost nothing
