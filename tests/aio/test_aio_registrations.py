@@ -213,3 +213,34 @@ async def test_a_kept_registration_wakes_a_receive_only_for_input(
     finally:
         a.close()
         b.close()
+
+
+def test_closing_from_another_thread_drops_the_registration_in_its_loop() -> None:
+    import threading
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+
+    async def make() -> tuple[Any, Any]:
+        a, b = aio.pipe()
+        await _echo_rounds(a, b, 2)
+        return a, b
+
+    async def registered(fd: int) -> bool:
+        return _registered(fd)
+
+    try:
+        a, b = run(make())
+        fd = b.fileno()
+        assert run(registered(fd))
+        b.close()  # from this thread, while the loop runs in the other
+        assert not run(registered(fd))  # dropped in the loop's own thread
+        a.close()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()

@@ -161,12 +161,22 @@ def watchers(loop: asyncio.AbstractEventLoop) -> _Watchers:
 
 
 def forget_fd(fd: int, holder: object) -> None:
-    """Drop ``holder``'s idle registrations of ``fd`` in every loop (it closes ``fd``)."""
+    """Drop ``holder``'s idle registrations of ``fd`` in every loop (it closes ``fd``);
+    in a loop running in another thread, through that loop (selectors are not
+    thread-safe)."""
     if fd < 0:
         return
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
     for loop, w in list(_watchers.items()):
-        if not loop.is_closed():
+        if loop.is_closed():
+            continue
+        if loop is running or not loop.is_running():
             w.forget(fd, holder)
+        else:
+            loop.call_soon_threadsafe(w.forget, fd, holder)
 
 
 async def wait_ready(
