@@ -269,6 +269,133 @@ def test_objects_pass_both_ways(method: str, runtime_dir: str) -> None:
     assert sorted(os.listdir(runtime_dir)) == []
 
 
+SHM_SCRIPT = r"""
+import multiprocessing as mp
+import os
+import sys
+import threading
+
+import buzon
+
+BIG = 200_000  # more than the 64 KiB rings hold: out of line, in a block
+
+
+def fds():
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
+def pair(name):
+    with buzon.listen(f"shm:{name}", ring_size=1 << 16, capacity=2) as lst:
+        got = []
+        t = threading.Thread(target=lambda: got.append(lst.accept(timeout=10)))
+        t.start()
+        mine = buzon.connect(f"shm:{name}", timeout=10, capacity=2)
+        t.join(10)
+    return mine, got[0]
+
+
+def child(end, plain, conn):
+    # the parent's mapped pooled block carries this one: mapped here through its fd
+    assert end.recv(timeout=60) == b"q" * BIG
+    assert end.capacity == 2 and end._core.sflow is not None, "the options were lost"
+    assert [end.recv(timeout=10) for _ in range(3)] == ["s1", "s2", "s3"]  # credits flow
+    end.send(b"Q" * BIG, timeout=10)
+    end.send("done", timeout=10)
+    end.close()
+    assert plain.recv(timeout=10) == "read ahead in the ring"  # left unread by the parent
+    plain.send(b"P" * BIG, timeout=10)
+    plain.close()
+    # child to parent, through a multiprocessing pipe: an end with a message waiting
+    here, there = pair("back")
+    here.send(b"z" * BIG, timeout=10)
+    conn.send(there)
+    there.close()
+    assert here.recv(timeout=10) == b"Z" * BIG
+    here.close()
+    conn.close()
+
+
+if __name__ == "__main__":
+    method = sys.argv[1]
+    ctx = mp.get_context(method)
+    if method != "fork":
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        if method == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
+    before = fds()
+    mine, theirs = pair("pass")
+    for _ in range(2):  # theirs maps mine's pooled block (its name is gone after that)
+        mine.send(b"p" * BIG, timeout=10)
+        assert theirs.recv(timeout=10) == b"p" * BIG
+    theirs.send(b"t" * BIG, timeout=10)
+    assert mine.recv(timeout=10) == b"t" * BIG
+    plain_mine, plain = pair("plain")
+    plain_mine.send("read ahead in the ring")
+    parent_conn, child_conn = ctx.Pipe()
+    proc = ctx.Process(target=child, args=(theirs, plain, child_conn), daemon=True)
+    proc.start()
+    child_conn.close()
+    theirs.close()  # the child holds it now
+    plain.close()
+    mine.send(b"q" * BIG, timeout=10)
+    for m in ("s1", "s2", "s3"):
+        mine.send(m, timeout=60)
+    assert mine.recv(timeout=60) == b"Q" * BIG
+    assert mine.recv(timeout=10) == "done"
+    assert plain_mine.recv(timeout=10) == b"P" * BIG
+    assert parent_conn.poll(30), "the child sent nothing back"
+    back = parent_conn.recv()
+    assert back.recv(timeout=10) == b"z" * BIG
+    back.send(b"Z" * BIG, timeout=10)
+    proc.join(60)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join(10)
+    exitcode = proc.exitcode
+    proc.close()
+    for obj in (mine, plain_mine, back, parent_conn):
+        obj.close()
+    left = sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"buzon-{os.getuid()}-"))
+    after = fds()
+    leaked = {fd: t for fd, t in after.items() if before.get(fd) != t}
+    print(exitcode, "segments:", left, "leaked:", leaked)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_shm_channel_ends_pass_both_ways(method: str, runtime_dir: str) -> None:
+    """An shm: end passes as a Process argument (pickled under spawn and forkserver: its
+    rings and the peer's blocks it maps go by fd) and back through a multiprocessing
+    pipe, with its options, credit state and the messages waiting in its ring."""
+    path = os.path.join(runtime_dir, "pass_shm.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(SHM_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, "-W", "error", path, method],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=runtime_dir,
+    )
+    os.unlink(path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout == "0 segments: [] leaked: {}\n"
+    assert sorted(os.listdir(runtime_dir)) == []
+
+
 # -- refusals: no child needed ------------------------------------------------------------
 
 
@@ -359,7 +486,7 @@ def test_channel_with_unwritten_bytes_is_refused() -> None:
 
 
 @pytest.mark.fd_check
-def test_shm_channel_is_refused_with_the_reason(runtime_dir: str) -> None:
+def test_shm_channel_with_an_open_loan_or_view_is_refused(runtime_dir: str) -> None:
     with buzon.listen("shm:refuse") as lst:
         accepted: list[buzon.Channel] = []
         t = threading.Thread(target=lambda: accepted.append(lst.accept(timeout=10)))
@@ -367,11 +494,23 @@ def test_shm_channel_is_refused_with_the_reason(runtime_dir: str) -> None:
         with buzon.connect("shm:refuse", timeout=10) as c:
             t.join(10)
             with accepted[0] as s:
-                for end in (c, s):
-                    with pytest.raises(UnsupportedOperation, match="shm: listener"):
-                        _dumps(end)
+                for nbytes in (64, 8 << 20):  # in the ring, and in a block
+                    with c.loan(nbytes) as buf:
+                        buf[:2] = b"ok"
+                        with pytest.raises(UnsupportedOperation, match="loan or a received"):
+                            _dumps(c)
+                    with s.recv_view(timeout=10) as view:
+                        assert bytes(view[:2]) == b"ok"
+                        if nbytes == 64:  # a view of a ring record (a block's is harmless)
+                            with pytest.raises(UnsupportedOperation, match="loan or a rece"):
+                                _dumps(s)
                 c.send("still works")
                 assert s.recv(timeout=10) == "still works"
+                c.send("read ahead")
+                assert buzon.wait([s], timeout=10) == [s]  # took it from the ring
+                with pytest.raises(UnsupportedOperation, match="already read here"):
+                    _dumps(s)
+                assert s.recv(timeout=10) == "read ahead"  # the refusal lost nothing
 
 
 @pytest.mark.fd_check
@@ -438,3 +577,8 @@ def test_reliable_datagram_ends_are_refused(runtime_dir: str) -> None:
                         _dumps(end)
                 c.send("still works")
                 assert s.recv(timeout=10) == "still works"
+                c.send("read ahead")
+                assert buzon.wait([s], timeout=10) == [s]  # took it from the ring
+                with pytest.raises(UnsupportedOperation, match="already read here"):
+                    _dumps(s)
+                assert s.recv(timeout=10) == "read ahead"  # the refusal lost nothing

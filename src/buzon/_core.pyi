@@ -29,6 +29,7 @@ class Ring:
     closed: bool
     slot: int
     used: int
+    loans: int
     spin: bool
     @classmethod
     def create(

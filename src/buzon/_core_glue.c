@@ -549,9 +549,11 @@ own_first_slot(Ring *r)
 }
 
 /* The start both Ring.attach and Block.attach share: parse the name (a borrowed
- * reference in *name), refuse a /proc path (attach takes names; inspect takes more),
- * open the segment checked as `kind` (its header copied to *copy), and make the object
- * with its fd and slot count. NULL with an exception set on failure. */
+ * reference in *name), refuse a /proc path other than "/proc/self/fd/N" (attach takes
+ * names, or a segment this process holds by an fd: the end of a shm: channel passed to
+ * another process, whose rings have no name any more; inspect takes more), open the
+ * segment checked as `kind` (its header copied to *copy), and make the object with its
+ * fd and slot count. NULL with an exception set on failure. */
 Ring *
 attach_begin(PyTypeObject *type, PyObject *args, enum seg_kind kind, header_t *copy,
              PyObject **name)
@@ -563,8 +565,9 @@ attach_begin(PyTypeObject *type, PyObject *args, enum seg_kind kind, header_t *c
     if (cname == NULL) {
         return NULL;
     }
-    if (strncmp(cname, "/proc/", 6) == 0) {
-        PyErr_SetString(PyExc_ValueError, "attach takes a segment name (inspect takes more)");
+    if (strncmp(cname, "/proc/", 6) == 0 && strncmp(cname, "/proc/self/fd/", 14) != 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "attach takes a segment name or /proc/self/fd/N (inspect takes more)");
         return NULL;
     }
     int fd = open_checked(cname, *name, O_RDWR, kind, copy);

@@ -552,6 +552,14 @@ ring_get_slot(Ring *r, void *Py_UNUSED(c))
     return PyLong_FromLong(r->slot);
 }
 
+/* loans: this object's loans and received views not finished yet (an end of a shm:
+ * channel with one open is not passed to another process) */
+static PyObject *
+ring_get_loans(Ring *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromSsize_t(r->exports);
+}
+
 static PyObject *
 ring_get_used(Ring *r, void *Py_UNUSED(c))
 {
@@ -629,6 +637,7 @@ static PyGetSetDef ring_getset[] = {
     {"closed", (getter)ring_get_closed, NULL, "closed by this process", NULL},
     {"slot", (getter)ring_get_slot, NULL, "our participant slot", NULL},
     {"used", (getter)ring_get_used, NULL, "bytes between tail and head", NULL},
+    {"loans", (getter)ring_get_loans, NULL, "loans and views of ours not finished", NULL},
     {"spin", (getter)ring_get_spin, (setter)ring_set_spin, "spin before sleeping", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -14,9 +14,13 @@ hook where each class is defined) registers :func:`_reduce` for a class with
 * **channel ends** (blocking driver): the transport's fds go through ``DupFd``; the
   child rebuilds the transport and a channel with the same options (codec, pickle,
   raw, max_frame, capacity, ...) and the same credit state (messages numbered, limits
-  granted, a rendezvous offer out). pipe, fifo, mq, unix, tcp (without TLS), unixgram
-  and udp (without ``reliable``) ends pass; ``shm:``, TLS and reliable-datagram ends
-  keep state only this process can hold and are refused (:func:`_transport_parts`).
+  granted, a rendezvous offer out). pipe, fifo, mq, unix, tcp (without TLS), unixgram,
+  udp (without ``reliable``) and shm ends pass; TLS and reliable-datagram ends keep
+  state only this process can hold and are refused (:func:`_transport_parts`). An shm
+  end's rings have no name once both ends attached: their segments go by fd too, with
+  the peer's blocks it maps, and the child attaches them through ``/proc/self/fd``
+  (``ShmTransport.export``/``rebuild``); both processes then hold the end as after a
+  fork (``shared``), and one with a loan or a received ring view open is refused.
 * **listeners** (``unix:``, ``tcp://`` without TLS, ``shm:``): the listening socket.
 * :class:`~buzon.BoundedBuffer`, ``shared_array``, ``shared_value``: by the name of
   their segment (unguessable, so nobody else can plant one), which the child attaches.
@@ -190,6 +194,7 @@ class _ChannelState(NamedTuple):
     taken: int
     tokens: tuple[Any, ...] | None  # a TokenPool's state, its fds as slots
     native_capacity: int  # a bound the mechanism keeps itself (a POSIX queue's maxmsg)
+    taking: bool  # the receiver reports its takes (credits, receipts, tokens)
 
 
 def _why_not(core: Any) -> str | None:
@@ -245,6 +250,7 @@ def _reduce_channel(channel: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         taken=core.taken,
         tokens=tokens,
         native_capacity=core.transport.native_capacity,
+        taking=core.taking,
     )
     return _rebuild_channel, (fds.dups, parts, state)
 
@@ -256,6 +262,7 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
     from .transport._fdstream import FdStreamTransport, SocketStreamTransport
     from .transport.fifo import FifoReader, FifoWriter
     from .transport.mq import MQTransport
+    from .transport.shm import ShmTransport
 
     t = core.transport
     kind = type(t)
@@ -295,19 +302,20 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
             t.last_peer,
             t.peer,
         )
+    if kind is ShmTransport:
+        if t.lending():
+            raise UnsupportedOperation(
+                "this shm channel cannot be passed now: a loan or a received view of it "
+                "is still open (finish the `with ch.loan()` / `with ch.recv_view()` first)"
+            )
+        return ("shm", t.export(fds.slot))
     if getattr(t, "tls", None) is not None:
         why = "its TLS session (keys, sequence numbers) lives in this process's OpenSSL"
-    elif t.ring_ops is not None:  # a shared-memory ring (shm:)
-        why = (
-            "its rings' names are gone once both ends attached, and its out-of-line "
-            "blocks are tracked by this process. Pass the shm: listener, connect from "
-            "the child, or start the child with fork (an inherited end works)"
-        )
     else:
         why = f"buzon does not know how to copy a {kind.__name__}"
     raise UnsupportedOperation(
-        f"a {t.scheme} channel cannot be passed to another process: {why}"
-        + ("" if t.ring_ops is not None else ". Connect from the child instead")
+        f"a {t.scheme} channel cannot be passed to another process: {why}. "
+        "Connect from the child instead"
     )
 
 
@@ -319,6 +327,10 @@ def _rebuild_transport(parts: tuple[Any, ...], fds: list[int]) -> Any:
     from .transport.mq import MQTransport
 
     kind = parts[0]
+    if kind == "shm":
+        from .transport.shm import ShmTransport
+
+        return ShmTransport.rebuild(parts[1], fds)
     if kind in ("fifo-r", "fifo-w"):
         from .transport.fifo import FifoReader, FifoWriter
 
@@ -382,6 +394,9 @@ def _rebuild_channel(dups: list[Any], parts: tuple[Any, ...], state: _ChannelSta
     if state.rflow is not None:
         core.rflow = state.rflow
     core.taken = state.taken
+    if state.taking and not core.taking:  # receipts were asked of it: it counts its takes
+        core.taking = True
+    core._fast_paths()  # the ring calls only where the carried-over state allows them
     return Channel(core)
 
 

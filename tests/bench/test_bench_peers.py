@@ -181,15 +181,18 @@ def _result(case_id: str, **values: float) -> Result:
 
 
 PASSING = [
-    _result("buzon/shm/rt64", p50=3.0),
-    _result("mp/Pipe/rt64", p50=50.0),  # 3 <= 0.1 x 50
-    _result("iceoryx2/pubsub/rt64", p50=2.0),  # 3 <= 2 x 2
+    _result("buzon/shm/rt64", p50=2.0),
+    _result("mp/Pipe/rt64", p50=50.0),  # 2 <= 0.05 x 50
+    _result("iceoryx2/pubsub/rt64", p50=2.0),  # 2 <= 2 x 2
+    _result("buzon-rv/shm/rt64", p50=2.5),  # <= 3 us
+    _result("buzon-aio/shm/rt64", p50=8.0),  # <= 10 us
     _result("buzon/shm/oneway64", rate=2.5e6),
     _result("buzon-batch/shm/oneway64", rate=4e6),
     _result("mp/Pipe/oneway64", rate=4e5),  # 2.5M >= 5 x 400k
     _result("iceoryx2/pubsub/oneway64", rate=7e5),  # 2.5M >= 2.6 x 700k
     _result("zmq/pair-ipc/oneway64", rate=2.2e6),  # 2.5M (and 1.9M) >= 0.8 x 2.2M
     _result("buzon/shm/oneway1m", bandwidth=9000.0),
+    _result("buzon-bytes/shm/oneway1m", bandwidth=8500.0),
     _result("faster-fifo/queue/oneway1m", bandwidth=8000.0),
     _result("buzon/shm/numpy64m", gbps=11.0),
     _result("buzon-loan/shm/numpy64m", gbps=16.0),
@@ -205,11 +208,14 @@ def _shm_targets(results: list[Result]) -> dict[str, str]:
 
 def test_shm_targets_pass_fail_and_na_from_given_numbers() -> None:
     labels = [spec[0] for spec in SHM_TARGETS]
-    assert len(labels) == len(set(labels)) == 15
+    assert len(labels) == len(set(labels)) == 18
     assert _shm_targets(PASSING) == dict.fromkeys(labels, "PASS")
 
     slower = {
-        "buzon/shm/rt64": {"p50": 5.1},  # > 0.1 x mp (5.0) and > 2 x iceoryx2 (4.0)
+        "buzon/shm/rt64": {"p50": 5.1},  # > 0.05 x mp (2.5) and > 2 x iceoryx2 (4.0)
+        "buzon-rv/shm/rt64": {"p50": 3.1},
+        "buzon-aio/shm/rt64": {"p50": 10.5},
+        "buzon-bytes/shm/oneway1m": {"bandwidth": 7900.0},  # < faster-fifo (8000)
         "buzon/shm/oneway64": {"rate": 1.9e6},  # < 2M and < 5 x 400k (still >= the others)
         "buzon/shm/numpy64m": {"gbps": 9.9},
         "buzon/BoundedBuffer/4p4c": {"rate": 1.9e6},  # < 10 x 200k and < 3 x 900k
@@ -221,6 +227,9 @@ def test_shm_targets_pass_fail_and_na_from_given_numbers() -> None:
     for label in (
         "rt64 p50 vs mp.Pipe",
         "rt64 p50 vs iceoryx2",
+        "rendezvous rt64 p50 vs 3 us",
+        "asyncio rt64 p50 vs 10 us",
+        "oneway1m recv_bytes() vs faster-fifo",
         "oneway64 vs 2M msg/s",
         "oneway64 vs mp.Pipe",
         "numpy64m channel vs 10 GB/s",
@@ -250,7 +259,7 @@ def test_render_shows_the_shm_block_and_bulk_tables() -> None:
     assert "buzon ring loan" in text and "16.00" in text
     assert "4 producers x 4 consumers" in text
     line = next(x for x in text.splitlines() if "rt64 p50 vs mp.Pipe" in x)
-    assert "0.06x" in line and "PASS" in line
+    assert "0.04x" in line and "PASS" in line
 
 
 def test_peers_are_an_optional_group_not_dev() -> None:

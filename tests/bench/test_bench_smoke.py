@@ -141,6 +141,31 @@ def test_named_endpoints_are_removed(tmp_path: Path, private_dirs: tuple[Path, P
         assert r["status"] in {"ok", "n/a", "skipped"}, (r["id"], r["note"])
 
 
+def test_asyncio_rows_run_and_leave_nothing_behind(
+    tmp_path: Path, private_dirs: tuple[Path, Path]
+) -> None:
+    """``buzon-aio``: an asyncio ping loop against an asyncio echo loop in the child."""
+    before = _process_state()
+    out = tmp_path / "aio.json"
+
+    args = ["--quick", "--seconds", "0.03", "--only", "buzon-aio/", "--no-progress"]
+    rc = main([*args, "--json", str(out)])
+
+    assert rc == 0
+    assert _process_state() == before
+    scratch, runtime = private_dirs
+    assert list(scratch.iterdir()) == []
+    assert not runtime.exists() or list(runtime.iterdir()) == []
+    doc = json.loads(out.read_text())
+    ids = {r["id"] for r in doc["results"]}
+    assert {"buzon-aio/shm/rt64", "buzon-aio/unix/rt64", "buzon-aio/pipe/oneway64"} <= ids
+    _check_document(doc, ids)
+    for r in doc["results"]:
+        assert r["status"] == "ok", (r["id"], r["note"])
+    targets = {t["transport"]: t for t in doc["targets"] if t["id"] == "i"}
+    assert targets["asyncio rt64 p50 vs 10 us"]["status"] in {"PASS", "FAIL"}
+
+
 def test_a_hung_case_is_stopped_and_cleaned_up(tmp_path: Path) -> None:
     """The watchdog kills the child and unblocks a recv that has no EOF to wake it."""
 

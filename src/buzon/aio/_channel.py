@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -36,7 +37,7 @@ from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, Unsuppor
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
 
-__all__ = ["Channel", "wait_fd", "wait_io", "wait_ready", "watchers"]
+__all__ = ["Channel", "forget_fd", "wait_fd", "wait_io", "wait_ready", "watchers"]
 
 T = TypeVar("T")
 
@@ -57,10 +58,22 @@ class _Watchers:
     ``buzon.aio.wait`` over the same channel would then leave one of them asleep for
     ever. So every wait registers its future here, and one loop callback per fd and
     direction wakes them all.
+
+    A channel's receive keeps its read fd registered after its wait (``keep``: the
+    channel's core, held alive meanwhile so its fd cannot be closed by the collector):
+    the next receive, a moment later, finds it registered, which saves two
+    ``epoll_ctl`` calls per message (a nested epoll's, as a ``shm:`` end's is, are
+    dear). An idle registration goes when its fd fires twice with nobody waiting (the
+    first may be stale), and the channel drops it before it closes its fds
+    (:meth:`forget`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._futs: dict[tuple[int, bool], set[asyncio.Future[None]]] = {}
+        self._kept: dict[tuple[int, bool], object] = {}  # idle registrations: their holder
+        self._fired: set[tuple[int, bool]] = set()  # idle ones that fired once already
+        self._reused: set[tuple[int, bool]] = set()  # kept ones waited on again
 
     def add(
         self, loop: asyncio.AbstractEventLoop, fd: int, write: bool, fut: asyncio.Future[None]
@@ -70,10 +83,19 @@ class _Watchers:
         if waiting is None:
             waiting = self._futs[key] = set()
             (loop.add_writer if write else loop.add_reader)(fd, self._wake, key)
+        elif not waiting:
+            self._kept.pop(key, None)  # an idle registration: in use again
+            self._fired.discard(key)
+            self._reused.add(key)
         waiting.add(fut)
 
     def remove(
-        self, loop: asyncio.AbstractEventLoop, fd: int, write: bool, fut: asyncio.Future[None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        write: bool,
+        fut: asyncio.Future[None],
+        keep: Any = None,
     ) -> None:
         key = (fd, write)
         waiting = self._futs.get(key)
@@ -81,11 +103,47 @@ class _Watchers:
             return
         waiting.discard(fut)
         if not waiting:
-            del self._futs[key]
-            (loop.remove_writer if write else loop.remove_reader)(fd)
+            if keep is not None and not write and not keep.closed:
+                self._kept[key] = keep
+                return
+            self._drop(key)
+
+    def forget(self, fd: int, holder: object) -> None:
+        """``holder`` closes its fd ``fd``: drop its idle registration first."""
+        key = (fd, False)
+        if self._kept.get(key) is holder and not self._futs.get(key):
+            self._drop(key)
+
+    def _drop(self, key: tuple[int, bool]) -> None:
+        del self._futs[key]
+        self._kept.pop(key, None)
+        self._fired.discard(key)
+        self._reused.discard(key)
+        loop = self._loop
+        (loop.remove_writer if key[1] else loop.remove_reader)(key[0])
 
     def _wake(self, key: tuple[int, bool]) -> None:
-        for fut in self._futs.get(key, ()):
+        waiting = self._futs.get(key)
+        if not waiting:
+            # An idle registration fired. Once may be stale: the loop polled while the
+            # task it had just woken had not yet read what woke it. Twice in a row, the
+            # fd is ready with nobody waiting: let it go (no busy loop).
+            if waiting is not None:
+                if key in self._fired:
+                    self._drop(key)
+                else:
+                    self._fired.add(key)
+            return
+        if key in self._reused:
+            # The first wake-up after a kept registration was waited on again may come
+            # from a poll made before the task read what the previous one announced
+            # (a removed registration would have had it cancelled): look again.
+            self._reused.discard(key)
+            probe = select.poll()
+            probe.register(key[0], select.POLLOUT if key[1] else select.POLLIN)
+            if not probe.poll(0):
+                return
+        for fut in waiting:
             if not fut.done():
                 fut.set_result(None)
 
@@ -98,13 +156,36 @@ _watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchers] = (
 def watchers(loop: asyncio.AbstractEventLoop) -> _Watchers:
     w = _watchers.get(loop)
     if w is None:
-        w = _watchers[loop] = _Watchers()
+        w = _watchers[loop] = _Watchers(loop)
     return w
 
 
-async def wait_ready(reads: Iterable[int], writes: Iterable[int], deadline: float | None) -> bool:
+def forget_fd(fd: int, holder: object) -> None:
+    """Drop ``holder``'s idle registrations of ``fd`` in every loop (it closes ``fd``);
+    in a loop running in another thread, through that loop (selectors are not
+    thread-safe)."""
+    if fd < 0:
+        return
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for loop, w in list(_watchers.items()):
+        if loop.is_closed():
+            continue
+        if loop is running or not loop.is_running():
+            w.forget(fd, holder)
+        else:
+            loop.call_soon_threadsafe(w.forget, fd, holder)
+
+
+async def wait_ready(
+    reads: Iterable[int], writes: Iterable[int], deadline: float | None, keep: Any = None
+) -> bool:
     """Wait until one of ``reads`` is readable or one of ``writes`` writable; False if
-    the deadline passed first. Other waiters on the same fds are not disturbed."""
+    the deadline passed first. Other waiters on the same fds are not disturbed.
+    ``keep``: the channel core whose read fds stay registered afterwards (see
+    :class:`_Watchers`)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
     w = watchers(loop)
@@ -125,10 +206,10 @@ async def wait_ready(reads: Iterable[int], writes: Iterable[int], deadline: floa
         return True
     finally:
         for fd, write in watched:
-            w.remove(loop, fd, write, fut)
+            w.remove(loop, fd, write, fut, keep)
 
 
-async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None:
+async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str, keep: Any = None) -> None:
     """Wait until ``rfd`` is readable or ``wfd`` writable (-1: not wanted).
 
     Raises :class:`Timeout` at the deadline and :class:`ChannelClosed` if neither fd
@@ -138,7 +219,7 @@ async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None
         raise ChannelClosed(f"cannot {what}: the channel has no fd for it")
     reads = [rfd] if rfd >= 0 else []
     writes = [wfd] if wfd >= 0 else []
-    if not await wait_ready(reads, writes, deadline):
+    if not await wait_ready(reads, writes, deadline, keep):
         raise Timeout(f"{what} timed out")
 
 
@@ -163,6 +244,8 @@ class Channel(ChannelIdentity):
         self._rendezvous = core.capacity == 0
         self._flow = core.taking
         self._closing: asyncio.Task[None] | None = None  # close() writing what is owed
+        self._spin = core.options.spin  # a shm ring's receive spins this long at most
+        self._asked = False  # sent since the last receive: an answer may be on its way
 
     @property
     def capacity(self) -> int | None:
@@ -174,6 +257,7 @@ class Channel(ChannelIdentity):
 
     async def send(self, obj: Any, timeout: float | None = None, *, priority: int = 0) -> None:
         core = self._core
+        self._asked = True
         bufs = core.encode(obj)
         fast = core.fast_send  # a shared-memory ring: one C call (see ChannelCore)
         if fast is not None and not priority and len(bufs) == 1 and not self._wlock.locked():
@@ -184,6 +268,7 @@ class Channel(ChannelIdentity):
             await self._send(bufs, deadline_of(timeout), priority)
 
     def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
+        self._asked = True
         if self._wlock.locked():
             raise Full("another task is sending")
         self._send_now(self._core.encode(obj), priority)
@@ -204,6 +289,7 @@ class Channel(ChannelIdentity):
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> None:
         core = self._core
+        self._asked = True
         fast = core.fast_send
         if (
             fast is not None
@@ -218,6 +304,7 @@ class Channel(ChannelIdentity):
             await self._send(core.encode_bytes(data), deadline_of(timeout), priority)
 
     def send_bytes_nowait(self, data: Buffer, *, priority: int = 0) -> None:
+        self._asked = True
         if self._wlock.locked():
             raise Full("another task is sending")
         self._send_now(self._core.encode_bytes(data), priority)
@@ -240,6 +327,7 @@ class Channel(ChannelIdentity):
         self, bufs: list[Buffer], timeout: float | None, priority: int
     ) -> Receipt:
         core = self._core
+        self._asked = True
         flow = core.receipt_flow()
         deadline = deadline_of(timeout)
         async with self._wlock:
@@ -264,6 +352,7 @@ class Channel(ChannelIdentity):
 
     async def _send_batch(self, items: Iterable[Any], timeout: float | None, as_bytes: bool) -> int:
         core = self._core
+        self._asked = True
         deadline = deadline_of(timeout)
         async with self._wlock:
             fast = core.fast_send_frames
@@ -389,7 +478,10 @@ class Channel(ChannelIdentity):
     async def recv(self, timeout: float | None = None, *, type: Any = Any) -> Any:
         async with self._rlock:
             core = self._core
-            item = self._fast_poll() if core.fast_recv is not None else core.poll()
+            if core.fast_recv is not None:
+                item = self._fast_poll(self._spin_now(timeout))
+            else:
+                item = core.poll()
             if item is None:
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_object(item, type)
@@ -411,20 +503,43 @@ class Channel(ChannelIdentity):
     async def recv_bytes(self, timeout: float | None = None) -> bytes:
         async with self._rlock:
             core = self._core
-            item = self._fast_poll() if core.fast_recv is not None else core.poll()
+            if core.fast_recv is not None:
+                item = self._fast_poll(self._spin_now(timeout))
+            else:
+                item = core.poll()
             if item is None:
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_bytes(item)
 
-    def _fast_poll(self) -> Frame | tuple[int, bytes] | None:
-        """A shared-memory ring's receive in one C call (``None``: wait the usual way,
-        which arms the ring's eventfd)."""
+    def _spin_now(self, timeout: float | None) -> float:
+        """How long a receive on a shm ring may spin: ``spin`` (bounded by the timeout)
+        when this channel sent something since its last receive, so an answer may be
+        on its way; else 0 (a stream only received, or a loop serving many channels,
+        waits in the loop at once: the spin would only hold up the other tasks)."""
+        if not self._asked:
+            return 0.0
+        self._asked = False
+        return self._spin if timeout is None else min(self._spin, timeout)
+
+    def _fast_poll(self, spin: float = 0.0) -> Frame | tuple[int, bytes] | None:
+        """A shared-memory ring's receive in one C call; if the ring is empty, spin on it
+        for at most ``spin`` seconds (GIL released, nothing armed, no system call: the
+        peer's answer to what this task just sent usually comes within a few
+        microseconds, far sooner than a trip through the event loop). ``None``: wait
+        the usual way, which arms the ring's eventfd."""
         core = self._core
         recv = core.fast_recv
         if recv is None or core.inbox:
             return core.poll()
         got = recv(core.max_frame)
-        if got is None or got[0] >= 0:
+        if got is None:
+            wait = core.fast_spin
+            if spin <= 0.0 or wait is None or not wait(spin):
+                return None
+            got = recv(core.max_frame)
+            if got is None:
+                return None
+        if got[0] >= 0:
             return got
         return core.fast_other(got)
 
@@ -531,7 +646,7 @@ class Channel(ChannelIdentity):
             if not await wait_ready([core.read_fileno(), wfd], [], deadline):
                 raise Timeout(f"{what} timed out")
             return
-        await wait_io(core.read_fileno(), wfd, deadline, what)
+        await wait_io(core.read_fileno(), wfd, deadline, what, core)
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
@@ -552,7 +667,7 @@ class Channel(ChannelIdentity):
             await asyncio.shield(self._closing)
             return
         if core.closed:
-            core.close()
+            self._release()
             return
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
@@ -560,6 +675,13 @@ class Channel(ChannelIdentity):
                 await self._run(flush_steps(core, "close"), deadline_of(core.options.close_timeout))
             except Exception:
                 pass  # the peer is gone: nothing more can be delivered
+        self._release()
+
+    def _release(self) -> None:
+        """Close the core, dropping first the event loops' idle registrations of its read
+        fd (see ``_Watchers``): a closed fd must not stay in a loop's selector."""
+        core = self._core
+        forget_fd(core.read_fileno(), core)
         core.close()
 
     def close(self) -> None:
@@ -572,8 +694,9 @@ class Channel(ChannelIdentity):
         the interpreter's exit hook like a blocking channel's."""
         core = self._core
         if core.closed or not core.owed:
-            core.close()
+            self._release()
             return
+        forget_fd(core.read_fileno(), core)
         core.begin_close()
         try:
             loop = asyncio.get_running_loop()
@@ -591,7 +714,7 @@ class Channel(ChannelIdentity):
         except Exception:  # the peer is gone, or time ran out: nothing more goes
             pass
         finally:
-            core.close()
+            self._release()
 
     async def __aenter__(self) -> Channel:
         return self

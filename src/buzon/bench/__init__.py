@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from ._aio import aio_cases
 from ._bulk import bulk_cases
 from ._buzon import BUZON_TRANSPORTS, buzon_cases
 from ._harness import (
@@ -63,6 +64,7 @@ def all_cases() -> list[Case]:
             cases += raw_cases(transport)
         if transport in BUZON_TRANSPORTS:
             cases += buzon_cases(transport)
+        cases += aio_cases(transport)
     return cases + peer_cases() + bulk_cases()
 
 

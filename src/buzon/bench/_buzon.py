@@ -95,6 +95,7 @@ class _BuzonSide(Side):
         batch: bool = False,
         receipts: bool = False,
         await_end: bool = False,
+        fresh: bool = False,
     ):
         self._r = r
         self._w = w
@@ -102,6 +103,7 @@ class _BuzonSide(Side):
         self.batch = batch
         self.receipts = receipts  # every message sent with send_bytes_async
         self.await_end = await_end
+        self.fresh = fresh  # 1 MiB drained with recv_bytes (a new bytes each), not _into
 
     def _await_peer_end(self) -> None:
         """reliable=True, parent side: after the data, read on until the peer's end.
@@ -152,7 +154,7 @@ class _BuzonSide(Side):
             self._w.close()
 
     def drain(self, size: int, window: RecvWindow) -> tuple[float, int]:
-        if size >= _BIG:
+        if size >= _BIG and not self.fresh:
             result = drain_into(self._r.recv_bytes_into, size, window)
         else:
             result = super().drain(size, window)
@@ -177,9 +179,11 @@ def _link(
     batch: bool = False,
     receipts: bool = False,
     relay: str | None = None,
+    fresh: bool = False,
 ) -> LinkMaker:
     """``relay``: the child reaches the parent's listener through a chaos relay (in the
-    parent) with this profile."""
+    parent) with this profile; ``fresh``: the parent drains 1 MiB messages with
+    ``recv_bytes`` (a new bytes object each) instead of ``recv_bytes_into``."""
     reliable = bool(options.get("reliable"))
     lossy = transport == "udp" and not reliable
 
@@ -247,7 +251,13 @@ def _link(
             ch = lst.accept(timeout=_TIMEOUT)
             ctx.close_later(ch)
             side = _BuzonSide(
-                ch, ch, lossy=lossy, batch=batch, receipts=receipts, await_end=reliable
+                ch,
+                ch,
+                lossy=lossy,
+                batch=batch,
+                receipts=receipts,
+                await_end=reliable,
+                fresh=fresh,
             )
             return handshake_parent(side)
 
@@ -287,10 +297,16 @@ def buzon_cases(transport: str) -> list[Case]:
     if transport in ("pipe", "fifo", "unix", "tcp", "shm"):
         batched = cases_for("buzon-batch", transport, _link(transport, {}, batch=True))
         cases.extend(c for c in batched if c.metric == "oneway64")
-    if transport in ("pipe", "unix", "tcp"):
-        # link semantics: rendezvous round trips, and a stream sent with receipts
+    if transport == "shm":
+        # 1 MiB received the way users receive it: recv_bytes(), a new bytes each
+        fresh = cases_for("buzon-bytes", transport, _link(transport, {}, fresh=True))
+        cases.extend(c for c in fresh if c.metric == "oneway1m")
+    if transport in ("pipe", "unix", "tcp", "shm"):
+        # link semantics: rendezvous round trips
         rv = cases_for("buzon-rv", transport, _link(transport, {"capacity": 0}))
         cases.extend(c for c in rv if c.metric == "rt64")
+    if transport in ("pipe", "unix", "tcp"):
+        # a stream sent with receipts
         rc = cases_for("buzon-receipts", transport, _link(transport, {}, receipts=True))
         cases.extend(c for c in rc if c.metric == "oneway64")
     if transport in ("udp", "unixgram"):

@@ -11,6 +11,7 @@ import select
 import socket
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ... import _core
 from ...address import Address
@@ -159,6 +160,74 @@ class ShmTransport(MessageTransport):
 
     def _peer_gone(self) -> bool:
         return self._drain_socket()
+
+    def lending(self) -> bool:
+        """A loan (``Channel.loan``, in the ring or in a block: its reference is a ring
+        record) or a received view of a ring record (``recv_view``) is still open."""
+        return bool(self._tx.loans or self._rx.loans)
+
+    # -- passing this end to another process (buzon._reduction) ------------------------
+
+    def export(self, slot: Callable[[int], int]) -> tuple[object, ...]:
+        """What another process needs to hold this end too, every fd named by
+        ``slot(fd)`` (it travels through ``multiprocessing``'s fd passing): the socket,
+        both rings' segments (nameless once both ends attached: attached again there
+        by fd), the four notify fds, the peer's pooled blocks we map and the blocks
+        handed to us not yet attached. From now on two processes hold this end, as
+        after a fork (``shared``): neither removes what the other may still read, and
+        each sends its large messages in one-shot blocks."""
+        if self.closed:
+            raise ChannelClosed(f"{self.address} is closed")
+        self.shared = True
+        return (
+            slot(self._sock.fileno()),
+            slot(self._tx.fileno()),
+            slot(self._rx.fileno()),
+            tuple(
+                slot(fd) for fd in (self._rx_data, self._tx_data, self._rx_space, self._tx_space)
+            ),
+            self.address,
+            self.peer,
+            tuple((name, slot(b.fileno())) for name, b in self._rx_blocks.items()),
+            tuple((name, slot(fd)) for name, fd in self._handed.items()),
+        )
+
+    @classmethod
+    def rebuild(cls, parts: tuple[Any, ...], fds: list[int]) -> ShmTransport:
+        """The other process's side of :meth:`export` (``fds``: what the slots name, now
+        ours; each is kept or closed here, also on failure)."""
+        sock_at, tx_at, rx_at, notify, address, peer, rx_blocks, handed = parts
+        made: list[Any] = []
+
+        def attach(kind: Any, at: int) -> Any:
+            seg = kind.attach(f"/proc/self/fd/{fds[at]}")  # our own description and slot
+            made.append(seg)
+            return seg
+
+        sock = None
+        try:
+            tx = attach(_core.Ring, tx_at)
+            rx = attach(_core.Ring, rx_at)
+            blocks = {name: attach(_core.Block, at) for name, at in rx_blocks}
+            four = (fds[notify[0]], fds[notify[1]], fds[notify[2]], fds[notify[3]])
+            sock = socket.socket(fileno=fds[sock_at])
+            self = cls(sock, tx, rx, four, address=address, peer=peer)
+        except BaseException:
+            if sock is not None:
+                sock.detach()  # closed below with the others
+            for seg in made:
+                with contextlib.suppress(Exception):
+                    seg.close()
+            for fd in set(fds):
+                os.close(fd)
+            raise
+        self.shared = True
+        self._rx_blocks = blocks
+        self._handed = {name: fds[at] if at >= 0 else -1 for name, at in handed}
+        kept = {fds[sock_at], *four, *self._handed.values()}
+        for fd in set(fds) - kept:  # the segments' fds: attached above through our own
+            os.close(fd)
+        return self
 
     def recv_message(self) -> bytes | memoryview | None:
         if self.closed:
