@@ -100,7 +100,7 @@ def _connect_and_send(url: str, driver: str, message: str, **options: Any) -> No
 def check_connect_retry(transport: str, driver: str) -> None:
     """(18) connect(url, timeout=T) keeps trying until T: it reaches an endpoint that
     appears only later, and for one that never appears raises Timeout (naming the
-    cause) when T has passed, not before; retry=False fails at once."""
+    cause) when T has passed, not before; retry=False fails at once (4h)."""
     import buzon
 
     from ... import aio
@@ -136,7 +136,9 @@ def check_connect_retry(transport: str, driver: str) -> None:
 
 
 def check_accept_timeout(transport: str, driver: str) -> None:
-    """(19) accept(timeout=0) in a loop establishes every connecting peer."""
+    """(19) accept(timeout=T) bounds the wait for a connection only (4d): peers
+    connecting while the server calls accept(timeout=0) in a loop are all
+    established, none refused."""
     import buzon
 
     from ... import aio
@@ -190,7 +192,8 @@ def check_accept_timeout(transport: str, driver: str) -> None:
 
 
 def check_admission(transport: str, driver: str) -> None:
-    """(20) silent connections beyond max_pending evict the oldest; good clients pass."""
+    """(20) Admission (4e): silent connections (connect, say nothing) beyond
+    max_pending evict the oldest of them; a good client still gets through."""
     import socket
 
     import buzon
