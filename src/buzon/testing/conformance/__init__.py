@@ -46,6 +46,7 @@ from ._capacity import check_bounded, check_receipts, check_rendezvous, check_un
 from ._contracts import (
     check_dead_peer_flush,
     check_dead_peer_send,
+    check_giving_up,
     check_memory_bound,
     check_pass_to_child,
     check_several_writers,
@@ -128,6 +129,7 @@ ESTABLISHMENT_CHECKS: dict[str, Callable[[str, str], None]] = {
 listener and clients."""
 
 CONTRACT_CHECKS: dict[str, Callable[[str, str], None]] = {
+    "giving_up": check_giving_up,
     "memory_bound": check_memory_bound,
     "dead_peer_send": check_dead_peer_send,
     "dead_peer_flush": check_dead_peer_flush,

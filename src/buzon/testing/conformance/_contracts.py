@@ -7,6 +7,7 @@ contract has no meaning for a transport.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import mmap
 import multiprocessing
@@ -15,11 +16,120 @@ from dataclasses import replace
 from typing import Any
 
 from ..._schemes import scheme_info
-from ...errors import EndOfChannel, FrameError, Timeout, UnsupportedOperation
-from ._harness import NotApplicable, Pair, T, expect, run_check, scheme_of
+from ...errors import EndOfChannel, FrameError, Full, Timeout, UnsupportedOperation
+from ._harness import (
+    CAPACITY_TRANSPORTS,
+    NotApplicable,
+    Pair,
+    T,
+    expect,
+    gather,
+    run_check,
+    scheme_of,
+)
 
 MIB = 1 << 20
 BOUND = MIB  # what a receiver may commit ahead of the bytes that arrived
+
+# -- 4a: a send that raises delivered nothing ------------------------------------------
+
+BIG = 8_000_000  # far more than any kernel buffer: a send must wait for the reader
+PAD = b"f" * 1000
+
+
+async def _give_up(p: Pair, obj: Any, timeout: float, cancel: bool) -> bool:
+    """Send ``obj`` giving up after ``timeout``: by the send's own timeout, or (asyncio,
+    ``cancel``) by cancelling it from outside. True if it returned, False if it gave up."""
+    try:
+        if cancel:
+            await asyncio.wait_for(p.a.ch.send(obj), timeout)
+        else:
+            await p.a.send(obj, timeout)
+    except (TimeoutError, Timeout):
+        return False
+    return True
+
+
+def _fill(p: Pair) -> int:
+    """send_nowait numbered messages (1 KB each) until the link is full; how many."""
+    n = 0
+    while n < 200_000:
+        try:
+            p.a.send_nowait({"i": n, "p": PAD})
+        except Full:
+            return n
+        n += 1
+    raise AssertionError("200000 messages never filled the link")
+
+
+async def _gave_up_delivers_nothing(p: Pair, cancel: bool) -> None:
+    if p.a.properties.max_message is None:  # a stream: time out half-way into a frame
+        accepted = []
+        big = {"p": b"x" * BIG}
+        returned = await _give_up(p, big, 0.2, cancel)
+    else:  # whole messages: time out waiting for room
+        accepted = [{"i": i, "p": PAD} for i in range(_fill(p))]
+        big = {"p": b"late"}
+        returned = await _give_up(p, big, 0.05, cancel)
+    expected: list[Any] = [*accepted, *([big] if returned else []), "after"]
+
+    async def drain() -> list[Any]:
+        return [await p.b.recv(T) for _ in expected]
+
+    _, got = await gather(p.a.send("after", T), drain())
+    assert got == expected, f"gave up: {not returned}; got {len(got)} messages"
+    with expect(Timeout):  # and nothing more
+        await p.b.recv(0.05)
+
+
+async def _retry_until_sent(p: Pair, n: int, size: int, cancel: bool) -> int:
+    """Send n messages, each retried until a send returns; how many attempts gave up."""
+    gave_up = 0
+    for i in range(n):
+        while not await _give_up(p, {"i": i, "p": b"r" * size}, 0.01, cancel and i % 2 == 0):
+            gave_up += 1
+            assert gave_up < 5000, "a retried send never got through"
+    return gave_up
+
+
+async def _slow_reader(p: Pair, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        await asyncio.sleep(0.05)  # the sender gives up a few times meanwhile
+        out.append((await p.b.recv(T))["i"])
+    return out
+
+
+def check_giving_up(transport: str, driver: str) -> None:
+    """(26) A send that gives up delivered nothing; one that returned is delivered (4a).
+    A send that times out half-way into a frame far larger than the link's buffers
+    (streams) or while the link is full (message links), or, in asyncio, that is
+    cancelled from outside (wait_for), delivers none of its message, and the channel
+    stays in step; with capacity=2 and a slow reader, a loop that retries each message
+    until a send returns delivers every message exactly once, in order."""
+    info = scheme_info(scheme_of(transport))
+    if info.address == "inet" and not info.connection_oriented and "-reliable" not in transport:
+        raise NotApplicable("a lossy link drops instead of waiting for room: no send gives up")
+
+    async def nothing(p: Pair) -> None:
+        for cancel in [False] if p.sync else [False, True]:
+            await _gave_up_delivers_nothing(p, cancel)
+
+    async def retried(p: Pair) -> None:
+        unit = p.a.properties.max_message
+        size = 256 * 1024 if unit is None else min(16 * 1024, unit // 2)
+        for cancel in [False] if p.sync else [False, True]:
+            n = 6
+            gave_up, got = await gather(_retry_until_sent(p, n, size, cancel), _slow_reader(p, n))
+            assert got == list(range(n)), got
+            assert gave_up > 0, "no send gave up: the check did not check"
+            with expect(Timeout):  # no message twice
+                await p.b.recv(0.05)
+
+    run_check(nothing, transport, driver)
+    if transport in CAPACITY_TRANSPORTS:
+        run_check(retried, transport, driver, capacity=2)
+
 
 # -- 4b: memory follows bytes received -------------------------------------------------
 
