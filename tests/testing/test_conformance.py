@@ -20,6 +20,8 @@ from buzon.testing.conformance import (
     run_check,
 )
 
+pytestmark = pytest.mark.fd_check  # a check leaves no fd behind, in either driver
+
 
 def _run(fn: Callable[[], None]) -> None:
     try:

@@ -14,9 +14,10 @@ The checks, by group (the list with each check's contract is generated into
 * :data:`CHECKS` (1-13), the channel contract, on :data:`TRANSPORTS`;
 * :data:`CAPACITY_CHECKS` (14-17), capacity and receipts, on :data:`CAPACITY_TRANSPORTS`;
 * :data:`ESTABLISHMENT_CHECKS` (18-20), connecting, accepting, admission (4h, 4d, 4e);
-* :data:`CONTRACT_CHECKS` (21-25), the hostile contracts: memory follows bytes received
-  (4b), dead peers reported (4c), writers of one endpoint cannot poison each other (4f), ends and
-  listeners pass to children (4g).
+* :data:`CONTRACT_CHECKS` (21-26), the contracts about hostile peers and giving up:
+  memory follows bytes received (4b), dead peers are reported (4c), writers of one
+  endpoint cannot poison each other (4f), ends and listeners pass to children (4g), a
+  send that gives up delivered nothing (4a).
 
 Run it with pytest (``tests/testing/test_conformance.py``) or call :func:`run_all`.
 """
@@ -129,15 +130,15 @@ ESTABLISHMENT_CHECKS: dict[str, Callable[[str, str], None]] = {
 listener and clients."""
 
 CONTRACT_CHECKS: dict[str, Callable[[str, str], None]] = {
-    "giving_up": check_giving_up,
     "memory_bound": check_memory_bound,
     "dead_peer_send": check_dead_peer_send,
     "dead_peer_flush": check_dead_peer_flush,
     "several_writers": check_several_writers,
     "pass_to_child": check_pass_to_child,
+    "giving_up": check_giving_up,
 }
-"""The hostile contracts (21-25): ``check(transport, driver)``, each opening the
-pairs it needs (with the options it needs)."""
+"""The contracts about giving up and hostile peers (21-26): ``check(transport,
+driver)``, each opening the pairs it needs (with the options it needs)."""
 
 
 def run_all(
