@@ -1,20 +1,28 @@
 """The establishment contract (checks 18-20, contracts 4h, 4d, 4e): functions of the
-transport and the driver, each with its own listener and clients. The server side runs
-in the driver under test (a blocking listener, or an asyncio one in an event loop);
-clients are blocking ones in threads, or asyncio ones in loops of their own."""
+transport and the driver, each with its own listener and clients, written once on a
+:class:`Side` of the driver under test, which plays both roles: asyncio listeners and
+clients as tasks on one loop, or blocking ones in threads."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..._schemes import scheme_info
 from ...errors import Timeout
-from ._harness import TRANSPORTS, NotApplicable, T, expect, scheme_of, url_for
+from ._harness import (
+    TRANSPORTS,
+    NotApplicable,
+    Server,
+    Side,
+    T,
+    expect,
+    gather,
+    run_side,
+    scheme_of,
+    url_for,
+)
 
 
 def _establishes(transport: str) -> bool:
@@ -59,136 +67,94 @@ def _establish_url(transport: str) -> tuple[str, dict[str, Any]]:
     return url_for(transport), options
 
 
-def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    """Run ``fn`` in a thread; its result or exception lands in the returned box."""
-    box: list[Any] = []
-
-    def run() -> None:
-        try:
-            box.append(fn())
-        except BaseException as exc:  # reported by the caller
-            box.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, box
+async def _connect_and_send(side: Side, url: str, message: str, **options: Any) -> None:
+    """A client that connects (retrying until T), sends one message, flushes, closes."""
+    ch = await side.connect(url, timeout=T, **options)
+    try:
+        await ch.send(message, T)
+        await ch.flush(T)
+    finally:
+        await ch.close()
 
 
-def _connect_and_send(url: str, driver: str, message: str, **options: Any) -> None:
-    """A client in ``driver`` that connects (retrying until T), sends one message, flushes."""
-    import buzon
-
-    from ... import aio
-
-    if driver == "sync":
-        with buzon.connect(url, timeout=T, **options) as ch:
-            ch.send(message, T)
-            ch.flush(T)
-        return
-
-    async def main() -> None:
-        ch = await aio.connect(url, timeout=T, **options)
-        try:
-            await ch.send(message, T)
-            await ch.flush(T)
-        finally:
-            await ch.aclose()
-
-    asyncio.run(main())
+async def _take_one(server: Server, timeout: float | None = T) -> Any:
+    ch = await server.accept(timeout)
+    try:
+        return await ch.recv(T)
+    finally:
+        await ch.close()
 
 
 def check_connect_retry(transport: str, driver: str) -> None:
     """(18) connect(url, timeout=T) keeps trying until T: it reaches an endpoint that
     appears only later, and for one that never appears raises Timeout (naming the
     cause) when T has passed, not before; retry=False fails at once (4h)."""
-    import buzon
-
-    from ... import aio
     from ...errors import ConnectError
 
     _applies(transport)
-    url, options = _establish_url(transport)
-    start = time.monotonic()
-    with expect(Timeout) as caught:
-        if driver == "sync":
-            buzon.connect(url, timeout=_LATE, **options).close()
-        else:
-            asyncio.run(aio.connect(url, timeout=_LATE, **options)).close()
-    assert time.monotonic() - start >= _LATE * 0.9, "gave up before its timeout"
-    assert isinstance(caught.value.__cause__, ConnectError), repr(caught.value.__cause__)
-    url, options = _establish_url(transport)
-    t, box = _in_thread(lambda: _connect_and_send(url, driver, "late", **options))
-    try:
-        time.sleep(_LATE)
-        with buzon.listen(url, **options) as lst, lst.accept(timeout=T) as ch:
-            assert ch.recv(timeout=T) == "late"
-    finally:
-        t.join(T * 2)
-    assert box == [None], f"connect did not wait for the late endpoint: {box}"
-    if transport == "udp-reliable":
-        return  # retry=False: a port nobody binds may answer nothing: only the deadline tells
-    url, options = _establish_url(transport)
-    with expect(ConnectError):
-        if driver == "sync":
-            buzon.connect(url, timeout=T, retry=False, **options).close()
-        else:
-            asyncio.run(aio.connect(url, timeout=T, retry=False, **options)).close()
+
+    async def check(side: Side) -> None:
+        url, options = _establish_url(transport)
+        start = time.monotonic()
+        with expect(Timeout) as caught:
+            await side.connect(url, timeout=_LATE, **options)
+        assert time.monotonic() - start >= _LATE * 0.9, "gave up before its timeout"
+        assert isinstance(caught.value.__cause__, ConnectError), repr(caught.value.__cause__)
+
+        url, options = _establish_url(transport)
+
+        async def late_server() -> Any:
+            await asyncio.sleep(_LATE)  # the client is trying by now
+            server = side.listen(url, **options)
+            try:
+                return await _take_one(server)
+            finally:
+                server.close()
+
+        _, got = await gather(_connect_and_send(side, url, "late", **options), late_server())
+        assert got == "late", got
+        if transport == "udp-reliable":
+            return  # retry=False: a port nobody binds may answer nothing: only the deadline tells
+        url, options = _establish_url(transport)
+        with expect(ConnectError):
+            await (await side.connect(url, timeout=T, retry=False, **options)).close()
+
+    run_side(check, driver)
 
 
 def check_accept_timeout(transport: str, driver: str) -> None:
     """(19) accept(timeout=T) bounds the wait for a connection only (4d): peers
     connecting while the server calls accept(timeout=0) in a loop are all
     established, none refused."""
-    import buzon
-
-    from ... import aio
-
     _applies(transport)
     if transport not in _HANDSHAKE_TRANSPORTS:
         raise NotApplicable("one channel per endpoint and no handshake: nothing can straddle")
-    url, options = _establish_url(transport)
     n = 8
-    listener: Any = buzon.listen(url, **options) if driver == "sync" else aio.listen(url, **options)
-    with listener as lst:
-        clients = [
-            _in_thread(
-                functools.partial(_connect_and_send, str(lst.address), "sync", f"m{i}", **options)
-            )
-            for i in range(n)
-        ]
-        got: list[Any] = []
 
-        async def take() -> Any:
-            while True:
-                try:
-                    return await lst.accept(timeout=0)
-                except Timeout:
-                    continue
+    async def check(side: Side) -> None:
+        url, options = _establish_url(transport)
+        server = side.listen(url, **options)
+        try:
+            address = str(server.lst.address)
 
-        deadline = time.monotonic() + T * 2
-        while len(got) < n and time.monotonic() < deadline:
-            if driver == "sync":
-                try:
-                    ch = lst.accept(timeout=0)
-                except Timeout:
-                    continue
-                with ch:
-                    got.append(ch.recv(timeout=T))
-            else:
-
-                async def one() -> Any:
-                    ch = await asyncio.wait_for(take(), T)
+            async def serve() -> list[Any]:
+                got: list[Any] = []
+                deadline = time.monotonic() + T * 2
+                while len(got) < n and time.monotonic() < deadline:
                     try:
-                        return await ch.recv(timeout=T)
-                    finally:
-                        await ch.aclose()
+                        got.append(await _take_one(server, 0))
+                    except Timeout:
+                        await asyncio.sleep(0.001)  # let the clients' tasks run
+                return got
 
-                got.append(asyncio.run(one()))
-        for t, _ in clients:
-            t.join(T * 2)
-        assert sorted(got) == sorted(f"m{i}" for i in range(n)), got
-        assert all(box == [None] for _, box in clients), [box for _, box in clients]
-        assert lst.rejected == 0
+            clients = [_connect_and_send(side, address, f"m{i}", **options) for i in range(n)]
+            *_, got = await gather(*clients, serve())
+            assert sorted(got) == sorted(f"m{i}" for i in range(n)), got
+            assert server.lst.rejected == 0
+        finally:
+            server.close()
+
+    run_side(check, driver)
 
 
 def check_admission(transport: str, driver: str) -> None:
@@ -196,57 +162,32 @@ def check_admission(transport: str, driver: str) -> None:
     max_pending evict the oldest of them; a good client still gets through."""
     import socket
 
-    import buzon
-
-    from ... import aio
-
-    info = scheme_info(scheme_of(transport))
     _applies(transport)
+    info = scheme_info(scheme_of(transport))
     if transport.endswith("-reliable") or info.message_boundaries or not info.connection_oriented:
         raise NotApplicable("a silent connection needs a stream socket to hold open")
-    url, options = _establish_url(transport)
     cap, silent = 4, 12
-    listener: Any = (
-        buzon.listen(url, max_pending=cap, **options)
-        if driver == "sync"
-        else aio.listen(url, max_pending=cap, **options)
-    )
-    socks: list[socket.socket] = []
-    with listener as lst:
+
+    async def check(side: Side) -> None:
+        url, options = _establish_url(transport)
+        server = side.listen(url, max_pending=cap, **options)
+        socks: list[socket.socket] = []
         try:
-            addr = lst.address
+            addr = server.lst.address
             for _ in range(silent):
-                family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
+                family = socket.AF_UNIX if info.address == "local" else socket.AF_INET
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 socks.append(sock)
-                sock.connect(addr.fs_path() if transport == "unix" else (addr.host, addr.port))
-            t, box = _in_thread(lambda: _connect_and_send(str(addr), "sync", "good", **options))
-            try:
-                if driver == "sync":
-                    with lst.accept(timeout=T) as ch:
-                        assert ch.recv(timeout=T) == "good"
-                else:
-
-                    async def one() -> Any:
-                        ch = await lst.accept(timeout=T)
-                        try:
-                            return await ch.recv(timeout=T)
-                        finally:
-                            await ch.aclose()
-
-                    assert asyncio.run(one()) == "good"
-            finally:
-                t.join(T * 2)
-            assert box == [None], box
-            assert lst.pending <= cap
-            assert lst.evicted >= silent - cap, lst.refusals
+                sock.connect(addr.fs_path() if info.address == "local" else (addr.host, addr.port))
+            _, got = await gather(
+                _connect_and_send(side, str(addr), "good", **options), _take_one(server)
+            )
+            assert got == "good", got
+            assert server.lst.pending <= cap
+            assert server.lst.evicted >= silent - cap, server.lst.refusals
         finally:
             for sock in socks:
                 sock.close()
+            server.close()
 
-
-ESTABLISHMENT_CHECKS: dict[str, Callable[[str, str], None]] = {
-    "connect_retry": check_connect_retry,
-    "accept_timeout": check_accept_timeout,
-    "admission": check_admission,
-}
+    run_side(check, driver)

@@ -202,6 +202,71 @@ class Pair:
         )
 
 
+class Server:
+    """A listener, the same awaitable interface in both drivers (``lst`` is the real
+    one: its counters, address, ...)."""
+
+    def __init__(self, lst: Any, driver: str, threads: Threads) -> None:
+        self.lst = lst
+        self.driver = driver
+        self.threads = threads
+
+    async def accept(self, timeout: float | None) -> End:
+        """``accept(timeout)``: in a thread, or the coroutine itself."""
+        if self.driver == "sync":
+            ch = await self.threads.call(self.lst.accept, timeout=timeout)
+        else:
+            ch = await self.lst.accept(timeout=timeout)
+        return End(ch, self.driver, self.threads)
+
+    def close(self) -> None:
+        self.lst.close()
+
+
+class Side:
+    """Listening and connecting in one driver, awaitable in both (the establishment
+    checks run on it): the driver under test plays both roles."""
+
+    def __init__(self, driver: str, threads: Threads) -> None:
+        self.driver = driver
+        self.threads = threads
+
+    def listen(self, url: str, **options: Any) -> Server:
+        """``listen(url)`` (it never blocks: called directly)."""
+        import buzon
+
+        from ... import aio
+
+        make = buzon.listen if self.driver == "sync" else aio.listen
+        return Server(make(url, **options), self.driver, self.threads)
+
+    async def connect(self, url: str, timeout: float | None = T, **options: Any) -> End:
+        """``connect(url, timeout)``: in a thread, or the coroutine itself."""
+        opts = {"timeout": timeout, **options}
+        if self.driver == "sync":
+            import buzon
+
+            ch = await self.threads.call(buzon.connect, url, **opts)
+        else:
+            from ... import aio
+
+            ch = await aio.connect(url, **opts)
+        return End(ch, self.driver, self.threads)
+
+
+def run_side(check: Callable[[Side], Awaitable[None]], driver: str) -> None:
+    """Run ``check`` with a :class:`Side` of ``driver``, in an event loop of its own."""
+
+    async def main() -> None:
+        threads = Threads()
+        try:
+            await check(Side(driver, threads))
+        finally:
+            threads.close()
+
+    asyncio.run(main())
+
+
 async def _connect(driver: str, threads: Threads, url: str, options: dict[str, Any]) -> Any:
     if driver == "sync":
         import buzon
