@@ -14,14 +14,16 @@ hook where each class is defined) registers :func:`_reduce` for a class with
 * **channel ends** (blocking driver): the transport's fds go through ``DupFd``; the
   child rebuilds the transport and a channel with the same options (codec, pickle,
   raw, max_frame, capacity, ...) and the same credit state (messages numbered, limits
-  granted, a rendezvous offer out). pipe, fifo, mq, unix, tcp (without TLS), unixgram,
-  udp (without ``reliable``) and shm ends pass; TLS and reliable-datagram ends keep
-  state only this process can hold and are refused (:func:`_transport_parts`). An shm
-  end's rings have no name once both ends attached: their segments go by fd too, with
-  the peer's blocks it maps, and the child attaches them through ``/proc/self/fd``
-  (``ShmTransport.export``/``rebuild``); both processes then hold the end as after a
-  fork (``shared``), and one with a loan or a received ring view open is refused.
-* **listeners** (``unix:``, ``tcp://`` without TLS, ``shm:``): the listening socket.
+  granted, a rendezvous offer out). pipe, fifo, mq, unix, seqpacket, tcp (without
+  TLS), unixgram, udp (without ``reliable``) and shm ends pass; TLS and
+  reliable-datagram ends keep state only this process can hold and are refused
+  (:func:`_transport_parts`). An shm end's rings have no name once both ends attached:
+  their segments go by fd too, with the peer's blocks it maps, and the child attaches
+  them through ``/proc/self/fd`` (``ShmTransport.export``/``rebuild``); both processes
+  then hold the end as after a fork (``shared``), and one with a loan or a received
+  ring view open is refused.
+* **listeners** (``unix:``, ``seqpacket:``, ``tcp://`` without TLS, ``shm:``): the
+  listening socket.
 * :class:`~buzon.BoundedBuffer`, ``shared_array``, ``shared_value``: by the name of
   their segment (unguessable, so nobody else can plant one), which the child attaches.
 
@@ -262,6 +264,7 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
     from .transport._fdstream import FdStreamTransport, SocketStreamTransport
     from .transport.fifo import FifoReader, FifoWriter
     from .transport.mq import MQTransport
+    from .transport.seqpacket import SeqpacketTransport
     from .transport.shm import ShmTransport
 
     t = core.transport
@@ -291,6 +294,8 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
                 "this fifo channel is in the middle of writing a message; finish it first"
             )
         return ("fifo-w", fds.slot(t._wfd), t.framed)  # the child writes as a new writer
+    if kind is SeqpacketTransport:
+        return ("seqpacket", fds.slot(t._fd), t.peer)
     if kind is DatagramTransport:
         return (
             "dgram",
@@ -351,6 +356,10 @@ def _rebuild_transport(parts: tuple[Any, ...], fds: list[int]) -> Any:
     if kind == "mq":
         _, q, address, mode = parts
         return MQTransport(fds[q], address, mode=mode)
+    if kind == "seqpacket":
+        from .transport.seqpacket import SeqpacketTransport
+
+        return SeqpacketTransport(socket.socket(fileno=fds[parts[1]]), parts[2])
     _, s, props, scheme, connected, max_message, last_peer, peer = parts
     sock = socket.socket(fileno=fds[s])
     transport = DatagramTransport(
@@ -404,6 +413,7 @@ def _rebuild_channel(dups: list[Any], parts: tuple[Any, ...], state: _ChannelSta
 
 
 def _reduce_listener(listener: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    from .transport.seqpacket import SeqpacketListener
     from .transport.shm import ShmListener
     from .transport.tcp import TcpListener
     from .transport.unix import UnixListener
@@ -413,7 +423,7 @@ def _reduce_listener(listener: Any) -> tuple[Callable[..., Any], tuple[Any, ...]
     prep = listener._prep
     lt = listener._lt
     kind = type(lt)
-    if kind not in (UnixListener, ShmListener, TcpListener):
+    if kind not in (UnixListener, SeqpacketListener, ShmListener, TcpListener):
         raise UnsupportedOperation(
             f"a {listener.address.scheme}: listener cannot be passed to another process: "
             "its endpoint is a single channel; accept it and pass the channel"
@@ -448,6 +458,7 @@ def _rebuild_listener(
     import socket
 
     from .sync._open import Listener
+    from .transport.seqpacket import SeqpacketListener
     from .transport.shm import ShmListener
     from .transport.tcp import TcpListener
     from .transport.unix import UnixListener
@@ -460,7 +471,9 @@ def _rebuild_listener(
         lt._local = extra
         lt._tls = None
     else:
-        cls = ShmListener if kind == "ShmListener" else UnixListener
+        cls = {"ShmListener": ShmListener, "SeqpacketListener": SeqpacketListener}.get(
+            kind, UnixListener
+        )
         lt = cls.__new__(cls)
         lt.path, ring_size = extra
         if ring_size is not None:

@@ -974,6 +974,12 @@ def _render_chaos_profiles() -> str:
     return chaos.render_profiles()
 
 
+def _render_conformance() -> str:
+    from .testing import conformance
+
+    return conformance.render_catalogue()
+
+
 # -- semantics: link guarantees per mode, and the credit protocol drawn by running it
 
 
@@ -1137,7 +1143,11 @@ SECTIONS: dict[str, dict[str, Renderer]] = {
     },
     "security.md": {"limits": render_frame_limits},
     "chaos.md": {"chaos-profiles": _render_chaos_profiles},
-    "semantics.md": {"semantics": render_semantics, "credit-sequences": render_credit_sequences},
+    "semantics.md": {
+        "semantics": render_semantics,
+        "credit-sequences": render_credit_sequences,
+        "conformance": _render_conformance,
+    },
 }
 """Page file name -> section name -> renderer."""
 

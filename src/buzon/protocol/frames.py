@@ -687,6 +687,10 @@ class FrameDecoder:
         codec = flags & (_CODEC_MASK | _RECEIPT)  # the receipt bit rides along
         self._fields = _fields_of(view, start)
         parts = [lazy_buffer(blen) if blen >= LAZY_MIN else memoryview(bytearray(blen))]
+        # parts below LAZY_MIN are bytearrays (zeroed: committed at once) while they add
+        # up to LAZY_MIN; past that, mappings too: 255 parts just under LAZY_MIN would
+        # otherwise commit 255 MiB for a header of 2 KiB
+        eager = blen if blen < LAZY_MIN else 0
         sunk = False
         sink = self.sink
         for i, n in enumerate(lengths):
@@ -701,8 +705,11 @@ class FrameDecoder:
             ):
                 parts.append(sink[:n])
                 sunk = True
+            elif n < LAZY_MIN and eager + n > LAZY_MIN:
+                parts.append(memoryview(mmap.mmap(-1, n)))
             else:
                 parts.append(self._big_buffer(n))
+                eager += n if n < LAZY_MIN else 0
         self._big = (kind, codec, parts, sunk)
         self._part = 0
         self._got = 0
