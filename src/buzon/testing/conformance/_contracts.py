@@ -438,8 +438,6 @@ METHODS = ("fork", "forkserver", "spawn")
 def _refusal(transport: str) -> str | None:
     """The documented reason a channel end of ``transport`` cannot be pickled for a
     child (docs/semantics.md, "Passing to a child"), or None."""
-    if scheme_info(scheme_of(transport)).ring_size:  # shared-memory rings
-        return "shm"
     if transport.endswith("-reliable"):
         return "delivery protocol"
     return None
@@ -495,11 +493,11 @@ def _stop_helpers(started: tuple[bool, bool]) -> None:
 
 def check_pass_to_child(transport: str, driver: str) -> None:
     """(25) A channel end and a listener pass to a child under fork, forkserver and
-    spawn, as multiprocessing.Pipe ends do: the child answers on the end and serves a
-    client of the listener. Ends that cannot (shm:, reliable datagrams) and listeners
-    of one channel are refused with a typed error naming the reason (an shm: end
-    inherited under fork works, as documented); asyncio objects are refused (they
-    belong to an event loop) and keep working (4g)."""
+    spawn, as multiprocessing.Pipe ends do (shm: ends included: their rings and blocks
+    go by fd): the child answers on the end and serves a client of the listener. Ends
+    that cannot (reliable datagrams) and listeners of one channel are refused with a
+    typed error naming the reason; asyncio objects are refused (they belong to an event
+    loop) and keep working (4g)."""
     from multiprocessing import forkserver, resource_tracker
 
     if driver != "sync":
@@ -532,8 +530,7 @@ def _in_child(method: str) -> Any:
         why = _passable(p.b.ch)
         if expected is not None:
             assert why is not None and expected in why, (expected, why)
-            if pickled or expected != "shm":  # docs: an inherited shm: end works
-                return
+            return
         else:
             assert why is None, why
         listener = p.listener
