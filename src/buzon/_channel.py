@@ -50,6 +50,7 @@ from .protocol.frames import (
     abort_marker,
     chunk_frame,
     data_frame,
+    data_header,
     encode_frame,
     loan_header,
     parse_frame,
@@ -336,6 +337,8 @@ class ChannelCore:
         numbers its messages (credits, receipts: ``sflow``), receiving once it reports
         its takes (``taking``); see :meth:`_stop_fast`."""
         ops = self.transport.ring_ops
+        # the largest body a ring record carries as one plain DATA frame
+        self.ring_body_limit = 0 if ops is None else min(self.max_frame, ops.max_record) - 8
         plain = ops is not None and not self.closed and self._plain and not self.unbounded
         if plain and ops is not None and self.sflow is None and self._can_send:
             self.fast_send: Callable[[Buffer, int], bool] | None = ops.send_frame
@@ -482,6 +485,10 @@ class ChannelCore:
                 raise frame_cap_exceeded(n + 8, self.max_frame)
             return [data_frame(data, flags)]
         view = memoryview(data).cast("B")
+        if n <= self.ring_body_limit:
+            # a ring record: header and body as one plain DATA frame (the receiver's
+            # one-call path copies it out once), not a frame with a buffer to parse
+            return [data_header(n, flags), view]
         return encode_frame(Kind.DATA, flags, b"", [view], max_frame=self.max_frame)
 
     def encode_batch(self, items: Iterable[Any], as_bytes: bool) -> tuple[list[Buffer], int]:

@@ -60,6 +60,27 @@ def test_default_channel_takes_the_fast_path(pair: tuple[Any, Any]) -> None:
     assert sent[0] == 3 and taken[2] == 3 and sent[1] == taken[3] > 200_000
 
 
+def test_a_large_send_that_waited_for_room_is_still_one_plain_frame(
+    pair: tuple[Any, Any],
+) -> None:
+    """A body that fits a ring record goes as a plain DATA frame also when the ring was
+    full and the send took the general way, so the receiver copies it out once (a
+    frame with an out-of-band buffer costs a second copy in ``recv_bytes``)."""
+    a, b = pair
+    n = 40
+    bodies = [bytes([i]) * 300_000 for i in range(n)]  # several rings' worth
+    sender = threading.Thread(target=lambda: [a.send_bytes(x, timeout=T) for x in bodies])
+    sender.start()
+    try:
+        got = [b.recv_bytes(timeout=T) for _ in range(n)]
+    finally:
+        sender.join(T)
+    assert got == bodies
+    # what a send the ring could not take at once writes: header and body, no buffers
+    frame = b"".join(bytes(p) for p in a._core.encode_bytes(bodies[0]))
+    assert frame[:4] == bytes([1, 1, 0, 0]) and len(frame) == 8 + 300_000
+
+
 @pytest.mark.parametrize("capacity", [0, 4, None])
 def test_credits_and_queues_use_the_general_path(capacity: int | None) -> None:
     with _pair(f"fpc{capacity}", capacity=capacity) as (a, b):

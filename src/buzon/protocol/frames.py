@@ -49,6 +49,7 @@ bytes are copied once, from the kernel into the place they will stay.
 The channel core's small frames go through a few functions here, so no other layer
 packs or unpacks a header: :func:`data_frame` (a small DATA frame, header and body in
 one allocation), :func:`plain_data_flags` (is a message one plain DATA frame?),
+:func:`data_header` (the header of a DATA frame whose body is a separate part),
 :func:`loan_header` (the header of a lent ``shm:`` message) and :func:`frame_length`
 (the length a header announces). The first two are C (``protocol/_frames.c``, which
 also puts frames in and takes them out of shared-memory ring records in one call for
@@ -87,6 +88,7 @@ __all__ = [
     "Kind",
     "chunk_frame",
     "data_frame",
+    "data_header",
     "encode_fields",
     "encode_frame",
     "frame_length",
@@ -384,6 +386,13 @@ def frame_length(data: memoryview | bytes | bytearray, max_frame: int = DEFAULT_
     than ``max_frame`` bytes.
     """
     return _frame_total(data, 0, len(data), max_frame)
+
+
+def data_header(nbytes: int, flags: int) -> bytes:
+    """The 8-byte header of a DATA frame whose ``nbytes`` body follows it as a separate
+    part (no buffers, no fields): for a transport that writes parts as one record, so a
+    large body is not joined to its header (``shm:`` rings: one copy in, one out)."""
+    return HEADER.pack(VERSION, Kind.DATA, flags, 0, nbytes)
 
 
 def loan_header(nbytes: int) -> bytes:
