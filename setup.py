@@ -1,6 +1,6 @@
-"""Build the small C extensions: POSIX message queues (mq_open & co), CRC-32C and the
-shared-memory core (rings in named segments; one extension built from the units that
-src/buzon/_core.h lists)."""
+"""Build the small C extensions: POSIX message queues (mq_open & co), CRC-32C, the
+``fifo:`` envelope's hot paths (protocol/_envelope.c) and the shared-memory core (rings
+in named segments; one extension built from the units that src/buzon/_core.h lists)."""
 
 from setuptools import Extension, setup
 
@@ -23,6 +23,13 @@ setup(
         Extension(
             "buzon._crc32c",
             sources=["src/buzon/_crc32c.c"],
+            depends=["src/buzon/_crc32c.h"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
+            "buzon.protocol._envelope",
+            sources=["src/buzon/protocol/_envelope.c"],
+            depends=["src/buzon/_crc32c.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(

@@ -46,7 +46,6 @@ from ..errors import (
     BuzonError,
     ConnectionRefused,
     EndpointInUse,
-    FrameError,
     NoSuchEndpoint,
     UnsafePath,
     UnsupportedOperation,
@@ -63,10 +62,7 @@ from ..protocol.fifo import (
     Reassembler,
     envelope,
 )
-from ..protocol.frames import (
-    DEFAULT_MAX_FRAME,
-    _frame_total,  # a frame's length from its header
-)
+from ..protocol.frames import DEFAULT_MAX_FRAME
 from ._tokens import TokenPool, remove_pools
 from .base import (
     WOULD_BLOCK,
@@ -134,10 +130,9 @@ class FifoReader(StreamTransport):
         self.scheme = "fifo"
         self.framed = True
         self.max_frame = max_frame
-        self.reassembler = Reassembler(max_frame, frame_timeout=frame_timeout, join=False)
-        self._off = 0  # bytes of the first reassembled message (or part) handed out
-        self._part = 0  # of a message of several pieces: parts handed out
-        self.refused_messages = 0  # whole messages that were no buzon frame, dropped
+        self.reassembler = Reassembler(
+            max_frame, frame_timeout=frame_timeout, join=False, frames=True
+        )
         os.set_blocking(rfd, False)
 
     def read_fileno(self) -> int:
@@ -147,47 +142,11 @@ class FifoReader(StreamTransport):
         if not self.framed:
             return self._recv_raw(buf)
         r = self.reassembler
-        messages = r.messages
         room = buf.nbytes
-        filled = 0
-        drained = False  # the last read found the FIFO empty: no need to read again
-        while True:
-            while messages and filled < room:  # hand out what is reassembled
-                head = messages[0]
-                if isinstance(head, list):  # a message's pieces, one after the other
-                    i, off = self._part, self._off
-                    while i < len(head) and filled < room:
-                        part = head[i]
-                        k = len(part) - off
-                        if k <= room - filled:
-                            buf[filled : filled + k] = memoryview(part)[off:] if off else part
-                            filled += k
-                            i += 1
-                            off = 0
-                        else:
-                            k = room - filled
-                            buf[filled:room] = memoryview(part)[off : off + k]
-                            filled = room
-                            off += k
-                    if i == len(head):
-                        messages.popleft()
-                        i = 0
-                    self._part, self._off = i, off
-                    continue
-                off = self._off
-                k = min(len(head) - off, room - filled)
-                if off or k < len(head):
-                    buf[filled : filled + k] = memoryview(head)[off : off + k]
-                else:
-                    buf[filled : filled + k] = head
-                filled += k
-                if off + k == len(head):
-                    messages.popleft()
-                    self._off = 0
-                else:
-                    self._off = off + k
-            if filled == room or drained:
-                break
+        now = time.monotonic()
+        filled = r.read_into(buf, 0, now)  # what is held here goes first
+        rfd = self._rfd
+        while filled < room:
             view = r.get_buffer()
             # read no more than the channel has room for (whole pieces shrink as they
             # are unwrapped), so little is left here when we return
@@ -196,7 +155,7 @@ class FifoReader(StreamTransport):
                 view = view[:want]
             space = view.nbytes
             try:
-                n = os.readv(self._rfd, (view,))
+                n = os.readv(rfd, (view,))
             except (BlockingIOError, InterruptedError):
                 n = -1
             except OSError as exc:
@@ -205,23 +164,16 @@ class FifoReader(StreamTransport):
                 view.release()
             if n == 0:  # only without the keepalive: after close
                 break
-            now = time.monotonic()
             if n > 0:
-                before = len(messages)
-                r.buffer_updated(n, now)
-                if n < space:
-                    r.drained()  # every whole write is in: what is unfinished is junk
-                if len(messages) > before:
-                    self._check_frames(before)
-            else:
-                r.drained()
+                now = time.monotonic()
+                r.buffer_updated(n, now, parse=False)
+                filled = r.read_into(buf, filled, now)  # one C call for the common pieces
             if r.deadline() is not None:
                 r.expire(now)
             if n < space:
-                if not messages:
-                    break
-                drained = True
-        if messages:
+                r.drained()  # every whole write is in: what is unfinished is junk
+                break
+        if r.messages:
             self._nudge()
         return filled if filled else WOULD_BLOCK
 
@@ -236,30 +188,10 @@ class FifoReader(StreamTransport):
             except OSError:
                 pass
 
-    def _check_frames(self, start: int) -> None:
-        """Keep only messages that are exactly one buzon frame: one writer's bad
-        message is dropped and counted, never let into the stream of the others."""
-        r = self.reassembler
-        messages = r.messages
-        limit = self.max_frame
-        bad = []
-        for i in range(start, len(messages)):
-            msg = messages[i]
-            if isinstance(msg, list):
-                head, size = msg[0], sum(map(len, msg))
-            else:
-                head, size = msg, len(msg)
-            try:
-                ok = _frame_total(head, 0, len(head), limit) == size
-            except FrameError:
-                ok = False
-            if not ok:
-                bad.append((i, size))
-        for i, size in reversed(bad):
-            r.rejected_frames += 1
-            r.rejected_bytes += size
-            self.refused_messages += 1
-            del messages[i]
+    @property
+    def refused_messages(self) -> int:
+        """Whole messages that were no buzon frame, dropped."""
+        return self.reassembler.refused
 
     def _recv_raw(self, buf: memoryview) -> int:
         try:
