@@ -249,6 +249,7 @@ class FifoWriter(MessageTransport):
     """
 
     max_message = DEFAULT_MAX_FRAME
+    sends_batches = True
 
     def __init__(self, wfd: int) -> None:
         self._wfd = wfd
@@ -291,21 +292,40 @@ class FifoWriter(MessageTransport):
         if not on and self._batch:
             self._write_batch()
 
-    def send_messages(self, messages: Sequence[Sequence[Buffer]]) -> int:
-        """Send whole messages in order, as many as the FIFO takes now; return how
-        many went. Small ones share writes of up to PIPE_BUF bytes (as ``send_many``
-        gathers them). For a channel core that hands a batch over in one call (today's
-        drivers send a batch one message at a time, with :meth:`cork` around it)."""
-        sent = 0
-        self.cork(True)
-        try:
-            for bufs in messages:
-                if not self.send_message(bufs):
-                    break
-                sent += 1
-        finally:
-            self.cork(False)
-        return sent
+    def send_messages(
+        self, messages: Sequence[Sequence[Buffer]], start: int = 0
+    ) -> tuple[int, int]:
+        """``send_many``'s batch (``sends_batches``): small messages from ``start`` on,
+        packed as one-piece messages into writes of at most ``PIPE_BUF`` bytes (each
+        kept whole by the kernel, as a single piece is), as many as the FIFO takes
+        now. Stops at a message of more than one piece: :meth:`send_message` sends it.
+        Returns ``(end, nbytes)`` (see :meth:`MessageTransport.send_messages`)."""
+        if not self.framed:  # bytes as they are: one message at a time
+            return super().send_messages(messages, start)
+        if self._job is not None:
+            self._job = None  # the send that wrote part of it gave up: the reader drops it
+            self._views = []
+            self._started = False
+        if self._batch and not self._write_batch():
+            return start, 0  # what send_many gathered goes first
+        enc = self.encoder
+        wfd = self._wfd
+        end = start
+        size = 0
+        while end < len(messages):
+            data, stop, seq = enc.pack(messages, end, PIPE_BUF)
+            if stop == end:
+                break  # a message of several pieces
+            try:
+                os.write(wfd, data)  # PIPE_BUF bytes at most: all or nothing
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                raise from_oserror(exc, "fifo write") from exc
+            enc.seq = seq
+            size += len(data) - OVERHEAD * (stop - end)
+            end = stop
+        return end, size
 
     def _write_batch(self) -> bool:
         """Write the gathered pieces (one atomic write); False if the FIFO is full."""
