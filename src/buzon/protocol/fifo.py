@@ -109,6 +109,7 @@ __all__ = [
     "Reassembler",
     "envelope",
     "piece",
+    "wrap",
 ]
 
 MAGIC = b"\xf1\xf0\xb0\x7a"
@@ -151,6 +152,17 @@ def piece(flags: int, payload: Buffer, pid: int, nonce: int, seq: int) -> bytes:
     """One enveloped piece (``payload`` at most :data:`MAX_PIECE_PAYLOAD` bytes)."""
     head, trailer = envelope(flags, payload, pid, nonce, seq)
     return b"".join((head, payload, trailer))
+
+
+def _wrap_py(flags: int, bufs: Sequence[Buffer], pid: int, nonce: int, seq: int) -> bytes:
+    return piece(flags, bufs[0] if len(bufs) == 1 else b"".join(bufs), pid, nonce, seq)
+
+
+#: ``wrap(flags, bufs, pid, nonce, seq)``: one piece whose payload is ``bufs`` joined
+#: (at most :data:`MAX_PIECE_PAYLOAD` bytes); the C function when it is built
+wrap: Callable[[int, Sequence[Buffer], int, int, int], bytes] = (
+    _c.piece if _c is not None else _wrap_py
+)
 
 
 class Encoder:
@@ -301,6 +313,7 @@ class Reassembler:
         self._pending = 0  # payload bytes held in _partial
         # room for the largest piece whole, and more to read into
         self._buf = bytearray(max(buffer_size, 2 * (MAX_PIECE_PAYLOAD + OVERHEAD)))
+        self._view = memoryview(self._buf)  # it never changes size
         self._start = 0  # unparsed bytes are _buf[_start:_end]
         self._end = 0
         self._garbage = False  # inside a run of rejected bytes
@@ -312,11 +325,15 @@ class Reassembler:
 
     # -- input ------------------------------------------------------------------------
 
-    def get_buffer(self) -> memoryview:
-        """Where the next read goes (at least one piece's room)."""
+    def get_buffer(self, limit: int = 0) -> memoryview:
+        """Where the next read goes (at least one piece's room; no more than
+        ``limit`` bytes if given)."""
         if self._start:
             self._compact()
-        return memoryview(self._buf)[self._end :]
+        end = self._end
+        if limit and end + limit < len(self._buf):
+            return self._view[end : end + limit]
+        return self._view[end:]
 
     def buffer_updated(self, n: int, now: float = 0.0, *, parse: bool = True) -> None:
         """``n`` bytes were written into :meth:`get_buffer`'s view: parse them
@@ -339,6 +356,11 @@ class Reassembler:
     def buffered(self) -> int:
         """Bytes held: unparsed input and messages being reassembled."""
         return self._end - self._start + self._pending
+
+    @property
+    def unfinished(self) -> bool:
+        """Messages are being reassembled (:meth:`expire` may drop some)."""
+        return bool(self._partial)
 
     def _compact(self) -> None:
         buf = self._buf
@@ -464,6 +486,13 @@ class Reassembler:
         self._stump = False
 
     # -- output as a stream of frames (frames=True) ------------------------------------
+
+    def received(self, n: int, dst: memoryview, filled: int = 0, now: float = 0.0) -> int:
+        """``n`` bytes were written into :meth:`get_buffer`'s view: parse them and hand
+        the messages out into ``dst[filled:]`` (see :meth:`read_into`); returns the
+        new ``filled``. One call per read, for ``frames=True`` readers."""
+        self._end += n
+        return self.read_into(dst, filled, now)
 
     def read_into(self, dst: memoryview, filled: int = 0, now: float = 0.0) -> int:
         """Parse the input held and hand the messages out into ``dst[filled:]``, one

@@ -61,6 +61,7 @@ from ..protocol.fifo import (
     Encoder,
     Reassembler,
     envelope,
+    wrap,
 )
 from ..protocol.frames import DEFAULT_MAX_FRAME
 from ._tokens import TokenPool, remove_pools
@@ -88,6 +89,8 @@ __all__ = [
 ]
 
 PIPE_BUF = select.PIPE_BUF
+_monotonic = time.monotonic
+_readv = os.readv
 
 PROPERTIES = LinkProperties(
     transport="fifo",
@@ -143,19 +146,16 @@ class FifoReader(StreamTransport):
             return self._recv_raw(buf)
         r = self.reassembler
         room = buf.nbytes
-        now = time.monotonic()
-        filled = r.read_into(buf, 0, now)  # what is held here goes first
+        now = _monotonic()
+        filled = r.read_into(buf, 0, now) if r.messages or r.buffered else 0
         rfd = self._rfd
         while filled < room:
-            view = r.get_buffer()
             # read no more than the channel has room for (whole pieces shrink as they
             # are unwrapped), so little is left here when we return
-            want = max(room - filled, PIECE_MAX)
-            if view.nbytes > want:
-                view = view[:want]
+            view = r.get_buffer(max(room - filled, PIECE_MAX))
             space = view.nbytes
             try:
-                n = os.readv(rfd, (view,))
+                n = _readv(rfd, (view,))
             except (BlockingIOError, InterruptedError):
                 n = -1
             except OSError as exc:
@@ -164,15 +164,13 @@ class FifoReader(StreamTransport):
                 view.release()
             if n == 0:  # only without the keepalive: after close
                 break
-            if n > 0:
-                now = time.monotonic()
-                r.buffer_updated(n, now, parse=False)
-                filled = r.read_into(buf, filled, now)  # one C call for the common pieces
-            if r.deadline() is not None:
-                r.expire(now)
+            if n > 0:  # parsed, the common pieces unwrapped into buf in one C call
+                filled = r.received(n, buf, filled, now)
             if n < space:
                 r.drained()  # every whole write is in: what is unfinished is junk
                 break
+        if r.unfinished:
+            r.expire(now)
         if r.messages:
             self._nudge()
         return filled if filled else WOULD_BLOCK
@@ -343,6 +341,26 @@ class FifoWriter(MessageTransport):
         raise UnsupportedOperation("this end of the fifo channel only sends")
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
+        first = bufs[0]
+        if (  # the common small message, nothing in progress: one piece, one write
+            len(bufs) == 1
+            and type(first) is bytes
+            and len(first) <= MAX_PAYLOAD
+            and self._job is None
+            and not self._batch
+            and not self._corked
+            and self.framed
+        ):
+            enc = self.encoder
+            seq = enc.seq
+            try:
+                os.write(self._wfd, wrap(FIRST | LAST, bufs, enc.pid, enc.nonce, seq))
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                raise from_oserror(exc, "fifo write") from exc
+            enc.seq = (seq + 1) & 0xFFFFFFFF
+            return True
         job = self._job
         if job is not None:
             if len(job) == len(bufs) and all(a is b for a, b in zip(job, bufs, strict=True)):
