@@ -380,14 +380,17 @@ def _read_all(
     pos = 0
     while pos < len(data) or r.messages:
         n = min(rng.randrange(1, 9000), len(data) - pos)
+        dst = memoryview(bytearray(rng.choice([8, 100, 5000, 300_000])))
         if n:
             view = r.get_buffer()
             n = min(n, view.nbytes)
             view[:n] = data[pos : pos + n]
             view.release()
             pos += n
+            if rng.random() < 0.5:  # the reader's one call per read
+                out += dst[: r.received(n, dst, 0, 0.0, drains and rng.random() < 0.2)]
+                continue
             r.buffer_updated(n, 0.0, parse=False)
-        dst = memoryview(bytearray(rng.choice([8, 100, 5000, 300_000])))
         out += dst[: r.read_into(dst)]
         if drains and rng.random() < 0.2:
             r.drained()

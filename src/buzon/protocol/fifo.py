@@ -487,12 +487,38 @@ class Reassembler:
 
     # -- output as a stream of frames (frames=True) ------------------------------------
 
-    def received(self, n: int, dst: memoryview, filled: int = 0, now: float = 0.0) -> int:
+    def received(
+        self, n: int, dst: memoryview, filled: int = 0, now: float = 0.0, drained: bool = False
+    ) -> int:
         """``n`` bytes were written into :meth:`get_buffer`'s view: parse them and hand
         the messages out into ``dst[filled:]`` (see :meth:`read_into`); returns the
-        new ``filled``. One call per read, for ``frames=True`` readers."""
-        self._end += n
-        return self.read_into(dst, filled, now)
+        new ``filled``. ``drained``: the read found the source empty (then
+        :meth:`drained`), and expired messages are dropped (:meth:`expire`). One
+        call per read, for ``frames=True`` readers."""
+        end = self._end = self._end + n
+        scan = self._scan
+        if scan is not None and not self.messages and not self._partial:
+            # the common case at once: the read brought whole small frames, nothing else
+            start = self._start
+            pos, filled = scan(self._buf, start, end, dst, filled, self.max_frame, _CODEC_BITS)
+            if pos != start:
+                self._garbage = self._stump = False
+                if pos == end:
+                    self._start = self._end = 0
+                    return filled
+                self._start = pos
+        filled = self.read_into(dst, filled, now)
+        if drained:
+            self.drained()
+        if self._partial:
+            self.expire(now)
+        return filled
+
+    def idle(self, now: float) -> None:
+        """A read found the source empty: :meth:`drained`, and :meth:`expire`."""
+        self.drained()
+        if self._partial:
+            self.expire(now)
 
     def read_into(self, dst: memoryview, filled: int = 0, now: float = 0.0) -> int:
         """Parse the input held and hand the messages out into ``dst[filled:]``, one

@@ -147,7 +147,8 @@ class FifoReader(StreamTransport):
         r = self.reassembler
         room = buf.nbytes
         now = _monotonic()
-        filled = r.read_into(buf, 0, now) if r.messages or r.buffered else 0
+        # held here: messages (unparsed input is only ever a piece's first part)
+        filled = r.read_into(buf, 0, now) if r.messages else 0
         rfd = self._rfd
         while filled < room:
             # read no more than the channel has room for (whole pieces shrink as they
@@ -162,15 +163,16 @@ class FifoReader(StreamTransport):
                 raise from_oserror(exc, "fifo read") from exc
             finally:
                 view.release()
-            if n == 0:  # only without the keepalive: after close
+            if n > 0:  # parsed, the common pieces unwrapped into buf in one C call; the
+                # FIFO drained (n < space): every whole write is in, the unfinished is junk
+                filled = r.received(n, buf, filled, now, n < space)
+                if n < space:
+                    break
+            elif n < 0:
+                r.idle(now)
                 break
-            if n > 0:  # parsed, the common pieces unwrapped into buf in one C call
-                filled = r.received(n, buf, filled, now)
-            if n < space:
-                r.drained()  # every whole write is in: what is unfinished is junk
+            else:  # only without the keepalive: after close
                 break
-        if r.unfinished:
-            r.expire(now)
         if r.messages:
             self._nudge()
         return filled if filled else WOULD_BLOCK
