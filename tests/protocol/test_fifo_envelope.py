@@ -381,18 +381,25 @@ def _read_all(
     while pos < len(data) or r.messages:
         n = min(rng.randrange(1, 9000), len(data) - pos)
         dst = memoryview(bytearray(rng.choice([8, 100, 5000, 300_000])))
+        mode = rng.random()
+        drained = drains and rng.random() < 0.2
+        if n and mode < 0.3 and r.direct and n <= dst.nbytes:  # the read went into dst
+            dst[:n] = data[pos : pos + n]
+            pos += n
+            out += dst[: r.received_in_place(dst, n, 0.0, drained)]
+            continue
         if n:
             view = r.get_buffer()
             n = min(n, view.nbytes)
             view[:n] = data[pos : pos + n]
             view.release()
             pos += n
-            if rng.random() < 0.5:  # the reader's one call per read
-                out += dst[: r.received(n, dst, 0, 0.0, drains and rng.random() < 0.2)]
+            if mode < 0.6:  # the reader's one call per read
+                out += dst[: r.received(n, dst, 0, 0.0, drained)]
                 continue
             r.buffer_updated(n, 0.0, parse=False)
         out += dst[: r.read_into(dst)]
-        if drains and rng.random() < 0.2:
+        if drained:
             r.drained()
     dst = memoryview(bytearray(1 << 20))
     out += dst[: r.read_into(dst)]
@@ -437,3 +444,24 @@ def test_c_scan_refuses_what_is_no_frame() -> None:
     n = r.read_into(dst)
     assert bytes(dst[:n]) == b"".join(good)
     assert r.refused == 2 and r.rejected_frames == 2
+
+
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_each_run_of_garbage_counts_once(accelerated: bool) -> None:
+    """Garbage, good pieces, garbage again, each read on its own: two runs of rejected
+    bytes, whichever way the good pieces were unwrapped (in place or not)."""
+    r = Reassembler(MAX_FRAME, frames=True, accelerated=accelerated)
+    good = Encoder(1, 1).encode([_frame(1, 1, b"ok")])[0]
+    out = bytearray()
+    for chunk in (b"junk" * 10, good, good, b"junk" * 10, good):
+        dst = memoryview(bytearray(PIECE_MAX))
+        if r.direct:
+            dst[: len(chunk)] = chunk
+            out += dst[: r.received_in_place(dst, len(chunk), 0.0, True)]
+        else:
+            view = r.get_buffer()
+            view[: len(chunk)] = chunk
+            view.release()
+            out += dst[: r.received(len(chunk), dst, 0, 0.0, True)]
+    assert out == _frame(1, 1, b"ok") * 3
+    assert r.rejected_frames == 2 and r.rejected_bytes == 80

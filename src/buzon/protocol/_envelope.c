@@ -17,7 +17,9 @@
  *       is set in codecs, at most max_frame bytes) are checked (piece CRC) and their
  *       payloads copied to dst[filled:], until anything else comes (bytes that are no
  *       such piece, a piece not all there, a payload dst has no room for): the Python
- *       reassembler then takes over at pos, for as long as it needs to.
+ *       reassembler then takes over at pos, for as long as it needs to. dst may be
+ *       buf itself with filled <= start (in place: each payload moves left, behind
+ *       the input still to scan).
  *
  * Integers are little-endian on the wire, written byte by byte (any host).
  */
@@ -281,7 +283,8 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyBuffer_Release(&src);
         return NULL;
     }
-    if (start > end || end > src.len || filled > dst.len) {
+    if (start > end || end > src.len || filled > dst.len ||
+        (src.buf == dst.buf && filled > start)) {
         PyBuffer_Release(&dst);
         PyBuffer_Release(&src);
         PyErr_SetString(PyExc_ValueError, "scan: offsets out of range");
@@ -308,7 +311,7 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             break;
         if (crc32c_value(0, h, HEADER_SIZE + (size_t)n) != get32(p + n))
             break;
-        memcpy(d + filled, p, n);
+        memmove(d + filled, p, n); /* in place when dst is buf: the output lags */
         filled += n;
         pos += OVERHEAD + n;
     }

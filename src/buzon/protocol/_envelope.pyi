@@ -15,7 +15,7 @@ def pack(
     /,
 ) -> tuple[bytes, int, int]: ...
 def scan(
-    buf: bytearray,
+    buf: bytearray | memoryview,
     start: int,
     end: int,
     dst: memoryview,

@@ -299,7 +299,9 @@ class Reassembler:
         self.max_pending = max_pending if max_pending is not None else 2 * max_frame
         self.join = join
         self.frames = frames
-        self._scan = _c.scan if _c is not None and accelerated and _SCAN_FRAMES else None
+        self._scan: Callable[..., tuple[int, int]] | None = (
+            _c.scan if _c is not None and accelerated and _SCAN_FRAMES else None
+        )
         self.refused = 0  # frames=True: whole messages that were no buzon frame, dropped
         self._off = 0  # read_into: bytes of the first message (or part) handed out
         self._part = 0  # of a message of several pieces: parts handed out
@@ -314,6 +316,11 @@ class Reassembler:
         # room for the largest piece whole, and more to read into
         self._buf = bytearray(max(buffer_size, 2 * (MAX_PIECE_PAYLOAD + OVERHEAD)))
         self._view = memoryview(self._buf)  # it never changes size
+        #: the largest read :meth:`received_in_place` takes (the input buffer's size)
+        self.input_size = len(self._buf)
+        # a read may go straight into the output (received_in_place): nothing is held
+        # and the C scan is there; kept up to date by the methods that read_into uses
+        self.direct = self._scan is not None and frames
         self._start = 0  # unparsed bytes are _buf[_start:_end]
         self._end = 0
         self._garbage = False  # inside a run of rejected bytes
@@ -341,6 +348,7 @@ class Reassembler:
         self._end += n
         if parse:
             self._parse(now)
+        self._settle()
 
     def feed(self, data: Buffer, now: float = 0.0) -> None:
         """Parse ``data`` (any size, any cut)."""
@@ -484,6 +492,7 @@ class Reassembler:
             self._reject(end - start)
             self._start = self._end = 0
         self._stump = False
+        self._settle()
 
     # -- output as a stream of frames (frames=True) ------------------------------------
 
@@ -505,20 +514,49 @@ class Reassembler:
                 self._garbage = self._stump = False
                 if pos == end:
                     self._start = self._end = 0
+                    self.direct = self.frames
                     return filled
                 self._start = pos
-        filled = self.read_into(dst, filled, now)
+        filled = self._read_into(dst, filled, now)
         if drained:
             self.drained()
         if self._partial:
             self.expire(now)
+        self._settle()
         return filled
+
+    def received_in_place(
+        self, dst: memoryview, n: int, now: float = 0.0, drained: bool = False
+    ) -> int:
+        """Like :meth:`received` for a read that went straight into ``dst[:n]``
+        (allowed while :attr:`direct`, at most :attr:`input_size` bytes): whole
+        small frames are unwrapped in place, in one C call; anything else is taken
+        into the input and parsed the usual way. Returns the bytes of ``dst`` filled."""
+        scan = self._scan
+        assert scan is not None  # and direct, n <= input_size: the caller checked
+        pos, filled = scan(dst, 0, n, dst, 0, self.max_frame, _CODEC_BITS)
+        if pos:
+            self._garbage = self._stump = False
+            if pos == n:
+                return filled
+        self._view[: n - pos] = dst[pos:n]  # direct: the input was empty
+        return self.received(n - pos, dst, filled, now, drained)
 
     def idle(self, now: float) -> None:
         """A read found the source empty: :meth:`drained`, and :meth:`expire`."""
         self.drained()
         if self._partial:
             self.expire(now)
+        self._settle()
+
+    def _settle(self) -> None:
+        self.direct = (
+            self._scan is not None
+            and self.frames
+            and not self.messages
+            and self._start == self._end
+            and not self._partial
+        )
 
     def read_into(self, dst: memoryview, filled: int = 0, now: float = 0.0) -> int:
         """Parse the input held and hand the messages out into ``dst[filled:]``, one
@@ -526,6 +564,11 @@ class Reassembler:
         next); returns the new ``filled``. Everything held is parsed: what ``dst``
         cannot take waits in :attr:`messages`. For ``frames=True`` readers (the
         output is a byte stream only a frame decoder can cut again)."""
+        filled = self._read_into(dst, filled, now)
+        self._settle()
+        return filled
+
+    def _read_into(self, dst: memoryview, filled: int, now: float) -> int:
         messages = self.messages
         scan = self._scan
         room = dst.nbytes
@@ -706,3 +749,4 @@ class Reassembler:
         limit = now - self.frame_timeout
         for key in [k for k, p in self._partial.items() if p.touched <= limit]:
             self._drop(key)
+        self._settle()

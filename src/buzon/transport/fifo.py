@@ -147,9 +147,25 @@ class FifoReader(StreamTransport):
         r = self.reassembler
         room = buf.nbytes
         now = _monotonic()
+        rfd = self._rfd
+        if r.direct and PIECE_MAX <= room <= r.input_size:
+            # nothing held here: read straight into the channel's buffer and unwrap
+            # the pieces there (one C call when they are whole small frames)
+            try:
+                n = _readv(rfd, (buf,))
+            except (BlockingIOError, InterruptedError):
+                r.idle(now)
+                return WOULD_BLOCK
+            except OSError as exc:
+                raise from_oserror(exc, "fifo read") from exc
+            if n <= 0:
+                return n  # 0: only without the keepalive, after close
+            filled = r.received_in_place(buf, n, now, n < room)
+            if r.messages:
+                self._nudge()
+            return filled if filled else WOULD_BLOCK
         # held here: messages (unparsed input is only ever a piece's first part)
         filled = r.read_into(buf, 0, now) if r.messages else 0
-        rfd = self._rfd
         while filled < room:
             # read no more than the channel has room for (whole pieces shrink as they
             # are unwrapped), so little is left here when we return
