@@ -427,3 +427,26 @@ def test_aio_send_many_on_a_fifo(fifo: tuple[str, buzon.Channel]) -> None:
     finally:
         t.join(LIMIT)
     assert got == items
+
+
+def test_reader_without_the_c_module(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C speedup the reader does everything in Python (the reference):
+    same messages, same counts."""
+    import buzon.protocol.fifo as envelope
+
+    monkeypatch.setattr(envelope, "_c", None)
+    path = os.path.join(runtime_dir, "py.fifo")
+    items = [b"a" * n for n in (0, 5, 100, 5000, 300_000, 7)]
+    with buzon.listen(f"fifo:{path}") as listener, listener.accept(LIMIT) as reader:
+        assert reader._core.transport.reassembler.scan is None  # type: ignore[attr-defined]
+        with buzon.connect(f"fifo:{path}", timeout=LIMIT) as writer:
+            writer.send_bytes(items[0])
+            _raw_write(path, b"garbage")
+            t = threading.Thread(target=writer.send_bytes_many, args=(items[1:], LIMIT))
+            t.start()
+            try:
+                got = [reader.recv_bytes(LIMIT) for _ in items]
+            finally:
+                t.join(LIMIT)
+        assert got == items
+        assert reader.statistics().rejected_frames == 1

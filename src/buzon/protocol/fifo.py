@@ -92,11 +92,13 @@ except ImportError:  # not built: everything in Python, same bytes, same results
 ACCELERATED = _c is not None
 # the C scan knows plain DATA frames of version 1 (kind 1) and these codecs
 _SCAN_FRAMES = _FRAME_VERSION == 1 and int(Kind.DATA) == 1
-_CODEC_BITS = sum(1 << c for c in _CODECS)
+#: the codecs the C scan lets through (bit ``1 << codec id``)
+CODEC_BITS = sum(1 << c for c in _CODECS)
 
 __all__ = [
     "ABORT",
     "ACCELERATED",
+    "CODEC_BITS",
     "FIRST",
     "HEADER_SIZE",
     "LAST",
@@ -299,7 +301,9 @@ class Reassembler:
         self.max_pending = max_pending if max_pending is not None else 2 * max_frame
         self.join = join
         self.frames = frames
-        self._scan: Callable[..., tuple[int, int]] | None = (
+        #: the C scan (``protocol/_envelope.c``: ``scan(buf, start, end, dst, filled,
+        #: max_frame, codecs) -> (pos, filled)``), None without it
+        self.scan: Callable[..., tuple[int, int]] | None = (
             _c.scan if _c is not None and accelerated and _SCAN_FRAMES else None
         )
         self.refused = 0  # frames=True: whole messages that were no buzon frame, dropped
@@ -320,7 +324,7 @@ class Reassembler:
         self.input_size = len(self._buf)
         # a read may go straight into the output (received_in_place): nothing is held
         # and the C scan is there; kept up to date by the methods that read_into uses
-        self.direct = self._scan is not None and frames
+        self.direct = self.scan is not None and frames
         self._start = 0  # unparsed bytes are _buf[_start:_end]
         self._end = 0
         self._garbage = False  # inside a run of rejected bytes
@@ -505,16 +509,16 @@ class Reassembler:
         :meth:`drained`), and expired messages are dropped (:meth:`expire`). One
         call per read, for ``frames=True`` readers."""
         end = self._end = self._end + n
-        scan = self._scan
+        scan = self.scan
         if scan is not None and not self.messages and not self._partial:
             # the common case at once: the read brought whole small frames, nothing else
             start = self._start
-            pos, filled = scan(self._buf, start, end, dst, filled, self.max_frame, _CODEC_BITS)
+            pos, filled = scan(self._buf, start, end, dst, filled, self.max_frame, CODEC_BITS)
             if pos != start:
                 self._garbage = self._stump = False
                 if pos == end:
                     self._start = self._end = 0
-                    self.direct = self.frames
+                    self.direct = self.frames  # and the flags are clear
                     return filled
                 self._start = pos
         filled = self._read_into(dst, filled, now)
@@ -532,13 +536,22 @@ class Reassembler:
         (allowed while :attr:`direct`, at most :attr:`input_size` bytes): whole
         small frames are unwrapped in place, in one C call; anything else is taken
         into the input and parsed the usual way. Returns the bytes of ``dst`` filled."""
-        scan = self._scan
+        scan = self.scan
         assert scan is not None  # and direct, n <= input_size: the caller checked
-        pos, filled = scan(dst, 0, n, dst, 0, self.max_frame, _CODEC_BITS)
+        pos, filled = scan(dst, 0, n, dst, 0, self.max_frame, CODEC_BITS)
+        if pos == n:
+            return filled
+        return self.received_rest(dst, n, pos, filled, now, drained)
+
+    def received_rest(
+        self, dst: memoryview, n: int, pos: int, filled: int, now: float, drained: bool
+    ) -> int:
+        """The rest of :meth:`received_in_place`, for a reader that made its first
+        step itself (``pos, filled = scan(dst, 0, n, dst, 0, max_frame,
+        CODEC_BITS)`` while :attr:`direct`; ``pos < n``): what is left of the read
+        goes into the input, and is parsed the usual way."""
         if pos:
             self._garbage = self._stump = False
-            if pos == n:
-                return filled
         self._view[: n - pos] = dst[pos:n]  # direct: the input was empty
         return self.received(n - pos, dst, filled, now, drained)
 
@@ -551,11 +564,13 @@ class Reassembler:
 
     def _settle(self) -> None:
         self.direct = (
-            self._scan is not None
+            self.scan is not None
             and self.frames
             and not self.messages
             and self._start == self._end
             and not self._partial
+            and not self._garbage  # so a whole read of pieces leaves them as they are
+            and not self._stump
         )
 
     def read_into(self, dst: memoryview, filled: int = 0, now: float = 0.0) -> int:
@@ -570,7 +585,7 @@ class Reassembler:
 
     def _read_into(self, dst: memoryview, filled: int, now: float) -> int:
         messages = self.messages
-        scan = self._scan
+        scan = self.scan
         room = dst.nbytes
         while True:
             if messages:
@@ -584,7 +599,7 @@ class Reassembler:
             if scan is not None and not self._partial:
                 start = self._start
                 pos, filled = scan(
-                    self._buf, start, self._end, dst, filled, self.max_frame, _CODEC_BITS
+                    self._buf, start, self._end, dst, filled, self.max_frame, CODEC_BITS
                 )
                 if pos != start:
                     self._garbage = self._stump = False

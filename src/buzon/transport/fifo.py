@@ -37,7 +37,7 @@ import stat
 import struct
 import termios
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .._exitclean import disown, own
 from .._runtime import check_endpoint_path
@@ -52,6 +52,7 @@ from ..errors import (
     from_oserror,
 )
 from ..protocol.fifo import (
+    CODEC_BITS,
     FIRST,
     LAST,
     MAX_PAYLOAD,
@@ -107,6 +108,11 @@ PROPERTIES = LinkProperties(
 _NUDGE = Encoder(0, 0).abort()
 
 
+def _scan_nothing(*args: object) -> tuple[int, int]:
+    """No C scan: unwrap nothing here, leave every byte to the reassembler."""
+    return 0, 0
+
+
 class FifoReader(StreamTransport):
     """The reading end: reassembles each writer's enveloped pieces into whole messages
     and hands the channel their frames, one after the other, as a clean byte stream
@@ -136,6 +142,8 @@ class FifoReader(StreamTransport):
         self.reassembler = Reassembler(
             max_frame, frame_timeout=frame_timeout, join=False, frames=True
         )
+        # the C scan (the reassembler is never direct without it)
+        self._scan: Callable[..., tuple[int, int]] = self.reassembler.scan or _scan_nothing
         os.set_blocking(rfd, False)
 
     def read_fileno(self) -> int:
@@ -146,7 +154,6 @@ class FifoReader(StreamTransport):
             return self._recv_raw(buf)
         r = self.reassembler
         room = buf.nbytes
-        now = _monotonic()
         rfd = self._rfd
         if r.direct and PIECE_MAX <= room <= r.input_size:
             # nothing held here: read straight into the channel's buffer and unwrap
@@ -154,16 +161,20 @@ class FifoReader(StreamTransport):
             try:
                 n = _readv(rfd, (buf,))
             except (BlockingIOError, InterruptedError):
-                r.idle(now)
+                r.idle(_monotonic())
                 return WOULD_BLOCK
             except OSError as exc:
                 raise from_oserror(exc, "fifo read") from exc
             if n <= 0:
                 return n  # 0: only without the keepalive, after close
-            filled = r.received_in_place(buf, n, now, n < room)
+            pos, filled = self._scan(buf, 0, n, buf, 0, self.max_frame, CODEC_BITS)
+            if pos == n:
+                return filled
+            filled = r.received_rest(buf, n, pos, filled, _monotonic(), n < room)
             if r.messages:
                 self._nudge()
             return filled if filled else WOULD_BLOCK
+        now = _monotonic()
         # held here: messages (unparsed input is only ever a piece's first part)
         filled = r.read_into(buf, 0, now) if r.messages else 0
         while filled < room:
