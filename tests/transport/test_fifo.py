@@ -388,12 +388,25 @@ def test_send_many_from_several_writers_with_garbage(fifo: tuple[str, buzon.Chan
             for k in range(4):
                 ch.send_bytes_many(batch(name, k), LIMIT)
 
+    def garbage() -> None:  # between the writers' pieces, whenever the FIFO has room
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            done = 0
+            deadline = time.monotonic() + LIMIT
+            while done < 5 and time.monotonic() < deadline:
+                try:
+                    os.write(fd, b"\xf1\xf0\xb0\x7a garbage " * 20)
+                    done += 1
+                except BlockingIOError:
+                    time.sleep(0.001)
+        finally:
+            os.close(fd)
+
     threads = [threading.Thread(target=write, args=(n,)) for n in names]
+    threads.append(threading.Thread(target=garbage))
     for t in threads:
         t.start()
     try:
-        for _ in range(5):
-            _raw_write(path, b"\xf1\xf0\xb0\x7a garbage " * 20)
         got = [reader.recv_bytes(LIMIT) for _ in range(3 * 4 * 300)]
     finally:
         for t in threads:
@@ -401,6 +414,8 @@ def test_send_many_from_several_writers_with_garbage(fifo: tuple[str, buzon.Chan
     for name in names:
         mine = [g for g in got if g.startswith(name.encode())]
         assert mine == [m for k in range(4) for m in batch(name, k)]
+    with pytest.raises(Timeout):  # and nothing else: the garbage is skipped and counted
+        reader.recv_bytes(0.05)
     assert reader.statistics().rejected_frames >= 1
 
 
