@@ -29,21 +29,23 @@ pytest: install
 
 test: lint typecheck pytest
 
-# The C core under AddressSanitizer + UndefinedBehaviorSanitizer: a copy of the package in
-# build/sanitize with instrumented extensions (all of them: the core, the frame speedup
-# buzon.protocol._frames, CRC-32C, POSIX queues), and the C-backed tests run against it. The
+# The C parts (the shm core, the frame speedup buzon.protocol._frames, the fifo:
+# envelope, CRC-32C, POSIX queues) under AddressSanitizer + UndefinedBehaviorSanitizer:
+# a copy of the package in build/sanitize with instrumented extensions, and the C-backed
+# tests run against it. The
 # interpreter itself is not instrumented, so libasan must be preloaded; leak checking is
 # off because CPython keeps its arenas until exit.
 SAN_DIR := build/sanitize
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
 sanitize: install
-	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR) && cp -r src/buzon $(SAN_DIR)/ && rm -f $(SAN_DIR)/buzon/*.so $(SAN_DIR)/buzon/*/*.so
+	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR) && cp -r src/buzon $(SAN_DIR)/ && find $(SAN_DIR) -name '*.so' -delete
 	CFLAGS="$(SAN_FLAGS)" LDFLAGS="-fsanitize=address,undefined" $(BIN)/python setup.py -q \
 		build_ext --force --build-lib $(SAN_DIR) --build-temp $(SAN_DIR)/tmp
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(SAN_DIR) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/shm/test_core.py \
-		tests/shm/test_fast_path.py tests/protocol/test_ring_frames.py
+		tests/shm/test_fast_path.py tests/protocol/test_ring_frames.py \
+		tests/protocol/test_fifo_envelope.py
 
 # the peers (pyzmq, faster-fifo, iceoryx2, numpy) are the optional group "bench", not dev
 bench: install

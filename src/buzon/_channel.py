@@ -292,6 +292,10 @@ class ChannelCore:
         self._recv_into: Any = stream.recv_into if stream is not None else None
         self._recv_message: Any = messages.recv_message if messages is not None else None
         self._send_message: Any = messages.send_message if messages is not None else None
+        batches = transport.sends_batches and self._plain  # send_many: whole batches
+        self._send_messages: Any = (
+            messages.send_messages if messages is not None and batches else None
+        )
         self._track_message_meta = transport.reports_messages
         # shm: lends message space (loans, received views) and reuses out-of-line blocks
         lends = transport.lends
@@ -511,6 +515,32 @@ class ChannelCore:
         if small:
             out.append(b"".join(small))
         return out, count
+
+    @property
+    def batches(self) -> bool:
+        """``send_many`` may hand a whole batch to the transport (:meth:`try_send_messages`):
+        it takes batches (``sends_batches``) and nothing counts messages one at a time
+        (credits, tokens, an unbounded queue)."""
+        return (
+            self._send_messages is not None
+            and self.sflow is None
+            and self.tokens is None
+            and not self.unbounded
+        )
+
+    def try_send_messages(self, batch: list[list[Buffer]], start: int) -> int:
+        """Hand ``batch[start:]`` (encoded messages) to the transport in one call while
+        :attr:`batches`; return where it stopped (short of the end: the driver sends
+        that message the usual way, waiting for room, then calls again after it)."""
+        if self.closed or not self._can_send:
+            self._check_send(0)
+        end: int
+        end, size = self._send_messages(batch, start)
+        if end > start:
+            self.serial += end - start
+            self.stats.messages_sent += end - start
+            self.stats.bytes_sent += size
+        return end
 
     def try_send(self, bufs: list[Buffer], priority: int = 0, *, single: bool = True) -> bool:
         """Hand one encoded message to the transport; False if it cannot take it now.

@@ -3,49 +3,15 @@
  * One function, crc32c(data, crc=0) -> int, with the semantics of
  * buzon.protocol.crc32c.crc32c (pass a previous result to continue it). It uses the
  * SSE4.2 crc32 instruction when the CPU has it (checked once at import) and a
- * slicing-by-1 table otherwise. The GIL is released for large inputs. Small and boring
- * on purpose: the pure-Python module stays the reference the tests compare against.
+ * slicing-by-1 table otherwise (both in _crc32c.h, shared with protocol/_envelope.c).
+ * The GIL is released for large inputs. Small and boring on purpose: the pure-Python
+ * module stays the reference the tests compare against.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-#include <string.h>
 
-static uint32_t table[256];
-static int have_sse42 = 0;
-
-static void make_table(void) {
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-        table[i] = c;
-    }
-}
-
-static uint32_t crc_table(uint32_t reg, const unsigned char *p, size_t n) {
-    while (n--)
-        reg = table[(reg ^ *p++) & 0xFF] ^ (reg >> 8);
-    return reg;
-}
-
-#if defined(__x86_64__)
-__attribute__((target("sse4.2")))
-static uint32_t crc_sse42(uint32_t reg, const unsigned char *p, size_t n) {
-    uint64_t r = reg;
-    while (n >= 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        r = __builtin_ia32_crc32di(r, v);
-        p += 8;
-        n -= 8;
-    }
-    uint32_t r32 = (uint32_t)r;
-    while (n--)
-        r32 = __builtin_ia32_crc32qi(r32, *p++);
-    return r32;
-}
-#endif
+#include "_crc32c.h"
 
 static PyObject *crc32c(PyObject *self, PyObject *args) {
     (void)self;
@@ -63,12 +29,7 @@ static PyObject *crc32c(PyObject *self, PyObject *args) {
     size_t n = (size_t)buf.len;
     int release = n >= 65536;
     PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
-#if defined(__x86_64__)
-    if (have_sse42)
-        reg = crc_sse42(reg, p, n);
-    else
-#endif
-        reg = crc_table(reg, p, n);
+    reg = crc32c_update(reg, p, n);
     if (release)
         PyEval_RestoreThread(ts);
     PyBuffer_Release(&buf);
@@ -90,13 +51,9 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__crc32c(void) {
-    make_table();
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    have_sse42 = __builtin_cpu_supports("sse4.2") != 0;
-#endif
+    crc32c_setup();
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "HARDWARE", have_sse42) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "HARDWARE", crc32c_hw) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -283,7 +283,7 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
         return ("mq", fds.slot(t._mqd), t.address, "r" if t._reading else "w")
     if kind is FifoReader:
         r = t.reassembler
-        if r.messages or r._partial or t._off or t._part:
+        if r.messages or r._partial:
             raise UnsupportedOperation(
                 "this fifo channel holds part of a message already read; receive it first"
             )

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from buzon.protocol.crc32c import crc32c
 from buzon.protocol.fifo import (
+    ACCELERATED,
     FIRST,
     LAST,
     MAGIC,
@@ -251,3 +252,216 @@ def test_large_pieces_and_a_cut_write() -> None:
     r.feed(second[:50_000] + b"".join(Encoder(2, 2).encode([b"x" * 300_000])))
     assert len(r.messages) == 3 and r.stumps == 2 and r.rejected_frames == 0
     assert MAX_PIECE_PAYLOAD >= 256_000
+
+
+# -- the C speedup (protocol/_envelope.c) against the Python reference ------------------
+
+FRAME_HEAD = struct.Struct("<BBBBI")
+
+
+def _frame(kind: int, flags: int, body: bytes, buffers: tuple[bytes, ...] = ()) -> bytes:
+    table = b"".join(struct.pack("<Q", len(b)) for b in buffers)
+    return (
+        FRAME_HEAD.pack(1, kind, flags, len(buffers), len(body)) + table + body + b"".join(buffers)
+    )
+
+
+def _as_buffers(
+    data: bytes, cuts: list[int], kinds: list[int]
+) -> list[bytes | bytearray | memoryview]:
+    """``data`` as a list of buffers of mixed types."""
+    out: list[bytes | bytearray | memoryview] = []
+    pos = 0
+    for i, c in enumerate([*cuts, len(data)]):
+        part = data[pos : max(pos, min(len(data), pos + c))]
+        pos += len(part)
+        kind = kinds[i % len(kinds)] if kinds else 0
+        out.append(part if kind == 0 else bytearray(part) if kind == 1 else memoryview(part))
+        if pos >= len(data):
+            break
+    return out
+
+
+def test_the_speedup_is_built() -> None:
+    """The project builds it (``make install``); the sanitizer run tests it."""
+    from buzon.protocol import _envelope
+
+    assert ACCELERATED and _envelope.piece(FIRST | LAST, [b"x"], 1, 2, 3) == piece(
+        FIRST | LAST, b"x", 1, 2, 3
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=0, max_size=12),
+    cuts=st.lists(st.integers(0, 3000), max_size=3),
+    kinds=st.lists(st.integers(0, 2), max_size=3),
+    pid=st.integers(0, 2**32 - 1),
+    seq=st.sampled_from([0, 1, 2**32 - 3, 2**32 - 1, 12345]),
+    start=st.integers(0, 3),
+    limit=st.integers(0, 20_000),
+)
+def test_c_encoder_matches_python(
+    sizes: list[int],
+    cuts: list[int],
+    kinds: list[int],
+    pid: int,
+    seq: int,
+    start: int,
+    limit: int,
+) -> None:
+    """Same pieces, same packed writes, same piece numbers, byte for byte."""
+    rng = random.Random(sum(sizes) + pid)
+    msgs = [_as_buffers(rng.randbytes(n), cuts, kinds) for n in sizes]
+    fast, ref = Encoder(pid, ~pid, accelerated=True), Encoder(pid, ~pid, accelerated=False)
+    fast.seq = ref.seq = seq
+    assert fast.pack(msgs, start, limit) == ref.pack(msgs, start, limit)
+    data, end, after = ref.pack(msgs, start, limit)
+    first = min(start, len(msgs))
+    assert len(data) <= limit and first <= end <= len(msgs)
+    assert after == (seq + end - first) & 0xFFFFFFFF
+    for bufs in msgs:
+        assert fast.encode(bufs) == ref.encode(bufs)
+        assert fast.seq == ref.seq
+    assert fast.abort() == ref.abort()
+
+
+def _hostile_stream(rng: random.Random, items: int) -> tuple[bytes, int]:
+    """Writers' pieces interleaved with everything a reader must survive: frames the C
+    scan takes (plain DATA, receipt bit), frames only Python takes (buffers, another
+    kind), messages that are no frame, several-piece messages, aborts, garbage, damaged
+    pieces and stumps of cut writes. Returns the stream and how many good frames."""
+    writers = [Encoder(10 + i, rng.getrandbits(32), accelerated=False) for i in range(3)]
+    out = bytearray()
+    for _ in range(items):
+        w = rng.choice(writers)
+        what = rng.random()
+        if what < 0.45:
+            body = rng.randbytes(rng.choice([0, 1, 7, 60, 500, MAX_PAYLOAD - 8]))
+            pieces = w.encode([_frame(1, rng.choice([0, 1, 2, 3, 8 | 1]), body)])
+        elif what < 0.55:
+            pieces = w.encode([_frame(1, 1, b"body", (rng.randbytes(rng.randrange(50)),))])
+        elif what < 0.6:
+            pieces = w.encode([_frame(6, 0, rng.randbytes(16))])  # CREDIT: a frame, kind 6
+        elif what < 0.65:
+            pieces = w.encode([rng.randbytes(rng.randrange(40))])  # no frame
+        elif what < 0.7:  # the shape of a plain frame, one header byte wrong or unusual
+            head = bytearray(FRAME_HEAD.pack(1, 1, 1, 0, 5))
+            i, v = rng.choice([(0, 2), (1, 0), (1, 2), (1, 64), (2, 0x11), (2, 0x21), (2, 0x41)])
+            head[i] = rng.choice([v, 0x81, 7, 4, 9])
+            pieces = w.encode([bytes(head) + b"body!"])
+        elif what < 0.78:
+            n = rng.randrange(MAX_PAYLOAD, 3 * MAX_PAYLOAD)
+            pieces = w.encode([_frame(1, 1, rng.randbytes(n))])
+            if rng.random() < 0.3:  # given up after its first piece
+                pieces = [pieces[0], w.abort()]
+        elif what < 0.85:
+            pieces = [rng.randbytes(rng.randrange(1, 60))]  # garbage
+            if rng.random() < 0.5:
+                pieces[0] = MAGIC + pieces[0]
+        elif what < 0.93:
+            (p,) = w.encode([_frame(1, 1, rng.randbytes(rng.randrange(100)))])
+            bad = bytearray(p)
+            bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+            pieces = [bytes(bad)]
+        else:
+            (p,) = w.encode([_frame(1, 1, rng.randbytes(200))])
+            pieces = [p[: rng.randrange(29, len(p))]]  # a stump
+        out += b"".join(pieces)
+    return bytes(out), items
+
+
+def _read_all(
+    r: Reassembler, data: bytes, rng: random.Random, drains: bool
+) -> tuple[bytes, tuple[int, ...]]:
+    """Feed ``data`` in random reads, take the output in random-sized buffers (as a
+    channel's frame decoder would), now and then declaring the source drained."""
+    out = bytearray()
+    pos = 0
+    while pos < len(data) or r.messages:
+        n = min(rng.randrange(1, 9000), len(data) - pos)
+        dst = memoryview(bytearray(rng.choice([8, 100, 5000, 300_000])))
+        mode = rng.random()
+        drained = drains and rng.random() < 0.2
+        if n and mode < 0.3 and r.direct and n <= dst.nbytes:  # the read went into dst
+            dst[:n] = data[pos : pos + n]
+            pos += n
+            out += dst[: r.received_in_place(dst, n, 0.0, drained)]
+            continue
+        if n:
+            view = r.get_buffer()
+            n = min(n, view.nbytes)
+            view[:n] = data[pos : pos + n]
+            view.release()
+            pos += n
+            if mode < 0.6:  # the reader's one call per read
+                out += dst[: r.received(n, dst, 0, 0.0, drained)]
+                continue
+            r.buffer_updated(n, 0.0, parse=False)
+        out += dst[: r.read_into(dst)]
+        if drained:
+            r.drained()
+    dst = memoryview(bytearray(1 << 20))
+    out += dst[: r.read_into(dst)]
+    counts = (r.rejected_frames, r.rejected_bytes, r.abandoned, r.refused, r.stumps)
+    return bytes(out), (*counts, r.stump_bytes, r.buffered)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), items=st.integers(1, 60), drains=st.booleans())
+def test_c_scan_matches_python(seed: int, items: int, drains: bool) -> None:
+    """The reader with the C scan gives exactly the stream and the counters of the
+    Python reader (and of ``feed`` + :attr:`messages`, the reference), whatever the
+    input and however it is cut into reads and output buffers."""
+    data, _ = _hostile_stream(random.Random(seed), items)
+    fast = Reassembler(MAX_FRAME, frames=True, join=False)
+    ref = Reassembler(MAX_FRAME, frames=True, join=False, accelerated=False)
+    got = _read_all(fast, data, random.Random(seed + 1), drains)
+    assert got == _read_all(ref, data, random.Random(seed + 1), drains)
+    if not drains:
+        whole = Reassembler(MAX_FRAME, frames=True, accelerated=False)
+        whole.feed(data)
+        assert got[0] == b"".join(whole.messages)  # type: ignore[arg-type]
+
+
+def test_c_scan_refuses_what_is_no_frame() -> None:
+    """One writer's enveloped bytes that are no frame (or a frame over max_frame) are
+    dropped and counted; the good frames around them pass, in order."""
+    enc = Encoder(1, 1)
+    good = [_frame(1, 1, b"a" * n) for n in (0, 10, 200)]
+    stream = b"".join(
+        enc.encode([m])[0]
+        for m in (good[0], b"not a frame", good[1], _frame(1, 1, b"z" * 300), good[2])
+    )
+    r = Reassembler(256, frames=True)
+    r.feed(b"")
+    r.buffer_updated(0)
+    view = r.get_buffer()
+    view[: len(stream)] = stream
+    view.release()
+    r.buffer_updated(len(stream), parse=False)
+    dst = memoryview(bytearray(4096))
+    n = r.read_into(dst)
+    assert bytes(dst[:n]) == b"".join(good)
+    assert r.refused == 2 and r.rejected_frames == 2
+
+
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_each_run_of_garbage_counts_once(accelerated: bool) -> None:
+    """Garbage, good pieces, garbage again, each read on its own: two runs of rejected
+    bytes, whichever way the good pieces were unwrapped (in place or not)."""
+    r = Reassembler(MAX_FRAME, frames=True, accelerated=accelerated)
+    good = Encoder(1, 1).encode([_frame(1, 1, b"ok")])[0]
+    out = bytearray()
+    for chunk in (b"junk" * 10, good, good, b"junk" * 10, good):
+        dst = memoryview(bytearray(PIECE_MAX))
+        if r.direct:
+            dst[: len(chunk)] = chunk
+            out += dst[: r.received_in_place(dst, len(chunk), 0.0, True)]
+        else:
+            view = r.get_buffer()
+            view[: len(chunk)] = chunk
+            view.release()
+            out += dst[: r.received(len(chunk), dst, 0, 0.0, True)]
+    assert out == _frame(1, 1, b"ok") * 3
+    assert r.rejected_frames == 2 and r.rejected_bytes == 80

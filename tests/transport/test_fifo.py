@@ -16,10 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import buzon
+import buzon.aio
 from buzon.errors import EndOfChannel, Timeout
 
 LIMIT = 30.0
@@ -305,19 +307,161 @@ def test_close_writes_what_send_many_gathered(fifo: tuple[str, buzon.Channel]) -
 
 
 def test_writer_takes_a_batch_in_one_call(fifo: tuple[str, buzon.Channel]) -> None:
-    """FifoWriter.send_messages (a capability for a core that sends batches): whole
-    messages in order, as many as fit, in writes of up to PIPE_BUF bytes."""
+    """FifoWriter.send_messages (``sends_batches``): whole messages in order, as many
+    as fit, in writes of up to PIPE_BUF bytes; it stops at a message of several pieces."""
     from buzon.transport.base import TransportOptions
     from buzon.transport.fifo import FifoConnector, FifoWriter
 
     path, reader = fifo
     connector = FifoConnector(buzon.parse_address(f"fifo:{path}"), TransportOptions())
     writer = connector.step()
-    assert isinstance(writer, FifoWriter)
+    assert isinstance(writer, FifoWriter) and writer.sends_batches
     try:
-        frames = [[b"\x01\x01\x00\x00" + len(p).to_bytes(4, "little") + p] for p in (b"a", b"bc")]
-        assert writer.send_messages(frames * 100) == 200
+        frames = [[_plain_frame(p)] for p in (b"a", b"bc")]
+        assert writer.send_messages(frames * 100) == (200, 100 * 9 + 100 * 10)
+        big = [[_plain_frame(b"B" * 5000)]]
+        assert writer.send_messages(frames + big + frames, 1) == (2, 10)
+        assert writer.send_messages(frames + big + frames, 2) == (2, 0)
         assert writer.held_bytes == 0
     finally:
         writer.close()
-    assert [reader.recv_bytes(LIMIT) for _ in range(200)] == [b"a", b"bc"] * 100
+    assert [reader.recv_bytes(LIMIT) for _ in range(201)] == [b"a", b"bc"] * 100 + [b"bc"]
+
+
+def _plain_frame(payload: bytes) -> bytes:
+    return b"\x01\x01\x00\x00" + len(payload).to_bytes(4, "little") + payload
+
+
+def test_send_many_hands_the_batch_to_the_transport(
+    fifo: tuple[str, buzon.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """send_many passes the whole batch to a transport that takes batches (a declared
+    capability): a few writes of up to PIPE_BUF bytes, not one call per message, and
+    the statistics count every message and byte."""
+    from buzon.transport.fifo import PIPE_BUF, FifoWriter
+
+    calls: list[int] = []
+    real = FifoWriter.send_messages
+
+    def spy(self: FifoWriter, messages: Any, start: int = 0) -> tuple[int, int]:
+        calls.append(start)
+        return real(self, messages, start)
+
+    monkeypatch.setattr(FifoWriter, "send_messages", spy)
+    path, reader = fifo
+    items = [b"%06d" % i for i in range(2000)]
+    with buzon.connect(f"fifo:{path}", timeout=LIMIT) as writer:
+        written: list[int] = []
+        wfd = writer._core.transport.write_fileno()
+        real_write = os.write
+
+        def counting_write(fd: int, data: Any) -> int:
+            if fd == wfd:
+                written.append(len(data))
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", counting_write)
+        assert writer.send_bytes_many(items, LIMIT) == len(items)
+        monkeypatch.setattr(os, "write", real_write)
+        stats = writer.statistics()
+    assert calls == [0]  # the FIFO had room for all of it: one call
+    assert len(written) <= 2000 * (32 + 8 + 6) // PIPE_BUF + 1
+    assert max(written) <= PIPE_BUF
+    assert stats.messages_sent == 2000 and stats.bytes_sent == 2000 * (8 + 6)
+    assert [reader.recv_bytes(LIMIT) for _ in items] == items
+    assert reader.statistics().rejected_frames == 0
+
+
+def test_send_many_from_several_writers_with_garbage(fifo: tuple[str, buzon.Channel]) -> None:
+    """Three writers send batches of small and large messages at once while a fourth
+    writes garbage: each writer's messages arrive whole and in its order."""
+    path, reader = fifo
+    names = ("a", "b", "c")
+
+    def batch(name: str, k: int) -> list[bytes]:
+        out = [f"{name}{k}:{i}".encode() * (1 + i % 5) for i in range(300)]
+        out[100] = name.encode() * 70_000  # several pieces, between small ones
+        return out
+
+    def write(name: str) -> None:
+        with buzon.connect(f"fifo:{path}", timeout=LIMIT) as ch:
+            for k in range(4):
+                ch.send_bytes_many(batch(name, k), LIMIT)
+
+    def garbage() -> None:  # between the writers' pieces, whenever the FIFO has room
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            done = 0
+            deadline = time.monotonic() + LIMIT
+            while done < 5 and time.monotonic() < deadline:
+                try:
+                    os.write(fd, b"\xf1\xf0\xb0\x7a garbage " * 20)
+                    done += 1
+                except BlockingIOError:
+                    time.sleep(0.001)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in names]
+    threads.append(threading.Thread(target=garbage))
+    for t in threads:
+        t.start()
+    try:
+        got = [reader.recv_bytes(LIMIT) for _ in range(3 * 4 * 300)]
+    finally:
+        for t in threads:
+            t.join(LIMIT)
+    for name in names:
+        mine = [g for g in got if g.startswith(name.encode())]
+        assert mine == [m for k in range(4) for m in batch(name, k)]
+    with pytest.raises(Timeout):  # and nothing else: the garbage is skipped and counted
+        reader.recv_bytes(0.05)
+    assert reader.statistics().rejected_frames >= 1
+
+
+def test_aio_send_many_on_a_fifo(fifo: tuple[str, buzon.Channel]) -> None:
+    """The asyncio driver hands batches over the same way."""
+    import asyncio
+
+    path, reader = fifo
+    items = [b"%d" % i for i in range(3000)]
+    items[1000] = b"L" * 300_000
+
+    async def main() -> None:
+        ch = await buzon.aio.connect(f"fifo:{path}", timeout=LIMIT)
+        try:
+            assert await ch.send_bytes_many(items, LIMIT) == len(items)
+            assert ch.statistics().messages_sent == len(items)
+        finally:
+            await ch.aclose()
+
+    t = threading.Thread(target=asyncio.run, args=(main(),))
+    t.start()
+    try:
+        got = [reader.recv_bytes(LIMIT) for _ in items]
+    finally:
+        t.join(LIMIT)
+    assert got == items
+
+
+def test_reader_without_the_c_module(runtime_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C speedup the reader does everything in Python (the reference):
+    same messages, same counts."""
+    import buzon.protocol.fifo as envelope
+
+    monkeypatch.setattr(envelope, "_c", None)
+    path = os.path.join(runtime_dir, "py.fifo")
+    items = [b"a" * n for n in (0, 5, 100, 5000, 300_000, 7)]
+    with buzon.listen(f"fifo:{path}") as listener, listener.accept(LIMIT) as reader:
+        assert reader._core.transport.reassembler.scan is None  # type: ignore[attr-defined]
+        with buzon.connect(f"fifo:{path}", timeout=LIMIT) as writer:
+            writer.send_bytes(items[0])
+            _raw_write(path, b"garbage")
+            t = threading.Thread(target=writer.send_bytes_many, args=(items[1:], LIMIT))
+            t.start()
+            try:
+                got = [reader.recv_bytes(LIMIT) for _ in items]
+            finally:
+                t.join(LIMIT)
+        assert got == items
+        assert reader.statistics().rejected_frames == 1

@@ -368,6 +368,14 @@ class Channel(ChannelIdentity):
                     await self._send(bufs, deadline, 0)
                     i = fast(batch, codec, i + 1)
                 return len(batch)
+            if core.batches:  # the transport takes whole batches (fifo:): few writes
+                encode = core.encode_bytes if as_bytes else core.encode
+                batch = [encode(item) for item in items]
+                i = core.try_send_messages(batch, 0)
+                while i < len(batch):  # no room, or a large message: the usual way
+                    await self._send(batch[i], deadline, 0)
+                    i = core.try_send_messages(batch, i + 1)
+                return len(batch)
             if core.message_oriented or core.raw or core.sflow is not None or core.unbounded:
                 count = 0
                 core.transport.cork(True)  # a transport may send them in fewer datagrams

@@ -70,17 +70,35 @@ import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
+from ..errors import FrameError
 from .crc32c import _c_crc32c
 from .crc32c import crc32c as _py_crc32c
+from .frames import _CODECS, Kind, frame_length
+from .frames import VERSION as _FRAME_VERSION
 
 Buffer = bytes | bytearray | memoryview
 
 # the C function itself where it is built (a Python wrapper costs a call per piece)
 crc32c: Callable[[Buffer, int], int] = _c_crc32c if _c_crc32c is not None else _py_crc32c
 
+_c: ModuleType | None
+try:  # the hot paths in C (protocol/_envelope.c); this module stays the reference
+    from . import _envelope as _c
+except ImportError:  # not built: everything in Python, same bytes, same results
+    _c = None
+#: the C speedup is built (``accelerated=True`` objects use it)
+ACCELERATED = _c is not None
+# the C scan knows plain DATA frames of version 1 (kind 1) and these codecs
+_SCAN_FRAMES = _FRAME_VERSION == 1 and int(Kind.DATA) == 1
+#: the codecs the C scan lets through (bit ``1 << codec id``)
+CODEC_BITS = sum(1 << c for c in _CODECS)
+
 __all__ = [
     "ABORT",
+    "ACCELERATED",
+    "CODEC_BITS",
     "FIRST",
     "HEADER_SIZE",
     "LAST",
@@ -93,6 +111,7 @@ __all__ = [
     "Reassembler",
     "envelope",
     "piece",
+    "wrap",
 ]
 
 MAGIC = b"\xf1\xf0\xb0\x7a"
@@ -137,14 +156,30 @@ def piece(flags: int, payload: Buffer, pid: int, nonce: int, seq: int) -> bytes:
     return b"".join((head, payload, trailer))
 
 
+def _wrap_py(flags: int, bufs: Sequence[Buffer], pid: int, nonce: int, seq: int) -> bytes:
+    return piece(flags, bufs[0] if len(bufs) == 1 else b"".join(bufs), pid, nonce, seq)
+
+
+#: ``wrap(flags, bufs, pid, nonce, seq)``: one piece whose payload is ``bufs`` joined
+#: (at most :data:`MAX_PIECE_PAYLOAD` bytes); the C function when it is built
+wrap: Callable[[int, Sequence[Buffer], int, int, int], bytes] = (
+    _c.piece if _c is not None else _wrap_py
+)
+
+
 class Encoder:
     """One writer's side: cuts messages into enveloped pieces of at most ``PIECE_MAX``
-    bytes, each to be written with one ``write`` call (which the kernel keeps whole)."""
+    bytes, each to be written with one ``write`` call (which the kernel keeps whole).
 
-    def __init__(self, pid: int, nonce: int) -> None:
+    ``accelerated=False`` keeps to the Python code (the reference the C speedup is
+    tested against); the bytes are the same either way.
+    """
+
+    def __init__(self, pid: int, nonce: int, *, accelerated: bool = True) -> None:
         self.pid = pid & _SEQ_MASK
         self.nonce = nonce & _SEQ_MASK
         self.seq = 0
+        self._c = _c if accelerated else None
 
     def _piece(self, flags: int, payload: Buffer) -> bytes:
         seq = self.seq
@@ -153,6 +188,13 @@ class Encoder:
 
     def encode(self, bufs: Sequence[Buffer]) -> list[bytes]:
         """The pieces of one message made of ``bufs`` (in order; each one ``write``)."""
+        c = self._c
+        if c is not None:
+            first = bufs[0]
+            if len(bufs) == 1 and type(first) is bytes and len(first) <= MAX_PAYLOAD:
+                seq = self.seq
+                self.seq = (seq + 1) & _SEQ_MASK
+                return [c.piece(FIRST | LAST, bufs, self.pid, self.nonce, seq)]
         data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
         if type(data) is bytes and len(data) <= MAX_PAYLOAD:  # the common small message
             return [self._piece(FIRST | LAST, data)]
@@ -179,6 +221,35 @@ class Encoder:
         self.seq = seq
         return pieces
 
+    def pack(
+        self, messages: Sequence[Sequence[Buffer]], start: int = 0, limit: int = PIECE_MAX
+    ) -> tuple[bytes, int, int]:
+        """Several small messages for one ``write``: ``(data, end, seq)`` where
+        ``data`` is ``messages[start:end]`` as one-piece messages back to back, at most
+        ``limit`` bytes (``PIECE_MAX``: a write the kernel keeps whole). It stops at a
+        message of more than :data:`MAX_PAYLOAD` bytes (``end`` is then that message:
+        send it with :meth:`encode`). ``seq`` is this writer's piece number once
+        ``data`` is written: set :attr:`seq` to it then (a write that failed used
+        none)."""
+        c = self._c
+        if c is not None:
+            data, end, seq = c.pack(messages, start, self.pid, self.nonce, self.seq, limit)
+            return data, end, seq
+        out: list[bytes] = []
+        used = 0
+        seq = self.seq
+        end = min(start, len(messages))
+        while end < len(messages):
+            bufs = messages[end]
+            data = bufs if isinstance(bufs, bytes) else b"".join(bufs)
+            if len(data) > MAX_PAYLOAD or used + OVERHEAD + len(data) > limit:
+                break
+            out.append(piece(FIRST | LAST, data, self.pid, self.nonce, seq))
+            seq = (seq + 1) & _SEQ_MASK
+            used += OVERHEAD + len(data)
+            end += 1
+        return b"".join(out), end, seq
+
     def abort(self) -> bytes:
         """The piece that tells the reader to drop this writer's unfinished message."""
         return self._piece(ABORT, b"")
@@ -202,6 +273,14 @@ class Reassembler:
     arrived (``join=False``: a message of several pieces as the list of their
     payloads). :meth:`expire` drops messages whose writer went quiet; :meth:`deadline`
     says when to call it next.
+
+    ``frames=True``: every message must be exactly one buzon frame
+    (``protocol/frames.py``); one that is not is refused (counted in
+    :attr:`refused` and as a rejected frame), so one writer's bad message never gets
+    into the stream of the others. :meth:`read_into` then hands the messages out as
+    one byte stream of frames; with the C speedup (``accelerated=True``, when built)
+    the common piece, a whole small frame, goes from the input to that stream in one
+    C call per buffer of input, everything else the Python way (same results).
     """
 
     def __init__(
@@ -213,12 +292,23 @@ class Reassembler:
         max_pending: int | None = None,
         buffer_size: int = 0,
         join: bool = True,
+        frames: bool = False,
+        accelerated: bool = True,
     ) -> None:
         self.max_frame = max_frame
         self.frame_timeout = frame_timeout
         self.max_writers = max_writers
         self.max_pending = max_pending if max_pending is not None else 2 * max_frame
         self.join = join
+        self.frames = frames
+        #: the C scan (``protocol/_envelope.c``: ``scan(buf, start, end, dst, filled,
+        #: max_frame, codecs) -> (pos, filled)``), None without it
+        self.scan: Callable[..., tuple[int, int]] | None = (
+            _c.scan if _c is not None and accelerated and _SCAN_FRAMES else None
+        )
+        self.refused = 0  # frames=True: whole messages that were no buzon frame, dropped
+        self._off = 0  # read_into: bytes of the first message (or part) handed out
+        self._part = 0  # of a message of several pieces: parts handed out
         # complete messages; with join=False a message of several pieces is the list of
         # its payloads (a reader that copies them on spares joining them first)
         self.messages: deque[bytes | list[bytes]] = deque()
@@ -229,6 +319,12 @@ class Reassembler:
         self._pending = 0  # payload bytes held in _partial
         # room for the largest piece whole, and more to read into
         self._buf = bytearray(max(buffer_size, 2 * (MAX_PIECE_PAYLOAD + OVERHEAD)))
+        self._view = memoryview(self._buf)  # it never changes size
+        #: the largest read :meth:`received_in_place` takes (the input buffer's size)
+        self.input_size = len(self._buf)
+        # a read may go straight into the output (received_in_place): nothing is held
+        # and the C scan is there; kept up to date by the methods that read_into uses
+        self.direct = self.scan is not None and frames
         self._start = 0  # unparsed bytes are _buf[_start:_end]
         self._end = 0
         self._garbage = False  # inside a run of rejected bytes
@@ -240,16 +336,23 @@ class Reassembler:
 
     # -- input ------------------------------------------------------------------------
 
-    def get_buffer(self) -> memoryview:
-        """Where the next read goes (at least one piece's room)."""
+    def get_buffer(self, limit: int = 0) -> memoryview:
+        """Where the next read goes (at least one piece's room; no more than
+        ``limit`` bytes if given)."""
         if self._start:
             self._compact()
-        return memoryview(self._buf)[self._end :]
+        end = self._end
+        if limit and end + limit < len(self._buf):
+            return self._view[end : end + limit]
+        return self._view[end:]
 
-    def buffer_updated(self, n: int, now: float = 0.0) -> None:
-        """``n`` bytes were written into :meth:`get_buffer`'s view: parse them."""
+    def buffer_updated(self, n: int, now: float = 0.0, *, parse: bool = True) -> None:
+        """``n`` bytes were written into :meth:`get_buffer`'s view: parse them
+        (``parse=False``: leave them to the next :meth:`read_into`)."""
         self._end += n
-        self._parse(now)
+        if parse:
+            self._parse(now)
+        self._settle()
 
     def feed(self, data: Buffer, now: float = 0.0) -> None:
         """Parse ``data`` (any size, any cut)."""
@@ -265,6 +368,11 @@ class Reassembler:
     def buffered(self) -> int:
         """Bytes held: unparsed input and messages being reassembled."""
         return self._end - self._start + self._pending
+
+    @property
+    def unfinished(self) -> bool:
+        """Messages are being reassembled (:meth:`expire` may drop some)."""
+        return bool(self._partial)
 
     def _compact(self) -> None:
         buf = self._buf
@@ -285,7 +393,8 @@ class Reassembler:
             self.rejected_frames += 1
         self.rejected_bytes += n
 
-    def _parse(self, now: float) -> None:
+    def _parse(self, now: float, one: bool = False) -> None:
+        """Parse the input (``one``: only until a message is complete)."""
         buf = self._buf
         view = memoryview(buf)  # the buffer never changes size: views of it are safe
         pos = self._start
@@ -293,7 +402,8 @@ class Reassembler:
         messages = self.messages
         partial = self._partial
         max_frame = self.max_frame
-        while pos < end:
+        deliver = self._deliver if self.frames else messages.append
+        while pos < end and not (one and messages):
             if not buf.startswith(MAGIC, pos):
                 avail = end - pos
                 if avail < 4 and buf[pos:end] == MAGIC[:avail]:
@@ -340,7 +450,7 @@ class Reassembler:
             payload = bytes(view[pos + HEADER_SIZE : stop])
             pos = stop + TRAILER_SIZE
             if flags == FIRST | LAST and not partial:
-                messages.append(payload)  # the common small message: no state at all
+                deliver(payload)  # the common small message: no state at all
                 continue
             if not flags & (FIRST | ABORT):  # the next piece of a message: inlined
                 key = (pid, nonce)
@@ -354,7 +464,7 @@ class Reassembler:
                     if flags & LAST:
                         del partial[key]
                         self._pending -= cur.size
-                        messages.append(b"".join(cur.parts) if self.join else cur.parts)
+                        deliver(b"".join(cur.parts) if self.join else cur.parts)
                     elif self._pending > self.max_pending:
                         self._bound(key)
                     continue
@@ -386,6 +496,180 @@ class Reassembler:
             self._reject(end - start)
             self._start = self._end = 0
         self._stump = False
+        self._settle()
+
+    # -- output as a stream of frames (frames=True) ------------------------------------
+
+    def received(
+        self, n: int, dst: memoryview, filled: int = 0, now: float = 0.0, drained: bool = False
+    ) -> int:
+        """``n`` bytes were written into :meth:`get_buffer`'s view: parse them and hand
+        the messages out into ``dst[filled:]`` (see :meth:`read_into`); returns the
+        new ``filled``. ``drained``: the read found the source empty (then
+        :meth:`drained`), and expired messages are dropped (:meth:`expire`). One
+        call per read, for ``frames=True`` readers."""
+        end = self._end = self._end + n
+        scan = self.scan
+        if scan is not None and not self.messages and not self._partial:
+            # the common case at once: the read brought whole small frames, nothing else
+            start = self._start
+            pos, filled = scan(self._buf, start, end, dst, filled, self.max_frame, CODEC_BITS)
+            if pos != start:
+                self._garbage = self._stump = False
+                if pos == end:
+                    self._start = self._end = 0
+                    self.direct = self.frames  # and the flags are clear
+                    return filled
+                self._start = pos
+        filled = self._read_into(dst, filled, now)
+        if drained:
+            self.drained()
+        if self._partial:
+            self.expire(now)
+        self._settle()
+        return filled
+
+    def received_in_place(
+        self, dst: memoryview, n: int, now: float = 0.0, drained: bool = False
+    ) -> int:
+        """Like :meth:`received` for a read that went straight into ``dst[:n]``
+        (allowed while :attr:`direct`, at most :attr:`input_size` bytes): whole
+        small frames are unwrapped in place, in one C call; anything else is taken
+        into the input and parsed the usual way. Returns the bytes of ``dst`` filled."""
+        scan = self.scan
+        assert scan is not None  # and direct, n <= input_size: the caller checked
+        pos, filled = scan(dst, 0, n, dst, 0, self.max_frame, CODEC_BITS)
+        if pos == n:
+            return filled
+        return self.received_rest(dst, n, pos, filled, now, drained)
+
+    def received_rest(
+        self, dst: memoryview, n: int, pos: int, filled: int, now: float, drained: bool
+    ) -> int:
+        """The rest of :meth:`received_in_place`, for a reader that made its first
+        step itself (``pos, filled = scan(dst, 0, n, dst, 0, max_frame,
+        CODEC_BITS)`` while :attr:`direct`; ``pos < n``): what is left of the read
+        goes into the input, and is parsed the usual way."""
+        if pos:
+            self._garbage = self._stump = False
+        self._view[: n - pos] = dst[pos:n]  # direct: the input was empty
+        return self.received(n - pos, dst, filled, now, drained)
+
+    def idle(self, now: float) -> None:
+        """A read found the source empty: :meth:`drained`, and :meth:`expire`."""
+        self.drained()
+        if self._partial:
+            self.expire(now)
+        self._settle()
+
+    def _settle(self) -> None:
+        self.direct = (
+            self.scan is not None
+            and self.frames
+            and not self.messages
+            and self._start == self._end
+            and not self._partial
+            and not self._garbage  # so a whole read of pieces leaves them as they are
+            and not self._stump
+        )
+
+    def read_into(self, dst: memoryview, filled: int = 0, now: float = 0.0) -> int:
+        """Parse the input held and hand the messages out into ``dst[filled:]``, one
+        after the other (a message ``dst`` has no room for is cut, its rest comes
+        next); returns the new ``filled``. Everything held is parsed: what ``dst``
+        cannot take waits in :attr:`messages`. For ``frames=True`` readers (the
+        output is a byte stream only a frame decoder can cut again)."""
+        filled = self._read_into(dst, filled, now)
+        self._settle()
+        return filled
+
+    def _read_into(self, dst: memoryview, filled: int, now: float) -> int:
+        messages = self.messages
+        scan = self.scan
+        room = dst.nbytes
+        while True:
+            if messages:
+                filled = self._hand_out(dst, filled)
+                if filled == room:
+                    if self._start < self._end:
+                        self._parse(now)  # the rest waits as messages
+                    return filled
+            if self._start >= self._end:
+                return filled
+            if scan is not None and not self._partial:
+                start = self._start
+                pos, filled = scan(
+                    self._buf, start, self._end, dst, filled, self.max_frame, CODEC_BITS
+                )
+                if pos != start:
+                    self._garbage = self._stump = False
+                    if pos == self._end:
+                        self._start = self._end = 0
+                        return filled
+                    self._start = pos
+            # the piece there is anything else: the Python way, up to a message
+            self._parse(now, one=True)
+            if not messages:
+                return filled  # all parsed, or a piece waits for the rest of its bytes
+
+    def _hand_out(self, dst: memoryview, filled: int) -> int:
+        """Copy whole messages (then part of one) from :attr:`messages` into ``dst``."""
+        messages = self.messages
+        room = dst.nbytes
+        while messages and filled < room:
+            head = messages[0]
+            if isinstance(head, list):  # a message's pieces, one after the other
+                i, off = self._part, self._off
+                while i < len(head) and filled < room:
+                    part = head[i]
+                    k = len(part) - off
+                    if k <= room - filled:
+                        dst[filled : filled + k] = memoryview(part)[off:] if off else part
+                        filled += k
+                        i += 1
+                        off = 0
+                    else:
+                        k = room - filled
+                        dst[filled:room] = memoryview(part)[off : off + k]
+                        filled = room
+                        off += k
+                if i == len(head):
+                    messages.popleft()
+                    i = 0
+                self._part, self._off = i, off
+                continue
+            off = self._off
+            k = min(len(head) - off, room - filled)
+            if off or k < len(head):
+                dst[filled : filled + k] = memoryview(head)[off : off + k]
+            else:
+                dst[filled : filled + k] = head
+            filled += k
+            if off + k == len(head):
+                messages.popleft()
+                self._off = 0
+            else:
+                self._off = off + k
+        return filled
+
+    def _deliver(self, message: bytes | list[bytes]) -> None:
+        """A message is complete: queue it, or refuse it (``frames=True``) when it is
+        not exactly one buzon frame."""
+        if self.frames:
+            if isinstance(message, list):
+                head, size = message[0], sum(map(len, message))
+            else:
+                head, size = message, len(message)
+            try:
+                ok = frame_length(head, self.max_frame) == size
+            except FrameError:
+                ok = False
+            if not ok:
+                self.refused += 1
+                self.rejected_frames += 1
+                self.rejected_bytes += size
+                return
+        self.messages.append(message)
 
     # -- pieces -----------------------------------------------------------------------
 
@@ -400,7 +684,7 @@ class Reassembler:
             if flags & ABORT:
                 return
             if flags & LAST:
-                self.messages.append(payload)
+                self._deliver(payload)
                 return
             self._start_message(writer, seq, payload, now)
             return
@@ -423,7 +707,7 @@ class Reassembler:
         if flags & LAST:
             del partial[writer]
             self._pending -= size
-            self.messages.append(b"".join(current.parts) if self.join else current.parts)
+            self._deliver(b"".join(current.parts) if self.join else current.parts)
             return
         self._bound(writer)
 
@@ -480,3 +764,4 @@ class Reassembler:
         limit = now - self.frame_timeout
         for key in [k for k, p in self._partial.items() if p.touched <= limit]:
             self._drop(key)
+        self._settle()

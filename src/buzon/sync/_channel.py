@@ -327,6 +327,18 @@ class Channel(ChannelIdentity):
                     self._send_encoded(item if type(item) is list else [item], remaining)
                 i = fast(batch, codec, i + 1)
             return len(batch)
+        if core.batches:  # the transport takes whole batches (fifo:): few writes
+            encode = core.encode_bytes if as_bytes else core.encode
+            batch = [encode(item) for item in items]
+            deadline = deadline_of(timeout)
+            with self._wlock:
+                i = core.try_send_messages(batch, 0)
+            while i < len(batch):  # no room, or a large message: the usual way
+                remaining = None if deadline is None else max(0.0, deadline - _monotonic())
+                self._send_encoded(batch[i], remaining)
+                with self._wlock:
+                    i = core.try_send_messages(batch, i + 1)
+            return len(batch)
         if core.message_oriented or core.raw or core.sflow is not None or core.unbounded:
             deadline = deadline_of(timeout)
             count = 0

@@ -131,6 +131,10 @@ class Transport(abc.ABC):
     lends: ClassVar[bool] = False
     #: set by the channel: its messages are buzon frames (False: ``raw=True``)
     framed: bool = True
+    #: a message transport that takes a whole batch in one call
+    #: (:meth:`MessageTransport.send_messages`): ``send_many`` hands it the batch
+    #: (``fifo:`` packs many messages into each write)
+    sends_batches: ClassVar[bool] = False
     #: a TLS handshake is still to be driven (``handshake_step``; TLS streams only)
     tls_pending: bool = False
 
@@ -251,6 +255,21 @@ class MessageTransport(Transport):
     @abc.abstractmethod
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         """Send one whole message made of ``bufs``; False if it would block."""
+
+    def send_messages(
+        self, messages: Sequence[Sequence[Buffer]], start: int = 0
+    ) -> tuple[int, int]:
+        """Send whole messages from ``messages[start]`` on, in order, as many as the
+        link takes now: ``(end, nbytes)``, ``messages[start:end]`` went, ``nbytes``
+        their bytes. ``end`` short of the end: that message is for :meth:`send_message`
+        (no room now, or too large for a batch). The channel calls this only on a
+        ``sends_batches`` transport; this default sends them one by one."""
+        end = start
+        size = 0
+        while end < len(messages) and self.send_message(messages[end]):
+            size += nbytes(messages[end])
+            end += 1
+        return end, size
 
 
 class Connector(abc.ABC):

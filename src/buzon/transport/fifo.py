@@ -37,7 +37,7 @@ import stat
 import struct
 import termios
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .._exitclean import disown, own
 from .._runtime import check_endpoint_path
@@ -46,13 +46,13 @@ from ..errors import (
     BuzonError,
     ConnectionRefused,
     EndpointInUse,
-    FrameError,
     NoSuchEndpoint,
     UnsafePath,
     UnsupportedOperation,
     from_oserror,
 )
 from ..protocol.fifo import (
+    CODEC_BITS,
     FIRST,
     LAST,
     MAX_PAYLOAD,
@@ -62,8 +62,9 @@ from ..protocol.fifo import (
     Encoder,
     Reassembler,
     envelope,
+    wrap,
 )
-from ..protocol.frames import DEFAULT_MAX_FRAME, frame_length
+from ..protocol.frames import DEFAULT_MAX_FRAME
 from ._tokens import TokenPool, remove_pools
 from .base import (
     WOULD_BLOCK,
@@ -89,6 +90,8 @@ __all__ = [
 ]
 
 PIPE_BUF = select.PIPE_BUF
+_monotonic = time.monotonic
+_readv = os.readv
 
 PROPERTIES = LinkProperties(
     transport="fifo",
@@ -103,6 +106,11 @@ PROPERTIES = LinkProperties(
 
 
 _NUDGE = Encoder(0, 0).abort()
+
+
+def _scan_nothing(*args: object) -> tuple[int, int]:
+    """No C scan: unwrap nothing here, leave every byte to the reassembler."""
+    return 0, 0
 
 
 class FifoReader(StreamTransport):
@@ -131,10 +139,11 @@ class FifoReader(StreamTransport):
         self.scheme = "fifo"
         self.framed = True
         self.max_frame = max_frame
-        self.reassembler = Reassembler(max_frame, frame_timeout=frame_timeout, join=False)
-        self._off = 0  # bytes of the first reassembled message (or part) handed out
-        self._part = 0  # of a message of several pieces: parts handed out
-        self.refused_messages = 0  # whole messages that were no buzon frame, dropped
+        self.reassembler = Reassembler(
+            max_frame, frame_timeout=frame_timeout, join=False, frames=True
+        )
+        # the C scan (the reassembler is never direct without it)
+        self._scan: Callable[..., tuple[int, int]] = self.reassembler.scan or _scan_nothing
         os.set_blocking(rfd, False)
 
     def read_fileno(self) -> int:
@@ -144,81 +153,54 @@ class FifoReader(StreamTransport):
         if not self.framed:
             return self._recv_raw(buf)
         r = self.reassembler
-        messages = r.messages
         room = buf.nbytes
-        filled = 0
-        drained = False  # the last read found the FIFO empty: no need to read again
-        while True:
-            while messages and filled < room:  # hand out what is reassembled
-                head = messages[0]
-                if isinstance(head, list):  # a message's pieces, one after the other
-                    i, off = self._part, self._off
-                    while i < len(head) and filled < room:
-                        part = head[i]
-                        k = len(part) - off
-                        if k <= room - filled:
-                            buf[filled : filled + k] = memoryview(part)[off:] if off else part
-                            filled += k
-                            i += 1
-                            off = 0
-                        else:
-                            k = room - filled
-                            buf[filled:room] = memoryview(part)[off : off + k]
-                            filled = room
-                            off += k
-                    if i == len(head):
-                        messages.popleft()
-                        i = 0
-                    self._part, self._off = i, off
-                    continue
-                off = self._off
-                k = min(len(head) - off, room - filled)
-                if off or k < len(head):
-                    buf[filled : filled + k] = memoryview(head)[off : off + k]
-                else:
-                    buf[filled : filled + k] = head
-                filled += k
-                if off + k == len(head):
-                    messages.popleft()
-                    self._off = 0
-                else:
-                    self._off = off + k
-            if filled == room or drained:
-                break
-            view = r.get_buffer()
+        rfd = self._rfd
+        if r.direct and PIECE_MAX <= room <= r.input_size:
+            # nothing held here: read straight into the channel's buffer and unwrap
+            # the pieces there (one C call when they are whole small frames)
+            try:
+                n = _readv(rfd, (buf,))
+            except (BlockingIOError, InterruptedError):
+                r.idle(_monotonic())
+                return WOULD_BLOCK
+            except OSError as exc:
+                raise from_oserror(exc, "fifo read") from exc
+            if n <= 0:
+                return n  # 0: only without the keepalive, after close
+            pos, filled = self._scan(buf, 0, n, buf, 0, self.max_frame, CODEC_BITS)
+            if pos == n:
+                return filled
+            filled = r.received_rest(buf, n, pos, filled, _monotonic(), n < room)
+            if r.messages:
+                self._nudge()
+            return filled if filled else WOULD_BLOCK
+        now = _monotonic()
+        # held here: messages (unparsed input is only ever a piece's first part)
+        filled = r.read_into(buf, 0, now) if r.messages else 0
+        while filled < room:
             # read no more than the channel has room for (whole pieces shrink as they
             # are unwrapped), so little is left here when we return
-            want = max(room - filled, PIECE_MAX)
-            if view.nbytes > want:
-                view = view[:want]
+            view = r.get_buffer(max(room - filled, PIECE_MAX))
             space = view.nbytes
             try:
-                n = os.readv(self._rfd, (view,))
+                n = _readv(rfd, (view,))
             except (BlockingIOError, InterruptedError):
                 n = -1
             except OSError as exc:
                 raise from_oserror(exc, "fifo read") from exc
             finally:
                 view.release()
-            if n == 0:  # only without the keepalive: after close
-                break
-            now = time.monotonic()
-            if n > 0:
-                before = len(messages)
-                r.buffer_updated(n, now)
+            if n > 0:  # parsed, the common pieces unwrapped into buf in one C call; the
+                # FIFO drained (n < space): every whole write is in, the unfinished is junk
+                filled = r.received(n, buf, filled, now, n < space)
                 if n < space:
-                    r.drained()  # every whole write is in: what is unfinished is junk
-                if len(messages) > before:
-                    self._check_frames(before)
-            else:
-                r.drained()
-            if r.deadline() is not None:
-                r.expire(now)
-            if n < space:
-                if not messages:
                     break
-                drained = True
-        if messages:
+            elif n < 0:
+                r.idle(now)
+                break
+            else:  # only without the keepalive: after close
+                break
+        if r.messages:
             self._nudge()
         return filled if filled else WOULD_BLOCK
 
@@ -233,30 +215,10 @@ class FifoReader(StreamTransport):
             except OSError:
                 pass
 
-    def _check_frames(self, start: int) -> None:
-        """Keep only messages that are exactly one buzon frame: one writer's bad
-        message is dropped and counted, never let into the stream of the others."""
-        r = self.reassembler
-        messages = r.messages
-        limit = self.max_frame
-        bad = []
-        for i in range(start, len(messages)):
-            msg = messages[i]
-            if isinstance(msg, list):
-                head, size = msg[0], sum(map(len, msg))
-            else:
-                head, size = msg, len(msg)
-            try:
-                ok = frame_length(head, limit) == size
-            except FrameError:
-                ok = False
-            if not ok:
-                bad.append((i, size))
-        for i, size in reversed(bad):
-            r.rejected_frames += 1
-            r.rejected_bytes += size
-            self.refused_messages += 1
-            del messages[i]
+    @property
+    def refused_messages(self) -> int:
+        """Whole messages that were no buzon frame, dropped."""
+        return self.reassembler.refused
 
     def _recv_raw(self, buf: memoryview) -> int:
         try:
@@ -314,6 +276,7 @@ class FifoWriter(MessageTransport):
     """
 
     max_message = DEFAULT_MAX_FRAME
+    sends_batches = True
 
     def __init__(self, wfd: int) -> None:
         self._wfd = wfd
@@ -356,21 +319,40 @@ class FifoWriter(MessageTransport):
         if not on and self._batch:
             self._write_batch()
 
-    def send_messages(self, messages: Sequence[Sequence[Buffer]]) -> int:
-        """Send whole messages in order, as many as the FIFO takes now; return how
-        many went. Small ones share writes of up to PIPE_BUF bytes (as ``send_many``
-        gathers them). For a channel core that hands a batch over in one call (today's
-        drivers send a batch one message at a time, with :meth:`cork` around it)."""
-        sent = 0
-        self.cork(True)
-        try:
-            for bufs in messages:
-                if not self.send_message(bufs):
-                    break
-                sent += 1
-        finally:
-            self.cork(False)
-        return sent
+    def send_messages(
+        self, messages: Sequence[Sequence[Buffer]], start: int = 0
+    ) -> tuple[int, int]:
+        """``send_many``'s batch (``sends_batches``): small messages from ``start`` on,
+        packed as one-piece messages into writes of at most ``PIPE_BUF`` bytes (each
+        kept whole by the kernel, as a single piece is), as many as the FIFO takes
+        now. Stops at a message of more than one piece: :meth:`send_message` sends it.
+        Returns ``(end, nbytes)`` (see :meth:`MessageTransport.send_messages`)."""
+        if not self.framed:  # bytes as they are: one message at a time
+            return super().send_messages(messages, start)
+        if self._job is not None:
+            self._job = None  # the send that wrote part of it gave up: the reader drops it
+            self._views = []
+            self._started = False
+        if self._batch and not self._write_batch():
+            return start, 0  # what send_many gathered goes first
+        enc = self.encoder
+        wfd = self._wfd
+        end = start
+        size = 0
+        while end < len(messages):
+            data, stop, seq = enc.pack(messages, end, PIPE_BUF)
+            if stop == end:
+                break  # a message of several pieces
+            try:
+                os.write(wfd, data)  # PIPE_BUF bytes at most: all or nothing
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                raise from_oserror(exc, "fifo write") from exc
+            enc.seq = seq
+            size += len(data) - OVERHEAD * (stop - end)
+            end = stop
+        return end, size
 
     def _write_batch(self) -> bool:
         """Write the gathered pieces (one atomic write); False if the FIFO is full."""
@@ -388,6 +370,26 @@ class FifoWriter(MessageTransport):
         raise UnsupportedOperation("this end of the fifo channel only sends")
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
+        first = bufs[0]
+        if (  # the common small message, nothing in progress: one piece, one write
+            len(bufs) == 1
+            and type(first) is bytes
+            and len(first) <= MAX_PAYLOAD
+            and self._job is None
+            and not self._batch
+            and not self._corked
+            and self.framed
+        ):
+            enc = self.encoder
+            seq = enc.seq
+            try:
+                os.write(self._wfd, wrap(FIRST | LAST, bufs, enc.pid, enc.nonce, seq))
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                raise from_oserror(exc, "fifo write") from exc
+            enc.seq = (seq + 1) & 0xFFFFFFFF
+            return True
         job = self._job
         if job is not None:
             if len(job) == len(bufs) and all(a is b for a, b in zip(job, bufs, strict=True)):
