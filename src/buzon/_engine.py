@@ -53,6 +53,7 @@ __all__ = [
     "recv_steps",
     "room",
     "send_steps",
+    "withdraw_steps",
 ]
 
 READ, WRITE, CREDIT, LOCKED, EXTEND, INPUT = range(6)
@@ -84,6 +85,15 @@ Steps = Generator[Step, None, Any]
 _ABORTED = (
     "send timed out with the message half-written; it was aborted (the receiver drops "
     "it whole), so nothing of it is delivered"
+)
+_WITHDRAWN = (
+    "send timed out before the receiver took the message (capacity=0); it was "
+    "withdrawn, so nothing of it is delivered"
+)
+_UNSETTLED = (
+    "send gave up after handing the message over (capacity=0) and the receiver "
+    "neither took it nor answered its withdrawal within frame_timeout; it drops the "
+    "message unless it took it before reading the withdrawal"
 )
 _HANDED_OVER = (
     "send timed out waiting for the receiver to take the message (capacity=0); it was "
@@ -151,12 +161,46 @@ def send_steps(
             yield Step(CREDIT, done=lambda: core.delivered(number))
         except BaseException as exc:
             failed = exc
+        if failed is not None and _withdraws(failed) and not core.delivered(number):
+            if (yield from withdraw_steps(core, number)):
+                yield Step(LOCKED, call=core.send_finished)
+                if isinstance(failed, Timeout):
+                    raise Timeout(_WITHDRAWN) from None
+                raise failed
+            if not isinstance(failed, KeyboardInterrupt):
+                failed = None  # the receiver took it: the send succeeded after all
     yield Step(LOCKED, call=core.send_finished)  # withdraw our offer to receive
-    if isinstance(failed, Timeout):
-        raise Timeout(_HANDED_OVER) from None
     if failed is not None:
         raise failed
     return number
+
+
+def _withdraws(exc: BaseException) -> bool:
+    """A send that gives up this way withdraws its message: its deadline, a
+    cancellation or an interrupt (not an error of the link or the channel)."""
+    return isinstance(exc, Timeout) or not isinstance(exc, Exception)
+
+
+def withdraw_steps(core: ChannelCore, number: int) -> Generator[Step, None, bool]:
+    """A rendezvous send gives up after its message ``number`` was handed over: write
+    a WITHDRAW and learn its fate (``protocol/credit.py``). True: the receiver drops
+    it, nothing is delivered; False: the receiver took it first. On a local link
+    with no offer standing this is known once the WITHDRAW is written; otherwise the
+    receiver answers, within ``frame_timeout`` (the send raises :class:`Timeout`
+    saying the fate is unknown if it does not)."""
+    yield Step(EXTEND, budget=core.options.frame_timeout)
+    try:
+        serial = core.withdraw(number)
+        while not core.acked and not core.flush():
+            yield Step(WRITE, core.write_fileno(), what="send")
+        yield Step(LOCKED, call=core.drain_peer)
+        fate = core.withdrawn(number, serial)
+        while fate is None:
+            yield Step(CREDIT, done=lambda: core.withdrawn(number, serial) is not None)
+            fate = core.withdrawn(number, serial)
+        return fate
+    except Timeout:
+        raise Timeout(_UNSETTLED) from None
 
 
 def finish_write(core: ChannelCore, serial: int) -> Steps:
