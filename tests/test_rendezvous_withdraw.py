@@ -25,8 +25,16 @@ import buzon
 
 
 def _pair(kind: str) -> tuple[buzon.Channel, buzon.Channel]:
+    """(sender, receiver); duplex kinds send both ways."""
     if kind == "pipe":
         return buzon.pipe(capacity=0)
+    if kind == "pipe-simplex":
+        r, w = buzon.pipe(False, capacity=0)
+        return w, r
+    if kind.startswith(("fifo:", "mq:")):
+        with buzon.listen(kind, capacity=0) as lst:
+            w = buzon.connect(str(lst.address), timeout=10)
+            return w, lst.accept(timeout=10)
     lst = buzon.listen(kind, capacity=0)
     try:
         box: list[buzon.Channel] = []
@@ -41,6 +49,14 @@ def _pair(kind: str) -> tuple[buzon.Channel, buzon.Channel]:
 
 
 KINDS = ["pipe", "unix:rvwithdraw", "seqpacket:rvwithdraw", "tcp://127.0.0.1:0", "shm:rvwd"]
+SIMPLEX = ["pipe-simplex", "fifo:rvwithdraw", "mq:rvwithdraw"]
+
+
+@pytest.fixture(params=KINDS + SIMPLEX)
+def any_pair(request: pytest.FixtureRequest) -> Iterator[tuple[buzon.Channel, buzon.Channel]]:
+    a, b = _pair(request.param)
+    with a, b:
+        yield a, b
 
 
 @pytest.fixture(params=KINDS)
@@ -81,12 +97,35 @@ def test_a_reply_that_timed_out_is_never_received(
     assert got[-1] == "again"
 
 
+def test_a_message_handed_to_a_receiver_that_did_not_take_it_is_withdrawn(
+    any_pair: tuple[buzon.Channel, buzon.Channel],
+) -> None:
+    """``buzon.wait`` offers (it waits to receive) but takes nothing: the send hands its
+    message over and times out; the receiver's next receive must not get it."""
+    a, b = any_pair
+    waiter = threading.Thread(target=lambda: buzon.wait([b], timeout=10))
+    waiter.start()
+    with pytest.raises(buzon.Timeout) as raised:
+        a.send("handed over", timeout=0.3)
+    waiter.join(10)
+    assert "nothing of it is delivered" in str(raised.value)
+    with pytest.raises(buzon.Timeout):
+        print("received anyway:", b.recv(timeout=0.3))
+    assert a.statistics().aborted == 1 and a.statistics().messages_sent == 0
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(b.recv(timeout=10)))
+    t.start()
+    a.send("next", timeout=10)
+    t.join(10)
+    assert got == ["next"]
+
+
 def test_a_retry_loop_delivers_each_message_exactly_once(
-    pair: tuple[buzon.Channel, buzon.Channel],
+    any_pair: tuple[buzon.Channel, buzon.Channel],
 ) -> None:
     """A receiver that gives up often and naps; a sender that retries each timed-out
     send: every message arrives once, in order."""
-    a, b = pair
+    a, b = any_pair
     n = 300
     got: list[int] = []
     timeouts = [0]

@@ -342,6 +342,7 @@ class ChannelCore:
         if self.tokens is not None:
             self.capacity = self.tokens.capacity  # stated here, or adopted from the pool
             self.taking = True
+            self._rv = self.capacity == 0
         elif transport.native_capacity >= 0:
             self.capacity = transport.native_capacity  # the mechanism bounds it itself
         elif options.capacity != DEFAULT_CAPACITY:
@@ -1034,6 +1035,13 @@ class ChannelCore:
         """May this end take a message now? Only while its offer stands and after a read,
         made since that offer was written, that found the link empty: every WITHDRAW
         written before the offer could be seen was read (and its message dropped)."""
+        tokens = self.tokens
+        if tokens is not None:  # a simplex link: the stake pipe decides (_tokens.py)
+            if tokens.claim():
+                return True
+            self._drop_untaken()
+            self.stats.aborted += 1
+            return False
         rflow = self.rflow
         assert rflow is not None
         if not rflow.offering:  # a message kept from an offer withdrawn meanwhile
@@ -1097,6 +1105,16 @@ class ChannelCore:
         self.stats.aborted += 1
         with self.io_lock:
             self._queue_frame(encode_withdraw(number, serial, answer=True))
+
+    def still_waiting(self) -> None:
+        """A rendezvous receive found nothing (maybe it dropped a withdrawn message,
+        which used its offer up) and waits on: its offer must stand."""
+        if self._rv and not self.closed:
+            self.before_wait()
+
+    def count_withdrawn(self) -> None:
+        """This end's sender withdrew a message it had counted as sent."""
+        self._count_withdrawn()
 
     def _count_withdrawn(self) -> None:
         stats = self.stats
@@ -1425,6 +1443,8 @@ class ChannelCore:
         new, self._aborts_seen = total - self._aborts_seen, total
         self.stats.aborted += new
         if self.tokens is not None:
+            if self._rv:
+                self.tokens.claim()  # the aborted message's stake
             for _ in range(new):
                 self.tokens.on_take()
 

@@ -95,10 +95,6 @@ _UNSETTLED = (
     "neither took it nor answered its withdrawal within frame_timeout; it drops the "
     "message unless it took it before reading the withdrawal"
 )
-_HANDED_OVER = (
-    "send timed out waiting for the receiver to take the message (capacity=0); it was "
-    "handed over and may still be taken"
-)
 
 
 def room(core: ChannelCore, what: str = "send") -> Step:
@@ -150,10 +146,23 @@ def send_steps(
             while not tokens.acked():
                 yield Step(READ, tokens.ack_fd)
         except BaseException as exc:
-            tokens.give_up()
-            if isinstance(exc, Timeout):
-                raise Timeout(_HANDED_OVER) from None
-            raise
+            if not _withdraws(exc):
+                tokens.give_up()
+                raise
+            if tokens.withdraw_message():  # our stake back: the receiver drops the message
+                core.count_withdrawn()
+                if isinstance(exc, Timeout):
+                    raise Timeout(_WITHDRAWN) from None
+                raise
+            yield Step(EXTEND, budget=core.options.frame_timeout)
+            try:  # the receiver claimed it: it is being taken
+                while not tokens.acked():
+                    yield Step(READ, tokens.ack_fd)
+            except Timeout:
+                tokens.give_up()
+                raise Timeout(_UNSETTLED) from None
+            if isinstance(exc, KeyboardInterrupt):
+                raise
         return number
     failed: BaseException | None = None
     if number > 0:
@@ -279,6 +288,8 @@ def recv_steps(
             yield Step(INPUT, stall=stall, spin=spin, what="recv")
             spin = False
             got = take()
+            if got is None and flow:
+                core.still_waiting()  # a withdrawn message may have used the offer up
         return got
     except BaseException:
         if flow:

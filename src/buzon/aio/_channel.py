@@ -608,5 +608,10 @@ class Channel(ChannelIdentity):
             self._core.before_wait()  # buzon.aio.wait waits to receive: offer (capacity=0)
         return False
 
+    def _wait_over(self) -> None:
+        """``buzon.aio.wait`` returned: withdraw the rendezvous offer it made."""
+        if self._rendezvous and not self._rlock.locked():
+            self._core.wait_ended()
+
 
 _reduction.passable(Channel)  # pickling refused, saying why (_reduction.py)

@@ -161,10 +161,21 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
+            _unready(items)
             return ready
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
         if not await wait_ready(fds, (), deadline):
+            _unready(items)
             return []
+
+
+def _unready(items: list[Any]) -> None:
+    """``wait`` returns: the rendezvous offers it made are withdrawn (see
+    :func:`buzon.wait`)."""
+    for o in items:
+        done = getattr(o, "_wait_over", None)
+        if done is not None:
+            done()
 
 
 _reduction.passable(Listener)  # pickling refused, saying why (_reduction.py)

@@ -834,5 +834,13 @@ class Channel(ChannelIdentity):
         finally:
             self._rlock.release()
 
+    def _wait_over(self) -> None:
+        """``buzon.wait`` returned: withdraw the rendezvous offer it made."""
+        if self._rendezvous and self._rlock.acquire(blocking=False):
+            try:
+                self._core.wait_ended()
+            finally:
+                self._rlock.release()
+
 
 _reduction.passable(Channel)  # passes to child processes (_reduction.py)

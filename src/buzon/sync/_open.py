@@ -188,6 +188,7 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
+            _unready(items)
             return ready
         poller = select.poll()
         for fd in {o.fileno() for o in items}:  # type: ignore[attr-defined]
@@ -198,8 +199,18 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         else:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                _unready(items)
                 return []
             poller.poll(max(1, int(remaining * 1000 + 0.999)))
+
+
+def _unready(items: list[Any]) -> None:
+    """``wait`` returns: the rendezvous offers it made are withdrawn (no offer stands
+    while no operation runs: a sender that gives up learns its fate at once)."""
+    for o in items:
+        done = getattr(o, "_wait_over", None)
+        if done is not None:
+            done()
 
 
 _reduction.passable(Listener)  # passes to child processes (_reduction.py)
