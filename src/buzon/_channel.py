@@ -335,6 +335,8 @@ class ChannelCore:
         self._rv_valid = True
         self._rv_void = 0  # a withdrawn message not met yet: drop it when it comes
         self._rv_drained = False  # the sender side read everything after its WITHDRAW
+        self._rv_reply = True  # request/response seen: a send spins for the reply
+        self._rv_after_send = False
         self._local_order = transport.properties.local and not transport.delivery_acks
         # simplex links keep credits in a token pool (transport/_tokens.py)
         self.tokens: TokenPool | None = transport.tokens
@@ -990,6 +992,9 @@ class ChannelCore:
                 self.tokens.offer()
             return
         rflow = self.rflow
+        if self._rv_after_send:  # a receive follows a rendezvous send: replies come
+            self._rv_after_send = False
+            self._rv_reply = True
         if rflow is not None and not self.closed and (offer or rflow.capacity != 0):
             frame = rflow.before_wait()
             if frame is not None and self._rv:
@@ -1021,13 +1026,40 @@ class ChannelCore:
             self.credit_out = frame  # try_send writes it first (the caller holds no lock)
 
     def send_finished(self) -> None:
-        """A rendezvous ``send`` returned: withdraw its offer (a message that already
-        came under it is taken by the next receive, which offers again first: no offer
-        stands while no operation runs, so a sender that gives up learns at once)."""
+        """A rendezvous ``send`` returned: withdraw its offer, unless a message already
+        came under it (the request/response pattern: the reply is in hand). Then the
+        offer stands and the next receive takes that message; a sender that gives up
+        meanwhile waits for this end's answer (its next receive, which reads the
+        WITHDRAW if it came, or takes the message)."""
         rflow = self.rflow
         if rflow is None or not rflow.offering or self.closed:
             return
+        decoder = self.decoder
+        if (decoder is not None and decoder.frames) or self.inbox:
+            self._rv_reply = True
+            return
+        self._rv_after_send = True
         self.emit_credit(rflow.on_wait_end())
+
+    def reply_expected(self) -> bool:
+        """A rendezvous ``send`` was taken: is a reply likely to come at once (this
+        end's receives have followed its sends; the channel spins)?"""
+        if not (self._rv_reply and self.options.spin > 0 and self.rflow is not None):
+            return False
+        decoder = self.decoder
+        return not ((decoder is not None and decoder.frames) or self.inbox)  # in hand
+
+    def pump_reply(self) -> None:
+        """Read what arrived (a reply stays in hand for the next receive); if nothing
+        did, stop expecting replies until a receive follows a send again."""
+        try:
+            if not self.closed:
+                self.pump()
+        except EndOfChannel:
+            pass
+        decoder = self.decoder
+        if not ((decoder is not None and decoder.frames) or self.inbox):
+            self._rv_reply = False
 
     # -- rendezvous withdrawal (capacity=0 on a credit link; protocol/credit.py) ------
 

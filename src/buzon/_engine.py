@@ -18,6 +18,9 @@ CREDIT    ``done()`` true: a condition on CREDIT frames arriving on the read sid
 LOCKED    run ``call()`` now, under the read side's lock if the driver can take it at
           once (the sync driver skips the call if another thread is receiving)
 EXTEND    the operation's deadline becomes ``budget`` seconds from now
+SPIN      the input may be about to become readable: the driver spins its spin
+          budget for it, or until it is (it never sleeps; an asyncio driver yields to
+          the loop once)
 ========  ===========================================================================
 
 A driver (:mod:`buzon.sync`, :mod:`buzon.aio`) runs a generator: it performs each wait
@@ -45,6 +48,7 @@ __all__ = [
     "INPUT",
     "LOCKED",
     "READ",
+    "SPIN",
     "WRITE",
     "Step",
     "Steps",
@@ -56,7 +60,7 @@ __all__ = [
     "withdraw_steps",
 ]
 
-READ, WRITE, CREDIT, LOCKED, EXTEND, INPUT = range(6)
+READ, WRITE, CREDIT, LOCKED, EXTEND, INPUT, SPIN = range(7)
 
 
 def _true() -> bool:
@@ -178,6 +182,17 @@ def send_steps(
                 raise failed
             if not isinstance(failed, KeyboardInterrupt):
                 failed = None  # the receiver took it: the send succeeded after all
+    if failed is None and core.reply_expected():
+        # request/response: the reply is usually microseconds behind the take; spin
+        # for it (the spin budget), so our offer stands for it rather than being
+        # withdrawn and made again by the next receive (two CREDITs fewer)
+        try:
+            yield Step(SPIN)
+            yield Step(LOCKED, call=core.pump_reply)
+        except KeyboardInterrupt as exc:
+            failed = exc
+        except BaseException:  # taken already: a cancellation comes too late
+            pass
     yield Step(LOCKED, call=core.send_finished)  # withdraw our offer to receive
     if failed is not None:
         raise failed

@@ -24,6 +24,7 @@ from .._engine import (
     EXTEND,
     INPUT,
     LOCKED,
+    SPIN,
     WRITE,
     Step,
     Steps,
@@ -333,6 +334,8 @@ class Channel(ChannelIdentity):
                         step.call()
                     elif kind == CREDIT:
                         await self._pump_until(step.done, deadline, step.what)
+                    elif kind == SPIN:
+                        await asyncio.sleep(0)  # no spinning here: let the loop run once
                     else:
                         await wait_fd(step.fd, kind == WRITE, deadline, step.what)
                 except BaseException as exc:

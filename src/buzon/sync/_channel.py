@@ -35,6 +35,7 @@ from .._engine import (
     INPUT,
     LOCKED,
     READ,
+    SPIN,
     Step,
     Steps,
     flush_steps,
@@ -401,6 +402,8 @@ class Channel(ChannelIdentity):
                                 self._rlock.release()
                     elif kind == CREDIT:
                         self._pump_until(step.done, deadline, step.what)
+                    elif kind == SPIN:
+                        self._spin_input()
                     else:
                         read = kind == READ
                         got = wait_fds(step.fd, step.fd, read, not read, deadline)
@@ -471,6 +474,21 @@ class Channel(ChannelIdentity):
                 if done():
                     return True
         return False
+
+    def _spin_input(self) -> None:
+        """A SPIN step: poll the read fd for up to ``spin`` seconds, never sleeping."""
+        ready = self._rpoll
+        if ready is None:
+            rfd = self._core.read_fileno()
+            if rfd < 0:
+                return
+            ready = self._rpoll = select.poll()
+            ready.register(rfd, _POLLIN)
+        end = _perf() + self._spin
+        poll0 = ready.poll
+        while _perf() < end:
+            if poll0(0):
+                return
 
     def _credit_arrived(self) -> None:
         if self._pumpers:
