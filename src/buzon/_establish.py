@@ -27,7 +27,8 @@ Three pieces, none of which ever waits:
 
 A refused peer is told why when its link speaks the buzon handshake (a
 ``WELCOME {ok: false, error, cause}``: capacity, credentials, authkey, handshake
-timeout, pending eviction, a bad handshake) and closed; a peer's handshake, however
+timeout, pending eviction, a bad handshake; over TLS once the TLS handshake is done,
+before that the TLS layer's own alert is all there is) and closed; a peer's handshake, however
 large or malformed, never makes ``accept`` raise.
 """
 
@@ -426,7 +427,7 @@ class Admission:
         self.refusals: dict[str, int] = {}
         self._lt = lt
         self._prep = prep
-        self._tell = prep.handshake and prep.transport.tls is None  # speaks WELCOME
+        self._tell = prep.handshake  # speaks WELCOME (over TLS once its handshake is done)
         self._pending: dict[int, _Pending] = {}  # by id, in arrival (= deadline) order
         self._by_fd: dict[int, _Pending] = {}
         # refused peers being told: fd -> (core, when to close), in deadline order
@@ -581,7 +582,8 @@ class Admission:
         try:
             from .protocol.handshake import refusal_frame
 
-            if why and self._tell and core.write_control(refusal_frame(why, cause)):
+            tell = why and self._tell and not core.transport.tls_pending
+            if tell and core.write_control(refusal_frame(why, cause)):
                 core.flush()
             fd = -1 if core.message_oriented else core.read_fileno()
             if not linger and fd >= 0:
