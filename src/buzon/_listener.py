@@ -150,6 +150,11 @@ class ListenerBase:
             return deadline
         return wake if deadline is None else min(wake, deadline)
 
+    def _next_wake(self) -> float | None:
+        """When ``buzon.wait`` must look again even if nothing is readable: the next
+        pending peer's deadline (it is then refused and told so)."""
+        return None if self._closed else self._admission.next_wake()
+
     def _ready(self) -> bool:
         with self._lock:
             if self._closed:

@@ -164,9 +164,23 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
             _unready(items)
             return ready
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
-        if not await wait_ready(fds, (), deadline):
+        wake = _wake(items, deadline)
+        if not await wait_ready(fds, (), wake) and wake == deadline:
             _unready(items)
             return []
+
+
+def _wake(items: list[Any], deadline: float | None) -> float | None:
+    """The deadline, or sooner a listener's next pending peer's deadline."""
+    wakes = [w for o in items if (w := _next_wake(o)) is not None]
+    if deadline is not None:
+        wakes.append(deadline)
+    return min(wakes, default=None)
+
+
+def _next_wake(o: Any) -> float | None:
+    wake = getattr(o, "_next_wake", None)  # listeners: their pending peers' deadlines
+    return None if wake is None else wake()
 
 
 def _unready(items: list[Any]) -> None:

@@ -194,14 +194,28 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         for fd in {o.fileno() for o in items}:  # type: ignore[attr-defined]
             if fd >= 0:
                 poller.register(fd, select.POLLIN)
-        if deadline is None:
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            _unready(items)
+            return []
+        wake = _wake(items, deadline)
+        if wake is None:
             poller.poll()
         else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                _unready(items)
-                return []
-            poller.poll(max(1, int(remaining * 1000 + 0.999)))
+            poller.poll(max(0, int((wake - now) * 1000 + 0.999)))
+
+
+def _wake(items: list[Any], deadline: float | None) -> float | None:
+    """The deadline, or sooner a listener's next pending peer's deadline."""
+    wakes = [w for o in items if (w := _next_wake(o)) is not None]
+    if deadline is not None:
+        wakes.append(deadline)
+    return min(wakes, default=None)
+
+
+def _next_wake(o: Any) -> float | None:
+    wake = getattr(o, "_next_wake", None)  # listeners: their pending peers' deadlines
+    return None if wake is None else wake()
 
 
 def _unready(items: list[Any]) -> None:
