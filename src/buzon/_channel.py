@@ -1220,6 +1220,13 @@ class ChannelCore:
             return True
         return None
 
+    def current_peer(self) -> PeerInfo:
+        """:attr:`peer`, with the address the link now uses where the peer may move."""
+        address = self.transport.current_peer_address()
+        if address is not None and address != self.peer.address:
+            self.peer = replace(self.peer, address=address)
+        return self.peer
+
     def full_reason(self) -> str:
         """Why the last ``try_send`` could not take the message (for ``Full``)."""
         if self.credit_blocked:
@@ -1778,8 +1785,9 @@ class ChannelIdentity:
     @property
     def peer(self) -> PeerInfo:
         """The peer's pid/uid/gid (Unix sockets) or address (INET), as far as known;
-        on the bound end of a datagram socket, the sender of the latest message."""
-        return self._core.peer
+        on the bound end of a datagram socket, the sender of the latest message; on a
+        reliable datagram link, where the peer sends from now (it may move)."""
+        return self._core.current_peer()
 
     @property
     def address(self) -> Address | None:
