@@ -415,3 +415,36 @@ def test_wait_on_a_listener_refuses_a_silent_peer_at_its_deadline(url: str, driv
         finally:
             sock.close()
             t.join(3 * T)
+
+
+# ----------------------------------------- accept_transport + establish go through admission
+
+
+@pytest.mark.parametrize("driver", ["sync", "aio"])
+def test_the_two_halves_count_and_tell_refusals(url: str, driver: str) -> None:
+    """``accept_transport`` + ``establish`` (a fork-per-client server's halves) refuse
+    as ``accept`` does: the peer hears the cause, the listener counts it. On f43dbb5
+    ``refusals`` stayed empty."""
+    listen = buzon.listen if driver == "sync" else buzon.aio.listen
+    with listen(url, handshake_timeout=0.3) as lst:
+        sock = _raw_socket(lst.address)  # says nothing: its handshake times out
+        try:
+            if driver == "sync":
+                transport = lst.accept_transport(timeout=T)  # type: ignore[union-attr]
+                with pytest.raises(buzon.HandshakeError, match="timed out"):
+                    lst.establish(transport, timeout=T)  # type: ignore[union-attr]
+            else:
+
+                async def both() -> None:
+                    transport = await lst.accept_transport(timeout=T)  # type: ignore[misc]
+                    await lst.establish(transport, timeout=T)  # type: ignore[misc]
+
+                with pytest.raises(buzon.HandshakeError, match="timed out"):
+                    asyncio.run(both())
+            frame = _read_frame(sock)
+            assert frame is not None and frame.kind == Kind.WELCOME
+            assert b"timed out" in bytes(frame.body)
+        finally:
+            sock.close()
+        assert lst.refusals == {"timeout": 1}
+        assert lst.rejected == 1

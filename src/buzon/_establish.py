@@ -479,13 +479,30 @@ class Admission:
                 break
             self._finish(fd)
 
-    def _start(self, transport: Transport) -> None:
+    def screen(self, transport: Transport) -> bool:
+        """A connection the listener turned away the moment it came (a peer of another
+        user) is refused here, told why and counted: False. True: it may go on."""
+        if not transport.refused:
+            return True
         core = ChannelCore(transport, self._prep.channel, address=self._prep.address)
-        if transport.refused:  # the listener turned it away (another user)
-            self._count("credentials")
-            _log().info("peer refused: %s", transport.refused)
-            self._close(core, transport.refused, "credentials", linger=True)
+        self._count("credentials")
+        _log().info("peer refused: %s", transport.refused)
+        self._close(core, transport.refused, "credentials", linger=True)
+        return False
+
+    def count_refusal(self, exc: BaseException) -> None:
+        """A handshake run outside this engine (``Listener.establish``) refused its
+        peer with ``exc``: count it by cause, as this engine's own refusals are."""
+        from .protocol.handshake import cause_of
+
+        cause = cause_of(exc)
+        self._count(cause)
+        _log().info("peer refused (%s): %s", cause, exc)
+
+    def _start(self, transport: Transport) -> None:
+        if not self.screen(transport):
             return
+        core = ChannelCore(transport, self._prep.channel, address=self._prep.address)
         if len(self._pending) >= self.max_pending:
             self._evict()
         deadline = time.monotonic() + self._prep.channel.handshake_timeout

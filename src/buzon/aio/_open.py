@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
-from .._establish import DEFAULT_MAX_PENDING, Establishing, Op, connect_steps
+from .._establish import DEFAULT_MAX_PENDING, Admit, Establishing, Op, connect_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
@@ -79,15 +79,20 @@ async def _run_connect(
 
 
 async def establish(
-    transport: Transport, prep: Prepared, role: str, deadline: float | None
+    transport: Transport,
+    prep: Prepared,
+    role: str,
+    deadline: float | None,
+    admit: Admit | None = None,
 ) -> Channel:
-    """Wrap a fresh transport in a channel, running the handshake where there is one."""
+    """Wrap a fresh transport in a channel, running the handshake where there is one
+    (``admit``: a server's check)."""
     core = ChannelCore(transport, prep.channel, address=prep.address)
     hs_deadline = time.monotonic() + prep.channel.handshake_timeout
     if deadline is not None:
         hs_deadline = min(hs_deadline, deadline)
     try:
-        est = Establishing(core, prep, role, hs_deadline)
+        est = Establishing(core, prep, role, hs_deadline, admit)
         while (want := est.advance()) is not None:
             fds = [want.fd] if want.fd >= 0 else []
             await wait_ready(() if want.write else fds, fds if want.write else (), hs_deadline)
@@ -113,8 +118,8 @@ class Listener(ListenerBase):
             await wait_ready((self.fileno(),), (), self._wake_at(deadline))
 
     async def accept_transport(self, timeout: float | None = None) -> Transport:
-        """Wait for the next connection *before* its handshake, bypassing the accept
-        engine (see :meth:`buzon.Listener.accept_transport`)."""
+        """Wait for the next connection *before* its handshake (see
+        :meth:`buzon.Listener.accept_transport`: admission applies as there)."""
         return await self._accept_transport(deadline_of(timeout))
 
     async def _accept_transport(self, deadline: float | None) -> Transport:
@@ -123,14 +128,23 @@ class Listener(ListenerBase):
                 raise ChannelClosed("the listener is closed")
             transport = self._lt.accept()
             if transport is not None:
-                return transport
+                if self._screen(transport):
+                    return transport
+                continue
             try:
                 await wait_fd(self._lt.fileno(), False, deadline, "accept")
             except Timeout:
                 raise Timeout(f"no peer arrived at {self.address} in time") from None
 
     async def establish(self, transport: Transport, timeout: float | None = None) -> Channel:
-        return await establish(transport, self._prep, "server", deadline_of(timeout))
+        """Run the server side of the handshake on an accepted transport (a refused
+        peer is told why, and counted in :attr:`refusals`)."""
+        try:
+            deadline = deadline_of(timeout)
+            return await establish(transport, self._prep, "server", deadline, self._admit)
+        except BaseException as exc:
+            self._refused(exc)
+            raise
 
     def __enter__(self) -> Listener:
         return self

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
-from .._establish import DEFAULT_MAX_PENDING, Establishing, Op, connect_steps
+from .._establish import DEFAULT_MAX_PENDING, Admit, Establishing, Op, connect_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
@@ -96,15 +96,21 @@ def _run_connect(
             error = Timeout(f"connecting to {address} timed out")
 
 
-def establish(transport: Transport, prep: Prepared, role: str, deadline: float | None) -> Channel:
+def establish(
+    transport: Transport,
+    prep: Prepared,
+    role: str,
+    deadline: float | None,
+    admit: Admit | None = None,
+) -> Channel:
     """Wrap a fresh transport in a channel, running the handshake where there is one
-    (bounded by ``handshake_timeout`` and ``deadline``)."""
+    (bounded by ``handshake_timeout`` and ``deadline``; ``admit``: a server's check)."""
     core = ChannelCore(transport, prep.channel, address=prep.address)
     hs_deadline = time.monotonic() + prep.channel.handshake_timeout
     if deadline is not None:
         hs_deadline = min(hs_deadline, deadline)
     try:
-        est = Establishing(core, prep, role, hs_deadline)
+        est = Establishing(core, prep, role, hs_deadline, admit)
         while (want := est.advance()) is not None:
             wait_fds(want.fd, want.fd, not want.write, want.write, hs_deadline)
     except BaseException:
@@ -131,9 +137,12 @@ class Listener(ListenerBase):
             wait_fds(self.fileno(), -1, True, False, self._wake_at(deadline))
 
     def accept_transport(self, timeout: float | None = None) -> Transport:
-        """Wait for the next connection *before* its handshake, bypassing the accept
-        engine; finish it with :meth:`establish`. (:meth:`accept` already runs
-        handshakes concurrently: prefer it.)"""
+        """Wait for the next connection *before* its handshake; finish it with
+        :meth:`establish` (a fork-per-client server's two halves). Admission applies
+        as in :meth:`accept`: a peer the listener turns away at once (another user) is
+        refused and told here, and ``establish`` counts its refusals; what the caller
+        runs itself is not bounded by ``max_pending`` (:meth:`accept` runs handshakes
+        concurrently: prefer it)."""
         return self._accept_transport(deadline_of(timeout))
 
     def _accept_transport(self, deadline: float | None) -> Transport:
@@ -142,7 +151,9 @@ class Listener(ListenerBase):
         while True:
             transport = self._lt.accept()
             if transport is not None:
-                return transport
+                if self._screen(transport):
+                    return transport
+                continue
             readable, _ = wait_fds(self._lt.fileno(), -1, True, False, deadline)
             if self._closed:
                 raise ChannelClosed("the listener is closed")
@@ -150,8 +161,13 @@ class Listener(ListenerBase):
                 raise Timeout(f"no peer arrived at {self.address} in time")
 
     def establish(self, transport: Transport, timeout: float | None = None) -> Channel:
-        """Run the server side of the handshake on an accepted transport."""
-        return establish(transport, self._prep, "server", deadline_of(timeout))
+        """Run the server side of the handshake on an accepted transport (a refused
+        peer is told why, and counted in :attr:`refusals`)."""
+        try:
+            return establish(transport, self._prep, "server", deadline_of(timeout), self._admit)
+        except BaseException as exc:
+            self._refused(exc)
+            raise
 
     def __enter__(self) -> Listener:
         return self
