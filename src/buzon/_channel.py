@@ -213,7 +213,9 @@ class Receipt:
         """True once the receiver took the message (or the receipt failed); reads
         acknowledgements that already arrived, never waits."""
         if not self._settled():
-            self._channel._receipt_poll()
+            from ._engine import receipt_poll_steps
+
+            self._channel._run_now(receipt_poll_steps(self._channel._core))
         return self._settled()
 
     def delivered(self) -> bool:
@@ -231,12 +233,19 @@ class Receipt:
         """Wait until the receiver took the message; :class:`Undelivered` if it
         never can, :class:`Timeout` if ``timeout`` passes first."""
         if not self.done():
-            self._channel._receipt_wait(self, timeout)
+            from ._engine import receipt_steps
+
+            self._channel._run_op(receipt_steps(self._channel._core, self._settled), timeout)
         self._raise()
 
     def __await__(self) -> Any:
+        """``await receipt``: the same wait, run by the channel's driver without
+        blocking the event loop (a blocking channel's too, without a thread)."""
         if not self.done():
-            yield from self._channel._receipt_await(self).__await__()
+            from ._engine import receipt_steps
+
+            steps = receipt_steps(self._channel._core, self._settled)
+            yield from self._channel._arun_op(steps).__await__()
         self._raise()
         return None
 
@@ -1040,6 +1049,15 @@ class ChannelCore:
             return
         self._rv_after_send = True
         self.emit_credit(rflow.on_wait_end())
+
+    def pump_quietly(self) -> None:
+        """Read what arrived (CREDITs applied, messages kept); a broken link is left
+        for the operations that report it (a receipt reads its own state)."""
+        try:
+            if not self.closed:
+                self.pump()
+        except Exception:
+            pass
 
     def reply_expected(self) -> bool:
         """A rendezvous ``send`` was taken: is a reply likely to come at once (this

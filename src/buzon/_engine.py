@@ -39,7 +39,7 @@ from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 from ._channel import ChannelCore
-from .errors import Timeout
+from .errors import EndOfChannel, Timeout
 from .transport.base import Buffer
 
 __all__ = [
@@ -56,6 +56,8 @@ __all__ = [
     "loan_steps",
     "recv_steps",
     "room",
+    "receipt_poll_steps",
+    "receipt_steps",
     "send_steps",
     "withdraw_steps",
 ]
@@ -310,3 +312,20 @@ def recv_steps(
         if flow:
             core.wait_ended()
         raise
+
+
+def receipt_poll_steps(core: ChannelCore) -> Steps:
+    """Read the acknowledgements that already arrived (a receipt's ``done``): under
+    the read side's lock if the driver can take it at once, never waiting."""
+    yield Step(LOCKED, call=core.pump_quietly)
+
+
+def receipt_steps(core: ChannelCore, settled: Callable[[], bool]) -> Steps:
+    """Wait until a receipt is ``settled``: its message taken, or the link broke or
+    closed (then the receipt fails: ``Undelivered``). A CREDIT step: the driver reads
+    the acknowledgements itself, or is woken by whoever receives."""
+    try:
+        while not settled():
+            yield Step(CREDIT, done=settled, what="receipt wait")
+    except EndOfChannel:
+        pass  # the receipt failed with it

@@ -360,21 +360,27 @@ class Channel(ChannelIdentity):
             core.pump()
 
     def _receipt_poll(self) -> None:
-        core = self._core
-        if not core.closed:
-            try:
-                core.pump()
-            except Exception:
-                pass  # the receipt's own state tells; recv reports the error
+        self._core.pump_quietly()  # the receipt's own state tells; recv reports errors
 
-    def _receipt_wait(self, receipt: Receipt, timeout: float | None) -> None:
+    # engine operations run for others (a Receipt): now, blocking, or awaited ----------
+
+    def _run_now(self, steps: Steps) -> Any:
+        """An operation that never waits (LOCKED steps only)."""
+        try:
+            for step in steps:
+                if step.kind != LOCKED:
+                    raise UnsupportedOperation("this operation would wait")
+                step.call()
+        except StopIteration as stop:  # pragma: no cover - for loops end quietly
+            return stop.value
+        return None
+
+    def _run_op(self, steps: Steps, timeout: float | None) -> Any:
+        steps.close()
         raise UnsupportedOperation("a receipt of an asyncio channel is awaited: await receipt")
 
-    async def _receipt_await(self, receipt: Receipt) -> None:
-        try:
-            await self._pump_until(receipt._settled, None, "receipt")
-        except EndOfChannel:
-            pass  # the receipt failed with it
+    async def _arun_op(self, steps: Steps) -> Any:
+        return await self._run(steps, None)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every accepted message (and CREDIT owed) has reached the kernel
