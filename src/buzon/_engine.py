@@ -18,6 +18,8 @@ CREDIT    ``done()`` true: a condition on CREDIT frames arriving on the read sid
 LOCKED    run ``call()`` now, under the read side's lock if the driver can take it at
           once (the sync driver skips the call if another thread is receiving)
 EXTEND    the operation's deadline becomes ``budget`` seconds from now
+SLEEP     nothing to watch: ``budget`` seconds pass (a connect's back-off before it
+          tries an endpoint that is not there yet), never past the deadline
 SPIN      the input may be about to become readable: the driver spins its spin
           budget for it, or until it is (it never sleeps; an asyncio driver yields to
           the loop once)
@@ -48,6 +50,7 @@ __all__ = [
     "INPUT",
     "LOCKED",
     "READ",
+    "SLEEP",
     "SPIN",
     "WRITE",
     "Step",
@@ -62,7 +65,7 @@ __all__ = [
     "withdraw_steps",
 ]
 
-READ, WRITE, CREDIT, LOCKED, EXTEND, INPUT, SPIN = range(7)
+READ, WRITE, CREDIT, LOCKED, EXTEND, INPUT, SPIN, SLEEP = range(8)
 
 
 def _true() -> bool:

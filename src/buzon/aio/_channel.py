@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from typing import Any, TypeVar, overload
 
 from .. import _reduction
@@ -24,6 +24,7 @@ from .._engine import (
     EXTEND,
     INPUT,
     LOCKED,
+    SLEEP,
     SPIN,
     WRITE,
     Step,
@@ -146,6 +147,36 @@ async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str) -> None
 def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:
     """Wait for one fd in one direction (see :func:`wait_io`)."""
     return wait_io(-1, fd, deadline, what) if write else wait_io(fd, -1, deadline, what)
+
+
+async def run_steps(steps: Generator[Step, None, T], deadline: float | None) -> T:
+    """Run an engine operation that needs no channel yet (connect, a handshake: see
+    :mod:`buzon._establish`), awaiting each READ/WRITE step's fd and each SLEEP by the
+    deadline; :class:`Timeout` is thrown in when it passes (the blocking driver's
+    ``run_steps``, awaiting)."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                kind = step.kind
+                if kind == SLEEP:
+                    pause = step.budget or 0.0
+                    if deadline is not None:
+                        pause = min(pause, max(0.0, deadline - time.monotonic()))
+                    await asyncio.sleep(pause)
+                elif kind == EXTEND:
+                    deadline = deadline_of(step.budget)
+                else:
+                    fds = (step.fd,) if step.fd >= 0 else ()
+                    write = kind == WRITE
+                    if not await wait_ready(() if write else fds, fds if write else (), deadline):
+                        raise Timeout(f"{step.what} timed out")
+            except BaseException as exc:
+                step = steps.throw(exc)
+                continue
+            step = steps.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
 
 
 #: background closes (``Channel.close`` with bytes still owed) until they are done

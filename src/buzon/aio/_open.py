@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
-from .._establish import DEFAULT_MAX_PENDING, Admit, Establishing, Op, connect_steps
+from .._establish import DEFAULT_MAX_PENDING, Admit, connect_steps, establish_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
 from ..errors import ChannelClosed, Timeout
 from ..transport import open_listener
 from ..transport.base import Transport
-from ._channel import Channel, deadline_of, wait_fd, wait_ready
+from ._channel import Channel, deadline_of, run_steps, wait_fd, wait_ready
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
@@ -53,29 +52,8 @@ async def connect(
     there yet is tried again until ``timeout`` unless ``retry=False``)."""
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)
-    transport = await _run_connect(connect_steps(prep, deadline, retry), deadline, prep.address)
+    transport = await run_steps(connect_steps(prep, deadline, retry), deadline)
     return await establish(transport, prep, "client", deadline)
-
-
-async def _run_connect(
-    steps: Generator[Op, None, Transport], deadline: float | None, address: Address
-) -> Transport:
-    """Perform the waits :func:`buzon._establish.connect_steps` asks for."""
-    error: BaseException | None = None
-    while True:
-        try:
-            op, fd = steps.throw(error) if error is not None else next(steps)
-        except StopIteration as done:
-            transport: Transport = done.value
-            return transport
-        error = None
-        if op == "sleep":
-            await asyncio.sleep(fd)
-            continue
-        try:
-            await wait_fd(fd, op == "wait-write", deadline, "connect")
-        except Timeout:
-            error = Timeout(f"connecting to {address} timed out")
 
 
 async def establish(
@@ -92,10 +70,7 @@ async def establish(
     if deadline is not None:
         hs_deadline = min(hs_deadline, deadline)
     try:
-        est = Establishing(core, prep, role, hs_deadline, admit)
-        while (want := est.advance()) is not None:
-            fds = [want.fd] if want.fd >= 0 else []
-            await wait_ready(() if want.write else fds, fds if want.write else (), hs_deadline)
+        await run_steps(establish_steps(core, prep, role, admit), hs_deadline)
     except BaseException:
         core.close()
         raise

@@ -24,7 +24,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
 from .. import _reduction
@@ -35,6 +35,7 @@ from .._engine import (
     INPUT,
     LOCKED,
     READ,
+    SLEEP,
     SPIN,
     Step,
     Steps,
@@ -140,6 +141,37 @@ def _exit_flush() -> None:
             f"buzon: {lost} bytes of accepted messages could not be written before exit "
             "(the peer did not read them in time); close() channels to be told sooner\n"
         )
+
+
+def run_steps(steps: Generator[Step, None, T], deadline: float | None) -> T:
+    """Run an engine operation that needs no channel yet (connect, a handshake: see
+    :mod:`buzon._establish`): wait for each READ/WRITE step's fd and each SLEEP by
+    the deadline, and throw :class:`Timeout` in when it passes, as :meth:`Channel._run`
+    does for the channel's operations."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                kind = step.kind
+                if kind == SLEEP:
+                    pause = step.budget or 0.0
+                    if deadline is not None:
+                        pause = min(pause, max(0.0, deadline - _monotonic()))
+                    time.sleep(pause)
+                elif kind == EXTEND:
+                    deadline = deadline_of(step.budget)
+                else:
+                    read = kind == READ
+                    got = wait_fds(step.fd, step.fd, read, not read, deadline)
+                    woke = got[0] or got[1]
+                    if not woke and deadline is not None and _monotonic() >= deadline:
+                        raise Timeout(f"{step.what} timed out")
+            except BaseException as exc:
+                step = steps.throw(exc)
+                continue
+            step = steps.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
 
 
 def _resolve(fut: Any) -> None:

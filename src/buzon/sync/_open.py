@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import select
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
-from .._establish import DEFAULT_MAX_PENDING, Admit, Establishing, Op, connect_steps
+from .._establish import DEFAULT_MAX_PENDING, Admit, connect_steps, establish_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
 from ..errors import ChannelClosed, Timeout
 from ..transport import open_listener
 from ..transport.base import Transport
-from ._channel import Channel, deadline_of, wait_fds
+from ._channel import Channel, deadline_of, run_steps, wait_fds
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
@@ -72,28 +72,8 @@ def connect(
     """
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)
-    transport = _run_connect(connect_steps(prep, deadline, retry), deadline, prep.address)
+    transport = run_steps(connect_steps(prep, deadline, retry), deadline)
     return establish(transport, prep, "client", deadline)
-
-
-def _run_connect(
-    steps: Generator[Op, None, Transport], deadline: float | None, address: Address
-) -> Transport:
-    """Perform the waits :func:`buzon._establish.connect_steps` asks for."""
-    error: BaseException | None = None
-    while True:
-        try:
-            op, fd = steps.throw(error) if error is not None else next(steps)
-        except StopIteration as done:
-            transport: Transport = done.value
-            return transport
-        error = None
-        if op == "sleep":
-            time.sleep(fd)
-            continue
-        readable, writable = wait_fds(fd, fd, op == "wait-read", op == "wait-write", deadline)
-        if not readable and not writable:
-            error = Timeout(f"connecting to {address} timed out")
 
 
 def establish(
@@ -110,9 +90,7 @@ def establish(
     if deadline is not None:
         hs_deadline = min(hs_deadline, deadline)
     try:
-        est = Establishing(core, prep, role, hs_deadline, admit)
-        while (want := est.advance()) is not None:
-            wait_fds(want.fd, want.fd, not want.write, want.write, hs_deadline)
+        run_steps(establish_steps(core, prep, role, admit), hs_deadline)
     except BaseException:
         core.close()
         raise
