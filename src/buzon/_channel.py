@@ -1100,7 +1100,10 @@ class ChannelCore:
             self.emit_credit(frame)
         if not self._rv_valid:
             if self.credit_out is not None:
-                return False  # the offer is not written yet: the driver writes it first
+                with self.io_lock:
+                    self.flush()  # our offer waits behind bytes of our own: write them
+                if self.credit_out is not None:
+                    return False  # not written yet: the driver writes it meanwhile
             self._drain()
         if self._rv_void == rflow.taken + 1 and self._drop_untaken():
             self._rv_void = 0
