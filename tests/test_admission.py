@@ -377,3 +377,74 @@ def test_aio_server_refuses_beyond_max_clients_with_the_cause(url: str) -> None:
         assert server.refused == 1
 
     asyncio.run(main())
+
+
+# ------------------------------------------------- buzon.wait and a pending peer's deadline
+
+
+@pytest.mark.parametrize("driver", ["sync", "aio"])
+def test_wait_on_a_listener_refuses_a_silent_peer_at_its_deadline(url: str, driver: str) -> None:
+    """``buzon.wait`` on a listener wakes for a pending peer's handshake deadline, so
+    the silent peer hears "timed out" then, not when the wait ends. On f43dbb5 it was
+    told only after the wait's own timeout (here 3 T)."""
+    lst = (
+        buzon.listen(url, handshake_timeout=0.2)
+        if driver == "sync"
+        else buzon.aio.listen(url, handshake_timeout=0.2)
+    )
+    with lst:
+        sock = _raw_socket(lst.address)
+        waited: list[object] = []
+
+        def wait() -> None:
+            if driver == "sync":
+                waited.append(buzon.wait([lst], timeout=3 * T))
+            else:
+                waited.append(asyncio.run(buzon.aio.wait([lst], timeout=3 * T)))
+
+        t = threading.Thread(target=wait)
+        t.start()
+        try:
+            frame = _read_frame(sock)  # the socket's own timeout is T
+            assert frame is not None and frame.kind == Kind.WELCOME
+            assert b"timed out" in bytes(frame.body)
+            good = buzon.connect(str(lst.address), timeout=T)  # ends the wait
+            t.join(T)
+            assert waited == [[lst]]
+            good.close()
+        finally:
+            sock.close()
+            t.join(3 * T)
+
+
+# ----------------------------------------- accept_transport + establish go through admission
+
+
+@pytest.mark.parametrize("driver", ["sync", "aio"])
+def test_the_two_halves_count_and_tell_refusals(url: str, driver: str) -> None:
+    """``accept_transport`` + ``establish`` (a fork-per-client server's halves) refuse
+    as ``accept`` does: the peer hears the cause, the listener counts it. On f43dbb5
+    ``refusals`` stayed empty."""
+    listen = buzon.listen if driver == "sync" else buzon.aio.listen
+    with listen(url, handshake_timeout=0.3) as lst:
+        sock = _raw_socket(lst.address)  # says nothing: its handshake times out
+        try:
+            if driver == "sync":
+                transport = lst.accept_transport(timeout=T)  # type: ignore[union-attr]
+                with pytest.raises(buzon.HandshakeError, match="timed out"):
+                    lst.establish(transport, timeout=T)  # type: ignore[union-attr]
+            else:
+
+                async def both() -> None:
+                    transport = await lst.accept_transport(timeout=T)  # type: ignore[misc]
+                    await lst.establish(transport, timeout=T)  # type: ignore[misc]
+
+                with pytest.raises(buzon.HandshakeError, match="timed out"):
+                    asyncio.run(both())
+            frame = _read_frame(sock)
+            assert frame is not None and frame.kind == Kind.WELCOME
+            assert b"timed out" in bytes(frame.body)
+        finally:
+            sock.close()
+        assert lst.refusals == {"timeout": 1}
+        assert lst.rejected == 1

@@ -180,3 +180,63 @@ def test_asyncio_over_tls(pki: Path) -> None:
             lst.close()
 
     assert asyncio.run(main()) == (True, "hi")
+
+
+def test_an_evicted_tls_peer_is_told_why(pki: Path) -> None:
+    """A peer that completed TLS and then stayed silent is evicted to make room
+    (``max_pending``): it is told why over its TLS link, as a peer without TLS is. On
+    f43dbb5 the TLS listener closed it without a word."""
+    import socket
+
+    from buzon.protocol.frames import FrameDecoder, Kind
+
+    with buzon.listen("tcp://127.0.0.1:0", tls=server_ctx(pki), max_pending=1) as lst:
+        raw = socket.create_connection((lst.address.host, lst.address.port), timeout=10)
+        silent = client_ctx(pki).wrap_socket(
+            raw, server_hostname="127.0.0.1", do_handshake_on_connect=False
+        )
+        try:
+            shake = threading.Thread(target=silent.do_handshake)
+            shake.start()
+            with pytest.raises(buzon.Timeout):
+                lst.accept(timeout=0.5)  # drives the silent peer's TLS handshake
+            shake.join(10)
+            c, s = _pair(lst, tls=client_ctx(pki))  # the second evicts the silent one
+            with c, s:
+                dec = FrameDecoder()
+                while not dec.frames:
+                    data = silent.recv(65536)
+                    assert data, "closed without a refusal"
+                    dec.feed(data)
+                frame = dec.next_frame()
+                assert frame.kind == Kind.WELCOME
+                assert b"max_pending" in bytes(frame.body)
+        finally:
+            silent.close()
+        assert lst.evicted == 1
+
+
+def test_a_refused_tls_peer_is_told_why(pki: Path) -> None:
+    """A peer that completed TLS and is then refused (here: beyond a server's
+    max_clients) hears the cause, as on a link without TLS."""
+    release = threading.Event()
+
+    def handler(ch: buzon.Channel) -> None:
+        ch.send("in")
+        release.wait(10)
+
+    server = buzon.Server("tcp://127.0.0.1:0", handler, max_clients=1, tls=server_ctx(pki))
+    t = threading.Thread(target=server.serve_forever)
+    t.start()
+    try:
+        first = buzon.connect(str(server.address), timeout=10, tls=client_ctx(pki))
+        assert first.recv(timeout=10) == "in"
+        with pytest.raises(buzon.HandshakeError, match="max_clients=1"):
+            buzon.connect(str(server.address), timeout=10, tls=client_ctx(pki)).close()
+        release.set()
+        first.close()
+    finally:
+        release.set()
+        server.shutdown()
+        t.join(10)
+    assert server.refused == 1

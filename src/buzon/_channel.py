@@ -34,13 +34,22 @@ from .errors import (
     FrameError,
     Full,
     MessageTooLarge,
+    ProtocolError,
     Timeout,
     Undelivered,
     UnsupportedOperation,
     frame_cap_exceeded,
 )
 from .protocol import mpcompat
-from .protocol.credit import RECEIPT_FLAG, RecvFlow, SendFlow, decode_credit
+from .protocol.credit import (
+    RECEIPT_FLAG,
+    WITHDRAW_CODEC,
+    WITHDRAWN_CODEC,
+    RecvFlow,
+    SendFlow,
+    decode_credit,
+    encode_withdraw,
+)
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
     CodecId,
@@ -200,7 +209,9 @@ class Receipt:
         """True once the receiver took the message (or the receipt failed); reads
         acknowledgements that already arrived, never waits."""
         if not self._settled():
-            self._channel._receipt_poll()
+            from ._engine import receipt_poll_steps
+
+            self._channel._run_now(receipt_poll_steps(self._channel._core))
         return self._settled()
 
     def delivered(self) -> bool:
@@ -218,12 +229,19 @@ class Receipt:
         """Wait until the receiver took the message; :class:`Undelivered` if it
         never can, :class:`Timeout` if ``timeout`` passes first."""
         if not self.done():
-            self._channel._receipt_wait(self, timeout)
+            from ._engine import receipt_steps
+
+            self._channel._run_op(receipt_steps(self._channel._core, self._settled), timeout)
         self._raise()
 
     def __await__(self) -> Any:
+        """``await receipt``: the same wait, run by the channel's driver without
+        blocking the event loop (a blocking channel's too, without a thread)."""
         if not self.done():
-            yield from self._channel._receipt_await(self).__await__()
+            from ._engine import receipt_steps
+
+            steps = receipt_steps(self._channel._core, self._settled)
+            yield from self._channel._arun_op(steps).__await__()
         self._raise()
         return None
 
@@ -320,12 +338,22 @@ class ChannelCore:
         self.credit_blocked = False  # the last try_send failed for want of credit
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
+        # capacity=0 on a credit link: takes pass the rendezvous gate (_rv_gate); a read
+        # that found the link empty since this end's latest offer was written
+        self._rv = False
+        self._rv_valid = True
+        self._rv_void = 0  # a withdrawn message not met yet: drop it when it comes
+        self._rv_drained = False  # the sender side read everything after its WITHDRAW
+        self._rv_reply = True  # request/response seen: a send spins for the reply
+        self._rv_after_send = False
+        self._local_order = transport.properties.local and not transport.delivery_acks
         # simplex links keep credits in a token pool (transport/_tokens.py)
         self.tokens: TokenPool | None = transport.tokens
         self.taking = False  # takes must be reported (credits, receipts or tokens)
         if self.tokens is not None:
             self.capacity = self.tokens.capacity  # stated here, or adopted from the pool
             self.taking = True
+            self._rv = self.capacity == 0
         elif transport.native_capacity >= 0:
             self.capacity = transport.native_capacity  # the mechanism bounds it itself
         elif options.capacity != DEFAULT_CAPACITY:
@@ -431,6 +459,7 @@ class ChannelCore:
         self.sflow = SendFlow(capacity)
         self.rflow = RecvFlow(capacity)
         self.taking = True
+        self._rv = capacity == 0
         self._fast_paths()
 
     # -- identity ---------------------------------------------------------------------
@@ -1004,8 +1033,14 @@ class ChannelCore:
                 self.tokens.offer()
             return
         rflow = self.rflow
+        if self._rv_after_send:  # a receive follows a rendezvous send: replies come
+            self._rv_after_send = False
+            self._rv_reply = True
         if rflow is not None and not self.closed and (offer or rflow.capacity != 0):
-            self.emit_credit(rflow.before_wait())
+            frame = rflow.before_wait()
+            if frame is not None and self._rv:
+                self._rv_valid = False  # an offer: takes need a read after it (_rv_gate)
+            self.emit_credit(frame)
 
     def wait_ended(self) -> None:
         """A receive gave up without a message: withdraw a rendezvous offer."""
@@ -1024,21 +1059,226 @@ class ChannelCore:
         if rflow is None or rflow.offering or self.closed:
             return
         frame = rflow.before_wait()
+        if frame is not None and self._rv:
+            self._rv_valid = False
         if self.message_oriented:
             self.emit_credit(frame)
         else:
             self.credit_out = frame  # try_send writes it first (the caller holds no lock)
 
     def send_finished(self) -> None:
-        """A rendezvous ``send`` returned: withdraw its offer unless a message already
-        came under it (then the next receive takes that one)."""
+        """A rendezvous ``send`` returned: withdraw its offer, unless a message already
+        came under it (the request/response pattern: the reply is in hand). Then the
+        offer stands and the next receive takes that message; a sender that gives up
+        meanwhile waits for this end's answer (its next receive, which reads the
+        WITHDRAW if it came, or takes the message)."""
         rflow = self.rflow
         if rflow is None or not rflow.offering or self.closed:
             return
         decoder = self.decoder
         if (decoder is not None and decoder.frames) or self.inbox:
+            self._rv_reply = True
             return
+        self._rv_after_send = True
         self.emit_credit(rflow.on_wait_end())
+
+    def pump_quietly(self) -> None:
+        """Read what arrived (CREDITs applied, messages kept); a broken link is left
+        for the operations that report it (a receipt reads its own state)."""
+        try:
+            if not self.closed:
+                self.pump()
+        except Exception:
+            pass
+
+    def reply_expected(self) -> bool:
+        """A rendezvous ``send`` was taken: is a reply likely to come at once (this
+        end's receives have followed its sends; the channel spins)?"""
+        if not (self._rv_reply and self.options.spin > 0 and self.rflow is not None):
+            return False
+        decoder = self.decoder
+        return not ((decoder is not None and decoder.frames) or self.inbox)  # in hand
+
+    def pump_reply(self) -> None:
+        """Read what arrived (a reply stays in hand for the next receive); if nothing
+        did, stop expecting replies until a receive follows a send again."""
+        try:
+            if not self.closed:
+                self.pump()
+        except EndOfChannel:
+            pass
+        decoder = self.decoder
+        if not ((decoder is not None and decoder.frames) or self.inbox):
+            self._rv_reply = False
+
+    # -- rendezvous withdrawal (capacity=0 on a credit link; protocol/credit.py) ------
+
+    def _rv_gate(self) -> bool:
+        """May this end take a message now? Only while its offer stands and after a read,
+        made since that offer was written, that found the link empty: every WITHDRAW
+        written before the offer could be seen was read (and its message dropped)."""
+        tokens = self.tokens
+        if tokens is not None:  # a simplex link: the stake pipe decides (_tokens.py)
+            if tokens.claim():
+                return True
+            self._drop_untaken()
+            self.stats.aborted += 1
+            return False
+        rflow = self.rflow
+        assert rflow is not None
+        if not rflow.offering:  # a message kept from an offer withdrawn meanwhile
+            frame = rflow.before_wait()
+            self._rv_valid = False
+            self.emit_credit(frame)
+        if not self._rv_valid:
+            if self.credit_out is not None:
+                with self.io_lock:
+                    self.flush()  # our offer waits behind bytes of our own: write them
+                if self.credit_out is not None:
+                    return False  # not written yet: the driver writes it meanwhile
+            self._drain()
+        if self._rv_void == rflow.taken + 1 and self._drop_untaken():
+            self._rv_void = 0
+        return self._rv_valid
+
+    def _drain(self) -> None:
+        """Read until the link has nothing more for now (messages stay for ``recv``)."""
+        decoder = self.decoder
+        try:
+            if decoder is not None:
+                self._rv_valid = False
+                while not self.eof and self._fill(decoder) and not self._rv_valid:
+                    pass
+            else:
+                self.pump()  # reads until the link has nothing more
+                self._rv_valid = self.credit_out is None
+        except EndOfChannel:  # nothing can come after the end: what is in hand is all
+            self._rv_valid = self.credit_out is None
+        if self.eof and self.credit_out is None:
+            self._rv_valid = True
+
+    def _drop_untaken(self) -> bool:
+        """Drop the oldest message read and not taken (a withdrawn one)."""
+        decoder = self.decoder
+        queue: deque[Any] = decoder.frames if decoder is not None else self.inbox
+        if not queue:
+            return False
+        queue.popleft()
+        return True
+
+    def _withdrawal(self, codec: int, body: Buffer) -> None:
+        """A WITHDRAW from the peer's sender, or the WITHDRAWN answering ours."""
+        number, serial = decode_credit(body)
+        if codec == WITHDRAWN_CODEC:
+            sflow = self.sflow
+            if sflow is None:
+                raise ProtocolError("a WITHDRAWN answers no withdrawal")
+            if sflow.settle_withdrawal(serial):
+                self._count_withdrawn()
+            if self.on_credit is not None:
+                self.on_credit()
+            return
+        rflow = self.rflow
+        if codec != WITHDRAW_CODEC or rflow is None or rflow.capacity != 0:
+            raise ProtocolError("a WITHDRAW on a channel without capacity=0")
+        if number <= rflow.taken:
+            return  # taken already: our CREDIT tells the sender
+        if number != rflow.taken + 1:
+            raise ProtocolError(f"the peer withdraws message {number}; {rflow.taken} were taken")
+        if not self._drop_untaken():
+            self._rv_void = number  # (not met yet: dropped when it comes)
+        self.stats.aborted += 1
+        with self.io_lock:
+            self._queue_frame(encode_withdraw(number, serial, answer=True))
+
+    def still_waiting(self) -> None:
+        """A rendezvous receive found nothing (maybe it dropped a withdrawn message,
+        which used its offer up) and waits on: its offer must stand."""
+        if self._rv and not self.closed:
+            self.before_wait()
+
+    def count_withdrawn(self) -> None:
+        """This end's sender withdrew a message it had counted as sent."""
+        self._count_withdrawn()
+
+    def _count_withdrawn(self) -> None:
+        stats = self.stats
+        stats.messages_sent -= 1
+        stats.aborted += 1
+
+    def _queue_frame(self, frame: bytes) -> None:
+        """Write a control frame now or queue it behind what is pending (a CREDIT owed
+        may be replaced by a newer one; this frame may not). The caller holds the write
+        lock."""
+        try:
+            if self.message_oriented:
+                if self.backlog or not self._send_message([frame], 0):
+                    OWING.add(self)
+                    self.backlog.append(([frame], 0))
+                return
+            if self.pending:
+                OWING.add(self)
+                self.pending.append(memoryview(frame))
+                self.stats.queued_bytes += len(frame)
+                return
+            n = self._send_buffers([frame])
+            if n != len(frame):
+                self._keep_tail([frame], 0 if n == WOULD_BLOCK else n)
+        except (EndOfChannel, ChannelClosed):
+            pass  # nobody left to tell: nothing can be taken either
+
+    def withdraw(self, number: int) -> int:
+        """A rendezvous ``send`` gives its message ``number`` up (it was written whole
+        and not known taken): write a WITHDRAW. Returns the withdrawal's serial. The
+        caller holds the write lock."""
+        sflow = self.sflow
+        assert sflow is not None
+        sflow.withdrawals += 1
+        self._rv_drained = False
+        self._queue_frame(encode_withdraw(number, sflow.withdrawals))
+        return sflow.withdrawals
+
+    def drain_peer(self) -> None:
+        """After a WITHDRAW was written: read everything the peer wrote so far (its
+        CREDITs; messages met stay for ``recv``). Under the read lock."""
+        if self.owed or self.closed:
+            return
+        try:
+            if self.decoder is not None:
+                self._drain()
+            else:
+                self.pump()
+        except EndOfChannel:
+            pass
+        self._rv_drained = True
+
+    def withdrawn(self, number: int, serial: int) -> bool | None:
+        """The fate of withdrawn message ``number``: True dropped (nothing delivered),
+        False taken, None not known yet."""
+        sflow = self.sflow
+        assert sflow is not None
+        if sflow.taken >= number:
+            return False
+        if sflow.withdrawn >= serial:
+            return True
+        if sflow.error is not None and number > sflow.failed_after:
+            sflow.settle_withdrawal(serial)  # the link broke: it can never be taken
+            self._count_withdrawn()
+            return True
+        if self._rv_drained and self._local_order and sflow.limit < number:
+            # no offer stands: the receiver's next take follows an offer written after
+            # our WITHDRAW was in its link, and a read after that offer (_rv_gate)
+            sflow.settle_withdrawal(serial)
+            self._count_withdrawn()
+            return True
+        return None
+
+    def current_peer(self) -> PeerInfo:
+        """:attr:`peer`, with the address the link now uses where the peer may move."""
+        address = self.transport.current_peer_address()
+        if address is not None and address != self.peer.address:
+            self.peer = replace(self.peer, address=address)
+        return self.peer
 
     def full_reason(self) -> str:
         """Why the last ``try_send`` could not take the message (for ``Full``)."""
@@ -1098,7 +1338,10 @@ class ChannelCore:
         """The next message if one was already read (no system call), else ``None``."""
         decoder = self.decoder
         if decoder is not None:
-            return self._pop(decoder.frames) if decoder.frames else None
+            frames = decoder.frames
+            if frames and self._rv and not self._rv_gate():
+                return None
+            return self._pop(frames) if frames else None
         if self.inbox or self.raw_chunks:
             return self.poll()
         return None
@@ -1118,6 +1361,8 @@ class ChannelCore:
             return None if data is None else (CodecId.RAW, data)
         frames = decoder.frames
         if not frames and not self._fill(decoder):
+            return None
+        if self._rv and not (self._rv_gate() and frames):
             return None
         return self._pop(frames)
 
@@ -1169,8 +1414,15 @@ class ChannelCore:
                     raise
                 if msg is None:
                     self.stats.recv_would_block += 1
+                    if self.credit_out is None:
+                        self._rv_valid = True
                     return None
             if self.raw or len(msg) < 2 or msg[1] != Kind.CREDIT:
+                if self._rv and msg[1] == Kind.DATA:  # the gate may drop it (withdrawn)
+                    self.inbox.appendleft(msg)
+                    if not (self._rv_gate() and self.inbox):
+                        return None
+                    msg = self.inbox.popleft()
                 return self._message_item(msg, take)
             self._credit_message(msg)
 
@@ -1213,7 +1465,10 @@ class ChannelCore:
         except FrameError:
             self.stats.rejected_frames += 1
             raise
-        self._apply_credit(frame.body, frame.receipt)
+        if frame.codec:
+            self._withdrawal(frame.codec, frame.body)
+        else:
+            self._apply_credit(frame.body, frame.receipt)
 
     def _fill(self, decoder: FrameDecoder | _MpDecoder) -> bool:
         """Read once (more if a read fills the buffer); True if a frame is complete."""
@@ -1236,6 +1491,8 @@ class ChannelCore:
             n = recv_into(buf)
             if n == WOULD_BLOCK:
                 stats.recv_would_block += 1
+                if self.credit_out is None:
+                    self._rv_valid = True
                 return False
             if n == 0:
                 self.eof = True
@@ -1247,6 +1504,8 @@ class ChannelCore:
                     raise
                 raise EndOfChannel("the peer closed the channel")
             stats.bytes_received += n
+            if n < len(buf) and self.credit_out is None:
+                self._rv_valid = True  # the link is empty for now (rendezvous gate)
             try:
                 decoder.buffer_updated(n)
             except FrameError:
@@ -1268,6 +1527,8 @@ class ChannelCore:
         new, self._aborts_seen = total - self._aborts_seen, total
         self.stats.aborted += new
         if self.tokens is not None:
+            if self._rv:
+                self.tokens.claim()  # the aborted message's stake
             for _ in range(new):
                 self.tokens.on_take()
 
@@ -1275,11 +1536,16 @@ class ChannelCore:
         # counts are cumulative: the latest CREDIT says it all (bit 3: the peer is blocked)
         control = decoder.control
         blocked = 0
-        body = b""
+        body: bytes | None = None
         while control:
-            flags, body = control.popleft()
+            flags, got = control.popleft()
+            if flags & 7:  # a withdrawal (capacity=0): in order, never merged
+                self._withdrawal(flags & 7, got)
+                continue
             blocked |= flags
-        self._apply_credit(body, bool(blocked & 8))
+            body = got
+        if body is not None:
+            self._apply_credit(body, bool(blocked & 8))
 
     @staticmethod
     def _control(frame: Frame) -> Frame | None:
@@ -1564,8 +1830,9 @@ class ChannelIdentity:
     @property
     def peer(self) -> PeerInfo:
         """The peer's pid/uid/gid (Unix sockets) or address (INET), as far as known;
-        on the bound end of a datagram socket, the sender of the latest message."""
-        return self._core.peer
+        on the bound end of a datagram socket, the sender of the latest message; on a
+        reliable datagram link, where the peer sends from now (it may move)."""
+        return self._core.current_peer()
 
     @property
     def address(self) -> Address | None:

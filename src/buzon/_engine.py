@@ -18,6 +18,11 @@ CREDIT    ``done()`` true: a condition on CREDIT frames arriving on the read sid
 LOCKED    run ``call()`` now, under the read side's lock if the driver can take it at
           once (the sync driver skips the call if another thread is receiving)
 EXTEND    the operation's deadline becomes ``budget`` seconds from now
+SLEEP     nothing to watch: ``budget`` seconds pass (a connect's back-off before it
+          tries an endpoint that is not there yet), never past the deadline
+SPIN      the input may be about to become readable: the driver spins its spin
+          budget for it, or until it is (it never sleeps; an asyncio driver yields to
+          the loop once)
 ========  ===========================================================================
 
 A driver (:mod:`buzon.sync`, :mod:`buzon.aio`) runs a generator: it performs each wait
@@ -36,7 +41,7 @@ from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 from ._channel import ChannelCore
-from .errors import Timeout
+from .errors import EndOfChannel, Timeout
 from .transport.base import Buffer
 
 __all__ = [
@@ -45,6 +50,8 @@ __all__ = [
     "INPUT",
     "LOCKED",
     "READ",
+    "SLEEP",
+    "SPIN",
     "WRITE",
     "Step",
     "Steps",
@@ -52,10 +59,13 @@ __all__ = [
     "loan_steps",
     "recv_steps",
     "room",
+    "receipt_poll_steps",
+    "receipt_steps",
     "send_steps",
+    "withdraw_steps",
 ]
 
-READ, WRITE, CREDIT, LOCKED, EXTEND, INPUT = range(6)
+READ, WRITE, CREDIT, LOCKED, EXTEND, INPUT, SPIN, SLEEP = range(8)
 
 
 def _true() -> bool:
@@ -85,9 +95,14 @@ _ABORTED = (
     "send timed out with the message half-written; it was aborted (the receiver drops "
     "it whole), so nothing of it is delivered"
 )
-_HANDED_OVER = (
-    "send timed out waiting for the receiver to take the message (capacity=0); it was "
-    "handed over and may still be taken"
+_WITHDRAWN = (
+    "send timed out before the receiver took the message (capacity=0); it was "
+    "withdrawn, so nothing of it is delivered"
+)
+_UNSETTLED = (
+    "send gave up after handing the message over (capacity=0) and the receiver "
+    "neither took it nor answered its withdrawal within frame_timeout; it drops the "
+    "message unless it took it before reading the withdrawal"
 )
 
 
@@ -140,10 +155,23 @@ def send_steps(
             while not tokens.acked():
                 yield Step(READ, tokens.ack_fd)
         except BaseException as exc:
-            tokens.give_up()
-            if isinstance(exc, Timeout):
-                raise Timeout(_HANDED_OVER) from None
-            raise
+            if not _withdraws(exc):
+                tokens.give_up()
+                raise
+            if tokens.withdraw_message():  # our stake back: the receiver drops the message
+                core.count_withdrawn()
+                if isinstance(exc, Timeout):
+                    raise Timeout(_WITHDRAWN) from None
+                raise
+            yield Step(EXTEND, budget=core.options.frame_timeout)
+            try:  # the receiver claimed it: it is being taken
+                while not tokens.acked():
+                    yield Step(READ, tokens.ack_fd)
+            except Timeout:
+                tokens.give_up()
+                raise Timeout(_UNSETTLED) from None
+            if isinstance(exc, KeyboardInterrupt):
+                raise
         return number
     failed: BaseException | None = None
     if number > 0:
@@ -151,12 +179,57 @@ def send_steps(
             yield Step(CREDIT, done=lambda: core.delivered(number))
         except BaseException as exc:
             failed = exc
+        if failed is not None and _withdraws(failed) and not core.delivered(number):
+            if (yield from withdraw_steps(core, number)):
+                yield Step(LOCKED, call=core.send_finished)
+                if isinstance(failed, Timeout):
+                    raise Timeout(_WITHDRAWN) from None
+                raise failed
+            if not isinstance(failed, KeyboardInterrupt):
+                failed = None  # the receiver took it: the send succeeded after all
+    if failed is None and core.reply_expected():
+        # request/response: the reply is usually microseconds behind the take; spin
+        # for it (the spin budget), so our offer stands for it rather than being
+        # withdrawn and made again by the next receive (two CREDITs fewer)
+        try:
+            yield Step(SPIN)
+            yield Step(LOCKED, call=core.pump_reply)
+        except KeyboardInterrupt as exc:
+            failed = exc
+        except BaseException:  # taken already: a cancellation comes too late
+            pass
     yield Step(LOCKED, call=core.send_finished)  # withdraw our offer to receive
-    if isinstance(failed, Timeout):
-        raise Timeout(_HANDED_OVER) from None
     if failed is not None:
         raise failed
     return number
+
+
+def _withdraws(exc: BaseException) -> bool:
+    """A send that gives up this way withdraws its message: its deadline, a
+    cancellation or an interrupt (not an error of the link or the channel)."""
+    return isinstance(exc, Timeout) or not isinstance(exc, Exception)
+
+
+def withdraw_steps(core: ChannelCore, number: int) -> Generator[Step, None, bool]:
+    """A rendezvous send gives up after its message ``number`` was handed over: write
+    a WITHDRAW and learn its fate (``protocol/credit.py``). True: the receiver drops
+    it, nothing is delivered; False: the receiver took it first. On a local link
+    with no offer standing this is known once the WITHDRAW is written; otherwise the
+    receiver answers, within ``frame_timeout`` (the send raises :class:`Timeout`
+    saying the fate is unknown if it does not)."""
+    yield Step(EXTEND, budget=core.options.frame_timeout)
+    try:
+        serial = core.withdraw(number)
+        while not core.acked and not core.flush():
+            yield Step(WRITE, core.write_fileno(), what="send")
+        yield Step(LOCKED, call=core.drain_peer)
+        fate = core.withdrawn(number, serial)
+        while fate is None:
+            yield Step(CREDIT, done=lambda: core.withdrawn(number, serial) is not None)
+            fate = core.withdrawn(number, serial)
+        return fate
+    except Timeout:
+        raise Timeout(_UNSETTLED) from None
 
 
 def finish_write(core: ChannelCore, serial: int) -> Steps:
@@ -235,8 +308,27 @@ def recv_steps(
             yield Step(INPUT, stall=stall, spin=spin, what="recv")
             spin = False
             got = take()
+            if got is None and flow:
+                core.still_waiting()  # a withdrawn message may have used the offer up
         return got
     except BaseException:
         if flow:
             core.wait_ended()
         raise
+
+
+def receipt_poll_steps(core: ChannelCore) -> Steps:
+    """Read the acknowledgements that already arrived (a receipt's ``done``): under
+    the read side's lock if the driver can take it at once, never waiting."""
+    yield Step(LOCKED, call=core.pump_quietly)
+
+
+def receipt_steps(core: ChannelCore, settled: Callable[[], bool]) -> Steps:
+    """Wait until a receipt is ``settled``: its message taken, or the link broke or
+    closed (then the receipt fails: ``Undelivered``). A CREDIT step: the driver reads
+    the acknowledgements itself, or is woken by whoever receives."""
+    try:
+        while not settled():
+            yield Step(CREDIT, done=settled, what="receipt wait")
+    except EndOfChannel:
+        pass  # the receipt failed with it

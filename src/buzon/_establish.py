@@ -1,21 +1,22 @@
 """Establishing channels, written once for both drivers: connect, handshake, admission.
 
-Three pieces, none of which ever waits:
+Three pieces, none of which ever waits, written in the engine's vocabulary
+(:class:`buzon._engine.Step`: READ/WRITE an fd, SLEEP a back-off), so the drivers run
+them with the same step runner as every channel operation:
 
-* :func:`connect_steps` is a generator that opens a connector and drives it, yielding
-  ``("wait-read"|"wait-write", fd)`` or ``("sleep", seconds)``; it returns the
-  transport. An endpoint that is not there yet (:class:`NoSuchEndpoint`,
-  :class:`ConnectionRefused`: no socket file, nobody listening, a FIFO nobody reads)
-  is tried again with a short back-off until the deadline, on every transport, unless
-  ``retry=False``; the deadline then raises :class:`Timeout` naming the last cause.
-* :func:`establish_steps` is a generator of the handshake's I/O: it *yields*
-  ``("write", data)``, ``("frame", None)``, ``("bytes", None)``,
-  ``("wait-read"|"wait-write", None)`` (TLS: just wait for the fd) or
-  ``("delivered", None)`` (wait until the peer acknowledged everything written) and
-  receives the result. :class:`Establishing` performs those operations without
-  waiting: :meth:`Establishing.advance` does all that can be done now and returns the
-  :class:`Want` (an fd, a direction) to wait for, or ``None`` once established. A
-  driver's blocking ``establish`` is a three-line loop around it.
+* :func:`connect_steps` opens a connector and drives it, yielding READ/WRITE steps for
+  its fd or a SLEEP; it returns the transport. An endpoint that is not there yet
+  (:class:`NoSuchEndpoint`, :class:`ConnectionRefused`: no socket file, nobody
+  listening, a FIFO nobody reads) is tried again with a short back-off until the
+  deadline, on every transport, unless ``retry=False``; the deadline then raises
+  :class:`Timeout` naming the last cause.
+* :func:`establish_steps` does the handshake's I/O on the channel core (each read or
+  write non-blocking) and yields the READ/WRITE step it waits for when one cannot
+  complete now (TLS: the direction the TLS layer asks for; reliable datagrams: until
+  the peer acknowledged the handshake). The driver throws :class:`Timeout` in at the
+  deadline. :class:`Establishing` runs the same steps for a listener's admission
+  without waiting: :meth:`Establishing.advance` resumes them until one would wait and
+  returns that :class:`Want` (an fd, a direction), or ``None`` once established.
 * :class:`Admission` is a listener's accept engine: every accepted connection becomes a
   pending handshake that progresses whenever its fd is ready (one epoll fd watches
   them all and the listening socket), each with its own deadline (``handshake_timeout``
@@ -27,7 +28,8 @@ Three pieces, none of which ever waits:
 
 A refused peer is told why when its link speaks the buzon handshake (a
 ``WELCOME {ok: false, error, cause}``: capacity, credentials, authkey, handshake
-timeout, pending eviction, a bad handshake) and closed; a peer's handshake, however
+timeout, pending eviction, a bad handshake; over TLS once the TLS handshake is done,
+before that the TLS layer's own alert is all there is) and closed; a peer's handshake, however
 large or malformed, never makes ``accept`` raise.
 """
 
@@ -41,6 +43,7 @@ from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 from ._channel import DEFAULT_CAPACITY, ChannelCore
+from ._engine import READ, SLEEP, WRITE, Step
 from ._policy import Prepared
 from .errors import (
     BuzonError,
@@ -62,7 +65,6 @@ __all__ = [
     "Admission",
     "Admit",
     "Establishing",
-    "Op",
     "Steps",
     "Want",
     "connect_steps",
@@ -77,8 +79,7 @@ def _log() -> Any:
     return logging.getLogger("buzon.listener")
 
 
-Op = tuple[str, Any]
-Steps = Generator[Op, Any, None]
+Steps = Generator[Step, None, None]
 #: Asked when a server's handshake is about to succeed: a reason to refuse the peer
 #: for capacity (``max_clients``), or None to let it in.
 Admit = Callable[[], "str | None"]
@@ -119,10 +120,10 @@ def _retry_delay(
 
 def connect_steps(
     prep: Prepared, deadline: float | None, retry: bool
-) -> Generator[Op, None, Transport]:
+) -> Generator[Step, None, Transport]:
     """Open ``prep.address``'s connector and drive it to a transport (see the module
-    docstring for the ops). The driver throws :class:`Timeout` in when a wait for an
-    fd reaches ``deadline``."""
+    docstring). The driver throws :class:`Timeout` in when a wait reaches
+    ``deadline``."""
     address = prep.address
     attempt = 0
     cause: BuzonError | None = None
@@ -135,23 +136,24 @@ def connect_steps(
             try:
                 while (transport := connector.step()) is None:
                     if connector.want == "retry":  # no fd tells when (a full backlog)
-                        yield ("sleep", _retry_delay(attempt, deadline, address, None))
+                        delay = _retry_delay(attempt, deadline, address, None)
+                        yield Step(SLEEP, budget=delay, what="connect")
                         attempt += 1
                     else:
-                        yield ("wait-" + connector.want, connector.fileno())
+                        kind = WRITE if connector.want == "write" else READ
+                        yield Step(kind, connector.fileno(), what="connect")
                 return transport
             except _NOT_THERE_YET as exc:
                 cause = exc
             except Timeout:
-                if cause is None:
-                    raise
-                raise Timeout(f"connecting to {address} timed out: {cause}") from cause
+                why = f": {cause}" if cause is not None else ""
+                raise Timeout(f"connecting to {address} timed out{why}") from cause
             finally:
                 connector.close()
         assert cause is not None
         if not retry:
             raise cause
-        yield ("sleep", _retry_delay(attempt, deadline, address, cause))
+        yield Step(SLEEP, budget=_retry_delay(attempt, deadline, address, cause), what="connect")
         attempt += 1
 
 
@@ -159,27 +161,34 @@ def connect_steps(
 
 
 def establish_steps(
-    core: ChannelCore, prep: Prepared, role: str, admit: Admit | None = None
+    core: ChannelCore,
+    prep: Prepared,
+    role: str,
+    admit: Admit | None = None,
+    heard: Callable[[], None] | None = None,
 ) -> Steps:
     """All the I/O needed before ``core`` may carry messages (possibly none).
 
     ``admit`` (servers): asked just before the handshake succeeds; a reason it returns
-    refuses the peer with cause ``capacity``.
+    refuses the peer with cause ``capacity``. ``heard``: called when the peer's first
+    whole frame (or bytes) arrived.
     """
+    io = _HandshakeIO(core, heard)
     if core.transport.tls_pending:
         yield from _tls_handshake(core)
     if prep.compat == "multiprocessing":
         if prep.authkey is not None:
-            yield from _mp_auth(core, prep, role)
+            yield from _mp_auth(core, prep, role, io)
     elif prep.handshake:
-        yield from _buzon_handshake(core, prep, role, admit)
+        yield from _buzon_handshake(core, prep, role, admit, io)
     if core.acked:
         # Reliable datagrams: stay until the peer has acknowledged our side of the
         # handshake. Only this process can retransmit it, and after returning it may
         # not call buzon again for a while (a server between accept and recv, or a
         # peer in this very process, blocked waiting for exactly that datagram).
         try:
-            yield ("delivered", None)
+            while not core.flush():  # acks make the write fd *readable*
+                yield Step(READ, core.write_fileno(), what="handshake")
         except Timeout:
             raise HandshakeError(
                 "the peer did not acknowledge the handshake in time (is it still there?)"
@@ -188,12 +197,48 @@ def establish_steps(
             raise HandshakeError(f"the peer never acknowledged the handshake: {exc}") from None
 
 
+class _HandshakeIO:
+    """The handshake's reads and writes on a core, as steps (never waiting)."""
+
+    def __init__(self, core: ChannelCore, heard: Callable[[], None] | None) -> None:
+        self.core = core
+        self.heard = heard
+
+    def write(self, data: bytes) -> Steps:
+        core = self.core
+        while not core.write_control(data):
+            # (on reliable datagrams room comes with acks: the write fd is *readable*)
+            yield Step(READ if core.acked else WRITE, core.write_fileno(), what="handshake")
+        while core.pending and not core.flush():  # a partial write to finish
+            yield Step(WRITE, core.write_fileno(), what="handshake")
+
+    def frame(self) -> Generator[Step, None, Any]:
+        core = self.core
+        while (frame := core.poll_frame(control=True)) is None:
+            yield Step(READ, core.read_fileno(), what="handshake")
+        self._heard()
+        return frame
+
+    def data(self) -> Generator[Step, None, bytes]:
+        core = self.core
+        while (data := core.read_control()) is None:
+            yield Step(READ, core.read_fileno(), what="handshake")
+        self._heard()
+        return data
+
+    def _heard(self) -> None:
+        if self.heard is not None:
+            self.heard()
+            self.heard = None
+
+
 def _tls_handshake(core: ChannelCore) -> Steps:
     """Drive the TLS handshake: the transport says which way to wait."""
     transport: Any = core.transport
     try:
         while (want := transport.handshake_step()) is not None:
-            yield ("wait-" + want, None)
+            kind = WRITE if want == "write" else READ
+            yield Step(kind, core.read_fileno(), what="TLS handshake")
     except Timeout:
         raise HandshakeError("TLS handshake timed out") from None
     except EndOfChannel:
@@ -201,7 +246,9 @@ def _tls_handshake(core: ChannelCore) -> Steps:
     core.peer = transport.peer
 
 
-def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str, admit: Admit | None) -> Steps:
+def _buzon_handshake(
+    core: ChannelCore, prep: Prepared, role: str, admit: Admit | None, io: _HandshakeIO
+) -> Steps:
     from .protocol.handshake import NONCE_SIZE, Handshake, agreed_capacity  # msgspec: lazily
 
     opts = prep.channel
@@ -219,16 +266,16 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str, admit: Admit 
     if decoder is not None:
         decoder.max_frame = HANDSHAKE_MAX_FRAME
     try:
-        yield ("write", hs.outgoing())
+        yield from io.write(hs.outgoing())
         while not hs.done:
             try:
-                frame = yield ("frame", None)
+                frame = yield from io.frame()
             except FrameError as exc:  # too large, or not a frame at all
                 if role != "server":
                     raise
                 refusal = hs.refuse(f"bad handshake frame: {exc}", "handshake")
                 try:
-                    yield ("write", hs.outgoing())
+                    yield from io.write(hs.outgoing())
                 except BuzonError:
                     pass
                 raise refusal from None
@@ -240,13 +287,13 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str, admit: Admit 
                 out = hs.outgoing()
                 if out:
                     try:
-                        yield ("write", out)
+                        yield from io.write(out)
                     except BuzonError:
                         pass  # the peer is gone; the error already raised matters more
     except EndOfChannel:
         if role == "client":  # refused before the server read our HELLO: hear why
             try:
-                frame = yield ("frame", None)
+                frame = yield from io.frame()
             except BuzonError:
                 frame = None
             if frame is not None:
@@ -261,7 +308,7 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str, admit: Admit 
                 f"handshake timed out after {opts.handshake_timeout:g} s", "timeout"
             )
             try:
-                yield ("write", hs.outgoing())
+                yield from io.write(hs.outgoing())
             except BuzonError:
                 pass
             raise refusal from None
@@ -285,7 +332,7 @@ def _buzon_handshake(core: ChannelCore, prep: Prepared, role: str, admit: Admit 
     )
 
 
-def _mp_auth(core: ChannelCore, prep: Prepared, role: str) -> Steps:
+def _mp_auth(core: ChannelCore, prep: Prepared, role: str, io: _HandshakeIO) -> Steps:
     """The ``multiprocessing.connection`` challenge/response, both ways."""
     assert prep.authkey is not None
     auth: ServerAuth | ClientAuth = (ServerAuth if role == "server" else ClientAuth)(
@@ -294,15 +341,15 @@ def _mp_auth(core: ChannelCore, prep: Prepared, role: str) -> Steps:
     try:
         while True:
             for msg in auth.outgoing():
-                yield ("write", msg)
+                yield from io.write(msg)
             if auth.done:
                 break
-            data = yield ("bytes", None)
+            data = yield from io.data()
             auth.receive_data(data)
     except ProtocolError:
         for msg in auth.outgoing():  # e.g. #FAILURE#, so the peer learns why
             try:
-                yield ("write", msg)
+                yield from io.write(msg)
             except BuzonError:
                 break
         raise
@@ -316,11 +363,11 @@ def _mp_auth(core: ChannelCore, prep: Prepared, role: str) -> Steps:
 class Establishing:
     """One end's handshake (:func:`establish_steps`), run without ever waiting.
 
-    :meth:`advance` performs every operation that can complete now and returns what
-    to wait for before calling it again, or ``None`` when the channel is established;
-    it raises what the handshake raises. Once ``deadline`` has passed, an operation
-    that would wait gets :class:`Timeout` thrown in instead (the handshake turns it
-    into its own error, after telling a server's peer).
+    :meth:`advance` resumes the steps until one would wait and returns what to wait
+    for before calling it again, or ``None`` when the channel is established; it
+    raises what the handshake raises. Once ``deadline`` has passed, a step that would
+    wait gets :class:`Timeout` thrown in instead (the handshake turns it into its own
+    error, after telling a server's peer).
     """
 
     def __init__(
@@ -335,62 +382,23 @@ class Establishing:
         self.deadline = deadline
         #: True once the peer sent a whole frame (a silent peer is evicted first)
         self.heard = False
-        self._steps = establish_steps(core, prep, role, admit)
-        self._op: Op | None = None
-        self._stage = 0
-        self._result: Any = None
-        self._error: BaseException | None = None
+        self._steps = establish_steps(core, prep, role, admit, self._heard)
+
+    def _heard(self) -> None:
+        self.heard = True
 
     def advance(self) -> Want | None:
+        error: BaseException | None = None
         while True:
-            if self._op is None:
-                try:
-                    if self._error is not None:
-                        error, self._error = self._error, None
-                        self._op = self._steps.throw(error)
-                    else:
-                        result, self._result = self._result, None
-                        self._op = self._steps.send(result)
-                except StopIteration:
-                    return None
-                self._stage = 0
             try:
-                want = self._try(*self._op)
-            except BuzonError as exc:
-                self._op, self._error = None, exc
+                step = self._steps.throw(error) if error is not None else next(self._steps)
+            except StopIteration:
+                return None
+            error = None
+            if time.monotonic() >= self.deadline:
+                error = Timeout(f"{step.what} timed out")
                 continue
-            if want is None:
-                self._op = None
-            elif time.monotonic() >= self.deadline:
-                self._op, self._error = None, Timeout("handshake timed out")
-            else:
-                return want
-
-    def _try(self, op: str, data: Any) -> Want | None:
-        """Do ``op`` if it can be done now (its result in ``_result``), else what to wait for."""
-        core = self.core
-        if op == "write":
-            if self._stage == 0:
-                if not core.write_control(data):
-                    # (on reliable datagrams room comes with acks: the write fd is *readable*)
-                    return Want(core.write_fileno(), not core.acked)
-                self._stage = 1
-            if core.pending and not core.flush():  # a partial write to finish
-                return Want(core.write_fileno(), True)
-            return None
-        if op == "frame":
-            self._result = core.poll_frame(control=True)
-        elif op == "bytes":
-            self._result = core.read_control()
-        elif op == "delivered":
-            return None if core.flush() else Want(core.write_fileno(), not core.acked)
-        else:  # "wait-read" / "wait-write": wait once, then let the step look again
-            self._stage += 1
-            return Want(core.read_fileno(), op == "wait-write") if self._stage == 1 else None
-        if self._result is None:
-            return Want(core.read_fileno(), False)
-        self.heard = True
-        return None
+            return Want(step.fd, step.kind == WRITE)
 
 
 # -- admission ------------------------------------------------------------------------
@@ -426,7 +434,7 @@ class Admission:
         self.refusals: dict[str, int] = {}
         self._lt = lt
         self._prep = prep
-        self._tell = prep.handshake and prep.transport.tls is None  # speaks WELCOME
+        self._tell = prep.handshake  # speaks WELCOME (over TLS once its handshake is done)
         self._pending: dict[int, _Pending] = {}  # by id, in arrival (= deadline) order
         self._by_fd: dict[int, _Pending] = {}
         # refused peers being told: fd -> (core, when to close), in deadline order
@@ -478,13 +486,30 @@ class Admission:
                 break
             self._finish(fd)
 
-    def _start(self, transport: Transport) -> None:
+    def screen(self, transport: Transport) -> bool:
+        """A connection the listener turned away the moment it came (a peer of another
+        user) is refused here, told why and counted: False. True: it may go on."""
+        if not transport.refused:
+            return True
         core = ChannelCore(transport, self._prep.channel, address=self._prep.address)
-        if transport.refused:  # the listener turned it away (another user)
-            self._count("credentials")
-            _log().info("peer refused: %s", transport.refused)
-            self._close(core, transport.refused, "credentials", linger=True)
+        self._count("credentials")
+        _log().info("peer refused: %s", transport.refused)
+        self._close(core, transport.refused, "credentials", linger=True)
+        return False
+
+    def count_refusal(self, exc: BaseException) -> None:
+        """A handshake run outside this engine (``Listener.establish``) refused its
+        peer with ``exc``: count it by cause, as this engine's own refusals are."""
+        from .protocol.handshake import cause_of
+
+        cause = cause_of(exc)
+        self._count(cause)
+        _log().info("peer refused (%s): %s", cause, exc)
+
+    def _start(self, transport: Transport) -> None:
+        if not self.screen(transport):
             return
+        core = ChannelCore(transport, self._prep.channel, address=self._prep.address)
         if len(self._pending) >= self.max_pending:
             self._evict()
         deadline = time.monotonic() + self._prep.channel.handshake_timeout
@@ -581,7 +606,8 @@ class Admission:
         try:
             from .protocol.handshake import refusal_frame
 
-            if why and self._tell and core.write_control(refusal_frame(why, cause)):
+            tell = why and self._tell and not core.transport.tls_pending
+            if tell and core.write_control(refusal_frame(why, cause)):
                 core.flush()
             fd = -1 if core.message_oriented else core.read_fileno()
             if not linger and fd >= 0:

@@ -14,7 +14,8 @@ scheme is listed and cleaned without a change here:
 * a **client** socket ``c-PID-RANDOM<suffix>`` belongs to process PID;
 * a **lock** file is held (``flock``) by the listener of an object that lives outside
   the runtime dir; the scheme's module says whether that object still exists;
-* a **pool** ``NAME<suffix>.capN.credit`` / ``.ack`` holds a simplex capacity's tokens.
+* a **pool** ``NAME<suffix>.capN.credit`` / ``.ack`` / ``.stake`` holds a simplex
+  capacity's tokens.
 
 Besides the schemes' files, the runtime dir holds the names of shared-memory objects
 (``NAME.array``, ``NAME.value``, ``NAME.bbuf``: :mod:`buzon.shm`), and ``ls`` adds this
@@ -64,7 +65,7 @@ _CLIENTS = {f.suffix: (info, f) for info, f in _declared("client")}
 _LOCKS = _declared("lock")
 _POOLS = {f.suffix: info for info, f in _declared("pool")}
 _POOL_RE = re.compile(
-    r"^(.+)(" + "|".join(re.escape(s) for s in _POOLS) + r")\.cap(\d+)\.(credit|ack)$"
+    r"^(.+)(" + "|".join(re.escape(s) for s in _POOLS) + r")\.cap(\d+)\.(credit|ack|stake)$"
 )
 Row = tuple[str, str, str, str, str]
 
@@ -118,7 +119,7 @@ class Entry:
             info = _POOLS[pool[2]]
             self.scheme = info
             self.pool = f"capacity={pool[3]} {pool[4]}s"
-            self.kind = "credits" if pool[4] == "credit" else "acks"
+            self.kind = {"credit": "credits", "ack": "acks"}.get(pool[4], "stakes")
             self.address = f"{info.name}:{pool[1]}"
         self.live: bool | None = None  # True live, False provably dead, None unknown
         self.state = "-"

@@ -17,8 +17,8 @@ from ._channel import ChannelCore
 from ._establish import DEFAULT_MAX_PENDING, Admission, Admit
 from ._policy import Prepared
 from .address import Address
-from .errors import ChannelClosed, Timeout
-from .transport.base import ListenerTransport
+from .errors import BuzonError, ChannelClosed, Timeout
+from .transport.base import ListenerTransport, Transport
 
 __all__ = ["ListenerBase"]
 
@@ -140,6 +140,22 @@ class ListenerBase:
             self.accepted += 1
             return admission.ready.popleft()
 
+    def _screen(self, transport: Transport) -> bool:
+        """``accept_transport``: refuse (told, counted) a connection the listener turned
+        away at once, as ``accept`` does; True if it may go on to ``establish``."""
+        with self._lock:
+            return self._admission.screen(transport)
+
+    def _refused(self, exc: BaseException) -> None:
+        """``establish`` failed: count the refusal (the handshake told the peer)."""
+        if isinstance(exc, BuzonError):
+            with self._lock:
+                self._admission.count_refusal(exc)
+
+    @property
+    def _admit(self) -> Admit | None:
+        return self._admission.admit
+
     def _wake_at(self, deadline: float | None) -> float | None:
         """How long a driver may wait for :meth:`fileno`: until ``deadline`` or the
         next pending peer's deadline; raises :class:`Timeout` once ``deadline`` passed."""
@@ -149,6 +165,11 @@ class ListenerBase:
         if wake is None:
             return deadline
         return wake if deadline is None else min(wake, deadline)
+
+    def _next_wake(self) -> float | None:
+        """When ``buzon.wait`` must look again even if nothing is readable: the next
+        pending peer's deadline (it is then refused and told so)."""
+        return None if self._closed else self._admission.next_wake()
 
     def _ready(self) -> bool:
         with self._lock:

@@ -241,6 +241,8 @@ def _reduce_channel(channel: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
             pool.owner,
             pool.offering,
             pool.seq,
+            fds.slot(pool.stake_fd),
+            fds.slot(pool._stake_w),
         )
     state = _ChannelState(
         options=core.options,
@@ -384,10 +386,12 @@ def _rebuild_channel(dups: list[Any], parts: tuple[Any, ...], state: _ChannelSta
             os.close(fd)
         raise
     if state.tokens is not None:
-        capacity, credit, ack, wfd, ack_w, owner, offering, seq = state.tokens
+        capacity, credit, ack, wfd, ack_w, owner, offering, seq, stake, stake_w = state.tokens
         pool = TokenPool(capacity, _at(fds, credit), _at(fds, ack), owner=owner)
         pool._wfd = _at(fds, wfd)
         pool._ack_w = _at(fds, ack_w)
+        pool.stake_fd = _at(fds, stake)
+        pool._stake_w = _at(fds, stake_w)
         pool.offering = offering
         pool.seq = seq
         transport.tokens = pool  # its FIFOs (paths) stay the original owner's to remove

@@ -15,7 +15,7 @@ import contextlib
 import select
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from typing import Any, TypeVar, overload
 
 from .. import _reduction
@@ -25,6 +25,8 @@ from .._engine import (
     EXTEND,
     INPUT,
     LOCKED,
+    SLEEP,
+    SPIN,
     WRITE,
     Step,
     Steps,
@@ -226,6 +228,36 @@ async def wait_io(rfd: int, wfd: int, deadline: float | None, what: str, keep: A
 def wait_fd(fd: int, write: bool, deadline: float | None, what: str) -> Any:
     """Wait for one fd in one direction (see :func:`wait_io`)."""
     return wait_io(-1, fd, deadline, what) if write else wait_io(fd, -1, deadline, what)
+
+
+async def run_steps(steps: Generator[Step, None, T], deadline: float | None) -> T:
+    """Run an engine operation that needs no channel yet (connect, a handshake: see
+    :mod:`buzon._establish`), awaiting each READ/WRITE step's fd and each SLEEP by the
+    deadline; :class:`Timeout` is thrown in when it passes (the blocking driver's
+    ``run_steps``, awaiting)."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                kind = step.kind
+                if kind == SLEEP:
+                    pause = step.budget or 0.0
+                    if deadline is not None:
+                        pause = min(pause, max(0.0, deadline - time.monotonic()))
+                    await asyncio.sleep(pause)
+                elif kind == EXTEND:
+                    deadline = deadline_of(step.budget)
+                else:
+                    fds = (step.fd,) if step.fd >= 0 else ()
+                    write = kind == WRITE
+                    if not await wait_ready(() if write else fds, fds if write else (), deadline):
+                        raise Timeout(f"{step.what} timed out")
+            except BaseException as exc:
+                step = steps.throw(exc)
+                continue
+            step = steps.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
 
 
 #: background closes (``Channel.close`` with bytes still owed) until they are done
@@ -430,6 +462,8 @@ class Channel(ChannelIdentity):
                         step.call()
                     elif kind == CREDIT:
                         await self._pump_until(step.done, deadline, step.what)
+                    elif kind == SPIN:
+                        await asyncio.sleep(0)  # no spinning here: let the loop run once
                     else:
                         await wait_fd(step.fd, kind == WRITE, deadline, step.what)
                 except BaseException as exc:
@@ -454,21 +488,27 @@ class Channel(ChannelIdentity):
             core.pump()
 
     def _receipt_poll(self) -> None:
-        core = self._core
-        if not core.closed:
-            try:
-                core.pump()
-            except Exception:
-                pass  # the receipt's own state tells; recv reports the error
+        self._core.pump_quietly()  # the receipt's own state tells; recv reports errors
 
-    def _receipt_wait(self, receipt: Receipt, timeout: float | None) -> None:
+    # engine operations run for others (a Receipt): now, blocking, or awaited ----------
+
+    def _run_now(self, steps: Steps) -> Any:
+        """An operation that never waits (LOCKED steps only)."""
+        try:
+            for step in steps:
+                if step.kind != LOCKED:
+                    raise UnsupportedOperation("this operation would wait")
+                step.call()
+        except StopIteration as stop:  # pragma: no cover - for loops end quietly
+            return stop.value
+        return None
+
+    def _run_op(self, steps: Steps, timeout: float | None) -> Any:
+        steps.close()
         raise UnsupportedOperation("a receipt of an asyncio channel is awaited: await receipt")
 
-    async def _receipt_await(self, receipt: Receipt) -> None:
-        try:
-            await self._pump_until(receipt._settled, None, "receipt")
-        except EndOfChannel:
-            pass  # the receipt failed with it
+    async def _arun_op(self, steps: Steps) -> Any:
+        return await self._run(steps, None)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every accepted message (and CREDIT owed) has reached the kernel
@@ -738,6 +778,11 @@ class Channel(ChannelIdentity):
         if self._flow:
             self._core.before_wait()  # buzon.aio.wait waits to receive: offer (capacity=0)
         return False
+
+    def _wait_over(self) -> None:
+        """``buzon.aio.wait`` returned: withdraw the rendezvous offer it made."""
+        if self._rendezvous and not self._rlock.locked():
+            self._core.wait_ended()
 
 
 _reduction.passable(Channel)  # pickling refused, saying why (_reduction.py)

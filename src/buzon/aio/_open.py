@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
-from .._establish import DEFAULT_MAX_PENDING, Establishing, Op, connect_steps
+from .._establish import DEFAULT_MAX_PENDING, Admit, connect_steps, establish_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
 from ..errors import ChannelClosed, Timeout
 from ..transport import open_listener
 from ..transport.base import Transport
-from ._channel import Channel, deadline_of, wait_fd, wait_ready
+from ._channel import Channel, deadline_of, run_steps, wait_fd, wait_ready
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
@@ -53,44 +52,25 @@ async def connect(
     there yet is tried again until ``timeout`` unless ``retry=False``)."""
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)
-    transport = await _run_connect(connect_steps(prep, deadline, retry), deadline, prep.address)
+    transport = await run_steps(connect_steps(prep, deadline, retry), deadline)
     return await establish(transport, prep, "client", deadline)
 
 
-async def _run_connect(
-    steps: Generator[Op, None, Transport], deadline: float | None, address: Address
-) -> Transport:
-    """Perform the waits :func:`buzon._establish.connect_steps` asks for."""
-    error: BaseException | None = None
-    while True:
-        try:
-            op, fd = steps.throw(error) if error is not None else next(steps)
-        except StopIteration as done:
-            transport: Transport = done.value
-            return transport
-        error = None
-        if op == "sleep":
-            await asyncio.sleep(fd)
-            continue
-        try:
-            await wait_fd(fd, op == "wait-write", deadline, "connect")
-        except Timeout:
-            error = Timeout(f"connecting to {address} timed out")
-
-
 async def establish(
-    transport: Transport, prep: Prepared, role: str, deadline: float | None
+    transport: Transport,
+    prep: Prepared,
+    role: str,
+    deadline: float | None,
+    admit: Admit | None = None,
 ) -> Channel:
-    """Wrap a fresh transport in a channel, running the handshake where there is one."""
+    """Wrap a fresh transport in a channel, running the handshake where there is one
+    (``admit``: a server's check)."""
     core = ChannelCore(transport, prep.channel, address=prep.address)
     hs_deadline = time.monotonic() + prep.channel.handshake_timeout
     if deadline is not None:
         hs_deadline = min(hs_deadline, deadline)
     try:
-        est = Establishing(core, prep, role, hs_deadline)
-        while (want := est.advance()) is not None:
-            fds = [want.fd] if want.fd >= 0 else []
-            await wait_ready(() if want.write else fds, fds if want.write else (), hs_deadline)
+        await run_steps(establish_steps(core, prep, role, admit), hs_deadline)
     except BaseException:
         core.close()
         raise
@@ -113,8 +93,8 @@ class Listener(ListenerBase):
             await wait_ready((self.fileno(),), (), self._wake_at(deadline))
 
     async def accept_transport(self, timeout: float | None = None) -> Transport:
-        """Wait for the next connection *before* its handshake, bypassing the accept
-        engine (see :meth:`buzon.Listener.accept_transport`)."""
+        """Wait for the next connection *before* its handshake (see
+        :meth:`buzon.Listener.accept_transport`: admission applies as there)."""
         return await self._accept_transport(deadline_of(timeout))
 
     async def _accept_transport(self, deadline: float | None) -> Transport:
@@ -123,14 +103,23 @@ class Listener(ListenerBase):
                 raise ChannelClosed("the listener is closed")
             transport = self._lt.accept()
             if transport is not None:
-                return transport
+                if self._screen(transport):
+                    return transport
+                continue
             try:
                 await wait_fd(self._lt.fileno(), False, deadline, "accept")
             except Timeout:
                 raise Timeout(f"no peer arrived at {self.address} in time") from None
 
     async def establish(self, transport: Transport, timeout: float | None = None) -> Channel:
-        return await establish(transport, self._prep, "server", deadline_of(timeout))
+        """Run the server side of the handshake on an accepted transport (a refused
+        peer is told why, and counted in :attr:`refusals`)."""
+        try:
+            deadline = deadline_of(timeout)
+            return await establish(transport, self._prep, "server", deadline, self._admit)
+        except BaseException as exc:
+            self._refused(exc)
+            raise
 
     def __enter__(self) -> Listener:
         return self
@@ -161,10 +150,35 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
+            _unready(items)
             return ready
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
-        if not await wait_ready(fds, (), deadline):
+        wake = _wake(items, deadline)
+        if not await wait_ready(fds, (), wake) and wake == deadline:
+            _unready(items)
             return []
+
+
+def _wake(items: list[Any], deadline: float | None) -> float | None:
+    """The deadline, or sooner a listener's next pending peer's deadline."""
+    wakes = [w for o in items if (w := _next_wake(o)) is not None]
+    if deadline is not None:
+        wakes.append(deadline)
+    return min(wakes, default=None)
+
+
+def _next_wake(o: Any) -> float | None:
+    wake = getattr(o, "_next_wake", None)  # listeners: their pending peers' deadlines
+    return None if wake is None else wake()
+
+
+def _unready(items: list[Any]) -> None:
+    """``wait`` returns: the rendezvous offers it made are withdrawn (see
+    :func:`buzon.wait`)."""
+    for o in items:
+        done = getattr(o, "_wait_over", None)
+        if done is not None:
+            done()
 
 
 _reduction.passable(Listener)  # pickling refused, saying why (_reduction.py)

@@ -36,6 +36,22 @@ move frames and wait):
     duplex channel offers too (it receives next: the request/response pattern), and
     its offer stands until it takes a message; so a request and its reply cost one
     trip each way, and each ``send`` still returns only once its message was taken.
+Withdrawing (``capacity=0``)
+    A rendezvous ``send`` that gives up (its timeout, a cancellation, an interrupt)
+    after its message #k was written sends a WITHDRAW: a CREDIT frame whose codec bits
+    are 1 (``WITHDRAW_CODEC``), body ``(k, w)`` with ``w`` the sender's count of
+    withdrawals. The receiver takes a message only while its own offer stands, and only
+    after a read, made after it announced that offer, that found the link empty (so it
+    has read every WITHDRAW written before its offer was visible). On a WITHDRAW for a
+    message it has not taken it drops the message and answers with a WITHDRAWN (codec
+    bits 2, body ``(k, w)``); for one it took it answers nothing (its CREDIT with
+    ``taken >= k`` already went). The sender learns which happened: the CREDIT
+    (taken: ``send`` returns), the WITHDRAWN (dropped: ``send`` raises), or, on a local
+    link, at once: if after its WITHDRAW was written and it read everything the receiver
+    wrote, the receiver's latest CREDIT says no offer stands (``limit < k``), no take can
+    happen before the receiver reads the WITHDRAW (a take needs an offer announced and a
+    read after it). Numbering: a withdrawn message is not counted (the sender's
+    ``sent`` goes back by one), so message numbers stay the order of takes.
 ``capacity=None`` (unbounded) and the default (the transport's own buffer)
     No limit, no CREDIT frames — except as receipts.
 
@@ -62,11 +78,14 @@ __all__ = [
     "RECEIPT_FLAG",
     "REPORT_EVERY",
     "UNLIMITED",
+    "WITHDRAWN_CODEC",
+    "WITHDRAW_CODEC",
     "RecvFlow",
     "SendFlow",
     "check_capacity",
     "decode_credit",
     "encode_credit",
+    "encode_withdraw",
 ]
 
 UNLIMITED = 2**64 - 1
@@ -77,6 +96,9 @@ _BODY = struct.Struct("<QQ")
 CREDIT_SIZE = HEADER.size + _BODY.size
 _CREDIT_HEADER = HEADER.pack(VERSION, Kind.CREDIT, 0, 0, _BODY.size)
 _BLOCKED_HEADER = HEADER.pack(VERSION, Kind.CREDIT, BLOCKED_FLAG, 0, _BODY.size)
+#: a CREDIT frame's codec bits (always 0 on a plain CREDIT) mark the withdrawal frames
+WITHDRAW_CODEC = 1
+WITHDRAWN_CODEC = 2
 
 
 def check_capacity(capacity: object) -> int | None:
@@ -94,6 +116,13 @@ def encode_credit(taken: int, limit: int, blocked: bool = False) -> bytes:
     return (_BLOCKED_HEADER if blocked else _CREDIT_HEADER) + _BODY.pack(taken, limit)
 
 
+def encode_withdraw(number: int, serial: int, answer: bool = False) -> bytes:
+    """A WITHDRAW of message ``number`` (the sender's ``serial``-th withdrawal), or
+    (``answer``) the receiver's WITHDRAWN: it dropped that message."""
+    codec = WITHDRAWN_CODEC if answer else WITHDRAW_CODEC
+    return HEADER.pack(VERSION, Kind.CREDIT, codec, 0, _BODY.size) + _BODY.pack(number, serial)
+
+
 def decode_credit(body: bytes | bytearray | memoryview) -> tuple[int, int]:
     if len(body) != _BODY.size:
         raise FrameError(f"a CREDIT frame has a {_BODY.size}-byte body, not {len(body)}")
@@ -108,7 +137,17 @@ class SendFlow:
     receipts work in every mode.
     """
 
-    __slots__ = ("capacity", "error", "failed_after", "limit", "receiver", "sent", "taken")
+    __slots__ = (
+        "capacity",
+        "error",
+        "failed_after",
+        "limit",
+        "receiver",
+        "sent",
+        "taken",
+        "withdrawals",
+        "withdrawn",
+    )
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
@@ -119,6 +158,17 @@ class SendFlow:
         # the link broke: messages after ``failed_after`` will never be taken (why)
         self.error: str | None = None
         self.failed_after = 0
+        self.withdrawals = 0  # WITHDRAW frames sent (capacity=0)
+        self.withdrawn = 0  # the highest of them known settled as dropped
+
+    def settle_withdrawal(self, serial: int) -> bool:
+        """Withdrawal ``serial`` dropped its message (a WITHDRAWN came, or the sender
+        knows it will): that message no longer counts. False if already settled."""
+        if serial <= self.withdrawn:
+            return False
+        self.withdrawn = serial
+        self.sent -= 1
+        return True
 
     def sendable(self) -> bool:
         """True if one more message may be sent now."""

@@ -24,7 +24,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
 from .. import _reduction
@@ -35,6 +35,8 @@ from .._engine import (
     INPUT,
     LOCKED,
     READ,
+    SLEEP,
+    SPIN,
     Step,
     Steps,
     flush_steps,
@@ -141,6 +143,42 @@ def _exit_flush() -> None:
         )
 
 
+def run_steps(steps: Generator[Step, None, T], deadline: float | None) -> T:
+    """Run an engine operation that needs no channel yet (connect, a handshake: see
+    :mod:`buzon._establish`): wait for each READ/WRITE step's fd and each SLEEP by
+    the deadline, and throw :class:`Timeout` in when it passes, as :meth:`Channel._run`
+    does for the channel's operations."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                kind = step.kind
+                if kind == SLEEP:
+                    pause = step.budget or 0.0
+                    if deadline is not None:
+                        pause = min(pause, max(0.0, deadline - _monotonic()))
+                    time.sleep(pause)
+                elif kind == EXTEND:
+                    deadline = deadline_of(step.budget)
+                else:
+                    read = kind == READ
+                    got = wait_fds(step.fd, step.fd, read, not read, deadline)
+                    woke = got[0] or got[1]
+                    if not woke and deadline is not None and _monotonic() >= deadline:
+                        raise Timeout(f"{step.what} timed out")
+            except BaseException as exc:
+                step = steps.throw(exc)
+                continue
+            step = steps.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def _resolve(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def deadline_of(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -174,6 +212,8 @@ class Channel(ChannelIdentity):
         self._cv = threading.Condition(threading.Lock())
         self._pumpers = 0
         self._gen = 0
+        self._awaiters: list[tuple[Any, Any]] = []  # (loop, future): see _arun_op
+        self._watched: dict[Any, int] = {}  # loop -> receipts awaited there reading
         core.io_lock = self._wlock
         core.on_credit = self._credit_arrived
 
@@ -413,6 +453,8 @@ class Channel(ChannelIdentity):
                                 self._rlock.release()
                     elif kind == CREDIT:
                         self._pump_until(step.done, deadline, step.what)
+                    elif kind == SPIN:
+                        self._spin_input()
                     else:
                         read = kind == READ
                         got = wait_fds(step.fd, step.fd, read, not read, deadline)
@@ -484,6 +526,21 @@ class Channel(ChannelIdentity):
                     return True
         return False
 
+    def _spin_input(self) -> None:
+        """A SPIN step: poll the read fd for up to ``spin`` seconds, never sleeping."""
+        ready = self._rpoll
+        if ready is None:
+            rfd = self._core.read_fileno()
+            if rfd < 0:
+                return
+            ready = self._rpoll = select.poll()
+            ready.register(rfd, _POLLIN)
+        end = _perf() + self._spin
+        poll0 = ready.poll
+        while _perf() < end:
+            if poll0(0):
+                return
+
     def _credit_arrived(self) -> None:
         if self._pumpers:
             self._wake_pumpers()
@@ -492,27 +549,105 @@ class Channel(ChannelIdentity):
         with self._cv:
             self._gen += 1
             self._cv.notify_all()
+            for loop, fut in self._awaiters:  # receipts awaited from asyncio code
+                loop.call_soon_threadsafe(_resolve, fut)
 
     def _receipt_poll(self) -> None:
         if self._rlock.acquire(blocking=False):
             try:
-                if not self._core.closed:
-                    self._core.pump()
-            except Exception:
-                pass  # the receipt's own state tells; recv reports the error
+                self._core.pump_quietly()  # the receipt's own state tells
             finally:
                 self._rlock.release()
 
-    def _receipt_wait(self, receipt: Receipt, timeout: float | None) -> None:
-        try:
-            self._pump_until(receipt._settled, deadline_of(timeout), "receipt wait")
-        except EndOfChannel:
-            pass  # the receipt failed with it
+    # engine operations run for others (a Receipt): now, blocking, or awaited ----------
 
-    def _receipt_await(self, receipt: Receipt) -> Any:
+    def _run_now(self, steps: Steps) -> Any:
+        """An operation that never waits (LOCKED steps only)."""
+        return self._run(steps, None, locked=False)
+
+    def _run_op(self, steps: Steps, timeout: float | None) -> Any:
+        return self._run(steps, deadline_of(timeout), locked=False)
+
+    async def _arun_op(self, steps: Steps) -> Any:
+        """Run an operation from asyncio code without blocking the loop and without a
+        thread: CREDIT steps read the read side when no thread receives (waiting on
+        the loop for readability), else are woken by the thread that receives."""
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    if step.kind == CREDIT:
+                        await self._apump_until(step.done)
+                    elif step.kind == LOCKED:
+                        if self._rlock.acquire(blocking=False):
+                            try:
+                                step.call()
+                            finally:
+                                self._rlock.release()
+                    else:
+                        raise UnsupportedOperation("this operation cannot be awaited")
+                except BaseException as exc:
+                    step = steps.throw(exc)
+                    continue
+                step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+    async def _apump_until(self, done: Callable[[], bool]) -> None:
         import asyncio
 
-        return asyncio.to_thread(self._receipt_wait, receipt, None)
+        core = self._core
+        loop = asyncio.get_running_loop()
+        while not done():
+            rfd = -1
+            if self._rlock.acquire(blocking=False):
+                try:
+                    if core.owed:
+                        with self._wlock:
+                            core.flush()
+                    core.pump()
+                    if done():
+                        return
+                    rfd = core.read_fileno()  # no thread receives: wait to read ourselves
+                finally:
+                    self._rlock.release()
+            fut: asyncio.Future[None] = loop.create_future()
+            waiter = (loop, fut)
+            with self._cv:
+                self._awaiters.append(waiter)
+                self._pumpers += 1
+            watching = rfd >= 0 and self._watch(loop, rfd)
+            try:
+                if not done():
+                    await fut  # readable, or the receiving thread applied CREDITs
+            finally:
+                if watching:
+                    self._unwatch(loop, rfd)
+                with self._cv:
+                    self._awaiters.remove(waiter)
+                    self._pumpers -= 1
+
+    def _watch(self, loop: Any, rfd: int) -> bool:
+        """One reader callback per event loop wakes every receipt awaited there."""
+        count = self._watched.get(loop, 0)
+        if not count:
+            loop.add_reader(rfd, self._readable, loop)
+        self._watched[loop] = count + 1
+        return True
+
+    def _unwatch(self, loop: Any, rfd: int) -> None:
+        count = self._watched[loop] - 1
+        if count:
+            self._watched[loop] = count
+            return
+        del self._watched[loop]
+        loop.remove_reader(rfd)
+
+    def _readable(self, loop: Any) -> None:
+        with self._cv:
+            for where, fut in self._awaiters:
+                if where is loop:
+                    _resolve(fut)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every accepted message (and CREDIT owed) has reached the kernel."""
@@ -845,6 +980,14 @@ class Channel(ChannelIdentity):
             return False
         finally:
             self._rlock.release()
+
+    def _wait_over(self) -> None:
+        """``buzon.wait`` returned: withdraw the rendezvous offer it made."""
+        if self._rendezvous and self._rlock.acquire(blocking=False):
+            try:
+                self._core.wait_ended()
+            finally:
+                self._rlock.release()
 
 
 _reduction.passable(Channel)  # passes to child processes (_reduction.py)

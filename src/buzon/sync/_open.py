@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import select
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from .. import _reduction
 from .._channel import DEFAULT_CAPACITY, ChannelCore
-from .._establish import DEFAULT_MAX_PENDING, Establishing, Op, connect_steps
+from .._establish import DEFAULT_MAX_PENDING, Admit, connect_steps, establish_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
 from ..address import Address
 from ..errors import ChannelClosed, Timeout
 from ..transport import open_listener
 from ..transport.base import Transport
-from ._channel import Channel, deadline_of, wait_fds
+from ._channel import Channel, deadline_of, run_steps, wait_fds
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
@@ -72,41 +72,25 @@ def connect(
     """
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)
-    transport = _run_connect(connect_steps(prep, deadline, retry), deadline, prep.address)
+    transport = run_steps(connect_steps(prep, deadline, retry), deadline)
     return establish(transport, prep, "client", deadline)
 
 
-def _run_connect(
-    steps: Generator[Op, None, Transport], deadline: float | None, address: Address
-) -> Transport:
-    """Perform the waits :func:`buzon._establish.connect_steps` asks for."""
-    error: BaseException | None = None
-    while True:
-        try:
-            op, fd = steps.throw(error) if error is not None else next(steps)
-        except StopIteration as done:
-            transport: Transport = done.value
-            return transport
-        error = None
-        if op == "sleep":
-            time.sleep(fd)
-            continue
-        readable, writable = wait_fds(fd, fd, op == "wait-read", op == "wait-write", deadline)
-        if not readable and not writable:
-            error = Timeout(f"connecting to {address} timed out")
-
-
-def establish(transport: Transport, prep: Prepared, role: str, deadline: float | None) -> Channel:
+def establish(
+    transport: Transport,
+    prep: Prepared,
+    role: str,
+    deadline: float | None,
+    admit: Admit | None = None,
+) -> Channel:
     """Wrap a fresh transport in a channel, running the handshake where there is one
-    (bounded by ``handshake_timeout`` and ``deadline``)."""
+    (bounded by ``handshake_timeout`` and ``deadline``; ``admit``: a server's check)."""
     core = ChannelCore(transport, prep.channel, address=prep.address)
     hs_deadline = time.monotonic() + prep.channel.handshake_timeout
     if deadline is not None:
         hs_deadline = min(hs_deadline, deadline)
     try:
-        est = Establishing(core, prep, role, hs_deadline)
-        while (want := est.advance()) is not None:
-            wait_fds(want.fd, want.fd, not want.write, want.write, hs_deadline)
+        run_steps(establish_steps(core, prep, role, admit), hs_deadline)
     except BaseException:
         core.close()
         raise
@@ -131,9 +115,12 @@ class Listener(ListenerBase):
             wait_fds(self.fileno(), -1, True, False, self._wake_at(deadline))
 
     def accept_transport(self, timeout: float | None = None) -> Transport:
-        """Wait for the next connection *before* its handshake, bypassing the accept
-        engine; finish it with :meth:`establish`. (:meth:`accept` already runs
-        handshakes concurrently: prefer it.)"""
+        """Wait for the next connection *before* its handshake; finish it with
+        :meth:`establish` (a fork-per-client server's two halves). Admission applies
+        as in :meth:`accept`: a peer the listener turns away at once (another user) is
+        refused and told here, and ``establish`` counts its refusals; what the caller
+        runs itself is not bounded by ``max_pending`` (:meth:`accept` runs handshakes
+        concurrently: prefer it)."""
         return self._accept_transport(deadline_of(timeout))
 
     def _accept_transport(self, deadline: float | None) -> Transport:
@@ -142,7 +129,9 @@ class Listener(ListenerBase):
         while True:
             transport = self._lt.accept()
             if transport is not None:
-                return transport
+                if self._screen(transport):
+                    return transport
+                continue
             readable, _ = wait_fds(self._lt.fileno(), -1, True, False, deadline)
             if self._closed:
                 raise ChannelClosed("the listener is closed")
@@ -150,8 +139,13 @@ class Listener(ListenerBase):
                 raise Timeout(f"no peer arrived at {self.address} in time")
 
     def establish(self, transport: Transport, timeout: float | None = None) -> Channel:
-        """Run the server side of the handshake on an accepted transport."""
-        return establish(transport, self._prep, "server", deadline_of(timeout))
+        """Run the server side of the handshake on an accepted transport (a refused
+        peer is told why, and counted in :attr:`refusals`)."""
+        try:
+            return establish(transport, self._prep, "server", deadline_of(timeout), self._admit)
+        except BaseException as exc:
+            self._refused(exc)
+            raise
 
     def __enter__(self) -> Listener:
         return self
@@ -188,18 +182,43 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
+            _unready(items)
             return ready
         poller = select.poll()
         for fd in {o.fileno() for o in items}:  # type: ignore[attr-defined]
             if fd >= 0:
                 poller.register(fd, select.POLLIN)
-        if deadline is None:
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            _unready(items)
+            return []
+        wake = _wake(items, deadline)
+        if wake is None:
             poller.poll()
         else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return []
-            poller.poll(max(1, int(remaining * 1000 + 0.999)))
+            poller.poll(max(0, int((wake - now) * 1000 + 0.999)))
+
+
+def _wake(items: list[Any], deadline: float | None) -> float | None:
+    """The deadline, or sooner a listener's next pending peer's deadline."""
+    wakes = [w for o in items if (w := _next_wake(o)) is not None]
+    if deadline is not None:
+        wakes.append(deadline)
+    return min(wakes, default=None)
+
+
+def _next_wake(o: Any) -> float | None:
+    wake = getattr(o, "_next_wake", None)  # listeners: their pending peers' deadlines
+    return None if wake is None else wake()
+
+
+def _unready(items: list[Any]) -> None:
+    """``wait`` returns: the rendezvous offers it made are withdrawn (no offer stands
+    while no operation runs: a sender that gives up learns its fate at once)."""
+    for o in items:
+        done = getattr(o, "_wait_over", None)
+        if done is not None:
+            done()
 
 
 _reduction.passable(Listener)  # passes to child processes (_reduction.py)

@@ -19,8 +19,18 @@ pipe's readability is what a blocked sender waits on.
     there for its number, so its ``send`` returns only once the message was taken
     (acknowledgements of senders that gave up are stale and skipped).
 
+    Withdrawing: a third pipe, the *stake* pipe, decides between a take and a sender
+    that gives up. The sender that took the offer puts one byte there before it writes
+    its message; the receiver, before it takes the message, reads one byte from it (its
+    claim), and a sender that gives up after writing reads one byte from it too. The
+    kernel gives the byte to exactly one of them: the receiver (it takes the message and
+    acknowledges; the sender waits for that acknowledgement and its ``send`` returns)
+    or the sender (it withdrew: the receiver finds the pipe empty and drops the
+    message, its ``send`` raises). Only one offer is out at a time, so the pipe holds
+    at most one byte.
+
 Files: a FIFO endpoint at ``PATH`` keeps its pools at ``PATH.capN.credit`` (and
-``PATH.cap0.ack``), 0600 like the endpoint; the capacity in the name is how a
+``PATH.cap0.ack``, ``PATH.cap0.stake``), 0600 like the endpoint; the capacity in the name is how a
 connecting end learns it (and refuses a different one). A sender killed between taking
 a token and writing its message loses that token (the window shrinks by one until the
 endpoint is recreated): a hazard of microseconds, documented rather than hidden.
@@ -43,16 +53,18 @@ _O = os.O_NONBLOCK | os.O_CLOEXEC
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def fifo_pool_paths(base: str, capacity: int) -> tuple[str, str | None]:
-    """(credit, ack) FIFO paths of an endpoint whose own path is ``base``."""
-    return f"{base}.cap{capacity}.credit", (f"{base}.cap0.ack" if capacity == 0 else None)
+def fifo_pool_paths(base: str, capacity: int) -> tuple[str, str | None, str | None]:
+    """(credit, ack, stake) FIFO paths of an endpoint whose own path is ``base``."""
+    if capacity:
+        return f"{base}.cap{capacity}.credit", None, None
+    return f"{base}.cap0.credit", f"{base}.cap0.ack", f"{base}.cap0.stake"
 
 
 def remove_pools(base: str) -> None:
     """Remove the pools of an endpoint (a listener's close, or a dead one's reclaim)."""
-    for path in glob.glob(glob.escape(base) + ".cap*.credit") + glob.glob(
-        glob.escape(base) + ".cap0.ack"
-    ):
+    base = glob.escape(base)
+    found = [glob.glob(base + end) for end in (".cap*.credit", ".cap0.ack", ".cap0.stake")]
+    for path in [p for paths in found for p in paths]:
         try:
             if stat.S_ISFIFO(os.lstat(path).st_mode):
                 os.unlink(path)
@@ -80,10 +92,12 @@ class TokenPool:
         *,
         owner: bool,
         paths: tuple[str, ...] = (),
+        stake_fd: int = -1,
     ) -> None:
         self.capacity = capacity
         self.credit_fd = credit_fd
         self.ack_fd = ack_fd
+        self.stake_fd = stake_fd  # capacity 0: read (claim, withdraw) and, a FIFO's, write
         self.owner = owner
         self.paths = paths  # FIFOs the owner removes at close
         self.offering = False  # receiver, capacity 0: an offer is out (or being used)
@@ -98,10 +112,13 @@ class TokenPool:
         """(receiver's, sender's) pools over anonymous pipes (``buzon.pipe``)."""
         cr, cw = os.pipe2(_O)
         ar, aw = os.pipe2(_O) if capacity == 0 else (-1, -1)
-        owner = cls(capacity, cr, ar, owner=True)
+        sr, sw = os.pipe2(_O) if capacity == 0 else (-1, -1)
+        owner = cls(capacity, cr, ar, owner=True, stake_fd=sr)
         owner._wfd = cw
         owner._ack_w = aw
-        sender = cls(capacity, os.dup(cr), os.dup(ar) if ar >= 0 else -1, owner=False)
+        dup = [os.dup(fd) if fd >= 0 else -1 for fd in (cr, ar, sr)]
+        sender = cls(capacity, dup[0], dup[1], owner=False, stake_fd=dup[2])
+        sender._stake_w = sw
         owner._prime()
         return owner, sender
 
@@ -110,11 +127,10 @@ class TokenPool:
         """The receiver's pools as FIFOs beside ``base`` (created 0600, opened O_RDWR
         so they never see end-of-file and keep their bytes while the owner lives)."""
         remove_pools(base)  # a dead listener's, or another capacity's
-        credit, ack = fifo_pool_paths(base, capacity)
         made: list[str] = []
         fds: list[int] = []
         try:
-            for path in (credit, ack):
+            for path in fifo_pool_paths(base, capacity):
                 if path is None:
                     continue
                 os.mkfifo(path, 0o600)
@@ -128,7 +144,13 @@ class TokenPool:
                 disown(path)
                 os.unlink(path)
             raise from_oserror(exc, f"creating the credit pool of {base}") from exc
-        pool = cls(capacity, fds[0], fds[1] if len(fds) > 1 else -1, owner=True)
+        pool = cls(
+            capacity,
+            fds[0],
+            fds[1] if len(fds) > 1 else -1,
+            owner=True,
+            stake_fd=fds[2] if len(fds) > 2 else -1,
+        )
         pool._wfd = fds[0]
         pool._ack_w = fds[1] if len(fds) > 1 else -1
         pool.paths = tuple(made)
@@ -160,13 +182,13 @@ class TokenPool:
                 f"(unbounded), the listener of {what} has capacity={theirs}; state the "
                 "same capacity= on both ends, or on one only"
             )
-        credit, ack = fifo_pool_paths(base, theirs)
         fds: list[int] = []
         try:
-            for path in (credit, ack):
+            for i, path in enumerate(fifo_pool_paths(base, theirs)):
                 if path is None:
                     continue
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _O)
+                mode = os.O_RDWR if i == 2 else os.O_RDONLY  # the stake: put and take
+                fd = os.open(path, mode | os.O_NOFOLLOW | _O)
                 fds.append(fd)
                 st = os.fstat(fd)
                 if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.getuid():
@@ -179,10 +201,14 @@ class TokenPool:
             for fd in fds:
                 os.close(fd)
             raise
-        return cls(theirs, fds[0], fds[1] if len(fds) > 1 else -1, owner=False)
+        pool = cls(theirs, fds[0], fds[1] if len(fds) > 1 else -1, owner=False)
+        if len(fds) > 2:
+            pool.stake_fd = pool._stake_w = fds[2]
+        return pool
 
     _wfd = -1
     _ack_w = -1
+    _stake_w = -1
 
     def _prime(self) -> None:
         n = self.capacity
@@ -211,6 +237,8 @@ class TokenPool:
             return False
         if not got:
             raise EndOfChannel("the receiving end is gone (its credit pool was closed)")
+        if self.capacity == 0 and self._stake_w >= 0:
+            _write(self._stake_w, got)  # our stake, before the message (see withdraw)
         self.held = got[0]
         return True
 
@@ -240,6 +268,20 @@ class TokenPool:
         """The sender stopped waiting for its acknowledgement."""
         self.awaiting = None
 
+    def withdraw_message(self) -> bool:
+        """Capacity 0: the sender gives its written message up. True if it took its
+        stake back (the receiver will drop the message); False if the receiver claimed
+        it first (it takes the message: wait for the acknowledgement)."""
+        if self.stake_fd < 0:
+            return False
+        try:
+            got = os.read(self.stake_fd, 1)
+        except BlockingIOError:
+            return False
+        if got:
+            self.awaiting = None
+        return bool(got)
+
     # -- the receiver -------------------------------------------------------------------
 
     def on_take(self) -> None:
@@ -255,6 +297,17 @@ class TokenPool:
             except BlockingIOError:
                 pass
             _write(self._ack_w, bytes([self.seq]))
+
+    def claim(self) -> bool:
+        """Capacity 0: the receiver is about to take the message that came under its
+        offer. False if its sender withdrew it (drop it); the offer is used up."""
+        self.offering = False
+        if self.stake_fd < 0:
+            return True
+        try:
+            return bool(os.read(self.stake_fd, 1))
+        except BlockingIOError:
+            return False
 
     def offer(self) -> None:
         """Capacity 0: the receiver begins to wait."""
@@ -277,7 +330,8 @@ class TokenPool:
     # -- both ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        for name in ("credit_fd", "ack_fd", "_wfd", "_ack_w"):
+        names = ("credit_fd", "ack_fd", "_wfd", "_ack_w", "stake_fd", "_stake_w")
+        for name in names:
             fd = getattr(self, name)
             if fd >= 0:
                 try:
@@ -285,7 +339,7 @@ class TokenPool:
                 except OSError:
                     pass
                 setattr(self, name, -1)
-                for other in ("credit_fd", "ack_fd", "_wfd", "_ack_w"):
+                for other in names:
                     if getattr(self, other) == fd:
                         setattr(self, other, -1)
         if self.owner:

@@ -212,6 +212,11 @@ class Transport(abc.ABC):
         acknowledged; False: wait (readable) and ask again. Never waits itself."""
         return True
 
+    def current_peer_address(self) -> Any:
+        """The peer's address now, where the link follows a peer that moves (reliable
+        datagrams: a restarted relay, a NAT rebinding); None where it never changes."""
+        return None
+
     def cork(self, on: bool) -> None:  # noqa: B027 - optional hook
         """``send_many`` on a message transport brackets its messages with ``cork(True)``
         and ``cork(False)``: the transport may hold them back meanwhile and send them

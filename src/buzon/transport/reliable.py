@@ -593,6 +593,9 @@ class ReliableTransport(MessageTransport):
     def read_fileno(self) -> int:
         return self._rwake.fd
 
+    def current_peer_address(self) -> Any:
+        return self._conn.peer_addr  # moves with the peer (protocol/reliable/server.py)
+
     def write_fileno(self) -> int:
         return self._swake.fd  # *readable* when a send may progress (delivery_acks)
 
