@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import json
 import os
 import struct
 import threading
@@ -79,6 +80,8 @@ from .errors import (
 from .protocol.frames import DEFAULT_MAX_FRAME, Field, Kind, encode_frame, parse_frame
 from .shm._names import lookup, name_path, publish, unpublish
 from .shm._segment import (
+    SHM_DIR,
+    SegmentInfo,
     attach_ring,
     create_ring,
     new_segment_name,
@@ -103,7 +106,7 @@ _LABEL = "mailbox"
 _SLOTS = 128  # participants (attached objects) per mailbox: the ring's maximum
 _RECEIPT_FLAG = 0x08  # frame flag bit 3: the sender asks for a receipt
 _OOL = b"\x00OOL"  # record prefix: the frame is in the block named after it
-_OOL_META = b'{"kind": "mailbox-message"}'
+_OOL_KIND = "mailbox-message"  # an out-of-line block's metadata: kind, mailbox segment
 _ACK = struct.Struct("<QII")  # message id, receiver pid, receiver uid
 _ACK_RING = 64 * 1024
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
@@ -376,7 +379,8 @@ class Mailbox:
         if total <= self._inline:
             return parts
         block_name = new_segment_name()
-        block = _core.Block.create("/" + block_name, total, _OOL_META, 2)
+        meta = json.dumps({"kind": _OOL_KIND, "mailbox": self._segment}).encode()
+        block = _core.Block.create("/" + block_name, total, meta, 2)
         try:
             pos = 0
             for p in parts:
@@ -743,6 +747,65 @@ def mailbox(
         max_inline=max_inline,
         max_bytes=max_bytes,
         max_message=max_message,
+    )
+
+
+# ---- forensics: buzon ls / buzon clean ------------------------------------------------
+
+
+def _depth(info: dict[str, Any]) -> int:
+    return max(0, int(info["committed"] - info["consumed"] - info["abandoned"]))
+
+
+def _block_meta(name: str) -> dict[str, Any] | None:
+    """The metadata of block segment ``name`` (at [3072, 4096) of its last page), read
+    without attaching it; None if it has none that parses."""
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, 1024, size - 4096 + 3072) if size >= 4096 else b""
+    finally:
+        os.close(fd)
+    try:
+        meta = json.loads(raw.rstrip(b"\0") or b"null")
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def keeps(seg: SegmentInfo, *, force: bool = False) -> str | None:
+    """Why ``buzon clean`` must keep ``seg``, a segment no process holds (None: it may
+    go). A mailbox lives until removed: one with messages in it stays unless
+    ``force``; the out-of-line block of a message still in a mailbox always stays
+    while that mailbox exists (it goes with it)."""
+    if seg.kind == "ring" and seg.label.startswith(_LABEL + " ") and not force:
+        depth = _depth(seg.details)
+        if depth:
+            return f"mailbox with {depth} message(s) in it (clean --force removes it)"
+    if seg.kind == "block":
+        meta = _block_meta(seg.name)
+        if meta is not None and meta.get("kind") == _OOL_KIND:
+            box = meta.get("mailbox")
+            if isinstance(box, str) and segment_exists(box):
+                return "a message of a mailbox that exists"
+    return None
+
+
+def describe(segment: str) -> str:
+    """``buzon ls``: the state of the mailbox in ``segment``: policy, capacity, depth,
+    live users (pids), age and messages taken so far."""
+    info = _core.inspect(segment if segment.startswith("/") else "/" + segment)
+    policy, capacity, _ = _parse_label(info["label"])
+    pids = sorted({pid for _slot, pid, live in info["participants"] if live})
+    age = max(0.0, time.time() - info["created_ns"] / 1e9)
+    users = "pid " + ",".join(map(str, pids)) if pids else "no live users"
+    cap = "None" if capacity is None else capacity
+    return (
+        f"policy={policy} capacity={cap} depth={_depth(info)}, {users}, age {age:.0f} s, "
+        f"{info['consumed']} taken, {info['abandoned']} lost"
     )
 
 

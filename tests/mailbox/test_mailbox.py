@@ -465,3 +465,64 @@ def test_a_mailbox_passes_to_spawn_and_forkserver_children(method: str, tmp_path
         assert box.recv(T) == ["from", int(pid)]
     finally:
         box.remove()
+
+
+# ---- buzon ls / buzon clean ------------------------------------------------------------------
+
+
+def _age_everything(rdir: str) -> None:
+    """Make every segment and runtime-dir entry look older than clean's grace."""
+    old = time.time() - 60
+    for d in ("/dev/shm", rdir):
+        for name in os.listdir(d):
+            os.utime(os.path.join(d, name), (old, old))
+
+
+def _leave_a_mailbox(messages: list[object]) -> None:
+    def previous_run() -> None:
+        box = buzon.mailbox("jobs", capacity=4)
+        for m in messages:
+            box.send(m)
+        box.close()
+
+    assert exit_code(fork(previous_run)) == 0
+
+
+def test_clean_keeps_an_unused_mailbox_with_messages_unless_forced(runtime_dir: str) -> None:
+    from buzon._forensics import clean, ls_rows
+
+    _leave_a_mailbox(["kept", b"b" * 50_000])  # one inline, one out of line
+    _age_everything(runtime_dir)
+    assert clean(runtime_dir) == []  # nobody uses it, but it holds messages: it stays
+    (row,) = [r for r in ls_rows(runtime_dir) if r[0] == "mailbox:jobs"]
+    assert row[1] == "mailbox" and "policy=any capacity=4 depth=2" in row[3]
+    assert "no live users" in row[3]
+    removed = clean(runtime_dir, force=True)
+    assert len(removed) == 3  # the mailbox, its out-of-line block, its name
+    with pytest.raises(NoSuchEndpoint):
+        buzon.mailbox("jobs", create=False)
+
+
+def test_clean_removes_an_unused_empty_mailbox(runtime_dir: str) -> None:
+    from buzon._forensics import clean
+
+    _leave_a_mailbox([])
+    box = buzon.mailbox("jobs")
+    _age_everything(runtime_dir)
+    assert clean(runtime_dir) == []  # in use: stays
+    box.close()
+    assert len(clean(runtime_dir)) == 2  # unused and empty: segment and name go
+    assert not os.listdir(runtime_dir)
+
+
+def test_clean_keeps_the_block_of_an_out_of_line_message_waiting_in_a_live_mailbox(
+    runtime_dir: str,
+) -> None:
+    from buzon._forensics import clean
+
+    box = buzon.mailbox("jobs")
+    box.send(b"w" * 50_000)  # its block is held by nobody while it waits
+    _age_everything(runtime_dir)
+    assert clean(runtime_dir) == []
+    assert box.recv(T) == b"w" * 50_000
+    box.remove()
