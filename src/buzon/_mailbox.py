@@ -113,6 +113,8 @@ _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
 _MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read
 _U64 = struct.Struct("<Q")
 _SENDER = struct.Struct("<II")
+_WAKE = ".wake"  # NAME.mbox.wake: the FIFO a commit writes when a waiter armed
+_WAIT_SLICE = 0.1  # buzon.wait / asyncio: longest sleep between two looks (see _ready)
 _HOLD_BYTE = 4000  # exclusive: the holder's OFD lock (slot locks use bytes 0-127)
 _HOLD_POLL = 0.05  # exclusive: how often a waiting receiver retries the hold
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64/aarch64
@@ -265,6 +267,8 @@ class Mailbox:
         self._hold_fd = -1
         self._hold_lock = threading.Lock()
         self._closed = False
+        self._wake_fd = _open_wake(self.path + _WAKE)
+        ring.set_notify(self._wake_fd, -1)
         self._counts = {"sent": 0, "received": 0, "acks_dropped": 0, "out_of_line": 0}
         from . import _reduction
 
@@ -621,7 +625,33 @@ class Mailbox:
         """policy='exclusive': True while this object is the mailbox's receiver."""
         return self._hold_fd >= 0
 
-    # ---- the rest ------------------------------------------------------------------------
+    # ---- readiness: buzon.wait and the asyncio twin ------------------------------------
+
+    def fileno(self) -> int:
+        """A fd that becomes readable when a message may have arrived (for
+        ``select``/``poll``/``buzon.wait``; arm it with :meth:`_ready` first)."""
+        return self._wake_fd
+
+    def _ready(self) -> bool:
+        """True if a message (or the end) is there; else arm the wake-up: the next
+        commit by any sender writes :meth:`fileno`.
+
+        A waiter that finds nothing empties the FIFO first, so the fd does not stay
+        readable for ever. With several waiters one may empty the FIFO under another
+        that was just woken; the others then find the message at their next look, which
+        is why waiters sleep at most ``_WAIT_SLICE`` at a time (``_wait_slice``)."""
+        if self._closed:
+            return True  # recv_nowait raises ChannelClosed: not Empty
+        if self._ring.arm_data():
+            return True
+        try:
+            while os.read(self._wake_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        return bool(self._ring.arm_data())
+
+    _wait_slice = _WAIT_SLICE
 
     def _check_open(self) -> None:
         if self._closed:
@@ -664,6 +694,9 @@ class Mailbox:
             os.close(self._hold_fd)
             self._hold_fd = -1
         self._ring.close()
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
 
     def remove(self) -> None:
         """Destroy the mailbox: waiting receivers get ``EndOfChannel``, later sends
@@ -680,6 +713,10 @@ class Mailbox:
                 return
         ring.shutdown()
         unpublish(self.path, segment)
+        try:
+            os.unlink(self.path + _WAKE)
+        except FileNotFoundError:
+            pass
         while True:  # out-of-line messages nobody will take: remove their blocks
             try:
                 data = ring.recv_nowait()
@@ -707,6 +744,23 @@ class Mailbox:
 
 class _Vanished(Exception):
     """An out-of-line message whose block is gone."""
+
+
+def _open_wake(path: str) -> int:
+    """Open (creating it if absent) the mailbox's wake-up FIFO, read-write and
+    non-blocking: every user holds it open, so writes never block or fail on it."""
+    from ._runtime import check_endpoint_path
+
+    for _ in range(3):
+        check_endpoint_path(path, must_exist=False)
+        try:
+            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                os.mkfifo(path, 0o600)
+            except FileExistsError:
+                pass
+    raise NoSuchEndpoint(f"cannot make the wake-up FIFO {path}")
 
 
 def _attach(name: str, path: str, segment: str, max_message: int) -> Mailbox:

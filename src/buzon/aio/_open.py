@@ -158,12 +158,21 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         if not hasattr(o, "_ready"):
             raise TypeError(f"buzon.aio.wait cannot wait on {type(o).__name__}")
     deadline = deadline_of(timeout)
+    # an object may bound each sleep (mailboxes: a wake-up another waiter took)
+    slices = [o._wait_slice for o in items if hasattr(o, "_wait_slice")]
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
             return ready
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
-        if not await wait_ready(fds, (), deadline):
+        until = deadline
+        if slices:
+            until = time.monotonic() + min(slices)
+            if deadline is not None:
+                until = min(until, deadline)
+        if not await wait_ready(fds, (), until) and (
+            deadline is not None and time.monotonic() >= deadline
+        ):
             return []
 
 

@@ -185,6 +185,8 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         if not hasattr(o, "_ready"):
             raise TypeError(f"buzon.wait cannot wait on {type(o).__name__}")
     deadline = deadline_of(timeout)
+    # an object may bound each sleep (mailboxes: a wake-up another waiter took)
+    slices = [o._wait_slice for o in items if hasattr(o, "_wait_slice")]
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
@@ -193,12 +195,14 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         for fd in {o.fileno() for o in items}:  # type: ignore[attr-defined]
             if fd >= 0:
                 poller.register(fd, select.POLLIN)
-        if deadline is None:
+        if deadline is None and not slices:
             poller.poll()
         else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return []
+            remaining = min(slices, default=3600.0)
+            if deadline is not None:
+                remaining = min(remaining, deadline - time.monotonic())
+                if remaining <= 0:
+                    return []
             poller.poll(max(1, int(remaining * 1000 + 0.999)))
 
 
