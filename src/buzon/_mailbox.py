@@ -77,7 +77,14 @@ from .errors import (
     Timeout,
     Undelivered,
 )
-from .protocol.frames import DEFAULT_MAX_FRAME, Field, Kind, encode_frame, parse_frame
+from .protocol.frames import (
+    DEFAULT_MAX_FRAME,
+    FIELDS_FLAG,
+    Field,
+    Kind,
+    encode_frame,
+    parse_frame,
+)
 from .shm._names import lookup, name_path, publish, unpublish
 from .shm._segment import (
     SHM_DIR,
@@ -112,6 +119,11 @@ _ACK_RING = 64 * 1024
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
 _MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read
 _U64 = struct.Struct("<Q")
+# The frame of a message without buffers or receipt: the frame header, then the FIELDS
+# block of MESSAGE_ID, SENDER and SENT_AT (u16 length 30; tag, length, value each).
+_FAST = struct.Struct("<BBBBIHBBQBBIIBBQ")
+_FAST_FIELDS = 30
+_FAST_TAGS = (Field.MESSAGE_ID, 8, Field.SENDER, 8, Field.SENT_AT, 8)
 _SENDER = struct.Struct("<II")
 _WAKE = ".wake"  # NAME.mbox.wake: the FIFO a commit writes when a waiter armed
 _WAIT_SLICE = 0.1  # buzon.wait / asyncio: longest sleep between two looks (see _ready)
@@ -259,6 +271,7 @@ class Mailbox:
         self._inline = ring.max_message
         self._local = threading.local()  # a codec per thread (codecs are not thread-safe)
         self._ids = itertools.count(1)
+        self._uid = os.getuid()
         self._lock = threading.Lock()  # acknowledgement ring and tables
         self._acks: _core.Ring | None = None
         self._acks_pid = 0
@@ -365,9 +378,18 @@ class Mailbox:
 
     def _encode(self, obj: Any, message_id: int, reply_to: str | None) -> list[Any]:
         codec_id, body, buffers = self._codec().encode(obj)
+        if not buffers and reply_to is None and len(body) + _FAST.size <= self.max_message:
+            # the common frame, header and fields in one pack (the same bytes as below)
+            head = _FAST.pack(
+                1, Kind.DATA, codec_id | FIELDS_FLAG, 0, len(body), _FAST_FIELDS,
+                Field.MESSAGE_ID, 8, message_id,
+                Field.SENDER, 8, os.getpid(), self._uid,
+                Field.SENT_AT, 8, time.time_ns(),
+            )  # fmt: skip
+            return [head, body]
         fields: dict[int, bytes] = {
             Field.MESSAGE_ID: _U64.pack(message_id),
-            Field.SENDER: _SENDER.pack(os.getpid(), os.getuid()),
+            Field.SENDER: _SENDER.pack(os.getpid(), self._uid),
             Field.SENT_AT: _U64.pack(time.time_ns()),
         }
         if reply_to is not None:
@@ -379,7 +401,7 @@ class Mailbox:
 
     def _record(self, parts: list[Any]) -> list[Any]:
         """The ring record for a frame: itself, or a reference to a block holding it."""
-        total = sum(memoryview(p).nbytes for p in parts)
+        total = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
         if total <= self._inline:
             return parts
         block_name = new_segment_name()
@@ -534,37 +556,65 @@ class Mailbox:
 
     # ---- receiving ---------------------------------------------------------------------
 
-    def _take(self, timeout: float | None) -> Message:
-        self._check_open()
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _take(self, timeout: float | None) -> bytes:
+        """The next record's frame (out-of-line ones fetched), waiting up to timeout."""
+        if self._closed:
+            raise ChannelClosed(f"mailbox {self.name!r} was closed")
+        if timeout is None:
+            deadline = None
+        else:
+            if timeout == 0.0 and self.policy == "any":
+                data = self._ring.recv_nowait()
+                return data if data[:4] != _OOL else self._fetch(data, timeout)
+            deadline = time.monotonic() + timeout
         if self.policy == "exclusive":
             self._hold(deadline)
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            data = self._ring.recv(left) if left != 0.0 else self._ring.recv_nowait()
-            try:
-                return self._message(data)
-            except _Vanished:
-                continue  # its block was removed (buzon clean --force): skip it
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        data = self._ring.recv(left) if left != 0.0 else self._ring.recv_nowait()
+        return data if data[:4] != _OOL else self._fetch(data, timeout)
 
-    def _message(self, data: bytes) -> Message:
-        if data[:4] == _OOL:
-            block_name = data[4:].decode("ascii", "replace")
-            try:
-                block = _core.Block.attach("/" + block_name)
-            except FileNotFoundError:
-                raise _Vanished from None
-            try:
-                data = bytes(memoryview(block))
-            finally:
-                block.close()
-                remove_segment(block_name)
+    def _fetch(self, data: bytes, timeout: float | None) -> bytes:
+        """The frame an out-of-line record points to (its block removed once read); the
+        next message if the block is gone (``buzon clean --force`` removed it)."""
+        block_name = data[4:].decode("ascii", "replace")
+        try:
+            block = _core.Block.attach("/" + block_name)
+        except FileNotFoundError:
+            return self._take(timeout)
+        try:
+            return bytes(memoryview(block))
+        finally:
+            block.close()
+            remove_segment(block_name)
+
+    def _decode(self, data: bytes) -> tuple[Any, int, int, int, int]:
+        """(object, message id, sender pid, sender uid, sent_at ns) of a frame."""
+        n = len(data)
+        if (
+            n >= _FAST.size
+            and data[2] & 0xF8 == FIELDS_FLAG  # no receipt, not chunked
+            and data[8] == _FAST_FIELDS
+            and data[9] == 0
+            and data[3] == 0  # no out-of-band buffers
+        ):
+            (version, kind, flags, _, blen, _, t1, l1, message_id, t2, l2, pid, uid, t3, l3, ns) = (
+                _FAST.unpack_from(data)
+            )
+            if (
+                version == 1
+                and kind == Kind.DATA
+                and (t1, l1, t2, l2, t3, l3) == _FAST_TAGS
+                and _FAST.size + blen == n
+            ):
+                self._counts["received"] += 1
+                body = memoryview(data)[_FAST.size :]
+                return self._codec().decode(flags & 7, body, []), message_id, pid, uid, ns
         frame = parse_frame(data, self.max_message)
         fields = frame.fields or {}
         try:
             message_id = _U64.unpack(fields[Field.MESSAGE_ID])[0]
             pid, uid = _SENDER.unpack(fields[Field.SENDER])
-            sent_at = _U64.unpack(fields[Field.SENT_AT])[0] / 1e9
+            ns = _U64.unpack(fields[Field.SENT_AT])[0]
         except (KeyError, struct.error):
             raise ProtocolError(
                 f"mailbox {self.name!r}: a message without its id, sender or time"
@@ -572,21 +622,27 @@ class Mailbox:
         self._counts["received"] += 1
         if frame.receipt and Field.REPLY_TO in fields:
             self._acknowledge(fields[Field.REPLY_TO], message_id)
-        body = self._codec().decode(frame.codec, frame.body, frame.buffers)
-        return Message(body, message_id, PeerInfo(pid=pid, uid=uid), sent_at)
+        return (
+            self._codec().decode(frame.codec, frame.body, frame.buffers),
+            message_id,
+            pid,
+            uid,
+            ns,
+        )
 
     def recv(self, timeout: float | None = None) -> Any:
         """Take the next message's object, waiting for one; ``EndOfChannel`` once the
         mailbox was removed and is empty."""
-        return self._take(timeout).body
+        return self._decode(self._take(timeout))[0]
 
     def recv_nowait(self) -> Any:
         """Take the next message's object or raise ``Empty``."""
-        return self._take(0.0).body
+        return self._decode(self._take(0.0))[0]
 
     def recv_message(self, timeout: float | None = None) -> Message:
         """Take the next message with its id, sender and time (:class:`Message`)."""
-        return self._take(timeout)
+        body, message_id, pid, uid, ns = self._decode(self._take(timeout))
+        return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
 
     # ---- the exclusive policy ------------------------------------------------------------
 
@@ -740,10 +796,6 @@ class Mailbox:
     def __repr__(self) -> str:
         cap = "None" if self.capacity is None else self.capacity
         return f"<Mailbox {self.name!r} policy={self.policy!r} capacity={cap}>"
-
-
-class _Vanished(Exception):
-    """An out-of-line message whose block is gone."""
 
 
 def _open_wake(path: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -529,3 +530,47 @@ def test_clean_keeps_the_block_of_an_out_of_line_message_waiting_in_a_live_mailb
     assert clean(runtime_dir) == []
     assert box.recv(T) == b"w" * 50_000
     box.remove()
+
+
+# ---- the wire format -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("obj", [b"x" * 64, {"a": [1, 2.5, "z"]}, None, "é" * 300])
+def test_the_fast_frame_is_the_frame_of_protocol_frames(obj: object) -> None:
+    from buzon.protocol.frames import Field, Kind, encode_frame, parse_frame
+
+    box = buzon.mailbox("jobs")
+    try:
+        head, body = box._encode(obj, 7, None)
+        pid, uid, ns = struct.unpack_from("<IIxxQ", head, 22)
+        fields = {
+            Field.MESSAGE_ID: (7).to_bytes(8, "little"),
+            Field.SENDER: struct.pack("<II", pid, uid),
+            Field.SENT_AT: ns.to_bytes(8, "little"),
+        }
+        general = b"".join(encode_frame(Kind.DATA, head[2] & 7, body, fields=fields))
+        assert head + body == general
+        frame = parse_frame(general)
+        assert frame.fields == fields
+        # and the receiver's fast and general paths agree
+        assert box._decode(general) == (obj, 7, pid, uid, ns)
+        with_reply = b"".join(box._encode(obj, 8, "buzon-0-x"))  # general path (REPLY_TO)
+        assert box._decode(with_reply)[:4] == (obj, 8, os.getpid(), os.getuid())
+        assert box.statistics()["acks_dropped"] == 1  # no such ring: nobody to tell
+    finally:
+        box.remove()
+
+
+def test_a_scribbled_record_is_a_protocol_error_and_the_mailbox_goes_on() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        box._ring.send(b"\x01garbage")  # another process of this user wrote nonsense
+        box._ring.send(b"\x01\x01\x21\x00" + b"\xff" * 40)
+        with pytest.raises(buzon.ProtocolError):
+            box.recv_nowait()
+        with pytest.raises(buzon.ProtocolError):
+            box.recv_nowait()
+        box.send("fine")
+        assert box.recv_nowait() == "fine"
+    finally:
+        box.remove()

@@ -150,8 +150,7 @@ class AioMailbox:
 
     # -- receiving -----------------------------------------------------------------------
 
-    async def recv_message(self, timeout: float | None = None) -> Message:
-        """:meth:`buzon.Mailbox.recv_message`, awaited."""
+    async def _take(self, timeout: float | None) -> bytes:
         box = self.sync
         deadline = deadline_of(timeout)
         delay = _MIN_DELAY
@@ -172,9 +171,14 @@ class AioMailbox:
                 until = min(until, deadline)
             await wait_ready([box.fileno()], (), until)
 
+    async def recv_message(self, timeout: float | None = None) -> Message:
+        """:meth:`buzon.Mailbox.recv_message`, awaited."""
+        body, message_id, pid, uid, ns = self.sync._decode(await self._take(timeout))
+        return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
+
     async def recv(self, timeout: float | None = None) -> Any:
         """:meth:`buzon.Mailbox.recv`, awaited."""
-        return (await self.recv_message(timeout)).body
+        return self.sync._decode(await self._take(timeout))[0]
 
     def recv_nowait(self) -> Any:
         """:meth:`buzon.Mailbox.recv_nowait` (never waits)."""
