@@ -61,7 +61,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import EllipsisType, TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core
 from .codec import Codec
@@ -97,13 +97,15 @@ from .shm._segment import (
 )
 from .transport.base import PeerInfo
 
+if TYPE_CHECKING:
+    from ._mailbox_fan import Fan
+
 __all__ = ["Mailbox", "MailboxReceipt", "Message", "POLICIES", "mailbox"]
 
 Policy = Literal["any", "exclusive", "round_robin", "broadcast"]
-POLICIES: tuple[str, ...] = ("any", "exclusive")
-"""The receive policies this version implements (``round_robin`` and ``broadcast``
-are named in the design and refused with ``UnsupportedOperation`` until they land)."""
-_PLANNED = ("round_robin", "broadcast")
+POLICIES: tuple[str, ...] = ("any", "exclusive", "round_robin", "broadcast")
+"""The receive policies (see docs/mailboxes.md)."""
+_FANNED = ("round_robin", "broadcast")  # each receiver has its own ring (_mailbox_fan)
 
 DEFAULT_CAPACITY = 1024
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
@@ -155,7 +157,7 @@ def _parse_label(label: str) -> tuple[str, int | None, int]:
     is not one."""
     parts = label.split(" ")
     try:
-        if len(parts) != 4 or parts[0] != _LABEL or parts[1] not in POLICIES + _PLANNED:
+        if len(parts) != 4 or parts[0] != _LABEL or parts[1] not in POLICIES:
             raise ValueError(label)
         capacity = None if parts[2] == "none" else int(parts[2])
         return parts[1], capacity, int(parts[3])
@@ -239,13 +241,12 @@ class Mailbox:
             raise NoSuchEndpoint(
                 f"{name!r}: name: addresses need the name service, which is not there yet"
             )
+        if policy == "broadcast" and capacity == 0:
+            raise ValueError(
+                "a broadcast mailbox cannot be a rendezvous (capacity=0): capacity is each "
+                "receiver's backlog; use N or None"
+            )
         if policy is not ... and policy not in POLICIES:
-            if policy in _PLANNED:
-                from .errors import UnsupportedOperation
-
-                raise UnsupportedOperation(
-                    f"mailbox policy {policy!r} is not implemented yet; use one of {POLICIES}"
-                )
             raise ValueError(f"unknown mailbox policy {policy!r}; use one of {POLICIES}")
         if (
             capacity is not ...
@@ -282,6 +283,11 @@ class Mailbox:
         self._closed = False
         self._wake_fd = _open_wake(self.path + _WAKE)
         ring.set_notify(self._wake_fd, -1)
+        self._fan: Fan | None = None
+        if self.policy in _FANNED:
+            from ._mailbox_fan import Fan
+
+            self._fan = Fan(self)
         self._counts = {"sent": 0, "received": 0, "acks_dropped": 0, "out_of_line": 0}
         from . import _reduction
 
@@ -347,10 +353,16 @@ class Mailbox:
                     records=records,
                     record_size=max_inline,
                 )
+            if pol in _FANNED:
+                from ._mailbox_fan import create_table, table_name
+
+                create_table(ring.name)
             if publish(self.path, ring.name):
                 return ring, True
             ring.close()  # somebody else created it first: use theirs
             remove_segment(ring.name)
+            if pol in _FANNED:
+                remove_segment(table_name(ring.name))
         raise NoSuchEndpoint(f"mailbox {self.name!r} keeps changing; try again")
 
     @classmethod
@@ -444,6 +456,52 @@ class Mailbox:
             raise
         self._counts["sent"] += 1
 
+    def _put_round_robin(self, record: list[Any], deadline: float | None, nowait: bool) -> None:
+        """Hand ``record`` to the next receiver with room, waiting (polling) for one."""
+        assert self._fan is not None
+        delay = 0.0005
+        try:
+            while True:
+                self._check_open()
+                if self._ring.info()["closed"]:
+                    raise NoSuchEndpoint(f"mailbox {self.name!r} was removed")
+                if self._fan.round_robin(record):
+                    self._counts["sent"] += 1
+                    return
+                if nowait:
+                    raise Full(
+                        f"mailbox {self.name!r}: no receiver has room (capacity="
+                        f"{self.capacity} each) or none is attached"
+                    )
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Timeout(
+                        f"mailbox {self.name!r}: no receiver had room (or none was attached)"
+                    )
+                left = 0.01 if deadline is None else max(0.0, deadline - time.monotonic())
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 0.01)
+        except BaseException:
+            self._drop_record(record)
+            raise
+
+    def _new_backlog(self) -> _core.Ring:
+        """A ring for one receiver of a round_robin/broadcast mailbox (its backlog)."""
+        label = f"mailbox-rx {self.name}"
+        if self.capacity is None:
+            return create_ring(self._ring.capacity, label=label, slots=_SLOTS)
+        records = max(self.capacity, 1)
+        return create_ring(
+            _ring_size(records, self.max_inline),
+            label=label,
+            slots=_SLOTS,
+            records=records,
+            record_size=self.max_inline,
+        )
+
+    def _rx(self) -> _core.Ring:
+        """The ring this object receives from: the mailbox's, or its own backlog."""
+        return self._ring if self._fan is None else self._fan.subscribe()
+
     @staticmethod
     def _drop_record(record: list[Any]) -> None:
         first = bytes(memoryview(record[0])[:4]) if record else b""
@@ -454,9 +512,23 @@ class Mailbox:
         deadline = None if timeout is None else time.monotonic() + timeout
         rendezvous = self.capacity == 0 and not nowait
         message_id = next(self._ids)
+        if self._fan is not None and self.policy == "broadcast":
+            if receipt:
+                from .errors import UnsupportedOperation
+
+                raise UnsupportedOperation(
+                    "send_async on a broadcast mailbox: receipts name one receiver; not yet"
+                )
+            self._check_open()
+            self._fan.broadcast(self._encode(obj, message_id, None))
+            self._counts["sent"] += 1
+            return message_id
         reply_to = self._ack_ring().name if (receipt or rendezvous) else None
         record = self._record(self._encode(obj, message_id, reply_to))
-        self._put(record, timeout, nowait)
+        if self._fan is not None:
+            self._put_round_robin(record, deadline, nowait)
+        else:
+            self._put(record, timeout, nowait)
         if rendezvous and not receipt:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if self._ack_of(message_id, left) is None:
@@ -570,7 +642,8 @@ class Mailbox:
         if self.policy == "exclusive":
             self._hold(deadline)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        data = self._ring.recv(left) if left != 0.0 else self._ring.recv_nowait()
+        ring = self._rx()
+        data = ring.recv(left) if left != 0.0 else ring.recv_nowait()
         return data if data[:4] != _OOL else self._fetch(data, timeout)
 
     def _fetch(self, data: bytes, timeout: float | None) -> bytes:
@@ -698,14 +771,15 @@ class Mailbox:
         is why waiters sleep at most ``_WAIT_SLICE`` at a time (``_wait_slice``)."""
         if self._closed:
             return True  # recv_nowait raises ChannelClosed: not Empty
-        if self._ring.arm_data():
+        ring = self._rx()
+        if ring.arm_data():
             return True
         try:
             while os.read(self._wake_fd, 4096):
                 pass
         except BlockingIOError:
             pass
-        return bool(self._ring.arm_data())
+        return bool(ring.arm_data())
 
     _wait_slice = _WAIT_SLICE
 
@@ -715,8 +789,10 @@ class Mailbox:
 
     def qsize(self) -> int:
         """Messages in the mailbox right now (approximate under concurrent use)."""
-        info = self._ring.info()
-        return max(0, int(info["committed"] - info["consumed"] - info["abandoned"]))
+        ring = self._ring
+        if self._fan is not None and self._fan.mine is not None:
+            ring = self._fan.mine[1]  # a receiver's own backlog
+        return _depth(ring.info())
 
     def __len__(self) -> int:
         return self.qsize()
@@ -725,7 +801,8 @@ class Mailbox:
         """This object's counts (sent, received, out_of_line, acks_dropped) and the
         mailbox's: depth, abandoned (messages lost to killed senders or receivers)."""
         info = self._ring.info()
-        return dict(self._counts, depth=self.qsize(), abandoned=info["abandoned"])
+        dropped = self._fan.dropped if self._fan is not None else 0
+        return dict(self._counts, depth=self.qsize(), abandoned=info["abandoned"], dropped=dropped)
 
     def exists(self) -> bool:
         """True while the mailbox's name still leads to its segment."""
@@ -738,6 +815,13 @@ class Mailbox:
             if self._closed:
                 return
             self._closed = True
+            if self._fan is not None:
+                left = self._fan.unsubscribe()
+                for data in left:  # round_robin: what it had not taken goes to the others
+                    if self.policy != "round_robin" or not self._fan.round_robin([data]):
+                        self._drop_record([data])
+                        self._fan.dropped += 1
+                self._fan.close()
             if self._acks is not None and self._acks_pid == os.getpid():
                 name = self._acks.name
                 self._acks.close()
@@ -769,6 +853,13 @@ class Mailbox:
                 return
         ring.shutdown()
         unpublish(self.path, segment)
+        if self.policy in _FANNED:
+            from ._mailbox_fan import Fan
+
+            fan = self._fan if self._fan is not None and not self._closed else Fan(self)
+            fan.shutdown_all()
+            if fan is not self._fan:
+                fan.close()
         try:
             os.unlink(self.path + _WAKE)
         except FileNotFoundError:

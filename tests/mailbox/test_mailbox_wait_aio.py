@@ -54,12 +54,14 @@ def test_wait_returns_a_mailbox_when_a_message_arrives_from_another_process() ->
 def test_wait_on_many_mailboxes_and_the_end_of_a_removed_one() -> None:
     box = buzon.mailbox("jobs")
     other = buzon.mailbox("other")
+    timer = threading.Timer(0.1, lambda: buzon.mailbox("other").remove())
     try:
-        threading.Timer(0.1, lambda: buzon.mailbox("other").remove()).start()
+        timer.start()
         assert buzon.wait([box, other], timeout=T) == [other]
         with pytest.raises(EndOfChannel):
             other.recv_nowait()
     finally:
+        timer.join(T)
         other.close()
         box.remove()
 
