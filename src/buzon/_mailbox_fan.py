@@ -36,6 +36,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
 from typing import TYPE_CHECKING, Any
 
 from . import _core
@@ -87,6 +88,8 @@ class Fan:
         self.mine: tuple[int, _core.Ring] | None = None
         self.turn = 0
         self.dropped = 0
+        # threads sharing this object: one refreshes the table's rings or subscribes at a time
+        self.lock = threading.RLock()
 
     # ---- the table -------------------------------------------------------------------
 
@@ -135,6 +138,12 @@ class Fan:
         """This object's own ring, attaching it to the table first if needed."""
         if self.mine is not None:
             return self.mine[1]
+        with self.lock:
+            if self.mine is not None:
+                return self.mine[1]
+            return self._subscribe()
+
+    def _subscribe(self) -> _core.Ring:
         box = self.box
         ring = box._new_backlog()
         try:
@@ -202,6 +211,10 @@ class Fan:
         gen = self._generation()
         if gen == self.gen:
             return self.targets
+        with self.lock:
+            return self._refresh(gen)
+
+    def _refresh(self, gen: int) -> list[tuple[int, str, _core.Ring]]:
         entries = self._entries()
         names = {n for _, n in entries}
         for name in list(self.rings):
