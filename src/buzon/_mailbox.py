@@ -595,6 +595,7 @@ class Mailbox:
     def _ack_of(self, message_id: int, timeout: float | None) -> PeerInfo | None:
         """Who took message ``message_id``, waiting up to ``timeout`` (None: for ever)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        removed = False
         while True:
             with self._lock:
                 got = self._acked.pop(message_id, None)
@@ -618,10 +619,14 @@ class Mailbox:
                     self._acked[mid] = PeerInfo(pid=pid, uid=uid)
                     while len(self._acked) > _MAX_ACKS:
                         self._acked.popitem(last=False)
-            if deadline is not None and time.monotonic() >= deadline and data is None:
-                if not self._ring_exists():
-                    raise Undelivered(f"mailbox {self.name!r} was removed")
-                return None
+            if data is None:
+                if removed:  # and no acknowledgement came in one more slice
+                    raise Undelivered(
+                        f"mailbox {self.name!r} was removed before message {message_id} was taken"
+                    )
+                removed = not self._ring_exists()
+                if deadline is not None and time.monotonic() >= deadline and not removed:
+                    return None
 
     def _ring_exists(self) -> bool:
         try:

@@ -578,3 +578,22 @@ def test_a_scribbled_record_is_a_protocol_error_and_the_mailbox_goes_on() -> Non
         assert box.recv_nowait() == "fine"
     finally:
         box.remove()
+
+
+def test_a_receipt_of_a_message_discarded_by_remove_is_undelivered_not_a_hang() -> None:
+    box = buzon.mailbox("jobs")
+    receipt = box.send_async("never taken")
+    buzon.mailbox("jobs").remove()  # another object (process) destroys it
+    with pytest.raises(buzon.Undelivered):
+        receipt.wait()  # no timeout: must not wait for ever
+    box.close()
+
+
+def test_rendezvous_send_to_a_removed_mailbox_fails_instead_of_hanging() -> None:
+    box = buzon.mailbox("jobs", capacity=0)
+    timer = threading.Timer(0.1, lambda: buzon.mailbox("jobs").remove())
+    timer.start()
+    with pytest.raises(buzon.Undelivered):
+        box.send("nobody takes it")  # no timeout
+    timer.join(T)
+    box.close()
