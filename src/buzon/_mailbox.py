@@ -552,7 +552,10 @@ class Mailbox:
         """Put ``obj`` into the mailbox, waiting while it is full (capacity N) or until
         a receiver took it (capacity 0). ``NoSuchEndpoint`` once it was removed."""
         if self._plain:  # the hot path: one ring, a small message, no receipt
-            codec_id, body, buffers = self._codec().encode(obj)
+            if type(obj) is bytes and len(obj) <= self._fast_max:
+                codec_id, body, buffers = 0, obj, None  # raw: bytes need no codec
+            else:
+                codec_id, body, buffers = self._codec().encode(obj)
             if not buffers and len(body) <= self._fast_max:
                 head = _FAST.pack(
                     1, _DATA, codec_id | _FIELDS, 0, len(body), _FAST_FIELDS,
@@ -750,6 +753,8 @@ class Mailbox:
                 and _U32.unpack_from(data, 4)[0] == n - _FAST.size
             ):
                 self._counts["received"] += 1
+                if data[2] & 7 == 0:  # raw: the bytes themselves
+                    return data[_FAST.size :]
                 return self._codec().decode(data[2] & 7, memoryview(data)[_FAST.size :], [])
             if data[:4] == _OOL:
                 data = self._fetch(data, timeout)

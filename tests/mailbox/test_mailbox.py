@@ -597,3 +597,16 @@ def test_rendezvous_send_to_a_removed_mailbox_fails_instead_of_hanging() -> None
         box.send("nobody takes it")  # no timeout
     timer.join(T)
     box.close()
+
+
+def test_bytes_and_other_objects_come_back_as_they_went() -> None:
+    box = buzon.mailbox("jobs", capacity=16)
+    try:
+        items: list[object] = [b"raw", b"", bytearray(b"ba"), {"k": b"v"}, [1, "two"], 3.5]
+        for item in items:
+            box.send(item)
+        got = [box.recv_nowait() for _ in range(3)] + [box.recv_message(T).body for _ in range(3)]
+        assert got == [b"raw", b"", b"ba", {"k": b"v"}, [1, "two"], 3.5]
+        assert [type(x) for x in got[:3]] == [bytes, bytes, bytes]
+    finally:
+        box.remove()
