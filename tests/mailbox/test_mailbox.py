@@ -610,3 +610,43 @@ def test_bytes_and_other_objects_come_back_as_they_went() -> None:
         assert [type(x) for x in got[:3]] == [bytes, bytes, bytes]
     finally:
         box.remove()
+
+
+def test_exclusive_holder_closing_hands_over_to_a_blocked_waiter() -> None:
+    box = buzon.mailbox("jobs", policy="exclusive")
+    holder = buzon.mailbox("jobs")
+    waiter = buzon.mailbox("jobs")
+    got: list[object] = []
+    try:
+        box.send(1)
+        assert holder.recv(T) == 1 and holder.holding()
+        box.send(2)
+        t = threading.Thread(target=lambda: got.append(waiter.recv(T)))
+        t.start()
+        time.sleep(0.2)  # (not asserted: if it has not blocked yet, it takes over at once)
+        assert got == []  # the holder has not closed: the waiter does not get 2
+        holder.close()
+        t.join(T)
+        assert got == [2] and waiter.holding()
+    finally:
+        waiter.close()
+        box.remove()
+
+
+def test_a_name_that_leads_to_another_kind_of_segment_is_a_protocol_error(
+    runtime_dir: str,
+) -> None:
+    buf = buzon.BoundedBuffer("jobs", slots=4, item_size=8)
+    try:
+        segment = buzon.shm._names.lookup(buf.path)
+        assert segment is not None
+        with open(os.path.join(runtime_dir, "jobs.mbox"), "w") as f:
+            f.write(segment)  # scribbled: a mailbox name naming a bounded buffer
+        os.chmod(os.path.join(runtime_dir, "jobs.mbox"), 0o600)
+        with pytest.raises(buzon.ProtocolError, match="not a buzon mailbox"):
+            buzon.mailbox("jobs")
+        buf.put(b"ok")  # the other object is unaffected
+        assert buf.get(T) == b"ok"
+    finally:
+        buf.close()
+        buf.remove()

@@ -160,3 +160,26 @@ async def test_aio_tasks_and_a_thread_share_a_mailbox() -> None:
     t.join(T)
     box.remove()
     assert sorted(got) == list(range(200))
+
+
+async def test_aio_broadcast_and_round_robin_receivers() -> None:
+    news = buzon.aio.mailbox("news", policy="broadcast")
+    a, b = buzon.aio.mailbox("news"), buzon.aio.mailbox("news")
+    rr = buzon.aio.mailbox("rr", policy="round_robin")
+    c, d = buzon.aio.mailbox("rr"), buzon.aio.mailbox("rr")
+    try:
+        for x in (a, b, c, d):
+            with pytest.raises(Empty):
+                x.recv_nowait()  # attach
+        tasks = [asyncio.ensure_future(x.recv(timeout=T)) for x in (a, b)]
+        await asyncio.sleep(0.05)
+        await news.send("to all")
+        assert await asyncio.gather(*tasks) == ["to all", "to all"]
+        await rr.send(1)
+        await rr.send(2)
+        assert sorted([await c.recv(timeout=T), await d.recv(timeout=T)]) == [1, 2]
+    finally:
+        for x in (a, b, c, d):
+            x.close()
+        news.remove()
+        rr.remove()
