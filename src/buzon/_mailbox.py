@@ -185,41 +185,62 @@ class MailboxReceipt:
 
     :meth:`done` says whether a receiver took it (never waits), :meth:`wait` waits
     (:class:`~buzon.errors.Timeout` when ``timeout`` passes), and :attr:`receiver`
-    names the process that took it (``PeerInfo`` with ``.pid`` and ``.uid``).
+    names the process that took it (``PeerInfo`` with ``.pid`` and ``.uid``). On a
+    broadcast mailbox the message went to ``expected`` receivers: :attr:`receivers`
+    lists those that took it so far, and ``done``/``wait`` mean all of them.
     """
 
-    __slots__ = ("_box", "_receiver", "id")
+    __slots__ = ("_box", "_receivers", "expected", "id")
 
-    def __init__(self, box: Mailbox, message_id: int) -> None:
+    def __init__(self, box: Mailbox, message_id: int, expected: int = 1) -> None:
         self._box = box
         self.id = message_id
-        self._receiver: PeerInfo | None = None
+        self.expected = expected
+        self._receivers: list[PeerInfo] = []
 
     @property
     def receiver(self) -> PeerInfo | None:
-        """The process that took the message, or None while nobody has."""
-        if self._receiver is None:
+        """The (first) process that took the message, or None while nobody has."""
+        if not self._receivers:
             self.done()
-        return self._receiver
+        return self._receivers[0] if self._receivers else None
+
+    @property
+    def receivers(self) -> list[PeerInfo]:
+        """Every process that took the message so far (broadcast: one per receiver)."""
+        self.done()
+        return list(self._receivers)
 
     def done(self) -> bool:
-        """True once a receiver took the message (reads acknowledgements that already
-        arrived, never waits)."""
-        if self._receiver is None:
-            self._receiver = self._box._ack_of(self.id, 0.0)
-        return self._receiver is not None
+        """True once the receiver (broadcast: every receiver it went to) took the
+        message; reads acknowledgements that already arrived, never waits."""
+        while len(self._receivers) < self.expected:
+            who = self._box._ack_of(self.id, 0.0)
+            if who is None:
+                break
+            self._receivers.append(who)
+        return len(self._receivers) >= self.expected
 
     def wait(self, timeout: float | None = None) -> PeerInfo:
-        """Wait until a receiver took the message and return who did; ``Timeout`` if
-        ``timeout`` seconds pass first, ``Undelivered`` if the mailbox was removed."""
-        if self._receiver is None:
-            self._receiver = self._box._ack_of(self.id, timeout)
-            if self._receiver is None:
-                raise Timeout(f"message {self.id} was not taken within {timeout} s")
-        return self._receiver
+        """Wait until a receiver (broadcast: every one) took the message and return
+        the first; ``Timeout`` if ``timeout`` seconds pass first, ``Undelivered`` if
+        the mailbox was removed first (or a broadcast went to no receiver)."""
+        if self.expected == 0:
+            raise Undelivered(f"message {self.id} went to no receiver (none was attached)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self._receivers) < self.expected:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            who = self._box._ack_of(self.id, left)
+            if who is None:
+                raise Timeout(
+                    f"message {self.id} was not taken within {timeout} s "
+                    f"({len(self._receivers)} of {self.expected} receivers took it)"
+                )
+            self._receivers.append(who)
+        return self._receivers[0]
 
     def __repr__(self) -> str:
-        return f"<MailboxReceipt id={self.id} receiver={self._receiver}>"
+        return f"<MailboxReceipt id={self.id} receivers={self._receivers}>"
 
 
 class Mailbox:
@@ -283,7 +304,7 @@ class Mailbox:
         self._lock = threading.Lock()  # acknowledgement ring and tables
         self._acks: _core.Ring | None = None
         self._acks_pid = 0
-        self._acked: OrderedDict[int, PeerInfo] = OrderedDict()
+        self._acked: OrderedDict[int, list[PeerInfo]] = OrderedDict()
         self._reply_rings: OrderedDict[str, _core.Ring] = OrderedDict()
         self._hold_fd = -1
         self._hold_lock = threading.Lock()
@@ -523,16 +544,7 @@ class Mailbox:
         rendezvous = self.capacity == 0 and not nowait
         message_id = next(self._ids)
         if self._fan is not None and self.policy == "broadcast":
-            if receipt:
-                from .errors import UnsupportedOperation
-
-                raise UnsupportedOperation(
-                    "send_async on a broadcast mailbox: receipts name one receiver; not yet"
-                )
-            self._check_open()
-            self._fan.broadcast(self._encode(obj, message_id, None))
-            self._counts["sent"] += 1
-            return message_id
+            return self._send_broadcast(obj, message_id, receipt)[0]
         reply_to = self._ack_ring().name if (receipt or rendezvous) else None
         record = self._record(self._encode(obj, message_id, reply_to))
         if self._fan is not None:
@@ -580,9 +592,21 @@ class Mailbox:
             n += 1
         return n
 
+    def _send_broadcast(self, obj: Any, message_id: int, receipt: bool) -> tuple[int, int]:
+        """(message id, how many receivers it went to) of a broadcast."""
+        self._check_open()
+        reply_to = self._ack_ring().name if receipt else None
+        assert self._fan is not None
+        delivered = self._fan.broadcast(self._encode(obj, message_id, reply_to))
+        self._counts["sent"] += 1
+        return message_id, delivered
+
     def send_async(self, obj: Any, timeout: float | None = None) -> MailboxReceipt:
         """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
-        never for a receiver) and return a receipt naming who takes it."""
+        never for a receiver) and return a receipt naming who takes it (broadcast:
+        every receiver it went to, ``receipt.receivers``)."""
+        if self._fan is not None and self.policy == "broadcast":
+            return MailboxReceipt(self, *self._send_broadcast(obj, next(self._ids), True))
         return MailboxReceipt(self, self._send(obj, timeout, False, True))
 
     # ---- receipts ----------------------------------------------------------------------
@@ -601,9 +625,12 @@ class Mailbox:
         removed = False
         while True:
             with self._lock:
-                got = self._acked.pop(message_id, None)
-                if got is not None:
-                    return got
+                waiting = self._acked.get(message_id)
+                if waiting:
+                    who = waiting.pop(0)
+                    if not waiting:
+                        del self._acked[message_id]
+                    return who
                 acks = self._acks
                 if acks is None or self._acks_pid != os.getpid():
                     return None
@@ -619,7 +646,7 @@ class Mailbox:
                     mid, pid, uid = _ACK.unpack(data)
                     if mid == message_id:
                         return PeerInfo(pid=pid, uid=uid)
-                    self._acked[mid] = PeerInfo(pid=pid, uid=uid)
+                    self._acked.setdefault(mid, []).append(PeerInfo(pid=pid, uid=uid))
                     while len(self._acked) > _MAX_ACKS:
                         self._acked.popitem(last=False)
             if data is None:

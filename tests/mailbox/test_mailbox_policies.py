@@ -213,3 +213,23 @@ def test_round_robin_without_receivers_waits_then_times_out_and_full_when_all_ar
     with pytest.raises(NoSuchEndpoint):
         other.send("late")
     other.close()
+
+
+def test_broadcast_receipts_name_every_receiver() -> None:
+    box = buzon.mailbox("news", policy="broadcast")
+    with pytest.raises(buzon.Undelivered):
+        box.send_async("to nobody").wait(T)  # no receiver was attached
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pids = [fork(_receiver(1, w, ready_w)) for _ in range(2)]
+    for _ in pids:
+        assert os.read(ready_r, 1) == b"r"
+    receipt = box.send_async("to all")
+    assert receipt.expected == 2
+    receipt.wait(T)
+    assert sorted(p.pid for p in receipt.receivers) == sorted(pids)  # type: ignore[type-var]
+    for pid in pids:
+        assert exit_code(pid) == 0
+    for fd in (r, w, ready_r, ready_w):
+        os.close(fd)
+    box.remove()

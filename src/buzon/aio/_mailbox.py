@@ -55,10 +55,10 @@ class AioMailboxReceipt:
     """``send_async``'s receipt in asyncio: ``await receipt.wait(timeout)`` returns the
     receiver's ``PeerInfo``; ``done()`` and ``receiver`` never wait."""
 
-    def __init__(self, box: Mailbox, message_id: int) -> None:
+    def __init__(self, box: Mailbox, message_id: int, expected: int = 1) -> None:
         from .._mailbox import MailboxReceipt
 
-        self._sync = MailboxReceipt(box, message_id)
+        self._sync = MailboxReceipt(box, message_id, expected)
         self.id = message_id
 
     @property
@@ -66,14 +66,21 @@ class AioMailboxReceipt:
         """The process that took the message, or None while nobody has."""
         return self._sync.receiver
 
+    @property
+    def receivers(self) -> list[PeerInfo]:
+        """Every process that took the message so far (broadcast: one per receiver)."""
+        return self._sync.receivers
+
     def done(self) -> bool:
-        """True once a receiver took the message (never waits)."""
+        """True once a receiver (broadcast: every one) took the message (never waits)."""
         return self._sync.done()
 
     async def wait(self, timeout: float | None = None) -> PeerInfo:
         """Wait until a receiver took the message; return who did."""
         deadline = deadline_of(timeout)
         delay = _MIN_DELAY
+        if self._sync.expected == 0:
+            self._sync.wait(0)  # Undelivered: it went to no receiver
         while not self._sync.done():
             delay = await _backoff(delay, deadline, f"receipt of message {self.id}")
         assert self._sync.receiver is not None
@@ -146,7 +153,10 @@ class AioMailbox:
     async def send_async(self, obj: Any, timeout: float | None = None) -> AioMailboxReceipt:
         """Send ``obj`` (waiting for room, never for a receiver); a receipt naming who
         takes it."""
-        return AioMailboxReceipt(self.sync, await self._send(obj, timeout, True))
+        box = self.sync
+        if box.policy == "broadcast":
+            return AioMailboxReceipt(box, *box._send_broadcast(obj, next(box._ids), True))
+        return AioMailboxReceipt(box, await self._send(obj, timeout, True))
 
     # -- receiving -----------------------------------------------------------------------
 
