@@ -307,6 +307,7 @@ class Mailbox:
         self._acked: OrderedDict[int, list[PeerInfo]] = OrderedDict()
         self._reply_rings: OrderedDict[str, _core.Ring] = OrderedDict()
         self._hold_fd = -1
+        self._hold_pid = 0
         self._hold_lock = threading.Lock()
         self._closed = False
         self._wake_fd = _open_wake(self.path + _WAKE)
@@ -801,6 +802,10 @@ class Mailbox:
 
     def _hold(self, deadline: float | None) -> None:
         """Become the mailbox's one receiver (exclusive), waiting for the holder."""
+        if self._hold_fd >= 0 and self._hold_pid != os.getpid():
+            # a forked child: the inherited fd shares the parent's hold, not its own
+            os.close(self._hold_fd)
+            self._hold_fd = -1
         if self._hold_fd >= 0:
             return
         with self._hold_lock:
@@ -813,6 +818,7 @@ class Mailbox:
                     try:
                         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
                         self._hold_fd, fd = fd, -1
+                        self._hold_pid = os.getpid()
                         return
                     except OSError as exc:
                         if exc.errno not in (11, 13):  # EAGAIN, EACCES: held
@@ -832,7 +838,7 @@ class Mailbox:
 
     def holding(self) -> bool:
         """policy='exclusive': True while this object is the mailbox's receiver."""
-        return self._hold_fd >= 0
+        return self._hold_fd >= 0 and self._hold_pid == os.getpid()
 
     # ---- readiness: buzon.wait and the asyncio twin ------------------------------------
 

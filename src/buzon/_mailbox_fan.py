@@ -81,7 +81,9 @@ class Fan:
             self.block = _core.Block.attach(name)
         except FileNotFoundError:
             raise NoSuchEndpoint(f"mailbox {box.name!r} lost its receiver table") from None
-        self.fd = os.open(SHM_DIR + "/" + name.lstrip("/"), os.O_RDWR | os.O_CLOEXEC)
+        self.path = SHM_DIR + "/" + name.lstrip("/")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        self.pid = os.getpid()
         self.gen = -1
         self.targets: list[tuple[int, str, _core.Ring]] = []
         self.rings: dict[str, _core.Ring] = {}
@@ -121,8 +123,20 @@ class Fan:
     def _lock(self) -> None:
         self.block.lock(_LOCK_TIMEOUT)
 
+    def _forked(self) -> None:
+        """In a forked child: its own liveness fd (the inherited one shares the
+        parent's open file description, hence the parent's lock) and no subscription
+        (the parent's entry and backlog stay the parent's)."""
+        if self.pid == os.getpid():
+            return
+        self.pid = os.getpid()
+        os.close(self.fd)  # the parent's lock stays: it holds the description too
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        self.mine = None
+
     def live(self, i: int) -> bool:
         """True while receiver i holds its liveness lock (our own entry: always)."""
+        self._forked()
         if self.mine is not None and self.mine[0] == i:
             return True
         probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, LIVE_BASE + i, 1, 0)
@@ -136,6 +150,7 @@ class Fan:
 
     def subscribe(self) -> _core.Ring:
         """This object's own ring, attaching it to the table first if needed."""
+        self._forked()
         if self.mine is not None:
             return self.mine[1]
         with self.lock:
@@ -175,6 +190,7 @@ class Fan:
 
     def unsubscribe(self) -> list[bytes]:
         """Leave the table; return what was still in this receiver's backlog."""
+        self._forked()
         if self.mine is None:
             return []
         i, ring = self.mine

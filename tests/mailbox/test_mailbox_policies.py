@@ -233,3 +233,30 @@ def test_broadcast_receipts_name_every_receiver() -> None:
     for fd in (r, w, ready_r, ready_w):
         os.close(fd)
     box.remove()
+
+
+def test_a_forked_child_closing_an_inherited_receiver_does_not_detach_the_parent() -> None:
+    box = buzon.mailbox("news", policy="broadcast")
+    rx = buzon.mailbox("news")
+    attach(rx)
+    assert exit_code(fork(rx.close)) == 0  # the child's copy, not the parent's receiver
+    box.send("still attached")
+    assert rx.recv(T) == "still attached"
+    rx.close()
+    box.remove()
+
+
+def test_a_forked_child_of_an_exclusive_holder_does_not_hold_too() -> None:
+    box = buzon.mailbox("jobs", policy="exclusive")
+    box.send(1)
+    assert box.recv(T) == 1 and box.holding()
+
+    def child() -> None:
+        assert not box.holding()
+        with pytest.raises(Timeout):
+            box.recv(timeout=0.1)  # the parent holds it
+        box.close()
+
+    assert exit_code(fork(child)) == 0
+    assert box.holding()
+    box.remove()
