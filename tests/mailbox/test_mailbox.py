@@ -650,3 +650,23 @@ def test_a_name_that_leads_to_another_kind_of_segment_is_a_protocol_error(
     finally:
         buf.close()
         buf.remove()
+
+
+def test_everything_a_mailbox_makes_is_0600_and_its_own(runtime_dir: str) -> None:
+    import stat
+
+    box = buzon.mailbox("jobs", policy="broadcast")
+    attach = buzon.mailbox("jobs")
+    with pytest.raises(Empty):
+        attach.recv_nowait()  # a receiver: its backlog ring and the receiver table exist
+    try:
+        made = [os.path.join(runtime_dir, n) for n in os.listdir(runtime_dir)]
+        made += [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm")]
+        assert len(made) >= 5  # name, FIFO, ring, receiver table, backlog
+        for path in made:
+            st = os.lstat(path)
+            assert stat.S_IMODE(st.st_mode) == 0o600, path
+            assert st.st_uid == os.getuid()
+    finally:
+        attach.close()
+        box.remove()
