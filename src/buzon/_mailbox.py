@@ -34,8 +34,9 @@ Lifecycle. Opening creates the mailbox if absent (``create=None``), only creates
 (``create=True``: ``EndpointInUse`` if it exists) or only opens (``create=False``:
 ``NoSuchEndpoint``). Capacity and policy are recorded in the ring's label; opening
 with other values raises ``EndpointInUse`` (never a silent attach to something else).
-``remove()`` shuts the ring down (receivers drain what is there, then get
-``EndOfChannel``; senders get ``NoSuchEndpoint``) and unlinks its name and segment.
+``remove()`` shuts the ring down, discards what is in it (waiting receivers get
+``EndOfChannel``, senders ``NoSuchEndpoint``, receipts ``Undelivered``) and unlinks
+its name, FIFO and segments.
 
 Crash safety is the ring's: a sender killed mid-send leaves a RESERVED record that
 receivers skip (never a torn message), a receiver killed after claiming loses that
@@ -46,6 +47,14 @@ on byte ``_HOLD_BYTE`` of the segment, taken before its first receive and kept u
 it closes; the kernel drops the lock when the holder dies, and the next waiter (who
 retries every ``_HOLD_POLL`` seconds) takes over. Messages stay in the ring meanwhile:
 nothing the holder had not taken is lost.
+
+Policies ``"round_robin"`` and ``"broadcast"``: each receiver has a ring of its own,
+listed in a receiver table; senders put each message into one of them or into all
+(:mod:`buzon._mailbox_fan`).
+
+Waiting on many things (``buzon.wait``, asyncio): every user holds the FIFO
+``NAME.mbox.wake`` open and sets it as its rings' data notification; a waiter arms
+the ring, and the next commit by any sender writes the FIFO (:meth:`Mailbox._ready`).
 """
 
 from __future__ import annotations
