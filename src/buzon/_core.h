@@ -14,6 +14,8 @@
  *                      channel's one-call DATA-frame send and receive
  *   _core_loan.c       the Loan type (reserve, recv_view, block views)
  *   _core_block.c      the Block type (shared_array, shared_value, out-of-line messages)
+ *   _core_mailbox.c    mailbox_send / mailbox_recv: buzon.mailbox's common record in one
+ *                      call (module functions)
  *   _core_admin.c      module functions (inspect, in_use, hold, claim_all, unlink,
  *                      fault points) and the module's initialisation
  * Nothing here changes the bytes in a segment: docs/shm.md has the tables.
@@ -397,6 +399,9 @@ PyObject *info_dict(const header_t *h, PyObject *parts);
 /* The frame calls (_core_frames.c) add their methods to the Ring type before it is
  * readied: frames_init() calls ring_add_methods(). */
 int ring_add_methods(const PyMethodDef *more);
+
+/* _core_mailbox.c: module functions added by the module's initialisation. */
+extern PyMethodDef mailbox_functions[];
 int frames_init(void);
 
 /* Methods defined in one unit and listed in another's method table. */

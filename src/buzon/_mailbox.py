@@ -70,7 +70,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import EllipsisType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from . import _core
 from .codec import Codec
@@ -480,22 +480,25 @@ class Mailbox:
                 self._ring.send_nowait(record)
             else:
                 self._ring.send(record, timeout)
-        except Full:
+        except (Full, EndOfChannel) as exc:
             self._drop_record(record)
-            if self.capacity is None:
-                raise Full(
-                    f"mailbox {self.name!r} is full: capacity=None holds messages up to its "
-                    f"byte cap, max_bytes={self._ring.capacity}; receive faster, or create "
-                    "it with a larger max_bytes="
-                ) from None
-            raise Full(f"mailbox {self.name!r} is full (capacity={self.capacity})") from None
-        except EndOfChannel:
-            self._drop_record(record)
-            raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
+            self._put_failed(exc)
         except BaseException:
             self._drop_record(record)
             raise
         self._counts["sent"] += 1
+
+    def _put_failed(self, exc: Exception) -> NoReturn:
+        """The mailbox's error for a ring that was full (``Full``) or shut down."""
+        if isinstance(exc, EndOfChannel):
+            raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
+        if self.capacity is None:
+            raise Full(
+                f"mailbox {self.name!r} is full: capacity=None holds messages up to its "
+                f"byte cap, max_bytes={self._ring.capacity}; receive faster, or create "
+                "it with a larger max_bytes="
+            ) from None
+        raise Full(f"mailbox {self.name!r} is full (capacity={self.capacity})") from None
 
     def _put_round_robin(self, record: list[Any], deadline: float | None, nowait: bool) -> None:
         """Hand ``record`` to the next receiver with room, waiting (polling) for one."""
@@ -579,13 +582,20 @@ class Mailbox:
             else:
                 codec_id, body, buffers = self._codec().encode(obj)
             if not buffers and len(body) <= self._fast_max:
-                head = _FAST.pack(
-                    1, _DATA, codec_id | _FIELDS, 0, len(body), _FAST_FIELDS,
-                    _F_ID, 8, next(self._ids),
-                    _F_SENDER, 8, os.getpid(), self._uid,
-                    _F_SENT, 8, time.time_ns(),
-                )  # fmt: skip
-                self._put([head, body], timeout, False)
+                if self._closed:
+                    raise ChannelClosed(f"mailbox {self.name!r} was closed")
+                try:  # the record built and sent in one C call (_core_mailbox.c)
+                    _core.mailbox_send(
+                        self._ring,
+                        body,
+                        codec_id,
+                        next(self._ids),
+                        self._uid,
+                        0 if self.capacity is None else timeout,
+                    )
+                except (Full, EndOfChannel) as exc:
+                    self._put_failed(exc)
+                self._counts["sent"] += 1
                 return
         self._send(obj, timeout, False, False)
 
@@ -773,26 +783,12 @@ class Mailbox:
         """Take the next message's object, waiting for one; ``EndOfChannel`` once the
         mailbox was removed and is empty."""
         if self.policy == "any" and not self._closed and (timeout is None or timeout > 0):
-            data = self._ring.recv(timeout)  # the hot path: the common frame, checked
-            n = len(data)
-            if (
-                n >= _FAST.size
-                and data[0] == 1
-                and data[1] == _DATA
-                and data[2] & 0xF8 == _FIELDS
-                and data[3] == 0
-                and data[8] == _FAST_FIELDS
-                and data[9] == 0
-                and data[10] == _F_ID
-                and data[20] == _F_SENDER
-                and data[30] == _F_SENT
-                and data[11] == data[21] == data[31] == 8
-                and _U32.unpack_from(data, 4)[0] == n - _FAST.size
-            ):
+            got = _core.mailbox_recv(self._ring, timeout)  # the hot path: one C call
+            if isinstance(got, tuple):  # the common record: (codec, body)
                 self._counts["received"] += 1
-                if data[2] & 7 == 0:  # raw: the bytes themselves
-                    return data[_FAST.size :]
-                return self._codec().decode(data[2] & 7, memoryview(data)[_FAST.size :], [])
+                codec_id, body = got
+                return body if codec_id == 0 else self._codec().decode(codec_id, body, [])
+            data = got
             if data[:4] == _OOL:
                 data = self._fetch(data, timeout)
             return self._decode(data)[0]

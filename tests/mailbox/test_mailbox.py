@@ -670,3 +670,35 @@ def test_everything_a_mailbox_makes_is_0600_and_its_own(runtime_dir: str) -> Non
     finally:
         attach.close()
         box.remove()
+
+
+def test_the_c_hot_path_writes_the_frame_of_protocol_frames_and_checks_what_it_takes() -> None:
+    from buzon import _core
+    from buzon.protocol.frames import Field, parse_frame
+
+    box = buzon.mailbox("jobs")
+    try:
+        box.send(b"raw bytes")  # _core.mailbox_send
+        box.send({"an": "object"})
+        for body, codec in ((b"raw bytes", 0), (b"\x81\xa2an\xa6object", 1)):
+            frame = parse_frame(box._ring.recv_nowait())
+            assert (bytes(frame.body), frame.codec, frame.receipt) == (body, codec, False)
+            assert frame.fields is not None and set(frame.fields) == {1, 2, 6}
+            assert frame.fields[Field.SENDER] == struct.pack("<II", os.getpid(), os.getuid())
+            assert abs(struct.unpack("<Q", frame.fields[Field.SENT_AT])[0] / 1e9 - time.time()) < 60
+        good = b"".join(box._encode("x", 9, None))
+        box._ring.send(good)
+        assert _core.mailbox_recv(box._ring, 1.0) == (1, good[40:])  # _core.mailbox_recv
+        liar = bytearray(good)
+        liar[4] += 1  # the body length disagrees with the record: not the fast path
+        box._ring.send(bytes(liar))
+        assert _core.mailbox_recv(box._ring, 1.0) == bytes(liar)
+        box._ring.send(bytes(liar))
+        with pytest.raises(buzon.ProtocolError):
+            box.recv(T)
+        with pytest.raises(Empty):
+            _core.mailbox_recv(box._ring, 0)
+        with pytest.raises(TypeError):
+            _core.mailbox_recv(object(), 0)  # type: ignore[arg-type]
+    finally:
+        box.remove()
