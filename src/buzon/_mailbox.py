@@ -448,9 +448,17 @@ class Mailbox:
         if reply_to is not None:
             fields[Field.REPLY_TO] = reply_to.encode("ascii")
             codec_id |= _RECEIPT_FLAG
-        return encode_frame(
-            Kind.DATA, codec_id, body, buffers, max_frame=self.max_message, fields=fields
-        )
+        try:
+            return encode_frame(
+                Kind.DATA, codec_id, body, buffers, max_frame=self.max_message, fields=fields
+            )
+        except MessageTooLarge as exc:
+            size = sum(memoryview(b).nbytes for b in buffers) + len(body)
+            raise MessageTooLarge(
+                f"a message of {size} bytes is over mailbox {self.name!r}'s limit of "
+                f"{self.max_message} bytes: open it with a larger max_message= (every "
+                "process that receives from it too), or send smaller messages"
+            ) from exc
 
     def _record(self, parts: list[Any]) -> list[Any]:
         """The ring record for a frame: itself, or a reference to a block holding it."""
@@ -1096,6 +1104,3 @@ def describe(segment: str) -> str:
         f"policy={policy} capacity={cap} depth={_depth(info)}, {users}, age {age:.0f} s, "
         f"{info['consumed']} taken, {info['abandoned']} lost"
     )
-
-
-_ = MessageTooLarge  # raised by encode_frame (the frame cap), named in the docs

@@ -240,7 +240,7 @@ def test_capacity_zero_send_returns_only_once_a_receiver_took_it() -> None:
 def test_a_message_over_the_cap_names_the_parameter() -> None:
     box = buzon.mailbox("jobs", max_message=4096)
     try:
-        with pytest.raises(buzon.MessageTooLarge, match=r"max_frame|max_message"):
+        with pytest.raises(buzon.MessageTooLarge, match="max_message="):
             box.send(b"q" * 10_000)
         with pytest.raises(Empty):
             box.recv_nowait()
