@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -260,3 +261,22 @@ def test_a_forked_child_of_an_exclusive_holder_does_not_hold_too() -> None:
     assert exit_code(fork(child)) == 0
     assert box.holding()
     box.remove()
+
+
+def test_round_robin_rendezvous_returns_once_a_receiver_took_it() -> None:
+    box = buzon.mailbox("rr", policy="round_robin", capacity=0)
+    rx = buzon.mailbox("rr")
+    attach(rx)
+    got: list[object] = []
+    try:
+        with pytest.raises(Timeout):
+            box.send("not taken", timeout=0.1)  # in rx's backlog, but nobody took it
+        assert rx.recv_nowait() == "not taken"
+        t = threading.Timer(0.1, lambda: got.append(rx.recv(T)))
+        t.start()
+        box.send("hand-over", timeout=T)
+        t.join(T)
+        assert got == ["hand-over"]
+    finally:
+        rx.close()
+        box.remove()
