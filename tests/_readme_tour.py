@@ -239,9 +239,9 @@ def main() -> None:
                 asyncio.run(result)
             for value in list(ns.values()):  # named shared objects: removed at the end
                 shared = peers.setdefault("shared", [])
-                if isinstance(value, buzon.BoundedBuffer | buzon.shm.SharedArray) and all(
-                    value is not v for v in shared
-                ):
+                if isinstance(
+                    value, buzon.BoundedBuffer | buzon.shm.SharedArray | buzon.Mailbox
+                ) and all(value is not v for v in shared):
                     shared.append(value)
             if stage is not None and stage[2] is not None:
                 stage[2]()

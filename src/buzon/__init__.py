@@ -51,6 +51,7 @@ from .transport.base import LinkProperties, PeerInfo
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so ``import buzon`` stays light
     from . import aio, signals
+    from ._mailbox import Mailbox, MailboxReceipt, Message, mailbox
     from ._serve import serve
     from .shm import BoundedBuffer, shared_array, shared_value
 
@@ -61,6 +62,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "aio": ("buzon.aio", ""),
     "signals": ("buzon.signals", ""),
     "serve": ("buzon._serve", "serve"),
+    "mailbox": ("buzon._mailbox", "mailbox"),
+    "Mailbox": ("buzon._mailbox", "Mailbox"),
+    "MailboxReceipt": ("buzon._mailbox", "MailboxReceipt"),
+    "Message": ("buzon._mailbox", "Message"),
     "BoundedBuffer": ("buzon.shm", "BoundedBuffer"),
     "shared_array": ("buzon.shm", "shared_array"),
     "shared_value": ("buzon.shm", "shared_value"),
@@ -120,6 +125,9 @@ __all__ = [
     "InsecureBind",
     "LinkProperties",
     "Listener",
+    "Mailbox",
+    "MailboxReceipt",
+    "Message",
     "MessageTooLarge",
     "NoSuchEndpoint",
     "PeerCredentialsRejected",
@@ -141,6 +149,7 @@ __all__ = [
     "connect",
     "errors",
     "listen",
+    "mailbox",
     "parse_address",
     "pipe",
     "serve",

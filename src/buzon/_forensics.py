@@ -51,7 +51,7 @@ _SOCKET_TYPES = {
     "seqpacket": socket.SOCK_SEQPACKET,
 }
 # NAME.array, NAME.value, NAME.bbuf: shared_array, shared_value, BoundedBuffer names
-_SHM_NAMES = {".array": "array", ".value": "value", ".bbuf": "bbuf"}
+_SHM_NAMES = {".array": "array", ".value": "value", ".bbuf": "bbuf", ".mbox": "mailbox"}
 
 
 def _declared(role: str) -> list[tuple[SchemeInfo, RuntimeFile]]:
@@ -139,6 +139,14 @@ class Entry:
                 segment = None
             if segment is not None and segment_exists(segment):
                 self.state = f"names {segment.lstrip('/')}"
+                if self.name.endswith(".mbox"):
+                    from ._mailbox import describe
+
+                    self.kind = "mailbox"
+                    try:
+                        self.state = describe(segment)
+                    except BuzonError as exc:  # not a mailbox's ring after all
+                        self.state = f"names {segment.lstrip('/')} ({exc})"
             else:
                 self.state = "names a segment that is gone"
         elif self.pool:  # the listener holds its pools open
@@ -334,16 +342,24 @@ class Removal:
     why: str
 
 
-def clean(rdir: str, *, dry_run: bool = False, now: float | None = None) -> list[Removal]:
-    """Remove what is provably dead: shared-memory segments no live process holds, the
-    names of segments that are gone, and runtime-dir entries (see :meth:`Entry.removable`)."""
+def clean(
+    rdir: str, *, dry_run: bool = False, now: float | None = None, force: bool = False
+) -> list[Removal]:
+    """Remove what is provably dead: shared-memory segments no live process holds (a
+    mailbox only when empty, or with ``force``), the names of segments that are gone,
+    and runtime-dir entries (see :meth:`Entry.removable`)."""
+    from ._mailbox import keeps
     from .shm import SHM_DIR, clean_segments
     from .shm._names import clean_names
 
     now = time.time() if now is None else now
+    segments = clean_segments(dry_run=dry_run, keep=lambda s: keeps(s, force=force))
+    if not dry_run and any(s.label.startswith("mailbox ") for s in segments):
+        # the out-of-line blocks of a removed mailbox's messages went with it
+        segments += clean_segments(keep=lambda s: keeps(s, force=force))
     removed = [
         Removal(f"{SHM_DIR}/{seg.name}", "shared memory; no live process attached")
-        for seg in clean_segments(dry_run=dry_run)
+        for seg in segments
     ]
     removed += [
         Removal(path, "names a shared-memory segment that is gone")

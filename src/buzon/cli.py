@@ -321,8 +321,9 @@ Removes from the runtime dir only what is provably dead and older than 2 seconds
 socket files nobody is bound to, FIFOs nobody reads, client datagram sockets
 c-PID-*.dgram of dead processes. POSIX queues are never removed. Shared-memory
 segments are removed only when no process holds a participant lock on them (the
-kernel drops it when its holder dies) and they are older than 2 seconds; then the
-name files (NAME.bbuf, NAME.array, NAME.value) whose segment is gone.
+kernel drops it when its holder dies) and they are older than 2 seconds; a mailbox
+with messages in it only with --force (a mailbox lives until removed). Then the
+name files (NAME.bbuf, NAME.array, NAME.value, NAME.mbox) whose segment is gone.
 """
 
 
@@ -428,6 +429,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         formatter_class=fmt,
     )
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.add_argument(
+        "--force", action="store_true", help="also remove unused mailboxes with messages in them"
+    )
     p.set_defaults(func=_cmd_clean)
 
     p = sub.add_parser(
@@ -960,7 +964,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     from ._forensics import clean
 
     rdir = runtime_dir()
-    removed = clean(rdir, dry_run=args.dry_run)
+    removed = clean(rdir, dry_run=args.dry_run, force=args.force)
     what = "would remove" if args.dry_run else "removed"
     for item in removed:
         print(f"{what} {item.path} ({item.why})")

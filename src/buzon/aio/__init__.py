@@ -6,7 +6,20 @@
 """
 
 from ._channel import Channel
+from ._mailbox import AioMailbox, AioMailboxReceipt, mailbox
 from ._open import Listener, connect, listen, pipe, wait
 from ._server import Server, serve
 
-__all__ = ["Channel", "Listener", "Server", "connect", "listen", "pipe", "serve", "wait"]
+__all__ = [
+    "AioMailbox",
+    "AioMailboxReceipt",
+    "Channel",
+    "Listener",
+    "Server",
+    "connect",
+    "listen",
+    "mailbox",
+    "pipe",
+    "serve",
+    "wait",
+]

@@ -147,23 +147,32 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         if not hasattr(o, "_ready"):
             raise TypeError(f"buzon.aio.wait cannot wait on {type(o).__name__}")
     deadline = deadline_of(timeout)
+    # an object may bound each sleep (mailboxes: a wake-up another waiter took)
+    slices = [o._wait_slice for o in items if hasattr(o, "_wait_slice")]
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
             _unready(items)
             return ready
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
-        wake = _wake(items, deadline)
-        if not await wait_ready(fds, (), wake) and wake == deadline:
+        wake = _wake(items, deadline, slices, time.monotonic())
+        if not await wait_ready(fds, (), wake) and (
+            deadline is not None and time.monotonic() >= deadline
+        ):
             _unready(items)
             return []
 
 
-def _wake(items: list[Any], deadline: float | None) -> float | None:
-    """The deadline, or sooner a listener's next pending peer's deadline."""
+def _wake(
+    items: list[Any], deadline: float | None, slices: list[float], now: float
+) -> float | None:
+    """The deadline, or sooner a listener's next pending peer's deadline, or the end
+    of the shortest slice an object sleeps at most (a mailbox: ``_wait_slice``)."""
     wakes = [w for o in items if (w := _next_wake(o)) is not None]
     if deadline is not None:
         wakes.append(deadline)
+    if slices:
+        wakes.append(now + min(slices))
     return min(wakes, default=None)
 
 

@@ -158,6 +158,7 @@ class Field(IntEnum):
     CORRELATION = 3  # u64: the message this one answers (RPC replies)
     DEADLINE = 4  # u32: the sender's remaining budget, in milliseconds
     REPLY_TO = 5  # utf-8: where answers go (an address or a name)
+    SENT_AT = 6  # u64: when the sender sent it, ns since the epoch (mailboxes)
 
 
 def lazy_buffer(n: int) -> memoryview:

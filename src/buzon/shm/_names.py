@@ -61,7 +61,7 @@ def unpublish(path: str, segment: str) -> None:
             pass
 
 
-SUFFIXES = (".bbuf", ".array", ".value")
+SUFFIXES = (".bbuf", ".array", ".value", ".mbox")
 
 
 def clean_names(*, dry_run: bool = False, grace: float = 2.0) -> list[str]:

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,16 +219,22 @@ def list_unnamed() -> list[SegmentInfo]:
     return sorted(out, key=lambda seg: (seg.label, seg.name))
 
 
-def clean_segments(*, dry_run: bool = False, grace: float = 2.0) -> list[SegmentInfo]:
+def clean_segments(
+    *,
+    dry_run: bool = False,
+    grace: float = 2.0,
+    keep: Callable[[SegmentInfo], str | None] | None = None,
+) -> list[SegmentInfo]:
     """Remove this user's segments that no live process uses; return what was removed.
 
     A segment is removed only while we hold the locks of all its participant slots
     (so nobody is attached and nobody can attach meanwhile), and only if it is older
-    than ``grace`` seconds.
+    than ``grace`` seconds and ``keep`` (if given) gives no reason to keep it (a
+    mailbox with messages in it: :func:`buzon._mailbox.keeps`).
     """
     removed = []
     for seg in list_segments():
-        if seg.alive or seg.age < grace:
+        if seg.alive or seg.age < grace or (keep is not None and keep(seg)):
             continue
         path = os.path.join(SHM_DIR, seg.name)
         try:

@@ -179,6 +179,8 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         if not hasattr(o, "_ready"):
             raise TypeError(f"buzon.wait cannot wait on {type(o).__name__}")
     deadline = deadline_of(timeout)
+    # an object may bound each sleep (mailboxes: a wake-up another waiter took)
+    slices = [o._wait_slice for o in items if hasattr(o, "_wait_slice")]
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
@@ -192,18 +194,23 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         if deadline is not None and deadline <= now:
             _unready(items)
             return []
-        wake = _wake(items, deadline)
+        wake = _wake(items, deadline, slices, now)
         if wake is None:
             poller.poll()
         else:
             poller.poll(max(0, int((wake - now) * 1000 + 0.999)))
 
 
-def _wake(items: list[Any], deadline: float | None) -> float | None:
-    """The deadline, or sooner a listener's next pending peer's deadline."""
+def _wake(
+    items: list[Any], deadline: float | None, slices: list[float], now: float
+) -> float | None:
+    """The deadline, or sooner a listener's next pending peer's deadline, or the end
+    of the shortest slice an object sleeps at most (a mailbox: ``_wait_slice``)."""
     wakes = [w for o in items if (w := _next_wake(o)) is not None]
     if deadline is not None:
         wakes.append(deadline)
+    if slices:
+        wakes.append(now + min(slices))
     return min(wakes, default=None)
 
 

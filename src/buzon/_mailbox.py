@@ -1,0 +1,1106 @@
+"""Mailboxes: named, shared, N senders x M receivers, on this host (``buzon.mailbox``).
+
+Theory of operation
+-------------------
+A mailbox is one MPMC ring of :mod:`buzon._core` (the ring ``shm:`` channels and
+:class:`~buzon.shm.BoundedBuffer` use) in a 0600 shared-memory segment with an
+unguessable name, found through the 0600 name file ``NAME.mbox`` in buzon's private
+runtime dir (published with ``link(2)``, so two creators cannot both win). Every
+process and thread that opens the mailbox attaches the same ring: any sender reserves
+a record, any receiver claims the next committed one by CAS, so each message goes to
+exactly one receiver, the one that asked first (policy ``"any"``).
+
+Records. Each record is one buzon frame (``protocol/frames.py``) of kind DATA, with
+the header fields MESSAGE_ID (u64, per sending object), SENDER (u32 pid, u32 uid),
+SENT_AT (u64 ns since the epoch) and, for a message whose sender wants to know who
+took it, the receipt flag and REPLY_TO (the sender's private acknowledgement ring). A
+frame larger than the ring's record goes *out of line*: a block segment of its own
+holds it and the record carries ``0x00 "OOL" name`` (a frame never starts with 0x00).
+
+Capacity. ``capacity=N``: a ring of N fixed records of ``max_inline`` bytes each, so N
+messages fit whatever their size (the larger ones are out of line), then ``send``
+blocks and ``send_nowait`` raises ``Full``. ``capacity=0`` (rendezvous): one record,
+and ``send`` returns only once a receiver took the message (it waits for the
+receiver's acknowledgement). ``capacity=None``: a ring of variable records of
+``max_bytes`` bytes; ``send`` never blocks, and raises ``Full`` naming ``max_bytes``
+when the messages waiting fill it.
+
+Receipts. ``send_async`` sets the frame's receipt flag and REPLY_TO; the receiver that
+takes the message writes ``(message id, pid, uid)`` into that ring (never blocking: an
+acknowledgement that finds the ring full is dropped and counted). The receipt reads
+its acknowledgement from there.
+
+Lifecycle. Opening creates the mailbox if absent (``create=None``), only creates
+(``create=True``: ``EndpointInUse`` if it exists) or only opens (``create=False``:
+``NoSuchEndpoint``). Capacity and policy are recorded in the ring's label; opening
+with other values raises ``EndpointInUse`` (never a silent attach to something else).
+``remove()`` shuts the ring down, discards what is in it (waiting receivers get
+``EndOfChannel``, senders ``NoSuchEndpoint``, receipts ``Undelivered``) and unlinks
+its name, FIFO and segments.
+
+Crash safety is the ring's: a sender killed mid-send leaves a RESERVED record that
+receivers skip (never a torn message), a receiver killed after claiming loses that
+message (at most once; counted in ``statistics()["abandoned"]``).
+
+Policy ``"exclusive"``: a receiver holds the mailbox while it holds an OFD write lock
+on byte ``_HOLD_BYTE`` of the segment, taken before its first receive and kept until
+it closes; the kernel drops the lock when the holder dies, and the next waiter (who
+retries every ``_HOLD_POLL`` seconds) takes over. Messages stay in the ring meanwhile:
+nothing the holder had not taken is lost.
+
+Policies ``"round_robin"`` and ``"broadcast"``: each receiver has a ring of its own,
+listed in a receiver table; senders put each message into one of them or into all
+(:mod:`buzon._mailbox_fan`).
+
+Waiting on many things (``buzon.wait``, asyncio): every user holds the FIFO
+``NAME.mbox.wake`` open and sets it as its rings' data notification; a waiter arms
+the ring, and the next commit by any sender writes the FIFO (:meth:`Mailbox._ready`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import EllipsisType, TracebackType
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
+
+from . import _core
+from .codec import Codec
+from .errors import (
+    ChannelClosed,
+    Empty,
+    EndOfChannel,
+    EndpointInUse,
+    Full,
+    MessageTooLarge,
+    NoSuchEndpoint,
+    ProtocolError,
+    Timeout,
+    Undelivered,
+)
+from .protocol.frames import (
+    DEFAULT_MAX_FRAME,
+    FIELDS_FLAG,
+    Field,
+    Kind,
+    encode_frame,
+    parse_frame,
+)
+from .shm._names import lookup, name_path, publish, unpublish
+from .shm._segment import (
+    SHM_DIR,
+    SegmentInfo,
+    attach_ring,
+    create_ring,
+    new_segment_name,
+    remove_segment,
+    segment_exists,
+)
+from .transport.base import PeerInfo
+
+if TYPE_CHECKING:
+    from ._mailbox_fan import Fan
+
+__all__ = ["Mailbox", "MailboxReceipt", "Message", "POLICIES", "mailbox"]
+
+Policy = Literal["any", "exclusive", "round_robin", "broadcast"]
+POLICIES: tuple[str, ...] = ("any", "exclusive", "round_robin", "broadcast")
+"""The receive policies (see docs/mailboxes.md)."""
+_FANNED = ("round_robin", "broadcast")  # each receiver has its own ring (_mailbox_fan)
+
+DEFAULT_CAPACITY = 1024
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_INLINE = 1024
+_SUFFIX = ".mbox"
+_LABEL = "mailbox"
+_SLOTS = 128  # participants (attached objects) per mailbox: the ring's maximum
+_RECEIPT_FLAG = 0x08  # frame flag bit 3: the sender asks for a receipt
+_OOL = b"\x00OOL"  # record prefix: the frame is in the block named after it
+_OOL_KIND = "mailbox-message"  # an out-of-line block's metadata: kind, mailbox segment
+_ACK = struct.Struct("<QII")  # message id, receiver pid, receiver uid
+_ACK_RING = 64 * 1024
+_MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
+_MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+# The frame of a message without buffers or receipt: the frame header, then the FIELDS
+# block of MESSAGE_ID, SENDER and SENT_AT (u16 length 30; tag, length, value each).
+_FAST = struct.Struct("<BBBBIHBBQBBIIBBQ")
+_FAST_FIELDS = 30
+# plain ints (an IntEnum member lookup costs ~0.1 us in 3.11, and the hot path has many)
+_DATA = int(Kind.DATA)
+_FIELDS = int(FIELDS_FLAG)
+_F_ID = int(Field.MESSAGE_ID)
+_F_SENDER = int(Field.SENDER)
+_F_SENT = int(Field.SENT_AT)
+_FAST_TAGS = (_F_ID, 8, _F_SENDER, 8, _F_SENT, 8)
+_SENDER = struct.Struct("<II")
+_WAKE = ".wake"  # NAME.mbox.wake: the FIFO a commit writes when a waiter armed
+_WAIT_SLICE = 0.1  # buzon.wait / asyncio: longest sleep between two looks (see _ready)
+_HOLD_BYTE = 4000  # exclusive: the holder's OFD lock (slot locks use bytes 0-127)
+_HOLD_POLL = 0.05  # exclusive: how often a waiting receiver retries the hold
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64/aarch64
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as :meth:`Mailbox.recv_message` returns it."""
+
+    body: Any
+    """The object that was sent."""
+    id: int
+    """The sender's id of this message (unique per sending mailbox object)."""
+    sender: PeerInfo
+    """Who sent it: ``.pid`` and ``.uid`` of the sending process."""
+    sent_at: float
+    """When it was sent (``time.time()`` of the sender)."""
+
+
+def _label(policy: str, capacity: int | None, max_inline: int) -> str:
+    return f"{_LABEL} {policy} {'none' if capacity is None else capacity} {max_inline}"
+
+
+def _parse_label(label: str) -> tuple[str, int | None, int]:
+    """(policy, capacity, max_inline) from a mailbox ring's label; ProtocolError if it
+    is not one."""
+    parts = label.split(" ")
+    try:
+        if len(parts) != 4 or parts[0] != _LABEL or parts[1] not in POLICIES:
+            raise ValueError(label)
+        capacity = None if parts[2] == "none" else int(parts[2])
+        return parts[1], capacity, int(parts[3])
+    except ValueError:
+        raise ProtocolError(f"segment label {label!r} is not a buzon mailbox's") from None
+
+
+def _ring_size(records: int, record: int) -> int:
+    need = records * ((_core.RECORD_HEADER + record + 7) & ~7)
+    cap = 4096
+    while cap < need:
+        cap <<= 1
+    return cap
+
+
+class MailboxReceipt:
+    """The fate of one message sent with :meth:`Mailbox.send_async`.
+
+    :meth:`done` says whether a receiver took it (never waits), :meth:`wait` waits
+    (:class:`~buzon.errors.Timeout` when ``timeout`` passes), and :attr:`receiver`
+    names the process that took it (``PeerInfo`` with ``.pid`` and ``.uid``). On a
+    broadcast mailbox the message went to ``expected`` receivers: :attr:`receivers`
+    lists those that took it so far, and ``done``/``wait`` mean all of them.
+    """
+
+    __slots__ = ("_box", "_receivers", "expected", "id")
+
+    def __init__(self, box: Mailbox, message_id: int, expected: int = 1) -> None:
+        self._box = box
+        self.id = message_id
+        self.expected = expected
+        self._receivers: list[PeerInfo] = []
+
+    @property
+    def receiver(self) -> PeerInfo | None:
+        """The (first) process that took the message, or None while nobody has."""
+        if not self._receivers:
+            self.done()
+        return self._receivers[0] if self._receivers else None
+
+    @property
+    def receivers(self) -> list[PeerInfo]:
+        """Every process that took the message so far (broadcast: one per receiver)."""
+        self.done()
+        return list(self._receivers)
+
+    def done(self) -> bool:
+        """True once the receiver (broadcast: every receiver it went to) took the
+        message; reads acknowledgements that already arrived, never waits."""
+        while len(self._receivers) < self.expected:
+            who = self._box._ack_of(self.id, 0.0)
+            if who is None:
+                break
+            self._receivers.append(who)
+        return len(self._receivers) >= self.expected
+
+    def wait(self, timeout: float | None = None) -> PeerInfo:
+        """Wait until a receiver (broadcast: every one) took the message and return
+        the first; ``Timeout`` if ``timeout`` seconds pass first, ``Undelivered`` if
+        the mailbox was removed first (or a broadcast went to no receiver)."""
+        if self.expected == 0:
+            raise Undelivered(f"message {self.id} went to no receiver (none was attached)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self._receivers) < self.expected:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            who = self._box._ack_of(self.id, left)
+            if who is None:
+                raise Timeout(
+                    f"message {self.id} was not taken within {timeout} s "
+                    f"({len(self._receivers)} of {self.expected} receivers took it)"
+                )
+            self._receivers.append(who)
+        return self._receivers[0]
+
+    def __repr__(self) -> str:
+        return f"<MailboxReceipt id={self.id} receivers={self._receivers}>"
+
+
+class Mailbox:
+    """A named mailbox on this host: any number of senders and receivers, in any mix
+    of processes and threads, share it. Made by :func:`buzon.mailbox`.
+
+    ``send`` blocks while the mailbox is full (capacity N) or until a receiver took the
+    message (capacity 0); ``recv`` blocks until a message arrives. ``timeout=None``
+    waits for ever, a number of seconds raises :class:`~buzon.errors.Timeout`; the
+    ``_nowait`` forms raise ``Full``/``Empty`` instead. Thread-safe. Passes to child
+    processes (spawn, forkserver, fork) by name, through multiprocessing or pickle.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int | EllipsisType | None = ...,
+        policy: Policy | EllipsisType = ...,
+        create: bool | None = None,
+        *,
+        max_inline: int = DEFAULT_MAX_INLINE,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_message: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        if name.startswith("name:"):
+            raise NoSuchEndpoint(
+                f"{name!r}: name: addresses need the name service, which is not there yet"
+            )
+        if policy == "broadcast" and capacity == 0:
+            raise ValueError(
+                "a broadcast mailbox cannot be a rendezvous (capacity=0): capacity is each "
+                "receiver's backlog; use N or None"
+            )
+        if policy is not ... and policy not in POLICIES:
+            raise ValueError(f"unknown mailbox policy {policy!r}; use one of {POLICIES}")
+        if (
+            capacity is not ...
+            and capacity is not None
+            and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0)
+        ):
+            raise ValueError(f"capacity must be 0, a positive int or None, not {capacity!r}")
+        if not 16 <= max_inline <= 1 << 20:
+            raise ValueError("max_inline must be between 16 bytes and 1 MiB")
+        if max_bytes < 4096:
+            raise ValueError("max_bytes must be at least 4096")
+        self.name = name
+        self.max_message = max_message
+        self.path = name_path(name, _SUFFIX)
+        ring, self.created = self._open(capacity, policy, create, max_inline, max_bytes)
+        self._setup(ring)
+
+    def _setup(self, ring: _core.Ring) -> None:
+        self._ring = ring
+        self._segment = ring.name
+        self.policy, self.capacity, self.max_inline = _parse_label(ring.info()["label"])
+        self._fixed = bool(ring.info()["record_size"])
+        self._inline = ring.max_message
+        self._local = threading.local()  # a codec per thread (codecs are not thread-safe)
+        self._ids = itertools.count(1)
+        self._uid = os.getuid()
+        self._lock = threading.Lock()  # acknowledgement ring and tables
+        self._acks: _core.Ring | None = None
+        self._acks_pid = 0
+        self._acked: OrderedDict[int, list[PeerInfo]] = OrderedDict()
+        self._reply_rings: OrderedDict[str, _core.Ring] = OrderedDict()
+        self._hold_fd = -1
+        self._hold_pid = 0
+        self._hold_lock = threading.Lock()
+        self._closed = False
+        self._wake_fd = _open_wake(self.path + _WAKE)
+        ring.set_notify(self._wake_fd, -1)
+        self._fan: Fan | None = None
+        if self.policy in _FANNED:
+            from ._mailbox_fan import Fan
+
+            self._fan = Fan(self)
+        # send's hot path: one ring, no rendezvous; a frame that fits a record
+        self._plain = self._fan is None and self.capacity != 0
+        self._fast_max = min(self._inline, self.max_message) - _FAST.size
+        self._counts = {"sent": 0, "received": 0, "acks_dropped": 0, "out_of_line": 0}
+        from . import _reduction
+
+        _reduction.register()
+
+    # ---- opening ---------------------------------------------------------------------
+
+    def _open(
+        self,
+        capacity: int | EllipsisType | None,
+        policy: Policy | EllipsisType,
+        create: bool | None,
+        max_inline: int,
+        max_bytes: int,
+    ) -> tuple[_core.Ring, bool]:
+        for _ in range(8):
+            segment = lookup(self.path)
+            if segment is not None:
+                try:
+                    ring = attach_ring(segment)
+                except NoSuchEndpoint:
+                    unpublish(self.path, segment)  # its segment is gone: a stale name
+                    continue
+                try:
+                    info = ring.info()
+                    if info["closed"]:  # being removed right now
+                        ring.close()
+                        time.sleep(0.001)
+                        continue
+                    have_policy, have_capacity, _ = _parse_label(info["label"])
+                except BaseException:
+                    ring.close()
+                    raise
+                if create:
+                    ring.close()
+                    raise EndpointInUse(f"mailbox {self.name!r} exists (create=True)")
+                if (capacity is not ... and capacity != have_capacity) or (
+                    policy is not ... and policy != have_policy
+                ):
+                    ring.close()
+                    raise EndpointInUse(
+                        f"mailbox {self.name!r} exists with capacity={have_capacity!r}, "
+                        f"policy={have_policy!r}, not capacity="
+                        f"{have_capacity if capacity is ... else capacity!r}, policy="
+                        f"{have_policy if policy is ... else policy!r}: open it with those "
+                        "values (or without them), or remove it first"
+                    )
+                return ring, False
+            if create is False:
+                raise NoSuchEndpoint(f"no mailbox named {self.name!r} (create=False)")
+            cap = DEFAULT_CAPACITY if capacity is ... else capacity
+            pol = "any" if policy is ... else policy
+            label = _label(pol, cap, max_inline)
+            if cap is None:
+                size = 1 << (max_bytes - 1).bit_length()
+                ring = create_ring(size, label=label, slots=_SLOTS)
+            else:
+                records = max(cap, 1)
+                ring = create_ring(
+                    _ring_size(records, max_inline),
+                    label=label,
+                    slots=_SLOTS,
+                    records=records,
+                    record_size=max_inline,
+                )
+            if pol in _FANNED:
+                from ._mailbox_fan import create_table, table_name
+
+                create_table(ring.name)
+            if publish(self.path, ring.name):
+                return ring, True
+            ring.close()  # somebody else created it first: use theirs
+            remove_segment(ring.name)
+            if pol in _FANNED:
+                remove_segment(table_name(ring.name))
+        raise NoSuchEndpoint(f"mailbox {self.name!r} keeps changing; try again")
+
+    @classmethod
+    def _attach_segment(cls, name: str, path: str, segment: str) -> Mailbox:
+        """The mailbox ``name`` by its segment: how a child process attaches the
+        mailbox it was passed, wherever its own runtime dir is."""
+        self = cls.__new__(cls)
+        self.name = name
+        self.path = path
+        self.max_message = DEFAULT_MAX_FRAME
+        self.created = False
+        self._setup(attach_ring(segment))
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_attach, (self.name, self.path, self._ring.name, self.max_message))
+
+    # ---- sending ---------------------------------------------------------------------
+
+    def _codec(self) -> Codec:
+        codec: Codec | None = getattr(self._local, "codec", None)
+        if codec is None:
+            codec = self._local.codec = Codec()
+        return codec
+
+    def _encode(self, obj: Any, message_id: int, reply_to: str | None) -> list[Any]:
+        codec_id, body, buffers = self._codec().encode(obj)
+        if not buffers and reply_to is None and len(body) + _FAST.size <= self.max_message:
+            # the common frame, header and fields in one pack (the same bytes as below)
+            head = _FAST.pack(
+                1, _DATA, codec_id | _FIELDS, 0, len(body), _FAST_FIELDS,
+                _F_ID, 8, message_id,
+                _F_SENDER, 8, os.getpid(), self._uid,
+                _F_SENT, 8, time.time_ns(),
+            )  # fmt: skip
+            return [head, body]
+        fields: dict[int, bytes] = {
+            Field.MESSAGE_ID: _U64.pack(message_id),
+            Field.SENDER: _SENDER.pack(os.getpid(), self._uid),
+            Field.SENT_AT: _U64.pack(time.time_ns()),
+        }
+        if reply_to is not None:
+            fields[Field.REPLY_TO] = reply_to.encode("ascii")
+            codec_id |= _RECEIPT_FLAG
+        try:
+            return encode_frame(
+                Kind.DATA, codec_id, body, buffers, max_frame=self.max_message, fields=fields
+            )
+        except MessageTooLarge as exc:
+            size = sum(memoryview(b).nbytes for b in buffers) + len(body)
+            raise MessageTooLarge(
+                f"a message of {size} bytes is over mailbox {self.name!r}'s limit of "
+                f"{self.max_message} bytes: open it with a larger max_message= (every "
+                "process that receives from it too), or send smaller messages"
+            ) from exc
+
+    def _record(self, parts: list[Any]) -> list[Any]:
+        """The ring record for a frame: itself, or a reference to a block holding it."""
+        total = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
+        if total <= self._inline:
+            return parts
+        block_name = new_segment_name()
+        meta = json.dumps({"kind": _OOL_KIND, "mailbox": self._segment}).encode()
+        block = _core.Block.create("/" + block_name, total, meta, 2)
+        try:
+            pos = 0
+            for p in parts:
+                block.write(pos, p)
+                pos += memoryview(p).nbytes
+        except BaseException:
+            block.close()
+            remove_segment(block_name)
+            raise
+        block.close()
+        self._counts["out_of_line"] += 1
+        return [_OOL + block_name.encode("ascii")]
+
+    def _put(self, record: list[Any], timeout: float | None, nowait: bool) -> None:
+        self._check_open()
+        try:
+            if nowait or self.capacity is None:
+                self._ring.send_nowait(record)
+            else:
+                self._ring.send(record, timeout)
+        except (Full, EndOfChannel) as exc:
+            self._drop_record(record)
+            self._put_failed(exc)
+        except BaseException:
+            self._drop_record(record)
+            raise
+        self._counts["sent"] += 1
+
+    def _put_failed(self, exc: Exception) -> NoReturn:
+        """The mailbox's error for a ring that was full (``Full``) or shut down."""
+        if isinstance(exc, EndOfChannel):
+            raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
+        if self.capacity is None:
+            raise Full(
+                f"mailbox {self.name!r} is full: capacity=None holds messages up to its "
+                f"byte cap, max_bytes={self._ring.capacity}; receive faster, or create "
+                "it with a larger max_bytes="
+            ) from None
+        raise Full(f"mailbox {self.name!r} is full (capacity={self.capacity})") from None
+
+    def _put_round_robin(self, record: list[Any], deadline: float | None, nowait: bool) -> None:
+        """Hand ``record`` to the next receiver with room, waiting (polling) for one."""
+        assert self._fan is not None
+        delay = 0.0005
+        try:
+            while True:
+                self._check_open()
+                if self._ring.info()["closed"]:
+                    raise NoSuchEndpoint(f"mailbox {self.name!r} was removed")
+                if self._fan.round_robin(record):
+                    self._counts["sent"] += 1
+                    return
+                if nowait:
+                    raise Full(
+                        f"mailbox {self.name!r}: no receiver has room (capacity="
+                        f"{self.capacity} each) or none is attached"
+                    )
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Timeout(
+                        f"mailbox {self.name!r}: no receiver had room (or none was attached)"
+                    )
+                left = 0.01 if deadline is None else max(0.0, deadline - time.monotonic())
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 0.01)
+        except BaseException:
+            self._drop_record(record)
+            raise
+
+    def _new_backlog(self) -> _core.Ring:
+        """A ring for one receiver of a round_robin/broadcast mailbox (its backlog)."""
+        label = f"mailbox-rx {self.name}"
+        if self.capacity is None:
+            return create_ring(self._ring.capacity, label=label, slots=_SLOTS)
+        records = max(self.capacity, 1)
+        return create_ring(
+            _ring_size(records, self.max_inline),
+            label=label,
+            slots=_SLOTS,
+            records=records,
+            record_size=self.max_inline,
+        )
+
+    def _rx(self) -> _core.Ring:
+        """The ring this object receives from: the mailbox's, or its own backlog."""
+        return self._ring if self._fan is None else self._fan.subscribe()
+
+    @staticmethod
+    def _drop_record(record: list[Any]) -> None:
+        first = bytes(memoryview(record[0])[:4]) if record else b""
+        if len(record) == 1 and first == _OOL:
+            remove_segment(bytes(record[0][4:]).decode("ascii"))
+
+    def _send(self, obj: Any, timeout: float | None, nowait: bool, receipt: bool) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rendezvous = self.capacity == 0 and not nowait
+        message_id = next(self._ids)
+        if self._fan is not None and self.policy == "broadcast":
+            return self._send_broadcast(obj, message_id, receipt)[0]
+        reply_to = self._ack_ring().name if (receipt or rendezvous) else None
+        record = self._record(self._encode(obj, message_id, reply_to))
+        if self._fan is not None:
+            self._put_round_robin(record, deadline, nowait)
+        else:
+            self._put(record, timeout, nowait)
+        if rendezvous and not receipt:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._ack_of(message_id, left) is None:
+                raise Timeout(
+                    f"no receiver took the message within {timeout} s (capacity=0: it "
+                    "stays in the mailbox and a receiver may still take it)"
+                )
+        return message_id
+
+    def send(self, obj: Any, timeout: float | None = None) -> None:
+        """Put ``obj`` into the mailbox, waiting while it is full (capacity N) or until
+        a receiver took it (capacity 0). ``NoSuchEndpoint`` once it was removed."""
+        if self._plain:  # the hot path: one ring, a small message, no receipt
+            if type(obj) is bytes and len(obj) <= self._fast_max:
+                codec_id, body, buffers = 0, obj, None  # raw: bytes need no codec
+            else:
+                codec_id, body, buffers = self._codec().encode(obj)
+            if not buffers and len(body) <= self._fast_max:
+                if self._closed:
+                    raise ChannelClosed(f"mailbox {self.name!r} was closed")
+                try:  # the record built and sent in one C call (_core_mailbox.c)
+                    _core.mailbox_send(
+                        self._ring,
+                        body,
+                        codec_id,
+                        next(self._ids),
+                        self._uid,
+                        0 if self.capacity is None else timeout,
+                    )
+                except (Full, EndOfChannel) as exc:
+                    self._put_failed(exc)
+                self._counts["sent"] += 1
+                return
+        self._send(obj, timeout, False, False)
+
+    def send_nowait(self, obj: Any) -> None:
+        """Put ``obj`` into the mailbox or raise ``Full`` (capacity 0: if the one
+        hand-over place is taken; it does not wait for a receiver)."""
+        self._send(obj, 0, True, False)
+
+    def send_many(self, objs: Iterable[Any], timeout: float | None = None) -> int:
+        """Send each object in turn (``timeout`` for each); returns how many."""
+        n = 0
+        for obj in objs:
+            self._send(obj, timeout, False, False)
+            n += 1
+        return n
+
+    def _send_broadcast(self, obj: Any, message_id: int, receipt: bool) -> tuple[int, int]:
+        """(message id, how many receivers it went to) of a broadcast."""
+        self._check_open()
+        reply_to = self._ack_ring().name if receipt else None
+        assert self._fan is not None
+        delivered = self._fan.broadcast(self._encode(obj, message_id, reply_to))
+        self._counts["sent"] += 1
+        return message_id, delivered
+
+    def send_async(self, obj: Any, timeout: float | None = None) -> MailboxReceipt:
+        """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
+        never for a receiver) and return a receipt naming who takes it (broadcast:
+        every receiver it went to, ``receipt.receivers``)."""
+        if self._fan is not None and self.policy == "broadcast":
+            return MailboxReceipt(self, *self._send_broadcast(obj, next(self._ids), True))
+        return MailboxReceipt(self, self._send(obj, timeout, False, True))
+
+    # ---- receipts ----------------------------------------------------------------------
+
+    def _ack_ring(self) -> _core.Ring:
+        with self._lock:
+            if self._acks is None or self._acks_pid != os.getpid():
+                # a forked child makes its own: acknowledgements go to their sender
+                self._acks = create_ring(_ACK_RING, label=f"mailbox-acks {self.name}")
+                self._acks_pid = os.getpid()
+            return self._acks
+
+    def _ack_of(self, message_id: int, timeout: float | None) -> PeerInfo | None:
+        """Who took message ``message_id``, waiting up to ``timeout`` (None: for ever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        removed = False
+        while True:
+            with self._lock:
+                waiting = self._acked.get(message_id)
+                if waiting:
+                    who = waiting.pop(0)
+                    if not waiting:
+                        del self._acked[message_id]
+                    return who
+                acks = self._acks
+                if acks is None or self._acks_pid != os.getpid():
+                    return None
+                if self._closed:
+                    raise ChannelClosed(f"mailbox {self.name!r} was closed")
+                left = 0.02 if deadline is None else min(0.02, deadline - time.monotonic())
+                data: bytes | None
+                try:
+                    data = acks.recv(left) if left > 0 else acks.recv_nowait()
+                except (Timeout, Empty):
+                    data = None
+                if data is not None and len(data) == _ACK.size:
+                    mid, pid, uid = _ACK.unpack(data)
+                    if mid == message_id:
+                        return PeerInfo(pid=pid, uid=uid)
+                    self._acked.setdefault(mid, []).append(PeerInfo(pid=pid, uid=uid))
+                    while len(self._acked) > _MAX_ACKS:
+                        self._acked.popitem(last=False)
+            if data is None:
+                if removed:  # and no acknowledgement came in one more slice
+                    raise Undelivered(
+                        f"mailbox {self.name!r} was removed before message {message_id} was taken"
+                    )
+                removed = not self._ring_exists()
+                if deadline is not None and time.monotonic() >= deadline and not removed:
+                    return None
+
+    def _ring_exists(self) -> bool:
+        try:
+            return not self._ring.info()["closed"]
+        except Exception:
+            return False
+
+    def _acknowledge(self, reply_to: bytes, message_id: int) -> None:
+        name = reply_to.decode("ascii", "replace")
+        with self._lock:
+            ring = self._reply_rings.get(name)
+            if ring is None:
+                try:
+                    ring = attach_ring(name)
+                except Exception:  # its sender is gone, or a bad name: nobody to tell
+                    self._counts["acks_dropped"] += 1
+                    return
+                self._reply_rings[name] = ring
+                while len(self._reply_rings) > _MAX_ACK_RINGS:
+                    self._reply_rings.popitem(last=False)[1].close()
+            else:
+                self._reply_rings.move_to_end(name)
+        if not ring.try_send(_ACK.pack(message_id, os.getpid(), os.getuid())):
+            self._counts["acks_dropped"] += 1
+
+    # ---- receiving ---------------------------------------------------------------------
+
+    def _take(self, timeout: float | None) -> bytes:
+        """The next record's frame (out-of-line ones fetched), waiting up to timeout."""
+        if self._closed:
+            raise ChannelClosed(f"mailbox {self.name!r} was closed")
+        if timeout is None:
+            deadline = None
+        else:
+            if timeout == 0.0 and self.policy == "any":
+                data = self._ring.recv_nowait()
+                return data if data[:4] != _OOL else self._fetch(data, timeout)
+            deadline = time.monotonic() + timeout
+        if self.policy == "exclusive":
+            self._hold(deadline)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ring = self._rx()
+        data = ring.recv(left) if left != 0.0 else ring.recv_nowait()
+        return data if data[:4] != _OOL else self._fetch(data, timeout)
+
+    def _fetch(self, data: bytes, timeout: float | None) -> bytes:
+        """The frame an out-of-line record points to (its block removed once read); the
+        next message if the block is gone (``buzon clean --force`` removed it)."""
+        block_name = data[4:].decode("ascii", "replace")
+        try:
+            block = _core.Block.attach("/" + block_name)
+        except FileNotFoundError:
+            return self._take(timeout)
+        try:
+            return bytes(memoryview(block))
+        finally:
+            block.close()
+            remove_segment(block_name)
+
+    def _decode(self, data: bytes) -> tuple[Any, int, int, int, int]:
+        """(object, message id, sender pid, sender uid, sent_at ns) of a frame."""
+        n = len(data)
+        if (
+            n >= _FAST.size
+            and data[2] & 0xF8 == _FIELDS  # no receipt, not chunked
+            and data[8] == _FAST_FIELDS
+            and data[9] == 0
+            and data[3] == 0  # no out-of-band buffers
+        ):
+            (version, kind, flags, _, blen, _, t1, l1, message_id, t2, l2, pid, uid, t3, l3, ns) = (
+                _FAST.unpack_from(data)
+            )
+            if (
+                version == 1
+                and kind == _DATA
+                and (t1, l1, t2, l2, t3, l3) == _FAST_TAGS
+                and _FAST.size + blen == n
+            ):
+                self._counts["received"] += 1
+                body = memoryview(data)[_FAST.size :]
+                return self._codec().decode(flags & 7, body, []), message_id, pid, uid, ns
+        frame = parse_frame(data, self.max_message)
+        fields = frame.fields or {}
+        try:
+            message_id = _U64.unpack(fields[Field.MESSAGE_ID])[0]
+            pid, uid = _SENDER.unpack(fields[Field.SENDER])
+            ns = _U64.unpack(fields[Field.SENT_AT])[0]
+        except (KeyError, struct.error):
+            raise ProtocolError(
+                f"mailbox {self.name!r}: a message without its id, sender or time"
+            ) from None
+        self._counts["received"] += 1
+        if frame.receipt and Field.REPLY_TO in fields:
+            self._acknowledge(fields[Field.REPLY_TO], message_id)
+        return (
+            self._codec().decode(frame.codec, frame.body, frame.buffers),
+            message_id,
+            pid,
+            uid,
+            ns,
+        )
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """Take the next message's object, waiting for one; ``EndOfChannel`` once the
+        mailbox was removed and is empty."""
+        if self.policy == "any" and not self._closed and (timeout is None or timeout > 0):
+            got = _core.mailbox_recv(self._ring, timeout)  # the hot path: one C call
+            if isinstance(got, tuple):  # the common record: (codec, body)
+                self._counts["received"] += 1
+                codec_id, body = got
+                return body if codec_id == 0 else self._codec().decode(codec_id, body, [])
+            data = got
+            if data[:4] == _OOL:
+                data = self._fetch(data, timeout)
+            return self._decode(data)[0]
+        return self._decode(self._take(timeout))[0]
+
+    def recv_nowait(self) -> Any:
+        """Take the next message's object or raise ``Empty``."""
+        return self._decode(self._take(0.0))[0]
+
+    def recv_message(self, timeout: float | None = None) -> Message:
+        """Take the next message with its id, sender and time (:class:`Message`)."""
+        body, message_id, pid, uid, ns = self._decode(self._take(timeout))
+        return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
+
+    # ---- the exclusive policy ------------------------------------------------------------
+
+    def _hold(self, deadline: float | None) -> None:
+        """Become the mailbox's one receiver (exclusive), waiting for the holder."""
+        if self._hold_fd >= 0 and self._hold_pid != os.getpid():
+            # a forked child: the inherited fd shares the parent's hold, not its own
+            os.close(self._hold_fd)
+            self._hold_fd = -1
+        if self._hold_fd >= 0:
+            return
+        with self._hold_lock:
+            if self._hold_fd >= 0:
+                return
+            fd = os.open("/dev/shm/" + self._ring.name.lstrip("/"), os.O_RDWR | os.O_CLOEXEC)
+            lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _HOLD_BYTE, 1, 0)
+            try:
+                while True:
+                    try:
+                        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
+                        self._hold_fd, fd = fd, -1
+                        self._hold_pid = os.getpid()
+                        return
+                    except OSError as exc:
+                        if exc.errno not in (11, 13):  # EAGAIN, EACCES: held
+                            raise
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise Timeout(
+                            f"mailbox {self.name!r} is held by another receiver "
+                            "(policy='exclusive')"
+                        )
+                    self._check_open()
+                    if self._ring.info()["closed"]:
+                        raise EndOfChannel(f"mailbox {self.name!r} was removed")
+                    time.sleep(_HOLD_POLL)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+    def holding(self) -> bool:
+        """policy='exclusive': True while this object is the mailbox's receiver."""
+        return self._hold_fd >= 0 and self._hold_pid == os.getpid()
+
+    # ---- readiness: buzon.wait and the asyncio twin ------------------------------------
+
+    def fileno(self) -> int:
+        """A fd that becomes readable when a message may have arrived (for
+        ``select``/``poll``/``buzon.wait``; arm it with :meth:`_ready` first)."""
+        return self._wake_fd
+
+    def _ready(self) -> bool:
+        """True if a message (or the end) is there; else arm the wake-up: the next
+        commit by any sender writes :meth:`fileno`.
+
+        A waiter that finds nothing empties the FIFO first, so the fd does not stay
+        readable for ever. With several waiters one may empty the FIFO under another
+        that was just woken; the others then find the message at their next look, which
+        is why waiters sleep at most ``_WAIT_SLICE`` at a time (``_wait_slice``)."""
+        if self._closed:
+            return True  # recv_nowait raises ChannelClosed: not Empty
+        ring = self._rx()
+        if ring.arm_data():
+            return True
+        try:
+            while os.read(self._wake_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        return bool(ring.arm_data())
+
+    _wait_slice = _WAIT_SLICE
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosed(f"mailbox {self.name!r} was closed")
+
+    def qsize(self) -> int:
+        """Messages in the mailbox right now (approximate under concurrent use)."""
+        ring = self._ring
+        if self._fan is not None and self._fan.mine is not None:
+            ring = self._fan.mine[1]  # a receiver's own backlog
+        return _depth(ring.info())
+
+    def __len__(self) -> int:
+        return self.qsize()
+
+    def statistics(self) -> dict[str, int]:
+        """This object's counts (sent, received, out_of_line, acks_dropped) and the
+        mailbox's: depth, abandoned (messages lost to killed senders or receivers)."""
+        info = self._ring.info()
+        dropped = self._fan.dropped if self._fan is not None else 0
+        return dict(self._counts, depth=self.qsize(), abandoned=info["abandoned"], dropped=dropped)
+
+    def exists(self) -> bool:
+        """True while the mailbox's name still leads to its segment."""
+        segment = lookup(self.path)
+        return segment is not None and segment_exists(segment)
+
+    def close(self) -> None:
+        """Detach this object (the mailbox and its messages stay; see :meth:`remove`)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._fan is not None:
+                left = self._fan.unsubscribe()
+                for data in left:  # round_robin: what it had not taken goes to the others
+                    if self.policy != "round_robin" or not self._fan.round_robin([data]):
+                        self._drop_record([data])
+                        self._fan.dropped += 1
+                self._fan.close()
+            if self._acks is not None and self._acks_pid == os.getpid():
+                name = self._acks.name
+                self._acks.close()
+                remove_segment(name)
+            self._acks = None
+            for ring in self._reply_rings.values():
+                ring.close()
+            self._reply_rings.clear()
+        if self._hold_fd >= 0:
+            os.close(self._hold_fd)
+            self._hold_fd = -1
+        self._ring.close()
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+
+    def remove(self) -> None:
+        """Destroy the mailbox: waiting receivers get ``EndOfChannel``, later sends
+        ``NoSuchEndpoint``, messages still in it are discarded; its name and segment are
+        unlinked, and the next ``buzon.mailbox(name)`` makes a new one. This object is
+        closed (``remove()`` after ``close()`` works too)."""
+        segment = self._segment
+        ring = self._ring
+        if self._closed:
+            try:
+                ring = attach_ring(segment)
+            except NoSuchEndpoint:
+                unpublish(self.path, segment)
+                return
+        ring.shutdown()
+        unpublish(self.path, segment)
+        if self.policy in _FANNED:
+            from ._mailbox_fan import Fan
+
+            fan = self._fan if self._fan is not None and not self._closed else Fan(self)
+            fan.shutdown_all()
+            if fan is not self._fan:
+                fan.close()
+        try:
+            os.unlink(self.path + _WAKE)
+        except FileNotFoundError:
+            pass
+        while True:  # out-of-line messages nobody will take: remove their blocks
+            try:
+                data = ring.recv_nowait()
+            except Exception:
+                break
+            if data[:4] == _OOL:
+                remove_segment(data[4:].decode("ascii", "replace"))
+        remove_segment(segment)
+        if ring is not self._ring:
+            ring.close()
+        self.close()
+
+    def __enter__(self) -> Mailbox:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        cap = "None" if self.capacity is None else self.capacity
+        return f"<Mailbox {self.name!r} policy={self.policy!r} capacity={cap}>"
+
+
+def _open_wake(path: str) -> int:
+    """Open (creating it if absent) the mailbox's wake-up FIFO, read-write and
+    non-blocking: every user holds it open, so writes never block or fail on it."""
+    from ._runtime import check_endpoint_path
+
+    for _ in range(3):
+        check_endpoint_path(path, must_exist=False)
+        try:
+            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                os.mkfifo(path, 0o600)
+            except FileExistsError:
+                pass
+    raise NoSuchEndpoint(f"cannot make the wake-up FIFO {path}")
+
+
+def _attach(name: str, path: str, segment: str, max_message: int) -> Mailbox:
+    box = Mailbox._attach_segment(name, path, segment)
+    box.max_message = max_message
+    box._fast_max = min(box._inline, max_message) - _FAST.size
+    return box
+
+
+def mailbox(
+    name: str,
+    capacity: int | EllipsisType | None = ...,
+    policy: Policy | EllipsisType = ...,
+    create: bool | None = None,
+    *,
+    max_inline: int = DEFAULT_MAX_INLINE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_message: int = DEFAULT_MAX_FRAME,
+) -> Mailbox:
+    """Open the mailbox ``name`` on this host, creating it if absent.
+
+    ``capacity``: 0 (rendezvous: ``send`` returns once a receiver took the message), N
+    (``send`` waits while N messages wait; default 1024) or None (unbounded up to
+    ``max_bytes`` of messages, then ``Full``). ``policy``: who gets each message;
+    ``"any"`` (default): the receiver that asks first; ``"exclusive"``: one receiver at
+    a time holds the mailbox, the next takes over when it closes or dies.
+    ``create``: None opens or creates, True only creates (``EndpointInUse`` if it
+    exists), False only opens (``NoSuchEndpoint``). Opening an existing mailbox with
+    another ``capacity`` or ``policy`` raises ``EndpointInUse``; leave them out to take
+    what it has. ``max_inline``: bytes a message may take inside the ring (bigger ones
+    go out of line, in a block of their own); ``max_message``: the frame cap
+    (``MessageTooLarge`` above it).
+    """
+    return Mailbox(
+        name,
+        capacity,
+        policy,
+        create,
+        max_inline=max_inline,
+        max_bytes=max_bytes,
+        max_message=max_message,
+    )
+
+
+# ---- forensics: buzon ls / buzon clean ------------------------------------------------
+
+
+def _depth(info: dict[str, Any]) -> int:
+    return max(0, int(info["committed"] - info["consumed"] - info["abandoned"]))
+
+
+def _block_meta(name: str) -> dict[str, Any] | None:
+    """The metadata of block segment ``name`` (at [3072, 4096) of its last page), read
+    without attaching it; None if it has none that parses."""
+    try:
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, 1024, size - 4096 + 3072) if size >= 4096 else b""
+    finally:
+        os.close(fd)
+    try:
+        meta = json.loads(raw.rstrip(b"\0") or b"null")
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def keeps(seg: SegmentInfo, *, force: bool = False) -> str | None:
+    """Why ``buzon clean`` must keep ``seg``, a segment no process holds (None: it may
+    go). A mailbox lives until removed: one with messages in it stays unless
+    ``force``; the out-of-line block of a message still in a mailbox always stays
+    while that mailbox exists (it goes with it)."""
+    if seg.kind == "ring" and seg.label.startswith(_LABEL + " ") and not force:
+        depth = _depth(seg.details)
+        if depth:
+            return f"mailbox with {depth} message(s) in it (clean --force removes it)"
+    if seg.kind == "block":
+        meta = _block_meta(seg.name)
+        if meta is not None and meta.get("kind") == _OOL_KIND:
+            box = meta.get("mailbox")
+            if isinstance(box, str) and segment_exists(box):
+                return "a message of a mailbox that exists"
+    return None
+
+
+def describe(segment: str) -> str:
+    """``buzon ls``: the state of the mailbox in ``segment``: policy, capacity, depth,
+    live users (pids), age and messages taken so far."""
+    info = _core.inspect(segment if segment.startswith("/") else "/" + segment)
+    policy, capacity, _ = _parse_label(info["label"])
+    pids = sorted({pid for _slot, pid, live in info["participants"] if live})
+    age = max(0.0, time.time() - info["created_ns"] / 1e9)
+    users = "pid " + ",".join(map(str, pids)) if pids else "no live users"
+    cap = "None" if capacity is None else capacity
+    return (
+        f"policy={policy} capacity={cap} depth={_depth(info)}, {users}, age {age:.0f} s, "
+        f"{info['consumed']} taken, {info['abandoned']} lost"
+    )

@@ -1,0 +1,262 @@
+"""The asyncio twin of :func:`buzon.mailbox`: ``box = buzon.aio.mailbox("jobs")``, then
+``await box.send(obj)`` and ``await box.recv()``.
+
+It wraps the blocking :class:`buzon._mailbox.Mailbox` (the same ring, the same
+names, the same semantics) and never blocks the event loop: every operation is tried
+without waiting, and when it must wait it waits on the mailbox's wake-up FIFO with
+``loop.add_reader`` (a commit by any sender writes it once a waiter armed it; see
+``Mailbox._ready``), in slices of at most ``_wait_slice`` seconds. Waiting for room, for
+the holder of an exclusive mailbox and for a receipt polls instead, with a delay that
+grows from 0.5 ms to 20 ms (no sender-side wake-up exists for those yet).
+
+Cancellation is safe: a cancelled ``recv`` has taken nothing (it takes a message only
+in a non-waiting call, never across an ``await``), a cancelled ``send`` has sent
+nothing unless it was a rendezvous waiting for its receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import EllipsisType, TracebackType
+from typing import Any
+
+from .._mailbox import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_INLINE,
+    Mailbox,
+    Message,
+    Policy,
+)
+from ..errors import Empty, Full, Timeout
+from ..protocol.frames import DEFAULT_MAX_FRAME
+from ..transport.base import PeerInfo
+from ._channel import deadline_of, wait_ready
+
+__all__ = ["AioMailbox", "AioMailboxReceipt", "mailbox"]
+
+_MIN_DELAY = 0.0005
+_MAX_DELAY = 0.02
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+async def _backoff(delay: float, deadline: float | None, what: str) -> float:
+    left = _left(deadline)
+    if left is not None and left <= 0:
+        raise Timeout(f"{what} timed out")
+    await asyncio.sleep(delay if left is None else min(delay, left))
+    return min(delay * 2, _MAX_DELAY)
+
+
+class AioMailboxReceipt:
+    """``send_async``'s receipt in asyncio: ``await receipt.wait(timeout)`` returns the
+    receiver's ``PeerInfo``; ``done()`` and ``receiver`` never wait."""
+
+    def __init__(self, box: Mailbox, message_id: int, expected: int = 1) -> None:
+        from .._mailbox import MailboxReceipt
+
+        self._sync = MailboxReceipt(box, message_id, expected)
+        self.id = message_id
+
+    @property
+    def receiver(self) -> PeerInfo | None:
+        """The process that took the message, or None while nobody has."""
+        return self._sync.receiver
+
+    @property
+    def receivers(self) -> list[PeerInfo]:
+        """Every process that took the message so far (broadcast: one per receiver)."""
+        return self._sync.receivers
+
+    def done(self) -> bool:
+        """True once a receiver (broadcast: every one) took the message (never waits)."""
+        return self._sync.done()
+
+    async def wait(self, timeout: float | None = None) -> PeerInfo:
+        """Wait until a receiver took the message; return who did."""
+        deadline = deadline_of(timeout)
+        delay = _MIN_DELAY
+        if self._sync.expected == 0:
+            self._sync.wait(0)  # Undelivered: it went to no receiver
+        while not self._sync.done():
+            delay = await _backoff(delay, deadline, f"receipt of message {self.id}")
+        assert self._sync.receiver is not None
+        return self._sync.receiver
+
+    def __await__(self) -> Any:
+        return self.wait().__await__()
+
+
+class AioMailbox:
+    """A mailbox for asyncio tasks (made by :func:`buzon.aio.mailbox`); the blocking
+    object is ``.sync``, and everything not awaited here (``qsize``, ``statistics``,
+    ``exists``, ``close``, ``remove``, ``name``, ``policy``, ``capacity``, ``created``)
+    is the same as there."""
+
+    def __init__(self, box: Mailbox) -> None:
+        self.sync = box
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _SHARED:
+            return getattr(self.sync, name)
+        raise AttributeError(name)
+
+    def __len__(self) -> int:
+        return len(self.sync)
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def _send(self, obj: Any, timeout: float | None, receipt: bool) -> int:
+        box = self.sync
+        deadline = deadline_of(timeout)
+        delay = _MIN_DELAY
+        rendezvous = box.capacity == 0
+        while True:
+            try:
+                message_id = box._send(obj, 0, True, receipt or rendezvous)
+                break
+            except Full:
+                if box.capacity is None:
+                    raise
+                delay = await _backoff(delay, deadline, f"send to mailbox {box.name!r}")
+        if rendezvous and not receipt:
+            delay = _MIN_DELAY
+            while box._ack_of(message_id, 0.0) is None:
+                left = _left(deadline)
+                if left is not None and left <= 0:
+                    raise Timeout(
+                        f"no receiver took the message within {timeout} s (capacity=0: it "
+                        "stays in the mailbox and a receiver may still take it)"
+                    )
+                delay = await _backoff(delay, deadline, "rendezvous")
+        return message_id
+
+    async def send(self, obj: Any, timeout: float | None = None) -> None:
+        """:meth:`buzon.Mailbox.send`, awaited."""
+        await self._send(obj, timeout, False)
+
+    def send_nowait(self, obj: Any) -> None:
+        """:meth:`buzon.Mailbox.send_nowait` (never waits)."""
+        self.sync.send_nowait(obj)
+
+    async def send_many(self, objs: Any, timeout: float | None = None) -> int:
+        """Send each object in turn; returns how many."""
+        n = 0
+        for obj in objs:
+            await self._send(obj, timeout, False)
+            n += 1
+        return n
+
+    async def send_async(self, obj: Any, timeout: float | None = None) -> AioMailboxReceipt:
+        """Send ``obj`` (waiting for room, never for a receiver); a receipt naming who
+        takes it."""
+        box = self.sync
+        if box.policy == "broadcast":
+            return AioMailboxReceipt(box, *box._send_broadcast(obj, next(box._ids), True))
+        return AioMailboxReceipt(box, await self._send(obj, timeout, True))
+
+    # -- receiving -----------------------------------------------------------------------
+
+    async def _take(self, timeout: float | None) -> bytes:
+        box = self.sync
+        deadline = deadline_of(timeout)
+        delay = _MIN_DELAY
+        while True:
+            try:
+                return box._take(0.0)
+            except Empty:
+                pass
+            except Timeout:  # exclusive: another receiver holds the mailbox
+                delay = await _backoff(delay, deadline, f"recv from mailbox {box.name!r}")
+                continue
+            if box._ready():
+                continue
+            until = time.monotonic() + box._wait_slice
+            if deadline is not None:
+                if deadline <= time.monotonic():
+                    raise Timeout(f"recv from mailbox {box.name!r} timed out")
+                until = min(until, deadline)
+            await wait_ready([box.fileno()], (), until)
+
+    async def recv_message(self, timeout: float | None = None) -> Message:
+        """:meth:`buzon.Mailbox.recv_message`, awaited."""
+        body, message_id, pid, uid, ns = self.sync._decode(await self._take(timeout))
+        return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
+
+    async def recv(self, timeout: float | None = None) -> Any:
+        """:meth:`buzon.Mailbox.recv`, awaited."""
+        return self.sync._decode(await self._take(timeout))[0]
+
+    def recv_nowait(self) -> Any:
+        """:meth:`buzon.Mailbox.recv_nowait` (never waits)."""
+        return self.sync.recv_nowait()
+
+    # -- readiness (buzon.aio.wait) and the rest ----------------------------------------------
+
+    def fileno(self) -> int:
+        """The wake-up fd (see :meth:`buzon.Mailbox.fileno`)."""
+        return self.sync.fileno()
+
+    def _ready(self) -> bool:
+        return self.sync._ready()
+
+    @property
+    def _wait_slice(self) -> float:
+        return self.sync._wait_slice
+
+    async def __aenter__(self) -> AioMailbox:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.sync.close()
+
+    def __repr__(self) -> str:
+        return "<aio " + repr(self.sync)[1:]
+
+
+_SHARED = frozenset(
+    {
+        "name",
+        "policy",
+        "capacity",
+        "created",
+        "qsize",
+        "statistics",
+        "exists",
+        "close",
+        "remove",
+        "holding",
+        "max_inline",
+        "max_message",
+    }
+)
+
+
+def mailbox(
+    name: str,
+    capacity: int | EllipsisType | None = ...,
+    policy: Policy | EllipsisType = ...,
+    create: bool | None = None,
+    *,
+    max_inline: int = DEFAULT_MAX_INLINE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_message: int = DEFAULT_MAX_FRAME,
+) -> AioMailbox:
+    """The asyncio twin of :func:`buzon.mailbox` (same arguments; opening does not
+    wait, so it is a plain call)."""
+    return AioMailbox(
+        Mailbox(
+            name,
+            capacity,
+            policy,
+            create,
+            max_inline=max_inline,
+            max_bytes=max_bytes,
+            max_message=max_message,
+        )
+    )
