@@ -29,6 +29,8 @@ from typing import Any
 
 import buzon
 
+from ._runtime import runtime_dir
+
 __all__ = ["main"]
 
 TIMEOUT = 5.0  # seconds: the bound on every wait of the demo
@@ -491,6 +493,67 @@ def demo_shm(kids: _Children) -> None:
     _line("clean", "nothing of this section is left in /dev/shm")
 
 
+def demo_mailbox(kids: _Children) -> None:
+    _line("concept", "indirect communication: senders and receivers name a mailbox, not each other")
+    name = f"demo-jobs-{os.getpid()}"
+    jobs = 40
+    workers: list[int] = []
+    listeners: list[int] = []
+    with buzon.mailbox(name, capacity=8, create=True) as box:
+        try:
+            workers += [kids.fork(functools.partial(_work, name)) for _ in range(2)]
+            receipts = [box.send_async({"job": i}, TIMEOUT) for i in range(jobs)]
+            takers = [r.wait(TIMEOUT).pid for r in receipts]
+            for _ in workers:
+                box.send(None, TIMEOUT)  # one stop marker each
+            for pid in workers:
+                kids.reap(pid)
+            _expect(set(takers) <= set(workers), True, "receivers named by the receipts")
+            counts = ", ".join(f"pid {p} took {takers.count(p)}" for p in workers)
+            _line("mailbox", f"mailbox:{name}, policy 'any': P1 sends {jobs} jobs")
+            _line("", f"P2 and P3 receive; who got each? the receipts say: {counts}")
+        finally:
+            box.remove()
+    with buzon.mailbox(f"{name}-all", policy="broadcast", create=True) as news:
+        try:
+            ready = buzon.mailbox(f"{name}-ready", create=True)
+            try:
+                for _ in range(2):
+                    listeners.append(kids.fork(functools.partial(_listen, news.name, ready.name)))
+                for _ in listeners:
+                    ready.recv(TIMEOUT)  # each has attached to the broadcast
+                receipt = news.send_async("frame 1", TIMEOUT)
+                receipt.wait(TIMEOUT)  # every attached receiver took it
+                got = sorted(p.pid or 0 for p in receipt.receivers)
+                for pid in listeners:
+                    kids.reap(pid)
+                _expect(got, sorted(listeners), "the broadcast's receivers")
+                _line("fan-out", f"policy 'broadcast': one send, taken by both pids {got}")
+            finally:
+                ready.remove()
+        finally:
+            news.remove()
+    ours = {os.getpid(), *workers, *listeners}
+    left = [s.name for s in buzon.shm.list_segments() if s.owner_pid in ours]
+    left += [f for f in os.listdir(runtime_dir()) if f.startswith(name)]
+    _expect(left, [], "names or segments of this section left")
+    _line("clean", "mailboxes removed: nothing of them is left (names, segments)")
+
+
+def _work(name: str) -> None:
+    with buzon.mailbox(name) as box:
+        while box.recv(TIMEOUT) is not None:
+            pass
+
+
+def _listen(name: str, ready: str) -> None:
+    with buzon.mailbox(name) as news, buzon.mailbox(ready) as r:
+        with contextlib.suppress(buzon.Empty):
+            news.recv_nowait()  # a receiver attaches with its first receive
+        r.send("attached", TIMEOUT)
+        _expect(news.recv(TIMEOUT), "frame 1", "the broadcast")
+
+
 def _produce(name: str, k: int) -> None:
     with buzon.BoundedBuffer(name) as buf:
         for i in range(50):
@@ -516,6 +579,7 @@ SECTIONS: list[tuple[str, str, Callable[[_Children], None]]] = [
     ("wait", "buzon.wait over mixed transports", demo_wait),
     ("semantics", "rendezvous, bounded capacity and receipts", demo_semantics),
     ("shm", "shared memory: channels, a bounded buffer, a shared counter", demo_shm),
+    ("mailbox", "mailboxes: who gets the message, and fan-out", demo_mailbox),
 ]
 
 
