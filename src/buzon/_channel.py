@@ -85,6 +85,10 @@ DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
 PLAIN_MAX = 4096
 
 
+def _no_write(data: bytes) -> int:
+    raise AssertionError("send_small on a channel whose small_limit is -1")
+
+
 #: cores that kept bytes in user space at some point (weakly): what an interpreter exit
 #: without close() still has to write (sync/_channel.py flushes them, bounded)
 OWING: weakref.WeakSet[ChannelCore] = weakref.WeakSet()
@@ -292,6 +296,7 @@ class ChannelCore:
         # the two shapes (transport/base.py): a stream's calls, or a message link's
         stream = transport if isinstance(transport, StreamTransport) else None
         messages = transport if isinstance(transport, MessageTransport) else None
+        self._stream = stream
         self._send_buffers: Any = stream.send_buffers if stream is not None else None
         self._recv_into: Any = stream.recv_into if stream is not None else None
         self._recv_message: Any = messages.recv_message if messages is not None else None
@@ -357,6 +362,19 @@ class ChannelCore:
             self.fast_spin: Callable[[float], bool] | None = ops.spin
         else:
             self.fast_recv = self.fast_spin = None
+        # send_small: a framed buzon stream whose sends need no bookkeeping beyond the
+        # counts (no token pool, no user-space queue); -1 turns it off
+        quiet = (
+            isinstance(self.decoder, FrameDecoder)
+            and self._can_send
+            and self.tokens is None
+            and not self.unbounded
+            and not self.closed
+        )
+        stream = self._stream
+        write = stream.write_call() if quiet and stream is not None else None
+        self._write: Callable[[bytes], int] = write if write is not None else _no_write
+        self.small_limit = min(PLAIN_MAX, self.max_frame) - 8 if write is not None else -1
 
     def _stop_fast(self) -> tuple[int, int]:
         """This end starts numbering messages (its first receipt, or its first receipt
@@ -422,6 +440,7 @@ class ChannelCore:
             if self.raw or self.compat is not None:
                 raise UnsupportedOperation("capacity=None needs buzon framing")
             self.unbounded = True
+            self._fast_paths()
             return
         if capacity == DEFAULT_CAPACITY:
             return
@@ -582,6 +601,36 @@ class ChannelCore:
             sflow.sent += 1
         if tokens is not None:
             tokens.sent()
+        return True
+
+    def send_small(self, data: bytes) -> bool:
+        """The hot path of ``send_bytes``: ``data`` (bytes of at most
+        :attr:`small_limit`; the caller checked) as one plain DATA frame, header and
+        payload in one write, when nothing else is in the way (no bytes or CREDIT owed,
+        no flow numbering its messages). False: nothing was written, take the general
+        way (:meth:`try_send`). True: accepted; if the kernel took only part of it the
+        rest is in :attr:`pending` and :attr:`open_frame` names it, as after
+        :meth:`try_send`."""
+        if self.pending or self.credit_out is not None or self.sflow is not None or self.closed:
+            return False
+        size = len(data)
+        frame = _RAW_HEADER(1, 1, 0, 0, size) + data  # DATA, codec raw
+        try:
+            n = self._write(frame)
+        except BlockingIOError:
+            self.stats.send_would_block += 1
+            return False
+        except OSError as exc:
+            assert self._stream is not None
+            raise self._stream.io_error(exc, True) from exc
+        size += 8
+        self.serial += 1
+        if n != size:
+            self._keep_tail((frame,), n)
+            self.open_frame = _OpenFrame(self.serial, size, (), size)
+        stats = self.stats
+        stats.messages_sent += 1
+        stats.bytes_sent += size  # frames on the wire, as try_send counts them
         return True
 
     def _credit_wanted(self, sflow: SendFlow) -> None:

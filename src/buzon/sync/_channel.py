@@ -237,6 +237,15 @@ class Channel(ChannelIdentity):
     def send_bytes(self, data: Buffer, timeout: float | None = None, *, priority: int = 0) -> None:
         """Send ``data`` as one message, without a codec (a raw channel: as is)."""
         core = self._core
+        if type(data) is bytes and len(data) <= core.small_limit and not priority:
+            with self._wlock:  # a quiet stream: header and payload in one write
+                sent = core.send_small(data)
+                if sent and not core.pending:
+                    return
+                serial = core.serial
+            if sent:  # the kernel took part of it: the engine finishes it
+                self._send_slow([], timeout, 0, 0, serial)
+                return
         fast = core.fast_send
         if (
             fast is not None
