@@ -370,6 +370,7 @@ class ChannelCore:
             and self.tokens is None
             and not self.unbounded
             and not self.closed
+            and self.capacity != 0  # a rendezvous send waits for its take: the engine's
         )
         stream = self._stream
         write = stream.write_call() if quiet and stream is not None else None
@@ -603,18 +604,21 @@ class ChannelCore:
             tokens.sent()
         return True
 
-    def send_small(self, data: bytes) -> bool:
-        """The hot path of ``send_bytes``: ``data`` (bytes of at most
-        :attr:`small_limit`; the caller checked) as one plain DATA frame, header and
-        payload in one write, when nothing else is in the way (no bytes or CREDIT owed,
-        no flow numbering its messages). False: nothing was written, take the general
-        way (:meth:`try_send`). True: accepted; if the kernel took only part of it the
-        rest is in :attr:`pending` and :attr:`open_frame` names it, as after
-        :meth:`try_send`."""
-        if self.pending or self.credit_out is not None or self.sflow is not None or self.closed:
+    def send_small(self, data: bytes, flags: int = 0) -> bool:
+        """The hot path of ``send_bytes`` (and, ``flags`` 8, ``send_bytes_async``):
+        ``data`` (bytes of at most :attr:`small_limit`; the caller checked) as one
+        plain DATA frame, header and payload in one write, when nothing is in the way
+        (no bytes or CREDIT owed, credit left). False: nothing was written, take the
+        general way (:meth:`try_send`). True: accepted (and counted in ``sflow``); if
+        the kernel took only part of it the rest is in :attr:`pending` and
+        :attr:`open_frame` names it, as after :meth:`try_send`."""
+        if self.pending or self.credit_out is not None or self.closed:
             return False
+        sflow = self.sflow
+        if sflow is not None and sflow.sent >= sflow.limit:
+            return False  # try_send tells the receiver, and the engine waits
         size = len(data)
-        frame = _RAW_HEADER(1, 1, 0, 0, size) + data  # DATA, codec raw
+        frame = _RAW_HEADER(1, 1, flags, 0, size) + data  # DATA, codec raw (8: receipt)
         try:
             n = self._write(frame)
         except BlockingIOError:
@@ -631,6 +635,8 @@ class ChannelCore:
         stats = self.stats
         stats.messages_sent += 1
         stats.bytes_sent += size  # frames on the wire, as try_send counts them
+        if sflow is not None:
+            sflow.sent += 1
         return True
 
     def _credit_wanted(self, sflow: SendFlow) -> None:

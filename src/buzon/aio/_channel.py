@@ -33,6 +33,7 @@ from .._engine import (
     send_steps,
 )
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
+from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
 
@@ -204,6 +205,19 @@ class Channel(ChannelIdentity):
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> None:
         core = self._core
+        if (
+            type(data) is bytes
+            and len(data) <= core.small_limit
+            and not priority
+            and not self._wlock.locked()
+            and core.send_small(data)  # a quiet stream: header and payload in one write
+        ):
+            if not core.pending:
+                return
+            async with self._wlock:  # the kernel took part of it: the engine finishes it
+                steps = send_steps(core, [], accepted=True, serial=core.serial)
+                await self._run(steps, deadline_of(timeout))
+            return
         fast = core.fast_send
         if (
             fast is not None
@@ -232,18 +246,23 @@ class Channel(ChannelIdentity):
     async def send_bytes_async(
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> Receipt:
-        return await self._send_receipt(
-            self._core.encode_bytes(data, receipt=True), timeout, priority
-        )
+        core = self._core
+        if type(data) is bytes and len(data) <= core.small_limit and not priority:
+            return await self._send_receipt([], timeout, 0, data)  # one write (send_small)
+        return await self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
 
     async def _send_receipt(
-        self, bufs: list[Buffer], timeout: float | None, priority: int
+        self, bufs: list[Buffer], timeout: float | None, priority: int, small: bytes | None = None
     ) -> Receipt:
+        """``small``: a payload for :meth:`ChannelCore.send_small` (``bufs`` empty); it
+        goes the general way if that cannot take it now."""
         core = self._core
         flow = core.receipt_flow()
         deadline = deadline_of(timeout)
         async with self._wlock:
-            if core.try_send(bufs, priority):
+            if small is not None and not core.send_small(small, RECEIPT_FLAG):
+                bufs = core.encode_bytes(small, receipt=True)
+            if not bufs or core.try_send(bufs, priority):
                 number = flow.sent
                 if core.pending:  # finish a partial write (not: wait for acks, see flush)
                     steps = send_steps(core, [], accepted=True, number=number, serial=core.serial)

@@ -1,0 +1,151 @@
+"""The hot path of small sends on a stream (``ChannelCore.send_small``, issue 9 speed):
+one write of header and payload, used by ``send_bytes`` and ``send_bytes_async`` in both
+drivers. It must keep every rule of the general way: a write the kernel takes in part is
+finished whole (never a torn frame), counts and receipt numbers stay right, and where
+the general way waits (capacity=0, token pools) or frames differently (raw, compat,
+message transports) it stays off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import buzon
+
+KINDS = ["pipe", "unix:fastpath", "tcp://127.0.0.1:0"]
+
+
+def _pair(kind: str, **options: object) -> tuple[buzon.Channel, buzon.Channel]:
+    if kind == "pipe":
+        return buzon.pipe(**options)  # type: ignore[arg-type]
+    lst = buzon.listen(kind, **options)
+    try:
+        box: list[buzon.Channel] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
+        t.start()
+        url = lst.address if kind.startswith("tcp") else kind
+        a = buzon.connect(url, timeout=10, **options)
+        t.join(10)
+        return a, box[0]
+    finally:
+        lst.close()
+
+
+@pytest.fixture(params=KINDS)
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[buzon.Channel, buzon.Channel]]:
+    a, b = _pair(request.param)
+    with a, b:
+        yield a, b
+
+
+def _torn(write: Callable[[bytes], int], keep: int) -> Callable[[bytes], int]:
+    """A write that lets the kernel take only the first ``keep`` bytes (once)."""
+    calls = [0]
+
+    def partial(data: bytes) -> int:
+        calls[0] += 1
+        return write(data[:keep]) if calls[0] == 1 else write(data)
+
+    return partial
+
+
+@pytest.mark.parametrize("keep", [1, 5, 8, 40])
+def test_a_small_send_the_kernel_takes_in_part_arrives_whole(
+    pair: tuple[buzon.Channel, buzon.Channel], keep: int
+) -> None:
+    a, b = pair
+    core = a._core
+    assert core.small_limit > 64  # the fast path is on for this channel
+    core._write = _torn(core._write, keep)
+    a.send_bytes(b"m" * 64, timeout=10)
+    assert not core.owed  # the send returned: its frame is written whole
+    a.send_bytes(b"next", timeout=10)
+    assert b.recv_bytes(timeout=10) == b"m" * 64
+    assert b.recv_bytes(timeout=10) == b"next"
+    stats = a.statistics()
+    assert (stats.messages_sent, stats.bytes_sent) == (2, 64 + 8 + 4 + 8)
+
+
+def test_small_receipts_are_numbered_with_plain_sends(
+    pair: tuple[buzon.Channel, buzon.Channel],
+) -> None:
+    a, b = pair
+    receipts = []
+    for i in range(200):
+        if i % 3:
+            receipts.append((i, a.send_bytes_async(b"%d" % i, timeout=10)))
+        else:
+            a.send_bytes(b"%d" % i, timeout=10)
+    assert not any(r.done() for _, r in receipts)  # nothing is taken yet
+    assert [r.number for _, r in receipts] == [i + 1 for i, _ in receipts]
+    assert a.statistics().messages_sent == 200
+    for i in range(200):
+        assert b.recv_bytes(timeout=10) == b"%d" % i
+    for _, r in receipts:
+        r.wait(timeout=10)
+        assert r.delivered()
+
+
+def test_the_fast_path_stays_off_where_the_general_way_is_needed() -> None:
+    a, b = buzon.pipe(raw=True)
+    with a, b:
+        assert a._core.small_limit < 0
+    a, b = _pair("unix:fastpath-rv", capacity=0)
+    with a, b:
+        assert a._core.small_limit < 0  # a rendezvous send waits for its take
+        t = threading.Thread(target=lambda: b.recv_bytes(timeout=10))
+        t.start()
+        a.send_bytes(b"x", timeout=10)
+        t.join(10)
+    a, b = buzon.pipe(duplex=False, capacity=1)
+    with a, b:
+        assert b._core.small_limit < 0  # a token pool
+    a, b = _pair("unixgram:fastpath-dg")
+    with a, b:
+        assert a._core.small_limit < 0  # a message transport: one datagram per message
+
+
+def test_a_bounded_capacity_still_stops_small_sends() -> None:
+    a, b = _pair("unix:fastpath-cap", capacity=2)
+    with a, b:
+        assert a._core.small_limit > 0
+        a.send_bytes(b"1", timeout=10)
+        a.send_bytes(b"2", timeout=10)
+        with pytest.raises(buzon.Timeout):
+            a.send_bytes(b"3", timeout=0.2)
+        assert b.recv_bytes(timeout=10) == b"1"
+        a.send_bytes(b"3", timeout=10)
+        assert [b.recv_bytes(timeout=10) for _ in range(2)] == [b"2", b"3"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_aio_small_send_taken_in_part_arrives_whole(kind: str) -> None:
+    async def main() -> None:
+        if kind == "pipe":
+            a, b = buzon.aio.pipe()
+        else:
+            lst = buzon.aio.listen(kind)
+            url = lst.address if kind.startswith("tcp") else kind
+            accepted = asyncio.ensure_future(lst.accept(timeout=10))
+            a = await buzon.aio.connect(url, timeout=10)
+            b = await accepted
+            lst.close()
+        try:
+            core = a._core
+            core._write = _torn(core._write, 3)
+            await a.send_bytes(b"m" * 64, timeout=10)
+            assert not core.owed
+            receipt = await a.send_bytes_async(b"r" * 10, timeout=10)
+            assert await b.recv_bytes(timeout=10) == b"m" * 64
+            assert await b.recv_bytes(timeout=10) == b"r" * 10
+            await asyncio.wait_for(receipt, 10)
+            assert receipt.delivered()
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    asyncio.run(main())
