@@ -81,6 +81,9 @@ class Step(NamedTuple):
 
 Steps = Generator[Step, None, Any]
 
+_INPUT = Step(INPUT, what="recv")
+_INPUT_SPIN = Step(INPUT, what="recv", spin=True)
+
 _ABORTED = (
     "send timed out with the message half-written; it was aborted (the receiver drops "
     "it whole), so nothing of it is delivered"
@@ -230,9 +233,11 @@ def recv_steps(
     try:
         got = None if polled else take()
         while got is None:
-            frame_timeout = core.options.frame_timeout
-            stall = frame_timeout if frame_timeout is not None and core.partial() else None
-            yield Step(INPUT, stall=stall, spin=spin, what="recv")
+            if core.partial() and core.options.frame_timeout is not None:
+                stall = core.options.frame_timeout
+                yield Step(INPUT, stall=stall, spin=spin, what="recv")
+            else:
+                yield _INPUT_SPIN if spin else _INPUT  # made once: this is the hot path
             spin = False
             got = take()
         return got

@@ -43,6 +43,7 @@ from .._engine import (
     send_steps,
 )
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
+from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
 
@@ -164,9 +165,6 @@ class Channel(ChannelIdentity):
         self._spin = core.options.spin
         self._rlock = threading.Lock()
         self._wlock = threading.Lock()  # held only around non-blocking writes
-        # a receive's engine steps run under _rlock already: this lock is never
-        # contended, it only makes _run's "with" cost what a C lock costs
-        self._step_lock = threading.Lock()
         self._rpoll: select.poll | None = None  # readiness of the read fd, made once
         self._rendezvous = core.capacity == 0
         self._flow = core.taking
@@ -278,14 +276,23 @@ class Channel(ChannelIdentity):
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> Receipt:
         """:meth:`send_async` for bytes (no codec)."""
-        return self._send_receipt(self._core.encode_bytes(data, receipt=True), timeout, priority)
+        core = self._core
+        if type(data) is bytes and len(data) <= core.small_limit and not priority:
+            return self._send_receipt([], timeout, 0, data)  # one write (send_small)
+        return self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
 
-    def _send_receipt(self, bufs: list[Buffer], timeout: float | None, priority: int) -> Receipt:
+    def _send_receipt(
+        self, bufs: list[Buffer], timeout: float | None, priority: int, small: bytes | None = None
+    ) -> Receipt:
+        """``small``: a payload for :meth:`ChannelCore.send_small` (``bufs`` empty); it
+        goes the general way if that cannot take it now."""
         core = self._core
         flow = core.sflow or core.receipt_flow()
         number = serial = 0
         with self._wlock:
-            if core.try_send(bufs, priority):
+            if small is not None and not core.send_small(small, RECEIPT_FLAG):
+                bufs = core.encode_bytes(small, receipt=True)
+            if not bufs or core.try_send(bufs, priority):
                 number = flow.sent  # read under the lock: another thread may send next
                 if number & 63 and not core.pending:
                     return Receipt(self, flow, number)
@@ -387,11 +394,26 @@ class Channel(ChannelIdentity):
         )
         self._run(steps, deadline_of(timeout))
 
-    def _run(self, steps: Steps, deadline: float | None, locked: bool = True) -> Any:
-        """Run an engine operation: resume it (under the write lock if ``locked``: a
-        send; a receive's steps take their own locks), wait for each of its steps
-        outside the lock, throw a passed deadline (or an interrupt) into it."""
-        lock = self._wlock if locked else self._step_lock
+    def _run_receive(self, steps: Steps, deadline: float | None) -> Any:
+        """Run a receive (:func:`recv_steps`, whose steps are all INPUT) under the read
+        lock the caller holds: :meth:`_run` without the write lock and the dispatch,
+        since this is every blocking ``recv``'s path."""
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    self._input(step, deadline)
+                except BaseException as exc:
+                    step = steps.throw(exc)
+                    continue
+                step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+    def _run(self, steps: Steps, deadline: float | None) -> Any:
+        """Run an engine operation: resume it under the write lock, wait for each of
+        its steps outside the lock, throw a passed deadline (or an interrupt) into it."""
+        lock = self._wlock
         try:
             with lock:
                 step = next(steps)
@@ -665,7 +687,7 @@ class Channel(ChannelIdentity):
             return got
         limit = timeout if timeout is not None else core.options.idle_timeout
         steps = recv_steps(core, self._flow, core.poll_view, spin=False)
-        view: tuple[Any, memoryview] = self._run(steps, deadline_of(limit), locked=False)
+        view: tuple[Any, memoryview] = self._run_receive(steps, deadline_of(limit))
         return view
 
     def _receive(self, timeout: float | None) -> Frame | tuple[int, bytes]:
@@ -690,6 +712,14 @@ class Channel(ChannelIdentity):
                 )
             ready = self._rpoll = select.poll()
             ready.register(rfd, _POLLIN)
+        if spin <= 0.0 and timeout != 0 and core.plain_readiness and not self._flow:
+            # no spin: sleep at once (a poll that finds nothing would cost a system
+            # call per message in a round trip); readiness is checked by the wait
+            waited_now: Frame | tuple[int, bytes] = self._run_receive(
+                recv_steps(core, False, spin=False, polled=True),
+                deadline_of(timeout if timeout is not None else core.options.idle_timeout),
+            )
+            return waited_now
         if ready.poll(0):
             item = core.poll()
             if item is not None:
@@ -697,7 +727,7 @@ class Channel(ChannelIdentity):
         if self._flow:
             limit = timeout if timeout is not None else core.options.idle_timeout
             steps = recv_steps(core, True, spin=timeout != 0)
-            taken: Frame | tuple[int, bytes] = self._run(steps, deadline_of(limit), locked=False)
+            taken: Frame | tuple[int, bytes] = self._run_receive(steps, deadline_of(limit))
             return taken
         if spin > 0.0 and timeout != 0:
             end = _perf() + spin
@@ -708,10 +738,8 @@ class Channel(ChannelIdentity):
                     if item is not None:
                         return item
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
-        waited: Frame | tuple[int, bytes] = self._run(
-            recv_steps(core, False, spin=False, polled=core.plain_readiness),
-            deadline,
-            locked=False,
+        waited: Frame | tuple[int, bytes] = self._run_receive(
+            recv_steps(core, False, spin=False, polled=core.plain_readiness), deadline
         )
         return waited
 
