@@ -299,6 +299,7 @@ class ChannelCore:
         self._stream = stream
         self._send_buffers: Any = stream.send_buffers if stream is not None else None
         self._recv_into: Any = stream.recv_into if stream is not None else None
+        self._read = stream.read_call() if stream is not None else None
         self._recv_message: Any = messages.recv_message if messages is not None else None
         self._send_message: Any = messages.send_message if messages is not None else None
         self._track_message_meta = transport.reports_messages
@@ -1261,10 +1262,20 @@ class ChannelCore:
                     self.stats.rejected_frames += 1
                 raise
         recv_into = self._recv_into
+        read = self._read
         stats = self.stats
         while True:
             buf = decoder.get_buffer()
-            n = recv_into(buf)
+            if read is not None:  # the builtin itself (no transport frame per read)
+                try:
+                    n = read(buf)
+                except BlockingIOError:
+                    n = WOULD_BLOCK
+                except OSError as exc:
+                    assert self._stream is not None
+                    raise self._stream.io_error(exc, False) from exc
+            else:
+                n = recv_into(buf)
             if n == WOULD_BLOCK:
                 stats.recv_would_block += 1
                 return False

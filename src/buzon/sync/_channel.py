@@ -594,7 +594,7 @@ class Channel(ChannelIdentity):
                 item = self._receive(timeout)
         if self._pumpers:
             self._wake_pumpers()
-        return core.item_bytes(item)
+        return item[1] if item.__class__ is tuple else core.item_bytes(item)
 
     def recv_bytes_nowait(self) -> bytes:
         with self._rlock:

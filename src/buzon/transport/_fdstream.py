@@ -147,6 +147,9 @@ class SocketStreamTransport(StreamTransport):
     def write_call(self) -> Callable[[bytes], int] | None:
         return self.sock.send
 
+    def read_call(self) -> Callable[[memoryview], int] | None:
+        return self.sock.recv_into
+
     def close(self) -> None:
         if self.closed:
             return
@@ -226,7 +229,10 @@ class TlsStreamTransport(SocketStreamTransport):
         return n
 
     def write_call(self) -> Callable[[bytes], int] | None:
-        return None  # TLS writes go through the SSL object (send_buffers)
+        return None  # TLS goes through the SSL object (send_buffers, recv_into)
+
+    def read_call(self) -> Callable[[memoryview], int] | None:
+        return None
 
     def send_buffers(self, bufs: Sequence[Buffer]) -> int:
         import ssl

@@ -236,6 +236,12 @@ class StreamTransport(Transport):
         :meth:`send_buffers`)."""
         return None
 
+    def read_call(self) -> Callable[[memoryview], int] | None:
+        """The hot path of :meth:`recv_into`: the builtin under it, bound to the fd
+        (``socket.recv_into``), raising ``OSError`` as is (as :meth:`write_call`).
+        None: no such call (the caller uses :meth:`recv_into`)."""
+        return None
+
     def io_error(self, exc: OSError, writing: bool) -> Exception:
         """The typed error :meth:`send_buffers` (``writing``) or :meth:`recv_into`
         raises for ``exc``."""
