@@ -229,19 +229,30 @@ def recv_steps(
     read fd alone tells readiness: ``ChannelCore.plain_readiness``)."""
     take = core.poll if poll is None else poll
     if flow:
-        core.before_wait()
+        return _announced(core, _recv_wait(core, take, spin, polled))
+    return _recv_wait(core, take, spin, polled)
+
+
+def _recv_wait(core: ChannelCore, take: Callable[[], Any], spin: bool, polled: bool) -> Steps:
+    """:func:`recv_steps`' loop: take, else wait for input (a plain receive is just
+    this generator: it is the path of every blocking ``recv``)."""
+    got = None if polled else take()
+    while got is None:
+        if core.partial() and core.options.frame_timeout is not None:
+            yield Step(INPUT, stall=core.options.frame_timeout, spin=spin, what="recv")
+        else:
+            yield _INPUT_SPIN if spin else _INPUT  # made once: this is the hot path
+        spin = False
+        got = take()
+    return got
+
+
+def _announced(core: ChannelCore, wait: Steps) -> Steps:
+    """A receive on a channel that reports its takes: announce the wait first, and
+    withdraw a rendezvous offer if it ends without a message."""
+    core.before_wait()
     try:
-        got = None if polled else take()
-        while got is None:
-            if core.partial() and core.options.frame_timeout is not None:
-                stall = core.options.frame_timeout
-                yield Step(INPUT, stall=stall, spin=spin, what="recv")
-            else:
-                yield _INPUT_SPIN if spin else _INPUT  # made once: this is the hot path
-            spin = False
-            got = take()
-        return got
+        return (yield from wait)
     except BaseException:
-        if flow:
-            core.wait_ended()
+        core.wait_ended()
         raise
