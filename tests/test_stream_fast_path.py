@@ -70,6 +70,22 @@ def test_a_small_send_the_kernel_takes_in_part_arrives_whole(
     assert (stats.messages_sent, stats.bytes_sent) == (2, 64 + 8 + 4 + 8)
 
 
+def test_a_small_receipt_send_taken_in_part_arrives_whole(
+    pair: tuple[buzon.Channel, buzon.Channel],
+) -> None:
+    a, b = pair
+    first = a.send_bytes_async(b"first", timeout=10)  # makes the flow: the next is fast
+    core = a._core
+    core._write = _torn(core._write, 6)
+    second = a.send_bytes_async(b"s" * 64, timeout=10)
+    assert not core.owed
+    assert (first.number, second.number) == (1, 2)
+    assert b.recv_bytes(timeout=10) == b"first"
+    assert b.recv_bytes(timeout=10) == b"s" * 64
+    second.wait(timeout=10)
+    assert first.delivered() and second.delivered()
+
+
 def test_small_receipts_are_numbered_with_plain_sends(
     pair: tuple[buzon.Channel, buzon.Channel],
 ) -> None:
@@ -140,10 +156,15 @@ def test_aio_small_send_taken_in_part_arrives_whole(kind: str) -> None:
             await a.send_bytes(b"m" * 64, timeout=10)
             assert not core.owed
             receipt = await a.send_bytes_async(b"r" * 10, timeout=10)
+            core._write = _torn(core._write, 7)
+            fast = await a.send_bytes_async(b"f" * 50, timeout=10)  # the flow exists now
+            assert not core.owed
+            assert (receipt.number, fast.number) == (2, 3)
             assert await b.recv_bytes(timeout=10) == b"m" * 64
             assert await b.recv_bytes(timeout=10) == b"r" * 10
-            await asyncio.wait_for(receipt, 10)
-            assert receipt.delivered()
+            assert await b.recv_bytes(timeout=10) == b"f" * 50
+            await asyncio.wait_for(fast, 10)
+            assert receipt.delivered() and fast.delivered()
         finally:
             await a.aclose()
             await b.aclose()

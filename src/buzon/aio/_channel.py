@@ -247,22 +247,33 @@ class Channel(ChannelIdentity):
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> Receipt:
         core = self._core
-        if type(data) is bytes and len(data) <= core.small_limit and not priority:
-            return await self._send_receipt([], timeout, 0, data)  # one write (send_small)
+        flow = core.sflow  # made by the first receipt: then small payloads go in one write
+        if (
+            flow is not None
+            and type(data) is bytes
+            and len(data) <= core.small_limit
+            and not priority
+            and not self._wlock.locked()
+            and core.send_small(data, RECEIPT_FLAG)
+        ):
+            number = flow.sent
+            if core.pending:  # the kernel took part of it: the engine finishes it
+                async with self._wlock:
+                    steps = send_steps(core, [], accepted=True, number=number, serial=core.serial)
+                    await self._run(steps, deadline_of(timeout))
+            if not number & 63:
+                self._receipt_poll()  # reap acknowledgements now and then
+            return Receipt(self, flow, number)
         return await self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
 
     async def _send_receipt(
-        self, bufs: list[Buffer], timeout: float | None, priority: int, small: bytes | None = None
+        self, bufs: list[Buffer], timeout: float | None, priority: int
     ) -> Receipt:
-        """``small``: a payload for :meth:`ChannelCore.send_small` (``bufs`` empty); it
-        goes the general way if that cannot take it now."""
         core = self._core
         flow = core.receipt_flow()
         deadline = deadline_of(timeout)
         async with self._wlock:
-            if small is not None and not core.send_small(small, RECEIPT_FLAG):
-                bufs = core.encode_bytes(small, receipt=True)
-            if not bufs or core.try_send(bufs, priority):
+            if core.try_send(bufs, priority):
                 number = flow.sent
                 if core.pending:  # finish a partial write (not: wait for acks, see flush)
                     steps = send_steps(core, [], accepted=True, number=number, serial=core.serial)

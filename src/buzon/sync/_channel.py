@@ -277,22 +277,24 @@ class Channel(ChannelIdentity):
     ) -> Receipt:
         """:meth:`send_async` for bytes (no codec)."""
         core = self._core
-        if type(data) is bytes and len(data) <= core.small_limit and not priority:
-            return self._send_receipt([], timeout, 0, data)  # one write (send_small)
+        flow = core.sflow  # made by the first receipt: then small payloads go in one write
+        if flow is not None and type(data) is bytes and len(data) <= core.small_limit:
+            with self._wlock:
+                sent = not priority and core.send_small(data, RECEIPT_FLAG)
+                number = flow.sent  # read under the lock: another thread may send next
+                serial = core.serial
+                if sent and number & 63 and not core.pending:
+                    return Receipt(self, flow, number)
+            if sent:  # a partial write to finish, or acknowledgements to reap
+                return self._send_receipt_slow([], number, serial, timeout, 0)
         return self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
 
-    def _send_receipt(
-        self, bufs: list[Buffer], timeout: float | None, priority: int, small: bytes | None = None
-    ) -> Receipt:
-        """``small``: a payload for :meth:`ChannelCore.send_small` (``bufs`` empty); it
-        goes the general way if that cannot take it now."""
+    def _send_receipt(self, bufs: list[Buffer], timeout: float | None, priority: int) -> Receipt:
         core = self._core
         flow = core.sflow or core.receipt_flow()
         number = serial = 0
         with self._wlock:
-            if small is not None and not core.send_small(small, RECEIPT_FLAG):
-                bufs = core.encode_bytes(small, receipt=True)
-            if not bufs or core.try_send(bufs, priority):
+            if core.try_send(bufs, priority):
                 number = flow.sent  # read under the lock: another thread may send next
                 if number & 63 and not core.pending:
                     return Receipt(self, flow, number)
