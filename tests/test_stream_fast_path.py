@@ -170,3 +170,24 @@ def test_aio_small_send_taken_in_part_arrives_whole(kind: str) -> None:
             await b.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_spin0_receives_in_order_whether_it_reads_or_sleeps_first(kind: str) -> None:
+    """``spin=0`` reads first while messages stream in and sleeps first after a read
+    found nothing: every switch between the two keeps order and timeouts."""
+    a, b = _pair(kind, spin=0)
+    with a, b:
+        n = 0
+        for burst in (1, 50, 1, 1, 20, 1):
+            for i in range(burst):
+                a.send_bytes(b"%d" % (n + i), timeout=10)
+            for i in range(burst):
+                assert b.recv_bytes(timeout=10) == b"%d" % (n + i)
+            n += burst
+            with pytest.raises(buzon.Timeout):
+                b.recv_bytes(timeout=0.01)
+        t = threading.Timer(0.05, lambda: a.send_bytes(b"late", timeout=10))
+        t.start()
+        assert b.recv_bytes(timeout=10) == b"late"  # slept first, woke for it
+        t.join()

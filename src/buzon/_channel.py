@@ -1127,6 +1127,11 @@ class ChannelCore:
             return self.poll()
         return None
 
+    def more_buffered(self) -> bool:
+        """True if a stream's last read brought more messages than were taken."""
+        decoder = self.decoder
+        return decoder is not None and bool(decoder.frames)
+
     def poll(self) -> Frame | tuple[int, bytes] | None:
         """The next message, reading once if none is parsed yet; ``None`` if none is
         ready. The common small frame comes as ``(codec, body)`` (no Frame object: this
