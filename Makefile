@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard src/buzon/*.c)
+$(STAMP): pyproject.toml setup.py $(wildcard src/buzon/*.c src/buzon/protocol/*.c)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -36,12 +36,12 @@ test: lint typecheck pytest
 SAN_DIR := build/sanitize
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
 sanitize: install
-	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR) && cp -r src/buzon $(SAN_DIR)/ && rm -f $(SAN_DIR)/buzon/*.so
+	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR) && cp -r src/buzon $(SAN_DIR)/ && rm -f $(SAN_DIR)/buzon/*.so $(SAN_DIR)/buzon/protocol/*.so
 	CFLAGS="$(SAN_FLAGS)" LDFLAGS="-fsanitize=address,undefined" $(BIN)/python setup.py -q \
 		build_ext --force --build-lib $(SAN_DIR) --build-temp $(SAN_DIR)/tmp
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(SAN_DIR) \
-		$(BIN)/python -m pytest -q -p no:cacheprovider tests/shm/test_core.py
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/shm/test_core.py tests/protocol/test_stream_c.py
 
 # the peers (pyzmq, faster-fifo, iceoryx2, numpy) are the optional group "bench", not dev
 bench: install

@@ -1,5 +1,5 @@
-"""Build the small C extensions: POSIX message queues (mq_open & co), CRC-32C and the
-shared-memory core (rings in named segments; one extension built from the units that
+"""Build the small C extensions: POSIX message queues (mq_open & co), CRC-32C, the
+stream frames' hot path (protocol/_stream.c) and the shared-memory core (rings in named segments; one extension built from the units that
 src/buzon/_core.h lists)."""
 
 from setuptools import Extension, setup
@@ -23,6 +23,11 @@ setup(
         Extension(
             "buzon._crc32c",
             sources=["src/buzon/_crc32c.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
+            "buzon.protocol._stream",
+            sources=["src/buzon/protocol/_stream.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(

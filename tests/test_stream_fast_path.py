@@ -9,12 +9,15 @@ message transports) it stays off.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 import buzon
+from buzon.protocol.frames import HEADER
 
 KINDS = ["pipe", "unix:fastpath", "tcp://127.0.0.1:0"]
 
@@ -42,13 +45,19 @@ def pair(request: pytest.FixtureRequest) -> Iterator[tuple[buzon.Channel, buzon.
         yield a, b
 
 
-def _torn(write: Callable[[bytes], int], keep: int) -> Callable[[bytes], int]:
-    """A write that lets the kernel take only the first ``keep`` bytes (once)."""
+def _torn(core: Any, keep: int) -> Callable[[int, bytes], int]:
+    """The channel's frame write, letting the kernel take only the first ``keep``
+    bytes of the first frame (its tail is left to the channel, as after a real
+    partial write)."""
+    write = core._write
+    fd = core.write_fileno()
     calls = [0]
 
-    def partial(data: bytes) -> int:
+    def partial(flags: int, data: bytes) -> int:
         calls[0] += 1
-        return write(data[:keep]) if calls[0] == 1 else write(data)
+        if calls[0] > 1:
+            return int(write(flags, data))
+        return os.write(fd, (HEADER.pack(1, 1, flags, 0, len(data)) + data)[:keep])
 
     return partial
 
@@ -60,7 +69,7 @@ def test_a_small_send_the_kernel_takes_in_part_arrives_whole(
     a, b = pair
     core = a._core
     assert core.small_limit > 64  # the fast path is on for this channel
-    core._write = _torn(core._write, keep)
+    core._write = _torn(core, keep)
     a.send_bytes(b"m" * 64, timeout=10)
     assert not core.owed  # the send returned: its frame is written whole
     a.send_bytes(b"next", timeout=10)
@@ -76,7 +85,7 @@ def test_a_small_receipt_send_taken_in_part_arrives_whole(
     a, b = pair
     first = a.send_bytes_async(b"first", timeout=10)  # makes the flow: the next is fast
     core = a._core
-    core._write = _torn(core._write, 6)
+    core._write = _torn(core, 6)
     second = a.send_bytes_async(b"s" * 64, timeout=10)
     assert not core.owed
     assert (first.number, second.number) == (1, 2)
@@ -152,11 +161,11 @@ def test_aio_small_send_taken_in_part_arrives_whole(kind: str) -> None:
             lst.close()
         try:
             core = a._core
-            core._write = _torn(core._write, 3)
+            core._write = _torn(core, 3)
             await a.send_bytes(b"m" * 64, timeout=10)
             assert not core.owed
             receipt = await a.send_bytes_async(b"r" * 10, timeout=10)
-            core._write = _torn(core._write, 7)
+            core._write = _torn(core, 7)
             fast = await a.send_bytes_async(b"f" * 50, timeout=10)  # the flow exists now
             assert not core.owed
             assert (receipt.number, fast.number) == (2, 3)

@@ -16,6 +16,7 @@ by ``close``. A message accepted by ``send_nowait`` is therefore never lost or t
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import pickle
 import struct
@@ -54,6 +55,7 @@ from .protocol.frames import (
     chunk_frame,
     encode_frame,
     parse_frame,
+    write_frame,
 )
 from .transport._tokens import TokenPool
 from .transport.base import (
@@ -85,7 +87,7 @@ DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
 PLAIN_MAX = 4096
 
 
-def _no_write(data: bytes) -> int:
+def _no_write(flags: int, data: bytes) -> int:
     raise AssertionError("send_small on a channel whose small_limit is -1")
 
 
@@ -375,7 +377,16 @@ class ChannelCore:
         )
         stream = self._stream
         write = stream.write_call() if quiet and stream is not None else None
-        self._write: Callable[[bytes], int] = write if write is not None else _no_write
+        self._write: Callable[[int, bytes], int] = _no_write
+        if write is not None and stream is not None:
+            if write_frame is not None:  # header and payload in one C call (one writev)
+                self._write = functools.partial(write_frame, stream.write_fileno())
+            else:
+
+                def python_write(flags: int, data: bytes) -> int:
+                    return write(_RAW_HEADER(1, 1, flags, 0, len(data)) + data)
+
+                self._write = python_write
         self.small_limit = min(PLAIN_MAX, self.max_frame) - 8 if write is not None else -1
 
     def _stop_fast(self) -> tuple[int, int]:
@@ -619,9 +630,8 @@ class ChannelCore:
         if sflow is not None and sflow.sent >= sflow.limit:
             return False  # try_send tells the receiver, and the engine waits
         size = len(data)
-        frame = _RAW_HEADER(1, 1, flags, 0, size) + data  # DATA, codec raw (8: receipt)
         try:
-            n = self._write(frame)
+            n = self._write(flags, data)  # DATA, codec raw (flags 8: a receipt is asked)
         except BlockingIOError:
             self.stats.send_would_block += 1
             return False
@@ -631,7 +641,7 @@ class ChannelCore:
         size += 8
         self.serial += 1
         if n != size:
-            self._keep_tail((frame,), n)
+            self._keep_tail((_RAW_HEADER(1, 1, flags, 0, size - 8), data), n)
             self.open_frame = _OpenFrame(self.serial, size, (), size)
         stats = self.stats
         stats.messages_sent += 1

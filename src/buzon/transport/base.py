@@ -232,8 +232,10 @@ class StreamTransport(Transport):
         """The hot path of a one-buffer :meth:`send_buffers`: the builtin under it,
         bound to the fd (``socket.send``, ``os.write``), which raises ``OSError`` as
         is (``BlockingIOError`` when it would block: the caller's WOULD_BLOCK; any
-        other through :meth:`io_error`). None: no such call (the caller uses
-        :meth:`send_buffers`)."""
+        other through :meth:`io_error`). A transport that gives one writes bytes to
+        :meth:`write_fileno` unchanged: the channel may write there itself (one
+        ``writev`` of a frame's header and payload). None: no such call (the caller
+        uses :meth:`send_buffers`)."""
         return None
 
     def read_call(self) -> Callable[[memoryview], int] | None:
