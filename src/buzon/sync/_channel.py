@@ -54,6 +54,7 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _monotonic = time.monotonic
 _perf = time.perf_counter
+_SLEEP_FIRST = 16  # spin=0: after a read found nothing, receives that sleep before reading
 
 
 def wait_fds(
@@ -166,7 +167,7 @@ class Channel(ChannelIdentity):
         self._rlock = threading.Lock()
         self._wlock = threading.Lock()  # held only around non-blocking writes
         self._rpoll: select.poll | None = None  # readiness of the read fd, made once
-        self._sleep_first = False  # spin=0: wait before reading (see _receive)
+        self._sleep_first = 0  # spin=0: receives left that wait before reading (_receive)
         self._rendezvous = core.capacity == 0
         self._flow = core.taking
         # threads waiting for CREDITs another thread may read (see _pump_until)
@@ -717,20 +718,23 @@ class Channel(ChannelIdentity):
             ready.register(rfd, _POLLIN)
         if spin <= 0.0 and timeout != 0 and core.plain_readiness and not self._flow:
             # no spin: one system call when a message is there, two when it is not.
-            # A read first while messages stream in (the last read brought several);
-            # once a read found nothing (a peer that answers, as in a round trip),
-            # sleep at once, the wait telling readiness, until a read brings several
-            if not self._sleep_first:
+            # A read first while messages stream in; once a read found nothing (a
+            # peer that answers, as in a round trip), sleep at once, the wait telling
+            # readiness, for the next _SLEEP_FIRST receives, or until a stream's read
+            # brings several messages
+            if self._sleep_first:
+                self._sleep_first -= 1
+            else:
                 item = core.poll()
                 if item is not None:
                     return item
-                self._sleep_first = True
+                self._sleep_first = _SLEEP_FIRST
             waited_now: Frame | tuple[int, bytes] = self._run_receive(
                 recv_steps(core, False, spin=False, polled=True),
                 deadline_of(timeout if timeout is not None else core.options.idle_timeout),
             )
             if core.more_buffered():
-                self._sleep_first = False
+                self._sleep_first = 0
             return waited_now
         if ready.poll(0):
             item = core.poll()
