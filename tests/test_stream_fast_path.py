@@ -200,3 +200,51 @@ def test_spin0_receives_in_order_whether_it_reads_or_sleeps_first(kind: str) -> 
         t.start()
         assert b.recv_bytes(timeout=10) == b"late"  # slept first, woke for it
         t.join()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_aio_receives_in_order_whether_it_reads_or_waits_first(kind: str) -> None:
+    """The asyncio twin of the spin=0 rule: after a read that found nothing it waits
+    first, and never waits while messages an earlier read brought are in hand."""
+
+    async def main() -> None:
+        if kind == "pipe":
+            a, b = buzon.aio.pipe()
+        else:
+            lst = buzon.aio.listen(kind)
+            url = lst.address if kind.startswith("tcp") else kind
+            accepted = asyncio.ensure_future(lst.accept(timeout=10))
+            a = await buzon.aio.connect(url, timeout=10)
+            b = await accepted
+            lst.close()
+        try:
+            n = 0
+            for burst in (1, 50, 1, 1, 20, 1):
+                for i in range(burst):
+                    await a.send_bytes(b"%d" % (n + i), timeout=10)
+                for i in range(burst):
+                    assert await b.recv_bytes(timeout=10) == b"%d" % (n + i)
+                n += burst
+                with pytest.raises(buzon.Timeout):
+                    await b.recv_bytes(timeout=0.01)
+            with pytest.raises(buzon.Timeout):
+                await b.recv_bytes(timeout=0)  # tries a read, never just a wait
+            await a.send_bytes(b"x", timeout=10)
+            await asyncio.sleep(0.05)  # in the kernel before the receive starts
+            assert await b.recv_bytes(timeout=0) == b"x"
+            with pytest.raises(buzon.Timeout):
+                await b.recv_bytes(timeout=0.01)  # waits first from here on
+            for m in (b"p", b"q", b"r"):
+                await a.send_bytes(m, timeout=10)
+            await asyncio.sleep(0.05)
+            assert b.recv_bytes_nowait() == b"p"  # one read brought all three
+            assert await b.recv_bytes(timeout=5) == b"q"  # in hand: no wait for input
+            assert await b.recv_bytes(timeout=5) == b"r"
+            late = asyncio.get_running_loop().call_later(0.05, a.send_bytes_nowait, b"late")
+            assert await b.recv_bytes(timeout=10) == b"late"
+            late.cancel()
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    asyncio.run(main())

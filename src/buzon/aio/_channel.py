@@ -40,6 +40,7 @@ from ..transport.base import Buffer
 __all__ = ["Channel", "wait_fd", "wait_io", "wait_ready", "watchers"]
 
 T = TypeVar("T")
+_SLEEP_FIRST = 16  # after a read found nothing, receives that wait before reading
 
 
 def deadline_of(timeout: float | None) -> float | None:
@@ -164,6 +165,7 @@ class Channel(ChannelIdentity):
         self._rendezvous = core.capacity == 0
         self._flow = core.taking
         self._closing: asyncio.Task[None] | None = None  # close() writing what is owed
+        self._sleep_first = 0  # receives left that wait before reading (_poll_first)
 
     @property
     def capacity(self) -> int | None:
@@ -419,7 +421,7 @@ class Channel(ChannelIdentity):
     async def recv(self, timeout: float | None = None, *, type: Any = Any) -> Any:
         async with self._rlock:
             core = self._core
-            item = self._fast_poll() if core.fast_recv is not None else core.poll()
+            item = self._poll_first(timeout)
             if item is None:
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_object(item, type)
@@ -441,10 +443,28 @@ class Channel(ChannelIdentity):
     async def recv_bytes(self, timeout: float | None = None) -> bytes:
         async with self._rlock:
             core = self._core
-            item = self._fast_poll() if core.fast_recv is not None else core.poll()
+            item = self._poll_first(timeout)
             if item is None:
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_bytes(item)
+
+    def _poll_first(self, timeout: float | None) -> Frame | tuple[int, bytes] | None:
+        """A receive's first read, as the blocking driver's ``spin=0`` does it (this
+        driver never spins): read first while messages stream in; once a read found
+        nothing (a peer that answers), the next ``_SLEEP_FIRST`` receives wait before
+        they read (``None``: wait), or until a stream's read brings several."""
+        core = self._core
+        if core.fast_recv is not None:
+            return self._fast_poll()
+        if self._sleep_first and timeout != 0:
+            item = core.buffered()  # what an earlier read brought (no system call)
+            if item is None:
+                self._sleep_first -= 1
+            return item
+        item = core.poll()
+        if item is None and core.plain_readiness and not self._flow:
+            self._sleep_first = _SLEEP_FIRST
+        return item
 
     def _fast_poll(self) -> Frame | tuple[int, bytes] | None:
         """A shared-memory ring's receive in one C call (``None``: wait the usual way,
@@ -525,6 +545,8 @@ class Channel(ChannelIdentity):
         polled = not self._flow
         steps = recv_steps(core, self._flow, polled=polled)
         item: Frame | tuple[int, bytes] = await self._run(steps, deadline)
+        if self._sleep_first and core.more_buffered():
+            self._sleep_first = 0  # a stream: read first again
         return item
 
     async def _input(self, step: Step, deadline: float | None) -> None:
