@@ -248,3 +248,22 @@ def test_aio_receives_in_order_whether_it_reads_or_waits_first(kind: str) -> Non
             await b.aclose()
 
     asyncio.run(main())
+
+
+def test_without_the_c_extension_the_python_write_does_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import buzon._channel
+
+    monkeypatch.setattr(buzon._channel, "write_frame", None)
+    a, b = _pair("unix:fastpath-py")
+    with a, b:
+        assert a._core.small_limit > 0
+        assert a._core._write.__name__ == "python_write"
+        a._core._write = _torn(a._core, 5)
+        a.send_bytes(b"p" * 100, timeout=10)
+        a.send_bytes_async(b"r", timeout=10)
+        receipt = a.send_bytes_async(b"s", timeout=10)  # the flow exists: python_write
+        assert [b.recv_bytes(timeout=10) for _ in range(3)] == [b"p" * 100, b"r", b"s"]
+        receipt.wait(timeout=10)
+        assert a.statistics().bytes_sent == 108 + 9 + 9
