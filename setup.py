@@ -1,8 +1,9 @@
 """Build the small C extensions: POSIX message queues (mq_open & co), CRC-32C, the
 shared-memory core (rings in named segments; one extension built from the units that
-src/buzon/_core.h lists), the frame format's C speedup for those rings
+src/buzon/_core.h lists), the frame format's C speedups: for those rings
 (buzon.protocol._frames, which reaches the rings through the core's C API,
-src/buzon/_core_api.h) and the ``fifo:`` envelope's hot paths (protocol/_envelope.c)."""
+src/buzon/_core_api.h) and for streams (protocol/_stream.c), and the ``fifo:``
+envelope's hot paths (protocol/_envelope.c)."""
 
 from setuptools import Extension, setup
 
@@ -32,6 +33,11 @@ setup(
             "buzon.protocol._envelope",
             sources=["src/buzon/protocol/_envelope.c"],
             depends=["src/buzon/_crc32c.h"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
+            "buzon.protocol._stream",
+            sources=["src/buzon/protocol/_stream.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(

@@ -16,6 +16,7 @@ by ``close``. A message accepted by ``send_nowait`` is therefore never lost or t
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import pickle
 import weakref
@@ -64,6 +65,7 @@ from .protocol.frames import (
     loan_header,
     parse_frame,
     plain_data_flags,
+    write_frame,
 )
 from .transport._tokens import TokenPool
 from .transport.base import (
@@ -93,6 +95,10 @@ DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
 #: PIPE_BUF a write to a pipe or FIFO is all or nothing, so a plain frame this small is
 #: never left half-written there (nor, in practice, on a Unix socket).
 PLAIN_MAX = 4096
+
+
+def _no_write(flags: int, data: bytes) -> int:
+    raise AssertionError("send_small on a channel whose small_limit is -1")
 
 
 #: cores that kept bytes in user space at some point (weakly): what an interpreter exit
@@ -306,8 +312,10 @@ class ChannelCore:
         # the two shapes (transport/base.py): a stream's calls, or a message link's
         stream = transport if isinstance(transport, StreamTransport) else None
         messages = transport if isinstance(transport, MessageTransport) else None
+        self._stream = stream
         self._send_buffers: Any = stream.send_buffers if stream is not None else None
         self._recv_into: Any = stream.recv_into if stream is not None else None
+        self._read = stream.read_call() if stream is not None else None
         self._recv_message: Any = messages.recv_message if messages is not None else None
         self._send_message: Any = messages.send_message if messages is not None else None
         batches = transport.sends_batches and self._plain  # send_many: whole batches
@@ -387,6 +395,29 @@ class ChannelCore:
             self.fast_spin: Callable[[float], bool] | None = ops.spin
         else:
             self.fast_recv = self.fast_spin = None
+        # send_small: a framed buzon stream whose sends need no bookkeeping beyond the
+        # counts (no token pool, no user-space queue); -1 turns it off
+        quiet = (
+            isinstance(self.decoder, FrameDecoder)
+            and self._can_send
+            and self.tokens is None
+            and not self.unbounded
+            and not self.closed
+            and self.capacity != 0  # a rendezvous send waits for its take: the engine's
+        )
+        stream = self._stream
+        write = stream.write_call() if quiet and stream is not None else None
+        self._write: Callable[[int, bytes], int] = _no_write
+        if write is not None and stream is not None:
+            if write_frame is not None:  # header and payload in one C call (one writev)
+                self._write = functools.partial(write_frame, stream.write_fileno())
+            else:
+
+                def python_write(flags: int, data: bytes) -> int:
+                    return write(data_header(len(data), flags) + data)
+
+                self._write = python_write
+        self.small_limit = min(PLAIN_MAX, self.max_frame) - 8 if write is not None else -1
 
     def _stop_fast(self) -> tuple[int, int]:
         """This end starts numbering messages (its first receipt, or its first receipt
@@ -452,6 +483,7 @@ class ChannelCore:
             if self.raw or self.compat is not None:
                 raise UnsupportedOperation("capacity=None needs buzon framing")
             self.unbounded = True
+            self._fast_paths()
             return
         if capacity == DEFAULT_CAPACITY:
             return
@@ -643,6 +675,40 @@ class ChannelCore:
             sflow.sent += 1
         if tokens is not None:
             tokens.sent()
+        return True
+
+    def send_small(self, data: bytes, flags: int = 0) -> bool:
+        """The hot path of ``send_bytes`` (and, ``flags`` 8, ``send_bytes_async``):
+        ``data`` (bytes of at most :attr:`small_limit`; the caller checked) as one
+        plain DATA frame, header and payload in one write, when nothing is in the way
+        (no bytes or CREDIT owed, credit left). False: nothing was written, take the
+        general way (:meth:`try_send`). True: accepted (and counted in ``sflow``); if
+        the kernel took only part of it the rest is in :attr:`pending` and
+        :attr:`open_frame` names it, as after :meth:`try_send`."""
+        if self.pending or self.credit_out is not None or self.closed:
+            return False
+        sflow = self.sflow
+        if sflow is not None and sflow.sent >= sflow.limit:
+            return False  # try_send tells the receiver, and the engine waits
+        size = len(data)
+        try:
+            n = self._write(flags, data)  # DATA, codec raw (flags 8: a receipt is asked)
+        except BlockingIOError:
+            self.stats.send_would_block += 1
+            return False
+        except OSError as exc:
+            assert self._stream is not None
+            raise self._stream.io_error(exc, True) from exc
+        size += 8
+        self.serial += 1
+        if n != size:
+            self._keep_tail((data_header(size - 8, flags), data), n)
+            self.open_frame = _OpenFrame(self.serial, size, (), size)
+        stats = self.stats
+        stats.messages_sent += 1
+        stats.bytes_sent += size  # frames on the wire, as try_send counts them
+        if sflow is not None:
+            sflow.sent += 1
         return True
 
     def _credit_wanted(self, sflow: SendFlow) -> None:
@@ -1346,6 +1412,11 @@ class ChannelCore:
             return self.poll()
         return None
 
+    def more_buffered(self) -> bool:
+        """True if a stream's last read brought more messages than were taken."""
+        decoder = self.decoder
+        return decoder is not None and bool(decoder.frames)
+
     def poll(self) -> Frame | tuple[int, bytes] | None:
         """The next message, reading once if none is parsed yet; ``None`` if none is
         ready. The common small frame comes as ``(codec, body)`` (no Frame object: this
@@ -1485,10 +1556,20 @@ class ChannelCore:
                     self.stats.rejected_frames += 1
                 raise
         recv_into = self._recv_into
+        read = self._read
         stats = self.stats
         while True:
             buf = decoder.get_buffer()
-            n = recv_into(buf)
+            if read is not None:  # the builtin itself (no transport frame per read)
+                try:
+                    n = read(buf)
+                except BlockingIOError:
+                    n = WOULD_BLOCK
+                except OSError as exc:
+                    assert self._stream is not None
+                    raise self._stream.io_error(exc, False) from exc
+            else:
+                n = recv_into(buf)
             if n == WOULD_BLOCK:
                 stats.recv_would_block += 1
                 if self.credit_out is None:

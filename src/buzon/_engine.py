@@ -91,6 +91,9 @@ class Step(NamedTuple):
 
 Steps = Generator[Step, None, Any]
 
+_INPUT = Step(INPUT, what="recv")
+_INPUT_SPIN = Step(INPUT, what="recv", spin=True)
+
 _ABORTED = (
     "send timed out with the message half-written; it was aborted (the receiver drops "
     "it whole), so nothing of it is delivered"
@@ -299,7 +302,29 @@ def recv_steps(
     read fd alone tells readiness: ``ChannelCore.plain_readiness``)."""
     take = core.poll if poll is None else poll
     if flow:
-        core.before_wait()
+        return _announced(core, take, spin, polled)
+    return _recv_wait(core, take, spin, polled)
+
+
+def _recv_wait(core: ChannelCore, take: Callable[[], Any], spin: bool, polled: bool) -> Steps:
+    """:func:`recv_steps`' loop: take, else wait for input (a plain receive is just
+    this generator: it is the path of every blocking ``recv``)."""
+    got = None if polled else take()
+    while got is None:
+        if core.partial() and core.options.frame_timeout is not None:
+            yield Step(INPUT, stall=core.options.frame_timeout, spin=spin, what="recv")
+        else:
+            yield _INPUT_SPIN if spin else _INPUT  # made once: this is the hot path
+        spin = False
+        got = take()
+    return got
+
+
+def _announced(core: ChannelCore, take: Callable[[], Any], spin: bool, polled: bool) -> Steps:
+    """A receive on a channel that reports its takes: announce the wait first, keep
+    it standing while nothing comes (a message the sender withdrew may have used the
+    offer up), and withdraw a rendezvous offer if it ends without a message."""
+    core.before_wait()
     try:
         got = None if polled else take()
         while got is None:
@@ -308,12 +333,11 @@ def recv_steps(
             yield Step(INPUT, stall=stall, spin=spin, what="recv")
             spin = False
             got = take()
-            if got is None and flow:
-                core.still_waiting()  # a withdrawn message may have used the offer up
+            if got is None:
+                core.still_waiting()
         return got
     except BaseException:
-        if flow:
-            core.wait_ended()
+        core.wait_ended()
         raise
 
 

@@ -36,12 +36,14 @@ from .._engine import (
     send_steps,
 )
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
+from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
 
 __all__ = ["Channel", "forget_fd", "wait_fd", "wait_io", "wait_ready", "watchers"]
 
 T = TypeVar("T")
+_SLEEP_FIRST = 16  # after a read found nothing, receives that wait before reading
 
 
 def deadline_of(timeout: float | None) -> float | None:
@@ -278,6 +280,7 @@ class Channel(ChannelIdentity):
         self._closing: asyncio.Task[None] | None = None  # close() writing what is owed
         self._spin = core.options.spin  # a shm ring's receive spins this long at most
         self._asked = False  # sent since the last receive: an answer may be on its way
+        self._sleep_first = 0  # receives left that wait before reading (_poll_first)
 
     @property
     def capacity(self) -> int | None:
@@ -322,6 +325,19 @@ class Channel(ChannelIdentity):
     ) -> None:
         core = self._core
         self._asked = True
+        if (
+            type(data) is bytes
+            and len(data) <= core.small_limit
+            and not priority
+            and not self._wlock.locked()
+            and core.send_small(data)  # a quiet stream: header and payload in one write
+        ):
+            if not core.pending:
+                return
+            async with self._wlock:  # the kernel took part of it: the engine finishes it
+                steps = send_steps(core, [], accepted=True, serial=core.serial)
+                await self._run(steps, deadline_of(timeout))
+            return
         fast = core.fast_send
         if (
             fast is not None
@@ -351,9 +367,25 @@ class Channel(ChannelIdentity):
     async def send_bytes_async(
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> Receipt:
-        return await self._send_receipt(
-            self._core.encode_bytes(data, receipt=True), timeout, priority
-        )
+        core = self._core
+        flow = core.sflow  # made by the first receipt: then small payloads go in one write
+        if (
+            flow is not None
+            and type(data) is bytes
+            and len(data) <= core.small_limit
+            and not priority
+            and not self._wlock.locked()
+            and core.send_small(data, RECEIPT_FLAG)
+        ):
+            number = flow.sent
+            if core.pending:  # the kernel took part of it: the engine finishes it
+                async with self._wlock:
+                    steps = send_steps(core, [], accepted=True, number=number, serial=core.serial)
+                    await self._run(steps, deadline_of(timeout))
+            if not number & 63:
+                self._receipt_poll()  # reap acknowledgements now and then
+            return Receipt(self, flow, number)
+        return await self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
 
     async def _send_receipt(
         self, bufs: list[Buffer], timeout: float | None, priority: int
@@ -526,10 +558,7 @@ class Channel(ChannelIdentity):
     async def recv(self, timeout: float | None = None, *, type: Any = Any) -> Any:
         async with self._rlock:
             core = self._core
-            if core.fast_recv is not None:
-                item = self._fast_poll(self._spin_now(timeout))
-            else:
-                item = core.poll()
+            item = self._poll_first(timeout)
             if item is None:
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_object(item, type)
@@ -551,10 +580,7 @@ class Channel(ChannelIdentity):
     async def recv_bytes(self, timeout: float | None = None) -> bytes:
         async with self._rlock:
             core = self._core
-            if core.fast_recv is not None:
-                item = self._fast_poll(self._spin_now(timeout))
-            else:
-                item = core.poll()
+            item = self._poll_first(timeout)
             if item is None:
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_bytes(item)
@@ -568,6 +594,26 @@ class Channel(ChannelIdentity):
             return 0.0
         self._asked = False
         return self._spin if timeout is None else min(self._spin, timeout)
+
+    def _poll_first(self, timeout: float | None) -> Frame | tuple[int, bytes] | None:
+        """A receive's first read. On a shm ring: one C call, spinning on the ring for
+        a moment if this channel just sent (:meth:`_spin_now`). Elsewhere as the
+        blocking driver's ``spin=0`` does it (this driver never spins on a stream):
+        read first while messages stream in; once a read found nothing (a peer that
+        answers), the next ``_SLEEP_FIRST`` receives wait before they read (``None``:
+        wait), or until a stream's read brings several."""
+        core = self._core
+        if core.fast_recv is not None:
+            return self._fast_poll(self._spin_now(timeout))
+        if self._sleep_first and timeout != 0:
+            item = core.buffered()  # what an earlier read brought (no system call)
+            if item is None:
+                self._sleep_first -= 1
+            return item
+        item = core.poll()
+        if item is None and core.plain_readiness and not self._flow:
+            self._sleep_first = _SLEEP_FIRST
+        return item
 
     def _fast_poll(self, spin: float = 0.0) -> Frame | tuple[int, bytes] | None:
         """A shared-memory ring's receive in one C call; if the ring is empty, spin on it
@@ -658,6 +704,8 @@ class Channel(ChannelIdentity):
         polled = not self._flow
         steps = recv_steps(core, self._flow, polled=polled)
         item: Frame | tuple[int, bytes] = await self._run(steps, deadline)
+        if self._sleep_first and core.more_buffered():
+            self._sleep_first = 0  # a stream: read first again
         return item
 
     async def _input(self, step: Step, deadline: float | None) -> None:

@@ -71,6 +71,13 @@ from enum import IntEnum
 from ..errors import FrameError, FrameTooLarge
 from ._frames import data_frame, plain_data_flags
 
+try:  # the C twin of the hot path (protocol/_stream.c); this module stays the reference
+    from ._stream import plain_run as _plain_run
+    from ._stream import write_frame
+except ImportError:  # pragma: no cover - a build without the extension
+    _plain_run = None  # type: ignore[assignment]
+    write_frame = None  # type: ignore[assignment]
+
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "ABORT_SEGMENT",
@@ -96,6 +103,7 @@ __all__ = [
     "loan_header",
     "parse_frame",
     "plain_data_flags",
+    "write_frame",
 ]
 
 VERSION = 1
@@ -598,7 +606,14 @@ class FrameDecoder:
         start = self._start
         end = self._end = self._end + nbytes
         avail = end - start
-        if avail >= 8 and self._error is None:
+        if avail >= 8 and self._error is None and _plain_run is not None:
+            # Fastest path: the read brought a run of small DATA frames (in C)
+            limit = min(len(self._buf) >> 1, self._max_frame)
+            start = self._start = _plain_run(self._buf, start, end, limit, self.frames.append)
+            if start == end:
+                self._start = self._end = 0
+                return
+        elif avail >= 8 and self._error is None:
             # Fastest path: the read brought exactly one small DATA frame (a round trip).
             version, kind, flags, nbufs, blen = _unpack_header(self._buf, start)
             if (

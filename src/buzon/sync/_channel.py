@@ -45,6 +45,7 @@ from .._engine import (
     send_steps,
 )
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
+from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
 
@@ -55,6 +56,7 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _monotonic = time.monotonic
 _perf = time.perf_counter
+_SLEEP_FIRST = 16  # spin=0: after a read found nothing, receives that sleep before reading
 
 
 def wait_fds(
@@ -202,10 +204,10 @@ class Channel(ChannelIdentity):
         self._spin = core.options.spin
         self._rlock = threading.Lock()
         self._wlock = threading.Lock()  # held only around non-blocking writes
-        # a receive's engine steps run under _rlock already: this lock is never
-        # contended, it only makes _run's "with" cost what a C lock costs
+        # operations run for a Receipt (no write lock) resume their steps under this
         self._step_lock = threading.Lock()
         self._rpoll: select.poll | None = None  # readiness of the read fd, made once
+        self._sleep_first = 0  # spin=0: receives left that wait before reading (_receive)
         self._rendezvous = core.capacity == 0
         self._flow = core.taking
         # threads waiting for CREDITs another thread may read (see _pump_until)
@@ -277,6 +279,15 @@ class Channel(ChannelIdentity):
     def send_bytes(self, data: Buffer, timeout: float | None = None, *, priority: int = 0) -> None:
         """Send ``data`` as one message, without a codec (a raw channel: as is)."""
         core = self._core
+        if type(data) is bytes and len(data) <= core.small_limit and not priority:
+            with self._wlock:  # a quiet stream: header and payload in one write
+                sent = core.send_small(data)
+                if sent and not core.pending:
+                    return
+                serial = core.serial
+            if sent:  # the kernel took part of it: the engine finishes it
+                self._send_slow([], timeout, 0, 0, serial)
+                return
         fast = core.fast_send
         if (
             fast is not None
@@ -309,7 +320,18 @@ class Channel(ChannelIdentity):
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> Receipt:
         """:meth:`send_async` for bytes (no codec)."""
-        return self._send_receipt(self._core.encode_bytes(data, receipt=True), timeout, priority)
+        core = self._core
+        flow = core.sflow  # made by the first receipt: then small payloads go in one write
+        if flow is not None and type(data) is bytes and len(data) <= core.small_limit:
+            with self._wlock:
+                sent = not priority and core.send_small(data, RECEIPT_FLAG)
+                number = flow.sent  # read under the lock: another thread may send next
+                serial = core.serial
+                if sent and number & 63 and not core.pending:
+                    return Receipt(self, flow, number)
+            if sent:  # a partial write to finish, or acknowledgements to reap
+                return self._send_receipt_slow([], number, serial, timeout, 0)
+        return self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
 
     def _send_receipt(self, bufs: list[Buffer], timeout: float | None, priority: int) -> Receipt:
         core = self._core
@@ -430,10 +452,26 @@ class Channel(ChannelIdentity):
         )
         self._run(steps, deadline_of(timeout))
 
+    def _run_receive(self, steps: Steps, deadline: float | None) -> Any:
+        """Run a receive (:func:`recv_steps`, whose steps are all INPUT) under the read
+        lock the caller holds: :meth:`_run` without the write lock and the dispatch,
+        since this is every blocking ``recv``'s path."""
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    self._input(step, deadline)
+                except BaseException as exc:
+                    step = steps.throw(exc)
+                    continue
+                step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
+
     def _run(self, steps: Steps, deadline: float | None, locked: bool = True) -> Any:
         """Run an engine operation: resume it (under the write lock if ``locked``: a
-        send; a receive's steps take their own locks), wait for each of its steps
-        outside the lock, throw a passed deadline (or an interrupt) into it."""
+        send; others take their own locks), wait for each of its steps outside the
+        lock, throw a passed deadline (or an interrupt) into it."""
         lock = self._wlock if locked else self._step_lock
         try:
             with lock:
@@ -710,7 +748,7 @@ class Channel(ChannelIdentity):
                 item = self._receive(timeout)
         if self._pumpers:
             self._wake_pumpers()
-        return core.item_bytes(item)
+        return item[1] if item.__class__ is tuple else core.item_bytes(item)
 
     def recv_bytes_nowait(self) -> bytes:
         with self._rlock:
@@ -803,7 +841,7 @@ class Channel(ChannelIdentity):
             return got
         limit = timeout if timeout is not None else core.options.idle_timeout
         steps = recv_steps(core, self._flow, core.poll_view, spin=False)
-        view: tuple[Any, memoryview] = self._run(steps, deadline_of(limit), locked=False)
+        view: tuple[Any, memoryview] = self._run_receive(steps, deadline_of(limit))
         return view
 
     def _receive(self, timeout: float | None) -> Frame | tuple[int, bytes]:
@@ -828,6 +866,26 @@ class Channel(ChannelIdentity):
                 )
             ready = self._rpoll = select.poll()
             ready.register(rfd, _POLLIN)
+        if spin <= 0.0 and timeout != 0 and core.plain_readiness and not self._flow:
+            # no spin: one system call when a message is there, two when it is not.
+            # A read first while messages stream in; once a read found nothing (a
+            # peer that answers, as in a round trip), sleep at once, the wait telling
+            # readiness, for the next _SLEEP_FIRST receives, or until a stream's read
+            # brings several messages
+            if self._sleep_first:
+                self._sleep_first -= 1
+            else:
+                item = core.poll()
+                if item is not None:
+                    return item
+                self._sleep_first = _SLEEP_FIRST
+            waited_now: Frame | tuple[int, bytes] = self._run_receive(
+                recv_steps(core, False, spin=False, polled=True),
+                deadline_of(timeout if timeout is not None else core.options.idle_timeout),
+            )
+            if core.more_buffered():
+                self._sleep_first = 0
+            return waited_now
         if ready.poll(0):
             item = core.poll()
             if item is not None:
@@ -835,7 +893,7 @@ class Channel(ChannelIdentity):
         if self._flow:
             limit = timeout if timeout is not None else core.options.idle_timeout
             steps = recv_steps(core, True, spin=timeout != 0)
-            taken: Frame | tuple[int, bytes] = self._run(steps, deadline_of(limit), locked=False)
+            taken: Frame | tuple[int, bytes] = self._run_receive(steps, deadline_of(limit))
             return taken
         if spin > 0.0 and timeout != 0:
             end = _perf() + spin
@@ -846,10 +904,8 @@ class Channel(ChannelIdentity):
                     if item is not None:
                         return item
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
-        waited: Frame | tuple[int, bytes] = self._run(
-            recv_steps(core, False, spin=False, polled=core.plain_readiness),
-            deadline,
-            locked=False,
+        waited: Frame | tuple[int, bytes] = self._run_receive(
+            recv_steps(core, False, spin=False, polled=core.plain_readiness), deadline
         )
         return waited
 

@@ -7,9 +7,10 @@ choose the fds, the properties and how links are established.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import from_oserror
@@ -84,6 +85,12 @@ class FdStreamTransport(StreamTransport):
         except OSError as exc:
             raise from_oserror(exc, f"{self.scheme} write") from exc
 
+    def write_call(self) -> Callable[[bytes], int] | None:
+        return functools.partial(os.write, self._wfd) if self._wfd >= 0 else None
+
+    def io_error(self, exc: OSError, writing: bool) -> Exception:
+        return from_oserror(exc, f"{self.scheme} {'write' if writing else 'read'}")
+
     def close(self) -> None:
         if self.closed:
             return
@@ -136,6 +143,12 @@ class SocketStreamTransport(StreamTransport):
             return WOULD_BLOCK
         except OSError as exc:
             raise from_oserror(exc, f"{self.scheme} send") from exc
+
+    def write_call(self) -> Callable[[bytes], int] | None:
+        return self.sock.send
+
+    def read_call(self) -> Callable[[memoryview], int] | None:
+        return self.sock.recv_into
 
     def close(self) -> None:
         if self.closed:
@@ -214,6 +227,12 @@ class TlsStreamTransport(SocketStreamTransport):
                 break
             n += more
         return n
+
+    def write_call(self) -> Callable[[bytes], int] | None:
+        return None  # TLS goes through the SSL object (send_buffers, recv_into)
+
+    def read_call(self) -> Callable[[memoryview], int] | None:
+        return None
 
     def send_buffers(self, bufs: Sequence[Buffer]) -> int:
         import ssl

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 from ..address import Address
-from ..errors import UnsupportedOperation
+from ..errors import UnsupportedOperation, from_oserror
 
 if TYPE_CHECKING:
     import ssl  # annotations only: importing buzon does not load ssl
@@ -237,6 +237,27 @@ class StreamTransport(Transport):
     @abc.abstractmethod
     def send_buffers(self, bufs: Sequence[Buffer]) -> int:
         """Vectored write; returns bytes accepted (possibly partial) or ``WOULD_BLOCK``."""
+
+    def write_call(self) -> Callable[[bytes], int] | None:
+        """The hot path of a one-buffer :meth:`send_buffers`: the builtin under it,
+        bound to the fd (``socket.send``, ``os.write``), which raises ``OSError`` as
+        is (``BlockingIOError`` when it would block: the caller's WOULD_BLOCK; any
+        other through :meth:`io_error`). A transport that gives one writes bytes to
+        :meth:`write_fileno` unchanged: the channel may write there itself (one
+        ``writev`` of a frame's header and payload). None: no such call (the caller
+        uses :meth:`send_buffers`)."""
+        return None
+
+    def read_call(self) -> Callable[[memoryview], int] | None:
+        """The hot path of :meth:`recv_into`: the builtin under it, bound to the fd
+        (``socket.recv_into``), raising ``OSError`` as is (as :meth:`write_call`).
+        None: no such call (the caller uses :meth:`recv_into`)."""
+        return None
+
+    def io_error(self, exc: OSError, writing: bool) -> Exception:
+        """The typed error :meth:`send_buffers` (``writing``) or :meth:`recv_into`
+        raises for ``exc``."""
+        return from_oserror(exc, f"{self.scheme} {'send' if writing else 'recv'}")
 
 
 def nbytes(bufs: Sequence[Buffer]) -> int:

@@ -1,0 +1,158 @@
+/* The stream hot path of buzon's frames (protocol/frames.py), in C.
+ *
+ * Two calls, each the C twin of a few lines of Python that run once per message:
+ *
+ *   write_frame(fd, flags, data) -> int
+ *       One plain DATA frame (version 1, kind DATA, ``flags``, no out-of-band
+ *       buffers) of the payload ``data``: its 8-byte header and the payload in one
+ *       writev(2). Returns the bytes the kernel took (possibly fewer than 8 +
+ *       len(data)); raises OSError as os.write does (BlockingIOError when the
+ *       non-blocking fd has no room). The GIL stays held: the fd never blocks.
+ *
+ *   plain_run(data, pos, stop, limit, append) -> int
+ *       Hand out the run of complete plain DATA frames (version 1, kind DATA, none
+ *       of the flags in NOT_FAST, no buffers, at most ``limit`` bytes each) that
+ *       starts at ``data[pos]`` and ends before ``stop``: ``append((flags, body))``
+ *       for each, ``body`` a bytes copy. Returns where the run stopped (the first
+ *       byte of a frame that is not plain, or is cut short). Anything else is left
+ *       to the Python decoder, which stays the reference.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#define VERSION 1
+#define KIND_DATA 1
+#define NOT_FAST 0xF4 /* protocol/frames.py _NOT_FAST: flags a plain frame never has */
+
+static PyObject *write_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "write_frame(fd, flags, data) takes 3 arguments");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "fd must be a non-negative int");
+        return NULL;
+    }
+    long flags = PyLong_AsLong(args[1]);
+    if (flags == -1 && PyErr_Occurred())
+        return NULL;
+    if (flags < 0 || flags > 255) {
+        PyErr_SetString(PyExc_ValueError, "flags must be 0..255");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "data must be bytes");
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(args[2]);
+    if (n > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "payload too large for one frame");
+        return NULL;
+    }
+    unsigned char header[8];
+    uint32_t len = (uint32_t)n;
+    header[0] = VERSION;
+    header[1] = KIND_DATA;
+    header[2] = (unsigned char)flags;
+    header[3] = 0;
+    header[4] = (unsigned char)(len & 0xFF); /* little-endian u32, as HEADER packs it */
+    header[5] = (unsigned char)((len >> 8) & 0xFF);
+    header[6] = (unsigned char)((len >> 16) & 0xFF);
+    header[7] = (unsigned char)((len >> 24) & 0xFF);
+    struct iovec iov[2] = {
+        {.iov_base = header, .iov_len = sizeof header},
+        {.iov_base = PyBytes_AS_STRING(args[2]), .iov_len = (size_t)n},
+    };
+    for (;;) {
+        ssize_t got = writev((int)fd, iov, n ? 2 : 1);
+        if (got >= 0)
+            return PyLong_FromSsize_t(got);
+        if (errno != EINTR)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+}
+
+static PyObject *plain_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "plain_run(data, pos, stop, limit, append) takes 5 arguments");
+        return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t stop = pos == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(args[2]);
+    Py_ssize_t limit = stop == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(args[3]);
+    PyObject *append = args[4];
+    if (limit == -1 && PyErr_Occurred()) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    if (pos < 0 || stop < pos || stop > buf.len) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "pos and stop must lie within the data");
+        return NULL;
+    }
+    const unsigned char *p = buf.buf;
+    while (stop - pos >= 8) {
+        const unsigned char *h = p + pos;
+        uint32_t blen = (uint32_t)h[4] | ((uint32_t)h[5] << 8) | ((uint32_t)h[6] << 16) |
+                        ((uint32_t)h[7] << 24);
+        Py_ssize_t total = 8 + (Py_ssize_t)blen;
+        if (h[0] != VERSION || h[1] != KIND_DATA || (h[2] & NOT_FAST) || h[3] ||
+            total > stop - pos || total > limit)
+            break;
+        PyObject *body = PyBytes_FromStringAndSize((const char *)h + 8, (Py_ssize_t)blen);
+        if (body == NULL)
+            goto fail;
+        PyObject *item = PyTuple_New(2);
+        PyObject *flags = PyLong_FromLong(h[2]); /* a small int: cached, never fails */
+        if (item == NULL || flags == NULL) {
+            Py_XDECREF(item);
+            Py_XDECREF(flags);
+            Py_DECREF(body);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(item, 0, flags);
+        PyTuple_SET_ITEM(item, 1, body);
+        PyObject *r = PyObject_CallOneArg(append, item);
+        Py_DECREF(item);
+        if (r == NULL)
+            goto fail;
+        Py_DECREF(r);
+        pos += total;
+    }
+    PyBuffer_Release(&buf);
+    return PyLong_FromSsize_t(pos);
+fail:
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"write_frame", (PyCFunction)(void (*)(void))write_frame, METH_FASTCALL,
+     "write_frame(fd, flags, data) -> int: one plain DATA frame in one writev"},
+    {"plain_run", (PyCFunction)(void (*)(void))plain_run, METH_FASTCALL,
+     "plain_run(data, pos, stop, limit, append) -> int: hand out a run of plain frames"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "buzon.protocol._stream",
+    "The stream hot path of buzon's frames (see protocol/frames.py).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__stream(void) { return PyModule_Create(&module); }

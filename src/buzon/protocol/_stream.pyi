@@ -1,0 +1,11 @@
+from collections.abc import Callable
+
+def write_frame(fd: int, flags: int, data: bytes, /) -> int: ...
+def plain_run(
+    data: bytes | bytearray | memoryview,
+    pos: int,
+    stop: int,
+    limit: int,
+    append: Callable[[tuple[int, bytes]], object],
+    /,
+) -> int: ...
