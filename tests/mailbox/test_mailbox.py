@@ -655,13 +655,18 @@ def test_a_name_that_leads_to_another_kind_of_segment_is_a_protocol_error(
 def test_everything_a_mailbox_makes_is_0600_and_its_own(runtime_dir: str) -> None:
     import stat
 
+    before = set(os.listdir("/dev/shm"))  # other programs' files there are not ours
     box = buzon.mailbox("jobs", policy="broadcast")
     attach = buzon.mailbox("jobs")
     with pytest.raises(Empty):
         attach.recv_nowait()  # a receiver: its backlog ring and the receiver table exist
     try:
         made = [os.path.join(runtime_dir, n) for n in os.listdir(runtime_dir)]
-        made += [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm")]
+        made += [
+            os.path.join("/dev/shm", n)
+            for n in set(os.listdir("/dev/shm")) - before
+            if n.startswith(f"buzon-{os.getuid()}-")
+        ]
         assert len(made) >= 5  # name, FIFO, ring, receiver table, backlog
         for path in made:
             st = os.lstat(path)

@@ -1012,7 +1012,14 @@ class Channel(ChannelIdentity):
                 self._run(flush_steps(core, "close"), deadline_of(core.options.close_timeout))
             except Exception:  # the peer is gone, or time ran out: nothing more goes
                 pass
-        core.close()
+        # no other thread's write is between its "closed?" check and the fd (bounded: a
+        # signal handler closing the channel may interrupt this thread's own write)
+        held = self._wlock.acquire(timeout=1.0)
+        try:
+            core.close()
+        finally:
+            if held:
+                self._wlock.release()
         if self._pumpers:
             self._wake_pumpers()
 
