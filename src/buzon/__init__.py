@@ -25,6 +25,7 @@ from .errors import (
     CodecError,
     ConnectError,
     ConnectionRefused,
+    DeadlineExceeded,
     Empty,
     EndOfChannel,
     EndpointInUse,
@@ -39,6 +40,7 @@ from .errors import (
     PermissionDenied,
     PickleRejected,
     ProtocolError,
+    RemoteError,
     SecurityError,
     Timeout,
     Undelivered,
@@ -50,7 +52,7 @@ from .sync import Channel, Listener, Server, connect, listen, pipe, wait
 from .transport.base import LinkProperties, PeerInfo
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so ``import buzon`` stays light
-    from . import aio, signals
+    from . import aio, rpc, signals
     from ._serve import serve
     from .shm import BoundedBuffer, shared_array, shared_value
 
@@ -60,6 +62,7 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__), so ``import buzon`
 _LAZY: dict[str, tuple[str, str]] = {
     "aio": ("buzon.aio", ""),
     "signals": ("buzon.signals", ""),
+    "rpc": ("buzon.rpc", ""),
     "serve": ("buzon._serve", "serve"),
     "BoundedBuffer": ("buzon.shm", "BoundedBuffer"),
     "shared_array": ("buzon.shm", "shared_array"),
@@ -110,6 +113,7 @@ __all__ = [
     "CodecError",
     "ConnectError",
     "ConnectionRefused",
+    "DeadlineExceeded",
     "Empty",
     "EndOfChannel",
     "EndpointInUse",
@@ -128,6 +132,7 @@ __all__ = [
     "PickleRejected",
     "ProtocolError",
     "Receipt",
+    "RemoteError",
     "SecurityError",
     "Server",
     "Statistics",
@@ -143,6 +148,7 @@ __all__ = [
     "listen",
     "parse_address",
     "pipe",
+    "rpc",
     "serve",
     "shared_array",
     "shared_value",

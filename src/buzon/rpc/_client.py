@@ -1,0 +1,473 @@
+"""The RPC client: a thread-safe proxy with many calls in flight on one connection.
+
+No reader thread is needed for blocking calls: the thread that waits for a reply reads
+the connection itself ("leader/followers"). While it reads, it hands every reply it
+finds to the call it answers (by the CORRELATION field), so replies may come in any
+order; other waiting threads sleep on a condition until their reply is in or the
+reading role is free. ``call_async`` futures get a reader thread, started with the
+first of them, that reads only while such futures are outstanding.
+
+A call's deadline is the nearest of ``buzon.rpc.deadline`` blocks in force and the
+client's ``timeout``; it goes on the wire as milliseconds left (the DEADLINE field).
+When it passes, or the waiting thread is interrupted, the call raises and a cancel
+message tells the server, whose handler sees ``context().cancelled``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import typing
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import msgspec
+
+from ..address import Address
+from ..errors import (
+    BuzonError,
+    ChannelClosed,
+    DeadlineExceeded,
+    EndOfChannel,
+    RemoteError,
+    ValidationError,
+)
+from ..errors import Timeout as _Timeout
+from ..sync import Channel
+from ..sync import connect as _connect
+from . import _wire as w
+from ._context import _DEADLINE
+from ._server import _check
+
+__all__ = ["Call", "Client", "close", "connect"]
+
+P = TypeVar("P")
+
+_monotonic = time.monotonic
+
+
+class Call(Future[Any]):
+    """The future of one call (``Client.call_async``). ``result(timeout)`` waits (and
+    reads the connection meanwhile, if no other thread does); the call's own deadline
+    turns into :class:`~buzon.errors.DeadlineExceeded`. ``cancel()`` gives the call
+    up and tells the server."""
+
+    def __init__(self, client: Client, call_id: int, method: str, at: float | None) -> None:
+        super().__init__()
+        self.client = client
+        self.call_id = call_id
+        self.method = method
+        self.at = at
+        self.rtype: Any = client._rtypes.get(method, Any)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            self.client._wait(self, None if timeout is None else _monotonic() + timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            self.client._wait(self, None if timeout is None else _monotonic() + timeout)
+        return super().exception(0)
+
+    def cancel(self) -> bool:
+        """Give the call up: the server is told to cancel it (its handler sees
+        ``context().cancelled``); True unless it had finished already."""
+        if self.client._abandon(self, "cancelled by the caller"):
+            return super().cancel() or True
+        return False
+
+
+def _return_types(proto: Any) -> dict[str, Any]:
+    """Return hints of a Protocol's (or class's) public methods: name -> type."""
+    types: dict[str, Any] = {}
+    for klass in reversed(getattr(proto, "__mro__", (proto,))):
+        if klass is object or klass is typing.Protocol or klass.__module__ == "typing":
+            continue
+        for name, value in vars(klass).items():
+            if name.startswith("_") or not callable(value):
+                continue
+            try:
+                hint = typing.get_type_hints(value).get("return", Any)
+            except Exception as exc:
+                raise TypeError(f"{proto.__name__}.{name}: hints do not resolve: {exc}") from exc
+            types[name] = None if hint is type(None) else hint
+    return types
+
+
+class Client:
+    """A connection to an RPC server (``buzon.rpc.connect``). Thread-safe.
+
+    ``client.add(1, 2)`` or ``client.call("add", 1, 2)`` call and wait;
+    ``client.notify("log", "x")`` sends without a reply; ``client.call_async("add", 1,
+    2)`` returns a :class:`Call` future. Errors: :class:`~buzon.errors.RemoteError`
+    (the server refused or the handler failed; ``.code``, ``.message``, ``.data``),
+    :class:`~buzon.errors.DeadlineExceeded`, :class:`~buzon.errors.EndOfChannel` when
+    the connection is lost with the call in flight (``at_most_once``: the call may or
+    may not have run). A method named like one of the client's own
+    (``call``, ``close``...) is called with ``call("close")``.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        proto: Any = None,
+        *,
+        timeout: float | None = 60.0,
+        max_in_flight: int = 64,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._ch = channel
+        self._proto = proto
+        self._rtypes: dict[str, Any] = {} if proto is None else _return_types(proto)
+        self._timeout = timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Call] = {}
+        self._cv = threading.Condition(threading.Lock())
+        self._reading = False
+        self._sleepers = 0
+        self._broken: BuzonError | None = None
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._async = 0  # call_async futures outstanding
+        self._reader: threading.Thread | None = None
+        self._stubs: dict[str, Callable[..., Any]] = {}
+        self.late = 0  # replies that came after their call was given up
+
+    # -- the proxy ----------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._proto is not None and name not in self._rtypes:
+            raise AttributeError(f"{self._proto.__name__} has no method {name!r}")
+        stub = self._stubs.get(name)
+        if stub is None:
+
+            def stub(*args: Any, **kwargs: Any) -> Any:
+                return self.call(name, *args, **kwargs)
+
+            stub.__name__ = name
+            self._stubs[name] = stub
+        return stub
+
+    # -- calling -------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        at = _DEADLINE.get()
+        if self._timeout is not None:
+            mine = _monotonic() + self._timeout
+            if at is None or mine < at:
+                at = mine
+        return at
+
+    def _start(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        if self._broken is not None:
+            raise self._broken
+        at = self._deadline()
+        if not self._slots.acquire(timeout=-1 if at is None else max(0.0, at - _monotonic())):
+            raise DeadlineExceeded(
+                f"{method}: the deadline passed waiting for one of the client's "
+                "max_in_flight call slots"
+            )
+        call_id = next(self._ids)
+        call = Call(self, call_id, method, at)
+        self._pending[call_id] = call
+        body: list[Any] = [w.REQUEST, method, list(args)]
+        if kwargs:
+            body.append(kwargs)
+        fields = {w.MESSAGE_ID: w.id_field(call_id)}
+        if at is not None:
+            fields[w.DEADLINE] = w.ms_field(at - _monotonic())
+        try:
+            self._ch._send_fields(body, fields, None if at is None else max(0.0, at - _monotonic()))
+        except _Timeout:
+            self._settle(call, DeadlineExceeded(f"{method}: the deadline passed while sending"))
+            raise call.exception(0) from None  # type: ignore[misc]
+        except BaseException:
+            self._settle(call, None)
+            raise
+        return call
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` with the arguments and wait for its result."""
+        call = self._start(method, args, kwargs)
+        try:
+            self._wait(call, None)
+        except BaseException:  # interrupted: the server is told, the slot is freed
+            self._abandon(call, "the caller was interrupted")
+            raise
+        return Future.result(call, 0)
+
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> Call:
+        """Send the call and return its :class:`Call` future at once."""
+        call = self._start(method, args, kwargs)
+        with self._cv:
+            self._async += 1
+            if self._reader is None or not self._reader.is_alive():
+                self._reader = threading.Thread(
+                    target=self._read_for_futures, name="buzon-rpc-reader", daemon=True
+                )
+                self._reader.start()
+            else:
+                self._cv.notify_all()
+        call.add_done_callback(self._async_done)
+        return call
+
+    def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Send a one-way call: no reply, no error back (the server counts them)."""
+        if self._broken is not None:
+            raise self._broken
+        body: list[Any] = [w.NOTIFY, method, list(args)]
+        if kwargs:
+            body.append(kwargs)
+        at = self._deadline()
+        self._ch._send_fields(body, {}, None if at is None else max(0.0, at - _monotonic()))
+
+    # -- waiting and reading -------------------------------------------------------------
+
+    def _async_done(self, call: Future[Any]) -> None:
+        with self._cv:
+            self._async -= 1
+
+    def _read_for_futures(self) -> None:
+        """The reader of ``call_async`` futures: reads while some are outstanding,
+        expiring the ones whose deadline passes, then sleeps until there are more."""
+        while self._broken is None:
+            with self._cv:
+                while self._async <= 0 and self._broken is None:
+                    self._cv.wait()
+            self._wait(None, None)
+
+    def _next_deadline(self) -> float | None:
+        ats = [c.at for c in list(self._pending.values()) if c.at is not None]
+        return min(ats) if ats else None
+
+    def _wait(self, call: Call | None, until: float | None) -> None:
+        """Wait until ``call`` is settled (``None``: until no ``call_async`` future is
+        outstanding) or ``until`` passes, reading the connection whenever no other
+        thread does. The call's deadline settles it with ``DeadlineExceeded``."""
+        cv = self._cv
+
+        def settled() -> bool:
+            if call is None:
+                return self._async <= 0 or self._broken is not None
+            return call.done()
+
+        while not settled():
+            now = _monotonic()
+            if call is None:
+                self._expire_due(now)
+                limit = self._next_deadline()
+            else:
+                limit = call.at
+                if limit is not None and now >= limit:
+                    self._abandon(call, None)
+                    return
+            if until is not None and (limit is None or until < limit):
+                if now >= until:
+                    raise TimeoutError(f"the call did not finish within the timeout: {call}")
+                limit = until
+            with cv:
+                if settled():
+                    return
+                if self._reading:
+                    self._sleepers += 1
+                    try:
+                        cv.wait(None if limit is None else max(0.0, limit - now))
+                    finally:
+                        self._sleepers -= 1
+                    continue
+                self._reading = True
+            try:
+                while not settled():
+                    left = None if limit is None else limit - _monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._read_one(left)
+                    if call is None:
+                        break  # re-check the deadlines of the outstanding futures
+            finally:
+                with cv:
+                    self._reading = False
+                    if self._sleepers:
+                        cv.notify_all()
+
+    def _read_one(self, timeout: float | None) -> None:
+        try:
+            body, fields = self._ch._recv_fields(timeout)
+        except _Timeout:
+            return
+        except (EndOfChannel, ChannelClosed) as exc:
+            self._lost(exc)
+            return
+        except BuzonError:  # an undecodable message: not a reply to anything we know
+            return
+        call_id = w.read_id(fields, w.CORRELATION)
+        call = self._pending.get(call_id) if call_id is not None else None
+        if call is None:
+            self.late += 1
+            return
+        if type(body) is not list or len(body) != 3 or body[0] != w.REPLY:
+            self._settle(call, RemoteError("malformed reply", RemoteError.INTERNAL_ERROR))
+        elif body[1] is not None:
+            self._settle(call, w.error_from(body[1]))
+        else:
+            result = body[2]
+            rtype = call.rtype
+            if rtype is not Any:
+                try:
+                    result = msgspec.convert(result, rtype)
+                except msgspec.ValidationError as exc:
+                    self._settle(
+                        call,
+                        ValidationError(
+                            f"{call.method}: the result does not match {rtype!r}: {exc}"
+                        ),
+                    )
+                    return
+            self._settle(call, None, result)
+
+    def _settle(self, call: Call, error: BaseException | None, result: Any = None) -> bool:
+        """Complete ``call`` once (False if something else completed it first)."""
+        if self._pending.pop(call.call_id, None) is None:
+            return False
+        self._slots.release()
+        if error is None:
+            call.set_result(result)
+        else:
+            call.set_exception(error)
+        if self._sleepers:
+            with self._cv:
+                self._cv.notify_all()
+        return True
+
+    def _abandon(self, call: Call, why: str | None) -> bool:
+        """Give ``call`` up (deadline, interrupt, cancel) and send the server a cancel."""
+        if why is None:
+            err: BaseException = DeadlineExceeded(
+                f"{call.method}: no reply by the call's deadline; the server was told to cancel it"
+            )
+        else:
+            err = DeadlineExceeded(f"{call.method}: {why}")
+        if not self._settle(call, err):
+            return False
+        try:
+            fields = {w.CORRELATION: w.id_field(call.call_id)}
+            self._ch._send_fields([w.CANCEL], fields, 0.1)
+        except BuzonError:
+            pass  # the connection is gone or full: the server finds out on its own
+        return True
+
+    def _expire_due(self, now: float) -> None:
+        for call in list(self._pending.values()):
+            if call.at is not None and now >= call.at:
+                self._abandon(call, None)
+
+    def _lost(self, exc: BuzonError) -> None:
+        """The connection ended: every call in flight fails, its outcome unknown."""
+        closed = isinstance(exc, ChannelClosed)
+        self._broken = (
+            ChannelClosed("the RPC client is closed")
+            if closed
+            else EndOfChannel("the RPC server closed the connection")
+        )
+        for call in list(self._pending.values()):
+            self._settle(
+                call,
+                type(self._broken)(
+                    f"{call.method}: the connection was lost with the call in flight; "
+                    "it may or may not have run (at_most_once)"
+                ),
+            )
+        with self._cv:
+            self._cv.notify_all()
+
+    # -- lifetime ------------------------------------------------------------------
+
+    @property
+    def channel(self) -> Channel:
+        """The underlying :class:`buzon.Channel`."""
+        return self._ch
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent whose reply has not come yet."""
+        return len(self._pending)
+
+    def close(self) -> None:
+        """Close the connection; calls in flight fail with ``ChannelClosed``."""
+        if self._broken is None:
+            self._lost(ChannelClosed("closed"))
+        self._ch.close()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(5.0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        proto = f" {self._proto.__name__}" if self._proto is not None else ""
+        return f"<buzon.rpc.Client{proto} {self._ch!r} in_flight={len(self._pending)}>"
+
+
+@typing.overload
+def connect(
+    url: str | Address,
+    proto: None = None,
+    *,
+    timeout: float | None = 60.0,
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
+    max_in_flight: int = 64,
+    **options: Any,
+) -> Client: ...
+@typing.overload
+def connect(
+    url: str | Address,
+    proto: Callable[..., P],
+    *,
+    timeout: float | None = 60.0,
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
+    max_in_flight: int = 64,
+    **options: Any,
+) -> P: ...
+
+
+def connect(
+    url: str | Address,
+    proto: Any = None,
+    *,
+    timeout: float | None = 60.0,
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
+    max_in_flight: int = 64,
+    **options: Any,
+) -> Any:
+    """Connect to the RPC server at ``url`` and return a proxy (``buzon.rpc.connect``).
+
+    With ``proto``, a ``typing.Protocol`` class describing the service, the proxy is
+    typed as that protocol (mypy checks every call) and results are validated against
+    its return hints; only its methods are reachable through attributes. ``timeout``
+    bounds the connection and is every call's default deadline (None: wait for ever);
+    ``with buzon.rpc.deadline(s)`` shortens it. ``options`` go to
+    :func:`buzon.connect`. The proxy closes with ``close()`` (or ``with``).
+    """
+    _check(wire, semantics, None)
+    ch = _connect(url, timeout, **options)
+    return Client(ch, proto, timeout=timeout, max_in_flight=max_in_flight)
+
+
+def close(proxy: object) -> None:
+    """Close a proxy made by :func:`connect`, a typed one included (its Protocol
+    type need not declare ``close``)."""
+    if not isinstance(proxy, Client):
+        raise TypeError(f"not a buzon.rpc proxy: {proxy!r}")
+    proxy.close()

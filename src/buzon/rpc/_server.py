@@ -1,0 +1,336 @@
+"""The RPC server: a :class:`buzon.Server` whose per-client handler runs calls.
+
+Per connection, calls run concurrently on a small pool of threads that take turns
+reading ("leader/followers"): the thread that reads a request hands the reading role
+to an idle thread and runs the handler itself, so a reply never waits for a thread
+switch and a slow call does not hold up the ones behind it. Replies go out as their
+calls finish, in any order, each naming its call id. The pool grows to at most
+``max_in_flight`` threads per connection; when all of them are busy, nobody reads, so
+the client's further calls wait in the socket (backpressure, not an unbounded queue).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from contextvars import copy_context
+from typing import Any
+
+from ..errors import (
+    ChannelClosed,
+    CodecError,
+    EndOfChannel,
+    MessageTooLarge,
+    RemoteError,
+    UnsupportedOperation,
+)
+from ..errors import Timeout as _Timeout
+from ..sync import Channel
+from ..sync import Server as ChannelServer
+from . import _wire as w
+from ._context import _CURRENT, _DEADLINE, CallContext
+from ._service import Method, Service, as_service
+
+__all__ = ["Server", "serve"]
+
+WIRES = ("buzon",)
+SEMANTICS = ("at_most_once",)
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger("buzon.rpc")
+
+
+def _check(wire: str, semantics: str, name: str | None) -> None:
+    if wire not in WIRES:
+        raise UnsupportedOperation(f"wire={wire!r}: this version speaks {', '.join(WIRES)}")
+    if semantics not in SEMANTICS:
+        raise UnsupportedOperation(
+            f"semantics={semantics!r}: this version offers {', '.join(SEMANTICS)}"
+        )
+    if name is not None:
+        raise UnsupportedOperation("serve(name=...): binding by name is not available yet")
+
+
+class _Connection:
+    """One client connection: reads requests, runs them, writes replies."""
+
+    def __init__(self, server: Server, ch: Channel) -> None:
+        self.server = server
+        self.ch = ch
+        self.service = server.service
+        self.peer = ch.peer
+        self.read_lock = threading.Lock()
+        self.state = threading.Condition(threading.Lock())
+        self.waiting = 0  # threads waiting for the reading role
+        self.threads = 0  # threads started for this connection (the handler's not counted)
+        self.running: dict[int, CallContext] = {}  # calls in flight, by call id
+        self.done = False
+
+    def run(self) -> None:
+        """The connection's handler thread: serve until the client leaves, then wait
+        for the connection's other threads."""
+        try:
+            while (request := self._next()) is not None:
+                self._handle(*request)
+        finally:
+            self._end()
+            with self.state:
+                while self.threads > 0:
+                    self.state.wait()
+
+    def _work_thread(self) -> None:
+        try:
+            while (request := self._next()) is not None:
+                self._handle(*request)
+        finally:
+            with self.state:
+                self.threads -= 1
+                self.state.notify_all()
+
+    def _next(self) -> tuple[Any, dict[int, bytes] | None] | None:
+        """Take the reading role and read until a request or notify arrives (cancels are
+        applied on the way); None when the connection is over."""
+        with self.state:
+            self.waiting += 1
+        with self.read_lock:
+            with self.state:
+                self.waiting -= 1
+            while not self.done:
+                try:
+                    body, fields = self.ch._recv_fields(None)
+                except _Timeout:
+                    continue  # an idle_timeout on the channel: keep serving
+                except (EndOfChannel, ChannelClosed):
+                    self._end()
+                    return None
+                except CodecError:
+                    self.server._count("errors", 1)  # undecodable: refused, the connection goes on
+                    continue
+                if type(body) is list and body and body[0] == w.CANCEL:
+                    self._cancel(fields)
+                    continue
+                with self.state:
+                    spawn = self.waiting == 0 and self.threads + 1 < self.server.max_in_flight
+                    if spawn:
+                        self.threads += 1
+                if spawn:  # nobody would read while this call runs: one more reader
+                    threading.Thread(
+                        target=self._work_thread, name="buzon-rpc-call", daemon=True
+                    ).start()
+                return body, fields
+        return None
+
+    def _end(self) -> None:
+        with self.state:
+            self.done = True
+            for ctx in self.running.values():
+                ctx.cancel()  # the caller is gone: its calls are cancelled
+
+    def _cancel(self, fields: dict[int, bytes] | None) -> None:
+        call_id = w.read_id(fields, w.CORRELATION)
+        with self.state:
+            ctx = self.running.get(call_id) if call_id is not None else None
+        if ctx is not None:
+            ctx.cancel()
+
+    def _handle(self, body: Any, fields: dict[int, bytes] | None) -> None:
+        server = self.server
+        call_id = w.read_id(fields, w.MESSAGE_ID)
+        try:
+            if (
+                type(body) is not list
+                or len(body) not in (3, 4)
+                or body[0]
+                not in (
+                    w.REQUEST,
+                    w.NOTIFY,
+                )
+            ):
+                raise RemoteError("not an RPC request", RemoteError.INVALID_REQUEST)
+            kind, name, args = body[0], body[1], body[2]
+            kwargs = body[3] if len(body) == 4 else None
+            if kind == w.REQUEST and call_id is None:
+                raise RemoteError("a request without a call id", RemoteError.INVALID_REQUEST)
+            if kind == w.NOTIFY:
+                call_id = None
+            method = self.service.lookup(name)  # the allowlist: nothing runs before it
+            if type(args) is not list or (kwargs is not None and type(kwargs) is not dict):
+                raise RemoteError(
+                    f"{name}: arguments are a list (and keywords a map)", RemoteError.INVALID_PARAMS
+                )
+            budget = w.read_ms(fields)
+            at = None if budget is None else time.monotonic() + budget
+            reply = self._run(method, args, kwargs, call_id, at)
+        except RemoteError as err:
+            server._count("errors", 1)
+            reply = w.error_body(err)
+        if call_id is not None:
+            self._reply(call_id, reply)
+
+    def _run(
+        self,
+        method: Method,
+        args: list[Any],
+        kwargs: dict[str, Any] | None,
+        call_id: int | None,
+        at: float | None,
+    ) -> list[Any]:
+        ctx = CallContext(method.name, call_id, at, self.peer)
+        if at is not None and time.monotonic() >= at:
+            raise RemoteError(
+                f"{method.name}: the deadline passed before the call started",
+                RemoteError.DEADLINE_EXCEEDED,
+            )
+        if call_id is not None:
+            with self.state:
+                self.running[call_id] = ctx
+        self.server._count("in_flight", 1)
+        try:
+            return copy_context().run(self._call, method, args, kwargs, ctx)
+        finally:
+            self.server._count("in_flight", -1)
+            if call_id is not None:
+                with self.state:
+                    self.running.pop(call_id, None)
+
+    @staticmethod
+    def _call(
+        method: Method, args: list[Any], kwargs: dict[str, Any] | None, ctx: CallContext
+    ) -> list[Any]:
+        _CURRENT.set(ctx)
+        _DEADLINE.set(ctx.deadline)
+        try:
+            return [w.REPLY, None, method.run(args, kwargs)]
+        except RemoteError:
+            raise
+        except Exception as exc:  # the handler's own failure: reported, never its traceback
+            raise RemoteError(
+                f"{method.name} raised {type(exc).__name__}: {exc}",
+                RemoteError.SERVER_ERROR,
+                {"type": type(exc).__name__},
+            ) from None
+
+    def _reply(self, call_id: int, reply: list[Any]) -> None:
+        fields = {w.CORRELATION: w.id_field(call_id)}
+        try:
+            self.ch._send_fields(reply, fields, self.server.reply_timeout)
+            self.server._count("calls", 1)
+            return
+        except (CodecError, TypeError, ValueError, OverflowError, MessageTooLarge) as exc:
+            # the result cannot go on the wire: say so instead of dropping the connection
+            err = RemoteError(f"the result cannot be encoded: {exc}", RemoteError.INVALID_RESULT)
+        except (EndOfChannel, ChannelClosed, _Timeout):
+            return  # the client is gone, or not reading: the read side sees the end
+        self.server._count("errors", 1)
+        try:
+            self.ch._send_fields(w.error_body(err), fields, self.server.reply_timeout)
+        except Exception:  # pragma: no cover - the client is gone meanwhile
+            pass
+
+
+class Server:
+    """An RPC server object (``buzon.rpc.Server``), like :class:`buzon.Server`::
+
+        srv = buzon.rpc.Server("unix:calc", svc)
+        threading.Thread(target=srv.serve_forever).start()
+        ...
+        srv.shutdown()
+
+    ``service`` is a :class:`Service` or an object whose methods carry
+    ``@buzon.rpc.expose``. ``mode``: ``"thread"`` (a thread per client, calls of one
+    client concurrent on up to ``max_in_flight`` threads) or ``"process"`` (a forked
+    process per client). ``wire``: ``"buzon"``. ``semantics``: ``"at_most_once"``
+    (a call runs once or not at all; a lost connection leaves its outcome unknown).
+    ``options`` go to :func:`buzon.listen` (``max_clients``, ``grace`` to the server).
+
+    Counters: ``calls`` (replies sent), ``errors`` (error replies and refused
+    messages), ``in_flight`` (calls running now).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        service: Service | object,
+        *,
+        mode: str = "thread",
+        wire: str = "buzon",
+        semantics: str = "at_most_once",
+        name: str | None = None,
+        max_in_flight: int = 64,
+        reply_timeout: float | None = 30.0,
+        **options: Any,
+    ) -> None:
+        if mode == "async":
+            raise UnsupportedOperation("mode='async' (buzon.aio.rpc) is not available yet")
+        _check(wire, semantics, name)
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.service = as_service(service)
+        self.wire = wire
+        self.semantics = semantics
+        self.max_in_flight = max_in_flight
+        self.reply_timeout = reply_timeout
+        self.calls = 0
+        self.errors = 0
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
+
+    def _count(self, counter: str, n: int) -> None:
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + n)
+
+    @property
+    def address(self) -> Any:
+        """The bound address (a TCP port 0 is resolved)."""
+        return self._server.address
+
+    def _serve_client(self, ch: Channel) -> None:
+        _Connection(self, ch).run()
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown`."""
+        self._server.serve_forever()
+
+    def shutdown(self) -> None:
+        """Stop serving (safe from any thread or a signal handler)."""
+        self._server.shutdown()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"<buzon.rpc.Server {self.service.name} at {self.address}>"
+
+
+def serve(
+    url: str,
+    service: Service | object,
+    *,
+    mode: str = "thread",
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
+    name: str | None = None,
+    **options: Any,
+) -> None:
+    """Serve ``service`` at ``url`` until SIGINT/SIGTERM (``buzon.rpc.serve``).
+
+    The arguments are :class:`Server`'s; for control from code use that class.
+    """
+    server = Server(url, service, mode=mode, wire=wire, semantics=semantics, name=name, **options)
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: server.shutdown())
+    try:
+        server.serve_forever()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
