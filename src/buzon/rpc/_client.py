@@ -48,36 +48,71 @@ P = TypeVar("P")
 _monotonic = time.monotonic
 
 
+class _Pending:
+    """One call waiting for its reply (the light object of a blocking call; a
+    ``call_async`` call has a :class:`Call` future as well)."""
+
+    __slots__ = (
+        "at",
+        "call_id",
+        "done",
+        "error",
+        "finished",
+        "future",
+        "method",
+        "result",
+        "rtype",
+    )
+
+    def __init__(self, call_id: int, method: str, at: float | None, rtype: Any) -> None:
+        self.call_id = call_id
+        self.method = method
+        self.at = at
+        self.rtype = rtype
+        self.done = False
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self.future: Call | None = None
+        self.finished = False  # the future was completed
+
+
 class Call(Future[Any]):
     """The future of one call (``Client.call_async``). ``result(timeout)`` waits (and
     reads the connection meanwhile, if no other thread does); the call's own deadline
     turns into :class:`~buzon.errors.DeadlineExceeded`. ``cancel()`` gives the call
-    up and tells the server."""
+    up and tells the server (its handler sees ``context().cancelled``)."""
 
-    def __init__(self, client: Client, call_id: int, method: str, at: float | None) -> None:
+    def __init__(self, client: Client, pending: _Pending) -> None:
         super().__init__()
         self.client = client
-        self.call_id = call_id
-        self.method = method
-        self.at = at
-        self.rtype: Any = client._rtypes.get(method, Any)
+        self._p = pending
+        pending.future = self
+
+    @property
+    def method(self) -> str:
+        """The name of the method called."""
+        return self._p.method
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
-            self.client._wait(self, None if timeout is None else _monotonic() + timeout)
+        if not self._p.done:
+            self.client._wait(self._p, None if timeout is None else _monotonic() + timeout)
         return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done():
-            self.client._wait(self, None if timeout is None else _monotonic() + timeout)
+        if not self._p.done:
+            self.client._wait(self._p, None if timeout is None else _monotonic() + timeout)
         return super().exception(0)
 
     def cancel(self) -> bool:
-        """Give the call up: the server is told to cancel it (its handler sees
-        ``context().cancelled``); True unless it had finished already."""
-        if self.client._abandon(self, "cancelled by the caller"):
-            return super().cancel() or True
-        return False
+        """Give the call up and tell the server; False if it had finished already."""
+        return self.client._abandon(self._p, _CANCELLED)
+
+
+_CANCELLED = "cancelled by the caller"
+
+
+class _Cancelled(Exception):
+    """Marks a call its future's ``cancel()`` gave up (the future ends CANCELLED)."""
 
 
 def _return_types(proto: Any) -> dict[str, Any]:
@@ -125,12 +160,12 @@ class Client:
         self._rtypes: dict[str, Any] = {} if proto is None else _return_types(proto)
         self._timeout = timeout
         self._ids = itertools.count(1)
-        self._pending: dict[int, Call] = {}
+        self._pending: dict[int, _Pending] = {}
         self._cv = threading.Condition(threading.Lock())
         self._reading = False
         self._sleepers = 0
         self._broken: BuzonError | None = None
-        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
         self._async = 0  # call_async futures outstanding
         self._reader: threading.Thread | None = None
         self._stubs: dict[str, Callable[..., Any]] = {}
@@ -163,49 +198,70 @@ class Client:
                 at = mine
         return at
 
-    def _start(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+    def _start(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Pending:
         if self._broken is not None:
             raise self._broken
         at = self._deadline()
-        if not self._slots.acquire(timeout=-1 if at is None else max(0.0, at - _monotonic())):
-            raise DeadlineExceeded(
-                f"{method}: the deadline passed waiting for one of the client's "
-                "max_in_flight call slots"
-            )
+        pending = self._pending
+        if len(pending) >= self._max_in_flight:
+            self._wait_for_slot(method, at)
         call_id = next(self._ids)
-        call = Call(self, call_id, method, at)
-        self._pending[call_id] = call
+        p = _Pending(call_id, method, at, self._rtypes.get(method, Any))
+        pending[call_id] = p
         body: list[Any] = [w.REQUEST, method, list(args)]
         if kwargs:
             body.append(kwargs)
-        fields = {w.MESSAGE_ID: w.id_field(call_id)}
-        if at is not None:
-            fields[w.DEADLINE] = w.ms_field(at - _monotonic())
         try:
-            self._ch._send_fields(body, fields, None if at is None else max(0.0, at - _monotonic()))
+            if at is None:
+                w.send(self._ch, body, w.MESSAGE_ID, call_id, None, None)
+            else:
+                left = max(0.0, at - _monotonic())
+                w.send(self._ch, body, w.MESSAGE_ID, call_id, left, left)
         except _Timeout:
-            self._settle(call, DeadlineExceeded(f"{method}: the deadline passed while sending"))
-            raise call.exception(0) from None  # type: ignore[misc]
+            self._settle(p, DeadlineExceeded(f"{method}: the deadline passed while sending"))
+            raise p.error from None  # type: ignore[misc]
         except BaseException:
-            self._settle(call, None)
+            self._settle(p, None)
             raise
-        return call
+        return p
+
+    def _wait_for_slot(self, method: str, at: float | None) -> None:
+        """Wait (reading replies, if nobody else does) until fewer than
+        ``max_in_flight`` calls are in flight, or raise at the deadline."""
+        probe = _Pending(0, method, at, Any)
+        while len(self._pending) >= self._max_in_flight:
+            if at is not None and _monotonic() >= at:
+                raise DeadlineExceeded(
+                    f"{method}: the deadline passed waiting for one of the client's "
+                    f"max_in_flight={self._max_in_flight} call slots"
+                )
+            if self._broken is not None:
+                raise self._broken
+            self._wait(probe, at, slot=True)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` with the arguments and wait for its result."""
-        call = self._start(method, args, kwargs)
+        p = self._start(method, args, kwargs)
         try:
-            self._wait(call, None)
-        except BaseException:  # interrupted: the server is told, the slot is freed
-            self._abandon(call, "the caller was interrupted")
+            if not p.done:
+                self._wait(p, None)
+        except BaseException:  # interrupted: the server is told
+            self._abandon(p, "the caller was interrupted")
             raise
-        return Future.result(call, 0)
+        if p.error is not None:
+            raise p.error
+        return p.result
 
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> Call:
         """Send the call and return its :class:`Call` future at once."""
-        call = self._start(method, args, kwargs)
+        p = self._start(method, args, kwargs)
+        call = Call(self, p)
         with self._cv:
             self._async += 1
+        if p.done:  # settled before it had a future (the connection was lost meanwhile)
+            self._finish_future(p)
+            return call
+        with self._cv:
             if self._reader is None or not self._reader.is_alive():
                 self._reader = threading.Thread(
                     target=self._read_for_futures, name="buzon-rpc-reader", daemon=True
@@ -213,7 +269,6 @@ class Client:
                 self._reader.start()
             else:
                 self._cv.notify_all()
-        call.add_done_callback(self._async_done)
         return call
 
     def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
@@ -224,13 +279,9 @@ class Client:
         if kwargs:
             body.append(kwargs)
         at = self._deadline()
-        self._ch._send_fields(body, {}, None if at is None else max(0.0, at - _monotonic()))
+        self._ch.send(body, None if at is None else max(0.0, at - _monotonic()))
 
     # -- waiting and reading -------------------------------------------------------------
-
-    def _async_done(self, call: Future[Any]) -> None:
-        with self._cv:
-            self._async -= 1
 
     def _read_for_futures(self) -> None:
         """The reader of ``call_async`` futures: reads while some are outstanding,
@@ -242,33 +293,37 @@ class Client:
             self._wait(None, None)
 
     def _next_deadline(self) -> float | None:
-        ats = [c.at for c in list(self._pending.values()) if c.at is not None]
+        ats = [p.at for p in list(self._pending.values()) if p.future is not None and p.at]
         return min(ats) if ats else None
 
-    def _wait(self, call: Call | None, until: float | None) -> None:
-        """Wait until ``call`` is settled (``None``: until no ``call_async`` future is
-        outstanding) or ``until`` passes, reading the connection whenever no other
-        thread does. The call's deadline settles it with ``DeadlineExceeded``."""
+    def _wait(self, p: _Pending | None, until: float | None, slot: bool = False) -> None:
+        """Wait until ``p`` is settled (``None``: until no ``call_async`` future is
+        outstanding; ``slot``: until a call slot is free) or ``until`` passes, reading
+        the connection whenever no other thread does. A call's deadline settles it
+        with ``DeadlineExceeded``."""
         cv = self._cv
 
         def settled() -> bool:
-            if call is None:
+            if slot:
+                return len(self._pending) < self._max_in_flight or self._broken is not None
+            if p is None:
                 return self._async <= 0 or self._broken is not None
-            return call.done()
+            return p.done
 
         while not settled():
             now = _monotonic()
-            if call is None:
+            if p is None:
                 self._expire_due(now)
                 limit = self._next_deadline()
             else:
-                limit = call.at
+                limit = p.at
                 if limit is not None and now >= limit:
-                    self._abandon(call, None)
+                    if not slot:
+                        self._abandon(p, None)
                     return
             if until is not None and (limit is None or until < limit):
                 if now >= until:
-                    raise TimeoutError(f"the call did not finish within the timeout: {call}")
+                    return
                 limit = until
             with cv:
                 if settled():
@@ -287,7 +342,7 @@ class Client:
                     if left is not None and left <= 0:
                         break
                     self._read_one(left)
-                    if call is None:
+                    if p is None:
                         break  # re-check the deadlines of the outstanding futures
             finally:
                 with cv:
@@ -306,65 +361,78 @@ class Client:
         except BuzonError:  # an undecodable message: not a reply to anything we know
             return
         call_id = w.read_id(fields, w.CORRELATION)
-        call = self._pending.get(call_id) if call_id is not None else None
-        if call is None:
+        p = self._pending.get(call_id) if call_id is not None else None
+        if p is None:
             self.late += 1
             return
         if type(body) is not list or len(body) != 3 or body[0] != w.REPLY:
-            self._settle(call, RemoteError("malformed reply", RemoteError.INTERNAL_ERROR))
+            self._settle(p, RemoteError("malformed reply", RemoteError.INTERNAL_ERROR))
         elif body[1] is not None:
-            self._settle(call, w.error_from(body[1]))
+            self._settle(p, w.error_from(body[1]))
         else:
             result = body[2]
-            rtype = call.rtype
+            rtype = p.rtype
             if rtype is not Any:
                 try:
                     result = msgspec.convert(result, rtype)
                 except msgspec.ValidationError as exc:
                     self._settle(
-                        call,
-                        ValidationError(
-                            f"{call.method}: the result does not match {rtype!r}: {exc}"
-                        ),
+                        p,
+                        ValidationError(f"{p.method}: the result does not match {rtype!r}: {exc}"),
                     )
                     return
-            self._settle(call, None, result)
+            self._settle(p, None, result)
 
-    def _settle(self, call: Call, error: BaseException | None, result: Any = None) -> bool:
-        """Complete ``call`` once (False if something else completed it first)."""
-        if self._pending.pop(call.call_id, None) is None:
+    def _settle(self, p: _Pending, error: BaseException | None, result: Any = None) -> bool:
+        """Complete ``p`` once (False if something else completed it first)."""
+        if self._pending.pop(p.call_id, None) is None:
             return False
-        self._slots.release()
-        if error is None:
-            call.set_result(result)
-        else:
-            call.set_exception(error)
+        p.error = error
+        p.result = result
+        p.done = True
+        if p.future is not None:
+            self._finish_future(p)
         if self._sleepers:
             with self._cv:
                 self._cv.notify_all()
         return True
 
-    def _abandon(self, call: Call, why: str | None) -> bool:
-        """Give ``call`` up (deadline, interrupt, cancel) and send the server a cancel."""
+    def _finish_future(self, p: _Pending) -> None:
+        fut = p.future
+        with self._cv:
+            if fut is None or p.finished:
+                return
+            p.finished = True
+            self._async -= 1
+        if isinstance(p.error, _Cancelled):
+            Future.cancel(fut)
+        elif p.error is not None:
+            fut.set_exception(p.error)
+        else:
+            fut.set_result(p.result)
+
+    def _abandon(self, p: _Pending, why: str | None) -> bool:
+        """Give ``p`` up (deadline, interrupt, cancel) and send the server a cancel."""
         if why is None:
             err: BaseException = DeadlineExceeded(
-                f"{call.method}: no reply by the call's deadline; the server was told to cancel it"
+                f"{p.method}: no reply by the call's deadline; the server was told to cancel it"
             )
+        elif why is _CANCELLED:
+            err = _Cancelled(why)
         else:
-            err = DeadlineExceeded(f"{call.method}: {why}")
-        if not self._settle(call, err):
+            err = DeadlineExceeded(f"{p.method}: {why}")
+        if not self._settle(p, err):
             return False
         try:
-            fields = {w.CORRELATION: w.id_field(call.call_id)}
-            self._ch._send_fields([w.CANCEL], fields, 0.1)
+            w.send(self._ch, [w.CANCEL], w.CORRELATION, p.call_id, None, 0.1)
         except BuzonError:
             pass  # the connection is gone or full: the server finds out on its own
         return True
 
     def _expire_due(self, now: float) -> None:
-        for call in list(self._pending.values()):
-            if call.at is not None and now >= call.at:
-                self._abandon(call, None)
+        for p in list(self._pending.values()):
+            if p.future is not None and p.at is not None and now >= p.at:
+                self._abandon(p, None)
 
     def _lost(self, exc: BuzonError) -> None:
         """The connection ended: every call in flight fails, its outcome unknown."""
@@ -374,11 +442,11 @@ class Client:
             if closed
             else EndOfChannel("the RPC server closed the connection")
         )
-        for call in list(self._pending.values()):
+        for p in list(self._pending.values()):
             self._settle(
-                call,
+                p,
                 type(self._broken)(
-                    f"{call.method}: the connection was lost with the call in flight; "
+                    f"{p.method}: the connection was lost with the call in flight; "
                     "it may or may not have run (at_most_once)"
                 ),
             )

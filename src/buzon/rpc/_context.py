@@ -20,6 +20,7 @@ from ..errors import UnsupportedOperation
 __all__ = ["CallContext", "context", "current_deadline", "deadline"]
 
 _DEADLINE: ContextVar[float | None] = ContextVar("buzon.rpc.deadline", default=None)
+_EVENT_LOCK = threading.Lock()
 _CURRENT: ContextVar[CallContext | None] = ContextVar("buzon.rpc.context", default=None)
 
 
@@ -63,19 +64,20 @@ class CallContext:
     A long handler should look at ``cancelled`` (or :meth:`wait_cancelled`) and stop.
     """
 
-    __slots__ = ("_cancel", "call_id", "deadline", "method", "peer")
+    __slots__ = ("_event", "_gave_up", "call_id", "deadline", "method", "peer")
 
     def __init__(self, method: str, call_id: int | None, deadline: float | None, peer: Any) -> None:
         self.method = method
         self.call_id = call_id
         self.deadline = deadline
         self.peer = peer
-        self._cancel = threading.Event()
+        self._gave_up = False
+        self._event: threading.Event | None = None  # made only for wait_cancelled
 
     @property
     def cancelled(self) -> bool:
         """True once the caller gave up on this call, or its deadline passed."""
-        if self._cancel.is_set():
+        if self._gave_up:
             return True
         return self.deadline is not None and time.monotonic() >= self.deadline
 
@@ -84,11 +86,22 @@ class CallContext:
         if self.deadline is not None:
             left = max(0.0, self.deadline - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
-        return self._cancel.wait(timeout) or self.cancelled
+        event = self._event
+        if event is None:
+            with _EVENT_LOCK:  # two waiters must share one event
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+        if self._gave_up:  # cancelled before the event existed
+            return True
+        return event.wait(timeout) or self.cancelled
 
     def cancel(self) -> None:
         """Mark the call cancelled (the server does this when the caller gives up)."""
-        self._cancel.set()
+        self._gave_up = True
+        event = self._event
+        if event is not None:
+            event.set()
 
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled else "running"

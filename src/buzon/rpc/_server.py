@@ -14,7 +14,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from contextvars import copy_context
 from typing import Any
 
 from ..errors import (
@@ -108,7 +107,7 @@ class _Connection:
                     self._end()
                     return None
                 except CodecError:
-                    self.server._count("errors", 1)  # undecodable: refused, the connection goes on
+                    self.server.errors += 1  # undecodable: refused, the connection goes on
                     continue
                 if type(body) is list and body and body[0] == w.CANCEL:
                     self._cancel(fields)
@@ -125,15 +124,13 @@ class _Connection:
         return None
 
     def _end(self) -> None:
-        with self.state:
-            self.done = True
-            for ctx in self.running.values():
-                ctx.cancel()  # the caller is gone: its calls are cancelled
+        self.done = True
+        for ctx in list(self.running.values()):
+            ctx.cancel()  # the caller is gone: its calls are cancelled
 
     def _cancel(self, fields: dict[int, bytes] | None) -> None:
         call_id = w.read_id(fields, w.CORRELATION)
-        with self.state:
-            ctx = self.running.get(call_id) if call_id is not None else None
+        ctx = self.running.get(call_id) if call_id is not None else None
         if ctx is not None:
             ctx.cancel()
 
@@ -166,7 +163,7 @@ class _Connection:
             at = None if budget is None else time.monotonic() + budget
             reply = self._run(method, args, kwargs, call_id, at)
         except RemoteError as err:
-            server._count("errors", 1)
+            server.errors += 1
             reply = w.error_body(err)
         if call_id is not None:
             self._reply(call_id, reply)
@@ -185,24 +182,13 @@ class _Connection:
                 f"{method.name}: the deadline passed before the call started",
                 RemoteError.DEADLINE_EXCEEDED,
             )
-        if call_id is not None:
-            with self.state:
-                self.running[call_id] = ctx
-        self.server._count("in_flight", 1)
-        try:
-            return copy_context().run(self._call, method, args, kwargs, ctx)
-        finally:
-            self.server._count("in_flight", -1)
-            if call_id is not None:
-                with self.state:
-                    self.running.pop(call_id, None)
-
-    @staticmethod
-    def _call(
-        method: Method, args: list[Any], kwargs: dict[str, Any] | None, ctx: CallContext
-    ) -> list[Any]:
-        _CURRENT.set(ctx)
-        _DEADLINE.set(ctx.deadline)
+        key = call_id if call_id is not None else -id(ctx)  # notifies count as in flight
+        running = self.running
+        running[key] = ctx  # one dict operation: atomic, no lock needed
+        # this thread's context: the handler (and the calls it makes) see ctx and its
+        # deadline; reset after, so nothing leaks into the next call of this thread
+        current = _CURRENT.set(ctx)
+        budget = _DEADLINE.set(at)
         try:
             return [w.REPLY, None, method.run(args, kwargs)]
         except RemoteError:
@@ -213,21 +199,25 @@ class _Connection:
                 RemoteError.SERVER_ERROR,
                 {"type": type(exc).__name__},
             ) from None
+        finally:
+            _DEADLINE.reset(budget)
+            _CURRENT.reset(current)
+            del running[key]
 
     def _reply(self, call_id: int, reply: list[Any]) -> None:
-        fields = {w.CORRELATION: w.id_field(call_id)}
+        server = self.server
         try:
-            self.ch._send_fields(reply, fields, self.server.reply_timeout)
-            self.server._count("calls", 1)
+            w.send(self.ch, reply, w.CORRELATION, call_id, None, server.reply_timeout)
+            server.calls += 1  # under the GIL; a lost increment only blurs a statistic
             return
         except (CodecError, TypeError, ValueError, OverflowError, MessageTooLarge) as exc:
             # the result cannot go on the wire: say so instead of dropping the connection
             err = RemoteError(f"the result cannot be encoded: {exc}", RemoteError.INVALID_RESULT)
         except (EndOfChannel, ChannelClosed, _Timeout):
             return  # the client is gone, or not reading: the read side sees the end
-        self.server._count("errors", 1)
+        server.errors += 1
         try:
-            self.ch._send_fields(w.error_body(err), fields, self.server.reply_timeout)
+            w.send(self.ch, w.error_body(err), w.CORRELATION, call_id, None, server.reply_timeout)
         except Exception:  # pragma: no cover - the client is gone meanwhile
             pass
 
@@ -248,7 +238,8 @@ class Server:
     ``options`` go to :func:`buzon.listen` (``max_clients``, ``grace`` to the server).
 
     Counters: ``calls`` (replies sent), ``errors`` (error replies and refused
-    messages), ``in_flight`` (calls running now).
+    messages), ``in_flight`` (calls running now). With ``mode="process"`` they count
+    only what this process did (each client is served in a child).
     """
 
     def __init__(
@@ -276,13 +267,13 @@ class Server:
         self.reply_timeout = reply_timeout
         self.calls = 0
         self.errors = 0
-        self.in_flight = 0
-        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
         self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
 
-    def _count(self, counter: str, n: int) -> None:
-        with self._lock:
-            setattr(self, counter, getattr(self, counter) + n)
+    @property
+    def in_flight(self) -> int:
+        """Calls (and notifies) running now, over all connections of this process."""
+        return sum(len(c.running) for c in list(self._connections))
 
     @property
     def address(self) -> Any:
@@ -290,7 +281,12 @@ class Server:
         return self._server.address
 
     def _serve_client(self, ch: Channel) -> None:
-        _Connection(self, ch).run()
+        conn = _Connection(self, ch)
+        self._connections.add(conn)
+        try:
+            conn.run()
+        finally:
+            self._connections.discard(conn)
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown`."""

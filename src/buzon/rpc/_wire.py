@@ -24,8 +24,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from ..errors import RemoteError
-from ..protocol.frames import Field
+from ..errors import RemoteError, frame_cap_exceeded
+from ..protocol.frames import FIELDS_FLAG, VERSION, Field, Kind, encode_frame
 
 __all__ = [
     "CANCEL",
@@ -38,6 +38,7 @@ __all__ = [
     "ms_field",
     "read_id",
     "read_ms",
+    "send",
 ]
 
 REQUEST, REPLY, NOTIFY, CANCEL = 0, 1, 2, 3
@@ -49,6 +50,64 @@ MAX_MS = 0xFFFFFFFF
 MESSAGE_ID = int(Field.MESSAGE_ID)
 CORRELATION = int(Field.CORRELATION)
 DEADLINE = int(Field.DEADLINE)
+
+
+# A DATA frame's header and a FIELDS block of one id (tag, 8, u64), with or without a
+# DEADLINE (tag, 4, u32) after it: one pack for the header region of every RPC message.
+_WITH_ID = struct.Struct("<BBBBIHBBQ")
+_WITH_ID_MS = struct.Struct("<BBBBIHBBQBBI")
+_SMALL = 4096
+
+
+def send(
+    ch: Any,
+    body: Any,
+    tag: int,
+    call_id: int,
+    budget: float | None,
+    timeout: float | None,
+) -> None:
+    """Send ``body`` on the channel ``ch`` with the id field ``tag`` = ``call_id``
+    (and a DEADLINE of ``budget`` seconds, when given), waiting up to ``timeout``.
+
+    A small body without out-of-band buffers (the common case) is framed with one
+    ``struct`` pack; anything else by :func:`~buzon.protocol.frames.encode_frame`.
+    """
+    core = ch._core
+    codec, payload, buffers = core.codec.encode(body)
+    if not buffers and len(payload) <= _SMALL:
+        if budget is None:
+            head = _WITH_ID.pack(
+                VERSION, Kind.DATA, codec | FIELDS_FLAG, 0, len(payload), 10, tag, 8, call_id
+            )
+        else:
+            ms = max(0, min(MAX_MS, int(budget * 1000.0)))
+            head = _WITH_ID_MS.pack(
+                VERSION,
+                Kind.DATA,
+                codec | FIELDS_FLAG,
+                0,
+                len(payload),
+                16,
+                tag,
+                8,
+                call_id,
+                DEADLINE,
+                4,
+                ms,
+            )
+        frame = head + payload
+        if len(frame) > core.max_frame:
+            raise frame_cap_exceeded(len(frame), core.max_frame)
+        ch._send_encoded([frame], timeout)
+        return
+    fields = {tag: id_field(call_id)}
+    if budget is not None:
+        fields[DEADLINE] = ms_field(budget)
+    ch._send_encoded(
+        encode_frame(Kind.DATA, codec, payload, buffers, fields=fields, max_frame=core.max_frame),
+        timeout,
+    )
 
 
 def id_field(call_id: int) -> bytes:
