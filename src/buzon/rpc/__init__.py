@@ -27,6 +27,7 @@ from __future__ import annotations
 from ..errors import DeadlineExceeded, RemoteError
 from ._client import Call, Client, close, connect
 from ._context import CallContext, context, deadline
+from ._msgpack import MsgpackRpcClient, connect_process
 from ._server import Server, serve
 from ._service import Method, Service, expose
 
@@ -36,11 +37,13 @@ __all__ = [
     "Client",
     "DeadlineExceeded",
     "Method",
+    "MsgpackRpcClient",
     "RemoteError",
     "Server",
     "Service",
     "close",
     "connect",
+    "connect_process",
     "context",
     "deadline",
     "expose",

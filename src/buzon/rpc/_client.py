@@ -39,6 +39,7 @@ from ..sync import Channel
 from ..sync import connect as _connect
 from . import _wire as w
 from ._context import _DEADLINE
+from ._msgpack import MsgpackRpcClient, connect_msgpack
 from ._server import _check
 
 __all__ = ["Call", "Client", "close", "connect"]
@@ -491,6 +492,16 @@ def connect(
     proto: None = None,
     *,
     timeout: float | None = 60.0,
+    wire: typing.Literal["msgpack-rpc"],
+    handler: object = None,
+    **options: Any,
+) -> MsgpackRpcClient: ...
+@typing.overload
+def connect(
+    url: str | Address,
+    proto: None = None,
+    *,
+    timeout: float | None = 60.0,
     wire: str = "buzon",
     semantics: str = "at_most_once",
     max_in_flight: int = 64,
@@ -517,6 +528,7 @@ def connect(
     wire: str = "buzon",
     semantics: str = "at_most_once",
     max_in_flight: int = 64,
+    handler: object = None,
     **options: Any,
 ) -> Any:
     """Connect to the RPC server at ``url`` and return a proxy (``buzon.rpc.connect``).
@@ -527,7 +539,18 @@ def connect(
     bounds the connection and is every call's default deadline (None: wait for ever);
     ``with buzon.rpc.deadline(s)`` shortens it. ``options`` go to
     :func:`buzon.connect`. The proxy closes with ``close()`` (or ``with``).
+
+    ``wire="msgpack-rpc"`` speaks the msgpack-rpc spec on a raw stream (e.g.
+    ``unix:/abs/path`` to ``nvim --listen``) and returns a :class:`MsgpackRpcClient`;
+    ``handler`` (a :class:`Service` or an object with ``@expose`` methods) answers the
+    peer's own requests on the same connection.
     """
+    if wire == "msgpack-rpc":
+        if proto is not None:
+            raise TypeError("wire='msgpack-rpc' proxies are untyped: pass no Protocol")
+        return connect_msgpack(url, handler, timeout, **options)
+    if handler is not None:
+        raise TypeError("handler= is for wire='msgpack-rpc' (the peer's own requests)")
     _check(wire, semantics, None)
     ch = _connect(url, timeout, **options)
     return Client(ch, proto, timeout=timeout, max_in_flight=max_in_flight)
