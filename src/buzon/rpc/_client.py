@@ -16,6 +16,7 @@ message tells the server, whose handler sees ``context().cancelled``.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import typing
@@ -29,8 +30,10 @@ from ..address import Address
 from ..errors import (
     BuzonError,
     ChannelClosed,
+    ConnectError,
     DeadlineExceeded,
     EndOfChannel,
+    ProtocolError,
     RemoteError,
     ValidationError,
 )
@@ -111,6 +114,10 @@ class Call(Future[Any]):
 
 _CANCELLED = "cancelled by the caller"
 
+# what a retrying call tries again after: the connection was lost, could not be made
+# again yet, or broke during its handshake
+_RETRY = (EndOfChannel, ChannelClosed, ConnectError, ProtocolError, _Timeout)
+
 
 class _Cancelled(Exception):
     """Marks a call its future's ``cancel()`` gave up (the future ends CANCELLED)."""
@@ -153,7 +160,11 @@ class Client:
         *,
         timeout: float | None = 60.0,
         max_in_flight: int = 64,
+        semantics: str = "at_most_once",
+        reconnect: Callable[[float | None], Channel] | None = None,
     ) -> None:
+        if semantics != "at_most_once" and reconnect is None:
+            raise ValueError(f"semantics={semantics!r} needs a way to reconnect")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._ch = channel
@@ -171,6 +182,14 @@ class Client:
         self._reader: threading.Thread | None = None
         self._stubs: dict[str, Callable[..., Any]] = {}
         self.late = 0  # replies that came after their call was given up
+        self._semantics = semantics
+        self._reconnect_fn = reconnect
+        self._conn_lock = threading.Lock()
+        self._client_id = os.urandom(16)  # exactly_once: (client id, sequence number)
+        self._next_seq = 1
+        self._open_seqs: set[int] = set()
+        self.retries = 0  # attempts made again after a lost connection
+        self._closing = False
 
     # -- the proxy ----------------------------------------------------------------
 
@@ -199,10 +218,18 @@ class Client:
                 at = mine
         return at
 
-    def _start(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Pending:
+    def _start(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        at: float | None = None,
+        key: list[Any] | None = None,
+    ) -> _Pending:
         if self._broken is not None:
             raise self._broken
-        at = self._deadline()
+        if at is None:
+            at = self._deadline()
         pending = self._pending
         if len(pending) >= self._max_in_flight:
             self._wait_for_slot(method, at)
@@ -210,8 +237,10 @@ class Client:
         p = _Pending(call_id, method, at, self._rtypes.get(method, Any))
         pending[call_id] = p
         body: list[Any] = [w.REQUEST, method, list(args)]
-        if kwargs:
-            body.append(kwargs)
+        if kwargs or key is not None:
+            body.append(kwargs or None)
+        if key is not None:
+            body.append(key)
         try:
             if at is None:
                 w.send(self._ch, body, w.MESSAGE_ID, call_id, None, None)
@@ -242,6 +271,8 @@ class Client:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` with the arguments and wait for its result."""
+        if self._semantics != "at_most_once":
+            return self._call_again_and_again(method, args, kwargs)
         p = self._start(method, args, kwargs)
         try:
             if not p.done:
@@ -253,8 +284,80 @@ class Client:
             raise p.error
         return p.result
 
+    def _call_again_and_again(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """``at_least_once`` / ``exactly_once``: send the call again after a lost
+        connection (reconnecting, with backoff) until it is answered or its deadline
+        passes. ``exactly_once`` sends the same (client id, sequence number) every
+        time, so the server runs it once and answers retries from its table."""
+        at = self._deadline()
+        key: list[Any] | None = None
+        seq = 0
+        if self._semantics == "exactly_once":
+            with self._conn_lock:
+                seq = self._next_seq
+                self._next_seq += 1
+                self._open_seqs.add(seq)
+        delay = 0.005
+        last: BaseException | None = None
+        try:
+            while True:
+                if at is not None and _monotonic() >= at:
+                    raise DeadlineExceeded(
+                        f"{method}: no answer by the deadline after {self.retries} retries"
+                        f" (last: {last})"
+                    )
+                broken = self._broken
+                try:
+                    if broken is not None:
+                        self._reconnect(broken, at)
+                    if seq:
+                        with self._conn_lock:
+                            acked = min(self._open_seqs)
+                        key = [self._client_id, seq, acked]
+                    p = self._start(method, args, kwargs, at, key)
+                    try:
+                        if not p.done:
+                            self._wait(p, None)
+                    except BaseException:
+                        self._abandon(p, "the caller was interrupted")
+                        raise
+                    if not isinstance(p.error, (EndOfChannel, ChannelClosed)) or self._closing:
+                        if p.error is not None:
+                            raise p.error
+                        return p.result
+                    last = p.error
+                except _RETRY as exc:
+                    if self._closing or isinstance(exc, DeadlineExceeded):
+                        raise
+                    last = exc
+                    if self._broken is None:
+                        self._broken = EndOfChannel(f"the connection failed: {exc}")
+                self.retries += 1
+                pause = delay if at is None else min(delay, max(0.0, at - _monotonic()))
+                time.sleep(pause)
+                delay = min(delay * 2, 0.2)
+        finally:
+            if seq:
+                with self._conn_lock:
+                    self._open_seqs.discard(seq)
+
+    def _reconnect(self, broken: BuzonError, at: float | None) -> None:
+        """Replace the lost connection (once, whichever thread gets here first)."""
+        with self._conn_lock:
+            if self._broken is not broken:
+                return  # another thread reconnected already
+            assert self._reconnect_fn is not None
+            left = None if at is None else max(0.001, at - _monotonic())
+            ch = self._reconnect_fn(left)
+            old, self._ch = self._ch, ch
+            self._broken = None
+        old.close()
+
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> Call:
-        """Send the call and return its :class:`Call` future at once."""
+        """Send the call and return its :class:`Call` future at once (its call is
+        not retried: at most once, whatever the client's ``semantics``)."""
         p = self._start(method, args, kwargs)
         call = Call(self, p)
         with self._cv:
@@ -468,6 +571,7 @@ class Client:
 
     def close(self) -> None:
         """Close the connection; calls in flight fail with ``ChannelClosed``."""
+        self._closing = True
         if self._broken is None:
             self._lost(ChannelClosed("closed"))
         self._ch.close()
@@ -540,6 +644,11 @@ def connect(
     ``with buzon.rpc.deadline(s)`` shortens it. ``options`` go to
     :func:`buzon.connect`. The proxy closes with ``close()`` (or ``with``).
 
+    ``semantics``: ``"at_most_once"`` (a lost connection fails the call: it may or
+    may not have run), ``"at_least_once"`` (reconnect and send it again until its
+    deadline) or ``"exactly_once"`` (the same, with a (client id, sequence number)
+    the server answers retries with from its completion table: run once).
+
     ``wire="msgpack-rpc"`` speaks the msgpack-rpc spec on a raw stream (e.g.
     ``unix:/abs/path`` to ``nvim --listen``) and returns a :class:`MsgpackRpcClient`;
     ``handler`` (a :class:`Service` or an object with ``@expose`` methods) answers the
@@ -553,7 +662,18 @@ def connect(
         raise TypeError("handler= is for wire='msgpack-rpc' (the peer's own requests)")
     _check(wire, semantics, None)
     ch = _connect(url, timeout, **options)
-    return Client(ch, proto, timeout=timeout, max_in_flight=max_in_flight)
+
+    def reconnect(left: float | None) -> Channel:
+        return _connect(url, left, **options)
+
+    return Client(
+        ch,
+        proto,
+        timeout=timeout,
+        max_in_flight=max_in_flight,
+        semantics=semantics,
+        reconnect=reconnect,
+    )
 
 
 def close(proxy: object) -> None:

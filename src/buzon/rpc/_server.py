@@ -11,10 +11,14 @@ the client's further calls wait in the socket (backpressure, not an unbounded qu
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+import msgspec
 
 from ..errors import (
     ChannelClosed,
@@ -31,10 +35,10 @@ from . import _wire as w
 from ._context import _CURRENT, _DEADLINE, CallContext
 from ._service import Method, Service, as_service
 
-__all__ = ["Server", "serve"]
+__all__ = ["CompletionTable", "Server", "serve"]
 
 WIRES = ("buzon",)
-SEMANTICS = ("at_most_once",)
+SEMANTICS = ("at_most_once", "at_least_once", "exactly_once")
 
 
 def _log() -> Any:
@@ -52,6 +56,101 @@ def _check(wire: str, semantics: str, name: str | None) -> None:
         )
     if name is not None:
         raise UnsupportedOperation("serve(name=...): binding by name is not available yet")
+
+
+def _once_key(value: Any) -> tuple[bytes, int, int]:
+    """An exactly-once request's ``[client id, sequence number, acknowledged]``."""
+    if (
+        type(value) is list
+        and len(value) == 3
+        and type(value[0]) is bytes
+        and 0 < len(value[0]) <= 64
+        and type(value[1]) is int
+        and type(value[2]) is int
+        and 0 <= value[2] <= value[1]
+    ):
+        return value[0], value[1], value[2]
+    raise RemoteError("a malformed exactly-once key", RemoteError.INVALID_REQUEST)
+
+
+class _Entry:
+    __slots__ = ("digest", "done", "reply", "since")
+
+    def __init__(self, digest: bytes) -> None:
+        self.digest = digest
+        self.done = False
+        self.reply: list[Any] | None = None
+        self.since = time.monotonic()
+
+
+class CompletionTable:
+    """The exactly-once memory of a server: ``(client id, sequence number)`` ->
+    in progress, or completed with its reply.
+
+    A request whose key is new runs and its reply is recorded; a retry of a completed
+    key gets the recorded reply without running anything again; a retry of a key still
+    in progress waits for it; the same key with other arguments is refused
+    (``INVALID_REQUEST``). Entries are collected when the client acknowledges them
+    (each request says below which sequence number the client has every reply) or when
+    ``lease`` seconds pass without that.
+    """
+
+    def __init__(self, lease: float = 600.0) -> None:
+        self.lease = lease
+        self._clients: dict[bytes, dict[int, _Entry]] = {}
+        self._cv = threading.Condition(threading.Lock())
+        self._last_sweep = 0.0
+        self.replayed = 0  # replies sent from the table, without running the call
+
+    def __len__(self) -> int:
+        with self._cv:
+            return sum(len(c) for c in self._clients.values())
+
+    def run(
+        self, key: tuple[bytes, int, int], body: list[Any], call: Callable[[], list[Any]]
+    ) -> list[Any]:
+        client, seq, acked = key
+        digest = hashlib.blake2b(msgspec.msgpack.encode(body[1:4]), digest_size=16).digest()
+        with self._cv:
+            entries = self._clients.setdefault(client, {})
+            for old in [s for s in entries if s < acked]:
+                del entries[old]  # the client has these replies: forget them
+            entry = entries.get(seq)
+            if entry is None:
+                entry = entries[seq] = _Entry(digest)
+                self._collect_expired()
+            else:
+                if entry.digest != digest:
+                    raise RemoteError(
+                        f"exactly-once call {seq} of this client was made with other "
+                        "arguments: refused",
+                        RemoteError.INVALID_REQUEST,
+                    )
+                while not entry.done:  # a retry while the first attempt still runs
+                    self._cv.wait()
+                self.replayed += 1
+                assert entry.reply is not None
+                return entry.reply
+        try:
+            reply: list[Any] = call()
+        except RemoteError as err:
+            reply = w.error_body(err)
+        with self._cv:
+            entry.reply = reply
+            entry.done = True
+            self._cv.notify_all()
+        return reply
+
+    def _collect_expired(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for client, entries in list(self._clients.items()):
+            for seq in [s for s, e in entries.items() if e.done and now - e.since > self.lease]:
+                del entries[seq]
+            if not entries:
+                del self._clients[client]
 
 
 class _Connection:
@@ -140,7 +239,7 @@ class _Connection:
         try:
             if (
                 type(body) is not list
-                or len(body) not in (3, 4)
+                or len(body) not in (3, 4, 5)
                 or body[0]
                 not in (
                     w.REQUEST,
@@ -149,7 +248,8 @@ class _Connection:
             ):
                 raise RemoteError("not an RPC request", RemoteError.INVALID_REQUEST)
             kind, name, args = body[0], body[1], body[2]
-            kwargs = body[3] if len(body) == 4 else None
+            kwargs = body[3] if len(body) >= 4 else None
+            key = _once_key(body[4]) if len(body) == 5 and kind == w.REQUEST else None
             if kind == w.REQUEST and call_id is None:
                 raise RemoteError("a request without a call id", RemoteError.INVALID_REQUEST)
             if kind == w.NOTIFY:
@@ -161,7 +261,12 @@ class _Connection:
                 )
             budget = w.read_ms(fields)
             at = None if budget is None else time.monotonic() + budget
-            reply = self._run(method, args, kwargs, call_id, at)
+            if key is None:
+                reply = self._run(method, args, kwargs, call_id, at)
+            else:
+                reply = server.table.run(
+                    key, body, lambda: self._run(method, args, kwargs, call_id, at)
+                )
         except RemoteError as err:
             server.errors += 1
             reply = w.error_body(err)
@@ -233,8 +338,9 @@ class Server:
     ``service`` is a :class:`Service` or an object whose methods carry
     ``@buzon.rpc.expose``. ``mode``: ``"thread"`` (a thread per client, calls of one
     client concurrent on up to ``max_in_flight`` threads) or ``"process"`` (a forked
-    process per client). ``wire``: ``"buzon"``. ``semantics``: ``"at_most_once"``
-    (a call runs once or not at all; a lost connection leaves its outcome unknown).
+    process per client). ``wire``: ``"buzon"``. ``semantics`` is the client's choice
+    (see :func:`connect`); whatever it says here, the server keeps its
+    :class:`CompletionTable` (``table``) for the calls that ask for exactly-once.
     ``options`` go to :func:`buzon.listen` (``max_clients``, ``grace`` to the server).
 
     Counters: ``calls`` (replies sent), ``errors`` (error replies and refused
@@ -268,6 +374,7 @@ class Server:
         self.calls = 0
         self.errors = 0
         self._connections: set[_Connection] = set()
+        self.table = CompletionTable()
         self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
 
     @property
