@@ -26,6 +26,7 @@ NOT_AT_IMPORT = (
     "buzon.cli",
     "buzon.aio",
     "buzon.rpc",
+    "buzon.aio.rpc",
 )
 
 

@@ -9,4 +9,13 @@ from ._channel import Channel
 from ._open import Listener, connect, listen, pipe, wait
 from ._server import Server, serve
 
-__all__ = ["Channel", "Listener", "Server", "connect", "listen", "pipe", "serve", "wait"]
+__all__ = ["Channel", "Listener", "Server", "connect", "listen", "pipe", "rpc", "serve", "wait"]
+
+
+def __getattr__(name: str) -> object:
+    """``buzon.aio.rpc`` is imported on first use (PEP 562)."""
+    if name == "rpc":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.rpc")
+    raise AttributeError(f"module 'buzon.aio' has no attribute {name!r}")

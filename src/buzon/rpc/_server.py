@@ -362,7 +362,9 @@ class Server:
         **options: Any,
     ) -> None:
         if mode == "async":
-            raise UnsupportedOperation("mode='async' (buzon.aio.rpc) is not available yet")
+            raise UnsupportedOperation(
+                "mode='async': use buzon.aio.rpc.Server (or buzon.rpc.serve(..., mode='async'))"
+            )
         _check(wire, semantics, name)
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -426,7 +428,18 @@ def serve(
     """Serve ``service`` at ``url`` until SIGINT/SIGTERM (``buzon.rpc.serve``).
 
     The arguments are :class:`Server`'s; for control from code use that class.
+    ``mode="async"`` serves with :class:`buzon.aio.rpc.Server` on a fresh event loop
+    (coroutine handlers are awaited, each call in a task of its own).
     """
+    if mode == "async":
+        import asyncio
+
+        from ..aio import rpc as aio_rpc
+
+        asyncio.run(
+            aio_rpc.serve(url, service, wire=wire, semantics=semantics, name=name, **options)
+        )
+        return
     server = Server(url, service, mode=mode, wire=wire, semantics=semantics, name=name, **options)
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():

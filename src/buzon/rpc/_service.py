@@ -91,20 +91,30 @@ class Method:
     def run(self, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
         """Validate, call, and check the result against its hint."""
         if not kwargs and len(args) == self.nparams:  # the common case: one convert
-            if self.tuple_type is None:
-                result = self.fn()
-            else:
-                try:
-                    checked = msgspec.convert(args, self.tuple_type)
-                except msgspec.ValidationError as exc:
-                    raise RemoteError(
-                        f"{self.name}: invalid arguments: {exc}", RemoteError.INVALID_PARAMS
-                    ) from None
-                result = self.fn(*checked)
+            return self.check_result(self.fn(*self._positional(args)))
+        bound = self._bind(args, kwargs)
+        return self.check_result(self.fn(*bound.args, **bound.kwargs))
+
+    async def run_async(self, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
+        """:meth:`run` for a coroutine function (a plain one is called as it is)."""
+        if not kwargs and len(args) == self.nparams:
+            result = self.fn(*self._positional(args))
         else:
             bound = self._bind(args, kwargs)
             result = self.fn(*bound.args, **bound.kwargs)
+        if inspect.isawaitable(result):
+            result = await result
         return self.check_result(result)
+
+    def _positional(self, args: list[Any]) -> tuple[Any, ...]:
+        if self.tuple_type is None:
+            return ()
+        try:
+            return msgspec.convert(args, self.tuple_type)  # type: ignore[no-any-return]
+        except msgspec.ValidationError as exc:
+            raise RemoteError(
+                f"{self.name}: invalid arguments: {exc}", RemoteError.INVALID_PARAMS
+            ) from None
 
     def _bind(self, args: list[Any], kwargs: dict[str, Any] | None) -> inspect.BoundArguments:
         try:
