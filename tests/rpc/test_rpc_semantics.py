@@ -135,3 +135,38 @@ def test_a_malformed_exactly_once_key_is_refused() -> None:
         body, _ = ch._recv_fields(10)
         assert body[1][0] == RemoteError.INVALID_REQUEST
     assert not counts
+
+
+def test_a_retry_waits_for_the_first_attempt_only_until_its_deadline() -> None:
+    release = threading.Event()
+    ran: list[str] = []
+    svc = rpc.Service("slow")
+
+    @svc.method
+    def slow(key: str) -> str:
+        ran.append(key)
+        release.wait(30)
+        return key
+
+    cid = b"client-0000000002"
+    body = [0, "slow", ["k"], None, [cid, 1, 1]]
+    with (
+        serving("unix:retry", svc) as srv,
+        buzon.connect(srv.address, timeout=10) as first,
+        buzon.connect(srv.address, timeout=10) as retry,
+    ):
+        first._send_fields(body, {Field.MESSAGE_ID: (1).to_bytes(8, "little")}, 5)
+        while not ran:
+            threading.Event().wait(0.01)
+        fields = {
+            Field.MESSAGE_ID: (1).to_bytes(8, "little"),
+            Field.DEADLINE: (200).to_bytes(4, "little"),
+        }
+        retry._send_fields(body, fields, 5)
+        late, _ = retry._recv_fields(10)
+        assert late[1][0] == RemoteError.DEADLINE_EXCEEDED
+        release.set()
+        assert first._recv_fields(10)[0] == [1, None, "k"]
+        retry._send_fields(body, {Field.MESSAGE_ID: (2).to_bytes(8, "little")}, 5)
+        assert retry._recv_fields(10)[0] == [1, None, "k"]  # now answered from the table
+    assert ran == ["k"]

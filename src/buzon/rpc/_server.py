@@ -107,8 +107,14 @@ class CompletionTable:
             return sum(len(c) for c in self._clients.values())
 
     def run(
-        self, key: tuple[bytes, int, int], body: list[Any], call: Callable[[], list[Any]]
+        self,
+        key: tuple[bytes, int, int],
+        body: list[Any],
+        call: Callable[[], list[Any]],
+        at: float | None = None,
     ) -> list[Any]:
+        """Run ``call`` once for ``key``; a retry gets the recorded reply (waiting for
+        the first attempt until the deadline ``at``, a ``time.monotonic()`` value)."""
         client, seq, acked = key
         digest = hashlib.blake2b(msgspec.msgpack.encode(body[1:4]), digest_size=16).digest()
         with self._cv:
@@ -127,7 +133,13 @@ class CompletionTable:
                         RemoteError.INVALID_REQUEST,
                     )
                 while not entry.done:  # a retry while the first attempt still runs
-                    self._cv.wait()
+                    left = None if at is None else at - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise RemoteError(
+                            f"exactly-once call {seq}: its first attempt still runs",
+                            RemoteError.DEADLINE_EXCEEDED,
+                        )
+                    self._cv.wait(left)
                 self.replayed += 1
                 assert entry.reply is not None
                 return entry.reply
@@ -265,7 +277,7 @@ class _Connection:
                 reply = self._run(method, args, kwargs, call_id, at)
             else:
                 reply = server.table.run(
-                    key, body, lambda: self._run(method, args, kwargs, call_id, at)
+                    key, body, lambda: self._run(method, args, kwargs, call_id, at), at
                 )
         except RemoteError as err:
             server.errors += 1
