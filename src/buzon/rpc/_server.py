@@ -1,17 +1,19 @@
 """The RPC server: a :class:`buzon.Server` whose per-client handler runs calls.
 
-Per connection, calls run concurrently on a small pool of threads that take turns
-reading ("leader/followers"): the thread that reads a request hands the reading role
-to an idle thread and runs the handler itself, so a reply never waits for a thread
-switch and a slow call does not hold up the ones behind it. Replies go out as their
-calls finish, in any order, each naming its call id. The pool grows to at most
-``max_in_flight`` threads per connection; when all of them are busy, nobody reads, so
-the client's further calls wait in the socket (backpressure, not an unbounded queue).
+Per connection, one thread at a time reads; the reader runs the call it read itself,
+so a quick call costs no thread switch. When a call runs longer than a couple of
+milliseconds, a monitor thread gives the connection's reading role to another thread
+of that connection (an idle one, or a new one), so the calls behind a slow one are read
+and run meanwhile. Replies go out as calls finish, in any order, each naming its call
+id. A connection has at most ``max_in_flight`` threads; when all of them are busy,
+nobody reads, so the client's further calls wait in the socket (backpressure, not an
+unbounded queue).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import threading
 import time
@@ -165,18 +167,76 @@ class CompletionTable:
                 del self._clients[client]
 
 
-class _Connection:
-    """One client connection: reads requests, runs them, writes replies."""
+class _Monitor:
+    """Hands a connection's reading role on when its reader is busy in a slow call.
 
-    def __init__(self, server: Server, ch: Channel) -> None:
+    A connection's reader runs each call itself, inline: no thread switch for a call
+    that is quick, which most are. While a call runs, this thread (one per server
+    process) looks every ``PROMOTE`` seconds; a call running longer than that has its
+    connection's reading role given to another thread of the connection (an idle one,
+    or a new one up to ``max_in_flight``), so the calls behind it are read and run
+    meanwhile. It sleeps when no call has run for ``IDLE`` seconds; the first call
+    after that wakes it (one ``Event.set``), the next ones cost nothing.
+    """
+
+    PROMOTE = 0.002
+    IDLE = 0.05
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.wake = threading.Event()
+        self.stopped = False
+        self.pid = os.getpid()
+        threading.Thread(target=self._run, name="buzon-rpc-monitor", daemon=True).start()
+
+    def busy(self) -> None:
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        connections = self.server._connections
+        while not self.stopped:
+            self.wake.wait()
+            time.sleep(self.PROMOTE)
+            now = time.monotonic()
+            for conn in list(connections):
+                since = conn.inline_since
+                if since is not None:
+                    last = now
+                    if now - since >= self.PROMOTE:
+                        conn.promote()
+            if now - last > self.IDLE:
+                self.wake.clear()
+                if any(c.inline_since is not None for c in list(connections)):
+                    self.wake.set()  # a call started as we were about to sleep
+
+
+class _Connection:
+    """One client connection: reads requests, runs them, writes replies.
+
+    Exactly one thread of the connection reads at a time (``reader``); it runs the
+    call it read itself, and reads on afterwards unless :class:`_Monitor` gave the
+    role to another thread meanwhile (then it waits to be given it back, or for the
+    end). Threads are started only when a slow call needs one: at most
+    ``max_in_flight`` calls of a connection run at once, and then nobody reads.
+    """
+
+    def __init__(self, server: Server, ch: Channel, monitor: _Monitor) -> None:
         self.server = server
         self.ch = ch
         self.service = server.service
         self.peer = ch.peer
-        self.read_lock = threading.Lock()
-        self.state = threading.Condition(threading.Lock())
-        self.waiting = 0  # threads waiting for the reading role
+        self.monitor = monitor
+        self.cv = threading.Condition(threading.Lock())
+        self.reader: threading.Thread | None = None  # who has the reading role
+        self.idle = 0  # threads waiting for the role
         self.threads = 0  # threads started for this connection (the handler's not counted)
+        self.inline_since: float | None = None  # the reader's call started then
         self.running: dict[int, CallContext] = {}  # calls in flight, by call id
         self.done = False
 
@@ -184,60 +244,89 @@ class _Connection:
         """The connection's handler thread: serve until the client leaves, then wait
         for the connection's other threads."""
         try:
-            while (request := self._next()) is not None:
-                self._handle(*request)
+            self._serve()
         finally:
             self._end()
-            with self.state:
+            with self.cv:
+                self.cv.notify_all()
                 while self.threads > 0:
-                    self.state.wait()
+                    self.cv.wait()
 
     def _work_thread(self) -> None:
         try:
-            while (request := self._next()) is not None:
-                self._handle(*request)
+            self._serve()
         finally:
-            with self.state:
+            with self.cv:
                 self.threads -= 1
-                self.state.notify_all()
+                self.cv.notify_all()
+
+    def _serve(self) -> None:
+        me = threading.current_thread()
+        cv = self.cv
+        while True:
+            if self.reader is not me:
+                with cv:
+                    while self.reader is not None and self.reader is not me and not self.done:
+                        self.idle += 1
+                        try:
+                            cv.wait()
+                        finally:
+                            self.idle -= 1
+                    if self.done:
+                        return
+                    self.reader = me
+            request = self._next()
+            if request is None:
+                return
+            self.inline_since = time.monotonic()
+            self.monitor.busy()
+            try:
+                self._handle(*request)
+            finally:
+                self.inline_since = None
+
+    def promote(self) -> None:
+        """The reader has been in one call too long: let another thread read."""
+        with self.cv:
+            if self.inline_since is None or self.done or self.reader is None:
+                return
+            if self.idle:
+                self.reader = None
+                self.cv.notify()
+            elif self.threads + 1 < self.server.max_in_flight:
+                self.reader = None
+                self.threads += 1
+                threading.Thread(
+                    target=self._work_thread, name="buzon-rpc-call", daemon=True
+                ).start()
+            self.inline_since = None  # once per call
 
     def _next(self) -> tuple[Any, dict[int, bytes] | None] | None:
-        """Take the reading role and read until a request or notify arrives (cancels are
-        applied on the way); None when the connection is over."""
-        with self.state:
-            self.waiting += 1
-        with self.read_lock:
-            with self.state:
-                self.waiting -= 1
-            while not self.done:
-                try:
-                    body, fields = self.ch._recv_fields(None)
-                except _Timeout:
-                    continue  # an idle_timeout on the channel: keep serving
-                except (EndOfChannel, ChannelClosed):
-                    self._end()
-                    return None
-                except CodecError:
-                    self.server.errors += 1  # undecodable: refused, the connection goes on
-                    continue
-                if type(body) is list and body and body[0] == w.CANCEL:
-                    self._cancel(fields)
-                    continue
-                with self.state:
-                    spawn = self.waiting == 0 and self.threads + 1 < self.server.max_in_flight
-                    if spawn:
-                        self.threads += 1
-                if spawn:  # nobody would read while this call runs: one more reader
-                    threading.Thread(
-                        target=self._work_thread, name="buzon-rpc-call", daemon=True
-                    ).start()
-                return body, fields
+        """Read until a request or notify arrives (cancels are applied on the way);
+        None when the connection is over."""
+        while not self.done:
+            try:
+                body, fields = self.ch._recv_fields(None)
+            except _Timeout:
+                continue  # an idle_timeout on the channel: keep serving
+            except (EndOfChannel, ChannelClosed):
+                self._end()
+                return None
+            except CodecError:
+                self.server.errors += 1  # undecodable: refused, the connection goes on
+                continue
+            if type(body) is list and body and body[0] == w.CANCEL:
+                self._cancel(fields)
+                continue
+            return body, fields
         return None
 
     def _end(self) -> None:
         self.done = True
         for ctx in list(self.running.values()):
             ctx.cancel()  # the caller is gone: its calls are cancelled
+        with self.cv:
+            self.cv.notify_all()  # threads waiting for the reading role: it is over
 
     def _cancel(self, fields: dict[int, bytes] | None) -> None:
         call_id = w.read_id(fields, w.CORRELATION)
@@ -348,10 +437,11 @@ class Server:
         srv.shutdown()
 
     ``service`` is a :class:`Service` or an object whose methods carry
-    ``@buzon.rpc.expose``. ``mode``: ``"thread"`` (a thread per client, calls of one
-    client concurrent on up to ``max_in_flight`` threads) or ``"process"`` (a forked
-    process per client). ``wire``: ``"buzon"``. ``semantics`` is the client's choice
-    (see :func:`connect`); whatever it says here, the server keeps its
+    ``@buzon.rpc.expose``. ``mode``: ``"thread"`` (a thread per client; a client's
+    calls run inline, and concurrently on up to ``max_in_flight`` threads when some
+    are slow) or ``"process"`` (a forked process per client). ``wire``: ``"buzon"``.
+    ``semantics`` is the client's choice (see :func:`connect`); whatever it says here,
+    the server keeps its
     :class:`CompletionTable` (``table``) for the calls that ask for exactly-once.
     ``options`` go to :func:`buzon.listen` (``max_clients``, ``grace`` to the server).
 
@@ -388,6 +478,8 @@ class Server:
         self.calls = 0
         self.errors = 0
         self._connections: set[_Connection] = set()
+        self._monitor_lock = threading.Lock()
+        self._monitor_obj: _Monitor | None = None
         self.table = CompletionTable()
         self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
 
@@ -401,8 +493,15 @@ class Server:
         """The bound address (a TCP port 0 is resolved)."""
         return self._server.address
 
+    def _monitor(self) -> _Monitor:
+        with self._monitor_lock:
+            monitor = self._monitor_obj
+            if monitor is None or monitor.pid != os.getpid():  # a forked child: its own
+                monitor = self._monitor_obj = _Monitor(self)
+            return monitor
+
     def _serve_client(self, ch: Channel) -> None:
-        conn = _Connection(self, ch)
+        conn = _Connection(self, ch, self._monitor())
         self._connections.add(conn)
         try:
             conn.run()
@@ -411,7 +510,11 @@ class Server:
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown`."""
-        self._server.serve_forever()
+        try:
+            self._server.serve_forever()
+        finally:
+            if self._monitor_obj is not None:
+                self._monitor_obj.stop()
 
     def shutdown(self) -> None:
         """Stop serving (safe from any thread or a signal handler)."""
