@@ -356,3 +356,26 @@ def test_mypy_checks_calls_through_a_protocol_stub(tmp_path: Path) -> None:
     assert ':10: error: Argument 2 to "add" of "Calc"' in out.stdout
     assert ":11: error: Incompatible types in assignment" in out.stdout
     assert ':12: error: "Calc" has no attribute "sub"' in out.stdout
+
+
+def test_close_from_another_thread_ends_calls_waiting_without_a_deadline() -> None:
+    rec = Recorder()
+    with serving("unix:closer", calc_service(rec)) as srv:
+        c = rpc.connect(srv.address, timeout=None)
+        box: list[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                c.block("closer")
+            except BaseException as exc:
+                box.append(exc)
+
+        t = threading.Thread(target=waiter)  # it reads the connection itself, in poll()
+        t.start()
+        while not rec.concurrent:
+            time.sleep(0.01)
+        c.close()
+        t.join(10)  # generous: it notices within a read slice (0.25 s)
+        assert not t.is_alive(), "a waiting call did not notice the close"
+        assert isinstance(box[0], buzon.ChannelClosed)
+        rec.event("closer").set()

@@ -50,6 +50,7 @@ __all__ = ["Call", "Client", "close", "connect"]
 P = TypeVar("P")
 
 _monotonic = time.monotonic
+_SLICE = 0.25  # longest single wait for input, so that close() is noticed
 
 
 class _Pending:
@@ -445,7 +446,11 @@ class Client:
                     left = None if limit is None else limit - _monotonic()
                     if left is not None and left <= 0:
                         break
-                    self._read_one(left)
+                    # in slices: a close() from another thread is noticed (a wait in
+                    # poll() does not end when another thread closes the fd)
+                    self._read_one(_SLICE if left is None or left > _SLICE else left)
+                    if self._closing:
+                        break
                     if p is None:
                         break  # re-check the deadlines of the outstanding futures
             finally:
