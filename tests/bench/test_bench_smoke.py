@@ -289,7 +289,11 @@ def test_quick_rpc_rows_run_and_leave_nothing_behind(
     assert not runtime.exists() or list(runtime.iterdir()) == []
     doc = json.loads(out.read_text())
     by_id = {r["id"]: r for r in doc["results"]}
-    assert set(by_id) == {"buzon-rpc/unix/rpcadd", "mp-managers/unix/rpcadd"}
+    assert set(by_id) == {
+        "buzon-rpc-spin0/unix/rpcadd",
+        "buzon-rpc/unix/rpcadd",
+        "mp-managers/unix/rpcadd",
+    }
     for r in by_id.values():
         assert r["status"] == "ok", r["note"]
         assert r["values"]["rate"]["unit"] == "calls/s" and r["values"]["rate"]["value"] > 0

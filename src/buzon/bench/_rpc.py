@@ -46,14 +46,15 @@ def _measure(ctx: Ctx, call: Callable[[int, int], int]) -> Values:
     return values
 
 
-def _buzon_rpc(ctx: Ctx) -> Values:
+def _buzon_rpc(ctx: Ctx, spin: float | None = None) -> Values:
     import buzon
 
+    options: dict[str, Any] = {} if spin is None else {"spin": spin}
     path = os.path.join(ctx.tmpdir, f"rpc{ctx.seq}.sock")
 
     def child() -> None:
         svc = buzon.rpc.Service("calc")
-        srv = buzon.rpc.Server(f"unix:{path}", svc, grace=1.0)
+        srv = buzon.rpc.Server(f"unix:{path}", svc, grace=1.0, **options)
 
         @svc.method
         def add(a: int, b: int) -> int:
@@ -66,7 +67,7 @@ def _buzon_rpc(ctx: Ctx) -> Values:
         srv.serve_forever()
 
     proc = ctx.spawn(child)
-    client = buzon.rpc.connect(f"unix:{path}", timeout=30)
+    client = buzon.rpc.connect(f"unix:{path}", timeout=30, **options)
     try:
         values = _measure(ctx, client.add)
         client.notify("stop")
@@ -122,8 +123,10 @@ def _managers(ctx: Ctx) -> Values:
 
 
 def rpc_cases() -> list[Case]:
-    """``add(a, b)`` calls/s over ``unix:``: buzon.rpc, then multiprocessing.managers."""
+    """``add(a, b)`` calls/s over ``unix:``: buzon.rpc (with ``spin=0``: both ends
+    block at once; and with the default spin), then multiprocessing.managers."""
     return [
+        Case("buzon-rpc-spin0", "unix", "rpcadd", lambda ctx: _buzon_rpc(ctx, 0.0)),
         Case("buzon-rpc", "unix", "rpcadd", _buzon_rpc),
         Case("mp-managers", "unix", "rpcadd", _managers),
     ]
