@@ -197,6 +197,45 @@ def serve_after() -> None:
     assert peers.get("served") == "ping", peers.get("served")
 
 
+def rpc_service() -> None:
+    svc = buzon.rpc.Service("calc")
+
+    @svc.method
+    def add(a: int, b: int) -> int:
+        peers["rpc_added"] = (a, b)
+        return a + b
+
+    ns["svc"] = svc
+
+
+def rpc_serve() -> None:
+    srv = ns["srv"]
+    t = background(srv.serve_forever)
+
+    def stop() -> None:
+        srv.shutdown()
+        t.join(LIMIT)
+
+    cleanup.append(stop)
+
+
+def rpc_stub() -> None:
+    from typing import Protocol
+
+    class Calc(Protocol):
+        def add(self, a: int, b: int) -> int: ...
+
+    ns["Calc"] = Calc
+
+
+def rpc_stub_after() -> None:
+    cleanup.append(lambda: buzon.rpc.close(ns["calc"]))
+
+
+def rpc_called() -> None:
+    assert peers.get("rpc_added") == (1, 2), peers.get("rpc_added")
+
+
 def raise_signal() -> None:
     os.kill(os.getpid(), signal.SIGUSR1)  # blocked in every thread: it waits, pending
 
@@ -211,6 +250,9 @@ STAGES: list[tuple[str, Callable[[], None] | None, Callable[[], None] | None]] =
     (r"^with ch\.loan\(", shm_pair, loan_after),
     (r"^with ch\.recv_view\(", recv_view_before, recv_view_after),
     (r"^buzon\.serve\(", serve_client, serve_after),
+    (r"^srv = buzon\.rpc\.Server\(", rpc_service, rpc_serve),
+    (r"^calc = buzon\.rpc\.connect\(", rpc_stub, rpc_stub_after),
+    (r"^with buzon\.rpc\.deadline\(", None, rpc_called),
     (r"^with buzon\.signals\.listen\(", raise_signal, None),
 ]
 

@@ -17,6 +17,7 @@ TREE: dict[str, tuple[type, ...]] = {
     "BuzonError": (Exception,),
     "AddressError": (errors.BuzonError, ValueError),
     "Timeout": (errors.BuzonError, TimeoutError),
+    "DeadlineExceeded": (errors.Timeout,),
     "ChannelError": (errors.BuzonError,),
     "Empty": (errors.ChannelError, queue.Empty),
     "Full": (errors.ChannelError, queue.Full),
@@ -41,6 +42,7 @@ TREE: dict[str, tuple[type, ...]] = {
     "CodecError": (errors.BuzonError,),
     "ValidationError": (errors.CodecError, ValueError),
     "PickleRejected": (errors.CodecError,),
+    "RemoteError": (errors.BuzonError,),
     "UnsupportedOperation": (errors.BuzonError,),
 }
 

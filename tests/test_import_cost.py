@@ -25,6 +25,8 @@ NOT_AT_IMPORT = (
     "buzon.demo",
     "buzon.cli",
     "buzon.aio",
+    "buzon.rpc",
+    "buzon.aio.rpc",
 )
 
 
@@ -56,7 +58,9 @@ def test_the_lazy_names_load_on_first_use() -> None:
     assert {"buzon.aio", "asyncio", "buzon.shm"} <= loaded
 
 
-@pytest.mark.parametrize("name", ["aio", "signals", "serve", "BoundedBuffer", "shared_array"])
+@pytest.mark.parametrize(
+    "name", ["aio", "rpc", "signals", "serve", "BoundedBuffer", "shared_array"]
+)
 def test_lazy_names_are_listed_and_stable(name: str) -> None:
     assert name in dir(buzon)
     assert getattr(buzon, name) is getattr(buzon, name)

@@ -25,6 +25,7 @@ from .errors import (
     CodecError,
     ConnectError,
     ConnectionRefused,
+    DeadlineExceeded,
     Empty,
     EndOfChannel,
     EndpointInUse,
@@ -39,6 +40,7 @@ from .errors import (
     PermissionDenied,
     PickleRejected,
     ProtocolError,
+    RemoteError,
     SecurityError,
     Timeout,
     Undelivered,
@@ -50,7 +52,7 @@ from .sync import Channel, Listener, Server, connect, listen, pipe, wait
 from .transport.base import LinkProperties, PeerInfo
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so ``import buzon`` stays light
-    from . import aio, signals
+    from . import aio, rpc, signals
     from ._mailbox import Mailbox, MailboxReceipt, Message, mailbox
     from ._serve import serve
     from .shm import BoundedBuffer, shared_array, shared_value
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__), so ``import buzon`
 _LAZY: dict[str, tuple[str, str]] = {
     "aio": ("buzon.aio", ""),
     "signals": ("buzon.signals", ""),
+    "rpc": ("buzon.rpc", ""),
     "serve": ("buzon._serve", "serve"),
     "mailbox": ("buzon._mailbox", "mailbox"),
     "Mailbox": ("buzon._mailbox", "Mailbox"),
@@ -115,6 +118,7 @@ __all__ = [
     "CodecError",
     "ConnectError",
     "ConnectionRefused",
+    "DeadlineExceeded",
     "Empty",
     "EndOfChannel",
     "EndpointInUse",
@@ -136,6 +140,7 @@ __all__ = [
     "PickleRejected",
     "ProtocolError",
     "Receipt",
+    "RemoteError",
     "SecurityError",
     "Server",
     "Statistics",
@@ -152,6 +157,7 @@ __all__ = [
     "mailbox",
     "parse_address",
     "pipe",
+    "rpc",
     "serve",
     "shared_array",
     "shared_value",

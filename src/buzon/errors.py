@@ -7,6 +7,7 @@ situation, the buzon class also inherits it, so ``except TimeoutError`` and
     BuzonError
     ├── AddressError (ValueError)            a URL that cannot name an endpoint
     ├── Timeout (TimeoutError)               a blocking call ran out of time
+    │   └── DeadlineExceeded                 an RPC call's deadline passed (buzon.rpc)
     ├── ChannelError                         the state of one channel
     │   ├── Empty (queue.Empty)              recv_nowait found no message
     │   ├── Full (queue.Full)                send_nowait could not queue the message
@@ -31,6 +32,7 @@ situation, the buzon class also inherits it, so ``except TimeoutError`` and
     ├── CodecError                           a payload cannot be encoded or decoded
     │   ├── ValidationError (ValueError)     decoded, but not the ``type=`` asked for
     │   └── PickleRejected                   a pickle frame on a channel without pickle
+    ├── RemoteError                          an RPC call failed on the server (buzon.rpc)
     └── UnsupportedOperation                 the transport cannot do this
 
 OS errors are translated into this tree in exactly one place, :func:`from_oserror`.
@@ -49,6 +51,7 @@ __all__ = [
     "ChannelError",
     "CodecError",
     "ConnectError",
+    "DeadlineExceeded",
     "ConnectionRefused",
     "Empty",
     "EndOfChannel",
@@ -64,6 +67,7 @@ __all__ = [
     "PermissionDenied",
     "PickleRejected",
     "ProtocolError",
+    "RemoteError",
     "SecurityError",
     "Timeout",
     "UnsafePath",
@@ -84,6 +88,13 @@ class AddressError(BuzonError, ValueError):
 
 class Timeout(BuzonError, TimeoutError):
     """A blocking operation did not complete before its timeout."""
+
+
+class DeadlineExceeded(Timeout):
+    """An RPC call's deadline passed before its reply came; the server was told to cancel it.
+
+    The deadline is the nearest ``buzon.rpc.deadline`` block in force, or the client's
+    default ``timeout``."""
 
 
 class ChannelError(BuzonError):
@@ -180,6 +191,40 @@ class ValidationError(CodecError, ValueError):
 
 class PickleRejected(CodecError):
     """A pickle frame arrived on a channel that did not enable pickle; it was not unpickled."""
+
+
+class RemoteError(BuzonError):
+    """An RPC call failed on the other side: ``.code``, ``.message`` and ``.data`` say how.
+
+    ``code`` is an int, ``message`` a str and ``data`` any encodable value (or None).
+    The codes below follow JSON-RPC 2.0 where it has one; an exception raised by a
+    handler arrives as ``SERVER_ERROR`` with the exception's type name in ``data``
+    (never its traceback), and a handler may raise ``RemoteError`` itself to choose
+    the code.
+    """
+
+    PARSE_ERROR = -32700  # the request could not be decoded
+    INVALID_REQUEST = -32600  # decoded, but not a request
+    METHOD_NOT_FOUND = -32601  # no such method exposed (nothing ran)
+    INVALID_PARAMS = -32602  # wrong arity or types for the method's hints (nothing ran)
+    INTERNAL_ERROR = -32603  # the server failed around the handler
+    SERVER_ERROR = -32000  # the handler raised an exception
+    INVALID_RESULT = -32001  # the result does not match its hint or cannot be encoded
+    DEADLINE_EXCEEDED = -32002  # the deadline passed before the handler ran
+    CANCELLED = -32003  # the caller cancelled the call
+    OVERLOADED = -32004  # too many calls in flight on this connection
+
+    def __init__(self, message: str, code: int = SERVER_ERROR, data: object = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message, self.code, self.data))
 
 
 class UnsupportedOperation(BuzonError):

@@ -297,3 +297,29 @@ def test_quick_reliable_rows_run_and_leave_nothing_behind(
         assert by_id[case_id]["status"] == "ok", by_id[case_id]["note"]
     targets = {t["id"]: t for t in doc["targets"]}
     assert all(targets[t]["ratio"] is not None for t in ("g", "g-batch", "h"))
+
+
+def test_quick_rpc_rows_run_and_leave_nothing_behind(
+    tmp_path: Path, private_dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    before = _process_state()
+
+    rc = main(["--quick", "--only", "rpcadd", "--json", str(out), "--no-progress"])
+
+    assert rc == 0
+    assert _process_state() == before
+    scratch, runtime = private_dirs
+    assert list(scratch.iterdir()) == []
+    assert not runtime.exists() or list(runtime.iterdir()) == []
+    doc = json.loads(out.read_text())
+    by_id = {r["id"]: r for r in doc["results"]}
+    assert set(by_id) == {
+        "buzon-rpc-spin0/unix/rpcadd",
+        "buzon-rpc/unix/rpcadd",
+        "mp-managers/unix/rpcadd",
+    }
+    for r in by_id.values():
+        assert r["status"] == "ok", r["note"]
+        assert r["values"]["rate"]["unit"] == "calls/s" and r["values"]["rate"]["value"] > 0
+    assert "RPC add(a, b)" in capsys.readouterr().out

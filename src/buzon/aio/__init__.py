@@ -20,6 +20,16 @@ __all__ = [
     "listen",
     "mailbox",
     "pipe",
+    "rpc",
     "serve",
     "wait",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``buzon.aio.rpc`` is imported on first use (PEP 562)."""
+    if name == "rpc":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.rpc")
+    raise AttributeError(f"module 'buzon.aio' has no attribute {name!r}")

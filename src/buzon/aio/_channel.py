@@ -563,6 +563,21 @@ class Channel(ChannelIdentity):
                 item = await self._wait_item(deadline_of(timeout))
             return core.item_object(item, type)
 
+    async def _recv_fields(self, timeout: float | None) -> tuple[Any, dict[int, bytes] | None]:
+        """``recv`` that also gives the message's header fields (None: it had none)."""
+        async with self._rlock:
+            core = self._core
+            item = self._fast_poll() if core.fast_recv is not None else core.poll()
+            if item is None:
+                item = await self._wait_item(deadline_of(timeout))
+            fields = None if item.__class__ is tuple else item.fields  # type: ignore[union-attr]
+            return core.item_object(item), fields
+
+    async def _send_encoded(self, bufs: list[Buffer], timeout: float | None) -> None:
+        """``send`` of an encoded frame (RPC frames with header fields)."""
+        async with self._wlock:
+            await self._send(bufs, deadline_of(timeout), 0)
+
     def recv_nowait(self, *, type: Any = Any) -> Any:
         if self._rlock.locked():
             raise Empty("another task is receiving")

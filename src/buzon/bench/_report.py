@@ -390,6 +390,13 @@ def _rows(results: Sequence[Result]) -> list[list[str]]:
 BULK = (
     ("numpy64m", "64 MiB numpy array, one way", "gbps", "GB/s", lambda v: f"{v:.2f}"),
     ("4p4c", "4 producers x 4 consumers, 64 B, all messages", "rate", "msg/s", _fmt_rate),
+    (
+        "rpcadd",
+        "RPC add(a, b), one call at a time, from another process",
+        "rate",
+        "calls/s",
+        _fmt_rate,
+    ),
 )
 
 

@@ -46,7 +46,7 @@ from .._engine import (
 )
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.credit import RECEIPT_FLAG
-from ..protocol.frames import Frame
+from ..protocol.frames import Frame, Kind, encode_frame
 from ..transport.base import Buffer
 
 __all__ = ["Channel"]
@@ -256,6 +256,27 @@ class Channel(ChannelIdentity):
                 return
             serial = core.serial
         self._send_slow(bufs, timeout, 0, 0 if accepted else -1, serial)
+
+    def _send_fields(self, obj: Any, fields: dict[int, bytes], timeout: float | None) -> None:
+        """``send`` with header fields (``frames.Field``: RPC call ids, deadlines)."""
+        core = self._core
+        codec, body, buffers = core.codec.encode(obj)
+        bufs = encode_frame(
+            Kind.DATA, codec, body, buffers, fields=fields, max_frame=core.max_frame
+        )
+        self._send_encoded(bufs, timeout)
+
+    def _recv_fields(self, timeout: float | None) -> tuple[Any, dict[int, bytes] | None]:
+        """``recv`` that also gives the message's header fields (None: it had none)."""
+        with self._rlock:
+            core = self._core
+            item = core.buffered()
+            if item is None:
+                item = self._receive(timeout)
+        if self._pumpers:
+            self._wake_pumpers()
+        fields = None if item.__class__ is tuple else item.fields  # type: ignore[union-attr]
+        return core.item_object(item), fields
 
     def send_nowait(self, obj: Any, *, priority: int = 0) -> None:
         """Send ``obj`` now or raise :class:`Full` (``capacity=0``: only if a receiver

@@ -1,0 +1,132 @@
+"""RPC cases: ``add(a, b)`` from this process to a server in the forked peer, one call
+at a time, over a Unix socket: ``buzon.rpc`` against ``multiprocessing.managers``.
+
+Both report calls/s over the measured window (``rate``) and the per-call latency
+percentiles. The server runs in the child; the parent connects (retrying until the
+child has bound), warms up, measures, then asks the server to stop.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+from ._harness import Case, Ctx, Quantity, Values, latency_values
+
+__all__ = ["rpc_cases"]
+
+
+def _measure(ctx: Ctx, call: Callable[[int, int], int]) -> Values:
+    perf = time.perf_counter_ns
+    lat: array[int] = array("q")
+    calls = 0
+    start = 0
+    for phase_ns, keep in ((ctx.warmup_ns, False), (ctx.measure_ns, True)):
+        if keep:
+            start = perf()
+        end = perf() + phase_ns
+        i = 0
+        while True:
+            t0 = perf()
+            if call(i, 1) != i + 1:
+                raise RuntimeError("add returned a wrong sum")
+            t1 = perf()
+            i += 1
+            if keep:
+                lat.append(t1 - t0)
+                calls += 1
+            if t1 >= end:
+                break
+    values = latency_values(lat)
+    values["rate"] = Quantity(calls / ((perf() - start) / 1e9), "calls/s")
+    return values
+
+
+def _buzon_rpc(ctx: Ctx, spin: float | None = None) -> Values:
+    import buzon
+
+    options: dict[str, Any] = {} if spin is None else {"spin": spin}
+    path = os.path.join(ctx.tmpdir, f"rpc{ctx.seq}.sock")
+
+    def child() -> None:
+        svc = buzon.rpc.Service("calc")
+        srv = buzon.rpc.Server(f"unix:{path}", svc, grace=1.0, **options)
+
+        @svc.method
+        def add(a: int, b: int) -> int:
+            return a + b
+
+        @svc.method
+        def stop() -> None:
+            threading.Thread(target=srv.shutdown).start()
+
+        srv.serve_forever()
+
+    proc = ctx.spawn(child)
+    client = buzon.rpc.connect(f"unix:{path}", timeout=30, **options)
+    try:
+        values = _measure(ctx, client.add)
+        client.notify("stop")
+    finally:
+        client.close()
+    proc.join()
+    return values
+
+
+class _Calc:
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+def _managers(ctx: Ctx) -> Values:
+    from multiprocessing.managers import BaseManager
+
+    path = os.path.join(ctx.tmpdir, f"mgr{ctx.seq}.sock")
+    key = os.urandom(16)
+
+    class _Manager(BaseManager):
+        pass
+
+    stopped = threading.Event()
+    _Manager.register("Calc", _Calc)
+    _Manager.register("stop", callable=stopped.set)
+
+    def child() -> None:
+        server = _Manager(address=path, authkey=key).get_server()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        stopped.wait(600)
+
+    proc = ctx.spawn(child)
+    deadline = time.monotonic() + 30
+    manager: Any = _Manager(address=path, authkey=key)
+    while True:
+        try:
+            manager.connect()
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    calc = manager.Calc()
+    values = _measure(ctx, calc.add)
+    del calc  # released while the server still runs
+    try:
+        manager.stop()  # the server stops while the proxy of stop's result is being made
+    except (EOFError, OSError):
+        pass
+    proc.join()
+    return values
+
+
+def rpc_cases() -> list[Case]:
+    """``add(a, b)`` calls/s over ``unix:``: buzon.rpc (with ``spin=0``: both ends
+    block at once; and with the default spin), then multiprocessing.managers."""
+    return [
+        Case("buzon-rpc-spin0", "unix", "rpcadd", lambda ctx: _buzon_rpc(ctx, 0.0)),
+        Case("buzon-rpc", "unix", "rpcadd", _buzon_rpc),
+        Case("mp-managers", "unix", "rpcadd", _managers),
+    ]

@@ -1,0 +1,51 @@
+"""Remote procedure calls over buzon channels (``buzon.rpc``).
+
+The lecture's stubs, as objects: a :class:`Service` (the server stub's table of
+procedures, type hints as the schema) served with :func:`serve` or :class:`Server`, and
+a proxy from :func:`connect` (the client stub), typed by a ``typing.Protocol``::
+
+    svc = buzon.rpc.Service("calc")
+
+    @svc.method
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    buzon.rpc.serve("unix:calc", svc)                 # blocks; or buzon.rpc.Server
+
+    class Calc(typing.Protocol):
+        def add(self, a: int, b: int) -> int: ...
+
+    calc = buzon.rpc.connect("unix:calc", Calc)
+    calc.add(1, 2)                                    # 3, checked by mypy
+
+Marshalling is the channel's codec (msgpack); call ids, correlation and deadlines are
+frame header fields. See ``docs/rpc.md``.
+"""
+
+from __future__ import annotations
+
+from ..errors import DeadlineExceeded, RemoteError
+from ._client import Call, Client, close, connect
+from ._context import CallContext, context, deadline
+from ._msgpack import MsgpackRpcClient, connect_process
+from ._server import Server, serve
+from ._service import Method, Service, expose
+
+__all__ = [
+    "Call",
+    "CallContext",
+    "Client",
+    "DeadlineExceeded",
+    "Method",
+    "MsgpackRpcClient",
+    "RemoteError",
+    "Server",
+    "Service",
+    "close",
+    "connect",
+    "connect_process",
+    "context",
+    "deadline",
+    "expose",
+    "serve",
+]

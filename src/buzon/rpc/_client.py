@@ -1,0 +1,689 @@
+"""The RPC client: a thread-safe proxy with many calls in flight on one connection.
+
+No reader thread is needed for blocking calls: the thread that waits for a reply reads
+the connection itself ("leader/followers"). While it reads, it hands every reply it
+finds to the call it answers (by the CORRELATION field), so replies may come in any
+order; other waiting threads sleep on a condition until their reply is in or the
+reading role is free. ``call_async`` futures get a reader thread, started with the
+first of them, that reads only while such futures are outstanding.
+
+A call's deadline is the nearest of ``buzon.rpc.deadline`` blocks in force and the
+client's ``timeout``; it goes on the wire as milliseconds left (the DEADLINE field).
+When it passes, or the waiting thread is interrupted, the call raises and a cancel
+message tells the server, whose handler sees ``context().cancelled``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import typing
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import msgspec
+
+from ..address import Address
+from ..errors import (
+    BuzonError,
+    ChannelClosed,
+    ConnectError,
+    DeadlineExceeded,
+    EndOfChannel,
+    ProtocolError,
+    RemoteError,
+    ValidationError,
+)
+from ..errors import Timeout as _Timeout
+from ..sync import Channel
+from ..sync import connect as _connect
+from . import _wire as w
+from ._context import _DEADLINE
+from ._msgpack import MsgpackRpcClient, connect_msgpack
+from ._server import _check
+
+__all__ = ["Call", "Client", "close", "connect"]
+
+P = TypeVar("P")
+
+_monotonic = time.monotonic
+_SLICE = 0.25  # longest single wait for input, so that close() is noticed
+
+
+class _Pending:
+    """One call waiting for its reply (the light object of a blocking call; a
+    ``call_async`` call has a :class:`Call` future as well)."""
+
+    __slots__ = (
+        "at",
+        "call_id",
+        "done",
+        "error",
+        "finished",
+        "future",
+        "method",
+        "result",
+        "rtype",
+    )
+
+    def __init__(self, call_id: int, method: str, at: float | None, rtype: Any) -> None:
+        self.call_id = call_id
+        self.method = method
+        self.at = at
+        self.rtype = rtype
+        self.done = False
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self.future: Call | None = None
+        self.finished = False  # the future was completed
+
+
+class Call(Future[Any]):
+    """The future of one call (``Client.call_async``). ``result(timeout)`` waits (and
+    reads the connection meanwhile, if no other thread does); the call's own deadline
+    turns into :class:`~buzon.errors.DeadlineExceeded`. ``cancel()`` gives the call
+    up and tells the server (its handler sees ``context().cancelled``)."""
+
+    def __init__(self, client: Client, pending: _Pending) -> None:
+        super().__init__()
+        self.client = client
+        self._p = pending
+        pending.future = self
+
+    @property
+    def method(self) -> str:
+        """The name of the method called."""
+        return self._p.method
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._p.done:
+            self.client._wait(self._p, None if timeout is None else _monotonic() + timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self._p.done:
+            self.client._wait(self._p, None if timeout is None else _monotonic() + timeout)
+        return super().exception(0)
+
+    def cancel(self) -> bool:
+        """Give the call up and tell the server; False if it had finished already."""
+        return self.client._abandon(self._p, _CANCELLED)
+
+
+_CANCELLED = "cancelled by the caller"
+
+# what a retrying call tries again after: the connection was lost, could not be made
+# again yet, or broke during its handshake
+_RETRY = (EndOfChannel, ChannelClosed, ConnectError, ProtocolError, _Timeout)
+
+
+class _Cancelled(Exception):
+    """Marks a call its future's ``cancel()`` gave up (the future ends CANCELLED)."""
+
+
+def _return_types(proto: Any) -> dict[str, Any]:
+    """Return hints of a Protocol's (or class's) public methods: name -> type."""
+    types: dict[str, Any] = {}
+    for klass in reversed(getattr(proto, "__mro__", (proto,))):
+        if klass is object or klass is typing.Protocol or klass.__module__ == "typing":
+            continue
+        for name, value in vars(klass).items():
+            if name.startswith("_") or not callable(value):
+                continue
+            try:
+                hint = typing.get_type_hints(value).get("return", Any)
+            except Exception as exc:
+                raise TypeError(f"{proto.__name__}.{name}: hints do not resolve: {exc}") from exc
+            types[name] = None if hint is type(None) else hint
+    return types
+
+
+class Client:
+    """A connection to an RPC server (``buzon.rpc.connect``). Thread-safe.
+
+    ``client.add(1, 2)`` or ``client.call("add", 1, 2)`` call and wait;
+    ``client.notify("log", "x")`` sends without a reply; ``client.call_async("add", 1,
+    2)`` returns a :class:`Call` future. Errors: :class:`~buzon.errors.RemoteError`
+    (the server refused or the handler failed; ``.code``, ``.message``, ``.data``),
+    :class:`~buzon.errors.DeadlineExceeded`, :class:`~buzon.errors.EndOfChannel` when
+    the connection is lost with the call in flight (``at_most_once``: the call may or
+    may not have run). A method named like one of the client's own
+    (``call``, ``close``...) is called with ``call("close")``.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        proto: Any = None,
+        *,
+        timeout: float | None = 60.0,
+        max_in_flight: int = 64,
+        semantics: str = "at_most_once",
+        reconnect: Callable[[float | None], Channel] | None = None,
+    ) -> None:
+        if semantics != "at_most_once" and reconnect is None:
+            raise ValueError(f"semantics={semantics!r} needs a way to reconnect")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._ch = channel
+        self._proto = proto
+        self._rtypes: dict[str, Any] = {} if proto is None else _return_types(proto)
+        self._timeout = timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._cv = threading.Condition(threading.Lock())
+        self._reading = False
+        self._sleepers = 0
+        self._broken: BuzonError | None = None
+        self._max_in_flight = max_in_flight
+        self._async = 0  # call_async futures outstanding
+        self._reader: threading.Thread | None = None
+        self._stubs: dict[str, Callable[..., Any]] = {}
+        self.late = 0  # replies that came after their call was given up
+        self._semantics = semantics
+        self._reconnect_fn = reconnect
+        self._conn_lock = threading.Lock()
+        self._client_id = os.urandom(16)  # exactly_once: (client id, sequence number)
+        self._next_seq = 1
+        self._open_seqs: set[int] = set()
+        self.retries = 0  # attempts made again after a lost connection
+        self._closing = False
+
+    # -- the proxy ----------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._proto is not None and name not in self._rtypes:
+            raise AttributeError(f"{self._proto.__name__} has no method {name!r}")
+        stub = self._stubs.get(name)
+        if stub is None:
+
+            def stub(*args: Any, **kwargs: Any) -> Any:
+                return self.call(name, *args, **kwargs)
+
+            stub.__name__ = name
+            self._stubs[name] = stub
+        return stub
+
+    # -- calling -------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        at = _DEADLINE.get()
+        if self._timeout is not None:
+            mine = _monotonic() + self._timeout
+            if at is None or mine < at:
+                at = mine
+        return at
+
+    def _start(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        at: float | None = None,
+        key: list[Any] | None = None,
+    ) -> _Pending:
+        if self._broken is not None:
+            raise self._broken
+        if at is None:
+            at = self._deadline()
+        pending = self._pending
+        if len(pending) >= self._max_in_flight:
+            self._wait_for_slot(method, at)
+        call_id = next(self._ids)
+        p = _Pending(call_id, method, at, self._rtypes.get(method, Any))
+        pending[call_id] = p
+        body: list[Any] = [w.REQUEST, method, list(args)]
+        if kwargs or key is not None:
+            body.append(kwargs or None)
+        if key is not None:
+            body.append(key)
+        try:
+            if at is None:
+                w.send(self._ch, body, w.MESSAGE_ID, call_id, None, None)
+            else:
+                left = max(0.0, at - _monotonic())
+                w.send(self._ch, body, w.MESSAGE_ID, call_id, left, left)
+        except _Timeout:
+            self._settle(p, DeadlineExceeded(f"{method}: the deadline passed while sending"))
+            raise p.error from None  # type: ignore[misc]
+        except BaseException:
+            self._settle(p, None)
+            raise
+        return p
+
+    def _wait_for_slot(self, method: str, at: float | None) -> None:
+        """Wait (reading replies, if nobody else does) until fewer than
+        ``max_in_flight`` calls are in flight, or raise at the deadline."""
+        probe = _Pending(0, method, at, Any)
+        while len(self._pending) >= self._max_in_flight:
+            if at is not None and _monotonic() >= at:
+                raise DeadlineExceeded(
+                    f"{method}: the deadline passed waiting for one of the client's "
+                    f"max_in_flight={self._max_in_flight} call slots"
+                )
+            if self._broken is not None:
+                raise self._broken
+            self._wait(probe, at, slot=True)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` with the arguments and wait for its result."""
+        if self._semantics != "at_most_once":
+            return self._call_again_and_again(method, args, kwargs)
+        p = self._start(method, args, kwargs)
+        try:
+            if not p.done:
+                self._wait(p, None)
+        except BaseException:  # interrupted: the server is told
+            self._abandon(p, "the caller was interrupted")
+            raise
+        if p.error is not None:
+            raise p.error
+        return p.result
+
+    def _call_again_and_again(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """``at_least_once`` / ``exactly_once``: send the call again after a lost
+        connection (reconnecting, with backoff) until it is answered or its deadline
+        passes. ``exactly_once`` sends the same (client id, sequence number) every
+        time, so the server runs it once and answers retries from its table."""
+        at = self._deadline()
+        key: list[Any] | None = None
+        seq = 0
+        if self._semantics == "exactly_once":
+            with self._conn_lock:
+                seq = self._next_seq
+                self._next_seq += 1
+                self._open_seqs.add(seq)
+        delay = 0.005
+        last: BaseException | None = None
+        try:
+            while True:
+                if at is not None and _monotonic() >= at:
+                    raise DeadlineExceeded(
+                        f"{method}: no answer by the deadline after {self.retries} retries"
+                        f" (last: {last})"
+                    )
+                broken = self._broken
+                try:
+                    if broken is not None:
+                        self._reconnect(broken, at)
+                    if seq:
+                        with self._conn_lock:
+                            acked = min(self._open_seqs)
+                        key = [self._client_id, seq, acked]
+                    p = self._start(method, args, kwargs, at, key)
+                    try:
+                        if not p.done:
+                            self._wait(p, None)
+                    except BaseException:
+                        self._abandon(p, "the caller was interrupted")
+                        raise
+                    if not isinstance(p.error, (EndOfChannel, ChannelClosed)) or self._closing:
+                        if p.error is not None:
+                            raise p.error
+                        return p.result
+                    last = p.error
+                except _RETRY as exc:
+                    if self._closing or isinstance(exc, DeadlineExceeded):
+                        raise
+                    last = exc
+                    if self._broken is None:
+                        self._broken = EndOfChannel(f"the connection failed: {exc}")
+                self.retries += 1
+                pause = delay if at is None else min(delay, max(0.0, at - _monotonic()))
+                time.sleep(pause)
+                delay = min(delay * 2, 0.2)
+        finally:
+            if seq:
+                with self._conn_lock:
+                    self._open_seqs.discard(seq)
+
+    def _reconnect(self, broken: BuzonError, at: float | None) -> None:
+        """Replace the lost connection (once, whichever thread gets here first)."""
+        with self._conn_lock:
+            if self._broken is not broken:
+                return  # another thread reconnected already
+            assert self._reconnect_fn is not None
+            left = None if at is None else max(0.001, at - _monotonic())
+            ch = self._reconnect_fn(left)
+            old, self._ch = self._ch, ch
+            self._broken = None
+        old.close()
+
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> Call:
+        """Send the call and return its :class:`Call` future at once (its call is
+        not retried: at most once, whatever the client's ``semantics``)."""
+        p = self._start(method, args, kwargs)
+        call = Call(self, p)
+        with self._cv:
+            self._async += 1
+        if p.done:  # settled before it had a future (the connection was lost meanwhile)
+            self._finish_future(p)
+            return call
+        with self._cv:
+            if self._reader is None or not self._reader.is_alive():
+                self._reader = threading.Thread(
+                    target=self._read_for_futures, name="buzon-rpc-reader", daemon=True
+                )
+                self._reader.start()
+            else:
+                self._cv.notify_all()
+        return call
+
+    def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Send a one-way call: no reply, no error back (the server counts them)."""
+        if self._broken is not None:
+            raise self._broken
+        body: list[Any] = [w.NOTIFY, method, list(args)]
+        if kwargs:
+            body.append(kwargs)
+        at = self._deadline()
+        self._ch.send(body, None if at is None else max(0.0, at - _monotonic()))
+
+    # -- waiting and reading -------------------------------------------------------------
+
+    def _read_for_futures(self) -> None:
+        """The reader of ``call_async`` futures: reads while some are outstanding,
+        expiring the ones whose deadline passes, then sleeps until there are more."""
+        while self._broken is None:
+            with self._cv:
+                while self._async <= 0 and self._broken is None:
+                    self._cv.wait()
+            self._wait(None, None)
+
+    def _next_deadline(self) -> float | None:
+        ats = [p.at for p in list(self._pending.values()) if p.future is not None and p.at]
+        return min(ats) if ats else None
+
+    def _wait(self, p: _Pending | None, until: float | None, slot: bool = False) -> None:
+        """Wait until ``p`` is settled (``None``: until no ``call_async`` future is
+        outstanding; ``slot``: until a call slot is free) or ``until`` passes, reading
+        the connection whenever no other thread does. A call's deadline settles it
+        with ``DeadlineExceeded``."""
+        cv = self._cv
+
+        def settled() -> bool:
+            if slot:
+                return len(self._pending) < self._max_in_flight or self._broken is not None
+            if p is None:
+                return self._async <= 0 or self._broken is not None
+            return p.done
+
+        while not settled():
+            now = _monotonic()
+            if p is None:
+                self._expire_due(now)
+                limit = self._next_deadline()
+            else:
+                limit = p.at
+                if limit is not None and now >= limit:
+                    if not slot:
+                        self._abandon(p, None)
+                    return
+            if until is not None and (limit is None or until < limit):
+                if now >= until:
+                    return
+                limit = until
+            with cv:
+                if settled():
+                    return
+                if self._reading:
+                    self._sleepers += 1
+                    try:
+                        cv.wait(None if limit is None else max(0.0, limit - now))
+                    finally:
+                        self._sleepers -= 1
+                    continue
+                self._reading = True
+            try:
+                while not settled():
+                    left = None if limit is None else limit - _monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    # in slices: a close() from another thread is noticed (a wait in
+                    # poll() does not end when another thread closes the fd)
+                    self._read_one(_SLICE if left is None or left > _SLICE else left)
+                    if self._closing:
+                        break
+                    if p is None:
+                        break  # re-check the deadlines of the outstanding futures
+            finally:
+                with cv:
+                    self._reading = False
+                    if self._sleepers:
+                        cv.notify_all()
+
+    def _read_one(self, timeout: float | None) -> None:
+        try:
+            body, fields = self._ch._recv_fields(timeout)
+        except _Timeout:
+            return
+        except (EndOfChannel, ChannelClosed) as exc:
+            self._lost(exc)
+            return
+        except BuzonError:  # an undecodable message: not a reply to anything we know
+            return
+        call_id = w.read_id(fields, w.CORRELATION)
+        p = self._pending.get(call_id) if call_id is not None else None
+        if p is None:
+            self.late += 1
+            return
+        if type(body) is not list or len(body) != 3 or body[0] != w.REPLY:
+            self._settle(p, RemoteError("malformed reply", RemoteError.INTERNAL_ERROR))
+        elif body[1] is not None:
+            self._settle(p, w.error_from(body[1]))
+        else:
+            result = body[2]
+            rtype = p.rtype
+            if rtype is not Any:
+                try:
+                    result = msgspec.convert(result, rtype)
+                except msgspec.ValidationError as exc:
+                    self._settle(
+                        p,
+                        ValidationError(f"{p.method}: the result does not match {rtype!r}: {exc}"),
+                    )
+                    return
+            self._settle(p, None, result)
+
+    def _settle(self, p: _Pending, error: BaseException | None, result: Any = None) -> bool:
+        """Complete ``p`` once (False if something else completed it first)."""
+        if self._pending.pop(p.call_id, None) is None:
+            return False
+        p.error = error
+        p.result = result
+        p.done = True
+        if p.future is not None:
+            self._finish_future(p)
+        if self._sleepers:
+            with self._cv:
+                self._cv.notify_all()
+        return True
+
+    def _finish_future(self, p: _Pending) -> None:
+        fut = p.future
+        with self._cv:
+            if fut is None or p.finished:
+                return
+            p.finished = True
+            self._async -= 1
+        if isinstance(p.error, _Cancelled):
+            Future.cancel(fut)
+        elif p.error is not None:
+            fut.set_exception(p.error)
+        else:
+            fut.set_result(p.result)
+
+    def _abandon(self, p: _Pending, why: str | None) -> bool:
+        """Give ``p`` up (deadline, interrupt, cancel) and send the server a cancel."""
+        if why is None:
+            err: BaseException = DeadlineExceeded(
+                f"{p.method}: no reply by the call's deadline; the server was told to cancel it"
+            )
+        elif why is _CANCELLED:
+            err = _Cancelled(why)
+        else:
+            err = DeadlineExceeded(f"{p.method}: {why}")
+        if not self._settle(p, err):
+            return False
+        try:
+            w.send(self._ch, [w.CANCEL], w.CORRELATION, p.call_id, None, 0.1)
+        except BuzonError:
+            pass  # the connection is gone or full: the server finds out on its own
+        return True
+
+    def _expire_due(self, now: float) -> None:
+        for p in list(self._pending.values()):
+            if p.future is not None and p.at is not None and now >= p.at:
+                self._abandon(p, None)
+
+    def _lost(self, exc: BuzonError) -> None:
+        """The connection ended: every call in flight fails, its outcome unknown."""
+        closed = isinstance(exc, ChannelClosed)
+        self._broken = (
+            ChannelClosed("the RPC client is closed")
+            if closed
+            else EndOfChannel("the RPC server closed the connection")
+        )
+        for p in list(self._pending.values()):
+            self._settle(
+                p,
+                type(self._broken)(
+                    f"{p.method}: the connection was lost with the call in flight; "
+                    "it may or may not have run (at_most_once)"
+                ),
+            )
+        with self._cv:
+            self._cv.notify_all()
+
+    # -- lifetime ------------------------------------------------------------------
+
+    @property
+    def channel(self) -> Channel:
+        """The underlying :class:`buzon.Channel`."""
+        return self._ch
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent whose reply has not come yet."""
+        return len(self._pending)
+
+    def close(self) -> None:
+        """Close the connection; calls in flight fail with ``ChannelClosed``."""
+        self._closing = True
+        if self._broken is None:
+            self._lost(ChannelClosed("closed"))
+        self._ch.close()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(5.0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        proto = f" {self._proto.__name__}" if self._proto is not None else ""
+        return f"<buzon.rpc.Client{proto} {self._ch!r} in_flight={len(self._pending)}>"
+
+
+@typing.overload
+def connect(
+    url: str | Address,
+    proto: None = None,
+    *,
+    timeout: float | None = 60.0,
+    wire: typing.Literal["msgpack-rpc"],
+    handler: object = None,
+    **options: Any,
+) -> MsgpackRpcClient: ...
+@typing.overload
+def connect(
+    url: str | Address,
+    proto: None = None,
+    *,
+    timeout: float | None = 60.0,
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
+    max_in_flight: int = 64,
+    **options: Any,
+) -> Client: ...
+@typing.overload
+def connect(
+    url: str | Address,
+    proto: Callable[..., P],
+    *,
+    timeout: float | None = 60.0,
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
+    max_in_flight: int = 64,
+    **options: Any,
+) -> P: ...
+
+
+def connect(
+    url: str | Address,
+    proto: Any = None,
+    *,
+    timeout: float | None = 60.0,
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
+    max_in_flight: int = 64,
+    handler: object = None,
+    **options: Any,
+) -> Any:
+    """Connect to the RPC server at ``url`` and return a proxy (``buzon.rpc.connect``).
+
+    With ``proto``, a ``typing.Protocol`` class describing the service, the proxy is
+    typed as that protocol (mypy checks every call) and results are validated against
+    its return hints; only its methods are reachable through attributes. ``timeout``
+    bounds the connection and is every call's default deadline (None: wait for ever);
+    ``with buzon.rpc.deadline(s)`` shortens it. ``options`` go to
+    :func:`buzon.connect`. The proxy closes with ``close()`` (or ``with``).
+
+    ``semantics``: ``"at_most_once"`` (a lost connection fails the call: it may or
+    may not have run), ``"at_least_once"`` (reconnect and send it again until its
+    deadline) or ``"exactly_once"`` (the same, with a (client id, sequence number)
+    the server answers retries with from its completion table: run once).
+
+    ``wire="msgpack-rpc"`` speaks the msgpack-rpc spec on a raw stream (e.g.
+    ``unix:/abs/path`` to ``nvim --listen``) and returns a :class:`MsgpackRpcClient`;
+    ``handler`` (a :class:`Service` or an object with ``@expose`` methods) answers the
+    peer's own requests on the same connection.
+    """
+    if wire == "msgpack-rpc":
+        if proto is not None:
+            raise TypeError("wire='msgpack-rpc' proxies are untyped: pass no Protocol")
+        return connect_msgpack(url, handler, timeout, **options)
+    if handler is not None:
+        raise TypeError("handler= is for wire='msgpack-rpc' (the peer's own requests)")
+    _check(wire, semantics, None)
+    ch = _connect(url, timeout, **options)
+
+    def reconnect(left: float | None) -> Channel:
+        return _connect(url, left, **options)
+
+    return Client(
+        ch,
+        proto,
+        timeout=timeout,
+        max_in_flight=max_in_flight,
+        semantics=semantics,
+        reconnect=reconnect,
+    )
+
+
+def close(proxy: object) -> None:
+    """Close a proxy made by :func:`connect`, a typed one included (its Protocol
+    type need not declare ``close``)."""
+    if not isinstance(proxy, Client):
+        raise TypeError(f"not a buzon.rpc proxy: {proxy!r}")
+    proxy.close()

@@ -1,0 +1,478 @@
+"""``wire="msgpack-rpc"``: the msgpack-rpc spec, as Neovim speaks it.
+
+Messages are bare msgpack arrays back to back on a byte stream (no buzon frames):
+
+=============  ====================================  ===================================
+message        array                                 notes
+=============  ====================================  ===================================
+request        ``[0, msgid, method, params]``        msgid: u32, chosen by the caller
+response       ``[1, msgid, error, result]``         ``error`` is nil on success;
+                                                     Neovim sends ``[type, message]``
+notification   ``[2, method, params]``               no response
+=============  ====================================  ===================================
+
+Both ends may send requests on the same connection at any time: while we wait for
+Neovim's answer to ``nvim_eval("rpcrequest(1, 'add', 2, 3)")``, Neovim asks us for
+``add(2, 3)`` and waits for our answer first. So a session has a reader thread that
+routes responses to the waiting calls and runs the peer's requests on threads of their
+own (a request may call back into the peer while the reader goes on reading).
+
+msgpack has no length prefix: :func:`object_end` walks one object's headers to find
+where it ends, checking every length against what arrived and the size cap before
+anything is decoded (msgspec decodes the complete object).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from ..errors import (
+    BuzonError,
+    ChannelClosed,
+    DeadlineExceeded,
+    EndOfChannel,
+    FrameError,
+    FrameTooLarge,
+    RemoteError,
+    Timeout,
+)
+from ._context import _DEADLINE
+from ._service import Service, as_service
+
+__all__ = ["MsgpackRpcClient", "connect_msgpack", "connect_process", "object_end"]
+
+REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
+MAX_MESSAGE = 64 * 1024 * 1024
+_MAX_ITEMS = 1 << 24  # containers announcing more items than this are refused
+
+_monotonic = time.monotonic
+
+# first byte -> (header size, how the header gives a length, kind)
+# kinds: "n" nothing follows; "b" that many bytes follow; "a" that many items; "m" pairs
+_FIXED: dict[int, tuple[int, str, str]] = {
+    0xC0: (1, "", "n"),
+    0xC2: (1, "", "n"),
+    0xC3: (1, "", "n"),
+    0xC4: (2, "B", "b"),
+    0xC5: (3, ">H", "b"),
+    0xC6: (5, ">I", "b"),
+    0xC7: (3, "B", "x"),  # ext8: length, type, data
+    0xC8: (4, ">H", "x"),
+    0xC9: (6, ">I", "x"),
+    0xCA: (5, "", "n"),
+    0xCB: (9, "", "n"),
+    0xCC: (2, "", "n"),
+    0xCD: (3, "", "n"),
+    0xCE: (5, "", "n"),
+    0xCF: (9, "", "n"),
+    0xD0: (2, "", "n"),
+    0xD1: (3, "", "n"),
+    0xD2: (5, "", "n"),
+    0xD3: (9, "", "n"),
+    0xD4: (3, "", "n"),
+    0xD5: (4, "", "n"),
+    0xD6: (6, "", "n"),
+    0xD7: (10, "", "n"),
+    0xD8: (18, "", "n"),
+    0xD9: (2, "B", "b"),
+    0xDA: (3, ">H", "b"),
+    0xDB: (5, ">I", "b"),
+    0xDC: (3, ">H", "a"),
+    0xDD: (5, ">I", "a"),
+    0xDE: (3, ">H", "m"),
+    0xDF: (5, ">I", "m"),
+}
+_LEN = {"B": struct.Struct("B"), ">H": struct.Struct(">H"), ">I": struct.Struct(">I")}
+
+
+def object_end(data: bytes | bytearray | memoryview, start: int = 0) -> int:
+    """Where the msgpack object at ``start`` ends, or -1 if it is not all there yet.
+
+    Raises :class:`~buzon.errors.FrameError` for a byte that starts no object (0xC1)
+    and :class:`~buzon.errors.FrameTooLarge` for a container announcing more than
+    2**24 items or an object over 64 MiB. Nothing is allocated for announced sizes.
+    """
+    n = len(data)
+    pos = start
+    need = 1
+    while need:
+        if pos >= n:
+            return -1
+        b = data[pos]
+        need -= 1
+        if b <= 0x7F or b >= 0xE0:
+            pos += 1
+        elif b <= 0x8F:
+            need += 2 * (b & 0x0F)
+            pos += 1
+        elif b <= 0x9F:
+            need += b & 0x0F
+            pos += 1
+        elif b <= 0xBF:
+            pos += 1 + (b & 0x1F)
+        else:
+            spec = _FIXED.get(b)
+            if spec is None:
+                raise FrameError(f"byte 0x{b:02x} at {pos - start} starts no msgpack object")
+            size, fmt, kind = spec
+            if pos + size > n:
+                return -1
+            length = _LEN[fmt].unpack_from(data, pos + 1)[0] if fmt else 0
+            if kind == "b":
+                pos += size + length
+            elif kind == "x":
+                pos += size + length  # the type byte is part of the header size
+            elif kind == "a" or kind == "m":
+                if length > _MAX_ITEMS:
+                    raise FrameTooLarge(f"a msgpack container announces {length} items")
+                need += length * (2 if kind == "m" else 1)
+                pos += size
+            else:
+                pos += size
+        if pos - start > MAX_MESSAGE:
+            raise FrameTooLarge(f"a msgpack-rpc message over {MAX_MESSAGE} bytes")
+    return pos if pos <= n else -1
+
+
+class _Stream:
+    """A byte stream: ``read(timeout)`` (b"" at the end, None when nothing came in
+    time), ``write(data)``, ``close()``."""
+
+    def read(self, timeout: float) -> bytes | None:
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _ChannelStream(_Stream):
+    """A raw buzon channel (``unix:/abs/path`` to ``nvim --listen``)."""
+
+    def __init__(self, ch: Any) -> None:
+        self.ch = ch
+
+    def read(self, timeout: float) -> bytes | None:
+        try:
+            return bytes(self.ch.recv_bytes(timeout))
+        except Timeout:
+            return None
+        except (EndOfChannel, ChannelClosed):
+            return b""
+
+    def write(self, data: bytes) -> None:
+        self.ch.send_bytes(data)
+
+    def close(self) -> None:
+        self.ch.close()
+
+
+class _ProcessStream(_Stream):
+    """A child's stdin (we write) and stdout (we read)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.proc = proc
+        self.rfd = proc.stdout.fileno()
+        self.wfd = proc.stdin.fileno()
+        self.wlock = threading.Lock()
+        import select
+
+        self.poller = select.poll()
+        self.poller.register(self.rfd, select.POLLIN | select.POLLHUP)
+
+    def read(self, timeout: float) -> bytes | None:
+        if not self.poller.poll(int(timeout * 1000)):
+            return None
+        try:
+            return os.read(self.rfd, 65536)
+        except OSError:
+            return b""
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        with self.wlock:
+            while view:
+                try:
+                    n = os.write(self.wfd, view)
+                except BrokenPipeError:
+                    raise EndOfChannel("the msgpack-rpc peer process closed its stdin") from None
+                view = view[n:]
+
+    def close(self) -> None:
+        proc = self.proc
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class _Waiting:
+    __slots__ = ("done", "error", "event", "method", "result")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.done = False
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self.event = threading.Event()
+
+
+class MsgpackRpcClient:
+    """A msgpack-rpc session (``wire="msgpack-rpc"``): call the peer, and answer it.
+
+    ``s.call("nvim_eval", "1+1")`` or ``s.nvim_eval("1+1")`` call and wait;
+    ``s.notify(method, *params)`` sends a notification. The peer's error (Neovim:
+    ``[type, message]``) raises :class:`~buzon.errors.RemoteError` with ``code`` =
+    type and ``message``. The peer's requests and notifications go to ``handler`` (a
+    :class:`~buzon.rpc.Service` or an object with ``@expose`` methods); an unknown
+    method is answered with an error, never by running anything else. Thread-safe.
+    """
+
+    def __init__(
+        self, stream: _Stream, handler: Service | object | None, timeout: float | None
+    ) -> None:
+        self._stream = stream
+        self._service = None if handler is None else as_service(handler)
+        self._timeout = timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Waiting] = {}
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder()
+        self._wlock = threading.Lock()
+        self._closed = False
+        self._broken: BuzonError | None = None
+        self.errors = 0  # malformed messages and refused requests from the peer
+        self._reader = threading.Thread(target=self._read_loop, name="buzon-msgpack-rpc")
+        self._reader.daemon = True
+        self._reader.start()
+
+    # -- calling --------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def stub(*args: Any) -> Any:
+            return self.call(name, *args)
+
+        stub.__name__ = name
+        return stub
+
+    def _send(self, message: list[Any]) -> None:
+        data = self._encoder.encode(message)
+        with self._wlock:
+            self._stream.write(data)
+
+    def call(self, method: str, *params: Any) -> Any:
+        """Call ``method`` with ``params`` on the peer and wait for its result."""
+        if self._broken is not None:
+            raise self._broken
+        at = _DEADLINE.get()
+        if self._timeout is not None:
+            mine = _monotonic() + self._timeout
+            at = mine if at is None or mine < at else at
+        msgid = next(self._ids) & 0xFFFFFFFF
+        waiting = _Waiting(method)
+        self._pending[msgid] = waiting
+        try:
+            self._send([REQUEST, msgid, method, list(params)])
+            if not waiting.event.wait(None if at is None else max(0.0, at - _monotonic())):
+                raise DeadlineExceeded(f"{method}: no response by the deadline")
+        finally:
+            self._pending.pop(msgid, None)
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.result
+
+    def notify(self, method: str, *params: Any) -> None:
+        """Send a notification ``[2, method, params]`` (no response)."""
+        if self._broken is not None:
+            raise self._broken
+        self._send([NOTIFICATION, method, list(params)])
+
+    # -- the reader -----------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        buf = bytearray()
+        why: BuzonError = EndOfChannel("the msgpack-rpc peer closed the connection")
+        try:
+            while not self._closed:
+                data = self._stream.read(0.25)
+                if data is None:
+                    continue
+                if not data:
+                    break
+                buf += data
+                start = 0
+                while True:
+                    end = object_end(buf, start)
+                    if end < 0:
+                        break
+                    self._dispatch(self._decode(bytes(buf[start:end])))
+                    start = end
+                del buf[:start]
+                if len(buf) > MAX_MESSAGE:
+                    raise FrameTooLarge(f"a msgpack-rpc message over {MAX_MESSAGE} bytes")
+        except (FrameError, BuzonError) as exc:  # malformed stream: close with the reason
+            why = exc if isinstance(exc, BuzonError) else EndOfChannel(str(exc))
+        except OSError as exc:
+            why = EndOfChannel(f"the msgpack-rpc connection failed: {exc}")
+        if self._closed:
+            why = ChannelClosed("the msgpack-rpc session is closed")
+        self._broken = why
+        for waiting in list(self._pending.values()):
+            waiting.error = type(why)(f"{waiting.method}: {why}; the call may or may not have run")
+            waiting.event.set()
+
+    def _decode(self, raw: bytes) -> Any:
+        try:
+            return self._decoder.decode(raw)
+        except msgspec.DecodeError:
+            return None
+
+    def _dispatch(self, msg: Any) -> None:
+        if type(msg) is not list or not msg or msg[0] not in (REQUEST, RESPONSE, NOTIFICATION):
+            self.errors += 1  # not a message: refused (the spec's invalid request)
+            return
+        kind = msg[0]
+        if kind == RESPONSE and len(msg) == 4:
+            waiting = self._pending.get(msg[1]) if type(msg[1]) is int else None
+            if waiting is None:
+                self.errors += 1
+                return
+            if msg[2] is not None:
+                waiting.error = _peer_error(msg[2])
+            else:
+                waiting.result = msg[3]
+            waiting.event.set()
+        elif kind == REQUEST and len(msg) == 4 and type(msg[1]) is int:
+            threading.Thread(
+                target=self._answer, args=(msg[1], msg[2], msg[3]), daemon=True
+            ).start()
+        elif kind == NOTIFICATION and len(msg) == 3:
+            threading.Thread(target=self._answer, args=(None, msg[1], msg[2]), daemon=True).start()
+        else:
+            self.errors += 1
+            if kind == REQUEST and len(msg) >= 2 and type(msg[1]) is int:
+                self._respond(
+                    msg[1], RemoteError("invalid request", RemoteError.INVALID_REQUEST), None
+                )
+
+    def _answer(self, msgid: int | None, method: Any, params: Any) -> None:
+        """Run the peer's request (or notification) through the service's allowlist."""
+        try:
+            if self._service is None:
+                raise RemoteError(
+                    f"no method {method!r}: this end serves nothing", RemoteError.METHOD_NOT_FOUND
+                )
+            entry = self._service.lookup(method)
+            if type(params) is not list:
+                raise RemoteError(f"{method}: params must be an array", RemoteError.INVALID_PARAMS)
+            try:
+                result = entry.run(params, None)
+            except RemoteError:
+                raise
+            except Exception as exc:
+                raise RemoteError(
+                    f"{method} raised {type(exc).__name__}: {exc}",
+                    RemoteError.SERVER_ERROR,
+                    {"type": type(exc).__name__},
+                ) from None
+            error = None
+        except RemoteError as err:
+            self.errors += 1
+            error, result = err, None
+        if msgid is not None:
+            self._respond(msgid, error, result)
+
+    def _respond(self, msgid: int, error: RemoteError | None, result: Any) -> None:
+        wire_error = None if error is None else error.message
+        try:
+            self._send([RESPONSE, msgid, wire_error, result])
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            self._send(
+                [RESPONSE, msgid, [RemoteError.INVALID_RESULT, f"cannot encode: {exc}"], None]
+            )
+        except BuzonError:
+            pass  # the peer is gone; the reader reports it
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End the session (a child process is waited for, then killed if it lingers)."""
+        self._closed = True
+        self._stream.close()
+        if self._reader is not threading.current_thread():
+            self._reader.join(5)
+
+    def __enter__(self) -> MsgpackRpcClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _peer_error(value: Any) -> RemoteError:
+    """A msgpack-rpc error value (Neovim: ``[type, message]``) as a RemoteError."""
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[1], str):
+        code = value[0] if isinstance(value[0], int) else RemoteError.SERVER_ERROR
+        return RemoteError(value[1], code, value)
+    return RemoteError(str(value), RemoteError.SERVER_ERROR, value)
+
+
+def connect_process(
+    argv: Sequence[str],
+    *,
+    wire: str = "msgpack-rpc",
+    handler: Service | object | None = None,
+    timeout: float | None = 60.0,
+) -> MsgpackRpcClient:
+    """Start ``argv`` and talk RPC over its stdin/stdout (``buzon.rpc.connect_process``)::
+
+        nv = buzon.rpc.connect_process(["nvim", "--headless", "--embed", "--clean", "-n"],
+                                       wire="msgpack-rpc", handler=svc)
+        nv.nvim_eval("1+1")      # 2
+        nv.close()               # closes its stdin; the child exits and is waited for
+
+    ``handler`` answers the child's own requests. ``timeout`` is every call's default
+    deadline (None: wait for ever).
+    """
+    if wire != "msgpack-rpc":
+        from ..errors import UnsupportedOperation
+
+        raise UnsupportedOperation(
+            f"connect_process: wire={wire!r}; this version speaks msgpack-rpc"
+        )
+    proc = subprocess.Popen(
+        list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    return MsgpackRpcClient(_ProcessStream(proc), handler, timeout)
+
+
+def connect_msgpack(
+    url: Any, handler: Service | object | None, timeout: float | None, **options: Any
+) -> MsgpackRpcClient:
+    """A msgpack-rpc session over a raw stream channel to ``url``."""
+    from ..sync import connect
+
+    ch = connect(url, timeout, raw=True, **options)
+    return MsgpackRpcClient(_ChannelStream(ch), handler, timeout)

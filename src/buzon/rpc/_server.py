@@ -1,0 +1,567 @@
+"""The RPC server: a :class:`buzon.Server` whose per-client handler runs calls.
+
+Per connection, one thread at a time reads; the reader runs the call it read itself,
+so a quick call costs no thread switch. When a call runs longer than a couple of
+milliseconds, a monitor thread gives the connection's reading role to another thread
+of that connection (an idle one, or a new one), so the calls behind a slow one are read
+and run meanwhile. Replies go out as calls finish, in any order, each naming its call
+id. A connection has at most ``max_in_flight`` threads; when all of them are busy,
+nobody reads, so the client's further calls wait in the socket (backpressure, not an
+unbounded queue).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from ..errors import (
+    ChannelClosed,
+    CodecError,
+    EndOfChannel,
+    MessageTooLarge,
+    RemoteError,
+    UnsupportedOperation,
+)
+from ..errors import Timeout as _Timeout
+from ..sync import Channel
+from ..sync import Server as ChannelServer
+from . import _wire as w
+from ._context import _CURRENT, _DEADLINE, CallContext
+from ._service import Method, Service, as_service
+
+__all__ = ["CompletionTable", "Server", "serve"]
+
+WIRES = ("buzon",)
+SEMANTICS = ("at_most_once", "at_least_once", "exactly_once")
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger("buzon.rpc")
+
+
+def _check(wire: str, semantics: str, name: str | None) -> None:
+    if wire not in WIRES:
+        raise UnsupportedOperation(f"wire={wire!r}: this version speaks {', '.join(WIRES)}")
+    if semantics not in SEMANTICS:
+        raise UnsupportedOperation(
+            f"semantics={semantics!r}: this version offers {', '.join(SEMANTICS)}"
+        )
+    if name is not None:
+        raise UnsupportedOperation("serve(name=...): binding by name is not available yet")
+
+
+def _once_key(value: Any) -> tuple[bytes, int, int]:
+    """An exactly-once request's ``[client id, sequence number, acknowledged]``."""
+    if (
+        type(value) is list
+        and len(value) == 3
+        and type(value[0]) is bytes
+        and 0 < len(value[0]) <= 64
+        and type(value[1]) is int
+        and type(value[2]) is int
+        and 0 <= value[2] <= value[1]
+    ):
+        return value[0], value[1], value[2]
+    raise RemoteError("a malformed exactly-once key", RemoteError.INVALID_REQUEST)
+
+
+class _Entry:
+    __slots__ = ("digest", "done", "reply", "since")
+
+    def __init__(self, digest: bytes) -> None:
+        self.digest = digest
+        self.done = False
+        self.reply: list[Any] | None = None
+        self.since = time.monotonic()
+
+
+class CompletionTable:
+    """The exactly-once memory of a server: ``(client id, sequence number)`` ->
+    in progress, or completed with its reply.
+
+    A request whose key is new runs and its reply is recorded; a retry of a completed
+    key gets the recorded reply without running anything again; a retry of a key still
+    in progress waits for it; the same key with other arguments is refused
+    (``INVALID_REQUEST``). Entries are collected when the client acknowledges them
+    (each request says below which sequence number the client has every reply) or when
+    ``lease`` seconds pass without that.
+    """
+
+    def __init__(self, lease: float = 600.0) -> None:
+        self.lease = lease
+        self._clients: dict[bytes, dict[int, _Entry]] = {}
+        self._cv = threading.Condition(threading.Lock())
+        self._last_sweep = 0.0
+        self.replayed = 0  # replies sent from the table, without running the call
+
+    def __len__(self) -> int:
+        with self._cv:
+            return sum(len(c) for c in self._clients.values())
+
+    def run(
+        self,
+        key: tuple[bytes, int, int],
+        body: list[Any],
+        call: Callable[[], list[Any]],
+        at: float | None = None,
+    ) -> list[Any]:
+        """Run ``call`` once for ``key``; a retry gets the recorded reply (waiting for
+        the first attempt until the deadline ``at``, a ``time.monotonic()`` value)."""
+        client, seq, acked = key
+        digest = hashlib.blake2b(msgspec.msgpack.encode(body[1:4]), digest_size=16).digest()
+        with self._cv:
+            entries = self._clients.setdefault(client, {})
+            for old in [s for s in entries if s < acked]:
+                del entries[old]  # the client has these replies: forget them
+            entry = entries.get(seq)
+            if entry is None:
+                entry = entries[seq] = _Entry(digest)
+                self._collect_expired()
+            else:
+                if entry.digest != digest:
+                    raise RemoteError(
+                        f"exactly-once call {seq} of this client was made with other "
+                        "arguments: refused",
+                        RemoteError.INVALID_REQUEST,
+                    )
+                while not entry.done:  # a retry while the first attempt still runs
+                    left = None if at is None else at - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise RemoteError(
+                            f"exactly-once call {seq}: its first attempt still runs",
+                            RemoteError.DEADLINE_EXCEEDED,
+                        )
+                    self._cv.wait(left)
+                self.replayed += 1
+                assert entry.reply is not None
+                return entry.reply
+        try:
+            reply: list[Any] = call()
+        except RemoteError as err:
+            reply = w.error_body(err)
+        with self._cv:
+            entry.reply = reply
+            entry.done = True
+            self._cv.notify_all()
+        return reply
+
+    def _collect_expired(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for client, entries in list(self._clients.items()):
+            for seq in [s for s, e in entries.items() if e.done and now - e.since > self.lease]:
+                del entries[seq]
+            if not entries:
+                del self._clients[client]
+
+
+class _Monitor:
+    """Hands a connection's reading role on when its reader is busy in a slow call.
+
+    A connection's reader runs each call itself, inline: no thread switch for a call
+    that is quick, which most are. While a call runs, this thread (one per server
+    process) looks every ``PROMOTE`` seconds; a call running longer than that has its
+    connection's reading role given to another thread of the connection (an idle one,
+    or a new one up to ``max_in_flight``), so the calls behind it are read and run
+    meanwhile. It sleeps when no call has run for ``IDLE`` seconds; the first call
+    after that wakes it (one ``Event.set``), the next ones cost nothing.
+    """
+
+    PROMOTE = 0.002
+    IDLE = 0.05
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.wake = threading.Event()
+        self.stopped = False
+        self.pid = os.getpid()
+        threading.Thread(target=self._run, name="buzon-rpc-monitor", daemon=True).start()
+
+    def busy(self) -> None:
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        connections = self.server._connections
+        while not self.stopped:
+            self.wake.wait()
+            time.sleep(self.PROMOTE)
+            now = time.monotonic()
+            for conn in list(connections):
+                since = conn.inline_since
+                if since is not None:
+                    last = now
+                    if now - since >= self.PROMOTE:
+                        conn.promote()
+            if now - last > self.IDLE:
+                self.wake.clear()
+                if any(c.inline_since is not None for c in list(connections)):
+                    self.wake.set()  # a call started as we were about to sleep
+
+
+class _Connection:
+    """One client connection: reads requests, runs them, writes replies.
+
+    Exactly one thread of the connection reads at a time (``reader``); it runs the
+    call it read itself, and reads on afterwards unless :class:`_Monitor` gave the
+    role to another thread meanwhile (then it waits to be given it back, or for the
+    end). Threads are started only when a slow call needs one: at most
+    ``max_in_flight`` calls of a connection run at once, and then nobody reads.
+    """
+
+    def __init__(self, server: Server, ch: Channel, monitor: _Monitor) -> None:
+        self.server = server
+        self.ch = ch
+        self.service = server.service
+        self.peer = ch.peer
+        self.monitor = monitor
+        self.cv = threading.Condition(threading.Lock())
+        self.reader: threading.Thread | None = None  # who has the reading role
+        self.idle = 0  # threads waiting for the role
+        self.threads = 0  # threads started for this connection (the handler's not counted)
+        self.inline_since: float | None = None  # the reader's call started then
+        self.running: dict[int, CallContext] = {}  # calls in flight, by call id
+        self.done = False
+
+    def run(self) -> None:
+        """The connection's handler thread: serve until the client leaves, then wait
+        for the connection's other threads."""
+        try:
+            self._serve()
+        finally:
+            self._end()
+            with self.cv:
+                self.cv.notify_all()
+                while self.threads > 0:
+                    self.cv.wait()
+
+    def _work_thread(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self.cv:
+                self.threads -= 1
+                self.cv.notify_all()
+
+    def _serve(self) -> None:
+        me = threading.current_thread()
+        cv = self.cv
+        while True:
+            if self.reader is not me:
+                with cv:
+                    while self.reader is not None and self.reader is not me and not self.done:
+                        self.idle += 1
+                        try:
+                            cv.wait()
+                        finally:
+                            self.idle -= 1
+                    if self.done:
+                        return
+                    self.reader = me
+            request = self._next()
+            if request is None:
+                return
+            self.inline_since = time.monotonic()
+            self.monitor.busy()
+            try:
+                self._handle(*request)
+            finally:
+                self.inline_since = None
+
+    def promote(self) -> None:
+        """The reader has been in one call too long: let another thread read."""
+        with self.cv:
+            if self.inline_since is None or self.done or self.reader is None:
+                return
+            if self.idle:
+                self.reader = None
+                self.cv.notify()
+            elif self.threads + 1 < self.server.max_in_flight:
+                self.reader = None
+                self.threads += 1
+                threading.Thread(
+                    target=self._work_thread, name="buzon-rpc-call", daemon=True
+                ).start()
+            self.inline_since = None  # once per call
+
+    def _next(self) -> tuple[Any, dict[int, bytes] | None] | None:
+        """Read until a request or notify arrives (cancels are applied on the way);
+        None when the connection is over."""
+        while not self.done:
+            try:
+                body, fields = self.ch._recv_fields(None)
+            except _Timeout:
+                continue  # an idle_timeout on the channel: keep serving
+            except (EndOfChannel, ChannelClosed):
+                self._end()
+                return None
+            except CodecError:
+                self.server.errors += 1  # undecodable: refused, the connection goes on
+                continue
+            if type(body) is list and body and body[0] == w.CANCEL:
+                self._cancel(fields)
+                continue
+            return body, fields
+        return None
+
+    def _end(self) -> None:
+        self.done = True
+        for ctx in list(self.running.values()):
+            ctx.cancel()  # the caller is gone: its calls are cancelled
+        with self.cv:
+            self.cv.notify_all()  # threads waiting for the reading role: it is over
+
+    def _cancel(self, fields: dict[int, bytes] | None) -> None:
+        call_id = w.read_id(fields, w.CORRELATION)
+        ctx = self.running.get(call_id) if call_id is not None else None
+        if ctx is not None:
+            ctx.cancel()
+
+    def _handle(self, body: Any, fields: dict[int, bytes] | None) -> None:
+        server = self.server
+        call_id = w.read_id(fields, w.MESSAGE_ID)
+        try:
+            if (
+                type(body) is not list
+                or len(body) not in (3, 4, 5)
+                or body[0]
+                not in (
+                    w.REQUEST,
+                    w.NOTIFY,
+                )
+            ):
+                raise RemoteError("not an RPC request", RemoteError.INVALID_REQUEST)
+            kind, name, args = body[0], body[1], body[2]
+            kwargs = body[3] if len(body) >= 4 else None
+            key = _once_key(body[4]) if len(body) == 5 and kind == w.REQUEST else None
+            if kind == w.REQUEST and call_id is None:
+                raise RemoteError("a request without a call id", RemoteError.INVALID_REQUEST)
+            if kind == w.NOTIFY:
+                call_id = None
+            method = self.service.lookup(name)  # the allowlist: nothing runs before it
+            if type(args) is not list or (kwargs is not None and type(kwargs) is not dict):
+                raise RemoteError(
+                    f"{name}: arguments are a list (and keywords a map)", RemoteError.INVALID_PARAMS
+                )
+            budget = w.read_ms(fields)
+            at = None if budget is None else time.monotonic() + budget
+            if key is None:
+                reply = self._run(method, args, kwargs, call_id, at)
+            else:
+                reply = server.table.run(
+                    key, body, lambda: self._run(method, args, kwargs, call_id, at), at
+                )
+        except RemoteError as err:
+            server.errors += 1
+            reply = w.error_body(err)
+        if call_id is not None:
+            self._reply(call_id, reply)
+
+    def _run(
+        self,
+        method: Method,
+        args: list[Any],
+        kwargs: dict[str, Any] | None,
+        call_id: int | None,
+        at: float | None,
+    ) -> list[Any]:
+        ctx = CallContext(method.name, call_id, at, self.peer)
+        if at is not None and time.monotonic() >= at:
+            raise RemoteError(
+                f"{method.name}: the deadline passed before the call started",
+                RemoteError.DEADLINE_EXCEEDED,
+            )
+        key = call_id if call_id is not None else -id(ctx)  # notifies count as in flight
+        running = self.running
+        running[key] = ctx  # one dict operation: atomic, no lock needed
+        # this thread's context: the handler (and the calls it makes) see ctx and its
+        # deadline; reset after, so nothing leaks into the next call of this thread
+        current = _CURRENT.set(ctx)
+        budget = _DEADLINE.set(at)
+        try:
+            return [w.REPLY, None, method.run(args, kwargs)]
+        except RemoteError:
+            raise
+        except Exception as exc:  # the handler's own failure: reported, never its traceback
+            raise RemoteError(
+                f"{method.name} raised {type(exc).__name__}: {exc}",
+                RemoteError.SERVER_ERROR,
+                {"type": type(exc).__name__},
+            ) from None
+        finally:
+            _DEADLINE.reset(budget)
+            _CURRENT.reset(current)
+            del running[key]
+
+    def _reply(self, call_id: int, reply: list[Any]) -> None:
+        server = self.server
+        try:
+            w.send(self.ch, reply, w.CORRELATION, call_id, None, server.reply_timeout)
+            server.calls += 1  # under the GIL; a lost increment only blurs a statistic
+            return
+        except (CodecError, TypeError, ValueError, OverflowError, MessageTooLarge) as exc:
+            # the result cannot go on the wire: say so instead of dropping the connection
+            err = RemoteError(f"the result cannot be encoded: {exc}", RemoteError.INVALID_RESULT)
+        except (EndOfChannel, ChannelClosed, _Timeout):
+            return  # the client is gone, or not reading: the read side sees the end
+        server.errors += 1
+        try:
+            w.send(self.ch, w.error_body(err), w.CORRELATION, call_id, None, server.reply_timeout)
+        except Exception:  # pragma: no cover - the client is gone meanwhile
+            pass
+
+
+class Server:
+    """An RPC server object (``buzon.rpc.Server``), like :class:`buzon.Server`::
+
+        srv = buzon.rpc.Server("unix:calc", svc)
+        threading.Thread(target=srv.serve_forever).start()
+        ...
+        srv.shutdown()
+
+    ``service`` is a :class:`Service` or an object whose methods carry
+    ``@buzon.rpc.expose``. ``mode``: ``"thread"`` (a thread per client; a client's
+    calls run inline, and concurrently on up to ``max_in_flight`` threads when some
+    are slow) or ``"process"`` (a forked process per client). ``wire``: ``"buzon"``.
+    ``semantics`` is the client's choice (see :func:`connect`); whatever it says here,
+    the server keeps its
+    :class:`CompletionTable` (``table``) for the calls that ask for exactly-once.
+    ``options`` go to :func:`buzon.listen` (``max_clients``, ``grace`` to the server).
+
+    Counters: ``calls`` (replies sent), ``errors`` (error replies and refused
+    messages), ``in_flight`` (calls running now). With ``mode="process"`` they count
+    only what this process did (each client is served in a child).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        service: Service | object,
+        *,
+        mode: str = "thread",
+        wire: str = "buzon",
+        semantics: str = "at_most_once",
+        name: str | None = None,
+        max_in_flight: int = 64,
+        reply_timeout: float | None = 30.0,
+        **options: Any,
+    ) -> None:
+        if mode == "async":
+            raise UnsupportedOperation(
+                "mode='async': use buzon.aio.rpc.Server (or buzon.rpc.serve(..., mode='async'))"
+            )
+        _check(wire, semantics, name)
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.service = as_service(service)
+        self.wire = wire
+        self.semantics = semantics
+        self.max_in_flight = max_in_flight
+        self.reply_timeout = reply_timeout
+        self.calls = 0
+        self.errors = 0
+        self._connections: set[_Connection] = set()
+        self._monitor_lock = threading.Lock()
+        self._monitor_obj: _Monitor | None = None
+        self.table = CompletionTable()
+        self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls (and notifies) running now, over all connections of this process."""
+        return sum(len(c.running) for c in list(self._connections))
+
+    @property
+    def address(self) -> Any:
+        """The bound address (a TCP port 0 is resolved)."""
+        return self._server.address
+
+    def _monitor(self) -> _Monitor:
+        with self._monitor_lock:
+            monitor = self._monitor_obj
+            if monitor is None or monitor.pid != os.getpid():  # a forked child: its own
+                monitor = self._monitor_obj = _Monitor(self)
+            return monitor
+
+    def _serve_client(self, ch: Channel) -> None:
+        conn = _Connection(self, ch, self._monitor())
+        self._connections.add(conn)
+        try:
+            conn.run()
+        finally:
+            self._connections.discard(conn)
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown`."""
+        try:
+            self._server.serve_forever()
+        finally:
+            if self._monitor_obj is not None:
+                self._monitor_obj.stop()
+
+    def shutdown(self) -> None:
+        """Stop serving (safe from any thread or a signal handler)."""
+        self._server.shutdown()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"<buzon.rpc.Server {self.service.name} at {self.address}>"
+
+
+def serve(
+    url: str,
+    service: Service | object,
+    *,
+    mode: str = "thread",
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
+    name: str | None = None,
+    **options: Any,
+) -> None:
+    """Serve ``service`` at ``url`` until SIGINT/SIGTERM (``buzon.rpc.serve``).
+
+    The arguments are :class:`Server`'s; for control from code use that class.
+    ``mode="async"`` serves with :class:`buzon.aio.rpc.Server` on a fresh event loop
+    (coroutine handlers are awaited, each call in a task of its own).
+    """
+    if mode == "async":
+        import asyncio
+
+        from ..aio import rpc as aio_rpc
+
+        asyncio.run(
+            aio_rpc.serve(url, service, wire=wire, semantics=semantics, name=name, **options)
+        )
+        return
+    server = Server(url, service, mode=mode, wire=wire, semantics=semantics, name=name, **options)
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: server.shutdown())
+    try:
+        server.serve_forever()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
