@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,17 @@ class Listener:
         self.seen.append(value)
         return value * 2
 
+    @rpc.expose
+    def unencodable(self) -> Any:
+        return object()
+
+    @rpc.expose
+    def fails(self) -> None:
+        raise ValueError("listener broke")
+
+    def secret(self) -> None:  # not exposed: the server must not reach it
+        RAN.append("listener secret")
+
 
 class Registry:
     def __init__(self) -> None:
@@ -109,6 +121,18 @@ class Registry:
     def call_me_nested(self, listener: Any) -> int:
         """A callback that calls the server again from inside the callback."""
         return int(listener.notice(5))
+
+    @rpc.expose
+    def probe(self, listener: Any, name: str) -> list[Any]:
+        """Call ``name`` on the client's object; the error it gets, as [code, message]."""
+        try:
+            return ["ok", listener._peer._call_ref(listener._rid, name, (), {})]
+        except RemoteError as err:
+            return [err.code, err.message]
+
+    @rpc.expose
+    def keep(self, listener: Any) -> None:
+        self.received.append(listener)
 
     @rpc.expose
     def plain(self, a: int) -> int:
@@ -226,9 +250,16 @@ def test_a_reference_sent_again_while_its_proxy_lives_is_counted(server: Any) ->
 def test_release_on_disconnect(server: Any) -> None:
     c = rpc.connect(server.address, timeout=10)
     held = [c.make(i) for i in range(3)]
+    c.keep(Listener())  # the server holds a proxy of the client's object too
     assert server.references == 3
+    alive = [weakref.ref(obj) for obj in server.registry.made]
+    server.registry.made.clear()  # only the export table keeps them now
     c.close()
     assert until(lambda: server.references == 0), server.references
+    gc.collect()
+    assert until(lambda: all(r() is None for r in alive))  # the objects are freed
+    # the connection's release thread ended with it
+    assert until(lambda: not any(t.name == "buzon-rpc-release" for t in threading.enumerate()))
     assert len(held) == 3
 
 
@@ -327,3 +358,18 @@ def test_malformed_targets_and_references_on_the_wire_are_refused(server: Any) -
     finally:
         ch.close()
     assert until(lambda: server.references == 0)
+
+
+def test_the_client_serves_only_its_objects_exposed_methods(server: Any) -> None:
+    RAN.clear()
+    listener = Listener()
+    with rpc.connect(server.address, timeout=10) as c:
+        for name in ("secret", "__class__", "__init__", "seen", "notice.__globals__", "_x"):
+            code, _ = c.probe(listener, name)
+            assert code == RemoteError.METHOD_NOT_FOUND, name
+        code, message = c.probe(listener, "unencodable")
+        assert code == RemoteError.INVALID_RESULT, message
+        code, message = c.probe(listener, "fails")
+        assert code == RemoteError.SERVER_ERROR and "listener broke" in message
+        assert c.probe(listener, "notice")[0] == RemoteError.INVALID_PARAMS  # no argument
+        assert RAN == []

@@ -300,17 +300,23 @@ class _Connection(RefPeer):
             request = self._next()
             if request is None:
                 return
-            self.inline_since = time.monotonic()
+            self.inline_since = started = time.monotonic()
             self.monitor.busy()
             try:
                 self._handle(*request)
             finally:
-                self.inline_since = None
+                if self.inline_since is started:  # not the next reader's call's
+                    self.inline_since = None
 
-    def promote(self) -> None:
-        """The reader has been in one call too long: let another thread read."""
+    def promote(self, me: threading.Thread | None = None) -> None:
+        """The reader has been in one call too long: let another thread read.
+        ``me``: the calling thread is the reader and must hand the role on now (it
+        waits for a reply that another thread must read: a call back to the client)."""
         with self.cv:
-            if self.inline_since is None or self.done or self.reader is None:
+            if me is not None:
+                if self.reader is not me or self.done:
+                    return
+            elif self.inline_since is None or self.done or self.reader is None:
                 return
             if self.idle:
                 self.reader = None
@@ -467,8 +473,7 @@ class _Connection(RefPeer):
         try:
             left = None if at is None else max(0.0, at - time.monotonic())
             w.send(self.ch, body, w.MESSAGE_ID, call_id, left, left)
-            if self.reader is threading.current_thread():
-                self.promote()  # someone else must read the reply: hand the role on
+            self.promote(threading.current_thread())  # another thread must read the reply
             if not cb.event.wait(None if at is None else max(0.0, at - time.monotonic())):
                 raise DeadlineExceeded(f"{name}: the client's object did not answer in time")
         finally:
