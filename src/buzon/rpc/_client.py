@@ -45,7 +45,7 @@ from ..sync import connect as _connect
 from . import _wire as w
 from ._context import _DEADLINE
 from ._msgpack import MsgpackRpcClient, connect_msgpack
-from ._remote import RELEASE, RefPeer
+from ._remote import _PLAIN, RELEASE, RefPeer
 from ._server import _check
 from ._service import _schema
 
@@ -248,12 +248,17 @@ class Client(RefPeer):
             self._wait_for_slot(method, at)
         call_id = next(self._ids)
         out = self._out
+        wargs = list(args)
+        for a in args:  # inline: plain arguments (the common case) cost no call
+            if type(a) not in _PLAIN:
+                wargs = out(wargs)  # remote objects and proxies -> references
+                break
         if target is None:
             p = _Pending(call_id, method, at, self._rtypes.get(method, Any))
-            body: list[Any] = [w.REQUEST, method, [out(a) for a in args]]
+            body: list[Any] = [w.REQUEST, method, wargs]
         else:  # a method of a remote object
             p = _Pending(call_id, method, at, Any)
-            body = [w.REQUEST, [target, method], [out(a) for a in args]]
+            body = [w.REQUEST, [target, method], wargs]
         pending[call_id] = p
         if kwargs or key is not None:
             body.append(out(kwargs) if kwargs else None)
@@ -557,13 +562,13 @@ class Client(RefPeer):
             return
         except BuzonError:  # an undecodable message: not a reply to anything we know
             return
-        if type(body) is list and body and body[0] != w.REPLY:
-            self._incoming(body, fields)
-            return
         call_id = w.read_id(fields, w.CORRELATION)
         p = self._pending.get(call_id) if call_id is not None else None
         if p is None:
-            self.late += 1
+            if type(body) is list and body and body[0] != w.REPLY:
+                self._incoming(body, fields)  # the server's call to our object, a release
+            else:
+                self.late += 1
             return
         if type(body) is not list or len(body) != 3 or body[0] != w.REPLY:
             self._settle(p, RemoteError("malformed reply", RemoteError.INTERNAL_ERROR))
@@ -571,7 +576,9 @@ class Client(RefPeer):
             self._settle(p, w.error_from(body[1]))
         else:
             try:
-                result = self._in(body[2])  # references -> proxies (or our own objects)
+                result = body[2]
+                if type(result) not in _PLAIN:
+                    result = self._in(result)  # references -> proxies (or our own objects)
             except RemoteError as err:
                 self._settle(p, err)
                 return

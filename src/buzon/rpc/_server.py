@@ -37,7 +37,7 @@ from ..sync import Channel
 from ..sync import Server as ChannelServer
 from . import _wire as w
 from ._context import _CURRENT, _DEADLINE, CallContext
-from ._remote import RELEASE, RefPeer
+from ._remote import _PLAIN, RELEASE, RefPeer
 from ._service import Method, Service, as_service
 
 __all__ = ["CompletionTable", "Server", "serve"]
@@ -343,7 +343,7 @@ class _Connection(RefPeer):
             except CodecError:
                 self.server.errors += 1  # undecodable: refused, the connection goes on
                 continue
-            if type(body) is list and body:
+            if type(body) is list and body and body[0] != w.REQUEST:
                 kind = body[0]
                 if kind == w.CANCEL:
                     self._cancel(fields)
@@ -402,7 +402,10 @@ class _Connection(RefPeer):
                 raise RemoteError(
                     f"{name}: arguments are a list (and keywords a map)", RemoteError.INVALID_PARAMS
                 )
-            args = self._in(args)  # references -> proxies, or this server's own objects
+            for a in args:  # inline: plain arguments (the common case) cost no call
+                if type(a) not in _PLAIN:
+                    args = self._in(args)  # references -> proxies, or our own objects
+                    break
             if kwargs:
                 kwargs = self._in(kwargs)
             budget = w.read_ms(fields)
@@ -441,7 +444,10 @@ class _Connection(RefPeer):
         current = _CURRENT.set(ctx)
         budget = _DEADLINE.set(at)
         try:
-            return [w.REPLY, None, self._out(method.run(args, kwargs))]
+            result = method.run(args, kwargs)
+            if type(result) not in _PLAIN:
+                result = self._out(result)  # remote objects -> references
+            return [w.REPLY, None, result]
         except RemoteError:
             raise
         except Exception as exc:  # the handler's own failure: reported, never its traceback
