@@ -373,3 +373,26 @@ def test_the_client_serves_only_its_objects_exposed_methods(server: Any) -> None
         assert code == RemoteError.SERVER_ERROR and "listener broke" in message
         assert c.probe(listener, "notice")[0] == RemoteError.INVALID_PARAMS  # no argument
         assert RAN == []
+
+
+@pytest.mark.parametrize(
+    ("url", "mode"),
+    [
+        ("tcp://127.0.0.1:0", "thread"),
+        ("seqpacket:rmi", "thread"),
+        ("shm:rmi", "thread"),
+        ("unix:rmiproc", "process"),
+    ],
+)
+def test_references_and_callbacks_on_other_transports_and_modes(url: str, mode: str) -> None:
+    with (
+        serving(url, Registry(), mode=mode) as srv,
+        rpc.connect(srv.address, timeout=10) as c,
+    ):
+        a = c.make(1)
+        assert a.incr() == 2
+        assert c.is_mine(a, 0) is True
+        assert a.child().incr() == 21
+        listener = Listener()
+        assert c.call_me(listener, 3) == 6
+        assert listener.seen == [0, 1, 2]
