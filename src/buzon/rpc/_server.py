@@ -588,7 +588,9 @@ class Server:
     @property
     def references(self) -> int:
         """Objects of this process that clients hold references to now (remote
-        objects): it goes back to 0 as clients drop their proxies or disconnect."""
+        objects): it goes back to 0 as clients drop their proxies or disconnect.
+        With ``mode="process"`` it counts only this process's clients (none: each
+        client is served in a child)."""
         return sum(len(c._exports) for c in list(self._connections))
 
     @property
