@@ -53,6 +53,7 @@ CodecName = Literal["msgpack", "json", "pickle"]
 OOB_THRESHOLD = 1024
 _EXT_NDARRAY = 1  # body: msgpack [dtype.str, shape, buffer index]
 _EXT_BUFFER = 2  # body: msgpack buffer index; decodes to bytes
+_EXT_REF = 3  # body: msgpack [owner, id]; a buzon.rpc object reference, decoded as an Ext
 _MAX_BUFS = 255
 
 
@@ -220,6 +221,8 @@ class Codec:
         raise CodecError(f"unknown codec id {codec}")
 
     def _ext_hook(self, code: int, data: memoryview) -> Any:
+        if code == _EXT_REF:  # resolved by buzon.rpc (remote objects), not here
+            return msgspec.msgpack.Ext(code, bytes(data))
         meta = msgspec.msgpack.decode(data)
         if code == _EXT_BUFFER:
             return bytes(self._buffer(meta))

@@ -18,6 +18,10 @@ a proxy from :func:`connect` (the client stub), typed by a ``typing.Protocol``::
     calc = buzon.rpc.connect("unix:calc", Calc)
     calc.add(1, 2)                                    # 3, checked by mypy
 
+Remote objects: instances of a class marked ``@buzon.rpc.remote`` go by reference
+(the other end gets a :class:`RemoteObject` proxy, and a proxy given back arrives as
+the original object).
+
 Marshalling is the channel's codec (msgpack); call ids, correlation and deadlines are
 frame header fields. See ``docs/rpc.md``.
 """
@@ -28,6 +32,7 @@ from ..errors import DeadlineExceeded, RemoteError
 from ._client import Call, Client, close, connect
 from ._context import CallContext, context, deadline
 from ._msgpack import MsgpackRpcClient, connect_process
+from ._remote import RemoteObject, remote
 from ._server import Server, serve
 from ._service import Method, Service, expose
 
@@ -39,6 +44,7 @@ __all__ = [
     "Method",
     "MsgpackRpcClient",
     "RemoteError",
+    "RemoteObject",
     "Server",
     "Service",
     "close",
@@ -47,5 +53,6 @@ __all__ = [
     "context",
     "deadline",
     "expose",
+    "remote",
     "serve",
 ]

@@ -30,9 +30,11 @@ from ..address import Address
 from ..errors import (
     BuzonError,
     ChannelClosed,
+    CodecError,
     ConnectError,
     DeadlineExceeded,
     EndOfChannel,
+    MessageTooLarge,
     ProtocolError,
     RemoteError,
     ValidationError,
@@ -43,7 +45,9 @@ from ..sync import connect as _connect
 from . import _wire as w
 from ._context import _DEADLINE
 from ._msgpack import MsgpackRpcClient, connect_msgpack
+from ._remote import _PLAIN, RELEASE, RefPeer
 from ._server import _check
+from ._service import _schema
 
 __all__ = ["Call", "Client", "close", "connect"]
 
@@ -137,11 +141,11 @@ def _return_types(proto: Any) -> dict[str, Any]:
                 hint = typing.get_type_hints(value).get("return", Any)
             except Exception as exc:
                 raise TypeError(f"{proto.__name__}.{name}: hints do not resolve: {exc}") from exc
-            types[name] = None if hint is type(None) else hint
+            types[name] = None if hint is type(None) else _schema(hint)
     return types
 
 
-class Client:
+class Client(RefPeer):
     """A connection to an RPC server (``buzon.rpc.connect``). Thread-safe.
 
     ``client.add(1, 2)`` or ``client.call("add", 1, 2)`` call and wait;
@@ -152,6 +156,12 @@ class Client:
     the connection is lost with the call in flight (``at_most_once``: the call may or
     may not have run). A method named like one of the client's own
     (``call``, ``close``...) is called with ``call("close")``.
+
+    Remote objects: a result marked ``@buzon.rpc.remote`` arrives as a
+    :class:`~buzon.rpc.RemoteObject` proxy; such a proxy (or this client's own remote
+    objects, for callbacks) can be passed as an argument. While a thread waits for a
+    reply, the server's calls to this client's objects are read and run (each in a
+    thread of its own).
     """
 
     def __init__(
@@ -191,6 +201,7 @@ class Client:
         self._open_seqs: set[int] = set()
         self.retries = 0  # attempts made again after a lost connection
         self._closing = False
+        self._ref_init()
 
     # -- the proxy ----------------------------------------------------------------
 
@@ -226,6 +237,7 @@ class Client:
         kwargs: dict[str, Any],
         at: float | None = None,
         key: list[Any] | None = None,
+        target: int | None = None,
     ) -> _Pending:
         if self._broken is not None:
             raise self._broken
@@ -235,11 +247,21 @@ class Client:
         if len(pending) >= self._max_in_flight:
             self._wait_for_slot(method, at)
         call_id = next(self._ids)
-        p = _Pending(call_id, method, at, self._rtypes.get(method, Any))
+        out = self._out
+        wargs = list(args)
+        for a in args:  # inline: plain arguments (the common case) cost no call
+            if type(a) not in _PLAIN:
+                wargs = out(wargs)  # remote objects and proxies -> references
+                break
+        if target is None:
+            p = _Pending(call_id, method, at, self._rtypes.get(method, Any))
+            body: list[Any] = [w.REQUEST, method, wargs]
+        else:  # a method of a remote object
+            p = _Pending(call_id, method, at, Any)
+            body = [w.REQUEST, [target, method], wargs]
         pending[call_id] = p
-        body: list[Any] = [w.REQUEST, method, list(args)]
         if kwargs or key is not None:
-            body.append(kwargs or None)
+            body.append(out(kwargs) if kwargs else None)
         if key is not None:
             body.append(key)
         try:
@@ -284,6 +306,77 @@ class Client:
         if p.error is not None:
             raise p.error
         return p.result
+
+    def _call_ref(self, rid: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Call method ``name`` of the server's object ``rid`` (a :class:`RemoteObject`
+        proxy's call): at most once, whatever the client's ``semantics`` (a reference
+        belongs to one connection)."""
+        p = self._start(name, args, kwargs, target=rid)
+        try:
+            if not p.done:
+                self._wait(p, None)
+        except BaseException:
+            self._abandon(p, "the caller was interrupted")
+            raise
+        if p.error is not None:
+            raise p.error
+        return p.result
+
+    def _send_release(self, pairs: list[list[int]]) -> None:
+        self._ch.send([RELEASE, pairs], 5.0)
+
+    def _incoming(self, body: list[Any], fields: dict[int, bytes] | None) -> None:
+        """A message from the server that is not a reply: a release of this client's
+        objects, or a call to one of them (run in a thread of its own, so that it may
+        call the server in turn)."""
+        kind = body[0]
+        if kind == RELEASE and len(body) == 2:
+            self._exports.release(body[1])
+        elif kind == w.REQUEST:
+            call_id = w.read_id(fields, w.MESSAGE_ID)
+            if call_id is not None:
+                threading.Thread(
+                    target=self._answer,
+                    args=(call_id, body),
+                    name="buzon-rpc-callback",
+                    daemon=True,
+                ).start()
+
+    def _answer(self, call_id: int, body: list[Any]) -> None:
+        """Run the server's call of one of this client's remote objects, and reply."""
+        try:
+            if len(body) not in (3, 4) or type(body[2]) is not list:
+                raise RemoteError("not an RPC request", RemoteError.INVALID_REQUEST)
+            method = self._exports.method(body[1])  # the allowlist: nothing runs before it
+            kwargs = body[3] if len(body) == 4 else None
+            if kwargs is not None and type(kwargs) is not dict:
+                raise RemoteError("keywords are a map", RemoteError.INVALID_PARAMS)
+            args = self._in(body[2])
+            if kwargs:
+                kwargs = self._in(kwargs)
+            try:
+                reply: list[Any] = [w.REPLY, None, self._out(method.run(args, kwargs))]
+            except RemoteError:
+                raise
+            except Exception as exc:
+                raise RemoteError(
+                    f"{method.name} raised {type(exc).__name__}: {exc}",
+                    RemoteError.SERVER_ERROR,
+                    {"type": type(exc).__name__},
+                ) from None
+        except RemoteError as err:
+            reply = w.error_body(err)
+        try:
+            w.send(self._ch, reply, w.CORRELATION, call_id, None, 5.0)
+            return
+        except (CodecError, MessageTooLarge, TypeError, ValueError, OverflowError) as exc:
+            bad = RemoteError(f"the result cannot be encoded: {exc}", RemoteError.INVALID_RESULT)
+        except BuzonError:
+            return  # the connection is gone
+        try:
+            w.send(self._ch, w.error_body(bad), w.CORRELATION, call_id, None, 5.0)
+        except BuzonError:
+            pass
 
     def _call_again_and_again(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -472,14 +565,23 @@ class Client:
         call_id = w.read_id(fields, w.CORRELATION)
         p = self._pending.get(call_id) if call_id is not None else None
         if p is None:
-            self.late += 1
+            if type(body) is list and body and body[0] != w.REPLY:
+                self._incoming(body, fields)  # the server's call to our object, a release
+            else:
+                self.late += 1
             return
         if type(body) is not list or len(body) != 3 or body[0] != w.REPLY:
             self._settle(p, RemoteError("malformed reply", RemoteError.INTERNAL_ERROR))
         elif body[1] is not None:
             self._settle(p, w.error_from(body[1]))
         else:
-            result = body[2]
+            try:
+                result = body[2]
+                if type(result) not in _PLAIN:
+                    result = self._in(result)  # references -> proxies (or our own objects)
+            except RemoteError as err:
+                self._settle(p, err)
+                return
             rtype = p.rtype
             if rtype is not Any:
                 try:
@@ -577,6 +679,7 @@ class Client:
     def close(self) -> None:
         """Close the connection; calls in flight fail with ``ChannelClosed``."""
         self._closing = True
+        self._ref_close()
         if self._broken is None:
             self._lost(ChannelClosed("closed"))
         self._ch.close()

@@ -13,6 +13,7 @@ unbounded queue).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ import msgspec
 from ..errors import (
     ChannelClosed,
     CodecError,
+    DeadlineExceeded,
     EndOfChannel,
     MessageTooLarge,
     RemoteError,
@@ -35,6 +37,7 @@ from ..sync import Channel
 from ..sync import Server as ChannelServer
 from . import _wire as w
 from ._context import _CURRENT, _DEADLINE, CallContext
+from ._remote import _PLAIN, RELEASE, RefPeer
 from ._service import Method, Service, as_service
 
 __all__ = ["CompletionTable", "Server", "serve"]
@@ -216,8 +219,24 @@ class _Monitor:
                     self.wake.set()  # a call started as we were about to sleep
 
 
-class _Connection:
+class _Callback:
+    """A call this server makes on a client's remote object, waiting for its reply."""
+
+    __slots__ = ("error", "event", "result")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+        self.result: Any = None
+
+
+class _Connection(RefPeer):
     """One client connection: reads requests, runs them, writes replies.
+
+    It is also one end of the connection's remote objects (:class:`RefPeer`): the
+    server's objects the client holds references to, and proxies of the client's
+    objects, whose calls (callbacks) go out on this connection; their replies are read
+    by whichever thread has the reading role.
 
     Exactly one thread of the connection reads at a time (``reader``); it runs the
     call it read itself, and reads on afterwards unless :class:`_Monitor` gave the
@@ -239,6 +258,9 @@ class _Connection:
         self.inline_since: float | None = None  # the reader's call started then
         self.running: dict[int, CallContext] = {}  # calls in flight, by call id
         self.done = False
+        self._ref_init()
+        self._out_ids = itertools.count(1)
+        self._callbacks: dict[int, _Callback] = {}  # calls to the client's objects
 
     def run(self) -> None:
         """The connection's handler thread: serve until the client leaves, then wait
@@ -278,17 +300,23 @@ class _Connection:
             request = self._next()
             if request is None:
                 return
-            self.inline_since = time.monotonic()
+            self.inline_since = started = time.monotonic()
             self.monitor.busy()
             try:
                 self._handle(*request)
             finally:
-                self.inline_since = None
+                if self.inline_since is started:  # not the next reader's call's
+                    self.inline_since = None
 
-    def promote(self) -> None:
-        """The reader has been in one call too long: let another thread read."""
+    def promote(self, me: threading.Thread | None = None) -> None:
+        """The reader has been in one call too long: let another thread read.
+        ``me``: the calling thread is the reader and must hand the role on now (it
+        waits for a reply that another thread must read: a call back to the client)."""
         with self.cv:
-            if self.inline_since is None or self.done or self.reader is None:
+            if me is not None:
+                if self.reader is not me or self.done:
+                    return
+            elif self.inline_since is None or self.done or self.reader is None:
                 return
             if self.idle:
                 self.reader = None
@@ -315,14 +343,26 @@ class _Connection:
             except CodecError:
                 self.server.errors += 1  # undecodable: refused, the connection goes on
                 continue
-            if type(body) is list and body and body[0] == w.CANCEL:
-                self._cancel(fields)
-                continue
+            if type(body) is list and body and body[0] != w.REQUEST:
+                kind = body[0]
+                if kind == w.CANCEL:
+                    self._cancel(fields)
+                    continue
+                if kind == w.REPLY:
+                    self._callback_reply(body, fields)
+                    continue
+                if kind == RELEASE and len(body) == 2:
+                    self._exports.release(body[1])
+                    continue
             return body, fields
         return None
 
     def _end(self) -> None:
         self.done = True
+        self._ref_close()  # the client's references are dropped with its connection
+        for cb in list(self._callbacks.values()):
+            cb.error = EndOfChannel("the client left with a call to its object in flight")
+            cb.event.set()
         for ctx in list(self.running.values()):
             ctx.cancel()  # the caller is gone: its calls are cancelled
         with self.cv:
@@ -355,11 +395,19 @@ class _Connection:
                 raise RemoteError("a request without a call id", RemoteError.INVALID_REQUEST)
             if kind == w.NOTIFY:
                 call_id = None
-            method = self.service.lookup(name)  # the allowlist: nothing runs before it
+            # the allowlist: nothing runs before it ([id, name]: a remote object's method)
+            lookup = self._exports.method if type(name) is list else self.service.lookup
+            method = lookup(name)
             if type(args) is not list or (kwargs is not None and type(kwargs) is not dict):
                 raise RemoteError(
                     f"{name}: arguments are a list (and keywords a map)", RemoteError.INVALID_PARAMS
                 )
+            for a in args:  # inline: plain arguments (the common case) cost no call
+                if type(a) not in _PLAIN:
+                    args = self._in(args)  # references -> proxies, or our own objects
+                    break
+            if kwargs:
+                kwargs = self._in(kwargs)
             budget = w.read_ms(fields)
             at = None if budget is None else time.monotonic() + budget
             if key is None:
@@ -396,7 +444,10 @@ class _Connection:
         current = _CURRENT.set(ctx)
         budget = _DEADLINE.set(at)
         try:
-            return [w.REPLY, None, method.run(args, kwargs)]
+            result = method.run(args, kwargs)
+            if type(result) not in _PLAIN:
+                result = self._out(result)  # remote objects -> references
+            return [w.REPLY, None, result]
         except RemoteError:
             raise
         except Exception as exc:  # the handler's own failure: reported, never its traceback
@@ -409,6 +460,52 @@ class _Connection:
             _DEADLINE.reset(budget)
             _CURRENT.reset(current)
             del running[key]
+
+    # -- remote objects: calls to the client's objects ------------------------------
+
+    def _call_ref(self, rid: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Call method ``name`` of the client's object ``rid`` and wait for the result
+        (within the handler's deadline, else the server's ``reply_timeout``)."""
+        if self.done:
+            raise EndOfChannel("the client has left: its objects cannot be called")
+        at = _DEADLINE.get()
+        if at is None and self.server.reply_timeout is not None:
+            at = time.monotonic() + self.server.reply_timeout
+        body: list[Any] = [w.REQUEST, [rid, name], self._out(args)]
+        if kwargs:
+            body.append(self._out(kwargs))
+        call_id = next(self._out_ids)
+        cb = self._callbacks[call_id] = _Callback()
+        try:
+            left = None if at is None else max(0.0, at - time.monotonic())
+            w.send(self.ch, body, w.MESSAGE_ID, call_id, left, left)
+            self.promote(threading.current_thread())  # another thread must read the reply
+            if not cb.event.wait(None if at is None else max(0.0, at - time.monotonic())):
+                raise DeadlineExceeded(f"{name}: the client's object did not answer in time")
+        finally:
+            self._callbacks.pop(call_id, None)
+        if cb.error is not None:
+            raise cb.error
+        return cb.result
+
+    def _callback_reply(self, body: list[Any], fields: dict[int, bytes] | None) -> None:
+        call_id = w.read_id(fields, w.CORRELATION)
+        cb = self._callbacks.get(call_id) if call_id is not None else None
+        if cb is None:
+            return  # late (its caller gave up) or junk
+        try:
+            if len(body) != 3:
+                cb.error = RemoteError("malformed reply", RemoteError.INTERNAL_ERROR)
+            elif body[1] is not None:
+                cb.error = w.error_from(body[1])
+            else:
+                cb.result = self._in(body[2])
+        except RemoteError as err:
+            cb.error = err
+        cb.event.set()
+
+    def _send_release(self, pairs: list[list[int]]) -> None:
+        self.ch.send([RELEASE, pairs], self.server.reply_timeout)
 
     def _reply(self, call_id: int, reply: list[Any]) -> None:
         server = self.server
@@ -487,6 +584,14 @@ class Server:
     def in_flight(self) -> int:
         """Calls (and notifies) running now, over all connections of this process."""
         return sum(len(c.running) for c in list(self._connections))
+
+    @property
+    def references(self) -> int:
+        """Objects of this process that clients hold references to now (remote
+        objects): it goes back to 0 as clients drop their proxies or disconnect.
+        With ``mode="process"`` it counts only this process's clients (none: each
+        client is served in a child)."""
+        return sum(len(c._exports) for c in list(self._connections))
 
     @property
     def address(self) -> Any:

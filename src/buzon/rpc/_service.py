@@ -26,6 +26,17 @@ __all__ = ["Method", "Service", "as_service", "expose"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _EXPOSED = "__buzon_rpc_expose__"
+_REMOTE = "__buzon_rpc_remote__"  # set by @buzon.rpc.remote on a class
+
+
+def _schema(hint: Any) -> Any:
+    """The hint to validate with: a remote class or a Protocol (a proxy's type) is
+    not a msgspec schema, so anything passes (the reference layer resolved it)."""
+    if isinstance(hint, type) and (
+        getattr(hint, _REMOTE, False) is True or getattr(hint, "_is_protocol", False)
+    ):
+        return Any
+    return hint
 
 
 @overload
@@ -73,7 +84,7 @@ class Method:
         self.params: dict[str, Any] = {}
         simple = True
         for p in self.signature.parameters.values():
-            self.params[p.name] = hints.get(p.name, Any)
+            self.params[p.name] = _schema(hints.get(p.name, Any))
             if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or (
                 p.default is not p.empty
             ):
@@ -84,7 +95,7 @@ class Method:
         self.tuple_type: Any = (
             tuple[tuple(self.params.values())] if simple and self.params else None  # type: ignore[misc]
         )
-        self.result: Any = hints.get("return", Any)
+        self.result: Any = _schema(hints.get("return", Any))
         if self.result is type(None):
             self.result = None
 
