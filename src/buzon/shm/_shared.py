@@ -10,12 +10,19 @@ holding its owner's token; a waiter that finds the owner dead (its slot's OFD lo
 gone: the kernel released it) takes the lock over, and ``acquire`` then returns True so
 the new holder knows the data may be half-updated.
 
+A :class:`SharedArray` behaves as the numpy array it holds (indexing, attributes,
+``__array__``, ``__array_ufunc__``, ``__array_function__``, operators) and every result
+is a plain ndarray; the array is ``np.frombuffer`` over a ``memoryview`` of the block, so
+each view holds a buffer export and the block is never unmapped under one (``close``
+with views alive defers the unmapping to the last of them).
+
 Names work as for :class:`~buzon.BoundedBuffer`: ``NAME.array`` / ``NAME.value`` in the
-private runtime dir hold the unguessable segment name. The metadata is untrusted on
-attach: only plain dtypes (no Python objects), at most 32 dimensions, and a byte size
-that matches the segment. Both pass to child processes through ``multiprocessing``
-by their segment's name (:mod:`buzon._reduction`); using one after ``close`` raises
-:class:`~buzon.errors.ChannelClosed`.
+private runtime dir hold the unguessable segment name. Attaching with a shape, dtype or
+value type other than the existing one's raises :class:`~buzon.errors.EndpointInUse`.
+The metadata is untrusted on attach: only plain dtypes (no Python objects), at most 32
+dimensions, and a byte size that matches the segment. Both pass to child processes
+through ``multiprocessing`` by their segment's name (:mod:`buzon._reduction`); using one
+after ``close`` raises :class:`~buzon.errors.ChannelClosed`.
 """
 
 from __future__ import annotations
@@ -606,12 +613,18 @@ class SharedValue(_Shared):
 def shared_array(
     name: str, shape: tuple[int, ...] | int | None = None, dtype: Any = None
 ) -> SharedArray:
-    """The shared numpy array ``name``: created with ``shape``/``dtype`` (zeros) if absent."""
+    """The shared numpy array ``name``: created with ``shape``/``dtype`` (zeros, dtype
+    float64 by default) if absent. If it exists, a ``shape`` (with its dtype) or a
+    ``dtype`` given must be the existing array's, or
+    :class:`~buzon.errors.EndpointInUse` is raised; with neither it attaches whatever is
+    there. :class:`~buzon.errors.NoSuchEndpoint` if it is absent and no shape was given. The result
+    behaves as a numpy array (see :class:`SharedArray`)."""
     return SharedArray(name, shape, dtype)
 
 
 def shared_value(name: str, type: Any = None) -> SharedValue:
-    """The shared number ``name``: created as ``type`` (int, float, bool, struct code) if absent."""
+    """The shared number ``name``: created as ``type`` (int, float, bool, struct code) if
+    absent; if it exists with another type, :class:`~buzon.errors.EndpointInUse`."""
     return SharedValue(name, type)
 
 
