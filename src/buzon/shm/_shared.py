@@ -188,13 +188,24 @@ class _Shared(abc.ABC):
 def _plain(obj: Any) -> Any:
     """``obj`` with every :class:`SharedArray` in it (in lists, tuples and dicts too)
     replaced by its plain ndarray, so numpy computes on plain arrays."""
-    if isinstance(obj, SharedArray):
+    if type(obj) is SharedArray:
         return obj.array
     if type(obj) is tuple or type(obj) is list:
         return type(obj)(_plain(o) for o in obj)
     if type(obj) is dict:
         return {k: _plain(v) for k, v in obj.items()}
     return obj
+
+
+def _plain_key(key: Any) -> Any:
+    """An index with a :class:`SharedArray` in it (a mask, an index array) replaced by
+    its plain ndarray; the common keys (an int, a slice, a tuple of them) as they are."""
+    if type(key) is tuple:
+        for k in key:
+            if type(k) is SharedArray:  # type(), not isinstance(): ABCMeta's is slow
+                return tuple(_plain(k) for k in key)
+        return key
+    return key.array if type(key) is SharedArray else key
 
 
 def _operators(cls: type) -> type:
@@ -413,10 +424,12 @@ class SharedArray(_Shared):
         return func(*_plain(args), **_plain(kwargs))
 
     def __getitem__(self, key: Any) -> Any:
-        return self.array[_plain(key)]
+        return self.array[_plain_key(key)]
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self.array[_plain(key)] = _plain(value)
+        if type(value) is SharedArray:
+            value = value.array
+        self.array[_plain_key(key)] = value
 
     def __len__(self) -> int:
         return len(self.array)
