@@ -237,3 +237,29 @@ def test_no_fds_left() -> None:
         _ = np.asarray(sa) + 1
         sa.remove()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+VIEW_AFTER_CLOSE = r"""
+import buzon
+sa = buzon.shared_array("kept", 1 << 20, "u1")
+try:
+    part = sa.array[1000:2000]  # the old API: a view taken before close
+    sa.close()
+    part[:] = 7  # was a write to unmapped memory: SIGSEGV
+    print(int(part.sum()))
+finally:
+    sa.remove()
+"""
+
+
+def test_a_view_of_dot_array_outlives_close() -> None:
+    # in a subprocess: before the fix this crashed the interpreter
+    done = subprocess.run(
+        [sys.executable, "-c", VIEW_AFTER_CLOSE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout == "7000\n"
