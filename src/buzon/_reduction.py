@@ -114,7 +114,7 @@ def _reduce(obj: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
             raise ChannelClosed(f"bounded buffer {obj.name!r} is closed; it cannot be passed")
         return _attach_bounded, (obj.name, obj.path, obj._ring.name)
     if kind is SharedArray or kind is SharedValue:
-        if obj._block.closed:
+        if obj.closed:
             raise ChannelClosed(f"shared object {obj.name!r} is closed; it cannot be passed")
         return _attach_shared, (kind is SharedArray, obj.name, obj.path, obj.segment_name)
     if kind.__module__.startswith("buzon.aio"):
