@@ -45,7 +45,7 @@ sanitize: install
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(SAN_DIR) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/shm/test_core.py \
 		tests/shm/test_fast_path.py tests/protocol/test_ring_frames.py \
-		tests/protocol/test_fifo_envelope.py
+		tests/protocol/test_fifo_envelope.py tests/mailbox/test_mailbox.py
 
 # the peers (pyzmq, faster-fifo, iceoryx2, numpy) are the optional group "bench", not dev
 bench: install
