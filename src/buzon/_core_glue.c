@@ -267,7 +267,8 @@ take_bytes(Ring *r, rec_t *rec, uint32_t skip, uint32_t len)
 
 /* ---- the C API (_core_api.h): opaque records for other extension modules --------
  * Here, beside check_open, send_parts and take_bytes, so the compiler may inline them:
- * the shm: channel's every small send and receive passes through put and take. */
+ * the shm: channel's every small send and receive passes through put and take, a
+ * mailbox's through put_wait and take_wait. */
 
 static int
 api_put(PyObject *o, const buzon_part *parts, int nparts, size_t total, uint32_t flags)

@@ -497,30 +497,26 @@ mailbox_send(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         src = view.buf;
         len = view.len;
     }
-    int rc = -1;
-    if ((uint64_t)len > UINT32_MAX - MB_HEAD) {
-        PyErr_SetString(PyExc_OverflowError, "a mailbox message body is at most 4 GiB");
-    }
-    else {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        uint64_t ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-        uint8_t h[MB_HEAD] = {VERSION, KIND_DATA, (uint8_t)(codec | FLAG_FIELDS), 0};
-        put32(h + 4, (uint32_t)len);
-        h[8] = 30;
-        h[10] = 1; /* MESSAGE_ID */
-        h[11] = 8;
-        put64(h + 12, mid);
-        h[20] = 2; /* SENDER */
-        h[21] = 8;
-        put32(h + 22, (uint32_t)getpid());
-        put32(h + 26, (uint32_t)uid);
-        h[30] = 6; /* SENT_AT */
-        h[31] = 8;
-        put64(h + 32, ns);
-        buzon_part parts[2] = {{h, MB_HEAD}, {src, (size_t)len}};
-        rc = api->put_wait(args[0], parts, 2, MB_HEAD + (size_t)len, 0, args[5]);
-    }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    uint8_t h[MB_HEAD] = {VERSION, KIND_DATA, (uint8_t)(codec | FLAG_FIELDS), 0};
+    /* a body too large for any record (4 GiB) makes put_wait raise MessageTooLarge before
+     * anything is written, so a truncated length here is never seen */
+    put32(h + 4, (uint32_t)len);
+    h[8] = 30; /* the fields block: three fields of 8 bytes, 2 + 8 each */
+    h[10] = 1; /* MESSAGE_ID */
+    h[11] = 8;
+    put64(h + 12, mid);
+    h[20] = 2; /* SENDER */
+    h[21] = 8;
+    put32(h + 22, (uint32_t)getpid());
+    put32(h + 26, (uint32_t)uid);
+    h[30] = 6; /* SENT_AT */
+    h[31] = 8;
+    put64(h + 32, ns);
+    buzon_part parts[2] = {{h, MB_HEAD}, {src, (size_t)len}};
+    int rc = api->put_wait(args[0], parts, 2, MB_HEAD + (size_t)len, 0, args[5]);
     if (view.obj != NULL) {
         PyBuffer_Release(&view);
     }
