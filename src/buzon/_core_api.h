@@ -16,10 +16,10 @@
  * meanwhile, to copy 64 KiB or more, or to wait). put and take never wait for room or
  * for a record: the caller's driver waits (the ring's fds), then calls again. put_wait
  * and take_wait wait as Ring.send and Ring.recv do (with the GIL released, running
- * signal handlers when a signal interrupts the wait), for a caller that has no driver loop of its own (a
- * mailbox). Each checks the ring open (and takes a new participant slot in a forked
- * child), counts itself busy so a close from another thread defers the unmapping, and
- * maps failures to buzon.errors exactly as the Ring's own methods do.
+ * signal handlers when a signal interrupts the wait), for a caller that has no driver
+ * loop of its own (a mailbox). Each checks the ring open (and takes a new participant
+ * slot in a forked child), counts itself busy so a close from another thread defers
+ * the unmapping, and maps failures to buzon.errors exactly as the Ring's own methods do.
  *
  * Version 2 added put_wait and take_wait (version 1 had put and take only).
  */
