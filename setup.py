@@ -12,7 +12,7 @@ from setuptools import Extension, setup
 # calls between units need no PLT indirection.
 CORE_UNITS = [
     f"src/buzon/_core_{unit}.c"
-    for unit in ("ring", "glue", "ring_type", "loan", "block", "mailbox", "admin")
+    for unit in ("ring", "glue", "ring_type", "loan", "block", "admin")
 ]
 
 setup(

@@ -127,6 +127,29 @@ def test_the_frame_speedup_is_protocol_owned() -> None:
     assert "frame" in _c_code(ROOT / "protocol" / "_frames.c")
 
 
+@pytest.mark.parametrize("path", sorted(ROOT.glob("_core*.[ch]")), ids=lambda p: p.name)
+def test_the_c_ring_builds_no_record_of_a_higher_layer(path: Path) -> None:
+    """Nor does it build or parse what a mailbox puts in a record (a frame with a codec,
+    a message id, a sender, a time): no unit of buzon._core names them."""
+    code = _c_code(path).lower()
+    assert not [w for w in ("mailbox", "codec", "message_id", "sender", "sent_at") if w in code]
+
+
+def test_the_core_module_offers_rings_not_records() -> None:
+    """buzon._core has no module function that builds or takes a record of a higher layer;
+    the mailbox's hot path is protocol-owned (buzon.protocol._frames) and reaches the ring
+    through the C API only."""
+    from buzon import _core
+    from buzon.protocol import _frames
+
+    assert not [n for n in dir(_core) if "mailbox" in n.lower() or "frame" in n.lower()]
+    assert "mailbox" not in (ROOT / "_core.pyi").read_text().lower()
+    assert not list(ROOT.glob("_core_mailbox*"))
+    assert callable(_frames.mailbox_send) and callable(_frames.mailbox_recv)
+    names = _imports(ROOT / "_mailbox.py")
+    assert {"buzon.protocol._frames.mailbox_send", "buzon.protocol._frames.mailbox_recv"} <= names
+
+
 def test_the_channel_core_packs_no_frame_header() -> None:
     """The core asks protocol/frames.py for its small frames (data_frame, loan_header,
     plain_data_flags): it packs and unpacks no header itself."""

@@ -13,8 +13,6 @@
  *   _core_ring_type.c  the Ring type (create, attach, send, recv, arming, info)
  *   _core_loan.c       the Loan type (reserve, recv_view, block views)
  *   _core_block.c      the Block type (shared_array, shared_value, out-of-line messages)
- *   _core_mailbox.c    mailbox_send / mailbox_recv: buzon.mailbox's common record in one
- *                      call (module functions)
  *   _core_admin.c      module functions (inspect, in_use, hold, claim_all, unlink,
  *                      fault points) and the module's initialisation
  * Nothing here changes the bytes in a segment: docs/shm.md has the tables. A record's
@@ -408,9 +406,6 @@ PyObject *info_dict(const header_t *h, PyObject *parts);
 /* The C API lent to other extension modules (_core_glue.c; the capsule is made
  * by the module's initialisation, _core_admin.c). */
 extern const buzon_ring_api ring_api;
-
-/* _core_mailbox.c: module functions added by the module's initialisation. */
-extern PyMethodDef mailbox_functions[];
 
 /* Methods defined in one unit and listed in another's method table. */
 PyObject *ring_reserve(Ring *r, PyObject *args, PyObject *kw);

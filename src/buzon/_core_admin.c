@@ -199,10 +199,6 @@ PyInit__core(void)
     if (m == NULL) {
         return NULL;
     }
-    if (PyModule_AddFunctions(m, mailbox_functions) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
     Py_INCREF(&RingType);
     Py_INCREF(&BlockType);
     Py_INCREF(&LoanType);

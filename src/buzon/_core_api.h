@@ -13,18 +13,22 @@
  *     if (api == NULL || api->version != BUZON_RING_API_VERSION) ... fail
  *
  * Every call is made with the GIL held and returns with it held (a call may release it
- * meanwhile, to copy 64 KiB or more). None of them waits for room or for a record: the
- * caller's driver waits (the ring's fds), then calls again. Each checks the ring open
- * (and takes a new participant slot in a forked child), counts itself busy so a close
- * from another thread defers the unmapping, and maps failures to buzon.errors exactly
- * as the Ring's own methods do.
+ * meanwhile, to copy 64 KiB or more, or to wait). put and take never wait for room or
+ * for a record: the caller's driver waits (the ring's fds), then calls again. put_wait
+ * and take_wait wait as Ring.send and Ring.recv do (with the GIL released, running
+ * signal handlers when a signal interrupts the wait), for a caller that has no driver
+ * loop of its own (a mailbox). Each checks the ring open (and takes a new participant
+ * slot in a forked child), counts itself busy so a close from another thread defers
+ * the unmapping, and maps failures to buzon.errors exactly as the Ring's own methods do.
+ *
+ * Version 2 added put_wait and take_wait (version 1 had put and take only).
  */
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #define BUZON_RING_API_NAME "buzon._core._RING_API"
-#define BUZON_RING_API_VERSION 1u
+#define BUZON_RING_API_VERSION 2u
 
 /* One piece of a record's payload; put() writes the pieces back to back. */
 typedef struct {
@@ -54,6 +58,19 @@ typedef struct {
      * with an exception set on failure (the record, if claimed, is freed all the same,
      * as for any receive that fails to allocate). */
     PyObject *(*take)(PyObject *ring, buzon_peek_fn peek, void *ctx);
+    /* put_wait(ring, parts, nparts, total, flags, timeout): put, but waiting for room as
+     * Ring.send(timeout=...) does: ``timeout`` is a Python number of seconds or None (for
+     * ever); <= 0 does not wait. 1 put, -1 with an exception set: Full (timeout <= 0 and
+     * no room now), Timeout, MessageTooLarge (more than the ring ever takes), a signal
+     * handler's exception, or what Ring.send raises for a closed or removed ring. Never 0. */
+    int (*put_wait)(PyObject *ring, const buzon_part *parts, int nparts, size_t total,
+                    uint32_t flags, PyObject *timeout);
+    /* take_wait(ring, peek, ctx, timeout): take, but waiting for a record as
+     * Ring.recv(timeout=...) does (``timeout`` as for put_wait). The record's bytes (peek
+     * as for take), or NULL with an exception set: Empty (timeout <= 0 and no record
+     * now), Timeout, a signal handler's exception, or what Ring.recv raises. Never
+     * Py_None. */
+    PyObject *(*take_wait)(PyObject *ring, buzon_peek_fn peek, void *ctx, PyObject *timeout);
 } buzon_ring_api;
 
 #endif /* BUZON_CORE_API_H */

@@ -267,7 +267,8 @@ take_bytes(Ring *r, rec_t *rec, uint32_t skip, uint32_t len)
 
 /* ---- the C API (_core_api.h): opaque records for other extension modules --------
  * Here, beside check_open, send_parts and take_bytes, so the compiler may inline them:
- * the shm: channel's every small send and receive passes through put and take. */
+ * the shm: channel's every small send and receive passes through put and take, a
+ * mailbox's through put_wait and take_wait. */
 
 static int
 api_put(PyObject *o, const buzon_part *parts, int nparts, size_t total, uint32_t flags)
@@ -316,11 +317,62 @@ api_take(PyObject *o, buzon_peek_fn peek, void *ctx)
     return res;
 }
 
+static int
+api_put_wait(PyObject *o, const buzon_part *parts, int nparts, size_t total, uint32_t flags,
+             PyObject *timeout)
+{
+    Ring *r = (Ring *)o;
+    int64_t deadline;
+    if (nparts < 0 || nparts > 64) {
+        PyErr_SetString(PyExc_ValueError, "a record is put as 0 to 64 parts");
+        return -1;
+    }
+    if (deadline_from(timeout, &deadline) < 0 || check_open_fast(r) < 0) {
+        return -1;
+    }
+    r->busy++;
+    int rc = send_parts(r, parts, nparts, total, flags, deadline);
+    if (rc == 0) { /* only when deadline == 0: no room now */
+        raise_rc(r, RC_AGAIN, OP_SEND, 0);
+        rc = -1;
+    }
+    leave(r);
+    return rc;
+}
+
+static PyObject *
+api_take_wait(PyObject *o, buzon_peek_fn peek, void *ctx, PyObject *timeout)
+{
+    Ring *r = (Ring *)o;
+    int64_t deadline;
+    if (deadline_from(timeout, &deadline) < 0 || check_open_fast(r) < 0) {
+        return NULL;
+    }
+    r->busy++;
+    PyObject *res;
+    claim_args a = {NULL, 0, 0};
+    int rc = claim(r, 0, &a.rec, &a.len, &a.spun_ok); /* once with the GIL held */
+    if (rc == RC_AGAIN && deadline != 0) {
+        rc = run_released(r, claim_released, &a, deadline);
+    }
+    if (rc != RC_OK) {
+        res = raise_rc(r, rc, OP_RECV, deadline != 0);
+    }
+    else {
+        uint32_t skip = peek(ctx, (const uint8_t *)a.rec + REC_HDR, a.len, a.rec->flags);
+        res = take_bytes(r, a.rec, skip > a.len ? a.len : skip, a.len);
+    }
+    leave(r);
+    return res;
+}
+
 const buzon_ring_api ring_api = {
     .version = BUZON_RING_API_VERSION,
     .ring_type = &RingType,
     .put = api_put,
     .take = api_take,
+    .put_wait = api_put_wait,
+    .take_wait = api_take_wait,
 };
 
 /* ---- the object: new, unmapped, freed ------------------------------------------- */

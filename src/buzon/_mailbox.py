@@ -86,6 +86,7 @@ from .errors import (
     Timeout,
     Undelivered,
 )
+from .protocol._frames import mailbox_recv, mailbox_send
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
     FIELDS_FLAG,
@@ -592,8 +593,8 @@ class Mailbox:
             if not buffers and len(body) <= self._fast_max:
                 if self._closed:
                     raise ChannelClosed(f"mailbox {self.name!r} was closed")
-                try:  # the record built and sent in one C call (_core_mailbox.c)
-                    _core.mailbox_send(
+                try:  # the record built and sent in one C call (protocol/_frames.c)
+                    mailbox_send(
                         self._ring,
                         body,
                         codec_id,
@@ -791,7 +792,7 @@ class Mailbox:
         """Take the next message's object, waiting for one; ``EndOfChannel`` once the
         mailbox was removed and is empty."""
         if self.policy == "any" and not self._closed and (timeout is None or timeout > 0):
-            got = _core.mailbox_recv(self._ring, timeout)  # the hot path: one C call
+            got = mailbox_recv(self._ring, timeout)  # the hot path: one C call
             if isinstance(got, tuple):  # the common record: (codec, body)
                 self._counts["received"] += 1
                 codec_id, body = got

@@ -678,12 +678,12 @@ def test_everything_a_mailbox_makes_is_0600_and_its_own(runtime_dir: str) -> Non
 
 
 def test_the_c_hot_path_writes_the_frame_of_protocol_frames_and_checks_what_it_takes() -> None:
-    from buzon import _core
+    from buzon.protocol._frames import mailbox_recv, mailbox_send
     from buzon.protocol.frames import Field, parse_frame
 
     box = buzon.mailbox("jobs")
     try:
-        box.send(b"raw bytes")  # _core.mailbox_send
+        box.send(b"raw bytes")  # protocol._frames.mailbox_send
         box.send({"an": "object"})
         for body, codec in ((b"raw bytes", 0), (b"\x81\xa2an\xa6object", 1)):
             frame = parse_frame(box._ring.recv_nowait())
@@ -693,17 +693,26 @@ def test_the_c_hot_path_writes_the_frame_of_protocol_frames_and_checks_what_it_t
             assert abs(struct.unpack("<Q", frame.fields[Field.SENT_AT])[0] / 1e9 - time.time()) < 60
         good = b"".join(box._encode("x", 9, None))
         box._ring.send(good)
-        assert _core.mailbox_recv(box._ring, 1.0) == (1, good[40:])  # _core.mailbox_recv
+        assert mailbox_recv(box._ring, 1.0) == (1, good[40:])  # protocol._frames.mailbox_recv
         liar = bytearray(good)
         liar[4] += 1  # the body length disagrees with the record: not the fast path
         box._ring.send(bytes(liar))
-        assert _core.mailbox_recv(box._ring, 1.0) == bytes(liar)
+        assert mailbox_recv(box._ring, 1.0) == bytes(liar)
         box._ring.send(bytes(liar))
         with pytest.raises(buzon.ProtocolError):
             box.recv(T)
         with pytest.raises(Empty):
-            _core.mailbox_recv(box._ring, 0)
+            mailbox_recv(box._ring, 0)
         with pytest.raises(TypeError):
-            _core.mailbox_recv(object(), 0)  # type: ignore[arg-type]
+            mailbox_recv(object(), 0)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            mailbox_send(object(), b"x", 0, 1, 0, 0)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            mailbox_send(box._ring, b"x", 8, 1, 0, 0)  # a codec is 0-7
+        # a wait releases the GIL: the thread that sends runs while recv waits
+        later = threading.Timer(0.05, mailbox_send, (box._ring, bytearray(b"late"), 0, 7, 0, T))
+        later.start()
+        assert mailbox_recv(box._ring, T) == (0, b"late")
+        later.join()
     finally:
         box.remove()

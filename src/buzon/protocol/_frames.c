@@ -17,9 +17,16 @@
  * Also here, for every channel (protocol/frames.py re-exports them): data_frame, a small
  * DATA frame built in one allocation, and plain_data_flags, the check that a message is one
  * plain DATA frame (the message transports' receive fast path).
+ *
+ * And the hot path of buzon.mailbox (src/buzon/_mailbox.py): mailbox_send and
+ * mailbox_recv put or take a mailbox's common record in one call, waiting for room or a
+ * record through the C API's put_wait and take_wait (a mailbox has no driver loop).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include <time.h>
+#include <unistd.h>
 
 #include "_core_api.h"
 
@@ -403,6 +410,169 @@ plain_data_flags(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromLong(flags);
 }
 
+/* ---- buzon.mailbox's common record (src/buzon/_mailbox.py) ----------------------
+ * A mailbox record is one buzon frame with the header fields MESSAGE_ID, SENDER and
+ * SENT_AT (protocol/frames.py, Field). The common one (no out-of-band buffers, no receipt,
+ * exactly those fields) is a 40-byte head and the body:
+ *   [0] version 1  [1] kind 1 (DATA)  [2] codec | 0x20 (FIELDS)  [3] 0 buffers
+ *   [4..8) u32 body length  [8..10) u16 30 (the fields block)
+ *   [10] tag 1 [11] 8 [12..20) u64 message id
+ *   [20] tag 2 [21] 8 [22..26) u32 pid [26..30) u32 uid
+ *   [30] tag 6 [31] 8 [32..40) u64 ns since the epoch
+ * All little-endian. _mailbox.py builds the very same bytes in Python (a test compares
+ * them with protocol/frames.py); anything else goes through its general path. */
+
+#define MB_HEAD 40u
+#define FLAG_FIELDS 0x20
+
+static void
+put32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++) {
+        p[i] = (uint8_t)(v >> (8 * i));
+    }
+}
+
+static void
+put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) {
+        p[i] = (uint8_t)(v >> (8 * i));
+    }
+}
+
+static uint32_t
+get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* The Ring argument of a mailbox call: 0, or -1 with TypeError (or the import's error). */
+static int
+ring_arg(PyObject *o)
+{
+    if (need_api() < 0) {
+        return -1;
+    }
+    if (!PyObject_TypeCheck(o, api->ring_type)) {
+        PyErr_SetString(PyExc_TypeError, "the first argument must be a buzon._core.Ring");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+mailbox_send(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* mailbox_send(ring, body, codec, message_id, uid, timeout) */
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "mailbox_send(ring, body, codec, message_id, uid, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    long codec = PyLong_AsLong(args[2]);
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long uid = PyLong_AsUnsignedLong(args[4]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (codec < 0 || codec > 7) {
+        PyErr_SetString(PyExc_ValueError, "codec must be 0-7");
+        return NULL;
+    }
+    Py_buffer view = {0};
+    const uint8_t *src;
+    Py_ssize_t len;
+    if (PyBytes_CheckExact(args[1])) { /* the common body: no buffer export to pay */
+        src = (const uint8_t *)PyBytes_AS_STRING(args[1]);
+        len = PyBytes_GET_SIZE(args[1]);
+    }
+    else {
+        if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        src = view.buf;
+        len = view.len;
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    uint8_t h[MB_HEAD] = {VERSION, KIND_DATA, (uint8_t)(codec | FLAG_FIELDS), 0};
+    /* a body too large for any record (4 GiB) makes put_wait raise MessageTooLarge before
+     * anything is written, so a truncated length here is never seen */
+    put32(h + 4, (uint32_t)len);
+    h[8] = 30; /* the fields block: three fields of 8 bytes, 2 + 8 each */
+    h[10] = 1; /* MESSAGE_ID */
+    h[11] = 8;
+    put64(h + 12, mid);
+    h[20] = 2; /* SENDER */
+    h[21] = 8;
+    put32(h + 22, (uint32_t)getpid());
+    put32(h + 26, (uint32_t)uid);
+    h[30] = 6; /* SENT_AT */
+    h[31] = 8;
+    put64(h + 32, ns);
+    buzon_part parts[2] = {{h, MB_HEAD}, {src, (size_t)len}};
+    int rc = api->put_wait(args[0], parts, 2, MB_HEAD + (size_t)len, 0, args[5]);
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* Is the claimed record a mailbox's common record? Then skip its head. *ctx: its codec,
+ * or -1 (the caller's general path). */
+static uint32_t
+peek_mailbox(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
+{
+    long *codec = ctx;
+    uint8_t p[MB_HEAD] = {0};
+    if (len >= MB_HEAD) {
+        memcpy(p, payload, MB_HEAD); /* once: the peer may be rewriting it (untrusted) */
+    }
+    if (flags == 0 && len >= MB_HEAD && p[0] == VERSION && p[1] == KIND_DATA &&
+        (p[2] & 0xF8) == FLAG_FIELDS && p[3] == 0 && p[8] == 30 && p[9] == 0 && p[10] == 1 &&
+        p[11] == 8 && p[20] == 2 && p[21] == 8 && p[30] == 6 && p[31] == 8 &&
+        get32(p + 4) == len - MB_HEAD) {
+        *codec = p[2] & 7;
+        return MB_HEAD;
+    }
+    *codec = -1;
+    return 0;
+}
+
+static PyObject *
+mailbox_recv(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* mailbox_recv(ring, timeout) -> (codec, body) | bytes */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "mailbox_recv(ring, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    long codec = -1;
+    PyObject *out = api->take_wait(args[0], peek_mailbox, &codec, args[1]);
+    if (out == NULL || codec < 0) {
+        return out;
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, PyLong_FromLong(codec)); /* 0-7: small ints, cannot fail */
+    PyTuple_SET_ITEM(pair, 1, out);
+    return pair;
+}
+
 static PyMethodDef module_functions[] = {
     {"data_frame", (PyCFunction)(void (*)(void))data_frame, METH_FASTCALL,
      "data_frame(body, flags) -> bytes: a DATA frame without buffers or fields, header "
@@ -411,6 +581,13 @@ static PyMethodDef module_functions[] = {
      "plain_data_flags(message, max_frame) -> int: the flags of a message that is exactly one "
      "plain DATA frame (codec 0-3, maybe the receipt bit; no buffers, fields or chunks; at "
      "most max_frame bytes), else -1."},
+    {"mailbox_send", (PyCFunction)(void (*)(void))mailbox_send, METH_FASTCALL,
+     "mailbox_send(ring, body, codec, message_id, uid, timeout): a mailbox's common record "
+     "(the sender's pid and the time read here) put into the ring, waiting for room like "
+     "Ring.send (timeout None: for ever; <= 0: Full at once)."},
+    {"mailbox_recv", (PyCFunction)(void (*)(void))mailbox_recv, METH_FASTCALL,
+     "mailbox_recv(ring, timeout) -> (codec, body) for a mailbox's common record, else the "
+     "record's bytes (the general path); waits like Ring.recv (<= 0: Empty at once)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -418,7 +595,8 @@ static struct PyModuleDef moddef = {
     PyModuleDef_HEAD_INIT,
     .m_name = "buzon.protocol._frames",
     .m_doc = "The frame format's C speedups (docs/frames.md): small DATA frames for the "
-             "channel core, and frames as the records of shared-memory rings.",
+             "channel core, frames as the records of shared-memory rings, and a mailbox's "
+             "common record.",
     .m_size = -1,
     .m_methods = module_functions,
 };

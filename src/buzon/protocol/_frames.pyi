@@ -1,5 +1,6 @@
 """The frame format's C speedup for shared-memory rings (src/buzon/protocol/_frames.c,
-docs/frames.md): a plain DATA frame in or out of one ring record in one call."""
+docs/frames.md): a plain DATA frame in or out of one ring record in one call, and a
+mailbox's common record likewise (buzon.mailbox's hot path)."""
 
 from collections.abc import Sequence
 
@@ -24,6 +25,18 @@ class RingFrames:
 def data_frame(body: Buffer, flags: int, /) -> bytes:
     """A DATA frame without buffers or fields: the 8-byte header (``flags``: the codec,
     maybe the receipt bit) and ``body``, joined in one allocation."""
+
+def mailbox_send(
+    ring: Ring, body: Buffer, codec: int, message_id: int, uid: int, timeout: float | None, /
+) -> None:
+    """Put a mailbox's common record (a DATA frame with the fields MESSAGE_ID, SENDER and
+    SENT_AT; the pid and the time are read here) into ``ring``, waiting for room like
+    ``Ring.send`` (``timeout`` None: for ever; <= 0: ``Full`` at once)."""
+
+def mailbox_recv(ring: Ring, timeout: float | None, /) -> tuple[int, bytes] | bytes:
+    """Take the next record of ``ring``, waiting like ``Ring.recv`` (<= 0: ``Empty`` at
+    once): ``(codec, body)`` if it is a mailbox's common record, else the record's bytes
+    (the caller's general path)."""
 
 def plain_data_flags(message: Buffer, max_frame: int, /) -> int:
     """The flags byte of a message that is exactly one plain DATA frame (codec 0-3, with
