@@ -290,21 +290,40 @@ def test_server_by_name() -> None:
         names.lookup("echo")
 
 
-def test_forked_child_does_not_keep_the_name() -> None:
-    reg = names.register("forked", "unix:x")
-    pid = os.fork()
-    if pid == 0:  # the child: its copy is dropped; it outlives the parent's remove
-        try:
-            time.sleep(0.5)
-        finally:
-            os._exit(0)
+_OWNER_FORKS = """
+import os, sys, time, buzon
+reg = buzon.names.register("forked", "unix:x")
+pid = os.fork()
+if pid == 0:  # the child outlives its parent, the owner
+    time.sleep(60)
+    os._exit(0)
+print(pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_forked_child_does_not_keep_its_parents_name() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OWNER_FORKS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
     try:
-        reg.remove()
-        with pytest.raises(NoSuchEndpoint):
-            names.lookup("forked")
-        names.register("forked", "unix:y").remove()  # the child holds no lock
+        assert names.lookup("forked").pid == proc.pid
+        _kill(proc)  # the owner dies; its child lives on
+        assert _gone_within("forked") < 10
     finally:
-        os.waitpid(pid, 0)
+        _kill(proc)
+        os.kill(child, signal.SIGKILL)
+        for _ in range(1000):  # not our child: wait until it is gone
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.01)
 
 
 def test_ls_and_clean() -> None:
