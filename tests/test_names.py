@@ -347,3 +347,76 @@ def test_ls_and_clean() -> None:
     finally:
         _kill(proc)
         reg.remove()
+
+
+def test_cli_recv_and_send_by_name() -> None:
+    env = os.environ.copy()
+    recv = subprocess.Popen(
+        [sys.executable, "-m", "buzon", "recv", "name:clin", "-n", "1", "--timeout", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # registered once it listens
+            try:
+                assert names.lookup("clin").address == "unix:clin"
+                break
+            except NoSuchEndpoint:
+                assert time.monotonic() < deadline and recv.poll() is None
+                time.sleep(0.02)
+        sent = subprocess.run(
+            [sys.executable, "-m", "buzon", "send", "name:clin", '{"hi": 1}'],
+            capture_output=True,
+            timeout=30,
+            env=env,
+        )
+        assert sent.returncode == 0, sent.stderr
+        out, err = recv.communicate(timeout=30)
+        assert (recv.returncode, out) == (0, b'{"hi": 1}\n'), err
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+        recv.wait(timeout=10)
+        for f in (recv.stdout, recv.stderr):
+            if f is not None:
+                f.close()
+    with pytest.raises(NoSuchEndpoint):
+        names.lookup("clin")
+
+
+def test_rpc_connect_by_name() -> None:
+    from typing import Protocol
+
+    class Calc(Protocol):
+        def add(self, a: int, b: int) -> int: ...
+
+    svc = buzon.rpc.Service("calc")
+
+    @svc.method
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    srv = buzon.rpc.Server("unix:rpcn", svc)
+    runner = threading.Thread(target=srv.serve_forever)
+    runner.start()
+    try:
+        with names.register("rpcn", "unix:rpcn"):
+            calc = buzon.rpc.connect("name:rpcn", Calc, timeout=10)
+            try:
+                assert calc.add(1, 2) == 3
+            finally:
+                buzon.rpc.close(calc)
+    finally:
+        srv.shutdown()
+        runner.join(10)
+
+
+def test_name_addresses_are_refused_where_nothing_binds() -> None:
+    from buzon._policy import prepare
+
+    with pytest.raises(AddressError, match="name="):
+        prepare("name:calc", listening=True)
+    with pytest.raises(NoSuchEndpoint):
+        prepare("name:calc", listening=False)

@@ -35,7 +35,6 @@ import os
 import secrets
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,14 +100,14 @@ def _check_address(address: str | Address) -> str:
 
 class Registration:
     """A name this process registered (:func:`register`); gone with :meth:`remove`, with
-    the process, or at the end of a ``with`` block."""
+    the process, or at the end of a ``with`` block. Dropping the object does not remove
+    the name: it lasts as long as the process unless removed."""
 
     def __init__(self, record: NameRecord, fd: int) -> None:
         self.record = record
         self._fd = fd
         self._lock = threading.Lock()
-        _live[id(self)] = self
-        weakref.finalize(self, _live.pop, id(self), None)
+        _live[id(self)] = self  # kept (and registered) until remove() or the end
 
     @property
     def name(self) -> str:

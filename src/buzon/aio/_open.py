@@ -50,10 +50,6 @@ async def connect(
 ) -> Channel:
     """Connect to ``url`` (the awaitable twin of :func:`buzon.connect`: an endpoint not
     there yet is tried again until ``timeout`` unless ``retry=False``)."""
-    if is_name(url):  # name:NAME -> the registered address (buzon.names)
-        from ..names import resolve
-
-        url = resolve(url)
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)
     transport = await run_steps(connect_steps(prep, deadline, retry), deadline)

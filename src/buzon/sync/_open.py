@@ -71,10 +71,6 @@ def connect(
     ``handshake_timeout``, ``allow_uids``, ``capacity`` (0, N or None; both ends must
     agree if both state it), ``max_queue``, ``reliable`` (udp/unixgram: docs/reliable.md).
     """
-    if is_name(url):  # name:NAME -> the registered address (buzon.names)
-        from ..names import resolve
-
-        url = resolve(url)
     prep = prepare(url, listening=False, **options)
     deadline = deadline_of(timeout)
     transport = run_steps(connect_steps(prep, deadline, retry), deadline)
