@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -420,3 +422,43 @@ def test_name_addresses_are_refused_where_nothing_binds() -> None:
         prepare("name:calc", listening=True)
     with pytest.raises(NoSuchEndpoint):
         prepare("name:calc", listening=False)
+
+
+_OTHER_USER = """
+import os, sys, buzon
+import buzon.names, buzon._runtime  # imported first: the new user may not read the venv
+from buzon.errors import NoSuchEndpoint, UnsafePath
+os.setgid(65534)
+os.setuid(65534)
+try:
+    buzon.names.lookup("mine")
+    print("visible")
+except (NoSuchEndpoint, UnsafePath, PermissionError) as exc:
+    print(type(exc).__name__)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_users_names_are_invisible() -> None:
+    with names.register("mine", "unix:mine"):
+        env = os.environ.copy()
+        # the other user pointed at our runtime dir: refused (not theirs, 0700)
+        same = subprocess.run(
+            [sys.executable, "-c", _OTHER_USER], capture_output=True, text=True, env=env, timeout=30
+        )
+        assert same.stdout.strip() in ("UnsafePath", "PermissionError"), same.stderr
+        # and in their own runtime dir, the name does not exist
+        home = tempfile.mkdtemp(prefix="bz-other-")
+        try:
+            os.chown(home, 65534, 65534)
+            env["BUZON_RUNTIME_DIR"] = os.path.join(home, "rt")
+            own = subprocess.run(
+                [sys.executable, "-c", _OTHER_USER],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=30,
+            )
+            assert own.stdout.strip() == "NoSuchEndpoint", own.stderr
+        finally:
+            shutil.rmtree(home)
