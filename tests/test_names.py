@@ -462,3 +462,25 @@ def test_another_users_names_are_invisible() -> None:
             assert own.stdout.strip() == "NoSuchEndpoint", own.stderr
         finally:
             shutil.rmtree(home)
+
+
+def test_asyncio_server_by_name() -> None:
+    async def echo(ch: buzon.aio.Channel) -> None:
+        await ch.send(await ch.recv())
+
+    async def main() -> None:
+        server = buzon.aio.Server("name:aecho", echo)
+        runner = asyncio.ensure_future(server.serve_forever())
+        try:
+            assert names.lookup("aecho").address == "unix:aecho"
+            ch = await buzon.aio.connect("name:aecho", timeout=10)
+            await ch.send(5)
+            assert await ch.recv() == 5
+            ch.close()
+        finally:
+            server.shutdown()
+            await asyncio.wait_for(runner, 10)
+        with pytest.raises(NoSuchEndpoint):
+            names.lookup("aecho")
+
+    asyncio.run(main())
