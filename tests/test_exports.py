@@ -60,6 +60,7 @@ PUBLIC = [
     "errors",
     "listen",
     "mailbox",
+    "names",
     "parse_address",
     "pipe",
     "rpc",

@@ -52,7 +52,7 @@ from .sync import Channel, Listener, Server, connect, listen, pipe, wait
 from .transport.base import LinkProperties, PeerInfo
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so ``import buzon`` stays light
-    from . import aio, rpc, signals
+    from . import aio, names, rpc, signals
     from ._mailbox import Mailbox, MailboxReceipt, Message, mailbox
     from ._serve import serve
     from .shm import BoundedBuffer, shared_array, shared_value
@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__), so ``import buzon`
 _LAZY: dict[str, tuple[str, str]] = {
     "aio": ("buzon.aio", ""),
     "signals": ("buzon.signals", ""),
+    "names": ("buzon.names", ""),
     "rpc": ("buzon.rpc", ""),
     "serve": ("buzon._serve", "serve"),
     "mailbox": ("buzon._mailbox", "mailbox"),
@@ -155,6 +156,7 @@ __all__ = [
     "errors",
     "listen",
     "mailbox",
+    "names",
     "parse_address",
     "pipe",
     "rpc",

@@ -43,6 +43,7 @@ from .errors import BuzonError
 
 __all__ = ["CLEAN_GRACE", "Entry", "Removal", "clean", "ls_rows", "scan"]
 
+_NAMES_DIR = "names.d"  # buzon.names' directory in the runtime dir
 CLEAN_GRACE = 2.0  # seconds: entries younger than this may be endpoints being set up
 
 _SOCKET_TYPES = {
@@ -295,6 +296,8 @@ def scan(rdir: str) -> list[Entry]:
     bound = _bound_unix_paths()
     entries = []
     for name in sorted(os.listdir(rdir)):
+        if name == _NAMES_DIR:
+            continue  # buzon.names' registrations: names_rows / clean
         try:
             entry = Entry(rdir, name)
         except FileNotFoundError:
@@ -307,9 +310,11 @@ def scan(rdir: str) -> list[Entry]:
 def ls_rows(rdir: str) -> list[Row]:
     """``buzon ls``: (address, type, mode, state, path) of every runtime-dir entry, this
     user's POSIX queues and shared-memory segments."""
+    from .names import ls_rows as names_rows
     from .transport.mq import list_queues
 
     rows = [(e.address, e.kind, f"{e.mode:04o}", e.state, e.path) for e in scan(rdir)]
+    rows += names_rows(rdir)
     prefix = f"/buzon-{os.getuid()}-"
     for q in list_queues():
         rows.append((f"mq:{q.removeprefix(prefix)}", "mq", "-", "-", q))
@@ -364,6 +369,12 @@ def clean(
     removed += [
         Removal(path, "names a shared-memory segment that is gone")
         for path in clean_names(dry_run=dry_run)
+    ]
+    from .names import clean as clean_registrations
+
+    removed += [
+        Removal(path, "a registered name whose owner died")
+        for path in clean_registrations(dry_run=dry_run, rdir=rdir)
     ]
     for entry in scan(rdir):
         why = entry.removable(now)

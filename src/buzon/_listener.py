@@ -99,6 +99,9 @@ class ListenerBase:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                reg = getattr(self, "_registration", None)  # listen(name=): buzon.names
+                if reg is not None:
+                    reg.remove()
                 self._admission.close()
                 self._lt.close()
 

@@ -1035,8 +1035,13 @@ def mailbox(
     another ``capacity`` or ``policy`` raises ``EndpointInUse``; leave them out to take
     what it has. ``max_inline``: bytes a message may take inside the ring (bigger ones
     go out of line, in a block of their own); ``max_message``: the frame cap
-    (``MessageTooLarge`` above it).
+    (``MessageTooLarge`` above it). ``name`` may be ``name:NAME``: the mailbox a
+    process registered as ``mailbox:BOX`` under NAME (:mod:`buzon.names`).
     """
+    if isinstance(name, str) and name.startswith("name:"):
+        from .names import resolve_mailbox
+
+        name = resolve_mailbox(name)
     return Mailbox(
         name,
         capacity,

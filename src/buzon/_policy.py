@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ._channel import DEFAULT_CAPACITY, DEFAULT_MAX_QUEUE, ChannelCore, ChannelOptions
 from ._schemes import SCHEMES, describe, scheme_info
 from .address import Address, parse_address
-from .errors import InsecureBind, SecurityError, UnsupportedOperation
+from .errors import AddressError, InsecureBind, SecurityError, UnsupportedOperation
 
 if TYPE_CHECKING:
     import ssl  # loaded only when tls= is used (importing buzon does not load it)
@@ -84,6 +84,8 @@ def prepare(
     ring_size: int | None = None,
 ) -> Prepared:
     addr = parse_address(url)
+    if addr.scheme == "name":  # name:NAME (buzon.names): resolved before the transport
+        addr = _resolve_name(addr, listening)
     info = scheme_info(addr.scheme)
     if ring_size is not None:
         _check_ring_size(addr, ring_size, listening=listening)
@@ -277,3 +279,15 @@ def _default_spin() -> float:
         except ValueError:
             pass
     return 50e-6
+
+
+def _resolve_name(addr: Address, listening: bool) -> Address:
+    """``name:NAME`` -> the address registered under NAME (``connect``'s side); a
+    listener binds a real address and registers it (``listen(url, name=...)``)."""
+    if listening:
+        raise AddressError(
+            f"{addr}: listen on a real address and register it: listen('unix:NAME', name=...)"
+        )
+    from .names import resolve
+
+    return resolve(addr)

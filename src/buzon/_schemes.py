@@ -292,6 +292,11 @@ SCHEMES: tuple[SchemeInfo, ...] = (
 )
 """Every scheme, in the order the docs and error messages list them."""
 
+NAME_FORM = "name:NAME"
+"""Not a transport but an indirection: ``name:NAME`` is the address a process registered
+under NAME (:mod:`buzon.names`); it is resolved before a transport is chosen, so it is
+no entry of :data:`SCHEMES`, and the address parser lists it in its errors."""
+
 _BY_NAME = {info.name: info for info in SCHEMES}
 
 
@@ -305,10 +310,18 @@ def url_schemes() -> tuple[SchemeInfo, ...]:
     return tuple(info for info in SCHEMES if info.has_url)
 
 
-def describe(which: Callable[[SchemeInfo], object], *, conj: str = "or", form: bool = False) -> str:
+def describe(
+    which: Callable[[SchemeInfo], object],
+    *,
+    conj: str = "or",
+    form: bool = False,
+    extra: tuple[str, ...] = (),
+) -> str:
     """The URL prefixes (or ``form=True``: shapes) of the schemes ``which`` selects,
-    as English: ``"unix:, tcp:// or shm:"``."""
+    as English: ``"unix:, tcp:// or shm:"``; ``extra`` words go last (the address
+    parser adds ``name:``, a registered name: :data:`NAME_FORM`)."""
     words = [info.form if form else info.prefix for info in url_schemes() if which(info)]
+    words += extra
     if len(words) <= 1:
         return "".join(words)
     return f"{', '.join(words[:-1])} {conj} {words[-1]}"

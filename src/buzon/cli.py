@@ -131,6 +131,18 @@ _ADDRESS_HINT = (
 )
 
 
+def _bind_address(url: str) -> tuple[Address, dict[str, Any]]:
+    """What ``recv``/``listen`` bind: ``name:NAME`` binds ``unix:NAME`` and registers
+    NAME for as long as it listens (:mod:`buzon.names`)."""
+    address = parse_address(url)
+    if address.scheme != "name":
+        return address, {}
+    from .names import listen_address
+
+    address, name = listen_address(address, None)
+    return address, {"name": name}
+
+
 def _accepts_many(address: Address) -> bool:
     """Each peer of the endpoint is a channel of its own (else the endpoint is one)."""
     return scheme_info(address.scheme).connection_oriented
@@ -616,6 +628,10 @@ def _sigterm_raises() -> Iterator[None]:
 
 def _cmd_send(args: argparse.Namespace) -> int:
     address = parse_address(args.url)
+    if address.scheme == "name":  # name:NAME: the address registered under NAME
+        from .names import resolve
+
+        address = resolve(address)
     options: dict[str, Any] = {"raw": args.raw}
     if args.json_codec:
         options["codec"] = "json"
@@ -704,14 +720,14 @@ def _announce(listener: buzon.Listener, quiet: bool) -> None:
 
 
 def _cmd_recv(args: argparse.Namespace) -> int:
-    address = parse_address(args.url)
+    address, named = _bind_address(args.url)
     timeout: float | None = args.timeout
     out = _Output(raw=args.raw)
     # On unix/tcp each sender is its own connection: with -n N, when one peer closes
     # the next is accepted until N items arrived; without -n the first peer's end ends.
     one_after_another = _accepts_many(address) and args.count is not None
     with _sigterm_raises():
-        listener = buzon.listen(address, **_listen_options(args))
+        listener = buzon.listen(address, **named, **_listen_options(args))
         ch: buzon.Channel | None = None
         try:
             _announce(listener, args.quiet)
@@ -923,9 +939,9 @@ class _Server:
 
 
 def _cmd_listen(args: argparse.Namespace) -> int:
-    address = parse_address(args.url)
+    address, named = _bind_address(args.url)
     with _sigterm_raises():
-        listener = buzon.listen(address, **_listen_options(args))
+        listener = buzon.listen(address, **named, **_listen_options(args))
         server = _Server(args, listener)
         try:
             _announce(listener, args.quiet)

@@ -11,7 +11,7 @@ from .._channel import DEFAULT_CAPACITY, ChannelCore
 from .._establish import DEFAULT_MAX_PENDING, Admit, connect_steps, establish_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
-from ..address import Address
+from ..address import Address, is_name
 from ..errors import ChannelClosed, Timeout
 from ..transport import open_listener
 from ..transport.base import Transport
@@ -132,10 +132,21 @@ class Listener(ListenerBase):
 
 
 def listen(
-    url: str | Address, *, max_pending: int = DEFAULT_MAX_PENDING, **options: Any
+    url: str | Address,
+    *,
+    max_pending: int = DEFAULT_MAX_PENDING,
+    name: str | None = None,
+    **options: Any,
 ) -> Listener:
     """Bind ``url`` (binding never waits, so this is a plain call); the options of
-    :func:`buzon.listen`, ``max_pending`` and ``ring_size`` for ``shm:`` included."""
+    :func:`buzon.listen`, ``max_pending``, ``name`` and ``ring_size`` for ``shm:``
+    included."""
+    if name is not None or is_name(url):
+        from ..names import bind, listen_address
+
+        addr, reg = listen_address(url, name)
+        listener = listen(addr, max_pending=max_pending, **options)
+        return bind(listener, reg) if reg is not None else listener
     prep = prepare(url, listening=True, **options)
     return Listener(open_listener(prep.address, prep.transport), prep, max_pending)
 

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._schemes import describe, scheme_info
-from ..address import parse_address
+from ..address import Address, parse_address
 from ..errors import BuzonError, ChannelClosed, UnsupportedOperation
 from ._channel import Channel
 from ._open import Listener, listen
@@ -41,6 +41,9 @@ class Server:
         **options: Any,
     ) -> None:
         addr = parse_address(url)
+        if addr.scheme == "name":  # name:NAME: serve unix:NAME, registered as NAME
+            options["name"] = addr.name
+            addr = Address("unix", name=addr.name)
         if not scheme_info(addr.scheme).servable:
             raise UnsupportedOperation(
                 f"serve needs a connection-oriented address ({describe(lambda i: i.servable)}), "

@@ -12,7 +12,7 @@ from .._channel import DEFAULT_CAPACITY, ChannelCore
 from .._establish import DEFAULT_MAX_PENDING, Admit, connect_steps, establish_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
-from ..address import Address
+from ..address import Address, is_name
 from ..errors import ChannelClosed, Timeout
 from ..transport import open_listener
 from ..transport.base import Transport
@@ -66,6 +66,7 @@ def connect(
     tried again until ``timeout`` (for ever with None), on every transport; the
     deadline raises :class:`Timeout` naming the cause. ``retry=False`` raises the cause
     (:class:`NoSuchEndpoint`, :class:`ConnectionRefused`) at once. Keyword options:
+    ``url`` may be ``name:NAME``, the address registered under NAME (:mod:`buzon.names`).
     ``codec``, ``pickle``, ``raw``, ``authkey``, ``compat``, ``spin``, ``max_frame``,
     ``handshake_timeout``, ``allow_uids``, ``capacity`` (0, N or None; both ends must
     agree if both state it), ``max_queue``, ``reliable`` (udp/unixgram: docs/reliable.md).
@@ -152,7 +153,11 @@ class Listener(ListenerBase):
 
 
 def listen(
-    url: str | Address, *, max_pending: int = DEFAULT_MAX_PENDING, **options: Any
+    url: str | Address,
+    *,
+    max_pending: int = DEFAULT_MAX_PENDING,
+    name: str | None = None,
+    **options: Any,
 ) -> Listener:
     """Bind ``url`` and return a :class:`Listener` (a context manager).
 
@@ -163,7 +168,16 @@ def listen(
     of the two rings every accepted peer gets (a power of two from 4 KiB to 1 GiB;
     default :data:`buzon.transport.shm.CAPACITY`, 4 MiB). It is a listener option only
     (the listener creates the rings); ``connect`` and other transports refuse it.
+    ``name``: also register the real address under this name (:mod:`buzon.names`;
+    ``EndpointInUse`` if a live process holds it); the name goes with :meth:`close`.
+    ``url`` may be ``name:NAME``: binds ``unix:NAME`` and registers NAME.
     """
+    if name is not None or is_name(url):
+        from ..names import bind, listen_address
+
+        addr, reg = listen_address(url, name)
+        listener = listen(addr, max_pending=max_pending, **options)
+        return bind(listener, reg) if reg is not None else listener
     prep = prepare(url, listening=True, **options)
     return Listener(open_listener(prep.address, prep.transport), prep, max_pending)
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._schemes import describe, scheme_info
-from ..address import parse_address
+from ..address import Address, parse_address
 from ..errors import ChannelClosed, UnsupportedOperation
 from ._channel import Channel
 from ._open import Listener, listen
@@ -70,6 +70,9 @@ class Server:
         if mode not in ("thread", "process"):
             raise ValueError("mode is 'thread' or 'process' (use buzon.aio.serve for 'async')")
         addr = parse_address(url)
+        if addr.scheme == "name":  # name:NAME: serve unix:NAME, registered as NAME
+            options["name"] = addr.name
+            addr = Address("unix", name=addr.name)
         if not scheme_info(addr.scheme).servable:
             raise UnsupportedOperation(
                 f"serve needs a connection-oriented address ({describe(lambda i: i.servable)}), "
