@@ -27,6 +27,7 @@ from __future__ import annotations
 from ..errors import DeadlineExceeded, RemoteError
 from ._client import Call, Client, close, connect
 from ._context import CallContext, context, deadline
+from ._jsonrpc import JsonRpcClient
 from ._msgpack import MsgpackRpcClient, connect_process
 from ._server import Server, serve
 from ._service import Method, Service, expose
@@ -36,6 +37,7 @@ __all__ = [
     "CallContext",
     "Client",
     "DeadlineExceeded",
+    "JsonRpcClient",
     "Method",
     "MsgpackRpcClient",
     "RemoteError",
