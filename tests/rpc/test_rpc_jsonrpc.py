@@ -335,6 +335,8 @@ def test_every_example_of_the_spec_section_7_is_answered_exactly(
     first = peer.recv()
     if expected is None:
         assert first == {"jsonrpc": "2.0", "result": "pong", "id": "after"}
+        peer.send({"jsonrpc": "2.0", "method": "ping", "id": "again"})
+        assert peer.recv() == {"jsonrpc": "2.0", "result": "pong", "id": "again"}
         return
     second = peer.recv()
     pong = {"jsonrpc": "2.0", "result": "pong", "id": "after"}
@@ -441,6 +443,37 @@ def test_the_client_side_positional_named_notify_batch_and_errors(
         session.call("subtract", 1, subtrahend=2)
 
 
+def test_requests_in_flight_are_bounded_and_the_excess_refused_without_running() -> None:
+    ours, theirs = socket.socketpair()
+    rec = Recorder()
+    session = JsonRpcClient(_SockStream(ours), calc_service(rec), timeout=10, max_in_flight=2)
+    peer = FakePeer(theirs)
+    try:
+        for n in (1, 2):
+            peer.send({"jsonrpc": "2.0", "method": "block", "params": [f"b{n}"], "id": n})
+        deadline = time.monotonic() + 10
+        while rec.concurrent < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        peer.send({"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 3})
+        peer.send({"jsonrpc": "2.0", "method": "log", "params": ["dropped"]})
+        peer.send([{"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 4}])
+        assert peer.recv() == {
+            "jsonrpc": "2.0",
+            "error": {"code": -32004, "message": "over 2 requests in flight on this connection"},
+            "id": 3,
+        }
+        assert peer.recv()["error"]["code"] == -32004  # the batch, as one
+        rec.event("b1").set()
+        rec.event("b2").set()
+        assert {peer.recv()["id"], peer.recv()["id"]} == {1, 2}
+        peer.send({"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 5})
+        assert peer.recv() == {"jsonrpc": "2.0", "result": 3, "id": 5}
+        assert rec.ran == ["add"] and session.errors == 3
+    finally:
+        session.close()
+        theirs.close()
+
+
 # -- two buzon sessions: both roles, cancellation ---------------------------------------
 
 
@@ -512,6 +545,17 @@ def test_served_with_rpc_server_over_unix(runtime_dir: str) -> None:
         with rpc.deadline(0.3), pytest.raises(buzon.DeadlineExceeded):
             c.call("block", "served")
         assert rec.event("served:cancelled").wait(10)
+    # a server shut down with a client still connected: the client's call fails
+    with serving("unix:jrpc3", calc_service(rec), wire="jsonrpc", grace=0.5) as srv:
+        c = rpc.connect(srv.address, wire="jsonrpc", timeout=10)
+        assert c.add(1, 2) == 3
+    try:
+        with pytest.raises(buzon.BuzonError):
+            for _ in range(100):  # the close may take a moment to be seen
+                c.add(1, 2)
+                time.sleep(0.05)
+    finally:
+        c.close()
     with pytest.raises(buzon.UnsupportedOperation, match="at-most-once"):
         rpc.Server("unix:jrpc2", calc_service(rec), wire="jsonrpc", semantics="exactly_once")
 

@@ -80,7 +80,10 @@ class JsonRpcClient:
         timeout: float | None,
         *,
         max_message: int = codec.MAX_MESSAGE,
+        max_in_flight: int = 64,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self._stream = stream
         self._service = None if handler is None else as_service(handler)
         self._timeout = timeout
@@ -88,6 +91,9 @@ class JsonRpcClient:
         self._pending: dict[Any, _Waiting] = {}
         self._running: dict[Any, CallContext] = {}
         self._max_message = max_message
+        self._max_in_flight = max_in_flight
+        self._active = 0  # the peer's requests, notifications and batches running now
+        self._alock = threading.Lock()
         self._wlock = threading.Lock()
         self._closed = False
         self._broken: BuzonError | None = None
@@ -259,7 +265,8 @@ class JsonRpcClient:
                 for _, obj in items:
                     self._on_response(obj)
                 return
-            threading.Thread(target=self._answer_batch, args=(items,), daemon=True).start()
+            if self._admit(None):
+                self._start(self._answer_batch, items)
             return
         kind, obj = codec.classify(value)
         if kind == "response":
@@ -269,8 +276,34 @@ class JsonRpcClient:
             self._send_safe(codec.error_response(obj, _invalid()))
         elif kind == "notification" and obj["method"] == CANCEL_METHOD:
             self._on_cancel(obj.get("params"))
-        else:
-            threading.Thread(target=self._answer_one, args=(kind, obj), daemon=True).start()
+        elif self._admit(obj.get("id") if kind == "request" else _NO_ID):
+            self._start(self._answer_one, kind, obj)
+
+    def _admit(self, msgid: Any) -> bool:
+        """Room for one more of the peer's requests? If not, it is refused (OVERLOADED;
+        ``msgid`` _NO_ID: a notification, dropped) and counted, and nothing runs."""
+        with self._alock:
+            if self._active < self._max_in_flight:
+                self._active += 1
+                return True
+        self.errors += 1
+        if msgid is not _NO_ID:
+            overloaded = RemoteError(
+                f"over {self._max_in_flight} requests in flight on this connection",
+                RemoteError.OVERLOADED,
+            )
+            self._send_safe(codec.error_response(msgid, overloaded))
+        return False
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._alock:
+                    self._active -= 1
+
+        threading.Thread(target=run, name="buzon-jsonrpc-call", daemon=True).start()
 
     def _on_response(self, obj: dict[str, Any]) -> None:
         msgid = obj.get("id")
@@ -386,6 +419,9 @@ class JsonRpcClient:
 
     def __repr__(self) -> str:
         return f"<buzon.rpc.JsonRpcClient in_flight={len(self._pending)}>"
+
+
+_NO_ID = object()
 
 
 def _invalid() -> RemoteError:
