@@ -34,6 +34,11 @@ needs_pylsp = pytest.mark.skipif(
 )
 
 
+NOT_FOUND = {"code": -32601, "message": "Method not found"}
+INVALID = {"code": -32600, "message": "Invalid Request"}
+PARSE = {"code": -32700, "message": "Parse error"}
+
+
 # -- framing (sans-IO) ------------------------------------------------------------------
 
 
@@ -139,6 +144,26 @@ def test_fuzz_framed_bodies_round_trip_through_any_split(
     assert out == bodies
 
 
+def test_error_objects_use_the_standard_messages_and_keep_the_detail_in_data() -> None:
+    from buzon.rpc._jsonrpc_codec import error_object, peer_error
+
+    assert error_object(RemoteError("no method 'x'", -32601)) == NOT_FOUND
+    assert error_object(RemoteError("add: bad b", -32602)) == {
+        "code": -32602,
+        "message": "Invalid params",
+        "data": "add: bad b",
+    }
+    assert error_object(RemoteError("db down", -32603))["data"] == "db down"
+    assert error_object(RemoteError("boom", -32000, {"type": "ValueError"})) == {
+        "code": -32000,
+        "message": "boom",
+        "data": {"type": "ValueError"},
+    }
+    err = peer_error({"code": -32601, "message": "Method Not Found: x"})
+    assert (err.code, err.message, err.data) == (-32601, "Method Not Found: x", None)
+    assert peer_error("junk").code == -32603  # a malformed error object, still typed
+
+
 # -- a peer written in the test ----------------------------------------------------------
 
 
@@ -234,10 +259,6 @@ def fake_peer() -> Iterator[tuple[JsonRpcClient, FakePeer, list[Any]]]:
         session.close()
         theirs.close()
 
-
-NOT_FOUND = {"code": -32601, "message": "Method not found"}
-INVALID = {"code": -32600, "message": "Invalid Request"}
-PARSE = {"code": -32700, "message": "Parse error"}
 
 # (name, what the client sends, what the server answers; None: no response at all)
 SECTION_7: list[tuple[str, str, Any]] = [

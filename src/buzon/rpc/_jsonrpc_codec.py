@@ -8,7 +8,7 @@ JSON-RPC 2.0 objects and back. The session (``_jsonrpc.py``) does the I/O.
 A frame is a header block (ASCII lines ``Name: value`` ended by ``\\r\\n``, then an
 empty line) and a body of exactly ``Content-Length`` bytes (UTF-8 JSON)::
 
-    Content-Length: 52\\r\\n
+    Content-Length: 58\\r\\n
     \\r\\n
     {"jsonrpc":"2.0","method":"initialize","params":{},"id":1}
 
