@@ -371,6 +371,50 @@ def test_every_example_of_the_spec_section_7_is_answered_exactly(
         assert answer == expected
 
 
+def test_hostile_bodies_get_parse_errors_and_the_session_goes_on(
+    fake_peer: tuple[JsonRpcClient, FakePeer, list[Any]],
+) -> None:
+    _, peer, _ = fake_peer
+    for body in (b"[" * 100_000, b"{" * 50_000, b'"\xff\xfe"', b"", b"1e999999"):
+        peer.send_body(body)
+        answer = peer.recv()
+        if answer == {"jsonrpc": "2.0", "error": INVALID, "id": None}:
+            assert body == b"1e999999"  # valid JSON (infinity), not a request
+            continue
+        assert answer == {"jsonrpc": "2.0", "error": PARSE, "id": None}, body[:10]
+    peer.send({"jsonrpc": "2.0", "method": "ping", "id": 1})
+    assert peer.recv() == {"jsonrpc": "2.0", "result": "pong", "id": 1}
+
+
+def test_an_error_whose_data_json_cannot_carry_is_still_answered() -> None:
+    ours, theirs = socket.socketpair()
+    svc = rpc.Service("odd")
+
+    @svc.method
+    def odd() -> None:
+        raise RemoteError("odd data", -32050, object())
+
+    session = JsonRpcClient(_SockStream(ours), svc, timeout=10)
+    peer = FakePeer(theirs)
+    try:
+        peer.send([{"jsonrpc": "2.0", "method": "odd", "id": 1}])
+        peer.send({"jsonrpc": "2.0", "method": "odd", "id": 2})
+        got = [peer.recv(), peer.recv()]
+        batch = got[0] if isinstance(got[0], list) else got[1]
+        single = got[1] if isinstance(got[0], list) else got[0]
+        assert batch == [
+            {"jsonrpc": "2.0", "error": {"code": -32050, "message": "odd data"}, "id": 1}
+        ]
+        assert single == {
+            "jsonrpc": "2.0",
+            "error": {"code": -32050, "message": "odd data"},
+            "id": 2,
+        }
+    finally:
+        session.close()
+        theirs.close()
+
+
 def test_notifications_ran_and_nothing_outside_the_service_did(
     fake_peer: tuple[JsonRpcClient, FakePeer, list[Any]],
 ) -> None:

@@ -239,6 +239,8 @@ class JsonRpcClient:
             why = exc
         except OSError as exc:
             why = EndOfChannel(f"the JSON-RPC connection failed: {exc}")
+        except Exception as exc:  # never a silent dead reader: the calls learn why
+            why = EndOfChannel(f"the JSON-RPC session failed: {type(exc).__name__}: {exc}")
         if self._closed:
             why = ChannelClosed("the JSON-RPC session is closed")
         self._broken = why

@@ -54,6 +54,7 @@ STANDARD_MESSAGES = {
 }
 
 _decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
 
 
 def encode_frame(body: bytes) -> bytes:
@@ -156,7 +157,7 @@ def parse(body: bytes) -> Any:
     """The JSON value of one body; ``RemoteError`` PARSE_ERROR if it is not JSON."""
     try:
         return _decoder.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # nested too deep
         raise RemoteError(
             STANDARD_MESSAGES[RemoteError.PARSE_ERROR], RemoteError.PARSE_ERROR, str(exc)
         ) from None
@@ -209,8 +210,15 @@ def error_object(error: RemoteError) -> dict[str, Any]:
 
 
 def error_response(msgid: Any, error: RemoteError) -> dict[str, Any]:
-    """A response object carrying ``error`` for ``msgid``."""
-    return {"jsonrpc": "2.0", "error": error_object(error), "id": msgid}
+    """A response object carrying ``error`` for ``msgid`` (its ``data`` left out when
+    JSON cannot carry it: the answer still goes)."""
+    obj = error_object(error)
+    if "data" in obj:
+        try:
+            obj["data"] = msgspec.Raw(_encoder.encode(obj["data"]))
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+            del obj["data"]
+    return {"jsonrpc": "2.0", "error": obj, "id": msgid}
 
 
 def peer_error(value: Any) -> RemoteError:
