@@ -415,6 +415,19 @@ def test_an_error_whose_data_json_cannot_carry_is_still_answered() -> None:
         theirs.close()
 
 
+def test_malformed_responses_are_counted_and_never_answered(
+    fake_peer: tuple[JsonRpcClient, FakePeer, list[Any]],
+) -> None:
+    session, peer, _ = fake_peer
+    peer.send({"id": 1, "result": 2})  # no "jsonrpc"
+    peer.send({"jsonrpc": "2.0", "id": 1, "result": 2, "error": NOT_FOUND})  # both
+    peer.send({"jsonrpc": "2.0", "result": 2})  # no id
+    peer.send([{"jsonrpc": "2.0", "error": PARSE}, {"jsonrpc": "2.0", "id": 99, "result": 0}])
+    peer.send({"jsonrpc": "2.0", "method": "ping", "id": "next"})
+    assert peer.recv() == {"jsonrpc": "2.0", "result": "pong", "id": "next"}
+    assert session.errors == 5
+
+
 def test_notifications_ran_and_nothing_outside_the_service_did(
     fake_peer: tuple[JsonRpcClient, FakePeer, list[Any]],
 ) -> None:
@@ -470,6 +483,7 @@ def test_the_client_side_positional_named_notify_batch_and_errors(
         out.append(session.call("subtract", 42, 23))
         out.append(session.call("subtract", minuend=42, subtrahend=23))
         session.notify("update", 1, 2)
+        session.notify("initialized")
         out.append(session.call_batch([("sum", [1, 2]), ("nope", None), ("get", {"k": 1})]))
         try:
             session.call("nope")
@@ -485,6 +499,7 @@ def test_the_client_side_positional_named_notify_batch_and_errors(
     assert req["params"] == {"minuend": 42, "subtrahend": 23}
     peer.send({"jsonrpc": "2.0", "result": 19, "id": req["id"]})
     assert peer.recv() == {"jsonrpc": "2.0", "method": "update", "params": [1, 2]}
+    assert peer.recv() == {"jsonrpc": "2.0", "method": "initialized"}  # no params: left out
     batch = peer.recv()
     assert [m["method"] for m in batch] == ["sum", "nope", "get"]
     assert "params" not in batch[1] and batch[2]["params"] == {"k": 1}

@@ -130,7 +130,9 @@ class JsonRpcClient:
     def _params(method: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         if args and kwargs:
             raise TypeError(f"{method}: JSON-RPC params are positional or named, not both")
-        return dict(kwargs) if kwargs else list(args)
+        if kwargs:
+            return dict(kwargs)
+        return list(args) if args else None  # no params: the member is left out
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on the peer and wait for its result.
@@ -173,7 +175,9 @@ class JsonRpcClient:
         if self._broken is not None:
             raise self._broken
         message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-        message["params"] = self._params(method, args, kwargs)
+        params = self._params(method, args, kwargs)
+        if params is not None:
+            message["params"] = params
         self._send(message)
 
     def call_batch(self, calls: Sequence[tuple[str, Any]], *, notify: bool = False) -> list[Any]:
@@ -263,15 +267,20 @@ class JsonRpcClient:
                 self._send_safe(codec.error_response(None, _invalid()))
                 return
             items = [codec.classify(v) for v in value]
-            if all(kind == "response" for kind, _ in items):
-                for _, obj in items:
-                    self._on_response(obj)
+            if all(kind in ("response", "ignored") for kind, _ in items):
+                for kind, obj in items:
+                    if kind == "response":
+                        self._on_response(obj)
+                    else:
+                        self.errors += 1
                 return
             if self._admit(None):
                 self._start(self._answer_batch, items)
             return
         kind, obj = codec.classify(value)
-        if kind == "response":
+        if kind == "ignored":
+            self.errors += 1  # a malformed response: never answered (no ping-pong of errors)
+        elif kind == "response":
             self._on_response(obj)
         elif kind == "invalid":
             self.errors += 1
@@ -336,6 +345,8 @@ class JsonRpcClient:
             if kind == "invalid":
                 self.errors += 1
                 replies.append(codec.error_response(obj, _invalid()))
+            elif kind == "ignored":
+                self.errors += 1
             elif kind == "response":
                 self._on_response(obj)
             elif kind == "notification" and obj["method"] == CANCEL_METHOD:

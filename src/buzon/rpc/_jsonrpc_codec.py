@@ -169,10 +169,15 @@ def _valid_id(value: Any) -> bool:
 
 def classify(obj: Any) -> tuple[str, Any]:
     """What one JSON-RPC object is: ``("request", obj)``, ``("notification", obj)``,
-    ``("response", obj)``, or ``("invalid", id)`` (answer INVALID_REQUEST with that
-    id: the object's id when it had a valid one, else None)."""
+    ``("response", obj)``, ``("ignored", obj)`` (shaped like a response but malformed:
+    counted, never answered, so two peers cannot trade errors for ever), or
+    ``("invalid", id)`` (answer INVALID_REQUEST with that id: the object's id when it
+    had a valid one, else None)."""
     if type(obj) is not dict:
         return "invalid", None
+    if "method" not in obj and ("result" in obj or "error" in obj):
+        ok = obj.get("jsonrpc") == "2.0" and "id" in obj and ("result" in obj) != ("error" in obj)
+        return ("response", obj) if ok else ("ignored", obj)
     if obj.get("jsonrpc") != "2.0":
         return "invalid", obj.get("id") if _valid_id(obj.get("id")) else None
     if "method" in obj:
@@ -186,8 +191,6 @@ def classify(obj: Any) -> tuple[str, Any]:
         if not _valid_id(obj["id"]):
             return "invalid", None
         return "request", obj
-    if "id" in obj and (("result" in obj) != ("error" in obj)):
-        return "response", obj
     return "invalid", obj.get("id") if _valid_id(obj.get("id")) else None
 
 
