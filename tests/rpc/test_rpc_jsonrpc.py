@@ -637,6 +637,8 @@ def test_served_with_rpc_server_over_unix(runtime_dir: str) -> None:
     finally:
         c.close()
     with pytest.raises(buzon.UnsupportedOperation, match="at-most-once"):
+        rpc.connect("unix:jrpc", wire="jsonrpc", semantics="exactly_once")
+    with pytest.raises(buzon.UnsupportedOperation, match="at-most-once"):
         rpc.Server("unix:jrpc2", calc_service(rec), wire="jsonrpc", semantics="exactly_once")
 
 

@@ -35,6 +35,7 @@ from ..errors import (
     EndOfChannel,
     ProtocolError,
     RemoteError,
+    UnsupportedOperation,
     ValidationError,
 )
 from ..errors import Timeout as _Timeout
@@ -675,6 +676,10 @@ def connect(
     if wire == "jsonrpc":
         if proto is not None:
             raise TypeError("wire='jsonrpc' proxies are untyped: pass no Protocol")
+        if semantics != "at_most_once":
+            raise UnsupportedOperation(
+                "wire='jsonrpc' is at-most-once: JSON-RPC carries no retry ids"
+            )
         return connect_jsonrpc(url, handler, timeout, **options)
     if wire == "msgpack-rpc":
         if proto is not None:

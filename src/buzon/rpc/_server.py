@@ -486,7 +486,7 @@ class Server:
         if wire == "jsonrpc":
             if semantics != "at_most_once":
                 raise UnsupportedOperation(
-                    "wire='jsonrpc' is at-most-once: JSON-RPC has no retry ids"
+                    "wire='jsonrpc' is at-most-once: JSON-RPC carries no retry ids"
                 )
             self._server = ChannelServer(url, self._serve_jsonrpc, mode=mode, raw=True, **options)
             return
