@@ -19,7 +19,10 @@ a proxy from :func:`connect` (the client stub), typed by a ``typing.Protocol``::
     calc.add(1, 2)                                    # 3, checked by mypy
 
 Marshalling is the channel's codec (msgpack); call ids, correlation and deadlines are
-frame header fields. See ``docs/rpc.md``.
+frame header fields. Two standard wires talk to programs that know nothing of buzon:
+``wire="msgpack-rpc"`` (Neovim) and ``wire="jsonrpc"`` (JSON-RPC 2.0 with LSP's
+``Content-Length`` framing: language servers), with :func:`connect_process` for a
+child over its stdin/stdout. See ``docs/rpc.md``.
 """
 
 from __future__ import annotations
