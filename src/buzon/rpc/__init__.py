@@ -23,7 +23,10 @@ Remote objects: instances of a class marked ``@buzon.rpc.remote`` go by referenc
 the original object).
 
 Marshalling is the channel's codec (msgpack); call ids, correlation and deadlines are
-frame header fields. See ``docs/rpc.md``.
+frame header fields. Two standard wires talk to programs that know nothing of buzon:
+``wire="msgpack-rpc"`` (Neovim) and ``wire="jsonrpc"`` (JSON-RPC 2.0 with LSP's
+``Content-Length`` framing: language servers), with :func:`connect_process` for a
+child over its stdin/stdout. See ``docs/rpc.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 from ..errors import DeadlineExceeded, RemoteError
 from ._client import Call, Client, close, connect
 from ._context import CallContext, context, deadline
+from ._jsonrpc import JsonRpcClient
 from ._msgpack import MsgpackRpcClient, connect_process
 from ._remote import RemoteObject, remote
 from ._server import Server, serve
@@ -41,6 +45,7 @@ __all__ = [
     "CallContext",
     "Client",
     "DeadlineExceeded",
+    "JsonRpcClient",
     "Method",
     "MsgpackRpcClient",
     "RemoteError",

@@ -37,6 +37,7 @@ from ..errors import (
     MessageTooLarge,
     ProtocolError,
     RemoteError,
+    UnsupportedOperation,
     ValidationError,
 )
 from ..errors import Timeout as _Timeout
@@ -44,6 +45,7 @@ from ..sync import Channel
 from ..sync import connect as _connect
 from . import _wire as w
 from ._context import _DEADLINE
+from ._jsonrpc import JsonRpcClient, connect_jsonrpc
 from ._msgpack import MsgpackRpcClient, connect_msgpack
 from ._remote import _PLAIN, RELEASE, RefPeer
 from ._server import _check
@@ -714,6 +716,16 @@ def connect(
     proto: None = None,
     *,
     timeout: float | None = 60.0,
+    wire: typing.Literal["jsonrpc"],
+    handler: object = None,
+    **options: Any,
+) -> JsonRpcClient: ...
+@typing.overload
+def connect(
+    url: str | Address,
+    proto: None = None,
+    *,
+    timeout: float | None = 60.0,
     wire: str = "buzon",
     semantics: str = "at_most_once",
     max_in_flight: int = 64,
@@ -760,14 +772,24 @@ def connect(
     ``wire="msgpack-rpc"`` speaks the msgpack-rpc spec on a raw stream (e.g.
     ``unix:/abs/path`` to ``nvim --listen``) and returns a :class:`MsgpackRpcClient`;
     ``handler`` (a :class:`Service` or an object with ``@expose`` methods) answers the
-    peer's own requests on the same connection.
+    peer's own requests on the same connection. ``wire="jsonrpc"`` does the same
+    with JSON-RPC 2.0 and LSP's ``Content-Length`` framing and returns a
+    :class:`JsonRpcClient`.
     """
+    if wire == "jsonrpc":
+        if proto is not None:
+            raise TypeError("wire='jsonrpc' proxies are untyped: pass no Protocol")
+        if semantics != "at_most_once":
+            raise UnsupportedOperation(
+                "wire='jsonrpc' is at-most-once: JSON-RPC carries no retry ids"
+            )
+        return connect_jsonrpc(url, handler, timeout, **options)
     if wire == "msgpack-rpc":
         if proto is not None:
             raise TypeError("wire='msgpack-rpc' proxies are untyped: pass no Protocol")
         return connect_msgpack(url, handler, timeout, **options)
     if handler is not None:
-        raise TypeError("handler= is for wire='msgpack-rpc' (the peer's own requests)")
+        raise TypeError("handler= is for wire='msgpack-rpc' or 'jsonrpc' (the peer's own requests)")
     _check(wire, semantics, None)
     ch = _connect(url, timeout, **options)
 

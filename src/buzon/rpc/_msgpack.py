@@ -30,8 +30,9 @@ import struct
 import subprocess
 import threading
 import time
+import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -47,6 +48,9 @@ from ..errors import (
 )
 from ._context import _DEADLINE
 from ._service import Service, as_service
+
+if TYPE_CHECKING:
+    from ._jsonrpc import JsonRpcClient
 
 __all__ = ["MsgpackRpcClient", "connect_msgpack", "connect_process", "object_end"]
 
@@ -207,7 +211,7 @@ class _ProcessStream(_Stream):
                 try:
                     n = os.write(self.wfd, view)
                 except BrokenPipeError:
-                    raise EndOfChannel("the msgpack-rpc peer process closed its stdin") from None
+                    raise EndOfChannel("the peer process closed its stdin") from None
                 view = view[n:]
 
     def close(self) -> None:
@@ -439,13 +443,31 @@ def _peer_error(value: Any) -> RemoteError:
     return RemoteError(str(value), RemoteError.SERVER_ERROR, value)
 
 
+@typing.overload
+def connect_process(
+    argv: Sequence[str],
+    *,
+    wire: typing.Literal["msgpack-rpc"] = "msgpack-rpc",
+    handler: Service | object | None = None,
+    timeout: float | None = 60.0,
+) -> MsgpackRpcClient: ...
+@typing.overload
+def connect_process(
+    argv: Sequence[str],
+    *,
+    wire: typing.Literal["jsonrpc"],
+    handler: Service | object | None = None,
+    timeout: float | None = 60.0,
+) -> JsonRpcClient: ...
+
+
 def connect_process(
     argv: Sequence[str],
     *,
     wire: str = "msgpack-rpc",
     handler: Service | object | None = None,
     timeout: float | None = 60.0,
-) -> MsgpackRpcClient:
+) -> MsgpackRpcClient | JsonRpcClient:
     """Start ``argv`` and talk RPC over its stdin/stdout (``buzon.rpc.connect_process``)::
 
         nv = buzon.rpc.connect_process(["nvim", "--headless", "--embed", "--clean", "-n"],
@@ -453,18 +475,26 @@ def connect_process(
         nv.nvim_eval("1+1")      # 2
         nv.close()               # closes its stdin; the child exits and is waited for
 
-    ``handler`` answers the child's own requests. ``timeout`` is every call's default
-    deadline (None: wait for ever).
+        ls = buzon.rpc.connect_process(["pylsp"], wire="jsonrpc")   # an LSP server
+        ls.call("initialize", processId=None, rootUri=None, capabilities={})
+
+    ``wire``: ``"msgpack-rpc"`` or ``"jsonrpc"`` (JSON-RPC 2.0, ``Content-Length``
+    framing). ``handler`` answers the child's own requests. ``timeout`` is every
+    call's default deadline (None: wait for ever).
     """
-    if wire != "msgpack-rpc":
+    if wire not in ("msgpack-rpc", "jsonrpc"):
         from ..errors import UnsupportedOperation
 
         raise UnsupportedOperation(
-            f"connect_process: wire={wire!r}; this version speaks msgpack-rpc"
+            f"connect_process: wire={wire!r}; this version speaks msgpack-rpc and jsonrpc"
         )
     proc = subprocess.Popen(
         list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
+    if wire == "jsonrpc":
+        from ._jsonrpc import JsonRpcClient
+
+        return JsonRpcClient(_ProcessStream(proc), handler, timeout)
     return MsgpackRpcClient(_ProcessStream(proc), handler, timeout)
 
 

@@ -42,7 +42,7 @@ from ._service import Method, Service, as_service
 
 __all__ = ["CompletionTable", "Server", "serve"]
 
-WIRES = ("buzon",)
+WIRES = ("buzon", "jsonrpc")
 SEMANTICS = ("at_most_once", "at_least_once", "exactly_once")
 
 
@@ -536,7 +536,9 @@ class Server:
     ``service`` is a :class:`Service` or an object whose methods carry
     ``@buzon.rpc.expose``. ``mode``: ``"thread"`` (a thread per client; a client's
     calls run inline, and concurrently on up to ``max_in_flight`` threads when some
-    are slow) or ``"process"`` (a forked process per client). ``wire``: ``"buzon"``.
+    are slow) or ``"process"`` (a forked process per client). ``wire``: ``"buzon"``, or
+    ``"jsonrpc"`` (JSON-RPC 2.0 with ``Content-Length`` framing on a raw stream;
+    at-most-once; the counters stay 0 for it).
     ``semantics`` is the client's choice (see :func:`connect`); whatever it says here,
     the server keeps its
     :class:`CompletionTable` (``table``) for the calls that ask for exactly-once.
@@ -578,6 +580,13 @@ class Server:
         self._monitor_lock = threading.Lock()
         self._monitor_obj: _Monitor | None = None
         self.table = CompletionTable()
+        if wire == "jsonrpc":
+            if semantics != "at_most_once":
+                raise UnsupportedOperation(
+                    "wire='jsonrpc' is at-most-once: JSON-RPC carries no retry ids"
+                )
+            self._server = ChannelServer(url, self._serve_jsonrpc, mode=mode, raw=True, **options)
+            return
         self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
 
     @property
@@ -612,6 +621,11 @@ class Server:
             conn.run()
         finally:
             self._connections.discard(conn)
+
+    def _serve_jsonrpc(self, ch: Channel) -> None:
+        from ._jsonrpc import serve_stream
+
+        serve_stream(ch, self.service)
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown`."""
