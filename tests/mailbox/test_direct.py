@@ -330,3 +330,62 @@ def test_a_killed_process_leaves_its_inbox_and_buzon_clean_removes_it() -> None:
     removed = clean(runtime_dir(), now=time.time() + 60)
     assert any("inbox-" in r.path for r in removed)
     assert inbox_files() == []
+
+
+# ---- asyncio ------------------------------------------------------------------------------
+
+
+def test_asyncio_twin_is_selective_and_never_blocks_the_loop() -> None:
+    import asyncio
+
+    parent = os.getpid()
+    buzon.inbox()  # before the senders start: they need it to exist
+    go_r, go_w = os.pipe()
+
+    def send(k: int) -> None:
+        os.read(go_r, 1)
+        for i in range(20):
+            buzon.send_to(parent, (k, i), timeout=T)
+
+    pids = [fork(lambda k=k: send(k)) for k in range(2)]
+
+    async def main() -> None:
+        me = buzon.aio.inbox()
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:  # runs while the receivers wait: the loop is free
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        tick = asyncio.create_task(ticker())
+        with pytest.raises(Timeout):
+            await buzon.aio.recv_from(pids[0], timeout=0.05)
+        os.write(go_w, b"xx")
+        second = [await buzon.aio.recv_from(pids[1], timeout=T) for _ in range(20)]
+        first = [await me.recv_from(pids[0], timeout=T) for _ in range(20)]
+        await buzon.aio.send_to(parent, "self", timeout=T)
+        m = await me.recv_message(timeout=T)
+        stop.set()
+        await tick
+        assert second == [[1, i] for i in range(20)]
+        assert first == [[0, i] for i in range(20)]
+        assert (m.body, m.sender.pid) == ("self", parent)
+        assert ticks > 5
+
+    asyncio.run(main())
+    for pid in pids:
+        assert reap(pid) == 0
+    os.close(go_r)
+    os.close(go_w)
+
+
+def test_asyncio_send_to_a_dead_pid_raises_no_such_endpoint() -> None:
+    import asyncio
+
+    pid = fork(lambda: None)
+    assert reap(pid) == 0
+    with pytest.raises(NoSuchEndpoint):
+        asyncio.run(buzon.aio.send_to(pid, "x", timeout=T))
