@@ -23,7 +23,9 @@ from it until one comes from the wanted pid and keeps the others, in order, in a
 per-process holding queue. Every receive of the inbox (``recv``, ``recv_message``,
 ``recv_from``) looks at the holding queue first, so each sender's messages keep their
 order and no message is lost or seen twice. One thread at a time takes from the ring
-(the *taker*); the others wait on a condition for what it holds back for them.
+(the *taker*); the others wait on a condition for what it holds back for them. The
+holding queue is bounded (``Inbox.max_held``): a flood from other senders makes
+``recv_from`` raise ``Full``, keeping every message, instead of growing without limit.
 
 Sending waits for room in slices of ``_SLICE`` seconds and re-checks the target's
 start time between them: a send to a full inbox whose process died raises
@@ -54,6 +56,7 @@ _PREFIX = "inbox-"
 _NAME_RE = re.compile(r"^inbox-(\d+)-(\d+)$")
 _SLICE = 0.25  # send_to: longest wait for room before the target's liveness is re-checked
 _MAX_OPEN = 32  # target inboxes a sending process keeps attached
+_MAX_HELD = 65536  # messages recv_from may hold back before it raises Full
 
 
 def start_time(pid: int) -> int | None:
@@ -119,6 +122,9 @@ class Inbox:
         self._cond = threading.Condition(threading.Lock())
         self._taking = False
         self._removed = False
+        self.max_held = _MAX_HELD
+        """How many messages of other senders ``recv_from`` may hold back; it raises
+        ``Full`` (keeping them all) rather than hold more."""
 
     def _take(self, match: Callable[[Message], bool], timeout: float | None) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -147,6 +153,12 @@ class Inbox:
                 with self._cond:
                     self._held.append(m)
                     self._cond.notify_all()
+                    if len(self._held) >= self.max_held:
+                        raise Full(
+                            f"{len(self._held)} messages of other senders are held back "
+                            f"in the inbox (max_held={self.max_held}); take them with "
+                            "recv() or recv_from(their pid)"
+                        )
         finally:
             with self._cond:
                 self._taking = False

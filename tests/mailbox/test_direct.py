@@ -389,3 +389,26 @@ def test_asyncio_send_to_a_dead_pid_raises_no_such_endpoint() -> None:
     assert reap(pid) == 0
     with pytest.raises(NoSuchEndpoint):
         asyncio.run(buzon.aio.send_to(pid, "x", timeout=T))
+
+
+def test_recv_from_holds_back_a_bounded_number_then_raises_full_losing_nothing() -> None:
+    me = buzon.inbox()
+    me.max_held = 5
+    parent = os.getpid()
+    flood = fork(lambda: [buzon.send_to(parent, i, timeout=T) for i in range(8)])
+    assert reap(flood) == 0
+    other = fork(lambda: buzon.send_to(parent, "wanted", timeout=T))
+    assert reap(other) == 0
+    with pytest.raises(buzon.Full, match="max_held"):
+        buzon.recv_from(other, timeout=T)
+    assert [me.recv(T) for _ in range(8)] == list(range(8))  # in order, none lost
+    assert buzon.recv_from(other, timeout=T) == "wanted"
+
+
+def test_buzon_ls_names_the_owner_of_an_inbox() -> None:
+    from buzon._forensics import ls_rows
+
+    me = buzon.inbox()
+    rows = [r for r in ls_rows(runtime_dir()) if r[0] == f"mailbox:{me.name}"]
+    assert len(rows) == 1 and f"inbox of pid {os.getpid()}" in rows[0][3]
+    assert "gone" not in rows[0][3]
