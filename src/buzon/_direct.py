@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._mailbox import Mailbox, Message
-from .errors import AddressError, Empty, Full, NoSuchEndpoint, Timeout
+from .errors import AddressError, ChannelClosed, Empty, Full, NoSuchEndpoint, Timeout
 
 __all__ = ["Inbox", "inbox", "inbox_owner_alive", "parse_inbox_name", "recv_from", "send_to"]
 
@@ -119,7 +119,9 @@ class Inbox:
         self.pid = os.getpid()
         self.name = box.name
         self._held: collections.deque[Message] = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # waits: a thread not the taker
+        self._waiting = 0  # threads waiting on _cond
         self._taking = False
         self._removed = False
         self.max_held = _MAX_HELD
@@ -128,19 +130,24 @@ class Inbox:
 
     def _take(self, match: Callable[[Message], bool], timeout: float | None) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:  # the plain lock: the Condition's wrapper costs a microsecond
             while True:
-                for i, m in enumerate(self._held):
-                    if match(m):
-                        del self._held[i]
-                        return m
+                if self._held:
+                    for i, m in enumerate(self._held):
+                        if match(m):
+                            del self._held[i]
+                            return m
                 if not self._taking:
                     self._taking = True
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise (Empty if timeout == 0 else Timeout)(self._none(timeout))
-                self._cond.wait(left)
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
         try:  # the taker: from the ring until one matches; the others are held back
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -150,9 +157,10 @@ class Inbox:
                     raise (Empty if timeout == 0 else Timeout)(self._none(timeout)) from None
                 if match(m):
                     return m
-                with self._cond:
+                with self._lock:
                     self._held.append(m)
-                    self._cond.notify_all()
+                    if self._waiting:
+                        self._cond.notify_all()
                     if len(self._held) >= self.max_held:
                         raise Full(
                             f"{len(self._held)} messages of other senders are held back "
@@ -160,9 +168,10 @@ class Inbox:
                             "recv() or recv_from(their pid)"
                         )
         finally:
-            with self._cond:
+            with self._lock:
                 self._taking = False
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
 
     @staticmethod
     def _none(timeout: float | None) -> str:
@@ -265,15 +274,17 @@ class _Target:
     that process exits (the liveness check of every send: no ``/proc`` read, and a
     pidfd cannot be fooled by a recycled pid)."""
 
-    __slots__ = ("box", "pid", "pidfd")
+    __slots__ = ("_poll", "box", "pid", "pidfd")
 
     def __init__(self, box: Mailbox, pid: int, pidfd: int) -> None:
         self.box = box
         self.pid = pid
         self.pidfd = pidfd
+        self._poll = select.poll()
+        self._poll.register(pidfd, select.POLLIN)
 
     def alive(self) -> bool:
-        return not select.select([self.pidfd], [], [], 0)[0]
+        return self.pidfd >= 0 and not self._poll.poll(0)
 
     def close(self) -> None:
         self.box.close()
@@ -285,6 +296,10 @@ class _Target:
 def _target(pid: int) -> _Target:
     """The inbox of process ``pid`` (cached while that process lives)."""
     global _targets_pid
+    if _targets_pid == os.getpid():  # the common case, without the lock: a dict lookup
+        target = _targets.get(pid)
+        if target is not None and target.alive():
+            return target
     with _lock:
         if _targets_pid != os.getpid():  # forked: the parent's targets are not ours
             for inherited in _targets.values():
@@ -362,6 +377,10 @@ def send_to(pid: int, obj: Any, timeout: float | None = None) -> None:
         except NoSuchEndpoint:
             _forget(target)
             raise NoSuchEndpoint(f"process {pid} removed its inbox (it exited)") from None
+        except ChannelClosed:  # another thread evicted it from the cache just now
+            target = _target(pid)
+            box = target.box
+            continue
         except Timeout:
             pass
         except Full:
