@@ -4,7 +4,8 @@ Run: ``PYTHONPATH=src python tests/mailbox/direct_bench.py [N] [ROUNDS]`` under 
 private ``BUZON_RUNTIME_DIR`` (e.g. ``/work/iso.sh env BUZON_RUNTIME_DIR=$(mktemp -d)
 ...``). Each round, in turn: the mean 64 B round trip with ``buzon.send_to`` +
 ``buzon.recv_from`` against a forked echo process, then the same through a ``shm:``
-channel (``send`` + ``recv``), and their ratio (issue 10's target: <= 2).
+channel (``send`` + ``recv``), and the same through two plain mailboxes
+(``send`` + ``recv_message``), with the ratios (issue 10's target: direct/shm <= 2).
 """
 
 from __future__ import annotations
@@ -48,6 +49,29 @@ def direct_round_trip() -> float:
     return dt / N * 1e6
 
 
+def mailbox_round_trip() -> float:
+    """The same through two plain mailboxes (what direct communication is built on)."""
+    tag = os.getpid()
+    a, b = buzon.mailbox(f"rt-a-{tag}"), buzon.mailbox(f"rt-b-{tag}")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        for _ in range(N + WARM):
+            b.send(a.recv_message().body)
+        os._exit(0)
+    for _ in range(WARM):
+        a.send(MSG)
+        b.recv_message()
+    t = time.perf_counter()
+    for _ in range(N):
+        a.send(MSG)
+        b.recv_message()
+    dt = time.perf_counter() - t
+    os.waitpid(pid, 0)
+    a.remove()
+    b.remove()
+    return dt / N * 1e6
+
+
 def shm_round_trip() -> float:
     name = f"shm:rt{os.getpid()}"
     lst = buzon.listen(name)
@@ -77,8 +101,12 @@ def shm_round_trip() -> float:
 def main() -> None:
     for i in range(ROUNDS):
         d = direct_round_trip()
+        m = mailbox_round_trip()
         s = shm_round_trip()
-        print(f"round {i}: send_to/recv_from {d:.1f} us, shm: {s:.1f} us, ratio {d / s:.2f}")
+        print(
+            f"round {i}: send_to/recv_from {d:.1f} us, mailboxes {m:.1f} us, shm: {s:.1f} us;"
+            f" direct/shm {d / s:.2f}, direct/mailboxes {d / m:.2f}"
+        )
 
 
 if __name__ == "__main__":
