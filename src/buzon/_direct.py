@@ -201,6 +201,20 @@ class Inbox:
         queued, in order (``Timeout`` after ``timeout``)."""
         return self.recv_message_from(pid, timeout).body
 
+    # ---- readiness: buzon.wait and buzon.aio.wait ------------------------------------------
+
+    def fileno(self) -> int:
+        """The mailbox's wake-up fd (see :meth:`buzon.Mailbox.fileno`)."""
+        return self.mailbox.fileno()
+
+    def _ready(self) -> bool:
+        """True if a message is held back or in the mailbox; else arm the wake-up."""
+        return bool(self._held) or self.mailbox._ready()
+
+    @property
+    def _wait_slice(self) -> float:
+        return self.mailbox._wait_slice
+
     def qsize(self) -> int:
         """Messages waiting: held back by ``recv_from`` plus those in the mailbox."""
         return len(self._held) + self.mailbox.qsize()

@@ -412,3 +412,30 @@ def test_buzon_ls_names_the_owner_of_an_inbox() -> None:
     rows = [r for r in ls_rows(runtime_dir()) if r[0] == f"mailbox:{me.name}"]
     assert len(rows) == 1 and f"inbox of pid {os.getpid()}" in rows[0][3]
     assert "gone" not in rows[0][3]
+
+
+def test_buzon_wait_takes_an_inbox_and_sees_held_back_messages() -> None:
+    me = buzon.inbox()
+    assert buzon.wait([me], timeout=0.05) == []
+    parent = os.getpid()
+    other = fork(lambda: buzon.send_to(parent, "held", timeout=T))
+    assert reap(other) == 0
+    assert buzon.wait([me], timeout=T) == [me]
+    with pytest.raises(Timeout):
+        buzon.recv_from(parent, timeout=0.05)  # takes "held" into the holding queue
+    assert len(me.mailbox) == 0
+    assert buzon.wait([me], timeout=T) == [me]  # the held one counts
+    assert me.recv_nowait() == "held"
+
+
+def test_buzon_aio_wait_takes_an_aio_inbox() -> None:
+    import asyncio
+
+    async def main() -> None:
+        me = buzon.aio.inbox()
+        assert await buzon.aio.wait([me], timeout=0.05) == []
+        await buzon.aio.send_to(me.pid, 1, timeout=T)
+        assert await buzon.aio.wait([me], timeout=T) == [me]
+        assert await me.recv(timeout=T) == 1
+
+    asyncio.run(main())

@@ -78,6 +78,17 @@ class AioInbox:
         """:meth:`buzon.Inbox.recv_from`, awaited."""
         return (await self.recv_message_from(pid, timeout)).body
 
+    def fileno(self) -> int:
+        """The wake-up fd (``buzon.aio.wait`` takes an inbox)."""
+        return self.sync.fileno()
+
+    def _ready(self) -> bool:
+        return self.sync._ready()
+
+    @property
+    def _wait_slice(self) -> float:
+        return self.sync._wait_slice
+
     def qsize(self) -> int:
         """Messages waiting (held back plus in the mailbox)."""
         return self.sync.qsize()
