@@ -53,6 +53,7 @@ from .transport.base import LinkProperties, PeerInfo
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so ``import buzon`` stays light
     from . import aio, names, rpc, signals
+    from ._direct import Inbox, inbox, recv_from, send_to
     from ._mailbox import Mailbox, MailboxReceipt, Message, mailbox
     from ._serve import serve
     from .shm import BoundedBuffer, shared_array, shared_value
@@ -70,6 +71,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Mailbox": ("buzon._mailbox", "Mailbox"),
     "MailboxReceipt": ("buzon._mailbox", "MailboxReceipt"),
     "Message": ("buzon._mailbox", "Message"),
+    "Inbox": ("buzon._direct", "Inbox"),
+    "inbox": ("buzon._direct", "inbox"),
+    "send_to": ("buzon._direct", "send_to"),
+    "recv_from": ("buzon._direct", "recv_from"),
     "BoundedBuffer": ("buzon.shm", "BoundedBuffer"),
     "shared_array": ("buzon.shm", "shared_array"),
     "shared_value": ("buzon.shm", "shared_value"),
@@ -127,6 +132,7 @@ __all__ = [
     "FrameTooLarge",
     "Full",
     "HandshakeError",
+    "Inbox",
     "InsecureBind",
     "LinkProperties",
     "Listener",
@@ -154,12 +160,15 @@ __all__ = [
     "aio",
     "connect",
     "errors",
+    "inbox",
     "listen",
     "mailbox",
     "names",
     "parse_address",
     "pipe",
+    "recv_from",
     "rpc",
+    "send_to",
     "serve",
     "shared_array",
     "shared_value",

@@ -141,6 +141,7 @@ class Entry:
             if segment is not None and segment_exists(segment):
                 self.state = f"names {segment.lstrip('/')}"
                 if self.name.endswith(".mbox"):
+                    from ._direct import owner_state
                     from ._mailbox import describe
 
                     self.kind = "mailbox"
@@ -148,6 +149,9 @@ class Entry:
                         self.state = describe(segment)
                     except BuzonError as exc:  # not a mailbox's ring after all
                         self.state = f"names {segment.lstrip('/')} ({exc})"
+                    owner = owner_state(self.name[: -len(".mbox")])
+                    if owner is not None:  # buzon.inbox(): a process's own mailbox
+                        self.state = f"{owner}; {self.state}"
             else:
                 self.state = "names a segment that is gone"
         elif self.pool:  # the listener holds its pools open
@@ -353,16 +357,19 @@ def clean(
     """Remove what is provably dead: shared-memory segments no live process holds (a
     mailbox only when empty, or with ``force``), the names of segments that are gone,
     and runtime-dir entries (see :meth:`Entry.removable`)."""
+    from ._direct import clean_inboxes
     from ._mailbox import keeps
     from .shm import SHM_DIR, clean_segments
     from .shm._names import clean_names
 
     now = time.time() if now is None else now
+    # the inboxes of processes that are gone first: their messages have nobody to go to
+    removed = [Removal(path, why) for path, why in clean_inboxes(rdir, now, CLEAN_GRACE, dry_run)]
     segments = clean_segments(dry_run=dry_run, keep=lambda s: keeps(s, force=force))
     if not dry_run and any(s.label.startswith("mailbox ") for s in segments):
         # the out-of-line blocks of a removed mailbox's messages went with it
         segments += clean_segments(keep=lambda s: keeps(s, force=force))
-    removed = [
+    removed += [
         Removal(f"{SHM_DIR}/{seg.name}", "shared memory; no live process attached")
         for seg in segments
     ]
