@@ -540,6 +540,51 @@ def demo_mailbox(kids: _Children) -> None:
     _line("clean", "mailboxes removed: nothing of them is left (names, segments)")
 
 
+def demo_direct(kids: _Children) -> None:
+    _line("concept", "direct communication: send(P, msg) / receive(Q) name the process itself")
+    ready_r, ready_w = os.pipe()  # receiver -> parent: its inbox exists
+    order_r, order_w = os.pipe()  # parent -> receiver: the senders' pids
+    result_r, result_w = os.pipe()  # receiver -> parent: what recv_from gave
+    try:
+        receiver = kids.fork(functools.partial(_receive_direct, ready_w, order_r, result_w))
+        _expect(os.read(ready_r, 1), b"!", "the receiver's inbox")
+        chatty = [kids.fork(functools.partial(_tell, receiver, k)) for k in range(2)]
+        os.write(order_w, b"%d %d\n" % (chatty[0], chatty[1]))
+        for pid in chatty:
+            kids.reap(pid)
+        kids.reap(receiver)
+        report = os.read(result_r, 4096).decode()
+    finally:
+        for fd in (ready_r, ready_w, order_r, order_w, result_r, result_w):
+            os.close(fd)
+    _expect(report, "1:0 1:1 1:2 | 0:0 0:1 0:2", "what recv_from returned")
+    _line("direct", f"children {chatty[0]}, {chatty[1]} each send_to({receiver}, ...) 3 messages")
+    _line("", f"{receiver}: recv_from({chatty[1]}) x3, then recv_from({chatty[0]}) x3 gives")
+    _line("", f"{report} (each sender in its order; the other's held back meanwhile)")
+    try:
+        buzon.send_to(receiver, "anyone there?", timeout=TIMEOUT)
+        raise DemoFailure("send_to a process that has exited went through")
+    except buzon.NoSuchEndpoint:
+        _line("", f"send_to({receiver}) once it has exited: NoSuchEndpoint")
+
+
+def _receive_direct(ready: int, order: int, result: int) -> None:
+    buzon.inbox()  # made before anyone looks for it
+    os.write(ready, b"!")
+    line = b""
+    while not line.endswith(b"\n"):
+        line += os.read(order, 64)
+    first, second = (int(p) for p in line.split())
+    later = [buzon.recv_from(second, TIMEOUT) for _ in range(3)]
+    earlier = [buzon.recv_from(first, TIMEOUT) for _ in range(3)]
+    os.write(result, f"{' '.join(later)} | {' '.join(earlier)}".encode())
+
+
+def _tell(parent: int, k: int) -> None:
+    for i in range(3):
+        buzon.send_to(parent, f"{k}:{i}", TIMEOUT)
+
+
 def _work(name: str) -> None:
     with buzon.mailbox(name) as box:
         while box.recv(TIMEOUT) is not None:
@@ -580,6 +625,7 @@ SECTIONS: list[tuple[str, str, Callable[[_Children], None]]] = [
     ("semantics", "rendezvous, bounded capacity and receipts", demo_semantics),
     ("shm", "shared memory: channels, a bounded buffer, a shared counter", demo_shm),
     ("mailbox", "mailboxes: who gets the message, and fan-out", demo_mailbox),
+    ("direct", "direct addressing: send_to a pid, selective recv_from", demo_direct),
 ]
 
 
