@@ -32,7 +32,7 @@ child over its stdin/stdout. See ``docs/rpc.md``.
 from __future__ import annotations
 
 from ..errors import DeadlineExceeded, RemoteError
-from ._client import Call, Client, close, connect
+from ._client import Call, Client, ServerRestarted, close, connect
 from ._context import CallContext, context, deadline
 from ._jsonrpc import JsonRpcClient
 from ._msgpack import MsgpackRpcClient, connect_process
@@ -51,6 +51,7 @@ __all__ = [
     "RemoteError",
     "RemoteObject",
     "Server",
+    "ServerRestarted",
     "Service",
     "close",
     "connect",

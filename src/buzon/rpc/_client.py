@@ -26,8 +26,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ..address import Address
+from ..address import Address, parse_address
 from ..errors import (
+    AddressError,
     BuzonError,
     ChannelClosed,
     CodecError,
@@ -41,6 +42,7 @@ from ..errors import (
     ValidationError,
 )
 from ..errors import Timeout as _Timeout
+from ..names import lookup
 from ..sync import Channel
 from ..sync import connect as _connect
 from . import _wire as w
@@ -51,7 +53,7 @@ from ._remote import _PLAIN, RELEASE, RefPeer
 from ._server import _check
 from ._service import _schema
 
-__all__ = ["Call", "Client", "close", "connect"]
+__all__ = ["Call", "Client", "ServerRestarted", "close", "connect"]
 
 P = TypeVar("P")
 
@@ -126,6 +128,13 @@ _CANCELLED = "cancelled by the caller"
 _RETRY = (EndOfChannel, ChannelClosed, ConnectError, ProtocolError, _Timeout)
 
 
+class ServerRestarted(EndOfChannel):
+    """``exactly_once`` through ``name:NAME``: the server the call was sent to is gone
+    and the name now stands for another start of it (a new instance id), whose
+    completion table has no record of the call. Its outcome is unknown (it may or may
+    not have run); it is not sent again (``buzon.rpc.ServerRestarted``)."""
+
+
 class _Cancelled(Exception):
     """Marks a call its future's ``cancel()`` gave up (the future ends CANCELLED)."""
 
@@ -175,6 +184,7 @@ class Client(RefPeer):
         max_in_flight: int = 64,
         semantics: str = "at_most_once",
         reconnect: Callable[[float | None], Channel] | None = None,
+        instance: Callable[[], str | None] | None = None,
     ) -> None:
         if semantics != "at_most_once" and reconnect is None:
             raise ValueError(f"semantics={semantics!r} needs a way to reconnect")
@@ -202,6 +212,8 @@ class Client(RefPeer):
         self._next_seq = 1
         self._open_seqs: set[int] = set()
         self.retries = 0  # attempts made again after a lost connection
+        self._instance_of = instance  # the server start connected to (name: binding)
+        self._restarts = 0  # reconnects that found another server start
         self._closing = False
         self._ref_init()
 
@@ -397,6 +409,8 @@ class Client(RefPeer):
                 self._open_seqs.add(seq)
         delay = 0.005
         last: BaseException | None = None
+        restarts = self._restarts
+        sent = False
         try:
             while True:
                 if at is not None and _monotonic() >= at:
@@ -408,11 +422,18 @@ class Client(RefPeer):
                 try:
                     if broken is not None:
                         self._reconnect(broken, at)
+                    if seq and sent and self._restarts != restarts:
+                        raise ServerRestarted(
+                            f"{method}: the server restarted with this call in flight (a new"
+                            f" instance under the name): its outcome is unknown and the new"
+                            f" server has no record of it, so it is not sent again"
+                        )
                     if seq:
                         with self._conn_lock:
                             acked = min(self._open_seqs)
                         key = [self._client_id, seq, acked]
                     p = self._start(method, args, kwargs, at, key)
+                    sent = True
                     try:
                         if not p.done:
                             self._wait(p, None)
@@ -425,7 +446,7 @@ class Client(RefPeer):
                         return p.result
                     last = p.error
                 except _RETRY as exc:
-                    if self._closing or isinstance(exc, DeadlineExceeded):
+                    if self._closing or isinstance(exc, (DeadlineExceeded, ServerRestarted)):
                         raise
                     last = exc
                     if self._broken is None:
@@ -446,7 +467,11 @@ class Client(RefPeer):
                 return  # another thread reconnected already
             assert self._reconnect_fn is not None
             left = None if at is None else max(0.001, at - _monotonic())
+            of = self._instance_of
+            before = of() if of is not None else None
             ch = self._reconnect_fn(left)
+            if of is not None and before is not None and of() != before:
+                self._restarts += 1  # the name now stands for another server start
             old, self._ch = self._ch, ch
             self._broken = None
         old.close()
@@ -790,12 +815,25 @@ def connect(
         return connect_msgpack(url, handler, timeout, **options)
     if handler is not None:
         raise TypeError("handler= is for wire='msgpack-rpc' or 'jsonrpc' (the peer's own requests)")
-    _check(wire, semantics, None)
-    ch = _connect(url, timeout, **options)
+    _check(wire, semantics)
+    addr = parse_address(url)
+    instance: list[str | None] = [None]
 
     def reconnect(left: float | None) -> Channel:
-        return _connect(url, left, **options)
+        if addr.scheme != "name":
+            return _connect(url, left, **options)
+        # name:NAME is looked up again on every reconnect: the server may have moved;
+        # its instance id (registration metadata) tells a restarted server apart
+        assert addr.name is not None
+        record = lookup(addr.name)
+        if record.address.startswith("mailbox:"):
+            raise AddressError(f"name {addr.name!r} stands for {record.address}, not a server")
+        ch = _connect(record.address, left, **options)
+        meta = record.metadata
+        instance[0] = meta.get("instance") if isinstance(meta, dict) else None
+        return ch
 
+    ch = reconnect(timeout)
     return Client(
         ch,
         proto,
@@ -803,6 +841,7 @@ def connect(
         max_in_flight=max_in_flight,
         semantics=semantics,
         reconnect=reconnect,
+        instance=lambda: instance[0],
     )
 
 

@@ -52,15 +52,13 @@ def _log() -> Any:
     return logging.getLogger("buzon.rpc")
 
 
-def _check(wire: str, semantics: str, name: str | None) -> None:
+def _check(wire: str, semantics: str) -> None:
     if wire not in WIRES:
         raise UnsupportedOperation(f"wire={wire!r}: this version speaks {', '.join(WIRES)}")
     if semantics not in SEMANTICS:
         raise UnsupportedOperation(
             f"semantics={semantics!r}: this version offers {', '.join(SEMANTICS)}"
         )
-    if name is not None:
-        raise UnsupportedOperation("serve(name=...): binding by name is not available yet")
 
 
 def _once_key(value: Any) -> tuple[bytes, int, int]:
@@ -544,6 +542,13 @@ class Server:
     :class:`CompletionTable` (``table``) for the calls that ask for exactly-once.
     ``options`` go to :func:`buzon.listen` (``max_clients``, ``grace`` to the server).
 
+    ``name``: also register the real address under this name (:mod:`buzon.names`),
+    with metadata ``{"service", "wire", "semantics", "instance"}``; ``EndpointInUse``
+    if a live process holds it (nothing stays bound then). The name goes when the
+    server stops serving (or its process dies). ``url`` may be ``name:NAME``: serves
+    ``unix:NAME`` registered as NAME. ``instance`` is a random id of this server start,
+    by which a client reconnecting through the name notices a restarted server.
+
     Counters: ``calls`` (replies sent), ``errors`` (error replies and refused
     messages), ``in_flight`` (calls running now). With ``mode="process"`` they count
     only what this process did (each client is served in a child).
@@ -566,10 +571,16 @@ class Server:
             raise UnsupportedOperation(
                 "mode='async': use buzon.aio.rpc.Server (or buzon.rpc.serve(..., mode='async'))"
             )
-        _check(wire, semantics, name)
+        _check(wire, semantics)
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        from ..names import listen_address
+
+        addr, name = listen_address(url, name)
+        url = str(addr)
         self.service = as_service(service)
+        self.name = name
+        self.instance = os.urandom(16).hex()  # this start's id (restart detection)
         self.wire = wire
         self.semantics = semantics
         self.max_in_flight = max_in_flight
@@ -586,8 +597,28 @@ class Server:
                     "wire='jsonrpc' is at-most-once: JSON-RPC carries no retry ids"
                 )
             self._server = ChannelServer(url, self._serve_jsonrpc, mode=mode, raw=True, **options)
-            return
-        self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
+        else:
+            self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
+        if name is not None:
+            self._register(name)
+
+    def _register(self, name: str) -> None:
+        """Register the bound address under ``name``; on failure nothing stays bound."""
+        from ..names import bind
+
+        metadata = {
+            "service": self.service.name,
+            "wire": self.wire,
+            "semantics": self.semantics,
+            "instance": self.instance,
+        }
+        server = self._server
+        try:
+            bind(server._listener, name, metadata)  # closes the listener if refused
+        except BaseException:
+            os.close(server._wake_r)
+            os.close(server._wake_w)
+            raise
 
     @property
     def in_flight(self) -> int:

@@ -1,0 +1,162 @@
+"""Binding by name: ``rpc.Server(..., name=)`` registers the real address (with the
+wire, the semantics and a per-start instance id), the name goes with the server, and a
+reconnecting client re-resolves it and notices a restarted server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+from _rpc_helpers import Calc, Recorder, calc_service, serving
+
+from buzon import names, rpc
+from buzon.errors import EndpointInUse, NoSuchEndpoint
+
+_CHILD_SERVES = """
+import sys, time
+from buzon import rpc
+svc = rpc.Service("calc")
+
+@svc.method
+def add(a: int, b: int) -> int:
+    return a + b
+
+@svc.method
+def block(name: str) -> str:
+    time.sleep(60)
+    return name
+
+srv = rpc.Server(sys.argv[1], svc, name=sys.argv[2])
+print("ready", flush=True)
+srv.serve_forever()
+"""
+
+
+def _child_server(url: str, name: str) -> subprocess.Popen[str]:
+    """A child process serving a calculator at ``url`` under ``name``, until killed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_SERVES, url, name],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_serve_with_a_name_registers_the_real_address_and_metadata() -> None:
+    rec = Recorder()
+    with serving("unix:named", calc_service(rec), name="calc", semantics="exactly_once") as srv:
+        record = names.lookup("calc")
+        assert record.address == str(srv.address)
+        assert record.pid == os.getpid()
+        meta = record.metadata
+        assert meta["wire"] == "buzon" and meta["semantics"] == "exactly_once"
+        assert meta["service"] == "calc"
+        assert meta["instance"] == srv.instance and len(srv.instance) >= 16
+        with rpc.connect("name:calc", Calc, timeout=10) as calc:  # type: ignore[attr-defined]
+            assert calc.add(2, 3) == 5
+    with pytest.raises(NoSuchEndpoint):  # the name went with the server
+        names.lookup("calc")
+
+
+def test_each_server_start_has_its_own_instance_id() -> None:
+    svc = calc_service(Recorder())
+    with serving("unix:one", svc, name="calc") as a:
+        first = a.instance
+    with serving("unix:one", svc, name="calc") as b:
+        assert b.instance != first
+        assert names.lookup("calc").metadata["instance"] == b.instance
+
+
+def test_a_second_server_with_a_live_name_is_refused_and_leaves_nothing() -> None:
+    svc = calc_service(Recorder())
+    with serving("unix:first", svc, name="calc") as srv:
+        before = set(os.listdir(os.environ["BUZON_RUNTIME_DIR"]))
+        with pytest.raises(EndpointInUse, match=str(os.getpid())):
+            rpc.Server("unix:second", svc, name="calc")
+        assert set(os.listdir(os.environ["BUZON_RUNTIME_DIR"])) == before  # no socket left
+        assert names.lookup("calc").address == str(srv.address)  # the first one's stays
+    with pytest.raises(EndpointInUse):  # a live holder in another process, too
+        proc = _child_server("unix:child", "held")
+        try:
+            rpc.Server("unix:mine", svc, name="held")
+        finally:
+            _kill(proc)
+
+
+def test_name_url_and_name_argument_agree_or_are_refused() -> None:
+    svc = calc_service(Recorder())
+    with serving("name:calc", svc) as srv:
+        assert names.lookup("calc").address == str(srv.address)
+        assert names.lookup("calc").metadata["instance"] == srv.instance
+    with pytest.raises(Exception, match="two different names"):
+        rpc.Server("name:calc", svc, name="other")
+
+
+def test_a_killed_server_s_name_is_gone_at_once() -> None:
+    proc = _child_server("unix:victim", "victim")
+    try:
+        assert names.lookup("victim").pid == proc.pid
+    finally:
+        _kill(proc)
+    with pytest.raises(NoSuchEndpoint):  # flock-owned: free as soon as the owner is dead
+        names.lookup("victim")
+
+
+def test_at_least_once_client_finds_a_server_restarted_elsewhere() -> None:
+    proc = _child_server("unix:old", "calc")
+    calc = rpc.connect("name:calc", timeout=20, semantics="at_least_once")
+    try:
+        assert calc.add(1, 2) == 3
+        _kill(proc)
+        rec = Recorder()
+        with serving("unix:new", calc_service(rec), name="calc") as srv:
+            assert names.lookup("calc").address == str(srv.address)
+            assert calc.add(20, 22) == 42  # re-resolved on reconnect
+            assert rec.ran == ["add"]
+            assert calc.retries >= 1
+    finally:
+        calc.close()
+
+
+def test_exactly_once_client_gets_a_typed_error_when_the_server_restarted() -> None:
+    proc = _child_server("unix:old", "calc")
+    calc = rpc.connect("name:calc", timeout=20, semantics="exactly_once")
+    try:
+        assert calc.add(1, 2) == 3
+        outcome: list[BaseException] = []
+
+        def in_flight() -> None:
+            try:
+                calc.call("block", "x")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        while calc.in_flight == 0 and t.is_alive():
+            t.join(0.01)
+        _kill(proc)  # the call's outcome is unknown, and the table died with the server
+        rec = Recorder()
+        with serving("unix:new", calc_service(rec), name="calc"):
+            t.join(20)
+            assert not t.is_alive()
+            assert len(outcome) == 1 and isinstance(outcome[0], rpc.ServerRestarted)
+            assert "restarted" in str(outcome[0]) and "block" in str(outcome[0])
+            assert rec.ran == []  # not run again on the new server
+            assert calc.add(2, 2) == 4  # new calls go to the new server
+            assert rec.ran == ["add"]
+    finally:
+        calc.close()
