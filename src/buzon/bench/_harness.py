@@ -880,6 +880,8 @@ def run_case(case: Case, config: Config, tmpdir: str, seq: int) -> Result:
     except Skipped as exc:
         return Result(case, "skipped", note=str(exc), wall=time.perf_counter() - t0)
     except Exception as exc:
+        if _signalled:  # Ctrl-C reached the peer first and the case failed of it
+            raise KeyboardInterrupt from exc
         note = f"{type(exc).__name__}: {exc}".strip()
         return Result(case, "error", note=note, wall=time.perf_counter() - t0)
 
@@ -939,16 +941,25 @@ class Progress:
 
 @contextlib.contextmanager
 def interrupts_as_keyboard() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt, so ``kill`` cleans up like Ctrl-C does."""
+    """Turn SIGTERM into KeyboardInterrupt, so ``kill`` cleans up like Ctrl-C does, and
+    remember either signal: Ctrl-C reaches the whole process group, so a case's peer may
+    die of it before this process is interrupted, and that case's failure is then the
+    interruption (:func:`run_case`), not an error of the case."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        _signalled.append(signum)
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = signal.signal(signal.SIGTERM, handler)
+    old_int = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
+
+
+_signalled: list[int] = []  # SIGINT/SIGTERM seen while cases ran
