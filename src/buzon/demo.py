@@ -594,14 +594,14 @@ def demo_rpc(kids: _Children) -> None:
                 _expect(exc.code, rpc.RemoteError.INVALID_PARAMS, "the error's code")
                 _line("", f"calc.add(2, 'three') -> RemoteError {exc.code} (nothing ran)")
             try:
-                with rpc.deadline(0.1):
+                with rpc.deadline(0.3):
                     calc.slow()
                 raise DemoFailure("slow() finished within its deadline")
             except rpc.DeadlineExceeded:
                 pass
             ready, _, _ = select.select([seen_r], [], [], TIMEOUT)
             _expect(bool(ready) and os.read(seen_r, 1), b"c", "the handler's context().cancelled")
-            _line("deadline", "with rpc.deadline(0.1): calc.slow() -> DeadlineExceeded;")
+            _line("deadline", "with rpc.deadline(0.3): calc.slow() -> DeadlineExceeded;")
             _line("", "the server's handler saw rpc.context().cancelled and stopped")
         finally:
             rpc.close(calc)
