@@ -574,14 +574,26 @@ def demo_direct(kids: _Children) -> None:
 
 
 def demo_rpc(kids: _Children) -> None:
-    from . import rpc
-    from .testing.chaos import ChaosRelay, Faults
-
     _line("concept", "remote procedure call: a client stub marshals, a server stub runs it")
     url = f"unix:demo-rpc-{os.getpid()}"
     seen_r, seen_w = os.pipe()  # server -> parent: the handler saw its call cancelled
-    with _rpc_server(kids, url, functools.partial(_rpc_service, seen_w)) as server:
-        os.close(seen_w)
+    done_r, done_w = os.pipe()  # parent -> server: the caller gave up, the handler may end
+    make = functools.partial(_rpc_service, seen_w, done_r)
+    try:
+        _rpc_section(kids, url, make, seen_r, done_w)
+    finally:
+        for fd in (seen_r, seen_w, done_r, done_w):
+            os.close(fd)
+    left = [f for f in os.listdir(runtime_dir()) if f.startswith(f"demo-rpc-{os.getpid()}")]
+    _expect(left, [], "sockets of this section left")
+    _line("clean", "the server stopped and reaped; its socket and the relay's removed")
+
+
+def _rpc_section(kids: _Children, url: str, make: Any, seen_r: int, done_w: int) -> None:
+    from . import rpc
+    from .testing.chaos import ChaosRelay, Faults
+
+    with _rpc_server(kids, url, make) as server:
         calc = rpc.connect(url, _Calc, timeout=TIMEOUT)
         try:
             total = calc.add(2, 3)
@@ -599,13 +611,14 @@ def demo_rpc(kids: _Children) -> None:
                 raise DemoFailure("slow() finished within its deadline")
             except rpc.DeadlineExceeded:
                 pass
+            finally:
+                os.write(done_w, b"!")  # (its reply must come after the caller gave up)
             ready, _, _ = select.select([seen_r], [], [], TIMEOUT)
             _expect(bool(ready) and os.read(seen_r, 1), b"c", "the handler's context().cancelled")
             _line("deadline", "with rpc.deadline(0.3): calc.slow() -> DeadlineExceeded;")
             _line("", "the server's handler saw rpc.context().cancelled and stopped")
         finally:
             rpc.close(calc)
-            os.close(seen_r)
         faults = Faults(reply=Faults(reset=0.3))  # replies lose their connection
         with ChaosRelay(f"{url}-lossy", url, profile=faults, seed=3) as relay:
             once = rpc.connect(relay.address, timeout=TIMEOUT, semantics="exactly_once")
@@ -617,9 +630,6 @@ def demo_rpc(kids: _Children) -> None:
         _expect(once.retries > 0, True, "retries after resets")
         _line("once", f"10 x incr(key) via a relay that resets replies: {once.retries} retries,")
         _line("", "yet every count came back 1: exactly_once ran each call once")
-    left = [f for f in os.listdir(runtime_dir()) if f.startswith(f"demo-rpc-{os.getpid()}")]
-    _expect(left, [], "sockets of this section left")
-    _line("clean", f"server pid {server} stopped and reaped; its socket and the relay's removed")
 
 
 class _Calc(Protocol):
@@ -627,7 +637,7 @@ class _Calc(Protocol):
     def slow(self) -> None: ...
 
 
-def _rpc_service(seen: int) -> Any:
+def _rpc_service(seen: int, done: int) -> Any:
     from . import rpc
 
     svc = rpc.Service("demo")
@@ -645,6 +655,7 @@ def _rpc_service(seen: int) -> Any:
             time.sleep(0.005)
         if ctx.cancelled:
             os.write(seen, b"c")
+            select.select([done], [], [], TIMEOUT)  # answer once the caller has given up
 
     @svc.method
     def incr(key: str) -> int:
