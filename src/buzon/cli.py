@@ -33,6 +33,10 @@ buzon programs as well as to programs that know nothing about buzon (``--raw``).
   transport's name where the sender is unknown) unless ``--quiet``. A new client's
   handshake runs in line, bounded by 5 s: a client that connects and stays silent
   delays the others that long, never more.
+* ``call URL METHOD ARGS...`` calls an RPC method (:mod:`buzon.rpc`, ``--wire`` buzon,
+  msgpack-rpc or jsonrpc) with each ARG read as ``send`` reads MSG, and prints the
+  result as one JSON line; an error reply is printed as ``remote error CODE: MESSAGE``
+  on stderr (exit 1), a passed deadline exits 3. ``--notify`` sends a one-way call.
 * ``ls`` and ``clean`` look at the private runtime dir (see below).
 * ``chaos FRONT BACK`` relays datagrams or streams between two addresses with faults
   (drop, duplicate, reorder, corrupt, delay, blackhole, slice, reset), seeded and
@@ -249,6 +253,7 @@ examples:
   seq 3 | buzon send fifo:jobs -       # one message per line
   buzon listen tcp://127.0.0.1:7000    # serve every client until Ctrl-C
   buzon recv fifo:/tmp/f --raw         # then: printf hello > /tmp/f
+  buzon call unix:calc add 1 2         # an RPC call; prints the result as JSON
   buzon ls; buzon clean --dry-run
   buzon demo                           # every transport between real processes
 
@@ -306,6 +311,27 @@ examples:
   buzon listen unix:log
   buzon listen tcp://127.0.0.1:7000 --raw        # and: nc 127.0.0.1 7000
   buzon listen udp://127.0.0.1:9999 -q
+"""
+
+_WIRES = ("buzon", "msgpack-rpc", "jsonrpc")
+
+_CALL_EPILOG = """\
+Each ARG is sent as JSON when it parses as JSON (42 -> number, '"42"' -> string,
+'[1, 2]' -> list), else as a string, like 'buzon send'. The result is printed as
+one JSON line (bytes as {"$bytes": BASE64}, as 'buzon recv' does). A call the
+server answers with an error prints 'buzon: error: remote error CODE: MESSAGE'
+on stderr and exits 1 (the codes are buzon.errors.RemoteError's, JSON-RPC's).
+--wire msgpack-rpc talks to Neovim (nvim --listen) and other msgpack-rpc peers,
+--wire jsonrpc to JSON-RPC 2.0 servers with Content-Length framing. --notify
+sends a one-way call (no reply, no result, no error back).
+
+exit status: 0 ok, 1 remote error or other error, 3 timeout (deadline).
+
+examples:
+  buzon call unix:calc add 1 2                       # 3
+  buzon call unix:calc greet world                   # "hello, world"
+  buzon call unix:/tmp/nvim.sock nvim_eval '"1+2"' --wire msgpack-rpc
+  buzon call unix:calc log started --notify
 """
 
 _LS_EPILOG = """\
@@ -423,6 +449,29 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     p.add_argument("-q", "--quiet", action="store_true", help="no peer prefixes or notices")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback TCP/UDP bind")
     p.set_defaults(func=_cmd_listen)
+
+    p = sub.add_parser(
+        "call",
+        help="call METHOD of the RPC server at URL and print the result as JSON",
+        description="Call METHOD(ARGS...) on the buzon.rpc server at URL; print the result.",
+        epilog=_CALL_EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("url", metavar="URL", help="the RPC server (see 'buzon --help')")
+    p.add_argument("method", metavar="METHOD", help="the method's name")
+    p.add_argument("args", metavar="ARG", nargs="*", help="an argument: JSON, else a string")
+    p.add_argument(
+        "--timeout",
+        type=_timeout_arg,
+        default=DEFAULT_SEND_TIMEOUT,
+        metavar="S",
+        help=f"seconds to connect and for the call (default {DEFAULT_SEND_TIMEOUT:g}; inf)",
+    )
+    p.add_argument(
+        "--wire", choices=_WIRES, default="buzon", help="the wire format (default buzon)"
+    )
+    p.add_argument("--notify", action="store_true", help="a one-way call: send, print nothing")
+    p.set_defaults(func=_cmd_call)
 
     p = sub.add_parser(
         "ls",
@@ -577,6 +626,8 @@ def _hint(exc: BuzonError, args: argparse.Namespace) -> str | None:
         return "the receiver went away (it may have had all it wanted, e.g. recv -n)"
     if cmd == "send" and isinstance(exc, Timeout):
         return f"is a receiver running? (buzon recv {url}); --timeout S waits longer"
+    if cmd == "call" and isinstance(exc, NoSuchEndpoint | ConnectionRefused | Timeout):
+        return f"is an RPC server running at {url}? --timeout S waits longer"
     if isinstance(exc, EndpointInUse):
         return "'buzon ls' shows what is there; 'buzon clean' removes dead endpoints"
     if isinstance(exc, InsecureBind):
@@ -952,6 +1003,35 @@ def _cmd_listen(args: argparse.Namespace) -> int:
             pass  # a single-channel endpoint whose writers are all gone
         finally:
             server.close()
+    return EXIT_OK
+
+
+# -- call -----------------------------------------------------------------------------
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    from .errors import RemoteError
+    from .rpc import connect
+
+    params = [_parse_message(text) for text in args.args]
+    timeout: float | None = args.timeout
+    client: Any = connect(args.url, timeout=timeout, wire=args.wire)
+    try:
+        if args.notify:
+            client.notify(args.method, *params)
+            channel = getattr(client, "channel", None)
+            if isinstance(channel, buzon.Channel):
+                channel.flush(timeout)
+            return EXIT_OK
+        try:
+            result = client.call(args.method, *params)
+        except RemoteError as exc:
+            detail = "" if exc.data is None else f" ({_json_line(exc.data)})"
+            _error(f"remote error {exc.code}: {exc.message}{detail}")
+            return EXIT_ERROR
+    finally:
+        client.close()
+    print(_json_line(result), flush=True)
     return EXIT_OK
 
 

@@ -5,7 +5,9 @@ over one transport (pipe, FIFO, POSIX queue, Unix stream and datagram sockets, T
 UDP), printing the lecture concept, the address, what travelled and the link's
 properties as the channel reports them (``channel.properties``). Then a numpy array
 travels out of band (if numpy is installed) and ``buzon.wait`` watches four
-transports at once.
+transports at once. The last sections call a :mod:`buzon.rpc` service in a child (a
+typed stub, a deadline the handler sees cancelled, ``exactly_once`` through a relay
+that resets replies) and use remote objects through their proxies.
 
 The demo uses a private temporary runtime dir (``BUZON_RUNTIME_DIR``) removed at the
 end, names its queues after its pid, bounds every wait with a timeout, and reaps
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import select
 import shutil
 import signal
 import sys
@@ -25,11 +28,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import buzon
 
 from ._runtime import runtime_dir
+from .rpc import expose as rpc_expose
+from .rpc import remote as rpc_remote_class
 
 __all__ = ["main"]
 
@@ -568,6 +573,182 @@ def demo_direct(kids: _Children) -> None:
         _line("", f"send_to({receiver}) once it has exited: NoSuchEndpoint")
 
 
+def demo_rpc(kids: _Children) -> None:
+    _line("concept", "remote procedure call: a client stub marshals, a server stub runs it")
+    url = f"unix:demo-rpc-{os.getpid()}"
+    seen_r, seen_w = os.pipe()  # server -> parent: the handler saw its call cancelled
+    done_r, done_w = os.pipe()  # parent -> server: the caller gave up, the handler may end
+    make = functools.partial(_rpc_service, seen_w, done_r)
+    try:
+        _rpc_section(kids, url, make, seen_r, done_w)
+    finally:
+        for fd in (seen_r, seen_w, done_r, done_w):
+            os.close(fd)
+    left = [f for f in os.listdir(runtime_dir()) if f.startswith(f"demo-rpc-{os.getpid()}")]
+    _expect(left, [], "sockets of this section left")
+    _line("clean", "the server stopped and reaped; its socket and the relay's removed")
+
+
+def _rpc_section(kids: _Children, url: str, make: Any, seen_r: int, done_w: int) -> None:
+    from . import rpc
+    from .testing.chaos import ChaosRelay, Faults
+
+    with _rpc_server(kids, url, make) as server:
+        calc = rpc.connect(url, _Calc, timeout=TIMEOUT)
+        try:
+            total = calc.add(2, 3)
+            _expect(total, 5, "add(2, 3)")
+            _line("call", f"pid {server} serves {url}; a typed proxy: calc.add(2, 3) -> {total}")
+            try:
+                calc.add(2, "three")  # type: ignore[arg-type]
+                raise DemoFailure("a str for an int went through")
+            except rpc.RemoteError as exc:
+                _expect(exc.code, rpc.RemoteError.INVALID_PARAMS, "the error's code")
+                _line("", f"calc.add(2, 'three') -> RemoteError {exc.code} (nothing ran)")
+            try:
+                with rpc.deadline(0.3):
+                    calc.slow()
+                raise DemoFailure("slow() finished within its deadline")
+            except rpc.DeadlineExceeded:
+                pass
+            finally:
+                os.write(done_w, b"!")  # (its reply must come after the caller gave up)
+            ready, _, _ = select.select([seen_r], [], [], TIMEOUT)
+            _expect(bool(ready) and os.read(seen_r, 1), b"c", "the handler's context().cancelled")
+            _line("deadline", "with rpc.deadline(0.3): calc.slow() -> DeadlineExceeded;")
+            _line("", "the server's handler saw rpc.context().cancelled and stopped")
+        finally:
+            rpc.close(calc)
+        faults = Faults(reply=Faults(reset=0.3))  # replies lose their connection
+        with ChaosRelay(f"{url}-lossy", url, profile=faults, seed=3) as relay:
+            once = rpc.connect(relay.address, timeout=TIMEOUT, semantics="exactly_once")
+            try:
+                counts = [once.incr(f"k{i}") for i in range(10)]
+            finally:
+                once.close()
+        _expect(counts, [1] * 10, "each key's count as the server returned it")
+        _expect(once.retries > 0, True, "retries after resets")
+        _line("once", f"10 x incr(key) via a relay that resets replies: {once.retries} retries,")
+        _line("", "yet every count came back 1: exactly_once ran each call once")
+
+
+class _Calc(Protocol):
+    def add(self, a: int, b: int) -> int: ...
+    def slow(self) -> None: ...
+
+
+def _rpc_service(seen: int, done: int) -> Any:
+    from . import rpc
+
+    svc = rpc.Service("demo")
+    counts: dict[str, int] = {}
+
+    @svc.method
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @svc.method
+    def slow() -> None:
+        ctx = rpc.context()
+        end = time.monotonic() + TIMEOUT
+        while not ctx.cancelled and time.monotonic() < end:
+            time.sleep(0.005)
+        if ctx.cancelled:
+            os.write(seen, b"c")
+            select.select([done], [], [], TIMEOUT)  # answer once the caller has given up
+
+    @svc.method
+    def incr(key: str) -> int:
+        counts[key] = counts.get(key, 0) + 1
+        return counts[key]
+
+    return svc
+
+
+@contextlib.contextmanager
+def _rpc_server(kids: _Children, url: str, make: Callable[[], Any]) -> Iterator[int]:
+    """An RPC server of ``make()`` in a forked child for the block; stopped and reaped after."""
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    try:
+        pid = kids.fork(functools.partial(_serve_rpc, url, make, ready_w, stop_r, stop_w))
+        os.close(ready_w)
+        ready_w = -1
+        ready, _, _ = select.select([ready_r], [], [], TIMEOUT)
+        _expect(bool(ready) and os.read(ready_r, 1), b"!", "the server's ready signal")
+        yield pid
+        os.write(stop_w, b"!")
+        kids.reap(pid)
+    finally:
+        for fd in (ready_r, ready_w, stop_r, stop_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _serve_rpc(url: str, make: Callable[[], Any], ready: int, stop: int, stop_w: int) -> None:
+    from . import rpc
+
+    os.close(stop_w)  # so that the parent's end closing is seen
+    srv = rpc.Server(url, make(), grace=1.0)
+    t = threading.Thread(target=srv.serve_forever)
+    t.start()
+    try:
+        os.write(ready, b"!")
+        os.read(stop, 1)  # the parent says stop (or is gone)
+    finally:
+        srv.shutdown()
+        t.join(TIMEOUT)
+
+
+def demo_remote(kids: _Children) -> None:
+    from . import rpc
+
+    _line("concept", "remote objects (RMI): objects go by reference, called through a proxy")
+    url = f"unix:demo-reg-{os.getpid()}"
+    with _rpc_server(kids, url, _Registry) as server:
+        reg = rpc.connect(url, timeout=TIMEOUT)
+        try:
+            c = reg.make(5)
+            _expect(isinstance(c, rpc.RemoteObject), True, "make()'s result is a proxy")
+            first, second = c.incr(), c.incr(2)
+            _expect((first, second), (6, 8), "incr() on the server's counter")
+            _line("proxy", f"reg.make(5) -> {type(c).__name__}; c.incr() -> {first},")
+            _line("", f"c.incr(2) -> {second}: each ran on the counter in pid {server}")
+            same = reg.owns(c)
+            _expect(same, True, "the proxy given back is the server's object")
+            _line("identity", "reg.owns(c) -> True: the proxy given back arrived as the object")
+            del c
+        finally:
+            reg.close()
+
+
+@rpc_remote_class
+class _Counter:
+    def __init__(self, start: int) -> None:
+        self.value = start
+
+    @rpc_expose
+    def incr(self, by: int = 1) -> int:
+        self.value += by
+        return self.value
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.made: list[_Counter] = []
+
+    @rpc_expose
+    def make(self, start: int) -> _Counter:
+        c = _Counter(start)
+        self.made.append(c)
+        return c
+
+    @rpc_expose
+    def owns(self, c: _Counter) -> bool:
+        return any(c is m for m in self.made)
+
+
 def _receive_direct(ready: int, order: int, result: int) -> None:
     buzon.inbox()  # made before anyone looks for it
     os.write(ready, b"!")
@@ -626,6 +807,8 @@ SECTIONS: list[tuple[str, str, Callable[[_Children], None]]] = [
     ("shm", "shared memory: channels, a bounded buffer, a shared counter", demo_shm),
     ("mailbox", "mailboxes: who gets the message, and fan-out", demo_mailbox),
     ("direct", "direct addressing: send_to a pid, selective recv_from", demo_direct),
+    ("rpc", "remote procedure calls: typed stubs, deadlines, exactly-once", demo_rpc),
+    ("remote", "remote objects: a proxy, and the same object passed back", demo_remote),
 ]
 
 
