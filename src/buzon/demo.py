@@ -571,6 +571,9 @@ def demo_direct(kids: _Children) -> None:
         raise DemoFailure("send_to a process that has exited went through")
     except buzon.NoSuchEndpoint:
         _line("", f"send_to({receiver}) once it has exited: NoSuchEndpoint")
+    ours = {receiver, *chatty}
+    left = [s.name for s in buzon.shm.list_segments() if s.owner_pid in ours]
+    _expect(left, [], "inbox segments of this section left")
 
 
 def demo_rpc(kids: _Children) -> None:
@@ -750,7 +753,14 @@ class _Registry:
 
 
 def _receive_direct(ready: int, order: int, result: int) -> None:
-    buzon.inbox()  # made before anyone looks for it
+    me = buzon.inbox()  # made before anyone looks for it
+    try:
+        _answer_direct(ready, order, result)
+    finally:
+        me.remove()  # a forked child leaves with os._exit: no exit hook removes it
+
+
+def _answer_direct(ready: int, order: int, result: int) -> None:
     os.write(ready, b"!")
     line = b""
     while not line.endswith(b"\n"):
