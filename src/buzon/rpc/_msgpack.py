@@ -24,6 +24,7 @@ anything is decoded (msgspec decodes the complete object).
 
 from __future__ import annotations
 
+import abc
 import itertools
 import os
 import struct
@@ -147,18 +148,18 @@ def object_end(data: bytes | bytearray | memoryview, start: int = 0) -> int:
     return pos if pos <= n else -1
 
 
-class _Stream:
+class _Stream(abc.ABC):
     """A byte stream: ``read(timeout)`` (b"" at the end, None when nothing came in
     time), ``write(data)``, ``close()``."""
 
-    def read(self, timeout: float) -> bytes | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, timeout: float) -> bytes | None: ...
 
-    def write(self, data: bytes) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None: ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
 
 class _ChannelStream(_Stream):

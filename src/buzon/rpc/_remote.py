@@ -26,6 +26,7 @@ when its count reaches 0, or when the connection ends.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import threading
 import time
@@ -191,7 +192,7 @@ def _dropped(releases: list[list[int]], rid: int, cell: list[int]) -> None:
     releases.append([rid, cell[0]])
 
 
-class RefPeer:
+class RefPeer(abc.ABC):
     """One end of a connection that exports objects and holds proxies (mixed into the
     RPC client and the server's connection). Subclasses provide :meth:`_call_ref` and
     :meth:`_send_release`."""
@@ -206,13 +207,13 @@ class RefPeer:
         self._ref_closed = False
         self._flusher: threading.Thread | None = None
 
+    @abc.abstractmethod
     def _call_ref(
         self, rid: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    ) -> Any: ...
 
-    def _send_release(self, pairs: list[list[int]]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _send_release(self, pairs: list[list[int]]) -> None: ...
 
     # -- marshalling ---------------------------------------------------------------
 
