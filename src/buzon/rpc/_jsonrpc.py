@@ -39,7 +39,7 @@ from ..errors import (
 )
 from . import _jsonrpc_codec as codec
 from ._context import _CURRENT, _DEADLINE, CallContext
-from ._msgpack import _ChannelStream, _Stream
+from ._msgpack import _ChannelStream, _Stream, _StreamSession, _Waiting
 from ._service import Service, as_service
 
 __all__ = ["CANCEL_METHOD", "JsonRpcClient", "connect_jsonrpc"]
@@ -49,17 +49,7 @@ _monotonic = time.monotonic
 _encoder = msgspec.json.Encoder()
 
 
-class _Waiting:
-    __slots__ = ("done", "error", "event", "method", "result")
-
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.error: BaseException | None = None
-        self.result: Any = None
-        self.event = threading.Event()
-
-
-class JsonRpcClient:
+class JsonRpcClient(_StreamSession):
     """A JSON-RPC 2.0 session (``wire="jsonrpc"``): call the peer, and answer it.
 
     ``s.call("initialize", processId=None, rootUri=None, capabilities={})`` (named
@@ -416,19 +406,6 @@ class JsonRpcClient:
         """Wait until the connection ends (True) or ``timeout`` passes (False)."""
         self._reader.join(timeout)
         return not self._reader.is_alive()
-
-    def close(self) -> None:
-        """End the session (a child process is waited for, then killed if it lingers)."""
-        self._closed = True
-        self._stream.close()
-        if self._reader is not threading.current_thread():
-            self._reader.join(5)
-
-    def __enter__(self) -> JsonRpcClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<buzon.rpc.JsonRpcClient in_flight={len(self._pending)}>"

@@ -33,7 +33,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 
@@ -231,17 +231,40 @@ class _ProcessStream(_Stream):
 
 
 class _Waiting:
-    __slots__ = ("done", "error", "event", "method", "result")
+    """A call waiting for its response (both stream wires: msgpack-rpc, jsonrpc)."""
+
+    __slots__ = ("error", "event", "method", "result")
 
     def __init__(self, method: str) -> None:
         self.method = method
-        self.done = False
         self.error: BaseException | None = None
         self.result: Any = None
         self.event = threading.Event()
 
 
-class MsgpackRpcClient:
+class _StreamSession:
+    """What both stream-wire sessions share: the stream, the reader thread, and their
+    end (``close``, the context manager)."""
+
+    _stream: _Stream
+    _reader: threading.Thread
+    _closed: bool
+
+    def close(self) -> None:
+        """End the session (a child process is waited for, then killed if it lingers)."""
+        self._closed = True
+        self._stream.close()
+        if self._reader is not threading.current_thread():
+            self._reader.join(5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MsgpackRpcClient(_StreamSession):
     """A msgpack-rpc session (``wire="msgpack-rpc"``): call the peer, and answer it.
 
     ``s.call("nvim_eval", "1+1")`` or ``s.nvim_eval("1+1")`` call and wait;
@@ -421,19 +444,6 @@ class MsgpackRpcClient:
             pass  # the peer is gone; the reader reports it
 
     # -- lifetime -------------------------------------------------------------------
-
-    def close(self) -> None:
-        """End the session (a child process is waited for, then killed if it lingers)."""
-        self._closed = True
-        self._stream.close()
-        if self._reader is not threading.current_thread():
-            self._reader.join(5)
-
-    def __enter__(self) -> MsgpackRpcClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _peer_error(value: Any) -> RemoteError:
