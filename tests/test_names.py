@@ -275,6 +275,29 @@ def test_mailbox_by_name() -> None:
         box.close()
 
 
+def test_asyncio_mailbox_by_name() -> None:
+    import asyncio
+
+    from buzon import aio
+
+    box = buzon.mailbox("jobs-anm", capacity=4)
+
+    async def main() -> None:
+        other = aio.mailbox("name:ajobs")
+        try:
+            box.send("job")
+            assert await other.recv(timeout=10) == "job"
+        finally:
+            other.close()
+
+    try:
+        with names.register("ajobs", "mailbox:jobs-anm"):
+            asyncio.run(main())
+    finally:
+        box.remove()
+        box.close()
+
+
 def test_server_by_name() -> None:
     server = buzon.Server("name:echo", lambda ch: ch.send(ch.recv()))
     runner = threading.Thread(target=server.serve_forever)

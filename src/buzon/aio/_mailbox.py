@@ -28,6 +28,7 @@ from .._mailbox import (
     Message,
     Policy,
 )
+from .._mailbox import mailbox as _open_mailbox
 from ..errors import Empty, Full, Timeout
 from ..protocol.frames import DEFAULT_MAX_FRAME
 from ..transport.base import PeerInfo
@@ -247,10 +248,10 @@ def mailbox(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_message: int = DEFAULT_MAX_FRAME,
 ) -> AioMailbox:
-    """The asyncio twin of :func:`buzon.mailbox` (same arguments; opening does not
-    wait, so it is a plain call)."""
+    """The asyncio twin of :func:`buzon.mailbox` (same arguments, ``name:NAME``
+    included; opening does not wait, so it is a plain call)."""
     return AioMailbox(
-        Mailbox(
+        _open_mailbox(
             name,
             capacity,
             policy,
