@@ -566,6 +566,12 @@ def test_tls_listener_is_refused(runtime_dir: str) -> None:
 @pytest.mark.fd_check
 def test_reliable_datagram_ends_are_refused(runtime_dir: str) -> None:
     with buzon.listen("unixgram:rel", reliable=True) as lst:
+        # the listener's refusal names why (it used to say "its endpoint is a single
+        # channel; accept it and pass the channel", which is false here twice over)
+        with pytest.raises(UnsupportedOperation, match="listen in the child") as info:
+            _dumps(lst)
+        assert "single channel" not in str(info.value)
+        assert "pass the channel" not in str(info.value)
         accepted: list[buzon.Channel] = []
         t = threading.Thread(target=lambda: accepted.append(lst.accept(timeout=10)))
         t.start()

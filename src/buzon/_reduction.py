@@ -417,6 +417,7 @@ def _rebuild_channel(dups: list[Any], parts: tuple[Any, ...], state: _ChannelSta
 
 
 def _reduce_listener(listener: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    from .transport.reliable import ReliableListener
     from .transport.seqpacket import SeqpacketListener
     from .transport.shm import ShmListener
     from .transport.tcp import TcpListener
@@ -427,6 +428,13 @@ def _reduce_listener(listener: Any) -> tuple[Callable[..., Any], tuple[Any, ...]
     prep = listener._prep
     lt = listener._lt
     kind = type(lt)
+    if kind is ReliableListener:
+        raise UnsupportedOperation(
+            f"a reliable {listener.address.scheme}: listener cannot be passed to another "
+            "process: its peers' connections (sequence numbers, acknowledgements, "
+            "retransmissions) live in this process, on one datagram socket; listen in "
+            "the child instead"
+        )
     if kind not in (UnixListener, SeqpacketListener, ShmListener, TcpListener):
         raise UnsupportedOperation(
             f"a {listener.address.scheme}: listener cannot be passed to another process: "
