@@ -353,6 +353,7 @@ class Server:
         self.table = CompletionTable()
         self._connections: set[_Connection] = set()
         self._executor: ThreadPoolExecutor | None = None
+        self._stopping = False
         if wire == "buzon":
             self._server = ChannelServer(str(addr), self._serve_client, **options)
         else:
@@ -407,8 +408,11 @@ class Server:
             await session.aclose()
 
     async def serve_forever(self) -> None:
-        """Serve until :meth:`shutdown`."""
+        """Serve until :meth:`shutdown` (called before, it returns at once)."""
         try:
+            if self._stopping:  # shut down before it started: nothing to serve
+                self._server._listener.close()
+                return
             await self._server.serve_forever()
         finally:
             if self._executor is not None:
@@ -417,6 +421,7 @@ class Server:
     def shutdown(self) -> None:
         """Stop serving (from the loop's thread; another thread uses
         ``loop.call_soon_threadsafe(srv.shutdown)``)."""
+        self._stopping = True
         self._server.shutdown()
 
     async def __aenter__(self) -> Server:

@@ -157,6 +157,7 @@ class _Session:
         return stub
 
     async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` on the peer and await its result (each wire defines it)."""
         raise NotImplementedError  # pragma: no cover - both wires define it
 
     def _deadline(self) -> float | None:
