@@ -263,3 +263,54 @@ async def test_neovim_on_a_unix_socket_from_asyncio(runtime_dir: str) -> None:
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def test_the_async_jsonrpc_server_refuses_hostile_bodies_and_goes_on() -> None:
+    with aio_serving_in_thread("unix:ajbad", spec_service([]), wire="jsonrpc") as srv:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(srv.address.fs_path())
+            peer = FakePeer(s)
+            for junk in (b"{not json", b"[" * 100000, b'"\xff"'):
+                peer.send_body(junk)
+                answer = peer.recv()
+                assert answer["error"]["code"] == -32700 and answer["id"] is None
+            peer.send({"jsonrpc": "2.0", "method": "ping", "id": 1})
+            assert peer.recv() == {"jsonrpc": "2.0", "result": "pong", "id": 1}
+            # a frame announcing 4 GiB: refused from its header, the connection closed
+            s.sendall(b"Content-Length: 4294967296\r\n\r\n")
+            assert s.recv(100) == b""
+        finally:
+            s.close()
+        assert srv.errors >= 3
+
+
+def test_the_async_msgpack_rpc_server_refuses_bad_requests_and_a_malformed_stream() -> None:
+    import msgspec
+
+    ran: list[str] = []
+    with aio_serving_in_thread("unix:ampbad", _calc(ran), wire="msgpack-rpc") as srv:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(srv.address.fs_path())
+            s.settimeout(10)
+            dec = msgspec.msgpack.Decoder()
+            for request, why in (
+                ([0, 1, "__class__", []], "no method"),
+                ([0, 2, "add", [1, "x"]], "invalid arguments"),
+                ([0, 3, "add", "notalist"], "params must be an array"),
+                ([0, 4], "invalid request"),
+            ):
+                s.sendall(msgspec.msgpack.encode(request))
+                answer = dec.decode(s.recv(65536))
+                assert answer[0] == 1 and answer[1] == request[1] and why in answer[2], answer
+            s.sendall(msgspec.msgpack.encode([0, 5, "add", [2, 3]]))
+            assert dec.decode(s.recv(65536)) == [1, 5, None, 5]
+            s.sendall(b"\xc1")  # starts no msgpack object: the stream cannot go on
+            assert s.recv(100) == b""
+        finally:
+            s.close()
+    assert ran == ["add"]

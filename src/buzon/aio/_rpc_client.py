@@ -19,7 +19,6 @@ from typing import Any
 import msgspec
 
 from ..errors import (
-    AddressError,
     BuzonError,
     ChannelClosed,
     CodecError,
@@ -34,7 +33,7 @@ from ..errors import (
 from ..errors import Timeout as _Timeout
 from ..protocol.frames import Kind, encode_frame
 from ..rpc import _wire as w
-from ..rpc._client import ServerRestarted, _return_types
+from ..rpc._client import ServerRestarted, _return_types, resolve_server
 from ..rpc._context import _DEADLINE
 from ..rpc._remote import _PLAIN, RELEASE, RefPeer
 from ..rpc._service import handler_failure
@@ -493,7 +492,6 @@ def name_reconnect(
     time (the server may have moved); its registration's instance id tells a restarted
     server apart. Returns (reconnect, instance of the last connection)."""
     from ..address import parse_address
-    from ..names import lookup
 
     addr = parse_address(url)
     instance: list[str | None] = [None]
@@ -502,12 +500,9 @@ def name_reconnect(
         if addr.scheme != "name":
             return await connect(url, left, **options)
         assert addr.name is not None
-        record = lookup(addr.name)
-        if record.address.startswith("mailbox:"):
-            raise AddressError(f"name {addr.name!r} stands for {record.address}, not a server")
-        ch = await connect(record.address, left, **options)
-        meta = record.metadata
-        instance[0] = meta.get("instance") if isinstance(meta, dict) else None
+        address, found = resolve_server(addr.name)  # the blocking client's rule
+        ch = await connect(address, left, **options)
+        instance[0] = found
         return ch
 
     return reconnect, lambda: instance[0]

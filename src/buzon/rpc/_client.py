@@ -862,12 +862,9 @@ def connect(
         # name:NAME is looked up again on every reconnect: the server may have moved;
         # its instance id (registration metadata) tells a restarted server apart
         assert addr.name is not None
-        record = lookup(addr.name)
-        if record.address.startswith("mailbox:"):
-            raise AddressError(f"name {addr.name!r} stands for {record.address}, not a server")
-        ch = _connect(record.address, left, **options)
-        meta = record.metadata
-        instance[0] = meta.get("instance") if isinstance(meta, dict) else None
+        address, found = resolve_server(addr.name)
+        ch = _connect(address, left, **options)
+        instance[0] = found
         return ch
 
     ch = reconnect(timeout)
@@ -880,6 +877,16 @@ def connect(
         reconnect=reconnect,
         instance=lambda: instance[0],
     )
+
+
+def resolve_server(name: str) -> tuple[str, str | None]:
+    """The address ``name`` stands for now and the instance id of the server start
+    registered there (None if its metadata has none); sans-IO for both clients."""
+    record = lookup(name)
+    if record.address.startswith("mailbox:"):
+        raise AddressError(f"name {name!r} stands for {record.address}, not a server")
+    meta = record.metadata
+    return record.address, meta.get("instance") if isinstance(meta, dict) else None
 
 
 def close(proxy: object) -> None:
