@@ -12,6 +12,7 @@ a task on the loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import os
 import signal
@@ -211,7 +212,18 @@ class _Connection(RefPeer):
                 ) from None
 
         def call() -> list[Any]:  # in a worker thread; the handler runs on the loop
-            return asyncio.run_coroutine_threadsafe(attempt(), loop).result()
+            stopped = RemoteError(f"{method.name}: the server stopped", RemoteError.CANCELLED)
+            try:
+                cf = asyncio.run_coroutine_threadsafe(attempt(), loop)
+            except RuntimeError:  # the loop is closed
+                raise stopped from None
+            while True:  # never a thread stuck on a loop that has stopped
+                try:
+                    return cf.result(0.5)
+                except concurrent.futures.TimeoutError:
+                    if loop.is_closed() or not loop.is_running():
+                        cf.cancel()
+                        raise stopped from None
 
         table = self.server.table
         return await loop.run_in_executor(
