@@ -12,6 +12,7 @@ import pytest
 from _rpc_aio_helpers import aio_serving, aio_serving_in_thread, until
 from _rpc_helpers import serving
 
+import buzon
 from buzon import rpc
 from buzon.aio import rpc as arpc
 from buzon.errors import RemoteError
@@ -164,3 +165,24 @@ def test_the_blocking_client_holds_the_async_servers_objects() -> None:
         del counter
         gc.collect()
         assert asyncio.run(until(lambda: srv.references == 0))
+
+
+async def test_a_proxy_of_a_lost_connection_fails_instead_of_reaching_a_new_object() -> None:
+    """After a reconnect, reference ids start again on the new connection: an old
+    proxy must not reach the new connection's object that has its id."""
+    svc, _ = _service()
+    svc2, state2 = _service()
+    async with aio_serving("unix:relost", svc, grace=0.1) as srv:
+        c = await arpc.connect(srv.address, timeout=20, semantics="at_least_once")
+        old = await c.make(1)
+        assert await old.incr() == 2
+    async with aio_serving("unix:relost", svc2):
+        fresh = await c.make(100)  # reconnects: a new connection, reference ids from 1
+        assert fresh._rid == old._rid
+        with pytest.raises(buzon.EndOfChannel, match="lost"):
+            await old.incr()
+        with pytest.raises(RemoteError, match="another connection"):
+            await c.same(old, fresh)
+        assert await fresh.incr() == 101
+        assert state2["counters"][0].value == 101  # untouched by the old proxy's call
+        await c.aclose()

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -110,6 +111,25 @@ def post_release(peer: Any, loop: asyncio.AbstractEventLoop, pairs: list[list[in
         task.add_done_callback(peer._tasks.discard)
 
     loop.call_soon_threadsafe(start)
+
+
+class _LostPeer(RefPeer):
+    """Where the proxies of a lost connection point: every call fails."""
+
+    def _call_ref(self, rid: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        async def lost() -> Any:
+            raise EndOfChannel(
+                f"{name}: this remote object belonged to a connection that was lost "
+                "(references do not survive a reconnect)"
+            )
+
+        return lost()
+
+    def _send_release(self, pairs: list[list[int]]) -> None:
+        pass
+
+
+_LOST = _LostPeer()
 
 
 class Client(RefPeer):
@@ -367,8 +387,19 @@ class Client(RefPeer):
                 self._restarts += 1  # the name now stands for another server start
             old, self._ch = self._ch, ch
             self._broken = None
+            self._forget_references()
             self._reader = self._loop.create_task(self._read(ch))
         await old.aclose()
+
+    def _forget_references(self) -> None:
+        """References belong to one connection: after a reconnect the old proxies
+        fail (never reach whatever object has their id on the new connection), the
+        old exports are dropped and the old proxies' releases are not sent."""
+        for proxy in list(self._proxies.values()):
+            proxy._peer = _LOST
+        self._proxies = weakref.WeakValueDictionary()
+        self._releases = []  # the old proxies' finalizers append to the old list
+        self._exports.clear()
 
     # -- reading -------------------------------------------------------------------
 
