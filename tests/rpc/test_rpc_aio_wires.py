@@ -200,7 +200,7 @@ async def test_async_msgpack_rpc_client_and_server() -> None:
 
 async def test_a_lost_msgpack_peer_fails_the_calls_in_flight() -> None:
     log: list[str] = []
-    async with aio_serving("unix:ampk2", _async_service(log), wire="msgpack-rpc") as srv:
+    async with aio_serving("unix:ampk2", _async_service(log), wire="msgpack-rpc", grace=0.1) as srv:
         s = await arpc.connect(srv.address, wire="msgpack-rpc", timeout=10)
         task = asyncio.create_task(s.forever("lost"))
         await asyncio.sleep(0.1)
