@@ -213,7 +213,7 @@ async def test_deadlines_propagate_to_nested_calls_and_cancel_reaches_the_handle
             except asyncio.CancelledError:
                 seen[name] = ctx.cancelled
                 raise
-        seen[name] = "saw cancelled"
+        seen[name] = ctx.cancelled  # its own deadline may come a hair before the cancel
         return "late"
 
     async with aio_serving("unix:ainner", inner) as isrv:
