@@ -1,226 +1,79 @@
-"""The asyncio twin of :mod:`buzon.rpc` (``buzon.aio.rpc``): same services, same wire.
+"""The asyncio twin of :mod:`buzon.rpc` (``buzon.aio.rpc``): same services, same wires.
 
 >>> calc = await buzon.aio.rpc.connect("unix:calc")
 >>> await calc.add(1, 2)
 3
 
-A client has one reader task that hands each reply to the future of the call it answers
-(replies come back in any order); ``call`` awaits that future by the call's deadline,
-and a call given up (deadline, ``asyncio.CancelledError``, ``task.cancel()``) sends the
-server a cancel message. The server (``mode="async"``) runs each request in a task of
-its own, at most ``max_in_flight`` per connection; a coroutine handler that is
-cancelled by its caller gets ``CancelledError`` (and ``context().cancelled``). A plain
-function handler runs in the event loop's thread: keep it short.
+Every public name of :mod:`buzon.rpc` has a counterpart here: the blocking API's
+verbs as coroutines (:func:`connect`, :func:`connect_process`, :func:`serve`,
+:func:`close`, :class:`Client`, :class:`Server`, :class:`MsgpackRpcClient`,
+:class:`JsonRpcClient`), and the pieces that do no I/O are the very same objects
+(``Service``, ``expose``, ``remote``, ``RemoteObject``, ``deadline``, ``context``,
+``CallContext``, ``Method``, the errors). The only sync-only name is listed in
+:data:`SYNC_ONLY` with its asyncio form.
+
+A client has one reader task that hands each reply to the future of the call it
+answers (replies come back in any order) and runs the server's calls to the client's
+remote objects; ``call`` awaits its future by the call's deadline, and a call given up
+(deadline, ``asyncio.CancelledError``, ``task.cancel()``) sends the server a cancel
+message. The server runs each request in a task of its own, at most
+``max_in_flight`` per connection; a coroutine handler cancelled by its caller gets
+``CancelledError`` (and ``context().cancelled``). A plain function handler runs in
+the event loop's thread: keep it short.
+
+The messages, the reference tables, the completion table and the JSON-RPC and
+msgpack-rpc rules are the blocking modules' own (sans-IO); only the I/O is here
+(``_rpc_client.py``, ``_rpc_server.py``, ``_rpc_stream.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import signal
-import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import msgspec
-
 from ..address import Address
-from ..errors import (
-    BuzonError,
-    ChannelClosed,
-    CodecError,
-    DeadlineExceeded,
-    EndOfChannel,
-    MessageTooLarge,
-    RemoteError,
-    UnsupportedOperation,
-    ValidationError,
-)
-from ..errors import Timeout as _Timeout
-from ..protocol.frames import Kind, encode_frame
-from ..rpc import _wire as w
-from ..rpc._client import _return_types
-from ..rpc._context import _CURRENT, _DEADLINE, CallContext
-from ..rpc._service import Service, as_service
-from ._channel import Channel
+from ..errors import DeadlineExceeded, RemoteError, UnsupportedOperation
+from ..rpc._client import ServerRestarted
+from ..rpc._context import CallContext, context, deadline
+from ..rpc._remote import RemoteObject, remote
+from ..rpc._service import Method, Service, expose
 from ._open import connect as _connect
-from ._server import Server as ChannelServer
+from ._rpc_client import Client, name_reconnect
+from ._rpc_server import Server, serve
+from ._rpc_stream import JsonRpcClient, MsgpackRpcClient, _ChannelStream, open_stream_session
+from ._rpc_stream import connect_process as _connect_process
 
-__all__ = ["Client", "Server", "connect", "serve"]
+__all__ = [
+    "SYNC_ONLY",
+    "CallContext",
+    "Client",
+    "DeadlineExceeded",
+    "JsonRpcClient",
+    "Method",
+    "MsgpackRpcClient",
+    "RemoteError",
+    "RemoteObject",
+    "Server",
+    "ServerRestarted",
+    "Service",
+    "close",
+    "connect",
+    "connect_process",
+    "context",
+    "deadline",
+    "expose",
+    "remote",
+    "serve",
+]
 
 P = TypeVar("P")
-_monotonic = time.monotonic
 
-
-async def _send(
-    ch: Channel, body: Any, tag: int, call_id: int, budget: float | None, timeout: float | None
-) -> None:
-    """The asyncio form of :func:`buzon.rpc._wire.send`."""
-    core = ch._core
-    codec, payload, buffers = core.codec.encode(body)
-    fields = {tag: w.id_field(call_id)}
-    if budget is not None:
-        fields[w.DEADLINE] = w.ms_field(budget)
-    bufs = encode_frame(Kind.DATA, codec, payload, buffers, fields=fields, max_frame=core.max_frame)
-    await ch._send_encoded(bufs, timeout)
-
-
-class Client:
-    """An asyncio RPC client (``await buzon.aio.rpc.connect(url)``); see the module doc.
-
-    ``await client.add(1, 2)`` / ``await client.call("add", 1, 2)``, ``await
-    client.notify(...)``, ``client.call_async(...)`` (an ``asyncio.Task``), ``await
-    client.aclose()`` (or ``async with``).
-    """
-
-    def __init__(self, ch: Channel, proto: Any, timeout: float | None, max_in_flight: int) -> None:
-        self._ch = ch
-        self._proto = proto
-        self._rtypes: dict[str, Any] = {} if proto is None else _return_types(proto)
-        self._timeout = timeout
-        self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future[Any], str, Any]] = {}
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._broken: BuzonError | None = None
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        self.late = 0
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if self._proto is not None and name not in self._rtypes:
-            raise AttributeError(f"{self._proto.__name__} has no method {name!r}")
-
-        async def stub(*args: Any, **kwargs: Any) -> Any:
-            return await self.call(name, *args, **kwargs)
-
-        stub.__name__ = name
-        return stub
-
-    def _deadline(self) -> float | None:
-        at = _DEADLINE.get()
-        if self._timeout is not None:
-            mine = _monotonic() + self._timeout
-            if at is None or mine < at:
-                at = mine
-        return at
-
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``method`` and await its result (by the call's deadline)."""
-        if self._broken is not None:
-            raise self._broken
-        at = self._deadline()
-        left = None if at is None else max(0.0, at - _monotonic())
-        try:
-            await asyncio.wait_for(self._slots.acquire(), left)
-        except TimeoutError:
-            raise DeadlineExceeded(f"{method}: no call slot free by the deadline") from None
-        call_id = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = (fut, method, self._rtypes.get(method, Any))
-        try:
-            body: list[Any] = [w.REQUEST, method, list(args)]
-            if kwargs:
-                body.append(kwargs)
-            left = None if at is None else max(0.0, at - _monotonic())
-            await _send(self._ch, body, w.MESSAGE_ID, call_id, left, left)
-            left = None if at is None else max(0.0, at - _monotonic())
-            try:
-                return await asyncio.wait_for(asyncio.shield(fut), left)
-            except TimeoutError:
-                await self._cancel(call_id)
-                raise DeadlineExceeded(
-                    f"{method}: no reply by the call's deadline; the server was told to cancel it"
-                ) from None
-            except asyncio.CancelledError:
-                await asyncio.shield(self._cancel(call_id))
-                raise
-        finally:
-            self._pending.pop(call_id, None)
-            self._slots.release()
-
-    def call_async(self, method: str, *args: Any, **kwargs: Any) -> asyncio.Task[Any]:
-        """Start the call as a task; cancelling the task cancels the call."""
-        return asyncio.get_running_loop().create_task(self.call(method, *args, **kwargs))
-
-    async def notify(self, method: str, *args: Any, **kwargs: Any) -> None:
-        """Send a one-way call (no reply)."""
-        if self._broken is not None:
-            raise self._broken
-        body: list[Any] = [w.NOTIFY, method, list(args)]
-        if kwargs:
-            body.append(kwargs)
-        await self._ch.send(body)
-
-    async def _cancel(self, call_id: int) -> None:
-        self._pending.pop(call_id, None)
-        try:
-            await _send(self._ch, [w.CANCEL], w.CORRELATION, call_id, None, 0.1)
-        except BuzonError:
-            pass
-
-    async def _read(self) -> None:
-        why: BuzonError = EndOfChannel("the RPC server closed the connection")
-        try:
-            while True:
-                try:
-                    body, fields = await self._ch._recv_fields(None)
-                except _Timeout:
-                    continue
-                except CodecError:
-                    continue
-                call_id = w.read_id(fields, w.CORRELATION)
-                entry = self._pending.get(call_id) if call_id is not None else None
-                if entry is None or entry[0].done():
-                    self.late += 1
-                    continue
-                fut, method, rtype = entry
-                if type(body) is not list or len(body) != 3 or body[0] != w.REPLY:
-                    fut.set_exception(RemoteError("malformed reply", RemoteError.INTERNAL_ERROR))
-                elif body[1] is not None:
-                    fut.set_exception(w.error_from(body[1]))
-                elif rtype is not Any:
-                    try:
-                        fut.set_result(msgspec.convert(body[2], rtype))
-                    except msgspec.ValidationError as exc:
-                        fut.set_exception(
-                            ValidationError(f"{method}: the result does not match {rtype!r}: {exc}")
-                        )
-                else:
-                    fut.set_result(body[2])
-        except (EndOfChannel, ChannelClosed) as exc:
-            if isinstance(exc, ChannelClosed):
-                why = ChannelClosed("the RPC client is closed")
-        self._broken = why
-        for fut, method, _ in list(self._pending.values()):
-            if not fut.done():
-                fut.set_exception(
-                    type(why)(
-                        f"{method}: the connection was lost with the call in flight; "
-                        "it may or may not have run (at_most_once)"
-                    )
-                )
-
-    async def aclose(self) -> None:
-        """Close the connection; calls in flight fail with ``ChannelClosed``."""
-        self._reader.cancel()
-        try:
-            await self._reader
-        except asyncio.CancelledError:
-            pass
-        if self._broken is None:
-            self._broken = ChannelClosed("the RPC client is closed")
-        for fut, method, _ in list(self._pending.values()):
-            if not fut.done():
-                fut.set_exception(ChannelClosed(f"{method}: the client was closed"))
-        await self._ch.aclose()
-
-    async def __aenter__(self) -> Client:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+SYNC_ONLY: dict[str, str] = {
+    "Call": "the blocking client's call_async future; Client.call_async here returns an "
+    "asyncio.Task (cancel() cancels the call on the server)",
+}
+"""Public names of :mod:`buzon.rpc` without a counterpart here, and what to use."""
 
 
 @typing.overload
@@ -229,6 +82,28 @@ async def connect(
     proto: None = None,
     *,
     timeout: float | None = 60.0,
+    wire: typing.Literal["msgpack-rpc"],
+    handler: object = None,
+    **options: Any,
+) -> MsgpackRpcClient: ...
+@typing.overload
+async def connect(
+    url: str | Address,
+    proto: None = None,
+    *,
+    timeout: float | None = 60.0,
+    wire: typing.Literal["jsonrpc"],
+    handler: object = None,
+    **options: Any,
+) -> JsonRpcClient: ...
+@typing.overload
+async def connect(
+    url: str | Address,
+    proto: None = None,
+    *,
+    timeout: float | None = 60.0,
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
     max_in_flight: int = 64,
     **options: Any,
 ) -> Client: ...
@@ -238,6 +113,8 @@ async def connect(
     proto: Callable[..., P],
     *,
     timeout: float | None = 60.0,
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
     max_in_flight: int = 64,
     **options: Any,
 ) -> P: ...
@@ -248,195 +125,81 @@ async def connect(
     proto: Any = None,
     *,
     timeout: float | None = 60.0,
+    wire: str = "buzon",
+    semantics: str = "at_most_once",
     max_in_flight: int = 64,
+    handler: object = None,
     **options: Any,
 ) -> Any:
-    """Connect to an RPC server (``await buzon.aio.rpc.connect(url, Proto)``).
+    """Connect to an RPC server (``await buzon.aio.rpc.connect(url, Proto)``), as
+    :func:`buzon.rpc.connect`.
 
-    As :func:`buzon.rpc.connect` (``wire="buzon"``, at-most-once); with a Protocol
-    whose methods are ``async def``, mypy checks ``await calc.add(1, 2)``.
+    With a Protocol whose methods are ``async def``, mypy checks ``await
+    calc.add(1, 2)`` and results are validated against its hints. ``timeout`` bounds
+    the connection and is every call's default deadline. ``semantics``:
+    ``"at_most_once"``, ``"at_least_once"`` or ``"exactly_once"`` (see
+    :class:`Client`). ``url`` may be ``name:NAME`` (:mod:`buzon.names`), looked up
+    again on every reconnect. ``wire="msgpack-rpc"`` / ``"jsonrpc"`` return a
+    :class:`MsgpackRpcClient` / :class:`JsonRpcClient` session on a raw stream
+    (``handler`` answers the peer's requests).
     """
-    ch = await _connect(url, timeout, **options)
-    return Client(ch, proto, timeout, max_in_flight)
-
-
-class _Connection:
-    def __init__(self, server: Server, ch: Channel) -> None:
-        self.server = server
-        self.ch = ch
-        self.running: dict[int, tuple[CallContext, asyncio.Task[Any]]] = {}
-        self.slots = asyncio.Semaphore(server.max_in_flight)
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    async def run(self) -> None:
-        try:
-            while True:
-                try:
-                    body, fields = await self.ch._recv_fields(None)
-                except _Timeout:
-                    continue
-                except CodecError:
-                    self.server.errors += 1
-                    continue
-                if type(body) is list and body and body[0] == w.CANCEL:
-                    entry = self.running.get(w.read_id(fields, w.CORRELATION) or -1)
-                    if entry is not None:
-                        entry[0].cancel()
-                        entry[1].cancel()
-                    continue
-                await self.slots.acquire()  # at most max_in_flight calls: backpressure
-                task = asyncio.get_running_loop().create_task(self._handle(body, fields))
-                self.tasks.add(task)
-                task.add_done_callback(self._done)
-        except (EndOfChannel, ChannelClosed):
-            pass
-        finally:
-            for ctx, task in list(self.running.values()):
-                ctx.cancel()
-                task.cancel()
-            if self.tasks:
-                await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        self.slots.release()
-
-    async def _handle(self, body: Any, fields: dict[int, bytes] | None) -> None:
-        server = self.server
-        call_id = w.read_id(fields, w.MESSAGE_ID)
-        try:
-            if (
-                type(body) is not list
-                or len(body) not in (3, 4)
-                or body[0]
-                not in (
-                    w.REQUEST,
-                    w.NOTIFY,
-                )
-            ):
-                raise RemoteError("not an RPC request", RemoteError.INVALID_REQUEST)
-            kind, name, args = body[0], body[1], body[2]
-            kwargs = body[3] if len(body) == 4 else None
-            if kind == w.REQUEST and call_id is None:
-                raise RemoteError("a request without a call id", RemoteError.INVALID_REQUEST)
-            if kind == w.NOTIFY:
-                call_id = None
-            method = server.service.lookup(name)
-            if type(args) is not list or (kwargs is not None and type(kwargs) is not dict):
-                raise RemoteError(
-                    f"{name}: arguments are a list (and keywords a map)", RemoteError.INVALID_PARAMS
-                )
-            budget = w.read_ms(fields)
-            at = None if budget is None else _monotonic() + budget
-            if at is not None and budget == 0:
-                raise RemoteError(
-                    f"{name}: the deadline passed before the call started",
-                    RemoteError.DEADLINE_EXCEEDED,
-                )
-            ctx = CallContext(method.name, call_id, at, self.ch.peer)
-            task = asyncio.current_task()
-            assert task is not None
-            key = call_id if call_id is not None else -id(ctx)
-            self.running[key] = (ctx, task)
-            _CURRENT.set(ctx)  # this task's own context: nothing leaks to others
-            _DEADLINE.set(at)
-            try:
-                result = await method.run_async(args, kwargs)
-            except (RemoteError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                raise RemoteError(
-                    f"{method.name} raised {type(exc).__name__}: {exc}",
-                    RemoteError.SERVER_ERROR,
-                    {"type": type(exc).__name__},
-                ) from None
-            finally:
-                del self.running[key]
-            reply: list[Any] = [w.REPLY, None, result]
-        except RemoteError as err:
-            server.errors += 1
-            reply = w.error_body(err)
-        except asyncio.CancelledError:
-            return  # the caller gave up: it expects no reply
-        if call_id is None:
-            return
-        try:
-            await _send(self.ch, reply, w.CORRELATION, call_id, None, server.reply_timeout)
-            server.calls += 1
-        except (CodecError, TypeError, ValueError, OverflowError, MessageTooLarge) as exc:
-            server.errors += 1
-            refusal = RemoteError(
-                f"the result cannot be encoded: {exc}", RemoteError.INVALID_RESULT
-            )
-            try:
-                await _send(
-                    self.ch,
-                    w.error_body(refusal),
-                    w.CORRELATION,
-                    call_id,
-                    None,
-                    server.reply_timeout,
-                )
-            except BuzonError:
-                pass
-        except BuzonError:
-            pass  # the client is gone
-
-
-class Server:
-    """An asyncio RPC server (``buzon.aio.rpc.Server``): ``await srv.serve_forever()``,
-    ``srv.shutdown()``, ``srv.address``; counters ``calls`` and ``errors``."""
-
-    def __init__(
-        self,
-        url: str,
-        service: Service | object,
-        *,
-        wire: str = "buzon",
-        semantics: str = "at_most_once",
-        name: str | None = None,
-        max_in_flight: int = 64,
-        reply_timeout: float | None = 30.0,
-        **options: Any,
-    ) -> None:
-        if wire != "buzon" or semantics != "at_most_once" or name is not None:
+    if wire in ("jsonrpc", "msgpack-rpc"):
+        if proto is not None:
+            raise TypeError(f"wire={wire!r} proxies are untyped: pass no Protocol")
+        if semantics != "at_most_once":
             raise UnsupportedOperation(
-                "buzon.aio.rpc serves wire='buzon', semantics='at_most_once', without name="
+                f"wire={wire!r} is at-most-once: its messages carry no retry ids"
             )
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self.service = as_service(service)
-        self.max_in_flight = max_in_flight
-        self.reply_timeout = reply_timeout
-        self.calls = 0
-        self.errors = 0
-        self._server = ChannelServer(url, self._serve_client, **options)
+        ch = await _connect(url, timeout, raw=True, **options)
+        return open_stream_session(wire, _ChannelStream(ch), handler, timeout, max_in_flight)
+    if wire != "buzon":
+        raise UnsupportedOperation(
+            f"wire={wire!r}: buzon.aio.rpc speaks buzon, jsonrpc and msgpack-rpc"
+        )
+    if handler is not None:
+        raise TypeError("handler= is for wire='msgpack-rpc' or 'jsonrpc' (the peer's own requests)")
+    if semantics not in ("at_most_once", "at_least_once", "exactly_once"):
+        raise UnsupportedOperation(
+            f"semantics={semantics!r}: this version offers at_most_once, at_least_once,"
+            " exactly_once"
+        )
+    reconnect, instance = name_reconnect(url, options, _connect)
+    ch = await reconnect(timeout)
+    return Client(
+        ch,
+        proto,
+        timeout=timeout,
+        max_in_flight=max_in_flight,
+        semantics=semantics,
+        reconnect=reconnect,
+        instance=instance,
+    )
 
-    @property
-    def address(self) -> Any:
-        """The bound address."""
-        return self._server.address
 
-    async def _serve_client(self, ch: Channel) -> None:
-        await _Connection(self, ch).run()
+async def connect_process(
+    argv: Sequence[str],
+    *,
+    wire: str = "msgpack-rpc",
+    handler: Service | object | None = None,
+    timeout: float | None = 60.0,
+) -> Any:
+    """Start ``argv`` and talk RPC over its stdin/stdout, as
+    :func:`buzon.rpc.connect_process`::
 
-    async def serve_forever(self) -> None:
-        """Serve until :meth:`shutdown`."""
-        await self._server.serve_forever()
+        nv = await buzon.aio.rpc.connect_process(
+            ["nvim", "--headless", "--embed", "--clean", "-n"], handler=svc)
+        await nv.nvim_eval("1+1")      # 2
+        await nv.aclose()              # closes its stdin; the child is waited for
 
-    def shutdown(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
+    ``wire``: ``"msgpack-rpc"`` (a :class:`MsgpackRpcClient`) or ``"jsonrpc"`` (a
+    :class:`JsonRpcClient`); ``handler`` answers the child's own requests.
+    """
+    return await _connect_process(argv, wire=wire, handler=handler, timeout=timeout)
 
 
-async def serve(url: str, service: Service | object, **options: Any) -> None:
-    """Serve ``service`` at ``url`` until SIGINT/SIGTERM, on the running loop."""
-    server = Server(url, service, **options)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.shutdown)
-    try:
-        await server.serve_forever()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+async def close(proxy: object) -> None:
+    """Close a proxy or session made by :func:`connect` (a typed one included: its
+    Protocol need not declare ``aclose``)."""
+    if not isinstance(proxy, (Client, MsgpackRpcClient, JsonRpcClient)):
+        raise TypeError(f"not a buzon.aio.rpc proxy: {proxy!r}")
+    await proxy.aclose()

@@ -15,13 +15,14 @@ message tells the server, whose handler sees ``context().cancelled``.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import os
 import threading
 import time
 import typing
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
 import msgspec
@@ -119,6 +120,39 @@ class Call(Future[Any]):
     def cancel(self) -> bool:
         """Give the call up and tell the server; False if it had finished already."""
         return self.client._abandon(self._p, _CANCELLED)
+
+
+class _RetryingCall(Call):
+    """A ``call_async`` future of a retrying client: :meth:`Client.call` (its retry
+    loop) runs in a thread, with the caller's context (deadline) copied."""
+
+    def __init__(self, client: Client, method: str, args: tuple[Any, ...], kwargs: Any) -> None:
+        super().__init__(client, _Pending(0, method, None, Any))
+        self._p.done = True  # the waiting is Future's own, not a read of the connection
+        run = contextvars.copy_context().run
+        threading.Thread(
+            target=run, args=(self._run, method, args, kwargs), name="buzon-rpc-retry", daemon=True
+        ).start()
+
+    def _run(self, method: str, args: tuple[Any, ...], kwargs: Any) -> None:
+        try:
+            try:
+                result = self.client.call(method, *args, **kwargs)
+            except BaseException as exc:
+                self.set_exception(exc)
+            else:
+                self.set_result(result)
+        except InvalidStateError:
+            pass  # cancelled meanwhile: nobody waits for it
+
+    def result(self, timeout: float | None = None) -> Any:
+        return Future.result(self, timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return Future.exception(self, timeout)
+
+    def cancel(self) -> bool:
+        return Future.cancel(self)
 
 
 _CANCELLED = "cancelled by the caller"
@@ -477,8 +511,11 @@ class Client(RefPeer):
         old.close()
 
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> Call:
-        """Send the call and return its :class:`Call` future at once (its call is
-        not retried: at most once, whatever the client's ``semantics``)."""
+        """Send the call and return its :class:`Call` future at once. With
+        ``semantics`` at_least_once / exactly_once the call is retried as :meth:`call`
+        does, in a thread of its own (``cancel()`` then only stops the waiting)."""
+        if self._semantics != "at_most_once":
+            return _RetryingCall(self, method, args, kwargs)
         p = self._start(method, args, kwargs)
         call = Call(self, p)
         with self._cv:
@@ -825,12 +862,9 @@ def connect(
         # name:NAME is looked up again on every reconnect: the server may have moved;
         # its instance id (registration metadata) tells a restarted server apart
         assert addr.name is not None
-        record = lookup(addr.name)
-        if record.address.startswith("mailbox:"):
-            raise AddressError(f"name {addr.name!r} stands for {record.address}, not a server")
-        ch = _connect(record.address, left, **options)
-        meta = record.metadata
-        instance[0] = meta.get("instance") if isinstance(meta, dict) else None
+        address, found = resolve_server(addr.name)
+        ch = _connect(address, left, **options)
+        instance[0] = found
         return ch
 
     ch = reconnect(timeout)
@@ -843,6 +877,16 @@ def connect(
         reconnect=reconnect,
         instance=lambda: instance[0],
     )
+
+
+def resolve_server(name: str) -> tuple[str, str | None]:
+    """The address ``name`` stands for now and the instance id of the server start
+    registered there (None if its metadata has none); sans-IO for both clients."""
+    record = lookup(name)
+    if record.address.startswith("mailbox:"):
+        raise AddressError(f"name {name!r} stands for {record.address}, not a server")
+    meta = record.metadata
+    return record.address, meta.get("instance") if isinstance(meta, dict) else None
 
 
 def close(proxy: object) -> None:

@@ -40,7 +40,7 @@ from ..errors import (
 from . import _jsonrpc_codec as codec
 from ._context import _CURRENT, _DEADLINE, CallContext
 from ._msgpack import _ChannelStream, _Stream, _StreamSession, _Waiting
-from ._service import Service, as_service
+from ._service import Service, as_service, handler_failure
 
 __all__ = ["CANCEL_METHOD", "JsonRpcClient", "connect_jsonrpc"]
 
@@ -245,40 +245,21 @@ class JsonRpcClient(_StreamSession):
             ctx.cancel()
 
     def _on_body(self, body: bytes) -> None:
-        try:
-            value = codec.parse(body)
-        except RemoteError as err:
-            self.errors += 1
-            self._send_safe(codec.error_response(None, err))
-            return
-        if type(value) is list:
-            if not value:
+        for action, obj in route(body):
+            if action == "send":
                 self.errors += 1
-                self._send_safe(codec.error_response(None, _invalid()))
-                return
-            items = [codec.classify(v) for v in value]
-            if all(kind in ("response", "ignored") for kind, _ in items):
-                for kind, obj in items:
-                    if kind == "response":
-                        self._on_response(obj)
-                    else:
-                        self.errors += 1
-                return
-            if self._admit(None):
-                self._start(self._answer_batch, items)
-            return
-        kind, obj = codec.classify(value)
-        if kind == "ignored":
-            self.errors += 1  # a malformed response: never answered (no ping-pong of errors)
-        elif kind == "response":
-            self._on_response(obj)
-        elif kind == "invalid":
-            self.errors += 1
-            self._send_safe(codec.error_response(obj, _invalid()))
-        elif kind == "notification" and obj["method"] == CANCEL_METHOD:
-            self._on_cancel(obj.get("params"))
-        elif self._admit(obj.get("id") if kind == "request" else _NO_ID):
-            self._start(self._answer_one, kind, obj)
+                self._send_safe(obj)
+            elif action == "ignored":
+                self.errors += 1  # a malformed response: never answered (no ping-pong)
+            elif action == "response":
+                self._on_response(obj)
+            elif action == "cancel":
+                self._on_cancel(obj)
+            elif action == "batch":
+                if self._admit(None):
+                    self._start(self._answer_batch, obj)
+            elif self._admit(obj.get("id") if action == "request" else _NO_ID):
+                self._start(self._answer_one, action, obj)
 
     def _admit(self, msgid: Any) -> bool:
         """Room for one more of the peer's requests? If not, it is refused (OVERLOADED;
@@ -372,11 +353,7 @@ class JsonRpcClient(_StreamSession):
             return None if kind != "request" else codec.error_response(msgid, err)
         except Exception as exc:
             self.errors += 1
-            failed = RemoteError(
-                f"{method} raised {type(exc).__name__}: {exc}",
-                RemoteError.SERVER_ERROR,
-                {"type": type(exc).__name__},
-            )
+            failed = handler_failure(method, exc)
             return None if kind != "request" else codec.error_response(msgid, failed)
         finally:
             _CURRENT.reset(token)
@@ -384,15 +361,10 @@ class JsonRpcClient(_StreamSession):
                 self._running.pop(msgid, None)
         if kind != "request":
             return None
-        try:  # encoded here, once: a result JSON cannot carry is an error response
-            raw = msgspec.Raw(_encoder.encode(result))
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        reply = result_response(msgid, method, result)
+        if "error" in reply:
             self.errors += 1
-            unencodable = RemoteError(
-                f"{method}: cannot encode its result: {exc}", RemoteError.INVALID_RESULT
-            )
-            return codec.error_response(msgid, unencodable)
-        return {"jsonrpc": "2.0", "result": raw, "id": msgid}
+        return reply
 
     def _send_safe(self, message: Any) -> None:
         try:
@@ -412,6 +384,44 @@ class JsonRpcClient(_StreamSession):
 
 
 _NO_ID = object()
+
+
+def route(body: bytes) -> list[tuple[str, Any]]:
+    """What to do with one framed body, sans-IO (both sessions, blocking and asyncio):
+    a list of ``(action, obj)``: ``("send", response)`` an error answer (counted),
+    ``("ignored", obj)`` a malformed response (counted, never answered),
+    ``("response", obj)``, ``("cancel", params)`` of ``$/cancelRequest``,
+    ``("batch", [(kind, obj), ...])`` to run, or ``("request" | "notification", obj)``."""
+    try:
+        value = codec.parse(body)
+    except RemoteError as err:
+        return [("send", codec.error_response(None, err))]
+    if type(value) is list:
+        if not value:
+            return [("send", codec.error_response(None, _invalid()))]
+        items = [codec.classify(v) for v in value]
+        if all(kind in ("response", "ignored") for kind, _ in items):
+            return items
+        return [("batch", items)]
+    kind, obj = codec.classify(value)
+    if kind == "invalid":
+        return [("send", codec.error_response(obj, _invalid()))]
+    if kind == "notification" and obj["method"] == CANCEL_METHOD:
+        return [("cancel", obj.get("params"))]
+    return [(kind, obj)]
+
+
+def result_response(msgid: Any, method: str, result: Any) -> dict[str, Any]:
+    """The response carrying ``result`` for ``msgid``, encoded here once: a result
+    JSON cannot carry becomes an INVALID_RESULT error response."""
+    try:
+        raw = msgspec.Raw(_encoder.encode(result))
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        unencodable = RemoteError(
+            f"{method}: cannot encode its result: {exc}", RemoteError.INVALID_RESULT
+        )
+        return codec.error_response(msgid, unencodable)
+    return {"jsonrpc": "2.0", "result": raw, "id": msgid}
 
 
 def _invalid() -> RemoteError:

@@ -21,7 +21,7 @@ import msgspec
 
 from ..errors import RemoteError
 
-__all__ = ["Method", "Service", "as_service", "expose"]
+__all__ = ["Method", "Service", "as_service", "expose", "handler_failure"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,6 +58,16 @@ def expose(fn: Any = None, *, name: str | None = None) -> Any:
         return f
 
     return mark if fn is None else mark(fn)
+
+
+def handler_failure(name: str, exc: Exception) -> RemoteError:
+    """The error reply for a handler that raised ``exc``: its type and message, never
+    its traceback (SERVER_ERROR, ``data`` ``{"type": ...}``)."""
+    return RemoteError(
+        f"{name} raised {type(exc).__name__}: {exc}",
+        RemoteError.SERVER_ERROR,
+        {"type": type(exc).__name__},
+    )
 
 
 def _check_name(name: str) -> None:
