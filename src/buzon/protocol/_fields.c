@@ -37,6 +37,11 @@
 #define MAX_CODEC 3   /* raw, msgpack, json, pickle */
 
 static PyObject *frame_type = NULL;
+/* Frame's attributes, in its field order: set directly on a new instance (its
+ * dataclass __init__ is Python code, which would cost more than the rest of the call) */
+static const char *const slot_names[7] = {"kind",   "codec",   "body",  "buffers",
+                                          "sunk",   "receipt", "fields"};
+static PyObject *slots[7] = {NULL};
 
 static uint32_t u32le(const unsigned char *p) {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
@@ -101,11 +106,16 @@ static PyObject *make_frame(const unsigned char *h, Py_ssize_t total) {
     PyObject *codec = PyLong_FromLong(flags & CODEC_MASK);
     PyObject *frame = NULL;
     if (body != NULL && buffers != NULL && kind != NULL && codec != NULL) {
-        PyObject *args[7] = {
+        PyObject *values[7] = {
             kind, codec, body, buffers, Py_False, (flags & RECEIPT) ? Py_True : Py_False,
             fields,
         };
-        frame = PyObject_Vectorcall(frame_type, args, 7, NULL);
+        PyTypeObject *type = (PyTypeObject *)frame_type;
+        frame = type->tp_alloc(type, 0);
+        for (int i = 0; frame != NULL && i < 7; i++) {
+            if (PyObject_GenericSetAttr(frame, slots[i], values[i]) < 0)
+                Py_CLEAR(frame);
+        }
     }
     Py_XDECREF(body);
     Py_XDECREF(buffers);
@@ -128,6 +138,20 @@ static PyObject *bind(PyObject *self, PyObject *type) {
     if (!PyType_Check(type)) {
         PyErr_SetString(PyExc_TypeError, "bind(frame_type): a class");
         return NULL;
+    }
+    for (int i = 0; i < 7; i++) {
+        if (slots[i] == NULL && (slots[i] = PyUnicode_InternFromString(slot_names[i])) == NULL)
+            return NULL;
+        /* each must be a data descriptor of the class (a __slots__ member) */
+        PyObject *d = PyObject_GetAttr(type, slots[i]);
+        if (d == NULL)
+            return NULL;
+        int ok = Py_TYPE(d)->tp_descr_set != NULL;
+        Py_DECREF(d);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "bind(frame_type): %s is not a slot", slot_names[i]);
+            return NULL;
+        }
     }
     Py_INCREF(type);
     Py_XSETREF(frame_type, type);
