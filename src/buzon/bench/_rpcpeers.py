@@ -23,7 +23,8 @@ row                          how
                              forked child of its own (on the parent's CPU) and the
                              parent never imports grpc
 ``buzon-msgpack-rpc/nvim``   ``buzon.rpc.connect("unix:PATH", wire="msgpack-rpc")`` to
-                             ``nvim --headless --clean -n --listen PATH``, calling
+                             ``nvim --headless --clean -n --listen PATH`` (on the
+                             child's CPU, as the other servers), calling
                              ``nvim_call_function("BuzonAdd", [a, b])`` (a Vim function
                              defined once); value ``bare``: the same requests from a
                              bare loop (a socket, ``msgspec`` encoding, ``msgpack``'s
@@ -283,6 +284,9 @@ def _nvim(ctx: Ctx) -> Values:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    if ctx.pinned and ctx.config.pin is not None:  # nvim is the server: the child's CPU
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(proc.pid, {ctx.config.pin[1]})
     try:
         bare = _retry(lambda: _Bare(path))
         ctx.close_later(bare)
