@@ -2,7 +2,8 @@
 shared-memory core (rings in named segments; one extension built from the units that
 src/buzon/_core.h lists), the frame format's C speedups: for those rings
 (buzon.protocol._frames, which reaches the rings through the core's C API,
-src/buzon/_core_api.h) and for streams (protocol/_stream.c), and the ``fifo:``
+src/buzon/_core_api.h) and for streams (protocol/_stream.c), DATA frames with header
+fields (protocol/_fields.c: the RPC messages), and the ``fifo:``
 envelope's hot paths (protocol/_envelope.c)."""
 
 from setuptools import Extension, setup
@@ -38,6 +39,11 @@ setup(
         Extension(
             "buzon.protocol._stream",
             sources=["src/buzon/protocol/_stream.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
+            "buzon.protocol._fields",
+            sources=["src/buzon/protocol/_fields.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(

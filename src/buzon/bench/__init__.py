@@ -50,6 +50,7 @@ from ._peers import peer_cases
 from ._raw import RAW_TRANSPORTS, mp_cases, raw_cases
 from ._report import document, machine_info, render, write_json
 from ._rpc import rpc_cases
+from ._rpcpeers import rpc_peer_cases
 
 __all__ = ["all_cases", "main"]
 
@@ -66,7 +67,7 @@ def all_cases() -> list[Case]:
         if transport in BUZON_TRANSPORTS:
             cases += buzon_cases(transport)
         cases += aio_cases(transport)
-    return cases + peer_cases() + bulk_cases() + rpc_cases()
+    return cases + peer_cases() + bulk_cases() + rpc_cases() + rpc_peer_cases()
 
 
 def _select(cases: Sequence[Case], only: Sequence[str]) -> list[Case]:

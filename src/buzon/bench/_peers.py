@@ -75,6 +75,11 @@ PEERS = {
     "faster_fifo": "faster-fifo",
     "iceoryx2": "iceoryx2",
     "numpy": "numpy",
+    # the RPC peers (_rpcpeers.py); msgpack: the bare loop against Neovim
+    "Pyro5": "Pyro5",
+    "rpyc": "rpyc",
+    "grpc": "grpcio",
+    "msgpack": "msgpack",
 }
 _WAIT = 3600.0  # faster-fifo blocks at most this long (its default is 10 s)
 _BIG = 1 << 16

@@ -18,6 +18,7 @@ g     reliable UDP 64 B one-way at least half of raw UDP            reliable rat
 h     reliable UDP through a wifi relay at least half of clean      wifi rate / clean rate
 i     shared memory and the asyncio driver: shm rows vs the peers   see ``SHM_TARGETS``
       or a fixed number (asyncio shm round trip <= 10 us p50)
+rpc   RPC add(a, b) calls/s: buzon.rpc vs the peers' rows           see ``RPC_TARGETS``
 ====  ============================================================  ==========================
 
 ``buzon`` is the default spin, ``buzon-spin0`` the blocking receiver.
@@ -154,6 +155,7 @@ _TITLES = {
     "g-batch": "reliable UDP 64 B one-way >= 0.5x raw UDP (send_bytes_many, 64/call)",
     "h": "reliable UDP through a wifi chaos relay >= 0.5x through a clean relay (64 B one-way)",
     "i": "shared memory, asyncio: buzon rows vs the peers (or a fixed number), the issue's targets",
+    "rpc": "RPC add(a, b) calls/s: buzon.rpc vs the peers (or a fixed number), issue 11's targets",
 }
 
 
@@ -251,6 +253,13 @@ def evaluate_targets(results: Sequence[Result]) -> list[Target]:
         name = _VALUE[unit]
         ref = _by_id(by, versus, name) if isinstance(versus, str) else versus
         add("i", label, op, threshold, _by_id(by, case, name), ref, unit, div)
+    # (rpc) issue 11: calls/s of buzon.rpc rows against the peers' rows (or a number)
+    for label, case, value, op, threshold, peer in RPC_TARGETS:
+        if isinstance(peer, tuple):  # another value of a case (nvim: the bare loop)
+            ref = _by_id(by, peer[0], peer[1])
+        else:
+            ref = _by_id(by, peer, "rate") if isinstance(peer, str) else peer
+        add("rpc", label, op, threshold, _by_id(by, case, value), ref, "calls/s", div)
     return targets
 
 
@@ -282,6 +291,29 @@ SHM_TARGETS: list[tuple[str, str, str, _Op, float, str | float]] = [
     ("numpy64m ring loan vs 15 GB/s", "buzon-loan/shm/numpy64m", "GB/s", ">=", 1, 15.0),
     ("4p4c vs mp.Queue", _B4, "msg/s", ">=", 10, "mp/Queue/4p4c"),
     ("4p4c vs faster-fifo", _B4, "msg/s", ">=", 3, "faster-fifo/queue/4p4c"),
+]
+
+_RPC_UNIX = "buzon-rpc/unix/rpcadd"
+_RPC_SHM = "buzon-rpc/shm/rpcadd"
+_MANAGERS = "mp-managers/unix/rpcadd"
+_NVIM = "buzon-msgpack-rpc/nvim/rpcadd"
+# label, buzon case, its value, op, threshold, peer case (its rate), (case, value) or number
+RPC_TARGETS: list[tuple[str, str, str, _Op, float, str | tuple[str, str] | float]] = [
+    ("unix vs mp.managers", _RPC_UNIX, "rate", ">=", 2, _MANAGERS),
+    ("unix vs Pyro5", _RPC_UNIX, "rate", ">=", 8, "pyro5/unix/rpcadd"),
+    ("unix vs RPyC", _RPC_UNIX, "rate", ">=", 8, "rpyc/unix/rpcadd"),
+    ("unix vs grpcio", _RPC_UNIX, "rate", ">=", 8, "grpcio/unix/rpcadd"),
+    ("shm vs 100k calls/s", _RPC_SHM, "rate", ">=", 1, 1e5),
+    ("shm vs mp.managers", _RPC_SHM, "rate", ">=", 4, _MANAGERS),
+    (
+        "exactly_once vs at_most_once",
+        "buzon-rpc-exactly-once/unix/rpcadd",
+        "rate",
+        ">=",
+        0.8,
+        _RPC_UNIX,
+    ),
+    ("nvim msgpack-rpc vs bare msgpack", _NVIM, "rate", ">=", 0.9, (_NVIM, "bare")),
 ]
 
 
@@ -526,6 +558,7 @@ def render(
 
 _FORMATS: dict[str, Callable[[float], str]] = {
     "msg/s": _fmt_rate,
+    "calls/s": _fmt_rate,
     "MB/s": _fmt_mbs,
     "GB/s": lambda v: f"{v:.2f}",
 }

@@ -1,5 +1,7 @@
 """RPC cases: ``add(a, b)`` from this process to a server in the forked peer, one call
-at a time, over a Unix socket: ``buzon.rpc`` against ``multiprocessing.managers``.
+at a time, over a Unix socket: ``buzon.rpc`` against ``multiprocessing.managers``;
+``buzon.rpc`` over ``shm:`` too, and with ``semantics="exactly_once"`` (the in-memory
+completion table) over ``unix:``. The other libraries' rows are in ``_rpcpeers.py``.
 
 Both report calls/s over the measured window (``rate``) and the per-call latency
 percentiles. The server runs in the child; the parent connects (retrying until the
@@ -17,15 +19,17 @@ from typing import Any
 
 from ._harness import Case, Ctx, Quantity, Values, latency_values
 
-__all__ = ["rpc_cases"]
+__all__ = ["measure_calls", "rpc_cases"]
 
 
-def _measure(ctx: Ctx, call: Callable[[int, int], int]) -> Values:
+def measure_calls(ctx: Ctx, call: Callable[[int, int], int], share: float = 1.0) -> Values:
+    """Call ``call(i, 1)`` in a loop (checking the sum): warm up, then measure for
+    ``share`` of the case's window; calls/s (``rate``) and the latency percentiles."""
     perf = time.perf_counter_ns
     lat: array[int] = array("q")
     calls = 0
     start = 0
-    for phase_ns, keep in ((ctx.warmup_ns, False), (ctx.measure_ns, True)):
+    for phase_ns, keep in ((ctx.warmup_ns, False), (int(ctx.measure_ns * share), True)):
         if keep:
             start = perf()
         end = perf() + phase_ns
@@ -46,15 +50,20 @@ def _measure(ctx: Ctx, call: Callable[[int, int], int]) -> Values:
     return values
 
 
-def _buzon_rpc(ctx: Ctx, spin: float | None = None) -> Values:
+def _buzon_rpc(
+    ctx: Ctx, spin: float | None = None, scheme: str = "unix", semantics: str = "at_most_once"
+) -> Values:
     import buzon
 
     options: dict[str, Any] = {} if spin is None else {"spin": spin}
-    path = os.path.join(ctx.tmpdir, f"rpc{ctx.seq}.sock")
+    if scheme == "unix":
+        url = f"unix:{os.path.join(ctx.tmpdir, f'rpc{ctx.seq}.sock')}"
+    else:
+        url = f"{scheme}:{ctx.name('rpc')}"
 
     def child() -> None:
         svc = buzon.rpc.Service("calc")
-        srv = buzon.rpc.Server(f"unix:{path}", svc, grace=1.0, **options)
+        srv = buzon.rpc.Server(url, svc, grace=1.0, **options)
 
         @svc.method
         def add(a: int, b: int) -> int:
@@ -67,9 +76,9 @@ def _buzon_rpc(ctx: Ctx, spin: float | None = None) -> Values:
         srv.serve_forever()
 
     proc = ctx.spawn(child)
-    client = buzon.rpc.connect(f"unix:{path}", timeout=30, **options)
+    client = buzon.rpc.connect(url, timeout=30, semantics=semantics, **options)
     try:
-        values = _measure(ctx, client.add)
+        values = measure_calls(ctx, client.add)
         client.notify("stop")
     finally:
         client.close()
@@ -112,7 +121,7 @@ def _managers(ctx: Ctx) -> Values:
                 raise
             time.sleep(0.01)
     calc = manager.Calc()
-    values = _measure(ctx, calc.add)
+    values = measure_calls(ctx, calc.add)
     del calc  # released while the server still runs
     try:
         manager.stop()  # the server stops while the proxy of stop's result is being made
@@ -124,9 +133,17 @@ def _managers(ctx: Ctx) -> Values:
 
 def rpc_cases() -> list[Case]:
     """``add(a, b)`` calls/s over ``unix:``: buzon.rpc (with ``spin=0``: both ends
-    block at once; and with the default spin), then multiprocessing.managers."""
+    block at once; with the default spin; exactly-once), then
+    multiprocessing.managers; buzon.rpc over ``shm:``."""
     return [
         Case("buzon-rpc-spin0", "unix", "rpcadd", lambda ctx: _buzon_rpc(ctx, 0.0)),
         Case("buzon-rpc", "unix", "rpcadd", _buzon_rpc),
+        Case(
+            "buzon-rpc-exactly-once",
+            "unix",
+            "rpcadd",
+            lambda ctx: _buzon_rpc(ctx, semantics="exactly_once"),
+        ),
         Case("mp-managers", "unix", "rpcadd", _managers),
+        Case("buzon-rpc", "shm", "rpcadd", lambda ctx: _buzon_rpc(ctx, scheme="shm")),
     ]

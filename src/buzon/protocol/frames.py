@@ -236,6 +236,19 @@ class Frame:
         return len(self.body) + sum(b.nbytes for b in self.buffers)
 
 
+# DATA frames with header fields (the RPC messages) in C: protocol/_fields.c builds
+# their Frame in one call; the Python code here stays the reference and takes every
+# other shape (and raises the errors)
+try:
+    from . import _fields as _fields_c
+except ImportError:  # pragma: no cover - a build without the extension
+    _fields_frame = _fields_run = None
+else:
+    _fields_c.bind(Frame)
+    _fields_frame = _fields_c.fields_frame
+    _fields_run = _fields_c.fields_run
+
+
 def encode_frame(
     kind: int,
     codec: int,
@@ -451,6 +464,10 @@ def parse_frame(
     datagram: bytes | bytearray | memoryview, max_frame: int = DEFAULT_MAX_FRAME
 ) -> Frame:
     """Parse one frame that must fill ``datagram`` exactly (message transports)."""
+    if _fields_frame is not None:  # the common frame with header fields, in C
+        frame = _fields_frame(datagram, max_frame)
+        if frame is not None:
+            return frame
     total = _frame_total(datagram, 0, len(datagram), max_frame)
     if total < 0 or total > len(datagram):
         raise FrameError(f"truncated frame: {len(datagram)} bytes received")
@@ -610,6 +627,8 @@ class FrameDecoder:
             # Fastest path: the read brought a run of small DATA frames (in C)
             limit = min(len(self._buf) >> 1, self._max_frame)
             start = self._start = _plain_run(self._buf, start, end, limit, self.frames.append)
+            if start != end and _fields_run is not None:  # frames with header fields
+                start = self._start = _fields_run(self._buf, start, end, limit, self.frames.append)
             if start == end:
                 self._start = self._end = 0
                 return

@@ -289,8 +289,12 @@ class Client(RefPeer):
     ) -> _Pending:
         if self._broken is not None:
             raise self._broken
-        if at is None:
-            at = self._deadline()
+        if at is None:  # self._deadline(), inline (once per call)
+            at = _DEADLINE.get()
+            if self._timeout is not None:
+                mine = _monotonic() + self._timeout
+                if at is None or mine < at:
+                    at = mine
         pending = self._pending
         if len(pending) >= self._max_in_flight:
             self._wait_for_slot(method, at)
@@ -564,6 +568,33 @@ class Client(RefPeer):
         the connection whenever no other thread does. A call's deadline settles it
         with ``DeadlineExceeded``."""
         cv = self._cv
+        if p is not None and not slot and until is None and not self._reading:
+            # the common case: one call, nobody else reading: read until its reply is
+            # in (no closure, no re-checks per message); anything else, and the
+            # deadline, are left to the general loop below
+            with cv:
+                mine = not self._reading and not p.done
+                if mine:
+                    self._reading = True
+            if mine:
+                at = p.at
+                read = self._read_one
+                try:
+                    while not p.done and not self._closing:
+                        if at is None:
+                            read(_SLICE)
+                            continue
+                        rest = at - _monotonic()
+                        if rest <= 0:
+                            break
+                        read(_SLICE if rest > _SLICE else rest)
+                finally:
+                    with cv:
+                        self._reading = False
+                        if self._sleepers:
+                            cv.notify_all()
+                if p.done or self._closing:
+                    return
 
         def settled() -> bool:
             if slot:
@@ -626,8 +657,8 @@ class Client(RefPeer):
             return
         except BuzonError:  # an undecodable message: not a reply to anything we know
             return
-        call_id = w.read_id(fields, w.CORRELATION)
-        p = self._pending.get(call_id) if call_id is not None else None
+        value = None if fields is None else fields.get(w.CORRELATION)  # w.read_id, inline
+        p = self._pending.get(w.unpack_id(value)[0]) if value and len(value) == 8 else None
         if p is None:
             if type(body) is list and body and body[0] != w.REPLY:
                 self._incoming(body, fields)  # the server's call to our object, a release

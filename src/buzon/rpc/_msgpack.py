@@ -13,9 +13,16 @@ notification   ``[2, method, params]``               no response
 
 Both ends may send requests on the same connection at any time: while we wait for
 Neovim's answer to ``nvim_eval("rpcrequest(1, 'add', 2, 3)")``, Neovim asks us for
-``add(2, 3)`` and waits for our answer first. So a session has a reader thread that
-routes responses to the waiting calls and runs the peer's requests on threads of their
-own (a request may call back into the peer while the reader goes on reading).
+``add(2, 3)`` and waits for our answer first. Whoever reads routes responses to the
+waiting calls and runs the peer's requests on threads of their own (a request may call
+back into the peer while reading goes on).
+
+Who reads ("leader/followers", as the ``wire="buzon"`` client does): a calling thread
+reads the connection itself while no other thread does, so a call costs no thread
+switch (a bare loop's cost: send, read, decode); other callers wait until their
+response is in or the reading role is free. The session's reader thread reads only
+when the connection has been idle (no call) for ``_IDLE`` seconds, so the peer's
+requests and notifications between calls are answered within about that long.
 
 msgpack has no length prefix: :func:`object_end` walks one object's headers to find
 where it ends, checking every length against what arrived and the size cap before
@@ -60,6 +67,8 @@ MAX_MESSAGE = 64 * 1024 * 1024
 _MAX_ITEMS = 1 << 24  # containers announcing more items than this are refused
 
 _monotonic = time.monotonic
+_SLICE = 0.25  # longest single read, so that close() is noticed
+_IDLE = 0.02  # the reader thread reads once no call has been made for this long
 
 # first byte -> (header size, how the header gives a length, kind)
 # kinds: "n" nothing follows; "b" that many bytes follow; "a" that many items; "m" pairs
@@ -289,6 +298,12 @@ class MsgpackRpcClient(_StreamSession):
         self._closed = False
         self._broken: BuzonError | None = None
         self.errors = 0  # malformed messages and refused requests from the peer
+        # the reading role (one thread at a time) and the bytes read but not yet parsed
+        self._cv = threading.Condition(threading.Lock())
+        self._reading = False
+        self._waiters = 0  # callers waiting on _cv for their response or the role
+        self._active = _monotonic()  # when a caller last had the role
+        self._buf = bytearray()
         self._reader = threading.Thread(target=self._read_loop, name="buzon-msgpack-rpc")
         self._reader.daemon = True
         self._reader.start()
@@ -323,13 +338,48 @@ class MsgpackRpcClient(_StreamSession):
         self._pending[msgid] = waiting
         try:
             self._send([REQUEST, msgid, method, list(params)])
-            if not waiting.event.wait(None if at is None else max(0.0, at - _monotonic())):
-                raise DeadlineExceeded(f"{method}: no response by the deadline")
+            self._await(waiting, at)
         finally:
             self._pending.pop(msgid, None)
         if waiting.error is not None:
             raise waiting.error
         return waiting.result
+
+    def _await(self, waiting: _Waiting, at: float | None) -> None:
+        """Wait for ``waiting``'s response, reading the connection whenever no other
+        thread does; ``DeadlineExceeded`` at ``at``."""
+        cv = self._cv
+        event = waiting.event
+        while not event.is_set():
+            broken = self._broken
+            if broken is not None:  # the end came before this call was registered
+                waiting.error = type(broken)(
+                    f"{waiting.method}: {broken}; the call may or may not have run"
+                )
+                return
+            left = None if at is None else at - _monotonic()
+            if left is not None and left <= 0:
+                raise DeadlineExceeded(f"{waiting.method}: no response by the deadline")
+            limit = _SLICE if left is None or left > _SLICE else left
+            with cv:
+                if event.is_set():
+                    return
+                if self._reading:  # another thread reads: its dispatch sets our event
+                    self._waiters += 1
+                    try:
+                        cv.wait(limit)
+                    finally:
+                        self._waiters -= 1
+                    continue
+                self._reading = True
+            try:
+                self._read_some(limit)
+            finally:
+                with cv:
+                    self._reading = False
+                    self._active = _monotonic()
+                    if self._waiters:
+                        cv.notify_all()
 
     def notify(self, method: str, *params: Any) -> None:
         """Send a notification ``[2, method, params]`` (no response)."""
@@ -340,36 +390,69 @@ class MsgpackRpcClient(_StreamSession):
     # -- the reader -----------------------------------------------------------------
 
     def _read_loop(self) -> None:
-        buf = bytearray()
-        why: BuzonError = EndOfChannel("the msgpack-rpc peer closed the connection")
-        try:
-            while not self._closed:
-                data = self._stream.read(0.25)
-                if data is None:
+        """The session's reader thread: reads while no call has been made for
+        ``_IDLE`` seconds (the peer's requests between calls); callers read for
+        themselves otherwise."""
+        cv = self._cv
+        while not self._closed and self._broken is None:
+            with cv:
+                if self._reading or self._pending or _monotonic() - self._active < _IDLE:
+                    cv.wait(_IDLE)
                     continue
-                if not data:
-                    break
-                buf += data
-                start = 0
+                self._reading = True
+            try:
+                self._read_some(_SLICE)
+            finally:
+                with cv:
+                    self._reading = False
+                    if self._waiters:
+                        cv.notify_all()
+        if self._broken is None:  # closed by us
+            self._end(EndOfChannel("closed"))
+
+    def _read_some(self, timeout: float) -> None:
+        """Read once (the caller has the reading role), dispatch every complete
+        message; at the end of the stream or a malformed one, end the session."""
+        try:
+            data = self._stream.read(timeout)
+            if data is None:
+                return
+            if not data:
+                raise EndOfChannel("the msgpack-rpc peer closed the connection")
+            buf = self._buf
+            buf += data
+            start = 0
+            try:
                 while True:
                     end = object_end(buf, start)
                     if end < 0:
                         break
                     self._dispatch(self._decode(bytes(buf[start:end])))
                     start = end
+            finally:
                 del buf[:start]
-                if len(buf) > MAX_MESSAGE:
-                    raise FrameTooLarge(f"a msgpack-rpc message over {MAX_MESSAGE} bytes")
+            if len(buf) > MAX_MESSAGE:
+                raise FrameTooLarge(f"a msgpack-rpc message over {MAX_MESSAGE} bytes")
         except (FrameError, BuzonError) as exc:  # malformed stream: close with the reason
-            why = exc if isinstance(exc, BuzonError) else EndOfChannel(str(exc))
+            self._end(exc if isinstance(exc, BuzonError) else EndOfChannel(str(exc)))
         except OSError as exc:
-            why = EndOfChannel(f"the msgpack-rpc connection failed: {exc}")
+            self._end(EndOfChannel(f"the msgpack-rpc connection failed: {exc}"))
+
+    def _end(self, why: BuzonError) -> None:
+        """The session is over: every call waiting fails (its outcome unknown)."""
         if self._closed:
             why = ChannelClosed("the msgpack-rpc session is closed")
-        self._broken = why
+        if self._broken is None:
+            self._broken = why
+        why = self._broken
         for waiting in list(self._pending.values()):
-            waiting.error = type(why)(f"{waiting.method}: {why}; the call may or may not have run")
-            waiting.event.set()
+            if not waiting.event.is_set():
+                waiting.error = type(why)(
+                    f"{waiting.method}: {why}; the call may or may not have run"
+                )
+                waiting.event.set()
+        with self._cv:
+            self._cv.notify_all()
 
     def _decode(self, raw: bytes) -> Any:
         try:

@@ -374,7 +374,8 @@ class _Connection(RefPeer):
 
     def _handle(self, body: Any, fields: dict[int, bytes] | None) -> None:
         server = self.server
-        call_id = w.read_id(fields, w.MESSAGE_ID)
+        value = None if fields is None else fields.get(w.MESSAGE_ID)  # w.read_id, inline
+        call_id = w.unpack_id(value)[0] if value and len(value) == 8 else None
         try:
             if (
                 type(body) is not list
@@ -394,8 +395,10 @@ class _Connection(RefPeer):
             if kind == w.NOTIFY:
                 call_id = None
             # the allowlist: nothing runs before it ([id, name]: a remote object's method)
-            lookup = self._exports.method if type(name) is list else self.service.lookup
-            method = lookup(name)
+            method = self.service.methods.get(name) if type(name) is str else None
+            if method is None:  # not a plain method name: look it up for the error
+                lookup = self._exports.method if type(name) is list else self.service.lookup
+                method = lookup(name)
             if type(args) is not list or (kwargs is not None and type(kwargs) is not dict):
                 raise RemoteError(
                     f"{name}: arguments are a list (and keywords a map)", RemoteError.INVALID_PARAMS
@@ -406,8 +409,12 @@ class _Connection(RefPeer):
                     break
             if kwargs:
                 kwargs = self._in(kwargs)
-            budget = w.read_ms(fields)
-            at = None if budget is None else time.monotonic() + budget
+            budget = None if fields is None else fields.get(w.DEADLINE)  # w.read_ms, inline
+            at = (
+                time.monotonic() + w.unpack_ms(budget)[0] / 1000.0
+                if budget and len(budget) == 4
+                else None
+            )
             if key is None:
                 reply = self._run(method, args, kwargs, call_id, at)
             else:

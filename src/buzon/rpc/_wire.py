@@ -39,12 +39,18 @@ __all__ = [
     "read_id",
     "read_ms",
     "send",
+    "unpack_id",
+    "unpack_ms",
 ]
 
 REQUEST, REPLY, NOTIFY, CANCEL = 0, 1, 2, 3
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+#: a u64 id field's value -> ``(id,)`` (for callers that inline :func:`read_id`)
+unpack_id = _U64.unpack
+#: a DEADLINE field's value -> ``(milliseconds,)`` (for callers that inline :func:`read_ms`)
+unpack_ms = _U32.unpack
 MAX_MS = 0xFFFFFFFF
 
 MESSAGE_ID = int(Field.MESSAGE_ID)
