@@ -273,10 +273,10 @@ class _Bare:
 def _nvim(ctx: Ctx) -> Values:
     import buzon
 
-    need("msgpack")
     nvim = shutil.which("nvim")
     if nvim is None:
         raise Skipped("nvim not found (apt-get install neovim; .ci/run installs it)")
+    need("msgpack")
     path = ctx.path("nvim")
     proc = subprocess.Popen(
         [nvim, "--headless", "--clean", "-n", "--listen", path],
