@@ -213,6 +213,9 @@ class RemoteError(BuzonError):
     DEADLINE_EXCEEDED = -32002  # the deadline passed before the handler ran
     CANCELLED = -32003  # the caller cancelled the call
     OVERLOADED = -32004  # too many calls in flight on this connection
+    # exactly_once: the call was running when its server stopped (crash, restart); its
+    # side effects may or may not have happened, and it is not run again
+    OUTCOME_UNKNOWN = -32005
 
     def __init__(self, message: str, code: int = SERVER_ERROR, data: object = None) -> None:
         super().__init__(message)

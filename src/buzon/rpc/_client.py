@@ -129,10 +129,11 @@ _RETRY = (EndOfChannel, ChannelClosed, ConnectError, ProtocolError, _Timeout)
 
 
 class ServerRestarted(EndOfChannel):
-    """``exactly_once`` through ``name:NAME``: the server the call was sent to is gone
-    and the name now stands for another start of it (a new instance id), whose
-    completion table has no record of the call. Its outcome is unknown (it may or may
-    not have run); it is not sent again (``buzon.rpc.ServerRestarted``)."""
+    """``exactly_once``: the server the call was sent to stopped with the call in
+    flight and its outcome is unknown (it may or may not have run); it is not sent
+    again (``buzon.rpc.ServerRestarted``). Either the server came back without a record
+    of the call (an in-memory completion table, reached through ``name:NAME`` as a new
+    instance id), or its SQLite table says the call was running when it stopped."""
 
 
 class _Cancelled(Exception):
@@ -441,6 +442,11 @@ class Client(RefPeer):
                         self._abandon(p, "the caller was interrupted")
                         raise
                     if not isinstance(p.error, (EndOfChannel, ChannelClosed)) or self._closing:
+                        if (
+                            isinstance(p.error, RemoteError)
+                            and p.error.code == RemoteError.OUTCOME_UNKNOWN
+                        ):
+                            raise ServerRestarted(f"{method}: {p.error.message}") from None
                         if p.error is not None:
                             raise p.error
                         return p.result
