@@ -69,6 +69,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "SecurityError",
+    "ServerRestarted",
     "Timeout",
     "UnsafePath",
     "Undelivered",
@@ -111,6 +112,19 @@ class Full(ChannelError, queue.Full):
 
 class EndOfChannel(ChannelError, EOFError):
     """The peer closed its end: every message it sent has been received."""
+
+
+class ServerRestarted(EndOfChannel):
+    """An ``exactly_once`` RPC call's server stopped with the call in flight and its
+    outcome is unknown: it may or may not have run; it is not sent again
+    (``buzon.rpc.ServerRestarted`` too).
+
+    Either the client reconnected to another start of the server (a new instance id in
+    the connection handshake, at a fixed address or through ``name:NAME``) whose
+    completion table is in memory and so has no record of the call, or the server's
+    SQLite table says the call was running when the server stopped and its handler is
+    not ``@buzon.rpc.transactional``.
+    """
 
 
 class ChannelClosed(ChannelError):

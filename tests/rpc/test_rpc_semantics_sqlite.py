@@ -195,9 +195,10 @@ _CHILD = """
 import os, sqlite3, sys, time
 from buzon import rpc
 url, db, effects, block = sys.argv[1:5]
-with sqlite3.connect(db) as conn:
-    conn.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)")
-conn.close()
+if db != "-":
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)")
+    conn.close()
 svc = rpc.Service("effects")
 
 def _maybe_block(key):
@@ -221,7 +222,7 @@ def append(key: str) -> int:
     with open(effects) as f:
         return f.read().split().count(key)
 
-srv = rpc.Server(url, svc, table=db)
+srv = rpc.Server(url, svc, table=None if db == "-" else db)
 print("ready", flush=True)
 srv.serve_forever()
 """
@@ -230,9 +231,9 @@ srv.serve_forever()
 class _Child:
     """The server in a child process, at a fixed address with one database."""
 
-    def __init__(self, tmp: Path, url: str = "unix:durable") -> None:
+    def __init__(self, tmp: Path, url: str = "unix:durable", memory: bool = False) -> None:
         self.url = url
-        self.db = str(tmp / "calls.db")
+        self.db = "-" if memory else str(tmp / "calls.db")
         self.effects = str(tmp / "effects.txt")
         self.block = str(tmp / "block")
         self.proc: subprocess.Popen[str] | None = None
@@ -244,7 +245,9 @@ class _Child:
             text=True,
         )
         assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "ready"
+        if self.proc.stdout.readline().strip() != "ready":
+            self.kill()
+            raise AssertionError("the server process did not start")
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -268,6 +271,16 @@ class _Child:
 @pytest.fixture
 def child(tmp_path: Path):  # type: ignore[no-untyped-def]
     c = _Child(tmp_path)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.kill()
+
+
+@pytest.fixture
+def memory_child(tmp_path: Path):  # type: ignore[no-untyped-def]
+    c = _Child(tmp_path, url="unix:fixed", memory=True)
     c.start()
     try:
         yield c
@@ -360,6 +373,7 @@ def test_a_transactional_call_cut_by_sigkill_runs_again_after_the_restart(
     finally:
         c.close()
     assert result == [1]  # run again: its first write died uncommitted with the process
+    assert c.restarts_survived == 1  # a new instance in the handshake, its table kept
     assert _stored_effects(child.db) == Counter({"slow-1": 1})
 
 
@@ -390,3 +404,67 @@ def test_a_plain_call_cut_by_sigkill_reports_an_unknown_outcome(child: _Child) -
     finally:
         c.close()
     assert child.appended() == ["slow-2", "after"]  # not run a second time
+
+
+# -- restart detection through a fixed address (the instance id in the handshake) -------
+
+
+def test_the_handshake_says_which_server_start_and_whether_its_table_persists(
+    tmp_path: Path,
+) -> None:
+    svc = _effects_service(Counter())
+    with serving("unix:mem", svc) as mem, serving("unix:db", svc, table=str(tmp_path / "c")) as db:
+        for srv, durable in ((mem, False), (db, True)):
+            with buzon.connect(srv.address, timeout=10) as ch:
+                said = ch.peer.extra["options"]["rpc"]
+                assert said == {"instance": srv.instance, "durable": durable}
+            c = rpc.connect(srv.address, timeout=10, semantics="exactly_once")
+            try:
+                assert c.server_instance == srv.instance
+            finally:
+                c.close()
+        assert mem.instance != db.instance
+
+
+def test_server_restarted_lives_in_buzon_errors() -> None:
+    assert buzon.errors.ServerRestarted is rpc.ServerRestarted
+    assert issubclass(buzon.errors.ServerRestarted, buzon.EndOfChannel)
+
+
+def test_hello_entries_cannot_overwrite_the_handshake_s_own() -> None:
+    with pytest.raises(ValueError, match="hello= keys"):
+        buzon.listen("unix:hello", hello={"capacity": 3})
+
+
+def test_a_restart_at_a_fixed_address_without_a_table_raises_server_restarted(
+    memory_child: _Child,
+) -> None:
+    child = memory_child
+    Path(child.block).touch()
+    c = rpc.connect(child.url, timeout=60, semantics="exactly_once")
+    outcome: list[BaseException] = []
+
+    def slow() -> None:
+        try:
+            c.call("append", "slow-3")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=slow)
+    try:
+        assert c.call("append", "before") == 1
+        first = c.server_instance
+        t.start()
+        child.wait_started()
+        child.kill()
+        os.unlink(child.block)
+        child.start()  # same address, a new start with an empty table
+        t.join(60)
+        assert not t.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], buzon.errors.ServerRestarted)
+        assert "did not persist" in str(outcome[0]) and "append" in str(outcome[0])
+        assert c.call("append", "after") == 1  # new calls go to the new server
+        assert c.server_instance not in (None, first)
+    finally:
+        c.close()
+    assert child.appended() == ["before", "slow-3", "after"]  # not run a second time

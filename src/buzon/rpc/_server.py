@@ -462,7 +462,9 @@ class Server:
     if a live process holds it (nothing stays bound then). The name goes when the
     server stops serving (or its process dies). ``url`` may be ``name:NAME``: serves
     ``unix:NAME`` registered as NAME. ``instance`` is a random id of this server start,
-    by which a client reconnecting through the name notices a restarted server.
+    sent in every connection's handshake (HELLO options ``{"rpc": {"instance",
+    "durable"}}``, ``durable``: the completion table outlives the process), by which a
+    reconnecting client notices a restarted server, at a fixed address as through a name.
 
     Counters: ``calls`` (replies sent), ``errors`` (error replies and refused
     messages), ``in_flight`` (calls running now). With ``mode="process"`` they count
@@ -517,7 +519,13 @@ class Server:
                     url, self._serve_jsonrpc, mode=mode, raw=True, **options
                 )
             else:
-                self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
+                # the handshake says which start of the server this is, and whether its
+                # completion table outlives it: a client at a fixed address tells a
+                # restarted server apart (buzon.errors.ServerRestarted)
+                hello = {"rpc": {"instance": self.instance, "durable": self.table.durable}}
+                self._server = ChannelServer(
+                    url, self._serve_client, mode=mode, hello=hello, **options
+                )
             if name is not None:
                 self._register(name)
         except BaseException:
