@@ -115,9 +115,10 @@ class EndOfChannel(ChannelError, EOFError):
 
 
 class ServerRestarted(EndOfChannel):
-    """An ``exactly_once`` RPC call's server stopped with the call in flight and its
-    outcome is unknown: it may or may not have run; it is not sent again
-    (``buzon.rpc.ServerRestarted`` too).
+    """An ``exactly_once`` RPC call's server restarted with it in flight: outcome unknown.
+
+    The call may or may not have run; it is not sent again (``buzon.rpc.ServerRestarted``
+    too).
 
     Either the client reconnected to another start of the server (a new instance id in
     the connection handshake, at a fixed address or through ``name:NAME``) whose
