@@ -12,6 +12,7 @@ situation, the buzon class also inherits it, so ``except TimeoutError`` and
     │   ├── Empty (queue.Empty)              recv_nowait found no message
     │   ├── Full (queue.Full)                send_nowait could not queue the message
     │   ├── EndOfChannel (EOFError)          the peer closed; nothing more will arrive
+    │   │   └── ServerRestarted              an RPC server restarted mid-call (buzon.rpc)
     │   ├── ChannelClosed                    this end was closed by its owner
     │   ├── Undelivered                      a receipt's message can no longer be taken
     │   └── MessageTooLarge                  over the frame cap or the transport's unit
