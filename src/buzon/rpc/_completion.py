@@ -16,7 +16,7 @@ Two tables behind one interface (:class:`CompletionTable`):
 - :class:`SqliteTable` (``buzon.rpc.Server(..., table="calls.db")``): entries are rows of
   an SQLite database, so they survive a server restart. A reply is sent only once its
   completion is durable (committed); completions arriving together are committed in one
-  transaction by a writer thread (group commit). A handler may do its own SQLite work in
+  transaction by whichever of their threads comes first (group commit). A handler may do its own SQLite work in
   the same transaction as its completion record (``buzon.rpc.context().transaction``):
   both commit together or not at all.
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -280,14 +279,14 @@ def _internal(why: str) -> list[Any]:
 
 
 class _Op:
-    """One statement for the writer thread; ``done`` is set once it is committed."""
+    """One statement for the next group commit; ``done`` once it is committed."""
 
     __slots__ = ("done", "error", "params", "rowcount", "sql")
 
-    def __init__(self, sql: str, params: tuple[Any, ...], wait: bool) -> None:
+    def __init__(self, sql: str, params: tuple[Any, ...]) -> None:
         self.sql = sql
         self.params = params
-        self.done: threading.Event | None = threading.Event() if wait else None
+        self.done = False
         self.rowcount = -1
         self.error: BaseException | None = None
 
@@ -349,19 +348,19 @@ class SqliteTable(CompletionTable):
         self.path = os.fspath(path)
         self.synchronous = synchronous
         self.boot = os.urandom(8)  # this table's opening: tells our rows from a crash's
-        self.commits = 0  # transactions the writer committed (group commit: <= completions)
+        self.commits = 0  # transactions committed (group commit: fewer than the writes)
         self.completions = 0  # completions recorded
         self._local = threading.local()
         self._pid = os.getpid()
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._writer_lock = threading.Lock()
+        self._group = threading.Condition(threading.Lock())
+        self._pending: list[_Op] = []  # statements for the next commit
+        self._committing = False  # a thread is committing a batch now
         self._acked: dict[bytes, int] = {}
         self._closed = False
         conn = self._conn()  # created now: a bad path fails the server's start
         conn.execute(_SCHEMA)
 
-    # -- connections and the writer --------------------------------------------------
+    # -- connections and group commit ------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection (a fresh one after a fork)."""
@@ -376,82 +375,72 @@ class SqliteTable(CompletionTable):
         return conn
 
     def _submit(self, sql: str, params: tuple[Any, ...], wait: bool = True) -> _Op:
-        """Queue a statement for the next group commit; ``wait``: until it is durable."""
+        """Add a statement to the next group commit; ``wait``: until it is committed.
+
+        Group commit without a thread of its own: the first waiting thread that finds
+        nobody committing takes every statement queued so far and commits them in one
+        transaction on its own connection; the others wait meanwhile (their statements
+        go in that batch or the next). A lone caller thus commits at once, with no
+        thread switch; under load one commit serves many calls.
+        """
         if self._closed:
             raise RemoteError("the completion table is closed", RemoteError.INTERNAL_ERROR)
-        op = _Op(sql, params, wait)
-        writer = self._writer
-        if writer is None or self._pid != os.getpid() or not writer.is_alive():
-            self._start_writer()
-        self._queue.put(op)
-        if op.done is not None:
-            op.done.wait()
-            if op.error is not None:
-                raise RemoteError(
-                    f"the completion table could not record the call: {op.error}",
-                    RemoteError.INTERNAL_ERROR,
-                )
-        return op
-
-    def _start_writer(self) -> None:
-        with self._writer_lock:
-            writer = self._writer
-            if writer is not None and self._pid == os.getpid() and writer.is_alive():
-                return
+        op = _Op(sql, params)
+        group = self._group
+        with group:
             if self._pid != os.getpid():  # a forked child: the parent's queue is not ours
                 self._pid = os.getpid()
-                self._queue = queue.SimpleQueue()
-            self._writer = threading.Thread(
-                target=self._write_forever, name="buzon-rpc-completions", daemon=True
-            )
-            self._writer.start()
-
-    def _write_forever(self) -> None:
-        """Commit whatever is queued in one transaction, wake its waiters, repeat:
-        while one commit runs, the next batch gathers (group commit)."""
-        conn = self._conn()
-        q = self._queue
-        while True:
-            first = q.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while True:
-                try:
-                    op = q.get_nowait()
-                except queue.Empty:
-                    break
-                if op is None:
-                    stop = True
-                    break
-                batch.append(op)
+                self._pending = []
+                self._committing = False
+            self._pending.append(op)
+            if not wait:
+                return op  # rides on the next commit
+            while not op.done and self._committing:
+                group.wait()
+            if not op.done:
+                self._committing = True  # this thread leads the next commit
+                batch, self._pending = self._pending, []
+            else:
+                batch = []
+        if batch:
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                for op in batch:
-                    op.rowcount = conn.execute(op.sql, op.params).rowcount
-                conn.execute("COMMIT")
-                self.commits += 1
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                for op in batch:
-                    op.error = exc
+                self._commit(batch)
+            finally:
+                with group:
+                    self._committing = False
+                    group.notify_all()
+        if op.error is not None:
+            raise RemoteError(
+                f"the completion table could not record the call: {op.error}",
+                RemoteError.INTERNAL_ERROR,
+            )
+        return op
+
+    def _commit(self, batch: list[_Op]) -> None:
+        """Run ``batch`` in one transaction on this thread's connection."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
             for op in batch:
-                if op.done is not None:
-                    op.done.set()
-            if stop:
-                return
+                op.rowcount = conn.execute(op.sql, op.params).rowcount
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for op in batch:
+                op.error = exc
+        finally:
+            for op in batch:
+                op.done = True
 
     def close(self) -> None:
-        """Commit what is queued and stop the writer thread."""
+        """Commit what is queued and close this thread's connection."""
         if self._closed:
             return
+        if self._pending and self._pid == os.getpid():
+            self.flush()  # the acknowledgements waiting for a commit
         self._closed = True
-        writer = self._writer
-        if writer is not None and self._pid == os.getpid() and writer.is_alive():
-            self._queue.put(None)
-            writer.join(30.0)
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             conn.close()
