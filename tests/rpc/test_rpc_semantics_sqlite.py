@@ -468,3 +468,21 @@ def test_a_restart_at_a_fixed_address_without_a_table_raises_server_restarted(
     finally:
         c.close()
     assert child.appended() == ["before", "slow-3", "after"]  # not run a second time
+
+
+@pytest.mark.parametrize("table", [None, "calls.db"])
+def test_long_and_short_arguments_are_told_apart(tmp_path: Path, table: str | None) -> None:
+    """Short arguments are compared as their msgpack, long ones by a digest: a retry
+    with the same ones is answered from the table, other ones are refused."""
+    counts: Counter[str] = Counter()
+    svc = _effects_service(counts)
+    path = None if table is None else str(tmp_path / table)
+    long = "x" * 100
+    with serving("unix:long", svc, table=path) as srv, buzon.connect(srv.address) as ch:
+        assert _request(ch, 1, "incr", long, 1) == [1, None, 1]
+        assert _request(ch, 2, "incr", long, 1) == [1, None, 1]  # replayed
+        assert _request(ch, 3, "incr", long + "y", 1)[1][0] == RemoteError.INVALID_REQUEST  # type: ignore[index]
+        assert _request(ch, 4, "incr", "s", 2) == [1, None, 1]
+        assert _request(ch, 5, "incr", "t", 2)[1][0] == RemoteError.INVALID_REQUEST  # type: ignore[index]
+        assert srv.table.replayed == 1
+    assert counts == Counter({long: 1, "s": 1})

@@ -16,9 +16,9 @@ Two tables behind one interface (:class:`CompletionTable`):
 - :class:`SqliteTable` (``buzon.rpc.Server(..., table="calls.db")``): entries are rows of
   an SQLite database, so they survive a server restart. A reply is sent only once its
   completion is durable (committed); completions arriving together are committed in one
-  transaction by whichever of their threads comes first (group commit). A handler may do its own SQLite work in
-  the same transaction as its completion record (``buzon.rpc.context().transaction``):
-  both commit together or not at all.
+  transaction by whichever of their threads comes first (group commit). A handler may do
+  its own SQLite work in the same transaction as its completion record
+  (``buzon.rpc.context().transaction``): both commit together or not at all.
 
 A call in progress when the server crashed (SQLite table): its row says *in progress*
 and nothing else is known. If the method is marked :func:`transactional` (all its
@@ -59,6 +59,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 Key = tuple[bytes, int, int]
 
 _RUNNING, _DONE = 0, 1
+_monotonic = time.monotonic
 _SWEEP = 1.0  # seconds between looks for expired leases
 
 
@@ -80,9 +81,15 @@ def is_transactional(fn: Any) -> bool:
     return bool(getattr(fn, "__buzon_transactional__", False))
 
 
+_encode_args = msgspec.msgpack.Encoder().encode
+
+
 def _digest(body: list[Any]) -> bytes:
-    """What identifies a request's arguments: method, args, kwargs."""
-    return hashlib.blake2b(msgspec.msgpack.encode(body[1:4]), digest_size=16).digest()
+    """What identifies a request's arguments: method, args, kwargs. Their msgpack
+    itself when shorter than 32 bytes (most calls: no hashing), else its 32-byte
+    BLAKE2b digest (never mistaken for a short encoding: the lengths differ)."""
+    enc = _encode_args(body[1:4])
+    return enc if len(enc) < 32 else hashlib.blake2b(enc, digest_size=32).digest()
 
 
 def _refused(seq: int) -> RemoteError:
@@ -93,13 +100,14 @@ def _refused(seq: int) -> RemoteError:
 
 
 class _Entry:
-    __slots__ = ("digest", "done", "reply", "since")
+    __slots__ = ("digest", "done", "reply", "since", "waiters")
 
-    def __init__(self, digest: bytes) -> None:
+    def __init__(self, digest: bytes, now: float) -> None:
         self.digest = digest
         self.done = False
         self.reply: list[Any] | None = None
-        self.since = time.monotonic()
+        self.since = now
+        self.waiters = 0  # retries waiting for the first attempt
 
 
 class Transaction:
@@ -139,6 +147,7 @@ class CompletionTable(abc.ABC):
     """
 
     durable = False
+    _stores = False  # the table keeps entries elsewhere too (acknowledgements to apply)
 
     def __init__(self, lease: float = 600.0) -> None:
         if not lease > 0:
@@ -146,7 +155,8 @@ class CompletionTable(abc.ABC):
         self.lease = lease
         self.replayed = 0
         self._clients: dict[bytes, dict[int, _Entry]] = {}
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._last_sweep = 0.0
 
     @abc.abstractmethod
@@ -179,51 +189,58 @@ class CompletionTable(abc.ABC):
         """The key's entry in this process, and whether this caller must run it (a
         new entry) or it is completed (after waiting for a first attempt)."""
         client, seq, acked = key
-        with self._cv:
-            entries = self._clients.setdefault(client, {})
-            if acked > 1:
+        with self._lock:
+            entries = self._clients.get(client)
+            if entries is None:
+                entries = self._clients[client] = {}
+            elif entries:
                 for old in [s for s in entries if s < acked]:
                     del entries[old]  # the client has these replies: forget them
+            if self._stores:
                 self._acknowledged(client, acked)
             entry = entries.get(seq)
             if entry is None:
-                entry = entries[seq] = _Entry(digest)
-                self._collect_expired()
+                now = _monotonic()
+                entry = entries[seq] = _Entry(digest, now)
+                if now - self._last_sweep >= _SWEEP:
+                    self._collect_expired(now)
                 return entry, True
             if entry.digest != digest:
                 raise _refused(seq)
-            while not entry.done:  # a retry while the first attempt still runs
-                left = None if at is None else at - time.monotonic()
-                if left is not None and left <= 0:
-                    raise RemoteError(
-                        f"exactly-once call {seq}: its first attempt still runs",
-                        RemoteError.DEADLINE_EXCEEDED,
-                    )
-                self._cv.wait(left)
+            entry.waiters += 1
+            try:
+                while not entry.done:  # a retry while the first attempt still runs
+                    left = None if at is None else at - _monotonic()
+                    if left is not None and left <= 0:
+                        raise RemoteError(
+                            f"exactly-once call {seq}: its first attempt still runs",
+                            RemoteError.DEADLINE_EXCEEDED,
+                        )
+                    self._cv.wait(left)
+            finally:
+                entry.waiters -= 1
             self.replayed += 1
             return entry, False
 
     def _settle(self, key: Key, entry: _Entry, reply: list[Any], keep: bool = True) -> None:
         """Complete ``entry`` with ``reply`` and wake its waiting retries; ``keep``
         False: drop it from the index (nothing was recorded for it)."""
-        with self._cv:
-            entry.reply = reply
-            entry.done = True
-            entry.since = time.monotonic()
-            if not keep:
-                entries = self._clients.get(key[0])
-                if entries is not None and entries.get(key[1]) is entry:
-                    del entries[key[1]]
-            self._cv.notify_all()
+        entry.reply = reply
+        entry.since = _monotonic()
+        entry.done = True  # after the reply: a waiter that sees done reads it
+        if entry.waiters or not keep:  # else nobody to wake (waiters counts under the lock)
+            with self._lock:
+                if not keep:
+                    entries = self._clients.get(key[0])
+                    if entries is not None and entries.get(key[1]) is entry:
+                        del entries[key[1]]
+                self._cv.notify_all()
 
     @abc.abstractmethod
     def _acknowledged(self, client: bytes, acked: int) -> None:
         """The client has every reply below ``acked`` (called under the lock)."""
 
-    def _collect_expired(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sweep < _SWEEP:
-            return
+    def _collect_expired(self, now: float) -> None:
         self._last_sweep = now
         for client, entries in list(self._clients.items()):
             for seq in [s for s, e in entries.items() if e.done and now - e.since > self.lease]:
@@ -253,11 +270,11 @@ class MemoryTable(CompletionTable):
         if not mine:
             assert entry.reply is not None
             return entry.reply
-        reply = _internal("the call did not finish")
+        reply = None
         try:
             reply = _attempt(call)
         finally:
-            self._settle(key, entry, reply)
+            self._settle(key, entry, reply or _internal("the call did not finish"))
         return reply
 
     def _acknowledged(self, client: bytes, acked: int) -> None:
@@ -338,6 +355,7 @@ class SqliteTable(CompletionTable):
     """
 
     durable = True
+    _stores = True
 
     def __init__(
         self, path: str | os.PathLike[str], *, lease: float = 600.0, synchronous: str = "FULL"
