@@ -194,7 +194,7 @@ def test_bad_table_arguments_are_typed_errors(tmp_path: Path) -> None:
 _CHILD = """
 import os, sqlite3, sys, time
 from buzon import rpc
-url, db, effects, block = sys.argv[1:5]
+url, db, effects, block, mode = sys.argv[1:6]
 if db != "-":
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)")
@@ -222,7 +222,7 @@ def append(key: str) -> int:
     with open(effects) as f:
         return f.read().split().count(key)
 
-srv = rpc.Server(url, svc, table=None if db == "-" else db)
+srv = rpc.Server(url, svc, table=None if db == "-" else db, mode=mode)
 print("ready", flush=True)
 srv.serve_forever()
 """
@@ -231,8 +231,11 @@ srv.serve_forever()
 class _Child:
     """The server in a child process, at a fixed address with one database."""
 
-    def __init__(self, tmp: Path, url: str = "unix:durable", memory: bool = False) -> None:
+    def __init__(
+        self, tmp: Path, url: str = "unix:durable", memory: bool = False, mode: str = "thread"
+    ) -> None:
         self.url = url
+        self.mode = mode
         self.db = "-" if memory else str(tmp / "calls.db")
         self.effects = str(tmp / "effects.txt")
         self.block = str(tmp / "block")
@@ -240,7 +243,7 @@ class _Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, self.url, self.db, self.effects, self.block],
+            [sys.executable, "-c", _CHILD, self.url, self.db, self.effects, self.block, self.mode],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -486,3 +489,27 @@ def test_long_and_short_arguments_are_told_apart(tmp_path: Path, table: str | No
         assert _request(ch, 5, "incr", "t", 2)[1][0] == RemoteError.INVALID_REQUEST  # type: ignore[index]
         assert srv.table.replayed == 1
     assert counts == Counter({long: 1, "s": 1})
+
+
+def test_mode_process_children_share_the_sqlite_table(tmp_path: Path) -> None:
+    """mode="process" serves each connection in a child of its own: a retry after a
+    reset lands in another child, whose memory knows nothing; the database answers.
+    (The server runs in a process of its own: its forks must not inherit the relay's
+    and the client's sockets, which would keep reset connections open.)"""
+    child = _Child(tmp_path, url="unix:forked", mode="process")
+    child.start()
+    faults = Faults(reply=Faults(reset=0.3))
+    try:
+        with ChaosRelay("unix:front", child.url, profile=faults, seed=3) as relay:
+            c = rpc.connect(relay.address, timeout=60, semantics="exactly_once")
+            try:
+                stored = [c.record(f"r{i}") for i in range(12)]
+                plain = [c.append(f"a{i}") for i in range(12)]
+            finally:
+                c.close()
+    finally:
+        child.kill()
+    assert stored == [1] * 12 and plain == [1] * 12
+    assert c.retries > 0, "the relay reset nothing: the test proved nothing"
+    assert _stored_effects(child.db) == Counter(f"r{i}" for i in range(12))
+    assert child.appended() == [f"a{i}" for i in range(12)]

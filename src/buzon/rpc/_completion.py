@@ -375,8 +375,15 @@ class SqliteTable(CompletionTable):
         self._committing = False  # a thread is committing a batch now
         self._acked: dict[bytes, int] = {}
         self._closed = False
-        conn = self._conn()  # created now: a bad path fails the server's start
-        conn.execute(_SCHEMA)
+        # opened now, so that a bad path fails the server's start; and closed at once:
+        # a connection open across a fork (mode="process") breaks SQLite's locking in
+        # the children, so each thread opens its own, lazily, in its own process
+        conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(_SCHEMA)
+        finally:
+            conn.close()
 
     # -- connections and group commit ------------------------------------------------
 
