@@ -22,6 +22,7 @@ TREE: dict[str, tuple[type, ...]] = {
     "Empty": (errors.ChannelError, queue.Empty),
     "Full": (errors.ChannelError, queue.Full),
     "EndOfChannel": (errors.ChannelError, EOFError),
+    "ServerRestarted": (errors.EndOfChannel,),
     "ChannelClosed": (errors.ChannelError,),
     "Undelivered": (errors.ChannelError,),
     "MessageTooLarge": (errors.ChannelError,),

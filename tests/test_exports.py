@@ -49,6 +49,7 @@ PUBLIC = [
     "RemoteError",
     "SecurityError",
     "Server",
+    "ServerRestarted",
     "Statistics",
     "Timeout",
     "Undelivered",

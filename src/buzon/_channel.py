@@ -132,6 +132,7 @@ class ChannelOptions:
     compat: str | None = None
     capacity: int | None = DEFAULT_CAPACITY  # 0 rendezvous, N bounded, None unbounded
     max_queue: int = DEFAULT_MAX_QUEUE  # capacity=None: bytes queued in user space at most
+    hello: tuple[tuple[str, Any], ...] = ()  # extra entries of this end's HELLO options
 
 
 @dataclass(slots=True)

@@ -255,6 +255,7 @@ def _buzon_handshake(
     options: dict[str, Any] = {"codec": opts.codec, "pickle": opts.pickle}
     if opts.capacity != DEFAULT_CAPACITY:
         options["capacity"] = opts.capacity
+    options.update(opts.hello)  # what the application announces (an RPC server's instance)
     hs = Handshake(
         role,
         pid=os.getpid(),

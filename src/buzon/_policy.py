@@ -58,6 +58,11 @@ class Prepared:
         return connected and self.compat is None and not self.channel.raw
 
 
+# what the buzon handshake's HELLO options say themselves; hello= adds other entries
+# (an RPC server's instance id), which the peer sees in ``peer.extra["options"]``
+_HELLO_OWN = ("codec", "pickle", "capacity")
+
+
 def prepare(
     url: str | Address,
     *,
@@ -82,6 +87,7 @@ def prepare(
     capacity: int | None = DEFAULT_CAPACITY,
     max_queue: int = DEFAULT_MAX_QUEUE,
     ring_size: int | None = None,
+    hello: dict[str, Any] | None = None,
 ) -> Prepared:
     addr = parse_address(url)
     if addr.scheme == "name":  # name:NAME (buzon.names): resolved before the transport
@@ -161,6 +167,8 @@ def prepare(
         )
     if pickle and allow_uids:
         raise SecurityError("pickle=True cannot be combined with allow_uids (other users' data)")
+    if hello and not all(type(k) is str and k not in _HELLO_OWN for k in hello):
+        raise ValueError(f"hello= keys are strings other than {', '.join(_HELLO_OWN)}")
     channel = ChannelOptions(
         codec="pickle" if codec == "pickle" else codec,
         pickle=pickle or codec == "pickle",
@@ -173,6 +181,7 @@ def prepare(
         compat=compat,
         capacity=capacity,
         max_queue=max_queue,
+        hello=tuple(hello.items()) if hello else (),
     )
     topts = TransportOptions(
         backlog=backlog,

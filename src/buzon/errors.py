@@ -12,6 +12,7 @@ situation, the buzon class also inherits it, so ``except TimeoutError`` and
     │   ├── Empty (queue.Empty)              recv_nowait found no message
     │   ├── Full (queue.Full)                send_nowait could not queue the message
     │   ├── EndOfChannel (EOFError)          the peer closed; nothing more will arrive
+    │   │   └── ServerRestarted              an RPC server restarted mid-call (buzon.rpc)
     │   ├── ChannelClosed                    this end was closed by its owner
     │   ├── Undelivered                      a receipt's message can no longer be taken
     │   └── MessageTooLarge                  over the frame cap or the transport's unit
@@ -69,6 +70,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "SecurityError",
+    "ServerRestarted",
     "Timeout",
     "UnsafePath",
     "Undelivered",
@@ -111,6 +113,20 @@ class Full(ChannelError, queue.Full):
 
 class EndOfChannel(ChannelError, EOFError):
     """The peer closed its end: every message it sent has been received."""
+
+
+class ServerRestarted(EndOfChannel):
+    """An ``exactly_once`` RPC call's server restarted with it in flight: outcome unknown.
+
+    The call may or may not have run; it is not sent again (``buzon.rpc.ServerRestarted``
+    too).
+
+    Either the client reconnected to another start of the server (a new instance id in
+    the connection handshake, at a fixed address or through ``name:NAME``) whose
+    completion table is in memory and so has no record of the call, or the server's
+    SQLite table says the call was running when the server stopped and its handler is
+    not ``@buzon.rpc.transactional``.
+    """
 
 
 class ChannelClosed(ChannelError):
@@ -213,6 +229,9 @@ class RemoteError(BuzonError):
     DEADLINE_EXCEEDED = -32002  # the deadline passed before the handler ran
     CANCELLED = -32003  # the caller cancelled the call
     OVERLOADED = -32004  # too many calls in flight on this connection
+    # exactly_once: the call was running when its server stopped (crash, restart); its
+    # side effects may or may not have happened, and it is not run again
+    OUTCOME_UNKNOWN = -32005
 
     def __init__(self, message: str, code: int = SERVER_ERROR, data: object = None) -> None:
         super().__init__(message)

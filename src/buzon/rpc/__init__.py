@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from ..errors import DeadlineExceeded, RemoteError
 from ._client import Call, Client, ServerRestarted, close, connect
+from ._completion import CompletionTable, MemoryTable, SqliteTable, transactional
 from ._context import CallContext, context, deadline
 from ._jsonrpc import JsonRpcClient
 from ._msgpack import MsgpackRpcClient, connect_process
@@ -44,8 +45,10 @@ __all__ = [
     "Call",
     "CallContext",
     "Client",
+    "CompletionTable",
     "DeadlineExceeded",
     "JsonRpcClient",
+    "MemoryTable",
     "Method",
     "MsgpackRpcClient",
     "RemoteError",
@@ -53,6 +56,7 @@ __all__ = [
     "Server",
     "ServerRestarted",
     "Service",
+    "SqliteTable",
     "close",
     "connect",
     "connect_process",
@@ -61,4 +65,5 @@ __all__ = [
     "expose",
     "remote",
     "serve",
+    "transactional",
 ]

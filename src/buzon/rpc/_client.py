@@ -39,6 +39,7 @@ from ..errors import (
     MessageTooLarge,
     ProtocolError,
     RemoteError,
+    ServerRestarted,
     UnsupportedOperation,
     ValidationError,
 )
@@ -162,13 +163,6 @@ _CANCELLED = "cancelled by the caller"
 _RETRY = (EndOfChannel, ChannelClosed, ConnectError, ProtocolError, _Timeout)
 
 
-class ServerRestarted(EndOfChannel):
-    """``exactly_once`` through ``name:NAME``: the server the call was sent to is gone
-    and the name now stands for another start of it (a new instance id), whose
-    completion table has no record of the call. Its outcome is unknown (it may or may
-    not have run); it is not sent again (``buzon.rpc.ServerRestarted``)."""
-
-
 class _Cancelled(Exception):
     """Marks a call its future's ``cancel()`` gave up (the future ends CANCELLED)."""
 
@@ -246,8 +240,9 @@ class Client(RefPeer):
         self._next_seq = 1
         self._open_seqs: set[int] = set()
         self.retries = 0  # attempts made again after a lost connection
-        self._instance_of = instance  # the server start connected to (name: binding)
-        self._restarts = 0  # reconnects that found another server start
+        self._instance_of = instance  # the server start from the name's record, if any
+        self._restarts = 0  # reconnects that found another server start, table lost
+        self.restarts_survived = 0  # ...whose table persisted: calls in flight go on
         self._closing = False
         self._ref_init()
 
@@ -463,8 +458,9 @@ class Client(RefPeer):
                     if seq and sent and self._restarts != restarts:
                         raise ServerRestarted(
                             f"{method}: the server restarted with this call in flight (a new"
-                            f" instance under the name): its outcome is unknown and the new"
-                            f" server has no record of it, so it is not sent again"
+                            f" instance id in the handshake) and its completion table did"
+                            f" not persist: the outcome is unknown and the new server has no"
+                            f" record of it, so it is not sent again"
                         )
                     if seq:
                         with self._conn_lock:
@@ -479,6 +475,11 @@ class Client(RefPeer):
                         self._abandon(p, "the caller was interrupted")
                         raise
                     if not isinstance(p.error, (EndOfChannel, ChannelClosed)) or self._closing:
+                        if (
+                            isinstance(p.error, RemoteError)
+                            and p.error.code == RemoteError.OUTCOME_UNKNOWN
+                        ):
+                            raise ServerRestarted(f"{method}: {p.error.message}") from None
                         if p.error is not None:
                             raise p.error
                         return p.result
@@ -505,14 +506,33 @@ class Client(RefPeer):
                 return  # another thread reconnected already
             assert self._reconnect_fn is not None
             left = None if at is None else max(0.001, at - _monotonic())
-            of = self._instance_of
-            before = of() if of is not None else None
+            before, kept = self._server_start(self._ch)
             ch = self._reconnect_fn(left)
-            if of is not None and before is not None and of() != before:
-                self._restarts += 1  # the name now stands for another server start
+            now, kept_now = self._server_start(ch)
+            if before is not None and now != before:  # another start of the server
+                if kept and kept_now:
+                    self.restarts_survived += 1  # its SQLite table answers our retries
+                else:
+                    self._restarts += 1  # its table died with it: calls in flight are lost
             old, self._ch = self._ch, ch
             self._broken = None
         old.close()
+
+    def _server_start(self, ch: Channel) -> tuple[str | None, bool]:
+        """(instance id, durable table) of the server start behind ``ch``: from the
+        connection handshake, else (an older server) the name's registration."""
+        peer = ch.peer
+        said = peer.extra.get("options", {}).get("rpc") if peer is not None else None
+        if isinstance(said, dict) and isinstance(said.get("instance"), str):
+            return said["instance"], said.get("durable") is True
+        of = self._instance_of
+        return (of() if of is not None else None), False
+
+    @property
+    def server_instance(self) -> str | None:
+        """The instance id of the server start this client is connected to (a fresh
+        one each time the server starts; None if the server does not say)."""
+        return self._server_start(self._ch)[0]
 
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> Call:
         """Send the call and return its :class:`Call` future at once. With

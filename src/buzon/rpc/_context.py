@@ -13,15 +13,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedOperation
+
+if TYPE_CHECKING:
+    import sqlite3
 
 __all__ = ["CallContext", "context", "current_deadline", "deadline"]
 
 _DEADLINE: ContextVar[float | None] = ContextVar("buzon.rpc.deadline", default=None)
 _EVENT_LOCK = threading.Lock()
 _CURRENT: ContextVar[CallContext | None] = ContextVar("buzon.rpc.context", default=None)
+# the running exactly-once call's completion transaction (an SQLite table's), or None
+_TXN: ContextVar[Any] = ContextVar("buzon.rpc.transaction", default=None)
 
 
 @contextmanager
@@ -95,6 +100,30 @@ class CallContext:
         if self._gave_up:  # cancelled before the event existed
             return True
         return event.wait(timeout) or self.cancelled
+
+    @property
+    def transaction(self) -> sqlite3.Connection:
+        """An SQLite connection on the server's completion table's database, inside a
+        transaction that commits together with this call's completion record.
+
+        Only for an ``exactly_once`` call on a server with ``table=PATH``. The first
+        access begins the transaction (``BEGIN IMMEDIATE``: the database's write lock
+        is held until the call completes); write with it, never commit or roll back:
+        when the handler returns, its writes and the recorded reply commit at once
+        (so a retry, even after a crash, never sees one without the other); when it
+        raises, its writes are rolled back and the error is recorded. Mark such a
+        handler :func:`buzon.rpc.transactional` when all its effects go through here:
+        a call a crash interrupts is then run again instead of reporting an unknown
+        outcome. Raises :class:`~buzon.errors.UnsupportedOperation` otherwise.
+        """
+        tx = _TXN.get()
+        if tx is None or _CURRENT.get() is not self:
+            raise UnsupportedOperation(
+                f"{self.method}: context().transaction is for exactly_once calls on a server"
+                " whose completion table is an SQLite file (Server(..., table=PATH))"
+            )
+        conn: sqlite3.Connection = tx.connection()
+        return conn
 
     def cancel(self) -> None:
         """Mark the call cancelled (the server does this when the caller gives up)."""

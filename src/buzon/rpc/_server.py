@@ -12,16 +12,12 @@ unbounded queue).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
-
-import msgspec
 
 from ..errors import (
     ChannelClosed,
@@ -36,11 +32,12 @@ from ..errors import Timeout as _Timeout
 from ..sync import Channel
 from ..sync import Server as ChannelServer
 from . import _wire as w
+from ._completion import CompletionTable, is_transactional, open_table
 from ._context import _CURRENT, _DEADLINE, CallContext
 from ._remote import _PLAIN, RELEASE, RefPeer
 from ._service import Method, Service, as_service
 
-__all__ = ["CompletionTable", "Server", "serve"]
+__all__ = ["CompletionTable", "Server", "serve"]  # CompletionTable: see _completion
 
 WIRES = ("buzon", "jsonrpc")
 SEMANTICS = ("at_most_once", "at_least_once", "exactly_once")
@@ -74,98 +71,6 @@ def _once_key(value: Any) -> tuple[bytes, int, int]:
     ):
         return value[0], value[1], value[2]
     raise RemoteError("a malformed exactly-once key", RemoteError.INVALID_REQUEST)
-
-
-class _Entry:
-    __slots__ = ("digest", "done", "reply", "since")
-
-    def __init__(self, digest: bytes) -> None:
-        self.digest = digest
-        self.done = False
-        self.reply: list[Any] | None = None
-        self.since = time.monotonic()
-
-
-class CompletionTable:
-    """The exactly-once memory of a server: ``(client id, sequence number)`` ->
-    in progress, or completed with its reply.
-
-    A request whose key is new runs and its reply is recorded; a retry of a completed
-    key gets the recorded reply without running anything again; a retry of a key still
-    in progress waits for it; the same key with other arguments is refused
-    (``INVALID_REQUEST``). Entries are collected when the client acknowledges them
-    (each request says below which sequence number the client has every reply) or when
-    ``lease`` seconds pass without that.
-    """
-
-    def __init__(self, lease: float = 600.0) -> None:
-        self.lease = lease
-        self._clients: dict[bytes, dict[int, _Entry]] = {}
-        self._cv = threading.Condition(threading.Lock())
-        self._last_sweep = 0.0
-        self.replayed = 0  # replies sent from the table, without running the call
-
-    def __len__(self) -> int:
-        with self._cv:
-            return sum(len(c) for c in self._clients.values())
-
-    def run(
-        self,
-        key: tuple[bytes, int, int],
-        body: list[Any],
-        call: Callable[[], list[Any]],
-        at: float | None = None,
-    ) -> list[Any]:
-        """Run ``call`` once for ``key``; a retry gets the recorded reply (waiting for
-        the first attempt until the deadline ``at``, a ``time.monotonic()`` value)."""
-        client, seq, acked = key
-        digest = hashlib.blake2b(msgspec.msgpack.encode(body[1:4]), digest_size=16).digest()
-        with self._cv:
-            entries = self._clients.setdefault(client, {})
-            for old in [s for s in entries if s < acked]:
-                del entries[old]  # the client has these replies: forget them
-            entry = entries.get(seq)
-            if entry is None:
-                entry = entries[seq] = _Entry(digest)
-                self._collect_expired()
-            else:
-                if entry.digest != digest:
-                    raise RemoteError(
-                        f"exactly-once call {seq} of this client was made with other "
-                        "arguments: refused",
-                        RemoteError.INVALID_REQUEST,
-                    )
-                while not entry.done:  # a retry while the first attempt still runs
-                    left = None if at is None else at - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise RemoteError(
-                            f"exactly-once call {seq}: its first attempt still runs",
-                            RemoteError.DEADLINE_EXCEEDED,
-                        )
-                    self._cv.wait(left)
-                self.replayed += 1
-                assert entry.reply is not None
-                return entry.reply
-        try:
-            reply: list[Any] = call()
-        except RemoteError as err:
-            reply = w.error_body(err)
-        with self._cv:
-            entry.reply = reply
-            entry.done = True
-            self._cv.notify_all()
-        return reply
-
-    def _collect_expired(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sweep < 1.0:
-            return
-        self._last_sweep = now
-        for client, entries in list(self._clients.items()):
-            for seq in [s for s, e in entries.items() if e.done and now - e.since > self.lease]:
-                del entries[seq]
-            if not entries:
-                del self._clients[client]
 
 
 class _Monitor:
@@ -419,7 +324,11 @@ class _Connection(RefPeer):
                 reply = self._run(method, args, kwargs, call_id, at)
             else:
                 reply = server.table.run(
-                    key, body, lambda: self._run(method, args, kwargs, call_id, at), at
+                    key,
+                    body,
+                    lambda: self._run(method, args, kwargs, call_id, at),
+                    at,
+                    is_transactional(method.fn),
                 )
         except RemoteError as err:
             server.errors += 1
@@ -545,8 +454,14 @@ class Server:
     ``"jsonrpc"`` (JSON-RPC 2.0 with ``Content-Length`` framing on a raw stream;
     at-most-once; the counters stay 0 for it).
     ``semantics`` is the client's choice (see :func:`connect`); whatever it says here,
-    the server keeps its
-    :class:`CompletionTable` (``table``) for the calls that ask for exactly-once.
+    the server keeps a completion table (``.table``) for the calls that ask for
+    exactly-once. ``table``: where it lives: None (the default) in this process's
+    memory, lost when the server stops; a path: an SQLite database file (created if
+    missing), so that recorded replies survive a server restart (a reply goes out once
+    its completion is committed; completions are group-committed) and a handler can
+    write in the same transaction (``buzon.rpc.context().transaction``); or a
+    :class:`~buzon.rpc.CompletionTable` (e.g. ``SqliteTable(path,
+    synchronous="NORMAL")``), which the caller closes.
     ``options`` go to :func:`buzon.listen` (``max_clients``, ``grace`` to the server).
 
     ``name``: also register the real address under this name (:mod:`buzon.names`),
@@ -554,7 +469,9 @@ class Server:
     if a live process holds it (nothing stays bound then). The name goes when the
     server stops serving (or its process dies). ``url`` may be ``name:NAME``: serves
     ``unix:NAME`` registered as NAME. ``instance`` is a random id of this server start,
-    by which a client reconnecting through the name notices a restarted server.
+    sent in every connection's handshake (HELLO options ``{"rpc": {"instance",
+    "durable"}}``, ``durable``: the completion table outlives the process), by which a
+    reconnecting client notices a restarted server, at a fixed address as through a name.
 
     Counters: ``calls`` (replies sent), ``errors`` (error replies and refused
     messages), ``in_flight`` (calls running now). With ``mode="process"`` they count
@@ -570,6 +487,7 @@ class Server:
         wire: str = "buzon",
         semantics: str = "at_most_once",
         name: str | None = None,
+        table: str | os.PathLike[str] | CompletionTable | None = None,
         max_in_flight: int = 64,
         reply_timeout: float | None = 30.0,
         **options: Any,
@@ -597,17 +515,30 @@ class Server:
         self._connections: set[_Connection] = set()
         self._monitor_lock = threading.Lock()
         self._monitor_obj: _Monitor | None = None
-        self.table = CompletionTable()
-        if wire == "jsonrpc":
-            if semantics != "at_most_once":
-                raise UnsupportedOperation(
-                    "wire='jsonrpc' is at-most-once: JSON-RPC carries no retry ids"
+        self.table, self._own_table = open_table(table)
+        try:
+            if wire == "jsonrpc":
+                if semantics != "at_most_once":
+                    raise UnsupportedOperation(
+                        "wire='jsonrpc' is at-most-once: JSON-RPC carries no retry ids"
+                    )
+                self._server = ChannelServer(
+                    url, self._serve_jsonrpc, mode=mode, raw=True, **options
                 )
-            self._server = ChannelServer(url, self._serve_jsonrpc, mode=mode, raw=True, **options)
-        else:
-            self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
-        if name is not None:
-            self._register(name)
+            else:
+                # the handshake says which start of the server this is, and whether its
+                # completion table outlives it: a client at a fixed address tells a
+                # restarted server apart (buzon.errors.ServerRestarted)
+                hello = {"rpc": {"instance": self.instance, "durable": self.table.durable}}
+                self._server = ChannelServer(
+                    url, self._serve_client, mode=mode, hello=hello, **options
+                )
+            if name is not None:
+                self._register(name)
+        except BaseException:
+            if self._own_table:
+                self.table.close()
+            raise
 
     def _register(self, name: str) -> None:
         """Register the bound address under ``name``; on failure nothing stays bound."""
@@ -672,6 +603,8 @@ class Server:
         finally:
             if self._monitor_obj is not None:
                 self._monitor_obj.stop()
+            if self._own_table:
+                self.table.close()
 
     def shutdown(self) -> None:
         """Stop serving (safe from any thread or a signal handler)."""
@@ -704,6 +637,10 @@ def serve(
     (coroutine handlers are awaited, each call in a task of its own).
     """
     if mode == "async":
+        if options.get("table") is not None:
+            raise UnsupportedOperation(
+                "table= (the completion table) is for mode='thread' or 'process'"
+            )
         import asyncio
 
         from ..aio import rpc as aio_rpc
