@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from _rpc_aio_helpers import aio_serving, aio_serving_in_thread, until
@@ -262,3 +264,43 @@ def test_blocking_call_async_retries_with_the_client_s_semantics() -> None:
     assert results == [1] * (2 * CALLS)
     assert all(counts[f"k{i}"] == counts[f"j{i}"] == 1 for i in range(CALLS)), counts
     assert c.retries > 0, "the relay reset nothing: the test proved nothing"
+
+
+async def test_an_asyncio_server_keeps_its_completions_in_sqlite(tmp_path: Path) -> None:
+    """table= on the asyncio server: a coroutine handler's writes go through
+    context().transaction and commit with its completion; the handshake says the table
+    is durable; a second start on the same file answers a retry from the record (a
+    blocking exactly_once client survives the restart and nothing runs twice)."""
+    db = str(tmp_path / "calls.db")
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE effects (key TEXT NOT NULL)")
+    conn.close()
+    svc = rpc.Service("effects")
+
+    @svc.method
+    @rpc.transactional
+    async def record(key: str) -> int:
+        tx = rpc.context().transaction
+        tx.execute("INSERT INTO effects (key) VALUES (?)", (key,))
+        (n,) = tx.execute("SELECT COUNT(*) FROM effects").fetchone()
+        return int(n)
+
+    async with aio_serving("unix:asql", svc, table=db) as srv:
+        ch = await buzon.aio.connect(srv.address, timeout=10)
+        async with ch:
+            assert ch.peer.extra["options"]["rpc"] == {"instance": srv.instance, "durable": True}
+        c = await arpc.connect(srv.address, timeout=10, semantics="exactly_once")
+        async with c:
+            assert [await c.record(f"k{i}") for i in range(5)] == [1, 2, 3, 4, 5]
+        first = srv.instance
+    async with aio_serving("unix:asql", svc, table=db) as again:
+        assert again.instance != first
+        c = await arpc.connect(again.address, timeout=10, semantics="exactly_once")
+        async with c:
+            assert await c.record("k5") == 6
+    check = sqlite3.connect(db)
+    try:
+        rows = [k for (k,) in check.execute("SELECT key FROM effects ORDER BY rowid")]
+    finally:
+        check.close()
+    assert rows == [f"k{i}" for i in range(6)]  # each write once, none rolled back

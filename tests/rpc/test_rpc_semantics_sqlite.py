@@ -183,8 +183,10 @@ def test_bad_table_arguments_are_typed_errors(tmp_path: Path) -> None:
         rpc.Server("unix:bad", svc, table=str(junk))
     with pytest.raises(TypeError, match="table="):
         rpc.Server("unix:bad", svc, table=42)
-    with pytest.raises(UnsupportedOperation, match="table="):
-        rpc.serve("unix:bad", svc, mode="async", table=str(tmp_path / "x.db"))
+    with pytest.raises(UnsupportedOperation, match=r"junk\.db"):  # the asyncio server too
+        buzon.aio.rpc.Server("unix:bad", svc, table=str(junk))
+    with pytest.raises(TypeError, match="table="):
+        buzon.aio.rpc.Server("unix:bad", svc, table=42)
     assert set(os.listdir(os.environ["BUZON_RUNTIME_DIR"])) == before  # nothing bound
     assert junk.read_bytes().startswith(b"this is not")  # and nothing overwritten
 

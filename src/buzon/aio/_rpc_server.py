@@ -1,7 +1,7 @@
 """The asyncio RPC server (``buzon.aio.rpc.Server``): a task per connection, a task per call.
 
 The request rules are the blocking server's (:mod:`buzon.rpc._wire` messages, the
-``_once_key`` of an exactly-once request, the :class:`~buzon.rpc._server.CompletionTable`
+``_once_key`` of an exactly-once request, the :class:`~buzon.rpc.CompletionTable`
 that answers retries, the :class:`~buzon.rpc._remote.RefPeer` reference tables); what is
 here is the asyncio I/O. The completion table is the blocking server's own object and
 its waits are a thread's (a retry waits for its first attempt on a condition), so an
@@ -31,9 +31,10 @@ from ..errors import (
 )
 from ..errors import Timeout as _Timeout
 from ..rpc import _wire as w
+from ..rpc._completion import CompletionTable, is_transactional, open_table
 from ..rpc._context import _CURRENT, _DEADLINE, CallContext
 from ..rpc._remote import _PLAIN, RELEASE, RefPeer
-from ..rpc._server import SEMANTICS, CompletionTable, _once_key
+from ..rpc._server import SEMANTICS, _once_key
 from ..rpc._service import Method, Service, as_service, handler_failure
 from ._channel import Channel
 from ._rpc_client import _UNENCODABLE, post_release, send_body
@@ -227,7 +228,8 @@ class _Connection(RefPeer):
 
         table = self.server.table
         return await loop.run_in_executor(
-            self.server._pool(), lambda: table.run(key, body, call, at)
+            self.server._pool(),
+            lambda: table.run(key, body, call, at, is_transactional(method.fn)),
         )
 
     async def _reply(self, call_id: int, reply: list[Any]) -> None:
@@ -316,10 +318,13 @@ class Server:
     client gives up on (deadline, cancel) has its task cancelled and its
     ``context().cancelled`` set. ``wire``: ``"buzon"`` (default), ``"jsonrpc"`` or
     ``"msgpack-rpc"`` (a session per connection, at most once). ``semantics``: as the
-    blocking server, the ``table`` (:class:`~buzon.rpc._server.CompletionTable`)
-    answers the retries of exactly-once calls. ``name``: register the bound address
-    under this name with metadata ``{"service", "wire", "semantics", "instance"}``
-    (the name goes when the server stops); ``url="name:NAME"`` serves ``unix:NAME``.
+    blocking server, the ``table`` answers the retries of exactly-once calls:
+    ``table=`` as :class:`buzon.rpc.Server`'s (None: in memory; a path: an SQLite file
+    that survives a restart, with ``context().transaction`` for the handler's own
+    writes, coroutine handlers included; its waits run in worker threads). ``name``:
+    register the bound address under this name with metadata ``{"service", "wire",
+    "semantics", "instance"}`` (the name goes when the server stops);
+    ``url="name:NAME"`` serves ``unix:NAME``.
 
     Attributes: ``address``, ``name``, ``instance`` (a random id of this start),
     counters ``calls``, ``errors``; ``in_flight`` and ``references`` (remote objects
@@ -336,6 +341,7 @@ class Server:
         name: str | None = None,
         max_in_flight: int = 64,
         reply_timeout: float | None = 30.0,
+        table: str | os.PathLike[str] | CompletionTable | None = None,
         **options: Any,
     ) -> None:
         if wire not in WIRES:
@@ -362,22 +368,30 @@ class Server:
         self.reply_timeout = reply_timeout
         self.calls = 0
         self.errors = 0
-        self.table = CompletionTable()
         self._connections: set[_Connection] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
-        if wire == "buzon":
-            self._server = ChannelServer(str(addr), self._serve_client, **options)
-        else:
-            self._server = ChannelServer(str(addr), self._serve_stream, raw=True, **options)
-        if name is not None:
-            metadata = {
-                "service": self.service.name,
-                "wire": wire,
-                "semantics": semantics,
-                "instance": self.instance,
-            }
-            bind(self._server._listener, name, metadata)  # closes the listener if refused
+        self.table, self._own_table = open_table(table)
+        try:
+            if wire == "buzon":
+                # the handshake names this start and whether its table outlives it,
+                # as the blocking server's does (restart detection at a fixed address)
+                hello = {"rpc": {"instance": self.instance, "durable": self.table.durable}}
+                self._server = ChannelServer(str(addr), self._serve_client, hello=hello, **options)
+            else:
+                self._server = ChannelServer(str(addr), self._serve_stream, raw=True, **options)
+            if name is not None:
+                metadata = {
+                    "service": self.service.name,
+                    "wire": wire,
+                    "semantics": semantics,
+                    "instance": self.instance,
+                }
+                bind(self._server._listener, name, metadata)  # closes the listener if refused
+        except BaseException:
+            if self._own_table:
+                self.table.close()
+            raise
 
     @property
     def address(self) -> Any:
@@ -429,6 +443,8 @@ class Server:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._own_table:
+                self.table.close()
 
     def shutdown(self) -> None:
         """Stop serving (from the loop's thread; another thread uses

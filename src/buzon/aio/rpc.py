@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from ..address import Address
 from ..errors import DeadlineExceeded, RemoteError, UnsupportedOperation
 from ..rpc._client import ServerRestarted
+from ..rpc._completion import CompletionTable, MemoryTable, SqliteTable, transactional
 from ..rpc._context import CallContext, context, deadline
 from ..rpc._remote import RemoteObject, remote
 from ..rpc._service import Method, Service, expose
@@ -48,8 +49,10 @@ __all__ = [
     "SYNC_ONLY",
     "CallContext",
     "Client",
+    "CompletionTable",
     "DeadlineExceeded",
     "JsonRpcClient",
+    "MemoryTable",
     "Method",
     "MsgpackRpcClient",
     "RemoteError",
@@ -57,6 +60,7 @@ __all__ = [
     "Server",
     "ServerRestarted",
     "Service",
+    "SqliteTable",
     "close",
     "connect",
     "connect_process",
@@ -65,6 +69,7 @@ __all__ = [
     "expose",
     "remote",
     "serve",
+    "transactional",
 ]
 
 P = TypeVar("P")

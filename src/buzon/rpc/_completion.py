@@ -392,7 +392,12 @@ class SqliteTable(CompletionTable):
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
         if conn is None or local.pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            # check_same_thread off: an asyncio server's handler uses this thread's
+            # connection (context().transaction) on the loop's thread while this one
+            # waits for it; a connection is never used by two threads at once
+            conn = sqlite3.connect(
+                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             local.conn = conn

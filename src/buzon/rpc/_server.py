@@ -637,10 +637,6 @@ def serve(
     (coroutine handlers are awaited, each call in a task of its own).
     """
     if mode == "async":
-        if options.get("table") is not None:
-            raise UnsupportedOperation(
-                "table= (the completion table) is for mode='thread' or 'process'"
-            )
         import asyncio
 
         from ..aio import rpc as aio_rpc
