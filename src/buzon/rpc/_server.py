@@ -37,6 +37,7 @@ from ..sync import Channel
 from ..sync import Server as ChannelServer
 from . import _wire as w
 from ._context import _CURRENT, _DEADLINE, CallContext
+from ._publish import CALLS, ERRORS, Counter, Publication, publish_server
 from ._remote import _PLAIN, RELEASE, RefPeer
 from ._service import Method, Service, as_service
 
@@ -437,6 +438,8 @@ class _Connection(RefPeer):
         key = call_id if call_id is not None else -id(ctx)  # notifies count as in flight
         running = self.running
         running[key] = ctx  # one dict operation: atomic, no lock needed
+        pub = self.server._pub
+        pub.enter()  # the published count of calls in flight (buzon ls)
         # this thread's context: the handler (and the calls it makes) see ctx and its
         # deadline; reset after, so nothing leaks into the next call of this thread
         current = _CURRENT.set(ctx)
@@ -458,6 +461,7 @@ class _Connection(RefPeer):
             _DEADLINE.reset(budget)
             _CURRENT.reset(current)
             del running[key]
+            pub.leave()
 
     # -- remote objects: calls to the client's objects ------------------------------
 
@@ -550,9 +554,14 @@ class Server:
     by which a client reconnecting through the name notices a restarted server.
 
     Counters: ``calls`` (replies sent), ``errors`` (error replies and refused
-    messages), ``in_flight`` (calls running now). With ``mode="process"`` they count
-    only what this process did (each client is served in a child).
+    messages), ``in_flight`` (calls running now). The server publishes them for
+    ``buzon ls`` in shared memory (:mod:`buzon.rpc._publish`), so with
+    ``mode="process"`` ``calls`` and ``errors`` include its children's, while the
+    ``in_flight`` property counts this process's calls (``buzon ls`` shows all).
     """
+
+    calls = Counter(CALLS)
+    errors = Counter(ERRORS)
 
     def __init__(
         self,
@@ -585,6 +594,7 @@ class Server:
         self.semantics = semantics
         self.max_in_flight = max_in_flight
         self.reply_timeout = reply_timeout
+        self._pub = Publication()  # calls and errors live in it (buzon ls reads them)
         self.calls = 0
         self.errors = 0
         self._connections: set[_Connection] = set()
@@ -601,6 +611,7 @@ class Server:
             self._server = ChannelServer(url, self._serve_client, mode=mode, **options)
         if name is not None:
             self._register(name)
+        publish_server(self)
 
     def _register(self, name: str) -> None:
         """Register the bound address under ``name``; on failure nothing stays bound."""
@@ -665,6 +676,7 @@ class Server:
         finally:
             if self._monitor_obj is not None:
                 self._monitor_obj.stop()
+            self._pub.close()
 
     def shutdown(self) -> None:
         """Stop serving (safe from any thread or a signal handler)."""
