@@ -15,18 +15,22 @@ offset      size    field
 12          4       zero
 16          8       i64 calls served (replies sent)
 24          8       i64 errors (error replies and refused messages)
-32          8       i64 calls in flight (running now)
-40          24      zero
+32          8       i64 calls started (and notifications)
+40          8       i64 calls ended; in flight = started - ended
+48          16      zero
 64          L       JSON: service, name, address, wire, semantics, pid, instance, started
 ==========  ======  ====================================================
 
 The counters are the file's pages mapped into the server (``mmap``, shared): the
 server adds to them as it would to an attribute, with no system call per call, and a
-reader (``buzon ls``) maps or reads the same page. Calls and errors are added to
-without a lock, like the plain attributes they replace (a lost increment under a race
-only blurs a statistic); the calls in flight go up and down under a lock, so they
-return to 0 when the server is idle. With ``mode="process"`` the forked children add
-to the same counters (the mapping is shared), so the file counts the whole server.
+reader (``buzon ls``) reads the same page. Every counter only grows (calls in flight
+are the difference of two of them), and each is added to without a lock, like the
+plain attributes they replace: in CPython an ``+=`` on a memoryview item is not
+interrupted by another thread of the process (no switch point inside it), and were an
+increment lost, a statistic would blur, nothing more. With ``mode="process"`` the
+forked children add to the same counters (the mapping is shared), so the file counts
+the whole server; there two processes adding at the same instant can lose an
+increment (the counts are then approximate, by one).
 
 Liveness is the kernel's, as for :mod:`buzon.names`: the server holds an exclusive
 ``flock`` on its file for as long as its process lives; a reader that can take a
@@ -44,7 +48,6 @@ import json
 import mmap
 import os
 import struct
-import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -60,8 +63,8 @@ _VERSION = 1
 _HEAD = struct.Struct("<4sII4x")
 _COUNTS = 16  # offset of the counters
 _META = 64  # offset of the description
-CALLS, ERRORS, IN_FLIGHT = 0, 1, 2
-_NCOUNTERS = 3
+CALLS, ERRORS, STARTED, ENDED = 0, 1, 2, 3
+_NCOUNTERS = 4
 _MAX_META = 1 << 16  # a description longer than this is not a server's file
 
 
@@ -72,11 +75,10 @@ class Publication:
     file's mapped page after it (still mapped after :meth:`close` removed the file).
     """
 
-    __slots__ = ("__weakref__", "_fd", "_map", "counters", "lock", "path")
+    __slots__ = ("__weakref__", "_fd", "_map", "counters", "path")
 
     def __init__(self) -> None:
         self.counters: memoryview = memoryview(bytearray(8 * _NCOUNTERS)).cast("q")
-        self.lock = threading.Lock()
         self._fd = -1
         self._map: mmap.mmap | None = None
         self.path: str | None = None
@@ -121,16 +123,6 @@ class Publication:
         self._fd, self._map, self.counters, self.path = fd, mapped, counters, final
         _live.add(self)
 
-    def enter(self) -> None:
-        """A call starts running."""
-        with self.lock:
-            self.counters[IN_FLIGHT] += 1
-
-    def leave(self) -> None:
-        """A call ended."""
-        with self.lock:
-            self.counters[IN_FLIGHT] -= 1
-
     def close(self) -> None:
         """Remove the file (this process's own only); idempotent. The counters stay
         mapped (a call still finishing may add to them) until this object goes."""
@@ -149,7 +141,6 @@ class Publication:
     def _drop_in_child(self) -> None:
         """In a forked child: keep adding to the shared counters, but hold no lock
         (the file is the parent's) and remove nothing."""
-        self.lock = threading.Lock()  # another thread may have held it at the fork
         fd, self._fd = self._fd, -1
         self.path = None
         if fd >= 0:
@@ -244,8 +235,8 @@ def _read(path: str) -> Published | None:
             return None
         if not isinstance(meta, dict):
             return None
-        calls, errors, in_flight = struct.unpack_from("<qqq", head, _COUNTS)
-        return Published(path, live, meta, calls, errors, in_flight)
+        calls, errors, started, ended = struct.unpack_from("<qqqq", head, _COUNTS)
+        return Published(path, live, meta, calls, errors, max(0, started - ended))
     finally:
         os.close(fd)
 

@@ -37,7 +37,7 @@ from ..sync import Channel
 from ..sync import Server as ChannelServer
 from . import _wire as w
 from ._context import _CURRENT, _DEADLINE, CallContext
-from ._publish import CALLS, ERRORS, Counter, Publication, publish_server
+from ._publish import CALLS, ENDED, ERRORS, STARTED, Counter, Publication, publish_server
 from ._remote import _PLAIN, RELEASE, RefPeer
 from ._service import Method, Service, as_service
 
@@ -438,8 +438,8 @@ class _Connection(RefPeer):
         key = call_id if call_id is not None else -id(ctx)  # notifies count as in flight
         running = self.running
         running[key] = ctx  # one dict operation: atomic, no lock needed
-        pub = self.server._pub
-        pub.enter()  # the published count of calls in flight (buzon ls)
+        counts = self.server._pub.counters  # published for buzon ls (rpc/_publish.py)
+        counts[STARTED] += 1
         # this thread's context: the handler (and the calls it makes) see ctx and its
         # deadline; reset after, so nothing leaks into the next call of this thread
         current = _CURRENT.set(ctx)
@@ -461,7 +461,7 @@ class _Connection(RefPeer):
             _DEADLINE.reset(budget)
             _CURRENT.reset(current)
             del running[key]
-            pub.leave()
+            counts[ENDED] += 1
 
     # -- remote objects: calls to the client's objects ------------------------------
 
