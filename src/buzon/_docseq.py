@@ -245,7 +245,31 @@ def _scenario_exclusive() -> str:
         _expect(kind == "ok", f"R2 got {got} after the hand-over")
         _took(d, r2, got, who)
         d.note("R2", "R2 holds the mailbox now, and got what R1 had not taken")
-    return d.render()
+    closed = d.render()
+
+    d = _Diagram(
+        ("S", "S (sender)"), ("box", 'mailbox, policy="exclusive"'), ("R1", "R1"), ("R2", "R2")
+    )
+    with _mailbox_scene(("S", "R1", "R2"), capacity=4, policy="exclusive") as (a, who):
+        s, r1, r2 = a["S"], a["R1"], a["R2"]
+        s.do("send", "job 1", 5.0)
+        d.arrow("S", "box", "send('job 1')")
+        _took(d, r1, r1.do("recv_message", 5.0), who)
+        d.note("R1", "R1 holds the mailbox")
+        r2.start("recv_message", 10.0)
+        _expect(r2.waiting(), "R2 took a message while R1 held the mailbox")
+        d.note("R2", "recv_message() waits")
+        s.do("send", "job 2", 5.0)
+        d.arrow("S", "box", "send('job 2')")
+        _expect(r2.waiting(), "R2 took a message while R1 held the mailbox")
+        r1.proc.kill()
+        r1.proc.join(_Actor._STEP)
+        d.note("R1", "killed (SIGKILL): the kernel drops its lock on the hold")
+        kind, got = r2.finish()
+        _expect(kind == "ok", f"R2 got {got} after the holder died")
+        _took(d, r2, got, who)
+        d.note("R2", "R2 took over: nothing the dead holder had not taken is lost")
+    return "\n\n".join(["The holder closes:", closed, "The holder is killed:", d.render()])
 
 
 def _scenario_round_robin() -> str:
@@ -348,7 +372,10 @@ def render_mailbox_sequences() -> str:
     """Each policy, and capacity 0 against N, as sequence diagrams of a real run."""
     parts = [
         ('`policy="any"`, three messages, two receivers, receipts', _scenario_any),
-        ('`policy="exclusive"`, with the hand-over when the holder closes', _scenario_exclusive),
+        (
+            '`policy="exclusive"`, with the hand-over when the holder closes or dies',
+            _scenario_exclusive,
+        ),
         ('`policy="round_robin"`', _scenario_round_robin),
         ('`policy="broadcast"`, a slow receiver and drop-oldest', _scenario_broadcast),
         ("Capacity 0 against N", _scenario_capacity),
