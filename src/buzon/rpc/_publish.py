@@ -90,13 +90,20 @@ class Publication:
 
             rdir = runtime_dir()
         directory = os.path.join(rdir, DIR)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(directory, 0o700)
         body = json.dumps(meta, sort_keys=True).encode()
         size = max(mmap.PAGESIZE, _META + len(body))
         final = os.path.join(directory, f"{os.getpid()}-{meta['instance']}.rpc")
         tmp = os.path.join(directory, f".tmp-{os.getpid()}-{meta['instance']}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        for attempt in range(8):  # the last server to stop removes the directory
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, 0o700)
+            try:
+                fd = os.open(tmp, flags, 0o600)
+                break
+            except FileNotFoundError:
+                if attempt == 7:
+                    raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, size)
@@ -136,6 +143,8 @@ class Publication:
                 st, current = os.fstat(fd), os.lstat(path)
                 if (st.st_dev, st.st_ino) == (current.st_dev, current.st_ino):
                     os.unlink(path)
+            with contextlib.suppress(OSError):  # not empty: another server's files
+                os.rmdir(os.path.dirname(path))
         os.close(fd)
 
     def _drop_in_child(self) -> None:
@@ -317,4 +326,7 @@ def clean(rdir: str, dry_run: bool = False) -> list[str]:
                     removed.append(path)
         finally:
             os.close(fd)
+    if removed and not dry_run:
+        with contextlib.suppress(OSError):  # not empty: live servers' files
+            os.rmdir(directory)
     return removed
