@@ -172,6 +172,7 @@ class _Actor:
         if self.proc.is_alive():  # pragma: no cover - a stuck actor
             self.proc.kill()
             self.proc.join()
+        self.proc.close()  # its sentinel descriptor now, not when collected
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from _rpc_helpers import serving
 
 from buzon import _forensics, rpc
@@ -46,6 +47,7 @@ def _wait_for(pred: Any, what: str) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.fd_check  # the file, its lock and its mapping go with the server
 def test_ls_shows_a_server_with_its_calls_in_flight_and_errors(runtime_dir: str) -> None:
     started, release = threading.Event(), threading.Event()
     with serving("unix:calc", _svc(started, release), name="calc-pub") as srv:

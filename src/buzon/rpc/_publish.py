@@ -131,8 +131,8 @@ class Publication:
         _live.add(self)
 
     def close(self) -> None:
-        """Remove the file (this process's own only); idempotent. The counters stay
-        mapped (a call still finishing may add to them) until this object goes."""
+        """Remove the file (this process's own only) and unmap it; idempotent. The
+        counters go on in private memory (a call still finishing may add to them)."""
         _live.discard(self)
         path, self.path = self.path, None
         fd, self._fd = self._fd, -1
@@ -146,6 +146,19 @@ class Publication:
             with contextlib.suppress(OSError):  # not empty: another server's files
                 os.rmdir(os.path.dirname(path))
         os.close(fd)
+        mapped, self._map = self._map, None
+        if mapped is not None:
+            # Python's mmap holds a descriptor of the file until it is closed. Callers
+            # read self.counters afresh for each += (server code never keeps the view
+            # across a switch point), so the old view is nobody's once replaced.
+            old = self.counters
+            private = memoryview(bytearray(8 * _NCOUNTERS)).cast("q")
+            for i in range(_NCOUNTERS):
+                private[i] = old[i]
+            self.counters = private
+            old.release()
+            with contextlib.suppress(BufferError):  # a view still exported: GC closes it
+                mapped.close()
 
     def _drop_in_child(self) -> None:
         """In a forked child: keep adding to the shared counters, but hold no lock
