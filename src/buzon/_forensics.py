@@ -44,6 +44,7 @@ from .errors import BuzonError
 __all__ = ["CLEAN_GRACE", "Entry", "Removal", "clean", "ls_rows", "scan"]
 
 _NAMES_DIR = "names.d"  # buzon.names' directory in the runtime dir
+_RPC_DIR = "rpc.d"  # RPC servers' published counters (buzon.rpc._publish)
 CLEAN_GRACE = 2.0  # seconds: entries younger than this may be endpoints being set up
 
 _SOCKET_TYPES = {
@@ -300,8 +301,8 @@ def scan(rdir: str) -> list[Entry]:
     bound = _bound_unix_paths()
     entries = []
     for name in sorted(os.listdir(rdir)):
-        if name == _NAMES_DIR:
-            continue  # buzon.names' registrations: names_rows / clean
+        if name in (_NAMES_DIR, _RPC_DIR):
+            continue  # buzon.names' registrations, RPC servers: their own rows / clean
         try:
             entry = Entry(rdir, name)
         except FileNotFoundError:
@@ -319,6 +320,9 @@ def ls_rows(rdir: str) -> list[Row]:
 
     rows = [(e.address, e.kind, f"{e.mode:04o}", e.state, e.path) for e in scan(rdir)]
     rows += names_rows(rdir)
+    from .rpc._publish import ls_rows as rpc_rows
+
+    rows += rpc_rows(rdir)
     prefix = f"/buzon-{os.getuid()}-"
     for q in list_queues():
         rows.append((f"mq:{q.removeprefix(prefix)}", "mq", "-", "-", q))
@@ -382,6 +386,12 @@ def clean(
     removed += [
         Removal(path, "a registered name whose owner died")
         for path in clean_registrations(dry_run=dry_run, rdir=rdir)
+    ]
+    from .rpc._publish import clean as clean_services
+
+    removed += [
+        Removal(path, "the counters of an RPC server that died")
+        for path in clean_services(rdir, dry_run=dry_run)
     ]
     for entry in scan(rdir):
         why = entry.removable(now)

@@ -339,7 +339,9 @@ STATE is 'listening' or 'bound' for live sockets, 'reader' for a FIFO somebody
 reads, 'dead' / 'no reader' otherwise, '?' when it cannot be told. POSIX queues of
 this user are listed too (without a mounted mqueue file system: only those a
 process holds open), and so are this user's shared-memory segments (/dev/shm/buzon-*)
-with the pids attached to them and how full their ring is.
+with the pids attached to them and how full their ring is. RPC servers (type rpc)
+show their service, address, wire, semantics, calls served, calls in flight and
+errors, 'dead' once their process died ('buzon clean' removes those).
 """
 
 _CHAOS_EPILOG = """\

@@ -1122,8 +1122,28 @@ def render_credit_sequences() -> str:
     return "\n".join(out[:-1])
 
 
+def _render_mailbox_sequences() -> str:
+    from ._docseq import DocScenarioError, render_mailbox_sequences
+
+    try:
+        return render_mailbox_sequences()
+    except DocScenarioError as exc:
+        raise SectionError(f"a mailbox scenario misbehaved: {exc}") from exc
+
+
+def _render_rpc_sequences() -> str:
+    from ._docseq import DocScenarioError, render_rpc_sequences
+
+    try:
+        return render_rpc_sequences()
+    except DocScenarioError as exc:
+        raise SectionError(f"an RPC scenario misbehaved: {exc}") from exc
+
+
 SECTIONS: dict[str, dict[str, Renderer]] = {
     "concepts.md": {"errors": render_errors},
+    "mailboxes.md": {"mailbox-sequences": _render_mailbox_sequences},
+    "rpc.md": {"rpc-sequences": _render_rpc_sequences},
     "frames.md": {
         "frame-header": render_frame_header,
         "frame-kinds": render_frame_kinds,

@@ -34,6 +34,7 @@ from ..sync import Server as ChannelServer
 from . import _wire as w
 from ._completion import CompletionTable, is_transactional, open_table
 from ._context import _CURRENT, _DEADLINE, CallContext
+from ._publish import CALLS, ENDED, ERRORS, STARTED, Counter, Publication, publish_server
 from ._remote import _PLAIN, RELEASE, RefPeer
 from ._service import Method, Service, as_service
 
@@ -353,6 +354,7 @@ class _Connection(RefPeer):
         key = call_id if call_id is not None else -id(ctx)  # notifies count as in flight
         running = self.running
         running[key] = ctx  # one dict operation: atomic, no lock needed
+        self.server._pub.counters[STARTED] += 1  # published for buzon ls (rpc/_publish.py)
         # this thread's context: the handler (and the calls it makes) see ctx and its
         # deadline; reset after, so nothing leaks into the next call of this thread
         current = _CURRENT.set(ctx)
@@ -374,6 +376,7 @@ class _Connection(RefPeer):
             _DEADLINE.reset(budget)
             _CURRENT.reset(current)
             del running[key]
+            self.server._pub.counters[ENDED] += 1
 
     # -- remote objects: calls to the client's objects ------------------------------
 
@@ -474,9 +477,14 @@ class Server:
     reconnecting client notices a restarted server, at a fixed address as through a name.
 
     Counters: ``calls`` (replies sent), ``errors`` (error replies and refused
-    messages), ``in_flight`` (calls running now). With ``mode="process"`` they count
-    only what this process did (each client is served in a child).
+    messages), ``in_flight`` (calls running now). The server publishes them for
+    ``buzon ls`` in shared memory (:mod:`buzon.rpc._publish`), so with
+    ``mode="process"`` ``calls`` and ``errors`` include its children's, while the
+    ``in_flight`` property counts this process's calls (``buzon ls`` shows all).
     """
+
+    calls = Counter(CALLS)
+    errors = Counter(ERRORS)
 
     def __init__(
         self,
@@ -510,6 +518,7 @@ class Server:
         self.semantics = semantics
         self.max_in_flight = max_in_flight
         self.reply_timeout = reply_timeout
+        self._pub = Publication()  # calls and errors live in it (buzon ls reads them)
         self.calls = 0
         self.errors = 0
         self._connections: set[_Connection] = set()
@@ -539,6 +548,7 @@ class Server:
             if self._own_table:
                 self.table.close()
             raise
+        publish_server(self)
 
     def _register(self, name: str) -> None:
         """Register the bound address under ``name``; on failure nothing stays bound."""
@@ -605,6 +615,7 @@ class Server:
                 self._monitor_obj.stop()
             if self._own_table:
                 self.table.close()
+            self._pub.close()
 
     def shutdown(self) -> None:
         """Stop serving (safe from any thread or a signal handler)."""
