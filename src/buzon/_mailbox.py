@@ -70,7 +70,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import EllipsisType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 
 from . import _core
 from .codec import Codec
@@ -85,6 +85,7 @@ from .errors import (
     ProtocolError,
     Timeout,
     Undelivered,
+    UnsupportedOperation,
 )
 from .protocol._frames import mailbox_recv, mailbox_send
 from .protocol.frames import (
@@ -122,6 +123,7 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_INLINE = 1024
 _SUFFIX = ".mbox"
 _LABEL = "mailbox"
+_RAW = "raw"  # the label's last word for a raw-bytes fixed-slot mailbox (BoundedBuffer)
 _SLOTS = 128  # participants (attached objects) per mailbox: the ring's maximum
 _RECEIPT_FLAG = 0x08  # frame flag bit 3: the sender asks for a receipt
 _OOL = b"\x00OOL"  # record prefix: the frame is in the block named after it
@@ -165,19 +167,23 @@ class Message:
     """When it was sent (``time.time()`` of the sender)."""
 
 
-def _label(policy: str, capacity: int | None, max_inline: int) -> str:
-    return f"{_LABEL} {policy} {'none' if capacity is None else capacity} {max_inline}"
+def _label(policy: str, capacity: int | None, max_inline: int, raw: bool = False) -> str:
+    cap = "none" if capacity is None else capacity
+    return f"{_LABEL} {policy} {cap} {max_inline}" + (" " + _RAW if raw else "")
 
 
-def _parse_label(label: str) -> tuple[str, int | None, int]:
-    """(policy, capacity, max_inline) from a mailbox ring's label; ProtocolError if it
-    is not one."""
+def _parse_label(label: str) -> tuple[str, int | None, int, bool]:
+    """(policy, capacity, max_inline, raw) from a mailbox ring's label; ProtocolError
+    if it is not one."""
     parts = label.split(" ")
     try:
-        if len(parts) != 4 or parts[0] != _LABEL or parts[1] not in POLICIES:
+        raw = len(parts) == 5 and parts[4] == _RAW
+        if len(parts) != 4 + raw or parts[0] != _LABEL or parts[1] not in POLICIES:
             raise ValueError(label)
         capacity = None if parts[2] == "none" else int(parts[2])
-        return parts[1], capacity, int(parts[3])
+        if raw and (parts[1] != "any" or capacity is None or capacity < 1):
+            raise ValueError(label)
+        return parts[1], capacity, int(parts[3]), raw
     except ValueError:
         raise ProtocolError(f"segment label {label!r} is not a buzon mailbox's") from None
 
@@ -305,7 +311,7 @@ class Mailbox:
     def _setup(self, ring: _core.Ring) -> None:
         self._ring = ring
         self._segment = ring.name
-        self.policy, self.capacity, self.max_inline = _parse_label(ring.info()["label"])
+        self.policy, self.capacity, self.max_inline, self._raw = _parse_label(ring.info()["label"])
         self._fixed = bool(ring.info()["record_size"])
         self._inline = ring.max_message
         self._local = threading.local()  # a codec per thread (codecs are not thread-safe)
@@ -328,7 +334,9 @@ class Mailbox:
 
             self._fan = Fan(self)
         # send's hot path: one ring, no rendezvous; a frame that fits a record
-        self._plain = self._fan is None and self.capacity != 0
+        self._plain = self._fan is None and self.capacity != 0 and not self._raw
+        # recv's hot path: policy any, records that are frames
+        self._any = self.policy == "any" and not self._raw
         self._fast_max = min(self._inline, self.max_message) - _FAST.size
         self._counts = {"sent": 0, "received": 0, "acks_dropped": 0, "out_of_line": 0}
         from . import _reduction
@@ -344,7 +352,11 @@ class Mailbox:
         create: bool | None,
         max_inline: int,
         max_bytes: int,
+        raw: bool = False,
     ) -> tuple[_core.Ring, bool]:
+        """The mailbox's ring, attached or created, and whether this call created it.
+        ``raw``: a raw-bytes fixed-slot mailbox (:class:`~buzon.shm.BoundedBuffer`):
+        ``capacity`` slots of ``max_inline`` bytes, opened only as one (ValueError)."""
         for _ in range(8):
             segment = lookup(self.path)
             if segment is not None:
@@ -359,10 +371,25 @@ class Mailbox:
                         ring.close()
                         time.sleep(0.001)
                         continue
-                    have_policy, have_capacity, _ = _parse_label(info["label"])
+                    have_policy, have_capacity, have_inline, have_raw = _parse_label(info["label"])
                 except BaseException:
                     ring.close()
                     raise
+                if raw and (
+                    not have_raw
+                    or (capacity is not ... and capacity != have_capacity)
+                    or have_inline < max_inline
+                ):
+                    ring.close()
+                    what = (
+                        f"other sizes (slots={have_capacity}, item_size={have_inline})"
+                        if have_raw
+                        else "as a mailbox of objects, not a raw-bytes one"
+                    )
+                    raise ValueError(
+                        f"bounded buffer {self.name!r} exists {what}; attach without "
+                        "slots/item_size, or remove it first"
+                    )
                 if create:
                     ring.close()
                     raise EndpointInUse(f"mailbox {self.name!r} exists (create=True)")
@@ -382,18 +409,18 @@ class Mailbox:
                 raise NoSuchEndpoint(f"no mailbox named {self.name!r} (create=False)")
             cap = DEFAULT_CAPACITY if capacity is ... else capacity
             pol = "any" if policy is ... else policy
-            label = _label(pol, cap, max_inline)
+            label = _label(pol, cap, max_inline, raw)
             if cap is None:
                 size = 1 << (max_bytes - 1).bit_length()
                 ring = create_ring(size, label=label, slots=_SLOTS)
             else:
                 records = max(cap, 1)
                 ring = create_ring(
-                    _ring_size(records, max_inline),
+                    _ring_size(records, max(max_inline, 1)),
                     label=label,
                     slots=_SLOTS,
                     records=records,
-                    record_size=max_inline,
+                    record_size=max(max_inline, 1),
                 )
             if pol in _FANNED:
                 from ._mailbox_fan import create_table, table_name
@@ -408,7 +435,7 @@ class Mailbox:
         raise NoSuchEndpoint(f"mailbox {self.name!r} keeps changing; try again")
 
     @classmethod
-    def _attach_segment(cls, name: str, path: str, segment: str) -> Mailbox:
+    def _attach_segment(cls, name: str, path: str, segment: str) -> Self:
         """The mailbox ``name`` by its segment: how a child process attaches the
         mailbox it was passed, wherever its own runtime dir is."""
         self = cls.__new__(cls)
@@ -561,7 +588,49 @@ class Mailbox:
         if len(record) == 1 and first == _OOL:
             remove_segment(bytes(record[0][4:]).decode("ascii"))
 
+    # ---- the raw-bytes fixed-slot mode (BoundedBuffer) ----------------------------------
+
+    def _put_raw(self, item: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Add ``item``, waiting for a free slot (``Timeout`` after ``timeout`` seconds;
+        ``MessageTooLarge`` over ``item_size``; ``NoSuchEndpoint`` once removed)."""
+        try:
+            self._ring.send(item, timeout)
+        except EndOfChannel:
+            raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
+
+    def _put_raw_nowait(self, item: bytes | bytearray | memoryview) -> None:
+        """Add ``item`` or raise ``Full``."""
+        try:
+            self._ring.send_nowait(item)
+        except EndOfChannel:
+            raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
+
+    def _get_raw(self, timeout: float | None = None) -> bytes:
+        """Take the oldest item, waiting for one (``Timeout`` after ``timeout`` seconds;
+        ``EndOfChannel`` once removed and empty)."""
+        return self._ring.recv(timeout)
+
+    def _get_raw_nowait(self) -> bytes:
+        """Take the oldest item or raise ``Empty``."""
+        return self._ring.recv_nowait()
+
+    def _no_fields(self, what: str) -> NoReturn:
+        raise UnsupportedOperation(
+            f"mailbox {self.name!r} is a raw-bytes one (a BoundedBuffer): its records are "
+            f"the bytes sent, without id, sender or receipt, so it has no {what}"
+        )
+
     def _send(self, obj: Any, timeout: float | None, nowait: bool, receipt: bool) -> int:
+        if self._raw:
+            if receipt:
+                self._no_fields("send_async")
+            self._check_open()
+            if nowait:
+                self._put_raw_nowait(obj)
+            else:
+                self._put_raw(obj, timeout)
+            self._counts["sent"] += 1
+            return 0
         deadline = None if timeout is None else time.monotonic() + timeout
         rendezvous = self.capacity == 0 and not nowait
         message_id = next(self._ids)
@@ -636,6 +705,8 @@ class Mailbox:
         every receiver it went to, ``receipt.receivers``)."""
         if self._fan is not None and self.policy == "broadcast":
             return MailboxReceipt(self, *self._send_broadcast(obj, next(self._ids), True))
+        if self._raw:
+            self._no_fields("send_async")
         return MailboxReceipt(self, self._send(obj, timeout, False, True))
 
     # ---- receipts ----------------------------------------------------------------------
@@ -722,14 +793,14 @@ class Mailbox:
         else:
             if timeout == 0.0 and self.policy == "any":
                 data = self._ring.recv_nowait()
-                return data if data[:4] != _OOL else self._fetch(data, timeout)
+                return data if data[:4] != _OOL or self._raw else self._fetch(data, timeout)
             deadline = time.monotonic() + timeout
         if self.policy == "exclusive":
             self._hold(deadline)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         ring = self._rx()
         data = ring.recv(left) if left != 0.0 else ring.recv_nowait()
-        return data if data[:4] != _OOL else self._fetch(data, timeout)
+        return data if data[:4] != _OOL or self._raw else self._fetch(data, timeout)
 
     def _fetch(self, data: bytes, timeout: float | None) -> bytes:
         """The frame an out-of-line record points to (its block removed once read); the
@@ -746,7 +817,11 @@ class Mailbox:
             remove_segment(block_name)
 
     def _decode(self, data: bytes) -> tuple[Any, int, int, int, int]:
-        """(object, message id, sender pid, sender uid, sent_at ns) of a frame."""
+        """(object, message id, sender pid, sender uid, sent_at ns) of a frame (raw
+        mode: of a record, which is the object)."""
+        if self._raw:
+            self._counts["received"] += 1
+            return data, 0, 0, 0, 0
         n = len(data)
         if (
             n >= _FAST.size
@@ -791,7 +866,7 @@ class Mailbox:
     def recv(self, timeout: float | None = None) -> Any:
         """Take the next message's object, waiting for one; ``EndOfChannel`` once the
         mailbox was removed and is empty."""
-        if self.policy == "any" and not self._closed and (timeout is None or timeout > 0):
+        if self._any and not self._closed and (timeout is None or timeout > 0):
             got = mailbox_recv(self._ring, timeout)  # the hot path: one C call
             if isinstance(got, tuple):  # the common record: (codec, body)
                 self._counts["received"] += 1
@@ -809,6 +884,8 @@ class Mailbox:
 
     def recv_message(self, timeout: float | None = None) -> Message:
         """Take the next message with its id, sender and time (:class:`Message`)."""
+        if self._raw:
+            self._no_fields("recv_message")
         body, message_id, pid, uid, ns = self._decode(self._take(timeout))
         return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
 
@@ -969,7 +1046,7 @@ class Mailbox:
                 data = ring.recv_nowait()
             except Exception:
                 break
-            if data[:4] == _OOL:
+            if data[:4] == _OOL and not self._raw:
                 remove_segment(data[4:].decode("ascii", "replace"))
         remove_segment(segment)
         if ring is not self._ring:
@@ -1101,12 +1178,13 @@ def describe(segment: str) -> str:
     """``buzon ls``: the state of the mailbox in ``segment``: policy, capacity, depth,
     live users (pids), age and messages taken so far."""
     info = _core.inspect(segment if segment.startswith("/") else "/" + segment)
-    policy, capacity, _ = _parse_label(info["label"])
+    policy, capacity, item, raw = _parse_label(info["label"])
     pids = sorted({pid for _slot, pid, live in info["participants"] if live})
     age = max(0.0, time.time() - info["created_ns"] / 1e9)
     users = "pid " + ",".join(map(str, pids)) if pids else "no live users"
     cap = "None" if capacity is None else capacity
     return (
-        f"policy={policy} capacity={cap} depth={_depth(info)}, {users}, age {age:.0f} s, "
+        f"policy={policy} capacity={cap}{f' raw item_size={item}' if raw else ''} "
+        f"depth={_depth(info)}, {users}, age {age:.0f} s, "
         f"{info['consumed']} taken, {info['abandoned']} lost"
     )

@@ -636,20 +636,20 @@ def test_exclusive_holder_closing_hands_over_to_a_blocked_waiter() -> None:
 def test_a_name_that_leads_to_another_kind_of_segment_is_a_protocol_error(
     runtime_dir: str,
 ) -> None:
-    buf = buzon.BoundedBuffer("jobs", slots=4, item_size=8)
+    ring = buzon.shm.create_ring(4096, label="shm:other a>b")
     try:
-        segment = buzon.shm._names.lookup(buf.path)
-        assert segment is not None
         with open(os.path.join(runtime_dir, "jobs.mbox"), "w") as f:
-            f.write(segment)  # scribbled: a mailbox name naming a bounded buffer
+            f.write(ring.name)  # scribbled: a mailbox name naming another ring
         os.chmod(os.path.join(runtime_dir, "jobs.mbox"), 0o600)
         with pytest.raises(buzon.ProtocolError, match="not a buzon mailbox"):
             buzon.mailbox("jobs")
-        buf.put(b"ok")  # the other object is unaffected
-        assert buf.get(T) == b"ok"
+        with pytest.raises(buzon.ProtocolError, match="not a buzon mailbox"):
+            buzon.BoundedBuffer("jobs")
+        ring.send(b"ok")  # the other object is unaffected
+        assert ring.recv(T) == b"ok"
     finally:
-        buf.close()
-        buf.remove()
+        ring.close()
+        buzon.shm.remove_segment(ring.name)
 
 
 def test_everything_a_mailbox_makes_is_0600_and_its_own(runtime_dir: str) -> None:
