@@ -21,9 +21,11 @@ Capacity. ``capacity=N``: a ring of N fixed records of ``max_inline`` bytes each
 messages fit whatever their size (the larger ones are out of line), then ``send``
 blocks and ``send_nowait`` raises ``Full``. ``capacity=0`` (rendezvous): one record,
 and ``send`` returns only once a receiver took the message (it waits for the
-receiver's acknowledgement). ``capacity=None``: a ring of variable records of
-``max_bytes`` bytes; ``send`` never blocks, and raises ``Full`` naming ``max_bytes``
-when the messages waiting fill it.
+receiver's acknowledgement); a send that gives up withdraws its message, arbitrated
+by an OFD lock on byte ``_OFFER_BASE + id`` of its acknowledgement ring
+(:meth:`Mailbox._withdraw`, :meth:`Mailbox._acknowledge`). ``capacity=None``: a
+ring of variable records of ``max_bytes`` bytes; ``send`` never blocks, and raises
+``Full`` naming ``max_bytes`` when the messages waiting fill it.
 
 Receipts. ``send_async`` sets the frame's receipt flag and REPLY_TO; the receiver that
 takes the message writes ``(message id, pid, uid)`` into that ring (never blocking: an
@@ -151,6 +153,26 @@ _WAIT_SLICE = 0.1  # buzon.wait / asyncio: longest sleep between two looks (see 
 _HOLD_BYTE = 4000  # exclusive: the holder's OFD lock (slot locks use bytes 0-127)
 _HOLD_POLL = 0.05  # exclusive: how often a waiting receiver retries the hold
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64/aarch64
+# Rendezvous withdrawal: REPLY_TO starts with "!" for a message its sender may withdraw;
+# byte _OFFER_BASE + message id of the sender's acknowledgement ring is the arbiter.
+_WITHDRAWABLE = b"!"
+_OFFER_BASE = 1 << 40
+
+
+class _Withdrawn(Exception):
+    """A record whose sender withdrew it: the receiver skips it (never returned)."""
+
+
+def _lock_byte(fd: int, offset: int, kind: int, wait: bool) -> bool:
+    """An OFD lock (F_WRLCK) or unlock (F_UNLCK) of one byte; False if it is held."""
+    lock = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, lock)
+    except OSError as exc:
+        if exc.errno in (11, 13):  # EAGAIN, EACCES: held by another description
+            return False
+        raise
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,8 +342,9 @@ class Mailbox:
         self._lock = threading.Lock()  # acknowledgement ring and tables
         self._acks: _core.Ring | None = None
         self._acks_pid = 0
+        self._acks_fd = -1  # the sender's description of its ack ring: withdrawal locks
         self._acked: OrderedDict[int, list[PeerInfo]] = OrderedDict()
-        self._reply_rings: OrderedDict[str, _core.Ring] = OrderedDict()
+        self._reply_rings: OrderedDict[str, tuple[_core.Ring, int]] = OrderedDict()
         self._hold_fd = -1
         self._hold_pid = 0
         self._hold_lock = threading.Lock()
@@ -338,7 +361,13 @@ class Mailbox:
         # recv's hot path: policy any, records that are frames
         self._any = self.policy == "any" and not self._raw
         self._fast_max = min(self._inline, self.max_message) - _FAST.size
-        self._counts = {"sent": 0, "received": 0, "acks_dropped": 0, "out_of_line": 0}
+        self._counts = {
+            "sent": 0,
+            "received": 0,
+            "acks_dropped": 0,
+            "out_of_line": 0,
+            "withdrawn": 0,
+        }
         from . import _reduction
 
         _reduction.register()
@@ -620,7 +649,12 @@ class Mailbox:
             f"the bytes sent, without id, sender or receipt, so it has no {what}"
         )
 
-    def _send(self, obj: Any, timeout: float | None, nowait: bool, receipt: bool) -> int:
+    def _send(
+        self, obj: Any, timeout: float | None, nowait: bool, receipt: bool, offer: bool = False
+    ) -> int:
+        """Send ``obj``; its message id. ``offer``: a rendezvous whose caller waits for
+        the receiver itself (asyncio): the message is withdrawable, as when this call
+        waits (``capacity == 0`` and not ``nowait``)."""
         if self._raw:
             if receipt:
                 self._no_fields("send_async")
@@ -636,7 +670,9 @@ class Mailbox:
         message_id = next(self._ids)
         if self._fan is not None and self.policy == "broadcast":
             return self._send_broadcast(obj, message_id, receipt)[0]
-        reply_to = self._ack_ring().name if (receipt or rendezvous) else None
+        reply_to = self._ack_ring().name if (receipt or rendezvous or offer) else None
+        if offer or (rendezvous and not receipt):
+            reply_to = "!" + self._ack_ring().name  # the receiver checks the offer stands
         record = self._record(self._encode(obj, message_id, reply_to))
         if self._fan is not None:
             self._put_round_robin(record, deadline, nowait)
@@ -644,12 +680,43 @@ class Mailbox:
             self._put(record, timeout, nowait)
         if rendezvous and not receipt:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if self._ack_of(message_id, left) is None:
+            try:
+                taken = self._ack_of(message_id, left) is not None
+            except BaseException:
+                self._withdraw(message_id)  # interrupted: nobody takes it from now on
+                raise
+            if not taken and self._withdraw(message_id):
                 raise Timeout(
                     f"no receiver took the message within {timeout} s (capacity=0: it "
-                    "stays in the mailbox and a receiver may still take it)"
+                    "was withdrawn, no receiver will see it)"
                 )
         return message_id
+
+    def _withdraw(self, message_id: int) -> bool:
+        """Withdraw rendezvous message ``message_id``: True if done (no receiver took
+        it, and none will), False if a receiver took it first (its acknowledgement
+        is then read: the send succeeded). The lock on byte ``_OFFER_BASE + id`` of
+        the acknowledgement ring is the arbiter: a receiver takes the message only if
+        it gets that lock (and holds it until its acknowledgement is written); the
+        sender takes it (waiting out a receiver that holds it) and keeps it."""
+        with self._lock:
+            acks = self._acks
+            if acks is None or self._acks_pid != os.getpid():
+                return True
+            if self._acks_fd < 0:
+                path = os.path.join(SHM_DIR, acks.name.lstrip("/"))
+                self._acks_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = self._acks_fd
+        _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_WRLCK, True)
+        try:
+            taken = self._ack_of(message_id, 0.0) is not None
+        except Undelivered:
+            taken = False
+        if taken:
+            _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_UNLCK, False)
+            return False
+        self._counts["withdrawn"] += 1
+        return True
 
     def send(self, obj: Any, timeout: float | None = None) -> None:
         """Put ``obj`` into the mailbox, waiting while it is full (capacity N) or until
@@ -717,6 +784,9 @@ class Mailbox:
                 # a forked child makes its own: acknowledgements go to their sender
                 self._acks = create_ring(_ACK_RING, label=f"mailbox-acks {self.name}")
                 self._acks_pid = os.getpid()
+                if self._acks_fd >= 0:  # the parent's (its locks stay the parent's)
+                    os.close(self._acks_fd)
+                    self._acks_fd = -1
             return self._acks
 
     def _ack_of(self, message_id: int, timeout: float | None) -> PeerInfo | None:
@@ -764,23 +834,51 @@ class Mailbox:
         except Exception:
             return False
 
-    def _acknowledge(self, reply_to: bytes, message_id: int) -> None:
-        name = reply_to.decode("ascii", "replace")
+    def _acknowledge(self, reply_to: bytes, message_id: int) -> bool:
+        """Tell the sender who took ``message_id``; False if the sender withdrew it
+        (a rendezvous whose send gave up): the message is then not taken."""
+        withdrawable = reply_to[:1] == _WITHDRAWABLE
+        name = reply_to[withdrawable:].decode("ascii", "replace")
         with self._lock:
-            ring = self._reply_rings.get(name)
-            if ring is None:
+            entry = self._reply_rings.get(name)
+            if entry is None:
                 try:
-                    ring = attach_ring(name)
+                    entry = (attach_ring(name), -1)
                 except Exception:  # its sender is gone, or a bad name: nobody to tell
                     self._counts["acks_dropped"] += 1
-                    return
-                self._reply_rings[name] = ring
+                    return True
+                self._reply_rings[name] = entry
                 while len(self._reply_rings) > _MAX_ACK_RINGS:
-                    self._reply_rings.popitem(last=False)[1].close()
+                    _close_reply(self._reply_rings.popitem(last=False)[1])
             else:
                 self._reply_rings.move_to_end(name)
-        if not ring.try_send(_ACK.pack(message_id, os.getpid(), os.getuid())):
-            self._counts["acks_dropped"] += 1
+            ring, fd = entry
+            if withdrawable and fd < 0:
+                try:
+                    fd = os.open(
+                        os.path.join(SHM_DIR, ring.name.lstrip("/")), os.O_RDWR | os.O_CLOEXEC
+                    )
+                except OSError:  # its sender closed: nobody waits for the message
+                    fd = -1
+                else:
+                    self._reply_rings[name] = (ring, fd)
+        ack = _ACK.pack(message_id, os.getpid(), os.getuid())
+        if not withdrawable or fd < 0:
+            if not ring.try_send(ack):
+                self._counts["acks_dropped"] += 1
+            return True
+        # the offer stands while the sender does not hold this byte; holding it until
+        # the acknowledgement is written makes a withdrawal wait for it, then see it
+        if not _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_WRLCK, False):
+            self._counts["withdrawn"] += 1
+            return False
+        try:
+            if not ring.try_send(ack):  # the sender will not learn of it: withdrawn
+                self._counts["acks_dropped"] += 1
+                return False
+            return True
+        finally:
+            _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_UNLCK, False)
 
     # ---- receiving ---------------------------------------------------------------------
 
@@ -799,7 +897,10 @@ class Mailbox:
             self._hold(deadline)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         ring = self._rx()
-        data = ring.recv(left) if left != 0.0 else ring.recv_nowait()
+        if timeout == 0.0:
+            data = ring.recv_nowait()
+        else:  # a wait whose time ran out (holding, say) is a Timeout, never Empty
+            data = ring.recv(left if left is None else max(left, 1e-9))
         return data if data[:4] != _OOL or self._raw else self._fetch(data, timeout)
 
     def _fetch(self, data: bytes, timeout: float | None) -> bytes:
@@ -853,8 +954,12 @@ class Mailbox:
                 f"mailbox {self.name!r}: a message without its id, sender or time"
             ) from None
         self._counts["received"] += 1
-        if frame.receipt and Field.REPLY_TO in fields:
-            self._acknowledge(fields[Field.REPLY_TO], message_id)
+        if (
+            frame.receipt
+            and Field.REPLY_TO in fields
+            and not self._acknowledge(fields[Field.REPLY_TO], message_id)
+        ):
+            raise _Withdrawn
         return (
             self._codec().decode(frame.codec, frame.body, frame.buffers),
             message_id,
@@ -875,18 +980,31 @@ class Mailbox:
             data = got
             if data[:4] == _OOL:
                 data = self._fetch(data, timeout)
-            return self._decode(data)[0]
-        return self._decode(self._take(timeout))[0]
+            try:
+                return self._decode(data)[0]
+            except _Withdrawn:  # its sender gave up on it: the next one (full timeout)
+                pass
+        return self._next(timeout)[0]
+
+    def _next(self, timeout: float | None) -> tuple[Any, int, int, int, int]:
+        """The next message decoded (``_decode``), skipping withdrawn ones."""
+        deadline = None if not timeout else time.monotonic() + timeout
+        while True:
+            try:
+                return self._decode(self._take(timeout))
+            except _Withdrawn:
+                if deadline is not None:  # (a positive wait: Timeout, not Empty)
+                    timeout = max(1e-6, deadline - time.monotonic())
 
     def recv_nowait(self) -> Any:
         """Take the next message's object or raise ``Empty``."""
-        return self._decode(self._take(0.0))[0]
+        return self._next(0.0)[0]
 
     def recv_message(self, timeout: float | None = None) -> Message:
         """Take the next message with its id, sender and time (:class:`Message`)."""
         if self._raw:
             self._no_fields("recv_message")
-        body, message_id, pid, uid, ns = self._decode(self._take(timeout))
+        body, message_id, pid, uid, ns = self._next(timeout)
         return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
 
     # ---- the exclusive policy ------------------------------------------------------------
@@ -1003,9 +1121,12 @@ class Mailbox:
                 name = self._acks.name
                 self._acks.close()
                 remove_segment(name)
+                if self._acks_fd >= 0:
+                    os.close(self._acks_fd)  # (its withdrawals stand: the ring is gone)
+            self._acks_fd = -1
             self._acks = None
-            for ring in self._reply_rings.values():
-                ring.close()
+            for entry in self._reply_rings.values():
+                _close_reply(entry)
             self._reply_rings.clear()
         if self._hold_fd >= 0:
             os.close(self._hold_fd)
@@ -1064,6 +1185,12 @@ class Mailbox:
     def __repr__(self) -> str:
         cap = "None" if self.capacity is None else self.capacity
         return f"<Mailbox {self.name!r} policy={self.policy!r} capacity={cap}>"
+
+
+def _close_reply(entry: tuple[_core.Ring, int]) -> None:
+    entry[0].close()
+    if entry[1] >= 0:
+        os.close(entry[1])
 
 
 def _open_wake(path: str) -> int:

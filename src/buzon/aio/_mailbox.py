@@ -27,6 +27,7 @@ from .._mailbox import (
     Mailbox,
     Message,
     Policy,
+    _Withdrawn,
 )
 from .._mailbox import mailbox as _open_mailbox
 from ..errors import Empty, Full, Timeout
@@ -115,24 +116,33 @@ class AioMailbox:
         deadline = deadline_of(timeout)
         delay = _MIN_DELAY
         rendezvous = box.capacity == 0
+        offer = rendezvous and not receipt
         while True:
             try:
-                message_id = box._send(obj, 0, True, receipt or rendezvous)
+                message_id = box._send(obj, 0, True, receipt, offer)
                 break
             except Full:
                 if box.capacity is None:
                     raise
                 delay = await _backoff(delay, deadline, f"send to mailbox {box.name!r}")
-        if rendezvous and not receipt:
+        if offer:
             delay = _MIN_DELAY
-            while box._ack_of(message_id, 0.0) is None:
-                left = _left(deadline)
-                if left is not None and left <= 0:
-                    raise Timeout(
-                        f"no receiver took the message within {timeout} s (capacity=0: it "
-                        "stays in the mailbox and a receiver may still take it)"
-                    )
-                delay = await _backoff(delay, deadline, "rendezvous")
+            try:
+                while box._ack_of(message_id, 0.0) is None:
+                    left = _left(deadline)
+                    if left is not None and left <= 0:
+                        if not box._withdraw(message_id):
+                            break  # a receiver took it first: the send succeeded
+                        raise Timeout(
+                            f"no receiver took the message within {timeout} s (capacity=0: "
+                            "it was withdrawn, no receiver will see it)"
+                        )
+                    delay = await _backoff(delay, None, "rendezvous")
+            except asyncio.CancelledError:
+                if box._withdraw(message_id):
+                    raise
+                # a receiver took it first: the send succeeded (the cancellation came
+                # too late, as for channels), so the caller must not send it again
         return message_id
 
     async def send(self, obj: Any, timeout: float | None = None) -> None:
@@ -182,14 +192,26 @@ class AioMailbox:
                 until = min(until, deadline)
             await wait_ready([box.fileno()], (), until)
 
+    async def _next(self, timeout: float | None) -> tuple[Any, int, int, int, int]:
+        """The next message decoded, skipping those their senders withdrew."""
+        deadline = deadline_of(timeout)
+        while True:
+            try:
+                return self.sync._decode(await self._take(timeout))
+            except _Withdrawn:
+                if deadline is not None:
+                    timeout = max(1e-6, deadline - time.monotonic())
+
     async def recv_message(self, timeout: float | None = None) -> Message:
         """:meth:`buzon.Mailbox.recv_message`, awaited."""
-        body, message_id, pid, uid, ns = self.sync._decode(await self._take(timeout))
+        if self.sync._raw:
+            self.sync._no_fields("recv_message")
+        body, message_id, pid, uid, ns = await self._next(timeout)
         return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
 
     async def recv(self, timeout: float | None = None) -> Any:
         """:meth:`buzon.Mailbox.recv`, awaited."""
-        return self.sync._decode(await self._take(timeout))[0]
+        return (await self._next(timeout))[0]
 
     def recv_nowait(self) -> Any:
         """:meth:`buzon.Mailbox.recv_nowait` (never waits)."""
