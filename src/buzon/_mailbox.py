@@ -57,6 +57,11 @@ listed in a receiver table; senders put each message into one of them or into al
 Waiting on many things (``buzon.wait``, asyncio): every user holds the FIFO
 ``NAME.mbox.wake`` open and sets it as its rings' data notification; a waiter arms
 the ring, and the next commit by any sender writes the FIFO (:meth:`Mailbox._ready`).
+Acknowledgement rings get it too (a receiver sets it when it attaches one:
+:meth:`Mailbox._acks_ready`), and an exclusive holder that closes writes it. Every
+user also holds ``NAME.mbox.room`` as the ring's space notification: a sender waiting
+for room fills it and arms the ring, and the next take drains it, which makes it
+writable (:meth:`Mailbox._room_ready`).
 """
 
 from __future__ import annotations
@@ -149,6 +154,9 @@ _F_SENT = int(Field.SENT_AT)
 _FAST_TAGS = (_F_ID, 8, _F_SENDER, 8, _F_SENT, 8)
 _SENDER = struct.Struct("<II")
 _WAKE = ".wake"  # NAME.mbox.wake: the FIFO a commit writes when a waiter armed
+_ROOM = ".room"  # NAME.mbox.room: the FIFO a take drains when a sender armed for room
+_ROOM_FILL = bytes(4096)  # one page: the room FIFO's whole buffer (F_SETPIPE_SZ)
+_F_SETPIPE_SZ = 1031
 _WAIT_SLICE = 0.1  # buzon.wait / asyncio: longest sleep between two looks (see _ready)
 _HOLD_BYTE = 4000  # exclusive: the holder's OFD lock (slot locks use bytes 0-127)
 _HOLD_POLL = 0.05  # exclusive: how often a waiting receiver retries the hold
@@ -350,7 +358,13 @@ class Mailbox:
         self._hold_lock = threading.Lock()
         self._closed = False
         self._wake_fd = _open_wake(self.path + _WAKE)
-        ring.set_notify(self._wake_fd, -1)
+        self._room_fd = -1
+        try:
+            self._room_fd = _open_wake(self.path + _ROOM, small=True)
+        finally:
+            if self._room_fd < 0:
+                os.close(self._wake_fd)
+        ring.set_notify(self._wake_fd, self._room_fd)
         self._fan: Fan | None = None
         if self.policy in _FANNED:
             from ._mailbox_fan import Fan
@@ -847,6 +861,8 @@ class Mailbox:
                 except Exception:  # its sender is gone, or a bad name: nobody to tell
                     self._counts["acks_dropped"] += 1
                     return True
+                # an acknowledgement wakes a sender waiting in asyncio (_acks_ready)
+                entry[0].set_notify(self._wake_fd, -1)
                 self._reply_rings[name] = entry
                 while len(self._reply_rings) > _MAX_ACK_RINGS:
                     _close_reply(self._reply_rings.popitem(last=False)[1])
@@ -1028,6 +1044,7 @@ class Mailbox:
                         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
                         self._hold_fd, fd = fd, -1
                         self._hold_pid = os.getpid()
+                        self._beacon()
                         return
                     except OSError as exc:
                         if exc.errno not in (11, 13):  # EAGAIN, EACCES: held
@@ -1049,6 +1066,79 @@ class Mailbox:
         """policy='exclusive': True while this object is the mailbox's receiver."""
         return self._hold_fd >= 0 and self._hold_pid == os.getpid()
 
+    def _beacon(self) -> None:
+        """The holder also takes a classic (per-process) lock on byte ``_HOLD_BYTE + 1``:
+        ``F_GETLK`` tells a waiter its pid (an OFD lock's is -1), so the waiter can wait
+        on a pidfd for the holder's death (:meth:`_holder_pidfd`). Only a hint: the
+        process loses it when it closes any fd of the segment."""
+        beacon = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _HOLD_BYTE + 1, 1, 0)
+        try:
+            fcntl.fcntl(self._hold_fd, fcntl.F_SETLK, beacon)
+        except OSError:
+            pass
+
+    def _holder_pidfd(self) -> int:
+        """A pidfd of the exclusive holder's process (readable once it exits; the
+        caller closes it), or -1 if that is not known (the holder is in this process,
+        or lost its beacon)."""
+        try:
+            fd = os.open(os.path.join(SHM_DIR, self._segment.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return -1
+        try:
+            query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _HOLD_BYTE + 1, 1, 0)
+            kind, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+        except OSError:
+            return -1
+        finally:
+            os.close(fd)
+        if kind == fcntl.F_UNLCK or pid <= 0:
+            return -1
+        try:
+            return os.pidfd_open(pid)
+        except OSError:
+            return -1
+
+    def _poke(self) -> None:
+        """Make :meth:`fileno` readable once (a waiter looks again)."""
+        try:
+            os.write(self._wake_fd, bytes(8))
+        except OSError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _room_ready(self) -> bool:
+        """True if the mailbox's ring has room for a record now; else arm the space
+        notification: the next take by any receiver drains the room FIFO
+        (:attr:`_room_fd`), which then becomes writable. The FIFO is filled first, so
+        it is not writable before that. (asyncio senders wait on it.)"""
+        self._check_open()
+        try:
+            while os.write(self._room_fd, _ROOM_FILL):
+                pass
+        except BlockingIOError:
+            pass
+        return bool(self._ring.arm_space(self._inline if self._fixed else 1))
+
+    def _acks_ready(self) -> bool:
+        """True if an acknowledgement (or nothing to wait for) is there; else arm the
+        acknowledgement ring: the next acknowledgement any receiver writes makes
+        :meth:`fileno` readable (receivers set it as the ring's notification)."""
+        self._check_open()
+        acks = self._acks
+        if acks is None or self._acks_pid != os.getpid():
+            return False  # nothing will come (the fallback slice bounds the wait)
+        if acks.arm_data():
+            return True
+        self._drain_wake()
+        return bool(acks.arm_data())
+
     # ---- readiness: buzon.wait and the asyncio twin ------------------------------------
 
     def fileno(self) -> int:
@@ -1069,11 +1159,7 @@ class Mailbox:
         ring = self._rx()
         if ring.arm_data():
             return True
-        try:
-            while os.read(self._wake_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._drain_wake()
         return bool(ring.arm_data())
 
     _wait_slice = _WAIT_SLICE
@@ -1131,10 +1217,13 @@ class Mailbox:
         if self._hold_fd >= 0:
             os.close(self._hold_fd)
             self._hold_fd = -1
+            if self._hold_pid == os.getpid():
+                self._poke()  # a receiver waiting in asyncio for the hold takes over
         self._ring.close()
-        if self._wake_fd >= 0:
-            os.close(self._wake_fd)
-            self._wake_fd = -1
+        for fd in (self._wake_fd, self._room_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_fd = self._room_fd = -1
 
     def remove(self) -> None:
         """Destroy the mailbox: waiting receivers get ``EndOfChannel``, later sends
@@ -1158,10 +1247,11 @@ class Mailbox:
             fan.shutdown_all()
             if fan is not self._fan:
                 fan.close()
-        try:
-            os.unlink(self.path + _WAKE)
-        except FileNotFoundError:
-            pass
+        for fifo in (_WAKE, _ROOM):
+            try:
+                os.unlink(self.path + fifo)
+            except FileNotFoundError:
+                pass
         while True:  # out-of-line messages nobody will take: remove their blocks
             try:
                 data = ring.recv_nowait()
@@ -1193,15 +1283,22 @@ def _close_reply(entry: tuple[_core.Ring, int]) -> None:
         os.close(entry[1])
 
 
-def _open_wake(path: str) -> int:
+def _open_wake(path: str, small: bool = False) -> int:
     """Open (creating it if absent) the mailbox's wake-up FIFO, read-write and
-    non-blocking: every user holds it open, so writes never block or fail on it."""
+    non-blocking: every user holds it open, so writes never block or fail on it.
+    ``small``: a one-page buffer (the room FIFO, which a waiter fills)."""
     from ._runtime import check_endpoint_path
 
     for _ in range(3):
         check_endpoint_path(path, must_exist=False)
         try:
-            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if small:
+                try:
+                    fcntl.fcntl(fd, _F_SETPIPE_SZ, len(_ROOM_FILL))
+                except OSError:  # (filled by another already: it has its size)
+                    pass
+            return fd
         except FileNotFoundError:
             try:
                 os.mkfifo(path, 0o600)

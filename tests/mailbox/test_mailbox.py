@@ -499,9 +499,12 @@ def test_clean_keeps_an_unused_mailbox_with_messages_unless_forced(runtime_dir: 
 
     _leave_a_mailbox(["kept", b"b" * 50_000])  # one inline, one out of line
     _age_everything(runtime_dir)
-    # nobody uses it, but it holds messages: it stays (its wake-up FIFO, which every
-    # open makes again, goes)
-    assert [r.path for r in clean(runtime_dir)] == [f"{runtime_dir}/jobs.mbox.wake"]
+    # nobody uses it, but it holds messages: it stays (its wake-up FIFOs, which every
+    # open makes again, go)
+    assert sorted(r.path for r in clean(runtime_dir)) == [
+        f"{runtime_dir}/jobs.mbox.room",
+        f"{runtime_dir}/jobs.mbox.wake",
+    ]
     (row,) = [r for r in ls_rows(runtime_dir) if r[0] == "mailbox:jobs"]
     assert row[1] == "mailbox" and "policy=any capacity=4 depth=2" in row[3]
     assert "no live users" in row[3]
@@ -520,7 +523,7 @@ def test_clean_removes_an_unused_empty_mailbox(runtime_dir: str) -> None:
     _age_everything(runtime_dir)
     assert clean(runtime_dir) == []  # in use: stays
     box.close()
-    assert len(clean(runtime_dir)) == 3  # unused and empty: segment, name, FIFO go
+    assert len(clean(runtime_dir)) == 4  # unused and empty: segment, name, FIFOs go
     assert not os.listdir(runtime_dir)
 
 

@@ -5,18 +5,32 @@ It wraps the blocking :class:`buzon._mailbox.Mailbox` (the same ring, the same
 names, the same semantics) and never blocks the event loop: every operation is tried
 without waiting, and when it must wait it waits on the mailbox's wake-up FIFO with
 ``loop.add_reader`` (a commit by any sender writes it once a waiter armed it; see
-``Mailbox._ready``), in slices of at most ``_wait_slice`` seconds. Waiting for room, for
-the holder of an exclusive mailbox and for a receipt polls instead, with a delay that
-grows from 0.5 ms to 20 ms (no sender-side wake-up exists for those yet).
+``Mailbox._ready``), in slices of at most ``_wait_slice`` seconds. Every other wait is
+woken by the ring too, never by a timer:
+
+- room (a full mailbox): ``Mailbox._room_ready`` fills the room FIFO and arms the
+  ring's space notification; the next take by any receiver drains the FIFO, which
+  wakes the sender (``add_writer``);
+- an acknowledgement (a receipt, a rendezvous): ``Mailbox._acks_ready`` arms the
+  sender's acknowledgement ring, which every receiver attaches with the wake-up FIFO
+  as its notification;
+- the holder of an exclusive mailbox: its close writes the wake-up FIFO, and its death
+  makes a pidfd of its process readable (``Mailbox._holder_pidfd``).
+
+The slice (``_wait_slice``, 0.1 s) is only the fallback for a wake-up another waiter
+consumed (several waiters share one FIFO). Round-robin and broadcast mailboxes (a
+backlog ring per receiver) still wait for room by polling, 0.5 ms growing to 20 ms.
 
 Cancellation is safe: a cancelled ``recv`` has taken nothing (it takes a message only
 in a non-waiting call, never across an ``await``), a cancelled ``send`` has sent
-nothing unless it was a rendezvous waiting for its receiver.
+nothing unless it was a rendezvous whose receiver took it first (then it returns:
+see ``Mailbox._withdraw``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from types import EllipsisType, TracebackType
 from typing import Any
@@ -43,6 +57,19 @@ _MAX_DELAY = 0.02
 
 def _left(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
+
+
+async def _wake(box: Mailbox, reads: list[int], writes: list[int], deadline: float | None) -> None:
+    """Wait until one of the fds is ready, the fallback slice passes or the deadline
+    (the caller looks again and raises ``Timeout`` itself)."""
+    until = time.monotonic() + box._wait_slice
+    if deadline is not None:
+        until = min(until, deadline)
+    await wait_ready(reads, writes, until)
+
+
+def _timed_out(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 async def _backoff(delay: float, deadline: float | None, what: str) -> float:
@@ -80,11 +107,17 @@ class AioMailboxReceipt:
     async def wait(self, timeout: float | None = None) -> PeerInfo:
         """Wait until a receiver took the message; return who did."""
         deadline = deadline_of(timeout)
-        delay = _MIN_DELAY
+        box = self._sync._box
         if self._sync.expected == 0:
             self._sync.wait(0)  # Undelivered: it went to no receiver
         while not self._sync.done():
-            delay = await _backoff(delay, deadline, f"receipt of message {self.id}")
+            if not box._ring_exists():
+                self._sync.wait(0)  # Undelivered: the mailbox was removed
+            if box._acks_ready():
+                continue
+            if _timed_out(deadline):
+                raise Timeout(f"receipt of message {self.id} timed out")
+            await _wake(box, [box.fileno()], [], deadline)
         assert self._sync.receiver is not None
         return self._sync.receiver
 
@@ -124,20 +157,27 @@ class AioMailbox:
             except Full:
                 if box.capacity is None:
                     raise
-                delay = await _backoff(delay, deadline, f"send to mailbox {box.name!r}")
+                if box._fan is not None:  # a backlog ring per receiver: polled
+                    delay = await _backoff(delay, deadline, f"send to mailbox {box.name!r}")
+                    continue
+            if box._room_ready():
+                continue
+            if _timed_out(deadline):
+                raise Timeout(f"send to mailbox {box.name!r} timed out")
+            await _wake(box, [], [box._room_fd], deadline)
         if offer:
-            delay = _MIN_DELAY
             try:
                 while box._ack_of(message_id, 0.0) is None:
-                    left = _left(deadline)
-                    if left is not None and left <= 0:
+                    if box._acks_ready():
+                        continue
+                    if _timed_out(deadline):
                         if not box._withdraw(message_id):
                             break  # a receiver took it first: the send succeeded
                         raise Timeout(
                             f"no receiver took the message within {timeout} s (capacity=0: "
                             "it was withdrawn, no receiver will see it)"
                         )
-                    delay = await _backoff(delay, None, "rendezvous")
+                    await _wake(box, [box.fileno()], [], deadline)
             except asyncio.CancelledError:
                 if box._withdraw(message_id):
                     raise
@@ -174,14 +214,13 @@ class AioMailbox:
     async def _take(self, timeout: float | None) -> bytes:
         box = self.sync
         deadline = deadline_of(timeout)
-        delay = _MIN_DELAY
         while True:
             try:
                 return box._take(0.0)
             except Empty:
                 pass
             except Timeout:  # exclusive: another receiver holds the mailbox
-                delay = await _backoff(delay, deadline, f"recv from mailbox {box.name!r}")
+                await self._wait_hold(deadline)
                 continue
             if box._ready():
                 continue
@@ -201,6 +240,25 @@ class AioMailbox:
             except _Withdrawn:
                 if deadline is not None:
                     timeout = max(1e-6, deadline - time.monotonic())
+
+    async def _wait_hold(self, deadline: float | None) -> None:
+        """Wait until the holder of an exclusive mailbox may have let go: its close
+        writes the wake-up FIFO, its death makes a pidfd of it readable."""
+        box = self.sync
+        if _timed_out(deadline):
+            raise Timeout(f"recv from mailbox {box.name!r} timed out (held by another)")
+        box._drain_wake()  # (a stale wake-up would make this a busy loop)
+        try:
+            box._hold(time.monotonic())  # let go meanwhile?
+            return
+        except Timeout:
+            pass
+        pidfd = box._holder_pidfd()
+        try:
+            await _wake(box, [box.fileno()] + ([pidfd] if pidfd >= 0 else []), [], deadline)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
 
     async def recv_message(self, timeout: float | None = None) -> Message:
         """:meth:`buzon.Mailbox.recv_message`, awaited."""
