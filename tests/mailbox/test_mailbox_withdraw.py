@@ -38,12 +38,13 @@ def _fork(fn: Callable[[], object]) -> int:
     return pid
 
 
-def _receiver(name: str, seed: int, w: int) -> None:
+def _receiver(name: str, seed: int, w: int, go: int) -> None:
     """A receiver that gives up often and naps (no receiver waits then), reporting
-    what it took through pipe ``w``."""
+    what it took through pipe ``w``; it starts when ``go`` is readable."""
     rnd = random.Random(seed)
     got: list[int] = []
     with buzon.mailbox(name) as box:
+        os.read(go, 1)
         while True:
             try:
                 item = box.recv(timeout=rnd.choice((0.0001, 0.0003, 0.001)))
@@ -76,11 +77,17 @@ def test_a_retry_loop_delivers_each_message_exactly_once_across_processes(policy
     box = buzon.mailbox("rdv", capacity=0, policy=policy)  # type: ignore[arg-type]
     try:
         pipes = [os.pipe() for _ in range(receivers)]
+        go_r, go_w = os.pipe()
         pids = []
         for k, (_r, w) in enumerate(pipes):
-            pids.append(_fork(lambda k=k, w=w: _receiver("rdv", k, w)))  # type: ignore[misc]
+            pids.append(_fork(lambda k=k, w=w: _receiver("rdv", k, w, go_r)))  # type: ignore[misc]
             os.close(w)
-        timeouts = 0
+        os.close(go_r)
+        with pytest.raises(buzon.Timeout):  # nobody receives yet: withdrawn, still in the
+            box.send(-1, timeout=0.001)  # ring, where a receiver must skip it
+        os.write(go_w, b"g" * receivers)
+        os.close(go_w)
+        timeouts = 1
         end = time.monotonic() + 60
         for i in [*range(N), *([None] * receivers)]:
             while True:
