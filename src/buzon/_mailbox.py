@@ -611,19 +611,29 @@ class Mailbox:
         """A ring for one receiver of a round_robin/broadcast mailbox (its backlog)."""
         label = f"mailbox-rx {self.name}"
         if self.capacity is None:
-            return create_ring(self._ring.capacity, label=label, slots=_SLOTS)
-        records = max(self.capacity, 1)
-        return create_ring(
-            _ring_size(records, self.max_inline),
-            label=label,
-            slots=_SLOTS,
-            records=records,
-            record_size=self.max_inline,
-        )
+            ring = create_ring(self._ring.capacity, label=label, slots=_SLOTS)
+        else:
+            records = max(self.capacity, 1)
+            ring = create_ring(
+                _ring_size(records, self.max_inline),
+                label=label,
+                slots=_SLOTS,
+                records=records,
+                record_size=self.max_inline,
+            )
+        ring.set_notify(self._wake_fd, self._room_fd)  # its takes wake waiting senders
+        return ring
 
     def _rx(self) -> _core.Ring:
         """The ring this object receives from: the mailbox's, or its own backlog."""
-        return self._ring if self._fan is None else self._fan.subscribe()
+        fan = self._fan
+        if fan is None:
+            return self._ring
+        if fan.mine is None:  # a new receiver: room for senders waiting for one
+            ring = fan.subscribe()
+            self._drain_room()
+            return ring
+        return fan.subscribe()
 
     @staticmethod
     def _drop_record(record: list[Any]) -> None:
@@ -1124,7 +1134,25 @@ class Mailbox:
                 pass
         except BlockingIOError:
             pass
-        return bool(self._ring.arm_space(self._inline if self._fixed else 1))
+        if self._fan is None:
+            return bool(self._ring.arm_space(self._inline if self._fixed else 1))
+        # round_robin: room in any receiver's backlog will do (a receiver that attaches
+        # drains the FIFO too: see _rx)
+        want = self.max_inline if self.capacity is not None else 1
+        ready = False
+        for _i, _name, ring in self._fan.receivers():
+            try:
+                ready = bool(ring.arm_space(want)) or ready
+            except Exception:  # (shut down, or gone: the retry finds out)
+                ready = True
+        return ready
+
+    def _drain_room(self) -> None:
+        try:
+            while os.read(self._room_fd, 1 << 16):
+                pass
+        except BlockingIOError:
+            pass
 
     def _acks_ready(self) -> bool:
         """True if an acknowledgement (or nothing to wait for) is there; else arm the

@@ -66,6 +66,30 @@ def test_a_sender_waiting_for_room_is_woken_by_the_take() -> None:
     asyncio.run(main())
 
 
+def test_a_round_robin_sender_waiting_for_room_or_a_receiver_is_woken() -> None:
+    async def main() -> None:
+        box = buzon.aio.mailbox("rrroom", capacity=1, policy="round_robin")
+        box.sync._wait_slice = SLOW
+        rx = buzon.mailbox("rrroom")
+        try:
+            tries = _count(box.sync, "_send")
+            t = _later(rx._rx)  # attaches (as a recv does)
+            await asyncio.wait_for(box.send("first"), T)  # no receiver yet: waits for one
+            t.join(T)
+            assert tries[0] <= LOOKS, f"{tries[0]} tries: it polled"
+            tries[0] = 0
+            t = _later(lambda: rx.recv(T))  # its backlog (capacity 1) is full: room
+            await asyncio.wait_for(box.send("second"), T)
+            t.join(T)
+            assert tries[0] <= LOOKS, f"{tries[0]} tries: it polled"
+            assert rx.recv(T) == "second"
+        finally:
+            rx.close()
+            box.remove()
+
+    asyncio.run(main())
+
+
 def test_a_receipt_and_a_rendezvous_are_woken_by_the_acknowledgement() -> None:
     async def main() -> None:
         box = buzon.aio.mailbox("acks")

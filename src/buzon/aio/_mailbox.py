@@ -18,8 +18,8 @@ woken by the ring too, never by a timer:
   makes a pidfd of its process readable (``Mailbox._holder_pidfd``).
 
 The slice (``_wait_slice``, 0.1 s) is only the fallback for a wake-up another waiter
-consumed (several waiters share one FIFO). Round-robin and broadcast mailboxes (a
-backlog ring per receiver) still wait for room by polling, 0.5 ms growing to 20 ms.
+consumed (several waiters share one FIFO). A round-robin sender arms every receiver's
+backlog ring, and a receiver that attaches drains the room FIFO too.
 
 Cancellation is safe: a cancelled ``recv`` has taken nothing (it takes a message only
 in a non-waiting call, never across an ``await``), a cancelled ``send`` has sent
@@ -51,13 +51,6 @@ from ._channel import deadline_of, wait_ready
 
 __all__ = ["AioMailbox", "AioMailboxReceipt", "mailbox"]
 
-_MIN_DELAY = 0.0005
-_MAX_DELAY = 0.02
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else deadline - time.monotonic()
-
 
 async def _wake(box: Mailbox, reads: list[int], writes: list[int], deadline: float | None) -> None:
     """Wait until one of the fds is ready, the fallback slice passes or the deadline
@@ -70,14 +63,6 @@ async def _wake(box: Mailbox, reads: list[int], writes: list[int], deadline: flo
 
 def _timed_out(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
-
-
-async def _backoff(delay: float, deadline: float | None, what: str) -> float:
-    left = _left(deadline)
-    if left is not None and left <= 0:
-        raise Timeout(f"{what} timed out")
-    await asyncio.sleep(delay if left is None else min(delay, left))
-    return min(delay * 2, _MAX_DELAY)
 
 
 class AioMailboxReceipt:
@@ -147,7 +132,6 @@ class AioMailbox:
     async def _send(self, obj: Any, timeout: float | None, receipt: bool) -> int:
         box = self.sync
         deadline = deadline_of(timeout)
-        delay = _MIN_DELAY
         rendezvous = box.capacity == 0
         offer = rendezvous and not receipt
         while True:
@@ -157,9 +141,6 @@ class AioMailbox:
             except Full:
                 if box.capacity is None:
                     raise
-                if box._fan is not None:  # a backlog ring per receiver: polled
-                    delay = await _backoff(delay, deadline, f"send to mailbox {box.name!r}")
-                    continue
             if box._room_ready():
                 continue
             if _timed_out(deadline):
