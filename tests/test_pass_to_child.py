@@ -421,7 +421,7 @@ def objects(runtime_dir: str) -> Iterator[dict[str, Any]]:
 
 
 @pytest.mark.fd_check
-@pytest.mark.parametrize("kind", ["channel", "listener", "buffer", "array", "value"])
+@pytest.mark.parametrize("kind", ["channel", "listener", "array", "value"])
 def test_plain_pickle_says_multiprocessing(objects: dict[str, Any], kind: str) -> None:
     obj = objects[kind]
     with pytest.raises(TypeError, match=r"passes only to another process through multiprocess"):

@@ -458,7 +458,7 @@ def clean_inboxes(rdir: str, now: float, grace: float, dry_run: bool) -> list[tu
         except (NoSuchEndpoint, OSError):  # its segment is gone: the name and FIFO go
             if segment is not None:
                 unpublish(path, segment)
-            for leftover in (path + ".wake",):
+            for leftover in (path + ".wake", path + ".room"):
                 try:
                     os.unlink(leftover)
                 except FileNotFoundError:

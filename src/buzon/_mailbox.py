@@ -21,9 +21,11 @@ Capacity. ``capacity=N``: a ring of N fixed records of ``max_inline`` bytes each
 messages fit whatever their size (the larger ones are out of line), then ``send``
 blocks and ``send_nowait`` raises ``Full``. ``capacity=0`` (rendezvous): one record,
 and ``send`` returns only once a receiver took the message (it waits for the
-receiver's acknowledgement). ``capacity=None``: a ring of variable records of
-``max_bytes`` bytes; ``send`` never blocks, and raises ``Full`` naming ``max_bytes``
-when the messages waiting fill it.
+receiver's acknowledgement); a send that gives up withdraws its message, arbitrated
+by an OFD lock on byte ``_OFFER_BASE + id`` of its acknowledgement ring
+(:meth:`Mailbox._withdraw`, :meth:`Mailbox._acknowledge`). ``capacity=None``: a
+ring of variable records of ``max_bytes`` bytes; ``send`` never blocks, and raises
+``Full`` naming ``max_bytes`` when the messages waiting fill it.
 
 Receipts. ``send_async`` sets the frame's receipt flag and REPLY_TO; the receiver that
 takes the message writes ``(message id, pid, uid)`` into that ring (never blocking: an
@@ -55,6 +57,11 @@ listed in a receiver table; senders put each message into one of them or into al
 Waiting on many things (``buzon.wait``, asyncio): every user holds the FIFO
 ``NAME.mbox.wake`` open and sets it as its rings' data notification; a waiter arms
 the ring, and the next commit by any sender writes the FIFO (:meth:`Mailbox._ready`).
+Acknowledgement rings get it too (a receiver sets it when it attaches one:
+:meth:`Mailbox._acks_ready`), and an exclusive holder that closes writes it. Every
+user also holds ``NAME.mbox.room`` as the ring's space notification: a sender waiting
+for room fills it and arms the ring, and the next take drains it, which makes it
+writable (:meth:`Mailbox._room_ready`).
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import EllipsisType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 
 from . import _core
 from .codec import Codec
@@ -85,6 +92,7 @@ from .errors import (
     ProtocolError,
     Timeout,
     Undelivered,
+    UnsupportedOperation,
 )
 from .protocol._frames import mailbox_recv, mailbox_send
 from .protocol.frames import (
@@ -122,6 +130,7 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_INLINE = 1024
 _SUFFIX = ".mbox"
 _LABEL = "mailbox"
+_RAW = "raw"  # the label's last word for a raw-bytes fixed-slot mailbox (BoundedBuffer)
 _SLOTS = 128  # participants (attached objects) per mailbox: the ring's maximum
 _RECEIPT_FLAG = 0x08  # frame flag bit 3: the sender asks for a receipt
 _OOL = b"\x00OOL"  # record prefix: the frame is in the block named after it
@@ -145,10 +154,33 @@ _F_SENT = int(Field.SENT_AT)
 _FAST_TAGS = (_F_ID, 8, _F_SENDER, 8, _F_SENT, 8)
 _SENDER = struct.Struct("<II")
 _WAKE = ".wake"  # NAME.mbox.wake: the FIFO a commit writes when a waiter armed
+_ROOM = ".room"  # NAME.mbox.room: the FIFO a take drains when a sender armed for room
+_ROOM_FILL = bytes(4096)  # one page: the room FIFO's whole buffer (F_SETPIPE_SZ)
+_F_SETPIPE_SZ = 1031
 _WAIT_SLICE = 0.1  # buzon.wait / asyncio: longest sleep between two looks (see _ready)
 _HOLD_BYTE = 4000  # exclusive: the holder's OFD lock (slot locks use bytes 0-127)
 _HOLD_POLL = 0.05  # exclusive: how often a waiting receiver retries the hold
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64/aarch64
+# Rendezvous withdrawal: REPLY_TO starts with "!" for a message its sender may withdraw;
+# byte _OFFER_BASE + message id of the sender's acknowledgement ring is the arbiter.
+_WITHDRAWABLE = b"!"
+_OFFER_BASE = 1 << 40
+
+
+class _Withdrawn(Exception):
+    """A record whose sender withdrew it: the receiver skips it (never returned)."""
+
+
+def _lock_byte(fd: int, offset: int, kind: int, wait: bool) -> bool:
+    """An OFD lock (F_WRLCK) or unlock (F_UNLCK) of one byte; False if it is held."""
+    lock = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, lock)
+    except OSError as exc:
+        if exc.errno in (11, 13):  # EAGAIN, EACCES: held by another description
+            return False
+        raise
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,19 +197,23 @@ class Message:
     """When it was sent (``time.time()`` of the sender)."""
 
 
-def _label(policy: str, capacity: int | None, max_inline: int) -> str:
-    return f"{_LABEL} {policy} {'none' if capacity is None else capacity} {max_inline}"
+def _label(policy: str, capacity: int | None, max_inline: int, raw: bool = False) -> str:
+    cap = "none" if capacity is None else capacity
+    return f"{_LABEL} {policy} {cap} {max_inline}" + (" " + _RAW if raw else "")
 
 
-def _parse_label(label: str) -> tuple[str, int | None, int]:
-    """(policy, capacity, max_inline) from a mailbox ring's label; ProtocolError if it
-    is not one."""
+def _parse_label(label: str) -> tuple[str, int | None, int, bool]:
+    """(policy, capacity, max_inline, raw) from a mailbox ring's label; ProtocolError
+    if it is not one."""
     parts = label.split(" ")
     try:
-        if len(parts) != 4 or parts[0] != _LABEL or parts[1] not in POLICIES:
+        raw = len(parts) == 5 and parts[4] == _RAW
+        if len(parts) != 4 + raw or parts[0] != _LABEL or parts[1] not in POLICIES:
             raise ValueError(label)
         capacity = None if parts[2] == "none" else int(parts[2])
-        return parts[1], capacity, int(parts[3])
+        if raw and (parts[1] != "any" or capacity is None or capacity < 1):
+            raise ValueError(label)
+        return parts[1], capacity, int(parts[3]), raw
     except ValueError:
         raise ProtocolError(f"segment label {label!r} is not a buzon mailbox's") from None
 
@@ -305,7 +341,7 @@ class Mailbox:
     def _setup(self, ring: _core.Ring) -> None:
         self._ring = ring
         self._segment = ring.name
-        self.policy, self.capacity, self.max_inline = _parse_label(ring.info()["label"])
+        self.policy, self.capacity, self.max_inline, self._raw = _parse_label(ring.info()["label"])
         self._fixed = bool(ring.info()["record_size"])
         self._inline = ring.max_message
         self._local = threading.local()  # a codec per thread (codecs are not thread-safe)
@@ -314,23 +350,38 @@ class Mailbox:
         self._lock = threading.Lock()  # acknowledgement ring and tables
         self._acks: _core.Ring | None = None
         self._acks_pid = 0
+        self._acks_fd = -1  # the sender's description of its ack ring: withdrawal locks
         self._acked: OrderedDict[int, list[PeerInfo]] = OrderedDict()
-        self._reply_rings: OrderedDict[str, _core.Ring] = OrderedDict()
+        self._reply_rings: OrderedDict[str, tuple[_core.Ring, int]] = OrderedDict()
         self._hold_fd = -1
         self._hold_pid = 0
         self._hold_lock = threading.Lock()
         self._closed = False
         self._wake_fd = _open_wake(self.path + _WAKE)
-        ring.set_notify(self._wake_fd, -1)
+        self._room_fd = -1
+        try:
+            self._room_fd = _open_wake(self.path + _ROOM, small=True)
+        finally:
+            if self._room_fd < 0:
+                os.close(self._wake_fd)
+        ring.set_notify(self._wake_fd, self._room_fd)
         self._fan: Fan | None = None
         if self.policy in _FANNED:
             from ._mailbox_fan import Fan
 
             self._fan = Fan(self)
         # send's hot path: one ring, no rendezvous; a frame that fits a record
-        self._plain = self._fan is None and self.capacity != 0
+        self._plain = self._fan is None and self.capacity != 0 and not self._raw
+        # recv's hot path: policy any, records that are frames
+        self._any = self.policy == "any" and not self._raw
         self._fast_max = min(self._inline, self.max_message) - _FAST.size
-        self._counts = {"sent": 0, "received": 0, "acks_dropped": 0, "out_of_line": 0}
+        self._counts = {
+            "sent": 0,
+            "received": 0,
+            "acks_dropped": 0,
+            "out_of_line": 0,
+            "withdrawn": 0,
+        }
         from . import _reduction
 
         _reduction.register()
@@ -344,7 +395,11 @@ class Mailbox:
         create: bool | None,
         max_inline: int,
         max_bytes: int,
+        raw: bool = False,
     ) -> tuple[_core.Ring, bool]:
+        """The mailbox's ring, attached or created, and whether this call created it.
+        ``raw``: a raw-bytes fixed-slot mailbox (:class:`~buzon.shm.BoundedBuffer`):
+        ``capacity`` slots of ``max_inline`` bytes, opened only as one (ValueError)."""
         for _ in range(8):
             segment = lookup(self.path)
             if segment is not None:
@@ -359,10 +414,25 @@ class Mailbox:
                         ring.close()
                         time.sleep(0.001)
                         continue
-                    have_policy, have_capacity, _ = _parse_label(info["label"])
+                    have_policy, have_capacity, have_inline, have_raw = _parse_label(info["label"])
                 except BaseException:
                     ring.close()
                     raise
+                if raw and (
+                    not have_raw
+                    or (capacity is not ... and capacity != have_capacity)
+                    or have_inline < max_inline
+                ):
+                    ring.close()
+                    what = (
+                        f"other sizes (slots={have_capacity}, item_size={have_inline})"
+                        if have_raw
+                        else "as a mailbox of objects, not a raw-bytes one"
+                    )
+                    raise ValueError(
+                        f"bounded buffer {self.name!r} exists {what}; attach without "
+                        "slots/item_size, or remove it first"
+                    )
                 if create:
                     ring.close()
                     raise EndpointInUse(f"mailbox {self.name!r} exists (create=True)")
@@ -382,18 +452,18 @@ class Mailbox:
                 raise NoSuchEndpoint(f"no mailbox named {self.name!r} (create=False)")
             cap = DEFAULT_CAPACITY if capacity is ... else capacity
             pol = "any" if policy is ... else policy
-            label = _label(pol, cap, max_inline)
+            label = _label(pol, cap, max_inline, raw)
             if cap is None:
                 size = 1 << (max_bytes - 1).bit_length()
                 ring = create_ring(size, label=label, slots=_SLOTS)
             else:
                 records = max(cap, 1)
                 ring = create_ring(
-                    _ring_size(records, max_inline),
+                    _ring_size(records, max(max_inline, 1)),
                     label=label,
                     slots=_SLOTS,
                     records=records,
-                    record_size=max_inline,
+                    record_size=max(max_inline, 1),
                 )
             if pol in _FANNED:
                 from ._mailbox_fan import create_table, table_name
@@ -408,7 +478,7 @@ class Mailbox:
         raise NoSuchEndpoint(f"mailbox {self.name!r} keeps changing; try again")
 
     @classmethod
-    def _attach_segment(cls, name: str, path: str, segment: str) -> Mailbox:
+    def _attach_segment(cls, name: str, path: str, segment: str) -> Self:
         """The mailbox ``name`` by its segment: how a child process attaches the
         mailbox it was passed, wherever its own runtime dir is."""
         self = cls.__new__(cls)
@@ -541,19 +611,29 @@ class Mailbox:
         """A ring for one receiver of a round_robin/broadcast mailbox (its backlog)."""
         label = f"mailbox-rx {self.name}"
         if self.capacity is None:
-            return create_ring(self._ring.capacity, label=label, slots=_SLOTS)
-        records = max(self.capacity, 1)
-        return create_ring(
-            _ring_size(records, self.max_inline),
-            label=label,
-            slots=_SLOTS,
-            records=records,
-            record_size=self.max_inline,
-        )
+            ring = create_ring(self._ring.capacity, label=label, slots=_SLOTS)
+        else:
+            records = max(self.capacity, 1)
+            ring = create_ring(
+                _ring_size(records, self.max_inline),
+                label=label,
+                slots=_SLOTS,
+                records=records,
+                record_size=self.max_inline,
+            )
+        ring.set_notify(self._wake_fd, self._room_fd)  # its takes wake waiting senders
+        return ring
 
     def _rx(self) -> _core.Ring:
         """The ring this object receives from: the mailbox's, or its own backlog."""
-        return self._ring if self._fan is None else self._fan.subscribe()
+        fan = self._fan
+        if fan is None:
+            return self._ring
+        if fan.mine is None:  # a new receiver: room for senders waiting for one
+            ring = fan.subscribe()
+            self._drain_room()
+            return ring
+        return fan.subscribe()
 
     @staticmethod
     def _drop_record(record: list[Any]) -> None:
@@ -561,13 +641,62 @@ class Mailbox:
         if len(record) == 1 and first == _OOL:
             remove_segment(bytes(record[0][4:]).decode("ascii"))
 
-    def _send(self, obj: Any, timeout: float | None, nowait: bool, receipt: bool) -> int:
+    # ---- the raw-bytes fixed-slot mode (BoundedBuffer) ----------------------------------
+
+    def _put_raw(self, item: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Add ``item``, waiting for a free slot (``Timeout`` after ``timeout`` seconds;
+        ``MessageTooLarge`` over ``item_size``; ``NoSuchEndpoint`` once removed)."""
+        try:
+            self._ring.send(item, timeout)
+        except EndOfChannel:
+            raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
+
+    def _put_raw_nowait(self, item: bytes | bytearray | memoryview) -> None:
+        """Add ``item`` or raise ``Full``."""
+        try:
+            self._ring.send_nowait(item)
+        except EndOfChannel:
+            raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
+
+    def _get_raw(self, timeout: float | None = None) -> bytes:
+        """Take the oldest item, waiting for one (``Timeout`` after ``timeout`` seconds;
+        ``EndOfChannel`` once removed and empty)."""
+        return self._ring.recv(timeout)
+
+    def _get_raw_nowait(self) -> bytes:
+        """Take the oldest item or raise ``Empty``."""
+        return self._ring.recv_nowait()
+
+    def _no_fields(self, what: str) -> NoReturn:
+        raise UnsupportedOperation(
+            f"mailbox {self.name!r} is a raw-bytes one (a BoundedBuffer): its records are "
+            f"the bytes sent, without id, sender or receipt, so it has no {what}"
+        )
+
+    def _send(
+        self, obj: Any, timeout: float | None, nowait: bool, receipt: bool, offer: bool = False
+    ) -> int:
+        """Send ``obj``; its message id. ``offer``: a rendezvous whose caller waits for
+        the receiver itself (asyncio): the message is withdrawable, as when this call
+        waits (``capacity == 0`` and not ``nowait``)."""
+        if self._raw:
+            if receipt:
+                self._no_fields("send_async")
+            self._check_open()
+            if nowait:
+                self._put_raw_nowait(obj)
+            else:
+                self._put_raw(obj, timeout)
+            self._counts["sent"] += 1
+            return 0
         deadline = None if timeout is None else time.monotonic() + timeout
         rendezvous = self.capacity == 0 and not nowait
         message_id = next(self._ids)
         if self._fan is not None and self.policy == "broadcast":
             return self._send_broadcast(obj, message_id, receipt)[0]
-        reply_to = self._ack_ring().name if (receipt or rendezvous) else None
+        reply_to = self._ack_ring().name if (receipt or rendezvous or offer) else None
+        if offer or (rendezvous and not receipt):
+            reply_to = "!" + self._ack_ring().name  # the receiver checks the offer stands
         record = self._record(self._encode(obj, message_id, reply_to))
         if self._fan is not None:
             self._put_round_robin(record, deadline, nowait)
@@ -575,12 +704,43 @@ class Mailbox:
             self._put(record, timeout, nowait)
         if rendezvous and not receipt:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if self._ack_of(message_id, left) is None:
+            try:
+                taken = self._ack_of(message_id, left) is not None
+            except BaseException:
+                self._withdraw(message_id)  # interrupted: nobody takes it from now on
+                raise
+            if not taken and self._withdraw(message_id):
                 raise Timeout(
                     f"no receiver took the message within {timeout} s (capacity=0: it "
-                    "stays in the mailbox and a receiver may still take it)"
+                    "was withdrawn, no receiver will see it)"
                 )
         return message_id
+
+    def _withdraw(self, message_id: int) -> bool:
+        """Withdraw rendezvous message ``message_id``: True if done (no receiver took
+        it, and none will), False if a receiver took it first (its acknowledgement
+        is then read: the send succeeded). The lock on byte ``_OFFER_BASE + id`` of
+        the acknowledgement ring is the arbiter: a receiver takes the message only if
+        it gets that lock (and holds it until its acknowledgement is written); the
+        sender takes it (waiting out a receiver that holds it) and keeps it."""
+        with self._lock:
+            acks = self._acks
+            if acks is None or self._acks_pid != os.getpid():
+                return True
+            if self._acks_fd < 0:
+                path = os.path.join(SHM_DIR, acks.name.lstrip("/"))
+                self._acks_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = self._acks_fd
+        _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_WRLCK, True)
+        try:
+            taken = self._ack_of(message_id, 0.0) is not None
+        except Undelivered:
+            taken = False
+        if taken:
+            _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_UNLCK, False)
+            return False
+        self._counts["withdrawn"] += 1
+        return True
 
     def send(self, obj: Any, timeout: float | None = None) -> None:
         """Put ``obj`` into the mailbox, waiting while it is full (capacity N) or until
@@ -636,6 +796,8 @@ class Mailbox:
         every receiver it went to, ``receipt.receivers``)."""
         if self._fan is not None and self.policy == "broadcast":
             return MailboxReceipt(self, *self._send_broadcast(obj, next(self._ids), True))
+        if self._raw:
+            self._no_fields("send_async")
         return MailboxReceipt(self, self._send(obj, timeout, False, True))
 
     # ---- receipts ----------------------------------------------------------------------
@@ -646,6 +808,9 @@ class Mailbox:
                 # a forked child makes its own: acknowledgements go to their sender
                 self._acks = create_ring(_ACK_RING, label=f"mailbox-acks {self.name}")
                 self._acks_pid = os.getpid()
+                if self._acks_fd >= 0:  # the parent's (its locks stay the parent's)
+                    os.close(self._acks_fd)
+                    self._acks_fd = -1
             return self._acks
 
     def _ack_of(self, message_id: int, timeout: float | None) -> PeerInfo | None:
@@ -693,23 +858,53 @@ class Mailbox:
         except Exception:
             return False
 
-    def _acknowledge(self, reply_to: bytes, message_id: int) -> None:
-        name = reply_to.decode("ascii", "replace")
+    def _acknowledge(self, reply_to: bytes, message_id: int) -> bool:
+        """Tell the sender who took ``message_id``; False if the sender withdrew it
+        (a rendezvous whose send gave up): the message is then not taken."""
+        withdrawable = reply_to[:1] == _WITHDRAWABLE
+        name = reply_to[withdrawable:].decode("ascii", "replace")
         with self._lock:
-            ring = self._reply_rings.get(name)
-            if ring is None:
+            entry = self._reply_rings.get(name)
+            if entry is None:
                 try:
-                    ring = attach_ring(name)
+                    entry = (attach_ring(name), -1)
                 except Exception:  # its sender is gone, or a bad name: nobody to tell
                     self._counts["acks_dropped"] += 1
-                    return
-                self._reply_rings[name] = ring
+                    return True
+                # an acknowledgement wakes a sender waiting in asyncio (_acks_ready)
+                entry[0].set_notify(self._wake_fd, -1)
+                self._reply_rings[name] = entry
                 while len(self._reply_rings) > _MAX_ACK_RINGS:
-                    self._reply_rings.popitem(last=False)[1].close()
+                    _close_reply(self._reply_rings.popitem(last=False)[1])
             else:
                 self._reply_rings.move_to_end(name)
-        if not ring.try_send(_ACK.pack(message_id, os.getpid(), os.getuid())):
-            self._counts["acks_dropped"] += 1
+            ring, fd = entry
+            if withdrawable and fd < 0:
+                try:
+                    fd = os.open(
+                        os.path.join(SHM_DIR, ring.name.lstrip("/")), os.O_RDWR | os.O_CLOEXEC
+                    )
+                except OSError:  # its sender closed: nobody waits for the message
+                    fd = -1
+                else:
+                    self._reply_rings[name] = (ring, fd)
+        ack = _ACK.pack(message_id, os.getpid(), os.getuid())
+        if not withdrawable or fd < 0:
+            if not ring.try_send(ack):
+                self._counts["acks_dropped"] += 1
+            return True
+        # the offer stands while the sender does not hold this byte; holding it until
+        # the acknowledgement is written makes a withdrawal wait for it, then see it
+        if not _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_WRLCK, False):
+            self._counts["withdrawn"] += 1
+            return False
+        try:
+            if not ring.try_send(ack):  # the sender will not learn of it: withdrawn
+                self._counts["acks_dropped"] += 1
+                return False
+            return True
+        finally:
+            _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_UNLCK, False)
 
     # ---- receiving ---------------------------------------------------------------------
 
@@ -722,14 +917,17 @@ class Mailbox:
         else:
             if timeout == 0.0 and self.policy == "any":
                 data = self._ring.recv_nowait()
-                return data if data[:4] != _OOL else self._fetch(data, timeout)
+                return data if data[:4] != _OOL or self._raw else self._fetch(data, timeout)
             deadline = time.monotonic() + timeout
         if self.policy == "exclusive":
             self._hold(deadline)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         ring = self._rx()
-        data = ring.recv(left) if left != 0.0 else ring.recv_nowait()
-        return data if data[:4] != _OOL else self._fetch(data, timeout)
+        if timeout == 0.0:
+            data = ring.recv_nowait()
+        else:  # a wait whose time ran out (holding, say) is a Timeout, never Empty
+            data = ring.recv(left if left is None else max(left, 1e-9))
+        return data if data[:4] != _OOL or self._raw else self._fetch(data, timeout)
 
     def _fetch(self, data: bytes, timeout: float | None) -> bytes:
         """The frame an out-of-line record points to (its block removed once read); the
@@ -746,7 +944,11 @@ class Mailbox:
             remove_segment(block_name)
 
     def _decode(self, data: bytes) -> tuple[Any, int, int, int, int]:
-        """(object, message id, sender pid, sender uid, sent_at ns) of a frame."""
+        """(object, message id, sender pid, sender uid, sent_at ns) of a frame (raw
+        mode: of a record, which is the object)."""
+        if self._raw:
+            self._counts["received"] += 1
+            return data, 0, 0, 0, 0
         n = len(data)
         if (
             n >= _FAST.size
@@ -778,8 +980,12 @@ class Mailbox:
                 f"mailbox {self.name!r}: a message without its id, sender or time"
             ) from None
         self._counts["received"] += 1
-        if frame.receipt and Field.REPLY_TO in fields:
-            self._acknowledge(fields[Field.REPLY_TO], message_id)
+        if (
+            frame.receipt
+            and Field.REPLY_TO in fields
+            and not self._acknowledge(fields[Field.REPLY_TO], message_id)
+        ):
+            raise _Withdrawn
         return (
             self._codec().decode(frame.codec, frame.body, frame.buffers),
             message_id,
@@ -791,7 +997,7 @@ class Mailbox:
     def recv(self, timeout: float | None = None) -> Any:
         """Take the next message's object, waiting for one; ``EndOfChannel`` once the
         mailbox was removed and is empty."""
-        if self.policy == "any" and not self._closed and (timeout is None or timeout > 0):
+        if self._any and not self._closed and (timeout is None or timeout > 0):
             got = mailbox_recv(self._ring, timeout)  # the hot path: one C call
             if isinstance(got, tuple):  # the common record: (codec, body)
                 self._counts["received"] += 1
@@ -800,16 +1006,31 @@ class Mailbox:
             data = got
             if data[:4] == _OOL:
                 data = self._fetch(data, timeout)
-            return self._decode(data)[0]
-        return self._decode(self._take(timeout))[0]
+            try:
+                return self._decode(data)[0]
+            except _Withdrawn:  # its sender gave up on it: the next one (full timeout)
+                pass
+        return self._next(timeout)[0]
+
+    def _next(self, timeout: float | None) -> tuple[Any, int, int, int, int]:
+        """The next message decoded (``_decode``), skipping withdrawn ones."""
+        deadline = None if not timeout else time.monotonic() + timeout
+        while True:
+            try:
+                return self._decode(self._take(timeout))
+            except _Withdrawn:
+                if deadline is not None:  # (a positive wait: Timeout, not Empty)
+                    timeout = max(1e-6, deadline - time.monotonic())
 
     def recv_nowait(self) -> Any:
         """Take the next message's object or raise ``Empty``."""
-        return self._decode(self._take(0.0))[0]
+        return self._next(0.0)[0]
 
     def recv_message(self, timeout: float | None = None) -> Message:
         """Take the next message with its id, sender and time (:class:`Message`)."""
-        body, message_id, pid, uid, ns = self._decode(self._take(timeout))
+        if self._raw:
+            self._no_fields("recv_message")
+        body, message_id, pid, uid, ns = self._next(timeout)
         return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
 
     # ---- the exclusive policy ------------------------------------------------------------
@@ -833,6 +1054,7 @@ class Mailbox:
                         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
                         self._hold_fd, fd = fd, -1
                         self._hold_pid = os.getpid()
+                        self._beacon()
                         return
                     except OSError as exc:
                         if exc.errno not in (11, 13):  # EAGAIN, EACCES: held
@@ -854,6 +1076,97 @@ class Mailbox:
         """policy='exclusive': True while this object is the mailbox's receiver."""
         return self._hold_fd >= 0 and self._hold_pid == os.getpid()
 
+    def _beacon(self) -> None:
+        """The holder also takes a classic (per-process) lock on byte ``_HOLD_BYTE + 1``:
+        ``F_GETLK`` tells a waiter its pid (an OFD lock's is -1), so the waiter can wait
+        on a pidfd for the holder's death (:meth:`_holder_pidfd`). Only a hint: the
+        process loses it when it closes any fd of the segment."""
+        beacon = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _HOLD_BYTE + 1, 1, 0)
+        try:
+            fcntl.fcntl(self._hold_fd, fcntl.F_SETLK, beacon)
+        except OSError:
+            pass
+
+    def _holder_pidfd(self) -> int:
+        """A pidfd of the exclusive holder's process (readable once it exits; the
+        caller closes it), or -1 if that is not known (the holder is in this process,
+        or lost its beacon)."""
+        try:
+            fd = os.open(os.path.join(SHM_DIR, self._segment.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return -1
+        try:
+            query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _HOLD_BYTE + 1, 1, 0)
+            kind, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+        except OSError:
+            return -1
+        finally:
+            os.close(fd)
+        if kind == fcntl.F_UNLCK or pid <= 0:
+            return -1
+        try:
+            return os.pidfd_open(pid)
+        except OSError:
+            return -1
+
+    def _poke(self) -> None:
+        """Make :meth:`fileno` readable once (a waiter looks again)."""
+        try:
+            os.write(self._wake_fd, bytes(8))
+        except OSError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _room_ready(self) -> bool:
+        """True if the mailbox's ring has room for a record now; else arm the space
+        notification: the next take by any receiver drains the room FIFO
+        (:attr:`_room_fd`), which then becomes writable. The FIFO is filled first, so
+        it is not writable before that. (asyncio senders wait on it.)"""
+        self._check_open()
+        try:
+            while os.write(self._room_fd, _ROOM_FILL):
+                pass
+        except BlockingIOError:
+            pass
+        if self._fan is None:
+            return bool(self._ring.arm_space(self._inline if self._fixed else 1))
+        # round_robin: room in any receiver's backlog will do (a receiver that attaches
+        # drains the FIFO too: see _rx)
+        want = self.max_inline if self.capacity is not None else 1
+        ready = False
+        for _i, _name, ring in self._fan.receivers():
+            try:
+                ready = bool(ring.arm_space(want)) or ready
+            except Exception:  # (shut down, or gone: the retry finds out)
+                ready = True
+        return ready
+
+    def _drain_room(self) -> None:
+        try:
+            while os.read(self._room_fd, 1 << 16):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _acks_ready(self) -> bool:
+        """True if an acknowledgement (or nothing to wait for) is there; else arm the
+        acknowledgement ring: the next acknowledgement any receiver writes makes
+        :meth:`fileno` readable (receivers set it as the ring's notification)."""
+        self._check_open()
+        acks = self._acks
+        if acks is None or self._acks_pid != os.getpid():
+            return False  # nothing will come (the fallback slice bounds the wait)
+        if acks.arm_data():
+            return True
+        self._drain_wake()
+        return bool(acks.arm_data())
+
     # ---- readiness: buzon.wait and the asyncio twin ------------------------------------
 
     def fileno(self) -> int:
@@ -874,11 +1187,7 @@ class Mailbox:
         ring = self._rx()
         if ring.arm_data():
             return True
-        try:
-            while os.read(self._wake_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._drain_wake()
         return bool(ring.arm_data())
 
     _wait_slice = _WAIT_SLICE
@@ -926,17 +1235,23 @@ class Mailbox:
                 name = self._acks.name
                 self._acks.close()
                 remove_segment(name)
+                if self._acks_fd >= 0:
+                    os.close(self._acks_fd)  # (its withdrawals stand: the ring is gone)
+            self._acks_fd = -1
             self._acks = None
-            for ring in self._reply_rings.values():
-                ring.close()
+            for entry in self._reply_rings.values():
+                _close_reply(entry)
             self._reply_rings.clear()
         if self._hold_fd >= 0:
             os.close(self._hold_fd)
             self._hold_fd = -1
+            if self._hold_pid == os.getpid():
+                self._poke()  # a receiver waiting in asyncio for the hold takes over
         self._ring.close()
-        if self._wake_fd >= 0:
-            os.close(self._wake_fd)
-            self._wake_fd = -1
+        for fd in (self._wake_fd, self._room_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_fd = self._room_fd = -1
 
     def remove(self) -> None:
         """Destroy the mailbox: waiting receivers get ``EndOfChannel``, later sends
@@ -960,16 +1275,17 @@ class Mailbox:
             fan.shutdown_all()
             if fan is not self._fan:
                 fan.close()
-        try:
-            os.unlink(self.path + _WAKE)
-        except FileNotFoundError:
-            pass
+        for fifo in (_WAKE, _ROOM):
+            try:
+                os.unlink(self.path + fifo)
+            except FileNotFoundError:
+                pass
         while True:  # out-of-line messages nobody will take: remove their blocks
             try:
                 data = ring.recv_nowait()
             except Exception:
                 break
-            if data[:4] == _OOL:
+            if data[:4] == _OOL and not self._raw:
                 remove_segment(data[4:].decode("ascii", "replace"))
         remove_segment(segment)
         if ring is not self._ring:
@@ -989,15 +1305,28 @@ class Mailbox:
         return f"<Mailbox {self.name!r} policy={self.policy!r} capacity={cap}>"
 
 
-def _open_wake(path: str) -> int:
+def _close_reply(entry: tuple[_core.Ring, int]) -> None:
+    entry[0].close()
+    if entry[1] >= 0:
+        os.close(entry[1])
+
+
+def _open_wake(path: str, small: bool = False) -> int:
     """Open (creating it if absent) the mailbox's wake-up FIFO, read-write and
-    non-blocking: every user holds it open, so writes never block or fail on it."""
+    non-blocking: every user holds it open, so writes never block or fail on it.
+    ``small``: a one-page buffer (the room FIFO, which a waiter fills)."""
     from ._runtime import check_endpoint_path
 
     for _ in range(3):
         check_endpoint_path(path, must_exist=False)
         try:
-            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if small:
+                try:
+                    fcntl.fcntl(fd, _F_SETPIPE_SZ, len(_ROOM_FILL))
+                except OSError:  # (filled by another already: it has its size)
+                    pass
+            return fd
         except FileNotFoundError:
             try:
                 os.mkfifo(path, 0o600)
@@ -1101,12 +1430,13 @@ def describe(segment: str) -> str:
     """``buzon ls``: the state of the mailbox in ``segment``: policy, capacity, depth,
     live users (pids), age and messages taken so far."""
     info = _core.inspect(segment if segment.startswith("/") else "/" + segment)
-    policy, capacity, _ = _parse_label(info["label"])
+    policy, capacity, item, raw = _parse_label(info["label"])
     pids = sorted({pid for _slot, pid, live in info["participants"] if live})
     age = max(0.0, time.time() - info["created_ns"] / 1e9)
     users = "pid " + ",".join(map(str, pids)) if pids else "no live users"
     cap = "None" if capacity is None else capacity
     return (
-        f"policy={policy} capacity={cap} depth={_depth(info)}, {users}, age {age:.0f} s, "
+        f"policy={policy} capacity={cap}{f' raw item_size={item}' if raw else ''} "
+        f"depth={_depth(info)}, {users}, age {age:.0f} s, "
         f"{info['consumed']} taken, {info['abandoned']} lost"
     )

@@ -24,8 +24,9 @@ hook where each class is defined) registers :func:`_reduce` for a class with
   ring view open is refused.
 * **listeners** (``unix:``, ``seqpacket:``, ``tcp://`` without TLS, ``shm:``): the
   listening socket.
-* :class:`~buzon.BoundedBuffer`, ``shared_array``, ``shared_value``: by the name of
-  their segment (unguessable, so nobody else can plant one), which the child attaches.
+* ``shared_array``, ``shared_value``: by the name of their segment (unguessable, so
+  nobody else can plant one), which the child attaches. (Mailboxes, and
+  :class:`~buzon.BoundedBuffer` which is one, pickle by name themselves.)
 
 Both copies then exist, as with a ``multiprocessing.Pipe`` end: use each end in one
 process at a time. Names stay with the original: the copy a child gets never removes
@@ -55,7 +56,6 @@ T = TypeVar("T", bound=type)
 _WHAT = {
     "Channel": "channel end",
     "Listener": "listener",
-    "BoundedBuffer": "bounded buffer",
     "SharedArray": "shared array",
     "SharedValue": "shared value",
 }
@@ -99,7 +99,6 @@ def _refuse_plain_pickle(self: object, protocol: object) -> Any:
 
 def _reduce(obj: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     """The ``ForkingPickler`` reducer of every passable class."""
-    from .shm._bounded import BoundedBuffer
     from .shm._shared import SharedArray, SharedValue
     from .sync._channel import Channel
     from .sync._open import Listener
@@ -109,10 +108,6 @@ def _reduce(obj: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         return _reduce_channel(obj)
     if kind is Listener:
         return _reduce_listener(obj)
-    if kind is BoundedBuffer:
-        if obj._ring.closed:
-            raise ChannelClosed(f"bounded buffer {obj.name!r} is closed; it cannot be passed")
-        return _attach_bounded, (obj.name, obj.path, obj._ring.name)
     if kind is SharedArray or kind is SharedValue:
         if obj.closed:
             raise ChannelClosed(f"shared object {obj.name!r} is closed; it cannot be passed")
@@ -125,12 +120,6 @@ def _reduce(obj: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
             "from the child with buzon.aio"
         )
     raise UnsupportedOperation(f"{kind.__name__} cannot be passed to another process")
-
-
-def _attach_bounded(name: str, path: str, segment: str) -> Any:
-    from .shm._bounded import BoundedBuffer
-
-    return BoundedBuffer._attach_segment(name, path, segment)
 
 
 def _attach_shared(array: bool, name: str, path: str, segment: str) -> Any:

@@ -220,7 +220,8 @@ def test_capacity_zero_send_returns_only_once_a_receiver_took_it() -> None:
     try:
         with pytest.raises(Timeout, match="capacity=0"):
             box.send("nobody", timeout=0.1)  # no receiver: no return
-        assert box.recv_nowait() == "nobody"  # (documented: it stays for a receiver)
+        with pytest.raises(Empty):
+            box.recv_nowait()  # withdrawn: no receiver ever sees it
         taken = threading.Event()
 
         def receiver() -> None:
@@ -498,9 +499,12 @@ def test_clean_keeps_an_unused_mailbox_with_messages_unless_forced(runtime_dir: 
 
     _leave_a_mailbox(["kept", b"b" * 50_000])  # one inline, one out of line
     _age_everything(runtime_dir)
-    # nobody uses it, but it holds messages: it stays (its wake-up FIFO, which every
-    # open makes again, goes)
-    assert [r.path for r in clean(runtime_dir)] == [f"{runtime_dir}/jobs.mbox.wake"]
+    # nobody uses it, but it holds messages: it stays (its wake-up FIFOs, which every
+    # open makes again, go)
+    assert sorted(r.path for r in clean(runtime_dir)) == [
+        f"{runtime_dir}/jobs.mbox.room",
+        f"{runtime_dir}/jobs.mbox.wake",
+    ]
     (row,) = [r for r in ls_rows(runtime_dir) if r[0] == "mailbox:jobs"]
     assert row[1] == "mailbox" and "policy=any capacity=4 depth=2" in row[3]
     assert "no live users" in row[3]
@@ -519,7 +523,7 @@ def test_clean_removes_an_unused_empty_mailbox(runtime_dir: str) -> None:
     _age_everything(runtime_dir)
     assert clean(runtime_dir) == []  # in use: stays
     box.close()
-    assert len(clean(runtime_dir)) == 3  # unused and empty: segment, name, FIFO go
+    assert len(clean(runtime_dir)) == 4  # unused and empty: segment, name, FIFOs go
     assert not os.listdir(runtime_dir)
 
 
@@ -636,20 +640,20 @@ def test_exclusive_holder_closing_hands_over_to_a_blocked_waiter() -> None:
 def test_a_name_that_leads_to_another_kind_of_segment_is_a_protocol_error(
     runtime_dir: str,
 ) -> None:
-    buf = buzon.BoundedBuffer("jobs", slots=4, item_size=8)
+    ring = buzon.shm.create_ring(4096, label="shm:other a>b")
     try:
-        segment = buzon.shm._names.lookup(buf.path)
-        assert segment is not None
         with open(os.path.join(runtime_dir, "jobs.mbox"), "w") as f:
-            f.write(segment)  # scribbled: a mailbox name naming a bounded buffer
+            f.write(ring.name)  # scribbled: a mailbox name naming another ring
         os.chmod(os.path.join(runtime_dir, "jobs.mbox"), 0o600)
         with pytest.raises(buzon.ProtocolError, match="not a buzon mailbox"):
             buzon.mailbox("jobs")
-        buf.put(b"ok")  # the other object is unaffected
-        assert buf.get(T) == b"ok"
+        with pytest.raises(buzon.ProtocolError, match="not a buzon mailbox"):
+            buzon.BoundedBuffer("jobs")
+        ring.send(b"ok")  # the other object is unaffected
+        assert ring.recv(T) == b"ok"
     finally:
-        buf.close()
-        buf.remove()
+        ring.close()
+        buzon.shm.remove_segment(ring.name)
 
 
 def test_everything_a_mailbox_makes_is_0600_and_its_own(runtime_dir: str) -> None:

@@ -65,11 +65,13 @@ def test_attach_by_name_and_checks(buf: buzon.BoundedBuffer) -> None:
 
 def test_remove_leaves_nothing(runtime_dir: str) -> None:
     b = buzon.BoundedBuffer("tmp", slots=2, item_size=8)
-    assert b.exists() and os.path.exists(os.path.join(runtime_dir, "tmp.bbuf"))
+    names = ["tmp.mbox", "tmp.mbox.room", "tmp.mbox.wake"]
+    assert b.exists() and sorted(os.listdir(runtime_dir)) == names
     b.put(b"kept")
-    b.remove()
+    b.remove()  # the mailbox's lifecycle: what is in it is discarded, this object closed
     assert not b.exists() and os.listdir(runtime_dir) == []
-    assert b.get(T) == b"kept"  # attached processes keep working
+    with pytest.raises(buzon.ChannelClosed):
+        b.get(T)
     b.close()
 
 
@@ -161,3 +163,122 @@ def test_a_producer_killed_mid_put_loses_no_slot(buf: buzon.BoundedBuffer, k: in
     assert [buf.get_nowait() for _ in range(buf.slots)] == [b"%d" % i for i in range(5)]
     with pytest.raises(Empty):
         buf.get_nowait()
+
+
+# ---- one mechanism: a BoundedBuffer is the raw-bytes fixed-slot mode of the mailbox ------
+
+
+def test_a_bounded_buffer_is_a_mailbox_of_the_same_name(buf: buzon.BoundedBuffer) -> None:
+    assert isinstance(buf, buzon.Mailbox) and buf.policy == "any" and buf.capacity == 5
+    box = buzon.mailbox("jobs")  # the same thing, opened as a mailbox
+    try:
+        buf.put(b"from the buffer")
+        assert box.recv(T) == b"from the buffer"  # raw bytes, not a frame
+        box.send(b"from the box")
+        assert buf.get(T) == b"from the box"
+        with pytest.raises(TypeError):
+            box.send({"an": "object"})  # raw records: bytes only
+        with pytest.raises(MessageTooLarge):
+            box.send(b"z" * 25)
+        with pytest.raises(buzon.errors.UnsupportedOperation, match="raw-bytes"):
+            box.send_async(b"x")
+        buf.put(b"x")
+        with pytest.raises(buzon.errors.UnsupportedOperation, match="no recv_message"):
+            box.recv_message(T)
+        assert buf.get_nowait() == b"x"  # the refusal took nothing
+        with pytest.raises(ValueError, match="other sizes"):
+            buzon.BoundedBuffer("jobs", slots=5, item_size=32)
+        with pytest.raises(buzon.EndpointInUse):
+            buzon.mailbox("jobs", capacity=7)
+    finally:
+        box.close()
+    objects = buzon.mailbox("objs")
+    try:
+        with pytest.raises(ValueError, match="mailbox of objects"):
+            buzon.BoundedBuffer("objs", slots=2, item_size=8)
+        with pytest.raises(ValueError, match="mailbox of objects"):
+            buzon.BoundedBuffer("objs")
+    finally:
+        objects.remove()
+
+
+def test_remove_ends_waiting_consumers_and_refuses_later_puts(
+    buf: buzon.BoundedBuffer,
+) -> None:
+    import threading
+
+    other = buzon.BoundedBuffer("jobs")
+    got: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            other.get(T)
+        except BaseException as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    buf.remove()  # (a consumer not yet waiting gets EndOfChannel all the same)
+    t.join(T)
+    try:
+        assert len(got) == 1 and isinstance(got[0], buzon.EndOfChannel)
+        with pytest.raises(NoSuchEndpoint):
+            other.put(b"late")
+        with pytest.raises(NoSuchEndpoint):
+            buzon.BoundedBuffer("jobs")
+    finally:
+        other.close()
+
+
+def test_buzon_wait_and_asyncio_take_a_bounded_buffer(buf: buzon.BoundedBuffer) -> None:
+    import asyncio
+    import threading
+
+    assert buzon.wait([buf], timeout=0.01) == []
+    t = threading.Timer(0.05, lambda: buf.put(b"ready"))
+    t.start()
+    assert buzon.wait([buf], timeout=T) == [buf]
+    t.join()
+    assert buf.get_nowait() == b"ready"
+
+    async def main() -> bytes:
+        box = buzon.aio.mailbox("jobs")
+        try:
+            buf.put(b"async")
+            got: bytes = await box.recv(timeout=T)
+            return got
+        finally:
+            box.close()
+
+    assert asyncio.run(main()) == b"async"
+
+
+def test_ls_shows_it_as_a_raw_mailbox_and_clean_keeps_it_while_not_empty(
+    runtime_dir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from buzon import cli
+
+    b = buzon.BoundedBuffer("left", slots=2, item_size=8)
+    b.put(b"old-job")
+    b.close()  # nobody uses it any more; its item is still in it
+    try:
+        assert cli.main(["ls"]) == 0
+        out = capsys.readouterr().out
+        assert "policy=any capacity=2 raw item_size=8 depth=1" in out
+        assert cli.main(["clean"]) == 0
+        capsys.readouterr()
+        with buzon.BoundedBuffer("left") as again:  # kept: a mailbox lives until removed
+            assert again.get_nowait() == b"old-job"
+    finally:
+        c = buzon.BoundedBuffer("left")
+        c.remove()
+
+
+def test_plain_pickle_passes_it_by_name(buf: buzon.BoundedBuffer) -> None:
+    copy = pickle.loads(pickle.dumps(buf))
+    try:
+        assert type(copy) is buzon.BoundedBuffer and (copy.slots, copy.item_size) == (5, 24)
+        copy.put(b"via pickle")
+        assert buf.get(T) == b"via pickle"
+    finally:
+        copy.close()

@@ -121,7 +121,7 @@ def test_ls_shows_shm_listeners_blocks_and_buffers(capsys: pytest.CaptureFixture
             assert cli.main(["ls"]) == 0
             out = capsys.readouterr().out
             assert "shm:svc" in out and "listening" in out
-            assert "shm-block" in out and "bbuf:q" in out and "50% full" in out
+            assert "shm-block" in out and "capacity=2 raw item_size=8 depth=1" in out
             kinds = {s.kind for s in shm.list_segments()}
             assert kinds == {"block", "ring"}
         finally:
@@ -171,16 +171,16 @@ def test_clean_removes_names_whose_segment_is_gone(
 ) -> None:
     import buzon
 
-    kept = buzon.BoundedBuffer("kept", slots=2, item_size=8)
-    gone = buzon.BoundedBuffer("gone", slots=2, item_size=8)
+    kept = buzon.shared_value("kept", int)
+    gone = buzon.shared_value("gone", int)
     try:
-        shm.remove_segment(gone._ring.name)  # as `buzon clean` does once nobody is left
-        for name in ("kept.bbuf", "gone.bbuf"):
+        shm.remove_segment(gone.segment_name)  # as `buzon clean` does once nobody is left
+        for name in ("kept.value", "gone.value"):
             os.utime(os.path.join(runtime_dir, name), (1, 1))
         assert cli.main(["clean"]) == 0
         out = capsys.readouterr().out
-        assert "gone.bbuf (names a shared-memory segment that is gone)" in out
-        assert sorted(os.listdir(runtime_dir)) == ["kept.bbuf"]
+        assert "gone.value (names a shared-memory segment that is gone)" in out
+        assert sorted(os.listdir(runtime_dir)) == ["kept.value"]
     finally:
         gone.close()
         kept.remove()

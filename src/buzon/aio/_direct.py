@@ -7,28 +7,25 @@ loop: each receive is tried without waiting (which takes what is in the mailbox 
 the holding queue, up to a match), and when nothing matches it waits on the mailbox's
 wake-up FIFO with ``loop.add_reader``, in slices of at most the mailbox's
 ``_wait_slice`` (a message another thread holds back for this task is found at the
-next look). ``send_to`` to a full inbox polls, 0.5 ms growing to 20 ms, checking the
-target's liveness each time. A cancelled receive has taken nothing.
+next look). ``send_to`` to a full inbox waits on the inbox's room FIFO (a take by the
+owner drains it, see ``Mailbox._room_ready``) and on the target's pidfd (readable when
+it exits), with the same fallback slice. A cancelled receive has taken nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .._direct import Inbox, _any, _pid
+from .._direct import Inbox, _any, _pid, _target
 from .._direct import inbox as _sync_inbox
 from .._direct import send_to as _sync_send_to
 from .._mailbox import Message
-from ..errors import Empty, Full, Timeout
+from ..errors import ChannelClosed, Empty, Full, Timeout
 from ._channel import deadline_of, wait_ready
 
 __all__ = ["AioInbox", "inbox", "recv_from", "send_to"]
-
-_MIN_DELAY = 0.0005
-_MAX_DELAY = 0.02
 
 
 class AioInbox:
@@ -107,21 +104,29 @@ def inbox() -> AioInbox:
 
 
 async def send_to(pid: int, obj: Any, timeout: float | None = None) -> None:
-    """:func:`buzon.send_to`, awaited: waits (polling) while the inbox is full;
-    ``NoSuchEndpoint`` if ``pid`` is not running, has no inbox, or dies meanwhile."""
+    """:func:`buzon.send_to`, awaited: waits while the inbox is full (woken by its
+    owner's next take); ``NoSuchEndpoint`` if ``pid`` is not running, has no inbox, or
+    dies meanwhile."""
     deadline = deadline_of(timeout)
-    delay = _MIN_DELAY
     while True:
         try:
             _sync_send_to(pid, obj, 0)
             return
         except Full:
             pass
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
+        target = _target(pid)  # (NoSuchEndpoint if it died)
+        box = target.box
+        try:
+            if box._room_ready():
+                continue
+        except ChannelClosed:  # another thread evicted it from the cache just now
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
             raise Timeout(f"the inbox of process {pid} stayed full for {timeout} s")
-        await asyncio.sleep(delay if left is None else min(delay, left))
-        delay = min(delay * 2, _MAX_DELAY)
+        until = time.monotonic() + box._wait_slice
+        await wait_ready(
+            [target.pidfd], [box._room_fd], until if deadline is None else min(until, deadline)
+        )
 
 
 async def recv_from(pid: int, timeout: float | None = None) -> Any:

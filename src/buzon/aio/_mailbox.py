@@ -5,18 +5,32 @@ It wraps the blocking :class:`buzon._mailbox.Mailbox` (the same ring, the same
 names, the same semantics) and never blocks the event loop: every operation is tried
 without waiting, and when it must wait it waits on the mailbox's wake-up FIFO with
 ``loop.add_reader`` (a commit by any sender writes it once a waiter armed it; see
-``Mailbox._ready``), in slices of at most ``_wait_slice`` seconds. Waiting for room, for
-the holder of an exclusive mailbox and for a receipt polls instead, with a delay that
-grows from 0.5 ms to 20 ms (no sender-side wake-up exists for those yet).
+``Mailbox._ready``), in slices of at most ``_wait_slice`` seconds. Every other wait is
+woken by the ring too, never by a timer:
+
+- room (a full mailbox): ``Mailbox._room_ready`` fills the room FIFO and arms the
+  ring's space notification; the next take by any receiver drains the FIFO, which
+  wakes the sender (``add_writer``);
+- an acknowledgement (a receipt, a rendezvous): ``Mailbox._acks_ready`` arms the
+  sender's acknowledgement ring, which every receiver attaches with the wake-up FIFO
+  as its notification;
+- the holder of an exclusive mailbox: its close writes the wake-up FIFO, and its death
+  makes a pidfd of its process readable (``Mailbox._holder_pidfd``).
+
+The slice (``_wait_slice``, 0.1 s) is only the fallback for a wake-up another waiter
+consumed (several waiters share one FIFO). A round-robin sender arms every receiver's
+backlog ring, and a receiver that attaches drains the room FIFO too.
 
 Cancellation is safe: a cancelled ``recv`` has taken nothing (it takes a message only
 in a non-waiting call, never across an ``await``), a cancelled ``send`` has sent
-nothing unless it was a rendezvous waiting for its receiver.
+nothing unless it was a rendezvous whose receiver took it first (then it returns:
+see ``Mailbox._withdraw``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from types import EllipsisType, TracebackType
 from typing import Any
@@ -27,6 +41,7 @@ from .._mailbox import (
     Mailbox,
     Message,
     Policy,
+    _Withdrawn,
 )
 from .._mailbox import mailbox as _open_mailbox
 from ..errors import Empty, Full, Timeout
@@ -36,20 +51,18 @@ from ._channel import deadline_of, wait_ready
 
 __all__ = ["AioMailbox", "AioMailboxReceipt", "mailbox"]
 
-_MIN_DELAY = 0.0005
-_MAX_DELAY = 0.02
+
+async def _wake(box: Mailbox, reads: list[int], writes: list[int], deadline: float | None) -> None:
+    """Wait until one of the fds is ready, the fallback slice passes or the deadline
+    (the caller looks again and raises ``Timeout`` itself)."""
+    until = time.monotonic() + box._wait_slice
+    if deadline is not None:
+        until = min(until, deadline)
+    await wait_ready(reads, writes, until)
 
 
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else deadline - time.monotonic()
-
-
-async def _backoff(delay: float, deadline: float | None, what: str) -> float:
-    left = _left(deadline)
-    if left is not None and left <= 0:
-        raise Timeout(f"{what} timed out")
-    await asyncio.sleep(delay if left is None else min(delay, left))
-    return min(delay * 2, _MAX_DELAY)
+def _timed_out(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 class AioMailboxReceipt:
@@ -79,11 +92,17 @@ class AioMailboxReceipt:
     async def wait(self, timeout: float | None = None) -> PeerInfo:
         """Wait until a receiver took the message; return who did."""
         deadline = deadline_of(timeout)
-        delay = _MIN_DELAY
+        box = self._sync._box
         if self._sync.expected == 0:
             self._sync.wait(0)  # Undelivered: it went to no receiver
         while not self._sync.done():
-            delay = await _backoff(delay, deadline, f"receipt of message {self.id}")
+            if not box._ring_exists():
+                self._sync.wait(0)  # Undelivered: the mailbox was removed
+            if box._acks_ready():
+                continue
+            if _timed_out(deadline):
+                raise Timeout(f"receipt of message {self.id} timed out")
+            await _wake(box, [box.fileno()], [], deadline)
         assert self._sync.receiver is not None
         return self._sync.receiver
 
@@ -113,26 +132,38 @@ class AioMailbox:
     async def _send(self, obj: Any, timeout: float | None, receipt: bool) -> int:
         box = self.sync
         deadline = deadline_of(timeout)
-        delay = _MIN_DELAY
         rendezvous = box.capacity == 0
+        offer = rendezvous and not receipt
         while True:
             try:
-                message_id = box._send(obj, 0, True, receipt or rendezvous)
+                message_id = box._send(obj, 0, True, receipt, offer)
                 break
             except Full:
                 if box.capacity is None:
                     raise
-                delay = await _backoff(delay, deadline, f"send to mailbox {box.name!r}")
-        if rendezvous and not receipt:
-            delay = _MIN_DELAY
-            while box._ack_of(message_id, 0.0) is None:
-                left = _left(deadline)
-                if left is not None and left <= 0:
-                    raise Timeout(
-                        f"no receiver took the message within {timeout} s (capacity=0: it "
-                        "stays in the mailbox and a receiver may still take it)"
-                    )
-                delay = await _backoff(delay, deadline, "rendezvous")
+            if box._room_ready():
+                continue
+            if _timed_out(deadline):
+                raise Timeout(f"send to mailbox {box.name!r} timed out")
+            await _wake(box, [], [box._room_fd], deadline)
+        if offer:
+            try:
+                while box._ack_of(message_id, 0.0) is None:
+                    if box._acks_ready():
+                        continue
+                    if _timed_out(deadline):
+                        if not box._withdraw(message_id):
+                            break  # a receiver took it first: the send succeeded
+                        raise Timeout(
+                            f"no receiver took the message within {timeout} s (capacity=0: "
+                            "it was withdrawn, no receiver will see it)"
+                        )
+                    await _wake(box, [box.fileno()], [], deadline)
+            except asyncio.CancelledError:
+                if box._withdraw(message_id):
+                    raise
+                # a receiver took it first: the send succeeded (the cancellation came
+                # too late, as for channels), so the caller must not send it again
         return message_id
 
     async def send(self, obj: Any, timeout: float | None = None) -> None:
@@ -164,14 +195,13 @@ class AioMailbox:
     async def _take(self, timeout: float | None) -> bytes:
         box = self.sync
         deadline = deadline_of(timeout)
-        delay = _MIN_DELAY
         while True:
             try:
                 return box._take(0.0)
             except Empty:
                 pass
             except Timeout:  # exclusive: another receiver holds the mailbox
-                delay = await _backoff(delay, deadline, f"recv from mailbox {box.name!r}")
+                await self._wait_hold(deadline)
                 continue
             if box._ready():
                 continue
@@ -182,14 +212,45 @@ class AioMailbox:
                 until = min(until, deadline)
             await wait_ready([box.fileno()], (), until)
 
+    async def _next(self, timeout: float | None) -> tuple[Any, int, int, int, int]:
+        """The next message decoded, skipping those their senders withdrew."""
+        deadline = deadline_of(timeout)
+        while True:
+            try:
+                return self.sync._decode(await self._take(timeout))
+            except _Withdrawn:
+                if deadline is not None:
+                    timeout = max(1e-6, deadline - time.monotonic())
+
+    async def _wait_hold(self, deadline: float | None) -> None:
+        """Wait until the holder of an exclusive mailbox may have let go: its close
+        writes the wake-up FIFO, its death makes a pidfd of it readable."""
+        box = self.sync
+        if _timed_out(deadline):
+            raise Timeout(f"recv from mailbox {box.name!r} timed out (held by another)")
+        box._drain_wake()  # (a stale wake-up would make this a busy loop)
+        try:
+            box._hold(time.monotonic())  # let go meanwhile?
+            return
+        except Timeout:
+            pass
+        pidfd = box._holder_pidfd()
+        try:
+            await _wake(box, [box.fileno()] + ([pidfd] if pidfd >= 0 else []), [], deadline)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
     async def recv_message(self, timeout: float | None = None) -> Message:
         """:meth:`buzon.Mailbox.recv_message`, awaited."""
-        body, message_id, pid, uid, ns = self.sync._decode(await self._take(timeout))
+        if self.sync._raw:
+            self.sync._no_fields("recv_message")
+        body, message_id, pid, uid, ns = await self._next(timeout)
         return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
 
     async def recv(self, timeout: float | None = None) -> Any:
         """:meth:`buzon.Mailbox.recv`, awaited."""
-        return self.sync._decode(await self._take(timeout))[0]
+        return (await self._next(timeout))[0]
 
     def recv_nowait(self) -> Any:
         """:meth:`buzon.Mailbox.recv_nowait` (never waits)."""

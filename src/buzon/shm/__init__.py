@@ -6,7 +6,8 @@ the byte layout and the crash-safety argument.
 
 from __future__ import annotations
 
-from ._bounded import BoundedBuffer
+from typing import TYPE_CHECKING, Any
+
 from ._segment import (
     SHM_DIR,
     SegmentInfo,
@@ -20,6 +21,9 @@ from ._segment import (
     segment_exists,
 )
 from ._shared import SharedArray, SharedLock, SharedValue, shared_array, shared_value
+
+if TYPE_CHECKING:
+    from ._bounded import BoundedBuffer
 
 __all__ = [
     "SHM_DIR",
@@ -39,3 +43,13 @@ __all__ = [
     "shared_array",
     "shared_value",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # BoundedBuffer is a mailbox (buzon._mailbox, which imports this package): loaded
+    # on first use, so either may be imported first
+    if name == "BoundedBuffer":
+        from ._bounded import BoundedBuffer
+
+        return BoundedBuffer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

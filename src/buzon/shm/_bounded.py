@@ -1,183 +1,104 @@
-"""The bounded buffer of the producer/consumer problem, in shared memory.
+"""The bounded buffer of the producer/consumer problem: a raw-bytes mailbox.
 
 Theory of operation
 -------------------
-A :class:`BoundedBuffer` is a ring of :mod:`buzon._core` created with *fixed records*:
-``slots`` records of at most ``item_size`` bytes each, every one taking the same
-footprint, and a byte limit of exactly ``slots`` footprints. So all ``slots`` items fit
-at once (not ``slots - 1``: the ring tells full from empty by its byte cursors, not by
-comparing two slot indices). Any number of producers and consumers, in any processes,
-``put`` and ``get`` concurrently; items are handed out once each, in the order their
-space was reserved, and a process killed in the middle of a ``put`` never leaves a
-partial item behind (see docs/shm.md).
+A :class:`BoundedBuffer` is a :class:`buzon.Mailbox` (policy ``"any"``) in its
+*raw-bytes fixed-slot* mode: one mechanism, not two. Its ring holds ``slots`` fixed
+records of at most ``item_size`` bytes each, and each record is the item's bytes as
+they are (no frame, no codec, no message id or sender): ``put`` and ``get`` are one
+call into the ring each, as fast as the ring itself. All ``slots`` items fit at once
+(not ``slots - 1``: the ring tells full from empty by its byte cursors). Any number of
+producers and consumers, in any processes and threads, ``put`` and ``get``
+concurrently; items are handed out once each, in the order their space was reserved,
+and a process killed in the middle of a ``put`` never leaves a partial item behind.
 
-Naming. ``BoundedBuffer("jobs", ...)`` lives in ``jobs.bbuf`` in buzon's private
-runtime dir: a 0600 file holding the name of the segment (whose own name is
-unguessable). The first process creates both, the others attach, checking that
-``slots`` and ``item_size`` agree. Like a POSIX queue, the buffer and its items outlive
-the processes until :meth:`BoundedBuffer.remove` (or ``buzon clean``, once no process
-is attached). A name file whose segment is gone is replaced.
-
-A buffer passes to a child process through ``multiprocessing`` (a ``Process``
-argument under every start method, or a multiprocessing queue) by its segment's name:
-the child attaches that very segment (:mod:`buzon._reduction`).
+Everything else is the mailbox's (``buzon/_mailbox.py``): the name
+``BoundedBuffer("jobs", ...)`` is the mailbox ``jobs`` (the 0600 name file
+``jobs.mbox`` in the runtime dir, an unguessable 0600 segment); the ring's label
+records ``raw``, the slots and the item size, so attaching with other sizes, or to a
+mailbox of objects, raises ``ValueError``. Lifecycle: it lives until :meth:`remove`
+(waiting consumers then get ``EndOfChannel``, later puts ``NoSuchEndpoint``);
+``buzon ls`` shows it as a mailbox (``raw``), ``buzon clean`` removes it once nobody
+uses it and only when it is empty (``--force`` otherwise). ``buzon.wait`` and
+``buzon.aio.wait`` take it (its wake-up FIFO); it passes to child processes by name
+(multiprocessing or pickle); ``buzon.mailbox("jobs")`` opens the same buffer (its
+``send``/``recv`` take and give bytes). What a raw record cannot carry is refused:
+``recv_message`` and ``send_async`` (no id, sender or receipt) raise
+:class:`~buzon.errors.UnsupportedOperation`.
 """
 
 from __future__ import annotations
 
-import os
-from types import TracebackType
+from typing import Any
 
-from .. import _core, _reduction
-from ..errors import NoSuchEndpoint
-from ._names import lookup, name_path, publish, unpublish
-from ._segment import attach_ring, create_ring, remove_segment
+from .._mailbox import _SUFFIX, DEFAULT_MAX_BYTES, Mailbox
+from ..errors import ChannelClosed
+from ..protocol.frames import DEFAULT_MAX_FRAME
+from ._names import name_path
 
 __all__ = ["BoundedBuffer"]
 
-_SUFFIX = ".bbuf"
 
-
-def _capacity(slots: int, item_size: int) -> int:
-    need = slots * ((_core.RECORD_HEADER + item_size + 7) & ~7)
-    cap = 4096
-    while cap < need:
-        cap <<= 1
-    return cap
-
-
-class BoundedBuffer:
+class BoundedBuffer(Mailbox):
     """``slots`` items of at most ``item_size`` bytes shared by N producers and M consumers.
 
     ``put``/``get`` block (``timeout=None``: forever; a number: then raise
     :class:`~buzon.errors.Timeout`); ``put_nowait``/``get_nowait`` raise
     :class:`~buzon.errors.Full`/:class:`~buzon.errors.Empty`. Pass ``slots`` and
-    ``item_size`` to create the buffer if it does not exist; omit them to attach only.
+    ``item_size`` to create the buffer if it does not exist; omit them to attach only
+    (``NoSuchEndpoint`` if it does not exist). It is a :class:`buzon.Mailbox` whose
+    records are raw bytes: ``remove``, ``close``, ``exists``, ``qsize``, ``fileno``
+    (``buzon.wait``) and passing to child processes are the mailbox's.
     """
 
+    slots: int
+    """How many items fit."""
+    item_size: int
+    """The largest item, in bytes (``MessageTooLarge`` above it)."""
+
     def __init__(self, name: str, slots: int | None = None, item_size: int | None = None) -> None:
-        _reduction.register()  # it may be handed to a child process
         if (slots is None) != (item_size is None):
             raise ValueError("pass both slots and item_size (to create), or neither")
         if slots is not None and item_size is not None and (slots < 1 or item_size < 0):
             raise ValueError("slots must be at least 1 and item_size at least 0")
         self.name = name
+        self.max_message = DEFAULT_MAX_FRAME
         self.path = name_path(name, _SUFFIX)
-        self._ring, self.created = self._open(slots, item_size)
-        info = self._ring.info()
-        self.slots = info["limit"] // info["record_size"]
-        self.item_size = self._ring.max_message
+        ring, self.created = self._open(
+            ... if slots is None else slots,
+            "any",
+            False if slots is None else None,
+            item_size or 0,
+            DEFAULT_MAX_BYTES,
+            raw=True,
+        )
+        self._setup(ring)
 
-    @classmethod
-    def _attach_segment(cls, name: str, path: str, segment: str) -> BoundedBuffer:
-        """The buffer ``name`` (name file ``path``) by its segment: how a child process
-        attaches the buffer it was passed, wherever its own runtime dir is."""
-        self = cls.__new__(cls)
-        self.name = name
-        self.path = path
-        self._ring = attach_ring(segment)
-        self.created = False
-        info = self._ring.info()
-        self.slots = info["limit"] // (info["record_size"] or 1)
-        self.item_size = self._ring.max_message
-        return self
+    def _setup(self, ring: Any) -> None:
+        super()._setup(ring)
+        self.slots = self.capacity or 0
+        self.item_size = self.max_inline
 
-    def _open(self, slots: int | None, item_size: int | None) -> tuple[_core.Ring, bool]:
-        for _ in range(8):
-            segment = self._read_name()
-            if segment is not None:
-                try:
-                    ring = attach_ring(segment)
-                except NoSuchEndpoint:
-                    self._unlink_name(segment)  # its segment was removed: stale
-                    continue
-                info = ring.info()
-                if not info["record_size"] or (
-                    slots is not None
-                    and (
-                        info["limit"] // info["record_size"] != slots
-                        or ring.max_message < (item_size or 0)
-                    )
-                ):
-                    ring.close()
-                    raise ValueError(
-                        f"bounded buffer {self.name!r} exists with other sizes; "
-                        "attach without slots/item_size, or remove it first"
-                    )
-                return ring, False
-            if slots is None or item_size is None:
-                raise NoSuchEndpoint(f"no bounded buffer named {self.name!r}")
-            ring = create_ring(
-                _capacity(slots, item_size),
-                label=f"bbuf:{self.name}",
-                records=slots,
-                record_size=item_size,
-            )
-            if self._publish(ring.name):
-                return ring, True
-            ring.close()  # somebody else created it first: use theirs
-            remove_segment(ring.name)
-        raise NoSuchEndpoint(f"bounded buffer {self.name!r} keeps changing; try again")
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._closed:
+            raise ChannelClosed(f"bounded buffer {self.name!r} is closed; it cannot be passed")
+        return (_attach_bounded, (self.name, self.path, self._segment))
 
-    def _read_name(self) -> str | None:
-        return lookup(self.path)
+    # ---- the producer/consumer API: the raw mode's one-call paths -------------------
 
-    def _publish(self, segment: str) -> bool:
-        return publish(self.path, segment)
-
-    def _unlink_name(self, segment: str) -> None:
-        unpublish(self.path, segment)
-
-    # ---- the producer/consumer API ----------------------------------------------
-
-    def put(self, item: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        """Add ``item``, waiting for a free slot (``Timeout`` after ``timeout`` seconds)."""
-        self._ring.send(item, timeout)
-
-    def put_nowait(self, item: bytes | bytearray | memoryview) -> None:
-        """Add ``item`` or raise ``Full``."""
-        self._ring.send_nowait(item)
-
-    def get(self, timeout: float | None = None) -> bytes:
-        """Take the oldest item, waiting for one (``Timeout`` after ``timeout`` seconds)."""
-        return self._ring.recv(timeout)
-
-    def get_nowait(self) -> bytes:
-        """Take the oldest item or raise ``Empty``."""
-        return self._ring.recv_nowait()
-
-    def qsize(self) -> int:
-        """Items in the buffer (committed or being written or read) right now."""
-        return int(self._ring.used // (self._ring.info()["record_size"] or 1))
-
-    def __len__(self) -> int:
-        return self.qsize()
-
-    def exists(self) -> bool:
-        """True while the buffer's name still leads to a segment."""
-        segment = self._read_name()
-        return segment is not None and os.path.exists("/dev/shm/" + segment.lstrip("/"))
-
-    def close(self) -> None:
-        """Detach this process (the buffer and its items stay; see :meth:`remove`)."""
-        self._ring.close()
-
-    def remove(self) -> None:
-        """Delete the buffer's name and segment; attached processes keep working."""
-        segment = self._ring.name
-        self._unlink_name(segment)
-        remove_segment(segment)
+    put = Mailbox._put_raw
+    put_nowait = Mailbox._put_raw_nowait
+    get = Mailbox._get_raw
+    get_nowait = Mailbox._get_raw_nowait
 
     def __enter__(self) -> BoundedBuffer:
         return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<BoundedBuffer {self.name!r} slots={self.slots} item_size={self.item_size}>"
 
 
-_reduction.passable(BoundedBuffer)  # passes to child processes by its segment's name
+def _attach_bounded(name: str, path: str, segment: str) -> BoundedBuffer:
+    """The buffer ``name`` (name file ``path``) by its segment: how a child process
+    attaches the buffer it was passed, wherever its own runtime dir is."""
+    return BoundedBuffer._attach_segment(name, path, segment)
