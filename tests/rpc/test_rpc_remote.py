@@ -396,3 +396,26 @@ def test_references_and_callbacks_on_other_transports_and_modes(url: str, mode: 
         listener = Listener()
         assert c.call_me(listener, 3) == 6
         assert listener.seen == [0, 1, 2]
+
+
+def test_a_proxy_of_a_lost_connection_fails_instead_of_reaching_a_new_object() -> None:
+    """After a reconnect, reference ids start again on the new connection: an old proxy
+    must fail, not reach the new connection's object that has its id (it did)."""
+    first, second = Registry(), Registry()
+    with serving("unix:rmi-lost", first, grace=0.1) as srv:
+        c = rpc.connect(srv.address, timeout=20, semantics="at_least_once")
+        old = c.make(1)
+        assert old.incr() == 2
+    try:
+        with serving("unix:rmi-lost", second):
+            fresh = c.make(100)  # reconnects: a new connection, reference ids from 1
+            assert fresh._rid == old._rid
+            with pytest.raises(buzon.EndOfChannel, match="lost"):
+                old.incr()
+            with pytest.raises(RemoteError, match="another connection"):
+                c.is_mine(old, 0)
+            assert fresh.incr() == 101
+            assert second.made[0].value == 101  # untouched by the old proxy's call
+            del fresh
+    finally:
+        c.close()

@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import os
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -387,19 +386,9 @@ class Client(RefPeer):
                 self._restarts += 1  # the name now stands for another server start
             old, self._ch = self._ch, ch
             self._broken = None
-            self._forget_references()
+            self._forget_references(_LOST)
             self._reader = self._loop.create_task(self._read(ch))
         await old.aclose()
-
-    def _forget_references(self) -> None:
-        """References belong to one connection: after a reconnect the old proxies
-        fail (never reach whatever object has their id on the new connection), the
-        old exports are dropped and the old proxies' releases are not sent."""
-        for proxy in list(self._proxies.values()):
-            proxy._peer = _LOST
-        self._proxies = weakref.WeakValueDictionary()
-        self._releases = []  # the old proxies' finalizers append to the old list
-        self._exports.clear()
 
     # -- reading -------------------------------------------------------------------
 

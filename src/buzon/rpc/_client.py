@@ -51,7 +51,7 @@ from . import _wire as w
 from ._context import _DEADLINE
 from ._jsonrpc import JsonRpcClient, connect_jsonrpc
 from ._msgpack import MsgpackRpcClient, connect_msgpack
-from ._remote import _PLAIN, RELEASE, RefPeer
+from ._remote import _PLAIN, RELEASE, LostPeer, RefPeer
 from ._server import _check
 from ._service import _schema
 
@@ -182,6 +182,9 @@ def _return_types(proto: Any) -> dict[str, Any]:
                 raise TypeError(f"{proto.__name__}.{name}: hints do not resolve: {exc}") from exc
             types[name] = None if hint is type(None) else _schema(hint)
     return types
+
+
+_LOST = LostPeer()  # where proxies of a replaced connection point
 
 
 class Client(RefPeer):
@@ -516,6 +519,7 @@ class Client(RefPeer):
                     self._restarts += 1  # its table died with it: calls in flight are lost
             old, self._ch = self._ch, ch
             self._broken = None
+            self._forget_references(_LOST)
         old.close()
 
     def _server_start(self, ch: Channel) -> tuple[str | None, bool]:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ..errors import RemoteError
+from ..errors import EndOfChannel, RemoteError
 from ._service import _REMOTE, Method, Service
 
 __all__ = ["RELEASE", "Exports", "RefPeer", "RemoteObject", "is_remote", "remote"]
@@ -295,7 +295,33 @@ class RefPeer(abc.ABC):
         except Exception:  # the connection is gone: the peer drops everything anyway
             pass
 
+    def _forget_references(self, lost: RefPeer) -> None:
+        """References belong to one connection: after a reconnect the old proxies
+        point at ``lost`` (their calls fail, never reaching whatever object has their
+        id on the new connection), the old exports are dropped and the old proxies'
+        releases are not sent."""
+        with self._ref_lock:
+            for proxy in list(self._proxies.values()):
+                proxy._peer = lost
+            self._proxies = weakref.WeakValueDictionary()
+            self._releases = []  # the old proxies' finalizers append to the old list
+            self._exports.clear()
+
     def _ref_close(self) -> None:
         """The connection ended: forget exports and proxies."""
         self._ref_closed = True
         self._exports.clear()
+
+
+class LostPeer(RefPeer):
+    """Where a blocking client's proxies point once their connection was replaced by a
+    reconnect: every call raises :class:`~buzon.errors.EndOfChannel`."""
+
+    def _call_ref(self, rid: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise EndOfChannel(
+            f"{name}: this remote object belonged to a connection that was lost "
+            "(references do not survive a reconnect)"
+        )
+
+    def _send_release(self, pairs: list[list[int]]) -> None:
+        pass
