@@ -202,3 +202,37 @@ def test_scribbled_files_are_skipped_and_never_crash_ls(runtime_dir: str) -> Non
     assert _rpc_rows(runtime_dir) == []
     buzon_ls = _forensics.ls_rows(runtime_dir)
     assert all(r[1] != "rpc" for r in buzon_ls)
+
+
+@pytest.mark.fd_check
+def test_an_asyncio_server_is_listed_too(runtime_dir: str) -> None:
+    import asyncio
+
+    from buzon.aio import rpc as arpc
+
+    svc = rpc.Service("acalc")
+
+    @svc.method
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async def main() -> None:
+        srv = arpc.Server("unix:acalc", svc, name="acalc-pub")
+        task = asyncio.create_task(srv.serve_forever())
+        try:
+            c = await arpc.connect(srv.address, timeout=10)
+            async with c:
+                assert [await c.add(i, 1) for i in range(3)] == [1, 2, 3]
+            for _ in range(3000):  # a reply is counted just after it is sent
+                if srv.calls == 3:
+                    break
+                await asyncio.sleep(0.01)
+            (row,) = _rpc_rows(runtime_dir)
+            assert row[0] == "name:acalc-pub"
+            assert "service acalc" in row[3] and "3 calls served, 0 in flight" in row[3]
+        finally:
+            srv.shutdown()
+            await asyncio.wait_for(task, 15)
+
+    asyncio.run(main())
+    assert _rpc_rows(runtime_dir) == []  # its file went with the server

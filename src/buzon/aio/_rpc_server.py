@@ -33,6 +33,7 @@ from ..errors import Timeout as _Timeout
 from ..rpc import _wire as w
 from ..rpc._completion import CompletionTable, is_transactional, open_table
 from ..rpc._context import _CURRENT, _DEADLINE, CallContext
+from ..rpc._publish import CALLS, ENDED, ERRORS, STARTED, Counter, Publication, publish_server
 from ..rpc._remote import _PLAIN, RELEASE, RefPeer
 from ..rpc._server import SEMANTICS, _once_key
 from ..rpc._service import Method, Service, as_service, handler_failure
@@ -176,6 +177,8 @@ class _Connection(RefPeer):
         ctx = CallContext(method.name, call_id, at, self.ch.peer)
         key = call_id if call_id is not None else -id(ctx)  # notifies count as in flight
         self.running[key] = (ctx, asyncio.current_task())
+        counters = self.server._pub.counters
+        counters[STARTED] += 1  # published for buzon ls (rpc/_publish.py)
         _CURRENT.set(ctx)  # this task's own context: nothing leaks to others
         _DEADLINE.set(at)  # nested calls made by the handler inherit the budget
         try:
@@ -189,6 +192,7 @@ class _Connection(RefPeer):
             raise handler_failure(method.name, exc) from None
         finally:
             self.running.pop(key, None)
+            counters[ENDED] += 1
 
     async def _once(
         self,
@@ -327,9 +331,12 @@ class Server:
     ``url="name:NAME"`` serves ``unix:NAME``.
 
     Attributes: ``address``, ``name``, ``instance`` (a random id of this start),
-    counters ``calls``, ``errors``; ``in_flight`` and ``references`` (remote objects
-    clients hold now).
+    counters ``calls``, ``errors`` (published for ``buzon ls`` like the blocking
+    server's); ``in_flight`` and ``references`` (remote objects clients hold now).
     """
+
+    calls = Counter(CALLS)
+    errors = Counter(ERRORS)
 
     def __init__(
         self,
@@ -366,8 +373,7 @@ class Server:
         self.semantics = semantics
         self.max_in_flight = max_in_flight
         self.reply_timeout = reply_timeout
-        self.calls = 0
-        self.errors = 0
+        self._pub = Publication()  # calls and errors live in it (buzon ls reads them)
         self._connections: set[_Connection] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
@@ -392,6 +398,7 @@ class Server:
             if self._own_table:
                 self.table.close()
             raise
+        publish_server(self)
 
     @property
     def address(self) -> Any:
@@ -445,6 +452,7 @@ class Server:
                 self._executor.shutdown(wait=False, cancel_futures=True)
             if self._own_table:
                 self.table.close()
+            self._pub.close()
 
     def shutdown(self) -> None:
         """Stop serving (from the loop's thread; another thread uses
