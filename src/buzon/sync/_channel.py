@@ -350,9 +350,12 @@ class Channel(ChannelIdentity):
                 sent = not priority and core.send_small(data, RECEIPT_FLAG)
                 number = flow.sent  # read under the lock: another thread may send next
                 serial = core.serial
-                if sent and number & 63 and not core.pending:
-                    return Receipt(self, flow, number)
-            if sent:  # a partial write to finish, or acknowledgements to reap
+                pending = bool(core.pending)
+            if sent and not pending:
+                if not number & 63:
+                    self._receipt_poll()  # reap acknowledgements now and then
+                return Receipt(self, flow, number)
+            if sent:  # a partial write to finish
                 return self._send_receipt_slow([], number, serial, timeout, 0)
         return self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
 
