@@ -349,13 +349,17 @@ class Channel(ChannelIdentity):
             with self._wlock:
                 sent = not priority and core.send_small(data, RECEIPT_FLAG)
                 number = flow.sent  # read under the lock: another thread may send next
-                serial = core.serial
-                pending = bool(core.pending)
-            if sent and not pending:
+                if sent and core.pending:
+                    serial = core.serial
+                    sent = False
+                    pending = True
+                else:
+                    pending = False
+            if sent:
                 if not number & 63:
                     self._receipt_poll()  # reap acknowledgements now and then
                 return Receipt(self, flow, number)
-            if sent:  # a partial write to finish
+            if pending:  # a partial write to finish
                 return self._send_receipt_slow([], number, serial, timeout, 0)
         return self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
 
