@@ -1088,9 +1088,33 @@ class ChannelCore:
             self.taking = True
             _, fast_taken = self._stop_fast()
             rflow.taken = rflow.reported = self.taken + fast_taken - 1
+        if not more and rflow.capacity is None and (receipt or rflow.report_due):
+            more = self._more_coming()
         frame = rflow.on_take(receipt, more)
         if frame is not None:
             self.emit_credit(frame)
+
+    def _more_coming(self) -> bool:
+        """Receipts are due and the last message in hand was taken: read once more
+        (never waiting) before answering. On a busy stream the read brings the next
+        messages, and one CREDIT answers them all later; when it finds the link empty
+        the CREDIT goes now, as before. (A CREDIT costs a write, and on TCP the peer's
+        kernel work: one per message when a receiver keeps up with its sender.)"""
+        decoder = self.decoder
+        if (
+            not isinstance(decoder, FrameDecoder)
+            or decoder.sink is not None  # recv_bytes_into: a big frame would flow into it
+            or self.eof
+            or self.closed
+        ):
+            return False
+        try:
+            return self._fill(decoder)
+        except FrameError as exc:
+            self._counted_error = exc  # counted by _fill; raised by the next read
+            return False
+        except (EndOfChannel, ChannelClosed):
+            return False
 
     def before_wait(self, offer: bool = True) -> None:
         """The receiver is about to wait (``offer``) or found nothing: announce what
@@ -1177,6 +1201,14 @@ class ChannelCore:
         decoder = self.decoder
         if not ((decoder is not None and decoder.frames) or self.inbox):
             self._rv_reply = False
+
+    def finish_with_reply(self) -> None:
+        """:meth:`pump_reply`, then :meth:`send_finished` (idempotent): the end of a
+        rendezvous send that expects a reply, in one step."""
+        try:
+            self.pump_reply()
+        finally:
+            self.send_finished()
 
     # -- rendezvous withdrawal (capacity=0 on a credit link; protocol/credit.py) ------
 
@@ -1393,6 +1425,8 @@ class ChannelCore:
                     self.fail_receipts("the peer closed the channel")
                     raise
                 if msg is None:
+                    if self.credit_out is None:
+                        self._rv_valid = True  # the link found empty (rendezvous gate)
                     return
                 if len(msg) >= 2 and msg[1] == Kind.CREDIT and not self.raw:
                     self._credit_message(msg)

@@ -196,7 +196,8 @@ def send_steps(
         # withdrawn and made again by the next receive (two CREDITs fewer)
         try:
             yield Step(SPIN)
-            yield Step(LOCKED, call=core.pump_reply)
+            yield Step(LOCKED, call=core.finish_with_reply)  # send_finished too
+            return number
         except KeyboardInterrupt as exc:
             failed = exc
         except BaseException:  # taken already: a cancellation comes too late

@@ -57,9 +57,11 @@ Withdrawing (``capacity=0``)
 
 Receipts: a DATA frame with flag bit 3 (``RECEIPT_FLAG``) asks for one. The receiver
 answers with a CREDIT carrying its ``taken`` count once it took that message and has
-no further complete message in hand (at the end of what one read brought), after at
-most :data:`REPORT_EVERY` such takes, or before it waits — acknowledgements are
-batched, never one per message on a busy stream.
+no further complete message in hand (at the end of what its reads brought: a stream
+receiver reads once more, never waiting, before it answers, so messages that came
+meanwhile join the batch), after at most :data:`REPORT_EVERY` such takes, or before it
+waits — acknowledgements are batched, never one per message on a busy stream, and a
+receiver that took everything the link held answers at once.
 
 Nothing here reads a clock or touches I/O; each method returns the CREDIT frame to
 write (``bytes``) or ``None``.

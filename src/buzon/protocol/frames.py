@@ -632,6 +632,15 @@ class FrameDecoder:
             if start == end:
                 self._start = self._end = 0
                 return
+            if self._buf[start + 1] == 6:  # CREDITs (a rendezvous, receipts) lead: take them
+                start = self._credits(start, end)
+                if start < end:
+                    start = self._start = _plain_run(
+                        self._buf, start, end, limit, self.frames.append
+                    )
+                if start == end:
+                    self._start = self._end = 0
+                    return
         elif avail >= 8 and self._error is None:
             # Fastest path: the read brought exactly one small DATA frame (a round trip).
             version, kind, flags, nbufs, blen = _unpack_header(self._buf, start)
@@ -650,6 +659,19 @@ class FrameDecoder:
         self._parse()
         if self._error is not None and not self.frames:
             raise self._error
+
+    def _credits(self, start: int, end: int) -> int:
+        """A run of well-formed plain CREDIT frames at ``start``, as :meth:`_parse`
+        takes it (the last one's body, "blocked" if any says so), without its copy of
+        the read; returns where the run ends (``start``: none there)."""
+        buf = self._buf
+        run = _CREDIT_RUN.match(buf, start, end)
+        if run is None:
+            return start
+        pos = self._start = run.end()
+        blocked = 8 if 8 in buf[start + 2 : pos : 24] else 0
+        self.control.append((blocked, bytes(buf[pos - 16 : pos])))
+        return pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` in, whatever its size, and parse what completes."""

@@ -215,6 +215,8 @@ class Channel(ChannelIdentity):
         self._pumpers = 0
         self._gen = 0
         self._awaiters: list[tuple[Any, Any]] = []  # (loop, future): see _arun_op
+        ops = core.transport.ring_ops  # a shared-memory ring: spins watch the ring itself
+        self._ring_spin: Callable[[float], bool] | None = None if ops is None else ops.spin
         self._watched: dict[Any, int] = {}  # loop -> receipts awaited there reading
         core.io_lock = self._wlock
         core.on_credit = self._credit_arrived
@@ -347,10 +349,17 @@ class Channel(ChannelIdentity):
             with self._wlock:
                 sent = not priority and core.send_small(data, RECEIPT_FLAG)
                 number = flow.sent  # read under the lock: another thread may send next
-                serial = core.serial
-                if sent and number & 63 and not core.pending:
-                    return Receipt(self, flow, number)
-            if sent:  # a partial write to finish, or acknowledgements to reap
+                if sent and core.pending:
+                    serial = core.serial
+                    sent = False
+                    pending = True
+                else:
+                    pending = False
+            if sent:
+                if not number & 63:
+                    self._receipt_poll()  # reap acknowledgements now and then
+                return Receipt(self, flow, number)
+            if pending:  # a partial write to finish
                 return self._send_receipt_slow([], number, serial, timeout, 0)
         return self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
 
@@ -531,41 +540,64 @@ class Channel(ChannelIdentity):
 
     def _pump_until(self, done: Callable[[], bool], deadline: float | None, what: str) -> None:
         """Wait until ``done()`` — a condition on CREDITs — reading them ourselves when
-        no other thread receives, else woken by the thread that does."""
+        no other thread receives, else woken by the thread that does. Only a thread
+        that waits for another to read counts in ``_pumpers`` (one that reads applies
+        the CREDITs itself: waking it would be a lock and a notify per CREDIT)."""
         core = self._core
-        cv = self._cv
+        rlock = self._rlock
         while not done():
+            if rlock.acquire(blocking=False):
+                try:
+                    if done():
+                        return
+                    if not self._spin_pump(done):
+                        self._wait(True, deadline, what)
+                        core.pump()
+                finally:
+                    rlock.release()
+                continue
+            cv = self._cv
             with cv:
                 self._pumpers += 1
                 gen = self._gen
             try:
-                if self._rlock.acquire(blocking=False):
-                    try:
-                        if done():
-                            return
-                        if not self._spin_pump(done):
-                            self._wait(True, deadline, what)
-                            core.pump()
-                    finally:
-                        self._rlock.release()
-                else:
-                    with cv:
-                        while self._gen == gen:
-                            remaining = None if deadline is None else deadline - _monotonic()
-                            if remaining is not None and remaining <= 0:
-                                raise Timeout(f"{what} timed out")
-                            cv.wait(remaining)
+                # counted first, then tried again: a receiver that released the read
+                # lock after our first try sees us counted and wakes us
+                if rlock.acquire(blocking=False):
+                    rlock.release()
+                    continue
+                with cv:
+                    while self._gen == gen:
+                        remaining = None if deadline is None else deadline - _monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise Timeout(f"{what} timed out")
+                        cv.wait(remaining)
             finally:
                 with cv:
                     self._pumpers -= 1
 
     def _spin_pump(self, done: Callable[[], bool]) -> bool:
         """Like a receive, spin ``spin`` seconds before sleeping: a CREDIT from a busy
-        peer is usually microseconds away (the rendezvous acknowledgement)."""
+        peer is usually microseconds away (the rendezvous acknowledgement). On a
+        shared-memory ring the spin watches the ring itself (no system call, the GIL
+        released)."""
         spin = self._spin
         if spin <= 0.0:
             return False
         core = self._core
+        if core.owed:
+            with self._wlock:
+                core.flush()
+        end = _perf() + spin
+        ring_spin = self._ring_spin
+        if ring_spin is not None:
+            while True:
+                left = end - _perf()
+                if left <= 0.0 or not ring_spin(left):
+                    return False
+                core.pump()
+                if done():
+                    return True
         ready = self._rpoll
         if ready is None:
             rfd = core.read_fileno()
@@ -573,10 +605,6 @@ class Channel(ChannelIdentity):
                 return False
             ready = self._rpoll = select.poll()
             ready.register(rfd, _POLLIN)
-        if core.owed:
-            with self._wlock:
-                core.flush()
-        end = _perf() + spin
         poll0 = ready.poll
         while _perf() < end:
             if poll0(0):
@@ -586,7 +614,12 @@ class Channel(ChannelIdentity):
         return False
 
     def _spin_input(self) -> None:
-        """A SPIN step: poll the read fd for up to ``spin`` seconds, never sleeping."""
+        """A SPIN step: poll the read fd (a ring: watch the ring) for up to ``spin``
+        seconds, never sleeping."""
+        ring_spin = self._ring_spin
+        if ring_spin is not None:
+            ring_spin(self._spin)
+            return
         ready = self._rpoll
         if ready is None:
             rfd = self._core.read_fileno()
@@ -959,7 +992,10 @@ class Channel(ChannelIdentity):
         limit shorter than the deadline names the peer's stall when it passes."""
         core = self._core
         ready = self._rpoll
-        if step.spin and self._spin > 0.0 and ready is not None:
+        if step.spin and self._spin > 0.0 and self._ring_spin is not None:
+            if (deadline is None or deadline > _monotonic()) and self._ring_spin(self._spin):
+                return  # a record is in the ring (the fd is armed only after a read)
+        elif step.spin and self._spin > 0.0 and ready is not None:
             end = _perf() + self._spin
             if deadline is None or deadline > _monotonic():
                 poll0 = ready.poll
