@@ -276,6 +276,7 @@ class ChannelCore:
         self.transport = transport
         self.options = options
         self.address = address
+        self.passed = False  # handed to another process (buzon._reduction): no lingering
         self.peer = peer if peer is not None else transport.peer
         self.message_oriented = transport.message_oriented
         self.raw = options.raw
@@ -882,6 +883,12 @@ class ChannelCore:
         if self.credit_out is not None and not self._write_credit():
             return False
         return self.transport.delivered() if self.acked else True
+
+    def lingers(self) -> bool:
+        """A close must wait for the peer's kernel to acknowledge what was written
+        (TCP: see :func:`buzon._engine.linger_steps`); never for an end passed to
+        another process, whose input is the other process's to read."""
+        return not self.passed and self.transport.unacknowledged() > 0
 
     def shutdown(self) -> None:
         """Before a lingering close: tell the transport nothing more will be sent."""

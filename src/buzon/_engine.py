@@ -56,6 +56,7 @@ __all__ = [
     "Step",
     "Steps",
     "flush_steps",
+    "linger_steps",
     "loan_steps",
     "recv_steps",
     "room",
@@ -276,6 +277,25 @@ def flush_steps(core: ChannelCore, what: str = "flush") -> Steps:
     peer acknowledged all of it."""
     while not core.flush():
         yield Step(READ if core.acked else WRITE, core.write_fileno(), what=what)
+
+
+_LINGER_PAUSE = 0.001  # between two looks at a TCP send queue the peer is draining
+
+
+def linger_steps(core: ChannelCore) -> Steps:
+    """The end of a close on TCP, after :func:`flush_steps`: until the peer's kernel
+    has acknowledged every byte written, read input away (CREDITs, replies nobody
+    will read) and look again. A TCP socket closed with unread input, or receiving
+    input after its close, resets the connection, and the kernel then drops what it
+    had not sent yet: the tail of messages whose send returned. The driver bounds
+    this by ``close_timeout`` (and so does the count of pauses here)."""
+    pauses = int(core.options.close_timeout / _LINGER_PAUSE) + 1
+    transport = core.transport
+    while core.lingers() and pauses > 0:
+        if not transport.drop_input():
+            return  # the peer closed: it takes nothing more
+        pauses -= 1
+        yield Step(SLEEP, budget=_LINGER_PAUSE, what="close")
 
 
 def loan_steps(core: ChannelCore, nbytes: int) -> Steps:

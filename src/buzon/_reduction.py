@@ -218,6 +218,7 @@ def _reduce_channel(channel: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         raise UnsupportedOperation(f"this {scheme} channel cannot be passed now: {why}")
     fds = _Fds()
     parts = _transport_parts(core, fds)
+    core.passed = True  # its close must not read away what the other process will read
     tokens = None
     pool = core.tokens
     if pool is not None:

@@ -31,6 +31,7 @@ from .._engine import (
     Step,
     Steps,
     flush_steps,
+    linger_steps,
     loan_steps,
     recv_steps,
     send_steps,
@@ -780,12 +781,18 @@ class Channel(ChannelIdentity):
         if core.closed:
             self._release()
             return
+        deadline = deadline_of(core.options.close_timeout)
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
                 core.shutdown()
-                await self._run(flush_steps(core, "close"), deadline_of(core.options.close_timeout))
+                await self._run(flush_steps(core, "close"), deadline)
             except Exception:
                 pass  # the peer is gone: nothing more can be delivered
+        if core.lingers():  # TCP: no reset while the kernel still holds our bytes
+            try:
+                await run_steps(linger_steps(core), deadline)
+            except Exception:
+                pass
         self._release()
 
     def _release(self) -> None:
@@ -804,7 +811,7 @@ class Channel(ChannelIdentity):
         do (``await aclose()`` waits for that instead); without one, those bytes go to
         the interpreter's exit hook like a blocking channel's."""
         core = self._core
-        if core.closed or not core.owed:
+        if core.closed or not (core.owed or core.lingers()):
             self._release()
             return
         forget_fd(core.read_fileno(), core)
@@ -820,8 +827,10 @@ class Channel(ChannelIdentity):
     async def _linger(self) -> None:
         """The background half of :meth:`close`: write what is owed, then release."""
         core = self._core
+        deadline = deadline_of(core.options.close_timeout)
         try:
-            await self._run(flush_steps(core, "close"), deadline_of(core.options.close_timeout))
+            await self._run(flush_steps(core, "close"), deadline)
+            await run_steps(linger_steps(core), deadline)
         except Exception:  # the peer is gone, or time ran out: nothing more goes
             pass
         finally:

@@ -40,6 +40,7 @@ from .._engine import (
     Step,
     Steps,
     flush_steps,
+    linger_steps,
     loan_steps,
     recv_steps,
     send_steps,
@@ -1063,11 +1064,17 @@ class Channel(ChannelIdentity):
         core = self._core
         if core.closed:
             return
+        deadline = deadline_of(core.options.close_timeout)
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
                 core.shutdown()
-                self._run(flush_steps(core, "close"), deadline_of(core.options.close_timeout))
+                self._run(flush_steps(core, "close"), deadline)
             except Exception:  # the peer is gone, or time ran out: nothing more goes
+                pass
+        if core.lingers():  # TCP: no reset while the kernel still holds our bytes
+            try:
+                run_steps(linger_steps(core), deadline)
+            except Exception:
                 pass
         # no other thread's write is between its "closed?" check and the fd (bounded: a
         # signal handler closing the channel may interrupt this thread's own write)

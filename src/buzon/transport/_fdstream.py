@@ -7,14 +7,19 @@ choose the fds, the properties and how links are established.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import os
 import socket
+import struct
+import termios
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import from_oserror
 from .base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, StreamTransport
+
+_INT0 = bytes(4)  # the ioctl's int argument (TIOCOUTQ writes the count into it)
 
 if TYPE_CHECKING:
     import ssl  # the TLS methods import it: importing buzon does not load ssl
@@ -115,6 +120,7 @@ class SocketStreamTransport(StreamTransport):
         sock.setblocking(False)
         self.sock = sock
         self._fd = sock.fileno()
+        self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.properties = properties
         self.scheme = scheme
         if peer is not None:
@@ -149,6 +155,25 @@ class SocketStreamTransport(StreamTransport):
 
     def read_call(self) -> Callable[[memoryview], int] | None:
         return self.sock.recv_into
+
+    def unacknowledged(self) -> int:
+        if not self._tcp or self.closed:
+            return 0
+        try:
+            return struct.unpack("i", fcntl.ioctl(self._fd, termios.TIOCOUTQ, _INT0))[0]  # type: ignore[no-any-return]
+        except OSError:
+            return 0
+
+    def drop_input(self) -> bool:
+        for _ in range(64):  # bounded per call: a peer that floods cannot hold it here
+            try:
+                if not os.read(self._fd, 65536):
+                    return False
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+        return True
 
     def close(self) -> None:
         if self.closed:

@@ -179,6 +179,19 @@ class Transport(abc.ABC):
     def close(self) -> None:
         self.closed = True
 
+    # -- a lingering close ----------------------------------------------------------------
+
+    def unacknowledged(self) -> int:
+        """Bytes written that the peer's kernel has not acknowledged yet, where a close
+        with unread input makes the kernel reset the connection and drop them (TCP);
+        0 elsewhere (a Unix socket or pipe hands bytes over whole: nothing is dropped)."""
+        return 0
+
+    def drop_input(self) -> bool:
+        """Read away the input that is there (a closing end: nothing read matters any
+        more, but unread input would make its close a reset); False at end of stream."""
+        return True
+
     # -- handing an end to a forked child (serve(mode="process")) -----------------------
 
     def close_in_parent(self) -> None:
