@@ -60,7 +60,6 @@ the ring, and the next commit by any sender writes the FIFO (:meth:`Mailbox._rea
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
 import os
 import struct
@@ -86,7 +85,7 @@ from .errors import (
     Timeout,
     Undelivered,
 )
-from .protocol._frames import mailbox_recv, mailbox_send
+from .protocol._frames import MailboxCore
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
     FIELDS_FLAG,
@@ -309,7 +308,6 @@ class Mailbox:
         self._fixed = bool(ring.info()["record_size"])
         self._inline = ring.max_message
         self._local = threading.local()  # a codec per thread (codecs are not thread-safe)
-        self._ids = itertools.count(1)
         self._uid = os.getuid()
         self._lock = threading.Lock()  # acknowledgement ring and tables
         self._acks: _core.Ring | None = None
@@ -330,6 +328,11 @@ class Mailbox:
         # send's hot path: one ring, no rendezvous; a frame that fits a record
         self._plain = self._fan is None and self.capacity != 0
         self._fast_max = min(self._inline, self.max_message) - _FAST.size
+        encode, decode = _fast_codec()
+        self._core = MailboxCore(
+            ring, encode, decode, self._fast_max, self._uid, self.capacity is None
+        )
+        self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
         self._counts = {"sent": 0, "received": 0, "acks_dropped": 0, "out_of_line": 0}
         from . import _reduction
 
@@ -585,27 +588,12 @@ class Mailbox:
     def send(self, obj: Any, timeout: float | None = None) -> None:
         """Put ``obj`` into the mailbox, waiting while it is full (capacity N) or until
         a receiver took it (capacity 0). ``NoSuchEndpoint`` once it was removed."""
-        if self._plain:  # the hot path: one ring, a small message, no receipt
-            if type(obj) is bytes and len(obj) <= self._fast_max:
-                codec_id, body, buffers = 0, obj, None  # raw: bytes need no codec
-            else:
-                codec_id, body, buffers = self._codec().encode(obj)
-            if not buffers and len(body) <= self._fast_max:
-                if self._closed:
-                    raise ChannelClosed(f"mailbox {self.name!r} was closed")
-                try:  # the record built and sent in one C call (protocol/_frames.c)
-                    mailbox_send(
-                        self._ring,
-                        body,
-                        codec_id,
-                        next(self._ids),
-                        self._uid,
-                        0 if self.capacity is None else timeout,
-                    )
-                except (Full, EndOfChannel) as exc:
-                    self._put_failed(exc)
-                self._counts["sent"] += 1
-                return
+        if self._plain and not self._closed:  # the hot path: one ring, a small message
+            try:  # built, encoded and sent in one C call (protocol/_frames.c)
+                if self._core.send(obj, timeout):
+                    return
+            except (Full, EndOfChannel) as exc:
+                self._put_failed(exc)
         self._send(obj, timeout, False, False)
 
     def send_nowait(self, obj: Any) -> None:
@@ -626,7 +614,9 @@ class Mailbox:
         self._check_open()
         reply_to = self._ack_ring().name if receipt else None
         assert self._fan is not None
-        delivered = self._fan.broadcast(self._encode(obj, message_id, reply_to))
+        delivered = None if receipt else self._fan.fan_out(obj, message_id)  # the C way
+        if delivered is None:
+            delivered = self._fan.broadcast(self._encode(obj, message_id, reply_to))
         self._counts["sent"] += 1
         return message_id, delivered
 
@@ -791,13 +781,14 @@ class Mailbox:
     def recv(self, timeout: float | None = None) -> Any:
         """Take the next message's object, waiting for one; ``EndOfChannel`` once the
         mailbox was removed and is empty."""
-        if self.policy == "any" and not self._closed and (timeout is None or timeout > 0):
-            got = mailbox_recv(self._ring, timeout)  # the hot path: one C call
-            if isinstance(got, tuple):  # the common record: (codec, body)
-                self._counts["received"] += 1
-                codec_id, body = got
-                return body if codec_id == 0 else self._codec().decode(codec_id, body, [])
-            data = got
+        if self.policy != "exclusive" and not self._closed and (timeout is None or timeout > 0):
+            # the hot path: one C call takes and decodes a common record (_frames.c)
+            got = self._core.recv(self._ring if self._fan is None else self._rx(), timeout)
+            if type(got) is not tuple:
+                return got
+            if len(got) == 2:  # a common record the codec decodes (or says why not)
+                return self._codec().decode(got[0], got[1], [])
+            data = got[0]
             if data[:4] == _OOL:
                 data = self._fetch(data, timeout)
             return self._decode(data)[0]
@@ -902,7 +893,10 @@ class Mailbox:
         mailbox's: depth, abandoned (messages lost to killed senders or receivers)."""
         info = self._ring.info()
         dropped = self._fan.dropped if self._fan is not None else 0
-        return dict(self._counts, depth=self.qsize(), abandoned=info["abandoned"], dropped=dropped)
+        counts = dict(self._counts)  # and the hot path's, counted in C
+        counts["sent"] += self._core.sent
+        counts["received"] += self._core.received
+        return dict(counts, depth=self.qsize(), abandoned=info["abandoned"], dropped=dropped)
 
     def exists(self) -> bool:
         """True while the mailbox's name still leads to its segment."""
@@ -989,6 +983,26 @@ class Mailbox:
         return f"<Mailbox {self.name!r} policy={self.policy!r} capacity={cap}>"
 
 
+_FAST_CODEC: tuple[Any, Any] | None = None
+
+
+def _fast_codec() -> tuple[Any, Any]:
+    """The hot path's msgpack ``encode`` and ``decode`` (msgspec; shared, thread-safe):
+    the encoder has no hooks, so what only the codec's hooks handle (numpy arrays, numpy
+    scalars) is refused and goes the general way; the decoder is the codec's (its
+    extension hook rebuilds small arrays sent inline)."""
+    global _FAST_CODEC
+    if _FAST_CODEC is None:
+        import msgspec
+
+        ext = Codec()._ext_hook  # a codec of its own: never holds out-of-band buffers
+        _FAST_CODEC = (
+            msgspec.msgpack.Encoder().encode,
+            msgspec.msgpack.Decoder(ext_hook=ext).decode,
+        )
+    return _FAST_CODEC
+
+
 def _open_wake(path: str) -> int:
     """Open (creating it if absent) the mailbox's wake-up FIFO, read-write and
     non-blocking: every user holds it open, so writes never block or fail on it."""
@@ -1009,7 +1023,7 @@ def _open_wake(path: str) -> int:
 def _attach(name: str, path: str, segment: str, max_message: int) -> Mailbox:
     box = Mailbox._attach_segment(name, path, segment)
     box.max_message = max_message
-    box._fast_max = min(box._inline, max_message) - _FAST.size
+    box._fast_max = box._core.fast_max = min(box._inline, max_message) - _FAST.size
     return box
 
 

@@ -86,6 +86,7 @@ class Fan:
         self.pid = os.getpid()
         self.gen = -1
         self.targets: list[tuple[int, str, _core.Ring]] = []
+        self.fanout: tuple[list[tuple[int, str, _core.Ring]], tuple[_core.Ring, ...]] = ([], ())
         self.rings: dict[str, _core.Ring] = {}
         self.mine: tuple[int, _core.Ring] | None = None
         self.turn = 0
@@ -248,6 +249,7 @@ class Fan:
                 self.rings[name] = ring
             targets.append((i, name, ring))
         self.gen, self.targets = gen, targets
+        self.fanout = (targets, tuple(ring for _, _, ring in targets))
         return targets
 
     def drop_dead(self, i: int, name: str) -> None:
@@ -289,6 +291,32 @@ class Fan:
                 box._drop_record(record)
                 continue
             delivered += 1
+        return delivered
+
+    def fan_out(self, obj: Any, message_id: int) -> int | None:
+        """:meth:`broadcast` of ``obj`` as a common record, encoded once and put into
+        every receiver's ring in one C call (``MailboxCore.fan``); the rings that had no
+        room then follow the overflow rule here. None if ``obj`` is not a common record
+        (nothing sent: the caller goes the general way)."""
+        self.receivers()  # re-reads the table if it changed
+        targets, rings = self.fanout
+        fan = self.box._core.fan
+        full = fan(obj, rings, message_id)
+        if full is None:
+            return None
+        delivered = len(rings) - len(full)
+        for k in full:
+            i, name, ring = targets[k]
+            try:
+                if not self.live(i):
+                    self.drop_dead(i, name)
+                    continue
+                self._discard(ring.try_recv())  # the overflow rule: drop the oldest
+                self.dropped += 1
+                if not fan(obj, (ring,), message_id):  # [] : it went
+                    delivered += 1
+            except EndOfChannel:  # its ring was shut down (the mailbox is being removed)
+                continue
         return delivered
 
     def round_robin(self, record: list[Any]) -> bool:
@@ -336,6 +364,7 @@ class Fan:
             ring.close()
         self.rings.clear()
         self.targets = []
+        self.fanout = ([], ())
         self.gen = -1
         self.block.close()
         os.close(self.fd)

@@ -25,6 +25,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <pthread.h>
+#include <structmember.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -36,6 +38,14 @@
 #define PLAIN_FLAGS_MAX 7 /* flags 0..7: a codec alone */
 
 static const buzon_ring_api *api; /* buzon._core's, imported by the first RingFrames */
+
+static uint32_t cached_pid; /* getpid() is a system call: read once, and after a fork */
+
+static void
+frames_atfork_child(void)
+{
+    cached_pid = (uint32_t)getpid();
+}
 
 typedef struct {
     PyObject_HEAD
@@ -510,7 +520,7 @@ mailbox_send(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     put64(h + 12, mid);
     h[20] = 2; /* SENDER */
     h[21] = 8;
-    put32(h + 22, (uint32_t)getpid());
+    put32(h + 22, cached_pid);
     put32(h + 26, (uint32_t)uid);
     h[30] = 6; /* SENT_AT */
     h[31] = 8;
@@ -573,6 +583,309 @@ mailbox_recv(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     return pair;
 }
 
+
+/* ---- MailboxCore: a mailbox object's hot path in one object --------------------------
+ * What Mailbox.send and Mailbox.recv do for the common record, without a Python frame
+ * between the call and the ring: the body made here (a bytes object as it is, codec 0;
+ * any other object through a msgspec encoder without hooks, codec 1, so an object it
+ * cannot encode -- a numpy array, a custom class -- goes the general way, where the
+ * codec's hooks handle it), the record built (mailbox_send's bytes), the message id
+ * drawn from this object's counter (the general path draws from it too: one sequence
+ * per mailbox object), counted. recv decodes a codec 0/1 common record here (msgspec
+ * decoder given by the mailbox) and hands anything else back to the general path. */
+
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ring;     /* the mailbox's ring: where send puts */
+    PyObject *encode;   /* msgspec.msgpack.Encoder().encode (no hooks), or None */
+    PyObject *decode;   /* msgspec.msgpack.Decoder(ext_hook=...).decode, or None */
+    Py_ssize_t fast_max; /* the largest body that goes as a common record */
+    unsigned long long next_id;
+    unsigned long long sent, received;
+    unsigned long uid;
+    int nowait;         /* capacity=None: a send never waits (Full at once) */
+} MailboxCore;
+
+static void
+build_head(uint8_t *h, long codec, uint32_t len, uint64_t mid, uint32_t uid)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    memset(h, 0, MB_HEAD);
+    h[0] = VERSION;
+    h[1] = KIND_DATA;
+    h[2] = (uint8_t)(codec | FLAG_FIELDS);
+    put32(h + 4, len);
+    h[8] = 30;
+    h[10] = 1;
+    h[11] = 8;
+    put64(h + 12, mid);
+    h[20] = 2;
+    h[21] = 8;
+    put32(h + 22, cached_pid);
+    put32(h + 26, uid);
+    h[30] = 6;
+    h[31] = 8;
+    put64(h + 32, ns);
+}
+
+/* The body of obj for a common record: a new reference and its codec, NULL with no
+ * exception (not a common record: the general way), NULL with an exception (a real
+ * error, e.g. MemoryError... which the general way would meet too). */
+static PyObject *
+core_body(MailboxCore *c, PyObject *obj, long *codec)
+{
+    if (PyBytes_CheckExact(obj)) {
+        if (PyBytes_GET_SIZE(obj) > c->fast_max) {
+            return NULL;
+        }
+        *codec = 0;
+        return Py_NewRef(obj);
+    }
+    if (c->encode == Py_None || PyByteArray_Check(obj) || PyMemoryView_Check(obj)) {
+        return NULL; /* buffers: the codec decides what goes out of band */
+    }
+    PyObject *body = PyObject_CallOneArg(c->encode, obj);
+    if (body == NULL) {
+        PyErr_Clear(); /* the codec's hooks may know it (numpy), or say why not */
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(body) || PyBytes_GET_SIZE(body) > c->fast_max) {
+        Py_DECREF(body);
+        return NULL;
+    }
+    *codec = 1;
+    return body;
+}
+
+static PyObject *
+core_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* send(obj, timeout) -> True (sent) | False (not a common record: the general way) */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "send(obj, timeout)");
+        return NULL;
+    }
+    long codec = 0;
+    PyObject *body = core_body(c, args[0], &codec);
+    if (body == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    uint8_t h[MB_HEAD];
+    Py_ssize_t len = PyBytes_GET_SIZE(body);
+    build_head(h, codec, (uint32_t)len, ++c->next_id, (uint32_t)c->uid);
+    buzon_part parts[2] = {{h, MB_HEAD}, {(const uint8_t *)PyBytes_AS_STRING(body), (size_t)len}};
+    static PyObject *zero;
+    if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL) {
+        Py_DECREF(body);
+        return NULL;
+    }
+    PyObject *timeout = c->nowait ? zero : args[1];
+    int rc = api->put_wait(c->ring, parts, 2, MB_HEAD + (size_t)len, 0, timeout);
+    Py_DECREF(body);
+    if (rc < 0) {
+        return NULL;
+    }
+    c->sent++;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* fan(obj, rings, message_id) -> None (not a common record: the general way) | list
+     * of the indexes of rings that had no room (put into every other ring, no waiting) */
+    if (nargs != 3 || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "fan(obj, tuple of rings, message_id)");
+        return NULL;
+    }
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[2]);
+    if (mid == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *rings = args[1];
+    Py_ssize_t n = PyTuple_GET_SIZE(rings);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (ring_arg(PyTuple_GET_ITEM(rings, i)) < 0) {
+            return NULL;
+        }
+    }
+    long codec = 0;
+    PyObject *body = core_body(c, args[0], &codec);
+    if (body == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *full = PyList_New(0);
+    if (full == NULL) {
+        Py_DECREF(body);
+        return NULL;
+    }
+    uint8_t h[MB_HEAD];
+    Py_ssize_t len = PyBytes_GET_SIZE(body);
+    build_head(h, codec, (uint32_t)len, mid, (uint32_t)c->uid);
+    buzon_part parts[2] = {{h, MB_HEAD}, {(const uint8_t *)PyBytes_AS_STRING(body), (size_t)len}};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int rc = api->put(PyTuple_GET_ITEM(rings, i), parts, 2, MB_HEAD + (size_t)len, 0);
+        if (rc < 0) {
+            /* a ring shut down (the mailbox being removed) or closed: like full, the
+             * caller's general path sorts it out */
+            PyErr_Clear();
+            rc = 0;
+        }
+        if (rc == 0) {
+            PyObject *k = PyLong_FromSsize_t(i);
+            if (k == NULL || PyList_Append(full, k) < 0) {
+                Py_XDECREF(k);
+                Py_DECREF(full);
+                Py_DECREF(body);
+                return NULL;
+            }
+            Py_DECREF(k);
+        }
+    }
+    Py_DECREF(body);
+    return full;
+}
+
+static PyObject *
+core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* recv(ring, timeout) -> the object of a common record (codec 0: its bytes; codec 1:
+     * decoded), else (record,) for the general way, or (codec, body) for a common record
+     * the codec must decode (another codec, or one msgspec refused: the codec says why) */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv(ring, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    long codec = -1;
+    PyObject *out = api->take_wait(args[0], peek_mailbox, &codec, args[1]);
+    if (out == NULL) {
+        return NULL;
+    }
+    if (codec < 0) {
+        PyObject *t = PyTuple_New(1);
+        if (t == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, 0, out);
+        return t;
+    }
+    c->received++;
+    if (codec == 0) {
+        return out;
+    }
+    if (codec == 1 && c->decode != Py_None) {
+        PyObject *obj = PyObject_CallOneArg(c->decode, out);
+        if (obj != NULL) {
+            Py_DECREF(out);
+            return obj;
+        }
+        PyErr_Clear();
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, PyLong_FromLong(codec)); /* 0-7: small ints, cannot fail */
+    PyTuple_SET_ITEM(pair, 1, out);
+    return pair;
+}
+
+static PyObject *
+core_next_id(MailboxCore *c, PyObject *Py_UNUSED(a))
+{
+    return PyLong_FromUnsignedLongLong(++c->next_id);
+}
+
+static PyObject *
+core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ring", "encode", "decode", "fast_max", "uid", "nowait", NULL};
+    PyObject *ring, *encode, *decode;
+    Py_ssize_t fast_max;
+    unsigned long uid;
+    int nowait;
+    if (need_api() < 0) {
+        return NULL;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOnkp:MailboxCore", kwlist, api->ring_type,
+                                     &ring, &encode, &decode, &fast_max, &uid, &nowait)) {
+        return NULL;
+    }
+    MailboxCore *c = (MailboxCore *)type->tp_alloc(type, 0);
+    if (c == NULL) {
+        return NULL;
+    }
+    c->ring = Py_NewRef(ring);
+    c->encode = Py_NewRef(encode);
+    c->decode = Py_NewRef(decode);
+    c->fast_max = fast_max;
+    c->uid = uid;
+    c->nowait = nowait;
+    return (PyObject *)c;
+}
+
+static void
+core_dealloc(MailboxCore *c)
+{
+    Py_XDECREF(c->ring);
+    Py_XDECREF(c->encode);
+    Py_XDECREF(c->decode);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyMethodDef core_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))core_send, METH_FASTCALL,
+     "send(obj, timeout) -> bool: obj as a common record (bytes as they are, else msgpack "
+     "without hooks), put into the ring waiting like Ring.send (nowait: Full at once); "
+     "False (nothing sent) if it is not one: the caller's general way."},
+    {"fan", (PyCFunction)(void (*)(void))core_fan, METH_FASTCALL,
+     "fan(obj, rings, message_id) -> list | None: obj as one common record put into each "
+     "ring of the tuple without waiting; the indexes of those that had no room (or were "
+     "shut down); None (nothing sent) if it is not a common record. Not counted."},
+    {"recv", (PyCFunction)(void (*)(void))core_recv, METH_FASTCALL,
+     "recv(ring, timeout) -> object | (record,) | (codec, body): the next record of ring, "
+     "waiting like Ring.recv; a common record's object, else what the general way needs."},
+    {"next_id", (PyCFunction)core_next_id, METH_NOARGS,
+     "The next message id of this mailbox object (the general way's sends)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"fast_max", T_PYSSIZET, offsetof(MailboxCore, fast_max), 0,
+     "the largest body sent as a common record"},
+    {"sent", T_ULONGLONG, offsetof(MailboxCore, sent), READONLY, "messages send sent"},
+    {"received", T_ULONGLONG, offsetof(MailboxCore, received), READONLY,
+     "common records recv took"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject MailboxCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._frames.MailboxCore",
+    .tp_basicsize = sizeof(MailboxCore),
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "MailboxCore(ring, encode, decode, fast_max, uid, nowait): a mailbox object's "
+              "hot path (buzon._mailbox): common records sent, fanned out and received in "
+              "one C call each.",
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+    .tp_new = core_new,
+};
+
 static PyMethodDef module_functions[] = {
     {"data_frame", (PyCFunction)(void (*)(void))data_frame, METH_FASTCALL,
      "data_frame(body, flags) -> bytes: a DATA frame without buffers or fields, header "
@@ -604,7 +917,12 @@ static struct PyModuleDef moddef = {
 PyMODINIT_FUNC
 PyInit__frames(void)
 {
-    if (PyType_Ready(&RingFramesType) < 0) {
+    if (PyType_Ready(&RingFramesType) < 0 || PyType_Ready(&MailboxCoreType) < 0) {
+        return NULL;
+    }
+    cached_pid = (uint32_t)getpid();
+    if (pthread_atfork(NULL, NULL, frames_atfork_child) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }
     PyObject *m = PyModule_Create(&moddef);
@@ -613,7 +931,8 @@ PyInit__frames(void)
     }
     Py_INCREF(&RingFramesType);
     if (PyModule_AddObject(m, "RingFrames", (PyObject *)&RingFramesType) < 0 ||
-        PyModule_AddIntConstant(m, "HEADER_SIZE", HDR) < 0) {
+        PyModule_AddIntConstant(m, "HEADER_SIZE", HDR) < 0 ||
+        PyModule_AddObjectRef(m, "MailboxCore", (PyObject *)&MailboxCoreType) < 0) {
         Py_DECREF(&RingFramesType);
         Py_DECREF(m);
         return NULL;

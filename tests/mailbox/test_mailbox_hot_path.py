@@ -1,0 +1,124 @@
+"""The mailbox hot path (``MailboxCore`` in protocol/_frames.c): one C call per send,
+receive or broadcast of a common record, and the general way for everything else."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import buzon
+from buzon.errors import CodecError
+from buzon.protocol._frames import MailboxCore, mailbox_send
+
+T = 10.0
+
+
+def test_the_hot_path_and_the_general_path_draw_ids_from_one_sequence() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        box.send(b"fast")  # C
+        receipt = box.send_async(b"general")  # Python (receipt)
+        box.send({"fast": 1})  # C, msgpack
+        box.send(np.arange(3))  # the codec's hook: general
+        ids = [box.recv_message(T).id for _ in range(4)]
+        assert ids == sorted(set(ids)) and len(ids) == 4
+        assert receipt.id == ids[1]
+    finally:
+        box.remove()
+
+
+def test_what_the_hookless_encoder_refuses_goes_the_general_way() -> None:
+    box = buzon.mailbox("jobs", capacity=16)
+    try:
+        small, big = np.arange(4.0), np.arange(512.0)  # inline and out of band
+        items = [small, {"a": big}, np.float64(2.5), bytearray(2000), "x" * 5000]
+        for item in items:
+            box.send(item)
+        got = [box.recv(T) for _ in items]
+        assert np.array_equal(got[0], small) and np.array_equal(got[1]["a"], big)
+        assert got[2:] == [2.5, bytes(2000), "x" * 5000]
+        with pytest.raises(CodecError):
+            box.send(object())  # refused by both ways, with the codec's typed error
+        assert box.qsize() == 0  # and nothing went
+    finally:
+        box.remove()
+
+
+def test_a_forked_child_sends_with_its_own_pid() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        box.send(b"parent")  # the pid is cached from here on
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                box.send(b"child")
+                box.send({"child": True})
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        senders = [box.recv_message(T).sender.pid for _ in range(3)]
+        assert senders == [os.getpid(), pid, pid]
+    finally:
+        box.remove()
+
+
+def test_statistics_count_what_the_hot_path_moved() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        for item in (b"a", {"b": 1}, [1, 2]):
+            box.send(item)
+        assert [box.recv(T) for _ in range(3)] == [b"a", {"b": 1}, [1, 2]]
+        stats = box.statistics()
+        assert (stats["sent"], stats["received"]) == (3, 3)
+    finally:
+        box.remove()
+
+
+def test_a_common_record_with_a_bad_body_is_a_codec_error_and_the_mailbox_goes_on() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        mailbox_send(box._ring, b"\xc1", 1, 1, os.getuid(), T)  # 0xc1: never msgpack
+        with pytest.raises(CodecError):
+            box.recv(T)
+        box.send({"fine": 1})
+        assert box.recv(T) == {"fine": 1}
+    finally:
+        box.remove()
+
+
+def test_broadcast_through_the_hot_path_keeps_the_overflow_rule() -> None:
+    tx = buzon.mailbox("news", capacity=2, policy="broadcast")
+    rx = [buzon.mailbox("news") for _ in range(2)]
+    try:
+        for r in rx:
+            with pytest.raises(buzon.Empty):
+                r.recv_nowait()  # attached
+        for i in range(5):
+            tx.send({"n": i})
+        for r in rx:
+            assert [r.recv(T)["n"] for _ in range(2)] == [3, 4]  # the oldest were dropped
+        assert tx.statistics()["dropped"] == 6
+    finally:
+        for r in rx:
+            r.close()
+        tx.remove()
+
+
+def test_bad_arguments_to_the_core_are_type_errors() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        with pytest.raises(TypeError):
+            MailboxCore(object(), None, None, 10, 0, False)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.recv(object(), 0)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.fan(b"x", [box._ring], 1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.fan(b"x", (object(),), 1)  # type: ignore[arg-type]
+        assert box._core.fan(b"x", (), 1) == []
+    finally:
+        box.remove()
