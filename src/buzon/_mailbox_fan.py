@@ -59,6 +59,10 @@ _LOCK_TIMEOUT = 5.0
 _OOL = b"\x00OOL"
 
 
+_PID = [os.getpid()]  # this process's pid, kept current by a fork hook (no getpid call)
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
 def table_name(segment: str) -> str:
     """The subscriber table's segment name for a mailbox ring ``segment``."""
     return segment + "-subs"
@@ -128,9 +132,9 @@ class Fan:
         """In a forked child: its own liveness fd (the inherited one shares the
         parent's open file description, hence the parent's lock) and no subscription
         (the parent's entry and backlog stay the parent's)."""
-        if self.pid == os.getpid():
+        if self.pid == _PID[0]:
             return
-        self.pid = os.getpid()
+        self.pid = _PID[0]
         os.close(self.fd)  # the parent's lock stays: it holds the description too
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         self.mine = None
@@ -151,6 +155,9 @@ class Fan:
 
     def subscribe(self) -> _core.Ring:
         """This object's own ring, attaching it to the table first if needed."""
+        mine = self.mine
+        if mine is not None and self.pid == _PID[0]:  # the hot path: no call
+            return mine[1]
         self._forked()
         if self.mine is not None:
             return self.mine[1]

@@ -122,3 +122,26 @@ def test_bad_arguments_to_the_core_are_type_errors() -> None:
         assert box._core.fan(b"x", (), 1) == []
     finally:
         box.remove()
+
+
+def test_recv_message_takes_common_records_with_their_fields_in_one_call() -> None:
+    import time
+
+    box = buzon.mailbox("jobs")
+    try:
+        before = time.time()
+        box.send(b"raw")
+        receipt = box.send_async({"general": 1})  # a receipt record: the general way
+        box.send({"d": [1, 2]})
+        mailbox_send(box._ring, b"\xc1", 1, 99, os.getuid(), T)  # a body that is no msgpack
+        got = [box.recv_message(T) for _ in range(3)]
+        assert [m.body for m in got] == [b"raw", {"general": 1}, {"d": [1, 2]}]
+        assert [m.id for m in got] == [got[0].id, receipt.id, got[0].id + 2]
+        assert {(m.sender.pid, m.sender.uid) for m in got} == {(os.getpid(), os.getuid())}
+        assert all(before - 1 <= m.sent_at <= time.time() + 1 for m in got)
+        assert receipt.wait(T).pid == os.getpid()
+        with pytest.raises(CodecError):
+            box.recv_message(T)
+        assert box.statistics()["received"] == 4
+    finally:
+        box.remove()

@@ -804,6 +804,91 @@ core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     return pair;
 }
 
+typedef struct {
+    long codec;
+    uint8_t head[MB_HEAD]; /* the common record's head, copied once */
+} peek_message_ctx;
+
+static uint32_t
+peek_message(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
+{
+    peek_message_ctx *m = ctx;
+    uint32_t skip = peek_mailbox(&m->codec, payload, len, flags);
+    if (skip) {
+        /* the head again, as peek_mailbox saw it: it checked a private copy, and this
+         * one may differ if the peer rewrites the record (untrusted): we only read ids
+         * and times from it, never lengths */
+        memcpy(m->head, payload, MB_HEAD);
+    }
+    return skip;
+}
+
+static uint64_t
+get64(const uint8_t *p)
+{
+    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
+
+static PyObject *
+core_recv_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* recv_message(ring, timeout) -> (object, message id, pid, uid, sent_at ns) of a common
+     * record, else (record,) for the general way (which also says why a body does not
+     * decode) */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv_message(ring, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    peek_message_ctx m = {-1, {0}};
+    PyObject *out = api->take_wait(args[0], peek_message, &m, args[1]);
+    if (out == NULL) {
+        return NULL;
+    }
+    PyObject *obj = NULL;
+    if (m.codec == 0) {
+        obj = Py_NewRef(out);
+    }
+    else if (m.codec == 1 && c->decode != Py_None) {
+        obj = PyObject_CallOneArg(c->decode, out);
+        if (obj == NULL) {
+            PyErr_Clear();
+        }
+    }
+    if (obj == NULL) { /* the general way needs the whole record: rebuild it */
+        PyObject *whole = NULL;
+        if (m.codec >= 0) {
+            whole = PyBytes_FromStringAndSize(NULL, MB_HEAD + PyBytes_GET_SIZE(out));
+            if (whole != NULL) {
+                memcpy(PyBytes_AS_STRING(whole), m.head, MB_HEAD);
+                memcpy(PyBytes_AS_STRING(whole) + MB_HEAD, PyBytes_AS_STRING(out),
+                       (size_t)PyBytes_GET_SIZE(out));
+            }
+            Py_DECREF(out);
+        }
+        else {
+            whole = out;
+        }
+        if (whole == NULL) {
+            return NULL;
+        }
+        PyObject *t = PyTuple_New(1);
+        if (t == NULL) {
+            Py_DECREF(whole);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, 0, whole);
+        return t;
+    }
+    Py_DECREF(out);
+    c->received++;
+    return Py_BuildValue("(NKkkK)", obj, (unsigned long long)get64(m.head + 12),
+                         (unsigned long)get32(m.head + 22), (unsigned long)get32(m.head + 26),
+                         (unsigned long long)get64(m.head + 32));
+}
+
 static PyObject *
 core_next_id(MailboxCore *c, PyObject *Py_UNUSED(a))
 {
@@ -859,6 +944,9 @@ static PyMethodDef core_methods[] = {
     {"recv", (PyCFunction)(void (*)(void))core_recv, METH_FASTCALL,
      "recv(ring, timeout) -> object | (record,) | (codec, body): the next record of ring, "
      "waiting like Ring.recv; a common record's object, else what the general way needs."},
+    {"recv_message", (PyCFunction)(void (*)(void))core_recv_message, METH_FASTCALL,
+     "recv_message(ring, timeout) -> (object, id, pid, uid, sent_at ns) | (record,): like "
+     "recv, with the common record's fields."},
     {"next_id", (PyCFunction)core_next_id, METH_NOARGS,
      "The next message id of this mailbox object (the general way's sends)."},
     {NULL, NULL, 0, NULL},
