@@ -72,6 +72,7 @@ from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from . import _core
+from ._mailbox_fan import _PID
 from .codec import Codec
 from .errors import (
     ChannelClosed,
@@ -333,6 +334,8 @@ class Mailbox:
             ring, encode, decode, self._fast_max, self._uid, self.capacity is None
         )
         self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
+        self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
+        self._ack_name: tuple[int, bytes] = (0, b"")  # (pid, name) of our own ack ring
         self._counts = {"sent": 0, "received": 0, "acks_dropped": 0, "out_of_line": 0}
         from . import _reduction
 
@@ -624,6 +627,17 @@ class Mailbox:
         """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
         never for a receiver) and return a receipt naming who takes it (broadcast:
         every receiver it went to, ``receipt.receivers``)."""
+        if self._plain and not self._closed:  # the hot path: a receipt record in one C call
+            pid, reply_to = self._ack_name
+            if pid != _PID[0]:
+                reply_to = self._ack_ring().name.encode("ascii")
+                self._ack_name = (_PID[0], reply_to)
+            try:
+                message_id = self._core.send_receipt(obj, timeout, reply_to)
+            except (Full, EndOfChannel) as exc:
+                self._put_failed(exc)
+            if message_id:
+                return MailboxReceipt(self, message_id)
         if self._fan is not None and self.policy == "broadcast":
             return MailboxReceipt(self, *self._send_broadcast(obj, next(self._ids), True))
         return MailboxReceipt(self, self._send(obj, timeout, False, True))
@@ -651,7 +665,7 @@ class Mailbox:
                         del self._acked[message_id]
                     return who
                 acks = self._acks
-                if acks is None or self._acks_pid != os.getpid():
+                if acks is None or self._acks_pid != _PID[0]:  # _PID: getpid without a call
                     return None
                 if self._closed:
                     raise ChannelClosed(f"mailbox {self.name!r} was closed")
@@ -694,8 +708,11 @@ class Mailbox:
                     self._counts["acks_dropped"] += 1
                     return
                 self._reply_rings[name] = ring
+                self._core.replies[reply_to] = ring  # the hot path acknowledges from now on
                 while len(self._reply_rings) > _MAX_ACK_RINGS:
-                    self._reply_rings.popitem(last=False)[1].close()
+                    old, gone = self._reply_rings.popitem(last=False)
+                    self._core.replies.pop(old.encode("ascii"), None)
+                    gone.close()
             else:
                 self._reply_rings.move_to_end(name)
         if not ring.try_send(_ACK.pack(message_id, os.getpid(), os.getuid())):
@@ -907,6 +924,7 @@ class Mailbox:
         counts = dict(self._counts)  # and the hot path's, counted in C
         counts["sent"] += self._core.sent
         counts["received"] += self._core.received
+        counts["acks_dropped"] += self._core.acks_dropped
         return dict(counts, depth=self.qsize(), abandoned=info["abandoned"], dropped=dropped)
 
     def exists(self) -> bool:

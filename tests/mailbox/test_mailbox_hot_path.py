@@ -145,3 +145,47 @@ def test_recv_message_takes_common_records_with_their_fields_in_one_call() -> No
         assert box.statistics()["received"] == 4
     finally:
         box.remove()
+
+
+def test_receipt_records_go_the_hot_path_and_name_the_receiver_across_processes() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        receipts = [box.send_async({"job": i}) for i in range(50)]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                rx = buzon.mailbox("jobs")
+                assert [rx.recv(T)["job"] for _ in range(50)] == list(range(50))
+                # the first acknowledgement attached the sender's ring, the others went in C
+                assert rx._core.received == 49 and rx.statistics()["acks_dropped"] == 0
+                rx.close()
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        who = {(r.wait(T).pid, r.wait(T).uid) for r in receipts}
+        assert who == {(pid, os.getuid())}
+        assert len({r.id for r in receipts}) == 50
+    finally:
+        box.remove()
+
+
+def test_a_receipt_record_with_a_bad_body_is_acknowledged_once_and_a_codec_error() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        first = box.send_async(b"first")
+        box.recv(T)  # the first acknowledgement attaches the ring: the hot path acks next
+        assert first.wait(T).pid == os.getpid()
+        frame = b"".join(box._encode({"x": 1}, 4242, box._ack_ring().name))
+        body = b"\x81\xa1x\x01"
+        assert frame.endswith(body)
+        box._ring.send(frame[: -len(body)] + b"\xc1" * len(body))  # a receipt record, bad body
+        with pytest.raises(CodecError):
+            box.recv(T)
+        assert box._ack_of(4242, T) is not None
+        assert box._ack_of(4242, 0.05) is None  # once, not twice
+        box.send("fine")
+        assert box.recv(T) == "fine"
+    finally:
+        box.remove()

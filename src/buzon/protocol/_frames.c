@@ -602,9 +602,10 @@ typedef struct {
     PyObject *decode;   /* msgspec.msgpack.Decoder(ext_hook=...).decode, or None */
     Py_ssize_t fast_max; /* the largest body that goes as a common record */
     unsigned long long next_id;
-    unsigned long long sent, received;
+    unsigned long long sent, received, acks_dropped;
     unsigned long uid;
     int nowait;         /* capacity=None: a send never waits (Full at once) */
+    PyObject *replies;  /* dict: acknowledgement ring name (bytes) -> Ring, or None */
 } MailboxCore;
 
 static void
@@ -660,6 +661,62 @@ core_body(MailboxCore *c, PyObject *obj, long *codec)
     return body;
 }
 
+#define TAG_REPLY_TO 5
+#define FLAG_RECEIPT 0x08
+
+/* obj as a common record (reply: NULL, or the acknowledgement ring's name for a receipt
+ * record), put waiting like Ring.send. 1 sent (*mid its id), 0 not a common record
+ * (nothing sent), -1 error. */
+static int
+core_put(MailboxCore *c, PyObject *obj, PyObject *timeout, PyObject *reply, uint64_t *mid)
+{
+    Py_ssize_t rlen = 0;
+    if (reply != NULL) {
+        rlen = PyBytes_GET_SIZE(reply);
+        if (rlen < 1 || rlen > 255) {
+            return 0; /* the general way says what is wrong with it */
+        }
+    }
+    long codec = 0;
+    PyObject *body = core_body(c, obj, &codec);
+    if (body == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_ssize_t len = PyBytes_GET_SIZE(body);
+    if (len + 2 + rlen > c->fast_max + 0 && reply != NULL) {
+        Py_DECREF(body);
+        return 0; /* with its reply field it no longer fits a record: the general way */
+    }
+    uint8_t h[MB_HEAD];
+    uint8_t field[2] = {TAG_REPLY_TO, (uint8_t)rlen};
+    *mid = ++c->next_id;
+    build_head(h, codec, (uint32_t)len, *mid, (uint32_t)c->uid);
+    buzon_part parts[4];
+    int n = 0;
+    parts[n++] = (buzon_part){h, MB_HEAD};
+    if (reply != NULL) {
+        h[2] |= FLAG_RECEIPT;
+        h[8] = (uint8_t)(30 + 2 + rlen);
+        h[9] = (uint8_t)((30 + 2 + rlen) >> 8);
+        parts[n++] = (buzon_part){field, 2};
+        parts[n++] = (buzon_part){(const uint8_t *)PyBytes_AS_STRING(reply), (size_t)rlen};
+    }
+    parts[n++] = (buzon_part){(const uint8_t *)PyBytes_AS_STRING(body), (size_t)len};
+    size_t total = MB_HEAD + (reply != NULL ? 2 + (size_t)rlen : 0) + (size_t)len;
+    static PyObject *zero;
+    if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL) {
+        Py_DECREF(body);
+        return -1;
+    }
+    int rc = api->put_wait(c->ring, parts, n, total, 0, c->nowait ? zero : timeout);
+    Py_DECREF(body);
+    if (rc < 0) {
+        return -1;
+    }
+    c->sent++;
+    return 1;
+}
+
 static PyObject *
 core_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -668,31 +725,22 @@ core_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "send(obj, timeout)");
         return NULL;
     }
-    long codec = 0;
-    PyObject *body = core_body(c, args[0], &codec);
-    if (body == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        Py_RETURN_FALSE;
-    }
-    uint8_t h[MB_HEAD];
-    Py_ssize_t len = PyBytes_GET_SIZE(body);
-    build_head(h, codec, (uint32_t)len, ++c->next_id, (uint32_t)c->uid);
-    buzon_part parts[2] = {{h, MB_HEAD}, {(const uint8_t *)PyBytes_AS_STRING(body), (size_t)len}};
-    static PyObject *zero;
-    if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL) {
-        Py_DECREF(body);
+    uint64_t mid;
+    int rc = core_put(c, args[0], args[1], NULL, &mid);
+    return rc < 0 ? NULL : PyBool_FromLong(rc);
+}
+
+static PyObject *
+core_send_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* send_receipt(obj, timeout, reply_to) -> the message id | 0 (the general way) */
+    if (nargs != 3 || !PyBytes_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "send_receipt(obj, timeout, reply_to: bytes)");
         return NULL;
     }
-    PyObject *timeout = c->nowait ? zero : args[1];
-    int rc = api->put_wait(c->ring, parts, 2, MB_HEAD + (size_t)len, 0, timeout);
-    Py_DECREF(body);
-    if (rc < 0) {
-        return NULL;
-    }
-    c->sent++;
-    Py_RETURN_TRUE;
+    uint64_t mid = 0;
+    int rc = core_put(c, args[0], args[1], args[2], &mid);
+    return rc < 0 ? NULL : PyLong_FromUnsignedLongLong(rc ? mid : 0);
 }
 
 static PyObject *
@@ -755,72 +803,55 @@ core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     return full;
 }
 
-static PyObject *
-core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
-{
-    /* recv(ring, timeout) -> the object of a common record (codec 0: its bytes; codec 1:
-     * decoded), else (record,) for the general way, or (codec, body) for a common record
-     * the codec must decode (another codec, or one msgspec refused: the codec says why) */
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "recv(ring, timeout)");
-        return NULL;
-    }
-    if (ring_arg(args[0]) < 0) {
-        return NULL;
-    }
-    long codec = -1;
-    PyObject *out = api->take_wait(args[0], peek_mailbox, &codec, args[1]);
-    if (out == NULL) {
-        return NULL;
-    }
-    if (codec < 0) {
-        PyObject *t = PyTuple_New(1);
-        if (t == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(t, 0, out);
-        return t;
-    }
-    c->received++;
-    if (codec == 0) {
-        return out;
-    }
-    if (codec == 1 && c->decode != Py_None) {
-        PyObject *obj = PyObject_CallOneArg(c->decode, out);
-        if (obj != NULL) {
-            Py_DECREF(out);
-            return obj;
-        }
-        PyErr_Clear();
-    }
-    PyObject *pair = PyTuple_New(2);
-    if (pair == NULL) {
-        Py_DECREF(out);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(pair, 0, PyLong_FromLong(codec)); /* 0-7: small ints, cannot fail */
-    PyTuple_SET_ITEM(pair, 1, out);
-    return pair;
-}
-
 typedef struct {
-    long codec;
-    uint8_t head[MB_HEAD]; /* the common record's head, copied once */
-} peek_message_ctx;
+    long codec;            /* 0-7: a common record (its head skipped); -1: the general way */
+    int receipt;           /* the receipt variant: reply[0..rlen) names the ack ring */
+    uint32_t rlen;
+    uint8_t head[MB_HEAD]; /* copied once (the peer may rewrite the record: untrusted) */
+    uint8_t reply[255];
+} peek_ctx_mb;
 
+/* The common record (40-byte head, then the body) or its receipt variant (the head
+ * with the receipt flag and a FIELDS block 2 + L longer, then REPLY_TO: tag 5, L, the
+ * name, then the body). Everything checked on private copies; skip = head + field. */
 static uint32_t
 peek_message(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
 {
-    peek_message_ctx *m = ctx;
-    uint32_t skip = peek_mailbox(&m->codec, payload, len, flags);
-    if (skip) {
-        /* the head again, as peek_mailbox saw it: it checked a private copy, and this
-         * one may differ if the peer rewrites the record (untrusted): we only read ids
-         * and times from it, never lengths */
-        memcpy(m->head, payload, MB_HEAD);
+    peek_ctx_mb *m = ctx;
+    uint8_t *p = m->head;
+    m->codec = -1;
+    if (flags != 0 || len < MB_HEAD) {
+        return 0;
     }
-    return skip;
+    memcpy(p, payload, MB_HEAD);
+    uint32_t extra = 0;
+    int receipt = (p[2] & FLAG_RECEIPT) != 0;
+    uint32_t fields = (uint32_t)p[8] | (uint32_t)p[9] << 8;
+    if (receipt) {
+        uint8_t f[2];
+        if (len < MB_HEAD + 2) {
+            return 0;
+        }
+        memcpy(f, payload + MB_HEAD, 2);
+        if (f[0] != TAG_REPLY_TO || f[1] == 0 || len < MB_HEAD + 2 + f[1] ||
+            fields != 32u + f[1]) {
+            return 0;
+        }
+        m->rlen = f[1];
+        memcpy(m->reply, payload + MB_HEAD + 2, f[1]);
+        extra = 2u + f[1];
+    }
+    else if (fields != 30) {
+        return 0;
+    }
+    if (p[0] == VERSION && p[1] == KIND_DATA && (p[2] & 0xF0) == FLAG_FIELDS && p[3] == 0 &&
+        p[10] == 1 && p[11] == 8 && p[20] == 2 && p[21] == 8 && p[30] == 6 && p[31] == 8 &&
+        get32(p + 4) == len - MB_HEAD - extra) {
+        m->codec = p[2] & 7;
+        m->receipt = receipt;
+        return MB_HEAD + extra;
+    }
+    return 0;
 }
 
 static uint64_t
@@ -829,61 +860,146 @@ get64(const uint8_t *p)
     return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
 }
 
+/* Tell the sender of a receipt record who took it: 1 done (or dropped and counted),
+ * 0 its acknowledgement ring is not attached here yet (the general way attaches it). */
+static int
+acknowledge(MailboxCore *c, peek_ctx_mb *m)
+{
+    if (!PyDict_CheckExact(c->replies)) {
+        return 0;
+    }
+    PyObject *name = PyBytes_FromStringAndSize((const char *)m->reply, m->rlen);
+    if (name == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *ring = PyDict_GetItemWithError(c->replies, name); /* borrowed */
+    Py_DECREF(name);
+    if (ring == NULL || !PyObject_TypeCheck(ring, api->ring_type)) {
+        PyErr_Clear();
+        return 0;
+    }
+    uint8_t ack[16]; /* message id, pid, uid: _mailbox._ACK */
+    put64(ack, get64(m->head + 12));
+    put32(ack + 8, cached_pid);
+    put32(ack + 12, (uint32_t)c->uid);
+    buzon_part part = {ack, sizeof ack};
+    if (api->put(ring, &part, 1, sizeof ack, 0) <= 0) { /* full, or its sender is gone */
+        PyErr_Clear();
+        c->acks_dropped++;
+    }
+    return 1;
+}
+
+/* The next record of ring: *obj the common record's object (decoded), or NULL with no
+ * exception and *whole the record for the general way; NULL with an exception on error. */
+static int
+take_message(MailboxCore *c, PyObject *ring, PyObject *timeout, peek_ctx_mb *m,
+             PyObject **obj, PyObject **whole)
+{
+    *obj = *whole = NULL;
+    if (ring_arg(ring) < 0) {
+        return -1;
+    }
+    m->codec = -1;
+    m->receipt = 0;
+    PyObject *out = api->take_wait(ring, peek_message, m, timeout);
+    if (out == NULL) {
+        return -1;
+    }
+    if (m->codec < 0) {
+        *whole = out;
+        return 0;
+    }
+    if (!m->receipt || acknowledge(c, m)) {
+        if (m->codec == 0) {
+            *obj = out;
+            c->received++;
+            return 0;
+        }
+        if (m->codec == 1 && c->decode != Py_None) {
+            *obj = PyObject_CallOneArg(c->decode, out);
+            if (*obj != NULL) {
+                Py_DECREF(out);
+                c->received++;
+                return 0;
+            }
+            PyErr_Clear();
+            if (m->receipt) {
+                /* acknowledged already: the general way must not do it again, and it
+                 * only has to say why the body does not decode */
+                m->receipt = 0;
+                m->head[2] &= (uint8_t)~FLAG_RECEIPT;
+                m->head[8] = 30;
+                m->head[9] = 0;
+                m->rlen = 0;
+            }
+        }
+    }
+    /* the general way needs the whole record: rebuild it from the copies */
+    uint32_t extra = m->receipt ? 2u + m->rlen : 0u;
+    Py_ssize_t n = PyBytes_GET_SIZE(out);
+    *whole = PyBytes_FromStringAndSize(NULL, MB_HEAD + extra + n);
+    if (*whole != NULL) {
+        uint8_t *w = (uint8_t *)PyBytes_AS_STRING(*whole);
+        memcpy(w, m->head, MB_HEAD);
+        if (m->receipt) {
+            w[MB_HEAD] = TAG_REPLY_TO;
+            w[MB_HEAD + 1] = (uint8_t)m->rlen;
+            memcpy(w + MB_HEAD + 2, m->reply, m->rlen);
+        }
+        memcpy(w + MB_HEAD + extra, PyBytes_AS_STRING(out), (size_t)n);
+    }
+    Py_DECREF(out);
+    return *whole == NULL ? -1 : 0;
+}
+
+static PyObject *
+one_tuple(PyObject *whole)
+{
+    PyObject *t = PyTuple_New(1);
+    if (t == NULL) {
+        Py_DECREF(whole);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, whole);
+    return t;
+}
+
+static PyObject *
+core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* recv(ring, timeout) -> the object of a common record (codec 0: its bytes; codec 1:
+     * decoded; a receipt record acknowledged), else (record,) for the general way */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv(ring, timeout)");
+        return NULL;
+    }
+    peek_ctx_mb m;
+    PyObject *obj, *whole;
+    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
+        return NULL;
+    }
+    return obj != NULL ? obj : one_tuple(whole);
+}
+
 static PyObject *
 core_recv_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
     /* recv_message(ring, timeout) -> (object, message id, pid, uid, sent_at ns) of a common
-     * record, else (record,) for the general way (which also says why a body does not
-     * decode) */
+     * record, else (record,) for the general way */
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "recv_message(ring, timeout)");
         return NULL;
     }
-    if (ring_arg(args[0]) < 0) {
+    peek_ctx_mb m;
+    PyObject *obj, *whole;
+    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
         return NULL;
     }
-    peek_message_ctx m = {-1, {0}};
-    PyObject *out = api->take_wait(args[0], peek_message, &m, args[1]);
-    if (out == NULL) {
-        return NULL;
+    if (obj == NULL) {
+        return one_tuple(whole);
     }
-    PyObject *obj = NULL;
-    if (m.codec == 0) {
-        obj = Py_NewRef(out);
-    }
-    else if (m.codec == 1 && c->decode != Py_None) {
-        obj = PyObject_CallOneArg(c->decode, out);
-        if (obj == NULL) {
-            PyErr_Clear();
-        }
-    }
-    if (obj == NULL) { /* the general way needs the whole record: rebuild it */
-        PyObject *whole = NULL;
-        if (m.codec >= 0) {
-            whole = PyBytes_FromStringAndSize(NULL, MB_HEAD + PyBytes_GET_SIZE(out));
-            if (whole != NULL) {
-                memcpy(PyBytes_AS_STRING(whole), m.head, MB_HEAD);
-                memcpy(PyBytes_AS_STRING(whole) + MB_HEAD, PyBytes_AS_STRING(out),
-                       (size_t)PyBytes_GET_SIZE(out));
-            }
-            Py_DECREF(out);
-        }
-        else {
-            whole = out;
-        }
-        if (whole == NULL) {
-            return NULL;
-        }
-        PyObject *t = PyTuple_New(1);
-        if (t == NULL) {
-            Py_DECREF(whole);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(t, 0, whole);
-        return t;
-    }
-    Py_DECREF(out);
-    c->received++;
     return Py_BuildValue("(NKkkK)", obj, (unsigned long long)get64(m.head + 12),
                          (unsigned long)get32(m.head + 22), (unsigned long)get32(m.head + 26),
                          (unsigned long long)get64(m.head + 32));
@@ -920,6 +1036,7 @@ core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     c->fast_max = fast_max;
     c->uid = uid;
     c->nowait = nowait;
+    c->replies = Py_NewRef(Py_None);
     return (PyObject *)c;
 }
 
@@ -929,10 +1046,15 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->ring);
     Py_XDECREF(c->encode);
     Py_XDECREF(c->decode);
+    Py_XDECREF(c->replies);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
 static PyMethodDef core_methods[] = {
+    {"send_receipt", (PyCFunction)(void (*)(void))core_send_receipt, METH_FASTCALL,
+     "send_receipt(obj, timeout, reply_to) -> int: send, as a receipt record whose "
+     "receiver acknowledges to the ring named reply_to; the message id, or 0 (nothing "
+     "sent) if it is not a common record."},
     {"send", (PyCFunction)(void (*)(void))core_send, METH_FASTCALL,
      "send(obj, timeout) -> bool: obj as a common record (bytes as they are, else msgpack "
      "without hooks), put into the ring waiting like Ring.send (nowait: Full at once); "
@@ -958,6 +1080,10 @@ static PyMemberDef core_members[] = {
     {"sent", T_ULONGLONG, offsetof(MailboxCore, sent), READONLY, "messages send sent"},
     {"received", T_ULONGLONG, offsetof(MailboxCore, received), READONLY,
      "common records recv took"},
+    {"acks_dropped", T_ULONGLONG, offsetof(MailboxCore, acks_dropped), READONLY,
+     "acknowledgements that found their ring full or gone"},
+    {"replies", T_OBJECT, offsetof(MailboxCore, replies), 0,
+     "dict: acknowledgement ring name (bytes) -> Ring, for receipt records (or None)"},
     {NULL, 0, 0, 0, NULL},
 };
 
