@@ -335,6 +335,7 @@ class Mailbox:
         )
         self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
+        self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
         self._ack_name: tuple[int, bytes] = (0, b"")  # (pid, name) of our own ack ring
         self._counts = {"sent": 0, "received": 0, "acks_dropped": 0, "out_of_line": 0}
         from . import _reduction
@@ -958,6 +959,7 @@ class Mailbox:
             self._hold_fd = -1
         self._ring.close()
         if self._wake_fd >= 0:
+            self._core.mark_fd = -1
             os.close(self._wake_fd)
             self._wake_fd = -1
 
@@ -1140,16 +1142,52 @@ def keeps(seg: SegmentInfo, *, force: bool = False) -> str | None:
     return None
 
 
-def describe(segment: str) -> str:
+_ACTIVE_S = 2.0  # describe: a mailbox used this recently gets its rates measured
+_RATE_WINDOW_S = 0.02
+
+
+def _ago(t: float, now: float) -> str:
+    return "never" if t <= 0 else f"{max(0.0, now - t):.0f} s ago"
+
+
+def describe(segment: str, path: str | None = None) -> str:
     """``buzon ls``: the state of the mailbox in ``segment``: policy, capacity, depth,
-    live users (pids), age and messages taken so far."""
-    info = _core.inspect(segment if segment.startswith("/") else "/" + segment)
+    live users (pids), age, last use (``path``: its name file, whose wake-up FIFO's
+    mtime and atime the hot path sets at most once a second on a send and a take),
+    messages sent, taken and lost so far, and, for a mailbox used in the last
+    ``_ACTIVE_S`` seconds, its rates now (two looks ``_RATE_WINDOW_S`` apart)."""
+    name = segment if segment.startswith("/") else "/" + segment
+    info = _core.inspect(name)
+    t0 = time.monotonic()
     policy, capacity, _ = _parse_label(info["label"])
     pids = sorted({pid for _slot, pid, live in info["participants"] if live})
-    age = max(0.0, time.time() - info["created_ns"] / 1e9)
+    now = time.time()
+    age = max(0.0, now - info["created_ns"] / 1e9)
     users = "pid " + ",".join(map(str, pids)) if pids else "no live users"
     cap = "None" if capacity is None else capacity
+    used = ""
+    last = 0.0
+    if path is not None:
+        try:
+            st = os.stat(path + _WAKE)
+        except OSError:
+            st = None
+        if st is not None:
+            sent_at = st.st_mtime if info["committed"] else 0.0  # else: the FIFO's birth
+            taken_at = st.st_atime if info["consumed"] else 0.0
+            last = max(sent_at, taken_at)
+            used = f", last send {_ago(sent_at, now)}, last take {_ago(taken_at, now)}"
+    rates = ""
+    if last and now - last <= _ACTIVE_S:
+        time.sleep(_RATE_WINDOW_S)
+        later = _core.inspect(name)
+        dt = max(1e-6, time.monotonic() - t0)
+        sent = (later["committed"] - info["committed"]) / dt
+        taken = (later["consumed"] - info["consumed"]) / dt
+        rates = f", now {sent:.0f} sent/s {taken:.0f} taken/s"
+        info = later
     return (
-        f"policy={policy} capacity={cap} depth={_depth(info)}, {users}, age {age:.0f} s, "
-        f"{info['consumed']} taken, {info['abandoned']} lost"
+        f"policy={policy} capacity={cap} depth={_depth(info)}, {users}, age {age:.0f} s"
+        f"{used}, {info['committed']} sent, {info['consumed']} taken, "
+        f"{info['abandoned']} lost{rates}"
     )

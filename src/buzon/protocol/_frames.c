@@ -25,8 +25,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <structmember.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -606,9 +608,37 @@ typedef struct {
     unsigned long uid;
     int nowait;         /* capacity=None: a send never waits (Full at once) */
     PyObject *replies;  /* dict: acknowledgement ring name (bytes) -> Ring, or None */
+    int mark_fd;        /* the mailbox's wake-up FIFO (-1: none): last use, for buzon ls */
+    uint64_t marked[2]; /* ns of our last mark: [0] a take (atime), [1] a send (mtime) */
 } MailboxCore;
 
+#define MARK_EVERY_NS 1000000000ULL /* at most one mark a second per object and kind */
+
+/* buzon ls shows a mailbox's last use from its wake-up FIFO's times: atime the last
+ * take, mtime the last send. Set at most once a second per object (one futimens), so
+ * the hot path pays a comparison. */
 static void
+mark_use(MailboxCore *c, int kind, uint64_t ns)
+{
+    if (c->mark_fd < 0 || ns - c->marked[kind] < MARK_EVERY_NS) {
+        return;
+    }
+    c->marked[kind] = ns;
+    struct timespec ts[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
+    ts[kind].tv_sec = (time_t)(ns / 1000000000ULL);
+    ts[kind].tv_nsec = (long)(ns % 1000000000ULL);
+    (void)futimens(c->mark_fd, ts); /* best effort: a statistic */
+}
+
+static uint64_t
+coarse_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t
 build_head(uint8_t *h, long codec, uint32_t len, uint64_t mid, uint32_t uid)
 {
     struct timespec ts;
@@ -630,6 +660,7 @@ build_head(uint8_t *h, long codec, uint32_t len, uint64_t mid, uint32_t uid)
     h[30] = 6;
     h[31] = 8;
     put64(h + 32, ns);
+    return ns;
 }
 
 /* The body of obj for a common record: a new reference and its codec, NULL with no
@@ -690,7 +721,7 @@ core_put(MailboxCore *c, PyObject *obj, PyObject *timeout, PyObject *reply, uint
     uint8_t h[MB_HEAD];
     uint8_t field[2] = {TAG_REPLY_TO, (uint8_t)rlen};
     *mid = ++c->next_id;
-    build_head(h, codec, (uint32_t)len, *mid, (uint32_t)c->uid);
+    uint64_t ns = build_head(h, codec, (uint32_t)len, *mid, (uint32_t)c->uid);
     buzon_part parts[4];
     int n = 0;
     parts[n++] = (buzon_part){h, MB_HEAD};
@@ -714,6 +745,7 @@ core_put(MailboxCore *c, PyObject *obj, PyObject *timeout, PyObject *reply, uint
         return -1;
     }
     c->sent++;
+    mark_use(c, 1, ns);
     return 1;
 }
 
@@ -778,8 +810,9 @@ core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     }
     uint8_t h[MB_HEAD];
     Py_ssize_t len = PyBytes_GET_SIZE(body);
-    build_head(h, codec, (uint32_t)len, mid, (uint32_t)c->uid);
+    uint64_t ns = build_head(h, codec, (uint32_t)len, mid, (uint32_t)c->uid);
     buzon_part parts[2] = {{h, MB_HEAD}, {(const uint8_t *)PyBytes_AS_STRING(body), (size_t)len}};
+    mark_use(c, 1, ns);
     for (Py_ssize_t i = 0; i < n; i++) {
         int rc = api->put(PyTuple_GET_ITEM(rings, i), parts, 2, MB_HEAD + (size_t)len, 0);
         if (rc < 0) {
@@ -906,6 +939,9 @@ take_message(MailboxCore *c, PyObject *ring, PyObject *timeout, peek_ctx_mb *m,
     PyObject *out = api->take_wait(ring, peek_message, m, timeout);
     if (out == NULL) {
         return -1;
+    }
+    if (c->mark_fd >= 0) {
+        mark_use(c, 0, coarse_now_ns());
     }
     if (m->codec < 0) {
         *whole = out;
@@ -1037,6 +1073,7 @@ core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     c->uid = uid;
     c->nowait = nowait;
     c->replies = Py_NewRef(Py_None);
+    c->mark_fd = -1;
     return (PyObject *)c;
 }
 
@@ -1082,6 +1119,8 @@ static PyMemberDef core_members[] = {
      "common records recv took"},
     {"acks_dropped", T_ULONGLONG, offsetof(MailboxCore, acks_dropped), READONLY,
      "acknowledgements that found their ring full or gone"},
+    {"mark_fd", T_INT, offsetof(MailboxCore, mark_fd), 0,
+     "the fd whose atime/mtime mark the last take/send (at most once a second), or -1"},
     {"replies", T_OBJECT, offsetof(MailboxCore, replies), 0,
      "dict: acknowledgement ring name (bytes) -> Ring, for receipt records (or None)"},
     {NULL, 0, 0, 0, NULL},

@@ -56,6 +56,7 @@ class MailboxCore:
     @property
     def acks_dropped(self) -> int: ...
     replies: dict[bytes, Ring]
+    mark_fd: int
     def __init__(
         self, ring: Ring, encode: Any, decode: Any, fast_max: int, uid: int, nowait: bool
     ) -> None: ...
