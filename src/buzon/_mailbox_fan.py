@@ -85,6 +85,9 @@ class Fan:
             self.block = _core.Block.attach(name)
         except FileNotFoundError:
             raise NoSuchEndpoint(f"mailbox {box.name!r} lost its receiver table") from None
+        # the generation, read on every send: one view kept (released by close)
+        self._view = memoryview(self.block)
+        self._gen_view = self._view[:8].cast("Q")
         self.path = SHM_DIR + "/" + name.lstrip("/")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         self.pid = os.getpid()
@@ -232,7 +235,7 @@ class Fan:
 
     def receivers(self) -> list[tuple[int, str, _core.Ring]]:
         """The attached receivers' rings (re-read when the table changed)."""
-        gen = self._generation()
+        gen = self._gen_view[0]
         if gen == self.gen:
             return self.targets
         with self.lock:
@@ -373,6 +376,8 @@ class Fan:
         self.targets = []
         self.fanout = ([], ())
         self.gen = -1
+        self._gen_view.release()
+        self._view.release()
         self.block.close()
         os.close(self.fd)
 
