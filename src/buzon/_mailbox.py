@@ -55,6 +55,19 @@ listed in a receiver table; senders put each message into one of them or into al
 Waiting on many things (``buzon.wait``, asyncio): every user holds the FIFO
 ``NAME.mbox.wake`` open and sets it as its rings' data notification; a waiter arms
 the ring, and the next commit by any sender writes the FIFO (:meth:`Mailbox._ready`).
+
+The hot path. Each object has a ``MailboxCore`` (``buzon.protocol._frames``, C): the
+*common record* (the frame above with exactly MESSAGE_ID, SENDER and SENT_AT, no
+out-of-band buffer; or with REPLY_TO after them, a receipt record) is encoded, built
+and put, or taken, checked and decoded, in one C call: ``send``, ``send_async``,
+``recv``, ``recv_message`` and a broadcast's fan-out to every receiver's ring.
+``bytes`` go as they are (codec raw); other objects through a msgspec encoder without
+hooks (codec msgpack: the same bytes the codec makes), so what only the codec's hooks
+know (numpy arrays and scalars) or refuse goes the general way, which says why. The
+receiver of a receipt record acknowledges it in C once the sender's acknowledgement
+ring is attached (the general way attaches it the first time). Message ids come from
+the core's counter on both ways. The core also marks the wake-up FIFO's mtime (a
+send) and atime (a take) at most once a second: ``buzon ls`` reads them as last use.
 """
 
 from __future__ import annotations

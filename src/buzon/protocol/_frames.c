@@ -898,7 +898,7 @@ get64(const uint8_t *p)
 static int
 acknowledge(MailboxCore *c, peek_ctx_mb *m)
 {
-    if (!PyDict_CheckExact(c->replies)) {
+    if (c->replies == NULL || !PyDict_CheckExact(c->replies)) { /* deleted, or not set */
         return 0;
     }
     PyObject *name = PyBytes_FromStringAndSize((const char *)m->reply, m->rlen);
