@@ -292,10 +292,13 @@ class Fan:
                         box._drop_record(record)
                         self.drop_dead(i, name)
                         continue
-                    self._discard(ring.try_recv())  # the overflow rule: drop the oldest
-                    self.dropped += 1
+                    oldest = ring.try_recv()  # the overflow rule: drop the oldest
+                    if oldest is not None:  # (None: its receiver emptied it meanwhile)
+                        self._discard(oldest)
+                        self.dropped += 1
                     if not ring.try_send(record):
                         box._drop_record(record)
+                        self.dropped += 1  # still no room: this one is dropped
                         continue
             except EndOfChannel:  # its ring was shut down (the mailbox is being removed)
                 box._drop_record(record)
@@ -321,10 +324,14 @@ class Fan:
                 if not self.live(i):
                     self.drop_dead(i, name)
                     continue
-                self._discard(ring.try_recv())  # the overflow rule: drop the oldest
-                self.dropped += 1
+                oldest = ring.try_recv()  # the overflow rule: drop the oldest
+                if oldest is not None:  # (None: its receiver emptied it meanwhile)
+                    self._discard(oldest)
+                    self.dropped += 1
                 if not fan(obj, (ring,), message_id):  # [] : it went
                     delivered += 1
+                else:  # still no room (its oldest is being read): this one is dropped
+                    self.dropped += 1
             except EndOfChannel:  # its ring was shut down (the mailbox is being removed)
                 continue
         return delivered
