@@ -26,8 +26,9 @@ receiver's acknowledgement). ``capacity=None``: a ring of variable records of
 when the messages waiting fill it.
 
 Receipts. ``send_async`` sets the frame's receipt flag and REPLY_TO; the receiver that
-takes the message writes ``(message id, pid, uid)`` into that ring (never blocking: an
-acknowledgement that finds the ring full is dropped and counted). The receipt reads
+takes the message writes ``(message id, pid, uid)`` into that ring (waiting at most
+``_ACK_WAIT`` for room or for the ring's lock, then dropped and counted: never a long
+block on a sender that does not read its acknowledgements). The receipt reads
 its acknowledgement from there.
 
 Lifecycle. Opening creates the mailbox if absent (``create=None``), only creates
@@ -141,6 +142,10 @@ _OOL = b"\x00OOL"  # record prefix: the frame is in the block named after it
 _OOL_KIND = "mailbox-message"  # an out-of-line block's metadata: kind, mailbox segment
 _ACK = struct.Struct("<QII")  # message id, receiver pid, receiver uid
 _ACK_RING = 64 * 1024
+# how long a receiver waits to put an acknowledgement (room, or the ring's reservation
+# lock, which a put without waiting gives up after 2 ms: under load a preempted holder
+# keeps it longer, and the acknowledgement was lost); then it is dropped and counted
+_ACK_WAIT = 0.05
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
 _MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read
 _U64 = struct.Struct("<Q")
@@ -270,6 +275,11 @@ class MailboxReceipt:
     def done(self) -> bool:
         """True once the receiver (broadcast: every receiver it went to) took the
         message; reads acknowledgements that already arrived, never waits."""
+        if not self._receivers and self.expected == 1:  # the hot path: no clock read
+            who = self._box._ack_ready(self.id)
+            if who is not None:
+                self._receivers.append(who)
+                return True
         while len(self._receivers) < self.expected:
             who = self._box._ack_of(self.id, 0.0)
             if who is None:
@@ -283,6 +293,11 @@ class MailboxReceipt:
         the mailbox was removed first (or a broadcast went to no receiver)."""
         if self.expected == 0:
             raise Undelivered(f"message {self.id} went to no receiver (none was attached)")
+        if not self._receivers and self.expected == 1:  # the hot path: no clock read
+            who = self._box._ack_ready(self.id)
+            if who is not None:
+                self._receivers.append(who)
+                return who
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._receivers) < self.expected:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -746,6 +761,37 @@ class Mailbox:
                 if deadline is not None and time.monotonic() >= deadline and not removed:
                     return None
 
+    def _ack_ready(self, message_id: int) -> PeerInfo | None:
+        """Who took message ``message_id`` if its acknowledgement is already here (in
+        the table, or in the ring: read until it comes, keeping the others in the
+        table), else None; never waits, reads no clock (a receipt's hot path)."""
+        with self._lock:
+            acked = self._acked
+            waiting = acked.get(message_id)
+            if waiting:
+                who = waiting.pop(0)
+                if not waiting:
+                    del acked[message_id]
+                return who
+            acks = self._acks
+            if acks is None or self._acks_pid != _PID[0] or self._closed:
+                return None
+            try:
+                data = acks.try_recv()
+                while data is not None:
+                    if len(data) == _ACK.size:
+                        mid, pid, uid = _ACK.unpack(data)
+                        if mid == message_id:
+                            return _peer(pid, uid)
+                        acked.setdefault(mid, []).append(_peer(pid, uid))
+                    data = acks.try_recv()
+            except EndOfChannel:
+                pass
+            finally:
+                while len(acked) > _MAX_ACKS:
+                    acked.popitem(last=False)
+        return None
+
     def _ring_exists(self) -> bool:
         try:
             return not self._ring.info()["closed"]
@@ -770,7 +816,9 @@ class Mailbox:
                     gone.close()
             else:
                 self._reply_rings.move_to_end(name)
-        if not ring.try_send(_ACK.pack(message_id, os.getpid(), os.getuid())):
+        try:  # a bounded wait: a full ring, or its lock held by a preempted receiver
+            ring.send(_ACK.pack(message_id, os.getpid(), os.getuid()), _ACK_WAIT)
+        except (Timeout, Full, EndOfChannel, ChannelClosed):
             self._counts["acks_dropped"] += 1
 
     # ---- receiving ---------------------------------------------------------------------

@@ -189,3 +189,32 @@ def test_a_receipt_record_with_a_bad_body_is_acknowledged_once_and_a_codec_error
         assert box.recv(T) == "fine"
     finally:
         box.remove()
+
+
+def test_an_acknowledgement_that_finds_its_ring_full_for_a_moment_is_not_lost() -> None:
+    import threading
+
+    from buzon._mailbox import _ACK
+
+    box = buzon.mailbox("jobs")
+    try:
+        for way in ("python", "c"):  # the first ack attaches the ring (Python), then C
+            receipt = box.send_async(way)
+            acks = box._ack_ring()
+            fillers = 0
+            while acks.try_send(_ACK.pack(0, 1, 1)):  # full, as under a burst of acks
+                fillers += 1
+
+            def drain(ring: object, n: int) -> None:  # the fillers only (before the ack)
+                for _ in range(n):
+                    ring.recv(T)  # type: ignore[attr-defined]
+
+            # room comes back while the ack waits
+            later = threading.Timer(0.01, drain, (acks, fillers))
+            later.start()
+            assert box.recv(T) == way
+            later.join(T)
+            assert receipt.wait(T).pid == os.getpid(), way
+        assert box.statistics()["acks_dropped"] == 0
+    finally:
+        box.remove()

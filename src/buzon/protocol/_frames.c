@@ -693,6 +693,7 @@ core_body(MailboxCore *c, PyObject *obj, long *codec)
 }
 
 #define TAG_REPLY_TO 5
+#define ACK_WAIT_S 0.05 /* _mailbox._ACK_WAIT */
 #define FLAG_RECEIPT 0x08
 
 /* obj as a common record (reply: NULL, or the acknowledgement ring's name for a receipt
@@ -917,10 +918,21 @@ acknowledge(MailboxCore *c, peek_ctx_mb *m)
     put32(ack + 8, cached_pid);
     put32(ack + 12, (uint32_t)c->uid);
     buzon_part part = {ack, sizeof ack};
-    if (api->put(ring, &part, 1, sizeof ack, 0) <= 0) { /* full, or its sender is gone */
+    /* a bounded wait (_mailbox._ACK_WAIT): a put that does not wait gives up after 2 ms
+     * on the ring's reservation lock, and under load a preempted holder keeps it longer:
+     * the acknowledgement was lost and its receipt never completed */
+    static PyObject *ack_wait;
+    if (ack_wait == NULL && (ack_wait = PyFloat_FromDouble(ACK_WAIT_S)) == NULL) {
+        PyErr_Clear();
+        c->acks_dropped++;
+        return 1;
+    }
+    Py_INCREF(ring); /* a wait releases the GIL: the table may drop it meanwhile */
+    if (api->put_wait(ring, &part, 1, sizeof ack, 0, ack_wait) < 0) { /* full, or gone */
         PyErr_Clear();
         c->acks_dropped++;
     }
+    Py_DECREF(ring);
     return 1;
 }
 
