@@ -48,12 +48,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ._mailbox import Mailbox, Message
+from ._mailbox_fan import _PID
 from .errors import AddressError, ChannelClosed, Empty, Full, NoSuchEndpoint, Timeout
 
 __all__ = ["Inbox", "inbox", "inbox_owner_alive", "parse_inbox_name", "recv_from", "send_to"]
 
 _PREFIX = "inbox-"
 _NAME_RE = re.compile(r"^inbox-(\d+)-(\d+)$")
+_FRESH = 0.25  # send_to: how long a target seen alive counts as alive (the hot path)
 _SLICE = 0.25  # send_to: longest wait for room before the target's liveness is re-checked
 _MAX_OPEN = 32  # target inboxes a sending process keeps attached
 _MAX_HELD = 65536  # messages recv_from may hold back before it raises Full
@@ -253,10 +255,10 @@ def inbox() -> Inbox:
     runtime dir, 0600) and removed when the process exits normally. Other processes of
     the same user reach it with :func:`send_to` and this pid."""
     global _mine, _exit_hooked
-    pid = os.getpid()
     box = _mine
-    if box is not None and box.pid == pid:
+    if box is not None and box.pid == _PID[0]:  # _PID: getpid without a system call
         return box
+    pid = os.getpid()
     with _lock:
         if _mine is not None and _mine.pid == pid:
             return _mine
@@ -288,12 +290,13 @@ class _Target:
     that process exits (the liveness check of every send: no ``/proc`` read, and a
     pidfd cannot be fooled by a recycled pid)."""
 
-    __slots__ = ("_poll", "box", "pid", "pidfd")
+    __slots__ = ("_poll", "box", "fresh_until", "pid", "pidfd")
 
     def __init__(self, box: Mailbox, pid: int, pidfd: int) -> None:
         self.box = box
         self.pid = pid
         self.pidfd = pidfd
+        self.fresh_until = 0.0  # _target: seen alive this recently (monotonic)
         self._poll = select.poll()
         self._poll.register(pidfd, select.POLLIN)
 
@@ -310,10 +313,17 @@ class _Target:
 def _target(pid: int) -> _Target:
     """The inbox of process ``pid`` (cached while that process lives)."""
     global _targets_pid
-    if _targets_pid == os.getpid():  # the common case, without the lock: a dict lookup
+    if _targets_pid == _PID[0]:  # the common case, without the lock: a dict lookup
         target = _targets.get(pid)
-        if target is not None and target.alive():
-            return target
+        if target is not None:
+            # seen alive less than _FRESH ago is alive enough: NoSuchEndpoint still comes
+            # within 1 s of a death, with one poll per _FRESH instead of one per send
+            now = time.monotonic()
+            if now < target.fresh_until:
+                return target
+            if target.alive():
+                target.fresh_until = now + _FRESH
+                return target
     with _lock:
         if _targets_pid != os.getpid():  # forked: the parent's targets are not ours
             for inherited in _targets.values():

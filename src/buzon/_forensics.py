@@ -147,7 +147,7 @@ class Entry:
 
                     self.kind = "mailbox"
                     try:
-                        self.state = describe(segment)
+                        self.state = describe(segment, self.path)
                     except BuzonError as exc:  # not a mailbox's ring after all
                         self.state = f"names {segment.lstrip('/')} ({exc})"
                     owner = owner_state(self.name[: -len(".mbox")])

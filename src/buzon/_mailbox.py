@@ -28,8 +28,9 @@ ring of variable records of ``max_bytes`` bytes; ``send`` never blocks, and rais
 ``Full`` naming ``max_bytes`` when the messages waiting fill it.
 
 Receipts. ``send_async`` sets the frame's receipt flag and REPLY_TO; the receiver that
-takes the message writes ``(message id, pid, uid)`` into that ring (never blocking: an
-acknowledgement that finds the ring full is dropped and counted). The receipt reads
+takes the message writes ``(message id, pid, uid)`` into that ring (waiting at most
+``_ACK_WAIT`` for room or for the ring's lock, then dropped and counted: never a long
+block on a sender that does not read its acknowledgements). The receipt reads
 its acknowledgement from there.
 
 Lifecycle. Opening creates the mailbox if absent (``create=None``), only creates
@@ -62,12 +63,24 @@ Acknowledgement rings get it too (a receiver sets it when it attaches one:
 user also holds ``NAME.mbox.room`` as the ring's space notification: a sender waiting
 for room fills it and arms the ring, and the next take drains it, which makes it
 writable (:meth:`Mailbox._room_ready`).
+
+The hot path. Each object has a ``MailboxCore`` (``buzon.protocol._frames``, C): the
+*common record* (the frame above with exactly MESSAGE_ID, SENDER and SENT_AT, no
+out-of-band buffer; or with REPLY_TO after them, a receipt record) is encoded, built
+and put, or taken, checked and decoded, in one C call: ``send``, ``send_async``,
+``recv``, ``recv_message`` and a broadcast's fan-out to every receiver's ring.
+``bytes`` go as they are (codec raw); other objects through a msgspec encoder without
+hooks (codec msgpack: the same bytes the codec makes), so what only the codec's hooks
+know (numpy arrays and scalars) or refuse goes the general way, which says why. The
+receiver of a receipt record acknowledges it in C once the sender's acknowledgement
+ring is attached (the general way attaches it the first time). Message ids come from
+the core's counter on both ways. The core also marks the wake-up FIFO's mtime (a
+send) and atime (a take) at most once a second: ``buzon ls`` reads them as last use.
 """
 
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
 import os
 import struct
@@ -80,6 +93,7 @@ from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 
 from . import _core
+from ._mailbox_fan import _PID
 from .codec import Codec
 from .errors import (
     ChannelClosed,
@@ -94,7 +108,7 @@ from .errors import (
     Undelivered,
     UnsupportedOperation,
 )
-from .protocol._frames import mailbox_recv, mailbox_send
+from .protocol._frames import MailboxCore
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
     FIELDS_FLAG,
@@ -137,6 +151,10 @@ _OOL = b"\x00OOL"  # record prefix: the frame is in the block named after it
 _OOL_KIND = "mailbox-message"  # an out-of-line block's metadata: kind, mailbox segment
 _ACK = struct.Struct("<QII")  # message id, receiver pid, receiver uid
 _ACK_RING = 64 * 1024
+# how long a receiver waits to put an acknowledgement (room, or the ring's reservation
+# lock, which a put without waiting gives up after 2 ms: under load a preempted holder
+# keeps it longer, and the acknowledgement was lost); then it is dropped and counted
+_ACK_WAIT = 0.05
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
 _MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read
 _U64 = struct.Struct("<Q")
@@ -195,6 +213,39 @@ class Message:
     """Who sent it: ``.pid`` and ``.uid`` of the sending process."""
     sent_at: float
     """When it was sent (``time.time()`` of the sender)."""
+
+
+_NEW = object.__new__
+_SLOTS_OF: dict[str, Any] = dict(vars(Message))  # the slot descriptors, by field
+_SET_BODY = _SLOTS_OF["body"].__set__
+_SET_ID = _SLOTS_OF["id"].__set__
+_SET_SENDER = _SLOTS_OF["sender"].__set__
+_SET_SENT_AT = _SLOTS_OF["sent_at"].__set__
+
+
+def _message(body: Any, message_id: int, sender: PeerInfo, sent_at: float) -> Message:
+    """``Message(body, message_id, sender, sent_at)`` through its slots: the frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) costs twice as much."""
+    m: Message = _NEW(Message)
+    _SET_BODY(m, body)
+    _SET_ID(m, message_id)
+    _SET_SENDER(m, sender)
+    _SET_SENT_AT(m, sent_at)
+    return m
+
+
+_PEERS: dict[tuple[int, int], PeerInfo] = {}
+
+
+def _peer(pid: int, uid: int) -> PeerInfo:
+    """The ``PeerInfo`` of (pid, uid) for messages and receipts: one shared instance
+    each (it is frozen, and building one costs about 2 µs, more than a receive)."""
+    peer = _PEERS.get((pid, uid))
+    if peer is None:
+        if len(_PEERS) >= 4096:
+            _PEERS.clear()
+        peer = _PEERS[pid, uid] = PeerInfo(pid=pid, uid=uid)
+    return peer
 
 
 def _label(policy: str, capacity: int | None, max_inline: int, raw: bool = False) -> str:
@@ -260,6 +311,11 @@ class MailboxReceipt:
     def done(self) -> bool:
         """True once the receiver (broadcast: every receiver it went to) took the
         message; reads acknowledgements that already arrived, never waits."""
+        if not self._receivers and self.expected == 1:  # the hot path: no clock read
+            who = self._box._ack_ready(self.id)
+            if who is not None:
+                self._receivers.append(who)
+                return True
         while len(self._receivers) < self.expected:
             who = self._box._ack_of(self.id, 0.0)
             if who is None:
@@ -273,6 +329,11 @@ class MailboxReceipt:
         the mailbox was removed first (or a broadcast went to no receiver)."""
         if self.expected == 0:
             raise Undelivered(f"message {self.id} went to no receiver (none was attached)")
+        if not self._receivers and self.expected == 1:  # the hot path: no clock read
+            who = self._box._ack_ready(self.id)
+            if who is not None:
+                self._receivers.append(who)
+                return who
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._receivers) < self.expected:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -345,7 +406,6 @@ class Mailbox:
         self._fixed = bool(ring.info()["record_size"])
         self._inline = ring.max_message
         self._local = threading.local()  # a codec per thread (codecs are not thread-safe)
-        self._ids = itertools.count(1)
         self._uid = os.getuid()
         self._lock = threading.Lock()  # acknowledgement ring and tables
         self._acks: _core.Ring | None = None
@@ -372,9 +432,17 @@ class Mailbox:
             self._fan = Fan(self)
         # send's hot path: one ring, no rendezvous; a frame that fits a record
         self._plain = self._fan is None and self.capacity != 0 and not self._raw
-        # recv's hot path: policy any, records that are frames
-        self._any = self.policy == "any" and not self._raw
+        # recv's hot path (the C core): records that are frames, no exclusive hold
+        self._fast_recv = self.policy != "exclusive" and not self._raw
         self._fast_max = min(self._inline, self.max_message) - _FAST.size
+        encode, decode = _fast_codec()
+        self._core = MailboxCore(
+            ring, encode, decode, self._fast_max, self._uid, self.capacity is None
+        )
+        self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
+        self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
+        self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
+        self._ack_name: tuple[int, bytes] = (0, b"")  # (pid, name) of our own ack ring
         self._counts = {
             "sent": 0,
             "received": 0,
@@ -745,27 +813,20 @@ class Mailbox:
     def send(self, obj: Any, timeout: float | None = None) -> None:
         """Put ``obj`` into the mailbox, waiting while it is full (capacity N) or until
         a receiver took it (capacity 0). ``NoSuchEndpoint`` once it was removed."""
-        if self._plain:  # the hot path: one ring, a small message, no receipt
-            if type(obj) is bytes and len(obj) <= self._fast_max:
-                codec_id, body, buffers = 0, obj, None  # raw: bytes need no codec
-            else:
-                codec_id, body, buffers = self._codec().encode(obj)
-            if not buffers and len(body) <= self._fast_max:
-                if self._closed:
-                    raise ChannelClosed(f"mailbox {self.name!r} was closed")
-                try:  # the record built and sent in one C call (protocol/_frames.c)
-                    mailbox_send(
-                        self._ring,
-                        body,
-                        codec_id,
-                        next(self._ids),
-                        self._uid,
-                        0 if self.capacity is None else timeout,
-                    )
-                except (Full, EndOfChannel) as exc:
-                    self._put_failed(exc)
-                self._counts["sent"] += 1
-                return
+        if self._plain and not self._closed:  # the hot path: one ring, a small message
+            try:  # built, encoded and sent in one C call (protocol/_frames.c)
+                if self._core.send(obj, timeout):
+                    return
+            except (Full, EndOfChannel) as exc:
+                self._put_failed(exc)
+        elif (
+            self._fan is not None
+            and self.policy == "broadcast"
+            and not self._closed
+            and self._fan.fan_out(obj, next(self._ids)) is not None  # one C call: all rings
+        ):
+            self._counts["sent"] += 1
+            return
         self._send(obj, timeout, False, False)
 
     def send_nowait(self, obj: Any) -> None:
@@ -786,7 +847,9 @@ class Mailbox:
         self._check_open()
         reply_to = self._ack_ring().name if receipt else None
         assert self._fan is not None
-        delivered = self._fan.broadcast(self._encode(obj, message_id, reply_to))
+        delivered = None if receipt else self._fan.fan_out(obj, message_id)  # the C way
+        if delivered is None:
+            delivered = self._fan.broadcast(self._encode(obj, message_id, reply_to))
         self._counts["sent"] += 1
         return message_id, delivered
 
@@ -794,6 +857,17 @@ class Mailbox:
         """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
         never for a receiver) and return a receipt naming who takes it (broadcast:
         every receiver it went to, ``receipt.receivers``)."""
+        if self._plain and not self._closed:  # the hot path: a receipt record in one C call
+            pid, reply_to = self._ack_name
+            if pid != _PID[0]:
+                reply_to = self._ack_ring().name.encode("ascii")
+                self._ack_name = (_PID[0], reply_to)
+            try:
+                message_id = self._core.send_receipt(obj, timeout, reply_to)
+            except (Full, EndOfChannel) as exc:
+                self._put_failed(exc)
+            if message_id:
+                return MailboxReceipt(self, message_id)
         if self._fan is not None and self.policy == "broadcast":
             return MailboxReceipt(self, *self._send_broadcast(obj, next(self._ids), True))
         if self._raw:
@@ -826,7 +900,7 @@ class Mailbox:
                         del self._acked[message_id]
                     return who
                 acks = self._acks
-                if acks is None or self._acks_pid != os.getpid():
+                if acks is None or self._acks_pid != _PID[0]:  # _PID: getpid without a call
                     return None
                 if self._closed:
                     raise ChannelClosed(f"mailbox {self.name!r} was closed")
@@ -839,8 +913,8 @@ class Mailbox:
                 if data is not None and len(data) == _ACK.size:
                     mid, pid, uid = _ACK.unpack(data)
                     if mid == message_id:
-                        return PeerInfo(pid=pid, uid=uid)
-                    self._acked.setdefault(mid, []).append(PeerInfo(pid=pid, uid=uid))
+                        return _peer(pid, uid)
+                    self._acked.setdefault(mid, []).append(_peer(pid, uid))
                     while len(self._acked) > _MAX_ACKS:
                         self._acked.popitem(last=False)
             if data is None:
@@ -851,6 +925,37 @@ class Mailbox:
                 removed = not self._ring_exists()
                 if deadline is not None and time.monotonic() >= deadline and not removed:
                     return None
+
+    def _ack_ready(self, message_id: int) -> PeerInfo | None:
+        """Who took message ``message_id`` if its acknowledgement is already here (in
+        the table, or in the ring: read until it comes, keeping the others in the
+        table), else None; never waits, reads no clock (a receipt's hot path)."""
+        with self._lock:
+            acked = self._acked
+            waiting = acked.get(message_id)
+            if waiting:
+                who = waiting.pop(0)
+                if not waiting:
+                    del acked[message_id]
+                return who
+            acks = self._acks
+            if acks is None or self._acks_pid != _PID[0] or self._closed:
+                return None
+            try:
+                data = acks.try_recv()
+                while data is not None:
+                    if len(data) == _ACK.size:
+                        mid, pid, uid = _ACK.unpack(data)
+                        if mid == message_id:
+                            return _peer(pid, uid)
+                        acked.setdefault(mid, []).append(_peer(pid, uid))
+                    data = acks.try_recv()
+            except EndOfChannel:
+                pass
+            finally:
+                while len(acked) > _MAX_ACKS:
+                    acked.popitem(last=False)
+        return None
 
     def _ring_exists(self) -> bool:
         try:
@@ -874,8 +979,12 @@ class Mailbox:
                 # an acknowledgement wakes a sender waiting in asyncio (_acks_ready)
                 entry[0].set_notify(self._wake_fd, -1)
                 self._reply_rings[name] = entry
+                if not withdrawable:  # the hot path acknowledges from now on (never an
+                    self._core.replies[reply_to] = entry[0]  # offer: see _OFFER_BASE)
                 while len(self._reply_rings) > _MAX_ACK_RINGS:
-                    _close_reply(self._reply_rings.popitem(last=False)[1])
+                    old, gone = self._reply_rings.popitem(last=False)
+                    self._core.replies.pop(old.encode("ascii"), None)
+                    _close_reply(gone)
             else:
                 self._reply_rings.move_to_end(name)
             ring, fd = entry
@@ -890,8 +999,7 @@ class Mailbox:
                     self._reply_rings[name] = (ring, fd)
         ack = _ACK.pack(message_id, os.getpid(), os.getuid())
         if not withdrawable or fd < 0:
-            if not ring.try_send(ack):
-                self._counts["acks_dropped"] += 1
+            self._send_ack(ring, ack)
             return True
         # the offer stands while the sender does not hold this byte; holding it until
         # the acknowledgement is written makes a withdrawal wait for it, then see it
@@ -899,12 +1007,19 @@ class Mailbox:
             self._counts["withdrawn"] += 1
             return False
         try:
-            if not ring.try_send(ack):  # the sender will not learn of it: withdrawn
-                self._counts["acks_dropped"] += 1
-                return False
-            return True
+            return self._send_ack(ring, ack)  # False: the sender never learns: withdrawn
         finally:
             _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_UNLCK, False)
+
+    def _send_ack(self, ring: _core.Ring, ack: bytes) -> bool:
+        """Write an acknowledgement, waiting at most ``_ACK_WAIT`` for room or for the
+        ring's lock (a preempted receiver may hold it); else dropped and counted."""
+        try:
+            ring.send(ack, _ACK_WAIT)
+            return True
+        except (Timeout, Full, EndOfChannel, ChannelClosed):
+            self._counts["acks_dropped"] += 1
+            return False
 
     # ---- receiving ---------------------------------------------------------------------
 
@@ -997,13 +1112,14 @@ class Mailbox:
     def recv(self, timeout: float | None = None) -> Any:
         """Take the next message's object, waiting for one; ``EndOfChannel`` once the
         mailbox was removed and is empty."""
-        if self._any and not self._closed and (timeout is None or timeout > 0):
-            got = mailbox_recv(self._ring, timeout)  # the hot path: one C call
-            if isinstance(got, tuple):  # the common record: (codec, body)
-                self._counts["received"] += 1
-                codec_id, body = got
-                return body if codec_id == 0 else self._codec().decode(codec_id, body, [])
-            data = got
+        if self._fast_recv and not self._closed and (timeout is None or timeout > 0):
+            # the hot path: one C call takes and decodes a common record (_frames.c)
+            got = self._core.recv(self._ring if self._fan is None else self._rx(), timeout)
+            if type(got) is not tuple:
+                return got
+            if len(got) == 2:  # a common record the codec decodes (or says why not)
+                return self._codec().decode(got[0], got[1], [])
+            data = got[0]
             if data[:4] == _OOL:
                 data = self._fetch(data, timeout)
             try:
@@ -1030,8 +1146,22 @@ class Mailbox:
         """Take the next message with its id, sender and time (:class:`Message`)."""
         if self._raw:
             self._no_fields("recv_message")
+        if self._fast_recv and not self._closed and (timeout is None or timeout > 0):
+            # the hot path: one C call takes a common record with its fields (_frames.c)
+            got = self._core.recv_message(self._ring if self._fan is None else self._rx(), timeout)
+            if len(got) == 5:
+                body, message_id, pid, uid, ns = got
+                return _message(body, message_id, _peer(pid, uid), ns / 1e9)
+            data = got[0]
+            if data[:4] == _OOL:
+                data = self._fetch(data, timeout)
+            try:
+                body, message_id, pid, uid, ns = self._decode(data)
+                return _message(body, message_id, _peer(pid, uid), ns / 1e9)
+            except _Withdrawn:  # its sender gave up on it: the next one (full timeout)
+                pass
         body, message_id, pid, uid, ns = self._next(timeout)
-        return Message(body, message_id, PeerInfo(pid=pid, uid=uid), ns / 1e9)
+        return _message(body, message_id, _peer(pid, uid), ns / 1e9)
 
     # ---- the exclusive policy ------------------------------------------------------------
 
@@ -1211,7 +1341,11 @@ class Mailbox:
         mailbox's: depth, abandoned (messages lost to killed senders or receivers)."""
         info = self._ring.info()
         dropped = self._fan.dropped if self._fan is not None else 0
-        return dict(self._counts, depth=self.qsize(), abandoned=info["abandoned"], dropped=dropped)
+        counts = dict(self._counts)  # and the hot path's, counted in C
+        counts["sent"] += self._core.sent
+        counts["received"] += self._core.received
+        counts["acks_dropped"] += self._core.acks_dropped
+        return dict(counts, depth=self.qsize(), abandoned=info["abandoned"], dropped=dropped)
 
     def exists(self) -> bool:
         """True while the mailbox's name still leads to its segment."""
@@ -1239,6 +1373,7 @@ class Mailbox:
                     os.close(self._acks_fd)  # (its withdrawals stand: the ring is gone)
             self._acks_fd = -1
             self._acks = None
+            self._core.replies.clear()  # (the same rings)
             for entry in self._reply_rings.values():
                 _close_reply(entry)
             self._reply_rings.clear()
@@ -1248,6 +1383,7 @@ class Mailbox:
             if self._hold_pid == os.getpid():
                 self._poke()  # a receiver waiting in asyncio for the hold takes over
         self._ring.close()
+        self._core.mark_fd = -1
         for fd in (self._wake_fd, self._room_fd):
             if fd >= 0:
                 os.close(fd)
@@ -1311,6 +1447,26 @@ def _close_reply(entry: tuple[_core.Ring, int]) -> None:
         os.close(entry[1])
 
 
+_FAST_CODEC: tuple[Any, Any] | None = None
+
+
+def _fast_codec() -> tuple[Any, Any]:
+    """The hot path's msgpack ``encode`` and ``decode`` (msgspec; shared, thread-safe):
+    the encoder has no hooks, so what only the codec's hooks handle (numpy arrays, numpy
+    scalars) is refused and goes the general way; the decoder is the codec's (its
+    extension hook rebuilds small arrays sent inline)."""
+    global _FAST_CODEC
+    if _FAST_CODEC is None:
+        import msgspec
+
+        ext = Codec()._ext_hook  # a codec of its own: never holds out-of-band buffers
+        _FAST_CODEC = (
+            msgspec.msgpack.Encoder().encode,
+            msgspec.msgpack.Decoder(ext_hook=ext).decode,
+        )
+    return _FAST_CODEC
+
+
 def _open_wake(path: str, small: bool = False) -> int:
     """Open (creating it if absent) the mailbox's wake-up FIFO, read-write and
     non-blocking: every user holds it open, so writes never block or fail on it.
@@ -1338,7 +1494,7 @@ def _open_wake(path: str, small: bool = False) -> int:
 def _attach(name: str, path: str, segment: str, max_message: int) -> Mailbox:
     box = Mailbox._attach_segment(name, path, segment)
     box.max_message = max_message
-    box._fast_max = min(box._inline, max_message) - _FAST.size
+    box._fast_max = box._core.fast_max = min(box._inline, max_message) - _FAST.size
     return box
 
 
@@ -1426,17 +1582,53 @@ def keeps(seg: SegmentInfo, *, force: bool = False) -> str | None:
     return None
 
 
-def describe(segment: str) -> str:
+_ACTIVE_S = 2.0  # describe: a mailbox used this recently gets its rates measured
+_RATE_WINDOW_S = 0.02
+
+
+def _ago(t: float, now: float) -> str:
+    return "never" if t <= 0 else f"{max(0.0, now - t):.0f} s ago"
+
+
+def describe(segment: str, path: str | None = None) -> str:
     """``buzon ls``: the state of the mailbox in ``segment``: policy, capacity, depth,
-    live users (pids), age and messages taken so far."""
-    info = _core.inspect(segment if segment.startswith("/") else "/" + segment)
+    live users (pids), age, last use (``path``: its name file, whose wake-up FIFO's
+    mtime and atime the hot path sets at most once a second on a send and a take),
+    messages sent, taken and lost so far, and, for a mailbox used in the last
+    ``_ACTIVE_S`` seconds, its rates now (two looks ``_RATE_WINDOW_S`` apart)."""
+    name = segment if segment.startswith("/") else "/" + segment
+    info = _core.inspect(name)
+    t0 = time.monotonic()
     policy, capacity, item, raw = _parse_label(info["label"])
     pids = sorted({pid for _slot, pid, live in info["participants"] if live})
-    age = max(0.0, time.time() - info["created_ns"] / 1e9)
+    now = time.time()
+    age = max(0.0, now - info["created_ns"] / 1e9)
     users = "pid " + ",".join(map(str, pids)) if pids else "no live users"
     cap = "None" if capacity is None else capacity
+    used = ""
+    last = 0.0
+    if path is not None:
+        try:
+            st = os.stat(path + _WAKE)
+        except OSError:
+            st = None
+        if st is not None:
+            sent_at = st.st_mtime if info["committed"] else 0.0  # else: the FIFO's birth
+            taken_at = st.st_atime if info["consumed"] else 0.0
+            last = max(sent_at, taken_at)
+            used = f", last send {_ago(sent_at, now)}, last take {_ago(taken_at, now)}"
+    rates = ""
+    if last and now - last <= _ACTIVE_S:
+        time.sleep(_RATE_WINDOW_S)
+        later = _core.inspect(name)
+        dt = max(1e-6, time.monotonic() - t0)
+        sent = (later["committed"] - info["committed"]) / dt
+        taken = (later["consumed"] - info["consumed"]) / dt
+        rates = f", now {sent:.0f} sent/s {taken:.0f} taken/s"
+        info = later
     return (
         f"policy={policy} capacity={cap}{f' raw item_size={item}' if raw else ''} "
-        f"depth={_depth(info)}, {users}, age {age:.0f} s, "
-        f"{info['consumed']} taken, {info['abandoned']} lost"
+        f"depth={_depth(info)}, {users}, age {age:.0f} s"
+        f"{used}, {info['committed']} sent, {info['consumed']} taken, "
+        f"{info['abandoned']} lost{rates}"
     )

@@ -59,6 +59,10 @@ _LOCK_TIMEOUT = 5.0
 _OOL = b"\x00OOL"
 
 
+_PID = [os.getpid()]  # this process's pid, kept current by a fork hook (no getpid call)
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
 def table_name(segment: str) -> str:
     """The subscriber table's segment name for a mailbox ring ``segment``."""
     return segment + "-subs"
@@ -81,11 +85,15 @@ class Fan:
             self.block = _core.Block.attach(name)
         except FileNotFoundError:
             raise NoSuchEndpoint(f"mailbox {box.name!r} lost its receiver table") from None
+        # the generation, read on every send: one view kept (released by close)
+        self._view = memoryview(self.block)
+        self._gen_view = self._view[:8].cast("Q")
         self.path = SHM_DIR + "/" + name.lstrip("/")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         self.pid = os.getpid()
         self.gen = -1
         self.targets: list[tuple[int, str, _core.Ring]] = []
+        self.fanout: tuple[list[tuple[int, str, _core.Ring]], tuple[_core.Ring, ...]] = ([], ())
         self.rings: dict[str, _core.Ring] = {}
         self.mine: tuple[int, _core.Ring] | None = None
         self.turn = 0
@@ -127,9 +135,9 @@ class Fan:
         """In a forked child: its own liveness fd (the inherited one shares the
         parent's open file description, hence the parent's lock) and no subscription
         (the parent's entry and backlog stay the parent's)."""
-        if self.pid == os.getpid():
+        if self.pid == _PID[0]:
             return
-        self.pid = os.getpid()
+        self.pid = _PID[0]
         os.close(self.fd)  # the parent's lock stays: it holds the description too
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         self.mine = None
@@ -150,6 +158,9 @@ class Fan:
 
     def subscribe(self) -> _core.Ring:
         """This object's own ring, attaching it to the table first if needed."""
+        mine = self.mine
+        if mine is not None and self.pid == _PID[0]:  # the hot path: no call
+            return mine[1]
         self._forked()
         if self.mine is not None:
             return self.mine[1]
@@ -224,7 +235,7 @@ class Fan:
 
     def receivers(self) -> list[tuple[int, str, _core.Ring]]:
         """The attached receivers' rings (re-read when the table changed)."""
-        gen = self._generation()
+        gen = self._gen_view[0]
         if gen == self.gen:
             return self.targets
         with self.lock:
@@ -248,6 +259,7 @@ class Fan:
                 self.rings[name] = ring
             targets.append((i, name, ring))
         self.gen, self.targets = gen, targets
+        self.fanout = (targets, tuple(ring for _, _, ring in targets))
         return targets
 
     def drop_dead(self, i: int, name: str) -> None:
@@ -280,15 +292,48 @@ class Fan:
                         box._drop_record(record)
                         self.drop_dead(i, name)
                         continue
-                    self._discard(ring.try_recv())  # the overflow rule: drop the oldest
-                    self.dropped += 1
+                    oldest = ring.try_recv()  # the overflow rule: drop the oldest
+                    if oldest is not None:  # (None: its receiver emptied it meanwhile)
+                        self._discard(oldest)
+                        self.dropped += 1
                     if not ring.try_send(record):
                         box._drop_record(record)
+                        self.dropped += 1  # still no room: this one is dropped
                         continue
             except EndOfChannel:  # its ring was shut down (the mailbox is being removed)
                 box._drop_record(record)
                 continue
             delivered += 1
+        return delivered
+
+    def fan_out(self, obj: Any, message_id: int) -> int | None:
+        """:meth:`broadcast` of ``obj`` as a common record, encoded once and put into
+        every receiver's ring in one C call (``MailboxCore.fan``); the rings that had no
+        room then follow the overflow rule here. None if ``obj`` is not a common record
+        (nothing sent: the caller goes the general way)."""
+        self.receivers()  # re-reads the table if it changed
+        targets, rings = self.fanout
+        fan = self.box._core.fan
+        full = fan(obj, rings, message_id)
+        if full is None:
+            return None
+        delivered = len(rings) - len(full)
+        for k in full:
+            i, name, ring = targets[k]
+            try:
+                if not self.live(i):
+                    self.drop_dead(i, name)
+                    continue
+                oldest = ring.try_recv()  # the overflow rule: drop the oldest
+                if oldest is not None:  # (None: its receiver emptied it meanwhile)
+                    self._discard(oldest)
+                    self.dropped += 1
+                if not fan(obj, (ring,), message_id):  # [] : it went
+                    delivered += 1
+                else:  # still no room (its oldest is being read): this one is dropped
+                    self.dropped += 1
+            except EndOfChannel:  # its ring was shut down (the mailbox is being removed)
+                continue
         return delivered
 
     def round_robin(self, record: list[Any]) -> bool:
@@ -336,7 +381,10 @@ class Fan:
             ring.close()
         self.rings.clear()
         self.targets = []
+        self.fanout = ([], ())
         self.gen = -1
+        self._gen_view.release()
+        self._view.release()
         self.block.close()
         os.close(self.fd)
 

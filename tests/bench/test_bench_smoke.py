@@ -82,7 +82,7 @@ def _check_document(doc: dict[str, Any], expected_ids: set[str]) -> None:
             assert r["values"]["rate"]["unit"] == "msg/s"
             assert r["values"]["bandwidth"]["unit"] == "MB/s"
     ids = {t["id"] for t in doc["targets"]}
-    assert ids == {"a", "b", "b-batch", "c", "d", "e", "f", "g", "g-batch", "h", "i", "rpc"}
+    assert ids == {"a", "b", "b-batch", "c", "d", "e", "f", "g", "g-batch", "h", "i", "m", "rpc"}
     for t in doc["targets"]:
         assert t["status"] in {"PASS", "FAIL", "n/a"}
         assert (t["ratio"] is None) == (t["status"] == "n/a")

@@ -46,6 +46,7 @@ from ._harness import (
     load_average,
     run_case,
 )
+from ._mailbox import mailbox_cases
 from ._peers import peer_cases
 from ._raw import RAW_TRANSPORTS, mp_cases, raw_cases
 from ._report import document, machine_info, render, write_json
@@ -67,7 +68,7 @@ def all_cases() -> list[Case]:
         if transport in BUZON_TRANSPORTS:
             cases += buzon_cases(transport)
         cases += aio_cases(transport)
-    return cases + peer_cases() + bulk_cases() + rpc_cases() + rpc_peer_cases()
+    return cases + peer_cases() + bulk_cases() + mailbox_cases() + rpc_cases() + rpc_peer_cases()
 
 
 def _select(cases: Sequence[Case], only: Sequence[str]) -> list[Case]:

@@ -81,6 +81,11 @@ IMPL_LABEL = {
     "buzon/shm/numpy64m": "buzon send(array)",
     "mp/Pipe/numpy64m": "mp.Pipe pickle-5",
     "buzon/BoundedBuffer/4p4c": "buzon BoundedBuffer",
+    # the mailbox rows (_mailbox.py)
+    "buzon/mailbox": "buzon mailbox",
+    "buzon-receipts/mailbox": "buzon mailbox send_async",
+    "buzon-direct": "buzon send_to/recv_from",
+    "mp/Queue/4p4c-dict": "mp.Queue",
 }
 # the peers' rows, after buzon's transports and before mp.Pipe: (transport, impl)
 PEER_ORDER = (
@@ -155,6 +160,7 @@ _TITLES = {
     "g-batch": "reliable UDP 64 B one-way >= 0.5x raw UDP (send_bytes_many, 64/call)",
     "h": "reliable UDP through a wifi chaos relay >= 0.5x through a clean relay (64 B one-way)",
     "i": "shared memory, asyncio: buzon rows vs the peers (or a fixed number), the issue's targets",
+    "m": "mailboxes (issue 10): buzon rows vs the peers (or a fixed number)",
     "rpc": "RPC add(a, b) calls/s: buzon.rpc vs the peers (or a fixed number), issue 11's targets",
 }
 
@@ -253,6 +259,10 @@ def evaluate_targets(results: Sequence[Result]) -> list[Target]:
         name = _VALUE[unit]
         ref = _by_id(by, versus, name) if isinstance(versus, str) else versus
         add("i", label, op, threshold, _by_id(by, case, name), ref, unit, div)
+    for label, case, unit, op, threshold, versus in MAILBOX_TARGETS:
+        name = _VALUE[unit]
+        ref = _by_id(by, versus, name) if isinstance(versus, str) else versus
+        add("m", label, op, threshold, _by_id(by, case, name), ref, unit, div)
     # (rpc) issue 11: calls/s of buzon.rpc rows against the peers' rows (or a number)
     for label, case, value, op, threshold, peer in RPC_TARGETS:
         if isinstance(peer, tuple):  # another value of a case (nvim: the bare loop)
@@ -291,6 +301,19 @@ SHM_TARGETS: list[tuple[str, str, str, _Op, float, str | float]] = [
     ("numpy64m ring loan vs 15 GB/s", "buzon-loan/shm/numpy64m", "GB/s", ">=", 1, 15.0),
     ("4p4c vs mp.Queue", _B4, "msg/s", ">=", 10, "mp/Queue/4p4c"),
     ("4p4c vs faster-fifo", _B4, "msg/s", ">=", 3, "faster-fifo/queue/4p4c"),
+]
+_M4 = "buzon/mailbox/4p4c"
+_MD = "buzon/mailbox/4p4c-dict"
+# issue 10's speed targets, in the same format (label, case, unit, op, threshold, versus)
+MAILBOX_TARGETS: list[tuple[str, str, str, _Op, float, str | float]] = [
+    ("4p4c vs BoundedBuffer", _M4, "msg/s", ">=", 1, _B4),
+    ("4p4c vs mp.Queue", _M4, "msg/s", ">=", 10, "mp/Queue/4p4c"),
+    ("4p4c vs faster-fifo", _M4, "msg/s", ">=", 3, "faster-fifo/queue/4p4c"),
+    ("4p4c dict vs mp.Queue", _MD, "msg/s", ">=", 10, "mp/Queue/4p4c-dict"),
+    ("4p4c dict vs faster-fifo", _MD, "msg/s", ">=", 3, "faster-fifo/queue/4p4c-dict"),
+    ("4p4c receipts vs plain", "buzon-receipts/mailbox/4p4c", "msg/s", ">=", 0.5, _M4),
+    ("send_to rt64 p50 vs shm", "buzon-direct/inbox/rt64", "us", "<=", 2, "buzon/shm/rt64"),
+    ("broadcast to each vs 1M msg/s", "buzon/mailbox/bcast4", "msg/s", ">=", 1, 1e6),
 ]
 
 _RPC_UNIX = "buzon-rpc/unix/rpcadd"
@@ -422,6 +445,20 @@ def _rows(results: Sequence[Result]) -> list[list[str]]:
 BULK = (
     ("numpy64m", "64 MiB numpy array, one way", "gbps", "GB/s", lambda v: f"{v:.2f}"),
     ("4p4c", "4 producers x 4 consumers, 64 B, all messages", "rate", "msg/s", _fmt_rate),
+    (
+        "4p4c-dict",
+        "4 producers x 4 consumers, a dict of three fields, all messages",
+        "rate",
+        "msg/s",
+        _fmt_rate,
+    ),
+    (
+        "bcast4",
+        "broadcast, 1 sender -> 4 receivers, 64 B, to each receiver (the slowest)",
+        "rate",
+        "msg/s",
+        _fmt_rate,
+    ),
     (
         "rpcadd",
         "RPC add(a, b), one call at a time, from another process",

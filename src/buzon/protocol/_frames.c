@@ -25,6 +25,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <fcntl.h>
+#include <pthread.h>
+#include <structmember.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -36,6 +40,14 @@
 #define PLAIN_FLAGS_MAX 7 /* flags 0..7: a codec alone */
 
 static const buzon_ring_api *api; /* buzon._core's, imported by the first RingFrames */
+
+static uint32_t cached_pid; /* getpid() is a system call: read once, and after a fork */
+
+static void
+frames_atfork_child(void)
+{
+    cached_pid = (uint32_t)getpid();
+}
 
 typedef struct {
     PyObject_HEAD
@@ -510,7 +522,7 @@ mailbox_send(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     put64(h + 12, mid);
     h[20] = 2; /* SENDER */
     h[21] = 8;
-    put32(h + 22, (uint32_t)getpid());
+    put32(h + 22, cached_pid);
     put32(h + 26, (uint32_t)uid);
     h[30] = 6; /* SENT_AT */
     h[31] = 8;
@@ -573,6 +585,572 @@ mailbox_recv(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     return pair;
 }
 
+
+/* ---- MailboxCore: a mailbox object's hot path in one object --------------------------
+ * What Mailbox.send and Mailbox.recv do for the common record, without a Python frame
+ * between the call and the ring: the body made here (a bytes object as it is, codec 0;
+ * any other object through a msgspec encoder without hooks, codec 1, so an object it
+ * cannot encode -- a numpy array, a custom class -- goes the general way, where the
+ * codec's hooks handle it), the record built (mailbox_send's bytes), the message id
+ * drawn from this object's counter (the general path draws from it too: one sequence
+ * per mailbox object), counted. recv decodes a codec 0/1 common record here (msgspec
+ * decoder given by the mailbox) and hands anything else back to the general path. */
+
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ring;     /* the mailbox's ring: where send puts */
+    PyObject *encode;   /* msgspec.msgpack.Encoder().encode (no hooks), or None */
+    PyObject *decode;   /* msgspec.msgpack.Decoder(ext_hook=...).decode, or None */
+    Py_ssize_t fast_max; /* the largest body that goes as a common record */
+    unsigned long long next_id;
+    unsigned long long sent, received, acks_dropped;
+    unsigned long uid;
+    int nowait;         /* capacity=None: a send never waits (Full at once) */
+    PyObject *replies;  /* dict: acknowledgement ring name (bytes) -> Ring, or None */
+    int mark_fd;        /* the mailbox's wake-up FIFO (-1: none): last use, for buzon ls */
+    uint64_t marked[2]; /* ns of our last mark: [0] a take (atime), [1] a send (mtime) */
+} MailboxCore;
+
+#define MARK_EVERY_NS 1000000000ULL /* at most one mark a second per object and kind */
+
+/* buzon ls shows a mailbox's last use from its wake-up FIFO's times: atime the last
+ * take, mtime the last send. Set at most once a second per object (one futimens), so
+ * the hot path pays a comparison. */
+static void
+mark_use(MailboxCore *c, int kind, uint64_t ns)
+{
+    if (c->mark_fd < 0 || ns - c->marked[kind] < MARK_EVERY_NS) {
+        return;
+    }
+    c->marked[kind] = ns;
+    struct timespec ts[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
+    ts[kind].tv_sec = (time_t)(ns / 1000000000ULL);
+    ts[kind].tv_nsec = (long)(ns % 1000000000ULL);
+    (void)futimens(c->mark_fd, ts); /* best effort: a statistic */
+}
+
+static uint64_t
+coarse_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t
+build_head(uint8_t *h, long codec, uint32_t len, uint64_t mid, uint32_t uid)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    memset(h, 0, MB_HEAD);
+    h[0] = VERSION;
+    h[1] = KIND_DATA;
+    h[2] = (uint8_t)(codec | FLAG_FIELDS);
+    put32(h + 4, len);
+    h[8] = 30;
+    h[10] = 1;
+    h[11] = 8;
+    put64(h + 12, mid);
+    h[20] = 2;
+    h[21] = 8;
+    put32(h + 22, cached_pid);
+    put32(h + 26, uid);
+    h[30] = 6;
+    h[31] = 8;
+    put64(h + 32, ns);
+    return ns;
+}
+
+/* The body of obj for a common record: a new reference and its codec, NULL with no
+ * exception (not a common record: the general way), NULL with an exception (a real
+ * error, e.g. MemoryError... which the general way would meet too). */
+static PyObject *
+core_body(MailboxCore *c, PyObject *obj, long *codec)
+{
+    if (PyBytes_CheckExact(obj)) {
+        if (PyBytes_GET_SIZE(obj) > c->fast_max) {
+            return NULL;
+        }
+        *codec = 0;
+        return Py_NewRef(obj);
+    }
+    if (c->encode == Py_None || PyByteArray_Check(obj) || PyMemoryView_Check(obj)) {
+        return NULL; /* buffers: the codec decides what goes out of band */
+    }
+    PyObject *body = PyObject_CallOneArg(c->encode, obj);
+    if (body == NULL) {
+        PyErr_Clear(); /* the codec's hooks may know it (numpy), or say why not */
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(body) || PyBytes_GET_SIZE(body) > c->fast_max) {
+        Py_DECREF(body);
+        return NULL;
+    }
+    *codec = 1;
+    return body;
+}
+
+#define TAG_REPLY_TO 5
+#define ACK_WAIT_S 0.05 /* _mailbox._ACK_WAIT */
+#define FLAG_RECEIPT 0x08
+
+/* obj as a common record (reply: NULL, or the acknowledgement ring's name for a receipt
+ * record), put waiting like Ring.send. 1 sent (*mid its id), 0 not a common record
+ * (nothing sent), -1 error. */
+static int
+core_put(MailboxCore *c, PyObject *obj, PyObject *timeout, PyObject *reply, uint64_t *mid)
+{
+    Py_ssize_t rlen = 0;
+    if (reply != NULL) {
+        rlen = PyBytes_GET_SIZE(reply);
+        if (rlen < 1 || rlen > 255) {
+            return 0; /* the general way says what is wrong with it */
+        }
+    }
+    long codec = 0;
+    PyObject *body = core_body(c, obj, &codec);
+    if (body == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_ssize_t len = PyBytes_GET_SIZE(body);
+    if (len + 2 + rlen > c->fast_max + 0 && reply != NULL) {
+        Py_DECREF(body);
+        return 0; /* with its reply field it no longer fits a record: the general way */
+    }
+    uint8_t h[MB_HEAD];
+    uint8_t field[2] = {TAG_REPLY_TO, (uint8_t)rlen};
+    *mid = ++c->next_id;
+    uint64_t ns = build_head(h, codec, (uint32_t)len, *mid, (uint32_t)c->uid);
+    buzon_part parts[4];
+    int n = 0;
+    parts[n++] = (buzon_part){h, MB_HEAD};
+    if (reply != NULL) {
+        h[2] |= FLAG_RECEIPT;
+        h[8] = (uint8_t)(30 + 2 + rlen);
+        h[9] = (uint8_t)((30 + 2 + rlen) >> 8);
+        parts[n++] = (buzon_part){field, 2};
+        parts[n++] = (buzon_part){(const uint8_t *)PyBytes_AS_STRING(reply), (size_t)rlen};
+    }
+    parts[n++] = (buzon_part){(const uint8_t *)PyBytes_AS_STRING(body), (size_t)len};
+    size_t total = MB_HEAD + (reply != NULL ? 2 + (size_t)rlen : 0) + (size_t)len;
+    static PyObject *zero;
+    if (zero == NULL && (zero = PyLong_FromLong(0)) == NULL) {
+        Py_DECREF(body);
+        return -1;
+    }
+    int rc = api->put_wait(c->ring, parts, n, total, 0, c->nowait ? zero : timeout);
+    Py_DECREF(body);
+    if (rc < 0) {
+        return -1;
+    }
+    c->sent++;
+    mark_use(c, 1, ns);
+    return 1;
+}
+
+static PyObject *
+core_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* send(obj, timeout) -> True (sent) | False (not a common record: the general way) */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "send(obj, timeout)");
+        return NULL;
+    }
+    uint64_t mid;
+    int rc = core_put(c, args[0], args[1], NULL, &mid);
+    return rc < 0 ? NULL : PyBool_FromLong(rc);
+}
+
+static PyObject *
+core_send_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* send_receipt(obj, timeout, reply_to) -> the message id | 0 (the general way) */
+    if (nargs != 3 || !PyBytes_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "send_receipt(obj, timeout, reply_to: bytes)");
+        return NULL;
+    }
+    uint64_t mid = 0;
+    int rc = core_put(c, args[0], args[1], args[2], &mid);
+    return rc < 0 ? NULL : PyLong_FromUnsignedLongLong(rc ? mid : 0);
+}
+
+static PyObject *
+core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* fan(obj, rings, message_id) -> None (not a common record: the general way) | list
+     * of the indexes of rings that had no room (put into every other ring, no waiting) */
+    if (nargs != 3 || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "fan(obj, tuple of rings, message_id)");
+        return NULL;
+    }
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[2]);
+    if (mid == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *rings = args[1];
+    Py_ssize_t n = PyTuple_GET_SIZE(rings);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (ring_arg(PyTuple_GET_ITEM(rings, i)) < 0) {
+            return NULL;
+        }
+    }
+    long codec = 0;
+    PyObject *body = core_body(c, args[0], &codec);
+    if (body == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *full = PyList_New(0);
+    if (full == NULL) {
+        Py_DECREF(body);
+        return NULL;
+    }
+    uint8_t h[MB_HEAD];
+    Py_ssize_t len = PyBytes_GET_SIZE(body);
+    uint64_t ns = build_head(h, codec, (uint32_t)len, mid, (uint32_t)c->uid);
+    buzon_part parts[2] = {{h, MB_HEAD}, {(const uint8_t *)PyBytes_AS_STRING(body), (size_t)len}};
+    mark_use(c, 1, ns);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int rc = api->put(PyTuple_GET_ITEM(rings, i), parts, 2, MB_HEAD + (size_t)len, 0);
+        if (rc < 0) {
+            /* a ring shut down (the mailbox being removed) or closed: like full, the
+             * caller's general path sorts it out */
+            PyErr_Clear();
+            rc = 0;
+        }
+        if (rc == 0) {
+            PyObject *k = PyLong_FromSsize_t(i);
+            if (k == NULL || PyList_Append(full, k) < 0) {
+                Py_XDECREF(k);
+                Py_DECREF(full);
+                Py_DECREF(body);
+                return NULL;
+            }
+            Py_DECREF(k);
+        }
+    }
+    Py_DECREF(body);
+    return full;
+}
+
+typedef struct {
+    long codec;            /* 0-7: a common record (its head skipped); -1: the general way */
+    int receipt;           /* the receipt variant: reply[0..rlen) names the ack ring */
+    uint32_t rlen;
+    uint8_t head[MB_HEAD]; /* copied once (the peer may rewrite the record: untrusted) */
+    uint8_t reply[255];
+} peek_ctx_mb;
+
+/* The common record (40-byte head, then the body) or its receipt variant (the head
+ * with the receipt flag and a FIELDS block 2 + L longer, then REPLY_TO: tag 5, L, the
+ * name, then the body). Everything checked on private copies; skip = head + field. */
+static uint32_t
+peek_message(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
+{
+    peek_ctx_mb *m = ctx;
+    uint8_t *p = m->head;
+    m->codec = -1;
+    if (flags != 0 || len < MB_HEAD) {
+        return 0;
+    }
+    memcpy(p, payload, MB_HEAD);
+    uint32_t extra = 0;
+    int receipt = (p[2] & FLAG_RECEIPT) != 0;
+    uint32_t fields = (uint32_t)p[8] | (uint32_t)p[9] << 8;
+    if (receipt) {
+        uint8_t f[2];
+        if (len < MB_HEAD + 2) {
+            return 0;
+        }
+        memcpy(f, payload + MB_HEAD, 2);
+        if (f[0] != TAG_REPLY_TO || f[1] == 0 || len < MB_HEAD + 2 + f[1] ||
+            fields != 32u + f[1]) {
+            return 0;
+        }
+        m->rlen = f[1];
+        memcpy(m->reply, payload + MB_HEAD + 2, f[1]);
+        extra = 2u + f[1];
+    }
+    else if (fields != 30) {
+        return 0;
+    }
+    if (p[0] == VERSION && p[1] == KIND_DATA && (p[2] & 0xF0) == FLAG_FIELDS && p[3] == 0 &&
+        p[10] == 1 && p[11] == 8 && p[20] == 2 && p[21] == 8 && p[30] == 6 && p[31] == 8 &&
+        get32(p + 4) == len - MB_HEAD - extra) {
+        m->codec = p[2] & 7;
+        m->receipt = receipt;
+        return MB_HEAD + extra;
+    }
+    return 0;
+}
+
+static uint64_t
+get64(const uint8_t *p)
+{
+    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
+
+/* Tell the sender of a receipt record who took it: 1 done (or dropped and counted),
+ * 0 its acknowledgement ring is not attached here yet (the general way attaches it). */
+static int
+acknowledge(MailboxCore *c, peek_ctx_mb *m)
+{
+    if (c->replies == NULL || !PyDict_CheckExact(c->replies)) { /* deleted, or not set */
+        return 0;
+    }
+    PyObject *name = PyBytes_FromStringAndSize((const char *)m->reply, m->rlen);
+    if (name == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *ring = PyDict_GetItemWithError(c->replies, name); /* borrowed */
+    Py_DECREF(name);
+    if (ring == NULL || !PyObject_TypeCheck(ring, api->ring_type)) {
+        PyErr_Clear();
+        return 0;
+    }
+    uint8_t ack[16]; /* message id, pid, uid: _mailbox._ACK */
+    put64(ack, get64(m->head + 12));
+    put32(ack + 8, cached_pid);
+    put32(ack + 12, (uint32_t)c->uid);
+    buzon_part part = {ack, sizeof ack};
+    /* a bounded wait (_mailbox._ACK_WAIT): a put that does not wait gives up after 2 ms
+     * on the ring's reservation lock, and under load a preempted holder keeps it longer:
+     * the acknowledgement was lost and its receipt never completed */
+    static PyObject *ack_wait;
+    if (ack_wait == NULL && (ack_wait = PyFloat_FromDouble(ACK_WAIT_S)) == NULL) {
+        PyErr_Clear();
+        c->acks_dropped++;
+        return 1;
+    }
+    Py_INCREF(ring); /* a wait releases the GIL: the table may drop it meanwhile */
+    if (api->put_wait(ring, &part, 1, sizeof ack, 0, ack_wait) < 0) { /* full, or gone */
+        PyErr_Clear();
+        c->acks_dropped++;
+    }
+    Py_DECREF(ring);
+    return 1;
+}
+
+/* The next record of ring: *obj the common record's object (decoded), or NULL with no
+ * exception and *whole the record for the general way; NULL with an exception on error. */
+static int
+take_message(MailboxCore *c, PyObject *ring, PyObject *timeout, peek_ctx_mb *m,
+             PyObject **obj, PyObject **whole)
+{
+    *obj = *whole = NULL;
+    if (ring_arg(ring) < 0) {
+        return -1;
+    }
+    m->codec = -1;
+    m->receipt = 0;
+    PyObject *out = api->take_wait(ring, peek_message, m, timeout);
+    if (out == NULL) {
+        return -1;
+    }
+    if (c->mark_fd >= 0) {
+        mark_use(c, 0, coarse_now_ns());
+    }
+    if (m->codec < 0) {
+        *whole = out;
+        return 0;
+    }
+    if (!m->receipt || acknowledge(c, m)) {
+        if (m->codec == 0) {
+            *obj = out;
+            c->received++;
+            return 0;
+        }
+        if (m->codec == 1 && c->decode != Py_None) {
+            *obj = PyObject_CallOneArg(c->decode, out);
+            if (*obj != NULL) {
+                Py_DECREF(out);
+                c->received++;
+                return 0;
+            }
+            PyErr_Clear();
+            if (m->receipt) {
+                /* acknowledged already: the general way must not do it again, and it
+                 * only has to say why the body does not decode */
+                m->receipt = 0;
+                m->head[2] &= (uint8_t)~FLAG_RECEIPT;
+                m->head[8] = 30;
+                m->head[9] = 0;
+                m->rlen = 0;
+            }
+        }
+    }
+    /* the general way needs the whole record: rebuild it from the copies */
+    uint32_t extra = m->receipt ? 2u + m->rlen : 0u;
+    Py_ssize_t n = PyBytes_GET_SIZE(out);
+    *whole = PyBytes_FromStringAndSize(NULL, MB_HEAD + extra + n);
+    if (*whole != NULL) {
+        uint8_t *w = (uint8_t *)PyBytes_AS_STRING(*whole);
+        memcpy(w, m->head, MB_HEAD);
+        if (m->receipt) {
+            w[MB_HEAD] = TAG_REPLY_TO;
+            w[MB_HEAD + 1] = (uint8_t)m->rlen;
+            memcpy(w + MB_HEAD + 2, m->reply, m->rlen);
+        }
+        memcpy(w + MB_HEAD + extra, PyBytes_AS_STRING(out), (size_t)n);
+    }
+    Py_DECREF(out);
+    return *whole == NULL ? -1 : 0;
+}
+
+static PyObject *
+one_tuple(PyObject *whole)
+{
+    PyObject *t = PyTuple_New(1);
+    if (t == NULL) {
+        Py_DECREF(whole);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, whole);
+    return t;
+}
+
+static PyObject *
+core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* recv(ring, timeout) -> the object of a common record (codec 0: its bytes; codec 1:
+     * decoded; a receipt record acknowledged), else (record,) for the general way */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv(ring, timeout)");
+        return NULL;
+    }
+    peek_ctx_mb m;
+    PyObject *obj, *whole;
+    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
+        return NULL;
+    }
+    return obj != NULL ? obj : one_tuple(whole);
+}
+
+static PyObject *
+core_recv_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* recv_message(ring, timeout) -> (object, message id, pid, uid, sent_at ns) of a common
+     * record, else (record,) for the general way */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv_message(ring, timeout)");
+        return NULL;
+    }
+    peek_ctx_mb m;
+    PyObject *obj, *whole;
+    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
+        return NULL;
+    }
+    if (obj == NULL) {
+        return one_tuple(whole);
+    }
+    return Py_BuildValue("(NKkkK)", obj, (unsigned long long)get64(m.head + 12),
+                         (unsigned long)get32(m.head + 22), (unsigned long)get32(m.head + 26),
+                         (unsigned long long)get64(m.head + 32));
+}
+
+static PyObject *
+core_next_id(MailboxCore *c, PyObject *Py_UNUSED(a))
+{
+    return PyLong_FromUnsignedLongLong(++c->next_id);
+}
+
+static PyObject *
+core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ring", "encode", "decode", "fast_max", "uid", "nowait", NULL};
+    PyObject *ring, *encode, *decode;
+    Py_ssize_t fast_max;
+    unsigned long uid;
+    int nowait;
+    if (need_api() < 0) {
+        return NULL;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!OOnkp:MailboxCore", kwlist, api->ring_type,
+                                     &ring, &encode, &decode, &fast_max, &uid, &nowait)) {
+        return NULL;
+    }
+    MailboxCore *c = (MailboxCore *)type->tp_alloc(type, 0);
+    if (c == NULL) {
+        return NULL;
+    }
+    c->ring = Py_NewRef(ring);
+    c->encode = Py_NewRef(encode);
+    c->decode = Py_NewRef(decode);
+    c->fast_max = fast_max;
+    c->uid = uid;
+    c->nowait = nowait;
+    c->replies = Py_NewRef(Py_None);
+    c->mark_fd = -1;
+    return (PyObject *)c;
+}
+
+static void
+core_dealloc(MailboxCore *c)
+{
+    Py_XDECREF(c->ring);
+    Py_XDECREF(c->encode);
+    Py_XDECREF(c->decode);
+    Py_XDECREF(c->replies);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyMethodDef core_methods[] = {
+    {"send_receipt", (PyCFunction)(void (*)(void))core_send_receipt, METH_FASTCALL,
+     "send_receipt(obj, timeout, reply_to) -> int: send, as a receipt record whose "
+     "receiver acknowledges to the ring named reply_to; the message id, or 0 (nothing "
+     "sent) if it is not a common record."},
+    {"send", (PyCFunction)(void (*)(void))core_send, METH_FASTCALL,
+     "send(obj, timeout) -> bool: obj as a common record (bytes as they are, else msgpack "
+     "without hooks), put into the ring waiting like Ring.send (nowait: Full at once); "
+     "False (nothing sent) if it is not one: the caller's general way."},
+    {"fan", (PyCFunction)(void (*)(void))core_fan, METH_FASTCALL,
+     "fan(obj, rings, message_id) -> list | None: obj as one common record put into each "
+     "ring of the tuple without waiting; the indexes of those that had no room (or were "
+     "shut down); None (nothing sent) if it is not a common record. Not counted."},
+    {"recv", (PyCFunction)(void (*)(void))core_recv, METH_FASTCALL,
+     "recv(ring, timeout) -> object | (record,) | (codec, body): the next record of ring, "
+     "waiting like Ring.recv; a common record's object, else what the general way needs."},
+    {"recv_message", (PyCFunction)(void (*)(void))core_recv_message, METH_FASTCALL,
+     "recv_message(ring, timeout) -> (object, id, pid, uid, sent_at ns) | (record,): like "
+     "recv, with the common record's fields."},
+    {"next_id", (PyCFunction)core_next_id, METH_NOARGS,
+     "The next message id of this mailbox object (the general way's sends)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"fast_max", T_PYSSIZET, offsetof(MailboxCore, fast_max), 0,
+     "the largest body sent as a common record"},
+    {"sent", T_ULONGLONG, offsetof(MailboxCore, sent), READONLY, "messages send sent"},
+    {"received", T_ULONGLONG, offsetof(MailboxCore, received), READONLY,
+     "common records recv took"},
+    {"acks_dropped", T_ULONGLONG, offsetof(MailboxCore, acks_dropped), READONLY,
+     "acknowledgements that found their ring full or gone"},
+    {"mark_fd", T_INT, offsetof(MailboxCore, mark_fd), 0,
+     "the fd whose atime/mtime mark the last take/send (at most once a second), or -1"},
+    {"replies", T_OBJECT, offsetof(MailboxCore, replies), 0,
+     "dict: acknowledgement ring name (bytes) -> Ring, for receipt records (or None)"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject MailboxCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._frames.MailboxCore",
+    .tp_basicsize = sizeof(MailboxCore),
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "MailboxCore(ring, encode, decode, fast_max, uid, nowait): a mailbox object's "
+              "hot path (buzon._mailbox): common records sent, fanned out and received in "
+              "one C call each.",
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+    .tp_new = core_new,
+};
+
 static PyMethodDef module_functions[] = {
     {"data_frame", (PyCFunction)(void (*)(void))data_frame, METH_FASTCALL,
      "data_frame(body, flags) -> bytes: a DATA frame without buffers or fields, header "
@@ -604,7 +1182,12 @@ static struct PyModuleDef moddef = {
 PyMODINIT_FUNC
 PyInit__frames(void)
 {
-    if (PyType_Ready(&RingFramesType) < 0) {
+    if (PyType_Ready(&RingFramesType) < 0 || PyType_Ready(&MailboxCoreType) < 0) {
+        return NULL;
+    }
+    cached_pid = (uint32_t)getpid();
+    if (pthread_atfork(NULL, NULL, frames_atfork_child) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }
     PyObject *m = PyModule_Create(&moddef);
@@ -613,7 +1196,8 @@ PyInit__frames(void)
     }
     Py_INCREF(&RingFramesType);
     if (PyModule_AddObject(m, "RingFrames", (PyObject *)&RingFramesType) < 0 ||
-        PyModule_AddIntConstant(m, "HEADER_SIZE", HDR) < 0) {
+        PyModule_AddIntConstant(m, "HEADER_SIZE", HDR) < 0 ||
+        PyModule_AddObjectRef(m, "MailboxCore", (PyObject *)&MailboxCoreType) < 0) {
         Py_DECREF(&RingFramesType);
         Py_DECREF(m);
         return NULL;

@@ -3,6 +3,7 @@ docs/frames.md): a plain DATA frame in or out of one ring record in one call, an
 mailbox's common record likewise (buzon.mailbox's hot path)."""
 
 from collections.abc import Sequence
+from typing import Any
 
 from typing_extensions import Buffer
 
@@ -42,3 +43,26 @@ def plain_data_flags(message: Buffer, max_frame: int, /) -> int:
     """The flags byte of a message that is exactly one plain DATA frame (codec 0-3, with
     or without the receipt bit; no buffers, fields or chunks; at most ``max_frame``
     bytes), else -1."""
+
+class MailboxCore:
+    """A mailbox object's hot path (``buzon._mailbox``): common records sent, fanned out
+    and received in one C call each; anything else is left to the general way."""
+
+    fast_max: int
+    @property
+    def sent(self) -> int: ...
+    @property
+    def received(self) -> int: ...
+    @property
+    def acks_dropped(self) -> int: ...
+    replies: dict[bytes, Ring]
+    mark_fd: int
+    def __init__(
+        self, ring: Ring, encode: Any, decode: Any, fast_max: int, uid: int, nowait: bool
+    ) -> None: ...
+    def send(self, obj: object, timeout: float | None, /) -> bool: ...
+    def send_receipt(self, obj: object, timeout: float | None, reply_to: bytes, /) -> int: ...
+    def fan(self, obj: object, rings: tuple[Ring, ...], message_id: int, /) -> list[int] | None: ...
+    def recv(self, ring: Ring, timeout: float | None, /) -> Any: ...
+    def recv_message(self, ring: Ring, timeout: float | None, /) -> tuple[Any, ...]: ...
+    def next_id(self) -> int: ...

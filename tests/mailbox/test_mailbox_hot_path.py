@@ -1,0 +1,220 @@
+"""The mailbox hot path (``MailboxCore`` in protocol/_frames.c): one C call per send,
+receive or broadcast of a common record, and the general way for everything else."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import buzon
+from buzon.errors import CodecError
+from buzon.protocol._frames import MailboxCore, mailbox_send
+
+T = 10.0
+
+
+def test_the_hot_path_and_the_general_path_draw_ids_from_one_sequence() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        box.send(b"fast")  # C
+        receipt = box.send_async(b"general")  # Python (receipt)
+        box.send({"fast": 1})  # C, msgpack
+        box.send(np.arange(3))  # the codec's hook: general
+        ids = [box.recv_message(T).id for _ in range(4)]
+        assert ids == sorted(set(ids)) and len(ids) == 4
+        assert receipt.id == ids[1]
+    finally:
+        box.remove()
+
+
+def test_what_the_hookless_encoder_refuses_goes_the_general_way() -> None:
+    box = buzon.mailbox("jobs", capacity=16)
+    try:
+        small, big = np.arange(4.0), np.arange(512.0)  # inline and out of band
+        items = [small, {"a": big}, np.float64(2.5), bytearray(2000), "x" * 5000]
+        for item in items:
+            box.send(item)
+        got = [box.recv(T) for _ in items]
+        assert np.array_equal(got[0], small) and np.array_equal(got[1]["a"], big)
+        assert got[2:] == [2.5, bytes(2000), "x" * 5000]
+        with pytest.raises(CodecError):
+            box.send(object())  # refused by both ways, with the codec's typed error
+        assert box.qsize() == 0  # and nothing went
+    finally:
+        box.remove()
+
+
+def test_a_forked_child_sends_with_its_own_pid() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        box.send(b"parent")  # the pid is cached from here on
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                box.send(b"child")
+                box.send({"child": True})
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        senders = [box.recv_message(T).sender.pid for _ in range(3)]
+        assert senders == [os.getpid(), pid, pid]
+    finally:
+        box.remove()
+
+
+def test_statistics_count_what_the_hot_path_moved() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        for item in (b"a", {"b": 1}, [1, 2]):
+            box.send(item)
+        assert [box.recv(T) for _ in range(3)] == [b"a", {"b": 1}, [1, 2]]
+        stats = box.statistics()
+        assert (stats["sent"], stats["received"]) == (3, 3)
+    finally:
+        box.remove()
+
+
+def test_a_common_record_with_a_bad_body_is_a_codec_error_and_the_mailbox_goes_on() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        mailbox_send(box._ring, b"\xc1", 1, 1, os.getuid(), T)  # 0xc1: never msgpack
+        with pytest.raises(CodecError):
+            box.recv(T)
+        box.send({"fine": 1})
+        assert box.recv(T) == {"fine": 1}
+    finally:
+        box.remove()
+
+
+def test_broadcast_through_the_hot_path_keeps_the_overflow_rule() -> None:
+    tx = buzon.mailbox("news", capacity=2, policy="broadcast")
+    rx = [buzon.mailbox("news") for _ in range(2)]
+    try:
+        for r in rx:
+            with pytest.raises(buzon.Empty):
+                r.recv_nowait()  # attached
+        for i in range(5):
+            tx.send({"n": i})
+        for r in rx:
+            assert [r.recv(T)["n"] for _ in range(2)] == [3, 4]  # the oldest were dropped
+        assert tx.statistics()["dropped"] == 6
+    finally:
+        for r in rx:
+            r.close()
+        tx.remove()
+
+
+def test_bad_arguments_to_the_core_are_type_errors() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        with pytest.raises(TypeError):
+            MailboxCore(object(), None, None, 10, 0, False)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.recv(object(), 0)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.fan(b"x", [box._ring], 1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.fan(b"x", (object(),), 1)  # type: ignore[arg-type]
+        assert box._core.fan(b"x", (), 1) == []
+    finally:
+        box.remove()
+
+
+def test_recv_message_takes_common_records_with_their_fields_in_one_call() -> None:
+    import time
+
+    box = buzon.mailbox("jobs")
+    try:
+        before = time.time()
+        box.send(b"raw")
+        receipt = box.send_async({"general": 1})  # a receipt record: the general way
+        box.send({"d": [1, 2]})
+        mailbox_send(box._ring, b"\xc1", 1, 99, os.getuid(), T)  # a body that is no msgpack
+        got = [box.recv_message(T) for _ in range(3)]
+        assert [m.body for m in got] == [b"raw", {"general": 1}, {"d": [1, 2]}]
+        assert [m.id for m in got] == [got[0].id, receipt.id, got[0].id + 2]
+        assert {(m.sender.pid, m.sender.uid) for m in got} == {(os.getpid(), os.getuid())}
+        assert all(before - 1 <= m.sent_at <= time.time() + 1 for m in got)
+        assert receipt.wait(T).pid == os.getpid()
+        with pytest.raises(CodecError):
+            box.recv_message(T)
+        assert box.statistics()["received"] == 4
+    finally:
+        box.remove()
+
+
+def test_receipt_records_go_the_hot_path_and_name_the_receiver_across_processes() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        receipts = [box.send_async({"job": i}) for i in range(50)]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                rx = buzon.mailbox("jobs")
+                assert [rx.recv(T)["job"] for _ in range(50)] == list(range(50))
+                # the first acknowledgement attached the sender's ring, the others went in C
+                assert rx._core.received == 49 and rx.statistics()["acks_dropped"] == 0
+                rx.close()
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        who = {(r.wait(T).pid, r.wait(T).uid) for r in receipts}
+        assert who == {(pid, os.getuid())}
+        assert len({r.id for r in receipts}) == 50
+    finally:
+        box.remove()
+
+
+def test_a_receipt_record_with_a_bad_body_is_acknowledged_once_and_a_codec_error() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        first = box.send_async(b"first")
+        box.recv(T)  # the first acknowledgement attaches the ring: the hot path acks next
+        assert first.wait(T).pid == os.getpid()
+        frame = b"".join(box._encode({"x": 1}, 4242, box._ack_ring().name))
+        body = b"\x81\xa1x\x01"
+        assert frame.endswith(body)
+        box._ring.send(frame[: -len(body)] + b"\xc1" * len(body))  # a receipt record, bad body
+        with pytest.raises(CodecError):
+            box.recv(T)
+        assert box._ack_of(4242, T) is not None
+        assert box._ack_of(4242, 0.05) is None  # once, not twice
+        box.send("fine")
+        assert box.recv(T) == "fine"
+    finally:
+        box.remove()
+
+
+def test_an_acknowledgement_that_finds_its_ring_full_for_a_moment_is_not_lost() -> None:
+    import threading
+
+    from buzon._mailbox import _ACK
+
+    box = buzon.mailbox("jobs")
+    try:
+        for way in ("python", "c"):  # the first ack attaches the ring (Python), then C
+            receipt = box.send_async(way)
+            acks = box._ack_ring()
+            fillers = 0
+            while acks.try_send(_ACK.pack(0, 1, 1)):  # full, as under a burst of acks
+                fillers += 1
+
+            def drain(ring: object, n: int) -> None:  # the fillers only (before the ack)
+                for _ in range(n):
+                    ring.recv(T)  # type: ignore[attr-defined]
+
+            # room comes back while the ack waits
+            later = threading.Timer(0.01, drain, (acks, fillers))
+            later.start()
+            assert box.recv(T) == way
+            later.join(T)
+            assert receipt.wait(T).pid == os.getpid(), way
+        assert box.statistics()["acks_dropped"] == 0
+    finally:
+        box.remove()
