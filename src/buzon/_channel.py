@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from . import _reduction
 from .address import Address
@@ -65,6 +65,7 @@ from .protocol.frames import (
     loan_header,
     parse_frame,
     plain_data_flags,
+    wait_frame,
     write_frame,
 )
 from .transport._tokens import TokenPool
@@ -296,6 +297,18 @@ class ChannelCore:
         # the read fd alone says when a receive may progress: no ring to arm and no
         # delivery protocol to pump by a poll before sleeping (engine.recv_steps)
         self.plain_readiness = transport.ring_ops is None and not transport.delivery_acks
+        # wait_take: the read fd, when a plain receive's wait and read can be one C
+        # call (a framed buzon stream read with read(2) itself, nothing in between)
+        self._wait_target: int | None = None
+        rfd = transport.read_fileno()
+        if (
+            wait_frame is not None
+            and transport.plain_reads
+            and self.plain_readiness
+            and isinstance(self.decoder, FrameDecoder)
+            and rfd >= 0
+        ):
+            self._wait_target = rfd
         self._aborts_seen = 0
         self.backlog: deque[tuple[list[Buffer], int]] = deque()  # message transports, None
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
@@ -1558,7 +1571,7 @@ class ChannelCore:
         recv_into = self._recv_into
         read = self._read
         stats = self.stats
-        while True:
+        while True:  # the post-read half is _read_bytes (shared with wait_take)
             buf = decoder.get_buffer()
             if read is not None:  # the builtin itself (no transport frame per read)
                 try:
@@ -1575,32 +1588,84 @@ class ChannelCore:
                 if self.credit_out is None:
                     self._rv_valid = True
                 return False
-            if n == 0:
-                self.eof = True
-                self.fail_receipts("the peer closed the channel")
-                try:
-                    decoder.eof()
-                except FrameError:
-                    stats.rejected_frames += 1
-                    raise
-                raise EndOfChannel("the peer closed the channel")
-            stats.bytes_received += n
-            if n < len(buf) and self.credit_out is None:
-                self._rv_valid = True  # the link is empty for now (rendezvous gate)
-            try:
-                decoder.buffer_updated(n)
-            except FrameError:
-                stats.rejected_frames += 1
-                raise
-            if decoder.aborted != self._aborts_seen:
-                self._dropped_aborted(decoder.aborted)
-            if decoder.control:
-                self._apply_control(decoder)
-            if decoder.frames:
+            if self._read_bytes(decoder, n, len(buf)):
                 return True
             if n < len(buf):
                 stats.recv_would_block += 1
                 return False
+
+    def _read_bytes(self, decoder: FrameDecoder | _MpDecoder, n: int, room: int) -> bool:
+        """A read put ``n`` bytes (0: end of stream) into the decoder's buffer of
+        ``room`` bytes: hand them over; True if a frame is complete."""
+        stats = self.stats
+        if n == 0:
+            self.eof = True
+            self.fail_receipts("the peer closed the channel")
+            try:
+                decoder.eof()
+            except FrameError:
+                stats.rejected_frames += 1
+                raise
+            raise EndOfChannel("the peer closed the channel")
+        stats.bytes_received += n
+        if n < room and self.credit_out is None:
+            self._rv_valid = True  # the link is empty for now (rendezvous gate)
+        try:
+            decoder.buffer_updated(n)
+        except FrameError:
+            stats.rejected_frames += 1
+            raise
+        if decoder.aborted != self._aborts_seen:
+            self._dropped_aborted(decoder.aborted)
+        if decoder.control:
+            self._apply_control(decoder)
+        return bool(decoder.frames)
+
+    def wait_take(
+        self, deadline: float | None, spin: float
+    ) -> Frame | tuple[int, bytes] | Literal[False] | None:
+        """A plain receive's wait and its take in one call: the one place the core
+        blocks (the sync driver's plain ``recv``, see :func:`buzon._engine.recv_steps`).
+
+        The engine's step for a plain receive — a receive that announces nothing
+        (no capacity, receipts or rendezvous: the driver checks ``taking``), on a
+        stream whose read fd alone tells readiness, with nothing of a frame read yet —
+        is one INPUT on the read fd, spinning ``spin`` seconds, sleeping until
+        ``deadline``; the take after it reads once. ``protocol._stream.wait_frame``
+        runs both, the GIL released while it waits. Returns the message; ``None``
+        when the deadline passed with nothing read; ``False`` when this call cannot
+        do it (the C twin is missing, part of a frame or a message is held, the
+        channel is closed) or the read brought only part of a frame: the engine's
+        loop (``recv_steps``) goes on from there. End of stream, a bad frame, a
+        closed channel raise as :meth:`poll` does; an exception a signal handler
+        raises during the wait propagates (nothing was read)."""
+        target = self._wait_target
+        decoder = self.decoder
+        if target is None or decoder is None or self.closed or self.eof:
+            return False
+        buf = decoder.idle_buffer()  # type: ignore[union-attr]
+        if buf is None:
+            return False
+        try:
+            got = wait_frame(target, buf, deadline, spin, min(len(buf) >> 1, self.max_frame))
+        except OSError as exc:
+            if self.closed:
+                raise ChannelClosed("the channel is closed") from None
+            assert self._stream is not None
+            raise self._stream.io_error(exc, False) from exc
+        if got.__class__ is tuple:
+            stats = self.stats
+            stats.bytes_received += len(got[1]) + 8
+            stats.messages_received += 1
+            self.taken += 1
+            return got
+        if got is None:
+            return None
+        if self.closed:
+            raise ChannelClosed("the channel is closed")
+        if self._read_bytes(decoder, got, len(buf)):  # type: ignore[arg-type]
+            return self._pop(decoder.frames)
+        return False
 
     def _dropped_aborted(self, total: int) -> None:
         """The decoder dropped frames their sender aborted: count them, and give a

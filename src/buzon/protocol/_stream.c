@@ -16,6 +16,20 @@
  *       for each, ``body`` a bytes copy. Returns where the run stopped (the first
  *       byte of a frame that is not plain, or is cut short). Anything else is left
  *       to the Python decoder, which stays the reference.
+ *
+ *   wait_frame(fd, buf, deadline, spin, limit) -> (flags, body) | int | None
+ *       The wait and the read of a plain blocking receive, in one call (the engine's
+ *       INPUT step on the read fd, then the read the take does: see _engine.py
+ *       recv_steps and ChannelCore.wait_take). Spin ``spin`` seconds with poll(fd, 0),
+ *       then sleep in poll(fd) until ``deadline`` (time.monotonic() seconds; None: no
+ *       limit), then read(2) once into ``buf`` (the frame decoder's empty read buffer)
+ *       from its start; the GIL is released meanwhile. Returns ``(flags, body)`` when
+ *       the read brought exactly one plain DATA frame (as plain_run defines it, at most
+ *       ``limit`` bytes: ``buf`` is then free again), else the number of bytes now in
+ *       ``buf[:n]`` for the decoder (0: end of stream), or None when the deadline
+ *       passed with nothing read. A failed poll or read raises OSError. A signal that
+ *       interrupts the wait runs its Python handler (with the GIL), and an exception
+ *       the handler raises (KeyboardInterrupt) propagates; otherwise the wait goes on.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,6 +37,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <poll.h>
+#include <time.h>
+#include <unistd.h>
 
 #define VERSION 1
 #define KIND_DATA 1
@@ -141,11 +158,143 @@ fail:
     return NULL;
 }
 
+static double monotonic_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock on Linux */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* A single plain DATA frame filling buf[0:n] exactly: its flags, else -1. */
+static int single_plain(const unsigned char *h, Py_ssize_t n, Py_ssize_t limit) {
+    if (n < 8)
+        return -1;
+    uint32_t blen = (uint32_t)h[4] | ((uint32_t)h[5] << 8) | ((uint32_t)h[6] << 16) |
+                    ((uint32_t)h[7] << 24);
+    if (h[0] != VERSION || h[1] != KIND_DATA || (h[2] & NOT_FAST) || h[3] ||
+        8 + (Py_ssize_t)blen != n || n > limit)
+        return -1;
+    return h[2];
+}
+
+static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "wait_frame(fd, buf, deadline, spin, limit) takes 5 arguments");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "fd must be a non-negative int");
+        return NULL;
+    }
+    int forever = args[2] == Py_None;
+    double deadline = forever ? 0.0 : PyFloat_AsDouble(args[2]);
+    if (!forever && deadline == -1.0 && PyErr_Occurred())
+        return NULL;
+    double spin = PyFloat_AsDouble(args[3]);
+    if (spin == -1.0 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[4]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (buf.len < 8) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "buf must hold at least a frame header");
+        return NULL;
+    }
+    struct pollfd pfd = {.fd = (int)fd, .events = POLLIN, .revents = 0};
+    ssize_t got = -1;
+    int err = 0, timed_out = 0;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        if (spin > 0.0) { /* the spin budget: readiness checks, no sleep */
+            double end = monotonic_now() + spin;
+            while (poll(&pfd, 1, 0) == 0 && monotonic_now() < end)
+                ;
+            spin = 0.0;
+        }
+        for (;;) {
+            int ms = -1;
+            if (!forever) {
+                double left = deadline - monotonic_now();
+                ms = left <= 0.0 ? 0 : left > 2e6 ? 2000000000 : (int)(left * 1000.0 + 0.999);
+            }
+            int r = poll(&pfd, 1, ms);
+            if (r < 0) {
+                err = errno;
+                break;
+            }
+            if (r == 0) {
+                if (!forever && monotonic_now() >= deadline) {
+                    timed_out = 1;
+                    break;
+                }
+                continue; /* woke a little early: sleep the rest */
+            }
+            got = read((int)fd, buf.buf, (size_t)buf.len);
+            if (got >= 0)
+                break;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                err = errno;
+                break;
+            }
+            /* readable, yet nothing to read (an error the read did not report): wait on */
+            if (pfd.revents & POLLNVAL) {
+                err = EBADF;
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (err != EINTR)
+            break;
+        err = 0; /* a signal: its handler runs now; what it raises ends the wait */
+        if (PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+    }
+    if (err) {
+        PyBuffer_Release(&buf);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (timed_out) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE;
+    }
+    const unsigned char *h = buf.buf;
+    int flags = single_plain(h, (Py_ssize_t)got, limit);
+    PyObject *out;
+    if (flags >= 0) {
+        PyObject *body = PyBytes_FromStringAndSize((const char *)h + 8, (Py_ssize_t)got - 8);
+        out = body == NULL ? NULL : PyTuple_New(2);
+        if (out == NULL) {
+            Py_XDECREF(body);
+        } else {
+            PyTuple_SET_ITEM(out, 0, PyLong_FromLong(flags)); /* a cached small int */
+            PyTuple_SET_ITEM(out, 1, body);
+        }
+    } else {
+        out = PyLong_FromSsize_t((Py_ssize_t)got);
+    }
+    PyBuffer_Release(&buf);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"write_frame", (PyCFunction)(void (*)(void))write_frame, METH_FASTCALL,
      "write_frame(fd, flags, data) -> int: one plain DATA frame in one writev"},
     {"plain_run", (PyCFunction)(void (*)(void))plain_run, METH_FASTCALL,
      "plain_run(data, pos, stop, limit, append) -> int: hand out a run of plain frames"},
+    {"wait_frame", (PyCFunction)(void (*)(void))wait_frame, METH_FASTCALL,
+     "wait_frame(fd, buf, deadline, spin, limit) -> (flags, body) | int | None: wait, "
+     "read and parse a plain receive in one call"},
     {NULL, NULL, 0, NULL},
 };
 

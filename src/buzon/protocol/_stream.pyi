@@ -9,3 +9,11 @@ def plain_run(
     append: Callable[[tuple[int, bytes]], object],
     /,
 ) -> int: ...
+def wait_frame(
+    fd: int,
+    buf: bytearray,
+    deadline: float | None,
+    spin: float,
+    limit: int,
+    /,
+) -> tuple[int, bytes] | int | None: ...

@@ -900,13 +900,15 @@ class Channel(ChannelIdentity):
                 if item is not None:
                     return item
                 self._sleep_first = _SLEEP_FIRST
-            waited_now: Frame | tuple[int, bytes] = self._run_receive(
-                recv_steps(core, False, spin=False, polled=True),
-                deadline_of(timeout if timeout is not None else core.options.idle_timeout),
-            )
+            deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
+            got = core.wait_take(deadline, 0.0)  # the engine's INPUT step + take, in C
+            if got is None:
+                raise Timeout("recv timed out")
+            if got is False:
+                got = self._run_receive(recv_steps(core, False, spin=False), deadline)
             if core.more_buffered():
                 self._sleep_first = 0
-            return waited_now
+            return got
         if ready.poll(0):
             item = core.poll()
             if item is not None:
@@ -916,6 +918,15 @@ class Channel(ChannelIdentity):
             steps = recv_steps(core, True, spin=timeout != 0)
             taken: Frame | tuple[int, bytes] = self._run_receive(steps, deadline_of(limit))
             return taken
+        deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
+        if timeout != 0 and core.plain_readiness:
+            # spin, then sleep, then read: the engine's plain INPUT step and take, in C
+            got = core.wait_take(deadline, spin)
+            if got is None:
+                raise Timeout("recv timed out")
+            if got is not False:
+                return got
+            spin = 0.0  # spun (or part of a frame is in: the engine's loop goes on)
         if spin > 0.0 and timeout != 0:
             end = _perf() + spin
             poll0 = ready.poll
@@ -924,7 +935,6 @@ class Channel(ChannelIdentity):
                     item = core.poll()
                     if item is not None:
                         return item
-        deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
         waited: Frame | tuple[int, bytes] = self._run_receive(
             recv_steps(core, False, spin=False, polled=core.plain_readiness), deadline
         )

@@ -1,0 +1,154 @@
+"""``protocol._stream.wait_frame``: the wait and the read of a plain blocking receive in
+one C call. What it hands back must be what the Python decoder makes of the same read
+(it stays the reference): a lone plain frame as ``(flags, body)``, anything else as the
+byte count left in the buffer for the decoder; None only when the deadline passed with
+nothing read; errors and signals as a Python read would raise them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from buzon.protocol import _stream
+from buzon.protocol.frames import HEADER, FrameDecoder, Kind, encode_frame
+
+pytestmark = pytest.mark.fd_check
+
+LIMIT = 4096
+
+
+def _plain(flags: int, body: bytes) -> bytes:
+    return HEADER.pack(1, 1, flags, 0, len(body)) + body
+
+
+_chunk = st.one_of(
+    st.builds(_plain, st.sampled_from([0, 1, 2, 3, 8, 9]), st.binary(max_size=300)),
+    st.just(b"".join(bytes(b) for b in encode_frame(Kind.CREDIT, 0, b"\0" * 16))),
+    st.builds(_plain, st.sampled_from([0x10, 0x40, 0x80]), st.binary(max_size=20)),
+    st.builds(lambda b: HEADER.pack(2, 1, 0, 0, len(b)) + b, st.binary(max_size=20)),
+    st.builds(lambda b: HEADER.pack(1, 1, 0, 0, 5000) + b, st.binary(max_size=20)),
+    st.binary(min_size=1, max_size=12),  # a cut frame, or garbage
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_chunk, min_size=1, max_size=4))
+def test_one_read_is_what_the_decoder_makes_of_it(chunks: list[bytes]) -> None:
+    data = b"".join(chunks)
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+        buf = bytearray(64 * 1024)
+        got = _stream.wait_frame(r, buf, None, 0.0, LIMIT)
+    finally:
+        os.close(r)
+        os.close(w)
+    ref = FrameDecoder(max_frame=LIMIT, read_size=2 * LIMIT)
+    try:
+        ref.feed(data)
+        ref_frames = list(ref.frames)
+    except Exception:
+        ref_frames = []
+    if isinstance(got, tuple):  # taken whole: exactly one plain frame was read
+        assert ref_frames == [got]
+        assert ref.buffered == 0
+    else:
+        assert got == len(data)
+        assert bytes(buf[:got]) == data
+
+
+def test_deadline_passes_with_nothing_read() -> None:
+    r, w = os.pipe()
+    try:
+        buf = bytearray(1024)
+        assert _stream.wait_frame(r, buf, time.monotonic() + 0.02, 0.0, LIMIT) is None
+        assert _stream.wait_frame(r, buf, time.monotonic() - 1.0, 0.0, LIMIT) is None
+        assert _stream.wait_frame(r, buf, time.monotonic() + 0.01, 0.005, LIMIT) is None
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_end_of_stream_and_errors() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        assert _stream.wait_frame(r, bytearray(64), None, 0.0, LIMIT) == 0
+    finally:
+        os.close(r)
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(ValueError):
+            _stream.wait_frame(a.fileno(), bytearray(4), None, 0.0, LIMIT)  # buf too small
+        with pytest.raises(BufferError):
+            _stream.wait_frame(a.fileno(), b"immutable", None, 0.0, LIMIT)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        _stream.wait_frame(-1, bytearray(64), None, 0.0, LIMIT)
+    unused = os.open(os.devnull, os.O_RDONLY)
+    os.close(unused)
+    with pytest.raises(OSError):  # EBADF, as os.read would raise
+        _stream.wait_frame(unused, bytearray(64), None, 0.0, LIMIT)
+
+
+def test_waits_without_the_gil_and_wakes_on_data() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        ticks = 0
+        stop = threading.Event()
+
+        def tick() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                time.sleep(0.001)
+
+        def send_later() -> None:
+            time.sleep(0.1)
+            b.send(_plain(0, b"late"))
+
+        threads = [threading.Thread(target=tick), threading.Thread(target=send_later)]
+        for t in threads:
+            t.start()
+        got = _stream.wait_frame(a.fileno(), bytearray(1024), time.monotonic() + 30, 0.0, LIMIT)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert got == (0, b"late")
+        assert ticks > 5  # other threads ran while it waited
+
+
+def test_a_signal_handler_that_raises_ends_the_wait_and_one_that_returns_does_not() -> None:
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        pytest.skip("signals go to the main thread")
+    a, b = socket.socketpair()
+    calls = 0
+
+    def raising(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def quiet(signum: int, frame: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    old = signal.signal(signal.SIGALRM, raising)
+    try:
+        with a, b:
+            a.setblocking(False)
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(KeyboardInterrupt):
+                _stream.wait_frame(a.fileno(), bytearray(64), time.monotonic() + 30, 0.0, LIMIT)
+            signal.signal(signal.SIGALRM, quiet)
+            signal.setitimer(signal.ITIMER_REAL, 0.02)
+            got = _stream.wait_frame(a.fileno(), bytearray(64), time.monotonic() + 0.3, 0.0, LIMIT)
+            assert got is None and calls == 1  # the handler ran; the wait went on to its end
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
