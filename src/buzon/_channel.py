@@ -57,6 +57,7 @@ from .protocol.frames import (
     Frame,
     FrameDecoder,
     Kind,
+    SmallWriter,
     abort_marker,
     chunk_frame,
     data_frame,
@@ -358,6 +359,7 @@ class ChannelCore:
         self.credit_out: bytes | None = None  # the latest CREDIT not yet written
         self.credit_blocked = False  # the last try_send failed for want of credit
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
+        self._small_writer: SmallWriter | None = None  # made by use_write_lock
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
         # capacity=0 on a credit link: takes pass the rendezvous gate (_rv_gate); a read
         # that found the link empty since this end's latest offer was written
@@ -380,6 +382,32 @@ class ChannelCore:
         elif options.capacity != DEFAULT_CAPACITY:
             self.set_capacity(options.capacity)
         self._fast_paths()
+
+    def use_write_lock(self, lock: Any) -> None:
+        """The sync driver's write lock: held around every write but the C one of
+        :attr:`small_send`, which writes only while it is free (the GIL held)."""
+        self.io_lock = lock
+        stream = self._stream
+        if SmallWriter is not None and stream is not None and stream.write_fileno() >= 0:
+            self._small_writer = SmallWriter(
+                stream.write_fileno(),
+                self,
+                lock,
+                min(PLAIN_MAX, self.max_frame) - 8,
+                self._small_part,
+            )
+            self._fast_paths()
+
+    def _small_part(self, flags: int, data: bytes, written: int) -> int:
+        """:attr:`small_send` wrote ``written`` bytes of the frame of ``data``: keep its
+        tail and count it, as :meth:`send_small` does; return the frame's serial."""
+        size = len(data) + 8
+        self.serial += 1
+        self._keep_tail((data_header(size - 8, flags), data), written)
+        self.open_frame = _OpenFrame(self.serial, size, (), size)
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += size
+        return self.serial
 
     def _fast_paths(self) -> None:
         """Lend the drivers a shared-memory ring's C calls while nothing else needs the
@@ -431,6 +459,11 @@ class ChannelCore:
 
                 self._write = python_write
         self.small_limit = min(PLAIN_MAX, self.max_frame) - 8 if write is not None else -1
+        # the sync driver's send_bytes in one C call (protocol/_stream.c SmallWriter),
+        # while the same holds; it checks what may change per call itself
+        self.small_send: Callable[[bytes], bool | int] | None = (
+            self._small_writer if write is not None else None
+        )
 
     def _stop_fast(self) -> tuple[int, int]:
         """This end starts numbering messages (its first receipt, or its first receipt
@@ -438,8 +471,9 @@ class ChannelCore:
         thread is in the middle of cannot slip past the count; then return how many
         messages went the fast way (sent, taken), to be counted in."""
         ops = self.transport.ring_ops
-        if ops is None:
-            return 0, 0
+        if ops is None:  # a stream: what small_send wrote (it stops once sflow is set)
+            small = self._small_writer
+            return (small.counts()[0] if small is not None else 0), 0
         if self.sflow is not None:
             ops.stop_send()
         if self.taking:
@@ -902,6 +936,12 @@ class ChannelCore:
 
     def statistics(self) -> Statistics:
         stats = replace(self.stats)
+        small = self._small_writer
+        if small is not None:
+            sent, sent_bytes, would_block = small.counts()
+            stats.messages_sent += sent
+            stats.bytes_sent += sent_bytes
+            stats.send_would_block += would_block
         ops = self.transport.ring_ops
         if ops is not None:
             sent, sent_bytes, received, received_bytes = ops.counts()  # also after close

@@ -152,3 +152,95 @@ def test_a_signal_handler_that_raises_ends_the_wait_and_one_that_returns_does_no
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+# -- SmallWriter: send_bytes' hot path ----------------------------------------------
+
+
+class _Core:
+    """What SmallWriter reads of a ChannelCore."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.credit_out: bytes | None = None
+        self.closed = False
+        self.sflow: object | None = None
+
+
+def _writer(fd: int, core: _Core, lock: threading.Lock, parts: list[tuple[int, bytes, int]]):
+    def on_part(flags: int, data: bytes, n: int) -> int:
+        parts.append((flags, data, n))
+        return 41
+
+    return _stream.SmallWriter(fd, core, lock, 100_000, on_part)
+
+
+def test_small_writer_writes_one_plain_frame_and_counts_it() -> None:
+    r, w = os.pipe()
+    try:
+        parts: list[tuple[int, bytes, int]] = []
+        write = _writer(w, _Core(), threading.Lock(), parts)
+        assert write(b"hello") is True
+        assert write(b"") is True
+        assert os.read(r, 100) == _plain(0, b"hello") + _plain(0, b"")
+        assert write.counts() == (2, 13 + 8, 0)
+        assert parts == []
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_small_writer_steps_aside_whenever_the_channel_is_not_quiet() -> None:
+    r, w = os.pipe()
+    try:
+        core, lock, parts = _Core(), threading.Lock(), []
+        write = _writer(w, core, lock, parts)
+        assert write(bytearray(b"x")) is False  # bytes only
+        assert write(b"x" * 100_001) is False  # over the limit
+        with lock:
+            assert write(b"x") is False  # another thread is writing
+        for name, value in [("pending", [b"t"]), ("credit_out", b"c"), ("closed", True)]:
+            setattr(core, name, value)
+            assert write(b"x") is False
+            setattr(core, name, _Core().__dict__[name])
+        core.sflow = object()  # sends are numbered: the engine's way
+        assert write(b"x") is False
+        core.sflow = None
+        os.set_blocking(w, False)
+        while True:  # no room: nothing written, counted as a would-block
+            try:
+                os.write(w, b"f" * 4096)
+            except BlockingIOError:
+                break
+        assert write(b"x") is False
+        assert write.counts() == (0, 0, 1)
+        os.close(r)
+        r = -1
+        assert write(b"x") is False  # EPIPE: the general way meets and reports it
+        assert parts == []
+    finally:
+        if r >= 0:
+            os.close(r)
+        os.close(w)
+
+
+def test_small_writer_hands_a_partial_write_to_the_core() -> None:
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+        room = 0
+        while True:  # fill the pipe, then free one page: a large write takes part
+            try:
+                room += os.write(w, b"f" * 4096)
+            except BlockingIOError:
+                break
+        assert len(os.read(r, 4096)) == 4096
+        parts: list[tuple[int, bytes, int]] = []
+        write = _writer(w, _Core(), threading.Lock(), parts)
+        data = b"d" * 10_000  # more than PIPE_BUF: a non-blocking pipe may take part
+        assert write(data) == 41  # the serial on_part returned
+        assert parts == [(0, data, 4096)]
+        assert write.counts() == (0, 0, 0)  # the core counts what it finishes
+    finally:
+        os.close(r)
+        os.close(w)

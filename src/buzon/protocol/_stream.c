@@ -30,10 +30,24 @@
  *       passed with nothing read. A failed poll or read raises OSError. A signal that
  *       interrupts the wait runs its Python handler (with the GIL), and an exception
  *       the handler raises (KeyboardInterrupt) propagates; otherwise the wait goes on.
+ *
+ *   SmallWriter(fd, core, lock, limit, on_part)(data) -> True | False | int
+ *       The hot path of a blocking ``send_bytes`` (ChannelCore.small_send): ``data``,
+ *       bytes of at most ``limit``, as one plain DATA frame in one writev, when the
+ *       channel is quiet: ``lock`` (the driver's write lock) is free, and ``core`` owes
+ *       nothing (``pending`` empty, ``credit_out`` None), is open and numbers no sends
+ *       (``sflow`` None). The GIL is held from those checks to the count, so no Python
+ *       thread can come between. True: written whole, counted here (``sent``,
+ *       ``sent_bytes``; the core adds them to its statistics). False: nothing written
+ *       (not quiet, not small bytes, no room, an error): the caller goes the general
+ *       way, which meets the same error. Written in part: ``on_part(flags, data, n)``
+ *       keeps the tail as the core does for its own writes and returns the frame's
+ *       serial, which this call returns for the engine to finish the frame.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -287,6 +301,164 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     return out;
 }
 
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    Py_ssize_t limit;
+    PyObject *core;
+    PyObject *lock;
+    PyObject *on_part;
+    unsigned long long sent;
+    unsigned long long sent_bytes;
+    unsigned long long would_block;
+    vectorcallfunc vectorcall;
+} SmallWriter;
+
+static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow, *s_locked;
+
+/* 1: the core's attribute ``name`` is truthy (or, for ``none_ok``, not None); -1: error */
+static int core_flag(PyObject *core, PyObject *name, int not_none) {
+    PyObject *v = PyObject_GetAttr(core, name);
+    if (v == NULL)
+        return -1;
+    int r = not_none ? v != Py_None : PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames) {
+    SmallWriter *self = (SmallWriter *)op;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "SmallWriter(data) takes one argument");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) > self->limit)
+        Py_RETURN_FALSE;
+    PyObject *held = PyObject_CallMethodNoArgs(self->lock, s_locked);
+    if (held == NULL)
+        return NULL;
+    int busy = PyObject_IsTrue(held);
+    Py_DECREF(held);
+    if (busy)
+        return busy < 0 ? NULL : Py_NewRef(Py_False);
+    int r;
+    if ((r = core_flag(self->core, s_pending, 0)) != 0 ||
+        (r = core_flag(self->core, s_credit_out, 1)) != 0 ||
+        (r = core_flag(self->core, s_closed, 0)) != 0 ||
+        (r = core_flag(self->core, s_sflow, 1)) != 0)
+        return r < 0 ? NULL : Py_NewRef(Py_False);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    uint32_t len = (uint32_t)n;
+    unsigned char header[8] = {VERSION,
+                               KIND_DATA,
+                               0,
+                               0,
+                               (unsigned char)(len & 0xFF),
+                               (unsigned char)((len >> 8) & 0xFF),
+                               (unsigned char)((len >> 16) & 0xFF),
+                               (unsigned char)((len >> 24) & 0xFF)};
+    struct iovec iov[2] = {
+        {.iov_base = header, .iov_len = sizeof header},
+        {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
+    };
+    ssize_t got;
+    do
+        got = writev(self->fd, iov, n ? 2 : 1);
+    while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            self->would_block++;
+        Py_RETURN_FALSE; /* the general way writes again and reports what it meets */
+    }
+    if (got == n + 8) {
+        self->sent++;
+        self->sent_bytes += (unsigned long long)got;
+        Py_RETURN_TRUE;
+    }
+    PyObject *flags = PyLong_FromLong(0);
+    PyObject *wrote = PyLong_FromSsize_t(got);
+    PyObject *out = NULL;
+    if (flags != NULL && wrote != NULL) {
+        PyObject *call[3] = {flags, data, wrote};
+        out = PyObject_Vectorcall(self->on_part, call, 3, NULL);
+    }
+    Py_XDECREF(flags);
+    Py_XDECREF(wrote);
+    return out;
+}
+
+static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    int fd;
+    PyObject *core, *lock, *on_part;
+    Py_ssize_t limit;
+    static char *kwlist[] = {"fd", "core", "lock", "limit", "on_part", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOnO:SmallWriter", kwlist, &fd, &core,
+                                     &lock, &limit, &on_part))
+        return NULL;
+    if (fd < 0 || limit < 0 || limit > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "fd and limit must be non-negative");
+        return NULL;
+    }
+    SmallWriter *self = (SmallWriter *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->fd = fd;
+    self->limit = limit;
+    self->core = Py_NewRef(core);
+    self->lock = Py_NewRef(lock);
+    self->on_part = Py_NewRef(on_part);
+    self->vectorcall = small_writer_call;
+    return (PyObject *)self;
+}
+
+static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) {
+    Py_VISIT(self->core);
+    Py_VISIT(self->lock);
+    Py_VISIT(self->on_part);
+    return 0;
+}
+
+static int small_writer_clear(SmallWriter *self) {
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->on_part);
+    return 0;
+}
+
+static void small_writer_dealloc(SmallWriter *self) {
+    PyObject_GC_UnTrack(self);
+    small_writer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *small_writer_counts(SmallWriter *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(KKK)", self->sent, self->sent_bytes, self->would_block);
+}
+
+static PyMethodDef small_writer_methods[] = {
+    {"counts", (PyCFunction)small_writer_counts, METH_NOARGS,
+     "counts() -> (sent, sent_bytes, would_block): what this writer moved and met"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SmallWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._stream.SmallWriter",
+    .tp_basicsize = sizeof(SmallWriter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "SmallWriter(fd, core, lock, limit, on_part): send_bytes' hot path "
+              "(see the module's comment)",
+    .tp_new = small_writer_new,
+    .tp_dealloc = (destructor)small_writer_dealloc,
+    .tp_traverse = (traverseproc)small_writer_traverse,
+    .tp_clear = (inquiry)small_writer_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(SmallWriter, vectorcall),
+    .tp_methods = small_writer_methods,
+};
+
 static PyMethodDef methods[] = {
     {"write_frame", (PyCFunction)(void (*)(void))write_frame, METH_FASTCALL,
      "write_frame(fd, flags, data) -> int: one plain DATA frame in one writev"},
@@ -304,4 +476,21 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__stream(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__stream(void) {
+    if ((s_pending = PyUnicode_InternFromString("pending")) == NULL ||
+        (s_credit_out = PyUnicode_InternFromString("credit_out")) == NULL ||
+        (s_closed = PyUnicode_InternFromString("closed")) == NULL ||
+        (s_sflow = PyUnicode_InternFromString("sflow")) == NULL ||
+        (s_locked = PyUnicode_InternFromString("locked")) == NULL)
+        return NULL;
+    if (PyType_Ready(&SmallWriterType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "SmallWriter", (PyObject *)&SmallWriterType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -17,3 +17,15 @@ def wait_frame(
     limit: int,
     /,
 ) -> tuple[int, bytes] | int | None: ...
+
+class SmallWriter:
+    def __init__(
+        self,
+        fd: int,
+        core: object,
+        lock: object,
+        limit: int,
+        on_part: Callable[[int, bytes, int], int],
+    ) -> None: ...
+    def __call__(self, data: object, /) -> bool | int: ...
+    def counts(self) -> tuple[int, int, int]: ...

@@ -216,7 +216,7 @@ class Channel(ChannelIdentity):
         self._gen = 0
         self._awaiters: list[tuple[Any, Any]] = []  # (loop, future): see _arun_op
         self._watched: dict[Any, int] = {}  # loop -> receipts awaited there reading
-        core.io_lock = self._wlock
+        core.use_write_lock(self._wlock)
         core.on_credit = self._credit_arrived
 
     @property
@@ -300,6 +300,14 @@ class Channel(ChannelIdentity):
     def send_bytes(self, data: Buffer, timeout: float | None = None, *, priority: int = 0) -> None:
         """Send ``data`` as one message, without a codec (a raw channel: as is)."""
         core = self._core
+        small = core.small_send
+        if small is not None and not priority:  # small bytes on a quiet stream: C writes
+            done = small(data)  # type: ignore[arg-type]
+            if done is True:
+                return
+            if done is not False:  # the kernel took part of it: the engine finishes it
+                self._send_slow([], timeout, 0, 0, done)
+                return
         if type(data) is bytes and len(data) <= core.small_limit and not priority:
             with self._wlock:  # a quiet stream: header and payload in one write
                 sent = core.send_small(data)
