@@ -64,7 +64,7 @@ def _raw_write(ch: buzon.Channel, data: bytes) -> None:
 
 def test_the_plain_receive_takes_the_c_wait(pair: tuple[buzon.Channel, buzon.Channel]) -> None:
     a, b = pair
-    assert b._core._wait_target is not None  # declared plain reads: the C wait applies
+    assert b._core.wait_fd is not None  # declared plain reads: the C wait applies
     before = b.statistics().bytes_received
     threading.Timer(0.05, a.send_bytes, (b"late",)).start()
     assert b.recv_bytes(timeout=10) == b"late"

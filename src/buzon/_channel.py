@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from . import _reduction
 from .address import Address
@@ -298,9 +298,9 @@ class ChannelCore:
         # the read fd alone says when a receive may progress: no ring to arm and no
         # delivery protocol to pump by a poll before sleeping (engine.recv_steps)
         self.plain_readiness = transport.ring_ops is None and not transport.delivery_acks
-        # wait_take: the read fd, when a plain receive's wait and read can be one C
-        # call (a framed buzon stream read with read(2) itself, nothing in between)
-        self._wait_target: int | None = None
+        # the read fd, when a plain receive's wait and read can be one C call (a framed
+        # buzon stream read with read(2) itself, nothing in between): see wait_read
+        self.wait_fd: int | None = None
         rfd = transport.read_fileno()
         if (
             wait_frame is not None
@@ -309,7 +309,7 @@ class ChannelCore:
             and isinstance(self.decoder, FrameDecoder)
             and rfd >= 0
         ):
-            self._wait_target = rfd
+            self.wait_fd = rfd
         self._aborts_seen = 0
         self.backlog: deque[tuple[list[Buffer], int]] = deque()  # message transports, None
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
@@ -1661,51 +1661,52 @@ class ChannelCore:
             self._apply_control(decoder)
         return bool(decoder.frames)
 
-    def wait_take(
-        self, deadline: float | None, spin: float
-    ) -> Frame | tuple[int, bytes] | Literal[False] | None:
-        """A plain receive's wait and its take in one call: the one place the core
-        blocks (the sync driver's plain ``recv``, see :func:`buzon._engine.recv_steps`).
-
-        The engine's step for a plain receive — a receive that announces nothing
-        (no capacity, receipts or rendezvous: the driver checks ``taking``), on a
-        stream whose read fd alone tells readiness, with nothing of a frame read yet —
-        is one INPUT on the read fd, spinning ``spin`` seconds, sleeping until
-        ``deadline``; the take after it reads once. ``protocol._stream.wait_frame``
-        runs both, the GIL released while it waits. Returns the message; ``None``
-        when the deadline passed with nothing read; ``False`` when this call cannot
-        do it (the C twin is missing, part of a frame or a message is held, the
-        channel is closed) or the read brought only part of a frame: the engine's
-        loop (``recv_steps``) goes on from there. End of stream, a bad frame, a
-        closed channel raise as :meth:`poll` does; an exception a signal handler
-        raises during the wait propagates (nothing was read)."""
-        target = self._wait_target
+    def wait_read(self) -> tuple[int, bytearray, int] | None:
+        """Where a plain receive's wait and read may be one call: ``(fd, buffer,
+        limit)`` for ``protocol._stream.wait_frame``, run by the sync driver (the core
+        never waits). A plain receive announces nothing (no capacity, receipts or
+        rendezvous: the driver checks ``taking``), is on a stream whose read fd alone
+        tells readiness and whose reads are plain read(2)s (``plain_reads``), and has
+        nothing of a frame read yet; its engine operation is then one INPUT step on the
+        read fd and one read (:func:`buzon._engine.recv_steps`), which that call runs
+        in one go. None: the engine's loop does it."""
+        fd = self.wait_fd
         decoder = self.decoder
-        if target is None or decoder is None or self.closed or self.eof:
-            return False
+        if fd is None or decoder is None or self.closed or self.eof:
+            return None
         buf = decoder.idle_buffer()  # type: ignore[union-attr]
         if buf is None:
-            return False
-        try:
-            got = wait_frame(target, buf, deadline, spin, min(len(buf) >> 1, self.max_frame))
-        except OSError as exc:
-            if self.closed:
-                raise ChannelClosed("the channel is closed") from None
-            assert self._stream is not None
-            raise self._stream.io_error(exc, False) from exc
+            return None
+        return fd, buf, min(len(buf) >> 1, self.max_frame)
+
+    def after_wait(
+        self, got: tuple[int, bytes] | int, room: int
+    ) -> Frame | tuple[int, bytes] | None:
+        """What ``wait_frame`` read into the :meth:`wait_read` buffer of ``room``
+        bytes: a lone plain frame it took (counted here), or the bytes it left there
+        for the decoder (0: end of stream). Returns the message, or None if the read
+        brought only part of a frame (the engine's loop goes on). Raises as
+        :meth:`poll` does (end of stream, a bad frame, the channel closed meanwhile)."""
         if got.__class__ is tuple:
             stats = self.stats
             stats.bytes_received += len(got[1]) + 8
             stats.messages_received += 1
             self.taken += 1
             return got
-        if got is None:
-            return None
         if self.closed:
             raise ChannelClosed("the channel is closed")
-        if self._read_bytes(decoder, got, len(buf)):  # type: ignore[arg-type]
+        decoder = self.decoder
+        assert decoder is not None
+        if self._read_bytes(decoder, got, room):  # type: ignore[arg-type]
             return self._pop(decoder.frames)
-        return False
+        return None
+
+    def read_error(self, exc: OSError) -> Exception:
+        """The typed error for a read that failed in the driver's ``wait_frame``."""
+        if self.closed:
+            return ChannelClosed("the channel is closed")
+        assert self._stream is not None
+        return self._stream.io_error(exc, False)
 
     def _dropped_aborted(self, total: int) -> None:
         """The decoder dropped frames their sender aborted: count them, and give a

@@ -46,7 +46,7 @@ from .._engine import (
 )
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.credit import RECEIPT_FLAG
-from ..protocol.frames import Frame, Kind, encode_frame
+from ..protocol.frames import Frame, Kind, encode_frame, wait_frame
 from ..transport.base import Buffer
 
 __all__ = ["Channel"]
@@ -909,10 +909,8 @@ class Channel(ChannelIdentity):
                     return item
                 self._sleep_first = _SLEEP_FIRST
             deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
-            got = core.wait_take(deadline, 0.0)  # the engine's INPUT step + take, in C
+            got = self._wait_take(deadline, 0.0)  # the engine's INPUT step + take, in C
             if got is None:
-                raise Timeout("recv timed out")
-            if got is False:
                 got = self._run_receive(recv_steps(core, False, spin=False), deadline)
             if core.more_buffered():
                 self._sleep_first = 0
@@ -927,12 +925,10 @@ class Channel(ChannelIdentity):
             taken: Frame | tuple[int, bytes] = self._run_receive(steps, deadline_of(limit))
             return taken
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
-        if timeout != 0 and core.plain_readiness:
+        if timeout != 0 and core.wait_fd is not None:
             # spin, then sleep, then read: the engine's plain INPUT step and take, in C
-            got = core.wait_take(deadline, spin)
-            if got is None:
-                raise Timeout("recv timed out")
-            if got is not False:
+            got = self._wait_take(deadline, spin)
+            if got is not None:
                 return got
             spin = 0.0  # spun (or part of a frame is in: the engine's loop goes on)
         if spin > 0.0 and timeout != 0:
@@ -947,6 +943,27 @@ class Channel(ChannelIdentity):
             recv_steps(core, False, spin=False, polled=core.plain_readiness), deadline
         )
         return waited
+
+    def _wait_take(self, deadline: float | None, spin: float) -> Frame | tuple[int, bytes] | None:
+        """A plain receive's INPUT step (spin ``spin`` seconds, sleep until the read fd
+        is readable or ``deadline``) and the take's read, in one C call that releases
+        the GIL while it waits (``protocol._stream.wait_frame``; where it applies:
+        ``ChannelCore.wait_read``). Raises Timeout when the deadline passes with
+        nothing read, and what a signal handler raised meanwhile. None: the call does
+        not apply, or the read brought only part of a frame; the engine's loop
+        (``recv_steps``) goes on."""
+        core = self._core
+        target = core.wait_read()
+        if target is None:
+            return None
+        fd, buf, limit = target
+        try:
+            got = wait_frame(fd, buf, deadline, spin, limit)
+        except OSError as exc:
+            raise core.read_error(exc) from exc
+        if got is None:
+            raise Timeout("recv timed out")
+        return core.after_wait(got, len(buf))
 
     def _fast_receive(
         self, recv: Callable[[int], tuple[int, bytes] | None], timeout: float | None
