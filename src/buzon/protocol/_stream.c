@@ -36,7 +36,8 @@
  *       bytes of at most ``limit``, as one plain DATA frame in one writev, when the
  *       channel is quiet: ``lock`` (the driver's write lock) is free, and ``core`` owes
  *       nothing (``pending`` empty, ``credit_out`` None), is open and numbers no sends
- *       (``sflow`` None). The GIL is held from those checks to the count, so no Python
+ *       (``sflow`` None): fields read from the core's ``__dict__`` (``closed`` must be
+ *       a bool), ``pending`` a deque the core keeps for good. The GIL is held from those checks to the count, so no Python
  *       thread can come between. True: written whole, counted here (``sent``,
  *       ``sent_bytes``; the core adds them to its statistics). False: nothing written
  *       (not quiet, not small bytes, no room, an error): the caller goes the general
@@ -306,6 +307,8 @@ typedef struct {
     int fd;
     Py_ssize_t limit;
     PyObject *core;
+    PyObject *state; /* core.__dict__: its fields read without attribute lookups */
+    PyObject *pending; /* core.pending, a deque the core never replaces */
     PyObject *lock;
     PyObject *on_part;
     unsigned long long sent;
@@ -316,14 +319,15 @@ typedef struct {
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow, *s_locked;
 
-/* 1: the core's attribute ``name`` is truthy (or, for ``none_ok``, not None); -1: error */
-static int core_flag(PyObject *core, PyObject *name, int not_none) {
-    PyObject *v = PyObject_GetAttr(core, name);
-    if (v == NULL)
+/* 1: the core's field ``name`` is set (``not_none``: not None, else True); -1: error */
+static int core_flag(PyObject *state, PyObject *name, int not_none) {
+    PyObject *v = PyDict_GetItemWithError(state, name); /* borrowed */
+    if (v == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_AttributeError, "the channel core has no %R", name);
         return -1;
-    int r = not_none ? v != Py_None : PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return r;
+    }
+    return not_none ? v != Py_None : v == Py_True;
 }
 
 static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
@@ -343,11 +347,13 @@ static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t n
     Py_DECREF(held);
     if (busy)
         return busy < 0 ? NULL : Py_NewRef(Py_False);
+    Py_ssize_t owed = PyObject_Length(self->pending);
+    if (owed != 0)
+        return owed < 0 ? NULL : Py_NewRef(Py_False);
     int r;
-    if ((r = core_flag(self->core, s_pending, 0)) != 0 ||
-        (r = core_flag(self->core, s_credit_out, 1)) != 0 ||
-        (r = core_flag(self->core, s_closed, 0)) != 0 ||
-        (r = core_flag(self->core, s_sflow, 1)) != 0)
+    if ((r = core_flag(self->state, s_credit_out, 1)) != 0 ||
+        (r = core_flag(self->state, s_closed, 0)) != 0 ||
+        (r = core_flag(self->state, s_sflow, 1)) != 0)
         return r < 0 ? NULL : Py_NewRef(Py_False);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     uint32_t len = (uint32_t)n;
@@ -401,9 +407,22 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
         PyErr_SetString(PyExc_ValueError, "fd and limit must be non-negative");
         return NULL;
     }
-    SmallWriter *self = (SmallWriter *)type->tp_alloc(type, 0);
-    if (self == NULL)
+    PyObject *state = PyObject_GenericGetDict(core, NULL);
+    if (state == NULL)
         return NULL;
+    PyObject *pending = PyObject_GetAttr(core, s_pending);
+    if (pending == NULL) {
+        Py_DECREF(state);
+        return NULL;
+    }
+    SmallWriter *self = (SmallWriter *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(state);
+        Py_DECREF(pending);
+        return NULL;
+    }
+    self->state = state;
+    self->pending = pending;
     self->fd = fd;
     self->limit = limit;
     self->core = Py_NewRef(core);
@@ -415,6 +434,8 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
 
 static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) {
     Py_VISIT(self->core);
+    Py_VISIT(self->state);
+    Py_VISIT(self->pending);
     Py_VISIT(self->lock);
     Py_VISIT(self->on_part);
     return 0;
@@ -422,6 +443,8 @@ static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) 
 
 static int small_writer_clear(SmallWriter *self) {
     Py_CLEAR(self->core);
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->pending);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->on_part);
     return 0;
