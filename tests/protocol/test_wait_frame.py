@@ -247,3 +247,33 @@ def test_small_writer_hands_a_partial_write_to_the_core() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_signal_during_the_spin_is_handled_before_the_sleep() -> None:
+    """A signal that comes while the call spins interrupts no system call; its handler
+    must still run before the call sleeps: run later (when something wakes the sleep),
+    it would raise after the call took a message, which would then be lost."""
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        pytest.skip("signals go to the main thread")
+    a, b = socket.socketpair()
+
+    def raising(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, raising)
+    try:
+        with a, b:
+            a.setblocking(False)
+            later = threading.Timer(2.0, b.send, (_plain(0, b"kept"),))  # after the spin
+            later.start()
+            signal.setitimer(signal.ITIMER_REAL, 0.02)  # well inside a 0.5 s spin
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    _stream.wait_frame(a.fileno(), bytearray(64), time.monotonic() + 10, 0.5, LIMIT)
+            finally:
+                later.join()
+            a.settimeout(10)
+            assert a.recv(64) == _plain(0, b"kept")  # the interrupted call took nothing
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -226,14 +226,21 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     struct pollfd pfd = {.fd = (int)fd, .events = POLLIN, .revents = 0};
     ssize_t got = -1;
     int err = 0, timed_out = 0;
+    if (spin > 0.0) { /* the spin budget: readiness checks, no sleep, no EINTR */
+        int ready = 0;
+        Py_BEGIN_ALLOW_THREADS
+        double end = monotonic_now() + spin;
+        while ((ready = poll(&pfd, 1, 0)) == 0 && monotonic_now() < end)
+            ;
+        Py_END_ALLOW_THREADS
+        /* a signal that came while spinning interrupted nothing: its handler runs now */
+        if (ready <= 0 && PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+    }
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        if (spin > 0.0) { /* the spin budget: readiness checks, no sleep */
-            double end = monotonic_now() + spin;
-            while (poll(&pfd, 1, 0) == 0 && monotonic_now() < end)
-                ;
-            spin = 0.0;
-        }
         for (;;) {
             int ms = -1;
             if (!forever) {
