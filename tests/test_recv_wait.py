@@ -1,5 +1,5 @@
 """The plain blocking receive waits and reads in one C call
-(``ChannelCore.wait_take`` → ``protocol._stream.wait_frame``): every contract of a
+(``ChannelCore.wait_read`` → ``protocol._stream.wait_frame``): every contract of a
 receive still holds through it, with ``spin=0`` and with the default spin: timeouts,
 a frame that arrives in pieces, a peer stalled mid-frame, the end of the stream, bad
 frames, and a signal whose handler raises (KeyboardInterrupt) during the wait."""

@@ -1611,7 +1611,7 @@ class ChannelCore:
         recv_into = self._recv_into
         read = self._read
         stats = self.stats
-        while True:  # the post-read half is _read_bytes (shared with wait_take)
+        while True:  # the post-read half is _read_bytes (shared with after_wait)
             buf = decoder.get_buffer()
             if read is not None:  # the builtin itself (no transport frame per read)
                 try:

@@ -20,7 +20,7 @@
  *   wait_frame(fd, buf, deadline, spin, limit) -> (flags, body) | int | None
  *       The wait and the read of a plain blocking receive, in one call (the engine's
  *       INPUT step on the read fd, then the read the take does: see _engine.py
- *       recv_steps and ChannelCore.wait_take). Spin ``spin`` seconds with poll(fd, 0),
+ *       recv_steps and ChannelCore.wait_read). Spin ``spin`` seconds with poll(fd, 0),
  *       then sleep in poll(fd) until ``deadline`` (time.monotonic() seconds; None: no
  *       limit), then read(2) once into ``buf`` (the frame decoder's empty read buffer)
  *       from its start; the GIL is released meanwhile. Returns ``(flags, body)`` when
