@@ -77,6 +77,30 @@ def test_the_engine_and_the_core_never_wait(name: str) -> None:
     assert not _sleeps(path)
 
 
+def _calls(path: Path, name: str) -> list[int]:
+    """Lines of ``path`` that call a function named ``name``."""
+    tree = ast.parse(path.read_text(), str(path))
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (
+            (isinstance(node.func, ast.Name) and node.func.id == name)
+            or (isinstance(node.func, ast.Attribute) and node.func.attr == name)
+        )
+    ]
+
+
+def test_only_the_blocking_driver_runs_the_c_wait() -> None:
+    """A plain receive's wait may run in one protocol C call (``wait_frame``, which
+    releases the GIL in poll(2) and reads): the blocking driver makes that call, with
+    the fd, buffer and limit the core names (``ChannelCore.wait_read``); the engine,
+    the core and the asyncio driver never do."""
+    assert _calls(ROOT / "sync" / "_channel.py", "wait_frame")
+    for name in ("_engine.py", "_channel.py", "aio/_channel.py"):
+        assert not _calls(ROOT / name, "wait_frame"), name
+
+
 def test_the_drivers_send_through_the_engine() -> None:
     """Both drivers run the engine's send, flush and loan operations (no twin loops)."""
     for sub in ("sync", "aio"):

@@ -69,6 +69,8 @@ def test_a_small_send_the_kernel_takes_in_part_arrives_whole(
     a, b = pair
     core = a._core
     assert core.small_limit > 64  # the fast path is on for this channel
+    assert core.small_send is not None  # ... and its C writer (tested in test_wait_frame)
+    core.small_send = None  # the Python write send_small makes, torn
     core._write = _torn(core, keep)
     a.send_bytes(b"m" * 64, timeout=10)
     assert not core.owed  # the send returned: its frame is written whole

@@ -57,6 +57,7 @@ from .protocol.frames import (
     Frame,
     FrameDecoder,
     Kind,
+    SmallWriter,
     abort_marker,
     chunk_frame,
     data_frame,
@@ -65,6 +66,7 @@ from .protocol.frames import (
     loan_header,
     parse_frame,
     plain_data_flags,
+    wait_frame,
     write_frame,
 )
 from .transport._tokens import TokenPool
@@ -298,6 +300,18 @@ class ChannelCore:
         # the read fd alone says when a receive may progress: no ring to arm and no
         # delivery protocol to pump by a poll before sleeping (engine.recv_steps)
         self.plain_readiness = transport.ring_ops is None and not transport.delivery_acks
+        # the read fd, when a plain receive's wait and read can be one C call (a framed
+        # buzon stream read with read(2) itself, nothing in between): see wait_read
+        self.wait_fd: int | None = None
+        rfd = transport.read_fileno()
+        if (
+            wait_frame is not None
+            and transport.plain_reads
+            and self.plain_readiness
+            and isinstance(self.decoder, FrameDecoder)
+            and rfd >= 0
+        ):
+            self.wait_fd = rfd
         self._aborts_seen = 0
         self.backlog: deque[tuple[list[Buffer], int]] = deque()  # message transports, None
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
@@ -347,6 +361,7 @@ class ChannelCore:
         self.credit_out: bytes | None = None  # the latest CREDIT not yet written
         self.credit_blocked = False  # the last try_send failed for want of credit
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
+        self._small_writer: SmallWriter | None = None  # made by use_write_lock
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
         # capacity=0 on a credit link: takes pass the rendezvous gate (_rv_gate); a read
         # that found the link empty since this end's latest offer was written
@@ -369,6 +384,32 @@ class ChannelCore:
         elif options.capacity != DEFAULT_CAPACITY:
             self.set_capacity(options.capacity)
         self._fast_paths()
+
+    def use_write_lock(self, lock: Any) -> None:
+        """The sync driver's write lock: held around every write but the C one of
+        :attr:`small_send`, which writes only while it is free (the GIL held)."""
+        self.io_lock = lock
+        stream = self._stream
+        if SmallWriter is not None and stream is not None and stream.write_fileno() >= 0:
+            self._small_writer = SmallWriter(
+                stream.write_fileno(),
+                self,
+                lock,
+                min(PLAIN_MAX, self.max_frame) - 8,
+                self._small_part,
+            )
+            self._fast_paths()
+
+    def _small_part(self, flags: int, data: bytes, written: int) -> int:
+        """:attr:`small_send` wrote ``written`` bytes of the frame of ``data``: keep its
+        tail and count it, as :meth:`send_small` does; return the frame's serial."""
+        size = len(data) + 8
+        self.serial += 1
+        self._keep_tail((data_header(size - 8, flags), data), written)
+        self.open_frame = _OpenFrame(self.serial, size, (), size)
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += size
+        return self.serial
 
     def _fast_paths(self) -> None:
         """Lend the drivers a shared-memory ring's C calls while nothing else needs the
@@ -420,6 +461,11 @@ class ChannelCore:
 
                 self._write = python_write
         self.small_limit = min(PLAIN_MAX, self.max_frame) - 8 if write is not None else -1
+        # the sync driver's send_bytes in one C call (protocol/_stream.c SmallWriter),
+        # while the same holds; it checks what may change per call itself
+        self.small_send: Callable[[bytes], bool | int] | None = (
+            self._small_writer if write is not None else None
+        )
 
     def _stop_fast(self) -> tuple[int, int]:
         """This end starts numbering messages (its first receipt, or its first receipt
@@ -427,8 +473,9 @@ class ChannelCore:
         thread is in the middle of cannot slip past the count; then return how many
         messages went the fast way (sent, taken), to be counted in."""
         ops = self.transport.ring_ops
-        if ops is None:
-            return 0, 0
+        if ops is None:  # a stream: what small_send wrote (it stops once sflow is set)
+            small = self._small_writer
+            return (small.counts()[0] if small is not None else 0), 0
         if self.sflow is not None:
             ops.stop_send()
         if self.taking:
@@ -897,6 +944,12 @@ class ChannelCore:
 
     def statistics(self) -> Statistics:
         stats = replace(self.stats)
+        small = self._small_writer
+        if small is not None:
+            sent, sent_bytes, would_block = small.counts()
+            stats.messages_sent += sent
+            stats.bytes_sent += sent_bytes
+            stats.send_would_block += would_block
         ops = self.transport.ring_ops
         if ops is not None:
             sent, sent_bytes, received, received_bytes = ops.counts()  # also after close
@@ -1600,7 +1653,7 @@ class ChannelCore:
         recv_into = self._recv_into
         read = self._read
         stats = self.stats
-        while True:
+        while True:  # the post-read half is _read_bytes (shared with after_wait)
             buf = decoder.get_buffer()
             if read is not None:  # the builtin itself (no transport frame per read)
                 try:
@@ -1617,32 +1670,85 @@ class ChannelCore:
                 if self.credit_out is None:
                     self._rv_valid = True
                 return False
-            if n == 0:
-                self.eof = True
-                self.fail_receipts("the peer closed the channel")
-                try:
-                    decoder.eof()
-                except FrameError:
-                    stats.rejected_frames += 1
-                    raise
-                raise EndOfChannel("the peer closed the channel")
-            stats.bytes_received += n
-            if n < len(buf) and self.credit_out is None:
-                self._rv_valid = True  # the link is empty for now (rendezvous gate)
-            try:
-                decoder.buffer_updated(n)
-            except FrameError:
-                stats.rejected_frames += 1
-                raise
-            if decoder.aborted != self._aborts_seen:
-                self._dropped_aborted(decoder.aborted)
-            if decoder.control:
-                self._apply_control(decoder)
-            if decoder.frames:
+            if self._read_bytes(decoder, n, len(buf)):
                 return True
             if n < len(buf):
                 stats.recv_would_block += 1
                 return False
+
+    def _read_bytes(self, decoder: FrameDecoder | _MpDecoder, n: int, room: int) -> bool:
+        """A read put ``n`` bytes (0: end of stream) into the decoder's buffer of
+        ``room`` bytes: hand them over; True if a frame is complete."""
+        stats = self.stats
+        if n == 0:
+            self.eof = True
+            self.fail_receipts("the peer closed the channel")
+            try:
+                decoder.eof()
+            except FrameError:
+                stats.rejected_frames += 1
+                raise
+            raise EndOfChannel("the peer closed the channel")
+        stats.bytes_received += n
+        if n < room and self.credit_out is None:
+            self._rv_valid = True  # the link is empty for now (rendezvous gate)
+        try:
+            decoder.buffer_updated(n)
+        except FrameError:
+            stats.rejected_frames += 1
+            raise
+        if decoder.aborted != self._aborts_seen:
+            self._dropped_aborted(decoder.aborted)
+        if decoder.control:
+            self._apply_control(decoder)
+        return bool(decoder.frames)
+
+    def wait_read(self) -> tuple[int, bytearray, int] | None:
+        """Where a plain receive's wait and read may be one call: ``(fd, buffer,
+        limit)`` for ``protocol._stream.wait_frame``, run by the sync driver (the core
+        never waits). A plain receive announces nothing (no capacity, receipts or
+        rendezvous: the driver checks ``taking``), is on a stream whose read fd alone
+        tells readiness and whose reads are plain read(2)s (``plain_reads``), and has
+        nothing of a frame read yet; its engine operation is then one INPUT step on the
+        read fd and one read (:func:`buzon._engine.recv_steps`), which that call runs
+        in one go. None: the engine's loop does it."""
+        fd = self.wait_fd
+        decoder = self.decoder
+        if fd is None or decoder is None or self.closed or self.eof:
+            return None
+        buf = decoder.idle_buffer()  # type: ignore[union-attr]
+        if buf is None:
+            return None
+        return fd, buf, min(len(buf) >> 1, self.max_frame)
+
+    def after_wait(
+        self, got: tuple[int, bytes] | int, room: int
+    ) -> Frame | tuple[int, bytes] | None:
+        """What ``wait_frame`` read into the :meth:`wait_read` buffer of ``room``
+        bytes: a lone plain frame it took (counted here), or the bytes it left there
+        for the decoder (0: end of stream). Returns the message, or None if the read
+        brought only part of a frame (the engine's loop goes on). Raises as
+        :meth:`poll` does (end of stream, a bad frame, the channel closed meanwhile)."""
+        if got.__class__ is tuple:
+            stats = self.stats
+            stats.bytes_received += len(got[1]) + 8
+            stats.messages_received += 1
+            self.taken += 1
+            return got
+        if self.closed:
+            raise ChannelClosed("the channel is closed")
+        decoder = self.decoder
+        assert decoder is not None
+        if self._read_bytes(decoder, got, room):  # type: ignore[arg-type]
+            return self._pop(decoder.frames)
+        return None
+
+    def read_error(self, exc: OSError) -> Exception:
+        """The typed error for a read that failed in the driver's ``wait_frame``."""
+        if self.closed:
+            return ChannelClosed("the channel is closed")
+        assert self._stream is not None
+        return self._stream.io_error(exc, False)
 
     def _dropped_aborted(self, total: int) -> None:
         """The decoder dropped frames their sender aborted: count them, and give a

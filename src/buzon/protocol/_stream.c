@@ -16,13 +16,45 @@
  *       for each, ``body`` a bytes copy. Returns where the run stopped (the first
  *       byte of a frame that is not plain, or is cut short). Anything else is left
  *       to the Python decoder, which stays the reference.
+ *
+ *   wait_frame(fd, buf, deadline, spin, limit) -> (flags, body) | int | None
+ *       The wait and the read of a plain blocking receive, in one call (the engine's
+ *       INPUT step on the read fd, then the read the take does: see _engine.py
+ *       recv_steps and ChannelCore.wait_read). Spin ``spin`` seconds with poll(fd, 0),
+ *       then sleep in poll(fd) until ``deadline`` (time.monotonic() seconds; None: no
+ *       limit), then read(2) once into ``buf`` (the frame decoder's empty read buffer)
+ *       from its start; the GIL is released meanwhile. Returns ``(flags, body)`` when
+ *       the read brought exactly one plain DATA frame (as plain_run defines it, at most
+ *       ``limit`` bytes: ``buf`` is then free again), else the number of bytes now in
+ *       ``buf[:n]`` for the decoder (0: end of stream), or None when the deadline
+ *       passed with nothing read. A failed poll or read raises OSError. A signal that
+ *       interrupts the wait runs its Python handler (with the GIL), and an exception
+ *       the handler raises (KeyboardInterrupt) propagates; otherwise the wait goes on.
+ *
+ *   SmallWriter(fd, core, lock, limit, on_part)(data) -> True | False | int
+ *       The hot path of a blocking ``send_bytes`` (ChannelCore.small_send): ``data``,
+ *       bytes of at most ``limit``, as one plain DATA frame in one writev, when the
+ *       channel is quiet: ``lock`` (the driver's write lock) is free, and ``core`` owes
+ *       nothing (``pending`` empty, ``credit_out`` None), is open and numbers no sends
+ *       (``sflow`` None): fields read from the core's ``__dict__`` (``closed`` must be
+ *       a bool), ``pending`` a deque the core keeps for good. The GIL is held from those checks to the count, so no Python
+ *       thread can come between. True: written whole, counted here (``sent``,
+ *       ``sent_bytes``; the core adds them to its statistics). False: nothing written
+ *       (not quiet, not small bytes, no room, an error): the caller goes the general
+ *       way, which meets the same error. Written in part: ``on_part(flags, data, n)``
+ *       keeps the tail as the core does for its own writes and returns the frame's
+ *       serial, which this call returns for the engine to finish the frame.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <poll.h>
+#include <time.h>
+#include <unistd.h>
 
 #define VERSION 1
 #define KIND_DATA 1
@@ -141,11 +173,330 @@ fail:
     return NULL;
 }
 
+static double monotonic_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock on Linux */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* A single plain DATA frame filling buf[0:n] exactly: its flags, else -1. */
+static int single_plain(const unsigned char *h, Py_ssize_t n, Py_ssize_t limit) {
+    if (n < 8)
+        return -1;
+    uint32_t blen = (uint32_t)h[4] | ((uint32_t)h[5] << 8) | ((uint32_t)h[6] << 16) |
+                    ((uint32_t)h[7] << 24);
+    if (h[0] != VERSION || h[1] != KIND_DATA || (h[2] & NOT_FAST) || h[3] ||
+        8 + (Py_ssize_t)blen != n || n > limit)
+        return -1;
+    return h[2];
+}
+
+static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "wait_frame(fd, buf, deadline, spin, limit) takes 5 arguments");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "fd must be a non-negative int");
+        return NULL;
+    }
+    int forever = args[2] == Py_None;
+    double deadline = forever ? 0.0 : PyFloat_AsDouble(args[2]);
+    if (!forever && deadline == -1.0 && PyErr_Occurred())
+        return NULL;
+    double spin = PyFloat_AsDouble(args[3]);
+    if (spin == -1.0 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[4]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (buf.len < 8) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "buf must hold at least a frame header");
+        return NULL;
+    }
+    struct pollfd pfd = {.fd = (int)fd, .events = POLLIN, .revents = 0};
+    ssize_t got = -1;
+    int err = 0, timed_out = 0;
+    if (spin > 0.0) { /* the spin budget: readiness checks, no sleep, no EINTR */
+        int ready = 0;
+        Py_BEGIN_ALLOW_THREADS
+        double end = monotonic_now() + spin;
+        while ((ready = poll(&pfd, 1, 0)) == 0 && monotonic_now() < end)
+            ;
+        Py_END_ALLOW_THREADS
+        /* a signal that came while spinning interrupted nothing: its handler runs now */
+        if (ready <= 0 && PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+    }
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        for (;;) {
+            int ms = -1;
+            if (!forever) {
+                double left = deadline - monotonic_now();
+                ms = left <= 0.0 ? 0 : left > 2e6 ? 2000000000 : (int)(left * 1000.0 + 0.999);
+            }
+            int r = poll(&pfd, 1, ms);
+            if (r < 0) {
+                err = errno;
+                break;
+            }
+            if (r == 0) {
+                if (!forever && monotonic_now() >= deadline) {
+                    timed_out = 1;
+                    break;
+                }
+                continue; /* woke a little early: sleep the rest */
+            }
+            got = read((int)fd, buf.buf, (size_t)buf.len);
+            if (got >= 0)
+                break;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                err = errno;
+                break;
+            }
+            /* readable, yet nothing to read (an error the read did not report): wait on */
+            if (pfd.revents & POLLNVAL) {
+                err = EBADF;
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (err != EINTR)
+            break;
+        err = 0; /* a signal: its handler runs now; what it raises ends the wait */
+        if (PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+    }
+    if (err) {
+        PyBuffer_Release(&buf);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (timed_out) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE;
+    }
+    const unsigned char *h = buf.buf;
+    int flags = single_plain(h, (Py_ssize_t)got, limit);
+    PyObject *out;
+    if (flags >= 0) {
+        PyObject *body = PyBytes_FromStringAndSize((const char *)h + 8, (Py_ssize_t)got - 8);
+        out = body == NULL ? NULL : PyTuple_New(2);
+        if (out == NULL) {
+            Py_XDECREF(body);
+        } else {
+            PyTuple_SET_ITEM(out, 0, PyLong_FromLong(flags)); /* a cached small int */
+            PyTuple_SET_ITEM(out, 1, body);
+        }
+    } else {
+        out = PyLong_FromSsize_t((Py_ssize_t)got);
+    }
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    Py_ssize_t limit;
+    PyObject *core;
+    PyObject *state; /* core.__dict__: its fields read without attribute lookups */
+    PyObject *pending; /* core.pending, a deque the core never replaces */
+    PyObject *lock;
+    PyObject *on_part;
+    unsigned long long sent;
+    unsigned long long sent_bytes;
+    unsigned long long would_block;
+    vectorcallfunc vectorcall;
+} SmallWriter;
+
+static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow, *s_locked;
+
+/* 1: the core's field ``name`` is set (``not_none``: not None, else True); -1: error */
+static int core_flag(PyObject *state, PyObject *name, int not_none) {
+    PyObject *v = PyDict_GetItemWithError(state, name); /* borrowed */
+    if (v == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_AttributeError, "the channel core has no %R", name);
+        return -1;
+    }
+    return not_none ? v != Py_None : v == Py_True;
+}
+
+static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames) {
+    SmallWriter *self = (SmallWriter *)op;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "SmallWriter(data) takes one argument");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) > self->limit)
+        Py_RETURN_FALSE;
+    PyObject *held = PyObject_CallMethodNoArgs(self->lock, s_locked);
+    if (held == NULL)
+        return NULL;
+    int busy = PyObject_IsTrue(held);
+    Py_DECREF(held);
+    if (busy)
+        return busy < 0 ? NULL : Py_NewRef(Py_False);
+    Py_ssize_t owed = PyObject_Length(self->pending);
+    if (owed != 0)
+        return owed < 0 ? NULL : Py_NewRef(Py_False);
+    int r;
+    if ((r = core_flag(self->state, s_credit_out, 1)) != 0 ||
+        (r = core_flag(self->state, s_closed, 0)) != 0 ||
+        (r = core_flag(self->state, s_sflow, 1)) != 0)
+        return r < 0 ? NULL : Py_NewRef(Py_False);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    uint32_t len = (uint32_t)n;
+    unsigned char header[8] = {VERSION,
+                               KIND_DATA,
+                               0,
+                               0,
+                               (unsigned char)(len & 0xFF),
+                               (unsigned char)((len >> 8) & 0xFF),
+                               (unsigned char)((len >> 16) & 0xFF),
+                               (unsigned char)((len >> 24) & 0xFF)};
+    struct iovec iov[2] = {
+        {.iov_base = header, .iov_len = sizeof header},
+        {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
+    };
+    ssize_t got;
+    do
+        got = writev(self->fd, iov, n ? 2 : 1);
+    while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            self->would_block++;
+        Py_RETURN_FALSE; /* the general way writes again and reports what it meets */
+    }
+    if (got == n + 8) {
+        self->sent++;
+        self->sent_bytes += (unsigned long long)got;
+        Py_RETURN_TRUE;
+    }
+    PyObject *flags = PyLong_FromLong(0);
+    PyObject *wrote = PyLong_FromSsize_t(got);
+    PyObject *out = NULL;
+    if (flags != NULL && wrote != NULL) {
+        PyObject *call[3] = {flags, data, wrote};
+        out = PyObject_Vectorcall(self->on_part, call, 3, NULL);
+    }
+    Py_XDECREF(flags);
+    Py_XDECREF(wrote);
+    return out;
+}
+
+static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    int fd;
+    PyObject *core, *lock, *on_part;
+    Py_ssize_t limit;
+    static char *kwlist[] = {"fd", "core", "lock", "limit", "on_part", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOnO:SmallWriter", kwlist, &fd, &core,
+                                     &lock, &limit, &on_part))
+        return NULL;
+    if (fd < 0 || limit < 0 || limit > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "fd and limit must be non-negative");
+        return NULL;
+    }
+    PyObject *state = PyObject_GenericGetDict(core, NULL);
+    if (state == NULL)
+        return NULL;
+    PyObject *pending = PyObject_GetAttr(core, s_pending);
+    if (pending == NULL) {
+        Py_DECREF(state);
+        return NULL;
+    }
+    SmallWriter *self = (SmallWriter *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(state);
+        Py_DECREF(pending);
+        return NULL;
+    }
+    self->state = state;
+    self->pending = pending;
+    self->fd = fd;
+    self->limit = limit;
+    self->core = Py_NewRef(core);
+    self->lock = Py_NewRef(lock);
+    self->on_part = Py_NewRef(on_part);
+    self->vectorcall = small_writer_call;
+    return (PyObject *)self;
+}
+
+static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) {
+    Py_VISIT(self->core);
+    Py_VISIT(self->state);
+    Py_VISIT(self->pending);
+    Py_VISIT(self->lock);
+    Py_VISIT(self->on_part);
+    return 0;
+}
+
+static int small_writer_clear(SmallWriter *self) {
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->pending);
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->on_part);
+    return 0;
+}
+
+static void small_writer_dealloc(SmallWriter *self) {
+    PyObject_GC_UnTrack(self);
+    small_writer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *small_writer_counts(SmallWriter *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(KKK)", self->sent, self->sent_bytes, self->would_block);
+}
+
+static PyMethodDef small_writer_methods[] = {
+    {"counts", (PyCFunction)small_writer_counts, METH_NOARGS,
+     "counts() -> (sent, sent_bytes, would_block): what this writer moved and met"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SmallWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._stream.SmallWriter",
+    .tp_basicsize = sizeof(SmallWriter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "SmallWriter(fd, core, lock, limit, on_part): send_bytes' hot path "
+              "(see the module's comment)",
+    .tp_new = small_writer_new,
+    .tp_dealloc = (destructor)small_writer_dealloc,
+    .tp_traverse = (traverseproc)small_writer_traverse,
+    .tp_clear = (inquiry)small_writer_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(SmallWriter, vectorcall),
+    .tp_methods = small_writer_methods,
+};
+
 static PyMethodDef methods[] = {
     {"write_frame", (PyCFunction)(void (*)(void))write_frame, METH_FASTCALL,
      "write_frame(fd, flags, data) -> int: one plain DATA frame in one writev"},
     {"plain_run", (PyCFunction)(void (*)(void))plain_run, METH_FASTCALL,
      "plain_run(data, pos, stop, limit, append) -> int: hand out a run of plain frames"},
+    {"wait_frame", (PyCFunction)(void (*)(void))wait_frame, METH_FASTCALL,
+     "wait_frame(fd, buf, deadline, spin, limit) -> (flags, body) | int | None: wait, "
+     "read and parse a plain receive in one call"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -155,4 +506,21 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__stream(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__stream(void) {
+    if ((s_pending = PyUnicode_InternFromString("pending")) == NULL ||
+        (s_credit_out = PyUnicode_InternFromString("credit_out")) == NULL ||
+        (s_closed = PyUnicode_InternFromString("closed")) == NULL ||
+        (s_sflow = PyUnicode_InternFromString("sflow")) == NULL ||
+        (s_locked = PyUnicode_InternFromString("locked")) == NULL)
+        return NULL;
+    if (PyType_Ready(&SmallWriterType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "SmallWriter", (PyObject *)&SmallWriterType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -9,3 +9,23 @@ def plain_run(
     append: Callable[[tuple[int, bytes]], object],
     /,
 ) -> int: ...
+def wait_frame(
+    fd: int,
+    buf: bytearray,
+    deadline: float | None,
+    spin: float,
+    limit: int,
+    /,
+) -> tuple[int, bytes] | int | None: ...
+
+class SmallWriter:
+    def __init__(
+        self,
+        fd: int,
+        core: object,
+        lock: object,
+        limit: int,
+        on_part: Callable[[int, bytes, int], int],
+    ) -> None: ...
+    def __call__(self, data: object, /) -> bool | int: ...
+    def counts(self) -> tuple[int, int, int]: ...

@@ -72,10 +72,12 @@ from ..errors import FrameError, FrameTooLarge
 from ._frames import data_frame, plain_data_flags
 
 try:  # the C twin of the hot path (protocol/_stream.c); this module stays the reference
+    from ._stream import SmallWriter, wait_frame, write_frame
     from ._stream import plain_run as _plain_run
-    from ._stream import write_frame
 except ImportError:  # pragma: no cover - a build without the extension
     _plain_run = None  # type: ignore[assignment]
+    SmallWriter = None  # type: ignore[assignment,misc]
+    wait_frame = None  # type: ignore[assignment]
     write_frame = None  # type: ignore[assignment]
 
 __all__ = [
@@ -103,6 +105,8 @@ __all__ = [
     "loan_header",
     "parse_frame",
     "plain_data_flags",
+    "SmallWriter",
+    "wait_frame",
     "write_frame",
 ]
 
@@ -608,6 +612,15 @@ class FrameDecoder:
         if self._end == len(self._buf):
             self._compact()
         return self._view[self._end :]
+
+    def idle_buffer(self) -> bytearray | None:
+        """The read buffer when the decoder holds nothing (no byte of a frame, no
+        complete frame, no error): a read may then go into it from its start, and
+        :meth:`buffer_updated` be told after (``protocol._stream.wait_frame`` does
+        that read, and takes a lone plain frame itself). None otherwise."""
+        if self._end or self._big is not None or self._error is not None or self.frames:
+            return None
+        return self._buf
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` bytes were written into the region :meth:`get_buffer` returned."""

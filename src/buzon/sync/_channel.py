@@ -47,7 +47,7 @@ from .._engine import (
 )
 from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.credit import RECEIPT_FLAG
-from ..protocol.frames import Frame, Kind, encode_frame
+from ..protocol.frames import Frame, Kind, encode_frame, wait_frame
 from ..transport.base import Buffer
 
 __all__ = ["Channel"]
@@ -219,7 +219,7 @@ class Channel(ChannelIdentity):
         ops = core.transport.ring_ops  # a shared-memory ring: spins watch the ring itself
         self._ring_spin: Callable[[float], bool] | None = None if ops is None else ops.spin
         self._watched: dict[Any, int] = {}  # loop -> receipts awaited there reading
-        core.io_lock = self._wlock
+        core.use_write_lock(self._wlock)
         core.on_credit = self._credit_arrived
 
     @property
@@ -303,6 +303,14 @@ class Channel(ChannelIdentity):
     def send_bytes(self, data: Buffer, timeout: float | None = None, *, priority: int = 0) -> None:
         """Send ``data`` as one message, without a codec (a raw channel: as is)."""
         core = self._core
+        small = core.small_send
+        if small is not None and not priority:  # small bytes on a quiet stream: C writes
+            done = small(data)  # type: ignore[arg-type]
+            if done is True:
+                return
+            if done is not False:  # the kernel took part of it: the engine finishes it
+                self._send_slow([], timeout, 0, 0, done)
+                return
         if type(data) is bytes and len(data) <= core.small_limit and not priority:
             with self._wlock:  # a quiet stream: header and payload in one write
                 sent = core.send_small(data)
@@ -934,13 +942,13 @@ class Channel(ChannelIdentity):
                 if item is not None:
                     return item
                 self._sleep_first = _SLEEP_FIRST
-            waited_now: Frame | tuple[int, bytes] = self._run_receive(
-                recv_steps(core, False, spin=False, polled=True),
-                deadline_of(timeout if timeout is not None else core.options.idle_timeout),
-            )
+            deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
+            got = self._wait_take(deadline, 0.0)  # the engine's INPUT step + take, in C
+            if got is None:
+                got = self._run_receive(recv_steps(core, False, spin=False), deadline)
             if core.more_buffered():
                 self._sleep_first = 0
-            return waited_now
+            return got
         if ready.poll(0):
             item = core.poll()
             if item is not None:
@@ -950,6 +958,13 @@ class Channel(ChannelIdentity):
             steps = recv_steps(core, True, spin=timeout != 0)
             taken: Frame | tuple[int, bytes] = self._run_receive(steps, deadline_of(limit))
             return taken
+        deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
+        if timeout != 0 and core.wait_fd is not None:
+            # spin, then sleep, then read: the engine's plain INPUT step and take, in C
+            got = self._wait_take(deadline, spin)
+            if got is not None:
+                return got
+            spin = 0.0  # spun (or part of a frame is in: the engine's loop goes on)
         if spin > 0.0 and timeout != 0:
             end = _perf() + spin
             poll0 = ready.poll
@@ -958,11 +973,31 @@ class Channel(ChannelIdentity):
                     item = core.poll()
                     if item is not None:
                         return item
-        deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
         waited: Frame | tuple[int, bytes] = self._run_receive(
             recv_steps(core, False, spin=False, polled=core.plain_readiness), deadline
         )
         return waited
+
+    def _wait_take(self, deadline: float | None, spin: float) -> Frame | tuple[int, bytes] | None:
+        """A plain receive's INPUT step (spin ``spin`` seconds, sleep until the read fd
+        is readable or ``deadline``) and the take's read, in one C call that releases
+        the GIL while it waits (``protocol._stream.wait_frame``; where it applies:
+        ``ChannelCore.wait_read``). Raises Timeout when the deadline passes with
+        nothing read, and what a signal handler raised meanwhile. None: the call does
+        not apply, or the read brought only part of a frame; the engine's loop
+        (``recv_steps``) goes on."""
+        core = self._core
+        target = core.wait_read()
+        if target is None:
+            return None
+        fd, buf, limit = target
+        try:
+            got = wait_frame(fd, buf, deadline, spin, limit)
+        except OSError as exc:
+            raise core.read_error(exc) from exc
+        if got is None:
+            raise Timeout("recv timed out")
+        return core.after_wait(got, len(buf))
 
     def _fast_receive(
         self, recv: Callable[[int], tuple[int, bytes] | None], timeout: float | None

@@ -47,6 +47,8 @@ _IOV_MAX = 1024
 class FdStreamTransport(StreamTransport):
     """A pair of fds (either may be -1): one read, one written. Owns both."""
 
+    plain_reads = True
+
     def __init__(
         self,
         rfd: int,
@@ -108,6 +110,8 @@ class FdStreamTransport(StreamTransport):
 
 class SocketStreamTransport(StreamTransport):
     """A connected, non-blocking stream socket (Unix or TCP). Owns the socket."""
+
+    plain_reads = True
 
     def __init__(
         self,
@@ -191,6 +195,8 @@ class TlsStreamTransport(SocketStreamTransport):
     library's own buffer too (``pending()``), since decrypted bytes waiting there do
     not make the fd readable; writes join their buffers (TLS copies while encrypting).
     """
+
+    plain_reads = False  # decrypted bytes may wait in the TLS object
 
     def __init__(
         self,

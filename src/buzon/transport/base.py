@@ -135,6 +135,10 @@ class Transport(abc.ABC):
     #: (:meth:`MessageTransport.send_messages`): ``send_many`` hands it the batch
     #: (``fifo:`` packs many messages into each write)
     sends_batches: ClassVar[bool] = False
+    #: a stream whose :meth:`StreamTransport.recv_into` is read(2) on
+    #: :meth:`read_fileno` and nothing else (no bytes held in user space): a plain
+    #: receive may wait and read there in one C call (``ChannelCore.wait_read``)
+    plain_reads: ClassVar[bool] = False
     #: a TLS handshake is still to be driven (``handshake_step``; TLS streams only)
     tls_pending: bool = False
 

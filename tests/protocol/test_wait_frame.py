@@ -1,0 +1,279 @@
+"""``protocol._stream.wait_frame``: the wait and the read of a plain blocking receive in
+one C call. What it hands back must be what the Python decoder makes of the same read
+(it stays the reference): a lone plain frame as ``(flags, body)``, anything else as the
+byte count left in the buffer for the decoder; None only when the deadline passed with
+nothing read; errors and signals as a Python read would raise them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from buzon.protocol import _stream
+from buzon.protocol.frames import HEADER, FrameDecoder, Kind, encode_frame
+
+pytestmark = pytest.mark.fd_check
+
+LIMIT = 4096
+
+
+def _plain(flags: int, body: bytes) -> bytes:
+    return HEADER.pack(1, 1, flags, 0, len(body)) + body
+
+
+_chunk = st.one_of(
+    st.builds(_plain, st.sampled_from([0, 1, 2, 3, 8, 9]), st.binary(max_size=300)),
+    st.just(b"".join(bytes(b) for b in encode_frame(Kind.CREDIT, 0, b"\0" * 16))),
+    st.builds(_plain, st.sampled_from([0x10, 0x40, 0x80]), st.binary(max_size=20)),
+    st.builds(lambda b: HEADER.pack(2, 1, 0, 0, len(b)) + b, st.binary(max_size=20)),
+    st.builds(lambda b: HEADER.pack(1, 1, 0, 0, 5000) + b, st.binary(max_size=20)),
+    st.binary(min_size=1, max_size=12),  # a cut frame, or garbage
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_chunk, min_size=1, max_size=4))
+def test_one_read_is_what_the_decoder_makes_of_it(chunks: list[bytes]) -> None:
+    data = b"".join(chunks)
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+        buf = bytearray(64 * 1024)
+        got = _stream.wait_frame(r, buf, None, 0.0, LIMIT)
+    finally:
+        os.close(r)
+        os.close(w)
+    ref = FrameDecoder(max_frame=LIMIT, read_size=2 * LIMIT)
+    try:
+        ref.feed(data)
+        ref_frames = list(ref.frames)
+    except Exception:
+        ref_frames = []
+    if isinstance(got, tuple):  # taken whole: exactly one plain frame was read
+        assert ref_frames == [got]
+        assert ref.buffered == 0
+    else:
+        assert got == len(data)
+        assert bytes(buf[:got]) == data
+
+
+def test_deadline_passes_with_nothing_read() -> None:
+    r, w = os.pipe()
+    try:
+        buf = bytearray(1024)
+        assert _stream.wait_frame(r, buf, time.monotonic() + 0.02, 0.0, LIMIT) is None
+        assert _stream.wait_frame(r, buf, time.monotonic() - 1.0, 0.0, LIMIT) is None
+        assert _stream.wait_frame(r, buf, time.monotonic() + 0.01, 0.005, LIMIT) is None
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_end_of_stream_and_errors() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        assert _stream.wait_frame(r, bytearray(64), None, 0.0, LIMIT) == 0
+    finally:
+        os.close(r)
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(ValueError):
+            _stream.wait_frame(a.fileno(), bytearray(4), None, 0.0, LIMIT)  # buf too small
+        with pytest.raises(BufferError):
+            _stream.wait_frame(a.fileno(), b"immutable", None, 0.0, LIMIT)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        _stream.wait_frame(-1, bytearray(64), None, 0.0, LIMIT)
+    unused = os.open(os.devnull, os.O_RDONLY)
+    os.close(unused)
+    with pytest.raises(OSError):  # EBADF, as os.read would raise
+        _stream.wait_frame(unused, bytearray(64), None, 0.0, LIMIT)
+
+
+def test_waits_without_the_gil_and_wakes_on_data() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        ticks = 0
+        stop = threading.Event()
+
+        def tick() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                time.sleep(0.001)
+
+        def send_later() -> None:
+            time.sleep(0.1)
+            b.send(_plain(0, b"late"))
+
+        threads = [threading.Thread(target=tick), threading.Thread(target=send_later)]
+        for t in threads:
+            t.start()
+        got = _stream.wait_frame(a.fileno(), bytearray(1024), time.monotonic() + 30, 0.0, LIMIT)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert got == (0, b"late")
+        assert ticks > 5  # other threads ran while it waited
+
+
+def test_a_signal_handler_that_raises_ends_the_wait_and_one_that_returns_does_not() -> None:
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        pytest.skip("signals go to the main thread")
+    a, b = socket.socketpair()
+    calls = 0
+
+    def raising(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def quiet(signum: int, frame: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    old = signal.signal(signal.SIGALRM, raising)
+    try:
+        with a, b:
+            a.setblocking(False)
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(KeyboardInterrupt):
+                _stream.wait_frame(a.fileno(), bytearray(64), time.monotonic() + 30, 0.0, LIMIT)
+            signal.signal(signal.SIGALRM, quiet)
+            signal.setitimer(signal.ITIMER_REAL, 0.02)
+            got = _stream.wait_frame(a.fileno(), bytearray(64), time.monotonic() + 0.3, 0.0, LIMIT)
+            assert got is None and calls == 1  # the handler ran; the wait went on to its end
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# -- SmallWriter: send_bytes' hot path ----------------------------------------------
+
+
+class _Core:
+    """What SmallWriter reads of a ChannelCore."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.credit_out: bytes | None = None
+        self.closed = False
+        self.sflow: object | None = None
+
+
+def _writer(fd: int, core: _Core, lock: threading.Lock, parts: list[tuple[int, bytes, int]]):
+    def on_part(flags: int, data: bytes, n: int) -> int:
+        parts.append((flags, data, n))
+        return 41
+
+    return _stream.SmallWriter(fd, core, lock, 100_000, on_part)
+
+
+def test_small_writer_writes_one_plain_frame_and_counts_it() -> None:
+    r, w = os.pipe()
+    try:
+        parts: list[tuple[int, bytes, int]] = []
+        write = _writer(w, _Core(), threading.Lock(), parts)
+        assert write(b"hello") is True
+        assert write(b"") is True
+        assert os.read(r, 100) == _plain(0, b"hello") + _plain(0, b"")
+        assert write.counts() == (2, 13 + 8, 0)
+        assert parts == []
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_small_writer_steps_aside_whenever_the_channel_is_not_quiet() -> None:
+    r, w = os.pipe()
+    try:
+        core, lock, parts = _Core(), threading.Lock(), []
+        write = _writer(w, core, lock, parts)
+        assert write(bytearray(b"x")) is False  # bytes only
+        assert write(b"x" * 100_001) is False  # over the limit
+        with lock:
+            assert write(b"x") is False  # another thread is writing
+        core.pending.append(b"tail")  # bytes owed (the core keeps this list for good)
+        assert write(b"x") is False
+        core.pending.clear()
+        for name, value in [("credit_out", b"c"), ("closed", True)]:
+            setattr(core, name, value)
+            assert write(b"x") is False
+            setattr(core, name, _Core().__dict__[name])
+        core.sflow = object()  # sends are numbered: the engine's way
+        assert write(b"x") is False
+        core.sflow = None
+        os.set_blocking(w, False)
+        while True:  # no room: nothing written, counted as a would-block
+            try:
+                os.write(w, b"f" * 4096)
+            except BlockingIOError:
+                break
+        assert write(b"x") is False
+        assert write.counts() == (0, 0, 1)
+        os.close(r)
+        r = -1
+        assert write(b"x") is False  # EPIPE: the general way meets and reports it
+        assert parts == []
+    finally:
+        if r >= 0:
+            os.close(r)
+        os.close(w)
+
+
+def test_small_writer_hands_a_partial_write_to_the_core() -> None:
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+        room = 0
+        while True:  # fill the pipe, then free one page: a large write takes part
+            try:
+                room += os.write(w, b"f" * 4096)
+            except BlockingIOError:
+                break
+        assert len(os.read(r, 4096)) == 4096
+        parts: list[tuple[int, bytes, int]] = []
+        write = _writer(w, _Core(), threading.Lock(), parts)
+        data = b"d" * 10_000  # more than PIPE_BUF: a non-blocking pipe may take part
+        assert write(data) == 41  # the serial on_part returned
+        assert parts == [(0, data, 4096)]
+        assert write.counts() == (0, 0, 0)  # the core counts what it finishes
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_signal_during_the_spin_is_handled_before_the_sleep() -> None:
+    """A signal that comes while the call spins interrupts no system call; its handler
+    must still run before the call sleeps: run later (when something wakes the sleep),
+    it would raise after the call took a message, which would then be lost."""
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        pytest.skip("signals go to the main thread")
+    a, b = socket.socketpair()
+
+    def raising(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, raising)
+    try:
+        with a, b:
+            a.setblocking(False)
+            later = threading.Timer(2.0, b.send, (_plain(0, b"kept"),))  # after the spin
+            later.start()
+            signal.setitimer(signal.ITIMER_REAL, 0.02)  # well inside a 0.5 s spin
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    _stream.wait_frame(a.fileno(), bytearray(64), time.monotonic() + 10, 0.5, LIMIT)
+            finally:
+                later.join()
+            a.settimeout(10)
+            assert a.recv(64) == _plain(0, b"kept")  # the interrupted call took nothing
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
