@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _rpc_helpers import serving
@@ -515,3 +516,53 @@ def test_mode_process_children_share_the_sqlite_table(tmp_path: Path) -> None:
     assert c.retries > 0, "the relay reset nothing: the test proved nothing"
     assert _stored_effects(child.db) == Counter(f"r{i}" for i in range(12))
     assert child.appended() == [f"a{i}" for i in range(12)]
+
+
+# -- the asyncio client: the same rules (buzon.rpc._retry) --------------------------------
+
+
+def _aio_call_across_a_restart(child: _Child, key: str) -> tuple[list[Any], str | None, Any]:
+    """An asyncio exactly_once client's call in flight while ``child`` is killed and
+    started again at the same address: (outcome, first instance, the client after)."""
+    import asyncio
+
+    from buzon.aio import rpc as arpc
+
+    Path(child.block).touch()
+
+    async def main() -> tuple[list[Any], str | None, Any]:
+        c = await arpc.connect(child.url, timeout=60, semantics="exactly_once")
+        async with c:
+            assert await c.call("append", "before") == 1
+            first = c.server_instance
+            slow = asyncio.create_task(c.call("append", key))
+            await asyncio.to_thread(child.wait_started)
+            await asyncio.to_thread(child.kill)
+            os.unlink(child.block)
+            await asyncio.to_thread(child.start)
+            try:
+                outcome: list[Any] = [await asyncio.wait_for(slow, 60)]
+            except BaseException as exc:
+                outcome = [exc]
+            after = (await c.call("append", "after"), c.server_instance, c.restarts_survived)
+            return outcome, first, after
+
+    return asyncio.run(main())
+
+
+def test_an_asyncio_client_at_a_fixed_address_sees_the_restart(memory_child: _Child) -> None:
+    outcome, first, (after, instance, survived) = _aio_call_across_a_restart(memory_child, "slow-a")
+    assert len(outcome) == 1 and isinstance(outcome[0], buzon.errors.ServerRestarted)
+    assert "did not persist" in str(outcome[0])
+    assert after == 1 and instance not in (None, first) and survived == 0
+    assert memory_child.appended() == ["before", "slow-a", "after"]  # not run again
+
+
+def test_an_asyncio_client_survives_a_restart_of_a_durable_server(child: _Child) -> None:
+    """The table persisted: the retry goes on; a plain handler the crash cut short is
+    answered "outcome unknown" by the new start, which the client raises as
+    ServerRestarted (never a second run)."""
+    outcome, first, (after, instance, survived) = _aio_call_across_a_restart(child, "slow-d")
+    assert len(outcome) == 1 and isinstance(outcome[0], buzon.errors.ServerRestarted)
+    assert "slow-d" in child.appended() and child.appended().count("slow-d") == 1
+    assert after == 1 and instance not in (None, first) and survived == 1

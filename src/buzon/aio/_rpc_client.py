@@ -22,20 +22,19 @@ from ..errors import (
     BuzonError,
     ChannelClosed,
     CodecError,
-    ConnectError,
     DeadlineExceeded,
     EndOfChannel,
     MessageTooLarge,
-    ProtocolError,
     RemoteError,
     ValidationError,
 )
 from ..errors import Timeout as _Timeout
 from ..protocol.frames import Kind, encode_frame
 from ..rpc import _wire as w
-from ..rpc._client import ServerRestarted, _return_types, resolve_server
+from ..rpc._client import _return_types, resolve_server
 from ..rpc._context import _DEADLINE
 from ..rpc._remote import _PLAIN, RELEASE, RefPeer
+from ..rpc._retry import RETRY, Retrying, note_restart, server_start
 from ..rpc._service import handler_failure
 from ._channel import Channel
 
@@ -45,7 +44,6 @@ _monotonic = time.monotonic
 
 # what a retrying call tries again after (as the blocking client): the connection was
 # lost, could not be made again yet, or broke during its handshake
-_RETRY = (EndOfChannel, ChannelClosed, ConnectError, ProtocolError, _Timeout)
 _UNENCODABLE = (CodecError, TypeError, ValueError, OverflowError, MessageTooLarge)
 
 
@@ -184,7 +182,8 @@ class Client(RefPeer):
         self._client_id = os.urandom(16)  # exactly_once: (client id, sequence number)
         self._next_seq = 1
         self._open_seqs: set[int] = set()
-        self._restarts = 0
+        self._restarts = 0  # reconnects that found another server start, table lost
+        self.restarts_survived = 0  # ...whose table persisted: calls in flight go on
         self._closing = False
         self.retries = 0  # attempts made again after a lost connection
         self.late = 0  # replies that came after their call was given up
@@ -327,50 +326,29 @@ class Client(RefPeer):
     async def _call_again_and_again(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """``at_least_once`` / ``exactly_once``: as the blocking client's (send again
-        after a lost connection, with backoff, until answered or the deadline)."""
-        at = self._deadline()
-        seq = 0
-        if self._semantics == "exactly_once":
-            seq = self._next_seq
-            self._next_seq += 1
-            self._open_seqs.add(seq)
-        delay = 0.005
-        last: BaseException | None = None
-        restarts = self._restarts
-        sent = False
+        """``at_least_once`` / ``exactly_once``: as the blocking client's (the rules:
+        :mod:`buzon.rpc._retry`; send again after a lost connection, with backoff,
+        until answered or the deadline)."""
+        r = Retrying(self, method)  # one loop: no lock around the sequence numbers
         try:
             while True:
-                if at is not None and _monotonic() >= at:
-                    raise DeadlineExceeded(
-                        f"{method}: no answer by the deadline after {self.retries} retries"
-                        f" (last: {last})"
-                    )
+                r.check_deadline()
                 broken = self._broken
                 try:
                     if broken is not None:
-                        await self._reconnect(broken, at)
-                    if seq and sent and self._restarts != restarts:
-                        raise ServerRestarted(
-                            f"{method}: the server restarted with this call in flight (a new"
-                            " instance under the name): its outcome is unknown and the new"
-                            " server has no record of it, so it is not sent again"
-                        )
-                    key = [self._client_id, seq, min(self._open_seqs)] if seq else None
-                    sent = True
-                    return await self._call(method, args, kwargs, at, key)
-                except _RETRY as exc:
-                    if self._closing or isinstance(exc, (DeadlineExceeded, ServerRestarted)):
+                        await self._reconnect(broken, r.at)
+                    key = r.key()
+                    r.sent = True
+                    try:
+                        return await self._call(method, args, kwargs, r.at, key)
+                    except RemoteError as err:
+                        r.outcome(err)  # the server's "outcome unknown": ServerRestarted
                         raise
-                    last = exc
-                    if self._broken is None:
-                        self._broken = EndOfChannel(f"the connection failed: {exc}")
-                self.retries += 1
-                pause = delay if at is None else min(delay, max(0.0, at - _monotonic()))
-                await asyncio.sleep(pause)
-                delay = min(delay * 2, 0.2)
+                except RETRY as exc:
+                    r.failed(exc)
+                await asyncio.sleep(r.pause())
         finally:
-            self._open_seqs.discard(seq)
+            r.done()
 
     async def _reconnect(self, broken: BuzonError, at: float | None) -> None:
         """Replace the lost connection (once, whichever task gets here first)."""
@@ -379,11 +357,9 @@ class Client(RefPeer):
                 return  # another task reconnected already
             assert self._reconnect_fn is not None
             left = None if at is None else max(0.001, at - _monotonic())
-            of = self._instance_of
-            before = of() if of is not None else None
+            before = server_start(self._ch, self._instance_of)
             ch = await self._reconnect_fn(left)
-            if of is not None and before is not None and of() != before:
-                self._restarts += 1  # the name now stands for another server start
+            note_restart(self, before, server_start(ch, self._instance_of))
             old, self._ch = self._ch, ch
             self._broken = None
             self._forget_references(_LOST)
@@ -474,6 +450,12 @@ class Client(RefPeer):
             await self._ch.send([RELEASE, pairs], 5.0)
         except BuzonError:
             pass  # the connection is gone: the server drops everything with it
+
+    @property
+    def server_instance(self) -> str | None:
+        """The instance id of the server start this client is connected to (a fresh
+        one each time the server starts; None if the server does not say)."""
+        return server_start(self._ch, self._instance_of)[0]
 
     # -- lifetime ------------------------------------------------------------------
 

@@ -33,11 +33,9 @@ from ..errors import (
     BuzonError,
     ChannelClosed,
     CodecError,
-    ConnectError,
     DeadlineExceeded,
     EndOfChannel,
     MessageTooLarge,
-    ProtocolError,
     RemoteError,
     ServerRestarted,
     UnsupportedOperation,
@@ -52,6 +50,7 @@ from ._context import _DEADLINE
 from ._jsonrpc import JsonRpcClient, connect_jsonrpc
 from ._msgpack import MsgpackRpcClient, connect_msgpack
 from ._remote import _PLAIN, RELEASE, LostPeer, RefPeer
+from ._retry import RETRY, Retrying, note_restart, server_start
 from ._server import _check
 from ._service import _schema
 
@@ -160,7 +159,6 @@ _CANCELLED = "cancelled by the caller"
 
 # what a retrying call tries again after: the connection was lost, could not be made
 # again yet, or broke during its handshake
-_RETRY = (EndOfChannel, ChannelClosed, ConnectError, ProtocolError, _Timeout)
 
 
 class _Cancelled(Exception):
@@ -433,44 +431,19 @@ class Client(RefPeer):
     ) -> Any:
         """``at_least_once`` / ``exactly_once``: send the call again after a lost
         connection (reconnecting, with backoff) until it is answered or its deadline
-        passes. ``exactly_once`` sends the same (client id, sequence number) every
-        time, so the server runs it once and answers retries from its table."""
-        at = self._deadline()
-        key: list[Any] | None = None
-        seq = 0
-        if self._semantics == "exactly_once":
-            with self._conn_lock:
-                seq = self._next_seq
-                self._next_seq += 1
-                self._open_seqs.add(seq)
-        delay = 0.005
-        last: BaseException | None = None
-        restarts = self._restarts
-        sent = False
+        passes (the rules: :mod:`buzon.rpc._retry`). ``exactly_once`` sends the same
+        (client id, sequence number) every time, so the server runs it once and
+        answers retries from its table."""
+        r = Retrying(self, method, self._conn_lock)
         try:
             while True:
-                if at is not None and _monotonic() >= at:
-                    raise DeadlineExceeded(
-                        f"{method}: no answer by the deadline after {self.retries} retries"
-                        f" (last: {last})"
-                    )
+                r.check_deadline()
                 broken = self._broken
                 try:
                     if broken is not None:
-                        self._reconnect(broken, at)
-                    if seq and sent and self._restarts != restarts:
-                        raise ServerRestarted(
-                            f"{method}: the server restarted with this call in flight (a new"
-                            f" instance id in the handshake) and its completion table did"
-                            f" not persist: the outcome is unknown and the new server has no"
-                            f" record of it, so it is not sent again"
-                        )
-                    if seq:
-                        with self._conn_lock:
-                            acked = min(self._open_seqs)
-                        key = [self._client_id, seq, acked]
-                    p = self._start(method, args, kwargs, at, key)
-                    sent = True
+                        self._reconnect(broken, r.at)
+                    p = self._start(method, args, kwargs, r.at, r.key())
+                    r.sent = True
                     try:
                         if not p.done:
                             self._wait(p, None)
@@ -478,29 +451,14 @@ class Client(RefPeer):
                         self._abandon(p, "the caller was interrupted")
                         raise
                     if not isinstance(p.error, (EndOfChannel, ChannelClosed)) or self._closing:
-                        if (
-                            isinstance(p.error, RemoteError)
-                            and p.error.code == RemoteError.OUTCOME_UNKNOWN
-                        ):
-                            raise ServerRestarted(f"{method}: {p.error.message}") from None
-                        if p.error is not None:
-                            raise p.error
+                        r.outcome(p.error)
                         return p.result
-                    last = p.error
-                except _RETRY as exc:
-                    if self._closing or isinstance(exc, (DeadlineExceeded, ServerRestarted)):
-                        raise
-                    last = exc
-                    if self._broken is None:
-                        self._broken = EndOfChannel(f"the connection failed: {exc}")
-                self.retries += 1
-                pause = delay if at is None else min(delay, max(0.0, at - _monotonic()))
-                time.sleep(pause)
-                delay = min(delay * 2, 0.2)
+                    r.last = p.error
+                except RETRY as exc:
+                    r.failed(exc)
+                time.sleep(r.pause())
         finally:
-            if seq:
-                with self._conn_lock:
-                    self._open_seqs.discard(seq)
+            r.done()
 
     def _reconnect(self, broken: BuzonError, at: float | None) -> None:
         """Replace the lost connection (once, whichever thread gets here first)."""
@@ -509,34 +467,19 @@ class Client(RefPeer):
                 return  # another thread reconnected already
             assert self._reconnect_fn is not None
             left = None if at is None else max(0.001, at - _monotonic())
-            before, kept = self._server_start(self._ch)
+            before = server_start(self._ch, self._instance_of)
             ch = self._reconnect_fn(left)
-            now, kept_now = self._server_start(ch)
-            if before is not None and now != before:  # another start of the server
-                if kept and kept_now:
-                    self.restarts_survived += 1  # its SQLite table answers our retries
-                else:
-                    self._restarts += 1  # its table died with it: calls in flight are lost
+            note_restart(self, before, server_start(ch, self._instance_of))
             old, self._ch = self._ch, ch
             self._broken = None
             self._forget_references(_LOST)
         old.close()
 
-    def _server_start(self, ch: Channel) -> tuple[str | None, bool]:
-        """(instance id, durable table) of the server start behind ``ch``: from the
-        connection handshake, else (an older server) the name's registration."""
-        peer = ch.peer
-        said = peer.extra.get("options", {}).get("rpc") if peer is not None else None
-        if isinstance(said, dict) and isinstance(said.get("instance"), str):
-            return said["instance"], said.get("durable") is True
-        of = self._instance_of
-        return (of() if of is not None else None), False
-
     @property
     def server_instance(self) -> str | None:
         """The instance id of the server start this client is connected to (a fresh
         one each time the server starts; None if the server does not say)."""
-        return self._server_start(self._ch)[0]
+        return server_start(self._ch, self._instance_of)[0]
 
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> Call:
         """Send the call and return its :class:`Call` future at once. With
