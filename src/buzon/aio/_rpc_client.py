@@ -67,15 +67,7 @@ async def answer_ref_call(
     ends of an asyncio connection: a server's callback to a client, a client's call of
     a server object is the server's ordinary request path)."""
     try:
-        if len(body) not in (3, 4) or type(body[2]) is not list:
-            raise RemoteError("not an RPC request", RemoteError.INVALID_REQUEST)
-        method = peer._exports.method(body[1])  # the allowlist: nothing runs before it
-        kwargs = body[3] if len(body) == 4 else None
-        if kwargs is not None and type(kwargs) is not dict:
-            raise RemoteError("keywords are a map", RemoteError.INVALID_PARAMS)
-        args = peer._in(body[2])
-        if kwargs:
-            kwargs = peer._in(kwargs)
+        method, args, kwargs = peer._ref_request(body)
         try:
             reply: list[Any] = [w.REPLY, None, peer._out(await method.run_async(args, kwargs))]
         except RemoteError:

@@ -52,7 +52,7 @@ from ._msgpack import MsgpackRpcClient, connect_msgpack
 from ._remote import _PLAIN, RELEASE, LostPeer, RefPeer
 from ._retry import RETRY, Retrying, note_restart, server_start
 from ._server import _check
-from ._service import _schema
+from ._service import _schema, handler_failure
 
 __all__ = ["Call", "Client", "ServerRestarted", "close", "connect"]
 
@@ -393,25 +393,13 @@ class Client(RefPeer):
     def _answer(self, call_id: int, body: list[Any]) -> None:
         """Run the server's call of one of this client's remote objects, and reply."""
         try:
-            if len(body) not in (3, 4) or type(body[2]) is not list:
-                raise RemoteError("not an RPC request", RemoteError.INVALID_REQUEST)
-            method = self._exports.method(body[1])  # the allowlist: nothing runs before it
-            kwargs = body[3] if len(body) == 4 else None
-            if kwargs is not None and type(kwargs) is not dict:
-                raise RemoteError("keywords are a map", RemoteError.INVALID_PARAMS)
-            args = self._in(body[2])
-            if kwargs:
-                kwargs = self._in(kwargs)
+            method, args, kwargs = self._ref_request(body)
             try:
                 reply: list[Any] = [w.REPLY, None, self._out(method.run(args, kwargs))]
             except RemoteError:
                 raise
             except Exception as exc:
-                raise RemoteError(
-                    f"{method.name} raised {type(exc).__name__}: {exc}",
-                    RemoteError.SERVER_ERROR,
-                    {"type": type(exc).__name__},
-                ) from None
+                raise handler_failure(method.name, exc) from None
         except RemoteError as err:
             reply = w.error_body(err)
         try:

@@ -295,6 +295,21 @@ class RefPeer(abc.ABC):
         except Exception:  # the connection is gone: the peer drops everything anyway
             pass
 
+    def _ref_request(self, body: list[Any]) -> tuple[Any, list[Any], dict[str, Any] | None]:
+        """(method, args, kwargs) of the other end's call ``body`` of one of this end's
+        remote objects: the allowlist first (nothing runs before it), references in the
+        arguments made proxies; a typed :class:`RemoteError` for a bad request."""
+        if len(body) not in (3, 4) or type(body[2]) is not list:
+            raise RemoteError("not an RPC request", RemoteError.INVALID_REQUEST)
+        method = self._exports.method(body[1])
+        kwargs = body[3] if len(body) == 4 else None
+        if kwargs is not None and type(kwargs) is not dict:
+            raise RemoteError("keywords are a map", RemoteError.INVALID_PARAMS)
+        args = self._in(body[2])
+        if kwargs:
+            kwargs = self._in(kwargs)
+        return method, args, kwargs
+
     def _forget_references(self, lost: RefPeer) -> None:
         """References belong to one connection: after a reconnect the old proxies
         point at ``lost`` (their calls fail, never reaching whatever object has their
