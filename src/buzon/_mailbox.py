@@ -1210,8 +1210,8 @@ class Mailbox:
             fd = os.open("/dev/shm/" + self._ring.name.lstrip("/"), os.O_RDWR | os.O_CLOEXEC)
             lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _HOLD_BYTE, 1, 0)
             try:
+                drained = False
                 while True:
-                    self._drain_wake()  # first: a wake-up from now on stays readable
                     try:
                         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
                         self._hold_fd, fd = fd, -1
@@ -1221,12 +1221,17 @@ class Mailbox:
                     except OSError as exc:
                         if exc.errno not in (11, 13):  # EAGAIN, EACCES: held
                             raise
+                    if not drained:  # empty the FIFO, then try again before waiting on
+                        self._drain_wake()  # it: a wake-up from now on stays readable
+                        drained = True
+                        continue
                     if deadline is not None and time.monotonic() >= deadline:
                         raise Timeout(
                             f"mailbox {self.name!r} is held by another receiver "
                             "(policy='exclusive')"
                         )
                     self._wait_hold(deadline)
+                    drained = False
             finally:
                 if fd >= 0:
                     os.close(fd)
