@@ -47,9 +47,10 @@ message (at most once; counted in ``statistics()["abandoned"]``).
 
 Policy ``"exclusive"``: a receiver holds the mailbox while it holds an OFD write lock
 on byte ``_HOLD_BYTE`` of the segment, taken before its first receive and kept until
-it closes; the kernel drops the lock when the holder dies, and the next waiter (who
-retries every ``_HOLD_POLL`` seconds) takes over. Messages stay in the ring meanwhile:
-nothing the holder had not taken is lost.
+it closes; the kernel drops the lock when the holder dies, and the next waiter takes
+over: it waits on the wake-up FIFO, which the holder's close writes, and on a pidfd of
+the holder's process (:meth:`Mailbox._holder_pidfd`), readable once it died. Messages
+stay in the ring meanwhile: nothing the holder had not taken is lost.
 
 Policies ``"round_robin"`` and ``"broadcast"``: each receiver has a ring of its own,
 listed in a receiver table; senders put each message into one of them or into all
@@ -62,7 +63,9 @@ Acknowledgement rings get it too (a receiver sets it when it attaches one:
 :meth:`Mailbox._acks_ready`), and an exclusive holder that closes writes it. Every
 user also holds ``NAME.mbox.room`` as the ring's space notification: a sender waiting
 for room fills it and arms the ring, and the next take drains it, which makes it
-writable (:meth:`Mailbox._room_ready`).
+writable (:meth:`Mailbox._room_ready`). The blocking round-robin ``send`` and
+exclusive ``recv`` wait on the same FIFOs (and pidfd) with ``select.poll``; every such
+wait is bounded by ``_WAIT_SLICE``, the fallback for a wake-up another waiter consumed.
 
 The hot path. Each object has a ``MailboxCore`` (``buzon.protocol._frames``, C): the
 *common record* (the frame above with exactly MESSAGE_ID, SENDER and SENT_AT, no
@@ -83,6 +86,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import struct
 import threading
 import time
@@ -175,9 +179,10 @@ _WAKE = ".wake"  # NAME.mbox.wake: the FIFO a commit writes when a waiter armed
 _ROOM = ".room"  # NAME.mbox.room: the FIFO a take drains when a sender armed for room
 _ROOM_FILL = bytes(4096)  # one page: the room FIFO's whole buffer (F_SETPIPE_SZ)
 _F_SETPIPE_SZ = 1031
-_WAIT_SLICE = 0.1  # buzon.wait / asyncio: longest sleep between two looks (see _ready)
+# longest wait between two looks (buzon.wait, asyncio, and the blocking round-robin
+# send and exclusive recv): only the fallback for a lost wake-up (see _ready)
+_WAIT_SLICE = 0.1
 _HOLD_BYTE = 4000  # exclusive: the holder's OFD lock (slot locks use bytes 0-127)
-_HOLD_POLL = 0.05  # exclusive: how often a waiting receiver retries the hold
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64/aarch64
 # Rendezvous withdrawal: REPLY_TO starts with "!" for a message its sender may withdraw;
 # byte _OFFER_BASE + message id of the sender's acknowledgement ring is the arbiter.
@@ -648,9 +653,11 @@ class Mailbox:
         raise Full(f"mailbox {self.name!r} is full (capacity={self.capacity})") from None
 
     def _put_round_robin(self, record: list[Any], deadline: float | None, nowait: bool) -> None:
-        """Hand ``record`` to the next receiver with room, waiting (polling) for one."""
+        """Hand ``record`` to the next receiver with room, waiting for one: on the room
+        FIFO, which the next take by any receiver (or a receiver that attaches, or
+        :meth:`remove`) makes writable (:meth:`_room_ready`)."""
         assert self._fan is not None
-        delay = 0.0005
+        armed = False  # the last look armed the space notification and found room
         try:
             while True:
                 self._check_open()
@@ -668,12 +675,36 @@ class Mailbox:
                     raise Timeout(
                         f"mailbox {self.name!r}: no receiver had room (or none was attached)"
                     )
-                left = 0.01 if deadline is None else max(0.0, deadline - time.monotonic())
-                time.sleep(min(delay, left))
-                delay = min(delay * 2, 0.01)
+                if self._room_ready() and not armed:
+                    armed = True  # room came meanwhile: look again (once)
+                    continue
+                # (room for a smaller record than this one, capacity=None: a short slice)
+                self._wait_fds((), (self._room_fd,), deadline, 0.001 if armed else None)
+                armed = False
         except BaseException:
             self._drop_record(record)
             raise
+
+    def _wait_fds(
+        self,
+        reads: Iterable[int],
+        writes: Iterable[int],
+        deadline: float | None,
+        slice_: float | None = None,
+    ) -> None:
+        """Block until one of the fds is ready (readable / writable), the deadline or
+        the fallback slice (``_wait_slice``) passes; the caller looks again."""
+        until = time.monotonic() + (self._wait_slice if slice_ is None else slice_)
+        if deadline is not None:
+            until = min(until, deadline)
+        poller = select.poll()
+        for fd in reads:
+            poller.register(fd, select.POLLIN)
+        for fd in writes:
+            poller.register(fd, select.POLLOUT)
+        left = until - time.monotonic()
+        if left > 0:
+            poller.poll(max(1, int(left * 1000 + 0.999)))
 
     def _new_backlog(self) -> _core.Ring:
         """A ring for one receiver of a round_robin/broadcast mailbox (its backlog)."""
@@ -1179,6 +1210,7 @@ class Mailbox:
             fd = os.open("/dev/shm/" + self._ring.name.lstrip("/"), os.O_RDWR | os.O_CLOEXEC)
             lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _HOLD_BYTE, 1, 0)
             try:
+                drained = False
                 while True:
                     try:
                         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
@@ -1189,18 +1221,34 @@ class Mailbox:
                     except OSError as exc:
                         if exc.errno not in (11, 13):  # EAGAIN, EACCES: held
                             raise
+                    if not drained:  # empty the FIFO, then try again before waiting on
+                        self._drain_wake()  # it: a wake-up from now on stays readable
+                        drained = True
+                        continue
                     if deadline is not None and time.monotonic() >= deadline:
                         raise Timeout(
                             f"mailbox {self.name!r} is held by another receiver "
                             "(policy='exclusive')"
                         )
-                    self._check_open()
-                    if self._ring.info()["closed"]:
-                        raise EndOfChannel(f"mailbox {self.name!r} was removed")
-                    time.sleep(_HOLD_POLL)
+                    self._wait_hold(deadline)
+                    drained = False
             finally:
                 if fd >= 0:
                     os.close(fd)
+
+    def _wait_hold(self, deadline: float | None) -> None:
+        """Wait until the exclusive holder may have let go: its close writes the wake-up
+        FIFO (:meth:`close`), its death makes a pidfd of its process readable, and
+        :meth:`remove` writes the FIFO too (the caller drained it before it tried)."""
+        self._check_open()
+        if self._ring.info()["closed"]:
+            raise EndOfChannel(f"mailbox {self.name!r} was removed")
+        pidfd = self._holder_pidfd()
+        try:
+            self._wait_fds((self._wake_fd,) + ((pidfd,) if pidfd >= 0 else ()), (), deadline)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
 
     def holding(self) -> bool:
         """policy='exclusive': True while this object is the mailbox's receiver."""
@@ -1412,6 +1460,7 @@ class Mailbox:
             if fan is not self._fan:
                 fan.close()
         for fifo in (_WAKE, _ROOM):
+            _wake_waiters(self.path + fifo, fifo == _ROOM)  # (they find it removed)
             try:
                 os.unlink(self.path + fifo)
             except FileNotFoundError:
@@ -1465,6 +1514,25 @@ def _fast_codec() -> tuple[Any, Any]:
             msgspec.msgpack.Decoder(ext_hook=ext).decode,
         )
     return _FAST_CODEC
+
+
+def _wake_waiters(path: str, room: bool) -> None:
+    """Wake whoever waits on the FIFO at ``path``: empty the room FIFO (senders wait
+    for it to be writable), write the wake-up FIFO (receivers wait for it readable)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if room:
+            while os.read(fd, 1 << 16):
+                pass
+        else:
+            os.write(fd, bytes(8))
+    except OSError:  # (empty, or full: readable anyway)
+        pass
+    finally:
+        os.close(fd)
 
 
 def _open_wake(path: str, small: bool = False) -> int:
