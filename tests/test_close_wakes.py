@@ -61,7 +61,7 @@ def _blocked(call: Callable[[], Any]) -> tuple[threading.Thread, list[BaseExcept
         try:
             call()
             out.append("returned")
-        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+        except BaseException as exc:  # the test looks at it
             out.append(exc)
 
     t = threading.Thread(target=run, daemon=True)
@@ -70,7 +70,7 @@ def _blocked(call: Callable[[], Any]) -> tuple[threading.Thread, list[BaseExcept
     return t, out
 
 
-def _settle(ch: buzon.Channel, t: threading.Thread) -> None:
+def _settle(t: threading.Thread) -> None:
     """Give the thread time to get into its wait (no assertion on how long)."""
     t.join(0.2)
     assert t.is_alive(), "the call did not block"
@@ -80,9 +80,9 @@ def _settle(ch: buzon.Channel, t: threading.Thread) -> None:
 def test_close_from_another_thread_ends_a_blocked_receive(
     pair: tuple[buzon.Channel, buzon.Channel], how: str
 ) -> None:
-    a, b = pair
+    _a, b = pair
     t, out = _blocked(lambda: getattr(b, how)(timeout=None))
-    _settle(b, t)
+    _settle(t)
     b.close()
     t.join(JOIN)
     assert not t.is_alive(), "close() did not wake the blocked receive"
@@ -96,7 +96,7 @@ def test_a_receive_after_the_wake_still_gets_data_on_other_channels(
 ) -> None:
     a, b = pair  # the wake fd made for one wait does not disturb later waits
     t, out = _blocked(lambda: b.recv_bytes(timeout=None))
-    _settle(b, t)
+    _settle(t)
     a.send_bytes(b"one")
     t.join(JOIN)
     assert out == ["returned"]
@@ -114,7 +114,7 @@ def test_close_ends_a_send_blocked_on_a_full_pipe() -> None:
                 a.send_bytes(chunk, timeout=None)
 
         t, out = _blocked(fill)
-        _settle(a, t)
+        _settle(t)
         a.close()
         t.join(JOIN)
         assert not t.is_alive(), "close() did not wake the blocked send"
