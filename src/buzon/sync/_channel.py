@@ -1094,13 +1094,24 @@ class Channel(ChannelIdentity):
         if target is None:
             return None
         fd, buf, limit = target
-        wake = self._enter_wait()
+        wake = self._wake  # _enter_wait and _leave_wait, inlined: every recv that sleeps
+        if wake < 0:
+            wake = self._make_wake()
+        waiters = self._waiters
+        me = _get_ident()
+        waiters.append(me)
+        if self._closing:
+            waiters.remove(me)
+            self._drop_wake()
+            raise ChannelClosed("the channel was closed")
         try:
             got = wait_frame(fd, buf, deadline, spin, limit, wake)
         except OSError as exc:
             raise core.read_error(exc) from exc
         finally:
-            self._leave_wait()
+            waiters.remove(me)
+            if self._closing:
+                self._drop_wake()
         if got is None:
             self._woken()
             raise Timeout("recv timed out")
