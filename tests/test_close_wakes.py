@@ -122,3 +122,17 @@ def test_close_ends_a_send_blocked_on_a_full_pipe() -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp", "shm", "seqpacket"])
+def test_close_from_another_thread_ends_a_blocked_accept(kind: str) -> None:
+    lst = buzon.listen(url_for(kind))
+    try:
+        t, out = _blocked(lambda: lst.accept(timeout=None))
+        _settle(t)
+        lst.close()
+        t.join(JOIN)
+        assert not t.is_alive(), "close() did not wake the blocked accept"
+        assert len(out) == 1 and isinstance(out[0], ChannelClosed), out
+    finally:
+        lst.close()
