@@ -277,3 +277,21 @@ def test_a_signal_during_the_spin_is_handled_before_the_sleep() -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("spin", [0.0, 0.001])
+def test_the_wake_fd_ends_the_sleep_and_is_never_read(spin: float) -> None:
+    r, w = os.pipe()
+    wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        threading.Timer(0.05, os.eventfd_write, (wake, 1)).start()
+        assert _stream.wait_frame(r, bytearray(64), None, spin, LIMIT, wake) is None
+        assert os.eventfd_read(wake) == 1  # still there for every other waiter
+        os.write(w, _plain(0, b"data"))  # data and the wake both ready: the data wins
+        os.eventfd_write(wake, 1)
+        assert _stream.wait_frame(r, bytearray(64), None, 0.0, LIMIT, wake) == (0, b"data")
+        with pytest.raises(ValueError, match="wake"):
+            _stream.wait_frame(r, bytearray(64), None, 0.0, LIMIT, -2)
+    finally:
+        for fd in (r, w, wake):
+            os.close(fd)

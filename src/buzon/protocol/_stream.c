@@ -17,7 +17,7 @@
  *       byte of a frame that is not plain, or is cut short). Anything else is left
  *       to the Python decoder, which stays the reference.
  *
- *   wait_frame(fd, buf, deadline, spin, limit) -> (flags, body) | int | None
+ *   wait_frame(fd, buf, deadline, spin, limit[, wake]) -> (flags, body) | int | None
  *       The wait and the read of a plain blocking receive, in one call (the engine's
  *       INPUT step on the read fd, then the read the take does: see _engine.py
  *       recv_steps and ChannelCore.wait_read). Spin ``spin`` seconds with poll(fd, 0),
@@ -27,7 +27,9 @@
  *       the read brought exactly one plain DATA frame (as plain_run defines it, at most
  *       ``limit`` bytes: ``buf`` is then free again), else the number of bytes now in
  *       ``buf[:n]`` for the decoder (0: end of stream), or None when the deadline
- *       passed with nothing read. A failed poll or read raises OSError. A signal that
+ *       passed with nothing read, or when ``wake`` (an fd, -1: none; the channel's
+ *       wake eventfd, written by a ``close()`` in another thread) became readable
+ *       first: the sleep polls it with ``fd`` and never reads it. A failed poll or read raises OSError. A signal that
  *       interrupts the wait runs its Python handler (with the GIL), and an exception
  *       the handler raises (KeyboardInterrupt) propagates; otherwise the wait goes on.
  *
@@ -193,9 +195,9 @@ static int single_plain(const unsigned char *h, Py_ssize_t n, Py_ssize_t limit) 
 
 static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 5) {
+    if (nargs != 5 && nargs != 6) {
         PyErr_SetString(PyExc_TypeError,
-                        "wait_frame(fd, buf, deadline, spin, limit) takes 5 arguments");
+                        "wait_frame(fd, buf, deadline, spin, limit[, wake]) takes 5 or 6 arguments");
         return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
@@ -215,6 +217,16 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_ssize_t limit = PyLong_AsSsize_t(args[4]);
     if (limit == -1 && PyErr_Occurred())
         return NULL;
+    long wake = -1;
+    if (nargs == 6) {
+        wake = PyLong_AsLong(args[5]);
+        if (wake == -1 && PyErr_Occurred())
+            return NULL;
+        if (wake < -1 || wake > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "wake must be an fd or -1");
+            return NULL;
+        }
+    }
     Py_buffer buf;
     if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
         return NULL;
@@ -223,14 +235,20 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_ValueError, "buf must hold at least a frame header");
         return NULL;
     }
-    struct pollfd pfd = {.fd = (int)fd, .events = POLLIN, .revents = 0};
+    /* pfd[1]: the wake fd, polled only by the sleep (a spin is bounded anyway) */
+    struct pollfd pfds[2] = {
+        {.fd = (int)fd, .events = POLLIN, .revents = 0},
+        {.fd = (int)wake, .events = POLLIN, .revents = 0},
+    };
+    struct pollfd *pfd = &pfds[0];
+    nfds_t nfds = wake >= 0 ? 2 : 1;
     ssize_t got = -1;
     int err = 0, timed_out = 0;
     if (spin > 0.0) { /* the spin budget: readiness checks, no sleep, no EINTR */
         int ready = 0;
         Py_BEGIN_ALLOW_THREADS
         double end = monotonic_now() + spin;
-        while ((ready = poll(&pfd, 1, 0)) == 0 && monotonic_now() < end)
+        while ((ready = poll(pfd, 1, 0)) == 0 && monotonic_now() < end)
             ;
         Py_END_ALLOW_THREADS
         /* a signal that came while spinning interrupted nothing: its handler runs now */
@@ -247,7 +265,7 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
                 double left = deadline - monotonic_now();
                 ms = left <= 0.0 ? 0 : left > 2e6 ? 2000000000 : (int)(left * 1000.0 + 0.999);
             }
-            int r = poll(&pfd, 1, ms);
+            int r = poll(pfds, nfds, ms);
             if (r < 0) {
                 err = errno;
                 break;
@@ -259,6 +277,10 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
                 }
                 continue; /* woke a little early: sleep the rest */
             }
+            if (pfd->revents == 0) { /* only the wake fd: a close() in another thread */
+                timed_out = 1;
+                break;
+            }
             got = read((int)fd, buf.buf, (size_t)buf.len);
             if (got >= 0)
                 break;
@@ -267,7 +289,7 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
                 break;
             }
             /* readable, yet nothing to read (an error the read did not report): wait on */
-            if (pfd.revents & POLLNVAL) {
+            if (pfd->revents & POLLNVAL) {
                 err = EBADF;
                 break;
             }

@@ -15,6 +15,7 @@ def wait_frame(
     deadline: float | None,
     spin: float,
     limit: int,
+    wake: int = -1,
     /,
 ) -> tuple[int, bytes] | int | None: ...
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import select
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
@@ -45,7 +47,7 @@ from .._engine import (
     recv_steps,
     send_steps,
 )
-from ..errors import Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
+from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame, Kind, encode_frame, wait_frame
 from ..transport.base import Buffer
@@ -58,16 +60,27 @@ _POLLOUT = select.POLLOUT
 _monotonic = time.monotonic
 _perf = time.perf_counter
 _SLEEP_FIRST = 16  # spin=0: after a read found nothing, receives that sleep before reading
+_get_ident = threading.get_ident
+_WAKE_LOCK = threading.Lock()  # makes and drops channels' wake fds (rare)
+_CLOSE_WAIT = 1.0  # close(): how long blocked waiters get to leave before the fds go
 
 
 def wait_fds(
-    rfd: int, wfd: int, want_read: bool, want_write: bool, deadline: float | None
+    rfd: int,
+    wfd: int,
+    want_read: bool,
+    want_write: bool,
+    deadline: float | None,
+    wake: int = -1,
 ) -> tuple[bool, bool]:
-    """Block until ``rfd`` is readable / ``wfd`` writable (as wanted) or the deadline.
+    """Block until ``rfd`` is readable / ``wfd`` writable (as wanted) or the deadline,
+    or ``wake`` (an fd, -1: none) is readable.
 
-    Returns (readable, writable); both False means the deadline passed.
+    Returns (readable, writable); both False means the deadline passed (or the wake).
     """
     poller = select.poll()
+    if wake >= 0:
+        poller.register(wake, _POLLIN)
     if want_read and rfd >= 0:
         poller.register(rfd, _POLLIN)
     if want_write and wfd >= 0:
@@ -91,10 +104,10 @@ def wait_fds(
     return readable, writable
 
 
-def _wait_both_in(rfd: int, wfd: int, deadline: float | None) -> tuple[bool, bool]:
+def _wait_both_in(rfd: int, wfd: int, deadline: float | None, wake: int = -1) -> tuple[bool, bool]:
     """Like :func:`wait_fds`, with both fds waited on for *readability* (-1: skip)."""
     poller = select.poll()
-    for fd in {rfd, wfd} - {-1}:
+    for fd in {rfd, wfd, wake} - {-1}:
         poller.register(fd, _POLLIN)
     if deadline is None:
         events = poller.poll()
@@ -182,6 +195,27 @@ def _resolve(fut: Any) -> None:
         fut.set_result(None)
 
 
+# channels holding a wake fd: a forked child drops its copies (the parent's close()
+# must not wake the child's waits, nor the child's the parent's)
+_WAKEABLE: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+
+def _forget_wakes_in_child() -> None:
+    global _WAKE_LOCK
+    _WAKE_LOCK = threading.Lock()  # another thread may have held it at the fork
+    for ch in list(_WAKEABLE):
+        wake, ch._wake, ch._waiters = ch._wake, -1, []
+        if ch._rpoll is not None:
+            with contextlib.suppress(KeyError):
+                ch._rpoll.unregister(wake)
+        with contextlib.suppress(OSError):
+            os.close(wake)
+    _WAKEABLE.clear()
+
+
+os.register_at_fork(after_in_child=_forget_wakes_in_child)
+
+
 def deadline_of(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -208,6 +242,12 @@ class Channel(ChannelIdentity):
         # operations run for a Receipt (no write lock) resume their steps under this
         self._step_lock = threading.Lock()
         self._rpoll: select.poll | None = None  # readiness of the read fd, made once
+        # close() from another thread wakes blocked waits through an eventfd made the
+        # first time a thread is about to sleep (_enter_wait); the idents of the
+        # threads in a wait, so that close() releases the fds only after they left
+        self._wake = -1
+        self._closing = False
+        self._waiters: list[int] = []
         self._sleep_first = 0  # spin=0: receives left that wait before reading (_receive)
         self._rendezvous = core.capacity == 0
         self._flow = core.taking
@@ -534,7 +574,12 @@ class Channel(ChannelIdentity):
                         self._spin_input()
                     else:
                         read = kind == READ
-                        got = wait_fds(step.fd, step.fd, read, not read, deadline)
+                        wake = self._enter_wait()
+                        try:
+                            got = wait_fds(step.fd, step.fd, read, not read, deadline, wake)
+                        finally:
+                            self._leave_wait()
+                        self._woken()
                         woke = got[0] or got[1]
                         if not woke and deadline is not None and _monotonic() >= deadline:
                             raise Timeout(f"{step.what} timed out")
@@ -612,8 +657,7 @@ class Channel(ChannelIdentity):
             rfd = core.read_fileno()
             if rfd < 0:
                 return False
-            ready = self._rpoll = select.poll()
-            ready.register(rfd, _POLLIN)
+            ready = self._new_rpoll(rfd)
         poll0 = ready.poll
         while _perf() < end:
             if poll0(0):
@@ -634,13 +678,73 @@ class Channel(ChannelIdentity):
             rfd = self._core.read_fileno()
             if rfd < 0:
                 return
-            ready = self._rpoll = select.poll()
-            ready.register(rfd, _POLLIN)
+            ready = self._new_rpoll(rfd)
         end = _perf() + self._spin
         poll0 = ready.poll
         while _perf() < end:
             if poll0(0):
                 return
+
+    # -- waits that close() ends ------------------------------------------------------
+
+    def _new_rpoll(self, rfd: int) -> select.poll:
+        """The read fd's readiness poller (made once), with the wake fd if there is one."""
+        ready = select.poll()
+        ready.register(rfd, _POLLIN)
+        with _WAKE_LOCK:
+            if self._wake >= 0:
+                ready.register(self._wake, _POLLIN)
+            self._rpoll = ready
+        return ready
+
+    def _enter_wait(self) -> int:
+        """This thread is about to sleep in a wait that a ``close()`` in another thread
+        must end: count it in and return the wake fd to poll along with the channel's
+        fds (made now, at the channel's first sleep: a channel that never sleeps has
+        none). Raises ChannelClosed if a close() began. Pair with :meth:`_leave_wait`."""
+        wake = self._wake
+        if wake < 0:
+            wake = self._make_wake()
+        self._waiters.append(_get_ident())  # counted first, then "closing?": see close()
+        if self._closing:
+            self._leave_wait()
+            raise ChannelClosed("the channel was closed")
+        return wake
+
+    def _leave_wait(self) -> None:
+        self._waiters.remove(_get_ident())
+        if self._closing:
+            self._drop_wake()  # the last waiter out of a closed channel frees the fd
+
+    def _woken(self) -> None:
+        """After a wait: a close() in another thread woke it."""
+        if self._closing:
+            raise ChannelClosed("the channel was closed by another thread")
+
+    def _make_wake(self) -> int:
+        with _WAKE_LOCK:
+            if self._closing:
+                raise ChannelClosed("the channel was closed")
+            if self._wake < 0:
+                wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                if self._rpoll is not None:
+                    self._rpoll.register(wake, _POLLIN)
+                self._wake = wake
+                _WAKEABLE.add(self)
+            return self._wake
+
+    def _drop_wake(self) -> None:
+        """Close the wake fd once no thread polls it any more."""
+        with _WAKE_LOCK:
+            wake = self._wake
+            if wake < 0 or self._waiters:
+                return
+            self._wake = -1
+            if self._rpoll is not None:
+                with contextlib.suppress(KeyError):
+                    self._rpoll.unregister(wake)
+            _WAKEABLE.discard(self)
+        os.close(wake)
 
     def _credit_arrived(self) -> None:
         if self._pumpers:
@@ -927,8 +1031,7 @@ class Channel(ChannelIdentity):
                 raise UnsupportedOperation(
                     f"this end of the {core.transport.scheme} channel only sends"
                 )
-            ready = self._rpoll = select.poll()
-            ready.register(rfd, _POLLIN)
+            ready = self._new_rpoll(rfd)
         if spin <= 0.0 and timeout != 0 and core.plain_readiness and not self._flow:
             # no spin: one system call when a message is there, two when it is not.
             # A read first while messages stream in; once a read found nothing (a
@@ -991,11 +1094,26 @@ class Channel(ChannelIdentity):
         if target is None:
             return None
         fd, buf, limit = target
+        wake = self._wake  # _enter_wait and _leave_wait, inlined: every recv that sleeps
+        if wake < 0:
+            wake = self._make_wake()
+        waiters = self._waiters
+        me = _get_ident()
+        waiters.append(me)
+        if self._closing:
+            waiters.remove(me)
+            self._drop_wake()
+            raise ChannelClosed("the channel was closed")
         try:
-            got = wait_frame(fd, buf, deadline, spin, limit)
+            got = wait_frame(fd, buf, deadline, spin, limit, wake)
         except OSError as exc:
             raise core.read_error(exc) from exc
+        finally:
+            waiters.remove(me)
+            if self._closing:
+                self._drop_wake()
         if got is None:
+            self._woken()
             raise Timeout("recv timed out")
         return core.after_wait(got, len(buf))
 
@@ -1043,6 +1161,7 @@ class Channel(ChannelIdentity):
             stall_at = _monotonic() + step.stall
             if limit is None or stall_at < limit:
                 limit, mid_frame = stall_at, True
+        self._enter_wait()  # registered in ready (_make_wake, _new_rpoll)
         try:
             if core.owed or ready is None:
                 self._wait(True, limit, "recv")  # also finishes an earlier write
@@ -1053,15 +1172,26 @@ class Channel(ChannelIdentity):
                 woke = remaining > 0 and ready.poll(int(remaining * 1000 + 0.999))
                 if not woke and _monotonic() >= limit:
                     raise Timeout("recv timed out")
+            self._woken()
         except Timeout:
             if mid_frame:
                 raise core.stalled() from None
             raise
+        finally:
+            self._leave_wait()
 
     def _wait(self, read: bool, deadline: float | None, what: str) -> None:
         """Wait for the direction wanted, flushing pending output meanwhile."""
         core = self._core
         core.check_open()
+        wake = self._enter_wait()
+        try:
+            self._wait_loop(read, deadline, what, wake)
+        finally:
+            self._leave_wait()
+
+    def _wait_loop(self, read: bool, deadline: float | None, what: str, wake: int) -> None:
+        core = self._core
         while True:
             want_write = core.owed or not read
             if core.acked:  # reliable datagrams: room and delivery make the write fd readable
@@ -1069,11 +1199,13 @@ class Channel(ChannelIdentity):
                     core.read_fileno() if read else -1,
                     core.write_fileno() if want_write else -1,
                     deadline,
+                    wake,
                 )
             else:
                 readable, writable = wait_fds(
-                    core.read_fileno(), core.write_fileno(), read, want_write, deadline
+                    core.read_fileno(), core.write_fileno(), read, want_write, deadline, wake
                 )
+            self._woken()
             if writable and core.owed:
                 with self._wlock:
                     core.flush()
@@ -1111,6 +1243,18 @@ class Channel(ChannelIdentity):
                 run_steps(linger_steps(core), deadline)
             except Exception:
                 pass
+        # threads asleep in this channel's waits (a recv, a send waiting for room) wake
+        # and raise ChannelClosed; the fds they poll are released only after they left
+        # (bounded: a signal handler in a waiting thread may be the one closing)
+        self._closing = True
+        wake = self._wake
+        if wake >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(wake, 1)
+            me = _get_ident()
+            end = _monotonic() + _CLOSE_WAIT
+            while any(t != me for t in self._waiters) and _monotonic() < end:
+                time.sleep(0.0002)
         # no other thread's write is between its "closed?" check and the fd (bounded: a
         # signal handler closing the channel may interrupt this thread's own write)
         held = self._wlock.acquire(timeout=1.0)
@@ -1119,6 +1263,7 @@ class Channel(ChannelIdentity):
         finally:
             if held:
                 self._wlock.release()
+        self._drop_wake()
         if self._pumpers:
             self._wake_pumpers()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import select
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, TypeVar
@@ -98,6 +100,17 @@ def establish(
     return Channel(core)
 
 
+_LWAKE_LOCK = threading.Lock()  # listeners' wake fds and sleeper counts (never held long)
+
+
+def _new_lock_in_child() -> None:
+    global _LWAKE_LOCK
+    _LWAKE_LOCK = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 class Listener(ListenerBase):
     """A bound endpoint. ``accept`` returns one :class:`Channel` per connecting peer
     (for FIFOs, queues and datagram sockets: the endpoint's single channel, once)."""
@@ -113,7 +126,62 @@ class Listener(ListenerBase):
             core = self._take()
             if core is not None:
                 return Channel(core)
-            wait_fds(self.fileno(), -1, True, False, self._wake_at(deadline))
+            self._sleep(self.fileno(), self._wake_at(deadline))
+
+    # close() from another thread ends a blocked accept (as a channel's, see
+    # Channel._enter_wait): a wake eventfd made at the first sleep, polled with the fd
+    _wake = -1
+    _wake_pid = 0
+    _closing = False
+    _sleepers = 0
+
+    def _sleep(self, fd: int, deadline: float | None) -> bool:
+        """Wait until ``fd`` is readable (True) or ``deadline`` (False); a close() in
+        another thread ends the wait with ChannelClosed."""
+        with _LWAKE_LOCK:
+            if self._closing:
+                raise ChannelClosed("the listener is closed")
+            if self._wake < 0 or self._wake_pid != os.getpid():  # none yet, or a fork's
+                if self._wake >= 0:  # the parent's copy: its sleepers are not ours
+                    os.close(self._wake)
+                    self._sleepers = 0
+                self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._wake_pid = os.getpid()
+            wake = self._wake
+            self._sleepers += 1
+        try:
+            readable, _ = wait_fds(fd, -1, True, False, deadline, wake)
+        finally:
+            with _LWAKE_LOCK:
+                self._sleepers -= 1
+            if self._closing:
+                self._drop_wake()
+        if self._closing:
+            raise ChannelClosed("the listener is closed")
+        return readable
+
+    def _drop_wake(self) -> None:
+        with _LWAKE_LOCK:
+            wake = self._wake
+            if wake < 0 or self._sleepers or self._wake_pid != os.getpid():
+                return
+            self._wake = -1
+        os.close(wake)
+
+    def close(self) -> None:
+        """Stop listening (see :meth:`ListenerBase.close`); a thread blocked in
+        :meth:`accept` wakes and raises :class:`ChannelClosed`, and the listening fd is
+        released after it left (bounded: 1 s)."""
+        with _LWAKE_LOCK:
+            self._closing = True
+            wake = self._wake if self._wake_pid == os.getpid() else -1
+        if wake >= 0:
+            os.eventfd_write(wake, 1)
+            end = time.monotonic() + 1.0
+            while self._sleepers and time.monotonic() < end:
+                time.sleep(0.0002)
+        super().close()
+        self._drop_wake()
 
     def accept_transport(self, timeout: float | None = None) -> Transport:
         """Wait for the next connection *before* its handshake; finish it with
@@ -133,7 +201,7 @@ class Listener(ListenerBase):
                 if self._screen(transport):
                     return transport
                 continue
-            readable, _ = wait_fds(self._lt.fileno(), -1, True, False, deadline)
+            readable = self._sleep(self._lt.fileno(), deadline)
             if self._closed:
                 raise ChannelClosed("the listener is closed")
             if not readable:
