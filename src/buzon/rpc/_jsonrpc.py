@@ -374,11 +374,6 @@ class JsonRpcClient(_StreamSession):
 
     # -- lifetime -------------------------------------------------------------------
 
-    def wait_closed(self, timeout: float | None = None) -> bool:
-        """Wait until the connection ends (True) or ``timeout`` passes (False)."""
-        self._reader.join(timeout)
-        return not self._reader.is_alive()
-
     def __repr__(self) -> str:
         return f"<buzon.rpc.JsonRpcClient in_flight={len(self._pending)}>"
 
@@ -436,13 +431,3 @@ def connect_jsonrpc(
 
     ch = connect(url, timeout, raw=True, **options)
     return JsonRpcClient(_ChannelStream(ch), handler, timeout)
-
-
-def serve_stream(ch: Any, service: Service) -> None:
-    """Answer JSON-RPC on the raw channel ``ch`` until the peer closes it (the
-    ``Server(..., wire="jsonrpc")`` per-client loop)."""
-    session = JsonRpcClient(_ChannelStream(ch), service, None)
-    try:
-        session.wait_closed()
-    finally:
-        session.close()

@@ -266,6 +266,11 @@ class _StreamSession:
         if self._reader is not threading.current_thread():
             self._reader.join(5)
 
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until the connection ends (True) or ``timeout`` passes (False)."""
+        self._reader.join(timeout)
+        return not self._reader.is_alive()
+
     def __enter__(self) -> Self:
         return self
 
@@ -585,11 +590,29 @@ def connect_process(
     proc = subprocess.Popen(
         list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
+    return open_session(wire, _ProcessStream(proc), handler, timeout)
+
+
+def open_session(
+    wire: str, stream: _Stream, handler: Service | object | None, timeout: float | None
+) -> MsgpackRpcClient | JsonRpcClient:
+    """The session of ``wire`` (``"msgpack-rpc"`` or ``"jsonrpc"``) on ``stream``."""
     if wire == "jsonrpc":
         from ._jsonrpc import JsonRpcClient
 
-        return JsonRpcClient(_ProcessStream(proc), handler, timeout)
-    return MsgpackRpcClient(_ProcessStream(proc), handler, timeout)
+        return JsonRpcClient(stream, handler, timeout)
+    return MsgpackRpcClient(stream, handler, timeout)
+
+
+def serve_stream(wire: str, ch: Any, service: Service) -> None:
+    """Answer the peer on the raw channel ``ch`` in ``wire``'s session until the peer
+    closes it, or sends what ends the session (the per-client loop of
+    ``buzon.rpc.Server(..., wire="msgpack-rpc" | "jsonrpc")``)."""
+    session = open_session(wire, _ChannelStream(ch), service, None)
+    try:
+        session.wait_closed()
+    finally:
+        session.close()
 
 
 def connect_msgpack(
