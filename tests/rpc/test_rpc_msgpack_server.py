@@ -117,6 +117,7 @@ def test_bad_input_is_answered_and_the_server_keeps_serving() -> None:
                 assert answer[0] == 1 and answer[1] == request[1] and why in answer[2], answer
             s.sendall(enc("not a message") + enc([7, 7]) + enc([0, 5, "add", [2, 3]]))
             assert _recv(s, dec) == [1, 5, None, 5]
+            assert srv.errors == 6  # counted before each answer (and the two unanswered)
             s.sendall(b"\xc1")  # starts no msgpack object: the stream cannot go on
             assert s.recv(100) == b""
         finally:

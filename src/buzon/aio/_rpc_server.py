@@ -397,6 +397,8 @@ class Server:
     @property
     def in_flight(self) -> int:
         """Calls (and notifies) running now, over all connections."""
+        if self.wire != "buzon":  # their sessions count only in the counters
+            return self._pub.in_flight
         return sum(len(c.running) for c in list(self._connections))
 
     @property
@@ -421,12 +423,11 @@ class Server:
 
     async def _serve_stream(self, ch: Channel) -> None:
         session = open_stream_session(
-            self.wire, _ChannelStream(ch), self.service, None, self.max_in_flight
+            self.wire, _ChannelStream(ch), self.service, None, self.max_in_flight, self._pub
         )
         try:
             await session.wait_closed()
         finally:
-            self.errors += session.errors
             await session.aclose()
 
     async def serve_forever(self) -> None:

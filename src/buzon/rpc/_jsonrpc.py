@@ -40,6 +40,7 @@ from ..errors import (
 from . import _jsonrpc_codec as codec
 from ._context import _CURRENT, _DEADLINE, CallContext
 from ._msgpack import _ChannelStream, _Stream, _StreamSession, _Waiting
+from ._publish import CALLS, ENDED, STARTED, Publication
 from ._service import Service, as_service, handler_failure
 
 __all__ = ["CANCEL_METHOD", "JsonRpcClient", "connect_jsonrpc"]
@@ -71,9 +72,11 @@ class JsonRpcClient(_StreamSession):
         *,
         max_message: int = codec.MAX_MESSAGE,
         max_in_flight: int = 64,
+        pub: Publication | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        self._pub = Publication() if pub is None else pub  # errors, calls: counted there
         self._stream = stream
         self._service = None if handler is None else as_service(handler)
         self._timeout = timeout
@@ -87,7 +90,6 @@ class JsonRpcClient(_StreamSession):
         self._wlock = threading.Lock()
         self._closed = False
         self._broken: BuzonError | None = None
-        self.errors = 0
         self._reader = threading.Thread(target=self._read_loop, name="buzon-jsonrpc")
         self._reader.daemon = True
         self._reader.start()
@@ -344,10 +346,14 @@ class JsonRpcClient(_StreamSession):
                     f"no method {method!r}: this end serves nothing", RemoteError.METHOD_NOT_FOUND
                 )
             entry = self._service.lookup(method)
-            if type(params) is dict:
-                result = entry.run([], params)
-            else:
-                result = entry.run(params or [], None)
+            self._pub.counters[STARTED] += 1
+            try:
+                if type(params) is dict:
+                    result = entry.run([], params)
+                else:
+                    result = entry.run(params or [], None)
+            finally:
+                self._pub.counters[ENDED] += 1
         except RemoteError as err:
             self.errors += 1
             return None if kind != "request" else codec.error_response(msgid, err)
@@ -367,10 +373,12 @@ class JsonRpcClient(_StreamSession):
         return reply
 
     def _send_safe(self, message: Any) -> None:
+        """Send a response (or a batch of them: each counts as a call served)."""
         try:
             self._send(message)
         except (BuzonError, OSError):
-            pass  # the peer is gone; the reader reports it
+            return  # the peer is gone; the reader reports it
+        self._pub.counters[CALLS] += len(message) if type(message) is list else 1
 
     # -- lifetime -------------------------------------------------------------------
 

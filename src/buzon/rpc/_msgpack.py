@@ -55,7 +55,8 @@ from ..errors import (
     Timeout,
 )
 from ._context import _DEADLINE
-from ._service import Service, as_service
+from ._publish import CALLS, ENDED, ERRORS, STARTED, Counter, Publication
+from ._service import Service, as_service, handler_failure
 
 if TYPE_CHECKING:
     from ._jsonrpc import JsonRpcClient
@@ -252,12 +253,20 @@ class _Waiting:
 
 
 class _StreamSession:
-    """What both stream-wire sessions share: the stream, the reader thread, and their
-    end (``close``, the context manager)."""
+    """What both stream-wire sessions share: the stream, the reader thread, their end
+    (``close``, the context manager), and their counters.
+
+    The counters are a :class:`~buzon.rpc._publish.Publication`'s: a served session's
+    are its server's (published for ``buzon ls``), a client's its own. ``errors``
+    (malformed messages and error answers) is one of them; the peer's requests add to
+    calls started and ended around their handler, each response sent to calls served.
+    """
 
     _stream: _Stream
     _reader: threading.Thread
     _closed: bool
+    _pub: Publication
+    errors = Counter(ERRORS)
 
     def close(self) -> None:
         """End the session (a child process is waited for, then killed if it lingers)."""
@@ -290,8 +299,14 @@ class MsgpackRpcClient(_StreamSession):
     """
 
     def __init__(
-        self, stream: _Stream, handler: Service | object | None, timeout: float | None
+        self,
+        stream: _Stream,
+        handler: Service | object | None,
+        timeout: float | None,
+        *,
+        pub: Publication | None = None,
     ) -> None:
+        self._pub = Publication() if pub is None else pub  # errors, calls: counted there
         self._stream = stream
         self._service = None if handler is None else as_service(handler)
         self._timeout = timeout
@@ -302,7 +317,6 @@ class MsgpackRpcClient(_StreamSession):
         self._wlock = threading.Lock()
         self._closed = False
         self._broken: BuzonError | None = None
-        self.errors = 0  # malformed messages and refused requests from the peer
         # the reading role (one thread at a time) and the bytes read but not yet parsed
         self._cv = threading.Condition(threading.Lock())
         self._reading = False
@@ -503,16 +517,15 @@ class MsgpackRpcClient(_StreamSession):
             entry = self._service.lookup(method)
             if type(params) is not list:
                 raise RemoteError(f"{method}: params must be an array", RemoteError.INVALID_PARAMS)
+            self._pub.counters[STARTED] += 1
             try:
                 result = entry.run(params, None)
             except RemoteError:
                 raise
             except Exception as exc:
-                raise RemoteError(
-                    f"{method} raised {type(exc).__name__}: {exc}",
-                    RemoteError.SERVER_ERROR,
-                    {"type": type(exc).__name__},
-                ) from None
+                raise handler_failure(method, exc) from None
+            finally:
+                self._pub.counters[ENDED] += 1
             error = None
         except RemoteError as err:
             self.errors += 1
@@ -523,11 +536,13 @@ class MsgpackRpcClient(_StreamSession):
     def _respond(self, msgid: int, error: RemoteError | None, result: Any) -> None:
         wire_error = None if error is None else error.message
         try:
-            self._send([RESPONSE, msgid, wire_error, result])
-        except (TypeError, ValueError, msgspec.EncodeError) as exc:
-            self._send(
-                [RESPONSE, msgid, [RemoteError.INVALID_RESULT, f"cannot encode: {exc}"], None]
-            )
+            try:
+                self._send([RESPONSE, msgid, wire_error, result])
+            except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+                self.errors += 1
+                unencodable = [RemoteError.INVALID_RESULT, f"cannot encode: {exc}"]
+                self._send([RESPONSE, msgid, unencodable, None])
+            self._pub.counters[CALLS] += 1
         except BuzonError:
             pass  # the peer is gone; the reader reports it
 
@@ -594,21 +609,27 @@ def connect_process(
 
 
 def open_session(
-    wire: str, stream: _Stream, handler: Service | object | None, timeout: float | None
+    wire: str,
+    stream: _Stream,
+    handler: Service | object | None,
+    timeout: float | None,
+    pub: Publication | None = None,
 ) -> MsgpackRpcClient | JsonRpcClient:
-    """The session of ``wire`` (``"msgpack-rpc"`` or ``"jsonrpc"``) on ``stream``."""
+    """The session of ``wire`` (``"msgpack-rpc"`` or ``"jsonrpc"``) on ``stream``,
+    counting in ``pub`` (None: counters of its own)."""
     if wire == "jsonrpc":
         from ._jsonrpc import JsonRpcClient
 
-        return JsonRpcClient(stream, handler, timeout)
-    return MsgpackRpcClient(stream, handler, timeout)
+        return JsonRpcClient(stream, handler, timeout, pub=pub)
+    return MsgpackRpcClient(stream, handler, timeout, pub=pub)
 
 
-def serve_stream(wire: str, ch: Any, service: Service) -> None:
+def serve_stream(wire: str, ch: Any, service: Service, pub: Publication) -> None:
     """Answer the peer on the raw channel ``ch`` in ``wire``'s session until the peer
     closes it, or sends what ends the session (the per-client loop of
-    ``buzon.rpc.Server(..., wire="msgpack-rpc" | "jsonrpc")``)."""
-    session = open_session(wire, _ChannelStream(ch), service, None)
+    ``buzon.rpc.Server(..., wire="msgpack-rpc" | "jsonrpc")``), counting in the
+    server's ``pub``."""
+    session = open_session(wire, _ChannelStream(ch), service, None, pub)
     try:
         session.wait_closed()
     finally:

@@ -467,7 +467,7 @@ class Server:
     ``"jsonrpc"`` (JSON-RPC 2.0 with ``Content-Length`` framing on a raw stream) or
     ``"msgpack-rpc"`` (the msgpack-rpc spec, as Neovim speaks it): on these two a
     session per connection answers requests (at-most-once; a malformed stream ends
-    only its own connection).
+    only its own connection) and adds to the counters below.
     ``semantics`` is the client's choice (see :func:`connect`); whatever it says here,
     the server keeps a completion table (``.table``) for the calls that ask for
     exactly-once. ``table``: where it lives: None (the default) in this process's
@@ -578,7 +578,10 @@ class Server:
 
     @property
     def in_flight(self) -> int:
-        """Calls (and notifies) running now, over all connections of this process."""
+        """Calls (and notifies) running now, over all connections of this process
+        (``wire="jsonrpc"``/``"msgpack-rpc"``: of the whole server, from its counters)."""
+        if self.wire != "buzon":  # their sessions count only in the counters
+            return self._pub.in_flight
         return sum(len(c.running) for c in list(self._connections))
 
     @property
@@ -612,7 +615,7 @@ class Server:
     def _serve_stream(self, ch: Channel) -> None:
         from ._msgpack import serve_stream
 
-        serve_stream(self.wire, ch, self.service)
+        serve_stream(self.wire, ch, self.service, self._pub)
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown`."""
