@@ -148,3 +148,63 @@ def test_neovim_is_a_client_of_the_blocking_msgpack_rpc_server() -> None:
         finally:
             nv.close()
     assert sorted(ran) == ["add", "add", "note from nvim"]  # a notification has no order
+
+
+@pytest.mark.parametrize("wire", ["msgpack-rpc", "jsonrpc"])
+def test_a_stream_wire_connection_runs_at_most_max_in_flight_requests(wire: str) -> None:
+    """A peer pipelining requests to a slow method gets OVERLOADED beyond the server's
+    ``max_in_flight`` (not a thread each); the admitted ones finish, the server goes on."""
+    import threading
+
+    svc = rpc.Service("slow")
+    release, running = threading.Event(), []
+
+    @svc.method
+    def hold(i: int) -> int:
+        running.append(i)
+        release.wait(30)
+        return i
+
+    dec = msgspec.msgpack.Decoder()
+    with serving("unix:mpbound", svc, wire=wire, max_in_flight=2) as srv:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(srv.address.fs_path())
+            s.settimeout(10)
+            for i in range(5):
+                if wire == "msgpack-rpc":
+                    s.sendall(msgspec.msgpack.encode([0, i, "hold", [i]]))
+                else:
+                    body = msgspec.json.encode(
+                        {"jsonrpc": "2.0", "id": i, "method": "hold", "params": [i]}
+                    )
+                    s.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            answers: list[Any] = []
+            buf = b""
+            while len(answers) < 3:  # the three refused ones come first: two still hold
+                buf += s.recv(65536)
+                if wire == "msgpack-rpc":
+                    from buzon.rpc._msgpack import object_end
+
+                    while (end := object_end(buf)) > 0:
+                        answers.append(dec.decode(buf[:end]))
+                        buf = buf[end:]
+                else:
+                    while b"\r\n\r\n" in buf:
+                        head, rest = buf.split(b"\r\n\r\n", 1)
+                        n = int(head.split(b":")[1])
+                        if len(rest) < n:
+                            break
+                        answers.append(msgspec.json.decode(rest[:n]))
+                        buf = rest[n:]
+            assert len(answers) == 3
+            for a in answers:
+                text = str(a[2]) if wire == "msgpack-rpc" else a["error"]["message"]
+                assert "over 2 requests in flight" in text, a
+            assert sorted(running) == [0, 1]
+            release.set()
+        finally:
+            s.close()
+        with rpc.connect(srv.address, wire=wire, timeout=10) as c:
+            release.set()
+            assert c.hold(7) == 7

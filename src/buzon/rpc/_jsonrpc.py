@@ -85,7 +85,7 @@ class JsonRpcClient(_StreamSession):
         self._running: dict[Any, CallContext] = {}
         self._max_message = max_message
         self._max_in_flight = max_in_flight
-        self._active = 0  # the peer's requests, notifications and batches running now
+        self._answering = 0
         self._alock = threading.Lock()
         self._wlock = threading.Lock()
         self._closed = False
@@ -257,37 +257,14 @@ class JsonRpcClient(_StreamSession):
                 self._on_response(obj)
             elif action == "cancel":
                 self._on_cancel(obj)
-            elif action == "batch":
-                if self._admit(None):
+            elif self._admit():  # a batch, a request or a notification
+                if action == "batch":
                     self._start(self._answer_batch, obj)
-            elif self._admit(obj.get("id") if action == "request" else _NO_ID):
-                self._start(self._answer_one, action, obj)
-
-    def _admit(self, msgid: Any) -> bool:
-        """Room for one more of the peer's requests? If not, it is refused (OVERLOADED;
-        ``msgid`` _NO_ID: a notification, dropped) and counted, and nothing runs."""
-        with self._alock:
-            if self._active < self._max_in_flight:
-                self._active += 1
-                return True
-        self.errors += 1
-        if msgid is not _NO_ID:
-            overloaded = RemoteError(
-                f"over {self._max_in_flight} requests in flight on this connection",
-                RemoteError.OVERLOADED,
-            )
-            self._send_safe(codec.error_response(msgid, overloaded))
-        return False
-
-    def _start(self, target: Callable[..., None], *args: Any) -> None:
-        def run() -> None:
-            try:
-                target(*args)
-            finally:
-                with self._alock:
-                    self._active -= 1
-
-        threading.Thread(target=run, name="buzon-jsonrpc-call", daemon=True).start()
+                else:
+                    self._start(self._answer_one, action, obj)
+            elif action != "notification":  # refused (a notification is dropped)
+                msgid = obj.get("id") if action == "request" else None
+                self._send_safe(codec.error_response(msgid, self._overloaded()))
 
     def _on_response(self, obj: dict[str, Any]) -> None:
         msgid = obj.get("id")

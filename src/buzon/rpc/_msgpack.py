@@ -266,7 +266,40 @@ class _StreamSession:
     _reader: threading.Thread
     _closed: bool
     _pub: Publication
+    _max_in_flight: int
+    _answering: int  # the peer's requests (notifications, batches) running now
+    _alock: threading.Lock
     errors = Counter(ERRORS)
+
+    def _admit(self) -> bool:
+        """Room for one more of the peer's requests (at most ``max_in_flight`` run at
+        once)? If not, it is counted in ``errors`` and must not run: the caller
+        refuses it with :meth:`_overloaded` (a notification is dropped)."""
+        with self._alock:
+            if self._answering < self._max_in_flight:
+                self._answering += 1
+                return True
+        self.errors += 1
+        return False
+
+    def _overloaded(self) -> RemoteError:
+        return RemoteError(
+            f"over {self._max_in_flight} requests in flight on this connection",
+            RemoteError.OVERLOADED,
+        )
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        """Run an admitted request on a thread of its own (it may call the peer back
+        while reading goes on)."""
+
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._alock:
+                    self._answering -= 1
+
+        threading.Thread(target=run, name="buzon-rpc-stream-call", daemon=True).start()
 
     def close(self) -> None:
         """End the session (a child process is waited for, then killed if it lingers)."""
@@ -304,9 +337,15 @@ class MsgpackRpcClient(_StreamSession):
         handler: Service | object | None,
         timeout: float | None,
         *,
+        max_in_flight: int = 64,
         pub: Publication | None = None,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self._pub = Publication() if pub is None else pub  # errors, calls: counted there
+        self._max_in_flight = max_in_flight
+        self._answering = 0
+        self._alock = threading.Lock()
         self._stream = stream
         self._service = None if handler is None else as_service(handler)
         self._timeout = timeout
@@ -495,11 +534,13 @@ class MsgpackRpcClient(_StreamSession):
                 waiting.result = msg[3]
             waiting.event.set()
         elif kind == REQUEST and len(msg) == 4 and type(msg[1]) is int:
-            threading.Thread(
-                target=self._answer, args=(msg[1], msg[2], msg[3]), daemon=True
-            ).start()
+            if self._admit():
+                self._start(self._answer, msg[1], msg[2], msg[3])
+            else:
+                self._respond(msg[1], self._overloaded(), None)
         elif kind == NOTIFICATION and len(msg) == 3:
-            threading.Thread(target=self._answer, args=(None, msg[1], msg[2]), daemon=True).start()
+            if self._admit():  # else dropped (counted)
+                self._start(self._answer, None, msg[1], msg[2])
         else:
             self.errors += 1
             if kind == REQUEST and len(msg) >= 2 and type(msg[1]) is int:
@@ -613,23 +654,27 @@ def open_session(
     stream: _Stream,
     handler: Service | object | None,
     timeout: float | None,
+    max_in_flight: int = 64,
     pub: Publication | None = None,
 ) -> MsgpackRpcClient | JsonRpcClient:
     """The session of ``wire`` (``"msgpack-rpc"`` or ``"jsonrpc"``) on ``stream``,
-    counting in ``pub`` (None: counters of its own)."""
+    running at most ``max_in_flight`` of the peer's requests at once, counting in
+    ``pub`` (None: counters of its own)."""
     if wire == "jsonrpc":
         from ._jsonrpc import JsonRpcClient
 
-        return JsonRpcClient(stream, handler, timeout, pub=pub)
-    return MsgpackRpcClient(stream, handler, timeout, pub=pub)
+        return JsonRpcClient(stream, handler, timeout, max_in_flight=max_in_flight, pub=pub)
+    return MsgpackRpcClient(stream, handler, timeout, max_in_flight=max_in_flight, pub=pub)
 
 
-def serve_stream(wire: str, ch: Any, service: Service, pub: Publication) -> None:
+def serve_stream(
+    wire: str, ch: Any, service: Service, max_in_flight: int, pub: Publication
+) -> None:
     """Answer the peer on the raw channel ``ch`` in ``wire``'s session until the peer
     closes it, or sends what ends the session (the per-client loop of
     ``buzon.rpc.Server(..., wire="msgpack-rpc" | "jsonrpc")``), counting in the
     server's ``pub``."""
-    session = open_session(wire, _ChannelStream(ch), service, None, pub)
+    session = open_session(wire, _ChannelStream(ch), service, None, max_in_flight, pub)
     try:
         session.wait_closed()
     finally:

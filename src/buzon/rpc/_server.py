@@ -466,8 +466,9 @@ class Server:
     are slow) or ``"process"`` (a forked process per client). ``wire``: ``"buzon"``,
     ``"jsonrpc"`` (JSON-RPC 2.0 with ``Content-Length`` framing on a raw stream) or
     ``"msgpack-rpc"`` (the msgpack-rpc spec, as Neovim speaks it): on these two a
-    session per connection answers requests (at-most-once; a malformed stream ends
-    only its own connection) and adds to the counters below.
+    session per connection answers requests (at-most-once; at most ``max_in_flight``
+    at once, more are refused with OVERLOADED; a malformed stream ends only its own
+    connection) and adds to the counters below.
     ``semantics`` is the client's choice (see :func:`connect`); whatever it says here,
     the server keeps a completion table (``.table``) for the calls that ask for
     exactly-once. ``table``: where it lives: None (the default) in this process's
@@ -615,7 +616,7 @@ class Server:
     def _serve_stream(self, ch: Channel) -> None:
         from ._msgpack import serve_stream
 
-        serve_stream(self.wire, ch, self.service, self._pub)
+        serve_stream(self.wire, ch, self.service, self.max_in_flight, self._pub)
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown`."""
