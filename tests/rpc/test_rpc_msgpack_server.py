@@ -208,3 +208,36 @@ def test_a_stream_wire_connection_runs_at_most_max_in_flight_requests(wire: str)
         with rpc.connect(srv.address, wire=wire, timeout=10) as c:
             release.set()
             assert c.hold(7) == 7
+
+
+def test_a_stream_session_reuses_its_worker_threads_and_ends_the_idle_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The peer's requests run on worker threads kept for the next request (not a
+    thread started per request); a worker idle for ``_WORKER_IDLE`` ends."""
+    import threading
+    import time
+
+    from buzon.rpc._msgpack import _StreamSession
+
+    monkeypatch.setattr(_StreamSession, "_WORKER_IDLE", 0.3, raising=False)
+    svc = rpc.Service("who")
+    threads: list[threading.Thread] = []
+
+    @svc.method
+    def me() -> str:
+        threads.append(threading.current_thread())
+        return threading.current_thread().name
+
+    with (
+        serving("unix:mpreuse", svc, wire="msgpack-rpc") as srv,
+        rpc.connect(srv.address, wire="msgpack-rpc", timeout=10) as c,
+    ):
+        for _ in range(30):
+            assert c.me() == "buzon-rpc-stream-call"
+        assert len(set(threads)) <= 2, len(set(threads))  # one, or two at a hand-over
+        end = time.monotonic() + 30
+        while any(t.is_alive() for t in threads):
+            assert time.monotonic() < end, "idle workers did not end"
+            time.sleep(0.05)
+        assert c.me() == "buzon-rpc-stream-call"  # a new worker after they ended

@@ -4,7 +4,7 @@ One :class:`JsonRpcClient` is a session on one connection, in both roles at once
 calls the peer (``call``, ``notify``, ``call_batch``) and answers the peer's requests,
 notifications and batches through a :class:`~buzon.rpc.Service` (the same allowlist and
 type checks as every wire). A reader thread routes responses to the waiting calls and
-runs each request of the peer on a thread of its own (a batch: one thread, answered
+runs each request of the peer on a worker thread (a batch: one, answered
 with one array once all its requests are done), so a handler may call back into the
 peer while the reader goes on reading.
 
@@ -74,9 +74,7 @@ class JsonRpcClient(_StreamSession):
         max_in_flight: int = 64,
         pub: Publication | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self._pub = Publication() if pub is None else pub  # errors, calls: counted there
+        self._init_answering(max_in_flight, pub)
         self._stream = stream
         self._service = None if handler is None else as_service(handler)
         self._timeout = timeout
@@ -84,9 +82,6 @@ class JsonRpcClient(_StreamSession):
         self._pending: dict[Any, _Waiting] = {}
         self._running: dict[Any, CallContext] = {}
         self._max_message = max_message
-        self._max_in_flight = max_in_flight
-        self._answering = 0
-        self._alock = threading.Lock()
         self._wlock = threading.Lock()
         self._closed = False
         self._broken: BuzonError | None = None

@@ -14,8 +14,8 @@ notification   ``[2, method, params]``               no response
 Both ends may send requests on the same connection at any time: while we wait for
 Neovim's answer to ``nvim_eval("rpcrequest(1, 'add', 2, 3)")``, Neovim asks us for
 ``add(2, 3)`` and waits for our answer first. Whoever reads routes responses to the
-waiting calls and runs the peer's requests on threads of their own (a request may call
-back into the peer while reading goes on).
+waiting calls and runs the peer's requests on worker threads (a request may call back
+into the peer while reading goes on; the workers wait for the next request a while).
 
 Who reads ("leader/followers", as the ``wire="buzon"`` client does): a calling thread
 reads the connection itself while no other thread does, so a call costs no thread
@@ -34,6 +34,7 @@ from __future__ import annotations
 import abc
 import itertools
 import os
+import queue
 import struct
 import subprocess
 import threading
@@ -266,10 +267,20 @@ class _StreamSession:
     _reader: threading.Thread
     _closed: bool
     _pub: Publication
-    _max_in_flight: int
-    _answering: int  # the peer's requests (notifications, batches) running now
-    _alock: threading.Lock
     errors = Counter(ERRORS)
+    _WORKER_IDLE = 2.0  # a worker thread with nothing to run for this long ends
+
+    def _init_answering(self, max_in_flight: int, pub: Publication | None) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._pub = Publication() if pub is None else pub  # errors, calls: counted there
+        self._max_in_flight = max_in_flight
+        self._answering = 0  # the peer's requests (notifications, batches) running now
+        self._alock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._idle = 0  # worker threads waiting for a job, less the jobs queued
 
     def _admit(self) -> bool:
         """Room for one more of the peer's requests (at most ``max_in_flight`` run at
@@ -289,17 +300,34 @@ class _StreamSession:
         )
 
     def _start(self, target: Callable[..., None], *args: Any) -> None:
-        """Run an admitted request on a thread of its own (it may call the peer back
-        while reading goes on)."""
+        """Run an admitted request on a worker thread (never the reader: a handler
+        may call the peer back while reading goes on): an idle worker of this session
+        if there is one, else a new one. Workers stay ``_WORKER_IDLE`` seconds for
+        the next request (no thread started per request), at most ``max_in_flight``."""
+        with self._alock:
+            self._jobs.put((target, args))
+            if self._idle:
+                self._idle -= 1  # a waiting worker takes it
+                return
+        threading.Thread(target=self._work, name="buzon-rpc-stream-call", daemon=True).start()
 
-        def run() -> None:
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            try:
+                target, args = jobs.get(timeout=self._WORKER_IDLE)
+            except queue.Empty:
+                with self._alock:
+                    if jobs.empty():  # nothing claimed this worker: it ends
+                        self._idle -= 1
+                        return
+                continue  # a job came as the wait ended: it is this worker's
             try:
                 target(*args)
             finally:
                 with self._alock:
                     self._answering -= 1
-
-        threading.Thread(target=run, name="buzon-rpc-stream-call", daemon=True).start()
+                    self._idle += 1
 
     def close(self) -> None:
         """End the session (a child process is waited for, then killed if it lingers)."""
@@ -340,12 +368,7 @@ class MsgpackRpcClient(_StreamSession):
         max_in_flight: int = 64,
         pub: Publication | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self._pub = Publication() if pub is None else pub  # errors, calls: counted there
-        self._max_in_flight = max_in_flight
-        self._answering = 0
-        self._alock = threading.Lock()
+        self._init_answering(max_in_flight, pub)
         self._stream = stream
         self._service = None if handler is None else as_service(handler)
         self._timeout = timeout
