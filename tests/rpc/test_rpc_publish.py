@@ -236,3 +236,126 @@ def test_an_asyncio_server_is_listed_too(runtime_dir: str) -> None:
 
     asyncio.run(main())
     assert _rpc_rows(runtime_dir) == []  # its file went with the server
+
+
+# -- the stream wires: their sessions count calls served and in flight too ---------------
+
+
+def _raw_call(wire: str, s: Any, msgid: int, method: str, params: list[Any]) -> None:
+    import msgspec
+
+    if wire == "msgpack-rpc":
+        s.sendall(msgspec.msgpack.encode([0, msgid, method, params]))
+    else:
+        body = msgspec.json.encode(
+            {"jsonrpc": "2.0", "id": msgid, "method": method, "params": params}
+        )
+        s.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def _stream_wire_counts(
+    runtime_dir: str, srv: Any, wire: str, started: threading.Event, release: threading.Event
+) -> None:
+    """Through a raw socket: 3 adds, an unknown method, a slow call held in flight."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(srv.address.fs_path())
+        for i in range(3):
+            _raw_call(wire, s, i + 1, "add", [i, 1])
+        _raw_call(wire, s, 4, "nope", [])
+        _raw_call(wire, s, 5, "slow", [])
+        assert started.wait(30)
+        _wait_for(lambda: "4 calls" in _rpc_rows(runtime_dir)[0][3], "4 calls")
+        (row,) = _rpc_rows(runtime_dir)
+        assert f"wire {wire}" in row[3]
+        assert "4 calls served, 1 in flight, 1 errors" in row[3], row[3]
+        assert srv.in_flight == 1
+        release.set()
+        _wait_for(lambda: "0 in flight" in _rpc_rows(runtime_dir)[0][3], "in flight")
+        assert "5 calls served" in _rpc_rows(runtime_dir)[0][3]
+        assert srv.calls == 5 and srv.errors == 1  # the attributes are the counters
+        assert srv.in_flight == 0
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("wire", ["msgpack-rpc", "jsonrpc"])
+def test_a_blocking_stream_wire_server_counts_calls_served_and_in_flight(
+    runtime_dir: str, wire: str
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    with serving("unix:swcalc", _svc(started, release), wire=wire) as srv:
+        _stream_wire_counts(runtime_dir, srv, wire, started, release)
+
+
+@pytest.mark.parametrize("wire", ["msgpack-rpc", "jsonrpc"])
+def test_an_asyncio_stream_wire_server_counts_calls_served_and_in_flight(
+    runtime_dir: str, wire: str
+) -> None:
+    from _rpc_aio_helpers import aio_serving_in_thread
+
+    started, release = threading.Event(), threading.Event()
+    svc = rpc.Service("calc")
+
+    @svc.method
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @svc.method
+    async def slow() -> str:
+        import asyncio
+
+        started.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return "done"
+
+    with aio_serving_in_thread("unix:aswcalc", svc, wire=wire) as srv:
+        _stream_wire_counts(runtime_dir, srv, wire, started, release)
+
+
+def test_a_stream_session_as_a_client_counts_its_own_answers() -> None:
+    """A client's session answers the peer's requests: it counts in its own
+    (private) counters, never in a server's."""
+    import socket
+
+    from buzon.rpc._msgpack import MsgpackRpcClient
+
+    ours, theirs = socket.socketpair()
+    svc = rpc.Service("calc")
+
+    @svc.method
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    class _Sock:
+        def read(self, timeout: float) -> bytes | None:
+            ours.settimeout(timeout)
+            try:
+                return ours.recv(65536)
+            except TimeoutError:
+                return None
+
+        def write(self, data: bytes) -> None:
+            ours.sendall(data)
+
+        def close(self) -> None:
+            ours.close()
+
+    import msgspec
+
+    session = MsgpackRpcClient(_Sock(), svc, 10)  # type: ignore[arg-type]
+    try:
+        theirs.sendall(msgspec.msgpack.encode([0, 1, "add", [1, 2]]))
+        theirs.settimeout(10)
+        assert msgspec.msgpack.decode(theirs.recv(100)) == [1, 1, None, 3]
+        theirs.sendall(msgspec.msgpack.encode([0, 2, "nope", []]))
+        assert msgspec.msgpack.decode(theirs.recv(100))[:2] == [1, 2]
+        assert session.errors == 1
+        # a response is counted just after it is sent: the peer may be first
+        _wait_for(lambda: session._pub.counters[_publish.CALLS] == 2, "2 calls served")
+    finally:
+        session.close()
+        theirs.close()

@@ -27,7 +27,6 @@ from ..errors import (
     DeadlineExceeded,
     EndOfChannel,
     RemoteError,
-    UnsupportedOperation,
 )
 from ..errors import Timeout as _Timeout
 from ..rpc import _wire as w
@@ -35,7 +34,7 @@ from ..rpc._completion import CompletionTable, is_transactional, open_table
 from ..rpc._context import _CURRENT, _DEADLINE, CallContext
 from ..rpc._publish import CALLS, ENDED, ERRORS, STARTED, Counter, Publication, publish_server
 from ..rpc._remote import _PLAIN, RELEASE, RefPeer
-from ..rpc._server import SEMANTICS, _once_key
+from ..rpc._server import _once_key, check_served_wire
 from ..rpc._service import Method, Service, as_service, handler_failure
 from ._channel import Channel
 from ._rpc_client import _UNENCODABLE, post_release, send_body
@@ -44,7 +43,6 @@ from ._server import Server as ChannelServer
 
 __all__ = ["Server", "serve"]
 
-WIRES = ("buzon", "jsonrpc", "msgpack-rpc")
 _monotonic = time.monotonic
 
 
@@ -351,16 +349,7 @@ class Server:
         table: str | os.PathLike[str] | CompletionTable | None = None,
         **options: Any,
     ) -> None:
-        if wire not in WIRES:
-            raise UnsupportedOperation(f"wire={wire!r}: buzon.aio.rpc speaks {', '.join(WIRES)}")
-        if semantics not in SEMANTICS:
-            raise UnsupportedOperation(
-                f"semantics={semantics!r}: this version offers {', '.join(SEMANTICS)}"
-            )
-        if wire != "buzon" and semantics != "at_most_once":
-            raise UnsupportedOperation(
-                f"wire={wire!r} is at-most-once: its messages carry no retry ids"
-            )
+        check_served_wire(wire, semantics)
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         from ..names import bind, listen_address
@@ -408,6 +397,8 @@ class Server:
     @property
     def in_flight(self) -> int:
         """Calls (and notifies) running now, over all connections."""
+        if self.wire != "buzon":  # their sessions count only in the counters
+            return self._pub.in_flight
         return sum(len(c.running) for c in list(self._connections))
 
     @property
@@ -432,12 +423,11 @@ class Server:
 
     async def _serve_stream(self, ch: Channel) -> None:
         session = open_stream_session(
-            self.wire, _ChannelStream(ch), self.service, None, self.max_in_flight
+            self.wire, _ChannelStream(ch), self.service, None, self.max_in_flight, self._pub
         )
         try:
             await session.wait_closed()
         finally:
-            self.errors += session.errors
             await session.aclose()
 
     async def serve_forever(self) -> None:

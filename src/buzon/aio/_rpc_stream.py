@@ -42,6 +42,7 @@ from ..rpc._msgpack import (
     _peer_error,
     object_end,
 )
+from ..rpc._publish import CALLS, ENDED, ERRORS, STARTED, Counter, Publication
 from ..rpc._service import Service, as_service, handler_failure
 from ._channel import Channel
 
@@ -119,9 +120,11 @@ class _ProcessStream(_Stream):
 
 class _Session:
     """What both asyncio stream sessions share: the stream, the reader task, the
-    calls waiting for responses, the peer's requests running, and the end."""
+    calls waiting for responses, the peer's requests running, the end, and the
+    counters (as the blocking sessions': ``pub``'s, a server's or, None, its own)."""
 
     _wire = ""
+    errors = Counter(ERRORS)  # malformed messages from the peer and error answers sent
 
     def __init__(
         self,
@@ -129,9 +132,11 @@ class _Session:
         handler: Service | object | None,
         timeout: float | None,
         max_in_flight: int = 64,
+        pub: Publication | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        self._pub = Publication() if pub is None else pub
         self._stream = stream
         self._service = None if handler is None else as_service(handler)
         self._timeout = timeout
@@ -143,7 +148,6 @@ class _Session:
         self._wlock = asyncio.Lock()
         self._closed = False
         self._broken: BuzonError | None = None
-        self.errors = 0  # malformed messages from the peer and error answers sent
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
@@ -230,6 +234,7 @@ class _Session:
         if track:
             self._running[msgid] = (ctx, asyncio.current_task())
         _CURRENT.set(ctx)  # this task's own context
+        self._pub.counters[STARTED] += 1
         try:
             if type(params) is dict:
                 return await entry.run_async([], params)
@@ -241,6 +246,7 @@ class _Session:
         except Exception as exc:
             raise handler_failure(entry.name, exc) from None
         finally:
+            self._pub.counters[ENDED] += 1  # read afresh: the server may have unmapped it
             if track:
                 self._running.pop(msgid, None)
 
@@ -320,8 +326,9 @@ class MsgpackRpcClient(_Session):
         handler: Service | object | None,
         timeout: float | None,
         max_in_flight: int = 64,
+        pub: Publication | None = None,
     ) -> None:
-        super().__init__(stream, handler, timeout, max_in_flight)
+        super().__init__(stream, handler, timeout, max_in_flight, pub)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder()
         self._buf = bytearray()
@@ -404,13 +411,15 @@ class MsgpackRpcClient(_Session):
         try:
             data = self._encoder.encode([RESPONSE, msgid, wire_error, result])
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+            self.errors += 1
             data = self._encoder.encode(
                 [RESPONSE, msgid, [RemoteError.INVALID_RESULT, f"cannot encode: {exc}"], None]
             )
         try:
             await self._write(data)
         except BuzonError:
-            pass  # the peer is gone; the reader reports it
+            return  # the peer is gone; the reader reports it
+        self._pub.counters[CALLS] += 1
 
     def __repr__(self) -> str:
         return f"<buzon.aio.rpc.MsgpackRpcClient in_flight={len(self._pending)}>"
@@ -434,20 +443,23 @@ class JsonRpcClient(_Session):
         handler: Service | object | None,
         timeout: float | None,
         max_in_flight: int = 64,
+        pub: Publication | None = None,
         *,
         max_message: int = codec.MAX_MESSAGE,
     ) -> None:
-        super().__init__(stream, handler, timeout, max_in_flight)
+        super().__init__(stream, handler, timeout, max_in_flight, pub)
         self._decoder = codec.FrameDecoder(max_message)
 
     async def _send(self, message: Any) -> None:
         await self._write(codec.encode_frame(_json.encode(message)))
 
     async def _send_safe(self, message: Any) -> None:
+        """Send a response (or a batch of them: each counts as a call served)."""
         try:
             await self._send(message)
         except (BuzonError, OSError):
-            pass  # the peer is gone; the reader reports it
+            return  # the peer is gone; the reader reports it
+        self._pub.counters[CALLS] += len(message) if type(message) is list else 1
 
     async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on the peer and await its result (positional arguments go
@@ -629,12 +641,13 @@ def open_stream_session(
     handler: Service | object | None,
     timeout: float | None,
     max_in_flight: int = 64,
+    pub: Publication | None = None,
 ) -> MsgpackRpcClient | JsonRpcClient:
-    """The session of ``wire`` on ``stream``."""
+    """The session of ``wire`` on ``stream``, counting in ``pub`` (None: its own)."""
     if wire == "jsonrpc":
-        return JsonRpcClient(stream, handler, timeout, max_in_flight)
+        return JsonRpcClient(stream, handler, timeout, max_in_flight, pub)
     if wire == "msgpack-rpc":
-        return MsgpackRpcClient(stream, handler, timeout, max_in_flight)
+        return MsgpackRpcClient(stream, handler, timeout, max_in_flight, pub)
     raise UnsupportedOperation(f"wire={wire!r}: the stream wires are msgpack-rpc and jsonrpc")
 
 

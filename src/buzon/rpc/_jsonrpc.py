@@ -4,7 +4,7 @@ One :class:`JsonRpcClient` is a session on one connection, in both roles at once
 calls the peer (``call``, ``notify``, ``call_batch``) and answers the peer's requests,
 notifications and batches through a :class:`~buzon.rpc.Service` (the same allowlist and
 type checks as every wire). A reader thread routes responses to the waiting calls and
-runs each request of the peer on a thread of its own (a batch: one thread, answered
+runs each request of the peer on a worker thread (a batch: one, answered
 with one array once all its requests are done), so a handler may call back into the
 peer while the reader goes on reading.
 
@@ -40,6 +40,7 @@ from ..errors import (
 from . import _jsonrpc_codec as codec
 from ._context import _CURRENT, _DEADLINE, CallContext
 from ._msgpack import _ChannelStream, _Stream, _StreamSession, _Waiting
+from ._publish import CALLS, ENDED, STARTED, Publication
 from ._service import Service, as_service, handler_failure
 
 __all__ = ["CANCEL_METHOD", "JsonRpcClient", "connect_jsonrpc"]
@@ -71,9 +72,9 @@ class JsonRpcClient(_StreamSession):
         *,
         max_message: int = codec.MAX_MESSAGE,
         max_in_flight: int = 64,
+        pub: Publication | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        self._init_answering(max_in_flight, pub)
         self._stream = stream
         self._service = None if handler is None else as_service(handler)
         self._timeout = timeout
@@ -81,13 +82,9 @@ class JsonRpcClient(_StreamSession):
         self._pending: dict[Any, _Waiting] = {}
         self._running: dict[Any, CallContext] = {}
         self._max_message = max_message
-        self._max_in_flight = max_in_flight
-        self._active = 0  # the peer's requests, notifications and batches running now
-        self._alock = threading.Lock()
         self._wlock = threading.Lock()
         self._closed = False
         self._broken: BuzonError | None = None
-        self.errors = 0
         self._reader = threading.Thread(target=self._read_loop, name="buzon-jsonrpc")
         self._reader.daemon = True
         self._reader.start()
@@ -255,37 +252,14 @@ class JsonRpcClient(_StreamSession):
                 self._on_response(obj)
             elif action == "cancel":
                 self._on_cancel(obj)
-            elif action == "batch":
-                if self._admit(None):
+            elif self._admit():  # a batch, a request or a notification
+                if action == "batch":
                     self._start(self._answer_batch, obj)
-            elif self._admit(obj.get("id") if action == "request" else _NO_ID):
-                self._start(self._answer_one, action, obj)
-
-    def _admit(self, msgid: Any) -> bool:
-        """Room for one more of the peer's requests? If not, it is refused (OVERLOADED;
-        ``msgid`` _NO_ID: a notification, dropped) and counted, and nothing runs."""
-        with self._alock:
-            if self._active < self._max_in_flight:
-                self._active += 1
-                return True
-        self.errors += 1
-        if msgid is not _NO_ID:
-            overloaded = RemoteError(
-                f"over {self._max_in_flight} requests in flight on this connection",
-                RemoteError.OVERLOADED,
-            )
-            self._send_safe(codec.error_response(msgid, overloaded))
-        return False
-
-    def _start(self, target: Callable[..., None], *args: Any) -> None:
-        def run() -> None:
-            try:
-                target(*args)
-            finally:
-                with self._alock:
-                    self._active -= 1
-
-        threading.Thread(target=run, name="buzon-jsonrpc-call", daemon=True).start()
+                else:
+                    self._start(self._answer_one, action, obj)
+            elif action != "notification":  # refused (a notification is dropped)
+                msgid = obj.get("id") if action == "request" else None
+                self._send_safe(codec.error_response(msgid, self._overloaded()))
 
     def _on_response(self, obj: dict[str, Any]) -> None:
         msgid = obj.get("id")
@@ -344,10 +318,14 @@ class JsonRpcClient(_StreamSession):
                     f"no method {method!r}: this end serves nothing", RemoteError.METHOD_NOT_FOUND
                 )
             entry = self._service.lookup(method)
-            if type(params) is dict:
-                result = entry.run([], params)
-            else:
-                result = entry.run(params or [], None)
+            self._pub.counters[STARTED] += 1
+            try:
+                if type(params) is dict:
+                    result = entry.run([], params)
+                else:
+                    result = entry.run(params or [], None)
+            finally:
+                self._pub.counters[ENDED] += 1
         except RemoteError as err:
             self.errors += 1
             return None if kind != "request" else codec.error_response(msgid, err)
@@ -367,17 +345,14 @@ class JsonRpcClient(_StreamSession):
         return reply
 
     def _send_safe(self, message: Any) -> None:
+        """Send a response (or a batch of them: each counts as a call served)."""
         try:
             self._send(message)
         except (BuzonError, OSError):
-            pass  # the peer is gone; the reader reports it
+            return  # the peer is gone; the reader reports it
+        self._pub.counters[CALLS] += len(message) if type(message) is list else 1
 
     # -- lifetime -------------------------------------------------------------------
-
-    def wait_closed(self, timeout: float | None = None) -> bool:
-        """Wait until the connection ends (True) or ``timeout`` passes (False)."""
-        self._reader.join(timeout)
-        return not self._reader.is_alive()
 
     def __repr__(self) -> str:
         return f"<buzon.rpc.JsonRpcClient in_flight={len(self._pending)}>"
@@ -436,13 +411,3 @@ def connect_jsonrpc(
 
     ch = connect(url, timeout, raw=True, **options)
     return JsonRpcClient(_ChannelStream(ch), handler, timeout)
-
-
-def serve_stream(ch: Any, service: Service) -> None:
-    """Answer JSON-RPC on the raw channel ``ch`` until the peer closes it (the
-    ``Server(..., wire="jsonrpc")`` per-client loop)."""
-    session = JsonRpcClient(_ChannelStream(ch), service, None)
-    try:
-        session.wait_closed()
-    finally:
-        session.close()

@@ -14,8 +14,8 @@ notification   ``[2, method, params]``               no response
 Both ends may send requests on the same connection at any time: while we wait for
 Neovim's answer to ``nvim_eval("rpcrequest(1, 'add', 2, 3)")``, Neovim asks us for
 ``add(2, 3)`` and waits for our answer first. Whoever reads routes responses to the
-waiting calls and runs the peer's requests on threads of their own (a request may call
-back into the peer while reading goes on).
+waiting calls and runs the peer's requests on worker threads (a request may call back
+into the peer while reading goes on; the workers wait for the next request a while).
 
 Who reads ("leader/followers", as the ``wire="buzon"`` client does): a calling thread
 reads the connection itself while no other thread does, so a call costs no thread
@@ -34,6 +34,7 @@ from __future__ import annotations
 import abc
 import itertools
 import os
+import queue
 import struct
 import subprocess
 import threading
@@ -55,7 +56,8 @@ from ..errors import (
     Timeout,
 )
 from ._context import _DEADLINE
-from ._service import Service, as_service
+from ._publish import CALLS, ENDED, ERRORS, STARTED, Counter, Publication
+from ._service import Service, as_service, handler_failure
 
 if TYPE_CHECKING:
     from ._jsonrpc import JsonRpcClient
@@ -252,12 +254,80 @@ class _Waiting:
 
 
 class _StreamSession:
-    """What both stream-wire sessions share: the stream, the reader thread, and their
-    end (``close``, the context manager)."""
+    """What both stream-wire sessions share: the stream, the reader thread, their end
+    (``close``, the context manager), and their counters.
+
+    The counters are a :class:`~buzon.rpc._publish.Publication`'s: a served session's
+    are its server's (published for ``buzon ls``), a client's its own. ``errors``
+    (malformed messages and error answers) is one of them; the peer's requests add to
+    calls started and ended around their handler, each response sent to calls served.
+    """
 
     _stream: _Stream
     _reader: threading.Thread
     _closed: bool
+    _pub: Publication
+    errors = Counter(ERRORS)
+    _WORKER_IDLE = 2.0  # a worker thread with nothing to run for this long ends
+
+    def _init_answering(self, max_in_flight: int, pub: Publication | None) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._pub = Publication() if pub is None else pub  # errors, calls: counted there
+        self._max_in_flight = max_in_flight
+        self._answering = 0  # the peer's requests (notifications, batches) running now
+        self._alock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._idle = 0  # worker threads waiting for a job, less the jobs queued
+
+    def _admit(self) -> bool:
+        """Room for one more of the peer's requests (at most ``max_in_flight`` run at
+        once)? If not, it is counted in ``errors`` and must not run: the caller
+        refuses it with :meth:`_overloaded` (a notification is dropped)."""
+        with self._alock:
+            if self._answering < self._max_in_flight:
+                self._answering += 1
+                return True
+        self.errors += 1
+        return False
+
+    def _overloaded(self) -> RemoteError:
+        return RemoteError(
+            f"over {self._max_in_flight} requests in flight on this connection",
+            RemoteError.OVERLOADED,
+        )
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        """Run an admitted request on a worker thread (never the reader: a handler
+        may call the peer back while reading goes on): an idle worker of this session
+        if there is one, else a new one. Workers stay ``_WORKER_IDLE`` seconds for
+        the next request (no thread started per request), at most ``max_in_flight``."""
+        with self._alock:
+            self._jobs.put((target, args))
+            if self._idle:
+                self._idle -= 1  # a waiting worker takes it
+                return
+        threading.Thread(target=self._work, name="buzon-rpc-stream-call", daemon=True).start()
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            try:
+                target, args = jobs.get(timeout=self._WORKER_IDLE)
+            except queue.Empty:
+                with self._alock:
+                    if jobs.empty():  # nothing claimed this worker: it ends
+                        self._idle -= 1
+                        return
+                continue  # a job came as the wait ended: it is this worker's
+            try:
+                target(*args)
+            finally:
+                with self._alock:
+                    self._answering -= 1
+                    self._idle += 1
 
     def close(self) -> None:
         """End the session (a child process is waited for, then killed if it lingers)."""
@@ -265,6 +335,11 @@ class _StreamSession:
         self._stream.close()
         if self._reader is not threading.current_thread():
             self._reader.join(5)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until the connection ends (True) or ``timeout`` passes (False)."""
+        self._reader.join(timeout)
+        return not self._reader.is_alive()
 
     def __enter__(self) -> Self:
         return self
@@ -285,8 +360,15 @@ class MsgpackRpcClient(_StreamSession):
     """
 
     def __init__(
-        self, stream: _Stream, handler: Service | object | None, timeout: float | None
+        self,
+        stream: _Stream,
+        handler: Service | object | None,
+        timeout: float | None,
+        *,
+        max_in_flight: int = 64,
+        pub: Publication | None = None,
     ) -> None:
+        self._init_answering(max_in_flight, pub)
         self._stream = stream
         self._service = None if handler is None else as_service(handler)
         self._timeout = timeout
@@ -297,7 +379,6 @@ class MsgpackRpcClient(_StreamSession):
         self._wlock = threading.Lock()
         self._closed = False
         self._broken: BuzonError | None = None
-        self.errors = 0  # malformed messages and refused requests from the peer
         # the reading role (one thread at a time) and the bytes read but not yet parsed
         self._cv = threading.Condition(threading.Lock())
         self._reading = False
@@ -476,11 +557,13 @@ class MsgpackRpcClient(_StreamSession):
                 waiting.result = msg[3]
             waiting.event.set()
         elif kind == REQUEST and len(msg) == 4 and type(msg[1]) is int:
-            threading.Thread(
-                target=self._answer, args=(msg[1], msg[2], msg[3]), daemon=True
-            ).start()
+            if self._admit():
+                self._start(self._answer, msg[1], msg[2], msg[3])
+            else:
+                self._respond(msg[1], self._overloaded(), None)
         elif kind == NOTIFICATION and len(msg) == 3:
-            threading.Thread(target=self._answer, args=(None, msg[1], msg[2]), daemon=True).start()
+            if self._admit():  # else dropped (counted)
+                self._start(self._answer, None, msg[1], msg[2])
         else:
             self.errors += 1
             if kind == REQUEST and len(msg) >= 2 and type(msg[1]) is int:
@@ -498,16 +581,15 @@ class MsgpackRpcClient(_StreamSession):
             entry = self._service.lookup(method)
             if type(params) is not list:
                 raise RemoteError(f"{method}: params must be an array", RemoteError.INVALID_PARAMS)
+            self._pub.counters[STARTED] += 1
             try:
                 result = entry.run(params, None)
             except RemoteError:
                 raise
             except Exception as exc:
-                raise RemoteError(
-                    f"{method} raised {type(exc).__name__}: {exc}",
-                    RemoteError.SERVER_ERROR,
-                    {"type": type(exc).__name__},
-                ) from None
+                raise handler_failure(method, exc) from None
+            finally:
+                self._pub.counters[ENDED] += 1
             error = None
         except RemoteError as err:
             self.errors += 1
@@ -518,11 +600,13 @@ class MsgpackRpcClient(_StreamSession):
     def _respond(self, msgid: int, error: RemoteError | None, result: Any) -> None:
         wire_error = None if error is None else error.message
         try:
-            self._send([RESPONSE, msgid, wire_error, result])
-        except (TypeError, ValueError, msgspec.EncodeError) as exc:
-            self._send(
-                [RESPONSE, msgid, [RemoteError.INVALID_RESULT, f"cannot encode: {exc}"], None]
-            )
+            try:
+                self._send([RESPONSE, msgid, wire_error, result])
+            except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+                self.errors += 1
+                unencodable = [RemoteError.INVALID_RESULT, f"cannot encode: {exc}"]
+                self._send([RESPONSE, msgid, unencodable, None])
+            self._pub.counters[CALLS] += 1
         except BuzonError:
             pass  # the peer is gone; the reader reports it
 
@@ -585,11 +669,39 @@ def connect_process(
     proc = subprocess.Popen(
         list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
+    return open_session(wire, _ProcessStream(proc), handler, timeout)
+
+
+def open_session(
+    wire: str,
+    stream: _Stream,
+    handler: Service | object | None,
+    timeout: float | None,
+    max_in_flight: int = 64,
+    pub: Publication | None = None,
+) -> MsgpackRpcClient | JsonRpcClient:
+    """The session of ``wire`` (``"msgpack-rpc"`` or ``"jsonrpc"``) on ``stream``,
+    running at most ``max_in_flight`` of the peer's requests at once, counting in
+    ``pub`` (None: counters of its own)."""
     if wire == "jsonrpc":
         from ._jsonrpc import JsonRpcClient
 
-        return JsonRpcClient(_ProcessStream(proc), handler, timeout)
-    return MsgpackRpcClient(_ProcessStream(proc), handler, timeout)
+        return JsonRpcClient(stream, handler, timeout, max_in_flight=max_in_flight, pub=pub)
+    return MsgpackRpcClient(stream, handler, timeout, max_in_flight=max_in_flight, pub=pub)
+
+
+def serve_stream(
+    wire: str, ch: Any, service: Service, max_in_flight: int, pub: Publication
+) -> None:
+    """Answer the peer on the raw channel ``ch`` in ``wire``'s session until the peer
+    closes it, or sends what ends the session (the per-client loop of
+    ``buzon.rpc.Server(..., wire="msgpack-rpc" | "jsonrpc")``), counting in the
+    server's ``pub``."""
+    session = open_session(wire, _ChannelStream(ch), service, None, max_in_flight, pub)
+    try:
+        session.wait_closed()
+    finally:
+        session.close()
 
 
 def connect_msgpack(

@@ -83,6 +83,12 @@ class Publication:
         self._map: mmap.mmap | None = None
         self.path: str | None = None
 
+    @property
+    def in_flight(self) -> int:
+        """Calls started and not yet ended (by every process adding to the counters)."""
+        counters = self.counters
+        return max(0, counters[STARTED] - counters[ENDED])
+
     def publish(self, meta: dict[str, Any], rdir: str | None = None) -> None:
         """Make the file, mapped and locked; the counters so far are carried over."""
         if rdir is None:

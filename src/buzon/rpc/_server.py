@@ -40,7 +40,7 @@ from ._service import Method, Service, as_service
 
 __all__ = ["CompletionTable", "Server", "serve"]  # CompletionTable: see _completion
 
-WIRES = ("buzon", "jsonrpc")
+WIRES = ("buzon", "jsonrpc", "msgpack-rpc")
 SEMANTICS = ("at_most_once", "at_least_once", "exactly_once")
 
 
@@ -56,6 +56,16 @@ def _check(wire: str, semantics: str) -> None:
     if semantics not in SEMANTICS:
         raise UnsupportedOperation(
             f"semantics={semantics!r}: this version offers {', '.join(SEMANTICS)}"
+        )
+
+
+def check_served_wire(wire: str, semantics: str) -> None:
+    """What a server (blocking or asyncio) refuses: an unknown wire or semantics, and
+    retrying semantics on a stream wire (its messages carry no retry ids)."""
+    _check(wire, semantics)
+    if wire != "buzon" and semantics != "at_most_once":
+        raise UnsupportedOperation(
+            f"wire={wire!r} is at-most-once: its messages carry no retry ids"
         )
 
 
@@ -453,9 +463,12 @@ class Server:
     ``service`` is a :class:`Service` or an object whose methods carry
     ``@buzon.rpc.expose``. ``mode``: ``"thread"`` (a thread per client; a client's
     calls run inline, and concurrently on up to ``max_in_flight`` threads when some
-    are slow) or ``"process"`` (a forked process per client). ``wire``: ``"buzon"``, or
-    ``"jsonrpc"`` (JSON-RPC 2.0 with ``Content-Length`` framing on a raw stream;
-    at-most-once; the counters stay 0 for it).
+    are slow) or ``"process"`` (a forked process per client). ``wire``: ``"buzon"``,
+    ``"jsonrpc"`` (JSON-RPC 2.0 with ``Content-Length`` framing on a raw stream) or
+    ``"msgpack-rpc"`` (the msgpack-rpc spec, as Neovim speaks it): on these two a
+    session per connection answers requests (at-most-once; at most ``max_in_flight``
+    at once, more are refused with OVERLOADED; a malformed stream ends only its own
+    connection) and adds to the counters below.
     ``semantics`` is the client's choice (see :func:`connect`); whatever it says here,
     the server keeps a completion table (``.table``) for the calls that ask for
     exactly-once. ``table``: where it lives: None (the default) in this process's
@@ -504,7 +517,7 @@ class Server:
             raise UnsupportedOperation(
                 "mode='async': use buzon.aio.rpc.Server (or buzon.rpc.serve(..., mode='async'))"
             )
-        _check(wire, semantics)
+        check_served_wire(wire, semantics)
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         from ..names import listen_address
@@ -526,13 +539,9 @@ class Server:
         self._monitor_obj: _Monitor | None = None
         self.table, self._own_table = open_table(table)
         try:
-            if wire == "jsonrpc":
-                if semantics != "at_most_once":
-                    raise UnsupportedOperation(
-                        "wire='jsonrpc' is at-most-once: JSON-RPC carries no retry ids"
-                    )
+            if wire != "buzon":  # a stream wire: a session per connection, on raw bytes
                 self._server = ChannelServer(
-                    url, self._serve_jsonrpc, mode=mode, raw=True, **options
+                    url, self._serve_stream, mode=mode, raw=True, **options
                 )
             else:
                 # the handshake says which start of the server this is, and whether its
@@ -570,7 +579,10 @@ class Server:
 
     @property
     def in_flight(self) -> int:
-        """Calls (and notifies) running now, over all connections of this process."""
+        """Calls (and notifies) running now, over all connections of this process
+        (``wire="jsonrpc"``/``"msgpack-rpc"``: of the whole server, from its counters)."""
+        if self.wire != "buzon":  # their sessions count only in the counters
+            return self._pub.in_flight
         return sum(len(c.running) for c in list(self._connections))
 
     @property
@@ -601,10 +613,10 @@ class Server:
         finally:
             self._connections.discard(conn)
 
-    def _serve_jsonrpc(self, ch: Channel) -> None:
-        from ._jsonrpc import serve_stream
+    def _serve_stream(self, ch: Channel) -> None:
+        from ._msgpack import serve_stream
 
-        serve_stream(ch, self.service)
+        serve_stream(self.wire, ch, self.service, self.max_in_flight, self._pub)
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown`."""
