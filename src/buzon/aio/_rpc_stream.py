@@ -118,7 +118,7 @@ class _ProcessStream(_Stream):
             await asyncio.wait_for(proc.wait(), 5)
 
 
-class _Session:
+class _Session(abc.ABC):
     """What both asyncio stream sessions share: the stream, the reader task, the
     calls waiting for responses, the peer's requests running, the end, and the
     counters (as the blocking sessions': ``pub``'s, a server's or, None, its own)."""
@@ -160,9 +160,9 @@ class _Session:
         stub.__name__ = name
         return stub
 
+    @abc.abstractmethod
     async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on the peer and await its result (each wire defines it)."""
-        raise NotImplementedError  # pragma: no cover - both wires define it
 
     def _deadline(self) -> float | None:
         at = _DEADLINE.get()
@@ -282,8 +282,9 @@ class _Session:
             if task is not None:
                 task.cancel()
 
+    @abc.abstractmethod
     def _feed(self, data: bytes) -> None:
-        raise NotImplementedError  # pragma: no cover - both wires define it
+        """Take bytes read from the stream (each wire parses its own messages)."""
 
     async def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until the connection ends (True) or ``timeout`` passes (False)."""

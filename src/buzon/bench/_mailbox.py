@@ -33,6 +33,7 @@ give "not installed" rows (``make bench`` installs faster-fifo).
 
 from __future__ import annotations
 
+import abc
 import collections
 import functools
 import multiprocessing
@@ -130,20 +131,22 @@ class _MailboxReceipts(_Mailbox):
 # --- 4 x 4, a dict of three fields ----------------------------------------------------------
 
 
-class _ObjQueue:
+class _ObjQueue(abc.ABC):
     """``put(obj)``/``get()`` of Python objects; ``attach()`` in a child, ``finish()``."""
 
-    def attach(self) -> None:
-        pass
+    def attach(self) -> None:  # noqa: B027 - optional hook
+        """In the child that uses it (most queues need nothing)."""
 
+    @abc.abstractmethod
     def put(self, obj: Any) -> None:
-        raise NotImplementedError
+        """Put one object (waiting for room)."""
 
+    @abc.abstractmethod
     def get(self) -> Any:
-        raise NotImplementedError
+        """Take one object (waiting for one)."""
 
-    def finish(self) -> None:
-        pass
+    def finish(self) -> None:  # noqa: B027 - optional hook
+        """After the last use in a process (most queues need nothing)."""
 
 
 class _MailboxObj(_ObjQueue):
