@@ -63,6 +63,15 @@ def _decode(stream: bytes, cuts: list[int], read_size: int, use_c: bool) -> Iter
         frames._plain_run = saved
 
 
+def test_a_read_that_ends_one_byte_into_a_header_at_the_buffer_s_end() -> None:
+    """The C run leaves one byte of the next header at the very end of the read buffer:
+    the decoder looked at the byte after it (is it a CREDIT?), past the buffer
+    (IndexError; found by hypothesis under ``make sanitize``)."""
+    parts = [b"\x00", b"\x00", b"\x00" * 3, b"\x00" * 7, b"\x00" * 11, b""]
+    stream = b"".join(_plain(0, p) for p in parts)
+    assert list(_decode(stream, [], 64, True)) == list(_decode(stream, [], 64, False))
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(_frame, max_size=12),

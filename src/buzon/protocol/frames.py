@@ -645,7 +645,7 @@ class FrameDecoder:
             if start == end:
                 self._start = self._end = 0
                 return
-            if self._buf[start + 1] == 6:  # CREDITs (a rendezvous, receipts) lead: take them
+            if end - start > 1 and self._buf[start + 1] == 6:  # CREDITs lead: take them
                 start = self._credits(start, end)
                 if start < end:
                     start = self._start = _plain_run(
