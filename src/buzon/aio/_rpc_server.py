@@ -30,12 +30,12 @@ from ..errors import (
 )
 from ..errors import Timeout as _Timeout
 from ..rpc import _wire as w
-from ..rpc._completion import CompletionTable, is_transactional, open_table
+from ..rpc._completion import CompletionTable, is_transactional
 from ..rpc._context import _CURRENT, _DEADLINE, CallContext
-from ..rpc._publish import CALLS, ENDED, ERRORS, STARTED, Counter, Publication, publish_server
+from ..rpc._publish import ENDED, STARTED, publish_server
 from ..rpc._remote import _PLAIN, RELEASE, RefPeer
-from ..rpc._server import _once_key, check_served_wire
-from ..rpc._service import Method, Service, as_service, handler_failure
+from ..rpc._server import ServedIdentity, _once_key
+from ..rpc._service import Method, Service, handler_failure
 from ._channel import Channel
 from ._rpc_client import _UNENCODABLE, post_release, send_body
 from ._rpc_stream import _ChannelStream, open_stream_session
@@ -311,7 +311,7 @@ class _Connection(RefPeer):
             pass
 
 
-class Server:
+class Server(ServedIdentity):
     """An asyncio RPC server (``buzon.aio.rpc.Server``), the twin of
     :class:`buzon.rpc.Server`: ``await srv.serve_forever()``, ``srv.shutdown()``.
 
@@ -333,9 +333,6 @@ class Server:
     server's); ``in_flight`` and ``references`` (remote objects clients hold now).
     """
 
-    calls = Counter(CALLS)
-    errors = Counter(ERRORS)
-
     def __init__(
         self,
         url: str,
@@ -349,40 +346,24 @@ class Server:
         table: str | os.PathLike[str] | CompletionTable | None = None,
         **options: Any,
     ) -> None:
-        check_served_wire(wire, semantics)
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        from ..names import bind, listen_address
-
-        addr, name = listen_address(url, name)
-        self.service = as_service(service)
-        self.name = name
-        self.instance = os.urandom(16).hex()  # this start's id (restart detection)
-        self.wire = wire
-        self.semantics = semantics
-        self.max_in_flight = max_in_flight
-        self.reply_timeout = reply_timeout
-        self._pub = Publication()  # calls and errors live in it (buzon ls reads them)
+        addr = self._init_identity(
+            url, service, wire, semantics, name, table, max_in_flight, reply_timeout
+        )
         self._connections: set[_Connection] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
-        self.table, self._own_table = open_table(table)
         try:
             if wire == "buzon":
-                # the handshake names this start and whether its table outlives it,
-                # as the blocking server's does (restart detection at a fixed address)
-                hello = {"rpc": {"instance": self.instance, "durable": self.table.durable}}
-                self._server = ChannelServer(str(addr), self._serve_client, hello=hello, **options)
+                self._server = ChannelServer(
+                    str(addr), self._serve_client, hello=self._hello(), **options
+                )
             else:
                 self._server = ChannelServer(str(addr), self._serve_stream, raw=True, **options)
-            if name is not None:
-                metadata = {
-                    "service": self.service.name,
-                    "wire": wire,
-                    "semantics": semantics,
-                    "instance": self.instance,
-                }
-                bind(self._server._listener, name, metadata)  # closes the listener if refused
+            if self.name is not None:
+                from ..names import bind
+
+                # closes the listener if refused
+                bind(self._server._listener, self.name, self._metadata())
         except BaseException:
             if self._own_table:
                 self.table.close()

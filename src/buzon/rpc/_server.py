@@ -69,6 +69,60 @@ def check_served_wire(wire: str, semantics: str) -> None:
         )
 
 
+class ServedIdentity:
+    """What the blocking and asyncio RPC servers share about themselves: the checked
+    wire and semantics, the bound name, a fresh instance id per start, the completion
+    table, the published counters (``calls``, ``errors``), the handshake's HELLO entry
+    and the name's metadata (written once here, for both)."""
+
+    calls = Counter(CALLS)
+    errors = Counter(ERRORS)
+
+    def _init_identity(
+        self,
+        url: Any,
+        service: Service | object,
+        wire: str,
+        semantics: str,
+        name: str | None,
+        table: Any,
+        max_in_flight: int,
+        reply_timeout: float | None,
+    ) -> Any:
+        """Check and keep the server's settings; returns the address to bind."""
+        check_served_wire(wire, semantics)
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        from ..names import listen_address
+
+        addr, name = listen_address(url, name)
+        self.service = as_service(service)
+        self.name = name
+        self.instance = os.urandom(16).hex()  # this start's id (restart detection)
+        self.wire = wire
+        self.semantics = semantics
+        self.max_in_flight = max_in_flight
+        self.reply_timeout = reply_timeout
+        self._pub = Publication()  # calls and errors live in it (buzon ls reads them)
+        self.table, self._own_table = open_table(table)
+        return addr
+
+    def _hello(self) -> dict[str, Any]:
+        """The HELLO entry of every connection: which start of the server this is and
+        whether its completion table outlives it (a client at a fixed address tells a
+        restarted server apart: buzon.errors.ServerRestarted)."""
+        return {"rpc": {"instance": self.instance, "durable": self.table.durable}}
+
+    def _metadata(self) -> dict[str, Any]:
+        """What the server's name registration says of it."""
+        return {
+            "service": self.service.name,
+            "wire": self.wire,
+            "semantics": self.semantics,
+            "instance": self.instance,
+        }
+
+
 def _once_key(value: Any) -> tuple[bytes, int, int]:
     """An exactly-once request's ``[client id, sequence number, acknowledged]``."""
     if (
@@ -452,7 +506,7 @@ class _Connection(RefPeer):
             pass
 
 
-class Server:
+class Server(ServedIdentity):
     """An RPC server object (``buzon.rpc.Server``), like :class:`buzon.Server`::
 
         srv = buzon.rpc.Server("unix:calc", svc)
@@ -496,9 +550,6 @@ class Server:
     ``in_flight`` property counts this process's calls (``buzon ls`` shows all).
     """
 
-    calls = Counter(CALLS)
-    errors = Counter(ERRORS)
-
     def __init__(
         self,
         url: str,
@@ -517,42 +568,25 @@ class Server:
             raise UnsupportedOperation(
                 "mode='async': use buzon.aio.rpc.Server (or buzon.rpc.serve(..., mode='async'))"
             )
-        check_served_wire(wire, semantics)
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        from ..names import listen_address
-
-        addr, name = listen_address(url, name)
-        url = str(addr)
-        self.service = as_service(service)
-        self.name = name
-        self.instance = os.urandom(16).hex()  # this start's id (restart detection)
-        self.wire = wire
-        self.semantics = semantics
-        self.max_in_flight = max_in_flight
-        self.reply_timeout = reply_timeout
-        self._pub = Publication()  # calls and errors live in it (buzon ls reads them)
-        self.calls = 0
-        self.errors = 0
+        url = str(
+            self._init_identity(
+                url, service, wire, semantics, name, table, max_in_flight, reply_timeout
+            )
+        )
         self._connections: set[_Connection] = set()
         self._monitor_lock = threading.Lock()
         self._monitor_obj: _Monitor | None = None
-        self.table, self._own_table = open_table(table)
         try:
             if wire != "buzon":  # a stream wire: a session per connection, on raw bytes
                 self._server = ChannelServer(
                     url, self._serve_stream, mode=mode, raw=True, **options
                 )
             else:
-                # the handshake says which start of the server this is, and whether its
-                # completion table outlives it: a client at a fixed address tells a
-                # restarted server apart (buzon.errors.ServerRestarted)
-                hello = {"rpc": {"instance": self.instance, "durable": self.table.durable}}
                 self._server = ChannelServer(
-                    url, self._serve_client, mode=mode, hello=hello, **options
+                    url, self._serve_client, mode=mode, hello=self._hello(), **options
                 )
-            if name is not None:
-                self._register(name)
+            if self.name is not None:
+                self._register(self.name)
         except BaseException:
             if self._own_table:
                 self.table.close()
@@ -563,15 +597,9 @@ class Server:
         """Register the bound address under ``name``; on failure nothing stays bound."""
         from ..names import bind
 
-        metadata = {
-            "service": self.service.name,
-            "wire": self.wire,
-            "semantics": self.semantics,
-            "instance": self.instance,
-        }
         server = self._server
         try:
-            bind(server._listener, name, metadata)  # closes the listener if refused
+            bind(server._listener, name, self._metadata())  # closes the listener if refused
         except BaseException:
             os.close(server._wake_r)
             os.close(server._wake_w)
