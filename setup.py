@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 # calls between units need no PLT indirection.
 CORE_UNITS = [
     f"src/buzon/_core_{unit}.c"
-    for unit in ("ring", "glue", "ring_type", "loan", "block", "admin")
+    for unit in ("ring", "glue", "ring_type", "loan", "block", "admin", "rv")
 ]
 
 setup(

@@ -372,6 +372,9 @@ class ChannelCore:
         self._rv_reply = True  # request/response seen: a send spins for the reply
         self._rv_after_send = False
         self._local_order = transport.properties.local and not transport.delivery_acks
+        # capacity=0 kept by the transport's rings (shm:): no CREDIT frames, a send
+        # waits for its record's take (buzon._ring_rv); None elsewhere
+        self.rv_ring: Any = None
         # simplex links keep credits in a token pool (transport/_tokens.py)
         self.tokens: TokenPool | None = transport.tokens
         self.taking = False  # takes must be reported (credits, receipts or tokens)
@@ -423,7 +426,7 @@ class ChannelCore:
         # the largest body a ring record carries as one plain DATA frame
         self.ring_body_limit = 0 if ops is None else min(self.max_frame, ops.max_record) - 8
         plain = ops is not None and not self.closed and self._plain and not self.unbounded
-        if plain and ops is not None and self.sflow is None and self._can_send:
+        if plain and ops is not None and self.sflow is None and self._can_send and self.rv_ring is None:
             self.fast_send: Callable[[Buffer, int], bool] | None = ops.send_frame
             self.fast_send_frames: Callable[[Sequence[object], int, int], int] | None = (
                 ops.send_frames
@@ -433,6 +436,12 @@ class ChannelCore:
         else:
             self.fast_send = self.fast_send_frames = None
             self.fast_limit = self.fast_bytes_limit = 0
+        # a rendezvous send on the rings puts with the same C call, then waits (_ring_rv)
+        if plain and ops is not None and self.rv_ring is not None and self._can_send:
+            self.rv_frame_limit = min(self._small + 8, ops.max_record)  # an encoded frame
+            self.rv_body_limit = min(self.max_frame, ops.max_record) - 8  # a body
+        else:
+            self.rv_frame_limit = self.rv_body_limit = -1
         if plain and ops is not None and not self.taking:
             self.fast_recv: Callable[[int], tuple[int, bytes] | None] | None = ops.recv_frame
             self.fast_spin: Callable[[float], bool] | None = ops.spin
@@ -537,6 +546,10 @@ class ChannelCore:
         if capacity == DEFAULT_CAPACITY:
             return
         self.check_flow(f"capacity={capacity}")
+        if capacity == 0 and self.transport.ring_rendezvous:
+            self.rv_ring = self.transport.start_rendezvous()  # no credits: the rings' own
+            self._fast_paths()
+            return
         self.sflow = SendFlow(capacity)
         self.rflow = RecvFlow(capacity)
         self.taking = True
@@ -1179,6 +1192,10 @@ class ChannelCore:
     def before_wait(self, offer: bool = True) -> None:
         """The receiver is about to wait (``offer``) or found nothing: announce what
         the sender needs to know (a rendezvous offer, credit owed, receipts due)."""
+        if self.rv_ring is not None:  # the rings announce a wait themselves (shm:)
+            if not offer and not self.closed:
+                self.rv_ring.stop_waiting()  # found nothing and does not wait
+            return
         if self.tokens is not None:
             if offer and not self.closed:
                 self.tokens.offer()
@@ -1195,6 +1212,10 @@ class ChannelCore:
 
     def wait_ended(self) -> None:
         """A receive gave up without a message: withdraw a rendezvous offer."""
+        if self.rv_ring is not None:  # the rings' receiver-waiting word (shm:)
+            if not self.closed:
+                self.rv_ring.stop_waiting()
+            return
         if self.tokens is not None:
             if not self.closed:
                 self.tokens.withdraw()
@@ -1842,6 +1863,8 @@ class ChannelCore:
         if decoder is not None and decoder.frames:
             return True
         try:
+            if self.rv_ring is not None:  # capacity=0 on rings: looking must not take
+                return bool(self.rv_ring.incoming() or self.rv_ring.peer_gone())
             if self.raw and not self.message_oriented:
                 data = self.poll_raw()
                 if data is None:

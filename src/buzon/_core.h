@@ -93,7 +93,8 @@
 #define BLOCK_MAGIC 0x4b4c42204e5a5542ULL /* "BUZN BLK" little-endian */
 #define META_OFFSET 3072u /* Block: caller's metadata at [3072, 4096) of the header page */
 #define META_SIZE (HEADER_SIZE - META_OFFSET)
-#define VERSION 1u
+#define VERSION 1u      /* blocks */
+#define RING_VERSION 2u /* rings: 2 added the ring-level rendezvous (_core_rv.c) */
 #define HEADER_SIZE 4096u
 #define MAX_SLOTS 128u
 #define MIN_CAPACITY 4096ULL
@@ -141,7 +142,8 @@ typedef struct {
     /* 320 */ _Atomic uint32_t data_seq;
     _Atomic uint32_t data_waiters;
     _Atomic uint32_t data_armed;
-    uint8_t pad5[52];
+    _Atomic uint32_t rv_waiting; /* rendezvous: a receiver began to wait, took nothing since */
+    uint8_t pad5[48];
     /* 384 */ _Atomic uint32_t space_seq;
     _Atomic uint32_t space_waiters;
     _Atomic uint32_t space_armed;
@@ -164,6 +166,7 @@ _Static_assert(offsetof(header_t, rd) == 128, "layout");
 _Static_assert(offsetof(header_t, tail) == 192, "layout");
 _Static_assert(offsetof(header_t, rlock) == 256, "layout");
 _Static_assert(offsetof(header_t, data_seq) == 320, "layout");
+_Static_assert(offsetof(header_t, rv_waiting) == 332, "layout");
 _Static_assert(offsetof(header_t, space_seq) == 384, "layout");
 _Static_assert(offsetof(header_t, closed) == 448, "layout");
 _Static_assert(offsetof(header_t, limit) == 480, "layout");
@@ -229,6 +232,8 @@ typedef struct {
     int busy;           /* operations that released the GIL and are not back yet */
     _Atomic int closing; /* close() was called while busy: the last one out unmaps */
     unsigned long lock_thread; /* Block: the thread that took the lock through us (GIL) */
+    uint64_t last_pos;  /* where the last record this object reserved starts (a ticket) */
+    int rv;             /* rendezvous mode: waiting receives raise rv_waiting (_core_rv.c) */
 } Ring;
 
 extern PyTypeObject RingType, BlockType, LoanType;
@@ -309,6 +314,27 @@ void fill(rec_t *rec, const part_t *parts, int nparts, uint32_t len);
 void commit(Ring *r, rec_t *rec);
 int claim(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok);
 int release_rec(Ring *r, rec_t *rec);
+int skip_dead(Ring *r);
+
+/* ---- the ring-level rendezvous (_core_rv.c) -------------------------------------- */
+
+/* Ring methods, listed in _core_ring_type.c's table. */
+PyObject *ring_last_put(Ring *r, PyObject *a);
+PyObject *ring_rv_state(Ring *r, PyObject *arg);
+PyObject *ring_rv_withdraw(Ring *r, PyObject *arg);
+PyObject *ring_rv_arm(Ring *r, PyObject *arg);
+PyObject *ring_rv_wait(Ring *r, PyObject *args, PyObject *kw);
+PyObject *ring_set_rendezvous(Ring *r, PyObject *a);
+PyObject *ring_receiver_waiting(Ring *r, PyObject *a);
+PyObject *ring_stop_waiting(Ring *r, PyObject *a);
+/* a waiting receive on a rendezvous ring says so (spin_wait, arm_data) */
+static inline void
+rv_mark_waiting(Ring *r)
+{
+    if (r->rv && !atomic_load_explicit(&r->h->rv_waiting, memory_order_relaxed)) {
+        atomic_store(&r->h->rv_waiting, 1);
+    }
+}
 
 /* ---- Python glue shared by every object (_core_glue.c) -------------------------- */
 

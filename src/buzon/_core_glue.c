@@ -432,8 +432,13 @@ validate(const header_t *h, uint64_t file_size)
     if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != MAGIC) {
         return "bad magic (not a buzon ring, or not initialised yet)";
     }
-    if (h->version != VERSION) {
-        return "unknown version";
+    if (h->version != RING_VERSION) {
+        if (h->version == 1) {
+            return "ring format 1, made by an older buzon (this one reads format 2, which "
+                   "added the ring-level rendezvous): use the same buzon version at both "
+                   "ends, or remove the old segment (buzon clean)";
+        }
+        return "unknown ring format version";
     }
     if (h->header_size != HEADER_SIZE) {
         return "bad header size";

@@ -278,7 +278,7 @@ advance_tail(Ring *r)
 /* Move rd past records that carry no message (ABANDONED, or RESERVED by a dead
  * producer), so that a producer facing a full ring does not need a consumer to reclaim
  * their space. Returns RC_OK or RC_CORRUPT. */
-static int
+int
 skip_dead(Ring *r)
 {
     header_t *h = r->h;
@@ -380,6 +380,7 @@ reserve(Ring *r, uint32_t len, uint32_t flags, int64_t deadline, rec_t **out)
             fault(F_RESERVED);
             rlock_release(r);
             fault(F_UNLOCKED);
+            r->last_pos = head;
             *out = rec;
             return RC_OK;
         }
@@ -517,6 +518,9 @@ claim_impl(Ring *r, int64_t deadline, rec_t **out, uint32_t *lenp, int *spun_ok)
                 uint64_t want = K_READING | (st & LAP_MASK) | ((uint64_t)r->token << 32);
                 if (atomic_compare_exchange_strong(&rec->state, &st, want)) {
                     fault(F_CLAIMED);
+                    if (atomic_load_explicit(&h->rv_waiting, memory_order_relaxed)) {
+                        atomic_store_explicit(&h->rv_waiting, 0, memory_order_relaxed);
+                    }
                     uint64_t exp = d;
                     atomic_compare_exchange_strong(&h->rd, &exp, d + size);
                     *out = rec;

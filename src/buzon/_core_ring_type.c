@@ -247,6 +247,7 @@ ring_create(PyTypeObject *type, PyObject *args, PyObject *kw)
     clock_gettime(CLOCK_REALTIME, &ts);
     h->created_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
     memcpy(h->label, label, (size_t)label_len);
+    h->version = RING_VERSION;
     h->limit = limit;
     h->record_size = rsize;
     r->limit = limit;
@@ -370,6 +371,7 @@ ring_spin_wait(Ring *r, PyObject *arg)
         atomic_load_explicit(&h->rd, memory_order_acquire)) {
         Py_RETURN_TRUE;
     }
+    rv_mark_waiting(r);
     if (!(t > 0)) {
         Py_RETURN_FALSE;
     }
@@ -434,6 +436,7 @@ ring_arm_data(Ring *r, PyObject *Py_UNUSED(a))
         return NULL;
     }
     header_t *h = r->h;
+    rv_mark_waiting(r);
     atomic_store(&h->data_armed, 1);
     uint64_t d = atomic_load(&h->rd), hd = atomic_load(&h->head);
     if (d != hd || atomic_load(&h->closed)) {
@@ -625,6 +628,23 @@ static PyMethodDef ring_methods[] = {
      "reserve(nbytes, timeout=None) -> Loan: fill it in place, then commit()."},
     {"recv_view", (PyCFunction)(void (*)(void))ring_recv_view, METH_VARARGS | METH_KEYWORDS,
      "recv_view(timeout=None) -> Loan: read the next message in place, then release()."},
+    {"last_put", (PyCFunction)ring_last_put, METH_NOARGS,
+     "where the last record this object reserved starts: a rendezvous ticket."},
+    {"rv_state", (PyCFunction)ring_rv_state, METH_O,
+     "rv_state(ticket): 0 not taken yet, 1 taken, 2 withdrawn."},
+    {"rv_withdraw", (PyCFunction)ring_rv_withdraw, METH_O,
+     "rv_withdraw(ticket): True withdrawn (never delivered), False taken first."},
+    {"rv_arm", (PyCFunction)ring_rv_arm, METH_O,
+     "rv_arm(ticket): arm the space notification, then rv_state(ticket)."},
+    {"rv_wait", (PyCFunction)(void (*)(void))ring_rv_wait, METH_VARARGS | METH_KEYWORDS,
+     "rv_wait(ticket, timeout, spin, space_fd, sock_fd, wake_fd): 1 taken, 0 timed "
+     "out, 2 woken (peer gone, wake fd); GIL released."},
+    {"set_rendezvous", (PyCFunction)ring_set_rendezvous, METH_NOARGS,
+     "rendezvous mode: this object's waiting receives set the receiver-waiting word."},
+    {"stop_waiting", (PyCFunction)ring_stop_waiting, METH_NOARGS,
+     "a receive on this ring ended without a message: clear the receiver-waiting word."},
+    {"receiver_waiting", (PyCFunction)ring_receiver_waiting, METH_NOARGS,
+     "a receiver began to wait and has taken nothing since, and no record is pending."},
     {"__enter__", (PyCFunction)ring_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)ring_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},

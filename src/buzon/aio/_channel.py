@@ -20,6 +20,7 @@ from typing import Any, TypeVar, overload
 
 from .. import _reduction
 from .._channel import ChannelCore, ChannelIdentity, Receipt, finish_view
+from .._ring_rv import rv_send_steps
 from .._engine import (
     CREDIT,
     EXTEND,
@@ -277,7 +278,7 @@ class Channel(ChannelIdentity):
         self._rlock = asyncio.Lock()
         self._wlock = asyncio.Lock()
         self._rendezvous = core.capacity == 0
-        self._flow = core.taking
+        self._flow = core.taking or core.rv_ring is not None  # receives announce waits
         self._closing: asyncio.Task[None] | None = None  # close() writing what is owed
         self._spin = core.options.spin  # a shm ring's receive spins this long at most
         self._asked = False  # sent since the last receive: an answer may be on its way
@@ -311,6 +312,9 @@ class Channel(ChannelIdentity):
 
     def _send_now(self, bufs: list[Buffer], priority: int) -> None:
         core = self._core
+        rv = core.rv_ring
+        if rv is not None and not rv.receiver_waiting():  # capacity=0 on shm:
+            raise Full("capacity=0: no receiver is waiting")
         if self._rendezvous and core.tokens is None:
             self._receipt_poll()  # an offer may have been withdrawn: read that first
         if core.try_send(bufs, priority):
@@ -459,6 +463,9 @@ class Channel(ChannelIdentity):
 
     async def _send(self, bufs: list[Buffer], deadline: float | None, priority: int) -> None:
         core = self._core
+        if core.rv_ring is not None:  # capacity=0 kept by the rings (shm:): buzon._ring_rv
+            await self._run(rv_send_steps(core, bufs, priority), deadline)
+            return
         rendezvous = self._rendezvous
         if rendezvous:
             core.offer_with_send()  # a blocked rendezvous sender receives next

@@ -31,6 +31,7 @@ from typing import Any, TypeVar, overload
 
 from .. import _reduction
 from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view
+from .._ring_rv import rv_send_steps, settle
 from .._engine import (
     CREDIT,
     EXTEND,
@@ -250,7 +251,7 @@ class Channel(ChannelIdentity):
         self._waiters: list[int] = []
         self._sleep_first = 0  # spin=0: receives left that wait before reading (_receive)
         self._rendezvous = core.capacity == 0
-        self._flow = core.taking
+        self._flow = core.taking or core.rv_ring is not None  # receives announce waits
         # threads waiting for CREDITs another thread may read (see _pump_until)
         self._cv = threading.Condition(threading.Lock())
         self._pumpers = 0
@@ -280,6 +281,11 @@ class Channel(ChannelIdentity):
             frame = bufs[0]  # the ring is multi-producer safe and counts: no lock needed
             if type(frame) is bytes and len(frame) <= core.fast_limit and fast(frame, -1):
                 return
+        if core.rv_ring is not None:  # capacity=0 kept by the rings (shm:)
+            frame = bufs[0]
+            if len(bufs) == 1 and type(frame) is bytes and len(frame) <= core.rv_frame_limit:
+                return self._send_rv(frame, -1, timeout, priority)
+            return self._send_rv(bufs, None, timeout, priority)
         if self._rendezvous:
             core.offer_with_send()  # a blocked rendezvous sender receives next
         with self._wlock:
@@ -289,6 +295,40 @@ class Channel(ChannelIdentity):
             number = core.sflow.sent if accepted and core.sflow is not None else 0
             serial = core.serial
         self._send_slow(bufs, timeout, priority, number if accepted else -1, serial)
+
+    def _send_rv(self, item: Any, codec: int | None, timeout: float | None, priority: int) -> None:
+        """A rendezvous send on rings that keep it (``buzon._ring_rv``): put the message
+        (``codec`` -1: ``item`` is a whole frame, 0: a body, None: a list of buffers, the
+        general way), then wait in one C call until the receiver took it; a send that
+        gives up withdraws it (:func:`settle`)."""
+        core = self._core
+        rv = core.rv_ring
+        ticket = -1
+        with self._wlock:
+            if codec is None:
+                if core.try_send(item, priority):
+                    ticket = rv.ticket()
+            elif not priority and rv.send_frame(item, codec):
+                ticket = rv.ticket()
+        if ticket < 0:  # no room now (or a priority): the engine's way, from the start
+            if codec is not None:
+                item = core.encode_bytes(item) if codec == 0 else [item]
+            self._run(rv_send_steps(core, item, priority), deadline_of(timeout))
+            return
+        try:
+            wake = self._enter_wait()
+            try:
+                got = rv.wait(ticket, timeout, self._spin, wake)
+            finally:
+                self._leave_wait()
+            if got == 1:
+                return
+            if got == 0:
+                raise Timeout("")  # settle() says what became of the message
+            self._woken()
+            raise EndOfChannel(f"the peer of {core.address} closed the channel")
+        except BaseException as exc:
+            settle(core, rv, ticket, exc)
 
     def _send_encoded(self, bufs: list[Buffer], timeout: float | None) -> None:
         """``send`` of an encoded frame (no priority, no rendezvous: the fast path's)."""
@@ -328,6 +368,9 @@ class Channel(ChannelIdentity):
 
     def _send_now(self, bufs: list[Buffer], priority: int) -> None:
         core = self._core
+        rv = core.rv_ring
+        if rv is not None and not rv.receiver_waiting():  # capacity=0 on shm:
+            raise Full("capacity=0: no receiver is waiting")
         if self._rendezvous and core.tokens is None:
             self._receipt_poll()  # an offer may have been withdrawn: read that first
         with self._wlock:
@@ -369,6 +412,10 @@ class Channel(ChannelIdentity):
             and fast(data, 0)  # the ring is multi-producer safe and counts: no lock needed
         ):
             return
+        if core.rv_ring is not None:  # capacity=0 kept by the rings (shm:)
+            if type(data) is bytes and len(data) <= core.rv_body_limit:
+                return self._send_rv(data, 0, timeout, priority)
+            return self._send_rv(core.encode_bytes(data), None, timeout, priority)
         bufs = core.encode_bytes(data)
         if self._rendezvous:
             core.offer_with_send()  # a blocked rendezvous sender receives next

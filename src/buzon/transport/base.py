@@ -129,6 +129,9 @@ class Transport(abc.ABC):
     #: lends message space in place (:meth:`loan_message`, :meth:`recv_view_message`)
     #: and reuses out-of-line blocks (:meth:`block_counters`): ``shm:``
     lends: ClassVar[bool] = False
+    #: ``capacity=0`` is kept by the rings themselves (:meth:`start_rendezvous`):
+    #: ``shm:``; elsewhere it is CREDIT frames (``protocol/credit.py``) or tokens
+    ring_rendezvous: ClassVar[bool] = False
     #: set by the channel: its messages are buzon frames (False: ``raw=True``)
     framed: bool = True
     #: a message transport that takes a whole batch in one call
@@ -159,6 +162,11 @@ class Transport(abc.ABC):
     def block_counters(self) -> dict[str, int]:
         """Counts of out-of-line blocks (``lends`` transports): statistics fields."""
         return {}
+
+    def start_rendezvous(self) -> Any:
+        """``capacity=0`` kept by the rings (``ring_rendezvous`` transports: a
+        ``transport.shm._rendezvous.RingRendezvous``). Others never get the call."""
+        raise UnsupportedOperation(f"{self.scheme} keeps no rendezvous itself (shm: does)")
 
     def set_limits(self, max_frame: int, frame_timeout: float | None) -> None:  # noqa: B027
         """The channel's frame cap and frame-progress limit, for a transport that

@@ -20,6 +20,7 @@ from ...protocol._frames import RingFrames
 from ...shm._segment import SHM_DIR, new_segment_name, remove_segment
 from ..base import Buffer, LinkProperties, MessageTransport, PeerInfo, RingOps
 from ._loans import _BlockLoan, _RingLoan
+from ._rendezvous import RingRendezvous
 from ._pool import (
     _MAX_CACHED,
     _ONESHOT,
@@ -160,6 +161,24 @@ class ShmTransport(MessageTransport):
 
     def _peer_gone(self) -> bool:
         return self._drain_socket()
+
+    # -- capacity=0: the rendezvous in the ring itself (_rendezvous.py) --------------------
+
+    ring_rendezvous = True
+
+    def start_rendezvous(self) -> RingRendezvous:
+        """Put both rings in rendezvous mode (``capacity=0``) and return the calls a
+        rendezvous send makes on them."""
+        if self.closed:
+            raise ChannelClosed(f"{self.address} is closed")
+        return RingRendezvous(self, self._tx, self._rx)
+
+    def peer_gone(self) -> bool:
+        """The peer closed its end or died (reads what the socket brought)."""
+        return self._drain_socket()
+
+    def socket_fileno(self) -> int:
+        return self._sock.fileno()
 
     def lending(self) -> bool:
         """A loan (``Channel.loan``, in the ring or in a block: its reference is a ring
