@@ -44,7 +44,7 @@ sanitize: install
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(SAN_DIR) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/shm/test_core.py \
-		tests/shm/test_fast_path.py tests/protocol/test_ring_frames.py \
+		tests/shm/test_fast_path.py tests/shm/test_rendezvous_ring.py tests/protocol/test_ring_frames.py \
 		tests/protocol/test_fifo_envelope.py \
 		tests/protocol/test_stream_c.py tests/protocol/test_fields_c.py \
 		tests/protocol/test_wait_frame.py tests/mailbox/test_mailbox.py \

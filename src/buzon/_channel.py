@@ -426,7 +426,13 @@ class ChannelCore:
         # the largest body a ring record carries as one plain DATA frame
         self.ring_body_limit = 0 if ops is None else min(self.max_frame, ops.max_record) - 8
         plain = ops is not None and not self.closed and self._plain and not self.unbounded
-        if plain and ops is not None and self.sflow is None and self._can_send and self.rv_ring is None:
+        if (
+            plain
+            and ops is not None
+            and self.sflow is None
+            and self._can_send
+            and self.rv_ring is None
+        ):
             self.fast_send: Callable[[Buffer, int], bool] | None = ops.send_frame
             self.fast_send_frames: Callable[[Sequence[object], int, int], int] | None = (
                 ops.send_frames

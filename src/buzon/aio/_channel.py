@@ -20,7 +20,6 @@ from typing import Any, TypeVar, overload
 
 from .. import _reduction
 from .._channel import ChannelCore, ChannelIdentity, Receipt, finish_view
-from .._ring_rv import rv_send_steps
 from .._engine import (
     CREDIT,
     EXTEND,
@@ -37,6 +36,7 @@ from .._engine import (
     recv_steps,
     send_steps,
 )
+from .._ring_rv import rv_send_steps
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame

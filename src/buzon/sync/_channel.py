@@ -31,7 +31,6 @@ from typing import Any, TypeVar, overload
 
 from .. import _reduction
 from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view
-from .._ring_rv import rv_send_steps, settle
 from .._engine import (
     CREDIT,
     EXTEND,
@@ -48,6 +47,7 @@ from .._engine import (
     recv_steps,
     send_steps,
 )
+from .._ring_rv import rv_send_steps, settle
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame, Kind, encode_frame, wait_frame

@@ -34,8 +34,21 @@ class RingRendezvous:
     (False), once per ticket.
     """
 
-    __slots__ = ("_transport", "arm_state", "last_put", "receiver_waiting", "space_fd",
-                 "sock_fd", "state", "withdraw", "_wait", "send_frame", "max_record", "stop_waiting", "_incoming")
+    __slots__ = (
+        "_incoming",
+        "_transport",
+        "_wait",
+        "arm_state",
+        "last_put",
+        "max_record",
+        "receiver_waiting",
+        "send_frame",
+        "sock_fd",
+        "space_fd",
+        "state",
+        "stop_waiting",
+        "withdraw",
+    )
 
     def __init__(self, transport: ShmTransport, tx: object, rx: object) -> None:
         from ... import _core

@@ -20,7 +20,6 @@ from ...protocol._frames import RingFrames
 from ...shm._segment import SHM_DIR, new_segment_name, remove_segment
 from ..base import Buffer, LinkProperties, MessageTransport, PeerInfo, RingOps
 from ._loans import _BlockLoan, _RingLoan
-from ._rendezvous import RingRendezvous
 from ._pool import (
     _MAX_CACHED,
     _ONESHOT,
@@ -31,6 +30,7 @@ from ._pool import (
     _TAKEN,
     BlockPool,
 )
+from ._rendezvous import RingRendezvous
 
 __all__ = ["ShmTransport"]
 
