@@ -333,6 +333,9 @@ class Channel(ChannelIdentity):
     def _send_encoded(self, bufs: list[Buffer], timeout: float | None) -> None:
         """``send`` of an encoded frame (no priority, no rendezvous: the fast path's)."""
         core = self._core
+        if core.rv_ring is not None:  # capacity=0 kept by the rings (shm:)
+            self._send_rv(bufs, None, timeout, 0)
+            return
         with self._wlock:
             accepted = core.try_send(bufs)
             if accepted and not core.pending:

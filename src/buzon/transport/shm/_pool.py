@@ -175,6 +175,20 @@ class BlockPool(Generic[B]):
         if not lent:
             block.close()
 
+    def withdrawn(self, block: B, kind: int) -> None:
+        """The reference to ``block`` was withdrawn from the ring (a rendezvous send gave
+        up, ``capacity=0``): the receiver never sees it, so the block is idle again (a
+        pool's) or ours to unlink (a one-shot block)."""
+        if kind == _POOLED:
+            block.lease = 0
+            return
+        if block in self.out:
+            self.out.remove(block)
+        name = block.name.lstrip("/")
+        self.created.pop(name, None)
+        self._unlink(name)
+        block.close()
+
     def reap(self) -> None:
         """Drop our handles on one-shot blocks the receiver has taken."""
         if self.out:

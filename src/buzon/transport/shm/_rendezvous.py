@@ -11,7 +11,7 @@ channel core and both drivers use; the engine's steps are in ``buzon._ring_rv``.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...errors import EndOfChannel
 
@@ -47,7 +47,8 @@ class RingRendezvous:
         "space_fd",
         "state",
         "stop_waiting",
-        "withdraw",
+        "_withdraw",
+        "last_block",
     )
 
     def __init__(self, transport: ShmTransport, tx: object, rx: object) -> None:
@@ -60,7 +61,10 @@ class RingRendezvous:
         self.last_put = tx.last_put
         self.state = tx.rv_state
         self.arm_state = tx.rv_arm
-        self.withdraw = tx.rv_withdraw
+        self._withdraw = tx.rv_withdraw
+        # (ticket, block, kind) of the last out-of-line message: its block comes back
+        # if the message is withdrawn
+        self.last_block: tuple[int, Any, int] | None = None
         self._wait = tx.rv_wait
         self.receiver_waiting = tx.receiver_waiting
         self.stop_waiting = rx.stop_waiting  # our receive gave up: the peer's send_nowait
@@ -76,6 +80,17 @@ class RingRendezvous:
         """A record waits in our receive ring (nothing is taken; a receiver that asks
         is about to wait: the peer's send_nowait may hand it a message)."""
         return self._incoming(0.0)
+
+    def withdraw(self, ticket: int) -> bool:
+        """Give record ``ticket`` up: True withdrawn (it is never delivered; an
+        out-of-line message's block comes back), False taken first. Once per ticket."""
+        if not self._withdraw(ticket):
+            return False
+        last = self.last_block
+        if last is not None and last[0] == ticket:
+            self.last_block = None
+            self._transport.block_withdrawn(last[1], last[2])
+        return True
 
     def peer_gone(self) -> bool:
         return self._transport.peer_gone()

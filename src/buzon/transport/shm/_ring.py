@@ -120,6 +120,7 @@ class ShmTransport(MessageTransport):
         self._rx_blocks: dict[str, _core.Block] = {}  # the peer's pooled blocks, mapped
         self._handed: dict[str, int] = {}  # names (and fds, or -1) of the peer's blocks
         self.framed = True  # the channel parses frames (set False by raw channels)
+        self.rendezvous: RingRendezvous | None = None  # capacity=0 (start_rendezvous)
         self.shared = False  # set at fork: another process may hold this end too
         # the frame format's one-call send and receive on our rings (protocol/_frames.c;
         # the rings themselves move opaque records)
@@ -171,7 +172,12 @@ class ShmTransport(MessageTransport):
         rendezvous send makes on them."""
         if self.closed:
             raise ChannelClosed(f"{self.address} is closed")
-        return RingRendezvous(self, self._tx, self._rx)
+        self.rendezvous = RingRendezvous(self, self._tx, self._rx)
+        return self.rendezvous
+
+    def block_withdrawn(self, block: _core.Block, kind: int) -> None:
+        """The out-of-line message in ``block`` was withdrawn (never delivered)."""
+        self._blocks.withdrawn(block, kind)
 
     def peer_gone(self) -> bool:
         """The peer closed its end or died (reads what the socket brought)."""
@@ -574,6 +580,8 @@ class ShmTransport(MessageTransport):
             slot[:] = ref
         loan.commit()
         self._blocks.sent(block, kind, retired)
+        if self.rendezvous is not None:  # capacity=0: a withdrawal gives the block back
+            self.rendezvous.last_block = (self._tx.last_put(), block, kind)
 
     def _give_back(self, block: _core.Block, kind: int, lent: bool = False) -> None:
         """A block that carries no message after all (see :meth:`BlockPool.give_back`)."""
