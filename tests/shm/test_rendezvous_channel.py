@@ -296,3 +296,26 @@ def test_a_withdrawn_large_message_gives_its_block_back(
     t.join(T)
     assert got == [b"z" * big]
     assert a.statistics().aborted == 6
+
+
+def test_close_from_another_thread_ends_a_rendezvous_send(
+    pair: tuple[buzon.Channel, buzon.Channel],
+) -> None:
+    a, b = pair
+    raised: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            a.send("never taken", timeout=T)
+        except BaseException as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=send)
+    t.start()
+    time.sleep(0.1)  # blocked in the rendezvous (if not yet, close() ends it anyway)
+    a.close()
+    t.join(T)
+    assert not t.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], buzon.ChannelClosed)
+    with pytest.raises(buzon.EndOfChannel):
+        print("received anyway:", b.recv(timeout=T))

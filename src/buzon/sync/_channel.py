@@ -317,10 +317,11 @@ class Channel(ChannelIdentity):
             return
         try:
             wake = self._enter_wait()
-            try:
-                got = rv.wait(ticket, timeout, self._spin, wake)
-            finally:
-                self._leave_wait()
+        except BaseException as exc:  # closed meanwhile
+            settle(core, rv, ticket, exc)
+            return
+        try:  # settled inside the wait: a close() in another thread waits for us
+            got = rv.wait(ticket, timeout, self._spin, wake)
             if got == 1:
                 return
             if got == 0:
@@ -329,6 +330,8 @@ class Channel(ChannelIdentity):
             raise EndOfChannel(f"the peer of {core.address} closed the channel")
         except BaseException as exc:
             settle(core, rv, ticket, exc)
+        finally:
+            self._leave_wait()
 
     def _send_encoded(self, bufs: list[Buffer], timeout: float | None) -> None:
         """``send`` of an encoded frame (no priority, no rendezvous: the fast path's)."""

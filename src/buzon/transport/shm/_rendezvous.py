@@ -38,7 +38,9 @@ class RingRendezvous:
         "_incoming",
         "_transport",
         "_wait",
+        "_withdraw",
         "arm_state",
+        "last_block",
         "last_put",
         "max_record",
         "receiver_waiting",
@@ -47,8 +49,6 @@ class RingRendezvous:
         "space_fd",
         "state",
         "stop_waiting",
-        "_withdraw",
-        "last_block",
     )
 
     def __init__(self, transport: ShmTransport, tx: object, rx: object) -> None:
