@@ -15,6 +15,8 @@
  *   _core_block.c      the Block type (shared_array, shared_value, out-of-line messages)
  *   _core_admin.c      module functions (inspect, in_use, hold, claim_all, unlink,
  *                      fault points) and the module's initialisation
+ *   _core_rv.c         the ring-level rendezvous (capacity=0 over shm:): tickets, the
+ *                      wait for a record's take, its withdrawal, the receiver-waiting word
  * Nothing here changes the bytes in a segment: docs/shm.md has the tables. A record's
  * payload is opaque here: what it means (a buzon frame, for shm: channels) is the
  * business of the module that puts and takes it (buzon.protocol._frames, through the
