@@ -319,3 +319,30 @@ def test_close_from_another_thread_ends_a_rendezvous_send(
     assert len(raised) == 1 and isinstance(raised[0], buzon.ChannelClosed)
     with pytest.raises(buzon.EndOfChannel):
         print("received anyway:", b.recv(timeout=T))
+
+
+def test_asyncio_send_to_a_receiver_killed_before_taking_ends_in_end_of_channel() -> None:
+    url = _url()
+
+    def idle() -> None:
+        ch = buzon.connect(url, timeout=T, capacity=0)
+        time.sleep(T)
+        ch.close()
+
+    async def main() -> None:
+        lst = buzon.aio.listen(url, capacity=0)
+        try:
+            pid = _child(idle)
+            a = await lst.accept(timeout=T)
+        finally:
+            lst.close()
+        try:
+            asyncio.get_running_loop().call_later(0.2, os.kill, pid, signal.SIGKILL)
+            with pytest.raises(buzon.EndOfChannel):
+                await a.send("to the dead", timeout=T)
+            assert a.statistics().messages_sent == 0
+        finally:
+            await a.aclose()
+            _reap(pid)
+
+    asyncio.run(main())
