@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from ... import _core
 from ...errors import EndOfChannel
 
 if TYPE_CHECKING:
@@ -51,10 +52,7 @@ class RingRendezvous:
         "stop_waiting",
     )
 
-    def __init__(self, transport: ShmTransport, tx: object, rx: object) -> None:
-        from ... import _core
-
-        assert isinstance(tx, _core.Ring) and isinstance(rx, _core.Ring)
+    def __init__(self, transport: ShmTransport, tx: _core.Ring, rx: _core.Ring) -> None:
         tx.set_rendezvous()
         rx.set_rendezvous()  # our receives say when they wait (the peer's send_nowait)
         self._transport = transport
@@ -93,9 +91,12 @@ class RingRendezvous:
         return True
 
     def peer_gone(self) -> bool:
+        """The peer closed its end or died."""
         return self._transport.peer_gone()
 
     def ticket(self) -> int:
+        """The position of the record this end put last (read it under the write lock,
+        right after the put): what :meth:`wait`, :meth:`arm` and :meth:`withdraw` name."""
         return self.last_put()
 
     def wait(self, ticket: int, timeout: float | None, spin: float, wake_fd: int) -> int:
