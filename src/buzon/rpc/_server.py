@@ -29,6 +29,7 @@ from ..errors import (
     UnsupportedOperation,
 )
 from ..errors import Timeout as _Timeout
+from ..protocol._rpc import reply as _reply_frame
 from ..sync import Channel
 from ..sync import Server as ChannelServer
 from . import _wire as w
@@ -225,6 +226,9 @@ class _Connection(RefPeer):
         self.threads = 0  # threads started for this connection (the handler's not counted)
         self.inline_since: float | None = None  # the reader's call started then
         self.running: dict[int, CallContext] = {}  # calls in flight, by call id
+        core = ch._core
+        self.msgpack = core.codec.name == "msgpack"  # replies may be framed in C
+        self.max_frame = core.max_frame
         self.done = False
         self._ref_init()
         self._out_ids = itertools.count(1)
@@ -491,7 +495,12 @@ class _Connection(RefPeer):
     def _reply(self, call_id: int, reply: list[Any]) -> None:
         server = self.server
         try:
-            w.send(self.ch, reply, w.CORRELATION, call_id, None, server.reply_timeout)
+            # a plain result (the common case): its whole frame made in C
+            frame = _reply_frame(call_id, reply[2]) if self.msgpack and reply[1] is None else None
+            if frame is not None and len(frame) <= self.max_frame:
+                self.ch._send_encoded([frame], server.reply_timeout)
+            else:
+                w.send(self.ch, reply, w.CORRELATION, call_id, None, server.reply_timeout)
             server.calls += 1  # under the GIL; a lost increment only blurs a statistic
             return
         except (CodecError, TypeError, ValueError, OverflowError, MessageTooLarge) as exc:

@@ -1,0 +1,6 @@
+from typing import Any
+
+def request(
+    method: str, args: tuple[Any, ...] | list[Any], call_id: int, ms: int
+) -> bytes | None: ...
+def reply(call_id: int, result: Any) -> bytes | None: ...
