@@ -21,6 +21,7 @@ from buzon.bench._report import RPC_TARGETS, evaluate_targets, render
 BUZON_ROWS = {
     "buzon-rpc-exactly-once/unix/rpcadd",
     "buzon-rpc/shm/rpcadd",
+    "socket-floor/unix/rpcadd",  # the floor of any Python RPC (docs/benchmarks.md)
 }
 # module -> the rows it is needed for
 PEER_ROWS = {

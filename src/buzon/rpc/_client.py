@@ -409,7 +409,7 @@ class Client(RefPeer):
         self._pending[call_id] = p
         try:
             try:
-                self._ch._send_encoded([frame], left)
+                w.send_frame(self._ch, frame, left)
             except _Timeout:
                 self._settle(p, DeadlineExceeded(f"{method}: the deadline passed while sending"))
             except BaseException:

@@ -39,6 +39,7 @@ __all__ = [
     "read_id",
     "read_ms",
     "send",
+    "send_frame",
     "unpack_id",
     "unpack_ms",
 ]
@@ -114,6 +115,17 @@ def send(
         encode_frame(Kind.DATA, codec, payload, buffers, fields=fields, max_frame=core.max_frame),
         timeout,
     )
+
+
+def send_frame(ch: Any, frame: bytes, timeout: float | None) -> None:
+    """Send one whole encoded frame (``protocol._rpc.request``/``reply``) on the
+    channel ``ch``: as ``Channel.send`` does, in one C call into a shared-memory ring
+    while its fast path is on and the record fits, else the channel's general send."""
+    core = ch._core
+    fast = core.fast_send
+    if fast is not None and len(frame) <= core.fast_limit and fast(frame, -1):
+        return
+    ch._send_encoded([frame], timeout)
 
 
 def id_field(call_id: int) -> bytes:
