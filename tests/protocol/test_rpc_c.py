@@ -135,3 +135,108 @@ def test_bad_ids_raise() -> None:
         _rpc.request("m", [], 2**64, -1)
     with pytest.raises(TypeError):
         _rpc.reply(1)  # type: ignore[call-arg]
+
+
+# -- the way back: parse / parse_parts ------------------------------------------------
+
+
+def _reference_parse(data: bytes) -> tuple[Any, ...] | None:
+    """What the channel's decoder and the RPC checks make of a frame, in the shape
+    ``parse`` gives for the common case (None: not the common case)."""
+    from buzon.protocol.frames import parse_frame
+
+    try:
+        frame = parse_frame(data, 1 << 20)
+        body = msgspec.msgpack.decode(frame.body)
+    except Exception:
+        return None
+    fields = frame.fields or {}
+    if frame.codec != 1 or frame.buffers or frame.receipt or type(body) is not list:
+        return None
+    if len(body) != 3:
+        return None
+    plain = (int, float, str, bytes, bool, type(None))
+    ident = fields.get(int(Field.MESSAGE_ID))
+    corr = fields.get(int(Field.CORRELATION))
+    if body[0] == 1 and body[1] is None and type(body[2]) in plain:
+        if corr is None or len(corr) != 8 or int.from_bytes(corr, "little") >= 2**63:
+            return None
+        return (1, int.from_bytes(corr, "little"), -1, body[2], None)
+    if (
+        body[0] == 0
+        and type(body[1]) is str
+        and type(body[2]) is list
+        and all(type(a) in plain for a in body[2])
+    ):
+        if ident is None or len(ident) != 8 or int.from_bytes(ident, "little") >= 2**63:
+            return None
+        ms = fields.get(int(Field.DEADLINE))
+        ms_value = int.from_bytes(ms, "little") if ms is not None and len(ms) == 4 else -1
+        return (0, int.from_bytes(ident, "little"), ms_value, body[1], body[2])
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.text(max_size=40),
+    args=st.lists(_PLAIN, max_size=20),
+    call_id=st.integers(min_value=0, max_value=2**63 - 1),
+    ms=st.one_of(st.just(-1), st.integers(min_value=0, max_value=2**32 - 1)),
+    result=_PLAIN,
+)
+def test_parse_gives_what_the_reference_decoder_gives(
+    method: str, args: list[Any], call_id: int, ms: int, result: Any
+) -> None:
+    for data in (_request_ref(method, args, call_id, ms), _reply_ref(call_id, result)):
+        ref = _reference_parse(data)
+        assert ref is not None
+        assert _same(_rpc.parse(data, 1 << 20), ref)
+        from buzon.protocol.frames import parse_frame
+
+        frame = parse_frame(data, 1 << 20)
+        assert _same(_rpc.parse_parts(frame.fields, frame.body), ref)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    result=_PLAIN,
+    cut=st.integers(min_value=0, max_value=200),
+    flips=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=4),
+)
+def test_parse_of_damaged_frames_is_none_or_the_reference(
+    result: Any, cut: int, flips: list[tuple[int, int]]
+) -> None:
+    data = bytearray(_reply_ref(5, result) if cut % 2 else _request_ref("m", [result], 5, 9))
+    for at, value in flips:
+        if at < len(data):
+            data[at] = value
+    data = data[: max(0, len(data) - cut % 7)]
+    got = _rpc.parse(bytes(data), 1 << 20)
+    if got is not None:  # only ever what the general path makes of it
+        assert _same(got, _reference_parse(bytes(data)))
+
+
+def test_parse_leaves_other_shapes_to_the_general_path() -> None:
+    assert _rpc.parse(_reply_ref(1, 2), 10) is None  # past max_frame
+    assert _rpc.parse(_reference([1, None, [1]], {3: w.id_field(1)}), 1 << 20) is None
+    assert _rpc.parse(_reference([1, [1, "e", None], None], {3: w.id_field(1)}), 1 << 20) is None
+    assert _rpc.parse(_reference([0, "m", [1]], {3: w.id_field(1)}), 1 << 20) is None  # no id
+    assert _rpc.parse(_reference([0, "m", [1], None], {1: w.id_field(1)}), 1 << 20) is None
+    assert _rpc.parse(_reference([0, ["x", 1], [1]], {1: w.id_field(1)}), 1 << 20) is None
+    assert _rpc.parse(_reference([2, "m", [1]], {1: w.id_field(1)}), 1 << 20) is None
+    assert _rpc.parse(_reference([0, "m", [1]], {1: w.id_field(2**63)}), 1 << 20) is None
+    receipt = bytearray(_reply_ref(1, 2))
+    receipt[2] |= 0x08
+    assert _rpc.parse(bytes(receipt), 1 << 20) is None
+    assert _rpc.parse(b"", 1 << 20) is None
+    assert _rpc.parse_parts(None, b"") is None  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _rpc.parse("not a buffer", 1 << 20)  # type: ignore[arg-type]

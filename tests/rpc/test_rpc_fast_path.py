@@ -18,16 +18,17 @@ URLS = ["unix:fast", "tcp://127.0.0.1:0", "seqpacket:fast", "shm:fast"]
 
 
 def _count_reads(c: rpc.Client) -> list[float | None]:
-    """Record the timeout of every read the client makes on its connection."""
+    """Record the timeout of every wait for input the client makes on its connection
+    (the channel's receive that sleeps when nothing is there)."""
     ch = c.channel
-    inner = ch._recv_fields
+    inner = ch._receive
     seen: list[float | None] = []
 
     def counting(timeout: float | None) -> Any:
         seen.append(timeout)
         return inner(timeout)
 
-    ch._recv_fields = counting  # type: ignore[method-assign]
+    ch._receive = counting  # type: ignore[method-assign]
     return seen
 
 

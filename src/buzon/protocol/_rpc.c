@@ -18,10 +18,25 @@
  *
  * Both give None when a value is not plain, an int does not fit 64 bits, a str does
  * not encode, or the frame would pass SMALL bytes.
+ *
+ * And the way back, for a received message of that shape:
+ *
+ *   parse(data, max_frame) -> tuple | None
+ *       ``data`` exactly one DATA frame with header fields, msgpack, no out-of-band
+ *       buffers, not CHUNKED, no receipt asked, at most ``max_frame`` bytes:
+ *       a request ``[0, str, [plain...]]`` with a MESSAGE_ID gives
+ *       ``(0, call_id, ms, method, args)`` (``ms`` the DEADLINE field, -1 if none,
+ *       ``args`` a list); a reply ``[1, nil, plain]`` with a CORRELATION gives
+ *       ``(1, call_id, -1, result, None)``. Anything else: None (the channel's own
+ *       decoder and the RPC code's checks decide, and raise).
+ *
+ *   parse_parts(fields, body) -> tuple | None
+ *       The same for a frame the channel already split: its fields dict and body.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <limits.h>
 #include <string.h>
 
 #define VERSION 1
@@ -278,11 +293,304 @@ static PyObject *py_reply(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return finish(buf, &o, start, F_CORRELATION, id, -1);
 }
 
+
+/* ---- the way back ---------------------------------------------------------------- */
+
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t n;
+    Py_ssize_t pos;
+} In;
+
+static uint64_t get_be(const unsigned char *p, int bytes) {
+    uint64_t v = 0;
+    for (int i = 0; i < bytes; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static uint64_t get_le(const unsigned char *p, int bytes) {
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* A new reference to the plain scalar at in->pos; NULL without an exception: not a
+ * plain scalar or cut short; NULL with one: memory. */
+static PyObject *get_scalar(In *in) {
+    if (in->pos >= in->n)
+        return NULL;
+    unsigned char b = in->p[in->pos++];
+    Py_ssize_t left = in->n - in->pos;
+    const unsigned char *q = in->p + in->pos;
+    if (b <= 0x7f)
+        return PyLong_FromLong(b);
+    if (b >= 0xe0)
+        return PyLong_FromLong((long)(signed char)b);
+    if (b == 0xc0)
+        Py_RETURN_NONE;
+    if (b == 0xc2)
+        Py_RETURN_FALSE;
+    if (b == 0xc3)
+        Py_RETURN_TRUE;
+    int width = 0;
+    switch (b) {
+    case 0xcc: case 0xd0: case 0xc4: case 0xd9: width = 1; break;
+    case 0xcd: case 0xd1: case 0xc5: case 0xda: width = 2; break;
+    case 0xce: case 0xd2: case 0xc6: case 0xdb: case 0xca: width = 4; break;
+    case 0xcf: case 0xd3: case 0xcb: width = 8; break;
+    default:
+        if ((b & 0xe0) == 0xa0) { /* fixstr */
+            Py_ssize_t len = b & 0x1f;
+            if (left < len)
+                return NULL;
+            in->pos += len;
+            PyObject *s = PyUnicode_DecodeUTF8((const char *)q, len, NULL);
+            if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+                PyErr_Clear();
+            return s;
+        }
+        return NULL; /* maps, arrays, ext, reserved: not plain */
+    }
+    if (left < width)
+        return NULL;
+    uint64_t v = get_be(q, width);
+    in->pos += width;
+    switch (b) {
+    case 0xcc: case 0xcd: case 0xce:
+        return PyLong_FromUnsignedLongLong(v);
+    case 0xcf:
+        return PyLong_FromUnsignedLongLong(v);
+    case 0xd0:
+        return PyLong_FromLong((long)(int8_t)v);
+    case 0xd1:
+        return PyLong_FromLong((long)(int16_t)v);
+    case 0xd2:
+        return PyLong_FromLong((long)(int32_t)v);
+    case 0xd3:
+        return PyLong_FromLongLong((long long)(int64_t)v);
+    case 0xca: {
+        uint32_t bits = (uint32_t)v;
+        float f;
+        memcpy(&f, &bits, 4);
+        return PyFloat_FromDouble((double)f);
+    }
+    case 0xcb: {
+        double d;
+        memcpy(&d, &v, 8);
+        return PyFloat_FromDouble(d);
+    }
+    default: { /* str8/16/32, bin8/16/32: v is the length */
+        if ((uint64_t)(in->n - in->pos) < v)
+            return NULL;
+        Py_ssize_t len = (Py_ssize_t)v;
+        const char *data = (const char *)(in->p + in->pos);
+        in->pos += len;
+        if (b == 0xc4 || b == 0xc5 || b == 0xc6)
+            return PyBytes_FromStringAndSize(data, len);
+        PyObject *s = PyUnicode_DecodeUTF8(data, len, NULL);
+        if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            PyErr_Clear();
+        return s;
+    }
+    }
+}
+
+/* The length of the array whose header is at in->pos, or -1. */
+static Py_ssize_t get_array_head(In *in) {
+    if (in->pos >= in->n)
+        return -1;
+    unsigned char b = in->p[in->pos++];
+    if ((b & 0xf0) == 0x90)
+        return b & 0x0f;
+    int width = b == 0xdc ? 2 : b == 0xdd ? 4 : 0;
+    if (width == 0 || in->n - in->pos < width)
+        return -1;
+    Py_ssize_t count = (Py_ssize_t)get_be(in->p + in->pos, width);
+    in->pos += width;
+    return count;
+}
+
+#define NOT_OURS ((PyObject *)1) /* not the common shape: the caller returns None */
+
+/* The body of a message whose call id is ``id`` (-1: no id field) and deadline ``ms``
+ * (-1: none): the tuple, NOT_OURS, or NULL with an exception. */
+static PyObject *parse_body(const unsigned char *p, Py_ssize_t n, long long req_id,
+                            long long rep_id, long long ms) {
+    In in = {p, n, 0};
+    if (get_array_head(&in) != 3 || in.pos >= in.n)
+        return NOT_OURS;
+    unsigned char kind = in.p[in.pos++];
+    if (kind == 0x01) { /* a reply: [1, nil, plain] */
+        if (rep_id < 0 || in.pos >= in.n || in.p[in.pos++] != 0xc0)
+            return NOT_OURS;
+        PyObject *result = get_scalar(&in);
+        if (result == NULL)
+            return PyErr_Occurred() ? NULL : NOT_OURS;
+        if (in.pos != in.n) {
+            Py_DECREF(result);
+            return NOT_OURS;
+        }
+        PyObject *id = PyLong_FromUnsignedLongLong((unsigned long long)rep_id);
+        if (id == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        return Py_BuildValue("(iNiNO)", 1, id, -1, result, Py_None);
+    }
+    if (kind != 0x00 || req_id < 0)
+        return NOT_OURS;
+    /* a request: [0, str, [plain...]] */
+    Py_ssize_t before = in.pos;
+    if (before >= in.n || !((in.p[before] & 0xe0) == 0xa0 || in.p[before] == 0xd9 ||
+                            in.p[before] == 0xda || in.p[before] == 0xdb))
+        return NOT_OURS;
+    PyObject *method = get_scalar(&in);
+    if (method == NULL)
+        return PyErr_Occurred() ? NULL : NOT_OURS;
+    Py_ssize_t count = get_array_head(&in);
+    if (count < 0 || count > in.n - in.pos) { /* each value takes a byte at least */
+        Py_DECREF(method);
+        return NOT_OURS;
+    }
+    PyObject *args = PyList_New(count);
+    if (args == NULL) {
+        Py_DECREF(method);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *v = get_scalar(&in);
+        if (v == NULL) {
+            Py_DECREF(method);
+            Py_DECREF(args);
+            return PyErr_Occurred() ? NULL : NOT_OURS;
+        }
+        PyList_SET_ITEM(args, i, v);
+    }
+    if (in.pos != in.n) {
+        Py_DECREF(method);
+        Py_DECREF(args);
+        return NOT_OURS;
+    }
+    PyObject *id = PyLong_FromUnsignedLongLong((unsigned long long)req_id);
+    if (id == NULL) {
+        Py_DECREF(method);
+        Py_DECREF(args);
+        return NULL;
+    }
+    return Py_BuildValue("(iNLNN)", 0, id, ms, method, args);
+}
+
+/* The ids of a FIELDS block: 0, or -1 if it is malformed (the general path raises).
+ * A tag seen twice counts as its last value (as the Python decoder's dict does). */
+static int parse_fields(const unsigned char *p, Py_ssize_t len, long long *req_id,
+                        long long *rep_id, long long *ms) {
+    Py_ssize_t pos = 0;
+    *req_id = *rep_id = *ms = -1;
+    while (pos < len) {
+        if (len - pos < 2 || p[pos] == 0 || pos + 2 + p[pos + 1] > len)
+            return -1;
+        unsigned char tag = p[pos], flen = p[pos + 1];
+        const unsigned char *v = p + pos + 2;
+        if (tag == F_MESSAGE_ID || tag == F_CORRELATION) {
+            long long id = -1;
+            if (flen == 8) {
+                uint64_t u = get_le(v, 8);
+                id = u > (uint64_t)LLONG_MAX ? -2 : (long long)u;
+            }
+            if (tag == F_MESSAGE_ID)
+                *req_id = id;
+            else
+                *rep_id = id;
+        } else if (tag == F_DEADLINE) {
+            *ms = flen == 4 ? (long long)get_le(v, 4) : -1;
+        }
+        pos += 2 + flen;
+    }
+    return 0;
+}
+
+static PyObject *finish_parse(PyObject *got) {
+    if (got == NOT_OURS)
+        Py_RETURN_NONE;
+    return got;
+}
+
+static PyObject *py_parse(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "parse(data, max_frame)");
+        return NULL;
+    }
+    Py_ssize_t max_frame = PyLong_AsSsize_t(args[1]);
+    if (max_frame == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len;
+    PyObject *out = NOT_OURS;
+    if (n >= HEAD + 2 && n <= max_frame && p[0] == VERSION && p[1] == KIND_DATA &&
+        p[2] == (CODEC_MSGPACK | FIELDS) && p[3] == 0) {
+        Py_ssize_t blen = (Py_ssize_t)get_le(p + 4, 4);
+        Py_ssize_t flen = (Py_ssize_t)get_le(p + 8, 2);
+        long long req_id, rep_id, ms;
+        if (HEAD + 2 + flen + blen == n &&
+            parse_fields(p + HEAD + 2, flen, &req_id, &rep_id, &ms) == 0)
+            out = parse_body(p + HEAD + 2 + flen, blen, req_id, rep_id, ms);
+    }
+    PyBuffer_Release(&view);
+    return out == NULL ? NULL : finish_parse(out);
+}
+
+/* One id field of a dict of fields: -1 if absent or not 8 bytes, -2 past i64. */
+static long long dict_id(PyObject *fields, int tag, int size) {
+    PyObject *key = PyLong_FromLong(tag);
+    if (key == NULL)
+        return -3;
+    PyObject *v = PyDict_GetItemWithError(fields, key);
+    Py_DECREF(key);
+    if (v == NULL)
+        return PyErr_Occurred() ? -3 : -1;
+    if (!PyBytes_Check(v) || PyBytes_GET_SIZE(v) != size)
+        return -1;
+    uint64_t u = get_le((const unsigned char *)PyBytes_AS_STRING(v), size);
+    return u > (uint64_t)LLONG_MAX ? -2 : (long long)u;
+}
+
+static PyObject *py_parse_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "parse_parts(fields, body)");
+        return NULL;
+    }
+    PyObject *fields = args[0];
+    if (!PyDict_Check(fields))
+        Py_RETURN_NONE;
+    long long req_id = dict_id(fields, F_MESSAGE_ID, 8);
+    long long rep_id = dict_id(fields, F_CORRELATION, 8);
+    long long ms = dict_id(fields, F_DEADLINE, 4);
+    if (req_id == -3 || rep_id == -3 || ms == -3)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *out = parse_body(view.buf, view.len, req_id, rep_id, ms < 0 ? -1 : ms);
+    PyBuffer_Release(&view);
+    return out == NULL ? NULL : finish_parse(out);
+}
+
 static PyMethodDef methods[] = {
     {"request", (PyCFunction)(void (*)(void))py_request, METH_FASTCALL,
      "request(method, args, call_id, ms) -> bytes | None: a call's whole frame"},
     {"reply", (PyCFunction)(void (*)(void))py_reply, METH_FASTCALL,
      "reply(call_id, result) -> bytes | None: a reply's whole frame"},
+    {"parse", (PyCFunction)(void (*)(void))py_parse, METH_FASTCALL,
+     "parse(data, max_frame) -> tuple | None: a whole frame of the common shape, taken apart"},
+    {"parse_parts", (PyCFunction)(void (*)(void))py_parse_parts, METH_FASTCALL,
+     "parse_parts(fields, body) -> tuple | None: the same for a split frame"},
     {NULL, NULL, 0, NULL},
 };
 

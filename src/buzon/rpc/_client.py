@@ -692,7 +692,7 @@ class Client(RefPeer):
 
     def _read_one(self, timeout: float | None) -> None:
         try:
-            body, fields = self._ch._recv_fields(timeout)
+            kind, call_id, ms, body, fields = w.recv(self._ch, timeout)
         except _Timeout:
             return
         except (EndOfChannel, ChannelClosed) as exc:
@@ -700,6 +700,25 @@ class Client(RefPeer):
             return
         except BuzonError:  # an undecodable message: not a reply to anything we know
             return
+        if kind == w.REPLY:  # the common reply, taken apart in C: its result is plain
+            p = self._pending.get(call_id)
+            if p is None:
+                self.late += 1
+                return
+            rtype = p.rtype
+            if rtype is not Any:
+                try:
+                    body = msgspec.convert(body, rtype)
+                except msgspec.ValidationError as exc:
+                    self._settle(
+                        p,
+                        ValidationError(f"{p.method}: the result does not match {rtype!r}: {exc}"),
+                    )
+                    return
+            self._settle(p, None, body)
+            return
+        if kind != w.OTHER:
+            body, fields = w.as_message(kind, call_id, ms, body, fields)
         value = None if fields is None else fields.get(w.CORRELATION)  # w.read_id, inline
         p = self._pending.get(w.unpack_id(value)[0]) if value and len(value) == 8 else None
         if p is None:

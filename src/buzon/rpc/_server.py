@@ -275,7 +275,10 @@ class _Connection(RefPeer):
             self.inline_since = started = time.monotonic()
             self.monitor.busy()
             try:
-                self._handle(*request)
+                if request[0] == w.REQUEST:
+                    self._call(*request)
+                else:
+                    self._handle(request[3], request[4])
             finally:
                 if self.inline_since is started:  # not the next reader's call's
                     self.inline_since = None
@@ -301,12 +304,13 @@ class _Connection(RefPeer):
                 ).start()
             self.inline_since = None  # once per call
 
-    def _next(self) -> tuple[Any, dict[int, bytes] | None] | None:
-        """Read until a request or notify arrives (cancels are applied on the way);
-        None when the connection is over."""
+    def _next(self) -> tuple[int, int, int, Any, Any] | None:
+        """Read until a request or notify arrives (cancels are applied on the way), as
+        :func:`~buzon.rpc._wire.recv` gives it: the common request taken apart, or
+        ``(OTHER, 0, -1, body, fields)``; None when the connection is over."""
         while not self.done:
             try:
-                body, fields = self.ch._recv_fields(None)
+                got = w.recv(self.ch, None)
             except _Timeout:
                 continue  # an idle_timeout on the channel: keep serving
             except (EndOfChannel, ChannelClosed):
@@ -315,6 +319,9 @@ class _Connection(RefPeer):
             except CodecError:
                 self.server.errors += 1  # undecodable: refused, the connection goes on
                 continue
+            if got[0] == w.REQUEST:
+                return got
+            body, fields = w.as_message(*got)
             if type(body) is list and body and body[0] != w.REQUEST:
                 kind = body[0]
                 if kind == w.CANCEL:
@@ -326,7 +333,7 @@ class _Connection(RefPeer):
                 if kind == RELEASE and len(body) == 2:
                     self._exports.release(body[1])
                     continue
-            return body, fields
+            return w.OTHER, 0, -1, body, fields
         return None
 
     def _end(self) -> None:
@@ -345,6 +352,22 @@ class _Connection(RefPeer):
         ctx = self.running.get(call_id) if call_id is not None else None
         if ctx is not None:
             ctx.cancel()
+
+    def _call(self, kind: int, call_id: int, ms: int, name: str, args: list[Any]) -> None:
+        """The common request, taken apart in C (``[0, name, [plain...]]`` with its
+        call id and deadline): what :meth:`_handle` does for it, without its checks
+        of the shape; anything not a plain method of the service goes to it."""
+        method = self.service.methods.get(name)
+        if method is None:  # the allowlist's refusal, with its error
+            self._handle(*w.as_message(kind, call_id, ms, name, args))
+            return
+        at = None if ms < 0 else time.monotonic() + ms / 1000.0
+        try:
+            reply = self._run(method, args, None, call_id, at)
+        except RemoteError as err:
+            self.server.errors += 1
+            reply = w.error_body(err)
+        self._reply(call_id, reply)
 
     def _handle(self, body: Any, fields: dict[int, bytes] | None) -> None:
         server = self.server
