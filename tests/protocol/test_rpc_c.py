@@ -240,3 +240,29 @@ def test_parse_leaves_other_shapes_to_the_general_path() -> None:
     assert _rpc.parse_parts(None, b"") is None  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _rpc.parse("not a buffer", 1 << 20)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    args=st.lists(_PLAIN, max_size=8),
+    client=st.binary(min_size=1, max_size=64),
+    seq=st.integers(min_value=1, max_value=2**63 - 1),
+    call_id=st.integers(min_value=0, max_value=2**64 - 1),
+    ms=st.one_of(st.just(-1), st.integers(min_value=0, max_value=2**32 - 1)),
+)
+def test_an_exactly_once_request_is_the_reference_frame(
+    args: list[Any], client: bytes, seq: int, call_id: int, ms: int
+) -> None:
+    key = [client, seq, seq - 1]
+    fields = {int(Field.MESSAGE_ID): w.id_field(call_id)}
+    if ms >= 0:
+        fields[int(Field.DEADLINE)] = ms.to_bytes(4, "little")
+    ref = _reference([w.REQUEST, "m", args, None, key], fields)
+    assert _rpc.request("m", args, call_id, ms, key) == ref
+    assert _rpc.request("m", args, call_id, ms, None) == _request_ref("m", args, call_id, ms)
+    assert _rpc.parse(ref, 1 << 20) is None  # five elements: the server's general path
+
+
+def test_a_key_that_is_not_plain_is_left_to_the_codec() -> None:
+    assert _rpc.request("m", [1], 1, -1, [b"c", [1], 0]) is None
+    assert _rpc.request("m", [1], 1, -1, {"a": 1}) is None  # type: ignore[arg-type]

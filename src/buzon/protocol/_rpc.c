@@ -9,9 +9,11 @@
  * codec: enc_hook, out-of-band buffers, errors), which stays the reference: the bytes
  * written here are the ones msgspec writes (tests/protocol/test_rpc_c.py).
  *
- *   request(method, args, call_id, ms) -> bytes | None
+ *   request(method, args, call_id, ms[, key]) -> bytes | None
  *       ``[0, method, args]`` with MESSAGE_ID = call_id and, when ``ms`` >= 0, a
- *       DEADLINE of ``ms`` milliseconds. ``args``: a tuple or list.
+ *       DEADLINE of ``ms`` milliseconds. ``args``: a tuple or list. With ``key``
+ *       (an exactly-once key, a list of plain values; None: none):
+ *       ``[0, method, args, nil, key]``.
  *
  *   reply(call_id, result) -> bytes | None
  *       ``[1, nil, result]`` with CORRELATION = call_id.
@@ -226,10 +228,13 @@ static PyObject *finish(unsigned char *buf, Out *o, Py_ssize_t start, int tag, u
 
 static PyObject *py_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "request(method, args, call_id, ms)");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "request(method, args, call_id, ms[, key])");
         return NULL;
     }
+    PyObject *key = nargs == 5 ? args[4] : Py_None;
+    if (key != Py_None && !PyList_CheckExact(key) && !PyTuple_CheckExact(key))
+        Py_RETURN_NONE;
     PyObject *method = args[0], *seq = args[1];
     unsigned long long id = PyLong_AsUnsignedLongLong(args[2]);
     if (id == (unsigned long long)-1 && PyErr_Occurred())
@@ -247,7 +252,7 @@ static PyObject *py_request(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     int r;
-    o.p[o.n++] = 0x93;
+    o.p[o.n++] = key == Py_None ? 0x93 : 0x95;
     o.p[o.n++] = 0x00;
     if ((r = put_scalar(&o, method)) != 1 || !PyUnicode_CheckExact(method))
         goto out;
@@ -262,6 +267,25 @@ static PyObject *py_request(PyObject *self, PyObject *const *args, Py_ssize_t na
         }
         if ((r = put_scalar(&o, items[i])) != 1)
             goto out;
+    }
+    if (key != Py_None) { /* exactly-once: no keywords, then the key's plain values */
+        Py_ssize_t kcount = PySequence_Fast_GET_SIZE(key);
+        PyObject **kitems = PySequence_Fast_ITEMS(key);
+        if (!room(&o, 1)) {
+            r = 0;
+            goto out;
+        }
+        o.p[o.n++] = 0xc0;
+        if ((r = put_array_head(&o, kcount)) != 1)
+            goto out;
+        for (Py_ssize_t i = 0; i < kcount; i++) {
+            if (i >= PySequence_Fast_GET_SIZE(key)) {
+                r = 0;
+                goto out;
+            }
+            if ((r = put_scalar(&o, kitems[i])) != 1)
+                goto out;
+        }
     }
     return finish(buf, &o, start, F_MESSAGE_ID, id, ms);
 out:
@@ -584,7 +608,7 @@ static PyObject *py_parse_parts(PyObject *self, PyObject *const *args, Py_ssize_
 
 static PyMethodDef methods[] = {
     {"request", (PyCFunction)(void (*)(void))py_request, METH_FASTCALL,
-     "request(method, args, call_id, ms) -> bytes | None: a call's whole frame"},
+     "request(method, args, call_id, ms[, key]) -> bytes | None: a call's whole frame"},
     {"reply", (PyCFunction)(void (*)(void))py_reply, METH_FASTCALL,
      "reply(call_id, result) -> bytes | None: a reply's whole frame"},
     {"parse", (PyCFunction)(void (*)(void))py_parse, METH_FASTCALL,

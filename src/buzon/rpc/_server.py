@@ -445,7 +445,8 @@ class _Connection(RefPeer):
         key = call_id if call_id is not None else -id(ctx)  # notifies count as in flight
         running = self.running
         running[key] = ctx  # one dict operation: atomic, no lock needed
-        self.server._pub.counters[STARTED] += 1  # published for buzon ls (rpc/_publish.py)
+        pub = self.server._pub
+        pub.counters[STARTED] += 1  # published for buzon ls (rpc/_publish.py)
         # this thread's context: the handler (and the calls it makes) see ctx and its
         # deadline; reset after, so nothing leaks into the next call of this thread
         current = _CURRENT.set(ctx)
@@ -467,7 +468,7 @@ class _Connection(RefPeer):
             _DEADLINE.reset(budget)
             _CURRENT.reset(current)
             del running[key]
-            self.server._pub.counters[ENDED] += 1
+            pub.counters[ENDED] += 1
 
     # -- remote objects: calls to the client's objects ------------------------------
 
