@@ -1,7 +1,11 @@
 from typing import Any
 
 def request(
-    method: str, args: tuple[Any, ...] | list[Any], call_id: int, ms: int
+    method: str,
+    args: tuple[Any, ...] | list[Any],
+    call_id: int,
+    ms: int,
+    key: list[Any] | None = None,
 ) -> bytes | None: ...
 def reply(call_id: int, result: Any) -> bytes | None: ...
 def parse(data: Any, max_frame: int) -> tuple[int, int, int, Any, Any] | None: ...
