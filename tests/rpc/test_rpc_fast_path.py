@@ -179,17 +179,19 @@ def test_the_solo_path_validates_results_against_the_protocol() -> None:
 def test_messages_taken_apart_in_c_are_counted_as_the_channel_counts_them(url: str) -> None:
     """The short path reads some messages without the channel's decoder (a ring's
     record parsed in C): both ends' statistics still count every message and byte."""
-    with serving(url, calc_service(Recorder())) as srv:
-        with rpc.connect(srv.address, timeout=30) as c:
-            before = c.channel.statistics()
-            for i in range(50):
-                assert c.add(i, 1) == i + 1
-            after = c.channel.statistics()
-            assert after.messages_sent - before.messages_sent == 50
-            assert after.messages_received - before.messages_received == 50
-            sent = after.bytes_sent - before.bytes_sent
-            received = after.bytes_received - before.bytes_received
-            assert sent > 50 * 20 and received > 50 * 20  # header, fields and body each
-            (conn,) = srv._connections
-            server = conn.ch.statistics()
-            assert server.messages_received >= 50 and server.messages_sent >= 50
+    with (
+        serving(url, calc_service(Recorder())) as srv,
+        rpc.connect(srv.address, timeout=30) as c,
+    ):
+        before = c.channel.statistics()
+        for i in range(50):
+            assert c.add(i, 1) == i + 1
+        after = c.channel.statistics()
+        assert after.messages_sent - before.messages_sent == 50
+        assert after.messages_received - before.messages_received == 50
+        sent = after.bytes_sent - before.bytes_sent
+        received = after.bytes_received - before.bytes_received
+        assert sent > 50 * 20 and received > 50 * 20  # header, fields and body each
+        (conn,) = srv._connections
+        server = conn.ch.statistics()
+        assert server.messages_received >= 50 and server.messages_sent >= 50
