@@ -394,12 +394,7 @@ class Client(RefPeer):
         return p.result
 
     def _call_solo(self, method: str, args: tuple[Any, ...]) -> Any:
-        """A call while no other call is in flight, its arguments plain: its whole
-        frame is made in C (``protocol._rpc.request``), sent, and this thread reads
-        the connection until the reply is in (replies to nothing and the server's own
-        messages are handled as :meth:`_read_one` always does). ``_NOT_SOLO``: it
-        does not apply (another call started meanwhile, a value is not plain, the
-        channel's codec is not msgpack); nothing was sent then."""
+        """:meth:`_solo` for an at-most-once call: its result, or ``_NOT_SOLO``."""
         if self._broken is not None or not self._msgpack:
             return _NOT_SOLO
         at = _DEADLINE.get()  # self._deadline(), inline
@@ -407,15 +402,31 @@ class Client(RefPeer):
             mine = _monotonic() + self._timeout
             if at is None or mine < at:
                 at = mine
+        p = self._solo(method, args, at, None)
+        if p is _NOT_SOLO:
+            return p
+        if p.error is not None:
+            raise p.error
+        return p.result
+
+    def _solo(self, method: str, args: tuple[Any, ...], at: float | None, key: Any) -> Any:
+        """A call while no other call is in flight, its arguments plain (``key``: an
+        exactly-once key, or None): its whole frame is made in C
+        (``protocol._rpc.request``), sent, and this thread reads the connection until
+        the reply is in or ``at`` passes (replies to nothing and the server's own
+        messages are handled as :meth:`_read_one` always does); returns the settled
+        :class:`_Pending`. ``_NOT_SOLO``: it does not apply (another call started
+        meanwhile, a value is not plain, the channel's codec is not msgpack); nothing
+        was sent then."""
         call_id = next(self._ids)
         if at is None:
             left = None
-            frame = _request(method, args, call_id, -1)
+            frame = _request(method, args, call_id, -1, key)
         else:
             left = at - _monotonic()
             if left < 0.0:
                 left = 0.0
-            frame = _request(method, args, call_id, int(left * 1000.0))
+            frame = _request(method, args, call_id, int(left * 1000.0), key)
         if frame is None or len(frame) > self._max_frame:
             return _NOT_SOLO
         lock = self._lock
@@ -450,9 +461,7 @@ class Client(RefPeer):
         self._release_reading()
         if not p.done:
             self._abandon(p, None)
-        if p.error is not None:
-            raise p.error
-        return p.result
+        return p
 
     def _release_reading(self) -> None:
         with self._lock:
@@ -535,14 +544,23 @@ class Client(RefPeer):
                 try:
                     if broken is not None:
                         self._reconnect(broken, r.at)
-                    p = self._start(method, args, kwargs, r.at, r.key())
-                    r.sent = True
-                    try:
-                        if not p.done:
-                            self._wait(p, None)
-                    except BaseException:
-                        self._abandon(p, "the caller was interrupted")
-                        raise
+                    key = r.key()
+                    p: Any = (
+                        self._solo(method, args, r.at, key)
+                        if not kwargs and not self._pending and not self._reading and self._msgpack
+                        else _NOT_SOLO
+                    )
+                    if p is not _NOT_SOLO:  # the common case: sent and answered (or given up)
+                        r.sent = True
+                    else:
+                        p = self._start(method, args, kwargs, r.at, key)
+                        r.sent = True
+                        try:
+                            if not p.done:
+                                self._wait(p, None)
+                        except BaseException:
+                            self._abandon(p, "the caller was interrupted")
+                            raise
                     if not isinstance(p.error, (EndOfChannel, ChannelClosed)) or self._closing:
                         r.outcome(p.error)
                         return p.result
