@@ -46,7 +46,7 @@ sanitize: install
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/shm/test_core.py \
 		tests/shm/test_fast_path.py tests/shm/test_rendezvous_ring.py tests/protocol/test_ring_frames.py \
 		tests/protocol/test_fifo_envelope.py \
-		tests/protocol/test_stream_c.py tests/protocol/test_fields_c.py \
+		tests/protocol/test_stream_c.py tests/protocol/test_fields_c.py tests/protocol/test_rpc_c.py \
 		tests/protocol/test_wait_frame.py tests/mailbox/test_mailbox.py \
 		tests/mailbox/test_mailbox_hot_path.py
 

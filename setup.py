@@ -3,7 +3,8 @@ shared-memory core (rings in named segments; one extension built from the units 
 src/buzon/_core.h lists), the frame format's C speedups: for those rings
 (buzon.protocol._frames, which reaches the rings through the core's C API,
 src/buzon/_core_api.h) and for streams (protocol/_stream.c), DATA frames with header
-fields (protocol/_fields.c: the RPC messages), and the ``fifo:``
+fields (protocol/_fields.c: the RPC messages) and the RPC messages' common case framed
+(protocol/_rpc.c), and the ``fifo:``
 envelope's hot paths (protocol/_envelope.c)."""
 
 from setuptools import Extension, setup
@@ -44,6 +45,11 @@ setup(
         Extension(
             "buzon.protocol._fields",
             sources=["src/buzon/protocol/_fields.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
+            "buzon.protocol._rpc",
+            sources=["src/buzon/protocol/_rpc.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(

@@ -21,6 +21,7 @@ from buzon.bench._report import RPC_TARGETS, evaluate_targets, render
 BUZON_ROWS = {
     "buzon-rpc-exactly-once/unix/rpcadd",
     "buzon-rpc/shm/rpcadd",
+    "socket-floor/unix/rpcadd",  # the floor of any Python RPC (docs/benchmarks.md)
 }
 # module -> the rows it is needed for
 PEER_ROWS = {
@@ -28,6 +29,8 @@ PEER_ROWS = {
     "rpyc": "rpyc/unix/rpcadd",
     "grpc": "grpcio/unix/rpcadd",
 }
+# the same peers in their default configuration (docs/benchmarks.md)
+DEFAULT_ROWS = {"Pyro5": "pyro5-default/unix/rpcadd", "rpyc": "rpyc-default/unix/rpcadd"}
 NVIM_ROW = "buzon-msgpack-rpc/nvim/rpcadd"
 
 
@@ -63,7 +66,7 @@ def _check_rate(r: dict[str, Any]) -> None:
 
 def test_the_rows_are_listed() -> None:
     ids = {c.id for c in all_cases()}
-    assert BUZON_ROWS | set(PEER_ROWS.values()) | {NVIM_ROW} <= ids
+    assert BUZON_ROWS | set(PEER_ROWS.values()) | set(DEFAULT_ROWS.values()) | {NVIM_ROW} <= ids
 
 
 def test_shm_and_exactly_once_rows_run_and_leave_nothing_behind(
@@ -91,6 +94,26 @@ def test_peer_rows_run_and_leave_nothing_behind(
     _assert_clean(before, private_dirs)
     (r,) = doc["results"]
     _check_rate(r)
+
+
+@pytest.mark.parametrize("module", sorted(DEFAULT_ROWS))
+def test_default_config_rows_run_and_the_fast_config_does_not_leak_into_them(
+    module: str, tmp_path: Path, private_dirs: tuple[Path, Path]
+) -> None:
+    if not _installed(module):
+        pytest.skip(f"{module} is not installed (make bench installs it)")
+    before = _state()
+    rc, doc = _run(tmp_path, f"{PEER_ROWS[module]},{DEFAULT_ROWS[module]}")
+    assert rc == 0
+    _assert_clean(before, private_dirs)
+    by_id = {r["id"]: r for r in doc["results"]}
+    assert set(by_id) == {PEER_ROWS[module], DEFAULT_ROWS[module]}
+    for r in by_id.values():
+        _check_rate(r)
+    if module == "Pyro5":  # marshal was the fast row's; the default row had serpent
+        import importlib
+
+        assert importlib.import_module("Pyro5").config.SERIALIZER == "serpent"
 
 
 def test_nvim_row_measures_buzon_and_the_bare_loop(
@@ -152,6 +175,8 @@ PASSING = [
     _result("buzon-rpc/shm/rpcadd", rate=120e3),  # >= 100k
     _result("pyro5/unix/rpcadd", rate=5e3),  # 60k >= 8 x 5k
     _result("rpyc/unix/rpcadd", rate=3e3),
+    _result("pyro5-default/unix/rpcadd", rate=4e3),
+    _result("rpyc-default/unix/rpcadd", rate=1.5e3),
     _result("grpcio/unix/rpcadd", rate=2e3),
     _result("buzon-msgpack-rpc/nvim/rpcadd", rate=19e3, bare=20e3),  # >= 0.9 x 20k
 ]
@@ -163,7 +188,7 @@ def _rpc_targets(results: list[Result]) -> dict[str, str]:
 
 def test_rpc_targets_pass_fail_and_na_from_given_numbers() -> None:
     labels = [spec[0] for spec in RPC_TARGETS]
-    assert len(labels) == len(set(labels)) == 8
+    assert len(labels) == len(set(labels)) == 10
     assert _rpc_targets(PASSING) == dict.fromkeys(labels, "PASS")
 
     slower = {
@@ -179,16 +204,21 @@ def test_rpc_targets_pass_fail_and_na_from_given_numbers() -> None:
         "unix vs mp.managers": "FAIL",
         "unix vs Pyro5": "FAIL",
         "unix vs RPyC": "PASS",  # 39k >= 8 x 3k
+        "unix vs Pyro5 (default config)": "PASS",  # 39k >= 8 x 4k
+        "unix vs RPyC (root.add per call)": "PASS",
         "unix vs grpcio": "PASS",
         "shm vs 100k calls/s": "FAIL",
         "shm vs mp.managers": "FAIL",
         "exactly_once vs at_most_once": "PASS",  # 50k >= 0.8 x 39k
         "nvim msgpack-rpc vs bare msgpack": "FAIL",
     }
-    without = [r for r in PASSING if r.case.impl not in ("pyro5", "buzon-msgpack-rpc")]
+    without = [
+        r for r in PASSING if r.case.impl not in ("pyro5", "pyro5-default", "buzon-msgpack-rpc")
+    ]
     got = _rpc_targets(without)
     assert {k for k, v in got.items() if v == "n/a"} == {
         "unix vs Pyro5",
+        "unix vs Pyro5 (default config)",
         "nvim msgpack-rpc vs bare msgpack",
     }
 

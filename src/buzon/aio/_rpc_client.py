@@ -29,6 +29,8 @@ from ..errors import (
     ValidationError,
 )
 from ..errors import Timeout as _Timeout
+from ..protocol._rpc import reply as _reply
+from ..protocol._rpc import request as _request
 from ..protocol.frames import Kind, encode_frame
 from ..rpc import _wire as w
 from ..rpc._client import _return_types, resolve_server
@@ -50,14 +52,37 @@ _UNENCODABLE = (CodecError, TypeError, ValueError, OverflowError, MessageTooLarg
 async def send_body(
     ch: Channel, body: Any, tag: int, call_id: int, budget: float | None, timeout: float | None
 ) -> None:
-    """The asyncio form of :func:`buzon.rpc._wire.send` (the same frame)."""
+    """The asyncio form of :func:`buzon.rpc._wire.send` (the same frame). A request or
+    a reply of plain values (the common case) is framed in C, as the blocking client
+    and server frame it (``protocol._rpc``)."""
     core = ch._core
+    if type(body) is list and core.codec.name == "msgpack":
+        frame = _frame_in_c(body, tag, call_id, budget)
+        if frame is not None and len(frame) <= core.max_frame:
+            await ch._send_encoded([frame], timeout)
+            return
     codec, payload, buffers = core.codec.encode(body)
     fields = {tag: w.id_field(call_id)}
     if budget is not None:
         fields[w.DEADLINE] = w.ms_field(budget)
     bufs = encode_frame(Kind.DATA, codec, payload, buffers, fields=fields, max_frame=core.max_frame)
     await ch._send_encoded(bufs, timeout)
+
+
+def _frame_in_c(body: list[Any], tag: int, call_id: int, budget: float | None) -> bytes | None:
+    """``body``'s whole frame from ``protocol._rpc`` (None: not of the common shape)."""
+    n = len(body)
+    if tag == w.MESSAGE_ID and n in (3, 5) and body[0] == w.REQUEST and type(body[1]) is str:
+        key = None
+        if n == 5:
+            if body[3] is not None or type(body[4]) is not list:
+                return None
+            key = body[4]
+        ms = -1 if budget is None else max(0, int(budget * 1000.0))
+        return _request(body[1], body[2], call_id, ms, key)
+    if tag == w.CORRELATION and n == 3 and body[0] == w.REPLY and body[1] is None:
+        return _reply(call_id, body[2])
+    return None
 
 
 async def answer_ref_call(

@@ -325,6 +325,9 @@ RPC_TARGETS: list[tuple[str, str, str, _Op, float, str | tuple[str, str] | float
     ("unix vs mp.managers", _RPC_UNIX, "rate", ">=", 2, _MANAGERS),
     ("unix vs Pyro5", _RPC_UNIX, "rate", ">=", 8, "pyro5/unix/rpcadd"),
     ("unix vs RPyC", _RPC_UNIX, "rate", ">=", 8, "rpyc/unix/rpcadd"),
+    # the same peers as a user who configures nothing calls them (docs/benchmarks.md)
+    ("unix vs Pyro5 (default config)", _RPC_UNIX, "rate", ">=", 8, "pyro5-default/unix/rpcadd"),
+    ("unix vs RPyC (root.add per call)", _RPC_UNIX, "rate", ">=", 8, "rpyc-default/unix/rpcadd"),
     ("unix vs grpcio", _RPC_UNIX, "rate", ">=", 8, "grpcio/unix/rpcadd"),
     ("shm vs 100k calls/s", _RPC_SHM, "rate", ">=", 1, 1e5),
     ("shm vs mp.managers", _RPC_SHM, "rate", ">=", 4, _MANAGERS),

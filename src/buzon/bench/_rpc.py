@@ -131,10 +131,56 @@ def _managers(ctx: Ctx) -> Values:
     return values
 
 
+def _socket_floor(ctx: Ctx) -> Values:
+    """The floor of any Python RPC over a Unix socket: a blocking socket, ``[id, a,
+    b]`` -> ``[id, a + b]`` encoded with msgspec (no framing, no checks, no
+    dispatch), the server a bare loop in the child. Not a target: what the other
+    rows are measured against when a target asks for more than this (docs)."""
+    import socket
+
+    import msgspec
+
+    path = os.path.join(ctx.tmpdir, f"floor{ctx.seq}.sock")
+    enc, dec = msgspec.msgpack.encode, msgspec.msgpack.decode
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def child() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while True:
+                msg = conn.recv(4096)
+                if not msg:
+                    return
+                call_id, a, b = dec(msg)
+                conn.sendall(enc([call_id, a + b]))
+
+    proc = ctx.spawn(child)
+    listener.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    ids = [0]
+
+    def call(a: int, b: int) -> int:
+        ids[0] += 1
+        sock.sendall(enc([ids[0], a, b]))
+        got = dec(sock.recv(4096))
+        return int(got[1])
+
+    try:
+        values = measure_calls(ctx, call)
+    finally:
+        sock.close()
+    proc.join()
+    return values
+
+
 def rpc_cases() -> list[Case]:
     """``add(a, b)`` calls/s over ``unix:``: buzon.rpc (with ``spin=0``: both ends
     block at once; with the default spin; exactly-once), then
-    multiprocessing.managers; buzon.rpc over ``shm:``."""
+    multiprocessing.managers; buzon.rpc over ``shm:``; the floor of any Python RPC
+    over a Unix socket (a bare socket loop)."""
     return [
         Case("buzon-rpc-spin0", "unix", "rpcadd", lambda ctx: _buzon_rpc(ctx, 0.0)),
         Case("buzon-rpc", "unix", "rpcadd", _buzon_rpc),
@@ -146,4 +192,5 @@ def rpc_cases() -> list[Case]:
         ),
         Case("mp-managers", "unix", "rpcadd", _managers),
         Case("buzon-rpc", "shm", "rpcadd", lambda ctx: _buzon_rpc(ctx, scheme="shm")),
+        Case("socket-floor", "unix", "rpcadd", _socket_floor),
     ]

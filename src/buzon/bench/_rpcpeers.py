@@ -12,9 +12,15 @@ row                          how
 ``pyro5/unix``               a ``Pyro5.api.Daemon`` on a Unix socket (``unixsocket=``),
                              its default thread-pool server; the client's serializer is
                              ``marshal`` (Pyro5's fastest); one ``Proxy``, bound once
+``pyro5-default/unix``       the same with Pyro5's default configuration (the client's
+                             serializer ``serpent``): the call a user who sets nothing
+                             makes
 ``rpyc/unix``                ``rpyc.ThreadedServer(socket_path=)`` with a service whose
                              ``exposed_add`` adds; ``unix_connect``; the netref of
                              ``root.add`` is looked up once
+``rpyc-default/unix``        the same, each call written ``conn.root.add(a, b)`` as in
+                             RPyC's documentation (the lookup of ``add`` on the root
+                             netref is a request of its own)
 ``grpcio/unix``              ``grpc.server`` (4 worker threads) on ``unix:PATH``, the
                              method ``/calc.Calc/Add`` registered with a generic handler
                              (no ``.proto`` compile step): request and reply are packed
@@ -79,7 +85,9 @@ def _retry(connect: Callable[[], Any]) -> Any:
 # --- Pyro5 --------------------------------------------------------------------------
 
 
-def _pyro5(ctx: Ctx) -> Values:
+def _pyro5(ctx: Ctx, serializer: str | None = "marshal") -> Values:
+    """``serializer``: the client's (``marshal``, Pyro5's fastest), or None: Pyro5's
+    default configuration (``serpent``), as a user who sets nothing gets."""
     pyro5 = need("Pyro5")
     path = ctx.path("pyro")
 
@@ -104,19 +112,24 @@ def _pyro5(ctx: Ctx) -> Values:
 
     proc = ctx.spawn(child)
     api = _module("Pyro5.api")
-    pyro5.config.SERIALIZER = "marshal"  # Pyro5's fastest serializer
+    before = pyro5.config.SERIALIZER
+    if serializer is not None:
+        pyro5.config.SERIALIZER = serializer  # marshal: Pyro5's fastest serializer
 
     def connect() -> Any:
         proxy = api.Proxy(f"PYRO:calc@./u:{path}")
         proxy._pyroBind()
         return proxy
 
-    proxy = _retry(connect)
     try:
-        values = measure_calls(ctx, proxy.add)
-        proxy.stop()
+        proxy = _retry(connect)
+        try:
+            values = measure_calls(ctx, proxy.add)
+            proxy.stop()
+        finally:
+            proxy._pyroRelease()
     finally:
-        proxy._pyroRelease()
+        pyro5.config.SERIALIZER = before  # the next row gets its own configuration
     proc.join()
     return values
 
@@ -124,7 +137,10 @@ def _pyro5(ctx: Ctx) -> Values:
 # --- RPyC ---------------------------------------------------------------------------
 
 
-def _rpyc(ctx: Ctx) -> Values:
+def _rpyc(ctx: Ctx, bound: bool = True) -> Values:
+    """``bound``: the netref of ``root.add`` looked up once; False: every call is
+    ``conn.root.add(a, b)`` as written in RPyC's documentation (the attribute lookup
+    is a request of its own)."""
     rpyc = need("rpyc")
     path = ctx.path("rpyc")
 
@@ -155,7 +171,10 @@ def _rpyc(ctx: Ctx) -> Values:
     unix_connect = _module("rpyc.utils.factory").unix_connect
     conn = _retry(lambda: unix_connect(path))
     try:
-        values = measure_calls(ctx, conn.root.add)
+        if bound:
+            values = measure_calls(ctx, conn.root.add)
+        else:
+            values = measure_calls(ctx, lambda a, b: conn.root.add(a, b))
         conn.root.stop()
     finally:
         conn.close()
@@ -322,7 +341,9 @@ def rpc_peer_cases() -> list[Case]:
     msgpack-rpc to Neovim (buzon's client; value ``bare``: a bare loop)."""
     return [
         Case("pyro5", "unix", "rpcadd", _pyro5),
+        Case("pyro5-default", "unix", "rpcadd", lambda ctx: _pyro5(ctx, None)),
         Case("rpyc", "unix", "rpcadd", _rpyc),
+        Case("rpyc-default", "unix", "rpcadd", lambda ctx: _rpyc(ctx, False)),
         Case("grpcio", "unix", "rpcadd", _grpcio),
         Case("buzon-msgpack-rpc", "nvim", "rpcadd", _nvim),
     ]

@@ -43,6 +43,7 @@ from ..errors import (
 )
 from ..errors import Timeout as _Timeout
 from ..names import lookup
+from ..protocol._rpc import request as _request
 from ..sync import Channel
 from ..sync import connect as _connect
 from . import _wire as w
@@ -59,7 +60,11 @@ __all__ = ["Call", "Client", "ServerRestarted", "close", "connect"]
 P = TypeVar("P")
 
 _monotonic = time.monotonic
-_SLICE = 0.25  # longest single wait for input, so that close() is noticed
+# the reader of call_async futures reads in slices of at most this, to expire the
+# futures whose deadline passes even while no message comes (a close() from another
+# thread wakes any blocked receive: the blocking calls read without slices)
+_SLICE = 0.25
+_NOT_SOLO = object()  # Client._call_solo did not apply
 
 
 class _Pending:
@@ -225,7 +230,8 @@ class Client(RefPeer):
         self._timeout = timeout
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._reading = False
         self._sleepers = 0
         self._broken: BuzonError | None = None
@@ -245,7 +251,16 @@ class Client(RefPeer):
         self._restarts = 0  # reconnects that found another server start, table lost
         self.restarts_survived = 0  # ...whose table persisted: calls in flight go on
         self._closing = False
+        self._msgpack = False  # _call_solo applies (set by _use_channel)
+        self._max_frame = 0
+        self._use_channel(channel)
         self._ref_init()
+
+    def _use_channel(self, channel: Channel) -> None:
+        """What the solo call path needs to know of a (new) connection."""
+        core = channel._core
+        self._msgpack = core.codec.name == "msgpack"
+        self._max_frame = core.max_frame
 
     # -- the proxy ----------------------------------------------------------------
 
@@ -295,6 +310,24 @@ class Client(RefPeer):
         if len(pending) >= self._max_in_flight:
             self._wait_for_slot(method, at)
         call_id = next(self._ids)
+        if target is None and not kwargs and self._msgpack:
+            # plain values (the common case, exactly-once keys too): framed in C
+            left = None if at is None else max(0.0, at - _monotonic())
+            frame = _request(method, args, call_id, -1 if left is None else int(left * 1000.0), key)
+            if frame is not None and len(frame) <= self._max_frame:
+                p = _Pending(call_id, method, at, self._rtypes.get(method, Any))
+                pending[call_id] = p
+                try:
+                    w.send_frame(self._ch, frame, left)
+                except _Timeout:
+                    self._settle(
+                        p, DeadlineExceeded(f"{method}: the deadline passed while sending")
+                    )
+                    raise p.error from None  # type: ignore[misc]
+                except BaseException:
+                    self._settle(p, None)
+                    raise
+                return p
         out = self._out
         wargs = list(args)
         for a in args:  # inline: plain arguments (the common case) cost no call
@@ -344,6 +377,11 @@ class Client(RefPeer):
         """Call ``method`` with the arguments and wait for its result."""
         if self._semantics != "at_most_once":
             return self._call_again_and_again(method, args, kwargs)
+        if not kwargs and not self._pending and not self._reading:
+            # the common case: no other call in flight, plain arguments
+            got = self._call_solo(method, args)
+            if got is not _NOT_SOLO:
+                return got
         p = self._start(method, args, kwargs)
         try:
             if not p.done:
@@ -354,6 +392,82 @@ class Client(RefPeer):
         if p.error is not None:
             raise p.error
         return p.result
+
+    def _call_solo(self, method: str, args: tuple[Any, ...]) -> Any:
+        """:meth:`_solo` for an at-most-once call: its result, or ``_NOT_SOLO``."""
+        if self._broken is not None or not self._msgpack:
+            return _NOT_SOLO
+        at = _DEADLINE.get()  # self._deadline(), inline
+        if self._timeout is not None:
+            mine = _monotonic() + self._timeout
+            if at is None or mine < at:
+                at = mine
+        p = self._solo(method, args, at, None)
+        if p is _NOT_SOLO:
+            return p
+        if p.error is not None:
+            raise p.error
+        return p.result
+
+    def _solo(self, method: str, args: tuple[Any, ...], at: float | None, key: Any) -> Any:
+        """A call while no other call is in flight, its arguments plain (``key``: an
+        exactly-once key, or None): its whole frame is made in C
+        (``protocol._rpc.request``), sent, and this thread reads the connection until
+        the reply is in or ``at`` passes (replies to nothing and the server's own
+        messages are handled as :meth:`_read_one` always does); returns the settled
+        :class:`_Pending`. ``_NOT_SOLO``: it does not apply (another call started
+        meanwhile, a value is not plain, the channel's codec is not msgpack); nothing
+        was sent then."""
+        call_id = next(self._ids)
+        if at is None:
+            left = None
+            frame = _request(method, args, call_id, -1, key)
+        else:
+            left = at - _monotonic()
+            if left < 0.0:
+                left = 0.0
+            frame = _request(method, args, call_id, int(left * 1000.0), key)
+        if frame is None or len(frame) > self._max_frame:
+            return _NOT_SOLO
+        lock = self._lock
+        with lock:
+            if self._reading or self._pending or self._broken is not None:
+                return _NOT_SOLO
+            self._reading = True
+        p = _Pending(call_id, method, at, self._rtypes.get(method, Any))
+        self._pending[call_id] = p
+        try:
+            try:
+                w.send_frame(self._ch, frame, left)
+            except _Timeout:
+                self._settle(p, DeadlineExceeded(f"{method}: the deadline passed while sending"))
+            except BaseException:
+                self._settle(p, None)
+                raise
+            read = self._read_one
+            # no slices: a close() from another thread wakes a blocked receive
+            while not p.done:
+                if at is None:
+                    read(None)
+                    continue
+                rest = at - _monotonic()
+                if rest <= 0.0:
+                    break
+                read(rest)
+        except BaseException:  # interrupted: the server is told
+            self._release_reading()
+            self._abandon(p, "the caller was interrupted")
+            raise
+        self._release_reading()
+        if not p.done:
+            self._abandon(p, None)
+        return p
+
+    def _release_reading(self) -> None:
+        with self._lock:
+            self._reading = False
+            if self._sleepers:
+                self._cv.notify_all()
 
     def _call_ref(self, rid: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call method ``name`` of the server's object ``rid`` (a :class:`RemoteObject`
@@ -430,14 +544,23 @@ class Client(RefPeer):
                 try:
                     if broken is not None:
                         self._reconnect(broken, r.at)
-                    p = self._start(method, args, kwargs, r.at, r.key())
-                    r.sent = True
-                    try:
-                        if not p.done:
-                            self._wait(p, None)
-                    except BaseException:
-                        self._abandon(p, "the caller was interrupted")
-                        raise
+                    key = r.key()
+                    p: Any = (
+                        self._solo(method, args, r.at, key)
+                        if not kwargs and not self._pending and not self._reading and self._msgpack
+                        else _NOT_SOLO
+                    )
+                    if p is not _NOT_SOLO:  # the common case: sent and answered (or given up)
+                        r.sent = True
+                    else:
+                        p = self._start(method, args, kwargs, r.at, key)
+                        r.sent = True
+                        try:
+                            if not p.done:
+                                self._wait(p, None)
+                        except BaseException:
+                            self._abandon(p, "the caller was interrupted")
+                            raise
                     if not isinstance(p.error, (EndOfChannel, ChannelClosed)) or self._closing:
                         r.outcome(p.error)
                         return p.result
@@ -458,6 +581,7 @@ class Client(RefPeer):
             before = server_start(self._ch, self._instance_of)
             ch = self._reconnect_fn(left)
             note_restart(self, before, server_start(ch, self._instance_of))
+            self._use_channel(ch)
             old, self._ch = self._ch, ch
             self._broken = None
             self._forget_references(_LOST)
@@ -537,12 +661,12 @@ class Client(RefPeer):
                 try:
                     while not p.done and not self._closing:
                         if at is None:
-                            read(_SLICE)
+                            read(None)  # a close() from another thread wakes it
                             continue
                         rest = at - _monotonic()
                         if rest <= 0:
                             break
-                        read(_SLICE if rest > _SLICE else rest)
+                        read(rest)
                 finally:
                     with cv:
                         self._reading = False
@@ -589,9 +713,9 @@ class Client(RefPeer):
                     left = None if limit is None else limit - _monotonic()
                     if left is not None and left <= 0:
                         break
-                    # in slices: a close() from another thread is noticed (a wait in
-                    # poll() does not end when another thread closes the fd)
-                    self._read_one(_SLICE if left is None or left > _SLICE else left)
+                    if p is None:  # the futures' reader: in slices (see _SLICE)
+                        left = _SLICE if left is None or left > _SLICE else left
+                    self._read_one(left)  # a close() from another thread wakes it
                     if self._closing:
                         break
                     if p is None:
@@ -604,7 +728,7 @@ class Client(RefPeer):
 
     def _read_one(self, timeout: float | None) -> None:
         try:
-            body, fields = self._ch._recv_fields(timeout)
+            kind, call_id, ms, body, fields = w.recv(self._ch, timeout)
         except _Timeout:
             return
         except (EndOfChannel, ChannelClosed) as exc:
@@ -612,6 +736,25 @@ class Client(RefPeer):
             return
         except BuzonError:  # an undecodable message: not a reply to anything we know
             return
+        if kind == w.REPLY:  # the common reply, taken apart in C: its result is plain
+            p = self._pending.get(call_id)
+            if p is None:
+                self.late += 1
+                return
+            rtype = p.rtype
+            if rtype is not Any:
+                try:
+                    body = msgspec.convert(body, rtype)
+                except msgspec.ValidationError as exc:
+                    self._settle(
+                        p,
+                        ValidationError(f"{p.method}: the result does not match {rtype!r}: {exc}"),
+                    )
+                    return
+            self._settle(p, None, body)
+            return
+        if kind != w.OTHER:
+            body, fields = w.as_message(kind, call_id, ms, body, fields)
         value = None if fields is None else fields.get(w.CORRELATION)  # w.read_id, inline
         p = self._pending.get(w.unpack_id(value)[0]) if value and len(value) == 8 else None
         if p is None:

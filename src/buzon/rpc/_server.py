@@ -29,6 +29,7 @@ from ..errors import (
     UnsupportedOperation,
 )
 from ..errors import Timeout as _Timeout
+from ..protocol._rpc import reply as _reply_frame
 from ..sync import Channel
 from ..sync import Server as ChannelServer
 from . import _wire as w
@@ -225,6 +226,9 @@ class _Connection(RefPeer):
         self.threads = 0  # threads started for this connection (the handler's not counted)
         self.inline_since: float | None = None  # the reader's call started then
         self.running: dict[int, CallContext] = {}  # calls in flight, by call id
+        core = ch._core
+        self.msgpack = core.codec.name == "msgpack"  # replies may be framed in C
+        self.max_frame = core.max_frame
         self.done = False
         self._ref_init()
         self._out_ids = itertools.count(1)
@@ -271,7 +275,10 @@ class _Connection(RefPeer):
             self.inline_since = started = time.monotonic()
             self.monitor.busy()
             try:
-                self._handle(*request)
+                if request[0] == w.REQUEST:
+                    self._call(*request)
+                else:
+                    self._handle(request[3], request[4])
             finally:
                 if self.inline_since is started:  # not the next reader's call's
                     self.inline_since = None
@@ -297,12 +304,13 @@ class _Connection(RefPeer):
                 ).start()
             self.inline_since = None  # once per call
 
-    def _next(self) -> tuple[Any, dict[int, bytes] | None] | None:
-        """Read until a request or notify arrives (cancels are applied on the way);
-        None when the connection is over."""
+    def _next(self) -> tuple[int, int, int, Any, Any] | None:
+        """Read until a request or notify arrives (cancels are applied on the way), as
+        :func:`~buzon.rpc._wire.recv` gives it: the common request taken apart, or
+        ``(OTHER, 0, -1, body, fields)``; None when the connection is over."""
         while not self.done:
             try:
-                body, fields = self.ch._recv_fields(None)
+                got = w.recv(self.ch, None)
             except _Timeout:
                 continue  # an idle_timeout on the channel: keep serving
             except (EndOfChannel, ChannelClosed):
@@ -311,6 +319,9 @@ class _Connection(RefPeer):
             except CodecError:
                 self.server.errors += 1  # undecodable: refused, the connection goes on
                 continue
+            if got[0] == w.REQUEST:
+                return got
+            body, fields = w.as_message(*got)
             if type(body) is list and body and body[0] != w.REQUEST:
                 kind = body[0]
                 if kind == w.CANCEL:
@@ -322,7 +333,7 @@ class _Connection(RefPeer):
                 if kind == RELEASE and len(body) == 2:
                     self._exports.release(body[1])
                     continue
-            return body, fields
+            return w.OTHER, 0, -1, body, fields
         return None
 
     def _end(self) -> None:
@@ -341,6 +352,22 @@ class _Connection(RefPeer):
         ctx = self.running.get(call_id) if call_id is not None else None
         if ctx is not None:
             ctx.cancel()
+
+    def _call(self, kind: int, call_id: int, ms: int, name: str, args: list[Any]) -> None:
+        """The common request, taken apart in C (``[0, name, [plain...]]`` with its
+        call id and deadline): what :meth:`_handle` does for it, without its checks
+        of the shape; anything not a plain method of the service goes to it."""
+        method = self.service.methods.get(name)
+        if method is None:  # the allowlist's refusal, with its error
+            self._handle(*w.as_message(kind, call_id, ms, name, args))
+            return
+        at = None if ms < 0 else time.monotonic() + ms / 1000.0
+        try:
+            reply = self._run(method, args, None, call_id, at)
+        except RemoteError as err:
+            self.server.errors += 1
+            reply = w.error_body(err)
+        self._reply(call_id, reply)
 
     def _handle(self, body: Any, fields: dict[int, bytes] | None) -> None:
         server = self.server
@@ -418,7 +445,8 @@ class _Connection(RefPeer):
         key = call_id if call_id is not None else -id(ctx)  # notifies count as in flight
         running = self.running
         running[key] = ctx  # one dict operation: atomic, no lock needed
-        self.server._pub.counters[STARTED] += 1  # published for buzon ls (rpc/_publish.py)
+        pub = self.server._pub
+        pub.counters[STARTED] += 1  # published for buzon ls (rpc/_publish.py)
         # this thread's context: the handler (and the calls it makes) see ctx and its
         # deadline; reset after, so nothing leaks into the next call of this thread
         current = _CURRENT.set(ctx)
@@ -440,7 +468,7 @@ class _Connection(RefPeer):
             _DEADLINE.reset(budget)
             _CURRENT.reset(current)
             del running[key]
-            self.server._pub.counters[ENDED] += 1
+            pub.counters[ENDED] += 1
 
     # -- remote objects: calls to the client's objects ------------------------------
 
@@ -491,8 +519,15 @@ class _Connection(RefPeer):
     def _reply(self, call_id: int, reply: list[Any]) -> None:
         server = self.server
         try:
-            w.send(self.ch, reply, w.CORRELATION, call_id, None, server.reply_timeout)
-            server.calls += 1  # under the GIL; a lost increment only blurs a statistic
+            # a plain result (the common case): its whole frame made in C
+            frame = _reply_frame(call_id, reply[2]) if self.msgpack and reply[1] is None else None
+            if frame is not None and len(frame) <= self.max_frame:
+                w.send_frame(self.ch, frame, server.reply_timeout)
+            else:
+                w.send(self.ch, reply, w.CORRELATION, call_id, None, server.reply_timeout)
+            # server.calls += 1, without the descriptor: under the GIL; a lost
+            # increment only blurs a statistic
+            server._pub.counters[CALLS] += 1
             return
         except (CodecError, TypeError, ValueError, OverflowError, MessageTooLarge) as exc:
             # the result cannot go on the wire: say so instead of dropping the connection

@@ -77,6 +77,9 @@ def _check_name(name: str) -> None:
         )
 
 
+_SCALARS = frozenset({int, float, str, bytes, bool})  # hints a result may match exactly
+
+
 class Method:
     """One callable entry of a :class:`Service`: the function and its schema."""
 
@@ -165,6 +168,8 @@ class Method:
         hint = self.result
         if hint is Any:
             return result
+        if hint in _SCALARS and type(result) is hint:
+            return result  # what msgspec.convert returns for it, without the call
         if hint is None:
             if result is None:
                 return None

@@ -22,23 +22,30 @@ Sans-IO: the helpers here only build and read these values.
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 from ..errors import RemoteError, frame_cap_exceeded
-from ..protocol.frames import FIELDS_FLAG, VERSION, Field, Kind, encode_frame
+from ..protocol._rpc import parse as _parse
+from ..protocol._rpc import parse_parts as _parse_parts
+from ..protocol.frames import FIELDS_FLAG, VERSION, CodecId, Field, Kind, encode_frame
 
 __all__ = [
     "CANCEL",
     "NOTIFY",
     "REPLY",
+    "OTHER",
     "REQUEST",
     "error_body",
+    "as_message",
     "error_from",
     "id_field",
     "ms_field",
     "read_id",
     "read_ms",
+    "recv",
     "send",
+    "send_frame",
     "unpack_id",
     "unpack_ms",
 ]
@@ -114,6 +121,96 @@ def send(
         encode_frame(Kind.DATA, codec, payload, buffers, fields=fields, max_frame=core.max_frame),
         timeout,
     )
+
+
+def send_frame(ch: Any, frame: bytes, timeout: float | None) -> None:
+    """Send one whole encoded frame (``protocol._rpc.request``/``reply``) on the
+    channel ``ch``: as ``Channel.send`` does, in one C call into a shared-memory ring
+    while its fast path is on and the record fits, else the channel's general send."""
+    core = ch._core
+    fast = core.fast_send
+    if fast is not None and len(frame) <= core.fast_limit and fast(frame, -1):
+        return
+    ch._send_encoded([frame], timeout)
+
+
+_perf = time.perf_counter
+#: :func:`recv`'s kind of a message it did not take apart (``a``: body, ``b``: fields)
+OTHER = -1
+
+
+def recv(ch: Any, timeout: float | None) -> tuple[int, int, int, Any, Any]:
+    """The next message on the channel ``ch`` (``Channel._recv_fields``, waiting up
+    to ``timeout``, raising as it does), as ``(kind, call_id, ms, a, b)``:
+
+    - a request ``[0, method, [plain...]]`` with its MESSAGE_ID: ``(REQUEST, call_id,
+      ms, method, args)`` (``ms``: the DEADLINE field, -1 if none);
+    - a reply ``[1, None, plain]`` with its CORRELATION: ``(REPLY, call_id, -1,
+      result, None)``;
+    - anything else: ``(OTHER, 0, -1, body, fields)``, decoded by the channel.
+
+    The first two, the common case, are taken apart in C (``protocol._rpc.parse``)
+    instead of through the channel's decoder and the codec: from a shared-memory
+    ring's record (the channel's ring calls, as ``Channel.recv`` uses them, counted
+    as its general path counts a message), or from the frame a stream's decoder cut.
+    """
+    core = ch._core
+    recv_record = core.fast_recv
+    if recv_record is not None and not core.inbox and not core._track_message_meta:
+        # a ring (multi-consumer safe: no lock, as Channel.recv): try, then spin on it
+        limit = core.max_frame
+        got = recv_record(limit)
+        if got is None:
+            spin = ch._spin
+            wait = core.fast_spin
+            if spin > 0.0 and timeout != 0 and wait is not None:
+                end = _perf() + spin
+                while got is None:
+                    left = end - _perf()
+                    if left <= 0.0 or not wait(left):
+                        break
+                    got = recv_record(limit)
+        if got is not None:
+            code = got[0]
+            if code == -1:  # a whole record, not out of line: maybe ours
+                msg = got[1]
+                parsed = _parse(msg, limit)
+                if parsed is not None:  # counted as _message_item and _take count it
+                    stats = core.stats
+                    stats.bytes_received += len(msg)
+                    stats.messages_received += 1
+                    core.taken += 1
+                    return parsed
+            item = got if code >= 0 else ch._after_fast(got, timeout)
+            if item.__class__ is tuple:
+                return OTHER, 0, -1, core.item_object(item), None
+            return OTHER, 0, -1, core.item_object(item), item.fields
+    with ch._rlock:  # Channel._recv_fields, keeping the frame
+        item = core.buffered()
+        if item is None:
+            item = ch._receive(timeout)
+    if ch._pumpers:
+        ch._wake_pumpers()
+    if item.__class__ is tuple:
+        return OTHER, 0, -1, core.item_object(item), None
+    fields = item.fields
+    if fields and item.codec == CodecId.MSGPACK and not item.buffers:
+        parsed = _parse_parts(fields, item.body)
+        if parsed is not None:
+            return parsed
+    return OTHER, 0, -1, core.item_object(item), fields
+
+
+def as_message(kind: int, call_id: int, ms: int, a: Any, b: Any) -> tuple[Any, Any]:
+    """A :func:`recv` result as the ``(body, fields)`` the general path reads."""
+    if kind == OTHER:
+        return a, b
+    if kind == REPLY:
+        return [REPLY, None, a], {CORRELATION: id_field(call_id)}
+    fields = {MESSAGE_ID: id_field(call_id)}
+    if ms >= 0:
+        fields[DEADLINE] = _U32.pack(ms)
+    return [REQUEST, a, b], fields
 
 
 def id_field(call_id: int) -> bytes:
