@@ -91,7 +91,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
@@ -1430,6 +1430,8 @@ class Mailbox:
             self._hold_fd = -1
             if self._hold_pid == os.getpid():
                 self._poke()  # a receiver waiting in asyncio for the hold takes over
+        for hook in CLOSING_HOOKS:  # asyncio tasks waiting on these fds: ChannelClosed
+            hook((self._wake_fd, self._room_fd), f"mailbox {self.name!r} was closed")
         self._ring.close()
         self._core.mark_fd = -1
         for fd in (self._wake_fd, self._room_fd):
@@ -1514,6 +1516,12 @@ def _fast_codec() -> tuple[Any, Any]:
             msgspec.msgpack.Decoder(ext_hook=ext).decode,
         )
     return _FAST_CODEC
+
+
+#: called with the fds a closing mailbox releases and why, before they go: the asyncio
+#: driver's ``close_fds`` (registered by ``buzon.aio``'s mailbox module) wakes the
+#: tasks waiting on them with ChannelClosed and drops the loops' registrations
+CLOSING_HOOKS: list[Callable[[Iterable[int], str], None]] = []
 
 
 def _wake_waiters(path: str, room: bool) -> None:
