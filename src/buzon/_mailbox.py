@@ -1369,6 +1369,21 @@ class Mailbox:
         return bool(ring.arm_data())
 
     _wait_slice = _WAIT_SLICE
+    _sleepers = 0  # threads in buzon.wait on this object (see _wait_enter)
+
+    def _wait_enter(self) -> int:
+        """``buzon.wait`` is about to sleep on :meth:`fileno`: counted in, so that a
+        ``close()`` in another thread wakes it (a poke of the wake-up FIFO) and closes
+        the fds only after it left. ChannelClosed if closed. No extra fd (-1)."""
+        with self._lock:
+            if self._closed:
+                raise ChannelClosed(f"mailbox {self.name!r} was closed")
+            self._sleepers += 1
+        return -1
+
+    def _wait_leave(self) -> None:
+        with self._lock:
+            self._sleepers -= 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1430,6 +1445,11 @@ class Mailbox:
             self._hold_fd = -1
             if self._hold_pid == os.getpid():
                 self._poke()  # a receiver waiting in asyncio for the hold takes over
+        if self._sleepers:  # threads in buzon.wait on it: woken, then the fds go
+            self._poke()
+            end = time.monotonic() + 1.0
+            while self._sleepers and time.monotonic() < end:
+                time.sleep(0.0002)
         for hook in CLOSING_HOOKS:  # asyncio tasks waiting on these fds: ChannelClosed
             hook((self._wake_fd, self._room_fd), f"mailbox {self.name!r} was closed")
         self._ring.close()

@@ -318,6 +318,7 @@ class Channel(ChannelIdentity):
         self._spin = core.options.spin  # a shm ring's receive spins this long at most
         self._asked = False  # sent since the last receive: an answer may be on its way
         self._sleep_first = 0  # receives left that wait before reading (_poll_first)
+        self._ended = False  # a close began: its waits were ended (_end_waits)
 
     @property
     def capacity(self) -> int | None:
@@ -846,6 +847,7 @@ class Channel(ChannelIdentity):
         :class:`ChannelClosed` (the blocking driver's wake fd, here the loop's own
         registrations of the channel's fds)."""
         core = self._core
+        self._ended = True
         close_fds((core.read_fileno(), core.write_fileno()), "the channel was closed")
 
     def close(self) -> None:
@@ -890,6 +892,8 @@ class Channel(ChannelIdentity):
         await self.aclose()
 
     def _ready(self) -> bool:
+        if self._ended or self._core.closed:
+            return True  # closed, or a close began: its calls raise ChannelClosed
         if self._rlock.locked():
             return False
         if self._core.ready():
