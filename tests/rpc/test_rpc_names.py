@@ -160,3 +160,40 @@ def test_exactly_once_client_gets_a_typed_error_when_the_server_restarted() -> N
             assert rec.ran == ["add"]
     finally:
         calc.close()
+
+
+def test_a_reconnect_that_finds_a_stale_address_looks_the_name_up_again() -> None:
+    """The race behind a flaky restart test: a dying server's socket closes before its
+    name's lock does, so a reconnect may resolve the name to the old, dead address.
+    That attempt must fail fast and the name be looked up again (the next attempt finds
+    the new server), not wait for the dead address until the call's deadline."""
+    proc = _child_server("unix:old", "calc")
+    calc = rpc.connect("name:calc", timeout=8, semantics="exactly_once")
+    try:
+        assert calc.add(1, 2) == 3
+        outcome: list[BaseException] = []
+
+        def in_flight() -> None:
+            try:
+                calc.call("block", "x")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        while calc.in_flight == 0 and t.is_alive():
+            t.join(0.01)
+        _kill(proc)
+        stale = names.register("calc", "unix:gone-for-good")  # a live record, dead address
+        try:
+            t.join(0.5)  # the reconnects meet the stale record meanwhile
+        finally:
+            stale.remove()
+        rec = Recorder()
+        with serving("unix:new", calc_service(rec), name="calc"):
+            t.join(20)
+            assert not t.is_alive()
+            assert len(outcome) == 1 and isinstance(outcome[0], rpc.ServerRestarted), outcome
+            assert calc.add(2, 2) == 4
+    finally:
+        calc.close()
