@@ -100,6 +100,7 @@ from . import _core
 from ._mailbox_fan import _PID
 from .codec import Codec
 from .errors import (
+    BuzonError,
     ChannelClosed,
     Empty,
     EndOfChannel,
@@ -1423,10 +1424,14 @@ class Mailbox:
             self._closed = True
             if self._fan is not None:
                 left = self._fan.unsubscribe()
+                lost = 0
                 for data in left:  # round_robin: what it had not taken goes to the others
                     if self.policy != "round_robin" or not self._fan.round_robin([data]):
                         self._drop_record([data])
                         self._fan.dropped += 1
+                        lost += 1
+                if lost:
+                    self._fan.retire(lost, 0, lost)  # sent, and lost (buzon ls)
                 self._fan.close()
             if self._acks is not None and self._acks_pid == os.getpid():
                 name = self._acks.name
@@ -1682,6 +1687,42 @@ _ACTIVE_S = 2.0  # describe: a mailbox used this recently gets its rates measure
 _RATE_WINDOW_S = 0.02
 
 
+def _fanned_counts(name: str, info: dict[str, Any], pids: set[int]) -> dict[str, Any]:
+    """A ``broadcast``/``round_robin`` mailbox's counts for ``buzon ls``: its ring
+    carries none of its messages, so ``info``'s counters are replaced by the sums over
+    its receivers' rings (read from the subscriber table, without attaching) plus the
+    totals of the rings gone (closed or found dead: kept in the table's header); a
+    broadcast message counts once per receiver it reached. The receivers' pids join
+    ``pids``."""
+    from ._mailbox_fan import _ENTRY, _TABLE, MAX_RECEIVERS, RETIRED, table_name
+
+    try:
+        block = _core.Block.attach(table_name(name))
+    except (FileNotFoundError, OSError):
+        return info
+    view = memoryview(block)
+    try:
+        committed, consumed, lost = RETIRED.unpack_from(view, 8)
+        rings = [
+            raw.rstrip(b"\0").decode("ascii", "replace")
+            for i in range(MAX_RECEIVERS)
+            if (raw := bytes(view[_TABLE + i * _ENTRY : _TABLE + (i + 1) * _ENTRY])).strip(b"\0")
+        ]
+    finally:
+        view.release()
+        block.close()
+    for ring in rings:
+        try:
+            r = _core.inspect(ring)
+        except (OSError, BuzonError):
+            continue  # gone meanwhile: its counts are in the totals now
+        committed += r["committed"]
+        consumed += r["consumed"]
+        lost += r["abandoned"]
+        pids.update(pid for _slot, pid, live in r["participants"] if live)
+    return dict(info, committed=committed, consumed=consumed, abandoned=lost)
+
+
 def _ago(t: float, now: float) -> str:
     return "never" if t <= 0 else f"{max(0.0, now - t):.0f} s ago"
 
@@ -1696,7 +1737,11 @@ def describe(segment: str, path: str | None = None) -> str:
     info = _core.inspect(name)
     t0 = time.monotonic()
     policy, capacity, item, raw = _parse_label(info["label"])
-    pids = sorted({pid for _slot, pid, live in info["participants"] if live})
+    live = {pid for _slot, pid, alive in info["participants"] if alive}
+    fanned = policy in _FANNED
+    if fanned:  # messages live in the receivers' rings: their counts are the mailbox's
+        info = _fanned_counts(name, info, live)
+    pids = sorted(live)
     now = time.time()
     age = max(0.0, now - info["created_ns"] / 1e9)
     users = "pid " + ",".join(map(str, pids)) if pids else "no live users"
@@ -1717,6 +1762,8 @@ def describe(segment: str, path: str | None = None) -> str:
     if last and now - last <= _ACTIVE_S:
         time.sleep(_RATE_WINDOW_S)
         later = _core.inspect(name)
+        if fanned:
+            later = _fanned_counts(name, later, set())
         dt = max(1e-6, time.monotonic() - t0)
         sent = (later["committed"] - info["committed"]) / dt
         taken = (later["consumed"] - info["consumed"]) / dt
