@@ -659,6 +659,9 @@ class Mailbox:
         :meth:`remove`) makes writable (:meth:`_room_ready`)."""
         assert self._fan is not None
         armed = False  # the last look armed the space notification and found room
+        # capacity=None: room means room for this record (a backlog may have room for a
+        # smaller one only), so the notification is armed for its size
+        need = sum(memoryview(part).nbytes for part in record) if self.capacity is None else 1
         try:
             while True:
                 self._check_open()
@@ -676,11 +679,10 @@ class Mailbox:
                     raise Timeout(
                         f"mailbox {self.name!r}: no receiver had room (or none was attached)"
                     )
-                if self._room_ready() and not armed:
+                if self._room_ready(need) and not armed:
                     armed = True  # room came meanwhile: look again (once)
                     continue
-                # (room for a smaller record than this one, capacity=None: a short slice)
-                self._wait_fds((), (self._room_fd,), deadline, 0.001 if armed else None)
+                self._wait_fds((), (self._room_fd,), deadline)
                 armed = False
         except BaseException:
             self._drop_record(record)
@@ -1302,11 +1304,13 @@ class Mailbox:
         except BlockingIOError:
             pass
 
-    def _room_ready(self) -> bool:
+    def _room_ready(self, need: int = 1) -> bool:
         """True if the mailbox's ring has room for a record now; else arm the space
         notification: the next take by any receiver drains the room FIFO
         (:attr:`_room_fd`), which then becomes writable. The FIFO is filled first, so
-        it is not writable before that. (asyncio senders wait on it.)"""
+        it is not writable before that. (asyncio senders wait on it.) ``need``: the
+        record's bytes, for a round_robin backlog of capacity=None (room for a smaller
+        record is no room for it)."""
         self._check_open()
         try:
             while os.write(self._room_fd, _ROOM_FILL):
@@ -1317,7 +1321,7 @@ class Mailbox:
             return bool(self._ring.arm_space(self._inline if self._fixed else 1))
         # round_robin: room in any receiver's backlog will do (a receiver that attaches
         # drains the FIFO too: see _rx)
-        want = self.max_inline if self.capacity is not None else 1
+        want = self.max_inline if self.capacity is not None else need
         ready = False
         for _i, _name, ring in self._fan.receivers():
             try:

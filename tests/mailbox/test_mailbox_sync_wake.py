@@ -202,3 +202,39 @@ def test_an_exclusive_waiter_wakes_when_the_mailbox_is_removed() -> None:
         holder.close()
         rx.close()
         box.close()
+
+
+def test_a_round_robin_sender_with_some_room_but_not_enough_is_woken_by_the_take() -> None:
+    """capacity=None: the backlog has room for a small record but not for this one;
+    the sender arms the ring for its own record's size and sleeps on the room FIFO
+    (it used to look every 1 ms)."""
+    box = buzon.mailbox("srrpartial", capacity=None, policy="round_robin", max_bytes=65536)
+    box._wait_slice = SLOW
+    rx = buzon.mailbox("srrpartial")
+    try:
+        rx._rx()
+        small, big = b"s" * 100, b"B" * 1000  # both inline (max_inline 1024)
+        while True:
+            try:
+                box.send_nowait(small)
+            except buzon.Full:
+                break
+        assert rx.recv(T) == small  # room for a small record now, not for a big one
+        with pytest.raises(buzon.Full):
+            box.send_nowait(big)
+        assert box._fan is not None
+        looks = _count(box._fan, "round_robin")
+
+        def drain() -> None:
+            for _ in range(20):
+                rx.recv(T)
+
+        t = _later(drain)
+        box.send(big, timeout=T)
+        t.join(T)
+        assert looks[0] <= LOOKS, f"{looks[0]} looks: it polled"
+        while rx.recv(T) != big:
+            pass
+    finally:
+        rx.close()
+        box.remove()
