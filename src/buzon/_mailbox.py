@@ -136,6 +136,7 @@ from .transport.base import PeerInfo
 
 if TYPE_CHECKING:
     from ._mailbox_fan import Fan
+    from .names import Registration
 
 __all__ = ["Mailbox", "MailboxReceipt", "Message", "POLICIES", "mailbox"]
 
@@ -1375,6 +1376,7 @@ class Mailbox:
 
     _wait_slice = _WAIT_SLICE
     _sleepers = 0  # threads in buzon.wait on this object (see _wait_enter)
+    _registration: Registration | None = None  # its name (mailbox("name:NAME") made it)
 
     def _wait_enter(self) -> int:
         """``buzon.wait`` is about to sleep on :meth:`fileno`: counted in, so that a
@@ -1473,6 +1475,8 @@ class Mailbox:
         ``NoSuchEndpoint``, messages still in it are discarded; its name and segment are
         unlinked, and the next ``buzon.mailbox(name)`` makes a new one. This object is
         closed (``remove()`` after ``close()`` works too)."""
+        if self._registration is not None:  # mailbox("name:NAME") registered it here
+            self._registration.remove()
         segment = self._segment
         ring = self._ring
         if self._closed:
@@ -1626,21 +1630,61 @@ def mailbox(
     what it has. ``max_inline``: bytes a message may take inside the ring (bigger ones
     go out of line, in a block of their own); ``max_message``: the frame cap
     (``MessageTooLarge`` above it). ``name`` may be ``name:NAME``: the mailbox a
-    process registered as ``mailbox:BOX`` under NAME (:mod:`buzon.names`).
+    process registered as ``mailbox:BOX`` under NAME (:mod:`buzon.names`); if nobody
+    holds NAME, the mailbox NAME is opened or created and registers itself under NAME
+    (owned by this process: the name goes with :meth:`Mailbox.remove` or the process's
+    death, not with ``close``). ``create=False``: ``NoSuchEndpoint`` if the name is not
+    registered; ``create=True``: ``EndpointInUse`` if it is.
     """
+    options: dict[str, Any] = {
+        "max_inline": max_inline,
+        "max_bytes": max_bytes,
+        "max_message": max_message,
+    }
     if isinstance(name, str) and name.startswith("name:"):
-        from .names import resolve_mailbox
+        return _by_name(name, capacity, policy, create, options)
+    return Mailbox(name, capacity, policy, create, **options)
 
-        name = resolve_mailbox(name)
-    return Mailbox(
-        name,
-        capacity,
-        policy,
-        create,
-        max_inline=max_inline,
-        max_bytes=max_bytes,
-        max_message=max_message,
-    )
+
+def _by_name(
+    url: str,
+    capacity: int | EllipsisType | None,
+    policy: Policy | EllipsisType,
+    create: bool | None,
+    options: dict[str, Any],
+) -> Mailbox:
+    """``mailbox("name:NAME")``: the registered mailbox, or (the name free) the mailbox
+    NAME, registered under NAME by this process."""
+    from .names import lookup, register, resolve_mailbox
+
+    bare = url.removeprefix("name:")
+    try:
+        box_name = resolve_mailbox(url)
+    except NoSuchEndpoint:
+        if create is False:
+            raise
+    else:
+        if create is True:
+            raise EndpointInUse(
+                f"{url!r} is registered already (-> mailbox:{box_name}); create=True "
+                "makes a new one only"
+            )
+        return Mailbox(box_name, capacity, policy, create, **options)
+    box = Mailbox(bare, capacity, policy, create, **options)
+    try:
+        box._registration = register(bare, f"mailbox:{bare}", {"policy": box.policy})
+    except EndpointInUse:  # another process registered it meanwhile: theirs stands
+        try:
+            if lookup(bare).address == f"mailbox:{bare}":
+                return box  # for this very mailbox: nothing to change
+        except NoSuchEndpoint:
+            pass
+        box.close()
+        return _by_name(url, capacity, policy, False, options)
+    except BaseException:
+        box.close()
+        raise
+    return box
 
 
 # ---- forensics: buzon ls / buzon clean ------------------------------------------------
