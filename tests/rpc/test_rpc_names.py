@@ -197,3 +197,40 @@ def test_a_reconnect_that_finds_a_stale_address_looks_the_name_up_again() -> Non
             assert calc.add(2, 2) == 4
     finally:
         calc.close()
+
+
+def test_an_asyncio_reconnect_that_finds_a_stale_address_looks_the_name_up_again() -> None:
+    """The asyncio client's twin of the test above."""
+    import asyncio
+
+    from _rpc_aio_helpers import aio_serving_in_thread
+
+    from buzon.aio import rpc as arpc
+
+    proc = _child_server("unix:aold", "acalc")
+
+    async def main() -> None:
+        calc = await arpc.connect("name:acalc", timeout=8, semantics="exactly_once")
+        try:
+            assert await calc.call("add", 1, 2) == 3
+            task = asyncio.ensure_future(calc.call("block", "x"))
+            await asyncio.sleep(0.3)  # sent (the server blocks in it)
+            _kill(proc)
+            stale = names.register("acalc", "unix:gone-for-good")  # live record, dead address
+            try:
+                await asyncio.sleep(0.5)  # the reconnects meet the stale record meanwhile
+            finally:
+                stale.remove()
+            with aio_serving_in_thread("unix:anew", calc_service(Recorder()), name="acalc"):
+                done, _ = await asyncio.wait([task], timeout=20)
+                assert done, "the call did not end"
+                with pytest.raises(rpc.ServerRestarted):
+                    task.result()
+        finally:
+            await calc.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
