@@ -126,3 +126,36 @@ async def test_close_ends_a_send_pending_on_a_full_pipe(how: str) -> None:
         a.close()
         b.close()
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("kind", ["unixgram", "udp"])
+async def test_closing_a_closed_channel_again_leaves_other_channels_waits_alone(
+    kind: str,
+) -> None:
+    """A second close() of a released channel must not end waits on fd numbers it
+    once had (a datagram end still reports them): another channel may have them now."""
+    a, b = await _pair(kind)
+    old = b.fileno()
+    b.close()
+    a.close()
+    pairs = []
+    try:
+        for _ in range(16):  # a pipe end that got b's old fd number: d
+            c, d = aio.pipe()
+            pairs.append((c, d))
+            if c.fileno() == old:
+                c, d = d, c
+            if d.fileno() == old:
+                break
+        assert d.fileno() == old, "no fd number reused (the test needs one)"
+        task = await _pending(d.recv_bytes())
+        b.close()
+        a.close()
+        await asyncio.sleep(0.05)
+        assert not task.done(), task
+        c.send_bytes_nowait(b"still here")
+        assert await asyncio.wait_for(task, JOIN) == b"still here"
+    finally:
+        for c, d in pairs:
+            c.close()
+            d.close()

@@ -848,6 +848,8 @@ class Channel(ChannelIdentity):
         registrations of the channel's fds)."""
         core = self._core
         self._ended = True
+        if core.released:
+            return  # its fds are gone (a datagram end still names its old fd number)
         close_fds((core.read_fileno(), core.write_fileno()), "the channel was closed")
 
     def close(self) -> None:
