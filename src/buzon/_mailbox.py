@@ -701,14 +701,21 @@ class Mailbox:
         until = time.monotonic() + (self._wait_slice if slice_ is None else slice_)
         if deadline is not None:
             until = min(until, deadline)
-        poller = select.poll()
-        for fd in reads:
-            poller.register(fd, select.POLLIN)
-        for fd in writes:
-            poller.register(fd, select.POLLOUT)
-        left = until - time.monotonic()
-        if left > 0:
-            poller.poll(max(1, int(left * 1000 + 0.999)))
+        # a close() in another thread wakes it (the wake-up FIFO poked, the room FIFO
+        # drained) and closes the fds only after it left (see _wait_enter)
+        self._wait_enter()
+        try:
+            poller = select.poll()
+            for fd in reads:
+                poller.register(fd, select.POLLIN)
+            for fd in writes:
+                poller.register(fd, select.POLLOUT)
+            left = until - time.monotonic()
+            if left > 0:
+                poller.poll(max(1, int(left * 1000 + 0.999)))
+        finally:
+            self._wait_leave()
+        self._check_open()
 
     def _new_backlog(self) -> _core.Ring:
         """A ring for one receiver of a round_robin/broadcast mailbox (its backlog)."""
@@ -1379,9 +1386,10 @@ class Mailbox:
     _registration: Registration | None = None  # its name (mailbox("name:NAME") made it)
 
     def _wait_enter(self) -> int:
-        """``buzon.wait`` is about to sleep on :meth:`fileno`: counted in, so that a
-        ``close()`` in another thread wakes it (a poke of the wake-up FIFO) and closes
-        the fds only after it left. ChannelClosed if closed. No extra fd (-1)."""
+        """A thread is about to sleep on this object's fds (``buzon.wait``, a blocking
+        round-robin ``send`` or exclusive ``recv``): counted in, so that a ``close()``
+        in another thread wakes it (a poke of the wake-up FIFO, the room FIFO drained)
+        and closes the fds only after it left. ChannelClosed if closed. No extra fd."""
         with self._lock:
             if self._closed:
                 raise ChannelClosed(f"mailbox {self.name!r} was closed")
@@ -1456,8 +1464,9 @@ class Mailbox:
             self._hold_fd = -1
             if self._hold_pid == os.getpid():
                 self._poke()  # a receiver waiting in asyncio for the hold takes over
-        if self._sleepers:  # threads in buzon.wait on it: woken, then the fds go
-            self._poke()
+        if self._sleepers:  # threads waiting on its fds (buzon.wait, a blocking send or
+            self._poke()  # recv): woken, then the fds go
+            self._drain_room()
             end = time.monotonic() + 1.0
             while self._sleepers and time.monotonic() < end:
                 time.sleep(0.0002)

@@ -238,3 +238,45 @@ def test_a_round_robin_sender_with_some_room_but_not_enough_is_woken_by_the_take
     finally:
         rx.close()
         box.remove()
+
+
+def _ends_closed(call: Callable[[], Any], close: Callable[[], None]) -> None:
+    out: list[BaseException | str] = []
+
+    def run() -> None:
+        try:
+            call()
+            out.append("returned")
+        except BaseException as exc:  # the test looks at it
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(0.3)  # time to get into its wait (no assertion on how long)
+    assert t.is_alive(), "the call did not wait"
+    close()
+    t.join(T)
+    assert not t.is_alive(), "close() did not end the wait"
+    assert len(out) == 1 and isinstance(out[0], buzon.ChannelClosed), out
+
+
+def test_close_from_another_thread_ends_a_round_robin_send_waiting_for_a_receiver() -> None:
+    box = buzon.mailbox("srrclose", capacity=1, policy="round_robin")
+    box._wait_slice = SLOW
+    try:
+        _ends_closed(lambda: box.send("x", timeout=3 * T), box.close)
+    finally:
+        box.remove()
+
+
+def test_close_from_another_thread_ends_an_exclusive_recv_waiting_for_the_holder() -> None:
+    holder = buzon.mailbox("sexclose", capacity=4, policy="exclusive")
+    waiter = buzon.mailbox("sexclose")
+    waiter._wait_slice = SLOW
+    try:
+        holder.send("mine")
+        assert holder.recv(T) == "mine"  # holds it now
+        _ends_closed(lambda: waiter.recv(3 * T), waiter.close)
+    finally:
+        waiter.close()
+        holder.remove()
