@@ -660,9 +660,7 @@ class Mailbox:
         :meth:`remove`) makes writable (:meth:`_room_ready`)."""
         assert self._fan is not None
         armed = False  # the last look armed the space notification and found room
-        # capacity=None: room means room for this record (a backlog may have room for a
-        # smaller one only), so the notification is armed for its size
-        need = sum(memoryview(part).nbytes for part in record) if self.capacity is None else 1
+        need = 0  # the record's bytes (capacity=None), reckoned at the first wait
         try:
             while True:
                 self._check_open()
@@ -680,6 +678,11 @@ class Mailbox:
                     raise Timeout(
                         f"mailbox {self.name!r}: no receiver had room (or none was attached)"
                     )
+                if not need:  # capacity=None: room means room for this record (a
+                    # backlog may have room for a smaller one only): armed for its size
+                    need = 1
+                    if self.capacity is None:
+                        need = max(1, sum(memoryview(p).nbytes for p in record))
                 if self._room_ready(need) and not armed:
                     armed = True  # room came meanwhile: look again (once)
                     continue
