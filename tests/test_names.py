@@ -267,7 +267,7 @@ def test_mailbox_by_name() -> None:
             assert other.recv(timeout=10) == "job"
             other.close()
         with pytest.raises(NoSuchEndpoint):
-            buzon.mailbox("name:jobs")
+            buzon.mailbox("name:jobs", create=False)  # (create=None would make it)
         with names.register("notbox", "unix:calc"), pytest.raises(AddressError):
             buzon.mailbox("name:notbox")
     finally:

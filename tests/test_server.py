@@ -165,6 +165,47 @@ def test_async_server(url: str) -> None:
     assert asyncio.run(main()) == [2, 4, 6]
 
 
+def test_async_server_shutdown_before_serve_forever_is_kept() -> None:
+    """``shutdown()`` before ``serve_forever`` started (the task not yet run): the
+    server must not start serving, and its endpoint goes."""
+
+    async def handler(ch: aio.Channel) -> None:
+        await ch.recv()
+
+    async def main() -> None:
+        server = aio.Server("unix:early", handler)
+        task = asyncio.ensure_future(server.serve_forever())
+        server.shutdown()  # before the task ran once
+        done, _ = await asyncio.wait([task], timeout=10)
+        if not done:
+            task.cancel()
+            await asyncio.wait([task], timeout=10)
+            pytest.fail("shutdown() before serve_forever was lost: it serves on")
+        task.result()
+        with pytest.raises(buzon.ConnectError):
+            await aio.connect("unix:early", timeout=0, retry=False)
+
+    asyncio.run(main())
+
+
+def test_async_server_shutdown_from_another_thread() -> None:
+    async def handler(ch: aio.Channel) -> None:
+        await ch.recv()
+
+    async def main() -> None:
+        server = aio.Server("unix:early2", handler)
+        task = asyncio.ensure_future(server.serve_forever())
+        await asyncio.sleep(0.1)
+        threading.Thread(target=server.shutdown).start()  # not the loop's thread
+        done, _ = await asyncio.wait([task], timeout=10)
+        if not done:
+            task.cancel()
+            await asyncio.wait([task], timeout=10)
+            pytest.fail("shutdown() from another thread did not stop the server")
+
+    asyncio.run(main())
+
+
 def test_serve_function_runs_until_sigterm() -> None:
     import signal
     import subprocess

@@ -91,7 +91,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
@@ -100,6 +100,7 @@ from . import _core
 from ._mailbox_fan import _PID
 from .codec import Codec
 from .errors import (
+    BuzonError,
     ChannelClosed,
     Empty,
     EndOfChannel,
@@ -135,6 +136,7 @@ from .transport.base import PeerInfo
 
 if TYPE_CHECKING:
     from ._mailbox_fan import Fan
+    from .names import Registration
 
 __all__ = ["Mailbox", "MailboxReceipt", "Message", "POLICIES", "mailbox"]
 
@@ -658,6 +660,7 @@ class Mailbox:
         :meth:`remove`) makes writable (:meth:`_room_ready`)."""
         assert self._fan is not None
         armed = False  # the last look armed the space notification and found room
+        need = 0  # the record's bytes (capacity=None), reckoned at the first wait
         try:
             while True:
                 self._check_open()
@@ -675,11 +678,15 @@ class Mailbox:
                     raise Timeout(
                         f"mailbox {self.name!r}: no receiver had room (or none was attached)"
                     )
-                if self._room_ready() and not armed:
+                if not need:  # capacity=None: room means room for this record (a
+                    # backlog may have room for a smaller one only): armed for its size
+                    need = 1
+                    if self.capacity is None:
+                        need = max(1, sum(memoryview(p).nbytes for p in record))
+                if self._room_ready(need) and not armed:
                     armed = True  # room came meanwhile: look again (once)
                     continue
-                # (room for a smaller record than this one, capacity=None: a short slice)
-                self._wait_fds((), (self._room_fd,), deadline, 0.001 if armed else None)
+                self._wait_fds((), (self._room_fd,), deadline)
                 armed = False
         except BaseException:
             self._drop_record(record)
@@ -697,14 +704,21 @@ class Mailbox:
         until = time.monotonic() + (self._wait_slice if slice_ is None else slice_)
         if deadline is not None:
             until = min(until, deadline)
-        poller = select.poll()
-        for fd in reads:
-            poller.register(fd, select.POLLIN)
-        for fd in writes:
-            poller.register(fd, select.POLLOUT)
-        left = until - time.monotonic()
-        if left > 0:
-            poller.poll(max(1, int(left * 1000 + 0.999)))
+        # a close() in another thread wakes it (the wake-up FIFO poked, the room FIFO
+        # drained) and closes the fds only after it left (see _wait_enter)
+        self._wait_enter()
+        try:
+            poller = select.poll()
+            for fd in reads:
+                poller.register(fd, select.POLLIN)
+            for fd in writes:
+                poller.register(fd, select.POLLOUT)
+            left = until - time.monotonic()
+            if left > 0:
+                poller.poll(max(1, int(left * 1000 + 0.999)))
+        finally:
+            self._wait_leave()
+        self._check_open()
 
     def _new_backlog(self) -> _core.Ring:
         """A ring for one receiver of a round_robin/broadcast mailbox (its backlog)."""
@@ -1301,11 +1315,13 @@ class Mailbox:
         except BlockingIOError:
             pass
 
-    def _room_ready(self) -> bool:
+    def _room_ready(self, need: int = 1) -> bool:
         """True if the mailbox's ring has room for a record now; else arm the space
         notification: the next take by any receiver drains the room FIFO
         (:attr:`_room_fd`), which then becomes writable. The FIFO is filled first, so
-        it is not writable before that. (asyncio senders wait on it.)"""
+        it is not writable before that. (asyncio senders wait on it.) ``need``: the
+        record's bytes, for a round_robin backlog of capacity=None (room for a smaller
+        record is no room for it)."""
         self._check_open()
         try:
             while os.write(self._room_fd, _ROOM_FILL):
@@ -1316,7 +1332,7 @@ class Mailbox:
             return bool(self._ring.arm_space(self._inline if self._fixed else 1))
         # round_robin: room in any receiver's backlog will do (a receiver that attaches
         # drains the FIFO too: see _rx)
-        want = self.max_inline if self.capacity is not None else 1
+        want = self.max_inline if self.capacity is not None else need
         ready = False
         for _i, _name, ring in self._fan.receivers():
             try:
@@ -1369,6 +1385,23 @@ class Mailbox:
         return bool(ring.arm_data())
 
     _wait_slice = _WAIT_SLICE
+    _sleepers = 0  # threads in buzon.wait on this object (see _wait_enter)
+    _registration: Registration | None = None  # its name (mailbox("name:NAME") made it)
+
+    def _wait_enter(self) -> int:
+        """A thread is about to sleep on this object's fds (``buzon.wait``, a blocking
+        round-robin ``send`` or exclusive ``recv``): counted in, so that a ``close()``
+        in another thread wakes it (a poke of the wake-up FIFO, the room FIFO drained)
+        and closes the fds only after it left. ChannelClosed if closed. No extra fd."""
+        with self._lock:
+            if self._closed:
+                raise ChannelClosed(f"mailbox {self.name!r} was closed")
+            self._sleepers += 1
+        return -1
+
+    def _wait_leave(self) -> None:
+        with self._lock:
+            self._sleepers -= 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1408,10 +1441,14 @@ class Mailbox:
             self._closed = True
             if self._fan is not None:
                 left = self._fan.unsubscribe()
+                lost = 0
                 for data in left:  # round_robin: what it had not taken goes to the others
                     if self.policy != "round_robin" or not self._fan.round_robin([data]):
                         self._drop_record([data])
                         self._fan.dropped += 1
+                        lost += 1
+                if lost:
+                    self._fan.retire(lost, 0, lost)  # sent, and lost (buzon ls)
                 self._fan.close()
             if self._acks is not None and self._acks_pid == os.getpid():
                 name = self._acks.name
@@ -1430,6 +1467,14 @@ class Mailbox:
             self._hold_fd = -1
             if self._hold_pid == os.getpid():
                 self._poke()  # a receiver waiting in asyncio for the hold takes over
+        if self._sleepers:  # threads waiting on its fds (buzon.wait, a blocking send or
+            self._poke()  # recv): woken, then the fds go
+            self._drain_room()
+            end = time.monotonic() + 1.0
+            while self._sleepers and time.monotonic() < end:
+                time.sleep(0.0002)
+        for hook in CLOSING_HOOKS:  # asyncio tasks waiting on these fds: ChannelClosed
+            hook((self._wake_fd, self._room_fd), f"mailbox {self.name!r} was closed")
         self._ring.close()
         self._core.mark_fd = -1
         for fd in (self._wake_fd, self._room_fd):
@@ -1442,6 +1487,8 @@ class Mailbox:
         ``NoSuchEndpoint``, messages still in it are discarded; its name and segment are
         unlinked, and the next ``buzon.mailbox(name)`` makes a new one. This object is
         closed (``remove()`` after ``close()`` works too)."""
+        if self._registration is not None:  # mailbox("name:NAME") registered it here
+            self._registration.remove()
         segment = self._segment
         ring = self._ring
         if self._closed:
@@ -1514,6 +1561,12 @@ def _fast_codec() -> tuple[Any, Any]:
             msgspec.msgpack.Decoder(ext_hook=ext).decode,
         )
     return _FAST_CODEC
+
+
+#: called with the fds a closing mailbox releases and why, before they go: the asyncio
+#: driver's ``close_fds`` (registered by ``buzon.aio``'s mailbox module) wakes the
+#: tasks waiting on them with ChannelClosed and drops the loops' registrations
+CLOSING_HOOKS: list[Callable[[Iterable[int], str], None]] = []
 
 
 def _wake_waiters(path: str, room: bool) -> None:
@@ -1589,21 +1642,61 @@ def mailbox(
     what it has. ``max_inline``: bytes a message may take inside the ring (bigger ones
     go out of line, in a block of their own); ``max_message``: the frame cap
     (``MessageTooLarge`` above it). ``name`` may be ``name:NAME``: the mailbox a
-    process registered as ``mailbox:BOX`` under NAME (:mod:`buzon.names`).
+    process registered as ``mailbox:BOX`` under NAME (:mod:`buzon.names`); if nobody
+    holds NAME, the mailbox NAME is opened or created and registers itself under NAME
+    (owned by this process: the name goes with :meth:`Mailbox.remove` or the process's
+    death, not with ``close``). ``create=False``: ``NoSuchEndpoint`` if the name is not
+    registered; ``create=True``: ``EndpointInUse`` if it is.
     """
+    options: dict[str, Any] = {
+        "max_inline": max_inline,
+        "max_bytes": max_bytes,
+        "max_message": max_message,
+    }
     if isinstance(name, str) and name.startswith("name:"):
-        from .names import resolve_mailbox
+        return _by_name(name, capacity, policy, create, options)
+    return Mailbox(name, capacity, policy, create, **options)
 
-        name = resolve_mailbox(name)
-    return Mailbox(
-        name,
-        capacity,
-        policy,
-        create,
-        max_inline=max_inline,
-        max_bytes=max_bytes,
-        max_message=max_message,
-    )
+
+def _by_name(
+    url: str,
+    capacity: int | EllipsisType | None,
+    policy: Policy | EllipsisType,
+    create: bool | None,
+    options: dict[str, Any],
+) -> Mailbox:
+    """``mailbox("name:NAME")``: the registered mailbox, or (the name free) the mailbox
+    NAME, registered under NAME by this process."""
+    from .names import lookup, register, resolve_mailbox
+
+    bare = url.removeprefix("name:")
+    try:
+        box_name = resolve_mailbox(url)
+    except NoSuchEndpoint:
+        if create is False:
+            raise
+    else:
+        if create is True:
+            raise EndpointInUse(
+                f"{url!r} is registered already (-> mailbox:{box_name}); create=True "
+                "makes a new one only"
+            )
+        return Mailbox(box_name, capacity, policy, create, **options)
+    box = Mailbox(bare, capacity, policy, create, **options)
+    try:
+        box._registration = register(bare, f"mailbox:{bare}", {"policy": box.policy})
+    except EndpointInUse:  # another process registered it meanwhile: theirs stands
+        try:
+            if lookup(bare).address == f"mailbox:{bare}":
+                return box  # for this very mailbox: nothing to change
+        except NoSuchEndpoint:
+            pass
+        box.close()
+        return _by_name(url, capacity, policy, False, options)
+    except BaseException:
+        box.close()
+        raise
+    return box
 
 
 # ---- forensics: buzon ls / buzon clean ------------------------------------------------
@@ -1654,6 +1747,42 @@ _ACTIVE_S = 2.0  # describe: a mailbox used this recently gets its rates measure
 _RATE_WINDOW_S = 0.02
 
 
+def _fanned_counts(name: str, info: dict[str, Any], pids: set[int]) -> dict[str, Any]:
+    """A ``broadcast``/``round_robin`` mailbox's counts for ``buzon ls``: its ring
+    carries none of its messages, so ``info``'s counters are replaced by the sums over
+    its receivers' rings (read from the subscriber table, without attaching) plus the
+    totals of the rings gone (closed or found dead: kept in the table's header); a
+    broadcast message counts once per receiver it reached. The receivers' pids join
+    ``pids``."""
+    from ._mailbox_fan import _ENTRY, _TABLE, MAX_RECEIVERS, RETIRED, table_name
+
+    try:
+        block = _core.Block.attach(table_name(name))
+    except (FileNotFoundError, OSError):
+        return info
+    view = memoryview(block)
+    try:
+        committed, consumed, lost = RETIRED.unpack_from(view, 8)
+        rings = [
+            raw.rstrip(b"\0").decode("ascii", "replace")
+            for i in range(MAX_RECEIVERS)
+            if (raw := bytes(view[_TABLE + i * _ENTRY : _TABLE + (i + 1) * _ENTRY])).strip(b"\0")
+        ]
+    finally:
+        view.release()
+        block.close()
+    for ring in rings:
+        try:
+            r = _core.inspect(ring)
+        except (OSError, BuzonError):
+            continue  # gone meanwhile: its counts are in the totals now
+        committed += r["committed"]
+        consumed += r["consumed"]
+        lost += r["abandoned"]
+        pids.update(pid for _slot, pid, live in r["participants"] if live)
+    return dict(info, committed=committed, consumed=consumed, abandoned=lost)
+
+
 def _ago(t: float, now: float) -> str:
     return "never" if t <= 0 else f"{max(0.0, now - t):.0f} s ago"
 
@@ -1668,7 +1797,11 @@ def describe(segment: str, path: str | None = None) -> str:
     info = _core.inspect(name)
     t0 = time.monotonic()
     policy, capacity, item, raw = _parse_label(info["label"])
-    pids = sorted({pid for _slot, pid, live in info["participants"] if live})
+    live = {pid for _slot, pid, alive in info["participants"] if alive}
+    fanned = policy in _FANNED
+    if fanned:  # messages live in the receivers' rings: their counts are the mailbox's
+        info = _fanned_counts(name, info, live)
+    pids = sorted(live)
     now = time.time()
     age = max(0.0, now - info["created_ns"] / 1e9)
     users = "pid " + ",".join(map(str, pids)) if pids else "no live users"
@@ -1689,6 +1822,8 @@ def describe(segment: str, path: str | None = None) -> str:
     if last and now - last <= _ACTIVE_S:
         time.sleep(_RATE_WINDOW_S)
         later = _core.inspect(name)
+        if fanned:
+            later = _fanned_counts(name, later, set())
         dt = max(1e-6, time.monotonic() - t0)
         sent = (later["committed"] - info["committed"]) / dt
         taken = (later["consumed"] - info["consumed"]) / dt

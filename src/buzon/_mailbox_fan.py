@@ -54,6 +54,11 @@ _TABLE = 64
 _SIZE = _TABLE + MAX_RECEIVERS * _ENTRY
 LIVE_BASE = 1024  # receiver i's liveness lock: byte LIVE_BASE + i (slot locks use 0-127)
 _GEN = struct.Struct("<Q")
+# at offset 8: (committed, consumed, lost) of the receivers' rings gone so far (closed,
+# found dead), added under the table's lock: with the live rings' own counters they
+# are the mailbox's counts (``buzon ls``: _mailbox.describe)
+RETIRED = struct.Struct("<3Q")
+_RETIRED_AT = 8
 _FLOCK = struct.Struct("hhqqi4x")
 _LOCK_TIMEOUT = 5.0
 _OOL = b"\x00OOL"
@@ -128,6 +133,37 @@ class Fan:
         self.block.write(_TABLE + i * _ENTRY, name.encode("ascii").ljust(_ENTRY, b"\0"))
         self.block.write(0, _GEN.pack(self._generation() + 1))
 
+    def _add_retired(self, committed: int, consumed: int, lost: int) -> None:
+        """Add a departed receiver's counts to the table's totals (the lock held)."""
+        view = memoryview(self.block)
+        try:
+            was = RETIRED.unpack_from(view, _RETIRED_AT)
+        finally:
+            view.release()
+        now = (was[0] + max(0, committed), was[1] + max(0, consumed), was[2] + max(0, lost))
+        self.block.write(_RETIRED_AT, RETIRED.pack(*now))
+
+    def _retire_ring(self, name: str) -> None:
+        """Receiver ring ``name`` goes with what is in it (its receiver died): its
+        counts join the totals, its backlog as lost (the lock held)."""
+        try:
+            info = _core.inspect(name)
+        except (OSError, BuzonError):
+            return
+        depth = max(0, int(info["committed"] - info["consumed"] - info["abandoned"]))
+        self._add_retired(info["committed"], info["consumed"], info["abandoned"] + depth)
+
+    def retire(self, committed: int, consumed: int, lost: int) -> None:
+        """:meth:`_add_retired` under the table's lock (nothing if the table is gone)."""
+        try:
+            self._lock()
+        except BuzonError:
+            return
+        try:
+            self._add_retired(committed, consumed, lost)
+        finally:
+            self.block.unlock()
+
     def _lock(self) -> None:
         self.block.lock(_LOCK_TIMEOUT)
 
@@ -185,6 +221,7 @@ class Fan:
                     except OSError:
                         continue  # attached meanwhile (its name is not written yet)
                     if i in taken:  # a dead receiver's: its backlog goes with it
+                        self._retire_ring(taken[i])
                         remove_segment(taken[i])
                     self._set(i, ring.name)
                     self.mine = (i, ring)
@@ -225,6 +262,8 @@ class Fan:
             if data is None:
                 break
             left.append(data)
+        info = ring.info()  # its counts join the totals; what it left is not taken here
+        self.retire(info["committed"] - len(left), info["consumed"] - len(left), info["abandoned"])
         name = ring.name
         ring.close()
         remove_segment(name)
@@ -271,6 +310,7 @@ class Fan:
                 ring = self.rings.get(name)
                 if ring is not None:
                     self.dropped += max(0, _depth(ring))
+                self._retire_ring(name)
                 remove_segment(name)
         finally:
             self.block.unlock()

@@ -59,3 +59,34 @@ def test_ls_shows_last_use_counts_and_rates_of_a_busy_mailbox(
         assert rates is not None and int(rates[1]) > 0 and int(rates[2]) > 0
     finally:
         box.remove()
+
+
+@pytest.mark.parametrize("policy", ["broadcast", "round_robin"])
+def test_ls_counts_what_a_fanned_mailbox_carries(policy: str) -> None:
+    """broadcast/round_robin messages go to the receivers' own rings, not the
+    mailbox's: ``ls`` sums those (a broadcast message once per receiver it reached),
+    and keeps the counts of receivers gone (closed, or dead: its backlog lost)."""
+    box = buzon.mailbox("fan", capacity=8, policy=policy)  # type: ignore[arg-type]
+    segment = box._ring.name
+    rx1, rx2 = buzon.mailbox("fan"), buzon.mailbox("fan")
+    try:
+        rx1._rx()
+        rx2._rx()
+        for i in range(4):
+            box.send(i)
+        copies = 8 if policy == "broadcast" else 4
+        rx1.recv(T)
+        state = describe(segment, box.path)
+        assert f" {copies} sent, 1 taken, 0 lost" in state, state
+        assert f"depth={copies - 1}," in state, state
+        rx2.close()  # round_robin: its backlog goes to rx1; broadcast: lost with it
+        state = describe(segment, box.path)
+        if policy == "broadcast":
+            assert " 8 sent, 1 taken, 4 lost" in state, state
+        else:
+            assert " 4 sent, 1 taken, 0 lost" in state, state
+            assert "depth=3," in state, state
+    finally:
+        rx1.close()
+        rx2.close()
+        box.remove()

@@ -202,3 +202,81 @@ def test_an_exclusive_waiter_wakes_when_the_mailbox_is_removed() -> None:
         holder.close()
         rx.close()
         box.close()
+
+
+def test_a_round_robin_sender_with_some_room_but_not_enough_is_woken_by_the_take() -> None:
+    """capacity=None: the backlog has room for a small record but not for this one;
+    the sender arms the ring for its own record's size and sleeps on the room FIFO
+    (it used to look every 1 ms)."""
+    box = buzon.mailbox("srrpartial", capacity=None, policy="round_robin", max_bytes=65536)
+    box._wait_slice = SLOW
+    rx = buzon.mailbox("srrpartial")
+    try:
+        rx._rx()
+        small, big = b"s" * 100, b"B" * 1000  # both inline (max_inline 1024)
+        while True:
+            try:
+                box.send_nowait(small)
+            except buzon.Full:
+                break
+        assert rx.recv(T) == small  # room for a small record now, not for a big one
+        with pytest.raises(buzon.Full):
+            box.send_nowait(big)
+        assert box._fan is not None
+        looks = _count(box._fan, "round_robin")
+
+        def drain() -> None:
+            for _ in range(20):
+                rx.recv(T)
+
+        t = _later(drain)
+        box.send(big, timeout=T)
+        t.join(T)
+        assert looks[0] <= LOOKS, f"{looks[0]} looks: it polled"
+        while rx.recv(T) != big:
+            pass
+    finally:
+        rx.close()
+        box.remove()
+
+
+def _ends_closed(call: Callable[[], Any], close: Callable[[], None]) -> None:
+    out: list[BaseException | str] = []
+
+    def run() -> None:
+        try:
+            call()
+            out.append("returned")
+        except BaseException as exc:  # the test looks at it
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(0.3)  # time to get into its wait (no assertion on how long)
+    assert t.is_alive(), "the call did not wait"
+    close()
+    t.join(T)
+    assert not t.is_alive(), "close() did not end the wait"
+    assert len(out) == 1 and isinstance(out[0], buzon.ChannelClosed), out
+
+
+def test_close_from_another_thread_ends_a_round_robin_send_waiting_for_a_receiver() -> None:
+    box = buzon.mailbox("srrclose", capacity=1, policy="round_robin")
+    box._wait_slice = SLOW
+    try:
+        _ends_closed(lambda: box.send("x", timeout=3 * T), box.close)
+    finally:
+        box.remove()
+
+
+def test_close_from_another_thread_ends_an_exclusive_recv_waiting_for_the_holder() -> None:
+    holder = buzon.mailbox("sexclose", capacity=4, policy="exclusive")
+    waiter = buzon.mailbox("sexclose")
+    waiter._wait_slice = SLOW
+    try:
+        holder.send("mine")
+        assert holder.recv(T) == "mine"  # holds it now
+        _ends_closed(lambda: waiter.recv(3 * T), waiter.close)
+    finally:
+        waiter.close()
+        holder.remove()

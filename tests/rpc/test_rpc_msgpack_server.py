@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import Any
 
 import msgspec
@@ -241,3 +242,144 @@ def test_a_stream_session_reuses_its_worker_threads_and_ends_the_idle_ones(
             assert time.monotonic() < end, "idle workers did not end"
             time.sleep(0.05)
         assert c.me() == "buzon-rpc-stream-call"  # a new worker after they ended
+
+
+@pytest.mark.parametrize("wire", ["msgpack-rpc", "jsonrpc"])
+def test_a_closed_connection_ends_its_idle_session_workers_at_once(
+    monkeypatch: pytest.MonkeyPatch, wire: str
+) -> None:
+    """When the connection ends (the client closes it), the server session's idle
+    worker threads end at once, not after ``_WORKER_IDLE`` (60 s here: the test's
+    10 s bound catches a worker that waits it out)."""
+    import threading
+    import time
+
+    from buzon.rpc._msgpack import _StreamSession
+
+    monkeypatch.setattr(_StreamSession, "_WORKER_IDLE", 60.0, raising=False)
+    svc = rpc.Service("who")
+    threads: list[threading.Thread] = []
+    release = threading.Event()
+
+    @svc.method
+    def me() -> str:
+        threads.append(threading.current_thread())
+        return threading.current_thread().name
+
+    @svc.method
+    def hold() -> int:
+        threads.append(threading.current_thread())
+        release.wait(10)
+        return 1
+
+    with serving("unix:mpidle", svc, wire=wire) as srv:
+        with rpc.connect(srv.address, wire=wire, timeout=10) as c:
+            holding = threading.Thread(target=c.hold)
+            holding.start()  # one worker busy, then others for the calls below
+            while not threads:
+                time.sleep(0.01)
+            for _ in range(5):
+                c.me()
+            release.set()
+            holding.join(10)
+        end = time.monotonic() + 10
+        while any(t.is_alive() for t in threads):
+            assert time.monotonic() < end, "idle workers outlived their connection"
+            time.sleep(0.02)
+
+
+def _stream_answers(
+    s: socket.socket, wire: str, n: int, buf: bytes = b""
+) -> tuple[list[Any], bytes]:
+    """Read ``n`` answers of ``wire`` from the raw socket ``s``."""
+    from buzon.rpc._msgpack import object_end
+
+    answers: list[Any] = []
+    while len(answers) < n:
+        if wire == "msgpack-rpc":
+            while len(answers) < n and (end := object_end(buf)) > 0:
+                answers.append(msgspec.msgpack.decode(buf[:end]))
+                buf = buf[end:]
+        else:
+            while len(answers) < n and b"\r\n\r\n" in buf:
+                head, rest = buf.split(b"\r\n\r\n", 1)
+                size = int(head.split(b":")[1])
+                if len(rest) < size:
+                    break
+                answers.append(msgspec.json.decode(rest[:size]))
+                buf = rest[size:]
+        if len(answers) < n:
+            got = s.recv(65536)
+            assert got, "the server closed the connection"
+            buf += got
+    return answers, buf
+
+
+def _stream_request(wire: str, i: int, batch: bool = False) -> bytes:
+    if wire == "msgpack-rpc":
+        return msgspec.msgpack.encode([0, i, "hold", [i]])
+    one = {"jsonrpc": "2.0", "id": i, "method": "hold", "params": [i]}
+    body = msgspec.json.encode([one] if batch else one)
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+@pytest.mark.parametrize("driver", ["blocking", "asyncio"])
+@pytest.mark.parametrize("wire", ["msgpack-rpc", "jsonrpc"])
+def test_an_overloaded_refusal_counts_the_same_in_both_servers(wire: str, driver: str) -> None:
+    """Beyond ``max_in_flight`` a request is refused with OVERLOADED (a JSON-RPC batch
+    too: one error response, id null): each refusal is an error *and* a call served
+    (a response went out), in the blocking and the asyncio server alike."""
+    import threading
+
+    from _rpc_aio_helpers import aio_serving_in_thread
+
+    svc = rpc.Service("slow")
+    release, running = threading.Event(), []
+
+    if driver == "blocking":
+
+        @svc.method
+        def hold(i: int) -> int:
+            running.append(i)
+            release.wait(30)
+            return i
+
+    else:  # the asyncio server runs a plain method on its loop: this one awaits
+
+        @svc.method
+        async def hold(i: int) -> int:
+            running.append(i)
+            await asyncio.to_thread(release.wait, 30)
+            return i
+
+    serve = serving if driver == "blocking" else aio_serving_in_thread
+    with serve("unix:mpcount", svc, wire=wire, max_in_flight=2) as srv:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(srv.address.fs_path())
+            s.settimeout(10)
+            s.sendall(_stream_request(wire, 0) + _stream_request(wire, 1))
+            end = time.monotonic() + 10
+            while len(running) < 2:
+                assert time.monotonic() < end, "the two admitted calls did not start"
+                time.sleep(0.01)
+            refused = 3 if wire == "msgpack-rpc" else 2
+            s.sendall(b"".join(_stream_request(wire, 2 + k) for k in range(refused)))
+            if wire == "jsonrpc":
+                s.sendall(_stream_request(wire, 9, batch=True))
+            answers, buf = _stream_answers(s, wire, 3)
+            for a in answers:
+                text = str(a[2]) if wire == "msgpack-rpc" else a["error"]["message"]
+                assert "requests in flight" in text, a
+            if wire == "jsonrpc":
+                assert answers[-1]["id"] is None  # the refused batch
+            release.set()
+            answers, _ = _stream_answers(s, wire, 2, buf)
+            end = time.monotonic() + 10
+            while srv.calls < 5:
+                assert time.monotonic() < end, f"calls served: {srv.calls}"
+                time.sleep(0.01)
+            assert (srv.calls, srv.errors) == (5, 3)
+        finally:
+            release.set()
+            s.close()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import pytest
 from _rpc_helpers import Calc, Recorder, calc_service, serving
@@ -26,6 +27,7 @@ def add(a: int, b: int) -> int:
 
 @svc.method
 def block(name: str) -> str:
+    print("running block", flush=True)
     time.sleep(60)
     return name
 
@@ -46,6 +48,18 @@ def _child_server(url: str, name: str) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     return proc
+
+
+def _running_block(proc: subprocess.Popen[str]) -> None:
+    """Wait until the child server runs ``block`` (the call has reached it: only then
+    is its outcome unknown when the server dies; killed sooner, the call may not have
+    left the client, and then it rightly goes to the next server start)."""
+    import select
+
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready, "the server did not start the call"
+    assert proc.stdout.readline().strip() == "running block"
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
@@ -146,8 +160,7 @@ def test_exactly_once_client_gets_a_typed_error_when_the_server_restarted() -> N
 
         t = threading.Thread(target=in_flight)
         t.start()
-        while calc.in_flight == 0 and t.is_alive():
-            t.join(0.01)
+        _running_block(proc)
         _kill(proc)  # the call's outcome is unknown, and the table died with the server
         rec = Recorder()
         with serving("unix:new", calc_service(rec), name="calc"):
@@ -160,3 +173,112 @@ def test_exactly_once_client_gets_a_typed_error_when_the_server_restarted() -> N
             assert rec.ran == ["add"]
     finally:
         calc.close()
+
+
+def test_a_reconnect_that_finds_a_stale_address_looks_the_name_up_again() -> None:
+    """The race behind a flaky restart test: a dying server's socket closes before its
+    name's lock does, so a reconnect may resolve the name to the old, dead address.
+    That attempt must fail fast and the name be looked up again (the next attempt finds
+    the new server), not wait for the dead address until the call's deadline."""
+    proc = _child_server("unix:old", "calc")
+    calc = rpc.connect("name:calc", timeout=8, semantics="exactly_once")
+    try:
+        assert calc.add(1, 2) == 3
+        outcome: list[BaseException] = []
+
+        def in_flight() -> None:
+            try:
+                calc.call("block", "x")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        _running_block(proc)
+        _kill(proc)
+        stale = names.register("calc", "unix:gone-for-good")  # a live record, dead address
+        try:
+            t.join(0.5)  # the reconnects meet the stale record meanwhile
+        finally:
+            stale.remove()
+        rec = Recorder()
+        with serving("unix:new", calc_service(rec), name="calc"):
+            t.join(20)
+            assert not t.is_alive()
+            assert len(outcome) == 1 and isinstance(outcome[0], rpc.ServerRestarted), outcome
+            assert calc.add(2, 2) == 4
+    finally:
+        calc.close()
+
+
+def test_an_asyncio_reconnect_that_finds_a_stale_address_looks_the_name_up_again() -> None:
+    """The asyncio client's twin of the test above."""
+    import asyncio
+
+    from _rpc_aio_helpers import aio_serving_in_thread
+
+    from buzon.aio import rpc as arpc
+
+    proc = _child_server("unix:aold", "acalc")
+
+    async def main() -> None:
+        calc = await arpc.connect("name:acalc", timeout=8, semantics="exactly_once")
+        try:
+            assert await calc.call("add", 1, 2) == 3
+            task = asyncio.ensure_future(calc.call("block", "x"))
+            await asyncio.to_thread(_running_block, proc)
+            _kill(proc)
+            stale = names.register("acalc", "unix:gone-for-good")  # live record, dead address
+            try:
+                await asyncio.sleep(0.5)  # the reconnects meet the stale record meanwhile
+            finally:
+                stale.remove()
+            with aio_serving_in_thread("unix:anew", calc_service(Recorder()), name="acalc"):
+                done, _ = await asyncio.wait([task], timeout=20)
+                assert done, "the call did not end"
+                with pytest.raises(rpc.ServerRestarted):
+                    task.result()
+        finally:
+            await calc.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+
+
+def test_a_call_whose_send_failed_goes_to_the_restarted_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other way the restart test could end in DeadlineExceeded: the server died
+    before the call left the client (its send failed), so the call never ran and it is
+    sent to the new server start (not ``ServerRestarted``: its outcome is known).
+    The restart tests therefore kill the server only once it runs the call."""
+    from buzon.rpc import _client
+
+    proc = _child_server("unix:old2", "calc2")
+    calc = rpc.connect("name:calc2", timeout=20, semantics="exactly_once")
+    real_send = _client.w.send
+    rec = Recorder()
+    try:
+        assert calc.add(1, 2) == 3
+
+        def dying_server_send(ch: Any, body: Any, *args: Any) -> None:
+            if body[:2] == [0, "add"] and proc.poll() is None:
+                _kill(proc)  # the server dies before this call leaves
+                serving_cm.__enter__()
+            real_send(ch, body, *args)
+
+        serving_cm = serving("unix:new2", calc_service(rec), name="calc2")
+        monkeypatch.setattr(_client.w, "send", dying_server_send)
+        try:
+            assert calc.add(2, 3) == 5  # it never ran on the old server: sent again
+            assert rec.ran == ["add"]
+        finally:
+            monkeypatch.undo()
+            serving_cm.__exit__(None, None, None)
+    finally:
+        calc.close()
+        if proc.poll() is None:
+            _kill(proc)

@@ -42,7 +42,7 @@ from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame
 from ..transport.base import Buffer
 
-__all__ = ["Channel", "forget_fd", "wait_fd", "wait_io", "wait_ready", "watchers"]
+__all__ = ["Channel", "close_fds", "forget_fd", "wait_fd", "wait_io", "wait_ready", "watchers"]
 
 T = TypeVar("T")
 _SLEEP_FIRST = 16  # after a read found nothing, receives that wait before reading
@@ -105,8 +105,8 @@ class _Watchers:
     ) -> None:
         key = (fd, write)
         waiting = self._futs.get(key)
-        if waiting is None:
-            return
+        if waiting is None or fut not in waiting:
+            return  # (a close dropped it: the fd number may be another's now)
         waiting.discard(fut)
         if not waiting:
             if keep is not None and not write and not keep.closed:
@@ -118,6 +118,19 @@ class _Watchers:
         """``holder`` closes its fd ``fd``: drop its idle registration first."""
         key = (fd, False)
         if self._kept.get(key) is holder and not self._futs.get(key):
+            self._drop(key)
+
+    def fail(self, fd: int, why: str) -> None:
+        """``fd``'s owner closes it: every wait on it (both directions) ends with
+        :class:`ChannelClosed` (``why``) and the registrations go now, while the fd is
+        still open."""
+        for key in ((fd, False), (fd, True)):
+            waiting = self._futs.get(key)
+            if waiting is None:
+                continue
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_exception(ChannelClosed(why))
             self._drop(key)
 
     def _drop(self, key: tuple[int, bool]) -> None:
@@ -183,6 +196,29 @@ def forget_fd(fd: int, holder: object) -> None:
             w.forget(fd, holder)
         else:
             loop.call_soon_threadsafe(w.forget, fd, holder)
+
+
+def close_fds(fds: Iterable[int], why: str) -> None:
+    """The owner of ``fds`` closes them (a channel's ``close``/``aclose``, a mailbox's
+    ``close``): every task waiting on one of them, in every loop, is woken with
+    :class:`ChannelClosed` (``why``), and the loops drop the registrations before the
+    fds go, so no selector keeps a closed (or reused) fd number. In a loop running in
+    another thread it happens through that loop (selectors are not thread-safe)."""
+    fds = [fd for fd in set(fds) if fd >= 0]
+    if not fds or not _watchers:
+        return
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for loop, w in list(_watchers.items()):
+        if loop.is_closed():
+            continue
+        for fd in fds:
+            if loop is running or not loop.is_running():
+                w.fail(fd, why)
+            else:
+                loop.call_soon_threadsafe(w.fail, fd, why)
 
 
 async def wait_ready(
@@ -283,6 +319,7 @@ class Channel(ChannelIdentity):
         self._spin = core.options.spin  # a shm ring's receive spins this long at most
         self._asked = False  # sent since the last receive: an answer may be on its way
         self._sleep_first = 0  # receives left that wait before reading (_poll_first)
+        self._ended = False  # a close began: its waits were ended (_end_waits)
 
     @property
     def capacity(self) -> int | None:
@@ -788,6 +825,7 @@ class Channel(ChannelIdentity):
         if core.closed:
             self._release()
             return
+        self._end_waits()
         deadline = deadline_of(core.options.close_timeout)
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
@@ -806,8 +844,20 @@ class Channel(ChannelIdentity):
         """Close the core, dropping first the event loops' idle registrations of its read
         fd (see ``_Watchers``): a closed fd must not stay in a loop's selector."""
         core = self._core
+        self._end_waits()
         forget_fd(core.read_fileno(), core)
         core.close()
+
+    def _end_waits(self) -> None:
+        """A close began: the tasks waiting in this channel's operations (a ``recv``,
+        a ``send`` waiting for room or credit, ``buzon.aio.wait``) wake with
+        :class:`ChannelClosed` (the blocking driver's wake fd, here the loop's own
+        registrations of the channel's fds)."""
+        core = self._core
+        self._ended = True
+        if core.released:
+            return  # its fds are gone (a datagram end still names its old fd number)
+        close_fds((core.read_fileno(), core.write_fileno()), "the channel was closed")
 
     def close(self) -> None:
         """Close the channel: every later operation raises :class:`ChannelClosed` at
@@ -821,6 +871,7 @@ class Channel(ChannelIdentity):
         if core.closed or not (core.owed or core.lingers()):
             self._release()
             return
+        self._end_waits()
         forget_fd(core.read_fileno(), core)
         core.begin_close()
         try:
@@ -850,6 +901,8 @@ class Channel(ChannelIdentity):
         await self.aclose()
 
     def _ready(self) -> bool:
+        if self._ended or self._core.closed:
+            return True  # closed, or a close began: its calls raise ChannelClosed
         if self._rlock.locked():
             return False
         if self._core.ready():

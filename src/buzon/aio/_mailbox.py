@@ -36,6 +36,7 @@ from types import EllipsisType, TracebackType
 from typing import Any
 
 from .._mailbox import (
+    CLOSING_HOOKS,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_INLINE,
     Mailbox,
@@ -47,7 +48,7 @@ from .._mailbox import mailbox as _open_mailbox
 from ..errors import Empty, Full, Timeout
 from ..protocol.frames import DEFAULT_MAX_FRAME
 from ..transport.base import PeerInfo
-from ._channel import deadline_of, wait_ready
+from ._channel import close_fds, deadline_of, wait_ready
 
 __all__ = ["AioMailbox", "AioMailboxReceipt", "mailbox"]
 
@@ -59,6 +60,10 @@ async def _wake(box: Mailbox, reads: list[int], writes: list[int], deadline: flo
     if deadline is not None:
         until = min(until, deadline)
     await wait_ready(reads, writes, until)
+
+
+if close_fds not in CLOSING_HOOKS:
+    CLOSING_HOOKS.append(close_fds)  # a mailbox's close ends the tasks waiting on it
 
 
 def _timed_out(deadline: float | None) -> bool:

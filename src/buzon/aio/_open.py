@@ -15,7 +15,7 @@ from ..address import Address, is_name
 from ..errors import ChannelClosed, Timeout
 from ..transport import open_listener
 from ..transport.base import Transport
-from ._channel import Channel, deadline_of, run_steps, wait_fd, wait_ready
+from ._channel import Channel, close_fds, deadline_of, run_steps, wait_fd, wait_ready
 
 __all__ = ["Listener", "connect", "listen", "pipe", "wait"]
 
@@ -81,6 +81,14 @@ class Listener(ListenerBase):
     """A bound endpoint for asyncio code; ``await accept()`` returns channels."""
 
     _label = "buzon.aio.Listener"
+
+    def close(self) -> None:
+        """Stop listening (see :meth:`buzon.Listener.close`); a task waiting in
+        :meth:`accept` (or ``buzon.aio.wait``) on it wakes: ``accept`` raises
+        :class:`ChannelClosed`, ``wait`` returns the listener as ready."""
+        if not self._closed:
+            close_fds((self.fileno(), self._lt.fileno()), "the listener is closed")
+        super().close()
 
     async def accept(self, timeout: float | None = None) -> Channel:
         """The next peer's channel, handshake done (see :meth:`buzon.Listener.accept`:
@@ -167,9 +175,11 @@ async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
             return ready
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
         wake = _wake(items, deadline, slices, time.monotonic())
-        if not await wait_ready(fds, (), wake) and (
-            deadline is not None and time.monotonic() >= deadline
-        ):
+        try:
+            woken = await wait_ready(fds, (), wake)
+        except ChannelClosed:  # one was closed (close_fds): it is ready now, look again
+            continue
+        if not woken and (deadline is not None and time.monotonic() >= deadline):
             _unready(items)
             return []
 

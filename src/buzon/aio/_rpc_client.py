@@ -520,7 +520,8 @@ def name_reconnect(
             return await connect(url, left, **options)
         assert addr.name is not None
         address, found = resolve_server(addr.name)  # the blocking client's rule
-        ch = await connect(address, left, **options)
+        # one try per attempt: see the blocking client's reconnect (a stale name)
+        ch = await connect(address, left, **{"retry": False, **options})
         instance[0] = found
         return ch
 

@@ -556,21 +556,22 @@ class JsonRpcClient(_Session):
                 self._on_response(obj)
             elif action == "cancel":
                 self._on_cancel(obj)
-            elif action == "batch":
-                if self._admit():
+            elif self._admit():  # a batch, a request or a notification
+                if action == "batch":
                     self._spawn(self._answer_batch(obj))
                 else:
-                    self.errors += 1
-            elif self._admit():  # "request" / "notification"
-                self._spawn(self._answer_one(action, obj))
+                    self._spawn(self._answer_one(action, obj))
             else:
                 self.errors += 1
-                if action == "request":
+                if action != "notification":  # refused, as the blocking session does: a
+                    # request by its id, a batch with one error response (id null); both
+                    # count as a call served once sent (a notification is dropped)
+                    msgid = obj.get("id") if action == "request" else None
                     overloaded = RemoteError(
                         f"over {self._max_in_flight} requests in flight on this connection",
                         RemoteError.OVERLOADED,
                     )
-                    self._spawn(self._send_safe(codec.error_response(obj.get("id"), overloaded)))
+                    self._spawn(self._send_safe(codec.error_response(msgid, overloaded)))
 
     def _on_response(self, obj: dict[str, Any]) -> None:
         msgid = obj.get("id")

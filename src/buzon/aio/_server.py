@@ -58,6 +58,8 @@ class Server:
         self._listener: Listener = listen(addr, **options)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # serve_forever's
+        self._stopping = False  # shutdown() asked (kept if serve_forever has not begun)
 
     @property
     def address(self) -> Any:
@@ -68,12 +70,28 @@ class Server:
         return len(self._tasks)
 
     def shutdown(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
+        """Ask :meth:`serve_forever` to stop: at once if it runs; if it has not begun
+        yet, it returns at once when it does (the request is kept). Safe from the
+        loop's thread and from any other (through the loop)."""
+        self._stopping = True
+        stop, loop = self._stop, self._loop
+        if stop is None or loop is None:
+            return  # serve_forever sees _stopping when it begins
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop or not loop.is_running():
+            stop.set()
+        else:
+            loop.call_soon_threadsafe(stop.set)
 
     async def serve_forever(self) -> None:
         """Accept and serve clients until :meth:`shutdown` (or cancellation)."""
+        self._loop = asyncio.get_running_loop()
         self._stop = stop = asyncio.Event()
+        if self._stopping:  # shutdown() came first: stop before serving anyone
+            stop.set()
         stopper = asyncio.ensure_future(stop.wait())
         self._listener._set_admit(self._admit)
         try:

@@ -992,7 +992,10 @@ def connect(
         # its instance id (registration metadata) tells a restarted server apart
         assert addr.name is not None
         address, found = resolve_server(addr.name)
-        ch = _connect(address, left, **options)
+        # one try per attempt (retry=False): a dying server's name outlives its socket
+        # for a moment, and waiting on that dead address would use up the call's
+        # deadline; the retry loop looks the name up again instead
+        ch = _connect(address, left, **{"retry": False, **options})
         instance[0] = found
         return ch
 

@@ -240,6 +240,7 @@ class JsonRpcClient(_StreamSession):
             waiting.event.set()
         for ctx in list(self._running.values()):
             ctx.cancel()
+        self._end_workers()  # idle workers leave now (no request can come)
 
     def _on_body(self, body: bytes) -> None:
         for action, obj in route(body):

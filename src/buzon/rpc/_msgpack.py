@@ -277,10 +277,11 @@ class _StreamSession:
         self._max_in_flight = max_in_flight
         self._answering = 0  # the peer's requests (notifications, batches) running now
         self._alock = threading.Lock()
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = (
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
         self._idle = 0  # worker threads waiting for a job, less the jobs queued
+        self._workers_end = False  # the session ended: workers leave (_end_workers)
 
     def _admit(self) -> bool:
         """Room for one more of the peer's requests (at most ``max_in_flight`` run at
@@ -315,19 +316,37 @@ class _StreamSession:
         jobs = self._jobs
         while True:
             try:
-                target, args = jobs.get(timeout=self._WORKER_IDLE)
+                job = jobs.get(timeout=self._WORKER_IDLE)
             except queue.Empty:
                 with self._alock:
                     if jobs.empty():  # nothing claimed this worker: it ends
                         self._idle -= 1
                         return
                 continue  # a job came as the wait ended: it is this worker's
+            if job is None:  # the session ended (_end_workers)
+                return
+            target, args = job
             try:
                 target(*args)
             finally:
                 with self._alock:
                     self._answering -= 1
-                    self._idle += 1
+                    ended = self._workers_end  # the session ended: no more jobs come
+                    if not ended:
+                        self._idle += 1
+            if ended:
+                return
+
+    def _end_workers(self) -> None:
+        """The session ended (closed, or the peer went): its idle workers leave now
+        (one ``None`` each, queued after the jobs already claimed), and busy ones once
+        their request is answered, instead of waiting ``_WORKER_IDLE`` for a request
+        that cannot come."""
+        with self._alock:
+            self._workers_end = True
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._jobs.put(None)
 
     def close(self) -> None:
         """End the session (a child process is waited for, then killed if it lingers)."""
@@ -335,6 +354,7 @@ class _StreamSession:
         self._stream.close()
         if self._reader is not threading.current_thread():
             self._reader.join(5)
+        self._end_workers()
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until the connection ends (True) or ``timeout`` passes (False)."""
@@ -526,6 +546,7 @@ class MsgpackRpcClient(_StreamSession):
         if self._broken is None:
             self._broken = why
         why = self._broken
+        self._end_workers()
         for waiting in list(self._pending.values()):
             if not waiting.event.is_set():
                 waiting.error = type(why)(

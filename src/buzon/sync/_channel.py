@@ -1329,7 +1329,10 @@ class Channel(ChannelIdentity):
     # used by buzon.wait ------------------------------------------------------------
 
     def _ready(self) -> bool:
-        """True if recv_nowait would not raise Empty (it may raise EndOfChannel)."""
+        """True if recv_nowait would not raise Empty (it may raise EndOfChannel, or
+        ChannelClosed: a closed channel, or one another thread is closing, is ready)."""
+        if self._closing or self._core.closed:
+            return True
         if not self._rlock.acquire(blocking=False):
             return False  # another thread is receiving; it will take what arrives
         try:
@@ -1340,6 +1343,14 @@ class Channel(ChannelIdentity):
             return False
         finally:
             self._rlock.release()
+
+    def _wait_enter(self) -> int:
+        """``buzon.wait`` is about to sleep on this channel: a close() in another
+        thread wakes it, and releases the fds only after it left (:meth:`_enter_wait`)."""
+        return self._enter_wait()
+
+    def _wait_leave(self) -> None:
+        self._leave_wait()
 
     def _wait_over(self) -> None:
         """``buzon.wait`` returned: withdraw the rendezvous offer it made."""

@@ -138,6 +138,19 @@ class Listener(ListenerBase):
     def _sleep(self, fd: int, deadline: float | None) -> bool:
         """Wait until ``fd`` is readable (True) or ``deadline`` (False); a close() in
         another thread ends the wait with ChannelClosed."""
+        wake = self._wait_enter()
+        try:
+            readable, _ = wait_fds(fd, -1, True, False, deadline, wake)
+        finally:
+            self._wait_leave()
+        if self._closing:
+            raise ChannelClosed("the listener is closed")
+        return readable
+
+    def _wait_enter(self) -> int:
+        """This thread is about to sleep on the listener's fd (``accept``,
+        ``buzon.wait``): count it in and return the wake fd to poll along with it;
+        ChannelClosed if a close() began. Pair with :meth:`_wait_leave`."""
         with _LWAKE_LOCK:
             if self._closing:
                 raise ChannelClosed("the listener is closed")
@@ -147,18 +160,14 @@ class Listener(ListenerBase):
                     self._sleepers = 0
                 self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 self._wake_pid = os.getpid()
-            wake = self._wake
             self._sleepers += 1
-        try:
-            readable, _ = wait_fds(fd, -1, True, False, deadline, wake)
-        finally:
-            with _LWAKE_LOCK:
-                self._sleepers -= 1
-            if self._closing:
-                self._drop_wake()
+            return self._wake
+
+    def _wait_leave(self) -> None:
+        with _LWAKE_LOCK:
+            self._sleepers -= 1
         if self._closing:
-            raise ChannelClosed("the listener is closed")
-        return readable
+            self._drop_wake()
 
     def _drop_wake(self) -> None:
         with _LWAKE_LOCK:
@@ -263,24 +272,44 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
     deadline = deadline_of(timeout)
     # an object may bound each sleep (mailboxes: a wake-up another waiter took)
     slices = [o._wait_slice for o in items if hasattr(o, "_wait_slice")]
+    # objects another thread may close under the wait (channels, listeners): counted in
+    # as sleepers, their wake fds polled too (see Channel._enter_wait)
+    closable = list({id(o): o for o in items if hasattr(o, "_wait_enter")}.values())
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
             _unready(items)
             return ready
-        poller = select.poll()
-        for fd in {o.fileno() for o in items}:  # type: ignore[attr-defined]
-            if fd >= 0:
-                poller.register(fd, select.POLLIN)
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             _unready(items)
             return []
-        wake = _wake(items, deadline, slices, now)
-        if wake is None:
-            poller.poll()
-        else:
-            poller.poll(max(0, int((wake - now) * 1000 + 0.999)))
+        fds = {o.fileno() for o in items}  # type: ignore[attr-defined]
+        entered: list[Any] = []
+        closed: list[Any] = []
+        try:
+            for o in closable:
+                try:
+                    fds.add(o._wait_enter())
+                except ChannelClosed:  # a close() began: it is ready (its calls raise)
+                    closed.append(o)
+                    continue
+                entered.append(o)
+            if closed:
+                _unready(items)
+                return [o for o in items if any(o is c for c in closed)]
+            poller = select.poll()
+            for fd in fds:
+                if fd >= 0:
+                    poller.register(fd, select.POLLIN)
+            wake = _wake(items, deadline, slices, now)
+            if wake is None:
+                poller.poll()
+            else:
+                poller.poll(max(0, int((wake - now) * 1000 + 0.999)))
+        finally:
+            for o in entered:
+                o._wait_leave()
 
 
 def _wake(
