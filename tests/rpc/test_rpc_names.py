@@ -260,18 +260,28 @@ def test_a_call_whose_send_failed_goes_to_the_restarted_server(
     proc = _child_server("unix:old2", "calc2")
     calc = rpc.connect("name:calc2", timeout=20, semantics="exactly_once")
     real_send = _client.w.send
+    real_send_frame = _client.w.send_frame  # a plain call's frame, made in C
     rec = Recorder()
     try:
         assert calc.add(1, 2) == 3
 
-        def dying_server_send(ch: Any, body: Any, *args: Any) -> None:
-            if body[:2] == [0, "add"] and proc.poll() is None:
+        def server_dies() -> None:
+            if proc.poll() is None:
                 _kill(proc)  # the server dies before this call leaves
                 serving_cm.__enter__()
+
+        def dying_server_send(ch: Any, body: Any, *args: Any) -> None:
+            if body[:2] == [0, "add"]:
+                server_dies()
             real_send(ch, body, *args)
+
+        def dying_server_send_frame(ch: Any, frame: Any, *args: Any) -> None:
+            server_dies()  # the only call made meanwhile is add(2, 3)
+            real_send_frame(ch, frame, *args)
 
         serving_cm = serving("unix:new2", calc_service(rec), name="calc2")
         monkeypatch.setattr(_client.w, "send", dying_server_send)
+        monkeypatch.setattr(_client.w, "send_frame", dying_server_send_frame)
         try:
             assert calc.add(2, 3) == 5  # it never ran on the old server: sent again
             assert rec.ran == ["add"]
