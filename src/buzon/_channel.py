@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _reduction
 from .address import Address
@@ -79,6 +79,9 @@ from .transport.base import (
     StreamTransport,
     Transport,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from .protocol._dgram import Receiver
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -312,6 +315,16 @@ class ChannelCore:
             and rfd >= 0
         ):
             self.wait_fd = rfd
+        # a message transport's receive in C (datagram sockets, POSIX queues): a plain
+        # receive's wait and take may be one call there too (see wait_message)
+        self.wait_receiver: Receiver | None = (
+            transport.receiver
+            if self.message_oriented
+            and self.plain_readiness
+            and not options.raw
+            and options.compat is None
+            else None
+        )
         self._aborts_seen = 0
         self.backlog: deque[tuple[list[Buffer], int]] = deque()  # message transports, None
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
@@ -1742,6 +1755,40 @@ class ChannelCore:
         if self._read_bytes(decoder, got, room):  # type: ignore[arg-type]
             return self._pop(decoder.frames)
         return None
+
+    def wait_message(self) -> Receiver | None:
+        """Where a plain receive on a message transport may wait and take in one call:
+        the transport's C ``Receiver`` (``protocol/_dgram.c``), whose ``wait`` the sync
+        driver runs (the core never waits). As :meth:`wait_read`: the receive announces
+        nothing (``taking``), and nothing was read ahead (``inbox``). None: the engine's
+        loop does it."""
+        receiver = self.wait_receiver
+        if receiver is None or self.taking or self.closed or self.inbox:
+            return None
+        return receiver
+
+    def after_message(self, got: tuple[int, bytes] | bytes) -> Frame | tuple[int, bytes] | None:
+        """What the :meth:`wait_message` receiver's ``wait`` took: a plain DATA message
+        from the same sender, priority and drop count as the one before (counted here),
+        or any other message, taken the Python way (:meth:`poll`: a CREDIT applied, a
+        bad frame raised, the sender noted). None: it was a CREDIT, the engine's loop
+        goes on."""
+        if got.__class__ is tuple:
+            stats = self.stats
+            stats.bytes_received += len(got[1]) + 8
+            stats.messages_received += 1
+            self.taken += 1
+            return got
+        self.inbox.append(got)  # type: ignore[arg-type]
+        return self.poll()
+
+    def message_error(self, exc: OSError) -> Exception:
+        """The typed error for a receive that failed in the receiver's ``wait``."""
+        if self.closed:
+            return ChannelClosed("the channel is closed")
+        transport = self.transport
+        assert isinstance(transport, MessageTransport)
+        return transport.recv_error(exc)
 
     def read_error(self, exc: OSError) -> Exception:
         """The typed error for a read that failed in the driver's ``wait_frame``."""

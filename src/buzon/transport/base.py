@@ -29,6 +29,7 @@ from ..errors import UnsupportedOperation, from_oserror
 if TYPE_CHECKING:
     import ssl  # annotations only: importing buzon does not load ssl
 
+    from ..protocol._dgram import Receiver
     from ._tokens import TokenPool
 
 __all__ = [
@@ -139,6 +140,10 @@ class Transport(abc.ABC):
     #: :meth:`read_fileno` and nothing else (no bytes held in user space): a plain
     #: receive may wait and read there in one C call (``ChannelCore.wait_read``)
     plain_reads: ClassVar[bool] = False
+    #: a message transport whose receive is a C ``protocol._dgram.Receiver`` (datagram
+    #: sockets, POSIX queues): a plain receive may wait and take there in one C call
+    #: (``ChannelCore.wait_message``); None: the engine's loop does it
+    receiver: Receiver | None = None
     #: a TLS handshake is still to be driven (``handshake_step``; TLS streams only)
     tls_pending: bool = False
 
@@ -294,6 +299,11 @@ class MessageTransport(Transport):
     def recv_message(self) -> bytes | memoryview | None:
         """One whole message, or ``None`` if none is ready (a read-only view where the
         transport lends the message in place: ``shm:`` out-of-line blocks)."""
+
+    def recv_error(self, exc: OSError) -> Exception:
+        """The typed error for a receive that failed (:attr:`receiver`'s, or
+        :meth:`recv_message`'s)."""
+        return from_oserror(exc, f"{self.scheme} recv")
 
     @abc.abstractmethod
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:

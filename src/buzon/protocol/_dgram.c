@@ -1,0 +1,456 @@
+/* The receive of a message transport (datagram sockets, POSIX queues), in C.
+ *
+ * One object per receiving end, the only way that end reads, so the facts about the
+ * last message (who sent it, its priority, what the kernel dropped) have one home:
+ *
+ *   Receiver(fd, kind, size, connected, counts_drops)
+ *       ``kind`` 0: a datagram socket (``fd`` non-blocking; ``connected``: the
+ *       sender is not asked for; ``counts_drops``: ask for the kernel's running
+ *       count of datagrams dropped for a full queue, SO_RXQ_OVFL); 1: a POSIX queue
+ *       descriptor (O_NONBLOCK; ``size`` its mq_msgsize). A datagram longer than
+ *       ``size`` is never delivered cut: it is dropped and counted (``truncated``).
+ *       The object never owns ``fd``: its transport closes it (``close()`` here first).
+ *
+ *   recv() -> bytes | None
+ *       One message now (the transport's recv_message), None when there is none.
+ *
+ *   wait(deadline, spin, limit[, wake]) -> (flags, body) | bytes | None
+ *       The wait and the read of a plain blocking receive, in one call (the engine's
+ *       INPUT step on the read fd and the take's read: _engine.py recv_steps, and
+ *       ChannelCore.wait_message). Try to receive for ``spin`` seconds, then sleep in
+ *       poll(fd, wake) until ``deadline`` (time.monotonic() seconds; None: no limit),
+ *       then receive; the GIL is released meanwhile. Returns ``(flags, body)`` when the
+ *       message is one plain DATA frame (version 1, kind DATA, codec 0..3, no other
+ *       flag, no buffers, at most ``limit`` bytes) and nothing about the link changed
+ *       since the Python side last looked (same sender, same priority, no drop);
+ *       else the message as bytes, for the Python path (recv_message's caller), which
+ *       stays the reference; None when the deadline passed, or ``wake`` (an fd, -1:
+ *       none; the channel's close eventfd) became readable first (it is never read).
+ *       A failed poll or receive raises OSError. A signal that interrupts the wait
+ *       runs its Python handler (with the GIL), and what the handler raises ends the
+ *       call; otherwise the wait goes on.
+ *
+ *   sender: the raw sockaddr of the last datagram (bytes; None: connected or none
+ *   yet), priority, overflows, truncated: the facts about the last message.
+ *
+ * A message goes to the Python path while ``dirty``: something the channel reports
+ * changed (a new sender, priority or drop count) and no message other than a CREDIT
+ * (which the channel applies without looking at them) went that way since.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <mqueue.h>
+#include <poll.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "structmember.h"
+
+#ifndef SO_RXQ_OVFL
+#define SO_RXQ_OVFL 40
+#endif
+
+#define VERSION 1
+#define KIND_DATA 1
+#define KIND_CREDIT 3
+#define NOT_PLAIN 0xFC /* flags a fast message never has: only codec bits 0..1 */
+
+enum { KIND_SOCKET = 0, KIND_MQ = 1 };
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    int kind;
+    int connected;
+    int counts_drops;
+    int busy;  /* a wait is in progress (the GIL released): recv() finds nothing */
+    int dirty; /* see the top of the file */
+    Py_ssize_t size;
+    char *buf; /* size + 1 bytes: a longer datagram shows */
+    struct sockaddr_storage sender;
+    socklen_t sender_len;
+    unsigned int priority;
+    uint32_t overflows;
+    Py_ssize_t truncated;
+} Receiver;
+
+static const struct timespec already_expired = {0, 0};
+
+static double monotonic_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock on Linux */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* One receive that never sleeps, no Python object touched (may run without the
+ * GIL). Returns the length of the message now in buf, -1 with errno (EAGAIN: none),
+ * and drops (and counts) datagrams longer than size. */
+static ssize_t receive_once(Receiver *self) {
+    for (;;) {
+        if (self->kind == KIND_MQ) {
+            unsigned int prio = 0;
+            ssize_t n = mq_timedreceive((mqd_t)self->fd, self->buf, (size_t)self->size, &prio,
+                                        &already_expired);
+            if (n < 0) {
+                if (errno == ETIMEDOUT) /* a blocking descriptor: nothing there */
+                    errno = EAGAIN;
+                return -1;
+            }
+            if (prio != self->priority) {
+                self->priority = prio;
+                self->dirty = 1;
+            }
+            return n;
+        }
+        struct iovec iov = {.iov_base = self->buf, .iov_len = (size_t)self->size + 1};
+        struct sockaddr_storage from;
+        union {
+            char space[CMSG_SPACE(sizeof(uint32_t))];
+            struct cmsghdr align;
+        } control;
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        if (!self->connected) {
+            m.msg_name = &from;
+            m.msg_namelen = sizeof from;
+        }
+        if (self->counts_drops) {
+            m.msg_control = control.space;
+            m.msg_controllen = sizeof control.space;
+        }
+        ssize_t n = recvmsg(self->fd, &m, MSG_DONTWAIT);
+        if (n < 0)
+            return -1;
+        if (self->counts_drops) {
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c)) {
+                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL &&
+                    c->cmsg_len >= CMSG_LEN(sizeof(uint32_t))) {
+                    uint32_t count;
+                    memcpy(&count, CMSG_DATA(c), sizeof count);
+                    if (count != self->overflows) {
+                        self->overflows = count;
+                        self->dirty = 1;
+                    }
+                }
+            }
+        }
+        if (n > self->size || (m.msg_flags & MSG_TRUNC)) {
+            self->truncated++; /* over our unit: never deliver a cut datagram */
+            self->dirty = 1;
+            continue;
+        }
+        if (!self->connected) {
+            socklen_t len = m.msg_namelen > sizeof from ? sizeof from : m.msg_namelen;
+            if (len != self->sender_len || memcmp(&from, &self->sender, len) != 0) {
+                memcpy(&self->sender, &from, len);
+                self->sender_len = len;
+                self->dirty = 1;
+            }
+        }
+        return n;
+    }
+}
+
+/* The message in buf[:n] for the Python path: bytes; a non-CREDIT clears dirty. */
+static PyObject *as_bytes(Receiver *self, ssize_t n) {
+    if (!(n >= 2 && (unsigned char)self->buf[1] == KIND_CREDIT))
+        self->dirty = 0;
+    return PyBytes_FromStringAndSize(self->buf, n);
+}
+
+static int check_open(Receiver *self) {
+    if (self->fd < 0) {
+        errno = EBADF;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Receiver_recv(Receiver *self, PyObject *unused) {
+    (void)unused;
+    if (check_open(self) < 0)
+        return NULL;
+    if (self->busy) /* another thread waits in this receiver: its message */
+        Py_RETURN_NONE;
+    for (;;) {
+        ssize_t n = receive_once(self);
+        if (n >= 0)
+            return as_bytes(self, n);
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        if (errno != EINTR)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+}
+
+/* flags of the one plain DATA frame filling buf[0:n] exactly, else -1 */
+static int plain_flags(const unsigned char *h, ssize_t n, Py_ssize_t limit) {
+    if (n < 8 || n > limit)
+        return -1;
+    uint32_t blen = (uint32_t)h[4] | ((uint32_t)h[5] << 8) | ((uint32_t)h[6] << 16) |
+                    ((uint32_t)h[7] << 24);
+    if (h[0] != VERSION || h[1] != KIND_DATA || (h[2] & NOT_PLAIN) || h[3] ||
+        8 + (ssize_t)blen != n)
+        return -1;
+    return h[2];
+}
+
+static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "wait(deadline, spin, limit[, wake]) takes 3 or 4 arguments");
+        return NULL;
+    }
+    int forever = args[0] == Py_None;
+    double deadline = forever ? 0.0 : PyFloat_AsDouble(args[0]);
+    if (!forever && deadline == -1.0 && PyErr_Occurred())
+        return NULL;
+    double spin = PyFloat_AsDouble(args[1]);
+    if (spin == -1.0 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    long wake = -1;
+    if (nargs == 4) {
+        wake = PyLong_AsLong(args[3]);
+        if (wake == -1 && PyErr_Occurred())
+            return NULL;
+        if (wake < -1 || wake > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "wake must be an fd or -1");
+            return NULL;
+        }
+    }
+    if (check_open(self) < 0)
+        return NULL;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "another thread waits in this receiver");
+        return NULL;
+    }
+    struct pollfd pfds[2] = {
+        {.fd = self->fd, .events = POLLIN, .revents = 0},
+        {.fd = (int)wake, .events = POLLIN, .revents = 0},
+    };
+    nfds_t nfds = wake >= 0 ? 2 : 1;
+    ssize_t got = -1;
+    int err = 0, timed_out = 0;
+    self->busy = 1;
+    if (spin > 0.0) { /* the spin budget: receive attempts, no sleep */
+        Py_BEGIN_ALLOW_THREADS
+        double end = monotonic_now() + spin;
+        do {
+            got = receive_once(self);
+            if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                err = errno;
+        } while (got < 0 && !err && monotonic_now() < end);
+        Py_END_ALLOW_THREADS
+        /* a signal that came while spinning interrupted nothing: its handler runs now */
+        if (got < 0 && !err && PyErr_CheckSignals() < 0) {
+            self->busy = 0;
+            return NULL;
+        }
+    }
+    while (got < 0 && !err) {
+        Py_BEGIN_ALLOW_THREADS
+        for (;;) {
+            int ms = -1;
+            if (!forever) {
+                double left = deadline - monotonic_now();
+                ms = left <= 0.0 ? 0 : left > 2e6 ? 2000000000 : (int)(left * 1000.0 + 0.999);
+            }
+            int r = poll(pfds, nfds, ms);
+            if (r < 0) {
+                err = errno;
+                break;
+            }
+            if (r == 0) {
+                if (!forever && monotonic_now() >= deadline) {
+                    timed_out = 1;
+                    break;
+                }
+                continue; /* woke a little early: sleep the rest */
+            }
+            if (pfds[0].revents == 0) { /* only the wake fd: a close() in another thread */
+                timed_out = 1;
+                break;
+            }
+            got = receive_once(self);
+            if (got >= 0)
+                break;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                err = errno;
+                break;
+            }
+            /* readable, yet nothing to take (another reader, a dropped datagram) */
+            if (pfds[0].revents & POLLNVAL) {
+                err = EBADF;
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (err != EINTR)
+            break;
+        err = 0; /* a signal: its handler runs now; what it raises ends the wait */
+        if (PyErr_CheckSignals() < 0) {
+            self->busy = 0;
+            return NULL;
+        }
+    }
+    self->busy = 0;
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (timed_out)
+        Py_RETURN_NONE;
+    const unsigned char *h = (const unsigned char *)self->buf;
+    int flags = self->dirty ? -1 : plain_flags(h, got, limit);
+    if (flags < 0)
+        return as_bytes(self, got);
+    PyObject *body = PyBytes_FromStringAndSize(self->buf + 8, got - 8);
+    if (body == NULL)
+        return NULL;
+    PyObject *out = PyTuple_New(2);
+    if (out == NULL) {
+        Py_DECREF(body);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, PyLong_FromLong(flags)); /* a cached small int */
+    PyTuple_SET_ITEM(out, 1, body);
+    return out;
+}
+
+static PyObject *Receiver_close(Receiver *self, PyObject *unused) {
+    (void)unused;
+    self->fd = -1; /* the transport closes the fd itself */
+    Py_RETURN_NONE;
+}
+
+static PyObject *Receiver_get_sender(Receiver *self, void *closure) {
+    (void)closure;
+    if (self->connected || self->sender_len == 0)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)&self->sender, self->sender_len);
+}
+
+static PyObject *Receiver_get_priority(Receiver *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLong(self->priority);
+}
+
+static PyObject *Receiver_get_overflows(Receiver *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLong(self->overflows);
+}
+
+static PyObject *Receiver_get_truncated(Receiver *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSsize_t(self->truncated);
+}
+
+static int Receiver_init(Receiver *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd", "kind", "size", "connected", "counts_drops", NULL};
+    int fd, kind, connected = 1, counts_drops = 0;
+    Py_ssize_t size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iin|pp", kwlist, &fd, &kind, &size, &connected,
+                                     &counts_drops))
+        return -1;
+    if (fd < 0 || (kind != KIND_SOCKET && kind != KIND_MQ) || size < 0 ||
+        size > PY_SSIZE_T_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "bad Receiver arguments");
+        return -1;
+    }
+    if (self->buf != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Receiver is made once");
+        return -1;
+    }
+    self->buf = PyMem_Malloc((size_t)size + 1);
+    if (self->buf == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->fd = fd;
+    self->kind = kind;
+    self->size = size;
+    self->connected = kind == KIND_MQ ? 1 : connected;
+    self->counts_drops = kind == KIND_SOCKET && counts_drops;
+    self->busy = 0;
+    self->dirty = 0;
+    self->sender_len = 0;
+    self->priority = 0;
+    self->overflows = 0;
+    self->truncated = 0;
+    return 0;
+}
+
+static void Receiver_dealloc(Receiver *self) {
+    PyMem_Free(self->buf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Receiver_methods[] = {
+    {"recv", (PyCFunction)Receiver_recv, METH_NOARGS,
+     "One message now (bytes), or None when there is none."},
+    {"wait", (PyCFunction)(void (*)(void))Receiver_wait, METH_FASTCALL,
+     "wait(deadline, spin, limit[, wake]) -> (flags, body) | bytes | None"},
+    {"close", (PyCFunction)Receiver_close, METH_NOARGS,
+     "Forget the fd (the transport closes it); later calls raise OSError(EBADF)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Receiver_getset[] = {
+    {"sender", (getter)Receiver_get_sender, NULL, "raw sockaddr of the last datagram", NULL},
+    {"priority", (getter)Receiver_get_priority, NULL, "priority of the last queue message",
+     NULL},
+    {"overflows", (getter)Receiver_get_overflows, NULL, "the kernel's SO_RXQ_OVFL count", NULL},
+    {"truncated", (getter)Receiver_get_truncated, NULL, "datagrams over size, dropped", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReceiverType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._dgram.Receiver",
+    .tp_basicsize = sizeof(Receiver),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The receiving end of a datagram socket or POSIX queue (see the module).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Receiver_init,
+    .tp_dealloc = (destructor)Receiver_dealloc,
+    .tp_methods = Receiver_methods,
+    .tp_getset = Receiver_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "buzon.protocol._dgram",
+    .m_doc = "The receive of datagram sockets and POSIX queues, wait included (C).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__dgram(void) {
+    if (PyType_Ready(&ReceiverType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ReceiverType);
+    if (PyModule_AddObject(m, "Receiver", (PyObject *)&ReceiverType) < 0) {
+        Py_DECREF(&ReceiverType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "SOCKET", KIND_SOCKET) < 0 ||
+        PyModule_AddIntConstant(m, "MQ", KIND_MQ) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
