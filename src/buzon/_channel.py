@@ -81,7 +81,7 @@ from .transport.base import (
 )
 
 if TYPE_CHECKING:  # annotations only
-    from .protocol._dgram import Receiver
+    from .protocol._dgram import MessageSender, Receiver
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -374,7 +374,8 @@ class ChannelCore:
         self.credit_out: bytes | None = None  # the latest CREDIT not yet written
         self.credit_blocked = False  # the last try_send failed for want of credit
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
-        self._small_writer: SmallWriter | None = None  # made by use_write_lock
+        # made by use_write_lock (a message transport's: protocol/_dgram.c MessageSender)
+        self._small_writer: SmallWriter | MessageSender | None = None
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
         # capacity=0 on a credit link: takes pass the rendezvous gate (_rv_gate); a read
         # that found the link empty since this end's latest offer was written
@@ -410,6 +411,12 @@ class ChannelCore:
                 lock,
                 min(PLAIN_MAX, self.max_frame) - 8,
                 self._small_part,
+            )
+            self._fast_paths()
+        elif isinstance(self.transport, MessageTransport) and self._plain and self._can_send:
+            # a datagram or queue message: protocol/_dgram.c MessageSender, the same role
+            self._small_writer = self.transport.small_sender(
+                self, lock, min(PLAIN_MAX, self.max_frame) - 8
             )
             self._fast_paths()
 
@@ -476,8 +483,18 @@ class ChannelCore:
         self.small_limit = min(PLAIN_MAX, self.max_frame) - 8 if write is not None else -1
         # the sync driver's send_bytes in one C call (protocol/_stream.c SmallWriter),
         # while the same holds; it checks what may change per call itself
+        # (a message transport's sends need no tail kept: one datagram, all or nothing)
+        quiet_messages = (
+            self.message_oriented
+            and self._plain
+            and self._can_send
+            and self.tokens is None
+            and not self.unbounded
+            and not self.closed
+            and self.capacity != 0
+        )
         self.small_send: Callable[[bytes], bool | int] | None = (
-            self._small_writer if write is not None else None
+            self._small_writer if write is not None or quiet_messages else None
         )
 
     def _stop_fast(self) -> tuple[int, int]:

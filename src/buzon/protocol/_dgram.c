@@ -33,6 +33,19 @@
  *   sender: the raw sockaddr of the last datagram (bytes; None: connected or none
  *   yet), priority, overflows, truncated: the facts about the last message.
  *
+ *   MessageSender(fd, kind, core, lock, limit[, receiver])(data) -> bool
+ *       The hot path of a blocking ``send_bytes`` on a message transport (the twin of
+ *       protocol/_stream.c SmallWriter, ChannelCore.small_send): ``data``, bytes of at
+ *       most ``limit``, as one plain DATA frame in one datagram (sendmsg, header and
+ *       payload gathered; a bound socket: to ``receiver``'s last sender) or one queue
+ *       message (mq_timedsend, never sleeping), when the channel is quiet: ``lock``
+ *       (the driver's write lock) is free and ``core`` owes nothing (``backlog``
+ *       empty, ``credit_out`` None), is open and numbers no sends (``sflow`` None).
+ *       The GIL is held from those checks to the count. True: sent, counted here
+ *       (``counts()``; the core adds them to its statistics). False: nothing sent
+ *       (not quiet, not small bytes, no room, no sender yet, an error): the caller goes
+ *       the general way, which meets the same condition and reports it.
+ *
  * A message goes to the Python path while ``dirty``: something the channel reports
  * changed (a new sender, priority or drop count) and no message other than a CREDIT
  * (which the channel applies without looking at them) went that way since.
@@ -428,6 +441,206 @@ static PyTypeObject ReceiverType = {
     .tp_getset = Receiver_getset,
 };
 
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    int kind;
+    Py_ssize_t limit;
+    PyObject *state;   /* core.__dict__: its fields read without attribute lookups */
+    PyObject *backlog; /* core.backlog, a deque the core never replaces */
+    PyObject *lock;
+    PyObject *receiver; /* a bound socket: where replies go (its last sender); or NULL */
+    char *scratch;      /* a queue message: header and payload joined (8 + limit) */
+    unsigned long long sent;
+    unsigned long long sent_bytes;
+    unsigned long long would_block;
+    vectorcallfunc vectorcall;
+} MessageSender;
+
+static PyObject *s_backlog, *s_credit_out, *s_closed, *s_sflow, *s_locked;
+
+/* 1: the core's field ``name`` is set (``not_none``: not None, else True); -1: error */
+static int core_flag(PyObject *state, PyObject *name, int not_none) {
+    PyObject *v = PyDict_GetItemWithError(state, name); /* borrowed */
+    if (v == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_AttributeError, "the channel core has no %R", name);
+        return -1;
+    }
+    return not_none ? v != Py_None : v == Py_True;
+}
+
+static PyObject *sender_call(PyObject *op, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    MessageSender *self = (MessageSender *)op;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "MessageSender(data) takes one argument");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) > self->limit)
+        Py_RETURN_FALSE;
+    Receiver *to = (Receiver *)self->receiver;
+    if (to != NULL && to->sender_len == 0)
+        Py_RETURN_FALSE; /* nobody to reply to yet: the general way says so */
+    PyObject *held = PyObject_CallMethodNoArgs(self->lock, s_locked);
+    if (held == NULL)
+        return NULL;
+    int busy = PyObject_IsTrue(held);
+    Py_DECREF(held);
+    if (busy)
+        return busy < 0 ? NULL : Py_NewRef(Py_False);
+    Py_ssize_t owed = PyObject_Length(self->backlog);
+    if (owed != 0)
+        return owed < 0 ? NULL : Py_NewRef(Py_False);
+    int r;
+    if ((r = core_flag(self->state, s_credit_out, 1)) != 0 ||
+        (r = core_flag(self->state, s_closed, 0)) != 0 ||
+        (r = core_flag(self->state, s_sflow, 1)) != 0)
+        return r < 0 ? NULL : Py_NewRef(Py_False);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    uint32_t len = (uint32_t)n;
+    unsigned char header[8] = {VERSION,
+                               KIND_DATA,
+                               0,
+                               0,
+                               (unsigned char)(len & 0xFF),
+                               (unsigned char)((len >> 8) & 0xFF),
+                               (unsigned char)((len >> 16) & 0xFF),
+                               (unsigned char)((len >> 24) & 0xFF)};
+    ssize_t got;
+    if (self->kind == KIND_MQ) {
+        memcpy(self->scratch, header, sizeof header);
+        memcpy(self->scratch + 8, PyBytes_AS_STRING(data), (size_t)n);
+        do
+            got = mq_timedsend((mqd_t)self->fd, self->scratch, (size_t)n + 8, 0,
+                               &already_expired) == 0
+                      ? n + 8
+                      : -1;
+        while (got < 0 && errno == EINTR);
+        if (got < 0 && errno == ETIMEDOUT) /* a blocking descriptor: the queue is full */
+            errno = EAGAIN;
+    } else {
+        struct iovec iov[2] = {
+            {.iov_base = header, .iov_len = sizeof header},
+            {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
+        };
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_iov = iov;
+        m.msg_iovlen = n ? 2 : 1;
+        if (to != NULL) {
+            m.msg_name = &to->sender;
+            m.msg_namelen = to->sender_len;
+        }
+        do
+            got = sendmsg(self->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+        while (got < 0 && errno == EINTR);
+    }
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            self->would_block++;
+        Py_RETURN_FALSE; /* the general way sends again and reports what it meets */
+    }
+    self->sent++;
+    self->sent_bytes += (unsigned long long)n + 8;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    int fd, kind;
+    PyObject *core, *lock, *receiver = Py_None;
+    Py_ssize_t limit;
+    static char *kwlist[] = {"fd", "kind", "core", "lock", "limit", "receiver", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOOn|O:MessageSender", kwlist, &fd, &kind,
+                                     &core, &lock, &limit, &receiver))
+        return NULL;
+    if (fd < 0 || (kind != KIND_SOCKET && kind != KIND_MQ) || limit < 0 || limit > 1 << 20) {
+        PyErr_SetString(PyExc_ValueError, "bad MessageSender arguments");
+        return NULL;
+    }
+    if (receiver != Py_None && !PyObject_TypeCheck(receiver, &ReceiverType)) {
+        PyErr_SetString(PyExc_TypeError, "receiver must be a Receiver or None");
+        return NULL;
+    }
+    PyObject *state = PyObject_GenericGetDict(core, NULL);
+    if (state == NULL)
+        return NULL;
+    PyObject *backlog = PyObject_GetAttr(core, s_backlog);
+    if (backlog == NULL) {
+        Py_DECREF(state);
+        return NULL;
+    }
+    MessageSender *self = (MessageSender *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(state);
+        Py_DECREF(backlog);
+        return NULL;
+    }
+    self->state = state;
+    self->backlog = backlog;
+    self->fd = fd;
+    self->kind = kind;
+    self->limit = limit;
+    self->lock = Py_NewRef(lock);
+    self->receiver = receiver == Py_None || kind == KIND_MQ ? NULL : Py_NewRef(receiver);
+    self->vectorcall = sender_call;
+    if (kind == KIND_MQ && (self->scratch = PyMem_Malloc((size_t)limit + 8)) == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static int sender_traverse(MessageSender *self, visitproc visit, void *arg) {
+    Py_VISIT(self->state);
+    Py_VISIT(self->backlog);
+    Py_VISIT(self->lock);
+    Py_VISIT(self->receiver);
+    return 0;
+}
+
+static int sender_clear(MessageSender *self) {
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->backlog);
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->receiver);
+    return 0;
+}
+
+static void sender_dealloc(MessageSender *self) {
+    PyObject_GC_UnTrack(self);
+    sender_clear(self);
+    PyMem_Free(self->scratch);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *sender_counts(MessageSender *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(KKK)", self->sent, self->sent_bytes, self->would_block);
+}
+
+static PyMethodDef sender_methods[] = {
+    {"counts", (PyCFunction)sender_counts, METH_NOARGS,
+     "counts() -> (sent, sent_bytes, would_block): what this sender moved and met"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MessageSenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._dgram.MessageSender",
+    .tp_basicsize = sizeof(MessageSender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "MessageSender(fd, kind, core, lock, limit[, receiver]): send_bytes' hot path "
+              "on a message transport (see the module's comment)",
+    .tp_new = sender_new,
+    .tp_dealloc = (destructor)sender_dealloc,
+    .tp_traverse = (traverseproc)sender_traverse,
+    .tp_clear = (inquiry)sender_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(MessageSender, vectorcall),
+    .tp_methods = sender_methods,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "buzon.protocol._dgram",
@@ -436,7 +649,13 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__dgram(void) {
-    if (PyType_Ready(&ReceiverType) < 0)
+    if ((s_backlog = PyUnicode_InternFromString("backlog")) == NULL ||
+        (s_credit_out = PyUnicode_InternFromString("credit_out")) == NULL ||
+        (s_closed = PyUnicode_InternFromString("closed")) == NULL ||
+        (s_sflow = PyUnicode_InternFromString("sflow")) == NULL ||
+        (s_locked = PyUnicode_InternFromString("locked")) == NULL)
+        return NULL;
+    if (PyType_Ready(&ReceiverType) < 0 || PyType_Ready(&MessageSenderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
@@ -444,6 +663,10 @@ PyMODINIT_FUNC PyInit__dgram(void) {
     Py_INCREF(&ReceiverType);
     if (PyModule_AddObject(m, "Receiver", (PyObject *)&ReceiverType) < 0) {
         Py_DECREF(&ReceiverType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "MessageSender", (PyObject *)&MessageSenderType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -18,3 +18,16 @@ class Receiver:
     def overflows(self) -> int: ...
     @property
     def truncated(self) -> int: ...
+
+class MessageSender:
+    def __init__(
+        self,
+        fd: int,
+        kind: int,
+        core: object,
+        lock: object,
+        limit: int,
+        receiver: Receiver | None = None,
+    ) -> None: ...
+    def __call__(self, data: object, /) -> bool: ...
+    def counts(self) -> tuple[int, int, int]: ...

@@ -33,9 +33,9 @@ _ANC_SPACE = socket.CMSG_SPACE(4)
 
 try:  # the receive (and a plain receive's wait) in C: protocol/_dgram.c
     from ..protocol._dgram import SOCKET as _SOCKET
-    from ..protocol._dgram import Receiver
+    from ..protocol._dgram import MessageSender, Receiver
 except ImportError:  # pragma: no cover - the extension is always built
-    Receiver = None  # type: ignore[assignment,misc]
+    Receiver = MessageSender = None  # type: ignore[assignment,misc]
     _SOCKET = 0
 
 
@@ -171,6 +171,12 @@ class DatagramTransport(MessageTransport):
             if not self.connected:
                 self.last_peer = addr
             return bytes(memoryview(self._rbuf)[:n])
+
+    def small_sender(self, core: object, lock: object, limit: int) -> MessageSender | None:
+        if MessageSender is None or self.receiver is None:
+            return None
+        to = None if self.connected else self.receiver  # a bound end replies to its sender
+        return MessageSender(self._fd, _SOCKET, core, lock, limit, to)
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         first = bufs[0]

@@ -29,7 +29,7 @@ from ..errors import UnsupportedOperation, from_oserror
 if TYPE_CHECKING:
     import ssl  # annotations only: importing buzon does not load ssl
 
-    from ..protocol._dgram import Receiver
+    from ..protocol._dgram import MessageSender, Receiver
     from ._tokens import TokenPool
 
 __all__ = [
@@ -299,6 +299,12 @@ class MessageTransport(Transport):
     def recv_message(self) -> bytes | memoryview | None:
         """One whole message, or ``None`` if none is ready (a read-only view where the
         transport lends the message in place: ``shm:`` out-of-line blocks)."""
+
+    def small_sender(self, core: object, lock: object, limit: int) -> MessageSender | None:
+        """The C hot path of the sync driver's ``send_bytes`` on this link (a
+        ``protocol._dgram.MessageSender`` checking ``core`` and ``lock`` itself, for
+        bytes of at most ``limit``), or None: every send goes the general way."""
+        return None
 
     def recv_error(self, exc: OSError) -> Exception:
         """The typed error for a receive that failed (:attr:`receiver`'s, or

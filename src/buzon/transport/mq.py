@@ -58,7 +58,7 @@ from ..errors import (
     from_oserror,
 )
 from ..protocol._dgram import MQ as _MQ
-from ..protocol._dgram import Receiver
+from ..protocol._dgram import MessageSender, Receiver
 from ._tokens import TokenPool, find_pool, remove_pools
 from .base import (
     Buffer,
@@ -182,6 +182,11 @@ class MQTransport(MessageTransport):
 
     def recv_error(self, exc: OSError) -> Exception:
         return from_oserror(exc, f"receiving from {self.address}")
+
+    def small_sender(self, core: object, lock: object, limit: int) -> MessageSender | None:
+        if self._reading or self._mqd < 0:
+            return None
+        return MessageSender(self._mqd, _MQ, core, lock, min(limit, self.max_message - 8))
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         self._check_open()
