@@ -82,6 +82,7 @@ from .transport.base import (
 
 if TYPE_CHECKING:  # annotations only
     from .protocol._dgram import MessageSender, Receiver
+    from .transport.fifo import FifoWaiter
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -317,14 +318,12 @@ class ChannelCore:
             self.wait_fd = rfd
         # a message transport's receive in C (datagram sockets, POSIX queues): a plain
         # receive's wait and take may be one call there too (see wait_message)
-        self.wait_receiver: Receiver | None = (
-            transport.receiver
-            if self.message_oriented
-            and self.plain_readiness
-            and not options.raw
-            and options.compat is None
-            else None
-        )
+        self.wait_receiver: Receiver | FifoWaiter | None = None
+        if self.plain_readiness and not options.raw and options.compat is None:
+            if self.message_oriented:
+                self.wait_receiver = transport.receiver
+            elif isinstance(transport, StreamTransport) and self.wait_fd is None:
+                self.wait_receiver = transport.frame_waiter(self.decoder)  # fifo:
         self._aborts_seen = 0
         self.backlog: deque[tuple[list[Buffer], int]] = deque()  # message transports, None
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
@@ -1773,7 +1772,7 @@ class ChannelCore:
             return self._pop(decoder.frames)
         return None
 
-    def wait_message(self) -> Receiver | None:
+    def wait_message(self) -> Receiver | FifoWaiter | None:
         """Where a plain receive on a message transport may wait and take in one call:
         the transport's C ``Receiver`` (``protocol/_dgram.c``), whose ``wait`` the sync
         driver runs (the core never waits). As :meth:`wait_read`: the receive announces
@@ -1784,7 +1783,9 @@ class ChannelCore:
             return None
         return receiver
 
-    def after_message(self, got: tuple[int, bytes] | bytes) -> Frame | tuple[int, bytes] | None:
+    def after_message(
+        self, got: tuple[int, bytes] | bytes | int
+    ) -> Frame | tuple[int, bytes] | None:
         """What the :meth:`wait_message` receiver's ``wait`` took: a plain DATA message
         from the same sender, priority and drop count as the one before (counted here),
         or any other message, taken the Python way (:meth:`poll`: a CREDIT applied, a
@@ -1796,6 +1797,9 @@ class ChannelCore:
             stats.messages_received += 1
             self.taken += 1
             return got
+        if type(got) is int:  # a fifo: reader's frames in the decoder's buffer (0: none)
+            room: int = self.wait_receiver.room  # type: ignore[union-attr]
+            return self.after_wait(got, room) if got > 0 else None
         self.inbox.append(got)  # type: ignore[arg-type]
         return self.poll()
 

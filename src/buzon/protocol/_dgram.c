@@ -46,6 +46,18 @@
  *       (not quiet, not small bytes, no room, no sender yet, an error): the caller goes
  *       the general way, which meets the same condition and reports it.
  *
+ *   wait_fifo(fd, buf, deadline, spin, limit, wake, scan, max_frame, codecs)
+ *       -> (flags, body) | (n, pos, filled) | None
+ *       The wait and the read of a plain blocking receive on a ``fifo:`` reader
+ *       (transport/fifo.py FifoWaiter): as Receiver.wait, then read(2) once into
+ *       ``buf`` (the frame decoder's empty read buffer) and unwrap the envelopes there
+ *       with ``scan`` (protocol/_envelope.c scan, called as the reassembler calls it:
+ *       ``scan(buf, 0, n, buf, 0, max_frame, codecs)``). Returns ``(flags, body)``
+ *       when the read brought exactly one piece holding one plain DATA frame (at most
+ *       ``limit`` bytes); else ``(n, pos, filled)`` for the Python reassembler (n: the
+ *       bytes read, 0 at the end; pos: where the scan stopped; filled: the frame bytes
+ *       now at the start of ``buf``); None as Receiver.wait.
+ *
  * A message goes to the Python path while ``dirty``: something the channel reports
  * changed (a new sender, priority or drop count) and no message other than a CREDIT
  * (which the channel applies without looking at them) went that way since.
@@ -340,6 +352,153 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
     PyTuple_SET_ITEM(out, 0, PyLong_FromLong(flags)); /* a cached small int */
     PyTuple_SET_ITEM(out, 1, body);
     return out;
+}
+
+static PyObject *wait_fifo(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "wait_fifo(fd, buf, deadline, spin, limit, wake, scan, "
+                                         "max_frame, codecs) takes 9 arguments");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    int forever = args[2] == Py_None;
+    double deadline = forever ? 0.0 : PyFloat_AsDouble(args[2]);
+    if (!forever && deadline == -1.0 && PyErr_Occurred())
+        return NULL;
+    double spin = PyFloat_AsDouble(args[3]);
+    if (spin == -1.0 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[4]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    long wake = PyLong_AsLong(args[5]);
+    if (wake == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX || wake < -1 || wake > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "fd must be an fd, wake an fd or -1");
+        return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    struct pollfd pfds[2] = {
+        {.fd = (int)fd, .events = POLLIN, .revents = 0},
+        {.fd = (int)wake, .events = POLLIN, .revents = 0},
+    };
+    nfds_t nfds = wake >= 0 ? 2 : 1;
+    ssize_t got = -1;
+    int err = 0, timed_out = 0;
+    if (spin > 0.0) { /* the spin budget: read attempts, no sleep */
+        Py_BEGIN_ALLOW_THREADS
+        double end = monotonic_now() + spin;
+        do {
+            got = read((int)fd, buf.buf, (size_t)buf.len);
+            if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                err = errno;
+        } while (got < 0 && !err && monotonic_now() < end);
+        Py_END_ALLOW_THREADS
+        if (got < 0 && !err && PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+    }
+    while (got < 0 && !err) {
+        Py_BEGIN_ALLOW_THREADS
+        for (;;) {
+            int ms = -1;
+            if (!forever) {
+                double left = deadline - monotonic_now();
+                ms = left <= 0.0 ? 0 : left > 2e6 ? 2000000000 : (int)(left * 1000.0 + 0.999);
+            }
+            int r = poll(pfds, nfds, ms);
+            if (r < 0) {
+                err = errno;
+                break;
+            }
+            if (r == 0) {
+                if (!forever && monotonic_now() >= deadline) {
+                    timed_out = 1;
+                    break;
+                }
+                continue;
+            }
+            if (pfds[0].revents == 0) { /* only the wake fd: a close() in another thread */
+                timed_out = 1;
+                break;
+            }
+            got = read((int)fd, buf.buf, (size_t)buf.len);
+            if (got >= 0)
+                break;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                err = errno;
+                break;
+            }
+            if (pfds[0].revents & POLLNVAL) {
+                err = EBADF;
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (err != EINTR)
+            break;
+        err = 0; /* a signal: its handler runs now; what it raises ends the wait */
+        if (PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+    }
+    if (err) {
+        PyBuffer_Release(&buf);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (timed_out) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t pos = 0, filled = 0;
+    if (got > 0) {
+        PyObject *n_obj = PyLong_FromSsize_t(got);
+        PyObject *zero = PyLong_FromLong(0);
+        PyObject *out = NULL;
+        if (n_obj != NULL && zero != NULL) {
+            PyObject *call[7] = {args[1], zero, n_obj, args[1], zero, args[7], args[8]};
+            out = PyObject_Vectorcall(args[6], call, 7, NULL);
+        }
+        Py_XDECREF(n_obj);
+        Py_XDECREF(zero);
+        if (out == NULL) {
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+        if (!PyArg_ParseTuple(out, "nn", &pos, &filled) || pos < 0 || pos > got ||
+            filled < 0 || filled > buf.len) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "scan returned positions out of range");
+            Py_DECREF(out);
+            PyBuffer_Release(&buf);
+            return NULL;
+        }
+        Py_DECREF(out);
+        int flags = pos == got ? plain_flags((const unsigned char *)buf.buf, filled, limit) : -1;
+        if (flags >= 0) {
+            PyObject *body = PyBytes_FromStringAndSize((const char *)buf.buf + 8, filled - 8);
+            PyObject *res = body == NULL ? NULL : PyTuple_New(2);
+            if (res == NULL) {
+                Py_XDECREF(body);
+            } else {
+                PyTuple_SET_ITEM(res, 0, PyLong_FromLong(flags)); /* a cached small int */
+                PyTuple_SET_ITEM(res, 1, body);
+            }
+            PyBuffer_Release(&buf);
+            return res;
+        }
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(nnn)", (Py_ssize_t)got, pos, filled);
 }
 
 static PyObject *Receiver_close(Receiver *self, PyObject *unused) {
@@ -641,8 +800,16 @@ static PyTypeObject MessageSenderType = {
     .tp_methods = sender_methods,
 };
 
+static PyMethodDef module_methods[] = {
+    {"wait_fifo", (PyCFunction)(void (*)(void))wait_fifo, METH_FASTCALL,
+     "wait_fifo(fd, buf, deadline, spin, limit, wake, scan, max_frame, codecs): a fifo: "
+     "reader's plain receive, wait and read and unwrap in one call"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
+    .m_methods = module_methods,
     .m_name = "buzon.protocol._dgram",
     .m_doc = "The receive of datagram sockets and POSIX queues, wait included (C).",
     .m_size = -1,

@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 SOCKET: int
 MQ: int
 
@@ -31,3 +33,16 @@ class MessageSender:
     ) -> None: ...
     def __call__(self, data: object, /) -> bool: ...
     def counts(self) -> tuple[int, int, int]: ...
+
+def wait_fifo(
+    fd: int,
+    buf: bytearray,
+    deadline: float | None,
+    spin: float,
+    limit: int,
+    wake: int,
+    scan: Callable[..., tuple[int, int]],
+    max_frame: int,
+    codecs: int,
+    /,
+) -> tuple[int, bytes] | tuple[int, int, int] | None: ...

@@ -54,6 +54,7 @@ from ..transport.base import Buffer
 
 if TYPE_CHECKING:  # annotations only
     from ..protocol._dgram import Receiver
+    from ..transport.fifo import FifoWaiter
 
 __all__ = ["Channel"]
 
@@ -1122,7 +1123,7 @@ class Channel(ChannelIdentity):
         return core.after_wait(got, len(buf))
 
     def _wait_message(
-        self, receiver: Receiver, deadline: float | None, spin: float
+        self, receiver: Receiver | FifoWaiter, deadline: float | None, spin: float
     ) -> Frame | tuple[int, bytes] | None:
         """:meth:`_wait_take` on a message transport: the INPUT step and the take's
         receive in one C call of its ``Receiver`` (``protocol/_dgram.c``; where it

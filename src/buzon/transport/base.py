@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from ..protocol._dgram import MessageSender, Receiver
     from ._tokens import TokenPool
+    from .fifo import FifoWaiter
 
 __all__ = [
     "Buffer",
@@ -274,6 +275,13 @@ class StreamTransport(Transport):
         """The hot path of :meth:`recv_into`: the builtin under it, bound to the fd
         (``socket.recv_into``), raising ``OSError`` as is (as :meth:`write_call`).
         None: no such call (the caller uses :meth:`recv_into`)."""
+        return None
+
+    def frame_waiter(self, decoder: Any) -> FifoWaiter | None:
+        """A stream that is no plain read(2) (``fifo:``: envelopes to unwrap) but
+        whose plain receive may still wait and read in one C call: its waiter, which
+        reads into ``decoder``'s idle buffer (``ChannelCore.wait_message``). None:
+        the engine's loop does it (or ``plain_reads`` and ``wait_read`` do)."""
         return None
 
     def io_error(self, exc: OSError, writing: bool) -> Exception:
