@@ -38,7 +38,9 @@
  *       protocol/_stream.c SmallWriter, ChannelCore.small_send): ``data``, bytes of at
  *       most ``limit``, as one plain DATA frame in one datagram (sendmsg, header and
  *       payload gathered; a bound socket: to ``receiver``'s last sender) or one queue
- *       message (mq_timedsend, never sleeping), when the channel is quiet: ``lock``
+ *       message (mq_timedsend, never sleeping), or one enveloped piece (kind FIFO:
+ *       ``piece`` numbered by ``writer``'s encoder, one write(2), while the writer
+ *       has nothing in progress, batched or corked), when the channel is quiet: ``lock``
  *       (the driver's write lock) is free and ``core`` owes nothing (``backlog``
  *       empty, ``credit_out`` None), is open and numbers no sends (``sflow`` None).
  *       The GIL is held from those checks to the count. True: sent, counted here
@@ -84,7 +86,7 @@
 #define KIND_CREDIT 3
 #define NOT_PLAIN 0xFC /* flags a fast message never has: only codec bits 0..1 */
 
-enum { KIND_SOCKET = 0, KIND_MQ = 1 };
+enum { KIND_SOCKET = 0, KIND_MQ = 1, KIND_FIFO = 2 };
 
 typedef struct {
     PyObject_HEAD
@@ -610,6 +612,9 @@ typedef struct {
     PyObject *lock;
     PyObject *receiver; /* a bound socket: where replies go (its last sender); or NULL */
     char *scratch;      /* a queue message: header and payload joined (8 + limit) */
+    PyObject *tstate;   /* fifo: the writer's __dict__ (nothing in progress?) */
+    PyObject *encoder;  /* fifo: its envelope Encoder (pid, nonce, seq) */
+    PyObject *piece;    /* fifo: protocol/_envelope.c piece(flags, bufs, pid, nonce, seq) */
     unsigned long long sent;
     unsigned long long sent_bytes;
     unsigned long long would_block;
@@ -617,6 +622,48 @@ typedef struct {
 } MessageSender;
 
 static PyObject *s_backlog, *s_credit_out, *s_closed, *s_sflow, *s_locked;
+static int core_flag(PyObject *state, PyObject *name, int not_none);
+static PyObject *s_job, *s_batch, *s_corked, *s_framed, *s_pid, *s_nonce, *s_seq;
+
+/* fifo: the piece of one small frame (header + data), numbered with the encoder's
+ * next seq (*seq set), or NULL with an exception; Py_None: not now (no exception) */
+static PyObject *fifo_piece(MessageSender *self, const unsigned char *header, PyObject *data,
+                            PyObject **seq) {
+    PyObject *v = PyDict_GetItemWithError(self->tstate, s_job); /* borrowed */
+    if (v == NULL)
+        return PyErr_Occurred() ? NULL : Py_None;
+    if (v != Py_None)
+        return Py_None;
+    int r;
+    if ((r = core_flag(self->tstate, s_corked, 0)) != 0)
+        return r < 0 ? NULL : Py_None;
+    if ((r = core_flag(self->tstate, s_framed, 0)) != 1)
+        return r < 0 ? NULL : Py_None;
+    v = PyDict_GetItemWithError(self->tstate, s_batch);
+    if (v == NULL)
+        return PyErr_Occurred() ? NULL : Py_None;
+    if ((r = PyObject_IsTrue(v)) != 0)
+        return r < 0 ? NULL : Py_None;
+    PyObject *pid = PyObject_GetAttr(self->encoder, s_pid);
+    PyObject *nonce = pid == NULL ? NULL : PyObject_GetAttr(self->encoder, s_nonce);
+    *seq = nonce == NULL ? NULL : PyObject_GetAttr(self->encoder, s_seq);
+    PyObject *head = *seq == NULL ? NULL : PyBytes_FromStringAndSize((const char *)header, 8);
+    PyObject *bufs = head == NULL ? NULL : PyTuple_Pack(2, head, data);
+    PyObject *flags = bufs == NULL ? NULL : PyLong_FromLong(3); /* FIRST | LAST */
+    PyObject *out = NULL;
+    if (flags != NULL) {
+        PyObject *call[5] = {flags, bufs, pid, nonce, *seq};
+        out = PyObject_Vectorcall(self->piece, call, 5, NULL);
+    }
+    Py_XDECREF(flags);
+    Py_XDECREF(bufs);
+    Py_XDECREF(head);
+    Py_XDECREF(nonce);
+    Py_XDECREF(pid);
+    if (out == NULL)
+        Py_CLEAR(*seq);
+    return out;
+}
 
 /* 1: the core's field ``name`` is set (``not_none``: not None, else True); -1: error */
 static int core_flag(PyObject *state, PyObject *name, int not_none) {
@@ -668,7 +715,40 @@ static PyObject *sender_call(PyObject *op, PyObject *const *args, size_t nargsf,
                                (unsigned char)((len >> 16) & 0xFF),
                                (unsigned char)((len >> 24) & 0xFF)};
     ssize_t got;
-    if (self->kind == KIND_MQ) {
+    if (self->kind == KIND_FIFO) {
+        PyObject *seq = NULL;
+        PyObject *piece = fifo_piece(self, header, data, &seq);
+        if (piece == NULL || piece == Py_None)
+            return piece == NULL ? NULL : Py_NewRef(Py_False);
+        if (!PyBytes_Check(piece)) {
+            Py_DECREF(piece);
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError, "piece() must return bytes");
+            return NULL;
+        }
+        do /* at most PIPE_BUF bytes to a pipe: all or nothing */
+            got = write(self->fd, PyBytes_AS_STRING(piece), (size_t)PyBytes_GET_SIZE(piece));
+        while (got < 0 && errno == EINTR);
+        int whole = got == PyBytes_GET_SIZE(piece);
+        Py_DECREF(piece);
+        if (got >= 0 && !whole) { /* never for PIPE_BUF bytes; the reader drops a stump */
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_OSError, "a fifo piece was written in part");
+            return NULL;
+        }
+        if (got >= 0) { /* the next piece gets the next number */
+            unsigned long next = (PyLong_AsUnsignedLong(seq) + 1) & 0xFFFFFFFFul;
+            PyObject *n = PyErr_Occurred() ? NULL : PyLong_FromUnsignedLong(next);
+            Py_DECREF(seq);
+            if (n == NULL || PyObject_SetAttr(self->encoder, s_seq, n) < 0) {
+                Py_XDECREF(n);
+                return NULL;
+            }
+            Py_DECREF(n);
+        } else {
+            Py_DECREF(seq);
+        }
+    } else if (self->kind == KIND_MQ) {
         memcpy(self->scratch, header, sizeof header);
         memcpy(self->scratch + 8, PyBytes_AS_STRING(data), (size_t)n);
         do
@@ -708,13 +788,15 @@ static PyObject *sender_call(PyObject *op, PyObject *const *args, size_t nargsf,
 
 static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     int fd, kind;
-    PyObject *core, *lock, *receiver = Py_None;
+    PyObject *core, *lock, *receiver = Py_None, *writer = Py_None, *piece = Py_None;
     Py_ssize_t limit;
-    static char *kwlist[] = {"fd", "kind", "core", "lock", "limit", "receiver", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOOn|O:MessageSender", kwlist, &fd, &kind,
-                                     &core, &lock, &limit, &receiver))
+    static char *kwlist[] = {"fd", "kind", "core", "lock", "limit", "receiver", "writer",
+                             "piece", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOOn|OOO:MessageSender", kwlist, &fd, &kind,
+                                     &core, &lock, &limit, &receiver, &writer, &piece))
         return NULL;
-    if (fd < 0 || (kind != KIND_SOCKET && kind != KIND_MQ) || limit < 0 || limit > 1 << 20) {
+    if (fd < 0 || (kind != KIND_SOCKET && kind != KIND_MQ && kind != KIND_FIFO) || limit < 0 ||
+        limit > 1 << 20 || (kind == KIND_FIFO && (writer == Py_None || !PyCallable_Check(piece)))) {
         PyErr_SetString(PyExc_ValueError, "bad MessageSender arguments");
         return NULL;
     }
@@ -744,6 +826,15 @@ static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     self->lock = Py_NewRef(lock);
     self->receiver = receiver == Py_None || kind == KIND_MQ ? NULL : Py_NewRef(receiver);
     self->vectorcall = sender_call;
+    if (kind == KIND_FIFO) {
+        self->tstate = PyObject_GenericGetDict(writer, NULL);
+        self->encoder = self->tstate == NULL ? NULL : PyObject_GetAttrString(writer, "encoder");
+        if (self->encoder == NULL) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->piece = Py_NewRef(piece);
+    }
     if (kind == KIND_MQ && (self->scratch = PyMem_Malloc((size_t)limit + 8)) == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
@@ -756,6 +847,9 @@ static int sender_traverse(MessageSender *self, visitproc visit, void *arg) {
     Py_VISIT(self->backlog);
     Py_VISIT(self->lock);
     Py_VISIT(self->receiver);
+    Py_VISIT(self->tstate);
+    Py_VISIT(self->encoder);
+    Py_VISIT(self->piece);
     return 0;
 }
 
@@ -764,6 +858,9 @@ static int sender_clear(MessageSender *self) {
     Py_CLEAR(self->backlog);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->receiver);
+    Py_CLEAR(self->tstate);
+    Py_CLEAR(self->encoder);
+    Py_CLEAR(self->piece);
     return 0;
 }
 
@@ -820,7 +917,14 @@ PyMODINIT_FUNC PyInit__dgram(void) {
         (s_credit_out = PyUnicode_InternFromString("credit_out")) == NULL ||
         (s_closed = PyUnicode_InternFromString("closed")) == NULL ||
         (s_sflow = PyUnicode_InternFromString("sflow")) == NULL ||
-        (s_locked = PyUnicode_InternFromString("locked")) == NULL)
+        (s_locked = PyUnicode_InternFromString("locked")) == NULL ||
+        (s_job = PyUnicode_InternFromString("_job")) == NULL ||
+        (s_batch = PyUnicode_InternFromString("_batch")) == NULL ||
+        (s_corked = PyUnicode_InternFromString("_corked")) == NULL ||
+        (s_framed = PyUnicode_InternFromString("framed")) == NULL ||
+        (s_pid = PyUnicode_InternFromString("pid")) == NULL ||
+        (s_nonce = PyUnicode_InternFromString("nonce")) == NULL ||
+        (s_seq = PyUnicode_InternFromString("seq")) == NULL)
         return NULL;
     if (PyType_Ready(&ReceiverType) < 0 || PyType_Ready(&MessageSenderType) < 0)
         return NULL;
@@ -838,7 +942,8 @@ PyMODINIT_FUNC PyInit__dgram(void) {
         return NULL;
     }
     if (PyModule_AddIntConstant(m, "SOCKET", KIND_SOCKET) < 0 ||
-        PyModule_AddIntConstant(m, "MQ", KIND_MQ) < 0) {
+        PyModule_AddIntConstant(m, "MQ", KIND_MQ) < 0 ||
+        PyModule_AddIntConstant(m, "FIFO", KIND_FIFO) < 0) {
         Py_DECREF(m);
         return NULL;
     }

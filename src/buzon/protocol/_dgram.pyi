@@ -2,6 +2,7 @@ from collections.abc import Callable
 
 SOCKET: int
 MQ: int
+FIFO: int
 
 class Receiver:
     def __init__(
@@ -30,6 +31,8 @@ class MessageSender:
         lock: object,
         limit: int,
         receiver: Receiver | None = None,
+        writer: object = None,
+        piece: object = None,
     ) -> None: ...
     def __call__(self, data: object, /) -> bool: ...
     def counts(self) -> tuple[int, int, int]: ...

@@ -54,6 +54,7 @@ from ..errors import (
 )
 from ..protocol.fifo import (
     CODEC_BITS,
+    ENVELOPE_IN_C,
     FIRST,
     LAST,
     MAX_PAYLOAD,
@@ -109,9 +110,11 @@ PROPERTIES = LinkProperties(
 _NUDGE = Encoder(0, 0).abort()
 
 try:  # a plain receive's wait, read and unwrap in one C call (protocol/_dgram.c)
-    from ..protocol._dgram import wait_fifo
+    from ..protocol._dgram import FIFO as _FIFO
+    from ..protocol._dgram import MessageSender, wait_fifo
 except ImportError:  # pragma: no cover - the extension is always built
-    wait_fifo = None  # type: ignore[assignment]
+    wait_fifo = MessageSender = None  # type: ignore[assignment,misc]
+    _FIFO = 2
 
 
 class FifoWaiter:
@@ -424,6 +427,15 @@ class FifoWriter(MessageTransport):
 
     def recv_message(self) -> bytes | None:
         raise UnsupportedOperation("this end of the fifo channel only sends")
+
+    def small_sender(self, core: object, lock: object, limit: int) -> MessageSender | None:
+        # one small message, nothing in progress: its one piece in one write, in C
+        # (the piece made by the envelope's C code, numbered by this writer's encoder)
+        if MessageSender is None or not ENVELOPE_IN_C:
+            return None
+        return MessageSender(
+            self._wfd, _FIFO, core, lock, min(limit, MAX_PAYLOAD - 8), None, self, wrap
+        )
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         first = bufs[0]
