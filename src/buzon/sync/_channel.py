@@ -1094,10 +1094,12 @@ class Channel(ChannelIdentity):
         not apply, or the read brought only part of a frame; the engine's loop
         (``recv_steps``) goes on."""
         core = self._core
+        if core.wait_receiver is not None:  # a message transport's (or fifo's) C receive
+            receiver = core.wait_message()
+            return None if receiver is None else self._wait_message(receiver, deadline, spin)
         target = core.wait_read()
         if target is None:
-            receiver = core.wait_message()  # a message transport's C receive
-            return None if receiver is None else self._wait_message(receiver, deadline, spin)
+            return None
         fd, buf, limit = target
         wake = self._wake  # _enter_wait and _leave_wait, inlined: every recv that sleeps
         if wake < 0:
