@@ -127,7 +127,10 @@ class FifoWaiter:
 
     def __init__(self, reader: FifoReader, decoder: Any) -> None:
         self._reader = reader
-        self._decoder = decoder
+        self._r = reader.reassembler
+        self._idle_buffer = decoder.idle_buffer
+        self._fd = reader.read_fileno()
+        self._scan = reader._scan
         self.room = 0
 
     def wait(
@@ -137,17 +140,16 @@ class FifoWaiter:
         none yet, or the call does not apply: the engine's loop goes on), or None:
         ``deadline`` passed or ``wake`` became readable first."""
         reader = self._reader
-        r = reader.reassembler
-        buf = self._decoder.idle_buffer()
+        r = self._r
+        buf = self._idle_buffer()
         if (
             buf is None
-            or not (reader.framed and r.direct and reader._keepalive >= 0)
+            or not (r.direct and reader.framed and reader._keepalive >= 0)
             or not PIECE_MAX <= len(buf) <= r.input_size
         ):
             return 0
-        scan = reader._scan
         got = wait_fifo(
-            reader._rfd, buf, deadline, spin, limit, wake, scan, reader.max_frame, CODEC_BITS
+            self._fd, buf, deadline, spin, limit, wake, self._scan, reader.max_frame, CODEC_BITS
         )
         if got is None or len(got) == 2:
             return got
