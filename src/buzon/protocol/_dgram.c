@@ -113,28 +113,32 @@ static double monotonic_now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* One receive that never sleeps, no Python object touched (may run without the
- * GIL). Returns the length of the message now in buf, -1 with errno (EAGAIN: none),
- * and drops (and counts) datagrams longer than size. */
-static ssize_t receive_once(Receiver *self) {
+/* What one receive learnt about its message, kept aside while the GIL may be released
+ * and applied to the Receiver (commit) with the GIL held: a MessageSender in another
+ * thread reads ``sender`` (the GIL held) and must never see it half written. */
+typedef struct {
+    struct sockaddr_storage from;
+    socklen_t from_len;
+    unsigned int prio;
+    int has_count;
+    uint32_t count;
+    Py_ssize_t truncated;
+} Facts;
+
+/* One receive that never sleeps, no Python object touched and no Receiver field
+ * written but buf (may run without the GIL). Returns the length of the message now in
+ * buf, -1 with errno (EAGAIN: none); drops datagrams longer than size, counted in
+ * facts->truncated. */
+static ssize_t receive_once(Receiver *self, Facts *facts) {
     for (;;) {
         if (self->kind == KIND_MQ) {
-            unsigned int prio = 0;
-            ssize_t n = mq_timedreceive((mqd_t)self->fd, self->buf, (size_t)self->size, &prio,
-                                        &already_expired);
-            if (n < 0) {
-                if (errno == ETIMEDOUT) /* a blocking descriptor: nothing there */
-                    errno = EAGAIN;
-                return -1;
-            }
-            if (prio != self->priority) {
-                self->priority = prio;
-                self->dirty = 1;
-            }
+            ssize_t n = mq_timedreceive((mqd_t)self->fd, self->buf, (size_t)self->size,
+                                        &facts->prio, &already_expired);
+            if (n < 0 && errno == ETIMEDOUT) /* a blocking descriptor: nothing there */
+                errno = EAGAIN;
             return n;
         }
         struct iovec iov = {.iov_base = self->buf, .iov_len = (size_t)self->size + 1};
-        struct sockaddr_storage from;
         union {
             char space[CMSG_SPACE(sizeof(uint32_t))];
             struct cmsghdr align;
@@ -144,8 +148,8 @@ static ssize_t receive_once(Receiver *self) {
         m.msg_iov = &iov;
         m.msg_iovlen = 1;
         if (!self->connected) {
-            m.msg_name = &from;
-            m.msg_namelen = sizeof from;
+            m.msg_name = &facts->from;
+            m.msg_namelen = sizeof facts->from;
         }
         if (self->counts_drops) {
             m.msg_control = control.space;
@@ -158,29 +162,53 @@ static ssize_t receive_once(Receiver *self) {
             for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c)) {
                 if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL &&
                     c->cmsg_len >= CMSG_LEN(sizeof(uint32_t))) {
-                    uint32_t count;
-                    memcpy(&count, CMSG_DATA(c), sizeof count);
-                    if (count != self->overflows) {
-                        self->overflows = count;
-                        self->dirty = 1;
-                    }
+                    memcpy(&facts->count, CMSG_DATA(c), sizeof facts->count);
+                    facts->has_count = 1;
                 }
             }
         }
         if (n > self->size || (m.msg_flags & MSG_TRUNC)) {
-            self->truncated++; /* over our unit: never deliver a cut datagram */
-            self->dirty = 1;
+            facts->truncated++; /* over our unit: never deliver a cut datagram */
             continue;
         }
-        if (!self->connected) {
-            socklen_t len = m.msg_namelen > sizeof from ? sizeof from : m.msg_namelen;
-            if (len != self->sender_len || memcmp(&from, &self->sender, len) != 0) {
-                memcpy(&self->sender, &from, len);
-                self->sender_len = len;
-                self->dirty = 1;
-            }
-        }
+        if (!self->connected)
+            facts->from_len = m.msg_namelen > sizeof facts->from ? sizeof facts->from
+                                                                 : m.msg_namelen;
         return n;
+    }
+}
+
+static void facts_init(Facts *facts) {
+    facts->from_len = 0;
+    facts->prio = 0;
+    facts->has_count = 0;
+    facts->truncated = 0;
+}
+
+/* Apply what receive_once learnt (the GIL held); ``got``: a message was received. */
+static void commit(Receiver *self, const Facts *facts, ssize_t got) {
+    if (facts->truncated) {
+        self->truncated += facts->truncated;
+        self->dirty = 1;
+    }
+    if (facts->has_count && facts->count != self->overflows) {
+        self->overflows = facts->count;
+        self->dirty = 1;
+    }
+    if (got < 0)
+        return;
+    if (self->kind == KIND_MQ) {
+        if (facts->prio != self->priority) {
+            self->priority = facts->prio;
+            self->dirty = 1;
+        }
+    } else if (!self->connected) {
+        socklen_t len = facts->from_len;
+        if (len != self->sender_len || memcmp(&facts->from, &self->sender, len) != 0) {
+            memcpy(&self->sender, &facts->from, len);
+            self->sender_len = len;
+            self->dirty = 1;
+        }
     }
 }
 
@@ -207,7 +235,12 @@ static PyObject *Receiver_recv(Receiver *self, PyObject *unused) {
     if (self->busy) /* another thread waits in this receiver: its message */
         Py_RETURN_NONE;
     for (;;) {
-        ssize_t n = receive_once(self);
+        Facts facts;
+        facts_init(&facts);
+        ssize_t n = receive_once(self, &facts);
+        int saved = errno;
+        commit(self, &facts, n);
+        errno = saved;
         if (n >= 0)
             return as_bytes(self, n);
         if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -270,18 +303,21 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
     nfds_t nfds = wake >= 0 ? 2 : 1;
     ssize_t got = -1;
     int err = 0, timed_out = 0;
+    Facts facts;
+    facts_init(&facts);
     self->busy = 1;
     if (spin > 0.0) { /* the spin budget: receive attempts, no sleep */
         Py_BEGIN_ALLOW_THREADS
         double end = monotonic_now() + spin;
         do {
-            got = receive_once(self);
+            got = receive_once(self, &facts);
             if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
                 err = errno;
         } while (got < 0 && !err && monotonic_now() < end);
         Py_END_ALLOW_THREADS
         /* a signal that came while spinning interrupted nothing: its handler runs now */
         if (got < 0 && !err && PyErr_CheckSignals() < 0) {
+            commit(self, &facts, -1);
             self->busy = 0;
             return NULL;
         }
@@ -310,7 +346,7 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
                 timed_out = 1;
                 break;
             }
-            got = receive_once(self);
+            got = receive_once(self, &facts);
             if (got >= 0)
                 break;
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -328,10 +364,12 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
             break;
         err = 0; /* a signal: its handler runs now; what it raises ends the wait */
         if (PyErr_CheckSignals() < 0) {
+            commit(self, &facts, -1);
             self->busy = 0;
             return NULL;
         }
     }
+    commit(self, &facts, got);
     self->busy = 0;
     if (err) {
         errno = err;
