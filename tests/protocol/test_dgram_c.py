@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from buzon import _posixmq
@@ -112,8 +112,12 @@ def test_each_message_is_what_the_python_decoder_makes_of_it(
         assert receiver.truncated == 0
 
 
+_CREDIT = b"".join(bytes(b) for b in encode_frame(Kind.CREDIT, 0, b"\0" * 16))
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(_message, st.sampled_from([0, 0, 1, 5])), min_size=1, max_size=6))
+@example([(_CREDIT, 1), (_plain(0, b""), 1)])  # a CREDIT is no sign the news was seen
 def test_a_queue_message_is_taken_whole_only_when_its_priority_did_not_change(
     messages: list[tuple[bytes, int]],
 ) -> None:

@@ -83,7 +83,7 @@
 
 #define VERSION 1
 #define KIND_DATA 1
-#define KIND_CREDIT 3
+#define KIND_CREDIT 6 /* protocol/frames.py Kind.CREDIT */
 #define NOT_PLAIN 0xFC /* flags a fast message never has: only codec bits 0..1 */
 
 enum { KIND_SOCKET = 0, KIND_MQ = 1, KIND_FIFO = 2 };
