@@ -184,9 +184,10 @@ class MQTransport(MessageTransport):
         return from_oserror(exc, f"receiving from {self.address}")
 
     def small_sender(self, core: object, lock: object, limit: int) -> MessageSender | None:
-        if self._reading or self._mqd < 0:
+        limit = min(limit, self.max_message - 8)
+        if self._reading or self._mqd < 0 or limit < 0:
             return None
-        return MessageSender(self._mqd, _MQ, core, lock, min(limit, self.max_message - 8))
+        return MessageSender(self._mqd, _MQ, core, lock, limit)
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         self._check_open()
