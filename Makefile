@@ -47,7 +47,7 @@ sanitize: install
 		tests/shm/test_fast_path.py tests/shm/test_rendezvous_ring.py tests/protocol/test_ring_frames.py \
 		tests/protocol/test_fifo_envelope.py \
 		tests/protocol/test_stream_c.py tests/protocol/test_fields_c.py tests/protocol/test_rpc_c.py \
-		tests/protocol/test_wait_frame.py tests/mailbox/test_mailbox.py \
+		tests/protocol/test_wait_frame.py tests/protocol/test_dgram_c.py tests/mailbox/test_mailbox.py \
 		tests/mailbox/test_mailbox_hot_path.py
 
 # the peers (pyzmq, faster-fifo, iceoryx2, numpy; Pyro5, RPyC, grpcio, msgpack for the RPC

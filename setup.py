@@ -4,7 +4,8 @@ src/buzon/_core.h lists), the frame format's C speedups: for those rings
 (buzon.protocol._frames, which reaches the rings through the core's C API,
 src/buzon/_core_api.h) and for streams (protocol/_stream.c), DATA frames with header
 fields (protocol/_fields.c: the RPC messages) and the RPC messages' common case framed
-(protocol/_rpc.c), and the ``fifo:``
+(protocol/_rpc.c), the receive of datagram sockets and POSIX queues (protocol/_dgram.c),
+and the ``fifo:``
 envelope's hot paths (protocol/_envelope.c)."""
 
 from setuptools import Extension, setup
@@ -40,6 +41,12 @@ setup(
         Extension(
             "buzon.protocol._stream",
             sources=["src/buzon/protocol/_stream.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
+            "buzon.protocol._dgram",
+            sources=["src/buzon/protocol/_dgram.c"],
+            libraries=["rt"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(

@@ -101,6 +101,17 @@ def test_only_the_blocking_driver_runs_the_c_wait() -> None:
         assert not _calls(ROOT / name, "wait_frame"), name
 
 
+def test_only_the_blocking_driver_runs_the_message_c_wait() -> None:
+    """The message transports' and fifo's twin of that call (``protocol._dgram``: a
+    ``Receiver``'s or ``FifoWaiter``'s ``wait``, which the core names with
+    ``ChannelCore.wait_message``): the blocking driver asks for it and runs it; the
+    engine, the core and the asyncio driver never wait in it."""
+    assert _calls(ROOT / "sync" / "_channel.py", "wait_message")
+    for name in ("_engine.py", "_channel.py", "aio/_channel.py"):
+        assert not _calls(ROOT / name, "wait_message"), name
+        assert not _calls(ROOT / name, "wait_fifo"), name
+
+
 def test_the_drivers_send_through_the_engine() -> None:
     """Both drivers run the engine's send, flush and loan operations (no twin loops)."""
     for sub in ("sync", "aio"):

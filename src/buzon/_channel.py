@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _reduction
 from .address import Address
@@ -79,6 +79,10 @@ from .transport.base import (
     StreamTransport,
     Transport,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from .protocol._dgram import MessageSender, Receiver
+    from .transport.fifo import FifoWaiter
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -312,6 +316,14 @@ class ChannelCore:
             and rfd >= 0
         ):
             self.wait_fd = rfd
+        # a message transport's receive in C (datagram sockets, POSIX queues): a plain
+        # receive's wait and take may be one call there too (see wait_message)
+        self.wait_receiver: Receiver | FifoWaiter | None = None
+        if self.plain_readiness and not options.raw and options.compat is None:
+            if self.message_oriented:
+                self.wait_receiver = transport.receiver
+            elif isinstance(transport, StreamTransport) and self.wait_fd is None:
+                self.wait_receiver = transport.frame_waiter(self.decoder)  # fifo:
         self._aborts_seen = 0
         self.backlog: deque[tuple[list[Buffer], int]] = deque()  # message transports, None
         self.raw_chunks: deque[bytes] = deque()  # raw stream bytes read by ready()
@@ -361,7 +373,8 @@ class ChannelCore:
         self.credit_out: bytes | None = None  # the latest CREDIT not yet written
         self.credit_blocked = False  # the last try_send failed for want of credit
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
-        self._small_writer: SmallWriter | None = None  # made by use_write_lock
+        # made by use_write_lock (a message transport's: protocol/_dgram.c MessageSender)
+        self._small_writer: SmallWriter | MessageSender | None = None
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
         # capacity=0 on a credit link: takes pass the rendezvous gate (_rv_gate); a read
         # that found the link empty since this end's latest offer was written
@@ -400,6 +413,12 @@ class ChannelCore:
                 lock,
                 min(PLAIN_MAX, self.max_frame) - 8,
                 self._small_part,
+            )
+            self._fast_paths()
+        elif isinstance(self.transport, MessageTransport) and self._plain and self._can_send:
+            # a datagram or queue message: protocol/_dgram.c MessageSender, the same role
+            self._small_writer = self.transport.small_sender(
+                self, lock, min(PLAIN_MAX, self.max_frame) - 8
             )
             self._fast_paths()
 
@@ -478,8 +497,18 @@ class ChannelCore:
         self.small_limit = min(PLAIN_MAX, self.max_frame) - 8 if write is not None else -1
         # the sync driver's send_bytes in one C call (protocol/_stream.c SmallWriter),
         # while the same holds; it checks what may change per call itself
+        # (a message transport's sends need no tail kept: one datagram, all or nothing)
+        quiet_messages = (
+            self.message_oriented
+            and self._plain
+            and self._can_send
+            and self.tokens is None
+            and not self.unbounded
+            and not self.closed
+            and self.capacity != 0
+        )
         self.small_send: Callable[[bytes], bool | int] | None = (
-            self._small_writer if write is not None else None
+            self._small_writer if write is not None or quiet_messages else None
         )
 
     def _stop_fast(self) -> tuple[int, int]:
@@ -1769,6 +1798,45 @@ class ChannelCore:
         if self._read_bytes(decoder, got, room):  # type: ignore[arg-type]
             return self._pop(decoder.frames)
         return None
+
+    def wait_message(self) -> Receiver | FifoWaiter | None:
+        """Where a plain receive on a message transport may wait and take in one call:
+        the transport's C ``Receiver`` (``protocol/_dgram.c``), whose ``wait`` the sync
+        driver runs (the core never waits). As :meth:`wait_read`: the receive announces
+        nothing (``taking``), and nothing was read ahead (``inbox``). None: the engine's
+        loop does it."""
+        receiver = self.wait_receiver
+        if receiver is None or self.taking or self.closed or self.inbox:
+            return None
+        return receiver
+
+    def after_message(
+        self, got: tuple[int, bytes] | bytes | int
+    ) -> Frame | tuple[int, bytes] | None:
+        """What the :meth:`wait_message` receiver's ``wait`` took: a plain DATA message
+        from the same sender, priority and drop count as the one before (counted here),
+        or any other message, taken the Python way (:meth:`poll`: a CREDIT applied, a
+        bad frame raised, the sender noted). None: it was a CREDIT, the engine's loop
+        goes on."""
+        if got.__class__ is tuple:
+            stats = self.stats
+            stats.bytes_received += len(got[1]) + 8
+            stats.messages_received += 1
+            self.taken += 1
+            return got
+        if type(got) is int:  # a fifo: reader's frames in the decoder's buffer (0: none)
+            room: int = self.wait_receiver.room  # type: ignore[union-attr]
+            return self.after_wait(got, room) if got > 0 else None
+        self.inbox.append(got)  # type: ignore[arg-type]
+        return self.poll()
+
+    def message_error(self, exc: OSError) -> Exception:
+        """The typed error for a receive that failed in the receiver's ``wait``."""
+        if self.closed:
+            return ChannelClosed("the channel is closed")
+        transport = self.transport
+        assert isinstance(transport, MessageTransport)
+        return transport.recv_error(exc)
 
     def read_error(self, exc: OSError) -> Exception:
         """The typed error for a read that failed in the driver's ``wait_frame``."""

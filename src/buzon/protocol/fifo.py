@@ -162,6 +162,8 @@ def _wrap_py(flags: int, bufs: Sequence[Buffer], pid: int, nonce: int, seq: int)
 
 #: ``wrap(flags, bufs, pid, nonce, seq)``: one piece whose payload is ``bufs`` joined
 #: (at most :data:`MAX_PIECE_PAYLOAD` bytes); the C function when it is built
+#: :func:`wrap` is the C ``piece`` (protocol/_envelope.c)
+ENVELOPE_IN_C = _c is not None
 wrap: Callable[[int, Sequence[Buffer], int, int, int], bytes] = (
     _c.piece if _c is not None else _wrap_py
 )

@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .. import _reduction
 from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view
@@ -52,6 +52,10 @@ from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, Unsuppor
 from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame, Kind, encode_frame, wait_frame
 from ..transport.base import Buffer
+
+if TYPE_CHECKING:  # annotations only
+    from ..protocol._dgram import Receiver
+    from ..transport.fifo import FifoWaiter
 
 __all__ = ["Channel"]
 
@@ -1115,7 +1119,7 @@ class Channel(ChannelIdentity):
             taken: Frame | tuple[int, bytes] = self._run_receive(steps, deadline_of(limit))
             return taken
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
-        if timeout != 0 and core.wait_fd is not None:
+        if timeout != 0 and (core.wait_fd is not None or core.wait_receiver is not None):
             # spin, then sleep, then read: the engine's plain INPUT step and take, in C
             got = self._wait_take(deadline, spin)
             if got is not None:
@@ -1143,6 +1147,9 @@ class Channel(ChannelIdentity):
         not apply, or the read brought only part of a frame; the engine's loop
         (``recv_steps``) goes on."""
         core = self._core
+        if core.wait_receiver is not None:  # a message transport's (or fifo's) C receive
+            receiver = core.wait_message()
+            return None if receiver is None else self._wait_message(receiver, deadline, spin)
         target = core.wait_read()
         if target is None:
             return None
@@ -1169,6 +1176,36 @@ class Channel(ChannelIdentity):
             self._woken()
             raise Timeout("recv timed out")
         return core.after_wait(got, len(buf))
+
+    def _wait_message(
+        self, receiver: Receiver | FifoWaiter, deadline: float | None, spin: float
+    ) -> Frame | tuple[int, bytes] | None:
+        """:meth:`_wait_take` on a message transport: the INPUT step and the take's
+        receive in one C call of its ``Receiver`` (``protocol/_dgram.c``; where it
+        applies: ``ChannelCore.wait_message``), the same contract."""
+        core = self._core
+        wake = self._wake
+        if wake < 0:
+            wake = self._make_wake()
+        waiters = self._waiters
+        me = _get_ident()
+        waiters.append(me)
+        if self._closing:
+            waiters.remove(me)
+            self._drop_wake()
+            raise ChannelClosed("the channel was closed")
+        try:
+            got = receiver.wait(deadline, spin, core.max_frame, wake)
+        except OSError as exc:
+            raise core.message_error(exc) from exc
+        finally:
+            waiters.remove(me)
+            if self._closing:
+                self._drop_wake()
+        if got is None:
+            self._woken()
+            raise Timeout("recv timed out")
+        return core.after_message(got)
 
     def _fast_receive(
         self, recv: Callable[[int], tuple[int, bytes] | None], timeout: float | None

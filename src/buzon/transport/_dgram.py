@@ -31,6 +31,32 @@ __all__ = ["DatagramTransport", "SingleChannelListener"]
 _SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # Linux; Python does not export it
 _ANC_SPACE = socket.CMSG_SPACE(4)
 
+try:  # the receive (and a plain receive's wait) in C: protocol/_dgram.c
+    from ..protocol._dgram import SOCKET as _SOCKET
+    from ..protocol._dgram import MessageSender, Receiver
+except ImportError:  # pragma: no cover - the extension is always built
+    Receiver = MessageSender = None  # type: ignore[assignment,misc]
+    _SOCKET = 0
+
+
+def peer_address(raw: bytes, family: int) -> Any:
+    """A raw ``sockaddr`` (``Receiver.sender``) as :meth:`socket.socket.recvfrom`
+    names it: ``(host, port)`` (IPv6: ``(host, port, flowinfo, scope_id)``), or a
+    Unix socket's path (str; bytes for an abstract name; ``""`` unnamed)."""
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
+    if family == socket.AF_INET6:
+        host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        port = int.from_bytes(raw[2:4], "big")
+        scope = int.from_bytes(raw[24:28], sys.byteorder)
+        if scope and host.startswith("fe80"):  # link-local: named with its scope
+            host = socket.getnameinfo((host, port, 0, scope), socket.NI_NUMERICHOST)[0]
+        return host, port, int.from_bytes(raw[4:8], "big"), scope
+    path = raw[2:]
+    if path[:1] == b"\0":
+        return path
+    return os.fsdecode(path.split(b"\0", 1)[0])
+
 
 class DatagramTransport(MessageTransport):
     reports_messages = True  # last_peer: who sent it; dropped: overflows, oversize
@@ -52,8 +78,7 @@ class DatagramTransport(MessageTransport):
         self.scheme = scheme
         self.connected = connected
         self.max_message = max_message
-        self.last_peer: Any = None
-        self.truncated = 0  # datagrams longer than max_message, dropped
+        self._truncated = 0  # datagrams longer than max_message, dropped (no C)
         self._overflows = 0
         self._counts_drops = False
         if sock.family != socket.AF_UNIX:  # Unix datagram senders block instead of dropping
@@ -64,6 +89,16 @@ class DatagramTransport(MessageTransport):
                 pass
         self._rbuf = bytearray(max_message + 1)
         self._on_close = on_close
+        # the one receive of this end (protocol/_dgram.c): last sender, drops, and a
+        # plain receive's wait and take in one C call (ChannelCore.wait_message)
+        self.receiver = (
+            None
+            if Receiver is None
+            else Receiver(self._fd, _SOCKET, max_message, connected, self._counts_drops)
+        )
+        self._family = sock.family
+        self._sender_raw: bytes | None = None
+        self._sender: Any = None
         if connected:
             try:
                 self.peer = PeerInfo(address=sock.getpeername())
@@ -80,9 +115,41 @@ class DatagramTransport(MessageTransport):
     def dropped(self) -> int:
         """Datagrams lost at this end: the kernel's receive-queue overflows (UDP, via
         ``SO_RXQ_OVFL``) plus datagrams over ``max_message`` that were discarded."""
-        return self._overflows + self.truncated
+        receiver = self.receiver
+        if receiver is not None:
+            return receiver.overflows + receiver.truncated
+        return self._overflows + self._truncated
+
+    @property
+    def truncated(self) -> int:
+        """Datagrams longer than ``max_message`` that were dropped, never delivered cut."""
+        receiver = self.receiver
+        return receiver.truncated if receiver is not None else self._truncated
+
+    @property
+    def last_peer(self) -> Any:
+        """Who sent the message received last (a bound end; None: connected)."""
+        receiver = self.receiver
+        if receiver is None:
+            return self._sender
+        raw = receiver.sender
+        if raw is None:  # nothing received here yet (a passed end: what it was told)
+            return self._sender
+        if raw != self._sender_raw:  # a new sender: named once
+            self._sender_raw, self._sender = raw, peer_address(raw, self._family)
+        return self._sender
+
+    @last_peer.setter
+    def last_peer(self, value: Any) -> None:
+        self._sender = value
 
     def recv_message(self) -> bytes | None:
+        receiver = self.receiver
+        if receiver is not None:
+            try:
+                return receiver.recv()
+            except OSError as exc:
+                raise from_oserror(exc, f"{self.scheme} recv") from exc
         while True:
             try:
                 if self._counts_drops:
@@ -99,11 +166,17 @@ class DatagramTransport(MessageTransport):
                     # the kernel's running count of datagrams dropped for a full queue
                     self._overflows = int.from_bytes(data[:4], sys.byteorder)
             if n > self.max_message:
-                self.truncated += 1  # over our unit: never deliver a cut datagram
+                self._truncated += 1  # over our unit: never deliver a cut datagram
                 continue
             if not self.connected:
                 self.last_peer = addr
             return bytes(memoryview(self._rbuf)[:n])
+
+    def small_sender(self, core: object, lock: object, limit: int) -> MessageSender | None:
+        if MessageSender is None or self.receiver is None:
+            return None
+        to = None if self.connected else self.receiver  # a bound end replies to its sender
+        return MessageSender(self._fd, _SOCKET, core, lock, limit, to)
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         first = bufs[0]
@@ -138,6 +211,8 @@ class DatagramTransport(MessageTransport):
         if self.closed:
             return
         self.closed = True
+        if self.receiver is not None:
+            self.receiver.close()
         self.sock.close()
         if self._on_close is not None:
             self._on_close()

@@ -29,7 +29,9 @@ from ..errors import UnsupportedOperation, from_oserror
 if TYPE_CHECKING:
     import ssl  # annotations only: importing buzon does not load ssl
 
+    from ..protocol._dgram import MessageSender, Receiver
     from ._tokens import TokenPool
+    from .fifo import FifoWaiter
 
 __all__ = [
     "Buffer",
@@ -142,6 +144,10 @@ class Transport(abc.ABC):
     #: :meth:`read_fileno` and nothing else (no bytes held in user space): a plain
     #: receive may wait and read there in one C call (``ChannelCore.wait_read``)
     plain_reads: ClassVar[bool] = False
+    #: a message transport whose receive is a C ``protocol._dgram.Receiver`` (datagram
+    #: sockets, POSIX queues): a plain receive may wait and take there in one C call
+    #: (``ChannelCore.wait_message``); None: the engine's loop does it
+    receiver: Receiver | None = None
     #: a TLS handshake is still to be driven (``handshake_step``; TLS streams only)
     tls_pending: bool = False
 
@@ -279,6 +285,13 @@ class StreamTransport(Transport):
         None: no such call (the caller uses :meth:`recv_into`)."""
         return None
 
+    def frame_waiter(self, decoder: Any) -> FifoWaiter | None:
+        """A stream that is no plain read(2) (``fifo:``: envelopes to unwrap) but
+        whose plain receive may still wait and read in one C call: its waiter, which
+        reads into ``decoder``'s idle buffer (``ChannelCore.wait_message``). None:
+        the engine's loop does it (or ``plain_reads`` and ``wait_read`` do)."""
+        return None
+
     def io_error(self, exc: OSError, writing: bool) -> Exception:
         """The typed error :meth:`send_buffers` (``writing``) or :meth:`recv_into`
         raises for ``exc``."""
@@ -302,6 +315,17 @@ class MessageTransport(Transport):
     def recv_message(self) -> bytes | memoryview | None:
         """One whole message, or ``None`` if none is ready (a read-only view where the
         transport lends the message in place: ``shm:`` out-of-line blocks)."""
+
+    def small_sender(self, core: object, lock: object, limit: int) -> MessageSender | None:
+        """The C hot path of the sync driver's ``send_bytes`` on this link (a
+        ``protocol._dgram.MessageSender`` checking ``core`` and ``lock`` itself, for
+        bytes of at most ``limit``), or None: every send goes the general way."""
+        return None
+
+    def recv_error(self, exc: OSError) -> Exception:
+        """The typed error for a receive that failed (:attr:`receiver`'s, or
+        :meth:`recv_message`'s)."""
+        return from_oserror(exc, f"{self.scheme} recv")
 
     @abc.abstractmethod
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:

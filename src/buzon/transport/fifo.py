@@ -38,6 +38,7 @@ import struct
 import termios
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .._exitclean import disown, own
 from .._runtime import check_endpoint_path
@@ -53,6 +54,7 @@ from ..errors import (
 )
 from ..protocol.fifo import (
     CODEC_BITS,
+    ENVELOPE_IN_C,
     FIRST,
     LAST,
     MAX_PAYLOAD,
@@ -107,6 +109,60 @@ PROPERTIES = LinkProperties(
 
 _NUDGE = Encoder(0, 0).abort()
 
+try:  # a plain receive's wait, read and unwrap in one C call (protocol/_dgram.c)
+    from ..protocol._dgram import FIFO as _FIFO
+    from ..protocol._dgram import MessageSender, wait_fifo
+except ImportError:  # pragma: no cover - the extension is always built
+    wait_fifo = MessageSender = None  # type: ignore[assignment,misc]
+    _FIFO = 2
+
+
+class FifoWaiter:
+    """A framed reader's plain blocking receive in one C call (``wait_fifo``): sleep
+    until the FIFO is readable, read into the channel decoder's idle buffer, unwrap
+    the envelopes there; one plain frame comes back whole, anything else is left to
+    the reassembler (:meth:`Reassembler.received_rest`) exactly as
+    :meth:`FifoReader.recv_into` leaves it. ``room``: the buffer's size, for the
+    channel's ``after_wait``."""
+
+    def __init__(self, reader: FifoReader, decoder: Any) -> None:
+        self._reader = reader
+        self._r = reader.reassembler
+        self._idle_buffer = decoder.idle_buffer
+        self._fd = reader.read_fileno()
+        self._scan = reader._scan
+        self.room = 0
+
+    def wait(
+        self, deadline: float | None, spin: float, limit: int, wake: int = -1
+    ) -> tuple[int, bytes] | int | None:
+        """``(flags, body)``, or the bytes of frames now in the decoder's buffer (0:
+        none yet, or the call does not apply: the engine's loop goes on), or None:
+        ``deadline`` passed or ``wake`` became readable first."""
+        reader = self._reader
+        r = self._r
+        buf = self._idle_buffer()
+        if (
+            buf is None
+            or not (r.direct and reader.framed and reader._keepalive >= 0)
+            or not PIECE_MAX <= len(buf) <= r.input_size
+        ):
+            return 0
+        got = wait_fifo(
+            self._fd, buf, deadline, spin, limit, wake, self._scan, reader.max_frame, CODEC_BITS
+        )
+        if got is None or len(got) == 2:
+            return got
+        n, pos, filled = got
+        room = self.room = len(buf)
+        if n <= 0:
+            return 0  # only without the keepalive: the engine's read meets the end
+        if pos != n:
+            filled = r.received_rest(memoryview(buf), n, pos, filled, _monotonic(), n < room)
+            if r.messages:
+                reader._nudge()
+        return filled
+
 
 def _scan_nothing(*args: object) -> tuple[int, int]:
     """No C scan: unwrap nothing here, leave every byte to the reassembler."""
@@ -148,6 +204,11 @@ class FifoReader(StreamTransport):
 
     def read_fileno(self) -> int:
         return self._rfd
+
+    def frame_waiter(self, decoder: Any) -> FifoWaiter | None:
+        if wait_fifo is None or self._scan is _scan_nothing:
+            return None
+        return FifoWaiter(self, decoder)
 
     def recv_into(self, buf: memoryview) -> int:
         if not self.framed:
@@ -368,6 +429,15 @@ class FifoWriter(MessageTransport):
 
     def recv_message(self) -> bytes | None:
         raise UnsupportedOperation("this end of the fifo channel only sends")
+
+    def small_sender(self, core: object, lock: object, limit: int) -> MessageSender | None:
+        # one small message, nothing in progress: its one piece in one write, in C
+        # (the piece made by the envelope's C code, numbered by this writer's encoder)
+        if MessageSender is None or not ENVELOPE_IN_C:
+            return None
+        return MessageSender(
+            self._wfd, _FIFO, core, lock, min(limit, MAX_PAYLOAD - 8), None, self, wrap
+        )
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         first = bufs[0]

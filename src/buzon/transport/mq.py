@@ -57,6 +57,8 @@ from ..errors import (
     UnsupportedOperation,
     from_oserror,
 )
+from ..protocol._dgram import MQ as _MQ
+from ..protocol._dgram import MessageSender, Receiver
 from ._tokens import TokenPool, find_pool, remove_pools
 from .base import (
     Buffer,
@@ -123,7 +125,9 @@ class MQTransport(MessageTransport):
         self.name = address.mq_name()
         self.max_message = msgsize
         self.capacity = maxmsg
-        self.last_priority = 0
+        # the reading end's one receive (protocol/_dgram.c): the last priority, and a
+        # plain receive's wait and take in one C call (ChannelCore.wait_message)
+        self.receiver = Receiver(mqd, _MQ, msgsize) if self._reading else None
         self.properties = LinkProperties(
             transport="mq",
             direction="simplex",
@@ -160,18 +164,30 @@ class MQTransport(MessageTransport):
         except OSError as exc:
             raise from_oserror(exc, f"inspecting {self.address}") from exc
 
+    @property
+    def last_priority(self) -> int:  # type: ignore[override]
+        """The priority of the message received last (0 before the first)."""
+        receiver = self.receiver
+        return receiver.priority if receiver is not None else 0
+
     def recv_message(self) -> bytes | None:
         self._check_open()
-        if not self._reading:
+        receiver = self.receiver
+        if receiver is None:
             raise UnsupportedOperation(f"this end of {self.address} was opened for sending")
         try:
-            got = _posixmq.receive(self._mqd, self.max_message)
+            return receiver.recv()
         except OSError as exc:
-            raise from_oserror(exc, f"receiving from {self.address}") from exc
-        if got is None:
+            raise self.recv_error(exc) from exc
+
+    def recv_error(self, exc: OSError) -> Exception:
+        return from_oserror(exc, f"receiving from {self.address}")
+
+    def small_sender(self, core: object, lock: object, limit: int) -> MessageSender | None:
+        limit = min(limit, self.max_message - 8)
+        if self._reading or self._mqd < 0 or limit < 0:
             return None
-        data, self.last_priority = got
-        return data
+        return MessageSender(self._mqd, _MQ, core, lock, limit)
 
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         self._check_open()
@@ -196,6 +212,8 @@ class MQTransport(MessageTransport):
         """Close the descriptor (idempotent). The queue itself stays; see MQListener."""
         mqd, self._mqd = self._mqd, -1
         self.closed = True
+        if self.receiver is not None:
+            self.receiver.close()
         if mqd >= 0:
             try:
                 _posixmq.close(mqd)
