@@ -220,6 +220,7 @@ class Message:
     """When it was sent (``time.time()`` of the sender)."""
 
 
+_GENERAL = object()  # Mailbox._recv_from: the hot path did not receive (the general way)
 _NEW = object.__new__
 _SLOTS_OF: dict[str, Any] = dict(vars(Message))  # the slot descriptors, by field
 _SET_BODY = _SLOTS_OF["body"].__set__
@@ -444,6 +445,7 @@ class Mailbox:
         self._core = MailboxCore(
             ring, encode, decode, self._fast_max, self._uid, self.capacity is None
         )
+        self._core.set_message(Message, _peer)  # its recv_message makes the Message
         self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
         self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
@@ -1180,9 +1182,8 @@ class Mailbox:
         if self._fast_recv and not self._closed and (timeout is None or timeout > 0):
             # the hot path: one C call takes a common record with its fields (_frames.c)
             got = self._core.recv_message(self._ring if self._fan is None else self._rx(), timeout)
-            if len(got) == 5:
-                body, message_id, pid, uid, ns = got
-                return _message(body, message_id, _peer(pid, uid), ns / 1e9)
+            if type(got) is Message:
+                return got
             data = got[0]
             if data[:4] == _OOL:
                 data = self._fetch(data, timeout)
@@ -1193,6 +1194,24 @@ class Mailbox:
                 pass
         body, message_id, pid, uid, ns = self._next(timeout)
         return _message(body, message_id, _peer(pid, uid), ns / 1e9)
+
+    def _recv_from(self, pid: int, timeout: float | None) -> Any:
+        """The inbox's hot path (``buzon.recv_from``): one C call takes the next message;
+        the object itself if process ``pid`` sent it, else its :class:`Message` (the
+        caller holds it back); ``_GENERAL`` when the general way must receive instead."""
+        if self._fast_recv and self._fan is None and not self._closed:
+            got = self._core.recv_from(self._ring, timeout, pid)
+            if type(got) is not tuple:
+                return got
+            data = got[0]
+            if data[:4] == _OOL:
+                data = self._fetch(data, timeout)
+            try:
+                body, message_id, sender, uid, ns = self._decode(data)
+            except _Withdrawn:
+                return _GENERAL
+            return _message(body, message_id, _peer(sender, uid), ns / 1e9)
+        return _GENERAL
 
     # ---- the exclusive policy ------------------------------------------------------------
 

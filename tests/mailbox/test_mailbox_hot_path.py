@@ -147,6 +147,31 @@ def test_recv_message_takes_common_records_with_their_fields_in_one_call() -> No
         box.remove()
 
 
+def test_the_message_the_core_makes_is_the_dataclass_the_general_way_makes() -> None:
+    import dataclasses
+
+    from buzon._mailbox import Message, _peer
+
+    box = buzon.mailbox("jobs")
+    try:
+        box.send(b"a")  # C
+        box.send(np.arange(2))  # the general way
+        fast, general = box.recv_message(T), box.recv_message(T)
+        assert type(fast) is Message and type(general) is Message
+        assert fast.sender is general.sender is _peer(os.getpid(), os.getuid())
+        assert fast == Message(b"a", fast.id, fast.sender, fast.sent_at)
+        assert dataclasses.replace(fast, body=b"b").body == b"b"
+        assert repr(fast).startswith("Message(body=b'a', id=")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fast.body = b"c"  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            box._core.set_message(int, _peer)  # a type without the four slots
+        with pytest.raises(TypeError):
+            box._core.recv_from(box._ring, T)  # type: ignore[call-arg]
+    finally:
+        box.remove()
+
+
 def test_receipt_records_go_the_hot_path_and_name_the_receiver_across_processes() -> None:
     box = buzon.mailbox("jobs")
     try:

@@ -610,6 +610,11 @@ typedef struct {
     PyObject *replies;  /* dict: acknowledgement ring name (bytes) -> Ring, or None */
     int mark_fd;        /* the mailbox's wake-up FIFO (-1: none): last use, for buzon ls */
     uint64_t marked[2]; /* ns of our last mark: [0] a take (atime), [1] a send (mtime) */
+    PyObject *msg_type; /* buzon.Message (set_message), or NULL: recv_message's tuples */
+    Py_ssize_t msg_off[4]; /* its slots' offsets: body, id, sender, sent_at */
+    PyObject *peer_fn;  /* _mailbox._peer(pid, uid) -> the shared PeerInfo */
+    PyObject *last_peer; /* the PeerInfo of (last_pid, last_uid), or NULL */
+    uint32_t last_pid, last_uid;
 } MailboxCore;
 
 #define MARK_EVERY_NS 1000000000ULL /* at most one mark a second per object and kind */
@@ -1014,6 +1019,75 @@ one_tuple(PyObject *whole)
     return t;
 }
 
+/* The shared PeerInfo of (pid, uid): the last one kept here, others from peer_fn. */
+static PyObject *
+core_peer(MailboxCore *c, uint32_t pid, uint32_t uid)
+{
+    if (c->last_peer != NULL && c->last_pid == pid && c->last_uid == uid) {
+        return Py_NewRef(c->last_peer);
+    }
+    PyObject *peer = PyObject_CallFunction(c->peer_fn, "kk", (unsigned long)pid,
+                                           (unsigned long)uid);
+    if (peer == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(c->last_peer, Py_NewRef(peer));
+    c->last_pid = pid;
+    c->last_uid = uid;
+    return peer;
+}
+
+/* A buzon.Message of obj (stolen) and the fields of m's head, made through its slots
+ * (the frozen dataclass's __init__ costs several times more). */
+static PyObject *
+new_message(MailboxCore *c, PyObject *obj, peek_ctx_mb *m)
+{
+    PyTypeObject *type = (PyTypeObject *)c->msg_type;
+    PyObject *vals[4] = {obj, NULL, NULL, NULL};
+    vals[1] = PyLong_FromUnsignedLongLong((unsigned long long)get64(m->head + 12));
+    vals[2] = core_peer(c, get32(m->head + 22), get32(m->head + 26));
+    vals[3] = PyFloat_FromDouble((double)get64(m->head + 32) / 1e9);
+    PyObject *msg = NULL;
+    if (vals[1] != NULL && vals[2] != NULL && vals[3] != NULL) {
+        msg = type->tp_alloc(type, 0);
+    }
+    if (msg == NULL) {
+        for (int i = 0; i < 4; i++) {
+            Py_XDECREF(vals[i]);
+        }
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        *(PyObject **)((char *)msg + c->msg_off[i]) = vals[i]; /* the new slots: empty */
+    }
+    return msg;
+}
+
+static PyObject *
+core_set_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* set_message(Message, peer): recv_message makes Message objects itself */
+    static const char *names[4] = {"body", "id", "sender", "sent_at"};
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_message(Message type, peer function)");
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)args[0];
+    for (int i = 0; i < 4; i++) {
+        PyObject *d = PyDict_GetItemString(type->tp_dict, names[i]); /* borrowed */
+        if (d == NULL || !Py_IS_TYPE(d, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            PyErr_Format(PyExc_TypeError, "%s has no slot %s", type->tp_name, names[i]);
+            return NULL;
+        }
+        c->msg_off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+    }
+    Py_XSETREF(c->msg_type, Py_NewRef(args[0]));
+    Py_XSETREF(c->peer_fn, Py_NewRef(args[1]));
+    Py_CLEAR(c->last_peer);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1048,9 +1122,41 @@ core_recv_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (obj == NULL) {
         return one_tuple(whole);
     }
+    if (c->msg_type != NULL) {
+        return new_message(c, obj, &m);
+    }
     return Py_BuildValue("(NKkkK)", obj, (unsigned long long)get64(m.head + 12),
                          (unsigned long)get32(m.head + 22), (unsigned long)get32(m.head + 26),
                          (unsigned long long)get64(m.head + 32));
+}
+
+static PyObject *
+core_recv_from(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* recv_from(ring, timeout, pid) -> the object of a common record sent by pid | a
+     * Message of a common record another pid sent | (record,) for the general way */
+    if (nargs != 3 || c->msg_type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "recv_from(ring, timeout, pid), after set_message");
+        return NULL;
+    }
+    unsigned long pid = PyLong_AsUnsignedLong(args[2]);
+    if (pid == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    peek_ctx_mb m;
+    PyObject *obj, *whole;
+    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
+        return NULL;
+    }
+    if (obj == NULL) {
+        return one_tuple(whole);
+    }
+    /* the object itself only when it cannot be taken for one of the other two answers */
+    if (get32(m.head + 22) == pid && !PyTuple_Check(obj) &&
+        !PyObject_TypeCheck(obj, (PyTypeObject *)c->msg_type)) {
+        return obj;
+    }
+    return new_message(c, obj, &m);
 }
 
 static PyObject *
@@ -1096,6 +1202,9 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->encode);
     Py_XDECREF(c->decode);
     Py_XDECREF(c->replies);
+    Py_XDECREF(c->msg_type);
+    Py_XDECREF(c->peer_fn);
+    Py_XDECREF(c->last_peer);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -1117,7 +1226,14 @@ static PyMethodDef core_methods[] = {
      "waiting like Ring.recv; a common record's object, else what the general way needs."},
     {"recv_message", (PyCFunction)(void (*)(void))core_recv_message, METH_FASTCALL,
      "recv_message(ring, timeout) -> (object, id, pid, uid, sent_at ns) | (record,): like "
-     "recv, with the common record's fields."},
+     "recv, with the common record's fields (a Message instead of the tuple after "
+     "set_message)."},
+    {"recv_from", (PyCFunction)(void (*)(void))core_recv_from, METH_FASTCALL,
+     "recv_from(ring, timeout, pid) -> object | Message | (record,): like recv_message; a "
+     "common record pid sent gives its object alone, one another pid sent its Message."},
+    {"set_message", (PyCFunction)(void (*)(void))core_set_message, METH_FASTCALL,
+     "set_message(Message, peer): recv_message and recv_from make Message objects (peer(pid, "
+     "uid) gives the sender's PeerInfo) instead of tuples."},
     {"next_id", (PyCFunction)core_next_id, METH_NOARGS,
      "The next message id of this mailbox object (the general way's sends)."},
     {NULL, NULL, 0, NULL},
