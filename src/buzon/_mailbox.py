@@ -417,7 +417,7 @@ class Mailbox:
         self._acks: _core.Ring | None = None
         self._acks_pid = 0
         self._acks_fd = -1  # the sender's description of its ack ring: withdrawal locks
-        self._acked: OrderedDict[int, list[PeerInfo]] = OrderedDict()
+        self._acked: dict[int, list[PeerInfo]] = {}  # oldest first (the C table too)
         self._reply_rings: OrderedDict[str, tuple[_core.Ring, int]] = OrderedDict()
         self._hold_fd = -1
         self._hold_pid = 0
@@ -446,6 +446,7 @@ class Mailbox:
             ring, encode, decode, self._fast_max, self._uid, self.capacity is None
         )
         self._core.set_message(Message, _peer)  # its recv_message makes the Message
+        self._core.set_receipt(MailboxReceipt)  # and send_async the receipt
         self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
         self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
@@ -896,11 +897,11 @@ class Mailbox:
                 reply_to = self._ack_ring().name.encode("ascii")
                 self._ack_name = (_PID[0], reply_to)
             try:
-                message_id = self._core.send_receipt(obj, timeout, reply_to)
+                receipt = self._core.send_async(obj, timeout, reply_to, self)
             except (Full, EndOfChannel) as exc:
                 self._put_failed(exc)
-            if message_id:
-                return MailboxReceipt(self, message_id)
+            if receipt is not None:
+                return receipt  # type: ignore[no-any-return]
         if self._fan is not None and self.policy == "broadcast":
             return MailboxReceipt(self, *self._send_broadcast(obj, next(self._ids), True))
         if self._raw:
@@ -948,8 +949,7 @@ class Mailbox:
                     if mid == message_id:
                         return _peer(pid, uid)
                     self._acked.setdefault(mid, []).append(_peer(pid, uid))
-                    while len(self._acked) > _MAX_ACKS:
-                        self._acked.popitem(last=False)
+                    _trim(self._acked)
             if data is None:
                 if removed:  # and no acknowledgement came in one more slice
                     raise Undelivered(
@@ -974,20 +974,13 @@ class Mailbox:
             acks = self._acks
             if acks is None or self._acks_pid != _PID[0] or self._closed:
                 return None
-            try:
-                data = acks.try_recv()
-                while data is not None:
-                    if len(data) == _ACK.size:
-                        mid, pid, uid = _ACK.unpack(data)
-                        if mid == message_id:
-                            return _peer(pid, uid)
-                        acked.setdefault(mid, []).append(_peer(pid, uid))
-                    data = acks.try_recv()
+            try:  # one C call reads until ours comes; the others go into the table
+                return self._core.take_ack(acks, message_id, acked)  # type: ignore[no-any-return]
             except EndOfChannel:
                 pass
             finally:
-                while len(acked) > _MAX_ACKS:
-                    acked.popitem(last=False)
+                if len(acked) > _MAX_ACKS:
+                    _trim(acked)
         return None
 
     def _ring_exists(self) -> bool:
@@ -1507,6 +1500,12 @@ class Mailbox:
     def __repr__(self) -> str:
         cap = "None" if self.capacity is None else self.capacity
         return f"<Mailbox {self.name!r} policy={self.policy!r} capacity={cap}>"
+
+
+def _trim(acked: dict[int, list[PeerInfo]]) -> None:
+    """Forget the oldest acknowledgements beyond ``_MAX_ACKS`` (receipts never read)."""
+    while len(acked) > _MAX_ACKS:
+        del acked[next(iter(acked))]
 
 
 def _close_reply(entry: tuple[_core.Ring, int]) -> None:

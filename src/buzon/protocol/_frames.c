@@ -615,7 +615,14 @@ typedef struct {
     PyObject *peer_fn;  /* _mailbox._peer(pid, uid) -> the shared PeerInfo */
     PyObject *last_peer; /* the PeerInfo of (last_pid, last_uid), or NULL */
     uint32_t last_pid, last_uid;
+    PyObject *rc_type;  /* buzon.MailboxReceipt (set_receipt), or NULL */
+    Py_ssize_t rc_off[4]; /* its slots' offsets: _box, _receivers, expected, id */
+    PyObject *last_reply; /* acknowledge(): the last acknowledgement ring's name... */
+    PyObject *last_ring;  /* ...and that ring (both NULL: none yet) */
 } MailboxCore;
+
+static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
+static uint64_t get64(const uint8_t *p);
 
 #define MARK_EVERY_NS 1000000000ULL /* at most one mark a second per object and kind */
 
@@ -781,6 +788,141 @@ core_send_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     return rc < 0 ? NULL : PyLong_FromUnsignedLongLong(rc ? mid : 0);
 }
 
+/* The slot offsets of names[0..n) in type, or -1 with TypeError. */
+static int
+slot_offsets(PyTypeObject *type, const char *const *names, int n, Py_ssize_t *off)
+{
+    for (int i = 0; i < n; i++) {
+        PyObject *d = PyDict_GetItemString(type->tp_dict, names[i]); /* borrowed */
+        if (d == NULL || !Py_IS_TYPE(d, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            PyErr_Format(PyExc_TypeError, "%s has no slot %s", type->tp_name, names[i]);
+            return -1;
+        }
+        off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+    }
+    return 0;
+}
+
+static PyObject *
+core_set_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* set_receipt(MailboxReceipt): send_async makes the receipt itself */
+    static const char *const names[4] = {"_box", "_receivers", "expected", "id"};
+    if (nargs != 1 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "set_receipt(MailboxReceipt type)");
+        return NULL;
+    }
+    if (slot_offsets((PyTypeObject *)args[0], names, 4, c->rc_off) < 0) {
+        return NULL;
+    }
+    Py_XSETREF(c->rc_type, Py_NewRef(args[0]));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* send_async(obj, timeout, reply_to, box) -> MailboxReceipt(box, id) | None (nothing
+     * sent: the general way) */
+    if (nargs != 4 || !PyBytes_CheckExact(args[2]) || c->rc_type == NULL) {
+        PyErr_SetString(PyExc_TypeError,
+                        "send_async(obj, timeout, reply_to: bytes, box), after set_receipt");
+        return NULL;
+    }
+    uint64_t mid = 0;
+    int rc = core_put(c, args[0], args[1], args[2], &mid);
+    if (rc <= 0) {
+        return rc < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    PyTypeObject *type = (PyTypeObject *)c->rc_type;
+    PyObject *vals[4] = {Py_NewRef(args[3]), PyList_New(0), PyLong_FromLong(1),
+                         PyLong_FromUnsignedLongLong((unsigned long long)mid)};
+    PyObject *receipt = NULL;
+    if (vals[1] != NULL && vals[2] != NULL && vals[3] != NULL) {
+        receipt = type->tp_alloc(type, 0);
+    }
+    if (receipt == NULL) { /* sent all the same: the receipt is what failed */
+        for (int i = 0; i < 4; i++) {
+            Py_XDECREF(vals[i]);
+        }
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        *(PyObject **)((char *)receipt + c->rc_off[i]) = vals[i];
+    }
+    return receipt;
+}
+
+static uint32_t
+peek_ack(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
+{
+    uint8_t *ack = ctx; /* [0..16) the acknowledgement, [16] 1 if it was one */
+    (void)flags;
+    ack[16] = len == 16;
+    if (len == 16) {
+        memcpy(ack, payload, 16);
+    }
+    return len; /* nothing copied out */
+}
+
+static PyObject *
+core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* take_ack(acks, message_id, table) -> PeerInfo | None: read the acknowledgement
+     * ring until message_id's comes (its receiver's PeerInfo) or it is empty (None); the
+     * others go into table (a dict: id -> [PeerInfo, ...]). Never waits. */
+    if (nargs != 3 || !PyDict_CheckExact(args[2]) || c->peer_fn == NULL) {
+        PyErr_SetString(PyExc_TypeError, "take_ack(acks, message_id, table: dict)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    unsigned long long want = PyLong_AsUnsignedLongLong(args[1]);
+    if (want == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    for (;;) {
+        uint8_t ack[17] = {0};
+        PyObject *out = api->take(args[0], peek_ack, ack);
+        if (out == NULL || out == Py_None) {
+            return out;
+        }
+        Py_DECREF(out);
+        if (!ack[16]) {
+            continue; /* not an acknowledgement: skipped, as the general way does */
+        }
+        uint64_t mid = get64(ack);
+        PyObject *peer = core_peer(c, get32(ack + 8), get32(ack + 12));
+        if (peer == NULL || mid == want) {
+            return peer;
+        }
+        PyObject *key = PyLong_FromUnsignedLongLong((unsigned long long)mid);
+        PyObject *list = key == NULL ? NULL : PyDict_GetItemWithError(args[2], key);
+        int bad;
+        if (list != NULL) {
+            bad = !PyList_Check(list) || PyList_Append(list, peer) < 0;
+        }
+        else if (key == NULL || PyErr_Occurred() || (list = PyList_New(1)) == NULL) {
+            bad = 1;
+        }
+        else {
+            PyList_SET_ITEM(list, 0, Py_NewRef(peer));
+            bad = PyDict_SetItem(args[2], key, list) < 0;
+            Py_DECREF(list);
+        }
+        Py_XDECREF(key);
+        Py_DECREF(peer);
+        if (bad) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "the table holds lists of PeerInfo");
+            }
+            return NULL;
+        }
+    }
+}
+
 static PyObject *
 core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -907,16 +1049,27 @@ acknowledge(MailboxCore *c, peek_ctx_mb *m)
     if (c->replies == NULL || !PyDict_CheckExact(c->replies)) { /* deleted, or not set */
         return 0;
     }
-    PyObject *name = PyBytes_FromStringAndSize((const char *)m->reply, m->rlen);
-    if (name == NULL) {
-        PyErr_Clear();
-        return 0;
+    PyObject *ring;
+    if (c->last_reply != NULL && (uint32_t)PyBytes_GET_SIZE(c->last_reply) == m->rlen &&
+        memcmp(PyBytes_AS_STRING(c->last_reply), m->reply, m->rlen) == 0 &&
+        PyDict_GetItemWithError(c->replies, c->last_reply) == c->last_ring) {
+        ring = c->last_ring; /* the same sender as last time (still in the table) */
     }
-    PyObject *ring = PyDict_GetItemWithError(c->replies, name); /* borrowed */
-    Py_DECREF(name);
-    if (ring == NULL || !PyObject_TypeCheck(ring, api->ring_type)) {
+    else {
         PyErr_Clear();
-        return 0;
+        PyObject *name = PyBytes_FromStringAndSize((const char *)m->reply, m->rlen);
+        if (name == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        ring = PyDict_GetItemWithError(c->replies, name); /* borrowed */
+        if (ring == NULL || !PyObject_TypeCheck(ring, api->ring_type)) {
+            Py_DECREF(name);
+            PyErr_Clear();
+            return 0;
+        }
+        Py_XSETREF(c->last_reply, name);
+        Py_XSETREF(c->last_ring, Py_NewRef(ring));
     }
     uint8_t ack[16]; /* message id, pid, uid: _mailbox._ACK */
     put64(ack, get64(m->head + 12));
@@ -1067,20 +1220,13 @@ static PyObject *
 core_set_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
     /* set_message(Message, peer): recv_message makes Message objects itself */
-    static const char *names[4] = {"body", "id", "sender", "sent_at"};
+    static const char *const names[4] = {"body", "id", "sender", "sent_at"};
     if (nargs != 2 || !PyType_Check(args[0]) || !PyCallable_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "set_message(Message type, peer function)");
         return NULL;
     }
-    PyTypeObject *type = (PyTypeObject *)args[0];
-    for (int i = 0; i < 4; i++) {
-        PyObject *d = PyDict_GetItemString(type->tp_dict, names[i]); /* borrowed */
-        if (d == NULL || !Py_IS_TYPE(d, &PyMemberDescr_Type) ||
-            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
-            PyErr_Format(PyExc_TypeError, "%s has no slot %s", type->tp_name, names[i]);
-            return NULL;
-        }
-        c->msg_off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+    if (slot_offsets((PyTypeObject *)args[0], names, 4, c->msg_off) < 0) {
+        return NULL;
     }
     Py_XSETREF(c->msg_type, Py_NewRef(args[0]));
     Py_XSETREF(c->peer_fn, Py_NewRef(args[1]));
@@ -1205,6 +1351,9 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->msg_type);
     Py_XDECREF(c->peer_fn);
     Py_XDECREF(c->last_peer);
+    Py_XDECREF(c->rc_type);
+    Py_XDECREF(c->last_reply);
+    Py_XDECREF(c->last_ring);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -1217,6 +1366,15 @@ static PyMethodDef core_methods[] = {
      "send(obj, timeout) -> bool: obj as a common record (bytes as they are, else msgpack "
      "without hooks), put into the ring waiting like Ring.send (nowait: Full at once); "
      "False (nothing sent) if it is not one: the caller's general way."},
+    {"send_async", (PyCFunction)(void (*)(void))core_send_async, METH_FASTCALL,
+     "send_async(obj, timeout, reply_to, box) -> MailboxReceipt | None: send_receipt, and "
+     "the receipt made here (after set_receipt); None: nothing sent, the general way."},
+    {"set_receipt", (PyCFunction)(void (*)(void))core_set_receipt, METH_FASTCALL,
+     "set_receipt(MailboxReceipt): send_async makes receipts through its slots."},
+    {"take_ack", (PyCFunction)(void (*)(void))core_take_ack, METH_FASTCALL,
+     "take_ack(acks, message_id, table) -> PeerInfo | None: acknowledgements read from the "
+     "ring until message_id's (None: the ring is empty); the others into table, a dict of "
+     "id -> list of PeerInfo. Never waits. After set_message (its peer function)."},
     {"fan", (PyCFunction)(void (*)(void))core_fan, METH_FASTCALL,
      "fan(obj, rings, message_id) -> list | None: obj as one common record put into each "
      "ring of the tuple without waiting; the indexes of those that had no room (or were "
