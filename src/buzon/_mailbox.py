@@ -962,26 +962,26 @@ class Mailbox:
     def _ack_ready(self, message_id: int) -> PeerInfo | None:
         """Who took message ``message_id`` if its acknowledgement is already here (in
         the table, or in the ring: read until it comes, keeping the others in the
-        table), else None; never waits, reads no clock (a receipt's hot path)."""
+        table), else None; never waits, reads no clock (a receipt's hot path: one C
+        call, ``MailboxCore.take_ack``)."""
         with self._lock:
             acked = self._acked
-            waiting = acked.get(message_id)
-            if waiting:
-                who = waiting.pop(0)
-                if not waiting:
-                    del acked[message_id]
-                return who
             acks = self._acks
             if acks is None or self._acks_pid != _PID[0] or self._closed:
+                waiting = acked.get(message_id)
+                if waiting:
+                    who = waiting.pop(0)
+                    if not waiting:
+                        del acked[message_id]
+                    return who
                 return None
-            try:  # one C call reads until ours comes; the others go into the table
+            try:
                 return self._core.take_ack(acks, message_id, acked)  # type: ignore[no-any-return]
-            except EndOfChannel:
-                pass
+            except EndOfChannel:  # (the table was looked at first)
+                return None
             finally:
                 if len(acked) > _MAX_ACKS:
                     _trim(acked)
-        return None
 
     def _ring_exists(self) -> bool:
         try:

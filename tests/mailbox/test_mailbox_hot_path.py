@@ -172,6 +172,33 @@ def test_the_message_the_core_makes_is_the_dataclass_the_general_way_makes() -> 
         box.remove()
 
 
+def test_receipts_read_in_any_order_each_get_their_own_acknowledgement() -> None:
+    # take_ack (C) reads the acknowledgement ring until the wanted one comes; the others
+    # wait in the table for their receipts, whatever order those are read in
+    box = buzon.mailbox("jobs")
+    try:
+        receipts = [box.send_async(i) for i in range(6)]
+        assert [box.recv(T) for _ in range(6)] == list(range(6))
+        assert receipts[4].wait(T).pid == os.getpid()  # reads 0-3 into the table
+        assert sorted(box._acked) == [r.id for r in receipts[:4]]
+        assert receipts[4].done() and receipts[2].done() and receipts[0].receiver is not None
+        assert [r.wait(T).pid for r in (receipts[5], receipts[3], receipts[1])] == [os.getpid()] * 3
+        assert box._acked == {}
+        assert box._acks is not None
+        box._acks.send(b"not an acknowledgement")  # skipped, not a crash
+        late = box.send_async(b"x")
+        assert box.recv(T) == b"x"
+        assert late.wait(T).pid == os.getpid()
+        with pytest.raises(TypeError):
+            box._core.take_ack(box._acks, 1, [])  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.take_ack(object(), 1, {})  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.send_async(b"x", T, b"ring")  # type: ignore[call-arg]
+    finally:
+        box.remove()
+
+
 def test_receipt_records_go_the_hot_path_and_name_the_receiver_across_processes() -> None:
     box = buzon.mailbox("jobs")
     try:

@@ -883,6 +883,21 @@ core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (want == (unsigned long long)-1 && PyErr_Occurred()) {
         return NULL;
     }
+    if (PyDict_GET_SIZE(args[2]) > 0) { /* read before, behind another's: the oldest */
+        PyObject *got = PyDict_GetItemWithError(args[2], args[1]); /* borrowed */
+        if (got == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (got != NULL && PyList_Check(got) && PyList_GET_SIZE(got) > 0) {
+            PyObject *who = Py_NewRef(PyList_GET_ITEM(got, 0));
+            if (PySequence_DelItem(got, 0) < 0 ||
+                (PyList_GET_SIZE(got) == 0 && PyDict_DelItem(args[2], args[1]) < 0)) {
+                Py_DECREF(who);
+                return NULL;
+            }
+            return who;
+        }
+    }
     for (;;) {
         uint8_t ack[17] = {0};
         PyObject *out = api->take(args[0], peek_ack, ack);
@@ -1372,9 +1387,9 @@ static PyMethodDef core_methods[] = {
     {"set_receipt", (PyCFunction)(void (*)(void))core_set_receipt, METH_FASTCALL,
      "set_receipt(MailboxReceipt): send_async makes receipts through its slots."},
     {"take_ack", (PyCFunction)(void (*)(void))core_take_ack, METH_FASTCALL,
-     "take_ack(acks, message_id, table) -> PeerInfo | None: acknowledgements read from the "
-     "ring until message_id's (None: the ring is empty); the others into table, a dict of "
-     "id -> list of PeerInfo. Never waits. After set_message (its peer function)."},
+     "take_ack(acks, message_id, table) -> PeerInfo | None: message_id's acknowledgement from "
+     "table (a dict of id -> list of PeerInfo, oldest first) or read from the ring until it "
+     "comes, the others into table (None: not there). Never waits. After set_message."},
     {"fan", (PyCFunction)(void (*)(void))core_fan, METH_FASTCALL,
      "fan(obj, rings, message_id) -> list | None: obj as one common record put into each "
      "ring of the tuple without waiting; the indexes of those that had no room (or were "
