@@ -336,10 +336,19 @@ class MailboxReceipt:
         if self.expected == 0:
             raise Undelivered(f"message {self.id} went to no receiver (none was attached)")
         if not self._receivers and self.expected == 1:  # the hot path: no clock read
-            who = self._box._ack_ready(self.id)
-            if who is not None:
-                self._receivers.append(who)
-                return who
+            box = self._box  # (Mailbox._ack_ready inlined: one C call under the lock)
+            if box._acks_pid == _PID[0] and not box._closed and box._acks is not None:
+                acked = box._acked
+                with box._lock:
+                    try:
+                        who = box._core.take_ack(box._acks, self.id, acked)
+                    except EndOfChannel:
+                        who = None
+                    if len(acked) > _MAX_ACKS:
+                        _trim(acked)
+                if who is not None:
+                    self._receivers.append(who)
+                    return who  # type: ignore[no-any-return]
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._receivers) < self.expected:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -851,6 +851,13 @@ core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     for (int i = 0; i < 4; i++) {
         *(PyObject **)((char *)receipt + c->rc_off[i]) = vals[i];
     }
+    /* neither can be part of a cycle (the list only ever holds PeerInfo objects, the
+     * receipt's slots are these four): the collector need not visit them, and with 256
+     * receipts in flight it otherwise ran every few hundred sends */
+    PyObject_GC_UnTrack(vals[1]);
+    if (PyObject_IS_GC(receipt)) {
+        PyObject_GC_UnTrack(receipt);
+    }
     return receipt;
 }
 
