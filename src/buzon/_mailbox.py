@@ -299,7 +299,7 @@ class MailboxReceipt:
         self._box = box
         self.id = message_id
         self.expected = expected
-        self._receivers: list[PeerInfo] = []
+        self._receivers: tuple[PeerInfo, ...] = ()  # who took it so far
 
     @property
     def receiver(self) -> PeerInfo | None:
@@ -320,13 +320,13 @@ class MailboxReceipt:
         if not self._receivers and self.expected == 1:  # the hot path: no clock read
             who = self._box._ack_ready(self.id)
             if who is not None:
-                self._receivers.append(who)
+                self._receivers += (who,)
                 return True
         while len(self._receivers) < self.expected:
             who = self._box._ack_of(self.id, 0.0)
             if who is None:
                 break
-            self._receivers.append(who)
+            self._receivers += (who,)
         return len(self._receivers) >= self.expected
 
     def wait(self, timeout: float | None = None) -> PeerInfo:
@@ -347,7 +347,7 @@ class MailboxReceipt:
                     if len(acked) > _MAX_ACKS:
                         _trim(acked)
                 if who is not None:
-                    self._receivers.append(who)
+                    self._receivers += (who,)
                     return who  # type: ignore[no-any-return]
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._receivers) < self.expected:
@@ -358,11 +358,11 @@ class MailboxReceipt:
                     f"message {self.id} was not taken within {timeout} s "
                     f"({len(self._receivers)} of {self.expected} receivers took it)"
                 )
-            self._receivers.append(who)
+            self._receivers += (who,)
         return self._receivers[0]
 
     def __repr__(self) -> str:
-        return f"<MailboxReceipt id={self.id} receivers={self._receivers}>"
+        return f"<MailboxReceipt id={self.id} receivers={list(self._receivers)}>"
 
 
 class Mailbox:

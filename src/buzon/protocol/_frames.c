@@ -836,7 +836,7 @@ core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
         return rc < 0 ? NULL : Py_NewRef(Py_None);
     }
     PyTypeObject *type = (PyTypeObject *)c->rc_type;
-    PyObject *vals[4] = {Py_NewRef(args[3]), PyList_New(0), PyLong_FromLong(1),
+    PyObject *vals[4] = {Py_NewRef(args[3]), PyTuple_New(0), PyLong_FromLong(1),
                          PyLong_FromUnsignedLongLong((unsigned long long)mid)};
     PyObject *receipt = NULL;
     if (vals[1] != NULL && vals[2] != NULL && vals[3] != NULL) {
@@ -851,10 +851,9 @@ core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     for (int i = 0; i < 4; i++) {
         *(PyObject **)((char *)receipt + c->rc_off[i]) = vals[i];
     }
-    /* neither can be part of a cycle (the list only ever holds PeerInfo objects, the
-     * receipt's slots are these four): the collector need not visit them, and with 256
-     * receipts in flight it otherwise ran every few hundred sends */
-    PyObject_GC_UnTrack(vals[1]);
+    /* it cannot be part of a cycle (its slots are these four; receivers, a tuple of
+     * PeerInfo): the collector need not visit it, and with 256 receipts in flight it
+     * otherwise ran every few hundred sends */
     if (PyObject_IS_GC(receipt)) {
         PyObject_GC_UnTrack(receipt);
     }
