@@ -445,6 +445,7 @@ class Mailbox:
             from ._mailbox_fan import Fan
 
             self._fan = Fan(self)
+        self._broadcast = self._fan is not None and self.policy == "broadcast"
         # send's hot path: one ring, no rendezvous; a frame that fits a record
         self._plain = self._fan is None and self.capacity != 0 and not self._raw
         # recv's hot path (the C core): records that are frames, no exclusive hold
@@ -862,14 +863,21 @@ class Mailbox:
                     return
             except (Full, EndOfChannel) as exc:
                 self._put_failed(exc)
-        elif (
-            self._fan is not None
-            and self.policy == "broadcast"
-            and not self._closed
-            and self._fan.fan_out(obj, next(self._ids)) is not None  # one C call: all rings
-        ):
-            self._counts["sent"] += 1
-            return
+        elif self._broadcast and not self._closed:  # one C call puts it into every ring
+            fan = self._fan
+            assert fan is not None
+            message_id = next(self._ids)
+            if fan._gen_view[0] == fan.gen:  # the table as this sender last read it
+                targets, rings = fan.fanout
+                full = self._core.fan(obj, rings, message_id)
+                if full is not None:
+                    if full:  # a backlog had no room: the overflow rule
+                        fan.overflow(obj, message_id, targets, full)
+                    self._counts["sent"] += 1
+                    return
+            elif fan.fan_out(obj, message_id) is not None:
+                self._counts["sent"] += 1
+                return
         self._send(obj, timeout, False, False)
 
     def send_nowait(self, obj: Any) -> None:
@@ -1149,7 +1157,13 @@ class Mailbox:
         mailbox was removed and is empty."""
         if self._fast_recv and not self._closed and (timeout is None or timeout > 0):
             # the hot path: one C call takes and decodes a common record (_frames.c)
-            got = self._core.recv(self._ring if self._fan is None else self._rx(), timeout)
+            fan = self._fan
+            if fan is None:
+                ring = self._ring
+            else:  # our own backlog (Fan.subscribe's hot path, without its call)
+                mine = fan.mine
+                ring = mine[1] if mine is not None and fan.pid == _PID[0] else self._rx()
+            got = self._core.recv(ring, timeout)
             if type(got) is not tuple:
                 return got
             if len(got) == 2:  # a common record the codec decodes (or says why not)

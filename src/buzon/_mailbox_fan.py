@@ -313,11 +313,19 @@ class Fan:
         (nothing sent: the caller goes the general way)."""
         self.receivers()  # re-reads the table if it changed
         targets, rings = self.fanout
-        fan = self.box._core.fan
-        full = fan(obj, rings, message_id)
+        full = self.box._core.fan(obj, rings, message_id)
         if full is None:
             return None
-        delivered = len(rings) - len(full)
+        return len(rings) - len(full) + self.overflow(obj, message_id, targets, full)
+
+    def overflow(
+        self, obj: Any, message_id: int, targets: list[tuple[int, str, _core.Ring]], full: list[int]
+    ) -> int:
+        """The overflow rule for the receivers ``targets[k]`` for k in ``full`` whose
+        backlog had no room for ``obj`` (a dead one dropped, a live one loses its oldest
+        message); how many of them got it after all."""
+        fan = self.box._core.fan
+        delivered = 0
         for k in full:
             i, name, ring = targets[k]
             try:

@@ -1107,7 +1107,12 @@ acknowledge(MailboxCore *c, peek_ctx_mb *m)
         return 1;
     }
     Py_INCREF(ring); /* a wait releases the GIL: the table may drop it meanwhile */
-    if (api->put_wait(ring, &part, 1, sizeof ack, 0, ack_wait) < 0) { /* full, or gone */
+    int put = api->put(ring, &part, 1, sizeof ack, 0); /* the common case: no clock read */
+    if (put < 0) {
+        PyErr_Clear(); /* closed or gone: put_wait finds it so too */
+        put = 0;
+    }
+    if (put == 0 && api->put_wait(ring, &part, 1, sizeof ack, 0, ack_wait) < 0) {
         PyErr_Clear();
         c->acks_dropped++;
     }
