@@ -864,18 +864,15 @@ class Mailbox:
             except (Full, EndOfChannel) as exc:
                 self._put_failed(exc)
         elif self._broadcast and not self._closed:  # one C call puts it into every ring
-            fan = self._fan
-            assert fan is not None
-            message_id = next(self._ids)
-            if fan._gen_view[0] == fan.gen:  # the table as this sender last read it
-                targets, rings = fan.fanout
-                full = self._core.fan(obj, rings, message_id)
-                if full is not None:
-                    if full:  # a backlog had no room: the overflow rule
-                        fan.overflow(obj, message_id, targets, full)
-                    self._counts["sent"] += 1
-                    return
-            elif fan.fan_out(obj, message_id) is not None:
+            got = self._core.bcast(obj)  # (while the receiver table is as last read)
+            if got is None:
+                return
+            assert self._fan is not None
+            if got is not False:  # a backlog had no room: the overflow rule
+                message_id, full, targets = got
+                self._fan.overflow(obj, message_id, targets, full)
+                return
+            if self._fan.fan_out(obj, next(self._ids)) is not None:
                 self._counts["sent"] += 1
                 return
         self._send(obj, timeout, False, False)

@@ -260,6 +260,8 @@ class Fan:
             targets.append((i, name, ring))
         self.gen, self.targets = gen, targets
         self.fanout = (targets, tuple(ring for _, _, ring in targets))
+        # the send hot path (MailboxCore.bcast) fans out to these while gen stays
+        self.box._core.set_fan(self._view, gen, targets, self.fanout[1])
         return targets
 
     def drop_dead(self, i: int, name: str) -> None:
@@ -385,6 +387,7 @@ class Fan:
         remove_segment(table_name(self.box._segment))
 
     def close(self) -> None:
+        self.box._core.set_fan(None, 0, None, None)  # (it holds a view of the table)
         for ring in self.rings.values():
             ring.close()
         self.rings.clear()

@@ -108,6 +108,34 @@ def test_broadcast_through_the_hot_path_keeps_the_overflow_rule() -> None:
         tx.remove()
 
 
+def test_broadcast_hot_path_follows_receivers_that_come_and_go() -> None:
+    # MailboxCore.bcast fans out to the rings of the table as last read; a receiver that
+    # attaches or leaves changes the table's generation, and the next send re-reads it
+    tx = buzon.mailbox("news", capacity=8, policy="broadcast")
+    first, late = buzon.mailbox("news"), buzon.mailbox("news")
+    try:
+        with pytest.raises(buzon.Empty):
+            first.recv_nowait()  # attached
+        tx.send(b"one")  # reads the table: the hot path from here
+        tx.send(b"two")
+        assert tx._core.bcast(b"x") is None  # (counted, like a send)
+        with pytest.raises(buzon.Empty):
+            late.recv_nowait()  # attaches after three messages
+        tx.send(b"three")
+        assert [first.recv(T) for _ in range(4)] == [b"one", b"two", b"x", b"three"]
+        assert late.recv(T) == b"three"
+        first.close()  # leaves: its backlog is gone, the next send must not look for it
+        tx.send(b"four")
+        assert late.recv(T) == b"four"
+        assert tx.statistics()["sent"] == 5 and tx.statistics()["dropped"] == 0
+        with pytest.raises(buzon.Empty):
+            late.recv_nowait()
+    finally:
+        late.close()
+        tx.remove()
+    assert tx._core.bcast(b"after remove") is False  # forgotten at close: nothing sent
+
+
 def test_bad_arguments_to_the_core_are_type_errors() -> None:
     box = buzon.mailbox("jobs")
     try:
@@ -120,6 +148,14 @@ def test_bad_arguments_to_the_core_are_type_errors() -> None:
         with pytest.raises(TypeError):
             box._core.fan(b"x", (object(),), 1)  # type: ignore[arg-type]
         assert box._core.fan(b"x", (), 1) == []
+        assert box._core.bcast(b"x") is False  # no set_fan: nothing sent
+        with pytest.raises(TypeError):
+            box._core.set_fan(memoryview(bytes(64)), 0, [], (object(),))
+        with pytest.raises(TypeError):
+            box._core.set_fan(memoryview(bytes(64)), 0, (), ())
+        with pytest.raises(ValueError):
+            box._core.set_fan(memoryview(bytes(4)), 0, [], ())
+        box._core.set_fan(None, 0, None, None)
     finally:
         box.remove()
 

@@ -619,6 +619,9 @@ typedef struct {
     Py_ssize_t rc_off[4]; /* its slots' offsets: _box, _receivers, expected, id */
     PyObject *last_reply; /* acknowledge(): the last acknowledgement ring's name... */
     PyObject *last_ring;  /* ...and that ring (both NULL: none yet) */
+    Py_buffer fan_buf;    /* broadcast (set_fan): the receiver table, its generation... */
+    uint64_t fan_gen;     /* ...when fan_targets and fan_rings were read from it */
+    PyObject *fan_targets, *fan_rings; /* Fan.fanout, or NULL */
 } MailboxCore;
 
 static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
@@ -944,6 +947,91 @@ core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     }
 }
 
+static PyObject *fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid);
+
+static PyObject *
+core_set_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* set_fan(table_view, generation, targets, rings) | set_fan(None, 0, None, None) */
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "set_fan(table view, generation, targets, rings)");
+        return NULL;
+    }
+    unsigned long long gen = PyLong_AsUnsignedLongLong(args[1]);
+    if (gen == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (args[0] != Py_None) {
+        if (!PyList_Check(args[2]) || !PyTuple_Check(args[3])) {
+            PyErr_SetString(PyExc_TypeError, "set_fan: targets a list, rings a tuple");
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[3]); i++) {
+            if (ring_arg(PyTuple_GET_ITEM(args[3], i)) < 0) {
+                return NULL;
+            }
+        }
+    }
+    if (c->fan_buf.obj != NULL) {
+        PyBuffer_Release(&c->fan_buf);
+    }
+    Py_CLEAR(c->fan_targets);
+    Py_CLEAR(c->fan_rings);
+    if (args[0] == Py_None) {
+        Py_RETURN_NONE;
+    }
+    if (PyObject_GetBuffer(args[0], &c->fan_buf, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (c->fan_buf.len < 8) {
+        PyBuffer_Release(&c->fan_buf);
+        PyErr_SetString(PyExc_ValueError, "set_fan: the table is shorter than its generation");
+        return NULL;
+    }
+    c->fan_gen = gen;
+    c->fan_targets = Py_NewRef(args[2]);
+    c->fan_rings = Py_NewRef(args[3]);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_bcast(MailboxCore *c, PyObject *obj)
+{
+    /* bcast(obj) -> None (put into every receiver's ring, counted) | (message id, full,
+     * targets): sent and counted, but the rings targets[k] for k in full had no room |
+     * False: nothing sent (the table changed since set_fan, or not a common record) */
+    if (c->fan_rings == NULL) {
+        Py_RETURN_FALSE;
+    }
+    uint64_t gen;
+    memcpy(&gen, c->fan_buf.buf, 8); /* the u64 generation at offset 0 */
+    if (gen != c->fan_gen) {
+        Py_RETURN_FALSE;
+    }
+    uint64_t mid = c->next_id + 1;
+    PyObject *rings = Py_NewRef(c->fan_rings); /* fan_into runs no Python code, but */
+    PyObject *targets = Py_NewRef(c->fan_targets); /* keep both for the answer anyway */
+    PyObject *full = fan_into(c, obj, rings, mid);
+    Py_DECREF(rings);
+    if (full == NULL || full == Py_None) {
+        Py_DECREF(targets);
+        if (full == NULL) {
+            return NULL;
+        }
+        Py_DECREF(full);
+        Py_RETURN_FALSE;
+    }
+    c->next_id = mid;
+    c->sent++;
+    if (PyList_GET_SIZE(full) == 0) {
+        Py_DECREF(full);
+        Py_DECREF(targets);
+        Py_RETURN_NONE;
+    }
+    PyObject *out = Py_BuildValue("(KNN)", (unsigned long long)mid, full, targets);
+    return out;
+}
+
 static PyObject *
 core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -964,8 +1052,17 @@ core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
+    return fan_into(c, args[0], rings, mid);
+}
+
+/* fan's work, the rings checked: the list of the indexes of rings with no room, None
+ * (not a common record: nothing sent), NULL on error. */
+static PyObject *
+fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(rings);
     long codec = 0;
-    PyObject *body = core_body(c, args[0], &codec);
+    PyObject *body = core_body(c, obj, &codec);
     if (body == NULL) {
         if (PyErr_Occurred()) {
             return NULL;
@@ -1380,6 +1477,11 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->rc_type);
     Py_XDECREF(c->last_reply);
     Py_XDECREF(c->last_ring);
+    if (c->fan_buf.obj != NULL) {
+        PyBuffer_Release(&c->fan_buf);
+    }
+    Py_XDECREF(c->fan_targets);
+    Py_XDECREF(c->fan_rings);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -1401,6 +1503,14 @@ static PyMethodDef core_methods[] = {
      "take_ack(acks, message_id, table) -> PeerInfo | None: message_id's acknowledgement from "
      "table (a dict of id -> list of PeerInfo, oldest first) or read from the ring until it "
      "comes, the others into table (None: not there). Never waits. After set_message."},
+    {"set_fan", (PyCFunction)(void (*)(void))core_set_fan, METH_FASTCALL,
+     "set_fan(table_view, generation, targets, rings): bcast's receivers (Fan.fanout) as "
+     "read from the table at that generation; set_fan(None, 0, None, None) forgets them."},
+    {"bcast", (PyCFunction)core_bcast, METH_O,
+     "bcast(obj) -> None | (message_id, full, targets) | False: obj fanned out to the rings "
+     "of set_fan with a new message id and counted, if the table's generation is still "
+     "theirs; (id, full, targets) when targets[k] for k in full had no room; False: nothing "
+     "sent (the table changed, or not a common record)."},
     {"fan", (PyCFunction)(void (*)(void))core_fan, METH_FASTCALL,
      "fan(obj, rings, message_id) -> list | None: obj as one common record put into each "
      "ring of the tuple without waiting; the indexes of those that had no room (or were "
