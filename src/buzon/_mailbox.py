@@ -868,9 +868,8 @@ class Mailbox:
             if got is None:
                 return
             assert self._fan is not None
-            if got is not False:  # a backlog had no room: the overflow rule
-                message_id, full, targets = got
-                self._fan.overflow(obj, message_id, targets, full)
+            if got is not False:  # backlogs without room lost their oldest (in C)
+                self._fan.overflowed(got[1], got[2], got[3])
                 return
             if self._fan.fan_out(obj, next(self._ids)) is not None:
                 self._counts["sent"] += 1
@@ -1420,7 +1419,7 @@ class Mailbox:
         """This object's counts (sent, received, out_of_line, acks_dropped) and the
         mailbox's: depth, abandoned (messages lost to killed senders or receivers)."""
         info = self._ring.info()
-        dropped = self._fan.dropped if self._fan is not None else 0
+        dropped = self._core.dropped + (self._fan.dropped if self._fan is not None else 0)
         counts = dict(self._counts)  # and the hot path's, counted in C
         counts["sent"] += self._core.sent
         counts["received"] += self._core.received

@@ -37,6 +37,7 @@ import fcntl
 import os
 import struct
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from . import _core
@@ -57,6 +58,7 @@ _GEN = struct.Struct("<Q")
 _FLOCK = struct.Struct("hhqqi4x")
 _LOCK_TIMEOUT = 5.0
 _OOL = b"\x00OOL"
+_LIVE_EVERY = 0.1  # a full backlog's receiver is checked for life at most this often
 
 
 _PID = [os.getpid()]  # this process's pid, kept current by a fork hook (no getpid call)
@@ -98,6 +100,7 @@ class Fan:
         self.mine: tuple[int, _core.Ring] | None = None
         self.turn = 0
         self.dropped = 0
+        self.checked: dict[int, float] = {}  # overflowed: receiver -> its last life check
         # threads sharing this object: one refreshes the table's rings or subscribes at a time
         self.lock = threading.RLock()
 
@@ -319,6 +322,24 @@ class Fan:
         if full is None:
             return None
         return len(rings) - len(full) + self.overflow(obj, message_id, targets, full)
+
+    def overflowed(
+        self, full: list[int], targets: list[tuple[int, str, _core.Ring]], ool: list[bytes]
+    ) -> None:
+        """After ``MailboxCore.bcast`` applied the overflow rule to ``targets[k]`` for k
+        in ``full``: the out-of-line messages it dropped lose their blocks, and a
+        receiver whose backlog stays full is checked for life (at most every
+        ``_LIVE_EVERY`` seconds each: a syscall) and dropped if it died."""
+        for data in ool:
+            self._discard(data)
+        now = time.monotonic()
+        checked = self.checked
+        for k in full:
+            i, name, _ring = targets[k]
+            if now - checked.get(i, -_LIVE_EVERY) >= _LIVE_EVERY:
+                checked[i] = now
+                if not self.live(i):
+                    self.drop_dead(i, name)
 
     def overflow(
         self, obj: Any, message_id: int, targets: list[tuple[int, str, _core.Ring]], full: list[int]

@@ -108,6 +108,31 @@ def test_broadcast_through_the_hot_path_keeps_the_overflow_rule() -> None:
         tx.remove()
 
 
+def test_broadcast_hot_path_drops_an_out_of_line_oldest_with_its_block() -> None:
+    # a full backlog whose oldest message is out of line (its own block segment): the C
+    # overflow rule takes it and hands it back, and its block is removed (the fixture
+    # finds no segment left)
+    from buzon.shm._segment import SHM_DIR
+
+    tx = buzon.mailbox("news", capacity=2, policy="broadcast", max_inline=64)
+    rx = buzon.mailbox("news")
+    try:
+        with pytest.raises(buzon.Empty):
+            rx.recv_nowait()  # attached
+        tx.send(b"s")  # the hot path from here
+        before = set(os.listdir(SHM_DIR))
+        tx.send(b"L" * 1000)  # out of line (the general way): one block more
+        tx.send(b"M" * 1000)  # drops b"s"
+        assert len(set(os.listdir(SHM_DIR)) - before) == 2
+        tx.send(b"t")  # C: drops the oldest, L's record, whose block goes
+        assert len(set(os.listdir(SHM_DIR)) - before) == 1
+        assert [rx.recv(T) for _ in range(2)] == [b"M" * 1000, b"t"]
+        assert tx.statistics()["dropped"] == 2
+    finally:
+        rx.close()
+        tx.remove()
+
+
 def test_broadcast_hot_path_follows_receivers_that_come_and_go() -> None:
     # MailboxCore.bcast fans out to the rings of the table as last read; a receiver that
     # attaches or leaves changes the table's generation, and the next send re-reads it

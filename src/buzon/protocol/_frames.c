@@ -622,6 +622,7 @@ typedef struct {
     Py_buffer fan_buf;    /* broadcast (set_fan): the receiver table, its generation... */
     uint64_t fan_gen;     /* ...when fan_targets and fan_rings were read from it */
     PyObject *fan_targets, *fan_rings; /* Fan.fanout, or NULL */
+    unsigned long long dropped; /* bcast's overflow rule: oldest messages dropped */
 } MailboxCore;
 
 static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
@@ -947,7 +948,8 @@ core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     }
 }
 
-static PyObject *fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid);
+static PyObject *fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid,
+                          PyObject *ool);
 
 static PyObject *
 core_set_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
@@ -994,12 +996,63 @@ core_set_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* bcast's overflow rule takes a full backlog's oldest record: nothing copied out,
+ * unless it is an out-of-line one ("\0OOL" name), whose block the caller removes. */
+static uint32_t
+peek_drop(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
+{
+    (void)ctx;
+    (void)flags;
+    uint8_t p[4] = {1, 0, 0, 0};
+    if (len >= 4) {
+        memcpy(p, payload, 4);
+    }
+    return (len >= 4 && memcmp(p, "\0OOL", 4) == 0) ? 0 : len;
+}
+
+/* The overflow rule for the rings of full (indexes into rings) that had no room for
+ * the record parts: each loses its oldest record (counted; an out-of-line one appended
+ * to ool for the caller) and gets the record, or, still without room, loses this one
+ * (counted). A ring that fails (shut down, closed) is left as it is. 0, or -1 on error. */
+static int
+drop_oldest(MailboxCore *c, PyObject *rings, PyObject *full, const buzon_part *parts,
+            int nparts, size_t total, PyObject *ool)
+{
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(full); j++) {
+        Py_ssize_t k = PyLong_AsSsize_t(PyList_GET_ITEM(full, j));
+        PyObject *ring = PyTuple_GET_ITEM(rings, k);
+        PyObject *old = api->take(ring, peek_drop, NULL);
+        if (old == NULL) {
+            PyErr_Clear(); /* shut down (being removed): as the general way, skipped */
+            continue;
+        }
+        if (old != Py_None) {
+            c->dropped++;
+            if (PyBytes_GET_SIZE(old) > 0 && PyList_Append(ool, old) < 0) {
+                Py_DECREF(old);
+                return -1;
+            }
+        }
+        Py_DECREF(old);
+        int rc = api->put(ring, parts, nparts, total, 0);
+        if (rc < 0) {
+            PyErr_Clear();
+        }
+        else if (rc == 0) {
+            c->dropped++; /* still no room (its oldest is being read): this one goes */
+        }
+    }
+    return 0;
+}
+
 static PyObject *
 core_bcast(MailboxCore *c, PyObject *obj)
 {
     /* bcast(obj) -> None (put into every receiver's ring, counted) | (message id, full,
-     * targets): sent and counted, but the rings targets[k] for k in full had no room |
-     * False: nothing sent (the table changed since set_fan, or not a common record) */
+     * targets, ool): sent and counted, but targets[k] for k in full had no room and each
+     * lost its oldest message (ool: the out-of-line ones, whose blocks the caller
+     * removes) | False: nothing sent (the table changed since set_fan, or not a common
+     * record) */
     if (c->fan_rings == NULL) {
         Py_RETURN_FALSE;
     }
@@ -1008,13 +1061,18 @@ core_bcast(MailboxCore *c, PyObject *obj)
     if (gen != c->fan_gen) {
         Py_RETURN_FALSE;
     }
+    PyObject *ool = PyList_New(0);
+    if (ool == NULL) {
+        return NULL;
+    }
     uint64_t mid = c->next_id + 1;
-    PyObject *rings = Py_NewRef(c->fan_rings); /* fan_into runs no Python code, but */
-    PyObject *targets = Py_NewRef(c->fan_targets); /* keep both for the answer anyway */
-    PyObject *full = fan_into(c, obj, rings, mid);
+    PyObject *rings = Py_NewRef(c->fan_rings); /* the answer names them: kept alive */
+    PyObject *targets = Py_NewRef(c->fan_targets);
+    PyObject *full = fan_into(c, obj, rings, mid, ool);
     Py_DECREF(rings);
     if (full == NULL || full == Py_None) {
         Py_DECREF(targets);
+        Py_DECREF(ool);
         if (full == NULL) {
             return NULL;
         }
@@ -1026,10 +1084,10 @@ core_bcast(MailboxCore *c, PyObject *obj)
     if (PyList_GET_SIZE(full) == 0) {
         Py_DECREF(full);
         Py_DECREF(targets);
+        Py_DECREF(ool);
         Py_RETURN_NONE;
     }
-    PyObject *out = Py_BuildValue("(KNN)", (unsigned long long)mid, full, targets);
-    return out;
+    return Py_BuildValue("(KNNN)", (unsigned long long)mid, full, targets, ool);
 }
 
 static PyObject *
@@ -1052,13 +1110,13 @@ core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    return fan_into(c, args[0], rings, mid);
+    return fan_into(c, args[0], rings, mid, NULL);
 }
 
 /* fan's work, the rings checked: the list of the indexes of rings with no room, None
  * (not a common record: nothing sent), NULL on error. */
 static PyObject *
-fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid)
+fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid, PyObject *ool)
 {
     Py_ssize_t n = PyTuple_GET_SIZE(rings);
     long codec = 0;
@@ -1097,6 +1155,10 @@ fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid)
             }
             Py_DECREF(k);
         }
+    }
+    if (ool != NULL && PyList_GET_SIZE(full) > 0 &&
+        drop_oldest(c, rings, full, parts, 2, MB_HEAD + (size_t)len, ool) < 0) {
+        Py_CLEAR(full);
     }
     Py_DECREF(body);
     return full;
@@ -1507,10 +1569,11 @@ static PyMethodDef core_methods[] = {
      "set_fan(table_view, generation, targets, rings): bcast's receivers (Fan.fanout) as "
      "read from the table at that generation; set_fan(None, 0, None, None) forgets them."},
     {"bcast", (PyCFunction)core_bcast, METH_O,
-     "bcast(obj) -> None | (message_id, full, targets) | False: obj fanned out to the rings "
-     "of set_fan with a new message id and counted, if the table's generation is still "
-     "theirs; (id, full, targets) when targets[k] for k in full had no room; False: nothing "
-     "sent (the table changed, or not a common record)."},
+     "bcast(obj) -> None | (message_id, full, targets, ool) | False: obj fanned out to the "
+     "rings of set_fan with a new message id and counted, if the table's generation is still "
+     "theirs; a ring without room loses its oldest message (counted in dropped); then "
+     "targets[k] for k in full are those, ool the out-of-line records dropped; False: "
+     "nothing sent (the table changed, or not a common record)."},
     {"fan", (PyCFunction)(void (*)(void))core_fan, METH_FASTCALL,
      "fan(obj, rings, message_id) -> list | None: obj as one common record put into each "
      "ring of the tuple without waiting; the indexes of those that had no room (or were "
@@ -1539,6 +1602,8 @@ static PyMemberDef core_members[] = {
     {"sent", T_ULONGLONG, offsetof(MailboxCore, sent), READONLY, "messages send sent"},
     {"received", T_ULONGLONG, offsetof(MailboxCore, received), READONLY,
      "common records recv took"},
+    {"dropped", T_ULONGLONG, offsetof(MailboxCore, dropped), READONLY,
+     "messages bcast's overflow rule dropped (a full backlog's oldest, or this one)"},
     {"acks_dropped", T_ULONGLONG, offsetof(MailboxCore, acks_dropped), READONLY,
      "acknowledgements that found their ring full or gone"},
     {"mark_fd", T_INT, offsetof(MailboxCore, mark_fd), 0,
