@@ -31,7 +31,10 @@ Receipts. ``send_async`` sets the frame's receipt flag and REPLY_TO; the receive
 takes the message writes ``(message id, pid, uid)`` into that ring (waiting at most
 ``_ACK_WAIT`` for room or for the ring's lock, then dropped and counted: never a long
 block on a sender that does not read its acknowledgements). The receipt reads
-its acknowledgement from there.
+its acknowledgement from there. On the hot path each step is one C call
+(``MailboxCore``): ``send_async`` sends and makes the :class:`MailboxReceipt`, the
+receiver acknowledges as it takes, and ``wait``/``done`` read the ring until their
+acknowledgement comes (``take_ack``; others wait in the table ``_acked``, oldest first).
 
 Lifecycle. Opening creates the mailbox if absent (``create=None``), only creates
 (``create=True``: ``EndpointInUse`` if it exists) or only opens (``create=False``:

@@ -26,9 +26,12 @@ first; round_robin forwards what was still in its backlog to the others.
 
 Overflow (broadcast): a receiver whose backlog is full loses its *oldest* message:
 the sender takes it out of that ring and counts it (``statistics()["dropped"]``), so
-one slow receiver never stalls the sender or the others. Round_robin instead tries the
-next receiver, and waits (``send``) or raises ``Full`` (``send_nowait``) only when every
-live receiver's backlog is full.
+one slow receiver never stalls the sender or the others. A common record's broadcast is
+one C call (``MailboxCore.bcast``: the rings of the table as last read, while its
+generation stays; the overflow rule too); a receiver whose backlog is full is checked
+for life at most every ``_LIVE_EVERY`` seconds (:meth:`Fan.overflowed`).
+Round_robin instead tries the next receiver, and waits (``send``) or raises ``Full``
+(``send_nowait``) only when every live receiver's backlog is full.
 """
 
 from __future__ import annotations
