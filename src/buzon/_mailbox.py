@@ -34,7 +34,8 @@ block on a sender that does not read its acknowledgements). The receipt reads
 its acknowledgement from there. On the hot path each step is one C call
 (``MailboxCore``): ``send_async`` sends and makes the :class:`MailboxReceipt`, the
 receiver acknowledges as it takes, and ``wait``/``done`` read the ring until their
-acknowledgement comes (``take_ack``; others wait in the table ``_acked``, oldest first).
+acknowledgement comes (``receipt_ready``, if the mailbox's lock is free at once, else
+the general way; others wait in the table ``_acked``, oldest first).
 
 Lifecycle. Opening creates the mailbox if absent (``create=None``), only creates
 (``create=True``: ``EndpointInUse`` if it exists) or only opens (``create=False``:
@@ -320,11 +321,8 @@ class MailboxReceipt:
     def done(self) -> bool:
         """True once the receiver (broadcast: every receiver it went to) took the
         message; reads acknowledgements that already arrived, never waits."""
-        if not self._receivers and self.expected == 1:  # the hot path: no clock read
-            who = self._box._ack_ready(self.id)
-            if who is not None:
-                self._receivers += (who,)
-                return True
+        if self._box._core.receipt_ready(self) is not None:  # the hot path: one C call
+            return True
         while len(self._receivers) < self.expected:
             who = self._box._ack_of(self.id, 0.0)
             if who is None:
@@ -338,20 +336,9 @@ class MailboxReceipt:
         the mailbox was removed first (or a broadcast went to no receiver)."""
         if self.expected == 0:
             raise Undelivered(f"message {self.id} went to no receiver (none was attached)")
-        if not self._receivers and self.expected == 1:  # the hot path: no clock read
-            box = self._box  # (Mailbox._ack_ready inlined: one C call under the lock)
-            if box._acks_pid == _PID[0] and not box._closed and box._acks is not None:
-                acked = box._acked
-                with box._lock:
-                    try:
-                        who = box._core.take_ack(box._acks, self.id, acked)
-                    except EndOfChannel:
-                        who = None
-                    if len(acked) > _MAX_ACKS:
-                        _trim(acked)
-                if who is not None:
-                    self._receivers += (who,)
-                    return who  # type: ignore[no-any-return]
+        who = self._box._core.receipt_ready(self)  # the hot path: one C call, no clock
+        if who is not None:
+            return who  # type: ignore[no-any-return]
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._receivers) < self.expected:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -932,6 +919,7 @@ class Mailbox:
                 # a forked child makes its own: acknowledgements go to their sender
                 self._acks = create_ring(_ACK_RING, label=f"mailbox-acks {self.name}")
                 self._acks_pid = os.getpid()
+                self._core.set_acks(self._acks, self._acked, self._lock)  # receipt_ready's
                 if self._acks_fd >= 0:  # the parent's (its locks stay the parent's)
                     os.close(self._acks_fd)
                     self._acks_fd = -1
@@ -974,30 +962,6 @@ class Mailbox:
                 removed = not self._ring_exists()
                 if deadline is not None and time.monotonic() >= deadline and not removed:
                     return None
-
-    def _ack_ready(self, message_id: int) -> PeerInfo | None:
-        """Who took message ``message_id`` if its acknowledgement is already here (in
-        the table, or in the ring: read until it comes, keeping the others in the
-        table), else None; never waits, reads no clock (a receipt's hot path: one C
-        call, ``MailboxCore.take_ack``)."""
-        with self._lock:
-            acked = self._acked
-            acks = self._acks
-            if acks is None or self._acks_pid != _PID[0] or self._closed:
-                waiting = acked.get(message_id)
-                if waiting:
-                    who = waiting.pop(0)
-                    if not waiting:
-                        del acked[message_id]
-                    return who
-                return None
-            try:
-                return self._core.take_ack(acks, message_id, acked)  # type: ignore[no-any-return]
-            except EndOfChannel:  # (the table was looked at first)
-                return None
-            finally:
-                if len(acked) > _MAX_ACKS:
-                    _trim(acked)
 
     def _ring_exists(self) -> bool:
         try:
@@ -1440,6 +1404,7 @@ class Mailbox:
             if self._closed:
                 return
             self._closed = True
+            self._core.set_acks(None, None, None)
             if self._fan is not None:
                 left = self._fan.unsubscribe()
                 for data in left:  # round_robin: what it had not taken goes to the others

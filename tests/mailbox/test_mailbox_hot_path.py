@@ -260,6 +260,59 @@ def test_receipts_read_in_any_order_each_get_their_own_acknowledgement() -> None
         box.remove()
 
 
+def test_a_receipt_whose_lock_is_held_waits_the_general_way() -> None:
+    # receipt_ready (C) only tries the mailbox's lock: held by another thread (a receipt
+    # waiting the general way, a close), the receipt waits for it instead
+    import threading
+
+    box = buzon.mailbox("jobs")
+    try:
+        receipt = box.send_async(b"x")
+        assert box.recv(T) == b"x"
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with box._lock:
+                held.set()
+                release.wait(T)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert held.wait(T)
+        assert box._core.receipt_ready(receipt) is None  # the lock is not free
+        threading.Timer(0.05, release.set).start()
+        assert receipt.wait(T).pid == os.getpid()  # the general way, after the holder
+        t.join(T)
+        assert receipt.receivers == [receipt.receiver]
+        assert box._core.receipt_ready(receipt) is None  # taken already: nothing to read
+    finally:
+        box.remove()
+
+
+def test_a_forked_child_reads_its_own_receipts_not_its_parents_ring() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        first = box.send_async(b"parent")  # the parent's acknowledgement ring
+        assert box.recv(T) == b"parent"
+        assert first.wait(T).pid == os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                mine = box.send_async(b"child")  # a ring of its own (receipt_ready: not ours)
+                assert box.recv(T) == b"child"
+                code = 0 if mine.wait(T).pid == os.getpid() else 2
+                box.close()  # removes the child's acknowledgement ring
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        again = box.send_async(b"parent again")
+        assert box.recv(T) == b"parent again"
+        assert again.wait(T).pid == os.getpid()
+    finally:
+        box.remove()
+
+
 def test_receipt_records_go_the_hot_path_and_name_the_receiver_across_processes() -> None:
     box = buzon.mailbox("jobs")
     try:

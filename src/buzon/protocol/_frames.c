@@ -623,6 +623,9 @@ typedef struct {
     uint64_t fan_gen;     /* ...when fan_targets and fan_rings were read from it */
     PyObject *fan_targets, *fan_rings; /* Fan.fanout, or NULL */
     unsigned long long dropped; /* bcast's overflow rule: oldest messages dropped */
+    PyObject *acks, *acks_table; /* set_acks: our acknowledgement ring and its table... */
+    PyObject *acks_acquire, *acks_release; /* ...and the lock guarding both */
+    uint32_t acks_pid;  /* the process that made that ring (a forked child's is its own) */
 } MailboxCore;
 
 static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
@@ -876,6 +879,8 @@ peek_ack(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
     return len; /* nothing copied out */
 }
 
+static PyObject *take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table);
+
 static PyObject *
 core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -889,6 +894,15 @@ core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (ring_arg(args[0]) < 0) {
         return NULL;
     }
+    return take_ack_impl(c, args[0], args[1], args[2]);
+}
+
+#define MAX_ACKS 65536 /* _mailbox._MAX_ACKS: acknowledgements kept for unread receipts */
+
+static PyObject *
+take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table)
+{
+    PyObject *args[3] = {ring, id, table};
     unsigned long long want = PyLong_AsUnsignedLongLong(args[1]);
     if (want == (unsigned long long)-1 && PyErr_Occurred()) {
         return NULL;
@@ -939,6 +953,16 @@ core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_XDECREF(key);
         Py_DECREF(peer);
+        while (!bad && PyDict_GET_SIZE(args[2]) > MAX_ACKS) { /* forget the oldest */
+            Py_ssize_t pos = 0;
+            PyObject *old, *v;
+            if (!PyDict_Next(args[2], &pos, &old, &v)) {
+                break;
+            }
+            Py_INCREF(old);
+            bad = PyDict_DelItem(args[2], old) < 0;
+            Py_DECREF(old);
+        }
         if (bad) {
             if (!PyErr_Occurred()) {
                 PyErr_SetString(PyExc_TypeError, "the table holds lists of PeerInfo");
@@ -950,6 +974,93 @@ core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 
 static PyObject *fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid,
                           PyObject *ool);
+
+static PyObject *
+core_set_acks(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* set_acks(ring, table, lock) | set_acks(None, None, None): receipt_ready's ring */
+    if (nargs != 3 || (args[0] != Py_None && !PyDict_CheckExact(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "set_acks(ring, table: dict, lock)");
+        return NULL;
+    }
+    PyObject *acq = NULL, *rel = NULL;
+    if (args[0] != Py_None) {
+        if (ring_arg(args[0]) < 0) {
+            return NULL;
+        }
+        acq = PyObject_GetAttrString(args[2], "acquire");
+        rel = acq == NULL ? NULL : PyObject_GetAttrString(args[2], "release");
+        if (rel == NULL) {
+            Py_XDECREF(acq);
+            return NULL;
+        }
+    }
+    Py_CLEAR(c->acks);
+    Py_CLEAR(c->acks_table);
+    Py_XSETREF(c->acks_acquire, acq);
+    Py_XSETREF(c->acks_release, rel);
+    if (args[0] != Py_None) {
+        c->acks = Py_NewRef(args[0]);
+        c->acks_table = Py_NewRef(args[1]);
+        c->acks_pid = cached_pid;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_receipt_ready(MailboxCore *c, PyObject *receipt)
+{
+    /* receipt_ready(receipt) -> PeerInfo | None: a MailboxReceipt's hot path (nobody
+     * took it yet, one receiver expected): its acknowledgement from the table or the
+     * ring (take_ack) under the mailbox's lock, if that lock is free now; the receipt
+     * records it. None: not here yet, or the general way must look (lock held, ring not
+     * ours, closed, another kind of receipt). */
+    if (c->acks == NULL || c->acks_pid != cached_pid || c->rc_type == NULL ||
+        !Py_IS_TYPE(receipt, (PyTypeObject *)c->rc_type) || c->peer_fn == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject **slot_rx = (PyObject **)((char *)receipt + c->rc_off[1]);
+    PyObject *expected = *(PyObject **)((char *)receipt + c->rc_off[2]);
+    PyObject *id = *(PyObject **)((char *)receipt + c->rc_off[3]);
+    if (*slot_rx == NULL || !PyTuple_CheckExact(*slot_rx) || PyTuple_GET_SIZE(*slot_rx) != 0 ||
+        expected == NULL || !PyLong_CheckExact(expected) || PyLong_AsLong(expected) != 1 ||
+        id == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *got = PyObject_CallOneArg(c->acks_acquire, Py_False);
+    if (got != Py_True) { /* held (a waiting receipt, close): the general way waits */
+        Py_XDECREF(got);
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Py_DECREF(got);
+    PyObject *ring = Py_NewRef(c->acks), *table = Py_NewRef(c->acks_table);
+    Py_INCREF(id);
+    PyObject *who = take_ack_impl(c, ring, id, table);
+    Py_DECREF(id);
+    Py_DECREF(ring);
+    Py_DECREF(table);
+    if (who == NULL) {
+        PyErr_Clear(); /* the ring shut down, say: the general way says what happened */
+        who = Py_NewRef(Py_None);
+    }
+    PyObject *done = PyObject_CallNoArgs(c->acks_release);
+    if (done == NULL) {
+        Py_DECREF(who);
+        return NULL;
+    }
+    Py_DECREF(done);
+    if (who != Py_None) {
+        PyObject *t = PyTuple_Pack(1, who);
+        if (t == NULL) {
+            Py_DECREF(who);
+            return NULL;
+        }
+        Py_XSETREF(*slot_rx, t);
+    }
+    return who;
+}
 
 static PyObject *
 core_set_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
@@ -1544,6 +1655,10 @@ core_dealloc(MailboxCore *c)
     }
     Py_XDECREF(c->fan_targets);
     Py_XDECREF(c->fan_rings);
+    Py_XDECREF(c->acks);
+    Py_XDECREF(c->acks_table);
+    Py_XDECREF(c->acks_acquire);
+    Py_XDECREF(c->acks_release);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -1565,6 +1680,13 @@ static PyMethodDef core_methods[] = {
      "take_ack(acks, message_id, table) -> PeerInfo | None: message_id's acknowledgement from "
      "table (a dict of id -> list of PeerInfo, oldest first) or read from the ring until it "
      "comes, the others into table (None: not there). Never waits. After set_message."},
+    {"set_acks", (PyCFunction)(void (*)(void))core_set_acks, METH_FASTCALL,
+     "set_acks(ring, table, lock) | set_acks(None, None, None): this process's "
+     "acknowledgement ring, its table and the lock guarding both, for receipt_ready."},
+    {"receipt_ready", (PyCFunction)core_receipt_ready, METH_O,
+     "receipt_ready(receipt) -> PeerInfo | None: a one-receiver receipt nobody took yet: "
+     "its acknowledgement (take_ack) if it is here and the lock is free, recorded in the "
+     "receipt; None otherwise (the general way)."},
     {"set_fan", (PyCFunction)(void (*)(void))core_set_fan, METH_FASTCALL,
      "set_fan(table_view, generation, targets, rings): bcast's receivers (Fan.fanout) as "
      "read from the table at that generation; set_fan(None, 0, None, None) forgets them."},
