@@ -164,7 +164,7 @@ _ACK_RING = 64 * 1024
 # keeps it longer, and the acknowledgement was lost); then it is dropped and counted
 _ACK_WAIT = 0.05
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
-_MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read
+_MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read (MAX_ACKS in C)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 # The frame of a message without buffers or receipt: the frame header, then the FIELDS
@@ -943,18 +943,15 @@ class Mailbox:
                 if self._closed:
                     raise ChannelClosed(f"mailbox {self.name!r} was closed")
                 left = 0.02 if deadline is None else min(0.02, deadline - time.monotonic())
-                data: bytes | None
-                try:
-                    data = acks.recv(left) if left > 0 else acks.recv_nowait()
+                came = True  # something came in this slice (ours, or others' only)
+                got: PeerInfo | None
+                try:  # one C call: what is there, else one wait of up to a slice
+                    got = self._core.wait_ack(acks, message_id, self._acked, max(0.0, left))
                 except (Timeout, Empty):
-                    data = None
-                if data is not None and len(data) == _ACK.size:
-                    mid, pid, uid = _ACK.unpack(data)
-                    if mid == message_id:
-                        return _peer(pid, uid)
-                    self._acked.setdefault(mid, []).append(_peer(pid, uid))
-                    _trim(self._acked)
-            if data is None:
+                    got, came = None, False
+                if got is not None:
+                    return got
+            if not came:
                 if removed:  # and no acknowledgement came in one more slice
                     raise Undelivered(
                         f"mailbox {self.name!r} was removed before message {message_id} was taken"
@@ -1487,12 +1484,6 @@ class Mailbox:
     def __repr__(self) -> str:
         cap = "None" if self.capacity is None else self.capacity
         return f"<Mailbox {self.name!r} policy={self.policy!r} capacity={cap}>"
-
-
-def _trim(acked: dict[int, list[PeerInfo]]) -> None:
-    """Forget the oldest acknowledgements beyond ``_MAX_ACKS`` (receipts never read)."""
-    while len(acked) > _MAX_ACKS:
-        del acked[next(iter(acked))]
 
 
 def _close_reply(entry: tuple[_core.Ring, int]) -> None:

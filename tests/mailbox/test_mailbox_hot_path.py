@@ -289,6 +289,28 @@ def test_a_receipt_whose_lock_is_held_waits_the_general_way() -> None:
         box.remove()
 
 
+def test_a_waiting_receipt_sees_others_acknowledgements_come_first() -> None:
+    # the general way (wait_ack, C) waits on the ring: the acknowledgements of later
+    # receipts come first and go into the table, then the waited one's
+    import threading
+
+    box = buzon.mailbox("jobs")
+    rx = buzon.mailbox("jobs")
+    try:
+        receipts = [box.send_async(i) for i in range(4)]
+        got: list[object] = []
+        t = threading.Thread(target=lambda: got.append(receipts[3].wait(T)))
+        t.start()  # waits (nothing acknowledged yet): the general way, on the ring
+        assert [rx.recv(T) for _ in range(4)] == [0, 1, 2, 3]
+        t.join(T)
+        assert got == [receipts[3].receiver] and receipts[3].receiver is not None
+        assert [r.wait(T).pid for r in receipts[:3]] == [os.getpid()] * 3
+        assert box._acked == {}
+    finally:
+        rx.close()
+        box.remove()
+
+
 def test_a_forked_child_reads_its_own_receipts_not_its_parents_ring() -> None:
     box = buzon.mailbox("jobs")
     try:

@@ -879,7 +879,8 @@ peek_ack(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
     return len; /* nothing copied out */
 }
 
-static PyObject *take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table);
+static PyObject *take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
+                               PyObject *timeout);
 
 static PyObject *
 core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
@@ -894,13 +895,30 @@ core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (ring_arg(args[0]) < 0) {
         return NULL;
     }
-    return take_ack_impl(c, args[0], args[1], args[2]);
+    return take_ack_impl(c, args[0], args[1], args[2], NULL);
+}
+
+static PyObject *
+core_wait_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* wait_ack(acks, message_id, table, timeout) -> PeerInfo | None: take_ack, but once
+     * the ring is empty, wait up to timeout for one more acknowledgement (Timeout or
+     * Empty if none came); None: others' came (into the table), not this one */
+    if (nargs != 4 || !PyDict_CheckExact(args[2]) || c->peer_fn == NULL) {
+        PyErr_SetString(PyExc_TypeError, "wait_ack(acks, message_id, table: dict, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    return take_ack_impl(c, args[0], args[1], args[2], args[3]);
 }
 
 #define MAX_ACKS 65536 /* _mailbox._MAX_ACKS: acknowledgements kept for unread receipts */
 
 static PyObject *
-take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table)
+take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
+              PyObject *timeout)
 {
     PyObject *args[3] = {ring, id, table};
     unsigned long long want = PyLong_AsUnsignedLongLong(args[1]);
@@ -925,6 +943,11 @@ take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table)
     for (;;) {
         uint8_t ack[17] = {0};
         PyObject *out = api->take(args[0], peek_ack, ack);
+        if (out == Py_None && timeout != NULL) { /* empty: wait once (wait_ack) */
+            Py_DECREF(out);
+            out = api->take_wait(args[0], peek_ack, ack, timeout);
+            timeout = NULL;
+        }
         if (out == NULL || out == Py_None) {
             return out;
         }
@@ -1037,7 +1060,7 @@ core_receipt_ready(MailboxCore *c, PyObject *receipt)
     Py_DECREF(got);
     PyObject *ring = Py_NewRef(c->acks), *table = Py_NewRef(c->acks_table);
     Py_INCREF(id);
-    PyObject *who = take_ack_impl(c, ring, id, table);
+    PyObject *who = take_ack_impl(c, ring, id, table, NULL);
     Py_DECREF(id);
     Py_DECREF(ring);
     Py_DECREF(table);
@@ -1680,6 +1703,10 @@ static PyMethodDef core_methods[] = {
      "take_ack(acks, message_id, table) -> PeerInfo | None: message_id's acknowledgement from "
      "table (a dict of id -> list of PeerInfo, oldest first) or read from the ring until it "
      "comes, the others into table (None: not there). Never waits. After set_message."},
+    {"wait_ack", (PyCFunction)(void (*)(void))core_wait_ack, METH_FASTCALL,
+     "wait_ack(acks, message_id, table, timeout) -> PeerInfo | None: take_ack, waiting up "
+     "to timeout once the ring is empty (Timeout, or Empty for timeout <= 0, if nothing "
+     "came); None: only others' acknowledgements came (into table)."},
     {"set_acks", (PyCFunction)(void (*)(void))core_set_acks, METH_FASTCALL,
      "set_acks(ring, table, lock) | set_acks(None, None, None): this process's "
      "acknowledgement ring, its table and the lock guarding both, for receipt_ready."},
