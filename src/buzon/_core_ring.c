@@ -347,7 +347,11 @@ reserve(Ring *r, uint32_t len, uint32_t flags, int64_t deadline, rec_t **out)
     header_t *h = r->h;
     uint64_t need = footprint(r, len);
     for (;;) {
-        int rc = rlock_acquire(r, deadline == 0 ? now_ns() + 2000000 : deadline);
+        /* a free lock first: a try (deadline 0) reads the clock only if it must wait */
+        uint32_t unlocked = 0;
+        int rc = atomic_compare_exchange_strong(&h->rlock, &unlocked, r->token)
+                     ? RC_OK
+                     : rlock_acquire(r, deadline == 0 ? now_ns() + 2000000 : deadline);
         if (rc != RC_OK) {
             return rc;
         }

@@ -26,6 +26,9 @@ order and no message is lost or seen twice. One thread at a time takes from the 
 (the *taker*); the others wait on a condition for what it holds back for them. The
 holding queue is bounded (``Inbox.max_held``): a flood from other senders makes
 ``recv_from`` raise ``Full``, keeping every message, instead of growing without limit.
+The hot path (:meth:`Inbox._take_from`: nothing held back, no other taker) takes each
+message in one C call (``Mailbox._recv_from``), which returns the object itself when
+the wanted pid sent it and the :class:`~buzon.Message` to hold back otherwise.
 
 Sending waits for room in slices of ``_SLICE`` seconds and re-checks the target's
 start time between them: a send to a full inbox whose process died raises
@@ -47,9 +50,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._mailbox import Mailbox, Message
+from ._mailbox import _GENERAL, Mailbox, Message
 from ._mailbox_fan import _PID
-from .errors import AddressError, ChannelClosed, Empty, Full, NoSuchEndpoint, Timeout
+from .errors import (
+    AddressError,
+    ChannelClosed,
+    Empty,
+    EndOfChannel,
+    Full,
+    NoSuchEndpoint,
+    Timeout,
+)
 
 __all__ = ["Inbox", "inbox", "inbox_owner_alive", "parse_inbox_name", "recv_from", "send_to"]
 
@@ -201,7 +212,44 @@ class Inbox:
     def recv_from(self, pid: int, timeout: float | None = None) -> Any:
         """The next object sent by process ``pid``; other senders' messages stay
         queued, in order (``Timeout`` after ``timeout``)."""
+        if type(pid) is int and pid > 0 and not self._held and (timeout is None or timeout > 0):
+            start = 0.0 if timeout is None else time.monotonic()
+            got = self._take_from(pid, timeout)
+            if got is not _GENERAL:
+                return got
+            if timeout is not None:  # the rest of the time for the general way
+                timeout = max(1e-9, timeout - (time.monotonic() - start))
         return self.recv_message_from(pid, timeout).body
+
+    def _take_from(self, pid: int, timeout: float | None) -> Any:
+        """recv_from's hot path: nothing held back and no other taker, one C call
+        takes the next message (Mailbox._recv_from); its object if ``pid`` sent it,
+        else it is held back and ``_GENERAL`` says: the general way from here."""
+        lock = self._lock
+        with lock:
+            if self._held or self._taking:
+                return _GENERAL
+            self._taking = True
+        try:
+            got = self.mailbox._recv_from(pid, timeout)
+            if type(got) is not Message:
+                return got  # pid's object, or _GENERAL
+            if got.sender.pid == pid:
+                return got.body
+            with lock:
+                self._held.append(got)
+                if len(self._held) >= self.max_held:
+                    raise Full(
+                        f"{len(self._held)} messages of other senders are held back "
+                        f"in the inbox (max_held={self.max_held}); take them with "
+                        "recv() or recv_from(their pid)"
+                    )
+            return _GENERAL
+        finally:
+            with lock:
+                self._taking = False
+                if self._waiting:
+                    self._cond.notify_all()
 
     # ---- readiness: buzon.wait and buzon.aio.wait ------------------------------------------
 
@@ -386,6 +434,19 @@ def send_to(pid: int, obj: Any, timeout: float | None = None) -> None:
     quarter second while waiting.
     The receiver sees this process's pid as the message's ``.sender.pid``.
     """
+    if timeout is None and _targets_pid == _PID[0] and type(pid) is int:
+        # the hot path: a target seen alive less than _FRESH ago, a small message, one C
+        # call (Mailbox.send's own); anything else (no room within a slice, a removed or
+        # closed inbox) is not sent here and goes the general way below
+        target = _targets.get(pid)
+        if target is not None and time.monotonic() < target.fresh_until:
+            box = target.box
+            if box._plain and not box._closed:
+                try:
+                    if box._core.send(obj, _SLICE):
+                        return
+                except (Timeout, Full, EndOfChannel, ChannelClosed):
+                    pass
     pid = _pid(pid)
     deadline = None if timeout is None else time.monotonic() + timeout
     target = _target(pid)
@@ -423,7 +484,10 @@ def recv_from(pid: int, timeout: float | None = None) -> Any:
     """The next object process ``pid`` sent to this process's inbox (selective: other
     senders' messages stay queued, in order, for later receives). ``Timeout`` after
     ``timeout`` seconds. Creates this process's inbox if it has none yet."""
-    return inbox().recv_from(pid, timeout)
+    box = _mine
+    if box is None or box.pid != _PID[0]:  # _PID: getpid without a system call
+        box = inbox()
+    return box.recv_from(pid, timeout)
 
 
 # ---- forensics: buzon ls / buzon clean ------------------------------------------------

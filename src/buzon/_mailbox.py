@@ -31,7 +31,11 @@ Receipts. ``send_async`` sets the frame's receipt flag and REPLY_TO; the receive
 takes the message writes ``(message id, pid, uid)`` into that ring (waiting at most
 ``_ACK_WAIT`` for room or for the ring's lock, then dropped and counted: never a long
 block on a sender that does not read its acknowledgements). The receipt reads
-its acknowledgement from there.
+its acknowledgement from there. On the hot path each step is one C call
+(``MailboxCore``): ``send_async`` sends and makes the :class:`MailboxReceipt`, the
+receiver acknowledges as it takes, and ``wait``/``done`` read the ring until their
+acknowledgement comes (``receipt_ready``, if the mailbox's lock is free at once, else
+the general way; others wait in the table ``_acked``, oldest first).
 
 Lifecycle. Opening creates the mailbox if absent (``create=None``), only creates
 (``create=True``: ``EndpointInUse`` if it exists) or only opens (``create=False``:
@@ -162,7 +166,7 @@ _ACK_RING = 64 * 1024
 # keeps it longer, and the acknowledgement was lost); then it is dropped and counted
 _ACK_WAIT = 0.05
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
-_MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read
+_MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read (MAX_ACKS in C)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 # The frame of a message without buffers or receipt: the frame header, then the FIELDS
@@ -222,6 +226,7 @@ class Message:
     """When it was sent (``time.time()`` of the sender)."""
 
 
+_GENERAL = object()  # Mailbox._recv_from: the hot path did not receive (the general way)
 _NEW = object.__new__
 _SLOTS_OF: dict[str, Any] = dict(vars(Message))  # the slot descriptors, by field
 _SET_BODY = _SLOTS_OF["body"].__set__
@@ -300,7 +305,7 @@ class MailboxReceipt:
         self._box = box
         self.id = message_id
         self.expected = expected
-        self._receivers: list[PeerInfo] = []
+        self._receivers: tuple[PeerInfo, ...] = ()  # who took it so far
 
     @property
     def receiver(self) -> PeerInfo | None:
@@ -318,16 +323,13 @@ class MailboxReceipt:
     def done(self) -> bool:
         """True once the receiver (broadcast: every receiver it went to) took the
         message; reads acknowledgements that already arrived, never waits."""
-        if not self._receivers and self.expected == 1:  # the hot path: no clock read
-            who = self._box._ack_ready(self.id)
-            if who is not None:
-                self._receivers.append(who)
-                return True
+        if self._box._core.receipt_ready(self) is not None:  # the hot path: one C call
+            return True
         while len(self._receivers) < self.expected:
             who = self._box._ack_of(self.id, 0.0)
             if who is None:
                 break
-            self._receivers.append(who)
+            self._receivers += (who,)
         return len(self._receivers) >= self.expected
 
     def wait(self, timeout: float | None = None) -> PeerInfo:
@@ -336,11 +338,9 @@ class MailboxReceipt:
         the mailbox was removed first (or a broadcast went to no receiver)."""
         if self.expected == 0:
             raise Undelivered(f"message {self.id} went to no receiver (none was attached)")
-        if not self._receivers and self.expected == 1:  # the hot path: no clock read
-            who = self._box._ack_ready(self.id)
-            if who is not None:
-                self._receivers.append(who)
-                return who
+        who = self._box._core.receipt_ready(self)  # the hot path: one C call, no clock
+        if who is not None:
+            return who  # type: ignore[no-any-return]
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._receivers) < self.expected:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -350,11 +350,11 @@ class MailboxReceipt:
                     f"message {self.id} was not taken within {timeout} s "
                     f"({len(self._receivers)} of {self.expected} receivers took it)"
                 )
-            self._receivers.append(who)
+            self._receivers += (who,)
         return self._receivers[0]
 
     def __repr__(self) -> str:
-        return f"<MailboxReceipt id={self.id} receivers={self._receivers}>"
+        return f"<MailboxReceipt id={self.id} receivers={list(self._receivers)}>"
 
 
 class Mailbox:
@@ -418,7 +418,7 @@ class Mailbox:
         self._acks: _core.Ring | None = None
         self._acks_pid = 0
         self._acks_fd = -1  # the sender's description of its ack ring: withdrawal locks
-        self._acked: OrderedDict[int, list[PeerInfo]] = OrderedDict()
+        self._acked: dict[int, list[PeerInfo]] = {}  # oldest first (the C table too)
         self._reply_rings: OrderedDict[str, tuple[_core.Ring, int]] = OrderedDict()
         self._hold_fd = -1
         self._hold_pid = 0
@@ -437,6 +437,7 @@ class Mailbox:
             from ._mailbox_fan import Fan
 
             self._fan = Fan(self)
+        self._broadcast = self._fan is not None and self.policy == "broadcast"
         # send's hot path: one ring, no rendezvous; a frame that fits a record
         self._plain = self._fan is None and self.capacity != 0 and not self._raw
         # recv's hot path (the C core): records that are frames, no exclusive hold
@@ -446,6 +447,8 @@ class Mailbox:
         self._core = MailboxCore(
             ring, encode, decode, self._fast_max, self._uid, self.capacity is None
         )
+        self._core.set_message(Message, _peer)  # its recv_message makes the Message
+        self._core.set_receipt(MailboxReceipt)  # and send_async the receipt
         self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
         self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
@@ -864,14 +867,17 @@ class Mailbox:
                     return
             except (Full, EndOfChannel) as exc:
                 self._put_failed(exc)
-        elif (
-            self._fan is not None
-            and self.policy == "broadcast"
-            and not self._closed
-            and self._fan.fan_out(obj, next(self._ids)) is not None  # one C call: all rings
-        ):
-            self._counts["sent"] += 1
-            return
+        elif self._broadcast and not self._closed:  # one C call puts it into every ring
+            got = self._core.bcast(obj)  # (while the receiver table is as last read)
+            if got is None:
+                return
+            assert self._fan is not None
+            if got is not False:  # backlogs without room lost their oldest (in C)
+                self._fan.overflowed(got[1], got[2], got[3])
+                return
+            if self._fan.fan_out(obj, next(self._ids)) is not None:
+                self._counts["sent"] += 1
+                return
         self._send(obj, timeout, False, False)
 
     def send_nowait(self, obj: Any) -> None:
@@ -908,11 +914,11 @@ class Mailbox:
                 reply_to = self._ack_ring().name.encode("ascii")
                 self._ack_name = (_PID[0], reply_to)
             try:
-                message_id = self._core.send_receipt(obj, timeout, reply_to)
+                receipt = self._core.send_async(obj, timeout, reply_to, self)
             except (Full, EndOfChannel) as exc:
                 self._put_failed(exc)
-            if message_id:
-                return MailboxReceipt(self, message_id)
+            if receipt is not None:
+                return receipt  # type: ignore[no-any-return]
         if self._fan is not None and self.policy == "broadcast":
             return MailboxReceipt(self, *self._send_broadcast(obj, next(self._ids), True))
         if self._raw:
@@ -927,6 +933,7 @@ class Mailbox:
                 # a forked child makes its own: acknowledgements go to their sender
                 self._acks = create_ring(_ACK_RING, label=f"mailbox-acks {self.name}")
                 self._acks_pid = os.getpid()
+                self._core.set_acks(self._acks, self._acked, self._lock)  # receipt_ready's
                 if self._acks_fd >= 0:  # the parent's (its locks stay the parent's)
                     os.close(self._acks_fd)
                     self._acks_fd = -1
@@ -950,19 +957,15 @@ class Mailbox:
                 if self._closed:
                     raise ChannelClosed(f"mailbox {self.name!r} was closed")
                 left = 0.02 if deadline is None else min(0.02, deadline - time.monotonic())
-                data: bytes | None
-                try:
-                    data = acks.recv(left) if left > 0 else acks.recv_nowait()
+                came = True  # something came in this slice (ours, or others' only)
+                got: PeerInfo | None
+                try:  # one C call: what is there, else one wait of up to a slice
+                    got = self._core.wait_ack(acks, message_id, self._acked, max(0.0, left))
                 except (Timeout, Empty):
-                    data = None
-                if data is not None and len(data) == _ACK.size:
-                    mid, pid, uid = _ACK.unpack(data)
-                    if mid == message_id:
-                        return _peer(pid, uid)
-                    self._acked.setdefault(mid, []).append(_peer(pid, uid))
-                    while len(self._acked) > _MAX_ACKS:
-                        self._acked.popitem(last=False)
-            if data is None:
+                    got, came = None, False
+                if got is not None:
+                    return got
+            if not came:
                 if removed:  # and no acknowledgement came in one more slice
                     raise Undelivered(
                         f"mailbox {self.name!r} was removed before message {message_id} was taken"
@@ -970,37 +973,6 @@ class Mailbox:
                 removed = not self._ring_exists()
                 if deadline is not None and time.monotonic() >= deadline and not removed:
                     return None
-
-    def _ack_ready(self, message_id: int) -> PeerInfo | None:
-        """Who took message ``message_id`` if its acknowledgement is already here (in
-        the table, or in the ring: read until it comes, keeping the others in the
-        table), else None; never waits, reads no clock (a receipt's hot path)."""
-        with self._lock:
-            acked = self._acked
-            waiting = acked.get(message_id)
-            if waiting:
-                who = waiting.pop(0)
-                if not waiting:
-                    del acked[message_id]
-                return who
-            acks = self._acks
-            if acks is None or self._acks_pid != _PID[0] or self._closed:
-                return None
-            try:
-                data = acks.try_recv()
-                while data is not None:
-                    if len(data) == _ACK.size:
-                        mid, pid, uid = _ACK.unpack(data)
-                        if mid == message_id:
-                            return _peer(pid, uid)
-                        acked.setdefault(mid, []).append(_peer(pid, uid))
-                    data = acks.try_recv()
-            except EndOfChannel:
-                pass
-            finally:
-                while len(acked) > _MAX_ACKS:
-                    acked.popitem(last=False)
-        return None
 
     def _ring_exists(self) -> bool:
         try:
@@ -1159,7 +1131,13 @@ class Mailbox:
         mailbox was removed and is empty."""
         if self._fast_recv and not self._closed and (timeout is None or timeout > 0):
             # the hot path: one C call takes and decodes a common record (_frames.c)
-            got = self._core.recv(self._ring if self._fan is None else self._rx(), timeout)
+            fan = self._fan
+            if fan is None:
+                ring = self._ring
+            else:  # our own backlog (Fan.subscribe's hot path, without its call)
+                mine = fan.mine
+                ring = mine[1] if mine is not None and fan.pid == _PID[0] else self._rx()
+            got = self._core.recv(ring, timeout)
             if type(got) is not tuple:
                 return got
             if len(got) == 2:  # a common record the codec decodes (or says why not)
@@ -1194,9 +1172,8 @@ class Mailbox:
         if self._fast_recv and not self._closed and (timeout is None or timeout > 0):
             # the hot path: one C call takes a common record with its fields (_frames.c)
             got = self._core.recv_message(self._ring if self._fan is None else self._rx(), timeout)
-            if len(got) == 5:
-                body, message_id, pid, uid, ns = got
-                return _message(body, message_id, _peer(pid, uid), ns / 1e9)
+            if type(got) is Message:
+                return got
             data = got[0]
             if data[:4] == _OOL:
                 data = self._fetch(data, timeout)
@@ -1207,6 +1184,24 @@ class Mailbox:
                 pass
         body, message_id, pid, uid, ns = self._next(timeout)
         return _message(body, message_id, _peer(pid, uid), ns / 1e9)
+
+    def _recv_from(self, pid: int, timeout: float | None) -> Any:
+        """The inbox's hot path (``buzon.recv_from``): one C call takes the next message;
+        the object itself if process ``pid`` sent it, else its :class:`Message` (the
+        caller holds it back); ``_GENERAL`` when the general way must receive instead."""
+        if self._fast_recv and self._fan is None and not self._closed:
+            got = self._core.recv_from(self._ring, timeout, pid)
+            if type(got) is not tuple:
+                return got
+            data = got[0]
+            if data[:4] == _OOL:
+                data = self._fetch(data, timeout)
+            try:
+                body, message_id, sender, uid, ns = self._decode(data)
+            except _Withdrawn:
+                return _GENERAL
+            return _message(body, message_id, _peer(sender, uid), ns / 1e9)
+        return _GENERAL
 
     # ---- the exclusive policy ------------------------------------------------------------
 
@@ -1421,7 +1416,7 @@ class Mailbox:
         """This object's counts (sent, received, out_of_line, acks_dropped) and the
         mailbox's: depth, abandoned (messages lost to killed senders or receivers)."""
         info = self._ring.info()
-        dropped = self._fan.dropped if self._fan is not None else 0
+        dropped = self._core.dropped + (self._fan.dropped if self._fan is not None else 0)
         counts = dict(self._counts)  # and the hot path's, counted in C
         counts["sent"] += self._core.sent
         counts["received"] += self._core.received
@@ -1439,6 +1434,7 @@ class Mailbox:
             if self._closed:
                 return
             self._closed = True
+            self._core.set_acks(None, None, None)
             if self._fan is not None:
                 left = self._fan.unsubscribe()
                 lost = 0

@@ -26,9 +26,12 @@ first; round_robin forwards what was still in its backlog to the others.
 
 Overflow (broadcast): a receiver whose backlog is full loses its *oldest* message:
 the sender takes it out of that ring and counts it (``statistics()["dropped"]``), so
-one slow receiver never stalls the sender or the others. Round_robin instead tries the
-next receiver, and waits (``send``) or raises ``Full`` (``send_nowait``) only when every
-live receiver's backlog is full.
+one slow receiver never stalls the sender or the others. A common record's broadcast is
+one C call (``MailboxCore.bcast``: the rings of the table as last read, while its
+generation stays; the overflow rule too); a receiver whose backlog is full is checked
+for life at most every ``_LIVE_EVERY`` seconds (:meth:`Fan.overflowed`).
+Round_robin instead tries the next receiver, and waits (``send``) or raises ``Full``
+(``send_nowait``) only when every live receiver's backlog is full.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import fcntl
 import os
 import struct
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from . import _core
@@ -62,6 +66,7 @@ _RETIRED_AT = 8
 _FLOCK = struct.Struct("hhqqi4x")
 _LOCK_TIMEOUT = 5.0
 _OOL = b"\x00OOL"
+_LIVE_EVERY = 0.1  # a full backlog's receiver is checked for life at most this often
 
 
 _PID = [os.getpid()]  # this process's pid, kept current by a fork hook (no getpid call)
@@ -103,6 +108,7 @@ class Fan:
         self.mine: tuple[int, _core.Ring] | None = None
         self.turn = 0
         self.dropped = 0
+        self.checked: dict[int, float] = {}  # overflowed: receiver -> its last life check
         # threads sharing this object: one refreshes the table's rings or subscribes at a time
         self.lock = threading.RLock()
 
@@ -299,6 +305,8 @@ class Fan:
             targets.append((i, name, ring))
         self.gen, self.targets = gen, targets
         self.fanout = (targets, tuple(ring for _, _, ring in targets))
+        # the send hot path (MailboxCore.bcast) fans out to these while gen stays
+        self.box._core.set_fan(self._view, gen, targets, self.fanout[1])
         return targets
 
     def drop_dead(self, i: int, name: str) -> None:
@@ -353,11 +361,37 @@ class Fan:
         (nothing sent: the caller goes the general way)."""
         self.receivers()  # re-reads the table if it changed
         targets, rings = self.fanout
-        fan = self.box._core.fan
-        full = fan(obj, rings, message_id)
+        full = self.box._core.fan(obj, rings, message_id)
         if full is None:
             return None
-        delivered = len(rings) - len(full)
+        return len(rings) - len(full) + self.overflow(obj, message_id, targets, full)
+
+    def overflowed(
+        self, full: list[int], targets: list[tuple[int, str, _core.Ring]], ool: list[bytes]
+    ) -> None:
+        """After ``MailboxCore.bcast`` applied the overflow rule to ``targets[k]`` for k
+        in ``full``: the out-of-line messages it dropped lose their blocks, and a
+        receiver whose backlog stays full is checked for life (at most every
+        ``_LIVE_EVERY`` seconds each: a syscall) and dropped if it died."""
+        for data in ool:
+            self._discard(data)
+        now = time.monotonic()
+        checked = self.checked
+        for k in full:
+            i, name, _ring = targets[k]
+            if now - checked.get(i, -_LIVE_EVERY) >= _LIVE_EVERY:
+                checked[i] = now
+                if not self.live(i):
+                    self.drop_dead(i, name)
+
+    def overflow(
+        self, obj: Any, message_id: int, targets: list[tuple[int, str, _core.Ring]], full: list[int]
+    ) -> int:
+        """The overflow rule for the receivers ``targets[k]`` for k in ``full`` whose
+        backlog had no room for ``obj`` (a dead one dropped, a live one loses its oldest
+        message); how many of them got it after all."""
+        fan = self.box._core.fan
+        delivered = 0
         for k in full:
             i, name, ring = targets[k]
             try:
@@ -417,6 +451,7 @@ class Fan:
         remove_segment(table_name(self.box._segment))
 
     def close(self) -> None:
+        self.box._core.set_fan(None, 0, None, None)  # (it holds a view of the table)
         for ring in self.rings.values():
             ring.close()
         self.rings.clear()

@@ -170,6 +170,31 @@ def test_recv_from_is_selective_and_keeps_the_others_in_order() -> None:
         me.recv_nowait()
 
 
+def test_recv_from_holds_back_general_and_common_records_of_others_in_order() -> None:
+    # the hot path (one C call per take) meets: a record only the general way reads (a
+    # numpy array through the codec's hook), a common one (bytes), a dict, then the
+    # wanted sender's; the three are held back in order, and a Timeout takes nothing
+    import numpy as np
+
+    me = buzon.inbox()
+    parent = os.getpid()
+    buzon.send_to(parent, np.arange(3))
+    buzon.send_to(parent, b"own")
+    buzon.send_to(parent, {"own": 1})
+    child = fork(lambda: buzon.send_to(parent, "from the child", timeout=T))
+    assert buzon.recv_from(child, timeout=T) == "from the child"
+    assert reap(child) == 0
+    with pytest.raises(Timeout):
+        buzon.recv_from(child, timeout=0.05)
+    got = [me.recv_message(T) for _ in range(3)]
+    assert [m.sender.pid for m in got] == [parent] * 3
+    assert got[0].body.tolist() == [0, 1, 2]
+    assert [m.body for m in got[1:]] == [b"own", {"own": 1}]
+    assert [m.id for m in got] == sorted(m.id for m in got)
+    with pytest.raises(Empty):
+        me.recv_nowait()
+
+
 def test_recv_from_in_threads_each_gets_its_senders_messages_in_order() -> None:
     me = buzon.inbox()
     parent = os.getpid()

@@ -108,6 +108,59 @@ def test_broadcast_through_the_hot_path_keeps_the_overflow_rule() -> None:
         tx.remove()
 
 
+def test_broadcast_hot_path_drops_an_out_of_line_oldest_with_its_block() -> None:
+    # a full backlog whose oldest message is out of line (its own block segment): the C
+    # overflow rule takes it and hands it back, and its block is removed (the fixture
+    # finds no segment left)
+    from buzon.shm._segment import SHM_DIR
+
+    tx = buzon.mailbox("news", capacity=2, policy="broadcast", max_inline=64)
+    rx = buzon.mailbox("news")
+    try:
+        with pytest.raises(buzon.Empty):
+            rx.recv_nowait()  # attached
+        tx.send(b"s")  # the hot path from here
+        before = set(os.listdir(SHM_DIR))
+        tx.send(b"L" * 1000)  # out of line (the general way): one block more
+        tx.send(b"M" * 1000)  # drops b"s"
+        assert len(set(os.listdir(SHM_DIR)) - before) == 2
+        tx.send(b"t")  # C: drops the oldest, L's record, whose block goes
+        assert len(set(os.listdir(SHM_DIR)) - before) == 1
+        assert [rx.recv(T) for _ in range(2)] == [b"M" * 1000, b"t"]
+        assert tx.statistics()["dropped"] == 2
+    finally:
+        rx.close()
+        tx.remove()
+
+
+def test_broadcast_hot_path_follows_receivers_that_come_and_go() -> None:
+    # MailboxCore.bcast fans out to the rings of the table as last read; a receiver that
+    # attaches or leaves changes the table's generation, and the next send re-reads it
+    tx = buzon.mailbox("news", capacity=8, policy="broadcast")
+    first, late = buzon.mailbox("news"), buzon.mailbox("news")
+    try:
+        with pytest.raises(buzon.Empty):
+            first.recv_nowait()  # attached
+        tx.send(b"one")  # reads the table: the hot path from here
+        tx.send(b"two")
+        assert tx._core.bcast(b"x") is None  # (counted, like a send)
+        with pytest.raises(buzon.Empty):
+            late.recv_nowait()  # attaches after three messages
+        tx.send(b"three")
+        assert [first.recv(T) for _ in range(4)] == [b"one", b"two", b"x", b"three"]
+        assert late.recv(T) == b"three"
+        first.close()  # leaves: its backlog is gone, the next send must not look for it
+        tx.send(b"four")
+        assert late.recv(T) == b"four"
+        assert tx.statistics()["sent"] == 5 and tx.statistics()["dropped"] == 0
+        with pytest.raises(buzon.Empty):
+            late.recv_nowait()
+    finally:
+        late.close()
+        tx.remove()
+    assert tx._core.bcast(b"after remove") is False  # forgotten at close: nothing sent
+
+
 def test_bad_arguments_to_the_core_are_type_errors() -> None:
     box = buzon.mailbox("jobs")
     try:
@@ -120,6 +173,14 @@ def test_bad_arguments_to_the_core_are_type_errors() -> None:
         with pytest.raises(TypeError):
             box._core.fan(b"x", (object(),), 1)  # type: ignore[arg-type]
         assert box._core.fan(b"x", (), 1) == []
+        assert box._core.bcast(b"x") is False  # no set_fan: nothing sent
+        with pytest.raises(TypeError):
+            box._core.set_fan(memoryview(bytes(64)), 0, [], (object(),))
+        with pytest.raises(TypeError):
+            box._core.set_fan(memoryview(bytes(64)), 0, (), ())
+        with pytest.raises(ValueError):
+            box._core.set_fan(memoryview(bytes(4)), 0, [], ())
+        box._core.set_fan(None, 0, None, None)
     finally:
         box.remove()
 
@@ -143,6 +204,133 @@ def test_recv_message_takes_common_records_with_their_fields_in_one_call() -> No
         with pytest.raises(CodecError):
             box.recv_message(T)
         assert box.statistics()["received"] == 4
+    finally:
+        box.remove()
+
+
+def test_the_message_the_core_makes_is_the_dataclass_the_general_way_makes() -> None:
+    import dataclasses
+
+    from buzon._mailbox import Message, _peer
+
+    box = buzon.mailbox("jobs")
+    try:
+        box.send(b"a")  # C
+        box.send(np.arange(2))  # the general way
+        fast, general = box.recv_message(T), box.recv_message(T)
+        assert type(fast) is Message and type(general) is Message
+        assert fast.sender is general.sender is _peer(os.getpid(), os.getuid())
+        assert fast == Message(b"a", fast.id, fast.sender, fast.sent_at)
+        assert dataclasses.replace(fast, body=b"b").body == b"b"
+        assert repr(fast).startswith("Message(body=b'a', id=")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fast.body = b"c"  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            box._core.set_message(int, _peer)  # a type without the four slots
+        with pytest.raises(TypeError):
+            box._core.recv_from(box._ring, T)  # type: ignore[call-arg]
+    finally:
+        box.remove()
+
+
+def test_receipts_read_in_any_order_each_get_their_own_acknowledgement() -> None:
+    # take_ack (C) reads the acknowledgement ring until the wanted one comes; the others
+    # wait in the table for their receipts, whatever order those are read in
+    box = buzon.mailbox("jobs")
+    try:
+        receipts = [box.send_async(i) for i in range(6)]
+        assert [box.recv(T) for _ in range(6)] == list(range(6))
+        assert receipts[4].wait(T).pid == os.getpid()  # reads 0-3 into the table
+        assert sorted(box._acked) == [r.id for r in receipts[:4]]
+        assert receipts[4].done() and receipts[2].done() and receipts[0].receiver is not None
+        assert [r.wait(T).pid for r in (receipts[5], receipts[3], receipts[1])] == [os.getpid()] * 3
+        assert box._acked == {}
+        assert box._acks is not None
+        box._acks.send(b"not an acknowledgement")  # skipped, not a crash
+        late = box.send_async(b"x")
+        assert box.recv(T) == b"x"
+        assert late.wait(T).pid == os.getpid()
+        with pytest.raises(TypeError):
+            box._core.take_ack(box._acks, 1, [])  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.take_ack(object(), 1, {})  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            box._core.send_async(b"x", T, b"ring")  # type: ignore[call-arg]
+    finally:
+        box.remove()
+
+
+def test_a_receipt_whose_lock_is_held_waits_the_general_way() -> None:
+    # receipt_ready (C) only tries the mailbox's lock: held by another thread (a receipt
+    # waiting the general way, a close), the receipt waits for it instead
+    import threading
+
+    box = buzon.mailbox("jobs")
+    try:
+        receipt = box.send_async(b"x")
+        assert box.recv(T) == b"x"
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with box._lock:
+                held.set()
+                release.wait(T)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert held.wait(T)
+        assert box._core.receipt_ready(receipt) is None  # the lock is not free
+        threading.Timer(0.05, release.set).start()
+        assert receipt.wait(T).pid == os.getpid()  # the general way, after the holder
+        t.join(T)
+        assert receipt.receivers == [receipt.receiver]
+        assert box._core.receipt_ready(receipt) is None  # taken already: nothing to read
+    finally:
+        box.remove()
+
+
+def test_a_waiting_receipt_sees_others_acknowledgements_come_first() -> None:
+    # the general way (wait_ack, C) waits on the ring: the acknowledgements of later
+    # receipts come first and go into the table, then the waited one's
+    import threading
+
+    box = buzon.mailbox("jobs")
+    rx = buzon.mailbox("jobs")
+    try:
+        receipts = [box.send_async(i) for i in range(4)]
+        got: list[object] = []
+        t = threading.Thread(target=lambda: got.append(receipts[3].wait(T)))
+        t.start()  # waits (nothing acknowledged yet): the general way, on the ring
+        assert [rx.recv(T) for _ in range(4)] == [0, 1, 2, 3]
+        t.join(T)
+        assert got == [receipts[3].receiver] and receipts[3].receiver is not None
+        assert [r.wait(T).pid for r in receipts[:3]] == [os.getpid()] * 3
+        assert box._acked == {}
+    finally:
+        rx.close()
+        box.remove()
+
+
+def test_a_forked_child_reads_its_own_receipts_not_its_parents_ring() -> None:
+    box = buzon.mailbox("jobs")
+    try:
+        first = box.send_async(b"parent")  # the parent's acknowledgement ring
+        assert box.recv(T) == b"parent"
+        assert first.wait(T).pid == os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                mine = box.send_async(b"child")  # a ring of its own (receipt_ready: not ours)
+                assert box.recv(T) == b"child"
+                code = 0 if mine.wait(T).pid == os.getpid() else 2
+                box.close()  # removes the child's acknowledgement ring
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        again = box.send_async(b"parent again")
+        assert box.recv(T) == b"parent again"
+        assert again.wait(T).pid == os.getpid()
     finally:
         box.remove()
 

@@ -610,7 +610,26 @@ typedef struct {
     PyObject *replies;  /* dict: acknowledgement ring name (bytes) -> Ring, or None */
     int mark_fd;        /* the mailbox's wake-up FIFO (-1: none): last use, for buzon ls */
     uint64_t marked[2]; /* ns of our last mark: [0] a take (atime), [1] a send (mtime) */
+    PyObject *msg_type; /* buzon.Message (set_message), or NULL: recv_message's tuples */
+    Py_ssize_t msg_off[4]; /* its slots' offsets: body, id, sender, sent_at */
+    PyObject *peer_fn;  /* _mailbox._peer(pid, uid) -> the shared PeerInfo */
+    PyObject *last_peer; /* the PeerInfo of (last_pid, last_uid), or NULL */
+    uint32_t last_pid, last_uid;
+    PyObject *rc_type;  /* buzon.MailboxReceipt (set_receipt), or NULL */
+    Py_ssize_t rc_off[4]; /* its slots' offsets: _box, _receivers, expected, id */
+    PyObject *last_reply; /* acknowledge(): the last acknowledgement ring's name... */
+    PyObject *last_ring;  /* ...and that ring (both NULL: none yet) */
+    Py_buffer fan_buf;    /* broadcast (set_fan): the receiver table, its generation... */
+    uint64_t fan_gen;     /* ...when fan_targets and fan_rings were read from it */
+    PyObject *fan_targets, *fan_rings; /* Fan.fanout, or NULL */
+    unsigned long long dropped; /* bcast's overflow rule: oldest messages dropped */
+    PyObject *acks, *acks_table; /* set_acks: our acknowledgement ring and its table... */
+    PyObject *acks_acquire, *acks_release; /* ...and the lock guarding both */
+    uint32_t acks_pid;  /* the process that made that ring (a forked child's is its own) */
 } MailboxCore;
+
+static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
+static uint64_t get64(const uint8_t *p);
 
 #define MARK_EVERY_NS 1000000000ULL /* at most one mark a second per object and kind */
 
@@ -776,6 +795,435 @@ core_send_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     return rc < 0 ? NULL : PyLong_FromUnsignedLongLong(rc ? mid : 0);
 }
 
+/* The slot offsets of names[0..n) in type, or -1 with TypeError. */
+static int
+slot_offsets(PyTypeObject *type, const char *const *names, int n, Py_ssize_t *off)
+{
+    for (int i = 0; i < n; i++) {
+        PyObject *d = PyDict_GetItemString(type->tp_dict, names[i]); /* borrowed */
+        if (d == NULL || !Py_IS_TYPE(d, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            PyErr_Format(PyExc_TypeError, "%s has no slot %s", type->tp_name, names[i]);
+            return -1;
+        }
+        off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+    }
+    return 0;
+}
+
+static PyObject *
+core_set_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* set_receipt(MailboxReceipt): send_async makes the receipt itself */
+    static const char *const names[4] = {"_box", "_receivers", "expected", "id"};
+    if (nargs != 1 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "set_receipt(MailboxReceipt type)");
+        return NULL;
+    }
+    if (slot_offsets((PyTypeObject *)args[0], names, 4, c->rc_off) < 0) {
+        return NULL;
+    }
+    Py_XSETREF(c->rc_type, Py_NewRef(args[0]));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* send_async(obj, timeout, reply_to, box) -> MailboxReceipt(box, id) | None (nothing
+     * sent: the general way) */
+    if (nargs != 4 || !PyBytes_CheckExact(args[2]) || c->rc_type == NULL) {
+        PyErr_SetString(PyExc_TypeError,
+                        "send_async(obj, timeout, reply_to: bytes, box), after set_receipt");
+        return NULL;
+    }
+    uint64_t mid = 0;
+    int rc = core_put(c, args[0], args[1], args[2], &mid);
+    if (rc <= 0) {
+        return rc < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    PyTypeObject *type = (PyTypeObject *)c->rc_type;
+    PyObject *vals[4] = {Py_NewRef(args[3]), PyTuple_New(0), PyLong_FromLong(1),
+                         PyLong_FromUnsignedLongLong((unsigned long long)mid)};
+    PyObject *receipt = NULL;
+    if (vals[1] != NULL && vals[2] != NULL && vals[3] != NULL) {
+        receipt = type->tp_alloc(type, 0);
+    }
+    if (receipt == NULL) { /* sent all the same: the receipt is what failed */
+        for (int i = 0; i < 4; i++) {
+            Py_XDECREF(vals[i]);
+        }
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        *(PyObject **)((char *)receipt + c->rc_off[i]) = vals[i];
+    }
+    /* it cannot be part of a cycle (its slots are these four; receivers, a tuple of
+     * PeerInfo): the collector need not visit it, and with 256 receipts in flight it
+     * otherwise ran every few hundred sends */
+    if (PyObject_IS_GC(receipt)) {
+        PyObject_GC_UnTrack(receipt);
+    }
+    return receipt;
+}
+
+static uint32_t
+peek_ack(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
+{
+    uint8_t *ack = ctx; /* [0..16) the acknowledgement, [16] 1 if it was one */
+    (void)flags;
+    ack[16] = len == 16;
+    if (len == 16) {
+        memcpy(ack, payload, 16);
+    }
+    return len; /* nothing copied out */
+}
+
+static PyObject *take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
+                               PyObject *timeout);
+
+static PyObject *
+core_take_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* take_ack(acks, message_id, table) -> PeerInfo | None: read the acknowledgement
+     * ring until message_id's comes (its receiver's PeerInfo) or it is empty (None); the
+     * others go into table (a dict: id -> [PeerInfo, ...]). Never waits. */
+    if (nargs != 3 || !PyDict_CheckExact(args[2]) || c->peer_fn == NULL) {
+        PyErr_SetString(PyExc_TypeError, "take_ack(acks, message_id, table: dict)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    return take_ack_impl(c, args[0], args[1], args[2], NULL);
+}
+
+static PyObject *
+core_wait_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* wait_ack(acks, message_id, table, timeout) -> PeerInfo | None: take_ack, but once
+     * the ring is empty, wait up to timeout for one more acknowledgement (Timeout or
+     * Empty if none came); None: others' came (into the table), not this one */
+    if (nargs != 4 || !PyDict_CheckExact(args[2]) || c->peer_fn == NULL) {
+        PyErr_SetString(PyExc_TypeError, "wait_ack(acks, message_id, table: dict, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    return take_ack_impl(c, args[0], args[1], args[2], args[3]);
+}
+
+#define MAX_ACKS 65536 /* _mailbox._MAX_ACKS: acknowledgements kept for unread receipts */
+
+static PyObject *
+take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
+              PyObject *timeout)
+{
+    PyObject *args[3] = {ring, id, table};
+    unsigned long long want = PyLong_AsUnsignedLongLong(args[1]);
+    if (want == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(args[2]) > 0) { /* read before, behind another's: the oldest */
+        PyObject *got = PyDict_GetItemWithError(args[2], args[1]); /* borrowed */
+        if (got == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (got != NULL && PyList_Check(got) && PyList_GET_SIZE(got) > 0) {
+            PyObject *who = Py_NewRef(PyList_GET_ITEM(got, 0));
+            if (PySequence_DelItem(got, 0) < 0 ||
+                (PyList_GET_SIZE(got) == 0 && PyDict_DelItem(args[2], args[1]) < 0)) {
+                Py_DECREF(who);
+                return NULL;
+            }
+            return who;
+        }
+    }
+    for (;;) {
+        uint8_t ack[17] = {0};
+        PyObject *out = api->take(args[0], peek_ack, ack);
+        if (out == Py_None && timeout != NULL) { /* empty: wait once (wait_ack) */
+            Py_DECREF(out);
+            out = api->take_wait(args[0], peek_ack, ack, timeout);
+            timeout = NULL;
+        }
+        if (out == NULL || out == Py_None) {
+            return out;
+        }
+        Py_DECREF(out);
+        if (!ack[16]) {
+            continue; /* not an acknowledgement: skipped, as the general way does */
+        }
+        uint64_t mid = get64(ack);
+        PyObject *peer = core_peer(c, get32(ack + 8), get32(ack + 12));
+        if (peer == NULL || mid == want) {
+            return peer;
+        }
+        PyObject *key = PyLong_FromUnsignedLongLong((unsigned long long)mid);
+        PyObject *list = key == NULL ? NULL : PyDict_GetItemWithError(args[2], key);
+        int bad;
+        if (list != NULL) {
+            bad = !PyList_Check(list) || PyList_Append(list, peer) < 0;
+        }
+        else if (key == NULL || PyErr_Occurred() || (list = PyList_New(1)) == NULL) {
+            bad = 1;
+        }
+        else {
+            PyList_SET_ITEM(list, 0, Py_NewRef(peer));
+            bad = PyDict_SetItem(args[2], key, list) < 0;
+            Py_DECREF(list);
+        }
+        Py_XDECREF(key);
+        Py_DECREF(peer);
+        while (!bad && PyDict_GET_SIZE(args[2]) > MAX_ACKS) { /* forget the oldest */
+            Py_ssize_t pos = 0;
+            PyObject *old, *v;
+            if (!PyDict_Next(args[2], &pos, &old, &v)) {
+                break;
+            }
+            Py_INCREF(old);
+            bad = PyDict_DelItem(args[2], old) < 0;
+            Py_DECREF(old);
+        }
+        if (bad) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "the table holds lists of PeerInfo");
+            }
+            return NULL;
+        }
+    }
+}
+
+static PyObject *fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid,
+                          PyObject *ool);
+
+static PyObject *
+core_set_acks(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* set_acks(ring, table, lock) | set_acks(None, None, None): receipt_ready's ring */
+    if (nargs != 3 || (args[0] != Py_None && !PyDict_CheckExact(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "set_acks(ring, table: dict, lock)");
+        return NULL;
+    }
+    PyObject *acq = NULL, *rel = NULL;
+    if (args[0] != Py_None) {
+        if (ring_arg(args[0]) < 0) {
+            return NULL;
+        }
+        acq = PyObject_GetAttrString(args[2], "acquire");
+        rel = acq == NULL ? NULL : PyObject_GetAttrString(args[2], "release");
+        if (rel == NULL) {
+            Py_XDECREF(acq);
+            return NULL;
+        }
+    }
+    Py_CLEAR(c->acks);
+    Py_CLEAR(c->acks_table);
+    Py_XSETREF(c->acks_acquire, acq);
+    Py_XSETREF(c->acks_release, rel);
+    if (args[0] != Py_None) {
+        c->acks = Py_NewRef(args[0]);
+        c->acks_table = Py_NewRef(args[1]);
+        c->acks_pid = cached_pid;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_receipt_ready(MailboxCore *c, PyObject *receipt)
+{
+    /* receipt_ready(receipt) -> PeerInfo | None: a MailboxReceipt's hot path (nobody
+     * took it yet, one receiver expected): its acknowledgement from the table or the
+     * ring (take_ack) under the mailbox's lock, if that lock is free now; the receipt
+     * records it. None: not here yet, or the general way must look (lock held, ring not
+     * ours, closed, another kind of receipt). */
+    if (c->acks == NULL || c->acks_pid != cached_pid || c->rc_type == NULL ||
+        !Py_IS_TYPE(receipt, (PyTypeObject *)c->rc_type) || c->peer_fn == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject **slot_rx = (PyObject **)((char *)receipt + c->rc_off[1]);
+    PyObject *expected = *(PyObject **)((char *)receipt + c->rc_off[2]);
+    PyObject *id = *(PyObject **)((char *)receipt + c->rc_off[3]);
+    if (*slot_rx == NULL || !PyTuple_CheckExact(*slot_rx) || PyTuple_GET_SIZE(*slot_rx) != 0 ||
+        expected == NULL || !PyLong_CheckExact(expected) || PyLong_AsLong(expected) != 1 ||
+        id == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *got = PyObject_CallOneArg(c->acks_acquire, Py_False);
+    if (got != Py_True) { /* held (a waiting receipt, close): the general way waits */
+        Py_XDECREF(got);
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Py_DECREF(got);
+    PyObject *ring = Py_NewRef(c->acks), *table = Py_NewRef(c->acks_table);
+    Py_INCREF(id);
+    PyObject *who = take_ack_impl(c, ring, id, table, NULL);
+    Py_DECREF(id);
+    Py_DECREF(ring);
+    Py_DECREF(table);
+    if (who == NULL) {
+        PyErr_Clear(); /* the ring shut down, say: the general way says what happened */
+        who = Py_NewRef(Py_None);
+    }
+    PyObject *done = PyObject_CallNoArgs(c->acks_release);
+    if (done == NULL) {
+        Py_DECREF(who);
+        return NULL;
+    }
+    Py_DECREF(done);
+    if (who != Py_None) {
+        PyObject *t = PyTuple_Pack(1, who);
+        if (t == NULL) {
+            Py_DECREF(who);
+            return NULL;
+        }
+        Py_XSETREF(*slot_rx, t);
+    }
+    return who;
+}
+
+static PyObject *
+core_set_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* set_fan(table_view, generation, targets, rings) | set_fan(None, 0, None, None) */
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "set_fan(table view, generation, targets, rings)");
+        return NULL;
+    }
+    unsigned long long gen = PyLong_AsUnsignedLongLong(args[1]);
+    if (gen == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (args[0] != Py_None) {
+        if (!PyList_Check(args[2]) || !PyTuple_Check(args[3])) {
+            PyErr_SetString(PyExc_TypeError, "set_fan: targets a list, rings a tuple");
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[3]); i++) {
+            if (ring_arg(PyTuple_GET_ITEM(args[3], i)) < 0) {
+                return NULL;
+            }
+        }
+    }
+    if (c->fan_buf.obj != NULL) {
+        PyBuffer_Release(&c->fan_buf);
+    }
+    Py_CLEAR(c->fan_targets);
+    Py_CLEAR(c->fan_rings);
+    if (args[0] == Py_None) {
+        Py_RETURN_NONE;
+    }
+    if (PyObject_GetBuffer(args[0], &c->fan_buf, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (c->fan_buf.len < 8) {
+        PyBuffer_Release(&c->fan_buf);
+        PyErr_SetString(PyExc_ValueError, "set_fan: the table is shorter than its generation");
+        return NULL;
+    }
+    c->fan_gen = gen;
+    c->fan_targets = Py_NewRef(args[2]);
+    c->fan_rings = Py_NewRef(args[3]);
+    Py_RETURN_NONE;
+}
+
+/* bcast's overflow rule takes a full backlog's oldest record: nothing copied out,
+ * unless it is an out-of-line one ("\0OOL" name), whose block the caller removes. */
+static uint32_t
+peek_drop(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
+{
+    (void)ctx;
+    (void)flags;
+    uint8_t p[4] = {1, 0, 0, 0};
+    if (len >= 4) {
+        memcpy(p, payload, 4);
+    }
+    return (len >= 4 && memcmp(p, "\0OOL", 4) == 0) ? 0 : len;
+}
+
+/* The overflow rule for the rings of full (indexes into rings) that had no room for
+ * the record parts: each loses its oldest record (counted; an out-of-line one appended
+ * to ool for the caller) and gets the record, or, still without room, loses this one
+ * (counted). A ring that fails (shut down, closed) is left as it is. 0, or -1 on error. */
+static int
+drop_oldest(MailboxCore *c, PyObject *rings, PyObject *full, const buzon_part *parts,
+            int nparts, size_t total, PyObject *ool)
+{
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(full); j++) {
+        Py_ssize_t k = PyLong_AsSsize_t(PyList_GET_ITEM(full, j));
+        PyObject *ring = PyTuple_GET_ITEM(rings, k);
+        PyObject *old = api->take(ring, peek_drop, NULL);
+        if (old == NULL) {
+            PyErr_Clear(); /* shut down (being removed): as the general way, skipped */
+            continue;
+        }
+        if (old != Py_None) {
+            c->dropped++;
+            if (PyBytes_GET_SIZE(old) > 0 && PyList_Append(ool, old) < 0) {
+                Py_DECREF(old);
+                return -1;
+            }
+        }
+        Py_DECREF(old);
+        int rc = api->put(ring, parts, nparts, total, 0);
+        if (rc < 0) {
+            PyErr_Clear();
+        }
+        else if (rc == 0) {
+            c->dropped++; /* still no room (its oldest is being read): this one goes */
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+core_bcast(MailboxCore *c, PyObject *obj)
+{
+    /* bcast(obj) -> None (put into every receiver's ring, counted) | (message id, full,
+     * targets, ool): sent and counted, but targets[k] for k in full had no room and each
+     * lost its oldest message (ool: the out-of-line ones, whose blocks the caller
+     * removes) | False: nothing sent (the table changed since set_fan, or not a common
+     * record) */
+    if (c->fan_rings == NULL) {
+        Py_RETURN_FALSE;
+    }
+    uint64_t gen;
+    memcpy(&gen, c->fan_buf.buf, 8); /* the u64 generation at offset 0 */
+    if (gen != c->fan_gen) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *ool = PyList_New(0);
+    if (ool == NULL) {
+        return NULL;
+    }
+    uint64_t mid = c->next_id + 1;
+    PyObject *rings = Py_NewRef(c->fan_rings); /* the answer names them: kept alive */
+    PyObject *targets = Py_NewRef(c->fan_targets);
+    PyObject *full = fan_into(c, obj, rings, mid, ool);
+    Py_DECREF(rings);
+    if (full == NULL || full == Py_None) {
+        Py_DECREF(targets);
+        Py_DECREF(ool);
+        if (full == NULL) {
+            return NULL;
+        }
+        Py_DECREF(full);
+        Py_RETURN_FALSE;
+    }
+    c->next_id = mid;
+    c->sent++;
+    if (PyList_GET_SIZE(full) == 0) {
+        Py_DECREF(full);
+        Py_DECREF(targets);
+        Py_DECREF(ool);
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(KNNN)", (unsigned long long)mid, full, targets, ool);
+}
+
 static PyObject *
 core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -796,8 +1244,17 @@ core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
+    return fan_into(c, args[0], rings, mid, NULL);
+}
+
+/* fan's work, the rings checked: the list of the indexes of rings with no room, None
+ * (not a common record: nothing sent), NULL on error. */
+static PyObject *
+fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid, PyObject *ool)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(rings);
     long codec = 0;
-    PyObject *body = core_body(c, args[0], &codec);
+    PyObject *body = core_body(c, obj, &codec);
     if (body == NULL) {
         if (PyErr_Occurred()) {
             return NULL;
@@ -832,6 +1289,10 @@ core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
             }
             Py_DECREF(k);
         }
+    }
+    if (ool != NULL && PyList_GET_SIZE(full) > 0 &&
+        drop_oldest(c, rings, full, parts, 2, MB_HEAD + (size_t)len, ool) < 0) {
+        Py_CLEAR(full);
     }
     Py_DECREF(body);
     return full;
@@ -902,16 +1363,27 @@ acknowledge(MailboxCore *c, peek_ctx_mb *m)
     if (c->replies == NULL || !PyDict_CheckExact(c->replies)) { /* deleted, or not set */
         return 0;
     }
-    PyObject *name = PyBytes_FromStringAndSize((const char *)m->reply, m->rlen);
-    if (name == NULL) {
-        PyErr_Clear();
-        return 0;
+    PyObject *ring;
+    if (c->last_reply != NULL && (uint32_t)PyBytes_GET_SIZE(c->last_reply) == m->rlen &&
+        memcmp(PyBytes_AS_STRING(c->last_reply), m->reply, m->rlen) == 0 &&
+        PyDict_GetItemWithError(c->replies, c->last_reply) == c->last_ring) {
+        ring = c->last_ring; /* the same sender as last time (still in the table) */
     }
-    PyObject *ring = PyDict_GetItemWithError(c->replies, name); /* borrowed */
-    Py_DECREF(name);
-    if (ring == NULL || !PyObject_TypeCheck(ring, api->ring_type)) {
+    else {
         PyErr_Clear();
-        return 0;
+        PyObject *name = PyBytes_FromStringAndSize((const char *)m->reply, m->rlen);
+        if (name == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        ring = PyDict_GetItemWithError(c->replies, name); /* borrowed */
+        if (ring == NULL || !PyObject_TypeCheck(ring, api->ring_type)) {
+            Py_DECREF(name);
+            PyErr_Clear();
+            return 0;
+        }
+        Py_XSETREF(c->last_reply, name);
+        Py_XSETREF(c->last_ring, Py_NewRef(ring));
     }
     uint8_t ack[16]; /* message id, pid, uid: _mailbox._ACK */
     put64(ack, get64(m->head + 12));
@@ -928,7 +1400,12 @@ acknowledge(MailboxCore *c, peek_ctx_mb *m)
         return 1;
     }
     Py_INCREF(ring); /* a wait releases the GIL: the table may drop it meanwhile */
-    if (api->put_wait(ring, &part, 1, sizeof ack, 0, ack_wait) < 0) { /* full, or gone */
+    int put = api->put(ring, &part, 1, sizeof ack, 0); /* the common case: no clock read */
+    if (put < 0) {
+        PyErr_Clear(); /* closed or gone: put_wait finds it so too */
+        put = 0;
+    }
+    if (put == 0 && api->put_wait(ring, &part, 1, sizeof ack, 0, ack_wait) < 0) {
         PyErr_Clear();
         c->acks_dropped++;
     }
@@ -1014,6 +1491,68 @@ one_tuple(PyObject *whole)
     return t;
 }
 
+/* The shared PeerInfo of (pid, uid): the last one kept here, others from peer_fn. */
+static PyObject *
+core_peer(MailboxCore *c, uint32_t pid, uint32_t uid)
+{
+    if (c->last_peer != NULL && c->last_pid == pid && c->last_uid == uid) {
+        return Py_NewRef(c->last_peer);
+    }
+    PyObject *peer = PyObject_CallFunction(c->peer_fn, "kk", (unsigned long)pid,
+                                           (unsigned long)uid);
+    if (peer == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(c->last_peer, Py_NewRef(peer));
+    c->last_pid = pid;
+    c->last_uid = uid;
+    return peer;
+}
+
+/* A buzon.Message of obj (stolen) and the fields of m's head, made through its slots
+ * (the frozen dataclass's __init__ costs several times more). */
+static PyObject *
+new_message(MailboxCore *c, PyObject *obj, peek_ctx_mb *m)
+{
+    PyTypeObject *type = (PyTypeObject *)c->msg_type;
+    PyObject *vals[4] = {obj, NULL, NULL, NULL};
+    vals[1] = PyLong_FromUnsignedLongLong((unsigned long long)get64(m->head + 12));
+    vals[2] = core_peer(c, get32(m->head + 22), get32(m->head + 26));
+    vals[3] = PyFloat_FromDouble((double)get64(m->head + 32) / 1e9);
+    PyObject *msg = NULL;
+    if (vals[1] != NULL && vals[2] != NULL && vals[3] != NULL) {
+        msg = type->tp_alloc(type, 0);
+    }
+    if (msg == NULL) {
+        for (int i = 0; i < 4; i++) {
+            Py_XDECREF(vals[i]);
+        }
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        *(PyObject **)((char *)msg + c->msg_off[i]) = vals[i]; /* the new slots: empty */
+    }
+    return msg;
+}
+
+static PyObject *
+core_set_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* set_message(Message, peer): recv_message makes Message objects itself */
+    static const char *const names[4] = {"body", "id", "sender", "sent_at"};
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_message(Message type, peer function)");
+        return NULL;
+    }
+    if (slot_offsets((PyTypeObject *)args[0], names, 4, c->msg_off) < 0) {
+        return NULL;
+    }
+    Py_XSETREF(c->msg_type, Py_NewRef(args[0]));
+    Py_XSETREF(c->peer_fn, Py_NewRef(args[1]));
+    Py_CLEAR(c->last_peer);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1048,9 +1587,41 @@ core_recv_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (obj == NULL) {
         return one_tuple(whole);
     }
+    if (c->msg_type != NULL) {
+        return new_message(c, obj, &m);
+    }
     return Py_BuildValue("(NKkkK)", obj, (unsigned long long)get64(m.head + 12),
                          (unsigned long)get32(m.head + 22), (unsigned long)get32(m.head + 26),
                          (unsigned long long)get64(m.head + 32));
+}
+
+static PyObject *
+core_recv_from(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* recv_from(ring, timeout, pid) -> the object of a common record sent by pid | a
+     * Message of a common record another pid sent | (record,) for the general way */
+    if (nargs != 3 || c->msg_type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "recv_from(ring, timeout, pid), after set_message");
+        return NULL;
+    }
+    unsigned long pid = PyLong_AsUnsignedLong(args[2]);
+    if (pid == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    peek_ctx_mb m;
+    PyObject *obj, *whole;
+    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
+        return NULL;
+    }
+    if (obj == NULL) {
+        return one_tuple(whole);
+    }
+    /* the object itself only when it cannot be taken for one of the other two answers */
+    if (get32(m.head + 22) == pid && !PyTuple_Check(obj) &&
+        !PyObject_TypeCheck(obj, (PyTypeObject *)c->msg_type)) {
+        return obj;
+    }
+    return new_message(c, obj, &m);
 }
 
 static PyObject *
@@ -1096,6 +1667,21 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->encode);
     Py_XDECREF(c->decode);
     Py_XDECREF(c->replies);
+    Py_XDECREF(c->msg_type);
+    Py_XDECREF(c->peer_fn);
+    Py_XDECREF(c->last_peer);
+    Py_XDECREF(c->rc_type);
+    Py_XDECREF(c->last_reply);
+    Py_XDECREF(c->last_ring);
+    if (c->fan_buf.obj != NULL) {
+        PyBuffer_Release(&c->fan_buf);
+    }
+    Py_XDECREF(c->fan_targets);
+    Py_XDECREF(c->fan_rings);
+    Py_XDECREF(c->acks);
+    Py_XDECREF(c->acks_table);
+    Py_XDECREF(c->acks_acquire);
+    Py_XDECREF(c->acks_release);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -1108,6 +1694,35 @@ static PyMethodDef core_methods[] = {
      "send(obj, timeout) -> bool: obj as a common record (bytes as they are, else msgpack "
      "without hooks), put into the ring waiting like Ring.send (nowait: Full at once); "
      "False (nothing sent) if it is not one: the caller's general way."},
+    {"send_async", (PyCFunction)(void (*)(void))core_send_async, METH_FASTCALL,
+     "send_async(obj, timeout, reply_to, box) -> MailboxReceipt | None: send_receipt, and "
+     "the receipt made here (after set_receipt); None: nothing sent, the general way."},
+    {"set_receipt", (PyCFunction)(void (*)(void))core_set_receipt, METH_FASTCALL,
+     "set_receipt(MailboxReceipt): send_async makes receipts through its slots."},
+    {"take_ack", (PyCFunction)(void (*)(void))core_take_ack, METH_FASTCALL,
+     "take_ack(acks, message_id, table) -> PeerInfo | None: message_id's acknowledgement from "
+     "table (a dict of id -> list of PeerInfo, oldest first) or read from the ring until it "
+     "comes, the others into table (None: not there). Never waits. After set_message."},
+    {"wait_ack", (PyCFunction)(void (*)(void))core_wait_ack, METH_FASTCALL,
+     "wait_ack(acks, message_id, table, timeout) -> PeerInfo | None: take_ack, waiting up "
+     "to timeout once the ring is empty (Timeout, or Empty for timeout <= 0, if nothing "
+     "came); None: only others' acknowledgements came (into table)."},
+    {"set_acks", (PyCFunction)(void (*)(void))core_set_acks, METH_FASTCALL,
+     "set_acks(ring, table, lock) | set_acks(None, None, None): this process's "
+     "acknowledgement ring, its table and the lock guarding both, for receipt_ready."},
+    {"receipt_ready", (PyCFunction)core_receipt_ready, METH_O,
+     "receipt_ready(receipt) -> PeerInfo | None: a one-receiver receipt nobody took yet: "
+     "its acknowledgement (take_ack) if it is here and the lock is free, recorded in the "
+     "receipt; None otherwise (the general way)."},
+    {"set_fan", (PyCFunction)(void (*)(void))core_set_fan, METH_FASTCALL,
+     "set_fan(table_view, generation, targets, rings): bcast's receivers (Fan.fanout) as "
+     "read from the table at that generation; set_fan(None, 0, None, None) forgets them."},
+    {"bcast", (PyCFunction)core_bcast, METH_O,
+     "bcast(obj) -> None | (message_id, full, targets, ool) | False: obj fanned out to the "
+     "rings of set_fan with a new message id and counted, if the table's generation is still "
+     "theirs; a ring without room loses its oldest message (counted in dropped); then "
+     "targets[k] for k in full are those, ool the out-of-line records dropped; False: "
+     "nothing sent (the table changed, or not a common record)."},
     {"fan", (PyCFunction)(void (*)(void))core_fan, METH_FASTCALL,
      "fan(obj, rings, message_id) -> list | None: obj as one common record put into each "
      "ring of the tuple without waiting; the indexes of those that had no room (or were "
@@ -1117,7 +1732,14 @@ static PyMethodDef core_methods[] = {
      "waiting like Ring.recv; a common record's object, else what the general way needs."},
     {"recv_message", (PyCFunction)(void (*)(void))core_recv_message, METH_FASTCALL,
      "recv_message(ring, timeout) -> (object, id, pid, uid, sent_at ns) | (record,): like "
-     "recv, with the common record's fields."},
+     "recv, with the common record's fields (a Message instead of the tuple after "
+     "set_message)."},
+    {"recv_from", (PyCFunction)(void (*)(void))core_recv_from, METH_FASTCALL,
+     "recv_from(ring, timeout, pid) -> object | Message | (record,): like recv_message; a "
+     "common record pid sent gives its object alone, one another pid sent its Message."},
+    {"set_message", (PyCFunction)(void (*)(void))core_set_message, METH_FASTCALL,
+     "set_message(Message, peer): recv_message and recv_from make Message objects (peer(pid, "
+     "uid) gives the sender's PeerInfo) instead of tuples."},
     {"next_id", (PyCFunction)core_next_id, METH_NOARGS,
      "The next message id of this mailbox object (the general way's sends)."},
     {NULL, NULL, 0, NULL},
@@ -1129,6 +1751,8 @@ static PyMemberDef core_members[] = {
     {"sent", T_ULONGLONG, offsetof(MailboxCore, sent), READONLY, "messages send sent"},
     {"received", T_ULONGLONG, offsetof(MailboxCore, received), READONLY,
      "common records recv took"},
+    {"dropped", T_ULONGLONG, offsetof(MailboxCore, dropped), READONLY,
+     "messages bcast's overflow rule dropped (a full backlog's oldest, or this one)"},
     {"acks_dropped", T_ULONGLONG, offsetof(MailboxCore, acks_dropped), READONLY,
      "acknowledgements that found their ring full or gone"},
     {"mark_fd", T_INT, offsetof(MailboxCore, mark_fd), 0,
