@@ -50,6 +50,7 @@ from .._engine import (
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame, Kind, encode_frame, wait_frame
+from ..transport.base import WAIT_BLOCK as _WAIT_BLOCK
 from ..transport.base import Buffer
 
 __all__ = ["Channel"]
@@ -247,6 +248,7 @@ class Channel(ChannelIdentity):
         # threads in a wait, so that close() releases the fds only after they left
         self._wake = -1
         self._closing = False
+        self._blocking_reader = False  # a receive asleep in recv itself (_wait_take)
         self._waiters: list[int] = []
         self._sleep_first = 0  # spin=0: receives left that wait before reading (_receive)
         self._rendezvous = core.capacity == 0
@@ -1093,22 +1095,27 @@ class Channel(ChannelIdentity):
         target = core.wait_read()
         if target is None:
             return None
-        fd, buf, limit = target
+        fd, buf, limit, mode = target
         wake = self._wake  # _enter_wait and _leave_wait, inlined: every recv that sleeps
         if wake < 0:
             wake = self._make_wake()
         waiters = self._waiters
         me = _get_ident()
         waiters.append(me)
+        # a wait with no deadline may sleep in recv itself (mode WAIT_BLOCK), which only
+        # a shutdown of the reading side ends: close() looks at this before it wakes us
+        self._blocking_reader = mode & _WAIT_BLOCK and deadline is None
         if self._closing:
             waiters.remove(me)
+            self._blocking_reader = False
             self._drop_wake()
             raise ChannelClosed("the channel was closed")
         try:
-            got = wait_frame(fd, buf, deadline, spin, limit, wake)
+            got = wait_frame(fd, buf, deadline, spin, limit, wake, mode)
         except OSError as exc:
             raise core.read_error(exc) from exc
         finally:
+            self._blocking_reader = False
             waiters.remove(me)
             if self._closing:
                 self._drop_wake()
@@ -1252,6 +1259,8 @@ class Channel(ChannelIdentity):
             with contextlib.suppress(OSError):
                 os.eventfd_write(wake, 1)
             me = _get_ident()
+            if self._blocking_reader and any(t != me for t in self._waiters):
+                core.interrupt_reads()  # asleep in recv itself: only a shutdown ends it
             end = _monotonic() + _CLOSE_WAIT
             while any(t != me for t in self._waiters) and _monotonic() < end:
                 time.sleep(0.0002)
