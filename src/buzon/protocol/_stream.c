@@ -384,6 +384,10 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
             }
             got = sock ? recv((int)fd, buf.buf, (size_t)buf.len, MSG_DONTWAIT)
                        : read((int)fd, buf.buf, (size_t)buf.len);
+            if (got == 0 && readable_now((int)wake)) { /* the close's shutdown (MODE_BLOCK) */
+                timed_out = 1;
+                break;
+            }
             if (got >= 0)
                 break;
             if (errno != EAGAIN && errno != EWOULDBLOCK) {

@@ -19,7 +19,15 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import from_oserror
-from .base import WAIT_BLOCK, WAIT_SOCKET, WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, StreamTransport
+from .base import (
+    WAIT_BLOCK,
+    WAIT_SOCKET,
+    WOULD_BLOCK,
+    Buffer,
+    LinkProperties,
+    PeerInfo,
+    StreamTransport,
+)
 
 _INT0 = bytes(4)  # the ioctl's int argument (TIOCOUTQ writes the count into it)
 
