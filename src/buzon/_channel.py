@@ -66,8 +66,8 @@ from .protocol.frames import (
     loan_header,
     parse_frame,
     plain_data_flags,
-    wait_frame,
     send_frame,
+    wait_frame,
     write_frame,
 )
 from .transport._tokens import TokenPool

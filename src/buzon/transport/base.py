@@ -296,7 +296,7 @@ class StreamTransport(Transport):
         ``WAIT_BLOCK`` (transport/_fdstream.py)."""
         return 0
 
-    def interrupt_reads(self) -> None:  # noqa: B027
+    def interrupt_reads(self) -> None:
         """End a blocking read a :meth:`wait_mode` with ``WAIT_BLOCK`` let another
         thread begin (the channel is closing); the default has none to end."""
 
