@@ -72,6 +72,7 @@ from .protocol.frames import (
 )
 from .transport._tokens import TokenPool
 from .transport.base import (
+    WAIT_BLOCK,
     WOULD_BLOCK,
     Buffer,
     LinkProperties,
@@ -330,6 +331,13 @@ class ChannelCore:
         stream = transport if isinstance(transport, StreamTransport) else None
         messages = transport if isinstance(transport, MessageTransport) else None
         self._stream = stream
+        # a hint for the driver: that wait sleeps in recv itself when it has no deadline
+        # (wait_read's mode says so for each wait: the socket may become shared later)
+        self.wait_blocks = (
+            self.wait_fd is not None
+            and stream is not None
+            and bool(stream.wait_mode() & WAIT_BLOCK)
+        )
         self._send_buffers: Any = stream.send_buffers if stream is not None else None
         self._recv_into: Any = stream.recv_into if stream is not None else None
         self._read = stream.read_call() if stream is not None else None

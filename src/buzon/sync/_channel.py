@@ -1039,15 +1039,18 @@ class Channel(ChannelIdentity):
             # A read first while messages stream in; once a read found nothing (a
             # peer that answers, as in a round trip), sleep at once, the wait telling
             # readiness, for the next _SLEEP_FIRST receives, or until a stream's read
-            # brings several messages
-            if self._sleep_first:
+            # brings several messages. A socket's wait with no deadline sleeps in recv
+            # itself (WAIT_BLOCK), which reads at once what is there: no read first
+            deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
+            if deadline is None and core.wait_blocks:
+                pass
+            elif self._sleep_first:
                 self._sleep_first -= 1
             else:
                 item = core.poll()
                 if item is not None:
                     return item
                 self._sleep_first = _SLEEP_FIRST
-            deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
             got = self._wait_take(deadline, 0.0)  # the engine's INPUT step + take, in C
             if got is None:
                 got = self._run_receive(recv_steps(core, False, spin=False), deadline)
