@@ -333,6 +333,8 @@ class ChannelCore:
         self._stream = stream
         # a hint for the driver: that wait sleeps in recv itself when it has no deadline
         # (wait_read's mode says so for each wait: the socket may become shared later)
+        self._wait_buf: bytearray | None = None  # wait_read's last buffer and its limit
+        self._wait_limit = 0
         self.wait_blocks = (
             self.wait_fd is not None
             and stream is not None
@@ -1733,8 +1735,11 @@ class ChannelCore:
         buf = decoder.idle_buffer()  # type: ignore[union-attr]
         if buf is None:
             return None
+        if buf is not self._wait_buf:  # the decoder's read buffer (it may replace it)
+            self._wait_buf = buf
+            self._wait_limit = min(len(buf) >> 1, self.max_frame)
         assert self._stream is not None
-        return fd, buf, min(len(buf) >> 1, self.max_frame), self._stream.wait_mode()
+        return fd, buf, self._wait_limit, self._stream.wait_mode()
 
     def interrupt_reads(self) -> None:
         """End a blocking recv another thread sleeps in (a :meth:`wait_read` mode with

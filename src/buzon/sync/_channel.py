@@ -1041,7 +1041,8 @@ class Channel(ChannelIdentity):
             # readiness, for the next _SLEEP_FIRST receives, or until a stream's read
             # brings several messages. A socket's wait with no deadline sleeps in recv
             # itself (WAIT_BLOCK), which reads at once what is there: no read first
-            deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
+            limit = timeout if timeout is not None else core.options.idle_timeout
+            deadline = None if limit is None else deadline_of(limit)
             if deadline is None and core.wait_blocks:
                 pass
             elif self._sleep_first:
