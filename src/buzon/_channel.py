@@ -1732,7 +1732,7 @@ class ChannelCore:
         decoder = self.decoder
         if fd is None or decoder is None or self.closed or self.eof:
             return None
-        buf = decoder.idle_buffer()  # type: ignore[union-attr]
+        buf: bytearray | None = decoder.idle_buffer()  # type: ignore[union-attr]
         if buf is None:
             return None
         if buf is not self._wait_buf:  # the decoder's read buffer (it may replace it)
