@@ -249,6 +249,15 @@ class Channel(ChannelIdentity):
         self._wake = -1
         self._closing = False
         self._blocking_reader = False  # a receive asleep in recv itself (_wait_take)
+        # recv_bytes' shortcut to the C wait: spin=0, no idle_timeout, a plain socket
+        # wait that sleeps in recv (_receive's spin=0 branch, without its checks)
+        self._blocking_recv = (
+            self._spin <= 0.0
+            and core.wait_blocks
+            and core.plain_readiness
+            and core.fast_recv is None
+            and core.options.idle_timeout is None
+        )
         self._waiters: list[int] = []
         self._sleep_first = 0  # spin=0: receives left that wait before reading (_receive)
         self._rendezvous = core.capacity == 0
@@ -914,7 +923,12 @@ class Channel(ChannelIdentity):
             core = self._core
             item = core.buffered()
             if item is None:
-                item = self._receive(timeout)
+                # spin=0, no deadline, a socket that sleeps in recv: straight to the C
+                # wait (what _receive would do after its checks)
+                if timeout is None and self._blocking_recv and not self._flow:
+                    item = self._wait_take(None, 0.0)
+                if item is None:
+                    item = self._receive(timeout)
         if self._pumpers:
             self._wake_pumpers()
         return item[1] if item.__class__ is tuple else core.item_bytes(item)
