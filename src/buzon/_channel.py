@@ -1738,8 +1738,9 @@ class ChannelCore:
         if buf is not self._wait_buf:  # the decoder's read buffer (it may replace it)
             self._wait_buf = buf
             self._wait_limit = min(len(buf) >> 1, self.max_frame)
-        assert self._stream is not None
-        return fd, buf, self._wait_limit, self._stream.wait_mode()
+        stream = self._stream
+        assert stream is not None
+        return fd, buf, self._wait_limit, stream.wait_mode() if stream.dontwait else 0
 
     def interrupt_reads(self) -> None:
         """End a blocking recv another thread sleeps in (a :meth:`wait_read` mode with

@@ -1122,7 +1122,7 @@ class Channel(ChannelIdentity):
         waiters.append(me)
         # a wait with no deadline may sleep in recv itself (mode WAIT_BLOCK), which only
         # a shutdown of the reading side ends: close() looks at this before it wakes us
-        self._blocking_reader = bool(mode & _WAIT_BLOCK) and deadline is None
+        self._blocking_reader = mode >= _WAIT_BLOCK and deadline is None  # modes 0, 1, 3
         if self._closing:
             waiters.remove(me)
             self._blocking_reader = False

@@ -292,8 +292,9 @@ class StreamTransport(Transport):
 
     def wait_mode(self) -> int:
         """``protocol._stream.wait_frame``'s ``mode`` for :meth:`read_fileno` (a
-        ``plain_reads`` stream): 0 (a read(2) after poll), or ``WAIT_SOCKET`` and
-        ``WAIT_BLOCK`` (transport/_fdstream.py)."""
+        ``plain_reads`` stream): 0 (a read(2) after poll), ``WAIT_SOCKET``, or
+        ``WAIT_SOCKET | WAIT_BLOCK`` (transport/_fdstream.py). The core asks only a
+        :attr:`dontwait` stream; any other's mode is 0."""
         return 0
 
     def interrupt_reads(self) -> None:
