@@ -319,3 +319,52 @@ def test_a_signal_during_the_recv(kind: str, handler: str) -> None:
             assert got == (None if handler == "closes" else b"after the signal")
 
     _in_child(body)
+
+
+def _raw_write(ch: buzon.Channel, data: bytes) -> None:
+    fd = ch._core.write_fileno()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def test_with_no_deadline_every_receive_contract_still_holds(
+    pair: tuple[buzon.Channel, buzon.Channel],
+) -> None:
+    """The spin=0 ``recv_bytes`` with no deadline goes straight to the blocking recv:
+    a frame in pieces, a stalled frame, a bad frame and the end still come out as the
+    engine makes them (the wait hands part of a frame to the engine's loop)."""
+    import dataclasses
+
+    from buzon.errors import FrameError
+    from buzon.protocol.frames import HEADER
+
+    a, b = pair
+    frame = HEADER.pack(1, 1, 0, 0, 5) + b"hello"
+
+    def pieces() -> None:
+        _raw_write(a, frame[:3])
+        time.sleep(0.05)
+        _raw_write(a, frame[3:10])
+        time.sleep(0.05)
+        _raw_write(a, frame[10:] + HEADER.pack(1, 1, 0, 0, 2) + b"!!")
+
+    t = threading.Thread(target=pieces)
+    t.start()
+    assert b.recv_bytes() == b"hello"
+    assert b.recv_bytes() == b"!!"
+    t.join()
+    b._core.options = dataclasses.replace(b._core.options, frame_timeout=0.3)
+    threading.Timer(0.02, _raw_write, (a, HEADER.pack(1, 1, 0, 0, 50) + b"part")).start()
+    with pytest.raises(Timeout, match="stalled"):
+        b.recv_bytes()
+    c, d = _pair(KINDS[0], spin=0.0)
+    with c, d:
+        threading.Timer(0.02, _raw_write, (c, b"\x09garbage-not-a-frame")).start()
+        with pytest.raises(FrameError):
+            d.recv_bytes()
+    e, f = _pair(KINDS[0], spin=0.0)
+    with e, f:
+        threading.Timer(0.02, e.close).start()
+        with pytest.raises(EndOfChannel):
+            f.recv_bytes()
