@@ -66,11 +66,13 @@ from .protocol.frames import (
     loan_header,
     parse_frame,
     plain_data_flags,
+    send_frame,
     wait_frame,
     write_frame,
 )
 from .transport._tokens import TokenPool
 from .transport.base import (
+    WAIT_BLOCK,
     WOULD_BLOCK,
     Buffer,
     LinkProperties,
@@ -341,6 +343,15 @@ class ChannelCore:
         stream = transport if isinstance(transport, StreamTransport) else None
         messages = transport if isinstance(transport, MessageTransport) else None
         self._stream = stream
+        # a hint for the driver: that wait sleeps in recv itself when it has no deadline
+        # (wait_read's mode says so for each wait: the socket may become shared later)
+        self._wait_buf: bytearray | None = None  # wait_read's last buffer and its limit
+        self._wait_limit = 0
+        self.wait_blocks = (
+            self.wait_fd is not None
+            and stream is not None
+            and bool(stream.wait_mode() & WAIT_BLOCK)
+        )
         self._send_buffers: Any = stream.send_buffers if stream is not None else None
         self._recv_into: Any = stream.recv_into if stream is not None else None
         self._read = stream.read_call() if stream is not None else None
@@ -413,6 +424,7 @@ class ChannelCore:
                 lock,
                 min(PLAIN_MAX, self.max_frame) - 8,
                 self._small_part,
+                stream.dontwait,
             )
             self._fast_paths()
         elif isinstance(self.transport, MessageTransport) and self._plain and self._can_send:
@@ -487,7 +499,8 @@ class ChannelCore:
         self._write: Callable[[int, bytes], int] = _no_write
         if write is not None and stream is not None:
             if write_frame is not None:  # header and payload in one C call (one writev)
-                self._write = functools.partial(write_frame, stream.write_fileno())
+                put = send_frame if stream.dontwait else write_frame  # a socket: MSG_DONTWAIT
+                self._write = functools.partial(put, stream.write_fileno())
             else:
 
                 def python_write(flags: int, data: bytes) -> int:
@@ -1759,23 +1772,37 @@ class ChannelCore:
             self._apply_control(decoder)
         return bool(decoder.frames)
 
-    def wait_read(self) -> tuple[int, bytearray, int] | None:
+    def wait_read(self) -> tuple[int, bytearray, int, int] | None:
         """Where a plain receive's wait and read may be one call: ``(fd, buffer,
-        limit)`` for ``protocol._stream.wait_frame``, run by the sync driver (the core
-        never waits). A plain receive announces nothing (no capacity, receipts or
+        limit, mode)`` for ``protocol._stream.wait_frame``, run by the sync driver (the
+        core never waits). A plain receive announces nothing (no capacity, receipts or
         rendezvous: the driver checks ``taking``), is on a stream whose read fd alone
         tells readiness and whose reads are plain read(2)s (``plain_reads``), and has
         nothing of a frame read yet; its engine operation is then one INPUT step on the
         read fd and one read (:func:`buzon._engine.recv_steps`), which that call runs
-        in one go. None: the engine's loop does it."""
+        in one go. ``mode``: the transport's ``wait_mode`` (a socket: recv with
+        MSG_DONTWAIT; with ``WAIT_BLOCK`` a wait with no deadline may sleep in recv,
+        and a close() from another thread must then call :meth:`interrupt_reads`).
+        None: the engine's loop does it."""
         fd = self.wait_fd
         decoder = self.decoder
         if fd is None or decoder is None or self.closed or self.eof:
             return None
-        buf = decoder.idle_buffer()  # type: ignore[union-attr]
+        buf: bytearray | None = decoder.idle_buffer()  # type: ignore[union-attr]
         if buf is None:
             return None
-        return fd, buf, min(len(buf) >> 1, self.max_frame)
+        if buf is not self._wait_buf:  # the decoder's read buffer (it may replace it)
+            self._wait_buf = buf
+            self._wait_limit = min(len(buf) >> 1, self.max_frame)
+        stream = self._stream
+        assert stream is not None
+        return fd, buf, self._wait_limit, stream.wait_mode() if stream.dontwait else 0
+
+    def interrupt_reads(self) -> None:
+        """End a blocking recv another thread sleeps in (a :meth:`wait_read` mode with
+        ``WAIT_BLOCK``): the channel is closing, and its output was flushed already."""
+        if self._stream is not None and not self.closed:
+            self._stream.interrupt_reads()
 
     def after_wait(
         self, got: tuple[int, bytes] | int, room: int

@@ -270,6 +270,7 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
     if kind is FdStreamTransport:
         return ("fd", fds.slot(t._rfd), fds.slot(t._wfd), t.properties, t.scheme, t.peer)
     if kind is SocketStreamTransport:
+        t.shared = True  # its receives no longer block in recv (see the class)
         return ("socket", fds.slot(t._fd), t.properties, t.scheme, t.peer)
     if kind is MQTransport:
         return ("mq", fds.slot(t._mqd), t.address, "r" if t._reading else "w")
@@ -344,7 +345,7 @@ def _rebuild_transport(parts: tuple[Any, ...], fds: list[int]) -> Any:
     if kind == "socket":
         _, s, props, scheme, peer = parts
         sock = socket.socket(fileno=fds[s])
-        return SocketStreamTransport(sock, props, scheme=scheme, peer=peer)
+        return SocketStreamTransport(sock, props, scheme=scheme, peer=peer, shared=True)
     if kind == "mq":
         _, q, address, mode = parts
         return MQTransport(fds[q], address, mode=mode)

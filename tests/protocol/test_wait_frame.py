@@ -154,6 +154,138 @@ def test_a_signal_handler_that_raises_ends_the_wait_and_one_that_returns_does_no
         signal.signal(signal.SIGALRM, old)
 
 
+# -- mode: a socket (recv with MSG_DONTWAIT), a sleep that is a blocking recv -------
+
+SOCKET, BLOCK = 1, 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_chunk, min_size=1, max_size=4), st.sampled_from([SOCKET, SOCKET | BLOCK]))
+def test_a_socket_read_is_the_same_in_every_mode(chunks: list[bytes], mode: int) -> None:
+    data = b"".join(chunks)
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(data)
+        plain = bytearray(64 * 1024)
+        got = _stream.wait_frame(a.fileno(), plain, None, 0.0, LIMIT, -1, mode)
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+        ref = bytearray(64 * 1024)
+        want = _stream.wait_frame(r, ref, None, 0.0, LIMIT)  # the pipe's read(2): the reference
+    finally:
+        os.close(r)
+        os.close(w)
+    assert got == want
+    if isinstance(got, int):
+        assert plain[:got] == ref[:got]
+
+
+def test_the_blocking_recv_wakes_on_data_without_the_gil() -> None:
+    a, b = socket.socketpair()  # blocking mode
+    with a, b:
+        ticks = 0
+        stop = threading.Event()
+
+        def tick() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                time.sleep(0.001)
+
+        t = threading.Thread(target=tick)
+        t.start()
+        threading.Timer(0.1, b.send, (_plain(3, b"late"),)).start()
+        got = _stream.wait_frame(a.fileno(), bytearray(1024), None, 0.0, LIMIT, -1, SOCKET | BLOCK)
+        stop.set()
+        t.join()
+        assert got == (3, b"late")
+        assert ticks > 5
+
+
+def test_the_end_of_the_stream_or_the_close_behind_a_shutdown() -> None:
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        for closing in (False, True):
+            a, b = socket.socketpair()
+            with a, b:
+                if closing:  # close(): write the wake fd, then shut the reading side down
+                    os.eventfd_write(wake, 1)
+                    threading.Timer(0.05, a.shutdown, (socket.SHUT_RD,)).start()
+                else:
+                    threading.Timer(0.05, b.close).start()
+                got = _stream.wait_frame(a.fileno(), bytearray(64), None, 0.0, LIMIT, wake, 3)
+                assert got == (None if closing else 0)
+    finally:
+        os.close(wake)
+
+
+def test_a_non_blocking_file_falls_back_to_poll_and_honours_the_wake() -> None:
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    a, b = socket.socketpair()
+    try:
+        with a, b:
+            a.setblocking(False)  # as another process sharing the file could make it
+            threading.Timer(0.05, b.send, (_plain(0, b"x"),)).start()
+            assert _stream.wait_frame(a.fileno(), bytearray(64), None, 0.0, LIMIT, wake, 3) == (
+                0,
+                b"x",
+            )
+            threading.Timer(0.05, os.eventfd_write, (wake, 1)).start()
+            assert _stream.wait_frame(a.fileno(), bytearray(64), None, 0.0, LIMIT, wake, 3) is None
+    finally:
+        os.close(wake)
+
+
+def test_a_signal_during_the_blocking_recv() -> None:
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        pytest.skip("signals go to the main thread")
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    a, b = socket.socketpair()
+    seen: list[str] = []
+
+    def raising(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def returning(signum: int, frame: object) -> None:
+        seen.append("ran")
+        threading.Timer(0.05, b.send, (_plain(0, b"after"),)).start()
+
+    def closing(signum: int, frame: object) -> None:
+        seen.append("closed")
+        os.eventfd_write(wake, 1)  # what close() does before it releases the fds
+
+    old = signal.signal(signal.SIGALRM, raising)
+    try:
+        with a, b:
+            for handler in (raising, returning, closing):
+                signal.signal(signal.SIGALRM, handler)
+                signal.setitimer(signal.ITIMER_REAL, 0.05)
+                try:
+                    got = _stream.wait_frame(a.fileno(), bytearray(64), None, 0.0, LIMIT, wake, 3)
+                except KeyboardInterrupt:
+                    got = "interrupted"
+                want = {raising: "interrupted", returning: (0, b"after"), closing: None}
+                assert got == want[handler]
+            assert seen == ["ran", "closed"]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.close(wake)
+
+
+def test_send_frame_never_blocks_a_blocking_mode_socket() -> None:
+    a, b = socket.socketpair()  # blocking mode
+    with a, b:
+        assert _stream.send_frame(a.fileno(), 9, b"abc") == 11
+        assert b.recv(64) == _plain(9, b"abc")
+        with pytest.raises(BlockingIOError):
+            for _ in range(1_000_000):
+                _stream.send_frame(a.fileno(), 0, b"x" * 4000)
+    with pytest.raises(OSError):
+        _stream.send_frame(a.fileno() if a.fileno() >= 0 else 10_000, 0, b"x")
+
+
 # -- SmallWriter: send_bytes' hot path ----------------------------------------------
 
 
@@ -295,3 +427,25 @@ def test_the_wake_fd_ends_the_sleep_and_is_never_read(spin: float) -> None:
     finally:
         for fd in (r, w, wake):
             os.close(fd)
+
+
+def test_small_writer_on_a_blocking_mode_socket_never_blocks() -> None:
+    a, b = socket.socketpair()  # blocking mode: the socket transports keep theirs so
+    with a, b:
+        parts: list[tuple[int, bytes, int]] = []
+
+        def on_part(flags: int, data: bytes, n: int) -> int:
+            parts.append((flags, data, n))
+            return 41
+
+        write = _stream.SmallWriter(a.fileno(), _Core(), threading.Lock(), 100_000, on_part, True)
+        assert write(b"hi") is True
+        assert b.recv(64) == _plain(0, b"hi")
+        results = set()
+        for _ in range(100_000):  # a peer that does not read: sendmsg(MSG_DONTWAIT) says so
+            got = write(b"y" * 3000)
+            results.add(got if isinstance(got, bool) else "part")
+            if got is False:
+                break
+        assert False in results
+        assert write.counts()[2] == 1  # the would-block, counted

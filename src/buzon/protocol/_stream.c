@@ -9,6 +9,11 @@
  *       len(data)); raises OSError as os.write does (BlockingIOError when the
  *       non-blocking fd has no room). The GIL stays held: the fd never blocks.
  *
+ *   send_frame(fd, flags, data) -> int
+ *       write_frame for a socket: one sendmsg(2) with MSG_DONTWAIT, which never
+ *       blocks even when the socket is in blocking mode (the socket transports keep
+ *       theirs so: see wait_frame's MODE_BLOCK).
+ *
  *   plain_run(data, pos, stop, limit, append) -> int
  *       Hand out the run of complete plain DATA frames (version 1, kind DATA, none
  *       of the flags in NOT_FAST, no buffers, at most ``limit`` bytes each) that
@@ -17,7 +22,7 @@
  *       byte of a frame that is not plain, or is cut short). Anything else is left
  *       to the Python decoder, which stays the reference.
  *
- *   wait_frame(fd, buf, deadline, spin, limit[, wake]) -> (flags, body) | int | None
+ *   wait_frame(fd, buf, deadline, spin, limit[, wake[, mode]]) -> (flags, body) | int | None
  *       The wait and the read of a plain blocking receive, in one call (the engine's
  *       INPUT step on the read fd, then the read the take does: see _engine.py
  *       recv_steps and ChannelCore.wait_read). Spin ``spin`` seconds with poll(fd, 0),
@@ -29,14 +34,30 @@
  *       ``buf[:n]`` for the decoder (0: end of stream), or None when the deadline
  *       passed with nothing read, or when ``wake`` (an fd, -1: none; the channel's
  *       wake eventfd, written by a ``close()`` in another thread) became readable
- *       first: the sleep polls it with ``fd`` and never reads it. A failed poll or read raises OSError. A signal that
- *       interrupts the wait runs its Python handler (with the GIL), and an exception
- *       the handler raises (KeyboardInterrupt) propagates; otherwise the wait goes on.
+ *       first: the sleep polls it with ``fd`` and never reads it. A failed poll or read
+ *       raises OSError. A signal that interrupts the wait runs its Python handler (with
+ *       the GIL), and an exception the handler raises (KeyboardInterrupt) propagates;
+ *       otherwise the wait goes on (or ends with None if ``wake`` is readable: the
+ *       handler closed the channel). ``mode`` (default 0): bit 1 (MODE_SOCKET), ``fd``
+ *       is a stream socket, read with recv(MSG_DONTWAIT) (the socket transports keep
+ *       their sockets in blocking mode and pass that flag on every call that must not
+ *       wait); bit 2 (MODE_BLOCK), with no deadline, after the spin the sleep is a
+ *       blocking recv itself: one system call, and the kernel wakes the reader with the
+ *       data (a poll then a read costs a second call and a slower wake-up: measured in
+ *       docs/benchmarks.md). Nothing but data, the end of the stream, an error or a
+ *       signal ends that recv, so a close() in another thread that must end it writes
+ *       ``wake`` and then shuts the socket's reading side down (shutdown(SHUT_RD)):
+ *       the recv returns 0 and ``wake``, readable, says it was the close (None). The
+ *       caller sets MODE_BLOCK only for a socket no other process holds (a shutdown
+ *       would reach that process too). If the file turns out non-blocking (EAGAIN:
+ *       O_NONBLOCK is a property of the open file, which another process may share),
+ *       the wait sleeps in poll as without the bit.
  *
- *   SmallWriter(fd, core, lock, limit, on_part)(data) -> True | False | int
+ *   SmallWriter(fd, core, lock, limit, on_part[, sock])(data) -> True | False | int
  *       The hot path of a blocking ``send_bytes`` (ChannelCore.small_send): ``data``,
  *       bytes of at most ``limit``, as one plain DATA frame in one writev, when the
- *       channel is quiet: ``lock`` (the driver's write lock) is free, and ``core`` owes
+ *       channel is quiet (``sock`` true: one sendmsg with MSG_DONTWAIT, as write_frame):
+ *       ``lock`` (the driver's write lock) is free, and ``core`` owes
  *       nothing (``pending`` empty, ``credit_out`` None), is open and numbers no sends
  *       (``sflow`` None): fields read from the core's ``__dict__`` (``closed`` must be
  *       a bool), ``pending`` a deque the core keeps for good. The GIL is held from those checks to the count, so no Python
@@ -53,6 +74,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <poll.h>
 #include <time.h>
@@ -61,9 +83,20 @@
 #define VERSION 1
 #define KIND_DATA 1
 #define NOT_FAST 0xF4 /* protocol/frames.py _NOT_FAST: flags a plain frame never has */
+#define MODE_SOCKET 1 /* wait_frame: fd is a stream socket: reads are recv(MSG_DONTWAIT) */
+#define MODE_BLOCK 2  /* wait_frame: with no deadline, the sleep may be a blocking recv */
 
-static PyObject *write_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
+/* One vectored write that never blocks: sendmsg(MSG_DONTWAIT) on a socket (which may be
+ * in blocking mode: the socket transports keep it so, see transport/_fdstream.py), writev
+ * on anything else (a non-blocking pipe). EINTR is the caller's. */
+static ssize_t put_vec(int fd, int sock, struct iovec *iov, int n) {
+    if (!sock)
+        return writev(fd, iov, n);
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+    return sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+static PyObject *put_frame(PyObject *const *args, Py_ssize_t nargs, int sock) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "write_frame(fd, flags, data) takes 3 arguments");
         return NULL;
@@ -106,7 +139,7 @@ static PyObject *write_frame(PyObject *self, PyObject *const *args, Py_ssize_t n
         {.iov_base = PyBytes_AS_STRING(args[2]), .iov_len = (size_t)n},
     };
     for (;;) {
-        ssize_t got = writev((int)fd, iov, n ? 2 : 1);
+        ssize_t got = put_vec((int)fd, sock, iov, n ? 2 : 1);
         if (got >= 0)
             return PyLong_FromSsize_t(got);
         if (errno != EINTR)
@@ -114,6 +147,16 @@ static PyObject *write_frame(PyObject *self, PyObject *const *args, Py_ssize_t n
         if (PyErr_CheckSignals() < 0)
             return NULL;
     }
+}
+
+static PyObject *write_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return put_frame(args, nargs, 0);
+}
+
+static PyObject *send_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return put_frame(args, nargs, 1);
 }
 
 static PyObject *plain_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -181,6 +224,14 @@ static double monotonic_now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* 1 if ``fd`` (-1: none) is readable right now (the wake eventfd: a close() wrote it) */
+static int readable_now(int fd) {
+    if (fd < 0)
+        return 0;
+    struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
+    return poll(&p, 1, 0) > 0;
+}
+
 /* A single plain DATA frame filling buf[0:n] exactly: its flags, else -1. */
 static int single_plain(const unsigned char *h, Py_ssize_t n, Py_ssize_t limit) {
     if (n < 8)
@@ -195,9 +246,9 @@ static int single_plain(const unsigned char *h, Py_ssize_t n, Py_ssize_t limit) 
 
 static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 5 && nargs != 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "wait_frame(fd, buf, deadline, spin, limit[, wake]) takes 5 or 6 arguments");
+    if (nargs < 5 || nargs > 7) {
+        PyErr_SetString(PyExc_TypeError, "wait_frame(fd, buf, deadline, spin, limit[, wake[, "
+                                         "mode]]) takes 5 to 7 arguments");
         return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
@@ -218,7 +269,7 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (limit == -1 && PyErr_Occurred())
         return NULL;
     long wake = -1;
-    if (nargs == 6) {
+    if (nargs >= 6) {
         wake = PyLong_AsLong(args[5]);
         if (wake == -1 && PyErr_Occurred())
             return NULL;
@@ -227,6 +278,17 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
     }
+    long mode = 0;
+    if (nargs == 7) {
+        mode = PyLong_AsLong(args[6]);
+        if (mode == -1 && PyErr_Occurred())
+            return NULL;
+        if (mode & ~(long)(MODE_SOCKET | MODE_BLOCK)) {
+            PyErr_SetString(PyExc_ValueError, "mode must be a combination of 1 and 2");
+            return NULL;
+        }
+    }
+    int sock = (mode & MODE_SOCKET) != 0;
     Py_buffer buf;
     if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
         return NULL;
@@ -257,6 +319,45 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
     }
+    if ((mode & MODE_BLOCK) && forever) {
+        /* the sleep is the read: a blocking recv, woken by the data itself (a poll then a
+         * read costs a second system call and a slower wake-up). A close() in another
+         * thread writes ``wake`` and then shuts the socket's reading side down (see the
+         * module's comment), which ends this recv with 0: ``wake`` tells it from the end
+         * of the stream. EAGAIN: the file is non-blocking after all (O_NONBLOCK belongs
+         * to the open file, which another process may share): sleep in poll instead. */
+        for (;;) {
+            int e = 0;
+            Py_BEGIN_ALLOW_THREADS
+            got = recv((int)fd, buf.buf, (size_t)buf.len, 0);
+            if (got < 0)
+                e = errno;
+            Py_END_ALLOW_THREADS
+            if (got > 0)
+                break;
+            if (got == 0) {
+                timed_out = readable_now((int)wake);
+                break;
+            }
+            if (e == EINTR) { /* a signal: its handler runs now; what it raises ends the wait */
+                if (PyErr_CheckSignals() < 0) {
+                    PyBuffer_Release(&buf);
+                    return NULL;
+                }
+                if (readable_now((int)wake)) { /* the handler closed the channel */
+                    timed_out = 1;
+                    break;
+                }
+                continue;
+            }
+            if (e != EAGAIN && e != EWOULDBLOCK)
+                err = e;
+            break;
+        }
+        if (got >= 0 || err || timed_out)
+            goto done;
+        got = -1; /* EAGAIN: a non-blocking file; sleep in poll */
+    }
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
         for (;;) {
@@ -281,7 +382,12 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
                 timed_out = 1;
                 break;
             }
-            got = read((int)fd, buf.buf, (size_t)buf.len);
+            got = sock ? recv((int)fd, buf.buf, (size_t)buf.len, MSG_DONTWAIT)
+                       : read((int)fd, buf.buf, (size_t)buf.len);
+            if (got == 0 && readable_now((int)wake)) { /* the close's shutdown (MODE_BLOCK) */
+                timed_out = 1;
+                break;
+            }
             if (got >= 0)
                 break;
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -303,6 +409,7 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
     }
+done:
     if (err) {
         PyBuffer_Release(&buf);
         errno = err;
@@ -334,6 +441,7 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
 typedef struct {
     PyObject_HEAD
     int fd;
+    int sock; /* a socket: sendmsg(MSG_DONTWAIT) (it may be in blocking mode) */
     Py_ssize_t limit;
     PyObject *core;
     PyObject *state; /* core.__dict__: its fields read without attribute lookups */
@@ -400,7 +508,7 @@ static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t n
     };
     ssize_t got;
     do
-        got = writev(self->fd, iov, n ? 2 : 1);
+        got = put_vec(self->fd, self->sock, iov, n ? 2 : 1);
     while (got < 0 && errno == EINTR);
     if (got < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -425,12 +533,12 @@ static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t n
 }
 
 static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    int fd;
+    int fd, sock = 0;
     PyObject *core, *lock, *on_part;
     Py_ssize_t limit;
-    static char *kwlist[] = {"fd", "core", "lock", "limit", "on_part", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOnO:SmallWriter", kwlist, &fd, &core,
-                                     &lock, &limit, &on_part))
+    static char *kwlist[] = {"fd", "core", "lock", "limit", "on_part", "sock", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOnO|p:SmallWriter", kwlist, &fd, &core,
+                                     &lock, &limit, &on_part, &sock))
         return NULL;
     if (fd < 0 || limit < 0 || limit > (Py_ssize_t)UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "fd and limit must be non-negative");
@@ -453,6 +561,7 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
     self->state = state;
     self->pending = pending;
     self->fd = fd;
+    self->sock = sock;
     self->limit = limit;
     self->core = Py_NewRef(core);
     self->lock = Py_NewRef(lock);
@@ -500,7 +609,7 @@ static PyTypeObject SmallWriterType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._stream.SmallWriter",
     .tp_basicsize = sizeof(SmallWriter),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "SmallWriter(fd, core, lock, limit, on_part): send_bytes' hot path "
+    .tp_doc = "SmallWriter(fd, core, lock, limit, on_part[, sock]): send_bytes' hot path "
               "(see the module's comment)",
     .tp_new = small_writer_new,
     .tp_dealloc = (destructor)small_writer_dealloc,
@@ -514,10 +623,14 @@ static PyTypeObject SmallWriterType = {
 static PyMethodDef methods[] = {
     {"write_frame", (PyCFunction)(void (*)(void))write_frame, METH_FASTCALL,
      "write_frame(fd, flags, data) -> int: one plain DATA frame in one writev"},
+    {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL,
+     "send_frame(fd, flags, data) -> int: write_frame on a socket, one sendmsg with "
+     "MSG_DONTWAIT"},
     {"plain_run", (PyCFunction)(void (*)(void))plain_run, METH_FASTCALL,
      "plain_run(data, pos, stop, limit, append) -> int: hand out a run of plain frames"},
     {"wait_frame", (PyCFunction)(void (*)(void))wait_frame, METH_FASTCALL,
-     "wait_frame(fd, buf, deadline, spin, limit) -> (flags, body) | int | None: wait, "
+     "wait_frame(fd, buf, deadline, spin, limit[, wake[, mode]]) -> (flags, body) | int | "
+     "None: wait, "
      "read and parse a plain receive in one call"},
     {NULL, NULL, 0, NULL},
 };

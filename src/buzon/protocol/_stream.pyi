@@ -1,6 +1,7 @@
 from collections.abc import Callable
 
 def write_frame(fd: int, flags: int, data: bytes, /) -> int: ...
+def send_frame(fd: int, flags: int, data: bytes, /) -> int: ...
 def plain_run(
     data: bytes | bytearray | memoryview,
     pos: int,
@@ -16,6 +17,7 @@ def wait_frame(
     spin: float,
     limit: int,
     wake: int = -1,
+    mode: int = 0,
     /,
 ) -> tuple[int, bytes] | int | None: ...
 
@@ -27,6 +29,7 @@ class SmallWriter:
         lock: object,
         limit: int,
         on_part: Callable[[int, bytes, int], int],
+        sock: bool = False,
     ) -> None: ...
     def __call__(self, data: object, /) -> bool | int: ...
     def counts(self) -> tuple[int, int, int]: ...

@@ -72,13 +72,14 @@ from ..errors import FrameError, FrameTooLarge
 from ._frames import data_frame, plain_data_flags
 
 try:  # the C twin of the hot path (protocol/_stream.c); this module stays the reference
-    from ._stream import SmallWriter, wait_frame, write_frame
+    from ._stream import SmallWriter, send_frame, wait_frame, write_frame
     from ._stream import plain_run as _plain_run
 except ImportError:  # pragma: no cover - a build without the extension
     _plain_run = None  # type: ignore[assignment]
     SmallWriter = None  # type: ignore[assignment,misc]
     wait_frame = None  # type: ignore[assignment]
     write_frame = None  # type: ignore[assignment]
+    send_frame = None  # type: ignore[assignment]
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -106,6 +107,7 @@ __all__ = [
     "parse_frame",
     "plain_data_flags",
     "SmallWriter",
+    "send_frame",
     "wait_frame",
     "write_frame",
 ]

@@ -51,6 +51,7 @@ from .._ring_rv import rv_send_steps, settle
 from ..errors import ChannelClosed, Empty, EndOfChannel, Full, Timeout, UnsupportedOperation
 from ..protocol.credit import RECEIPT_FLAG
 from ..protocol.frames import Frame, Kind, encode_frame, wait_frame
+from ..transport.base import WAIT_BLOCK as _WAIT_BLOCK
 from ..transport.base import Buffer
 
 if TYPE_CHECKING:  # annotations only
@@ -252,6 +253,16 @@ class Channel(ChannelIdentity):
         # threads in a wait, so that close() releases the fds only after they left
         self._wake = -1
         self._closing = False
+        self._blocking_reader = False  # a receive asleep in recv itself (_wait_take)
+        # recv_bytes' shortcut to the C wait: spin=0, no idle_timeout, a plain socket
+        # wait that sleeps in recv (_receive's spin=0 branch, without its checks)
+        self._blocking_recv = (
+            self._spin <= 0.0
+            and core.wait_blocks
+            and core.plain_readiness
+            and core.fast_recv is None
+            and core.options.idle_timeout is None
+        )
         self._waiters: list[int] = []
         self._sleep_first = 0  # spin=0: receives left that wait before reading (_receive)
         self._rendezvous = core.capacity == 0
@@ -969,7 +980,12 @@ class Channel(ChannelIdentity):
             core = self._core
             item = core.buffered()
             if item is None:
-                item = self._receive(timeout)
+                # spin=0, no deadline, a socket that sleeps in recv: straight to the C
+                # wait (what _receive would do after its checks)
+                if timeout is None and self._blocking_recv and not self._flow:
+                    item = self._wait_take(None, 0.0)
+                if item is None:
+                    item = self._receive(timeout)
         if self._pumpers:
             self._wake_pumpers()
         return item[1] if item.__class__ is tuple else core.item_bytes(item)
@@ -1094,15 +1110,19 @@ class Channel(ChannelIdentity):
             # A read first while messages stream in; once a read found nothing (a
             # peer that answers, as in a round trip), sleep at once, the wait telling
             # readiness, for the next _SLEEP_FIRST receives, or until a stream's read
-            # brings several messages
-            if self._sleep_first:
+            # brings several messages. A socket's wait with no deadline sleeps in recv
+            # itself (WAIT_BLOCK), which reads at once what is there: no read first
+            limit = timeout if timeout is not None else core.options.idle_timeout
+            deadline = None if limit is None else deadline_of(limit)
+            if deadline is None and core.wait_blocks:
+                pass
+            elif self._sleep_first:
                 self._sleep_first -= 1
             else:
                 item = core.poll()
                 if item is not None:
                     return item
                 self._sleep_first = _SLEEP_FIRST
-            deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
             got = self._wait_take(deadline, 0.0)  # the engine's INPUT step + take, in C
             if got is None:
                 got = self._run_receive(recv_steps(core, False, spin=False), deadline)
@@ -1153,22 +1173,27 @@ class Channel(ChannelIdentity):
         target = core.wait_read()
         if target is None:
             return None
-        fd, buf, limit = target
+        fd, buf, limit, mode = target
         wake = self._wake  # _enter_wait and _leave_wait, inlined: every recv that sleeps
         if wake < 0:
             wake = self._make_wake()
         waiters = self._waiters
         me = _get_ident()
         waiters.append(me)
+        # a wait with no deadline may sleep in recv itself (mode WAIT_BLOCK), which only
+        # a shutdown of the reading side ends: close() looks at this before it wakes us
+        self._blocking_reader = mode >= _WAIT_BLOCK and deadline is None  # modes 0, 1, 3
         if self._closing:
             waiters.remove(me)
+            self._blocking_reader = False
             self._drop_wake()
             raise ChannelClosed("the channel was closed")
         try:
-            got = wait_frame(fd, buf, deadline, spin, limit, wake)
+            got = wait_frame(fd, buf, deadline, spin, limit, wake, mode)
         except OSError as exc:
             raise core.read_error(exc) from exc
         finally:
+            self._blocking_reader = False
             waiters.remove(me)
             if self._closing:
                 self._drop_wake()
@@ -1342,6 +1367,8 @@ class Channel(ChannelIdentity):
             with contextlib.suppress(OSError):
                 os.eventfd_write(wake, 1)
             me = _get_ident()
+            if self._blocking_reader and any(t != me for t in self._waiters):
+                core.interrupt_reads()  # asleep in recv itself: only a shutdown ends it
             end = _monotonic() + _CLOSE_WAIT
             while any(t != me for t in self._waiters) and _monotonic() < end:
                 time.sleep(0.0002)

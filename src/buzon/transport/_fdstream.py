@@ -6,6 +6,7 @@ choose the fds, the properties and how links are established.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -13,18 +14,48 @@ import os
 import socket
 import struct
 import termios
+import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import from_oserror
-from .base import WOULD_BLOCK, Buffer, LinkProperties, PeerInfo, StreamTransport
+from .base import (
+    WAIT_BLOCK,
+    WAIT_SOCKET,
+    WOULD_BLOCK,
+    Buffer,
+    LinkProperties,
+    PeerInfo,
+    StreamTransport,
+)
 
 _INT0 = bytes(4)  # the ioctl's int argument (TIOCOUTQ writes the count into it)
 
 if TYPE_CHECKING:
     import ssl  # the TLS methods import it: importing buzon does not load ssl
 
-__all__ = ["FdStreamTransport", "SocketStreamTransport", "TlsStreamTransport", "accept_one"]
+__all__ = [
+    "WAIT_BLOCK",
+    "WAIT_SOCKET",
+    "FdStreamTransport",
+    "SocketStreamTransport",
+    "TlsStreamTransport",
+    "accept_one",
+]
+
+_DONTWAIT = socket.MSG_DONTWAIT
+
+# plain socket streams of this process: a fork gives the child the same open sockets
+_UNSHARED: weakref.WeakSet[SocketStreamTransport] = weakref.WeakSet()
+
+
+def _shared_by_fork() -> None:
+    for t in list(_UNSHARED):
+        t.shared = True
+    _UNSHARED.clear()
+
+
+os.register_at_fork(before=_shared_by_fork)
 
 
 def accept_one(sock: socket.socket, address: object) -> socket.socket | None:
@@ -109,9 +140,22 @@ class FdStreamTransport(StreamTransport):
 
 
 class SocketStreamTransport(StreamTransport):
-    """A connected, non-blocking stream socket (Unix or TCP). Owns the socket."""
+    """A connected stream socket (Unix or TCP). Owns the socket.
+
+    The socket is in blocking mode and every call that must not wait passes
+    ``MSG_DONTWAIT``: so a blocking receive with no deadline can sleep in ``recv``
+    itself, one system call, woken by the data (``wait_frame``'s ``WAIT_BLOCK``; a
+    poll then a read cost ~1.4x the round trip on a Unix socket, see
+    docs/benchmarks.md). Nothing here depends on that mode: O_NONBLOCK belongs to the
+    open file, which another process may share and set; a blocking recv that meets
+    it sleeps in poll instead. :attr:`shared`: the socket is (or was) open in another
+    process too (passed to it, or held across a fork); its receives then never
+    block in recv, because ending one from a ``close()`` in another thread takes
+    ``shutdown(SHUT_RD)``, which would reach that process too."""
 
     plain_reads = True
+    dontwait: ClassVar[bool] = True
+    shared = False
 
     def __init__(
         self,
@@ -120,8 +164,9 @@ class SocketStreamTransport(StreamTransport):
         *,
         scheme: str,
         peer: PeerInfo | None = None,
+        shared: bool = False,
     ) -> None:
-        sock.setblocking(False)
+        sock.setblocking(self.dontwait)
         self.sock = sock
         self._fd = sock.fileno()
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
@@ -129,6 +174,10 @@ class SocketStreamTransport(StreamTransport):
         self.scheme = scheme
         if peer is not None:
             self.peer = peer
+        if shared:
+            self.shared = True
+        else:
+            _UNSHARED.add(self)
 
     def read_fileno(self) -> int:
         return self._fd
@@ -138,7 +187,7 @@ class SocketStreamTransport(StreamTransport):
 
     def recv_into(self, buf: memoryview) -> int:
         try:
-            return self.sock.recv_into(buf)
+            return self.sock.recv_into(buf, 0, _DONTWAIT)
         except BlockingIOError:
             return WOULD_BLOCK
         except OSError as exc:
@@ -147,18 +196,31 @@ class SocketStreamTransport(StreamTransport):
     def send_buffers(self, bufs: Sequence[Buffer]) -> int:
         try:
             if len(bufs) == 1:
-                return self.sock.send(bufs[0])
-            return self.sock.sendmsg(bufs[:_IOV_MAX])
+                return self.sock.send(bufs[0], _DONTWAIT)
+            return self.sock.sendmsg(bufs[:_IOV_MAX], (), _DONTWAIT)
         except BlockingIOError:
             return WOULD_BLOCK
         except OSError as exc:
             raise from_oserror(exc, f"{self.scheme} send") from exc
 
     def write_call(self) -> Callable[[bytes], int] | None:
-        return self.sock.send
+        send = self.sock.send
+
+        def write(data: bytes) -> int:
+            return send(data, _DONTWAIT)
+
+        return write
 
     def read_call(self) -> Callable[[memoryview], int] | None:
-        return self.sock.recv_into
+        return functools.partial(self.sock.recv_into, nbytes=0, flags=_DONTWAIT)
+
+    def wait_mode(self) -> int:
+        return WAIT_SOCKET if self.shared else WAIT_SOCKET | WAIT_BLOCK
+
+    def interrupt_reads(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RD)
 
     def unacknowledged(self) -> int:
         if not self._tcp or self.closed:
@@ -169,9 +231,12 @@ class SocketStreamTransport(StreamTransport):
             return 0
 
     def drop_input(self) -> bool:
+        fd = self._fd
+        sock = self.sock
+        plain = self.dontwait
         for _ in range(64):  # bounded per call: a peer that floods cannot hold it here
             try:
-                if not os.read(self._fd, 65536):
+                if not (sock.recv(65536, _DONTWAIT) if plain else os.read(fd, 65536)):
                     return False
             except BlockingIOError:
                 return True
@@ -197,6 +262,10 @@ class TlsStreamTransport(SocketStreamTransport):
     """
 
     plain_reads = False  # decrypted bytes may wait in the TLS object
+    dontwait: ClassVar[bool] = False  # a non-blocking file: the TLS library reads and writes it
+
+    def wait_mode(self) -> int:
+        return 0
 
     def __init__(
         self,

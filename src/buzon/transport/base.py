@@ -42,6 +42,8 @@ __all__ = [
     "PeerInfo",
     "StreamTransport",
     "Transport",
+    "WAIT_BLOCK",
+    "WAIT_SOCKET",
     "WOULD_BLOCK",
     "nbytes",
 ]
@@ -258,6 +260,13 @@ class Transport(abc.ABC):
         return {}
 
 
+#: ``StreamTransport.wait_mode`` bits, ``protocol._stream.wait_frame``'s ``mode``: the
+#: fd is a socket read with recv(MSG_DONTWAIT); with no deadline the sleep may be a
+#: blocking recv itself
+WAIT_SOCKET = 1
+WAIT_BLOCK = 2
+
+
 class StreamTransport(Transport):
     """Moves bytes; buzon frames them (or not, with ``raw=True``)."""
 
@@ -296,6 +305,22 @@ class StreamTransport(Transport):
         """The typed error :meth:`send_buffers` (``writing``) or :meth:`recv_into`
         raises for ``exc``."""
         return from_oserror(exc, f"{self.scheme} {'send' if writing else 'recv'}")
+
+    #: a socket kept in blocking mode: every call that must not wait passes
+    #: MSG_DONTWAIT, so the channel's own writes to :meth:`write_fileno` are
+    #: ``sendmsg(MSG_DONTWAIT)`` (``write_frame``/``SmallWriter`` with ``sock``)
+    dontwait: ClassVar[bool] = False
+
+    def wait_mode(self) -> int:
+        """``protocol._stream.wait_frame``'s ``mode`` for :meth:`read_fileno` (a
+        ``plain_reads`` stream): 0 (a read(2) after poll), ``WAIT_SOCKET``, or
+        ``WAIT_SOCKET | WAIT_BLOCK`` (transport/_fdstream.py). The core asks only a
+        :attr:`dontwait` stream; any other's mode is 0."""
+        return 0
+
+    def interrupt_reads(self) -> None:
+        """End a blocking read a :meth:`wait_mode` with ``WAIT_BLOCK`` let another
+        thread begin (the channel is closing); the default has none to end."""
 
 
 def nbytes(bufs: Sequence[Buffer]) -> int:
