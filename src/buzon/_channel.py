@@ -1734,6 +1734,12 @@ class ChannelCore:
             stats.bytes_received += len(got[1]) + 8
             stats.messages_received += 1
             self.taken += 1
+            flags = got[0]
+            if flags > 7:  # a receipt is asked for (the C wait takes such frames too)
+                self._took(True, False)
+                return (flags & 7, got[1])
+            if self.taking:  # takes are numbered (receipts were asked before)
+                self._took(False, False)
             return got
         if self.closed:
             raise ChannelClosed("the channel is closed")
