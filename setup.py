@@ -50,6 +50,11 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(
+            "buzon.protocol._credit",
+            sources=["src/buzon/protocol/_credit.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
             "buzon.protocol._fields",
             sources=["src/buzon/protocol/_fields.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],

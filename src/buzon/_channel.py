@@ -44,8 +44,11 @@ from .errors import (
 from .protocol import mpcompat
 from .protocol.credit import (
     RECEIPT_FLAG,
+    REPORT_EVERY,
     WITHDRAW_CODEC,
     WITHDRAWN_CODEC,
+    ReceiptCore,
+    ReceiptWriter,
     RecvFlow,
     SendFlow,
     decode_credit,
@@ -103,6 +106,8 @@ DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
 #: PIPE_BUF a write to a pipe or FIFO is all or nothing, so a plain frame this small is
 #: never left half-written there (nor, in practice, on a Unix socket).
 PLAIN_MAX = 4096
+#: a receipt-asking take below this count of unreported ones only counts (see _pop)
+_REPORT_LAST = REPORT_EVERY - 1
 
 
 def _no_write(flags: int, data: bytes) -> int:
@@ -182,7 +187,7 @@ _ADDED_COUNTERS = frozenset({"rejected_frames", "rejected_bytes"})
 _STAT_FIELDS = frozenset(Statistics.__dataclass_fields__)
 
 
-class Receipt:
+class Receipt(ReceiptCore):
     """The fate of one message sent with ``send_async``.
 
     :meth:`done` says whether the receiver has taken it (without waiting),
@@ -194,15 +199,11 @@ class Receipt:
 
     A receipt keeps no state of its own: it is its message's number, read against the
     channel's cumulative count of messages taken (so a million receipts cost nothing
-    to complete).
+    to complete). Its data (``ReceiptCore``: the channel, the flow, ``number``) is a C
+    struct, so the blocking driver's C send (``protocol/_credit.c``) makes it at once.
     """
 
-    __slots__ = ("_channel", "_flow", "number")
-
-    def __init__(self, channel: Any, flow: SendFlow, number: int) -> None:
-        self._channel = channel
-        self._flow = flow
-        self.number = number  # the message's number in its direction (1, 2, ...)
+    __slots__ = ()
 
     def _settled(self) -> bool:
         flow = self._flow
@@ -386,6 +387,7 @@ class ChannelCore:
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
         # made by use_write_lock (a message transport's: protocol/_dgram.c MessageSender)
         self._small_writer: SmallWriter | MessageSender | None = None
+        self._receipt_writer: ReceiptWriter | None = None  # made by receipt_writer
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
         # capacity=0 on a credit link: takes pass the rendezvous gate (_rv_gate); a read
         # that found the link empty since this end's latest offer was written
@@ -433,6 +435,44 @@ class ChannelCore:
                 self, lock, min(PLAIN_MAX, self.max_frame) - 8
             )
             self._fast_paths()
+
+    def receipt_writer(
+        self,
+        channel: Any,
+        reap: Callable[[], None],
+        fallback: Callable[..., Receipt],
+        finish: Callable[[int, int], Receipt],
+    ) -> ReceiptWriter | None:
+        """The sync driver's ``send_bytes_async`` in C (``protocol/_credit.c``
+        ReceiptWriter): small bytes on a quiet framed stream in one call (the write,
+        the count in ``sflow``, the :class:`Receipt` of ``channel``; ``reap`` reads
+        acknowledgements now and then), anything else through ``fallback`` (the
+        driver's general way), a partial write finished by ``finish(number, serial)``.
+        Where :attr:`small_send` applies (the writer checks what may change per call
+        itself, ``small_limit`` too); None elsewhere. The first receipt it sends makes
+        the receipt flow (:meth:`receipt_flow`)."""
+        stream = self._stream
+        if (
+            ReceiptWriter is None
+            or stream is None
+            or self.small_limit < 0
+            or self._small_writer is None  # no write lock given (the asyncio driver)
+        ):
+            return None
+        self._receipt_writer = ReceiptWriter(
+            stream.write_fileno(),
+            self,
+            self.io_lock,
+            self.receipt_flow,
+            channel,
+            Receipt,
+            self._small_part,
+            reap,
+            fallback,
+            finish,
+            stream.dontwait,
+        )
+        return self._receipt_writer
 
     def _small_part(self, flags: int, data: bytes, written: int) -> int:
         """:attr:`small_send` wrote ``written`` bytes of the frame of ``data``: keep its
@@ -1005,12 +1045,12 @@ class ChannelCore:
 
     def statistics(self) -> Statistics:
         stats = replace(self.stats)
-        small = self._small_writer
-        if small is not None:
-            sent, sent_bytes, would_block = small.counts()
-            stats.messages_sent += sent
-            stats.bytes_sent += sent_bytes
-            stats.send_would_block += would_block
+        for small in (self._small_writer, self._receipt_writer):
+            if small is not None:
+                sent, sent_bytes, would_block = small.counts()
+                stats.messages_sent += sent
+                stats.bytes_sent += sent_bytes
+                stats.send_would_block += would_block
         ops = self.transport.ring_ops
         if ops is not None:
             sent, sent_bytes, received, received_bytes = ops.counts()  # also after close
@@ -1608,6 +1648,19 @@ class ChannelCore:
             self.taken += 1
             flags = item[0]
             if flags > 7:  # a receipt is asked for
+                rflow = self.rflow
+                if (
+                    frames
+                    and rflow is not None
+                    and rflow.capacity is None
+                    and rflow.unreported < _REPORT_LAST
+                ):
+                    # RecvFlow.on_take inlined for the common case (another message in
+                    # hand, no capacity, the batch not full): it only counts
+                    rflow.taken += 1
+                    rflow.report_due = True
+                    rflow.unreported += 1
+                    return (flags & 7, item[1])
                 self._took(True, bool(frames))
                 return (flags & 7, item[1])
             if self.taking:
@@ -1817,6 +1870,12 @@ class ChannelCore:
             stats.bytes_received += len(got[1]) + 8
             stats.messages_received += 1
             self.taken += 1
+            flags = got[0]
+            if flags > 7:  # a receipt is asked for (the C wait takes such frames too)
+                self._took(True, False)
+                return (flags & 7, got[1])
+            if self.taking:  # takes are numbered (receipts were asked before)
+                self._took(False, False)
             return got
         if self.closed:
             raise ChannelClosed("the channel is closed")

@@ -381,6 +381,37 @@ def test_small_writer_hands_a_partial_write_to_the_core() -> None:
         os.close(w)
 
 
+def test_small_writer_holds_the_write_lock_while_the_tail_is_kept() -> None:
+    """on_part is Python code: another thread may run meanwhile, and it must not find
+    the write lock free before the partial frame's tail is owed (it would write a frame
+    of its own into the middle of this one). The writer takes the lock for the write
+    and gives it back after on_part; a lock held elsewhere sends it the general way."""
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+        while True:  # fill the pipe, then free one page: a large write takes part
+            try:
+                os.write(w, b"f" * 4096)
+            except BlockingIOError:
+                break
+        assert len(os.read(r, 4096)) == 4096
+        lock = threading.Lock()
+        held: list[bool] = []
+
+        def on_part(flags: int, data: bytes, n: int) -> int:
+            held.append(lock.locked())
+            return 7
+
+        write = _stream.SmallWriter(w, _Core(), lock, 100_000, on_part)
+        assert write(b"d" * 10_000) == 7
+        assert held == [True]  # the lock was this call's while the tail was kept
+        assert lock.acquire(False)  # and it is free again
+        lock.release()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_a_signal_during_the_spin_is_handled_before_the_sleep() -> None:
     """A signal that comes while the call spins interrupts no system call; its handler
     must still run before the call sleeps: run later (when something wakes the sleep),

@@ -57,11 +57,13 @@
  *       The hot path of a blocking ``send_bytes`` (ChannelCore.small_send): ``data``,
  *       bytes of at most ``limit``, as one plain DATA frame in one writev, when the
  *       channel is quiet (``sock`` true: one sendmsg with MSG_DONTWAIT, as write_frame):
- *       ``lock`` (the driver's write lock) is free, and ``core`` owes
+ *       ``lock`` (the driver's write lock) is free (taken with acquire(False) and held
+ *       from the checks until a partial write's tail is kept: the Python code of
+ *       ``on_part`` may let another thread run, which must find the tail owed or
+ *       wait for the lock), and ``core`` owes
  *       nothing (``pending`` empty, ``credit_out`` None), is open and numbers no sends
  *       (``sflow`` None): fields read from the core's ``__dict__`` (``closed`` must be
- *       a bool), ``pending`` a deque the core keeps for good. The GIL is held from those checks to the count, so no Python
- *       thread can come between. True: written whole, counted here (``sent``,
+ *       a bool), ``pending`` a deque the core keeps for good. True: written whole, counted here (``sent``,
  *       ``sent_bytes``; the core adds them to its statistics). False: nothing written
  *       (not quiet, not small bytes, no room, an error): the caller goes the general
  *       way, which meets the same error. Written in part: ``on_part(flags, data, n)``
@@ -447,6 +449,8 @@ typedef struct {
     PyObject *state; /* core.__dict__: its fields read without attribute lookups */
     PyObject *pending; /* core.pending, a deque the core never replaces */
     PyObject *lock;
+    PyObject *acquire; /* the lock's bound methods */
+    PyObject *release;
     PyObject *on_part;
     unsigned long long sent;
     unsigned long long sent_bytes;
@@ -454,7 +458,7 @@ typedef struct {
     vectorcallfunc vectorcall;
 } SmallWriter;
 
-static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow, *s_locked;
+static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow;
 
 /* 1: the core's field ``name`` is set (``not_none``: not None, else True); -1: error */
 static int core_flag(PyObject *state, PyObject *name, int not_none) {
@@ -467,6 +471,8 @@ static int core_flag(PyObject *state, PyObject *name, int not_none) {
     return not_none ? v != Py_None : v == Py_True;
 }
 
+static PyObject *small_write(SmallWriter *self, PyObject *data);
+
 static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
                                    PyObject *kwnames) {
     SmallWriter *self = (SmallWriter *)op;
@@ -477,13 +483,29 @@ static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t n
     PyObject *data = args[0];
     if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) > self->limit)
         Py_RETURN_FALSE;
-    PyObject *held = PyObject_CallMethodNoArgs(self->lock, s_locked);
+    /* the write lock, held from the checks until a partial write's tail is kept (Python
+     * code, during which another thread may run: it must find the tail owed, or wait) */
+    PyObject *no = Py_False;
+    PyObject *held = PyObject_Vectorcall(self->acquire, &no, 1, NULL);
     if (held == NULL)
         return NULL;
-    int busy = PyObject_IsTrue(held);
+    int got_lock = held == Py_True;
     Py_DECREF(held);
-    if (busy)
-        return busy < 0 ? NULL : Py_NewRef(Py_False);
+    if (!got_lock)
+        Py_RETURN_FALSE; /* another thread writes: the general way waits for the lock */
+    PyObject *out = small_write(self, data);
+    PyObject *released = PyObject_CallNoArgs(self->release);
+    if (released == NULL) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    Py_DECREF(released);
+    return out;
+}
+
+/* SmallWriter's write, under the write lock: True written whole, False nothing written
+ * (the general way), an int (a partial write: the frame's serial), NULL an error */
+static PyObject *small_write(SmallWriter *self, PyObject *data) {
     Py_ssize_t owed = PyObject_Length(self->pending);
     if (owed != 0)
         return owed < 0 ? NULL : Py_NewRef(Py_False);
@@ -548,14 +570,16 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
     if (state == NULL)
         return NULL;
     PyObject *pending = PyObject_GetAttr(core, s_pending);
-    if (pending == NULL) {
-        Py_DECREF(state);
-        return NULL;
-    }
-    SmallWriter *self = (SmallWriter *)type->tp_alloc(type, 0);
+    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
+    PyObject *release = PyObject_GetAttrString(lock, "release");
+    SmallWriter *self = NULL;
+    if (pending != NULL && acquire != NULL && release != NULL)
+        self = (SmallWriter *)type->tp_alloc(type, 0);
     if (self == NULL) {
         Py_DECREF(state);
-        Py_DECREF(pending);
+        Py_XDECREF(pending);
+        Py_XDECREF(acquire);
+        Py_XDECREF(release);
         return NULL;
     }
     self->state = state;
@@ -565,6 +589,8 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
     self->limit = limit;
     self->core = Py_NewRef(core);
     self->lock = Py_NewRef(lock);
+    self->acquire = acquire;
+    self->release = release;
     self->on_part = Py_NewRef(on_part);
     self->vectorcall = small_writer_call;
     return (PyObject *)self;
@@ -575,6 +601,8 @@ static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) 
     Py_VISIT(self->state);
     Py_VISIT(self->pending);
     Py_VISIT(self->lock);
+    Py_VISIT(self->acquire);
+    Py_VISIT(self->release);
     Py_VISIT(self->on_part);
     return 0;
 }
@@ -584,6 +612,8 @@ static int small_writer_clear(SmallWriter *self) {
     Py_CLEAR(self->state);
     Py_CLEAR(self->pending);
     Py_CLEAR(self->lock);
+    Py_CLEAR(self->acquire);
+    Py_CLEAR(self->release);
     Py_CLEAR(self->on_part);
     return 0;
 }
@@ -645,8 +675,7 @@ PyMODINIT_FUNC PyInit__stream(void) {
     if ((s_pending = PyUnicode_InternFromString("pending")) == NULL ||
         (s_credit_out = PyUnicode_InternFromString("credit_out")) == NULL ||
         (s_closed = PyUnicode_InternFromString("closed")) == NULL ||
-        (s_sflow = PyUnicode_InternFromString("sflow")) == NULL ||
-        (s_locked = PyUnicode_InternFromString("locked")) == NULL)
+        (s_sflow = PyUnicode_InternFromString("sflow")) == NULL)
         return NULL;
     if (PyType_Ready(&SmallWriterType) < 0)
         return NULL;

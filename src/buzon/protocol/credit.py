@@ -82,6 +82,8 @@ __all__ = [
     "UNLIMITED",
     "WITHDRAWN_CODEC",
     "WITHDRAW_CODEC",
+    "ReceiptCore",
+    "ReceiptWriter",
     "RecvFlow",
     "SendFlow",
     "check_capacity",
@@ -89,6 +91,22 @@ __all__ = [
     "encode_credit",
     "encode_withdraw",
 ]
+
+try:  # receipts' hot path in C (protocol/_credit.c); this module stays the reference
+    from ._credit import ReceiptCore, ReceiptWriter
+except ImportError:  # pragma: no cover - a build without the extension
+    ReceiptWriter = None  # type: ignore[assignment,misc]
+
+    class ReceiptCore:  # type: ignore[no-redef]
+        """A receipt's data: its channel, its SendFlow, its message number."""
+
+        __slots__ = ("_channel", "_flow", "number")
+
+        def __init__(self, channel: object, flow: object, number: int) -> None:
+            self._channel = channel
+            self._flow = flow
+            self.number = number
+
 
 UNLIMITED = 2**64 - 1
 RECEIPT_FLAG = 0x08

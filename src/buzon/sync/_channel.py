@@ -277,6 +277,11 @@ class Channel(ChannelIdentity):
         self._watched: dict[Any, int] = {}  # loop -> receipts awaited there reading
         core.use_write_lock(self._wlock)
         core.on_credit = self._credit_arrived
+        writer = core.receipt_writer(
+            self, self._receipt_poll, self._send_bytes_async, self._finish_receipt
+        )
+        if writer is not None:  # send_bytes_async in C (protocol/_credit.c): it shadows
+            self.send_bytes_async = writer  # type: ignore[method-assign]  # the method
 
     @property
     def capacity(self) -> int | None:
@@ -460,6 +465,13 @@ class Channel(ChannelIdentity):
         self, data: Buffer, timeout: float | None = None, *, priority: int = 0
     ) -> Receipt:
         """:meth:`send_async` for bytes (no codec)."""
+        # (on a quiet stream this channel's own C writer shadows this method: __init__)
+        return self._send_bytes_async(data, timeout, priority=priority)
+
+    def _send_bytes_async(
+        self, data: Buffer, timeout: float | None = None, *, priority: int = 0
+    ) -> Receipt:
+        """:meth:`send_bytes_async`'s general way (what its C writer cannot do)."""
         core = self._core
         flow = core.sflow  # made by the first receipt: then small payloads go in one write
         if flow is not None and type(data) is bytes and len(data) <= core.small_limit:
@@ -479,6 +491,10 @@ class Channel(ChannelIdentity):
             if pending:  # a partial write to finish
                 return self._send_receipt_slow([], number, serial, timeout, 0)
         return self._send_receipt(core.encode_bytes(data, receipt=True), timeout, priority)
+
+    def _finish_receipt(self, number: int, serial: int) -> Receipt:
+        """The C writer's message ``number`` was written in part: finish it."""
+        return self._send_receipt_slow([], number, serial, None, 0)
 
     def _send_receipt(self, bufs: list[Buffer], timeout: float | None, priority: int) -> Receipt:
         core = self._core

@@ -1,0 +1,436 @@
+/* Receipts' hot path (protocol/credit.py, ChannelCore), in C.
+ *
+ *   ReceiptCore(channel, flow, number)
+ *       The data of a buzon.Receipt (its Python subclass in _channel.py has the
+ *       methods): the channel it was sent on, its SendFlow and its message number, as
+ *       read-only members ``_channel``, ``_flow``, ``number``. A C base so the writer
+ *       below makes one without running Python code.
+ *
+ *   ReceiptWriter(fd, core, lock, make_flow, channel, receipt_type, on_part, reap,
+ *                 fallback, finish, sock=False)(data[, timeout][, priority=]) -> Receipt
+ *       The blocking ``send_bytes_async`` itself (the sync driver puts it in the
+ *       channel's instance dict, where it shadows the method): ``data`` alone, bytes of
+ *       at most the core's ``small_limit`` (-1 while the stream is not quiet), goes as
+ *       one plain DATA frame asking for a receipt (flags 8) in one writev (``sock``: one
+ *       sendmsg with MSG_DONTWAIT: a socket transport's socket may be in blocking mode) when the
+ *       channel is quiet: ``lock`` (the driver's write lock) is
+ *       free (taken with acquire(False), held from the checks to the count), the core
+ *       owes nothing (``pending`` empty, ``credit_out`` None; fields read from the
+ *       core's ``__dict__``, ``pending`` a deque the core keeps for good) and is open,
+ *       and ``flow`` (the core's SendFlow, which numbers the messages; made by
+ *       ``make_flow()`` at the first call) has credit (``sent < limit``). Written whole: the message is counted in ``flow.sent`` and
+ *       here (``counts()``; the core adds them to its statistics) and a new
+ *       ``receipt_type(channel, flow, number)`` is returned. Written in part: it is
+ *       counted, ``on_part(8, data, n)`` keeps the tail as the core does for its own
+ *       writes and returns the frame's serial, and ``finish(number, serial)`` (the
+ *       engine finishing the frame) gives the receipt. Anything else (other
+ *       arguments, not small bytes, not quiet, no credit, no room, an error): nothing
+ *       is written and ``fallback`` (the driver's general way, which meets the same
+ *       error) is called with the same arguments. Before every 64th call ``reap()``
+ *       reads the acknowledgements that arrived, never waiting (before the write, so
+ *       what it raises loses nothing): a long stream of receipts stays bounded.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <structmember.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define VERSION 1
+#define KIND_DATA 1
+#define RECEIPT_FLAG 8
+
+/* -- ReceiptCore ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *channel;
+    PyObject *flow;
+    Py_ssize_t number;
+} ReceiptCore;
+
+static int receipt_init(ReceiptCore *self, PyObject *args, PyObject *kwds) {
+    PyObject *channel, *flow;
+    Py_ssize_t number;
+    static char *kwlist[] = {"channel", "flow", "number", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn:Receipt", kwlist, &channel, &flow,
+                                     &number))
+        return -1;
+    Py_XSETREF(self->channel, Py_NewRef(channel));
+    Py_XSETREF(self->flow, Py_NewRef(flow));
+    self->number = number;
+    return 0;
+}
+
+/* Not GC-tracked (cheaper to make and free): a receipt refers to its channel and flow,
+ * and neither refers to receipts, so it is never part of a cycle. */
+static void receipt_dealloc(ReceiptCore *self) {
+    Py_CLEAR(self->channel);
+    Py_CLEAR(self->flow);
+    Py_TYPE(self)->tp_free((PyObject *)self); /* a Python subclass's dealloc drops its type */
+}
+
+static PyMemberDef receipt_members[] = {
+    {"_channel", T_OBJECT, offsetof(ReceiptCore, channel), READONLY,
+     "the channel the message was sent on"},
+    {"_flow", T_OBJECT, offsetof(ReceiptCore, flow), READONLY,
+     "the SendFlow its number is read against"},
+    {"number", T_PYSSIZET, offsetof(ReceiptCore, number), READONLY,
+     "the message's number in its direction (1, 2, ...)"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ReceiptCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._credit.ReceiptCore",
+    .tp_basicsize = sizeof(ReceiptCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "ReceiptCore(channel, flow, number): a receipt's data (see the module's "
+              "comment)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)receipt_init,
+    .tp_dealloc = (destructor)receipt_dealloc,
+    .tp_members = receipt_members,
+};
+
+/* -- ReceiptWriter ---------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    int sock;          /* a socket: sendmsg(MSG_DONTWAIT) (it may be in blocking mode) */
+    PyObject *state;   /* core.__dict__: its fields read without attribute lookups */
+    PyObject *pending; /* core.pending, a deque the core never replaces */
+    PyObject *acquire; /* the write lock's bound methods */
+    PyObject *release;
+    PyObject *flow;
+    PyObject *channel;
+    PyTypeObject *receipt_type;
+    PyObject *on_part;
+    PyObject *reap;
+    PyObject *fallback;
+    PyObject *finish;
+    PyObject *make_flow;
+    unsigned long long calls;
+    unsigned long long sent;
+    unsigned long long sent_bytes;
+    unsigned long long would_block;
+    vectorcallfunc vectorcall;
+} ReceiptWriter;
+
+static PyObject *s_pending, *s_credit_out, *s_closed, *s_sent, *s_limit, *s_small_limit;
+
+/* 1: the core's field ``name`` is set (``not_none``: not None, else True); -1: error */
+static int core_flag(PyObject *state, PyObject *name, int not_none) {
+    PyObject *v = PyDict_GetItemWithError(state, name); /* borrowed */
+    if (v == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_AttributeError, "the channel core has no %R", name);
+        return -1;
+    }
+    return not_none ? v != Py_None : v == Py_True;
+}
+
+/* flow.<name> as an unsigned 64-bit count; -1 (with an exception) on error */
+static int flow_count(PyObject *flow, PyObject *name, unsigned long long *out) {
+    PyObject *v = PyObject_GetAttr(flow, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *make_receipt(ReceiptWriter *self, unsigned long long number) {
+    PyTypeObject *type = self->receipt_type;
+    ReceiptCore *r = (ReceiptCore *)type->tp_alloc(type, 0);
+    if (r == NULL)
+        return NULL;
+    r->channel = Py_NewRef(self->channel);
+    r->flow = Py_NewRef(self->flow);
+    r->number = (Py_ssize_t)number;
+    return (PyObject *)r;
+}
+
+/* The write itself, under the write lock: -1 error, 0 nothing written, 1 written
+ * whole, 2 written in part (``*serial``: the frame's serial); ``*number``: its number */
+static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long *number,
+                         PyObject **serial) {
+    unsigned long long sent, limit;
+    Py_ssize_t owed = PyObject_Length(self->pending);
+    if (owed != 0)
+        return owed < 0 ? -1 : 0;
+    int r;
+    if ((r = core_flag(self->state, s_credit_out, 1)) != 0 ||
+        (r = core_flag(self->state, s_closed, 0)) != 0)
+        return r < 0 ? -1 : 0;
+    if (flow_count(self->flow, s_sent, &sent) < 0 || flow_count(self->flow, s_limit, &limit) < 0)
+        return -1;
+    if (sent >= limit)
+        return 0; /* the general way tells the receiver, and the engine waits */
+    /* the new count made before the write: nothing can fail between write and count */
+    PyObject *next = PyLong_FromUnsignedLongLong(sent + 1);
+    if (next == NULL)
+        return -1;
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    uint32_t len = (uint32_t)n;
+    unsigned char header[8] = {VERSION,
+                               KIND_DATA,
+                               RECEIPT_FLAG,
+                               0,
+                               (unsigned char)(len & 0xFF),
+                               (unsigned char)((len >> 8) & 0xFF),
+                               (unsigned char)((len >> 16) & 0xFF),
+                               (unsigned char)((len >> 24) & 0xFF)};
+    struct iovec iov[2] = {
+        {.iov_base = header, .iov_len = sizeof header},
+        {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
+    };
+    ssize_t got;
+    do {
+        if (self->sock) { /* never blocks, whatever the socket's mode */
+            struct msghdr msg = {.msg_iov = iov, .msg_iovlen = n ? 2 : 1};
+            got = sendmsg(self->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } else
+            got = writev(self->fd, iov, n ? 2 : 1);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        Py_DECREF(next);
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            self->would_block++;
+        return 0; /* the general way writes again and reports what it meets */
+    }
+    /* a slot's setattr of an int: no Python code runs */
+    int set = PyObject_SetAttr(self->flow, s_sent, next);
+    Py_DECREF(next);
+    if (set < 0)
+        return -1;
+    *number = sent + 1;
+    if (got == n + 8) {
+        self->sent++;
+        self->sent_bytes += (unsigned long long)got;
+        return 1;
+    }
+    PyObject *flags = PyLong_FromLong(RECEIPT_FLAG);
+    PyObject *wrote = PyLong_FromSsize_t(got);
+    *serial = NULL;
+    if (flags != NULL && wrote != NULL) {
+        PyObject *call[3] = {flags, data, wrote};
+        *serial = PyObject_Vectorcall(self->on_part, call, 3, NULL);
+    }
+    Py_XDECREF(flags);
+    Py_XDECREF(wrote);
+    return *serial == NULL ? -1 : 2;
+}
+
+static PyObject *receipt_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames) {
+    ReceiptWriter *self = (ReceiptWriter *)op;
+    PyObject *data = PyVectorcall_NARGS(nargsf) == 1 ? args[0] : NULL;
+    if (data == NULL || kwnames != NULL || !PyBytes_CheckExact(data))
+        return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+    PyObject *small = PyDict_GetItemWithError(self->state, s_small_limit); /* borrowed */
+    if (small == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_AttributeError, "the channel core has no small_limit");
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(small);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyBytes_GET_SIZE(data) > limit) /* -1: the stream is not quiet (see the core) */
+        return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+    if (self->flow == Py_None) { /* the first receipt: the core makes the flow */
+        PyObject *flow = PyObject_CallNoArgs(self->make_flow);
+        if (flow == NULL)
+            return NULL;
+        Py_SETREF(self->flow, flow);
+    }
+    if (!(++self->calls & 63)) {
+        /* now and then, before the write (what it raises then loses nothing): read
+         * the acknowledgements that came meanwhile (Python code: the checks follow) */
+        PyObject *done = PyObject_CallNoArgs(self->reap);
+        if (done == NULL)
+            return NULL;
+        Py_DECREF(done);
+    }
+    /* the write lock, held from the checks to the count (a partial write's tail kept):
+     * no other thread writes between, whatever Python code runs meanwhile */
+    PyObject *no = Py_False;
+    PyObject *held = PyObject_Vectorcall(self->acquire, &no, 1, NULL);
+    if (held == NULL)
+        return NULL;
+    int got_lock = held == Py_True;
+    Py_DECREF(held);
+    if (!got_lock) /* another thread writes: the general way waits for the lock */
+        return PyObject_Vectorcall(self->fallback, args, 1, NULL);
+    unsigned long long number = 0;
+    PyObject *serial = NULL;
+    int done = receipt_write(self, data, &number, &serial);
+    PyObject *released = PyObject_CallNoArgs(self->release);
+    if (released == NULL) {
+        Py_XDECREF(serial);
+        return NULL;
+    }
+    Py_DECREF(released);
+    switch (done) {
+    case 0: /* not quiet, no credit, no room: the general way */
+        return PyObject_Vectorcall(self->fallback, args, 1, NULL);
+    case 1: /* made after the lock is free: a collection here may run finalizers */
+        return make_receipt(self, number);
+    case 2: { /* the kernel took part of it: the engine finishes the frame */
+        PyObject *out = PyObject_CallFunction(self->finish, "KO", number, serial);
+        Py_DECREF(serial);
+        return out;
+    }
+    default:
+        return NULL;
+    }
+}
+
+static PyObject *receipt_writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    int fd, sock = 0;
+    PyObject *core, *lock, *make_flow, *channel, *receipt_type, *on_part, *reap, *fallback,
+        *finish;
+    static char *kwlist[] = {"fd",      "core", "lock",     "make_flow", "channel", "receipt_type",
+                             "on_part", "reap", "fallback", "finish",    "sock",    NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOOOOOO|p:ReceiptWriter", kwlist, &fd,
+                                     &core, &lock, &make_flow, &channel, &receipt_type,
+                                     &on_part, &reap, &fallback, &finish, &sock))
+        return NULL;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd must be non-negative");
+        return NULL;
+    }
+    if (!PyType_Check(receipt_type) ||
+        !PyType_IsSubtype((PyTypeObject *)receipt_type, &ReceiptCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "receipt_type must be a ReceiptCore type");
+        return NULL;
+    }
+    PyObject *state = PyObject_GenericGetDict(core, NULL);
+    if (state == NULL)
+        return NULL;
+    PyObject *pending = PyObject_GetAttr(core, s_pending);
+    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
+    PyObject *release = PyObject_GetAttrString(lock, "release");
+    ReceiptWriter *self = NULL;
+    if (pending != NULL && acquire != NULL && release != NULL)
+        self = (ReceiptWriter *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(state);
+        Py_XDECREF(pending);
+        Py_XDECREF(acquire);
+        Py_XDECREF(release);
+        return NULL;
+    }
+    self->state = state;
+    self->pending = pending;
+    self->fd = fd;
+    self->sock = sock;
+    self->flow = Py_NewRef(Py_None);
+    self->make_flow = Py_NewRef(make_flow);
+    self->acquire = acquire;
+    self->release = release;
+    self->channel = Py_NewRef(channel);
+    self->receipt_type = (PyTypeObject *)Py_NewRef(receipt_type);
+    self->on_part = Py_NewRef(on_part);
+    self->reap = Py_NewRef(reap);
+    self->fallback = Py_NewRef(fallback);
+    self->finish = Py_NewRef(finish);
+    self->vectorcall = receipt_writer_call;
+    return (PyObject *)self;
+}
+
+static int receipt_writer_traverse(ReceiptWriter *self, visitproc visit, void *arg) {
+    Py_VISIT(self->state);
+    Py_VISIT(self->pending);
+    Py_VISIT(self->acquire);
+    Py_VISIT(self->release);
+    Py_VISIT(self->flow);
+    Py_VISIT(self->channel);
+    Py_VISIT(self->receipt_type);
+    Py_VISIT(self->on_part);
+    Py_VISIT(self->reap);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->finish);
+    Py_VISIT(self->make_flow);
+    return 0;
+}
+
+static int receipt_writer_clear(ReceiptWriter *self) {
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->pending);
+    Py_CLEAR(self->acquire);
+    Py_CLEAR(self->release);
+    Py_CLEAR(self->flow);
+    Py_CLEAR(self->channel);
+    Py_CLEAR(self->receipt_type);
+    Py_CLEAR(self->on_part);
+    Py_CLEAR(self->reap);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->finish);
+    Py_CLEAR(self->make_flow);
+    return 0;
+}
+
+static void receipt_writer_dealloc(ReceiptWriter *self) {
+    PyObject_GC_UnTrack(self);
+    receipt_writer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *receipt_writer_counts(ReceiptWriter *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(KKK)", self->sent, self->sent_bytes, self->would_block);
+}
+
+static PyMethodDef receipt_writer_methods[] = {
+    {"counts", (PyCFunction)receipt_writer_counts, METH_NOARGS,
+     "counts() -> (sent, sent_bytes, would_block): what this writer moved and met"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReceiptWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._credit.ReceiptWriter",
+    .tp_basicsize = sizeof(ReceiptWriter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "ReceiptWriter(fd, core, lock, make_flow, channel, receipt_type, on_part, "
+              "reap, fallback, finish): send_bytes_async's hot path (see the module's "
+              "comment)",
+    .tp_new = receipt_writer_new,
+    .tp_dealloc = (destructor)receipt_writer_dealloc,
+    .tp_traverse = (traverseproc)receipt_writer_traverse,
+    .tp_clear = (inquiry)receipt_writer_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(ReceiptWriter, vectorcall),
+    .tp_methods = receipt_writer_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "buzon.protocol._credit",
+    "Receipts' hot path (see protocol/credit.py).", -1, NULL, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__credit(void) {
+    if ((s_pending = PyUnicode_InternFromString("pending")) == NULL ||
+        (s_credit_out = PyUnicode_InternFromString("credit_out")) == NULL ||
+        (s_closed = PyUnicode_InternFromString("closed")) == NULL ||
+        (s_sent = PyUnicode_InternFromString("sent")) == NULL ||
+        (s_limit = PyUnicode_InternFromString("limit")) == NULL ||
+        (s_small_limit = PyUnicode_InternFromString("small_limit")) == NULL)
+        return NULL;
+    if (PyType_Ready(&ReceiptCoreType) < 0 || PyType_Ready(&ReceiptWriterType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "ReceiptCore", (PyObject *)&ReceiptCoreType) < 0 ||
+        PyModule_AddObjectRef(m, "ReceiptWriter", (PyObject *)&ReceiptWriterType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
