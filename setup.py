@@ -41,17 +41,20 @@ setup(
         Extension(
             "buzon.protocol._stream",
             sources=["src/buzon/protocol/_stream.c"],
+            depends=["src/buzon/protocol/_writer.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(
             "buzon.protocol._dgram",
             sources=["src/buzon/protocol/_dgram.c"],
+            depends=["src/buzon/protocol/_writer.h"],
             libraries=["rt"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(
             "buzon.protocol._credit",
             sources=["src/buzon/protocol/_credit.c"],
+            depends=["src/buzon/protocol/_writer.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(

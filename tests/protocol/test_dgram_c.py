@@ -376,6 +376,41 @@ def test_message_sender_of_a_fifo_numbers_its_pieces_like_the_encoder() -> None:
         os.close(w)
 
 
+def test_message_sender_holds_the_write_lock_while_it_numbers_a_fifo_piece() -> None:
+    """The fifo's numbering reads and sets the encoder's seq: no other thread may send
+    between, so the sender holds the write lock (acquire(False)) from its checks to the
+    count, and gives it back; a lock held elsewhere sends it the general way."""
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+
+        class Writer:
+            def __init__(self) -> None:
+                self.encoder = Encoder(1234, 99)
+                self._job = None
+                self._batch: list[bytes] = []
+                self._corked = False
+                self.framed = True
+
+        lock = threading.Lock()
+        held: list[bool] = []
+
+        def piece(*args: object) -> bytes:
+            held.append(lock.locked())
+            return wrap(*args)  # type: ignore[arg-type]
+
+        send = _dgram.MessageSender(w, _dgram.FIFO, _Core(), lock, 100, None, Writer(), piece)
+        assert send(b"one") is True
+        assert held == [True]  # numbered under the lock
+        assert lock.acquire(False)  # and given back
+        assert send(b"two") is False  # held elsewhere: the general way
+        lock.release()
+        assert held == [True]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 # -- the fifo: reader's wait -----------------------------------------------------------
 
 _fifo_piece = st.one_of(

@@ -40,8 +40,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define VERSION 1
-#define KIND_DATA 1
+#include "_writer.h"
+
 #define RECEIPT_FLAG 8
 
 /* -- ReceiptCore ------------------------------------------------------------------ */
@@ -123,16 +123,6 @@ typedef struct {
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_sent, *s_limit, *s_small_limit;
 
-/* 1: the core's field ``name`` is set (``not_none``: not None, else True); -1: error */
-static int core_flag(PyObject *state, PyObject *name, int not_none) {
-    PyObject *v = PyDict_GetItemWithError(state, name); /* borrowed */
-    if (v == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_Format(PyExc_AttributeError, "the channel core has no %R", name);
-        return -1;
-    }
-    return not_none ? v != Py_None : v == Py_True;
-}
 
 /* flow.<name> as an unsigned 64-bit count; -1 (with an exception) on error */
 static int flow_count(PyObject *flow, PyObject *name, unsigned long long *out) {
@@ -177,14 +167,8 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
         return -1;
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     uint32_t len = (uint32_t)n;
-    unsigned char header[8] = {VERSION,
-                               KIND_DATA,
-                               RECEIPT_FLAG,
-                               0,
-                               (unsigned char)(len & 0xFF),
-                               (unsigned char)((len >> 8) & 0xFF),
-                               (unsigned char)((len >> 16) & 0xFF),
-                               (unsigned char)((len >> 24) & 0xFF)};
+    unsigned char header[8];
+    data_header(header, RECEIPT_FLAG, len);
     struct iovec iov[2] = {
         {.iov_base = header, .iov_len = sizeof header},
         {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
@@ -259,13 +243,10 @@ static PyObject *receipt_writer_call(PyObject *op, PyObject *const *args, size_t
     }
     /* the write lock, held from the checks to the count (a partial write's tail kept):
      * no other thread writes between, whatever Python code runs meanwhile */
-    PyObject *no = Py_False;
-    PyObject *held = PyObject_Vectorcall(self->acquire, &no, 1, NULL);
-    if (held == NULL)
+    int locked = try_lock(self->acquire);
+    if (locked < 0)
         return NULL;
-    int got_lock = held == Py_True;
-    Py_DECREF(held);
-    if (!got_lock) /* another thread writes: the general way waits for the lock */
+    if (!locked) /* another thread writes: the general way waits for the lock */
         return PyObject_Vectorcall(self->fallback, args, 1, NULL);
     unsigned long long number = 0;
     PyObject *serial = NULL;

@@ -41,9 +41,10 @@
  *       message (mq_timedsend, never sleeping), or one enveloped piece (kind FIFO:
  *       ``piece`` numbered by ``writer``'s encoder, one write(2), while the writer
  *       has nothing in progress, batched or corked), when the channel is quiet: ``lock``
- *       (the driver's write lock) is free and ``core`` owes nothing (``backlog``
- *       empty, ``credit_out`` None), is open and numbers no sends (``sflow`` None).
- *       The GIL is held from those checks to the count. True: sent, counted here
+ *       (the driver's write lock) is free (taken with acquire(False) and held from
+ *       the checks to the count: the fifo's numbering reads and sets the encoder's seq)
+ *       and ``core`` owes nothing (``backlog`` empty, ``credit_out`` None), is open
+ *       and numbers no sends (``sflow`` None). True: sent, counted here
  *       (``counts()``; the core adds them to its statistics). False: nothing sent
  *       (not quiet, not small bytes, no room, no sender yet, an error): the caller goes
  *       the general way, which meets the same condition and reports it.
@@ -81,8 +82,10 @@
 #define SO_RXQ_OVFL 40
 #endif
 
-#define VERSION 1
-#define KIND_DATA 1
+#include "_writer.h"
+
+#define VERSION BUZON_FRAME_VERSION
+#define KIND_DATA BUZON_KIND_DATA
 #define KIND_CREDIT 6 /* protocol/frames.py Kind.CREDIT */
 #define NOT_PLAIN 0xFC /* flags a fast message never has: only codec bits 0..1 */
 
@@ -648,6 +651,8 @@ typedef struct {
     PyObject *state;   /* core.__dict__: its fields read without attribute lookups */
     PyObject *backlog; /* core.backlog, a deque the core never replaces */
     PyObject *lock;
+    PyObject *acquire; /* the lock's bound methods */
+    PyObject *release;
     PyObject *receiver; /* a bound socket: where replies go (its last sender); or NULL */
     char *scratch;      /* a queue message: header and payload joined (8 + limit) */
     PyObject *tstate;   /* fifo: the writer's __dict__ (nothing in progress?) */
@@ -659,8 +664,7 @@ typedef struct {
     vectorcallfunc vectorcall;
 } MessageSender;
 
-static PyObject *s_backlog, *s_credit_out, *s_closed, *s_sflow, *s_locked;
-static int core_flag(PyObject *state, PyObject *name, int not_none);
+static PyObject *s_backlog, *s_credit_out, *s_closed, *s_sflow;
 static PyObject *s_job, *s_batch, *s_corked, *s_framed, *s_pid, *s_nonce, *s_seq;
 
 /* fifo: the piece of one small frame (header + data), numbered with the encoder's
@@ -703,16 +707,8 @@ static PyObject *fifo_piece(MessageSender *self, const unsigned char *header, Py
     return out;
 }
 
-/* 1: the core's field ``name`` is set (``not_none``: not None, else True); -1: error */
-static int core_flag(PyObject *state, PyObject *name, int not_none) {
-    PyObject *v = PyDict_GetItemWithError(state, name); /* borrowed */
-    if (v == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_Format(PyExc_AttributeError, "the channel core has no %R", name);
-        return -1;
-    }
-    return not_none ? v != Py_None : v == Py_True;
-}
+
+static PyObject *sender_write(MessageSender *self, PyObject *data, Receiver *to);
 
 static PyObject *sender_call(PyObject *op, PyObject *const *args, size_t nargsf,
                              PyObject *kwnames) {
@@ -727,13 +723,17 @@ static PyObject *sender_call(PyObject *op, PyObject *const *args, size_t nargsf,
     Receiver *to = (Receiver *)self->receiver;
     if (to != NULL && to->sender_len == 0)
         Py_RETURN_FALSE; /* nobody to reply to yet: the general way says so */
-    PyObject *held = PyObject_CallMethodNoArgs(self->lock, s_locked);
-    if (held == NULL)
-        return NULL;
-    int busy = PyObject_IsTrue(held);
-    Py_DECREF(held);
-    if (busy)
-        return busy < 0 ? NULL : Py_NewRef(Py_False);
+    /* the write lock, held from the checks to the count: the fifo's numbering reads and
+     * sets the encoder's seq, and no other thread may send between */
+    int locked = try_lock(self->acquire);
+    if (locked <= 0) /* another thread writes: the general way waits for the lock */
+        return locked < 0 ? NULL : Py_NewRef(Py_False);
+    return unlock_with(self->release, sender_write(self, data, to));
+}
+
+/* MessageSender's send, under the write lock: True sent, False not (the general way),
+ * NULL an error */
+static PyObject *sender_write(MessageSender *self, PyObject *data, Receiver *to) {
     Py_ssize_t owed = PyObject_Length(self->backlog);
     if (owed != 0)
         return owed < 0 ? NULL : Py_NewRef(Py_False);
@@ -744,14 +744,8 @@ static PyObject *sender_call(PyObject *op, PyObject *const *args, size_t nargsf,
         return r < 0 ? NULL : Py_NewRef(Py_False);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     uint32_t len = (uint32_t)n;
-    unsigned char header[8] = {VERSION,
-                               KIND_DATA,
-                               0,
-                               0,
-                               (unsigned char)(len & 0xFF),
-                               (unsigned char)((len >> 8) & 0xFF),
-                               (unsigned char)((len >> 16) & 0xFF),
-                               (unsigned char)((len >> 24) & 0xFF)};
+    unsigned char header[8];
+    data_header(header, 0, len);
     ssize_t got;
     if (self->kind == KIND_FIFO) {
         PyObject *seq = NULL;
@@ -846,14 +840,16 @@ static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     if (state == NULL)
         return NULL;
     PyObject *backlog = PyObject_GetAttr(core, s_backlog);
-    if (backlog == NULL) {
-        Py_DECREF(state);
-        return NULL;
-    }
-    MessageSender *self = (MessageSender *)type->tp_alloc(type, 0);
+    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
+    PyObject *release = PyObject_GetAttrString(lock, "release");
+    MessageSender *self = NULL;
+    if (backlog != NULL && acquire != NULL && release != NULL)
+        self = (MessageSender *)type->tp_alloc(type, 0);
     if (self == NULL) {
         Py_DECREF(state);
-        Py_DECREF(backlog);
+        Py_XDECREF(backlog);
+        Py_XDECREF(acquire);
+        Py_XDECREF(release);
         return NULL;
     }
     self->state = state;
@@ -862,6 +858,8 @@ static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     self->kind = kind;
     self->limit = limit;
     self->lock = Py_NewRef(lock);
+    self->acquire = acquire;
+    self->release = release;
     self->receiver = receiver == Py_None || kind == KIND_MQ ? NULL : Py_NewRef(receiver);
     self->vectorcall = sender_call;
     if (kind == KIND_FIFO) {
@@ -884,6 +882,8 @@ static int sender_traverse(MessageSender *self, visitproc visit, void *arg) {
     Py_VISIT(self->state);
     Py_VISIT(self->backlog);
     Py_VISIT(self->lock);
+    Py_VISIT(self->acquire);
+    Py_VISIT(self->release);
     Py_VISIT(self->receiver);
     Py_VISIT(self->tstate);
     Py_VISIT(self->encoder);
@@ -895,6 +895,8 @@ static int sender_clear(MessageSender *self) {
     Py_CLEAR(self->state);
     Py_CLEAR(self->backlog);
     Py_CLEAR(self->lock);
+    Py_CLEAR(self->acquire);
+    Py_CLEAR(self->release);
     Py_CLEAR(self->receiver);
     Py_CLEAR(self->tstate);
     Py_CLEAR(self->encoder);
@@ -955,7 +957,6 @@ PyMODINIT_FUNC PyInit__dgram(void) {
         (s_credit_out = PyUnicode_InternFromString("credit_out")) == NULL ||
         (s_closed = PyUnicode_InternFromString("closed")) == NULL ||
         (s_sflow = PyUnicode_InternFromString("sflow")) == NULL ||
-        (s_locked = PyUnicode_InternFromString("locked")) == NULL ||
         (s_job = PyUnicode_InternFromString("_job")) == NULL ||
         (s_batch = PyUnicode_InternFromString("_batch")) == NULL ||
         (s_corked = PyUnicode_InternFromString("_corked")) == NULL ||

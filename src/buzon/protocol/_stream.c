@@ -82,8 +82,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define VERSION 1
-#define KIND_DATA 1
+#include "_writer.h"
+
+#define VERSION BUZON_FRAME_VERSION
+#define KIND_DATA BUZON_KIND_DATA
 #define NOT_FAST 0xF4 /* protocol/frames.py _NOT_FAST: flags a plain frame never has */
 #define MODE_SOCKET 1 /* wait_frame: fd is a stream socket: reads are recv(MSG_DONTWAIT) */
 #define MODE_BLOCK 2  /* wait_frame: with no deadline, the sleep may be a blocking recv */
@@ -127,15 +129,7 @@ static PyObject *put_frame(PyObject *const *args, Py_ssize_t nargs, int sock) {
         return NULL;
     }
     unsigned char header[8];
-    uint32_t len = (uint32_t)n;
-    header[0] = VERSION;
-    header[1] = KIND_DATA;
-    header[2] = (unsigned char)flags;
-    header[3] = 0;
-    header[4] = (unsigned char)(len & 0xFF); /* little-endian u32, as HEADER packs it */
-    header[5] = (unsigned char)((len >> 8) & 0xFF);
-    header[6] = (unsigned char)((len >> 16) & 0xFF);
-    header[7] = (unsigned char)((len >> 24) & 0xFF);
+    data_header(header, (unsigned char)flags, (uint32_t)n);
     struct iovec iov[2] = {
         {.iov_base = header, .iov_len = sizeof header},
         {.iov_base = PyBytes_AS_STRING(args[2]), .iov_len = (size_t)n},
@@ -460,16 +454,6 @@ typedef struct {
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow;
 
-/* 1: the core's field ``name`` is set (``not_none``: not None, else True); -1: error */
-static int core_flag(PyObject *state, PyObject *name, int not_none) {
-    PyObject *v = PyDict_GetItemWithError(state, name); /* borrowed */
-    if (v == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_Format(PyExc_AttributeError, "the channel core has no %R", name);
-        return -1;
-    }
-    return not_none ? v != Py_None : v == Py_True;
-}
 
 static PyObject *small_write(SmallWriter *self, PyObject *data);
 
@@ -485,22 +469,10 @@ static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t n
         Py_RETURN_FALSE;
     /* the write lock, held from the checks until a partial write's tail is kept (Python
      * code, during which another thread may run: it must find the tail owed, or wait) */
-    PyObject *no = Py_False;
-    PyObject *held = PyObject_Vectorcall(self->acquire, &no, 1, NULL);
-    if (held == NULL)
-        return NULL;
-    int got_lock = held == Py_True;
-    Py_DECREF(held);
-    if (!got_lock)
-        Py_RETURN_FALSE; /* another thread writes: the general way waits for the lock */
-    PyObject *out = small_write(self, data);
-    PyObject *released = PyObject_CallNoArgs(self->release);
-    if (released == NULL) {
-        Py_XDECREF(out);
-        return NULL;
-    }
-    Py_DECREF(released);
-    return out;
+    int locked = try_lock(self->acquire);
+    if (locked <= 0) /* another thread writes: the general way waits for the lock */
+        return locked < 0 ? NULL : Py_NewRef(Py_False);
+    return unlock_with(self->release, small_write(self, data));
 }
 
 /* SmallWriter's write, under the write lock: True written whole, False nothing written
@@ -516,14 +488,8 @@ static PyObject *small_write(SmallWriter *self, PyObject *data) {
         return r < 0 ? NULL : Py_NewRef(Py_False);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     uint32_t len = (uint32_t)n;
-    unsigned char header[8] = {VERSION,
-                               KIND_DATA,
-                               0,
-                               0,
-                               (unsigned char)(len & 0xFF),
-                               (unsigned char)((len >> 8) & 0xFF),
-                               (unsigned char)((len >> 16) & 0xFF),
-                               (unsigned char)((len >> 24) & 0xFF)};
+    unsigned char header[8];
+    data_header(header, 0, len);
     struct iovec iov[2] = {
         {.iov_base = header, .iov_len = sizeof header},
         {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},

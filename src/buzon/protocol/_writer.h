@@ -1,0 +1,62 @@
+/* What the C writers of small frames share (protocol/_stream.c SmallWriter,
+ * protocol/_credit.c ReceiptWriter, protocol/_dgram.c MessageSender): a look at the
+ * channel core's fields, the plain DATA frame's header, and the driver's write lock
+ * taken without waiting. Header-only: each extension module includes it once. */
+#ifndef BUZON_PROTOCOL_WRITER_H
+#define BUZON_PROTOCOL_WRITER_H
+
+#include <Python.h>
+#include <stdint.h>
+
+#define BUZON_FRAME_VERSION 1
+#define BUZON_KIND_DATA 1
+
+/* 1: the core's field ``name`` is set (``not_none``: not None, else True); 0: not;
+ * -1: error (the field is missing) */
+static inline int core_flag(PyObject *state, PyObject *name, int not_none) {
+    PyObject *v = PyDict_GetItemWithError(state, name); /* borrowed */
+    if (v == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_AttributeError, "the channel core has no %R", name);
+        return -1;
+    }
+    return not_none ? v != Py_None : v == Py_True;
+}
+
+/* The 8-byte header of a plain DATA frame of ``len`` payload bytes (little-endian u32
+ * length, as frames.HEADER packs it) */
+static inline void data_header(unsigned char header[8], unsigned char flags, uint32_t len) {
+    header[0] = BUZON_FRAME_VERSION;
+    header[1] = BUZON_KIND_DATA;
+    header[2] = flags;
+    header[3] = 0;
+    header[4] = (unsigned char)(len & 0xFF);
+    header[5] = (unsigned char)((len >> 8) & 0xFF);
+    header[6] = (unsigned char)((len >> 16) & 0xFF);
+    header[7] = (unsigned char)((len >> 24) & 0xFF);
+}
+
+/* The write lock's ``acquire(False)``: 1 taken, 0 another thread holds it, -1 error */
+static inline int try_lock(PyObject *acquire) {
+    PyObject *no = Py_False;
+    PyObject *held = PyObject_Vectorcall(acquire, &no, 1, NULL);
+    if (held == NULL)
+        return -1;
+    int got = held == Py_True;
+    Py_DECREF(held);
+    return got;
+}
+
+/* ``release()`` of a lock try_lock took; ``out`` (the caller's result, may be NULL) is
+ * returned, or dropped and NULL returned when the release fails */
+static inline PyObject *unlock_with(PyObject *release, PyObject *out) {
+    PyObject *released = PyObject_CallNoArgs(release);
+    if (released == NULL) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    Py_DECREF(released);
+    return out;
+}
+
+#endif
