@@ -41,13 +41,13 @@ setup(
         Extension(
             "buzon.protocol._stream",
             sources=["src/buzon/protocol/_stream.c"],
-            depends=["src/buzon/protocol/_writer.h"],
+            depends=["src/buzon/protocol/_wait.h", "src/buzon/protocol/_writer.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(
             "buzon.protocol._dgram",
             sources=["src/buzon/protocol/_dgram.c"],
-            depends=["src/buzon/protocol/_writer.h"],
+            depends=["src/buzon/protocol/_wait.h", "src/buzon/protocol/_writer.h"],
             libraries=["rt"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),

@@ -82,6 +82,7 @@
 #define SO_RXQ_OVFL 40
 #endif
 
+#include "_wait.h"
 #include "_writer.h"
 
 #define VERSION BUZON_FRAME_VERSION
@@ -110,11 +111,6 @@ typedef struct {
 
 static const struct timespec already_expired = {0, 0};
 
-static double monotonic_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock on Linux */
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* What one receive learnt about its message, kept aside while the GIL may be released
  * and applied to the Receiver (commit) with the GIL held: a MessageSender in another
@@ -328,24 +324,12 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
     while (got < 0 && !err) {
         Py_BEGIN_ALLOW_THREADS
         for (;;) {
-            int ms = -1;
-            if (!forever) {
-                double left = deadline - monotonic_now();
-                ms = left <= 0.0 ? 0 : left > 2e6 ? 2000000000 : (int)(left * 1000.0 + 0.999);
-            }
-            int r = poll(pfds, nfds, ms);
+            int r = sleep_readable(pfds, nfds, forever, deadline);
             if (r < 0) {
                 err = errno;
                 break;
             }
-            if (r == 0) {
-                if (!forever && monotonic_now() >= deadline) {
-                    timed_out = 1;
-                    break;
-                }
-                continue; /* woke a little early: sleep the rest */
-            }
-            if (pfds[0].revents == 0) { /* only the wake fd: a close() in another thread */
+            if (r == 0) { /* the deadline, or only the wake fd: a close() in another thread */
                 timed_out = 1;
                 break;
             }
@@ -451,24 +435,12 @@ static PyObject *wait_fifo(PyObject *self, PyObject *const *args, Py_ssize_t nar
     while (got < 0 && !err) {
         Py_BEGIN_ALLOW_THREADS
         for (;;) {
-            int ms = -1;
-            if (!forever) {
-                double left = deadline - monotonic_now();
-                ms = left <= 0.0 ? 0 : left > 2e6 ? 2000000000 : (int)(left * 1000.0 + 0.999);
-            }
-            int r = poll(pfds, nfds, ms);
+            int r = sleep_readable(pfds, nfds, forever, deadline);
             if (r < 0) {
                 err = errno;
                 break;
             }
-            if (r == 0) {
-                if (!forever && monotonic_now() >= deadline) {
-                    timed_out = 1;
-                    break;
-                }
-                continue;
-            }
-            if (pfds[0].revents == 0) { /* only the wake fd: a close() in another thread */
+            if (r == 0) { /* the deadline, or only the wake fd: a close() in another thread */
                 timed_out = 1;
                 break;
             }

@@ -82,6 +82,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_wait.h"
 #include "_writer.h"
 
 #define VERSION BUZON_FRAME_VERSION
@@ -214,11 +215,6 @@ fail:
     return NULL;
 }
 
-static double monotonic_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock on Linux */
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* 1 if ``fd`` (-1: none) is readable right now (the wake eventfd: a close() wrote it) */
 static int readable_now(int fd) {
@@ -357,24 +353,12 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
         for (;;) {
-            int ms = -1;
-            if (!forever) {
-                double left = deadline - monotonic_now();
-                ms = left <= 0.0 ? 0 : left > 2e6 ? 2000000000 : (int)(left * 1000.0 + 0.999);
-            }
-            int r = poll(pfds, nfds, ms);
+            int r = sleep_readable(pfds, nfds, forever, deadline);
             if (r < 0) {
                 err = errno;
                 break;
             }
-            if (r == 0) {
-                if (!forever && monotonic_now() >= deadline) {
-                    timed_out = 1;
-                    break;
-                }
-                continue; /* woke a little early: sleep the rest */
-            }
-            if (pfd->revents == 0) { /* only the wake fd: a close() in another thread */
+            if (r == 0) { /* the deadline, or only the wake fd: a close() in another thread */
                 timed_out = 1;
                 break;
             }
