@@ -438,12 +438,17 @@ static Py_ssize_t get_array_head(In *in) {
 
 #define NOT_OURS ((PyObject *)1) /* not the common shape: the caller returns None */
 
+static PyObject *parse_once(In *in, long long req_id, long long ms); /* exactly-once, below */
+
 /* The body of a message whose call id is ``id`` (-1: no id field) and deadline ``ms``
  * (-1: none): the tuple, NOT_OURS, or NULL with an exception. */
 static PyObject *parse_body(const unsigned char *p, Py_ssize_t n, long long req_id,
                             long long rep_id, long long ms) {
     In in = {p, n, 0};
-    if (get_array_head(&in) != 3 || in.pos >= in.n)
+    Py_ssize_t top = get_array_head(&in);
+    if (top == 5)
+        return parse_once(&in, req_id, ms);
+    if (top != 3 || in.pos >= in.n)
         return NOT_OURS;
     unsigned char kind = in.p[in.pos++];
     if (kind == 0x01) { /* a reply: [1, nil, plain] */
@@ -604,6 +609,110 @@ static PyObject *py_parse_parts(PyObject *self, PyObject *const *args, Py_ssize_
     PyObject *out = parse_body(view.buf, view.len, req_id, rep_id, ms < 0 ? -1 : ms);
     PyBuffer_Release(&view);
     return out == NULL ? NULL : finish_parse(out);
+}
+
+/* ---- exactly-once requests ------------------------------------------------------
+ *
+ * A request of an exactly-once call is ``[0, method, args, nil, [client, seq, acked]]``
+ * (rpc/_client.py frames it with ``request(..., key)``). ``parse`` and ``parse_parts``
+ * give, for one whose method is a str, whose arguments are plain, whose keywords are
+ * nil and whose key is well formed (``client`` bytes of 1 to 64, ``seq`` and ``acked``
+ * ints with 0 <= acked <= seq), with a MESSAGE_ID:
+ *
+ *     (16, call_id, ms, method, (args, client, seq, acked, enc))
+ *
+ * ``enc``: the msgpack of ``[method, args, nil]`` exactly as msgspec encodes those
+ * values (re-encoded here, so an unusual but valid encoding on the wire gives the same
+ * bytes): what identifies the call's arguments in the completion table
+ * (rpc/_completion.py ``_digest``, which hashes it when it is 32 bytes or more). Any
+ * other five-element body: None, and the general path decides and raises.
+ */
+
+#define ONCE_KIND 16
+
+/* 1: 0 <= acked <= seq; 0: not; -1: exception set. */
+static int key_in_order(PyObject *seq, PyObject *acked) {
+    int overflow = 0;
+    long long a = PyLong_AsLongLongAndOverflow(acked, &overflow);
+    if (a == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow < 0 || (overflow == 0 && a < 0))
+        return 0;
+    return PyObject_RichCompareBool(acked, seq, Py_LE);
+}
+
+/* The body after its five-element array header (``in`` at the kind). */
+static PyObject *parse_once(In *in, long long req_id, long long ms) {
+    PyObject *method = NULL, *args = NULL, *client = NULL, *seq = NULL, *acked = NULL;
+    PyObject *enc = NULL, *id = NULL, *once = NULL, *out = NULL;
+    unsigned char buf[SMALL + 64];
+    Out o = {buf, 0, (Py_ssize_t)sizeof(buf)};
+    int r;
+    if (req_id < 0 || in->pos >= in->n || in->p[in->pos++] != 0x00)
+        return NOT_OURS;
+    if (in->pos >= in->n)
+        return NOT_OURS;
+    unsigned char head = in->p[in->pos];
+    if (!((head & 0xe0) == 0xa0 || head == 0xd9 || head == 0xda || head == 0xdb))
+        return NOT_OURS;
+    if ((method = get_scalar(in)) == NULL)
+        goto end;
+    Py_ssize_t count = get_array_head(in);
+    if (count < 0 || count > in->n - in->pos) /* each value takes a byte at least */
+        goto end;
+    if ((args = PyList_New(count)) == NULL)
+        goto end;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *v = get_scalar(in);
+        if (v == NULL)
+            goto end;
+        PyList_SET_ITEM(args, i, v);
+    }
+    if (in->pos >= in->n || in->p[in->pos++] != 0xc0 || get_array_head(in) != 3)
+        goto end;
+    if ((client = get_scalar(in)) == NULL || (seq = get_scalar(in)) == NULL ||
+        (acked = get_scalar(in)) == NULL)
+        goto end;
+    if (in->pos != in->n || !PyBytes_CheckExact(client) || PyBytes_GET_SIZE(client) < 1 ||
+        PyBytes_GET_SIZE(client) > 64 || !PyLong_CheckExact(seq) || !PyLong_CheckExact(acked))
+        goto end;
+    if ((r = key_in_order(seq, acked)) != 1)
+        goto end;
+    /* [method, args, nil] as msgspec writes it: the digest's source */
+    o.p[o.n++] = 0x93;
+    if ((r = put_scalar(&o, method)) != 1 || (r = put_array_head(&o, count)) != 1)
+        goto end;
+    for (Py_ssize_t i = 0; i < count; i++)
+        if ((r = put_scalar(&o, PyList_GET_ITEM(args, i))) != 1)
+            goto end;
+    if (!room(&o, 1))
+        goto end;
+    o.p[o.n++] = 0xc0;
+    if ((enc = PyBytes_FromStringAndSize((const char *)buf, o.n)) == NULL)
+        goto end;
+    if ((id = PyLong_FromUnsignedLongLong((unsigned long long)req_id)) == NULL)
+        goto end;
+    if ((once = PyTuple_New(5)) == NULL)
+        goto end;
+    PyTuple_SET_ITEM(once, 0, args);
+    PyTuple_SET_ITEM(once, 1, client);
+    PyTuple_SET_ITEM(once, 2, seq);
+    PyTuple_SET_ITEM(once, 3, acked);
+    PyTuple_SET_ITEM(once, 4, enc);
+    args = client = seq = acked = enc = NULL;
+    out = Py_BuildValue("(iOLOO)", ONCE_KIND, id, ms, method, once);
+end:
+    Py_XDECREF(method);
+    Py_XDECREF(args);
+    Py_XDECREF(client);
+    Py_XDECREF(seq);
+    Py_XDECREF(acked);
+    Py_XDECREF(enc);
+    Py_XDECREF(id);
+    Py_XDECREF(once);
+    if (out == NULL && !PyErr_Occurred())
+        return NOT_OURS;
+    return out;
 }
 
 static PyMethodDef methods[] = {

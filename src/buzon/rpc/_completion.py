@@ -88,7 +88,12 @@ def _digest(body: list[Any]) -> bytes:
     """What identifies a request's arguments: method, args, kwargs. Their msgpack
     itself when shorter than 32 bytes (most calls: no hashing), else its 32-byte
     BLAKE2b digest (never mistaken for a short encoding: the lengths differ)."""
-    enc = _encode_args(body[1:4])
+    return _digest_of(_encode_args(body[1:4]))
+
+
+def _digest_of(enc: bytes) -> bytes:
+    """:func:`_digest` of the msgpack ``enc`` of ``[method, args, kwargs]`` (a request
+    taken apart in C comes with it: ``protocol/_rpc.c``, exactly-once block)."""
     return enc if len(enc) < 32 else hashlib.blake2b(enc, digest_size=32).digest()
 
 
@@ -108,6 +113,28 @@ class _Entry:
         self.reply: list[Any] | None = None
         self.since = now
         self.waiters = 0  # retries waiting for the first attempt
+
+
+class _Entries(dict[int, _Entry]):
+    """One client's entries by sequence number; ``low``: every entry below it has
+    been collected (the client acknowledged their replies)."""
+
+    __slots__ = ("low",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low = 0
+
+    def acknowledge(self, acked: int) -> None:
+        """Drop the entries below ``acked`` (called under the table's lock)."""
+        low, self.low = self.low, acked
+        if acked - low <= len(self):  # a client calling in turn: the last few numbers
+            pop = self.pop
+            for seq in range(low, acked):
+                pop(seq, None)
+        else:
+            for seq in [s for s in self if s < acked]:
+                del self[seq]
 
 
 class Transaction:
@@ -154,7 +181,7 @@ class CompletionTable(abc.ABC):
             raise ValueError(f"lease must be > 0 seconds, not {lease!r}")
         self.lease = lease
         self.replayed = 0
-        self._clients: dict[bytes, dict[int, _Entry]] = {}
+        self._clients: dict[bytes, _Entries] = {}
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._last_sweep = 0.0
@@ -190,37 +217,55 @@ class CompletionTable(abc.ABC):
         new entry) or it is completed (after waiting for a first attempt)."""
         client, seq, acked = key
         with self._lock:
-            entries = self._clients.get(client)
-            if entries is None:
-                entries = self._clients[client] = {}
-            elif entries:
-                for old in [s for s in entries if s < acked]:
-                    del entries[old]  # the client has these replies: forget them
+            entry, mine = self._enter(client, seq, acked, digest)
+            if not mine:
+                self._await(entry, seq, at)
+            return entry, mine
+
+    def _enter(self, client: bytes, seq: int, acked: int, digest: bytes) -> tuple[_Entry, bool]:
+        """Under the lock: collect what ``acked`` acknowledges; then ``seq``'s entry and
+        True if it is new (made now: the caller runs it), else its entry, whose
+        arguments must match ``digest``, and False."""
+        entries = self._clients.get(client)
+        if entries is None:
+            entries = self._clients[client] = _Entries()
+        if acked > entries.low:
+            entries.acknowledge(acked)  # the client has these replies: forget them
             if self._stores:
                 self._acknowledged(client, acked)
-            entry = entries.get(seq)
-            if entry is None:
-                now = _monotonic()
-                entry = entries[seq] = _Entry(digest, now)
-                if now - self._last_sweep >= _SWEEP:
-                    self._collect_expired(now)
-                return entry, True
+        entry = entries.get(seq)
+        if entry is not None:
             if entry.digest != digest:
                 raise _refused(seq)
-            entry.waiters += 1
-            try:
-                while not entry.done:  # a retry while the first attempt still runs
-                    left = None if at is None else at - _monotonic()
-                    if left is not None and left <= 0:
-                        raise RemoteError(
-                            f"exactly-once call {seq}: its first attempt still runs",
-                            RemoteError.DEADLINE_EXCEEDED,
-                        )
-                    self._cv.wait(left)
-            finally:
-                entry.waiters -= 1
-            self.replayed += 1
             return entry, False
+        if seq < entries.low:  # its reply was acknowledged: a late copy of a finished call
+            raise RemoteError(
+                f"exactly-once call {seq} of this client is finished (the client "
+                "acknowledged its reply): a late duplicate, not run again",
+                RemoteError.INVALID_REQUEST,
+            )
+        now = _monotonic()
+        entry = entries[seq] = _Entry(digest, now)
+        if now - self._last_sweep >= _SWEEP:
+            self._collect_expired(now)
+        return entry, True
+
+    def _await(self, entry: _Entry, seq: int, at: float | None) -> None:
+        """Under the lock: wait until ``entry``'s first attempt completes (a retry that
+        came while it runs), or raise at ``at``; counted as replayed."""
+        entry.waiters += 1
+        try:
+            while not entry.done:  # a retry while the first attempt still runs
+                left = None if at is None else at - _monotonic()
+                if left is not None and left <= 0:
+                    raise RemoteError(
+                        f"exactly-once call {seq}: its first attempt still runs",
+                        RemoteError.DEADLINE_EXCEEDED,
+                    )
+                self._cv.wait(left)
+        finally:
+            entry.waiters -= 1
+        self.replayed += 1
 
     def _settle(self, key: Key, entry: _Entry, reply: list[Any], keep: bool = True) -> None:
         """Complete ``entry`` with ``reply`` and wake its waiting retries; ``keep``
@@ -266,19 +311,43 @@ class MemoryTable(CompletionTable):
         at: float | None = None,
         transactional: bool = False,
     ) -> list[Any]:
-        entry, mine = self._claim(key, _digest(body), at)
+        client, seq, acked = key
+        return self.run_plain(client, seq, acked, _encode_args(body[1:4]), at, call)
+
+    def run_plain(
+        self,
+        client: bytes,
+        seq: int,
+        acked: int,
+        enc: bytes,
+        at: float | None,
+        call: Callable[..., list[Any]],
+        *args: Any,
+    ) -> list[Any]:
+        """:meth:`run` for a request the server took apart in C (``protocol/_rpc.c``:
+        its key's parts, ``enc`` the msgpack of its method and arguments, of which the
+        digest is made without encoding anything again): ``call(*args)`` once for
+        ``(client, seq)``, its reply; a retry gets the recorded reply."""
+        digest = enc if len(enc) < 32 else _digest_of(enc)
+        with self._lock:
+            entry, mine = self._enter(client, seq, acked, digest)
+            if not mine:
+                self._await(entry, seq, at)
         if not mine:
             assert entry.reply is not None
             return entry.reply
         reply = None
         try:
-            reply = _attempt(call)
+            try:
+                reply = call(*args)
+            except RemoteError as err:
+                reply = w.error_body(err)
         finally:
-            self._settle(key, entry, reply or _internal("the call did not finish"))
+            self._settle((client, seq, acked), entry, reply or _internal("the call did not finish"))
         return reply
 
     def _acknowledged(self, client: bytes, acked: int) -> None:
-        return None  # the index is all there is: _claim has dropped them
+        return None  # the index is all there is: _enter has dropped them
 
     def _expire_stored(self) -> None:
         return None

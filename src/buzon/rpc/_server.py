@@ -33,7 +33,7 @@ from ..protocol._rpc import reply as _reply_frame
 from ..sync import Channel
 from ..sync import Server as ChannelServer
 from . import _wire as w
-from ._completion import CompletionTable, is_transactional, open_table
+from ._completion import CompletionTable, MemoryTable, is_transactional, open_table
 from ._context import _CURRENT, _DEADLINE, CallContext
 from ._publish import CALLS, ENDED, ERRORS, STARTED, Counter, Publication, publish_server
 from ._remote import _PLAIN, RELEASE, RefPeer
@@ -275,8 +275,11 @@ class _Connection(RefPeer):
             self.inline_since = started = time.monotonic()
             self.monitor.busy()
             try:
-                if request[0] == w.REQUEST:
+                kind = request[0]
+                if kind == w.REQUEST:
                     self._call(*request)
+                elif kind == w.ONCE:
+                    self._call_once(*request)
                 else:
                     self._handle(request[3], request[4])
             finally:
@@ -319,7 +322,7 @@ class _Connection(RefPeer):
             except CodecError:
                 self.server.errors += 1  # undecodable: refused, the connection goes on
                 continue
-            if got[0] == w.REQUEST:
+            if got[0] == w.REQUEST or got[0] == w.ONCE:
                 return got
             body, fields = w.as_message(*got)
             if type(body) is list and body and body[0] != w.REQUEST:
@@ -364,6 +367,27 @@ class _Connection(RefPeer):
         at = None if ms < 0 else time.monotonic() + ms / 1000.0
         try:
             reply = self._run(method, args, None, call_id, at)
+        except RemoteError as err:
+            self.server.errors += 1
+            reply = w.error_body(err)
+        self._reply(call_id, reply)
+
+    def _call_once(self, kind: int, call_id: int, ms: int, name: str, once: Any) -> None:
+        """An exactly-once request taken apart in C (``once``: ``(args, client, seq,
+        acked, enc)``, every part checked there): with the in-memory table, what
+        :meth:`_handle` does for it without taking it apart again; another table, or a
+        name that is not a plain method of the service, goes to :meth:`_handle`."""
+        method = self.service.methods.get(name)
+        table = self.server.table
+        if method is None or type(table) is not MemoryTable:
+            self._handle(*w.as_message(kind, call_id, ms, name, once))
+            return
+        args, client, seq, acked, enc = once
+        at = None if ms < 0 else time.monotonic() + ms / 1000.0
+        try:
+            reply = table.run_plain(
+                client, seq, acked, enc, at, self._run, method, args, None, call_id, at
+            )
         except RemoteError as err:
             self.server.errors += 1
             reply = w.error_body(err)

@@ -34,6 +34,7 @@ __all__ = [
     "CANCEL",
     "NOTIFY",
     "REPLY",
+    "ONCE",
     "OTHER",
     "REQUEST",
     "error_body",
@@ -137,6 +138,9 @@ def send_frame(ch: Any, frame: bytes, timeout: float | None) -> None:
 _perf = time.perf_counter
 #: :func:`recv`'s kind of a message it did not take apart (``a``: body, ``b``: fields)
 OTHER = -1
+#: :func:`recv`'s kind of an exactly-once request taken apart in C (``a``: method,
+#: ``b``: ``(args, client, seq, acked, enc)``; ``protocol/_rpc.c``, its last block)
+ONCE = 16
 
 
 def recv(ch: Any, timeout: float | None) -> tuple[int, int, int, Any, Any]:
@@ -147,6 +151,9 @@ def recv(ch: Any, timeout: float | None) -> tuple[int, int, int, Any, Any]:
       ms, method, args)`` (``ms``: the DEADLINE field, -1 if none);
     - a reply ``[1, None, plain]`` with its CORRELATION: ``(REPLY, call_id, -1,
       result, None)``;
+    - an exactly-once request ``[0, method, [plain...], None, [client, seq, acked]]``:
+      ``(ONCE, call_id, ms, method, (args, client, seq, acked, enc))`` (``enc``: what
+      identifies its arguments in the completion table);
     - anything else: ``(OTHER, 0, -1, body, fields)``, decoded by the channel.
 
     The first two, the common case, are taken apart in C (``protocol._rpc.parse``)
@@ -210,6 +217,8 @@ def as_message(kind: int, call_id: int, ms: int, a: Any, b: Any) -> tuple[Any, A
     fields = {MESSAGE_ID: id_field(call_id)}
     if ms >= 0:
         fields[DEADLINE] = _U32.pack(ms)
+    if kind == ONCE:
+        return [REQUEST, a, b[0], None, [b[1], b[2], b[3]]], fields
     return [REQUEST, a, b], fields
 
 
