@@ -51,7 +51,7 @@ from ._context import _DEADLINE
 from ._jsonrpc import JsonRpcClient, connect_jsonrpc
 from ._msgpack import MsgpackRpcClient, connect_msgpack
 from ._remote import _PLAIN, RELEASE, LostPeer, RefPeer
-from ._retry import RETRY, Retrying, note_restart, server_start
+from ._retry import RETRY, Retrying, note_restart, raise_outcome, server_start
 from ._server import _check
 from ._service import _schema, handler_failure
 
@@ -376,6 +376,10 @@ class Client(RefPeer):
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` with the arguments and wait for its result."""
         if self._semantics != "at_most_once":
+            if self._semantics == "exactly_once" and not kwargs and not self._pending:
+                got = self._call_once_solo(method, args)
+                if got is not _NOT_SOLO:
+                    return got
             return self._call_again_and_again(method, args, kwargs)
         if not kwargs and not self._pending and not self._reading:
             # the common case: no other call in flight, plain arguments
@@ -407,6 +411,52 @@ class Client(RefPeer):
             return p
         if p.error is not None:
             raise p.error
+        return p.result
+
+    def _call_once_solo(self, method: str, args: tuple[Any, ...]) -> Any:
+        """An exactly-once call while no other call is in flight: the first attempt of
+        :meth:`_call_again_and_again` (a sequence number opened, the key framed with
+        the call by :meth:`_solo`) without its retry bookkeeping; a lost connection
+        hands the call, with its sequence number, to that loop. Its result, or
+        ``_NOT_SOLO`` (nothing sent, no number kept)."""
+        if self._broken is not None or not self._msgpack or self._reading:
+            return _NOT_SOLO
+        now = _monotonic()
+        at = _DEADLINE.get()  # self._deadline(), inline
+        if self._timeout is not None:
+            mine = now + self._timeout
+            if at is None or mine < at:
+                at = mine
+        if at is not None and at <= now:
+            return _NOT_SOLO  # the loop raises DeadlineExceeded
+        restarts = self._restarts
+        lock = self._conn_lock
+        opened = self._open_seqs
+        with lock:  # as Retrying does: open a number; acknowledge below the lowest open
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            acked = min(opened) if opened else seq
+            opened.add(seq)
+        try:
+            p = self._solo(method, args, at, [self._client_id, seq, acked])
+        except RETRY as exc:  # sending failed: the loop retries (or raises) from here
+            return self._call_again_and_again(method, args, {}, (seq, at, restarts, exc), True)
+        except BaseException:
+            with lock:
+                opened.discard(seq)
+            raise
+        if p is _NOT_SOLO:
+            with lock:
+                opened.discard(seq)
+            return p
+        error = p.error
+        if isinstance(error, (EndOfChannel, ChannelClosed)) and not self._closing:
+            # the connection was lost: the loop sends it again
+            return self._call_again_and_again(method, args, {}, (seq, at, restarts, error))
+        with lock:
+            opened.discard(seq)
+        if error is not None:
+            raise_outcome(method, error)
         return p.result
 
     def _solo(self, method: str, args: tuple[Any, ...], at: float | None, key: Any) -> Any:
@@ -529,15 +579,26 @@ class Client(RefPeer):
             pass
 
     def _call_again_and_again(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        first: tuple[int, float | None, int, BaseException] | None = None,
+        raised: bool = False,
     ) -> Any:
         """``at_least_once`` / ``exactly_once``: send the call again after a lost
         connection (reconnecting, with backoff) until it is answered or its deadline
         passes (the rules: :mod:`buzon.rpc._retry`). ``exactly_once`` sends the same
         (client id, sequence number) every time, so the server runs it once and
-        answers retries from its table."""
-        r = Retrying(self, method, self._conn_lock)
+        answers retries from its table. ``first``: its first attempt was made by
+        :meth:`_call_once_solo` and lost the connection (``raised``: its send raised)."""
+        r = Retrying(self, method, self._conn_lock, first)
         try:
+            if first is not None:
+                if raised:  # as below: a send that raised counts as not sent
+                    r.sent = False
+                    r.failed(first[3])
+                time.sleep(r.pause())
             while True:
                 r.check_deadline()
                 broken = self._broken

@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..errors import Timeout as _Timeout
 
-__all__ = ["RETRY", "Retrying", "note_restart", "server_start"]
+__all__ = ["RETRY", "Retrying", "note_restart", "raise_outcome", "server_start"]
 
 # what a lost or failed connection raises: the call may be sent again
 RETRY = (EndOfChannel, ChannelClosed, ConnectError, ProtocolError, _Timeout)
@@ -67,27 +67,49 @@ def note_restart(
             client._restarts += 1
 
 
+def raise_outcome(method: str, error: BaseException) -> None:
+    """Raise the error an answer of an ``at_least_once`` / ``exactly_once`` call
+    carries (the server's "outcome unknown" as ``ServerRestarted``)."""
+    if isinstance(error, RemoteError) and error.code == RemoteError.OUTCOME_UNKNOWN:
+        raise ServerRestarted(f"{method}: {error.message}") from None
+    raise error
+
+
 class Retrying:
     """One call's retries (``client`` is either client; ``lock`` guards its sequence
     numbers when threads share it)."""
 
     __slots__ = ("at", "client", "delay", "last", "lock", "method", "restarts", "sent", "seq")
 
-    def __init__(self, client: Any, method: str, lock: Any = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        method: str,
+        lock: Any = None,
+        first: tuple[int, float | None, int, BaseException] | None = None,
+    ) -> None:
+        """``first``: the call's first attempt was made already (the blocking client's
+        solo path) and lost its connection: ``(seq, at, restarts, error)``, the
+        sequence number it opened, its deadline, the client's restart count before
+        it was sent, and what broke it; the retries go on from there."""
         self.client = client
         self.method = method
         self.lock = lock if lock is not None else contextlib.nullcontext()
-        self.at: float | None = client._deadline()
+        self.delay = _FIRST_PAUSE
+        self.last: BaseException | None = None
+        self.sent = False
+        if first is not None:
+            self.seq, self.at, self.restarts, self.last = first
+            self.sent = True
+            return
+        self.at = client._deadline()
         self.seq = 0
         if client._semantics == "exactly_once":
             with self.lock:
                 self.seq = client._next_seq
                 client._next_seq += 1
                 client._open_seqs.add(self.seq)
-        self.delay = _FIRST_PAUSE
-        self.last: BaseException | None = None
         self.restarts = client._restarts
-        self.sent = False
 
     def check_deadline(self) -> None:
         """Before an attempt: ``DeadlineExceeded`` once the call's deadline passed."""
@@ -116,11 +138,8 @@ class Retrying:
     def outcome(self, error: BaseException | None) -> None:
         """An answer came: raise its error (the server's "outcome unknown" as
         ``ServerRestarted``)."""
-        if error is None:
-            return
-        if isinstance(error, RemoteError) and error.code == RemoteError.OUTCOME_UNKNOWN:
-            raise ServerRestarted(f"{self.method}: {error.message}") from None
-        raise error
+        if error is not None:
+            raise_outcome(self.method, error)
 
     def failed(self, exc: BaseException) -> None:
         """An attempt failed with one of :data:`RETRY`: re-raise it if the call cannot go
