@@ -446,15 +446,13 @@ class Client(RefPeer):
                 opened.discard(seq)
             raise
         if p is _NOT_SOLO:
-            with lock:
-                opened.discard(seq)
+            opened.discard(seq)  # one set operation: atomic (min() of ints is, too)
             return p
         error = p.error
         if isinstance(error, (EndOfChannel, ChannelClosed)) and not self._closing:
             # the connection was lost: the loop sends it again
             return self._call_again_and_again(method, args, {}, (seq, at, restarts, error))
-        with lock:
-            opened.discard(seq)
+        opened.discard(seq)  # as above: no lock needed to close a number
         if error is not None:
             raise_outcome(method, error)
         return p.result

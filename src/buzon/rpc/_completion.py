@@ -125,10 +125,9 @@ class _Entries(dict[int, _Entry]):
         super().__init__()
         self.low = 0
 
-    def acknowledge(self, acked: int) -> None:
-        """Drop the entries below ``acked`` (called under the table's lock)."""
-        low, self.low = self.low, acked
-        if acked - low <= len(self):  # a client calling in turn: the last few numbers
+    def drop_below(self, low: int, acked: int) -> None:
+        """Drop the entries from ``low`` to below ``acked`` (under the table's lock)."""
+        if acked - low <= len(self):
             pop = self.pop
             for seq in range(low, acked):
                 pop(seq, None)
@@ -212,43 +211,43 @@ class CompletionTable(abc.ABC):
 
     # -- the in-process index, shared by both tables ---------------------------------
 
-    def _claim(self, key: Key, digest: bytes, at: float | None) -> tuple[_Entry, bool]:
-        """The key's entry in this process, and whether this caller must run it (a
-        new entry) or it is completed (after waiting for a first attempt)."""
-        client, seq, acked = key
+    def _claim(
+        self, client: bytes, seq: int, acked: int, digest: bytes, at: float | None
+    ) -> tuple[_Entry, bool]:
+        """Collect what ``acked`` acknowledges; then ``(client, seq)``'s entry in this
+        process and True if it is new (made now: the caller runs it), or its entry,
+        completed (after waiting for a first attempt still running), and False. Its
+        arguments must match ``digest``."""
         with self._lock:
-            entry, mine = self._enter(client, seq, acked, digest)
-            if not mine:
-                self._await(entry, seq, at)
-            return entry, mine
-
-    def _enter(self, client: bytes, seq: int, acked: int, digest: bytes) -> tuple[_Entry, bool]:
-        """Under the lock: collect what ``acked`` acknowledges; then ``seq``'s entry and
-        True if it is new (made now: the caller runs it), else its entry, whose
-        arguments must match ``digest``, and False."""
-        entries = self._clients.get(client)
-        if entries is None:
-            entries = self._clients[client] = _Entries()
-        if acked > entries.low:
-            entries.acknowledge(acked)  # the client has these replies: forget them
-            if self._stores:
-                self._acknowledged(client, acked)
-        entry = entries.get(seq)
-        if entry is not None:
+            entries = self._clients.get(client)
+            if entries is None:
+                entries = self._clients[client] = _Entries()
+            low = entries.low
+            if acked > low:  # the client has these replies: forget them
+                entries.low = acked
+                if acked - low == 1:  # a client calling in turn
+                    entries.pop(low, None)
+                else:
+                    entries.drop_below(low, acked)
+                if self._stores:
+                    self._acknowledged(client, acked)
+            entry = entries.get(seq)
+            if entry is None:
+                if seq < entries.low:  # a late copy of a finished call
+                    raise RemoteError(
+                        f"exactly-once call {seq} of this client is finished (the client "
+                        "acknowledged its reply): a late duplicate, not run again",
+                        RemoteError.INVALID_REQUEST,
+                    )
+                now = _monotonic()
+                entry = entries[seq] = _Entry(digest, now)
+                if now - self._last_sweep >= _SWEEP:
+                    self._collect_expired(now)
+                return entry, True
             if entry.digest != digest:
                 raise _refused(seq)
+            self._await(entry, seq, at)
             return entry, False
-        if seq < entries.low:  # its reply was acknowledged: a late copy of a finished call
-            raise RemoteError(
-                f"exactly-once call {seq} of this client is finished (the client "
-                "acknowledged its reply): a late duplicate, not run again",
-                RemoteError.INVALID_REQUEST,
-            )
-        now = _monotonic()
-        entry = entries[seq] = _Entry(digest, now)
-        if now - self._last_sweep >= _SWEEP:
-            self._collect_expired(now)
-        return entry, True
 
     def _await(self, entry: _Entry, seq: int, at: float | None) -> None:
         """Under the lock: wait until ``entry``'s first attempt completes (a retry that
@@ -267,18 +266,20 @@ class CompletionTable(abc.ABC):
             entry.waiters -= 1
         self.replayed += 1
 
-    def _settle(self, key: Key, entry: _Entry, reply: list[Any], keep: bool = True) -> None:
-        """Complete ``entry`` with ``reply`` and wake its waiting retries; ``keep``
-        False: drop it from the index (nothing was recorded for it)."""
+    def _settle(
+        self, entry: _Entry, reply: list[Any], drop: tuple[bytes, int] | None = None
+    ) -> None:
+        """Complete ``entry`` with ``reply`` and wake its waiting retries; ``drop``:
+        its ``(client, seq)``, to drop it from the index (nothing was recorded for it)."""
         entry.reply = reply
         entry.since = _monotonic()
         entry.done = True  # after the reply: a waiter that sees done reads it
-        if entry.waiters or not keep:  # else nobody to wake (waiters counts under the lock)
+        if entry.waiters or drop:  # else nobody to wake (waiters counts under the lock)
             with self._lock:
-                if not keep:
-                    entries = self._clients.get(key[0])
-                    if entries is not None and entries.get(key[1]) is entry:
-                        del entries[key[1]]
+                if drop:
+                    entries = self._clients.get(drop[0])
+                    if entries is not None and entries.get(drop[1]) is entry:
+                        del entries[drop[1]]
                 self._cv.notify_all()
 
     @abc.abstractmethod
@@ -328,26 +329,27 @@ class MemoryTable(CompletionTable):
         its key's parts, ``enc`` the msgpack of its method and arguments, of which the
         digest is made without encoding anything again): ``call(*args)`` once for
         ``(client, seq)``, its reply; a retry gets the recorded reply."""
-        digest = enc if len(enc) < 32 else _digest_of(enc)
-        with self._lock:
-            entry, mine = self._enter(client, seq, acked, digest)
-            if not mine:
-                self._await(entry, seq, at)
+        entry, mine = self._claim(client, seq, acked, enc if len(enc) < 32 else _digest_of(enc), at)
         if not mine:
             assert entry.reply is not None
             return entry.reply
-        reply = None
         try:
-            try:
-                reply = call(*args)
-            except RemoteError as err:
-                reply = w.error_body(err)
-        finally:
-            self._settle((client, seq, acked), entry, reply or _internal("the call did not finish"))
+            reply = call(*args)
+        except RemoteError as err:
+            reply = w.error_body(err)
+        except BaseException:
+            self._settle(entry, _internal("the call did not finish"))
+            raise
+        entry.reply = reply  # self._settle(entry, reply), inline
+        entry.since = _monotonic()
+        entry.done = True
+        if entry.waiters:
+            with self._lock:
+                self._cv.notify_all()
         return reply
 
     def _acknowledged(self, client: bytes, acked: int) -> None:
-        return None  # the index is all there is: _enter has dropped them
+        return None  # the index is all there is: _claim has dropped them
 
     def _expire_stored(self) -> None:
         return None
@@ -577,7 +579,7 @@ class SqliteTable(CompletionTable):
         transactional: bool = False,
     ) -> list[Any]:
         digest = _digest(body)
-        entry, mine = self._claim(key, digest, at)
+        entry, mine = self._claim(*key, digest, at)
         if not mine:
             assert entry.reply is not None
             return entry.reply
@@ -588,7 +590,7 @@ class SqliteTable(CompletionTable):
         except RemoteError as err:
             reply = w.error_body(err)
         finally:
-            self._settle(key, entry, reply, keep)
+            self._settle(entry, reply, None if keep else (key[0], key[1]))
         return reply
 
     def _stored(self, key: Key, digest: bytes, at: float | None) -> list[Any] | None:

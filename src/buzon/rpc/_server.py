@@ -228,6 +228,8 @@ class _Connection(RefPeer):
         self.running: dict[int, CallContext] = {}  # calls in flight, by call id
         core = ch._core
         self.msgpack = core.codec.name == "msgpack"  # replies may be framed in C
+        table = server.table  # exactly-once requests taken apart in C: its lean path
+        self.memory = table if type(table) is MemoryTable else None
         self.max_frame = core.max_frame
         self.done = False
         self._ref_init()
@@ -378,8 +380,8 @@ class _Connection(RefPeer):
         :meth:`_handle` does for it without taking it apart again; another table, or a
         name that is not a plain method of the service, goes to :meth:`_handle`."""
         method = self.service.methods.get(name)
-        table = self.server.table
-        if method is None or type(table) is not MemoryTable:
+        table = self.memory
+        if method is None or table is None:
             self._handle(*w.as_message(kind, call_id, ms, name, once))
             return
         args, client, seq, acked, enc = once
