@@ -8,7 +8,9 @@ runs nothing; the same key with other arguments is refused. An entry is
 - *in progress* while its call runs (a retry waits for it, until the retry's deadline),
 - *completed* with its encoded reply,
 - *collected* once the client acknowledges it (each request says below which sequence
-  number the client has every reply) or ``lease`` seconds after it completed.
+  number the client has every reply) or ``lease`` seconds after it completed. A late
+  copy of an acknowledged call (read from a connection the client gave up) is refused,
+  not run again: the acknowledgement says it ran.
 
 Two tables behind one interface (:class:`CompletionTable`):
 
