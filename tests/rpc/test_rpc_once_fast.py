@@ -139,3 +139,39 @@ def test_what_the_c_parse_takes_gets_the_general_path_s_answers() -> None:
         assert _ask(ch, _canonical(3, "x", 1.0, 3, 3)) == [1, None, 1]  # still serving
         assert len(srv.table) == 1  # the earlier ones are acknowledged: collected
     assert counts == Counter({"x": 1})
+
+
+def test_threads_sharing_an_exactly_once_client_through_chaos_run_each_call_once() -> None:
+    """Threads of one client mix the solo first attempt and the retry loop, their
+    sequence numbers and acknowledgements interleaved, while the relay resets
+    connections with replies on their way: every call answered by its first execution,
+    none refused as a late copy (acknowledgements never pass a number still open)."""
+    from buzon.testing.chaos import ChaosRelay, Faults
+
+    counts: Counter[str] = Counter()
+    errors: list[BaseException] = []
+    faults = Faults(reply=Faults(reset=0.2))
+    with (
+        serving("unix:oncethreads", _service(counts)) as srv,
+        ChaosRelay("unix:oncefront", srv.address, profile=faults, seed=5) as relay,
+    ):
+        c = rpc.connect(relay.address, timeout=60, semantics="exactly_once")
+
+        def worker(n: int) -> None:
+            try:
+                for i in range(20):
+                    assert c.incr(f"t{n}-{i}") == 1
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        finally:
+            c.close()
+    assert not errors, errors
+    assert len(counts) == 120 and set(counts.values()) == {1}, counts
+    assert c.retries > 0, "the relay reset nothing: the test proved nothing"
