@@ -130,6 +130,7 @@ from .shm._names import lookup, name_path, publish, unpublish
 from .shm._segment import (
     SHM_DIR,
     SegmentInfo,
+    _check_name,
     attach_ring,
     create_ring,
     new_segment_name,
@@ -167,6 +168,13 @@ _ACK_RING = 64 * 1024
 _ACK_WAIT = 0.05
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
 _MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read (MAX_ACKS in C)
+# send_async's hot path: REPLY_TO "#" + the ack ring's name asks the receiver to write
+# the acknowledgement into the sender's table, the Block named ring + _TABLE_SUFFIX
+# (protocol/_frames.c, "the acknowledgement table": 64-byte head, 16 bytes per entry)
+_TABLED = b"#"
+_TABLE_SUFFIX = "t"
+_ACKTAB_BYTES = 64 + 16 * _MAX_ACKS
+_ACKTAB_KIND = "mailbox-acks"
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 # The frame of a message without buffers or receipt: the frame header, then the FIELDS
@@ -418,8 +426,13 @@ class Mailbox:
         self._acks: _core.Ring | None = None
         self._acks_pid = 0
         self._acks_fd = -1  # the sender's description of its ack ring: withdrawal locks
+        self._acktab: _core.Block | None = None  # its acknowledgement table (hot path)
         self._acked: dict[int, list[PeerInfo]] = {}  # oldest first (the C table too)
-        self._reply_rings: OrderedDict[str, tuple[_core.Ring, int]] = OrderedDict()
+        # acknowledgement rings we write to, by REPLY_TO: (ring, withdrawal fd or -1,
+        # the sender's table or None)
+        self._reply_rings: OrderedDict[str, tuple[_core.Ring, int, _core.Block | None]] = (
+            OrderedDict()
+        )
         self._hold_fd = -1
         self._hold_pid = 0
         self._hold_lock = threading.Lock()
@@ -910,8 +923,8 @@ class Mailbox:
         every receiver it went to, ``receipt.receivers``)."""
         if self._plain and not self._closed:  # the hot path: a receipt record in one C call
             pid, reply_to = self._ack_name
-            if pid != _PID[0]:
-                reply_to = self._ack_ring().name.encode("ascii")
+            if pid != _PID[0]:  # its receiver writes our table (see _TABLED)
+                reply_to = _TABLED + self._ack_ring().name.encode("ascii")
                 self._ack_name = (_PID[0], reply_to)
             try:
                 receipt = self._core.send_async(obj, timeout, reply_to, self)
@@ -932,8 +945,19 @@ class Mailbox:
             if self._acks is None or self._acks_pid != os.getpid():
                 # a forked child makes its own: acknowledgements go to their sender
                 self._acks = create_ring(_ACK_RING, label=f"mailbox-acks {self.name}")
+                meta = json.dumps({"kind": _ACKTAB_KIND, "mailbox": self._segment}).encode()
+                try:
+                    self._acktab = _core.Block.create(
+                        self._acks.name + _TABLE_SUFFIX, _ACKTAB_BYTES, meta, _SLOTS
+                    )
+                except BaseException:
+                    name = self._acks.name
+                    self._acks.close()
+                    self._acks = None
+                    remove_segment(name)
+                    raise
                 self._acks_pid = os.getpid()
-                self._core.set_acks(self._acks, self._acked, self._lock)  # receipt_ready's
+                self._core.set_acks(self._acks, self._acked, self._lock, self._acktab)
                 if self._acks_fd >= 0:  # the parent's (its locks stay the parent's)
                     os.close(self._acks_fd)
                     self._acks_fd = -1
@@ -984,27 +1008,30 @@ class Mailbox:
         """Tell the sender who took ``message_id``; False if the sender withdrew it
         (a rendezvous whose send gave up): the message is then not taken."""
         withdrawable = reply_to[:1] == _WITHDRAWABLE
-        name = reply_to[withdrawable:].decode("ascii", "replace")
+        tabled = reply_to[:1] == _TABLED
+        key = reply_to.decode("ascii", "replace")
+        name = key[withdrawable or tabled :]
         with self._lock:
-            entry = self._reply_rings.get(name)
+            entry = self._reply_rings.get(key)
             if entry is None:
                 try:
-                    entry = (attach_ring(name), -1)
+                    entry = (attach_ring(name), -1, self._attach_table(name) if tabled else None)
                 except Exception:  # its sender is gone, or a bad name: nobody to tell
                     self._counts["acks_dropped"] += 1
                     return True
                 # an acknowledgement wakes a sender waiting in asyncio (_acks_ready)
                 entry[0].set_notify(self._wake_fd, -1)
-                self._reply_rings[name] = entry
+                self._reply_rings[key] = entry
                 if not withdrawable:  # the hot path acknowledges from now on (never an
-                    self._core.replies[reply_to] = entry[0]  # offer: see _OFFER_BASE)
+                    # offer: see _OFFER_BASE); a '#' name writes the sender's table
+                    self._core.replies[reply_to] = entry[0] if entry[2] is None else entry[::2]
                 while len(self._reply_rings) > _MAX_ACK_RINGS:
                     old, gone = self._reply_rings.popitem(last=False)
                     self._core.replies.pop(old.encode("ascii"), None)
                     _close_reply(gone)
             else:
-                self._reply_rings.move_to_end(name)
-            ring, fd = entry
+                self._reply_rings.move_to_end(key)
+            ring, fd, _table = entry
             if withdrawable and fd < 0:
                 try:
                     fd = os.open(
@@ -1013,9 +1040,11 @@ class Mailbox:
                 except OSError:  # its sender closed: nobody waits for the message
                     fd = -1
                 else:
-                    self._reply_rings[name] = (ring, fd)
+                    self._reply_rings[key] = (ring, fd, None)
+        if not withdrawable and self._core.ack(reply_to, message_id):  # as the hot path
+            return True
         ack = _ACK.pack(message_id, os.getpid(), os.getuid())
-        if not withdrawable or fd < 0:
+        if fd < 0:
             self._send_ack(ring, ack)
             return True
         # the offer stands while the sender does not hold this byte; holding it until
@@ -1027,6 +1056,13 @@ class Mailbox:
             return self._send_ack(ring, ack)  # False: the sender never learns: withdrawn
         finally:
             _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_UNLCK, False)
+
+    @staticmethod
+    def _attach_table(ring_name: str) -> _core.Block:
+        """The acknowledgement table of the sender whose ack ring is ``ring_name``."""
+        bare = ring_name.lstrip("/")
+        _check_name(bare)
+        return _core.Block.attach("/" + bare + _TABLE_SUFFIX)
 
     def _send_ack(self, ring: _core.Ring, ack: bytes) -> bool:
         """Write an acknowledgement, waiting at most ``_ACK_WAIT`` for room or for the
@@ -1434,7 +1470,7 @@ class Mailbox:
             if self._closed:
                 return
             self._closed = True
-            self._core.set_acks(None, None, None)
+            self._core.set_acks(None, None, None, None)
             if self._fan is not None:
                 left = self._fan.unsubscribe()
                 lost = 0
@@ -1450,10 +1486,14 @@ class Mailbox:
                 name = self._acks.name
                 self._acks.close()
                 remove_segment(name)
+                if self._acktab is not None:
+                    self._acktab.close()
+                    remove_segment(name + _TABLE_SUFFIX)
                 if self._acks_fd >= 0:
                     os.close(self._acks_fd)  # (its withdrawals stand: the ring is gone)
             self._acks_fd = -1
             self._acks = None
+            self._acktab = None
             self._core.replies.clear()  # (the same rings)
             for entry in self._reply_rings.values():
                 _close_reply(entry)
@@ -1533,10 +1573,12 @@ class Mailbox:
         return f"<Mailbox {self.name!r} policy={self.policy!r} capacity={cap}>"
 
 
-def _close_reply(entry: tuple[_core.Ring, int]) -> None:
+def _close_reply(entry: tuple[_core.Ring, int, _core.Block | None]) -> None:
     entry[0].close()
     if entry[1] >= 0:
         os.close(entry[1])
+    if entry[2] is not None:
+        entry[2].close()
 
 
 _FAST_CODEC: tuple[Any, Any] | None = None

@@ -27,6 +27,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <structmember.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -626,6 +627,7 @@ typedef struct {
     PyObject *acks, *acks_table; /* set_acks: our acknowledgement ring and its table... */
     PyObject *acks_acquire, *acks_release; /* ...and the lock guarding both */
     uint32_t acks_pid;  /* the process that made that ring (a forked child's is its own) */
+    Py_buffer acktab;   /* set_acks: our acknowledgement table (see below), or .obj NULL */
 } MailboxCore;
 
 static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
@@ -714,6 +716,94 @@ core_body(MailboxCore *c, PyObject *obj, long *codec)
 #define TAG_REPLY_TO 5
 #define ACK_WAIT_S 0.05 /* _mailbox._ACK_WAIT */
 #define FLAG_RECEIPT 0x08
+
+/* ---- the acknowledgement table -------------------------------------------------------
+ * A receipt record of send_async's hot path names its sender's acknowledgement ring with
+ * a leading '#' (_mailbox._TABLED): its receiver writes the acknowledgement into the
+ * sender's table (a Block named after the ring, _mailbox._TABLE_SUFFIX) instead of the
+ * ring, a few plain stores instead of a record reserved, committed, claimed and freed
+ * across CPUs. Entry (message id % ACKTAB_SLOTS): u64 id, u32 pid, u32 uid. Message ids
+ * are one object's counter, so entries are direct-mapped. A receiver claims the entry by
+ * CAS of its id word to (id | ACK_BUSY) only if the id there is older, stores pid and uid,
+ * then the id (release); the sender reads id, pid, uid, id again (a seqlock). An entry
+ * that already holds a later message's id (ACKTAB_SLOTS receipts behind) refuses the
+ * older one, which then goes into the ring as before (nothing lost while the ring has
+ * room). The head's u32 at offset 0 counts the sender's threads waiting for an
+ * acknowledgement (take_ack_impl, under the mailbox's lock: one at a time), the u64 at
+ * offset 8 is the id it waits for: a receiver that sees a waiter for its id after its
+ * store also puts a doorbell (the id with ACK_DOORBELL) into the ring, whose wake-ups
+ * are the waiter's (futex, asyncio's FIFO). Store then load on one side, increment then
+ * load on the other, both sequentially consistent: a waiter misses neither. The table is the
+ * sender's process's shared memory, written by any process of its user: a scribbled
+ * entry names a wrong receiver at worst, and never makes a read go out of bounds. */
+#define ACKTAB_SLOTS 65536u /* _mailbox._MAX_ACKS: receipts a sender may leave unread */
+#define ACKTAB_HEAD 64u
+#define ACKTAB_BYTES (ACKTAB_HEAD + 16u * ACKTAB_SLOTS) /* _mailbox._ACKTAB_BYTES */
+#define ACK_BUSY (1ULL << 63)
+#define ACK_DOORBELL (1ULL << 63)
+
+typedef struct {
+    _Atomic uint64_t id;
+    _Atomic uint32_t pid, uid;
+} ack_entry;
+
+static _Atomic uint32_t *
+tab_waiters(uint8_t *tab)
+{
+    return (_Atomic uint32_t *)tab;
+}
+
+static _Atomic uint64_t *
+tab_want(uint8_t *tab)
+{
+    return (_Atomic uint64_t *)(tab + 8);
+}
+
+static ack_entry *
+tab_entry(uint8_t *tab, uint64_t mid)
+{
+    return (ack_entry *)(tab + ACKTAB_HEAD) + (mid % ACKTAB_SLOTS);
+}
+
+/* A receiver's store: 1 written, 0 the entry holds a later message's (not written). */
+static int
+tab_put(uint8_t *tab, uint64_t mid, uint32_t pid, uint32_t uid)
+{
+    ack_entry *e = tab_entry(tab, mid);
+    uint64_t cur = atomic_load_explicit(&e->id, memory_order_relaxed);
+    do {
+        if ((cur & ~ACK_BUSY) >= mid) {
+            return 0;
+        }
+    } while (!atomic_compare_exchange_weak(&e->id, &cur, mid | ACK_BUSY));
+    atomic_store_explicit(&e->pid, pid, memory_order_relaxed);
+    atomic_store_explicit(&e->uid, uid, memory_order_relaxed);
+    atomic_store_explicit(&e->id, mid, memory_order_release);
+    return 1;
+}
+
+/* The sender's read: 1 with *pid, *uid if mid's acknowledgement is there. */
+static int
+tab_get(uint8_t *tab, uint64_t mid, uint32_t *pid, uint32_t *uid)
+{
+    ack_entry *e = tab_entry(tab, mid);
+    if (atomic_load_explicit(&e->id, memory_order_acquire) != mid) {
+        return 0;
+    }
+    *pid = atomic_load_explicit(&e->pid, memory_order_relaxed);
+    *uid = atomic_load_explicit(&e->uid, memory_order_relaxed);
+    atomic_thread_fence(memory_order_acquire);
+    return atomic_load_explicit(&e->id, memory_order_relaxed) == mid;
+}
+
+/* Our table (set_acks) if ring is our acknowledgement ring, else NULL. */
+static uint8_t *
+own_table(MailboxCore *c, PyObject *ring)
+{
+    return (c->acktab.obj != NULL && ring == c->acks && c->acks_pid == cached_pid)
+               ? (uint8_t *)c->acktab.buf
+               : NULL;
+}
 
 /* obj as a common record (reply: NULL, or the acknowledgement ring's name for a receipt
  * record), put waiting like Ring.send. 1 sent (*mid its id), 0 not a common record
@@ -925,6 +1015,11 @@ take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
     if (want == (unsigned long long)-1 && PyErr_Occurred()) {
         return NULL;
     }
+    uint8_t *tab = own_table(c, ring);
+    uint32_t tpid, tuid;
+    if (tab != NULL && tab_get(tab, want, &tpid, &tuid)) {
+        return core_peer(c, tpid, tuid);
+    }
     if (PyDict_GET_SIZE(args[2]) > 0) { /* read before, behind another's: the oldest */
         PyObject *got = PyDict_GetItemWithError(args[2], args[1]); /* borrowed */
         if (got == NULL && PyErr_Occurred()) {
@@ -945,7 +1040,18 @@ take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
         PyObject *out = api->take(args[0], peek_ack, ack);
         if (out == Py_None && timeout != NULL) { /* empty: wait once (wait_ack) */
             Py_DECREF(out);
+            if (tab != NULL) { /* counted in: receivers ring the doorbell from now on */
+                atomic_store(tab_want(tab), want);
+                atomic_fetch_add(tab_waiters(tab), 1);
+                if (tab_get(tab, want, &tpid, &tuid)) {
+                    atomic_fetch_sub(tab_waiters(tab), 1);
+                    return core_peer(c, tpid, tuid);
+                }
+            }
             out = api->take_wait(args[0], peek_ack, ack, timeout);
+            if (tab != NULL) {
+                atomic_fetch_sub(tab_waiters(tab), 1);
+            }
             timeout = NULL;
         }
         if (out == NULL || out == Py_None) {
@@ -956,6 +1062,12 @@ take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
             continue; /* not an acknowledgement: skipped, as the general way does */
         }
         uint64_t mid = get64(ack);
+        if (mid & ACK_DOORBELL) { /* it is in the table: ours, maybe */
+            if (tab != NULL && tab_get(tab, want, &tpid, &tuid)) {
+                return core_peer(c, tpid, tuid);
+            }
+            continue;
+        }
         PyObject *peer = core_peer(c, get32(ack + 8), get32(ack + 12));
         if (peer == NULL || mid == want) {
             return peer;
@@ -1001,23 +1113,42 @@ static PyObject *fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64
 static PyObject *
 core_set_acks(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    /* set_acks(ring, table, lock) | set_acks(None, None, None): receipt_ready's ring */
-    if (nargs != 3 || (args[0] != Py_None && !PyDict_CheckExact(args[1]))) {
-        PyErr_SetString(PyExc_TypeError, "set_acks(ring, table: dict, lock)");
+    /* set_acks(ring, table, lock, acktab) | set_acks(None, None, None, None): receipt_ready's
+     * ring, and our acknowledgement table (a writable buffer of ACKTAB_BYTES, or None) */
+    if (nargs != 4 || (args[0] != Py_None && !PyDict_CheckExact(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "set_acks(ring, table: dict, lock, acktab)");
         return NULL;
     }
     PyObject *acq = NULL, *rel = NULL;
+    Py_buffer tab = {0};
     if (args[0] != Py_None) {
         if (ring_arg(args[0]) < 0) {
             return NULL;
+        }
+        if (args[3] != Py_None) {
+            if (PyObject_GetBuffer(args[3], &tab, PyBUF_WRITABLE) < 0) {
+                return NULL;
+            }
+            if (tab.len < (Py_ssize_t)ACKTAB_BYTES || ((uintptr_t)tab.buf & 63) != 0) {
+                PyBuffer_Release(&tab);
+                PyErr_SetString(PyExc_ValueError, "set_acks: the table is too small");
+                return NULL;
+            }
         }
         acq = PyObject_GetAttrString(args[2], "acquire");
         rel = acq == NULL ? NULL : PyObject_GetAttrString(args[2], "release");
         if (rel == NULL) {
             Py_XDECREF(acq);
+            if (tab.obj != NULL) {
+                PyBuffer_Release(&tab);
+            }
             return NULL;
         }
     }
+    if (c->acktab.obj != NULL) {
+        PyBuffer_Release(&c->acktab);
+    }
+    c->acktab = tab;
     Py_CLEAR(c->acks);
     Py_CLEAR(c->acks_table);
     Py_XSETREF(c->acks_acquire, acq);
@@ -1050,6 +1181,24 @@ core_receipt_ready(MailboxCore *c, PyObject *receipt)
         id == NULL) {
         PyErr_Clear();
         Py_RETURN_NONE;
+    }
+    uint8_t *tab = own_table(c, c->acks);
+    if (tab != NULL) { /* the common case: its receiver wrote our table (no lock needed) */
+        unsigned long long mid = PyLong_AsUnsignedLongLong(id);
+        uint32_t pid, uid;
+        if (mid == (unsigned long long)-1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (tab_get(tab, mid, &pid, &uid)) {
+            PyObject *who = core_peer(c, pid, uid);
+            PyObject *t = who == NULL ? NULL : PyTuple_Pack(1, who);
+            if (t == NULL) {
+                Py_XDECREF(who);
+                return NULL;
+            }
+            Py_XSETREF(*slot_rx, t);
+            return who;
+        }
     }
     PyObject *got = PyObject_CallOneArg(c->acks_acquire, Py_False);
     if (got != Py_True) { /* held (a waiting receipt, close): the general way waits */
@@ -1355,38 +1504,38 @@ get64(const uint8_t *p)
     return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
 }
 
-/* Tell the sender of a receipt record who took it: 1 done (or dropped and counted),
- * 0 its acknowledgement ring is not attached here yet (the general way attaches it). */
-static int
-acknowledge(MailboxCore *c, peek_ctx_mb *m)
+/* Write the acknowledgement of message mid (taken by this process) for its sender: into
+ * the sender's table if block is one (then into ring only as a doorbell, or when the
+ * table refused it), else into ring. Waits at most ACK_WAIT_S for the ring; a drop is
+ * counted. */
+static void
+put_ack(MailboxCore *c, PyObject *ring, PyObject *block, uint64_t mid)
 {
-    if (c->replies == NULL || !PyDict_CheckExact(c->replies)) { /* deleted, or not set */
-        return 0;
-    }
-    PyObject *ring;
-    if (c->last_reply != NULL && (uint32_t)PyBytes_GET_SIZE(c->last_reply) == m->rlen &&
-        memcmp(PyBytes_AS_STRING(c->last_reply), m->reply, m->rlen) == 0 &&
-        PyDict_GetItemWithError(c->replies, c->last_reply) == c->last_ring) {
-        ring = c->last_ring; /* the same sender as last time (still in the table) */
-    }
-    else {
-        PyErr_Clear();
-        PyObject *name = PyBytes_FromStringAndSize((const char *)m->reply, m->rlen);
-        if (name == NULL) {
-            PyErr_Clear();
-            return 0;
+    uint64_t rec_id = mid;
+    if (block != NULL) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(block, &v, PyBUF_WRITABLE) < 0) {
+            PyErr_Clear(); /* closed: the ring, as for a sender without a table */
         }
-        ring = PyDict_GetItemWithError(c->replies, name); /* borrowed */
-        if (ring == NULL || !PyObject_TypeCheck(ring, api->ring_type)) {
-            Py_DECREF(name);
-            PyErr_Clear();
-            return 0;
+        else {
+            if (v.len >= (Py_ssize_t)ACKTAB_BYTES && ((uintptr_t)v.buf & 63) == 0 &&
+                tab_put(v.buf, mid, cached_pid, (uint32_t)c->uid)) {
+                atomic_thread_fence(memory_order_seq_cst);
+                int waited = atomic_load(tab_waiters(v.buf)) != 0 &&
+                             atomic_load(tab_want(v.buf)) == mid;
+                PyBuffer_Release(&v);
+                if (!waited) {
+                    return;
+                }
+                rec_id |= ACK_DOORBELL;
+            }
+            else {
+                PyBuffer_Release(&v);
+            }
         }
-        Py_XSETREF(c->last_reply, name);
-        Py_XSETREF(c->last_ring, Py_NewRef(ring));
     }
     uint8_t ack[16]; /* message id, pid, uid: _mailbox._ACK */
-    put64(ack, get64(m->head + 12));
+    put64(ack, rec_id);
     put32(ack + 8, cached_pid);
     put32(ack + 12, (uint32_t)c->uid);
     buzon_part part = {ack, sizeof ack};
@@ -1397,9 +1546,8 @@ acknowledge(MailboxCore *c, peek_ctx_mb *m)
     if (ack_wait == NULL && (ack_wait = PyFloat_FromDouble(ACK_WAIT_S)) == NULL) {
         PyErr_Clear();
         c->acks_dropped++;
-        return 1;
+        return;
     }
-    Py_INCREF(ring); /* a wait releases the GIL: the table may drop it meanwhile */
     int put = api->put(ring, &part, 1, sizeof ack, 0); /* the common case: no clock read */
     if (put < 0) {
         PyErr_Clear(); /* closed or gone: put_wait finds it so too */
@@ -1409,8 +1557,71 @@ acknowledge(MailboxCore *c, peek_ctx_mb *m)
         PyErr_Clear();
         c->acks_dropped++;
     }
-    Py_DECREF(ring);
+}
+
+/* Tell the sender of message mid, whose record named reply[0..rlen), who took it: 1 done
+ * (or dropped and counted), 0 its acknowledgement ring is not attached here yet (the
+ * general way attaches it). replies maps the name to its Ring, or to (Ring, Block) for a
+ * '#' name (the sender's table). */
+static int
+acknowledge(MailboxCore *c, const uint8_t *reply, uint32_t rlen, uint64_t mid)
+{
+    if (c->replies == NULL || !PyDict_CheckExact(c->replies)) { /* deleted, or not set */
+        return 0;
+    }
+    PyObject *entry;
+    if (c->last_reply != NULL && (uint32_t)PyBytes_GET_SIZE(c->last_reply) == rlen &&
+        memcmp(PyBytes_AS_STRING(c->last_reply), reply, rlen) == 0 &&
+        PyDict_GetItemWithError(c->replies, c->last_reply) == c->last_ring) {
+        entry = c->last_ring; /* the same sender as last time (still in the table) */
+    }
+    else {
+        PyErr_Clear();
+        PyObject *name = PyBytes_FromStringAndSize((const char *)reply, rlen);
+        if (name == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        entry = PyDict_GetItemWithError(c->replies, name); /* borrowed */
+        if (entry == NULL) {
+            Py_DECREF(name);
+            PyErr_Clear();
+            return 0;
+        }
+        Py_XSETREF(c->last_reply, name);
+        Py_XSETREF(c->last_ring, Py_NewRef(entry));
+    }
+    PyObject *ring = entry, *block = NULL;
+    if (PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2) {
+        ring = PyTuple_GET_ITEM(entry, 0);
+        block = PyTuple_GET_ITEM(entry, 1);
+    }
+    if (!PyObject_TypeCheck(ring, api->ring_type)) {
+        return 0;
+    }
+    Py_INCREF(entry); /* a wait releases the GIL: the table may drop it meanwhile */
+    put_ack(c, ring, block, mid);
+    Py_DECREF(entry);
     return 1;
+}
+
+static PyObject *
+core_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* ack(reply_to, message_id) -> bool: acknowledge (the general way's receiver) */
+    if (nargs != 2 || !PyBytes_CheckExact(args[0]) || PyBytes_GET_SIZE(args[0]) > 255) {
+        PyErr_SetString(PyExc_TypeError, "ack(reply_to: bytes, message_id)");
+        return NULL;
+    }
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[1]);
+    if (mid == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (need_api() < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(acknowledge(c, (const uint8_t *)PyBytes_AS_STRING(args[0]),
+                                       (uint32_t)PyBytes_GET_SIZE(args[0]), mid));
 }
 
 /* The next record of ring: *obj the common record's object (decoded), or NULL with no
@@ -1436,7 +1647,7 @@ take_message(MailboxCore *c, PyObject *ring, PyObject *timeout, peek_ctx_mb *m,
         *whole = out;
         return 0;
     }
-    if (!m->receipt || acknowledge(c, m)) {
+    if (!m->receipt || acknowledge(c, m->reply, m->rlen, get64(m->head + 12))) {
         if (m->codec == 0) {
             *obj = out;
             c->received++;
@@ -1682,6 +1893,9 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->acks_table);
     Py_XDECREF(c->acks_acquire);
     Py_XDECREF(c->acks_release);
+    if (c->acktab.obj != NULL) {
+        PyBuffer_Release(&c->acktab);
+    }
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -1697,6 +1911,10 @@ static PyMethodDef core_methods[] = {
     {"send_async", (PyCFunction)(void (*)(void))core_send_async, METH_FASTCALL,
      "send_async(obj, timeout, reply_to, box) -> MailboxReceipt | None: send_receipt, and "
      "the receipt made here (after set_receipt); None: nothing sent, the general way."},
+    {"ack", (PyCFunction)(void (*)(void))core_ack, METH_FASTCALL,
+     "ack(reply_to, message_id) -> bool: tell the sender of a receipt record (its REPLY_TO "
+     "reply_to, registered in replies) that this process took message_id; False if "
+     "reply_to is not in replies."},
     {"set_receipt", (PyCFunction)(void (*)(void))core_set_receipt, METH_FASTCALL,
      "set_receipt(MailboxReceipt): send_async makes receipts through its slots."},
     {"take_ack", (PyCFunction)(void (*)(void))core_take_ack, METH_FASTCALL,
@@ -1708,8 +1926,9 @@ static PyMethodDef core_methods[] = {
      "to timeout once the ring is empty (Timeout, or Empty for timeout <= 0, if nothing "
      "came); None: only others' acknowledgements came (into table)."},
     {"set_acks", (PyCFunction)(void (*)(void))core_set_acks, METH_FASTCALL,
-     "set_acks(ring, table, lock) | set_acks(None, None, None): this process's "
-     "acknowledgement ring, its table and the lock guarding both, for receipt_ready."},
+     "set_acks(ring, table, lock, acktab) | set_acks(None, None, None, None): this "
+     "process's acknowledgement ring, its table and the lock guarding both, and its "
+     "acknowledgement table (a Block, or None), for receipt_ready, take_ack, wait_ack."},
     {"receipt_ready", (PyCFunction)core_receipt_ready, METH_O,
      "receipt_ready(receipt) -> PeerInfo | None: a one-receiver receipt nobody took yet: "
      "its acknowledgement (take_ack) if it is here and the lock is free, recorded in the "
@@ -1758,7 +1977,8 @@ static PyMemberDef core_members[] = {
     {"mark_fd", T_INT, offsetof(MailboxCore, mark_fd), 0,
      "the fd whose atime/mtime mark the last take/send (at most once a second), or -1"},
     {"replies", T_OBJECT, offsetof(MailboxCore, replies), 0,
-     "dict: acknowledgement ring name (bytes) -> Ring, for receipt records (or None)"},
+     "dict: acknowledgement ring name (bytes) -> Ring, or (Ring, Block) for a '#' name "
+     "(the sender's table), for receipt records (or None)"},
     {NULL, 0, 0, 0, NULL},
 };
 

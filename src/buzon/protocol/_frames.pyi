@@ -7,7 +7,7 @@ from typing import Any
 
 from typing_extensions import Buffer
 
-from .._core import Ring
+from .._core import Block, Ring
 
 HEADER_SIZE: int
 
@@ -57,7 +57,7 @@ class MailboxCore:
     def acks_dropped(self) -> int: ...
     @property
     def dropped(self) -> int: ...
-    replies: dict[bytes, Ring]
+    replies: dict[bytes, Ring | tuple[Ring, Block]]
     mark_fd: int
     def __init__(
         self, ring: Ring, encode: Any, decode: Any, fast_max: int, uid: int, nowait: bool
@@ -77,7 +77,10 @@ class MailboxCore:
     def wait_ack(
         self, acks: Ring, message_id: int, table: dict[int, Any], timeout: float, /
     ) -> Any: ...
-    def set_acks(self, ring: Ring | None, table: Any, lock: Any, /) -> None: ...
+    def set_acks(
+        self, ring: Ring | None, table: Any, lock: Any, acktab: Block | None, /
+    ) -> None: ...
+    def ack(self, reply_to: bytes, message_id: int, /) -> bool: ...
     def receipt_ready(self, receipt: Any, /) -> Any: ...
     def set_fan(self, table: Any, generation: int, targets: Any, rings: Any, /) -> None: ...
     def bcast(self, obj: object, /) -> Any: ...
