@@ -117,7 +117,7 @@ from .errors import (
     Undelivered,
     UnsupportedOperation,
 )
-from .protocol._frames import MailboxCore
+from .protocol._frames import MailboxCore, MailboxReceipt, receipt_ways
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
     FIELDS_FLAG,
@@ -297,72 +297,35 @@ def _ring_size(records: int, record: int) -> int:
     return cap
 
 
-class MailboxReceipt:
-    """The fate of one message sent with :meth:`Mailbox.send_async`.
+def _receipt_done(receipt: MailboxReceipt) -> bool:
+    """``MailboxReceipt.done()`` the general way (its C hot path could not say): read
+    the acknowledgements that already arrived, never wait."""
+    while len(receipt._receivers) < receipt.expected:
+        who = receipt._box._ack_of(receipt.id, 0.0)
+        if who is None:
+            break
+        receipt._receivers += (who,)
+    return len(receipt._receivers) >= receipt.expected
 
-    :meth:`done` says whether a receiver took it (never waits), :meth:`wait` waits
-    (:class:`~buzon.errors.Timeout` when ``timeout`` passes), and :attr:`receiver`
-    names the process that took it (``PeerInfo`` with ``.pid`` and ``.uid``). On a
-    broadcast mailbox the message went to ``expected`` receivers: :attr:`receivers`
-    lists those that took it so far, and ``done``/``wait`` mean all of them.
-    """
 
-    __slots__ = ("_box", "_receivers", "expected", "id")
+def _receipt_wait(receipt: MailboxReceipt, timeout: float | None) -> PeerInfo:
+    """``MailboxReceipt.wait(timeout)`` the general way (see :class:`MailboxReceipt`)."""
+    if receipt.expected == 0:
+        raise Undelivered(f"message {receipt.id} went to no receiver (none was attached)")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while len(receipt._receivers) < receipt.expected:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        who = receipt._box._ack_of(receipt.id, left)
+        if who is None:
+            raise Timeout(
+                f"message {receipt.id} was not taken within {timeout} s "
+                f"({len(receipt._receivers)} of {receipt.expected} receivers took it)"
+            )
+        receipt._receivers += (who,)
+    return receipt._receivers[0]
 
-    def __init__(self, box: Mailbox, message_id: int, expected: int = 1) -> None:
-        self._box = box
-        self.id = message_id
-        self.expected = expected
-        self._receivers: tuple[PeerInfo, ...] = ()  # who took it so far
 
-    @property
-    def receiver(self) -> PeerInfo | None:
-        """The (first) process that took the message, or None while nobody has."""
-        if not self._receivers:
-            self.done()
-        return self._receivers[0] if self._receivers else None
-
-    @property
-    def receivers(self) -> list[PeerInfo]:
-        """Every process that took the message so far (broadcast: one per receiver)."""
-        self.done()
-        return list(self._receivers)
-
-    def done(self) -> bool:
-        """True once the receiver (broadcast: every receiver it went to) took the
-        message; reads acknowledgements that already arrived, never waits."""
-        if self._box._core.receipt_ready(self) is not None:  # the hot path: one C call
-            return True
-        while len(self._receivers) < self.expected:
-            who = self._box._ack_of(self.id, 0.0)
-            if who is None:
-                break
-            self._receivers += (who,)
-        return len(self._receivers) >= self.expected
-
-    def wait(self, timeout: float | None = None) -> PeerInfo:
-        """Wait until a receiver (broadcast: every one) took the message and return
-        the first; ``Timeout`` if ``timeout`` seconds pass first, ``Undelivered`` if
-        the mailbox was removed first (or a broadcast went to no receiver)."""
-        if self.expected == 0:
-            raise Undelivered(f"message {self.id} went to no receiver (none was attached)")
-        who = self._box._core.receipt_ready(self)  # the hot path: one C call, no clock
-        if who is not None:
-            return who  # type: ignore[no-any-return]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while len(self._receivers) < self.expected:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            who = self._box._ack_of(self.id, left)
-            if who is None:
-                raise Timeout(
-                    f"message {self.id} was not taken within {timeout} s "
-                    f"({len(self._receivers)} of {self.expected} receivers took it)"
-                )
-            self._receivers += (who,)
-        return self._receivers[0]
-
-    def __repr__(self) -> str:
-        return f"<MailboxReceipt id={self.id} receivers={list(self._receivers)}>"
+receipt_ways(_receipt_done, _receipt_wait)
 
 
 class Mailbox:
@@ -461,7 +424,6 @@ class Mailbox:
             ring, encode, decode, self._fast_max, self._uid, self.capacity is None
         )
         self._core.set_message(Message, _peer)  # its recv_message makes the Message
-        self._core.set_receipt(MailboxReceipt)  # and send_async the receipt
         self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
         self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
@@ -1024,7 +986,8 @@ class Mailbox:
                 self._reply_rings[key] = entry
                 if not withdrawable:  # the hot path acknowledges from now on (never an
                     # offer: see _OFFER_BASE); a '#' name writes the sender's table
-                    self._core.replies[reply_to] = entry[0] if entry[2] is None else entry[::2]
+                    table = entry[2]
+                    self._core.replies[reply_to] = entry[0] if table is None else (entry[0], table)
                 while len(self._reply_rings) > _MAX_ACK_RINGS:
                     old, gone = self._reply_rings.popitem(last=False)
                     self._core.replies.pop(old.encode("ascii"), None)

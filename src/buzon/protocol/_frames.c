@@ -616,8 +616,6 @@ typedef struct {
     PyObject *peer_fn;  /* _mailbox._peer(pid, uid) -> the shared PeerInfo */
     PyObject *last_peer; /* the PeerInfo of (last_pid, last_uid), or NULL */
     uint32_t last_pid, last_uid;
-    PyObject *rc_type;  /* buzon.MailboxReceipt (set_receipt), or NULL */
-    Py_ssize_t rc_off[4]; /* its slots' offsets: _box, _receivers, expected, id */
     PyObject *last_reply; /* acknowledge(): the last acknowledgement ring's name... */
     PyObject *last_ring;  /* ...and that ring (both NULL: none yet) */
     Py_buffer fan_buf;    /* broadcast (set_fan): the receiver table, its generation... */
@@ -632,6 +630,43 @@ typedef struct {
 
 static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
 static uint64_t get64(const uint8_t *p);
+static PyTypeObject MailboxCoreType;
+
+/* ---- MailboxReceipt: the fate of one message sent with Mailbox.send_async ------------
+ * A C type so that the common receipt (one receiver, acknowledged in the sender's table)
+ * is made by send_async and read by wait/done without a Python frame. What the hot path
+ * cannot answer (waiting, a broadcast's several receivers, the general way's receipts)
+ * goes to _mailbox's Python functions (receipt_ways). Not tracked by the collector: its
+ * references are its mailbox, that mailbox's core and a tuple of PeerInfo, none of which
+ * refers back to a receipt (with 256 receipts in flight the collector otherwise ran
+ * every few hundred sends). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *box;       /* the Mailbox it was sent through */
+    PyObject *receivers; /* tuple of PeerInfo: who took it so far (written by _mailbox) */
+    PyObject *core;      /* box._core, or NULL until first needed */
+    unsigned long long id;
+    Py_ssize_t expected; /* receivers it went to (broadcast: several; 0: none) */
+} Receipt;
+
+static PyTypeObject ReceiptType;
+static PyObject *receipt_done_fn, *receipt_wait_fn; /* receipt_ways: the general way */
+static PyObject *empty_tuple;
+
+static Receipt *
+new_receipt(PyObject *box, unsigned long long id, Py_ssize_t expected, PyObject *core)
+{
+    Receipt *r = PyObject_New(Receipt, &ReceiptType);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->box = Py_NewRef(box);
+    r->receivers = Py_NewRef(empty_tuple);
+    r->core = Py_XNewRef(core);
+    r->id = id;
+    r->expected = expected;
+    return r;
+}
 
 #define MARK_EVERY_NS 1000000000ULL /* at most one mark a second per object and kind */
 
@@ -902,29 +937,12 @@ slot_offsets(PyTypeObject *type, const char *const *names, int n, Py_ssize_t *of
 }
 
 static PyObject *
-core_set_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
-{
-    /* set_receipt(MailboxReceipt): send_async makes the receipt itself */
-    static const char *const names[4] = {"_box", "_receivers", "expected", "id"};
-    if (nargs != 1 || !PyType_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "set_receipt(MailboxReceipt type)");
-        return NULL;
-    }
-    if (slot_offsets((PyTypeObject *)args[0], names, 4, c->rc_off) < 0) {
-        return NULL;
-    }
-    Py_XSETREF(c->rc_type, Py_NewRef(args[0]));
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
     /* send_async(obj, timeout, reply_to, box) -> MailboxReceipt(box, id) | None (nothing
      * sent: the general way) */
-    if (nargs != 4 || !PyBytes_CheckExact(args[2]) || c->rc_type == NULL) {
-        PyErr_SetString(PyExc_TypeError,
-                        "send_async(obj, timeout, reply_to: bytes, box), after set_receipt");
+    if (nargs != 4 || !PyBytes_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "send_async(obj, timeout, reply_to: bytes, box)");
         return NULL;
     }
     uint64_t mid = 0;
@@ -932,29 +950,8 @@ core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (rc <= 0) {
         return rc < 0 ? NULL : Py_NewRef(Py_None);
     }
-    PyTypeObject *type = (PyTypeObject *)c->rc_type;
-    PyObject *vals[4] = {Py_NewRef(args[3]), PyTuple_New(0), PyLong_FromLong(1),
-                         PyLong_FromUnsignedLongLong((unsigned long long)mid)};
-    PyObject *receipt = NULL;
-    if (vals[1] != NULL && vals[2] != NULL && vals[3] != NULL) {
-        receipt = type->tp_alloc(type, 0);
-    }
-    if (receipt == NULL) { /* sent all the same: the receipt is what failed */
-        for (int i = 0; i < 4; i++) {
-            Py_XDECREF(vals[i]);
-        }
-        return NULL;
-    }
-    for (int i = 0; i < 4; i++) {
-        *(PyObject **)((char *)receipt + c->rc_off[i]) = vals[i];
-    }
-    /* it cannot be part of a cycle (its slots are these four; receivers, a tuple of
-     * PeerInfo): the collector need not visit it, and with 256 receipts in flight it
-     * otherwise ran every few hundred sends */
-    if (PyObject_IS_GC(receipt)) {
-        PyObject_GC_UnTrack(receipt);
-    }
-    return receipt;
+    /* sent all the same if this fails: the receipt is what failed */
+    return (PyObject *)new_receipt(args[3], (unsigned long long)mid, 1, (PyObject *)c);
 }
 
 static uint32_t
@@ -1161,77 +1158,69 @@ core_set_acks(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* A one-receiver receipt nobody took yet: its acknowledgement, from our table (no lock)
+ * or from the ring (take_ack) under the mailbox's lock if that lock is free now; the
+ * receipt records it. A new reference to the PeerInfo, Py_None (not here yet, or the
+ * general way must look: lock held, ring not ours, closed, another kind of receipt), or
+ * NULL with an exception. */
 static PyObject *
-core_receipt_ready(MailboxCore *c, PyObject *receipt)
+receipt_ready(MailboxCore *c, Receipt *r)
 {
-    /* receipt_ready(receipt) -> PeerInfo | None: a MailboxReceipt's hot path (nobody
-     * took it yet, one receiver expected): its acknowledgement from the table or the
-     * ring (take_ack) under the mailbox's lock, if that lock is free now; the receipt
-     * records it. None: not here yet, or the general way must look (lock held, ring not
-     * ours, closed, another kind of receipt). */
-    if (c->acks == NULL || c->acks_pid != cached_pid || c->rc_type == NULL ||
-        !Py_IS_TYPE(receipt, (PyTypeObject *)c->rc_type) || c->peer_fn == NULL) {
-        Py_RETURN_NONE;
-    }
-    PyObject **slot_rx = (PyObject **)((char *)receipt + c->rc_off[1]);
-    PyObject *expected = *(PyObject **)((char *)receipt + c->rc_off[2]);
-    PyObject *id = *(PyObject **)((char *)receipt + c->rc_off[3]);
-    if (*slot_rx == NULL || !PyTuple_CheckExact(*slot_rx) || PyTuple_GET_SIZE(*slot_rx) != 0 ||
-        expected == NULL || !PyLong_CheckExact(expected) || PyLong_AsLong(expected) != 1 ||
-        id == NULL) {
-        PyErr_Clear();
+    if (c->acks == NULL || c->acks_pid != cached_pid || c->peer_fn == NULL ||
+        r->expected != 1 || !PyTuple_CheckExact(r->receivers) ||
+        PyTuple_GET_SIZE(r->receivers) != 0) {
         Py_RETURN_NONE;
     }
     uint8_t *tab = own_table(c, c->acks);
-    if (tab != NULL) { /* the common case: its receiver wrote our table (no lock needed) */
-        unsigned long long mid = PyLong_AsUnsignedLongLong(id);
-        uint32_t pid, uid;
-        if (mid == (unsigned long long)-1 && PyErr_Occurred()) {
+    PyObject *who;
+    uint32_t pid, uid;
+    if (tab != NULL && tab_get(tab, r->id, &pid, &uid)) {
+        who = core_peer(c, pid, uid); /* the common case: no lock needed */
+    }
+    else {
+        PyObject *got = PyObject_CallOneArg(c->acks_acquire, Py_False);
+        if (got != Py_True) { /* held (a waiting receipt, close): the general way waits */
+            Py_XDECREF(got);
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        Py_DECREF(got);
+        PyObject *ring = Py_NewRef(c->acks), *table = Py_NewRef(c->acks_table);
+        PyObject *id = PyLong_FromUnsignedLongLong(r->id);
+        who = id == NULL ? NULL : take_ack_impl(c, ring, id, table, NULL);
+        Py_XDECREF(id);
+        Py_DECREF(ring);
+        Py_DECREF(table);
+        if (who == NULL) {
+            PyErr_Clear(); /* the ring shut down, say: the general way says what happened */
+            who = Py_NewRef(Py_None);
+        }
+        PyObject *done = PyObject_CallNoArgs(c->acks_release);
+        if (done == NULL) {
+            Py_DECREF(who);
             return NULL;
         }
-        if (tab_get(tab, mid, &pid, &uid)) {
-            PyObject *who = core_peer(c, pid, uid);
-            PyObject *t = who == NULL ? NULL : PyTuple_Pack(1, who);
-            if (t == NULL) {
-                Py_XDECREF(who);
-                return NULL;
-            }
-            Py_XSETREF(*slot_rx, t);
-            return who;
-        }
+        Py_DECREF(done);
     }
-    PyObject *got = PyObject_CallOneArg(c->acks_acquire, Py_False);
-    if (got != Py_True) { /* held (a waiting receipt, close): the general way waits */
-        Py_XDECREF(got);
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    Py_DECREF(got);
-    PyObject *ring = Py_NewRef(c->acks), *table = Py_NewRef(c->acks_table);
-    Py_INCREF(id);
-    PyObject *who = take_ack_impl(c, ring, id, table, NULL);
-    Py_DECREF(id);
-    Py_DECREF(ring);
-    Py_DECREF(table);
-    if (who == NULL) {
-        PyErr_Clear(); /* the ring shut down, say: the general way says what happened */
-        who = Py_NewRef(Py_None);
-    }
-    PyObject *done = PyObject_CallNoArgs(c->acks_release);
-    if (done == NULL) {
-        Py_DECREF(who);
-        return NULL;
-    }
-    Py_DECREF(done);
-    if (who != Py_None) {
+    if (who != NULL && who != Py_None) {
         PyObject *t = PyTuple_Pack(1, who);
         if (t == NULL) {
             Py_DECREF(who);
             return NULL;
         }
-        Py_XSETREF(*slot_rx, t);
+        Py_SETREF(r->receivers, t);
     }
     return who;
+}
+
+static PyObject *
+core_receipt_ready(MailboxCore *c, PyObject *receipt)
+{
+    /* receipt_ready(receipt) -> PeerInfo | None: receipt_ready() above */
+    if (!Py_IS_TYPE(receipt, &ReceiptType)) {
+        Py_RETURN_NONE;
+    }
+    return receipt_ready(c, (Receipt *)receipt);
 }
 
 static PyObject *
@@ -1881,7 +1870,6 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->msg_type);
     Py_XDECREF(c->peer_fn);
     Py_XDECREF(c->last_peer);
-    Py_XDECREF(c->rc_type);
     Py_XDECREF(c->last_reply);
     Py_XDECREF(c->last_ring);
     if (c->fan_buf.obj != NULL) {
@@ -1910,13 +1898,11 @@ static PyMethodDef core_methods[] = {
      "False (nothing sent) if it is not one: the caller's general way."},
     {"send_async", (PyCFunction)(void (*)(void))core_send_async, METH_FASTCALL,
      "send_async(obj, timeout, reply_to, box) -> MailboxReceipt | None: send_receipt, and "
-     "the receipt made here (after set_receipt); None: nothing sent, the general way."},
+     "the receipt made here; None: nothing sent, the general way."},
     {"ack", (PyCFunction)(void (*)(void))core_ack, METH_FASTCALL,
      "ack(reply_to, message_id) -> bool: tell the sender of a receipt record (its REPLY_TO "
      "reply_to, registered in replies) that this process took message_id; False if "
      "reply_to is not in replies."},
-    {"set_receipt", (PyCFunction)(void (*)(void))core_set_receipt, METH_FASTCALL,
-     "set_receipt(MailboxReceipt): send_async makes receipts through its slots."},
     {"take_ack", (PyCFunction)(void (*)(void))core_take_ack, METH_FASTCALL,
      "take_ack(acks, message_id, table) -> PeerInfo | None: message_id's acknowledgement from "
      "table (a dict of id -> list of PeerInfo, oldest first) or read from the ring until it "
@@ -1995,7 +1981,222 @@ static PyTypeObject MailboxCoreType = {
     .tp_new = core_new,
 };
 
+/* ---- MailboxReceipt's methods ---------------------------------------------------------- */
+
+/* The mailbox's core (a new reference), or NULL with no exception if it has none. */
+static MailboxCore *
+rc_core(Receipt *r)
+{
+    if (r->core == NULL) {
+        PyObject *core = PyObject_GetAttrString(r->box, "_core");
+        if (core == NULL || !Py_IS_TYPE(core, &MailboxCoreType)) {
+            Py_XDECREF(core);
+            PyErr_Clear();
+            return NULL;
+        }
+        r->core = core;
+    }
+    return (MailboxCore *)Py_NewRef(r->core);
+}
+
+/* Who took it, if that is known without waiting or Python: a new reference to the first
+ * PeerInfo, Py_None (the general way must say), or NULL with an exception. */
+static PyObject *
+rc_known(Receipt *r)
+{
+    if (!PyTuple_CheckExact(r->receivers)) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(r->receivers);
+    if (r->expected > 0 && n >= r->expected) {
+        return Py_NewRef(PyTuple_GET_ITEM(r->receivers, 0));
+    }
+    if (r->expected != 1 || n != 0) {
+        Py_RETURN_NONE;
+    }
+    MailboxCore *c = rc_core(r);
+    if (c == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *who = receipt_ready(c, r);
+    Py_DECREF(c);
+    return who;
+}
+
+static PyObject *
+rc_done(Receipt *r, PyObject *Py_UNUSED(a))
+{
+    PyObject *who = rc_known(r);
+    if (who != Py_None) {
+        Py_XDECREF(who);
+        return who == NULL ? NULL : Py_NewRef(Py_True);
+    }
+    Py_DECREF(who);
+    if (receipt_done_fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "receipt_ways() was not called");
+        return NULL;
+    }
+    return PyObject_CallOneArg(receipt_done_fn, (PyObject *)r);
+}
+
+static PyObject *
+rc_wait(Receipt *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *timeout = Py_None;
+    if (nargs > 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0 &&
+                      (nargs + PyTuple_GET_SIZE(kwnames) != 1 ||
+                       !PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0)) ||
+                       PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0))) {
+        PyErr_SetString(PyExc_TypeError, "wait(timeout=None)");
+        return NULL;
+    }
+    if (nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0) == 1) {
+        timeout = args[0];
+    }
+    PyObject *who = rc_known(r);
+    if (who != Py_None) {
+        return who;
+    }
+    Py_DECREF(who);
+    if (receipt_wait_fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "receipt_ways() was not called");
+        return NULL;
+    }
+    PyObject *call[2] = {(PyObject *)r, timeout};
+    return PyObject_Vectorcall(receipt_wait_fn, call, 2, NULL);
+}
+
+static PyObject *
+rc_receiver(Receipt *r, void *Py_UNUSED(c))
+{
+    if (!PyTuple_CheckExact(r->receivers) || PyTuple_GET_SIZE(r->receivers) == 0) {
+        PyObject *done = rc_done(r, NULL);
+        if (done == NULL) {
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
+    if (PyTuple_CheckExact(r->receivers) && PyTuple_GET_SIZE(r->receivers) > 0) {
+        return Py_NewRef(PyTuple_GET_ITEM(r->receivers, 0));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+rc_receivers(Receipt *r, void *Py_UNUSED(c))
+{
+    PyObject *done = rc_done(r, NULL);
+    if (done == NULL) {
+        return NULL;
+    }
+    Py_DECREF(done);
+    return PySequence_List(r->receivers);
+}
+
+static PyObject *
+rc_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"box", "message_id", "expected", NULL};
+    PyObject *box;
+    unsigned long long id;
+    Py_ssize_t expected = 1;
+    (void)type;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OK|n:MailboxReceipt", kwlist, &box, &id,
+                                     &expected)) {
+        return NULL;
+    }
+    if (expected < 0) {
+        PyErr_SetString(PyExc_ValueError, "expected must be >= 0");
+        return NULL;
+    }
+    return (PyObject *)new_receipt(box, id, expected, NULL);
+}
+
+static void
+rc_dealloc(Receipt *r)
+{
+    Py_XDECREF(r->box);
+    Py_XDECREF(r->receivers);
+    Py_XDECREF(r->core);
+    PyObject_Free(r);
+}
+
+static PyObject *
+rc_repr(Receipt *r)
+{
+    PyObject *who = PySequence_List(r->receivers);
+    if (who == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyUnicode_FromFormat("<MailboxReceipt id=%llu receivers=%R>", r->id, who);
+    Py_DECREF(who);
+    return out;
+}
+
+static PyObject *
+receipt_ways(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyCallable_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "receipt_ways(done, wait)");
+        return NULL;
+    }
+    Py_XSETREF(receipt_done_fn, Py_NewRef(args[0]));
+    Py_XSETREF(receipt_wait_fn, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef rc_methods[] = {
+    {"done", (PyCFunction)rc_done, METH_NOARGS,
+     "True once the receiver (broadcast: every receiver it went to) took the message; "
+     "reads acknowledgements that already arrived, never waits."},
+    {"wait", (PyCFunction)(void (*)(void))rc_wait, METH_FASTCALL | METH_KEYWORDS,
+     "wait(timeout=None) -> PeerInfo: wait until a receiver (broadcast: every one) took the "
+     "message and return the first; Timeout if timeout seconds pass first, Undelivered if "
+     "the mailbox was removed first (or a broadcast went to no receiver)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef rc_members[] = {
+    {"id", T_ULONGLONG, offsetof(Receipt, id), READONLY,
+     "the message's id (unique per sending mailbox object)"},
+    {"expected", T_PYSSIZET, offsetof(Receipt, expected), READONLY,
+     "how many receivers the message went to (1; broadcast: those attached; 0: none)"},
+    {"_box", T_OBJECT, offsetof(Receipt, box), READONLY, "the mailbox it was sent through"},
+    {"_receivers", T_OBJECT_EX, offsetof(Receipt, receivers), 0,
+     "tuple of PeerInfo: who took it so far"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef rc_getset[] = {
+    {"receiver", (getter)rc_receiver, NULL,
+     "The (first) process that took the message (PeerInfo), or None while nobody has.", NULL},
+    {"receivers", (getter)rc_receivers, NULL,
+     "Every process that took the message so far (broadcast: one per receiver).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReceiptType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.MailboxReceipt",
+    .tp_basicsize = sizeof(Receipt),
+    .tp_dealloc = (destructor)rc_dealloc,
+    .tp_repr = (reprfunc)rc_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "MailboxReceipt(box, message_id, expected=1): the fate of one message sent with "
+              "Mailbox.send_async.\n\ndone() says whether a receiver took it (never waits), "
+              "wait() waits (Timeout when timeout passes), and receiver names the process that "
+              "took it (PeerInfo with .pid and .uid). On a broadcast mailbox the message went "
+              "to expected receivers: receivers lists those that took it so far, and "
+              "done/wait mean all of them.",
+    .tp_methods = rc_methods,
+    .tp_members = rc_members,
+    .tp_getset = rc_getset,
+    .tp_new = rc_new,
+};
+
 static PyMethodDef module_functions[] = {
+    {"receipt_ways", (PyCFunction)(void (*)(void))receipt_ways, METH_FASTCALL,
+     "receipt_ways(done, wait): the general way of MailboxReceipt.done(receipt) and "
+     "wait(receipt, timeout), called when the hot path cannot answer."},
     {"data_frame", (PyCFunction)(void (*)(void))data_frame, METH_FASTCALL,
      "data_frame(body, flags) -> bytes: a DATA frame without buffers or fields, header "
      "and body joined."},
@@ -2026,7 +2227,11 @@ static struct PyModuleDef moddef = {
 PyMODINIT_FUNC
 PyInit__frames(void)
 {
-    if (PyType_Ready(&RingFramesType) < 0 || PyType_Ready(&MailboxCoreType) < 0) {
+    if (PyType_Ready(&RingFramesType) < 0 || PyType_Ready(&MailboxCoreType) < 0 ||
+        PyType_Ready(&ReceiptType) < 0) {
+        return NULL;
+    }
+    if (empty_tuple == NULL && (empty_tuple = PyTuple_New(0)) == NULL) {
         return NULL;
     }
     cached_pid = (uint32_t)getpid();
@@ -2041,7 +2246,8 @@ PyInit__frames(void)
     Py_INCREF(&RingFramesType);
     if (PyModule_AddObject(m, "RingFrames", (PyObject *)&RingFramesType) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HDR) < 0 ||
-        PyModule_AddObjectRef(m, "MailboxCore", (PyObject *)&MailboxCoreType) < 0) {
+        PyModule_AddObjectRef(m, "MailboxCore", (PyObject *)&MailboxCoreType) < 0 ||
+        PyModule_AddObjectRef(m, "MailboxReceipt", (PyObject *)&ReceiptType) < 0) {
         Py_DECREF(&RingFramesType);
         Py_DECREF(m);
         return NULL;

@@ -2,12 +2,13 @@
 docs/frames.md): a plain DATA frame in or out of one ring record in one call, and a
 mailbox's common record likewise (buzon.mailbox's hot path)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from typing_extensions import Buffer
 
 from .._core import Block, Ring
+from ..transport.base import PeerInfo
 
 HEADER_SIZE: int
 
@@ -44,6 +45,34 @@ def plain_data_flags(message: Buffer, max_frame: int, /) -> int:
     or without the receipt bit; no buffers, fields or chunks; at most ``max_frame``
     bytes), else -1."""
 
+class MailboxReceipt:
+    """The fate of one message sent with :meth:`buzon.Mailbox.send_async`.
+
+    :meth:`done` says whether a receiver took it (never waits), :meth:`wait` waits
+    (:class:`~buzon.errors.Timeout` when ``timeout`` passes), and :attr:`receiver`
+    names the process that took it (``PeerInfo`` with ``.pid`` and ``.uid``). On a
+    broadcast mailbox the message went to ``expected`` receivers: :attr:`receivers`
+    lists those that took it so far, and ``done``/``wait`` mean all of them.
+    """
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def expected(self) -> int: ...
+    @property
+    def _box(self) -> Any: ...
+    _receivers: tuple[PeerInfo, ...]
+    def __init__(self, box: Any, message_id: int, expected: int = 1) -> None: ...
+    @property
+    def receiver(self) -> PeerInfo | None: ...
+    @property
+    def receivers(self) -> list[PeerInfo]: ...
+    def done(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> PeerInfo: ...
+
+def receipt_ways(done: Callable[[Any], bool], wait: Callable[[Any, float | None], Any], /) -> None:
+    """The general way of :meth:`MailboxReceipt.done` and :meth:`MailboxReceipt.wait`."""
+
 class MailboxCore:
     """A mailbox object's hot path (``buzon._mailbox``): common records sent, fanned out
     and received in one C call each; anything else is left to the general way."""
@@ -69,7 +98,6 @@ class MailboxCore:
     def recv_message(self, ring: Ring, timeout: float | None, /) -> Any: ...
     def recv_from(self, ring: Ring, timeout: float | None, pid: int, /) -> Any: ...
     def set_message(self, message_type: type, peer: Any, /) -> None: ...
-    def set_receipt(self, receipt_type: type, /) -> None: ...
     def send_async(
         self, obj: object, timeout: float | None, reply_to: bytes, box: Any, /
     ) -> Any: ...
