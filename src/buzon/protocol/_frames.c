@@ -598,6 +598,8 @@ mailbox_recv(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
  * decoder given by the mailbox) and hands anything else back to the general path. */
 
 
+#define REPLY_SEEN 8
+
 typedef struct {
     PyObject_HEAD
     PyObject *ring;     /* the mailbox's ring: where send puts */
@@ -616,8 +618,10 @@ typedef struct {
     PyObject *peer_fn;  /* _mailbox._peer(pid, uid) -> the shared PeerInfo */
     PyObject *last_peer; /* the PeerInfo of (last_pid, last_uid), or NULL */
     uint32_t last_pid, last_uid;
-    PyObject *last_reply; /* acknowledge(): the last acknowledgement ring's name... */
-    PyObject *last_ring;  /* ...and that ring (both NULL: none yet) */
+    /* acknowledge(): the last REPLY_SEEN acknowledgement names met and their entries of
+     * replies (NULL: none yet), most recent first: 4 senders take turns in a 4x4 */
+    PyObject *last_reply[REPLY_SEEN];
+    PyObject *last_ring[REPLY_SEEN];
     Py_buffer fan_buf;    /* broadcast (set_fan): the receiver table, its generation... */
     uint64_t fan_gen;     /* ...when fan_targets and fan_rings were read from it */
     PyObject *fan_targets, *fan_rings; /* Fan.fanout, or NULL */
@@ -1558,14 +1562,30 @@ acknowledge(MailboxCore *c, const uint8_t *reply, uint32_t rlen, uint64_t mid)
     if (c->replies == NULL || !PyDict_CheckExact(c->replies)) { /* deleted, or not set */
         return 0;
     }
-    PyObject *entry;
-    if (c->last_reply != NULL && (uint32_t)PyBytes_GET_SIZE(c->last_reply) == rlen &&
-        memcmp(PyBytes_AS_STRING(c->last_reply), reply, rlen) == 0 &&
-        PyDict_GetItemWithError(c->replies, c->last_reply) == c->last_ring) {
-        entry = c->last_ring; /* the same sender as last time (still in the table) */
+    PyObject *entry = NULL;
+    int k = 0;
+    for (; k < REPLY_SEEN && c->last_reply[k] != NULL; k++) {
+        PyObject *seen = c->last_reply[k];
+        if ((uint32_t)PyBytes_GET_SIZE(seen) == rlen &&
+            memcmp(PyBytes_AS_STRING(seen), reply, rlen) == 0) {
+            /* a sender met lately: its entry, if replies still holds it */
+            if (PyDict_GetItemWithError(c->replies, seen) == c->last_ring[k]) {
+                entry = c->last_ring[k];
+            }
+            PyErr_Clear();
+            break;
+        }
+    }
+    if (entry != NULL) {
+        if (k > 0) { /* most recent first */
+            PyObject *name = c->last_reply[k], *ring = c->last_ring[k];
+            memmove(c->last_reply + 1, c->last_reply, (size_t)k * sizeof(PyObject *));
+            memmove(c->last_ring + 1, c->last_ring, (size_t)k * sizeof(PyObject *));
+            c->last_reply[0] = name;
+            c->last_ring[0] = ring;
+        }
     }
     else {
-        PyErr_Clear();
         PyObject *name = PyBytes_FromStringAndSize((const char *)reply, rlen);
         if (name == NULL) {
             PyErr_Clear();
@@ -1577,8 +1597,15 @@ acknowledge(MailboxCore *c, const uint8_t *reply, uint32_t rlen, uint64_t mid)
             PyErr_Clear();
             return 0;
         }
-        Py_XSETREF(c->last_reply, name);
-        Py_XSETREF(c->last_ring, Py_NewRef(entry));
+        if (k == REPLY_SEEN) { /* the oldest goes (else: a stale one, or a free place) */
+            k = REPLY_SEEN - 1;
+        }
+        Py_CLEAR(c->last_reply[k]);
+        Py_CLEAR(c->last_ring[k]);
+        memmove(c->last_reply + 1, c->last_reply, (size_t)k * sizeof(PyObject *));
+        memmove(c->last_ring + 1, c->last_ring, (size_t)k * sizeof(PyObject *));
+        c->last_reply[0] = name;
+        c->last_ring[0] = Py_NewRef(entry);
     }
     PyObject *ring = entry, *block = NULL;
     if (PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2) {
@@ -1870,8 +1897,10 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->msg_type);
     Py_XDECREF(c->peer_fn);
     Py_XDECREF(c->last_peer);
-    Py_XDECREF(c->last_reply);
-    Py_XDECREF(c->last_ring);
+    for (int k = 0; k < REPLY_SEEN; k++) {
+        Py_XDECREF(c->last_reply[k]);
+        Py_XDECREF(c->last_ring[k]);
+    }
     if (c->fan_buf.obj != NULL) {
         PyBuffer_Release(&c->fan_buf);
     }
