@@ -428,6 +428,10 @@ class Mailbox:
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
         self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
         self._ack_name: tuple[int, bytes] = (0, b"")  # (pid, name) of our own ack ring
+        # send_async's hot path without a Python frame: the core's receipt_send, bound to
+        # this object (weakly) as its own send_async (the method is the general way)
+        self._core.bind(self, self._plain)
+        vars(self)["send_async"] = self._core.receipt_send
         self._counts = {
             "sent": 0,
             "received": 0,
@@ -883,7 +887,13 @@ class Mailbox:
         """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
         never for a receiver) and return a receipt naming who takes it (broadcast:
         every receiver it went to, ``receipt.receivers``)."""
-        if self._plain and not self._closed:  # the hot path: a receipt record in one C call
+        # (each object has its core's receipt_send as its own send_async: see _setup)
+        return self._send_async(obj, timeout, True)
+
+    def _send_async(self, obj: Any, timeout: float | None, hot: bool) -> MailboxReceipt:
+        """:meth:`send_async`; ``hot``: try the hot path (False: the core found that
+        ``obj`` is no common record)."""
+        if hot and self._plain and not self._closed:  # a receipt record in one C call
             pid, reply_to = self._ack_name
             if pid != _PID[0]:  # its receiver writes our table (see _TABLED)
                 reply_to = _TABLED + self._ack_ring().name.encode("ascii")
@@ -900,10 +910,17 @@ class Mailbox:
             self._no_fields("send_async")
         return MailboxReceipt(self, self._send(obj, timeout, False, True))
 
+    def _send_async_failed(self, exc: BaseException) -> NoReturn:
+        """The error of a failed hot-path ``send_async`` (the core's receipt_send)."""
+        if isinstance(exc, (Full, EndOfChannel)):
+            self._put_failed(exc)
+        raise exc
+
     # ---- receipts ----------------------------------------------------------------------
 
     def _ack_ring(self) -> _core.Ring:
         with self._lock:
+            self._check_open()  # (a closed object makes none: nobody would remove it)
             if self._acks is None or self._acks_pid != os.getpid():
                 # a forked child makes its own: acknowledgements go to their sender
                 self._acks = create_ring(_ACK_RING, label=f"mailbox-acks {self.name}")
@@ -1433,6 +1450,7 @@ class Mailbox:
             if self._closed:
                 return
             self._closed = True
+            self._core.bind(None, False)  # send_async: ChannelClosed, the general way
             self._core.set_acks(None, None, None, None)
             if self._fan is not None:
                 left = self._fan.unsubscribe()

@@ -270,3 +270,40 @@ def test_a_receipt_made_by_hand_and_its_wait_arguments() -> None:
             nobody.wait(T)
     finally:
         box.remove()
+
+
+def test_send_async_without_a_python_frame_keeps_the_mailboxs_errors() -> None:
+    # each object's send_async is its core's receipt_send (C): the errors, keywords and
+    # the general way are those of Mailbox.send_async
+    import numpy as np
+
+    box = buzon.mailbox("jobs", capacity=1)
+    rx = buzon.mailbox("jobs")
+    try:
+        assert type(box.send_async).__name__ == "builtin_function_or_method"
+        first = box.send_async(b"a", timeout=T)
+        with pytest.raises(buzon.Full, match="capacity=1"):
+            box.send_async(b"b", 0)
+        with pytest.raises(buzon.Timeout):
+            box.send_async(b"b", timeout=0.05)
+        with pytest.raises(TypeError):
+            box.send_async(b"b", deadline=1)  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            box.send_async()  # type: ignore[call-arg]
+        assert rx.recv(T) == b"a" and first.wait(T).pid == os.getpid()
+        array = box.send_async(np.arange(3))  # the codec's hook: the general way
+        assert list(rx.recv(T)) == [0, 1, 2] and array.wait(T).pid == os.getpid()
+        assert buzon.Mailbox.send_async(box, "by the class").id > array.id
+        assert rx.recv(T) == "by the class"
+        box.close()
+        with pytest.raises(buzon.ChannelClosed):
+            box.send_async(b"closed")
+    finally:
+        rx.remove()
+    gone = buzon.mailbox("jobs")
+    buzon.mailbox("jobs").remove()
+    try:
+        with pytest.raises(buzon.NoSuchEndpoint):
+            gone.send_async(b"removed")
+    finally:
+        gone.close()

@@ -630,6 +630,9 @@ typedef struct {
     PyObject *acks_acquire, *acks_release; /* ...and the lock guarding both */
     uint32_t acks_pid;  /* the process that made that ring (a forked child's is its own) */
     Py_buffer acktab;   /* set_acks: our acknowledgement table (see below), or .obj NULL */
+    PyObject *reply_name; /* set_acks: b"#" + our ring's name (send_async's REPLY_TO) */
+    PyObject *box_ref;  /* bind(): a weak reference to the Mailbox, for receipt_send */
+    int hot_async;      /* bind(): receipt_send may take the hot path (cleared by close) */
 } MailboxCore;
 
 static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
@@ -958,6 +961,84 @@ core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)new_receipt(args[3], (unsigned long long)mid, 1, (PyObject *)c);
 }
 
+static PyObject *
+core_bind(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* bind(box, hot) | bind(None, False): receipt_send's mailbox (weakly) and whether it
+     * may take the hot path */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "bind(box, hot)");
+        return NULL;
+    }
+    int hot = PyObject_IsTrue(args[1]);
+    if (hot < 0) {
+        return NULL;
+    }
+    if (args[0] != Py_None) {
+        PyObject *ref = PyWeakref_NewRef(args[0], NULL);
+        if (ref == NULL) {
+            return NULL;
+        }
+        Py_XSETREF(c->box_ref, ref);
+    }
+    c->hot_async = hot;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_receipt_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    /* receipt_send(obj, timeout=None) -> MailboxReceipt: Mailbox.send_async without a
+     * Python frame (each bound Mailbox has it as its send_async): a receipt record in one
+     * call, else the box's _send_async (the general way; Full and the end of the ring
+     * become the mailbox's errors there too) */
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs < 1 || nargs + nkw > 2 ||
+        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout"))) {
+        PyErr_SetString(PyExc_TypeError, "send_async(obj, timeout=None)");
+        return NULL;
+    }
+    PyObject *obj = args[0], *timeout = nargs + nkw == 2 ? args[1] : Py_None;
+    PyObject *box = c->box_ref == NULL ? NULL : PyWeakref_GetObject(c->box_ref);
+    if (box == NULL || box == Py_None) {
+        PyErr_SetString(PyExc_ReferenceError, "send_async: the mailbox object is gone");
+        return NULL;
+    }
+    Py_INCREF(box);
+    int general = 1; /* 1: the general way from the start, 2: not a common record */
+    if (c->hot_async && c->reply_name != NULL && c->acks != NULL && c->acks_pid == cached_pid) {
+        uint64_t mid = 0;
+        int rc = core_put(c, obj, timeout, c->reply_name, &mid);
+        if (rc > 0) {
+            PyObject *r = (PyObject *)new_receipt(box, (unsigned long long)mid, 1, (PyObject *)c);
+            Py_DECREF(box);
+            return r;
+        }
+        if (rc < 0) { /* the mailbox says what it means (Full, removed) */
+            PyObject *type, *exc, *tb;
+            PyErr_Fetch(&type, &exc, &tb);
+            PyErr_NormalizeException(&type, &exc, &tb);
+            if (tb != NULL && exc != NULL) {
+                PyException_SetTraceback(exc, tb);
+            }
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            PyObject *out =
+                exc == NULL ? NULL : PyObject_CallMethod(box, "_send_async_failed", "O", exc);
+            Py_XDECREF(exc);
+            Py_DECREF(box);
+            return out;
+        }
+        general = 2;
+    }
+    PyObject *call[4] = {box, obj, timeout, general == 2 ? Py_False : Py_True};
+    PyObject *name = PyUnicode_InternFromString("_send_async");
+    PyObject *out = name == NULL ? NULL : PyObject_VectorcallMethod(name, call, 4, NULL);
+    Py_XDECREF(name);
+    Py_DECREF(box);
+    return out;
+}
+
 static uint32_t
 peek_ack(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
 {
@@ -1146,6 +1227,19 @@ core_set_acks(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
+    PyObject *reply = NULL;
+    if (args[0] != Py_None) {
+        PyObject *name = PyObject_GetAttrString(args[0], "name");
+        if (name != NULL && PyUnicode_Check(name)) {
+            reply = PyUnicode_FromFormat("#%U", name);
+            Py_SETREF(reply, reply == NULL ? NULL : PyUnicode_AsASCIIString(reply));
+        }
+        Py_XDECREF(name);
+        if (reply == NULL) {
+            PyErr_Clear(); /* receipt_send takes the general way */
+        }
+    }
+    Py_XSETREF(c->reply_name, reply);
     if (c->acktab.obj != NULL) {
         PyBuffer_Release(&c->acktab);
     }
@@ -1913,6 +2007,8 @@ core_dealloc(MailboxCore *c)
     if (c->acktab.obj != NULL) {
         PyBuffer_Release(&c->acktab);
     }
+    Py_XDECREF(c->reply_name);
+    Py_XDECREF(c->box_ref);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -1928,6 +2024,13 @@ static PyMethodDef core_methods[] = {
     {"send_async", (PyCFunction)(void (*)(void))core_send_async, METH_FASTCALL,
      "send_async(obj, timeout, reply_to, box) -> MailboxReceipt | None: send_receipt, and "
      "the receipt made here; None: nothing sent, the general way."},
+    {"bind", (PyCFunction)(void (*)(void))core_bind, METH_FASTCALL,
+     "bind(box, hot): receipt_send's Mailbox (a weak reference; None keeps it) and whether "
+     "it may take the hot path (a plain mailbox that is open)."},
+    {"receipt_send", (PyCFunction)(void (*)(void))core_receipt_send,
+     METH_FASTCALL | METH_KEYWORDS,
+     "receipt_send(obj, timeout=None) -> MailboxReceipt: the bound Mailbox's send_async "
+     "(after bind and set_acks) in one call; else its _send_async(obj, timeout, hot)."},
     {"ack", (PyCFunction)(void (*)(void))core_ack, METH_FASTCALL,
      "ack(reply_to, message_id) -> bool: tell the sender of a receipt record (its REPLY_TO "
      "reply_to, registered in replies) that this process took message_id; False if "
