@@ -474,119 +474,6 @@ ring_arg(PyObject *o)
     return 0;
 }
 
-static PyObject *
-mailbox_send(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
-{
-    /* mailbox_send(ring, body, codec, message_id, uid, timeout) */
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "mailbox_send(ring, body, codec, message_id, uid, timeout)");
-        return NULL;
-    }
-    if (ring_arg(args[0]) < 0) {
-        return NULL;
-    }
-    long codec = PyLong_AsLong(args[2]);
-    unsigned long long mid = PyLong_AsUnsignedLongLong(args[3]);
-    unsigned long uid = PyLong_AsUnsignedLong(args[4]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (codec < 0 || codec > 7) {
-        PyErr_SetString(PyExc_ValueError, "codec must be 0-7");
-        return NULL;
-    }
-    Py_buffer view = {0};
-    const uint8_t *src;
-    Py_ssize_t len;
-    if (PyBytes_CheckExact(args[1])) { /* the common body: no buffer export to pay */
-        src = (const uint8_t *)PyBytes_AS_STRING(args[1]);
-        len = PyBytes_GET_SIZE(args[1]);
-    }
-    else {
-        if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
-            return NULL;
-        }
-        src = view.buf;
-        len = view.len;
-    }
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    uint64_t ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-    uint8_t h[MB_HEAD] = {VERSION, KIND_DATA, (uint8_t)(codec | FLAG_FIELDS), 0};
-    /* a body too large for any record (4 GiB) makes put_wait raise MessageTooLarge before
-     * anything is written, so a truncated length here is never seen */
-    put32(h + 4, (uint32_t)len);
-    h[8] = 30; /* the fields block: three fields of 8 bytes, 2 + 8 each */
-    h[10] = 1; /* MESSAGE_ID */
-    h[11] = 8;
-    put64(h + 12, mid);
-    h[20] = 2; /* SENDER */
-    h[21] = 8;
-    put32(h + 22, cached_pid);
-    put32(h + 26, (uint32_t)uid);
-    h[30] = 6; /* SENT_AT */
-    h[31] = 8;
-    put64(h + 32, ns);
-    buzon_part parts[2] = {{h, MB_HEAD}, {src, (size_t)len}};
-    int rc = api->put_wait(args[0], parts, 2, MB_HEAD + (size_t)len, 0, args[5]);
-    if (view.obj != NULL) {
-        PyBuffer_Release(&view);
-    }
-    if (rc < 0) {
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-/* Is the claimed record a mailbox's common record? Then skip its head. *ctx: its codec,
- * or -1 (the caller's general path). */
-static uint32_t
-peek_mailbox(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
-{
-    long *codec = ctx;
-    uint8_t p[MB_HEAD] = {0};
-    if (len >= MB_HEAD) {
-        memcpy(p, payload, MB_HEAD); /* once: the peer may be rewriting it (untrusted) */
-    }
-    if (flags == 0 && len >= MB_HEAD && p[0] == VERSION && p[1] == KIND_DATA &&
-        (p[2] & 0xF8) == FLAG_FIELDS && p[3] == 0 && p[8] == 30 && p[9] == 0 && p[10] == 1 &&
-        p[11] == 8 && p[20] == 2 && p[21] == 8 && p[30] == 6 && p[31] == 8 &&
-        get32(p + 4) == len - MB_HEAD) {
-        *codec = p[2] & 7;
-        return MB_HEAD;
-    }
-    *codec = -1;
-    return 0;
-}
-
-static PyObject *
-mailbox_recv(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
-{
-    /* mailbox_recv(ring, timeout) -> (codec, body) | bytes */
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "mailbox_recv(ring, timeout)");
-        return NULL;
-    }
-    if (ring_arg(args[0]) < 0) {
-        return NULL;
-    }
-    long codec = -1;
-    PyObject *out = api->take_wait(args[0], peek_mailbox, &codec, args[1]);
-    if (out == NULL || codec < 0) {
-        return out;
-    }
-    PyObject *pair = PyTuple_New(2);
-    if (pair == NULL) {
-        Py_DECREF(out);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(pair, 0, PyLong_FromLong(codec)); /* 0-7: small ints, cannot fail */
-    PyTuple_SET_ITEM(pair, 1, out);
-    return pair;
-}
-
-
 /* ---- MailboxCore: a mailbox object's hot path in one object --------------------------
  * What Mailbox.send and Mailbox.recv do for the common record, without a Python frame
  * between the call and the ring: the body made here (a bytes object as it is, codec 0;
@@ -914,19 +801,6 @@ core_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     return rc < 0 ? NULL : PyBool_FromLong(rc);
 }
 
-static PyObject *
-core_send_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
-{
-    /* send_receipt(obj, timeout, reply_to) -> the message id | 0 (the general way) */
-    if (nargs != 3 || !PyBytes_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "send_receipt(obj, timeout, reply_to: bytes)");
-        return NULL;
-    }
-    uint64_t mid = 0;
-    int rc = core_put(c, args[0], args[1], args[2], &mid);
-    return rc < 0 ? NULL : PyLong_FromUnsignedLongLong(rc ? mid : 0);
-}
-
 /* The slot offsets of names[0..n) in type, or -1 with TypeError. */
 static int
 slot_offsets(PyTypeObject *type, const char *const *names, int n, Py_ssize_t *off)
@@ -943,6 +817,20 @@ slot_offsets(PyTypeObject *type, const char *const *names, int n, Py_ssize_t *of
     return 0;
 }
 
+/* send_async and receipt_send: obj as a receipt record whose receiver acknowledges to
+ * reply, and its receipt (for box); Py_None: not a common record (nothing sent); NULL
+ * with an exception (sent all the same if the receipt is what failed). */
+static PyObject *
+send_receipted(MailboxCore *c, PyObject *obj, PyObject *timeout, PyObject *reply, PyObject *box)
+{
+    uint64_t mid = 0;
+    int rc = core_put(c, obj, timeout, reply, &mid);
+    if (rc <= 0) {
+        return rc < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    return (PyObject *)new_receipt(box, (unsigned long long)mid, 1, (PyObject *)c);
+}
+
 static PyObject *
 core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -952,13 +840,7 @@ core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "send_async(obj, timeout, reply_to: bytes, box)");
         return NULL;
     }
-    uint64_t mid = 0;
-    int rc = core_put(c, args[0], args[1], args[2], &mid);
-    if (rc <= 0) {
-        return rc < 0 ? NULL : Py_NewRef(Py_None);
-    }
-    /* sent all the same if this fails: the receipt is what failed */
-    return (PyObject *)new_receipt(args[3], (unsigned long long)mid, 1, (PyObject *)c);
+    return send_receipted(c, args[0], args[1], args[2], args[3]);
 }
 
 static PyObject *
@@ -1007,14 +889,12 @@ core_receipt_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs, PyObj
     Py_INCREF(box);
     int general = 1; /* 1: the general way from the start, 2: not a common record */
     if (c->hot_async && c->reply_name != NULL && c->acks != NULL && c->acks_pid == cached_pid) {
-        uint64_t mid = 0;
-        int rc = core_put(c, obj, timeout, c->reply_name, &mid);
-        if (rc > 0) {
-            PyObject *r = (PyObject *)new_receipt(box, (unsigned long long)mid, 1, (PyObject *)c);
+        PyObject *r = send_receipted(c, obj, timeout, c->reply_name, box);
+        if (r != NULL && r != Py_None) {
             Py_DECREF(box);
             return r;
         }
-        if (rc < 0) { /* the mailbox says what it means (Full, removed) */
+        if (r == NULL) { /* the mailbox says what it means (Full, removed) */
             PyObject *type, *exc, *tb;
             PyErr_Fetch(&type, &exc, &tb);
             PyErr_NormalizeException(&type, &exc, &tb);
@@ -1029,6 +909,7 @@ core_receipt_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs, PyObj
             Py_DECREF(box);
             return out;
         }
+        Py_DECREF(r);
         general = 2;
     }
     PyObject *call[4] = {box, obj, timeout, general == 2 ? Py_False : Py_True};
@@ -1734,6 +1615,28 @@ core_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
                                        (uint32_t)PyBytes_GET_SIZE(args[0]), mid));
 }
 
+/* The whole record the general way needs, rebuilt from the copies peek_message made
+ * (the head, the reply field) and the body it took (stolen); NULL on error. */
+static PyObject *
+whole_record(const peek_ctx_mb *m, PyObject *body)
+{
+    uint32_t extra = m->receipt ? 2u + m->rlen : 0u;
+    Py_ssize_t n = PyBytes_GET_SIZE(body);
+    PyObject *whole = PyBytes_FromStringAndSize(NULL, MB_HEAD + extra + n);
+    if (whole != NULL) {
+        uint8_t *w = (uint8_t *)PyBytes_AS_STRING(whole);
+        memcpy(w, m->head, MB_HEAD);
+        if (m->receipt) {
+            w[MB_HEAD] = TAG_REPLY_TO;
+            w[MB_HEAD + 1] = (uint8_t)m->rlen;
+            memcpy(w + MB_HEAD + 2, m->reply, m->rlen);
+        }
+        memcpy(w + MB_HEAD + extra, PyBytes_AS_STRING(body), (size_t)n);
+    }
+    Py_DECREF(body);
+    return whole;
+}
+
 /* The next record of ring: *obj the common record's object (decoded), or NULL with no
  * exception and *whole the record for the general way; NULL with an exception on error. */
 static int
@@ -1782,21 +1685,7 @@ take_message(MailboxCore *c, PyObject *ring, PyObject *timeout, peek_ctx_mb *m,
             }
         }
     }
-    /* the general way needs the whole record: rebuild it from the copies */
-    uint32_t extra = m->receipt ? 2u + m->rlen : 0u;
-    Py_ssize_t n = PyBytes_GET_SIZE(out);
-    *whole = PyBytes_FromStringAndSize(NULL, MB_HEAD + extra + n);
-    if (*whole != NULL) {
-        uint8_t *w = (uint8_t *)PyBytes_AS_STRING(*whole);
-        memcpy(w, m->head, MB_HEAD);
-        if (m->receipt) {
-            w[MB_HEAD] = TAG_REPLY_TO;
-            w[MB_HEAD + 1] = (uint8_t)m->rlen;
-            memcpy(w + MB_HEAD + 2, m->reply, m->rlen);
-        }
-        memcpy(w + MB_HEAD + extra, PyBytes_AS_STRING(out), (size_t)n);
-    }
-    Py_DECREF(out);
+    *whole = whole_record(m, out);
     return *whole == NULL ? -1 : 0;
 }
 
@@ -1874,6 +1763,44 @@ core_set_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+enum take_answer { AS_OBJECT, AS_MESSAGE, AS_OBJECT_FROM };
+
+/* recv, recv_message and recv_from: the next record of ring, taken (take_message) and
+ * answered as the method says; (record,) for the general way. */
+static PyObject *
+take_as(MailboxCore *c, PyObject *ring, PyObject *timeout, enum take_answer as,
+        unsigned long pid)
+{
+    peek_ctx_mb m;
+    PyObject *obj, *whole;
+    if (take_message(c, ring, timeout, &m, &obj, &whole) < 0) {
+        return NULL;
+    }
+    if (obj == NULL) {
+        return one_tuple(whole);
+    }
+    switch (as) {
+    case AS_OBJECT:
+        return obj;
+    case AS_OBJECT_FROM:
+        /* the object itself only when it cannot be taken for one of the other answers */
+        if (get32(m.head + 22) == pid && !PyTuple_Check(obj) &&
+            !PyObject_TypeCheck(obj, (PyTypeObject *)c->msg_type)) {
+            return obj;
+        }
+        return new_message(c, obj, &m);
+    case AS_MESSAGE:
+    default:
+        if (c->msg_type != NULL) {
+            return new_message(c, obj, &m);
+        }
+        return Py_BuildValue("(NKkkK)", obj, (unsigned long long)get64(m.head + 12),
+                             (unsigned long)get32(m.head + 22),
+                             (unsigned long)get32(m.head + 26),
+                             (unsigned long long)get64(m.head + 32));
+    }
+}
+
 static PyObject *
 core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1883,37 +1810,19 @@ core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "recv(ring, timeout)");
         return NULL;
     }
-    peek_ctx_mb m;
-    PyObject *obj, *whole;
-    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
-        return NULL;
-    }
-    return obj != NULL ? obj : one_tuple(whole);
+    return take_as(c, args[0], args[1], AS_OBJECT, 0);
 }
 
 static PyObject *
 core_recv_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
     /* recv_message(ring, timeout) -> (object, message id, pid, uid, sent_at ns) of a common
-     * record, else (record,) for the general way */
+     * record (a Message after set_message), else (record,) for the general way */
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "recv_message(ring, timeout)");
         return NULL;
     }
-    peek_ctx_mb m;
-    PyObject *obj, *whole;
-    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
-        return NULL;
-    }
-    if (obj == NULL) {
-        return one_tuple(whole);
-    }
-    if (c->msg_type != NULL) {
-        return new_message(c, obj, &m);
-    }
-    return Py_BuildValue("(NKkkK)", obj, (unsigned long long)get64(m.head + 12),
-                         (unsigned long)get32(m.head + 22), (unsigned long)get32(m.head + 26),
-                         (unsigned long long)get64(m.head + 32));
+    return take_as(c, args[0], args[1], AS_MESSAGE, 0);
 }
 
 static PyObject *
@@ -1929,20 +1838,7 @@ core_recv_from(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (pid == (unsigned long)-1 && PyErr_Occurred()) {
         return NULL;
     }
-    peek_ctx_mb m;
-    PyObject *obj, *whole;
-    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
-        return NULL;
-    }
-    if (obj == NULL) {
-        return one_tuple(whole);
-    }
-    /* the object itself only when it cannot be taken for one of the other two answers */
-    if (get32(m.head + 22) == pid && !PyTuple_Check(obj) &&
-        !PyObject_TypeCheck(obj, (PyTypeObject *)c->msg_type)) {
-        return obj;
-    }
-    return new_message(c, obj, &m);
+    return take_as(c, args[0], args[1], AS_OBJECT_FROM, pid);
 }
 
 static PyObject *
@@ -2013,17 +1909,14 @@ core_dealloc(MailboxCore *c)
 }
 
 static PyMethodDef core_methods[] = {
-    {"send_receipt", (PyCFunction)(void (*)(void))core_send_receipt, METH_FASTCALL,
-     "send_receipt(obj, timeout, reply_to) -> int: send, as a receipt record whose "
-     "receiver acknowledges to the ring named reply_to; the message id, or 0 (nothing "
-     "sent) if it is not a common record."},
     {"send", (PyCFunction)(void (*)(void))core_send, METH_FASTCALL,
      "send(obj, timeout) -> bool: obj as a common record (bytes as they are, else msgpack "
      "without hooks), put into the ring waiting like Ring.send (nowait: Full at once); "
      "False (nothing sent) if it is not one: the caller's general way."},
     {"send_async", (PyCFunction)(void (*)(void))core_send_async, METH_FASTCALL,
-     "send_async(obj, timeout, reply_to, box) -> MailboxReceipt | None: send_receipt, and "
-     "the receipt made here; None: nothing sent, the general way."},
+     "send_async(obj, timeout, reply_to, box) -> MailboxReceipt | None: obj sent as a "
+     "receipt record whose receiver acknowledges to reply_to, and its receipt; None: "
+     "nothing sent (not a common record), the general way."},
     {"bind", (PyCFunction)(void (*)(void))core_bind, METH_FASTCALL,
      "bind(box, hot): receipt_send's Mailbox (a weak reference; None keeps it) and whether "
      "it may take the hot path (a plain mailbox that is open)."},
@@ -2112,6 +2005,91 @@ static PyTypeObject MailboxCoreType = {
     .tp_members = core_members,
     .tp_new = core_new,
 };
+
+/* ---- the module's mailbox functions: one record, through the core's helpers -------- */
+
+static PyObject *
+mailbox_send(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* mailbox_send(ring, body, codec, message_id, uid, timeout) */
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "mailbox_send(ring, body, codec, message_id, uid, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    long codec = PyLong_AsLong(args[2]);
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long uid = PyLong_AsUnsignedLong(args[4]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (codec < 0 || codec > 7) {
+        PyErr_SetString(PyExc_ValueError, "codec must be 0-7");
+        return NULL;
+    }
+    Py_buffer view = {0};
+    const uint8_t *src;
+    Py_ssize_t len;
+    if (PyBytes_CheckExact(args[1])) { /* the common body: no buffer export to pay */
+        src = (const uint8_t *)PyBytes_AS_STRING(args[1]);
+        len = PyBytes_GET_SIZE(args[1]);
+    }
+    else {
+        if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        src = view.buf;
+        len = view.len;
+    }
+    uint8_t h[MB_HEAD];
+    /* a body too large for any record (4 GiB) makes put_wait raise MessageTooLarge before
+     * anything is written, so a truncated length here is never seen */
+    build_head(h, codec, (uint32_t)len, mid, (uint32_t)uid);
+    buzon_part parts[2] = {{h, MB_HEAD}, {src, (size_t)len}};
+    int rc = api->put_wait(args[0], parts, 2, MB_HEAD + (size_t)len, 0, args[5]);
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mailbox_recv(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* mailbox_recv(ring, timeout) -> (codec, body) | bytes: a common record's codec and
+     * body; anything else (a receipt record too: nobody acknowledges it here) whole */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "mailbox_recv(ring, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    peek_ctx_mb m;
+    m.codec = -1;
+    m.receipt = 0;
+    PyObject *out = api->take_wait(args[0], peek_message, &m, args[1]);
+    if (out == NULL || m.codec < 0) {
+        return out;
+    }
+    if (m.receipt) {
+        return whole_record(&m, out);
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, PyLong_FromLong(m.codec)); /* 0-7: small ints, cannot fail */
+    PyTuple_SET_ITEM(pair, 1, out);
+    return pair;
+}
 
 /* ---- MailboxReceipt's methods ---------------------------------------------------------- */
 
