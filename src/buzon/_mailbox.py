@@ -28,14 +28,23 @@ ring of variable records of ``max_bytes`` bytes; ``send`` never blocks, and rais
 ``Full`` naming ``max_bytes`` when the messages waiting fill it.
 
 Receipts. ``send_async`` sets the frame's receipt flag and REPLY_TO; the receiver that
-takes the message writes ``(message id, pid, uid)`` into that ring (waiting at most
-``_ACK_WAIT`` for room or for the ring's lock, then dropped and counted: never a long
-block on a sender that does not read its acknowledgements). The receipt reads
-its acknowledgement from there. On the hot path each step is one C call
-(``MailboxCore``): ``send_async`` sends and makes the :class:`MailboxReceipt`, the
-receiver acknowledges as it takes, and ``wait``/``done`` read the ring until their
-acknowledgement comes (``receipt_ready``, if the mailbox's lock is free at once, else
-the general way; others wait in the table ``_acked``, oldest first).
+takes the message writes ``(message id, pid, uid)`` where REPLY_TO says. The hot path's
+receipt records (``"any"``, ``"exclusive"``) name ``"#"`` + the sender's
+acknowledgement ring: the receiver stores the acknowledgement into the sender's table
+(``_TABLED``: a Block beside the ring, one entry per message id modulo ``_MAX_ACKS``,
+protocol/_frames.c "the acknowledgement table"), a few stores instead of a ring
+record; a sender waiting for a receipt publishes the id in the table's head and its
+receiver then also rings the ring (a doorbell record), whose wake-ups it sleeps on. An
+entry holding a later id refuses the acknowledgement, which goes into the ring. Every
+other receipt record names the ring itself; the receiver puts the acknowledgement
+there (waiting at most ``_ACK_WAIT`` for room or for the ring's lock, then dropped and
+counted: never a long block on a sender that does not read its acknowledgements). On
+the hot path each step is one C call (``MailboxCore``): each object's ``send_async``
+is its core's ``receipt_send`` (sends and makes the :class:`MailboxReceipt`, a C
+type), the receiver acknowledges as it takes, and ``wait``/``done`` read the table
+(without a lock) or the ring until their acknowledgement comes (``receipt_ready``, if
+the mailbox's lock is free at once, else the general way, ``_receipt_wait``; others
+wait in the table ``_acked``, oldest first).
 
 Lifecycle. Opening creates the mailbox if absent (``create=None``), only creates
 (``create=True``: ``EndpointInUse`` if it exists) or only opens (``create=False``:
@@ -1042,7 +1051,15 @@ class Mailbox:
         """The acknowledgement table of the sender whose ack ring is ``ring_name``."""
         bare = ring_name.lstrip("/")
         _check_name(bare)
-        return _core.Block.attach("/" + bare + _TABLE_SUFFIX)
+        block = _core.Block.attach("/" + bare + _TABLE_SUFFIX)
+        try:  # a block of another kind (a scribbled REPLY_TO) is never written
+            meta = json.loads(block.meta().rstrip(b"\0") or b"null")
+            if not isinstance(meta, dict) or meta.get("kind") != _ACKTAB_KIND:
+                raise ProtocolError(f"{bare}{_TABLE_SUFFIX} is no acknowledgement table")
+        except BaseException:
+            block.close()
+            raise
+        return block
 
     def _send_ack(self, ring: _core.Ring, ack: bytes) -> bool:
         """Write an acknowledgement, waiting at most ``_ACK_WAIT`` for room or for the

@@ -310,3 +310,31 @@ def test_send_async_without_a_python_frame_keeps_the_mailboxs_errors() -> None:
             gone.send_async(b"removed")
     finally:
         gone.close()
+
+
+def test_a_reply_to_naming_a_block_of_another_kind_is_never_written() -> None:
+    # a receipt record whose '#' name leads to a block that is no acknowledgement table
+    # (a scribbled REPLY_TO): the message is delivered, the acknowledgement dropped and
+    # counted, the block left as it was
+    from buzon import _core
+    from buzon.shm._segment import create_ring, remove_segment
+
+    box = buzon.mailbox("jobs")
+    rx = buzon.mailbox("jobs")
+    ring = create_ring(4096, label="not an ack ring")
+    block = _core.Block.create(ring.name + "t", _ACKTAB_BYTES, b'{"kind": "other"}', 4)
+    try:
+        reply = b"#" + ring.name.encode()
+        assert box._core.send_async(b"x", T, reply, box) is not None
+        assert rx.recv(T) == b"x"
+        assert rx.statistics()["acks_dropped"] == 1
+        view = memoryview(block)
+        assert not any(view[:4096])
+        view.release()
+    finally:
+        block.close()
+        ring.close()
+        remove_segment(ring.name + "t")
+        remove_segment(ring.name)
+        rx.close()
+        box.remove()
