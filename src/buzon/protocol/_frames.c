@@ -486,6 +486,7 @@ ring_arg(PyObject *o)
 
 
 #define REPLY_SEEN 8
+#define PEER_SEEN 8
 
 typedef struct {
     PyObject_HEAD
@@ -503,8 +504,12 @@ typedef struct {
     PyObject *msg_type; /* buzon.Message (set_message), or NULL: recv_message's tuples */
     Py_ssize_t msg_off[4]; /* its slots' offsets: body, id, sender, sent_at */
     PyObject *peer_fn;  /* _mailbox._peer(pid, uid) -> the shared PeerInfo */
-    PyObject *last_peer; /* the PeerInfo of (last_pid, last_uid), or NULL */
-    uint32_t last_pid, last_uid;
+    /* core_peer: the PeerInfo of (peer_pid[k], peer_uid[k]) for the last PEER_SEEN
+     * processes met (NULL: none), replaced in turn (peer_next): a sender's receipts name
+     * the 4 receivers of a 4x4 in turn, and peer_fn is a Python call */
+    PyObject *peer[PEER_SEEN];
+    uint32_t peer_pid[PEER_SEEN], peer_uid[PEER_SEEN];
+    unsigned peer_next;
     /* acknowledge(): the last REPLY_SEEN acknowledgement names met and their entries of
      * replies (NULL: none yet), most recent first: 4 senders take turns in a 4x4 */
     PyObject *last_reply[REPLY_SEEN];
@@ -1701,21 +1706,24 @@ one_tuple(PyObject *whole)
     return t;
 }
 
-/* The shared PeerInfo of (pid, uid): the last one kept here, others from peer_fn. */
+/* The shared PeerInfo of (pid, uid): the last PEER_SEEN kept here, others from peer_fn. */
 static PyObject *
 core_peer(MailboxCore *c, uint32_t pid, uint32_t uid)
 {
-    if (c->last_peer != NULL && c->last_pid == pid && c->last_uid == uid) {
-        return Py_NewRef(c->last_peer);
+    for (int k = 0; k < PEER_SEEN && c->peer[k] != NULL; k++) {
+        if (c->peer_pid[k] == pid && c->peer_uid[k] == uid) {
+            return Py_NewRef(c->peer[k]);
+        }
     }
     PyObject *peer = PyObject_CallFunction(c->peer_fn, "kk", (unsigned long)pid,
                                            (unsigned long)uid);
     if (peer == NULL) {
         return NULL;
     }
-    Py_XSETREF(c->last_peer, Py_NewRef(peer));
-    c->last_pid = pid;
-    c->last_uid = uid;
+    unsigned k = c->peer_next++ % PEER_SEEN;
+    Py_XSETREF(c->peer[k], Py_NewRef(peer));
+    c->peer_pid[k] = pid;
+    c->peer_uid[k] = uid;
     return peer;
 }
 
@@ -1759,7 +1767,10 @@ core_set_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_XSETREF(c->msg_type, Py_NewRef(args[0]));
     Py_XSETREF(c->peer_fn, Py_NewRef(args[1]));
-    Py_CLEAR(c->last_peer);
+    for (int k = 0; k < PEER_SEEN; k++) {
+        Py_CLEAR(c->peer[k]);
+    }
+    c->peer_next = 0;
     Py_RETURN_NONE;
 }
 
@@ -1886,7 +1897,9 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->replies);
     Py_XDECREF(c->msg_type);
     Py_XDECREF(c->peer_fn);
-    Py_XDECREF(c->last_peer);
+    for (int k = 0; k < PEER_SEEN; k++) {
+        Py_XDECREF(c->peer[k]);
+    }
     for (int k = 0; k < REPLY_SEEN; k++) {
         Py_XDECREF(c->last_reply[k]);
         Py_XDECREF(c->last_ring[k]);
