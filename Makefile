@@ -49,7 +49,7 @@ sanitize: install
 		tests/protocol/test_stream_c.py tests/protocol/test_fields_c.py tests/protocol/test_rpc_c.py \
 		tests/protocol/test_wait_frame.py tests/protocol/test_dgram_c.py tests/mailbox/test_mailbox.py \
 		tests/mailbox/test_mailbox_hot_path.py tests/mailbox/test_direct.py \
-		tests/mailbox/test_mailbox_policies.py \
+		tests/mailbox/test_mailbox_policies.py tests/mailbox/test_mailbox_receipt_table.py \
 		tests/protocol/test_rpc_once_c.py \
 		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py
 

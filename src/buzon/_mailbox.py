@@ -28,14 +28,23 @@ ring of variable records of ``max_bytes`` bytes; ``send`` never blocks, and rais
 ``Full`` naming ``max_bytes`` when the messages waiting fill it.
 
 Receipts. ``send_async`` sets the frame's receipt flag and REPLY_TO; the receiver that
-takes the message writes ``(message id, pid, uid)`` into that ring (waiting at most
-``_ACK_WAIT`` for room or for the ring's lock, then dropped and counted: never a long
-block on a sender that does not read its acknowledgements). The receipt reads
-its acknowledgement from there. On the hot path each step is one C call
-(``MailboxCore``): ``send_async`` sends and makes the :class:`MailboxReceipt`, the
-receiver acknowledges as it takes, and ``wait``/``done`` read the ring until their
-acknowledgement comes (``receipt_ready``, if the mailbox's lock is free at once, else
-the general way; others wait in the table ``_acked``, oldest first).
+takes the message writes ``(message id, pid, uid)`` where REPLY_TO says. The hot path's
+receipt records (``"any"``, ``"exclusive"``) name ``"#"`` + the sender's
+acknowledgement ring: the receiver stores the acknowledgement into the sender's table
+(``_TABLED``: a Block beside the ring, one entry per message id modulo ``_MAX_ACKS``,
+protocol/_frames.c "the acknowledgement table"), a few stores instead of a ring
+record; a sender waiting for a receipt publishes the id in the table's head and its
+receiver then also rings the ring (a doorbell record), whose wake-ups it sleeps on. An
+entry holding a later id refuses the acknowledgement, which goes into the ring. Every
+other receipt record names the ring itself; the receiver puts the acknowledgement
+there (waiting at most ``_ACK_WAIT`` for room or for the ring's lock, then dropped and
+counted: never a long block on a sender that does not read its acknowledgements). On
+the hot path each step is one C call (``MailboxCore``): each object's ``send_async``
+is its core's ``receipt_send`` (sends and makes the :class:`MailboxReceipt`, a C
+type), the receiver acknowledges as it takes, and ``wait``/``done`` read the table
+(without a lock) or the ring until their acknowledgement comes (``receipt_ready``, if
+the mailbox's lock is free at once, else the general way, ``_receipt_wait``; others
+wait in the table ``_acked``, oldest first).
 
 Lifecycle. Opening creates the mailbox if absent (``create=None``), only creates
 (``create=True``: ``EndpointInUse`` if it exists) or only opens (``create=False``:
@@ -117,7 +126,7 @@ from .errors import (
     Undelivered,
     UnsupportedOperation,
 )
-from .protocol._frames import MailboxCore
+from .protocol._frames import MailboxCore, MailboxReceipt, receipt_ways
 from .protocol.frames import (
     DEFAULT_MAX_FRAME,
     FIELDS_FLAG,
@@ -130,6 +139,7 @@ from .shm._names import lookup, name_path, publish, unpublish
 from .shm._segment import (
     SHM_DIR,
     SegmentInfo,
+    _check_name,
     attach_ring,
     create_ring,
     new_segment_name,
@@ -167,6 +177,13 @@ _ACK_RING = 64 * 1024
 _ACK_WAIT = 0.05
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
 _MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read (MAX_ACKS in C)
+# send_async's hot path: REPLY_TO "#" + the ack ring's name asks the receiver to write
+# the acknowledgement into the sender's table, the Block named ring + _TABLE_SUFFIX
+# (protocol/_frames.c, "the acknowledgement table": 64-byte head, 16 bytes per entry)
+_TABLED = b"#"
+_TABLE_SUFFIX = "t"
+_ACKTAB_BYTES = 64 + 16 * _MAX_ACKS
+_ACKTAB_KIND = "mailbox-acks"
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 # The frame of a message without buffers or receipt: the frame header, then the FIELDS
@@ -289,72 +306,35 @@ def _ring_size(records: int, record: int) -> int:
     return cap
 
 
-class MailboxReceipt:
-    """The fate of one message sent with :meth:`Mailbox.send_async`.
+def _receipt_done(receipt: MailboxReceipt) -> bool:
+    """``MailboxReceipt.done()`` the general way (its C hot path could not say): read
+    the acknowledgements that already arrived, never wait."""
+    while len(receipt._receivers) < receipt.expected:
+        who = receipt._box._ack_of(receipt.id, 0.0)
+        if who is None:
+            break
+        receipt._receivers += (who,)
+    return len(receipt._receivers) >= receipt.expected
 
-    :meth:`done` says whether a receiver took it (never waits), :meth:`wait` waits
-    (:class:`~buzon.errors.Timeout` when ``timeout`` passes), and :attr:`receiver`
-    names the process that took it (``PeerInfo`` with ``.pid`` and ``.uid``). On a
-    broadcast mailbox the message went to ``expected`` receivers: :attr:`receivers`
-    lists those that took it so far, and ``done``/``wait`` mean all of them.
-    """
 
-    __slots__ = ("_box", "_receivers", "expected", "id")
+def _receipt_wait(receipt: MailboxReceipt, timeout: float | None) -> PeerInfo:
+    """``MailboxReceipt.wait(timeout)`` the general way (see :class:`MailboxReceipt`)."""
+    if receipt.expected == 0:
+        raise Undelivered(f"message {receipt.id} went to no receiver (none was attached)")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while len(receipt._receivers) < receipt.expected:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        who = receipt._box._ack_of(receipt.id, left)
+        if who is None:
+            raise Timeout(
+                f"message {receipt.id} was not taken within {timeout} s "
+                f"({len(receipt._receivers)} of {receipt.expected} receivers took it)"
+            )
+        receipt._receivers += (who,)
+    return receipt._receivers[0]
 
-    def __init__(self, box: Mailbox, message_id: int, expected: int = 1) -> None:
-        self._box = box
-        self.id = message_id
-        self.expected = expected
-        self._receivers: tuple[PeerInfo, ...] = ()  # who took it so far
 
-    @property
-    def receiver(self) -> PeerInfo | None:
-        """The (first) process that took the message, or None while nobody has."""
-        if not self._receivers:
-            self.done()
-        return self._receivers[0] if self._receivers else None
-
-    @property
-    def receivers(self) -> list[PeerInfo]:
-        """Every process that took the message so far (broadcast: one per receiver)."""
-        self.done()
-        return list(self._receivers)
-
-    def done(self) -> bool:
-        """True once the receiver (broadcast: every receiver it went to) took the
-        message; reads acknowledgements that already arrived, never waits."""
-        if self._box._core.receipt_ready(self) is not None:  # the hot path: one C call
-            return True
-        while len(self._receivers) < self.expected:
-            who = self._box._ack_of(self.id, 0.0)
-            if who is None:
-                break
-            self._receivers += (who,)
-        return len(self._receivers) >= self.expected
-
-    def wait(self, timeout: float | None = None) -> PeerInfo:
-        """Wait until a receiver (broadcast: every one) took the message and return
-        the first; ``Timeout`` if ``timeout`` seconds pass first, ``Undelivered`` if
-        the mailbox was removed first (or a broadcast went to no receiver)."""
-        if self.expected == 0:
-            raise Undelivered(f"message {self.id} went to no receiver (none was attached)")
-        who = self._box._core.receipt_ready(self)  # the hot path: one C call, no clock
-        if who is not None:
-            return who  # type: ignore[no-any-return]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while len(self._receivers) < self.expected:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            who = self._box._ack_of(self.id, left)
-            if who is None:
-                raise Timeout(
-                    f"message {self.id} was not taken within {timeout} s "
-                    f"({len(self._receivers)} of {self.expected} receivers took it)"
-                )
-            self._receivers += (who,)
-        return self._receivers[0]
-
-    def __repr__(self) -> str:
-        return f"<MailboxReceipt id={self.id} receivers={list(self._receivers)}>"
+receipt_ways(_receipt_done, _receipt_wait)
 
 
 class Mailbox:
@@ -418,8 +398,13 @@ class Mailbox:
         self._acks: _core.Ring | None = None
         self._acks_pid = 0
         self._acks_fd = -1  # the sender's description of its ack ring: withdrawal locks
+        self._acktab: _core.Block | None = None  # its acknowledgement table (hot path)
         self._acked: dict[int, list[PeerInfo]] = {}  # oldest first (the C table too)
-        self._reply_rings: OrderedDict[str, tuple[_core.Ring, int]] = OrderedDict()
+        # acknowledgement rings we write to, by REPLY_TO: (ring, withdrawal fd or -1,
+        # the sender's table or None)
+        self._reply_rings: OrderedDict[str, tuple[_core.Ring, int, _core.Block | None]] = (
+            OrderedDict()
+        )
         self._hold_fd = -1
         self._hold_pid = 0
         self._hold_lock = threading.Lock()
@@ -448,11 +433,14 @@ class Mailbox:
             ring, encode, decode, self._fast_max, self._uid, self.capacity is None
         )
         self._core.set_message(Message, _peer)  # its recv_message makes the Message
-        self._core.set_receipt(MailboxReceipt)  # and send_async the receipt
         self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
         self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
         self._ack_name: tuple[int, bytes] = (0, b"")  # (pid, name) of our own ack ring
+        # send_async's hot path without a Python frame: the core's receipt_send, bound to
+        # this object (weakly) as its own send_async (the method is the general way)
+        self._core.bind(self, self._plain)
+        vars(self)["send_async"] = self._core.receipt_send
         self._counts = {
             "sent": 0,
             "received": 0,
@@ -908,10 +896,16 @@ class Mailbox:
         """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
         never for a receiver) and return a receipt naming who takes it (broadcast:
         every receiver it went to, ``receipt.receivers``)."""
-        if self._plain and not self._closed:  # the hot path: a receipt record in one C call
+        # (each object has its core's receipt_send as its own send_async: see _setup)
+        return self._send_async(obj, timeout, True)
+
+    def _send_async(self, obj: Any, timeout: float | None, hot: bool) -> MailboxReceipt:
+        """:meth:`send_async`; ``hot``: try the hot path (False: the core found that
+        ``obj`` is no common record)."""
+        if hot and self._plain and not self._closed:  # a receipt record in one C call
             pid, reply_to = self._ack_name
-            if pid != _PID[0]:
-                reply_to = self._ack_ring().name.encode("ascii")
+            if pid != _PID[0]:  # its receiver writes our table (see _TABLED)
+                reply_to = _TABLED + self._ack_ring().name.encode("ascii")
                 self._ack_name = (_PID[0], reply_to)
             try:
                 receipt = self._core.send_async(obj, timeout, reply_to, self)
@@ -925,15 +919,33 @@ class Mailbox:
             self._no_fields("send_async")
         return MailboxReceipt(self, self._send(obj, timeout, False, True))
 
+    def _send_async_failed(self, exc: BaseException) -> NoReturn:
+        """The error of a failed hot-path ``send_async`` (the core's receipt_send)."""
+        if isinstance(exc, (Full, EndOfChannel)):
+            self._put_failed(exc)
+        raise exc
+
     # ---- receipts ----------------------------------------------------------------------
 
     def _ack_ring(self) -> _core.Ring:
         with self._lock:
+            self._check_open()  # (a closed object makes none: nobody would remove it)
             if self._acks is None or self._acks_pid != os.getpid():
                 # a forked child makes its own: acknowledgements go to their sender
                 self._acks = create_ring(_ACK_RING, label=f"mailbox-acks {self.name}")
+                meta = json.dumps({"kind": _ACKTAB_KIND, "mailbox": self._segment}).encode()
+                try:
+                    self._acktab = _core.Block.create(
+                        self._acks.name + _TABLE_SUFFIX, _ACKTAB_BYTES, meta, _SLOTS
+                    )
+                except BaseException:
+                    name = self._acks.name
+                    self._acks.close()
+                    self._acks = None
+                    remove_segment(name)
+                    raise
                 self._acks_pid = os.getpid()
-                self._core.set_acks(self._acks, self._acked, self._lock)  # receipt_ready's
+                self._core.set_acks(self._acks, self._acked, self._lock, self._acktab)
                 if self._acks_fd >= 0:  # the parent's (its locks stay the parent's)
                     os.close(self._acks_fd)
                     self._acks_fd = -1
@@ -984,27 +996,31 @@ class Mailbox:
         """Tell the sender who took ``message_id``; False if the sender withdrew it
         (a rendezvous whose send gave up): the message is then not taken."""
         withdrawable = reply_to[:1] == _WITHDRAWABLE
-        name = reply_to[withdrawable:].decode("ascii", "replace")
+        tabled = reply_to[:1] == _TABLED
+        key = reply_to.decode("ascii", "replace")
+        name = key[withdrawable or tabled :]
         with self._lock:
-            entry = self._reply_rings.get(name)
+            entry = self._reply_rings.get(key)
             if entry is None:
                 try:
-                    entry = (attach_ring(name), -1)
+                    entry = (attach_ring(name), -1, self._attach_table(name) if tabled else None)
                 except Exception:  # its sender is gone, or a bad name: nobody to tell
                     self._counts["acks_dropped"] += 1
                     return True
                 # an acknowledgement wakes a sender waiting in asyncio (_acks_ready)
                 entry[0].set_notify(self._wake_fd, -1)
-                self._reply_rings[name] = entry
+                self._reply_rings[key] = entry
                 if not withdrawable:  # the hot path acknowledges from now on (never an
-                    self._core.replies[reply_to] = entry[0]  # offer: see _OFFER_BASE)
+                    # offer: see _OFFER_BASE); a '#' name writes the sender's table
+                    table = entry[2]
+                    self._core.replies[reply_to] = entry[0] if table is None else (entry[0], table)
                 while len(self._reply_rings) > _MAX_ACK_RINGS:
                     old, gone = self._reply_rings.popitem(last=False)
                     self._core.replies.pop(old.encode("ascii"), None)
                     _close_reply(gone)
             else:
-                self._reply_rings.move_to_end(name)
-            ring, fd = entry
+                self._reply_rings.move_to_end(key)
+            ring, fd, _table = entry
             if withdrawable and fd < 0:
                 try:
                     fd = os.open(
@@ -1013,9 +1029,11 @@ class Mailbox:
                 except OSError:  # its sender closed: nobody waits for the message
                     fd = -1
                 else:
-                    self._reply_rings[name] = (ring, fd)
+                    self._reply_rings[key] = (ring, fd, None)
+        if not withdrawable and self._core.ack(reply_to, message_id):  # as the hot path
+            return True
         ack = _ACK.pack(message_id, os.getpid(), os.getuid())
-        if not withdrawable or fd < 0:
+        if fd < 0:
             self._send_ack(ring, ack)
             return True
         # the offer stands while the sender does not hold this byte; holding it until
@@ -1027,6 +1045,21 @@ class Mailbox:
             return self._send_ack(ring, ack)  # False: the sender never learns: withdrawn
         finally:
             _lock_byte(fd, _OFFER_BASE + message_id, fcntl.F_UNLCK, False)
+
+    @staticmethod
+    def _attach_table(ring_name: str) -> _core.Block:
+        """The acknowledgement table of the sender whose ack ring is ``ring_name``."""
+        bare = ring_name.lstrip("/")
+        _check_name(bare)
+        block = _core.Block.attach("/" + bare + _TABLE_SUFFIX)
+        try:  # a block of another kind (a scribbled REPLY_TO) is never written
+            meta = json.loads(block.meta().rstrip(b"\0") or b"null")
+            if not isinstance(meta, dict) or meta.get("kind") != _ACKTAB_KIND:
+                raise ProtocolError(f"{bare}{_TABLE_SUFFIX} is no acknowledgement table")
+        except BaseException:
+            block.close()
+            raise
+        return block
 
     def _send_ack(self, ring: _core.Ring, ack: bytes) -> bool:
         """Write an acknowledgement, waiting at most ``_ACK_WAIT`` for room or for the
@@ -1434,7 +1467,8 @@ class Mailbox:
             if self._closed:
                 return
             self._closed = True
-            self._core.set_acks(None, None, None)
+            self._core.bind(None, False)  # send_async: ChannelClosed, the general way
+            self._core.set_acks(None, None, None, None)
             if self._fan is not None:
                 left = self._fan.unsubscribe()
                 lost = 0
@@ -1450,10 +1484,14 @@ class Mailbox:
                 name = self._acks.name
                 self._acks.close()
                 remove_segment(name)
+                if self._acktab is not None:
+                    self._acktab.close()
+                    remove_segment(name + _TABLE_SUFFIX)
                 if self._acks_fd >= 0:
                     os.close(self._acks_fd)  # (its withdrawals stand: the ring is gone)
             self._acks_fd = -1
             self._acks = None
+            self._acktab = None
             self._core.replies.clear()  # (the same rings)
             for entry in self._reply_rings.values():
                 _close_reply(entry)
@@ -1533,10 +1571,12 @@ class Mailbox:
         return f"<Mailbox {self.name!r} policy={self.policy!r} capacity={cap}>"
 
 
-def _close_reply(entry: tuple[_core.Ring, int]) -> None:
+def _close_reply(entry: tuple[_core.Ring, int, _core.Block | None]) -> None:
     entry[0].close()
     if entry[1] >= 0:
         os.close(entry[1])
+    if entry[2] is not None:
+        entry[2].close()
 
 
 _FAST_CODEC: tuple[Any, Any] | None = None

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import buzon
+from buzon._mailbox import MailboxReceipt
 from buzon.errors import CodecError
 from buzon.protocol._frames import MailboxCore, mailbox_send
 
@@ -233,15 +234,25 @@ def test_the_message_the_core_makes_is_the_dataclass_the_general_way_makes() -> 
         box.remove()
 
 
-def test_receipts_read_in_any_order_each_get_their_own_acknowledgement() -> None:
-    # take_ack (C) reads the acknowledgement ring until the wanted one comes; the others
-    # wait in the table for their receipts, whatever order those are read in
+@pytest.mark.parametrize("way", ["table", "ring"])
+def test_receipts_read_in_any_order_each_get_their_own_acknowledgement(way: str) -> None:
+    # the hot path's receipts: each acknowledgement in the sender's table, read in any
+    # order. The general way's: take_ack (C) reads the acknowledgement ring until the
+    # wanted one comes; the others wait in the dict for their receipts, whatever order
+    # those are read in
     box = buzon.mailbox("jobs")
     try:
-        receipts = [box.send_async(i) for i in range(6)]
+        if way == "table":
+            receipts = [box.send_async(i) for i in range(6)]
+        else:
+            receipts = [MailboxReceipt(box, box._send(i, T, False, True)) for i in range(6)]
         assert [box.recv(T) for _ in range(6)] == list(range(6))
-        assert receipts[4].wait(T).pid == os.getpid()  # reads 0-3 into the table
-        assert sorted(box._acked) == [r.id for r in receipts[:4]]
+        assert receipts[4].wait(T).pid == os.getpid()  # ring: reads 0-3 into the dict
+        assert box._acks is not None
+        if way == "table":
+            assert box._acked == {} and box._acks.info()["committed"] == 0
+        else:
+            assert sorted(box._acked) == [r.id for r in receipts[:4]]
         assert receipts[4].done() and receipts[2].done() and receipts[0].receiver is not None
         assert [r.wait(T).pid for r in (receipts[5], receipts[3], receipts[1])] == [os.getpid()] * 3
         assert box._acked == {}
@@ -261,14 +272,17 @@ def test_receipts_read_in_any_order_each_get_their_own_acknowledgement() -> None
 
 
 def test_a_receipt_whose_lock_is_held_waits_the_general_way() -> None:
-    # receipt_ready (C) only tries the mailbox's lock: held by another thread (a receipt
-    # waiting the general way, a close), the receipt waits for it instead
+    # receipt_ready (C) only tries the mailbox's lock for an acknowledgement in the
+    # ring (the general way's receipts): held by another thread (a receipt waiting the
+    # general way, a close), the receipt waits for it instead. One in the sender's table
+    # (send_async's hot path) needs no lock.
     import threading
 
     box = buzon.mailbox("jobs")
     try:
-        receipt = box.send_async(b"x")
-        assert box.recv(T) == b"x"
+        receipt = MailboxReceipt(box, box._send(b"x", T, False, True))
+        tabled = box.send_async(b"y")
+        assert box.recv(T) == b"x" and box.recv(T) == b"y"
         held, release = threading.Event(), threading.Event()
 
         def hold() -> None:
@@ -280,6 +294,7 @@ def test_a_receipt_whose_lock_is_held_waits_the_general_way() -> None:
         t.start()
         assert held.wait(T)
         assert box._core.receipt_ready(receipt) is None  # the lock is not free
+        assert box._core.receipt_ready(tabled).pid == os.getpid()  # (no lock needed)
         threading.Timer(0.05, release.set).start()
         assert receipt.wait(T).pid == os.getpid()  # the general way, after the holder
         t.join(T)

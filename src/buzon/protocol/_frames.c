@@ -27,6 +27,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <structmember.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -473,119 +474,6 @@ ring_arg(PyObject *o)
     return 0;
 }
 
-static PyObject *
-mailbox_send(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
-{
-    /* mailbox_send(ring, body, codec, message_id, uid, timeout) */
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "mailbox_send(ring, body, codec, message_id, uid, timeout)");
-        return NULL;
-    }
-    if (ring_arg(args[0]) < 0) {
-        return NULL;
-    }
-    long codec = PyLong_AsLong(args[2]);
-    unsigned long long mid = PyLong_AsUnsignedLongLong(args[3]);
-    unsigned long uid = PyLong_AsUnsignedLong(args[4]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (codec < 0 || codec > 7) {
-        PyErr_SetString(PyExc_ValueError, "codec must be 0-7");
-        return NULL;
-    }
-    Py_buffer view = {0};
-    const uint8_t *src;
-    Py_ssize_t len;
-    if (PyBytes_CheckExact(args[1])) { /* the common body: no buffer export to pay */
-        src = (const uint8_t *)PyBytes_AS_STRING(args[1]);
-        len = PyBytes_GET_SIZE(args[1]);
-    }
-    else {
-        if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
-            return NULL;
-        }
-        src = view.buf;
-        len = view.len;
-    }
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    uint64_t ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-    uint8_t h[MB_HEAD] = {VERSION, KIND_DATA, (uint8_t)(codec | FLAG_FIELDS), 0};
-    /* a body too large for any record (4 GiB) makes put_wait raise MessageTooLarge before
-     * anything is written, so a truncated length here is never seen */
-    put32(h + 4, (uint32_t)len);
-    h[8] = 30; /* the fields block: three fields of 8 bytes, 2 + 8 each */
-    h[10] = 1; /* MESSAGE_ID */
-    h[11] = 8;
-    put64(h + 12, mid);
-    h[20] = 2; /* SENDER */
-    h[21] = 8;
-    put32(h + 22, cached_pid);
-    put32(h + 26, (uint32_t)uid);
-    h[30] = 6; /* SENT_AT */
-    h[31] = 8;
-    put64(h + 32, ns);
-    buzon_part parts[2] = {{h, MB_HEAD}, {src, (size_t)len}};
-    int rc = api->put_wait(args[0], parts, 2, MB_HEAD + (size_t)len, 0, args[5]);
-    if (view.obj != NULL) {
-        PyBuffer_Release(&view);
-    }
-    if (rc < 0) {
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-/* Is the claimed record a mailbox's common record? Then skip its head. *ctx: its codec,
- * or -1 (the caller's general path). */
-static uint32_t
-peek_mailbox(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
-{
-    long *codec = ctx;
-    uint8_t p[MB_HEAD] = {0};
-    if (len >= MB_HEAD) {
-        memcpy(p, payload, MB_HEAD); /* once: the peer may be rewriting it (untrusted) */
-    }
-    if (flags == 0 && len >= MB_HEAD && p[0] == VERSION && p[1] == KIND_DATA &&
-        (p[2] & 0xF8) == FLAG_FIELDS && p[3] == 0 && p[8] == 30 && p[9] == 0 && p[10] == 1 &&
-        p[11] == 8 && p[20] == 2 && p[21] == 8 && p[30] == 6 && p[31] == 8 &&
-        get32(p + 4) == len - MB_HEAD) {
-        *codec = p[2] & 7;
-        return MB_HEAD;
-    }
-    *codec = -1;
-    return 0;
-}
-
-static PyObject *
-mailbox_recv(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
-{
-    /* mailbox_recv(ring, timeout) -> (codec, body) | bytes */
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "mailbox_recv(ring, timeout)");
-        return NULL;
-    }
-    if (ring_arg(args[0]) < 0) {
-        return NULL;
-    }
-    long codec = -1;
-    PyObject *out = api->take_wait(args[0], peek_mailbox, &codec, args[1]);
-    if (out == NULL || codec < 0) {
-        return out;
-    }
-    PyObject *pair = PyTuple_New(2);
-    if (pair == NULL) {
-        Py_DECREF(out);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(pair, 0, PyLong_FromLong(codec)); /* 0-7: small ints, cannot fail */
-    PyTuple_SET_ITEM(pair, 1, out);
-    return pair;
-}
-
-
 /* ---- MailboxCore: a mailbox object's hot path in one object --------------------------
  * What Mailbox.send and Mailbox.recv do for the common record, without a Python frame
  * between the call and the ring: the body made here (a bytes object as it is, codec 0;
@@ -596,6 +484,9 @@ mailbox_recv(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
  * per mailbox object), counted. recv decodes a codec 0/1 common record here (msgspec
  * decoder given by the mailbox) and hands anything else back to the general path. */
 
+
+#define REPLY_SEEN 8
+#define PEER_SEEN 8
 
 typedef struct {
     PyObject_HEAD
@@ -613,12 +504,16 @@ typedef struct {
     PyObject *msg_type; /* buzon.Message (set_message), or NULL: recv_message's tuples */
     Py_ssize_t msg_off[4]; /* its slots' offsets: body, id, sender, sent_at */
     PyObject *peer_fn;  /* _mailbox._peer(pid, uid) -> the shared PeerInfo */
-    PyObject *last_peer; /* the PeerInfo of (last_pid, last_uid), or NULL */
-    uint32_t last_pid, last_uid;
-    PyObject *rc_type;  /* buzon.MailboxReceipt (set_receipt), or NULL */
-    Py_ssize_t rc_off[4]; /* its slots' offsets: _box, _receivers, expected, id */
-    PyObject *last_reply; /* acknowledge(): the last acknowledgement ring's name... */
-    PyObject *last_ring;  /* ...and that ring (both NULL: none yet) */
+    /* core_peer: the PeerInfo of (peer_pid[k], peer_uid[k]) for the last PEER_SEEN
+     * processes met (NULL: none), replaced in turn (peer_next): a sender's receipts name
+     * the 4 receivers of a 4x4 in turn, and peer_fn is a Python call */
+    PyObject *peer[PEER_SEEN];
+    uint32_t peer_pid[PEER_SEEN], peer_uid[PEER_SEEN];
+    unsigned peer_next;
+    /* acknowledge(): the last REPLY_SEEN acknowledgement names met and their entries of
+     * replies (NULL: none yet), most recent first: 4 senders take turns in a 4x4 */
+    PyObject *last_reply[REPLY_SEEN];
+    PyObject *last_ring[REPLY_SEEN];
     Py_buffer fan_buf;    /* broadcast (set_fan): the receiver table, its generation... */
     uint64_t fan_gen;     /* ...when fan_targets and fan_rings were read from it */
     PyObject *fan_targets, *fan_rings; /* Fan.fanout, or NULL */
@@ -626,10 +521,51 @@ typedef struct {
     PyObject *acks, *acks_table; /* set_acks: our acknowledgement ring and its table... */
     PyObject *acks_acquire, *acks_release; /* ...and the lock guarding both */
     uint32_t acks_pid;  /* the process that made that ring (a forked child's is its own) */
+    Py_buffer acktab;   /* set_acks: our acknowledgement table (see below), or .obj NULL */
+    PyObject *reply_name; /* set_acks: b"#" + our ring's name (send_async's REPLY_TO) */
+    PyObject *box_ref;  /* bind(): a weak reference to the Mailbox, for receipt_send */
+    int hot_async;      /* bind(): receipt_send may take the hot path (cleared by close) */
 } MailboxCore;
 
 static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
 static uint64_t get64(const uint8_t *p);
+static PyTypeObject MailboxCoreType;
+
+/* ---- MailboxReceipt: the fate of one message sent with Mailbox.send_async ------------
+ * A C type so that the common receipt (one receiver, acknowledged in the sender's table)
+ * is made by send_async and read by wait/done without a Python frame. What the hot path
+ * cannot answer (waiting, a broadcast's several receivers, the general way's receipts)
+ * goes to _mailbox's Python functions (receipt_ways). Not tracked by the collector: its
+ * references are its mailbox, that mailbox's core and a tuple of PeerInfo, none of which
+ * refers back to a receipt (with 256 receipts in flight the collector otherwise ran
+ * every few hundred sends). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *box;       /* the Mailbox it was sent through */
+    PyObject *receivers; /* tuple of PeerInfo: who took it so far (written by _mailbox) */
+    PyObject *core;      /* box._core, or NULL until first needed */
+    unsigned long long id;
+    Py_ssize_t expected; /* receivers it went to (broadcast: several; 0: none) */
+} Receipt;
+
+static PyTypeObject ReceiptType;
+static PyObject *receipt_done_fn, *receipt_wait_fn; /* receipt_ways: the general way */
+static PyObject *empty_tuple;
+
+static Receipt *
+new_receipt(PyObject *box, unsigned long long id, Py_ssize_t expected, PyObject *core)
+{
+    Receipt *r = PyObject_New(Receipt, &ReceiptType);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->box = Py_NewRef(box);
+    r->receivers = Py_NewRef(empty_tuple);
+    r->core = Py_XNewRef(core);
+    r->id = id;
+    r->expected = expected;
+    return r;
+}
 
 #define MARK_EVERY_NS 1000000000ULL /* at most one mark a second per object and kind */
 
@@ -715,6 +651,94 @@ core_body(MailboxCore *c, PyObject *obj, long *codec)
 #define ACK_WAIT_S 0.05 /* _mailbox._ACK_WAIT */
 #define FLAG_RECEIPT 0x08
 
+/* ---- the acknowledgement table -------------------------------------------------------
+ * A receipt record of send_async's hot path names its sender's acknowledgement ring with
+ * a leading '#' (_mailbox._TABLED): its receiver writes the acknowledgement into the
+ * sender's table (a Block named after the ring, _mailbox._TABLE_SUFFIX) instead of the
+ * ring, a few plain stores instead of a record reserved, committed, claimed and freed
+ * across CPUs. Entry (message id % ACKTAB_SLOTS): u64 id, u32 pid, u32 uid. Message ids
+ * are one object's counter, so entries are direct-mapped. A receiver claims the entry by
+ * CAS of its id word to (id | ACK_BUSY) only if the id there is older, stores pid and uid,
+ * then the id (release); the sender reads id, pid, uid, id again (a seqlock). An entry
+ * that already holds a later message's id (ACKTAB_SLOTS receipts behind) refuses the
+ * older one, which then goes into the ring as before (nothing lost while the ring has
+ * room). The head's u32 at offset 0 counts the sender's threads waiting for an
+ * acknowledgement (take_ack_impl, under the mailbox's lock: one at a time), the u64 at
+ * offset 8 is the id it waits for: a receiver that sees a waiter for its id after its
+ * store also puts a doorbell (the id with ACK_DOORBELL) into the ring, whose wake-ups
+ * are the waiter's (futex, asyncio's FIFO). Store then load on one side, increment then
+ * load on the other, both sequentially consistent: a waiter misses neither. The table is the
+ * sender's process's shared memory, written by any process of its user: a scribbled
+ * entry names a wrong receiver at worst, and never makes a read go out of bounds. */
+#define ACKTAB_SLOTS 65536u /* _mailbox._MAX_ACKS: receipts a sender may leave unread */
+#define ACKTAB_HEAD 64u
+#define ACKTAB_BYTES (ACKTAB_HEAD + 16u * ACKTAB_SLOTS) /* _mailbox._ACKTAB_BYTES */
+#define ACK_BUSY (1ULL << 63)
+#define ACK_DOORBELL (1ULL << 63)
+
+typedef struct {
+    _Atomic uint64_t id;
+    _Atomic uint32_t pid, uid;
+} ack_entry;
+
+static _Atomic uint32_t *
+tab_waiters(uint8_t *tab)
+{
+    return (_Atomic uint32_t *)tab;
+}
+
+static _Atomic uint64_t *
+tab_want(uint8_t *tab)
+{
+    return (_Atomic uint64_t *)(tab + 8);
+}
+
+static ack_entry *
+tab_entry(uint8_t *tab, uint64_t mid)
+{
+    return (ack_entry *)(tab + ACKTAB_HEAD) + (mid % ACKTAB_SLOTS);
+}
+
+/* A receiver's store: 1 written, 0 the entry holds a later message's (not written). */
+static int
+tab_put(uint8_t *tab, uint64_t mid, uint32_t pid, uint32_t uid)
+{
+    ack_entry *e = tab_entry(tab, mid);
+    uint64_t cur = atomic_load_explicit(&e->id, memory_order_relaxed);
+    do {
+        if ((cur & ~ACK_BUSY) >= mid) {
+            return 0;
+        }
+    } while (!atomic_compare_exchange_weak(&e->id, &cur, mid | ACK_BUSY));
+    atomic_store_explicit(&e->pid, pid, memory_order_relaxed);
+    atomic_store_explicit(&e->uid, uid, memory_order_relaxed);
+    atomic_store_explicit(&e->id, mid, memory_order_release);
+    return 1;
+}
+
+/* The sender's read: 1 with *pid, *uid if mid's acknowledgement is there. */
+static int
+tab_get(uint8_t *tab, uint64_t mid, uint32_t *pid, uint32_t *uid)
+{
+    ack_entry *e = tab_entry(tab, mid);
+    if (atomic_load_explicit(&e->id, memory_order_acquire) != mid) {
+        return 0;
+    }
+    *pid = atomic_load_explicit(&e->pid, memory_order_relaxed);
+    *uid = atomic_load_explicit(&e->uid, memory_order_relaxed);
+    atomic_thread_fence(memory_order_acquire);
+    return atomic_load_explicit(&e->id, memory_order_relaxed) == mid;
+}
+
+/* Our table (set_acks) if ring is our acknowledgement ring, else NULL. */
+static uint8_t *
+own_table(MailboxCore *c, PyObject *ring)
+{
+    return (c->acktab.obj != NULL && ring == c->acks && c->acks_pid == cached_pid)
+               ? (uint8_t *)c->acktab.buf
+               : NULL;
+}
+
 /* obj as a common record (reply: NULL, or the acknowledgement ring's name for a receipt
  * record), put waiting like Ring.send. 1 sent (*mid its id), 0 not a common record
  * (nothing sent), -1 error. */
@@ -782,19 +806,6 @@ core_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     return rc < 0 ? NULL : PyBool_FromLong(rc);
 }
 
-static PyObject *
-core_send_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
-{
-    /* send_receipt(obj, timeout, reply_to) -> the message id | 0 (the general way) */
-    if (nargs != 3 || !PyBytes_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "send_receipt(obj, timeout, reply_to: bytes)");
-        return NULL;
-    }
-    uint64_t mid = 0;
-    int rc = core_put(c, args[0], args[1], args[2], &mid);
-    return rc < 0 ? NULL : PyLong_FromUnsignedLongLong(rc ? mid : 0);
-}
-
 /* The slot offsets of names[0..n) in type, or -1 with TypeError. */
 static int
 slot_offsets(PyTypeObject *type, const char *const *names, int n, Py_ssize_t *off)
@@ -811,20 +822,18 @@ slot_offsets(PyTypeObject *type, const char *const *names, int n, Py_ssize_t *of
     return 0;
 }
 
+/* send_async and receipt_send: obj as a receipt record whose receiver acknowledges to
+ * reply, and its receipt (for box); Py_None: not a common record (nothing sent); NULL
+ * with an exception (sent all the same if the receipt is what failed). */
 static PyObject *
-core_set_receipt(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+send_receipted(MailboxCore *c, PyObject *obj, PyObject *timeout, PyObject *reply, PyObject *box)
 {
-    /* set_receipt(MailboxReceipt): send_async makes the receipt itself */
-    static const char *const names[4] = {"_box", "_receivers", "expected", "id"};
-    if (nargs != 1 || !PyType_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "set_receipt(MailboxReceipt type)");
-        return NULL;
+    uint64_t mid = 0;
+    int rc = core_put(c, obj, timeout, reply, &mid);
+    if (rc <= 0) {
+        return rc < 0 ? NULL : Py_NewRef(Py_None);
     }
-    if (slot_offsets((PyTypeObject *)args[0], names, 4, c->rc_off) < 0) {
-        return NULL;
-    }
-    Py_XSETREF(c->rc_type, Py_NewRef(args[0]));
-    Py_RETURN_NONE;
+    return (PyObject *)new_receipt(box, (unsigned long long)mid, 1, (PyObject *)c);
 }
 
 static PyObject *
@@ -832,39 +841,88 @@ core_send_async(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
     /* send_async(obj, timeout, reply_to, box) -> MailboxReceipt(box, id) | None (nothing
      * sent: the general way) */
-    if (nargs != 4 || !PyBytes_CheckExact(args[2]) || c->rc_type == NULL) {
-        PyErr_SetString(PyExc_TypeError,
-                        "send_async(obj, timeout, reply_to: bytes, box), after set_receipt");
+    if (nargs != 4 || !PyBytes_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "send_async(obj, timeout, reply_to: bytes, box)");
         return NULL;
     }
-    uint64_t mid = 0;
-    int rc = core_put(c, args[0], args[1], args[2], &mid);
-    if (rc <= 0) {
-        return rc < 0 ? NULL : Py_NewRef(Py_None);
+    return send_receipted(c, args[0], args[1], args[2], args[3]);
+}
+
+static PyObject *
+core_bind(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* bind(box, hot) | bind(None, False): receipt_send's mailbox (weakly) and whether it
+     * may take the hot path */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "bind(box, hot)");
+        return NULL;
     }
-    PyTypeObject *type = (PyTypeObject *)c->rc_type;
-    PyObject *vals[4] = {Py_NewRef(args[3]), PyTuple_New(0), PyLong_FromLong(1),
-                         PyLong_FromUnsignedLongLong((unsigned long long)mid)};
-    PyObject *receipt = NULL;
-    if (vals[1] != NULL && vals[2] != NULL && vals[3] != NULL) {
-        receipt = type->tp_alloc(type, 0);
+    int hot = PyObject_IsTrue(args[1]);
+    if (hot < 0) {
+        return NULL;
     }
-    if (receipt == NULL) { /* sent all the same: the receipt is what failed */
-        for (int i = 0; i < 4; i++) {
-            Py_XDECREF(vals[i]);
+    if (args[0] != Py_None) {
+        PyObject *ref = PyWeakref_NewRef(args[0], NULL);
+        if (ref == NULL) {
+            return NULL;
         }
+        Py_XSETREF(c->box_ref, ref);
+    }
+    c->hot_async = hot;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_receipt_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    /* receipt_send(obj, timeout=None) -> MailboxReceipt: Mailbox.send_async without a
+     * Python frame (each bound Mailbox has it as its send_async): a receipt record in one
+     * call, else the box's _send_async (the general way; Full and the end of the ring
+     * become the mailbox's errors there too) */
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs < 1 || nargs + nkw > 2 ||
+        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout"))) {
+        PyErr_SetString(PyExc_TypeError, "send_async(obj, timeout=None)");
         return NULL;
     }
-    for (int i = 0; i < 4; i++) {
-        *(PyObject **)((char *)receipt + c->rc_off[i]) = vals[i];
+    PyObject *obj = args[0], *timeout = nargs + nkw == 2 ? args[1] : Py_None;
+    PyObject *box = c->box_ref == NULL ? NULL : PyWeakref_GetObject(c->box_ref);
+    if (box == NULL || box == Py_None) {
+        PyErr_SetString(PyExc_ReferenceError, "send_async: the mailbox object is gone");
+        return NULL;
     }
-    /* it cannot be part of a cycle (its slots are these four; receivers, a tuple of
-     * PeerInfo): the collector need not visit it, and with 256 receipts in flight it
-     * otherwise ran every few hundred sends */
-    if (PyObject_IS_GC(receipt)) {
-        PyObject_GC_UnTrack(receipt);
+    Py_INCREF(box);
+    int general = 1; /* 1: the general way from the start, 2: not a common record */
+    if (c->hot_async && c->reply_name != NULL && c->acks != NULL && c->acks_pid == cached_pid) {
+        PyObject *r = send_receipted(c, obj, timeout, c->reply_name, box);
+        if (r != NULL && r != Py_None) {
+            Py_DECREF(box);
+            return r;
+        }
+        if (r == NULL) { /* the mailbox says what it means (Full, removed) */
+            PyObject *type, *exc, *tb;
+            PyErr_Fetch(&type, &exc, &tb);
+            PyErr_NormalizeException(&type, &exc, &tb);
+            if (tb != NULL && exc != NULL) {
+                PyException_SetTraceback(exc, tb);
+            }
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            PyObject *out =
+                exc == NULL ? NULL : PyObject_CallMethod(box, "_send_async_failed", "O", exc);
+            Py_XDECREF(exc);
+            Py_DECREF(box);
+            return out;
+        }
+        Py_DECREF(r);
+        general = 2;
     }
-    return receipt;
+    PyObject *call[4] = {box, obj, timeout, general == 2 ? Py_False : Py_True};
+    PyObject *name = PyUnicode_InternFromString("_send_async");
+    PyObject *out = name == NULL ? NULL : PyObject_VectorcallMethod(name, call, 4, NULL);
+    Py_XDECREF(name);
+    Py_DECREF(box);
+    return out;
 }
 
 static uint32_t
@@ -925,6 +983,11 @@ take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
     if (want == (unsigned long long)-1 && PyErr_Occurred()) {
         return NULL;
     }
+    uint8_t *tab = own_table(c, ring);
+    uint32_t tpid, tuid;
+    if (tab != NULL && tab_get(tab, want, &tpid, &tuid)) {
+        return core_peer(c, tpid, tuid);
+    }
     if (PyDict_GET_SIZE(args[2]) > 0) { /* read before, behind another's: the oldest */
         PyObject *got = PyDict_GetItemWithError(args[2], args[1]); /* borrowed */
         if (got == NULL && PyErr_Occurred()) {
@@ -945,7 +1008,18 @@ take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
         PyObject *out = api->take(args[0], peek_ack, ack);
         if (out == Py_None && timeout != NULL) { /* empty: wait once (wait_ack) */
             Py_DECREF(out);
+            if (tab != NULL) { /* counted in: receivers ring the doorbell from now on */
+                atomic_store(tab_want(tab), want);
+                atomic_fetch_add(tab_waiters(tab), 1);
+                if (tab_get(tab, want, &tpid, &tuid)) {
+                    atomic_fetch_sub(tab_waiters(tab), 1);
+                    return core_peer(c, tpid, tuid);
+                }
+            }
             out = api->take_wait(args[0], peek_ack, ack, timeout);
+            if (tab != NULL) {
+                atomic_fetch_sub(tab_waiters(tab), 1);
+            }
             timeout = NULL;
         }
         if (out == NULL || out == Py_None) {
@@ -956,6 +1030,12 @@ take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
             continue; /* not an acknowledgement: skipped, as the general way does */
         }
         uint64_t mid = get64(ack);
+        if (mid & ACK_DOORBELL) { /* it is in the table: ours, maybe */
+            if (tab != NULL && tab_get(tab, want, &tpid, &tuid)) {
+                return core_peer(c, tpid, tuid);
+            }
+            continue;
+        }
         PyObject *peer = core_peer(c, get32(ack + 8), get32(ack + 12));
         if (peer == NULL || mid == want) {
             return peer;
@@ -1001,23 +1081,55 @@ static PyObject *fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64
 static PyObject *
 core_set_acks(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    /* set_acks(ring, table, lock) | set_acks(None, None, None): receipt_ready's ring */
-    if (nargs != 3 || (args[0] != Py_None && !PyDict_CheckExact(args[1]))) {
-        PyErr_SetString(PyExc_TypeError, "set_acks(ring, table: dict, lock)");
+    /* set_acks(ring, table, lock, acktab) | set_acks(None, None, None, None): receipt_ready's
+     * ring, and our acknowledgement table (a writable buffer of ACKTAB_BYTES, or None) */
+    if (nargs != 4 || (args[0] != Py_None && !PyDict_CheckExact(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "set_acks(ring, table: dict, lock, acktab)");
         return NULL;
     }
     PyObject *acq = NULL, *rel = NULL;
+    Py_buffer tab = {0};
     if (args[0] != Py_None) {
         if (ring_arg(args[0]) < 0) {
             return NULL;
+        }
+        if (args[3] != Py_None) {
+            if (PyObject_GetBuffer(args[3], &tab, PyBUF_WRITABLE) < 0) {
+                return NULL;
+            }
+            if (tab.len < (Py_ssize_t)ACKTAB_BYTES || ((uintptr_t)tab.buf & 63) != 0) {
+                PyBuffer_Release(&tab);
+                PyErr_SetString(PyExc_ValueError, "set_acks: the table is too small");
+                return NULL;
+            }
         }
         acq = PyObject_GetAttrString(args[2], "acquire");
         rel = acq == NULL ? NULL : PyObject_GetAttrString(args[2], "release");
         if (rel == NULL) {
             Py_XDECREF(acq);
+            if (tab.obj != NULL) {
+                PyBuffer_Release(&tab);
+            }
             return NULL;
         }
     }
+    PyObject *reply = NULL;
+    if (args[0] != Py_None) {
+        PyObject *name = PyObject_GetAttrString(args[0], "name");
+        if (name != NULL && PyUnicode_Check(name)) {
+            reply = PyUnicode_FromFormat("#%U", name);
+            Py_SETREF(reply, reply == NULL ? NULL : PyUnicode_AsASCIIString(reply));
+        }
+        Py_XDECREF(name);
+        if (reply == NULL) {
+            PyErr_Clear(); /* receipt_send takes the general way */
+        }
+    }
+    Py_XSETREF(c->reply_name, reply);
+    if (c->acktab.obj != NULL) {
+        PyBuffer_Release(&c->acktab);
+    }
+    c->acktab = tab;
     Py_CLEAR(c->acks);
     Py_CLEAR(c->acks_table);
     Py_XSETREF(c->acks_acquire, acq);
@@ -1030,59 +1142,69 @@ core_set_acks(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* A one-receiver receipt nobody took yet: its acknowledgement, from our table (no lock)
+ * or from the ring (take_ack) under the mailbox's lock if that lock is free now; the
+ * receipt records it. A new reference to the PeerInfo, Py_None (not here yet, or the
+ * general way must look: lock held, ring not ours, closed, another kind of receipt), or
+ * NULL with an exception. */
 static PyObject *
-core_receipt_ready(MailboxCore *c, PyObject *receipt)
+receipt_ready(MailboxCore *c, Receipt *r)
 {
-    /* receipt_ready(receipt) -> PeerInfo | None: a MailboxReceipt's hot path (nobody
-     * took it yet, one receiver expected): its acknowledgement from the table or the
-     * ring (take_ack) under the mailbox's lock, if that lock is free now; the receipt
-     * records it. None: not here yet, or the general way must look (lock held, ring not
-     * ours, closed, another kind of receipt). */
-    if (c->acks == NULL || c->acks_pid != cached_pid || c->rc_type == NULL ||
-        !Py_IS_TYPE(receipt, (PyTypeObject *)c->rc_type) || c->peer_fn == NULL) {
+    if (c->acks == NULL || c->acks_pid != cached_pid || c->peer_fn == NULL ||
+        r->expected != 1 || !PyTuple_CheckExact(r->receivers) ||
+        PyTuple_GET_SIZE(r->receivers) != 0) {
         Py_RETURN_NONE;
     }
-    PyObject **slot_rx = (PyObject **)((char *)receipt + c->rc_off[1]);
-    PyObject *expected = *(PyObject **)((char *)receipt + c->rc_off[2]);
-    PyObject *id = *(PyObject **)((char *)receipt + c->rc_off[3]);
-    if (*slot_rx == NULL || !PyTuple_CheckExact(*slot_rx) || PyTuple_GET_SIZE(*slot_rx) != 0 ||
-        expected == NULL || !PyLong_CheckExact(expected) || PyLong_AsLong(expected) != 1 ||
-        id == NULL) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
+    uint8_t *tab = own_table(c, c->acks);
+    PyObject *who;
+    uint32_t pid, uid;
+    if (tab != NULL && tab_get(tab, r->id, &pid, &uid)) {
+        who = core_peer(c, pid, uid); /* the common case: no lock needed */
     }
-    PyObject *got = PyObject_CallOneArg(c->acks_acquire, Py_False);
-    if (got != Py_True) { /* held (a waiting receipt, close): the general way waits */
-        Py_XDECREF(got);
-        PyErr_Clear();
-        Py_RETURN_NONE;
+    else {
+        PyObject *got = PyObject_CallOneArg(c->acks_acquire, Py_False);
+        if (got != Py_True) { /* held (a waiting receipt, close): the general way waits */
+            Py_XDECREF(got);
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        Py_DECREF(got);
+        PyObject *ring = Py_NewRef(c->acks), *table = Py_NewRef(c->acks_table);
+        PyObject *id = PyLong_FromUnsignedLongLong(r->id);
+        who = id == NULL ? NULL : take_ack_impl(c, ring, id, table, NULL);
+        Py_XDECREF(id);
+        Py_DECREF(ring);
+        Py_DECREF(table);
+        if (who == NULL) {
+            PyErr_Clear(); /* the ring shut down, say: the general way says what happened */
+            who = Py_NewRef(Py_None);
+        }
+        PyObject *done = PyObject_CallNoArgs(c->acks_release);
+        if (done == NULL) {
+            Py_DECREF(who);
+            return NULL;
+        }
+        Py_DECREF(done);
     }
-    Py_DECREF(got);
-    PyObject *ring = Py_NewRef(c->acks), *table = Py_NewRef(c->acks_table);
-    Py_INCREF(id);
-    PyObject *who = take_ack_impl(c, ring, id, table, NULL);
-    Py_DECREF(id);
-    Py_DECREF(ring);
-    Py_DECREF(table);
-    if (who == NULL) {
-        PyErr_Clear(); /* the ring shut down, say: the general way says what happened */
-        who = Py_NewRef(Py_None);
-    }
-    PyObject *done = PyObject_CallNoArgs(c->acks_release);
-    if (done == NULL) {
-        Py_DECREF(who);
-        return NULL;
-    }
-    Py_DECREF(done);
-    if (who != Py_None) {
+    if (who != NULL && who != Py_None) {
         PyObject *t = PyTuple_Pack(1, who);
         if (t == NULL) {
             Py_DECREF(who);
             return NULL;
         }
-        Py_XSETREF(*slot_rx, t);
+        Py_SETREF(r->receivers, t);
     }
     return who;
+}
+
+static PyObject *
+core_receipt_ready(MailboxCore *c, PyObject *receipt)
+{
+    /* receipt_ready(receipt) -> PeerInfo | None: receipt_ready() above */
+    if (!Py_IS_TYPE(receipt, &ReceiptType)) {
+        Py_RETURN_NONE;
+    }
+    return receipt_ready(c, (Receipt *)receipt);
 }
 
 static PyObject *
@@ -1355,38 +1477,38 @@ get64(const uint8_t *p)
     return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
 }
 
-/* Tell the sender of a receipt record who took it: 1 done (or dropped and counted),
- * 0 its acknowledgement ring is not attached here yet (the general way attaches it). */
-static int
-acknowledge(MailboxCore *c, peek_ctx_mb *m)
+/* Write the acknowledgement of message mid (taken by this process) for its sender: into
+ * the sender's table if block is one (then into ring only as a doorbell, or when the
+ * table refused it), else into ring. Waits at most ACK_WAIT_S for the ring; a drop is
+ * counted. */
+static void
+put_ack(MailboxCore *c, PyObject *ring, PyObject *block, uint64_t mid)
 {
-    if (c->replies == NULL || !PyDict_CheckExact(c->replies)) { /* deleted, or not set */
-        return 0;
-    }
-    PyObject *ring;
-    if (c->last_reply != NULL && (uint32_t)PyBytes_GET_SIZE(c->last_reply) == m->rlen &&
-        memcmp(PyBytes_AS_STRING(c->last_reply), m->reply, m->rlen) == 0 &&
-        PyDict_GetItemWithError(c->replies, c->last_reply) == c->last_ring) {
-        ring = c->last_ring; /* the same sender as last time (still in the table) */
-    }
-    else {
-        PyErr_Clear();
-        PyObject *name = PyBytes_FromStringAndSize((const char *)m->reply, m->rlen);
-        if (name == NULL) {
-            PyErr_Clear();
-            return 0;
+    uint64_t rec_id = mid;
+    if (block != NULL) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(block, &v, PyBUF_WRITABLE) < 0) {
+            PyErr_Clear(); /* closed: the ring, as for a sender without a table */
         }
-        ring = PyDict_GetItemWithError(c->replies, name); /* borrowed */
-        if (ring == NULL || !PyObject_TypeCheck(ring, api->ring_type)) {
-            Py_DECREF(name);
-            PyErr_Clear();
-            return 0;
+        else {
+            if (v.len >= (Py_ssize_t)ACKTAB_BYTES && ((uintptr_t)v.buf & 63) == 0 &&
+                tab_put(v.buf, mid, cached_pid, (uint32_t)c->uid)) {
+                atomic_thread_fence(memory_order_seq_cst);
+                int waited = atomic_load(tab_waiters(v.buf)) != 0 &&
+                             atomic_load(tab_want(v.buf)) == mid;
+                PyBuffer_Release(&v);
+                if (!waited) {
+                    return;
+                }
+                rec_id |= ACK_DOORBELL;
+            }
+            else {
+                PyBuffer_Release(&v);
+            }
         }
-        Py_XSETREF(c->last_reply, name);
-        Py_XSETREF(c->last_ring, Py_NewRef(ring));
     }
     uint8_t ack[16]; /* message id, pid, uid: _mailbox._ACK */
-    put64(ack, get64(m->head + 12));
+    put64(ack, rec_id);
     put32(ack + 8, cached_pid);
     put32(ack + 12, (uint32_t)c->uid);
     buzon_part part = {ack, sizeof ack};
@@ -1397,9 +1519,8 @@ acknowledge(MailboxCore *c, peek_ctx_mb *m)
     if (ack_wait == NULL && (ack_wait = PyFloat_FromDouble(ACK_WAIT_S)) == NULL) {
         PyErr_Clear();
         c->acks_dropped++;
-        return 1;
+        return;
     }
-    Py_INCREF(ring); /* a wait releases the GIL: the table may drop it meanwhile */
     int put = api->put(ring, &part, 1, sizeof ack, 0); /* the common case: no clock read */
     if (put < 0) {
         PyErr_Clear(); /* closed or gone: put_wait finds it so too */
@@ -1409,8 +1530,116 @@ acknowledge(MailboxCore *c, peek_ctx_mb *m)
         PyErr_Clear();
         c->acks_dropped++;
     }
-    Py_DECREF(ring);
+}
+
+/* Tell the sender of message mid, whose record named reply[0..rlen), who took it: 1 done
+ * (or dropped and counted), 0 its acknowledgement ring is not attached here yet (the
+ * general way attaches it). replies maps the name to its Ring, or to (Ring, Block) for a
+ * '#' name (the sender's table). */
+static int
+acknowledge(MailboxCore *c, const uint8_t *reply, uint32_t rlen, uint64_t mid)
+{
+    if (c->replies == NULL || !PyDict_CheckExact(c->replies)) { /* deleted, or not set */
+        return 0;
+    }
+    PyObject *entry = NULL;
+    int k = 0;
+    for (; k < REPLY_SEEN && c->last_reply[k] != NULL; k++) {
+        PyObject *seen = c->last_reply[k];
+        if ((uint32_t)PyBytes_GET_SIZE(seen) == rlen &&
+            memcmp(PyBytes_AS_STRING(seen), reply, rlen) == 0) {
+            /* a sender met lately: its entry, if replies still holds it */
+            if (PyDict_GetItemWithError(c->replies, seen) == c->last_ring[k]) {
+                entry = c->last_ring[k];
+            }
+            PyErr_Clear();
+            break;
+        }
+    }
+    if (entry != NULL) {
+        if (k > 0) { /* most recent first */
+            PyObject *name = c->last_reply[k], *ring = c->last_ring[k];
+            memmove(c->last_reply + 1, c->last_reply, (size_t)k * sizeof(PyObject *));
+            memmove(c->last_ring + 1, c->last_ring, (size_t)k * sizeof(PyObject *));
+            c->last_reply[0] = name;
+            c->last_ring[0] = ring;
+        }
+    }
+    else {
+        PyObject *name = PyBytes_FromStringAndSize((const char *)reply, rlen);
+        if (name == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        entry = PyDict_GetItemWithError(c->replies, name); /* borrowed */
+        if (entry == NULL) {
+            Py_DECREF(name);
+            PyErr_Clear();
+            return 0;
+        }
+        if (k == REPLY_SEEN) { /* the oldest goes (else: a stale one, or a free place) */
+            k = REPLY_SEEN - 1;
+        }
+        Py_CLEAR(c->last_reply[k]);
+        Py_CLEAR(c->last_ring[k]);
+        memmove(c->last_reply + 1, c->last_reply, (size_t)k * sizeof(PyObject *));
+        memmove(c->last_ring + 1, c->last_ring, (size_t)k * sizeof(PyObject *));
+        c->last_reply[0] = name;
+        c->last_ring[0] = Py_NewRef(entry);
+    }
+    PyObject *ring = entry, *block = NULL;
+    if (PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2) {
+        ring = PyTuple_GET_ITEM(entry, 0);
+        block = PyTuple_GET_ITEM(entry, 1);
+    }
+    if (!PyObject_TypeCheck(ring, api->ring_type)) {
+        return 0;
+    }
+    Py_INCREF(entry); /* a wait releases the GIL: the table may drop it meanwhile */
+    put_ack(c, ring, block, mid);
+    Py_DECREF(entry);
     return 1;
+}
+
+static PyObject *
+core_ack(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* ack(reply_to, message_id) -> bool: acknowledge (the general way's receiver) */
+    if (nargs != 2 || !PyBytes_CheckExact(args[0]) || PyBytes_GET_SIZE(args[0]) > 255) {
+        PyErr_SetString(PyExc_TypeError, "ack(reply_to: bytes, message_id)");
+        return NULL;
+    }
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[1]);
+    if (mid == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (need_api() < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(acknowledge(c, (const uint8_t *)PyBytes_AS_STRING(args[0]),
+                                       (uint32_t)PyBytes_GET_SIZE(args[0]), mid));
+}
+
+/* The whole record the general way needs, rebuilt from the copies peek_message made
+ * (the head, the reply field) and the body it took (stolen); NULL on error. */
+static PyObject *
+whole_record(const peek_ctx_mb *m, PyObject *body)
+{
+    uint32_t extra = m->receipt ? 2u + m->rlen : 0u;
+    Py_ssize_t n = PyBytes_GET_SIZE(body);
+    PyObject *whole = PyBytes_FromStringAndSize(NULL, MB_HEAD + extra + n);
+    if (whole != NULL) {
+        uint8_t *w = (uint8_t *)PyBytes_AS_STRING(whole);
+        memcpy(w, m->head, MB_HEAD);
+        if (m->receipt) {
+            w[MB_HEAD] = TAG_REPLY_TO;
+            w[MB_HEAD + 1] = (uint8_t)m->rlen;
+            memcpy(w + MB_HEAD + 2, m->reply, m->rlen);
+        }
+        memcpy(w + MB_HEAD + extra, PyBytes_AS_STRING(body), (size_t)n);
+    }
+    Py_DECREF(body);
+    return whole;
 }
 
 /* The next record of ring: *obj the common record's object (decoded), or NULL with no
@@ -1436,7 +1665,7 @@ take_message(MailboxCore *c, PyObject *ring, PyObject *timeout, peek_ctx_mb *m,
         *whole = out;
         return 0;
     }
-    if (!m->receipt || acknowledge(c, m)) {
+    if (!m->receipt || acknowledge(c, m->reply, m->rlen, get64(m->head + 12))) {
         if (m->codec == 0) {
             *obj = out;
             c->received++;
@@ -1461,21 +1690,7 @@ take_message(MailboxCore *c, PyObject *ring, PyObject *timeout, peek_ctx_mb *m,
             }
         }
     }
-    /* the general way needs the whole record: rebuild it from the copies */
-    uint32_t extra = m->receipt ? 2u + m->rlen : 0u;
-    Py_ssize_t n = PyBytes_GET_SIZE(out);
-    *whole = PyBytes_FromStringAndSize(NULL, MB_HEAD + extra + n);
-    if (*whole != NULL) {
-        uint8_t *w = (uint8_t *)PyBytes_AS_STRING(*whole);
-        memcpy(w, m->head, MB_HEAD);
-        if (m->receipt) {
-            w[MB_HEAD] = TAG_REPLY_TO;
-            w[MB_HEAD + 1] = (uint8_t)m->rlen;
-            memcpy(w + MB_HEAD + 2, m->reply, m->rlen);
-        }
-        memcpy(w + MB_HEAD + extra, PyBytes_AS_STRING(out), (size_t)n);
-    }
-    Py_DECREF(out);
+    *whole = whole_record(m, out);
     return *whole == NULL ? -1 : 0;
 }
 
@@ -1491,21 +1706,24 @@ one_tuple(PyObject *whole)
     return t;
 }
 
-/* The shared PeerInfo of (pid, uid): the last one kept here, others from peer_fn. */
+/* The shared PeerInfo of (pid, uid): the last PEER_SEEN kept here, others from peer_fn. */
 static PyObject *
 core_peer(MailboxCore *c, uint32_t pid, uint32_t uid)
 {
-    if (c->last_peer != NULL && c->last_pid == pid && c->last_uid == uid) {
-        return Py_NewRef(c->last_peer);
+    for (int k = 0; k < PEER_SEEN && c->peer[k] != NULL; k++) {
+        if (c->peer_pid[k] == pid && c->peer_uid[k] == uid) {
+            return Py_NewRef(c->peer[k]);
+        }
     }
     PyObject *peer = PyObject_CallFunction(c->peer_fn, "kk", (unsigned long)pid,
                                            (unsigned long)uid);
     if (peer == NULL) {
         return NULL;
     }
-    Py_XSETREF(c->last_peer, Py_NewRef(peer));
-    c->last_pid = pid;
-    c->last_uid = uid;
+    unsigned k = c->peer_next++ % PEER_SEEN;
+    Py_XSETREF(c->peer[k], Py_NewRef(peer));
+    c->peer_pid[k] = pid;
+    c->peer_uid[k] = uid;
     return peer;
 }
 
@@ -1549,8 +1767,49 @@ core_set_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_XSETREF(c->msg_type, Py_NewRef(args[0]));
     Py_XSETREF(c->peer_fn, Py_NewRef(args[1]));
-    Py_CLEAR(c->last_peer);
+    for (int k = 0; k < PEER_SEEN; k++) {
+        Py_CLEAR(c->peer[k]);
+    }
+    c->peer_next = 0;
     Py_RETURN_NONE;
+}
+
+enum take_answer { AS_OBJECT, AS_MESSAGE, AS_OBJECT_FROM };
+
+/* recv, recv_message and recv_from: the next record of ring, taken (take_message) and
+ * answered as the method says; (record,) for the general way. */
+static PyObject *
+take_as(MailboxCore *c, PyObject *ring, PyObject *timeout, enum take_answer as,
+        unsigned long pid)
+{
+    peek_ctx_mb m;
+    PyObject *obj, *whole;
+    if (take_message(c, ring, timeout, &m, &obj, &whole) < 0) {
+        return NULL;
+    }
+    if (obj == NULL) {
+        return one_tuple(whole);
+    }
+    switch (as) {
+    case AS_OBJECT:
+        return obj;
+    case AS_OBJECT_FROM:
+        /* the object itself only when it cannot be taken for one of the other answers */
+        if (get32(m.head + 22) == pid && !PyTuple_Check(obj) &&
+            !PyObject_TypeCheck(obj, (PyTypeObject *)c->msg_type)) {
+            return obj;
+        }
+        return new_message(c, obj, &m);
+    case AS_MESSAGE:
+    default:
+        if (c->msg_type != NULL) {
+            return new_message(c, obj, &m);
+        }
+        return Py_BuildValue("(NKkkK)", obj, (unsigned long long)get64(m.head + 12),
+                             (unsigned long)get32(m.head + 22),
+                             (unsigned long)get32(m.head + 26),
+                             (unsigned long long)get64(m.head + 32));
+    }
 }
 
 static PyObject *
@@ -1562,37 +1821,19 @@ core_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "recv(ring, timeout)");
         return NULL;
     }
-    peek_ctx_mb m;
-    PyObject *obj, *whole;
-    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
-        return NULL;
-    }
-    return obj != NULL ? obj : one_tuple(whole);
+    return take_as(c, args[0], args[1], AS_OBJECT, 0);
 }
 
 static PyObject *
 core_recv_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
     /* recv_message(ring, timeout) -> (object, message id, pid, uid, sent_at ns) of a common
-     * record, else (record,) for the general way */
+     * record (a Message after set_message), else (record,) for the general way */
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "recv_message(ring, timeout)");
         return NULL;
     }
-    peek_ctx_mb m;
-    PyObject *obj, *whole;
-    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
-        return NULL;
-    }
-    if (obj == NULL) {
-        return one_tuple(whole);
-    }
-    if (c->msg_type != NULL) {
-        return new_message(c, obj, &m);
-    }
-    return Py_BuildValue("(NKkkK)", obj, (unsigned long long)get64(m.head + 12),
-                         (unsigned long)get32(m.head + 22), (unsigned long)get32(m.head + 26),
-                         (unsigned long long)get64(m.head + 32));
+    return take_as(c, args[0], args[1], AS_MESSAGE, 0);
 }
 
 static PyObject *
@@ -1608,20 +1849,7 @@ core_recv_from(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (pid == (unsigned long)-1 && PyErr_Occurred()) {
         return NULL;
     }
-    peek_ctx_mb m;
-    PyObject *obj, *whole;
-    if (take_message(c, args[0], args[1], &m, &obj, &whole) < 0) {
-        return NULL;
-    }
-    if (obj == NULL) {
-        return one_tuple(whole);
-    }
-    /* the object itself only when it cannot be taken for one of the other two answers */
-    if (get32(m.head + 22) == pid && !PyTuple_Check(obj) &&
-        !PyObject_TypeCheck(obj, (PyTypeObject *)c->msg_type)) {
-        return obj;
-    }
-    return new_message(c, obj, &m);
+    return take_as(c, args[0], args[1], AS_OBJECT_FROM, pid);
 }
 
 static PyObject *
@@ -1669,10 +1897,13 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->replies);
     Py_XDECREF(c->msg_type);
     Py_XDECREF(c->peer_fn);
-    Py_XDECREF(c->last_peer);
-    Py_XDECREF(c->rc_type);
-    Py_XDECREF(c->last_reply);
-    Py_XDECREF(c->last_ring);
+    for (int k = 0; k < PEER_SEEN; k++) {
+        Py_XDECREF(c->peer[k]);
+    }
+    for (int k = 0; k < REPLY_SEEN; k++) {
+        Py_XDECREF(c->last_reply[k]);
+        Py_XDECREF(c->last_ring[k]);
+    }
     if (c->fan_buf.obj != NULL) {
         PyBuffer_Release(&c->fan_buf);
     }
@@ -1682,23 +1913,34 @@ core_dealloc(MailboxCore *c)
     Py_XDECREF(c->acks_table);
     Py_XDECREF(c->acks_acquire);
     Py_XDECREF(c->acks_release);
+    if (c->acktab.obj != NULL) {
+        PyBuffer_Release(&c->acktab);
+    }
+    Py_XDECREF(c->reply_name);
+    Py_XDECREF(c->box_ref);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
 static PyMethodDef core_methods[] = {
-    {"send_receipt", (PyCFunction)(void (*)(void))core_send_receipt, METH_FASTCALL,
-     "send_receipt(obj, timeout, reply_to) -> int: send, as a receipt record whose "
-     "receiver acknowledges to the ring named reply_to; the message id, or 0 (nothing "
-     "sent) if it is not a common record."},
     {"send", (PyCFunction)(void (*)(void))core_send, METH_FASTCALL,
      "send(obj, timeout) -> bool: obj as a common record (bytes as they are, else msgpack "
      "without hooks), put into the ring waiting like Ring.send (nowait: Full at once); "
      "False (nothing sent) if it is not one: the caller's general way."},
     {"send_async", (PyCFunction)(void (*)(void))core_send_async, METH_FASTCALL,
-     "send_async(obj, timeout, reply_to, box) -> MailboxReceipt | None: send_receipt, and "
-     "the receipt made here (after set_receipt); None: nothing sent, the general way."},
-    {"set_receipt", (PyCFunction)(void (*)(void))core_set_receipt, METH_FASTCALL,
-     "set_receipt(MailboxReceipt): send_async makes receipts through its slots."},
+     "send_async(obj, timeout, reply_to, box) -> MailboxReceipt | None: obj sent as a "
+     "receipt record whose receiver acknowledges to reply_to, and its receipt; None: "
+     "nothing sent (not a common record), the general way."},
+    {"bind", (PyCFunction)(void (*)(void))core_bind, METH_FASTCALL,
+     "bind(box, hot): receipt_send's Mailbox (a weak reference; None keeps it) and whether "
+     "it may take the hot path (a plain mailbox that is open)."},
+    {"receipt_send", (PyCFunction)(void (*)(void))core_receipt_send,
+     METH_FASTCALL | METH_KEYWORDS,
+     "receipt_send(obj, timeout=None) -> MailboxReceipt: the bound Mailbox's send_async "
+     "(after bind and set_acks) in one call; else its _send_async(obj, timeout, hot)."},
+    {"ack", (PyCFunction)(void (*)(void))core_ack, METH_FASTCALL,
+     "ack(reply_to, message_id) -> bool: tell the sender of a receipt record (its REPLY_TO "
+     "reply_to, registered in replies) that this process took message_id; False if "
+     "reply_to is not in replies."},
     {"take_ack", (PyCFunction)(void (*)(void))core_take_ack, METH_FASTCALL,
      "take_ack(acks, message_id, table) -> PeerInfo | None: message_id's acknowledgement from "
      "table (a dict of id -> list of PeerInfo, oldest first) or read from the ring until it "
@@ -1708,8 +1950,9 @@ static PyMethodDef core_methods[] = {
      "to timeout once the ring is empty (Timeout, or Empty for timeout <= 0, if nothing "
      "came); None: only others' acknowledgements came (into table)."},
     {"set_acks", (PyCFunction)(void (*)(void))core_set_acks, METH_FASTCALL,
-     "set_acks(ring, table, lock) | set_acks(None, None, None): this process's "
-     "acknowledgement ring, its table and the lock guarding both, for receipt_ready."},
+     "set_acks(ring, table, lock, acktab) | set_acks(None, None, None, None): this "
+     "process's acknowledgement ring, its table and the lock guarding both, and its "
+     "acknowledgement table (a Block, or None), for receipt_ready, take_ack, wait_ack."},
     {"receipt_ready", (PyCFunction)core_receipt_ready, METH_O,
      "receipt_ready(receipt) -> PeerInfo | None: a one-receiver receipt nobody took yet: "
      "its acknowledgement (take_ack) if it is here and the lock is free, recorded in the "
@@ -1758,7 +2001,8 @@ static PyMemberDef core_members[] = {
     {"mark_fd", T_INT, offsetof(MailboxCore, mark_fd), 0,
      "the fd whose atime/mtime mark the last take/send (at most once a second), or -1"},
     {"replies", T_OBJECT, offsetof(MailboxCore, replies), 0,
-     "dict: acknowledgement ring name (bytes) -> Ring, for receipt records (or None)"},
+     "dict: acknowledgement ring name (bytes) -> Ring, or (Ring, Block) for a '#' name "
+     "(the sender's table), for receipt records (or None)"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1775,7 +2019,307 @@ static PyTypeObject MailboxCoreType = {
     .tp_new = core_new,
 };
 
+/* ---- the module's mailbox functions: one record, through the core's helpers -------- */
+
+static PyObject *
+mailbox_send(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* mailbox_send(ring, body, codec, message_id, uid, timeout) */
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "mailbox_send(ring, body, codec, message_id, uid, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    long codec = PyLong_AsLong(args[2]);
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long uid = PyLong_AsUnsignedLong(args[4]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (codec < 0 || codec > 7) {
+        PyErr_SetString(PyExc_ValueError, "codec must be 0-7");
+        return NULL;
+    }
+    Py_buffer view = {0};
+    const uint8_t *src;
+    Py_ssize_t len;
+    if (PyBytes_CheckExact(args[1])) { /* the common body: no buffer export to pay */
+        src = (const uint8_t *)PyBytes_AS_STRING(args[1]);
+        len = PyBytes_GET_SIZE(args[1]);
+    }
+    else {
+        if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        src = view.buf;
+        len = view.len;
+    }
+    uint8_t h[MB_HEAD];
+    /* a body too large for any record (4 GiB) makes put_wait raise MessageTooLarge before
+     * anything is written, so a truncated length here is never seen */
+    build_head(h, codec, (uint32_t)len, mid, (uint32_t)uid);
+    buzon_part parts[2] = {{h, MB_HEAD}, {src, (size_t)len}};
+    int rc = api->put_wait(args[0], parts, 2, MB_HEAD + (size_t)len, 0, args[5]);
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mailbox_recv(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    /* mailbox_recv(ring, timeout) -> (codec, body) | bytes: a common record's codec and
+     * body; anything else (a receipt record too: nobody acknowledges it here) whole */
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "mailbox_recv(ring, timeout)");
+        return NULL;
+    }
+    if (ring_arg(args[0]) < 0) {
+        return NULL;
+    }
+    peek_ctx_mb m;
+    m.codec = -1;
+    m.receipt = 0;
+    PyObject *out = api->take_wait(args[0], peek_message, &m, args[1]);
+    if (out == NULL || m.codec < 0) {
+        return out;
+    }
+    if (m.receipt) {
+        return whole_record(&m, out);
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, PyLong_FromLong(m.codec)); /* 0-7: small ints, cannot fail */
+    PyTuple_SET_ITEM(pair, 1, out);
+    return pair;
+}
+
+/* ---- MailboxReceipt's methods ---------------------------------------------------------- */
+
+/* The mailbox's core (a new reference), or NULL with no exception if it has none. */
+static MailboxCore *
+rc_core(Receipt *r)
+{
+    if (r->core == NULL) {
+        PyObject *core = PyObject_GetAttrString(r->box, "_core");
+        if (core == NULL || !Py_IS_TYPE(core, &MailboxCoreType)) {
+            Py_XDECREF(core);
+            PyErr_Clear();
+            return NULL;
+        }
+        r->core = core;
+    }
+    return (MailboxCore *)Py_NewRef(r->core);
+}
+
+/* Who took it, if that is known without waiting or Python: a new reference to the first
+ * PeerInfo, Py_None (the general way must say), or NULL with an exception. */
+static PyObject *
+rc_known(Receipt *r)
+{
+    if (!PyTuple_CheckExact(r->receivers)) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(r->receivers);
+    if (r->expected > 0 && n >= r->expected) {
+        return Py_NewRef(PyTuple_GET_ITEM(r->receivers, 0));
+    }
+    if (r->expected != 1 || n != 0) {
+        Py_RETURN_NONE;
+    }
+    MailboxCore *c = rc_core(r);
+    if (c == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *who = receipt_ready(c, r);
+    Py_DECREF(c);
+    return who;
+}
+
+static PyObject *
+rc_done(Receipt *r, PyObject *Py_UNUSED(a))
+{
+    PyObject *who = rc_known(r);
+    if (who != Py_None) {
+        Py_XDECREF(who);
+        return who == NULL ? NULL : Py_NewRef(Py_True);
+    }
+    Py_DECREF(who);
+    if (receipt_done_fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "receipt_ways() was not called");
+        return NULL;
+    }
+    return PyObject_CallOneArg(receipt_done_fn, (PyObject *)r);
+}
+
+static PyObject *
+rc_wait(Receipt *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *timeout = Py_None;
+    if (nargs > 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0 &&
+                      (nargs + PyTuple_GET_SIZE(kwnames) != 1 ||
+                       !PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0)) ||
+                       PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0))) {
+        PyErr_SetString(PyExc_TypeError, "wait(timeout=None)");
+        return NULL;
+    }
+    if (nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0) == 1) {
+        timeout = args[0];
+    }
+    PyObject *who = rc_known(r);
+    if (who != Py_None) {
+        return who;
+    }
+    Py_DECREF(who);
+    if (receipt_wait_fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "receipt_ways() was not called");
+        return NULL;
+    }
+    PyObject *call[2] = {(PyObject *)r, timeout};
+    return PyObject_Vectorcall(receipt_wait_fn, call, 2, NULL);
+}
+
+static PyObject *
+rc_receiver(Receipt *r, void *Py_UNUSED(c))
+{
+    if (!PyTuple_CheckExact(r->receivers) || PyTuple_GET_SIZE(r->receivers) == 0) {
+        PyObject *done = rc_done(r, NULL);
+        if (done == NULL) {
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
+    if (PyTuple_CheckExact(r->receivers) && PyTuple_GET_SIZE(r->receivers) > 0) {
+        return Py_NewRef(PyTuple_GET_ITEM(r->receivers, 0));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+rc_receivers(Receipt *r, void *Py_UNUSED(c))
+{
+    PyObject *done = rc_done(r, NULL);
+    if (done == NULL) {
+        return NULL;
+    }
+    Py_DECREF(done);
+    return PySequence_List(r->receivers);
+}
+
+static PyObject *
+rc_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"box", "message_id", "expected", NULL};
+    PyObject *box;
+    unsigned long long id;
+    Py_ssize_t expected = 1;
+    (void)type;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OK|n:MailboxReceipt", kwlist, &box, &id,
+                                     &expected)) {
+        return NULL;
+    }
+    if (expected < 0) {
+        PyErr_SetString(PyExc_ValueError, "expected must be >= 0");
+        return NULL;
+    }
+    return (PyObject *)new_receipt(box, id, expected, NULL);
+}
+
+static void
+rc_dealloc(Receipt *r)
+{
+    Py_XDECREF(r->box);
+    Py_XDECREF(r->receivers);
+    Py_XDECREF(r->core);
+    PyObject_Free(r);
+}
+
+static PyObject *
+rc_repr(Receipt *r)
+{
+    PyObject *who = PySequence_List(r->receivers);
+    if (who == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyUnicode_FromFormat("<MailboxReceipt id=%llu receivers=%R>", r->id, who);
+    Py_DECREF(who);
+    return out;
+}
+
+static PyObject *
+receipt_ways(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyCallable_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "receipt_ways(done, wait)");
+        return NULL;
+    }
+    Py_XSETREF(receipt_done_fn, Py_NewRef(args[0]));
+    Py_XSETREF(receipt_wait_fn, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef rc_methods[] = {
+    {"done", (PyCFunction)rc_done, METH_NOARGS,
+     "True once the receiver (broadcast: every receiver it went to) took the message; "
+     "reads acknowledgements that already arrived, never waits."},
+    {"wait", (PyCFunction)(void (*)(void))rc_wait, METH_FASTCALL | METH_KEYWORDS,
+     "wait(timeout=None) -> PeerInfo: wait until a receiver (broadcast: every one) took the "
+     "message and return the first; Timeout if timeout seconds pass first, Undelivered if "
+     "the mailbox was removed first (or a broadcast went to no receiver)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef rc_members[] = {
+    {"id", T_ULONGLONG, offsetof(Receipt, id), READONLY,
+     "the message's id (unique per sending mailbox object)"},
+    {"expected", T_PYSSIZET, offsetof(Receipt, expected), READONLY,
+     "how many receivers the message went to (1; broadcast: those attached; 0: none)"},
+    {"_box", T_OBJECT, offsetof(Receipt, box), READONLY, "the mailbox it was sent through"},
+    {"_receivers", T_OBJECT_EX, offsetof(Receipt, receivers), 0,
+     "tuple of PeerInfo: who took it so far"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef rc_getset[] = {
+    {"receiver", (getter)rc_receiver, NULL,
+     "The (first) process that took the message (PeerInfo), or None while nobody has.", NULL},
+    {"receivers", (getter)rc_receivers, NULL,
+     "Every process that took the message so far (broadcast: one per receiver).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReceiptType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.MailboxReceipt",
+    .tp_basicsize = sizeof(Receipt),
+    .tp_dealloc = (destructor)rc_dealloc,
+    .tp_repr = (reprfunc)rc_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "MailboxReceipt(box, message_id, expected=1): the fate of one message sent with "
+              "Mailbox.send_async.\n\ndone() says whether a receiver took it (never waits), "
+              "wait() waits (Timeout when timeout passes), and receiver names the process that "
+              "took it (PeerInfo with .pid and .uid). On a broadcast mailbox the message went "
+              "to expected receivers: receivers lists those that took it so far, and "
+              "done/wait mean all of them.",
+    .tp_methods = rc_methods,
+    .tp_members = rc_members,
+    .tp_getset = rc_getset,
+    .tp_new = rc_new,
+};
+
 static PyMethodDef module_functions[] = {
+    {"receipt_ways", (PyCFunction)(void (*)(void))receipt_ways, METH_FASTCALL,
+     "receipt_ways(done, wait): the general way of MailboxReceipt.done(receipt) and "
+     "wait(receipt, timeout), called when the hot path cannot answer."},
     {"data_frame", (PyCFunction)(void (*)(void))data_frame, METH_FASTCALL,
      "data_frame(body, flags) -> bytes: a DATA frame without buffers or fields, header "
      "and body joined."},
@@ -1806,7 +2350,11 @@ static struct PyModuleDef moddef = {
 PyMODINIT_FUNC
 PyInit__frames(void)
 {
-    if (PyType_Ready(&RingFramesType) < 0 || PyType_Ready(&MailboxCoreType) < 0) {
+    if (PyType_Ready(&RingFramesType) < 0 || PyType_Ready(&MailboxCoreType) < 0 ||
+        PyType_Ready(&ReceiptType) < 0) {
+        return NULL;
+    }
+    if (empty_tuple == NULL && (empty_tuple = PyTuple_New(0)) == NULL) {
         return NULL;
     }
     cached_pid = (uint32_t)getpid();
@@ -1821,7 +2369,8 @@ PyInit__frames(void)
     Py_INCREF(&RingFramesType);
     if (PyModule_AddObject(m, "RingFrames", (PyObject *)&RingFramesType) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HDR) < 0 ||
-        PyModule_AddObjectRef(m, "MailboxCore", (PyObject *)&MailboxCoreType) < 0) {
+        PyModule_AddObjectRef(m, "MailboxCore", (PyObject *)&MailboxCoreType) < 0 ||
+        PyModule_AddObjectRef(m, "MailboxReceipt", (PyObject *)&ReceiptType) < 0) {
         Py_DECREF(&RingFramesType);
         Py_DECREF(m);
         return NULL;
