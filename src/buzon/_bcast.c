@@ -181,6 +181,7 @@ typedef struct {
     bc_header *h;
     uint32_t nslots, mask, slot, payload; /* payload: the most a slot's record holds */
     uint32_t limit;  /* the backlog (<= nslots): a receiver further behind lost the oldest */
+    uint64_t seen_head; /* the head as this object last read it (never more than it is) */
     uint8_t *buf;    /* one record copied out (payload bytes) */
     PyObject *encode, *decode; /* msgspec encode/decode (no hooks), or None */
     Py_ssize_t fast_max; /* the largest body that goes as a common record */
@@ -454,7 +455,12 @@ take_one(Bcast *b, bc_entry *e, uint32_t *lenp, uint32_t *flagsp)
     bc_header *h = b->h;
     for (;;) {
         uint64_t c = atomic_load_explicit(&e->cursor, memory_order_relaxed);
-        uint64_t hd = atomic_load_explicit(&h->head, memory_order_acquire);
+        /* the head as last read while we are behind it (the line the sender writes
+         * each message: not read again per message); a lap is then seen in the slot */
+        uint64_t hd = b->seen_head;
+        if (c >= hd || hd - c > b->limit) {
+            hd = b->seen_head = atomic_load_explicit(&h->head, memory_order_acquire);
+        }
         if (c >= hd) {
             if (c > hd) {
                 PyErr_SetString(err_protocol, "broadcast ring: a cursor past the head");
@@ -480,11 +486,30 @@ take_one(Bcast *b, bc_entry *e, uint32_t *lenp, uint32_t *flagsp)
         }
         atomic_thread_fence(memory_order_acquire);
         uint64_t s2 = atomic_load_explicit(&s->seq, memory_order_relaxed);
-        if (!ok || s2 != s1) { /* being rewritten: message c is gone */
-            atomic_store_explicit(&e->dropped, atomic_load(&e->dropped) + 1,
+        if (!ok || s2 != s1) {
+            uint64_t now = atomic_load_explicit(&h->head, memory_order_acquire);
+            if (now != hd) { /* lapped since we read the head: look again with this one */
+                b->seen_head = now;
+                continue;
+            }
+            /* head unchanged, slot rewritten: a sender is writing message head into
+             * slot c (c == head - NSLOTS), so message c is gone. Reading on from c + 1
+             * would chase that sender round the ring (each slot rewritten under our
+             * copy: a drop each); the next limit/8 go the same way within a few sends,
+             * so they are dropped now and we read ahead of it. A receiver lapped by a
+             * sender that paused never comes here: it keeps exactly its newest
+             * `limit` messages. */
+            uint64_t skip = c + 1 + (b->limit >> 3);
+            if (skip > now) {
+                skip = now;
+            }
+            if (skip <= c) {
+                skip = c + 1;
+            }
+            atomic_store_explicit(&e->dropped, atomic_load(&e->dropped) + (skip - c),
                                   memory_order_relaxed);
-            b->dropped++;
-            atomic_store_explicit(&e->cursor, c + 1, memory_order_relaxed);
+            b->dropped += skip - c;
+            atomic_store_explicit(&e->cursor, skip, memory_order_relaxed);
             continue;
         }
         if (len > b->payload) {
