@@ -1492,7 +1492,7 @@ class Mailbox:
         """This object's counts (sent, received, out_of_line, acks_dropped) and the
         mailbox's: depth, abandoned (messages lost to killed senders or receivers)."""
         info = self._ring.info()
-        dropped = self._core.dropped + (self._fan.dropped if self._fan is not None else 0)
+        dropped = self._fan.dropped if self._fan is not None else 0
         counts = dict(self._counts)  # and the hot path's, counted in C
         counts["sent"] += self._core.sent
         counts["received"] += self._core.received

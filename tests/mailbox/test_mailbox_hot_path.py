@@ -169,19 +169,6 @@ def test_bad_arguments_to_the_core_are_type_errors() -> None:
             MailboxCore(object(), None, None, 10, 0, False)  # type: ignore[arg-type]
         with pytest.raises(TypeError):
             box._core.recv(object(), 0)  # type: ignore[arg-type]
-        with pytest.raises(TypeError):
-            box._core.fan(b"x", [box._ring], 1)  # type: ignore[arg-type]
-        with pytest.raises(TypeError):
-            box._core.fan(b"x", (object(),), 1)  # type: ignore[arg-type]
-        assert box._core.fan(b"x", (), 1) == []
-        assert box._core.bcast(b"x") is False  # no set_fan: nothing sent
-        with pytest.raises(TypeError):
-            box._core.set_fan(memoryview(bytes(64)), 0, [], (object(),))
-        with pytest.raises(TypeError):
-            box._core.set_fan(memoryview(bytes(64)), 0, (), ())
-        with pytest.raises(ValueError):
-            box._core.set_fan(memoryview(bytes(4)), 0, [], ())
-        box._core.set_fan(None, 0, None, None)
     finally:
         box.remove()
 
