@@ -182,6 +182,8 @@ typedef struct {
     uint32_t nslots, mask, slot, payload; /* payload: the most a slot's record holds */
     uint32_t limit;  /* the backlog (<= nslots): a receiver further behind lost the oldest */
     uint64_t seen_head; /* the head as this object last read it (never more than it is) */
+    long bound;      /* bind(): the receiver entry next() reads (-1: none) ... */
+    PyObject *fallback, *general; /* ... Mailbox.recv, and what a non-common record takes */
     uint8_t *buf;    /* one record copied out (payload bytes) */
     PyObject *encode, *decode; /* msgspec encode/decode (no hooks), or None */
     Py_ssize_t fast_max; /* the largest body that goes as a common record */
@@ -317,6 +319,12 @@ publish(Bcast *b, const uint8_t *const *p, const size_t *n, int nparts, size_t t
         dst += n[i];
     }
     atomic_store_explicit(&s->seq, head + 1, memory_order_release);
+    if (b->limit < b->nslots && head >= b->limit) {
+        /* a backlog that is not a power of two: message head - limit leaves the
+         * backlog now but keeps its slot a while; a receiver that has not read the new
+         * head must not find it there (with limit == NSLOTS the rewrite does this) */
+        atomic_store_explicit(&slot_at(b, head - b->limit)->seq, 0, memory_order_release);
+    }
     atomic_store_explicit(&h->head, head + 1, memory_order_seq_cst);
     atomic_store_explicit(&h->lock, 0, memory_order_release);
     /* one wake per sleep: the first sender to see the flag clears it (a receiver that
@@ -355,7 +363,7 @@ body_of(Bcast *b, PyObject *obj, long *codec)
         *codec = 0;
         return Py_NewRef(obj);
     }
-    if (b->encode == Py_None || PyByteArray_Check(obj) || PyMemoryView_Check(obj)) {
+    if (b->encode == NULL || b->encode == Py_None || PyByteArray_Check(obj) || PyMemoryView_Check(obj)) {
         return NULL;
     }
     PyObject *body = PyObject_CallOneArg(b->encode, obj);
@@ -661,7 +669,7 @@ receive(Bcast *b, PyObject *ientry, PyObject *timeout, int decode, PyObject **ob
             *obj = body;
             return 0;
         }
-        if (codec == 1 && b->decode != Py_None) {
+        if (codec == 1 && b->decode != NULL && b->decode != Py_None) {
             *obj = PyObject_CallOneArg(b->decode, body);
             if (*obj != NULL) {
                 Py_DECREF(body);
@@ -698,6 +706,66 @@ bc_recv(Bcast *b, PyObject *const *args, Py_ssize_t nargs)
     }
     PyTuple_SET_ITEM(t, 0, rec);
     return t;
+}
+
+static PyObject *
+bc_next(Bcast *b, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    /* next(timeout=None): Mailbox.recv of a bound broadcast receiver, in one call: the
+     * common record's object; anything else -- a timeout, another process (forked), a
+     * record the general way decodes, closed -- goes to the Python side it was bound
+     * with (fallback(*args), or general(record, None)) */
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    int plain = nargs + nkw == 0 || (nargs == 1 && nkw == 0 && args[0] == Py_None);
+    if (b->fallback == NULL) {
+        PyErr_SetString(err_closed, "the mailbox was closed");
+        return NULL;
+    }
+    if (!plain || b->base == NULL || b->bound < 0 ||
+        atomic_load_explicit(&entry_at(b, (uint32_t)b->bound)->pid, memory_order_relaxed) !=
+            cached_pid) {
+        return PyObject_Vectorcall(b->fallback, args, (size_t)nargs, kwnames);
+    }
+    PyObject *idx = PyLong_FromLong(b->bound), *obj, *rec;
+    if (idx == NULL) {
+        return NULL;
+    }
+    int rc = receive(b, idx, Py_None, 1, &obj, &rec);
+    Py_DECREF(idx);
+    if (rc < 0) {
+        return NULL;
+    }
+    if (obj != NULL) {
+        return obj;
+    }
+    PyObject *general = Py_NewRef(b->general);
+    PyObject *out = PyObject_CallFunctionObjArgs(general, rec, Py_None, NULL);
+    Py_DECREF(general);
+    Py_DECREF(rec);
+    return out;
+}
+
+static PyObject *
+bc_bind(Bcast *b, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* bind(entry, fallback, general) | bind(-1, None, None): what next() reads and
+     * hands on */
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "bind(entry, fallback, general)");
+        return NULL;
+    }
+    long i = PyLong_AsLong(args[0]);
+    if (i == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (i >= (long)MAX_RX || (i >= 0 && (!PyCallable_Check(args[1]) || !PyCallable_Check(args[2])))) {
+        PyErr_SetString(PyExc_ValueError, "bind: an entry and two callables");
+        return NULL;
+    }
+    b->bound = i < 0 ? -1 : i;
+    Py_XSETREF(b->fallback, i < 0 ? NULL : Py_NewRef(args[1]));
+    Py_XSETREF(b->general, i < 0 ? NULL : Py_NewRef(args[2]));
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -978,6 +1046,7 @@ bc_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     b->uid = uid;
     b->notify_fd = -1;
     b->mark_fd = -1;
+    b->bound = -1;
     if (b->buf == NULL) {
         Py_DECREF(b);
         return PyErr_NoMemory();
@@ -985,13 +1054,34 @@ bc_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     return (PyObject *)b;
 }
 
+static int
+bc_traverse(Bcast *b, visitproc visit, void *arg)
+{
+    Py_VISIT(b->encode);
+    Py_VISIT(b->decode);
+    Py_VISIT(b->fallback); /* (a bound mailbox: it holds next(), next() holds it) */
+    Py_VISIT(b->general);
+    return 0;
+}
+
+static int
+bc_clear(Bcast *b)
+{
+    Py_CLEAR(b->encode);
+    Py_CLEAR(b->decode);
+    Py_CLEAR(b->fallback);
+    Py_CLEAR(b->general);
+    b->bound = -1;
+    return 0;
+}
+
 static void
 bc_dealloc(Bcast *b)
 {
+    PyObject_GC_UnTrack(b);
     unmap(b);
     PyMem_Free(b->buf);
-    Py_XDECREF(b->encode);
-    Py_XDECREF(b->decode);
+    bc_clear(b);
     Py_TYPE(b)->tp_free((PyObject *)b);
 }
 
@@ -1004,6 +1094,10 @@ static PyMethodDef bc_methods[] = {
      "put(record, out_of_line) -> None | bytes: a record the general way built, as send"},
     {"recv", (PyCFunction)(void (*)(void))bc_recv, METH_FASTCALL,
      "recv(entry, timeout) -> object | (record,): the next message of receiver entry"},
+    {"next", (PyCFunction)(void (*)(void))bc_next, METH_FASTCALL | METH_KEYWORDS,
+     "next(timeout=None): the bound receiver's next object (Mailbox.recv in one call)"},
+    {"bind", (PyCFunction)(void (*)(void))bc_bind, METH_FASTCALL,
+     "bind(entry, fallback, general) | bind(-1, None, None): what next() reads"},
     {"take", (PyCFunction)(void (*)(void))bc_take, METH_FASTCALL,
      "take(entry, timeout) -> bytes: the next record of receiver entry"},
     {"arm", (PyCFunction)bc_arm, METH_O,
@@ -1040,7 +1134,9 @@ static PyMemberDef bc_members[] = {
 static PyTypeObject BcastType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon._bcast.Bcast",
     .tp_basicsize = sizeof(Bcast),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)bc_traverse,
+    .tp_clear = (inquiry)bc_clear,
     .tp_doc = "The shared broadcast ring of a broadcast mailbox (one mapping of its "
               "segment): Bcast(fd, create, slots, payload, encode, decode, fast_max, uid).",
     .tp_new = bc_new,

@@ -757,13 +757,28 @@ class Mailbox:
         return ring
 
     def _bc_entry(self) -> int:
-        """Broadcast: this object's receiver entry, attaching it first if needed."""
+        """Broadcast: this object's receiver entry, attaching it first if needed. Once
+        attached, ``recv`` is one C call (``Bcast.next``, an attribute of this object
+        until it closes) that hands anything but a common record taken without a
+        timeout to the class's ``recv`` (or, the record taken, to ``_bc_general``)."""
         bc = self._bc
         assert bc is not None
         if bc.entry < 0 or bc.pid != _PID[0]:
             self._check_open()
-            return bc.subscribe()
+            entry = bc.subscribe()
+            cls = type(self)
+            if cls.recv is Mailbox.recv:
+                bc.ring.bind(entry, Mailbox.recv.__get__(self, cls), self._bc_general)
+                self.recv = bc.ring.next  # type: ignore[method-assign]
+            return entry
         return bc.entry
+
+    def _bc_general(self, data: bytes, timeout: float | None) -> Any:
+        """The object of a broadcast record that is not a common one (out of line,
+        receipt, other codecs): the general way."""
+        if data[:4] == _OOL:
+            data = self._fetch(data, timeout)
+        return self._decode(data)[0]
 
     def _rx(self) -> _core.Ring:
         """The ring this object receives from: the mailbox's, or its own backlog
@@ -1185,13 +1200,7 @@ class Mailbox:
             )
             if type(got) is not tuple:
                 return got
-            data = got[0]
-            if data[:4] == _OOL:
-                data = self._fetch(data, timeout)
-            try:
-                return self._decode(data)[0]
-            except _Withdrawn:  # (never for a broadcast: no rendezvous)
-                pass
+            return self._bc_general(got[0], timeout)  # (never withdrawn: no rendezvous)
         elif self._fast_recv and not self._closed and (timeout is None or timeout > 0):
             # the hot path: one C call takes and decodes a common record (_frames.c)
             fan = self._fan
@@ -1527,6 +1536,8 @@ class Mailbox:
                     self._fan.retire(lost, 0, lost)  # sent, and lost (buzon ls)
                 self._fan.close()
             if self._bc is not None:  # its counts join the totals (its backlog as lost)
+                self.__dict__.pop("recv", None)  # (Bcast.next: see _bc_entry)
+                self._bc.ring.bind(-1, None, None)
                 self._bc.close()
             if self._acks is not None and self._acks_pid == os.getpid():
                 name = self._acks.name

@@ -339,3 +339,49 @@ def test_a_closed_or_killed_receiver_holds_no_sender_back() -> None:
         os.close(w)
         live.close()
         box.remove()
+
+
+def test_an_attached_receivers_recv_is_one_call_that_hands_the_rest_on() -> None:
+    # once attached, recv is Bcast.next (one C call); a timeout, a record the general
+    # way decodes (out of line), a forked child and a closed mailbox go the Python way
+    tx = buzon.mailbox("news", capacity=8, policy="broadcast", max_inline=128)
+    rx = buzon.mailbox("news")
+    try:
+        with pytest.raises(Empty):
+            rx.recv_nowait()  # attached
+        assert rx.recv == rx._bc.ring.next  # type: ignore[union-attr]
+        tx.send(b"small")
+        tx.send(b"L" * 1000)  # out of line
+        tx.send({"k": [1, 2]})
+        assert rx.recv() == b"small"
+        assert rx.recv(None) == b"L" * 1000
+        assert rx.recv(timeout=T) == {"k": [1, 2]}
+        with pytest.raises(buzon.Timeout):
+            rx.recv(0.05)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                with pytest.raises(Empty):
+                    rx.recv_nowait()  # the child attaches on its own
+                os.write(w, b"r")
+                code = 0 if rx.recv() == b"to both" else 2
+            finally:
+                os._exit(code)
+        assert os.read(r, 1) == b"r"
+        tx.send(b"to both")
+        assert rx.recv() == b"to both"
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        os.close(r)
+        os.close(w)
+        recv = rx.recv
+        rx.close()
+        assert "recv" not in vars(rx)
+        with pytest.raises(buzon.ChannelClosed):
+            recv()
+        with pytest.raises(buzon.ChannelClosed):
+            rx.recv()
+    finally:
+        rx.close()
+        tx.remove()
