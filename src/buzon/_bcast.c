@@ -17,7 +17,8 @@
  *   192   waiters: u32 1 while a receiver may sleep on head (the sender that
  *         clears it wakes them all: one system call per sleep, not per message); armed: u32 a waiter of buzon.wait /
  *         asyncio armed the mailbox's wake-up FIFO; closed: u32 (remove() shut it down)
- *   256   retired counts: u64 reached, taken, dropped, lost of receivers gone
+ *   256   retired counts: u64 reached, taken, dropped, lost of receivers gone; at 288
+ *         high: u32, 1 + the highest entry ever attached (the sender's look is that short)
  *   1024  MAX_RX receiver entries of 64 bytes: cursor (u64, the next message number it
  *         reads), start (u64, head when it attached), dropped (u64), pid (u32), state
  *         (u32: 0 free, 1 attached)
@@ -102,6 +103,7 @@ typedef struct {
     _Atomic uint32_t closed;
     uint8_t pad3[52];
     /* 256 */ _Atomic uint64_t retired[4]; /* reached, taken, dropped, lost */
+    /* 288 */ _Atomic uint32_t high; /* 1 + the highest entry ever attached */
 } bc_header;
 
 typedef struct {
@@ -282,6 +284,35 @@ lock_take(Bcast *b)
     }
 }
 
+/* Every COURTESY_EVERY sends a sender looks at the receivers' cursors: if one that
+ * keeps up (at most 2 x limit behind: a dead or idle one is further and not looked at)
+ * is more than half its backlog behind, the sender offers its CPU (sched_yield: not a
+ * wait; it returns at once when nobody else is runnable). With more processes than
+ * CPUs, a sender that runs on meanwhile only writes messages the receivers will lose:
+ * the CPU is theirs. */
+#define COURTESY_EVERY 16
+
+static void
+courtesy(Bcast *b, uint64_t head)
+{
+    uint32_t high = atomic_load_explicit(&b->h->high, memory_order_relaxed);
+    if (high > MAX_RX) {
+        high = MAX_RX;
+    }
+    uint64_t half = b->limit / 2, far = 2ULL * b->limit;
+    for (uint32_t i = 0; i < high; i++) {
+        bc_entry *e = entry_at(b, i);
+        if (atomic_load_explicit(&e->state, memory_order_relaxed) != 1) {
+            continue;
+        }
+        uint64_t lag = head - atomic_load_explicit(&e->cursor, memory_order_relaxed);
+        if (lag > half && lag <= far) {
+            sched_yield();
+            return;
+        }
+    }
+}
+
 /* Write one record (the parts) as the next message; the name of an out-of-line record
  * whose slot it reused (a new reference), or Py_None (a new reference); NULL on error. */
 static PyObject *
@@ -340,6 +371,9 @@ publish(Bcast *b, const uint8_t *const *p, const size_t *n, int nparts, size_t t
         (void)w; /* full: readable anyway */
     }
     b->sent++;
+    if ((b->sent & (COURTESY_EVERY - 1)) == 0) {
+        courtesy(b, head + 1);
+    }
     mark_use(b, 1);
     if (old == NULL) {
         if (PyErr_Occurred()) {
@@ -822,6 +856,9 @@ bc_attach(Bcast *b, PyObject *ientry)
     atomic_store(&e->dropped, 0);
     atomic_store(&e->pid, cached_pid);
     atomic_store(&e->state, 1);
+    uint32_t high = atomic_load(&b->h->high);
+    while (high < i + 1 && !atomic_compare_exchange_weak(&b->h->high, &high, i + 1)) {
+    }
     Py_RETURN_NONE;
 }
 
