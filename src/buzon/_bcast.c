@@ -184,6 +184,8 @@ typedef struct {
     uint32_t nslots, mask, slot, payload; /* payload: the most a slot's record holds */
     uint32_t limit;  /* the backlog (<= nslots): a receiver further behind lost the oldest */
     uint64_t seen_head; /* the head as this object last read it (never more than it is) */
+    int busy;        /* threads asleep in a receive (the GIL released): close() waits... */
+    _Atomic int closing; /* ...for them: set, they wake, the last one out unmaps */
     long bound;      /* bind(): the receiver entry next() reads (-1: none) ... */
     PyObject *fallback, *general; /* ... Mailbox.recv, and what a non-common record takes */
     uint8_t *buf;    /* one record copied out (payload bytes) */
@@ -195,6 +197,8 @@ typedef struct {
     uint64_t marked[2];
     unsigned long long next_id, sent, received, dropped, overwritten;
 } Bcast;
+
+static void unmap(Bcast *b);
 
 static bc_slot *
 slot_at(Bcast *b, uint64_t n)
@@ -211,7 +215,7 @@ entry_at(Bcast *b, uint32_t i)
 static int
 check_open(Bcast *b)
 {
-    if (b->base == NULL) {
+    if (b->base == NULL || atomic_load_explicit(&b->closing, memory_order_relaxed)) {
         PyErr_SetString(err_closed, "the broadcast ring was closed");
         return -1;
     }
@@ -595,10 +599,11 @@ wait_message(Bcast *b, bc_entry *e, int64_t deadline)
         }
         uint64_t hd;
         int intr = 0;
+        b->busy++; /* (the mapping stays while we sleep on it: see bc_close) */
         Py_BEGIN_ALLOW_THREADS
         atomic_store_explicit(&h->waiters, 1, memory_order_seq_cst);
         hd = atomic_load_explicit(&h->head, memory_order_seq_cst);
-        if (hd == c && !atomic_load(&h->closed)) {
+        if (hd == c && !atomic_load(&h->closed) && !atomic_load(&b->closing)) {
             struct timespec ts = {left / 1000000000LL, left % 1000000000LL};
             long r = syscall(SYS_futex, (uint32_t *)&h->head, FUTEX_WAIT, (uint32_t)c, &ts,
                              NULL, 0);
@@ -606,7 +611,10 @@ wait_message(Bcast *b, bc_entry *e, int64_t deadline)
             hd = atomic_load_explicit(&h->head, memory_order_acquire);
         }
         Py_END_ALLOW_THREADS
-        if (b->base == NULL) {
+        if (--b->busy == 0 && atomic_load(&b->closing)) {
+            unmap(b); /* closed meanwhile: the last sleeper out unmaps */
+        }
+        if (b->base == NULL || atomic_load(&b->closing)) {
             PyErr_SetString(err_closed, "the broadcast ring was closed");
             return -1;
         }
@@ -991,6 +999,13 @@ unmap(Bcast *b)
 static PyObject *
 bc_close(Bcast *b, PyObject *Py_UNUSED(ignored))
 {
+    /* close(): unmap, or, while other threads sleep in a receive, wake them (they raise
+     * ChannelClosed) and let the last one unmap */
+    if (b->busy > 0 && b->base != NULL) {
+        atomic_store(&b->closing, 1);
+        syscall(SYS_futex, (uint32_t *)&b->h->head, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+        Py_RETURN_NONE;
+    }
     unmap(b);
     Py_RETURN_NONE;
 }

@@ -385,3 +385,32 @@ def test_an_attached_receivers_recv_is_one_call_that_hands_the_rest_on() -> None
     finally:
         rx.close()
         tx.remove()
+
+
+def test_close_from_another_thread_ends_a_waiting_receive() -> None:
+    import threading
+
+    tx = buzon.mailbox("news", capacity=8, policy="broadcast")
+    rx = buzon.mailbox("news")
+    got: list[BaseException] = []
+    try:
+        with pytest.raises(Empty):
+            rx.recv_nowait()  # attached
+
+        def waits() -> None:
+            try:
+                rx.recv()
+            except BaseException as exc:  # what ended it is the answer
+                got.append(exc)
+
+        t = threading.Thread(target=waits)
+        t.start()
+        time.sleep(0.2)  # asleep in the ring (the GIL released)
+        rx.close()
+        t.join(T)
+        assert not t.is_alive()
+        assert len(got) == 1 and isinstance(got[0], buzon.ChannelClosed), got
+        tx.send(b"after")  # the ring is fine for the others
+    finally:
+        rx.close()
+        tx.remove()
