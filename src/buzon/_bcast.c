@@ -259,14 +259,19 @@ mark_use(Bcast *b, int kind)
 
 /* ---- the sender ------------------------------------------------------------------ */
 
-static void
+#define LOCK_STUCK_NS 2000000000LL /* a live holder keeps the lock for a few stores */
+
+/* Take the senders' lock. 0, or -1 with ProtocolError: held for LOCK_STUCK_NS by a
+ * process that lives (a scribbled lock word, or a sender stopped inside a send). */
+static int
 lock_take(Bcast *b)
 {
     bc_header *h = b->h;
+    int64_t since = -1;
     for (int i = 0;; i++) {
         uint32_t exp = 0;
         if (atomic_compare_exchange_weak(&h->lock, &exp, cached_pid)) {
-            return;
+            return 0;
         }
         if (exp == 0) {
             continue;
@@ -275,13 +280,25 @@ lock_take(Bcast *b)
             cpu_relax();
             continue;
         }
-        if (exp == cached_pid || (kill((pid_t)exp, 0) < 0 && errno == ESRCH)) {
-            /* its holder died mid-send (or this process forked while... never: the
-             * GIL is held from take to release): its slot is rewritten by us */
+        /* ours: a dead process with our pid, as no thread of ours is in a send (the
+         * GIL is held from take to release); not a pid: scribbled; else ask the kernel */
+        if (exp == cached_pid || exp > (uint32_t)INT_MAX ||
+            (kill((pid_t)exp, 0) < 0 && errno == ESRCH)) {
+            /* its holder died mid-send: its slot is written again by us */
             if (atomic_compare_exchange_strong(&h->lock, &exp, cached_pid)) {
-                return;
+                return 0;
             }
             continue;
+        }
+        int64_t now = mono_ns();
+        if (since < 0) {
+            since = now;
+        }
+        else if (now - since > LOCK_STUCK_NS) {
+            PyErr_Format(err_protocol,
+                         "broadcast ring: pid %u has held the senders' lock for over 2 s",
+                         (unsigned)exp);
+            return -1;
         }
         sched_yield(); /* the holder was preempted inside a few stores */
         i = 0;
@@ -332,7 +349,9 @@ publish(Bcast *b, const uint8_t *const *p, const size_t *n, int nparts, size_t t
         PyErr_SetString(err_end, "the mailbox was removed");
         return NULL;
     }
-    lock_take(b);
+    if (lock_take(b) < 0) {
+        return NULL;
+    }
     uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
     bc_slot *s = slot_at(b, head);
     PyObject *old = NULL;

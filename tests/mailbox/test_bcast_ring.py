@@ -414,3 +414,23 @@ def test_close_from_another_thread_ends_a_waiting_receive() -> None:
     finally:
         rx.close()
         tx.remove()
+
+
+def test_a_scribbled_senders_lock_is_taken_over_or_a_protocol_error(ring_path: str) -> None:
+    _make(ring_path, 4)
+    ring = _open(ring_path)
+    fd, m = _lock_word(ring_path)
+    try:
+        ring.attach(0)
+        struct.pack_into("<I", m, 128, 0xFFFFFFFF)  # no pid at all: taken over
+        assert ring.put(b"one", False) is None
+        struct.pack_into("<I", m, 128, os.getppid())  # a live process that never lets go
+        with pytest.raises(ProtocolError, match="held the senders' lock"):
+            ring.put(b"two", False)  # (after 2 s: never a hang)
+        struct.pack_into("<I", m, 128, 0)
+        assert ring.put(b"three", False) is None
+        assert [ring.take(0, 0), ring.take(0, 0)] == [b"one", b"three"]
+    finally:
+        m.close()
+        os.close(fd)
+        ring.close()
