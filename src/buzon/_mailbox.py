@@ -1499,7 +1499,9 @@ class Mailbox:
 
     def statistics(self) -> dict[str, int]:
         """This object's counts (sent, received, out_of_line, acks_dropped) and the
-        mailbox's: depth, abandoned (messages lost to killed senders or receivers)."""
+        mailbox's: depth, abandoned (messages lost to killed senders or receivers),
+        dropped (round_robin: messages this object's sends lost with a dead receiver;
+        broadcast: messages the mailbox's receivers lost to the overflow rule)."""
         info = self._ring.info()
         dropped = self._fan.dropped if self._fan is not None else 0
         counts = dict(self._counts)  # and the hot path's, counted in C
