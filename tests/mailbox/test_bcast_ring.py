@@ -434,3 +434,28 @@ def test_a_scribbled_senders_lock_is_taken_over_or_a_protocol_error(ring_path: s
         m.close()
         os.close(fd)
         ring.close()
+
+
+def test_clean_keeps_a_broadcast_mailbox_in_use_and_removes_a_forsaken_one() -> None:
+    from buzon._mailbox import keeps
+    from buzon.shm import clean_segments
+
+    def ours() -> set[str]:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(f"buzon-{os.getuid()}-")}
+
+    before = ours()
+    tx = buzon.mailbox("cl", capacity=8, policy="broadcast")
+    rx = buzon.mailbox("cl")
+    with pytest.raises(Empty):
+        rx.recv_nowait()  # attached
+    tx.send(b"x" * 2000)  # out of line: a block of its own
+    made = ours() - before
+    assert len(made) == 3  # the mailbox's ring, its broadcast ring, the block
+    rx.close()  # only a sender left: its broadcast ring is in use all the same
+    assert not clean_segments(grace=0.0, keep=keeps)
+    assert ours() - before == made
+    tx.close()  # nobody: everything goes (the block once its mailbox is gone)
+    clean_segments(grace=0.0, keep=keeps)
+    clean_segments(grace=0.0, keep=keeps)
+    assert ours() - before == set()
+    buzon.mailbox("cl").remove()  # (its name and FIFOs: a new one made and removed)
