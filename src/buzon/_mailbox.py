@@ -953,8 +953,7 @@ class Mailbox:
         except BaseException:
             self._drop_record(record)
             raise
-        self._counts["sent"] += 1
-        return message_id, receivers
+        return message_id, receivers  # (counted by the ring: Bcast.sent)
 
     def send_async(self, obj: Any, timeout: float | None = None) -> MailboxReceipt:
         """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
