@@ -51,7 +51,8 @@ sanitize: install
 		tests/mailbox/test_mailbox_hot_path.py tests/mailbox/test_direct.py \
 		tests/mailbox/test_mailbox_policies.py tests/mailbox/test_mailbox_receipt_table.py \
 		tests/protocol/test_rpc_once_c.py \
-		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py
+		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py \
+		tests/mailbox/test_bcast_ring.py
 
 # the peers (pyzmq, faster-fifo, iceoryx2, numpy; Pyro5, RPyC, grpcio, msgpack for the RPC
 # rows) are the optional group "bench", not dev; the Neovim row needs nvim (.ci/run installs it)

@@ -68,6 +68,11 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(
+            "buzon._bcast",
+            sources=["src/buzon/_bcast.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
             "buzon._core",
             sources=CORE_UNITS,
             depends=["src/buzon/_core.h", "src/buzon/_core_api.h"],

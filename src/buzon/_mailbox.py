@@ -65,9 +65,10 @@ over: it waits on the wake-up FIFO, which the holder's close writes, and on a pi
 the holder's process (:meth:`Mailbox._holder_pidfd`), readable once it died. Messages
 stay in the ring meanwhile: nothing the holder had not taken is lost.
 
-Policies ``"round_robin"`` and ``"broadcast"``: each receiver has a ring of its own,
-listed in a receiver table; senders put each message into one of them or into all
-(:mod:`buzon._mailbox_fan`).
+Policy ``"round_robin"``: each receiver has a ring of its own, listed in a receiver
+table; senders put each message into one of them (:mod:`buzon._mailbox_fan`). Policy
+``"broadcast"``: one shared broadcast ring, each message written once and read by every
+attached receiver at its own cursor (:mod:`buzon._mailbox_bcast`).
 
 Waiting on many things (``buzon.wait``, asyncio): every user holds the FIFO
 ``NAME.mbox.wake`` open and sets it as its rings' data notification; a waiter arms
@@ -110,6 +111,7 @@ from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 
 from . import _core
+from ._mailbox_bcast import _unlink_ool
 from ._mailbox_fan import _PID
 from .codec import Codec
 from .errors import (
@@ -149,6 +151,7 @@ from .shm._segment import (
 from .transport.base import PeerInfo
 
 if TYPE_CHECKING:
+    from ._mailbox_bcast import Shared
     from ._mailbox_fan import Fan
     from .names import Registration
 
@@ -157,7 +160,7 @@ __all__ = ["Mailbox", "MailboxReceipt", "Message", "POLICIES", "mailbox"]
 Policy = Literal["any", "exclusive", "round_robin", "broadcast"]
 POLICIES: tuple[str, ...] = ("any", "exclusive", "round_robin", "broadcast")
 """The receive policies (see docs/mailboxes.md)."""
-_FANNED = ("round_robin", "broadcast")  # each receiver has its own ring (_mailbox_fan)
+_FANNED = ("round_robin", "broadcast")  # the mailbox's ring carries none of the messages
 
 DEFAULT_CAPACITY = 1024
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
@@ -418,13 +421,14 @@ class Mailbox:
                 os.close(self._wake_fd)
         ring.set_notify(self._wake_fd, self._room_fd)
         self._fan: Fan | None = None
-        if self.policy in _FANNED:
+        self._bc: Shared | None = None
+        if self.policy == "round_robin":
             from ._mailbox_fan import Fan
 
             self._fan = Fan(self)
-        self._broadcast = self._fan is not None and self.policy == "broadcast"
+        self._broadcast = self.policy == "broadcast"
         # send's hot path: one ring, no rendezvous; a frame that fits a record
-        self._plain = self._fan is None and self.capacity != 0 and not self._raw
+        self._plain = self.policy not in _FANNED and self.capacity != 0 and not self._raw
         # recv's hot path (the C core): records that are frames, no exclusive hold
         self._fast_recv = self.policy != "exclusive" and not self._raw
         self._fast_max = min(self._inline, self.max_message) - _FAST.size
@@ -434,6 +438,11 @@ class Mailbox:
         )
         self._core.set_message(Message, _peer)  # its recv_message makes the Message
         self._ids = iter(self._core.next_id, None)  # one sequence with the hot path's
+        if self._broadcast:
+            from ._mailbox_bcast import Shared
+
+            self._bc = Shared(self, encode, decode)  # (closes the fds on failure)
+            self._ids = iter(self._bc.next_id, None)  # (its hot path's counter)
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
         self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
         self._ack_name: tuple[int, bytes] = (0, b"")  # (pid, name) of our own ack ring
@@ -531,16 +540,22 @@ class Mailbox:
                     records=records,
                     record_size=max(max_inline, 1),
                 )
-            if pol in _FANNED:
+            if pol == "round_robin":
                 from ._mailbox_fan import create_table, table_name
 
                 create_table(ring.name)
+            elif pol == "broadcast":
+                from . import _mailbox_bcast
+
+                _mailbox_bcast.create(ring.name, cap, max(max_inline, 1), max_bytes)
             if publish(self.path, ring.name):
                 return ring, True
             ring.close()  # somebody else created it first: use theirs
             remove_segment(ring.name)
-            if pol in _FANNED:
+            if pol == "round_robin":
                 remove_segment(table_name(ring.name))
+            elif pol == "broadcast":
+                remove_segment(_mailbox_bcast.segment_name(ring.name))
         raise NoSuchEndpoint(f"mailbox {self.name!r} keeps changing; try again")
 
     @classmethod
@@ -597,10 +612,11 @@ class Mailbox:
                 "process that receives from it too), or send smaller messages"
             ) from exc
 
-    def _record(self, parts: list[Any]) -> list[Any]:
-        """The ring record for a frame: itself, or a reference to a block holding it."""
+    def _record(self, parts: list[Any], inline: int = 0) -> list[Any]:
+        """The ring record for a frame: itself, or a reference to a block holding it
+        (over ``inline`` bytes; 0: the ring's record)."""
         total = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
-        if total <= self._inline:
+        if total <= (inline or self._inline):
             return parts
         block_name = new_segment_name()
         meta = json.dumps({"kind": _OOL_KIND, "mailbox": self._segment}).encode()
@@ -728,10 +744,38 @@ class Mailbox:
         ring.set_notify(self._wake_fd, self._room_fd)  # its takes wake waiting senders
         return ring
 
+    def _bc_entry(self) -> int:
+        """Broadcast: this object's receiver entry, attaching it first if needed. Once
+        attached, ``recv`` is one C call (``Bcast.next``, an attribute of this object
+        until it closes) that hands anything but a common record taken without a
+        timeout to the class's ``recv`` (or, the record taken, to ``_bc_general``)."""
+        bc = self._bc
+        assert bc is not None
+        if bc.entry < 0 or bc.pid != _PID[0]:
+            self._check_open()
+            entry = bc.subscribe()
+            cls = type(self)
+            if cls.recv is Mailbox.recv:
+                bc.ring.bind(entry, Mailbox.recv.__get__(self, cls), self._bc_general)
+                self.recv = bc.ring.next  # type: ignore[method-assign]
+            return entry
+        return bc.entry
+
+    def _bc_general(self, data: bytes, timeout: float | None) -> Any:
+        """The object of a broadcast record that is not a common one (out of line,
+        receipt, other codecs): the general way."""
+        if data[:4] == _OOL:
+            data = self._fetch(data, timeout)
+        return self._decode(data)[0]
+
     def _rx(self) -> _core.Ring:
-        """The ring this object receives from: the mailbox's, or its own backlog."""
+        """The ring this object receives from: the mailbox's, or its own backlog
+        (broadcast: this object attaches as a receiver; the mailbox's ring is returned,
+        its messages are in the broadcast ring)."""
         fan = self._fan
         if fan is None:
+            if self._bc is not None:
+                self._bc_entry()
             return self._ring
         if fan.mine is None:  # a new receiver: room for senders waiting for one
             ring = fan.subscribe()
@@ -796,7 +840,7 @@ class Mailbox:
         deadline = None if timeout is None else time.monotonic() + timeout
         rendezvous = self.capacity == 0 and not nowait
         message_id = next(self._ids)
-        if self._fan is not None and self.policy == "broadcast":
+        if self._bc is not None:
             return self._send_broadcast(obj, message_id, receipt)[0]
         reply_to = self._ack_ring().name if (receipt or rendezvous or offer) else None
         if offer or (rendezvous and not receipt):
@@ -855,16 +899,15 @@ class Mailbox:
                     return
             except (Full, EndOfChannel) as exc:
                 self._put_failed(exc)
-        elif self._broadcast and not self._closed:  # one C call puts it into every ring
-            got = self._core.bcast(obj)  # (while the receiver table is as last read)
+        elif self._broadcast and not self._closed:  # one C call writes it once for
+            try:  # every receiver (_bcast.c)
+                got = self._bc.ring.send(obj)  # type: ignore[union-attr]
+            except EndOfChannel as exc:
+                self._put_failed(exc)
             if got is None:
                 return
-            assert self._fan is not None
-            if got is not False:  # backlogs without room lost their oldest (in C)
-                self._fan.overflowed(got[1], got[2], got[3])
-                return
-            if self._fan.fan_out(obj, next(self._ids)) is not None:
-                self._counts["sent"] += 1
+            if type(got) is bytes:  # it reused the slot of an out-of-line message
+                _unlink_ool(got)
                 return
         self._send(obj, timeout, False, False)
 
@@ -882,15 +925,23 @@ class Mailbox:
         return n
 
     def _send_broadcast(self, obj: Any, message_id: int, receipt: bool) -> tuple[int, int]:
-        """(message id, how many receivers it went to) of a broadcast."""
+        """(message id, how many receivers it went to: counted for a receipt only) of
+        a broadcast, the general way (a frame built here; out of line if large)."""
         self._check_open()
+        bc = self._bc
+        assert bc is not None
         reply_to = self._ack_ring().name if receipt else None
-        assert self._fan is not None
-        delivered = None if receipt else self._fan.fan_out(obj, message_id)  # the C way
-        if delivered is None:
-            delivered = self._fan.broadcast(self._encode(obj, message_id, reply_to))
-        self._counts["sent"] += 1
-        return message_id, delivered
+        receivers = bc.receivers() if receipt else 0
+        record = self._record(self._encode(obj, message_id, reply_to), bc.payload)
+        try:
+            bc.put(record)
+        except EndOfChannel:
+            self._drop_record(record)
+            raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
+        except BaseException:
+            self._drop_record(record)
+            raise
+        return message_id, receivers  # (counted by the ring: Bcast.sent)
 
     def send_async(self, obj: Any, timeout: float | None = None) -> MailboxReceipt:
         """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
@@ -913,7 +964,7 @@ class Mailbox:
                 self._put_failed(exc)
             if receipt is not None:
                 return receipt  # type: ignore[no-any-return]
-        if self._fan is not None and self.policy == "broadcast":
+        if self._bc is not None:
             return MailboxReceipt(self, *self._send_broadcast(obj, next(self._ids), True))
         if self._raw:
             self._no_fields("send_async")
@@ -1087,6 +1138,14 @@ class Mailbox:
         if self.policy == "exclusive":
             self._hold(deadline)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        bc = self._bc
+        if bc is not None:  # the shared broadcast ring, at this receiver's cursor
+            entry = self._bc_entry()
+            if timeout == 0.0:
+                data = bc.ring.take(entry, 0.0)
+            else:
+                data = bc.ring.take(entry, left if left is None else max(left, 1e-9))
+            return data if data[:4] != _OOL else self._fetch(data, timeout)
         ring = self._rx()
         if timeout == 0.0:
             data = ring.recv_nowait()
@@ -1095,8 +1154,10 @@ class Mailbox:
         return data if data[:4] != _OOL or self._raw else self._fetch(data, timeout)
 
     def _fetch(self, data: bytes, timeout: float | None) -> bytes:
-        """The frame an out-of-line record points to (its block removed once read); the
-        next message if the block is gone (``buzon clean --force`` removed it)."""
+        """The frame an out-of-line record points to (its block removed once read; a
+        broadcast's stays for the other receivers: the sender that reuses its slot
+        removes it); the next message if the block is gone (``buzon clean --force``
+        removed it, or, broadcast, this receiver was lapped)."""
         block_name = data[4:].decode("ascii", "replace")
         try:
             block = _core.Block.attach("/" + block_name)
@@ -1106,7 +1167,8 @@ class Mailbox:
             return bytes(memoryview(block))
         finally:
             block.close()
-            remove_segment(block_name)
+            if self._bc is None:
+                remove_segment(block_name)
 
     def _decode(self, data: bytes) -> tuple[Any, int, int, int, int]:
         """(object, message id, sender pid, sender uid, sent_at ns) of a frame (raw
@@ -1162,7 +1224,16 @@ class Mailbox:
     def recv(self, timeout: float | None = None) -> Any:
         """Take the next message's object, waiting for one; ``EndOfChannel`` once the
         mailbox was removed and is empty."""
-        if self._fast_recv and not self._closed and (timeout is None or timeout > 0):
+        bc = self._bc
+        if bc is not None and not self._closed and (timeout is None or timeout > 0):
+            # broadcast: one C call reads the next common record at our cursor (_bcast.c)
+            got = bc.ring.recv(
+                bc.entry if bc.entry >= 0 and bc.pid == _PID[0] else self._bc_entry(), timeout
+            )
+            if type(got) is not tuple:
+                return got
+            return self._bc_general(got[0], timeout)  # (never withdrawn: no rendezvous)
+        elif self._fast_recv and not self._closed and (timeout is None or timeout > 0):
             # the hot path: one C call takes and decodes a common record (_frames.c)
             fan = self._fan
             if fan is None:
@@ -1202,7 +1273,12 @@ class Mailbox:
         """Take the next message with its id, sender and time (:class:`Message`)."""
         if self._raw:
             self._no_fields("recv_message")
-        if self._fast_recv and not self._closed and (timeout is None or timeout > 0):
+        if (
+            self._fast_recv
+            and self._bc is None
+            and not self._closed
+            and (timeout is None or timeout > 0)
+        ):
             # the hot path: one C call takes a common record with its fields (_frames.c)
             got = self._core.recv_message(self._ring if self._fan is None else self._rx(), timeout)
             if type(got) is Message:
@@ -1222,7 +1298,7 @@ class Mailbox:
         """The inbox's hot path (``buzon.recv_from``): one C call takes the next message;
         the object itself if process ``pid`` sent it, else its :class:`Message` (the
         caller holds it back); ``_GENERAL`` when the general way must receive instead."""
-        if self._fast_recv and self._fan is None and not self._closed:
+        if self._fast_recv and self._fan is None and self._bc is None and not self._closed:
             got = self._core.recv_from(self._ring, timeout, pid)
             if type(got) is not tuple:
                 return got
@@ -1406,6 +1482,12 @@ class Mailbox:
         is why waiters sleep at most ``_WAIT_SLICE`` at a time (``_wait_slice``)."""
         if self._closed:
             return True  # recv_nowait raises ChannelClosed: not Empty
+        if self._bc is not None:
+            entry = self._bc_entry()
+            if self._bc.ring.arm(entry):
+                return True
+            self._drain_wake()
+            return bool(self._bc.ring.arm(entry))
         ring = self._rx()
         if ring.arm_data():
             return True
@@ -1437,6 +1519,8 @@ class Mailbox:
 
     def qsize(self) -> int:
         """Messages in the mailbox right now (approximate under concurrent use)."""
+        if self._bc is not None:  # a broadcast receiver's backlog (0 before it attached)
+            return self._bc.depth()
         ring = self._ring
         if self._fan is not None and self._fan.mine is not None:
             ring = self._fan.mine[1]  # a receiver's own backlog
@@ -1447,12 +1531,18 @@ class Mailbox:
 
     def statistics(self) -> dict[str, int]:
         """This object's counts (sent, received, out_of_line, acks_dropped) and the
-        mailbox's: depth, abandoned (messages lost to killed senders or receivers)."""
+        mailbox's: depth, abandoned (messages lost to killed senders or receivers),
+        dropped (round_robin: messages this object's sends lost with a dead receiver;
+        broadcast: messages the mailbox's receivers lost to the overflow rule)."""
         info = self._ring.info()
-        dropped = self._core.dropped + (self._fan.dropped if self._fan is not None else 0)
+        dropped = self._fan.dropped if self._fan is not None else 0
         counts = dict(self._counts)  # and the hot path's, counted in C
         counts["sent"] += self._core.sent
         counts["received"] += self._core.received
+        if self._bc is not None and not self._closed:  # the mailbox's receivers' drops
+            dropped = self._bc.dropped()
+            counts["sent"] += self._bc.ring.sent
+            counts["received"] += self._bc.ring.received
         counts["acks_dropped"] += self._core.acks_dropped
         return dict(counts, depth=self.qsize(), abandoned=info["abandoned"], dropped=dropped)
 
@@ -1480,6 +1570,10 @@ class Mailbox:
                 if lost:
                     self._fan.retire(lost, 0, lost)  # sent, and lost (buzon ls)
                 self._fan.close()
+            if self._bc is not None:  # its counts join the totals (its backlog as lost)
+                self.__dict__.pop("recv", None)  # (Bcast.next: see _bc_entry)
+                self._bc.ring.bind(-1, None, None)
+                self._bc.close()
             if self._acks is not None and self._acks_pid == os.getpid():
                 name = self._acks.name
                 self._acks.close()
@@ -1533,13 +1627,26 @@ class Mailbox:
                 return
         ring.shutdown()
         unpublish(self.path, segment)
-        if self.policy in _FANNED:
+        if self.policy == "round_robin":
             from ._mailbox_fan import Fan
 
             fan = self._fan if self._fan is not None and not self._closed else Fan(self)
             fan.shutdown_all()
             if fan is not self._fan:
                 fan.close()
+        elif self.policy == "broadcast":
+            from ._mailbox_bcast import Shared
+
+            try:
+                bc = self._bc if self._bc is not None and not self._closed else None
+                if bc is None:
+                    encode, decode = _fast_codec()
+                    bc = Shared(self, encode, decode)
+                bc.shutdown_all()
+                if bc is not self._bc:
+                    bc.close()
+            except NoSuchEndpoint:
+                pass  # its broadcast ring is gone already
         for fifo in (_WAKE, _ROOM):
             _wake_waiters(self.path + fifo, fifo == _ROOM)  # (they find it removed)
             try:
@@ -1739,6 +1846,8 @@ def _by_name(
 
 
 def _depth(info: dict[str, Any]) -> int:
+    if "depth" in info:  # a broadcast mailbox's (its receivers' backlogs)
+        return int(info["depth"])
     return max(0, int(info["committed"] - info["consumed"] - info["abandoned"]))
 
 
@@ -1786,11 +1895,29 @@ _RATE_WINDOW_S = 0.02
 def _fanned_counts(name: str, info: dict[str, Any], pids: set[int]) -> dict[str, Any]:
     """A ``broadcast``/``round_robin`` mailbox's counts for ``buzon ls``: its ring
     carries none of its messages, so ``info``'s counters are replaced by the sums over
-    its receivers' rings (read from the subscriber table, without attaching) plus the
-    totals of the rings gone (closed or found dead: kept in the table's header); a
-    broadcast message counts once per receiver it reached. The receivers' pids join
-    ``pids``."""
+    its receivers (round_robin: their rings, read from the subscriber table without
+    attaching; broadcast: their entries in the broadcast ring) plus the totals of the
+    receivers gone (closed or found dead); a broadcast message counts once per receiver
+    it reached, and the messages its receivers lost to the overflow rule are
+    ``dropped`` (not taken). The receivers' pids join ``pids``."""
     from ._mailbox_fan import _ENTRY, _TABLE, MAX_RECEIVERS, RETIRED, table_name
+
+    if _parse_label(info["label"])[0] == "broadcast":
+        from ._mailbox_bcast import counts
+
+        got = counts(name)
+        if got is None:
+            return dict(info, dropped=0)
+        reached, taken, dropped, lost, depth, who = got
+        pids.update(who)
+        return dict(
+            info,
+            committed=reached,
+            consumed=taken,
+            abandoned=lost,
+            dropped=dropped,
+            depth=depth,
+        )
 
     try:
         block = _core.Block.attach(table_name(name))
@@ -1865,9 +1992,11 @@ def describe(segment: str, path: str | None = None) -> str:
         taken = (later["consumed"] - info["consumed"]) / dt
         rates = f", now {sent:.0f} sent/s {taken:.0f} taken/s"
         info = later
+    # broadcast: messages its receivers lost to the overflow rule (never counted taken)
+    dropped = f", {info['dropped']} dropped" if "dropped" in info else ""
     return (
         f"policy={policy} capacity={cap}{f' raw item_size={item}' if raw else ''} "
         f"depth={_depth(info)}, {users}, age {age:.0f} s"
         f"{used}, {info['committed']} sent, {info['consumed']} taken, "
-        f"{info['abandoned']} lost{rates}"
+        f"{info['abandoned']} lost{dropped}{rates}"
     )

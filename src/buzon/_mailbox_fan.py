@@ -1,5 +1,6 @@
-"""The receivers of a ``"broadcast"`` or ``"round_robin"`` mailbox: a table of their
-own rings, and how senders fan messages out to them (used by :mod:`buzon._mailbox`).
+"""The receivers of a ``"round_robin"`` mailbox: a table of their own rings, and how
+senders hand messages to them (used by :mod:`buzon._mailbox`; a ``"broadcast"`` mailbox
+has one shared ring instead: :mod:`buzon._mailbox_bcast`).
 
 Theory of operation
 -------------------
@@ -17,21 +18,14 @@ segment for as long as it is attached; the kernel drops that lock when the recei
 dies, which is how senders tell a dead receiver from a slow one.
 
 A sender reads the generation on each send and re-reads the table (attaching new
-rings, closing vanished ones) only when it changed. ``broadcast`` puts each message
-into every receiver's ring; ``round_robin`` into one, the next live receiver after the
-one this sender used last (turns are per sender). A receiver found dead is removed
-from the table and its ring unlinked (round_robin: the messages in its backlog are lost
-with it, at most once, counted in ``dropped``). A receiver that closes leaves the table
-first; round_robin forwards what was still in its backlog to the others.
+rings, closing vanished ones) only when it changed. Each message goes into one ring,
+the next live receiver's after the one this sender used last (turns are per sender). A
+receiver found dead is removed from the table and its ring unlinked (the messages in
+its backlog are lost with it, at most once, counted in ``dropped``). A receiver that
+closes leaves the table first and forwards what was still in its backlog to the others.
 
-Overflow (broadcast): a receiver whose backlog is full loses its *oldest* message:
-the sender takes it out of that ring and counts it (``statistics()["dropped"]``), so
-one slow receiver never stalls the sender or the others. A common record's broadcast is
-one C call (``MailboxCore.bcast``: the rings of the table as last read, while its
-generation stays; the overflow rule too); a receiver whose backlog is full is checked
-for life at most every ``_LIVE_EVERY`` seconds (:meth:`Fan.overflowed`).
-Round_robin instead tries the next receiver, and waits (``send``) or raises ``Full``
-(``send_nowait``) only when every live receiver's backlog is full.
+Overflow: a full receiver is passed over for the next one; a sender waits (``send``) or
+raises ``Full`` (``send_nowait``) only when every live receiver's backlog is full.
 """
 
 from __future__ import annotations
@@ -40,7 +34,6 @@ import fcntl
 import os
 import struct
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from . import _core
@@ -66,7 +59,6 @@ _RETIRED_AT = 8
 _FLOCK = struct.Struct("hhqqi4x")
 _LOCK_TIMEOUT = 5.0
 _OOL = b"\x00OOL"
-_LIVE_EVERY = 0.1  # a full backlog's receiver is checked for life at most this often
 
 
 _PID = [os.getpid()]  # this process's pid, kept current by a fork hook (no getpid call)
@@ -103,12 +95,10 @@ class Fan:
         self.pid = os.getpid()
         self.gen = -1
         self.targets: list[tuple[int, str, _core.Ring]] = []
-        self.fanout: tuple[list[tuple[int, str, _core.Ring]], tuple[_core.Ring, ...]] = ([], ())
         self.rings: dict[str, _core.Ring] = {}
         self.mine: tuple[int, _core.Ring] | None = None
         self.turn = 0
         self.dropped = 0
-        self.checked: dict[int, float] = {}  # overflowed: receiver -> its last life check
         # threads sharing this object: one refreshes the table's rings or subscribes at a time
         self.lock = threading.RLock()
 
@@ -304,9 +294,6 @@ class Fan:
                 self.rings[name] = ring
             targets.append((i, name, ring))
         self.gen, self.targets = gen, targets
-        self.fanout = (targets, tuple(ring for _, _, ring in targets))
-        # the send hot path (MailboxCore.bcast) fans out to these while gen stays
-        self.box._core.set_fan(self._view, gen, targets, self.fanout[1])
         return targets
 
     def drop_dead(self, i: int, name: str) -> None:
@@ -326,89 +313,6 @@ class Fan:
     def _discard(self, data: bytes | None) -> None:
         if data is not None and data[:4] == _OOL:
             remove_segment(data[4:].decode("ascii", "replace"))
-
-    def broadcast(self, parts: list[Any]) -> int:
-        """Put the frame ``parts`` into every receiver's ring (a full one loses its
-        oldest message); return how many receivers got it."""
-        delivered = 0
-        box = self.box
-        for i, name, ring in self.receivers():
-            record = box._record(parts)
-            try:
-                if not ring.try_send(record):
-                    if not self.live(i):
-                        box._drop_record(record)
-                        self.drop_dead(i, name)
-                        continue
-                    oldest = ring.try_recv()  # the overflow rule: drop the oldest
-                    if oldest is not None:  # (None: its receiver emptied it meanwhile)
-                        self._discard(oldest)
-                        self.dropped += 1
-                    if not ring.try_send(record):
-                        box._drop_record(record)
-                        self.dropped += 1  # still no room: this one is dropped
-                        continue
-            except EndOfChannel:  # its ring was shut down (the mailbox is being removed)
-                box._drop_record(record)
-                continue
-            delivered += 1
-        return delivered
-
-    def fan_out(self, obj: Any, message_id: int) -> int | None:
-        """:meth:`broadcast` of ``obj`` as a common record, encoded once and put into
-        every receiver's ring in one C call (``MailboxCore.fan``); the rings that had no
-        room then follow the overflow rule here. None if ``obj`` is not a common record
-        (nothing sent: the caller goes the general way)."""
-        self.receivers()  # re-reads the table if it changed
-        targets, rings = self.fanout
-        full = self.box._core.fan(obj, rings, message_id)
-        if full is None:
-            return None
-        return len(rings) - len(full) + self.overflow(obj, message_id, targets, full)
-
-    def overflowed(
-        self, full: list[int], targets: list[tuple[int, str, _core.Ring]], ool: list[bytes]
-    ) -> None:
-        """After ``MailboxCore.bcast`` applied the overflow rule to ``targets[k]`` for k
-        in ``full``: the out-of-line messages it dropped lose their blocks, and a
-        receiver whose backlog stays full is checked for life (at most every
-        ``_LIVE_EVERY`` seconds each: a syscall) and dropped if it died."""
-        for data in ool:
-            self._discard(data)
-        now = time.monotonic()
-        checked = self.checked
-        for k in full:
-            i, name, _ring = targets[k]
-            if now - checked.get(i, -_LIVE_EVERY) >= _LIVE_EVERY:
-                checked[i] = now
-                if not self.live(i):
-                    self.drop_dead(i, name)
-
-    def overflow(
-        self, obj: Any, message_id: int, targets: list[tuple[int, str, _core.Ring]], full: list[int]
-    ) -> int:
-        """The overflow rule for the receivers ``targets[k]`` for k in ``full`` whose
-        backlog had no room for ``obj`` (a dead one dropped, a live one loses its oldest
-        message); how many of them got it after all."""
-        fan = self.box._core.fan
-        delivered = 0
-        for k in full:
-            i, name, ring = targets[k]
-            try:
-                if not self.live(i):
-                    self.drop_dead(i, name)
-                    continue
-                oldest = ring.try_recv()  # the overflow rule: drop the oldest
-                if oldest is not None:  # (None: its receiver emptied it meanwhile)
-                    self._discard(oldest)
-                    self.dropped += 1
-                if not fan(obj, (ring,), message_id):  # [] : it went
-                    delivered += 1
-                else:  # still no room (its oldest is being read): this one is dropped
-                    self.dropped += 1
-            except EndOfChannel:  # its ring was shut down (the mailbox is being removed)
-                continue
-        return delivered
 
     def round_robin(self, record: list[Any]) -> bool:
         """Put ``record`` into the next live receiver's ring that has room; False if
@@ -451,12 +355,10 @@ class Fan:
         remove_segment(table_name(self.box._segment))
 
     def close(self) -> None:
-        self.box._core.set_fan(None, 0, None, None)  # (it holds a view of the table)
         for ring in self.rings.values():
             ring.close()
         self.rings.clear()
         self.targets = []
-        self.fanout = ([], ())
         self.gen = -1
         self._gen_view.release()
         self._view.release()

@@ -514,10 +514,6 @@ typedef struct {
      * replies (NULL: none yet), most recent first: 4 senders take turns in a 4x4 */
     PyObject *last_reply[REPLY_SEEN];
     PyObject *last_ring[REPLY_SEEN];
-    Py_buffer fan_buf;    /* broadcast (set_fan): the receiver table, its generation... */
-    uint64_t fan_gen;     /* ...when fan_targets and fan_rings were read from it */
-    PyObject *fan_targets, *fan_rings; /* Fan.fanout, or NULL */
-    unsigned long long dropped; /* bcast's overflow rule: oldest messages dropped */
     PyObject *acks, *acks_table; /* set_acks: our acknowledgement ring and its table... */
     PyObject *acks_acquire, *acks_release; /* ...and the lock guarding both */
     uint32_t acks_pid;  /* the process that made that ring (a forked child's is its own) */
@@ -1075,9 +1071,6 @@ take_ack_impl(MailboxCore *c, PyObject *ring, PyObject *id, PyObject *table,
     }
 }
 
-static PyObject *fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid,
-                          PyObject *ool);
-
 static PyObject *
 core_set_acks(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1205,219 +1198,6 @@ core_receipt_ready(MailboxCore *c, PyObject *receipt)
         Py_RETURN_NONE;
     }
     return receipt_ready(c, (Receipt *)receipt);
-}
-
-static PyObject *
-core_set_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
-{
-    /* set_fan(table_view, generation, targets, rings) | set_fan(None, 0, None, None) */
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "set_fan(table view, generation, targets, rings)");
-        return NULL;
-    }
-    unsigned long long gen = PyLong_AsUnsignedLongLong(args[1]);
-    if (gen == (unsigned long long)-1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (args[0] != Py_None) {
-        if (!PyList_Check(args[2]) || !PyTuple_Check(args[3])) {
-            PyErr_SetString(PyExc_TypeError, "set_fan: targets a list, rings a tuple");
-            return NULL;
-        }
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[3]); i++) {
-            if (ring_arg(PyTuple_GET_ITEM(args[3], i)) < 0) {
-                return NULL;
-            }
-        }
-    }
-    if (c->fan_buf.obj != NULL) {
-        PyBuffer_Release(&c->fan_buf);
-    }
-    Py_CLEAR(c->fan_targets);
-    Py_CLEAR(c->fan_rings);
-    if (args[0] == Py_None) {
-        Py_RETURN_NONE;
-    }
-    if (PyObject_GetBuffer(args[0], &c->fan_buf, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    if (c->fan_buf.len < 8) {
-        PyBuffer_Release(&c->fan_buf);
-        PyErr_SetString(PyExc_ValueError, "set_fan: the table is shorter than its generation");
-        return NULL;
-    }
-    c->fan_gen = gen;
-    c->fan_targets = Py_NewRef(args[2]);
-    c->fan_rings = Py_NewRef(args[3]);
-    Py_RETURN_NONE;
-}
-
-/* bcast's overflow rule takes a full backlog's oldest record: nothing copied out,
- * unless it is an out-of-line one ("\0OOL" name), whose block the caller removes. */
-static uint32_t
-peek_drop(void *ctx, const uint8_t *payload, uint32_t len, uint32_t flags)
-{
-    (void)ctx;
-    (void)flags;
-    uint8_t p[4] = {1, 0, 0, 0};
-    if (len >= 4) {
-        memcpy(p, payload, 4);
-    }
-    return (len >= 4 && memcmp(p, "\0OOL", 4) == 0) ? 0 : len;
-}
-
-/* The overflow rule for the rings of full (indexes into rings) that had no room for
- * the record parts: each loses its oldest record (counted; an out-of-line one appended
- * to ool for the caller) and gets the record, or, still without room, loses this one
- * (counted). A ring that fails (shut down, closed) is left as it is. 0, or -1 on error. */
-static int
-drop_oldest(MailboxCore *c, PyObject *rings, PyObject *full, const buzon_part *parts,
-            int nparts, size_t total, PyObject *ool)
-{
-    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(full); j++) {
-        Py_ssize_t k = PyLong_AsSsize_t(PyList_GET_ITEM(full, j));
-        PyObject *ring = PyTuple_GET_ITEM(rings, k);
-        PyObject *old = api->take(ring, peek_drop, NULL);
-        if (old == NULL) {
-            PyErr_Clear(); /* shut down (being removed): as the general way, skipped */
-            continue;
-        }
-        if (old != Py_None) {
-            c->dropped++;
-            if (PyBytes_GET_SIZE(old) > 0 && PyList_Append(ool, old) < 0) {
-                Py_DECREF(old);
-                return -1;
-            }
-        }
-        Py_DECREF(old);
-        int rc = api->put(ring, parts, nparts, total, 0);
-        if (rc < 0) {
-            PyErr_Clear();
-        }
-        else if (rc == 0) {
-            c->dropped++; /* still no room (its oldest is being read): this one goes */
-        }
-    }
-    return 0;
-}
-
-static PyObject *
-core_bcast(MailboxCore *c, PyObject *obj)
-{
-    /* bcast(obj) -> None (put into every receiver's ring, counted) | (message id, full,
-     * targets, ool): sent and counted, but targets[k] for k in full had no room and each
-     * lost its oldest message (ool: the out-of-line ones, whose blocks the caller
-     * removes) | False: nothing sent (the table changed since set_fan, or not a common
-     * record) */
-    if (c->fan_rings == NULL) {
-        Py_RETURN_FALSE;
-    }
-    uint64_t gen;
-    memcpy(&gen, c->fan_buf.buf, 8); /* the u64 generation at offset 0 */
-    if (gen != c->fan_gen) {
-        Py_RETURN_FALSE;
-    }
-    PyObject *ool = PyList_New(0);
-    if (ool == NULL) {
-        return NULL;
-    }
-    uint64_t mid = c->next_id + 1;
-    PyObject *rings = Py_NewRef(c->fan_rings); /* the answer names them: kept alive */
-    PyObject *targets = Py_NewRef(c->fan_targets);
-    PyObject *full = fan_into(c, obj, rings, mid, ool);
-    Py_DECREF(rings);
-    if (full == NULL || full == Py_None) {
-        Py_DECREF(targets);
-        Py_DECREF(ool);
-        if (full == NULL) {
-            return NULL;
-        }
-        Py_DECREF(full);
-        Py_RETURN_FALSE;
-    }
-    c->next_id = mid;
-    c->sent++;
-    if (PyList_GET_SIZE(full) == 0) {
-        Py_DECREF(full);
-        Py_DECREF(targets);
-        Py_DECREF(ool);
-        Py_RETURN_NONE;
-    }
-    return Py_BuildValue("(KNNN)", (unsigned long long)mid, full, targets, ool);
-}
-
-static PyObject *
-core_fan(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
-{
-    /* fan(obj, rings, message_id) -> None (not a common record: the general way) | list
-     * of the indexes of rings that had no room (put into every other ring, no waiting) */
-    if (nargs != 3 || !PyTuple_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "fan(obj, tuple of rings, message_id)");
-        return NULL;
-    }
-    unsigned long long mid = PyLong_AsUnsignedLongLong(args[2]);
-    if (mid == (unsigned long long)-1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    PyObject *rings = args[1];
-    Py_ssize_t n = PyTuple_GET_SIZE(rings);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (ring_arg(PyTuple_GET_ITEM(rings, i)) < 0) {
-            return NULL;
-        }
-    }
-    return fan_into(c, args[0], rings, mid, NULL);
-}
-
-/* fan's work, the rings checked: the list of the indexes of rings with no room, None
- * (not a common record: nothing sent), NULL on error. */
-static PyObject *
-fan_into(MailboxCore *c, PyObject *obj, PyObject *rings, uint64_t mid, PyObject *ool)
-{
-    Py_ssize_t n = PyTuple_GET_SIZE(rings);
-    long codec = 0;
-    PyObject *body = core_body(c, obj, &codec);
-    if (body == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        Py_RETURN_NONE;
-    }
-    PyObject *full = PyList_New(0);
-    if (full == NULL) {
-        Py_DECREF(body);
-        return NULL;
-    }
-    uint8_t h[MB_HEAD];
-    Py_ssize_t len = PyBytes_GET_SIZE(body);
-    uint64_t ns = build_head(h, codec, (uint32_t)len, mid, (uint32_t)c->uid);
-    buzon_part parts[2] = {{h, MB_HEAD}, {(const uint8_t *)PyBytes_AS_STRING(body), (size_t)len}};
-    mark_use(c, 1, ns);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int rc = api->put(PyTuple_GET_ITEM(rings, i), parts, 2, MB_HEAD + (size_t)len, 0);
-        if (rc < 0) {
-            /* a ring shut down (the mailbox being removed) or closed: like full, the
-             * caller's general path sorts it out */
-            PyErr_Clear();
-            rc = 0;
-        }
-        if (rc == 0) {
-            PyObject *k = PyLong_FromSsize_t(i);
-            if (k == NULL || PyList_Append(full, k) < 0) {
-                Py_XDECREF(k);
-                Py_DECREF(full);
-                Py_DECREF(body);
-                return NULL;
-            }
-            Py_DECREF(k);
-        }
-    }
-    if (ool != NULL && PyList_GET_SIZE(full) > 0 &&
-        drop_oldest(c, rings, full, parts, 2, MB_HEAD + (size_t)len, ool) < 0) {
-        Py_CLEAR(full);
-    }
-    Py_DECREF(body);
-    return full;
 }
 
 typedef struct {
@@ -1904,11 +1684,6 @@ core_dealloc(MailboxCore *c)
         Py_XDECREF(c->last_reply[k]);
         Py_XDECREF(c->last_ring[k]);
     }
-    if (c->fan_buf.obj != NULL) {
-        PyBuffer_Release(&c->fan_buf);
-    }
-    Py_XDECREF(c->fan_targets);
-    Py_XDECREF(c->fan_rings);
     Py_XDECREF(c->acks);
     Py_XDECREF(c->acks_table);
     Py_XDECREF(c->acks_acquire);
@@ -1957,19 +1732,6 @@ static PyMethodDef core_methods[] = {
      "receipt_ready(receipt) -> PeerInfo | None: a one-receiver receipt nobody took yet: "
      "its acknowledgement (take_ack) if it is here and the lock is free, recorded in the "
      "receipt; None otherwise (the general way)."},
-    {"set_fan", (PyCFunction)(void (*)(void))core_set_fan, METH_FASTCALL,
-     "set_fan(table_view, generation, targets, rings): bcast's receivers (Fan.fanout) as "
-     "read from the table at that generation; set_fan(None, 0, None, None) forgets them."},
-    {"bcast", (PyCFunction)core_bcast, METH_O,
-     "bcast(obj) -> None | (message_id, full, targets, ool) | False: obj fanned out to the "
-     "rings of set_fan with a new message id and counted, if the table's generation is still "
-     "theirs; a ring without room loses its oldest message (counted in dropped); then "
-     "targets[k] for k in full are those, ool the out-of-line records dropped; False: "
-     "nothing sent (the table changed, or not a common record)."},
-    {"fan", (PyCFunction)(void (*)(void))core_fan, METH_FASTCALL,
-     "fan(obj, rings, message_id) -> list | None: obj as one common record put into each "
-     "ring of the tuple without waiting; the indexes of those that had no room (or were "
-     "shut down); None (nothing sent) if it is not a common record. Not counted."},
     {"recv", (PyCFunction)(void (*)(void))core_recv, METH_FASTCALL,
      "recv(ring, timeout) -> object | (record,) | (codec, body): the next record of ring, "
      "waiting like Ring.recv; a common record's object, else what the general way needs."},
@@ -1994,8 +1756,6 @@ static PyMemberDef core_members[] = {
     {"sent", T_ULONGLONG, offsetof(MailboxCore, sent), READONLY, "messages send sent"},
     {"received", T_ULONGLONG, offsetof(MailboxCore, received), READONLY,
      "common records recv took"},
-    {"dropped", T_ULONGLONG, offsetof(MailboxCore, dropped), READONLY,
-     "messages bcast's overflow rule dropped (a full backlog's oldest, or this one)"},
     {"acks_dropped", T_ULONGLONG, offsetof(MailboxCore, acks_dropped), READONLY,
      "acknowledgements that found their ring full or gone"},
     {"mark_fd", T_INT, offsetof(MailboxCore, mark_fd), 0,
@@ -2012,7 +1772,7 @@ static PyTypeObject MailboxCoreType = {
     .tp_dealloc = (destructor)core_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "MailboxCore(ring, encode, decode, fast_max, uid, nowait): a mailbox object's "
-              "hot path (buzon._mailbox): common records sent, fanned out and received in "
+              "hot path (buzon._mailbox): common records sent and received in "
               "one C call each.",
     .tp_methods = core_methods,
     .tp_members = core_members,
