@@ -14,6 +14,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -82,7 +83,9 @@ def test_every_receipt_names_the_process_that_took_its_message(policy: str) -> N
     os.close(w)
     try:
         if policy == "broadcast":  # every receiver attached before the first message
-            while len(box._fan.receivers() if box._fan else []) < 3:
+            deadline = time.monotonic() + T
+            while box._bc is None or box._bc.receivers() < 3:
+                assert time.monotonic() < deadline, "the receivers never attached"
                 threading.Event().wait(0.01)
         receipts: dict[int, MailboxReceipt] = {}
 
