@@ -1858,13 +1858,21 @@ class ChannelCore:
             self._stream.interrupt_reads()
 
     def after_wait(
-        self, got: tuple[int, bytes] | int, room: int
-    ) -> Frame | tuple[int, bytes] | None:
+        self,
+        got: tuple[int, bytes] | int,
+        room: int,
+        parse: Callable[[Buffer, int, int], Any] | None = None,
+    ) -> Frame | tuple[int, Any] | None:
         """What ``wait_frame`` read into the :meth:`wait_read` buffer of ``room``
         bytes: a lone plain frame it took (counted here), or the bytes it left there
         for the decoder (0: end of stream). Returns the message, or None if the read
         brought only part of a frame (the engine's loop goes on). Raises as
-        :meth:`poll` does (end of stream, a bad frame, the channel closed meanwhile)."""
+        :meth:`poll` does (end of stream, a bad frame, the channel closed meanwhile).
+
+        ``parse`` (``Channel._recv_parsed``'s hook): bytes that may be one whole
+        frame are first offered to ``parse(buffer, max_frame, n)``; a result that is
+        not None means it took the frame (counted here, the buffer free again) and
+        comes back as ``(-1, result)``; None leaves them to the decoder."""
         if got.__class__ is tuple:
             stats = self.stats
             stats.bytes_received += len(got[1]) + 8
@@ -1879,11 +1887,26 @@ class ChannelCore:
             return got
         if self.closed:
             raise ChannelClosed("the channel is closed")
+        if parse is not None and got:
+            parsed = parse(self._wait_buf, self.max_frame, got)  # type: ignore[arg-type]
+            if parsed is not None:
+                self.took_whole(got)  # type: ignore[arg-type]
+                return (-1, parsed)
         decoder = self.decoder
         assert decoder is not None
         if self._read_bytes(decoder, got, room):  # type: ignore[arg-type]
             return self._pop(decoder.frames)
         return None
+
+    def took_whole(self, size: int) -> None:
+        """Count a whole frame of ``size`` bytes that a ``parse`` hook took (see
+        :meth:`after_wait`, ``Channel._recv_parsed``) as :meth:`_take` counts one."""
+        stats = self.stats
+        stats.bytes_received += size
+        stats.messages_received += 1
+        self.taken += 1
+        if self.taking:  # takes are numbered (receipts were asked before)
+            self._took(False, False)
 
     def wait_message(self) -> Receiver | FifoWaiter | None:
         """Where a plain receive on a message transport may wait and take in one call:

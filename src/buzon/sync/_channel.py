@@ -61,6 +61,8 @@ if TYPE_CHECKING:  # annotations only
 __all__ = ["Channel"]
 
 T = TypeVar("T")
+#: a :meth:`Channel._recv_parsed` hook: ``parse(data, max_frame, n)`` -> result or None
+Parse = Callable[[Buffer, int, int], Any]
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _monotonic = time.monotonic
@@ -967,6 +969,47 @@ class Channel(ChannelIdentity):
             self._wake_pumpers()  # a sender waiting for CREDITs may read them now
         return core.item_object(item, type)
 
+    def _recv_parsed(self, parse: Parse, timeout: float | None) -> Frame | tuple[int, Any]:
+        """Receive one message as :meth:`recv` does (waiting up to ``timeout``,
+        raising as it does), not decoded: a message that arrives as one whole frame
+        (a shared-memory ring's record, or a stream read that brought exactly one
+        frame) is first offered to ``parse(data, max_frame, n)`` (``data[:n]``: the
+        frame), which returns None to decline it; a result comes back as ``(-1,
+        result)``, the frame counted as taken. Anything else comes as the channel's
+        item: ``(codec, body)`` or a :class:`Frame` (``core.item_object`` decodes
+        it). The hook for protocols that take their common message apart in C
+        (``buzon.rpc``: ``protocol._rpc.parse``), without the decoder's steps."""
+        core = self._core
+        recv = core.fast_recv
+        if recv is not None and not core.inbox:  # a ring: multi-consumer safe, no lock
+            got = recv(core.max_frame)
+            if got is not None:
+                if got[0] >= 0:
+                    return got
+                parsed = self._parse_record(parse, got)
+                return parsed if parsed is not None else self._after_fast(got, timeout)
+        with self._rlock:
+            core = self._core
+            item = core.buffered()
+            if item is None:
+                item = self._receive(timeout, parse)
+        if self._pumpers:
+            self._wake_pumpers()  # a sender waiting for CREDITs may read them now
+        return item
+
+    def _parse_record(self, parse: Parse, got: tuple[int, bytes]) -> tuple[int, Any] | None:
+        """A ring's whole record (code -1) offered to ``parse``: ``(-1, result)``, or
+        None (not a whole record, or declined)."""
+        if got[0] != -1:
+            return None
+        core = self._core
+        msg = got[1]
+        parsed = parse(msg, core.max_frame, len(msg))
+        if parsed is None:
+            return None
+        core.took_whole(len(msg))
+        return (-1, parsed)
+
     def _after_fast(
         self, got: tuple[int, bytes], timeout: float | None
     ) -> Frame | tuple[int, bytes]:
@@ -1100,15 +1143,18 @@ class Channel(ChannelIdentity):
         view: tuple[Any, memoryview] = self._run_receive(steps, deadline_of(limit))
         return view
 
-    def _receive(self, timeout: float | None) -> Frame | tuple[int, bytes]:
+    def _receive(
+        self, timeout: float | None, parse: Parse | None = None
+    ) -> Frame | tuple[int, Any]:
         """Read a message: at once if the fd is readable, else after spinning for
         ``spin`` seconds (checking readiness with ``poll(0)``, which costs less than a
-        failed read), else after sleeping in ``poll``."""
+        failed read), else after sleeping in ``poll``. ``parse``: see
+        :meth:`_recv_parsed`."""
         core = self._core
         spin = self._spin
         recv = core.fast_recv
         if recv is not None:
-            item = self._fast_receive(recv, timeout)
+            item = self._fast_receive(recv, timeout, parse)
             if item is not None:
                 return item
             spin = 0.0  # spun already, on the ring itself
@@ -1139,7 +1185,7 @@ class Channel(ChannelIdentity):
                 if item is not None:
                     return item
                 self._sleep_first = _SLEEP_FIRST
-            got = self._wait_take(deadline, 0.0)  # the engine's INPUT step + take, in C
+            got = self._wait_take(deadline, 0.0, parse)  # the engine's INPUT step + take, in C
             if got is None:
                 got = self._run_receive(recv_steps(core, False, spin=False), deadline)
             if core.more_buffered():
@@ -1157,7 +1203,7 @@ class Channel(ChannelIdentity):
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
         if timeout != 0 and (core.wait_fd is not None or core.wait_receiver is not None):
             # spin, then sleep, then read: the engine's plain INPUT step and take, in C
-            got = self._wait_take(deadline, spin)
+            got = self._wait_take(deadline, spin, parse)
             if got is not None:
                 return got
             spin = 0.0  # spun (or part of a frame is in: the engine's loop goes on)
@@ -1174,7 +1220,9 @@ class Channel(ChannelIdentity):
         )
         return waited
 
-    def _wait_take(self, deadline: float | None, spin: float) -> Frame | tuple[int, bytes] | None:
+    def _wait_take(
+        self, deadline: float | None, spin: float, parse: Parse | None = None
+    ) -> Frame | tuple[int, Any] | None:
         """A plain receive's INPUT step (spin ``spin`` seconds, sleep until the read fd
         is readable or ``deadline``) and the take's read, in one C call that releases
         the GIL while it waits (``protocol._stream.wait_frame``; where it applies:
@@ -1216,7 +1264,7 @@ class Channel(ChannelIdentity):
         if got is None:
             self._woken()
             raise Timeout("recv timed out")
-        return core.after_wait(got, len(buf))
+        return core.after_wait(got, len(buf), parse)
 
     def _wait_message(
         self, receiver: Receiver | FifoWaiter, deadline: float | None, spin: float
@@ -1249,8 +1297,11 @@ class Channel(ChannelIdentity):
         return core.after_message(got)
 
     def _fast_receive(
-        self, recv: Callable[[int], tuple[int, bytes] | None], timeout: float | None
-    ) -> Frame | tuple[int, bytes] | None:
+        self,
+        recv: Callable[[int], tuple[int, bytes] | None],
+        timeout: float | None,
+        parse: Parse | None = None,
+    ) -> Frame | tuple[int, Any] | None:
         """A shared-memory ring's receive: one C call; if the ring is empty, spin on it
         (GIL released, nothing armed, no system call) for ``spin`` seconds. ``None``:
         nothing came, go the general way (which arms the ring's eventfd and sleeps)."""
@@ -1269,7 +1320,13 @@ class Channel(ChannelIdentity):
                 if left <= 0.0 or not wait(left):
                     return None
                 got = recv(limit)
-        return got if got[0] >= 0 else core.fast_other(got)
+        if got[0] >= 0:
+            return got
+        if parse is not None:
+            parsed = self._parse_record(parse, got)
+            if parsed is not None:
+                return parsed
+        return core.fast_other(got)
 
     def _input(self, step: Step, deadline: float | None) -> None:
         """An INPUT step: spin (if the step allows and time is left), then sleep until
