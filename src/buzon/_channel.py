@@ -475,11 +475,16 @@ class ChannelCore:
         return self._receipt_writer
 
     def _small_part(self, flags: int, data: bytes, written: int) -> int:
-        """:attr:`small_send` wrote ``written`` bytes of the frame of ``data``: keep its
-        tail and count it, as :meth:`send_small` does; return the frame's serial."""
-        size = len(data) + 8
+        """:attr:`small_send` wrote ``written`` bytes of the frame of ``data`` (flags
+        -1: ``data`` is the whole frame, ``small_send(frame, True)``): keep its tail and
+        count it, as :meth:`send_small` does; return the frame's serial."""
         self.serial += 1
-        self._keep_tail((data_header(size - 8, flags), data), written)
+        if flags < 0:
+            size = len(data)
+            self._keep_tail((data,), written)
+        else:
+            size = len(data) + 8
+            self._keep_tail((data_header(size - 8, flags), data), written)
         self.open_frame = _OpenFrame(self.serial, size, (), size)
         self.stats.messages_sent += 1
         self.stats.bytes_sent += size

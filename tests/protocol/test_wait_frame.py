@@ -480,3 +480,33 @@ def test_small_writer_on_a_blocking_mode_socket_never_blocks() -> None:
                 break
         assert False in results
         assert write.counts()[2] == 1  # the would-block, counted
+
+
+def test_small_writer_writes_a_whole_frame_as_it_is() -> None:
+    """``write(frame, True)`` (Channel._send_frame: a frame made elsewhere, header
+    included) writes the bytes unchanged, counts them, refuses what is no frame's
+    size; a partial write gives on_part the whole frame with flags -1."""
+    r, w = os.pipe()
+    try:
+        parts: list[tuple[int, bytes, int]] = []
+        write = _writer(w, _Core(), threading.Lock(), parts)
+        frame = _plain(5, b"whole")
+        assert write(frame, True) is True
+        assert os.read(r, 100) == frame  # not framed again
+        assert write.counts() == (1, len(frame), 0)
+        assert write(b"short", True) is False  # shorter than a header: not a frame
+        assert write(b"x" * 100_009, True) is False  # past limit + 8
+        assert write(frame, False) is True and os.read(r, 100) == _plain(0, frame)
+        os.set_blocking(w, False)
+        while True:  # fill the pipe to leave less room than the frame
+            try:
+                os.write(w, b"f" * 4096)
+            except BlockingIOError:
+                break
+        assert len(os.read(r, 4096)) == 4096
+        big = _plain(0, b"d" * 10_000)
+        assert write(big, True) == 41
+        assert parts == [(-1, big, 4096)]
+    finally:
+        os.close(r)
+        os.close(w)

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 import buzon
+from buzon.codec import Codec
 from buzon.protocol import _rpc
+from buzon.protocol.frames import Kind, encode_frame
 from buzon.rpc import _wire as w
 from buzon.sync import Channel
 
@@ -58,6 +60,13 @@ def _as_call(ch: Channel, item: Any) -> Any:
     if type(item) is tuple:
         return item[1] if item[0] == -1 else ch._core.item_object(item)
     return _rpc.parse_parts(item.fields, item.body)
+
+
+def _big_request(call_id: int, *args: Any) -> bytes:
+    """A request frame past protocol._rpc's small ones (the reference encoder's)."""
+    codec, payload, _ = Codec().encode([w.REQUEST, "add", list(args)])
+    fields = {w.MESSAGE_ID: w.id_field(call_id), w.DEADLINE: w.ms_field(0.25)}
+    return b"".join(bytes(b) for b in encode_frame(Kind.DATA, codec, payload, fields=fields))
 
 
 class _Hook:
@@ -176,6 +185,49 @@ def test_wire_recv_reads_only_through_the_channel_hook(
         w.send_frame(a, _request(1, 1, 1), T)
         assert w.recv(b, T) == (w.REQUEST, 1, 250, "add", [1, 1])
         assert calls == [T]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("url", ["unix:parsed6", "shm:parsed6", "tcp://127.0.0.1:0"])
+def test_whole_frames_sent_in_one_call_arrive_intact_through_partial_writes(url: str) -> None:
+    """``Channel._send_frame`` writes a whole frame in one C call on a quiet stream
+    (``small_send(frame, True)``); when the kernel takes only part of it (a full
+    socket), the tail is kept and finished by the engine: every frame arrives, in
+    order, and the counts are the frames' sizes."""
+    lst = buzon.listen(url, spin=0.0)
+    try:
+        box: list[Channel] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
+        t.start()
+        a = buzon.connect(lst.address if url.startswith("tcp") else url, timeout=T, spin=0.0)
+        t.join(T)
+    finally:
+        lst.close()
+    b = box[0]
+    size = [3900 + i % 50 for i in range(2000)]  # each frame <= PLAIN_MAX: the C write
+    frames = [_big_request(i, "z" * size[i], i) for i in range(2000)]
+    got: list[Any] = []
+
+    def reader() -> None:
+        for i in range(len(frames)):
+            if i % 100 == 0:
+                time.sleep(0.005)  # let the socket fill: some later writes are partial
+            got.append(w.recv(b, T))
+
+    try:
+        before = a.statistics().bytes_sent, a.statistics().messages_sent
+        r = threading.Thread(target=reader)
+        r.start()
+        for f in frames:
+            a._send_frame(f, T)
+        r.join(30)
+        want = [[w.REQUEST, "add", ["z" * size[i], i]] for i in range(2000)]
+        assert [w.as_message(*g)[0] for g in got] == want
+        stats = a.statistics()
+        assert stats.messages_sent - before[1] == len(frames)
+        assert stats.bytes_sent - before[0] == sum(len(f) for f in frames)
     finally:
         a.close()
         b.close()

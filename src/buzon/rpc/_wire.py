@@ -125,15 +125,10 @@ def send(
     )
 
 
-def send_frame(ch: Any, frame: bytes, timeout: float | None) -> None:
+def send_frame(ch: Channel, frame: bytes, timeout: float | None) -> None:
     """Send one whole encoded frame (``protocol._rpc.request``/``reply``) on the
-    channel ``ch``: as ``Channel.send`` does, in one C call into a shared-memory ring
-    while its fast path is on and the record fits, else the channel's general send."""
-    core = ch._core
-    fast = core.fast_send
-    if fast is not None and len(frame) <= core.fast_limit and fast(frame, -1):
-        return
-    ch._send_encoded([frame], timeout)
+    channel ``ch`` (``Channel._send_frame``: one C call where the channel is quiet)."""
+    ch._send_frame(frame, timeout)
 
 
 #: :func:`recv`'s kind of a message it did not take apart (``a``: body, ``b``: fields)

@@ -368,6 +368,27 @@ class Channel(ChannelIdentity):
             serial = core.serial
         self._send_slow(bufs, timeout, 0, 0 if accepted else -1, serial)
 
+    def _send_frame(self, frame: bytes, timeout: float | None) -> None:
+        """Send one whole encoded DATA frame (a protocol's frame made elsewhere, e.g.
+        ``protocol._rpc.request``), waiting up to ``timeout``, as :meth:`send` sends
+        its own: in one C call where the channel is quiet (a ring's put, or one
+        write on a stream: ``small_send``), else the general way."""
+        core = self._core
+        fast = core.fast_send
+        if fast is not None:
+            if len(frame) <= core.fast_limit and fast(frame, -1):
+                return
+        elif core.rv_ring is None and not self._rendezvous:
+            small = core.small_send
+            if small is not None and core.small_limit >= 0:
+                done = small(frame, True)
+                if done is True:
+                    return
+                if done is not False:  # the kernel took part of it: the engine finishes it
+                    self._send_slow([], timeout, 0, 0, done)
+                    return
+        self._send_encoded([frame], timeout)
+
     def _send_fields(self, obj: Any, fields: dict[int, bytes], timeout: float | None) -> None:
         """``send`` with header fields (``frames.Field``: RPC call ids, deadlines)."""
         core = self._core
