@@ -381,7 +381,7 @@ class Channel(ChannelIdentity):
         elif core.rv_ring is None and not self._rendezvous:
             small = core.small_send
             if small is not None and core.small_limit >= 0:
-                done = small(frame, True)
+                done = small(frame, True)  # type: ignore[call-arg]  # a SmallWriter
                 if done is True:
                     return
                 if done is not False:  # the kernel took part of it: the engine finishes it
