@@ -1212,7 +1212,9 @@ class Channel(ChannelIdentity):
             if core.more_buffered():
                 self._sleep_first = 0
             return got
-        if ready.poll(0):
+        # a receive that expects to wait (a parse hook: an RPC reply or request, whose
+        # peer is still working) skips this look: the C wait's spin looks first anyway
+        if (parse is None or timeout == 0) and ready.poll(0):
             item = core.poll()
             if item is not None:
                 return item
