@@ -1894,8 +1894,13 @@ class ChannelCore:
             raise ChannelClosed("the channel is closed")
         if parse is not None and got:
             parsed = parse(self._wait_buf, self.max_frame, got)  # type: ignore[arg-type]
-            if parsed is not None:
-                self.took_whole(got)  # type: ignore[arg-type]
+            if parsed is not None:  # self.took_whole(got), inline (once per message)
+                stats = self.stats
+                stats.bytes_received += got  # type: ignore[operator]
+                stats.messages_received += 1
+                self.taken += 1
+                if self.taking:
+                    self._took(False, False)
                 return (-1, parsed)
         decoder = self.decoder
         assert decoder is not None

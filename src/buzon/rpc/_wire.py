@@ -40,6 +40,7 @@ __all__ = [
     "REQUEST",
     "error_body",
     "as_message",
+    "from_item",
     "error_from",
     "id_field",
     "ms_field",
@@ -151,10 +152,17 @@ def recv(ch: Channel, timeout: float | None) -> tuple[int, int, int, Any, Any]:
     frame the channel's decoder cut is taken apart from its fields and body.
     """
     item = ch._recv_parsed(_parse, timeout)
+    if type(item) is tuple and item[0] == -1:
+        parsed: tuple[int, int, int, Any, Any] = item[1]
+        return parsed
+    return from_item(ch, item)
+
+
+def from_item(ch: Channel, item: Frame | tuple[int, Any]) -> tuple[int, int, int, Any, Any]:
+    """:func:`recv`'s result for a channel item that the C parse did not take
+    (``Channel._recv_parsed`` gave the item itself): a frame the decoder cut is taken
+    apart from its fields and body, anything else decoded by the channel."""
     if type(item) is tuple:
-        if item[0] == -1:
-            parsed: tuple[int, int, int, Any, Any] = item[1]
-            return parsed
         return OTHER, 0, -1, ch._core.item_object(item), None
     frame: Frame = item  # type: ignore[assignment]  # not a tuple: a Frame
     fields = frame.fields
