@@ -25,7 +25,8 @@
  *   wait_frame(fd, buf, deadline, spin, limit[, wake[, mode]]) -> (flags, body) | int | None
  *       The wait and the read of a plain blocking receive, in one call (the engine's
  *       INPUT step on the read fd, then the read the take does: see _engine.py
- *       recv_steps and ChannelCore.wait_read). Spin ``spin`` seconds with poll(fd, 0),
+ *       recv_steps and ChannelCore.wait_read). Spin ``spin`` seconds with poll(fd, 0)
+ *       (data it sees is read at once, without the sleep's poll),
  *       then sleep in poll(fd) until ``deadline`` (time.monotonic() seconds; None: no
  *       limit), then read(2) once into ``buf`` (the frame decoder's empty read buffer)
  *       from its start; the GIL is released meanwhile. Returns ``(flags, body)`` when
@@ -302,17 +303,35 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     ssize_t got = -1;
     int err = 0, timed_out = 0;
     if (spin > 0.0) { /* the spin budget: readiness checks, no sleep, no EINTR */
-        int ready = 0;
+        int ready = 0, e = 0;
         Py_BEGIN_ALLOW_THREADS
         double end = monotonic_now() + spin;
         while ((ready = poll(pfd, 1, 0)) == 0 && monotonic_now() < end)
             ;
+        if (ready > 0 && (pfd->revents & POLLIN)) { /* data seen: read it now (the sleep's
+                                                      * poll would only say so again) */
+            got = sock ? recv((int)fd, buf.buf, (size_t)buf.len, MSG_DONTWAIT)
+                       : read((int)fd, buf.buf, (size_t)buf.len);
+            if (got < 0)
+                e = errno;
+        }
         Py_END_ALLOW_THREADS
         /* a signal that came while spinning interrupted nothing: its handler runs now */
         if (ready <= 0 && PyErr_CheckSignals() < 0) {
             PyBuffer_Release(&buf);
             return NULL;
         }
+        if (got > 0)
+            goto done;
+        if (got == 0) { /* the end of the stream, or a close()'s shutdown (MODE_BLOCK) */
+            timed_out = readable_now((int)wake);
+            goto done;
+        }
+        if (e != 0 && e != EAGAIN && e != EWOULDBLOCK && e != EINTR) {
+            err = e;
+            goto done;
+        }
+        got = -1; /* nothing after all: wait as usual */
     }
     if ((mode & MODE_BLOCK) && forever) {
         /* the sleep is the read: a blocking recv, woken by the data itself (a poll then a

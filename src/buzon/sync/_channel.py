@@ -378,10 +378,10 @@ class Channel(ChannelIdentity):
         if fast is not None:
             if len(frame) <= core.fast_limit and fast(frame, -1):
                 return
-        elif core.rv_ring is None and not self._rendezvous:
+        elif core.small_limit >= 0:  # a stream's SmallWriter (never with capacity=0)
             small = core.small_send
-            if small is not None and core.small_limit >= 0:
-                done = small(frame, True)  # type: ignore[call-arg]  # a SmallWriter
+            if small is not None:
+                done = small(frame, True)  # type: ignore[call-arg]
                 if done is True:
                     return
                 if done is not False:  # the kernel took part of it: the engine finishes it
