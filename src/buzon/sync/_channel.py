@@ -1002,18 +1002,29 @@ class Channel(ChannelIdentity):
         (``buzon.rpc``: ``protocol._rpc.parse``), without the decoder's steps."""
         core = self._core
         recv = core.fast_recv
+        spun = False
         if recv is not None and not core.inbox:  # a ring: multi-consumer safe, no lock
-            got = recv(core.max_frame)
+            got = self._ring_take(recv, timeout)  # try, then spin on the ring
             if got is not None:
-                if got[0] >= 0:
+                code = got[0]
+                if code >= 0:
                     return got
-                parsed = self._parse_record(parse, got)
-                return parsed if parsed is not None else self._after_fast(got, timeout)
+                if code == -1:  # a whole record: self._parse_record, inline
+                    msg = got[1]
+                    parsed = parse(msg, core.max_frame, len(msg))
+                    if parsed is not None:  # counted as took_whole counts (no takes are
+                        stats = core.stats  # numbered while the ring calls are on)
+                        stats.bytes_received += len(msg)
+                        stats.messages_received += 1
+                        core.taken += 1
+                        return (-1, parsed)
+                return self._after_fast(got, timeout)
+            spun = True  # the general way below sleeps without spinning again
         with self._rlock:
             core = self._core
             item = core.buffered()
             if item is None:
-                item = self._receive(timeout, parse)
+                item = self._receive(timeout, parse, spun)
         if self._pumpers:
             self._wake_pumpers()  # a sender waiting for CREDITs may read them now
         return item
@@ -1165,19 +1176,20 @@ class Channel(ChannelIdentity):
         return view
 
     def _receive(
-        self, timeout: float | None, parse: Parse | None = None
+        self, timeout: float | None, parse: Parse | None = None, spun: bool = False
     ) -> Frame | tuple[int, Any]:
         """Read a message: at once if the fd is readable, else after spinning for
         ``spin`` seconds (checking readiness with ``poll(0)``, which costs less than a
         failed read), else after sleeping in ``poll``. ``parse``: see
-        :meth:`_recv_parsed`."""
+        :meth:`_recv_parsed`; ``spun``: the caller tried and spun on the ring already."""
         core = self._core
         spin = self._spin
         recv = core.fast_recv
         if recv is not None:
-            item = self._fast_receive(recv, timeout, parse)
-            if item is not None:
-                return item
+            if not spun:
+                item = self._fast_receive(recv, timeout, parse)
+                if item is not None:
+                    return item
             spin = 0.0  # spun already, on the ring itself
         ready = self._rpoll
         if ready is None:
@@ -1329,6 +1341,23 @@ class Channel(ChannelIdentity):
         (GIL released, nothing armed, no system call) for ``spin`` seconds. ``None``:
         nothing came, go the general way (which arms the ring's eventfd and sleeps)."""
         core = self._core
+        got = self._ring_take(recv, timeout)
+        if got is None:
+            return None
+        if got[0] >= 0:
+            return got
+        if parse is not None:
+            parsed = self._parse_record(parse, got)
+            if parsed is not None:
+                return parsed
+        return core.fast_other(got)
+
+    def _ring_take(
+        self, recv: Callable[[int], tuple[int, bytes] | None], timeout: float | None
+    ) -> tuple[int, bytes] | None:
+        """The ring call ``recv``, then (the ring empty) a spin on the ring for ``spin``
+        seconds: what it returned, or None (nothing came)."""
+        core = self._core
         limit = core.max_frame
         got = recv(limit)
         if got is None:
@@ -1343,13 +1372,7 @@ class Channel(ChannelIdentity):
                 if left <= 0.0 or not wait(left):
                     return None
                 got = recv(limit)
-        if got[0] >= 0:
-            return got
-        if parse is not None:
-            parsed = self._parse_record(parse, got)
-            if parsed is not None:
-                return parsed
-        return core.fast_other(got)
+        return got
 
     def _input(self, step: Step, deadline: float | None) -> None:
         """An INPUT step: spin (if the step allows and time is left), then sleep until
