@@ -475,11 +475,16 @@ class ChannelCore:
         return self._receipt_writer
 
     def _small_part(self, flags: int, data: bytes, written: int) -> int:
-        """:attr:`small_send` wrote ``written`` bytes of the frame of ``data``: keep its
-        tail and count it, as :meth:`send_small` does; return the frame's serial."""
-        size = len(data) + 8
+        """:attr:`small_send` wrote ``written`` bytes of the frame of ``data`` (flags
+        -1: ``data`` is the whole frame, ``small_send(frame, True)``): keep its tail and
+        count it, as :meth:`send_small` does; return the frame's serial."""
         self.serial += 1
-        self._keep_tail((data_header(size - 8, flags), data), written)
+        if flags < 0:
+            size = len(data)
+            self._keep_tail((data,), written)
+        else:
+            size = len(data) + 8
+            self._keep_tail((data_header(size - 8, flags), data), written)
         self.open_frame = _OpenFrame(self.serial, size, (), size)
         self.stats.messages_sent += 1
         self.stats.bytes_sent += size
@@ -1858,13 +1863,21 @@ class ChannelCore:
             self._stream.interrupt_reads()
 
     def after_wait(
-        self, got: tuple[int, bytes] | int, room: int
-    ) -> Frame | tuple[int, bytes] | None:
+        self,
+        got: tuple[int, bytes] | int,
+        room: int,
+        parse: Callable[[Buffer, int, int], Any] | None = None,
+    ) -> Frame | tuple[int, Any] | None:
         """What ``wait_frame`` read into the :meth:`wait_read` buffer of ``room``
         bytes: a lone plain frame it took (counted here), or the bytes it left there
         for the decoder (0: end of stream). Returns the message, or None if the read
         brought only part of a frame (the engine's loop goes on). Raises as
-        :meth:`poll` does (end of stream, a bad frame, the channel closed meanwhile)."""
+        :meth:`poll` does (end of stream, a bad frame, the channel closed meanwhile).
+
+        ``parse`` (``Channel._recv_parsed``'s hook): bytes that may be one whole
+        frame are first offered to ``parse(buffer, max_frame, n)``; a result that is
+        not None means it took the frame (counted here, the buffer free again) and
+        comes back as ``(-1, result)``; None leaves them to the decoder."""
         if got.__class__ is tuple:
             stats = self.stats
             stats.bytes_received += len(got[1]) + 8
@@ -1879,11 +1892,31 @@ class ChannelCore:
             return got
         if self.closed:
             raise ChannelClosed("the channel is closed")
+        if parse is not None and got:
+            parsed = parse(self._wait_buf, self.max_frame, got)  # type: ignore[arg-type]
+            if parsed is not None:  # self.took_whole(got), inline (once per message)
+                stats = self.stats
+                stats.bytes_received += got  # type: ignore[operator]
+                stats.messages_received += 1
+                self.taken += 1
+                if self.taking:
+                    self._took(False, False)
+                return (-1, parsed)
         decoder = self.decoder
         assert decoder is not None
         if self._read_bytes(decoder, got, room):  # type: ignore[arg-type]
             return self._pop(decoder.frames)
         return None
+
+    def took_whole(self, size: int) -> None:
+        """Count a whole frame of ``size`` bytes that a ``parse`` hook took (see
+        :meth:`after_wait`, ``Channel._recv_parsed``) as :meth:`_take` counts one."""
+        stats = self.stats
+        stats.bytes_received += size
+        stats.messages_received += 1
+        self.taken += 1
+        if self.taking:  # takes are numbered (receipts were asked before)
+            self._took(False, False)
 
     def wait_message(self) -> Receiver | FifoWaiter | None:
         """Where a plain receive on a message transport may wait and take in one call:

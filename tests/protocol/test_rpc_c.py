@@ -269,3 +269,38 @@ def test_an_exactly_once_request_is_the_reference_frame(
 def test_a_key_that_is_not_plain_is_left_to_the_codec() -> None:
     assert _rpc.request("m", [1], 1, -1, [b"c", [1], 0]) is None
     assert _rpc.request("m", [1], 1, -1, {"a": 1}) is None  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    result=_PLAIN,
+    call_id=st.integers(min_value=0, max_value=2**63 - 1),
+    tail=st.binary(max_size=40),
+    cut=st.integers(min_value=0, max_value=8),
+)
+def test_parse_of_a_buffer_prefix_is_parse_of_those_bytes(
+    result: Any, call_id: int, tail: bytes, cut: int
+) -> None:
+    """``parse(buf, max_frame, n)`` (a stream's read buffer, the channel's hook) reads
+    exactly ``buf[:n]``: the bytes after it never change the answer, and a frame cut
+    short or followed by more bytes is not one whole frame (None)."""
+    frame = _rpc.reply(call_id, result)
+    assert frame is not None
+    buf = bytearray(frame + tail)
+    assert _rpc.parse(buf, 1 << 20, len(frame)) == _rpc.parse(frame, 1 << 20)
+    assert _rpc.parse(buf, 1 << 20, len(frame)) == (w.REPLY, call_id, -1, result, None) or (
+        isinstance(result, float) and math.isnan(result)
+    )
+    if tail:
+        assert _rpc.parse(buf, 1 << 20, len(buf)) is None  # two frames' worth: not one
+    assert _rpc.parse(buf, 1 << 20, max(0, len(frame) - 1 - cut)) is None
+
+
+def test_parse_refuses_a_length_past_the_buffer() -> None:
+    frame = _rpc.reply(1, 2)
+    assert frame is not None
+    with pytest.raises(ValueError):
+        _rpc.parse(frame, 1 << 20, len(frame) + 1)
+    with pytest.raises(ValueError):
+        _rpc.parse(frame, 1 << 20, -1)
+    assert _rpc.parse(frame, len(frame) - 1, len(frame)) is None  # the frame cap holds

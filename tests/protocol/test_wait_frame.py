@@ -480,3 +480,83 @@ def test_small_writer_on_a_blocking_mode_socket_never_blocks() -> None:
                 break
         assert False in results
         assert write.counts()[2] == 1  # the would-block, counted
+
+
+def test_small_writer_writes_a_whole_frame_as_it_is() -> None:
+    """``write(frame, True)`` (Channel._send_frame: a frame made elsewhere, header
+    included) writes the bytes unchanged, counts them, refuses what is no frame's
+    size; a partial write gives on_part the whole frame with flags -1."""
+    r, w = os.pipe()
+    try:
+        parts: list[tuple[int, bytes, int]] = []
+        write = _writer(w, _Core(), threading.Lock(), parts)
+        frame = _plain(5, b"whole")
+        assert write(frame, True) is True
+        assert os.read(r, 100) == frame  # not framed again
+        assert write.counts() == (1, len(frame), 0)
+        assert write(b"short", True) is False  # shorter than a header: not a frame
+        assert write(b"x" * 100_009, True) is False  # past limit + 8
+        assert write(frame, False) is True and os.read(r, 100) == _plain(0, frame)
+        os.set_blocking(w, False)
+        while True:  # fill the pipe to leave less room than the frame
+            try:
+                os.write(w, b"f" * 4096)
+            except BlockingIOError:
+                break
+        assert len(os.read(r, 4096)) == 4096
+        big = _plain(0, b"d" * 10_000)
+        assert write(big, True) == 41
+        assert parts == [(-1, big, 4096)]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(_chunk, min_size=0, max_size=4),
+    st.sampled_from([0, SOCKET, SOCKET | BLOCK]),
+    st.booleans(),
+)
+def test_a_read_the_spin_saw_is_the_read_the_sleep_makes(
+    chunks: list[bytes], mode: int, closed: bool
+) -> None:
+    """With a spin, data already there is read as soon as the spin sees it (no second
+    poll): the same result as without the spin, in every mode, the end of the stream
+    (0) included."""
+    data = b"".join(chunks)
+    results = []
+    for spin in (0.0, 0.05):
+        if mode:
+            a, b = socket.socketpair()
+            rfd, writer = a.fileno(), b
+        else:
+            r, w = os.pipe()
+            a, b = os.fdopen(r, "rb", 0), os.fdopen(w, "wb", 0)
+            os.set_blocking(r, False)
+            rfd, writer = r, b
+        with a, b:
+            if data:
+                writer.sendall(data) if mode else writer.write(data)  # type: ignore[union-attr]
+            if closed or not data:
+                writer.close()
+            buf = bytearray(64 * 1024)
+            deadline = None if mode & BLOCK else time.monotonic() + 5
+            got = _stream.wait_frame(rfd, buf, deadline, spin, LIMIT, -1, mode)
+            results.append((got, bytes(buf[:got]) if isinstance(got, int) else None))
+    assert results[0] == results[1]
+
+
+def test_a_spin_that_sees_a_close_reports_it() -> None:
+    """The close's shutdown (MODE_BLOCK) seen by the spin's read: None, as the sleep's."""
+    a, b = socket.socketpair()
+    wake_r, wake_w = os.pipe()
+    try:
+        with a, b:
+            os.write(wake_w, b"x")
+            a.shutdown(socket.SHUT_RD)
+            got = _stream.wait_frame(a.fileno(), bytearray(64), None, 0.05, LIMIT, wake_r, 3)
+            assert got is None
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)

@@ -24,9 +24,9 @@ def _count_reads(c: rpc.Client) -> list[float | None]:
     inner = ch._receive
     seen: list[float | None] = []
 
-    def counting(timeout: float | None) -> Any:
+    def counting(timeout: float | None, *rest: Any) -> Any:
         seen.append(timeout)
-        return inner(timeout)
+        return inner(timeout, *rest)
 
     ch._receive = counting  # type: ignore[method-assign]
     return seen

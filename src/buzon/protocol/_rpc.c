@@ -23,8 +23,9 @@
  *
  * And the way back, for a received message of that shape:
  *
- *   parse(data, max_frame) -> tuple | None
- *       ``data`` exactly one DATA frame with header fields, msgpack, no out-of-band
+ *   parse(data, max_frame[, n]) -> tuple | None
+ *       ``data`` (its first ``n`` bytes, when given: a stream's read buffer, as
+ *       ``Channel.recv_parsed`` offers it) exactly one DATA frame with header fields, msgpack, no out-of-band
  *       buffers, not CHUNKED, no receipt asked, at most ``max_frame`` bytes:
  *       a request ``[0, str, [plain...]]`` with a MESSAGE_ID gives
  *       ``(0, call_id, ms, method, args)`` (``ms`` the DEADLINE field, -1 if none,
@@ -548,18 +549,36 @@ static PyObject *finish_parse(PyObject *got) {
 
 static PyObject *py_parse(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "parse(data, max_frame)");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "parse(data, max_frame[, n])");
         return NULL;
     }
     Py_ssize_t max_frame = PyLong_AsSsize_t(args[1]);
     if (max_frame == -1 && PyErr_Occurred())
         return NULL;
+    Py_ssize_t size = -1;
+    if (nargs == 3) {
+        size = PyLong_AsSsize_t(args[2]);
+        if (size == -1 && PyErr_Occurred())
+            return NULL;
+        if (size < 0) {
+            PyErr_SetString(PyExc_ValueError, "n must be non-negative");
+            return NULL;
+        }
+    }
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     const unsigned char *p = view.buf;
     Py_ssize_t n = view.len;
+    if (size >= 0) {
+        if (size > n) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "n is past the end of data");
+            return NULL;
+        }
+        n = size;
+    }
     PyObject *out = NOT_OURS;
     if (n >= HEAD + 2 && n <= max_frame && p[0] == VERSION && p[1] == KIND_DATA &&
         p[2] == (CODEC_MSGPACK | FIELDS) && p[3] == 0) {
@@ -721,7 +740,7 @@ static PyMethodDef methods[] = {
     {"reply", (PyCFunction)(void (*)(void))py_reply, METH_FASTCALL,
      "reply(call_id, result) -> bytes | None: a reply's whole frame"},
     {"parse", (PyCFunction)(void (*)(void))py_parse, METH_FASTCALL,
-     "parse(data, max_frame) -> tuple | None: a whole frame of the common shape, taken apart"},
+     "parse(data, max_frame[, n]) -> tuple | None: a whole frame (data[:n]) of the common shape, taken apart"},
     {"parse_parts", (PyCFunction)(void (*)(void))py_parse_parts, METH_FASTCALL,
      "parse_parts(fields, body) -> tuple | None: the same for a split frame"},
     {NULL, NULL, 0, NULL},

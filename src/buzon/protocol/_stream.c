@@ -25,7 +25,8 @@
  *   wait_frame(fd, buf, deadline, spin, limit[, wake[, mode]]) -> (flags, body) | int | None
  *       The wait and the read of a plain blocking receive, in one call (the engine's
  *       INPUT step on the read fd, then the read the take does: see _engine.py
- *       recv_steps and ChannelCore.wait_read). Spin ``spin`` seconds with poll(fd, 0),
+ *       recv_steps and ChannelCore.wait_read). Spin ``spin`` seconds with poll(fd, 0)
+ *       (data it sees is read at once, without the sleep's poll),
  *       then sleep in poll(fd) until ``deadline`` (time.monotonic() seconds; None: no
  *       limit), then read(2) once into ``buf`` (the frame decoder's empty read buffer)
  *       from its start; the GIL is released meanwhile. Returns ``(flags, body)`` when
@@ -53,7 +54,7 @@
  *       O_NONBLOCK is a property of the open file, which another process may share),
  *       the wait sleeps in poll as without the bit.
  *
- *   SmallWriter(fd, core, lock, limit, on_part[, sock])(data) -> True | False | int
+ *   SmallWriter(fd, core, lock, limit, on_part[, sock])(data[, framed]) -> True | False | int
  *       The hot path of a blocking ``send_bytes`` (ChannelCore.small_send): ``data``,
  *       bytes of at most ``limit``, as one plain DATA frame in one writev, when the
  *       channel is quiet (``sock`` true: one sendmsg with MSG_DONTWAIT, as write_frame):
@@ -69,6 +70,9 @@
  *       way, which meets the same error. Written in part: ``on_part(flags, data, n)``
  *       keeps the tail as the core does for its own writes and returns the frame's
  *       serial, which this call returns for the engine to finish the frame.
+ *       ``framed`` true: ``data`` is a whole encoded frame already (at most ``limit`` + 8
+ *       bytes, header included: ``Channel._send_frame``, RPC's frames made in C),
+ *       written as it is; a partial write's ``on_part`` gets flags -1.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -299,17 +303,35 @@ static PyObject *wait_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     ssize_t got = -1;
     int err = 0, timed_out = 0;
     if (spin > 0.0) { /* the spin budget: readiness checks, no sleep, no EINTR */
-        int ready = 0;
+        int ready = 0, e = 0;
         Py_BEGIN_ALLOW_THREADS
         double end = monotonic_now() + spin;
         while ((ready = poll(pfd, 1, 0)) == 0 && monotonic_now() < end)
             ;
+        if (ready > 0 && (pfd->revents & POLLIN)) { /* data seen: read it now (the sleep's
+                                                      * poll would only say so again) */
+            got = sock ? recv((int)fd, buf.buf, (size_t)buf.len, MSG_DONTWAIT)
+                       : read((int)fd, buf.buf, (size_t)buf.len);
+            if (got < 0)
+                e = errno;
+        }
         Py_END_ALLOW_THREADS
         /* a signal that came while spinning interrupted nothing: its handler runs now */
         if (ready <= 0 && PyErr_CheckSignals() < 0) {
             PyBuffer_Release(&buf);
             return NULL;
         }
+        if (got > 0)
+            goto done;
+        if (got == 0) { /* the end of the stream, or a close()'s shutdown (MODE_BLOCK) */
+            timed_out = readable_now((int)wake);
+            goto done;
+        }
+        if (e != 0 && e != EAGAIN && e != EWOULDBLOCK && e != EINTR) {
+            err = e;
+            goto done;
+        }
+        got = -1; /* nothing after all: wait as usual */
     }
     if ((mode & MODE_BLOCK) && forever) {
         /* the sleep is the read: a blocking recv, woken by the data itself (a poll then a
@@ -439,29 +461,35 @@ typedef struct {
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow;
 
 
-static PyObject *small_write(SmallWriter *self, PyObject *data);
+static PyObject *small_write(SmallWriter *self, PyObject *data, int framed);
 
 static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
                                    PyObject *kwnames) {
     SmallWriter *self = (SmallWriter *)op;
-    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
-        PyErr_SetString(PyExc_TypeError, "SmallWriter(data) takes one argument");
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1 || nargs > 2 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "SmallWriter(data[, framed]) takes one or two arguments");
         return NULL;
     }
     PyObject *data = args[0];
-    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) > self->limit)
+    int framed = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
+    if (framed < 0)
+        return NULL;
+    /* framed: ``data`` is a whole encoded frame (header included), of at most limit + 8 */
+    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) > self->limit + (framed ? 8 : 0) ||
+        (framed && PyBytes_GET_SIZE(data) < 8))
         Py_RETURN_FALSE;
     /* the write lock, held from the checks until a partial write's tail is kept (Python
      * code, during which another thread may run: it must find the tail owed, or wait) */
     int locked = try_lock(self->acquire);
     if (locked <= 0) /* another thread writes: the general way waits for the lock */
         return locked < 0 ? NULL : Py_NewRef(Py_False);
-    return unlock_with(self->release, small_write(self, data));
+    return unlock_with(self->release, small_write(self, data, framed));
 }
 
 /* SmallWriter's write, under the write lock: True written whole, False nothing written
  * (the general way), an int (a partial write: the frame's serial), NULL an error */
-static PyObject *small_write(SmallWriter *self, PyObject *data) {
+static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
     Py_ssize_t owed = PyObject_Length(self->pending);
     if (owed != 0)
         return owed < 0 ? NULL : Py_NewRef(Py_False);
@@ -478,21 +506,23 @@ static PyObject *small_write(SmallWriter *self, PyObject *data) {
         {.iov_base = header, .iov_len = sizeof header},
         {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
     };
+    Py_ssize_t whole = framed ? n : n + 8;
     ssize_t got;
     do
-        got = put_vec(self->fd, self->sock, iov, n ? 2 : 1);
+        got = framed ? put_vec(self->fd, self->sock, iov + 1, 1)
+                     : put_vec(self->fd, self->sock, iov, n ? 2 : 1);
     while (got < 0 && errno == EINTR);
     if (got < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             self->would_block++;
         Py_RETURN_FALSE; /* the general way writes again and reports what it meets */
     }
-    if (got == n + 8) {
+    if (got == whole) {
         self->sent++;
         self->sent_bytes += (unsigned long long)got;
         Py_RETURN_TRUE;
     }
-    PyObject *flags = PyLong_FromLong(0);
+    PyObject *flags = PyLong_FromLong(framed ? -1 : 0); /* -1: the tail of a whole frame */
     PyObject *wrote = PyLong_FromSsize_t(got);
     PyObject *out = NULL;
     if (flags != NULL && wrote != NULL) {

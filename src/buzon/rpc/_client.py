@@ -43,6 +43,7 @@ from ..errors import (
 )
 from ..errors import Timeout as _Timeout
 from ..names import lookup
+from ..protocol._rpc import parse as _PARSE
 from ..protocol._rpc import request as _request
 from ..sync import Channel
 from ..sync import connect as _connect
@@ -64,7 +65,7 @@ _monotonic = time.monotonic
 # futures whose deadline passes even while no message comes (a close() from another
 # thread wakes any blocked receive: the blocking calls read without slices)
 _SLICE = 0.25
-_NOT_SOLO = object()  # Client._call_solo did not apply
+_NOT_SOLO = object()  # Client._solo did not apply
 
 
 class _Pending:
@@ -251,7 +252,7 @@ class Client(RefPeer):
         self._restarts = 0  # reconnects that found another server start, table lost
         self.restarts_survived = 0  # ...whose table persisted: calls in flight go on
         self._closing = False
-        self._msgpack = False  # _call_solo applies (set by _use_channel)
+        self._msgpack = False  # _solo applies (set by _use_channel)
         self._max_frame = 0
         self._use_channel(channel)
         self._ref_init()
@@ -381,11 +382,24 @@ class Client(RefPeer):
                 if got is not _NOT_SOLO:
                     return got
             return self._call_again_and_again(method, args, kwargs)
-        if not kwargs and not self._pending and not self._reading:
-            # the common case: no other call in flight, plain arguments
-            got = self._call_solo(method, args)
-            if got is not _NOT_SOLO:
-                return got
+        if (
+            not kwargs
+            and not self._pending
+            and not self._reading
+            and self._broken is None
+            and self._msgpack
+        ):
+            # the common case: no other call in flight, plain arguments (:meth:`_solo`)
+            at = _DEADLINE.get()  # self._deadline(), inline
+            if self._timeout is not None:
+                mine = _monotonic() + self._timeout
+                if at is None or mine < at:
+                    at = mine
+            solo = self._solo(method, args, at, None)
+            if solo is not _NOT_SOLO:
+                if solo.error is not None:
+                    raise solo.error
+                return solo.result
         p = self._start(method, args, kwargs)
         try:
             if not p.done:
@@ -393,22 +407,6 @@ class Client(RefPeer):
         except BaseException:  # interrupted: the server is told
             self._abandon(p, "the caller was interrupted")
             raise
-        if p.error is not None:
-            raise p.error
-        return p.result
-
-    def _call_solo(self, method: str, args: tuple[Any, ...]) -> Any:
-        """:meth:`_solo` for an at-most-once call: its result, or ``_NOT_SOLO``."""
-        if self._broken is not None or not self._msgpack:
-            return _NOT_SOLO
-        at = _DEADLINE.get()  # self._deadline(), inline
-        if self._timeout is not None:
-            mine = _monotonic() + self._timeout
-            if at is None or mine < at:
-                at = mine
-        p = self._solo(method, args, at, None)
-        if p is _NOT_SOLO:
-            return p
         if p.error is not None:
             raise p.error
         return p.result
@@ -786,8 +784,12 @@ class Client(RefPeer):
                         cv.notify_all()
 
     def _read_one(self, timeout: float | None) -> None:
-        try:
-            kind, call_id, ms, body, fields = w.recv(self._ch, timeout)
+        try:  # w.recv, inline (once per reply)
+            item = self._ch._recv_parsed(_PARSE, timeout)
+            if type(item) is tuple and item[0] == -1:  # taken apart in C
+                kind, call_id, ms, body, fields = item[1]
+            else:
+                kind, call_id, ms, body, fields = w.from_item(self._ch, item)
         except _Timeout:
             return
         except (EndOfChannel, ChannelClosed) as exc:

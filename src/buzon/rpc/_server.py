@@ -29,6 +29,7 @@ from ..errors import (
     UnsupportedOperation,
 )
 from ..errors import Timeout as _Timeout
+from ..protocol._rpc import parse as _PARSE
 from ..protocol._rpc import reply as _reply_frame
 from ..sync import Channel
 from ..sync import Server as ChannelServer
@@ -41,6 +42,7 @@ from ._service import Method, Service, as_service
 
 __all__ = ["CompletionTable", "Server", "serve"]  # CompletionTable: see _completion
 
+_monotonic = time.monotonic
 WIRES = ("buzon", "jsonrpc", "msgpack-rpc")
 SEMANTICS = ("at_most_once", "at_least_once", "exactly_once")
 
@@ -157,16 +159,20 @@ class _Monitor:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.wake = threading.Event()
+        self.awake = False  # wake is set (read by the readers without a call)
         self.stopped = False
         self.pid = os.getpid()
         threading.Thread(target=self._run, name="buzon-rpc-monitor", daemon=True).start()
 
     def busy(self) -> None:
-        if not self.wake.is_set():
+        """A call started (its ``inline_since`` set first): make sure the monitor looks."""
+        if not self.awake:
+            self.awake = True
             self.wake.set()
 
     def stop(self) -> None:
         self.stopped = True
+        self.awake = True
         self.wake.set()
 
     def _run(self) -> None:
@@ -184,8 +190,10 @@ class _Monitor:
                         conn.promote()
             if now - last > self.IDLE:
                 self.wake.clear()
+                self.awake = False
                 if any(c.inline_since is not None for c in list(connections)):
-                    self.wake.set()  # a call started as we were about to sleep
+                    self.awake = True  # a call started as we were about to sleep
+                    self.wake.set()
 
 
 class _Callback:
@@ -259,6 +267,7 @@ class _Connection(RefPeer):
     def _serve(self) -> None:
         me = threading.current_thread()
         cv = self.cv
+        monitor = self.monitor
         while True:
             if self.reader is not me:
                 with cv:
@@ -274,8 +283,9 @@ class _Connection(RefPeer):
             request = self._next()
             if request is None:
                 return
-            self.inline_since = started = time.monotonic()
-            self.monitor.busy()
+            self.inline_since = started = _monotonic()
+            if not monitor.awake:
+                monitor.busy()
             try:
                 kind = request[0]
                 if kind == w.REQUEST:
@@ -313,9 +323,14 @@ class _Connection(RefPeer):
         """Read until a request or notify arrives (cancels are applied on the way), as
         :func:`~buzon.rpc._wire.recv` gives it: the common request taken apart, or
         ``(OTHER, 0, -1, body, fields)``; None when the connection is over."""
+        ch = self.ch
         while not self.done:
-            try:
-                got = w.recv(self.ch, None)
+            try:  # w.recv, inline (once per request)
+                item = ch._recv_parsed(_PARSE, None)
+                if type(item) is tuple and item[0] == -1:  # taken apart in C
+                    got: tuple[int, int, int, Any, Any] = item[1]
+                else:
+                    got = w.from_item(ch, item)
             except _Timeout:
                 continue  # an idle_timeout on the channel: keep serving
             except (EndOfChannel, ChannelClosed):
@@ -366,7 +381,7 @@ class _Connection(RefPeer):
         if method is None:  # the allowlist's refusal, with its error
             self._handle(*w.as_message(kind, call_id, ms, name, args))
             return
-        at = None if ms < 0 else time.monotonic() + ms / 1000.0
+        at = None if ms < 0 else _monotonic() + ms / 1000.0
         try:
             reply = self._run(method, args, None, call_id, at)
         except RemoteError as err:
@@ -463,7 +478,7 @@ class _Connection(RefPeer):
         at: float | None,
     ) -> list[Any]:
         ctx = CallContext(method.name, call_id, at, self.peer)
-        if at is not None and time.monotonic() >= at:
+        if at is not None and _monotonic() >= at:
             raise RemoteError(
                 f"{method.name}: the deadline passed before the call started",
                 RemoteError.DEADLINE_EXCEEDED,

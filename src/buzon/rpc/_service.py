@@ -115,7 +115,11 @@ class Method:
     def run(self, args: list[Any], kwargs: dict[str, Any] | None) -> Any:
         """Validate, call, and check the result against its hint."""
         if not kwargs and len(args) == self.nparams:  # the common case: one convert
-            return self.check_result(self.fn(*self._positional(args)))
+            result = self.fn(*self._positional(args))
+            hint = self.result
+            if hint is Any or (type(result) is hint and hint in _SCALARS):
+                return result  # check_result's first look, inline (once per call)
+            return self.check_result(result)
         bound = self._bind(args, kwargs)
         return self.check_result(self.fn(*bound.args, **bound.kwargs))
 

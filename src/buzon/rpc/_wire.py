@@ -22,13 +22,15 @@ Sans-IO: the helpers here only build and read these values.
 from __future__ import annotations
 
 import struct
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RemoteError, frame_cap_exceeded
 from ..protocol._rpc import parse as _parse
 from ..protocol._rpc import parse_parts as _parse_parts
-from ..protocol.frames import FIELDS_FLAG, VERSION, CodecId, Field, Kind, encode_frame
+from ..protocol.frames import FIELDS_FLAG, VERSION, CodecId, Field, Frame, Kind, encode_frame
+
+if TYPE_CHECKING:
+    from ..sync import Channel
 
 __all__ = [
     "CANCEL",
@@ -39,6 +41,7 @@ __all__ = [
     "REQUEST",
     "error_body",
     "as_message",
+    "from_item",
     "error_from",
     "id_field",
     "ms_field",
@@ -124,18 +127,12 @@ def send(
     )
 
 
-def send_frame(ch: Any, frame: bytes, timeout: float | None) -> None:
+def send_frame(ch: Channel, frame: bytes, timeout: float | None) -> None:
     """Send one whole encoded frame (``protocol._rpc.request``/``reply``) on the
-    channel ``ch``: as ``Channel.send`` does, in one C call into a shared-memory ring
-    while its fast path is on and the record fits, else the channel's general send."""
-    core = ch._core
-    fast = core.fast_send
-    if fast is not None and len(frame) <= core.fast_limit and fast(frame, -1):
-        return
-    ch._send_encoded([frame], timeout)
+    channel ``ch`` (``Channel._send_frame``: one C call where the channel is quiet)."""
+    ch._send_frame(frame, timeout)
 
 
-_perf = time.perf_counter
 #: :func:`recv`'s kind of a message it did not take apart (``a``: body, ``b``: fields)
 OTHER = -1
 #: :func:`recv`'s kind of an exactly-once request taken apart in C (``a``: method,
@@ -143,9 +140,9 @@ OTHER = -1
 ONCE = 16
 
 
-def recv(ch: Any, timeout: float | None) -> tuple[int, int, int, Any, Any]:
-    """The next message on the channel ``ch`` (``Channel._recv_fields``, waiting up
-    to ``timeout``, raising as it does), as ``(kind, call_id, ms, a, b)``:
+def recv(ch: Channel, timeout: float | None) -> tuple[int, int, int, Any, Any]:
+    """The next message on the channel ``ch`` (waiting up to ``timeout``, raising as
+    ``Channel.recv`` does), as ``(kind, call_id, ms, a, b)``:
 
     - a request ``[0, method, [plain...]]`` with its MESSAGE_ID: ``(REQUEST, call_id,
       ms, method, args)`` (``ms``: the DEADLINE field, -1 if none);
@@ -157,55 +154,30 @@ def recv(ch: Any, timeout: float | None) -> tuple[int, int, int, Any, Any]:
     - anything else: ``(OTHER, 0, -1, body, fields)``, decoded by the channel.
 
     The first two, the common case, are taken apart in C (``protocol._rpc.parse``)
-    instead of through the channel's decoder and the codec: from a shared-memory
-    ring's record (the channel's ring calls, as ``Channel.recv`` uses them, counted
-    as its general path counts a message), or from the frame a stream's decoder cut.
+    instead of through the channel's decoder and the codec: the channel offers a
+    message that arrives as one whole frame to it (``Channel._recv_parsed``); a
+    frame the channel's decoder cut is taken apart from its fields and body.
     """
-    core = ch._core
-    recv_record = core.fast_recv
-    if recv_record is not None and not core.inbox and not core._track_message_meta:
-        # a ring (multi-consumer safe: no lock, as Channel.recv): try, then spin on it
-        limit = core.max_frame
-        got = recv_record(limit)
-        if got is None:
-            spin = ch._spin
-            wait = core.fast_spin
-            if spin > 0.0 and timeout != 0 and wait is not None:
-                end = _perf() + spin
-                while got is None:
-                    left = end - _perf()
-                    if left <= 0.0 or not wait(left):
-                        break
-                    got = recv_record(limit)
-        if got is not None:
-            code = got[0]
-            if code == -1:  # a whole record, not out of line: maybe ours
-                msg = got[1]
-                parsed = _parse(msg, limit)
-                if parsed is not None:  # counted as _message_item and _take count it
-                    stats = core.stats
-                    stats.bytes_received += len(msg)
-                    stats.messages_received += 1
-                    core.taken += 1
-                    return parsed
-            item = got if code >= 0 else ch._after_fast(got, timeout)
-            if item.__class__ is tuple:
-                return OTHER, 0, -1, core.item_object(item), None
-            return OTHER, 0, -1, core.item_object(item), item.fields
-    with ch._rlock:  # Channel._recv_fields, keeping the frame
-        item = core.buffered()
-        if item is None:
-            item = ch._receive(timeout)
-    if ch._pumpers:
-        ch._wake_pumpers()
-    if item.__class__ is tuple:
-        return OTHER, 0, -1, core.item_object(item), None
-    fields = item.fields
-    if fields and item.codec == CodecId.MSGPACK and not item.buffers:
-        parsed = _parse_parts(fields, item.body)
-        if parsed is not None:
-            return parsed
-    return OTHER, 0, -1, core.item_object(item), fields
+    item = ch._recv_parsed(_parse, timeout)
+    if type(item) is tuple and item[0] == -1:
+        parsed: tuple[int, int, int, Any, Any] = item[1]
+        return parsed
+    return from_item(ch, item)
+
+
+def from_item(ch: Channel, item: Frame | tuple[int, Any]) -> tuple[int, int, int, Any, Any]:
+    """:func:`recv`'s result for a channel item that the C parse did not take
+    (``Channel._recv_parsed`` gave the item itself): a frame the decoder cut is taken
+    apart from its fields and body, anything else decoded by the channel."""
+    if type(item) is tuple:
+        return OTHER, 0, -1, ch._core.item_object(item), None
+    frame: Frame = item  # type: ignore[assignment]  # not a tuple: a Frame
+    fields = frame.fields
+    if fields and frame.codec == CodecId.MSGPACK and not frame.buffers:
+        parsed_parts = _parse_parts(fields, frame.body)
+        if parsed_parts is not None:
+            return parsed_parts
+    return OTHER, 0, -1, ch._core.item_object(item), fields
 
 
 def as_message(kind: int, call_id: int, ms: int, a: Any, b: Any) -> tuple[Any, Any]:

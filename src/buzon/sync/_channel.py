@@ -61,6 +61,8 @@ if TYPE_CHECKING:  # annotations only
 __all__ = ["Channel"]
 
 T = TypeVar("T")
+#: a :meth:`Channel._recv_parsed` hook: ``parse(data, max_frame, n)`` -> result or None
+Parse = Callable[[Buffer, int, int], Any]
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _monotonic = time.monotonic
@@ -365,6 +367,27 @@ class Channel(ChannelIdentity):
                 return
             serial = core.serial
         self._send_slow(bufs, timeout, 0, 0 if accepted else -1, serial)
+
+    def _send_frame(self, frame: bytes, timeout: float | None) -> None:
+        """Send one whole encoded DATA frame (a protocol's frame made elsewhere, e.g.
+        ``protocol._rpc.request``), waiting up to ``timeout``, as :meth:`send` sends
+        its own: in one C call where the channel is quiet (a ring's put, or one
+        write on a stream: ``small_send``), else the general way."""
+        core = self._core
+        fast = core.fast_send
+        if fast is not None:
+            if len(frame) <= core.fast_limit and fast(frame, -1):
+                return
+        elif core.small_limit >= 0:  # a stream's SmallWriter (never with capacity=0)
+            small = core.small_send
+            if small is not None:
+                done = small(frame, True)  # type: ignore[call-arg]
+                if done is True:
+                    return
+                if done is not False:  # the kernel took part of it: the engine finishes it
+                    self._send_slow([], timeout, 0, 0, done)
+                    return
+        self._send_encoded([frame], timeout)
 
     def _send_fields(self, obj: Any, fields: dict[int, bytes], timeout: float | None) -> None:
         """``send`` with header fields (``frames.Field``: RPC call ids, deadlines)."""
@@ -967,6 +990,58 @@ class Channel(ChannelIdentity):
             self._wake_pumpers()  # a sender waiting for CREDITs may read them now
         return core.item_object(item, type)
 
+    def _recv_parsed(self, parse: Parse, timeout: float | None) -> Frame | tuple[int, Any]:
+        """Receive one message as :meth:`recv` does (waiting up to ``timeout``,
+        raising as it does), not decoded: a message that arrives as one whole frame
+        (a shared-memory ring's record, or a stream read that brought exactly one
+        frame) is first offered to ``parse(data, max_frame, n)`` (``data[:n]``: the
+        frame), which returns None to decline it; a result comes back as ``(-1,
+        result)``, the frame counted as taken. Anything else comes as the channel's
+        item: ``(codec, body)`` or a :class:`Frame` (``core.item_object`` decodes
+        it). The hook for protocols that take their common message apart in C
+        (``buzon.rpc``: ``protocol._rpc.parse``), without the decoder's steps."""
+        core = self._core
+        recv = core.fast_recv
+        spun = False
+        if recv is not None and not core.inbox:  # a ring: multi-consumer safe, no lock
+            got = self._ring_take(recv, timeout)  # try, then spin on the ring
+            if got is not None:
+                code = got[0]
+                if code >= 0:
+                    return got
+                if code == -1:  # a whole record: self._parse_record, inline
+                    msg = got[1]
+                    parsed = parse(msg, core.max_frame, len(msg))
+                    if parsed is not None:  # counted as took_whole counts (no takes are
+                        stats = core.stats  # numbered while the ring calls are on)
+                        stats.bytes_received += len(msg)
+                        stats.messages_received += 1
+                        core.taken += 1
+                        return (-1, parsed)
+                return self._after_fast(got, timeout)
+            spun = True  # the general way below sleeps without spinning again
+        with self._rlock:
+            core = self._core
+            item = core.buffered()
+            if item is None:
+                item = self._receive(timeout, parse, spun)
+        if self._pumpers:
+            self._wake_pumpers()  # a sender waiting for CREDITs may read them now
+        return item
+
+    def _parse_record(self, parse: Parse, got: tuple[int, bytes]) -> tuple[int, Any] | None:
+        """A ring's whole record (code -1) offered to ``parse``: ``(-1, result)``, or
+        None (not a whole record, or declined)."""
+        if got[0] != -1:
+            return None
+        core = self._core
+        msg = got[1]
+        parsed = parse(msg, core.max_frame, len(msg))
+        if parsed is None:
+            return None
+        core.took_whole(len(msg))
+        return (-1, parsed)
+
     def _after_fast(
         self, got: tuple[int, bytes], timeout: float | None
     ) -> Frame | tuple[int, bytes]:
@@ -1100,17 +1175,21 @@ class Channel(ChannelIdentity):
         view: tuple[Any, memoryview] = self._run_receive(steps, deadline_of(limit))
         return view
 
-    def _receive(self, timeout: float | None) -> Frame | tuple[int, bytes]:
+    def _receive(
+        self, timeout: float | None, parse: Parse | None = None, spun: bool = False
+    ) -> Frame | tuple[int, Any]:
         """Read a message: at once if the fd is readable, else after spinning for
         ``spin`` seconds (checking readiness with ``poll(0)``, which costs less than a
-        failed read), else after sleeping in ``poll``."""
+        failed read), else after sleeping in ``poll``. ``parse``: see
+        :meth:`_recv_parsed`; ``spun``: the caller tried and spun on the ring already."""
         core = self._core
         spin = self._spin
         recv = core.fast_recv
         if recv is not None:
-            item = self._fast_receive(recv, timeout)
-            if item is not None:
-                return item
+            if not spun:
+                item = self._fast_receive(recv, timeout, parse)
+                if item is not None:
+                    return item
             spin = 0.0  # spun already, on the ring itself
         ready = self._rpoll
         if ready is None:
@@ -1139,13 +1218,15 @@ class Channel(ChannelIdentity):
                 if item is not None:
                     return item
                 self._sleep_first = _SLEEP_FIRST
-            got = self._wait_take(deadline, 0.0)  # the engine's INPUT step + take, in C
+            got = self._wait_take(deadline, 0.0, parse)  # the engine's INPUT step + take, in C
             if got is None:
                 got = self._run_receive(recv_steps(core, False, spin=False), deadline)
             if core.more_buffered():
                 self._sleep_first = 0
             return got
-        if ready.poll(0):
+        # a receive that expects to wait (a parse hook: an RPC reply or request, whose
+        # peer is still working) skips this look: the C wait's spin looks first anyway
+        if (parse is None or timeout == 0) and ready.poll(0):
             item = core.poll()
             if item is not None:
                 return item
@@ -1157,7 +1238,7 @@ class Channel(ChannelIdentity):
         deadline = deadline_of(timeout if timeout is not None else core.options.idle_timeout)
         if timeout != 0 and (core.wait_fd is not None or core.wait_receiver is not None):
             # spin, then sleep, then read: the engine's plain INPUT step and take, in C
-            got = self._wait_take(deadline, spin)
+            got = self._wait_take(deadline, spin, parse)
             if got is not None:
                 return got
             spin = 0.0  # spun (or part of a frame is in: the engine's loop goes on)
@@ -1174,7 +1255,9 @@ class Channel(ChannelIdentity):
         )
         return waited
 
-    def _wait_take(self, deadline: float | None, spin: float) -> Frame | tuple[int, bytes] | None:
+    def _wait_take(
+        self, deadline: float | None, spin: float, parse: Parse | None = None
+    ) -> Frame | tuple[int, Any] | None:
         """A plain receive's INPUT step (spin ``spin`` seconds, sleep until the read fd
         is readable or ``deadline``) and the take's read, in one C call that releases
         the GIL while it waits (``protocol._stream.wait_frame``; where it applies:
@@ -1216,7 +1299,7 @@ class Channel(ChannelIdentity):
         if got is None:
             self._woken()
             raise Timeout("recv timed out")
-        return core.after_wait(got, len(buf))
+        return core.after_wait(got, len(buf), parse)
 
     def _wait_message(
         self, receiver: Receiver | FifoWaiter, deadline: float | None, spin: float
@@ -1249,11 +1332,31 @@ class Channel(ChannelIdentity):
         return core.after_message(got)
 
     def _fast_receive(
-        self, recv: Callable[[int], tuple[int, bytes] | None], timeout: float | None
-    ) -> Frame | tuple[int, bytes] | None:
+        self,
+        recv: Callable[[int], tuple[int, bytes] | None],
+        timeout: float | None,
+        parse: Parse | None = None,
+    ) -> Frame | tuple[int, Any] | None:
         """A shared-memory ring's receive: one C call; if the ring is empty, spin on it
         (GIL released, nothing armed, no system call) for ``spin`` seconds. ``None``:
         nothing came, go the general way (which arms the ring's eventfd and sleeps)."""
+        core = self._core
+        got = self._ring_take(recv, timeout)
+        if got is None:
+            return None
+        if got[0] >= 0:
+            return got
+        if parse is not None:
+            parsed = self._parse_record(parse, got)
+            if parsed is not None:
+                return parsed
+        return core.fast_other(got)
+
+    def _ring_take(
+        self, recv: Callable[[int], tuple[int, bytes] | None], timeout: float | None
+    ) -> tuple[int, bytes] | None:
+        """The ring call ``recv``, then (the ring empty) a spin on the ring for ``spin``
+        seconds: what it returned, or None (nothing came)."""
         core = self._core
         limit = core.max_frame
         got = recv(limit)
@@ -1269,7 +1372,7 @@ class Channel(ChannelIdentity):
                 if left <= 0.0 or not wait(left):
                     return None
                 got = recv(limit)
-        return got if got[0] >= 0 else core.fast_other(got)
+        return got
 
     def _input(self, step: Step, deadline: float | None) -> None:
         """An INPUT step: spin (if the step allows and time is left), then sleep until
