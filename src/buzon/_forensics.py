@@ -330,10 +330,15 @@ def ls_rows(rdir: str) -> list[Row]:
 
 
 def _shm_rows() -> list[Row]:
+    from ._mailbox_bcast import SUFFIX as BCAST
     from .shm import SHM_DIR, list_segments, list_unnamed
 
     rows = []
     for seg in [*list_segments(), *list_unnamed()]:
+        kind, label = seg.kind, seg.label
+        if kind == "unknown" and seg.name.endswith(BCAST):  # no ring header of its own
+            kind, label = "bcast", f"broadcast ring of {seg.name[: -len(BCAST)]}"
+
         # a live slot without a pid: a block's fd handed over in a socket (shm: channels)
         holders = [f"pid {','.join(str(p) for p in seg.pids if p)}"] if any(seg.pids) else []
         holders += ["an fd in flight"] if 0 in seg.pids else []
@@ -343,7 +348,7 @@ def _shm_rows() -> list[Row]:
         where = f"{SHM_DIR}/{seg.name}"
         if seg.name.startswith("(unnamed) "):  # held by its processes, name removed
             where = f"{seg.name} (held open; no name in {SHM_DIR})"
-        rows.append((seg.label or seg.name, f"shm-{seg.kind}", "0600", state, where))
+        rows.append((label or seg.name, f"shm-{kind}", "0600", state, where))
     return rows
 
 

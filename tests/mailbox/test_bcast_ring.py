@@ -461,3 +461,17 @@ def test_clean_keeps_a_broadcast_mailbox_in_use_and_removes_a_forsaken_one() -> 
     clean_segments(grace=0.0, keep=keeps)
     assert ours() - before == set()
     buzon.mailbox("cl").remove()  # (its name and FIFOs: a new one made and removed)
+
+
+def test_ls_names_the_broadcast_ring(capsys: pytest.CaptureFixture[str]) -> None:
+    # the broadcast ring has no ring header of its own: ls says whose it is
+    from buzon import cli
+
+    tx = buzon.mailbox("lsb", capacity=8, policy="broadcast")
+    try:
+        assert cli.main(["ls"]) == 0
+        out = capsys.readouterr().out
+        assert "shm-bcast" in out and "broadcast ring of" in out
+        assert "shm-unknown" not in out
+    finally:
+        tx.remove()
