@@ -51,6 +51,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <structmember.h> /* T_OBJECT_EX, READONLY */
+
 #include "_wait.h"
 #include "_writer.h"
 
@@ -93,8 +95,72 @@ static int set_field(RvStream *self, PyObject *name, PyObject *v) {
     return PyDict_SetItem(self->state, name, v);
 }
 
+/* The flows, the decoder and the statistics keep their fields in __slots__: their
+ * member descriptors' offsets, found once per (type, name) and kept in a small cache,
+ * read and write them directly (a generic attribute look-up costs more than the rest of
+ * a field's use). Anything that is not a plain writable object slot takes the generic
+ * way. */
+typedef struct {
+    PyTypeObject *type;
+    PyObject *name;
+    unsigned int version; /* the type's version tag when the entry was made */
+    Py_ssize_t off;       /* -1: not a plain slot */
+} SlotEntry;
+
+#define SLOT_CACHE 128
+static SlotEntry slot_cache[SLOT_CACHE];
+
+static Py_ssize_t slot_offset(PyTypeObject *type, PyObject *name) {
+    size_t h = (((uintptr_t)type >> 4) * 31u + ((uintptr_t)name >> 4)) & (SLOT_CACHE - 1);
+    SlotEntry *e = &slot_cache[h];
+    int tagged = PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG);
+    if (tagged && e->type == type && e->name == name && e->version == type->tp_version_tag)
+        return e->off;
+    Py_ssize_t off = -1;
+    PyObject *d = _PyType_Lookup(type, name); /* borrowed */
+    if (d != NULL && Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type == T_OBJECT_EX && !(m->flags & READONLY))
+            off = m->offset;
+    }
+    /* the entry holds no references: a type that goes away leaves a stale pointer, and
+     * a new type at the same address has another version tag (a changed type too) */
+    if (PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        e->type = type;
+        e->name = name;
+        e->version = type->tp_version_tag;
+        e->off = off;
+    }
+    return off;
+}
+
+/* getattr(obj, name), a new reference */
+static PyObject *slot_get(PyObject *obj, PyObject *name) {
+    Py_ssize_t off = slot_offset(Py_TYPE(obj), name);
+    if (off < 0)
+        return PyObject_GetAttr(obj, name);
+    PyObject *v = *(PyObject **)((char *)obj + off);
+    if (v == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%R has no %U", obj, name);
+        return NULL;
+    }
+    return Py_NewRef(v);
+}
+
+/* setattr(obj, name, v) */
+static int slot_set(PyObject *obj, PyObject *name, PyObject *v) {
+    Py_ssize_t off = slot_offset(Py_TYPE(obj), name);
+    if (off < 0)
+        return PyObject_SetAttr(obj, name, v);
+    PyObject **at = (PyObject **)((char *)obj + off);
+    PyObject *old = *at;
+    *at = Py_NewRef(v);
+    Py_XDECREF(old);
+    return 0;
+}
+
 static int get_u64(PyObject *obj, PyObject *name, uint64_t *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = slot_get(obj, name);
     if (v == NULL)
         return -1;
     unsigned long long x = PyLong_AsUnsignedLongLong(v);
@@ -109,7 +175,7 @@ static int set_u64(PyObject *obj, PyObject *name, uint64_t x) {
     PyObject *v = PyLong_FromUnsignedLongLong((unsigned long long)x);
     if (v == NULL)
         return -1;
-    int r = PyObject_SetAttr(obj, name, v);
+    int r = slot_set(obj, name, v);
     Py_DECREF(v);
     return r;
 }
@@ -123,7 +189,7 @@ static int add_u64(PyObject *obj, PyObject *name, uint64_t delta) {
 
 /* 1 the attribute is true, 0 false, -1 error */
 static int get_bool(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = slot_get(obj, name);
     if (v == NULL)
         return -1;
     int r = PyObject_IsTrue(v);
@@ -132,7 +198,7 @@ static int get_bool(PyObject *obj, PyObject *name) {
 }
 
 static int set_bool(PyObject *obj, PyObject *name, int b) {
-    return PyObject_SetAttr(obj, name, b ? Py_True : Py_False);
+    return slot_set(obj, name, b ? Py_True : Py_False);
 }
 
 /* -- wire ------------------------------------------------------------------------- */
@@ -330,7 +396,7 @@ static int apply_credit(RvStream *self, PyObject *sflow, const unsigned char *bo
     PyObject *pid = PyObject_GetAttr(peer, s_pid);
     if (pid == NULL)
         return -1;
-    int r = PyObject_SetAttr(sflow, s_receiver, pid);
+    int r = slot_set(sflow, s_receiver, pid);
     Py_DECREF(pid);
     if (r < 0 || set_u64(sflow, s_taken, read_u64(body)) < 0 ||
         set_u64(sflow, s_limit, read_u64(body + 8)) < 0 ||
@@ -367,7 +433,7 @@ static int took_read(RvStream *self, PyObject *sflow, Py_ssize_t n, const Parsed
 /* The decoder's empty read buffer (FrameDecoder.idle_buffer), or NULL with no error
  * when it holds anything */
 static PyObject *idle_buffer(PyObject *decoder) {
-    PyObject *end = PyObject_GetAttr(decoder, s_end);
+    PyObject *end = slot_get(decoder, s_end);
     if (end == NULL)
         return NULL;
     long e = PyLong_AsLong(end);
@@ -376,24 +442,24 @@ static PyObject *idle_buffer(PyObject *decoder) {
         return NULL;
     if (e != 0)
         return NULL;
-    PyObject *big = PyObject_GetAttr(decoder, s_big);
+    PyObject *big = slot_get(decoder, s_big);
     if (big == NULL)
         return NULL;
     Py_DECREF(big);
-    PyObject *error = PyObject_GetAttr(decoder, s_error);
+    PyObject *error = slot_get(decoder, s_error);
     if (error == NULL)
         return NULL;
     Py_DECREF(error);
     if (big != Py_None || error != Py_None)
         return NULL;
-    PyObject *frames = PyObject_GetAttr(decoder, s_frames);
+    PyObject *frames = slot_get(decoder, s_frames);
     if (frames == NULL)
         return NULL;
     Py_ssize_t held = PyObject_Length(frames);
     Py_DECREF(frames);
     if (held != 0)
         return NULL;
-    PyObject *buf = PyObject_GetAttr(decoder, s_buf);
+    PyObject *buf = slot_get(decoder, s_buf);
     if (buf != NULL && !PyByteArray_CheckExact(buf)) {
         Py_DECREF(buf);
         return NULL;
@@ -401,55 +467,87 @@ static PyObject *idle_buffer(PyObject *decoder) {
     return buf;
 }
 
-/* Wait until the read fd is readable: spin ``spin`` seconds, then sleep until
- * ``deadline`` (forever: none) with ``wake``. 1 readable, RV_TIMEOUT, RV_WOKEN, -1 a
- * signal handler raised. Called with the GIL. */
-static int wait_input(RvStream *self, int forever, double deadline, double spin, int wake) {
-    struct pollfd pfds[2] = {{.fd = self->rfd, .events = POLLIN, .revents = 0},
-                             {.fd = wake, .events = POLLIN, .revents = 0}};
-    int ready = 0;
+/* The wait and the read in one: into the decoder's empty buffer, spin ``spin`` seconds
+ * (looks with poll, which takes no lock a read would contend for with the writer, then
+ * the read), then (``sleep``) sleep in poll with ``wake`` until
+ * ``deadline`` and read. The GIL is released meanwhile (the read lock keeps the decoder
+ * ours). Returns 1 with ``*rd`` the read's result (-1: ``*err``, EAGAIN when nothing came
+ * and ``sleep`` is false) and ``*bufp`` the buffer (a new reference), RV_HANDOVER (the
+ * decoder is not empty), RV_TIMEOUT, RV_WOKEN, or -1 (a signal handler raised). */
+static int read_wait(RvStream *self, PyObject *decoder, int sleep, int forever,
+                     double deadline, double spin, int wake, PyObject **bufp, ssize_t *rd,
+                     int *err) {
+    PyObject *buf = idle_buffer(decoder);
+    if (buf == NULL)
+        return PyErr_Occurred() ? -1 : RV_HANDOVER;
+    unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(buf);
+    size_t room = (size_t)PyByteArray_GET_SIZE(buf);
+    ssize_t got = -1;
+    int e = EAGAIN;
     if (spin > 0.0) {
+        /* readiness looks (a poll takes no lock: a read would contend with the
+         * writer's), then the read */
+        struct pollfd look = {.fd = self->rfd, .events = POLLIN, .revents = 0};
         Py_BEGIN_ALLOW_THREADS
         double end = monotonic_now() + spin;
-        while ((ready = poll(pfds, 1, 0)) == 0 && monotonic_now() < end)
-            ;
-        Py_END_ALLOW_THREADS
-        if (ready > 0)
-            return 1;
-        if (PyErr_CheckSignals() < 0)
-            return -1;
-    }
-    for (;;) {
-        int r, e = 0;
-        Py_BEGIN_ALLOW_THREADS
-        r = sleep_readable(pfds, wake >= 0 ? 2 : 1, forever, deadline);
-        if (r < 0)
-            e = errno;
-        Py_END_ALLOW_THREADS
-        if (r > 0)
-            return 1;
-        if (r == 0) {
-            if (wake >= 0 && pfds[1].revents)
-                return RV_WOKEN;
-            return RV_TIMEOUT;
+        for (;;) {
+            if (poll(&look, 1, 0) > 0) {
+                got = get_bytes(self, p, room);
+                if (got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+                    e = got < 0 ? errno : 0;
+                    break;
+                }
+            }
+            if (monotonic_now() >= end)
+                break;
         }
-        if (e != EINTR) /* poll failed: let the read report the fd's state */
-            return 1;
-        if (PyErr_CheckSignals() < 0)
+        Py_END_ALLOW_THREADS
+        if (got < 0 && e == EAGAIN && PyErr_CheckSignals() < 0) {
+            Py_DECREF(buf);
             return -1;
+        }
+    } else if (!sleep) {
+        got = get_bytes(self, p, room);
+        e = got < 0 ? errno : 0;
     }
-}
-
-/* A spin of ``spin`` seconds for readability, never sleeping (the engine's SPIN step) */
-static void spin_input(RvStream *self, double spin) {
-    if (spin <= 0.0)
-        return;
-    struct pollfd p = {.fd = self->rfd, .events = POLLIN, .revents = 0};
-    Py_BEGIN_ALLOW_THREADS
-    double end = monotonic_now() + spin;
-    while (poll(&p, 1, 0) == 0 && monotonic_now() < end)
-        ;
-    Py_END_ALLOW_THREADS
+    if (got < 0 && (e == EAGAIN || e == EWOULDBLOCK) && sleep) {
+        struct pollfd pfds[2] = {{.fd = self->rfd, .events = POLLIN, .revents = 0},
+                                 {.fd = wake, .events = POLLIN, .revents = 0}};
+        for (;;) {
+            int r;
+            Py_BEGIN_ALLOW_THREADS
+            for (;;) {
+                r = sleep_readable(pfds, wake >= 0 ? 2 : 1, forever, deadline);
+                if (r <= 0) {
+                    e = r < 0 ? errno : 0;
+                    break;
+                }
+                got = get_bytes(self, p, room);
+                e = got < 0 ? errno : 0;
+                if (got >= 0 || (e != EAGAIN && e != EWOULDBLOCK))
+                    break;
+                if (pfds[0].revents & POLLNVAL) {
+                    e = EBADF;
+                    break;
+                }
+            }
+            Py_END_ALLOW_THREADS
+            if (r == 0) {
+                Py_DECREF(buf);
+                return wake >= 0 && pfds[1].revents ? RV_WOKEN : RV_TIMEOUT;
+            }
+            if (r > 0 || e != EINTR)
+                break;
+            if (PyErr_CheckSignals() < 0) { /* a signal: its handler runs now */
+                Py_DECREF(buf);
+                return -1;
+            }
+        }
+    }
+    *bufp = buf;
+    *rd = got;
+    *err = got < 0 ? e : 0;
+    return 1;
 }
 
 static PyObject *data_item(const unsigned char *h, Py_ssize_t len) {
@@ -470,7 +568,7 @@ static int append_frame(PyObject *decoder, const unsigned char *h, Py_ssize_t le
     PyObject *item = data_item(h, len);
     if (item == NULL)
         return -1;
-    PyObject *frames = PyObject_GetAttr(decoder, s_frames);
+    PyObject *frames = slot_get(decoder, s_frames);
     PyObject *r = frames == NULL ? NULL : PyObject_CallMethodOneArg(frames, s_append, item);
     Py_XDECREF(frames);
     Py_DECREF(item);
@@ -529,7 +627,7 @@ static int quiet(RvStream *self) {
  * the SPIN step, finish_with_reply; else send_finished). */
 static PyObject *finish_send(RvStream *self, PyObject *rflow, PyObject *sflow,
                              PyObject *decoder, double spin) {
-    PyObject *frames = PyObject_GetAttr(decoder, s_frames);
+    PyObject *frames = slot_get(decoder, s_frames);
     if (frames == NULL)
         return NULL;
     Py_ssize_t held = PyObject_Length(frames);
@@ -543,19 +641,19 @@ static PyObject *finish_send(RvStream *self, PyObject *rflow, PyObject *sflow,
             return NULL;
     }
     if (expect) {
-        spin_input(self, spin);
-        PyObject *buf = idle_buffer(decoder);
-        if (buf == NULL) {
-            if (PyErr_Occurred())
-                return NULL;
+        PyObject *buf = NULL;
+        ssize_t got;
+        int e;
+        int w = read_wait(self, decoder, 0, 0, 0.0, spin, -1, &buf, &got, &e);
+        if (w < 0)
+            return NULL;
+        if (w != 1) {
             self->n = -1;
             self->err = 0;
             return PyLong_FromLong(RV_REPLY);
         }
         unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(buf);
         Py_ssize_t room = PyByteArray_GET_SIZE(buf);
-        ssize_t got = get_bytes(self, p, (size_t)room);
-        int e = errno;
         Py_DECREF(buf);
         if (got < 0 && e != EAGAIN && e != EWOULDBLOCK) {
             self->n = -1;
@@ -649,7 +747,7 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     if (sent >= limit) /* no offer known: the engine waits for one */
         return PyLong_FromLong(RV_NA);
-    PyObject *frames = PyObject_GetAttr(decoder, s_frames);
+    PyObject *frames = slot_get(decoder, s_frames);
     if (frames == NULL)
         return NULL;
     Py_ssize_t held = PyObject_Length(frames);
@@ -739,22 +837,20 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
             return NULL;
         if (taken >= sent + 1)
             break;
-        int w = wait_input(self, forever, deadline, spin, wake);
-        if (w != 1)
-            return w < 0 ? NULL : PyLong_FromLong(w);
-        spin = 0.0; /* spun once: later waits sleep */
-        PyObject *buf = idle_buffer(decoder);
-        if (buf == NULL) {
-            if (PyErr_Occurred())
-                return NULL;
+        PyObject *buf = NULL;
+        ssize_t rd;
+        int e;
+        int w = read_wait(self, decoder, 1, forever, deadline, spin, wake, &buf, &rd, &e);
+        if (w < 0)
+            return NULL;
+        if (w != 1) {
             self->n = -1;
             self->err = 0;
-            return PyLong_FromLong(RV_HANDOVER);
+            return PyLong_FromLong(w);
         }
+        spin = 0.0; /* spun once: later waits sleep */
         unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(buf);
         Py_ssize_t room = PyByteArray_GET_SIZE(buf);
-        ssize_t rd = get_bytes(self, p, (size_t)room);
-        int e = errno;
         Py_DECREF(buf);
         if (rd < 0 && (e == EAGAIN || e == EWOULDBLOCK))
             continue;
@@ -836,7 +932,7 @@ static PyObject *rv_recv(RvStream *self, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     if (sflow == Py_None || rflow == Py_None || decoder == Py_None)
         return PyLong_FromLong(RV_NA);
-    PyObject *frames = PyObject_GetAttr(decoder, s_frames);
+    PyObject *frames = slot_get(decoder, s_frames);
     if (frames == NULL)
         return NULL;
     Py_ssize_t held = PyObject_Length(frames);
@@ -900,22 +996,20 @@ static PyObject *rv_recv(RvStream *self, PyObject *const *args, Py_ssize_t nargs
         }
     }
     for (;;) {
-        int w = wait_input(self, forever, deadline, spin, wake);
-        if (w != 1)
-            return w < 0 ? NULL : PyLong_FromLong(w);
-        spin = 0.0;
-        buf = idle_buffer(decoder);
-        if (buf == NULL) {
-            if (PyErr_Occurred())
-                return NULL;
+        ssize_t rd;
+        int e;
+        buf = NULL;
+        int w = read_wait(self, decoder, 1, forever, deadline, spin, wake, &buf, &rd, &e);
+        if (w < 0)
+            return NULL;
+        if (w != 1) {
             self->n = -1;
             self->err = 0;
-            return PyLong_FromLong(RV_HANDOVER);
+            return PyLong_FromLong(w);
         }
+        spin = 0.0;
         unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(buf);
         Py_ssize_t room = PyByteArray_GET_SIZE(buf);
-        ssize_t rd = get_bytes(self, p, (size_t)room);
-        int e = errno;
         if (rd < 0 && (e == EAGAIN || e == EWOULDBLOCK)) {
             Py_DECREF(buf);
             PyObject *owed = field(self, s_credit_out);
@@ -953,7 +1047,7 @@ static PyObject *rv_recv(RvStream *self, PyObject *const *args, Py_ssize_t nargs
         if (r > 0)
             return item;
         if (r == 0) { /* on_take raises: the message goes in hand, the Python way raises */
-            PyObject *fr = PyObject_GetAttr(decoder, s_frames);
+            PyObject *fr = slot_get(decoder, s_frames);
             PyObject *back = fr == NULL ? NULL : PyObject_CallMethodOneArg(fr, s_append, item);
             Py_XDECREF(fr);
             Py_DECREF(item);
