@@ -32,6 +32,10 @@
  *       at most one plain DATA frame, the CREDIT legal (SendFlow.on_credit's checks),
  *       the read shorter than the buffer; a DATA frame met is kept in decoder.frames.
  *
+ *   take() -> (flags, body) | None
+ *       recv's first half alone: a message in hand taken if the gate is open, else None
+ *       (nothing changed).
+ *
  *   recv(deadline, spin, wake) -> (flags, body) | int
  *       A rendezvous receive, the read lock held by the caller: a message in hand taken
  *       if the gate is open (offer standing, a read after it found the link empty, no
@@ -255,9 +259,11 @@ static ssize_t get_bytes(RvStream *self, unsigned char *buf, size_t room) {
 /* RecvFlow._announce after ``limit`` was set: the counts reported; the CREDIT in ``f`` */
 static int announce(PyObject *rflow, uint64_t taken, uint64_t limit, unsigned char *f) {
     uint64_t granted;
-    if (set_u64(rflow, s_reported, taken) < 0 || set_bool(rflow, s_report_due, 0) < 0 ||
-        set_bool(rflow, s_peer_blocked, 0) < 0 || set_u64(rflow, s_unreported, 0) < 0 ||
-        get_u64(rflow, s_granted, &granted) < 0)
+    PyObject *zero = PyLong_FromLong(0); /* a cached small int */
+    int r = slot_set(rflow, s_unreported, zero);
+    Py_DECREF(zero);
+    if (r < 0 || set_u64(rflow, s_reported, taken) < 0 || set_bool(rflow, s_report_due, 0) < 0 ||
+        set_bool(rflow, s_peer_blocked, 0) < 0 || get_u64(rflow, s_granted, &granted) < 0)
         return -1;
     if (limit > granted && set_u64(rflow, s_granted, limit) < 0)
         return -1;
@@ -301,31 +307,33 @@ static int offer_end(PyObject *rflow, int took, unsigned char *f) {
  * lock, written now unless bytes are owed ahead of it; what cannot be written stays
  * owed (``credit_out``), a tail in ``pending``. 0 ok, -1 error */
 static int emit_credit(RvStream *self, const unsigned char *f) {
-    PyObject *frame = PyBytes_FromStringAndSize((const char *)f, CREDIT_SIZE);
-    if (frame == NULL)
-        return -1;
+    PyObject *frame = NULL; /* made only if it is kept */
     PyObject *held = PyObject_CallNoArgs(self->acquire);
-    if (held == NULL) {
-        Py_DECREF(frame);
+    if (held == NULL)
         return -1;
-    }
     Py_DECREF(held);
     int rc = -1;
     PyObject *pending = field(self, s_pending);
     Py_ssize_t owed = pending == NULL ? -1 : PyObject_Length(pending);
     if (owed < 0)
         goto out;
-    if (owed > 0) { /* behind bytes of ours: the next flush writes it */
-        rc = set_field(self, s_credit_out, frame);
+    ssize_t got = -1;
+    int e = EAGAIN;
+    if (owed == 0) {
+        struct iovec iov = {.iov_base = (void *)f, .iov_len = CREDIT_SIZE};
+        got = put_vec(self, &iov, 1);
+        e = got < 0 ? errno : 0;
+    }
+    if (got < 0 && e != EAGAIN && e != EWOULDBLOCK) {
+        rc = set_field(self, s_credit_out, Py_None); /* nobody left to tell */
         goto out;
     }
-    struct iovec iov = {.iov_base = (void *)f, .iov_len = CREDIT_SIZE};
-    ssize_t got = put_vec(self, &iov, 1);
-    if (got < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            rc = set_field(self, s_credit_out, frame);
-        else
-            rc = set_field(self, s_credit_out, Py_None); /* nobody left to tell */
+    if (got < CREDIT_SIZE) /* owed, or written in part: the frame is kept */
+        frame = PyBytes_FromStringAndSize((const char *)f, CREDIT_SIZE);
+    if (got < CREDIT_SIZE && frame == NULL)
+        goto out;
+    if (got < 0) { /* behind bytes of ours, or no room: the next flush writes it */
+        rc = set_field(self, s_credit_out, frame);
         goto out;
     }
     if (set_field(self, s_credit_out, Py_None) < 0)
@@ -340,7 +348,7 @@ static int emit_credit(RvStream *self, const unsigned char *f) {
     PyObject *stats = field(self, s_stats);
     rc = stats == NULL ? -1 : add_u64(stats, s_credits_sent, 1);
 out:
-    Py_DECREF(frame);
+    Py_XDECREF(frame);
     return unlock_with(self->release, Py_None) == NULL ? -1 : rc;
 }
 
@@ -914,6 +922,9 @@ static int plain_item(PyObject *item) {
     return flags >= 0 && flags <= 7;
 }
 
+static PyObject *receive(RvStream *self, int forever, double deadline, double spin, int wake,
+                         int in_hand_only);
+
 static PyObject *rv_recv(RvStream *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "recv(deadline, spin, wake)");
@@ -923,6 +934,20 @@ static PyObject *rv_recv(RvStream *self, PyObject *const *args, Py_ssize_t nargs
     double deadline, spin;
     if (parse_wait_args(args, &forever, &deadline, &spin, &wake) < 0)
         return NULL;
+    return receive(self, forever, deadline, spin, wake, 0);
+}
+
+static PyObject *rv_take(RvStream *self, PyObject *unused) {
+    (void)unused;
+    PyObject *got = receive(self, 1, 0.0, 0.0, -1, 1);
+    if (got == NULL || PyTuple_CheckExact(got))
+        return got;
+    Py_DECREF(got);
+    Py_RETURN_NONE;
+}
+
+static PyObject *receive(RvStream *self, int forever, double deadline, double spin, int wake,
+                         int in_hand_only) {
     int r = quiet(self);
     if (r <= 0)
         return r < 0 ? NULL : PyLong_FromLong(RV_NA);
@@ -967,6 +992,8 @@ static PyObject *rv_recv(RvStream *self, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     }
     Py_DECREF(frames);
+    if (in_hand_only || held < 0)
+        return held < 0 ? NULL : PyLong_FromLong(RV_NA);
     PyObject *buf = idle_buffer(decoder);
     if (buf == NULL)
         return PyErr_Occurred() ? NULL : PyLong_FromLong(RV_NA);
@@ -1160,6 +1187,9 @@ static PyMethodDef rv_methods[] = {
      "send(data, whole, deadline, spin, wake) -> int: a rendezvous send (see the module)"},
     {"recv", (PyCFunction)(void (*)(void))rv_recv, METH_FASTCALL,
      "recv(deadline, spin, wake) -> (flags, body) | int: a rendezvous receive"},
+    {"take", (PyCFunction)rv_take, METH_NOARGS,
+     "take() -> (flags, body) | None: recv's first half, a message in hand taken (None: "
+     "none, or the gate is shut; recv goes on)"},
     {NULL, NULL, 0, NULL},
 };
 

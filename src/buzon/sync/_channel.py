@@ -364,24 +364,33 @@ class Channel(ChannelIdentity):
         call hands back (a deadline, a close, a read it does not handle, an interrupt)
         the engine's :func:`send_steps` finishes from where the call stopped, so every
         way out (a withdrawal above all) is the engine's."""
-        if type(data) is not bytes or not self._rlock.acquire(blocking=False):
+        if type(data) is not bytes or not self._rlock.acquire(False):
             return False
         core = self._core
-        deadline = deadline_of(timeout)
+        deadline = None if timeout is None else deadline_of(timeout)
         failed: BaseException | None = None
         try:
+            wake = self._wake  # _enter_wait and _leave_wait, inlined (every send)
+            if wake < 0:
+                try:
+                    wake = self._make_wake()
+                except ChannelClosed:
+                    return False  # the general way reports it
+            waiters = self._waiters
+            me = _get_ident()
+            waiters.append(me)
             try:
-                wake = self._enter_wait()
-            except ChannelClosed:
-                return False  # the general way reports it
-            try:
+                if self._closing:
+                    return False
                 code = rv.send(data, whole, deadline, self._spin, wake)
             except BaseException as exc:  # a signal handler's, during a wait
                 if rv.number <= 0:
                     raise
                 code, failed = _RV_FAILED, exc
             finally:
-                self._leave_wait()
+                waiters.remove(me)
+                if self._closing:
+                    self._drop_wake()
             if code == _RV_DONE:
                 return True
             if code == 0:
@@ -417,7 +426,7 @@ class Channel(ChannelIdentity):
         withdrawn if the receive ends without a message, as the engine's)."""
         core = self._core
         limit = timeout if timeout is not None else core.options.idle_timeout
-        deadline = deadline_of(limit)
+        deadline = None if limit is None else deadline_of(limit)
         wake = self._enter_wait()
         try:
             got = rv.recv(deadline, self._spin if timeout != 0 else 0.0, wake)
@@ -544,6 +553,9 @@ class Channel(ChannelIdentity):
             if done is not False:  # the kernel took part of it: the engine finishes it
                 self._send_slow([], timeout, 0, 0, done)
                 return
+        rv = self._rv_stream  # capacity=0 on a framed stream: the common case in C
+        if rv is not None and not priority and self._send_rv_stream(rv, data, False, timeout):  # type: ignore[arg-type]
+            return
         if type(data) is bytes and len(data) <= core.small_limit and not priority:
             with self._wlock:  # a quiet stream: header and payload in one write
                 sent = core.send_small(data)
@@ -566,9 +578,6 @@ class Channel(ChannelIdentity):
             if type(data) is bytes and len(data) <= core.rv_body_limit:
                 return self._send_rv(data, 0, timeout, priority)
             return self._send_rv(core.encode_bytes(data), None, timeout, priority)
-        rv = self._rv_stream  # capacity=0 on a framed stream: the common case in C
-        if rv is not None and not priority and self._send_rv_stream(rv, data, False, timeout):  # type: ignore[arg-type]
-            return
         bufs = core.encode_bytes(data)
         if self._rendezvous:
             core.offer_with_send()  # a blocked rendezvous sender receives next
@@ -1088,8 +1097,11 @@ class Channel(ChannelIdentity):
         with self._rlock:
             core = self._core
             rv = self._rv_stream  # capacity=0 on a framed stream: in C
-            item = None if rv is None else self._recv_rv_stream(rv, timeout)
-            if item is None:
+            if rv is not None:  # a message in hand (a reply our send read) at once
+                item: Frame | tuple[int, bytes] | None = rv.take() or self._recv_rv_stream(
+                    rv, timeout
+                )
+            else:
                 item = core.buffered()
             if item is None:
                 item = self._receive(timeout)
@@ -1124,9 +1136,12 @@ class Channel(ChannelIdentity):
                 return got[1] if got[0] >= 0 else core.item_bytes(self._after_fast(got, timeout))
         with self._rlock:
             core = self._core
-            rv = self._rv_stream
-            item = None if rv is None else self._recv_rv_stream(rv, timeout)
-            if item is None:
+            rv = self._rv_stream  # capacity=0 on a framed stream: in C
+            if rv is not None:  # a message in hand (a reply our send read) at once
+                item: Frame | tuple[int, bytes] | None = rv.take() or self._recv_rv_stream(
+                    rv, timeout
+                )
+            else:
                 item = core.buffered()
             if item is None:
                 # spin=0, no deadline, a socket that sleeps in recv: straight to the C
