@@ -715,6 +715,7 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "send(data, whole, deadline, spin, wake)");
         return NULL;
     }
+    self->number = 0; /* set once this call's message is written (an error before: 0) */
     PyObject *data = args[0];
     int whole = PyObject_IsTrue(args[1]);
     int forever, wake;
