@@ -52,7 +52,9 @@ sanitize: install
 		tests/mailbox/test_mailbox_policies.py tests/mailbox/test_mailbox_receipt_table.py \
 		tests/protocol/test_rpc_once_c.py \
 		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py \
-		tests/mailbox/test_bcast_ring.py
+		tests/mailbox/test_bcast_ring.py \
+		tests/test_rendezvous_stream_c.py tests/test_rendezvous_withdraw.py \
+		tests/test_small_writer_flow.py
 
 # the peers (pyzmq, faster-fifo, iceoryx2, numpy; Pyro5, RPyC, grpcio, msgpack for the RPC
 # rows) are the optional group "bench", not dev; the Neovim row needs nvim (.ci/run installs it)

@@ -58,6 +58,12 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(
+            "buzon.protocol._rv",
+            sources=["src/buzon/protocol/_rv.c"],
+            depends=["src/buzon/protocol/_wait.h", "src/buzon/protocol/_writer.h"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
             "buzon.protocol._fields",
             sources=["src/buzon/protocol/_fields.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import pickle
 import weakref
 from collections import deque
@@ -50,6 +51,7 @@ from .protocol.credit import (
     ReceiptCore,
     ReceiptWriter,
     RecvFlow,
+    RvStream,
     SendFlow,
     decode_credit,
     encode_withdraw,
@@ -473,6 +475,62 @@ class ChannelCore:
             stream.dontwait,
         )
         return self._receipt_writer
+
+    def rv_stream(self) -> RvStream | None:
+        """The sync driver's rendezvous ``send``/``recv`` in C (``protocol/_rv.c``):
+        ``capacity=0`` on a framed stream whose reads are plain (pipe:, unix:, tcp:),
+        credits on the link itself (no token pool), the write lock given. It does the
+        common case of :func:`buzon._engine.send_steps` and the rendezvous receive
+        (``protocol/credit.py`` stays the reference) and hands anything else back
+        (:meth:`rv_read`). None elsewhere."""
+        stream = self._stream
+        if (
+            RvStream is None
+            or not self._rv
+            or self.tokens is not None
+            or self.rv_ring is not None
+            or self.wait_fd is None
+            or stream is None
+            or not self._can_send
+            or stream.write_fileno() < 0
+            or self._small_writer is None  # no write lock given (the asyncio driver)
+        ):
+            return None
+        return RvStream(
+            self.wait_fd,
+            stream.write_fileno(),
+            self,
+            self.io_lock,
+            min(PLAIN_MAX, self.max_frame) - 8,
+            self._rv_part,
+            stream.dontwait,
+        )
+
+    def _rv_part(self, offer: bytes | None, flags: int, data: bytes, written: int) -> int:
+        """:meth:`rv_stream`'s send wrote ``written`` bytes of ``offer`` (a CREDIT, or
+        None) and the DATA frame of ``data``: keep the tail and count the frame as
+        :meth:`try_send` does; return its serial."""
+        size = len(data) + 8
+        out: list[Buffer] = [data_header(len(data), flags), data]
+        if offer is not None:
+            out.insert(0, offer)
+        self._keep_tail(out, written)
+        self.serial += 1
+        self.open_frame = _OpenFrame(self.serial, size, (), size)
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += size
+        return self.serial
+
+    def rv_read(self, n: int, err: int) -> None:
+        """A read :meth:`rv_stream`'s calls left to the decoder: ``n`` bytes at the start
+        of its empty buffer (0: the end of the stream), or (``n`` -1) the read failed
+        with ``err`` (0: no read). Raises as a read of :meth:`pump` does."""
+        if err:
+            raise self.read_error(OSError(err, os.strerror(err)))
+        decoder = self.decoder
+        if n >= 0 and isinstance(decoder, FrameDecoder):
+            room = len(decoder.idle_buffer() or b"") or n
+            self._read_bytes(decoder, n, room)
 
     def _small_part(self, flags: int, data: bytes, written: int) -> int:
         """:attr:`small_send` wrote ``written`` bytes of the frame of ``data`` (flags

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from buzon.protocol import _stream
+from buzon.protocol.credit import SendFlow
 from buzon.protocol.frames import HEADER, FrameDecoder, Kind, encode_frame
 
 pytestmark = pytest.mark.fd_check
@@ -338,8 +339,10 @@ def test_small_writer_steps_aside_whenever_the_channel_is_not_quiet() -> None:
             setattr(core, name, value)
             assert write(b"x") is False
             setattr(core, name, _Core().__dict__[name])
-        core.sflow = object()  # sends are numbered: the engine's way
-        assert write(b"x") is False
+        flow = SendFlow(2)
+        flow.sent = 2  # numbered sends without credit: the engine's way (it waits)
+        core.sflow = flow
+        assert write(b"x") is False and flow.sent == 2
         core.sflow = None
         os.set_blocking(w, False)
         while True:  # no room: nothing written, counted as a would-block
@@ -356,6 +359,28 @@ def test_small_writer_steps_aside_whenever_the_channel_is_not_quiet() -> None:
     finally:
         if r >= 0:
             os.close(r)
+        os.close(w)
+
+
+def test_small_writer_counts_a_numbered_send_in_the_flow() -> None:
+    """A channel that numbers its sends (receipts, a capacity) keeps the C path while
+    it has credit, the send counted in ``sflow.sent`` as ``send_small`` counts it."""
+    r, w = os.pipe()
+    try:
+        core, lock, parts = _Core(), threading.Lock(), []
+        write = _writer(w, core, lock, parts)
+        core.sflow = flow = SendFlow(None)  # receipts: no limit
+        flow.sent = 5
+        assert write(b"x") is True and flow.sent == 6
+        core.sflow = flow = SendFlow(1)  # a capacity with one credit left
+        assert write(b"y") is True and flow.sent == 1
+        assert write(b"z") is False and flow.sent == 1  # no credit: the engine's way
+        assert write.counts()[0] == 2 and parts == []
+        assert (
+            os.read(r, 100) == b"\x01\x01\x00\x00\x01\x00\x00\x00x\x01\x01\x00\x00\x01\x00\x00\x00y"
+        )
+    finally:
+        os.close(r)
         os.close(w)
 
 

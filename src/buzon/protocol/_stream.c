@@ -62,8 +62,9 @@
  *       from the checks until a partial write's tail is kept: the Python code of
  *       ``on_part`` may let another thread run, which must find the tail owed or
  *       wait for the lock), and ``core`` owes
- *       nothing (``pending`` empty, ``credit_out`` None), is open and numbers no sends
- *       (``sflow`` None): fields read from the core's ``__dict__`` (``closed`` must be
+ *       nothing (``pending`` empty, ``credit_out`` None), is open and, if it numbers its
+ *       sends (``sflow``: receipts, a capacity), has credit (the write is then counted
+ *       in ``sflow.sent``, as ChannelCore.send_small counts it): fields read from the core's ``__dict__`` (``closed`` must be
  *       a bool), ``pending`` a deque the core keeps for good. True: written whole, counted here (``sent``,
  *       ``sent_bytes``; the core adds them to its statistics). False: nothing written
  *       (not quiet, not small bytes, no room, an error): the caller goes the general
@@ -458,7 +459,17 @@ typedef struct {
     vectorcallfunc vectorcall;
 } SmallWriter;
 
-static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow;
+static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow, *s_sent, *s_limit;
+
+/* flow.<name> as an unsigned 64-bit count; -1 (with an exception) on error */
+static int flow_count(PyObject *flow, PyObject *name, unsigned long long *out) {
+    PyObject *v = PyObject_GetAttr(flow, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
 
 
 static PyObject *small_write(SmallWriter *self, PyObject *data, int framed);
@@ -495,9 +506,24 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
         return owed < 0 ? NULL : Py_NewRef(Py_False);
     int r;
     if ((r = core_flag(self->state, s_credit_out, 1)) != 0 ||
-        (r = core_flag(self->state, s_closed, 0)) != 0 ||
-        (r = core_flag(self->state, s_sflow, 1)) != 0)
+        (r = core_flag(self->state, s_closed, 0)) != 0)
         return r < 0 ? NULL : Py_NewRef(Py_False);
+    /* a channel that numbers its sends (receipts, a capacity: ``sflow``) counts this one
+     * in flow.sent, as send_small does, while it has credit (sent < limit) */
+    PyObject *flow = PyDict_GetItemWithError(self->state, s_sflow); /* borrowed */
+    if (flow == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
+    PyObject *next = NULL; /* flow.sent + 1, made before the write: nothing can fail after */
+    if (flow != Py_None) {
+        unsigned long long sent, limit;
+        if (flow_count(flow, s_sent, &sent) < 0 || flow_count(flow, s_limit, &limit) < 0)
+            return NULL;
+        if (sent >= limit) /* the general way tells the receiver, and the engine waits */
+            return Py_NewRef(Py_False);
+        next = PyLong_FromUnsignedLongLong(sent + 1);
+        if (next == NULL)
+            return NULL;
+    }
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     uint32_t len = (uint32_t)n;
     unsigned char header[8];
@@ -513,9 +539,16 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
                      : put_vec(self->fd, self->sock, iov, n ? 2 : 1);
     while (got < 0 && errno == EINTR);
     if (got < 0) {
+        Py_XDECREF(next);
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             self->would_block++;
         Py_RETURN_FALSE; /* the general way writes again and reports what it meets */
+    }
+    if (next != NULL) { /* a slot's setattr of an int: no Python code runs */
+        int set = PyObject_SetAttr(flow, s_sent, next);
+        Py_DECREF(next);
+        if (set < 0)
+            return NULL;
     }
     if (got == whole) {
         self->sent++;
@@ -655,7 +688,9 @@ PyMODINIT_FUNC PyInit__stream(void) {
     if ((s_pending = PyUnicode_InternFromString("pending")) == NULL ||
         (s_credit_out = PyUnicode_InternFromString("credit_out")) == NULL ||
         (s_closed = PyUnicode_InternFromString("closed")) == NULL ||
-        (s_sflow = PyUnicode_InternFromString("sflow")) == NULL)
+        (s_sflow = PyUnicode_InternFromString("sflow")) == NULL ||
+        (s_sent = PyUnicode_InternFromString("sent")) == NULL ||
+        (s_limit = PyUnicode_InternFromString("limit")) == NULL)
         return NULL;
     if (PyType_Ready(&SmallWriterType) < 0)
         return NULL;

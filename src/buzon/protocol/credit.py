@@ -85,6 +85,7 @@ __all__ = [
     "ReceiptCore",
     "ReceiptWriter",
     "RecvFlow",
+    "RvStream",
     "SendFlow",
     "check_capacity",
     "decode_credit",
@@ -106,6 +107,12 @@ except ImportError:  # pragma: no cover - a build without the extension
             self._channel = channel
             self._flow = flow
             self.number = number
+
+
+try:  # capacity=0 on a framed stream, the blocking driver's send and receive in C
+    from ._rv import RvStream  # (protocol/_rv.c); this module stays the reference
+except ImportError:  # pragma: no cover - a build without the extension
+    RvStream = None  # type: ignore[assignment,misc]
 
 
 UNLIMITED = 2**64 - 1

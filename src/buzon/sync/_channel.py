@@ -56,6 +56,7 @@ from ..transport.base import Buffer
 
 if TYPE_CHECKING:  # annotations only
     from ..protocol._dgram import Receiver
+    from ..protocol._rv import RvStream
     from ..transport.fifo import FifoWaiter
 
 __all__ = ["Channel"]
@@ -224,6 +225,34 @@ def _forget_wakes_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_wakes_in_child)
 
 
+# what protocol/_rv.c RvStream's calls return (see there)
+_RV_DONE, _RV_TIMEOUT, _RV_WOKEN, _RV_HANDOVER, _RV_REPLY, _RV_FAILED = 1, 4, 5, 6, 7, -1
+
+
+def _resumed(steps: Steps, failed: BaseException | None) -> Steps:
+    """``steps`` from its first step on, with ``failed`` (None: nothing) thrown in there:
+    a send the C rendezvous call began goes on from its wait for the take."""
+    try:
+        step = next(steps)
+        if failed is not None:
+            step = steps.throw(failed)
+    except StopIteration as stop:
+        return stop.value
+    while True:
+        try:
+            yield step
+        except BaseException as exc:
+            try:
+                step = steps.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            step = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+
 def deadline_of(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -284,6 +313,8 @@ class Channel(ChannelIdentity):
         )
         if writer is not None:  # send_bytes_async in C (protocol/_credit.c): it shadows
             self.send_bytes_async = writer  # type: ignore[method-assign]  # the method
+        # capacity=0 on a framed stream: the rendezvous send and receive in C
+        self._rv_stream = core.rv_stream() if self._rendezvous else None
 
     @property
     def capacity(self) -> int | None:
@@ -309,6 +340,14 @@ class Channel(ChannelIdentity):
                 return self._send_rv(frame, -1, timeout, priority)
             return self._send_rv(bufs, None, timeout, priority)
         if self._rendezvous:
+            rv = self._rv_stream  # a framed stream: the common case in one C call
+            if (
+                rv is not None
+                and not priority
+                and len(bufs) == 1
+                and self._send_rv_stream(rv, bufs[0], True, timeout)  # type: ignore[arg-type]
+            ):
+                return
             core.offer_with_send()  # a blocked rendezvous sender receives next
         with self._wlock:
             accepted = core.try_send(bufs, priority)
@@ -317,6 +356,100 @@ class Channel(ChannelIdentity):
             number = core.sflow.sent if accepted and core.sflow is not None else 0
             serial = core.serial
         self._send_slow(bufs, timeout, priority, number if accepted else -1, serial)
+
+    def _send_rv_stream(
+        self, rv: RvStream, data: bytes, whole: bool, timeout: float | None
+    ) -> bool:
+        """A rendezvous send on a framed stream in one C call (``protocol/_rv.c``): this
+        end's offer and the message in one write, the wait for its take, the reply's
+        spin. False: it does not apply now (nothing was done: the general way). What the
+        call hands back (a deadline, a close, a read it does not handle, an interrupt)
+        the engine's :func:`send_steps` finishes from where the call stopped, so every
+        way out (a withdrawal above all) is the engine's."""
+        if type(data) is not bytes or not self._rlock.acquire(False):
+            return False
+        core = self._core
+        deadline = None if timeout is None else deadline_of(timeout)
+        failed: BaseException | None = None
+        try:
+            wake = self._wake  # _enter_wait and _leave_wait, inlined (every send)
+            if wake < 0:
+                try:
+                    wake = self._make_wake()
+                except ChannelClosed:
+                    return False  # the general way reports it
+            waiters = self._waiters
+            me = _get_ident()
+            waiters.append(me)
+            try:
+                if self._closing:
+                    return False
+                code = rv.send(data, whole, deadline, self._spin, wake)
+            except BaseException as exc:  # a signal handler's, during a wait
+                if rv.number <= 0:
+                    raise
+                code, failed = _RV_FAILED, exc
+            finally:
+                waiters.remove(me)
+                if self._closing:
+                    self._drop_wake()
+            if code == _RV_DONE:
+                return True
+            if code == 0:
+                return False
+            if code == _RV_REPLY:  # the reply's read: the engine's finish_with_reply
+                try:
+                    core.rv_read(rv.n, rv.err)
+                    core.finish_with_reply()
+                except Exception:
+                    core.send_finished()  # a broken link is the next operation's
+                return True
+            if code == _RV_TIMEOUT:
+                failed = Timeout("send timed out")
+            elif code == _RV_WOKEN:
+                failed = ChannelClosed("the channel was closed by another thread")
+            elif code == _RV_HANDOVER:
+                try:
+                    core.rv_read(rv.n, rv.err)
+                except BaseException as exc:
+                    failed = exc
+        finally:
+            self._rlock.release()
+        steps = send_steps(
+            core, [], accepted=True, number=rv.number, serial=rv.serial, rendezvous=True
+        )
+        self._run(_resumed(steps, failed), deadline)
+        return True
+
+    def _recv_rv_stream(self, rv: RvStream, timeout: float | None) -> Frame | tuple[int, bytes]:
+        """A rendezvous receive on a framed stream in one C call (``protocol/_rv.c``),
+        under the read lock: a message in hand taken, or the offer, the wait, the read
+        and the take; what the call hands back the general way finishes (the offer
+        withdrawn if the receive ends without a message, as the engine's)."""
+        core = self._core
+        limit = timeout if timeout is not None else core.options.idle_timeout
+        deadline = None if limit is None else deadline_of(limit)
+        wake = self._enter_wait()
+        try:
+            got = rv.recv(deadline, self._spin if timeout != 0 else 0.0, wake)
+            if type(got) is tuple:
+                return got
+            if got == _RV_TIMEOUT:
+                raise Timeout("recv timed out")
+            if got == _RV_WOKEN:
+                raise ChannelClosed("the channel was closed by another thread")
+            if got == _RV_HANDOVER:
+                core.rv_read(rv.n, rv.err)
+        except BaseException:
+            core.wait_ended()
+            raise
+        finally:
+            self._leave_wait()
+        item = core.buffered()
+        if item is None:
+            left = None if deadline is None else max(0.0, deadline - _monotonic())
+            item = self._receive(left if timeout is not None or left is not None else None)
+        return item
 
     def _send_rv(self, item: Any, codec: int | None, timeout: float | None, priority: int) -> None:
         """A rendezvous send on rings that keep it (``buzon._ring_rv``): put the message
@@ -443,6 +576,9 @@ class Channel(ChannelIdentity):
             if done is not False:  # the kernel took part of it: the engine finishes it
                 self._send_slow([], timeout, 0, 0, done)
                 return
+        rv = self._rv_stream  # capacity=0 on a framed stream: the common case in C
+        if rv is not None and not priority and self._send_rv_stream(rv, data, False, timeout):  # type: ignore[arg-type]
+            return
         if type(data) is bytes and len(data) <= core.small_limit and not priority:
             with self._wlock:  # a quiet stream: header and payload in one write
                 sent = core.send_small(data)
@@ -983,7 +1119,13 @@ class Channel(ChannelIdentity):
                 return core.item_object(taken, type)
         with self._rlock:
             core = self._core
-            item = core.buffered()
+            rv = self._rv_stream  # capacity=0 on a framed stream: in C
+            if rv is not None:  # a message in hand (a reply our send read) at once
+                item: Frame | tuple[int, bytes] | None = rv.take() or self._recv_rv_stream(
+                    rv, timeout
+                )
+            else:
+                item = core.buffered()
             if item is None:
                 item = self._receive(timeout)
         if self._pumpers:
@@ -1069,7 +1211,13 @@ class Channel(ChannelIdentity):
                 return got[1] if got[0] >= 0 else core.item_bytes(self._after_fast(got, timeout))
         with self._rlock:
             core = self._core
-            item = core.buffered()
+            rv = self._rv_stream  # capacity=0 on a framed stream: in C
+            if rv is not None:  # a message in hand (a reply our send read) at once
+                item: Frame | tuple[int, bytes] | None = rv.take() or self._recv_rv_stream(
+                    rv, timeout
+                )
+            else:
+                item = core.buffered()
             if item is None:
                 # spin=0, no deadline, a socket that sleeps in recv: straight to the C
                 # wait (what _receive would do after its checks)

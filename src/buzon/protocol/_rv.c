@@ -1,0 +1,1273 @@
+/* The rendezvous (capacity=0) send and receive of a blocking channel on a framed
+ * stream (pipe:, unix:, tcp:), in C: what protocol/credit.py and the engine's
+ * send_steps/recv_steps do for it in the common case, one call each.
+ *
+ *   RvStream(rfd, wfd, core, lock, limit, on_part[, sock])
+ *       ``core`` the ChannelCore (its fields read and written through its __dict__,
+ *       its SendFlow/RecvFlow/FrameDecoder/Statistics through their slots), ``lock``
+ *       the driver's write lock (held around every write: acquire(False) for the
+ *       message, a blocking acquire for a CREDIT, as emit_credit does), ``limit`` the
+ *       largest payload this call sends, ``on_part(offer, flags, data, written)`` keeps
+ *       the tail of a message the kernel took in part (the core's own way) and returns
+ *       its serial; ``sock``: the fds are a stream socket (recv/sendmsg with
+ *       MSG_DONTWAIT, which never block even in blocking mode).
+ *
+ *   send(data, whole, deadline, spin, wake) -> int
+ *       A rendezvous send_bytes (``whole`` false: ``data`` is the payload) or send
+ *       (``whole`` true: ``data`` is an encoded plain frame). The caller holds the read
+ *       lock. Only on a quiet channel (nothing owed, nothing read and not taken, the
+ *       receiver's offer known: sflow.sent < sflow.limit): else 0 and nothing changed.
+ *       Then: the offer of this end (it receives next) and the message in one write,
+ *       the wait (spin ``spin`` seconds, then sleep in poll with ``wake`` until
+ *       ``deadline``, GIL released) for the CREDIT that says it was taken, then, when a
+ *       reply is expected (the channel spins and its receives follow its sends), a spin
+ *       of ``spin`` for it and one read; the offer is withdrawn if no reply came.
+ *       Returns 1 done; 3 written in part (``number``/``serial``: the engine finishes);
+ *       4 the deadline passed before the take; 5 ``wake`` became readable (a close()
+ *       in another thread); 6 a read this call does not handle (``n`` bytes left at the
+ *       start of the decoder's buffer, 0: end of stream, -1 with ``err``: the read
+ *       failed) before the take; 7 the same after the take (the reply's read). A signal
+ *       handler's exception propagates (the message is then number ``number``).
+ *       Reads are handled here when they are exactly a run of plain CREDIT frames and
+ *       at most one plain DATA frame, the CREDIT legal (SendFlow.on_credit's checks),
+ *       the read shorter than the buffer; a DATA frame met is kept in decoder.frames.
+ *
+ *   take() -> (flags, body) | None
+ *       recv's first half alone: a message in hand taken if the gate is open, else None
+ *       (nothing changed).
+ *
+ *   recv(deadline, spin, wake) -> (flags, body) | int
+ *       A rendezvous receive, the read lock held by the caller: a message in hand taken
+ *       if the gate is open (offer standing, a read after it found the link empty, no
+ *       withdrawn message pending), else (nothing in hand, the decoder idle) the offer
+ *       written, the wait, the read, the take, and its CREDIT. Returns the message, or
+ *       0 (not applicable, nothing changed), 4, 5, 6 (as send; 6 with ``n`` -1 and
+ *       ``err`` 0: the offer is owed, the engine goes on).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <poll.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <structmember.h> /* T_OBJECT_EX, READONLY */
+
+#include "_wait.h"
+#include "_writer.h"
+
+#define KIND_CREDIT 6
+#define NOT_FAST 0xFC /* a plain DATA frame the rendezvous path takes: no receipt either */
+#define CREDIT_SIZE 24
+#define UNLIMITED UINT64_MAX
+
+enum { RV_NA = 0, RV_DONE = 1, RV_PART = 3, RV_TIMEOUT = 4, RV_WOKEN = 5, RV_HANDOVER = 6,
+       RV_REPLY = 7 };
+
+typedef struct {
+    PyObject_HEAD
+    int rfd, wfd, sock;
+    Py_ssize_t limit;
+    PyObject *core, *state, *acquire, *release, *on_part;
+    long long number, serial; /* the message of the last send() */
+    Py_ssize_t n;             /* bytes left for the decoder (codes 6, 7) */
+    int err;                  /* errno of a failed read (n == -1) */
+} RvStream;
+
+static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow, *s_decoder,
+    *s_stats, *s_serial, *s_taken, *s_rv_valid, *s_rv_void, *s_rv_reply, *s_rv_after_send,
+    *s_credit_blocked, *s_on_credit, *s_peer, *s_pid, *s_sent, *s_limit, *s_receiver,
+    *s_granted, *s_offering, *s_reported, *s_report_due, *s_peer_blocked, *s_unreported,
+    *s_end, *s_big, *s_error, *s_frames, *s_buf, *s_messages_sent, *s_bytes_sent,
+    *s_messages_received, *s_bytes_received, *s_credits_sent, *s_credits_received,
+    *s_popleft, *s_append;
+
+/* -- field access ---------------------------------------------------------------- */
+
+static PyObject *field(RvStream *self, PyObject *name) { /* borrowed */
+    PyObject *v = PyDict_GetItemWithError(self->state, name);
+    if (v == NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_AttributeError, "the channel core has no %R", name);
+    return v;
+}
+
+static int set_field(RvStream *self, PyObject *name, PyObject *v) {
+    return PyDict_SetItem(self->state, name, v);
+}
+
+/* The flows, the decoder and the statistics keep their fields in __slots__: their
+ * member descriptors' offsets, found once per (type, name) and kept in a small cache,
+ * read and write them directly (a generic attribute look-up costs more than the rest of
+ * a field's use). Anything that is not a plain writable object slot takes the generic
+ * way. */
+typedef struct {
+    PyTypeObject *type;
+    PyObject *name;
+    unsigned int version; /* the type's version tag when the entry was made */
+    Py_ssize_t off;       /* -1: not a plain slot */
+} SlotEntry;
+
+#define SLOT_CACHE 128
+static SlotEntry slot_cache[SLOT_CACHE];
+
+static Py_ssize_t slot_offset(PyTypeObject *type, PyObject *name) {
+    size_t h = (((uintptr_t)type >> 4) * 31u + ((uintptr_t)name >> 4)) & (SLOT_CACHE - 1);
+    SlotEntry *e = &slot_cache[h];
+    int tagged = PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG);
+    if (tagged && e->type == type && e->name == name && e->version == type->tp_version_tag)
+        return e->off;
+    Py_ssize_t off = -1;
+    PyObject *d = _PyType_Lookup(type, name); /* borrowed */
+    if (d != NULL && Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type == T_OBJECT_EX && !(m->flags & READONLY))
+            off = m->offset;
+    }
+    /* the entry holds no references: a type that goes away leaves a stale pointer, and
+     * a new type at the same address has another version tag (a changed type too) */
+    if (PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        e->type = type;
+        e->name = name;
+        e->version = type->tp_version_tag;
+        e->off = off;
+    }
+    return off;
+}
+
+/* getattr(obj, name), a new reference */
+static PyObject *slot_get(PyObject *obj, PyObject *name) {
+    Py_ssize_t off = slot_offset(Py_TYPE(obj), name);
+    if (off < 0)
+        return PyObject_GetAttr(obj, name);
+    PyObject *v = *(PyObject **)((char *)obj + off);
+    if (v == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%R has no %U", obj, name);
+        return NULL;
+    }
+    return Py_NewRef(v);
+}
+
+/* setattr(obj, name, v) */
+static int slot_set(PyObject *obj, PyObject *name, PyObject *v) {
+    Py_ssize_t off = slot_offset(Py_TYPE(obj), name);
+    if (off < 0)
+        return PyObject_SetAttr(obj, name, v);
+    PyObject **at = (PyObject **)((char *)obj + off);
+    PyObject *old = *at;
+    *at = Py_NewRef(v);
+    Py_XDECREF(old);
+    return 0;
+}
+
+static int get_u64(PyObject *obj, PyObject *name, uint64_t *out) {
+    PyObject *v = slot_get(obj, name);
+    if (v == NULL)
+        return -1;
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = (uint64_t)x;
+    return 0;
+}
+
+static int set_u64(PyObject *obj, PyObject *name, uint64_t x) {
+    PyObject *v = PyLong_FromUnsignedLongLong((unsigned long long)x);
+    if (v == NULL)
+        return -1;
+    int r = slot_set(obj, name, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int add_u64(PyObject *obj, PyObject *name, uint64_t delta) {
+    uint64_t x;
+    if (get_u64(obj, name, &x) < 0)
+        return -1;
+    return set_u64(obj, name, x + delta);
+}
+
+/* 1 the attribute is true, 0 false, -1 error */
+static int get_bool(PyObject *obj, PyObject *name) {
+    PyObject *v = slot_get(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int set_bool(PyObject *obj, PyObject *name, int b) {
+    return slot_set(obj, name, b ? Py_True : Py_False);
+}
+
+/* -- wire ------------------------------------------------------------------------- */
+
+static void put_u64(unsigned char *p, uint64_t x) {
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(x >> (8 * i));
+}
+
+static uint64_t read_u64(const unsigned char *p) {
+    uint64_t x = 0;
+    for (int i = 7; i >= 0; i--)
+        x = (x << 8) | p[i];
+    return x;
+}
+
+static void credit_frame(unsigned char f[CREDIT_SIZE], uint64_t taken, uint64_t limit) {
+    static const unsigned char head[8] = {BUZON_FRAME_VERSION, KIND_CREDIT, 0, 0, 16, 0, 0, 0};
+    memcpy(f, head, 8);
+    put_u64(f + 8, taken);
+    put_u64(f + 16, limit);
+}
+
+static int is_credit(const unsigned char *h) {
+    static const unsigned char head[8] = {BUZON_FRAME_VERSION, KIND_CREDIT, 0, 0, 16, 0, 0, 0};
+    return memcmp(h, head, 8) == 0;
+}
+
+/* a vectored write that never blocks; EINTR retried */
+static ssize_t put_vec(RvStream *self, struct iovec *iov, int n) {
+    ssize_t got;
+    do {
+        if (self->sock) {
+            struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+            got = sendmsg(self->wfd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } else {
+            got = writev(self->wfd, iov, n);
+        }
+    } while (got < 0 && errno == EINTR);
+    return got;
+}
+
+/* one read that never blocks; EINTR retried */
+static ssize_t get_bytes(RvStream *self, unsigned char *buf, size_t room) {
+    ssize_t got;
+    do
+        got = self->sock ? recv(self->rfd, buf, room, MSG_DONTWAIT) : read(self->rfd, buf, room);
+    while (got < 0 && errno == EINTR);
+    return got;
+}
+
+/* -- the flows (protocol/credit.py) ------------------------------------------------- */
+
+/* RecvFlow._announce after ``limit`` was set: the counts reported; the CREDIT in ``f`` */
+static int announce(PyObject *rflow, uint64_t taken, uint64_t limit, unsigned char *f) {
+    uint64_t granted;
+    PyObject *zero = PyLong_FromLong(0); /* a cached small int */
+    int r = slot_set(rflow, s_unreported, zero);
+    Py_DECREF(zero);
+    if (r < 0 || set_u64(rflow, s_reported, taken) < 0 || set_bool(rflow, s_report_due, 0) < 0 ||
+        set_bool(rflow, s_peer_blocked, 0) < 0 || get_u64(rflow, s_granted, &granted) < 0)
+        return -1;
+    if (limit > granted && set_u64(rflow, s_granted, limit) < 0)
+        return -1;
+    credit_frame(f, taken, limit);
+    return 0;
+}
+
+/* RecvFlow.before_wait for capacity 0: offer one message. 1 the CREDIT is in ``f``, 0
+ * an offer stands already, -1 error */
+static int offer(PyObject *rflow, unsigned char *f) {
+    int offering = get_bool(rflow, s_offering);
+    if (offering != 0)
+        return offering < 0 ? -1 : 0;
+    uint64_t taken;
+    if (get_u64(rflow, s_taken, &taken) < 0 || set_bool(rflow, s_offering, 1) < 0 ||
+        set_u64(rflow, s_limit, taken + 1) < 0)
+        return -1;
+    return announce(rflow, taken, taken + 1, f) < 0 ? -1 : 1;
+}
+
+/* RecvFlow.on_wait_end (the offer withdrawn) or on_take (``took``: the offer used up),
+ * capacity 0: the CREDIT in ``f``. 1 done, 0 on_take would raise (more than granted:
+ * the Python way raises it), -1 error */
+static int offer_end(PyObject *rflow, int took, unsigned char *f) {
+    uint64_t taken, granted;
+    if (get_u64(rflow, s_taken, &taken) < 0 || get_u64(rflow, s_granted, &granted) < 0)
+        return -1;
+    if (took) {
+        if (taken + 1 > granted)
+            return 0;
+        taken += 1;
+        if (set_u64(rflow, s_taken, taken) < 0)
+            return -1;
+    }
+    if (set_bool(rflow, s_offering, 0) < 0 || set_u64(rflow, s_limit, taken) < 0)
+        return -1;
+    return announce(rflow, taken, taken, f) < 0 ? -1 : 1;
+}
+
+/* ChannelCore.emit_credit of the CREDIT in ``f`` (the channel is open): under the write
+ * lock, written now unless bytes are owed ahead of it; what cannot be written stays
+ * owed (``credit_out``), a tail in ``pending``. 0 ok, -1 error */
+static int emit_credit(RvStream *self, const unsigned char *f) {
+    PyObject *frame = NULL; /* made only if it is kept */
+    PyObject *held = PyObject_CallNoArgs(self->acquire);
+    if (held == NULL)
+        return -1;
+    Py_DECREF(held);
+    int rc = -1;
+    PyObject *pending = field(self, s_pending);
+    Py_ssize_t owed = pending == NULL ? -1 : PyObject_Length(pending);
+    if (owed < 0)
+        goto out;
+    ssize_t got = -1;
+    int e = EAGAIN;
+    if (owed == 0) {
+        struct iovec iov = {.iov_base = (void *)f, .iov_len = CREDIT_SIZE};
+        got = put_vec(self, &iov, 1);
+        e = got < 0 ? errno : 0;
+    }
+    if (got < 0 && e != EAGAIN && e != EWOULDBLOCK) {
+        rc = set_field(self, s_credit_out, Py_None); /* nobody left to tell */
+        goto out;
+    }
+    if (got < CREDIT_SIZE) /* owed, or written in part: the frame is kept */
+        frame = PyBytes_FromStringAndSize((const char *)f, CREDIT_SIZE);
+    if (got < CREDIT_SIZE && frame == NULL)
+        goto out;
+    if (got < 0) { /* behind bytes of ours, or no room: the next flush writes it */
+        rc = set_field(self, s_credit_out, frame);
+        goto out;
+    }
+    if (set_field(self, s_credit_out, Py_None) < 0)
+        goto out;
+    if (got < CREDIT_SIZE) {
+        PyObject *r = PyObject_CallMethod(self->core, "_keep_tail", "[O]n",
+                                          frame, (Py_ssize_t)got);
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+    }
+    PyObject *stats = field(self, s_stats);
+    rc = stats == NULL ? -1 : add_u64(stats, s_credits_sent, 1);
+out:
+    Py_XDECREF(frame);
+    return unlock_with(self->release, Py_None) == NULL ? -1 : rc;
+}
+
+/* -- reads ------------------------------------------------------------------------- */
+
+typedef struct {
+    const unsigned char *credit; /* the run's last CREDIT body, or NULL */
+    const unsigned char *data;   /* a plain DATA frame, or NULL */
+    Py_ssize_t data_len;         /* its payload */
+} Parsed;
+
+/* 1 the ``n`` bytes are exactly a run of plain CREDITs and at most one plain DATA frame
+ * (a payload of at most ``limit``), the CREDIT legal for ``sflow``; 0 not (the decoder's
+ * way); -1 error */
+static int parse(const unsigned char *p, Py_ssize_t n, Py_ssize_t limit, PyObject *sflow,
+                 Parsed *out) {
+    out->credit = out->data = NULL;
+    out->data_len = 0;
+    Py_ssize_t pos = 0;
+    while (n - pos >= CREDIT_SIZE && is_credit(p + pos)) {
+        out->credit = p + pos + 8;
+        pos += CREDIT_SIZE;
+    }
+    if (pos < n) {
+        const unsigned char *h = p + pos;
+        if (n - pos < 8)
+            return 0;
+        uint32_t blen = (uint32_t)h[4] | ((uint32_t)h[5] << 8) | ((uint32_t)h[6] << 16) |
+                        ((uint32_t)h[7] << 24);
+        if (h[0] != BUZON_FRAME_VERSION || h[1] != BUZON_KIND_DATA || (h[2] & NOT_FAST) ||
+            h[3] || (Py_ssize_t)blen != n - pos - 8 || (Py_ssize_t)blen > limit)
+            return 0;
+        out->data = h;
+        out->data_len = (Py_ssize_t)blen;
+    }
+    if (out->credit != NULL) { /* SendFlow.on_credit's checks (capacity 0) */
+        uint64_t taken = read_u64(out->credit), limit_c = read_u64(out->credit + 8);
+        uint64_t sent, had;
+        if (get_u64(sflow, s_sent, &sent) < 0 || get_u64(sflow, s_taken, &had) < 0)
+            return -1;
+        if (taken > sent || taken < had || (limit_c != UNLIMITED && limit_c > taken + 1))
+            return 0;
+    }
+    return 1;
+}
+
+/* ChannelCore._apply_credit of a plain CREDIT body (checked by parse) */
+static int apply_credit(RvStream *self, PyObject *sflow, const unsigned char *body) {
+    PyObject *peer = field(self, s_peer);
+    PyObject *stats = field(self, s_stats);
+    if (peer == NULL || stats == NULL)
+        return -1;
+    PyObject *pid = PyObject_GetAttr(peer, s_pid);
+    if (pid == NULL)
+        return -1;
+    int r = slot_set(sflow, s_receiver, pid);
+    Py_DECREF(pid);
+    if (r < 0 || set_u64(sflow, s_taken, read_u64(body)) < 0 ||
+        set_u64(sflow, s_limit, read_u64(body + 8)) < 0 ||
+        set_field(self, s_credit_blocked, Py_False) < 0 ||
+        add_u64(stats, s_credits_received, 1) < 0)
+        return -1;
+    PyObject *wake = field(self, s_on_credit);
+    if (wake == NULL)
+        return -1;
+    if (wake != Py_None) {
+        PyObject *done = PyObject_CallNoArgs(wake);
+        if (done == NULL)
+            return -1;
+        Py_DECREF(done);
+    }
+    return 0;
+}
+
+/* What a read of ``n`` bytes (n < room) of the parsed shape does to the core (as
+ * _read_bytes and _apply_control): counts, the rendezvous gate's "found empty", the
+ * CREDIT applied. */
+static int took_read(RvStream *self, PyObject *sflow, Py_ssize_t n, const Parsed *pr) {
+    PyObject *stats = field(self, s_stats);
+    PyObject *owed = field(self, s_credit_out);
+    if (stats == NULL || owed == NULL || add_u64(stats, s_bytes_received, (uint64_t)n) < 0)
+        return -1;
+    if (owed == Py_None && set_field(self, s_rv_valid, Py_True) < 0)
+        return -1;
+    if (pr->credit != NULL && apply_credit(self, sflow, pr->credit) < 0)
+        return -1;
+    return 0;
+}
+
+/* The decoder's empty read buffer (FrameDecoder.idle_buffer), or NULL with no error
+ * when it holds anything */
+static PyObject *idle_buffer(PyObject *decoder) {
+    PyObject *end = slot_get(decoder, s_end);
+    if (end == NULL)
+        return NULL;
+    long e = PyLong_AsLong(end);
+    Py_DECREF(end);
+    if (e == -1 && PyErr_Occurred())
+        return NULL;
+    if (e != 0)
+        return NULL;
+    PyObject *big = slot_get(decoder, s_big);
+    if (big == NULL)
+        return NULL;
+    Py_DECREF(big);
+    PyObject *error = slot_get(decoder, s_error);
+    if (error == NULL)
+        return NULL;
+    Py_DECREF(error);
+    if (big != Py_None || error != Py_None)
+        return NULL;
+    PyObject *frames = slot_get(decoder, s_frames);
+    if (frames == NULL)
+        return NULL;
+    Py_ssize_t held = PyObject_Length(frames);
+    Py_DECREF(frames);
+    if (held != 0)
+        return NULL;
+    PyObject *buf = slot_get(decoder, s_buf);
+    if (buf != NULL && !PyByteArray_CheckExact(buf)) {
+        Py_DECREF(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+/* The wait and the read in one: into the decoder's empty buffer, spin ``spin`` seconds
+ * (looks with poll, which takes no lock a read would contend for with the writer, then
+ * the read), then (``sleep``) sleep in poll with ``wake`` until
+ * ``deadline`` and read. The GIL is released meanwhile (the read lock keeps the decoder
+ * ours). Returns 1 with ``*rd`` the read's result (-1: ``*err``, EAGAIN when nothing came
+ * and ``sleep`` is false) and ``*bufp`` the buffer (a new reference), RV_HANDOVER (the
+ * decoder is not empty), RV_TIMEOUT, RV_WOKEN, or -1 (a signal handler raised). */
+static int read_wait(RvStream *self, PyObject *decoder, int sleep, int forever,
+                     double deadline, double spin, int wake, PyObject **bufp, ssize_t *rd,
+                     int *err) {
+    PyObject *buf = idle_buffer(decoder);
+    if (buf == NULL)
+        return PyErr_Occurred() ? -1 : RV_HANDOVER;
+    unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(buf);
+    size_t room = (size_t)PyByteArray_GET_SIZE(buf);
+    ssize_t got = -1;
+    int e = EAGAIN;
+    if (spin > 0.0) {
+        /* readiness looks (a poll takes no lock: a read would contend with the
+         * writer's), then the read */
+        struct pollfd look = {.fd = self->rfd, .events = POLLIN, .revents = 0};
+        Py_BEGIN_ALLOW_THREADS
+        double end = monotonic_now() + spin;
+        for (;;) {
+            if (poll(&look, 1, 0) > 0) {
+                got = get_bytes(self, p, room);
+                if (got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+                    e = got < 0 ? errno : 0;
+                    break;
+                }
+            }
+            if (monotonic_now() >= end)
+                break;
+        }
+        Py_END_ALLOW_THREADS
+        if (got < 0 && e == EAGAIN && PyErr_CheckSignals() < 0) {
+            Py_DECREF(buf);
+            return -1;
+        }
+    } else if (!sleep) {
+        got = get_bytes(self, p, room);
+        e = got < 0 ? errno : 0;
+    }
+    if (got < 0 && (e == EAGAIN || e == EWOULDBLOCK) && sleep) {
+        struct pollfd pfds[2] = {{.fd = self->rfd, .events = POLLIN, .revents = 0},
+                                 {.fd = wake, .events = POLLIN, .revents = 0}};
+        for (;;) {
+            int r;
+            Py_BEGIN_ALLOW_THREADS
+            for (;;) {
+                r = sleep_readable(pfds, wake >= 0 ? 2 : 1, forever, deadline);
+                if (r <= 0) {
+                    e = r < 0 ? errno : 0;
+                    break;
+                }
+                got = get_bytes(self, p, room);
+                e = got < 0 ? errno : 0;
+                if (got >= 0 || (e != EAGAIN && e != EWOULDBLOCK))
+                    break;
+                if (pfds[0].revents & POLLNVAL) {
+                    e = EBADF;
+                    break;
+                }
+            }
+            Py_END_ALLOW_THREADS
+            if (r == 0) {
+                Py_DECREF(buf);
+                return wake >= 0 && pfds[1].revents ? RV_WOKEN : RV_TIMEOUT;
+            }
+            if (r > 0 || e != EINTR)
+                break;
+            if (PyErr_CheckSignals() < 0) { /* a signal: its handler runs now */
+                Py_DECREF(buf);
+                return -1;
+            }
+        }
+    }
+    *bufp = buf;
+    *rd = got;
+    *err = got < 0 ? e : 0;
+    return 1;
+}
+
+static PyObject *data_item(const unsigned char *h, Py_ssize_t len) {
+    PyObject *body = PyBytes_FromStringAndSize((const char *)h + 8, len);
+    if (body == NULL)
+        return NULL;
+    PyObject *item = PyTuple_New(2);
+    if (item == NULL) {
+        Py_DECREF(body);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(item, 0, PyLong_FromLong(h[2])); /* a cached small int */
+    PyTuple_SET_ITEM(item, 1, body);
+    return item;
+}
+
+static int append_frame(PyObject *decoder, const unsigned char *h, Py_ssize_t len) {
+    PyObject *item = data_item(h, len);
+    if (item == NULL)
+        return -1;
+    PyObject *frames = slot_get(decoder, s_frames);
+    PyObject *r = frames == NULL ? NULL : PyObject_CallMethodOneArg(frames, s_append, item);
+    Py_XDECREF(frames);
+    Py_DECREF(item);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* -- send ------------------------------------------------------------------------- */
+
+static int parse_wait_args(PyObject *const *args, int *forever, double *deadline,
+                           double *spin, int *wake) {
+    *forever = args[0] == Py_None;
+    *deadline = *forever ? 0.0 : PyFloat_AsDouble(args[0]);
+    if (!*forever && *deadline == -1.0 && PyErr_Occurred())
+        return -1;
+    *spin = PyFloat_AsDouble(args[1]);
+    if (*spin == -1.0 && PyErr_Occurred())
+        return -1;
+    long w = PyLong_AsLong(args[2]);
+    if (w == -1 && PyErr_Occurred())
+        return -1;
+    if (w < -1 || w > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "wake must be an fd or -1");
+        return -1;
+    }
+    *wake = (int)w;
+    return 0;
+}
+
+/* the channel is quiet for the C path: open, nothing owed, no withdrawn message
+ * pending. 1 yes, 0 no, -1 error */
+static int quiet(RvStream *self) {
+    PyObject *pending = field(self, s_pending);
+    if (pending == NULL)
+        return -1;
+    Py_ssize_t owed = PyObject_Length(pending);
+    if (owed != 0)
+        return owed < 0 ? -1 : 0;
+    int r;
+    if ((r = core_flag(self->state, s_credit_out, 1)) != 0 ||
+        (r = core_flag(self->state, s_closed, 0)) != 0 ||
+        (r = core_flag(self->state, s_eof, 0)) != 0)
+        return r < 0 ? -1 : 0;
+    PyObject *void_ = field(self, s_rv_void);
+    if (void_ == NULL)
+        return -1;
+    long v = PyLong_AsLong(void_);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    return v == 0;
+}
+
+/* The reply phase of a send that was taken (send_steps after the take: reply_expected,
+ * the SPIN step, finish_with_reply; else send_finished). */
+static PyObject *finish_send(RvStream *self, PyObject *rflow, PyObject *sflow,
+                             PyObject *decoder, double spin) {
+    PyObject *frames = slot_get(decoder, s_frames);
+    if (frames == NULL)
+        return NULL;
+    Py_ssize_t held = PyObject_Length(frames);
+    Py_DECREF(frames);
+    if (held < 0)
+        return NULL;
+    int expect = 0;
+    if (held == 0 && spin > 0.0) {
+        expect = core_flag(self->state, s_rv_reply, 0);
+        if (expect < 0)
+            return NULL;
+    }
+    if (expect) {
+        PyObject *buf = NULL;
+        ssize_t got;
+        int e;
+        int w = read_wait(self, decoder, 0, 0, 0.0, spin, -1, &buf, &got, &e);
+        if (w < 0)
+            return NULL;
+        if (w != 1) {
+            self->n = -1;
+            self->err = 0;
+            return PyLong_FromLong(RV_REPLY);
+        }
+        unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(buf);
+        Py_ssize_t room = PyByteArray_GET_SIZE(buf);
+        Py_DECREF(buf);
+        if (got < 0 && e != EAGAIN && e != EWOULDBLOCK) {
+            self->n = -1;
+            self->err = e;
+            return PyLong_FromLong(RV_REPLY);
+        }
+        if (got < 0) { /* nothing came: the link found empty */
+            PyObject *owed = field(self, s_credit_out);
+            if (owed == NULL || (owed == Py_None && set_field(self, s_rv_valid, Py_True) < 0))
+                return NULL;
+        } else {
+            Parsed pr;
+            int ok = got > 0 && got < room ? parse(p, got, self->limit, sflow, &pr) : 0;
+            if (ok < 0)
+                return NULL;
+            if (!ok) {
+                self->n = got;
+                self->err = 0;
+                return PyLong_FromLong(RV_REPLY);
+            }
+            if (took_read(self, sflow, got, &pr) < 0)
+                return NULL;
+            if (pr.data != NULL && append_frame(decoder, pr.data, pr.data_len) < 0)
+                return NULL;
+            held = pr.data != NULL;
+        }
+        if (!held && set_field(self, s_rv_reply, Py_False) < 0) /* pump_reply */
+            return NULL;
+    }
+    /* send_finished */
+    int offering = get_bool(rflow, s_offering);
+    if (offering < 0)
+        return NULL;
+    if (!offering)
+        return PyLong_FromLong(RV_DONE);
+    if (held) {
+        if (set_field(self, s_rv_reply, Py_True) < 0)
+            return NULL;
+        return PyLong_FromLong(RV_DONE);
+    }
+    if (set_field(self, s_rv_after_send, Py_True) < 0)
+        return NULL;
+    unsigned char f[CREDIT_SIZE];
+    if (offer_end(rflow, 0, f) < 0 || emit_credit(self, f) < 0)
+        return NULL;
+    return PyLong_FromLong(RV_DONE);
+}
+
+static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "send(data, whole, deadline, spin, wake)");
+        return NULL;
+    }
+    self->number = 0; /* set once this call's message is written (an error before: 0) */
+    PyObject *data = args[0];
+    int whole = PyObject_IsTrue(args[1]);
+    int forever, wake;
+    double deadline, spin;
+    if (whole < 0 || parse_wait_args(args + 2, &forever, &deadline, &spin, &wake) < 0)
+        return NULL;
+    double budget = spin; /* the reply's spin (the SPIN step) is the whole budget */
+    if (!PyBytes_CheckExact(data))
+        return PyLong_FromLong(RV_NA);
+    const unsigned char *bytes = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    unsigned char flags = 0;
+    if (whole) { /* an encoded frame: a plain DATA frame of at most limit */
+        if (n < 8)
+            return PyLong_FromLong(RV_NA);
+        uint32_t blen = (uint32_t)bytes[4] | ((uint32_t)bytes[5] << 8) |
+                        ((uint32_t)bytes[6] << 16) | ((uint32_t)bytes[7] << 24);
+        if (bytes[0] != BUZON_FRAME_VERSION || bytes[1] != BUZON_KIND_DATA ||
+            (bytes[2] & NOT_FAST) || bytes[3] || (Py_ssize_t)blen != n - 8)
+            return PyLong_FromLong(RV_NA);
+        flags = bytes[2];
+        bytes += 8;
+        n -= 8;
+    }
+    if (n > self->limit)
+        return PyLong_FromLong(RV_NA);
+    int r = quiet(self);
+    if (r <= 0)
+        return r < 0 ? NULL : PyLong_FromLong(RV_NA);
+    PyObject *sflow = field(self, s_sflow), *rflow = field(self, s_rflow);
+    PyObject *decoder = field(self, s_decoder), *stats = field(self, s_stats);
+    if (sflow == NULL || rflow == NULL || decoder == NULL || stats == NULL)
+        return NULL;
+    if (sflow == Py_None || rflow == Py_None || decoder == Py_None)
+        return PyLong_FromLong(RV_NA);
+    uint64_t sent, limit;
+    if (get_u64(sflow, s_sent, &sent) < 0 || get_u64(sflow, s_limit, &limit) < 0)
+        return NULL;
+    if (sent >= limit) /* no offer known: the engine waits for one */
+        return PyLong_FromLong(RV_NA);
+    PyObject *frames = slot_get(decoder, s_frames);
+    if (frames == NULL)
+        return NULL;
+    Py_ssize_t held = PyObject_Length(frames);
+    Py_DECREF(frames);
+    if (held != 0)
+        return held < 0 ? NULL : PyLong_FromLong(RV_NA);
+    int offering = get_bool(rflow, s_offering);
+    if (offering < 0)
+        return NULL;
+    int locked = try_lock(self->acquire);
+    if (locked <= 0)
+        return locked < 0 ? NULL : PyLong_FromLong(RV_NA);
+    /* offer_with_send + try_send: this end's offer (if none stands) and the message in
+     * one write; nothing changes unless the kernel takes some of it */
+    unsigned char f[CREDIT_SIZE], header[8];
+    uint64_t rtaken = 0;
+    if (!offering && get_u64(rflow, s_taken, &rtaken) < 0)
+        return unlock_with(self->release, NULL);
+    credit_frame(f, rtaken, rtaken + 1);
+    data_header(header, flags, (uint32_t)n);
+    struct iovec iov[3] = {{.iov_base = f, .iov_len = CREDIT_SIZE},
+                           {.iov_base = header, .iov_len = 8},
+                           {.iov_base = (void *)bytes, .iov_len = (size_t)n}};
+    struct iovec *v = offering ? iov + 1 : iov;
+    int cnt = (offering ? 2 : 3) - (n == 0);
+    Py_ssize_t total = (offering ? 0 : CREDIT_SIZE) + 8 + n;
+    ssize_t got = put_vec(self, v, cnt);
+    if (got <= 0) /* no room (or an error the general way meets again): nothing changed */
+        return unlock_with(self->release, PyLong_FromLong(RV_NA));
+    PyObject *serial_o = field(self, s_serial);
+    long long serial = serial_o == NULL ? -1 : PyLong_AsLongLong(serial_o);
+    if (serial == -1 && PyErr_Occurred())
+        return unlock_with(self->release, NULL);
+    if (!offering) { /* RecvFlow.before_wait's offer, as offer_with_send makes it */
+        unsigned char g[CREDIT_SIZE];
+        if (offer(rflow, g) < 0 || set_field(self, s_rv_valid, Py_False) < 0 ||
+            add_u64(stats, s_credits_sent, 1) < 0)
+            return unlock_with(self->release, NULL);
+    }
+    int part = got < total;
+    if (part) { /* the kernel took part of it: the core keeps the tail (on_part) */
+        PyObject *offer_b = offering ? Py_NewRef(Py_None)
+                                     : PyBytes_FromStringAndSize((const char *)f, CREDIT_SIZE);
+        PyObject *fl = PyLong_FromLong(flags);
+        PyObject *payload = whole ? PyBytes_FromStringAndSize((const char *)bytes, n)
+                                  : Py_NewRef(data);
+        PyObject *wrote = PyLong_FromSsize_t(got);
+        PyObject *out = NULL;
+        if (offer_b != NULL && fl != NULL && payload != NULL && wrote != NULL) {
+            PyObject *call[4] = {offer_b, fl, payload, wrote};
+            out = PyObject_Vectorcall(self->on_part, call, 4, NULL);
+        }
+        Py_XDECREF(offer_b);
+        Py_XDECREF(fl);
+        Py_XDECREF(payload);
+        Py_XDECREF(wrote);
+        if (out == NULL)
+            return unlock_with(self->release, NULL);
+        serial = PyLong_AsLongLong(out);
+        Py_DECREF(out);
+        if (serial == -1 && PyErr_Occurred())
+            return unlock_with(self->release, NULL);
+    } else {
+        serial += 1;
+        PyObject *s = PyLong_FromLongLong(serial);
+        if (s == NULL || set_field(self, s_serial, s) < 0) {
+            Py_XDECREF(s);
+            return unlock_with(self->release, NULL);
+        }
+        Py_DECREF(s);
+        if (add_u64(stats, s_messages_sent, 1) < 0 ||
+            add_u64(stats, s_bytes_sent, (uint64_t)n + 8) < 0)
+            return unlock_with(self->release, NULL);
+    }
+    if (set_u64(sflow, s_sent, sent + 1) < 0)
+        return unlock_with(self->release, NULL);
+    self->number = (long long)(sent + 1);
+    self->serial = serial;
+    if (unlock_with(self->release, Py_None) == NULL)
+        return NULL;
+    if (part)
+        return PyLong_FromLong(RV_PART);
+    /* the wait for the take (send_steps' CREDIT step) */
+    for (;;) {
+        uint64_t taken;
+        if (get_u64(sflow, s_taken, &taken) < 0)
+            return NULL;
+        if (taken >= sent + 1)
+            break;
+        PyObject *buf = NULL;
+        ssize_t rd;
+        int e;
+        int w = read_wait(self, decoder, 1, forever, deadline, spin, wake, &buf, &rd, &e);
+        if (w < 0)
+            return NULL;
+        if (w != 1) {
+            self->n = -1;
+            self->err = 0;
+            return PyLong_FromLong(w);
+        }
+        spin = 0.0; /* spun once: later waits sleep */
+        unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(buf);
+        Py_ssize_t room = PyByteArray_GET_SIZE(buf);
+        Py_DECREF(buf);
+        if (rd < 0 && (e == EAGAIN || e == EWOULDBLOCK))
+            continue;
+        if (rd < 0) {
+            self->n = -1;
+            self->err = e;
+            return PyLong_FromLong(RV_HANDOVER);
+        }
+        Parsed pr;
+        int ok = rd > 0 && rd < room ? parse(p, rd, self->limit, sflow, &pr) : 0;
+        if (ok < 0)
+            return NULL;
+        if (!ok) {
+            self->n = rd;
+            self->err = 0;
+            return PyLong_FromLong(RV_HANDOVER);
+        }
+        if (took_read(self, sflow, rd, &pr) < 0)
+            return NULL;
+        if (pr.data != NULL && append_frame(decoder, pr.data, pr.data_len) < 0)
+            return NULL;
+    }
+    return finish_send(self, rflow, sflow, decoder, budget);
+}
+
+/* -- receive ---------------------------------------------------------------------- */
+
+/* The take of a plain message (ChannelCore._pop and _took, RecvFlow.on_take for
+ * capacity 0): the counts, the offer used up, its CREDIT written. 1 done, 0 on_take
+ * would raise (nothing changed: the Python way raises it), -1 error */
+static int take(RvStream *self, PyObject *rflow) {
+    unsigned char f[CREDIT_SIZE];
+    int r = offer_end(rflow, 1, f);
+    if (r <= 0)
+        return r;
+    PyObject *stats = field(self, s_stats);
+    PyObject *taken = field(self, s_taken);
+    if (stats == NULL || taken == NULL || add_u64(stats, s_messages_received, 1) < 0)
+        return -1;
+    PyObject *one = PyLong_FromLong(1);
+    PyObject *more = one == NULL ? NULL : PyNumber_Add(taken, one);
+    Py_XDECREF(one);
+    if (more == NULL)
+        return -1;
+    r = set_field(self, s_taken, more);
+    Py_DECREF(more);
+    if (r < 0)
+        return -1;
+    return emit_credit(self, f) < 0 ? -1 : 1;
+}
+
+/* a message in hand is a plain one (flags <= 7): 1, else 0, -1 error */
+static int plain_item(PyObject *item) {
+    if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 ||
+        !PyLong_CheckExact(PyTuple_GET_ITEM(item, 0)) ||
+        !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 1)))
+        return 0;
+    long flags = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+    if (flags == -1 && PyErr_Occurred())
+        return -1;
+    return flags >= 0 && flags <= 7;
+}
+
+static PyObject *receive(RvStream *self, int forever, double deadline, double spin, int wake,
+                         int in_hand_only);
+
+static PyObject *rv_recv(RvStream *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "recv(deadline, spin, wake)");
+        return NULL;
+    }
+    int forever, wake;
+    double deadline, spin;
+    if (parse_wait_args(args, &forever, &deadline, &spin, &wake) < 0)
+        return NULL;
+    return receive(self, forever, deadline, spin, wake, 0);
+}
+
+static PyObject *rv_take(RvStream *self, PyObject *unused) {
+    (void)unused;
+    PyObject *got = receive(self, 1, 0.0, 0.0, -1, 1);
+    if (got == NULL || PyTuple_CheckExact(got))
+        return got;
+    Py_DECREF(got);
+    Py_RETURN_NONE;
+}
+
+static PyObject *receive(RvStream *self, int forever, double deadline, double spin, int wake,
+                         int in_hand_only) {
+    int r = quiet(self);
+    if (r <= 0)
+        return r < 0 ? NULL : PyLong_FromLong(RV_NA);
+    PyObject *sflow = field(self, s_sflow), *rflow = field(self, s_rflow);
+    PyObject *decoder = field(self, s_decoder);
+    if (sflow == NULL || rflow == NULL || decoder == NULL)
+        return NULL;
+    if (sflow == Py_None || rflow == Py_None || decoder == Py_None)
+        return PyLong_FromLong(RV_NA);
+    PyObject *frames = slot_get(decoder, s_frames);
+    if (frames == NULL)
+        return NULL;
+    Py_ssize_t held = PyObject_Length(frames);
+    if (held != 0) { /* a message in hand (a reply read by the send): the gate */
+        PyObject *first = held < 0 ? NULL : PySequence_GetItem(frames, 0);
+        int ok = first == NULL ? -1 : plain_item(first);
+        Py_XDECREF(first);
+        if (ok > 0)
+            ok = get_bool(rflow, s_offering);
+        if (ok > 0)
+            ok = core_flag(self->state, s_rv_valid, 0);
+        if (ok <= 0) {
+            Py_DECREF(frames);
+            return ok < 0 ? NULL : PyLong_FromLong(RV_NA);
+        }
+        PyObject *item = PyObject_CallMethodNoArgs(frames, s_popleft);
+        Py_DECREF(frames);
+        if (item == NULL)
+            return NULL;
+        r = take(self, rflow);
+        if (r > 0)
+            return item;
+        if (r == 0) { /* on_take raises: put it back for the Python way */
+            PyObject *back = PyObject_CallMethod(frames, "appendleft", "(O)", item);
+            Py_DECREF(item);
+            if (back == NULL)
+                return NULL;
+            Py_DECREF(back);
+            return PyLong_FromLong(RV_NA);
+        }
+        Py_DECREF(item);
+        return NULL;
+    }
+    Py_DECREF(frames);
+    if (in_hand_only || held < 0)
+        return held < 0 ? NULL : PyLong_FromLong(RV_NA);
+    PyObject *buf = idle_buffer(decoder);
+    if (buf == NULL)
+        return PyErr_Occurred() ? NULL : PyLong_FromLong(RV_NA);
+    Py_DECREF(buf);
+    /* before_wait: a receive follows a rendezvous send (replies come), and the offer */
+    if (core_flag(self->state, s_rv_after_send, 0) > 0) {
+        if (set_field(self, s_rv_after_send, Py_False) < 0 ||
+            set_field(self, s_rv_reply, Py_True) < 0)
+            return NULL;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    unsigned char f[CREDIT_SIZE];
+    r = offer(rflow, f);
+    if (r < 0)
+        return NULL;
+    if (r > 0) {
+        if (set_field(self, s_rv_valid, Py_False) < 0 || emit_credit(self, f) < 0)
+            return NULL;
+        int owed = core_flag(self->state, s_credit_out, 1);
+        if (owed != 0) { /* not written yet: the engine's wait writes it */
+            if (owed < 0)
+                return NULL;
+            self->n = -1;
+            self->err = 0;
+            return PyLong_FromLong(RV_HANDOVER);
+        }
+    }
+    for (;;) {
+        ssize_t rd;
+        int e;
+        buf = NULL;
+        int w = read_wait(self, decoder, 1, forever, deadline, spin, wake, &buf, &rd, &e);
+        if (w < 0)
+            return NULL;
+        if (w != 1) {
+            self->n = -1;
+            self->err = 0;
+            return PyLong_FromLong(w);
+        }
+        spin = 0.0;
+        unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(buf);
+        Py_ssize_t room = PyByteArray_GET_SIZE(buf);
+        if (rd < 0 && (e == EAGAIN || e == EWOULDBLOCK)) {
+            Py_DECREF(buf);
+            PyObject *owed = field(self, s_credit_out);
+            if (owed == NULL || (owed == Py_None && set_field(self, s_rv_valid, Py_True) < 0))
+                return NULL;
+            continue;
+        }
+        if (rd < 0) {
+            Py_DECREF(buf);
+            self->n = -1;
+            self->err = e;
+            return PyLong_FromLong(RV_HANDOVER);
+        }
+        Parsed pr;
+        int ok = rd > 0 && rd < room ? parse(p, rd, self->limit, sflow, &pr) : 0;
+        if (ok <= 0) {
+            Py_DECREF(buf);
+            if (ok < 0)
+                return NULL;
+            self->n = rd;
+            self->err = 0;
+            return PyLong_FromLong(RV_HANDOVER);
+        }
+        PyObject *item = pr.data == NULL ? NULL : data_item(pr.data, pr.data_len);
+        Py_DECREF(buf);
+        if (pr.data != NULL && item == NULL)
+            return NULL;
+        if (took_read(self, sflow, rd, &pr) < 0) {
+            Py_XDECREF(item);
+            return NULL;
+        }
+        if (item == NULL)
+            continue; /* CREDITs only: the offer stands, wait on */
+        r = take(self, rflow);
+        if (r > 0)
+            return item;
+        if (r == 0) { /* on_take raises: the message goes in hand, the Python way raises */
+            PyObject *fr = slot_get(decoder, s_frames);
+            PyObject *back = fr == NULL ? NULL : PyObject_CallMethodOneArg(fr, s_append, item);
+            Py_XDECREF(fr);
+            Py_DECREF(item);
+            if (back == NULL)
+                return NULL;
+            Py_DECREF(back);
+            self->n = -1;
+            self->err = 0;
+            return PyLong_FromLong(RV_HANDOVER);
+        }
+        Py_DECREF(item);
+        return NULL;
+    }
+}
+
+/* -- the type ------------------------------------------------------------------------ */
+
+static PyObject *rv_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    int rfd, wfd, sock = 0;
+    PyObject *core, *lock, *on_part;
+    Py_ssize_t limit;
+    static char *kwlist[] = {"rfd", "wfd", "core", "lock", "limit", "on_part", "sock", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOOnO|p:RvStream", kwlist, &rfd, &wfd,
+                                     &core, &lock, &limit, &on_part, &sock))
+        return NULL;
+    if (rfd < 0 || wfd < 0 || limit < 0 || limit > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "fds and limit must be non-negative");
+        return NULL;
+    }
+    PyObject *state = PyObject_GenericGetDict(core, NULL);
+    if (state == NULL)
+        return NULL;
+    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
+    PyObject *release = PyObject_GetAttrString(lock, "release");
+    RvStream *self = NULL;
+    if (acquire != NULL && release != NULL)
+        self = (RvStream *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(state);
+        Py_XDECREF(acquire);
+        Py_XDECREF(release);
+        return NULL;
+    }
+    self->rfd = rfd;
+    self->wfd = wfd;
+    self->sock = sock;
+    self->limit = limit;
+    self->core = Py_NewRef(core);
+    self->state = state;
+    self->acquire = acquire;
+    self->release = release;
+    self->on_part = Py_NewRef(on_part);
+    return (PyObject *)self;
+}
+
+static int rv_traverse(RvStream *self, visitproc visit, void *arg) {
+    Py_VISIT(self->core);
+    Py_VISIT(self->state);
+    Py_VISIT(self->acquire);
+    Py_VISIT(self->release);
+    Py_VISIT(self->on_part);
+    return 0;
+}
+
+static int rv_clear(RvStream *self) {
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->acquire);
+    Py_CLEAR(self->release);
+    Py_CLEAR(self->on_part);
+    return 0;
+}
+
+static void rv_dealloc(RvStream *self) {
+    PyObject_GC_UnTrack(self);
+    rv_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *rv_get_number(RvStream *self, void *unused) {
+    (void)unused;
+    return PyLong_FromLongLong(self->number);
+}
+
+static PyObject *rv_get_serial(RvStream *self, void *unused) {
+    (void)unused;
+    return PyLong_FromLongLong(self->serial);
+}
+
+static PyObject *rv_get_n(RvStream *self, void *unused) {
+    (void)unused;
+    return PyLong_FromSsize_t(self->n);
+}
+
+static PyObject *rv_get_err(RvStream *self, void *unused) {
+    (void)unused;
+    return PyLong_FromLong(self->err);
+}
+
+static PyGetSetDef rv_getset[] = {
+    {"number", (getter)rv_get_number, NULL, "the last send's message number", NULL},
+    {"serial", (getter)rv_get_serial, NULL, "the last send's frame serial", NULL},
+    {"n", (getter)rv_get_n, NULL, "bytes left for the decoder (codes 6, 7); -1: none", NULL},
+    {"err", (getter)rv_get_err, NULL, "errno of a failed read (n == -1), else 0", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef rv_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))rv_send, METH_FASTCALL,
+     "send(data, whole, deadline, spin, wake) -> int: a rendezvous send (see the module)"},
+    {"recv", (PyCFunction)(void (*)(void))rv_recv, METH_FASTCALL,
+     "recv(deadline, spin, wake) -> (flags, body) | int: a rendezvous receive"},
+    {"take", (PyCFunction)rv_take, METH_NOARGS,
+     "take() -> (flags, body) | None: recv's first half, a message in hand taken (None: "
+     "none, or the gate is shut; recv goes on)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RvStreamType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._rv.RvStream",
+    .tp_basicsize = sizeof(RvStream),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "RvStream(rfd, wfd, core, lock, limit, on_part[, sock]): the rendezvous send "
+              "and receive of a framed stream (see the module's comment)",
+    .tp_new = rv_new,
+    .tp_dealloc = (destructor)rv_dealloc,
+    .tp_traverse = (traverseproc)rv_traverse,
+    .tp_clear = (inquiry)rv_clear,
+    .tp_methods = rv_methods,
+    .tp_getset = rv_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "buzon.protocol._rv",
+    "The rendezvous (capacity=0) send and receive of a framed stream, in C "
+    "(see protocol/credit.py).",
+    -1, NULL, NULL, NULL, NULL, NULL,
+};
+
+#define INTERN(var, text)                                                                  \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                  \
+        return NULL;
+
+PyMODINIT_FUNC PyInit__rv(void) {
+    INTERN(s_pending, "pending")
+    INTERN(s_credit_out, "credit_out")
+    INTERN(s_closed, "closed")
+    INTERN(s_eof, "eof")
+    INTERN(s_sflow, "sflow")
+    INTERN(s_rflow, "rflow")
+    INTERN(s_decoder, "decoder")
+    INTERN(s_stats, "stats")
+    INTERN(s_serial, "serial")
+    INTERN(s_taken, "taken")
+    INTERN(s_rv_valid, "_rv_valid")
+    INTERN(s_rv_void, "_rv_void")
+    INTERN(s_rv_reply, "_rv_reply")
+    INTERN(s_rv_after_send, "_rv_after_send")
+    INTERN(s_credit_blocked, "credit_blocked")
+    INTERN(s_on_credit, "on_credit")
+    INTERN(s_peer, "peer")
+    INTERN(s_pid, "pid")
+    INTERN(s_sent, "sent")
+    INTERN(s_limit, "limit")
+    INTERN(s_receiver, "receiver")
+    INTERN(s_granted, "granted")
+    INTERN(s_offering, "offering")
+    INTERN(s_reported, "reported")
+    INTERN(s_report_due, "report_due")
+    INTERN(s_peer_blocked, "peer_blocked")
+    INTERN(s_unreported, "unreported")
+    INTERN(s_end, "_end")
+    INTERN(s_big, "_big")
+    INTERN(s_error, "_error")
+    INTERN(s_frames, "frames")
+    INTERN(s_buf, "_buf")
+    INTERN(s_messages_sent, "messages_sent")
+    INTERN(s_bytes_sent, "bytes_sent")
+    INTERN(s_messages_received, "messages_received")
+    INTERN(s_bytes_received, "bytes_received")
+    INTERN(s_credits_sent, "credits_sent")
+    INTERN(s_credits_received, "credits_received")
+    INTERN(s_popleft, "popleft")
+    INTERN(s_append, "append")
+    if (PyType_Ready(&RvStreamType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "RvStream", (PyObject *)&RvStreamType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,24 @@
+from collections.abc import Callable
+
+class RvStream:
+    number: int
+    serial: int
+    n: int
+    err: int
+    def __init__(
+        self,
+        rfd: int,
+        wfd: int,
+        core: object,
+        lock: object,
+        limit: int,
+        on_part: Callable[[bytes | None, int, bytes, int], int],
+        sock: bool = False,
+    ) -> None: ...
+    def send(
+        self, data: bytes, whole: bool, deadline: float | None, spin: float, wake: int, /
+    ) -> int: ...
+    def take(self) -> tuple[int, bytes] | None: ...
+    def recv(
+        self, deadline: float | None, spin: float, wake: int, /
+    ) -> tuple[int, bytes] | int: ...
