@@ -157,8 +157,7 @@ def test_a_close_in_another_thread_ends_a_send_waiting_for_its_take(
     t.join(10)
     assert not t.is_alive()
     assert len(box) == 1 and isinstance(box[0], buzon.ChannelClosed), box
-    # (its message is not withdrawn on a stream, on the engine's way too: the peer may
-    # still take it; semantics.md promises the withdrawal for shm: only)
+    # (its message is withdrawn: tests/test_rendezvous_withdraw.py)
 
 
 def test_the_peers_end_ends_a_send_waiting_for_its_take(pair: tuple[Any, Any]) -> None:

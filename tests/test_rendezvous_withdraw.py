@@ -217,3 +217,31 @@ def test_asyncio_cancelled_sends_deliver_exactly_once(kind: str) -> None:
         return got
 
     assert asyncio.run(main()) == list(range(300))
+
+
+def test_a_send_ended_by_close_from_another_thread_delivered_nothing(
+    any_pair: tuple[buzon.Channel, buzon.Channel],
+) -> None:
+    """A rendezvous send waiting for its take, ended by ``close()`` in another thread,
+    raises ``ChannelClosed``: it withdrew its message, so the peer never gets it."""
+    a, b = any_pair
+    waiter = threading.Thread(target=lambda: buzon.wait([b], timeout=10))
+    waiter.start()  # b offers (it waits to receive) but takes nothing
+    box: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            a.send("handed over", timeout=10)
+        except BaseException as exc:
+            box.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    waiter.join(10)  # the message arrived: b's wait ended
+    time.sleep(0.1)
+    a.close()
+    sender.join(10)
+    assert not sender.is_alive()
+    assert len(box) == 1 and isinstance(box[0], buzon.ChannelClosed), box
+    with pytest.raises((buzon.EndOfChannel, buzon.Timeout)):
+        print("received anyway:", b.recv(timeout=0.5))

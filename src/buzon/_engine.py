@@ -41,7 +41,7 @@ from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 from ._channel import ChannelCore
-from .errors import EndOfChannel, Timeout
+from .errors import ChannelClosed, EndOfChannel, Timeout
 from .transport.base import Buffer
 
 __all__ = [
@@ -109,6 +109,16 @@ _UNSETTLED = (
     "message unless it took it before reading the withdrawal"
 )
 
+_CLOSED_WITHDRAWN = (
+    "the channel was closed by another thread before the receiver took the message "
+    "(capacity=0); it was withdrawn, so nothing of it is delivered"
+)
+_CLOSED_WITHDRAWING = (
+    "the channel was closed by another thread before the receiver was known to take "
+    "the message (capacity=0); its withdrawal was written, so the receiver drops it "
+    "unless it took it before the channel closed"
+)
+
 
 def room(core: ChannelCore, what: str = "send") -> Step:
     """What a send that cannot go now waits for: a token (simplex links with a
@@ -159,6 +169,12 @@ def send_steps(
             while not tokens.acked():
                 yield Step(READ, tokens.ack_fd)
         except BaseException as exc:
+            if isinstance(exc, ChannelClosed):  # closed by another thread: no more waits
+                if tokens.withdraw_message():
+                    core.count_withdrawn()
+                    raise ChannelClosed(_CLOSED_WITHDRAWN) from None
+                tokens.give_up()  # the receiver claimed it: it takes it
+                return number
             if not _withdraws(exc):
                 tokens.give_up()
                 raise
@@ -183,6 +199,12 @@ def send_steps(
             yield Step(CREDIT, done=lambda: core.delivered(number))
         except BaseException as exc:
             failed = exc
+        if isinstance(failed, ChannelClosed) and not core.delivered(number):
+            if withdraw_on_close(core, number):
+                raise ChannelClosed(_CLOSED_WITHDRAWN) from None
+            if not core.delivered(number):
+                raise ChannelClosed(_CLOSED_WITHDRAWING) from None
+            return number  # the receiver took it: the send succeeded
         if failed is not None and _withdraws(failed) and not core.delivered(number):
             if (yield from withdraw_steps(core, number)):
                 yield Step(LOCKED, call=core.send_finished)
@@ -235,6 +257,21 @@ def withdraw_steps(core: ChannelCore, number: int) -> Generator[Step, None, bool
         return fate
     except Timeout:
         raise Timeout(_UNSETTLED) from None
+
+
+def withdraw_on_close(core: ChannelCore, number: int) -> bool:
+    """A rendezvous send waiting for the take of its message ``number`` was ended by a
+    ``close()`` in another thread: write a WITHDRAW now, with no wait (the driver
+    holds the write lock; the close releases the fds only after it), so the receiver's
+    next take reads it first and drops the message. True: known withdrawn; False: the
+    fate is not known here (the receiver may have taken it before; nothing more is
+    read from a closing channel)."""
+    if core.closed:
+        return False
+    serial = core.withdraw(number)
+    if core.pending:
+        core.flush()  # what the kernel takes now; a closing channel waits no more
+    return bool(core.withdrawn(number, serial))
 
 
 def finish_write(core: ChannelCore, serial: int) -> Steps:
