@@ -50,7 +50,8 @@ sanitize: install
 		tests/protocol/test_wait_frame.py tests/protocol/test_dgram_c.py tests/mailbox/test_mailbox.py \
 		tests/mailbox/test_mailbox_hot_path.py tests/mailbox/test_direct.py \
 		tests/mailbox/test_mailbox_policies.py \
-		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py
+		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py \
+		tests/test_recv_take.py
 
 # the peers (pyzmq, faster-fifo, iceoryx2, numpy; Pyro5, RPyC, grpcio, msgpack for the RPC
 # rows) are the optional group "bench", not dev; the Neovim row needs nvim (.ci/run installs it)
