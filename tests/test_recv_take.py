@@ -444,3 +444,34 @@ def test_a_send_the_kernel_takes_in_part_is_finished() -> None:
             if parts:
                 return
     pytest.skip("the kernel took no send in part this time (the case this test is for)")
+
+
+def test_two_receiving_threads_share_the_messages(
+    spied: tuple[buzon.Channel, buzon.Channel, Spy],
+) -> None:
+    """One thread asleep in the C call holds the read lock: another thread's receive
+    goes the Python way and waits for the lock; each message reaches exactly one."""
+    a, b, spy = spied
+    _prime(a, b)
+    got: list[bytes] = []
+    lock = threading.Lock()
+
+    def receive(n: int) -> None:
+        for _ in range(n):
+            data = b.recv_bytes()
+            with lock:
+                got.append(data)
+
+    threads = [threading.Thread(target=receive, args=(n,)) for n in (5, 4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)  # both waiting
+    for i in range(9):
+        a.send_bytes(b"m%d" % i)
+        time.sleep(0.005)
+    for t in threads:
+        t.join(20)
+        assert not t.is_alive()
+    assert sorted(got) == sorted(b"m%d" % i for i in range(9))
+    assert not b._rlock.locked() and not b._waiters
+    assert spy.calls > 0  # the receive that found the lock held went the Python way
