@@ -8,6 +8,7 @@ the C call and to the Python method and compares everything they report."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -475,3 +476,50 @@ def test_two_receiving_threads_share_the_messages(
     assert sorted(got) == sorted(b"m%d" % i for i in range(9))
     assert not b._rlock.locked() and not b._waiters
     assert spy.calls > 0  # the receive that found the lock held went the Python way
+
+
+def test_a_close_while_the_checks_run_python_ends_the_receive() -> None:
+    """The C call's checks run one Python method (the decoder's idle_buffer), during
+    which another thread may close the channel and the fds be reused: the call looks
+    at ``_closing`` again once among the waiters, and raises ChannelClosed rather than
+    wait on the reused fds (which nobody writes: before, it slept there for good)."""
+    from buzon.protocol.frames import FrameDecoder
+
+    a, b = buzon.pipe(spin=0)
+    _prime(a, b)
+    reused: list[int] = []
+
+    class Hook(FrameDecoder):
+        __slots__ = ()
+
+        def idle_buffer(self) -> bytearray | None:
+            buf = FrameDecoder.idle_buffer(self)
+            if not reused:  # once: "another thread" closes now, a new file takes the fds
+                b.close()
+                for _ in range(3):
+                    reused.extend(os.pipe())
+            return buf
+
+    out: list[BaseException | bytes] = []
+
+    def run() -> None:
+        try:
+            out.append(b.recv_bytes())
+        except BaseException as exc:
+            out.append(exc)
+
+    b._core.decoder.__class__ = Hook
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(5)
+    try:
+        assert not t.is_alive(), "the receive waits on reused fds"
+        assert len(out) == 1 and isinstance(out[0], ChannelClosed), out
+    finally:
+        for fd in reused:  # wake a receive stuck on them, then let them go
+            with contextlib.suppress(OSError):
+                os.write(fd, HEADER.pack(1, 1, 0, 0, 0))
+        t.join(5)
+        for fd in reused:
+            os.close(fd)
+        a.close()

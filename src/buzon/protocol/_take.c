@@ -287,20 +287,20 @@ static PyObject *take_call(PyObject *callable, PyObject *const *args, size_t nar
         Py_XDECREF(wakeobj);
         return release_raising(self->release);
     }
-    if (self->kind == KIND_STREAM) {
-        /* wait_frame(fd, buf, deadline, spin, limit, wake, mode): fd and mode are the
-         * wait's first and last arguments, bound at construction (see the type's new) */
-        PyObject *call[4] = {buf, Py_None, zero_float, limit};
-        PyObject *argv[7];
+    /* a close() in another thread may have run while the checks called Python code
+     * (idle_buffer): among the waiters now, look again, as the driver does after it
+     * joined them; closing, the wait is over before it began (rest raises) */
+    PyObject *closing_now = field(self->chd, s_closing);
+    if (closing_now == NULL) {
+        got = NULL;
+    } else if (closing_now != Py_False) {
+        got = Py_NewRef(Py_None);
+    } else if (self->kind == KIND_STREAM) {
+        /* self->wait is (wait_frame, fd, mode): wait_frame(fd, buf, deadline, spin,
+         * limit, wake, mode) */
         PyObject *bound = self->wait;
-        /* self->wait is a tuple (wait_frame, fd, mode) for a stream */
-        argv[0] = PyTuple_GET_ITEM(bound, 1);
-        argv[1] = call[0];
-        argv[2] = call[1];
-        argv[3] = call[2];
-        argv[4] = call[3];
-        argv[5] = wakeobj;
-        argv[6] = PyTuple_GET_ITEM(bound, 2);
+        PyObject *argv[7] = {PyTuple_GET_ITEM(bound, 1), buf, Py_None, zero_float, limit,
+                             wakeobj, PyTuple_GET_ITEM(bound, 2)};
         got = PyObject_Vectorcall(PyTuple_GET_ITEM(bound, 0), argv, 7, NULL);
     } else {
         PyObject *argv[4] = {Py_None, zero_float, limit, wakeobj};
