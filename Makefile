@@ -54,7 +54,8 @@ sanitize: install
 		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py \
 		tests/mailbox/test_bcast_ring.py \
 		tests/test_rendezvous_stream_c.py tests/test_rendezvous_withdraw.py \
-		tests/test_small_writer_flow.py
+		tests/test_small_writer_flow.py \
+		tests/test_recv_take.py
 
 # the peers (pyzmq, faster-fifo, iceoryx2, numpy; Pyro5, RPyC, grpcio, msgpack for the RPC
 # rows) are the optional group "bench", not dev; the Neovim row needs nvim (.ci/run installs it)

@@ -52,6 +52,12 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(
+            "buzon.protocol._take",
+            sources=["src/buzon/protocol/_take.c"],
+            depends=["src/buzon/protocol/_writer.h"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
             "buzon.protocol._credit",
             sources=["src/buzon/protocol/_credit.c"],
             depends=["src/buzon/protocol/_writer.h"],

@@ -390,6 +390,8 @@ class ChannelCore:
         # made by use_write_lock (a message transport's: protocol/_dgram.c MessageSender)
         self._small_writer: SmallWriter | MessageSender | None = None
         self._receipt_writer: ReceiptWriter | None = None  # made by receipt_writer
+        # the sync driver's recv_bytes in C (protocol/_take.c) counts what it takes there
+        self.recv_counts: Callable[[], tuple[int, int]] | None = None
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
         # capacity=0 on a credit link: takes pass the rendezvous gate (_rv_gate); a read
         # that found the link empty since this end's latest offer was written
@@ -1114,6 +1116,10 @@ class ChannelCore:
                 stats.messages_sent += sent
                 stats.bytes_sent += sent_bytes
                 stats.send_would_block += would_block
+        if self.recv_counts is not None:  # what the driver's C recv_bytes took
+            received, received_bytes = self.recv_counts()
+            stats.messages_received += received
+            stats.bytes_received += received_bytes
         ops = self.transport.ring_ops
         if ops is not None:
             sent, sent_bytes, received, received_bytes = ops.counts()  # also after close

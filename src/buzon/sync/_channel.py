@@ -54,6 +54,12 @@ from ..protocol.frames import Frame, Kind, encode_frame, wait_frame
 from ..transport.base import WAIT_BLOCK as _WAIT_BLOCK
 from ..transport.base import Buffer
 
+try:
+    from ..protocol._take import Put as _Put
+    from ..protocol._take import Take as _Take
+except ImportError:  # pragma: no cover - the C extension is not built
+    _Put = _Take = None  # type: ignore[assignment, misc]
+
 if TYPE_CHECKING:  # annotations only
     from ..protocol._dgram import Receiver
     from ..protocol._rv import RvStream
@@ -315,6 +321,12 @@ class Channel(ChannelIdentity):
             self.send_bytes_async = writer  # type: ignore[method-assign]  # the method
         # capacity=0 on a framed stream: the rendezvous send and receive in C
         self._rv_stream = core.rv_stream() if self._rendezvous else None
+        take = self._make_take()
+        if take is not None:  # recv_bytes in C (protocol/_take.c): it shadows the method
+            self.recv_bytes = take  # type: ignore[method-assign]
+            core.recv_counts = take.counts
+        if _Put is not None and core.small_send is not None:  # send_bytes' C head: the same
+            self.send_bytes = _Put(self, core, Channel.send_bytes, self._put_rest)  # type: ignore[method-assign]
 
     @property
     def capacity(self) -> int | None:
@@ -1228,6 +1240,74 @@ class Channel(ChannelIdentity):
         if self._pumpers:
             self._wake_pumpers()
         return item[1] if item.__class__ is tuple else core.item_bytes(item)
+
+    def _put_rest(self, serial: int) -> None:
+        """The C ``send_bytes`` head (``protocol._take.Put``): the kernel took part of
+        the frame ``small_send`` wrote; the engine finishes it (as ``send_bytes``)."""
+        self._send_slow([], None, 0, 0, serial)
+
+    def _make_take(self, fallback: Callable[..., bytes] | None = None) -> Any:
+        """``recv_bytes`` in one C call (``protocol._take.Take``) where a receive with no
+        deadline is one C wait and nothing else: ``spin=0``, no ``idle_timeout``, no
+        takes to announce, a plain-readiness link whose receive is ``wait_frame`` on a
+        pipe-like fd (mode 0: a socket's own shortcut is ``_blocking_recv``) or a
+        message transport's or fifo's C receiver. None: the method stays.
+        ``fallback``: what the C call runs when it does not apply (the method; tests
+        pass a spy)."""
+        core = self._core
+        if (
+            _Take is None
+            or self._spin > 0.0
+            or self._flow
+            or core.fast_recv is not None
+            or not core.plain_readiness
+            or core.options.idle_timeout is not None
+        ):
+            return None
+        stream = core._stream
+        wait: Any
+        if core.wait_fd is not None and stream is not None and not stream.dontwait:
+            kind, wait = 0, (wait_frame, core.wait_fd, 0)
+        elif core.wait_receiver is not None:
+            kind, wait = 1, core.wait_receiver.wait
+        else:
+            return None
+        return _Take(
+            self,
+            core,
+            self._rlock,
+            kind,
+            wait,
+            Channel.recv_bytes if fallback is None else fallback,
+            self._take_rest,
+            self._take_failed,
+            core.max_frame,
+        )
+
+    def _take_rest(self, got: tuple[int, bytes] | bytes | int | None, room: int) -> bytes:
+        """The C ``recv_bytes`` (:meth:`_make_take`) waited and got something other than
+        a lone plain frame: finish as ``_wait_take`` and ``_receive`` do (the read lock
+        is held)."""
+        core = self._core
+        if got is None:
+            self._woken()
+            raise Timeout("recv timed out")
+        if core.wait_receiver is not None:
+            item = core.after_message(got)
+        else:
+            item = core.after_wait(got, room)  # type: ignore[arg-type]
+        if item is None:
+            item = self._run_receive(recv_steps(core, False, spin=False), None)
+        if core.more_buffered():
+            self._sleep_first = 0
+        return item[1] if item.__class__ is tuple else core.item_bytes(item)
+
+    def _take_failed(self, exc: OSError) -> None:
+        """The C ``recv_bytes``'s wait failed: raise the typed error, as ``_wait_take``."""
+        core = self._core
+        if core.wait_receiver is not None:
+            raise core.message_error(exc) from exc
+        raise core.read_error(exc) from exc
 
     def recv_bytes_nowait(self) -> bytes:
         with self._rlock:
