@@ -356,6 +356,7 @@ class ChannelCore:
             and bool(stream.wait_mode() & WAIT_BLOCK)
         )
         self._send_buffers: Any = stream.send_buffers if stream is not None else None
+        self._room_for: Any = stream.room_for if stream is not None else None
         self._recv_into: Any = stream.recv_into if stream is not None else None
         self._read = stream.read_call() if stream is not None else None
         self._recv_message: Any = messages.recv_message if messages is not None else None
@@ -818,7 +819,9 @@ class ChannelCore:
             self.stats.bytes_sent += size
         return end
 
-    def try_send(self, bufs: list[Buffer], priority: int = 0, *, single: bool = True) -> bool:
+    def try_send(
+        self, bufs: list[Buffer], priority: int = 0, *, single: bool = True, whole: bool = False
+    ) -> bool:
         """Hand one encoded message to the transport; False if it cannot take it now.
 
         On a stream transport a partial write keeps the remainder in :attr:`pending`
@@ -826,9 +829,17 @@ class ChannelCore:
         is written whole, see :meth:`abandon`). Nothing is written while older bytes
         are still pending. A message above ``PLAIN_MAX`` bytes goes CHUNKED on a
         stream; ``single=False`` (a batch of joined frames) never does.
+
+        ``whole`` (the ``*_nowait`` sends, which nothing finishes afterwards): first
+        write what is pending (an earlier frame's tail: also when this message then
+        cannot go), and begin no frame of more than ``PLAIN_MAX`` bytes that the
+        kernel could take whole later but only in part now
+        (:meth:`~buzon.transport.base.StreamTransport.room_for`).
         """
         if self.closed or priority or not self._can_send:
             self._check_send(priority)
+        if whole and self.pending:
+            self.flush()
         sflow = self.sflow
         if sflow is not None and sflow.sent >= sflow.limit:
             self._credit_wanted(sflow)
@@ -869,7 +880,10 @@ class ChannelCore:
                 out, total = bufs, size
             else:
                 out, total = [credit, *bufs], size + len(credit)
-            n = self._send_buffers(out)
+            if whole and total > PLAIN_MAX and not self._room_for(total):
+                n = WOULD_BLOCK  # it would stop half-way: the receiver would wait for us
+            else:
+                n = self._send_buffers(out)
             if n == WOULD_BLOCK:
                 if self.unbounded:
                     return self._queue(bufs, priority)  # a CREDIT owed stays owed

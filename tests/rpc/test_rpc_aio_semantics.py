@@ -209,13 +209,18 @@ async def test_deadlines_propagate_to_nested_calls_and_cancel_reaches_the_handle
     @inner.method
     async def watch(name: str) -> str:
         ctx = rpc.context()
-        while not ctx.cancelled:  # a handler that looks instead of being cancelled
-            try:
+        try:
+            while not ctx.cancelled:  # a handler that looks instead of being cancelled
                 await asyncio.sleep(0.01)
-            except asyncio.CancelledError:
-                seen[name] = ctx.cancelled
-                raise
-        seen[name] = ctx.cancelled  # its own deadline may come a hair before the cancel
+            seen[name] = ctx.cancelled  # its own deadline may come a hair before the cancel
+            # and answer only when the caller's cancel ends it: the deadline on the wire
+            # is the caller's budget rounded down to whole ms (it never extends one), so
+            # this end's deadline may pass up to 1 ms before the caller's, and a reply
+            # sent then could reach the caller before its own timer (it returned "late")
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen[name] = ctx.cancelled
+            raise
         return "late"
 
     async with aio_serving("unix:ainner", inner) as isrv:

@@ -139,18 +139,25 @@ class AioMailbox:
         deadline = deadline_of(timeout)
         rendezvous = box.capacity == 0
         offer = rendezvous and not receipt
+        need = 1  # round_robin, capacity=None: room for this record (reckoned once)
+        armed = False  # the last look armed the space notification and found room
         while True:
             try:
                 message_id = box._send(obj, 0, True, receipt, offer)
                 break
             except Full:
                 if box.capacity is None:
-                    raise
-            if box._room_ready():
+                    if box._fan is None or box.policy != "round_robin":
+                        raise  # one ring up to its byte cap: the error says so
+                    if need == 1:  # as _put_round_robin: a backlog with room for a
+                        need = self._record_size(obj, receipt)  # smaller one has none
+            if box._room_ready(need) and not armed:
+                armed = need > 1  # room came meanwhile: look again (once, for a size)
                 continue
             if _timed_out(deadline):
                 raise Timeout(f"send to mailbox {box.name!r} timed out")
             await _wake(box, [], [box._room_fd], deadline)
+            armed = False
         if offer:
             try:
                 while box._ack_of(message_id, 0.0) is None:
@@ -170,6 +177,14 @@ class AioMailbox:
                 # a receiver took it first: the send succeeded (the cancellation came
                 # too late, as for channels), so the caller must not send it again
         return message_id
+
+    def _record_size(self, obj: Any, receipt: bool) -> int:
+        """The bytes of ``obj``'s ring record (at most ``max_inline``: a larger message
+        goes out of line, its record a reference to the block)."""
+        box = self.sync
+        reply_to = box._ack_ring().name if receipt else None
+        size = sum(memoryview(p).nbytes for p in box._encode(obj, 0, reply_to))
+        return max(1, min(size, box._inline))
 
     async def send(self, obj: Any, timeout: float | None = None) -> None:
         """:meth:`buzon.Mailbox.send`, awaited."""

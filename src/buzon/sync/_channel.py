@@ -568,12 +568,12 @@ class Channel(ChannelIdentity):
         if self._rendezvous and core.tokens is None:
             self._receipt_poll()  # an offer may have been withdrawn: read that first
         with self._wlock:
-            if core.try_send(bufs, priority):
+            if core.try_send(bufs, priority, whole=True):
                 return
         if core.credit_blocked:  # a CREDIT may be waiting unread: read it, try again
             self._receipt_poll()
             with self._wlock:
-                if core.try_send(bufs, priority):
+                if core.try_send(bufs, priority, whole=True):
                     return
         raise Full(self._core.full_reason())
 

@@ -30,6 +30,7 @@ from .base import (
 )
 
 _INT0 = bytes(4)  # the ioctl's int argument (TIOCOUTQ writes the count into it)
+_PAGE = os.sysconf("SC_PAGE_SIZE")  # a pipe holds its bytes in pages, one per slot
 
 if TYPE_CHECKING:
     import ssl  # the TLS methods import it: importing buzon does not load ssl
@@ -126,6 +127,20 @@ class FdStreamTransport(StreamTransport):
     def write_call(self) -> Callable[[bytes], int] | None:
         return functools.partial(os.write, self._wfd) if self._wfd >= 0 else None
 
+    def room_for(self, nbytes: int) -> bool:
+        # A pipe is a ring of page slots (F_GETPIPE_SZ / page of them). A write fills
+        # free slots page by page (after topping up the last one), so free slots are
+        # room for certain; the unread bytes (FIONREAD) take at most one slot per page
+        # plus one, the reader's partly read page.
+        try:
+            size = fcntl.fcntl(self._wfd, fcntl.F_GETPIPE_SZ)
+            unread: int = struct.unpack("i", fcntl.ioctl(self._wfd, termios.FIONREAD, _INT0))[0]
+        except OSError:
+            return True  # not a pipe: the write itself decides
+        if unread <= 0:
+            return True
+        return nbytes <= (size // _PAGE - (unread + _PAGE - 1) // _PAGE - 1) * _PAGE
+
     def io_error(self, exc: OSError, writing: bool) -> Exception:
         return from_oserror(exc, f"{self.scheme} {'write' if writing else 'read'}")
 
@@ -213,6 +228,23 @@ class SocketStreamTransport(StreamTransport):
 
     def read_call(self) -> Callable[[memoryview], int] | None:
         return functools.partial(self.sock.recv_into, nbytes=0, flags=_DONTWAIT)
+
+    def room_for(self, nbytes: int) -> bool:
+        # The kernel lets a write add to its send queue while the queue's memory is
+        # under SO_SNDBUF, one buffer (a Unix socket's: at most 32 KiB; TCP's: a
+        # segment train) at a time: a write that meets the limit half-way stops
+        # there. The queue's size (SIOCOUTQ: a Unix socket counts the memory of
+        # unread buffers, TCP the bytes not yet acknowledged) plus the write, with an
+        # eighth and a page more for the buffers' own memory, must stay under it.
+        try:
+            queued: int = struct.unpack("i", fcntl.ioctl(self._fd, termios.TIOCOUTQ, _INT0))[0]
+            if queued <= 0:
+                return True
+            limit = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        except OSError:
+            return True
+        need = queued + nbytes
+        return need + (need >> 3) + _PAGE <= limit
 
     def wait_mode(self) -> int:
         return WAIT_SOCKET if self.shared else WAIT_SOCKET | WAIT_BLOCK

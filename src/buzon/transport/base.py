@@ -294,6 +294,14 @@ class StreamTransport(Transport):
         None: no such call (the caller uses :meth:`recv_into`)."""
         return None
 
+    def room_for(self, nbytes: int) -> bool:
+        """False if the kernel would take a write of ``nbytes`` bytes only in part now
+        but could take it whole once the peer read more (a ``*_nowait`` send then
+        raises ``Full`` instead of beginning a frame it cannot finish). True if it has
+        room, if it cannot tell, or if its buffer is empty (a write larger than the
+        whole buffer goes in parts whenever it goes)."""
+        return True
+
     def frame_waiter(self, decoder: Any) -> FifoWaiter | None:
         """A stream that is no plain read(2) (``fifo:``: envelopes to unwrap) but
         whose plain receive may still wait and read in one C call: its waiter, which
