@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Any
 
+from _mb_helpers import fork as _fork
+
 MSG = b"\x5a" * 64
 SECONDS = 1.5
 END = b"end"
@@ -35,18 +37,6 @@ END = b"end"
 def _children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def _fork(fn: Any) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
 
 
 def _new_ring() -> tuple[Any, Any, Any]:

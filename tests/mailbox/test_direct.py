@@ -14,9 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from _mb_helpers import exit_code, fork
 
 import buzon
 from buzon import AddressError, Empty, NoSuchEndpoint, Timeout, _direct
@@ -38,23 +39,6 @@ def _own_inbox_removed(no_segment_left: None) -> Iterator[None]:
         for target in _direct._targets.values():
             target.close()
         _direct._targets.clear()
-
-
-def fork(fn: Callable[[], object]) -> int:
-    """Run fn in a forked child; exit status 0 if it returned."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
-def reap(pid: int) -> int:
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def sleeper(code: str = "") -> subprocess.Popen[str]:
@@ -86,7 +70,7 @@ def inbox_files() -> list[str]:
 
 def test_send_to_a_dead_pid_raises_no_such_endpoint() -> None:
     pid = fork(lambda: None)
-    assert reap(pid) == 0
+    assert exit_code(pid) == 0
     with pytest.raises(NoSuchEndpoint, match=str(pid)):
         buzon.send_to(pid, "hello", timeout=T)
 
@@ -140,7 +124,7 @@ def test_inbox_names_the_sender_and_send_to_self_works() -> None:
     child = fork(lambda: buzon.send_to(parent, {"n": 1}, timeout=T))
     m = me.recv_message(T)
     assert m.body == {"n": 1} and m.sender.pid == child and m.sender.uid == os.getuid()
-    assert reap(child) == 0
+    assert exit_code(child) == 0
     buzon.send_to(parent, "self")
     assert me.recv_message(T).sender.pid == parent
 
@@ -151,7 +135,7 @@ def test_recv_from_is_selective_and_keeps_the_others_in_order() -> None:
     senders = []
     for k in range(3):  # one after the other: arrival order is s0's, s1's, s2's
         pid = fork(lambda k=k: [buzon.send_to(parent, (k, i), timeout=T) for i in range(4)])
-        assert reap(pid) == 0
+        assert exit_code(pid) == 0
         senders.append(pid)
     s0, s1, s2 = senders
     assert buzon.recv_from(s2, timeout=T) == [2, 0]
@@ -183,7 +167,7 @@ def test_recv_from_holds_back_general_and_common_records_of_others_in_order() ->
     buzon.send_to(parent, {"own": 1})
     child = fork(lambda: buzon.send_to(parent, "from the child", timeout=T))
     assert buzon.recv_from(child, timeout=T) == "from the child"
-    assert reap(child) == 0
+    assert exit_code(child) == 0
     with pytest.raises(Timeout):
         buzon.recv_from(child, timeout=0.05)
     got = [me.recv_message(T) for _ in range(3)]
@@ -218,7 +202,7 @@ def test_recv_from_in_threads_each_gets_its_senders_messages_in_order() -> None:
     for t in threads:
         t.join(3 * T)
     for pid in pids:
-        assert reap(pid) == 0
+        assert exit_code(pid) == 0
     os.close(go_r)
     os.close(go_w)
     for k, pid in enumerate(pids):
@@ -231,7 +215,7 @@ def test_timeouts_and_nowait() -> None:
     me = buzon.inbox()
     buzon.send_to(os.getpid(), "mine")
     other = fork(lambda: None)
-    assert reap(other) == 0
+    assert exit_code(other) == 0
     with pytest.raises(Timeout):
         buzon.recv_from(other, timeout=0.05)
     with pytest.raises(Empty):
@@ -287,12 +271,12 @@ def test_a_sender_killed_mid_send_leaves_no_torn_message(k: int) -> None:
         buzon.send_to(parent, "torn", timeout=T)
 
     pid = fork(die)
-    assert reap(pid) == -signal.SIGKILL
+    assert exit_code(pid) == -signal.SIGKILL
     assert buzon.recv_from(pid, timeout=T) == "before"
     with pytest.raises(Empty):
         me.recv_nowait()
     child = fork(lambda: buzon.send_to(parent, "after", timeout=T))
-    assert reap(child) == 0
+    assert exit_code(child) == 0
     m = me.recv_message(T)
     assert (m.body, m.sender.pid) == ("after", child)
 
@@ -331,7 +315,7 @@ def test_a_forked_child_gets_its_own_inbox() -> None:
         box.remove()  # os._exit skips the exit hooks, as a kill would
 
     pid = fork(child)
-    assert reap(pid) == 0
+    assert exit_code(pid) == 0
     name = os.read(r, 100).decode()
     os.close(r)
     os.close(w)
@@ -404,7 +388,7 @@ def test_asyncio_twin_is_selective_and_never_blocks_the_loop() -> None:
 
     asyncio.run(main())
     for pid in pids:
-        assert reap(pid) == 0
+        assert exit_code(pid) == 0
     os.close(go_r)
     os.close(go_w)
 
@@ -413,7 +397,7 @@ def test_asyncio_send_to_a_dead_pid_raises_no_such_endpoint() -> None:
     import asyncio
 
     pid = fork(lambda: None)
-    assert reap(pid) == 0
+    assert exit_code(pid) == 0
     with pytest.raises(NoSuchEndpoint):
         asyncio.run(buzon.aio.send_to(pid, "x", timeout=T))
 
@@ -423,9 +407,9 @@ def test_recv_from_holds_back_a_bounded_number_then_raises_full_losing_nothing()
     me.max_held = 5
     parent = os.getpid()
     flood = fork(lambda: [buzon.send_to(parent, i, timeout=T) for i in range(8)])
-    assert reap(flood) == 0
+    assert exit_code(flood) == 0
     other = fork(lambda: buzon.send_to(parent, "wanted", timeout=T))
-    assert reap(other) == 0
+    assert exit_code(other) == 0
     with pytest.raises(buzon.Full, match="max_held"):
         buzon.recv_from(other, timeout=T)
     assert [me.recv(T) for _ in range(8)] == list(range(8))  # in order, none lost
@@ -446,7 +430,7 @@ def test_buzon_wait_takes_an_inbox_and_sees_held_back_messages() -> None:
     assert buzon.wait([me], timeout=0.05) == []
     parent = os.getpid()
     other = fork(lambda: buzon.send_to(parent, "held", timeout=T))
-    assert reap(other) == 0
+    assert exit_code(other) == 0
     assert buzon.wait([me], timeout=T) == [me]
     with pytest.raises(Timeout):
         buzon.recv_from(parent, timeout=0.05)  # takes "held" into the holding queue

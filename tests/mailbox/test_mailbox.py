@@ -14,10 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _mb_helpers import exit_code, fork, reap
 
 import buzon
 from buzon import (
@@ -30,27 +30,6 @@ from buzon import (
 )
 
 T = 10.0  # generous bound on every wait
-
-
-def fork(fn: Callable[[], object]) -> int:
-    """Run fn in a forked child; exit status 0 if it returned."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
-def reap(pid: int) -> int:
-    return os.waitpid(pid, 0)[1]
-
-
-def exit_code(pid: int) -> int:
-    return os.waitstatus_to_exitcode(reap(pid))
 
 
 # ---- lifecycle ---------------------------------------------------------------------

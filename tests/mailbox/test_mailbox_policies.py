@@ -11,27 +11,12 @@ import time
 from collections.abc import Callable
 
 import pytest
+from _mb_helpers import exit_code, fork
 
 import buzon
 from buzon import Empty, EndOfChannel, Full, NoSuchEndpoint, Timeout
 
 T = 10.0
-
-
-def fork(fn: Callable[[], object]) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
-def exit_code(pid: int) -> int:
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def attach(box: buzon.Mailbox) -> None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from _mb_helpers import fork, reap
 
 import buzon
 from buzon import Timeout
@@ -25,22 +26,6 @@ from buzon._mailbox import _ACKTAB_BYTES, _MAX_ACKS, MailboxReceipt
 
 T = 10.0  # generous bound on every wait
 _BUSY = 1 << 63
-
-
-def fork(fn: Callable[[], object]) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
-def reap(pid: int) -> int:
-    return os.waitpid(pid, 0)[1]
 
 
 def _receiver(name: str, w: int) -> Callable[[], None]:

@@ -16,26 +16,14 @@ import pickle
 import random
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
+from _mb_helpers import fork as _fork
 
 import buzon
 
 T = 10.0
 N = 300
-
-
-def _fork(fn: Callable[[], object]) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
 
 
 def _receiver(name: str, seed: int, w: int, go: int) -> None:
