@@ -104,3 +104,29 @@ def test_a_close_does_not_wait_on_unix_or_when_all_was_acknowledged(runtime_dir:
     a, b = buzon.pipe()
     with a, b:
         assert not a._core.lingers()
+
+
+@pytest.mark.fd_check
+def test_a_unix_close_with_unread_input_ends_the_peer_cleanly(runtime_dir: str) -> None:
+    """A Unix stream socket closed with unread input (the receiver's CREDITs of a
+    channel with a capacity) made the peer's kernel report a reset: the receiver got
+    everything, then ``EndOfChannel('... Connection reset by peer')`` instead of the
+    peer's plain close. The close reads that input away first."""
+    lst = buzon.listen("unix:unreadcredits", capacity=4)
+    box: list[buzon.Channel] = []
+    t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
+    t.start()
+    a = buzon.connect("unix:unreadcredits", timeout=10, capacity=4)
+    t.join(10)
+    lst.close()
+    with box[0] as b:
+        got: list[Any] = []
+        for i in range(40):
+            a.send(i, timeout=10)
+            got.append(b.recv(timeout=10))  # each take writes a CREDIT a never reads
+        _unread_input_at(a)
+        a.close()
+        with pytest.raises(buzon.EndOfChannel) as ended:
+            b.recv(timeout=10)
+        assert got == list(range(40))
+        assert "reset" not in str(ended.value), ended.value

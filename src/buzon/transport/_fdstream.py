@@ -279,6 +279,11 @@ class SocketStreamTransport(StreamTransport):
     def close(self) -> None:
         if self.closed:
             return
+        if self.dontwait and not self.shared:
+            # a socket closed with unread input (CREDITs nobody reads) makes the peer's
+            # kernel report a reset instead of the end of the stream: read it away
+            # (bounded; an end another process holds keeps its input for that process)
+            self.drop_input()
         self.closed = True
         self._fd = -1
         self.sock.close()
