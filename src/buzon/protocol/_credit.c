@@ -291,30 +291,22 @@ static PyObject *receipt_writer_new(PyTypeObject *type, PyObject *args, PyObject
         PyErr_SetString(PyExc_TypeError, "receipt_type must be a ReceiptCore type");
         return NULL;
     }
-    PyObject *state = PyObject_GenericGetDict(core, NULL);
-    if (state == NULL)
+    writer_refs w;
+    if (writer_refs_take(&w, core, s_pending, lock) < 0)
         return NULL;
-    PyObject *pending = PyObject_GetAttr(core, s_pending);
-    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
-    PyObject *release = PyObject_GetAttrString(lock, "release");
-    ReceiptWriter *self = NULL;
-    if (pending != NULL && acquire != NULL && release != NULL)
-        self = (ReceiptWriter *)type->tp_alloc(type, 0);
+    ReceiptWriter *self = (ReceiptWriter *)type->tp_alloc(type, 0);
     if (self == NULL) {
-        Py_DECREF(state);
-        Py_XDECREF(pending);
-        Py_XDECREF(acquire);
-        Py_XDECREF(release);
+        writer_refs_drop(&w);
         return NULL;
     }
-    self->state = state;
-    self->pending = pending;
+    self->state = w.state;
+    self->pending = w.extra;
     self->fd = fd;
     self->sock = sock;
     self->flow = Py_NewRef(Py_None);
     self->make_flow = Py_NewRef(make_flow);
-    self->acquire = acquire;
-    self->release = release;
+    self->acquire = w.acquire;
+    self->release = w.release;
     self->channel = Py_NewRef(channel);
     self->receipt_type = (PyTypeObject *)Py_NewRef(receipt_type);
     self->on_part = Py_NewRef(on_part);

@@ -808,30 +808,22 @@ static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         PyErr_SetString(PyExc_TypeError, "receiver must be a Receiver or None");
         return NULL;
     }
-    PyObject *state = PyObject_GenericGetDict(core, NULL);
-    if (state == NULL)
+    writer_refs w;
+    if (writer_refs_take(&w, core, s_backlog, lock) < 0)
         return NULL;
-    PyObject *backlog = PyObject_GetAttr(core, s_backlog);
-    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
-    PyObject *release = PyObject_GetAttrString(lock, "release");
-    MessageSender *self = NULL;
-    if (backlog != NULL && acquire != NULL && release != NULL)
-        self = (MessageSender *)type->tp_alloc(type, 0);
+    MessageSender *self = (MessageSender *)type->tp_alloc(type, 0);
     if (self == NULL) {
-        Py_DECREF(state);
-        Py_XDECREF(backlog);
-        Py_XDECREF(acquire);
-        Py_XDECREF(release);
+        writer_refs_drop(&w);
         return NULL;
     }
-    self->state = state;
-    self->backlog = backlog;
+    self->state = w.state;
+    self->backlog = w.extra;
     self->fd = fd;
     self->kind = kind;
     self->limit = limit;
     self->lock = Py_NewRef(lock);
-    self->acquire = acquire;
-    self->release = release;
+    self->acquire = w.acquire;
+    self->release = w.release;
     self->receiver = receiver == Py_None || kind == KIND_MQ ? NULL : Py_NewRef(receiver);
     self->vectorcall = sender_call;
     if (kind == KIND_FIFO) {

@@ -1105,18 +1105,12 @@ static PyObject *rv_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "fds and limit must be non-negative");
         return NULL;
     }
-    PyObject *state = PyObject_GenericGetDict(core, NULL);
-    if (state == NULL)
+    writer_refs w;
+    if (writer_refs_take(&w, core, NULL, lock) < 0)
         return NULL;
-    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
-    PyObject *release = PyObject_GetAttrString(lock, "release");
-    RvStream *self = NULL;
-    if (acquire != NULL && release != NULL)
-        self = (RvStream *)type->tp_alloc(type, 0);
+    RvStream *self = (RvStream *)type->tp_alloc(type, 0);
     if (self == NULL) {
-        Py_DECREF(state);
-        Py_XDECREF(acquire);
-        Py_XDECREF(release);
+        writer_refs_drop(&w);
         return NULL;
     }
     self->rfd = rfd;
@@ -1124,9 +1118,9 @@ static PyObject *rv_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     self->sock = sock;
     self->limit = limit;
     self->core = Py_NewRef(core);
-    self->state = state;
-    self->acquire = acquire;
-    self->release = release;
+    self->state = w.state;
+    self->acquire = w.acquire;
+    self->release = w.release;
     self->on_part = Py_NewRef(on_part);
     return (PyObject *)self;
 }

@@ -579,31 +579,23 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
         PyErr_SetString(PyExc_ValueError, "fd and limit must be non-negative");
         return NULL;
     }
-    PyObject *state = PyObject_GenericGetDict(core, NULL);
-    if (state == NULL)
+    writer_refs w;
+    if (writer_refs_take(&w, core, s_pending, lock) < 0)
         return NULL;
-    PyObject *pending = PyObject_GetAttr(core, s_pending);
-    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
-    PyObject *release = PyObject_GetAttrString(lock, "release");
-    SmallWriter *self = NULL;
-    if (pending != NULL && acquire != NULL && release != NULL)
-        self = (SmallWriter *)type->tp_alloc(type, 0);
+    SmallWriter *self = (SmallWriter *)type->tp_alloc(type, 0);
     if (self == NULL) {
-        Py_DECREF(state);
-        Py_XDECREF(pending);
-        Py_XDECREF(acquire);
-        Py_XDECREF(release);
+        writer_refs_drop(&w);
         return NULL;
     }
-    self->state = state;
-    self->pending = pending;
+    self->state = w.state;
+    self->pending = w.extra;
+    self->acquire = w.acquire;
+    self->release = w.release;
     self->fd = fd;
     self->sock = sock;
     self->limit = limit;
     self->core = Py_NewRef(core);
     self->lock = Py_NewRef(lock);
-    self->acquire = acquire;
-    self->release = release;
     self->on_part = Py_NewRef(on_part);
     self->vectorcall = small_writer_call;
     return (PyObject *)self;

@@ -1,4 +1,4 @@
-/* What the C writers of small frames share (protocol/_stream.c SmallWriter,
+/* What the C writers of small frames share (protocol/_stream.c SmallWriter, _rv.c RvStream,
  * protocol/_credit.c ReceiptWriter, protocol/_dgram.c MessageSender): a look at the
  * channel core's fields, the plain DATA frame's header, and the driver's write lock
  * taken without waiting. Header-only: each extension module includes it once. */
@@ -57,6 +57,35 @@ static inline PyObject *unlock_with(PyObject *release, PyObject *out) {
     }
     Py_DECREF(released);
     return out;
+}
+
+/* A writer's references to the channel core and the driver's write lock: the core's
+ * ``__dict__`` (where core_flag looks), ``core.<extra>`` unless ``extra`` is NULL (the
+ * stream's pending tail, a message transport's backlog), and the lock's ``acquire`` and
+ * ``release``; all new references. */
+typedef struct {
+    PyObject *state, *extra, *acquire, *release;
+} writer_refs;
+
+static inline void writer_refs_drop(writer_refs *w) {
+    Py_CLEAR(w->state);
+    Py_CLEAR(w->extra);
+    Py_CLEAR(w->acquire);
+    Py_CLEAR(w->release);
+}
+
+/* 0 with every reference taken; -1 with an exception and none kept */
+static inline int writer_refs_take(writer_refs *w, PyObject *core, PyObject *extra,
+                                   PyObject *lock) {
+    w->extra = w->acquire = w->release = NULL;
+    w->state = PyObject_GenericGetDict(core, NULL);
+    if (w->state == NULL || (extra != NULL && (w->extra = PyObject_GetAttr(core, extra)) == NULL) ||
+        (w->acquire = PyObject_GetAttrString(lock, "acquire")) == NULL ||
+        (w->release = PyObject_GetAttrString(lock, "release")) == NULL) {
+        writer_refs_drop(w);
+        return -1;
+    }
+    return 0;
 }
 
 #endif
