@@ -274,6 +274,24 @@ def test_combine_takes_medians_and_keeps_failures() -> None:
     assert failed.status == "error" and "boom" in failed.note
 
 
+def test_a_repeated_run_gives_each_target_its_ratio_per_round() -> None:
+    from buzon.bench._report import evaluate_targets
+
+    def rounds(impl: str, values: tuple[float, ...]) -> Result:
+        case = Case(impl, "pipe", "rt64", lambda ctx: {})
+        return combine([Result(case, "ok", {"p50": Quantity(v, "us")}) for v in values])
+
+    # the rounds pair up as measured: 1.2/1.0, 3.2/2.0, 1.0/1.0 (medians 1.2/1.0)
+    results = [rounds("buzon-rv", (1.2, 3.2, 1.0)), rounds("buzon", (1.0, 2.0, 1.0))]
+    (e,) = [t for t in evaluate_targets(results) if t.id == "e" and t.transport == "pipe"]
+    assert e.ratio == pytest.approx(1.2)
+    assert e.rounds == pytest.approx((1.2, 1.6, 1.0))
+    assert e.spread == "rounds 1.00-1.60x, 2/3 pass"
+    single = [Result(r.case, "ok", r.values) for r in results]
+    (e,) = [t for t in evaluate_targets(single) if t.id == "e" and t.transport == "pipe"]
+    assert e.rounds == () and e.spread == ""
+
+
 def test_quick_reliable_rows_run_and_leave_nothing_behind(
     tmp_path: Path, private_dirs: tuple[Path, Path]
 ) -> None:

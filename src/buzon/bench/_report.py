@@ -26,6 +26,7 @@ rpc   RPC add(a, b) calls/s: buzon.rpc vs the peers' rows           see ``RPC_TA
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -139,13 +140,27 @@ class Target:
     measured: float | None
     reference: float | None
     unit: str
+    rounds: tuple[float | None, ...] = ()
+    """The same ratio in each round of a ``--repeat`` run (empty for one round)."""
+
+    def passes(self, ratio: float) -> bool:
+        """Whether ``ratio`` meets this target."""
+        return ratio <= self.threshold if self.op == "<=" else ratio >= self.threshold
 
     @property
     def status(self) -> str:
         if self.ratio is None:
             return "n/a"
-        ok = self.ratio <= self.threshold if self.op == "<=" else self.ratio >= self.threshold
-        return "PASS" if ok else "FAIL"
+        return "PASS" if self.passes(self.ratio) else "FAIL"
+
+    @property
+    def spread(self) -> str:
+        """``"rounds 0.98-1.12x, 2/3 pass"`` for a repeated run, else ``""``."""
+        got = [r for r in self.rounds if r is not None]
+        if len(self.rounds) < 2 or not got:
+            return ""
+        ok = sum(self.passes(r) for r in got)
+        return f"rounds {min(got):.2f}-{max(got):.2f}x, {ok}/{len(self.rounds)} pass"
 
 
 _TITLES = {
@@ -166,6 +181,31 @@ _TITLES = {
 
 
 def evaluate_targets(results: Sequence[Result]) -> list[Target]:
+    """Every target, from the results' values (the medians of a repeated run); with
+    ``--repeat N`` each target also carries its ratio in each round (``Target.rounds``,
+    its spread), the rounds' own values paired as they were measured."""
+    targets = _targets(results)
+    n = max((len(r.rounds) for r in results), default=0)
+    if n < 2:
+        return targets
+    per_round = [
+        _targets(
+            [
+                dataclasses.replace(r, values=r.rounds[k], rounds=[])
+                if k < len(r.rounds)
+                else dataclasses.replace(r, status="skipped", values={}, rounds=[])
+                for r in results
+            ]
+        )
+        for k in range(n)
+    ]
+    return [
+        dataclasses.replace(t, rounds=tuple(round_[i].ratio for round_ in per_round))
+        for i, t in enumerate(targets)
+    ]
+
+
+def _targets(results: Sequence[Result]) -> list[Target]:
     by = _index(results)
     targets: list[Target] = []
 
@@ -589,9 +629,10 @@ def render(
         assert t.measured is not None and t.reference is not None
         fmt = _FORMATS.get(t.unit, _fmt_us)
         numbers = f"buzon {fmt(t.measured)} vs {fmt(t.reference)} {t.unit}"
+        spread = f"; {t.spread}" if t.spread else ""
         lines.append(
             f"      {t.transport:<{w}} {t.ratio:>6.2f}x  {t.status:<4}  "
-            f"({numbers}; need {t.op} {t.threshold:g}x)"
+            f"({numbers}; need {t.op} {t.threshold:g}x{spread})"
         )
     return "\n".join(lines) + "\n"
 
@@ -715,6 +756,7 @@ def document(
                 "op": t.op,
                 "threshold": t.threshold,
                 "status": t.status,
+                "round_ratios": list(t.rounds),
                 "measured": None if t.measured is None else {"value": t.measured, "unit": t.unit},
                 "reference": None
                 if t.reference is None
