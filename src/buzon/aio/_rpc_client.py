@@ -10,13 +10,9 @@ of the call it answers, and runs the server's calls to this client's remote obje
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-import msgspec
 
 from ..errors import (
     BuzonError,
@@ -26,15 +22,14 @@ from ..errors import (
     EndOfChannel,
     MessageTooLarge,
     RemoteError,
-    ValidationError,
 )
 from ..errors import Timeout as _Timeout
 from ..protocol._rpc import reply as _reply
 from ..protocol._rpc import request as _request
 from ..protocol.frames import Kind, encode_frame
 from ..rpc import _wire as w
-from ..rpc._client import _return_types, resolve_server
-from ..rpc._context import _DEADLINE
+from ..rpc._client import resolve_server
+from ..rpc._clientcore import ClientCore
 from ..rpc._remote import _PLAIN, RELEASE, RefPeer
 from ..rpc._retry import RETRY, Retrying, note_restart, server_start
 from ..rpc._service import handler_failure
@@ -146,7 +141,7 @@ class _LostPeer(RefPeer):
 _LOST = _LostPeer()
 
 
-class Client(RefPeer):
+class Client(ClientCore[Channel]):
     """An asyncio RPC client (``await buzon.aio.rpc.connect(url)``): the twin of
     :class:`buzon.rpc.Client`.
 
@@ -166,6 +161,8 @@ class Client(RefPeer):
     may be arguments (the server calls the latter back over this connection).
     """
 
+    _NAME = "buzon.aio.rpc.Client"
+
     def __init__(
         self,
         ch: Channel,
@@ -177,65 +174,15 @@ class Client(RefPeer):
         reconnect: Callable[[float | None], Awaitable[Channel]] | None = None,
         instance: Callable[[], str | None] | None = None,
     ) -> None:
-        if semantics != "at_most_once" and reconnect is None:
-            raise ValueError(f"semantics={semantics!r} needs a way to reconnect")
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self._ch = ch
-        self._proto = proto
-        self._rtypes: dict[str, Any] = {} if proto is None else _return_types(proto)
-        self._timeout = timeout
-        self._ids = itertools.count(1)
+        self._setup(ch, proto, timeout, max_in_flight, semantics, reconnect, instance)
         # call id -> (future, method, result type, the channel it was sent on)
         self._pending: dict[int, tuple[asyncio.Future[Any], str, Any, Channel]] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._broken: BuzonError | None = None
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._semantics = semantics
-        self._reconnect_fn = reconnect
-        self._instance_of = instance
         self._conn_lock = asyncio.Lock()
-        self._client_id = os.urandom(16)  # exactly_once: (client id, sequence number)
-        self._next_seq = 1
-        self._open_seqs: set[int] = set()
-        self._restarts = 0  # reconnects that found another server start, table lost
-        self.restarts_survived = 0  # ...whose table persisted: calls in flight go on
-        self._closing = False
-        self.retries = 0  # attempts made again after a lost connection
-        self.late = 0  # replies that came after their call was given up
         self._ref_init()
         self._reader = self._loop.create_task(self._read(ch))
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if self._proto is not None and name not in self._rtypes:
-            raise AttributeError(f"{self._proto.__name__} has no method {name!r}")
-
-        async def stub(*args: Any, **kwargs: Any) -> Any:
-            return await self.call(name, *args, **kwargs)
-
-        stub.__name__ = name
-        return stub
-
-    @property
-    def channel(self) -> Channel:
-        """The underlying :class:`buzon.aio.Channel` (replaced on a reconnect)."""
-        return self._ch
-
-    @property
-    def in_flight(self) -> int:
-        """Calls sent whose reply has not come yet."""
-        return len(self._pending)
-
-    def _deadline(self) -> float | None:
-        at = _DEADLINE.get()
-        if self._timeout is not None:
-            mine = _monotonic() + self._timeout
-            if at is None or mine < at:
-                at = mine
-        return at
 
     # -- calling -------------------------------------------------------------------
 
@@ -423,28 +370,11 @@ class Client(RefPeer):
         if fut.done():
             self.late += 1
             return
-        if type(body) is not list or len(body) != 3 or body[0] != w.REPLY:
-            fut.set_exception(RemoteError("malformed reply", RemoteError.INTERNAL_ERROR))
-            return
-        if body[1] is not None:
-            fut.set_exception(w.error_from(body[1]))
-            return
-        try:
-            result = body[2]
-            if type(result) not in _PLAIN:
-                result = self._in(result)  # references -> proxies (or our own objects)
-        except RemoteError as err:
-            fut.set_exception(err)
-            return
-        if rtype is not Any:
-            try:
-                result = msgspec.convert(result, rtype)
-            except msgspec.ValidationError as exc:
-                fut.set_exception(
-                    ValidationError(f"{method}: the result does not match {rtype!r}: {exc}")
-                )
-                return
-        fut.set_result(result)
+        error, result = self._outcome(method, rtype, body)
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
 
     def _incoming(self, ch: Channel, body: list[Any], fields: dict[int, bytes] | None) -> None:
         """A message from the server that is not a reply: a release of this client's
@@ -467,12 +397,6 @@ class Client(RefPeer):
             await self._ch.send([RELEASE, pairs], 5.0)
         except BuzonError:
             pass  # the connection is gone: the server drops everything with it
-
-    @property
-    def server_instance(self) -> str | None:
-        """The instance id of the server start this client is connected to (a fresh
-        one each time the server starts; None if the server does not say)."""
-        return server_start(self._ch, self._instance_of)[0]
 
     # -- lifetime ------------------------------------------------------------------
 
@@ -498,10 +422,6 @@ class Client(RefPeer):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-    def __repr__(self) -> str:
-        proto = f" {self._proto.__name__}" if self._proto is not None else ""
-        return f"<buzon.aio.rpc.Client{proto} {self._ch!r} in_flight={len(self._pending)}>"
 
 
 def name_reconnect(

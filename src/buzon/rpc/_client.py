@@ -16,16 +16,12 @@ message tells the server, whose handler sees ``context().cancelled``.
 from __future__ import annotations
 
 import contextvars
-import itertools
-import os
 import threading
 import time
 import typing
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
-
-import msgspec
 
 from ..address import Address, parse_address
 from ..errors import (
@@ -39,7 +35,6 @@ from ..errors import (
     RemoteError,
     ServerRestarted,
     UnsupportedOperation,
-    ValidationError,
 )
 from ..errors import Timeout as _Timeout
 from ..names import lookup
@@ -48,13 +43,14 @@ from ..protocol._rpc import request as _request
 from ..sync import Channel
 from ..sync import connect as _connect
 from . import _wire as w
+from ._clientcore import ClientCore
 from ._context import _DEADLINE
 from ._jsonrpc import JsonRpcClient, connect_jsonrpc
 from ._msgpack import MsgpackRpcClient, connect_msgpack
-from ._remote import _PLAIN, RELEASE, LostPeer, RefPeer
+from ._remote import _PLAIN, RELEASE, LostPeer
 from ._retry import RETRY, Retrying, note_restart, raise_outcome, server_start
 from ._server import _check
-from ._service import _schema, handler_failure
+from ._service import handler_failure
 
 __all__ = ["Call", "Client", "ServerRestarted", "close", "connect"]
 
@@ -171,27 +167,10 @@ class _Cancelled(Exception):
     """Marks a call its future's ``cancel()`` gave up (the future ends CANCELLED)."""
 
 
-def _return_types(proto: Any) -> dict[str, Any]:
-    """Return hints of a Protocol's (or class's) public methods: name -> type."""
-    types: dict[str, Any] = {}
-    for klass in reversed(getattr(proto, "__mro__", (proto,))):
-        if klass is object or klass is typing.Protocol or klass.__module__ == "typing":
-            continue
-        for name, value in vars(klass).items():
-            if name.startswith("_") or not callable(value):
-                continue
-            try:
-                hint = typing.get_type_hints(value).get("return", Any)
-            except Exception as exc:
-                raise TypeError(f"{proto.__name__}.{name}: hints do not resolve: {exc}") from exc
-            types[name] = None if hint is type(None) else _schema(hint)
-    return types
-
-
 _LOST = LostPeer()  # where proxies of a replaced connection point
 
 
-class Client(RefPeer):
+class Client(ClientCore[Channel]):
     """A connection to an RPC server (``buzon.rpc.connect``). Thread-safe.
 
     ``client.add(1, 2)`` or ``client.call("add", 1, 2)`` call and wait;
@@ -221,37 +200,16 @@ class Client(RefPeer):
         reconnect: Callable[[float | None], Channel] | None = None,
         instance: Callable[[], str | None] | None = None,
     ) -> None:
-        if semantics != "at_most_once" and reconnect is None:
-            raise ValueError(f"semantics={semantics!r} needs a way to reconnect")
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self._ch = channel
-        self._proto = proto
-        self._rtypes: dict[str, Any] = {} if proto is None else _return_types(proto)
-        self._timeout = timeout
-        self._ids = itertools.count(1)
+        self._setup(channel, proto, timeout, max_in_flight, semantics, reconnect, instance)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._reading = False
         self._sleepers = 0
-        self._broken: BuzonError | None = None
         self._max_in_flight = max_in_flight
         self._async = 0  # call_async futures outstanding
         self._reader: threading.Thread | None = None
-        self._stubs: dict[str, Callable[..., Any]] = {}
-        self.late = 0  # replies that came after their call was given up
-        self._semantics = semantics
-        self._reconnect_fn = reconnect
         self._conn_lock = threading.Lock()
-        self._client_id = os.urandom(16)  # exactly_once: (client id, sequence number)
-        self._next_seq = 1
-        self._open_seqs: set[int] = set()
-        self.retries = 0  # attempts made again after a lost connection
-        self._instance_of = instance  # the server start from the name's record, if any
-        self._restarts = 0  # reconnects that found another server start, table lost
-        self.restarts_survived = 0  # ...whose table persisted: calls in flight go on
-        self._closing = False
         self._msgpack = False  # _solo applies (set by _use_channel)
         self._max_frame = 0
         self._use_channel(channel)
@@ -263,32 +221,7 @@ class Client(RefPeer):
         self._msgpack = core.codec.name == "msgpack"
         self._max_frame = core.max_frame
 
-    # -- the proxy ----------------------------------------------------------------
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if self._proto is not None and name not in self._rtypes:
-            raise AttributeError(f"{self._proto.__name__} has no method {name!r}")
-        stub = self._stubs.get(name)
-        if stub is None:
-
-            def stub(*args: Any, **kwargs: Any) -> Any:
-                return self.call(name, *args, **kwargs)
-
-            stub.__name__ = name
-            self._stubs[name] = stub
-        return stub
-
     # -- calling -------------------------------------------------------------------
-
-    def _deadline(self) -> float | None:
-        at = _DEADLINE.get()
-        if self._timeout is not None:
-            mine = _monotonic() + self._timeout
-            if at is None or mine < at:
-                at = mine
-        return at
 
     def _start(
         self,
@@ -644,12 +577,6 @@ class Client(RefPeer):
             self._forget_references(_LOST)
         old.close()
 
-    @property
-    def server_instance(self) -> str | None:
-        """The instance id of the server start this client is connected to (a fresh
-        one each time the server starts; None if the server does not say)."""
-        return server_start(self._ch, self._instance_of)[0]
-
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> Call:
         """Send the call and return its :class:`Call` future at once. With
         ``semantics`` at_least_once / exactly_once the call is retried as :meth:`call`
@@ -802,17 +729,10 @@ class Client(RefPeer):
             if p is None:
                 self.late += 1
                 return
-            rtype = p.rtype
-            if rtype is not Any:
-                try:
-                    body = msgspec.convert(body, rtype)
-                except msgspec.ValidationError as exc:
-                    self._settle(
-                        p,
-                        ValidationError(f"{p.method}: the result does not match {rtype!r}: {exc}"),
-                    )
-                    return
-            self._settle(p, None, body)
+            if p.rtype is Any:
+                self._settle(p, None, body)
+            else:
+                self._settle(p, *self._converted(p.method, p.rtype, body))
             return
         if kind != w.OTHER:
             body, fields = w.as_message(kind, call_id, ms, body, fields)
@@ -824,29 +744,7 @@ class Client(RefPeer):
             else:
                 self.late += 1
             return
-        if type(body) is not list or len(body) != 3 or body[0] != w.REPLY:
-            self._settle(p, RemoteError("malformed reply", RemoteError.INTERNAL_ERROR))
-        elif body[1] is not None:
-            self._settle(p, w.error_from(body[1]))
-        else:
-            try:
-                result = body[2]
-                if type(result) not in _PLAIN:
-                    result = self._in(result)  # references -> proxies (or our own objects)
-            except RemoteError as err:
-                self._settle(p, err)
-                return
-            rtype = p.rtype
-            if rtype is not Any:
-                try:
-                    result = msgspec.convert(result, rtype)
-                except msgspec.ValidationError as exc:
-                    self._settle(
-                        p,
-                        ValidationError(f"{p.method}: the result does not match {rtype!r}: {exc}"),
-                    )
-                    return
-            self._settle(p, None, result)
+        self._settle(p, *self._outcome(p.method, p.rtype, body))
 
     def _settle(self, p: _Pending, error: BaseException | None, result: Any = None) -> bool:
         """Complete ``p`` once (False if something else completed it first)."""
@@ -920,16 +818,6 @@ class Client(RefPeer):
 
     # -- lifetime ------------------------------------------------------------------
 
-    @property
-    def channel(self) -> Channel:
-        """The underlying :class:`buzon.Channel`."""
-        return self._ch
-
-    @property
-    def in_flight(self) -> int:
-        """Calls sent whose reply has not come yet."""
-        return len(self._pending)
-
     def close(self) -> None:
         """Close the connection; calls in flight fail with ``ChannelClosed``."""
         self._closing = True
@@ -946,10 +834,6 @@ class Client(RefPeer):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        proto = f" {self._proto.__name__}" if self._proto is not None else ""
-        return f"<buzon.rpc.Client{proto} {self._ch!r} in_flight={len(self._pending)}>"
 
 
 @typing.overload
