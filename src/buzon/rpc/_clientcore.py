@@ -60,6 +60,7 @@ class ClientCore(RefPeer, Generic[ChannelT]):
 
     _NAME = "buzon.rpc.Client"  # for repr()
     _ch: ChannelT
+    call: Callable[..., Any]  # each client's own: ``call(method, *args, **kwargs)``
 
     def _setup(
         self,
@@ -96,9 +97,6 @@ class ClientCore(RefPeer, Generic[ChannelT]):
         self.late = 0  # replies that came after their call was given up
 
     # -- the proxy ----------------------------------------------------------------
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError  # each client's own
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_"):
