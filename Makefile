@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo test lint typecheck pytest bench docs clean sanitize
 
+# The bytecode is written here (as pip does for a wheel), not left to the first import:
+# with PYTHONDONTWRITEBYTECODE set every `import buzon` would compile it again.
 install: $(STAMP)
+	$(BIN)/python -m compileall -q src/buzon
 
 $(STAMP): pyproject.toml setup.py $(wildcard src/buzon/*.c src/buzon/*.h src/buzon/protocol/*.c)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 import buzon
+from buzon._channel import ChannelOptions
 from buzon.protocol.frames import HEADER
 
 
@@ -115,10 +116,10 @@ def test_idle_timeout_bounds_recv_without_timeout() -> None:
         assert time.monotonic() - start >= 0.09
 
 
-def _with(opts: object, idle: float) -> object:
-    import dataclasses
+def _with(opts: ChannelOptions, idle: float) -> ChannelOptions:
+    from buzon._record import replace
 
-    return dataclasses.replace(opts, idle_timeout=idle)  # type: ignore[type-var]
+    return replace(opts, idle_timeout=idle)
 
 
 def test_partial_write_is_completed_by_close() -> None:

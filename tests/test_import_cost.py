@@ -27,6 +27,8 @@ NOT_AT_IMPORT = (
     "buzon.aio",
     "buzon.rpc",
     "buzon.aio.rpc",
+    "dataclasses",  # buzon's value classes are buzon._record's (it imports inspect, ast...)
+    "inspect",
 )
 
 

@@ -6,7 +6,6 @@ frames, and a signal whose handler raises (KeyboardInterrupt) during the wait.""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 import buzon
+from buzon._record import replace
 from buzon.errors import EndOfChannel, FrameError, Timeout
 from buzon.protocol.frames import HEADER
 
@@ -102,7 +102,7 @@ def test_a_frame_in_pieces_arrives_whole(pair: tuple[buzon.Channel, buzon.Channe
 
 def test_a_peer_stalled_mid_frame_is_named(pair: tuple[buzon.Channel, buzon.Channel]) -> None:
     a, b = pair
-    b._core.options = dataclasses.replace(b._core.options, frame_timeout=0.3)
+    b._core.options = replace(b._core.options, frame_timeout=0.3)
     threading.Timer(0.02, _raw_write, (a, HEADER.pack(1, 1, 0, 0, 50) + b"part")).start()
     with pytest.raises(Timeout, match="stalled"):
         b.recv_bytes(timeout=10)

@@ -340,8 +340,7 @@ def test_with_no_deadline_every_receive_contract_still_holds(
     """The spin=0 ``recv_bytes`` with no deadline goes straight to the blocking recv:
     a frame in pieces, a stalled frame, a bad frame and the end still come out as the
     engine makes them (the wait hands part of a frame to the engine's loop)."""
-    import dataclasses
-
+    from buzon._record import replace
     from buzon.errors import FrameError
     from buzon.protocol.frames import HEADER
 
@@ -360,7 +359,7 @@ def test_with_no_deadline_every_receive_contract_still_holds(
     assert b.recv_bytes() == b"hello"
     assert b.recv_bytes() == b"!!"
     t.join()
-    b._core.options = dataclasses.replace(b._core.options, frame_timeout=0.3)
+    b._core.options = replace(b._core.options, frame_timeout=0.3)
     threading.Timer(0.02, _raw_write, (a, HEADER.pack(1, 1, 0, 0, 50) + b"part")).start()
     with pytest.raises(Timeout, match="stalled"):
         b.recv_bytes()

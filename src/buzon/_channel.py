@@ -19,14 +19,13 @@ import contextlib
 import functools
 import itertools
 import os
-import pickle
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import _reduction
+from ._record import Record, fields, replace
 from .address import Address
 from .codec import Codec
 from .errors import (
@@ -121,8 +120,7 @@ def _no_write(flags: int, data: bytes) -> int:
 OWING: weakref.WeakSet[ChannelCore] = weakref.WeakSet()
 
 
-@dataclass(slots=True)
-class _OpenFrame:
+class _OpenFrame(Record):
     """A frame whose write is under way: its tail is the tail of ``pending``."""
 
     serial: int  # which accepted frame (ChannelCore.serial when it was accepted)
@@ -131,8 +129,7 @@ class _OpenFrame:
     payload: int  # its size before chunking (statistics)
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelOptions:
+class ChannelOptions(Record, frozen=True):
     """Per-channel behaviour chosen at ``connect``/``listen``/``pipe`` time."""
 
     codec: str = "msgpack"
@@ -150,8 +147,7 @@ class ChannelOptions:
     hello: tuple[tuple[str, Any], ...] = ()  # extra entries of this end's HELLO options
 
 
-@dataclass(slots=True)
-class Statistics:
+class Statistics(Record):
     """Counters of one channel (``channel.statistics()`` returns a copy)."""
 
     messages_sent: int = 0
@@ -186,7 +182,7 @@ class Statistics:
 #: transport counters added to the channel's own count of the same name (the rest of
 #: ``Transport.counters()`` replaces the field: a reliable link counts for the channel)
 _ADDED_COUNTERS = frozenset({"rejected_frames", "rejected_bytes"})
-_STAT_FIELDS = frozenset(Statistics.__dataclass_fields__)
+_STAT_FIELDS = frozenset(fields(Statistics))
 
 
 class Receipt(ReceiptCore):
@@ -748,6 +744,8 @@ class ChannelCore:
                 "multiprocessing peers exchange pickled objects: use send_bytes/recv_bytes, "
                 "or pickle=True (with an authkey on TCP)"
             )
+        import pickle  # (not at import: only multiprocessing peers need it)
+
         body = pickle.dumps(obj, protocol=pickle.DEFAULT_PROTOCOL)
         return list(mpcompat.encode_message(body, max_message=self.max_frame))
 

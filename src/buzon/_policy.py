@@ -23,10 +23,10 @@ are today's:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._channel import DEFAULT_CAPACITY, DEFAULT_MAX_QUEUE, ChannelCore, ChannelOptions
+from ._record import Record
 from ._schemes import SCHEMES, describe, scheme_info
 from .address import Address, parse_address
 from .errors import AddressError, InsecureBind, SecurityError, UnsupportedOperation
@@ -41,8 +41,7 @@ from .transport.pipe import pipe_pair
 __all__ = ["Prepared", "capacity_support", "prepare"]
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
+class Prepared(Record, frozen=True):
     address: Address
     transport: TransportOptions
     channel: ChannelOptions

@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, NamedTuple, TypeVar
 
+from ._record import replace
 from .errors import ChannelClosed, UnsupportedOperation
 
 __all__ = ["passable"]

@@ -17,14 +17,16 @@ and nothing else:
 
 ``tests/test_registry.py`` checks that no other module keeps a list of schemes of
 its own, and that each entry agrees with its module's ``LinkProperties``. This module
-imports nothing, so that :mod:`buzon.address` (imported by ``import buzon``) stays cheap.
+imports nothing but :mod:`buzon._record`, so that :mod:`buzon.address` (imported by
+``import buzon``) stays cheap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
+
+from ._record import Record
 
 __all__ = [
     "SCHEMES",
@@ -39,8 +41,7 @@ AddressKind = Literal["local", "queue", "inet", "none"]
 UnixSocketType = Literal["stream", "dgram", "seqpacket"]
 
 
-@dataclass(frozen=True, slots=True, repr=False)  # (a generated repr costs import time)
-class RuntimeFile:
+class RuntimeFile(Record, frozen=True):
     """A kind of file a scheme leaves in buzon's runtime dir, for ``ls`` and ``clean``.
 
     ``role``:
@@ -69,8 +70,7 @@ class RuntimeFile:
         return f"<RuntimeFile {self.role} *{self.suffix}>"
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class SchemeInfo:
+class SchemeInfo(Record, frozen=True):
     """Everything buzon knows about one scheme, outside its transport module."""
 
     name: str

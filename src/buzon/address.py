@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 
+from ._record import Record
 from ._schemes import describe, scheme_info
 from .errors import AddressError
 
@@ -42,8 +42,7 @@ _MQ_NAME_RE = re.compile(r"^/[^/\x00]{1,250}$")
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
+class Address(Record, frozen=True):
     """A parsed endpoint address.
 
     ``name`` is set for private (runtime-dir) names, ``path`` for absolute paths and

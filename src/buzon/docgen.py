@@ -30,7 +30,6 @@ real ``mq`` link properties, with explicit sizes so every machine renders the sa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import importlib
 import inspect
@@ -50,6 +49,8 @@ from . import codec, transport
 from . import errors as _errors
 from ._channel import ChannelCore, ChannelOptions
 from ._policy import capacity_support, prepare
+from ._record import fields as record_fields
+from ._record import replace as record_replace
 from ._schemes import SCHEMES, SchemeInfo, scheme_info
 from .address import Address, parse_address
 from .protocol import credit, frames, handshake, mpcompat
@@ -721,7 +722,7 @@ def _mq_properties() -> LinkProperties:
     finally:
         listener.close()
     notes = props.notes.replace(addr.mq_name(), "/buzon-UID-NAME")
-    return dataclasses.replace(props, notes=notes)
+    return record_replace(props, notes=notes)
 
 
 def _reliable_props(scheme: str) -> LinkProperties:
@@ -785,7 +786,7 @@ def _check_transport_coverage() -> None:
     unknown_rows = set(_VARIANT_ROWS) - {info.name for info in SCHEMES}
     if unknown_rows:
         raise SectionError(f"docgen has rows for schemes {sorted(unknown_rows)} that do not exist")
-    names = {f.name for f in dataclasses.fields(LinkProperties)}
+    names = set(record_fields(LinkProperties))
     unknown = names - set(_PROPERTY_COLUMNS) - _PROPERTY_ELSEWHERE
     if unknown:
         raise SectionError(f"LinkProperties fields {sorted(unknown)} have no column in docgen")

@@ -65,9 +65,9 @@ import re
 import struct
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import IntEnum
 
+from .._record import Record
 from ..errors import FrameError, FrameTooLarge
 from ._frames import data_frame, plain_data_flags
 
@@ -225,8 +225,7 @@ _KINDS = frozenset(int(k) for k in Kind)
 _CODECS = frozenset(int(c) for c in CodecId)
 
 
-@dataclass(slots=True)
-class Frame:
+class Frame(Record):
     """One decoded frame. ``body`` and ``buffers`` are views the frame owns."""
 
     kind: int

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import glob
 import os
 import stat
 
@@ -62,6 +61,8 @@ def fifo_pool_paths(base: str, capacity: int) -> tuple[str, str | None, str | No
 
 def remove_pools(base: str) -> None:
     """Remove the pools of an endpoint (a listener's close, or a dead one's reclaim)."""
+    import glob  # (glob and fnmatch only when a pool is looked for: import time)
+
     base = glob.escape(base)
     found = [glob.glob(base + end) for end in (".cap*.credit", ".cap0.ack", ".cap0.stake")]
     for path in [p for paths in found for p in paths]:
@@ -74,6 +75,8 @@ def remove_pools(base: str) -> None:
 
 def find_pool(base: str) -> int | None:
     """The capacity the listener at ``base`` stated (its pool's name), or None."""
+    import glob
+
     found = glob.glob(glob.escape(base) + ".cap*.credit")
     if not found:
         return None

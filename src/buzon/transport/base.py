@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
+from .._record import Record, field
 from ..address import Address
 from ..errors import UnsupportedOperation, from_oserror
 
@@ -52,8 +52,7 @@ Buffer = bytes | bytearray | memoryview
 WOULD_BLOCK = -1
 
 
-@dataclass(frozen=True, slots=True)
-class LinkProperties:
+class LinkProperties(Record, frozen=True):
     """What a link really guarantees; the docs' transport table is generated from these.
 
     ``boundaries`` describes what the *transport* keeps: buzon frames give every
@@ -76,8 +75,7 @@ class LinkProperties:
     capacity: int | None = -1
 
 
-@dataclass(frozen=True, slots=True)
-class PeerInfo:
+class PeerInfo(Record, frozen=True):
     """Who is at the other end, as far as the transport can tell."""
 
     pid: int | None = None
@@ -423,8 +421,7 @@ class ListenerTransport(abc.ABC):
         raise UnsupportedOperation(f"{type(self).__name__} cannot be shared with a child")
 
 
-@dataclass(frozen=True, slots=True)
-class TransportOptions:
+class TransportOptions(Record, frozen=True):
     """Options the transports understand; the channel API passes them through.
 
     ``mq_maxmsg``/``mq_msgsize`` size a POSIX queue when it is created (``None`` takes the

@@ -38,7 +38,6 @@ and otherwise falls back to the queues that this user's processes hold open.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import os
@@ -46,6 +45,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from .. import _posixmq
+from .._record import replace
 from .._runtime import runtime_dir
 from ..address import Address, parse_address
 from ..errors import (
@@ -355,7 +355,7 @@ def listen(addr: Address, opts: TransportOptions) -> MQListener:
                 f"capacity={capacity} makes the queue's maxmsg {want}; mq_maxmsg="
                 f"{opts.mq_maxmsg} contradicts it"
             )
-        opts = dataclasses.replace(opts, mq_maxmsg=want)
+        opts = replace(opts, mq_maxmsg=want)
     maxmsg, msgsize = _sizes(opts)
     flags = os.O_RDONLY | os.O_NONBLOCK
     owner = _OwnerLock.acquire(addr, opts) if addr.private else None
