@@ -446,10 +446,17 @@ class Mailbox:
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
         self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
         self._ack_name: tuple[int, bytes] = (0, b"")  # (pid, name) of our own ack ring
-        # send_async's hot path without a Python frame: the core's receipt_send, bound to
-        # this object (weakly) as its own send_async (the method is the general way)
-        self._core.bind(self, self._plain)
+        # send_async's, send's and recv's hot paths without a Python frame: the core's
+        # receipt_send, box_send and box_recv, bound to this object (weakly) as its own
+        # send_async, send and recv (the methods are the general way; close unbinds)
+        cls = type(self)
+        hot_recv = self._fast_recv and self._fan is None and not self._broadcast
+        self._core.bind(self, self._plain, hot_recv)
         vars(self)["send_async"] = self._core.receipt_send
+        if self._plain and cls.send is Mailbox.send:
+            vars(self)["send"] = self._core.box_send
+        if hot_recv and cls.recv is Mailbox.recv:
+            vars(self)["recv"] = self._core.box_recv
         self._counts = {
             "sent": 0,
             "received": 0,
@@ -911,6 +918,12 @@ class Mailbox:
                 return
         self._send(obj, timeout, False, False)
 
+    _send_py = send  # the method, for the core's box_send (the object's own send)
+
+    def _send_general(self, obj: Any, timeout: float | None) -> None:
+        """:meth:`send` of what is not a common record (the core's box_send found so)."""
+        self._send(obj, timeout, False, False)
+
     def send_nowait(self, obj: Any) -> None:
         """Put ``obj`` into the mailbox or raise ``Full`` (capacity 0: if the one
         hand-over place is taken; it does not wait for a receiver)."""
@@ -1244,16 +1257,22 @@ class Mailbox:
             got = self._core.recv(ring, timeout)
             if type(got) is not tuple:
                 return got
-            if len(got) == 2:  # a common record the codec decodes (or says why not)
-                return self._codec().decode(got[0], got[1], [])
-            data = got[0]
-            if data[:4] == _OOL:
-                data = self._fetch(data, timeout)
-            try:
-                return self._decode(data)[0]
-            except _Withdrawn:  # its sender gave up on it: the next one (full timeout)
-                pass
+            return self._recv_rest(got, timeout)
         return self._next(timeout)[0]
+
+    _recv_py = recv  # the method, for the core's box_recv (the object's own recv)
+
+    def _recv_rest(self, got: tuple[Any, ...], timeout: float | None) -> Any:
+        """The object of what the core's recv took but did not answer itself."""
+        if len(got) == 2:  # a common record the codec decodes (or says why not)
+            return self._codec().decode(got[0], got[1], [])
+        data = got[0]
+        if data[:4] == _OOL:
+            data = self._fetch(data, timeout)
+        try:
+            return self._decode(data)[0]
+        except _Withdrawn:  # its sender gave up on it: the next one (full timeout)
+            return self._next(timeout)[0]
 
     def _next(self, timeout: float | None) -> tuple[Any, int, int, int, int]:
         """The next message decoded (``_decode``), skipping withdrawn ones."""
