@@ -168,6 +168,14 @@ DEFAULT_MAX_INLINE = 1024
 _SUFFIX = ".mbox"
 _LABEL = "mailbox"
 _RAW = "raw"  # the label's last word for a raw-bytes fixed-slot mailbox (BoundedBuffer)
+# The label's last word of any other mailbox made by this version: its receivers all
+# understand REPLY_TO "#" (_TABLED), so send_async may ask for the acknowledgement table.
+# Buzon before the tables (7d530d0) would take "#" + a ring's name for a ring it cannot
+# attach, drop the acknowledgement and leave the receipt waiting: it refuses to open a
+# mailbox labelled so (ProtocolError: the label is not a mailbox's), and in a mailbox
+# labelled without it (made by older buzon, whose receivers may be attached) send_async
+# names the acknowledgement ring itself, as older buzon does (docs/mailboxes.md).
+_TABLES = "tables"
 _SLOTS = 128  # participants (attached objects) per mailbox: the ring's maximum
 _RECEIPT_FLAG = 0x08  # frame flag bit 3: the sender asks for a receipt
 _OOL = b"\x00OOL"  # record prefix: the frame is in the block named after it
@@ -281,14 +289,24 @@ def _peer(pid: int, uid: int) -> PeerInfo:
 
 
 def _label(policy: str, capacity: int | None, max_inline: int, raw: bool = False) -> str:
+    """A new mailbox ring's label: a raw one ends in ``raw``, any other in ``tables``
+    (see :data:`_TABLES`)."""
     cap = "none" if capacity is None else capacity
-    return f"{_LABEL} {policy} {cap} {max_inline}" + (" " + _RAW if raw else "")
+    return f"{_LABEL} {policy} {cap} {max_inline} " + (_RAW if raw else _TABLES)
+
+
+def _label_tabled(label: str) -> bool:
+    """Whether a mailbox ring's label says its receivers write acknowledgement tables
+    (the REPLY_TO ``"#"`` path; see :data:`_TABLES`)."""
+    return label.endswith(" " + _TABLES)
 
 
 def _parse_label(label: str) -> tuple[str, int | None, int, bool]:
-    """(policy, capacity, max_inline, raw) from a mailbox ring's label; ProtocolError
-    if it is not one."""
+    """(policy, capacity, max_inline, raw) from a mailbox ring's label (with or without
+    its last word ``tables``); ProtocolError if it is not one."""
     parts = label.split(" ")
+    if len(parts) == 5 and parts[4] == _TABLES:
+        parts.pop()
     try:
         raw = len(parts) == 5 and parts[4] == _RAW
         if len(parts) != 4 + raw or parts[0] != _LABEL or parts[1] not in POLICIES:
@@ -392,7 +410,9 @@ class Mailbox:
     def _setup(self, ring: _core.Ring) -> None:
         self._ring = ring
         self._segment = ring.name
-        self.policy, self.capacity, self.max_inline, self._raw = _parse_label(ring.info()["label"])
+        label = ring.info()["label"]
+        self.policy, self.capacity, self.max_inline, self._raw = _parse_label(label)
+        self._tabled = _label_tabled(label)  # receipts may ask for the table (_TABLES)
         self._fixed = bool(ring.info()["record_size"])
         self._inline = ring.max_message
         self._local = threading.local()  # a codec per thread (codecs are not thread-safe)
@@ -451,7 +471,7 @@ class Mailbox:
         # send_async, send and recv (the methods are the general way; close unbinds)
         cls = type(self)
         hot_recv = self._fast_recv and self._fan is None and not self._broadcast
-        self._core.bind(self, self._plain, hot_recv)
+        self._core.bind(self, self._plain, hot_recv, self._tabled)
         vars(self)["send_async"] = self._core.receipt_send
         if self._plain and cls.send is Mailbox.send:
             vars(self)["send"] = self._core.box_send
@@ -966,7 +986,7 @@ class Mailbox:
     def _send_async(self, obj: Any, timeout: float | None, hot: bool) -> MailboxReceipt:
         """:meth:`send_async`; ``hot``: try the hot path (False: the core found that
         ``obj`` is no common record)."""
-        if hot and self._plain and not self._closed:  # a receipt record in one C call
+        if hot and self._plain and self._tabled and not self._closed:  # one C call
             pid, reply_to = self._ack_name
             if pid != _PID[0]:  # its receiver writes our table (see _TABLED)
                 reply_to = _TABLED + self._ack_ring().name.encode("ascii")

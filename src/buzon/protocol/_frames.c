@@ -523,6 +523,8 @@ typedef struct {
     int hot_async;      /* bind(): receipt_send and box_send may take the hot path (cleared
                          * by close) */
     int hot_recv;       /* bind(): box_recv may take the hot path (policy "any", open) */
+    int tabled;         /* bind(): receipt_send may ask for the table (REPLY_TO "#": the
+                         * mailbox's label says every receiver knows it) */
 } MailboxCore;
 
 static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
@@ -851,8 +853,8 @@ core_bind(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
     /* bind(box, hot) | bind(None, False): receipt_send's mailbox (weakly) and whether it
      * may take the hot path */
-    if (nargs != 2 && nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "bind(box, hot, hot_recv=False)");
+    if (nargs < 2 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "bind(box, hot, hot_recv=False, tabled)");
         return NULL;
     }
     int hot = PyObject_IsTrue(args[1]);
@@ -867,10 +869,15 @@ core_bind(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
         Py_XSETREF(c->box_ref, ref);
     }
     c->hot_async = hot;
-    c->hot_recv = 0;
-    if (nargs == 3 && (c->hot_recv = PyObject_IsTrue(args[2])) < 0) {
-        c->hot_recv = 0;
-        return NULL;
+    int flags[2] = {0, 0}; /* hot_recv, tabled */
+    for (Py_ssize_t k = 2; k < nargs; k++) {
+        if ((flags[k - 2] = PyObject_IsTrue(args[k])) < 0) {
+            return NULL;
+        }
+    }
+    c->hot_recv = flags[0];
+    if (nargs == 4) {
+        c->tabled = flags[1];
     }
     Py_RETURN_NONE;
 }
@@ -1029,7 +1036,8 @@ core_receipt_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs, PyObj
     }
     Py_INCREF(box);
     int general = 1; /* 1: the general way from the start, 2: not a common record */
-    if (c->hot_async && c->reply_name != NULL && c->acks != NULL && c->acks_pid == cached_pid) {
+    if (c->hot_async && c->tabled && c->reply_name != NULL && c->acks != NULL &&
+        c->acks_pid == cached_pid) {
         PyObject *r = send_receipted(c, obj, timeout, c->reply_name, box);
         if (r != NULL && r != Py_None) {
             Py_DECREF(box);
@@ -1845,8 +1853,10 @@ static PyMethodDef core_methods[] = {
      "receipt record whose receiver acknowledges to reply_to, and its receipt; None: "
      "nothing sent (not a common record), the general way."},
     {"bind", (PyCFunction)(void (*)(void))core_bind, METH_FASTCALL,
-     "bind(box, hot): receipt_send's Mailbox (a weak reference; None keeps it) and whether "
-     "it may take the hot path (a plain mailbox that is open)."},
+     "bind(box, hot, hot_recv=False, tabled=<kept>): receipt_send's, box_send's and "
+     "box_recv's Mailbox (a weak reference; None keeps it), whether send_async and send may "
+     "take the hot path (a plain mailbox that is open), whether recv may (an open \"any\" "
+     "mailbox of frames), and whether send_async may ask for the acknowledgement table."},
     {"box_send", (PyCFunction)(void (*)(void))core_box_send, METH_FASTCALL | METH_KEYWORDS,
      "box_send(obj, timeout=None): the bound Mailbox's send in one call (a common record); "
      "else its general way."},
