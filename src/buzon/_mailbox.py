@@ -187,6 +187,7 @@ _ACK_RING = 64 * 1024
 # keeps it longer, and the acknowledgement was lost); then it is dropped and counted
 _ACK_WAIT = 0.05
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
+_BC_SETTLE = 0.02  # how often a broadcast receipt's wait looks for copies lost
 _MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read (MAX_ACKS in C)
 # send_async's hot path: REPLY_TO "#" + the ack ring's name asks the receiver to write
 # the acknowledgement into the sender's table, the Block named ring + _TABLE_SUFFIX
@@ -327,31 +328,55 @@ def _ring_size(records: int, record: int) -> int:
     return cap
 
 
+def _settled(receipt: MailboxReceipt) -> bool:
+    return len(receipt._receivers) + receipt.lost >= receipt.expected
+
+
 def _receipt_done(receipt: MailboxReceipt) -> bool:
     """``MailboxReceipt.done()`` the general way (its C hot path could not say): read
-    the acknowledgements that already arrived, never wait."""
-    while len(receipt._receivers) < receipt.expected:
-        who = receipt._box._ack_of(receipt.id, 0.0)
+    the acknowledgements that already arrived (broadcast: and the copies lost), never
+    wait."""
+    box = receipt._box
+    while not _settled(receipt):
+        who = box._ack_of(receipt.id, 0.0)
         if who is None:
+            if box._bc is not None:
+                box._bc_settle(receipt)  # (sets receipt.lost)
             break
         receipt._receivers += (who,)
-    return len(receipt._receivers) >= receipt.expected
+    return _settled(receipt)
 
 
 def _receipt_wait(receipt: MailboxReceipt, timeout: float | None) -> PeerInfo:
-    """``MailboxReceipt.wait(timeout)`` the general way (see :class:`MailboxReceipt`)."""
+    """``MailboxReceipt.wait(timeout)`` the general way (see :class:`MailboxReceipt`).
+    A broadcast receipt also looks, every ``_BC_SETTLE`` seconds, for copies lost (no
+    acknowledgement comes for those)."""
     if receipt.expected == 0:
         raise Undelivered(f"message {receipt.id} went to no receiver (none was attached)")
+    box = receipt._box
     deadline = None if timeout is None else time.monotonic() + timeout
-    while len(receipt._receivers) < receipt.expected:
+    while not _settled(receipt):
+        if box._bc is not None and box._bc_settle(receipt):
+            break
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        who = receipt._box._ack_of(receipt.id, left)
+        step = left
+        if box._bc is not None and receipt.id in box._bc_sent:
+            step = _BC_SETTLE if left is None else min(left, _BC_SETTLE)
+        who = box._ack_of(receipt.id, step)
         if who is None:
+            if step != left:
+                continue  # (a slice, not the deadline)
             raise Timeout(
                 f"message {receipt.id} was not taken within {timeout} s "
                 f"({len(receipt._receivers)} of {receipt.expected} receivers took it)"
             )
         receipt._receivers += (who,)
+    if not receipt._receivers:
+        raise Undelivered(
+            f"message {receipt.id} was lost by each of the {receipt.expected} receivers it "
+            "went to (their backlogs dropped it, the overflow rule, or they closed or died "
+            "before taking it)"
+        )
     return receipt._receivers[0]
 
 
@@ -423,6 +448,9 @@ class Mailbox:
         self._acks_fd = -1  # the sender's description of its ack ring: withdrawal locks
         self._acktab: _core.Block | None = None  # its acknowledgement table (hot path)
         self._acked: dict[int, list[PeerInfo]] = {}  # oldest first (the C table too)
+        # broadcast receipts not settled yet: message id -> (its message number in the
+        # broadcast ring, the (entry, pid, start) of each receiver it went to)
+        self._bc_sent: dict[int, tuple[int, list[tuple[int, int, int]]]] = {}
         # acknowledgement rings we write to, by REPLY_TO: (ring, withdrawal fd or -1,
         # the sender's table or None)
         self._reply_rings: OrderedDict[str, tuple[_core.Ring, int, _core.Block | None]] = (
@@ -790,10 +818,15 @@ class Mailbox:
 
     def _bc_general(self, data: bytes, timeout: float | None) -> Any:
         """The object of a broadcast record that is not a common one (out of line,
-        receipt, other codecs): the general way."""
-        if data[:4] == _OOL:
-            data = self._fetch(data, timeout)
-        return self._decode(data)[0]
+        receipt, other codecs): the general way; then the cursor moves past it
+        (``Bcast.commit``: after a receipt's acknowledgement, see ``_bc_settle``)."""
+        try:
+            if data[:4] == _OOL:
+                data = self._fetch(data, timeout)
+            return self._decode(data)[0]
+        finally:
+            if self._bc is not None:
+                self._bc.ring.commit()
 
     def _rx(self) -> _core.Ring:
         """The ring this object receives from: the mailbox's, or its own backlog
@@ -964,17 +997,52 @@ class Mailbox:
         bc = self._bc
         assert bc is not None
         reply_to = self._ack_ring().name if receipt else None
-        receivers = bc.receivers() if receipt else 0
+        entries = bc.receiver_entries() if receipt else []
         record = self._record(self._encode(obj, message_id, reply_to), bc.payload)
         try:
-            bc.put(record)
+            n = bc.put(record)
+            if receipt:  # whom it went to, and where: for copies lost (_bc_settle)
+                sent = self._bc_sent
+                sent[message_id] = (n, entries)
+                if len(sent) > _MAX_ACKS:
+                    del sent[next(iter(sent))]  # (that receipt then waits for acks only)
         except EndOfChannel:
             self._drop_record(record)
             raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
         except BaseException:
             self._drop_record(record)
             raise
-        return message_id, receivers  # (counted by the ring: Bcast.sent)
+        return message_id, len(entries)  # (counted by the ring: Bcast.sent)
+
+    def _bc_settle(self, receipt: MailboxReceipt) -> bool:
+        """A broadcast receipt: True once every receiver its message went to took it or
+        lost it (``receipt.lost`` counts those: their backlog dropped it, or they closed
+        or died first). A receiver's cursor passes a receipt record only after its
+        acknowledgement was written (``Bcast.commit``), so a receiver past the message
+        whose acknowledgement is not here lost it."""
+        sent = self._bc_sent.get(receipt.id)
+        if sent is None or self._bc is None or self._closed:
+            return False  # (sent through another object, or long ago: acks only)
+        settled = self._bc.lost_copies(*sent)
+        while (who := self._ack_of(receipt.id, 0.0)) is not None:  # after the cursors
+            receipt._receivers += (who,)
+        took: dict[int, int] = {}
+        for peer in receipt._receivers:
+            pid = peer.pid or 0
+            took[pid] = took.get(pid, 0) + 1
+        lost = waiting = 0
+        for pid, done in settled:
+            if took.get(pid, 0) > 0:
+                took[pid] -= 1
+            elif done:
+                lost += 1
+            else:
+                waiting += 1
+        receipt.lost = lost
+        if waiting:
+            return False
+        del self._bc_sent[receipt.id]
+        return True
 
     def send_async(self, obj: Any, timeout: float | None = None) -> MailboxReceipt:
         """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
@@ -1175,9 +1243,9 @@ class Mailbox:
         if bc is not None:  # the shared broadcast ring, at this receiver's cursor
             entry = self._bc_entry()
             if timeout == 0.0:
-                data = bc.ring.take(entry, 0.0)
+                data = bc.ring.take(entry, 0.0, True)  # (committed by _next)
             else:
-                data = bc.ring.take(entry, left if left is None else max(left, 1e-9))
+                data = bc.ring.take(entry, left if left is None else max(left, 1e-9), True)
             return data if data[:4] != _OOL else self._fetch(data, timeout)
         ring = self._rx()
         if timeout == 0.0:
@@ -1303,6 +1371,9 @@ class Mailbox:
             except _Withdrawn:
                 if deadline is not None:  # (a positive wait: Timeout, not Empty)
                     timeout = max(1e-6, deadline - time.monotonic())
+            finally:
+                if self._bc is not None:  # past it: acknowledged (see _bc_general)
+                    self._bc.ring.commit()
 
     def recv_nowait(self) -> Any:
         """Take the next message's object or raise ``Empty``."""

@@ -212,27 +212,47 @@ class Shared:
 
     def receivers(self) -> int:
         """How many receivers are attached now (dead ones found are retired)."""
+        return len(self.receiver_entries())
+
+    def receiver_entries(self) -> list[tuple[int, int, int]]:
+        """(entry, pid, start) of each receiver attached now (dead ones found are
+        retired): whom a receipt's message goes to."""
         self._forked()
-        n = 0
+        out = []
         for i in range(MAX_RECEIVERS):
             if not self.ring.entry(i)[0]:
                 continue
             if i == self.entry or _held(self.fd, i):
-                n += 1
+                state, pid, start, _cursor = self.ring.cursor(i)
+                if state:
+                    out.append((i, pid, start))
             elif _lock(self.fd, fcntl.F_WRLCK, i):  # dead: retired by whoever locks it
                 try:
                     self._retire(i)
                 finally:
                     _lock(self.fd, fcntl.F_UNLCK, i)
-        return n
+        return out
 
-    def put(self, record: list[Any]) -> None:
+    def put(self, record: list[Any]) -> int:
         """Write a record the general way built (a whole frame, or an out-of-line
-        reference); a reused slot's out-of-line block is unlinked."""
+        reference); its message number. A reused slot's out-of-line block is unlinked."""
         data = b"".join(bytes(p) if type(p) is not bytes else p for p in record)
-        old = self.ring.put(data, data[:4] == _OOL)
+        n, old = self.ring.put(data, data[:4] == _OOL, True)
         if old is not None:
             _unlink_ool(old)
+        return n
+
+    def lost_copies(self, n: int, entries: list[tuple[int, int, int]]) -> list[tuple[int, bool]]:
+        """For each receiver entry ``(entry, pid, start)`` that message ``n`` went to:
+        ``(pid, settled)``, settled once the receiver is past message ``n`` (took it,
+        its acknowledgement then written already, or lost it) or gone (closed, dead:
+        its entry free or another receiver's)."""
+        out = []
+        for i, pid, start in entries:
+            state, now_pid, now_start, cursor = self.ring.cursor(i)
+            gone = state != 1 or now_pid != pid or now_start != start
+            out.append((pid, gone or cursor > n))
+        return out
 
     def dropped(self) -> int:
         """Messages the mailbox's receivers lost to the overflow rule (those attached

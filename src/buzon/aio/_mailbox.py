@@ -108,6 +108,8 @@ class AioMailboxReceipt:
             if _timed_out(deadline):
                 raise Timeout(f"receipt of message {self.id} timed out")
             await _wake(box, [box.fileno()], [], deadline)
+        if self._sync.receiver is None:  # broadcast: every copy was lost
+            self._sync.wait(0)  # Undelivered
         assert self._sync.receiver is not None
         return self._sync.receiver
 

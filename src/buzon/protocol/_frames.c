@@ -546,6 +546,8 @@ typedef struct {
     PyObject *core;      /* box._core, or NULL until first needed */
     unsigned long long id;
     Py_ssize_t expected; /* receivers it went to (broadcast: several; 0: none) */
+    Py_ssize_t lost;     /* broadcast: copies a receiver lost (its backlog dropped it, or it
+                          * closed or died before taking it), found by _mailbox */
 } Receipt;
 
 static PyTypeObject ReceiptType;
@@ -564,6 +566,7 @@ new_receipt(PyObject *box, unsigned long long id, Py_ssize_t expected, PyObject 
     r->core = Py_XNewRef(core);
     r->id = id;
     r->expected = expected;
+    r->lost = 0;
     return r;
 }
 
@@ -2046,7 +2049,7 @@ rc_known(Receipt *r)
         Py_RETURN_NONE;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(r->receivers);
-    if (r->expected > 0 && n >= r->expected) {
+    if (r->expected > 0 && n > 0 && n + r->lost >= r->expected) {
         return Py_NewRef(PyTuple_GET_ITEM(r->receivers, 0));
     }
     if (r->expected != 1 || n != 0) {
@@ -2202,6 +2205,10 @@ static PyMemberDef rc_members[] = {
     {"_box", T_OBJECT, offsetof(Receipt, box), READONLY, "the mailbox it was sent through"},
     {"_receivers", T_OBJECT_EX, offsetof(Receipt, receivers), 0,
      "tuple of PeerInfo: who took it so far"},
+    {"lost", T_PYSSIZET, offsetof(Receipt, lost), 0,
+     "broadcast: how many of the receivers it went to lost their copy (their backlog "
+     "dropped it, the overflow rule, or they closed or died before taking it); the "
+     "receipt is done once len(receivers) + lost == expected"},
     {NULL, 0, 0, 0, NULL},
 };
 
