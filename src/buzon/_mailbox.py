@@ -65,6 +65,16 @@ over: it waits on the wake-up FIFO, which the holder's close writes, and on a pi
 the holder's process (:meth:`Mailbox._holder_pidfd`), readable once it died. Messages
 stay in the ring meanwhile: nothing the holder had not taken is lost.
 
+Versions: a mailbox made now ends its label in ``tables`` (:data:`_TABLES`); only
+there does ``send_async`` use the ``"#"`` table path, which older receivers do not
+understand (they refuse to open such a mailbox).
+
+Broadcast receipts: the sender keeps, per receipt, the message's number in the
+broadcast ring and the receivers it went to (``_bc_sent``); a receiver's cursor passes
+a receipt record only after it acknowledged it (``Bcast.commit``), so a receiver past
+the message, or gone, without an acknowledgement lost its copy (``receipt.lost``,
+:meth:`Mailbox._bc_settle`).
+
 Policy ``"round_robin"``: each receiver has a ring of its own, listed in a receiver
 table; senders put each message into one of them (:mod:`buzon._mailbox_fan`). Policy
 ``"broadcast"``: one shared broadcast ring, each message written once and read by every
@@ -90,7 +100,10 @@ and put, or taken, checked and decoded, in one C call: ``send``, ``send_async``,
 hooks (codec msgpack: the same bytes the codec makes), so what only the codec's hooks
 know (numpy arrays and scalars) or refuse goes the general way, which says why. The
 receiver of a receipt record acknowledges it in C once the sender's acknowledgement
-ring is attached (the general way attaches it the first time). Message ids come from
+ring is attached (the general way attaches it the first time). Each plain object's own
+``send`` and ``recv`` are the core's ``box_send``/``box_recv`` (bound weakly, like
+``send_async``): no Python frame for a common record; the rest goes to the methods
+(``_send_py``/``_send_general``, ``_recv_py``/``_recv_rest``). Message ids come from
 the core's counter on both ways. The core also marks the wake-up FIFO's mtime (a
 send) and atime (a take) at most once a second: ``buzon ls`` reads them as last use.
 """

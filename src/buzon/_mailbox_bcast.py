@@ -13,6 +13,12 @@ oldest messages (drop-oldest; it counts them itself in its entry, and
 ``statistics()["dropped"]`` sums them over the mailbox's receivers). A send never
 waits, for room or for a receiver.
 
+A record a receiver hands to the general way (a receipt record, say) moves its
+cursor only when the general way is done with it (``Bcast.commit``, or the next
+receive): a receipt's acknowledgement is written before the cursor says the message
+was read, which is how a receipt's sender tells a copy lost from one on its way
+(``Shared.lost_copies``).
+
 A receiver attaches on its first receive (or ``buzon.wait``): it takes a free entry
 (one whose OFD write lock on byte ``entry`` of the segment it can take) and starts at
 the current head, so it gets every message sent after it attached. It holds that lock
