@@ -202,6 +202,7 @@ class Shared:
         """Leave (close): this receiver's counts join the totals, its entry is free."""
         if self.entry < 0 or self.pid != _PID[0]:
             return
+        self.ring.commit()  # (a record handed to the general way counts as taken)
         i, self.entry = self.entry, -1
         try:
             self._retire(i)

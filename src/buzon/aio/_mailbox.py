@@ -243,6 +243,9 @@ class AioMailbox:
             except _Withdrawn:
                 if deadline is not None:
                     timeout = max(1e-6, deadline - time.monotonic())
+            finally:
+                if self.sync._bc is not None:  # past it: acknowledged (_bc_general)
+                    self.sync._bc.ring.commit()
 
     async def _wait_hold(self, deadline: float | None) -> None:
         """Wait until the holder of an exclusive mailbox may have let go: its close
