@@ -55,7 +55,8 @@ sanitize: install
 		tests/mailbox/test_mailbox_policies.py tests/mailbox/test_mailbox_receipt_table.py \
 		tests/protocol/test_rpc_once_c.py \
 		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py \
-		tests/mailbox/test_bcast_ring.py \
+		tests/mailbox/test_bcast_ring.py tests/mailbox/test_bcast_receipt_lost.py \
+		tests/mailbox/test_mailbox_bound_io.py tests/mailbox/test_mailbox_version.py \
 		tests/test_rendezvous_stream_c.py tests/test_rendezvous_withdraw.py \
 		tests/test_small_writer_flow.py \
 		tests/test_recv_take.py

@@ -196,7 +196,26 @@ typedef struct {
     int mark_fd;     /* the same FIFO: its mtime/atime mark the last send/take (buzon ls) */
     uint64_t marked[2];
     unsigned long long next_id, sent, received, dropped, overwritten;
+    uint64_t last;   /* the message number of this object's last publish */
+    long pending;    /* the entry whose cursor moves past a record handed to the general
+                      * way only after it (commit): a receipt's acknowledgement is then
+                      * written before the cursor says the message was read; -1: none */
+    uint64_t pending_cursor;
 } Bcast;
+
+/* Move the pending entry's cursor past the record handed to the general way (see
+ * Bcast.pending): by commit(), or by the next receive, arm or close. */
+static void
+commit_pending(Bcast *b)
+{
+    if (b->pending >= 0) {
+        if (b->base != NULL) {
+            bc_entry *e = (bc_entry *)(b->base + RX_OFF + (size_t)b->pending * sizeof(bc_entry));
+            atomic_store_explicit(&e->cursor, b->pending_cursor, memory_order_release);
+        }
+        b->pending = -1;
+    }
+}
 
 static void unmap(Bcast *b);
 
@@ -381,6 +400,7 @@ publish(Bcast *b, const uint8_t *const *p, const size_t *n, int nparts, size_t t
     }
     atomic_store_explicit(&h->head, head + 1, memory_order_seq_cst);
     atomic_store_explicit(&h->lock, 0, memory_order_release);
+    b->last = head;
     /* one wake per sleep: the first sender to see the flag clears it (a receiver that
      * sleeps later sets it again; its futex_wait sees the new head and returns) */
     if (atomic_load_explicit(&h->waiters, memory_order_seq_cst) &&
@@ -487,8 +507,8 @@ bc_put(Bcast *b, PyObject *const *args, Py_ssize_t nargs)
 {
     /* put(record, out_of_line) -> None | bytes: a record the general way built (a whole
      * frame, or "\0OOL" + a block's name with out_of_line true), as send */
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "put(record, out_of_line)");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "put(record, out_of_line, numbered=False)");
         return NULL;
     }
     if (check_open(b) < 0) {
@@ -506,6 +526,11 @@ bc_put(Bcast *b, PyObject *const *args, Py_ssize_t nargs)
     size_t n[1] = {(size_t)view.len};
     PyObject *out = publish(b, p, n, 1, (size_t)view.len, ool ? F_OOL : 0);
     PyBuffer_Release(&view);
+    if (out != NULL && nargs == 3 && PyObject_IsTrue(args[2]) == 1) {
+        /* (message number, reused record): publish wrote message head - 1 under the
+         * lock, and nothing of ours ran since (the GIL is held) */
+        Py_SETREF(out, Py_BuildValue("(KN)", (unsigned long long)(b->last), out));
+    }
     return out;
 }
 
@@ -515,7 +540,7 @@ bc_put(Bcast *b, PyObject *const *args, Py_ssize_t nargs)
  * *flags), 0 nothing new, -1 the segment is corrupt (ProtocolError set). Messages lost
  * (lapped, or rewritten under the copy) are counted in e->dropped and skipped. */
 static int
-take_one(Bcast *b, bc_entry *e, uint32_t *lenp, uint32_t *flagsp)
+take_one(Bcast *b, bc_entry *e, uint32_t *lenp, uint32_t *flagsp, uint64_t *curp)
 {
     bc_header *h = b->h;
     for (;;) {
@@ -581,7 +606,7 @@ take_one(Bcast *b, bc_entry *e, uint32_t *lenp, uint32_t *flagsp)
             PyErr_SetString(err_protocol, "broadcast ring: a record longer than its slot");
             return -1;
         }
-        atomic_store_explicit(&e->cursor, c + 1, memory_order_release);
+        *curp = c; /* the caller moves the cursor past it (at once, or by commit) */
         *lenp = len;
         *flagsp = flags;
         return 1;
@@ -679,9 +704,11 @@ receive(Bcast *b, PyObject *ientry, PyObject *timeout, int decode, PyObject **ob
             (void)t;
         }
     }
+    commit_pending(b);
     uint32_t len = 0, flags = 0;
+    uint64_t cur = 0;
     for (;;) {
-        int got = take_one(b, e, &len, &flags);
+        int got = take_one(b, e, &len, &flags, &cur);
         if (got < 0) {
             return -1;
         }
@@ -704,7 +731,7 @@ receive(Bcast *b, PyObject *ientry, PyObject *timeout, int decode, PyObject **ob
             return -1;
         }
         if (w == 0) {
-            if ((got = take_one(b, e, &len, &flags)) != 0) { /* one last look */
+            if ((got = take_one(b, e, &len, &flags, &cur)) != 0) { /* one last look */
                 if (got < 0) {
                     return -1;
                 }
@@ -716,6 +743,10 @@ receive(Bcast *b, PyObject *ientry, PyObject *timeout, int decode, PyObject **ob
     }
     b->received++;
     mark_use(b, 0);
+    /* a record for the general way (it may be a receipt record, acknowledged there)
+     * moves the cursor on commit(); a common record at once */
+    b->pending = (long)i;
+    b->pending_cursor = cur + 1;
     const uint8_t *p = b->buf;
     if (decode && !(flags & F_OOL) && len >= MB_HEAD && p[0] == FR_VERSION &&
         p[1] == KIND_DATA && (p[2] & 0xF8) == FLAG_FIELDS && p[3] == 0 && p[8] == 30 &&
@@ -727,12 +758,14 @@ receive(Bcast *b, PyObject *ientry, PyObject *timeout, int decode, PyObject **ob
             return -1;
         }
         if (codec == 0) {
+            commit_pending(b);
             *obj = body;
             return 0;
         }
         if (codec == 1 && b->decode != NULL && b->decode != Py_None) {
             *obj = PyObject_CallOneArg(b->decode, body);
             if (*obj != NULL) {
+                commit_pending(b);
                 Py_DECREF(body);
                 return 0;
             }
@@ -832,16 +865,49 @@ bc_bind(Bcast *b, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 bc_take(Bcast *b, PyObject *const *args, Py_ssize_t nargs)
 {
-    /* take(entry, timeout) -> the next record (bytes), as recv waits */
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "take(entry, timeout)");
+    /* take(entry, timeout, deferred=False) -> the next record (bytes), as recv waits;
+     * deferred: the cursor moves past it on commit() (or the next receive), not now */
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "take(entry, timeout, deferred=False)");
+        return NULL;
+    }
+    int deferred = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (deferred < 0) {
         return NULL;
     }
     PyObject *obj, *rec;
     if (receive(b, args[0], args[1], 0, &obj, &rec) < 0) {
         return NULL;
     }
+    if (!deferred) {
+        commit_pending(b);
+    }
     return rec;
+}
+
+static PyObject *
+bc_commit(Bcast *b, PyObject *Py_UNUSED(ignored))
+{
+    /* commit(): the record last handed to the general way is read (see pending) */
+    commit_pending(b);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+bc_cursor(Bcast *b, PyObject *ientry)
+{
+    /* cursor(i) -> (state, pid, start, cursor) of entry i, as they are (a receipt's
+     * sender tells from them whether a receiver it counted is past its message) */
+    uint32_t i;
+    if (check_open(b) < 0 || entry_arg(b, ientry, &i) < 0) {
+        return NULL;
+    }
+    bc_entry *e = entry_at(b, i);
+    uint64_t c = atomic_load_explicit(&e->cursor, memory_order_acquire);
+    uint64_t start = atomic_load(&e->start);
+    uint32_t state = atomic_load(&e->state), pid = atomic_load(&e->pid);
+    return Py_BuildValue("(IIKK)", state, pid, (unsigned long long)start,
+                         (unsigned long long)c);
 }
 
 static PyObject *
@@ -853,6 +919,7 @@ bc_arm(Bcast *b, PyObject *ientry)
     if (check_open(b) < 0 || entry_arg(b, ientry, &i) < 0) {
         return NULL;
     }
+    commit_pending(b);
     bc_header *h = b->h;
     bc_entry *e = entry_at(b, i);
     if (atomic_load(&h->closed) || atomic_load(&e->cursor) != atomic_load(&h->head)) {
@@ -1020,6 +1087,7 @@ bc_close(Bcast *b, PyObject *Py_UNUSED(ignored))
 {
     /* close(): unmap, or, while other threads sleep in a receive, wake them (they raise
      * ChannelClosed) and let the last one unmap */
+    commit_pending(b);
     if (b->busy > 0 && b->base != NULL) {
         atomic_store(&b->closing, 1);
         syscall(SYS_futex, (uint32_t *)&b->h->head, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
@@ -1118,6 +1186,7 @@ bc_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     b->notify_fd = -1;
     b->mark_fd = -1;
     b->bound = -1;
+    b->pending = -1;
     if (b->buf == NULL) {
         Py_DECREF(b);
         return PyErr_NoMemory();
@@ -1162,7 +1231,12 @@ static PyMethodDef bc_methods[] = {
      "receiver (bytes: the out-of-line record whose slot it reused; False: not a common "
      "record, nothing sent)"},
     {"put", (PyCFunction)(void (*)(void))bc_put, METH_FASTCALL,
-     "put(record, out_of_line) -> None | bytes: a record the general way built, as send"},
+     "put(record, out_of_line, numbered=False) -> None | bytes: a record the general way "
+     "built, as send; numbered: (its message number, that)"},
+    {"commit", (PyCFunction)bc_commit, METH_NOARGS,
+     "commit(): the record last handed to the general way was read (its cursor moves)"},
+    {"cursor", (PyCFunction)bc_cursor, METH_O,
+     "cursor(i) -> (state, pid, start, cursor) of receiver entry i"},
     {"recv", (PyCFunction)(void (*)(void))bc_recv, METH_FASTCALL,
      "recv(entry, timeout) -> object | (record,): the next message of receiver entry"},
     {"next", (PyCFunction)(void (*)(void))bc_next, METH_FASTCALL | METH_KEYWORDS,
@@ -1170,7 +1244,8 @@ static PyMethodDef bc_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))bc_bind, METH_FASTCALL,
      "bind(entry, fallback, general) | bind(-1, None, None): what next() reads"},
     {"take", (PyCFunction)(void (*)(void))bc_take, METH_FASTCALL,
-     "take(entry, timeout) -> bytes: the next record of receiver entry"},
+     "take(entry, timeout, deferred=False) -> bytes: the next record of receiver entry "
+     "(deferred: its cursor moves on commit())"},
     {"arm", (PyCFunction)bc_arm, METH_O,
      "arm(entry) -> bool: a message is there, else the next send writes the notify fd"},
     {"attach", (PyCFunction)bc_attach, METH_O, "attach(entry): take entry, from the head on"},

@@ -65,6 +65,16 @@ over: it waits on the wake-up FIFO, which the holder's close writes, and on a pi
 the holder's process (:meth:`Mailbox._holder_pidfd`), readable once it died. Messages
 stay in the ring meanwhile: nothing the holder had not taken is lost.
 
+Versions: a mailbox made now ends its label in ``tables`` (:data:`_TABLES`); only
+there does ``send_async`` use the ``"#"`` table path, which older receivers do not
+understand (they refuse to open such a mailbox).
+
+Broadcast receipts: the sender keeps, per receipt, the message's number in the
+broadcast ring and the receivers it went to (``_bc_sent``); a receiver's cursor passes
+a receipt record only after it acknowledged it (``Bcast.commit``), so a receiver past
+the message, or gone, without an acknowledgement lost its copy (``receipt.lost``,
+:meth:`Mailbox._bc_settle`).
+
 Policy ``"round_robin"``: each receiver has a ring of its own, listed in a receiver
 table; senders put each message into one of them (:mod:`buzon._mailbox_fan`). Policy
 ``"broadcast"``: one shared broadcast ring, each message written once and read by every
@@ -90,7 +100,10 @@ and put, or taken, checked and decoded, in one C call: ``send``, ``send_async``,
 hooks (codec msgpack: the same bytes the codec makes), so what only the codec's hooks
 know (numpy arrays and scalars) or refuse goes the general way, which says why. The
 receiver of a receipt record acknowledges it in C once the sender's acknowledgement
-ring is attached (the general way attaches it the first time). Message ids come from
+ring is attached (the general way attaches it the first time). Each plain object's own
+``send`` and ``recv`` are the core's ``box_send``/``box_recv`` (bound weakly, like
+``send_async``): no Python frame for a common record; the rest goes to the methods
+(``_send_py``/``_send_general``, ``_recv_py``/``_recv_rest``). Message ids come from
 the core's counter on both ways. The core also marks the wake-up FIFO's mtime (a
 send) and atime (a take) at most once a second: ``buzon ls`` reads them as last use.
 """
@@ -168,6 +181,14 @@ DEFAULT_MAX_INLINE = 1024
 _SUFFIX = ".mbox"
 _LABEL = "mailbox"
 _RAW = "raw"  # the label's last word for a raw-bytes fixed-slot mailbox (BoundedBuffer)
+# The label's last word of any other mailbox made by this version: its receivers all
+# understand REPLY_TO "#" (_TABLED), so send_async may ask for the acknowledgement table.
+# Buzon before the tables (7d530d0) would take "#" + a ring's name for a ring it cannot
+# attach, drop the acknowledgement and leave the receipt waiting: it refuses to open a
+# mailbox labelled so (ProtocolError: the label is not a mailbox's), and in a mailbox
+# labelled without it (made by older buzon, whose receivers may be attached) send_async
+# names the acknowledgement ring itself, as older buzon does (docs/mailboxes.md).
+_TABLES = "tables"
 _SLOTS = 128  # participants (attached objects) per mailbox: the ring's maximum
 _RECEIPT_FLAG = 0x08  # frame flag bit 3: the sender asks for a receipt
 _OOL = b"\x00OOL"  # record prefix: the frame is in the block named after it
@@ -179,6 +200,7 @@ _ACK_RING = 64 * 1024
 # keeps it longer, and the acknowledgement was lost); then it is dropped and counted
 _ACK_WAIT = 0.05
 _MAX_ACK_RINGS = 64  # acknowledgement rings a receiver keeps attached
+_BC_SETTLE = 0.02  # how often a broadcast receipt's wait looks for copies lost
 _MAX_ACKS = 1 << 16  # acknowledgements a sender keeps for receipts not yet read (MAX_ACKS in C)
 # send_async's hot path: REPLY_TO "#" + the ack ring's name asks the receiver to write
 # the acknowledgement into the sender's table, the Block named ring + _TABLE_SUFFIX
@@ -281,14 +303,24 @@ def _peer(pid: int, uid: int) -> PeerInfo:
 
 
 def _label(policy: str, capacity: int | None, max_inline: int, raw: bool = False) -> str:
+    """A new mailbox ring's label: a raw one ends in ``raw``, any other in ``tables``
+    (see :data:`_TABLES`)."""
     cap = "none" if capacity is None else capacity
-    return f"{_LABEL} {policy} {cap} {max_inline}" + (" " + _RAW if raw else "")
+    return f"{_LABEL} {policy} {cap} {max_inline} " + (_RAW if raw else _TABLES)
+
+
+def _label_tabled(label: str) -> bool:
+    """Whether a mailbox ring's label says its receivers write acknowledgement tables
+    (the REPLY_TO ``"#"`` path; see :data:`_TABLES`)."""
+    return label.endswith(" " + _TABLES)
 
 
 def _parse_label(label: str) -> tuple[str, int | None, int, bool]:
-    """(policy, capacity, max_inline, raw) from a mailbox ring's label; ProtocolError
-    if it is not one."""
+    """(policy, capacity, max_inline, raw) from a mailbox ring's label (with or without
+    its last word ``tables``); ProtocolError if it is not one."""
     parts = label.split(" ")
+    if len(parts) == 5 and parts[4] == _TABLES:
+        parts.pop()
     try:
         raw = len(parts) == 5 and parts[4] == _RAW
         if len(parts) != 4 + raw or parts[0] != _LABEL or parts[1] not in POLICIES:
@@ -309,31 +341,55 @@ def _ring_size(records: int, record: int) -> int:
     return cap
 
 
+def _settled(receipt: MailboxReceipt) -> bool:
+    return len(receipt._receivers) + receipt.lost >= receipt.expected
+
+
 def _receipt_done(receipt: MailboxReceipt) -> bool:
     """``MailboxReceipt.done()`` the general way (its C hot path could not say): read
-    the acknowledgements that already arrived, never wait."""
-    while len(receipt._receivers) < receipt.expected:
-        who = receipt._box._ack_of(receipt.id, 0.0)
+    the acknowledgements that already arrived (broadcast: and the copies lost), never
+    wait."""
+    box = receipt._box
+    while not _settled(receipt):
+        who = box._ack_of(receipt.id, 0.0)
         if who is None:
+            if box._bc is not None:
+                box._bc_settle(receipt)  # (sets receipt.lost)
             break
         receipt._receivers += (who,)
-    return len(receipt._receivers) >= receipt.expected
+    return _settled(receipt)
 
 
 def _receipt_wait(receipt: MailboxReceipt, timeout: float | None) -> PeerInfo:
-    """``MailboxReceipt.wait(timeout)`` the general way (see :class:`MailboxReceipt`)."""
+    """``MailboxReceipt.wait(timeout)`` the general way (see :class:`MailboxReceipt`).
+    A broadcast receipt also looks, every ``_BC_SETTLE`` seconds, for copies lost (no
+    acknowledgement comes for those)."""
     if receipt.expected == 0:
         raise Undelivered(f"message {receipt.id} went to no receiver (none was attached)")
+    box = receipt._box
     deadline = None if timeout is None else time.monotonic() + timeout
-    while len(receipt._receivers) < receipt.expected:
+    while not _settled(receipt):
+        if box._bc is not None and box._bc_settle(receipt):
+            break
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        who = receipt._box._ack_of(receipt.id, left)
+        step = left
+        if box._bc is not None and receipt.id in box._bc_sent:
+            step = _BC_SETTLE if left is None else min(left, _BC_SETTLE)
+        who = box._ack_of(receipt.id, step)
         if who is None:
+            if step != left:
+                continue  # (a slice, not the deadline)
             raise Timeout(
                 f"message {receipt.id} was not taken within {timeout} s "
                 f"({len(receipt._receivers)} of {receipt.expected} receivers took it)"
             )
         receipt._receivers += (who,)
+    if not receipt._receivers:
+        raise Undelivered(
+            f"message {receipt.id} was lost by each of the {receipt.expected} receivers it "
+            "went to (their backlogs dropped it, the overflow rule, or they closed or died "
+            "before taking it)"
+        )
     return receipt._receivers[0]
 
 
@@ -392,7 +448,9 @@ class Mailbox:
     def _setup(self, ring: _core.Ring) -> None:
         self._ring = ring
         self._segment = ring.name
-        self.policy, self.capacity, self.max_inline, self._raw = _parse_label(ring.info()["label"])
+        label = ring.info()["label"]
+        self.policy, self.capacity, self.max_inline, self._raw = _parse_label(label)
+        self._tabled = _label_tabled(label)  # receipts may ask for the table (_TABLES)
         self._fixed = bool(ring.info()["record_size"])
         self._inline = ring.max_message
         self._local = threading.local()  # a codec per thread (codecs are not thread-safe)
@@ -403,6 +461,9 @@ class Mailbox:
         self._acks_fd = -1  # the sender's description of its ack ring: withdrawal locks
         self._acktab: _core.Block | None = None  # its acknowledgement table (hot path)
         self._acked: dict[int, list[PeerInfo]] = {}  # oldest first (the C table too)
+        # broadcast receipts not settled yet: message id -> (its message number in the
+        # broadcast ring, the (entry, pid, start) of each receiver it went to)
+        self._bc_sent: dict[int, tuple[int, list[tuple[int, int, int]]]] = {}
         # acknowledgement rings we write to, by REPLY_TO: (ring, withdrawal fd or -1,
         # the sender's table or None)
         self._reply_rings: OrderedDict[str, tuple[_core.Ring, int, _core.Block | None]] = (
@@ -446,10 +507,17 @@ class Mailbox:
         self._core.replies = {}  # acknowledgement rings by name, for the hot path's acks
         self._core.mark_fd = self._wake_fd  # last send/take, for buzon ls (describe)
         self._ack_name: tuple[int, bytes] = (0, b"")  # (pid, name) of our own ack ring
-        # send_async's hot path without a Python frame: the core's receipt_send, bound to
-        # this object (weakly) as its own send_async (the method is the general way)
-        self._core.bind(self, self._plain)
+        # send_async's, send's and recv's hot paths without a Python frame: the core's
+        # receipt_send, box_send and box_recv, bound to this object (weakly) as its own
+        # send_async, send and recv (the methods are the general way; close unbinds)
+        cls = type(self)
+        hot_recv = self._fast_recv and self._fan is None and not self._broadcast
+        self._core.bind(self, self._plain, hot_recv, self._tabled)
         vars(self)["send_async"] = self._core.receipt_send
+        if self._plain and cls.send is Mailbox.send:
+            vars(self)["send"] = self._core.box_send
+        if hot_recv and cls.recv is Mailbox.recv:
+            vars(self)["recv"] = self._core.box_recv
         self._counts = {
             "sent": 0,
             "received": 0,
@@ -763,10 +831,15 @@ class Mailbox:
 
     def _bc_general(self, data: bytes, timeout: float | None) -> Any:
         """The object of a broadcast record that is not a common one (out of line,
-        receipt, other codecs): the general way."""
-        if data[:4] == _OOL:
-            data = self._fetch(data, timeout)
-        return self._decode(data)[0]
+        receipt, other codecs): the general way; then the cursor moves past it
+        (``Bcast.commit``: after a receipt's acknowledgement, see ``_bc_settle``)."""
+        try:
+            if data[:4] == _OOL:
+                data = self._fetch(data, timeout)
+            return self._decode(data)[0]
+        finally:
+            if self._bc is not None:
+                self._bc.ring.commit()
 
     def _rx(self) -> _core.Ring:
         """The ring this object receives from: the mailbox's, or its own backlog
@@ -911,6 +984,12 @@ class Mailbox:
                 return
         self._send(obj, timeout, False, False)
 
+    _send_py = send  # the method, for the core's box_send (the object's own send)
+
+    def _send_general(self, obj: Any, timeout: float | None) -> None:
+        """:meth:`send` of what is not a common record (the core's box_send found so)."""
+        self._send(obj, timeout, False, False)
+
     def send_nowait(self, obj: Any) -> None:
         """Put ``obj`` into the mailbox or raise ``Full`` (capacity 0: if the one
         hand-over place is taken; it does not wait for a receiver)."""
@@ -931,17 +1010,52 @@ class Mailbox:
         bc = self._bc
         assert bc is not None
         reply_to = self._ack_ring().name if receipt else None
-        receivers = bc.receivers() if receipt else 0
+        entries = bc.receiver_entries() if receipt else []
         record = self._record(self._encode(obj, message_id, reply_to), bc.payload)
         try:
-            bc.put(record)
+            n = bc.put(record)
+            if receipt:  # whom it went to, and where: for copies lost (_bc_settle)
+                sent = self._bc_sent
+                sent[message_id] = (n, entries)
+                if len(sent) > _MAX_ACKS:
+                    del sent[next(iter(sent))]  # (that receipt then waits for acks only)
         except EndOfChannel:
             self._drop_record(record)
             raise NoSuchEndpoint(f"mailbox {self.name!r} was removed") from None
         except BaseException:
             self._drop_record(record)
             raise
-        return message_id, receivers  # (counted by the ring: Bcast.sent)
+        return message_id, len(entries)  # (counted by the ring: Bcast.sent)
+
+    def _bc_settle(self, receipt: MailboxReceipt) -> bool:
+        """A broadcast receipt: True once every receiver its message went to took it or
+        lost it (``receipt.lost`` counts those: their backlog dropped it, or they closed
+        or died first). A receiver's cursor passes a receipt record only after its
+        acknowledgement was written (``Bcast.commit``), so a receiver past the message
+        whose acknowledgement is not here lost it."""
+        sent = self._bc_sent.get(receipt.id)
+        if sent is None or self._bc is None or self._closed:
+            return False  # (sent through another object, or long ago: acks only)
+        settled = self._bc.lost_copies(*sent)
+        while (who := self._ack_of(receipt.id, 0.0)) is not None:  # after the cursors
+            receipt._receivers += (who,)
+        took: dict[int, int] = {}
+        for peer in receipt._receivers:
+            pid = peer.pid or 0
+            took[pid] = took.get(pid, 0) + 1
+        lost = waiting = 0
+        for pid, done in settled:
+            if took.get(pid, 0) > 0:
+                took[pid] -= 1
+            elif done:
+                lost += 1
+            else:
+                waiting += 1
+        receipt.lost = lost
+        if waiting:
+            return False
+        del self._bc_sent[receipt.id]
+        return True
 
     def send_async(self, obj: Any, timeout: float | None = None) -> MailboxReceipt:
         """Put ``obj`` into the mailbox (waiting for room like :meth:`send`, but
@@ -953,7 +1067,7 @@ class Mailbox:
     def _send_async(self, obj: Any, timeout: float | None, hot: bool) -> MailboxReceipt:
         """:meth:`send_async`; ``hot``: try the hot path (False: the core found that
         ``obj`` is no common record)."""
-        if hot and self._plain and not self._closed:  # a receipt record in one C call
+        if hot and self._plain and self._tabled and not self._closed:  # one C call
             pid, reply_to = self._ack_name
             if pid != _PID[0]:  # its receiver writes our table (see _TABLED)
                 reply_to = _TABLED + self._ack_ring().name.encode("ascii")
@@ -1142,9 +1256,9 @@ class Mailbox:
         if bc is not None:  # the shared broadcast ring, at this receiver's cursor
             entry = self._bc_entry()
             if timeout == 0.0:
-                data = bc.ring.take(entry, 0.0)
+                data = bc.ring.take(entry, 0.0, True)  # (committed by _next)
             else:
-                data = bc.ring.take(entry, left if left is None else max(left, 1e-9))
+                data = bc.ring.take(entry, left if left is None else max(left, 1e-9), True)
             return data if data[:4] != _OOL else self._fetch(data, timeout)
         ring = self._rx()
         if timeout == 0.0:
@@ -1244,16 +1358,22 @@ class Mailbox:
             got = self._core.recv(ring, timeout)
             if type(got) is not tuple:
                 return got
-            if len(got) == 2:  # a common record the codec decodes (or says why not)
-                return self._codec().decode(got[0], got[1], [])
-            data = got[0]
-            if data[:4] == _OOL:
-                data = self._fetch(data, timeout)
-            try:
-                return self._decode(data)[0]
-            except _Withdrawn:  # its sender gave up on it: the next one (full timeout)
-                pass
+            return self._recv_rest(got, timeout)
         return self._next(timeout)[0]
+
+    _recv_py = recv  # the method, for the core's box_recv (the object's own recv)
+
+    def _recv_rest(self, got: tuple[Any, ...], timeout: float | None) -> Any:
+        """The object of what the core's recv took but did not answer itself."""
+        if len(got) == 2:  # a common record the codec decodes (or says why not)
+            return self._codec().decode(got[0], got[1], [])
+        data = got[0]
+        if data[:4] == _OOL:
+            data = self._fetch(data, timeout)
+        try:
+            return self._decode(data)[0]
+        except _Withdrawn:  # its sender gave up on it: the next one (full timeout)
+            return self._next(timeout)[0]
 
     def _next(self, timeout: float | None) -> tuple[Any, int, int, int, int]:
         """The next message decoded (``_decode``), skipping withdrawn ones."""
@@ -1264,6 +1384,9 @@ class Mailbox:
             except _Withdrawn:
                 if deadline is not None:  # (a positive wait: Timeout, not Empty)
                     timeout = max(1e-6, deadline - time.monotonic())
+            finally:
+                if self._bc is not None:  # past it: acknowledged (see _bc_general)
+                    self._bc.ring.commit()
 
     def recv_nowait(self) -> Any:
         """Take the next message's object or raise ``Empty``."""

@@ -13,6 +13,12 @@ oldest messages (drop-oldest; it counts them itself in its entry, and
 ``statistics()["dropped"]`` sums them over the mailbox's receivers). A send never
 waits, for room or for a receiver.
 
+A record a receiver hands to the general way (a receipt record, say) moves its
+cursor only when the general way is done with it (``Bcast.commit``, or the next
+receive): a receipt's acknowledgement is written before the cursor says the message
+was read, which is how a receipt's sender tells a copy lost from one on its way
+(``Shared.lost_copies``).
+
 A receiver attaches on its first receive (or ``buzon.wait``): it takes a free entry
 (one whose OFD write lock on byte ``entry`` of the segment it can take) and starts at
 the current head, so it gets every message sent after it attached. It holds that lock
@@ -196,6 +202,7 @@ class Shared:
         """Leave (close): this receiver's counts join the totals, its entry is free."""
         if self.entry < 0 or self.pid != _PID[0]:
             return
+        self.ring.commit()  # (a record handed to the general way counts as taken)
         i, self.entry = self.entry, -1
         try:
             self._retire(i)
@@ -212,27 +219,47 @@ class Shared:
 
     def receivers(self) -> int:
         """How many receivers are attached now (dead ones found are retired)."""
+        return len(self.receiver_entries())
+
+    def receiver_entries(self) -> list[tuple[int, int, int]]:
+        """(entry, pid, start) of each receiver attached now (dead ones found are
+        retired): whom a receipt's message goes to."""
         self._forked()
-        n = 0
+        out = []
         for i in range(MAX_RECEIVERS):
             if not self.ring.entry(i)[0]:
                 continue
             if i == self.entry or _held(self.fd, i):
-                n += 1
+                state, pid, start, _cursor = self.ring.cursor(i)
+                if state:
+                    out.append((i, pid, start))
             elif _lock(self.fd, fcntl.F_WRLCK, i):  # dead: retired by whoever locks it
                 try:
                     self._retire(i)
                 finally:
                     _lock(self.fd, fcntl.F_UNLCK, i)
-        return n
+        return out
 
-    def put(self, record: list[Any]) -> None:
+    def put(self, record: list[Any]) -> int:
         """Write a record the general way built (a whole frame, or an out-of-line
-        reference); a reused slot's out-of-line block is unlinked."""
+        reference); its message number. A reused slot's out-of-line block is unlinked."""
         data = b"".join(bytes(p) if type(p) is not bytes else p for p in record)
-        old = self.ring.put(data, data[:4] == _OOL)
+        n, old = self.ring.put(data, data[:4] == _OOL, True)
         if old is not None:
             _unlink_ool(old)
+        return n
+
+    def lost_copies(self, n: int, entries: list[tuple[int, int, int]]) -> list[tuple[int, bool]]:
+        """For each receiver entry ``(entry, pid, start)`` that message ``n`` went to:
+        ``(pid, settled)``, settled once the receiver is past message ``n`` (took it,
+        its acknowledgement then written already, or lost it) or gone (closed, dead:
+        its entry free or another receiver's)."""
+        out = []
+        for i, pid, start in entries:
+            state, now_pid, now_start, cursor = self.ring.cursor(i)
+            gone = state != 1 or now_pid != pid or now_start != start
+            out.append((pid, gone or cursor > n))
+        return out
 
     def dropped(self) -> int:
         """Messages the mailbox's receivers lost to the overflow rule (those attached

@@ -120,6 +120,7 @@ def test_the_ring_keeps_the_models_rule(limit: int, ops: list[tuple[str, object]
                     else:
                         assert ring.take(arg, 0) == want
                     state, _pid, reached, taken, dropped, depth = ring.entry(arg)
+                    assert ring.cursor(arg)[3] == model.cursor[arg]  # (taken at once)
                     assert (state, dropped) == (1, model.dropped[arg])
                     assert depth == min(limit, len(model.log) - model.cursor[arg])
                     assert reached - taken - dropped == len(model.log) - model.cursor[arg]
@@ -475,3 +476,51 @@ def test_ls_names_the_broadcast_ring(capsys: pytest.CaptureFixture[str]) -> None
         assert "shm-unknown" not in out
     finally:
         tx.remove()
+
+
+@settings(max_examples=100, deadline=None)
+@given(limit=st.sampled_from([1, 2, 3, 5, 8]), ops=_ops)
+def test_a_deferred_take_moves_the_cursor_only_on_commit(
+    limit: int, ops: list[tuple[str, object]]
+) -> None:
+    """take(entry, t, True) leaves the cursor on the record until commit() (or the
+    next take), so a receipt's acknowledgement is written before its receiver's
+    cursor says the message was read; put(..., True) numbers each message."""
+    path = f"/dev/shm/buzon-test-bcast-d-{os.getpid()}"
+    _make(path, limit)
+    try:
+        ring = _open(path)
+        model = Model(limit)
+        try:
+            for op, arg in ops:
+                if op == "put":
+                    assert isinstance(arg, bytes)
+                    model.put(arg)
+                    assert ring.put(arg, False, True) == (len(model.log) - 1, None)
+                elif op == "attach":
+                    assert isinstance(arg, int)
+                    ring.commit()
+                    model.attach(arg)
+                    ring.attach(arg)
+                else:
+                    assert isinstance(arg, int)
+                    if arg not in model.cursor:
+                        continue
+                    before = model.cursor[arg]
+                    want = model.take(arg)
+                    if want is None:
+                        with pytest.raises(Empty):
+                            ring.take(arg, 0, True)
+                        continue
+                    assert ring.take(arg, 0, True) == want
+                    state, pid, start, cursor = ring.cursor(arg)
+                    # the record's own position (a lap moved the cursor up to it)
+                    assert (state, pid) == (1, os.getpid())
+                    assert max(before, len(model.log) - limit) == cursor == model.cursor[arg] - 1
+                    ring.commit()
+                    assert ring.cursor(arg)[3] == model.cursor[arg]
+                    assert start <= cursor
+        finally:
+            ring.close()
+    finally:
+        os.unlink(path)

@@ -108,6 +108,8 @@ class AioMailboxReceipt:
             if _timed_out(deadline):
                 raise Timeout(f"receipt of message {self.id} timed out")
             await _wake(box, [box.fileno()], [], deadline)
+        if self._sync.receiver is None:  # broadcast: every copy was lost
+            self._sync.wait(0)  # Undelivered
         assert self._sync.receiver is not None
         return self._sync.receiver
 
@@ -241,6 +243,9 @@ class AioMailbox:
             except _Withdrawn:
                 if deadline is not None:
                     timeout = max(1e-6, deadline - time.monotonic())
+            finally:
+                if self.sync._bc is not None:  # past it: acknowledged (_bc_general)
+                    self.sync._bc.ring.commit()
 
     async def _wait_hold(self, deadline: float | None) -> None:
         """Wait until the holder of an exclusive mailbox may have let go: its close

@@ -520,7 +520,11 @@ typedef struct {
     Py_buffer acktab;   /* set_acks: our acknowledgement table (see below), or .obj NULL */
     PyObject *reply_name; /* set_acks: b"#" + our ring's name (send_async's REPLY_TO) */
     PyObject *box_ref;  /* bind(): a weak reference to the Mailbox, for receipt_send */
-    int hot_async;      /* bind(): receipt_send may take the hot path (cleared by close) */
+    int hot_async;      /* bind(): receipt_send and box_send may take the hot path (cleared
+                         * by close) */
+    int hot_recv;       /* bind(): box_recv may take the hot path (policy "any", open) */
+    int tabled;         /* bind(): receipt_send may ask for the table (REPLY_TO "#": the
+                         * mailbox's label says every receiver knows it) */
 } MailboxCore;
 
 static PyObject *core_peer(MailboxCore *c, uint32_t pid, uint32_t uid);
@@ -542,6 +546,8 @@ typedef struct {
     PyObject *core;      /* box._core, or NULL until first needed */
     unsigned long long id;
     Py_ssize_t expected; /* receivers it went to (broadcast: several; 0: none) */
+    Py_ssize_t lost;     /* broadcast: copies a receiver lost (its backlog dropped it, or it
+                          * closed or died before taking it), found by _mailbox */
 } Receipt;
 
 static PyTypeObject ReceiptType;
@@ -560,6 +566,7 @@ new_receipt(PyObject *box, unsigned long long id, Py_ssize_t expected, PyObject 
     r->core = Py_XNewRef(core);
     r->id = id;
     r->expected = expected;
+    r->lost = 0;
     return r;
 }
 
@@ -849,8 +856,8 @@ core_bind(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
     /* bind(box, hot) | bind(None, False): receipt_send's mailbox (weakly) and whether it
      * may take the hot path */
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "bind(box, hot)");
+    if (nargs < 2 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "bind(box, hot, hot_recv=False, tabled)");
         return NULL;
     }
     int hot = PyObject_IsTrue(args[1]);
@@ -865,7 +872,150 @@ core_bind(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
         Py_XSETREF(c->box_ref, ref);
     }
     c->hot_async = hot;
+    int flags[2] = {0, 0}; /* hot_recv, tabled */
+    for (Py_ssize_t k = 2; k < nargs; k++) {
+        if ((flags[k - 2] = PyObject_IsTrue(args[k])) < 0) {
+            return NULL;
+        }
+    }
+    c->hot_recv = flags[0];
+    if (nargs == 4) {
+        c->tabled = flags[1];
+    }
     Py_RETURN_NONE;
+}
+
+/* The bound Mailbox (a new reference), or NULL with ReferenceError. */
+static PyObject *
+bound_box(MailboxCore *c, const char *what)
+{
+    PyObject *box = c->box_ref == NULL ? NULL : PyWeakref_GetObject(c->box_ref);
+    if (box == NULL || box == Py_None) {
+        PyErr_Format(PyExc_ReferenceError, "%s: the mailbox object is gone", what);
+        return NULL;
+    }
+    return Py_NewRef(box);
+}
+
+/* (obj, timeout=None) of a bound method; 0, or -1 with TypeError. */
+static int
+obj_timeout_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int nobj,
+                 const char *usage, PyObject **obj, PyObject **timeout)
+{
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs < nobj || nargs + nkw > nobj + 1 ||
+        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout"))) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    *obj = nobj ? args[0] : NULL;
+    *timeout = nargs + nkw == nobj + 1 ? args[nobj] : Py_None;
+    return 0;
+}
+
+/* box.name(args...) */
+static PyObject *
+call_box(PyObject *box, const char *name, PyObject *a, PyObject *b, PyObject *c3, int n)
+{
+    PyObject *call[4] = {box, a, b, c3};
+    PyObject *meth = PyUnicode_InternFromString(name);
+    PyObject *out = meth == NULL ? NULL : PyObject_VectorcallMethod(meth, call, (size_t)n + 1, NULL);
+    Py_XDECREF(meth);
+    return out;
+}
+
+enum take_answer { AS_OBJECT, AS_MESSAGE, AS_OBJECT_FROM };
+static PyObject *take_as(MailboxCore *c, PyObject *ring, PyObject *timeout,
+                         enum take_answer as, unsigned long pid);
+
+static PyObject *
+core_box_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    /* box_send(obj, timeout=None): the bound Mailbox's send without a Python frame (each
+     * plain Mailbox has it as its own send): a common record in one call; else the box's
+     * _send_general(obj, timeout) (not a common record) or _send_py (the method: closed,
+     * or no hot path); Full and the end of the ring become the mailbox's errors
+     * through its _send_async_failed, as in send_async */
+    PyObject *obj, *timeout;
+    if (obj_timeout_args(args, nargs, kwnames, 1, "send(obj, timeout=None)", &obj, &timeout) <
+        0) {
+        return NULL;
+    }
+    PyObject *box = bound_box(c, "send");
+    if (box == NULL) {
+        return NULL;
+    }
+    PyObject *out;
+    if (c->hot_async) {
+        uint64_t mid;
+        int rc = core_put(c, obj, timeout, NULL, &mid);
+        if (rc == 1) {
+            Py_DECREF(box);
+            Py_RETURN_NONE;
+        }
+        if (rc < 0) {
+            PyObject *type, *exc, *tb;
+            PyErr_Fetch(&type, &exc, &tb);
+            PyErr_NormalizeException(&type, &exc, &tb);
+            if (tb != NULL && exc != NULL) {
+                PyException_SetTraceback(exc, tb);
+            }
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            out = exc == NULL ? NULL : call_box(box, "_send_async_failed", exc, NULL, NULL, 1);
+            Py_XDECREF(exc);
+            Py_DECREF(box);
+            return out;
+        }
+        out = call_box(box, "_send_general", obj, timeout, NULL, 2);
+    }
+    else {
+        out = call_box(box, "_send_py", obj, timeout, NULL, 2);
+    }
+    Py_DECREF(box);
+    return out;
+}
+
+static PyObject *
+core_box_recv(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    /* box_recv(timeout=None): the bound Mailbox's recv without a Python frame (each open
+     * "any" mailbox of frames has it as its own recv): a common record taken and decoded
+     * in one call; what else the ring gives, the box's _recv_rest(got, timeout); a
+     * closed box, a timeout <= 0 or no hot path, its _recv_py(timeout) (the method) */
+    PyObject *unused, *timeout;
+    if (obj_timeout_args(args, nargs, kwnames, 0, "recv(timeout=None)", &unused, &timeout) < 0) {
+        return NULL;
+    }
+    int hot = c->hot_recv;
+    if (hot && timeout != Py_None) {
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear(); /* the method says what is wrong with it */
+            hot = 0;
+        }
+        else if (!(t > 0)) {
+            hot = 0;
+        }
+    }
+    if (hot) {
+        PyObject *got = take_as(c, c->ring, timeout, AS_OBJECT, 0);
+        if (got == NULL || !PyTuple_CheckExact(got)) {
+            return got;
+        }
+        PyObject *box = bound_box(c, "recv");
+        PyObject *out = box == NULL ? NULL : call_box(box, "_recv_rest", got, timeout, NULL, 2);
+        Py_XDECREF(box);
+        Py_DECREF(got);
+        return out;
+    }
+    PyObject *box = bound_box(c, "recv");
+    if (box == NULL) {
+        return NULL;
+    }
+    PyObject *out = call_box(box, "_recv_py", timeout, NULL, NULL, 1);
+    Py_DECREF(box);
+    return out;
 }
 
 static PyObject *
@@ -889,7 +1039,8 @@ core_receipt_send(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs, PyObj
     }
     Py_INCREF(box);
     int general = 1; /* 1: the general way from the start, 2: not a common record */
-    if (c->hot_async && c->reply_name != NULL && c->acks != NULL && c->acks_pid == cached_pid) {
+    if (c->hot_async && c->tabled && c->reply_name != NULL && c->acks != NULL &&
+        c->acks_pid == cached_pid) {
         PyObject *r = send_receipted(c, obj, timeout, c->reply_name, box);
         if (r != NULL && r != Py_None) {
             Py_DECREF(box);
@@ -1554,7 +1705,6 @@ core_set_message(MailboxCore *c, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-enum take_answer { AS_OBJECT, AS_MESSAGE, AS_OBJECT_FROM };
 
 /* recv, recv_message and recv_from: the next record of ring, taken (take_message) and
  * answered as the method says; (record,) for the general way. */
@@ -1706,8 +1856,16 @@ static PyMethodDef core_methods[] = {
      "receipt record whose receiver acknowledges to reply_to, and its receipt; None: "
      "nothing sent (not a common record), the general way."},
     {"bind", (PyCFunction)(void (*)(void))core_bind, METH_FASTCALL,
-     "bind(box, hot): receipt_send's Mailbox (a weak reference; None keeps it) and whether "
-     "it may take the hot path (a plain mailbox that is open)."},
+     "bind(box, hot, hot_recv=False, tabled=<kept>): receipt_send's, box_send's and "
+     "box_recv's Mailbox (a weak reference; None keeps it), whether send_async and send may "
+     "take the hot path (a plain mailbox that is open), whether recv may (an open \"any\" "
+     "mailbox of frames), and whether send_async may ask for the acknowledgement table."},
+    {"box_send", (PyCFunction)(void (*)(void))core_box_send, METH_FASTCALL | METH_KEYWORDS,
+     "box_send(obj, timeout=None): the bound Mailbox's send in one call (a common record); "
+     "else its general way."},
+    {"box_recv", (PyCFunction)(void (*)(void))core_box_recv, METH_FASTCALL | METH_KEYWORDS,
+     "box_recv(timeout=None): the bound Mailbox's recv in one call (a common record); else "
+     "its general way."},
     {"receipt_send", (PyCFunction)(void (*)(void))core_receipt_send,
      METH_FASTCALL | METH_KEYWORDS,
      "receipt_send(obj, timeout=None) -> MailboxReceipt: the bound Mailbox's send_async "
@@ -1891,7 +2049,7 @@ rc_known(Receipt *r)
         Py_RETURN_NONE;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(r->receivers);
-    if (r->expected > 0 && n >= r->expected) {
+    if (r->expected > 0 && n > 0 && n + r->lost >= r->expected) {
         return Py_NewRef(PyTuple_GET_ITEM(r->receivers, 0));
     }
     if (r->expected != 1 || n != 0) {
@@ -2047,6 +2205,10 @@ static PyMemberDef rc_members[] = {
     {"_box", T_OBJECT, offsetof(Receipt, box), READONLY, "the mailbox it was sent through"},
     {"_receivers", T_OBJECT_EX, offsetof(Receipt, receivers), 0,
      "tuple of PeerInfo: who took it so far"},
+    {"lost", T_PYSSIZET, offsetof(Receipt, lost), 0,
+     "broadcast: how many of the receivers it went to lost their copy (their backlog "
+     "dropped it, the overflow rule, or they closed or died before taking it); the "
+     "receipt is done once len(receivers) + lost == expected"},
     {NULL, 0, 0, 0, NULL},
 };
 
