@@ -115,7 +115,9 @@ class _MailboxReceipts(_Mailbox):
         pending = self._open
         pending.append(self._box.send_async(data))
         if len(pending) > _RECEIPTS_OPEN:
-            self._check(pending.popleft().wait(_TIMEOUT))
+            who = pending.popleft().wait(_TIMEOUT)
+            if who.pid <= 0 or who.pid == self._pid:  # (_check, inline: once per message)
+                raise RuntimeError(f"a receipt named {who!r}, not a consumer")
 
     def _check(self, who: Any) -> None:
         if who.pid <= 0 or who.pid == self._pid:
