@@ -201,6 +201,7 @@ typedef struct {
                       * way only after it (commit): a receipt's acknowledgement is then
                       * written before the cursor says the message was read; -1: none */
     uint64_t pending_cursor;
+    PyObject *title; /* what a timeout names ("mailbox 'news'"), or NULL/None */
 } Bcast;
 
 /* Move the pending entry's cursor past the record handed to the general way (see
@@ -737,7 +738,12 @@ receive(Bcast *b, PyObject *ientry, PyObject *timeout, int decode, PyObject **ob
                 }
                 break;
             }
-            PyErr_SetString(err_timeout, "no message came in time");
+            if (b->title != NULL && PyUnicode_Check(b->title)) {
+                PyErr_Format(err_timeout, "receiving from %S timed out", b->title);
+            }
+            else {
+                PyErr_SetString(err_timeout, "no message came in time");
+            }
             return -1;
         }
     }
@@ -1201,6 +1207,7 @@ bc_traverse(Bcast *b, visitproc visit, void *arg)
     Py_VISIT(b->decode);
     Py_VISIT(b->fallback); /* (a bound mailbox: it holds next(), next() holds it) */
     Py_VISIT(b->general);
+    Py_VISIT(b->title);
     return 0;
 }
 
@@ -1211,6 +1218,7 @@ bc_clear(Bcast *b)
     Py_CLEAR(b->decode);
     Py_CLEAR(b->fallback);
     Py_CLEAR(b->general);
+    Py_CLEAR(b->title);
     b->bound = -1;
     return 0;
 }
@@ -1274,6 +1282,7 @@ static PyMemberDef bc_members[] = {
     {"slots", T_UINT, offsetof(Bcast, nslots), READONLY, "slots in the ring"},
     {"limit", T_UINT, offsetof(Bcast, limit), READONLY, "the backlog, in messages"},
     {"payload", T_UINT, offsetof(Bcast, payload), READONLY, "the largest record"},
+    {"title", T_OBJECT, offsetof(Bcast, title), 0, "what a timeout names, or None"},
     {NULL, 0, 0, 0, NULL},
 };
 

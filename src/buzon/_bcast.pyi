@@ -10,6 +10,7 @@ class Bcast:
     """One mapping of a broadcast ring's segment."""
 
     notify_fd: int
+    title: str | None
     mark_fd: int
     next_id: int
     sent: int

@@ -230,6 +230,7 @@ typedef struct {
     int notify_data;      /* eventfd written when a consumer armed data_armed */
     int notify_space;
     PyObject *name;
+    PyObject *title;    /* what errors call it ("mailbox 'jobs'"); NULL: "the ring NAME" */
     Py_ssize_t exports; /* live buffer views or loans: no unmapping under them */
     int busy;           /* operations that released the GIL and are not back yet */
     _Atomic int closing; /* close() was called while busy: the last one out unmaps */

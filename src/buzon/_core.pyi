@@ -26,6 +26,7 @@ class Ring:
     capacity: int
     max_message: int
     name: str
+    title: str | None
     closed: bool
     slot: int
     used: int

@@ -33,25 +33,45 @@ static const struct {
                  "the ring %S was shut down", "%S was closed while waiting for its lock"},
 };
 
+/* The same for a ring with a title (a mailbox's): %S is the title, which says what the
+ * user opened ("mailbox 'jobs'"); the segment name is an implementation detail. */
+static const struct {
+    const char *now, *timed, *closed, *gone;
+} TITLED[] = {
+    [OP_SEND] = {"%S is full", "sending to %S timed out (it is full)", "%S was removed",
+                 "%S was closed while sending"},
+    [OP_RECV] = {"%S is empty", "receiving from %S timed out",
+                 "%S was removed and is empty", "%S was closed while receiving"},
+    [OP_RESERVE] = {"no room in %S", "no room in %S", "%S was removed",
+                    "%S was closed while reserving"},
+    [OP_RECV_VIEW] = {"nothing to receive from %S", "nothing to receive from %S",
+                      "%S was removed and is empty", "%S was closed while receiving"},
+    [OP_LOCK] = {"the lock of %S is held by another process or thread",
+                 "the lock of %S is held by another process or thread", "%S was removed",
+                 "%S was closed while waiting for its lock"},
+};
+
 PyObject *
 raise_rc(Ring *r, int rc, enum op op, int waiting)
 {
+    PyObject *what = r->title != NULL ? r->title : r->name;
+    int titled = r->title != NULL;
     switch (rc) {
     case RC_RAISED:
         return NULL; /* a signal handler's exception is already set */
     case RC_AGAIN:
         if (!waiting) {
-            PyErr_Format(*OPS[op].now_exc, OPS[op].now, r->name);
+            PyErr_Format(*OPS[op].now_exc, titled ? TITLED[op].now : OPS[op].now, what);
         }
         else {
-            PyErr_Format(TimeoutErr, OPS[op].timed, r->name);
+            PyErr_Format(TimeoutErr, titled ? TITLED[op].timed : OPS[op].timed, what);
         }
         return NULL;
     case RC_CLOSED:
-        PyErr_Format(EndErr, OPS[op].closed, r->name);
+        PyErr_Format(EndErr, titled ? TITLED[op].closed : OPS[op].closed, what);
         return NULL;
     case RC_GONE:
-        PyErr_Format(ClosedErr, OPS[op].gone, r->name);
+        PyErr_Format(ClosedErr, titled ? TITLED[op].gone : OPS[op].gone, what);
         return NULL;
     default:
         return corrupt(r);
@@ -401,6 +421,7 @@ ring_dealloc(Ring *r)
 {
     ring_unmap(r);
     Py_XDECREF(r->name);
+    Py_XDECREF(r->title);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 

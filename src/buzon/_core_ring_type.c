@@ -650,10 +650,33 @@ static PyMethodDef ring_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+ring_get_title(Ring *r, void *Py_UNUSED(c))
+{
+    PyObject *t = r->title != NULL ? r->title : Py_None;
+    Py_INCREF(t);
+    return t;
+}
+
+static int
+ring_set_title(Ring *r, PyObject *value, void *Py_UNUSED(c))
+{
+    if (value != NULL && value != Py_None && !PyUnicode_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "title must be a str or None");
+        return -1;
+    }
+    PyObject *old = r->title;
+    r->title = value == NULL || value == Py_None ? NULL : Py_NewRef(value);
+    Py_XDECREF(old);
+    return 0;
+}
+
 static PyGetSetDef ring_getset[] = {
     {"capacity", (getter)ring_get_capacity, NULL, "data bytes", NULL},
     {"max_message", (getter)ring_get_max_message, NULL, "largest payload", NULL},
     {"name", (getter)ring_get_name, NULL, "segment name", NULL},
+    {"title", (getter)ring_get_title, (setter)ring_set_title,
+     "what errors call this ring (\"mailbox 'jobs'\"); None: the ring and its name", NULL},
     {"closed", (getter)ring_get_closed, NULL, "closed by this process", NULL},
     {"slot", (getter)ring_get_slot, NULL, "our participant slot", NULL},
     {"used", (getter)ring_get_used, NULL, "bytes between tail and head", NULL},

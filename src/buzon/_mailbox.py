@@ -450,6 +450,7 @@ class Mailbox:
         self._segment = ring.name
         label = ring.info()["label"]
         self.policy, self.capacity, self.max_inline, self._raw = _parse_label(label)
+        ring.title = self._title()  # its errors name the mailbox, not the segment
         self._tabled = _label_tabled(label)  # receipts may ask for the table (_TABLES)
         self._fixed = bool(ring.info()["record_size"])
         self._inline = ring.max_message
@@ -852,9 +853,16 @@ class Mailbox:
             return self._ring
         if fan.mine is None:  # a new receiver: room for senders waiting for one
             ring = fan.subscribe()
+            ring.title = self._ring.title
             self._drain_room()
             return ring
         return fan.subscribe()
+
+    def _title(self) -> str:
+        """What error messages call this mailbox."""
+        if self.name.startswith("inbox-"):  # (buzon._direct.inbox_name)
+            return f"the inbox of process {self.name[6:].split('-')[0]}"
+        return f"{'bounded buffer' if self._raw else 'mailbox'} {self.name!r}"
 
     @staticmethod
     def _drop_record(record: list[Any]) -> None:

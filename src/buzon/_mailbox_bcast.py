@@ -143,6 +143,7 @@ class Shared:
             os.close(self.fd)
             raise
         self.ring.notify_fd = box._wake_fd
+        self.ring.title = box._ring.title
         self.ring.mark_fd = box._wake_fd
         self.payload = int(self.ring.payload)
         self.pid = _PID[0]
