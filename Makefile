@@ -56,7 +56,7 @@ sanitize: install
 		tests/protocol/test_rpc_once_c.py \
 		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py \
 		tests/mailbox/test_bcast_ring.py tests/mailbox/test_bcast_receipt_lost.py \
-		tests/mailbox/test_mailbox_bound_io.py tests/mailbox/test_mailbox_version.py \
+		tests/mailbox/test_mailbox_bound_io.py tests/mailbox/test_mailbox_version.py tests/mailbox/test_mailbox_error_names.py \
 		tests/test_rendezvous_stream_c.py tests/test_rendezvous_withdraw.py \
 		tests/test_small_writer_flow.py \
 		tests/test_recv_take.py
