@@ -54,6 +54,7 @@ sanitize: install
 		tests/protocol/test_receipt_writer.py tests/test_receipt_waiting_receiver.py \
 		tests/mailbox/test_bcast_ring.py \
 		tests/test_rendezvous_stream_c.py tests/test_rendezvous_withdraw.py \
+		tests/test_rendezvous_deferred.py \
 		tests/test_small_writer_flow.py \
 		tests/test_recv_take.py
 

@@ -543,7 +543,6 @@ static int defer_take(RvStream *self) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_attr_setstacksize(&attr, 256 * 1024);
         if (pthread_create(&th, &attr, cf_main, NULL) == 0)
             cf_running = 1;
         else
@@ -553,9 +552,9 @@ static int defer_take(RvStream *self) {
     if (cf_idle)
         pthread_cond_signal(&cf_cv);
     pthread_mutex_unlock(&cf_mu);
-    if (rc < 0)
-        PyErr_SetString(PyExc_RuntimeError, "cannot start the rendezvous confirmer");
-    return rc;
+    if (rc < 0) /* no confirmer (no thread to be had): the take's CREDIT goes now */
+        return confirm(self) < 0 ? -1 : 0;
+    return 0;
 }
 
 static void cf_unregister(RvStream *self) {
