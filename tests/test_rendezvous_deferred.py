@@ -371,3 +371,53 @@ def test_the_confirmer_works_in_a_forked_child() -> None:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def _owed_take(a: Any, b: Any) -> threading.Thread:
+    """b takes a's message and owes its CREDIT (the confirmer made slow by the caller);
+    returns a's sending thread."""
+    s, _ = _in_thread(lambda: a.send_bytes(b"owed", timeout=30))
+    assert b.recv_bytes(timeout=10) == b"owed"
+    assert b._core.rflow.owed
+    return s
+
+
+def test_a_fork_confirms_an_owed_take_first() -> None:
+    """A forked child must not inherit a take both processes would confirm (a stale
+    CREDIT written after the child's offer would take that offer back): the parent
+    confirms before the fork."""
+    a, b = buzon.pipe(capacity=0)
+    with a, b:
+        _round(a, b)
+        with _slow_confirmer(10.0):
+            s = _owed_take(a, b)
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            assert not b._core.rflow.owed
+            s.join(10)
+            assert not s.is_alive()
+        _round(a, b, b"after")
+
+
+def _spawned(b: Any) -> None:
+    b.close()
+
+
+def test_passing_an_end_confirms_an_owed_take_first() -> None:
+    """The same when the end is pickled for a spawn child."""
+    a, b = buzon.pipe(capacity=0)
+    with a, b:
+        _round(a, b)
+        with _slow_confirmer(10.0):
+            s = _owed_take(a, b)
+            p = multiprocessing.get_context("spawn").Process(target=_spawned, args=(b,))
+            p.start()  # b pickled here
+            try:
+                assert not b._core.rflow.owed
+                s.join(10)
+                assert not s.is_alive()
+            finally:
+                p.join(30)
+        assert p.exitcode == 0

@@ -492,7 +492,7 @@ static void *cf_main(void *unused) {
         }
         cf_sleep_tick();
     }
-    cf_running = 0;
+    __atomic_store_n(&cf_running, 0, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&cf_mu);
     return NULL;
 }
@@ -519,7 +519,8 @@ static int defer_take(RvStream *self) {
     __atomic_store_n(&self->hint, 1, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(&cf_takes, 1, __ATOMIC_SEQ_CST);
     if (self->registered && __atomic_load_n(&cf_running, __ATOMIC_SEQ_CST) &&
-        !__atomic_load_n(&cf_idle, __ATOMIC_SEQ_CST))
+        !__atomic_load_n(&cf_idle, __ATOMIC_SEQ_CST) &&
+        !__atomic_load_n(&cf_stop, __ATOMIC_SEQ_CST))
         return 0;
     int rc = 0;
     pthread_mutex_lock(&cf_mu);
@@ -544,15 +545,17 @@ static int defer_take(RvStream *self) {
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         if (pthread_create(&th, &attr, cf_main, NULL) == 0)
-            cf_running = 1;
+            __atomic_store_n(&cf_running, 1, __ATOMIC_SEQ_CST);
         else
             rc = -1;
         pthread_attr_destroy(&attr);
     }
+    if (cf_stop)
+        rc = -1; /* the interpreter exits (at_exit ran) */
     if (cf_idle)
         pthread_cond_signal(&cf_cv);
     pthread_mutex_unlock(&cf_mu);
-    if (rc < 0) /* no confirmer (no thread to be had): the take's CREDIT goes now */
+    if (rc < 0) /* no confirmer (exiting, or no thread to be had): the CREDIT goes now */
         return confirm(self) < 0 ? -1 : 0;
     return 0;
 }
@@ -1542,7 +1545,17 @@ static PyObject *mod_confirm_delay(PyObject *m, PyObject *const *args, Py_ssize_
     return PyFloat_FromDouble(old);
 }
 
+static PyObject *mod_confirm_all(PyObject *m, PyObject *unused) {
+    (void)m;
+    (void)unused;
+    cf_confirm_marked(1);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef mod_methods[] = {
+    {"confirm_all", (PyCFunction)mod_confirm_all, METH_NOARGS,
+     "confirm_all(): confirm every deferred take still owed (before a fork: a child "
+     "must not inherit a take both processes would confirm)"},
     {"at_exit", (PyCFunction)mod_at_exit, METH_NOARGS,
      "at_exit(): confirm every deferred take still owed and stop the confirmer (the "
      "interpreter's exit)"},

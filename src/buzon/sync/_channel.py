@@ -174,12 +174,14 @@ def _exit_flush() -> None:
         )
 
 
-try:  # deferred rendezvous takes (protocol/_rv.c): confirmed, the confirmer stopped
-    from ..protocol._rv import at_exit as _rv_at_exit
+try:  # deferred rendezvous takes (protocol/_rv.c): confirmed before a fork (a child
+    from ..protocol._rv import at_exit as _rv_at_exit  # inherits none) and at exit
+    from ..protocol._rv import confirm_all as _rv_confirm_all
 except ImportError:  # pragma: no cover - the C extension is not built
     pass
 else:
     atexit.register(_rv_at_exit)
+    os.register_at_fork(before=_rv_confirm_all)
 
 
 def run_steps(steps: Generator[Step, None, T], deadline: float | None) -> T:
