@@ -838,6 +838,8 @@ class ChannelCore:
             self._check_send(priority)
         if whole and self.pending:
             self.flush()
+        if self._rv and self.rflow is not None and self.rflow.owed:
+            self.credit_out = self.rflow.confirm()  # a deferred take rides with it
         sflow = self.sflow
         if sflow is not None and sflow.sent >= sflow.limit:
             self._credit_wanted(sflow)
@@ -1272,6 +1274,13 @@ class ChannelCore:
 
     # -- credits and receipts -------------------------------------------------------------
 
+    def confirm_take(self) -> None:
+        """Write the CREDIT a deferred rendezvous take still owes (protocol/_rv.c
+        defers it to this end's next write), if any: before a close and at exit."""
+        rflow = self.rflow
+        if rflow is not None and not self.closed and rflow.owed:
+            self.emit_credit(rflow.confirm())
+
     def emit_credit(self, frame: bytes | None) -> None:
         """Send a CREDIT now if the link takes it, else as soon as it does (a newer
         CREDIT replaces one not yet written: their counts are cumulative)."""
@@ -1530,8 +1539,9 @@ class ChannelCore:
         rflow = self.rflow
         if codec != WITHDRAW_CODEC or rflow is None or rflow.capacity != 0:
             raise ProtocolError("a WITHDRAW on a channel without capacity=0")
-        if number <= rflow.taken:
-            return  # taken already: our CREDIT tells the sender
+        if number <= rflow.taken:  # taken already: our CREDIT tells the sender (a
+            self.emit_credit(rflow.confirm())  # deferred take's: now)
+            return
         if number != rflow.taken + 1:
             raise ProtocolError(f"the peer withdraws message {number}; {rflow.taken} were taken")
         if not self._drop_untaken():

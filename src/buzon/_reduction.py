@@ -213,6 +213,7 @@ def _reduce_channel(channel: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     scheme = core.transport.scheme or "this"
     if core.closed:
         raise ChannelClosed(f"the {scheme} channel is closed; it cannot be passed")
+    core.confirm_take()  # a deferred rendezvous take goes now: the child inherits none
     why = _why_not(core)
     if why is not None:
         raise UnsupportedOperation(f"this {scheme} channel cannot be passed now: {why}")

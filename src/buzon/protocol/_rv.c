@@ -48,6 +48,8 @@
 #include <Python.h>
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
+#include <time.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -76,6 +78,12 @@ typedef struct {
     long long number, serial; /* the message of the last send() */
     Py_ssize_t n;             /* bytes left for the decoder (codes 6, 7) */
     int err;                  /* errno of a failed read (n == -1) */
+    /* the deferred take (the confirmer's view, read without the GIL): ``hint`` a take's
+     * CREDIT may be owed, ``takes`` deferred takes so far; the confirmer's list */
+    int hint;
+    unsigned long takes, seen;
+    int registered, due;
+    void *next, *prev;
 } RvStream;
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow, *s_decoder,
@@ -84,7 +92,7 @@ static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow
     *s_granted, *s_offering, *s_reported, *s_report_due, *s_peer_blocked, *s_unreported,
     *s_end, *s_big, *s_error, *s_frames, *s_buf, *s_messages_sent, *s_bytes_sent,
     *s_messages_received, *s_bytes_received, *s_credits_sent, *s_credits_received,
-    *s_popleft, *s_append;
+    *s_popleft, *s_append, *s_recv_would_block;
 
 /* -- field access ---------------------------------------------------------------- */
 
@@ -273,7 +281,7 @@ static int announce(PyObject *rflow, uint64_t taken, uint64_t limit, unsigned ch
 
 /* RecvFlow.before_wait for capacity 0: offer one message. 1 the CREDIT is in ``f``, 0
  * an offer stands already, -1 error */
-static int offer(PyObject *rflow, unsigned char *f) {
+static int offer(RvStream *self, PyObject *rflow, unsigned char *f) {
     int offering = get_bool(rflow, s_offering);
     if (offering != 0)
         return offering < 0 ? -1 : 0;
@@ -281,37 +289,39 @@ static int offer(PyObject *rflow, unsigned char *f) {
     if (get_u64(rflow, s_taken, &taken) < 0 || set_bool(rflow, s_offering, 1) < 0 ||
         set_u64(rflow, s_limit, taken + 1) < 0)
         return -1;
+    __atomic_store_n(&self->hint, 0, __ATOMIC_SEQ_CST); /* it carries a deferred take */
     return announce(rflow, taken, taken + 1, f) < 0 ? -1 : 1;
 }
 
-/* RecvFlow.on_wait_end (the offer withdrawn) or on_take (``took``: the offer used up),
- * capacity 0: the CREDIT in ``f``. 1 done, 0 on_take would raise (more than granted:
- * the Python way raises it), -1 error */
-static int offer_end(PyObject *rflow, int took, unsigned char *f) {
-    uint64_t taken, granted;
-    if (get_u64(rflow, s_taken, &taken) < 0 || get_u64(rflow, s_granted, &granted) < 0)
+/* RecvFlow.on_wait_end for capacity 0 (the offer withdrawn): the CREDIT in ``f``. 1
+ * done, -1 error (a take is take(): deferred) */
+static int offer_end(RvStream *self, PyObject *rflow, unsigned char *f) {
+    uint64_t taken;
+    if (get_u64(rflow, s_taken, &taken) < 0)
         return -1;
-    if (took) {
-        if (taken + 1 > granted)
-            return 0;
-        taken += 1;
-        if (set_u64(rflow, s_taken, taken) < 0)
-            return -1;
-    }
     if (set_bool(rflow, s_offering, 0) < 0 || set_u64(rflow, s_limit, taken) < 0)
         return -1;
+    __atomic_store_n(&self->hint, 0, __ATOMIC_SEQ_CST);
     return announce(rflow, taken, taken, f) < 0 ? -1 : 1;
 }
 
 /* ChannelCore.emit_credit of the CREDIT in ``f`` (the channel is open): under the write
  * lock, written now unless bytes are owed ahead of it; what cannot be written stays
  * owed (``credit_out``), a tail in ``pending``. 0 ok, -1 error */
+static int write_credit_locked(RvStream *self, const unsigned char *f);
+
 static int emit_credit(RvStream *self, const unsigned char *f) {
-    PyObject *frame = NULL; /* made only if it is kept */
     PyObject *held = PyObject_CallNoArgs(self->acquire);
     if (held == NULL)
         return -1;
     Py_DECREF(held);
+    int rc = write_credit_locked(self, f);
+    return unlock_with(self->release, Py_None) == NULL ? -1 : rc;
+}
+
+/* emit_credit's write, the write lock held */
+static int write_credit_locked(RvStream *self, const unsigned char *f) {
+    PyObject *frame = NULL; /* made only if it is kept */
     int rc = -1;
     PyObject *pending = field(self, s_pending);
     Py_ssize_t owed = pending == NULL ? -1 : PyObject_Length(pending);
@@ -349,7 +359,260 @@ static int emit_credit(RvStream *self, const unsigned char *f) {
     rc = stats == NULL ? -1 : add_u64(stats, s_credits_sent, 1);
 out:
     Py_XDECREF(frame);
-    return unlock_with(self->release, Py_None) == NULL ? -1 : rc;
+    return rc;
+}
+
+/* -- deferred takes and the confirmer ----------------------------------------------
+ *
+ * A take's CREDIT is not written at the take (take() below): it rides with this end's
+ * next CREDIT, which every path writes before its next message or wait (the offer
+ * carries ``taken``), so a request/response costs two writes. For an end that makes no
+ * further call on the channel (it computes, or waits elsewhere, maybe for the very
+ * sender), one thread per process, started at the first deferred take, writes what is
+ * owed between one and two ticks (``confirm_delay``, 1 ms) after the take: it looks at
+ * the RvStreams' ``hint``/``takes`` without the GIL, and only when a take stayed owed
+ * for a whole tick takes the GIL and confirm()s it (the write lock taken without
+ * waiting; busy: the next tick). Idle for CF_IDLE_TICKS ticks with nothing owed, it
+ * sleeps until the next deferred take wakes it. Fork: the child forgets the list and
+ * the thread (its owed takes are the parent's to confirm); at_exit() confirms what is
+ * owed and stops the thread before the interpreter finalizes. */
+
+#define CF_IDLE_TICKS 200
+
+static pthread_mutex_t cf_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cf_cv; /* cf_cond_init(), at the first deferred take */
+static RvStream *cf_list;
+static int cf_running, cf_idle, cf_stop, cf_atfork;
+static unsigned long cf_takes;
+static long cf_tick_ns = 1000000;
+
+static int confirm(RvStream *self);
+
+/* the cond on the monotonic clock (a new tick or a stop wakes the sleep) */
+static void cf_cond_init(void) {
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&cf_cv, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
+/* one tick's sleep, cf_mu held (released meanwhile) */
+static void cf_sleep_tick(void) {
+    long ns = __atomic_load_n(&cf_tick_ns, __ATOMIC_RELAXED);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ns / 1000000000L;
+    ts.tv_nsec += ns % 1000000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec += 1;
+        ts.tv_nsec -= 1000000000L;
+    }
+    pthread_cond_timedwait(&cf_cv, &cf_mu, &ts);
+}
+
+/* marks the entries owed for a whole tick ``due``; returns how many, and in
+ * ``*hinted`` whether any take is owed at all (cf_mu held) */
+static int cf_scan(int *hinted) {
+    int due = 0;
+    *hinted = 0;
+    for (RvStream *e = cf_list; e != NULL; e = (RvStream *)e->next) {
+        if (!__atomic_load_n(&e->hint, __ATOMIC_SEQ_CST))
+            continue;
+        *hinted = 1;
+        unsigned long t = __atomic_load_n(&e->takes, __ATOMIC_SEQ_CST);
+        if (t == e->seen) {
+            e->due = 1;
+            due++;
+        } else {
+            e->seen = t;
+        }
+    }
+    return due;
+}
+
+#define CF_BATCH 64
+
+/* the GIL held, cf_mu not: confirm the entries marked due (or, ``all``, every hinted) */
+static void cf_confirm_marked(int all) {
+    RvStream *batch[CF_BATCH];
+    int n;
+    do {
+        n = 0;
+        pthread_mutex_lock(&cf_mu);
+        for (RvStream *e = cf_list; e != NULL && n < CF_BATCH; e = (RvStream *)e->next) {
+            if (e->due || (all && __atomic_load_n(&e->hint, __ATOMIC_SEQ_CST))) {
+                e->due = 0;
+                if (all)
+                    __atomic_store_n(&e->hint, 0, __ATOMIC_SEQ_CST);
+                Py_INCREF(e);
+                batch[n++] = e;
+            }
+        }
+        pthread_mutex_unlock(&cf_mu);
+        for (int i = 0; i < n; i++) {
+            if (confirm(batch[i]) < 0)
+                PyErr_WriteUnraisable((PyObject *)batch[i]);
+            Py_DECREF(batch[i]);
+        }
+    } while (n == CF_BATCH);
+}
+
+static void *cf_main(void *unused) {
+    (void)unused;
+    unsigned long last = 0;
+    int quiet_ticks = 0;
+    pthread_mutex_lock(&cf_mu);
+    while (!cf_stop) {
+        int hinted;
+        int due = cf_scan(&hinted);
+        unsigned long t = __atomic_load_n(&cf_takes, __ATOMIC_SEQ_CST);
+        quiet_ticks = t != last ? 0 : quiet_ticks + 1;
+        last = t;
+        if (due) {
+            pthread_mutex_unlock(&cf_mu);
+            if (!__atomic_load_n(&cf_stop, __ATOMIC_SEQ_CST) && Py_IsInitialized()) {
+                PyGILState_STATE g = PyGILState_Ensure();
+                cf_confirm_marked(0);
+                PyGILState_Release(g);
+            }
+            pthread_mutex_lock(&cf_mu);
+            continue;
+        }
+        if (!hinted && quiet_ticks >= CF_IDLE_TICKS) {
+            /* going idle: a take that stores its hint after our last look sees
+             * cf_idle and wakes us (both seq_cst: one of the two sees the other) */
+            __atomic_store_n(&cf_idle, 1, __ATOMIC_SEQ_CST);
+            cf_scan(&hinted);
+            if (!hinted && !cf_stop)
+                pthread_cond_wait(&cf_cv, &cf_mu);
+            __atomic_store_n(&cf_idle, 0, __ATOMIC_SEQ_CST);
+            quiet_ticks = 0;
+            continue;
+        }
+        cf_sleep_tick();
+    }
+    __atomic_store_n(&cf_running, 0, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&cf_mu);
+    return NULL;
+}
+
+static void cf_prepare(void) { pthread_mutex_lock(&cf_mu); }
+static void cf_parent(void) { pthread_mutex_unlock(&cf_mu); }
+static void cf_child(void) {
+    /* no thread here: forget the list (the owed takes are the parent's) */
+    pthread_mutex_init(&cf_mu, NULL);
+    cf_cond_init();
+    for (RvStream *e = cf_list; e != NULL;) {
+        RvStream *next = (RvStream *)e->next;
+        e->registered = e->due = e->hint = 0;
+        e->next = e->prev = NULL;
+        e = next;
+    }
+    cf_list = NULL;
+    cf_running = cf_idle = 0;
+}
+
+/* a take was deferred (the GIL held): the confirmer watches it */
+static int defer_take(RvStream *self) {
+    __atomic_add_fetch(&self->takes, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&self->hint, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&cf_takes, 1, __ATOMIC_SEQ_CST);
+    if (self->registered && __atomic_load_n(&cf_running, __ATOMIC_SEQ_CST) &&
+        !__atomic_load_n(&cf_idle, __ATOMIC_SEQ_CST) &&
+        !__atomic_load_n(&cf_stop, __ATOMIC_SEQ_CST))
+        return 0;
+    int rc = 0;
+    pthread_mutex_lock(&cf_mu);
+    if (!cf_atfork) {
+        cf_cond_init();
+        if (pthread_atfork(cf_prepare, cf_parent, cf_child) != 0)
+            rc = -1;
+        cf_atfork = 1;
+    }
+    if (!self->registered) {
+        self->next = cf_list;
+        self->prev = NULL;
+        if (cf_list != NULL)
+            cf_list->prev = self;
+        cf_list = self;
+        self->registered = 1;
+        self->seen = 0;
+    }
+    if (!cf_running && !cf_stop) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&th, &attr, cf_main, NULL) == 0)
+            __atomic_store_n(&cf_running, 1, __ATOMIC_SEQ_CST);
+        else
+            rc = -1;
+        pthread_attr_destroy(&attr);
+    }
+    if (cf_stop)
+        rc = -1; /* the interpreter exits (at_exit ran) */
+    if (cf_idle)
+        pthread_cond_signal(&cf_cv);
+    pthread_mutex_unlock(&cf_mu);
+    if (rc < 0) /* no confirmer (exiting, or no thread to be had): the CREDIT goes now */
+        return confirm(self) < 0 ? -1 : 0;
+    return 0;
+}
+
+static void cf_unregister(RvStream *self) {
+    if (!self->registered)
+        return;
+    pthread_mutex_lock(&cf_mu);
+    if (self->registered) {
+        RvStream *prev = (RvStream *)self->prev, *next = (RvStream *)self->next;
+        if (prev != NULL)
+            prev->next = next;
+        else
+            cf_list = next;
+        if (next != NULL)
+            next->prev = prev;
+        self->registered = 0;
+        self->next = self->prev = NULL;
+    }
+    pthread_mutex_unlock(&cf_mu);
+}
+
+/* Write the CREDIT a deferred take owes (RecvFlow.confirm), under the GIL, without
+ * waiting for the write lock. 1 done (or left owed to the next flush, as emit_credit
+ * leaves it), 0 nothing owed (or closed), 2 the lock was busy (the hint stays: the
+ * confirmer tries again), -1 error */
+static int confirm(RvStream *self) {
+    __atomic_store_n(&self->hint, 0, __ATOMIC_SEQ_CST);
+    if (self->state == NULL)
+        return 0;
+    int closed = core_flag(self->state, s_closed, 0);
+    if (closed != 0)
+        return closed < 0 ? -1 : 0;
+    PyObject *rflow = field(self, s_rflow);
+    if (rflow == NULL)
+        return -1;
+    if (rflow == Py_None)
+        return 0;
+    uint64_t taken, reported, limit;
+    if (get_u64(rflow, s_taken, &taken) < 0 || get_u64(rflow, s_reported, &reported) < 0 ||
+        get_u64(rflow, s_limit, &limit) < 0)
+        return -1;
+    if (taken <= reported)
+        return 0;
+    int locked = try_lock(self->acquire);
+    if (locked <= 0) {
+        if (locked == 0)
+            __atomic_store_n(&self->hint, 1, __ATOMIC_SEQ_CST);
+        return locked < 0 ? -1 : 2;
+    }
+    unsigned char f[CREDIT_SIZE];
+    int rc = announce(rflow, taken, limit, f);
+    if (rc == 0)
+        rc = write_credit_locked(self, f);
+    if (unlock_with(self->release, Py_None) == NULL)
+        return -1;
+    return rc < 0 ? -1 : 1;
 }
 
 /* -- reads ------------------------------------------------------------------------- */
@@ -492,6 +755,7 @@ static int read_wait(RvStream *self, PyObject *decoder, int sleep, int forever,
     size_t room = (size_t)PyByteArray_GET_SIZE(buf);
     ssize_t got = -1;
     int e = EAGAIN;
+    int empty = 0; /* the first look found nothing: statistics().recv_would_block */
     if (spin > 0.0) {
         /* readiness looks (a poll takes no lock: a read would contend with the
          * writer's), then the read */
@@ -499,7 +763,10 @@ static int read_wait(RvStream *self, PyObject *decoder, int sleep, int forever,
         Py_BEGIN_ALLOW_THREADS
         double end = monotonic_now() + spin;
         for (;;) {
-            if (poll(&look, 1, 0) > 0) {
+            int ready = poll(&look, 1, 0) > 0;
+            if (!ready)
+                empty = 1;
+            if (ready) {
                 got = get_bytes(self, p, room);
                 if (got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
                     e = got < 0 ? errno : 0;
@@ -517,6 +784,16 @@ static int read_wait(RvStream *self, PyObject *decoder, int sleep, int forever,
     } else if (!sleep) {
         got = get_bytes(self, p, room);
         e = got < 0 ? errno : 0;
+        empty = got < 0 && (e == EAGAIN || e == EWOULDBLOCK);
+    } else {
+        empty = 1; /* spin 0: the engine's read would find nothing first, then wait */
+    }
+    if (empty) { /* counted as the engine's reads count it */
+        PyObject *stats = field(self, s_stats);
+        if (stats == NULL || add_u64(stats, s_recv_would_block, 1) < 0) {
+            Py_DECREF(buf);
+            return -1;
+        }
     }
     if (got < 0 && (e == EAGAIN || e == EWOULDBLOCK) && sleep) {
         struct pollfd pfds[2] = {{.fd = self->rfd, .events = POLLIN, .revents = 0},
@@ -705,7 +982,7 @@ static PyObject *finish_send(RvStream *self, PyObject *rflow, PyObject *sflow,
     if (set_field(self, s_rv_after_send, Py_True) < 0)
         return NULL;
     unsigned char f[CREDIT_SIZE];
-    if (offer_end(rflow, 0, f) < 0 || emit_credit(self, f) < 0)
+    if (offer_end(self, rflow, f) < 0 || emit_credit(self, f) < 0)
         return NULL;
     return PyLong_FromLong(RV_DONE);
 }
@@ -792,7 +1069,7 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
         return unlock_with(self->release, NULL);
     if (!offering) { /* RecvFlow.before_wait's offer, as offer_with_send makes it */
         unsigned char g[CREDIT_SIZE];
-        if (offer(rflow, g) < 0 || set_field(self, s_rv_valid, Py_False) < 0 ||
+        if (offer(self, rflow, g) < 0 || set_field(self, s_rv_valid, Py_False) < 0 ||
             add_u64(stats, s_credits_sent, 1) < 0)
             return unlock_with(self->release, NULL);
     }
@@ -888,13 +1165,19 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
 /* -- receive ---------------------------------------------------------------------- */
 
 /* The take of a plain message (ChannelCore._pop and _took, RecvFlow.on_take for
- * capacity 0): the counts, the offer used up, its CREDIT written. 1 done, 0 on_take
+ * capacity 0 with defer=True): the counts, the offer used up, its CREDIT owed (it
+ * rides with this end's next CREDIT, or the confirmer writes it). 1 done, 0 on_take
  * would raise (nothing changed: the Python way raises it), -1 error */
 static int take(RvStream *self, PyObject *rflow) {
-    unsigned char f[CREDIT_SIZE];
-    int r = offer_end(rflow, 1, f);
-    if (r <= 0)
-        return r;
+    uint64_t n, granted;
+    if (get_u64(rflow, s_taken, &n) < 0 || get_u64(rflow, s_granted, &granted) < 0)
+        return -1;
+    if (n + 1 > granted)
+        return 0;
+    if (set_u64(rflow, s_taken, n + 1) < 0 || set_bool(rflow, s_offering, 0) < 0 ||
+        set_u64(rflow, s_limit, n + 1) < 0)
+        return -1;
+    int r;
     PyObject *stats = field(self, s_stats);
     PyObject *taken = field(self, s_taken);
     if (stats == NULL || taken == NULL || add_u64(stats, s_messages_received, 1) < 0)
@@ -908,7 +1191,7 @@ static int take(RvStream *self, PyObject *rflow) {
     Py_DECREF(more);
     if (r < 0)
         return -1;
-    return emit_credit(self, f) < 0 ? -1 : 1;
+    return defer_take(self) < 0 ? -1 : 1; /* its CREDIT rides with the next one */
 }
 
 /* a message in hand is a plain one (flags <= 7): 1, else 0, -1 error */
@@ -1008,7 +1291,7 @@ static PyObject *receive(RvStream *self, int forever, double deadline, double sp
     if (PyErr_Occurred())
         return NULL;
     unsigned char f[CREDIT_SIZE];
-    r = offer(rflow, f);
+    r = offer(self, rflow, f);
     if (r < 0)
         return NULL;
     if (r > 0) {
@@ -1135,6 +1418,7 @@ static int rv_traverse(RvStream *self, visitproc visit, void *arg) {
 }
 
 static int rv_clear(RvStream *self) {
+    cf_unregister(self);
     Py_CLEAR(self->core);
     Py_CLEAR(self->state);
     Py_CLEAR(self->acquire);
@@ -1145,8 +1429,28 @@ static int rv_clear(RvStream *self) {
 
 static void rv_dealloc(RvStream *self) {
     PyObject_GC_UnTrack(self);
+    cf_unregister(self);
     rv_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *rv_confirm(RvStream *self, PyObject *unused) {
+    (void)unused;
+    int r = self->acquire == NULL ? 0 : confirm(self);
+    if (r < 0)
+        return NULL;
+    if (r == 2) { /* another thread writes: wait for the lock (a close, an exit) */
+        PyObject *held = PyObject_CallNoArgs(self->acquire);
+        if (held == NULL)
+            return NULL;
+        Py_DECREF(held);
+        if (unlock_with(self->release, Py_None) == NULL)
+            return NULL;
+        r = confirm(self);
+        if (r < 0)
+            return NULL;
+    }
+    return PyBool_FromLong(r == 1);
 }
 
 static PyObject *rv_get_number(RvStream *self, void *unused) {
@@ -1182,6 +1486,9 @@ static PyMethodDef rv_methods[] = {
      "send(data, whole, deadline, spin, wake) -> int: a rendezvous send (see the module)"},
     {"recv", (PyCFunction)(void (*)(void))rv_recv, METH_FASTCALL,
      "recv(deadline, spin, wake) -> (flags, body) | int: a rendezvous receive"},
+    {"confirm", (PyCFunction)rv_confirm, METH_NOARGS,
+     "confirm() -> bool: write the CREDIT a deferred take still owes (True: one was "
+     "owed); before a close"},
     {"take", (PyCFunction)rv_take, METH_NOARGS,
      "take() -> (flags, body) | None: recv's first half, a message in hand taken (None: "
      "none, or the gate is shut; recv goes on)"},
@@ -1202,11 +1509,68 @@ static PyTypeObject RvStreamType = {
     .tp_getset = rv_getset,
 };
 
+static PyObject *mod_at_exit(PyObject *m, PyObject *unused) {
+    (void)m;
+    (void)unused;
+    cf_confirm_marked(1); /* every owed take confirmed, then the thread stops */
+    pthread_mutex_lock(&cf_mu);
+    __atomic_store_n(&cf_stop, 1, __ATOMIC_SEQ_CST);
+    if (cf_atfork)
+        pthread_cond_broadcast(&cf_cv);
+    pthread_mutex_unlock(&cf_mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_confirm_delay(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    (void)m;
+    double old = (double)__atomic_load_n(&cf_tick_ns, __ATOMIC_RELAXED) / 1e9;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "confirm_delay([seconds])");
+        return NULL;
+    }
+    if (nargs == 1) {
+        double v = PyFloat_AsDouble(args[0]);
+        if (v == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (!(v >= 1e-5 && v <= 10.0)) {
+            PyErr_SetString(PyExc_ValueError, "confirm_delay must be in [1e-5, 10] seconds");
+            return NULL;
+        }
+        __atomic_store_n(&cf_tick_ns, (long)(v * 1e9), __ATOMIC_RELAXED);
+        pthread_mutex_lock(&cf_mu);
+        if (cf_atfork)
+            pthread_cond_broadcast(&cf_cv); /* a sleeping tick takes the new length */
+        pthread_mutex_unlock(&cf_mu);
+    }
+    return PyFloat_FromDouble(old);
+}
+
+static PyObject *mod_confirm_all(PyObject *m, PyObject *unused) {
+    (void)m;
+    (void)unused;
+    cf_confirm_marked(1);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef mod_methods[] = {
+    {"confirm_all", (PyCFunction)mod_confirm_all, METH_NOARGS,
+     "confirm_all(): confirm every deferred take still owed (before a fork: a child "
+     "must not inherit a take both processes would confirm)"},
+    {"at_exit", (PyCFunction)mod_at_exit, METH_NOARGS,
+     "at_exit(): confirm every deferred take still owed and stop the confirmer (the "
+     "interpreter's exit)"},
+    {"confirm_delay", (PyCFunction)(void (*)(void))mod_confirm_delay, METH_FASTCALL,
+     "confirm_delay([seconds]) -> float: the confirmer's tick (a take not confirmed by "
+     "the taker's own next write is written one to two ticks after it); returns the old "
+     "value"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "buzon.protocol._rv",
     "The rendezvous (capacity=0) send and receive of a framed stream, in C "
     "(see protocol/credit.py).",
-    -1, NULL, NULL, NULL, NULL, NULL,
+    -1, mod_methods, NULL, NULL, NULL, NULL,
 };
 
 #define INTERN(var, text)                                                                  \
@@ -1254,6 +1618,7 @@ PyMODINIT_FUNC PyInit__rv(void) {
     INTERN(s_credits_received, "credits_received")
     INTERN(s_popleft, "popleft")
     INTERN(s_append, "append")
+    INTERN(s_recv_would_block, "recv_would_block")
     if (PyType_Ready(&RvStreamType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -36,6 +36,16 @@ move frames and wait):
     duplex channel offers too (it receives next: the request/response pattern), and
     its offer stands until it takes a message; so a request and its reply cost one
     trip each way, and each ``send`` still returns only once its message was taken.
+Deferred takes (``capacity=0``)
+    A receiver may hold a take's CREDIT back (``on_take(defer=True)``): every CREDIT
+    carries ``taken``, so the next one it writes anyway (its next offer, the one
+    written with its next message: the reply) acknowledges the take too, and a
+    request/response costs two writes, as without a capacity. The receiver must write
+    it (:meth:`RecvFlow.confirm`) without waiting for its next call: on a WITHDRAW of
+    that message, at close, at exit, and within a bound after the take (the blocking
+    driver's confirmer, docs/semantics.md). Nothing else changes: an offer is still
+    written before any take, so the withdrawal rules below hold as they are; a
+    sender cannot tell a deferring receiver from one whose CREDIT is slow.
 Withdrawing (``capacity=0``)
     A rendezvous ``send`` that gives up (its timeout, a cancellation, an interrupt)
     after its message #k was written sends a WITHDRAW: a CREDIT frame whose codec bits
@@ -254,8 +264,11 @@ class RecvFlow:
         self.unreported = 0  # receipt-asking takes since the last CREDIT
         self._step = max(1, capacity // 2) if capacity else 1
 
-    def on_take(self, receipt: bool, more: bool) -> bytes | None:
-        """The receiver took one message (``more``: another is already in hand)."""
+    def on_take(self, receipt: bool, more: bool, defer: bool = False) -> bytes | None:
+        """The receiver took one message (``more``: another is already in hand).
+        ``defer`` (capacity 0): the take's CREDIT is not returned; it is owed
+        (:attr:`owed`) and rides with this end's next CREDIT (its next offer, the one
+        before its next message) or :meth:`confirm` writes it."""
         self.taken = taken = self.taken + 1
         if taken > self.granted:
             raise ProtocolError(
@@ -272,7 +285,7 @@ class RecvFlow:
         if cap == 0:
             self.offering = False
             self.limit = taken  # the offer is used up; this also acknowledges the take
-            return self._announce()
+            return None if defer else self._announce()
         self.limit = taken + cap
         if not more or self.peer_blocked or taken - self.reported >= self._step:
             return self._announce()
@@ -291,6 +304,15 @@ class RecvFlow:
         if self.report_due or (self.capacity is not None and self.taken > self.reported):
             return self._announce()
         return None
+
+    @property
+    def owed(self) -> bool:
+        """capacity 0: a take whose CREDIT was deferred and not yet written."""
+        return self.capacity == 0 and self.taken > self.reported
+
+    def confirm(self) -> bytes | None:
+        """The CREDIT a deferred take owes (None: nothing is owed)."""
+        return self._announce() if self.owed else None
 
     def on_wait_end(self) -> bytes | None:
         """The receiver stopped waiting without a message (timeout, cancellation)."""

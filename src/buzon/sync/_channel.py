@@ -174,6 +174,16 @@ def _exit_flush() -> None:
         )
 
 
+try:  # deferred rendezvous takes (protocol/_rv.c): confirmed before a fork (a child
+    from ..protocol._rv import at_exit as _rv_at_exit  # inherits none) and at exit
+    from ..protocol._rv import confirm_all as _rv_confirm_all
+except ImportError:  # pragma: no cover - the C extension is not built
+    pass
+else:
+    atexit.register(_rv_at_exit)
+    os.register_at_fork(before=_rv_confirm_all)
+
+
 def run_steps(steps: Generator[Step, None, T], deadline: float | None) -> T:
     """Run an engine operation that needs no channel yet (connect, a handshake: see
     :mod:`buzon._establish`): wait for each READ/WRITE step's fd and each SLEEP by
@@ -1693,6 +1703,10 @@ class Channel(ChannelIdentity):
         core = self._core
         if core.closed:
             return
+        rv = self._rv_stream
+        if rv is not None:  # a deferred rendezvous take's CREDIT goes first (_rv.c)
+            with contextlib.suppress(Exception):
+                rv.confirm()
         deadline = deadline_of(core.options.close_timeout)
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
