@@ -125,6 +125,8 @@ class FifoWaiter:
     :meth:`FifoReader.recv_into` leaves it. ``room``: the buffer's size, for the
     channel's ``after_wait``."""
 
+    blocks = False  # its wait always polls first (a Receiver's may sleep in recvmsg)
+
     def __init__(self, reader: FifoReader, decoder: Any) -> None:
         self._reader = reader
         self._r = reader.reassembler
