@@ -196,3 +196,79 @@ def test_a_process_sharing_the_socket_keeps_receiving_after_a_close_ended_a_wait
         os.close(res_r)
         client.close()
         lst.close()
+
+
+def _mq_pair() -> tuple[Any, buzon.Channel, buzon.Channel]:
+    """(listener, reading end, writing end) of one queue, spin=0."""
+    lst = buzon.listen(url_for("mq"), spin=0)
+    writer = buzon.connect(str(lst.address), spin=0, timeout=10)
+    return lst, lst.accept(timeout=10), writer
+
+
+@pytest.fixture
+def mq() -> Iterator[tuple[Any, buzon.Channel, buzon.Channel]]:
+    lst, reader, writer = _mq_pair()
+    try:
+        yield lst, reader, writer
+    finally:
+        writer.close()
+        reader.close()
+        lst.close()
+
+
+def test_a_queue_receive_sleeps_in_mq_receive_and_close_ends_it(
+    mq: tuple[Any, buzon.Channel, buzon.Channel],
+) -> None:
+    _lst, reader, writer = mq
+    receiver = _receiver(reader)
+    assert receiver.blocks
+    t, out = _receive_in_thread(reader)
+    assert receiver.in_block  # asleep in mq_receive itself, not in poll
+    writer.send_bytes(b"first")
+    t.join(JOIN)
+    assert out == [b"first"]
+    t, out = _receive_in_thread(reader)
+    reader.close()
+    t.join(JOIN)
+    assert not t.is_alive() and isinstance(out[0], ChannelClosed), out
+
+
+def test_a_queue_kick_is_never_a_message_nor_a_priority(
+    mq: tuple[Any, buzon.Channel, buzon.Channel],
+) -> None:
+    from buzon import _posixmq
+
+    _lst, reader, writer = mq
+    name = reader._core.transport.name  # type: ignore[attr-defined]
+    q = _posixmq.open(name, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        t, out = _receive_in_thread(reader)
+        assert _posixmq.send(q, KICK, 7)  # wakes the wait: not closing, it sleeps again
+        t.join(0.2)
+        assert t.is_alive() and out == []
+        writer.send_bytes(b"real")
+        t.join(JOIN)
+        assert out == [b"real"]
+        assert _posixmq.send(q, KICK, 9)  # left in the queue: the next receive skips it
+        writer.send_bytes(b"second")
+        assert reader.recv_bytes(timeout=10) == b"second"
+        assert reader._core.transport.last_priority == 0  # type: ignore[attr-defined]
+    finally:
+        _posixmq.close(q)
+
+
+def test_a_queue_made_non_blocking_elsewhere_still_waits(
+    mq: tuple[Any, buzon.Channel, buzon.Channel],
+) -> None:
+    from buzon import _posixmq
+
+    _lst, reader, writer = mq
+    _posixmq.setblocking(reader._core.transport.read_fileno(), False)  # type: ignore[attr-defined]
+    t, out = _receive_in_thread(reader)  # mq_receive says EAGAIN: the wait polls instead
+    writer.send_bytes(b"late")
+    t.join(JOIN)
+    assert out == [b"late"]
+    t, out = _receive_in_thread(reader)
+    reader.close()
+    t.join(JOIN)
+    assert not t.is_alive() and isinstance(out[0], ChannelClosed), out

@@ -30,11 +30,13 @@
  *       runs its Python handler (with the GIL), and what the handler raises ends the
  *       call; otherwise the wait goes on.
  *
- *       With ``blocks`` (a socket in blocking mode, set by the transport) and no
- *       deadline, the sleep is recvmsg itself, one system call (``in_block`` while
- *       it lasts); the transport ends it for a close() (interrupt_reads: a KICK
- *       datagram to a bound end, a shutdown of a connected one), and the wake fd,
- *       readable then, says so (None). A KICK is never a message in any receive.
+ *       With ``blocks`` (a socket or queue descriptor in blocking mode, set by the
+ *       transport) and no deadline, the sleep is the receive itself (recvmsg,
+ *       mq_timedreceive with no expiry), one system call (``in_block`` while it
+ *       lasts); the transport ends it for a close() (interrupt_reads: a KICK
+ *       datagram to a bound socket or message to the queue, a shutdown of a
+ *       connected socket), and the wake fd, readable then, says so (None). A KICK
+ *       is never a message in any receive.
  *
  *   sender: the raw sockaddr of the last datagram (bytes; None: connected or none
  *   yet), priority, overflows, truncated: the facts about the last message.
@@ -106,7 +108,7 @@ typedef struct {
     int counts_drops;
     int busy;  /* a wait is in progress (the GIL released): recv() finds nothing */
     int dirty; /* see the top of the file */
-    int blocks;   /* a socket: a wait with no deadline may sleep in recvmsg itself */
+    int blocks;   /* a wait with no deadline may sleep in recvmsg / mq_timedreceive */
     int in_block; /* a wait sleeps in recvmsg itself now (set and cleared with the GIL) */
     Py_ssize_t size;
     char *buf; /* size + 1 bytes: a longer datagram shows */
@@ -148,10 +150,17 @@ typedef struct {
 static ssize_t receive_once(Receiver *self, Facts *facts, int block) {
     for (;;) {
         if (self->kind == KIND_MQ) {
-            ssize_t n = mq_timedreceive((mqd_t)self->fd, self->buf, (size_t)self->size,
-                                        &facts->prio, &already_expired);
+            ssize_t n = block ? mq_receive((mqd_t)self->fd, self->buf, (size_t)self->size,
+                                           &facts->prio)
+                              : mq_timedreceive((mqd_t)self->fd, self->buf, (size_t)self->size,
+                                                &facts->prio, &already_expired);
             if (n < 0 && errno == ETIMEDOUT) /* a blocking descriptor: nothing there */
                 errno = EAGAIN;
+            if (n == (ssize_t)sizeof KICK && memcmp(self->buf, KICK, sizeof KICK) == 0) {
+                if (block)
+                    return KICKED;
+                continue;
+            }
             return n;
         }
         struct iovec iov = {.iov_base = self->buf, .iov_len = (size_t)self->size + 1};
@@ -351,7 +360,7 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
     }
     /* no deadline, a socket in blocking mode: sleep in recvmsg itself, one system call
      * (the transport ends it for a close() in another thread: interrupt_reads) */
-    int block = forever && self->blocks && self->kind == KIND_SOCKET;
+    int block = forever && self->blocks;
     while (got < 0 && !err && !timed_out) {
         if (block) {
             self->in_block = 1;
@@ -668,7 +677,7 @@ static int Receiver_set_blocks(Receiver *self, PyObject *value, void *closure) {
             PyErr_SetString(PyExc_TypeError, "blocks cannot be deleted");
         return -1;
     }
-    self->blocks = on && self->kind == KIND_SOCKET;
+    self->blocks = on;
     return 0;
 }
 
