@@ -272,3 +272,72 @@ def test_a_queue_made_non_blocking_elsewhere_still_waits(
     reader.close()
     t.join(JOIN)
     assert not t.is_alive() and isinstance(out[0], ChannelClosed), out
+
+
+def _fifo_pair() -> tuple[Any, buzon.Channel, buzon.Channel]:
+    """(listener, reading end, writing end) of one FIFO, spin=0."""
+    lst = buzon.listen(url_for("fifo"), spin=0)
+    writer = buzon.connect(str(lst.address), spin=0, timeout=10)
+    return lst, lst.accept(timeout=10), writer
+
+
+@pytest.fixture
+def fifo() -> Iterator[tuple[Any, buzon.Channel, buzon.Channel]]:
+    lst, reader, writer = _fifo_pair()
+    try:
+        yield lst, reader, writer
+    finally:
+        writer.close()
+        reader.close()
+        lst.close()
+
+
+def _fifo_waiter(ch: buzon.Channel) -> Any:
+    return ch._core.wait_receiver  # type: ignore[attr-defined]
+
+
+def test_a_fifo_receive_sleeps_in_read_and_close_ends_it(
+    fifo: tuple[Any, buzon.Channel, buzon.Channel],
+) -> None:
+    _lst, reader, writer = fifo
+    assert _fifo_waiter(reader).blocks
+    bfd = reader._core.transport._bfd  # type: ignore[attr-defined]
+    assert not fcntl.fcntl(bfd, fcntl.F_GETFL) & os.O_NONBLOCK
+    t, out = _receive_in_thread(reader)
+    writer.send_bytes(b"first")
+    t.join(JOIN)
+    assert out == [b"first"]
+    t, out = _receive_in_thread(reader)
+    reader.close()
+    t.join(JOIN)
+    assert not t.is_alive() and isinstance(out[0], ChannelClosed), out
+    assert reader.statistics().rejected_frames == 0  # the nudge is no rejected byte
+
+
+def test_a_fifo_nudge_without_a_close_is_skipped(
+    fifo: tuple[Any, buzon.Channel, buzon.Channel],
+) -> None:
+    _lst, reader, writer = fifo
+    t, out = _receive_in_thread(reader)
+    reader._core.transport._nudge()  # type: ignore[attr-defined]  # as a close's, but no close
+    t.join(0.2)
+    assert t.is_alive() and out == []
+    writer.send_bytes(b"real")
+    t.join(JOIN)
+    assert out == [b"real"]
+    assert reader.statistics().rejected_frames == 0
+
+
+def test_a_fifo_made_non_blocking_elsewhere_still_waits(
+    fifo: tuple[Any, buzon.Channel, buzon.Channel],
+) -> None:
+    _lst, reader, writer = fifo
+    os.set_blocking(reader._core.transport._bfd, False)  # type: ignore[attr-defined]
+    t, out = _receive_in_thread(reader)  # read says EAGAIN: the wait polls instead
+    writer.send_bytes(b"late")
+    t.join(JOIN)
+    assert out == [b"late"]
+    t, out = _receive_in_thread(reader)
+    reader.close()
+    t.join(JOIN)
+    assert not t.is_alive() and isinstance(out[0], ChannelClosed), out

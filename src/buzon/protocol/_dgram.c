@@ -451,9 +451,17 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
 
 static PyObject *wait_fifo(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
+    if (nargs != 9 && nargs != 10) {
         PyErr_SetString(PyExc_TypeError, "wait_fifo(fd, buf, deadline, spin, limit, wake, scan, "
-                                         "max_frame, codecs) takes 9 arguments");
+                                         "max_frame, codecs[, bfd]) takes 9 or 10 arguments");
+        return NULL;
+    }
+    long bfd = -1; /* a blocking descriptor of the same FIFO: a wait with no deadline
+                    * sleeps in read(2) itself */
+    if (nargs == 10 && (bfd = PyLong_AsLong(args[9])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (bfd < -1 || bfd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bfd must be an fd or -1");
         return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
@@ -500,7 +508,27 @@ static PyObject *wait_fifo(PyObject *self, PyObject *const *args, Py_ssize_t nar
             return NULL;
         }
     }
-    while (got < 0 && !err) {
+    int block = forever && bfd >= 0;
+    while (got < 0 && !err && !timed_out) {
+        if (block) { /* the reader ends it for a close(): a nudge (interrupt_reads) */
+            Py_BEGIN_ALLOW_THREADS
+            got = read((int)bfd, buf.buf, (size_t)buf.len);
+            if (got < 0)
+                err = errno;
+            Py_END_ALLOW_THREADS
+            if (got < 0 && (err == EAGAIN || err == EWOULDBLOCK)) {
+                block = 0; /* O_NONBLOCK after all (another process set it): poll */
+                err = 0;
+            }
+            if (err == EINTR) {
+                err = 0; /* a signal: its handler runs now; what it raises ends the wait */
+                if (PyErr_CheckSignals() < 0) {
+                    PyBuffer_Release(&buf);
+                    return NULL;
+                }
+            }
+            continue;
+        }
         Py_BEGIN_ALLOW_THREADS
         for (;;) {
             int r = sleep_readable(pfds, nfds, forever, deadline);

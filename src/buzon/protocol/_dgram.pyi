@@ -51,5 +51,6 @@ def wait_fifo(
     scan: Callable[..., tuple[int, int]],
     max_frame: int,
     codecs: int,
+    bfd: int = -1,
     /,
 ) -> tuple[int, bytes] | tuple[int, int, int] | None: ...
