@@ -1944,9 +1944,14 @@ class ChannelCore:
 
     def interrupt_reads(self) -> None:
         """End a blocking recv another thread sleeps in (a :meth:`wait_read` mode with
-        ``WAIT_BLOCK``): the channel is closing, and its output was flushed already."""
-        if self._stream is not None and not self.closed:
+        ``WAIT_BLOCK``, a datagram socket's ``Receiver.wait``): the channel is closing,
+        and its output was flushed already."""
+        if self.closed:
+            return
+        if self._stream is not None:
             self._stream.interrupt_reads()
+        elif isinstance(self.transport, MessageTransport):
+            self.transport.interrupt_reads()
 
     def after_wait(
         self,

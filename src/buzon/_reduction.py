@@ -291,6 +291,7 @@ def _transport_parts(core: Any, fds: _Fds) -> tuple[Any, ...]:
     if kind is SeqpacketTransport:
         return ("seqpacket", fds.slot(t._fd), t.peer)
     if kind is DatagramTransport:
+        t.shared = True  # a connected end's receives no longer sleep in recvmsg
         return (
             "dgram",
             fds.slot(t._fd),
@@ -357,7 +358,7 @@ def _rebuild_transport(parts: tuple[Any, ...], fds: list[int]) -> Any:
     _, s, props, scheme, connected, max_message, last_peer, peer = parts
     sock = socket.socket(fileno=fds[s])
     transport = DatagramTransport(
-        sock, props, scheme=scheme, connected=connected, max_message=max_message
+        sock, props, scheme=scheme, connected=connected, max_message=max_message, shared=True
     )
     transport.last_peer = last_peer
     transport.peer = peer

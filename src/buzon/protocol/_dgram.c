@@ -30,6 +30,14 @@
  *       runs its Python handler (with the GIL), and what the handler raises ends the
  *       call; otherwise the wait goes on.
  *
+ *       With ``blocks`` (a socket or queue descriptor in blocking mode, set by the
+ *       transport) and no deadline, the sleep is the receive itself (recvmsg,
+ *       mq_timedreceive with no expiry), one system call (``in_block`` while it
+ *       lasts); the transport ends it for a close() (interrupt_reads: a KICK
+ *       datagram to a bound socket or message to the queue, a shutdown of a
+ *       connected socket), and the wake fd, readable then, says so (None). A KICK
+ *       is never a message in any receive.
+ *
  *   sender: the raw sockaddr of the last datagram (bytes; None: connected or none
  *   yet), priority, overflows, truncated: the facts about the last message.
  *
@@ -100,6 +108,8 @@ typedef struct {
     int counts_drops;
     int busy;  /* a wait is in progress (the GIL released): recv() finds nothing */
     int dirty; /* see the top of the file */
+    int blocks;   /* a wait with no deadline may sleep in recvmsg / mq_timedreceive */
+    int in_block; /* a wait sleeps in recvmsg itself now (set and cleared with the GIL) */
     Py_ssize_t size;
     char *buf; /* size + 1 bytes: a longer datagram shows */
     struct sockaddr_storage sender;
@@ -110,6 +120,13 @@ typedef struct {
 } Receiver;
 
 static const struct timespec already_expired = {0, 0};
+
+/* The datagram a closing channel sends its own bound socket to end a wait asleep in
+ * recvmsg (transport/_dgram.py interrupt_reads): never a frame (no frame begins with
+ * 0xFF), never delivered, never a sender. */
+static const char KICK[16] = {(char)0xFF, 'b', 'u', 'z', 'o', 'n', '-', 'k',
+                              'i',        'c', 'k', '-', 'w', 'a', 'i', 't'};
+#define KICKED (-2)
 
 
 /* What one receive learnt about its message, kept aside while the GIL may be released
@@ -124,17 +141,26 @@ typedef struct {
     Py_ssize_t truncated;
 } Facts;
 
-/* One receive that never sleeps, no Python object touched and no Receiver field
- * written but buf (may run without the GIL). Returns the length of the message now in
- * buf, -1 with errno (EAGAIN: none); drops datagrams longer than size, counted in
- * facts->truncated. */
-static ssize_t receive_once(Receiver *self, Facts *facts) {
+/* One receive, no Python object touched and no Receiver field written but buf (may
+ * run without the GIL); it never sleeps unless ``block`` (a socket in blocking mode:
+ * recvmsg without MSG_DONTWAIT). Returns the length of the message now in buf, -1
+ * with errno (EAGAIN: none); drops datagrams longer than size, counted in
+ * facts->truncated, and a KICK (skipped; ``block``: KICKED, the caller looks at its
+ * wake fd). */
+static ssize_t receive_once(Receiver *self, Facts *facts, int block) {
     for (;;) {
         if (self->kind == KIND_MQ) {
-            ssize_t n = mq_timedreceive((mqd_t)self->fd, self->buf, (size_t)self->size,
-                                        &facts->prio, &already_expired);
+            ssize_t n = block ? mq_receive((mqd_t)self->fd, self->buf, (size_t)self->size,
+                                           &facts->prio)
+                              : mq_timedreceive((mqd_t)self->fd, self->buf, (size_t)self->size,
+                                                &facts->prio, &already_expired);
             if (n < 0 && errno == ETIMEDOUT) /* a blocking descriptor: nothing there */
                 errno = EAGAIN;
+            if (n == (ssize_t)sizeof KICK && memcmp(self->buf, KICK, sizeof KICK) == 0) {
+                if (block)
+                    return KICKED;
+                continue;
+            }
             return n;
         }
         struct iovec iov = {.iov_base = self->buf, .iov_len = (size_t)self->size + 1};
@@ -154,7 +180,7 @@ static ssize_t receive_once(Receiver *self, Facts *facts) {
             m.msg_control = control.space;
             m.msg_controllen = sizeof control.space;
         }
-        ssize_t n = recvmsg(self->fd, &m, MSG_DONTWAIT);
+        ssize_t n = recvmsg(self->fd, &m, block ? 0 : MSG_DONTWAIT);
         if (n < 0)
             return -1;
         if (self->counts_drops) {
@@ -170,11 +196,22 @@ static ssize_t receive_once(Receiver *self, Facts *facts) {
             facts->truncated++; /* over our unit: never deliver a cut datagram */
             continue;
         }
+        if (n == (ssize_t)sizeof KICK && memcmp(self->buf, KICK, sizeof KICK) == 0) {
+            if (block)
+                return KICKED;
+            continue;
+        }
         if (!self->connected)
             facts->from_len = m.msg_namelen > sizeof facts->from ? sizeof facts->from
                                                                  : m.msg_namelen;
         return n;
     }
+}
+
+/* ``fd`` is readable now (a poll that never sleeps) */
+static int fd_ready_now(int fd) {
+    struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
+    return poll(&p, 1, 0) > 0 && (p.revents & POLLIN);
 }
 
 static void facts_init(Facts *facts) {
@@ -236,7 +273,7 @@ static PyObject *Receiver_recv(Receiver *self, PyObject *unused) {
     for (;;) {
         Facts facts;
         facts_init(&facts);
-        ssize_t n = receive_once(self, &facts);
+        ssize_t n = receive_once(self, &facts, 0);
         int saved = errno;
         commit(self, &facts, n);
         errno = saved;
@@ -309,7 +346,7 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
         Py_BEGIN_ALLOW_THREADS
         double end = monotonic_now() + spin;
         do {
-            got = receive_once(self, &facts);
+            got = receive_once(self, &facts, 0);
             if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
                 err = errno;
         } while (got < 0 && !err && monotonic_now() < end);
@@ -321,39 +358,70 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
             return NULL;
         }
     }
-    while (got < 0 && !err) {
-        Py_BEGIN_ALLOW_THREADS
-        for (;;) {
-            int r = sleep_readable(pfds, nfds, forever, deadline);
-            if (r < 0) {
-                err = errno;
+    /* no deadline, a socket in blocking mode: sleep in recvmsg itself, one system call
+     * (the transport ends it for a close() in another thread: interrupt_reads) */
+    int block = forever && self->blocks;
+    while (got < 0 && !err && !timed_out) {
+        if (block) {
+            self->in_block = 1;
+            Py_BEGIN_ALLOW_THREADS
+            for (;;) {
+                got = receive_once(self, &facts, 1);
+                if (got > 0)
+                    break;
+                if (got == 0 || got == KICKED) {
+                    /* a kick, a shutdown (0) or an empty datagram: the wake fd tells */
+                    if (wake >= 0 && fd_ready_now((int)wake)) {
+                        got = -1;
+                        timed_out = 1;
+                        break;
+                    }
+                    if (got == 0) /* an empty datagram: a message (not a frame) */
+                        break;
+                    continue; /* a kick meant for another wait */
+                }
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    block = 0; /* O_NONBLOCK after all (another process set it): poll */
+                else
+                    err = errno;
                 break;
             }
-            if (r == 0) { /* the deadline, or only the wake fd: a close() in another thread */
-                timed_out = 1;
-                break;
+            Py_END_ALLOW_THREADS
+            self->in_block = 0;
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            for (;;) {
+                int r = sleep_readable(pfds, nfds, forever, deadline);
+                if (r < 0) {
+                    err = errno;
+                    break;
+                }
+                if (r == 0) { /* the deadline, or only the wake fd: a close() in another thread */
+                    timed_out = 1;
+                    break;
+                }
+                got = receive_once(self, &facts, 0);
+                if (got >= 0)
+                    break;
+                if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                    err = errno;
+                    break;
+                }
+                /* readable, yet nothing to take (another reader, a dropped datagram) */
+                if (pfds[0].revents & POLLNVAL) {
+                    err = EBADF;
+                    break;
+                }
             }
-            got = receive_once(self, &facts);
-            if (got >= 0)
-                break;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                err = errno;
-                break;
-            }
-            /* readable, yet nothing to take (another reader, a dropped datagram) */
-            if (pfds[0].revents & POLLNVAL) {
-                err = EBADF;
-                break;
-            }
+            Py_END_ALLOW_THREADS
         }
-        Py_END_ALLOW_THREADS
-        if (err != EINTR)
-            break;
-        err = 0; /* a signal: its handler runs now; what it raises ends the wait */
-        if (PyErr_CheckSignals() < 0) {
-            commit(self, &facts, -1);
-            self->busy = 0;
-            return NULL;
+        if (err == EINTR) {
+            err = 0; /* a signal: its handler runs now; what it raises ends the wait */
+            if (PyErr_CheckSignals() < 0) {
+                commit(self, &facts, -1);
+                self->busy = 0;
+                return NULL;
+            }
         }
     }
     commit(self, &facts, got);
@@ -383,9 +451,17 @@ static PyObject *Receiver_wait(Receiver *self, PyObject *const *args, Py_ssize_t
 
 static PyObject *wait_fifo(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
+    if (nargs != 9 && nargs != 10) {
         PyErr_SetString(PyExc_TypeError, "wait_fifo(fd, buf, deadline, spin, limit, wake, scan, "
-                                         "max_frame, codecs) takes 9 arguments");
+                                         "max_frame, codecs[, bfd]) takes 9 or 10 arguments");
+        return NULL;
+    }
+    long bfd = -1; /* a blocking descriptor of the same FIFO: a wait with no deadline
+                    * sleeps in read(2) itself */
+    if (nargs == 10 && (bfd = PyLong_AsLong(args[9])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (bfd < -1 || bfd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bfd must be an fd or -1");
         return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
@@ -432,7 +508,27 @@ static PyObject *wait_fifo(PyObject *self, PyObject *const *args, Py_ssize_t nar
             return NULL;
         }
     }
-    while (got < 0 && !err) {
+    int block = forever && bfd >= 0;
+    while (got < 0 && !err && !timed_out) {
+        if (block) { /* the reader ends it for a close(): a nudge (interrupt_reads) */
+            Py_BEGIN_ALLOW_THREADS
+            got = read((int)bfd, buf.buf, (size_t)buf.len);
+            if (got < 0)
+                err = errno;
+            Py_END_ALLOW_THREADS
+            if (got < 0 && (err == EAGAIN || err == EWOULDBLOCK)) {
+                block = 0; /* O_NONBLOCK after all (another process set it): poll */
+                err = 0;
+            }
+            if (err == EINTR) {
+                err = 0; /* a signal: its handler runs now; what it raises ends the wait */
+                if (PyErr_CheckSignals() < 0) {
+                    PyBuffer_Release(&buf);
+                    return NULL;
+                }
+            }
+            continue;
+        }
         Py_BEGIN_ALLOW_THREADS
         for (;;) {
             int r = sleep_readable(pfds, nfds, forever, deadline);
@@ -572,6 +668,8 @@ static int Receiver_init(Receiver *self, PyObject *args, PyObject *kwds) {
     self->counts_drops = kind == KIND_SOCKET && counts_drops;
     self->busy = 0;
     self->dirty = 0;
+    self->blocks = 0;
+    self->in_block = 0;
     self->sender_len = 0;
     self->priority = 0;
     self->overflows = 0;
@@ -594,7 +692,33 @@ static PyMethodDef Receiver_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *Receiver_get_blocks(Receiver *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->blocks);
+}
+
+static int Receiver_set_blocks(Receiver *self, PyObject *value, void *closure) {
+    (void)closure;
+    int on = value == NULL ? -1 : PyObject_IsTrue(value);
+    if (on < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "blocks cannot be deleted");
+        return -1;
+    }
+    self->blocks = on;
+    return 0;
+}
+
+static PyObject *Receiver_get_in_block(Receiver *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->in_block);
+}
+
 static PyGetSetDef Receiver_getset[] = {
+    {"blocks", (getter)Receiver_get_blocks, (setter)Receiver_set_blocks,
+     "a socket in blocking mode: a wait with no deadline sleeps in recvmsg itself", NULL},
+    {"in_block", (getter)Receiver_get_in_block, NULL,
+     "a wait sleeps in recvmsg itself now (interrupt_reads ends it)", NULL},
     {"sender", (getter)Receiver_get_sender, NULL, "raw sockaddr of the last datagram", NULL},
     {"priority", (getter)Receiver_get_priority, NULL, "priority of the last queue message",
      NULL},
@@ -944,7 +1068,8 @@ PyMODINIT_FUNC PyInit__dgram(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "SOCKET", KIND_SOCKET) < 0 ||
+    if (PyModule_AddObject(m, "KICK", PyBytes_FromStringAndSize(KICK, sizeof KICK)) < 0 ||
+        PyModule_AddIntConstant(m, "SOCKET", KIND_SOCKET) < 0 ||
         PyModule_AddIntConstant(m, "MQ", KIND_MQ) < 0 ||
         PyModule_AddIntConstant(m, "FIFO", KIND_FIFO) < 0) {
         Py_DECREF(m);

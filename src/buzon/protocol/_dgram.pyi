@@ -3,6 +3,7 @@ from collections.abc import Callable
 SOCKET: int
 MQ: int
 FIFO: int
+KICK: bytes
 
 class Receiver:
     def __init__(
@@ -21,6 +22,9 @@ class Receiver:
     def overflows(self) -> int: ...
     @property
     def truncated(self) -> int: ...
+    blocks: bool
+    @property
+    def in_block(self) -> bool: ...
 
 class MessageSender:
     def __init__(
@@ -47,5 +51,6 @@ def wait_fifo(
     scan: Callable[..., tuple[int, int]],
     max_frame: int,
     codecs: int,
+    bfd: int = -1,
     /,
 ) -> tuple[int, bytes] | tuple[int, int, int] | None: ...

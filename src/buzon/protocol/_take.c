@@ -56,7 +56,7 @@ enum { KIND_STREAM = 0, KIND_MESSAGE = 1 };
 
 static PyObject *s_closing, *s_wake, *s_sleep_first, *s_waiters, *s_pumpers, *s_closed, *s_eof,
     *s_taking, *s_inbox, *s_taken, *s_decoder, *s_wait_buf, *s_wait_limit,
-    *s_idle_buffer, *s_drop_wake, *s_wake_pumpers, *s_small_send;
+    *s_idle_buffer, *s_drop_wake, *s_wake_pumpers, *s_small_send, *s_blocks;
 static PyObject *zero_float, *one; /* the spin 0.0; 1 */
 
 typedef struct {
@@ -68,6 +68,7 @@ typedef struct {
     PyObject *wait, *fallback, *rest, *failed;
     PyObject *max_frame; /* an int: the limit of a message transport's wait */
     PyObject *drop_wake, *wake_pumpers;
+    PyObject *receiver; /* kind 1: the wait's object (its ``blocks``), or NULL */
     int kind;
     unsigned long long received, received_bytes; /* folded in by statistics() */
     vectorcallfunc vectorcall;
@@ -99,7 +100,15 @@ static int take_checks(Take *self, long *wake, PyObject **buf, PyObject **limit)
     if ((v = field(chd, s_sleep_first)) == NULL)
         goto error;
     long sleep_first = PyLong_CheckExact(v) ? PyLong_AsLong(v) : 0;
-    if (sleep_first <= 0)
+    int blocking = 0; /* a receiver that sleeps in recvmsg itself never reads first */
+    if (self->receiver != NULL) {
+        PyObject *b = PyObject_GetAttr(self->receiver, s_blocks);
+        if (b == NULL)
+            goto error;
+        blocking = b == Py_True;
+        Py_DECREF(b);
+    }
+    if (sleep_first <= 0 && !blocking)
         goto no; /* the driver's _receive reads first (and counts again) */
     if ((v = field(cored, s_closed)) == NULL)
         goto error;
@@ -143,6 +152,8 @@ static int take_checks(Take *self, long *wake, PyObject **buf, PyObject **limit)
         *buf = NULL;
         *limit = self->max_frame;
     }
+    if (blocking)
+        return 1;
     PyObject *left = PyLong_FromLong(sleep_first - 1);
     if (left == NULL || PyDict_SetItem(chd, s_sleep_first, left) < 0) {
         Py_XDECREF(left);
@@ -443,6 +454,16 @@ static PyObject *take_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     self->drop_wake = drop;
     self->wake_pumpers = pump;
     self->kind = kind;
+    if (kind == KIND_MESSAGE) { /* a Receiver's wait: its ``blocks`` (a FifoWaiter: no) */
+        PyObject *owner = PyObject_GetAttrString(wait, "__self__");
+        if (owner == NULL) {
+            PyErr_Clear();
+        } else if (PyObject_HasAttr(owner, s_blocks)) {
+            self->receiver = owner;
+        } else {
+            Py_DECREF(owner);
+        }
+    }
     self->vectorcall = take_call;
     return (PyObject *)self;
 }
@@ -460,6 +481,7 @@ static int take_traverse(Take *self, visitproc visit, void *arg) {
     Py_VISIT(self->max_frame);
     Py_VISIT(self->drop_wake);
     Py_VISIT(self->wake_pumpers);
+    Py_VISIT(self->receiver);
     return 0;
 }
 
@@ -476,6 +498,7 @@ static int take_clear(Take *self) {
     Py_CLEAR(self->max_frame);
     Py_CLEAR(self->drop_wake);
     Py_CLEAR(self->wake_pumpers);
+    Py_CLEAR(self->receiver);
     return 0;
 }
 
@@ -641,6 +664,7 @@ PyMODINIT_FUNC PyInit__take(void) {
     INTERN(s_drop_wake, "_drop_wake");
     INTERN(s_wake_pumpers, "_wake_pumpers");
     INTERN(s_small_send, "small_send");
+    INTERN(s_blocks, "blocks");
     if ((zero_float = PyFloat_FromDouble(0.0)) == NULL || (one = PyLong_FromLong(1)) == NULL)
         return NULL;
     if (PyType_Ready(&TakeType) < 0 || PyType_Ready(&PutType) < 0)

@@ -1447,7 +1447,10 @@ class Channel(ChannelIdentity):
             # itself (WAIT_BLOCK), which reads at once what is there: no read first
             limit = timeout if timeout is not None else core.options.idle_timeout
             deadline = None if limit is None else deadline_of(limit)
-            if deadline is None and core.wait_blocks:
+            receiver = core.wait_receiver
+            if deadline is None and (
+                core.wait_blocks or (receiver is not None and receiver.blocks)
+            ):
                 pass
             elif self._sleep_first:
                 self._sleep_first -= 1
@@ -1728,11 +1731,19 @@ class Channel(ChannelIdentity):
             with contextlib.suppress(OSError):
                 os.eventfd_write(wake, 1)
             me = _get_ident()
-            if self._blocking_reader and any(t != me for t in self._waiters):
-                core.interrupt_reads()  # asleep in recv itself: only a shutdown ends it
+            # asleep in recv itself (a socket stream's, a datagram socket's receiver):
+            # a shutdown or a kick ends it; again every 10 ms (another process sharing
+            # the socket may take a kick)
+            kick = self._blocking_reader or core.wait_receiver is not None
+            if kick and any(t != me for t in self._waiters):
+                core.interrupt_reads()
             end = _monotonic() + _CLOSE_WAIT
+            again = _monotonic() + 0.01
             while any(t != me for t in self._waiters) and _monotonic() < end:
                 time.sleep(0.0002)
+                if kick and _monotonic() >= again:
+                    core.interrupt_reads()
+                    again = _monotonic() + 0.01
         # no other thread's write is between its "closed?" check and the fd (bounded: a
         # signal handler closing the channel may interrupt this thread's own write)
         held = self._wlock.acquire(timeout=1.0)

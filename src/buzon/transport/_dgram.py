@@ -3,14 +3,26 @@
 The bound ("listening") end of a datagram endpoint is a single channel that receives
 from every sender; its ``send`` replies to the most recent sender. The connecting end
 is a connected socket that exchanges datagrams with the bound end only.
+
+The socket is kept in blocking mode and every call that must not wait passes
+``MSG_DONTWAIT`` (as ``SocketStreamTransport``'s): so a receive with no deadline sleeps
+in ``recvmsg`` itself, one system call, instead of a poll then a read
+(``Receiver.wait`` with ``blocks``). A ``close()`` from another thread ends such a
+sleep (:meth:`DatagramTransport.interrupt_reads`): a bound end sends itself
+``KICK``, a datagram that is never a frame and never delivered (another process that
+shares the socket skips it too); a connected end, which only its peer may send to,
+shuts its reading side down, which would reach another process holding the socket,
+so a connected end that is (or was) shared never sleeps in ``recvmsg``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,13 +42,27 @@ __all__ = ["DatagramTransport", "SingleChannelListener"]
 
 _SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # Linux; Python does not export it
 _ANC_SPACE = socket.CMSG_SPACE(4)
+_DONTWAIT = socket.MSG_DONTWAIT
 
 try:  # the receive (and a plain receive's wait) in C: protocol/_dgram.c
+    from ..protocol._dgram import KICK, MessageSender, Receiver
     from ..protocol._dgram import SOCKET as _SOCKET
-    from ..protocol._dgram import MessageSender, Receiver
 except ImportError:  # pragma: no cover - the extension is always built
     Receiver = MessageSender = None  # type: ignore[assignment,misc]
     _SOCKET = 0
+    KICK = b""
+
+# connected ends whose receives may sleep in recvmsg: a fork shares them all
+_UNSHARED: weakref.WeakSet[DatagramTransport] = weakref.WeakSet()
+
+
+def _shared_by_fork() -> None:
+    for t in list(_UNSHARED):
+        t.shared = True
+    _UNSHARED.clear()
+
+
+os.register_at_fork(before=_shared_by_fork)
 
 
 def peer_address(raw: bytes, family: int) -> Any:
@@ -70,8 +96,9 @@ class DatagramTransport(MessageTransport):
         connected: bool,
         max_message: int,
         on_close: Callable[[], None] | None = None,
+        shared: bool = False,
     ) -> None:
-        sock.setblocking(False)
+        sock.setblocking(True)  # every call that must not wait passes MSG_DONTWAIT
         self.sock = sock
         self._fd = sock.fileno()
         self.properties = properties
@@ -99,6 +126,12 @@ class DatagramTransport(MessageTransport):
         self._family = sock.family
         self._sender_raw: bytes | None = None
         self._sender: Any = None
+        self._shared = False
+        self.shared = shared
+        #: a bound Unix socket: (st_dev, st_ino) of the file bind made (its kick's check)
+        self.bound_inode: tuple[int, int] | None = None
+        if connected and not shared:
+            _UNSHARED.add(self)
         if connected:
             try:
                 self.peer = PeerInfo(address=sock.getpeername())
@@ -110,6 +143,52 @@ class DatagramTransport(MessageTransport):
 
     def write_fileno(self) -> int:
         return self._fd
+
+    @property
+    def shared(self) -> bool:
+        """The socket is (or was) open in another process too (held across a fork, or
+        passed to it). A connected end's receives then never sleep in ``recvmsg``
+        (ending one takes a shutdown, which would reach that process); a bound end's
+        still do (a kick ends them)."""
+        return self._shared
+
+    @shared.setter
+    def shared(self, value: bool) -> None:
+        self._shared = value
+        if self.receiver is not None:
+            self.receiver.blocks = not (value and self.connected)
+
+    def interrupt_reads(self) -> None:
+        """End a wait another thread sleeps in ``recvmsg`` in (the channel is closing,
+        and its wake fd was written): a bound end sends itself :data:`KICK`; a
+        connected end, or a bound end its own name no longer reaches, shuts its
+        reading side down."""
+        receiver = self.receiver
+        if self.closed or receiver is None or not (receiver.blocks or receiver.in_block):
+            return
+        if not self.connected:
+            try:
+                self.sock.sendto(KICK, _DONTWAIT, self._own_address())
+                return
+            except OSError:
+                pass  # no name any more (unlinked, replaced): the shutdown
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
+
+    def _own_address(self) -> Any:
+        """Where this bound socket receives: its name, a wildcard host as loopback;
+        OSError when the name now leads elsewhere (a Unix socket's file unlinked or
+        replaced)."""
+        here = self.sock.getsockname()
+        if self._family == socket.AF_UNIX:
+            st = os.lstat(here)  # (an unnamed socket: "", FileNotFoundError)
+            if (st.st_dev, st.st_ino) != self.bound_inode:
+                raise OSError(errno.ESTALE, f"{here!r} is another socket now")
+            return here
+        if self._family == socket.AF_INET6:
+            host = "::1" if here[0] == "::" else here[0]
+            return (host, here[1], 0, here[3])
+        return ("127.0.0.1" if here[0] == "0.0.0.0" else here[0], here[1])
 
     @property
     def dropped(self) -> int:
@@ -153,10 +232,12 @@ class DatagramTransport(MessageTransport):
         while True:
             try:
                 if self._counts_drops:
-                    n, anc, _flags, addr = self.sock.recvmsg_into([self._rbuf], _ANC_SPACE)
+                    n, anc, _flags, addr = self.sock.recvmsg_into(
+                        [self._rbuf], _ANC_SPACE, _DONTWAIT
+                    )
                 else:  # cheaper: no ancillary data to ask for
                     anc = []
-                    n, addr = self.sock.recvfrom_into(self._rbuf)
+                    n, addr = self.sock.recvfrom_into(self._rbuf, 0, _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
@@ -168,6 +249,8 @@ class DatagramTransport(MessageTransport):
             if n > self.max_message:
                 self._truncated += 1  # over our unit: never deliver a cut datagram
                 continue
+            if n == len(KICK) and self._rbuf[:n] == KICK:
+                continue  # a closing end's kick (interrupt_reads): never a message
             if not self.connected:
                 self.last_peer = addr
             return bytes(memoryview(self._rbuf)[:n])
@@ -189,16 +272,16 @@ class DatagramTransport(MessageTransport):
         try:
             if self.connected:
                 if len(bufs) == 1:
-                    self.sock.send(first)
+                    self.sock.send(first, _DONTWAIT)
                 else:
-                    self.sock.sendmsg(bufs)
+                    self.sock.sendmsg(bufs, (), _DONTWAIT)
             else:
                 if self.last_peer is None:
                     raise UnsupportedOperation(
                         f"this bound {self.scheme} end replies to the last sender, "
                         "and nothing has been received yet"
                     )
-                self.sock.sendmsg(bufs, (), 0, self.last_peer)
+                self.sock.sendmsg(bufs, (), _DONTWAIT, self.last_peer)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:

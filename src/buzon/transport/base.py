@@ -358,6 +358,11 @@ class MessageTransport(Transport):
         :meth:`recv_message`'s)."""
         return from_oserror(exc, f"{self.scheme} recv")
 
+    def interrupt_reads(self) -> None:
+        """End a wait another thread sleeps in inside the receive itself (the
+        :attr:`receiver`'s ``wait`` with no deadline; the channel is closing and its
+        wake fd was written); the default has none to end."""
+
     @abc.abstractmethod
     def send_message(self, bufs: Sequence[Buffer], priority: int = 0) -> bool:
         """Send one whole message made of ``bufs``; False if it would block."""

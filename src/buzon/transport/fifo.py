@@ -149,7 +149,16 @@ class FifoWaiter:
         ):
             return 0
         got = wait_fifo(
-            self._fd, buf, deadline, spin, limit, wake, self._scan, reader.max_frame, CODEC_BITS
+            self._fd,
+            buf,
+            deadline,
+            spin,
+            limit,
+            wake,
+            self._scan,
+            reader.max_frame,
+            CODEC_BITS,
+            reader._bfd,
         )
         if got is None or len(got) == 2:
             return got
@@ -162,6 +171,13 @@ class FifoWaiter:
             if r.messages:
                 reader._nudge()
         return filled
+
+    @property
+    def blocks(self) -> bool:
+        """A wait with no deadline sleeps in read(2) itself (on the reader's blocking
+        descriptor of the FIFO), so a receive never reads first."""
+        reader = self._reader
+        return reader._bfd >= 0 and reader._keepalive >= 0 and reader.framed
 
 
 def _scan_nothing(*args: object) -> tuple[int, int]:
@@ -201,9 +217,36 @@ class FifoReader(StreamTransport):
         # the C scan (the reassembler is never direct without it)
         self._scan: Callable[..., tuple[int, int]] = self.reassembler.scan or _scan_nothing
         os.set_blocking(rfd, False)
+        # a blocking descriptor of its own on the same FIFO: a plain wait with no
+        # deadline sleeps in read(2) itself, one system call (wait_fifo's ``bfd``);
+        # a close() from another thread ends it with a nudge (interrupt_reads)
+        self._bfd = self._open_blocking() if keepalive >= 0 else -1
 
     def read_fileno(self) -> int:
         return self._rfd
+
+    def _open_blocking(self) -> int:
+        """A second open file of this FIFO, in blocking mode (-1: none); O_NONBLOCK
+        belongs to the open file, which another process may share."""
+        try:
+            fd = os.open(f"/proc/self/fd/{self._rfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return -1
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.set_blocking(fd, True)
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return -1
+
+    def interrupt_reads(self) -> None:
+        """End a wait another thread sleeps in inside read(2) (the channel is closing
+        and its wake fd was written): a nudge, which every reader ignores (another
+        process sharing the FIFO too)."""
+        if self._bfd >= 0 and not self.closed:
+            self._nudge()
 
     def frame_waiter(self, decoder: Any) -> FifoWaiter | None:
         if wait_fifo is None or self._scan is _scan_nothing:
@@ -320,10 +363,10 @@ class FifoReader(StreamTransport):
         if self.closed:
             return
         self.closed = True
-        for fd in (self._rfd, self._keepalive):
+        for fd in (self._rfd, self._keepalive, self._bfd):
             if fd >= 0:
                 os.close(fd)
-        self._rfd = self._keepalive = -1
+        self._rfd = self._keepalive = self._bfd = -1
 
 
 class FifoWriter(MessageTransport):

@@ -38,6 +38,7 @@ and otherwise falls back to the queues that this user's processes hold open.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -57,8 +58,8 @@ from ..errors import (
     UnsupportedOperation,
     from_oserror,
 )
+from ..protocol._dgram import KICK, MessageSender, Receiver
 from ..protocol._dgram import MQ as _MQ
-from ..protocol._dgram import MessageSender, Receiver
 from ._tokens import TokenPool, find_pool, remove_pools
 from .base import (
     Buffer,
@@ -128,6 +129,14 @@ class MQTransport(MessageTransport):
         # the reading end's one receive (protocol/_dgram.c): the last priority, and a
         # plain receive's wait and take in one C call (ChannelCore.wait_message)
         self.receiver = Receiver(mqd, _MQ, msgsize) if self._reading else None
+        # a plain receive with no deadline sleeps in mq_timedreceive itself (the
+        # descriptor in blocking mode; every other call never sleeps: an expired
+        # timeout): a close() from another thread ends it with a KICK sent to the
+        # queue through a descriptor of its own (interrupt_reads)
+        self._kick = self._open_kick() if self._reading and msgsize >= len(KICK) else -1
+        if self._kick >= 0:
+            _posixmq.setblocking(mqd, True)
+            self.receiver.blocks = True  # type: ignore[union-attr]
         self.properties = LinkProperties(
             transport="mq",
             direction="simplex",
@@ -145,6 +154,32 @@ class MQTransport(MessageTransport):
                 "attached; several senders interleave whole messages"
             ),
         )
+
+    def _open_kick(self) -> int:
+        """A descriptor that writes to this very queue (-1: none: the name is gone or
+        names another queue now, or it refuses us)."""
+        try:
+            kick = _posixmq.open(self.name, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return -1
+        try:
+            if os.fstat(kick).st_ino == os.fstat(self._mqd).st_ino:
+                return kick
+        except OSError:
+            pass
+        _posixmq.close(kick)
+        return -1
+
+    def interrupt_reads(self) -> None:
+        """End a receive another thread sleeps in inside ``mq_timedreceive`` (the
+        channel is closing and its wake fd was written): one KICK message to the
+        queue, which every receive skips (a full queue needs none: it wakes the
+        receive with a message)."""
+        receiver = self.receiver
+        if self._kick < 0 or receiver is None or not (receiver.blocks or receiver.in_block):
+            return
+        with contextlib.suppress(OSError):
+            _posixmq.send(self._kick, KICK, 0)
 
     def __repr__(self) -> str:
         state = "closed" if self._mqd < 0 else ("reading" if self._reading else "writing")
@@ -214,6 +249,10 @@ class MQTransport(MessageTransport):
         self.closed = True
         if self.receiver is not None:
             self.receiver.close()
+        if self._kick >= 0:
+            kick, self._kick = self._kick, -1
+            with contextlib.suppress(OSError):
+                _posixmq.close(kick)
         if mqd >= 0:
             try:
                 _posixmq.close(mqd)

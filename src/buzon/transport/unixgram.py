@@ -50,6 +50,7 @@ def listen(addr: Address, opts: TransportOptions) -> SingleChannelListener:
     transport = DatagramTransport(
         sock, PROPERTIES, scheme="unixgram", connected=False, max_message=MAX_MESSAGE
     )
+    transport.bound_inode = (st.st_dev, st.st_ino)
     return SingleChannelListener(addr, transport, lambda: unlink_if_ours(path, st))
 
 
