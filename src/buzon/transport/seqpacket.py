@@ -38,8 +38,8 @@ import socket
 import sys
 import termios
 from collections.abc import Sequence
-from dataclasses import replace
 
+from .._record import replace
 from ..address import Address
 from ..errors import (
     EndOfChannel,
