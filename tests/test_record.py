@@ -103,3 +103,18 @@ def test_buzon_value_classes_are_records() -> None:
     assert replace(opts, capacity=3).capacity == 3
     stats = buzon.Statistics()
     assert "messages_sent" in fields(stats) and stats.messages_sent == 0
+
+
+@pytest.mark.parametrize("codec", ["msgpack", "json"])
+def test_a_record_travels_as_a_map_of_its_fields_as_a_dataclass_did(codec: str) -> None:
+    import buzon
+
+    a, b = buzon.pipe(codec=codec)  # type: ignore[arg-type]
+    try:
+        a.send({"peer": buzon.PeerInfo(pid=7, uid=0)})
+        assert b.recv(timeout=5) == {
+            "peer": {"pid": 7, "uid": 0, "gid": None, "address": None, "extra": {}}
+        }
+    finally:
+        a.close()
+        b.close()

@@ -31,6 +31,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._record import Record
 from .errors import CodecError, PickleRejected, ValidationError
 from .protocol.frames import CodecId
 
@@ -147,12 +148,16 @@ class Codec:
             return msgspec.msgpack.Ext(_EXT_NDARRAY, meta)
         if _np is not None and isinstance(obj, _np.generic):
             return obj.item()
+        if isinstance(obj, Record):  # buzon's own values (PeerInfo...): a map, as a dataclass
+            return {n: getattr(obj, n) for n in obj._fields}
         raise TypeError(f"objects of type {type(obj).__name__} are not supported{_hint(obj)}")
 
     def _json_hook(self, obj: Any) -> Any:
         _np = _loaded_numpy()
         if _np is not None and isinstance(obj, _np.generic):
             return obj.item()
+        if isinstance(obj, Record):
+            return {n: getattr(obj, n) for n in obj._fields}
         raise TypeError(
             f"objects of type {type(obj).__name__} are not supported by the json codec"
             + (
