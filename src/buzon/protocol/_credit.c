@@ -11,8 +11,9 @@
  *       The blocking ``send_bytes_async`` itself (the sync driver puts it in the
  *       channel's instance dict, where it shadows the method): ``data`` alone, bytes of
  *       at most the core's ``small_limit`` (-1 while the stream is not quiet), goes as
- *       one plain DATA frame asking for a receipt (flags 8) in one writev (``sock``: one
- *       sendmsg with MSG_DONTWAIT: a socket transport's socket may be in blocking mode) when the
+ *       one plain DATA frame asking for a receipt (flags 8) in one write (``sock``: one
+ *       send with MSG_DONTWAIT: a socket transport's socket may be in blocking mode;
+ *       _writer.h put_once) when the
  *       channel is quiet: ``lock`` (the driver's write lock) is
  *       free (taken with acquire(False), held from the checks to the count), the core
  *       owes nothing (``pending`` empty, ``credit_out`` None; fields read from the
@@ -166,21 +167,10 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
     if (next == NULL)
         return -1;
     Py_ssize_t n = PyBytes_GET_SIZE(data);
-    uint32_t len = (uint32_t)n;
     unsigned char header[8];
-    data_header(header, RECEIPT_FLAG, len);
-    struct iovec iov[2] = {
-        {.iov_base = header, .iov_len = sizeof header},
-        {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
-    };
-    ssize_t got;
-    do {
-        if (self->sock) { /* never blocks, whatever the socket's mode */
-            struct msghdr msg = {.msg_iov = iov, .msg_iovlen = n ? 2 : 1};
-            got = sendmsg(self->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-        } else
-            got = writev(self->fd, iov, n ? 2 : 1);
-    } while (got < 0 && errno == EINTR);
+    data_header(header, RECEIPT_FLAG, (uint32_t)n);
+    /* one write from a stack copy (a socket: never blocks, whatever its mode) */
+    ssize_t got = put_once(self->fd, self->sock, header, PyBytes_AS_STRING(data), (size_t)n);
     if (got < 0) {
         Py_DECREF(next);
         if (errno == EAGAIN || errno == EWOULDBLOCK)

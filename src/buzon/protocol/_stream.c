@@ -5,12 +5,13 @@
  *   write_frame(fd, flags, data) -> int
  *       One plain DATA frame (version 1, kind DATA, ``flags``, no out-of-band
  *       buffers) of the payload ``data``: its 8-byte header and the payload in one
- *       writev(2). Returns the bytes the kernel took (possibly fewer than 8 +
+ *       write(2) from a stack copy (a frame of at most 2 KiB; a larger one: one
+ *       writev(2); _writer.h put_once). Returns the bytes the kernel took (possibly fewer than 8 +
  *       len(data)); raises OSError as os.write does (BlockingIOError when the
  *       non-blocking fd has no room). The GIL stays held: the fd never blocks.
  *
  *   send_frame(fd, flags, data) -> int
- *       write_frame for a socket: one sendmsg(2) with MSG_DONTWAIT, which never
+ *       write_frame for a socket: one send(2) (larger: sendmsg) with MSG_DONTWAIT, which never
  *       blocks even when the socket is in blocking mode (the socket transports keep
  *       theirs so: see wait_frame's MODE_BLOCK).
  *
@@ -56,8 +57,8 @@
  *
  *   SmallWriter(fd, core, lock, limit, on_part[, sock])(data[, framed]) -> True | False | int
  *       The hot path of a blocking ``send_bytes`` (ChannelCore.small_send): ``data``,
- *       bytes of at most ``limit``, as one plain DATA frame in one writev, when the
- *       channel is quiet (``sock`` true: one sendmsg with MSG_DONTWAIT, as write_frame):
+ *       bytes of at most ``limit``, as one plain DATA frame in one write, when the
+ *       channel is quiet (``sock`` true: one send with MSG_DONTWAIT, as write_frame):
  *       ``lock`` (the driver's write lock) is free (taken with acquire(False) and held
  *       from the checks until a partial write's tail is kept: the Python code of
  *       ``on_part`` may let another thread run, which must find the tail owed or
@@ -96,16 +97,6 @@
 #define MODE_SOCKET 1 /* wait_frame: fd is a stream socket: reads are recv(MSG_DONTWAIT) */
 #define MODE_BLOCK 2  /* wait_frame: with no deadline, the sleep may be a blocking recv */
 
-/* One vectored write that never blocks: sendmsg(MSG_DONTWAIT) on a socket (which may be
- * in blocking mode: the socket transports keep it so, see transport/_fdstream.py), writev
- * on anything else (a non-blocking pipe). EINTR is the caller's. */
-static ssize_t put_vec(int fd, int sock, struct iovec *iov, int n) {
-    if (!sock)
-        return writev(fd, iov, n);
-    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
-    return sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-}
-
 static PyObject *put_frame(PyObject *const *args, Py_ssize_t nargs, int sock) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "write_frame(fd, flags, data) takes 3 arguments");
@@ -136,12 +127,8 @@ static PyObject *put_frame(PyObject *const *args, Py_ssize_t nargs, int sock) {
     }
     unsigned char header[8];
     data_header(header, (unsigned char)flags, (uint32_t)n);
-    struct iovec iov[2] = {
-        {.iov_base = header, .iov_len = sizeof header},
-        {.iov_base = PyBytes_AS_STRING(args[2]), .iov_len = (size_t)n},
-    };
     for (;;) {
-        ssize_t got = put_vec((int)fd, sock, iov, n ? 2 : 1);
+        ssize_t got = put_once((int)fd, sock, header, PyBytes_AS_STRING(args[2]), (size_t)n);
         if (got >= 0)
             return PyLong_FromSsize_t(got);
         if (errno != EINTR)
@@ -525,19 +512,11 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
             return NULL;
     }
     Py_ssize_t n = PyBytes_GET_SIZE(data);
-    uint32_t len = (uint32_t)n;
     unsigned char header[8];
-    data_header(header, 0, len);
-    struct iovec iov[2] = {
-        {.iov_base = header, .iov_len = sizeof header},
-        {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
-    };
+    data_header(header, 0, (uint32_t)n);
     Py_ssize_t whole = framed ? n : n + 8;
-    ssize_t got;
-    do
-        got = framed ? put_vec(self->fd, self->sock, iov + 1, 1)
-                     : put_vec(self->fd, self->sock, iov, n ? 2 : 1);
-    while (got < 0 && errno == EINTR);
+    ssize_t got = put_once(self->fd, self->sock, framed ? NULL : header, PyBytes_AS_STRING(data),
+                           (size_t)n);
     if (got < 0) {
         Py_XDECREF(next);
         if (errno == EAGAIN || errno == EWOULDBLOCK)
