@@ -15,7 +15,9 @@
  *       send with MSG_DONTWAIT: a socket transport's socket may be in blocking mode;
  *       _writer.h put_once) when the
  *       channel is quiet: ``lock`` (the driver's write lock) is
- *       free (taken with acquire(False), held from the checks to the count), the core
+ *       free (taken with acquire(False), held from the checks to the count; a pipe's
+ *       write of at most PIPE_BUF bytes, never partial, only finds it free: _writer.h
+ *       lock_held), the core
  *       owes nothing (``pending`` empty, ``credit_out`` None; fields read from the
  *       core's ``__dict__``, ``pending`` a deque the core keeps for good) and is open,
  *       and ``flow`` (the core's SendFlow, which numbers the messages; made by
@@ -102,11 +104,13 @@ static PyTypeObject ReceiptCoreType = {
 typedef struct {
     PyObject_HEAD
     int fd;
-    int sock;          /* a socket: sendmsg(MSG_DONTWAIT) (it may be in blocking mode) */
+    int sock;          /* a socket: send(MSG_DONTWAIT) (it may be in blocking mode) */
+    int fifo;          /* a pipe or FIFO: a write of at most PIPE_BUF is whole or nothing */
     PyObject *state;   /* core.__dict__: its fields read without attribute lookups */
     PyObject *pending; /* core.pending, a deque the core never replaces */
     PyObject *acquire; /* the write lock's bound methods */
     PyObject *release;
+    PyObject *locked;
     PyObject *flow;
     PyObject *channel;
     PyTypeObject *receipt_type;
@@ -146,10 +150,11 @@ static PyObject *make_receipt(ReceiptWriter *self, unsigned long long number) {
     return (PyObject *)r;
 }
 
-/* The write itself, under the write lock: -1 error, 0 nothing written, 1 written
+/* The write itself, under the write lock (``have_lock``; else found free for a write
+ * that is whole or nothing: _writer.h lock_held, writes_whole): -1 error, 0 nothing written, 1 written
  * whole, 2 written in part (``*serial``: the frame's serial); ``*number``: its number */
 static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long *number,
-                         PyObject **serial) {
+                         PyObject **serial, int have_lock) {
     unsigned long long sent, limit;
     Py_ssize_t owed = PyObject_Length(self->pending);
     if (owed != 0)
@@ -188,15 +193,25 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
         self->sent_bytes += (unsigned long long)got;
         return 1;
     }
+    *serial = NULL;
+    if (!have_lock && take_free_lock(self->acquire) < 0)
+        return -1;
     PyObject *flags = PyLong_FromLong(RECEIPT_FLAG);
     PyObject *wrote = PyLong_FromSsize_t(got);
-    *serial = NULL;
     if (flags != NULL && wrote != NULL) {
         PyObject *call[3] = {flags, data, wrote};
         *serial = PyObject_Vectorcall(self->on_part, call, 3, NULL);
     }
     Py_XDECREF(flags);
     Py_XDECREF(wrote);
+    if (!have_lock) {
+        PyObject *released = PyObject_CallNoArgs(self->release);
+        if (released == NULL) {
+            Py_CLEAR(*serial);
+            return -1;
+        }
+        Py_DECREF(released);
+    }
     return *serial == NULL ? -1 : 2;
 }
 
@@ -232,21 +247,33 @@ static PyObject *receipt_writer_call(PyObject *op, PyObject *const *args, size_t
         Py_DECREF(done);
     }
     /* the write lock, held from the checks to the count (a partial write's tail kept):
-     * no other thread writes between, whatever Python code runs meanwhile */
-    int locked = try_lock(self->acquire);
-    if (locked < 0)
-        return NULL;
-    if (!locked) /* another thread writes: the general way waits for the lock */
-        return PyObject_Vectorcall(self->fallback, args, 1, NULL);
+     * no other thread writes between, whatever Python code runs meanwhile; a pipe's
+     * write of at most PIPE_BUF bytes, never partial, only finds it free (this thread
+     * keeps the GIL and runs no Python code: _writer.h lock_held) */
     unsigned long long number = 0;
     PyObject *serial = NULL;
-    int done = receipt_write(self, data, &number, &serial);
-    PyObject *released = PyObject_CallNoArgs(self->release);
-    if (released == NULL) {
-        Py_XDECREF(serial);
-        return NULL;
+    int done;
+    if (writes_whole(self->fifo, PyBytes_GET_SIZE(data) + 8)) {
+        int held = lock_held(self->locked);
+        if (held < 0)
+            return NULL;
+        if (held) /* another thread writes: the general way waits for the lock */
+            return PyObject_Vectorcall(self->fallback, args, 1, NULL);
+        done = receipt_write(self, data, &number, &serial, 0);
+    } else {
+        int locked = try_lock(self->acquire);
+        if (locked < 0)
+            return NULL;
+        if (!locked) /* another thread writes: the general way waits for the lock */
+            return PyObject_Vectorcall(self->fallback, args, 1, NULL);
+        done = receipt_write(self, data, &number, &serial, 1);
+        PyObject *released = PyObject_CallNoArgs(self->release);
+        if (released == NULL) {
+            Py_XDECREF(serial);
+            return NULL;
+        }
+        Py_DECREF(released);
     }
-    Py_DECREF(released);
     switch (done) {
     case 0: /* not quiet, no credit, no room: the general way */
         return PyObject_Vectorcall(self->fallback, args, 1, NULL);
@@ -284,15 +311,19 @@ static PyObject *receipt_writer_new(PyTypeObject *type, PyObject *args, PyObject
     writer_refs w;
     if (writer_refs_take(&w, core, s_pending, lock) < 0)
         return NULL;
-    ReceiptWriter *self = (ReceiptWriter *)type->tp_alloc(type, 0);
+    PyObject *locked = PyObject_GetAttrString(lock, "locked");
+    ReceiptWriter *self = locked == NULL ? NULL : (ReceiptWriter *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        Py_XDECREF(locked);
         writer_refs_drop(&w);
         return NULL;
     }
+    self->locked = locked;
     self->state = w.state;
     self->pending = w.extra;
     self->fd = fd;
     self->sock = sock;
+    self->fifo = !sock && is_fifo(fd);
     self->flow = Py_NewRef(Py_None);
     self->make_flow = Py_NewRef(make_flow);
     self->acquire = w.acquire;
@@ -312,6 +343,7 @@ static int receipt_writer_traverse(ReceiptWriter *self, visitproc visit, void *a
     Py_VISIT(self->pending);
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
+    Py_VISIT(self->locked);
     Py_VISIT(self->flow);
     Py_VISIT(self->channel);
     Py_VISIT(self->receipt_type);
@@ -328,6 +360,7 @@ static int receipt_writer_clear(ReceiptWriter *self) {
     Py_CLEAR(self->pending);
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
+    Py_CLEAR(self->locked);
     Py_CLEAR(self->flow);
     Py_CLEAR(self->channel);
     Py_CLEAR(self->receipt_type);

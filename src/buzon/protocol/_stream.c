@@ -62,7 +62,8 @@
  *       ``lock`` (the driver's write lock) is free (taken with acquire(False) and held
  *       from the checks until a partial write's tail is kept: the Python code of
  *       ``on_part`` may let another thread run, which must find the tail owed or
- *       wait for the lock), and ``core`` owes
+ *       wait for the lock; a pipe's write of at most PIPE_BUF bytes, which is never
+ *       partial, only finds it free: _writer.h lock_held), and ``core`` owes
  *       nothing (``pending`` empty, ``credit_out`` None), is open and, if it numbers its
  *       sends (``sflow``: receipts, a capacity), has credit (the write is then counted
  *       in ``sflow.sent``, as ChannelCore.send_small counts it): fields read from the core's ``__dict__`` (``closed`` must be
@@ -431,7 +432,8 @@ done:
 typedef struct {
     PyObject_HEAD
     int fd;
-    int sock; /* a socket: sendmsg(MSG_DONTWAIT) (it may be in blocking mode) */
+    int sock; /* a socket: send(MSG_DONTWAIT) (it may be in blocking mode) */
+    int fifo; /* a pipe or FIFO: a write of at most PIPE_BUF bytes is whole or nothing */
     Py_ssize_t limit;
     PyObject *core;
     PyObject *state; /* core.__dict__: its fields read without attribute lookups */
@@ -439,6 +441,7 @@ typedef struct {
     PyObject *lock;
     PyObject *acquire; /* the lock's bound methods */
     PyObject *release;
+    PyObject *locked;
     PyObject *on_part;
     unsigned long long sent;
     unsigned long long sent_bytes;
@@ -459,7 +462,7 @@ static int flow_count(PyObject *flow, PyObject *name, unsigned long long *out) {
 }
 
 
-static PyObject *small_write(SmallWriter *self, PyObject *data, int framed);
+static PyObject *small_write(SmallWriter *self, PyObject *data, int framed, int have_lock);
 
 static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
                                    PyObject *kwnames) {
@@ -478,16 +481,25 @@ static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t n
         (framed && PyBytes_GET_SIZE(data) < 8))
         Py_RETURN_FALSE;
     /* the write lock, held from the checks until a partial write's tail is kept (Python
-     * code, during which another thread may run: it must find the tail owed, or wait) */
+     * code, during which another thread may run: it must find the tail owed, or wait);
+     * a pipe's write of at most PIPE_BUF bytes, never partial, only finds it free
+     * (this thread keeps the GIL and runs no Python code: _writer.h lock_held) */
+    if (writes_whole(self->fifo, PyBytes_GET_SIZE(data) + (framed ? 0 : 8))) {
+        int held = lock_held(self->locked);
+        if (held != 0) /* another thread writes: the general way waits for the lock */
+            return held < 0 ? NULL : Py_NewRef(Py_False);
+        return small_write(self, data, framed, 0);
+    }
     int locked = try_lock(self->acquire);
     if (locked <= 0) /* another thread writes: the general way waits for the lock */
         return locked < 0 ? NULL : Py_NewRef(Py_False);
-    return unlock_with(self->release, small_write(self, data, framed));
+    return unlock_with(self->release, small_write(self, data, framed, 1));
 }
 
-/* SmallWriter's write, under the write lock: True written whole, False nothing written
- * (the general way), an int (a partial write: the frame's serial), NULL an error */
-static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
+/* SmallWriter's write, the write lock free (``have_lock``: held by this call): True
+ * written whole, False nothing written (the general way), an int (a partial write: the
+ * frame's serial), NULL an error */
+static PyObject *small_write(SmallWriter *self, PyObject *data, int framed, int have_lock) {
     Py_ssize_t owed = PyObject_Length(self->pending);
     if (owed != 0)
         return owed < 0 ? NULL : Py_NewRef(Py_False);
@@ -534,6 +546,9 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
         self->sent_bytes += (unsigned long long)got;
         Py_RETURN_TRUE;
     }
+    /* the tail is kept by Python code: under the write lock (free: see the caller) */
+    if (!have_lock && take_free_lock(self->acquire) < 0)
+        return NULL;
     PyObject *flags = PyLong_FromLong(framed ? -1 : 0); /* -1: the tail of a whole frame */
     PyObject *wrote = PyLong_FromSsize_t(got);
     PyObject *out = NULL;
@@ -543,7 +558,7 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
     }
     Py_XDECREF(flags);
     Py_XDECREF(wrote);
-    return out;
+    return have_lock ? out : unlock_with(self->release, out);
 }
 
 static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
@@ -561,17 +576,21 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
     writer_refs w;
     if (writer_refs_take(&w, core, s_pending, lock) < 0)
         return NULL;
-    SmallWriter *self = (SmallWriter *)type->tp_alloc(type, 0);
+    PyObject *locked = PyObject_GetAttrString(lock, "locked");
+    SmallWriter *self = locked == NULL ? NULL : (SmallWriter *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        Py_XDECREF(locked);
         writer_refs_drop(&w);
         return NULL;
     }
+    self->locked = locked;
     self->state = w.state;
     self->pending = w.extra;
     self->acquire = w.acquire;
     self->release = w.release;
     self->fd = fd;
     self->sock = sock;
+    self->fifo = !sock && is_fifo(fd);
     self->limit = limit;
     self->core = Py_NewRef(core);
     self->lock = Py_NewRef(lock);
@@ -587,6 +606,7 @@ static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) 
     Py_VISIT(self->lock);
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
+    Py_VISIT(self->locked);
     Py_VISIT(self->on_part);
     return 0;
 }
@@ -598,6 +618,7 @@ static int small_writer_clear(SmallWriter *self) {
     Py_CLEAR(self->lock);
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
+    Py_CLEAR(self->locked);
     Py_CLEAR(self->on_part);
     return 0;
 }

@@ -9,7 +9,9 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <limits.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -50,6 +52,52 @@ static inline int try_lock(PyObject *acquire) {
     int got = held == Py_True;
     Py_DECREF(held);
     return got;
+}
+
+/* The write lock's ``locked()``: 1 held, 0 free, -1 error. A writer that finds it free
+ * and then keeps the GIL and runs no Python code (no callback, no allocation that may
+ * collect, its system call made with the GIL held) may write as if it held the lock,
+ * provided that write is whole or nothing (writes_whole): another thread may still
+ * take the lock meanwhile (one blocked in acquire() takes it without the GIL), but it
+ * runs only after this write, which then happened before its turn. A write that may
+ * be taken in part keeps a tail for Python code to finish, which needs the lock: such
+ * writers take it (try_lock). This saves the acquire(False) call's argument parsing
+ * and the release call. */
+static inline int lock_held(PyObject *locked) {
+    PyObject *held = PyObject_CallNoArgs(locked);
+    if (held == NULL)
+        return -1;
+    int out = held != Py_False;
+    Py_DECREF(held);
+    return out;
+}
+
+/* try_lock of a lock lock_held found free, for a write taken in part after all (which
+ * writes_whole rules out): 0 taken, -1 error (RuntimeError if another thread took it) */
+static inline int take_free_lock(PyObject *acquire) {
+    int got = try_lock(acquire);
+    if (got == 0)
+        PyErr_SetString(PyExc_RuntimeError, "the write lock was taken during a C write");
+    return got > 0 ? 0 : -1;
+}
+
+/* 1 if ``fd`` is a pipe or FIFO (fstat), whose non-blocking writes of at most PIPE_BUF
+ * bytes are whole or nothing (POSIX), else 0 */
+static inline int is_fifo(int fd) {
+    struct stat st;
+    return fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode);
+}
+
+/* 1 if a write of ``n`` bytes to the file is whole or nothing: a pipe (``fifo``) and at
+ * most PIPE_BUF bytes; never in a free-threaded build (no GIL: see lock_held) */
+static inline int writes_whole(int fifo, Py_ssize_t n) {
+#ifdef Py_GIL_DISABLED
+    (void)fifo;
+    (void)n;
+    return 0;
+#else
+    return fifo && n <= PIPE_BUF;
+#endif
 }
 
 /* ``release()`` of a lock try_lock took; ``out`` (the caller's result, may be NULL) is
