@@ -29,7 +29,7 @@
  *       engine finishing the frame) gives the receipt. Anything else (other
  *       arguments, not small bytes, not quiet, no credit, no room, an error): nothing
  *       is written and ``fallback`` (the driver's general way, which meets the same
- *       error) is called with the same arguments. Before every 64th call ``reap()``
+ *       error) is called with the same arguments. Before every 256th call ``reap()``
  *       reads the acknowledgements that arrived, never waiting (before the write, so
  *       what it raises loses nothing): a long stream of receipts stays bounded.
  */
@@ -123,21 +123,13 @@ typedef struct {
     unsigned long long sent;
     unsigned long long sent_bytes;
     unsigned long long would_block;
+    count_cache limit_cache; /* the flow's last limit and its value (_writer.h) */
     vectorcallfunc vectorcall;
 } ReceiptWriter;
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_sent, *s_limit, *s_small_limit;
 
 
-/* flow.<name> as an unsigned 64-bit count; -1 (with an exception) on error */
-static int flow_count(PyObject *flow, PyObject *name, unsigned long long *out) {
-    PyObject *v = PyObject_GetAttr(flow, name);
-    if (v == NULL)
-        return -1;
-    *out = PyLong_AsUnsignedLongLong(v);
-    Py_DECREF(v);
-    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
-}
 
 static PyObject *make_receipt(ReceiptWriter *self, unsigned long long number) {
     PyTypeObject *type = self->receipt_type;
@@ -163,7 +155,8 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
     if ((r = core_flag(self->state, s_credit_out, 1)) != 0 ||
         (r = core_flag(self->state, s_closed, 0)) != 0)
         return r < 0 ? -1 : 0;
-    if (flow_count(self->flow, s_sent, &sent) < 0 || flow_count(self->flow, s_limit, &limit) < 0)
+    if (flow_count(self->flow, s_sent, &sent, NULL) < 0 ||
+            flow_count(self->flow, s_limit, &limit, &self->limit_cache) < 0)
         return -1;
     if (sent >= limit)
         return 0; /* the general way tells the receiver, and the engine waits */
@@ -238,7 +231,7 @@ static PyObject *receipt_writer_call(PyObject *op, PyObject *const *args, size_t
             return NULL;
         Py_SETREF(self->flow, flow);
     }
-    if (!(++self->calls & 63)) {
+    if (!(++self->calls & 255)) {
         /* now and then, before the write (what it raises then loses nothing): read
          * the acknowledgements that came meanwhile (Python code: the checks follow) */
         PyObject *done = PyObject_CallNoArgs(self->reap);
@@ -369,6 +362,7 @@ static int receipt_writer_clear(ReceiptWriter *self) {
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->finish);
     Py_CLEAR(self->make_flow);
+    Py_CLEAR(self->limit_cache.obj);
     return 0;
 }
 

@@ -446,20 +446,12 @@ typedef struct {
     unsigned long long sent;
     unsigned long long sent_bytes;
     unsigned long long would_block;
+    count_cache limit_cache; /* the flow's last limit and its value (_writer.h) */
     vectorcallfunc vectorcall;
 } SmallWriter;
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow, *s_sent, *s_limit;
 
-/* flow.<name> as an unsigned 64-bit count; -1 (with an exception) on error */
-static int flow_count(PyObject *flow, PyObject *name, unsigned long long *out) {
-    PyObject *v = PyObject_GetAttr(flow, name);
-    if (v == NULL)
-        return -1;
-    *out = PyLong_AsUnsignedLongLong(v);
-    Py_DECREF(v);
-    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
-}
 
 
 static PyObject *small_write(SmallWriter *self, PyObject *data, int framed, int have_lock);
@@ -515,7 +507,8 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed, int 
     PyObject *next = NULL; /* flow.sent + 1, made before the write: nothing can fail after */
     if (flow != Py_None) {
         unsigned long long sent, limit;
-        if (flow_count(flow, s_sent, &sent) < 0 || flow_count(flow, s_limit, &limit) < 0)
+        if (flow_count(flow, s_sent, &sent, NULL) < 0 ||
+            flow_count(flow, s_limit, &limit, &self->limit_cache) < 0)
             return NULL;
         if (sent >= limit) /* the general way tells the receiver, and the engine waits */
             return Py_NewRef(Py_False);
@@ -620,6 +613,7 @@ static int small_writer_clear(SmallWriter *self) {
     Py_CLEAR(self->release);
     Py_CLEAR(self->locked);
     Py_CLEAR(self->on_part);
+    Py_CLEAR(self->limit_cache.obj);
     return 0;
 }
 

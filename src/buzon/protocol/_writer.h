@@ -100,6 +100,40 @@ static inline int writes_whole(int fifo, Py_ssize_t n) {
 #endif
 }
 
+/* flow.<name> (a SendFlow count) as an unsigned 64-bit count; -1 (with an exception)
+ * on error. ``cache`` (may be NULL) holds the last int object seen (a strong
+ * reference: an identity match is that very object) and its value: a count that did not
+ * change (``limit``, often UNLIMITED = 2**64 - 1, whose conversion takes the slow path)
+ * is read without converting it again. The owner drops ``cache->obj`` when it is
+ * cleared (Py_CLEAR). */
+typedef struct {
+    PyObject *obj;
+    unsigned long long value;
+} count_cache;
+
+static inline int flow_count(PyObject *flow, PyObject *name, unsigned long long *out,
+                             count_cache *cache) {
+    PyObject *v = PyObject_GetAttr(flow, name);
+    if (v == NULL)
+        return -1;
+    if (cache != NULL && v == cache->obj) {
+        *out = cache->value;
+        Py_DECREF(v);
+        return 0;
+    }
+    *out = PyLong_AsUnsignedLongLong(v);
+    if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
+        Py_DECREF(v);
+        return -1;
+    }
+    if (cache != NULL) {
+        Py_XSETREF(cache->obj, v); /* our reference moves into the cache */
+        cache->value = *out;
+    } else
+        Py_DECREF(v);
+    return 0;
+}
+
 /* ``release()`` of a lock try_lock took; ``out`` (the caller's result, may be NULL) is
  * returned, or dropped and NULL returned when the release fails */
 static inline PyObject *unlock_with(PyObject *release, PyObject *out) {
