@@ -11,10 +11,13 @@
  *       The blocking ``send_bytes_async`` itself (the sync driver puts it in the
  *       channel's instance dict, where it shadows the method): ``data`` alone, bytes of
  *       at most the core's ``small_limit`` (-1 while the stream is not quiet), goes as
- *       one plain DATA frame asking for a receipt (flags 8) in one writev (``sock``: one
- *       sendmsg with MSG_DONTWAIT: a socket transport's socket may be in blocking mode) when the
+ *       one plain DATA frame asking for a receipt (flags 8) in one write (``sock``: one
+ *       send with MSG_DONTWAIT: a socket transport's socket may be in blocking mode;
+ *       _writer.h put_once) when the
  *       channel is quiet: ``lock`` (the driver's write lock) is
- *       free (taken with acquire(False), held from the checks to the count), the core
+ *       free (taken with acquire(False), held from the checks to the count; a pipe's
+ *       write of at most PIPE_BUF bytes, never partial, only finds it free: _writer.h
+ *       lock_held), the core
  *       owes nothing (``pending`` empty, ``credit_out`` None; fields read from the
  *       core's ``__dict__``, ``pending`` a deque the core keeps for good) and is open,
  *       and ``flow`` (the core's SendFlow, which numbers the messages; made by
@@ -26,7 +29,7 @@
  *       engine finishing the frame) gives the receipt. Anything else (other
  *       arguments, not small bytes, not quiet, no credit, no room, an error): nothing
  *       is written and ``fallback`` (the driver's general way, which meets the same
- *       error) is called with the same arguments. Before every 64th call ``reap()``
+ *       error) is called with the same arguments. Before every 256th call ``reap()``
  *       reads the acknowledgements that arrived, never waiting (before the write, so
  *       what it raises loses nothing): a long stream of receipts stays bounded.
  */
@@ -101,11 +104,13 @@ static PyTypeObject ReceiptCoreType = {
 typedef struct {
     PyObject_HEAD
     int fd;
-    int sock;          /* a socket: sendmsg(MSG_DONTWAIT) (it may be in blocking mode) */
+    int sock;          /* a socket: send(MSG_DONTWAIT) (it may be in blocking mode) */
+    int fifo;          /* a pipe or FIFO: a write of at most PIPE_BUF is whole or nothing */
     PyObject *state;   /* core.__dict__: its fields read without attribute lookups */
     PyObject *pending; /* core.pending, a deque the core never replaces */
     PyObject *acquire; /* the write lock's bound methods */
     PyObject *release;
+    PyObject *locked;
     PyObject *flow;
     PyObject *channel;
     PyTypeObject *receipt_type;
@@ -118,21 +123,13 @@ typedef struct {
     unsigned long long sent;
     unsigned long long sent_bytes;
     unsigned long long would_block;
+    count_cache limit_cache; /* the flow's last limit and its value (_writer.h) */
     vectorcallfunc vectorcall;
 } ReceiptWriter;
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_sent, *s_limit, *s_small_limit;
 
 
-/* flow.<name> as an unsigned 64-bit count; -1 (with an exception) on error */
-static int flow_count(PyObject *flow, PyObject *name, unsigned long long *out) {
-    PyObject *v = PyObject_GetAttr(flow, name);
-    if (v == NULL)
-        return -1;
-    *out = PyLong_AsUnsignedLongLong(v);
-    Py_DECREF(v);
-    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
-}
 
 static PyObject *make_receipt(ReceiptWriter *self, unsigned long long number) {
     PyTypeObject *type = self->receipt_type;
@@ -145,10 +142,11 @@ static PyObject *make_receipt(ReceiptWriter *self, unsigned long long number) {
     return (PyObject *)r;
 }
 
-/* The write itself, under the write lock: -1 error, 0 nothing written, 1 written
+/* The write itself, under the write lock (``have_lock``; else found free for a write
+ * that is whole or nothing: _writer.h lock_held, writes_whole): -1 error, 0 nothing written, 1 written
  * whole, 2 written in part (``*serial``: the frame's serial); ``*number``: its number */
 static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long *number,
-                         PyObject **serial) {
+                         PyObject **serial, int have_lock) {
     unsigned long long sent, limit;
     Py_ssize_t owed = PyObject_Length(self->pending);
     if (owed != 0)
@@ -157,7 +155,8 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
     if ((r = core_flag(self->state, s_credit_out, 1)) != 0 ||
         (r = core_flag(self->state, s_closed, 0)) != 0)
         return r < 0 ? -1 : 0;
-    if (flow_count(self->flow, s_sent, &sent) < 0 || flow_count(self->flow, s_limit, &limit) < 0)
+    if (flow_count(self->flow, s_sent, &sent, NULL) < 0 ||
+            flow_count(self->flow, s_limit, &limit, &self->limit_cache) < 0)
         return -1;
     if (sent >= limit)
         return 0; /* the general way tells the receiver, and the engine waits */
@@ -166,21 +165,10 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
     if (next == NULL)
         return -1;
     Py_ssize_t n = PyBytes_GET_SIZE(data);
-    uint32_t len = (uint32_t)n;
     unsigned char header[8];
-    data_header(header, RECEIPT_FLAG, len);
-    struct iovec iov[2] = {
-        {.iov_base = header, .iov_len = sizeof header},
-        {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
-    };
-    ssize_t got;
-    do {
-        if (self->sock) { /* never blocks, whatever the socket's mode */
-            struct msghdr msg = {.msg_iov = iov, .msg_iovlen = n ? 2 : 1};
-            got = sendmsg(self->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-        } else
-            got = writev(self->fd, iov, n ? 2 : 1);
-    } while (got < 0 && errno == EINTR);
+    data_header(header, RECEIPT_FLAG, (uint32_t)n);
+    /* one write from a stack copy (a socket: never blocks, whatever its mode) */
+    ssize_t got = put_once(self->fd, self->sock, header, PyBytes_AS_STRING(data), (size_t)n);
     if (got < 0) {
         Py_DECREF(next);
         if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -198,15 +186,25 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
         self->sent_bytes += (unsigned long long)got;
         return 1;
     }
+    *serial = NULL;
+    if (!have_lock && take_free_lock(self->acquire) < 0)
+        return -1;
     PyObject *flags = PyLong_FromLong(RECEIPT_FLAG);
     PyObject *wrote = PyLong_FromSsize_t(got);
-    *serial = NULL;
     if (flags != NULL && wrote != NULL) {
         PyObject *call[3] = {flags, data, wrote};
         *serial = PyObject_Vectorcall(self->on_part, call, 3, NULL);
     }
     Py_XDECREF(flags);
     Py_XDECREF(wrote);
+    if (!have_lock) {
+        PyObject *released = PyObject_CallNoArgs(self->release);
+        if (released == NULL) {
+            Py_CLEAR(*serial);
+            return -1;
+        }
+        Py_DECREF(released);
+    }
     return *serial == NULL ? -1 : 2;
 }
 
@@ -233,7 +231,7 @@ static PyObject *receipt_writer_call(PyObject *op, PyObject *const *args, size_t
             return NULL;
         Py_SETREF(self->flow, flow);
     }
-    if (!(++self->calls & 63)) {
+    if (!(++self->calls & 255)) {
         /* now and then, before the write (what it raises then loses nothing): read
          * the acknowledgements that came meanwhile (Python code: the checks follow) */
         PyObject *done = PyObject_CallNoArgs(self->reap);
@@ -242,21 +240,33 @@ static PyObject *receipt_writer_call(PyObject *op, PyObject *const *args, size_t
         Py_DECREF(done);
     }
     /* the write lock, held from the checks to the count (a partial write's tail kept):
-     * no other thread writes between, whatever Python code runs meanwhile */
-    int locked = try_lock(self->acquire);
-    if (locked < 0)
-        return NULL;
-    if (!locked) /* another thread writes: the general way waits for the lock */
-        return PyObject_Vectorcall(self->fallback, args, 1, NULL);
+     * no other thread writes between, whatever Python code runs meanwhile; a pipe's
+     * write of at most PIPE_BUF bytes, never partial, only finds it free (this thread
+     * keeps the GIL and runs no Python code: _writer.h lock_held) */
     unsigned long long number = 0;
     PyObject *serial = NULL;
-    int done = receipt_write(self, data, &number, &serial);
-    PyObject *released = PyObject_CallNoArgs(self->release);
-    if (released == NULL) {
-        Py_XDECREF(serial);
-        return NULL;
+    int done;
+    if (writes_whole(self->fifo, PyBytes_GET_SIZE(data) + 8)) {
+        int held = lock_held(self->locked);
+        if (held < 0)
+            return NULL;
+        if (held) /* another thread writes: the general way waits for the lock */
+            return PyObject_Vectorcall(self->fallback, args, 1, NULL);
+        done = receipt_write(self, data, &number, &serial, 0);
+    } else {
+        int locked = try_lock(self->acquire);
+        if (locked < 0)
+            return NULL;
+        if (!locked) /* another thread writes: the general way waits for the lock */
+            return PyObject_Vectorcall(self->fallback, args, 1, NULL);
+        done = receipt_write(self, data, &number, &serial, 1);
+        PyObject *released = PyObject_CallNoArgs(self->release);
+        if (released == NULL) {
+            Py_XDECREF(serial);
+            return NULL;
+        }
+        Py_DECREF(released);
     }
-    Py_DECREF(released);
     switch (done) {
     case 0: /* not quiet, no credit, no room: the general way */
         return PyObject_Vectorcall(self->fallback, args, 1, NULL);
@@ -294,15 +304,19 @@ static PyObject *receipt_writer_new(PyTypeObject *type, PyObject *args, PyObject
     writer_refs w;
     if (writer_refs_take(&w, core, s_pending, lock) < 0)
         return NULL;
-    ReceiptWriter *self = (ReceiptWriter *)type->tp_alloc(type, 0);
+    PyObject *locked = PyObject_GetAttrString(lock, "locked");
+    ReceiptWriter *self = locked == NULL ? NULL : (ReceiptWriter *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        Py_XDECREF(locked);
         writer_refs_drop(&w);
         return NULL;
     }
+    self->locked = locked;
     self->state = w.state;
     self->pending = w.extra;
     self->fd = fd;
     self->sock = sock;
+    self->fifo = !sock && is_fifo(fd);
     self->flow = Py_NewRef(Py_None);
     self->make_flow = Py_NewRef(make_flow);
     self->acquire = w.acquire;
@@ -322,6 +336,7 @@ static int receipt_writer_traverse(ReceiptWriter *self, visitproc visit, void *a
     Py_VISIT(self->pending);
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
+    Py_VISIT(self->locked);
     Py_VISIT(self->flow);
     Py_VISIT(self->channel);
     Py_VISIT(self->receipt_type);
@@ -338,6 +353,7 @@ static int receipt_writer_clear(ReceiptWriter *self) {
     Py_CLEAR(self->pending);
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
+    Py_CLEAR(self->locked);
     Py_CLEAR(self->flow);
     Py_CLEAR(self->channel);
     Py_CLEAR(self->receipt_type);
@@ -346,6 +362,7 @@ static int receipt_writer_clear(ReceiptWriter *self) {
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->finish);
     Py_CLEAR(self->make_flow);
+    Py_CLEAR(self->limit_cache.obj);
     return 0;
 }
 

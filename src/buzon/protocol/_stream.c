@@ -5,12 +5,13 @@
  *   write_frame(fd, flags, data) -> int
  *       One plain DATA frame (version 1, kind DATA, ``flags``, no out-of-band
  *       buffers) of the payload ``data``: its 8-byte header and the payload in one
- *       writev(2). Returns the bytes the kernel took (possibly fewer than 8 +
+ *       write(2) from a stack copy (a frame of at most 2 KiB; a larger one: one
+ *       writev(2); _writer.h put_once). Returns the bytes the kernel took (possibly fewer than 8 +
  *       len(data)); raises OSError as os.write does (BlockingIOError when the
  *       non-blocking fd has no room). The GIL stays held: the fd never blocks.
  *
  *   send_frame(fd, flags, data) -> int
- *       write_frame for a socket: one sendmsg(2) with MSG_DONTWAIT, which never
+ *       write_frame for a socket: one send(2) (larger: sendmsg) with MSG_DONTWAIT, which never
  *       blocks even when the socket is in blocking mode (the socket transports keep
  *       theirs so: see wait_frame's MODE_BLOCK).
  *
@@ -56,12 +57,13 @@
  *
  *   SmallWriter(fd, core, lock, limit, on_part[, sock])(data[, framed]) -> True | False | int
  *       The hot path of a blocking ``send_bytes`` (ChannelCore.small_send): ``data``,
- *       bytes of at most ``limit``, as one plain DATA frame in one writev, when the
- *       channel is quiet (``sock`` true: one sendmsg with MSG_DONTWAIT, as write_frame):
+ *       bytes of at most ``limit``, as one plain DATA frame in one write, when the
+ *       channel is quiet (``sock`` true: one send with MSG_DONTWAIT, as write_frame):
  *       ``lock`` (the driver's write lock) is free (taken with acquire(False) and held
  *       from the checks until a partial write's tail is kept: the Python code of
  *       ``on_part`` may let another thread run, which must find the tail owed or
- *       wait for the lock), and ``core`` owes
+ *       wait for the lock; a pipe's write of at most PIPE_BUF bytes, which is never
+ *       partial, only finds it free: _writer.h lock_held), and ``core`` owes
  *       nothing (``pending`` empty, ``credit_out`` None), is open and, if it numbers its
  *       sends (``sflow``: receipts, a capacity), has credit (the write is then counted
  *       in ``sflow.sent``, as ChannelCore.send_small counts it): fields read from the core's ``__dict__`` (``closed`` must be
@@ -96,16 +98,6 @@
 #define MODE_SOCKET 1 /* wait_frame: fd is a stream socket: reads are recv(MSG_DONTWAIT) */
 #define MODE_BLOCK 2  /* wait_frame: with no deadline, the sleep may be a blocking recv */
 
-/* One vectored write that never blocks: sendmsg(MSG_DONTWAIT) on a socket (which may be
- * in blocking mode: the socket transports keep it so, see transport/_fdstream.py), writev
- * on anything else (a non-blocking pipe). EINTR is the caller's. */
-static ssize_t put_vec(int fd, int sock, struct iovec *iov, int n) {
-    if (!sock)
-        return writev(fd, iov, n);
-    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
-    return sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-}
-
 static PyObject *put_frame(PyObject *const *args, Py_ssize_t nargs, int sock) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "write_frame(fd, flags, data) takes 3 arguments");
@@ -136,12 +128,8 @@ static PyObject *put_frame(PyObject *const *args, Py_ssize_t nargs, int sock) {
     }
     unsigned char header[8];
     data_header(header, (unsigned char)flags, (uint32_t)n);
-    struct iovec iov[2] = {
-        {.iov_base = header, .iov_len = sizeof header},
-        {.iov_base = PyBytes_AS_STRING(args[2]), .iov_len = (size_t)n},
-    };
     for (;;) {
-        ssize_t got = put_vec((int)fd, sock, iov, n ? 2 : 1);
+        ssize_t got = put_once((int)fd, sock, header, PyBytes_AS_STRING(args[2]), (size_t)n);
         if (got >= 0)
             return PyLong_FromSsize_t(got);
         if (errno != EINTR)
@@ -444,7 +432,8 @@ done:
 typedef struct {
     PyObject_HEAD
     int fd;
-    int sock; /* a socket: sendmsg(MSG_DONTWAIT) (it may be in blocking mode) */
+    int sock; /* a socket: send(MSG_DONTWAIT) (it may be in blocking mode) */
+    int fifo; /* a pipe or FIFO: a write of at most PIPE_BUF bytes is whole or nothing */
     Py_ssize_t limit;
     PyObject *core;
     PyObject *state; /* core.__dict__: its fields read without attribute lookups */
@@ -452,27 +441,20 @@ typedef struct {
     PyObject *lock;
     PyObject *acquire; /* the lock's bound methods */
     PyObject *release;
+    PyObject *locked;
     PyObject *on_part;
     unsigned long long sent;
     unsigned long long sent_bytes;
     unsigned long long would_block;
+    count_cache limit_cache; /* the flow's last limit and its value (_writer.h) */
     vectorcallfunc vectorcall;
 } SmallWriter;
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow, *s_sent, *s_limit;
 
-/* flow.<name> as an unsigned 64-bit count; -1 (with an exception) on error */
-static int flow_count(PyObject *flow, PyObject *name, unsigned long long *out) {
-    PyObject *v = PyObject_GetAttr(flow, name);
-    if (v == NULL)
-        return -1;
-    *out = PyLong_AsUnsignedLongLong(v);
-    Py_DECREF(v);
-    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
-}
 
 
-static PyObject *small_write(SmallWriter *self, PyObject *data, int framed);
+static PyObject *small_write(SmallWriter *self, PyObject *data, int framed, int have_lock);
 
 static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
                                    PyObject *kwnames) {
@@ -491,16 +473,25 @@ static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t n
         (framed && PyBytes_GET_SIZE(data) < 8))
         Py_RETURN_FALSE;
     /* the write lock, held from the checks until a partial write's tail is kept (Python
-     * code, during which another thread may run: it must find the tail owed, or wait) */
+     * code, during which another thread may run: it must find the tail owed, or wait);
+     * a pipe's write of at most PIPE_BUF bytes, never partial, only finds it free
+     * (this thread keeps the GIL and runs no Python code: _writer.h lock_held) */
+    if (writes_whole(self->fifo, PyBytes_GET_SIZE(data) + (framed ? 0 : 8))) {
+        int held = lock_held(self->locked);
+        if (held != 0) /* another thread writes: the general way waits for the lock */
+            return held < 0 ? NULL : Py_NewRef(Py_False);
+        return small_write(self, data, framed, 0);
+    }
     int locked = try_lock(self->acquire);
     if (locked <= 0) /* another thread writes: the general way waits for the lock */
         return locked < 0 ? NULL : Py_NewRef(Py_False);
-    return unlock_with(self->release, small_write(self, data, framed));
+    return unlock_with(self->release, small_write(self, data, framed, 1));
 }
 
-/* SmallWriter's write, under the write lock: True written whole, False nothing written
- * (the general way), an int (a partial write: the frame's serial), NULL an error */
-static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
+/* SmallWriter's write, the write lock free (``have_lock``: held by this call): True
+ * written whole, False nothing written (the general way), an int (a partial write: the
+ * frame's serial), NULL an error */
+static PyObject *small_write(SmallWriter *self, PyObject *data, int framed, int have_lock) {
     Py_ssize_t owed = PyObject_Length(self->pending);
     if (owed != 0)
         return owed < 0 ? NULL : Py_NewRef(Py_False);
@@ -516,7 +507,8 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
     PyObject *next = NULL; /* flow.sent + 1, made before the write: nothing can fail after */
     if (flow != Py_None) {
         unsigned long long sent, limit;
-        if (flow_count(flow, s_sent, &sent) < 0 || flow_count(flow, s_limit, &limit) < 0)
+        if (flow_count(flow, s_sent, &sent, NULL) < 0 ||
+            flow_count(flow, s_limit, &limit, &self->limit_cache) < 0)
             return NULL;
         if (sent >= limit) /* the general way tells the receiver, and the engine waits */
             return Py_NewRef(Py_False);
@@ -525,19 +517,11 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
             return NULL;
     }
     Py_ssize_t n = PyBytes_GET_SIZE(data);
-    uint32_t len = (uint32_t)n;
     unsigned char header[8];
-    data_header(header, 0, len);
-    struct iovec iov[2] = {
-        {.iov_base = header, .iov_len = sizeof header},
-        {.iov_base = PyBytes_AS_STRING(data), .iov_len = (size_t)n},
-    };
+    data_header(header, 0, (uint32_t)n);
     Py_ssize_t whole = framed ? n : n + 8;
-    ssize_t got;
-    do
-        got = framed ? put_vec(self->fd, self->sock, iov + 1, 1)
-                     : put_vec(self->fd, self->sock, iov, n ? 2 : 1);
-    while (got < 0 && errno == EINTR);
+    ssize_t got = put_once(self->fd, self->sock, framed ? NULL : header, PyBytes_AS_STRING(data),
+                           (size_t)n);
     if (got < 0) {
         Py_XDECREF(next);
         if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -555,6 +539,9 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
         self->sent_bytes += (unsigned long long)got;
         Py_RETURN_TRUE;
     }
+    /* the tail is kept by Python code: under the write lock (free: see the caller) */
+    if (!have_lock && take_free_lock(self->acquire) < 0)
+        return NULL;
     PyObject *flags = PyLong_FromLong(framed ? -1 : 0); /* -1: the tail of a whole frame */
     PyObject *wrote = PyLong_FromSsize_t(got);
     PyObject *out = NULL;
@@ -564,7 +551,7 @@ static PyObject *small_write(SmallWriter *self, PyObject *data, int framed) {
     }
     Py_XDECREF(flags);
     Py_XDECREF(wrote);
-    return out;
+    return have_lock ? out : unlock_with(self->release, out);
 }
 
 static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
@@ -582,17 +569,21 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
     writer_refs w;
     if (writer_refs_take(&w, core, s_pending, lock) < 0)
         return NULL;
-    SmallWriter *self = (SmallWriter *)type->tp_alloc(type, 0);
+    PyObject *locked = PyObject_GetAttrString(lock, "locked");
+    SmallWriter *self = locked == NULL ? NULL : (SmallWriter *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        Py_XDECREF(locked);
         writer_refs_drop(&w);
         return NULL;
     }
+    self->locked = locked;
     self->state = w.state;
     self->pending = w.extra;
     self->acquire = w.acquire;
     self->release = w.release;
     self->fd = fd;
     self->sock = sock;
+    self->fifo = !sock && is_fifo(fd);
     self->limit = limit;
     self->core = Py_NewRef(core);
     self->lock = Py_NewRef(lock);
@@ -608,6 +599,7 @@ static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) 
     Py_VISIT(self->lock);
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
+    Py_VISIT(self->locked);
     Py_VISIT(self->on_part);
     return 0;
 }
@@ -619,7 +611,9 @@ static int small_writer_clear(SmallWriter *self) {
     Py_CLEAR(self->lock);
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
+    Py_CLEAR(self->locked);
     Py_CLEAR(self->on_part);
+    Py_CLEAR(self->limit_cache.obj);
     return 0;
 }
 

@@ -6,7 +6,14 @@
 #define BUZON_PROTOCOL_WRITER_H
 
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
+#include <string.h>
+#include <limits.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #define BUZON_FRAME_VERSION 1
 #define BUZON_KIND_DATA 1
@@ -45,6 +52,86 @@ static inline int try_lock(PyObject *acquire) {
     int got = held == Py_True;
     Py_DECREF(held);
     return got;
+}
+
+/* The write lock's ``locked()``: 1 held, 0 free, -1 error. A writer that finds it free
+ * and then keeps the GIL and runs no Python code (no callback, no allocation that may
+ * collect, its system call made with the GIL held) may write as if it held the lock,
+ * provided that write is whole or nothing (writes_whole): another thread may still
+ * take the lock meanwhile (one blocked in acquire() takes it without the GIL), but it
+ * runs only after this write, which then happened before its turn. A write that may
+ * be taken in part keeps a tail for Python code to finish, which needs the lock: such
+ * writers take it (try_lock). This saves the acquire(False) call's argument parsing
+ * and the release call. */
+static inline int lock_held(PyObject *locked) {
+    PyObject *held = PyObject_CallNoArgs(locked);
+    if (held == NULL)
+        return -1;
+    int out = held != Py_False;
+    Py_DECREF(held);
+    return out;
+}
+
+/* try_lock of a lock lock_held found free, for a write taken in part after all (which
+ * writes_whole rules out): 0 taken, -1 error (RuntimeError if another thread took it) */
+static inline int take_free_lock(PyObject *acquire) {
+    int got = try_lock(acquire);
+    if (got == 0)
+        PyErr_SetString(PyExc_RuntimeError, "the write lock was taken during a C write");
+    return got > 0 ? 0 : -1;
+}
+
+/* 1 if ``fd`` is a pipe or FIFO (fstat), whose non-blocking writes of at most PIPE_BUF
+ * bytes are whole or nothing (POSIX), else 0 */
+static inline int is_fifo(int fd) {
+    struct stat st;
+    return fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode);
+}
+
+/* 1 if a write of ``n`` bytes to the file is whole or nothing: a pipe (``fifo``) and at
+ * most PIPE_BUF bytes; never in a free-threaded build (no GIL: see lock_held) */
+static inline int writes_whole(int fifo, Py_ssize_t n) {
+#ifdef Py_GIL_DISABLED
+    (void)fifo;
+    (void)n;
+    return 0;
+#else
+    return fifo && n <= PIPE_BUF;
+#endif
+}
+
+/* flow.<name> (a SendFlow count) as an unsigned 64-bit count; -1 (with an exception)
+ * on error. ``cache`` (may be NULL) holds the last int object seen (a strong
+ * reference: an identity match is that very object) and its value: a count that did not
+ * change (``limit``, often UNLIMITED = 2**64 - 1, whose conversion takes the slow path)
+ * is read without converting it again. The owner drops ``cache->obj`` when it is
+ * cleared (Py_CLEAR). */
+typedef struct {
+    PyObject *obj;
+    unsigned long long value;
+} count_cache;
+
+static inline int flow_count(PyObject *flow, PyObject *name, unsigned long long *out,
+                             count_cache *cache) {
+    PyObject *v = PyObject_GetAttr(flow, name);
+    if (v == NULL)
+        return -1;
+    if (cache != NULL && v == cache->obj) {
+        *out = cache->value;
+        Py_DECREF(v);
+        return 0;
+    }
+    *out = PyLong_AsUnsignedLongLong(v);
+    if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
+        Py_DECREF(v);
+        return -1;
+    }
+    if (cache != NULL) {
+        Py_XSETREF(cache->obj, v); /* our reference moves into the cache */
+        cache->value = *out;
+    } else
+        Py_DECREF(v);
+    return 0;
 }
 
 /* ``release()`` of a lock try_lock took; ``out`` (the caller's result, may be NULL) is
@@ -86,6 +173,51 @@ static inline int writer_refs_take(writer_refs *w, PyObject *core, PyObject *ext
         return -1;
     }
     return 0;
+}
+
+/* Frames up to this many bytes (header included) go to the kernel from one contiguous
+ * copy on the stack, in a write(2) or send(2): importing a two-entry iovec costs the
+ * kernel more than the copy (a 72-byte frame: about 250 ns of a unix socket's
+ * 1.5 us sendmsg, 150-250 ns of a pipe's 0.5 us writev; tests/bench/put_floor.c). */
+#define BUZON_COPY_MAX 2048
+
+/* One write of a frame that never blocks: ``header`` (8 bytes; NULL: ``data`` is the
+ * whole frame already) and then ``n`` bytes of ``data``. A socket (``sock``) is written
+ * with MSG_DONTWAIT | MSG_NOSIGNAL (the socket transports keep their sockets in
+ * blocking mode); anything else (a non-blocking pipe) with write/writev. A frame of at
+ * most BUZON_COPY_MAX bytes is copied to the stack and written with one write/send,
+ * a larger one as a two-part writev/sendmsg. EINTR is retried. Returns what the
+ * syscall returned (bytes taken, or -1 with errno). */
+static inline ssize_t put_once(int fd, int sock, const unsigned char *header, const char *data,
+                               size_t n) {
+    size_t hn = header != NULL ? 8 : 0;
+    ssize_t got;
+    if (hn + n <= BUZON_COPY_MAX) {
+        unsigned char frame[BUZON_COPY_MAX];
+        if (hn)
+            memcpy(frame, header, 8);
+        if (n)
+            memcpy(frame + hn, data, n);
+        do
+            got = sock ? send(fd, frame, hn + n, MSG_DONTWAIT | MSG_NOSIGNAL)
+                       : write(fd, frame, hn + n);
+        while (got < 0 && errno == EINTR);
+        return got;
+    }
+    struct iovec iov[2] = {
+        {.iov_base = (void *)header, .iov_len = hn},
+        {.iov_base = (void *)data, .iov_len = n},
+    };
+    struct iovec *v = hn ? iov : iov + 1;
+    int nv = hn ? 2 : 1;
+    do {
+        if (sock) {
+            struct msghdr msg = {.msg_iov = v, .msg_iovlen = (size_t)nv};
+            got = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } else
+            got = writev(fd, v, nv);
+    } while (got < 0 && errno == EINTR);
+    return got;
 }
 
 #endif

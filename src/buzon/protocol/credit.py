@@ -128,7 +128,7 @@ except ImportError:  # pragma: no cover - a build without the extension
 UNLIMITED = 2**64 - 1
 RECEIPT_FLAG = 0x08
 BLOCKED_FLAG = 0x08  # the same bit, on CREDIT frames
-REPORT_EVERY = 64
+REPORT_EVERY = 256
 _BODY = struct.Struct("<QQ")
 CREDIT_SIZE = HEADER.size + _BODY.size
 _CREDIT_HEADER = HEADER.pack(VERSION, Kind.CREDIT, 0, 0, _BODY.size)

@@ -666,7 +666,7 @@ class Channel(ChannelIdentity):
                 else:
                     pending = False
             if sent:
-                if not number & 63:
+                if not number & 255:
                     self._receipt_poll()  # reap acknowledgements now and then
                 return Receipt(self, flow, number)
             if pending:  # a partial write to finish
@@ -684,7 +684,7 @@ class Channel(ChannelIdentity):
         with self._wlock:
             if core.try_send(bufs, priority):
                 number = flow.sent  # read under the lock: another thread may send next
-                if number & 63 and not core.pending:
+                if number & 255 and not core.pending:
                     return Receipt(self, flow, number)
                 bufs = []
                 serial = core.serial
@@ -699,7 +699,7 @@ class Channel(ChannelIdentity):
         flow = core.receipt_flow()
         steps = send_steps(core, bufs, priority, accepted=not bufs, number=number, serial=serial)
         number = self._run(steps, deadline_of(timeout))
-        if not number & 63:
+        if not number & 255:
             self._receipt_poll()
         return Receipt(self, flow, number)
 
