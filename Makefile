@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 install: $(STAMP)
 	$(BIN)/python -m compileall -q src/buzon
 
-$(STAMP): pyproject.toml setup.py $(wildcard src/buzon/*.c src/buzon/*.h src/buzon/protocol/*.c)
+$(STAMP): pyproject.toml setup.py $(wildcard src/buzon/*.c src/buzon/*.h src/buzon/protocol/*.c src/buzon/protocol/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

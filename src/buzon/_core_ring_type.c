@@ -676,7 +676,9 @@ static PyGetSetDef ring_getset[] = {
     {"max_message", (getter)ring_get_max_message, NULL, "largest payload", NULL},
     {"name", (getter)ring_get_name, NULL, "segment name", NULL},
     {"title", (getter)ring_get_title, (setter)ring_set_title,
-     "what errors call this ring (\"mailbox 'jobs'\"); None: the ring and its name", NULL},
+     "what errors call this ring (the name of what owns it, as its user knows it); None: "
+     "the ring and its segment name",
+     NULL},
     {"closed", (getter)ring_get_closed, NULL, "closed by this process", NULL},
     {"slot", (getter)ring_get_slot, NULL, "our participant slot", NULL},
     {"used", (getter)ring_get_used, NULL, "bytes between tail and head", NULL},
