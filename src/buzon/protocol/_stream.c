@@ -446,8 +446,8 @@ typedef struct {
     int fd;
     int sock; /* a socket: sendmsg(MSG_DONTWAIT) (it may be in blocking mode) */
     Py_ssize_t limit;
-    PyObject *core;
-    PyObject *state; /* core.__dict__: its fields read without attribute lookups */
+    PyObject *coreref; /* the core, weakly: it keeps this writer (_writer.h) */
+    PyObject *state; /* core.__dict__ (borrowed): its fields read without attribute lookups */
     PyObject *pending; /* core.pending, a deque the core never replaces */
     PyObject *lock;
     PyObject *acquire; /* the lock's bound methods */
@@ -473,6 +473,20 @@ static int flow_count(PyObject *flow, PyObject *name, unsigned long long *out) {
 
 
 static PyObject *small_write(SmallWriter *self, PyObject *data, int framed);
+
+static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames);
+
+/* the call, with the core held for its duration (the writer holds it weakly) */
+static PyObject *small_writer_enter(PyObject *op, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
+    PyObject *core = owner_enter(((SmallWriter *)op)->coreref);
+    if (core == NULL)
+        return NULL;
+    PyObject *out = small_writer_call(op, args, nargsf, kwnames);
+    Py_DECREF(core);
+    return out;
+}
 
 static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
                                    PyObject *kwnames) {
@@ -587,6 +601,10 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
         writer_refs_drop(&w);
         return NULL;
     }
+    if (writer_refs_weaken(&w, core, &self->coreref) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->state = w.state;
     self->pending = w.extra;
     self->acquire = w.acquire;
@@ -594,16 +612,14 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
     self->fd = fd;
     self->sock = sock;
     self->limit = limit;
-    self->core = Py_NewRef(core);
     self->lock = Py_NewRef(lock);
     self->on_part = Py_NewRef(on_part);
-    self->vectorcall = small_writer_call;
+    self->vectorcall = small_writer_enter;
     return (PyObject *)self;
 }
 
 static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) {
-    Py_VISIT(self->core);
-    Py_VISIT(self->state);
+    Py_VISIT(self->coreref);
     Py_VISIT(self->pending);
     Py_VISIT(self->lock);
     Py_VISIT(self->acquire);
@@ -613,8 +629,8 @@ static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) 
 }
 
 static int small_writer_clear(SmallWriter *self) {
-    Py_CLEAR(self->core);
-    Py_CLEAR(self->state);
+    Py_CLEAR(self->coreref);
+    self->state = NULL; /* borrowed */
     Py_CLEAR(self->pending);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->acquire);
