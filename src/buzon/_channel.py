@@ -24,7 +24,8 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from types import MethodType
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _reduction
 from .address import Address
@@ -119,8 +120,9 @@ def weak_method(method: Callable[..., Any]) -> Callable[..., Any]:
     and a channel dropped without ``close()`` would then live (with its fds) until the
     cyclic garbage collector ran. Raises :class:`ChannelClosed` once the object is
     gone."""
-    func = method.__func__  # type: ignore[attr-defined]
-    ref = weakref.ref(method.__self__)  # type: ignore[attr-defined]
+    bound = cast(MethodType, method)
+    func = bound.__func__
+    ref = weakref.ref(bound.__self__)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         obj = ref()

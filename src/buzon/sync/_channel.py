@@ -1296,7 +1296,8 @@ class Channel(ChannelIdentity):
 
     def _take_counts(self) -> tuple[int, int]:
         """What the C ``recv_bytes`` took (``core.recv_counts``: held weakly)."""
-        counts: tuple[int, int] = self.recv_bytes.counts()  # type: ignore[attr-defined]
+        take: Any = self.recv_bytes  # the C Take (it shadows the method)
+        counts: tuple[int, int] = take.counts()
         return counts
 
     def _take_rest(self, got: tuple[int, bytes] | bytes | int | None, room: int) -> bytes:
