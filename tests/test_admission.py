@@ -311,8 +311,16 @@ def test_pending_handshakes_are_capped_oldest_silent_first(
 ) -> None:
     with buzon.listen(url, max_pending=8) as lst:
         _open_silent(lst.address, 20, silent)
-        with pytest.raises(buzon.Timeout):
-            lst.accept(timeout=0.3)
+        # an accept takes the queued connections a batch of max_pending at a time and
+        # raises Timeout at its deadline even if some are still in the kernel's backlog
+        # (they are the next accept's): under load one 0.3 s accept may see only the
+        # first batch (evicted 0), so accept again until all twenty were met
+        end = time.monotonic() + T / 2  # well inside the silent peers' handshake_timeout
+        while True:
+            with pytest.raises(buzon.Timeout):
+                lst.accept(timeout=0.3)
+            if lst.evicted >= 12 or time.monotonic() > end:
+                break
         assert lst.pending == 8
         assert lst.evicted == 12
         # the first twelve were evicted, and were told so

@@ -108,12 +108,17 @@ def test_retrying_a_timed_out_send_delivers_each_message_exactly_once(
     reader.start()
     timeouts = 0
     for i in range(n):
+        # the first attempt's 10 ms times out while the reader naps (the retry is what
+        # is tested); a retry loop backs off: a fixed 10 ms could never move 2 MB on a
+        # loaded machine (every attempt aborted: the reader waits for ever)
+        wait = 0.01
         while True:
             try:
-                a.send({"i": i, "p": b"z" * 2_000_000}, timeout=0.01)
+                a.send({"i": i, "p": b"z" * 2_000_000}, timeout=wait)
                 break
             except buzon.Timeout:
                 timeouts += 1
+                wait = min(wait * 2, 1.0)
     reader.join(60)
     assert got == list(range(n))
     assert timeouts > 0  # the test did what it says

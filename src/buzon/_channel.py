@@ -22,7 +22,8 @@ import os
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from types import MethodType
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _reduction
 from ._record import Record, fields, replace
@@ -109,6 +110,26 @@ DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
 PLAIN_MAX = 4096
 #: a receipt-asking take below this count of unreported ones only counts (see _pop)
 _REPORT_LAST = REPORT_EVERY - 1
+
+
+def weak_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, a bound method of a channel or its core, called through a weak
+    reference to its object. The C writers sit in their owner's ``__dict__``
+    (protocol/_writer.h): a strong callback to the owner would make a reference cycle,
+    and a channel dropped without ``close()`` would then live (with its fds) until the
+    cyclic garbage collector ran. Raises :class:`ChannelClosed` once the object is
+    gone."""
+    bound = cast(MethodType, method)
+    func = bound.__func__
+    ref = weakref.ref(bound.__self__)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        obj = ref()
+        if obj is None:
+            raise ChannelClosed("the channel was dropped without close()")
+        return func(obj, *args, **kwargs)
+
+    return call
 
 
 def _no_write(flags: int, data: bytes) -> int:
@@ -426,7 +447,7 @@ class ChannelCore:
                 self,
                 lock,
                 min(PLAIN_MAX, self.max_frame) - 8,
-                self._small_part,
+                weak_method(self._small_part),
                 stream.dontwait,
             )
             self._fast_paths()
@@ -464,13 +485,13 @@ class ChannelCore:
             stream.write_fileno(),
             self,
             self.io_lock,
-            self.receipt_flow,
+            weak_method(self.receipt_flow),
             channel,
             Receipt,
-            self._small_part,
-            reap,
-            fallback,
-            finish,
+            weak_method(self._small_part),
+            weak_method(reap),
+            weak_method(fallback),
+            weak_method(finish),
             stream.dontwait,
         )
         return self._receipt_writer
@@ -2265,6 +2286,28 @@ class ChannelCore:
         self._counters = self.transport.counters()
         self.closed = True
         self._fast_paths()
+
+    def __del__(self) -> None:
+        """Dropped without ``close()`` (the last reference went: the C writers hold the
+        core weakly, so this happens at once): write what the kernel takes now of what
+        this end still owes, report what it could not (as the exit hook does), and
+        release the fds and files, as a dropped file object does."""
+        if getattr(self, "_released", True):
+            return
+        try:
+            if self.owed and not self.flush():
+                lost = sum(v.nbytes for v in self.pending) + sum(
+                    len(b) for bufs, _ in self.backlog for b in bufs
+                )
+                os.write(
+                    2,
+                    f"buzon: {lost} bytes of accepted messages were dropped with a channel "
+                    "nobody closed; close() channels to deliver them\n".encode(),
+                )
+        except Exception:  # the peer is gone, or the interpreter is shutting down
+            pass
+        with contextlib.suppress(Exception):
+            self.close()
 
     def close(self) -> None:
         if self._released:

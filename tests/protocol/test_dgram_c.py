@@ -319,8 +319,9 @@ def test_message_sender_of_a_bound_end_replies_to_the_last_sender(
         bound.setblocking(False)
         peer.bind(os.path.join(tmp_path, "peer"))
         receiver = _dgram.Receiver(bound.fileno(), _dgram.SOCKET, SIZE, False)
+        core = _Core()  # kept: the writer holds its core weakly
         send = _dgram.MessageSender(
-            bound.fileno(), _dgram.SOCKET, _Core(), threading.Lock(), 100, receiver
+            bound.fileno(), _dgram.SOCKET, core, threading.Lock(), 100, receiver
         )
         assert send(b"early") is False  # nobody to answer yet
         peer.sendto(b"hi", path)
@@ -330,7 +331,8 @@ def test_message_sender_of_a_bound_end_replies_to_the_last_sender(
 
 
 def test_message_sender_of_a_queue(queue: int) -> None:
-    send = _dgram.MessageSender(queue, _dgram.MQ, _Core(), threading.Lock(), 100)
+    core = _Core()  # kept: the writer holds its core weakly
+    send = _dgram.MessageSender(queue, _dgram.MQ, core, threading.Lock(), 100)
     assert send(b"q") is True
     assert _posixmq.receive(queue, SIZE) == (_plain(0, b"q"), 0)
     for _ in range(10):
@@ -354,9 +356,8 @@ def test_message_sender_of_a_fifo_numbers_its_pieces_like_the_encoder() -> None:
                 self.framed = True
 
         writer = Writer()
-        send = _dgram.MessageSender(
-            w, _dgram.FIFO, _Core(), threading.Lock(), 100, None, writer, wrap
-        )
+        core = _Core()  # kept: the writer holds its core weakly
+        send = _dgram.MessageSender(w, _dgram.FIFO, core, threading.Lock(), 100, None, writer, wrap)
         assert send(b"one") is True and send(b"two") is True
         assert writer.encoder.seq == 2
         expect = Encoder(1234, 99)
@@ -399,7 +400,8 @@ def test_message_sender_holds_the_write_lock_while_it_numbers_a_fifo_piece() -> 
             held.append(lock.locked())
             return wrap(*args)  # type: ignore[arg-type]
 
-        send = _dgram.MessageSender(w, _dgram.FIFO, _Core(), lock, 100, None, Writer(), piece)
+        core = _Core()  # kept: the writer holds its core weakly
+        send = _dgram.MessageSender(w, _dgram.FIFO, core, lock, 100, None, Writer(), piece)
         assert send(b"one") is True
         assert held == [True]  # numbered under the lock
         assert lock.acquire(False)  # and given back

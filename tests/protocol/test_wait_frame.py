@@ -312,7 +312,8 @@ def test_small_writer_writes_one_plain_frame_and_counts_it() -> None:
     r, w = os.pipe()
     try:
         parts: list[tuple[int, bytes, int]] = []
-        write = _writer(w, _Core(), threading.Lock(), parts)
+        core = _Core()  # kept: the writer holds its core weakly
+        write = _writer(w, core, threading.Lock(), parts)
         assert write(b"hello") is True
         assert write(b"") is True
         assert os.read(r, 100) == _plain(0, b"hello") + _plain(0, b"")
@@ -396,7 +397,8 @@ def test_small_writer_hands_a_partial_write_to_the_core() -> None:
                 break
         assert len(os.read(r, 4096)) == 4096
         parts: list[tuple[int, bytes, int]] = []
-        write = _writer(w, _Core(), threading.Lock(), parts)
+        core = _Core()  # kept: the writer holds its core weakly
+        write = _writer(w, core, threading.Lock(), parts)
         data = b"d" * 10_000  # more than PIPE_BUF: a non-blocking pipe may take part
         assert write(data) == 41  # the serial on_part returned
         assert parts == [(0, data, 4096)]
@@ -427,7 +429,8 @@ def test_small_writer_holds_the_write_lock_while_the_tail_is_kept() -> None:
             held.append(lock.locked())
             return 7
 
-        write = _stream.SmallWriter(w, _Core(), lock, 100_000, on_part)
+        core = _Core()  # kept: the writer holds its core weakly
+        write = _stream.SmallWriter(w, core, lock, 100_000, on_part)
         assert write(b"d" * 10_000) == 7
         assert held == [True]  # the lock was this call's while the tail was kept
         assert lock.acquire(False)  # and it is free again
@@ -494,7 +497,8 @@ def test_small_writer_on_a_blocking_mode_socket_never_blocks() -> None:
             parts.append((flags, data, n))
             return 41
 
-        write = _stream.SmallWriter(a.fileno(), _Core(), threading.Lock(), 100_000, on_part, True)
+        core = _Core()  # kept: the writer holds its core weakly
+        write = _stream.SmallWriter(a.fileno(), core, threading.Lock(), 100_000, on_part, True)
         assert write(b"hi") is True
         assert b.recv(64) == _plain(0, b"hi")
         results = set()
@@ -514,7 +518,8 @@ def test_small_writer_writes_a_whole_frame_as_it_is() -> None:
     r, w = os.pipe()
     try:
         parts: list[tuple[int, bytes, int]] = []
-        write = _writer(w, _Core(), threading.Lock(), parts)
+        core = _Core()  # kept: the writer holds its core weakly
+        write = _writer(w, core, threading.Lock(), parts)
         frame = _plain(5, b"whole")
         assert write(frame, True) is True
         assert os.read(r, 100) == frame  # not framed again

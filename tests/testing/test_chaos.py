@@ -1,10 +1,12 @@
 """The chaos relay: every fault happens about as often as asked, and only then.
 
 Datagram tests send 2000 numbered, checksummed datagrams through the relay on
-loopback, paced (a batch at a time, waiting until the relay has read it) so that no
-kernel queue overflows and every loss seen is the relay's doing. The receiver's view
-(missing, repeated, out-of-order, damaged, short datagrams) must agree with the
-relay's counters, and the counters must be in a wide band around the expectation.
+loopback, paced (a batch at a time, waiting until the relay has read it) and received
+into a deep socket queue (``dgram_socket``: the relay's delayed datagrams go out in
+bursts) so that no kernel queue overflows and every loss seen is the relay's doing.
+The receiver's view (missing, repeated, out-of-order, damaged, short datagrams) must
+agree with the relay's counters, and the counters must be in a wide band around the
+expectation.
 Seeds are fixed, so a run is the same every time.
 """
 
@@ -84,12 +86,25 @@ def dgram_socket(url: str) -> tuple[socket.socket, str, str | None]:
     addr = parse_address(url)
     if addr.scheme == "udp":
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        _deep(sock)
         sock.bind((addr.host, addr.port))
         return sock, f"udp://127.0.0.1:{sock.getsockname()[1]}", None
     path = addr.fs_path()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     return sock, url, path
+
+
+def _deep(sock: socket.socket) -> None:
+    """Room for all N datagrams in the collector's UDP queue: its thread may get no CPU
+    for a while on a loaded machine (a 0.3 s stall lost all but 256 of a run with a
+    delay fault: the kernel drops what a full UDP receiver cannot take, and the test
+    then waited for datagrams that never came). A Unix datagram sender waits instead."""
+    want = 8 << 20
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, want)  # past rmem_max
+    except (OSError, AttributeError):  # not privileged: as much as rmem_max allows
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
 
 
 class Collector:

@@ -106,13 +106,15 @@ typedef struct {
     int fd;
     int sock;          /* a socket: send(MSG_DONTWAIT) (it may be in blocking mode) */
     int fifo;          /* a pipe or FIFO: a write of at most PIPE_BUF is whole or nothing */
-    PyObject *state;   /* core.__dict__: its fields read without attribute lookups */
+    PyObject *coreref; /* the core and the channel, weakly: they keep this writer */
+    PyObject *chref;   /* (_writer.h); both held during a call */
+    PyObject *state;   /* core.__dict__ (borrowed): its fields read without attribute lookups */
     PyObject *pending; /* core.pending, a deque the core never replaces */
     PyObject *acquire; /* the write lock's bound methods */
     PyObject *release;
     PyObject *locked;
     PyObject *flow;
-    PyObject *channel;
+    PyObject *channel; /* borrowed */
     PyTypeObject *receipt_type;
     PyObject *on_part;
     PyObject *reap;
@@ -206,6 +208,21 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
         Py_DECREF(released);
     }
     return *serial == NULL ? -1 : 2;
+}
+
+static PyObject *receipt_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames);
+
+/* the call, with the core and the channel held for its duration (held weakly) */
+static PyObject *receipt_writer_enter(PyObject *op, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames) {
+    ReceiptWriter *self = (ReceiptWriter *)op;
+    PyObject *core = owner_enter(self->coreref);
+    PyObject *channel = core == NULL ? NULL : owner_enter(self->chref);
+    PyObject *out = channel == NULL ? NULL : receipt_writer_call(op, args, nargsf, kwnames);
+    Py_XDECREF(channel);
+    Py_XDECREF(core);
+    return out;
 }
 
 static PyObject *receipt_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
@@ -312,6 +329,10 @@ static PyObject *receipt_writer_new(PyTypeObject *type, PyObject *args, PyObject
         return NULL;
     }
     self->locked = locked;
+    if (writer_refs_weaken(&w, core, &self->coreref) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->state = w.state;
     self->pending = w.extra;
     self->fd = fd;
@@ -321,24 +342,28 @@ static PyObject *receipt_writer_new(PyTypeObject *type, PyObject *args, PyObject
     self->make_flow = Py_NewRef(make_flow);
     self->acquire = w.acquire;
     self->release = w.release;
-    self->channel = Py_NewRef(channel);
+    self->channel = channel;
+    if ((self->chref = PyWeakref_NewRef(channel, NULL)) == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->receipt_type = (PyTypeObject *)Py_NewRef(receipt_type);
     self->on_part = Py_NewRef(on_part);
     self->reap = Py_NewRef(reap);
     self->fallback = Py_NewRef(fallback);
     self->finish = Py_NewRef(finish);
-    self->vectorcall = receipt_writer_call;
+    self->vectorcall = receipt_writer_enter;
     return (PyObject *)self;
 }
 
 static int receipt_writer_traverse(ReceiptWriter *self, visitproc visit, void *arg) {
-    Py_VISIT(self->state);
+    Py_VISIT(self->coreref);
+    Py_VISIT(self->chref);
     Py_VISIT(self->pending);
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
     Py_VISIT(self->locked);
     Py_VISIT(self->flow);
-    Py_VISIT(self->channel);
     Py_VISIT(self->receipt_type);
     Py_VISIT(self->on_part);
     Py_VISIT(self->reap);
@@ -349,13 +374,15 @@ static int receipt_writer_traverse(ReceiptWriter *self, visitproc visit, void *a
 }
 
 static int receipt_writer_clear(ReceiptWriter *self) {
-    Py_CLEAR(self->state);
+    Py_CLEAR(self->coreref);
+    Py_CLEAR(self->chref);
+    self->state = NULL; /* borrowed */
     Py_CLEAR(self->pending);
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
     Py_CLEAR(self->locked);
     Py_CLEAR(self->flow);
-    Py_CLEAR(self->channel);
+    self->channel = NULL; /* borrowed */
     Py_CLEAR(self->receipt_type);
     Py_CLEAR(self->on_part);
     Py_CLEAR(self->reap);

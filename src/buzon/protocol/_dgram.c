@@ -744,7 +744,8 @@ typedef struct {
     int fd;
     int kind;
     Py_ssize_t limit;
-    PyObject *state;   /* core.__dict__: its fields read without attribute lookups */
+    PyObject *coreref; /* the core, weakly: it keeps this sender (_writer.h) */
+    PyObject *state;   /* core.__dict__ (borrowed): its fields read without attribute lookups */
     PyObject *backlog; /* core.backlog, a deque the core never replaces */
     PyObject *lock;
     PyObject *acquire; /* the lock's bound methods */
@@ -805,6 +806,20 @@ static PyObject *fifo_piece(MessageSender *self, const unsigned char *header, Py
 
 
 static PyObject *sender_write(MessageSender *self, PyObject *data, Receiver *to);
+
+static PyObject *sender_call(PyObject *op, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames);
+
+/* the call, with the core held for its duration (the sender holds it weakly) */
+static PyObject *sender_enter(PyObject *op, PyObject *const *args, size_t nargsf,
+                              PyObject *kwnames) {
+    PyObject *core = owner_enter(((MessageSender *)op)->coreref);
+    if (core == NULL)
+        return NULL;
+    PyObject *out = sender_call(op, args, nargsf, kwnames);
+    Py_DECREF(core);
+    return out;
+}
 
 static PyObject *sender_call(PyObject *op, PyObject *const *args, size_t nargsf,
                              PyObject *kwnames) {
@@ -940,6 +955,10 @@ static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         writer_refs_drop(&w);
         return NULL;
     }
+    if (writer_refs_weaken(&w, core, &self->coreref) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->state = w.state;
     self->backlog = w.extra;
     self->fd = fd;
@@ -949,7 +968,7 @@ static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     self->acquire = w.acquire;
     self->release = w.release;
     self->receiver = receiver == Py_None || kind == KIND_MQ ? NULL : Py_NewRef(receiver);
-    self->vectorcall = sender_call;
+    self->vectorcall = sender_enter;
     if (kind == KIND_FIFO) {
         self->tstate = PyObject_GenericGetDict(writer, NULL);
         self->encoder = self->tstate == NULL ? NULL : PyObject_GetAttrString(writer, "encoder");
@@ -967,7 +986,7 @@ static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
 }
 
 static int sender_traverse(MessageSender *self, visitproc visit, void *arg) {
-    Py_VISIT(self->state);
+    Py_VISIT(self->coreref);
     Py_VISIT(self->backlog);
     Py_VISIT(self->lock);
     Py_VISIT(self->acquire);
@@ -980,7 +999,8 @@ static int sender_traverse(MessageSender *self, visitproc visit, void *arg) {
 }
 
 static int sender_clear(MessageSender *self) {
-    Py_CLEAR(self->state);
+    Py_CLEAR(self->coreref);
+    self->state = NULL; /* borrowed */
     Py_CLEAR(self->backlog);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->acquire);

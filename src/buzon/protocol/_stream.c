@@ -435,8 +435,8 @@ typedef struct {
     int sock; /* a socket: send(MSG_DONTWAIT) (it may be in blocking mode) */
     int fifo; /* a pipe or FIFO: a write of at most PIPE_BUF bytes is whole or nothing */
     Py_ssize_t limit;
-    PyObject *core;
-    PyObject *state; /* core.__dict__: its fields read without attribute lookups */
+    PyObject *coreref; /* the core, weakly: it keeps this writer (_writer.h) */
+    PyObject *state; /* core.__dict__ (borrowed): its fields read without attribute lookups */
     PyObject *pending; /* core.pending, a deque the core never replaces */
     PyObject *lock;
     PyObject *acquire; /* the lock's bound methods */
@@ -455,6 +455,20 @@ static PyObject *s_pending, *s_credit_out, *s_closed, *s_sflow, *s_sent, *s_limi
 
 
 static PyObject *small_write(SmallWriter *self, PyObject *data, int framed, int have_lock);
+
+static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames);
+
+/* the call, with the core held for its duration (the writer holds it weakly) */
+static PyObject *small_writer_enter(PyObject *op, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
+    PyObject *core = owner_enter(((SmallWriter *)op)->coreref);
+    if (core == NULL)
+        return NULL;
+    PyObject *out = small_writer_call(op, args, nargsf, kwnames);
+    Py_DECREF(core);
+    return out;
+}
 
 static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t nargsf,
                                    PyObject *kwnames) {
@@ -577,6 +591,10 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
         return NULL;
     }
     self->locked = locked;
+    if (writer_refs_weaken(&w, core, &self->coreref) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->state = w.state;
     self->pending = w.extra;
     self->acquire = w.acquire;
@@ -585,16 +603,14 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
     self->sock = sock;
     self->fifo = !sock && is_fifo(fd);
     self->limit = limit;
-    self->core = Py_NewRef(core);
     self->lock = Py_NewRef(lock);
     self->on_part = Py_NewRef(on_part);
-    self->vectorcall = small_writer_call;
+    self->vectorcall = small_writer_enter;
     return (PyObject *)self;
 }
 
 static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) {
-    Py_VISIT(self->core);
-    Py_VISIT(self->state);
+    Py_VISIT(self->coreref);
     Py_VISIT(self->pending);
     Py_VISIT(self->lock);
     Py_VISIT(self->acquire);
@@ -605,8 +621,8 @@ static int small_writer_traverse(SmallWriter *self, visitproc visit, void *arg) 
 }
 
 static int small_writer_clear(SmallWriter *self) {
-    Py_CLEAR(self->core);
-    Py_CLEAR(self->state);
+    Py_CLEAR(self->coreref);
+    self->state = NULL; /* borrowed */
     Py_CLEAR(self->pending);
     Py_CLEAR(self->lock);
     Py_CLEAR(self->acquire);

@@ -61,13 +61,14 @@ static PyObject *zero_float, *one; /* the spin 0.0; 1 */
 
 typedef struct {
     PyObject_HEAD
-    PyObject *channel;
+    PyObject *chref;   /* the channel, weakly: its __dict__ keeps this (_writer.h) */
+    PyObject *channel; /* borrowed, as its __dict__: held during a call */
     PyObject *chd;  /* the channel's __dict__ */
     PyObject *cored; /* the core's __dict__ */
     PyObject *acquire, *release;
     PyObject *wait, *fallback, *rest, *failed;
     PyObject *max_frame; /* an int: the limit of a message transport's wait */
-    PyObject *drop_wake, *wake_pumpers;
+    PyObject *drop_wake, *wake_pumpers; /* the class's functions (of the channel) */
     PyObject *receiver; /* kind 1: the wait's object (its ``blocks``), or NULL */
     int kind;
     unsigned long long received, received_bytes; /* folded in by statistics() */
@@ -261,6 +262,20 @@ static PyObject *call_method(PyObject *channel, PyObject *fallback, PyObject *co
 }
 
 static PyObject *take_call(PyObject *callable, PyObject *const *args, size_t nargsf,
+                           PyObject *kwnames);
+
+/* the call, with the channel held for its duration (the Take holds it weakly) */
+static PyObject *take_enter(PyObject *callable, PyObject *const *args, size_t nargsf,
+                            PyObject *kwnames) {
+    PyObject *channel = owner_enter(((Take *)callable)->chref);
+    if (channel == NULL)
+        return NULL;
+    PyObject *out = take_call(callable, args, nargsf, kwnames);
+    Py_DECREF(channel);
+    return out;
+}
+
+static PyObject *take_call(PyObject *callable, PyObject *const *args, size_t nargsf,
                            PyObject *kwnames) {
     Take *self = (Take *)callable;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -327,7 +342,7 @@ static PyObject *take_call(PyObject *callable, PyObject *const *args, size_t nar
         int bad = remove_waiter(waiters, me);
         PyObject *closing = bad < 0 ? NULL : field(self->chd, s_closing);
         if (closing == Py_True) {
-            PyObject *r = PyObject_CallNoArgs(self->drop_wake);
+            PyObject *r = PyObject_CallOneArg(self->drop_wake, self->channel);
             if (r == NULL)
                 bad = -1;
             Py_XDECREF(r);
@@ -395,7 +410,7 @@ done:
     PyObject *pumpers = field(self->chd, s_pumpers);
     int busy = pumpers == NULL ? -1 : PyObject_IsTrue(pumpers);
     if (busy) {
-        PyObject *r = busy < 0 ? NULL : PyObject_CallNoArgs(self->wake_pumpers);
+        PyObject *r = busy < 0 ? NULL : PyObject_CallOneArg(self->wake_pumpers, self->channel);
         if (r == NULL) {
             Py_DECREF(out);
             return NULL;
@@ -429,10 +444,13 @@ static PyObject *take_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *cored = chd == NULL ? NULL : PyObject_GenericGetDict(core, NULL);
     PyObject *acquire = cored == NULL ? NULL : PyObject_GetAttrString(lock, "acquire");
     PyObject *release = acquire == NULL ? NULL : PyObject_GetAttrString(lock, "release");
-    PyObject *drop = release == NULL ? NULL : PyObject_GetAttr(channel, s_drop_wake);
-    PyObject *pump = drop == NULL ? NULL : PyObject_GetAttr(channel, s_wake_pumpers);
-    Take *self = pump == NULL ? NULL : (Take *)type->tp_alloc(type, 0);
+    PyObject *cls = (PyObject *)Py_TYPE(channel);
+    PyObject *drop = release == NULL ? NULL : PyObject_GetAttr(cls, s_drop_wake);
+    PyObject *pump = drop == NULL ? NULL : PyObject_GetAttr(cls, s_wake_pumpers);
+    PyObject *chref = pump == NULL ? NULL : PyWeakref_NewRef(channel, NULL);
+    Take *self = chref == NULL ? NULL : (Take *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        Py_XDECREF(chref);
         Py_XDECREF(chd);
         Py_XDECREF(cored);
         Py_XDECREF(acquire);
@@ -441,8 +459,10 @@ static PyObject *take_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         Py_XDECREF(pump);
         return NULL;
     }
-    self->channel = Py_NewRef(channel);
+    self->chref = chref;
+    self->channel = channel;
     self->chd = chd;
+    Py_DECREF(chd); /* borrowed: the channel keeps it */
     self->cored = cored;
     self->acquire = acquire;
     self->release = release;
@@ -464,13 +484,12 @@ static PyObject *take_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
             Py_DECREF(owner);
         }
     }
-    self->vectorcall = take_call;
+    self->vectorcall = take_enter;
     return (PyObject *)self;
 }
 
 static int take_traverse(Take *self, visitproc visit, void *arg) {
-    Py_VISIT(self->channel);
-    Py_VISIT(self->chd);
+    Py_VISIT(self->chref);
     Py_VISIT(self->cored);
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
@@ -486,8 +505,8 @@ static int take_traverse(Take *self, visitproc visit, void *arg) {
 }
 
 static int take_clear(Take *self) {
-    Py_CLEAR(self->channel);
-    Py_CLEAR(self->chd);
+    Py_CLEAR(self->chref);
+    self->channel = self->chd = NULL; /* borrowed */
     Py_CLEAR(self->cored);
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
@@ -510,11 +529,26 @@ static void take_dealloc(Take *self) {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *channel;
+    PyObject *chref;   /* the channel, weakly: its __dict__ keeps this (_writer.h) */
+    PyObject *channel; /* borrowed: held during a call */
     PyObject *cored;
     PyObject *fallback, *partial;
     vectorcallfunc vectorcall;
 } Put;
+
+static PyObject *put_call(PyObject *callable, PyObject *const *args, size_t nargsf,
+                          PyObject *kwnames);
+
+/* the call, with the channel held for its duration (the Put holds it weakly) */
+static PyObject *put_enter(PyObject *callable, PyObject *const *args, size_t nargsf,
+                           PyObject *kwnames) {
+    PyObject *channel = owner_enter(((Put *)callable)->chref);
+    if (channel == NULL)
+        return NULL;
+    PyObject *out = put_call(callable, args, nargsf, kwnames);
+    Py_DECREF(channel);
+    return out;
+}
 
 static PyObject *put_call(PyObject *callable, PyObject *const *args, size_t nargsf,
                           PyObject *kwnames) {
@@ -560,21 +594,24 @@ static PyObject *put_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *cored = PyObject_GenericGetDict(core, NULL);
     if (cored == NULL)
         return NULL;
-    Put *self = (Put *)type->tp_alloc(type, 0);
+    PyObject *chref = PyWeakref_NewRef(channel, NULL);
+    Put *self = chref == NULL ? NULL : (Put *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        Py_XDECREF(chref);
         Py_DECREF(cored);
         return NULL;
     }
-    self->channel = Py_NewRef(channel);
+    self->chref = chref;
+    self->channel = channel;
     self->cored = cored;
     self->fallback = Py_NewRef(fallback);
     self->partial = Py_NewRef(partial);
-    self->vectorcall = put_call;
+    self->vectorcall = put_enter;
     return (PyObject *)self;
 }
 
 static int put_traverse(Put *self, visitproc visit, void *arg) {
-    Py_VISIT(self->channel);
+    Py_VISIT(self->chref);
     Py_VISIT(self->cored);
     Py_VISIT(self->fallback);
     Py_VISIT(self->partial);
@@ -582,7 +619,8 @@ static int put_traverse(Put *self, visitproc visit, void *arg) {
 }
 
 static int put_clear(Put *self) {
-    Py_CLEAR(self->channel);
+    Py_CLEAR(self->chref);
+    self->channel = NULL; /* borrowed */
     Py_CLEAR(self->cored);
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->partial);

@@ -220,4 +220,54 @@ static inline ssize_t put_once(int fd, int sock, const unsigned char *header, co
     return got;
 }
 
+/* -- owners held weakly ------------------------------------------------------------
+ * A writer sits in its owner's ``__dict__`` (the channel's: the sync driver's shadowing
+ * methods; or the core's: ``small_send``). Holding the owner, or its ``__dict__``,
+ * strongly would make a reference cycle, and a channel dropped without close() would
+ * then live (with its fds) until the cyclic GC ran. So a writer keeps a weak reference
+ * to its owner and borrows the owner's ``__dict__`` (the owner keeps it, and never
+ * replaces it); each call holds the owner (owner_enter) for its duration, so a drop in
+ * another thread while the GIL is released cannot free what the call uses. */
+
+/* ChannelClosed: the owner was dropped (a method taken from the channel outlived it) */
+static inline void owner_gone(void) {
+    PyObject *m = PyImport_ImportModule("buzon.errors");
+    PyObject *cls = m == NULL ? NULL : PyObject_GetAttrString(m, "ChannelClosed");
+    Py_XDECREF(m);
+    if (cls == NULL)
+        return;
+    PyErr_SetString(cls, "the channel was dropped without close() (no reference to it was "
+                         "left): keep the channel, not only its methods");
+    Py_DECREF(cls);
+}
+
+/* the owner behind the weak reference ``ref``: a new reference, or NULL with
+ * ChannelClosed once it is gone (ValueError if the writer was cleared) */
+static inline PyObject *owner_enter(PyObject *ref) {
+    if (ref == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the writer was cleared");
+        return NULL;
+    }
+    PyObject *o = PyWeakref_GetObject(ref); /* borrowed; None once the owner is gone */
+    if (o == NULL)
+        return NULL;
+    if (o == Py_None) {
+        owner_gone();
+        return NULL;
+    }
+    return Py_NewRef(o);
+}
+
+/* after writer_refs_take: ``*ref`` a weak reference to ``core`` (a new reference) and
+ * ``w->state`` borrowed from then on (see above); -1 with every reference dropped */
+static inline int writer_refs_weaken(writer_refs *w, PyObject *core, PyObject **ref) {
+    *ref = PyWeakref_NewRef(core, NULL);
+    if (*ref == NULL) {
+        writer_refs_drop(w);
+        return -1;
+    }
+    Py_DECREF(w->state); /* the core keeps its __dict__ */
+    return 0;
+}
+
 #endif

@@ -30,7 +30,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .. import _reduction
-from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view
+from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view, weak_method
 from .._engine import (
     CREDIT,
     EXTEND,
@@ -323,7 +323,7 @@ class Channel(ChannelIdentity):
         self._ring_spin: Callable[[float], bool] | None = None if ops is None else ops.spin
         self._watched: dict[Any, int] = {}  # loop -> receipts awaited there reading
         core.use_write_lock(self._wlock)
-        core.on_credit = self._credit_arrived
+        core.on_credit = weak_method(self._credit_arrived)  # no cycle (weak_method)
         writer = core.receipt_writer(
             self, self._receipt_poll, self._send_bytes_async, self._finish_receipt
         )
@@ -334,9 +334,9 @@ class Channel(ChannelIdentity):
         take = self._make_take()
         if take is not None:  # recv_bytes in C (protocol/_take.c): it shadows the method
             self.recv_bytes = take  # type: ignore[method-assign]
-            core.recv_counts = take.counts
+            core.recv_counts = weak_method(self._take_counts)
         if _Put is not None and core.small_send is not None:  # send_bytes' C head: the same
-            self.send_bytes = _Put(self, core, Channel.send_bytes, self._put_rest)  # type: ignore[method-assign]
+            self.send_bytes = _Put(self, core, Channel.send_bytes, weak_method(self._put_rest))  # type: ignore[method-assign]
 
     @property
     def capacity(self) -> int | None:
@@ -1011,6 +1011,16 @@ class Channel(ChannelIdentity):
             _WAKEABLE.discard(self)
         os.close(wake)
 
+    def __del__(self) -> None:
+        """Dropped without ``close()``: the wake fd goes (the core releases the rest).
+        No thread waits here (a waiting thread holds the channel); no lock is taken (a
+        collection may run this inside any code, _drop_wake's lock held included)."""
+        wake = getattr(self, "_wake", -1)
+        if wake >= 0:
+            self._wake = -1
+            with contextlib.suppress(OSError):
+                os.close(wake)
+
     def _credit_arrived(self) -> None:
         if self._pumpers:
             self._wake_pumpers()
@@ -1289,10 +1299,16 @@ class Channel(ChannelIdentity):
             kind,
             wait,
             Channel.recv_bytes if fallback is None else fallback,
-            self._take_rest,
-            self._take_failed,
+            weak_method(self._take_rest),
+            weak_method(self._take_failed),
             core.max_frame,
         )
+
+    def _take_counts(self) -> tuple[int, int]:
+        """What the C ``recv_bytes`` took (``core.recv_counts``: held weakly)."""
+        take: Any = self.recv_bytes  # the C Take (it shadows the method)
+        counts: tuple[int, int] = take.counts()
+        return counts
 
     def _take_rest(self, got: tuple[int, bytes] | bytes | int | None, room: int) -> bytes:
         """The C ``recv_bytes`` (:meth:`_make_take`) waited and got something other than
