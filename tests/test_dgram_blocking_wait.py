@@ -198,22 +198,22 @@ def test_a_process_sharing_the_socket_keeps_receiving_after_a_close_ended_a_wait
         lst.close()
 
 
-def _mq_pair() -> tuple[Any, buzon.Channel, buzon.Channel]:
-    """(listener, reading end, writing end) of one queue, spin=0."""
-    lst = buzon.listen(url_for("mq"), spin=0)
+def _simplex(scheme: str) -> Iterator[tuple[Any, buzon.Channel, buzon.Channel]]:
+    """(listener, reading end, writing end) of one queue or FIFO, spin=0; closed after."""
+    lst = buzon.listen(url_for(scheme), spin=0)
     writer = buzon.connect(str(lst.address), spin=0, timeout=10)
-    return lst, lst.accept(timeout=10), writer
-
-
-@pytest.fixture
-def mq() -> Iterator[tuple[Any, buzon.Channel, buzon.Channel]]:
-    lst, reader, writer = _mq_pair()
+    reader = lst.accept(timeout=10)
     try:
         yield lst, reader, writer
     finally:
         writer.close()
         reader.close()
         lst.close()
+
+
+@pytest.fixture
+def mq() -> Iterator[tuple[Any, buzon.Channel, buzon.Channel]]:
+    yield from _simplex("mq")
 
 
 def test_a_queue_receive_sleeps_in_mq_receive_and_close_ends_it(
@@ -274,22 +274,9 @@ def test_a_queue_made_non_blocking_elsewhere_still_waits(
     assert not t.is_alive() and isinstance(out[0], ChannelClosed), out
 
 
-def _fifo_pair() -> tuple[Any, buzon.Channel, buzon.Channel]:
-    """(listener, reading end, writing end) of one FIFO, spin=0."""
-    lst = buzon.listen(url_for("fifo"), spin=0)
-    writer = buzon.connect(str(lst.address), spin=0, timeout=10)
-    return lst, lst.accept(timeout=10), writer
-
-
 @pytest.fixture
 def fifo() -> Iterator[tuple[Any, buzon.Channel, buzon.Channel]]:
-    lst, reader, writer = _fifo_pair()
-    try:
-        yield lst, reader, writer
-    finally:
-        writer.close()
-        reader.close()
-        lst.close()
+    yield from _simplex("fifo")
 
 
 def _fifo_waiter(ch: buzon.Channel) -> Any:

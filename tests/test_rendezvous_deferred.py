@@ -26,30 +26,15 @@ from typing import Any
 import pytest
 
 import buzon
+from _rv_pairs import rv_pair
 from buzon.protocol import _rv
 
 KINDS = ["pipe", "unix:rvdefer", "tcp://127.0.0.1:0"]
 
 
-def _pair(kind: str) -> tuple[Any, Any]:
-    if kind == "pipe":
-        return buzon.pipe(capacity=0)
-    lst = buzon.listen(kind, capacity=0)
-    try:
-        box: list[Any] = []
-        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
-        t.start()
-        url = lst.address if kind.startswith("tcp") else kind
-        a = buzon.connect(url, timeout=10, capacity=0)
-        t.join(10)
-        return a, box[0]
-    finally:
-        lst.close()
-
-
 @pytest.fixture(params=KINDS)
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Any]]:
-    a, b = _pair(request.param)
+    a, b = rv_pair(request.param)
     with a, b:
         yield a, b
 

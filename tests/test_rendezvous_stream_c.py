@@ -22,29 +22,14 @@ from hypothesis import strategies as st
 
 import buzon
 import buzon.sync._channel as sync_channel
+from _rv_pairs import rv_pair
 
 KINDS = ["pipe", "unix:rvstreamc", "tcp://127.0.0.1:0"]
 
 
-def _pair(kind: str) -> tuple[Any, Any]:
-    if kind == "pipe":
-        return buzon.pipe(capacity=0)
-    lst = buzon.listen(kind, capacity=0)
-    try:
-        box: list[Any] = []
-        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
-        t.start()
-        url = lst.address if kind.startswith("tcp") else kind
-        a = buzon.connect(url, timeout=10, capacity=0)
-        t.join(10)
-        return a, box[0]
-    finally:
-        lst.close()
-
-
 @pytest.fixture(params=KINDS)
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Any]]:
-    a, b = _pair(request.param)
+    a, b = rv_pair(request.param)
     with a, b:
         yield a, b
 
@@ -218,7 +203,7 @@ def test_a_close_in_another_thread_ends_a_waiting_receive(pair: tuple[Any, Any])
 def _exchange(kind: str, sizes: list[int], c_path: bool) -> tuple[list[Any], list[Any]]:
     """A request/response exchange of payloads of ``sizes`` (bytes, and every third as
     an object through ``send``); returns what arrived and the two ends' counts."""
-    a, b = _pair(kind)
+    a, b = rv_pair(kind)
     with a, b:
         if not c_path:
             a._rv_stream = b._rv_stream = None
