@@ -12,13 +12,13 @@ import signal
 import socket
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import buzon
+from _fork import in_child
 from buzon.errors import ChannelClosed, FrameError, Timeout
 from buzon.testing.conformance._harness import url_for
 
@@ -197,35 +197,6 @@ def test_statistics_count_the_c_sends_and_receives(
     assert got.bytes_received - got0.bytes_received == 5 * 8 + 10
 
 
-def _reap(pid: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return -1
-        time.sleep(0.005)
-
-
-def _in_child(body: Callable[[], None]) -> None:
-    """Run ``body`` in a forked, single-threaded child (a process-directed signal then
-    interrupts the waiting thread)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            body()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    assert _reap(pid, 30) == 0
-
-
 @pytest.mark.parametrize("spin", SPINS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("timeout", [None, 20.0])
@@ -264,7 +235,7 @@ def test_a_signal_handler_that_raises_interrupts_the_wait_and_a_quiet_one_does_n
             assert calls == [1]
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
-    _in_child(body)
+    in_child(body)
 
 
 def test_the_c_paths_apply_where_declared() -> None:

@@ -15,7 +15,6 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import buzon
+from _fork import in_child
 from buzon.errors import BuzonError, ChannelClosed, Timeout
 from buzon.protocol.frames import HEADER
 from buzon.sync._channel import Channel
@@ -174,32 +174,6 @@ def test_close_from_another_thread_wakes_the_c_receive(
     assert not b._rlock.locked()
 
 
-def _in_child(body: Callable[[], None]) -> None:
-    """``body`` in a forked, single-threaded child (a process-directed signal then
-    interrupts the waiting thread)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            body()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 30
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError("the child hung")
-        time.sleep(0.005)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_signal_handler_that_raises_ends_the_c_receive_with_the_lock_free(kind: str) -> None:
     def body() -> None:
@@ -226,7 +200,7 @@ def test_a_signal_handler_that_raises_ends_the_c_receive_with_the_lock_free(kind
             t.join()
             assert b.recv_bytes.counts()[0] == before[0] + 1  # type: ignore[attr-defined]
 
-    _in_child(body)
+    in_child(body)
 
 
 def test_a_forked_child_receives_through_its_copy() -> None:
@@ -241,7 +215,7 @@ def test_a_forked_child_receives_through_its_copy() -> None:
             assert b._wake >= 0  # the child made its own wake fd
 
         _prime(a, b)
-        _in_child(body)
+        in_child(body)
         t = _late(a.send_bytes, b"parent")  # the parent's end still works
         assert b.recv_bytes() == b"parent"
         t.join()

@@ -10,13 +10,13 @@ import os
 import signal
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import buzon
+from _fork import in_child
 from buzon._record import replace
 from buzon.errors import EndOfChannel, FrameError, Timeout
 from buzon.protocol.frames import HEADER
@@ -122,35 +122,6 @@ def test_the_end_of_the_stream_after_a_wait(pair: tuple[buzon.Channel, buzon.Cha
         b.recv_bytes(timeout=10)
 
 
-def _reap(pid: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return -1
-        time.sleep(0.005)
-
-
-def _in_child(body: Callable[[], None]) -> None:
-    """Run ``body`` in a forked, single-threaded child (a process-directed signal then
-    interrupts the waiting thread, not some other thread of pytest's)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            body()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    assert _reap(pid, 30) == 0
-
-
 @pytest.mark.parametrize("spin", SPINS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("timeout", [None, 20.0])
@@ -176,4 +147,4 @@ def test_a_signal_handler_that_raises_interrupts_a_blocking_recv(
             a.send_bytes(b"next")  # nothing was lost or half-read: the channel goes on
             assert b.recv_bytes(timeout=10) == b"next"
 
-    _in_child(body)
+    in_child(body)

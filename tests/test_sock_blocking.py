@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 import buzon
+from _fork import in_child, reap
 from buzon.errors import ChannelClosed, EndOfChannel, Full, Timeout
 from buzon.transport.base import WAIT_BLOCK, WAIT_SOCKET
 
@@ -238,19 +239,6 @@ def test_asyncio_never_blocks_its_loop_on_the_blocking_mode_socket() -> None:
     asyncio.run(main())
 
 
-def _reap(pid: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return -1
-        time.sleep(0.005)
-
-
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.split(":")[0])
 def test_a_socket_another_process_holds_is_never_shut_down(kind: str) -> None:
     a, b = _pair(kind, spin=0.0)
@@ -275,27 +263,11 @@ def test_a_socket_another_process_holds_is_never_shut_down(kind: str) -> None:
         assert isinstance(call.result(), ChannelClosed)
         a.send_bytes(b"for the child", timeout=10)
         os.write(go_w, b"!")
-        assert _reap(pid, 30) == 0
+        assert reap(pid, 30) == 0
     finally:
         os.close(go_w)
         a.close()
         b.close()
-
-
-def _in_child(body: Callable[[], None]) -> None:
-    """Run ``body`` in a forked, single-threaded child (a process-directed signal then
-    interrupts the waiting thread, not some other thread of pytest's)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            body()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    assert _reap(pid, 30) == 0
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.split(":")[0])
@@ -324,7 +296,7 @@ def test_a_signal_during_the_recv(kind: str, handler: str) -> None:
             assert seen == [signal.SIGALRM]
             assert got == (None if handler == "closes" else b"after the signal")
 
-    _in_child(body)
+    in_child(body)
 
 
 def _raw_write(ch: buzon.Channel, data: bytes) -> None:
