@@ -11,6 +11,7 @@ from .._channel import DEFAULT_CAPACITY, ChannelCore
 from .._establish import DEFAULT_MAX_PENDING, Admit, connect_steps, establish_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
+from .._waitset import unready, waitables, wake_at
 from ..address import Address, is_name
 from ..errors import ChannelClosed, Timeout
 from ..transport import open_listener
@@ -161,54 +162,22 @@ def listen(
 
 async def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
     """The asyncio twin of :func:`buzon.wait`: channels and listeners, any transports."""
-    items = list(objects)
-    for o in items:
-        if not hasattr(o, "_ready"):
-            raise TypeError(f"buzon.aio.wait cannot wait on {type(o).__name__}")
+    items, slices = waitables(objects, "buzon.aio.wait")
     deadline = deadline_of(timeout)
-    # an object may bound each sleep (mailboxes: a wake-up another waiter took)
-    slices = [o._wait_slice for o in items if hasattr(o, "_wait_slice")]
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
-            _unready(items)
+            unready(items)
             return ready
         fds = {o.fileno() for o in items} - {-1}  # type: ignore[attr-defined]
-        wake = _wake(items, deadline, slices, time.monotonic())
+        wake = wake_at(items, deadline, slices, time.monotonic())
         try:
             woken = await wait_ready(fds, (), wake)
         except ChannelClosed:  # one was closed (close_fds): it is ready now, look again
             continue
         if not woken and (deadline is not None and time.monotonic() >= deadline):
-            _unready(items)
+            unready(items)
             return []
-
-
-def _wake(
-    items: list[Any], deadline: float | None, slices: list[float], now: float
-) -> float | None:
-    """The deadline, or sooner a listener's next pending peer's deadline, or the end
-    of the shortest slice an object sleeps at most (a mailbox: ``_wait_slice``)."""
-    wakes = [w for o in items if (w := _next_wake(o)) is not None]
-    if deadline is not None:
-        wakes.append(deadline)
-    if slices:
-        wakes.append(now + min(slices))
-    return min(wakes, default=None)
-
-
-def _next_wake(o: Any) -> float | None:
-    wake = getattr(o, "_next_wake", None)  # listeners: their pending peers' deadlines
-    return None if wake is None else wake()
-
-
-def _unready(items: list[Any]) -> None:
-    """``wait`` returns: the rendezvous offers it made are withdrawn (see
-    :func:`buzon.wait`)."""
-    for o in items:
-        done = getattr(o, "_wait_over", None)
-        if done is not None:
-            done()
 
 
 _reduction.passable(Listener)  # pickling refused, saying why (_reduction.py)

@@ -14,6 +14,7 @@ from .._channel import DEFAULT_CAPACITY, ChannelCore
 from .._establish import DEFAULT_MAX_PENDING, Admit, connect_steps, establish_steps
 from .._listener import ListenerBase
 from .._policy import Prepared, pipe_cores, prepare
+from .._waitset import unready, waitables, wake_at
 from ..address import Address, is_name
 from ..errors import ChannelClosed, Timeout
 from ..transport import open_listener
@@ -265,24 +266,19 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
     :class:`Empty` (it may raise ``EndOfChannel``), a listener whose ``accept`` has a
     peer waiting. An empty list means the timeout passed.
     """
-    items = list(objects)
-    for o in items:
-        if not hasattr(o, "_ready"):
-            raise TypeError(f"buzon.wait cannot wait on {type(o).__name__}")
+    items, slices = waitables(objects, "buzon.wait")
     deadline = deadline_of(timeout)
-    # an object may bound each sleep (mailboxes: a wake-up another waiter took)
-    slices = [o._wait_slice for o in items if hasattr(o, "_wait_slice")]
     # objects another thread may close under the wait (channels, listeners): counted in
     # as sleepers, their wake fds polled too (see Channel._enter_wait)
     closable = list({id(o): o for o in items if hasattr(o, "_wait_enter")}.values())
     while True:
         ready = [o for o in items if o._ready()]  # type: ignore[attr-defined]
         if ready:
-            _unready(items)
+            unready(items)
             return ready
         now = time.monotonic()
         if deadline is not None and deadline <= now:
-            _unready(items)
+            unready(items)
             return []
         fds = {o.fileno() for o in items}  # type: ignore[attr-defined]
         entered: list[Any] = []
@@ -296,13 +292,13 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
                     continue
                 entered.append(o)
             if closed:
-                _unready(items)
+                unready(items)
                 return [o for o in items if any(o is c for c in closed)]
             poller = select.poll()
             for fd in fds:
                 if fd >= 0:
                     poller.register(fd, select.POLLIN)
-            wake = _wake(items, deadline, slices, now)
+            wake = wake_at(items, deadline, slices, now)
             if wake is None:
                 poller.poll()
             else:
@@ -310,33 +306,6 @@ def wait(objects: Iterable[W], timeout: float | None = None) -> list[W]:
         finally:
             for o in entered:
                 o._wait_leave()
-
-
-def _wake(
-    items: list[Any], deadline: float | None, slices: list[float], now: float
-) -> float | None:
-    """The deadline, or sooner a listener's next pending peer's deadline, or the end
-    of the shortest slice an object sleeps at most (a mailbox: ``_wait_slice``)."""
-    wakes = [w for o in items if (w := _next_wake(o)) is not None]
-    if deadline is not None:
-        wakes.append(deadline)
-    if slices:
-        wakes.append(now + min(slices))
-    return min(wakes, default=None)
-
-
-def _next_wake(o: Any) -> float | None:
-    wake = getattr(o, "_next_wake", None)  # listeners: their pending peers' deadlines
-    return None if wake is None else wake()
-
-
-def _unready(items: list[Any]) -> None:
-    """``wait`` returns: the rendezvous offers it made are withdrawn (no offer stands
-    while no operation runs: a sender that gives up learns its fate at once)."""
-    for o in items:
-        done = getattr(o, "_wait_over", None)
-        if done is not None:
-            done()
 
 
 _reduction.passable(Listener)  # passes to child processes (_reduction.py)
