@@ -27,7 +27,7 @@ import re
 
 from ._record import Record
 from ._schemes import describe, scheme_info
-from .errors import AddressError
+from .errors import AddressError, UnsupportedOperation
 
 __all__ = ["NAME_SCHEME", "Address", "Scheme", "check_name", "is_name", "parse_address"]
 
@@ -156,6 +156,23 @@ def parse_address(url: str | Address) -> Address:
 
 
 _ALL_SCHEMES = describe(lambda info: True, extra=(f"{NAME_SCHEME}:",))
+
+
+def serve_address(url: str | Address, options: dict[str, object]) -> Address:
+    """The address a server listens on, for :class:`buzon.Server` and
+    :class:`buzon.aio.Server`: ``name:NAME`` serves ``unix:NAME`` registered as NAME
+    (``options["name"]`` set); a scheme that cannot be served raises
+    :class:`UnsupportedOperation` naming the ones that can."""
+    addr = parse_address(url)
+    if addr.scheme == "name":
+        options["name"] = addr.name
+        addr = Address("unix", name=addr.name)
+    if not scheme_info(addr.scheme).servable:
+        raise UnsupportedOperation(
+            f"serve needs a connection-oriented address ({describe(lambda i: i.servable)}), "
+            f"not {addr.scheme}:"
+        )
+    return addr
 
 
 def check_name(url: str, name: str) -> None:

@@ -7,9 +7,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .._schemes import describe, scheme_info
-from ..address import Address, parse_address
-from ..errors import BuzonError, ChannelClosed, UnsupportedOperation
+from ..address import serve_address
+from ..errors import BuzonError, ChannelClosed
 from ._channel import Channel
 from ._open import Listener, listen
 
@@ -40,15 +39,7 @@ class Server:
         grace: float = 5.0,
         **options: Any,
     ) -> None:
-        addr = parse_address(url)
-        if addr.scheme == "name":  # name:NAME: serve unix:NAME, registered as NAME
-            options["name"] = addr.name
-            addr = Address("unix", name=addr.name)
-        if not scheme_info(addr.scheme).servable:
-            raise UnsupportedOperation(
-                f"serve needs a connection-oriented address ({describe(lambda i: i.servable)}), "
-                f"not {addr.scheme}:"
-            )
+        addr = serve_address(url, options)  # name:NAME serves unix:NAME
         self.handler = handler
         self.max_clients = max_clients
         self.grace = grace

@@ -37,9 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._schemes import describe, scheme_info
-from ..address import Address, parse_address
-from ..errors import ChannelClosed, UnsupportedOperation
+from ..address import serve_address
+from ..errors import ChannelClosed
 from ._channel import Channel
 from ._open import Listener, listen
 
@@ -69,15 +68,7 @@ class Server:
     ) -> None:
         if mode not in ("thread", "process"):
             raise ValueError("mode is 'thread' or 'process' (use buzon.aio.serve for 'async')")
-        addr = parse_address(url)
-        if addr.scheme == "name":  # name:NAME: serve unix:NAME, registered as NAME
-            options["name"] = addr.name
-            addr = Address("unix", name=addr.name)
-        if not scheme_info(addr.scheme).servable:
-            raise UnsupportedOperation(
-                f"serve needs a connection-oriented address ({describe(lambda i: i.servable)}), "
-                f"not {addr.scheme}:"
-            )
+        addr = serve_address(url, options)  # name:NAME serves unix:NAME
         self.handler = handler
         self.mode = mode
         self.max_clients = max_clients
