@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
@@ -26,6 +24,7 @@ from typing import Any
 import pytest
 
 import buzon
+from _fork import run_script
 from buzon.errors import ChannelClosed, UnsupportedOperation
 
 SCRIPT = r"""
@@ -250,22 +249,8 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_objects_pass_both_ways(method: str, runtime_dir: str) -> None:
-    path = os.path.join(runtime_dir, "pass_objects.py")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run(
-        [sys.executable, "-W", "error", path, method],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=runtime_dir,
-    )
-    os.unlink(path)
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
-    assert done.stdout == "(0, [0, 42, 0], 1, 7) leaked: {}\n"
+    out = run_script(runtime_dir, "pass_objects.py", SCRIPT, method)
+    assert out == "(0, [0, 42, 0], 1, 7) leaked: {}\n"
     assert sorted(os.listdir(runtime_dir)) == []
 
 
@@ -377,22 +362,8 @@ def test_shm_channel_ends_pass_both_ways(method: str, runtime_dir: str) -> None:
     """An shm: end passes as a Process argument (pickled under spawn and forkserver: its
     rings and the peer's blocks it maps go by fd) and back through a multiprocessing
     pipe, with its options, credit state and the messages waiting in its ring."""
-    path = os.path.join(runtime_dir, "pass_shm.py")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(SHM_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run(
-        [sys.executable, "-W", "error", path, method],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=runtime_dir,
-    )
-    os.unlink(path)
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
-    assert done.stdout == "0 segments: [] leaked: {}\n"
+    out = run_script(runtime_dir, "pass_shm.py", SHM_SCRIPT, method)
+    assert out == "0 segments: [] leaked: {}\n"
     assert sorted(os.listdir(runtime_dir)) == []
 
 

@@ -9,11 +9,9 @@ tests/test_pass_to_child.py for every other object).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from _fork import run_script
 
 SCRIPT = r"""
 import multiprocessing as mp
@@ -51,21 +49,5 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_start_method(method: str, runtime_dir: str) -> None:
-    path = os.path.join(runtime_dir, "start_methods.py")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run(
-        [sys.executable, "-W", "error", path, method],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=runtime_dir,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
-    assert done.stdout == (
-        "[0, 0, 0] [b'hello from 0', b'hello from 1', b'hello from 2'] [1, 2, 3]\n"
-    )
-    os.unlink(path)
+    out = run_script(runtime_dir, "start_methods.py", SCRIPT, method, timeout=120)
+    assert out == ("[0, 0, 0] [b'hello from 0', b'hello from 1', b'hello from 2'] [1, 2, 3]\n")
