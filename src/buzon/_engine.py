@@ -373,8 +373,11 @@ def _recv_wait(core: ChannelCore, take: Callable[[], Any], spin: bool, polled: b
             yield Step(INPUT, stall=core.options.frame_timeout, spin=spin, what="recv")
         else:
             yield _INPUT_SPIN if spin else _INPUT  # made once: this is the hot path
-        spin = False
         got = take()
+        # inside a big frame the rest is usually right behind the part that came (a
+        # kernel buffer's worth at a time): spin again before each sleep, as the first
+        # wait did, rather than sleep and be woken once per buffer
+        spin = got is None and core.partial()
     return got
 
 
@@ -389,9 +392,10 @@ def _announced(core: ChannelCore, take: Callable[[], Any], spin: bool, polled: b
             frame_timeout = core.options.frame_timeout
             stall = frame_timeout if frame_timeout is not None and core.partial() else None
             yield Step(INPUT, stall=stall, spin=spin, what="recv")
-            spin = False
             got = take()
+            spin = False
             if got is None:
+                spin = core.partial()  # inside a big frame: as in _recv_wait
                 core.still_waiting()
         return got
     except BaseException:
