@@ -2250,8 +2250,12 @@ class ChannelCore:
         for p in parts:
             target[pos : pos + p.nbytes] = p
             pos += p.nbytes
-            p.release()
+        # the frame's own views go to _recycle unreleased (it reads their buffers to
+        # keep the largest for the next big frame, then releases them); a big frame
+        # read ahead of a recv_bytes_into (not into its buffer) raised ValueError here
         self._recycle(frame)
+        for p in parts:
+            p.release()
         return total
 
     def set_sink(self, buf: Buffer | None) -> None:
