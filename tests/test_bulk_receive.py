@@ -220,8 +220,9 @@ def test_a_buffer_too_small_raises_and_the_messages_behind_arrive(
     behind = os.urandom(MIB + 3)
     t = _sender(a, [b"z" * (2 * MIB), behind, b"last"])
     try:
-        with pytest.raises(MessageTooLarge, match="does not fit"):
+        with pytest.raises(MessageTooLarge, match="does not fit") as err:
             b.recv_bytes_into(bytearray(MIB), timeout=30)
+        assert err.value.message == b"z" * (2 * MIB)  # handed over, not lost
         buf = bytearray(2 * MIB)
         n = b.recv_bytes_into(buf, timeout=30)
         assert buf[:n] == behind
@@ -256,3 +257,25 @@ def test_a_peer_announcing_a_huge_chunked_frame_commits_little() -> None:
         grown = _rss() - before
         assert grown < 16 * MIB, f"two announced 60 MiB frames took {grown >> 20} MiB"
         assert b.statistics().messages_received == d.statistics().messages_received == 0
+
+
+@pytest.mark.parametrize("kind", ["pipe", "unix:bulksmall", "tcp://127.0.0.1:0", "shm:bulksmall"])
+async def test_a_small_message_too_large_for_the_buffer_is_handed_over_in_both_drivers(
+    kind: str,
+) -> None:
+    """A message that does not fit ``recv_bytes_into``'s buffer is in the error's
+    ``.message`` (blocking and asyncio ends): nothing is lost, the next one follows."""
+    a, b = _pair(kind)
+    with a, b:
+        a.send_bytes(b"0123456789" * 10)
+        a.send_bytes(b"next")
+        with pytest.raises(MessageTooLarge) as err:
+            b.recv_bytes_into(bytearray(10), timeout=30)
+        assert err.value.message == b"0123456789" * 10
+        assert b.recv_bytes(timeout=30) == b"next"
+        ab = buzon.aio.Channel(b._core)  # the same core, awaited
+        a.send_bytes(b"x" * 50)
+        with pytest.raises(MessageTooLarge) as err:
+            await ab.recv_bytes_into(bytearray(49), timeout=30)
+        assert err.value.message == b"x" * 50
+        assert b.statistics().messages_received == 3

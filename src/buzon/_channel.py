@@ -2242,10 +2242,15 @@ class ChannelCore:
         target = memoryview(buf).cast("B")
         parts = [memoryview(frame.body).cast("B"), *frame.buffers]
         total = sum(p.nbytes for p in parts)
-        if total > target.nbytes:
-            raise MessageTooLarge(
-                f"message of {total} bytes does not fit a {target.nbytes}-byte buffer"
+        if total > target.nbytes:  # taken: handed over in the error, not lost
+            error = MessageTooLarge(
+                f"message of {total} bytes does not fit a {target.nbytes}-byte buffer "
+                "(the error's .message holds it)"
             )
+            error.message = self.frame_bytes(frame)  # recycles the frame (see below)
+            for p in parts:
+                p.release()
+            raise error
         pos = 0
         for p in parts:
             target[pos : pos + p.nbytes] = p

@@ -138,7 +138,14 @@ class Undelivered(ChannelError):
 
 
 class MessageTooLarge(ChannelError):
-    """The message exceeds the frame cap or what the transport can carry at once."""
+    """The message exceeds the frame cap or what the transport can carry at once.
+
+    Raised by ``recv_bytes_into`` when the received message does not fit the given
+    buffer: the message was taken, and :attr:`message` holds it (bytes), so nothing is
+    lost (as ``multiprocessing``'s ``BufferTooShort`` carries it). Elsewhere
+    :attr:`message` is None."""
+
+    message: bytes | None = None
 
 
 class ConnectError(BuzonError, ConnectionError):

@@ -703,6 +703,9 @@ class Channel(ChannelIdentity):
         return self._core.item_bytes(self._poll_nowait())
 
     async def recv_bytes_into(self, buffer: Buffer, timeout: float | None = None) -> int:
+        """:meth:`buzon.Channel.recv_bytes_into`, awaited: one message into ``buffer``,
+        its size returned (:class:`MessageTooLarge` holding the message in ``.message``
+        when it does not fit)."""
         async with self._rlock:
             core = self._core
             if core.raw:

@@ -1352,8 +1352,9 @@ class Channel(ChannelIdentity):
         return item
 
     def recv_bytes_into(self, buffer: Buffer, timeout: float | None = None) -> int:
-        """Receive one message into ``buffer``; return its size (MessageTooLarge if it
-        does not fit — the message is then lost, as with multiprocessing)."""
+        """Receive one message into ``buffer``; return its size. A message that does
+        not fit raises :class:`MessageTooLarge` whose ``.message`` holds it (bytes):
+        nothing is lost, as with multiprocessing's ``BufferTooShort``."""
         with self._rlock:
             core = self._core
             if core.raw:
