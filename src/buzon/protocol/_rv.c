@@ -49,6 +49,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <pythread.h>
 #include <time.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -84,6 +85,9 @@ typedef struct {
     unsigned long takes, seen;
     int registered, due;
     void *next, *prev;
+    /* the channel (RvCall binds it, weakly; its __dict__ borrowed): a CREDIT calls the
+     * core's ``on_credit`` only while a thread waits for another's reads (``_pumpers``) */
+    PyObject *chref, *chd;
 } RvStream;
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow, *s_decoder,
@@ -92,7 +96,8 @@ static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow
     *s_granted, *s_offering, *s_reported, *s_report_due, *s_peer_blocked, *s_unreported,
     *s_end, *s_big, *s_error, *s_frames, *s_buf, *s_messages_sent, *s_bytes_sent,
     *s_messages_received, *s_bytes_received, *s_credits_sent, *s_credits_received,
-    *s_popleft, *s_append, *s_recv_would_block;
+    *s_popleft, *s_append, *s_recv_would_block, *s_pumpers, *s_wake, *s_waiters, *s_closing,
+    *s_small_send, *s_timeout, *s_drop_wake, *s_wake_pumpers, *s_failed_code;
 
 /* -- field access ---------------------------------------------------------------- */
 
@@ -674,6 +679,19 @@ static int apply_credit(RvStream *self, PyObject *sflow, const unsigned char *bo
         set_field(self, s_credit_blocked, Py_False) < 0 ||
         add_u64(stats, s_credits_received, 1) < 0)
         return -1;
+    if (self->chref != NULL) { /* bound: the callback only wakes pumpers; none, no call */
+        PyObject *ch = PyWeakref_GetObject(self->chref); /* borrowed */
+        if (ch == NULL)
+            return -1;
+        if (ch != Py_None) {
+            PyObject *pumpers = PyDict_GetItemWithError(self->chd, s_pumpers);
+            if (pumpers == NULL && PyErr_Occurred())
+                return -1;
+            int any = pumpers == NULL ? 1 : PyObject_IsTrue(pumpers);
+            if (any <= 0)
+                return any;
+        }
+    }
     PyObject *wake = field(self, s_on_credit);
     if (wake == NULL)
         return -1;
@@ -987,18 +1005,26 @@ static PyObject *finish_send(RvStream *self, PyObject *rflow, PyObject *sflow,
     return PyLong_FromLong(RV_DONE);
 }
 
+static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
+                         double deadline, double spin, int wake);
+
 static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "send(data, whole, deadline, spin, wake)");
         return NULL;
     }
     self->number = 0; /* set once this call's message is written (an error before: 0) */
-    PyObject *data = args[0];
     int whole = PyObject_IsTrue(args[1]);
     int forever, wake;
     double deadline, spin;
     if (whole < 0 || parse_wait_args(args + 2, &forever, &deadline, &spin, &wake) < 0)
         return NULL;
+    return do_send(self, args[0], whole, forever, deadline, spin, wake);
+}
+
+static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
+                         double deadline, double spin, int wake) {
+    self->number = 0;
     double budget = spin; /* the reply's spin (the SPIN step) is the whole budget */
     if (!PyBytes_CheckExact(data))
         return PyLong_FromLong(RV_NA);
@@ -1409,6 +1435,7 @@ static PyObject *rv_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
 }
 
 static int rv_traverse(RvStream *self, visitproc visit, void *arg) {
+    Py_VISIT(self->chref);
     Py_VISIT(self->core);
     Py_VISIT(self->state);
     Py_VISIT(self->acquire);
@@ -1419,6 +1446,8 @@ static int rv_traverse(RvStream *self, visitproc visit, void *arg) {
 
 static int rv_clear(RvStream *self) {
     cf_unregister(self);
+    Py_CLEAR(self->chref);
+    self->chd = NULL; /* borrowed */
     Py_CLEAR(self->core);
     Py_CLEAR(self->state);
     Py_CLEAR(self->acquire);
@@ -1507,6 +1536,453 @@ static PyTypeObject RvStreamType = {
     .tp_clear = (inquiry)rv_clear,
     .tp_methods = rv_methods,
     .tp_getset = rv_getset,
+};
+
+/* -- send_bytes and recv_bytes in one C call each ---------------------------------
+ *
+ *   RvCall(channel, rv, fallback, tail, spin, recv)
+ *       The sync driver's ``send_bytes`` (``recv`` false) or ``recv_bytes`` (true) of a
+ *       rendezvous channel on a framed stream, installed as the channel's own attribute
+ *       (it shadows the method), without a Python frame on the common path: what
+ *       Channel._send_rv_stream / recv_bytes do before and after ``rv``'s C send and
+ *       receive (the read lock taken without waiting, the wake fd, the thread counted in
+ *       ``_waiters`` for close(), the ``_closing`` check, the deadline). Anything
+ *       unusual calls ``fallback(channel, *args, **kwargs)`` (the class's method) from
+ *       the start: an argument other than the data and a None or non-negative number
+ *       ``timeout`` (``priority``, a non-bytes payload), the read lock busy, no wake fd
+ *       yet, a close() begun, ``small_send`` set, or ``rv`` declining (code 0, nothing
+ *       done). What ``rv`` hands back otherwise (a deadline, a close, a read it does not
+ *       handle, a signal handler's exception) goes to ``tail(channel, rv, got, timeout
+ *       or deadline, ...)`` (Channel._rv_sent / _rv_received) with the read lock held,
+ *       which finishes it in the engine as the Python path does. The channel is held
+ *       weakly (_writer.h); binding also tells ``rv`` where the channel's ``_pumpers``
+ *       is, so that a CREDIT calls the core's ``on_credit`` only when a thread waits for
+ *       another's reads. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *chref;   /* the channel, weakly */
+    PyObject *chd;     /* borrowed: the channel's __dict__ (it keeps it) */
+    PyObject *channel; /* borrowed: held during a call */
+    RvStream *rv;
+    PyObject *acquire, *release; /* the read lock's */
+    PyObject *fallback, *tail;
+    double spin;
+    int recv;
+    vectorcallfunc vectorcall;
+} RvCall;
+
+/* ``fallback(channel, *args, **kwargs)`` */
+static PyObject *call_fallback(RvCall *self, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *small[8];
+    PyObject **all = small;
+    if (nargs + nkw + 1 > 8) {
+        all = PyMem_Malloc((size_t)(nargs + nkw + 1) * sizeof(PyObject *));
+        if (all == NULL)
+            return PyErr_NoMemory();
+    }
+    all[0] = self->channel;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+        all[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(self->fallback, all, (size_t)(nargs + 1), kwnames);
+    if (all != small)
+        PyMem_Free(all);
+    return r;
+}
+
+/* The arguments: ``data`` (send) and ``timeout``. 1 plain (``*forever`` or
+ * ``*deadline``), 0 anything else (the fallback's), -1 error */
+static int call_args(RvCall *self, PyObject *const *args, size_t nargsf, PyObject *kwnames,
+                     PyObject **data, PyObject **timeout, int *forever, double *deadline,
+                     double *span) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    Py_ssize_t first = self->recv ? 0 : 1; /* where timeout may stand */
+    *data = NULL;
+    *timeout = Py_None;
+    if (nargs < first || nargs + nkw > first + 1)
+        return 0;
+    if (!self->recv)
+        *data = args[0];
+    if (nkw == 1) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, 0);
+        if (k != s_timeout && PyUnicode_Compare(k, s_timeout) != 0)
+            return PyErr_Occurred() ? -1 : 0;
+        *timeout = args[nargs];
+    } else if (nargs == first + 1) {
+        *timeout = args[first];
+    }
+    *forever = *timeout == Py_None;
+    *deadline = *span = 0.0;
+    if (!*forever) {
+        if (!PyFloat_CheckExact(*timeout) && !PyLong_CheckExact(*timeout))
+            return 0;
+        double t = PyFloat_AsDouble(*timeout);
+        if (t == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear(); /* too large an int: the fallback says so */
+            return 0;
+        }
+        if (!(t >= 0.0) || t > 1e9) /* negative or NaN: the fallback's ValueError */
+            return 0;
+        *deadline = monotonic_now() + t;
+        *span = t;
+    }
+    return 1;
+}
+
+/* the channel's ``_wake`` if this thread may wait on it (counted in ``_waiters``,
+ * ``*me`` its ident): 1; 0 not now (no wake fd yet, a close() begun: the fallback's);
+ * -1 error */
+static int wait_enter(RvCall *self, int *wake, PyObject **me) {
+    PyObject *w = PyDict_GetItemWithError(self->chd, s_wake);
+    PyObject *waiters = w == NULL ? NULL : PyDict_GetItemWithError(self->chd, s_waiters);
+    if (waiters == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    long fd = PyLong_AsLong(w);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT32_MAX || !PyList_CheckExact(waiters))
+        return 0;
+    int closing = core_flag(self->chd, s_closing, 0); /* the channel's dict */
+    if (closing != 0)
+        return closing < 0 ? -1 : 0;
+    *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (*me == NULL || PyList_Append(waiters, *me) < 0) {
+        Py_CLEAR(*me);
+        return -1;
+    }
+    *wake = (int)fd;
+    return 1;
+}
+
+/* _leave_wait: this thread out of ``_waiters``; the last one out of a closing channel
+ * frees the wake fd. Keeps a pending exception. 0 ok, -1 error */
+static int wait_leave(RvCall *self, PyObject *me) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    int rc = -1;
+    PyObject *waiters = PyDict_GetItemWithError(self->chd, s_waiters);
+    if (waiters != NULL && PyList_CheckExact(waiters)) {
+        for (Py_ssize_t i = PyList_GET_SIZE(waiters) - 1; i >= 0; i--) {
+            int eq = PyObject_RichCompareBool(PyList_GET_ITEM(waiters, i), me, Py_EQ);
+            if (eq < 0)
+                break;
+            if (eq) {
+                rc = PyList_SetSlice(waiters, i, i + 1, NULL);
+                break;
+            }
+        }
+    }
+    if (rc == 0) {
+        int closing = core_flag(self->chd, s_closing, 0);
+        if (closing > 0) {
+            PyObject *r = PyObject_CallMethodNoArgs(self->channel, s_drop_wake);
+            Py_XDECREF(r);
+            rc = r == NULL ? -1 : 0;
+        } else if (closing < 0)
+            rc = -1;
+    } else if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_RuntimeError, "a waiting thread left the channel's waiters");
+    }
+    Py_DECREF(me);
+    if (t != NULL || v != NULL) { /* the call's own exception wins */
+        if (rc < 0)
+            PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+        return -1;
+    }
+    return rc;
+}
+
+/* the read lock's release, a pending exception kept; ``out`` returned (NULL if the
+ * release failed) */
+static PyObject *rlock_release(RvCall *self, PyObject *out) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *r = PyObject_CallNoArgs(self->release);
+    if (t != NULL || v != NULL) {
+        Py_XDECREF(r);
+        if (r == NULL)
+            PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+        Py_XDECREF(out);
+        return NULL;
+    }
+    if (r == NULL) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return out;
+}
+
+/* the pending exception, normalized, with its traceback (a new reference) */
+static PyObject *take_exception(void) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (tb != NULL && v != NULL)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+}
+
+/* tail(channel, rv, got, timeout, deadline) (recv), tail(channel, rv, code, failed,
+ * deadline) (send: ``got`` a code, or the exception raised after the write) */
+static PyObject *call_tail(RvCall *self, PyObject *got, PyObject *timeout, int forever,
+                           double deadline) {
+    PyObject *dl = forever ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline);
+    if (dl == NULL) {
+        Py_DECREF(got);
+        return rlock_release(self, NULL);
+    }
+    PyObject *call[5] = {self->channel, (PyObject *)self->rv, got, timeout, dl};
+    if (!self->recv) {
+        int failed = !PyLong_CheckExact(got);
+        if (failed) {
+            call[2] = s_failed_code;
+            call[3] = got;
+        } else {
+            call[3] = Py_None;
+        }
+    }
+    PyObject *r = PyObject_Vectorcall(self->tail, call, 5, NULL);
+    Py_DECREF(got);
+    Py_DECREF(dl);
+    return r;
+}
+
+static PyObject *rvcall_send(RvCall *self, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    PyObject *data, *timeout, *me = NULL;
+    int forever, wake;
+    double deadline, span;
+    int ok = call_args(self, args, nargsf, kwnames, &data, &timeout, &forever, &deadline,
+                       &span);
+    if (ok <= 0 || !PyBytes_CheckExact(data))
+        return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
+    int small = core_flag(self->rv->state, s_small_send, 1);
+    if (small != 0)
+        return small < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
+    ok = try_lock(self->acquire);
+    if (ok <= 0)
+        return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
+    ok = wait_enter(self, &wake, &me);
+    if (ok <= 0) {
+        if (ok < 0)
+            return rlock_release(self, NULL);
+        if (rlock_release(self, Py_None) == NULL)
+            return NULL;
+        return call_fallback(self, args, nargsf, kwnames);
+    }
+    PyObject *got = do_send(self->rv, data, 0, forever, deadline, self->spin, wake);
+    if (got == NULL && self->rv->number > 0) /* written: the engine finishes (a handler's) */
+        got = take_exception();
+    if (wait_leave(self, me) < 0) {
+        Py_XDECREF(got);
+        return rlock_release(self, NULL);
+    }
+    if (got == NULL)
+        return rlock_release(self, NULL);
+    if (PyLong_CheckExact(got)) {
+        long code = PyLong_AsLong(got);
+        if (code == RV_DONE || code == RV_NA) {
+            Py_DECREF(got);
+            if (rlock_release(self, Py_None) == NULL)
+                return NULL;
+            if (code == RV_DONE)
+                Py_RETURN_NONE;
+            return call_fallback(self, args, nargsf, kwnames);
+        }
+    }
+    PyObject *r = call_tail(self, got, timeout, forever, deadline); /* it releases the lock */
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+/* ``recv_bytes``' end: the pumpers woken, the payload */
+static PyObject *recv_done(RvCall *self, PyObject *item) {
+    PyObject *pumpers = PyDict_GetItemWithError(self->chd, s_pumpers);
+    if (pumpers == NULL && PyErr_Occurred()) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    int any = pumpers == NULL ? 0 : PyObject_IsTrue(pumpers);
+    if (any > 0) {
+        PyObject *r = PyObject_CallMethodNoArgs(self->channel, s_wake_pumpers);
+        Py_XDECREF(r);
+        any = r == NULL ? -1 : 0;
+    }
+    if (any < 0) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    PyObject *body = Py_NewRef(PyTuple_GET_ITEM(item, 1));
+    Py_DECREF(item);
+    return body;
+}
+
+static PyObject *rvcall_recv(RvCall *self, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    PyObject *data, *timeout, *me = NULL;
+    int forever, wake;
+    double deadline, span;
+    int ok = call_args(self, args, nargsf, kwnames, &data, &timeout, &forever, &deadline,
+                       &span);
+    if (ok <= 0)
+        return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
+    ok = try_lock(self->acquire);
+    if (ok <= 0)
+        return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
+    PyObject *got = receive(self->rv, 1, 0.0, 0.0, -1, 1); /* a message in hand */
+    if (got == NULL)
+        return rlock_release(self, NULL);
+    if (PyTuple_CheckExact(got)) {
+        if (rlock_release(self, Py_None) == NULL) {
+            Py_DECREF(got);
+            return NULL;
+        }
+        return recv_done(self, got);
+    }
+    Py_DECREF(got);
+    ok = wait_enter(self, &wake, &me);
+    if (ok <= 0) {
+        if (ok < 0)
+            return rlock_release(self, NULL);
+        if (rlock_release(self, Py_None) == NULL)
+            return NULL;
+        return call_fallback(self, args, nargsf, kwnames);
+    }
+    double spin = !forever && span == 0.0 ? 0.0 : self->spin; /* timeout=0: no spin */
+    got = receive(self->rv, forever, deadline, spin, wake, 0);
+    if (got != NULL && PyTuple_CheckExact(got)) {
+        if (wait_leave(self, me) < 0) {
+            Py_DECREF(got);
+            return rlock_release(self, NULL);
+        }
+        if (rlock_release(self, Py_None) == NULL) {
+            Py_DECREF(got);
+            return NULL;
+        }
+        return recv_done(self, got);
+    }
+    if (got == NULL)
+        got = take_exception();
+    if (got == NULL) {
+        wait_leave(self, me);
+        return rlock_release(self, NULL);
+    }
+    Py_DECREF(me); /* the tail leaves the wait (_rv_got) */
+    return call_tail(self, got, timeout, forever, deadline); /* it releases the lock */
+}
+
+/* the call, with the channel held for its duration (weakly bound) */
+static PyObject *rvcall_enter(PyObject *callable, PyObject *const *args, size_t nargsf,
+                              PyObject *kwnames) {
+    RvCall *self = (RvCall *)callable;
+    PyObject *channel = owner_enter(self->chref);
+    if (channel == NULL)
+        return NULL;
+    if (self->rv == NULL) {
+        Py_DECREF(channel);
+        PyErr_SetString(PyExc_ValueError, "the RvCall was cleared");
+        return NULL;
+    }
+    PyObject *out = self->recv ? rvcall_recv(self, args, nargsf, kwnames)
+                               : rvcall_send(self, args, nargsf, kwnames);
+    Py_DECREF(channel);
+    return out;
+}
+
+static PyObject *rvcall_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"channel", "rv", "fallback", "tail", "spin", "recv", NULL};
+    PyObject *channel, *rv, *fallback, *tail;
+    double spin;
+    int recv;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOdp:RvCall", kwlist, &channel,
+                                     &RvStreamType, &rv, &fallback, &tail, &spin, &recv))
+        return NULL;
+    PyObject *lock = PyObject_GetAttrString(channel, "_rlock");
+    if (lock == NULL)
+        return NULL;
+    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
+    PyObject *release = acquire == NULL ? NULL : PyObject_GetAttrString(lock, "release");
+    Py_DECREF(lock);
+    PyObject *chd = release == NULL ? NULL : PyObject_GenericGetDict(channel, NULL);
+    PyObject *chref = chd == NULL ? NULL : PyWeakref_NewRef(channel, NULL);
+    PyObject *rvref = chref == NULL ? NULL : PyWeakref_NewRef(channel, NULL);
+    RvCall *self = rvref == NULL ? NULL : (RvCall *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_XDECREF(acquire);
+        Py_XDECREF(release);
+        Py_XDECREF(chd);
+        Py_XDECREF(chref);
+        Py_XDECREF(rvref);
+        return NULL;
+    }
+    Py_DECREF(chd); /* borrowed from now on: the channel keeps its __dict__ */
+    RvStream *stream = (RvStream *)rv;
+    Py_XSETREF(stream->chref, rvref);
+    stream->chd = chd;
+    self->chref = chref;
+    self->chd = chd;
+    self->channel = channel;
+    self->rv = (RvStream *)Py_NewRef(rv);
+    self->acquire = acquire;
+    self->release = release;
+    self->fallback = Py_NewRef(fallback);
+    self->tail = Py_NewRef(tail);
+    self->spin = spin;
+    self->recv = recv;
+    self->vectorcall = rvcall_enter;
+    return (PyObject *)self;
+}
+
+static int rvcall_traverse(RvCall *self, visitproc visit, void *arg) {
+    Py_VISIT(self->chref);
+    Py_VISIT(self->rv);
+    Py_VISIT(self->acquire);
+    Py_VISIT(self->release);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->tail);
+    return 0;
+}
+
+static int rvcall_clear(RvCall *self) {
+    Py_CLEAR(self->chref);
+    self->chd = self->channel = NULL; /* borrowed */
+    Py_CLEAR(self->rv);
+    Py_CLEAR(self->acquire);
+    Py_CLEAR(self->release);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->tail);
+    return 0;
+}
+
+static void rvcall_dealloc(RvCall *self) {
+    PyObject_GC_UnTrack(self);
+    rvcall_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RvCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._rv.RvCall",
+    .tp_basicsize = sizeof(RvCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "RvCall(channel, rv, fallback, tail, spin, recv): a rendezvous channel's "
+              "send_bytes or recv_bytes in one C call (see the module's comment)",
+    .tp_new = rvcall_new,
+    .tp_dealloc = (destructor)rvcall_dealloc,
+    .tp_traverse = (traverseproc)rvcall_traverse,
+    .tp_clear = (inquiry)rvcall_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(RvCall, vectorcall),
 };
 
 static PyObject *mod_at_exit(PyObject *m, PyObject *unused) {
@@ -1619,12 +2095,23 @@ PyMODINIT_FUNC PyInit__rv(void) {
     INTERN(s_popleft, "popleft")
     INTERN(s_append, "append")
     INTERN(s_recv_would_block, "recv_would_block")
-    if (PyType_Ready(&RvStreamType) < 0)
+    INTERN(s_pumpers, "_pumpers")
+    INTERN(s_wake, "_wake")
+    INTERN(s_waiters, "_waiters")
+    INTERN(s_closing, "_closing")
+    INTERN(s_small_send, "small_send")
+    INTERN(s_timeout, "timeout")
+    INTERN(s_drop_wake, "_drop_wake")
+    INTERN(s_wake_pumpers, "_wake_pumpers")
+    if ((s_failed_code = PyLong_FromLong(-1)) == NULL) /* Channel._rv_sent's _RV_FAILED */
+        return NULL;
+    if (PyType_Ready(&RvStreamType) < 0 || PyType_Ready(&RvCallType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "RvStream", (PyObject *)&RvStreamType) < 0) {
+    if (PyModule_AddObjectRef(m, "RvStream", (PyObject *)&RvStreamType) < 0 ||
+        PyModule_AddObjectRef(m, "RvCall", (PyObject *)&RvCallType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from typing import Any
 
 class RvStream:
     number: int
@@ -27,3 +28,15 @@ class RvStream:
 def at_exit() -> None: ...
 def confirm_all() -> None: ...
 def confirm_delay(seconds: float = ..., /) -> float: ...
+
+class RvCall:
+    def __init__(
+        self,
+        channel: object,
+        rv: RvStream,
+        fallback: Callable[..., object],
+        tail: Callable[..., object],
+        spin: float,
+        recv: bool,
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
