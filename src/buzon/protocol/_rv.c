@@ -73,9 +73,9 @@ enum { RV_NA = 0, RV_DONE = 1, RV_PART = 3, RV_TIMEOUT = 4, RV_WOKEN = 5, RV_HAN
 
 typedef struct {
     PyObject_HEAD
-    int rfd, wfd, sock;
+    int rfd, wfd, sock, fifo;
     Py_ssize_t limit;
-    PyObject *core, *state, *acquire, *release, *on_part;
+    PyObject *core, *state, *acquire, *release, *locked, *on_part;
     long long number, serial; /* the message of the last send() */
     Py_ssize_t n;             /* bytes left for the decoder (codes 6, 7) */
     int err;                  /* errno of a failed read (n == -1) */
@@ -124,11 +124,14 @@ typedef struct {
     Py_ssize_t off;       /* -1: not a plain slot */
 } SlotEntry;
 
-#define SLOT_CACHE 128
+#define SLOT_CACHE 1024
 static SlotEntry slot_cache[SLOT_CACHE];
 
 static Py_ssize_t slot_offset(PyTypeObject *type, PyObject *name) {
-    size_t h = (((uintptr_t)type >> 4) * 31u + ((uintptr_t)name >> 4)) & (SLOT_CACHE - 1);
+    /* a multiplicative hash of both pointers (the names are interned strings, the
+     * types few: the 30-odd pairs of a channel must not evict one another) */
+    uint64_t k = ((uint64_t)(uintptr_t)type * 0x9E3779B97F4A7C15ull) ^ (uint64_t)(uintptr_t)name;
+    size_t h = (size_t)((k * 0xBF58476D1CE4E5B9ull) >> 54) & (SLOT_CACHE - 1);
     SlotEntry *e = &slot_cache[h];
     int tagged = PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG);
     if (tagged && e->type == type && e->name == name && e->version == type->tp_version_tag)
@@ -1069,7 +1072,14 @@ static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
     int offering = get_bool(rflow, s_offering);
     if (offering < 0)
         return NULL;
-    int locked = try_lock(self->acquire);
+#define UNLOCK(out) (nolock ? (out) : unlock_with(self->release, (out)))
+    /* a pipe's write of at most PIPE_BUF is whole or nothing: the write lock found
+     * free is as good as taken (_writer.h lock_held: the GIL is kept, no Python code
+     * runs, until the state is updated); else it is taken without waiting */
+    int nolock = writes_whole(self->fifo, (offering ? 0 : CREDIT_SIZE) + 8 + n);
+    int locked = nolock ? lock_held(self->locked) : try_lock(self->acquire);
+    if (nolock && locked >= 0)
+        locked = !locked;
     if (locked <= 0)
         return locked < 0 ? NULL : PyLong_FromLong(RV_NA);
     /* offer_with_send + try_send: this end's offer (if none stands) and the message in
@@ -1077,7 +1087,7 @@ static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
     unsigned char f[CREDIT_SIZE], header[8];
     uint64_t rtaken = 0;
     if (!offering && get_u64(rflow, s_taken, &rtaken) < 0)
-        return unlock_with(self->release, NULL);
+        return UNLOCK(NULL);
     credit_frame(f, rtaken, rtaken + 1);
     data_header(header, flags, (uint32_t)n);
     struct iovec iov[3] = {{.iov_base = f, .iov_len = CREDIT_SIZE},
@@ -1088,18 +1098,23 @@ static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
     Py_ssize_t total = (offering ? 0 : CREDIT_SIZE) + 8 + n;
     ssize_t got = put_vec(self, v, cnt);
     if (got <= 0) /* no room (or an error the general way meets again): nothing changed */
-        return unlock_with(self->release, PyLong_FromLong(RV_NA));
+        return UNLOCK(PyLong_FromLong(RV_NA));
     PyObject *serial_o = field(self, s_serial);
     long long serial = serial_o == NULL ? -1 : PyLong_AsLongLong(serial_o);
     if (serial == -1 && PyErr_Occurred())
-        return unlock_with(self->release, NULL);
+        return UNLOCK(NULL);
     if (!offering) { /* RecvFlow.before_wait's offer, as offer_with_send makes it */
         unsigned char g[CREDIT_SIZE];
         if (offer(self, rflow, g) < 0 || set_field(self, s_rv_valid, Py_False) < 0 ||
             add_u64(stats, s_credits_sent, 1) < 0)
-            return unlock_with(self->release, NULL);
+            return UNLOCK(NULL);
     }
     int part = got < total;
+    if (part && nolock) { /* not whole after all: the tail's keeper needs the lock */
+        if (take_free_lock(self->acquire) < 0)
+            return NULL;
+        nolock = 0;
+    }
     if (part) { /* the kernel took part of it: the core keeps the tail (on_part) */
         PyObject *offer_b = offering ? Py_NewRef(Py_None)
                                      : PyBytes_FromStringAndSize((const char *)f, CREDIT_SIZE);
@@ -1117,31 +1132,32 @@ static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
         Py_XDECREF(payload);
         Py_XDECREF(wrote);
         if (out == NULL)
-            return unlock_with(self->release, NULL);
+            return UNLOCK(NULL);
         serial = PyLong_AsLongLong(out);
         Py_DECREF(out);
         if (serial == -1 && PyErr_Occurred())
-            return unlock_with(self->release, NULL);
+            return UNLOCK(NULL);
     } else {
         serial += 1;
         PyObject *s = PyLong_FromLongLong(serial);
         if (s == NULL || set_field(self, s_serial, s) < 0) {
             Py_XDECREF(s);
-            return unlock_with(self->release, NULL);
+            return UNLOCK(NULL);
         }
         Py_DECREF(s);
         if (add_u64(stats, s_messages_sent, 1) < 0 ||
             add_u64(stats, s_bytes_sent, (uint64_t)n + 8) < 0)
-            return unlock_with(self->release, NULL);
+            return UNLOCK(NULL);
     }
     if (set_u64(sflow, s_sent, sent + 1) < 0)
-        return unlock_with(self->release, NULL);
+        return UNLOCK(NULL);
     self->number = (long long)(sent + 1);
     self->serial = serial;
-    if (unlock_with(self->release, Py_None) == NULL)
+    if (UNLOCK(Py_None) == NULL)
         return NULL;
     if (part)
         return PyLong_FromLong(RV_PART);
+#undef UNLOCK
     /* the wait for the take (send_steps' CREDIT step) */
     for (;;) {
         uint64_t taken;
@@ -1417,8 +1433,10 @@ static PyObject *rv_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     writer_refs w;
     if (writer_refs_take(&w, core, NULL, lock) < 0)
         return NULL;
-    RvStream *self = (RvStream *)type->tp_alloc(type, 0);
+    PyObject *locked = PyObject_GetAttrString(lock, "locked");
+    RvStream *self = locked == NULL ? NULL : (RvStream *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        Py_XDECREF(locked);
         writer_refs_drop(&w);
         return NULL;
     }
@@ -1430,6 +1448,8 @@ static PyObject *rv_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     self->state = w.state;
     self->acquire = w.acquire;
     self->release = w.release;
+    self->locked = locked;
+    self->fifo = !sock && is_fifo(wfd);
     self->on_part = Py_NewRef(on_part);
     return (PyObject *)self;
 }
@@ -1440,6 +1460,7 @@ static int rv_traverse(RvStream *self, visitproc visit, void *arg) {
     Py_VISIT(self->state);
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
+    Py_VISIT(self->locked);
     Py_VISIT(self->on_part);
     return 0;
 }
@@ -1452,6 +1473,7 @@ static int rv_clear(RvStream *self) {
     Py_CLEAR(self->state);
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
+    Py_CLEAR(self->locked);
     Py_CLEAR(self->on_part);
     return 0;
 }
