@@ -88,7 +88,13 @@ typedef struct {
     /* the channel (RvCall binds it, weakly; its __dict__ borrowed): a CREDIT calls the
      * core's ``on_credit`` only while a thread waits for another's reads (``_pumpers``) */
     PyObject *chref, *chd;
+    /* the statistics this object's calls add (counts(): ChannelCore.statistics adds
+     * them to the core's), kept here: a Python int per count per call costs more than
+     * the rest of the count's use */
+    uint64_t cnt[7];
 } RvStream;
+
+enum { C_MSENT, C_BSENT, C_CSENT, C_CRECV, C_BRECV, C_MRECV, C_RWB };
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow, *s_decoder,
     *s_stats, *s_serial, *s_taken, *s_rv_valid, *s_rv_void, *s_rv_reply, *s_rv_after_send,
@@ -363,8 +369,8 @@ static int write_credit_locked(RvStream *self, const unsigned char *f) {
             goto out;
         Py_DECREF(r);
     }
-    PyObject *stats = field(self, s_stats);
-    rc = stats == NULL ? -1 : add_u64(stats, s_credits_sent, 1);
+    self->cnt[C_CSENT]++;
+    rc = 0;
 out:
     Py_XDECREF(frame);
     return rc;
@@ -669,8 +675,7 @@ static int parse(const unsigned char *p, Py_ssize_t n, Py_ssize_t limit, PyObjec
 /* ChannelCore._apply_credit of a plain CREDIT body (checked by parse) */
 static int apply_credit(RvStream *self, PyObject *sflow, const unsigned char *body) {
     PyObject *peer = field(self, s_peer);
-    PyObject *stats = field(self, s_stats);
-    if (peer == NULL || stats == NULL)
+    if (peer == NULL)
         return -1;
     PyObject *pid = PyObject_GetAttr(peer, s_pid);
     if (pid == NULL)
@@ -679,9 +684,9 @@ static int apply_credit(RvStream *self, PyObject *sflow, const unsigned char *bo
     Py_DECREF(pid);
     if (r < 0 || set_u64(sflow, s_taken, read_u64(body)) < 0 ||
         set_u64(sflow, s_limit, read_u64(body + 8)) < 0 ||
-        set_field(self, s_credit_blocked, Py_False) < 0 ||
-        add_u64(stats, s_credits_received, 1) < 0)
+        set_field(self, s_credit_blocked, Py_False) < 0)
         return -1;
+    self->cnt[C_CRECV]++;
     if (self->chref != NULL) { /* bound: the callback only wakes pumpers; none, no call */
         PyObject *ch = PyWeakref_GetObject(self->chref); /* borrowed */
         if (ch == NULL)
@@ -711,10 +716,10 @@ static int apply_credit(RvStream *self, PyObject *sflow, const unsigned char *bo
  * _read_bytes and _apply_control): counts, the rendezvous gate's "found empty", the
  * CREDIT applied. */
 static int took_read(RvStream *self, PyObject *sflow, Py_ssize_t n, const Parsed *pr) {
-    PyObject *stats = field(self, s_stats);
     PyObject *owed = field(self, s_credit_out);
-    if (stats == NULL || owed == NULL || add_u64(stats, s_bytes_received, (uint64_t)n) < 0)
+    if (owed == NULL)
         return -1;
+    self->cnt[C_BRECV] += (uint64_t)n;
     if (owed == Py_None && set_field(self, s_rv_valid, Py_True) < 0)
         return -1;
     if (pr->credit != NULL && apply_credit(self, sflow, pr->credit) < 0)
@@ -810,11 +815,7 @@ static int read_wait(RvStream *self, PyObject *decoder, int sleep, int forever,
         empty = 1; /* spin 0: the engine's read would find nothing first, then wait */
     }
     if (empty) { /* counted as the engine's reads count it */
-        PyObject *stats = field(self, s_stats);
-        if (stats == NULL || add_u64(stats, s_recv_would_block, 1) < 0) {
-            Py_DECREF(buf);
-            return -1;
-        }
+        self->cnt[C_RWB]++;
     }
     if (got < 0 && (e == EAGAIN || e == EWOULDBLOCK) && sleep) {
         struct pollfd pfds[2] = {{.fd = self->rfd, .events = POLLIN, .revents = 0},
@@ -1052,8 +1053,8 @@ static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
     if (r <= 0)
         return r < 0 ? NULL : PyLong_FromLong(RV_NA);
     PyObject *sflow = field(self, s_sflow), *rflow = field(self, s_rflow);
-    PyObject *decoder = field(self, s_decoder), *stats = field(self, s_stats);
-    if (sflow == NULL || rflow == NULL || decoder == NULL || stats == NULL)
+    PyObject *decoder = field(self, s_decoder);
+    if (sflow == NULL || rflow == NULL || decoder == NULL)
         return NULL;
     if (sflow == Py_None || rflow == Py_None || decoder == Py_None)
         return PyLong_FromLong(RV_NA);
@@ -1105,9 +1106,9 @@ static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
         return UNLOCK(NULL);
     if (!offering) { /* RecvFlow.before_wait's offer, as offer_with_send makes it */
         unsigned char g[CREDIT_SIZE];
-        if (offer(self, rflow, g) < 0 || set_field(self, s_rv_valid, Py_False) < 0 ||
-            add_u64(stats, s_credits_sent, 1) < 0)
+        if (offer(self, rflow, g) < 0 || set_field(self, s_rv_valid, Py_False) < 0)
             return UNLOCK(NULL);
+        self->cnt[C_CSENT]++;
     }
     int part = got < total;
     if (part && nolock) { /* not whole after all: the tail's keeper needs the lock */
@@ -1145,9 +1146,8 @@ static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
             return UNLOCK(NULL);
         }
         Py_DECREF(s);
-        if (add_u64(stats, s_messages_sent, 1) < 0 ||
-            add_u64(stats, s_bytes_sent, (uint64_t)n + 8) < 0)
-            return UNLOCK(NULL);
+        self->cnt[C_MSENT]++;
+        self->cnt[C_BSENT] += (uint64_t)n + 8;
     }
     if (set_u64(sflow, s_sent, sent + 1) < 0)
         return UNLOCK(NULL);
@@ -1220,10 +1220,10 @@ static int take(RvStream *self, PyObject *rflow) {
         set_u64(rflow, s_limit, n + 1) < 0)
         return -1;
     int r;
-    PyObject *stats = field(self, s_stats);
     PyObject *taken = field(self, s_taken);
-    if (stats == NULL || taken == NULL || add_u64(stats, s_messages_received, 1) < 0)
+    if (taken == NULL)
         return -1;
+    self->cnt[C_MRECV]++;
     PyObject *one = PyLong_FromLong(1);
     PyObject *more = one == NULL ? NULL : PyNumber_Add(taken, one);
     Py_XDECREF(one);
@@ -1504,6 +1504,15 @@ static PyObject *rv_confirm(RvStream *self, PyObject *unused) {
     return PyBool_FromLong(r == 1);
 }
 
+static PyObject *rv_counts(RvStream *self, PyObject *unused) {
+    (void)unused;
+    const uint64_t *c = self->cnt;
+    return Py_BuildValue("(KKKKKKK)", (unsigned long long)c[C_MSENT],
+                         (unsigned long long)c[C_BSENT], (unsigned long long)c[C_CSENT],
+                         (unsigned long long)c[C_CRECV], (unsigned long long)c[C_BRECV],
+                         (unsigned long long)c[C_MRECV], (unsigned long long)c[C_RWB]);
+}
+
 static PyObject *rv_get_number(RvStream *self, void *unused) {
     (void)unused;
     return PyLong_FromLongLong(self->number);
@@ -1540,6 +1549,10 @@ static PyMethodDef rv_methods[] = {
     {"confirm", (PyCFunction)rv_confirm, METH_NOARGS,
      "confirm() -> bool: write the CREDIT a deferred take still owes (True: one was "
      "owed); before a close"},
+    {"counts", (PyCFunction)rv_counts, METH_NOARGS,
+     "counts() -> (messages_sent, bytes_sent, credits_sent, credits_received, "
+     "bytes_received, messages_received, recv_would_block): what this object's calls "
+     "counted (ChannelCore.statistics adds them)"},
     {"take", (PyCFunction)rv_take, METH_NOARGS,
      "take() -> (flags, body) | None: recv's first half, a message in hand taken (None: "
      "none, or the gate is shut; recv goes on)"},

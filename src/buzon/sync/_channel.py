@@ -342,6 +342,8 @@ class Channel(ChannelIdentity):
         if _Put is not None and core.small_send is not None:  # send_bytes' C head: the same
             self.send_bytes = _Put(self, core, Channel.send_bytes, weak_method(self._put_rest))  # type: ignore[method-assign]
         rv = self._rv_stream
+        if rv is not None:
+            core.rv_counts = weak_method(self._rv_counts)
         if rv is not None and _RvCall is not None and core.options.idle_timeout is None:
             # send_bytes/recv_bytes of a rendezvous stream, one C call each (protocol/_rv.c
             # RvCall): they shadow the methods, which stay the reference (and fallback)
@@ -1318,6 +1320,11 @@ class Channel(ChannelIdentity):
         if self._pumpers:
             self._wake_pumpers()
         return item[1] if item.__class__ is tuple else core.item_bytes(item)
+
+    def _rv_counts(self) -> tuple[int, int, int, int, int, int, int]:
+        """What the rendezvous calls in C counted (``core.rv_counts``)."""
+        rv = self._rv_stream
+        return (0,) * 7 if rv is None else rv.counts()
 
     def _put_rest(self, serial: int) -> None:
         """The C ``send_bytes`` head (``protocol._take.Put``): the kernel took part of
