@@ -666,10 +666,44 @@ static int parse(const unsigned char *p, Py_ssize_t n, Py_ssize_t limit, PyObjec
         uint64_t sent, had;
         if (get_u64(sflow, s_sent, &sent) < 0 || get_u64(sflow, s_taken, &had) < 0)
             return -1;
-        if (taken > sent || taken < had || (limit_c != UNLIMITED && limit_c > taken + 1))
+        if (taken < had || (limit_c != UNLIMITED && limit_c > taken + 1))
             return 0;
+        if (taken > sent)
+            return 2; /* ahead of this end's count: see parse_read */
     }
     return 1;
+}
+
+/* parse() of a read of ``n`` bytes at the start of ``buf`` (borrowed). A CREDIT that
+ * takes more messages than this end counts as sent is legal while another thread's
+ * send has written its message and not yet counted it (the Python send counts after
+ * its write, the GIL possibly released in between; it holds the write lock until
+ * it has counted): when the write lock is held, wait for it and parse again. Still
+ * ahead, or the lock free: 0 (the decoder's way reports it). */
+static int parse_read(RvStream *self, PyObject *buf, Py_ssize_t n, PyObject *sflow,
+                      Parsed *pr) {
+    int ok = parse((const unsigned char *)PyByteArray_AS_STRING(buf), n, self->limit, sflow,
+                   pr);
+    if (ok != 2)
+        return ok;
+    int held = lock_held(self->locked);
+    if (held <= 0)
+        return held < 0 ? -1 : 0;
+    Py_INCREF(buf);
+    Py_INCREF(sflow);
+    PyObject *r = PyObject_CallNoArgs(self->acquire); /* the GIL released meanwhile */
+    if (r != NULL) {
+        Py_DECREF(r);
+        r = unlock_with(self->release, Py_None);
+    }
+    if (r != NULL)
+        ok = parse((const unsigned char *)PyByteArray_AS_STRING(buf), n, self->limit, sflow,
+                   pr);
+    Py_DECREF(sflow);
+    Py_DECREF(buf);
+    if (r == NULL)
+        return -1;
+    return ok == 2 ? 0 : ok;
 }
 
 /* ChannelCore._apply_credit of a plain CREDIT body (checked by parse) */
@@ -973,7 +1007,7 @@ static PyObject *finish_send(RvStream *self, PyObject *rflow, PyObject *sflow,
                 return NULL;
         } else {
             Parsed pr;
-            int ok = got > 0 && got < room ? parse(p, got, self->limit, sflow, &pr) : 0;
+            int ok = got > 0 && got < room ? parse_read(self, buf, got, sflow, &pr) : 0;
             if (ok < 0)
                 return NULL;
             if (!ok) {
@@ -1188,7 +1222,7 @@ static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
             return PyLong_FromLong(RV_HANDOVER);
         }
         Parsed pr;
-        int ok = rd > 0 && rd < room ? parse(p, rd, self->limit, sflow, &pr) : 0;
+        int ok = rd > 0 && rd < room ? parse_read(self, buf, rd, sflow, &pr) : 0;
         if (ok < 0)
             return NULL;
         if (!ok) {
@@ -1377,7 +1411,7 @@ static PyObject *receive(RvStream *self, int forever, double deadline, double sp
             return PyLong_FromLong(RV_HANDOVER);
         }
         Parsed pr;
-        int ok = rd > 0 && rd < room ? parse(p, rd, self->limit, sflow, &pr) : 0;
+        int ok = rd > 0 && rd < room ? parse_read(self, buf, rd, sflow, &pr) : 0;
         if (ok <= 0) {
             Py_DECREF(buf);
             if (ok < 0)
