@@ -103,7 +103,7 @@ static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow
     *s_end, *s_big, *s_error, *s_frames, *s_buf, *s_messages_sent, *s_bytes_sent,
     *s_messages_received, *s_bytes_received, *s_credits_sent, *s_credits_received,
     *s_popleft, *s_append, *s_recv_would_block, *s_pumpers, *s_wake, *s_waiters, *s_closing,
-    *s_small_send, *s_timeout, *s_drop_wake, *s_wake_pumpers, *s_failed_code;
+    *s_timeout, *s_drop_wake, *s_wake_pumpers, *s_failed_code;
 
 /* -- field access ---------------------------------------------------------------- */
 
@@ -1619,7 +1619,7 @@ static PyTypeObject RvStreamType = {
  *       unusual calls ``fallback(channel, *args, **kwargs)`` (the class's method) from
  *       the start: an argument other than the data and a None or non-negative number
  *       ``timeout`` (``priority``, a non-bytes payload), the read lock busy, no wake fd
- *       yet, a close() begun, ``small_send`` set, or ``rv`` declining (code 0, nothing
+ *       yet, a close() begun, or ``rv`` declining (code 0, nothing
  *       done). What ``rv`` hands back otherwise (a deadline, a close, a read it does not
  *       handle, a signal handler's exception) goes to ``tail(channel, rv, got, timeout
  *       or deadline, ...)`` (Channel._rv_sent / _rv_received) with the read lock held,
@@ -1834,9 +1834,6 @@ static PyObject *rvcall_send(RvCall *self, PyObject *const *args, size_t nargsf,
                        &span);
     if (ok <= 0 || !PyBytes_CheckExact(data))
         return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
-    int small = core_flag(self->rv->state, s_small_send, 1);
-    if (small != 0)
-        return small < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
     ok = try_lock(self->acquire);
     if (ok <= 0)
         return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
@@ -2168,7 +2165,6 @@ PyMODINIT_FUNC PyInit__rv(void) {
     INTERN(s_wake, "_wake")
     INTERN(s_waiters, "_waiters")
     INTERN(s_closing, "_closing")
-    INTERN(s_small_send, "small_send")
     INTERN(s_timeout, "timeout")
     INTERN(s_drop_wake, "_drop_wake")
     INTERN(s_wake_pumpers, "_wake_pumpers")

@@ -344,7 +344,12 @@ class Channel(ChannelIdentity):
         rv = self._rv_stream
         if rv is not None:
             core.rv_counts = weak_method(self._rv_counts)
-        if rv is not None and _RvCall is not None and core.options.idle_timeout is None:
+        if (
+            rv is not None
+            and _RvCall is not None
+            and core.options.idle_timeout is None
+            and core.small_send is None  # (never set for capacity=0: send_bytes' first try)
+        ):
             # send_bytes/recv_bytes of a rendezvous stream, one C call each (protocol/_rv.c
             # RvCall): they shadow the methods, which stay the reference (and fallback)
             spin = self._spin
