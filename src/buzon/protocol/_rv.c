@@ -105,6 +105,19 @@ static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow
     *s_popleft, *s_append, *s_recv_would_block, *s_pumpers, *s_wake, *s_waiters, *s_closing,
     *s_timeout, *s_drop_wake, *s_wake_pumpers, *s_failed_code;
 
+/* collections.deque's append and popleft (method descriptors, found at import): a
+ * call on an exact deque skips the method look-up; anything else looks it up */
+static PyObject *deque_type, *d_append, *d_popleft;
+
+static PyObject *deque_call(PyObject *method, PyObject *name, PyObject *obj, PyObject *arg) {
+    if (method != NULL && (PyObject *)Py_TYPE(obj) == deque_type) {
+        PyObject *args[2] = {obj, arg};
+        return PyObject_Vectorcall(method, args, arg == NULL ? 1 : 2, NULL);
+    }
+    return arg == NULL ? PyObject_CallMethodNoArgs(obj, name)
+                       : PyObject_CallMethodOneArg(obj, name, arg);
+}
+
 /* -- field access ---------------------------------------------------------------- */
 
 static PyObject *field(RvStream *self, PyObject *name) { /* borrowed */
@@ -115,7 +128,9 @@ static PyObject *field(RvStream *self, PyObject *name) { /* borrowed */
 }
 
 static int set_field(RvStream *self, PyObject *name, PyObject *v) {
-    return PyDict_SetItem(self->state, name, v);
+    if ((v == Py_True || v == Py_False) && PyDict_GetItemWithError(self->state, name) == v)
+        return 0; /* a flag that is so already: a look-up costs less than a store */
+    return PyErr_Occurred() ? -1 : PyDict_SetItem(self->state, name, v);
 }
 
 /* The flows, the decoder and the statistics keep their fields in __slots__: their
@@ -910,7 +925,7 @@ static int append_frame(PyObject *decoder, const unsigned char *h, Py_ssize_t le
     if (item == NULL)
         return -1;
     PyObject *frames = slot_get(decoder, s_frames);
-    PyObject *r = frames == NULL ? NULL : PyObject_CallMethodOneArg(frames, s_append, item);
+    PyObject *r = frames == NULL ? NULL : deque_call(d_append, s_append, frames, item);
     Py_XDECREF(frames);
     Py_DECREF(item);
     if (r == NULL)
@@ -1333,7 +1348,7 @@ static PyObject *receive(RvStream *self, int forever, double deadline, double sp
             Py_DECREF(frames);
             return ok < 0 ? NULL : PyLong_FromLong(RV_NA);
         }
-        PyObject *item = PyObject_CallMethodNoArgs(frames, s_popleft);
+        PyObject *item = deque_call(d_popleft, s_popleft, frames, NULL);
         Py_DECREF(frames);
         if (item == NULL)
             return NULL;
@@ -1734,7 +1749,11 @@ static int wait_leave(RvCall *self, PyObject *me) {
     PyErr_Fetch(&t, &v, &tb);
     int rc = -1;
     PyObject *waiters = PyDict_GetItemWithError(self->chd, s_waiters);
-    if (waiters != NULL && PyList_CheckExact(waiters)) {
+    Py_ssize_t last = waiters != NULL && PyList_CheckExact(waiters) ? PyList_GET_SIZE(waiters) - 1
+                                                                    : -1;
+    if (last >= 0 && PyList_GET_ITEM(waiters, last) == me) { /* ours, appended last */
+        rc = PyList_SetSlice(waiters, last, last + 1, NULL);
+    } else if (waiters != NULL && PyList_CheckExact(waiters)) {
         for (Py_ssize_t i = PyList_GET_SIZE(waiters) - 1; i >= 0; i--) {
             int eq = PyObject_RichCompareBool(PyList_GET_ITEM(waiters, i), me, Py_EQ);
             if (eq < 0)
@@ -2171,6 +2190,12 @@ PyMODINIT_FUNC PyInit__rv(void) {
     if ((s_failed_code = PyLong_FromLong(-1)) == NULL) /* Channel._rv_sent's _RV_FAILED */
         return NULL;
     if (PyType_Ready(&RvStreamType) < 0 || PyType_Ready(&RvCallType) < 0)
+        return NULL;
+    PyObject *collections = PyImport_ImportModule("collections");
+    deque_type = collections == NULL ? NULL : PyObject_GetAttrString(collections, "deque");
+    Py_XDECREF(collections);
+    if (deque_type == NULL || (d_append = PyObject_GetAttr(deque_type, s_append)) == NULL ||
+        (d_popleft = PyObject_GetAttr(deque_type, s_popleft)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
