@@ -92,6 +92,7 @@ typedef struct {
      * them to the core's), kept here: a Python int per count per call costs more than
      * the rest of the count's use */
     uint64_t cnt[7];
+    PyObject *peer_seen, *pid_seen; /* core.peer and its pid, as last read */
 } RvStream;
 
 enum { C_MSENT, C_BSENT, C_CSENT, C_CRECV, C_BRECV, C_MRECV, C_RWB };
@@ -726,11 +727,18 @@ static int apply_credit(RvStream *self, PyObject *sflow, const unsigned char *bo
     PyObject *peer = field(self, s_peer);
     if (peer == NULL)
         return -1;
-    PyObject *pid = PyObject_GetAttr(peer, s_pid);
-    if (pid == NULL)
+    if (peer != self->peer_seen || self->pid_seen == NULL) { /* the handshake's: kept */
+        PyObject *pid = PyObject_GetAttr(peer, s_pid);
+        if (pid == NULL)
+            return -1;
+        Py_XSETREF(self->pid_seen, pid);
+        Py_XSETREF(self->peer_seen, Py_NewRef(peer));
+    }
+    PyObject *had = slot_get(sflow, s_receiver);
+    if (had == NULL)
         return -1;
-    int r = slot_set(sflow, s_receiver, pid);
-    Py_DECREF(pid);
+    Py_DECREF(had);
+    int r = had == self->pid_seen ? 0 : slot_set(sflow, s_receiver, self->pid_seen);
     if (r < 0 || set_u64(sflow, s_taken, read_u64(body)) < 0 ||
         set_u64(sflow, s_limit, read_u64(body + 8)) < 0 ||
         set_field(self, s_credit_blocked, Py_False) < 0)
@@ -1511,6 +1519,8 @@ static int rv_traverse(RvStream *self, visitproc visit, void *arg) {
     Py_VISIT(self->release);
     Py_VISIT(self->locked);
     Py_VISIT(self->on_part);
+    Py_VISIT(self->peer_seen);
+    Py_VISIT(self->pid_seen);
     return 0;
 }
 
@@ -1524,6 +1534,8 @@ static int rv_clear(RvStream *self) {
     Py_CLEAR(self->release);
     Py_CLEAR(self->locked);
     Py_CLEAR(self->on_part);
+    Py_CLEAR(self->peer_seen);
+    Py_CLEAR(self->pid_seen);
     return 0;
 }
 
@@ -1653,6 +1665,8 @@ typedef struct {
     PyObject *fallback, *tail;
     double spin;
     int recv;
+    unsigned long ident;  /* the thread ident ``ident_o`` holds (the last caller's) */
+    PyObject *ident_o;
     vectorcallfunc vectorcall;
 } RvCall;
 
@@ -1733,8 +1747,16 @@ static int wait_enter(RvCall *self, int *wake, PyObject **me) {
     int closing = core_flag(self->chd, s_closing, 0); /* the channel's dict */
     if (closing != 0)
         return closing < 0 ? -1 : 0;
-    *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    if (*me == NULL || PyList_Append(waiters, *me) < 0) {
+    unsigned long ident = PyThread_get_thread_ident();
+    if (self->ident_o == NULL || self->ident != ident) {
+        PyObject *o = PyLong_FromUnsignedLong(ident);
+        if (o == NULL)
+            return -1;
+        Py_XSETREF(self->ident_o, o);
+        self->ident = ident;
+    }
+    *me = Py_NewRef(self->ident_o);
+    if (PyList_Append(waiters, *me) < 0) {
         Py_CLEAR(*me);
         return -1;
     }
@@ -2047,6 +2069,7 @@ static int rvcall_clear(RvCall *self) {
     Py_CLEAR(self->release);
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->tail);
+    Py_CLEAR(self->ident_o);
     return 0;
 }
 
