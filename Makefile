@@ -58,7 +58,7 @@ sanitize: install
 		tests/mailbox/test_bcast_ring.py tests/mailbox/test_bcast_receipt_lost.py \
 		tests/mailbox/test_mailbox_bound_io.py tests/mailbox/test_mailbox_version.py tests/mailbox/test_mailbox_error_names.py \
 		tests/test_rendezvous_stream_c.py tests/test_rendezvous_withdraw.py \
-		tests/test_rendezvous_deferred.py \
+		tests/test_rendezvous_deferred.py tests/test_rendezvous_ccall.py \
 		tests/test_small_writer_flow.py \
 		tests/test_recv_take.py tests/test_dgram_blocking_wait.py tests/test_drop_unclosed.py
 

@@ -23,3 +23,11 @@ def rv_pair(kind: str) -> tuple[Any, Any]:
         return a, box[0]
     finally:
         lst.close()
+
+
+def engine_only(end: Any) -> None:
+    """Take ``end`` off the C rendezvous calls (protocol/_rv.c): its sends and receives
+    go the engine's way (the reference), as an end without the C parts would."""
+    end._rv_stream = None
+    end.__dict__.pop("send_bytes", None)  # RvCall: the methods shadow the class's
+    end.__dict__.pop("recv_bytes", None)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import buzon
 import buzon.sync._channel as sync_channel
-from _rv_pairs import rv_pair
+from _rv_pairs import engine_only, rv_pair
 
 KINDS = ["pipe", "unix:rvstreamc", "tcp://127.0.0.1:0"]
 
@@ -206,7 +206,8 @@ def _exchange(kind: str, sizes: list[int], c_path: bool) -> tuple[list[Any], lis
     a, b = rv_pair(kind)
     with a, b:
         if not c_path:
-            a._rv_stream = b._rv_stream = None
+            engine_only(a)
+            engine_only(b)
 
         def echo() -> None:
             for i in range(len(sizes)):

@@ -410,6 +410,8 @@ class ChannelCore:
         self._receipt_writer: ReceiptWriter | None = None  # made by receipt_writer
         # the sync driver's recv_bytes in C (protocol/_take.c) counts what it takes there
         self.recv_counts: Callable[[], tuple[int, int]] | None = None
+        # what the sync driver's rendezvous calls in C counted (protocol/_rv.c counts())
+        self.rv_counts: Callable[[], tuple[int, int, int, int, int, int, int]] | None = None
         self.on_credit: Callable[[], None] | None = None  # the driver's wake-up
         # capacity=0 on a credit link: takes pass the rendezvous gate (_rv_gate); a read
         # that found the link empty since this end's latest offer was written
@@ -1155,6 +1157,15 @@ class ChannelCore:
             received, received_bytes = self.recv_counts()
             stats.messages_received += received
             stats.bytes_received += received_bytes
+        if self.rv_counts is not None:  # the rendezvous calls in C (protocol/_rv.c)
+            sent, sent_bytes, credits, credited, got_bytes, got, empty = self.rv_counts()
+            stats.messages_sent += sent
+            stats.bytes_sent += sent_bytes
+            stats.credits_sent += credits
+            stats.credits_received += credited
+            stats.bytes_received += got_bytes
+            stats.messages_received += got
+            stats.recv_would_block += empty
         ops = self.transport.ring_ops
         if ops is not None:
             sent, sent_bytes, received, received_bytes = ops.counts()  # also after close

@@ -49,6 +49,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <pythread.h>
 #include <time.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -72,9 +73,9 @@ enum { RV_NA = 0, RV_DONE = 1, RV_PART = 3, RV_TIMEOUT = 4, RV_WOKEN = 5, RV_HAN
 
 typedef struct {
     PyObject_HEAD
-    int rfd, wfd, sock;
+    int rfd, wfd, sock, fifo;
     Py_ssize_t limit;
-    PyObject *core, *state, *acquire, *release, *on_part;
+    PyObject *core, *state, *acquire, *release, *locked, *on_part;
     long long number, serial; /* the message of the last send() */
     Py_ssize_t n;             /* bytes left for the decoder (codes 6, 7) */
     int err;                  /* errno of a failed read (n == -1) */
@@ -84,7 +85,17 @@ typedef struct {
     unsigned long takes, seen;
     int registered, due;
     void *next, *prev;
+    /* the channel (RvCall binds it, weakly; its __dict__ borrowed): a CREDIT calls the
+     * core's ``on_credit`` only while a thread waits for another's reads (``_pumpers``) */
+    PyObject *chref, *chd;
+    /* the statistics this object's calls add (counts(): ChannelCore.statistics adds
+     * them to the core's), kept here: a Python int per count per call costs more than
+     * the rest of the count's use */
+    uint64_t cnt[7];
+    PyObject *peer_seen, *pid_seen; /* core.peer and its pid, as last read */
 } RvStream;
+
+enum { C_MSENT, C_BSENT, C_CSENT, C_CRECV, C_BRECV, C_MRECV, C_RWB };
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow, *s_decoder,
     *s_stats, *s_serial, *s_taken, *s_rv_valid, *s_rv_void, *s_rv_reply, *s_rv_after_send,
@@ -92,7 +103,21 @@ static PyObject *s_pending, *s_credit_out, *s_closed, *s_eof, *s_sflow, *s_rflow
     *s_granted, *s_offering, *s_reported, *s_report_due, *s_peer_blocked, *s_unreported,
     *s_end, *s_big, *s_error, *s_frames, *s_buf, *s_messages_sent, *s_bytes_sent,
     *s_messages_received, *s_bytes_received, *s_credits_sent, *s_credits_received,
-    *s_popleft, *s_append, *s_recv_would_block;
+    *s_popleft, *s_append, *s_recv_would_block, *s_pumpers, *s_wake, *s_waiters, *s_closing,
+    *s_timeout, *s_drop_wake, *s_wake_pumpers, *s_failed_code;
+
+/* collections.deque's append and popleft (method descriptors, found at import): a
+ * call on an exact deque skips the method look-up; anything else looks it up */
+static PyObject *deque_type, *d_append, *d_popleft;
+
+static PyObject *deque_call(PyObject *method, PyObject *name, PyObject *obj, PyObject *arg) {
+    if (method != NULL && (PyObject *)Py_TYPE(obj) == deque_type) {
+        PyObject *args[2] = {obj, arg};
+        return PyObject_Vectorcall(method, args, arg == NULL ? 1 : 2, NULL);
+    }
+    return arg == NULL ? PyObject_CallMethodNoArgs(obj, name)
+                       : PyObject_CallMethodOneArg(obj, name, arg);
+}
 
 /* -- field access ---------------------------------------------------------------- */
 
@@ -104,7 +129,9 @@ static PyObject *field(RvStream *self, PyObject *name) { /* borrowed */
 }
 
 static int set_field(RvStream *self, PyObject *name, PyObject *v) {
-    return PyDict_SetItem(self->state, name, v);
+    if ((v == Py_True || v == Py_False) && PyDict_GetItemWithError(self->state, name) == v)
+        return 0; /* a flag that is so already: a look-up costs less than a store */
+    return PyErr_Occurred() ? -1 : PyDict_SetItem(self->state, name, v);
 }
 
 /* The flows, the decoder and the statistics keep their fields in __slots__: their
@@ -119,11 +146,14 @@ typedef struct {
     Py_ssize_t off;       /* -1: not a plain slot */
 } SlotEntry;
 
-#define SLOT_CACHE 128
+#define SLOT_CACHE 1024
 static SlotEntry slot_cache[SLOT_CACHE];
 
 static Py_ssize_t slot_offset(PyTypeObject *type, PyObject *name) {
-    size_t h = (((uintptr_t)type >> 4) * 31u + ((uintptr_t)name >> 4)) & (SLOT_CACHE - 1);
+    /* a multiplicative hash of both pointers (the names are interned strings, the
+     * types few: the 30-odd pairs of a channel must not evict one another) */
+    uint64_t k = ((uint64_t)(uintptr_t)type * 0x9E3779B97F4A7C15ull) ^ (uint64_t)(uintptr_t)name;
+    size_t h = (size_t)((k * 0xBF58476D1CE4E5B9ull) >> 54) & (SLOT_CACHE - 1);
     SlotEntry *e = &slot_cache[h];
     int tagged = PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG);
     if (tagged && e->type == type && e->name == name && e->version == type->tp_version_tag)
@@ -355,8 +385,8 @@ static int write_credit_locked(RvStream *self, const unsigned char *f) {
             goto out;
         Py_DECREF(r);
     }
-    PyObject *stats = field(self, s_stats);
-    rc = stats == NULL ? -1 : add_u64(stats, s_credits_sent, 1);
+    self->cnt[C_CSENT]++;
+    rc = 0;
 out:
     Py_XDECREF(frame);
     return rc;
@@ -652,28 +682,81 @@ static int parse(const unsigned char *p, Py_ssize_t n, Py_ssize_t limit, PyObjec
         uint64_t sent, had;
         if (get_u64(sflow, s_sent, &sent) < 0 || get_u64(sflow, s_taken, &had) < 0)
             return -1;
-        if (taken > sent || taken < had || (limit_c != UNLIMITED && limit_c > taken + 1))
+        if (taken < had || (limit_c != UNLIMITED && limit_c > taken + 1))
             return 0;
+        if (taken > sent)
+            return 2; /* ahead of this end's count: see parse_read */
     }
     return 1;
+}
+
+/* parse() of a read of ``n`` bytes at the start of ``buf`` (borrowed). A CREDIT that
+ * takes more messages than this end counts as sent is legal while another thread's
+ * send has written its message and not yet counted it (the Python send counts after
+ * its write, the GIL possibly released in between; it holds the write lock until
+ * it has counted): when the write lock is held, wait for it and parse again. Still
+ * ahead, or the lock free: 0 (the decoder's way reports it). */
+static int parse_read(RvStream *self, PyObject *buf, Py_ssize_t n, PyObject *sflow,
+                      Parsed *pr) {
+    int ok = parse((const unsigned char *)PyByteArray_AS_STRING(buf), n, self->limit, sflow,
+                   pr);
+    if (ok != 2)
+        return ok;
+    int held = lock_held(self->locked);
+    if (held <= 0)
+        return held < 0 ? -1 : 0;
+    Py_INCREF(buf);
+    Py_INCREF(sflow);
+    PyObject *r = PyObject_CallNoArgs(self->acquire); /* the GIL released meanwhile */
+    if (r != NULL) {
+        Py_DECREF(r);
+        r = unlock_with(self->release, Py_None);
+    }
+    if (r != NULL)
+        ok = parse((const unsigned char *)PyByteArray_AS_STRING(buf), n, self->limit, sflow,
+                   pr);
+    Py_DECREF(sflow);
+    Py_DECREF(buf);
+    if (r == NULL)
+        return -1;
+    return ok == 2 ? 0 : ok;
 }
 
 /* ChannelCore._apply_credit of a plain CREDIT body (checked by parse) */
 static int apply_credit(RvStream *self, PyObject *sflow, const unsigned char *body) {
     PyObject *peer = field(self, s_peer);
-    PyObject *stats = field(self, s_stats);
-    if (peer == NULL || stats == NULL)
+    if (peer == NULL)
         return -1;
-    PyObject *pid = PyObject_GetAttr(peer, s_pid);
-    if (pid == NULL)
+    if (peer != self->peer_seen || self->pid_seen == NULL) { /* the handshake's: kept */
+        PyObject *pid = PyObject_GetAttr(peer, s_pid);
+        if (pid == NULL)
+            return -1;
+        Py_XSETREF(self->pid_seen, pid);
+        Py_XSETREF(self->peer_seen, Py_NewRef(peer));
+    }
+    PyObject *had = slot_get(sflow, s_receiver);
+    if (had == NULL)
         return -1;
-    int r = slot_set(sflow, s_receiver, pid);
-    Py_DECREF(pid);
+    Py_DECREF(had);
+    int r = had == self->pid_seen ? 0 : slot_set(sflow, s_receiver, self->pid_seen);
     if (r < 0 || set_u64(sflow, s_taken, read_u64(body)) < 0 ||
         set_u64(sflow, s_limit, read_u64(body + 8)) < 0 ||
-        set_field(self, s_credit_blocked, Py_False) < 0 ||
-        add_u64(stats, s_credits_received, 1) < 0)
+        set_field(self, s_credit_blocked, Py_False) < 0)
         return -1;
+    self->cnt[C_CRECV]++;
+    if (self->chref != NULL) { /* bound: the callback only wakes pumpers; none, no call */
+        PyObject *ch = PyWeakref_GetObject(self->chref); /* borrowed */
+        if (ch == NULL)
+            return -1;
+        if (ch != Py_None) {
+            PyObject *pumpers = PyDict_GetItemWithError(self->chd, s_pumpers);
+            if (pumpers == NULL && PyErr_Occurred())
+                return -1;
+            int any = pumpers == NULL ? 1 : PyObject_IsTrue(pumpers);
+            if (any <= 0)
+                return any;
+        }
+    }
     PyObject *wake = field(self, s_on_credit);
     if (wake == NULL)
         return -1;
@@ -690,10 +773,10 @@ static int apply_credit(RvStream *self, PyObject *sflow, const unsigned char *bo
  * _read_bytes and _apply_control): counts, the rendezvous gate's "found empty", the
  * CREDIT applied. */
 static int took_read(RvStream *self, PyObject *sflow, Py_ssize_t n, const Parsed *pr) {
-    PyObject *stats = field(self, s_stats);
     PyObject *owed = field(self, s_credit_out);
-    if (stats == NULL || owed == NULL || add_u64(stats, s_bytes_received, (uint64_t)n) < 0)
+    if (owed == NULL)
         return -1;
+    self->cnt[C_BRECV] += (uint64_t)n;
     if (owed == Py_None && set_field(self, s_rv_valid, Py_True) < 0)
         return -1;
     if (pr->credit != NULL && apply_credit(self, sflow, pr->credit) < 0)
@@ -789,11 +872,7 @@ static int read_wait(RvStream *self, PyObject *decoder, int sleep, int forever,
         empty = 1; /* spin 0: the engine's read would find nothing first, then wait */
     }
     if (empty) { /* counted as the engine's reads count it */
-        PyObject *stats = field(self, s_stats);
-        if (stats == NULL || add_u64(stats, s_recv_would_block, 1) < 0) {
-            Py_DECREF(buf);
-            return -1;
-        }
+        self->cnt[C_RWB]++;
     }
     if (got < 0 && (e == EAGAIN || e == EWOULDBLOCK) && sleep) {
         struct pollfd pfds[2] = {{.fd = self->rfd, .events = POLLIN, .revents = 0},
@@ -854,7 +933,7 @@ static int append_frame(PyObject *decoder, const unsigned char *h, Py_ssize_t le
     if (item == NULL)
         return -1;
     PyObject *frames = slot_get(decoder, s_frames);
-    PyObject *r = frames == NULL ? NULL : PyObject_CallMethodOneArg(frames, s_append, item);
+    PyObject *r = frames == NULL ? NULL : deque_call(d_append, s_append, frames, item);
     Py_XDECREF(frames);
     Py_DECREF(item);
     if (r == NULL)
@@ -951,7 +1030,7 @@ static PyObject *finish_send(RvStream *self, PyObject *rflow, PyObject *sflow,
                 return NULL;
         } else {
             Parsed pr;
-            int ok = got > 0 && got < room ? parse(p, got, self->limit, sflow, &pr) : 0;
+            int ok = got > 0 && got < room ? parse_read(self, buf, got, sflow, &pr) : 0;
             if (ok < 0)
                 return NULL;
             if (!ok) {
@@ -987,18 +1066,26 @@ static PyObject *finish_send(RvStream *self, PyObject *rflow, PyObject *sflow,
     return PyLong_FromLong(RV_DONE);
 }
 
+static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
+                         double deadline, double spin, int wake);
+
 static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "send(data, whole, deadline, spin, wake)");
         return NULL;
     }
     self->number = 0; /* set once this call's message is written (an error before: 0) */
-    PyObject *data = args[0];
     int whole = PyObject_IsTrue(args[1]);
     int forever, wake;
     double deadline, spin;
     if (whole < 0 || parse_wait_args(args + 2, &forever, &deadline, &spin, &wake) < 0)
         return NULL;
+    return do_send(self, args[0], whole, forever, deadline, spin, wake);
+}
+
+static PyObject *do_send(RvStream *self, PyObject *data, int whole, int forever,
+                         double deadline, double spin, int wake) {
+    self->number = 0;
     double budget = spin; /* the reply's spin (the SPIN step) is the whole budget */
     if (!PyBytes_CheckExact(data))
         return PyLong_FromLong(RV_NA);
@@ -1023,8 +1110,8 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
     if (r <= 0)
         return r < 0 ? NULL : PyLong_FromLong(RV_NA);
     PyObject *sflow = field(self, s_sflow), *rflow = field(self, s_rflow);
-    PyObject *decoder = field(self, s_decoder), *stats = field(self, s_stats);
-    if (sflow == NULL || rflow == NULL || decoder == NULL || stats == NULL)
+    PyObject *decoder = field(self, s_decoder);
+    if (sflow == NULL || rflow == NULL || decoder == NULL)
         return NULL;
     if (sflow == Py_None || rflow == Py_None || decoder == Py_None)
         return PyLong_FromLong(RV_NA);
@@ -1043,7 +1130,14 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
     int offering = get_bool(rflow, s_offering);
     if (offering < 0)
         return NULL;
-    int locked = try_lock(self->acquire);
+#define UNLOCK(out) (nolock ? (out) : unlock_with(self->release, (out)))
+    /* a pipe's write of at most PIPE_BUF is whole or nothing: the write lock found
+     * free is as good as taken (_writer.h lock_held: the GIL is kept, no Python code
+     * runs, until the state is updated); else it is taken without waiting */
+    int nolock = writes_whole(self->fifo, (offering ? 0 : CREDIT_SIZE) + 8 + n);
+    int locked = nolock ? lock_held(self->locked) : try_lock(self->acquire);
+    if (nolock && locked >= 0)
+        locked = !locked;
     if (locked <= 0)
         return locked < 0 ? NULL : PyLong_FromLong(RV_NA);
     /* offer_with_send + try_send: this end's offer (if none stands) and the message in
@@ -1051,7 +1145,7 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
     unsigned char f[CREDIT_SIZE], header[8];
     uint64_t rtaken = 0;
     if (!offering && get_u64(rflow, s_taken, &rtaken) < 0)
-        return unlock_with(self->release, NULL);
+        return UNLOCK(NULL);
     credit_frame(f, rtaken, rtaken + 1);
     data_header(header, flags, (uint32_t)n);
     struct iovec iov[3] = {{.iov_base = f, .iov_len = CREDIT_SIZE},
@@ -1062,18 +1156,23 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
     Py_ssize_t total = (offering ? 0 : CREDIT_SIZE) + 8 + n;
     ssize_t got = put_vec(self, v, cnt);
     if (got <= 0) /* no room (or an error the general way meets again): nothing changed */
-        return unlock_with(self->release, PyLong_FromLong(RV_NA));
+        return UNLOCK(PyLong_FromLong(RV_NA));
     PyObject *serial_o = field(self, s_serial);
     long long serial = serial_o == NULL ? -1 : PyLong_AsLongLong(serial_o);
     if (serial == -1 && PyErr_Occurred())
-        return unlock_with(self->release, NULL);
+        return UNLOCK(NULL);
     if (!offering) { /* RecvFlow.before_wait's offer, as offer_with_send makes it */
         unsigned char g[CREDIT_SIZE];
-        if (offer(self, rflow, g) < 0 || set_field(self, s_rv_valid, Py_False) < 0 ||
-            add_u64(stats, s_credits_sent, 1) < 0)
-            return unlock_with(self->release, NULL);
+        if (offer(self, rflow, g) < 0 || set_field(self, s_rv_valid, Py_False) < 0)
+            return UNLOCK(NULL);
+        self->cnt[C_CSENT]++;
     }
     int part = got < total;
+    if (part && nolock) { /* not whole after all: the tail's keeper needs the lock */
+        if (take_free_lock(self->acquire) < 0)
+            return NULL;
+        nolock = 0;
+    }
     if (part) { /* the kernel took part of it: the core keeps the tail (on_part) */
         PyObject *offer_b = offering ? Py_NewRef(Py_None)
                                      : PyBytes_FromStringAndSize((const char *)f, CREDIT_SIZE);
@@ -1091,31 +1190,31 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
         Py_XDECREF(payload);
         Py_XDECREF(wrote);
         if (out == NULL)
-            return unlock_with(self->release, NULL);
+            return UNLOCK(NULL);
         serial = PyLong_AsLongLong(out);
         Py_DECREF(out);
         if (serial == -1 && PyErr_Occurred())
-            return unlock_with(self->release, NULL);
+            return UNLOCK(NULL);
     } else {
         serial += 1;
         PyObject *s = PyLong_FromLongLong(serial);
         if (s == NULL || set_field(self, s_serial, s) < 0) {
             Py_XDECREF(s);
-            return unlock_with(self->release, NULL);
+            return UNLOCK(NULL);
         }
         Py_DECREF(s);
-        if (add_u64(stats, s_messages_sent, 1) < 0 ||
-            add_u64(stats, s_bytes_sent, (uint64_t)n + 8) < 0)
-            return unlock_with(self->release, NULL);
+        self->cnt[C_MSENT]++;
+        self->cnt[C_BSENT] += (uint64_t)n + 8;
     }
     if (set_u64(sflow, s_sent, sent + 1) < 0)
-        return unlock_with(self->release, NULL);
+        return UNLOCK(NULL);
     self->number = (long long)(sent + 1);
     self->serial = serial;
-    if (unlock_with(self->release, Py_None) == NULL)
+    if (UNLOCK(Py_None) == NULL)
         return NULL;
     if (part)
         return PyLong_FromLong(RV_PART);
+#undef UNLOCK
     /* the wait for the take (send_steps' CREDIT step) */
     for (;;) {
         uint64_t taken;
@@ -1146,7 +1245,7 @@ static PyObject *rv_send(RvStream *self, PyObject *const *args, Py_ssize_t nargs
             return PyLong_FromLong(RV_HANDOVER);
         }
         Parsed pr;
-        int ok = rd > 0 && rd < room ? parse(p, rd, self->limit, sflow, &pr) : 0;
+        int ok = rd > 0 && rd < room ? parse_read(self, buf, rd, sflow, &pr) : 0;
         if (ok < 0)
             return NULL;
         if (!ok) {
@@ -1178,10 +1277,10 @@ static int take(RvStream *self, PyObject *rflow) {
         set_u64(rflow, s_limit, n + 1) < 0)
         return -1;
     int r;
-    PyObject *stats = field(self, s_stats);
     PyObject *taken = field(self, s_taken);
-    if (stats == NULL || taken == NULL || add_u64(stats, s_messages_received, 1) < 0)
+    if (taken == NULL)
         return -1;
+    self->cnt[C_MRECV]++;
     PyObject *one = PyLong_FromLong(1);
     PyObject *more = one == NULL ? NULL : PyNumber_Add(taken, one);
     Py_XDECREF(one);
@@ -1257,7 +1356,7 @@ static PyObject *receive(RvStream *self, int forever, double deadline, double sp
             Py_DECREF(frames);
             return ok < 0 ? NULL : PyLong_FromLong(RV_NA);
         }
-        PyObject *item = PyObject_CallMethodNoArgs(frames, s_popleft);
+        PyObject *item = deque_call(d_popleft, s_popleft, frames, NULL);
         Py_DECREF(frames);
         if (item == NULL)
             return NULL;
@@ -1335,7 +1434,7 @@ static PyObject *receive(RvStream *self, int forever, double deadline, double sp
             return PyLong_FromLong(RV_HANDOVER);
         }
         Parsed pr;
-        int ok = rd > 0 && rd < room ? parse(p, rd, self->limit, sflow, &pr) : 0;
+        int ok = rd > 0 && rd < room ? parse_read(self, buf, rd, sflow, &pr) : 0;
         if (ok <= 0) {
             Py_DECREF(buf);
             if (ok < 0)
@@ -1391,8 +1490,10 @@ static PyObject *rv_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     writer_refs w;
     if (writer_refs_take(&w, core, NULL, lock) < 0)
         return NULL;
-    RvStream *self = (RvStream *)type->tp_alloc(type, 0);
+    PyObject *locked = PyObject_GetAttrString(lock, "locked");
+    RvStream *self = locked == NULL ? NULL : (RvStream *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        Py_XDECREF(locked);
         writer_refs_drop(&w);
         return NULL;
     }
@@ -1404,26 +1505,37 @@ static PyObject *rv_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     self->state = w.state;
     self->acquire = w.acquire;
     self->release = w.release;
+    self->locked = locked;
+    self->fifo = !sock && is_fifo(wfd);
     self->on_part = Py_NewRef(on_part);
     return (PyObject *)self;
 }
 
 static int rv_traverse(RvStream *self, visitproc visit, void *arg) {
+    Py_VISIT(self->chref);
     Py_VISIT(self->core);
     Py_VISIT(self->state);
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
+    Py_VISIT(self->locked);
     Py_VISIT(self->on_part);
+    Py_VISIT(self->peer_seen);
+    Py_VISIT(self->pid_seen);
     return 0;
 }
 
 static int rv_clear(RvStream *self) {
     cf_unregister(self);
+    Py_CLEAR(self->chref);
+    self->chd = NULL; /* borrowed */
     Py_CLEAR(self->core);
     Py_CLEAR(self->state);
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
+    Py_CLEAR(self->locked);
     Py_CLEAR(self->on_part);
+    Py_CLEAR(self->peer_seen);
+    Py_CLEAR(self->pid_seen);
     return 0;
 }
 
@@ -1451,6 +1563,15 @@ static PyObject *rv_confirm(RvStream *self, PyObject *unused) {
             return NULL;
     }
     return PyBool_FromLong(r == 1);
+}
+
+static PyObject *rv_counts(RvStream *self, PyObject *unused) {
+    (void)unused;
+    const uint64_t *c = self->cnt;
+    return Py_BuildValue("(KKKKKKK)", (unsigned long long)c[C_MSENT],
+                         (unsigned long long)c[C_BSENT], (unsigned long long)c[C_CSENT],
+                         (unsigned long long)c[C_CRECV], (unsigned long long)c[C_BRECV],
+                         (unsigned long long)c[C_MRECV], (unsigned long long)c[C_RWB]);
 }
 
 static PyObject *rv_get_number(RvStream *self, void *unused) {
@@ -1489,6 +1610,10 @@ static PyMethodDef rv_methods[] = {
     {"confirm", (PyCFunction)rv_confirm, METH_NOARGS,
      "confirm() -> bool: write the CREDIT a deferred take still owes (True: one was "
      "owed); before a close"},
+    {"counts", (PyCFunction)rv_counts, METH_NOARGS,
+     "counts() -> (messages_sent, bytes_sent, credits_sent, credits_received, "
+     "bytes_received, messages_received, recv_would_block): what this object's calls "
+     "counted (ChannelCore.statistics adds them)"},
     {"take", (PyCFunction)rv_take, METH_NOARGS,
      "take() -> (flags, body) | None: recv's first half, a message in hand taken (None: "
      "none, or the gate is shut; recv goes on)"},
@@ -1507,6 +1632,465 @@ static PyTypeObject RvStreamType = {
     .tp_clear = (inquiry)rv_clear,
     .tp_methods = rv_methods,
     .tp_getset = rv_getset,
+};
+
+/* -- send_bytes and recv_bytes in one C call each ---------------------------------
+ *
+ *   RvCall(channel, rv, fallback, tail, spin, recv)
+ *       The sync driver's ``send_bytes`` (``recv`` false) or ``recv_bytes`` (true) of a
+ *       rendezvous channel on a framed stream, installed as the channel's own attribute
+ *       (it shadows the method), without a Python frame on the common path: what
+ *       Channel._send_rv_stream / recv_bytes do before and after ``rv``'s C send and
+ *       receive (the read lock taken without waiting, the wake fd, the thread counted in
+ *       ``_waiters`` for close(), the ``_closing`` check, the deadline). Anything
+ *       unusual calls ``fallback(channel, *args, **kwargs)`` (the class's method) from
+ *       the start: an argument other than the data and a None or non-negative number
+ *       ``timeout`` (``priority``, a non-bytes payload), the read lock busy, no wake fd
+ *       yet, a close() begun, or ``rv`` declining (code 0, nothing
+ *       done). What ``rv`` hands back otherwise (a deadline, a close, a read it does not
+ *       handle, a signal handler's exception) goes to ``tail(channel, rv, got, timeout
+ *       or deadline, ...)`` (Channel._rv_sent / _rv_received) with the read lock held,
+ *       which finishes it in the engine as the Python path does. The channel is held
+ *       weakly (_writer.h); binding also tells ``rv`` where the channel's ``_pumpers``
+ *       is, so that a CREDIT calls the core's ``on_credit`` only when a thread waits for
+ *       another's reads. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *chref;   /* the channel, weakly */
+    PyObject *chd;     /* borrowed: the channel's __dict__ (it keeps it) */
+    PyObject *channel; /* borrowed: held during a call */
+    RvStream *rv;
+    PyObject *acquire, *release; /* the read lock's */
+    PyObject *fallback, *tail;
+    double spin;
+    int recv;
+    unsigned long ident;  /* the thread ident ``ident_o`` holds (the last caller's) */
+    PyObject *ident_o;
+    vectorcallfunc vectorcall;
+} RvCall;
+
+/* ``fallback(channel, *args, **kwargs)`` */
+static PyObject *call_fallback(RvCall *self, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *small[8];
+    PyObject **all = small;
+    if (nargs + nkw + 1 > 8) {
+        all = PyMem_Malloc((size_t)(nargs + nkw + 1) * sizeof(PyObject *));
+        if (all == NULL)
+            return PyErr_NoMemory();
+    }
+    all[0] = self->channel;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+        all[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(self->fallback, all, (size_t)(nargs + 1), kwnames);
+    if (all != small)
+        PyMem_Free(all);
+    return r;
+}
+
+/* The arguments: ``data`` (send) and ``timeout``. 1 plain (``*forever`` or
+ * ``*deadline``), 0 anything else (the fallback's), -1 error */
+static int call_args(RvCall *self, PyObject *const *args, size_t nargsf, PyObject *kwnames,
+                     PyObject **data, PyObject **timeout, int *forever, double *deadline,
+                     double *span) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    Py_ssize_t first = self->recv ? 0 : 1; /* where timeout may stand */
+    *data = NULL;
+    *timeout = Py_None;
+    if (nargs < first || nargs + nkw > first + 1)
+        return 0;
+    if (!self->recv)
+        *data = args[0];
+    if (nkw == 1) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, 0);
+        if (k != s_timeout && PyUnicode_Compare(k, s_timeout) != 0)
+            return PyErr_Occurred() ? -1 : 0;
+        *timeout = args[nargs];
+    } else if (nargs == first + 1) {
+        *timeout = args[first];
+    }
+    *forever = *timeout == Py_None;
+    *deadline = *span = 0.0;
+    if (!*forever) {
+        if (!PyFloat_CheckExact(*timeout) && !PyLong_CheckExact(*timeout))
+            return 0;
+        double t = PyFloat_AsDouble(*timeout);
+        if (t == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear(); /* too large an int: the fallback says so */
+            return 0;
+        }
+        if (!(t >= 0.0) || t > 1e9) /* negative or NaN: the fallback's ValueError */
+            return 0;
+        *deadline = monotonic_now() + t;
+        *span = t;
+    }
+    return 1;
+}
+
+/* the channel's ``_wake`` if this thread may wait on it (counted in ``_waiters``,
+ * ``*me`` its ident): 1; 0 not now (no wake fd yet, a close() begun: the fallback's);
+ * -1 error */
+static int wait_enter(RvCall *self, int *wake, PyObject **me) {
+    PyObject *w = PyDict_GetItemWithError(self->chd, s_wake);
+    PyObject *waiters = w == NULL ? NULL : PyDict_GetItemWithError(self->chd, s_waiters);
+    if (waiters == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    long fd = PyLong_AsLong(w);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT32_MAX || !PyList_CheckExact(waiters))
+        return 0;
+    int closing = core_flag(self->chd, s_closing, 0); /* the channel's dict */
+    if (closing != 0)
+        return closing < 0 ? -1 : 0;
+    unsigned long ident = PyThread_get_thread_ident();
+    if (self->ident_o == NULL || self->ident != ident) {
+        PyObject *o = PyLong_FromUnsignedLong(ident);
+        if (o == NULL)
+            return -1;
+        Py_XSETREF(self->ident_o, o);
+        self->ident = ident;
+    }
+    *me = Py_NewRef(self->ident_o);
+    if (PyList_Append(waiters, *me) < 0) {
+        Py_CLEAR(*me);
+        return -1;
+    }
+    *wake = (int)fd;
+    return 1;
+}
+
+/* _leave_wait: this thread out of ``_waiters``; the last one out of a closing channel
+ * frees the wake fd. Keeps a pending exception. 0 ok, -1 error */
+static int wait_leave(RvCall *self, PyObject *me) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    int rc = -1;
+    PyObject *waiters = PyDict_GetItemWithError(self->chd, s_waiters);
+    Py_ssize_t last = waiters != NULL && PyList_CheckExact(waiters) ? PyList_GET_SIZE(waiters) - 1
+                                                                    : -1;
+    if (last >= 0 && PyList_GET_ITEM(waiters, last) == me) { /* ours, appended last */
+        rc = PyList_SetSlice(waiters, last, last + 1, NULL);
+    } else if (waiters != NULL && PyList_CheckExact(waiters)) {
+        for (Py_ssize_t i = PyList_GET_SIZE(waiters) - 1; i >= 0; i--) {
+            int eq = PyObject_RichCompareBool(PyList_GET_ITEM(waiters, i), me, Py_EQ);
+            if (eq < 0)
+                break;
+            if (eq) {
+                rc = PyList_SetSlice(waiters, i, i + 1, NULL);
+                break;
+            }
+        }
+    }
+    if (rc == 0) {
+        int closing = core_flag(self->chd, s_closing, 0);
+        if (closing > 0) {
+            PyObject *r = PyObject_CallMethodNoArgs(self->channel, s_drop_wake);
+            Py_XDECREF(r);
+            rc = r == NULL ? -1 : 0;
+        } else if (closing < 0)
+            rc = -1;
+    } else if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_RuntimeError, "a waiting thread left the channel's waiters");
+    }
+    Py_DECREF(me);
+    if (t != NULL || v != NULL) { /* the call's own exception wins */
+        if (rc < 0)
+            PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+        return -1;
+    }
+    return rc;
+}
+
+/* the read lock's release, a pending exception kept; ``out`` returned (NULL if the
+ * release failed) */
+static PyObject *rlock_release(RvCall *self, PyObject *out) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *r = PyObject_CallNoArgs(self->release);
+    if (t != NULL || v != NULL) {
+        Py_XDECREF(r);
+        if (r == NULL)
+            PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+        Py_XDECREF(out);
+        return NULL;
+    }
+    if (r == NULL) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return out;
+}
+
+/* the pending exception, normalized, with its traceback (a new reference) */
+static PyObject *take_exception(void) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (tb != NULL && v != NULL)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+}
+
+/* tail(channel, rv, got, timeout, deadline) (recv), tail(channel, rv, code, failed,
+ * deadline) (send: ``got`` a code, or the exception raised after the write) */
+static PyObject *call_tail(RvCall *self, PyObject *got, PyObject *timeout, int forever,
+                           double deadline) {
+    PyObject *dl = forever ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline);
+    if (dl == NULL) {
+        Py_DECREF(got);
+        return rlock_release(self, NULL);
+    }
+    PyObject *call[5] = {self->channel, (PyObject *)self->rv, got, timeout, dl};
+    if (!self->recv) {
+        int failed = !PyLong_CheckExact(got);
+        if (failed) {
+            call[2] = s_failed_code;
+            call[3] = got;
+        } else {
+            call[3] = Py_None;
+        }
+    }
+    PyObject *r = PyObject_Vectorcall(self->tail, call, 5, NULL);
+    Py_DECREF(got);
+    Py_DECREF(dl);
+    return r;
+}
+
+static PyObject *rvcall_send(RvCall *self, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    PyObject *data, *timeout, *me = NULL;
+    int forever, wake;
+    double deadline, span;
+    int ok = call_args(self, args, nargsf, kwnames, &data, &timeout, &forever, &deadline,
+                       &span);
+    if (ok <= 0 || !PyBytes_CheckExact(data))
+        return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
+    ok = try_lock(self->acquire);
+    if (ok <= 0)
+        return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
+    ok = wait_enter(self, &wake, &me);
+    if (ok <= 0) {
+        if (ok < 0)
+            return rlock_release(self, NULL);
+        if (rlock_release(self, Py_None) == NULL)
+            return NULL;
+        return call_fallback(self, args, nargsf, kwnames);
+    }
+    PyObject *got = do_send(self->rv, data, 0, forever, deadline, self->spin, wake);
+    if (got == NULL && self->rv->number > 0) /* written: the engine finishes (a handler's) */
+        got = take_exception();
+    if (wait_leave(self, me) < 0) {
+        Py_XDECREF(got);
+        return rlock_release(self, NULL);
+    }
+    if (got == NULL)
+        return rlock_release(self, NULL);
+    if (PyLong_CheckExact(got)) {
+        long code = PyLong_AsLong(got);
+        if (code == RV_DONE || code == RV_NA) {
+            Py_DECREF(got);
+            if (rlock_release(self, Py_None) == NULL)
+                return NULL;
+            if (code == RV_DONE)
+                Py_RETURN_NONE;
+            return call_fallback(self, args, nargsf, kwnames);
+        }
+    }
+    PyObject *r = call_tail(self, got, timeout, forever, deadline); /* it releases the lock */
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+/* ``recv_bytes``' end: the pumpers woken, the payload */
+static PyObject *recv_done(RvCall *self, PyObject *item) {
+    PyObject *pumpers = PyDict_GetItemWithError(self->chd, s_pumpers);
+    if (pumpers == NULL && PyErr_Occurred()) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    int any = pumpers == NULL ? 0 : PyObject_IsTrue(pumpers);
+    if (any > 0) {
+        PyObject *r = PyObject_CallMethodNoArgs(self->channel, s_wake_pumpers);
+        Py_XDECREF(r);
+        any = r == NULL ? -1 : 0;
+    }
+    if (any < 0) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    PyObject *body = Py_NewRef(PyTuple_GET_ITEM(item, 1));
+    Py_DECREF(item);
+    return body;
+}
+
+static PyObject *rvcall_recv(RvCall *self, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    PyObject *data, *timeout, *me = NULL;
+    int forever, wake;
+    double deadline, span;
+    int ok = call_args(self, args, nargsf, kwnames, &data, &timeout, &forever, &deadline,
+                       &span);
+    if (ok <= 0)
+        return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
+    ok = try_lock(self->acquire);
+    if (ok <= 0)
+        return ok < 0 ? NULL : call_fallback(self, args, nargsf, kwnames);
+    PyObject *got = receive(self->rv, 1, 0.0, 0.0, -1, 1); /* a message in hand */
+    if (got == NULL)
+        return rlock_release(self, NULL);
+    if (PyTuple_CheckExact(got)) {
+        if (rlock_release(self, Py_None) == NULL) {
+            Py_DECREF(got);
+            return NULL;
+        }
+        return recv_done(self, got);
+    }
+    Py_DECREF(got);
+    ok = wait_enter(self, &wake, &me);
+    if (ok <= 0) {
+        if (ok < 0)
+            return rlock_release(self, NULL);
+        if (rlock_release(self, Py_None) == NULL)
+            return NULL;
+        return call_fallback(self, args, nargsf, kwnames);
+    }
+    double spin = !forever && span == 0.0 ? 0.0 : self->spin; /* timeout=0: no spin */
+    got = receive(self->rv, forever, deadline, spin, wake, 0);
+    if (got != NULL && PyTuple_CheckExact(got)) {
+        if (wait_leave(self, me) < 0) {
+            Py_DECREF(got);
+            return rlock_release(self, NULL);
+        }
+        if (rlock_release(self, Py_None) == NULL) {
+            Py_DECREF(got);
+            return NULL;
+        }
+        return recv_done(self, got);
+    }
+    if (got == NULL)
+        got = take_exception();
+    if (got == NULL) {
+        wait_leave(self, me);
+        return rlock_release(self, NULL);
+    }
+    Py_DECREF(me); /* the tail leaves the wait (_rv_got) */
+    return call_tail(self, got, timeout, forever, deadline); /* it releases the lock */
+}
+
+/* the call, with the channel held for its duration (weakly bound) */
+static PyObject *rvcall_enter(PyObject *callable, PyObject *const *args, size_t nargsf,
+                              PyObject *kwnames) {
+    RvCall *self = (RvCall *)callable;
+    PyObject *channel = owner_enter(self->chref);
+    if (channel == NULL)
+        return NULL;
+    if (self->rv == NULL) {
+        Py_DECREF(channel);
+        PyErr_SetString(PyExc_ValueError, "the RvCall was cleared");
+        return NULL;
+    }
+    PyObject *out = self->recv ? rvcall_recv(self, args, nargsf, kwnames)
+                               : rvcall_send(self, args, nargsf, kwnames);
+    Py_DECREF(channel);
+    return out;
+}
+
+static PyObject *rvcall_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"channel", "rv", "fallback", "tail", "spin", "recv", NULL};
+    PyObject *channel, *rv, *fallback, *tail;
+    double spin;
+    int recv;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOdp:RvCall", kwlist, &channel,
+                                     &RvStreamType, &rv, &fallback, &tail, &spin, &recv))
+        return NULL;
+    PyObject *lock = PyObject_GetAttrString(channel, "_rlock");
+    if (lock == NULL)
+        return NULL;
+    PyObject *acquire = PyObject_GetAttrString(lock, "acquire");
+    PyObject *release = acquire == NULL ? NULL : PyObject_GetAttrString(lock, "release");
+    Py_DECREF(lock);
+    PyObject *chd = release == NULL ? NULL : PyObject_GenericGetDict(channel, NULL);
+    PyObject *chref = chd == NULL ? NULL : PyWeakref_NewRef(channel, NULL);
+    PyObject *rvref = chref == NULL ? NULL : PyWeakref_NewRef(channel, NULL);
+    RvCall *self = rvref == NULL ? NULL : (RvCall *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_XDECREF(acquire);
+        Py_XDECREF(release);
+        Py_XDECREF(chd);
+        Py_XDECREF(chref);
+        Py_XDECREF(rvref);
+        return NULL;
+    }
+    Py_DECREF(chd); /* borrowed from now on: the channel keeps its __dict__ */
+    RvStream *stream = (RvStream *)rv;
+    Py_XSETREF(stream->chref, rvref);
+    stream->chd = chd;
+    self->chref = chref;
+    self->chd = chd;
+    self->channel = channel;
+    self->rv = (RvStream *)Py_NewRef(rv);
+    self->acquire = acquire;
+    self->release = release;
+    self->fallback = Py_NewRef(fallback);
+    self->tail = Py_NewRef(tail);
+    self->spin = spin;
+    self->recv = recv;
+    self->vectorcall = rvcall_enter;
+    return (PyObject *)self;
+}
+
+static int rvcall_traverse(RvCall *self, visitproc visit, void *arg) {
+    Py_VISIT(self->chref);
+    Py_VISIT(self->rv);
+    Py_VISIT(self->acquire);
+    Py_VISIT(self->release);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->tail);
+    return 0;
+}
+
+static int rvcall_clear(RvCall *self) {
+    Py_CLEAR(self->chref);
+    self->chd = self->channel = NULL; /* borrowed */
+    Py_CLEAR(self->rv);
+    Py_CLEAR(self->acquire);
+    Py_CLEAR(self->release);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->tail);
+    Py_CLEAR(self->ident_o);
+    return 0;
+}
+
+static void rvcall_dealloc(RvCall *self) {
+    PyObject_GC_UnTrack(self);
+    rvcall_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RvCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._rv.RvCall",
+    .tp_basicsize = sizeof(RvCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "RvCall(channel, rv, fallback, tail, spin, recv): a rendezvous channel's "
+              "send_bytes or recv_bytes in one C call (see the module's comment)",
+    .tp_new = rvcall_new,
+    .tp_dealloc = (destructor)rvcall_dealloc,
+    .tp_traverse = (traverseproc)rvcall_traverse,
+    .tp_clear = (inquiry)rvcall_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(RvCall, vectorcall),
 };
 
 static PyObject *mod_at_exit(PyObject *m, PyObject *unused) {
@@ -1619,12 +2203,28 @@ PyMODINIT_FUNC PyInit__rv(void) {
     INTERN(s_popleft, "popleft")
     INTERN(s_append, "append")
     INTERN(s_recv_would_block, "recv_would_block")
-    if (PyType_Ready(&RvStreamType) < 0)
+    INTERN(s_pumpers, "_pumpers")
+    INTERN(s_wake, "_wake")
+    INTERN(s_waiters, "_waiters")
+    INTERN(s_closing, "_closing")
+    INTERN(s_timeout, "timeout")
+    INTERN(s_drop_wake, "_drop_wake")
+    INTERN(s_wake_pumpers, "_wake_pumpers")
+    if ((s_failed_code = PyLong_FromLong(-1)) == NULL) /* Channel._rv_sent's _RV_FAILED */
+        return NULL;
+    if (PyType_Ready(&RvStreamType) < 0 || PyType_Ready(&RvCallType) < 0)
+        return NULL;
+    PyObject *collections = PyImport_ImportModule("collections");
+    deque_type = collections == NULL ? NULL : PyObject_GetAttrString(collections, "deque");
+    Py_XDECREF(collections);
+    if (deque_type == NULL || (d_append = PyObject_GetAttr(deque_type, s_append)) == NULL ||
+        (d_popleft = PyObject_GetAttr(deque_type, s_popleft)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "RvStream", (PyObject *)&RvStreamType) < 0) {
+    if (PyModule_AddObjectRef(m, "RvStream", (PyObject *)&RvStreamType) < 0 ||
+        PyModule_AddObjectRef(m, "RvCall", (PyObject *)&RvCallType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

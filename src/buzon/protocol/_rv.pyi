@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from typing import Any
 
 class RvStream:
     number: int
@@ -23,7 +24,20 @@ class RvStream:
         self, deadline: float | None, spin: float, wake: int, /
     ) -> tuple[int, bytes] | int: ...
     def confirm(self) -> bool: ...
+    def counts(self) -> tuple[int, int, int, int, int, int, int]: ...
 
 def at_exit() -> None: ...
 def confirm_all() -> None: ...
 def confirm_delay(seconds: float = ..., /) -> float: ...
+
+class RvCall:
+    def __init__(
+        self,
+        channel: object,
+        rv: RvStream,
+        fallback: Callable[..., object],
+        tail: Callable[..., object],
+        spin: float,
+        recv: bool,
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...

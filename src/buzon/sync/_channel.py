@@ -59,6 +59,10 @@ try:
     from ..protocol._take import Take as _Take
 except ImportError:  # pragma: no cover - the C extension is not built
     _Put = _Take = None  # type: ignore[assignment, misc]
+try:
+    from ..protocol._rv import RvCall as _RvCall
+except ImportError:  # pragma: no cover - the C extension is not built
+    _RvCall = None  # type: ignore[assignment, misc]
 
 if TYPE_CHECKING:  # annotations only
     from ..protocol._dgram import Receiver
@@ -337,6 +341,22 @@ class Channel(ChannelIdentity):
             core.recv_counts = weak_method(self._take_counts)
         if _Put is not None and core.small_send is not None:  # send_bytes' C head: the same
             self.send_bytes = _Put(self, core, Channel.send_bytes, weak_method(self._put_rest))  # type: ignore[method-assign]
+        rv = self._rv_stream
+        if rv is not None:
+            core.rv_counts = weak_method(self._rv_counts)
+        if (
+            rv is not None
+            and _RvCall is not None
+            and core.options.idle_timeout is None
+            and core.small_send is None  # (never set for capacity=0: send_bytes' first try)
+        ):
+            # send_bytes/recv_bytes of a rendezvous stream, one C call each (protocol/_rv.c
+            # RvCall): they shadow the methods, which stay the reference (and fallback)
+            spin = self._spin
+            send = _RvCall(self, rv, Channel.send_bytes, Channel._rv_sent, spin, False)
+            recv = _RvCall(self, rv, Channel.recv_bytes, Channel._rv_received, spin, True)
+            self.send_bytes = send  # type: ignore[method-assign]
+            self.recv_bytes = recv  # type: ignore[method-assign]
 
     @property
     def capacity(self) -> int | None:
@@ -386,14 +406,16 @@ class Channel(ChannelIdentity):
         end's offer and the message in one write, the wait for its take, the reply's
         spin. False: it does not apply now (nothing was done: the general way). What the
         call hands back (a deadline, a close, a read it does not handle, an interrupt)
-        the engine's :func:`send_steps` finishes from where the call stopped, so every
-        way out (a withdrawal above all) is the engine's."""
+        the engine's :func:`send_steps` finishes from where the call stopped
+        (:meth:`_rv_sent`), so every way out (a withdrawal above all) is the engine's.
+        ``send_bytes`` in C (``RvCall``) does this same head itself."""
         if type(data) is not bytes or not self._rlock.acquire(False):
             return False
-        core = self._core
-        deadline = None if timeout is None else deadline_of(timeout)
         failed: BaseException | None = None
+        code = 0
+        handed = False  # the read lock goes to _rv_sent
         try:
+            deadline = None if timeout is None else deadline_of(timeout)
             wake = self._wake  # _enter_wait and _leave_wait, inlined (every send)
             if wake < 0:
                 try:
@@ -404,9 +426,8 @@ class Channel(ChannelIdentity):
             me = _get_ident()
             waiters.append(me)
             try:
-                if self._closing:
-                    return False
-                code = rv.send(data, whole, deadline, self._spin, wake)
+                if not self._closing:
+                    code = rv.send(data, whole, deadline, self._spin, wake)
             except BaseException as exc:  # a signal handler's, during a wait
                 if rv.number <= 0:
                     raise
@@ -415,6 +436,21 @@ class Channel(ChannelIdentity):
                 waiters.remove(me)
                 if self._closing:
                     self._drop_wake()
+            handed = True
+        finally:
+            if not handed:
+                self._rlock.release()
+        return self._rv_sent(rv, code, failed, deadline)
+
+    def _rv_sent(
+        self, rv: RvStream, code: int, failed: BaseException | None, deadline: float | None
+    ) -> bool:
+        """The end of a rendezvous send the C call began (:meth:`_send_rv_stream`, or
+        ``send_bytes`` in C: ``protocol/_rv.c`` RvCall), with what it returned (``code``;
+        ``failed``: what it raised once the message was written), the read lock held
+        (released here) and the wait left. False: nothing was done (code 0)."""
+        core = self._core
+        try:
             if code == _RV_DONE:
                 return True
             if code == 0:
@@ -446,16 +482,32 @@ class Channel(ChannelIdentity):
     def _recv_rv_stream(self, rv: RvStream, timeout: float | None) -> Frame | tuple[int, bytes]:
         """A rendezvous receive on a framed stream in one C call (``protocol/_rv.c``),
         under the read lock: a message in hand taken, or the offer, the wait, the read
-        and the take; what the call hands back the general way finishes (the offer
-        withdrawn if the receive ends without a message, as the engine's)."""
+        and the take; what the call hands back the general way finishes
+        (:meth:`_rv_got`)."""
         core = self._core
         limit = timeout if timeout is not None else core.options.idle_timeout
         deadline = None if limit is None else deadline_of(limit)
         wake = self._enter_wait()
+        got: object
         try:
             got = rv.recv(deadline, self._spin if timeout != 0 else 0.0, wake)
+        except BaseException as exc:  # a signal handler's, during the wait
+            got = exc
+        return self._rv_got(rv, got, timeout, deadline)
+
+    def _rv_got(
+        self, rv: RvStream, got: object, timeout: float | None, deadline: float | None
+    ) -> Frame | tuple[int, bytes]:
+        """What the C rendezvous receive returned (a message, a code, or the exception it
+        raised), under the read lock, the wait entered (left here): the rest the general
+        way finishes (the offer withdrawn if the receive ends without a message, as the
+        engine's)."""
+        core = self._core
+        try:
             if type(got) is tuple:
                 return got
+            if isinstance(got, BaseException):
+                raise got
             if got == _RV_TIMEOUT:
                 raise Timeout("recv timed out")
             if got == _RV_WOKEN:
@@ -472,6 +524,19 @@ class Channel(ChannelIdentity):
             left = None if deadline is None else max(0.0, deadline - _monotonic())
             item = self._receive(left if timeout is not None or left is not None else None)
         return item
+
+    def _rv_received(
+        self, rv: RvStream, got: object, timeout: float | None, deadline: float | None
+    ) -> bytes:
+        """``recv_bytes`` in C (``protocol/_rv.c`` RvCall) handed back what its receive
+        returned (:meth:`_rv_got`), the read lock held (released here)."""
+        try:
+            item = self._rv_got(rv, got, timeout, deadline)
+        finally:
+            self._rlock.release()
+        if self._pumpers:
+            self._wake_pumpers()
+        return item[1] if item.__class__ is tuple else self._core.item_bytes(item)
 
     def _send_rv(self, item: Any, codec: int | None, timeout: float | None, priority: int) -> None:
         """A rendezvous send on rings that keep it (``buzon._ring_rv``): put the message
@@ -1260,6 +1325,11 @@ class Channel(ChannelIdentity):
         if self._pumpers:
             self._wake_pumpers()
         return item[1] if item.__class__ is tuple else core.item_bytes(item)
+
+    def _rv_counts(self) -> tuple[int, int, int, int, int, int, int]:
+        """What the rendezvous calls in C counted (``core.rv_counts``)."""
+        rv = self._rv_stream
+        return (0,) * 7 if rv is None else rv.counts()
 
     def _put_rest(self, serial: int) -> None:
         """The C ``send_bytes`` head (``protocol._take.Put``): the kernel took part of
