@@ -3,10 +3,12 @@ runs in one C call too (``protocol._take.Take``, kind 2): it sleeps in ``recv`` 
 marked as a blocking reader so that a close() from another thread shuts the reading
 side down to end it; on a socket another process holds too (after a fork) it polls
 instead, so that no shutdown reaches that process. The statistics, the numbering of
-takes, a signal handler that raises: as on the other transports (test_recv_take.py)."""
+takes, a signal handler that raises: as on the other transports (test_recv_take.py);
+and a differential test gives the C call and the Python method the same bytes."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -16,9 +18,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import buzon
-from buzon.errors import ChannelClosed, Timeout
+from buzon.errors import BuzonError, ChannelClosed, Timeout
+from buzon.protocol.frames import HEADER
 from buzon.sync._channel import Channel
 from buzon.testing.conformance._harness import url_for
 
@@ -270,3 +275,80 @@ def test_a_shared_socket_is_never_shut_down_under_the_other_process(kind: str) -
         finally:
             os.close(go_w)
             _reap(pid)
+
+
+# -- differential: the C call against the Python method, the same bytes in ------------
+
+_PLAIN = st.builds(
+    lambda flags, body: HEADER.pack(1, 1, flags, 0, len(body)) + body,
+    st.integers(0, 3),
+    st.binary(max_size=300),
+)
+_RECEIPT = st.builds(  # a receipt asked for (flag 8): the Python path answers it
+    lambda body: HEADER.pack(1, 1, 8, 0, len(body)) + body, st.binary(max_size=40)
+)
+_BIG = st.binary(min_size=2000, max_size=3000).map(  # more than one read may bring
+    lambda body: HEADER.pack(1, 1, 0, 0, len(body)) + body
+)
+_GARBAGE = st.binary(min_size=8, max_size=20).map(lambda g: b"\x09" + g)  # not a version
+
+
+@st.composite
+def _stream(draw: st.DrawFn) -> tuple[list[bytes], int, bool]:
+    """Writes into the socket (frames split anywhere, sometimes ending in garbage), how
+    many messages they hold, and whether garbage ends them."""
+    frames = draw(st.lists(st.one_of(_PLAIN, _PLAIN, _RECEIPT, _BIG), min_size=1, max_size=8))
+    data = b"".join(frames)
+    garbage = draw(st.integers(0, 9)) == 0
+    if garbage:
+        data += draw(_GARBAGE)
+    cuts = sorted(set(draw(st.lists(st.integers(1, len(data) - 1), max_size=4))))
+    chunks, last = [], 0
+    for c in [*cuts, len(data)]:
+        chunks.append(data[last:c])
+        last = c
+    return chunks, len(frames), garbage
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=_stream())
+def test_differential_unix(stream: tuple[list[bytes], int, bool]) -> None:
+    chunks, n, garbage = stream
+    results = []
+    for use_c in (True, False):
+        a, b = _pair("unix", spin=0)
+        with a, b:
+            _prime(a, b)
+            recv = b.recv_bytes if use_c else functools.partial(Channel.recv_bytes, b)
+
+            def write(sock: Any = a._core._stream.sock) -> None:
+                for chunk in chunks:
+                    sock.sendall(chunk)
+                    time.sleep(0.001)
+
+            t = threading.Thread(target=write)
+            t.start()
+            got: list[Any] = []
+            try:
+                for _ in range(n + garbage):
+                    try:
+                        got.append(recv())
+                    except BuzonError as exc:
+                        got.append(type(exc))
+                        break
+            finally:
+                t.join()
+            st_ = b.statistics()
+            results.append(
+                (
+                    got,
+                    st_.messages_received,
+                    st_.bytes_received,
+                    st_.rejected_frames,
+                    b._core.taken,
+                    b._core.taking,
+                )
+            )
+            if use_c:
+                assert isinstance(b.recv_bytes, _take.Take)
+    assert results[0] == results[1]
