@@ -62,8 +62,9 @@
  *       ``lock`` (the driver's write lock) is free (taken with acquire(False) and held
  *       from the checks until a partial write's tail is kept: the Python code of
  *       ``on_part`` may let another thread run, which must find the tail owed or
- *       wait for the lock; a pipe's write of at most PIPE_BUF bytes, which is never
- *       partial, only finds it free: _writer.h lock_held), and ``core`` owes
+ *       wait for the lock; a write that is never partial, on a pipe of at most
+ *       PIPE_BUF bytes, on a Unix stream socket of at most 2 KiB, only finds it free:
+ *       _writer.h lock_held, whole_limit), and ``core`` owes
  *       nothing (``pending`` empty, ``credit_out`` None), is open and, if it numbers its
  *       sends (``sflow``: receipts, a capacity), has credit (the write is then counted
  *       in ``sflow.sent``, as ChannelCore.send_small counts it): fields read from the core's ``__dict__`` (``closed`` must be
@@ -433,7 +434,7 @@ typedef struct {
     PyObject_HEAD
     int fd;
     int sock; /* a socket: send(MSG_DONTWAIT) (it may be in blocking mode) */
-    int fifo; /* a pipe or FIFO: a write of at most PIPE_BUF bytes is whole or nothing */
+    Py_ssize_t whole; /* writes of at most this many bytes are whole or nothing (whole_limit) */
     Py_ssize_t limit;
     PyObject *coreref; /* the core, weakly: it keeps this writer (_writer.h) */
     PyObject *state; /* core.__dict__ (borrowed): its fields read without attribute lookups */
@@ -488,9 +489,10 @@ static PyObject *small_writer_call(PyObject *op, PyObject *const *args, size_t n
         Py_RETURN_FALSE;
     /* the write lock, held from the checks until a partial write's tail is kept (Python
      * code, during which another thread may run: it must find the tail owed, or wait);
-     * a pipe's write of at most PIPE_BUF bytes, never partial, only finds it free
+     * a write never partial (a pipe's of at most PIPE_BUF bytes, a Unix stream
+     * socket's of at most 2 KiB: whole_limit) only finds it free
      * (this thread keeps the GIL and runs no Python code: _writer.h lock_held) */
-    if (writes_whole(self->fifo, PyBytes_GET_SIZE(data) + (framed ? 0 : 8))) {
+    if (writes_whole_upto(self->whole, PyBytes_GET_SIZE(data) + (framed ? 0 : 8))) {
         int held = lock_held(self->locked);
         if (held != 0) /* another thread writes: the general way waits for the lock */
             return held < 0 ? NULL : Py_NewRef(Py_False);
@@ -601,7 +603,7 @@ static PyObject *small_writer_new(PyTypeObject *type, PyObject *args, PyObject *
     self->release = w.release;
     self->fd = fd;
     self->sock = sock;
-    self->fifo = !sock && is_fifo(fd);
+    self->whole = whole_limit(fd, sock);
     self->limit = limit;
     self->lock = Py_NewRef(lock);
     self->on_part = Py_NewRef(on_part);

@@ -5,9 +5,15 @@
  *       Made for a channel with ``spin=0`` and no ``idle_timeout`` whose receive takes
  *       one C wait (ChannelCore.wait_read / wait_message): it becomes the channel's
  *       ``recv_bytes``. ``kind`` 0: a stream read with read(2) (``wait`` is
- *       protocol._stream.wait_frame, mode 0: a pipe or another plain fd); 1: a message
- *       transport's Receiver.wait or a fifo: reader's FifoWaiter.wait (``wait(deadline,
- *       spin, limit, wake)``).
+ *       ``(wait_frame, fd, 0)``, protocol._stream.wait_frame on a pipe or another plain
+ *       fd); 1: a message transport's Receiver.wait or a fifo: reader's
+ *       FifoWaiter.wait (``wait(deadline, spin, limit, wake)``); 2: a stream socket
+ *       (``wait`` is ``(wait_frame, fd, wait_mode)``): wait_frame in the mode that
+ *       ``wait_mode()`` (the transport's) gives for each wait, as the driver's
+ *       _wait_take: with MODE_BLOCK the sleep is recv itself, and the channel's
+ *       ``_blocking_reader`` is set for the wait's duration (a close() in another
+ *       thread then shuts the reading side down: Channel.close); without it (a socket
+ *       another process holds too, which a shutdown would reach) a poll and a read.
  *
  *   take(timeout=None) -> bytes
  *       What ``Channel.recv_bytes(timeout)`` does on its spin=0 path with no deadline,
@@ -40,7 +46,8 @@
  *       send_bytes, which meets the same condition and goes the general way).
  *
  * The fields read are the drivers' and the core's own: ``_closing``, ``_wake``,
- * ``_sleep_first``, ``_waiters``, ``_pumpers`` of the channel; ``closed``, ``eof``,
+ * ``_sleep_first``, ``_waiters``, ``_pumpers`` (and, written, ``_blocking_reader``) of
+ * the channel; ``closed``, ``eof``,
  * ``taking``, ``inbox``, ``taken``, ``decoder``, ``_wait_buf`` and
  * ``_wait_limit`` of the core (read from their ``__dict__`` each call: a missing one
  * raises AttributeError, never a wrong answer).
@@ -52,11 +59,13 @@
 
 #include "_writer.h"
 
-enum { KIND_STREAM = 0, KIND_MESSAGE = 1 };
+enum { KIND_STREAM = 0, KIND_MESSAGE = 1, KIND_SOCKET = 2 };
+#define WAIT_BLOCK 2 /* wait_frame's mode bit: the sleep is recv itself (_stream.c) */
 
 static PyObject *s_closing, *s_wake, *s_sleep_first, *s_waiters, *s_pumpers, *s_closed, *s_eof,
     *s_taking, *s_inbox, *s_taken, *s_decoder, *s_wait_buf, *s_wait_limit,
     *s_idle_buffer, *s_drop_wake, *s_wake_pumpers, *s_small_send, *s_blocks;
+static PyObject *s_blocking_reader;
 static PyObject *zero_float, *one; /* the spin 0.0; 1 */
 
 typedef struct {
@@ -101,7 +110,10 @@ static int take_checks(Take *self, long *wake, PyObject **buf, PyObject **limit)
     if ((v = field(chd, s_sleep_first)) == NULL)
         goto error;
     long sleep_first = PyLong_CheckExact(v) ? PyLong_AsLong(v) : 0;
-    int blocking = 0; /* a receiver that sleeps in recvmsg itself never reads first */
+    /* a receiver that sleeps in recvmsg itself never reads first; nor a stream socket's
+     * wait (recv itself, or poll then recv when the socket is shared: at once either way
+     * when data is there) */
+    int blocking = self->kind == KIND_SOCKET;
     if (self->receiver != NULL) {
         PyObject *b = PyObject_GetAttr(self->receiver, s_blocks);
         if (b == NULL)
@@ -130,7 +142,7 @@ static int take_checks(Take *self, long *wake, PyObject **buf, PyObject **limit)
         goto error;
     if (n)
         goto no;
-    if (self->kind == KIND_STREAM) {
+    if (self->kind != KIND_MESSAGE) {
         PyObject *decoder = field(cored, s_decoder);
         if (decoder == NULL)
             goto error;
@@ -313,20 +325,38 @@ static PyObject *take_call(PyObject *callable, PyObject *const *args, size_t nar
         Py_XDECREF(wakeobj);
         return release_raising(self->release);
     }
+    /* a stream socket's wait takes the transport's wait_mode() of the moment: it sleeps
+     * in recv itself (WAIT_BLOCK) unless another process holds the socket too (the
+     * close's shutdown would reach it), as the driver's _wait_take; such a wait is
+     * marked (``_blocking_reader``) before the look below, so that a close() that
+     * finds this thread among the waiters shuts the reading side down to end it */
+    PyObject *mode = NULL;
+    if (self->kind == KIND_SOCKET) {
+        mode = PyObject_CallNoArgs(PyTuple_GET_ITEM(self->wait, 2));
+        long bits = mode == NULL ? -1 : PyLong_AsLong(mode);
+        if (bits == -1 && PyErr_Occurred()) {
+            Py_CLEAR(mode);
+        } else if (PyDict_SetItem(self->chd, s_blocking_reader,
+                                  bits & WAIT_BLOCK ? Py_True : Py_False) < 0) {
+            Py_CLEAR(mode);
+        }
+    }
     /* a close() in another thread may have run while the checks called Python code
      * (idle_buffer): among the waiters now, look again, as the driver does after it
      * joined them; closing, the wait is over before it began (rest raises) */
-    PyObject *closing_now = field(self->chd, s_closing);
+    PyObject *closing_now = self->kind == KIND_SOCKET && mode == NULL
+                                ? NULL
+                                : field(self->chd, s_closing);
     if (closing_now == NULL) {
         got = NULL;
     } else if (closing_now != Py_False) {
         got = Py_NewRef(Py_None);
-    } else if (self->kind == KIND_STREAM) {
-        /* self->wait is (wait_frame, fd, mode): wait_frame(fd, buf, deadline, spin,
-         * limit, wake, mode) */
+    } else if (self->kind != KIND_MESSAGE) {
+        /* self->wait is (wait_frame, fd, mode) (a socket: (wait_frame, fd, wait_mode)):
+         * wait_frame(fd, buf, deadline, spin, limit, wake, mode) */
         PyObject *bound = self->wait;
         PyObject *argv[7] = {PyTuple_GET_ITEM(bound, 1), buf, Py_None, zero_float, limit,
-                             wakeobj, PyTuple_GET_ITEM(bound, 2)};
+                             wakeobj, mode != NULL ? mode : PyTuple_GET_ITEM(bound, 2)};
         got = PyObject_Vectorcall(PyTuple_GET_ITEM(bound, 0), argv, 7, NULL);
     } else {
         PyObject *argv[4] = {Py_None, zero_float, limit, wakeobj};
@@ -335,11 +365,16 @@ static PyObject *take_call(PyObject *callable, PyObject *const *args, size_t nar
     Py_DECREF(wakeobj);
     Py_XDECREF(buf);
     Py_DECREF(limit);
+    Py_XDECREF(mode);
     /* the driver's finally: leave the waiters; a close() meanwhile releases the wake fd */
     {
         PyObject *t, *val, *tb;
         PyErr_Fetch(&t, &val, &tb);
-        int bad = remove_waiter(waiters, me);
+        int bad = self->kind == KIND_SOCKET
+                      ? PyDict_SetItem(self->chd, s_blocking_reader, Py_False)
+                      : 0;
+        if (bad == 0)
+            bad = remove_waiter(waiters, me);
         PyObject *closing = bad < 0 ? NULL : field(self->chd, s_closing);
         if (closing == Py_True) {
             PyObject *r = PyObject_CallOneArg(self->drop_wake, self->channel);
@@ -429,8 +464,16 @@ static PyObject *take_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
                                      &lock, &kind, &wait, &fallback, &rest, &failed,
                                      &PyLong_Type, &max_frame))
         return NULL;
-    if (kind != KIND_STREAM && kind != KIND_MESSAGE) {
-        PyErr_SetString(PyExc_ValueError, "kind must be 0 (stream) or 1 (message)");
+    if (kind != KIND_STREAM && kind != KIND_MESSAGE && kind != KIND_SOCKET) {
+        PyErr_SetString(PyExc_ValueError,
+                        "kind must be 0 (stream), 1 (message) or 2 (stream socket)");
+        return NULL;
+    }
+    if (kind == KIND_SOCKET &&
+        !(PyTuple_CheckExact(wait) && PyTuple_GET_SIZE(wait) == 3 &&
+          PyLong_CheckExact(PyTuple_GET_ITEM(wait, 1)))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "a stream socket's wait is (wait_frame, fd, wait_mode)");
         return NULL;
     }
     if (kind == KIND_STREAM &&
@@ -703,6 +746,7 @@ PyMODINIT_FUNC PyInit__take(void) {
     INTERN(s_wake_pumpers, "_wake_pumpers");
     INTERN(s_small_send, "small_send");
     INTERN(s_blocks, "blocks");
+    INTERN(s_blocking_reader, "_blocking_reader");
     if ((zero_float = PyFloat_FromDouble(0.0)) == NULL || (one = PyLong_FromLong(1)) == NULL)
         return NULL;
     if (PyType_Ready(&TakeType) < 0 || PyType_Ready(&PutType) < 0)

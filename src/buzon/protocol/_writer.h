@@ -100,6 +100,46 @@ static inline int writes_whole(int fifo, Py_ssize_t n) {
 #endif
 }
 
+/* Frames up to this many bytes (header included) go to the kernel from one contiguous
+ * copy on the stack, in a write(2) or send(2): importing a two-entry iovec costs the
+ * kernel more than the copy (a 72-byte frame: about 250 ns of a unix socket's
+ * 1.5 us sendmsg, 150-250 ns of a pipe's 0.5 us writev; tests/bench/put_floor.c). */
+#define BUZON_COPY_MAX 2048
+
+/* The largest write to ``fd`` (``sock``: a socket) that the kernel takes whole or not at
+ * all, or 0: a pipe or FIFO, PIPE_BUF (POSIX); a Unix stream socket, BUZON_COPY_MAX
+ * (one send(2) of the stack copy: put_once). Linux queues a Unix stream send in
+ * buffers of at most half the send buffer less 64 bytes (unix_stream_sendmsg, since
+ * 2.6), and the send buffer is never under SOCK_MIN_SNDBUF (two 2 KiB buffers and their
+ * heads): a send of at most 2 KiB is one buffer, queued whole, or an error with nothing
+ * sent (EAGAIN: no room; EPIPE). TCP may take part of any write (its send queue's last
+ * segment has room for part), so a TCP socket's limit is 0. */
+static inline Py_ssize_t whole_limit(int fd, int sock) {
+    if (!sock)
+        return is_fifo(fd) ? PIPE_BUF : 0;
+#ifdef __linux__
+    int domain = 0, type = 0;
+    socklen_t dl = sizeof domain, tl = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &dl) == 0 &&
+        getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) == 0 && domain == AF_UNIX &&
+        type == SOCK_STREAM)
+        return BUZON_COPY_MAX;
+#endif
+    return 0;
+}
+
+/* 1 if a write of ``n`` bytes is whole or nothing, the file's whole_limit ``whole``;
+ * never in a free-threaded build (no GIL: see lock_held) */
+static inline int writes_whole_upto(Py_ssize_t whole, Py_ssize_t n) {
+#ifdef Py_GIL_DISABLED
+    (void)whole;
+    (void)n;
+    return 0;
+#else
+    return n <= whole;
+#endif
+}
+
 /* flow.<name> (a SendFlow count) as an unsigned 64-bit count; -1 (with an exception)
  * on error. ``cache`` (may be NULL) holds the last int object seen (a strong
  * reference: an identity match is that very object) and its value: a count that did not
@@ -174,12 +214,6 @@ static inline int writer_refs_take(writer_refs *w, PyObject *core, PyObject *ext
     }
     return 0;
 }
-
-/* Frames up to this many bytes (header included) go to the kernel from one contiguous
- * copy on the stack, in a write(2) or send(2): importing a two-entry iovec costs the
- * kernel more than the copy (a 72-byte frame: about 250 ns of a unix socket's
- * 1.5 us sendmsg, 150-250 ns of a pipe's 0.5 us writev; tests/bench/put_floor.c). */
-#define BUZON_COPY_MAX 2048
 
 /* One write of a frame that never blocks: ``header`` (8 bytes; NULL: ``data`` is the
  * whole frame already) and then ``n`` bytes of ``data``. A socket (``sock``) is written

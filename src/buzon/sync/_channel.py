@@ -1340,8 +1340,9 @@ class Channel(ChannelIdentity):
         """``recv_bytes`` in one C call (``protocol._take.Take``) where a receive with no
         deadline is one C wait and nothing else: ``spin=0``, no ``idle_timeout``, no
         takes to announce, a plain-readiness link whose receive is ``wait_frame`` on a
-        pipe-like fd (mode 0: a socket's own shortcut is ``_blocking_recv``) or a
-        message transport's or fifo's C receiver. None: the method stays.
+        pipe-like fd (mode 0) or on a stream socket that sleeps in recv (kind 2: each
+        wait's mode is the transport's ``wait_mode()``, as in ``wait_read``), or a message
+        transport's or fifo's C receiver. None: the method stays.
         ``fallback``: what the C call runs when it does not apply (the method; tests
         pass a spy)."""
         core = self._core
@@ -1358,6 +1359,8 @@ class Channel(ChannelIdentity):
         wait: Any
         if core.wait_fd is not None and stream is not None and not stream.dontwait:
             kind, wait = 0, (wait_frame, core.wait_fd, 0)
+        elif core.wait_fd is not None and stream is not None and core.wait_blocks:
+            kind, wait = 2, (wait_frame, core.wait_fd, stream.wait_mode)
         elif core.wait_receiver is not None:
             kind, wait = 1, core.wait_receiver.wait
         else:
