@@ -30,14 +30,14 @@ def test_handshake_steps_are_engine_steps() -> None:
     with buzon.listen("unix:stepshs") as lst:
         box: list[buzon.Channel] = []
         t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
-        t.start()
         prep = prepare("unix:stepshs", listening=False)
         transport = buzon.sync._channel.run_steps(connect_steps(prep, None, True), None)
         core = ChannelCore(transport, prep.channel, address=prep.address)
         steps = establish_steps(core, prep, "client")
         seen = []
         try:
-            step = next(steps)
+            step = next(steps)  # HELLO written, nobody accepting yet: the client must wait
+            t.start()  # (started before, a quick server answered before any wait)
             while True:
                 seen.append(step)
                 assert isinstance(step, _engine.Step)
@@ -48,8 +48,8 @@ def test_handshake_steps_are_engine_steps() -> None:
                 step = steps.send(None)
         except StopIteration:
             pass
-        t.join(10)
         assert seen, "the client waited for the server's WELCOME at least once"
+        t.join(10)
         box[0].close()
         core.close()
 
