@@ -58,6 +58,12 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(
+            "buzon.protocol._pop",
+            sources=["src/buzon/protocol/_pop.c"],
+            depends=["src/buzon/protocol/_writer.h"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
             "buzon.protocol._credit",
             sources=["src/buzon/protocol/_credit.c"],
             depends=["src/buzon/protocol/_writer.h"],

@@ -87,6 +87,11 @@ from .transport.base import (
     Transport,
 )
 
+try:  # _pop in C (protocol/_pop.c): a read message's take, receipts counted
+    from .protocol._pop import pop as _c_pop
+except ImportError:  # pragma: no cover - a build without the extension
+    _c_pop = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:  # annotations only
     from .protocol._dgram import MessageSender, Receiver
     from .transport.fifo import FifoWaiter
@@ -1302,6 +1307,14 @@ class ChannelCore:
         if rflow is not None and not self.closed and rflow.owed:
             self.emit_credit(rflow.confirm())
 
+    def report_receipts(self) -> None:
+        """Before a close: acknowledge the receipt-asking takes not reported yet (taken
+        while more messages were in hand), so that their receipts complete; the
+        close's flush writes it if the link does not take it now."""
+        rflow = self.rflow
+        if rflow is not None and not self.closed and rflow.report_due:
+            self.emit_credit(rflow.receipts_owed())
+
     def emit_credit(self, frame: bytes | None) -> None:
         """Send a CREDIT now if the link takes it, else as soon as it does (a newer
         CREDIT replaces one not yet written: their counts are cumulative)."""
@@ -1723,7 +1736,7 @@ class ChannelCore:
             frames = decoder.frames
             if frames and self._rv and not self._rv_gate():
                 return None
-            return self._pop(frames) if frames else None
+            return _pop(self, frames) if frames else None
         if self.inbox or self.raw_chunks:
             return self.poll()
         return None
@@ -1751,7 +1764,7 @@ class ChannelCore:
             return None
         if self._rv and not (self._rv_gate() and frames):
             return None
-        return self._pop(frames)
+        return _pop(self, frames)
 
     def _pop(self, frames: deque[Frame | tuple[int, bytes]]) -> Frame | tuple[int, bytes] | None:
         item = frames.popleft()
@@ -2017,7 +2030,7 @@ class ChannelCore:
         decoder = self.decoder
         assert decoder is not None
         if self._read_bytes(decoder, got, room):  # type: ignore[arg-type]
-            return self._pop(decoder.frames)
+            return _pop(self, decoder.frames)
         return None
 
     def took_whole(self, size: int) -> None:
@@ -2323,6 +2336,12 @@ class ChannelCore:
             self.tokens.close()
         self._counters = self.transport.counters()  # statistics() after close
         self.transport.close()
+
+
+#: a read message's take (ChannelCore._pop, the reference, or its C twin): a function of
+#: the core and its decoder's frames
+_pop: Callable[[ChannelCore, deque[Frame | tuple[int, bytes]]], Frame | tuple[int, bytes] | None]
+_pop = ChannelCore._pop if _c_pop is None else _c_pop
 
 
 def finish_view(lent: Any, view: memoryview) -> None:

@@ -59,6 +59,10 @@ try:
     from ..protocol._take import Take as _Take
 except ImportError:  # pragma: no cover - the C extension is not built
     _Put = _Take = None  # type: ignore[assignment, misc]
+try:  # recv_bytes with a message in hand, receipts counted, in C (protocol/_pop.c)
+    from ..protocol._pop import Head as _Head
+except ImportError:  # pragma: no cover - the C extension is not built
+    _Head = None  # type: ignore[assignment, misc]
 
 if TYPE_CHECKING:  # annotations only
     from ..protocol._dgram import Receiver
@@ -335,6 +339,10 @@ class Channel(ChannelIdentity):
         if take is not None:  # recv_bytes in C (protocol/_take.c): it shadows the method
             self.recv_bytes = take  # type: ignore[method-assign]
             core.recv_counts = weak_method(self._take_counts)
+        elif _Head is not None and core.decoder is not None and core.fast_recv is None:
+            # a stream's recv_bytes with a message in hand (the stream's read brought
+            # several): in C (protocol/_pop.c Head), receipts counted there too
+            self.recv_bytes = _Head(self, core, self._rlock, Channel.recv_bytes)  # type: ignore[method-assign]
         if _Put is not None and core.small_send is not None:  # send_bytes' C head: the same
             self.send_bytes = _Put(self, core, Channel.send_bytes, weak_method(self._put_rest))  # type: ignore[method-assign]
 
@@ -1726,6 +1734,8 @@ class Channel(ChannelIdentity):
         if rv is not None:  # a deferred rendezvous take's CREDIT goes first (_rv.c)
             with contextlib.suppress(Exception):
                 rv.confirm()
+        with contextlib.suppress(Exception):  # takes whose receipts are not reported yet
+            core.report_receipts()
         deadline = deadline_of(core.options.close_timeout)
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
