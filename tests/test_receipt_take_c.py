@@ -405,3 +405,56 @@ def test_pop_checks_its_arguments() -> None:
         assert head(timeout=T) == b"y"
     with pytest.raises(BuzonError):
         head()  # closed
+
+
+def test_a_receiver_that_caught_up_with_a_busy_stream_watches_before_it_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last message in hand of a batch of several: before it acknowledges, the
+    receiver watches the link (``receipt_linger``); a message that comes meanwhile
+    joins the batch (no CREDIT yet), and a watch that sees nothing answers. On
+    19dfd8e every catch-up wrote a CREDIT (a receiver that keeps up with a TCP
+    sender wrote one per 10-20 messages, each a write and the sender's kernel work)."""
+    a, b = buzon.pipe()
+    with a, b:
+        assert b._core.receipt_linger > 0
+        real = ChannelCore._linger
+        watches: list[bool] = []
+        receipts = [a.send_bytes_async(MSG) for _ in range(3)]
+
+        def linger(core: Any, seconds: float) -> bool:
+            if not watches:  # the sender's next message comes while the receiver watches
+                receipts.append(a.send_bytes_async(MSG))
+            watches.append(True)
+            return real(core, seconds)
+
+        monkeypatch.setattr(ChannelCore, "_linger", linger)
+        for _ in range(3):
+            assert b.recv_bytes(timeout=T) == MSG
+        assert len(watches) == 1
+        assert b.statistics().credits_sent == 0  # the 4th joined the batch
+        assert b.recv_bytes(timeout=T) == MSG
+        assert len(watches) == 2  # the last watch saw a message come: watch again
+        assert b.statistics().credits_sent == 1  # nothing came: answered
+        for r in receipts:
+            r.wait(timeout=T)
+            assert r.delivered()
+
+
+@pytest.mark.parametrize("spin", [None, 0.0])
+def test_a_lone_receipted_message_is_answered_at_once(
+    spin: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender that waits for each receipt: the receiver answers each take at once,
+    without watching the link (and a spin=0 channel never watches)."""
+    a, b = buzon.pipe() if spin is None else buzon.pipe(spin=spin)
+    with a, b:
+        watches = _spy(monkeypatch, "_linger")
+        for i in range(5):
+            r = a.send_bytes_async(MSG)
+            assert b.recv_bytes(timeout=T) == MSG
+            assert b.statistics().credits_sent == i + 1
+            r.wait(timeout=T)
+            assert r.delivered()
+        assert watches == []
+        assert (b._core.receipt_linger > 0) == (spin is None)

@@ -19,6 +19,8 @@ import contextlib
 import functools
 import itertools
 import os
+import select
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -115,6 +117,9 @@ DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
 PLAIN_MAX = 4096
 #: a receipt-asking take below this count of unreported ones only counts (see _pop)
 _REPORT_LAST = REPORT_EVERY - 1
+#: the longest a blocking receiver that caught up with a busy stream of receipted
+#: messages watches for the next one before it acknowledges (ChannelCore._more_coming)
+RECEIPT_LINGER = 20e-6
 
 
 def weak_method(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -408,6 +413,11 @@ class ChannelCore:
         self.unbounded = False
         self.taken = 0  # DATA messages taken by this end's receiver (numbering receipts)
         self.credit_out: bytes | None = None  # the latest CREDIT not yet written
+        # receipts on a busy stream: how long a receiver that caught up watches for the
+        # next message before it answers (set by the blocking driver; see _more_coming)
+        self.receipt_linger = 0.0
+        self._linger_hit = False
+        self._linger_poll: select.poll | None = None
         self.credit_blocked = False  # the last try_send failed for want of credit
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
         # made by use_write_lock (a message transport's: protocol/_dgram.c MessageSender)
@@ -1384,7 +1394,15 @@ class ChannelCore:
         (never waiting) before answering. On a busy stream the read brings the next
         messages, and one CREDIT answers them all later; when it finds the link empty
         the CREDIT goes now, as before. (A CREDIT costs a write, and on TCP the peer's
-        kernel work: one per message when a receiver keeps up with its sender.)"""
+        kernel work: one per message when a receiver keeps up with its sender.)
+
+        A receiver that keeps up with a streaming sender finds the link empty between
+        most of its messages: with ``receipt_linger`` (the blocking driver sets it, at
+        most its spin) it then watches the read fd that long before it answers, while
+        the stream is busy (this batch took several messages, or the last watch saw
+        the next message come): the sender's next message usually comes meanwhile and
+        joins the batch. A lone message (a sender that waits for each receipt) is
+        answered at once, as before."""
         decoder = self.decoder
         if (
             not isinstance(decoder, FrameDecoder)
@@ -1394,12 +1412,40 @@ class ChannelCore:
         ):
             return False
         try:
-            return self._fill(decoder)
+            if self._fill(decoder):
+                return True
+            linger = self.receipt_linger
+            rflow = self.rflow
+            if (
+                not linger
+                or self.wait_fd is None
+                or not (self._linger_hit or (rflow is not None and rflow.unreported > 1))
+            ):
+                return False
+            self._linger_hit = hit = self._linger(linger)
+            return hit and self._fill(decoder)
         except FrameError as exc:
             self._counted_error = exc  # counted by _fill; raised by the next read
             return False
         except (EndOfChannel, ChannelClosed):
             return False
+
+    def _linger(self, seconds: float) -> bool:
+        """Watch the read fd up to ``seconds`` (polls that never sleep): True once it
+        is readable (see :meth:`_more_coming`)."""
+        ready = self._linger_poll
+        if ready is None:
+            assert self.wait_fd is not None
+            ready = self._linger_poll = select.poll()
+            ready.register(self.wait_fd, select.POLLIN)
+        poll = ready.poll
+        clock = time.perf_counter
+        end = clock() + seconds
+        while True:
+            if poll(0):
+                return True
+            if clock() >= end:
+                return False
 
     def before_wait(self, offer: bool = True) -> None:
         """The receiver is about to wait (``offer``) or found nothing: announce what

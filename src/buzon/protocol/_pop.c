@@ -40,8 +40,7 @@
 #include <Python.h>
 #include <stddef.h>
 
-#include <structmember.h>
-
+#include "_slots.h"
 #include "_writer.h"
 
 #define RECEIPT_FLAG 8
@@ -94,59 +93,9 @@ static PyObject *call2(PyObject *core, PyObject *method, PyObject *arg, int more
                                      NULL);
 }
 
-/* Where a __slots__ class keeps some of its fields: the slots' offsets in its objects,
- * found once per class (its member descriptors) and trusted while the class is not
- * changed (its version tag). Fields read and written there cost no attribute lookup;
- * a class whose fields are not plain object slots, or an object whose slot is empty,
- * goes the generic way (PyObject_GetAttr/SetAttr). */
-#define MAX_SLOTS 4
-typedef struct {
-    PyTypeObject *type; /* strong; NULL: not looked up yet */
-    unsigned int version;
-    int usable;
-    Py_ssize_t off[MAX_SLOTS];
-} slot_cache;
-
 static slot_cache flow_slots;  /* RecvFlow: taken, report_due, unreported, capacity */
 static slot_cache stats_slots; /* Statistics: messages_received */
-enum { F_TAKEN, F_REPORT_DUE, F_UNREPORTED, F_CAPACITY };
-
-/* 1: the offsets of ``names`` in ``obj``'s class are in ``c``; 0: go the generic way */
-static int slots_of(slot_cache *c, PyObject *obj, PyObject *const *names, int n) {
-    PyTypeObject *type = Py_TYPE(obj);
-    if (c->type == type && c->version == type->tp_version_tag &&
-        PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG))
-        return c->usable;
-    c->usable = 1;
-    for (int i = 0; i < n; i++) {
-        PyObject *d = _PyType_Lookup(type, names[i]); /* borrowed */
-        if (d == NULL || !Py_IS_TYPE(d, &PyMemberDescr_Type)) {
-            c->usable = 0;
-            break;
-        }
-        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-        if (m->type != T_OBJECT_EX || (m->flags & READONLY)) {
-            c->usable = 0;
-            break;
-        }
-        c->off[i] = m->offset;
-    }
-    /* the lookups gave the class a version tag (the type cache's): none, no trust */
-    if (!PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG))
-        c->usable = 0;
-    Py_XSETREF(c->type, (PyTypeObject *)Py_NewRef(type));
-    c->version = type->tp_version_tag;
-    return c->usable;
-}
-
-#define SLOT(obj, c, i) ((PyObject **)((char *)(obj) + (c)->off[i]))
-
-/* ``*slot = value`` (a new reference is taken) */
-static void slot_set(PyObject **slot, PyObject *value) {
-    PyObject *old = *slot;
-    *slot = Py_NewRef(value);
-    Py_XDECREF(old);
-}
+enum { F_TAKEN, F_REPORT_DUE, F_UNREPORTED, F_CAPACITY, F_COUNT };
 
 /* ``obj.<slot> += 1`` for a filled slot holding an int: 1 done, 0 not an int or empty
  * (nothing changed), -1 error */
@@ -162,7 +111,7 @@ static int slot_bump(PyObject **slot) {
     return 1;
 }
 
-static PyObject *flow_names[MAX_SLOTS], *stats_names[1];
+static PyObject *flow_names[F_COUNT], *stats_names[1];
 
 /* ``stats.messages_received += 1`` */
 static int count_message(PyObject *stats) {
@@ -178,7 +127,7 @@ static int count_message(PyObject *stats) {
  * hand, on the flow's slots: 1 counted, 0 not the common case or not slots (nothing
  * changed), -1 error */
 static int count_receipt_slots(PyObject *rflow) {
-    if (!slots_of(&flow_slots, rflow, flow_names, MAX_SLOTS))
+    if (!slots_of(&flow_slots, rflow, flow_names, F_COUNT))
         return 0;
     PyObject **cap = SLOT(rflow, &flow_slots, F_CAPACITY);
     PyObject **unrep = SLOT(rflow, &flow_slots, F_UNREPORTED);

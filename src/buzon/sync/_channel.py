@@ -30,7 +30,15 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .. import _reduction
-from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view, weak_method
+from .._channel import (
+    OWING,
+    RECEIPT_LINGER,
+    ChannelCore,
+    ChannelIdentity,
+    Receipt,
+    finish_view,
+    weak_method,
+)
 from .._engine import (
     CREDIT,
     EXTEND,
@@ -327,6 +335,7 @@ class Channel(ChannelIdentity):
         self._ring_spin: Callable[[float], bool] | None = None if ops is None else ops.spin
         self._watched: dict[Any, int] = {}  # loop -> receipts awaited there reading
         core.use_write_lock(self._wlock)
+        core.receipt_linger = min(max(self._spin, 0.0), RECEIPT_LINGER)
         core.on_credit = weak_method(self._credit_arrived)  # no cycle (weak_method)
         writer = core.receipt_writer(
             self, self._receipt_poll, self._send_bytes_async, self._finish_receipt
