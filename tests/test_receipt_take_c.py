@@ -417,18 +417,18 @@ def test_a_receiver_that_caught_up_with_a_busy_stream_watches_before_it_answers(
     sender wrote one per 10-20 messages, each a write and the sender's kernel work)."""
     a, b = buzon.pipe()
     with a, b:
-        assert b._core.receipt_linger > 0
-        real = ChannelCore._linger
+        real = b._core.receipt_watch
+        assert real is not None
         watches: list[bool] = []
         receipts = [a.send_bytes_async(MSG) for _ in range(3)]
 
-        def linger(core: Any, seconds: float) -> bool:
+        def watch() -> bool:
             if not watches:  # the sender's next message comes while the receiver watches
                 receipts.append(a.send_bytes_async(MSG))
             watches.append(True)
-            return real(core, seconds)
+            return bool(real())
 
-        monkeypatch.setattr(ChannelCore, "_linger", linger)
+        monkeypatch.setattr(b._core, "receipt_watch", watch)
         for _ in range(3):
             assert b.recv_bytes(timeout=T) == MSG
         assert len(watches) == 1
@@ -449,7 +449,11 @@ def test_a_lone_receipted_message_is_answered_at_once(
     without watching the link (and a spin=0 channel never watches)."""
     a, b = buzon.pipe() if spin is None else buzon.pipe(spin=spin)
     with a, b:
-        watches = _spy(monkeypatch, "_linger")
+        watches: list[bool] = []
+        real = b._core.receipt_watch
+        assert (real is not None) == (spin is None)
+        if real is not None:
+            monkeypatch.setattr(b._core, "receipt_watch", lambda: watches.append(True) or real())
         for i in range(5):
             r = a.send_bytes_async(MSG)
             assert b.recv_bytes(timeout=T) == MSG
@@ -457,4 +461,3 @@ def test_a_lone_receipted_message_is_answered_at_once(
             r.wait(timeout=T)
             assert r.delivered()
         assert watches == []
-        assert (b._core.receipt_linger > 0) == (spin is None)

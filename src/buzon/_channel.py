@@ -19,8 +19,6 @@ import contextlib
 import functools
 import itertools
 import os
-import select
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -413,11 +411,10 @@ class ChannelCore:
         self.unbounded = False
         self.taken = 0  # DATA messages taken by this end's receiver (numbering receipts)
         self.credit_out: bytes | None = None  # the latest CREDIT not yet written
-        # receipts on a busy stream: how long a receiver that caught up watches for the
-        # next message before it answers (set by the blocking driver; see _more_coming)
-        self.receipt_linger = 0.0
-        self._linger_hit = False
-        self._linger_poll: select.poll | None = None
+        # receipts on a busy stream: the driver's short watch of the read fd before a
+        # receiver that caught up answers (the blocking driver's; see _more_coming)
+        self.receipt_watch: Callable[[], bool] | None = None
+        self._watch_hit = False
         self.credit_blocked = False  # the last try_send failed for want of credit
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
         # made by use_write_lock (a message transport's: protocol/_dgram.c MessageSender)
@@ -1397,12 +1394,12 @@ class ChannelCore:
         kernel work: one per message when a receiver keeps up with its sender.)
 
         A receiver that keeps up with a streaming sender finds the link empty between
-        most of its messages: with ``receipt_linger`` (the blocking driver sets it, at
-        most its spin) it then watches the read fd that long before it answers, while
-        the stream is busy (this batch took several messages, or the last watch saw
-        the next message come): the sender's next message usually comes meanwhile and
-        joins the batch. A lone message (a sender that waits for each receipt) is
-        answered at once, as before."""
+        most of its messages: with ``receipt_watch`` (the blocking driver's: it watches
+        the read fd up to :data:`RECEIPT_LINGER`, at most its spin; True if something
+        came) it then watches before it answers, while the stream is busy (this batch
+        took several messages, or the last watch saw the next message come): the
+        sender's next message usually comes meanwhile and joins the batch. A lone
+        message (a sender that waits for each receipt) is answered at once, as before."""
         decoder = self.decoder
         if (
             not isinstance(decoder, FrameDecoder)
@@ -1414,38 +1411,19 @@ class ChannelCore:
         try:
             if self._fill(decoder):
                 return True
-            linger = self.receipt_linger
+            watch = self.receipt_watch
             rflow = self.rflow
-            if (
-                not linger
-                or self.wait_fd is None
-                or not (self._linger_hit or (rflow is not None and rflow.unreported > 1))
+            if watch is None or not (
+                self._watch_hit or (rflow is not None and rflow.unreported > 1)
             ):
                 return False
-            self._linger_hit = hit = self._linger(linger)
+            self._watch_hit = hit = watch()
             return hit and self._fill(decoder)
         except FrameError as exc:
             self._counted_error = exc  # counted by _fill; raised by the next read
             return False
         except (EndOfChannel, ChannelClosed):
             return False
-
-    def _linger(self, seconds: float) -> bool:
-        """Watch the read fd up to ``seconds`` (polls that never sleep): True once it
-        is readable (see :meth:`_more_coming`)."""
-        ready = self._linger_poll
-        if ready is None:
-            assert self.wait_fd is not None
-            ready = self._linger_poll = select.poll()
-            ready.register(self.wait_fd, select.POLLIN)
-        poll = ready.poll
-        clock = time.perf_counter
-        end = clock() + seconds
-        while True:
-            if poll(0):
-                return True
-            if clock() >= end:
-                return False
 
     def before_wait(self, offer: bool = True) -> None:
         """The receiver is about to wait (``offer``) or found nothing: announce what

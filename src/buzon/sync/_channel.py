@@ -335,7 +335,12 @@ class Channel(ChannelIdentity):
         self._ring_spin: Callable[[float], bool] | None = None if ops is None else ops.spin
         self._watched: dict[Any, int] = {}  # loop -> receipts awaited there reading
         core.use_write_lock(self._wlock)
-        core.receipt_linger = min(max(self._spin, 0.0), RECEIPT_LINGER)
+        # receipts on a busy stream: a receiver that caught up watches its read fd a
+        # little before it answers (ChannelCore._more_coming); never with spin=0
+        self._watch_for = min(self._spin, RECEIPT_LINGER)
+        self._watch_poll: select.poll | None = None
+        if self._watch_for > 0.0 and core.wait_fd is not None:
+            core.receipt_watch = weak_method(self._receipt_watch)
         core.on_credit = weak_method(self._credit_arrived)  # no cycle (weak_method)
         writer = core.receipt_writer(
             self, self._receipt_poll, self._send_bytes_async, self._finish_receipt
@@ -1277,6 +1282,24 @@ class Channel(ChannelIdentity):
         if self._pumpers:
             self._wake_pumpers()
         return item[1] if item.__class__ is tuple else core.item_bytes(item)
+
+    def _receipt_watch(self) -> bool:
+        """``core.receipt_watch``: watch the read fd up to ``_watch_for`` seconds with
+        polls that never sleep (as the receive's spin does); True once it is readable."""
+        ready = self._watch_poll
+        if ready is None:
+            fd = self._core.wait_fd
+            if fd is None:
+                return False
+            ready = self._watch_poll = select.poll()
+            ready.register(fd, select.POLLIN)
+        poll = ready.poll
+        end = _perf() + self._watch_for
+        while True:
+            if poll(0):
+                return True
+            if _perf() >= end:
+                return False
 
     def _put_rest(self, serial: int) -> None:
         """The C ``send_bytes`` head (``protocol._take.Put``): the kernel took part of
