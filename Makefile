@@ -59,7 +59,7 @@ sanitize: install
 		tests/mailbox/test_mailbox_bound_io.py tests/mailbox/test_mailbox_version.py tests/mailbox/test_mailbox_error_names.py \
 		tests/test_rendezvous_stream_c.py tests/test_rendezvous_withdraw.py \
 		tests/test_rendezvous_deferred.py tests/test_rendezvous_ccall.py \
-		tests/test_small_writer_flow.py \
+		tests/test_small_writer_flow.py tests/test_receipt_take_c.py \
 		tests/test_recv_take.py tests/test_dgram_blocking_wait.py tests/test_drop_unclosed.py \
 		tests/test_recv_take_socket.py tests/test_small_writer_unix_whole.py tests/test_small_writer_threads.py
 

@@ -58,9 +58,15 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(
+            "buzon.protocol._pop",
+            sources=["src/buzon/protocol/_pop.c"],
+            depends=["src/buzon/protocol/_slots.h", "src/buzon/protocol/_writer.h"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+        ),
+        Extension(
             "buzon.protocol._credit",
             sources=["src/buzon/protocol/_credit.c"],
-            depends=["src/buzon/protocol/_writer.h"],
+            depends=["src/buzon/protocol/_slots.h", "src/buzon/protocol/_writer.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         ),
         Extension(

@@ -87,6 +87,11 @@ from .transport.base import (
     Transport,
 )
 
+try:  # _pop in C (protocol/_pop.c): a read message's take, receipts counted
+    from .protocol._pop import pop as _c_pop
+except ImportError:  # pragma: no cover - a build without the extension
+    _c_pop = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:  # annotations only
     from .protocol._dgram import MessageSender, Receiver
     from .transport.fifo import FifoWaiter
@@ -110,6 +115,9 @@ DEFAULT_MAX_QUEUE = 64 * 1024 * 1024
 PLAIN_MAX = 4096
 #: a receipt-asking take below this count of unreported ones only counts (see _pop)
 _REPORT_LAST = REPORT_EVERY - 1
+#: the longest a blocking receiver that caught up with a busy stream of receipted
+#: messages watches for the next one before it acknowledges (ChannelCore._more_coming)
+RECEIPT_LINGER = 20e-6
 
 
 def weak_method(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -403,6 +411,10 @@ class ChannelCore:
         self.unbounded = False
         self.taken = 0  # DATA messages taken by this end's receiver (numbering receipts)
         self.credit_out: bytes | None = None  # the latest CREDIT not yet written
+        # receipts on a busy stream: the driver's short watch of the read fd before a
+        # receiver that caught up answers (the blocking driver's; see _more_coming)
+        self.receipt_watch: Callable[[], bool] | None = None
+        self._watch_hit = False
         self.credit_blocked = False  # the last try_send failed for want of credit
         self.io_lock: Any = contextlib.nullcontext()  # the sync driver's write lock
         # made by use_write_lock (a message transport's: protocol/_dgram.c MessageSender)
@@ -1313,6 +1325,14 @@ class ChannelCore:
         if rflow is not None and not self.closed and rflow.owed:
             self.emit_credit(rflow.confirm())
 
+    def report_receipts(self) -> None:
+        """Before a close: acknowledge the receipt-asking takes not reported yet (taken
+        while more messages were in hand), so that their receipts complete; the
+        close's flush writes it if the link does not take it now."""
+        rflow = self.rflow
+        if rflow is not None and not self.closed and rflow.report_due:
+            self.emit_credit(rflow.receipts_owed())
+
     def emit_credit(self, frame: bytes | None) -> None:
         """Send a CREDIT now if the link takes it, else as soon as it does (a newer
         CREDIT replaces one not yet written: their counts are cumulative)."""
@@ -1382,7 +1402,15 @@ class ChannelCore:
         (never waiting) before answering. On a busy stream the read brings the next
         messages, and one CREDIT answers them all later; when it finds the link empty
         the CREDIT goes now, as before. (A CREDIT costs a write, and on TCP the peer's
-        kernel work: one per message when a receiver keeps up with its sender.)"""
+        kernel work: one per message when a receiver keeps up with its sender.)
+
+        A receiver that keeps up with a streaming sender finds the link empty between
+        most of its messages: with ``receipt_watch`` (the blocking driver's: it watches
+        the read fd up to :data:`RECEIPT_LINGER`, at most its spin; True if something
+        came) it then watches before it answers, while the stream is busy (this batch
+        took several messages, or the last watch saw the next message come): the
+        sender's next message usually comes meanwhile and joins the batch. A lone
+        message (a sender that waits for each receipt) is answered at once, as before."""
         decoder = self.decoder
         if (
             not isinstance(decoder, FrameDecoder)
@@ -1392,7 +1420,16 @@ class ChannelCore:
         ):
             return False
         try:
-            return self._fill(decoder)
+            if self._fill(decoder):
+                return True
+            watch = self.receipt_watch
+            rflow = self.rflow
+            if watch is None or not (
+                self._watch_hit or (rflow is not None and rflow.unreported > 1)
+            ):
+                return False
+            self._watch_hit = hit = watch()
+            return hit and self._fill(decoder)
         except FrameError as exc:
             self._counted_error = exc  # counted by _fill; raised by the next read
             return False
@@ -1734,7 +1771,7 @@ class ChannelCore:
             frames = decoder.frames
             if frames and self._rv and not self._rv_gate():
                 return None
-            return self._pop(frames) if frames else None
+            return _pop(self, frames) if frames else None
         if self.inbox or self.raw_chunks:
             return self.poll()
         return None
@@ -1762,7 +1799,7 @@ class ChannelCore:
             return None
         if self._rv and not (self._rv_gate() and frames):
             return None
-        return self._pop(frames)
+        return _pop(self, frames)
 
     def _pop(self, frames: deque[Frame | tuple[int, bytes]]) -> Frame | tuple[int, bytes] | None:
         item = frames.popleft()
@@ -2028,7 +2065,7 @@ class ChannelCore:
         decoder = self.decoder
         assert decoder is not None
         if self._read_bytes(decoder, got, room):  # type: ignore[arg-type]
-            return self._pop(decoder.frames)
+            return _pop(self, decoder.frames)
         return None
 
     def took_whole(self, size: int) -> None:
@@ -2343,6 +2380,12 @@ class ChannelCore:
             self.tokens.close()
         self._counters = self.transport.counters()  # statistics() after close
         self.transport.close()
+
+
+#: a read message's take (ChannelCore._pop, the reference, or its C twin): a function of
+#: the core and its decoder's frames
+_pop: Callable[[ChannelCore, deque[Frame | tuple[int, bytes]]], Frame | tuple[int, bytes] | None]
+_pop = ChannelCore._pop if _c_pop is None else _c_pop
 
 
 def finish_view(lent: Any, view: memoryview) -> None:

@@ -828,6 +828,8 @@ class Channel(ChannelIdentity):
         if core.closed:
             self._release()
             return
+        with contextlib.suppress(Exception):  # takes whose receipts are not reported yet
+            core.report_receipts()
         self._end_waits()
         deadline = deadline_of(core.options.close_timeout)
         if core.owed or core.acked:  # acked: linger until the peer has it all
@@ -871,6 +873,8 @@ class Channel(ChannelIdentity):
         do (``await aclose()`` waits for that instead); without one, those bytes go to
         the interpreter's exit hook like a blocking channel's."""
         core = self._core
+        with contextlib.suppress(Exception):  # takes whose receipts are not reported yet
+            core.report_receipts()
         if core.closed or not (core.owed or core.lingers()):
             self._release()
             return

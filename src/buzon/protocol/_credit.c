@@ -43,6 +43,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "_slots.h"
 #include "_writer.h"
 
 #define RECEIPT_FLAG 8
@@ -131,6 +132,34 @@ typedef struct {
 
 static PyObject *s_pending, *s_credit_out, *s_closed, *s_sent, *s_limit, *s_small_limit;
 
+/* SendFlow's ``sent`` and ``limit``, read and written in place (_slots.h) */
+static slot_cache sendflow_slots;
+static PyObject *sendflow_names[2];
+enum { SF_SENT, SF_LIMIT };
+
+/* flow.<name> as flow_count reads it (_writer.h), from its slot when the flow's class
+ * keeps it in one: no attribute lookup */
+static int flow_slot_count(PyObject *flow, int i, unsigned long long *out, count_cache *cache) {
+    if (slots_of(&sendflow_slots, flow, sendflow_names, 2)) {
+        PyObject *v = *SLOT(flow, &sendflow_slots, i);
+        if (v != NULL && PyLong_CheckExact(v)) {
+            if (cache != NULL && v == cache->obj) {
+                *out = cache->value;
+                return 0;
+            }
+            *out = PyLong_AsUnsignedLongLong(v);
+            if (*out == (unsigned long long)-1 && PyErr_Occurred())
+                return -1;
+            if (cache != NULL) {
+                Py_XSETREF(cache->obj, Py_NewRef(v));
+                cache->value = *out;
+            }
+            return 0;
+        }
+    }
+    return flow_count(flow, sendflow_names[i], out, cache);
+}
+
 
 
 static PyObject *make_receipt(ReceiptWriter *self, unsigned long long number) {
@@ -157,8 +186,8 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
     if ((r = core_flag(self->state, s_credit_out, 1)) != 0 ||
         (r = core_flag(self->state, s_closed, 0)) != 0)
         return r < 0 ? -1 : 0;
-    if (flow_count(self->flow, s_sent, &sent, NULL) < 0 ||
-            flow_count(self->flow, s_limit, &limit, &self->limit_cache) < 0)
+    if (flow_slot_count(self->flow, SF_SENT, &sent, NULL) < 0 ||
+        flow_slot_count(self->flow, SF_LIMIT, &limit, &self->limit_cache) < 0)
         return -1;
     if (sent >= limit)
         return 0; /* the general way tells the receiver, and the engine waits */
@@ -178,10 +207,16 @@ static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long
         return 0; /* the general way writes again and reports what it meets */
     }
     /* a slot's setattr of an int: no Python code runs */
-    int set = PyObject_SetAttr(self->flow, s_sent, next);
-    Py_DECREF(next);
-    if (set < 0)
-        return -1;
+    if (slots_of(&sendflow_slots, self->flow, sendflow_names, 2) &&
+        *SLOT(self->flow, &sendflow_slots, SF_SENT) != NULL) {
+        slot_set(SLOT(self->flow, &sendflow_slots, SF_SENT), next);
+        Py_DECREF(next);
+    } else {
+        int set = PyObject_SetAttr(self->flow, s_sent, next);
+        Py_DECREF(next);
+        if (set < 0)
+            return -1;
+    }
     *number = sent + 1;
     if (got == n + 8) {
         self->sent++;
@@ -439,6 +474,8 @@ PyMODINIT_FUNC PyInit__credit(void) {
         (s_limit = PyUnicode_InternFromString("limit")) == NULL ||
         (s_small_limit = PyUnicode_InternFromString("small_limit")) == NULL)
         return NULL;
+    sendflow_names[SF_SENT] = s_sent;
+    sendflow_names[SF_LIMIT] = s_limit;
     if (PyType_Ready(&ReceiptCoreType) < 0 || PyType_Ready(&ReceiptWriterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -314,6 +314,14 @@ class RecvFlow:
         """The CREDIT a deferred take owes (None: nothing is owed)."""
         return self._announce() if self.owed else None
 
+    def receipts_owed(self) -> bytes | None:
+        """The CREDIT that receipt-asking takes not acknowledged yet owe (they were
+        taken while more messages were in hand), or None: a receiver that closes
+        writes it first, so that those receipts complete rather than fail."""
+        if self.report_due and self.capacity != 0:
+            return self._announce()
+        return None
+
     def on_wait_end(self) -> bytes | None:
         """The receiver stopped waiting without a message (timeout, cancellation)."""
         if self.capacity == 0 and self.offering:

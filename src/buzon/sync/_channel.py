@@ -30,7 +30,15 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .. import _reduction
-from .._channel import OWING, ChannelCore, ChannelIdentity, Receipt, finish_view, weak_method
+from .._channel import (
+    OWING,
+    RECEIPT_LINGER,
+    ChannelCore,
+    ChannelIdentity,
+    Receipt,
+    finish_view,
+    weak_method,
+)
 from .._engine import (
     CREDIT,
     EXTEND,
@@ -63,6 +71,10 @@ try:
     from ..protocol._rv import RvCall as _RvCall
 except ImportError:  # pragma: no cover - the C extension is not built
     _RvCall = None  # type: ignore[assignment, misc]
+try:  # recv_bytes with a message in hand, receipts counted, in C (protocol/_pop.c)
+    from ..protocol._pop import Head as _Head
+except ImportError:  # pragma: no cover - the C extension is not built
+    _Head = None  # type: ignore[assignment, misc]
 
 if TYPE_CHECKING:  # annotations only
     from ..protocol._dgram import Receiver
@@ -327,6 +339,12 @@ class Channel(ChannelIdentity):
         self._ring_spin: Callable[[float], bool] | None = None if ops is None else ops.spin
         self._watched: dict[Any, int] = {}  # loop -> receipts awaited there reading
         core.use_write_lock(self._wlock)
+        # receipts on a busy stream: a receiver that caught up watches its read fd a
+        # little before it answers (ChannelCore._more_coming); never with spin=0
+        self._watch_for = min(self._spin, RECEIPT_LINGER)
+        self._watch_poll: select.poll | None = None
+        if self._watch_for > 0.0 and core.wait_fd is not None:
+            core.receipt_watch = weak_method(self._receipt_watch)
         core.on_credit = weak_method(self._credit_arrived)  # no cycle (weak_method)
         writer = core.receipt_writer(
             self, self._receipt_poll, self._send_bytes_async, self._finish_receipt
@@ -339,6 +357,10 @@ class Channel(ChannelIdentity):
         if take is not None:  # recv_bytes in C (protocol/_take.c): it shadows the method
             self.recv_bytes = take  # type: ignore[method-assign]
             core.recv_counts = weak_method(self._take_counts)
+        elif _Head is not None and core.decoder is not None and core.fast_recv is None:
+            # a stream's recv_bytes with a message in hand (the stream's read brought
+            # several): in C (protocol/_pop.c Head), receipts counted there too
+            self.recv_bytes = _Head(self, core, self._rlock, Channel.recv_bytes)  # type: ignore[method-assign]
         if _Put is not None and core.small_send is not None:  # send_bytes' C head: the same
             self.send_bytes = _Put(self, core, Channel.send_bytes, weak_method(self._put_rest))  # type: ignore[method-assign]
         rv = self._rv_stream
@@ -1331,6 +1353,24 @@ class Channel(ChannelIdentity):
         rv = self._rv_stream
         return (0,) * 7 if rv is None else rv.counts()
 
+    def _receipt_watch(self) -> bool:
+        """``core.receipt_watch``: watch the read fd up to ``_watch_for`` seconds with
+        polls that never sleep (as the receive's spin does); True once it is readable."""
+        ready = self._watch_poll
+        if ready is None:
+            fd = self._core.wait_fd
+            if fd is None:
+                return False
+            ready = self._watch_poll = select.poll()
+            ready.register(fd, select.POLLIN)
+        poll = ready.poll
+        end = _perf() + self._watch_for
+        while True:
+            if poll(0):
+                return True
+            if _perf() >= end:
+                return False
+
     def _put_rest(self, serial: int) -> None:
         """The C ``send_bytes`` head (``protocol._take.Put``): the kernel took part of
         the frame ``small_send`` wrote; the engine finishes it (as ``send_bytes``)."""
@@ -1800,6 +1840,8 @@ class Channel(ChannelIdentity):
         if rv is not None:  # a deferred rendezvous take's CREDIT goes first (_rv.c)
             with contextlib.suppress(Exception):
                 rv.confirm()
+        with contextlib.suppress(Exception):  # takes whose receipts are not reported yet
+            core.report_receipts()
         deadline = deadline_of(core.options.close_timeout)
         if core.owed or core.acked:  # acked: linger until the peer has it all
             try:
