@@ -105,13 +105,16 @@ def test_a_held_lock_stops_the_unix_writer(spied: tuple[str, Any, CountingLock, 
         lock._lock.release()
 
 
-def test_threads_on_the_smallest_send_buffer_keep_small_frames_whole() -> None:
+@pytest.mark.parametrize("call", ["send_bytes", "send_bytes_async"])
+def test_threads_on_the_smallest_send_buffer_keep_small_frames_whole(call: str) -> None:
+    """Both small writers (SmallWriter and the receipts' ReceiptWriter, _credit.c)."""
     a, b = _pair("unix")
     with a, b:
         a._core._stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the minimum
         b._core._stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
         threads, per = 8, 600
         errors: list[BaseException] = []
+        send = getattr(a, call)
         start = threading.Event()
 
         def sender(i: int) -> None:
@@ -119,7 +122,7 @@ def test_threads_on_the_smallest_send_buffer_keep_small_frames_whole() -> None:
                 start.wait(T)
                 for k in range(per):
                     size = (k * 997 + i * 131) % (WHOLE - 16)  # frames of 16 .. 2048 bytes
-                    a.send_bytes(struct.pack("<II", i, k) + bytes([65 + i]) * size)
+                    send(struct.pack("<II", i, k) + bytes([65 + i]) * size)
             except BaseException as exc:  # reported by the main thread
                 errors.append(exc)
 

@@ -15,9 +15,10 @@
  *       send with MSG_DONTWAIT: a socket transport's socket may be in blocking mode;
  *       _writer.h put_once) when the
  *       channel is quiet: ``lock`` (the driver's write lock) is
- *       free (taken with acquire(False), held from the checks to the count; a pipe's
- *       write of at most PIPE_BUF bytes, never partial, only finds it free: _writer.h
- *       lock_held), the core
+ *       free (taken with acquire(False), held from the checks to the count; a write
+ *       the kernel takes whole or not at all, a pipe's of at most PIPE_BUF bytes or a
+ *       Unix stream socket's of at most 2 KiB, only finds it free: _writer.h
+ *       lock_held, whole_limit), the core
  *       owes nothing (``pending`` empty, ``credit_out`` None; fields read from the
  *       core's ``__dict__``, ``pending`` a deque the core keeps for good) and is open,
  *       and ``flow`` (the core's SendFlow, which numbers the messages; made by
@@ -106,7 +107,7 @@ typedef struct {
     PyObject_HEAD
     int fd;
     int sock;          /* a socket: send(MSG_DONTWAIT) (it may be in blocking mode) */
-    int fifo;          /* a pipe or FIFO: a write of at most PIPE_BUF is whole or nothing */
+    Py_ssize_t whole;  /* writes of at most this many bytes are whole or nothing (whole_limit) */
     PyObject *coreref; /* the core and the channel, weakly: they keep this writer */
     PyObject *chref;   /* (_writer.h); both held during a call */
     PyObject *state;   /* core.__dict__ (borrowed): its fields read without attribute lookups */
@@ -174,7 +175,7 @@ static PyObject *make_receipt(ReceiptWriter *self, unsigned long long number) {
 }
 
 /* The write itself, under the write lock (``have_lock``; else found free for a write
- * that is whole or nothing: _writer.h lock_held, writes_whole): -1 error, 0 nothing written, 1 written
+ * that is whole or nothing: _writer.h lock_held, whole_limit): -1 error, 0 nothing written, 1 written
  * whole, 2 written in part (``*serial``: the frame's serial); ``*number``: its number */
 static int receipt_write(ReceiptWriter *self, PyObject *data, unsigned long long *number,
                          PyObject **serial, int have_lock) {
@@ -292,13 +293,14 @@ static PyObject *receipt_writer_call(PyObject *op, PyObject *const *args, size_t
         Py_DECREF(done);
     }
     /* the write lock, held from the checks to the count (a partial write's tail kept):
-     * no other thread writes between, whatever Python code runs meanwhile; a pipe's
-     * write of at most PIPE_BUF bytes, never partial, only finds it free (this thread
-     * keeps the GIL and runs no Python code: _writer.h lock_held) */
+     * no other thread writes between, whatever Python code runs meanwhile; a write
+     * never partial (a pipe's of at most PIPE_BUF bytes, a Unix stream socket's of at
+     * most 2 KiB: whole_limit) only finds it free (this thread keeps the GIL and runs
+     * no Python code: _writer.h lock_held) */
     unsigned long long number = 0;
     PyObject *serial = NULL;
     int done;
-    if (writes_whole(self->fifo, PyBytes_GET_SIZE(data) + 8)) {
+    if (writes_whole_upto(self->whole, PyBytes_GET_SIZE(data) + 8)) {
         int held = lock_held(self->locked);
         if (held < 0)
             return NULL;
@@ -372,7 +374,7 @@ static PyObject *receipt_writer_new(PyTypeObject *type, PyObject *args, PyObject
     self->pending = w.extra;
     self->fd = fd;
     self->sock = sock;
-    self->fifo = !sock && is_fifo(fd);
+    self->whole = whole_limit(fd, sock);
     self->flow = Py_NewRef(Py_None);
     self->make_flow = Py_NewRef(make_flow);
     self->acquire = w.acquire;
