@@ -419,6 +419,7 @@ class ChannelCore:
         self._rv_valid = True
         self._rv_void = 0  # a withdrawn message not met yet: drop it when it comes
         self._rv_drained = False  # the sender side read everything after its WITHDRAW
+        self._stake_back = False  # close() took a simplex sender's stake back
         self._rv_reply = True  # request/response seen: a send spins for the reply
         self._rv_after_send = False
         self._local_order = transport.properties.local and not transport.delivery_acks
@@ -1628,6 +1629,37 @@ class ChannelCore:
         self._rv_drained = False
         self._queue_frame(encode_withdraw(number, sflow.withdrawals))
         return sflow.withdrawals
+
+    def withdraw_at_close(self) -> None:
+        """``close()``, under the write lock, before the fds go: withdraw a rendezvous
+        message still in flight, so that its sender, woken by the close, need not win
+        the write lock first (it leaves its wait, then takes the lock to withdraw; the
+        close could release the fds in between, and the receiver would take the message
+        the sender reports undelivered). A CREDIT link: a WITHDRAW for the message not
+        known taken (unless one for it is already written), what the kernel takes now;
+        the sender then raises saying the withdrawal was written. A simplex link: the
+        sender's stake taken back if it is still there (:meth:`stake_taken_back`); if
+        the receiver claimed it first, it takes the message and the send returns."""
+        if self.closed:
+            return
+        tokens = self.tokens
+        if tokens is not None:
+            if tokens.capacity == 0 and tokens.awaiting is not None:
+                self._stake_back = tokens.withdraw_message()
+            return
+        sflow = self.sflow
+        if sflow is None or sflow.capacity != 0:
+            return
+        if sflow.sent > sflow.taken and sflow.withdrawals == sflow.withdrawn:
+            self.withdraw(sflow.sent)
+            if self.pending:
+                self.flush()  # what the kernel takes now; a closing channel waits no more
+
+    def stake_taken_back(self) -> bool:
+        """A simplex rendezvous sender ended by ``close()``: did the close take its stake
+        back (:meth:`withdraw_at_close`: the receiver drops the message)? Once."""
+        back, self._stake_back = self._stake_back, False
+        return back
 
     def drain_peer(self) -> None:
         """After a WITHDRAW was written: read everything the peer wrote so far (its

@@ -170,7 +170,7 @@ def send_steps(
                 yield Step(READ, tokens.ack_fd)
         except BaseException as exc:
             if isinstance(exc, ChannelClosed):  # closed by another thread: no more waits
-                if tokens.withdraw_message():
+                if core.stake_taken_back() or tokens.withdraw_message():
                     core.count_withdrawn()
                     raise ChannelClosed(_CLOSED_WITHDRAWN) from None
                 tokens.give_up()  # the receiver claimed it: it takes it

@@ -1838,6 +1838,11 @@ class Channel(ChannelIdentity):
         # signal handler closing the channel may interrupt this thread's own write)
         held = self._wlock.acquire(timeout=1.0)
         try:
+            if held and self._rendezvous:
+                # a rendezvous send woken above withdraws its message under this lock:
+                # if it has not yet, this does, before the fds go
+                with contextlib.suppress(Exception):
+                    core.withdraw_at_close()
             core.close()
         finally:
             if held:

@@ -1,0 +1,95 @@
+"""Rendezvous (``capacity=0``): a send ended by ``close()`` from another thread raises
+``ChannelClosed`` and delivers nothing, whoever wins the race to the write lock
+(contract 4a; docs/semantics.md "Withdrawing a rendezvous message").
+
+The race: the sender, woken by the close, leaves the channel's waits and only then
+takes the write lock to write its WITHDRAW (or, on a simplex link, to take its stake
+back). ``close()`` waits for waiting threads to leave, so in that gap it could take
+the write lock first and release the fds: no WITHDRAW was written, the sender raised
+(or, simplex, returned as if the receiver had claimed the message), and the
+receiver's next receive took the message anyway. Now ``close()`` itself withdraws a
+rendezvous message in flight, under the write lock, before the fds go
+(``ChannelCore.withdraw_at_close``).
+
+The tests force the losing interleaving: the sender, once it has left every wait of
+the closing channel, holds still until the close has released the channel.
+``tests/test_rendezvous_withdraw.py::test_a_send_ended_by_close_from_another_thread_
+delivered_nothing`` is the same case left to chance (it failed now and then, mostly
+under ``make sanitize``'s slower build).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import buzon
+from test_rendezvous_withdraw import KINDS, SIMPLEX, _pair
+
+
+class _LateLeaver(list):  # type: ignore[type-arg]
+    """A channel's ``_waiters`` whose ``sender`` thread, once it left every wait of the
+    channel after a close began, waits until the close released the channel."""
+
+    def __init__(self, channel: Any, sender: list[int]) -> None:
+        super().__init__(channel._waiters)
+        self.channel = channel
+        self.sender = sender
+        self.delayed = 0
+
+    def remove(self, ident: Any) -> None:
+        super().remove(ident)
+        ch = self.channel
+        if ch._closing and self.sender and ident == self.sender[0] and ident not in self:
+            self.delayed += 1
+            end = time.monotonic() + 5
+            while not ch._core.closed and time.monotonic() < end:
+                time.sleep(0.001)
+
+
+@pytest.fixture(params=KINDS + SIMPLEX)
+def any_pair(request: pytest.FixtureRequest) -> Iterator[tuple[buzon.Channel, buzon.Channel]]:
+    a, b = _pair(request.param)
+    with a, b:
+        yield a, b
+
+
+def test_a_send_whose_close_takes_the_write_lock_first_delivered_nothing(
+    any_pair: tuple[buzon.Channel, buzon.Channel],
+) -> None:
+    """The close releases the channel before the woken sender writes anything: the send
+    raises ``ChannelClosed`` and the receiver never gets the message."""
+    a, b = any_pair
+    sender_ident: list[int] = []
+    waiters = _LateLeaver(a, sender_ident)
+    a._waiters = waiters  # type: ignore[attr-defined]
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: got.set() if buzon.wait([b], timeout=10) else None)
+    waiter.start()  # b offers (it waits to receive) but takes nothing
+    box: list[BaseException] = []
+
+    def send() -> None:
+        sender_ident.append(threading.get_ident())
+        try:
+            a.send("handed over", timeout=10)
+        except BaseException as exc:
+            box.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    waiter.join(10)
+    assert got.is_set()  # the message arrived: b's wait ended
+    deadline = time.monotonic() + 10
+    while sender_ident[0] not in waiters and time.monotonic() < deadline:
+        time.sleep(0.001)  # the sender waits for the take
+    a.close()
+    sender.join(10)
+    assert not sender.is_alive()
+    assert waiters.delayed >= 1  # the interleaving was forced
+    assert len(box) == 1 and isinstance(box[0], buzon.ChannelClosed), box
+    with pytest.raises((buzon.EndOfChannel, buzon.Timeout)):
+        print("received anyway:", b.recv(timeout=0.5))
