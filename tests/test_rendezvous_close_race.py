@@ -20,6 +20,7 @@ under ``make sanitize``'s slower build).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -93,3 +94,41 @@ def test_a_send_whose_close_takes_the_write_lock_first_delivered_nothing(
     assert len(box) == 1 and isinstance(box[0], buzon.ChannelClosed), box
     with pytest.raises((buzon.EndOfChannel, buzon.Timeout)):
         print("received anyway:", b.recv(timeout=0.5))
+
+
+@pytest.mark.parametrize("duplex", [True, False], ids=["pipe", "pipe-simplex"])
+def test_an_asyncio_send_ended_by_close_delivered_nothing(duplex: bool) -> None:
+    """asyncio: ``close()`` (from another task) releases the channel at once, and the
+    send waiting for its take wakes to a closed core. It raises ``ChannelClosed`` and
+    the receiver never gets the message (before: no WITHDRAW was ever written on a
+    duplex pipe, and the receiver took it; on a simplex pipe the send returned)."""
+    import buzon.aio
+
+    async def main() -> tuple[BaseException | None, BaseException | object]:
+        if duplex:
+            a, b = buzon.aio.pipe(capacity=0)
+        else:
+            b, a = buzon.aio.pipe(False, capacity=0)
+        try:
+            waiter = asyncio.create_task(buzon.aio.wait([b], timeout=10))
+            send = asyncio.create_task(a.send("handed over", timeout=10))
+            assert await waiter  # the message arrived: b's wait ended
+            await asyncio.sleep(0.05)  # the send waits for the take
+            a.close()
+            raised: BaseException | None = None
+            try:
+                await send
+            except BaseException as exc:
+                raised = exc
+            try:
+                got: BaseException | object = await b.recv(timeout=0.5)
+            except BaseException as exc:
+                got = exc
+            return raised, got
+        finally:
+            a.close()
+            b.close()
+
+    raised, got = asyncio.run(main())
+    assert isinstance(raised, buzon.ChannelClosed), raised
+    assert isinstance(got, (buzon.EndOfChannel, buzon.Timeout)), f"received anyway: {got!r}"

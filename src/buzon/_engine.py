@@ -169,7 +169,7 @@ def send_steps(
             while not tokens.acked():
                 yield Step(READ, tokens.ack_fd)
         except BaseException as exc:
-            if isinstance(exc, ChannelClosed):  # closed by another thread: no more waits
+            if isinstance(exc, ChannelClosed) or core.closed:  # closed: no more waits
                 if core.stake_taken_back() or tokens.withdraw_message():
                     core.count_withdrawn()
                     raise ChannelClosed(_CLOSED_WITHDRAWN) from None
