@@ -132,3 +132,24 @@ def test_an_asyncio_send_ended_by_close_delivered_nothing(duplex: bool) -> None:
     raised, got = asyncio.run(main())
     assert isinstance(raised, buzon.ChannelClosed), raised
     assert isinstance(got, (buzon.EndOfChannel, buzon.Timeout)), f"received anyway: {got!r}"
+
+
+def test_an_untaken_receipt_message_at_close_is_not_taken_after() -> None:
+    """``send_async`` on a rendezvous channel, then ``close()`` before the receiver took
+    the message: the receipt fails with ``Undelivered`` (docs/semantics.md, Receipts),
+    and the receiver never gets the message (before: it did, after the receipt had
+    said it was not taken). The close withdraws it like a blocking send's."""
+    a, b = buzon.pipe(capacity=0)
+    try:
+        waiter = threading.Thread(target=lambda: buzon.wait([b], timeout=10))
+        waiter.start()  # b offers, so the message goes at once
+        receipt = a.send_async("x", timeout=10)
+        waiter.join(10)
+        a.close()
+        with pytest.raises(buzon.Undelivered):
+            receipt.wait(timeout=1)
+        with pytest.raises((buzon.EndOfChannel, buzon.Timeout)):
+            print("received anyway:", b.recv(timeout=0.5))
+    finally:
+        a.close()
+        b.close()
