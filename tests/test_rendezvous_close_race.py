@@ -96,19 +96,35 @@ def test_a_send_whose_close_takes_the_write_lock_first_delivered_nothing(
         print("received anyway:", b.recv(timeout=0.5))
 
 
-@pytest.mark.parametrize("duplex", [True, False], ids=["pipe", "pipe-simplex"])
-def test_an_asyncio_send_ended_by_close_delivered_nothing(duplex: bool) -> None:
-    """asyncio: ``close()`` (from another task) releases the channel at once, and the
-    send waiting for its take wakes to a closed core. It raises ``ChannelClosed`` and
-    the receiver never gets the message (before: no WITHDRAW was ever written on a
-    duplex pipe, and the receiver took it; on a simplex pipe the send returned)."""
+async def _aio_pair(kind: str) -> tuple[Any, Any]:
+    """(sender, receiver), asyncio ends with ``capacity=0``."""
+    import buzon.aio
+
+    if kind == "pipe":
+        return buzon.aio.pipe(capacity=0)
+    if kind == "pipe-simplex":
+        r, w = buzon.aio.pipe(False, capacity=0)
+        return w, r
+    lst = buzon.aio.listen(kind, capacity=0)
+    try:
+        accepting = asyncio.create_task(lst.accept(timeout=10))
+        url = str(lst.address) if kind.startswith("tcp") else kind
+        a = await buzon.aio.connect(url, timeout=10, capacity=0)
+        return a, await accepting
+    finally:
+        lst.close()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "pipe-simplex", "unix:rvclrace", "tcp://127.0.0.1:0"])
+def test_an_asyncio_send_ended_by_close_delivered_nothing(kind: str) -> None:
+    """asyncio: ``close()`` (from another task) ends the send waiting for its take. It
+    raises ``ChannelClosed`` and the receiver never gets the message (before: no
+    WITHDRAW was ever written, and the receiver took it; on a simplex pipe the send
+    was not woken, and raised ``OSError`` at its timeout)."""
     import buzon.aio
 
     async def main() -> tuple[BaseException | None, BaseException | object]:
-        if duplex:
-            a, b = buzon.aio.pipe(capacity=0)
-        else:
-            b, a = buzon.aio.pipe(False, capacity=0)
+        a, b = await _aio_pair(kind)
         try:
             waiter = asyncio.create_task(buzon.aio.wait([b], timeout=10))
             send = asyncio.create_task(a.send("handed over", timeout=10))
@@ -126,7 +142,7 @@ def test_an_asyncio_send_ended_by_close_delivered_nothing(duplex: bool) -> None:
                 got = exc
             return raised, got
         finally:
-            a.close()
+            await a.aclose()
             b.close()
 
     raised, got = asyncio.run(main())

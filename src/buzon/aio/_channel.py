@@ -883,6 +883,9 @@ class Channel(ChannelIdentity):
             return
         self._end_waits()
         forget_fd(core.read_fileno(), core)
+        if self._rendezvous:  # written by the linger below, before the fds go
+            with contextlib.suppress(Exception):
+                core.withdraw_at_close()
         core.begin_close()
         try:
             loop = asyncio.get_running_loop()
