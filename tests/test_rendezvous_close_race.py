@@ -171,3 +171,61 @@ def test_a_send_nowait_that_returned_is_still_delivered_after_close() -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("method", ["send", "send_bytes"])
+@pytest.mark.parametrize("kind", ["pipe", "unix:rvclrace", "tcp://127.0.0.1:0"])
+def test_a_c_rendezvous_send_whose_close_takes_the_write_lock_first_delivered_nothing(
+    kind: str, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race on the C rendezvous calls (``protocol/_rv.c``: ``send`` through
+    RvStream, ``send_bytes`` through RvCall), which apply once the receiver's offer
+    is known: the call, woken by the close, hands over to ``Channel._rv_sent``, which
+    here holds still until the close released the channel."""
+    from buzon.sync import _channel as sync_channel
+
+    original = sync_channel.Channel._rv_sent
+    woken: list[int] = []
+
+    def late(self: Any, rv: Any, code: int, *args: Any) -> bool:
+        if code == sync_channel._RV_WOKEN:
+            woken.append(code)
+            end = time.monotonic() + 5
+            while not self._core.closed and time.monotonic() < end:
+                time.sleep(0.001)
+        return original(self, rv, code, *args)
+
+    monkeypatch.setattr(sync_channel.Channel, "_rv_sent", late)
+    a, b = _pair(kind)  # made after the patch: RvCall takes its tail when bound
+    try:
+        warm = threading.Thread(target=lambda: b.recv_bytes(timeout=10))
+        warm.start()  # one exchange first: the wake fd is made
+        a.send_bytes(b"warm", timeout=10)
+        warm.join(10)
+        waiter = threading.Thread(target=lambda: buzon.wait([b], timeout=10))
+        waiter.start()  # b offers
+        time.sleep(0.05)
+        a._core.pump()  # b's offer read: the C call applies
+        box: list[BaseException] = []
+        payload: Any = b"handed over" if method == "send_bytes" else "handed over"
+
+        def send() -> None:
+            try:
+                getattr(a, method)(payload, timeout=10)
+            except BaseException as exc:
+                box.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        waiter.join(10)
+        time.sleep(0.1)  # the send waits for the take
+        a.close()
+        sender.join(10)
+        assert not sender.is_alive()
+        assert woken  # the C call was woken by the close, and held
+        assert len(box) == 1 and isinstance(box[0], buzon.ChannelClosed), box
+        with pytest.raises((buzon.EndOfChannel, buzon.Timeout)):
+            print("received anyway:", b.recv_bytes(timeout=0.5))
+    finally:
+        a.close()
+        b.close()
