@@ -431,6 +431,12 @@ class ChannelCore:
         self._rv_valid = True
         self._rv_void = 0  # a withdrawn message not met yet: drop it when it comes
         self._rv_drained = False  # the sender side read everything after its WITHDRAW
+        self._stake_back = False  # close() took a simplex sender's stake back
+        # a blocking rendezvous send waits for the take of this message (the engine's
+        # way), and the serial of the last C rendezvous send the driver finished (_rv.c):
+        # what close() may withdraw (withdraw_at_close)
+        self.rv_waiting = 0
+        self.rv_over = -1
         self._rv_reply = True  # request/response seen: a send spins for the reply
         self._rv_after_send = False
         self._local_order = transport.properties.local and not transport.delivery_acks
@@ -1665,6 +1671,46 @@ class ChannelCore:
         self._rv_drained = False
         self._queue_frame(encode_withdraw(number, sflow.withdrawals))
         return sflow.withdrawals
+
+    def withdraw_at_close(self, rv: Any = None) -> None:
+        """``close()``, under the write lock, before the fds go: withdraw the message a
+        blocking rendezvous send still waits to see taken, so that the send, woken by
+        the close, need not win the write lock first (it leaves its wait, then takes the
+        lock to withdraw; the close could release the fds in between, and the receiver
+        would take the message the send reports undelivered). Which send waits: the
+        engine's (:attr:`rv_waiting`), or the driver's C call ``rv`` (its message
+        written, the driver not done with it: :attr:`rv_over`). A message whose send
+        returned (``send_nowait``, ``send_async``) stays. A CREDIT link: a WITHDRAW,
+        unless one is already written, what the kernel takes now; the send then raises
+        saying the withdrawal was written. A simplex link: the send's stake taken back
+        if it is still there (:meth:`stake_taken_back`); if the receiver claimed it
+        first, it takes the message and the send returns."""
+        if self.closed:
+            return
+        tokens = self.tokens
+        if tokens is not None:
+            if self.rv_waiting and tokens.capacity == 0 and tokens.awaiting is not None:
+                self._stake_back = tokens.withdraw_message()
+            return
+        sflow = self.sflow
+        if sflow is None or sflow.capacity != 0:
+            return
+        number = sflow.sent
+        if number <= sflow.taken or sflow.withdrawals != sflow.withdrawn:
+            return  # taken, or its withdrawal written already
+        waited = self.rv_waiting == number or (
+            rv is not None and rv.number == number and rv.serial != self.rv_over
+        )
+        if waited:
+            self.withdraw(number)
+            if self.pending:
+                self.flush()  # what the kernel takes now; a closing channel waits no more
+
+    def stake_taken_back(self) -> bool:
+        """A simplex rendezvous sender ended by ``close()``: did the close take its stake
+        back (:meth:`withdraw_at_close`: the receiver drops the message)? Once."""
+        back, self._stake_back = self._stake_back, False
+        return back
 
     def drain_peer(self) -> None:
         """After a WITHDRAW was written: read everything the peer wrote so far (its

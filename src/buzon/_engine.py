@@ -165,12 +165,15 @@ def send_steps(
         return number
     tokens = core.tokens
     if tokens is not None:  # a simplex rendezvous: the receiver acknowledges our token
+        core.rv_waiting = number or -1  # a close() meanwhile takes the stake back for us
         try:
             while not tokens.acked():
                 yield Step(READ, tokens.ack_fd)
+            core.rv_waiting = 0
         except BaseException as exc:
-            if isinstance(exc, ChannelClosed):  # closed by another thread: no more waits
-                if tokens.withdraw_message():
+            core.rv_waiting = 0
+            if isinstance(exc, ChannelClosed) or core.closed:  # closed: no more waits
+                if core.stake_taken_back() or tokens.withdraw_message():
                     core.count_withdrawn()
                     raise ChannelClosed(_CLOSED_WITHDRAWN) from None
                 tokens.give_up()  # the receiver claimed it: it takes it
@@ -195,10 +198,12 @@ def send_steps(
         return number
     failed: BaseException | None = None
     if number > 0:
+        core.rv_waiting = number  # a close() meanwhile withdraws it for us
         try:
             yield Step(CREDIT, done=lambda: core.delivered(number))
         except BaseException as exc:
             failed = exc
+        core.rv_waiting = 0
         if isinstance(failed, ChannelClosed) and not core.delivered(number):
             if withdraw_on_close(core, number):
                 raise ChannelClosed(_CLOSED_WITHDRAWN) from None

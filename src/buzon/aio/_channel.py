@@ -851,6 +851,9 @@ class Channel(ChannelIdentity):
         core = self._core
         self._end_waits()
         forget_fd(core.read_fileno(), core)
+        if self._rendezvous:  # a send waiting for its take wakes to a closed core
+            with contextlib.suppress(Exception):
+                core.withdraw_at_close()
         core.close()
 
     def _end_waits(self) -> None:
@@ -862,7 +865,11 @@ class Channel(ChannelIdentity):
         self._ended = True
         if core.released:
             return  # its fds are gone (a datagram end still names its old fd number)
-        close_fds((core.read_fileno(), core.write_fileno()), "the channel was closed")
+        fds = [core.read_fileno(), core.write_fileno()]
+        tokens = core.tokens  # a simplex send waits on its pool too (room, the take's ack)
+        if tokens is not None:
+            fds += (tokens.credit_fd, tokens.ack_fd)
+        close_fds(fds, "the channel was closed")
 
     def close(self) -> None:
         """Close the channel: every later operation raises :class:`ChannelClosed` at
@@ -880,6 +887,9 @@ class Channel(ChannelIdentity):
             return
         self._end_waits()
         forget_fd(core.read_fileno(), core)
+        if self._rendezvous:  # written by the linger below, before the fds go
+            with contextlib.suppress(Exception):
+                core.withdraw_at_close()
         core.begin_close()
         try:
             loop = asyncio.get_running_loop()

@@ -498,7 +498,10 @@ class Channel(ChannelIdentity):
         steps = send_steps(
             core, [], accepted=True, number=rv.number, serial=rv.serial, rendezvous=True
         )
-        self._run(_resumed(steps, failed), deadline)
+        try:
+            self._run(_resumed(steps, failed), deadline)
+        finally:
+            core.rv_over = rv.serial  # this C send is over: close() leaves its message
         return True
 
     def _recv_rv_stream(self, rv: RvStream, timeout: float | None) -> Frame | tuple[int, bytes]:
@@ -1880,6 +1883,11 @@ class Channel(ChannelIdentity):
         # signal handler closing the channel may interrupt this thread's own write)
         held = self._wlock.acquire(timeout=1.0)
         try:
+            if held and self._rendezvous:
+                # a rendezvous send woken above withdraws its message under this lock:
+                # if it has not yet, this does, before the fds go
+                with contextlib.suppress(Exception):
+                    core.withdraw_at_close(self._rv_stream)
             core.close()
         finally:
             if held:
