@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import buzon
+from _fork import in_child, reap
 from buzon.errors import BuzonError, ChannelClosed, Timeout
 from buzon.protocol.frames import HEADER
 from buzon.sync._channel import Channel
@@ -174,35 +175,6 @@ def test_close_from_another_thread_ends_the_recv_it_sleeps_in(
     assert not b._rlock.locked()
 
 
-def _in_child(body: Callable[[], None]) -> None:
-    """``body`` in a forked, single-threaded child."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            body()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError("the child hung")
-        time.sleep(0.005)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_signal_handler_that_raises_ends_the_c_receive_with_the_lock_free(kind: str) -> None:
     def body() -> None:
@@ -229,7 +201,7 @@ def test_a_signal_handler_that_raises_ends_the_c_receive_with_the_lock_free(kind
             t.join()
             assert b.recv_bytes.counts()[0] == before[0] + 1  # type: ignore[attr-defined]
 
-    _in_child(body)
+    in_child(body)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -274,7 +246,7 @@ def test_a_shared_socket_is_never_shut_down_under_the_other_process(kind: str) -
             a.send_bytes(b"after")
         finally:
             os.close(go_w)
-            _reap(pid)
+            assert os.waitstatus_to_exitcode(reap(pid, 30)) == 0
 
 
 # -- differential: the C call against the Python method, the same bytes in ------------
