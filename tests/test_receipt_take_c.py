@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import buzon
+from _pairs import stream_pair
 from buzon import _channel
 from buzon._channel import ChannelCore
 from buzon.errors import BuzonError, Undelivered
@@ -29,25 +30,9 @@ T = 10.0
 MSG = b"r" * 64
 
 
-def _stream_pair(scheme: str, tmp_path: Any) -> tuple[buzon.Channel, buzon.Channel]:
-    if scheme == "pipe":
-        return buzon.pipe()
-    url = f"unix:{tmp_path}/s" if scheme == "unix" else "tcp://127.0.0.1:0"
-    lst = buzon.listen(url)
-    box: list[buzon.Channel] = []
-    t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
-    t.start()
-    try:
-        con = buzon.connect(str(lst.address), timeout=T)
-    finally:
-        t.join(T)
-        lst.close()
-    return con, box[0]
-
-
 @pytest.fixture(params=["pipe", "unix", "tcp"])
 def ends(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[tuple[Any, Any]]:
-    a, b = _stream_pair(request.param, tmp_path)
+    a, b = stream_pair(request.param, tmp_path)
     with a, b:
         yield a, b
 
@@ -205,7 +190,7 @@ def test_a_receiver_closing_with_takes_unacknowledged_reports_them(
 ) -> None:
     """It took 5 of 10 (more in hand: not acknowledged yet) and closes: the 5 it took
     are delivered, the other 5 fail (on 19dfd8e all 10 failed with Undelivered)."""
-    a, b = _stream_pair(scheme, tmp_path)
+    a, b = stream_pair(scheme, tmp_path)
     with a:
         receipts = [a.send_bytes_async(MSG) for _ in range(10)]
         for _ in range(5):
@@ -223,7 +208,7 @@ def test_a_receiver_closing_with_takes_unacknowledged_reports_them(
 def test_an_asyncio_receiver_closing_with_takes_unacknowledged_reports_them(
     tmp_path: Any,
 ) -> None:
-    a, b = _stream_pair("unix", tmp_path)
+    a, b = stream_pair("unix", tmp_path)
     b.close()  # a's peer: only its address is needed
     a.close()
     lst = buzon.listen(f"unix:{tmp_path}/aio")

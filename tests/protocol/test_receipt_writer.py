@@ -11,31 +11,16 @@ from collections.abc import Iterator
 import pytest
 
 import buzon
+from _pairs import stream_pair
 from buzon.errors import ChannelClosed
 
 T = 10.0
 _credit = pytest.importorskip("buzon.protocol._credit")
 
 
-def _pair(kind: str, tmp_path: object) -> tuple[buzon.Channel, buzon.Channel]:
-    if kind == "pipe":
-        return buzon.pipe()
-    url = f"unix:{tmp_path}/s" if kind == "unix" else "tcp://127.0.0.1:0"
-    lst = buzon.listen(url)
-    box: list[buzon.Channel] = []
-    t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
-    t.start()
-    try:
-        con = buzon.connect(str(lst.address), timeout=T)
-    finally:
-        t.join(T)
-        lst.close()
-    return con, box[0]
-
-
 @pytest.fixture(params=["pipe", "unix", "tcp"])
 def ends(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[tuple]:
-    a, b = _pair(request.param, tmp_path)
+    a, b = stream_pair(request.param, tmp_path)
     with a, b:
         yield a, b
 
