@@ -41,6 +41,7 @@ class _Core:
     def __init__(self, partial: list[bool], frame_timeout: float | None) -> None:
         self._partial = partial  # what partial() says, one value per call, the last sticks
         self.options = SimpleNamespace(frame_timeout=frame_timeout)
+        self.spin_partial = True  # the transport spins inside frames (a pipe, unix)
 
     def partial(self) -> bool:
         return self._partial.pop(0) if len(self._partial) > 1 else self._partial[0]
@@ -80,6 +81,23 @@ def test_a_receive_inside_a_big_frame_spins_before_every_sleep(
     assert all(s.spin for s in steps), [s.spin for s in steps]
     if frame_timeout is not None:
         assert all(s.stall == frame_timeout for s in steps)
+
+
+@pytest.mark.parametrize("polled", [True, False])
+def test_a_tcp_receive_inside_a_big_frame_does_not_spin(polled: bool) -> None:
+    """TCP's transport says no (spins_inside_frames False): polling and reading the
+    segments as they came made the 1 MiB one-way 2x slower there."""
+    core = _Core([True], 30.0)
+    core.spin_partial = False
+    steps = _steps_of(core, 6, spin=False, polled=polled)
+    assert len(steps) >= 4 and not any(s.spin for s in steps)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_which_transports_spin_inside_a_big_frame(kind: str) -> None:
+    a, b = _pair(kind)
+    with a, b:
+        assert b._core.spin_partial is (not kind.startswith("tcp"))
 
 
 def test_a_receive_between_frames_spins_only_its_first_wait() -> None:

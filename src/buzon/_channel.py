@@ -311,6 +311,8 @@ class ChannelCore:
         _reduction.register()  # this channel may be handed to a child process
         self.transport = transport
         self.options = options
+        # a receive inside a big frame spins before each sleep (read by _engine)
+        self.spin_partial = transport.spins_inside_frames
         self.address = address
         self.passed = False  # handed to another process (buzon._reduction): no lingering
         self.peer = peer if peer is not None else transport.peer

@@ -376,15 +376,15 @@ def _recv_wait(core: ChannelCore, take: Callable[[], Any], spin: bool, polled: b
     # while part of a frame is in (a big one), the rest is usually right behind it, a
     # kernel buffer's worth at a time: spin before each sleep, as a receive's first
     # wait does, rather than sleep and be woken once per buffer (16 times per MiB on a
-    # pipe)
-    spin = spin or (got is None and core.partial())
+    # pipe); where the transport says so (spins_inside_frames: not TCP)
+    spin = spin or (got is None and core.spin_partial and core.partial())
     while got is None:
         if core.partial() and core.options.frame_timeout is not None:
             yield Step(INPUT, stall=core.options.frame_timeout, spin=spin, what="recv")
         else:
             yield _INPUT_SPIN if spin else _INPUT  # made once: this is the hot path
         got = take()
-        spin = got is None and core.partial()
+        spin = got is None and core.spin_partial and core.partial()
     return got
 
 
@@ -395,7 +395,7 @@ def _announced(core: ChannelCore, take: Callable[[], Any], spin: bool, polled: b
     core.before_wait()
     try:
         got = None if polled else take()
-        spin = spin or (got is None and core.partial())  # inside a big frame: as above
+        spin = spin or (got is None and core.spin_partial and core.partial())  # as above
         while got is None:
             frame_timeout = core.options.frame_timeout
             stall = frame_timeout if frame_timeout is not None and core.partial() else None
@@ -403,7 +403,7 @@ def _announced(core: ChannelCore, take: Callable[[], Any], spin: bool, polled: b
             got = take()
             spin = False
             if got is None:
-                spin = core.partial()
+                spin = core.spin_partial and core.partial()
                 core.still_waiting()
         return got
     except BaseException:

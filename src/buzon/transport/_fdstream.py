@@ -80,6 +80,7 @@ class FdStreamTransport(StreamTransport):
     """A pair of fds (either may be -1): one read, one written. Owns both."""
 
     plain_reads = True
+    spins_inside_frames = True
 
     def __init__(
         self,
@@ -185,6 +186,7 @@ class SocketStreamTransport(StreamTransport):
         self.sock = sock
         self._fd = sock.fileno()
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self.spins_inside_frames = not self._tcp
         self.properties = properties
         self.scheme = scheme
         if peer is not None:

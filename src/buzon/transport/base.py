@@ -136,6 +136,11 @@ class Transport(abc.ABC):
     ring_rendezvous: ClassVar[bool] = False
     #: set by the channel: its messages are buzon frames (False: ``raw=True``)
     framed: bool = True
+    #: a stream on which the rest of a big frame comes right behind its first part, a
+    #: kernel buffer at a time: a receive inside one spins before each sleep (pipes,
+    #: Unix sockets). Not TCP: there a receiver polling and reading the segments as
+    #: they come made the 1 MiB one-way 2x slower (docs/benchmarks.md)
+    spins_inside_frames: bool = False
     #: a message transport that takes a whole batch in one call
     #: (:meth:`MessageTransport.send_messages`): ``send_many`` hands it the batch
     #: (``fifo:`` packs many messages into each write)
