@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import buzon
+from _pairs import url_pair
 from buzon._engine import INPUT, Step, recv_steps
 from buzon.errors import MessageTooLarge
 from buzon.protocol.frames import CHUNKED_FLAG, HEADER, Kind
@@ -95,7 +96,7 @@ def test_a_tcp_receive_inside_a_big_frame_does_not_spin(polled: bool) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_which_transports_spin_inside_a_big_frame(kind: str) -> None:
-    a, b = _pair(kind)
+    a, b = url_pair(kind)
     with a, b:
         assert b._core.spin_partial is (not kind.startswith("tcp"))
 
@@ -143,24 +144,9 @@ def test_flow_receives_spin_inside_a_big_frame_too() -> None:
 # -- end to end: the path into the caller's buffer --------------------------------------
 
 
-def _pair(kind: str) -> tuple[buzon.Channel, buzon.Channel]:
-    if kind == "pipe":
-        return buzon.pipe()
-    lst = buzon.listen(kind)
-    try:
-        box: list[buzon.Channel] = []
-        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
-        t.start()
-        a = buzon.connect(lst.address if kind.startswith("tcp") else kind, timeout=10)
-        t.join(10)
-        return a, box[0]
-    finally:
-        lst.close()
-
-
 @pytest.fixture(params=KINDS)
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[buzon.Channel, buzon.Channel]]:
-    a, b = _pair(request.param)
+    a, b = url_pair(request.param)
     with a, b:
         yield a, b
 
@@ -196,7 +182,7 @@ def test_a_big_message_read_ahead_is_copied_into_the_buffer(kind: str) -> None:
     19dfd8e that copy released the frame's views before the decoder recycled them:
     ``ValueError: operation forbidden on released memoryview object``, and the message
     was lost."""
-    a, b = _pair(kind)
+    a, b = url_pair(kind)
     with a, b:
         ahead = os.urandom(150_000)  # over half the 256 KiB read buffer: a big frame
         a.send_bytes(b"7", timeout=10)
@@ -262,8 +248,8 @@ def test_a_peer_announcing_a_huge_chunked_frame_commits_little() -> None:
     big = 60 * MIB
     head = HEADER.pack(1, Kind.DATA, CHUNKED_FLAG, 1, 0) + big.to_bytes(8, "little")
     segment = big.to_bytes(4, "little")
-    a, b = _pair("unix:bulkmem")
-    c, d = _pair("unix:bulkmem2")
+    a, b = url_pair("unix:bulkmem")
+    c, d = url_pair("unix:bulkmem2")
     with a, b, c, d:
         before = _rss()
         os.write(a.fileno(), head + segment + b"x" * 100)
@@ -283,7 +269,7 @@ async def test_a_small_message_too_large_for_the_buffer_is_handed_over_in_both_d
 ) -> None:
     """A message that does not fit ``recv_bytes_into``'s buffer is in the error's
     ``.message`` (blocking and asyncio ends): nothing is lost, the next one follows."""
-    a, b = _pair(kind)
+    a, b = url_pair(kind)
     with a, b:
         a.send_bytes(b"0123456789" * 10)
         a.send_bytes(b"next")

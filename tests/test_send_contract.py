@@ -26,23 +26,9 @@ from collections.abc import Iterator
 import pytest
 
 import buzon
+from _pairs import url_pair
 
 BIG = 8_000_000  # far more than any kernel buffer: the send must wait for the reader
-
-
-def _pair(kind: str) -> tuple[buzon.Channel, buzon.Channel]:
-    if kind == "pipe":
-        return buzon.pipe()
-    lst = buzon.listen(kind)
-    try:
-        box: list[buzon.Channel] = []
-        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
-        t.start()
-        a = buzon.connect(lst.address if kind.startswith("tcp") else kind, timeout=10)
-        t.join(10)
-        return a, box[0]
-    finally:
-        lst.close()
 
 
 KINDS = ["pipe", "unix:contract", "tcp://127.0.0.1:0"]
@@ -50,7 +36,7 @@ KINDS = ["pipe", "unix:contract", "tcp://127.0.0.1:0"]
 
 @pytest.fixture(params=KINDS)
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[buzon.Channel, buzon.Channel]]:
-    a, b = _pair(request.param)
+    a, b = url_pair(request.param)
     with a, b:
         yield a, b
 
