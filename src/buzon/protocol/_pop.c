@@ -21,7 +21,7 @@
  *       updates and no Python frame: on a busy stream with receipts this is the
  *       receiver's whole per-message bookkeeping.
  *
- *   Head(channel, core, lock, fallback)(timeout=None) -> bytes
+ *   Head(channel, core, lock, fallback, *, bound=False)(timeout=None) -> bytes
  *       A blocking channel's ``recv_bytes`` (sync/_channel.py puts it in the channel's
  *       instance dict, where it shadows the method) when a message is already in hand:
  *       what ``Channel.recv_bytes`` does then (a stream's read brought several
@@ -34,7 +34,10 @@
  *       ``core.item_bytes(frame)``). Anything else, or other arguments than one
  *       timeout (a message in hand is returned whatever the timeout), calls
  *       ``fallback(channel, *args, **kwargs)`` (the class's recv_bytes, the
- *       reference). The channel is held weakly, as the writers hold it (_writer.h).
+ *       reference), or with ``bound=True`` ``fallback(*args, **kwargs)``: a callable
+ *       that needs no channel, the C receive of a spin=0 channel (protocol/_take.c
+ *       Take), which then only runs when no message is in hand. The channel is held
+ *       weakly, as the writers hold it (_writer.h).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -310,12 +313,15 @@ typedef struct {
     PyObject *core;
     PyObject *cored; /* the core's __dict__ */
     PyObject *acquire, *release, *fallback, *wake_pumpers;
+    int bound; /* the fallback is called without the channel (a bound or C callable) */
     vectorcallfunc vectorcall;
 } Head;
 
-/* ``fallback(channel, *args, **kwargs)`` */
+/* ``fallback(channel, *args, **kwargs)``, or ``fallback(*args, **kwargs)`` if bound */
 static PyObject *call_fallback(Head *self, PyObject *const *args, size_t nargsf,
                                PyObject *kwnames) {
+    if (self->bound)
+        return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
     PyObject *small[8];
@@ -435,10 +441,11 @@ static PyObject *head_enter(PyObject *callable, PyObject *const *args, size_t na
 }
 
 static PyObject *head_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"channel", "core", "lock", "fallback", NULL};
+    static char *kwlist[] = {"channel", "core", "lock", "fallback", "bound", NULL};
     PyObject *channel, *core, *lock, *fallback;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:Head", kwlist, &channel, &core, &lock,
-                                     &fallback))
+    int bound = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|$p:Head", kwlist, &channel, &core,
+                                     &lock, &fallback, &bound))
         return NULL;
     PyObject *chd = PyObject_GenericGetDict(channel, NULL);
     PyObject *cored = chd == NULL ? NULL : PyObject_GenericGetDict(core, NULL);
@@ -467,6 +474,7 @@ static PyObject *head_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     self->release = release;
     self->fallback = Py_NewRef(fallback);
     self->wake_pumpers = pump;
+    self->bound = bound;
     self->vectorcall = (vectorcallfunc)head_enter;
     return (PyObject *)self;
 }
@@ -504,7 +512,7 @@ static PyTypeObject HeadType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._pop.Head",
     .tp_basicsize = sizeof(Head),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "Head(channel, core, lock, fallback): recv_bytes with a message in hand, "
+    .tp_doc = "Head(channel, core, lock, fallback, *, bound=False): recv_bytes with a message in hand, "
               "without Python frames (see the module's comment)",
     .tp_new = head_new,
     .tp_dealloc = (destructor)head_dealloc,

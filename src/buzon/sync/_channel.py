@@ -353,10 +353,16 @@ class Channel(ChannelIdentity):
             self.send_bytes_async = writer  # type: ignore[method-assign]  # the method
         # capacity=0 on a framed stream: the rendezvous send and receive in C
         self._rv_stream = core.rv_stream() if self._rendezvous else None
-        take = self._make_take()
+        take = self._take = self._make_take()
         if take is not None:  # recv_bytes in C (protocol/_take.c): it shadows the method
-            self.recv_bytes = take  # type: ignore[method-assign]
             core.recv_counts = weak_method(self._take_counts)
+            if _Head is not None and core.decoder is not None and core.fast_recv is None:
+                # a message in hand (a read brought several) is taken by the Head, in C
+                # too: the Take, whose checks would send it to the Python method, only
+                # runs when a wait is due
+                self.recv_bytes = _Head(self, core, self._rlock, take, bound=True)  # type: ignore[method-assign]
+            else:
+                self.recv_bytes = take  # type: ignore[method-assign]
         elif _Head is not None and core.decoder is not None and core.fast_recv is None:
             # a stream's recv_bytes with a message in hand (the stream's read brought
             # several): in C (protocol/_pop.c Head), receipts counted there too
@@ -1422,7 +1428,7 @@ class Channel(ChannelIdentity):
 
     def _take_counts(self) -> tuple[int, int]:
         """What the C ``recv_bytes`` took (``core.recv_counts``: held weakly)."""
-        take: Any = self.recv_bytes  # the C Take (it shadows the method)
+        take: Any = self._take  # the C Take (recv_bytes, or the Head's fallback)
         counts: tuple[int, int] = take.counts()
         return counts
 
