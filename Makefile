@@ -61,7 +61,8 @@ sanitize: install
 		tests/test_rendezvous_deferred.py tests/test_rendezvous_ccall.py \
 		tests/test_small_writer_flow.py tests/test_receipt_take_c.py \
 		tests/test_recv_take.py tests/test_dgram_blocking_wait.py tests/test_drop_unclosed.py \
-		tests/test_recv_take_socket.py tests/test_small_writer_unix_whole.py tests/test_small_writer_threads.py
+		tests/test_recv_take_socket.py tests/test_small_writer_unix_whole.py tests/test_small_writer_threads.py \
+		tests/shm/test_ring_c_calls.py
 
 # the peers (pyzmq, faster-fifo, iceoryx2, numpy; Pyro5, RPyC, grpcio, msgpack for the RPC
 # rows) are the optional group "bench", not dev; the Neovim row needs nvim (.ci/run installs it)

@@ -45,6 +45,23 @@
  *       written) — calls ``fallback(channel, *args, **kwargs)`` (the class's
  *       send_bytes, which meets the same condition and goes the general way).
  *
+ *       With no ``small_send``, a shared-memory ring's send (the core's ``fast_send``,
+ *       RingFrames.try_send_frame; set only on a ring, which has no decoder and so no
+ *       ``small_send`` nor rendezvous stream, whose checks come first in the method):
+ *       exact bytes of at most ``fast_bytes_limit`` go to ``fast_send(data, 0)``;
+ *       True, done (the ring counts); anything else calls the fallback, which tries
+ *       the ring once more and then goes the general way. One C call per send, as
+ *       the roadmap asks of the shm fast path.
+ *
+ *   RingTake(channel, core, fallback, rest)(timeout=None) -> bytes
+ *       ``Channel.recv_bytes``' first step on a shared-memory ring, without its Python
+ *       frame: while the core's ``fast_recv`` (RingFrames.try_recv_frame) is set and
+ *       its ``inbox`` empty, take one record: a plain frame's body comes back as it is
+ *       (the ring counted it); another record goes to ``rest(got, timeout)``, the
+ *       driver's ``_after_fast``; an empty ring (or a keyword argument, or no
+ *       ``fast_recv``) calls ``fallback(channel, *args, **kwargs)``, the method, which
+ *       looks at the ring again and then spins and waits.
+ *
  * The fields read are the drivers' and the core's own: ``_closing``, ``_wake``,
  * ``_sleep_first``, ``_waiters``, ``_pumpers`` (and, written, ``_blocking_reader``) of
  * the channel; ``closed``, ``eof``,
@@ -64,9 +81,10 @@ enum { KIND_STREAM = 0, KIND_MESSAGE = 1, KIND_SOCKET = 2 };
 
 static PyObject *s_closing, *s_wake, *s_sleep_first, *s_waiters, *s_pumpers, *s_closed, *s_eof,
     *s_taking, *s_inbox, *s_taken, *s_decoder, *s_wait_buf, *s_wait_limit,
-    *s_idle_buffer, *s_drop_wake, *s_wake_pumpers, *s_small_send, *s_blocks;
+    *s_idle_buffer, *s_drop_wake, *s_wake_pumpers, *s_small_send, *s_blocks, *s_fast_send,
+    *s_fast_bytes_limit, *s_fast_recv, *s_max_frame;
 static PyObject *s_blocking_reader;
-static PyObject *zero_float, *one; /* the spin 0.0; 1 */
+static PyObject *zero_float, *one, *zero_int; /* the spin 0.0; 1; 0 */
 
 typedef struct {
     PyObject_HEAD
@@ -623,10 +641,174 @@ static PyObject *put_call(PyObject *callable, PyObject *const *args, size_t narg
                 Py_RETURN_NONE;
             }
             Py_DECREF(done);
+        } else {
+            PyObject *data = args[0];
+            PyObject *fast = PyDict_GetItemWithError(self->cored, s_fast_send);
+            if (fast == NULL && PyErr_Occurred())
+                return NULL;
+            if (fast != NULL && fast != Py_None && PyBytes_CheckExact(data)) {
+                PyObject *lim = field(self->cored, s_fast_bytes_limit);
+                if (lim == NULL)
+                    return NULL;
+                Py_ssize_t limit = PyLong_AsSsize_t(lim);
+                if (limit == -1 && PyErr_Occurred())
+                    return NULL;
+                if (PyBytes_GET_SIZE(data) <= limit) {
+                    PyObject *argv[2] = {data, zero_int};
+                    Py_INCREF(fast);
+                    PyObject *done = PyObject_Vectorcall(fast, argv, 2, NULL);
+                    Py_DECREF(fast);
+                    if (done == NULL)
+                        return NULL;
+                    int sent = done == Py_True;
+                    Py_DECREF(done);
+                    if (sent)
+                        Py_RETURN_NONE;
+                }
+            }
         }
     }
     return call_method(self->channel, self->fallback, args, nargsf, kwnames);
 }
+
+/* -- RingTake: recv_bytes' first step on a shared-memory ring ------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *chref;   /* the channel, weakly */
+    PyObject *channel; /* borrowed: held during a call */
+    PyObject *cored;
+    PyObject *fallback, *rest;
+    vectorcallfunc vectorcall;
+} RingTake;
+
+static PyObject *ring_take_call(RingTake *self, PyObject *const *args, size_t nargsf,
+                                PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs > 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames)))
+        return call_method(self->channel, self->fallback, args, nargsf, kwnames);
+    PyObject *recv = PyDict_GetItemWithError(self->cored, s_fast_recv);
+    if (recv == NULL && PyErr_Occurred())
+        return NULL;
+    if (recv == NULL || recv == Py_None)
+        return call_method(self->channel, self->fallback, args, nargsf, kwnames);
+    PyObject *inbox = field(self->cored, s_inbox);
+    if (inbox == NULL)
+        return NULL;
+    Py_ssize_t queued = PyObject_Length(inbox);
+    if (queued < 0)
+        return NULL;
+    if (queued)
+        return call_method(self->channel, self->fallback, args, nargsf, kwnames);
+    PyObject *max_frame = field(self->cored, s_max_frame);
+    if (max_frame == NULL)
+        return NULL;
+    Py_INCREF(recv);
+    PyObject *got = PyObject_CallOneArg(recv, max_frame);
+    Py_DECREF(recv);
+    if (got == NULL)
+        return NULL;
+    if (got == Py_None) {
+        Py_DECREF(got);
+        return call_method(self->channel, self->fallback, args, nargsf, kwnames);
+    }
+    if (PyTuple_CheckExact(got) && PyTuple_GET_SIZE(got) == 2 &&
+        PyLong_CheckExact(PyTuple_GET_ITEM(got, 0))) {
+        long codec = PyLong_AsLong(PyTuple_GET_ITEM(got, 0));
+        if (codec == -1 && PyErr_Occurred()) {
+            Py_DECREF(got);
+            return NULL;
+        }
+        if (codec >= 0) {
+            PyObject *body = Py_NewRef(PyTuple_GET_ITEM(got, 1));
+            Py_DECREF(got);
+            return body;
+        }
+    }
+    /* a record that is not a plain frame: the driver's _after_fast finishes it */
+    PyObject *argv[2] = {got, nargs ? args[0] : Py_None};
+    PyObject *out = PyObject_Vectorcall(self->rest, argv, 2, NULL);
+    Py_DECREF(got);
+    return out;
+}
+
+/* the call, with the channel held for its duration (the RingTake holds it weakly) */
+static PyObject *ring_take_enter(PyObject *callable, PyObject *const *args, size_t nargsf,
+                                 PyObject *kwnames) {
+    RingTake *self = (RingTake *)callable;
+    if (self->cored == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the RingTake was cleared");
+        return NULL;
+    }
+    PyObject *channel = owner_enter(self->chref);
+    if (channel == NULL)
+        return NULL;
+    PyObject *out = ring_take_call(self, args, nargsf, kwnames);
+    Py_DECREF(channel);
+    return out;
+}
+
+static PyObject *ring_take_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"channel", "core", "fallback", "rest", NULL};
+    PyObject *channel, *core, *fallback, *rest;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:RingTake", kwlist, &channel, &core,
+                                     &fallback, &rest))
+        return NULL;
+    PyObject *cored = PyObject_GenericGetDict(core, NULL);
+    if (cored == NULL)
+        return NULL;
+    PyObject *chref = PyWeakref_NewRef(channel, NULL);
+    RingTake *self = chref == NULL ? NULL : (RingTake *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_XDECREF(chref);
+        Py_DECREF(cored);
+        return NULL;
+    }
+    self->chref = chref;
+    self->channel = channel;
+    self->cored = cored;
+    self->fallback = Py_NewRef(fallback);
+    self->rest = Py_NewRef(rest);
+    self->vectorcall = ring_take_enter;
+    return (PyObject *)self;
+}
+
+static int ring_take_traverse(RingTake *self, visitproc visit, void *arg) {
+    Py_VISIT(self->chref);
+    Py_VISIT(self->cored);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->rest);
+    return 0;
+}
+
+static int ring_take_clear(RingTake *self) {
+    Py_CLEAR(self->chref);
+    self->channel = NULL; /* borrowed */
+    Py_CLEAR(self->cored);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->rest);
+    return 0;
+}
+
+static void ring_take_dealloc(RingTake *self) {
+    PyObject_GC_UnTrack(self);
+    ring_take_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RingTakeType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._take.RingTake",
+    .tp_basicsize = sizeof(RingTake),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "RingTake(channel, core, fallback, rest): recv_bytes' first step on a "
+              "shared-memory ring without its Python frame (see the module's comment)",
+    .tp_new = ring_take_new,
+    .tp_dealloc = (destructor)ring_take_dealloc,
+    .tp_traverse = (traverseproc)ring_take_traverse,
+    .tp_clear = (inquiry)ring_take_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(RingTake, vectorcall),
+};
 
 static PyObject *put_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"channel", "core", "fallback", "partial", NULL};
@@ -747,15 +929,22 @@ PyMODINIT_FUNC PyInit__take(void) {
     INTERN(s_small_send, "small_send");
     INTERN(s_blocks, "blocks");
     INTERN(s_blocking_reader, "_blocking_reader");
-    if ((zero_float = PyFloat_FromDouble(0.0)) == NULL || (one = PyLong_FromLong(1)) == NULL)
+    INTERN(s_fast_send, "fast_send");
+    INTERN(s_fast_bytes_limit, "fast_bytes_limit");
+    INTERN(s_fast_recv, "fast_recv");
+    INTERN(s_max_frame, "max_frame");
+    if ((zero_float = PyFloat_FromDouble(0.0)) == NULL || (one = PyLong_FromLong(1)) == NULL ||
+        (zero_int = PyLong_FromLong(0)) == NULL)
         return NULL;
-    if (PyType_Ready(&TakeType) < 0 || PyType_Ready(&PutType) < 0)
+    if (PyType_Ready(&TakeType) < 0 || PyType_Ready(&PutType) < 0 ||
+        PyType_Ready(&RingTakeType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Take", (PyObject *)&TakeType) < 0 ||
-        PyModule_AddObjectRef(m, "Put", (PyObject *)&PutType) < 0) {
+        PyModule_AddObjectRef(m, "Put", (PyObject *)&PutType) < 0 ||
+        PyModule_AddObjectRef(m, "RingTake", (PyObject *)&RingTakeType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

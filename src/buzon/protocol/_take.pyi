@@ -1,4 +1,4 @@
-"""Type stubs of the C extension protocol/_take.c (a spin=0 channel's recv_bytes)."""
+"""Type stubs of the C extension protocol/_take.c (recv_bytes and send_bytes in C)."""
 
 from typing import Any
 
@@ -21,3 +21,7 @@ class Take:
 class Put:
     def __init__(self, channel: Any, core: Any, fallback: Any, partial: Any) -> None: ...
     def __call__(self, data: Any, timeout: float | None = None, *, priority: int = 0) -> None: ...
+
+class RingTake:
+    def __init__(self, channel: Any, core: Any, fallback: Any, rest: Any) -> None: ...
+    def __call__(self, timeout: float | None = None) -> bytes: ...

@@ -64,9 +64,10 @@ from ..transport.base import Buffer
 
 try:
     from ..protocol._take import Put as _Put
+    from ..protocol._take import RingTake as _RingTake
     from ..protocol._take import Take as _Take
 except ImportError:  # pragma: no cover - the C extension is not built
-    _Put = _Take = None  # type: ignore[assignment, misc]
+    _Put = _Take = _RingTake = None  # type: ignore[assignment, misc]
 try:
     from ..protocol._rv import RvCall as _RvCall
 except ImportError:  # pragma: no cover - the C extension is not built
@@ -367,7 +368,12 @@ class Channel(ChannelIdentity):
             # a stream's recv_bytes with a message in hand (the stream's read brought
             # several): in C (protocol/_pop.c Head), receipts counted there too
             self.recv_bytes = _Head(self, core, self._rlock, Channel.recv_bytes)  # type: ignore[method-assign]
-        if _Put is not None and core.small_send is not None:  # send_bytes' C head: the same
+        elif _RingTake is not None and core.fast_recv is not None:
+            # a shared-memory ring: recv_bytes takes a record with one C call
+            ring_take = _RingTake(self, core, Channel.recv_bytes, weak_method(self._ring_rest))
+            self.recv_bytes = ring_take  # type: ignore[method-assign]
+        # send_bytes' C head: a quiet stream's small frames, or a ring's records
+        if _Put is not None and (core.small_send is not None or core.fast_send is not None):
             self.send_bytes = _Put(self, core, Channel.send_bytes, weak_method(self._put_rest))  # type: ignore[method-assign]
         rv = self._rv_stream
         if rv is not None:
@@ -1356,6 +1362,11 @@ class Channel(ChannelIdentity):
         if self._pumpers:
             self._wake_pumpers()
         return item[1] if item.__class__ is tuple else core.item_bytes(item)
+
+    def _ring_rest(self, got: tuple[int, bytes], timeout: float | None) -> bytes:
+        """The C ``recv_bytes`` of a ring (``protocol._take.RingTake``) took a record
+        that is not a plain frame: finish it as the method does."""
+        return self._core.item_bytes(self._after_fast(got, timeout))
 
     def _rv_counts(self) -> tuple[int, int, int, int, int, int, int]:
         """What the rendezvous calls in C counted (``core.rv_counts``)."""
