@@ -67,3 +67,27 @@ async def _await(receipt: Receipt) -> None:
 def test_receipt_calls_no_driver_hook() -> None:
     source = inspect.getsource(Receipt)
     assert "_receipt_" not in source
+
+
+@pytest.mark.parametrize("kind", ["pipe", "unix"])
+def test_a_receipt_ended_by_its_own_close_says_the_fate_is_unknown(kind: str) -> None:
+    """The sender closes with a receipt pending: the receipt fails (nothing can be
+    read any more), yet the receiver, alive, still takes the message; so the error
+    must not claim it was not delivered."""
+    if kind == "pipe":
+        a, b = buzon.pipe()
+    else:
+        lst = buzon.listen(f"unix:receipt-own-close-{id(kind)}")
+        box: list[buzon.Channel] = []
+        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
+        t.start()
+        a = buzon.connect(str(lst.address), timeout=10)
+        t.join(10)
+        lst.close()
+        b = box[0]
+    with b:
+        receipt = a.send_bytes_async(b"late")
+        a.close()
+        with pytest.raises(buzon.Undelivered, match="fate is unknown"):
+            receipt.wait(timeout=10)
+        assert b.recv_bytes(timeout=10) == b"late"  # it was delivered after all

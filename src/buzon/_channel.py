@@ -2422,7 +2422,12 @@ class ChannelCore:
         self.pending.clear()
         self.backlog.clear()
         self.stats.queued_bytes = 0
-        self.fail_receipts("the channel was closed")
+        # this end can no longer read acknowledgements: a message sent may still be (or
+        # have been) taken by a receiver that lives on, so its fate is unknown
+        self.fail_receipts(
+            "this end was closed before the receiver acknowledged the message "
+            "(it may have taken it, or take it still: its fate is unknown)"
+        )
         self._fast_paths()
         if self.tokens is not None:
             self.tokens.close()

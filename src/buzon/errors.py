@@ -134,7 +134,13 @@ class ChannelClosed(ChannelError):
 
 
 class Undelivered(ChannelError):
-    """A receipt failed: the channel broke or closed before the receiver took the message."""
+    """A receipt failed: the channel broke or closed before the receiver took the message.
+
+    When it was *this* end that closed (``close()`` with receipts pending), no
+    acknowledgement can be read any more, so the receiver may still take the message:
+    its fate is unknown, and the error says so. Wait for the receipts before closing
+    to know.
+    """
 
 
 class MessageTooLarge(ChannelError):
