@@ -533,3 +533,48 @@ def test_a_close_while_the_checks_run_python_ends_the_receive() -> None:
         for fd in reused:
             os.close(fd)
         a.close()
+
+
+def test_a_close_that_woke_the_c_wait_ends_the_receive_before_it_reads_again() -> None:
+    """A close() in another thread wakes the C wait (on a FIFO its nudge is input the
+    wait reads) and releases the fds once the waiter left ``_waiters``, which the C
+    Take does before it hands what it got to Python: the rest of the receive must then
+    raise ChannelClosed, not read the released fds (under load this raised
+    ``BuzonError('fifo read: Bad file descriptor')``). The interleaving is forced: the
+    wait returns "nothing for you" with the close begun."""
+    a, b = _pair("fifo", spin=0)
+    with a, b:
+        core = b._core
+        real = core.wait_receiver
+        assert real is not None
+
+        class NudgedWhileClosing:
+            blocks = True
+
+            def wait(self, *args: Any) -> int:
+                b._closing = True  # close() began; its nudge was all the wait read
+                return 0
+
+        reads: list[str] = []
+
+        def engine(*args: Any) -> Any:
+            reads.append("the receive went on reading")
+            raise AssertionError("read after close")
+
+        core.wait_receiver = NudgedWhileClosing()
+        try:
+            take = b._make_take()
+        finally:
+            core.wait_receiver = real
+        assert take is not None
+        b._make_wake()  # what the C call needs to wait (made at the first wait)
+        b._run_receive = engine  # type: ignore[method-assign]
+        try:
+            with pytest.raises(ChannelClosed):
+                take()
+        finally:
+            b._closing = False
+            del b._run_receive
+        assert reads == []
+        assert b._rlock.acquire(blocking=False)  # the read lock was given back
+        b._rlock.release()

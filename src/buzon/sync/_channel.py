@@ -1446,10 +1446,12 @@ class Channel(ChannelIdentity):
     def _take_rest(self, got: tuple[int, bytes] | bytes | int | None, room: int) -> bytes:
         """The C ``recv_bytes`` (:meth:`_make_take`) waited and got something other than
         a lone plain frame: finish as ``_wait_take`` and ``_receive`` do (the read lock
-        is held)."""
+        is held). A close() in another thread that woke the wait (its nudge, on a FIFO,
+        is input too) ends the receive here, before anything reads again: the waiter has
+        left ``_waiters``, so the fds may be released at any moment."""
+        self._woken()
         core = self._core
         if got is None:
-            self._woken()
             raise Timeout("recv timed out")
         if core.wait_receiver is not None:
             item = core.after_message(got)
@@ -1462,7 +1464,9 @@ class Channel(ChannelIdentity):
         return item[1] if item.__class__ is tuple else core.item_bytes(item)
 
     def _take_failed(self, exc: OSError) -> None:
-        """The C ``recv_bytes``'s wait failed: raise the typed error, as ``_wait_take``."""
+        """The C ``recv_bytes``'s wait failed: raise the typed error, as ``_wait_take``
+        (ChannelClosed if a close() in another thread released the fds under it)."""
+        self._woken()
         core = self._core
         if core.wait_receiver is not None:
             raise core.message_error(exc) from exc
