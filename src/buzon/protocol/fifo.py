@@ -139,9 +139,9 @@ MAX_PAYLOAD = PIECE_MAX - OVERHEAD  # 4064: the payload of a piece that is alway
 #: when it is freed (about 300 µs per MiB on the 1 MiB one-way row, against 20 µs for
 #: the copy itself)
 POOL_MIN = 64 * 1024
+POOL_KEEP = 8  # such buffers kept for reuse (of MAX_PIECE_PAYLOAD bytes each: 2 MiB)
 #: a piece's payload as the reader keeps it: bytes, or a view of a reused buffer
 Payload = bytes | memoryview
-POOL_KEEP = 8  # such buffers kept for reuse (of MAX_PIECE_PAYLOAD bytes each: 2 MiB)
 _SEQ_MASK = 0xFFFFFFFF
 _PARSE = struct.Struct("<4sBBHIIIII")  # the whole header, its CRC included
 _unpack_header = _PARSE.unpack_from
