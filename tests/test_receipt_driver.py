@@ -14,6 +14,7 @@ import threading
 import pytest
 
 import buzon
+from _pairs import url_pair
 from buzon._channel import Receipt
 
 T = 10.0
@@ -74,17 +75,7 @@ def test_a_receipt_ended_by_its_own_close_says_the_fate_is_unknown(kind: str) ->
     """The sender closes with a receipt pending: the receipt fails (nothing can be
     read any more), yet the receiver, alive, still takes the message; so the error
     must not claim it was not delivered."""
-    if kind == "pipe":
-        a, b = buzon.pipe()
-    else:
-        lst = buzon.listen(f"unix:receipt-own-close-{id(kind)}")
-        box: list[buzon.Channel] = []
-        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=10)))
-        t.start()
-        a = buzon.connect(str(lst.address), timeout=10)
-        t.join(10)
-        lst.close()
-        b = box[0]
+    a, b = url_pair("pipe" if kind == "pipe" else "unix:receipt-own-close")
     with b:
         receipt = a.send_bytes_async(b"late")
         a.close()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-import buzon
+from _pairs import url_pair
 from buzon.errors import ChannelClosed, EndOfChannel, Timeout
 
 _take = pytest.importorskip("buzon.protocol._take")
@@ -27,18 +27,10 @@ T = 10.0
 
 
 @contextlib.contextmanager
-def _pair(name: str, **kw: Any) -> Iterator[tuple[Any, Any]]:
-    with buzon.listen(f"shm:{name}", **kw) as lst:
-        box: list[Any] = []
-        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
-        t.start()
-        a = buzon.connect(f"shm:{name}", timeout=T, **kw)
-        t.join(T)
-        try:
-            yield a, box[0]
-        finally:
-            a.close()
-            box[0].close()
+def _pair(name: str) -> Iterator[tuple[Any, Any]]:
+    a, b = url_pair(f"shm:{name}", T)
+    with a, b:
+        yield a, b
 
 
 def _python_calls(body: Any) -> list[str]:
@@ -152,24 +144,18 @@ def test_after_close_the_calls_raise_as_the_methods_do() -> None:
 def test_the_c_calls_hold_the_channel_weakly() -> None:
     """A channel dropped without close() is freed at once (no reference cycle through
     its own methods), and a call kept from it raises ChannelClosed."""
-    with buzon.listen("shm:rcc-weak") as lst:
-        box: list[Any] = []
-        t = threading.Thread(target=lambda: box.append(lst.accept(timeout=T)))
-        t.start()
-        a = buzon.connect("shm:rcc-weak", timeout=T)
-        t.join(T)
-        b = box.pop()
-        a.send_bytes(b"x")
-        assert b.recv_bytes() == b"x"
-        send, recv = a.send_bytes, b.recv_bytes
-        gc.disable()
-        try:
-            ra, rb = weakref.ref(a), weakref.ref(b)
-            del a, b
-            assert ra() is None and rb() is None
-        finally:
-            gc.enable()
-        with pytest.raises(ChannelClosed):
-            send(b"x")
-        with pytest.raises(ChannelClosed):
-            recv()
+    a, b = url_pair("shm:rcc-weak", T)
+    a.send_bytes(b"x")
+    assert b.recv_bytes() == b"x"
+    send, recv = a.send_bytes, b.recv_bytes
+    gc.disable()
+    try:
+        ra, rb = weakref.ref(a), weakref.ref(b)
+        del a, b
+        assert ra() is None and rb() is None
+    finally:
+        gc.enable()
+    with pytest.raises(ChannelClosed):
+        send(b"x")
+    with pytest.raises(ChannelClosed):
+        recv()
