@@ -588,14 +588,18 @@ static void take_dealloc(Take *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Put and RingTake: one shape, one constructor and one GC protocol (put_new, ...);
+ * ``then`` is Put's ``partial`` and RingTake's ``rest`` */
 typedef struct {
     PyObject_HEAD
     PyObject *chref;   /* the channel, weakly: its __dict__ keeps this (_writer.h) */
     PyObject *channel; /* borrowed: held during a call */
     PyObject *cored;
-    PyObject *fallback, *partial;
+    PyObject *fallback, *then;
     vectorcallfunc vectorcall;
 } Put;
+
+static PyTypeObject RingTakeType;
 
 static PyObject *put_call(PyObject *callable, PyObject *const *args, size_t nargsf,
                           PyObject *kwnames);
@@ -633,7 +637,7 @@ static PyObject *put_call(PyObject *callable, PyObject *const *args, size_t narg
                 Py_RETURN_NONE;
             }
             if (done != Py_False) { /* written in part: its serial */
-                PyObject *r = PyObject_CallOneArg(self->partial, done);
+                PyObject *r = PyObject_CallOneArg(self->then, done);
                 Py_DECREF(done);
                 if (r == NULL)
                     return NULL;
@@ -673,16 +677,7 @@ static PyObject *put_call(PyObject *callable, PyObject *const *args, size_t narg
 
 /* -- RingTake: recv_bytes' first step on a shared-memory ring ------------------------ */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *chref;   /* the channel, weakly */
-    PyObject *channel; /* borrowed: held during a call */
-    PyObject *cored;
-    PyObject *fallback, *rest;
-    vectorcallfunc vectorcall;
-} RingTake;
-
-static PyObject *ring_take_call(RingTake *self, PyObject *const *args, size_t nargsf,
+static PyObject *ring_take_call(Put *self, PyObject *const *args, size_t nargsf,
                                 PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs > 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames)))
@@ -727,7 +722,7 @@ static PyObject *ring_take_call(RingTake *self, PyObject *const *args, size_t na
     }
     /* a record that is not a plain frame: the driver's _after_fast finishes it */
     PyObject *argv[2] = {got, nargs ? args[0] : Py_None};
-    PyObject *out = PyObject_Vectorcall(self->rest, argv, 2, NULL);
+    PyObject *out = PyObject_Vectorcall(self->then, argv, 2, NULL);
     Py_DECREF(got);
     return out;
 }
@@ -735,7 +730,7 @@ static PyObject *ring_take_call(RingTake *self, PyObject *const *args, size_t na
 /* the call, with the channel held for its duration (the RingTake holds it weakly) */
 static PyObject *ring_take_enter(PyObject *callable, PyObject *const *args, size_t nargsf,
                                  PyObject *kwnames) {
-    RingTake *self = (RingTake *)callable;
+    Put *self = (Put *)callable;
     if (self->cored == NULL) {
         PyErr_SetString(PyExc_ValueError, "the RingTake was cleared");
         return NULL;
@@ -748,73 +743,14 @@ static PyObject *ring_take_enter(PyObject *callable, PyObject *const *args, size
     return out;
 }
 
-static PyObject *ring_take_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"channel", "core", "fallback", "rest", NULL};
-    PyObject *channel, *core, *fallback, *rest;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:RingTake", kwlist, &channel, &core,
-                                     &fallback, &rest))
-        return NULL;
-    PyObject *cored = PyObject_GenericGetDict(core, NULL);
-    if (cored == NULL)
-        return NULL;
-    PyObject *chref = PyWeakref_NewRef(channel, NULL);
-    RingTake *self = chref == NULL ? NULL : (RingTake *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        Py_XDECREF(chref);
-        Py_DECREF(cored);
-        return NULL;
-    }
-    self->chref = chref;
-    self->channel = channel;
-    self->cored = cored;
-    self->fallback = Py_NewRef(fallback);
-    self->rest = Py_NewRef(rest);
-    self->vectorcall = ring_take_enter;
-    return (PyObject *)self;
-}
-
-static int ring_take_traverse(RingTake *self, visitproc visit, void *arg) {
-    Py_VISIT(self->chref);
-    Py_VISIT(self->cored);
-    Py_VISIT(self->fallback);
-    Py_VISIT(self->rest);
-    return 0;
-}
-
-static int ring_take_clear(RingTake *self) {
-    Py_CLEAR(self->chref);
-    self->channel = NULL; /* borrowed */
-    Py_CLEAR(self->cored);
-    Py_CLEAR(self->fallback);
-    Py_CLEAR(self->rest);
-    return 0;
-}
-
-static void ring_take_dealloc(RingTake *self) {
-    PyObject_GC_UnTrack(self);
-    ring_take_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyTypeObject RingTakeType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._take.RingTake",
-    .tp_basicsize = sizeof(RingTake),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "RingTake(channel, core, fallback, rest): recv_bytes' first step on a "
-              "shared-memory ring without its Python frame (see the module's comment)",
-    .tp_new = ring_take_new,
-    .tp_dealloc = (destructor)ring_take_dealloc,
-    .tp_traverse = (traverseproc)ring_take_traverse,
-    .tp_clear = (inquiry)ring_take_clear,
-    .tp_call = PyVectorcall_Call,
-    .tp_vectorcall_offset = offsetof(RingTake, vectorcall),
-};
-
 static PyObject *put_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"channel", "core", "fallback", "partial", NULL};
-    PyObject *channel, *core, *fallback, *partial;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO:Put", kwlist, &channel, &core,
-                                     &fallback, &partial))
+    static char *put_kw[] = {"channel", "core", "fallback", "partial", NULL};
+    static char *ring_kw[] = {"channel", "core", "fallback", "rest", NULL};
+    int ring = type == &RingTakeType;
+    PyObject *channel, *core, *fallback, *then;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, ring ? "OOOO:RingTake" : "OOOO:Put",
+                                     ring ? ring_kw : put_kw, &channel, &core, &fallback,
+                                     &then))
         return NULL;
     PyObject *cored = PyObject_GenericGetDict(core, NULL);
     if (cored == NULL)
@@ -830,8 +766,8 @@ static PyObject *put_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     self->channel = channel;
     self->cored = cored;
     self->fallback = Py_NewRef(fallback);
-    self->partial = Py_NewRef(partial);
-    self->vectorcall = put_enter;
+    self->then = Py_NewRef(then);
+    self->vectorcall = ring ? ring_take_enter : put_enter;
     return (PyObject *)self;
 }
 
@@ -839,7 +775,7 @@ static int put_traverse(Put *self, visitproc visit, void *arg) {
     Py_VISIT(self->chref);
     Py_VISIT(self->cored);
     Py_VISIT(self->fallback);
-    Py_VISIT(self->partial);
+    Py_VISIT(self->then);
     return 0;
 }
 
@@ -848,7 +784,7 @@ static int put_clear(Put *self) {
     self->channel = NULL; /* borrowed */
     Py_CLEAR(self->cored);
     Py_CLEAR(self->fallback);
-    Py_CLEAR(self->partial);
+    Py_CLEAR(self->then);
     return 0;
 }
 
@@ -864,6 +800,20 @@ static PyTypeObject PutType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = "Put(channel, core, fallback, partial): send_bytes' first step without its "
               "Python frame (see the module's comment)",
+    .tp_new = put_new,
+    .tp_dealloc = (destructor)put_dealloc,
+    .tp_traverse = (traverseproc)put_traverse,
+    .tp_clear = (inquiry)put_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Put, vectorcall),
+};
+
+static PyTypeObject RingTakeType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "buzon.protocol._take.RingTake",
+    .tp_basicsize = sizeof(Put),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "RingTake(channel, core, fallback, rest): recv_bytes' first step on a "
+              "shared-memory ring without its Python frame (see the module's comment)",
     .tp_new = put_new,
     .tp_dealloc = (destructor)put_dealloc,
     .tp_traverse = (traverseproc)put_traverse,
